@@ -1,1 +1,41 @@
-"""duet-vlm."""
+"""duet-vlm: DUET visual token reduction (and its baselines) for Hugging Face VLMs.
+
+>>> import duet_vlm
+>>> reducer = duet_vlm.Duet(budget=64)
+>>> with reducer(model): model.generate(**inputs)       # doctest: +SKIP
+"""
+
+from .adapters import Geometry, adapter_for
+from .methods import (
+    DominantContextualMerge,
+    Duet,
+    LanguageStage,
+    LayerView,
+    Plan,
+    Reducer,
+    TextGuidedPrune,
+    VisionReduction,
+    VisionStage,
+    VisionView,
+)
+from .schedule import Schedule
+from .stats import ReductionStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DominantContextualMerge",
+    "Duet",
+    "Geometry",
+    "LanguageStage",
+    "LayerView",
+    "Plan",
+    "Reducer",
+    "ReductionStats",
+    "Schedule",
+    "TextGuidedPrune",
+    "VisionReduction",
+    "VisionStage",
+    "VisionView",
+    "adapter_for",
+]

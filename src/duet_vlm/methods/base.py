@@ -1,0 +1,191 @@
+"""The two kinds of reduction stage and the reducer that combines them.
+
+A method is a ``Reducer`` whose ``plan`` returns a ``Plan``: an optional ``VisionStage`` (fewer
+tokens enter the language model), an optional ``LanguageStage`` (visual tokens are dropped at layer
+boundaries inside it) and the ``Schedule`` of counts both must meet. Stages override one method
+each: ``VisionStage.reduce`` and ``LanguageStage.score`` (or ``select`` when top-k is not enough).
+The runtime (``duet_vlm.runtime``) installs the hooks and does all the bookkeeping.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..adapters import Geometry
+from ..schedule import Schedule
+from ..selection import top_k_in_order
+from ..stats import ReductionStats
+
+
+@dataclass
+class VisionView:
+    """What a vision-side stage sees for a batch of ``I`` images.
+
+    Attributes:
+        features: ``(I, T, C)`` output of the vision feature layer, CLS first when ``has_cls``.
+        cls_attention: ``(I, P)`` CLS-to-patch attention of that layer, summed over heads.
+        keys: ``(I, T, d)`` that layer's keys averaged over heads.
+        grid: patch grid ``(rows, cols)``; patch ``(r, c)`` is token ``has_cls + r * cols + c``.
+        has_cls: whether token 0 is a CLS token.
+    """
+
+    features: torch.Tensor
+    cls_attention: torch.Tensor
+    keys: torch.Tensor
+    grid: tuple[int, int]
+    has_cls: bool
+
+
+@dataclass
+class VisionReduction:
+    """Output of a vision-side stage.
+
+    Attributes:
+        features: ``(I, n, C)`` what the projector consumes instead of the image's tokens.
+        kept: ``(I, n)`` for each output token, the index (in ``VisionView.features``) of the token it
+            stands for; used for statistics and figures.
+        roles: optional named index tensors (e.g. ``"dominant"``, ``"anchors"``) for figures.
+    """
+
+    features: torch.Tensor
+    kept: torch.Tensor
+    roles: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class VisionStage(ABC):
+    """Reduces each image's vision-encoder tokens before the projector."""
+
+    @abstractmethod
+    def reduce(self, view: VisionView, keep: int) -> VisionReduction:
+        """Return ``keep`` tokens per image (``keep`` counts the CLS token if it is kept)."""
+
+
+@dataclass
+class LayerView:
+    """What a language-side stage sees at a pruning boundary (the input of decoder layer ``layer_index``).
+
+    Attributes:
+        layer_index: 0-based index of the decoder layer about to run (its modules score the tokens).
+        layer: that decoder layer.
+        hidden_states: ``(B, L, D)`` its input.
+        position_embeddings: ``(cos, sin)`` for those positions.
+        visual_index: ``(B, n_images, n)`` positions of the visual tokens in the sequence.
+        valid: ``(B, L)`` False on padding.
+        input_ids: ``(B, L)`` token ids (the image placeholder id on visual tokens).
+        text_after_image: per row, positions of the prompt tokens after the last image; during
+            training (labels given) only those with label -100, i.e. instructions, not answers.
+        attention: the model's own scoring primitive, see ``text_to_visual_attention``.
+    """
+
+    layer_index: int
+    layer: nn.Module
+    hidden_states: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    visual_index: torch.Tensor
+    valid: torch.Tensor
+    input_ids: torch.Tensor
+    text_after_image: list[torch.Tensor]
+    attention: Callable[..., torch.Tensor]
+
+    @property
+    def last_index(self) -> torch.Tensor:
+        """``(B,)`` position of the last token of each row (the last prompt token in a prefill)."""
+        return torch.full((self.hidden_states.shape[0],), self.hidden_states.shape[1] - 1, dtype=torch.long)
+
+    def text_to_visual_attention(self, queries: list[torch.Tensor]) -> torch.Tensor:
+        """``(B, n_images, n)`` attention from each row's ``queries`` to its visual tokens (float32).
+
+        Computes only the query-rows x keys block with the layer's own norm, projections and RoPE,
+        so the model keeps its fast attention backend.
+        """
+        return self.attention(
+            self.layer, self.hidden_states, self.position_embeddings, queries, self.valid, self.visual_index
+        )
+
+
+class LanguageStage(ABC):
+    """Drops visual tokens inside the language model at the schedule's boundaries."""
+
+    @abstractmethod
+    def score(self, view: LayerView) -> torch.Tensor:
+        """``(B, n_images, n)`` importance of each visual token; the highest ``keep`` survive."""
+
+    def select(self, view: LayerView, keep: int) -> torch.Tensor:
+        """``(B, n_images, keep)`` indices into the visual block to keep, ascending."""
+        return top_k_in_order(self.score(view), keep)
+
+
+@dataclass
+class Plan:
+    """A method's concrete stages for one model geometry."""
+
+    schedule: Schedule
+    vision: VisionStage | None = None
+    language: LanguageStage | None = None
+    positions: str = "contiguous"
+
+    def __post_init__(self) -> None:
+        if self.positions not in ("contiguous", "original"):
+            raise ValueError(f"positions must be 'contiguous' or 'original', got {self.positions!r}")
+        if self.vision is None and self.schedule.llm_input != self.schedule.visual_tokens:
+            raise ValueError("a schedule that reduces the LLM input needs a vision stage")
+        if self.language is None and self.schedule.boundaries:
+            raise ValueError("a schedule with pruning boundaries needs a language stage")
+
+
+def check_budget(budget: int | None, required: bool = True) -> None:
+    """Budgets are whole numbers of visual tokens per layer per image."""
+    if budget is None and not required:
+        return
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise ValueError(f"budget must be a positive int (visual tokens per layer per image), got {budget!r}")
+    if budget <= 0:
+        raise ValueError(f"budget must be a positive int (visual tokens per layer per image), got {budget}")
+
+
+class Reducer(ABC):
+    """Base of every method: attach it to a model as a context manager or persistently.
+
+    >>> reducer = duet_vlm.Duet(budget=64)                      # doctest: +SKIP
+    >>> with reducer(model):                                    # doctest: +SKIP
+    ...     model.generate(**inputs, max_new_tokens=32)
+    >>> reducer.stats.tokens_per_layer                          # doctest: +SKIP
+    """
+
+    stats: ReductionStats | None = None
+
+    @abstractmethod
+    def plan(self, geometry: Geometry) -> Plan:
+        """Resolve the budget into stages and a schedule for this model geometry."""
+
+    def resolve(self, geometry: Geometry) -> Plan:
+        """``plan`` with the shared budget rules (no-op above the token count, the ±1 check)."""
+        budget = getattr(self, "budget", None)
+        if budget is not None and budget >= geometry.visual_tokens:
+            warnings.warn(
+                f"budget {budget} >= {geometry.visual_tokens} visual tokens per image: nothing is reduced",
+                stacklevel=3,
+            )
+            return Plan(Schedule(geometry.num_layers, geometry.visual_tokens, geometry.visual_tokens))
+        return self.plan(geometry)
+
+    def attach(self, model: nn.Module):
+        """Install the hooks until ``handle.remove()``; for Trainers and evaluators."""
+        from ..runtime import attach
+
+        return attach(self, model)
+
+    @contextmanager
+    def __call__(self, model: nn.Module) -> Iterator[nn.Module]:
+        handle = self.attach(model)
+        try:
+            yield model
+        finally:
+            handle.remove()

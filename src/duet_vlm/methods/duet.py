@@ -1,0 +1,173 @@
+"""DUET-VLM (CVPR 2026): dual-stage visual token reduction, as in the official code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..adapters import Geometry
+from ..salient import salient_token_positions
+from ..schedule import ratio_schedule, scaled_boundaries, solve_llm_input
+from ..selection import merge_dominant_contextual
+from .base import LanguageStage, LayerView, Plan, Reducer, VisionReduction, VisionStage, VisionView, check_budget
+
+# The splits the paper's LLaVA-1.5 runs used (official eval and README): 300 + 7 at budget 192 and
+# 170 + 35 at budget 128. Elsewhere contextual tokens take VisionZip's share (10 of every 64).
+PUBLISHED_SPLITS = {(576, 307): (300, 7), (576, 205): (170, 35)}
+CONTEXTUAL_SHARE = 10 / 64
+
+
+@dataclass
+class DominantContextualMerge(VisionStage):
+    """Stage A (V2V): CLS-attention dominant tokens plus merged contextual tokens.
+
+    Keeps CLS and the ``keep - contextual - 1`` patches the CLS token attends to most (raster
+    order), then ``contextual`` tokens, each an anchor plus the mean of the pool members most similar
+    to it (see ``duet_vlm.selection.merge_dominant_contextual``). ``cluster_width=None`` gives
+    VisionZip's spatially uniform anchors over all residual tokens.
+
+    >>> stage = DominantContextualMerge(contextual=7, cluster_width=4)
+    >>> stage.reduce(view, keep=307).features.shape      # doctest: +SKIP
+    torch.Size([1, 307, 1024])
+    """
+
+    contextual: int = 7
+    cluster_width: int | None = 4
+
+    def reduce(self, view: VisionView, keep: int) -> VisionReduction:
+        contextual = min(self.contextual, keep - 1)
+        merged = merge_dominant_contextual(
+            view.features, view.cls_attention, view.keys, keep - contextual, contextual, self.cluster_width
+        )
+        roles = {"dominant": merged.dominant, "anchors": merged.anchors, "members": merged.members}
+        return VisionReduction(merged.features, merged.kept, roles)
+
+
+Query = str | Callable[[LayerView], list[torch.Tensor]]
+
+
+@dataclass
+class TextGuidedPrune(LanguageStage):
+    """Stage B (T2V): keep the visual tokens the prompt's text attends to most.
+
+    Scores with the next layer's norm, q/k projections and RoPE: a full-row causal softmax of the
+    query rows over all keys, averaged over heads and queries. Queries:
+
+    - ``"text"`` (default, the reference's): every prompt token after the image (in training, the
+      instruction tokens only);
+    - ``"salient"``: question words, content words and ``? ! :`` (``duet_vlm.salient``) plus the last
+      token; needs ``tokenizer``;
+    - ``"last"``: the last prompt token (PyramidDrop's rule);
+    - a callable ``view -> [positions per row]``.
+
+    >>> TextGuidedPrune(query="salient", tokenizer=processor.tokenizer)   # doctest: +SKIP
+    """
+
+    query: Query = "text"
+    tokenizer: Any = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.query) and self.query not in ("text", "salient", "last"):
+            raise ValueError(f"query must be 'text', 'salient', 'last' or a callable, got {self.query!r}")
+        if self.query == "salient" and self.tokenizer is None:
+            raise ValueError("query='salient' needs the tokenizer to find words: TextGuidedPrune(tokenizer=...)")
+
+    def queries(self, view: LayerView) -> list[torch.Tensor]:
+        if callable(self.query):
+            return self.query(view)
+        if self.query == "last":
+            return [index.view(1) for index in view.last_index]
+        if self.query == "text":
+            return view.text_after_image
+        chosen = []
+        for row, positions in enumerate(view.text_after_image):
+            tokens = self.tokenizer.convert_ids_to_tokens(view.input_ids[row, positions].tolist())
+            chosen.append(positions[salient_token_positions(tokens)])
+        return chosen
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        return view.text_to_visual_attention(self.queries(view))
+
+
+@dataclass
+class Duet(Reducer):
+    """DUET-VLM (Singh et al., CVPR 2026): merge on the vision side, then prune inside the LLM.
+
+    Stage A keeps ``dominant`` tokens (CLS included) by CLS attention and ``contextual`` merged tokens
+    before the projector; Stage B drops visual tokens after the boundary ``layers`` keeping
+    ``int(n * ratio)`` of the ``n`` Stage-A tokens, scored by attention from the prompt text.
+
+    Args:
+        budget: average visual tokens per decoder layer per image. With the default schedule
+            (boundaries at 1/2 and 3/4 of depth, ratios 0.5 and 0.0) LLaVA-1.5 gets the paper's
+            configurations: 192 -> 300 + 7 tokens, 307/153/0 per layer group; 128 -> 170 + 35.
+        dominant, contextual: explicit Stage-A counts (dominant includes CLS); override the solver.
+        cluster_width: pool width for contextual anchors (reference 4); ``None`` = VisionZip anchors.
+        layers: boundaries, as counts of layers completed (reference ``(16, 24)`` on 32 layers);
+            ``()`` disables Stage B.
+        ratios: kept fraction of the Stage-A count after each boundary (reference ``(0.5, 0.0)``).
+        query: Stage-B query tokens, see ``TextGuidedPrune``; ``tokenizer`` for ``"salient"``.
+        positions: ``"contiguous"`` (the reference: renumbered after each drop) or ``"original"``.
+
+    >>> reducer = Duet(budget=64)                                 # doctest: +SKIP
+    >>> with reducer(model): model.generate(**inputs)             # doctest: +SKIP
+    >>> reducer.stats.tokens_per_layer                            # doctest: +SKIP
+    """
+
+    budget: int | None = None
+    dominant: int | None = None
+    contextual: int | None = None
+    cluster_width: int | None = 4
+    layers: tuple[int, ...] | None = None
+    ratios: tuple[float, ...] | None = None
+    query: Query = "text"
+    tokenizer: Any = None
+    positions: str = "contiguous"
+
+    def __post_init__(self) -> None:
+        explicit = self.dominant is not None and self.contextual is not None
+        check_budget(self.budget, required=not explicit)
+        for name in ("dominant", "contextual"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if self.dominant is not None and self.dominant < 1:
+            raise ValueError("dominant counts the CLS token and must be >= 1")
+        if (self.layers is None) != (self.ratios is None) and self.layers != ():
+            raise ValueError("give both layers and ratios (or neither, for the default schedule)")
+        if self.ratios is None and self.layers == ():
+            self.ratios = ()
+        # Validate the stage options now rather than at attach time.
+        self._language_stage()
+
+    def _language_stage(self) -> TextGuidedPrune:
+        return TextGuidedPrune(query=self.query, tokenizer=self.tokenizer)
+
+    def plan(self, geometry: Geometry) -> Plan:
+        layers_total, tokens = geometry.num_layers, geometry.visual_tokens
+        layers = self.layers if self.layers is not None else scaled_boundaries(layers_total, (0.5, 0.75))
+        ratios = tuple(self.ratios) if self.ratios is not None else (0.5, 0.0)[: len(layers)]
+
+        def build(n: int):
+            return ratio_schedule(layers_total, tokens, n, tuple(layers), ratios)
+
+        if self.dominant is not None and self.contextual is not None:
+            schedule = build(self.dominant + self.contextual)
+            contextual = self.contextual
+        else:
+            fixed = self.dominant if self.dominant is not None else None
+            schedule = solve_llm_input(self.budget, build)
+            n = schedule.llm_input
+            if fixed is not None:
+                contextual = n - fixed
+            elif self.contextual is not None:
+                contextual = self.contextual
+            else:
+                contextual = PUBLISHED_SPLITS.get((tokens, n), (None, round(n * CONTEXTUAL_SHARE)))[1]
+            if not 0 <= contextual < n:
+                raise ValueError(f"cannot split {n} Stage-A tokens into dominant + {contextual} contextual")
+        vision = DominantContextualMerge(contextual=contextual, cluster_width=self.cluster_width)
+        language = self._language_stage() if schedule.boundaries else None
+        return Plan(schedule, vision, language, self.positions)

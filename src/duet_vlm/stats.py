@@ -1,0 +1,64 @@
+"""What a reducer reports after each prefill (``reducer.stats``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .flops import DecoderDims, exact_flops, fastv_flops, kv_cache_bytes
+
+
+@dataclass
+class ReductionStats:
+    """Counts and costs of the last prefill (or training forward) run under a reducer.
+
+    Attributes:
+        tokens_per_layer: visual tokens per image entering each decoder layer.
+        visual_tokens: visual tokens per image without reduction.
+        llm_input_tokens: visual tokens per image entering decoder layer 0.
+        text_tokens: non-visual, non-padding tokens of each row.
+        vision_kept: ``(images, n)`` for each token entering the LLM, the vision-encoder index it
+            stands for (0 = CLS; ``None`` without a vision stage).
+        vision_roles: the vision stage's named index tensors (e.g. dominant, anchors).
+        stage_kept: per pruning boundary ``(layer, (B, n_images, keep))`` indices, into the visual
+            block entering the LLM, of the tokens that survive it.
+        flops_fastv / flops_fastv_full: the papers' formula, summed over rows, reduced vs unreduced.
+        flops_exact / flops_exact_full: exact decoder FLOPs (GQA, gated MLP, causal), same rows.
+        kv_bytes / kv_bytes_full: KV-cache bytes after the prefill, all rows.
+    """
+
+    tokens_per_layer: list[int]
+    visual_tokens: int
+    llm_input_tokens: int
+    text_tokens: list[int]
+    vision_kept: torch.Tensor | None = None
+    vision_roles: dict[str, torch.Tensor] = field(default_factory=dict)
+    stage_kept: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    flops_fastv: int = 0
+    flops_fastv_full: int = 0
+    flops_exact: int = 0
+    flops_exact_full: int = 0
+    kv_bytes: int = 0
+    kv_bytes_full: int = 0
+
+    @property
+    def average_tokens(self) -> float:
+        return sum(self.tokens_per_layer) / len(self.tokens_per_layer)
+
+    @property
+    def flops_ratio(self) -> float:
+        """Reduced / unreduced exact decoder FLOPs."""
+        return self.flops_exact / self.flops_exact_full if self.flops_exact_full else 1.0
+
+    def fill_costs(self, dims: DecoderDims, images_per_row: int, bytes_per_element: int) -> None:
+        full = [self.visual_tokens] * len(self.tokens_per_layer)
+        for text in self.text_tokens:
+            reduced_row = [text + images_per_row * n for n in self.tokens_per_layer]
+            full_row = [text + images_per_row * n for n in full]
+            self.flops_fastv += fastv_flops(dims, reduced_row)
+            self.flops_fastv_full += fastv_flops(dims, full_row)
+            self.flops_exact += exact_flops(dims, reduced_row)
+            self.flops_exact_full += exact_flops(dims, full_row)
+            self.kv_bytes += kv_cache_bytes(dims, reduced_row, bytes_per_element)
+            self.kv_bytes_full += kv_cache_bytes(dims, full_row, bytes_per_element)

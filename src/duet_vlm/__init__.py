@@ -7,6 +7,8 @@
 
 from .adapters import Geometry, adapter_for
 from .methods import (
+    Compose,
+    Selection,
     DominantContextualMerge,
     Duet,
     LanguageStage,
@@ -18,12 +20,17 @@ from .methods import (
     VisionStage,
     VisionView,
 )
+from .methods import METHODS, make
 from .schedule import Schedule
 from .stats import ReductionStats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "METHODS",
+    "make",
+    "Compose",
+    "Selection",
     "DominantContextualMerge",
     "Duet",
     "Geometry",

@@ -31,7 +31,7 @@ from torch import nn
 
 from .adapters import ModelAdapter, adapter_for
 from .flops import DecoderDims
-from .methods.base import LayerView, Plan, Reducer, VisionReduction, VisionView
+from .methods.base import LayerView, Plan, Reducer, Selection, VisionReduction, VisionView
 from .stats import ReductionStats
 
 
@@ -86,6 +86,9 @@ class _Prompt:
     groups: list[_Group] = field(default_factory=list)
     decode_kwargs: dict[int, dict] = field(default_factory=dict)
     is_prefill: bool = True
+    input_embeddings: torch.Tensor | None = None  # (B, L_entry, D)
+    last_layer_input: torch.Tensor | None = None
+    scratch: dict = field(default_factory=dict)
 
     @property
     def entry_length(self) -> int:
@@ -108,6 +111,7 @@ class Attachment:
         self._labels: torch.Tensor | None = None
         self._image_mask: torch.Tensor | None = None
         self._prompt: _Prompt | None = None
+        self._in_stage = False  # a stage is running a layer itself: hooks stand aside
         self._handles: list = []
         try:
             self._install()
@@ -289,58 +293,81 @@ class Attachment:
     def _layer_hook(self, layer_index: int):
         def hook(module, args, kwargs):
             prompt = self._prompt
-            if prompt is None:
+            if prompt is None or self._in_stage:
                 return None
             group = self.schedule.group_of_layer(layer_index)
-            if prompt.is_prefill:
-                if layer_index == 0:
-                    entry = prompt.groups[0]
-                    entry.position_ids = kwargs["position_ids"].expand(entry.index.shape[0], -1)
-                    entry.position_embeddings = kwargs["position_embeddings"]
-                    entry.attention_mask = kwargs.get("attention_mask")
-                if layer_index in self.boundaries:
-                    hidden = args[0] if args else kwargs.pop("hidden_states")
-                    hidden = self._prune(layer_index, module, hidden, self.boundaries[layer_index], kwargs)
-                    args = (hidden, *args[1:])
+            if not prompt.is_prefill:
                 if group == 0:
                     return None
-                g = prompt.groups[group]
-                kwargs.update(attention_mask=g.attention_mask, position_ids=g.position_ids,
-                              position_embeddings=g.position_embeddings)
+                if layer_index in self.boundaries:
+                    prompt.decode_kwargs[group] = self._decode_kwargs(prompt.groups[group], args, kwargs)
+                kwargs.update(prompt.decode_kwargs[group])
                 return args, kwargs
-            if group == 0:
-                return None
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if layer_index == 0:
+                entry = prompt.groups[0]
+                entry.position_ids = kwargs["position_ids"].expand(entry.index.shape[0], -1)
+                entry.position_embeddings = kwargs["position_embeddings"]
+                entry.attention_mask = kwargs.get("attention_mask")
+                prompt.input_embeddings = hidden
             if layer_index in self.boundaries:
-                prompt.decode_kwargs[group] = self._decode_kwargs(prompt.groups[group], args, kwargs)
-            kwargs.update(prompt.decode_kwargs[group])
-            return args, kwargs
+                hidden = self._prune(layer_index, module, hidden, self.boundaries[layer_index])
+            prompt.last_layer_input = hidden
+            if group > 0:
+                g = prompt.groups[group]
+                kwargs.update(
+                    attention_mask=g.attention_mask, position_ids=g.position_ids, position_embeddings=g.position_embeddings
+                )
+            return (hidden, *args[1:]), kwargs
 
         return hook
 
-    def _prune(self, layer_index: int, layer: nn.Module, hidden: torch.Tensor, keep: int, kwargs) -> torch.Tensor:
+    def _prune(self, layer_index: int, layer: nn.Module, hidden: torch.Tensor, keep: int) -> torch.Tensor:
         prompt = self._prompt
         previous = prompt.groups[-1]
         batch = hidden.shape[0]
         text_after = [_rank_in(previous.index[b], prompt.text_after_image[b]) for b in range(batch)]
+        layers = self.adapter.layers
         view = LayerView(
             layer_index=layer_index,
             layer=layer,
             hidden_states=hidden,
             position_embeddings=previous.position_embeddings,
             visual_index=previous.visual,
+            visual_ids=previous.visual_ids,
             valid=prompt.valid.gather(1, previous.index),
             input_ids=prompt.input_ids.gather(1, previous.index),
+            input_embeddings=_gather_tokens(prompt.input_embeddings, previous.index),
             text_after_image=text_after,
-            attention=self.adapter.text_to_visual_attention,
+            previous_layer=layers[layer_index - 1],
+            previous_hidden_states=prompt.last_layer_input,
+            scratch=prompt.scratch,
+            attention_fn=self.adapter.text_to_visual_attention,
+            run_layer_fn=lambda module, states: self._run_layer(module, states, previous),
+            output_head_fn=self._output_head,
         )
-        kept = self.plan.language.select(view, keep)
+        self._in_stage = True
+        try:
+            selection = self.plan.language.select(view, keep)
+        finally:
+            self._in_stage = False
+        if not isinstance(selection, Selection):
+            selection = Selection(selection)
+        kept = selection.index
         n_visual = previous.visual.shape[-1]
         if kept.shape != (batch, prompt.images_per_row, keep) or (keep and (kept.min() < 0 or kept.max() >= n_visual)):
             raise RuntimeError(f"{type(self.plan.language).__name__}.select returned invalid indices {tuple(kept.shape)}")
-        kept = kept.sort(dim=-1).values
+        if selection.hidden_states is None:
+            kept = kept.sort(dim=-1).values
+        elif (kept.diff(dim=-1) <= 0).any():
+            raise RuntimeError("a Selection with hidden_states must list its indices in ascending order")
+        kept_positions = previous.visual.gather(2, kept).reshape(batch, -1)
+        if selection.hidden_states is not None:
+            replacement = selection.hidden_states.reshape(batch, -1, hidden.shape[-1]).to(hidden.dtype)
+            hidden = hidden.scatter(1, kept_positions.unsqueeze(-1).expand_as(replacement), replacement)
         survivors = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         survivors.scatter_(1, previous.visual.reshape(batch, -1), False)
-        survivors.scatter_(1, previous.visual.gather(2, kept).reshape(batch, -1), True)
+        survivors.scatter_(1, kept_positions, True)
         local = survivors.nonzero()[:, 1].view(batch, -1)
         rank = survivors.long().cumsum(dim=1) - 1
         position_ids = previous.position_ids.gather(1, local)
@@ -351,7 +378,7 @@ class Attachment:
         prompt.groups.append(
             _Group(
                 index=index,
-                visual=rank.gather(1, previous.visual.gather(2, kept).reshape(batch, -1)).view_as(kept),
+                visual=rank.gather(1, kept_positions).view_as(kept),
                 visual_ids=previous.visual_ids.gather(2, kept),
                 position_ids=position_ids,
                 position_embeddings=self.adapter.rotary_emb(hidden, position_ids),
@@ -359,6 +386,22 @@ class Attachment:
             )
         )
         return hidden
+
+    def _run_layer(self, layer: nn.Module, hidden: torch.Tensor, group: _Group) -> torch.Tensor:
+        output = layer(
+            hidden,
+            attention_mask=group.attention_mask,
+            position_ids=group.position_ids,
+            position_embeddings=group.position_embeddings,
+            past_key_values=None,
+            use_cache=False,
+        )
+        return output[0] if isinstance(output, tuple) else output
+
+    def _output_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.adapter.lm_head is None:
+            raise RuntimeError("this model has no LM head (attach the reducer to the ...ForConditionalGeneration)")
+        return self.adapter.lm_head(self.adapter.final_norm(hidden))
 
     def _decode_kwargs(self, group: _Group, args, kwargs) -> dict:
         prompt = self._prompt

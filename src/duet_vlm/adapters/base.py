@@ -36,6 +36,7 @@ class ModelAdapter:
     - ``base``: the module receiving ``input_ids`` and running vision + language,
     - ``language_model``: the text decoder (``LlamaModel``-like), ``layers`` its decoder layers,
       ``rotary_emb`` its RoPE module,
+    - ``final_norm`` and ``lm_head`` (``None`` without a head): the output head,
     - ``vision_layer``: the encoder layer whose output feeds the projector, ``projector``,
     - ``image_token_id``, ``geometry`` and ``text_config``.
     """
@@ -48,6 +49,8 @@ class ModelAdapter:
     language_model: nn.Module
     layers: nn.ModuleList
     rotary_emb: nn.Module
+    final_norm: nn.Module
+    lm_head: nn.Module | None
     vision_layer: nn.Module
     projector: nn.Module
     image_token_id: int

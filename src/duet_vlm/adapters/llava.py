@@ -22,6 +22,8 @@ class LlavaAdapter(ModelAdapter):
         self.layers = self.language_model.layers
         self.rotary_emb = self.language_model.rotary_emb
         self.projector = self.base.multi_modal_projector
+        self.final_norm = self.language_model.norm
+        self.lm_head = self.top.lm_head if self.top is not None else None
         self.image_token_id = config.image_token_id
         self.select_strategy = config.vision_feature_select_strategy
 

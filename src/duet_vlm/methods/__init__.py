@@ -1,9 +1,24 @@
 """Token-reduction methods: one file each, all ``Reducer`` subclasses."""
 
-from .base import LanguageStage, LayerView, Plan, Reducer, VisionReduction, VisionStage, VisionView
+from .base import (
+    Compose,
+    LanguageStage,
+    LayerView,
+    Plan,
+    Reducer,
+    Selection,
+    VisionReduction,
+    VisionStage,
+    VisionView,
+)
 from .duet import DominantContextualMerge, Duet, TextGuidedPrune
+from .registry import METHODS, make
 
 __all__ = [
+    "METHODS",
+    "make",
+    "Compose",
+    "Selection",
     "DominantContextualMerge",
     "Duet",
     "LanguageStage",

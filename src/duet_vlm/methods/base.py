@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..adapters import Geometry
-from ..schedule import Schedule
+from ..schedule import Schedule, solve_llm_input
 from ..selection import top_k_in_order
 from ..stats import ReductionStats
 
@@ -71,17 +71,25 @@ class VisionStage(ABC):
 class LayerView:
     """What a language-side stage sees at a pruning boundary (the input of decoder layer ``layer_index``).
 
+    Sequence positions below are positions in the current (already reduced) sequence.
+
     Attributes:
-        layer_index: 0-based index of the decoder layer about to run (its modules score the tokens).
+        layer_index: 0-based index of the decoder layer about to run (the first after the boundary).
         layer: that decoder layer.
         hidden_states: ``(B, L, D)`` its input.
         position_embeddings: ``(cos, sin)`` for those positions.
-        visual_index: ``(B, n_images, n)`` positions of the visual tokens in the sequence.
+        visual_index: ``(B, n_images, n)`` positions of the visual tokens.
+        visual_ids: ``(B, n_images, n)`` the same tokens as indices into the visual block that entered
+            the language model (stable across boundaries).
         valid: ``(B, L)`` False on padding.
         input_ids: ``(B, L)`` token ids (the image placeholder id on visual tokens).
+        input_embeddings: ``(B, L, D)`` the language model's input embeddings of these tokens.
         text_after_image: per row, positions of the prompt tokens after the last image; during
             training (labels given) only those with label -100, i.e. instructions, not answers.
-        attention: the model's own scoring primitive, see ``text_to_visual_attention``.
+        previous_layer, previous_hidden_states: decoder layer ``layer_index - 1`` and its input
+            (``None`` when that layer saw a different token set).
+        scratch: a dict that lives for one prefill, for what a stage computes once and reuses at
+            later boundaries.
     """
 
     layer_index: int
@@ -89,25 +97,62 @@ class LayerView:
     hidden_states: torch.Tensor
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
     visual_index: torch.Tensor
+    visual_ids: torch.Tensor
     valid: torch.Tensor
     input_ids: torch.Tensor
+    input_embeddings: torch.Tensor
     text_after_image: list[torch.Tensor]
-    attention: Callable[..., torch.Tensor]
+    previous_layer: nn.Module | None
+    previous_hidden_states: torch.Tensor | None
+    scratch: dict
+    attention_fn: Callable[..., torch.Tensor]
+    run_layer_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    output_head_fn: Callable[[torch.Tensor], torch.Tensor]
 
     @property
     def last_index(self) -> torch.Tensor:
         """``(B,)`` position of the last token of each row (the last prompt token in a prefill)."""
-        return torch.full((self.hidden_states.shape[0],), self.hidden_states.shape[1] - 1, dtype=torch.long)
+        batch, length = self.hidden_states.shape[:2]
+        return torch.full((batch,), length - 1, dtype=torch.long, device=self.hidden_states.device)
 
-    def text_to_visual_attention(self, queries: list[torch.Tensor]) -> torch.Tensor:
+    def text_to_visual_attention(self, queries: list[torch.Tensor], previous_layer: bool = False) -> torch.Tensor:
         """``(B, n_images, n)`` attention from each row's ``queries`` to its visual tokens (float32).
 
-        Computes only the query-rows x keys block with the layer's own norm, projections and RoPE,
-        so the model keeps its fast attention backend.
+        Computes only the query-rows x keys block with the layer's own norm, projections and RoPE
+        (full-row causal softmax, mean over heads and queries), so the model keeps its fast attention
+        backend. ``previous_layer=True`` scores with layer ``layer_index - 1`` on its own input, the
+        attention that layer actually computed (FastV, SparseVLM); the default uses the next layer's
+        projections on the current states (PyramidDrop, DUET).
         """
-        return self.attention(
-            self.layer, self.hidden_states, self.position_embeddings, queries, self.valid, self.visual_index
-        )
+        if previous_layer:
+            if self.previous_hidden_states is None:
+                raise RuntimeError(f"layer {self.layer_index - 1} saw a different token set; cannot score with it")
+            layer, hidden = self.previous_layer, self.previous_hidden_states
+        else:
+            layer, hidden = self.layer, self.hidden_states
+        return self.attention_fn(layer, hidden, self.position_embeddings, queries, self.valid, self.visual_index)
+
+    def run_layer(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Run ``layer`` on ``hidden_states`` (same tokens) without touching the KV cache or the hooks."""
+        return self.run_layer_fn(self.layer, hidden_states)
+
+    def output_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The model's own final norm and LM head applied to intermediate states (logits)."""
+        return self.output_head_fn(hidden_states)
+
+
+@dataclass
+class Selection:
+    """What ``LanguageStage.select`` may return instead of bare indices.
+
+    Attributes:
+        index: ``(B, n_images, keep)`` indices into the visual block, ascending.
+        hidden_states: optional ``(B, n_images, keep, D)`` states to put in those slots instead of the
+            tokens' own (token recycling: a merged token takes the slot of one it stands for).
+    """
+
+    index: torch.Tensor
+    hidden_states: torch.Tensor | None = None
 
 
 class LanguageStage(ABC):
@@ -117,8 +162,8 @@ class LanguageStage(ABC):
     def score(self, view: LayerView) -> torch.Tensor:
         """``(B, n_images, n)`` importance of each visual token; the highest ``keep`` survive."""
 
-    def select(self, view: LayerView, keep: int) -> torch.Tensor:
-        """``(B, n_images, keep)`` indices into the visual block to keep, ascending."""
+    def select(self, view: LayerView, keep: int) -> torch.Tensor | Selection:
+        """``(B, n_images, keep)`` indices into the visual block to keep (or a ``Selection``)."""
         return top_k_in_order(self.score(view), keep)
 
 
@@ -153,6 +198,10 @@ def check_budget(budget: int | None, required: bool = True) -> None:
 class Reducer(ABC):
     """Base of every method: attach it to a model as a context manager or persistently.
 
+    A method overrides ``plan``. Methods that can serve as one half of a ``Compose`` also implement
+    ``vision_stage_for`` (vision-side methods) or ``schedule_for`` and ``language_stage``
+    (language-side methods).
+
     >>> reducer = duet_vlm.Duet(budget=64)                      # doctest: +SKIP
     >>> with reducer(model):                                    # doctest: +SKIP
     ...     model.generate(**inputs, max_new_tokens=32)
@@ -165,8 +214,19 @@ class Reducer(ABC):
     def plan(self, geometry: Geometry) -> Plan:
         """Resolve the budget into stages and a schedule for this model geometry."""
 
+    def vision_stage_for(self, geometry: Geometry, keep: int) -> VisionStage:
+        """The vision stage configured to pass ``keep`` tokens per image to the language model."""
+        raise NotImplementedError(f"{type(self).__name__} has no vision-side stage")
+
+    def schedule_for(self, geometry: Geometry, llm_input: int) -> Schedule:
+        """The pruning schedule when ``llm_input`` visual tokens per image enter the language model."""
+        raise NotImplementedError(f"{type(self).__name__} has no language-side stage")
+
+    def language_stage(self) -> LanguageStage:
+        raise NotImplementedError(f"{type(self).__name__} has no language-side stage")
+
     def resolve(self, geometry: Geometry) -> Plan:
-        """``plan`` with the shared budget rules (no-op above the token count, the ±1 check)."""
+        """``plan`` with the shared budget rule: a budget at or above the token count is a no-op."""
         budget = getattr(self, "budget", None)
         if budget is not None and budget >= geometry.visual_tokens:
             warnings.warn(
@@ -189,3 +249,38 @@ class Reducer(ABC):
             yield model
         finally:
             handle.remove()
+
+
+def compose_plan(
+    vision: Reducer, language: Reducer, budget: int, geometry: Geometry, positions: str = "contiguous"
+) -> Plan:
+    """Split one budget between a vision-side and a language-side method.
+
+    The LLM-input count is solved so that the language method's schedule averages ``budget``; the
+    vision method is then configured to deliver exactly that many tokens.
+    """
+    schedule = solve_llm_input(budget, lambda n: language.schedule_for(geometry, n))
+    language_stage = language.language_stage() if schedule.boundaries else None
+    return Plan(schedule, vision.vision_stage_for(geometry, schedule.llm_input), language_stage, positions)
+
+
+@dataclass
+class Compose(Reducer):
+    """A vision-side method followed by a language-side method under one budget.
+
+    DUET is VisionZip-style merging followed by PyramidDrop-style pruning; other pairs combine the
+    same way, e.g. VisionZip tokens pruned further by FastV:
+
+    >>> reducer = Compose(make("visionzip"), make("pyramiddrop"), budget=128)   # doctest: +SKIP
+    """
+
+    vision: Reducer
+    language: Reducer
+    budget: int
+    positions: str = "contiguous"
+
+    def __post_init__(self) -> None:
+        check_budget(self.budget)
+
+    def plan(self, geometry: Geometry) -> Plan:
+        return compose_plan(self.vision, self.language, self.budget, geometry, self.positions)

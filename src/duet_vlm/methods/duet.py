@@ -9,9 +9,19 @@ import torch
 
 from ..adapters import Geometry
 from ..salient import salient_token_positions
-from ..schedule import ratio_schedule, scaled_boundaries, solve_llm_input
+from ..schedule import ratio_schedule, scaled_boundaries
 from ..selection import merge_dominant_contextual
-from .base import LanguageStage, LayerView, Plan, Reducer, VisionReduction, VisionStage, VisionView, check_budget
+from .base import (
+    LanguageStage,
+    LayerView,
+    Plan,
+    Reducer,
+    VisionReduction,
+    VisionStage,
+    VisionView,
+    check_budget,
+    compose_plan,
+)
 
 # The splits the paper's LLaVA-1.5 runs used (official eval and README): 300 + 7 at budget 192 and
 # 170 + 35 at budget 128. Elsewhere contextual tokens take VisionZip's share (10 of every 64).
@@ -140,34 +150,35 @@ class Duet(Reducer):
         if self.ratios is None and self.layers == ():
             self.ratios = ()
         # Validate the stage options now rather than at attach time.
-        self._language_stage()
+        self.language_stage()
 
-    def _language_stage(self) -> TextGuidedPrune:
+    def _default_shape(self, geometry: Geometry) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        layers = self.layers if self.layers is not None else scaled_boundaries(geometry.num_layers, (0.5, 0.75))
+        ratios = tuple(self.ratios) if self.ratios is not None else (0.5, 0.0)[: len(layers)]
+        return tuple(layers), ratios
+
+    def schedule_for(self, geometry: Geometry, llm_input: int):
+        layers, ratios = self._default_shape(geometry)
+        return ratio_schedule(geometry.num_layers, geometry.visual_tokens, llm_input, layers, ratios)
+
+    def language_stage(self) -> TextGuidedPrune:
         return TextGuidedPrune(query=self.query, tokenizer=self.tokenizer)
 
-    def plan(self, geometry: Geometry) -> Plan:
-        layers_total, tokens = geometry.num_layers, geometry.visual_tokens
-        layers = self.layers if self.layers is not None else scaled_boundaries(layers_total, (0.5, 0.75))
-        ratios = tuple(self.ratios) if self.ratios is not None else (0.5, 0.0)[: len(layers)]
-
-        def build(n: int):
-            return ratio_schedule(layers_total, tokens, n, tuple(layers), ratios)
-
-        if self.dominant is not None and self.contextual is not None:
-            schedule = build(self.dominant + self.contextual)
+    def vision_stage_for(self, geometry: Geometry, keep: int) -> DominantContextualMerge:
+        if self.contextual is not None:
             contextual = self.contextual
+        elif self.dominant is not None:
+            contextual = keep - self.dominant
         else:
-            fixed = self.dominant if self.dominant is not None else None
-            schedule = solve_llm_input(self.budget, build)
-            n = schedule.llm_input
-            if fixed is not None:
-                contextual = n - fixed
-            elif self.contextual is not None:
-                contextual = self.contextual
-            else:
-                contextual = PUBLISHED_SPLITS.get((tokens, n), (None, round(n * CONTEXTUAL_SHARE)))[1]
-            if not 0 <= contextual < n:
-                raise ValueError(f"cannot split {n} Stage-A tokens into dominant + {contextual} contextual")
-        vision = DominantContextualMerge(contextual=contextual, cluster_width=self.cluster_width)
-        language = self._language_stage() if schedule.boundaries else None
-        return Plan(schedule, vision, language, self.positions)
+            split = PUBLISHED_SPLITS.get((geometry.visual_tokens, keep))
+            contextual = split[1] if split else round(keep * CONTEXTUAL_SHARE)
+        if not 0 <= contextual < keep:
+            raise ValueError(f"cannot split {keep} Stage-A tokens into dominant + {contextual} contextual")
+        return DominantContextualMerge(contextual=contextual, cluster_width=self.cluster_width)
+
+    def plan(self, geometry: Geometry) -> Plan:
+        if self.dominant is not None and self.contextual is not None:
+            schedule = self.schedule_for(geometry, self.dominant + self.contextual)
+            language = self.language_stage() if schedule.boundaries else None
+            return Plan(schedule, self.vision_stage_for(geometry, schedule.llm_input), language, self.positions)
+        return compose_plan(self, self, self.budget, geometry, self.positions)

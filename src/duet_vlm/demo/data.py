@@ -1,0 +1,447 @@
+"""Offline, deterministic synthetic visual-question-answering generator.
+
+Every sample is a 336x336 RGB scene (LLaVA-1.5 geometry: 24x24 patches of 14 px) with a few
+saturated shapes on a low-contrast textured background, plus one question with a one-word
+answer.  The answer depends on a small part of the image, so most visual tokens are redundant,
+which is exactly the regime token-reduction methods target.
+
+Everything is a pure function of ``(split, index)``: a sample's random generator is seeded
+with ``(SPLIT_SEEDS[split], index)``, so the same call always returns identical pixels and
+text, splits never share a generator stream, and no data set is ever downloaded.
+
+Public API
+----------
+``sample(split, index) -> Sample``
+    One evaluation/training sample; question types cycle with ``index % len(QUESTION_TYPES)``.
+``make_scene(rng) -> list[dict]`` / ``render_scene(scene, rng) -> PIL.Image``
+``make_question(scene, qtype, rng) -> (question, answer) | None``
+``answer_from_scene(scene, qtype, params) -> str``
+    Recomputes an answer from the scene description (used by the tests).
+``conversation(split, index, n_questions) -> (image, [(qtype, question, answer), ...], scene)``
+    A multi-turn sample (several questions about one image) used for training.
+``vocabulary() -> list[str]``  every word/punctuation token the generator can emit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 336
+PATCH_SIZE = 14
+GRID = IMAGE_SIZE // PATCH_SIZE  # 24
+
+SPLIT_SEEDS = {"train": 1_000_003, "validation": 2_000_029, "test": 3_000_017}
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 175, 45),
+    "blue": (35, 70, 225),
+    "yellow": (240, 220, 25),
+    "purple": (145, 45, 195),
+    "orange": (250, 135, 10),
+}
+COLOR_NAMES = list(COLORS)
+SHAPES = ["circle", "square", "triangle", "star", "diamond"]
+PLURALS = {s: s + "s" for s in SHAPES}
+# Shapes large enough inside to carry a character.
+GLYPH_SHAPES = ("circle", "square", "diamond")
+
+# Characters are drawn as thick strokes (no font files: identical pixels on every platform).
+# Coordinates are in a unit box, x to the right, y downwards.
+GLYPHS: dict[str, list[list[tuple[float, float]]]] = {
+    "e": [[(1, 0), (0, 0), (0, 1), (1, 1)], [(0, 0.5), (0.75, 0.5)]],
+    "h": [[(0, 0), (0, 1)], [(1, 0), (1, 1)], [(0, 0.5), (1, 0.5)]],
+    "k": [[(0, 0), (0, 1)], [(1, 0), (0, 0.55)], [(0.35, 0.38), (1, 1)]],
+    "t": [[(0, 0), (1, 0)], [(0.5, 0), (0.5, 1)]],
+    "x": [[(0, 0), (1, 1)], [(1, 0), (0, 1)]],
+    "z": [[(0, 0), (1, 0), (0, 1), (1, 1)]],
+    "4": [[(0.75, 1), (0.75, 0), (0, 0.65), (1, 0.65)]],
+    "7": [[(0, 0), (1, 0), (0.35, 1)]],
+}
+CHARACTERS = list(GLYPHS)
+# Ink that contrasts with each fill colour.
+GLYPH_INK = {"red": (255, 255, 255), "green": (255, 255, 255), "blue": (255, 255, 255),
+             "yellow": (0, 0, 0), "purple": (255, 255, 255), "orange": (0, 0, 0)}
+
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six"]
+QUADRANTS = ["topleft", "topright", "bottomleft", "bottomright"]
+
+QUESTION_TYPES = ["color", "shape", "count", "exists", "relation", "quadrant", "read"]
+
+# Answer sets per question type (chance level = 1 / len, except where noted).
+ANSWERS = {
+    "color": COLOR_NAMES,
+    "shape": SHAPES,
+    "count": NUMBER_WORDS[1:5],
+    "exists": ["yes", "no"],
+    "relation": ["left", "right", "above", "below"],  # each question is binary
+    "quadrant": QUADRANTS,
+    "read": CHARACTERS,
+}
+CHANCE = {"color": 1 / 6, "shape": 1 / 5, "count": 1 / 4, "exists": 1 / 2, "relation": 1 / 2,
+          "quadrant": 1 / 4, "read": 1 / len(CHARACTERS)}
+
+MIN_R, MAX_R = 30, 52  # object "radius" (half the bounding box) in pixels
+GLYPH_MIN_R = 40
+MARGIN = 4
+
+
+@dataclass
+class Sample:
+    """One visual-QA item.  ``scene`` is the list of objects (dicts) drawn in ``image``."""
+
+    image: Image.Image
+    question: str
+    answer: str
+    qtype: str
+    scene: list[dict[str, Any]]
+    params: dict[str, Any] = field(default_factory=dict)
+    split: str = ""
+    index: int = -1
+
+
+def rng_for(split: str, index: int, stream: int = 0) -> np.random.Generator:
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_SEEDS)}")
+    if index < 0:
+        raise ValueError("index must be >= 0")
+    return np.random.default_rng([SPLIT_SEEDS[split], int(index), int(stream)])
+
+
+# ----------------------------------------------------------------------------- scenes
+
+def _name(obj: dict) -> str:
+    return f"{obj['color']} {obj['shape']}"
+
+
+def make_scene(rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Random scene: 2-6 non-overlapping objects with pairwise distinct (colour, shape).
+
+    Each scene contains a "count group": 1-4 objects sharing a colour or a shape, so that count
+    questions have balanced answers.  About a third of glyph-capable objects carry a character.
+    """
+    count = int(rng.integers(1, 5))
+    by = "shape" if rng.random() < 0.5 else "color"
+    value = str(rng.choice(SHAPES if by == "shape" else COLOR_NAMES))
+    n_extra = int(rng.integers(1 if count == 1 else 0, 3))
+    n = count + n_extra
+    combos: list[tuple[str, str]] = []
+    others_pool = [(c, s) for c in COLOR_NAMES for s in SHAPES]
+    if by == "shape":
+        group = [(str(c), value) for c in rng.permutation(COLOR_NAMES)[:count]]
+        pool = [cs for cs in others_pool if cs[1] != value]
+    else:
+        group = [(value, str(s)) for s in rng.permutation(SHAPES)[:count]]
+        pool = [cs for cs in others_pool if cs[0] != value]
+    extra_idx = rng.permutation(len(pool))[:n_extra]
+    combos = group + [pool[i] for i in extra_idx]
+    order = rng.permutation(len(combos))
+    combos = [combos[i] for i in order]
+
+    objects: list[dict[str, Any]] = []
+    for color, shape in combos:
+        for _attempt in range(200):
+            r = int(rng.integers(MIN_R, MAX_R + 1))
+            x = int(rng.integers(r + MARGIN, IMAGE_SIZE - r - MARGIN))
+            y = int(rng.integers(r + MARGIN, IMAGE_SIZE - r - MARGIN))
+            if all(math.hypot(x - o["x"], y - o["y"]) > r + o["r"] + 6 for o in objects):
+                break
+        else:  # crowded: restart the whole scene (still deterministic)
+            return make_scene(rng)
+        objects.append({"color": color, "shape": shape, "x": x, "y": y, "r": r, "char": None})
+    for o in objects:
+        if o["shape"] in GLYPH_SHAPES and o["r"] >= GLYPH_MIN_R and rng.random() < 0.6:
+            o["char"] = str(rng.choice(CHARACTERS))
+    return objects
+
+
+def _shape_polygon(shape: str, x: float, y: float, r: float) -> list[tuple[float, float]] | None:
+    if shape == "square":
+        s = r * 0.88
+        return [(x - s, y - s), (x + s, y - s), (x + s, y + s), (x - s, y + s)]
+    if shape == "diamond":
+        return [(x, y - r), (x + r, y), (x, y + r), (x - r, y)]
+    if shape == "triangle":
+        return [(x + r * math.cos(a), y + r * math.sin(a))
+                for a in (-math.pi / 2, -math.pi / 2 + 2 * math.pi / 3, -math.pi / 2 + 4 * math.pi / 3)]
+    if shape == "star":
+        pts = []
+        for k in range(10):
+            rad = r if k % 2 == 0 else r * 0.45
+            a = -math.pi / 2 + k * math.pi / 5
+            pts.append((x + rad * math.cos(a), y + rad * math.sin(a)))
+        return pts
+    return None
+
+
+def draw_object(draw: ImageDraw.ImageDraw, obj: dict, fill) -> None:
+    x, y, r = obj["x"], obj["y"], obj["r"]
+    if obj["shape"] == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    else:
+        draw.polygon(_shape_polygon(obj["shape"], x, y, r), fill=fill)
+
+
+def glyph_box(obj: dict) -> tuple[float, float, float]:
+    """(centre x, centre y, half size) of the square the character is drawn in."""
+    return obj["x"], obj["y"], 0.42 * obj["r"]
+
+
+def draw_glyph(draw: ImageDraw.ImageDraw, obj: dict, ink) -> None:
+    cx, cy, h = glyph_box(obj)
+    width = max(4, int(round(obj["r"] / 8)))
+    for stroke in GLYPHS[obj["char"]]:
+        pts = [(cx - h + 2 * h * u, cy - h + 2 * h * v) for u, v in stroke]
+        draw.line(pts, fill=ink, width=width, joint="curve")
+
+
+def _background(rng: np.random.Generator) -> np.ndarray:
+    base = rng.integers(95, 165) + rng.integers(-18, 19, size=3)
+    img = np.broadcast_to(base.astype(np.float32), (IMAGE_SIZE, IMAGE_SIZE, 3)).copy()
+    yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
+    theta = rng.uniform(0, math.pi)
+    period = rng.uniform(10, 40)
+    amp = rng.uniform(4, 16)
+    stripes = amp * np.sin(2 * math.pi * (xx * math.cos(theta) + yy * math.sin(theta)) / period)
+    img += stripes[..., None]
+    img += rng.normal(0, rng.uniform(4, 12), size=img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def render_scene(scene: list[dict], rng: np.random.Generator) -> Image.Image:
+    img = Image.fromarray(_background(rng), "RGB")
+    draw = ImageDraw.Draw(img)
+    for obj in scene:
+        jitter = rng.integers(-12, 13, size=3)
+        fill = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLORS[obj["color"]], jitter))
+        draw_object(draw, obj, fill)
+        if obj["char"] is not None:
+            draw_glyph(draw, obj, GLYPH_INK[obj["color"]])
+    return img
+
+
+def patch_labels(scene: list[dict]) -> dict[str, np.ndarray]:
+    """Per-patch (24x24) labels: colour id / shape id / character id (0 = none) of the object
+    under each patch centre.  Used only as an auxiliary training signal."""
+    obj_map = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    d = ImageDraw.Draw(obj_map)
+    glyph_map = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.int64)
+    for i, obj in enumerate(scene):
+        draw_object(d, obj, i + 1)
+        if obj["char"] is not None:
+            cx, cy, h = glyph_box(obj)
+            y0, y1 = int(max(0, cy - h)), int(min(IMAGE_SIZE, cy + h + 1))
+            x0, x1 = int(max(0, cx - h)), int(min(IMAGE_SIZE, cx + h + 1))
+            glyph_map[y0:y1, x0:x1] = CHARACTERS.index(obj["char"]) + 1
+    centres = np.arange(GRID) * PATCH_SIZE + PATCH_SIZE // 2
+    ids = np.asarray(obj_map)[np.ix_(centres, centres)].astype(np.int64)
+    color = np.zeros_like(ids)
+    shape = np.zeros_like(ids)
+    for i, obj in enumerate(scene):
+        color[ids == i + 1] = COLOR_NAMES.index(obj["color"]) + 1
+        shape[ids == i + 1] = SHAPES.index(obj["shape"]) + 1
+    char = glyph_map[np.ix_(centres, centres)] * (ids > 0)
+    return {"color": color.reshape(-1), "shape": shape.reshape(-1), "char": char.reshape(-1)}
+
+
+# ----------------------------------------------------------------------------- questions
+
+def _quadrant(obj: dict) -> str | None:
+    """Quadrant if the whole object lies inside one, else None."""
+    half = IMAGE_SIZE / 2
+    x, y, r = obj["x"], obj["y"], obj["r"]
+    if abs(x - half) < r + 2 or abs(y - half) < r + 2:
+        return None
+    return ("top" if y < half else "bottom") + ("left" if x < half else "right")
+
+
+def answer_from_scene(scene: list[dict], qtype: str, params: dict) -> str:
+    """Ground-truth answer recomputed from the scene description and question parameters."""
+    def find(name):
+        hits = [o for o in scene if _name(o) == name]
+        assert len(hits) == 1, f"{name!r} is not unique in the scene"
+        return hits[0]
+
+    if qtype == "color":
+        hits = [o for o in scene if o["shape"] == params["shape"]]
+        assert len(hits) == 1
+        return hits[0]["color"]
+    if qtype == "shape":
+        hits = [o for o in scene if o["color"] == params["color"]]
+        assert len(hits) == 1
+        return hits[0]["shape"]
+    if qtype == "count":
+        return NUMBER_WORDS[sum(o[params["by"]] == params["value"] for o in scene)]
+    if qtype == "exists":
+        ok = any(o["color"] == params["color"] and o["shape"] == params["shape"] for o in scene)
+        return "yes" if ok else "no"
+    if qtype == "relation":
+        a, b = find(params["a"]), find(params["b"])
+        if params["axis"] == "horizontal":
+            return "left" if a["x"] < b["x"] else "right"
+        return "above" if a["y"] < b["y"] else "below"
+    if qtype == "quadrant":
+        q = _quadrant(find(params["a"]))
+        assert q is not None
+        return q
+    if qtype == "read":
+        o = find(params["a"])
+        assert o["char"] is not None
+        return o["char"]
+    raise ValueError(f"unknown question type {qtype!r}")
+
+
+def _color_word(rng) -> str:
+    return "color" if rng.random() < 0.5 else "colour"
+
+
+def make_question(scene: list[dict], qtype: str, rng: np.random.Generator):
+    """Return ``(question, answer, params)`` for ``qtype`` about ``scene``, or None if the scene
+    admits no unambiguous question of that type."""
+    if qtype == "color":
+        cands = [o for o in scene if sum(p["shape"] == o["shape"] for p in scene) == 1]
+        if not cands:
+            return None
+        o = cands[int(rng.integers(len(cands)))]
+        params = {"shape": o["shape"]}
+        q = f"What {_color_word(rng)} is the {o['shape']}?"
+    elif qtype == "shape":
+        cands = [o for o in scene if sum(p["color"] == o["color"] for p in scene) == 1]
+        if not cands:
+            return None
+        o = cands[int(rng.integers(len(cands)))]
+        params = {"color": o["color"]}
+        q = f"What shape is the {o['color']} object?"
+    elif qtype == "count":
+        # Prefer the scene's count group (balanced answers 1-4); it is the most frequent value.
+        best = None
+        for by, values in (("shape", SHAPES), ("color", COLOR_NAMES)):
+            for v in values:
+                c = sum(o[by] == v for o in scene)
+                if best is None or c > best[0]:
+                    best = (c, by, v)
+        c, by, v = best
+        if c == 1:  # scene of all-distinct attributes: pick any present attribute
+            o = scene[int(rng.integers(len(scene)))]
+            by = "shape" if rng.random() < 0.5 else "color"
+            v = o[by]
+        params = {"by": by, "value": v}
+        q = f"How many {PLURALS[v]} are there?" if by == "shape" else f"How many {v} objects are there?"
+    elif qtype == "exists":
+        present = {(o["color"], o["shape"]) for o in scene}
+        if rng.random() < 0.5:
+            color, shape = sorted(present)[int(rng.integers(len(present)))]
+        else:
+            absent = [(c, s) for c in COLOR_NAMES for s in SHAPES if (c, s) not in present]
+            # hard negatives: colour and shape each appear in the scene, just not together
+            hard = [(c, s) for c, s in absent
+                    if any(o["color"] == c for o in scene) and any(o["shape"] == s for o in scene)]
+            pool = hard if hard and rng.random() < 0.7 else absent
+            color, shape = pool[int(rng.integers(len(pool)))]
+        params = {"color": color, "shape": shape}
+        q = f"Is there a {color} {shape}?"
+    elif qtype == "relation":
+        pairs = []
+        for a in scene:
+            for b in scene:
+                if a is b:
+                    continue
+                if abs(a["x"] - b["x"]) >= 40:
+                    pairs.append((a, b, "horizontal"))
+                if abs(a["y"] - b["y"]) >= 40:
+                    pairs.append((a, b, "vertical"))
+        if not pairs:
+            return None
+        a, b, axis = pairs[int(rng.integers(len(pairs)))]
+        params = {"a": _name(a), "b": _name(b), "axis": axis}
+        if axis == "horizontal":
+            q = f"Is the {_name(a)} left or right of the {_name(b)}?"
+        else:
+            q = f"Is the {_name(a)} above or below the {_name(b)}?"
+    elif qtype == "quadrant":
+        cands = [o for o in scene if _quadrant(o) is not None]
+        if not cands:
+            return None
+        o = cands[int(rng.integers(len(cands)))]
+        params = {"a": _name(o)}
+        q = f"Which quadrant is the {_name(o)} in?"
+    elif qtype == "read":
+        cands = [o for o in scene if o["char"] is not None]
+        if not cands:
+            return None
+        o = cands[int(rng.integers(len(cands)))]
+        params = {"a": _name(o)}
+        q = f"Which character is on the {_name(o)}?"
+    else:
+        raise ValueError(f"unknown question type {qtype!r}")
+    return q, answer_from_scene(scene, qtype, params), params
+
+
+def sample(split: str, index: int) -> Sample:
+    """Deterministic sample ``index`` of ``split``; question type = QUESTION_TYPES[index % 7]."""
+    rng = rng_for(split, index)
+    qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
+    while True:
+        scene = make_scene(rng)
+        qa = make_question(scene, qtype, rng)
+        if qa is not None:
+            break
+    image = render_scene(scene, rng)
+    q, a, params = qa
+    return Sample(image=image, question=q, answer=a, qtype=qtype, scene=scene, params=params,
+                  split=split, index=index)
+
+
+def conversation(split: str, index: int, n_questions: int = 6):
+    """Several distinct questions about one image (for multi-turn training).
+
+    Returns ``(image, turns, scene)`` with ``turns = [(qtype, question, answer), ...]``.
+    The first question type cycles with ``index`` so every type is equally frequent.
+    """
+    rng = rng_for(split, index, stream=1)
+    scene = make_scene(rng)
+    image = render_scene(scene, rng)
+    turns: list[tuple[str, str, str]] = []
+    seen = set()
+    start = index % len(QUESTION_TYPES)
+    order = [QUESTION_TYPES[(start + k) % len(QUESTION_TYPES)] for k in range(len(QUESTION_TYPES))]
+    attempts = 0
+    while len(turns) < n_questions and attempts < 4 * n_questions:
+        qtype = order[attempts % len(order)]
+        attempts += 1
+        qa = make_question(scene, qtype, rng)
+        if qa is None or qa[0] in seen:
+            continue
+        seen.add(qa[0])
+        turns.append((qtype, qa[0], qa[1]))
+    return image, turns, scene
+
+
+def blank_image(color: tuple[int, int, int] = (128, 128, 128)) -> Image.Image:
+    """Uniform image used for the "image-blanked" control."""
+    return Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), color)
+
+
+def vocabulary() -> list[str]:
+    """Every (lower-cased) word and punctuation token the generator and chat format can emit."""
+    words = set()
+    templates = [
+        "what color colour is the ? shape object how many are there is there a "
+        "left or right of above below which quadrant in character on",
+        "user : assistant :",
+    ]
+    for t in templates:
+        words.update(t.split())
+    words.update(COLOR_NAMES)
+    words.update(SHAPES)
+    words.update(PLURALS.values())
+    words.update(NUMBER_WORDS)
+    words.update(QUADRANTS)
+    words.update(CHARACTERS)
+    words.update(["yes", "no", "left", "right", "above", "below"])
+    return sorted(words)

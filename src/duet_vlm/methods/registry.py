@@ -1,0 +1,23 @@
+"""Name -> method class, and ``make(name, budget=...)``: the same budget meaning for every method."""
+
+from __future__ import annotations
+
+from .base import Reducer
+from .duet import Duet
+
+METHODS: dict[str, type[Reducer]] = {
+    "duet": Duet,
+}
+
+
+def make(name: str, budget: int | None = None, **options) -> Reducer:
+    """Build a registered method by name.
+
+    >>> reducer = make("duet", budget=128)
+    >>> with reducer(model): model.generate(**inputs)      # doctest: +SKIP
+    """
+    try:
+        method = METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; registered: {', '.join(sorted(METHODS))}") from None
+    return method(budget=budget, **options) if budget is not None else method(**options)

@@ -431,7 +431,7 @@ def vocabulary() -> list[str]:
     """Every (lower-cased) word and punctuation token the generator and chat format can emit."""
     words = set()
     templates = [
-        "what color colour is the ? shape object how many are there is there a "
+        "what color colour is the ? shape object objects how many are there is there a "
         "left or right of above below which quadrant in character on",
         "user : assistant :",
     ]

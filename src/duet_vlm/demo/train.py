@@ -312,7 +312,7 @@ def train_demo(output_dir, steps: int = 5500, batch_size: int = 4, n_questions: 
             m = lab != -100
             window["acc"] += ((pred == lab) & m).sum().item() / max(1, m.sum().item())
         window["loss"] += loss.item()
-        window["aux"] += float(aux_loss)
+        window["aux"] += float(aux_loss.detach())
         window["gnorm"] += float(gnorm)
         window["n"] += 1
         step += 1
@@ -372,6 +372,7 @@ def main(argv=None) -> None:
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-n", type=int, default=140)
+    p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--final-eval-n", type=int, default=700)
     p.add_argument("--model-overrides", type=json.loads, default=None, help="JSON dict for demo_config")
     p.add_argument("--no-resume", action="store_true")
@@ -382,7 +383,7 @@ def main(argv=None) -> None:
 
     train_demo(a.output_dir, steps=a.steps, batch_size=a.batch_size, n_questions=a.n_questions,
                seed=a.seed, lr=a.lr, warmup_steps=a.warmup_steps, aux_weight=a.aux_weight,
-               num_threads=a.threads, save_every=a.save_every, eval_every=a.eval_every, eval_n=a.eval_n,
+               num_threads=a.threads, save_every=a.save_every, eval_every=a.eval_every, eval_n=a.eval_n, log_every=a.log_every,
                resume=not a.no_resume, export_dir=a.export_dir, final_eval_n=a.final_eval_n,
                model_overrides=a.model_overrides, log=log)
 

@@ -1,0 +1,297 @@
+"""Tests of the synthetic visual-QA generator, processor, demo model family and training loop."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from duet_vlm.demo import data
+from duet_vlm.demo.model import build_model, count_parameters, demo_config
+from duet_vlm.demo.processor import CHAT_TEMPLATE, build_processor, build_tokenizer, prompt
+from duet_vlm.demo.train import (
+    DEMO_MODEL_DIR,
+    encode_conversation,
+    evaluate_accuracy,
+    load_demo,
+    pixel_values,
+    train_demo,
+)
+
+TINY = dict(text_layers=2, text_hidden=32, text_intermediate=64, text_heads=2, text_kv_heads=2,
+            vision_layers=3, vision_hidden=32, vision_intermediate=64, vision_heads=2)
+
+
+def _digest(img) -> str:
+    return hashlib.sha256(img.tobytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor()
+
+
+# ----------------------------------------------------------------------------- generator
+
+def test_sample_is_deterministic():
+    for split in data.SPLIT_SEEDS:
+        for i in (0, 5, 123):
+            a, b = data.sample(split, i), data.sample(split, i)
+            assert _digest(a.image) == _digest(b.image)
+            assert (a.question, a.answer, a.qtype, a.scene) == (b.question, b.answer, b.qtype, b.scene)
+    a, b = data.conversation("train", 7), data.conversation("train", 7)
+    assert _digest(a[0]) == _digest(b[0]) and a[1] == b[1] and a[2] == b[2]
+
+
+def test_image_geometry():
+    s = data.sample("test", 0)
+    assert s.image.mode == "RGB" and s.image.size == (336, 336)
+
+
+def _check_rendering(s):
+    """The drawn pixels agree with the scene description (colour at a point inside each object)."""
+    arr = np.asarray(s.image).astype(int)
+    for o in s.scene:
+        y = o["y"] - int(0.6 * o["r"]) if o["char"] is not None else o["y"]
+        if o["shape"] == "triangle":
+            y = o["y"]
+        px = arr[y, o["x"]]
+        dist = np.abs(px - np.asarray(data.COLORS[o["color"]])).max()
+        assert dist <= 13, (o, px)
+
+
+def test_answers_match_scene_for_every_type():
+    seen = {t: set() for t in data.QUESTION_TYPES}
+    for split in ("train", "test"):
+        for i in range(140):
+            s = data.sample(split, i)
+            assert s.qtype == data.QUESTION_TYPES[i % 7]
+            assert s.answer == data.answer_from_scene(s.scene, s.qtype, s.params)
+            assert s.answer in data.ANSWERS[s.qtype]
+            assert " " not in s.answer
+            seen[s.qtype].add(s.answer)
+            _check_rendering(s)
+            # objects do not overlap and are inside the image
+            for k, a in enumerate(s.scene):
+                assert a["r"] <= a["x"] <= 336 - a["r"] and a["r"] <= a["y"] <= 336 - a["r"]
+                for b in s.scene[k + 1:]:
+                    assert np.hypot(a["x"] - b["x"], a["y"] - b["y"]) > a["r"] + b["r"]
+            # named objects are unique
+            names = [f"{o['color']} {o['shape']}" for o in s.scene]
+            assert len(set(names)) == len(names)
+    for t in data.QUESTION_TYPES:
+        assert len(seen[t]) >= 2, (t, seen[t])
+
+
+def test_independent_answer_checks():
+    """Re-derive answers from the question text alone (not the params)."""
+    for i in range(210):
+        s = data.sample("validation", i)
+        q = s.question.rstrip("?").lower().split()
+        sc = s.scene
+        if s.qtype == "color":
+            hits = [o for o in sc if o["shape"] == q[-1]]
+            assert len(hits) == 1 and hits[0]["color"] == s.answer
+        elif s.qtype == "shape":
+            hits = [o for o in sc if o["color"] == q[-2]]
+            assert len(hits) == 1 and hits[0]["shape"] == s.answer
+        elif s.qtype == "count":
+            word = q[2]
+            n = sum(o["color"] == word or data.PLURALS[o["shape"]] == word for o in sc)
+            assert data.NUMBER_WORDS[n] == s.answer
+        elif s.qtype == "exists":
+            present = any(o["color"] == q[3] and o["shape"] == q[4] for o in sc)
+            assert s.answer == ("yes" if present else "no")
+        elif s.qtype == "relation":
+            a = next(o for o in sc if (o["color"], o["shape"]) == (q[2], q[3]))
+            b = next(o for o in sc if (o["color"], o["shape"]) == (q[-2], q[-1]))
+            if "left" in q:
+                assert abs(a["x"] - b["x"]) >= 40
+                assert s.answer == ("left" if a["x"] < b["x"] else "right")
+            else:
+                assert abs(a["y"] - b["y"]) >= 40
+                assert s.answer == ("above" if a["y"] < b["y"] else "below")
+        elif s.qtype == "quadrant":
+            o = next(o for o in sc if (o["color"], o["shape"]) == (q[4], q[5]))
+            v = "top" if o["y"] + o["r"] < 168 else "bottom" if o["y"] - o["r"] > 168 else None
+            h = "left" if o["x"] + o["r"] < 168 else "right" if o["x"] - o["r"] > 168 else None
+            assert v and h and s.answer == v + h
+        elif s.qtype == "read":
+            o = next(o for o in sc if (o["color"], o["shape"]) == (q[-2], q[-1]))
+            assert o["char"] == s.answer
+
+
+def test_exists_is_balanced():
+    answers = [data.sample("train", 7 * k + 3).answer for k in range(120)]
+    assert 0.35 < answers.count("yes") / len(answers) < 0.65
+
+
+def test_splits_are_disjoint():
+    assert len(set(data.SPLIT_SEEDS.values())) == len(data.SPLIT_SEEDS)
+    digests = {split: {_digest(data.sample(split, i).image) for i in range(60)} for split in data.SPLIT_SEEDS}
+    assert digests["train"].isdisjoint(digests["validation"])
+    assert digests["train"].isdisjoint(digests["test"])
+    assert digests["validation"].isdisjoint(digests["test"])
+    with pytest.raises(ValueError):
+        data.sample("dev", 0)
+
+
+def test_conversation_questions_are_distinct_and_correct():
+    for i in range(30):
+        image, turns, scene = data.conversation("train", i, 6)
+        assert 3 <= len(turns) <= 6
+        assert len({q for _, q, _ in turns}) == len(turns)
+        for qtype, q, a in turns:
+            assert a in data.ANSWERS[qtype]
+
+
+# ----------------------------------------------------------------------------- tokenizer / processor
+
+def test_tokenizer_covers_generator_vocabulary():
+    tok = build_tokenizer()
+    unk = tok.unk_token_id
+    for i in range(140):
+        s = data.sample("train", i)
+        ids = tok(prompt(s.question), add_special_tokens=False)["input_ids"]
+        assert unk not in ids, s.question
+        ans = tok(s.answer, add_special_tokens=False)["input_ids"]
+        assert len(ans) == 1 and ans[0] != unk
+        assert tok.decode(ans) == s.answer
+    for word in data.vocabulary():
+        assert tok.convert_tokens_to_ids(word) != unk
+    for t in data.QUESTION_TYPES:
+        for a in data.ANSWERS[t]:
+            assert tok.convert_tokens_to_ids(a) != unk
+    assert tok("What COLOUR is the circle?", add_special_tokens=False)["input_ids"] == \
+        tok("what colour is the circle ?", add_special_tokens=False)["input_ids"]
+    for name in ("pad", "bos", "eos", "unk"):
+        assert getattr(tok, f"{name}_token_id") is not None
+    assert len(set(tok.all_special_ids)) == 5
+
+
+def test_processor_round_trip(tmp_path, processor):
+    from transformers import AutoProcessor
+
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    s = data.sample("test", 0)
+    text = "USER: <image>\nWhat colour is the circle? ASSISTANT:"
+    for p in (processor, loaded):
+        out = p(images=s.image, text=text, return_tensors="pt")
+        ids = out["input_ids"][0]
+        assert int((ids == p.image_token_id).sum()) == 576
+        assert ids[0].item() == p.tokenizer.bos_token_id
+        assert out["pixel_values"].shape == (1, 3, 336, 336)
+        assert torch.allclose(out["pixel_values"], pixel_values([s.image]), atol=1e-5)
+    a = processor(images=s.image, text=text, return_tensors="pt")["input_ids"]
+    b = loaded(images=s.image, text=text, return_tensors="pt")["input_ids"]
+    assert torch.equal(a, b)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]}]
+    assert loaded.apply_chat_template(msgs, add_generation_prompt=True) == text
+    assert loaded.chat_template == CHAT_TEMPLATE
+
+
+def test_training_encoding_matches_processor(processor):
+    image, turns, _ = data.conversation("train", 3, 4)
+    tok = processor.tokenizer
+    ids, labels = encode_conversation(tok, turns, processor.image_token_id)
+    ref = processor(images=image, text=prompt(turns[0][1]), return_tensors="pt")["input_ids"][0].tolist()
+    assert ids[: len(ref)] == ref
+    assert len(ids) == len(labels)
+    supervised = [t for t, lab in zip(ids, labels) if lab != -100]
+    expected = []
+    for _, _, a in turns:
+        expected += tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert supervised == expected
+    assert all(lab == -100 for t, lab in zip(ids, labels) if t == processor.image_token_id)
+
+
+# ----------------------------------------------------------------------------- model
+
+def test_full_demo_config_geometry():
+    cfg = demo_config()
+    tok = build_tokenizer()
+    assert cfg.text_config.num_hidden_layers == 32
+    assert cfg.vision_config.image_size == 336 and cfg.vision_config.patch_size == 14
+    assert cfg.vision_config.num_hidden_layers >= 3
+    assert cfg.vision_feature_layer == -2 and cfg.vision_feature_select_strategy == "default"
+    assert cfg.image_token_id == tok.convert_tokens_to_ids("<image>")
+    assert cfg.text_config.vocab_size == len(tok)
+    assert (cfg.text_config.pad_token_id, cfg.text_config.bos_token_id, cfg.text_config.eos_token_id) == \
+        (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+
+
+def test_tiny_model_save_load_generate(tmp_path, processor):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = build_model(demo_config(processor.tokenizer, **TINY), seed=0).eval()
+    assert count_parameters(model)["total"] > 0
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    proc = AutoProcessor.from_pretrained(tmp_path)
+    s = data.sample("test", 1)
+    inputs = proc(images=s.image, text=prompt(s.question), return_tensors="pt")
+    with torch.no_grad():
+        a = model(**inputs).logits
+        b = loaded(**inputs).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    out = loaded.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+
+    entered = []
+
+    @contextlib.contextmanager
+    def wrap():
+        entered.append(True)
+        yield
+
+    res = evaluate_accuracy(loaded, proc, split="test", n=7, batch_size=4, wrap=wrap, return_predictions=True)
+    assert entered == [True]
+    assert res["n"] == 7 and set(res["per_type"]) == set(data.QUESTION_TYPES)
+    assert 0.0 <= res["accuracy"] <= 1.0 and len(res["predictions"]) == 7
+    blank = evaluate_accuracy(loaded, proc, split="test", n=7, batch_size=7, blank_image=True)
+    assert blank["blank_image"] is True and blank["n"] == 7
+
+
+def test_train_demo_tiny_resumes(tmp_path):
+    logs = []
+    kw = dict(steps=2, batch_size=1, n_questions=2, num_threads=1, save_every=1, eval_every=0,
+              final_eval_n=7, model_overrides=TINY, log=logs.append, warmup_steps=1)
+    out = train_demo(tmp_path / "run", **kw)
+    assert (out / "model.safetensors").exists() and (out / "processor_config.json").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and "test" in metrics and "test_blank_image" in metrics
+    assert any(line.startswith("step 2/2") for line in logs)
+    logs.clear()
+    train_demo(tmp_path / "run", **kw)  # same call resumes from the checkpoint
+    assert any("resumed" in line and "step 2/2" in line for line in logs)
+    with pytest.raises(ValueError, match="different hyper-parameters"):
+        train_demo(tmp_path / "run", **{**kw, "lr": 1e-2})
+
+
+# ----------------------------------------------------------------------------- shipped model
+
+@pytest.mark.skipif(not (DEMO_MODEL_DIR / "config.json").exists(),
+                    reason=f"no shipped demo model yet at {DEMO_MODEL_DIR} (training still running?)")
+def test_shipped_demo_model():
+    model, proc = load_demo()
+    cfg = model.config
+    assert cfg.model_type == "llava"
+    assert cfg.text_config.num_hidden_layers == 32
+    assert cfg.vision_config.image_size == 336 and cfg.vision_config.patch_size == 14
+    assert cfg.vision_feature_layer == -2 and cfg.vision_feature_select_strategy == "default"
+    assert cfg.image_token_id == proc.tokenizer.convert_tokens_to_ids("<image>") == proc.image_token_id
+    weights = DEMO_MODEL_DIR / "model.safetensors"
+    assert weights.stat().st_size <= 60 * 2**20
+    s = data.sample("test", 0)
+    inputs = proc(images=s.image, text=prompt(s.question), return_tensors="pt")
+    assert int((inputs["input_ids"] == cfg.image_token_id).sum()) == 576
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]

@@ -66,7 +66,7 @@ def make_llava(
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(("q_proj.weight", "k_proj.weight")):
-                param.mul_(40.0)
+                param.mul_(8.0)
     model.set_attn_implementation(attn)
     return model.to(dtype).eval()
 

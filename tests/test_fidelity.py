@@ -100,9 +100,10 @@ def test_stage_a_features_and_scores(official):
     tensors = load_file(reference_dir / "duet-official-192.safetensors")
     captured = {}
     handle = duet_vlm.Duet(budget=192).attach(model)
-    probe = model.model.multi_modal_projector.register_forward_pre_hook(
-        lambda module, args: captured.setdefault("features", args[0])
-    )
+    def keep(module, args):
+        captured["features"] = args[0]
+
+    probe = model.model.multi_modal_projector.register_forward_pre_hook(keep)
     try:
         with torch.no_grad():
             model(input_ids=input_ids, pixel_values=pixel_values)

@@ -268,6 +268,8 @@ def test_train_demo_tiny_resumes(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 and "test" in metrics and "test_blank_image" in metrics
     assert any(line.startswith("step 2/2") for line in logs)
+    card = (out / "README.md").read_text()
+    assert "Test accuracy" in card and "blank" in card
     logs.clear()
     train_demo(tmp_path / "run", **kw)  # same call resumes from the checkpoint
     assert any("resumed" in line and "step 2/2" in line for line in logs)

@@ -2,9 +2,9 @@
 
 Public functions (plain Python; CLI wiring lives elsewhere):
 
-``train_demo(output_dir, steps=5500, batch_size=4, n_questions=6, seed=0, lr=1.5e-3,
+``train_demo(output_dir, steps=5000, batch_size=4, n_questions=6, seed=0, lr=1.5e-3,
              warmup_steps=200, min_lr_ratio=0.05, weight_decay=0.05, projector_lr_mult=2.0,
-             aux_weight=0.5, aux_until=None, grad_clip=1.0, num_threads=2, save_every=100,
+             aux_weight=0.5, aux_until=None, grad_clip=1.0, num_threads="auto", save_every=100,
              eval_every=500, eval_n=140, log_every=10, resume=True, export_dir=None,
              final_eval_n=700, model_overrides=None, log=print) -> pathlib.Path``
     Trains from scratch (seeded; the data of step ``s`` is a pure function of ``s``), writes a
@@ -23,6 +23,9 @@ Public functions (plain Python; CLI wiring lives elsewhere):
     replaces every image by a uniform grey one (the "no vision" control).  Returns
     ``{"accuracy", "n", "per_type": {qtype: acc}, "per_type_n", "chance", "blank_image", "split"}``
     (+ ``"predictions"`` if requested).
+
+``write_model_card(export_dir) -> pathlib.Path``
+    Writes ``README.md`` (architecture, recipe, accuracies from ``metrics.json``) in ``export_dir``.
 
 ``load_demo(path=None) -> (model, processor)``
     Loads the shipped model (``duet_vlm/assets/demo_model``) or ``path`` with the standard
@@ -213,19 +216,33 @@ def _lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _auto_threads(current: int, max_threads: int) -> int:
+    """1 thread while other processes keep the CPU busy (OpenMP barriers waste most of a
+    second thread's time when cores are shared), else ``max_threads``."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # pragma: no cover
+        return max_threads
+    others = load - current
+    return 1 if others > 0.75 else max_threads
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def train_demo(output_dir, steps: int = 5500, batch_size: int = 4, n_questions: int = 6, seed: int = 0,
+def train_demo(output_dir, steps: int = 5000, batch_size: int = 4, n_questions: int = 6, seed: int = 0,
                lr: float = 1.5e-3, warmup_steps: int = 200, min_lr_ratio: float = 0.05,
                weight_decay: float = 0.05, projector_lr_mult: float = 2.0, aux_weight: float = 0.5,
-               aux_until: int | None = None, grad_clip: float = 1.0, num_threads: int = 2,
+               aux_until: int | None = None, grad_clip: float = 1.0, num_threads: int | str = "auto",
                save_every: int = 100, eval_every: int = 500, eval_n: int = 140, log_every: int = 10,
                resume: bool = True, export_dir=None, final_eval_n: int = 700,
                model_overrides: dict | None = None, log: Callable[[str], None] = print) -> Path:
-    torch.set_num_threads(num_threads)
+    auto_threads = num_threads in ("auto", 0, None)
+    max_threads = min(2, os.cpu_count() or 1) if auto_threads else int(num_threads)
+    threads = max_threads
+    torch.set_num_threads(threads)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     export_dir = Path(export_dir) if export_dir is not None else output_dir / "final"
@@ -293,6 +310,9 @@ def train_demo(output_dir, steps: int = 5500, batch_size: int = 4, n_questions: 
     start_step = step
     window = defaultdict(float)
     while step < steps:
+        if auto_threads and step % 10 == 0:
+            threads = _auto_threads(threads, max_threads)
+            torch.set_num_threads(threads)
         factor = _lr_factor(step, steps, warmup_steps, min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr * factor * g["lr_mult"]
@@ -322,7 +342,7 @@ def train_demo(output_dir, steps: int = 5500, batch_size: int = 4, n_questions: 
             rate = elapsed / max(1, step - start_step)
             log(f"step {step}/{steps} | loss {window['loss'] / k:.4f} | aux {window['aux'] / k:.4f} "
                 f"| tok-acc {window['acc'] / k:.3f} | gnorm {window['gnorm'] / k:.2f} "
-                f"| lr {lr * factor:.2e} | {rate:.2f} s/step ({rate / batch_size:.3f} s/img) "
+                f"| lr {lr * factor:.2e} | thr {threads} | {rate:.2f} s/step ({rate / batch_size:.3f} s/img) "
                 f"| elapsed {_fmt_time(elapsed)} | eta {_fmt_time(rate * (steps - step))}")
             history.append({"step": step, "loss": window["loss"] / k, "aux": window["aux"] / k,
                             "tok_acc": window["acc"] / k})
@@ -353,22 +373,72 @@ def train_demo(output_dir, steps: int = 5500, batch_size: int = 4, n_questions: 
             r = metrics[key]
             log(f"[{key}] acc {r['accuracy']:.3f} " + " ".join(f"{t}={a:.2f}" for t, a in r["per_type"].items()))
     (export_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_model_card(export_dir)
     (output_dir / "metrics.json").write_text(json.dumps({**metrics, "history": history}, indent=2))
     return export_dir
+
+
+def write_model_card(export_dir) -> Path:
+    """Write ``README.md`` (config, training recipe, accuracies from ``metrics.json``) next to
+    an exported demo model."""
+    from transformers import AutoConfig
+
+    export_dir = Path(export_dir)
+    cfg = AutoConfig.from_pretrained(export_dir)
+    metrics = json.loads((export_dir / "metrics.json").read_text()) if (export_dir / "metrics.json").exists() else {}
+    v, t = cfg.vision_config, cfg.text_config
+    lines = [
+        "# duet-vlm demo LLaVA model",
+        "",
+        "A tiny LLaVA-1.5-architecture model (`LlavaForConditionalGeneration`) trained from scratch on the",
+        "offline synthetic visual-QA benchmark of `duet_vlm.demo.data`. Load it like any llava-hf checkpoint:",
+        "",
+        "```python",
+        "from transformers import AutoProcessor, LlavaForConditionalGeneration",
+        "model = LlavaForConditionalGeneration.from_pretrained(path)",
+        "processor = AutoProcessor.from_pretrained(path)",
+        "```",
+        "",
+        "## Architecture",
+        f"- vision tower: CLIP, {v.image_size} px / patch {v.patch_size} -> {(v.image_size // v.patch_size) ** 2} patches + CLS, "
+        f"{v.num_hidden_layers} layers, hidden {v.hidden_size}",
+        f"- `vision_feature_layer={cfg.vision_feature_layer}`, `vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}`, "
+        f"2-layer {cfg.projector_hidden_act} projector",
+        f"- language model: Llama, {t.num_hidden_layers} layers, hidden {t.hidden_size}, {t.num_attention_heads} heads, "
+        f"vocab {t.vocab_size} (word level)",
+        f"- `image_token_id={cfg.image_token_id}`; the processor expands `<image>` into {cfg.image_seq_length} tokens",
+    ]
+    if metrics.get("parameters"):
+        lines.append(f"- parameters: {metrics['parameters']}")
+    if metrics.get("hparams"):
+        lines += ["", "## Training", f"- {metrics.get('steps')} steps, {metrics.get('images_seen')} images, "
+                  f"~{metrics.get('qa_pairs_seen_approx')} QA pairs (multi-turn conversations)",
+                  f"- hyper-parameters: `{json.dumps(metrics['hparams'])}`",
+                  "- loss on answer tokens only, plus a training-only per-patch auxiliary loss (not shipped)"]
+    for key, title in (("test", "all 576 visual tokens"), ("test_blank_image", "blank (grey) image control")):
+        if key in metrics:
+            r = metrics[key]
+            lines += ["", f"## Test accuracy, {title} (n={r['n']})", "", "| type | accuracy | chance |", "|---|---|---|",
+                      f"| **overall** | **{r['accuracy']:.3f}** | |"]
+            lines += [f"| {q} | {a:.3f} | {r['chance'][q]:.3f} |" for q, a in r["per_type"].items()]
+    path = export_dir / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Train the duet-vlm demo LLaVA model on synthetic visual QA.")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--export-dir", default=None)
-    p.add_argument("--steps", type=int, default=5500)
+    p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--n-questions", type=int, default=6)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--aux-weight", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", default="auto",
+                   help="torch threads: an integer, or 'auto' (2, dropping to 1 while the machine is busy)")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-n", type=int, default=140)
@@ -383,7 +453,7 @@ def main(argv=None) -> None:
 
     train_demo(a.output_dir, steps=a.steps, batch_size=a.batch_size, n_questions=a.n_questions,
                seed=a.seed, lr=a.lr, warmup_steps=a.warmup_steps, aux_weight=a.aux_weight,
-               num_threads=a.threads, save_every=a.save_every, eval_every=a.eval_every, eval_n=a.eval_n, log_every=a.log_every,
+               num_threads=a.threads if a.threads == "auto" else int(a.threads), save_every=a.save_every, eval_every=a.eval_every, eval_n=a.eval_n, log_every=a.log_every,
                resume=not a.no_resume, export_dir=a.export_dir, final_eval_n=a.final_eval_n,
                model_overrides=a.model_overrides, log=log)
 

@@ -1,0 +1,152 @@
+"""Speed measured side by side: vision-side overhead of Stage A and decoder prefill time per method.
+
+Timings on a shared machine are noisy, so every variant is timed in the same process, interleaved
+round by round, and reported as a ratio to the unreduced model measured in the same rounds (median
+over rounds). FLOPs and KV-cache bytes, which are exact, are reported next to them.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from .methods import make
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """A LLaVA-1.5-shaped model (CLIP-L/14-336 tower, 32-layer decoder) with a configurable decoder width."""
+
+    vision_hidden: int = 1024
+    vision_layers: int = 24
+    vision_heads: int = 16
+    hidden: int = 1024
+    layers: int = 32
+    heads: int = 16
+    kv_heads: int = 16
+    intermediate: int = 2816
+
+
+def build_model(size: ModelSize, attn: str = "sdpa", seed: int = 0) -> LlavaForConditionalGeneration:
+    """Random weights are enough for timing: cost does not depend on the values."""
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=size.vision_hidden,
+            intermediate_size=4 * size.vision_hidden,
+            num_hidden_layers=size.vision_layers,
+            num_attention_heads=size.vision_heads,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=32064,
+            hidden_size=size.hidden,
+            intermediate_size=size.intermediate,
+            num_hidden_layers=size.layers,
+            num_attention_heads=size.heads,
+            num_key_value_heads=size.kv_heads,
+            max_position_embeddings=4096,
+        ),
+        image_token_id=32000,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=576,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def example_inputs(model, batch: int = 1, text_tokens: int = 60, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    prefix, suffix = 5, text_tokens - 5
+    ids = torch.cat(
+        [
+            torch.randint(3, 32000, (batch, prefix), generator=generator),
+            torch.full((batch, 576), model.config.image_token_id),
+            torch.randint(3, 32000, (batch, suffix), generator=generator),
+        ],
+        dim=1,
+    )
+    pixels = torch.randn(batch, 3, 336, 336, generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+
+def interleaved(variants: dict[str, Callable[[], None]], rounds: int, warmup: int = 1, progress=None) -> dict[str, list[float]]:
+    """Seconds per call of every variant, timed round-robin so that drifts in load hit all alike."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+        if progress is not None:
+            progress()
+    return times
+
+
+def median_ratio(times: dict[str, list[float]], baseline: str) -> dict[str, float]:
+    """Median over rounds of (variant / baseline) measured in the same round."""
+    return {
+        name: statistics.median(t / b for t, b in zip(values, times[baseline])) for name, values in times.items()
+    }
+
+
+def vision_variants(model, inputs, budget: int) -> dict[str, Callable[[], None]]:
+    """The tower + projector alone: plain, under DUET's hooks, and the official code's way of scoring."""
+    pixels = inputs["pixel_values"]
+    reducer = make("duet", budget=budget)
+
+    def plain():
+        with torch.inference_mode():
+            model.get_image_features(pixel_values=pixels)
+
+    def duet():
+        with torch.inference_mode(), reducer(model):
+            model.get_image_features(pixel_values=pixels)
+
+    tower = model.model.vision_tower
+
+    def eager_with_attention_maps():
+        # The official Stage A runs every CLIP layer eagerly and returns all attention maps.
+        previous = tower.config._attn_implementation
+        tower.set_attn_implementation("eager")
+        try:
+            with torch.inference_mode():
+                tower(pixels, output_attentions=True, output_hidden_states=True)
+        finally:
+            tower.set_attn_implementation(previous)
+
+    return {"no reduction": plain, f"duet {budget} (hooks)": duet, "eager + attention maps": eager_with_attention_maps}
+
+
+def prefill_variants(model, inputs, methods: list[str], budgets: list[int]) -> tuple[dict[str, Callable[[], None]], dict]:
+    """One prefill forward (logits of the last token only, as generate does) per method and budget."""
+    variants: dict[str, Callable[[], None]] = {}
+    reducers = {}
+
+    def runner(context_factory):
+        def run():
+            with torch.inference_mode(), context_factory():
+                model(**inputs, logits_to_keep=1)
+
+        return run
+
+    variants["no reduction"] = runner(nullcontext)
+    for method in methods:
+        for budget in budgets:
+            name = f"{method} {budget}"
+            reducers[name] = make(method, budget=budget)
+            variants[name] = runner(lambda r=reducers[name]: r(model))
+    return variants, reducers

@@ -363,3 +363,51 @@ def test_mask_gathering_for_flash_and_4d_masks():
     assert _gather_mask(None, index, index) is None
     with pytest.raises(TypeError):
         _gather_mask(object(), index, index)
+
+
+def test_a_second_reducer_on_the_same_model_is_refused(llava15):
+    with duet_vlm.Duet(budget=64)(llava15):
+        with pytest.raises(RuntimeError, match="already attached"):
+            duet_vlm.Duet(budget=128).attach(llava15)
+    handle = duet_vlm.Duet(budget=128).attach(llava15)  # fine once the first is gone
+    handle.remove()
+    handle.remove()  # removing twice is harmless
+
+
+def test_generate_without_cache_reselects_every_step(llava15):
+    inputs = make_inputs(llava15)
+    reducer = duet_vlm.Duet(budget=64)
+    with torch.no_grad(), reducer(llava15):
+        out = llava15.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert reducer.stats.tokens_per_layer == [102] * 16 + [51] * 8 + [0] * 8
+
+
+def test_salient_queries_from_a_tokenizer(llava15):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>"] + [f"w{i}" for i in range(2, 1000)]
+    words[10:17] = ["what", "is", "the", "colour", "of", "circle", "?"]
+    words[17:19] = ["assistant", ":"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    inputs = make_inputs(llava15, suffix=0)
+    question = torch.tensor([[10, 11, 12, 13, 14, 12, 15, 16, 17, 18]])  # what is the colour of the circle ? assistant :
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], question], dim=1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    expected = [0, 3, 6, 7, 9]  # what, colour, circle, ?, and the last token
+
+    salient = duet_vlm.Duet(budget=128, query="salient", tokenizer=tokenizer)
+    explicit = duet_vlm.Duet(budget=128, query=lambda view: [after[expected] for after in view.text_after_image])
+    results = []
+    for reducer in (salient, explicit):
+        with torch.no_grad(), reducer(llava15):
+            results.append(llava15(**inputs).logits[0, -1])
+    torch.testing.assert_close(results[0], results[1], atol=0, rtol=0)
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(salient.stats.stage_kept, explicit.stats.stage_kept))
+    everything = duet_vlm.Duet(budget=128)
+    with torch.no_grad(), everything(llava15):
+        llava15(**inputs)
+    assert not torch.equal(everything.stats.stage_kept[0][1], salient.stats.stage_kept[0][1])

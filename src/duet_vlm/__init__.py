@@ -21,6 +21,7 @@ from .methods import (
     VisionView,
 )
 from .methods import METHODS, make
+from .methods import SparseVLM, TextRaterPrune
 from .schedule import Schedule
 from .stats import ReductionStats
 
@@ -40,7 +41,9 @@ __all__ = [
     "Reducer",
     "ReductionStats",
     "Schedule",
+    "SparseVLM",
     "TextGuidedPrune",
+    "TextRaterPrune",
     "VisionReduction",
     "VisionStage",
     "VisionView",

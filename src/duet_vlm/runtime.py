@@ -24,6 +24,7 @@ positions shifted per layer group); ``positions="original"`` keeps the original 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -95,10 +96,16 @@ class _Prompt:
         return self.entry_index.shape[1]
 
 
+# Models with a reducer attached: two reducers on one model would stack their hooks.
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Attachment]" = weakref.WeakKeyDictionary()
+
+
 class Attachment:
     """Hooks of one reducer on one model; ``remove()`` restores the model exactly."""
 
     def __init__(self, reducer: Reducer, model: nn.Module):
+        if model in _ATTACHED:
+            raise RuntimeError("a duet-vlm reducer is already attached to this model; remove it first")
         self.reducer = reducer
         self.model = model
         self.adapter: ModelAdapter = adapter_for(model)
@@ -110,6 +117,7 @@ class Attachment:
         self._vision: VisionReduction | None = None
         self._labels: torch.Tensor | None = None
         self._image_mask: torch.Tensor | None = None
+        self._input_ids: torch.Tensor | None = None
         self._prompt: _Prompt | None = None
         self._in_stage = False  # a stage is running a layer itself: hooks stand aside
         self._handles: list = []
@@ -118,6 +126,7 @@ class Attachment:
         except BaseException:
             self.remove()
             raise
+        _ATTACHED[model] = self
 
     # ----------------------------------------------------------------- installation
     def _install(self) -> None:
@@ -140,8 +149,10 @@ class Attachment:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if _ATTACHED.get(self.model) is self:
+            del _ATTACHED[self.model]
         self._vision_input = self._vision_output = self._vision = None
-        self._labels = self._image_mask = self._prompt = None
+        self._labels = self._image_mask = self._input_ids = self._prompt = None
 
     # ----------------------------------------------------------------- vision side
     def _keep_vision_input(self, module, args, kwargs):

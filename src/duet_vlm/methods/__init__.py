@@ -13,12 +13,14 @@ from .base import (
 )
 from .duet import DominantContextualMerge, Duet, TextGuidedPrune
 from .registry import METHODS, make
+from .sparsevlm import SparseVLM, TextRaterPrune
 
 __all__ = [
     "METHODS",
     "make",
     "Compose",
     "Selection",
+    "SparseVLM",
     "DominantContextualMerge",
     "Duet",
     "LanguageStage",
@@ -26,6 +28,7 @@ __all__ = [
     "Plan",
     "Reducer",
     "TextGuidedPrune",
+    "TextRaterPrune",
     "VisionReduction",
     "VisionStage",
     "VisionView",

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from .base import Reducer
 from .duet import Duet
+from .sparsevlm import SparseVLM
 
 METHODS: dict[str, type[Reducer]] = {
     "duet": Duet,
+    "sparsevlm": SparseVLM,
 }
 
 

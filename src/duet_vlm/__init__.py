@@ -21,6 +21,7 @@ from .methods import (
     VisionView,
 )
 from .methods import METHODS, make
+from .methods import PIO, SaliencyNMSPrune, saliency_nms
 from .methods import SparseVLM, TextRaterPrune
 from .schedule import Schedule
 from .stats import ReductionStats
@@ -34,6 +35,9 @@ __all__ = [
     "Selection",
     "DominantContextualMerge",
     "Duet",
+    "PIO",
+    "SaliencyNMSPrune",
+    "saliency_nms",
     "Geometry",
     "LanguageStage",
     "LayerView",

@@ -12,6 +12,7 @@ from .base import (
     VisionView,
 )
 from .duet import DominantContextualMerge, Duet, TextGuidedPrune
+from .pio import PIO, SaliencyNMSPrune, saliency_nms
 from .registry import METHODS, make
 from .sparsevlm import SparseVLM, TextRaterPrune
 
@@ -23,6 +24,9 @@ __all__ = [
     "SparseVLM",
     "DominantContextualMerge",
     "Duet",
+    "PIO",
+    "SaliencyNMSPrune",
+    "saliency_nms",
     "LanguageStage",
     "LayerView",
     "Plan",

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from .base import Reducer
 from .duet import Duet
+from .pio import PIO
 from .sparsevlm import SparseVLM
 
 METHODS: dict[str, type[Reducer]] = {
     "duet": Duet,
+    "pio": PIO,
     "sparsevlm": SparseVLM,
 }
 

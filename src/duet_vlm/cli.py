@@ -185,3 +185,193 @@ def bench(
     if output:
         output.write_text(json.dumps(results, indent=2))
         console.print(f"wrote {output}")
+
+
+def _print_answers(answers, grid_title: str = "") -> None:
+    table = Table(title=grid_title or "Answers")
+    for column in ("", "answer", "avg visual tokens/layer", "visual tokens per layer group", "decoder FLOPs (exact)", "KV cache", "prefill s"):
+        table.add_column(column, justify="right")
+    for answer in answers:
+        stats = answer.stats
+        groups = ", ".join(
+            f"{first}-{last}: {count}" if first != last else f"{first}: {count}"
+            for first, last, count in layer_groups(stats.tokens_per_layer)
+        )
+        table.add_row(
+            answer.label,
+            repr(answer.text),
+            f"{stats.average_tokens:.2f}",
+            groups,
+            _human(stats.flops_exact, "FLOP"),
+            _human(stats.kv_bytes, "B"),
+            f"{answer.prefill_seconds:.3f}",
+        )
+    console.print(table)
+    base = answers[0]
+    for answer in answers[1:]:
+        console.print(
+            f"{answer.label}: decoder FLOPs x{answer.stats.flops_exact / base.stats.flops_exact:.3f}, "
+            f"KV cache x{answer.stats.kv_bytes / base.stats.kv_bytes:.3f}, "
+            f"prefill time x{answer.prefill_seconds / base.prefill_seconds:.3f} (median of interleaved runs)"
+        )
+
+
+def duet_grid(model) -> tuple[int, int]:
+    from .adapters import adapter_for
+
+    return adapter_for(model).geometry.grid
+
+
+@app.command()
+def demo(
+    index: int = typer.Option(3, help="Which test-split sample of the synthetic benchmark to ask about."),
+    budget: int = typer.Option(64, help="DUET budget (average visual tokens per layer)."),
+    output: Path = typer.Option(Path("duet_demo.png"), help="Where to write the kept-patch overlay."),
+    model_path: Optional[Path] = typer.Option(None, help="A demo model directory (default: the shipped one)."),
+    rounds: int = typer.Option(5, help="Interleaved prefill timing rounds."),
+) -> None:
+    """Ask the shipped demo model about a synthetic scene with all tokens and with DUET; draw what was kept."""
+    from .compare import compare, draw_overlay
+    from .demo import data
+    from .demo.train import load_demo
+    from .methods import Duet
+
+    try:
+        model, processor = load_demo(model_path)
+    except FileNotFoundError as error:
+        raise typer.BadParameter(f"{error}. Train one with `duet-vlm train-demo`.") from error
+    sample = data.sample("test", index)
+    console.print(f"[bold]question[/bold] ({sample.qtype}): {sample.question}   [bold]truth[/bold]: {sample.answer}")
+    answers = compare(model, processor, sample.image, sample.question, {"all tokens": None, f"DUET {budget}": Duet(budget=budget)}, rounds=rounds)
+    _print_answers(answers)
+    grid = duet_grid(model)
+    path = draw_overlay(sample.image, answers[1].stats, grid, output, title=f"{sample.question}  ->  {answers[1].text!r}")
+    console.print(f"wrote {path}")
+
+
+@app.command()
+def run(
+    model: str = typer.Option(..., help="A local path or a Hub id of a LLaVA checkpoint."),
+    image: Path = typer.Option(..., exists=True, dir_okay=False, help="An image file."),
+    prompt: str = typer.Option(..., help="The question (the model's chat template is applied)."),
+    method: str = typer.Option("duet", help=f"One of: {', '.join(sorted(METHODS))}."),
+    budget: int = typer.Option(64, help="Average visual tokens per decoder layer per image."),
+    max_new_tokens: int = typer.Option(32),
+    overlay: Optional[Path] = typer.Option(None, help="Write the kept-patch overlay here."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    rounds: int = typer.Option(3, help="Interleaved prefill timing rounds."),
+) -> None:
+    """Answer a prompt about an image with all tokens and with a reduction method, on any LLaVA checkpoint."""
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from .compare import compare, draw_overlay
+
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    llava = LlavaForConditionalGeneration.from_pretrained(model, dtype=torch_dtype).eval()
+    processor = AutoProcessor.from_pretrained(model)
+    picture = Image.open(image).convert("RGB")
+    reducer = make(method, budget=budget)
+    answers = compare(llava, processor, picture, prompt, {"all tokens": None, f"{method} {budget}": reducer}, max_new_tokens, rounds)
+    _print_answers(answers)
+    if overlay:
+        console.print(f"wrote {draw_overlay(picture, answers[1].stats, duet_grid(llava), overlay, title=prompt)}")
+
+
+@app.command("eval")
+def evaluate(
+    methods: Optional[list[str]] = typer.Option(None, help="Methods (space-separated); default: every registered one."),
+    budgets: list[int] = typer.Option([192, 128, 64], help="Budgets (space-separated list)."),
+    n: int = typer.Option(500, help="Questions per configuration (balanced over types when a multiple of 7)."),
+    split: str = typer.Option("test", help="train, validation or test."),
+    model_path: Optional[Path] = typer.Option(None, help="A demo model directory (default: the shipped one)."),
+    output_dir: Path = typer.Option(Path("duet_eval"), help="Where results.json, results.csv and the plot go."),
+    batch_size: int = typer.Option(8),
+    control: bool = typer.Option(True, help="Also evaluate with the image blanked (language-prior control)."),
+) -> None:
+    """Accuracy of every method and budget on the synthetic visual-QA benchmark (a miniature Table 1)."""
+    from .demo import data
+    from .demo.train import evaluate_accuracy, load_demo
+    from .report import retention_plot, write_results
+
+    try:
+        model, processor = load_demo(model_path)
+    except FileNotFoundError as error:
+        raise typer.BadParameter(f"{error}. Train one with `duet-vlm train-demo`.") from error
+    chosen = methods or [name for name in METHODS if name != "full"]
+    unknown = [name for name in chosen if name not in METHODS]
+    if unknown:
+        raise typer.BadParameter(f"unknown methods {unknown}; registered: {', '.join(sorted(METHODS))}")
+    configs = [("full", None)] + [(name, budget) for name in chosen for budget in budgets]
+    rows = []
+    with Progress(console=console) as progress:
+        task = progress.add_task("evaluating", total=n * (len(configs) + control))
+        for name, budget in configs:
+            reducer = make(name, budget=budget) if budget is not None else make(name)
+            costs = {"flops": 0, "rows": 0, "tokens": []}
+
+            def collect(message, reducer=reducer, costs=costs):
+                stats = reducer.stats
+                rows_now = len(stats.text_tokens)
+                costs["flops"] += stats.flops_exact
+                costs["rows"] += rows_now
+                costs["tokens"] = stats.tokens_per_layer
+                progress.update(task, advance=rows_now, description=f"{name} {budget or ''}")
+
+            result = evaluate_accuracy(
+                model, processor, split=split, n=n, batch_size=batch_size, wrap=lambda r=reducer: r(model), progress=collect
+            )
+            rows.append(
+                {
+                    "method": name,
+                    "budget": budget,
+                    "accuracy": result["accuracy"],
+                    "per_type": result["per_type"],
+                    "n": result["n"],
+                    "avg_visual_tokens": sum(costs["tokens"]) / len(costs["tokens"]),
+                    "decoder_tflops_per_sample": costs["flops"] / max(costs["rows"], 1) / 1e12,
+                }
+            )
+        if control:
+            blank = evaluate_accuracy(model, processor, split=split, n=n, batch_size=batch_size, blank_image=True,
+                                      progress=lambda message: progress.update(task, advance=batch_size))
+            rows.append({"method": "blank image", "budget": None, "accuracy": blank["accuracy"], "per_type": blank["per_type"],
+                         "n": blank["n"], "avg_visual_tokens": float("nan"), "decoder_tflops_per_sample": float("nan")})
+    full_accuracy = rows[0]["accuracy"]
+    for row in rows:
+        row["retained_percent"] = 100 * row["accuracy"] / full_accuracy if full_accuracy else float("nan")
+
+    types = [t for t in data.QUESTION_TYPES if t in rows[0]["per_type"]]
+    table = Table(title=f"Synthetic visual QA, {split} split, {n} questions per row")
+    for column in ["method", "budget", *types, "avg", "% of full", "visual tok/layer", "decoder TFLOPs"]:
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            row["method"],
+            str(row["budget"] or ""),
+            *(f"{100 * row['per_type'].get(t, float('nan')):.1f}" for t in types),
+            f"{100 * row['accuracy']:.1f}",
+            f"{row['retained_percent']:.1f}",
+            f"{row['avg_visual_tokens']:.1f}",
+            f"{row['decoder_tflops_per_sample']:.4f}",
+        )
+    console.print(table)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = write_results(rows, output_dir, meta={"split": split, "n": n, "model": str(model_path or "shipped demo model")})
+    paths.append(retention_plot(rows, output_dir / "retention.png"))
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+@app.command("train-demo")
+def train_demo_command(
+    output_dir: Path = typer.Option(Path("runs/demo"), help="Checkpoints go here; re-running resumes."),
+    steps: int = typer.Option(5000, help="Optimizer steps."),
+    export_dir: Optional[Path] = typer.Option(None, help="Where the final model + processor are saved."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train the demo LLaVA model from scratch on the synthetic benchmark (seeded, resumable)."""
+    from .demo.train import train_demo
+
+    path = train_demo(output_dir, steps=steps, seed=seed, export_dir=export_dir, log=console.print)
+    console.print(f"saved {path}")

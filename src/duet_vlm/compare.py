@@ -1,0 +1,126 @@
+"""One prompt answered with and without token reduction: answers, counts, costs, timing, figure."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .bench import interleaved
+from .methods import Reducer, make
+from .stats import ReductionStats
+
+
+@dataclass
+class Answer:
+    """What one configuration produced for a prompt."""
+
+    label: str
+    text: str
+    stats: ReductionStats
+    prefill_seconds: float
+
+
+def chat_prompt(processor, question: str) -> str:
+    """The model's own chat template around an image and ``question`` (LLaVA-1.5 style if it has none)."""
+    if "<image>" in question:
+        return question
+    if getattr(processor, "chat_template", None):
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
+def compare(
+    model,
+    processor,
+    image,
+    question: str,
+    reducers: dict[str, Reducer | None],
+    max_new_tokens: int = 8,
+    rounds: int = 5,
+) -> list[Answer]:
+    """Answer ``question`` under each reducer (``None`` = all tokens) and time their prefills side by side."""
+    inputs = processor(images=image, text=chat_prompt(processor, question), return_tensors="pt")
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    resolved = {label: reducer if reducer is not None else make("full") for label, reducer in reducers.items()}
+    tokenizer = processor.tokenizer
+    texts = {}
+    for label, reducer in resolved.items():
+        with torch.inference_mode(), reducer(model):
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        texts[label] = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    stats = {label: reducer.stats for label, reducer in resolved.items()}
+
+    def prefill(reducer):
+        def run():
+            with torch.inference_mode(), reducer(model):
+                model(**inputs, logits_to_keep=1)
+
+        return run
+
+    times = interleaved({label: prefill(r) for label, r in resolved.items()}, rounds=rounds)
+    return [Answer(label, texts[label], stats[label], statistics.median(times[label])) for label in resolved]
+
+
+def patch_mask(indices, grid: tuple[int, int], has_cls: bool = True) -> np.ndarray:
+    """A boolean ``grid`` mask of the patches named by vision-encoder ``indices`` (CLS ignored)."""
+    mask = np.zeros(grid, dtype=bool)
+    for index in np.asarray(indices).reshape(-1).tolist():
+        patch = index - 1 if has_cls else index
+        if patch >= 0:
+            mask[divmod(patch, grid[1])] = True
+    return mask
+
+
+def draw_overlay(image, stats: ReductionStats, grid: tuple[int, int], path: str | Path, title: str = "") -> Path:
+    """Kept patches of the first image: Stage A roles, then the survivors of each Stage-B boundary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picture = np.asarray(image.convert("RGB"))
+    height, width = picture.shape[:2]
+    extent = (0, width, height, 0)
+    panels = [("input", None)]
+    roles = {name: indices[0] for name, indices in stats.vision_roles.items()}
+    if "dominant" in roles:
+        layers = np.zeros((*grid, 4))
+        layers[patch_mask(roles.get("members", []), grid)] = (1.0, 0.0, 1.0, 0.3)
+        layers[patch_mask(roles["dominant"], grid)] = (0.0, 1.0, 1.0, 0.55)
+        layers[patch_mask(roles.get("anchors", []), grid)] = (1.0, 0.0, 1.0, 0.95)
+        n_anchors = len(roles.get("anchors", []))
+        label = f"Stage A: {len(roles['dominant'])} dominant (cyan, CLS incl.)\n{n_anchors} contextual anchors (magenta), merged (pale)"
+        panels.append((label, layers))
+    elif stats.vision_kept is not None:
+        layers = np.zeros((*grid, 4))
+        layers[patch_mask(stats.vision_kept[0], grid)] = (0.0, 1.0, 1.0, 0.55)
+        panels.append((f"LLM input: {stats.llm_input_tokens} tokens", layers))
+    entry = stats.vision_kept[0] if stats.vision_kept is not None else None
+    for layer, kept in stats.stage_kept:
+        ids = kept[0].reshape(-1)
+        indices = entry[ids] if entry is not None else ids + 1
+        layers = np.zeros((*grid, 4))
+        layers[patch_mask(indices, grid)] = (1.0, 1.0, 0.0, 0.6)
+        panels.append((f"after layer {layer}: {ids.numel()} kept", layers))
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
+    axes = np.atleast_1d(axes)
+    for axis, (label, layers) in zip(axes, panels):
+        axis.imshow(picture, extent=extent)
+        if layers is not None:
+            axis.imshow(np.full(picture.shape[:2], 0.0), cmap="gray", alpha=0.45, extent=extent, vmin=0, vmax=1)
+            axis.imshow(layers, extent=extent, interpolation="nearest")
+        axis.set_title(label, fontsize=8)
+        axis.axis("off")
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout(rect=(0, 0, 1, 0.9 if title else 1))
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -1,0 +1,53 @@
+"""Writing evaluation results: JSON, CSV and the retention-versus-budget figure."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+
+def write_results(rows: list[dict], output_dir: Path, meta: dict) -> list[Path]:
+    """``results.json`` (everything) and ``results.csv`` (one row per method and budget)."""
+    json_path = output_dir / "results.json"
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    types = sorted({t for row in rows for t in row["per_type"]})
+    csv_path = output_dir / "results.csv"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "budget", *types, "accuracy", "retained_percent", "avg_visual_tokens", "decoder_tflops_per_sample"])
+        for row in rows:
+            writer.writerow(
+                [row["method"], row["budget"] if row["budget"] is not None else ""]
+                + [row["per_type"].get(t, "") for t in types]
+                + [row["accuracy"], row["retained_percent"], row["avg_visual_tokens"], row["decoder_tflops_per_sample"]]
+            )
+    return [json_path, csv_path]
+
+
+def retention_plot(rows: list[dict], path: Path) -> Path:
+    """Accuracy retained (% of all tokens) against the budget, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    methods = sorted({row["method"] for row in rows if row["budget"] is not None})
+    for method in methods:
+        points = sorted((row["budget"], row["retained_percent"]) for row in rows if row["method"] == method and row["budget"] is not None)
+        axis.plot(*zip(*points), marker="o", label=method)
+    axis.axhline(100, color="gray", linestyle="--", linewidth=1, label="all tokens")
+    blank = [row for row in rows if row["method"] == "blank image" and not math.isnan(row["retained_percent"])]
+    if blank:
+        axis.axhline(blank[0]["retained_percent"], color="red", linestyle=":", linewidth=1, label="image blanked")
+    axis.set_xlabel("budget (average visual tokens per layer)")
+    axis.set_ylabel("accuracy retained (% of all tokens)")
+    axis.invert_xaxis()
+    axis.legend(fontsize=7)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

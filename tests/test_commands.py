@@ -1,0 +1,73 @@
+"""`duet-vlm demo`, `eval` and `run` end to end on an untrained model of the demo's geometry."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from duet_vlm.cli import app, expand_list_options
+from duet_vlm.demo import data
+from duet_vlm.demo.model import build_model, demo_config
+from duet_vlm.demo.processor import build_processor
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_demo_model(tmp_path_factory):
+    """LLaVA-1.5 geometry (336 px, 576 patches) with tiny widths, saved like the shipped model."""
+    path = tmp_path_factory.mktemp("demo_model")
+    processor = build_processor()
+    config = demo_config(
+        processor.tokenizer, vision_hidden=32, vision_intermediate=64, vision_layers=3, vision_heads=2,
+        text_hidden=32, text_intermediate=64, text_layers=8, text_heads=2, text_kv_heads=1,
+    )
+    build_model(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def _invoke(*args):
+    result = runner.invoke(app, expand_list_options([str(a) for a in args]))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def test_demo_prints_both_runs_and_writes_the_overlay(tiny_demo_model, tmp_path):
+    png = tmp_path / "overlay.png"
+    output = _invoke("demo", "--model-path", tiny_demo_model, "--output", png, "--rounds", 1)
+    flat = " ".join(output.split())
+    assert "DUET 64: decoder FLOPs x" in flat and "prefill time x" in flat
+    assert png.stat().st_size > 10_000
+
+
+def test_eval_writes_table_json_csv_and_plot(tiny_demo_model, tmp_path):
+    output = _invoke(
+        "eval", "--model-path", tiny_demo_model, "--methods", "duet", "--budgets", 192, 64, "--n", 7,
+        "--batch-size", 4, "--output-dir", tmp_path,
+    )
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = {(row["method"], row["budget"]): row for row in results["rows"]}
+    assert set(rows) == {("full", None), ("duet", 192), ("duet", 64), ("blank image", None)}
+    assert rows[("full", None)]["avg_visual_tokens"] == 576
+    assert abs(rows[("duet", 64)]["avg_visual_tokens"] - 64) <= 1
+    assert rows[("duet", 64)]["decoder_tflops_per_sample"] < rows[("full", None)]["decoder_tflops_per_sample"]
+    assert all(row["n"] == 7 for row in results["rows"])
+    assert (tmp_path / "results.csv").read_text().count("\n") == 5
+    assert (tmp_path / "retention.png").stat().st_size > 5_000
+    assert "Synthetic visual QA" in output  # the table was printed
+
+
+def test_run_on_a_local_checkpoint(tiny_demo_model, tmp_path):
+    image = tmp_path / "scene.png"
+    data.sample("test", 0).image.save(image)
+    output = _invoke(
+        "run", "--model", tiny_demo_model, "--image", image, "--prompt", "what color is the circle ?",
+        "--method", "duet", "--budget", 128, "--max-new-tokens", 2, "--rounds", 1, "--overlay", tmp_path / "o.png",
+    )
+    assert "duet 128" in " ".join(output.split()) and (tmp_path / "o.png").exists()
+
+
+def test_demo_without_a_model_says_how_to_get_one(tmp_path):
+    result = runner.invoke(app, ["demo", "--model-path", str(tmp_path)])
+    assert result.exit_code != 0 and "train-demo" in result.output

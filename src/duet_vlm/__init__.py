@@ -22,6 +22,7 @@ from .methods import (
 )
 from .methods import METHODS, make
 from .methods import PIO, SaliencyNMSPrune, saliency_nms
+from .methods import FastV, Full, Pool, PyramidDrop, RandomDrop, VisionZip
 from .methods import SparseVLM, TextRaterPrune
 from .schedule import Schedule
 from .stats import ReductionStats
@@ -38,6 +39,12 @@ __all__ = [
     "PIO",
     "SaliencyNMSPrune",
     "saliency_nms",
+    "FastV",
+    "Full",
+    "Pool",
+    "PyramidDrop",
+    "RandomDrop",
+    "VisionZip",
     "Geometry",
     "LanguageStage",
     "LayerView",

@@ -13,6 +13,12 @@ from .base import (
 )
 from .duet import DominantContextualMerge, Duet, TextGuidedPrune
 from .pio import PIO, SaliencyNMSPrune, saliency_nms
+from .fastv import FastV, LastTokenAttention
+from .full import Full
+from .pool import GridPool, Pool
+from .pyramiddrop import LastInstructionAttention, PyramidDrop
+from .random_drop import RandomDrop, RandomPatches
+from .visionzip import VisionZip
 from .registry import METHODS, make
 from .sparsevlm import SparseVLM, TextRaterPrune
 
@@ -27,6 +33,16 @@ __all__ = [
     "PIO",
     "SaliencyNMSPrune",
     "saliency_nms",
+    "FastV",
+    "Full",
+    "GridPool",
+    "LastInstructionAttention",
+    "LastTokenAttention",
+    "Pool",
+    "PyramidDrop",
+    "RandomDrop",
+    "RandomPatches",
+    "VisionZip",
     "LanguageStage",
     "LayerView",
     "Plan",

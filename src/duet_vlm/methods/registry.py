@@ -5,11 +5,23 @@ from __future__ import annotations
 from .base import Reducer
 from .duet import Duet
 from .pio import PIO
+from .fastv import FastV
+from .full import Full
+from .pool import Pool
+from .pyramiddrop import PyramidDrop
+from .random_drop import RandomDrop
+from .visionzip import VisionZip
 from .sparsevlm import SparseVLM
 
 METHODS: dict[str, type[Reducer]] = {
     "duet": Duet,
     "pio": PIO,
+    "fastv": FastV,
+    "pyramiddrop": PyramidDrop,
+    "visionzip": VisionZip,
+    "random": RandomDrop,
+    "pool": Pool,
+    "full": Full,
     "sparsevlm": SparseVLM,
 }
 

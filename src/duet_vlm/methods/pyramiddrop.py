@@ -1,0 +1,179 @@
+"""PyramidDrop (Xing et al., CVPR 2025): visual redundancy reduction in stages of the language model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..adapters import Geometry
+from ..schedule import Schedule, ratio_schedule, scaled_boundaries
+from .base import LanguageStage, LayerView, Plan, Reducer, check_budget
+
+# The reference's LLaVA-1.5 boundaries [8, 16, 24] and lambda = 0.5, as fractions of depth so that
+# other depths get the same shape.
+DEFAULT_FRACTIONS = (0.25, 0.5, 0.75)
+DEFAULT_DECAY = 0.5
+# The author's advice for budgets the default shape cannot reach (its floor is a quarter of the
+# tokens, 144 of 576, as lambda -> 0): earlier boundaries [2, 8, 16] (PyramidDrop issue #29).
+EARLY_FRACTIONS = (2 / 32, 8 / 32, 16 / 32)
+
+
+def decay_ratios(decay: float, stages: int) -> tuple[float, ...]:
+    """PyramidDrop's keep ratios ``lambda, lambda^2, ...`` (fractions of the LLM-input count).
+
+    >>> decay_ratios(0.5, 3)
+    (0.5, 0.25, 0.125)
+    """
+    return tuple(decay ** (s + 1) for s in range(stages))
+
+
+def solve_decay(budget: int, build: Callable[[float], Schedule], iterations: int = 60) -> tuple[float, Schedule]:
+    """The ``lambda`` in [0, 1] whose schedule ``build(lambda)`` averages closest to ``budget``.
+
+    ``build``'s average must not decrease with ``lambda`` (true for ``int(n * lambda^s)``). Ties go to
+    fewer tokens. Raises ``ValueError`` when no ``lambda`` comes within 1 token of the budget.
+    """
+    low, high = 0.0, 1.0
+    if build(high).average >= budget:
+        for _ in range(iterations):  # smallest lambda whose average reaches the budget
+            middle = (low + high) / 2
+            if build(middle).average >= budget:
+                high = middle
+            else:
+                low = middle
+    candidates = [(d, build(d)) for d in (low, high)]
+    decay, schedule = min(candidates, key=lambda c: (abs(c[1].average - budget), c[1].average))
+    if abs(schedule.average - budget) > 1:
+        raise ValueError(
+            f"no lambda in [0, 1] makes boundaries {[l for l, _ in schedule.boundaries]} average {budget} "
+            f"visual tokens per layer (closest: {schedule.average:.2f})"
+        )
+    return decay, schedule
+
+
+def pyramid_schedule(
+    budget: int, num_layers: int, visual_tokens: int, layers: tuple[int, ...] | None = None
+) -> tuple[Schedule, float]:
+    """PyramidDrop's schedule for a layer-averaged ``budget``, and the ``lambda`` solved for it.
+
+    Boundaries are ``layers`` when given; otherwise [8, 16, 24] (scaled to the depth) when some
+    ``lambda`` reaches the budget with them, else [2, 8, 16]. ``lambda`` is solved so that the
+    average is within 1 token of the budget. On LLaVA-1.5 (32 layers, 576 tokens):
+    192 -> [8, 16, 24], lambda 0.254, 576/146/37/9 tokens; 128 -> [2, 8, 16], lambda 0.421,
+    576/242/102/42; 64 -> [2, 8, 16], lambda 0.193, 576/111/21/4. Just above the default shape's
+    floor lambda becomes tiny (145 -> 576/4/0/0); pass ``layers=(2, 8, 16)`` to avoid that.
+
+    >>> pyramid_schedule(128, 32, 576)[0].boundaries
+    ((2, 242), (8, 102), (16, 42))
+    """
+    if layers is not None:
+        shapes = [tuple(layers)]
+    else:
+        shapes = [scaled_boundaries(num_layers, f) for f in (DEFAULT_FRACTIONS, EARLY_FRACTIONS)]
+    error = None
+    for shape in shapes:
+        build = lambda d, shape=shape: ratio_schedule(  # noqa: E731
+            num_layers, visual_tokens, visual_tokens, shape, decay_ratios(d, len(shape))
+        )
+        try:
+            decay, schedule = solve_decay(budget, build)
+        except ValueError as exc:
+            error = exc
+            continue
+        return schedule, decay
+    raise error
+
+
+@dataclass
+class LastInstructionAttention(LanguageStage):
+    """PyramidDrop's score: attention from the last instruction token, with the next layer's projections.
+
+    At inference the last instruction token is the last prompt token. In training
+    ``view.text_after_image`` holds only instruction tokens (label -100), so its last entry is the
+    token just before the final answer; the reference uses the token before *each* answer span and
+    averages, so multi-turn samples are approximated by their last turn.
+
+    >>> LastInstructionAttention().select(view, keep=144).shape    # doctest: +SKIP
+    torch.Size([1, 1, 144])
+    """
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        return view.text_to_visual_attention([positions[-1:] for positions in view.text_after_image])
+
+
+@dataclass
+class PyramidDrop(Reducer):
+    """PyramidDrop (Xing et al., CVPR 2025): rank and drop visual tokens at several layer boundaries.
+
+    After each boundary ``layers[s]`` the ``int(n * ratios[s])`` visual tokens (``n`` = tokens at the
+    LLM input) the last instruction token attends to most survive, scored with the next layer's
+    norm, q/k projections and RoPE on the current states. Ratios are ``lambda^(s+1)``. Positions are
+    renumbered after each drop, as in the reference.
+
+    Budget rule: boundaries [8, 16, 24] (scaled to the depth) with ``lambda`` solved from the budget
+    when that shape can reach it; the default shape cannot go below a quarter of the tokens (144 on
+    LLaVA-1.5), so lower budgets use [2, 8, 16], the author's suggestion. See ``pyramid_schedule``.
+
+    Args:
+        budget: average visual tokens per decoder layer per image.
+        layers: boundaries as counts of layers completed (reference ``(8, 16, 24)``).
+        ratios: kept fraction of the LLM-input count after each boundary; overrides the solver.
+        decay: ``lambda`` (reference 0.5): ratios ``lambda, lambda^2, ...``; overrides the solver.
+        positions: ``"contiguous"`` (the reference) or ``"original"``.
+
+    Inside a ``Compose`` (pruning the tokens a vision-side method passed on) the shape is fixed:
+    ``layers`` or [8, 16, 24], ``ratios`` or ``decay`` or 0.5, and the LLM-input count is solved.
+
+    >>> reducer = PyramidDrop(budget=128)                        # doctest: +SKIP
+    >>> with reducer(model): model.generate(**inputs)            # doctest: +SKIP
+    >>> sorted(set(reducer.stats.tokens_per_layer), reverse=True) # doctest: +SKIP
+    [576, 242, 102, 42]
+    """
+
+    budget: int | None = None
+    layers: tuple[int, ...] | None = None
+    ratios: tuple[float, ...] | None = None
+    decay: float | None = None
+    positions: str = "contiguous"
+
+    def __post_init__(self) -> None:
+        check_budget(self.budget, required=False)
+        if self.ratios is not None and self.decay is not None:
+            raise ValueError("give ratios or decay, not both")
+        if self.positions not in ("contiguous", "original"):
+            raise ValueError(f"positions must be 'contiguous' or 'original', got {self.positions!r}")
+        if self.decay is not None and not 0.0 <= self.decay <= 1.0:
+            raise ValueError(f"decay must lie in [0, 1], got {self.decay!r}")
+        if self.ratios is not None:
+            self.ratios = tuple(self.ratios)
+            if self.layers is None or len(self.layers) != len(self.ratios):
+                raise ValueError("explicit ratios need layers of the same length")
+        if self.layers is not None:
+            self.layers = tuple(self.layers)
+            if not self.layers:
+                raise ValueError("PyramidDrop needs at least one boundary layer")
+
+    def _shape(self, geometry: Geometry) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        layers = self.layers if self.layers is not None else scaled_boundaries(geometry.num_layers, DEFAULT_FRACTIONS)
+        if self.ratios is not None:
+            return layers, self.ratios
+        decay = self.decay if self.decay is not None else DEFAULT_DECAY
+        return layers, decay_ratios(decay, len(layers))
+
+    def schedule_for(self, geometry: Geometry, llm_input: int) -> Schedule:
+        layers, ratios = self._shape(geometry)
+        return ratio_schedule(geometry.num_layers, geometry.visual_tokens, llm_input, layers, ratios)
+
+    def language_stage(self) -> LastInstructionAttention:
+        return LastInstructionAttention()
+
+    def plan(self, geometry: Geometry) -> Plan:
+        if self.ratios is not None or self.decay is not None:
+            schedule = self.schedule_for(geometry, geometry.visual_tokens)
+        elif self.budget is None:
+            raise ValueError("PyramidDrop needs a budget (or ratios / decay)")
+        else:
+            schedule, _ = pyramid_schedule(self.budget, geometry.num_layers, geometry.visual_tokens, self.layers)
+        return Plan(schedule, language=self.language_stage(), positions=self.positions)

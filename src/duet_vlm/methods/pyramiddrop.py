@@ -29,8 +29,8 @@ def decay_ratios(decay: float, stages: int) -> tuple[float, ...]:
     return tuple(decay ** (s + 1) for s in range(stages))
 
 
-def solve_decay(budget: int, build: Callable[[float], Schedule], iterations: int = 60) -> tuple[float, Schedule]:
-    """The ``lambda`` in [0, 1] whose schedule ``build(lambda)`` averages closest to ``budget``.
+def solve_decay(budget: int, build: Callable[[float], Schedule], iterations: int = 60) -> tuple[Schedule, float]:
+    """The schedule ``build(lambda)``, lambda in [0, 1], that averages closest to ``budget``, and lambda.
 
     ``build``'s average must not decrease with ``lambda`` (true for ``int(n * lambda^s)``). Ties go to
     fewer tokens. Raises ``ValueError`` when no ``lambda`` comes within 1 token of the budget.
@@ -50,7 +50,7 @@ def solve_decay(budget: int, build: Callable[[float], Schedule], iterations: int
             f"no lambda in [0, 1] makes boundaries {[l for l, _ in schedule.boundaries]} average {budget} "
             f"visual tokens per layer (closest: {schedule.average:.2f})"
         )
-    return decay, schedule
+    return schedule, decay
 
 
 def pyramid_schedule(
@@ -78,7 +78,7 @@ def pyramid_schedule(
             num_layers, visual_tokens, visual_tokens, shape, decay_ratios(d, len(shape))
         )
         try:
-            decay, schedule = solve_decay(budget, build)
+            schedule, decay = solve_decay(budget, build)
         except ValueError as exc:
             error = exc
             continue

@@ -87,7 +87,7 @@ def test_fastv_selection_equals_top_k_of_eager_attention_in_layer_k_minus_1(eage
 # ----------------------------------------------------------------------------- PyramidDrop
 @pytest.mark.parametrize(
     "budget, layers, keeps",
-    [(192, (8, 16, 24), (146, 37, 9)), (128, (2, 8, 16), (242, 102, 42)), (64, (2, 8, 16), (111, 21, 4))],
+    [(300, (8, 16, 24), (329, 188, 107)), (192, (2, 8, 16), (322, 180, 101)), (128, (2, 8, 16), (242, 102, 42)), (64, (2, 8, 16), (111, 21, 4))],
 )
 def test_pyramiddrop_budget_rule(budget, layers, keeps):
     schedule, decay = pyramid_schedule(budget, 32, 576)
@@ -95,6 +95,13 @@ def test_pyramiddrop_budget_rule(budget, layers, keeps):
     assert abs(schedule.average - budget) <= 1
     assert keeps == tuple(int(576 * decay**s) for s in (1, 2, 3))  # lambda^s of the LLM-input count
     assert PyramidDrop(budget=budget).plan(LLAVA15).schedule == schedule
+
+
+def test_pyramiddrop_never_starves_the_later_layers():
+    # Solving lambda on [8, 16, 24] just above its floor of 144 would give 576/4/0/0.
+    for budget in range(100, 300, 7):
+        schedule, decay = pyramid_schedule(budget, 32, 576)
+        assert decay > 0.15 and schedule.boundaries[-1][1] > 0
 
 
 def test_pyramiddrop_defaults_and_overrides():

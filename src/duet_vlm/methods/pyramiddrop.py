@@ -15,8 +15,10 @@ from .base import LanguageStage, LayerView, Plan, Reducer, check_budget
 # other depths get the same shape.
 DEFAULT_FRACTIONS = (0.25, 0.5, 0.75)
 DEFAULT_DECAY = 0.5
-# The author's advice for budgets the default shape cannot reach (its floor is a quarter of the
-# tokens, 144 of 576, as lambda -> 0): earlier boundaries [2, 8, 16] (PyramidDrop issue #29).
+# The author's advice for budgets below the reference configuration's own average (270 of 576 on
+# LLaVA-1.5): earlier boundaries [2, 8, 16] with lambda solved (PyramidDrop issue #29). Solving
+# lambda on [8, 16, 24] instead would starve the later layers (its floor is 144, where 145 gives
+# 576/4/0/0).
 EARLY_FRACTIONS = (2 / 32, 8 / 32, 16 / 32)
 
 
@@ -58,25 +60,27 @@ def pyramid_schedule(
 ) -> tuple[Schedule, float]:
     """PyramidDrop's schedule for a layer-averaged ``budget``, and the ``lambda`` solved for it.
 
-    Boundaries are ``layers`` when given; otherwise [8, 16, 24] (scaled to the depth) when some
-    ``lambda`` reaches the budget with them, else [2, 8, 16]. ``lambda`` is solved so that the
-    average is within 1 token of the budget. On LLaVA-1.5 (32 layers, 576 tokens):
-    192 -> [8, 16, 24], lambda 0.254, 576/146/37/9 tokens; 128 -> [2, 8, 16], lambda 0.421,
-    576/242/102/42; 64 -> [2, 8, 16], lambda 0.193, 576/111/21/4. Just above the default shape's
-    floor lambda becomes tiny (145 -> 576/4/0/0); pass ``layers=(2, 8, 16)`` to avoid that.
+    Boundaries are ``layers`` when given; otherwise [8, 16, 24] (scaled to the depth) for budgets at
+    or above the reference configuration's average (lambda 0.5: 270 on LLaVA-1.5), else [2, 8, 16].
+    ``lambda`` is solved so that the average is within 1 token of the budget. On LLaVA-1.5 (32
+    layers, 576 tokens): 192 -> lambda 0.561, 576/322/180/101 tokens; 128 -> lambda 0.421,
+    576/242/102/42; 64 -> lambda 0.193, 576/111/21/4 (all with [2, 8, 16]).
 
     >>> pyramid_schedule(128, 32, 576)[0].boundaries
     ((2, 242), (8, 102), (16, 42))
     """
+
+    def builder(shape):
+        return lambda d: ratio_schedule(num_layers, visual_tokens, visual_tokens, shape, decay_ratios(d, len(shape)))
+
     if layers is not None:
         shapes = [tuple(layers)]
     else:
-        shapes = [scaled_boundaries(num_layers, f) for f in (DEFAULT_FRACTIONS, EARLY_FRACTIONS)]
+        default, early = (scaled_boundaries(num_layers, f) for f in (DEFAULT_FRACTIONS, EARLY_FRACTIONS))
+        shapes = [default] if budget >= builder(default)(DEFAULT_DECAY).average else [early, default]
     error = None
     for shape in shapes:
-        build = lambda d, shape=shape: ratio_schedule(  # noqa: E731
-            num_layers, visual_tokens, visual_tokens, shape, decay_ratios(d, len(shape))
-        )
+        build = builder(shape)
         try:
             schedule, decay = solve_decay(budget, build)
         except ValueError as exc:

@@ -131,22 +131,53 @@ def vision_variants(model, inputs, budget: int) -> dict[str, Callable[[], None]]
     return {"no reduction": plain, f"duet {budget} (hooks)": duet, "eager + attention maps": eager_with_attention_maps}
 
 
-def prefill_variants(model, inputs, methods: list[str], budgets: list[int]) -> tuple[dict[str, Callable[[], None]], dict]:
-    """One prefill forward (logits of the last token only, as generate does) per method and budget."""
+class LanguageModelTimer:
+    """Seconds spent inside the language model (decoder layers and the reducer's hooks) per forward."""
+
+    def __init__(self, model):
+        self.language_model = model.model.language_model
+        self.seconds: list[float] = []
+
+    def __enter__(self):
+        start = {}
+        self._handles = [
+            self.language_model.register_forward_pre_hook(lambda *_: start.__setitem__("t", time.perf_counter())),
+            self.language_model.register_forward_hook(
+                lambda *_: self.seconds.append(time.perf_counter() - start["t"])
+            ),
+        ]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+
+
+def prefill_variants(
+    model, inputs, methods: list[str], budgets: list[int]
+) -> tuple[dict[str, Callable[[], None]], dict, dict[str, list[float]]]:
+    """One prefill forward (logits of the last token only, as generate does) per method and budget.
+
+    Also returns, per variant, the seconds each forward spent in the language model.
+    """
     variants: dict[str, Callable[[], None]] = {}
     reducers = {}
+    decoder_seconds: dict[str, list[float]] = {}
 
-    def runner(context_factory):
+    def runner(name, context_factory):
+        decoder_seconds[name] = []
+
         def run():
-            with torch.inference_mode(), context_factory():
+            with torch.inference_mode(), context_factory(), LanguageModelTimer(model) as timer:
                 model(**inputs, logits_to_keep=1)
+            decoder_seconds[name].extend(timer.seconds)
 
         return run
 
-    variants["no reduction"] = runner(nullcontext)
+    variants["no reduction"] = runner("no reduction", nullcontext)
     for method in methods:
         for budget in budgets:
             name = f"{method} {budget}"
             reducers[name] = make(method, budget=budget)
-            variants[name] = runner(lambda r=reducers[name]: r(model))
-    return variants, reducers
+            variants[name] = runner(name, lambda r=reducers[name]: r(model))
+    return variants, reducers, decoder_seconds

@@ -12,44 +12,47 @@ from .base import (
     VisionView,
 )
 from .duet import DominantContextualMerge, Duet, TextGuidedPrune
-from .pio import PIO, SaliencyNMSPrune, saliency_nms
 from .fastv import FastV, LastTokenAttention
 from .full import Full
+from .pio import PIO, SaliencyNMSPrune, saliency_nms
 from .pool import GridPool, Pool
 from .pyramiddrop import LastInstructionAttention, PyramidDrop
 from .random_drop import RandomDrop, RandomPatches
-from .visionzip import VisionZip
 from .registry import METHODS, make
 from .sparsevlm import SparseVLM, TextRaterPrune
+from .visionzip import VisionZip
 
 __all__ = [
-    "METHODS",
-    "make",
+    # the interface
     "Compose",
-    "Selection",
-    "SparseVLM",
-    "DominantContextualMerge",
-    "Duet",
-    "PIO",
-    "SaliencyNMSPrune",
-    "saliency_nms",
-    "FastV",
-    "Full",
-    "GridPool",
-    "LastInstructionAttention",
-    "LastTokenAttention",
-    "Pool",
-    "PyramidDrop",
-    "RandomDrop",
-    "RandomPatches",
-    "VisionZip",
     "LanguageStage",
     "LayerView",
     "Plan",
     "Reducer",
-    "TextGuidedPrune",
-    "TextRaterPrune",
+    "Selection",
     "VisionReduction",
     "VisionStage",
     "VisionView",
+    # the registry
+    "METHODS",
+    "make",
+    # methods and their stages
+    "Duet",
+    "DominantContextualMerge",
+    "TextGuidedPrune",
+    "FastV",
+    "LastTokenAttention",
+    "Full",
+    "PIO",
+    "SaliencyNMSPrune",
+    "saliency_nms",
+    "Pool",
+    "GridPool",
+    "PyramidDrop",
+    "LastInstructionAttention",
+    "RandomDrop",
+    "RandomPatches",
+    "SparseVLM",
+    "TextRaterPrune",
+    "VisionZip",
 ]

@@ -29,6 +29,24 @@ PUBLISHED_SPLITS = {(576, 307): (300, 7), (576, 205): (170, 35)}
 CONTEXTUAL_SHARE = 10 / 64
 
 
+def check_stage_a_counts(dominant: int | None, contextual: int | None) -> None:
+    """Explicit dominant/contextual counts are non-negative ints; dominant includes CLS, so >= 1."""
+    for name, value in (("dominant", dominant), ("contextual", contextual)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    if dominant is not None and dominant < 1:
+        raise ValueError("dominant counts the CLS token and must be >= 1")
+
+
+def contextual_count(keep: int, dominant: int | None, contextual: int | None, default: int) -> int:
+    """How many of ``keep`` Stage-A tokens are contextual: as given, implied by ``dominant``, or ``default``."""
+    if contextual is None:
+        contextual = keep - dominant if dominant is not None else default
+    if not 0 <= contextual < keep:
+        raise ValueError(f"cannot split {keep} tokens into dominant (CLS included) + {contextual} contextual")
+    return contextual
+
+
 @dataclass
 class DominantContextualMerge(VisionStage):
     """Stage A (V2V): CLS-attention dominant tokens plus merged contextual tokens.
@@ -139,12 +157,7 @@ class Duet(Reducer):
     def __post_init__(self) -> None:
         explicit = self.dominant is not None and self.contextual is not None
         check_budget(self.budget, required=not explicit)
-        for name in ("dominant", "contextual"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        if self.dominant is not None and self.dominant < 1:
-            raise ValueError("dominant counts the CLS token and must be >= 1")
+        check_stage_a_counts(self.dominant, self.contextual)
         if (self.layers is None) != (self.ratios is None) and self.layers != ():
             raise ValueError("give both layers and ratios (or neither, for the default schedule)")
         if self.ratios is None and self.layers == ():
@@ -165,15 +178,9 @@ class Duet(Reducer):
         return TextGuidedPrune(query=self.query, tokenizer=self.tokenizer)
 
     def vision_stage_for(self, geometry: Geometry, keep: int) -> DominantContextualMerge:
-        if self.contextual is not None:
-            contextual = self.contextual
-        elif self.dominant is not None:
-            contextual = keep - self.dominant
-        else:
-            split = PUBLISHED_SPLITS.get((geometry.visual_tokens, keep))
-            contextual = split[1] if split else round(keep * CONTEXTUAL_SHARE)
-        if not 0 <= contextual < keep:
-            raise ValueError(f"cannot split {keep} Stage-A tokens into dominant + {contextual} contextual")
+        published = PUBLISHED_SPLITS.get((geometry.visual_tokens, keep))
+        default = published[1] if published else round(keep * CONTEXTUAL_SHARE)
+        contextual = contextual_count(keep, self.dominant, self.contextual, default)
         return DominantContextualMerge(contextual=contextual, cluster_width=self.cluster_width)
 
     def plan(self, geometry: Geometry) -> Plan:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..adapters import Geometry
 from ..schedule import Schedule, scaled_boundaries, solve_llm_input
 from .base import LanguageStage, LayerView, Plan, Reducer, check_budget, compose_plan
-from .duet import CONTEXTUAL_SHARE, DominantContextualMerge
+from .duet import CONTEXTUAL_SHARE, DominantContextualMerge, contextual_count
 
 SALIENCIES = ("grad_norm", "grad_x_input")
 
@@ -267,9 +267,7 @@ class PIO(Reducer):
         return SaliencyNMSPrune(self.saliency, self.threshold, self.prediction_tokens)
 
     def vision_stage_for(self, geometry: Geometry, keep: int) -> DominantContextualMerge:
-        contextual = self.contextual if self.contextual is not None else round(keep * CONTEXTUAL_SHARE)
-        if not 0 <= contextual < max(keep, 1):
-            raise ValueError(f"cannot split {keep} LLM-input tokens into dominant + {contextual} contextual")
+        contextual = contextual_count(keep, None, self.contextual, round(keep * CONTEXTUAL_SHARE))
         return DominantContextualMerge(contextual=contextual, cluster_width=None)
 
     def plan(self, geometry: Geometry) -> Plan:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ..adapters import Geometry
 from ..schedule import Schedule
 from .base import Plan, Reducer, check_budget
-from .duet import CONTEXTUAL_SHARE, DominantContextualMerge
+from .duet import CONTEXTUAL_SHARE, DominantContextualMerge, check_stage_a_counts, contextual_count
 
 
 def visionzip_split(keep: int) -> tuple[int, int]:
@@ -47,22 +47,10 @@ class VisionZip(Reducer):
 
     def __post_init__(self) -> None:
         check_budget(self.budget, required=False)
-        for name in ("dominant", "contextual"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        if self.dominant is not None and self.dominant < 1:
-            raise ValueError("dominant counts the CLS token and must be >= 1")
+        check_stage_a_counts(self.dominant, self.contextual)
 
     def vision_stage_for(self, geometry: Geometry, keep: int) -> DominantContextualMerge:
-        if self.contextual is not None:
-            contextual = self.contextual
-        elif self.dominant is not None:
-            contextual = keep - self.dominant
-        else:
-            contextual = visionzip_split(keep)[1]
-        if not 0 <= contextual < keep:
-            raise ValueError(f"cannot split {keep} tokens into dominant (CLS included) + {contextual} contextual")
+        contextual = contextual_count(keep, self.dominant, self.contextual, visionzip_split(keep)[1])
         return DominantContextualMerge(contextual=contextual, cluster_width=None)
 
     def plan(self, geometry: Geometry) -> Plan:

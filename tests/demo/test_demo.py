@@ -297,3 +297,22 @@ def test_shipped_demo_model():
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_thread_tuner_adapts_to_contention():
+    from duet_vlm.demo.train import ThreadTuner
+
+    cost = {1: 3.0, 2: 2.0}  # idle machine: 2 threads faster
+    t = ThreadTuner(2, probe_every=10, probe_steps=3)
+    used = []
+    for step in range(200):
+        if step == 60:
+            cost = {1: 8.0, 2: 25.0}  # contention: 2 threads collapse
+        if step == 140:
+            cost = {1: 3.0, 2: 2.0}
+        n = t.threads(step)
+        used.append(n)
+        t.record(cost[n])
+    assert used[50:60].count(2) >= 8
+    assert used[100:140].count(1) >= 35  # at most an aborted one-step probe now and then
+    assert used[170:200].count(2) >= 20  # probes of 1 thread every 10 steps here

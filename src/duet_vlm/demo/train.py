@@ -216,15 +216,55 @@ def _lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _auto_threads(current: int, max_threads: int) -> int:
-    """1 thread while other processes keep the CPU busy (OpenMP barriers waste most of a
-    second thread's time when cores are shared), else ``max_threads``."""
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # pragma: no cover
-        return max_threads
-    others = load - current
-    return 1 if others > 0.75 else max_threads
+class ThreadTuner:
+    """Chooses 1 or ``max_threads`` torch threads from measured step times.
+
+    On a shared 2-core machine two OpenMP threads are ~2x faster than one when the cores are
+    idle but several times slower when other processes compete for them (threads wait for each
+    other at every barrier).  The tuner runs ``max_threads``, drops to 1 when steps get much
+    slower than the best seen, and every ``probe_every`` steps tries the other setting for a few
+    steps (aborting after one step if that one is clearly worse), keeping whichever is faster.
+    """
+
+    def __init__(self, max_threads: int, probe_every: int = 100, probe_steps: int = 3):
+        self.max = max_threads
+        self.current = max_threads
+        self.probe_every = probe_every
+        self.probe_steps = probe_steps
+        self.recent: list[float] = []
+        self.best: dict[int, float] = {}
+        self.probe: dict | None = None
+
+    def _median(self) -> float:
+        r = sorted(self.recent[-5:])
+        return r[len(r) // 2]
+
+    def threads(self, step: int) -> int:
+        if self.max <= 1:
+            return 1
+        if self.probe is None and step > 0 and step % self.probe_every == 0 and len(self.recent) >= 3:
+            other = 1 if self.current != 1 else self.max
+            self.probe = {"threads": other, "ref": self._median(), "times": []}
+        return self.probe["threads"] if self.probe else self.current
+
+    def record(self, dt: float) -> None:
+        if self.probe is not None:
+            p = self.probe
+            p["times"].append(dt)
+            if dt > 2.0 * p["ref"] or len(p["times"]) >= self.probe_steps:
+                mean = sum(p["times"]) / len(p["times"])
+                if len(p["times"]) >= self.probe_steps and mean < 0.9 * p["ref"]:
+                    self.current = p["threads"]
+                    self.recent = list(p["times"])
+                self.probe = None
+            return
+        self.recent = (self.recent + [dt])[-5:]
+        if len(self.recent) >= 3:
+            med = self._median()
+            self.best[self.current] = min(self.best.get(self.current, med), med)
+            if self.current > 1 and med > 2.0 * self.best[self.current]:
+                self.current = 1  # contention: fall back at once, re-probed later
+                self.recent = []
 
 
 def _fmt_time(seconds: float) -> str:
@@ -241,6 +281,7 @@ def train_demo(output_dir, steps: int = 5000, batch_size: int = 4, n_questions: 
                model_overrides: dict | None = None, log: Callable[[str], None] = print) -> Path:
     auto_threads = num_threads in ("auto", 0, None)
     max_threads = min(2, os.cpu_count() or 1) if auto_threads else int(num_threads)
+    tuner = ThreadTuner(max_threads) if auto_threads else None
     threads = max_threads
     torch.set_num_threads(threads)
     output_dir = Path(output_dir)
@@ -310,9 +351,12 @@ def train_demo(output_dir, steps: int = 5000, batch_size: int = 4, n_questions: 
     start_step = step
     window = defaultdict(float)
     while step < steps:
-        if auto_threads and step % 10 == 0:
-            threads = _auto_threads(threads, max_threads)
-            torch.set_num_threads(threads)
+        if tuner is not None:
+            new = tuner.threads(step)
+            if new != threads:
+                threads = new
+                torch.set_num_threads(threads)
+        t_step = time.time()
         factor = _lr_factor(step, steps, warmup_steps, min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr * factor * g["lr_mult"]
@@ -335,6 +379,8 @@ def train_demo(output_dir, steps: int = 5000, batch_size: int = 4, n_questions: 
         window["aux"] += float(aux_loss.detach())
         window["gnorm"] += float(gnorm)
         window["n"] += 1
+        if tuner is not None:
+            tuner.record(time.time() - t_step)
         step += 1
         if step % log_every == 0 or step == steps:
             k = window["n"]

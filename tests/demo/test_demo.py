@@ -313,6 +313,6 @@ def test_thread_tuner_adapts_to_contention():
         n = t.threads(step)
         used.append(n)
         t.record(cost[n])
-    assert used[50:60].count(2) >= 8
+    assert used[50:60].count(2) >= 7
     assert used[100:140].count(1) >= 35  # at most an aborted one-step probe now and then
     assert used[170:200].count(2) >= 20  # probes of 1 thread every 10 steps here

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -94,7 +94,7 @@ class TextGuidedPrune(LanguageStage):
     """
 
     query: Query = "text"
-    tokenizer: Any = None
+    tokenizer: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not callable(self.query) and self.query not in ("text", "salient", "last"):
@@ -151,7 +151,7 @@ class Duet(Reducer):
     layers: tuple[int, ...] | None = None
     ratios: tuple[float, ...] | None = None
     query: Query = "text"
-    tokenizer: Any = None
+    tokenizer: Any = field(default=None, repr=False)
     positions: str = "contiguous"
 
     def __post_init__(self) -> None:

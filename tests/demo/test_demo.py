@@ -275,6 +275,15 @@ def test_train_demo_tiny_resumes(tmp_path):
     assert any("resumed" in line and "step 2/2" in line for line in logs)
     with pytest.raises(ValueError, match="different hyper-parameters"):
         train_demo(tmp_path / "run", **{**kw, "lr": 1e-2})
+    # continue training the exported model with a fresh schedule
+    from transformers import LlavaForConditionalGeneration
+
+    before = LlavaForConditionalGeneration.from_pretrained(out).state_dict()
+    built = build_model(demo_config(**TINY), seed=0).state_dict()
+    out2 = train_demo(tmp_path / "more", **{**kw, "steps": 1, "final_eval_n": 0, "lr": 0.0}, init_from=out)
+    after = LlavaForConditionalGeneration.from_pretrained(out2).state_dict()
+    key = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(before[key], after[key]) and not torch.equal(built[key], after[key])
 
 
 # ----------------------------------------------------------------------------- shipped model

@@ -6,12 +6,14 @@ Public functions (plain Python; CLI wiring lives elsewhere):
              warmup_steps=200, min_lr_ratio=0.05, weight_decay=0.05, projector_lr_mult=2.0,
              aux_weight=0.5, aux_until=None, grad_clip=1.0, num_threads="auto", save_every=100,
              eval_every=500, eval_n=140, log_every=10, resume=True, export_dir=None,
-             final_eval_n=700, model_overrides=None, log=print) -> pathlib.Path``
+             final_eval_n=700, model_overrides=None, init_from=None, log=print) -> pathlib.Path``
     Trains from scratch (seeded; the data of step ``s`` is a pure function of ``s``), writes a
     resumable ``checkpoint.pt`` to ``output_dir`` every ``save_every`` steps (re-running the same
     call resumes from it), and finally saves model + processor with ``save_pretrained`` to
     ``export_dir`` (default ``output_dir/final``), evaluates test accuracy with and without the
-    image and writes ``metrics.json`` there.  Returns ``export_dir``.
+    image and writes ``metrics.json`` there.  Returns ``export_dir``.  ``init_from`` (an exported
+    model directory) starts from its weights instead of a random init, to train longer with a new
+    schedule.  ``num_threads="auto"`` picks 1 or 2 threads from measured step times.
 
 ``evaluate_accuracy(model, processor, split="test", n=700, blank_image=False, wrap=None,
                     batch_size=8, max_new_tokens=3, start=0, return_predictions=False,
@@ -278,7 +280,8 @@ def train_demo(output_dir, steps: int = 5000, batch_size: int = 4, n_questions: 
                aux_until: int | None = None, grad_clip: float = 1.0, num_threads: int | str = "auto",
                save_every: int = 100, eval_every: int = 500, eval_n: int = 140, log_every: int = 10,
                resume: bool = True, export_dir=None, final_eval_n: int = 700,
-               model_overrides: dict | None = None, log: Callable[[str], None] = print) -> Path:
+               model_overrides: dict | None = None, init_from=None,
+               log: Callable[[str], None] = print) -> Path:
     auto_threads = num_threads in ("auto", 0, None)
     max_threads = min(2, os.cpu_count() or 1) if auto_threads else int(num_threads)
     tuner = ThreadTuner(max_threads) if auto_threads else None
@@ -292,11 +295,19 @@ def train_demo(output_dir, steps: int = 5000, batch_size: int = 4, n_questions: 
                    warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay,
                    projector_lr_mult=projector_lr_mult, aux_weight=aux_weight, aux_until=aux_until,
                    grad_clip=grad_clip, model_overrides=model_overrides or {})
+    if init_from is not None:
+        hparams["init_from"] = str(init_from)
 
     processor = build_processor()
     tok = processor.tokenizer
     config = demo_config(tok, **(model_overrides or {}))
     model = build_model(config, seed=seed)
+    if init_from is not None:  # continue training an exported model with a fresh schedule
+        from transformers import LlavaForConditionalGeneration
+
+        src = LlavaForConditionalGeneration.from_pretrained(init_from)
+        model.load_state_dict(src.state_dict())
+        del src
     torch.manual_seed(seed + 1)
     aux = AuxHeads(config.text_config.hidden_size)
     image_token_id = config.image_token_id
@@ -491,6 +502,7 @@ def main(argv=None) -> None:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--final-eval-n", type=int, default=700)
     p.add_argument("--model-overrides", type=json.loads, default=None, help="JSON dict for demo_config")
+    p.add_argument("--init-from", default=None, help="exported model dir to continue training from")
     p.add_argument("--no-resume", action="store_true")
     a = p.parse_args(argv)
 
@@ -501,7 +513,7 @@ def main(argv=None) -> None:
                seed=a.seed, lr=a.lr, warmup_steps=a.warmup_steps, aux_weight=a.aux_weight,
                num_threads=a.threads if a.threads == "auto" else int(a.threads), save_every=a.save_every, eval_every=a.eval_every, eval_n=a.eval_n, log_every=a.log_every,
                resume=not a.no_resume, export_dir=a.export_dir, final_eval_n=a.final_eval_n,
-               model_overrides=a.model_overrides, log=log)
+               model_overrides=a.model_overrides, init_from=a.init_from, log=log)
 
 
 if __name__ == "__main__":

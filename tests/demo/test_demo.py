@@ -325,3 +325,27 @@ def test_thread_tuner_adapts_to_contention():
     assert used[50:60].count(2) >= 7
     assert used[100:140].count(1) >= 35  # at most an aborted one-step probe now and then
     assert used[170:200].count(2) >= 20  # probes of 1 thread every 10 steps here
+
+
+def test_packed_questions_see_exactly_the_single_turn_context(processor):
+    """Each packed question's logits equal those of the same question asked alone."""
+    from duet_vlm.demo.train import make_batch
+
+    model = build_model(demo_config(processor.tokenizer, **TINY), seed=3).eval()
+    tok = processor.tokenizer
+    batch, _ = make_batch(tok, processor.image_token_id, step=5, batch_size=2, n_questions=4)
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    checked = 0
+    for b in range(2):
+        image, turns, _ = data.conversation("train", 5 * 2 + b, 4)
+        labels = batch["labels"][b]
+        answer_pos = [i for i in range(1, labels.shape[0]) if labels[i] != -100 and labels[i - 1] == -100]
+        assert len(answer_pos) == len(turns)
+        for (_, q, a), pos in zip(turns, answer_pos):
+            single = processor(images=image, text=prompt(q), return_tensors="pt")
+            with torch.no_grad():
+                ref = model(**single).logits[0, -1]
+            assert torch.allclose(packed[b, pos - 1], ref, atol=1e-4), q
+            checked += 1
+    assert checked >= 6

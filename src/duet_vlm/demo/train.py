@@ -2,7 +2,7 @@
 
 Public functions (plain Python; CLI wiring lives elsewhere):
 
-``train_demo(output_dir, steps=5000, batch_size=4, n_questions=6, seed=0, lr=1.5e-3,
+``train_demo(output_dir, steps=5000, batch_size=4, n_questions=8, seed=0, lr=1.5e-3,
              warmup_steps=200, min_lr_ratio=0.05, weight_decay=0.05, projector_lr_mult=2.0,
              aux_weight=0.5, aux_until=None, grad_clip=1.0, num_threads="auto", save_every=100,
              eval_every=500, eval_n=140, log_every=10, resume=True, export_dir=None,
@@ -93,13 +93,53 @@ def encode_conversation(tokenizer, turns, image_token_id: int) -> tuple[list[int
     return ids, labels
 
 
+def encode_packed(tokenizer, turns, image_token_id: int):
+    """Several independent single-turn questions sharing one image prefix.
+
+    Returns ``(ids, labels, segments, positions)``: the prefix ``<s> USER: <image>*576`` has
+    segment 0, question ``k`` (``\nQ ASSISTANT: A</s>``) segment ``k + 1`` and position ids that
+    restart right after the prefix, so with :func:`packed_attention_mask` every question sees
+    exactly what it would see alone (same tokens, same positions, no other question): training
+    on 6 questions costs one image forward, and no answer leaks into another question.
+    """
+    def enc(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    prefix = [tokenizer.bos_token_id] + enc("USER:") + [image_token_id] * N_IMAGE_TOKENS
+    ids, labels = list(prefix), [-100] * len(prefix)
+    segments, positions = [0] * len(prefix), list(range(len(prefix)))
+    for k, (_qtype, q, a) in enumerate(turns):
+        p = enc("\n" + q + " ASSISTANT:")
+        ans = enc(a) + [tokenizer.eos_token_id]
+        ids += p + ans
+        labels += [-100] * len(p) + ans
+        segments += [k + 1] * (len(p) + len(ans))
+        positions += list(range(len(prefix), len(prefix) + len(p) + len(ans)))
+    return ids, labels, segments, positions
+
+
+def packed_attention_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(B, L) segment ids (-1 = padding) -> (B, 1, L, L) boolean mask (True = may attend):
+    causal, and a token sees the shared prefix (segment 0) and its own segment only."""
+    L = segments.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    qs, ks = segments[:, :, None], segments[:, None, :]
+    allowed = causal & ((ks == 0) | (ks == qs)) & (ks >= 0)
+    allowed[:, :, 0] = True  # padding rows attend to <s> only (avoids empty softmax rows)
+    return allowed[:, None]
+
+
 def make_batch(tokenizer, image_token_id: int, step: int, batch_size: int, n_questions: int,
-               split: str = "train"):
+               split: str = "train", packed: bool = True):
     images, seqs, aux = [], [], defaultdict(list)
     for b in range(batch_size):
         image, turns, scene = data.conversation(split, step * batch_size + b, n_questions)
         images.append(image)
-        seqs.append(encode_conversation(tokenizer, turns, image_token_id))
+        if packed:
+            seqs.append(encode_packed(tokenizer, turns, image_token_id))
+        else:
+            ids, lab = encode_conversation(tokenizer, turns, image_token_id)
+            seqs.append((ids, lab, [0] * len(ids), list(range(len(ids)))))
         for k, v in data.patch_labels(scene).items():
             aux[k].append(torch.from_numpy(v))
     length = max(len(s[0]) for s in seqs)
@@ -107,16 +147,22 @@ def make_batch(tokenizer, image_token_id: int, step: int, batch_size: int, n_que
     input_ids = torch.full((batch_size, length), pad, dtype=torch.long)
     labels = torch.full((batch_size, length), -100, dtype=torch.long)
     mask = torch.zeros((batch_size, length), dtype=torch.long)
-    for b, (ids, lab) in enumerate(seqs):
-        input_ids[b, : len(ids)] = torch.tensor(ids)
-        labels[b, : len(lab)] = torch.tensor(lab)
-        mask[b, : len(ids)] = 1
-    return {
-        "input_ids": input_ids,
-        "attention_mask": mask,
-        "labels": labels,
-        "pixel_values": pixel_values(images),
-    }, {k: torch.stack(v) for k, v in aux.items()}
+    segments = torch.full((batch_size, length), -1, dtype=torch.long)
+    positions = torch.zeros((batch_size, length), dtype=torch.long)
+    for b, (ids, lab, seg, pos) in enumerate(seqs):
+        n = len(ids)
+        input_ids[b, :n] = torch.tensor(ids)
+        labels[b, :n] = torch.tensor(lab)
+        mask[b, :n] = 1
+        segments[b, :n] = torch.tensor(seg)
+        positions[b, :n] = torch.tensor(pos)
+    batch = {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values(images)}
+    if packed:
+        batch["attention_mask"] = packed_attention_mask(segments)
+        batch["position_ids"] = positions
+    else:
+        batch["attention_mask"] = mask
+    return batch, {k: torch.stack(v) for k, v in aux.items()}
 
 
 class AuxHeads(nn.Module):
@@ -274,13 +320,13 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def train_demo(output_dir, steps: int = 5000, batch_size: int = 4, n_questions: int = 6, seed: int = 0,
+def train_demo(output_dir, steps: int = 5000, batch_size: int = 4, n_questions: int = 8, seed: int = 0,
                lr: float = 1.5e-3, warmup_steps: int = 200, min_lr_ratio: float = 0.05,
                weight_decay: float = 0.05, projector_lr_mult: float = 2.0, aux_weight: float = 0.5,
                aux_until: int | None = None, grad_clip: float = 1.0, num_threads: int | str = "auto",
                save_every: int = 100, eval_every: int = 500, eval_n: int = 140, log_every: int = 10,
                resume: bool = True, export_dir=None, final_eval_n: int = 700,
-               model_overrides: dict | None = None, init_from=None,
+               model_overrides: dict | None = None, init_from=None, packed: bool = True,
                log: Callable[[str], None] = print) -> Path:
     auto_threads = num_threads in ("auto", 0, None)
     max_threads = min(2, os.cpu_count() or 1) if auto_threads else int(num_threads)
@@ -295,6 +341,8 @@ def train_demo(output_dir, steps: int = 5000, batch_size: int = 4, n_questions: 
                    warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay,
                    projector_lr_mult=projector_lr_mult, aux_weight=aux_weight, aux_until=aux_until,
                    grad_clip=grad_clip, model_overrides=model_overrides or {})
+    if packed:
+        hparams["packed"] = True
     if init_from is not None:
         hparams["init_from"] = str(init_from)
 
@@ -371,7 +419,7 @@ def train_demo(output_dir, steps: int = 5000, batch_size: int = 4, n_questions: 
         factor = _lr_factor(step, steps, warmup_steps, min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr * factor * g["lr_mult"]
-        batch, aux_labels = make_batch(tok, image_token_id, step, batch_size, n_questions)
+        batch, aux_labels = make_batch(tok, image_token_id, step, batch_size, n_questions, packed=packed)
         out = model(**batch)
         loss = out.loss
         use_aux = aux_weight > 0 and (aux_until is None or step < aux_until)
@@ -489,7 +537,7 @@ def main(argv=None) -> None:
     p.add_argument("--export-dir", default=None)
     p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--n-questions", type=int, default=6)
+    p.add_argument("--n-questions", type=int, default=8)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--aux-weight", type=float, default=0.5)

@@ -1,13 +1,21 @@
 """Shipped demo: a small, genuinely trained LLaVA-architecture model and the offline synthetic
-visual-QA benchmark it was trained on (see ``data``, ``processor``, ``model``, ``train``)."""
+visual-QA benchmark it was trained on (see ``data``, ``processor``, ``model``, ``train``).
 
-from .data import QUESTION_TYPES, Sample, conversation, sample
-from .model import build_model, count_parameters, demo_config
-from .processor import build_processor, build_tokenizer, prompt
-from .train import DEMO_MODEL_DIR, evaluate_accuracy, load_demo, train_demo, write_model_card
+Names are imported lazily so that ``python -m duet_vlm.demo.train`` runs cleanly."""
 
-__all__ = [
-    "DEMO_MODEL_DIR", "QUESTION_TYPES", "Sample", "build_model", "build_processor", "build_tokenizer",
-    "conversation", "count_parameters", "demo_config", "evaluate_accuracy", "load_demo", "prompt",
-    "sample", "train_demo", "write_model_card",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "QUESTION_TYPES": "data", "Sample": "data", "conversation": "data", "sample": "data",
+    "build_model": "model", "count_parameters": "model", "demo_config": "model",
+    "build_processor": "processor", "build_tokenizer": "processor", "prompt": "processor",
+    "DEMO_MODEL_DIR": "train", "evaluate_accuracy": "train", "load_demo": "train",
+    "train_demo": "train", "write_model_card": "train",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -454,7 +454,7 @@ def train_demo(output_dir, steps: int = 5000, batch_size: int = 4, n_questions: 
             window.clear()
         if eval_every and step % eval_every == 0 and step < steps:
             res = evaluate_accuracy(model, processor, split="validation", n=eval_n)
-            log(f"[val] step {step}: acc {res['accuracy']:.3f} " +
+            log(f"val step {step}: acc {res['accuracy']:.3f} " +
                 " ".join(f"{t}={a:.2f}" for t, a in res["per_type"].items()))
             history.append({"step": step, "val_acc": res["accuracy"], "val_per_type": res["per_type"]})
         if step % save_every == 0 or step == steps:
@@ -476,7 +476,7 @@ def train_demo(output_dir, steps: int = 5000, batch_size: int = 4, n_questions: 
                                                         blank_image=True, progress=prog)
         for key in ("test", "test_blank_image"):
             r = metrics[key]
-            log(f"[{key}] acc {r['accuracy']:.3f} " + " ".join(f"{t}={a:.2f}" for t, a in r["per_type"].items()))
+            log(f"{key}: acc {r['accuracy']:.3f} " + " ".join(f"{t}={a:.2f}" for t, a in r["per_type"].items()))
     (export_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_model_card(export_dir)
     (output_dir / "metrics.json").write_text(json.dumps({**metrics, "history": history}, indent=2))

@@ -196,8 +196,8 @@ def bench(
         console.print(f"wrote {output}")
 
 
-def _print_answers(answers, grid_title: str = "") -> None:
-    table = Table(title=grid_title or "Answers")
+def _print_answers(answers, title: str = "Answers") -> None:
+    table = Table(title=title)
     for column in ("", "answer", "avg visual tokens/layer", "visual tokens per layer group", "decoder FLOPs (exact)", "KV cache", "prefill s"):
         table.add_column(column, justify="right")
     for answer in answers:
@@ -225,7 +225,7 @@ def _print_answers(answers, grid_title: str = "") -> None:
         )
 
 
-def duet_grid(model) -> tuple[int, int]:
+def patch_grid(model) -> tuple[int, int]:
     from .adapters import adapter_for
 
     return adapter_for(model).geometry.grid
@@ -253,7 +253,7 @@ def demo(
     console.print(f"[bold]question[/bold] ({sample.qtype}): {sample.question}   [bold]truth[/bold]: {sample.answer}")
     answers = compare(model, processor, sample.image, sample.question, {"all tokens": None, f"DUET {budget}": Duet(budget=budget)}, rounds=rounds)
     _print_answers(answers)
-    grid = duet_grid(model)
+    grid = patch_grid(model)
     path = draw_overlay(sample.image, answers[1].stats, grid, output, title=f"{sample.question}  ->  {answers[1].text!r}")
     console.print(f"wrote {path}")
 
@@ -285,7 +285,7 @@ def run(
     answers = compare(llava, processor, picture, prompt, {"all tokens": None, f"{method} {budget}": reducer}, max_new_tokens, rounds)
     _print_answers(answers)
     if overlay:
-        console.print(f"wrote {draw_overlay(picture, answers[1].stats, duet_grid(llava), overlay, title=prompt)}")
+        console.print(f"wrote {draw_overlay(picture, answers[1].stats, patch_grid(llava), overlay, title=prompt)}")
 
 
 @app.command("eval")

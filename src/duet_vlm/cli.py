@@ -382,5 +382,6 @@ def train_demo_command(
     """Train the demo LLaVA model from scratch on the synthetic benchmark (seeded, resumable)."""
     from .demo.train import train_demo
 
-    path = train_demo(output_dir, steps=steps, seed=seed, export_dir=export_dir, log=console.print)
+    # markup=False: log lines carry tags like "[val]" that rich would swallow as markup.
+    path = train_demo(output_dir, steps=steps, seed=seed, export_dir=export_dir, log=lambda line: console.print(line, markup=False))
     console.print(f"saved {path}")

@@ -33,11 +33,8 @@ from torch import nn
 from .adapters import ModelAdapter, adapter_for
 from .flops import DecoderDims
 from .methods.base import LayerView, Plan, Reducer, Selection, VisionReduction, VisionView
+from .selection import gather_tokens
 from .stats import ReductionStats
-
-
-def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def _gather_mask(mask, q_index: torch.Tensor | None, kv_index: torch.Tensor):
@@ -236,7 +233,7 @@ class Attachment:
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("duet-vlm needs a 2-D attention_mask (or None) at the language model input")
         if entry_length != length:
-            kwargs["inputs_embeds"] = _gather_tokens(kwargs["inputs_embeds"], entry_index)
+            kwargs["inputs_embeds"] = gather_tokens(kwargs["inputs_embeds"], entry_index)
             if attention_mask is not None:
                 attention_mask = kwargs["attention_mask"] = attention_mask.gather(1, entry_index)
             kwargs["position_ids"] = self._entry_positions(kwargs.get("position_ids"), entry_index, length)
@@ -348,7 +345,7 @@ class Attachment:
             visual_ids=previous.visual_ids,
             valid=prompt.valid.gather(1, previous.index),
             input_ids=prompt.input_ids.gather(1, previous.index),
-            input_embeddings=_gather_tokens(prompt.input_embeddings, previous.index),
+            input_embeddings=gather_tokens(prompt.input_embeddings, previous.index),
             text_after_image=text_after,
             previous_layer=layers[layer_index - 1],
             previous_hidden_states=prompt.last_layer_input,
@@ -384,7 +381,7 @@ class Attachment:
         position_ids = previous.position_ids.gather(1, local)
         if self.plan.positions == "contiguous":
             position_ids = position_ids - (local - torch.arange(local.shape[1], device=local.device))
-        hidden = _gather_tokens(hidden, local)
+        hidden = gather_tokens(hidden, local)
         index = previous.index.gather(1, local)
         prompt.groups.append(
             _Group(

@@ -51,8 +51,14 @@ def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, dim=-1).indices.sort(dim=-1).values
 
 
-def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` (``(B, L, D)``) at ``index`` (``(B, ...)`` positions): ``(B, ..., D)``.
+
+    >>> gather_tokens(torch.arange(6.).view(1, 3, 2), torch.tensor([[2, 0]])).tolist()
+    [[[4.0, 5.0], [0.0, 1.0]]]
+    """
+    flat = index.reshape(index.shape[0], -1, 1).expand(-1, -1, x.shape[-1])
+    return x.gather(1, flat).view(*index.shape, x.shape[-1])
 
 
 def merge_dominant_contextual(
@@ -127,15 +133,15 @@ def merge_dominant_contextual(
             anchors = pool[:, is_anchor]
             members = pool[:, ~is_anchor]
             unit_keys = F.normalize(keys.float(), dim=-1)
-            similarity = _gather_tokens(unit_keys, members) @ _gather_tokens(unit_keys, anchors).transpose(1, 2)
+            similarity = gather_tokens(unit_keys, members) @ gather_tokens(unit_keys, anchors).transpose(1, 2)
             assignment = similarity.argmax(dim=-1)
 
-    dominant_features = _gather_tokens(features, dominant_idx)
+    dominant_features = gather_tokens(features, dominant_idx)
     if anchors.shape[1] == 0:
         return MergeResult(dominant_features, dominant_idx, anchors, members, assignment)
-    anchor_features = _gather_tokens(features, anchors)
+    anchor_features = gather_tokens(features, anchors)
     one_hot = F.one_hot(assignment, anchors.shape[1]).to(features.dtype)  # (I, m, contextual)
-    sums = one_hot.transpose(1, 2) @ _gather_tokens(features, members)
+    sums = one_hot.transpose(1, 2) @ gather_tokens(features, members)
     counts = one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)
     contextual_features = anchor_features + sums / counts
     return MergeResult(

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..adapters import Geometry
 from ..schedule import Schedule, scaled_boundaries, solve_llm_input
+from ..selection import gather_tokens
 from .base import LanguageStage, LayerView, Plan, Reducer, check_budget, compose_plan
 from .duet import CONTEXTUAL_SHARE, DominantContextualMerge, contextual_count
 
@@ -118,23 +119,17 @@ class SaliencyNMSPrune(LanguageStage):
                     "PIO differentiates one block with torch.autograd.grad, which reentrant checkpointing does not "
                     "support: enable checkpointing with gradient_checkpointing_kwargs={'use_reentrant': False}"
                 ) from error
-        grad = _gather_visual(grad, view.visual_index).float()
+        grad = gather_tokens(grad, view.visual_index).float()
         if self.saliency == "grad_norm":
             return grad.norm(dim=-1)
-        inputs = _gather_visual(view.hidden_states.detach(), view.visual_index).float()
+        inputs = gather_tokens(view.hidden_states.detach(), view.visual_index).float()
         return (grad * inputs).sum(dim=-1).abs()
 
     def select(self, view: LayerView, keep: int) -> torch.Tensor:
         saliency = self.score(view)
-        features = _gather_visual(view.hidden_states.detach(), view.visual_index)
+        features = gather_tokens(view.hidden_states.detach(), view.visual_index)
         return saliency_nms(saliency, features, keep, self.threshold)
 
-
-def _gather_visual(x: torch.Tensor, visual_index: torch.Tensor) -> torch.Tensor:
-    """``(B, n_images, n, D)`` rows of ``x`` at the visual positions."""
-    batch, images, n = visual_index.shape
-    flat = visual_index.reshape(batch, -1, 1).expand(-1, -1, x.shape[-1])
-    return x.gather(1, flat).view(batch, images, n, x.shape[-1])
 
 
 @dataclass

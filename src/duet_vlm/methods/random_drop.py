@@ -8,6 +8,7 @@ import torch
 
 from ..adapters import Geometry
 from ..schedule import Schedule
+from ..selection import gather_tokens
 from .base import Plan, Reducer, VisionReduction, VisionStage, VisionView, check_budget
 
 
@@ -37,11 +38,11 @@ class RandomPatches(VisionStage):
     seed: int = 0
 
     def reduce(self, view: VisionView, keep: int) -> VisionReduction:
-        images, _, channels = view.features.shape
+        images = view.features.shape[0]
         patches = view.grid[0] * view.grid[1]
         kept = random_patches(patches, keep, self.seed).to(view.features.device) + int(view.has_cls)
         kept = kept.expand(images, -1)
-        features = view.features.gather(1, kept.unsqueeze(-1).expand(-1, -1, channels))
+        features = gather_tokens(view.features, kept)
         return VisionReduction(features, kept)
 
 

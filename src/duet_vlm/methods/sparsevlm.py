@@ -9,6 +9,7 @@ import torch
 
 from ..adapters import Geometry
 from ..schedule import Schedule, scaled_boundaries
+from ..selection import gather_tokens
 from .base import LanguageStage, LayerView, Plan, Reducer, Selection, check_budget
 
 # v1.5 prunes the output of decoder layers 2, 6 and 15 (0-based) of 32: boundaries after 3, 7 and
@@ -216,8 +217,7 @@ class TextRaterPrune(LanguageStage):
         width = hidden.shape[-1]
 
         def states(index: torch.Tensor) -> torch.Tensor:  # (B, I, k) visual-block indices -> (B, I, k, D)
-            positions = view.visual_index.gather(2, index).reshape(batch, -1)
-            return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, width)).view(*index.shape, width)
+            return gather_tokens(hidden, view.visual_index.gather(2, index))
 
         pool = states(candidates).flatten(0, 1)
         centres, assignment = density_peaks_clusters(pool, clusters)

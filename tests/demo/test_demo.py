@@ -262,6 +262,7 @@ def test_tiny_model_save_load_generate(tmp_path, processor):
 def test_train_demo_tiny_resumes(tmp_path):
     logs = []
     kw = dict(steps=2, batch_size=1, n_questions=2, num_threads=1, save_every=1, eval_every=0,
+              vision_steps=2, vision_batch_size=2, keep_visual=100, full_visual_steps=1,
               final_eval_n=7, model_overrides=TINY, log=logs.append, warmup_steps=1)
     out = train_demo(tmp_path / "run", **kw)
     assert (out / "model.safetensors").exists() and (out / "processor_config.json").exists()
@@ -329,13 +330,13 @@ def test_thread_tuner_adapts_to_contention():
 
 def test_packed_questions_see_exactly_the_single_turn_context(processor):
     """Each packed question's logits equal those of the same question asked alone."""
-    from duet_vlm.demo.train import make_batch
+    from duet_vlm.demo.train import image_features, language_forward, make_batch
 
     model = build_model(demo_config(processor.tokenizer, **TINY), seed=3).eval()
     tok = processor.tokenizer
     batch, _ = make_batch(tok, processor.image_token_id, step=5, batch_size=2, n_questions=4)
     with torch.no_grad():
-        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        packed = language_forward(model, batch, image_features(model, batch["pixel_values"])[0]).logits
     checked = 0
     for b in range(2):
         image, turns, _ = data.conversation("train", 5 * 2 + b, 4)
@@ -349,3 +350,71 @@ def test_packed_questions_see_exactly_the_single_turn_context(processor):
             assert torch.allclose(packed[b, pos - 1], ref, atol=1e-4), q
             checked += 1
     assert checked >= 6
+
+
+def test_training_with_random_visual_subsets_matches_a_shorter_prompt(processor):
+    """``language_forward(keep_visual=k)`` = the model run on the sequence that contains only
+    the k kept image tokens, at their original positions, with labels carried along."""
+    from duet_vlm.demo.train import image_features, language_forward, make_batch, packed_attention_mask
+
+    model = build_model(demo_config(processor.tokenizer, **TINY), seed=4).eval()
+    batch, _ = make_batch(processor.tokenizer, processor.image_token_id, step=2, batch_size=2, n_questions=3)
+    with torch.no_grad():
+        feats, _ = image_features(model, batch["pixel_values"])
+        out = language_forward(model, batch, feats, keep_visual=50, generator=torch.Generator().manual_seed(0))
+    length = batch["input_ids"].shape[1]
+    assert out.logits.shape[1] == length - 576 + 50
+    kept = torch.randperm(576, generator=torch.Generator().manual_seed(0))[:50].sort().values  # row 0
+    first = int((batch["input_ids"][0] == processor.image_token_id).nonzero()[0])
+    index = torch.cat([torch.arange(first), first + kept, torch.arange(first + 576, length)])
+    embeds = model.get_input_embeddings()(batch["input_ids"][:1, index])
+    embeds[0, first:first + 50] = feats[0, kept]
+    with torch.no_grad():
+        ref = model(inputs_embeds=embeds, attention_mask=packed_attention_mask(batch["segments"][:1, index]),
+                    position_ids=batch["position_ids"][:1, index], labels=batch["labels"][:1, index])
+    assert torch.allclose(out.logits[0], ref.logits[0], atol=1e-5)
+    with torch.no_grad():
+        full = language_forward(model, batch, feats, keep_visual=576)
+    assert full.logits.shape[1] == length
+
+
+def test_scene_labels_name_what_is_in_the_scene():
+    for i in range(20):
+        s = data.sample("train", i)
+        labels = dict(zip(data.SCENE_LABELS, data.scene_labels(s.scene)))
+        for o in s.scene:
+            assert labels[o["color"]] == labels[o["shape"]] == labels[f"{o['color']} {o['shape']}"] == 1
+        pairs = {f"{o['color']} {o['shape']}" for o in s.scene}
+        assert sum(v for k, v in labels.items() if k.count(" ") == 1 and not k.startswith("char")) == len(pairs)
+
+
+def test_questions_use_the_right_article_and_count_answers_are_balanced():
+    samples = [data.sample("train", i) for i in range(7 * 120)]
+    for s in samples:
+        if s.qtype == "exists":
+            first = s.question.split()[2]
+            assert first == ("an" if s.question.split()[3][0] in "aeiou" else "a"), s.question
+    counts = [s.answer for s in samples if s.qtype == "count"]
+    for word in ("one", "two", "three", "four"):
+        assert 0.12 < counts.count(word) / len(counts) < 0.4, (word, counts.count(word))
+
+
+def test_focused_subsets_keep_the_priority_patches_first(processor):
+    from duet_vlm.demo.train import image_features, language_forward, make_batch
+
+    model = build_model(demo_config(processor.tokenizer, **TINY), seed=5).eval()
+    batch, aux = make_batch(processor.tokenizer, processor.image_token_id, step=1, batch_size=2, n_questions=2)
+    priority = aux["color"] > 0
+    seen = {}
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.__setitem__("positions", kw["position_ids"]), with_kwargs=True)
+    with torch.no_grad():
+        feats, _ = image_features(model, batch["pixel_values"])
+        language_forward(model, batch, feats, keep_visual=100, generator=torch.Generator().manual_seed(1),
+                         priority=priority)
+    hook.remove()
+    first = int((batch["input_ids"][0] == processor.image_token_id).nonzero()[0])
+    for b in range(2):
+        assert 0 < int(priority[b].sum()) < 100
+        kept = set((seen["positions"][b, first:first + 100] - first).tolist())
+        assert set(priority[b].nonzero().flatten().tolist()) <= kept

@@ -19,6 +19,9 @@ Public API
     Recomputes an answer from the scene description (used by the tests).
 ``conversation(split, index, n_questions) -> (image, [(qtype, question, answer), ...], scene)``
     A multi-turn sample (several questions about one image) used for training.
+``patch_labels(scene)`` / ``scene_labels(scene)``
+    Per-patch and per-image (multi-hot over ``SCENE_LABELS``) targets of the training-only
+    auxiliary losses.
 ``vocabulary() -> list[str]``  every word/punctuation token the generator can emit.
 """
 
@@ -206,10 +209,10 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
     theta = rng.uniform(0, math.pi)
     period = rng.uniform(10, 40)
-    amp = rng.uniform(4, 16)
+    amp = rng.uniform(2, 7)
     stripes = amp * np.sin(2 * math.pi * (xx * math.cos(theta) + yy * math.sin(theta)) / period)
     img += stripes[..., None]
-    img += rng.normal(0, rng.uniform(4, 12), size=img.shape).astype(np.float32)
+    img += rng.normal(0, rng.uniform(3, 8), size=img.shape).astype(np.float32)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -247,6 +250,22 @@ def patch_labels(scene: list[dict]) -> dict[str, np.ndarray]:
         shape[ids == i + 1] = SHAPES.index(obj["shape"]) + 1
     char = glyph_map[np.ix_(centres, centres)] * (ids > 0)
     return {"color": color.reshape(-1), "shape": shape.reshape(-1), "char": char.reshape(-1)}
+
+
+SCENE_LABELS = (COLOR_NAMES + SHAPES + [f"{c} {s}" for c in COLOR_NAMES for s in SHAPES]
+                + [f"char {ch}" for ch in CHARACTERS])
+
+
+def scene_labels(scene: list[dict]) -> np.ndarray:
+    """Multi-hot summary of a scene over :data:`SCENE_LABELS` (colours, shapes, colour-shape
+    pairs and characters present).  An auxiliary training target for the vision tower's CLS
+    token: like CLIP's image-level objective, it makes CLS attention gather the objects."""
+    present = set()
+    for o in scene:
+        present.update((o["color"], o["shape"], _name(o)))
+        if o["char"] is not None:
+            present.add(f"char {o['char']}")
+    return np.asarray([name in present for name in SCENE_LABELS], np.float32)
 
 
 # ----------------------------------------------------------------------------- questions
@@ -296,6 +315,10 @@ def answer_from_scene(scene: list[dict], qtype: str, params: dict) -> str:
     raise ValueError(f"unknown question type {qtype!r}")
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def _color_word(rng) -> str:
     return "color" if rng.random() < 0.5 else "colour"
 
@@ -318,18 +341,18 @@ def make_question(scene: list[dict], qtype: str, rng: np.random.Generator):
         params = {"color": o["color"]}
         q = f"What shape is the {o['color']} object?"
     elif qtype == "count":
-        # Prefer the scene's count group (balanced answers 1-4); it is the most frequent value.
-        best = None
-        for by, values in (("shape", SHAPES), ("color", COLOR_NAMES)):
-            for v in values:
-                c = sum(o[by] == v for o in scene)
-                if best is None or c > best[0]:
-                    best = (c, by, v)
-        c, by, v = best
-        if c == 1:  # scene of all-distinct attributes: pick any present attribute
-            o = scene[int(rng.integers(len(scene)))]
-            by = "shape" if rng.random() < 0.5 else "color"
-            v = o[by]
+        # Ask about the scene's count group (its largest group: 1-4 objects sharing a colour or
+        # a shape), or, now and then, about an attribute only one object has, since a count
+        # group of one is often outgrown by a chance pair among the other objects.
+        counts = [(sum(o[by] == v for o in scene), by, v)
+                  for by, values in (("shape", SHAPES), ("color", COLOR_NAMES)) for v in values]
+        singles = [c for c in counts if c[0] == 1]
+        if singles and rng.random() < 0.15:
+            _c, by, v = singles[int(rng.integers(len(singles)))]
+        else:
+            best = max(c[0] for c in counts)
+            tops = [c for c in counts if c[0] == best]
+            _c, by, v = tops[int(rng.integers(len(tops)))]
         params = {"by": by, "value": v}
         q = f"How many {PLURALS[v]} are there?" if by == "shape" else f"How many {v} objects are there?"
     elif qtype == "exists":
@@ -344,7 +367,7 @@ def make_question(scene: list[dict], qtype: str, rng: np.random.Generator):
             pool = hard if hard and rng.random() < 0.7 else absent
             color, shape = pool[int(rng.integers(len(pool)))]
         params = {"color": color, "shape": shape}
-        q = f"Is there a {color} {shape}?"
+        q = f"Is there {_article(color)} {color} {shape}?"
     elif qtype == "relation":
         pairs = []
         for a in scene:
@@ -431,7 +454,7 @@ def vocabulary() -> list[str]:
     """Every (lower-cased) word and punctuation token the generator and chat format can emit."""
     words = set()
     templates = [
-        "what color colour is the ? shape object objects how many are there is there a "
+        "what color colour is the ? shape object objects how many are there is there a an "
         "left or right of above below which quadrant in character on",
         "user : assistant :",
     ]

@@ -56,6 +56,9 @@ def test_eval_writes_table_json_csv_and_plot(tiny_demo_model, tmp_path):
     assert (tmp_path / "results.csv").read_text().count("\n") == 5
     assert (tmp_path / "retention.png").stat().st_size > 5_000
     assert "Synthetic visual QA" in output  # the table was printed
+    markdown = (tmp_path / "results.md").read_text().splitlines()
+    assert len(markdown) == 2 + 4 and markdown[0].startswith("| method | budget | color |")
+    assert markdown[2].startswith("| full |  |") and "| 576.0 |" in markdown[2]
 
 
 def test_run_on_a_local_checkpoint(tiny_demo_model, tmp_path):

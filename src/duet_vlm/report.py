@@ -9,7 +9,8 @@ from pathlib import Path
 
 
 def write_results(rows: list[dict], output_dir: Path, meta: dict) -> list[Path]:
-    """``results.json`` (everything) and ``results.csv`` (one row per method and budget)."""
+    """``results.json`` (everything), ``results.csv`` (one row per method and budget) and
+    ``results.md`` (the same table in Markdown, ready for a report)."""
     json_path = output_dir / "results.json"
     json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     types = sorted({t for row in rows for t in row["per_type"]})
@@ -23,7 +24,29 @@ def write_results(rows: list[dict], output_dir: Path, meta: dict) -> list[Path]:
                 + [row["per_type"].get(t, "") for t in types]
                 + [row["accuracy"], row["retained_percent"], row["avg_visual_tokens"], row["decoder_tflops_per_sample"]]
             )
-    return [json_path, csv_path]
+    md_path = output_dir / "results.md"
+    md_path.write_text(markdown_table(rows, [t for t in QUESTION_ORDER if t in types]))
+    return [json_path, csv_path, md_path]
+
+
+QUESTION_ORDER = ("color", "shape", "count", "exists", "relation", "quadrant", "read")
+
+
+def markdown_table(rows: list[dict], types: list[str]) -> str:
+    """Accuracy (%) per question type, average, % of full-token accuracy retained, visual tokens
+    per layer and decoder TFLOPs per sample: one line per method and budget."""
+    def number(value, digits):
+        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+    head = ["method", "budget", *types, "avg", "% of full", "visual tok/layer", "decoder TFLOPs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["method"], str(row["budget"] or "")]
+        cells += [number(100 * row["per_type"][t], 1) if t in row["per_type"] else "" for t in types]
+        cells += [number(100 * row["accuracy"], 1), number(row["retained_percent"], 1),
+                  number(row["avg_visual_tokens"], 1), number(row["decoder_tflops_per_sample"], 4)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def retention_plot(rows: list[dict], path: Path) -> Path:

@@ -418,3 +418,17 @@ def test_focused_subsets_keep_the_priority_patches_first(processor):
         assert 0 < int(priority[b].sum()) < 100
         kept = set((seen["positions"][b, first:first + 100] - first).tolist())
         assert set(priority[b].nonzero().flatten().tolist()) <= kept
+
+
+def test_scene_curriculum_caps_the_number_of_objects():
+    for cap in (1, 2, 3):
+        for i in range(10):
+            _image, turns, scene = data.conversation("train", i, 16, max_objects=cap)
+            assert 1 <= len(scene) <= cap and turns
+            if cap == 1:  # one object: nothing to compare, a single count
+                assert all(qtype != "relation" for qtype, _q, _a in turns)
+                assert all(a == "one" for qtype, _q, a in turns if qtype == "count")
+    with pytest.raises(ValueError, match="max_objects"):
+        data.conversation("train", 0, 4, max_objects=0)
+    # without a cap, scenes are unchanged (the test split never uses one)
+    assert data.conversation("test", 5, 4)[2] == data.conversation("test", 5, 4, None)[2]

@@ -122,16 +122,25 @@ def _name(obj: dict) -> str:
     return f"{obj['color']} {obj['shape']}"
 
 
-def make_scene(rng: np.random.Generator) -> list[dict[str, Any]]:
+def make_scene(rng: np.random.Generator, max_objects: int | None = None) -> list[dict[str, Any]]:
     """Random scene: 2-6 non-overlapping objects with pairwise distinct (colour, shape).
 
     Each scene contains a "count group": 1-4 objects sharing a colour or a shape, so that count
     questions have balanced answers.  About a third of glyph-capable objects carry a character.
+    ``max_objects`` caps the number of objects (a training curriculum; evaluation never sets it).
     """
-    count = int(rng.integers(1, 5))
+    if max_objects is None:
+        count = int(rng.integers(1, 5))
+        n_extra = None
+    else:
+        if max_objects < 1:
+            raise ValueError("max_objects must be >= 1")
+        count = int(rng.integers(1, min(4, max_objects) + 1))
+        n_extra = int(rng.integers(1 if count == 1 and max_objects > 1 else 0, min(2, max_objects - count) + 1))
     by = "shape" if rng.random() < 0.5 else "color"
     value = str(rng.choice(SHAPES if by == "shape" else COLOR_NAMES))
-    n_extra = int(rng.integers(1 if count == 1 else 0, 3))
+    if n_extra is None:
+        n_extra = int(rng.integers(1 if count == 1 else 0, 3))
     n = count + n_extra
     combos: list[tuple[str, str]] = []
     others_pool = [(c, s) for c in COLOR_NAMES for s in SHAPES]
@@ -155,7 +164,7 @@ def make_scene(rng: np.random.Generator) -> list[dict[str, Any]]:
             if all(math.hypot(x - o["x"], y - o["y"]) > r + o["r"] + 6 for o in objects):
                 break
         else:  # crowded: restart the whole scene (still deterministic)
-            return make_scene(rng)
+            return make_scene(rng, max_objects)
         objects.append({"color": color, "shape": shape, "x": x, "y": y, "r": r, "char": None})
     for o in objects:
         if o["shape"] in GLYPH_SHAPES and o["r"] >= GLYPH_MIN_R and rng.random() < 0.6:
@@ -420,14 +429,14 @@ def sample(split: str, index: int) -> Sample:
                   split=split, index=index)
 
 
-def conversation(split: str, index: int, n_questions: int = 6):
+def conversation(split: str, index: int, n_questions: int = 6, max_objects: int | None = None):
     """Several distinct questions about one image (for multi-turn training).
 
     Returns ``(image, turns, scene)`` with ``turns = [(qtype, question, answer), ...]``.
     The first question type cycles with ``index`` so every type is equally frequent.
     """
     rng = rng_for(split, index, stream=1)
-    scene = make_scene(rng)
+    scene = make_scene(rng, max_objects)
     image = render_scene(scene, rng)
     turns: list[tuple[str, str, str]] = []
     seen = set()

@@ -28,6 +28,10 @@ DEFAULTS = dict(
     vision_intermediate=256,
     vision_heads=4,
     max_position_embeddings=1024,
+    # transformers' default 0.02 suits widths in the thousands; at width 96 it starts every
+    # attention logit near zero and the decoder sits on a long plateau before it learns where
+    # to look (0.02 * sqrt(768) ~ 0.056 * sqrt(96): GPT-2's init scaled to this width).
+    text_initializer_range=0.02,
 )
 
 
@@ -55,6 +59,7 @@ def demo_config(tokenizer=None, **overrides) -> LlavaConfig:
         num_attention_heads=h["text_heads"],
         num_key_value_heads=h["text_kv_heads"],
         max_position_embeddings=h["max_position_embeddings"],
+        initializer_range=h["text_initializer_range"],
         rms_norm_eps=1e-5,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,

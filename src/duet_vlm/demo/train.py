@@ -131,10 +131,10 @@ def packed_attention_mask(segments: torch.Tensor) -> torch.Tensor:
 
 
 def make_batch(tokenizer, image_token_id: int, step: int, batch_size: int, n_questions: int,
-               split: str = "train", packed: bool = True):
+               split: str = "train", packed: bool = True, max_objects: int | None = None):
     images, seqs, aux = [], [], defaultdict(list)
     for b in range(batch_size):
-        image, turns, scene = data.conversation(split, step * batch_size + b, n_questions)
+        image, turns, scene = data.conversation(split, step * batch_size + b, n_questions, max_objects)
         images.append(image)
         if packed:
             seqs.append(encode_packed(tokenizer, turns, image_token_id))
@@ -370,7 +370,7 @@ def train_demo(output_dir, steps: int = 4000, batch_size: int = 4, n_questions: 
                weight_decay: float = 0.05, projector_lr_mult: float = 2.0, aux_weight: float = 0.5,
                aux_until: int | None = None, grad_clip: float = 1.0, num_threads: int | str = "auto",
                vision_steps: int = 400, vision_batch_size: int = 16, vision_lr: float = 2e-3,
-               focus_steps: int = 0, focus_keep: int = 96,
+               scene_curriculum: tuple[tuple[int, int], ...] = (), focus_steps: int = 0, focus_keep: int = 96,
                keep_visual: int | None = 224, full_visual_steps: int = 400,
                save_every: int = 100, eval_every: int = 500, eval_n: int = 140, log_every: int = 10,
                resume: bool = True, export_dir=None, final_eval_n: int = 700,
@@ -381,6 +381,9 @@ def train_demo(output_dir, steps: int = 4000, batch_size: int = 4, n_questions: 
     1. ``vision_steps`` steps on the vision tower and projector alone (auxiliary losses only;
        ~20x cheaper per image than a full step because the 32-layer decoder is skipped);
     2. ``steps`` steps of visual QA (answer-token loss + auxiliary losses) on the whole model.
+       ``scene_curriculum=((300, 1), (800, 2))`` caps scenes at 1 object before step 300 and
+       at 2 before step 800 (with one object, attending to every object patch already answers,
+       so the decoder learns to read the image before it must learn to pick an object).
        The first ``focus_steps`` steps show the decoder ``focus_keep`` patches per image, the
        object patches first; then, until the last ``full_visual_steps`` steps, ``keep_visual``
        random patches (see :func:`language_forward`); the final steps see all 576.
@@ -398,7 +401,8 @@ def train_demo(output_dir, steps: int = 4000, batch_size: int = 4, n_questions: 
                    warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay,
                    projector_lr_mult=projector_lr_mult, aux_weight=aux_weight, aux_until=aux_until,
                    grad_clip=grad_clip, vision_steps=vision_steps, vision_batch_size=vision_batch_size,
-                   vision_lr=vision_lr, focus_steps=focus_steps, focus_keep=focus_keep,
+                   vision_lr=vision_lr, scene_curriculum=[list(c) for c in scene_curriculum],
+                   focus_steps=focus_steps, focus_keep=focus_keep,
                    keep_visual=keep_visual, full_visual_steps=full_visual_steps,
                    packed=packed, model_overrides=model_overrides or {})
     if init_from is not None:
@@ -509,7 +513,9 @@ def train_demo(output_dir, steps: int = 4000, batch_size: int = 4, n_questions: 
         factor = _lr_factor(step, steps, warmup_steps, min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr * factor * g["lr_mult"]
-        batch, aux_labels = make_batch(tok, image_token_id, step, batch_size, n_questions, packed=packed)
+        max_objects = next((cap for until, cap in scene_curriculum if step < until), None)
+        batch, aux_labels = make_batch(tok, image_token_id, step, batch_size, n_questions, packed=packed,
+                                       max_objects=max_objects)
         sampler.manual_seed(seed * 1_000_003 + step)  # resumable: the kept patches depend on the step only
         focus = step < focus_steps
         keep = focus_keep if focus else keep_visual if step < steps - full_visual_steps else None
@@ -667,6 +673,8 @@ def main(argv=None) -> None:
     p.add_argument("--focus-steps", type=int, default=0,
                    help="first steps whose decoder input is focus-keep patches, object patches first")
     p.add_argument("--focus-keep", type=int, default=96)
+    p.add_argument("--scene-curriculum", type=json.loads, default=[],
+                   help='JSON [[until_step, max_objects], ...], e.g. [[300, 1], [800, 2]]')
     p.add_argument("--vision-batch-size", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--n-questions", type=int, default=16)
@@ -693,6 +701,7 @@ def main(argv=None) -> None:
                seed=a.seed, lr=a.lr, warmup_steps=a.warmup_steps, aux_weight=a.aux_weight,
                vision_steps=a.vision_steps, vision_batch_size=a.vision_batch_size, keep_visual=a.keep_visual,
                full_visual_steps=a.full_visual_steps, focus_steps=a.focus_steps, focus_keep=a.focus_keep,
+               scene_curriculum=tuple(tuple(c) for c in a.scene_curriculum),
                num_threads=a.threads if a.threads == "auto" else int(a.threads), save_every=a.save_every, eval_every=a.eval_every, eval_n=a.eval_n, log_every=a.log_every,
                resume=not a.no_resume, export_dir=a.export_dir, final_eval_n=a.final_eval_n,
                model_overrides=a.model_overrides, init_from=a.init_from, log=log)

@@ -432,3 +432,27 @@ def test_scene_curriculum_caps_the_number_of_objects():
         data.conversation("train", 0, 4, max_objects=0)
     # without a cap, scenes are unchanged (the test split never uses one)
     assert data.conversation("test", 5, 4)[2] == data.conversation("test", 5, 4, None)[2]
+
+
+def test_word_alignment_trains_only_the_answer_words_rows(processor):
+    """The alignment term reads object patches through the decoder's norm and lm_head and
+    scores them among the words of one kind, so only those lm_head rows get gradients."""
+    from duet_vlm.demo.train import AuxHeads, _vision_batch, answer_words, image_features
+
+    model = build_model(demo_config(processor.tokenizer, **TINY), seed=6)
+    words = answer_words(processor.tokenizer)
+    assert processor.tokenizer.unk_token_id not in sum(words.values(), [])
+    _scenes, labels, pixels = _vision_batch(0, 2, offset=0)
+    feats, cls = image_features(model, pixels)
+    heads = AuxHeads(feats.shape[-1], cls.shape[-1], words)
+    heads.loss(feats, cls, labels, model).backward()
+    grad = model.lm_head.weight.grad.abs().sum(-1)
+    used = sorted(set(sum(words.values(), [])))
+    assert (grad[used] > 0).sum() >= len(used) - len(words["char"])  # characters may be absent
+    unused = [i for i in range(grad.shape[0]) if i not in used]
+    assert torch.all(grad[unused] == 0)
+    assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+    without = AuxHeads(feats.shape[-1], cls.shape[-1])
+    model.zero_grad()
+    without.loss(feats.detach(), cls.detach(), labels, model).backward()
+    assert model.lm_head.weight.grad is None

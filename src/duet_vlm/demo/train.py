@@ -2,10 +2,11 @@
 
 Public functions (plain Python; CLI wiring lives elsewhere):
 
-``train_demo(output_dir, steps=4000, batch_size=4, n_questions=16, seed=0, lr=1.5e-3, ...,
-             vision_steps=400, vision_batch_size=16, vision_lr=2e-3, keep_visual=224,
-             full_visual_steps=400, ..., export_dir=None, final_eval_n=700, init_from=None,
-             log=print) -> pathlib.Path``
+``train_demo(output_dir, steps=3000, batch_size=4, n_questions=16, seed=0, lr=1.5e-3, ...,
+             vision_steps=300, vision_batch_size=16, vision_lr=2e-3,
+             scene_curriculum=((300, 1), (700, 2), (1100, 3)), focus_steps=1800, focus_keep=96,
+             align_words=True, keep_visual=224, full_visual_steps=200, ..., export_dir=None,
+             final_eval_n=700, init_from=None, log=print) -> pathlib.Path``
     Trains from scratch (seeded; the data of every step is a pure function of the step), in
     two phases: the vision tower and projector alone on auxiliary per-patch and per-image
     losses, then visual QA on the whole model (see the function's docstring).  Writes a
@@ -162,30 +163,60 @@ def make_batch(tokenizer, image_token_id: int, step: int, batch_size: int, n_que
 
 
 class AuxHeads(nn.Module):
-    """Training-only auxiliary classifiers (never shipped; the shipped model is a plain LLaVA).
+    """Training-only auxiliary objectives (the heads are never shipped; the shipped model is a
+    plain LLaVA).
 
     Per patch, on the projector output: colour / shape / character of the object under the
     patch.  Dense supervision makes the tiny vision tower learn within a CPU budget.
     Per image, on the CLS token of the feature layer: which colours, shapes, pairs and
     characters the scene contains (multi-label).  A real CLIP's CLS attention lands on the
     objects because its image-level objective needs them; this gives the demo tower the same
-    property, which DUET's Stage A and VisionZip rely on when they rank patches by CLS attention.
+    property, which DUET's Stage A and VisionZip rank patches by.
+    Word alignment (with ``words=``, the decoder's own final norm and ``lm_head``): each object
+    patch, read as if it were a last-layer state, names its colour, shape, character and
+    quadrant among the words of that kind.  This is the demo's counterpart of LLaVA's stage-1
+    feature alignment: visual tokens arrive in the language model's word space, so answering
+    becomes looking up the right patch and copying what it says.
     """
 
-    def __init__(self, hidden: int, vision_hidden: int):
+    def __init__(self, hidden: int, vision_hidden: int, words: dict[str, list[int]] | None = None):
         super().__init__()
         self.color = nn.Linear(hidden, len(data.COLOR_NAMES) + 1)
         self.shape = nn.Linear(hidden, len(data.SHAPES) + 1)
         self.char = nn.Linear(hidden, len(data.CHARACTERS) + 1)
         self.scene = nn.Linear(vision_hidden, len(data.SCENE_LABELS))
+        self.words = words
+        centres = (torch.arange(data.GRID) * data.PATCH_SIZE + data.PATCH_SIZE // 2) >= data.IMAGE_SIZE / 2
+        # QUADRANTS order: topleft, topright, bottomleft, bottomright
+        self.register_buffer("quadrant", (2 * centres[:, None] + centres[None, :]).reshape(-1), persistent=False)
 
-    def loss(self, feats: torch.Tensor, cls: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
-        total = 0.0
+    def loss(self, feats: torch.Tensor, cls: torch.Tensor, labels: dict[str, torch.Tensor],
+             model=None) -> torch.Tensor:
+        terms = []
         for name in ("color", "shape", "char"):
             logits = getattr(self, name)(feats)
-            total = total + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[name].reshape(-1))
-        total = total + F.binary_cross_entropy_with_logits(self.scene(cls), labels["scene"])
-        return total / 4
+            terms.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[name].reshape(-1)))
+        terms.append(F.binary_cross_entropy_with_logits(self.scene(cls), labels["scene"]))
+        if self.words is not None and model is not None:
+            vocab_logits = model.lm_head(model.model.language_model.norm(feats))
+            on_object = labels["color"] > 0
+            targets = {"color": labels["color"] - 1, "shape": labels["shape"] - 1, "char": labels["char"] - 1,
+                       "quadrant": self.quadrant.expand_as(labels["color"])}
+            for name, target in targets.items():
+                ids = torch.tensor(self.words[name])
+                keep = on_object & (target >= 0)
+                if keep.any():
+                    terms.append(F.cross_entropy(vocab_logits[keep][:, ids], target[keep]))
+        return sum(terms) / len(terms)
+
+
+def answer_words(tokenizer) -> dict[str, list[int]]:
+    """Token ids of the colour, shape, character and quadrant words, in the generator's order."""
+    def ids(words):
+        return [tokenizer.convert_tokens_to_ids(w) for w in words]
+
+    return {"color": ids(data.COLOR_NAMES), "shape": ids(data.SHAPES), "char": ids(data.CHARACTERS),
+            "quadrant": ids(data.QUADRANTS)}
 
 
 def image_features(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -365,13 +396,14 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def train_demo(output_dir, steps: int = 4000, batch_size: int = 4, n_questions: int = 16, seed: int = 0,
+def train_demo(output_dir, steps: int = 3000, batch_size: int = 4, n_questions: int = 16, seed: int = 0,
                lr: float = 1.5e-3, warmup_steps: int = 150, min_lr_ratio: float = 0.05,
                weight_decay: float = 0.05, projector_lr_mult: float = 2.0, aux_weight: float = 0.5,
                aux_until: int | None = None, grad_clip: float = 1.0, num_threads: int | str = "auto",
-               vision_steps: int = 400, vision_batch_size: int = 16, vision_lr: float = 2e-3,
-               scene_curriculum: tuple[tuple[int, int], ...] = (), focus_steps: int = 0, focus_keep: int = 96,
-               keep_visual: int | None = 224, full_visual_steps: int = 400,
+               vision_steps: int = 300, vision_batch_size: int = 16, vision_lr: float = 2e-3,
+               scene_curriculum: tuple[tuple[int, int], ...] = ((300, 1), (700, 2), (1100, 3)),
+               focus_steps: int = 1800, focus_keep: int = 96, align_words: bool = True,
+               keep_visual: int | None = 224, full_visual_steps: int = 200,
                save_every: int = 100, eval_every: int = 500, eval_n: int = 140, log_every: int = 10,
                resume: bool = True, export_dir=None, final_eval_n: int = 700,
                model_overrides: dict | None = None, init_from=None, packed: bool = True,
@@ -402,7 +434,7 @@ def train_demo(output_dir, steps: int = 4000, batch_size: int = 4, n_questions: 
                    projector_lr_mult=projector_lr_mult, aux_weight=aux_weight, aux_until=aux_until,
                    grad_clip=grad_clip, vision_steps=vision_steps, vision_batch_size=vision_batch_size,
                    vision_lr=vision_lr, scene_curriculum=[list(c) for c in scene_curriculum],
-                   focus_steps=focus_steps, focus_keep=focus_keep,
+                   focus_steps=focus_steps, focus_keep=focus_keep, align_words=align_words,
                    keep_visual=keep_visual, full_visual_steps=full_visual_steps,
                    packed=packed, model_overrides=model_overrides or {})
     if init_from is not None:
@@ -419,7 +451,8 @@ def train_demo(output_dir, steps: int = 4000, batch_size: int = 4, n_questions: 
         model.load_state_dict(src.state_dict())
         del src
     torch.manual_seed(seed + 1)
-    aux = AuxHeads(config.text_config.hidden_size, config.vision_config.hidden_size)
+    aux = AuxHeads(config.text_config.hidden_size, config.vision_config.hidden_size,
+                   words=answer_words(tok) if align_words else None)
     image_token_id = config.image_token_id
 
     decay, no_decay, proj = [], [], []
@@ -487,7 +520,7 @@ def train_demo(output_dir, steps: int = 4000, batch_size: int = 4, n_questions: 
         # images disjoint from phase 2's (those use train indices below steps * batch_size)
         _, aux_labels, pixels = _vision_batch(vision_step, vision_batch_size, offset=10_000_000)
         feats, cls = image_features(model, pixels)
-        aux_loss = aux.loss(feats, cls, aux_labels)
+        aux_loss = aux.loss(feats, cls, aux_labels, model)
         vision_opt.zero_grad(set_to_none=True)
         aux_loss.backward()
         torch.nn.utils.clip_grad_norm_(vision_params, grad_clip)
@@ -524,7 +557,7 @@ def train_demo(output_dir, steps: int = 4000, batch_size: int = 4, n_questions: 
                                priority=aux_labels["color"] > 0 if focus else None)
         loss = out.loss
         use_aux = aux_weight > 0 and (aux_until is None or step < aux_until)
-        aux_loss = aux.loss(feats, cls, aux_labels) if use_aux else torch.zeros(())
+        aux_loss = aux.loss(feats, cls, aux_labels, model) if use_aux else torch.zeros(())
         total = loss + aux_weight * aux_loss if use_aux else loss
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -642,12 +675,16 @@ def write_model_card(export_dir) -> Path:
                   f"- phase 1: {metrics.get('vision_steps', 0)} steps of {h.get('vision_batch_size')} images on the vision "
                   "tower and projector alone, with training-only auxiliary heads (not shipped): the colour, shape "
                   "and character under each patch, and from the CLS token which colours, shapes and characters "
-                  "the scene holds (so that CLS attention lands on the objects, as in a real CLIP)",
+                  "the scene holds (so that CLS attention lands on the objects, as in a real CLIP)"
+                  + ("; plus word alignment: read through the decoder's final norm and `lm_head`, each object "
+                     "patch names its colour, shape, character and quadrant (LLaVA stage-1 style feature alignment)"
+                     if h.get("align_words") else ""),
                   f"- phase 2: {metrics.get('steps')} steps of {h.get('batch_size')} images x up to {h.get('n_questions')} "
                   f"independent questions packed behind one image prefix (~{metrics.get('qa_pairs_seen_approx')} QA "
-                  "pairs); loss on answer tokens plus the auxiliary losses; the decoder sees "
-                  f"{h.get('keep_visual')} random patches per image until the last {h.get('full_visual_steps')} steps, "
-                  "which see all 576",
+                  "pairs); loss on answer tokens plus the auxiliary losses; scenes capped at "
+                  f"[until step, objects] {h.get('scene_curriculum')}; the decoder sees {h.get('focus_keep')} patches "
+                  f"per image, object patches first, for {h.get('focus_steps')} steps, then {h.get('keep_visual')} "
+                  f"random ones, and all 576 in the last {h.get('full_visual_steps')} steps",
                   f"- hyper-parameters: `{json.dumps(h)}`",
                   "- reproduce: `duet-vlm train-demo` (seeded; re-running the same command resumes)"]
     for key, title in (("test", "all 576 visual tokens"), ("test_blank_image", "blank (grey) image control")):
@@ -665,17 +702,18 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Train the duet-vlm demo LLaVA model on synthetic visual QA.")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--export-dir", default=None)
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--vision-steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--vision-steps", type=int, default=300)
     p.add_argument("--keep-visual", type=int, default=224,
                    help="random patches per image the decoder sees before the final full-token steps")
-    p.add_argument("--full-visual-steps", type=int, default=400)
-    p.add_argument("--focus-steps", type=int, default=0,
+    p.add_argument("--full-visual-steps", type=int, default=200)
+    p.add_argument("--focus-steps", type=int, default=1800,
                    help="first steps whose decoder input is focus-keep patches, object patches first")
     p.add_argument("--focus-keep", type=int, default=96)
-    p.add_argument("--scene-curriculum", type=json.loads, default=[],
+    p.add_argument("--scene-curriculum", type=json.loads, default=[[300, 1], [700, 2], [1100, 3]],
                    help='JSON [[until_step, max_objects], ...], e.g. [[300, 1], [800, 2]]')
     p.add_argument("--vision-batch-size", type=int, default=16)
+    p.add_argument("--no-align-words", action="store_true", help="drop the word-alignment auxiliary loss")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--n-questions", type=int, default=16)
     p.add_argument("--lr", type=float, default=1.5e-3)
@@ -701,7 +739,7 @@ def main(argv=None) -> None:
                seed=a.seed, lr=a.lr, warmup_steps=a.warmup_steps, aux_weight=a.aux_weight,
                vision_steps=a.vision_steps, vision_batch_size=a.vision_batch_size, keep_visual=a.keep_visual,
                full_visual_steps=a.full_visual_steps, focus_steps=a.focus_steps, focus_keep=a.focus_keep,
-               scene_curriculum=tuple(tuple(c) for c in a.scene_curriculum),
+               scene_curriculum=tuple(tuple(c) for c in a.scene_curriculum), align_words=not a.no_align_words,
                num_threads=a.threads if a.threads == "auto" else int(a.threads), save_every=a.save_every, eval_every=a.eval_every, eval_n=a.eval_n, log_every=a.log_every,
                resume=not a.no_resume, export_dir=a.export_dir, final_eval_n=a.final_eval_n,
                model_overrides=a.model_overrides, init_from=a.init_from, log=log)

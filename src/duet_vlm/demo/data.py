@@ -17,8 +17,8 @@ Public API
 ``make_question(scene, qtype, rng) -> (question, answer) | None``
 ``answer_from_scene(scene, qtype, params) -> str``
     Recomputes an answer from the scene description (used by the tests).
-``conversation(split, index, n_questions) -> (image, [(qtype, question, answer), ...], scene)``
-    A multi-turn sample (several questions about one image) used for training.
+``conversation(split, index, n_questions, max_objects=None) -> (image, [(qtype, question, answer), ...], scene)``
+    Several questions about one image, used for training (``max_objects``: curriculum cap).
 ``patch_labels(scene)`` / ``scene_labels(scene)``
     Per-patch and per-image (multi-hot over ``SCENE_LABELS``) targets of the training-only
     auxiliary losses.

@@ -411,7 +411,7 @@ def train_demo(output_dir, steps: int = 3000, batch_size: int = 4, n_questions: 
     """Two phases, both seeded and resumable from ``output_dir/checkpoint.pt``:
 
     1. ``vision_steps`` steps on the vision tower and projector alone (auxiliary losses only;
-       ~20x cheaper per image than a full step because the 32-layer decoder is skipped);
+       ~10x cheaper per image than a full step because the 32-layer decoder is skipped);
     2. ``steps`` steps of visual QA (answer-token loss + auxiliary losses) on the whole model.
        ``scene_curriculum=((300, 1), (800, 2))`` caps scenes at 1 object before step 300 and
        at 2 before step 800 (with one object, attending to every object patch already answers,

@@ -131,6 +131,14 @@ def packed_attention_mask(segments: torch.Tensor) -> torch.Tensor:
     return allowed[:, None]
 
 
+def aux_targets(scene) -> dict[str, torch.Tensor]:
+    """Targets of :class:`AuxHeads`: per-patch colour / shape / character ids and the scene's
+    multi-hot labels."""
+    targets = {k: torch.from_numpy(v) for k, v in data.patch_labels(scene).items()}
+    targets["scene"] = torch.from_numpy(data.scene_labels(scene))
+    return targets
+
+
 def make_batch(tokenizer, image_token_id: int, step: int, batch_size: int, n_questions: int,
                split: str = "train", packed: bool = True, max_objects: int | None = None):
     images, seqs, aux = [], [], defaultdict(list)
@@ -142,9 +150,8 @@ def make_batch(tokenizer, image_token_id: int, step: int, batch_size: int, n_que
         else:
             ids, lab = encode_conversation(tokenizer, turns, image_token_id)
             seqs.append((ids, lab, [0] * len(ids), list(range(len(ids)))))
-        for k, v in data.patch_labels(scene).items():
-            aux[k].append(torch.from_numpy(v))
-        aux["scene"].append(torch.from_numpy(data.scene_labels(scene)))
+        for k, v in aux_targets(scene).items():
+            aux[k].append(v)
     length = max(len(s[0]) for s in seqs)
     pad = tokenizer.pad_token_id
     input_ids = torch.full((batch_size, length), pad, dtype=torch.long)
@@ -622,9 +629,8 @@ def _vision_batch(step: int, batch_size: int, offset: int):
         scene = data.make_scene(rng)
         images.append(data.render_scene(scene, rng))
         scenes.append(scene)
-        for k, v in data.patch_labels(scene).items():
-            labels[k].append(torch.from_numpy(v))
-        labels["scene"].append(torch.from_numpy(data.scene_labels(scene)))
+        for k, v in aux_targets(scene).items():
+            labels[k].append(v)
     return scenes, {k: torch.stack(v) for k, v in labels.items()}, pixel_values(images)
 
 

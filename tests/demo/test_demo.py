@@ -442,7 +442,7 @@ def test_word_alignment_trains_only_the_answer_words_rows(processor):
     model = build_model(demo_config(processor.tokenizer, **TINY), seed=6)
     words = answer_words(processor.tokenizer)
     assert processor.tokenizer.unk_token_id not in sum(words.values(), [])
-    _scenes, labels, pixels = _vision_batch(0, 2, offset=0)
+    labels, pixels = _vision_batch(0, 2, offset=0)
     feats, cls = image_features(model, pixels)
     heads = AuxHeads(feats.shape[-1], cls.shape[-1], words)
     heads.loss(feats, cls, labels, model).backward()

@@ -525,7 +525,7 @@ def train_demo(output_dir, steps: int = 3000, batch_size: int = 4, n_questions: 
         for g in vision_opt.param_groups:
             g["lr"] = vision_lr * factor
         # images disjoint from phase 2's (those use train indices below steps * batch_size)
-        _, aux_labels, pixels = _vision_batch(vision_step, vision_batch_size, offset=10_000_000)
+        aux_labels, pixels = _vision_batch(vision_step, vision_batch_size, offset=10_000_000)
         feats, cls = image_features(model, pixels)
         aux_loss = aux.loss(feats, cls, aux_labels, model)
         vision_opt.zero_grad(set_to_none=True)
@@ -623,15 +623,15 @@ def train_demo(output_dir, steps: int = 3000, batch_size: int = 4, n_questions: 
 
 
 def _vision_batch(step: int, batch_size: int, offset: int):
-    scenes, images, labels = [], [], defaultdict(list)
+    """``(auxiliary targets, pixel values)`` of ``batch_size`` fresh scenes (no questions)."""
+    images, labels = [], defaultdict(list)
     for b in range(batch_size):
         rng = data.rng_for("train", offset + step * batch_size + b, stream=2)
         scene = data.make_scene(rng)
         images.append(data.render_scene(scene, rng))
-        scenes.append(scene)
         for k, v in aux_targets(scene).items():
             labels[k].append(v)
-    return scenes, {k: torch.stack(v) for k, v in labels.items()}, pixel_values(images)
+    return {k: torch.stack(v) for k, v in labels.items()}, pixel_values(images)
 
 
 @torch.no_grad()

@@ -388,6 +388,44 @@ def test_scene_labels_name_what_is_in_the_scene():
         assert sum(v for k, v in labels.items() if k.count(" ") == 1 and not k.startswith("char")) == len(pairs)
 
 
+def test_objects_sit_on_the_patch_grid_and_patch_labels_stay_in_their_block():
+    """Each object is centred on a patch centre and lies in its own 3x3 block of patches; its
+    character is drawn inside the centre patch (what makes the tiny tower learn them)."""
+    P, G = data.PATCH_SIZE, data.GRID
+    n_chars = 0
+    for i in range(60):
+        s = data.sample("validation", i)
+        labels = data.patch_labels(s.scene)
+        colour_cells = set(np.flatnonzero(labels["color"]))
+        owned = set()
+        for o in s.scene:
+            assert (o["x"] - P // 2) % P == 0 and (o["y"] - P // 2) % P == 0
+            gx, gy = o["x"] // P, o["y"] // P
+            assert 1 <= gx <= G - 2 and 1 <= gy <= G - 2 and o["r"] <= 1.5 * P
+            block = {(gy + dy) * G + gx + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+            assert not block & owned  # no two objects share a patch
+            owned |= block
+            centre = gy * G + gx
+            if o["char"] is None:
+                assert not labels["char"][list(block)].any()
+            mine = {c for c in colour_cells if c in block}
+            assert centre in mine and len(mine) >= 3
+            assert {int(labels["color"][c]) for c in mine} == {data.COLOR_NAMES.index(o["color"]) + 1}
+            assert {int(labels["shape"][c]) for c in mine} == {data.SHAPES.index(o["shape"]) + 1}
+            if o["char"] is not None:
+                n_chars += 1
+                assert {c for c in block if labels["char"][c]} == {centre}
+                assert labels["char"][centre] == data.CHARACTERS.index(o["char"]) + 1
+                # the glyph's ink lies inside the centre patch
+                ink = np.asarray(data.GLYPH_INK[o["color"]])
+                arr = np.asarray(s.image).astype(int)
+                window = arr[o["y"] - 10:o["y"] + 11, o["x"] - 10:o["x"] + 11]
+                ys, xs = np.nonzero(np.abs(window - ink).max(-1) < 40)
+                assert len(ys) and (np.abs(ys - 10) <= P // 2).all() and (np.abs(xs - 10) <= P // 2).all()
+        assert colour_cells <= owned
+    assert n_chars > 10
+
+
 def test_questions_use_the_right_article_and_count_answers_are_balanced():
     samples = [data.sample("train", i) for i in range(7 * 120)]
     for s in samples:

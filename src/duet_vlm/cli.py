@@ -375,7 +375,7 @@ def evaluate(
 @app.command("train-demo")
 def train_demo_command(
     output_dir: Path = typer.Option(Path("runs/demo"), help="Checkpoints go here; re-running resumes."),
-    steps: int = typer.Option(3000, help="Visual-QA optimizer steps (after 300 vision-only steps)."),
+    steps: int = typer.Option(2400, help="Visual-QA optimizer steps (after 300 vision-only steps)."),
     export_dir: Optional[Path] = typer.Option(None, help="Where the final model + processor are saved."),
     seed: int = typer.Option(0),
 ) -> None:

@@ -2,9 +2,9 @@
 
 Public functions (plain Python; CLI wiring lives elsewhere):
 
-``train_demo(output_dir, steps=3000, batch_size=4, n_questions=16, seed=0, lr=1.5e-3, ...,
+``train_demo(output_dir, steps=2400, batch_size=4, n_questions=16, seed=0, lr=1.5e-3, ...,
              vision_steps=300, vision_batch_size=16, vision_lr=2e-3,
-             scene_curriculum=((300, 1), (700, 2), (1100, 3)), focus_steps=1800, focus_keep=96,
+             scene_curriculum=((300, 1), (700, 2), (1100, 3)), focus_steps=1400, focus_keep=96,
              align_words=True, keep_visual=224, full_visual_steps=200, ..., export_dir=None,
              final_eval_n=700, init_from=None, log=print) -> pathlib.Path``
     Trains from scratch (seeded; the data of every step is a pure function of the step), in
@@ -199,14 +199,19 @@ class AuxHeads(nn.Module):
 
     def loss(self, feats: torch.Tensor, cls: torch.Tensor, labels: dict[str, torch.Tensor],
              model=None) -> torch.Tensor:
-        terms = []
-        for name in ("color", "shape", "char"):
-            logits = getattr(self, name)(feats)
-            terms.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[name].reshape(-1)))
+        # Colour (with "none") on every patch; shape on object patches and the character on the
+        # patch it is drawn in only: averaged over all 576 patches, the few informative ones
+        # would be drowned by the background and the tower would not learn them.
+        on_object = labels["color"] > 0
+        on_char = labels["char"] > 0
+        terms = [F.cross_entropy(self.color(feats).flatten(0, 1), labels["color"].flatten())]
+        if on_object.any():
+            terms.append(F.cross_entropy(self.shape(feats)[on_object], labels["shape"][on_object]))
+        if on_char.any():
+            terms.append(F.cross_entropy(self.char(feats)[on_char], labels["char"][on_char]))
         terms.append(F.binary_cross_entropy_with_logits(self.scene(cls), labels["scene"]))
         if self.words is not None and model is not None:
             vocab_logits = model.lm_head(model.model.language_model.norm(feats))
-            on_object = labels["color"] > 0
             targets = {"color": labels["color"] - 1, "shape": labels["shape"] - 1, "char": labels["char"] - 1,
                        "quadrant": self.quadrant.expand_as(labels["color"])}
             for name, target in targets.items():
@@ -403,15 +408,15 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def train_demo(output_dir, steps: int = 3000, batch_size: int = 4, n_questions: int = 16, seed: int = 0,
+def train_demo(output_dir, steps: int = 2400, batch_size: int = 4, n_questions: int = 16, seed: int = 0,
                lr: float = 1.5e-3, warmup_steps: int = 150, min_lr_ratio: float = 0.05,
                weight_decay: float = 0.05, projector_lr_mult: float = 2.0, aux_weight: float = 0.5,
                aux_until: int | None = None, grad_clip: float = 1.0, num_threads: int | str = "auto",
                vision_steps: int = 300, vision_batch_size: int = 16, vision_lr: float = 2e-3,
                scene_curriculum: tuple[tuple[int, int], ...] = ((300, 1), (700, 2), (1100, 3)),
-               focus_steps: int = 1800, focus_keep: int = 96, align_words: bool = True,
+               focus_steps: int = 1400, focus_keep: int = 96, align_words: bool = True,
                keep_visual: int | None = 224, full_visual_steps: int = 200,
-               save_every: int = 100, eval_every: int = 500, eval_n: int = 140, log_every: int = 10,
+               save_every: int = 100, eval_every: int = 600, eval_n: int = 140, log_every: int = 10,
                resume: bool = True, export_dir=None, final_eval_n: int = 700,
                model_overrides: dict | None = None, init_from=None, packed: bool = True,
                log: Callable[[str], None] = print) -> Path:
@@ -423,9 +428,10 @@ def train_demo(output_dir, steps: int = 3000, batch_size: int = 4, n_questions: 
        ``scene_curriculum=((300, 1), (800, 2))`` caps scenes at 1 object before step 300 and
        at 2 before step 800 (with one object, attending to every object patch already answers,
        so the decoder learns to read the image before it must learn to pick an object).
-       The first ``focus_steps`` steps show the decoder ``focus_keep`` patches per image, the
-       object patches first; then, until the last ``full_visual_steps`` steps, ``keep_visual``
-       random patches (see :func:`language_forward`); the final steps see all 576.
+       The first ``focus_steps`` steps show the decoder ``focus_keep`` patches per image, then,
+       until the last ``full_visual_steps`` steps, ``keep_visual``; both subsets hold every
+       object patch and random background patches (see :func:`language_forward`).  The final
+       steps see all 576.
     """
     auto_threads = num_threads in ("auto", 0, None)
     max_threads = min(2, os.cpu_count() or 1) if auto_threads else int(num_threads)
@@ -560,8 +566,10 @@ def train_demo(output_dir, steps: int = 3000, batch_size: int = 4, n_questions: 
         focus = step < focus_steps
         keep = focus_keep if focus else keep_visual if step < steps - full_visual_steps else None
         feats, cls = image_features(model, batch["pixel_values"])
+        # object patches first: an object covers only ~9 of the 576 patches, so a random
+        # subset would often drop the patches a question is about and train on noise
         out = language_forward(model, batch, feats, keep_visual=keep, generator=sampler,
-                               priority=aux_labels["color"] > 0 if focus else None)
+                               priority=aux_labels["color"] > 0)
         loss = out.loss
         use_aux = aux_weight > 0 and (aux_until is None or step < aux_until)
         aux_loss = aux.loss(feats, cls, aux_labels, model) if use_aux else torch.zeros(())
@@ -689,8 +697,8 @@ def write_model_card(export_dir) -> Path:
                   f"independent questions packed behind one image prefix (~{metrics.get('qa_pairs_seen_approx')} QA "
                   "pairs); loss on answer tokens plus the auxiliary losses; scenes capped at "
                   f"[until step, objects] {h.get('scene_curriculum')}; the decoder sees {h.get('focus_keep')} patches "
-                  f"per image, object patches first, for {h.get('focus_steps')} steps, then {h.get('keep_visual')} "
-                  f"random ones, and all 576 in the last {h.get('full_visual_steps')} steps",
+                  f"per image for {h.get('focus_steps')} steps, then {h.get('keep_visual')}, object patches first and the "
+                  f"rest random, and all 576 in the last {h.get('full_visual_steps')} steps",
                   f"- hyper-parameters: `{json.dumps(h)}`",
                   "- reproduce: `duet-vlm train-demo` (seeded; re-running the same command resumes)"]
     for key, title in (("test", "all 576 visual tokens"), ("test_blank_image", "blank (grey) image control")):
@@ -708,12 +716,12 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Train the duet-vlm demo LLaVA model on synthetic visual QA.")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--export-dir", default=None)
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=2400)
     p.add_argument("--vision-steps", type=int, default=300)
     p.add_argument("--keep-visual", type=int, default=224,
                    help="random patches per image the decoder sees before the final full-token steps")
     p.add_argument("--full-visual-steps", type=int, default=200)
-    p.add_argument("--focus-steps", type=int, default=1800,
+    p.add_argument("--focus-steps", type=int, default=1400,
                    help="first steps whose decoder input is focus-keep patches, object patches first")
     p.add_argument("--focus-keep", type=int, default=96)
     p.add_argument("--scene-curriculum", type=json.loads, default=[[300, 1], [700, 2], [1100, 3]],
@@ -729,7 +737,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", default="auto",
                    help="torch threads: an integer, or 'auto' (2, dropping to 1 while the machine is busy)")
     p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-every", type=int, default=600)
     p.add_argument("--eval-n", type=int, default=140)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--final-eval-n", type=int, default=700)

@@ -418,8 +418,8 @@ def train_demo(output_dir, steps: int = 2400, batch_size: int = 4, n_questions: 
                keep_visual: int | None = 224, full_visual_steps: int = 200,
                save_every: int = 100, eval_every: int = 600, eval_n: int = 140, log_every: int = 10,
                resume: bool = True, export_dir=None, final_eval_n: int = 700,
-               model_overrides: dict | None = None, init_from=None, packed: bool = True,
-               log: Callable[[str], None] = print) -> Path:
+               model_overrides: dict | None = None, init_from=None, data_offset: int = 0,
+               packed: bool = True, log: Callable[[str], None] = print) -> Path:
     """Two phases, both seeded and resumable from ``output_dir/checkpoint.pt``:
 
     1. ``vision_steps`` steps on the vision tower and projector alone (auxiliary losses only;
@@ -432,6 +432,9 @@ def train_demo(output_dir, steps: int = 2400, batch_size: int = 4, n_questions: 
        until the last ``full_visual_steps`` steps, ``keep_visual``; both subsets hold every
        object patch and random background patches (see :func:`language_forward`).  The final
        steps see all 576.
+
+    ``init_from`` (an exported model) continues training with a fresh schedule; give it
+    ``data_offset`` = the steps already trained on so that it sees new images.
     """
     auto_threads = num_threads in ("auto", 0, None)
     max_threads = min(2, os.cpu_count() or 1) if auto_threads else int(num_threads)
@@ -452,6 +455,8 @@ def train_demo(output_dir, steps: int = 2400, batch_size: int = 4, n_questions: 
                    packed=packed, model_overrides=model_overrides or {})
     if init_from is not None:
         hparams["init_from"] = str(init_from)
+    if data_offset:
+        hparams["data_offset"] = data_offset
 
     processor = build_processor()
     tok = processor.tokenizer
@@ -560,8 +565,8 @@ def train_demo(output_dir, steps: int = 2400, batch_size: int = 4, n_questions: 
         for g in opt.param_groups:
             g["lr"] = lr * factor * g["lr_mult"]
         max_objects = next((cap for until, cap in scene_curriculum if step < until), None)
-        batch, aux_labels = make_batch(tok, image_token_id, step, batch_size, n_questions, packed=packed,
-                                       max_objects=max_objects)
+        batch, aux_labels = make_batch(tok, image_token_id, data_offset + step, batch_size, n_questions,
+                                       packed=packed, max_objects=max_objects)
         sampler.manual_seed(seed * 1_000_003 + step)  # resumable: the kept patches depend on the step only
         focus = step < focus_steps
         keep = focus_keep if focus else keep_visual if step < steps - full_visual_steps else None
@@ -616,6 +621,10 @@ def train_demo(output_dir, steps: int = 2400, batch_size: int = 4, n_questions: 
     metrics = {"hparams": hparams, "parameters": count_parameters(model), "steps": step,
                "vision_steps": vision_step, "images_seen": step * batch_size + vision_step * vision_batch_size,
                "qa_pairs_seen_approx": step * batch_size * n_questions}
+    source_metrics = Path(init_from) / "metrics.json" if init_from is not None else None
+    if source_metrics is not None and source_metrics.exists():  # the model card describes both stages
+        earlier = json.loads(source_metrics.read_text())
+        metrics["continues"] = {k: earlier.get(k) for k in ("hparams", "steps", "vision_steps", "continues")}
     if final_eval_n:
         prog = lambda s: None  # noqa: E731
         metrics["test"] = evaluate_accuracy(model, processor, split="test", n=final_eval_n, progress=prog)
@@ -683,9 +692,16 @@ def write_model_card(export_dir) -> Path:
     ]
     if metrics.get("parameters"):
         lines.append(f"- parameters: {metrics['parameters']}")
+    if metrics.get("continues"):
+        earlier = metrics["continues"]
+        lines += ["", "## Training, stage 1",
+                  f"- {earlier.get('vision_steps')} vision-only steps, then {earlier.get('steps')} visual-QA steps "
+                  "(as in stage 2 below, with the scene-size curriculum and the first visual-QA images)",
+                  f"- hyper-parameters: `{json.dumps(earlier.get('hparams'))}`"]
     if metrics.get("hparams"):
         h = metrics["hparams"]
-        lines += ["", "## Training",
+        lines += ["", "## Training, stage 2 (continued from stage 1 on new images)" if metrics.get("continues")
+                  else "## Training",
                   f"- phase 1: {metrics.get('vision_steps', 0)} steps of {h.get('vision_batch_size')} images on the vision "
                   "tower and projector alone, with training-only auxiliary heads (not shipped): the colour, shape "
                   "and character under each patch, and from the CLS token which colours, shapes and characters "
@@ -743,6 +759,8 @@ def main(argv=None) -> None:
     p.add_argument("--final-eval-n", type=int, default=700)
     p.add_argument("--model-overrides", type=json.loads, default=None, help="JSON dict for demo_config")
     p.add_argument("--init-from", default=None, help="exported model dir to continue training from")
+    p.add_argument("--data-offset", type=int, default=0,
+                   help="start the visual-QA data at this step (continuing a model trained on the first ones)")
     p.add_argument("--no-resume", action="store_true")
     a = p.parse_args(argv)
 
@@ -756,7 +774,7 @@ def main(argv=None) -> None:
                scene_curriculum=tuple(tuple(c) for c in a.scene_curriculum), align_words=not a.no_align_words,
                num_threads=a.threads if a.threads == "auto" else int(a.threads), save_every=a.save_every, eval_every=a.eval_every, eval_n=a.eval_n, log_every=a.log_every,
                resume=not a.no_resume, export_dir=a.export_dir, final_eval_n=a.final_eval_n,
-               model_overrides=a.model_overrides, init_from=a.init_from, log=log)
+               model_overrides=a.model_overrides, init_from=a.init_from, data_offset=a.data_offset, log=log)
 
 
 if __name__ == "__main__":

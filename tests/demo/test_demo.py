@@ -255,6 +255,10 @@ def test_tiny_model_save_load_generate(tmp_path, processor):
     assert entered == [True]
     assert res["n"] == 7 and set(res["per_type"]) == set(data.QUESTION_TYPES)
     assert 0.0 <= res["accuracy"] <= 1.0 and len(res["predictions"]) == 7
+    res = evaluate_accuracy(loaded, proc, split="test", n=14, batch_size=7, return_predictions=True)
+    for qtype, (word, share) in res["top_answer"].items():
+        said = [p["prediction"] for p in res["predictions"] if p["qtype"] == qtype]
+        assert share == max(said.count(w) for w in said) / len(said) == said.count(word) / len(said)
     blank = evaluate_accuracy(loaded, proc, split="test", n=7, batch_size=7, blank_image=True)
     assert blank["blank_image"] is True and blank["n"] == 7
 
@@ -494,3 +498,19 @@ def test_word_alignment_trains_only_the_answer_words_rows(processor):
     model.zero_grad()
     without.loss(feats.detach(), cls.detach(), labels, model).backward()
     assert model.lm_head.weight.grad is None
+
+
+def test_patch_word_probe_reads_patches_through_the_decoder_head(processor):
+    from duet_vlm.demo.train import _vision_batch, patch_word_probe
+
+    model = build_model(demo_config(processor.tokenizer, **TINY), seed=0).eval()
+    # an all-zero head ties every word, argmax picks the first of each kind: the probe must score
+    # exactly the share of labelled patches whose true word is that first one
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    probe = patch_word_probe(model, processor.tokenizer, n_images=4)
+    assert set(probe) == {"color", "shape", "char"}
+    labels, _ = _vision_batch(0, 4, 60_000_000)
+    for name in ("color", "shape", "char"):
+        on = labels[name] > 0
+        assert probe[name] == pytest.approx((labels[name][on] == 1).float().mean().item())

@@ -47,7 +47,7 @@ import json
 import math
 import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Callable
 
@@ -291,6 +291,7 @@ def evaluate_accuracy(model, processor, split: str = "test", n: int = 700, blank
     tok = processor.tokenizer
     correct = defaultdict(int)
     total = defaultdict(int)
+    answered = defaultdict(Counter)
     preds = []
     blank = data.blank_image() if blank_image else None
     with wrap():
@@ -307,6 +308,7 @@ def evaluate_accuracy(model, processor, split: str = "test", n: int = 700, blank
                 ok = pred == s.answer
                 correct[s.qtype] += ok
                 total[s.qtype] += 1
+                answered[s.qtype][pred] += 1
                 if return_predictions:
                     preds.append({"index": s.index, "qtype": s.qtype, "question": s.question,
                                   "answer": s.answer, "prediction": pred, "correct": bool(ok)})
@@ -325,10 +327,34 @@ def evaluate_accuracy(model, processor, split: str = "test", n: int = 700, blank
         "per_type": {t: correct[t] / total[t] for t in data.QUESTION_TYPES if total[t]},
         "per_type_n": {t: total[t] for t in data.QUESTION_TYPES if total[t]},
         "chance": {t: data.CHANCE[t] for t in data.QUESTION_TYPES if total[t]},
+        # a model that answers one word to every question of a type has not learned that type
+        "top_answer": {t: [answered[t].most_common(1)[0][0], answered[t].most_common(1)[0][1] / total[t]]
+                       for t in data.QUESTION_TYPES if total[t]},
     }
     if return_predictions:
         result["predictions"] = preds
     return result
+
+
+@torch.no_grad()
+def patch_word_probe(model, tokenizer, n_images: int = 64, seed_offset: int = 60_000_000) -> dict[str, float]:
+    """Share of object patches of ``n_images`` fresh scenes that, read through the decoder's own
+    final norm and ``lm_head`` (the word alignment of :class:`AuxHeads`), name their object's
+    colour and shape, and (on the patch a character is drawn in) the character.  Near 1 means
+    the vision tower perceives what the questions ask; the rest is the decoder's job."""
+    words = answer_words(tokenizer)
+    hits, counts = defaultdict(int), defaultdict(int)
+    for chunk in range(0, n_images, 16):
+        labels, pixels = _vision_batch(chunk // 16, min(16, n_images - chunk), seed_offset)
+        feats, _ = image_features(model, pixels)
+        logits = model.lm_head(model.model.language_model.norm(feats))
+        for name in ("color", "shape", "char"):
+            target = labels[name] - 1
+            keep = target >= 0
+            pred = logits[..., torch.tensor(words[name])].argmax(-1)
+            hits[name] += int((pred[keep] == target[keep]).sum())
+            counts[name] += int(keep.sum())
+    return {name: hits[name] / max(1, counts[name]) for name in ("color", "shape", "char")}
 
 
 def load_demo(path: str | os.PathLike | None = None):

@@ -656,6 +656,7 @@ def train_demo(output_dir, steps: int = 2400, batch_size: int = 4, n_questions: 
         metrics["test"] = evaluate_accuracy(model, processor, split="test", n=final_eval_n, progress=prog)
         metrics["test_blank_image"] = evaluate_accuracy(model, processor, split="test", n=final_eval_n,
                                                         blank_image=True, progress=prog)
+        metrics["patch_word_probe"] = patch_word_probe(model, tok)
         for key in ("test", "test_blank_image"):
             r = metrics[key]
             log(f"{key}: acc {r['accuracy']:.3f} " + " ".join(f"{t}={a:.2f}" for t, a in r["per_type"].items()))
@@ -749,6 +750,12 @@ def write_model_card(export_dir) -> Path:
             lines += ["", f"## Test accuracy, {title} (n={r['n']})", "", "| type | accuracy | chance |", "|---|---|---|",
                       f"| **overall** | **{r['accuracy']:.3f}** | |"]
             lines += [f"| {q} | {a:.3f} | {r['chance'][q]:.3f} |" for q, a in r["per_type"].items()]
+    if "patch_word_probe" in metrics:
+        probe = metrics["patch_word_probe"]
+        lines += ["", "## Perception probe (`patch_word_probe`)",
+                  "Share of object patches of fresh scenes that, read through the decoder's final norm and "
+                  "`lm_head`, name their object's colour / shape / character: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in probe.items())]
     path = export_dir / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path

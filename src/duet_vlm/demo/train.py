@@ -328,8 +328,8 @@ def evaluate_accuracy(model, processor, split: str = "test", n: int = 700, blank
         "per_type_n": {t: total[t] for t in data.QUESTION_TYPES if total[t]},
         "chance": {t: data.CHANCE[t] for t in data.QUESTION_TYPES if total[t]},
         # a model that answers one word to every question of a type has not learned that type
-        "top_answer": {t: [answered[t].most_common(1)[0][0], answered[t].most_common(1)[0][1] / total[t]]
-                       for t in data.QUESTION_TYPES if total[t]},
+        "top_answer": {t: [word, count / total[t]] for t in data.QUESTION_TYPES if total[t]
+                       for word, count in answered[t].most_common(1)},
     }
     if return_predictions:
         result["predictions"] = preds
@@ -768,7 +768,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=2400)
     p.add_argument("--vision-steps", type=int, default=300)
     p.add_argument("--keep-visual", type=int, default=224,
-                   help="random patches per image the decoder sees before the final full-token steps")
+                   help="patches per image (object patches first) the decoder sees after the focus steps, "
+                        "before the final full-token steps")
     p.add_argument("--full-visual-steps", type=int, default=200)
     p.add_argument("--focus-steps", type=int, default=1400,
                    help="first steps whose decoder input is focus-keep patches, object patches first")

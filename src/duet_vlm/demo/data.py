@@ -17,11 +17,15 @@ Public API
 ``make_question(scene, qtype, rng) -> (question, answer) | None``
 ``answer_from_scene(scene, qtype, params) -> str``
     Recomputes an answer from the scene description (used by the tests).
-``conversation(split, index, n_questions, max_objects=None) -> (image, [(qtype, question, answer), ...], scene)``
-    Several questions about one image, used for training (``max_objects``: curriculum cap).
+``conversation(split, index, n_questions, max_objects=None, balanced=False, with_params=False)``
+    ``-> (image, [(qtype, question, answer), ...], scene)``: several questions about one image,
+    used for training (``max_objects``: curriculum cap; ``balanced``: equal turns per type).
 ``patch_labels(scene)`` / ``scene_labels(scene)``
     Per-patch and per-image (multi-hot over ``SCENE_LABELS``) targets of the training-only
     auxiliary losses.
+``object_patches(scene)`` / ``char_patches(obj)`` / ``question_objects(scene, qtype, params)``
+    Which patches each object covers, and which objects a question is about (the targets of
+    the training-only grounding loss).
 ``vocabulary() -> list[str]``  every word/punctuation token the generator can emit.
 """
 
@@ -247,29 +251,69 @@ def render_scene(scene: list[dict], rng: np.random.Generator) -> Image.Image:
     return img
 
 
+def _coverage(mask: np.ndarray) -> np.ndarray:
+    """Share of each of the 24x24 patches that ``mask`` (336x336 bool) covers, flattened."""
+    return mask.reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE).mean(axis=(1, 3)).reshape(-1)
+
+
+def object_patches(scene: list[dict], min_coverage: float = 0.15) -> np.ndarray:
+    """``(len(scene), 576)`` bool: the patches each object covers by more than ``min_coverage``
+    (the boundary patches are the ones that show the shape, so they count)."""
+    masks = []
+    for obj in scene:
+        mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+        draw_object(ImageDraw.Draw(mask), obj, 255)
+        masks.append(_coverage(np.asarray(mask) > 0) > min_coverage)
+    return np.stack(masks) if masks else np.zeros((0, GRID * GRID), bool)
+
+
+def char_patches(obj: dict) -> np.ndarray:
+    """``(576,)`` bool: the patch(es) ``obj``'s character is drawn in (none if it has none)."""
+    if obj["char"] is None:
+        return np.zeros(GRID * GRID, bool)
+    cx, cy, h = glyph_box(obj)
+    box = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
+    box[int(cy - h):int(cy + h) + 1, int(cx - h):int(cx + h) + 1] = True
+    return _coverage(box) > 0.2
+
+
 def patch_labels(scene: list[dict], min_coverage: float = 0.15) -> dict[str, np.ndarray]:
     """Per-patch (24x24) labels: colour id / shape id / character id (0 = none) of the object
-    covering more than ``min_coverage`` of the patch (the boundary patches are the ones that
-    show the shape, so they are labelled too), and the character of the patch its glyph is
-    drawn in.  Used only as an auxiliary training signal."""
-    def coverage(mask: np.ndarray) -> np.ndarray:
-        return mask.reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE).mean(axis=(1, 3)).reshape(-1)
-
+    covering the patch (see :func:`object_patches`), and the character of the patch its glyph
+    is drawn in.  Used only as an auxiliary training signal."""
     color = np.zeros(GRID * GRID, np.int64)
     shape = np.zeros_like(color)
     char = np.zeros_like(color)
-    for obj in scene:  # objects never share a patch (they are 3x3 blocks apart)
-        mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
-        draw_object(ImageDraw.Draw(mask), obj, 255)
-        on = coverage(np.asarray(mask) > 0) > min_coverage
+    # objects never share a patch (they are 3x3 blocks apart)
+    for obj, on in zip(scene, object_patches(scene, min_coverage)):
         color[on] = COLOR_NAMES.index(obj["color"]) + 1
         shape[on] = SHAPES.index(obj["shape"]) + 1
         if obj["char"] is not None:
-            cx, cy, h = glyph_box(obj)
-            box = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
-            box[int(cy - h):int(cy + h) + 1, int(cx - h):int(cx + h) + 1] = True
-            char[on & (coverage(box) > 0.2)] = CHARACTERS.index(obj["char"]) + 1
+            char[on & char_patches(obj)] = CHARACTERS.index(obj["char"]) + 1
     return {"color": color, "shape": shape, "char": char}
+
+
+def question_objects(scene: list[dict], qtype: str, params: dict) -> list[int]:
+    """Indices (into ``scene``) of the objects a question is about, in the order it names them:
+    the one object whose attribute it asks for, the count group, the present object of an
+    existence question (none when the answer is no), or both objects of a relation.  Count
+    questions return the objects counted."""
+    def named(name):
+        return [i for i, o in enumerate(scene) if _name(o) == name]
+
+    if qtype == "color":
+        return [i for i, o in enumerate(scene) if o["shape"] == params["shape"]]
+    if qtype == "shape":
+        return [i for i, o in enumerate(scene) if o["color"] == params["color"]]
+    if qtype == "count":
+        return [i for i, o in enumerate(scene) if o[params["by"]] == params["value"]]
+    if qtype == "exists":
+        return named(f"{params['color']} {params['shape']}")
+    if qtype == "relation":
+        return named(params["a"]) + named(params["b"])
+    if qtype in ("quadrant", "read"):
+        return named(params["a"])
+    raise ValueError(f"unknown question type {qtype!r}")
 
 
 SCENE_LABELS = (COLOR_NAMES + SHAPES + [f"{c} {s}" for c in COLOR_NAMES for s in SHAPES]
@@ -440,16 +484,21 @@ def sample(split: str, index: int) -> Sample:
                   split=split, index=index)
 
 
-def conversation(split: str, index: int, n_questions: int = 6, max_objects: int | None = None):
-    """Several distinct questions about one image (for multi-turn training).
+def conversation(split: str, index: int, n_questions: int = 6, max_objects: int | None = None,
+                 balanced: bool = False, with_params: bool = False):
+    """Several questions about one image (for multi-turn or packed training).
 
-    Returns ``(image, turns, scene)`` with ``turns = [(qtype, question, answer), ...]``.
-    The first question type cycles with ``index`` so every type is equally frequent.
+    Returns ``(image, turns, scene)`` with ``turns = [(qtype, question, answer), ...]``
+    (``(qtype, question, answer, params)`` with ``with_params``).  Question types are taken in
+    turn, starting at ``index % 7`` so every type leads equally often.  Questions are distinct,
+    so a type with few possible questions in a scene (reading: one per object with a character)
+    gets fewer turns; ``balanced=True`` repeats such a type's questions instead, so that every
+    type the scene admits gets an equal share of the turns.
     """
     rng = rng_for(split, index, stream=1)
     scene = make_scene(rng, max_objects)
     image = render_scene(scene, rng)
-    turns: list[tuple[str, str, str]] = []
+    turns: list[tuple] = []
     seen = set()
     start = index % len(QUESTION_TYPES)
     order = [QUESTION_TYPES[(start + k) % len(QUESTION_TYPES)] for k in range(len(QUESTION_TYPES))]
@@ -457,11 +506,14 @@ def conversation(split: str, index: int, n_questions: int = 6, max_objects: int 
     while len(turns) < n_questions and attempts < 4 * n_questions:
         qtype = order[attempts % len(order)]
         attempts += 1
-        qa = make_question(scene, qtype, rng)
-        if qa is None or qa[0] in seen:
+        for _try in range(3 if balanced else 1):
+            qa = make_question(scene, qtype, rng)
+            if qa is None or qa[0] not in seen:
+                break
+        if qa is None or (qa[0] in seen and not balanced):
             continue
         seen.add(qa[0])
-        turns.append((qtype, qa[0], qa[1]))
+        turns.append((qtype, *qa) if with_params else (qtype, qa[0], qa[1]))
     return image, turns, scene
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -267,11 +268,13 @@ def test_train_demo_tiny_resumes(tmp_path):
     logs = []
     kw = dict(steps=2, batch_size=1, n_questions=2, num_threads=1, save_every=1, eval_every=0,
               vision_steps=2, vision_batch_size=2, keep_visual=100, full_visual_steps=1,
-              final_eval_n=7, model_overrides=TINY, log=logs.append, warmup_steps=1)
+              final_eval_n=7, model_overrides=TINY, log=logs.append, warmup_steps=1, ground_from=1,
+              position_regression=True)
     out = train_demo(tmp_path / "run", **kw)
     assert (out / "model.safetensors").exists() and (out / "processor_config.json").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 and "test" in metrics and "test_blank_image" in metrics
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["history"][-1]["ground"] > 0
     assert any(line.startswith("step 2/2") for line in logs)
     card = (out / "README.md").read_text()
     assert "Test accuracy" in card and "blank" in card
@@ -514,3 +517,132 @@ def test_patch_word_probe_reads_patches_through_the_decoder_head(processor):
     for name in ("color", "shape", "char"):
         on = labels[name] > 0
         assert probe[name] == pytest.approx((labels[name][on] == 1).float().mean().item())
+
+
+# ----------------------------------------------------------------------------- grounding loss
+
+def test_question_objects_are_the_objects_the_answer_is_about():
+    seen = set()
+    for i in range(40):
+        _image, turns, scene = data.conversation("train", i, 16, balanced=True, with_params=True)
+        for qtype, _q, answer, params in turns:
+            seen.add(qtype)
+            objs = [scene[k] for k in data.question_objects(scene, qtype, params)]
+            if qtype == "color":
+                assert [o["color"] for o in objs] == [answer]
+            elif qtype == "shape":
+                assert [o["shape"] for o in objs] == [answer]
+            elif qtype == "count":
+                assert len(objs) == data.NUMBER_WORDS.index(answer)
+            elif qtype == "exists":
+                assert len(objs) == (answer == "yes")
+            elif qtype == "relation":
+                a, b = objs
+                assert (f"{a['color']} {a['shape']}", f"{b['color']} {b['shape']}") == (params["a"], params["b"])
+            elif qtype == "quadrant":
+                assert [data._quadrant(o) for o in objs] == [answer]
+            else:
+                assert [o["char"] for o in objs] == [answer]
+    assert seen == set(data.QUESTION_TYPES)
+    with pytest.raises(ValueError, match="unknown question type"):
+        data.question_objects(scene, "size", {})
+
+
+def test_balanced_conversations_give_every_possible_type_an_equal_share():
+    read_turns = {False: 0, True: 0}
+    for i in range(30):
+        for balanced in (False, True):
+            _image, turns, scene = data.conversation("train", i, 16, balanced=balanced)
+            counts = Counter(qtype for qtype, _q, _a in turns)
+            read_turns[balanced] += counts["read"]
+            if balanced:
+                assert len(turns) == 16 and max(counts.values()) - min(counts.values()) <= 1
+                assert ("read" in counts) == any(o["char"] is not None for o in scene)
+            else:
+                assert len({q for _, q, _ in turns}) == len(turns)
+    assert read_turns[True] > 1.5 * read_turns[False]
+
+
+def test_grounding_targets_name_the_patches_of_the_asked_objects(processor):
+    from duet_vlm.demo.train import grounding_targets
+
+    _image, turns, scene = data.conversation("train", 11, 16, balanced=True, with_params=True)
+    patches = data.object_patches(scene)
+    assert patches.shape == (len(scene), 576) and not (patches.sum(0) > 1).any()  # objects never share a patch
+    for (qtype, _q, answer, params), target in zip(turns, grounding_targets(scene, turns)):
+        objects = data.question_objects(scene, qtype, params)
+        assert target[2].sum() == (len(objects) if qtype == "count" else 0)
+        if qtype == "count":  # one patch per counted object, inside it
+            assert not target[0].any() and np.array_equal(target[2] & patches[objects].any(0), target[2])
+        elif qtype == "exists" and answer == "no":
+            assert not target.any()
+        elif qtype == "read":
+            assert np.array_equal(target[0], data.char_patches(scene[objects[0]])) and target[0].sum() >= 1
+        else:
+            assert np.array_equal(target[0], patches[objects].any(0))
+        assert target[1].any() == target[3].any() == (qtype == "relation")
+        if qtype == "relation":
+            assert np.array_equal(target[1], patches[objects[0]]) and np.array_equal(target[3], patches[objects[1]])
+
+
+@pytest.mark.parametrize("keep_visual", [None, 100])
+def test_grounding_loss_is_minus_log_the_layers_attention_on_the_targets(processor, keep_visual):
+    """Differential test: the loss equals -log(attention mass on the target patches) taken from
+    the layer's full attention matrix, itself checked against the module's own output."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from duet_vlm.demo.train import image_features, language_forward, make_batch, packed_attention_mask
+
+    tok = processor.tokenizer
+    model = build_model(demo_config(tok, **{**TINY, "text_heads": 4, "text_kv_heads": 2}), seed=2)
+    batch, aux = make_batch(tok, processor.image_token_id, step=3, batch_size=2, n_questions=8, balanced=True)
+    assert aux["ground_target"][..., 2, :].any() and aux["ground_target"][..., 3, :].any()  # count, relation
+    layer = model.model.language_model.layers[1]
+    seen = {}
+    hooks = [layer.self_attn.register_forward_hook(lambda _m, _a, out: seen.__setitem__("out", out[0])),
+             layer.register_forward_pre_hook(lambda _m, a, kw: seen.__setitem__("in", (a[0] if a else kw["hidden_states"], kw["position_embeddings"])), with_kwargs=True)]
+    feats, _ = image_features(model, batch["pixel_values"])
+    _out, loss = language_forward(model, batch, feats, keep_visual=keep_visual, priority=aux["color"] > 0,
+                                  generator=torch.Generator().manual_seed(0), grounding=aux, ground_layers=(1,))
+    loss.backward()  # targets that are empty must not leak NaN gradients
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with torch.no_grad():
+        # the same subsets, drawn again
+        gen, first = torch.Generator().manual_seed(0), int((batch["input_ids"][0] == processor.image_token_id).nonzero()[0])
+        kept, rows = [], []
+        for b in range(2):
+            order = torch.randperm(576, generator=gen)
+            order = order[torch.argsort((~(aux["color"][b] > 0)[order]).to(torch.int8), stable=True)]
+            kept.append(order[:keep_visual].sort().values if keep_visual else torch.arange(576))
+            rows.append(torch.cat([torch.arange(first), first + kept[-1],
+                                   torch.arange(first + 576, batch["input_ids"].shape[1])]))
+        mask = packed_attention_mask(torch.gather(batch["segments"], 1, torch.stack(rows)))
+        hidden, (cos, sin) = seen["in"]
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        heads = [proj(x).view(*x.shape[:2], -1, attn.head_dim).transpose(1, 2)
+                 for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        heads[1:] = [h.repeat_interleave(attn.num_key_value_groups, dim=1) for h in heads[1:]]
+        q, k = apply_rotary_pos_emb(heads[0], heads[1], cos, sin)
+        probs = ((q @ k.transpose(-1, -2)) * attn.scaling).masked_fill(~mask, float("-inf")).softmax(-1)
+        own = attn.o_proj((probs @ heads[2]).transpose(1, 2).flatten(2))
+        assert torch.allclose(own, seen["out"], atol=1e-5)
+    for h in hooks:
+        h.remove()
+    shift = 576 - len(kept[0])
+    terms = []
+    for b in range(2):
+        for qi, pos in enumerate(aux["ground_query"][b].tolist()):
+            if pos < 0:
+                continue
+            row = probs[b, :, pos - shift]
+            for head in (0, 1, 3):
+                target = aux["ground_target"][b, qi, head][kept[b]]
+                if target.any():
+                    terms.append(-row[head, first:first + len(kept[b])][target].sum().log())
+            spread = aux["ground_target"][b, qi, 2][kept[b]]
+            if spread.any():  # cross-entropy against uniform over <s> and the counted patches
+                chosen = torch.cat([row[2, :1], row[2, first:first + len(kept[b])][spread]])
+                terms.append(-chosen.log().mean())
+    assert len(terms) > 4
+    assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)

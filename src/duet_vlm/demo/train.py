@@ -6,7 +6,8 @@ Public functions (plain Python; CLI wiring lives elsewhere):
              vision_steps=300, vision_batch_size=16, vision_lr=2e-3,
              scene_curriculum=((300, 1), (700, 2), (1100, 3)), focus_steps=1400, focus_keep=96,
              align_words=True, keep_visual=224, full_visual_steps=200, ..., export_dir=None,
-             final_eval_n=700, init_from=None, log=print) -> pathlib.Path``
+             final_eval_n=700, init_from=None, balanced_questions=True, ground_from=4,
+             ground_weight=0.25, ground_heads=2, position_regression=False, log=print) -> pathlib.Path``
     Trains from scratch (seeded; the data of every step is a pure function of the step), in
     two phases: the vision tower and projector alone on auxiliary per-patch and per-image
     losses, then visual QA on the whole model (see the function's docstring).  Writes a
@@ -140,11 +141,20 @@ def aux_targets(scene) -> dict[str, torch.Tensor]:
 
 
 def make_batch(tokenizer, image_token_id: int, step: int, batch_size: int, n_questions: int,
-               split: str = "train", packed: bool = True, max_objects: int | None = None):
-    images, seqs, aux = [], [], defaultdict(list)
+               split: str = "train", packed: bool = True, max_objects: int | None = None,
+               balanced: bool = False):
+    """``(batch, aux)``: model inputs of ``batch_size`` images with their questions, and the
+    targets of the training-only losses: :func:`aux_targets` plus ``ground_query`` (B, Q), the
+    position that predicts each question's answer (-1 = none), and ``ground_target``
+    (B, Q, 4, 576), the patches its grounding heads should attend to (see
+    :func:`grounding_targets`)."""
+    images, seqs, aux, grounds = [], [], defaultdict(list), []
     for b in range(batch_size):
-        image, turns, scene = data.conversation(split, step * batch_size + b, n_questions, max_objects)
+        image, turns, scene = data.conversation(split, step * batch_size + b, n_questions, max_objects,
+                                                balanced=balanced, with_params=True)
         images.append(image)
+        grounds.append(grounding_targets(scene, turns))
+        turns = [t[:3] for t in turns]
         if packed:
             seqs.append(encode_packed(tokenizer, turns, image_token_id))
         else:
@@ -158,15 +168,54 @@ def make_batch(tokenizer, image_token_id: int, step: int, batch_size: int, n_que
     labels = torch.full((batch_size, length), -100, dtype=torch.long)
     segments = torch.full((batch_size, length), -1, dtype=torch.long)
     positions = torch.zeros((batch_size, length), dtype=torch.long)
+    n_q = max(len(g) for g in grounds)
+    queries = torch.full((batch_size, n_q), -1, dtype=torch.long)
+    targets = torch.zeros((batch_size, n_q, 4, N_IMAGE_TOKENS), dtype=torch.bool)
     for b, (ids, lab, seg, pos) in enumerate(seqs):
         n = len(ids)
         input_ids[b, :n] = torch.tensor(ids)
         labels[b, :n] = torch.tensor(lab)
         segments[b, :n] = torch.tensor(seg)
         positions[b, :n] = torch.tensor(pos)
+        # each answer's first token is predicted by the position before it
+        answer_starts = [t for t in range(1, n) if lab[t] != -100 and lab[t - 1] == -100]
+        queries[b, :len(answer_starts)] = torch.tensor(answer_starts) - 1
+        targets[b, :len(grounds[b])] = torch.from_numpy(np.stack(grounds[b]))
     batch = {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values(images),
              "position_ids": positions, "segments": segments}
-    return batch, {k: torch.stack(v) for k, v in aux.items()}
+    aux = {k: torch.stack(v) for k, v in aux.items()}
+    aux["ground_query"], aux["ground_target"] = queries, targets
+    return batch, aux
+
+
+def grounding_targets(scene, turns) -> list[np.ndarray]:
+    """Per question, ``(4, 576)`` bool: the patches each grounding head should attend to from
+    the answer position (see :func:`grounding_loss`).
+
+    - head 0: every object the question names (for reading, the character's patch); nothing
+      for counting and for existence questions answered "no";
+    - heads 1 and 3: the first and the second object of a relation, so that the decoder gets
+      the two positions it compares separately;
+    - head 2: the centre patch of each counted object.  Its loss spreads attention evenly over
+      those and the ``<s>`` token, so the share left on ``<s>`` is 1 / (count + 1): a
+      count the next layers can read, where an average over the objects alone would lose it.
+    """
+    patches = data.object_patches(scene)
+    out = []
+    for qtype, _q, _a, params in turns:
+        target = np.zeros((4, N_IMAGE_TOKENS), bool)
+        objects = data.question_objects(scene, qtype, params)
+        if qtype == "count":
+            for i in objects:
+                o = scene[i]
+                target[2, (o["y"] // data.PATCH_SIZE) * data.GRID + o["x"] // data.PATCH_SIZE] = True
+        else:
+            for i in objects:
+                target[0] |= data.char_patches(scene[i]) if qtype == "read" else patches[i]
+        if qtype == "relation":
+            target[1], target[3] = patches[objects[0]], patches[objects[1]]
+        out.append(target)
+    return out
 
 
 class AuxHeads(nn.Module):
@@ -174,7 +223,9 @@ class AuxHeads(nn.Module):
     plain LLaVA).
 
     Per patch, on the projector output: colour / shape / character of the object under the
-    patch.  Dense supervision makes the tiny vision tower learn within a CPU budget.
+    patch, and the patch's row and column (relations compare two objects' positions, which the
+    tower must carry through to the decoder).  Dense supervision makes the tiny vision tower
+    learn within a CPU budget.
     Per image, on the CLS token of the feature layer: which colours, shapes, pairs and
     characters the scene contains (multi-label).  A real CLIP's CLS attention lands on the
     objects because its image-level objective needs them; this gives the demo tower the same
@@ -186,13 +237,24 @@ class AuxHeads(nn.Module):
     becomes looking up the right patch and copying what it says.
     """
 
-    def __init__(self, hidden: int, vision_hidden: int, words: dict[str, list[int]] | None = None):
+    def __init__(self, hidden: int, vision_hidden: int, words: dict[str, list[int]] | None = None,
+                 position_regression: bool = False):
         super().__init__()
         self.color = nn.Linear(hidden, len(data.COLOR_NAMES) + 1)
         self.shape = nn.Linear(hidden, len(data.SHAPES) + 1)
         self.char = nn.Linear(hidden, len(data.CHARACTERS) + 1)
         self.scene = nn.Linear(vision_hidden, len(data.SCENE_LABELS))
+        self.row = nn.Linear(hidden, data.GRID)
+        self.column = nn.Linear(hidden, data.GRID)
         self.words = words
+        grid = torch.arange(data.GRID * data.GRID)
+        self.register_buffer("row_id", grid // data.GRID, persistent=False)
+        self.register_buffer("column_id", grid % data.GRID, persistent=False)
+        # column and row as one number each, in [-1, 1]: comparing two positions is then a
+        # subtraction, where the classification heads leave them as 24-way codes
+        self.xy = nn.Linear(hidden, 2) if position_regression else None
+        centred = torch.stack([grid % data.GRID, grid // data.GRID], -1).float() / (data.GRID - 1) * 2 - 1
+        self.register_buffer("xy_target", centred, persistent=False)
         centres = (torch.arange(data.GRID) * data.PATCH_SIZE + data.PATCH_SIZE // 2) >= data.IMAGE_SIZE / 2
         # QUADRANTS order: topleft, topright, bottomleft, bottomright
         self.register_buffer("quadrant", (2 * centres[:, None] + centres[None, :]).reshape(-1), persistent=False)
@@ -210,6 +272,10 @@ class AuxHeads(nn.Module):
         if on_char.any():
             terms.append(F.cross_entropy(self.char(feats)[on_char], labels["char"][on_char]))
         terms.append(F.binary_cross_entropy_with_logits(self.scene(cls), labels["scene"]))
+        for head, target in ((self.row, self.row_id), (self.column, self.column_id)):
+            terms.append(F.cross_entropy(head(feats).flatten(0, 1), target.repeat(feats.shape[0])))
+        if self.xy is not None:
+            terms.append(F.mse_loss(self.xy(feats), self.xy_target.expand(feats.shape[0], -1, -1)))
         if self.words is not None and model is not None:
             vocab_logits = model.lm_head(model.model.language_model.norm(feats))
             targets = {"color": labels["color"] - 1, "shape": labels["shape"] - 1, "char": labels["char"] - 1,
@@ -242,7 +308,8 @@ def image_features(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def language_forward(model, batch: dict, feats: torch.Tensor, keep_visual: int | None = None,
-                     generator: torch.Generator | None = None, priority: torch.Tensor | None = None):
+                     generator: torch.Generator | None = None, priority: torch.Tensor | None = None,
+                     grounding: dict | None = None, ground_layers: tuple[int, ...] = ()):
     """Run the language model on ``batch`` with image features ``feats`` spliced in.
 
     ``keep_visual=k`` feeds only ``k`` patches of each image (in order, with their original
@@ -250,28 +317,105 @@ def language_forward(model, batch: dict, feats: torch.Tensor, keep_visual: int |
     training steps 2-4x cheaper: uniformly random ones, or, where ``priority`` (B, 576) is
     True, those first (in random order) and random others after them.  Early on, the object
     patches alone give the decoder few distractors to learn where to look.
+
+    With ``grounding`` (the ``ground_query`` / ``ground_target`` of :func:`make_batch`),
+    returns ``(output, grounding_loss)``: see :func:`grounding_loss`.
     """
     ids = batch["input_ids"]
     image_mask = ids == model.config.image_token_id
     embeds = model.get_input_embeddings()(ids.masked_fill(image_mask, 0))
     embeds = embeds.masked_scatter(image_mask[..., None], feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
     labels, positions, segments = batch["labels"], batch["position_ids"], batch["segments"]
+    first = int(image_mask[0].nonzero()[0])
+    kept = torch.arange(N_IMAGE_TOKENS).expand(ids.shape[0], -1)
     if keep_visual is not None and keep_visual < N_IMAGE_TOKENS:
-        first = int(image_mask[0].nonzero()[0])
         before = torch.arange(first)
         after = torch.arange(first + N_IMAGE_TOKENS, ids.shape[1])
-        rows = []
+        rows, kept_rows = [], []
         for b in range(ids.shape[0]):
             order = torch.randperm(N_IMAGE_TOKENS, generator=generator)
             if priority is not None:  # stable sort: priority patches first, each group still shuffled
                 order = order[torch.argsort((~priority[b][order]).to(torch.int8), stable=True)]
-            kept = order[:keep_visual].sort().values
-            rows.append(torch.cat([before, first + kept, after]))
+            kept_rows.append(order[:keep_visual].sort().values)
+            rows.append(torch.cat([before, first + kept_rows[-1], after]))
         index = torch.stack(rows)
+        kept = torch.stack(kept_rows)
         embeds = torch.gather(embeds, 1, index[..., None].expand(-1, -1, embeds.shape[-1]))
         labels, positions, segments = (torch.gather(t, 1, index) for t in (labels, positions, segments))
-    return model(inputs_embeds=embeds, attention_mask=packed_attention_mask(segments),
-                 position_ids=positions, labels=labels)
+    mask = packed_attention_mask(segments)
+    if grounding is None or not ground_layers:
+        return model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels)
+
+    layers = model.model.language_model.layers
+    inputs: dict[int, tuple] = {}
+
+    def capture(layer_index):
+        def hook(_module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            inputs[layer_index] = (hidden, kwargs["position_embeddings"])
+        return hook
+
+    handles = [layers[i].register_forward_pre_hook(capture(i), with_kwargs=True) for i in ground_layers]
+    try:
+        out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels)
+    finally:
+        for h in handles:
+            h.remove()
+    queries = grounding["ground_query"]
+    shift = N_IMAGE_TOKENS - kept.shape[1]  # the questions follow the image, which lost ``shift`` tokens
+    queries = torch.where(queries >= 0, queries - shift, queries)
+    targets = torch.gather(grounding["ground_target"], 3,
+                           kept[:, None, None, :].expand(-1, *grounding["ground_target"].shape[1:3], -1))
+    loss = sum(grounding_loss(layers[i], *inputs[i], mask, queries, first, targets) for i in ground_layers)
+    return out, loss / len(ground_layers)
+
+
+def grounding_loss(layer, hidden: torch.Tensor, position_embeddings, mask: torch.Tensor,
+                   queries: torch.Tensor, first: int, targets: torch.Tensor) -> torch.Tensor:
+    """Grounding loss of ``layer``, averaged over the (question, head) pairs that have targets.
+
+    Heads 0, 1 and 3: ``-log`` of the attention mass the head puts, from each answer position,
+    on the patches of ``targets[:, :, h]``.  Head 2 (when ``targets`` has a third row): the
+    cross-entropy of its attention against the uniform distribution over ``<s>`` (position 0)
+    and the patches of ``targets[:, :, 2]`` (see :func:`grounding_targets`).  ``targets``
+    may hold the first 1-4 rows: the heads beyond them stay free.
+
+    A training-only objective that teaches the tiny decoder where to look: finding "the red
+    circle" among ~10 objects is the step it does not discover on its own within a CPU budget.
+    It constrains up to four heads per supervised layer; the shipped model is
+    a plain LLaVA.  The logits are the layer's own (input norm, q/k projections, RoPE), computed
+    only for the ``Q`` answer rows.
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = layer.self_attn
+    n_heads, d = targets.shape[2], attn.head_dim
+    x = layer.input_layernorm(hidden)
+    rows = queries.clamp(min=0)
+    xq = torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1]))
+    q = attn.q_proj(xq).view(*rows.shape, -1, d)[:, :, :n_heads].transpose(1, 2)  # (B, h, Q, d)
+    kv_heads = [h // attn.num_key_value_groups for h in range(n_heads)]
+    k = attn.k_proj(x).view(*x.shape[:2], -1, d)[:, :, kv_heads].transpose(1, 2)  # (B, h, L, d)
+    cos, sin = position_embeddings
+    cos_q = torch.gather(cos, 1, rows[..., None].expand(-1, -1, d).to(cos.device))
+    sin_q = torch.gather(sin, 1, rows[..., None].expand(-1, -1, d).to(sin.device))
+    q, _ = apply_rotary_pos_emb(q, q, cos_q, sin_q)
+    k, _ = apply_rotary_pos_emb(k, k, cos, sin)
+    logits = (q @ k.transpose(-1, -2)) * attn.scaling  # (B, h, Q, L)
+    allowed = torch.gather(mask[:, 0], 1, rows[..., None].expand(-1, -1, mask.shape[-1]))  # (B, Q, L)
+    logp = logits.masked_fill(~allowed[:, None], float("-inf")).log_softmax(-1)
+    n_visual = targets.shape[-1]
+    visual_logp = logp[..., first:first + n_visual]  # (B, h, Q, n)
+    on_target = targets.permute(0, 2, 1, 3)  # (B, h, Q, n)
+    losses = -visual_logp.masked_fill(~on_target, float("-inf")).logsumexp(-1)  # (B, h, Q)
+    if n_heads > 2:
+        spread = on_target[:, 2]
+        n = spread.sum(-1)
+        losses[:, 2] = -(logp[:, 2, :, 0] + visual_logp[:, 2].masked_fill(~spread, 0.0).sum(-1)) / (n + 1)
+    valid = on_target.any(-1) & (queries >= 0)[:, None]
+    if not valid.any():
+        return logits.sum() * 0.0
+    return losses[valid].mean()
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -445,7 +589,9 @@ def train_demo(output_dir, steps: int = 2400, batch_size: int = 4, n_questions: 
                save_every: int = 100, eval_every: int = 600, eval_n: int = 140, log_every: int = 10,
                resume: bool = True, export_dir=None, final_eval_n: int = 700,
                model_overrides: dict | None = None, init_from=None, data_offset: int = 0,
-               packed: bool = True, log: Callable[[str], None] = print) -> Path:
+               packed: bool = True, balanced_questions: bool = True, ground_from: int | None = 4,
+               ground_weight: float = 0.25, ground_heads: int = 2, position_regression: bool = False,
+               log: Callable[[str], None] = print) -> Path:
     """Two phases, both seeded and resumable from ``output_dir/checkpoint.pt``:
 
     1. ``vision_steps`` steps on the vision tower and projector alone (auxiliary losses only;
@@ -458,6 +604,14 @@ def train_demo(output_dir, steps: int = 2400, batch_size: int = 4, n_questions: 
        until the last ``full_visual_steps`` steps, ``keep_visual``; both subsets hold every
        object patch and random background patches (see :func:`language_forward`).  The final
        steps see all 576.
+
+    Each image carries up to ``n_questions`` packed questions, an equal share per question
+    type the scene admits (``balanced_questions``).  From decoder layer ``ground_from`` on,
+    the first ``ground_heads`` heads are trained to attend from each answer position to what
+    the question is about (:func:`grounding_targets`: 0 the named objects, 1 and 3 a relation's
+    two objects, 2 the counted objects; :func:`grounding_loss`, weight ``ground_weight``).
+    ``position_regression`` adds a per-patch linear regression of the patch's column and row to
+    the auxiliary losses, so that positions reach the decoder as numbers it can compare.
 
     ``init_from`` (an exported model) continues training with a fresh schedule; give it
     ``data_offset`` = the steps already trained on so that it sees new images.
@@ -478,7 +632,10 @@ def train_demo(output_dir, steps: int = 2400, batch_size: int = 4, n_questions: 
                    vision_lr=vision_lr, scene_curriculum=[list(c) for c in scene_curriculum],
                    focus_steps=focus_steps, focus_keep=focus_keep, align_words=align_words,
                    keep_visual=keep_visual, full_visual_steps=full_visual_steps,
-                   packed=packed, model_overrides=model_overrides or {})
+                   packed=packed, balanced_questions=balanced_questions, ground_from=ground_from,
+                   ground_weight=ground_weight, ground_heads=ground_heads,
+                   position_regression=position_regression,
+                   model_overrides=model_overrides or {})
     if init_from is not None:
         hparams["init_from"] = str(init_from)
     if data_offset:
@@ -487,6 +644,10 @@ def train_demo(output_dir, steps: int = 2400, batch_size: int = 4, n_questions: 
     processor = build_processor()
     tok = processor.tokenizer
     config = demo_config(tok, **(model_overrides or {}))
+    n_layers = config.text_config.num_hidden_layers
+    ground_layers = tuple(range(ground_from, n_layers)) if ground_weight > 0 and ground_from is not None else ()
+    if ground_layers and not 1 <= ground_heads <= min(4, config.text_config.num_attention_heads):
+        raise ValueError(f"ground_heads must be 1-4 and at most the decoder's heads, got {ground_heads}")
     model = build_model(config, seed=seed)
     if init_from is not None:  # continue training an exported model with a fresh schedule
         from transformers import LlavaForConditionalGeneration
@@ -496,7 +657,7 @@ def train_demo(output_dir, steps: int = 2400, batch_size: int = 4, n_questions: 
         del src
     torch.manual_seed(seed + 1)
     aux = AuxHeads(config.text_config.hidden_size, config.vision_config.hidden_size,
-                   words=answer_words(tok) if align_words else None)
+                   words=answer_words(tok) if align_words else None, position_regression=position_regression)
     image_token_id = config.image_token_id
 
     decay, no_decay, proj = [], [], []
@@ -592,19 +753,23 @@ def train_demo(output_dir, steps: int = 2400, batch_size: int = 4, n_questions: 
             g["lr"] = lr * factor * g["lr_mult"]
         max_objects = next((cap for until, cap in scene_curriculum if step < until), None)
         batch, aux_labels = make_batch(tok, image_token_id, data_offset + step, batch_size, n_questions,
-                                       packed=packed, max_objects=max_objects)
+                                       packed=packed, max_objects=max_objects, balanced=balanced_questions)
         sampler.manual_seed(seed * 1_000_003 + step)  # resumable: the kept patches depend on the step only
         focus = step < focus_steps
         keep = focus_keep if focus else keep_visual if step < steps - full_visual_steps else None
         feats, cls = image_features(model, batch["pixel_values"])
         # object patches first: an object covers only ~9 of the 576 patches, so a random
         # subset would often drop the patches a question is about and train on noise
+        aux_labels["ground_target"] = aux_labels["ground_target"][:, :, :ground_heads]
         out = language_forward(model, batch, feats, keep_visual=keep, generator=sampler,
-                               priority=aux_labels["color"] > 0)
+                               priority=aux_labels["color"] > 0,
+                               grounding=aux_labels if ground_layers else None, ground_layers=ground_layers)
+        out, ground_loss = out if ground_layers else (out, torch.zeros(()))
         loss = out.loss
         use_aux = aux_weight > 0 and (aux_until is None or step < aux_until)
         aux_loss = aux.loss(feats, cls, aux_labels, model) if use_aux else torch.zeros(())
         total = loss + aux_weight * aux_loss if use_aux else loss
+        total = total + ground_weight * ground_loss
         opt.zero_grad(set_to_none=True)
         total.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux.parameters()), grad_clip)
@@ -614,6 +779,7 @@ def train_demo(output_dir, steps: int = 2400, batch_size: int = 4, n_questions: 
             window["n_acc"] += 1
         window["loss"] += loss.item()
         window["aux"] += float(aux_loss.detach())
+        window["ground"] += float(ground_loss.detach())
         window["gnorm"] += float(gnorm)
         window["n"] += 1
         if tuner is not None:
@@ -625,10 +791,12 @@ def train_demo(output_dir, steps: int = 2400, batch_size: int = 4, n_questions: 
             rate = elapsed / max(1, step - start_step)
             acc = f"{window['acc'] / window['n_acc']:.3f}" if window["n_acc"] else "-"
             log(f"step {step}/{steps} | loss {window['loss'] / k:.4f} | aux {window['aux'] / k:.4f} "
+                f"| ground {window['ground'] / k:.3f} "
                 f"| answer-acc {acc} | gnorm {window['gnorm'] / k:.2f} | visual {keep or N_IMAGE_TOKENS} "
                 f"| lr {lr * factor:.2e} | thr {threads} | {rate:.2f} s/step ({rate / batch_size:.3f} s/img) "
                 f"| elapsed {_fmt_time(elapsed)} | eta {_fmt_time(rate * (steps - step))}")
-            history.append({"step": step, "loss": window["loss"] / k, "aux": window["aux"] / k})
+            history.append({"step": step, "loss": window["loss"] / k, "aux": window["aux"] / k,
+                            "ground": window["ground"] / k})
             window.clear()
         if eval_every and step % eval_every == 0 and step < steps:
             res = evaluate_accuracy(model, processor, split="validation", n=eval_n)
@@ -741,8 +909,18 @@ def write_model_card(export_dir) -> Path:
                   "pairs); loss on answer tokens plus the auxiliary losses; scenes capped at "
                   f"[until step, objects] {h.get('scene_curriculum')}; the decoder sees {h.get('focus_keep')} patches "
                   f"per image for {h.get('focus_steps')} steps, then {h.get('keep_visual')}, object patches first and the "
-                  f"rest random, and all 576 in the last {h.get('full_visual_steps')} steps",
-                  f"- hyper-parameters: `{json.dumps(h)}`",
+                  f"rest random, and all 576 in the last {h.get('full_visual_steps')} steps"
+                  + ("; each image's questions are shared equally among the question types its scene admits"
+                     if h.get("balanced_questions") else ""),
+                  ]
+        if h.get("ground_from") is not None and h.get("ground_weight", 0) > 0:
+            lines.append(
+                f"- grounding loss (weight {h['ground_weight']}), from decoder layer {h['ground_from']} on: heads 0 and 1 "
+                "learn to attend from each answer position to the patches of the object(s) the question names"
+                + (", head 2 to spread its attention over the counted objects and `<s>`" if h.get("ground_heads", 2) > 2 else "")
+                + (", head 3 to the second object of a relation" if h.get("ground_heads", 2) > 3 else "")
+                + " (training only: the shipped weights are a plain LLaVA)")
+        lines += [f"- hyper-parameters: `{json.dumps(h)}`",
                   "- reproduce: `duet-vlm train-demo` (seeded; re-running the same command resumes)"]
     for key, title in (("test", "all 576 visual tokens"), ("test_blank_image", "blank (grey) image control")):
         if key in metrics:
@@ -795,6 +973,16 @@ def main(argv=None) -> None:
     p.add_argument("--init-from", default=None, help="exported model dir to continue training from")
     p.add_argument("--data-offset", type=int, default=0,
                    help="start the visual-QA data at this step (continuing a model trained on the first ones)")
+    p.add_argument("--no-balanced-questions", action="store_true",
+                   help="distinct questions only (reading then gets ~5%% of the turns instead of ~1/7)")
+    p.add_argument("--ground-from", type=int, default=4,
+                   help="first decoder layer whose heads 0/1 get the grounding loss (-1: none)")
+    p.add_argument("--ground-weight", type=float, default=0.25)
+    p.add_argument("--ground-heads", type=int, default=2,
+                   help="grounding heads per layer (1-4: named objects, relation's first object, counted "
+                        "objects, relation's second object)")
+    p.add_argument("--position-regression", action="store_true",
+                   help="also regress each patch's column and row (linear) from its projected feature")
     p.add_argument("--no-resume", action="store_true")
     a = p.parse_args(argv)
 
@@ -808,7 +996,10 @@ def main(argv=None) -> None:
                scene_curriculum=tuple(tuple(c) for c in a.scene_curriculum), align_words=not a.no_align_words,
                num_threads=a.threads if a.threads == "auto" else int(a.threads), save_every=a.save_every, eval_every=a.eval_every, eval_n=a.eval_n, log_every=a.log_every,
                resume=not a.no_resume, export_dir=a.export_dir, final_eval_n=a.final_eval_n,
-               model_overrides=a.model_overrides, init_from=a.init_from, data_offset=a.data_offset, log=log)
+               model_overrides=a.model_overrides, init_from=a.init_from, data_offset=a.data_offset,
+               balanced_questions=not a.no_balanced_questions,
+               ground_from=None if a.ground_from < 0 else a.ground_from, ground_weight=a.ground_weight,
+               ground_heads=a.ground_heads, position_regression=a.position_regression, log=log)
 
 
 if __name__ == "__main__":

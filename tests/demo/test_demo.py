@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shlex
 from collections import Counter
 
 import numpy as np
@@ -19,7 +20,9 @@ from duet_vlm.demo.train import (
     encode_conversation,
     evaluate_accuracy,
     load_demo,
+    build_parser,
     pixel_values,
+    reproduce_commands,
     train_demo,
 )
 
@@ -292,6 +295,21 @@ def test_train_demo_tiny_resumes(tmp_path):
     after = LlavaForConditionalGeneration.from_pretrained(out2).state_dict()
     key = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(before[key], after[key]) and not torch.equal(built[key], after[key])
+    # the continued model's card describes both stages and the commands that retrain them
+    card = (out2 / "README.md").read_text()
+    assert "Training, stage 1" in card and "Training, stage 2" in card
+    commands = reproduce_commands(json.loads((out2 / "metrics.json").read_text()))
+    assert all(c in card for c in commands) and len(commands) == 2
+    for command, out_dir in zip(commands, (out, out2)):  # each command parses back to the run's settings
+        hparams = json.loads((out_dir / "metrics.json").read_text())["hparams"]
+        args = build_parser().parse_args(shlex.split(command.split("  #")[0])[3:])
+        assert (args.steps, args.lr, args.batch_size, args.keep_visual) == (
+            hparams["steps"], hparams["lr"], hparams["batch_size"], hparams["keep_visual"])
+        assert (args.ground_from, args.position_regression, args.model_overrides) == (1, True, TINY)
+        assert args.scene_curriculum == hparams["scene_curriculum"]
+    assert args.init_from == "runs/demo/final" and args.data_offset == 0
+    defaults = json.loads((DEMO_MODEL_DIR / "metrics.json").read_text())
+    assert reproduce_commands(defaults)[0] == "duet-vlm train-demo --output-dir runs/demo"
 
 
 # ----------------------------------------------------------------------------- shipped model
@@ -314,6 +332,19 @@ def test_shipped_demo_model():
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+@pytest.mark.skipif(not (DEMO_MODEL_DIR / "config.json").exists(), reason="no shipped demo model")
+def test_shipped_demo_model_answers_from_the_image():
+    """The README's claim on a fixed slice of the test split: far above chance with the image,
+    back to language priors without it, and the shipped metrics agree with a fresh evaluation."""
+    model, proc = load_demo()
+    seen = evaluate_accuracy(model, proc, split="test", n=70, batch_size=14)
+    blank = evaluate_accuracy(model, proc, split="test", n=70, batch_size=14, blank_image=True)
+    assert seen["accuracy"] >= 0.8 and blank["accuracy"] <= 0.4
+    assert all(acc >= 0.5 for acc in seen["per_type"].values())
+    shipped = json.loads((DEMO_MODEL_DIR / "metrics.json").read_text())
+    assert shipped["test"]["n"] == 700 and abs(shipped["test"]["accuracy"] - seen["accuracy"]) < 0.1
 
 
 def test_thread_tuner_adapts_to_contention():

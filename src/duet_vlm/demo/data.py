@@ -295,9 +295,8 @@ def patch_labels(scene: list[dict], min_coverage: float = 0.15) -> dict[str, np.
 
 def question_objects(scene: list[dict], qtype: str, params: dict) -> list[int]:
     """Indices (into ``scene``) of the objects a question is about, in the order it names them:
-    the one object whose attribute it asks for, the count group, the present object of an
-    existence question (none when the answer is no), or both objects of a relation.  Count
-    questions return the objects counted."""
+    the one object whose attribute it asks for, the objects counted, the present object of an
+    existence question (none when the answer is no), or both objects of a relation."""
     def named(name):
         return [i for i, o in enumerate(scene) if _name(o) == name]
 

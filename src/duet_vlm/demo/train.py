@@ -855,6 +855,63 @@ def _answer_accuracy(logits: torch.Tensor, labels: torch.Tensor, eos_id: int) ->
     return hits.sum().item() / max(1, scored.sum().item())
 
 
+# hparams whose command-line flag is a switch: (flag, the value the switch sets)
+_SWITCHES = {"align_words": ("--no-align-words", False), "balanced_questions": ("--no-balanced-questions", False),
+             "position_regression": ("--position-regression", True)}
+
+
+def _train_command(hparams: dict, output_dir: str, init_from: str | None = None) -> str:
+    """The command that trains with ``hparams``: ``duet-vlm train-demo`` when they are all
+    defaults, else ``python -m duet_vlm.demo.train`` with a flag for each setting that is not.
+    Settings without a flag that differ from :func:`train_demo`'s defaults are appended as a
+    comment: the command alone would not reproduce them."""
+    import inspect
+
+    defaults = {a.dest: a.default for a in build_parser()._actions}
+    signature = inspect.signature(train_demo).parameters
+    flags, other = [], []
+    for name, value in hparams.items():
+        if name == "init_from":
+            continue
+        if name in _SWITCHES:
+            flag, on = _SWITCHES[name]
+            if value == on:
+                flags.append(flag)
+        elif name in defaults:
+            default = defaults[name]
+            if name == "ground_from" and value is None:
+                value = -1
+            if name == "scene_curriculum":
+                default = [list(c) for c in default]
+            if value != default and not (name == "model_overrides" and not value):
+                text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+                flags.append(f"--{name.replace('_', '-')} " + (f"'{text}'" if isinstance(value, (list, dict)) else text))
+        elif name in signature:
+            default = signature[name].default
+            if name == "scene_curriculum":
+                default = [list(c) for c in default]
+            if value != default:
+                other.append(f"{name}={value!r}")
+    if init_from is not None:
+        flags.insert(0, f"--init-from {init_from}")
+    if flags or init_from is not None:
+        command = f"python -m duet_vlm.demo.train --output-dir {output_dir} " + " ".join(flags)
+    else:
+        command = f"duet-vlm train-demo --output-dir {output_dir}"
+    return command + (f"  # and train_demo({', '.join(other)})" if other else "")
+
+
+def reproduce_commands(metrics: dict) -> list[str]:
+    """Shell commands that retrain the model ``metrics`` (an exported ``metrics.json``)
+    describes, with ``runs/demo`` (and, for a continued model, ``runs/demo2``) as output
+    directories."""
+    earlier = metrics.get("continues")
+    if not earlier:
+        return [_train_command(metrics["hparams"], "runs/demo")]
+    return [_train_command(earlier["hparams"], "runs/demo"),
+            _train_command(metrics["hparams"], "runs/demo2", init_from="runs/demo/final")]
+
+
 def write_model_card(export_dir) -> Path:
     """Write ``README.md`` (config, training recipe, accuracies from ``metrics.json``) next to
     an exported demo model."""
@@ -890,21 +947,26 @@ def write_model_card(export_dir) -> Path:
     if metrics.get("continues"):
         earlier = metrics["continues"]
         lines += ["", "## Training, stage 1",
-                  f"- {earlier.get('vision_steps')} vision-only steps, then {earlier.get('steps')} visual-QA steps "
-                  "(as in stage 2 below, with the scene-size curriculum and the first visual-QA images)",
-                  f"- hyper-parameters: `{json.dumps(earlier.get('hparams'))}`"]
+                  f"- {earlier.get('vision_steps')} vision-only steps on the auxiliary losses (the colour, shape and "
+                  "character under each patch, the scene's contents from CLS, word alignment of object patches "
+                  f"through `lm_head`), then {earlier.get('steps')} visual-QA steps as in stage 2 below, with the "
+                  "scene-size curriculum, on the first visual-QA images",
+                  f"- hyper-parameters: `{json.dumps(earlier.get('hparams'))}` (a setting missing here has "
+                  "the default of `train_demo`)"]
     if metrics.get("hparams"):
         h = metrics["hparams"]
         lines += ["", "## Training, stage 2 (continued from stage 1 on new images)" if metrics.get("continues")
-                  else "## Training",
+                  else "## Training"]
+        if h.get("vision_steps"):
+            lines.append(
                   f"- phase 1: {metrics.get('vision_steps', 0)} steps of {h.get('vision_batch_size')} images on the vision "
                   "tower and projector alone, with training-only auxiliary heads (not shipped): the colour, shape "
                   "and character under each patch, and from the CLS token which colours, shapes and characters "
                   "the scene holds (so that CLS attention lands on the objects, as in a real CLIP)"
                   + ("; plus word alignment: read through the decoder's final norm and `lm_head`, each object "
                      "patch names its colour, shape, character and quadrant (LLaVA stage-1 style feature alignment)"
-                     if h.get("align_words") else ""),
-                  f"- phase 2: {metrics.get('steps')} steps of {h.get('batch_size')} images x up to {h.get('n_questions')} "
+                     if h.get("align_words") else ""))
+        lines += [f"- {'phase 2' if h.get('vision_steps') else 'visual QA'}: {metrics.get('steps')} steps of {h.get('batch_size')} images x up to {h.get('n_questions')} "
                   f"independent questions packed behind one image prefix (~{metrics.get('qa_pairs_seen_approx')} QA "
                   "pairs); loss on answer tokens plus the auxiliary losses; scenes capped at "
                   f"[until step, objects] {h.get('scene_curriculum')}; the decoder sees {h.get('focus_keep')} patches "
@@ -915,13 +977,17 @@ def write_model_card(export_dir) -> Path:
                   ]
         if h.get("ground_from") is not None and h.get("ground_weight", 0) > 0:
             lines.append(
-                f"- grounding loss (weight {h['ground_weight']}), from decoder layer {h['ground_from']} on: heads 0 and 1 "
-                "learn to attend from each answer position to the patches of the object(s) the question names"
+                f"- grounding loss (weight {h['ground_weight']}), from decoder layer {h['ground_from']} on: head 0 "
+                "learns to attend from each answer position to the patches of the object(s) the question names"
+                + (", head 1 to a relation's first object" if h.get("ground_heads", 2) > 1 else "")
                 + (", head 2 to spread its attention over the counted objects and `<s>`" if h.get("ground_heads", 2) > 2 else "")
                 + (", head 3 to the second object of a relation" if h.get("ground_heads", 2) > 3 else "")
                 + " (training only: the shipped weights are a plain LLaVA)")
+        if h.get("position_regression"):
+            lines.append("- each patch's column and row are also regressed linearly from its projected feature")
         lines += [f"- hyper-parameters: `{json.dumps(h)}`",
-                  "- reproduce: `duet-vlm train-demo` (seeded; re-running the same command resumes)"]
+                  "- reproduce (seeded; re-running a command resumes it):", "", "```bash",
+                  *reproduce_commands(metrics), "```"]
     for key, title in (("test", "all 576 visual tokens"), ("test_blank_image", "blank (grey) image control")):
         if key in metrics:
             r = metrics[key]
@@ -939,7 +1005,7 @@ def write_model_card(export_dir) -> Path:
     return path
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train the duet-vlm demo LLaVA model on synthetic visual QA.")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--export-dir", default=None)
@@ -984,7 +1050,11 @@ def main(argv=None) -> None:
     p.add_argument("--position-regression", action="store_true",
                    help="also regress each patch's column and row (linear) from its projected feature")
     p.add_argument("--no-resume", action="store_true")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    a = build_parser().parse_args(argv)
 
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)

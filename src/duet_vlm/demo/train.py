@@ -758,9 +758,9 @@ def train_demo(output_dir, steps: int = 2400, batch_size: int = 4, n_questions: 
         focus = step < focus_steps
         keep = focus_keep if focus else keep_visual if step < steps - full_visual_steps else None
         feats, cls = image_features(model, batch["pixel_values"])
+        aux_labels["ground_target"] = aux_labels["ground_target"][:, :, :ground_heads]
         # object patches first: an object covers only ~9 of the 576 patches, so a random
         # subset would often drop the patches a question is about and train on noise
-        aux_labels["ground_target"] = aux_labels["ground_target"][:, :, :ground_heads]
         out = language_forward(model, batch, feats, keep_visual=keep, generator=sampler,
                                priority=aux_labels["color"] > 0,
                                grounding=aux_labels if ground_layers else None, ground_layers=ground_layers)
@@ -886,15 +886,11 @@ def _train_command(hparams: dict, output_dir: str, init_from: str | None = None)
             if value != default and not (name == "model_overrides" and not value):
                 text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
                 flags.append(f"--{name.replace('_', '-')} " + (f"'{text}'" if isinstance(value, (list, dict)) else text))
-        elif name in signature:
-            default = signature[name].default
-            if name == "scene_curriculum":
-                default = [list(c) for c in default]
-            if value != default:
-                other.append(f"{name}={value!r}")
+        elif name in signature and value != signature[name].default:
+            other.append(f"{name}={value!r}")
     if init_from is not None:
         flags.insert(0, f"--init-from {init_from}")
-    if flags or init_from is not None:
+    if flags:
         command = f"python -m duet_vlm.demo.train --output-dir {output_dir} " + " ".join(flags)
     else:
         command = f"duet-vlm train-demo --output-dir {output_dir}"

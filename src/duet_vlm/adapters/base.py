@@ -9,6 +9,14 @@ import torch
 from torch import nn
 
 
+def rotate_like(layer: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``(B, H, L, d)`` states with the RoPE function of ``layer``'s own modeling module,
+    as ``layer.self_attn`` does (``cos``/``sin``: ``(B, L, d)``)."""
+    module = sys.modules[type(layer.self_attn).__module__]
+    rotated, _ = module.apply_rotary_pos_emb(states, states, cos, sin)
+    return rotated
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Shape facts a budget solver needs.
@@ -81,9 +89,7 @@ class ModelAdapter:
     # ``input_layernorm`` and ``self_attn.{q_proj,k_proj}`` and rotate-half RoPE.
     def rotate(self, layer: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Apply the model's own RoPE function (from its modeling module) to ``(B, H, L, d)`` states."""
-        module = sys.modules[type(layer.self_attn).__module__]
-        rotated, _ = module.apply_rotary_pos_emb(states, states, cos, sin)
-        return rotated
+        return rotate_like(layer, states, cos, sin)
 
     def text_to_visual_attention(
         self,

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapters.base import rotate_like
 from . import data
 from .model import build_model, count_parameters, demo_config
 from .processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_processor, prompt
@@ -253,7 +254,7 @@ class AuxHeads(nn.Module):
         # column and row as one number each, in [-1, 1]: comparing two positions is then a
         # subtraction, where the classification heads leave them as 24-way codes
         self.xy = nn.Linear(hidden, 2) if position_regression else None
-        centred = torch.stack([grid % data.GRID, grid // data.GRID], -1).float() / (data.GRID - 1) * 2 - 1
+        centred = torch.stack([self.column_id, self.row_id], -1).float() / (data.GRID - 1) * 2 - 1
         self.register_buffer("xy_target", centred, persistent=False)
         centres = (torch.arange(data.GRID) * data.PATCH_SIZE + data.PATCH_SIZE // 2) >= data.IMAGE_SIZE / 2
         # QUADRANTS order: topleft, topright, bottomleft, bottomright
@@ -386,8 +387,6 @@ def grounding_loss(layer, hidden: torch.Tensor, position_embeddings, mask: torch
     a plain LLaVA.  The logits are the layer's own (input norm, q/k projections, RoPE), computed
     only for the ``Q`` answer rows.
     """
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     attn = layer.self_attn
     n_heads, d = targets.shape[2], attn.head_dim
     x = layer.input_layernorm(hidden)
@@ -397,10 +396,9 @@ def grounding_loss(layer, hidden: torch.Tensor, position_embeddings, mask: torch
     kv_heads = [h // attn.num_key_value_groups for h in range(n_heads)]
     k = attn.k_proj(x).view(*x.shape[:2], -1, d)[:, :, kv_heads].transpose(1, 2)  # (B, h, L, d)
     cos, sin = position_embeddings
-    cos_q = torch.gather(cos, 1, rows[..., None].expand(-1, -1, d).to(cos.device))
-    sin_q = torch.gather(sin, 1, rows[..., None].expand(-1, -1, d).to(sin.device))
-    q, _ = apply_rotary_pos_emb(q, q, cos_q, sin_q)
-    k, _ = apply_rotary_pos_emb(k, k, cos, sin)
+    cos_q, sin_q = (torch.gather(t, 1, rows[..., None].expand(-1, -1, d)) for t in (cos, sin))
+    q = rotate_like(layer, q, cos_q, sin_q)
+    k = rotate_like(layer, k, cos, sin)
     logits = (q @ k.transpose(-1, -2)) * attn.scaling  # (B, h, Q, L)
     allowed = torch.gather(mask[:, 0], 1, rows[..., None].expand(-1, -1, mask.shape[-1]))  # (B, Q, L)
     logp = logits.masked_fill(~allowed[:, None], float("-inf")).log_softmax(-1)

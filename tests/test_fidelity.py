@@ -1,4 +1,4 @@
-"""Differential test against outputs of the official DUET-VLM code (../shared/reference/vectors)."""
+"""Differential test against outputs of the official DUET-VLM code (tests/data/vectors)."""
 
 import json
 

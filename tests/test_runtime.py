@@ -346,12 +346,19 @@ def test_placeholder_mismatch_surfaces_the_transformers_error(llava15):
         llava15(**inputs)
 
 
-def test_rows_with_different_image_counts_are_refused(llava15):
+def test_rows_with_different_image_counts_equal_rows_alone(llava15):
+    """A row without its image beside a row with one: the reduced rows differ in length and are
+    left-aligned with pads; each row's last logits equal the row run alone."""
     inputs = make_inputs(llava15, batch=2)
     inputs["input_ids"][1, inputs["input_ids"][1] == IMAGE_TOKEN] = 7
     inputs["pixel_values"] = inputs["pixel_values"][:1]
-    with duet_vlm.Duet(budget=64)(llava15), pytest.raises(ValueError, match="same number of images"):
-        llava15(**inputs)
+    with torch.no_grad(), duet_vlm.Duet(budget=64)(llava15):
+        batch = llava15(**inputs).logits[:, -1]
+        first = llava15(**row(inputs, 0)).logits[0, -1]
+        text_only = {k: v[1:2] for k, v in inputs.items() if k != "pixel_values"}
+        second = llava15(**text_only).logits[0, -1]
+    torch.testing.assert_close(batch[0], first, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batch[1], second, atol=1e-4, rtol=1e-4)
 
 
 def test_mask_gathering_for_flash_and_4d_masks():
@@ -361,8 +368,43 @@ def test_mask_gathering_for_flash_and_4d_masks():
     causal = torch.ones(4, 4, dtype=torch.bool).tril()[None, None]
     assert _gather_mask(causal, index, index)[0, 0].tolist() == torch.ones(3, 3, dtype=torch.bool).tril().tolist()
     assert _gather_mask(None, index, index) is None
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="cannot reduce tokens under a object mask"):
         _gather_mask(object(), index, index)
+    with pytest.raises(ValueError, match="unexpected attention mask of shape"):
+        _gather_mask(torch.ones(1, 4, 4), index, index)
+
+
+def test_2d_mask_is_gathered_per_row_not_sliced():
+    """A 2-D (FlashAttention-2) mask keeps the columns the index names, row by row.
+
+    Padding zeros sit at non-prefix positions and the indices are neither prefix ranges nor equal
+    across rows, so slicing (``mask[:, :n]``) or reusing row 0's index gives a different pattern.
+    """
+    mask = torch.tensor([[0, 1, 0, 1, 1, 0, 1], [1, 0, 1, 1, 0, 1, 1]])
+    kv_index = torch.tensor([[1, 3, 5, 6], [0, 2, 4, 6]])
+    expected = [[1, 1, 0, 1], [1, 1, 0, 1]]
+    assert _gather_mask(mask, kv_index, kv_index).tolist() == expected
+    assert _gather_mask(mask, None, kv_index).tolist() == expected
+    assert mask[:, :4].tolist() != expected and mask[:, kv_index[0]].tolist() != expected
+
+
+def test_4d_mask_is_gathered_on_rows_and_columns_with_any_index():
+    """A 4-D (sdpa/eager) mask: query rows and key columns follow non-monotone, non-prefix indices per
+    row, a batch-1 mask broadcasts over the batch, and ``q_index=None`` (decoding) keeps the rows."""
+    batch, length = 2, 6
+    mask = torch.arange(batch * length * length, dtype=torch.float32).view(batch, 1, length, length)
+    q_index = torch.tensor([[5, 1, 3], [4, 0, 2]])
+    kv_index = torch.tensor([[2, 0, 5, 3], [1, 4, 0, 3]])
+    out = _gather_mask(mask, q_index, kv_index)
+    assert out.shape == (batch, 1, 3, 4)
+    for b in range(batch):
+        for i, q in enumerate(q_index[b].tolist()):
+            for j, k in enumerate(kv_index[b].tolist()):
+                assert out[b, 0, i, j] == mask[b, 0, q, k], (b, i, j)
+    shared = _gather_mask(mask[:1], q_index, kv_index)  # one mask for every row
+    assert torch.equal(shared[1], mask[0, :, q_index[1]][:, :, kv_index[1]])
+    decoding = _gather_mask(mask[:, :, -2:], None, kv_index)
+    assert torch.equal(decoding, torch.stack([mask[b, :, -2:][:, :, kv_index[b]] for b in range(batch)]))
 
 
 def test_a_second_reducer_on_the_same_model_is_refused(llava15):

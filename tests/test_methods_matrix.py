@@ -128,14 +128,22 @@ def test_counts_cache_and_detach(llava15, plain, name, budget):
 @pytest.mark.parametrize("budget", [128])
 @pytest.mark.parametrize("name", NAMES)
 def test_left_padded_batch_equals_rows_alone(llava15, name, budget):
+    """Each row of a left-padded batch gets the prefill logits (at every valid position, within 1e-4)
+    and the greedy tokens it gets alone. Catches padding that leaks into a row's selection, mask,
+    positions or scatter-back, including differences too small to flip 3 greedy tokens."""
     _skip_full(name)
     inputs = make_inputs(llava15, batch=2, suffix=(12, 7))
     reducer = duet_vlm.make(name, budget=budget)
     kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
     with torch.no_grad(), reducer(llava15):
+        batch_logits = llava15(**inputs).logits
         batch = llava15.generate(**inputs, **kwargs)[:, inputs["input_ids"].shape[1] :]
         for b in range(2):
             alone = row(inputs, b)
+            single_logits = llava15(**alone).logits[0]
+            valid = inputs["attention_mask"][b].bool()
+            torch.testing.assert_close(batch_logits[b, -1], single_logits[-1], atol=1e-4, rtol=1e-4, msg=f"row {b}, last")
+            torch.testing.assert_close(batch_logits[b, valid], single_logits, atol=1e-4, rtol=1e-4, msg=f"row {b}")
             single = llava15.generate(**alone, **kwargs)[0, alone["input_ids"].shape[1] :]
             assert batch[b, : len(single)].tolist() == single.tolist(), f"row {b}"
 

@@ -14,17 +14,39 @@ import typer
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from typer.core import TyperGroup
 
 from .adapters import Geometry
 from .flops import DecoderDims, exact_flops, fastv_flops, kv_cache_bytes
 from .methods import METHODS, make
 
-app = typer.Typer(help="DUET visual-token reduction for Hugging Face vision-language models.", no_args_is_help=True)
+# What a user's mistake raises in the library (a bad budget or method name, an unreadable image, a
+# wrong model path): reported as one line unless --debug. typer's own usage errors pass through.
+USER_ERRORS = (ValueError, TypeError, OSError)
+
+
+class _Commands(TyperGroup):
+    """The command group; the one place where user mistakes become a one-line message and exit 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as error:
+            if ctx.params.get("debug"):
+                raise
+            message = " ".join(str(error).split()) or type(error).__name__
+            typer.echo(f"Error: {message} (--debug shows the traceback)", err=True)
+            raise typer.Exit(1) from error
+
+
+app = typer.Typer(
+    help="DUET visual-token reduction for Hugging Face vision-language models.", no_args_is_help=True, cls=_Commands
+)
 console = Console()
 
 
 @app.callback()
-def _commands() -> None:
+def _commands(debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error.")) -> None:
     """DUET visual-token reduction for Hugging Face vision-language models."""
 
 
@@ -63,10 +85,7 @@ def plan(
     side = int(math.isqrt(tokens))
     grid = (side, side) if side * side == tokens else (1, tokens)
     geometry = Geometry(num_layers=layers, visual_tokens=tokens, grid=grid, has_cls=True)
-    try:
-        solved = make(method, budget=budget).resolve(geometry)
-    except (ValueError, TypeError) as error:
-        raise typer.BadParameter(str(error)) from error
+    solved = make(method, budget=budget).resolve(geometry)
     schedule = solved.schedule
     counts = schedule.tokens_per_layer
     dims = DecoderDims(hidden, intermediate, heads, kv_heads, hidden // heads)
@@ -245,10 +264,7 @@ def demo(
     from .demo.train import load_demo
     from .methods import Duet
 
-    try:
-        model, processor = load_demo(model_path)
-    except FileNotFoundError as error:
-        raise typer.BadParameter(f"{error}. Train one with `duet-vlm train-demo`.") from error
+    model, processor = load_demo(model_path)
     sample = data.sample("test", index)
     console.print(f"[bold]question[/bold] ({sample.qtype}): {sample.question}   [bold]truth[/bold]: {sample.answer}")
     answers = compare(model, processor, sample.image, sample.question, {"all tokens": None, f"DUET {budget}": Duet(budget=budget)}, rounds=rounds)
@@ -261,7 +277,7 @@ def demo(
 @app.command()
 def run(
     model: str = typer.Option(..., help="A local path or a Hub id of a LLaVA checkpoint."),
-    image: Path = typer.Option(..., exists=True, dir_okay=False, help="An image file."),
+    image: Path = typer.Option(..., help="An image file."),
     prompt: str = typer.Option(..., help="The question (the model's chat template is applied)."),
     method: str = typer.Option("duet", help=f"One of: {', '.join(sorted(METHODS))}."),
     budget: int = typer.Option(64, help="Average visual tokens per decoder layer per image."),
@@ -277,11 +293,17 @@ def run(
 
     from .compare import compare, draw_overlay
 
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    llava = LlavaForConditionalGeneration.from_pretrained(model, dtype=torch_dtype).eval()
-    processor = AutoProcessor.from_pretrained(model)
-    picture = Image.open(image).convert("RGB")
+    # The cheap checks first: a bad method, budget or image fails before the weights load.
     reducer = make(method, budget=budget)
+    picture = Image.open(image).convert("RGB")
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    try:
+        llava = LlavaForConditionalGeneration.from_pretrained(model, dtype=torch_dtype).eval()
+        processor = AutoProcessor.from_pretrained(model)
+    except OSError as error:  # transformers' message does not say which argument was wrong
+        raise OSError(f"cannot load a LLaVA checkpoint from --model {model!r}: {error}") from error
     answers = compare(llava, processor, picture, prompt, {"all tokens": None, f"{method} {budget}": reducer}, max_new_tokens, rounds)
     _print_answers(answers)
     if overlay:
@@ -304,20 +326,18 @@ def evaluate(
     from .demo.train import evaluate_accuracy, load_demo
     from .report import retention_plot, write_results
 
-    try:
-        model, processor = load_demo(model_path)
-    except FileNotFoundError as error:
-        raise typer.BadParameter(f"{error}. Train one with `duet-vlm train-demo`.") from error
     chosen = methods or [name for name in METHODS if name != "full"]
     unknown = [name for name in chosen if name not in METHODS]
     if unknown:
-        raise typer.BadParameter(f"unknown methods {unknown}; registered: {', '.join(sorted(METHODS))}")
-    configs = [("full", None)] + [(name, budget) for name in chosen for budget in budgets]
+        raise ValueError(f"unknown methods {unknown}; registered: {', '.join(sorted(METHODS))}")
+    # every reducer is built (and its method and budget checked) before the model loads
+    configs = [("full", None, make("full"))]
+    configs += [(name, budget, make(name, budget=budget)) for name in chosen for budget in budgets]
+    model, processor = load_demo(model_path)
     rows = []
     with Progress(console=console) as progress:
         task = progress.add_task("evaluating", total=n * (len(configs) + control))
-        for name, budget in configs:
-            reducer = make(name, budget=budget) if budget is not None else make(name)
+        for name, budget, reducer in configs:
             costs = {"flops": 0, "rows": 0, "tokens": []}
 
             def collect(message, reducer=reducer, costs=costs):

@@ -239,8 +239,9 @@ class Reducer(ABC):
     def attach(self, model: nn.Module):
         """Install the hooks until ``handle.remove()``; for Trainers and evaluators."""
         from ..runtime import attach
+        from ..unwrap import unwrap_model
 
-        return attach(self, model)
+        return attach(self, unwrap_model(model))
 
     @contextmanager
     def __call__(self, model: nn.Module) -> Iterator[nn.Module]:

@@ -405,3 +405,28 @@ def train_demo_command(
     # markup=False: log lines carry tags like "[val]" that rich would swallow as markup.
     path = train_demo(output_dir, steps=steps, seed=seed, export_dir=export_dir, log=lambda line: console.print(line, markup=False))
     console.print(f"saved {path}")
+
+
+@app.command(
+    "train",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def train_command(ctx: typer.Context) -> None:
+    """Fine-tune a LLaVA checkpoint with a reduction method attached (options: duet-vlm train --help)."""
+    from .training import DataError, TrainConfig, train
+
+    # The options are TrainConfig's fields, parsed (and --help printed) by transformers' HfArgumentParser.
+    config = TrainConfig.parse_args(ctx.args)
+    try:
+        outcome = train(config)
+    except (DataError, ValueError, FileNotFoundError) as error:
+        raise typer.BadParameter(str(error)) from error
+    console.print(
+        f"saved {outcome.output_dir} after {outcome.global_step} steps, final training loss {outcome.final_loss:.4f}",
+        markup=False,
+    )
+
+
+if __name__ == "__main__":  # `accelerate launch -m duet_vlm.cli train ...`
+    main()

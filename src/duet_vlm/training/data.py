@@ -1,0 +1,221 @@
+"""LLaVA conversation data for training: loading with validation, encoding, collation.
+
+The format is LLaVA's instruction-tuning JSON::
+
+    [{"image": "rel/path.png",
+      "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
+                        {"from": "gpt", "value": "A cat."}, ...]}, ...]
+
+``load_conversations`` checks every item before anything trains (the image file exists, exactly one
+``<image>`` in a human turn, at least one answer) and turns it into chat messages.
+``encode`` applies the checkpoint's processor and chat template and labels the answers only (-100
+elsewhere, multi-turn included). ``VisionLanguageCollator`` pads a batch.
+
+>>> records = load_conversations("train.json", image_folder="images")          # doctest: +SKIP
+>>> dataset = ConversationDataset(records, processor)                          # doctest: +SKIP
+>>> batch = VisionLanguageCollator(processor.tokenizer.pad_token_id)([dataset[0], dataset[1]])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+IMAGE_TAG = "<image>"
+IGNORE_INDEX = -100
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class DataError(ValueError):
+    """A training item that cannot be used; the message names the file and the item."""
+
+
+@dataclass
+class Record:
+    """One conversation about one image, as chat messages (the image slot is ``{"type": "image"}``).
+
+    ``image`` is a path (opened when the item is encoded) or an in-memory PIL image.
+    """
+
+    image: Any
+    messages: list[dict]
+
+
+def _messages(conversations, where: str) -> list[dict]:
+    if not isinstance(conversations, list) or not conversations:
+        raise DataError(f"{where}: 'conversations' must be a non-empty list of {{'from', 'value'}} turns")
+    messages, tags = [], 0
+    for turn_index, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataError(f"{where}, turn {turn_index}: each turn needs 'from' and 'value', got {turn!r}"[:300])
+        role = ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise DataError(f"{where}, turn {turn_index}: unknown speaker {turn['from']!r} (expected human or gpt)")
+        text = str(turn["value"])
+        count = text.count(IMAGE_TAG)
+        tags += count
+        content = []
+        if count:
+            if role != "user":
+                raise DataError(f"{where}, turn {turn_index}: {IMAGE_TAG} must be in a human turn, not a {turn['from']} turn")
+            text = text.replace(IMAGE_TAG, "").strip()
+            content.append({"type": "image"})
+        content.append({"type": "text", "text": text})
+        messages.append({"role": role, "content": content})
+    if tags != 1:
+        problem = "has no" if tags == 0 else f"has {tags}"
+        raise DataError(
+            f"{where}: the conversation {problem} {IMAGE_TAG} tag; exactly one human turn must contain {IMAGE_TAG} "
+            "(one image per conversation)"
+        )
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: the conversation has no gpt turn, so nothing to train on")
+    return messages
+
+
+def load_conversations(path: str | Path, image_folder: str | Path | None = None) -> list[Record]:
+    """Read and check a LLaVA-format JSON file; raises ``DataError`` naming the first bad item."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    try:
+        items = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON list of conversations, got {type(items).__name__}")
+    if not items:
+        raise DataError(f"{path}: the dataset is empty")
+    folder = Path(image_folder) if image_folder is not None else path.parent
+    records = []
+    for index, item in enumerate(items):
+        where = f"{path}, item {index}" + (f" (id {item['id']})" if isinstance(item, dict) and "id" in item else "")
+        if not isinstance(item, dict):
+            raise DataError(f"{where}: expected an object with 'image' and 'conversations'")
+        image = item.get("image")
+        if not isinstance(image, str):
+            raise DataError(
+                f"{where}: 'image' must be one relative path (text-only and multi-image items are not supported), got {image!r}"
+            )
+        messages = _messages(item.get("conversations"), where)
+        file = folder / image
+        if not file.is_file():
+            raise DataError(f"{where}: image file {file} not found (images are relative to --image-folder {folder})")
+        records.append(Record(file, messages))
+    return records
+
+
+def synthetic_records(n: int, split: str = "train", questions: int = 4, offset: int = 0) -> list[Record]:
+    """``n`` conversations of the built-in synthetic visual-QA benchmark (``duet_vlm.demo.data``), images in memory."""
+    from ..demo import data as synthetic
+
+    if n <= 0:
+        raise DataError(f"--synthetic-items must be positive, got {n}")
+    records = []
+    for index in range(offset, offset + n):
+        image, turns, _scene = synthetic.conversation(split, index, n_questions=questions)
+        conversations = []
+        for k, (_qtype, question, answer) in enumerate(turns):
+            conversations.append({"from": "human", "value": (IMAGE_TAG + "\n" if k == 0 else "") + question})
+            conversations.append({"from": "gpt", "value": answer})
+        records.append(Record(image, _messages(conversations, f"synthetic {split} item {index}")))
+    return records
+
+
+def encode(processor, record: Record, eos_after_answer: bool = True) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask``, ``labels`` (1-D) and ``pixel_values`` (1, 3, H, W) of one conversation.
+
+    The prompt comes from ``processor.apply_chat_template``; the assistant tokens it reports (the
+    template's ``{% generation %}`` spans) keep their ids as labels, everything else is -100.
+    """
+    image = record.image
+    if not isinstance(image, Image.Image):
+        try:
+            with Image.open(image) as opened:
+                image = opened.convert("RGB")
+        except OSError as error:
+            raise DataError(f"cannot read image {image}: {error}") from error
+    messages = [
+        {**m, "content": [{"type": "image", "image": image} if c["type"] == "image" else c for c in m["content"]]}
+        for m in record.messages
+    ]
+    out = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+    )
+    ids, mask = out["input_ids"][0], out["attention_mask"][0]
+    answer = out["assistant_masks"][0].bool()
+    if not answer.any():
+        raise DataError(
+            "the processor's chat template marks no assistant tokens: it needs {% generation %} ... {% endgeneration %} "
+            "around assistant messages (as the llava-hf templates have) so that only answers are trained on"
+        )
+    labels = torch.where(answer, ids, IGNORE_INDEX)
+    eos = processor.tokenizer.eos_token_id
+    if eos_after_answer and eos is not None:
+        ids, mask, labels = _append_eos(ids, mask, labels, answer, eos)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": out["pixel_values"]}
+
+
+def _append_eos(ids, mask, labels, answer, eos: int):
+    """Insert a labelled EOS after each answer span that the template does not already end with one."""
+    ends = torch.nonzero(answer & ~torch.cat([answer[1:], answer.new_zeros(1)])).flatten().tolist()
+    pieces, start = [], 0
+    for end in ends:
+        pieces.append((ids[start : end + 1], mask[start : end + 1], labels[start : end + 1]))
+        following = ids[end + 1] if end + 1 < len(ids) else None
+        if following == eos:
+            labels[end + 1] = eos
+        else:
+            one = torch.tensor([eos])
+            pieces.append((one, torch.ones(1, dtype=mask.dtype), one.clone()))
+        start = end + 1
+    pieces.append((ids[start:], mask[start:], labels[start:]))
+    return tuple(torch.cat([p[i] for p in pieces]) for i in range(3))
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Encodes ``Record``s on access (images are opened lazily)."""
+
+    def __init__(self, records: list[Record], processor, eos_after_answer: bool = True):
+        if not records:
+            raise DataError("the dataset is empty")
+        self.records, self.processor, self.eos_after_answer = records, processor, eos_after_answer
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return encode(self.processor, self.records[index], self.eos_after_answer)
+
+
+@dataclass
+class VisionLanguageCollator:
+    """Pads ``encode`` outputs into a batch: ``pad_token_id`` / attention 0 / label -100 on ``padding_side``.
+
+    >>> batch = VisionLanguageCollator(pad_token_id=0)([dataset[0], dataset[1]])   # doctest: +SKIP
+    >>> batch["input_ids"].shape, batch["pixel_values"].shape                       # doctest: +SKIP
+    """
+
+    pad_token_id: int
+    padding_side: str = "right"
+
+    def __post_init__(self) -> None:
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
+
+    def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        batch = {}
+        for key, fill in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
+            rows = []
+            for f in features:
+                pad = f[key].new_full((width - len(f[key]),), fill)
+                rows.append(torch.cat([f[key], pad] if self.padding_side == "right" else [pad, f[key]]))
+            batch[key] = torch.stack(rows)
+        batch["pixel_values"] = torch.cat([f["pixel_values"] for f in features])
+        return batch

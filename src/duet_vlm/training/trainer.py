@@ -1,0 +1,306 @@
+"""Fine-tune a LLaVA checkpoint with a reducer attached, on ``transformers.Trainer``.
+
+``train(config)`` loads the checkpoint and its processor, checks the data and the budget, freezes
+the vision tower (and whatever else ``config.train`` leaves out), wraps the language model in LoRA
+when asked, attaches the reducer persistently and runs ``Trainer`` (progress bar, logging,
+checkpoints, resume, evaluation, DDP under ``accelerate launch``). The saved model is plain: LoRA
+merged, no reducer inside; attach one again at inference.
+
+>>> from duet_vlm.training import TrainConfig, train
+>>> train(TrainConfig(model="llava-hf/llava-1.5-7b-hf", data="train.json", image_folder="images",
+...                   output_dir="runs/duet64", budget=64, train="lora", max_steps=1000))   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..adapters import adapter_for
+from ..methods import METHODS, make
+from ..unwrap import unwrap_model
+from .config import TrainConfig
+from .data import ConversationDataset, DataError, Record, VisionLanguageCollator, encode, load_conversations, synthetic_records
+
+# LoRA targets: the language model's attention projections (not the vision tower's, which is frozen).
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+
+
+@dataclass
+class TrainOutcome:
+    """What ``train`` produced: where the model is, the last logged and the run-average loss, the steps."""
+
+    output_dir: Path
+    final_loss: float
+    average_loss: float
+    global_step: int
+    replica_digests: list[str]
+
+
+def load_records(spec: str, config: TrainConfig, split: str) -> list[Record]:
+    if spec == "synthetic":
+        n = config.synthetic_items if split == "train" else max(1, config.synthetic_items // 4)
+        return synthetic_records(n, split=split, questions=config.synthetic_questions)
+    return load_conversations(spec, config.image_folder)
+
+
+def make_reducer(config: TrainConfig):
+    if config.method not in METHODS:
+        raise ValueError(f"unknown method {config.method!r}; registered: {', '.join(sorted(METHODS))}")
+    if config.method == "full":
+        return make("full")
+    if config.budget is None:
+        raise ValueError(f"--budget is required for --method {config.method} (average visual tokens per layer per image)")
+    return make(config.method, budget=config.budget)
+
+
+def check_budget(reducer, model: nn.Module, config: TrainConfig) -> None:
+    """Resolve the method's plan on this model's geometry now, so an unreachable budget fails before training."""
+    geometry = adapter_for(unwrap_model(model)).geometry
+    if config.budget is not None and config.method != "full" and config.budget >= geometry.visual_tokens:
+        raise ValueError(
+            f"--budget {config.budget} is not below this model's {geometry.visual_tokens} visual tokens per image: "
+            "nothing would be reduced (use --method full to fine-tune without reduction)"
+        )
+    try:
+        reducer.resolve(geometry)
+    except ValueError as error:
+        raise ValueError(
+            f"--method {config.method} --budget {config.budget} cannot be met on this model "
+            f"({geometry.num_layers} decoder layers, {geometry.visual_tokens} visual tokens): {error}"
+        ) from error
+
+
+def check_encoding(dataset: ConversationDataset, model: nn.Module) -> None:
+    """Encode the first item: answers are labelled and the processor expands the image as the model expects."""
+    item = dataset[0]
+    image_token = model.config.image_token_id
+    count = int((item["input_ids"] == image_token).sum())
+    expected = model.config.image_seq_length
+    if count != expected:
+        raise DataError(
+            f"the processor expands an image into {count} tokens but the model expects {expected} "
+            "(processor and checkpoint do not match)"
+        )
+    if bool((item["labels"][item["input_ids"] == image_token] != -100).any()):
+        raise DataError("image tokens carry labels; the chat template's generation spans include the image")
+
+
+def set_trainable(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """Freeze per ``config.train``; returns the model to train (a ``PeftModel`` for LoRA)."""
+    adapter = adapter_for(model)
+    model.requires_grad_(False)
+    if config.train == "lora":
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as error:  # pragma: no cover - depends on the environment
+            raise ImportError("--train lora needs peft: pip install 'duet-vlm[train]'") from error
+        projector = [name for name, module in model.named_modules() if module is adapter.projector]
+        lora = LoraConfig(
+            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            target_modules=LORA_TARGETS, modules_to_save=projector,
+        )
+        model = get_peft_model(model, lora)
+    else:
+        adapter.projector.requires_grad_(True)
+        if config.train == "projector+llm":
+            adapter.language_model.requires_grad_(True)
+            if adapter.lm_head is not None:
+                adapter.lm_head.requires_grad_(True)
+    vision = [p for name, p in unwrap_model(model).named_parameters() if ".vision_tower." in f".{name}"]
+    if any(p.requires_grad for p in vision):  # pragma: no cover - guards the rule above
+        raise RuntimeError("the vision tower must stay frozen")
+    return model
+
+
+def parameter_digest(model: nn.Module) -> str:
+    """SHA-256 of every trainable parameter, to compare data-parallel replicas."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _has_accelerator() -> bool:
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or torch.backends.mps.is_available()
+
+
+def training_arguments(config: TrainConfig, has_eval: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        bf16=config.bf16,
+        activation_checkpointing=config.gradient_checkpointing,
+        # Non-reentrant checkpointing needs no input that requires grad (the embeddings may be frozen).
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=(config.eval_steps or config.save_steps) if has_eval else None,
+        seed=config.seed,
+        data_seed=config.seed,
+        dataloader_num_workers=config.dataloader_num_workers,
+        deepspeed=config.deepspeed,
+        report_to=config.report_to,
+        # Without an accelerator, say so: accelerate then runs a multi-process launch as DDP over gloo
+        # (MULTI_CPU) instead of N independent single-process runs.
+        use_cpu=not _has_accelerator(),
+        # The collator builds the model's inputs; Trainer must not drop columns it cannot match to forward().
+        remove_unused_columns=False,
+        label_names=["labels"],
+        # Frozen parameters (vision tower, LoRA's base weights) do not require grad, so DDP does not wait for
+        # them; every trained parameter is used in every step (reducers drop tokens, not modules). Searching
+        # for unused parameters would only cost a graph traversal and breaks gradient checkpointing.
+        ddp_find_unused_parameters=False,
+    )
+
+
+def train(config: TrainConfig) -> TrainOutcome:
+    """Run the training ``config`` describes; see the module docstring."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, Trainer
+
+    reducer = make_reducer(config)
+    train_records = load_records(config.data, config, "train")
+    eval_records = load_records(config.eval_data, config, "validation") if config.eval_data else None
+
+    processor = AutoProcessor.from_pretrained(config.model)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        config.model, dtype=torch.float32, attn_implementation=config.attn_implementation
+    )
+    model.config.use_cache = False
+    check_budget(reducer, model, config)
+    train_dataset = ConversationDataset(train_records, processor, config.eos_after_answer)
+    eval_dataset = ConversationDataset(eval_records, processor, config.eos_after_answer) if eval_records else None
+    check_encoding(train_dataset, model)
+    tokenizer = processor.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collator = VisionLanguageCollator(pad_token_id=pad, padding_side=config.padding_side)
+
+    model = set_trainable(model, config)
+    handle = reducer.attach(model)
+    try:
+        trainer = Trainer(
+            model=model, args=training_arguments(config, eval_dataset is not None), train_dataset=train_dataset,
+            eval_dataset=eval_dataset, data_collator=collator, processing_class=processor,
+        )
+        resume = config.resume_from_checkpoint
+        if resume is not None and resume.lower() in ("last", "true"):
+            resume = True
+        elif resume is not None and not Path(resume).is_dir():
+            raise FileNotFoundError(f"--resume-from-checkpoint {resume}: no such checkpoint directory")
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        handle.remove()
+
+    from accelerate.utils import gather_object
+
+    digests = gather_object([parameter_digest(model)]) if trainer.accelerator.num_processes > 1 else [parameter_digest(model)]
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    outcome = TrainOutcome(
+        output_dir=Path(config.output_dir),
+        final_loss=losses[-1] if losses else result.training_loss,
+        average_loss=result.training_loss,
+        global_step=trainer.state.global_step,
+        replica_digests=digests,
+    )
+    if trainer.is_world_process_zero():
+        save_final(trainer, config, processor, outcome, handle)
+    trainer.accelerator.wait_for_everyone()
+    return outcome
+
+
+def save_final(trainer, config: TrainConfig, processor, outcome: TrainOutcome, handle) -> None:
+    """The plain model (LoRA merged, no reducer) + processor + ``train_config.json`` + model card."""
+    output = Path(config.output_dir)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if config.train == "lora":
+        model = model.merge_and_unload()
+    model = unwrap_model(model)
+    model.config.use_cache = True
+    model.save_pretrained(output)
+    processor.save_pretrained(output)
+    trainer.save_state()
+    (output / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    summary = {
+        "final_loss": outcome.final_loss, "average_loss": outcome.average_loss, "global_step": outcome.global_step,
+        "world_size": trainer.accelerator.num_processes, "replica_digests": outcome.replica_digests,
+        "replicas_identical": len(set(outcome.replica_digests)) == 1,
+        "schedule": {"tokens_per_layer": handle.schedule.tokens_per_layer, "average": handle.schedule.average,
+                     "llm_input": handle.schedule.llm_input},
+    }
+    (output / "train_results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_model_card(output, config, summary)
+
+
+def write_model_card(output: Path, config: TrainConfig, summary: dict) -> Path:
+    """``README.md``: method, budget, what trained, the final loss and the command (``config.command()``)."""
+    schedule = summary["schedule"]
+    budget = "" if config.method == "full" else f" at budget {config.budget}"
+    trained = {
+        "projector": "the projector (vision tower and language model frozen)",
+        "projector+llm": "the projector and the language model (vision tower frozen)",
+        "lora": f"LoRA (r={config.lora_r}, alpha={config.lora_alpha}) on the language model's attention projections, "
+                "merged into the weights, and the projector (vision tower frozen)",
+    }[config.train]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: image-text-to-text",
+        "tags: [llava, duet-vlm, visual-token-reduction]",
+        "---",
+        "",
+        f"# {Path(config.model).name or config.model}, fine-tuned with {config.method}{budget}",
+        "",
+        f"Fine-tuned from `{config.model}` with duet-vlm's `{config.method}` reducer attached{budget}: on average "
+        f"{schedule['average']:.2f} visual tokens per decoder layer per image, {schedule['llm_input']} of them entering "
+        "the language model.",
+        "",
+        "The weights are a plain `LlavaForConditionalGeneration`; the reducer is not inside them. Use it the way it was trained:",
+        "",
+        "```python",
+        "import duet_vlm",
+        "from transformers import AutoProcessor, LlavaForConditionalGeneration",
+        "model = LlavaForConditionalGeneration.from_pretrained(path)",
+        "processor = AutoProcessor.from_pretrained(path)",
+        f"with duet_vlm.make({config.method!r}{'' if config.method == 'full' else f', budget={config.budget}'})(model):",
+        "    model.generate(**inputs, max_new_tokens=64)",
+        "```",
+        "",
+        "## Training",
+        f"- method: `{config.method}`, budget: {config.budget}",
+        f"- trained: {trained}",
+        f"- data: `{config.data}`" + (f" (images under `{config.image_folder}`)" if config.image_folder else ""),
+        f"- {summary['global_step']} optimizer steps on {summary['world_size']} process(es), "
+        f"{config.batch_size} conversations per device x {config.gradient_accumulation_steps} accumulation steps, "
+        f"learning rate {config.learning_rate} ({config.lr_scheduler_type})",
+        f"- final training loss (last logged): {summary['final_loss']:.4f}; average over the run: {summary['average_loss']:.4f}",
+        "- hyper-parameters: `train_config.json`; losses per step: `trainer_state.json`",
+        "",
+        "Command:",
+        "",
+        "```bash",
+        config.command(),
+        "```",
+    ]
+    path = output / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,272 @@
+"""`duet-vlm train`: LLaVA-format data, labels, freezing, Trainer run, save/resume, wrappers, DDP, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+from typer.testing import CliRunner
+
+import duet_vlm
+from duet_vlm.cli import app
+from duet_vlm.demo import data as synthetic
+from duet_vlm.demo.processor import build_processor
+from duet_vlm.training import DataError, TrainConfig, VisionLanguageCollator, encode, synthetic_records, train
+from duet_vlm.training.trainer import make_reducer, set_trainable
+from duet_vlm.unwrap import unwrap_model
+
+from conftest import make_llava
+
+BUDGET = 320  # every method can reach it on 4 decoder layers (FastV's first two layers alone average 288)
+
+
+def tiny(processor, seed: int = 0) -> LlavaForConditionalGeneration:
+    """A 4-layer LLaVA-1.5-geometry model (576 patches) whose image token is the demo tokenizer's."""
+    model = make_llava(layers=4, seed=seed)
+    model.config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    return model
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, processor) -> Path:
+    path = tmp_path_factory.mktemp("tiny_llava")
+    tiny(processor).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def batch(processor):
+    items = [encode(processor, record) for record in synthetic_records(2, questions=3)]
+    return VisionLanguageCollator(processor.tokenizer.pad_token_id)(items)
+
+
+def write_llava_json(folder: Path, n: int = 4, **overrides) -> Path:
+    """``n`` synthetic conversations in LLaVA's JSON format, images as PNG files under ``folder/images``."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    items = []
+    for index in range(n):
+        image, turns, _ = synthetic.conversation("train", index, n_questions=2)
+        image.save(folder / "images" / f"{index}.png")
+        conversations = []
+        for k, (_qtype, question, answer) in enumerate(turns):
+            conversations += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + question},
+                              {"from": "gpt", "value": answer}]
+        items.append({"id": str(index), "image": f"{index}.png", "conversations": conversations})
+    items[0].update(overrides)
+    path = folder / "data.json"
+    path.write_text(json.dumps(items))
+    return path
+
+
+# ----------------------------------------------------------------------------- labels and a training step
+
+def test_labels_are_the_answers_only(processor, batch):
+    ids, labels = batch["input_ids"], batch["labels"]
+    tokens = processor.tokenizer.convert_ids_to_tokens(ids[0][labels[0] != -100].tolist())
+    record = synthetic_records(1, questions=3)[0]
+    answers = [m["content"][0]["text"] for m in record.messages if m["role"] == "assistant"]
+    assert tokens == [t for a in answers for t in (a, "</s>")]  # multi-turn answers, each closed by EOS
+    assert (labels[ids == processor.tokenizer.convert_tokens_to_ids("<image>")] == -100).all()
+    assert (labels[batch["attention_mask"] == 0] == -100).all()
+
+
+@pytest.mark.parametrize("method", sorted(duet_vlm.METHODS))
+def test_training_step_changes_only_trained_parameters(processor, batch, method):
+    model = tiny(processor).train()
+    config = TrainConfig(model="-", data="-", output_dir="-", method=method, budget=BUDGET, train="projector")
+    model = set_trainable(model, config)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with make_reducer(config)(model):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+    assert torch.isfinite(loss)
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all("multi_modal_projector" in name for name in changed)
+    assert all(".vision_tower." not in name for name in changed)
+
+
+def test_dropped_visual_positions_never_enter_the_loss(processor, batch):
+    model = tiny(processor)
+    reducer = duet_vlm.make("duet", budget=64)
+    with reducer(model), torch.no_grad():
+        out = model(**batch)
+    logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+    read = labels != -100
+    dropped = (logits == 0).all(-1)  # slots of dropped visual tokens hold zeros
+    assert dropped.sum() > 500 and not (dropped & read).any()
+    expected = torch.nn.functional.cross_entropy(logits[read].float(), labels[read])
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_gradient_checkpointing_matches_the_plain_run(processor, batch):
+    config = TrainConfig(model="-", data="-", output_dir="-", budget=64, train="projector+llm")
+    results = []
+    for checkpointing in (False, True):
+        model = set_trainable(tiny(processor).train(), config)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with make_reducer(config)(model):
+            loss = model(**batch).loss
+            loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_plain, grads_plain), (loss_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(loss_ckpt, loss_plain)
+    assert grads_plain.keys() == grads_ckpt.keys()
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------- the command
+
+def test_cli_train_saves_a_plain_checkpoint_and_resumes(tmp_path, checkpoint):
+    data = write_llava_json(tmp_path)
+    out = tmp_path / "out"
+    args = ["--model", str(checkpoint), "--data", str(data), "--image-folder", str(tmp_path / "images"),
+            "--output-dir", str(out), "--method", "duet", "--budget", "64", "--train", "lora",
+            "--batch-size", "2", "--save-steps", "1", "--logging-steps", "1", "--learning-rate", "1e-3"]
+    result = CliRunner().invoke(app, ["train", *args, "--max-steps", "2"])
+    assert result.exit_code == 0, result.output
+
+    trained = LlavaForConditionalGeneration.from_pretrained(out)
+    original = LlavaForConditionalGeneration.from_pretrained(checkpoint)
+    state, base = trained.state_dict(), original.state_dict()
+    assert state.keys() == base.keys()  # LoRA merged: no adapter or wrapper weights left
+    differs = {name for name in state if not torch.equal(state[name], base[name])}
+    assert any("q_proj" in n and "language_model" in n for n in differs)
+    assert any("multi_modal_projector" in n for n in differs)
+    assert not any("vision_tower" in n for n in differs)
+    assert not trained._forward_pre_hooks and not trained.model.language_model.layers[0]._forward_pre_hooks
+
+    config = TrainConfig(**json.loads((out / "train_config.json").read_text()))
+    assert config == TrainConfig.parse_args([*args, "--max-steps", "2"])
+    card = (out / "README.md").read_text()
+    assert config.command() in card and "`duet`, budget: 64" in card
+    assert TrainConfig.parse_args(shlex.split(config.command())[2:]) == config
+    summary = json.loads((out / "train_results.json").read_text())
+    assert f"{summary['final_loss']:.4f}" in card and summary["global_step"] == 2
+
+    first = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    resume = ["--max-steps", "3", "--resume-from-checkpoint", str(out / "checkpoint-2")]
+    resumed = CliRunner().invoke(app, ["train", *args, *resume])
+    assert resumed.exit_code == 0, resumed.output
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = [entry for entry in history if "loss" in entry]
+    assert [e["step"] for e in losses] == [1, 2, 3]
+    assert losses[:2] == [e for e in first if "loss" in e]  # steps 1-2 come from the checkpoint, not re-run
+
+
+# ----------------------------------------------------------------------------- wrapped models
+
+def test_wrapped_models_attach(processor, batch, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny(processor)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    reducer = duet_vlm.make("duet", budget=64)
+    with reducer(peft_model), torch.no_grad():
+        peft_model(**batch)
+    assert reducer.stats.tokens_per_layer == [102, 102, 51, 0]
+
+    compiled = torch.compile(model)
+    assert unwrap_model(compiled) is model
+    handle = reducer.attach(compiled)
+    assert handle.model is model
+    handle.remove()
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        reducer.stats = None
+        with reducer(ddp), torch.no_grad():
+            ddp(**batch)
+        assert reducer.stats.tokens_per_layer == [102, 102, 51, 0]
+        assert unwrap_model(torch.compile(ddp)) is model
+    finally:
+        torch.distributed.destroy_process_group()
+
+    with pytest.raises(TypeError, match="pass the LlavaForConditionalGeneration"):
+        reducer.attach(model.model.language_model)
+
+
+def test_accelerate_launch_two_processes_keeps_replicas_identical(tmp_path, checkpoint):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "duet_vlm.cli", "train", "--model", str(checkpoint), "--data", "synthetic", "--synthetic-items", "4",
+               "--output-dir", str(out), "--budget", "64", "--max-steps", "2", "--batch-size", "1", "--save-steps", "2"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "train_results.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 2
+    assert len(summary["replica_digests"]) == 2 and summary["replicas_identical"]
+    LlavaForConditionalGeneration.from_pretrained(out)
+
+
+# ----------------------------------------------------------------------------- bad input, before training
+
+def config_for(tmp_path, checkpoint, data, **options) -> TrainConfig:
+    return TrainConfig(model=str(checkpoint), data=str(data), image_folder=str(tmp_path / "images"),
+                       output_dir=str(tmp_path / "out"), budget=options.pop("budget", 64), max_steps=1, **options)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"image": "missing.png"}, r"item 0 \(id 0\): image file .*missing.png not found"),
+        ({"conversations": [{"from": "human", "value": "no image here"}, {"from": "gpt", "value": "ok"}]},
+         r"item 0 \(id 0\): the conversation has no <image> tag"),
+        ({"conversations": [{"from": "human", "value": "<image>\nhi"}]}, "no gpt turn"),
+    ],
+)
+def test_bad_items_are_named_before_training(tmp_path, checkpoint, change, message):
+    data = write_llava_json(tmp_path, n=2, **change)
+    with pytest.raises(DataError, match=message):
+        train(config_for(tmp_path, checkpoint, data))
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_dataset_is_an_error(tmp_path, checkpoint):
+    data = tmp_path / "empty.json"
+    data.write_text("[]")
+    with pytest.raises(DataError, match="the dataset is empty"):
+        train(config_for(tmp_path, checkpoint, data))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"method": "fastv", "budget": 64}, r"--method fastv --budget 64 cannot be met on this model \(4 decoder layers"),
+        ({"budget": 576}, "not below this model's 576 visual tokens"),
+        ({"budget": None}, "--budget is required for --method duet"),
+    ],
+)
+def test_unreachable_budget_is_an_error_before_training(tmp_path, checkpoint, options, message):
+    data = write_llava_json(tmp_path, n=1)
+    with pytest.raises(ValueError, match=message):
+        train(config_for(tmp_path, checkpoint, data, **options))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, checkpoint):
+    data = write_llava_json(tmp_path, n=1, image="missing.png")
+    result = CliRunner().invoke(app, ["train", "--model", str(checkpoint), "--data", str(data), "--image-folder",
+                                      str(tmp_path / "images"), "--output-dir", str(tmp_path / "out"), "--budget", "64"])
+    text = "".join(result.output.replace("│", " ").split())  # rich wraps the message in a box
+    assert result.exit_code == 2 and "missing.pngnotfound" in text and "Traceback" not in result.output

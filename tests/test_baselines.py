@@ -111,7 +111,7 @@ def test_pyramiddrop_defaults_and_overrides():
     assert PyramidDrop(budget=100, layers=(2, 8, 16)).plan(LLAVA15).schedule.boundaries[0][0] == 2
     with pytest.raises(ValueError, match="no lambda"):
         pyramid_schedule(20, 32, 576)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="explicit ratios need layers"):
         PyramidDrop(ratios=(0.5,))
 
 
@@ -172,7 +172,7 @@ def test_random_is_deterministic_per_seed_and_keeps_the_count():
     assert not torch.equal(first, random_patches(576, 128, seed=4))
     assert len(first) == 128 and len(set(first.tolist())) == 128
     assert torch.equal(first, first.sort().values) and 0 <= first.min() and first.max() < 576
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot keep 17 of 16 patches"):
         random_patches(16, 17, seed=0)
 
 
@@ -223,15 +223,26 @@ def test_bad_budgets_are_refused(name, budget):
 
 
 def test_other_bad_options_are_refused():
-    for bad in (dict(layer=0), dict(keep=-1), dict(ratio=1.5), dict(keep=10, ratio=0.5), dict(positions="x")):
-        with pytest.raises(ValueError):
+    for bad, message in (
+        (dict(layer=0), "layer must be an int >= 1"),
+        (dict(keep=-1), "keep must be a non-negative int"),
+        (dict(ratio=1.5), r"ratio must lie in \[0, 1\]"),
+        (dict(keep=10, ratio=0.5), "give keep or ratio, not both"),
+        (dict(positions="x"), "positions must be 'contiguous' or 'original'"),
+    ):
+        with pytest.raises(ValueError, match=message):
             FastV(budget=64, **bad)
-    for bad in (dict(decay=2.0), dict(layers=()), dict(ratios=(0.5,), decay=0.5), dict(positions="x")):
-        with pytest.raises(ValueError):
+    for bad, message in (
+        (dict(decay=2.0), r"decay must lie in \[0, 1\]"),
+        (dict(layers=()), "needs at least one boundary layer"),
+        (dict(ratios=(0.5,), decay=0.5), "give ratios or decay, not both"),
+        (dict(positions="x"), "positions must be 'contiguous' or 'original'"),
+    ):
+        with pytest.raises(ValueError, match=message):
             PyramidDrop(budget=64, **bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="dominant counts the CLS token"):
         VisionZip(dominant=0, contextual=4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="shape must be two positive ints"):
         Pool(shape=(0, 4))
     with pytest.raises(ValueError, match="larger than"):
         Pool(shape=(30, 2)).plan(LLAVA15)

@@ -147,35 +147,40 @@ def test_explicit_parameters_override_the_solver():
 
 
 @pytest.mark.parametrize(
-    "options",
+    "options, message",
     [
-        dict(),
-        dict(budget=0),
-        dict(budget=64.0),
-        dict(budget=64, saliency="attention"),
-        dict(budget=64, threshold=1.5),
-        dict(budget=64, threshold="high"),
-        dict(budget=64, prediction_tokens=0),
-        dict(budget=300, vision=False, llm_input=300),
-        dict(budget=64, layers=(16, 8)),
-        dict(budget=64, layers=(8, 16), keep=(32,)),
-        dict(budget=64, keep=(40, 20)),
-        dict(budget=64, ratios=(0.0,)),
-        dict(budget=64, llm_input=-1),
-        dict(budget=64, positions="shifted"),
+        (dict(), "budget must be a positive int"),
+        (dict(budget=0), "budget must be a positive int"),
+        (dict(budget=64.0), "budget must be a positive int"),
+        (dict(budget=64, saliency="attention"), "saliency must be one of"),
+        (dict(budget=64, threshold=1.5), r"threshold must be a cosine similarity in \[-1, 1\]"),
+        (dict(budget=64, threshold="high"), "threshold must be a number"),
+        (dict(budget=64, prediction_tokens=0), "prediction_tokens must be a positive int"),
+        (dict(budget=300, vision=False, llm_input=300), r"llm_input needs the vision-side pre-filter \(vision=True\)"),
+        (dict(budget=64, layers=(16, 8)), "layers must be strictly increasing"),
+        (dict(budget=64, layers=(8, 16), keep=(32,)), "2 boundary layers but 1 keep counts"),
+        (dict(budget=64, keep=(40, 20)), "give layers with more than one keep count"),
+        (dict(budget=64, ratios=(0.0,)), r"ratios must lie in \(0, 1\]"),
+        (dict(budget=64, llm_input=-1), "llm_input must be a non-negative int"),
+        (dict(budget=64, positions="shifted"), "positions must be 'contiguous' or 'original'"),
     ],
 )
-def test_bad_options_are_refused(options):
-    with pytest.raises(ValueError):
+def test_bad_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
         PIO(**options)
 
 
 @pytest.mark.parametrize(
-    "options",
-    [dict(llm_input=600), dict(llm_input=50, keep=(60,)), dict(budget=20, keep=(60,)), dict(budget=64, layers=(32,))],
+    "options, message",
+    [
+        (dict(llm_input=600), "llm_input=600 exceeds the 576 visual tokens"),
+        (dict(llm_input=50, keep=(60,)), r"keep=\(60,\) exceeds the 50 tokens entering the LLM"),
+        (dict(budget=20, keep=(60,)), r"keep=\(60,\) exceeds the 20 tokens entering the LLM"),
+        (dict(budget=64, layers=(32,)), r"boundary layers must lie inside \(0, 32\)"),
+    ],
 )
-def test_impossible_schedules_are_refused_at_plan_time(options):
-    with pytest.raises(ValueError):
+def test_impossible_schedules_are_refused_at_plan_time(options, message):
+    with pytest.raises(ValueError, match=message):
         PIO(**options).plan(LLAVA15)
 
 

@@ -74,9 +74,9 @@ def test_bad_options():
         duet_vlm.Duet(budget=64, query="salient")
     with pytest.raises(ValueError, match="layers and ratios"):
         duet_vlm.Duet(budget=64, layers=(8, 16))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"keep ratios must lie in \[0, 1\]"):
         duet_vlm.Duet(budget=64, ratios=(0.5, 1.5), layers=(8, 16)).plan(LLAVA15)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"boundary layers must be increasing and inside \(0, 32\)"):
         Schedule(32, 576, 307, ((24, 100), (16, 50)))
     with pytest.raises(ValueError, match="positions"):
         duet_vlm.Duet(budget=64, positions="gaps").plan(LLAVA15)

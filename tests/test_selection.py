@@ -94,7 +94,7 @@ def test_merge_passes_gradient_to_features_only():
 @pytest.mark.parametrize("bad", [dict(dominant=0, contextual=1), dict(dominant=10, contextual=10), dict(dominant=2, contextual=-1)])
 def test_merge_rejects_counts_that_do_not_fit(bad):
     features, scores, keys = _tensors(1, 16, 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"\(CLS included\) \+ contextual=-?\d+ must fit in 17 tokens"):
         merge_dominant_contextual(features, scores, keys, bad["dominant"], bad["contextual"])
 
 

@@ -140,7 +140,7 @@ def test_splits_are_disjoint():
     assert digests["train"].isdisjoint(digests["validation"])
     assert digests["train"].isdisjoint(digests["test"])
     assert digests["validation"].isdisjoint(digests["test"])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
         data.sample("dev", 0)
 
 

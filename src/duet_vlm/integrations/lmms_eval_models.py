@@ -1,0 +1,159 @@
+"""The lmms-eval model ``duet_llava_hf``: lmms-eval's LLaVA-1.5 HF chat model with a reducer attached.
+
+    lmms-eval --model duet_llava_hf \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=duet,budget=192 --tasks pope
+
+``model_args`` take ``method=`` (any name in ``duet_vlm.METHODS``, default ``duet``), ``budget=``
+and any option of that method; everything else goes to lmms-eval's ``LlavaHf``. Options whose
+field is a tuple take ``;``-separated values (``layers=16;24,ratios=0.5;0.0``; an empty value,
+``layers=``, is the empty tuple) and ``none`` means ``None`` (``cluster_width=none``). With
+``query=salient`` the model's tokenizer is passed to the method.
+
+Over the run the reducer's statistics are summed (every prefill, all processes) and handed to
+lmms-eval's metric log, which reports them in the results' ``throughput`` section with an
+``avg_`` prefix: ``avg_duet_vlm_visual_tokens_per_layer``, ``avg_duet_vlm_llm_input_tokens``,
+``avg_duet_vlm_flops_ratio`` (exact decoder prefill FLOPs, reduced / unreduced),
+``avg_duet_vlm_flops_ratio_fastv`` (the papers' formula), ``avg_duet_vlm_kv_ratio`` and
+``avg_duet_vlm_prefills``. lmms-eval sends all generation requests of a run in one call, so these
+are whole-run values (per call otherwise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from lmms_eval.models.chat.llava_hf import LlavaHf
+from lmms_eval.models.model_utils.gen_metrics import log_metrics
+from loguru import logger as eval_logger
+
+import duet_vlm
+
+PREFIX = "duet_vlm_"
+
+
+def method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments for ``duet_vlm.make(method, ...)`` from lmms-eval's parsed ``model_args``.
+
+    >>> method_options("duet", {"layers": "16;24", "ratios": "0.5;0.0", "cluster_width": "none"})
+    {'layers': (16, 24), 'ratios': (0.5, 0.0), 'cluster_width': None}
+    >>> method_options("duet", {"layers": 16})
+    {'layers': (16,)}
+    """
+    if method not in duet_vlm.METHODS:
+        raise ValueError(f"unknown method {method!r}; registered: {', '.join(sorted(duet_vlm.METHODS))}")
+    fields = {f.name: f for f in dataclasses.fields(duet_vlm.METHODS[method])}
+    parsed = {}
+    for name, value in options.items():
+        if name not in fields:
+            raise ValueError(f"method {method!r} has no option {name!r}; its options: {', '.join(fields)}")
+        if isinstance(value, str) and value.lower() == "none":
+            parsed[name] = None
+        elif "tuple" in str(fields[name].type):
+            items = value.split(";") if isinstance(value, str) else [value]
+            parsed[name] = tuple(_scalar(item) for item in items if item != "")
+        else:
+            parsed[name] = value
+    return parsed
+
+
+def _scalar(text: Any) -> Any:
+    if not isinstance(text, str):
+        return text
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+class RunStats:
+    """Sums of a reducer's ``ReductionStats`` over prefills, reducible across processes."""
+
+    FIELDS = ("prefills", "tokens_per_layer", "llm_input_tokens", "flops", "flops_full", "flops_fastv",
+              "flops_fastv_full", "kv_bytes", "kv_bytes_full")
+
+    def __init__(self) -> None:
+        self.totals = torch.zeros(len(self.FIELDS), dtype=torch.float64)
+
+    def add(self, stats: duet_vlm.ReductionStats) -> None:
+        rows = len(stats.text_tokens)
+        values = (rows, rows * stats.average_tokens, rows * stats.llm_input_tokens, stats.flops_exact,
+                  stats.flops_exact_full, stats.flops_fastv, stats.flops_fastv_full, stats.kv_bytes, stats.kv_bytes_full)
+        self.totals += torch.tensor(values, dtype=torch.float64)
+
+    def summary(self, totals: torch.Tensor | None = None) -> dict[str, float]:
+        t = dict(zip(self.FIELDS, (self.totals if totals is None else totals).tolist()))
+        if not t["prefills"]:
+            return {}
+        return {
+            "prefills": int(t["prefills"]),
+            "visual_tokens_per_layer": t["tokens_per_layer"] / t["prefills"],
+            "llm_input_tokens": t["llm_input_tokens"] / t["prefills"],
+            "flops_ratio": t["flops"] / t["flops_full"],
+            "flops_ratio_fastv": t["flops_fastv"] / t["flops_fastv_full"],
+            "kv_ratio": t["kv_bytes"] / t["kv_bytes_full"],
+        }
+
+
+class DuetLlavaHf(LlavaHf):
+    """lmms-eval's LLaVA-HF chat model with ``duet_vlm.make(method, budget=..., **options)`` attached.
+
+    >>> from lmms_eval.evaluator import simple_evaluate                              # doctest: +SKIP
+    >>> simple_evaluate(model="duet_llava_hf", tasks=["pope"],                       # doctest: +SKIP
+    ...                 model_args="pretrained=llava-hf/llava-1.5-7b-hf,method=duet,budget=192")
+    """
+
+    def __init__(self, method: str = "duet", budget: int | None = None, **kwargs: Any) -> None:
+        # LlavaHf rejects unknown keyword arguments: everything that is not its own is the method's.
+        llava_args = set(inspect.signature(LlavaHf.__init__).parameters) - {"self", "kwargs"}
+        options = method_options(method, {name: kwargs.pop(name) for name in list(kwargs) if name not in llava_args})
+        self.reducer = duet_vlm.make(method, budget=budget, **options)  # fails here, before loading weights
+        # LlavaHf's default device_map ("") is rejected by from_pretrained on transformers 5; in a single
+        # process put the model on `device` (LlavaHf sets device_map itself under accelerate launch).
+        if not kwargs.get("device_map") and PartialState().num_processes == 1:
+            kwargs["device_map"] = kwargs.get("device", "cuda")
+        super().__init__(**kwargs)
+        if options.get("query") == "salient" and "tokenizer" not in options:
+            self.reducer = duet_vlm.make(method, budget=budget, tokenizer=self.tokenizer, **options)
+        self.run_stats = RunStats()
+        self._seen = None
+        self._handle = self.reducer.attach(self.model)
+        self._hook = self.model.register_forward_hook(self._collect)
+        eval_logger.info(f"duet_vlm: {self.reducer!r} attached")
+
+    def _collect(self, module, args, output) -> None:
+        # The runtime stores a new ReductionStats at every prefill; decoding steps leave it alone.
+        stats = self.reducer.stats
+        if stats is not None and stats is not self._seen:
+            self._seen = stats
+            self.run_stats.add(stats)
+
+    def _log_reduction(self) -> None:
+        totals = self.run_stats.totals
+        if self.world_size > 1:
+            totals = self.accelerator.reduce(totals.to(self.accelerator.device), reduction="sum").cpu()
+        summary = self.run_stats.summary(totals)
+        self.run_stats = RunStats()
+        if not summary:
+            return
+        self.reduction_summary = summary
+        eval_logger.info("duet_vlm: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+        # Additional metrics reach results["throughput"] as avg_<name>; zero time and tokens leave
+        # lmms-eval's own throughput totals unchanged.
+        log_metrics(total_elapsed_time=0.0, total_gen_tokens=0, avg_speed=0.0,
+                    additional_metrics={PREFIX + k: v for k, v in summary.items()})
+
+    def generate_until(self, requests):
+        results = super().generate_until(requests)
+        self._log_reduction()
+        return results
+
+    def loglikelihood(self, requests):
+        results = super().loglikelihood(requests)
+        self._log_reduction()
+        return results

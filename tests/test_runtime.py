@@ -346,12 +346,19 @@ def test_placeholder_mismatch_surfaces_the_transformers_error(llava15):
         llava15(**inputs)
 
 
-def test_rows_with_different_image_counts_are_refused(llava15):
+def test_rows_with_different_image_counts_equal_rows_alone(llava15):
+    """A row without its image beside a row with one: the reduced rows differ in length and are
+    left-aligned with pads; each row's last logits equal the row run alone."""
     inputs = make_inputs(llava15, batch=2)
     inputs["input_ids"][1, inputs["input_ids"][1] == IMAGE_TOKEN] = 7
     inputs["pixel_values"] = inputs["pixel_values"][:1]
-    with duet_vlm.Duet(budget=64)(llava15), pytest.raises(ValueError, match="same number of images"):
-        llava15(**inputs)
+    with torch.no_grad(), duet_vlm.Duet(budget=64)(llava15):
+        batch = llava15(**inputs).logits[:, -1]
+        first = llava15(**row(inputs, 0)).logits[0, -1]
+        text_only = {k: v[1:2] for k, v in inputs.items() if k != "pixel_values"}
+        second = llava15(**text_only).logits[0, -1]
+    torch.testing.assert_close(batch[0], first, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batch[1], second, atol=1e-4, rtol=1e-4)
 
 
 def test_mask_gathering_for_flash_and_4d_masks():

@@ -1,19 +1,23 @@
-"""Applies a method's ``Plan`` to a model through module hooks. Knows no particular method.
+"""Applies a method's ``Plan`` to a model through module hooks. Knows no particular method or family.
 
-Where things happen (LLaVA names; the adapter gives the modules for other families):
+The unit of work is the **visual item**: one image (all its tiles and newline tokens) or one video
+(all its frames) in one row. The family adapter finds the items of a batch; each item gets the plan
+its method solves for the item's own geometry, so rows of a batch may hold items of different sizes
+and kinds. Where things happen:
 
-1. The vision feature layer: a pre-hook keeps its input (for the CLS-attention row and keys) and a
-   forward hook its output (the features, CLS included). The tower keeps its attention backend.
-2. The projector: a pre-hook swaps its input for the vision stage's ``k`` tokens per image, a forward
-   hook pads the projected tokens back to the placeholder count with zeros, so transformers'
-   placeholder check and ``masked_scatter`` run unchanged.
-3. The language model's entry: in a prefill, the unused placeholder slots are removed from
-   ``inputs_embeds``, ``attention_mask`` and ``position_ids`` — the decoder sees exactly the prompt
-   of an image with ``k`` tokens. In decoding steps the full-length mask and positions that
-   ``generate`` keeps are mapped onto that shorter sequence.
-4. Each decoder layer: at a boundary the language stage picks the survivors and the layer's input,
-   mask, positions and RoPE are gathered; later layers of the group reuse them. Each layer's KV
-   cache therefore holds only its own tokens.
+1. Each vision tower's feature layer: a pre-hook keeps its input (for the scores and keys) and a
+   forward hook its output (the pre-projector features). The tower keeps its attention backend.
+2. The base model's entry: the adapter finds the visual items in ``input_ids``.
+3. The language model's entry (the *feature site*): for every item with a vision stage, the stage
+   reduces each unit's features, the model's projector maps them into the language model's space,
+   and they are written into the unit's first slots; the other slots of the item are removed from
+   ``inputs_embeds``, ``attention_mask`` and ``position_ids``. Transformers' own placeholder check,
+   packing and ``masked_scatter`` run unchanged before this. Rows whose reduced prompts differ in
+   length are left-padded; in decoding steps the full-length mask and positions that ``generate``
+   keeps are mapped onto the shorter sequence.
+4. Each decoder layer: at a boundary the language stage picks each item's survivors and the layer's
+   input, mask, positions and RoPE are gathered; later layers of the group reuse them. Each layer's
+   KV cache therefore holds only its own tokens.
 5. The language model's output: in a prefill, hidden states are scattered back to the input length
    (dropped slots are zeros) so logits and ``labels`` line up as transformers expects: the state of
    each kept token sits just before the next kept token, which is what the shifted loss reads.
@@ -24,17 +28,19 @@ positions shifted per layer group); ``positions="original"`` keeps the original 
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
-from .adapters import ModelAdapter, adapter_for
+from .adapters import Capture, Geometry, ModelAdapter, VisualItem, adapter_for
 from .flops import DecoderDims
 from .methods.base import LayerView, Plan, Reducer, Selection, VisionReduction, VisionView
 from .selection import gather_tokens
-from .stats import ReductionStats
+from .stats import ItemStats, ReductionStats
 
 
 def _gather_mask(mask, q_index: torch.Tensor | None, kv_index: torch.Tensor):
@@ -54,21 +60,45 @@ def _gather_mask(mask, q_index: torch.Tensor | None, kv_index: torch.Tensor):
     return mask.gather(3, kv_index[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
 
 
-def _rank_in(sorted_index: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Where each of ``positions`` sits in the ascending per-row ``sorted_index``."""
-    return torch.searchsorted(sorted_index.contiguous(), positions.contiguous())
+def _left_pad(rows: list[torch.Tensor], fill: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack 1-D index tensors of different lengths, left-padded with ``fill``; the pad mask or ``None``."""
+    width = max(len(r) for r in rows)
+    if all(len(r) == width for r in rows):
+        return torch.stack(rows), None
+    padded = rows[0].new_full((len(rows), width), fill)
+    pad = torch.ones(len(rows), width, dtype=torch.bool, device=rows[0].device)
+    for b, r in enumerate(rows):
+        padded[b, width - len(r) :] = r
+        pad[b, width - len(r) :] = False
+    return padded, pad
+
+
+@dataclass
+class _ItemState:
+    """Where one item's surviving visual tokens sit in the current sequence."""
+
+    item: VisualItem
+    plan: Plan
+    positions: torch.Tensor  # (n,) positions in the current group sequence of row ``item.row``
+    ids: torch.Tensor  # (n,) indices into the item's block at the LLM entry (stable)
 
 
 @dataclass
 class _Group:
     """The sequence seen by the decoder layers between two boundaries, during the prefill."""
 
-    index: torch.Tensor  # (B, L_g) positions in the LLM-entry sequence
-    visual: torch.Tensor  # (B, n_images, n_g) positions of the visual tokens in this sequence
-    visual_ids: torch.Tensor  # (B, n_images, n_g) the same tokens as indices into the entry visual block
-    position_ids: torch.Tensor  # (B, L_g)
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    index: torch.Tensor  # (B, L_g) positions in the LLM-entry sequence (pads: 0)
+    pad: torch.Tensor | None  # (B, L_g) True on slots added to align rows of different lengths
+    items: list[_ItemState]
+    position_ids: torch.Tensor | None = None  # (B, L_g)
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     attention_mask: object = None
+
+    def present(self) -> torch.Tensor:
+        """``(B,)`` tokens of each row that are not alignment pads."""
+        if self.pad is None:
+            return torch.full((self.index.shape[0],), self.index.shape[1], device=self.index.device)
+        return (~self.pad).sum(dim=1)
 
 
 @dataclass
@@ -77,20 +107,25 @@ class _Prompt:
 
     full_length: int
     entry_index: torch.Tensor  # (B, L_entry) positions in the full input kept at the LLM entry
-    images_per_row: int
-    valid: torch.Tensor  # (B, L_entry)
+    valid: torch.Tensor  # (B, L_entry) False on padding (the user's and alignment pads)
     input_ids: torch.Tensor  # (B, L_entry)
     text_after_image: list[torch.Tensor]  # per row, positions in the entry sequence
+    boundaries: list[int]  # union of the items' boundary layers (counts of layers completed)
     groups: list[_Group] = field(default_factory=list)
     decode_kwargs: dict[int, dict] = field(default_factory=dict)
+    decode_mask: torch.Tensor | None = None  # the 2-D mask at the LLM entry in the current decoding step
     is_prefill: bool = True
     input_embeddings: torch.Tensor | None = None  # (B, L_entry, D)
     last_layer_input: torch.Tensor | None = None
+    vision: list[tuple[VisualItem, VisionReduction]] = field(default_factory=list)
     scratch: dict = field(default_factory=dict)
 
     @property
     def entry_length(self) -> int:
         return self.entry_index.shape[1]
+
+    def group_of_layer(self, layer: int) -> int:
+        return sum(1 for boundary in self.boundaries if boundary <= layer)
 
 
 # Models with a reducer attached: two reducers on one model would stack their hooks.
@@ -106,14 +141,18 @@ class Attachment:
         self.reducer = reducer
         self.model = model
         self.adapter: ModelAdapter = adapter_for(model)
-        self.plan: Plan = reducer.resolve(self.adapter.geometry)
+        self._plans: dict[Geometry, Plan] = {}
+        # Solving the default image's plan now turns a budget the model cannot reach into an error
+        # at attach time rather than mid-forward; a no-op warning waits until an item is that size.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.plan: Plan = self.reducer.resolve(self.adapter.geometry)
         self.schedule = self.plan.schedule
-        self.boundaries = dict(self.schedule.boundaries)
-        self._vision_input: torch.Tensor | None = None
-        self._vision_output: torch.Tensor | None = None
-        self._vision: VisionReduction | None = None
+        self._captures: dict[str, list[Capture]] = {}
+        self._captures_used = False
+        self._pending_inputs: dict[str, torch.Tensor] = {}
         self._labels: torch.Tensor | None = None
-        self._image_mask: torch.Tensor | None = None
+        self._items: tuple[torch.Tensor, dict] | None = None  # the base model's inputs
         self._input_ids: torch.Tensor | None = None
         self._prompt: _Prompt | None = None
         self._in_stage = False  # a stage is running a layer itself: hooks stand aside
@@ -125,18 +164,24 @@ class Attachment:
             raise
         _ATTACHED[model] = self
 
+    def plan_for(self, geometry: Geometry) -> Plan:
+        plan = self._plans.get(geometry)
+        if plan is None:
+            plan = self._plans[geometry] = self.reducer.resolve(geometry)
+        return plan
+
     # ----------------------------------------------------------------- installation
     def _install(self) -> None:
         a, add = self.adapter, self._handles.append
-        if self.plan.vision is not None:
-            add(a.vision_layer.register_forward_pre_hook(self._keep_vision_input, with_kwargs=True))
-            add(a.vision_layer.register_forward_hook(self._keep_vision_output))
-            add(a.projector.register_forward_pre_hook(self._reduce_vision_tokens))
-            add(a.projector.register_forward_hook(self._pad_projected_tokens))
+        # Captured for every reducer: the plan of an item (and whether it has a vision stage) is
+        # only known once the item's size is, at the language model's entry.
+        for name, layer in a.towers.items():
+            add(layer.register_forward_pre_hook(self._keep_vision_input(name), with_kwargs=True))
+            add(layer.register_forward_hook(self._keep_vision_output(name)))
         if a.top is not None:
             add(a.top.register_forward_pre_hook(self._keep_labels, with_kwargs=True))
             add(a.top.register_forward_hook(self._forget_labels))
-        add(a.base.register_forward_pre_hook(self._find_images, with_kwargs=True))
+        add(a.base.register_forward_pre_hook(self._find_items, with_kwargs=True))
         add(a.language_model.register_forward_pre_hook(self._enter_language_model, with_kwargs=True))
         add(a.language_model.register_forward_hook(self._leave_language_model))
         for index, layer in enumerate(a.layers):
@@ -148,35 +193,105 @@ class Attachment:
         self._handles.clear()
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]
-        self._vision_input = self._vision_output = self._vision = None
-        self._labels = self._image_mask = self._input_ids = self._prompt = None
+        self._captures, self._pending_inputs = {}, {}
+        self._labels = self._items = self._input_ids = self._prompt = None
 
     # ----------------------------------------------------------------- vision side
-    def _keep_vision_input(self, module, args, kwargs):
-        self._vision_input = args[0] if args else kwargs["hidden_states"]
+    def _keep_vision_input(self, tower: str):
+        def hook(module, args, kwargs):
+            self._pending_inputs[tower] = args[0] if args else kwargs["hidden_states"]
 
-    def _keep_vision_output(self, module, args, output):
-        self._vision_output = output[0] if isinstance(output, tuple) else output
+        return hook
 
-    def _reduce_vision_tokens(self, module, args):
-        features, layer_input = self._vision_output, self._vision_input
-        self._vision_output = self._vision_input = None
-        if features is None or features.shape[0] != args[0].shape[0]:
-            raise RuntimeError("the projector ran without a matching pass of the vision feature layer")
-        cls_attention, keys = self.adapter.vision_scores(layer_input)
-        view = VisionView(features, cls_attention, keys, self.adapter.geometry.grid, self.adapter.geometry.has_cls)
-        keep = self.schedule.llm_input
-        reduction = self.plan.vision.reduce(view, keep)
-        expected = (features.shape[0], keep, features.shape[-1])
-        if tuple(reduction.features.shape) != expected:
-            raise RuntimeError(f"{type(self.plan.vision).__name__} returned {tuple(reduction.features.shape)}, expected {expected}")
-        self._vision = reduction
-        return (reduction.features.to(args[0].dtype), *args[1:])
+    def _keep_vision_output(self, tower: str):
+        def hook(module, args, output):
+            features = output[0] if isinstance(output, tuple) else output
+            if self._captures_used:  # the first tower call of a new encoding: earlier captures are stale
+                self._captures, self._captures_used = {}, False
+            self._captures.setdefault(tower, []).append(Capture(self._pending_inputs.pop(tower), features))
 
-    def _pad_projected_tokens(self, module, args, output):
-        images, kept, hidden = output.shape
-        padding = output.new_zeros(images, self.adapter.geometry.visual_tokens - kept, hidden)
-        return torch.cat([output, padding], dim=1)
+        return hook
+
+    def _take_captures(self) -> dict[str, Capture]:
+        """Every tower's captures of the last encoding, concatenated over calls (one row per unit).
+
+        They stay until a tower runs again: generate() without a cache encodes the images once and
+        prefills at every step.
+        """
+        self._captures_used = True
+        captures = self._captures
+        return {
+            tower: Capture(torch.cat([c.layer_input for c in calls]), torch.cat([c.output for c in calls]))
+            for tower, calls in captures.items()
+        }
+
+    def _reduce_vision(
+        self, prompt_items: list[VisualItem], captures: dict[str, Capture], inputs_embeds: torch.Tensor
+    ) -> dict[int, int]:
+        """Run each item's vision stage and write its projected output into the item's first slots.
+
+        Returns ``{id(item): tokens kept}`` for the items with a vision stage.
+        """
+        kept: dict[int, int] = {}
+        staged = [item for item in prompt_items if self.plan_for(item.geometry).vision is not None]
+        if not staged:
+            return kept
+        # Each item's first row in its tower's captures: items consume rows in row-major order.
+        first_row: dict[int, int] = {}
+        needed: dict[str, int] = {}
+        for item in prompt_items:
+            first_row[id(item)] = needed.get(item.tower, 0)
+            needed[item.tower] = needed.get(item.tower, 0) + self.adapter.units_needed(item)
+        # generate() encodes each image once and repeats rows afterwards (num_return_sequences, beams):
+        # then consecutive items share the same captured rows.
+        repeat: dict[str, int] = {}
+        for tower, count in needed.items():
+            have = captures[tower].output.shape[0] if tower in captures else 0
+            if have == 0 or count % have:
+                raise RuntimeError(
+                    f"{tower} features were not computed under this reducer (pass pixel values, not precomputed "
+                    f"features); {count} units expected, {have} captured"
+                )
+            repeat[tower] = max(1, count // have)
+
+        def source_row(item: VisualItem) -> int:
+            if repeat[item.tower] == 1:
+                return first_row[id(item)]
+            # The k-th of r copies of an item reads the rows of the original, which come first.
+            per_item = self.adapter.units_needed(item)
+            return first_row[id(item)] // (per_item * repeat[item.tower]) * per_item
+        buckets: dict[tuple, list[VisualItem]] = {}
+        for item in staged:
+            buckets.setdefault((item.tower, item.geometry), []).append(item)
+        prompt = self._prompt
+        signals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for (tower, geometry), items in buckets.items():
+            plan = self.plan_for(geometry)
+            if tower not in signals:
+                signals[tower] = self.adapter.vision_scores(captures[tower].layer_input, tower)
+            units = geometry.units
+            unit = self.adapter.unit_features(items, captures[tower], signals[tower], source_row)
+            features = unit.features
+            view = VisionView(features, unit.scores, unit.keys, geometry.grid, geometry.has_cls)
+            keep = plan.schedule.llm_input // units
+            reduction = plan.vision.reduce(view, keep)
+            expected = (features.shape[0], keep, features.shape[-1])
+            if tuple(reduction.features.shape) != expected:
+                raise RuntimeError(
+                    f"{type(plan.vision).__name__} returned {tuple(reduction.features.shape)}, expected {expected}"
+                )
+            projected = self.adapter.project(items[0], reduction.features.to(features.dtype))
+            projected = projected.to(inputs_embeds.dtype).view(len(items), units, keep, -1)
+            for i, item in enumerate(items):
+                slots = torch.cat([item.unit_start(u) + torch.arange(keep) for u in range(units)]).to(inputs_embeds.device)
+                inputs_embeds[item.row, slots] = projected[i].reshape(units * keep, -1)
+                kept[id(item)] = units * keep
+                share = slice(i * units, (i + 1) * units)
+                prompt_reduction = VisionReduction(
+                    reduction.features[share], reduction.kept[share], {k: v[share] for k, v in reduction.roles.items()}
+                )
+                prompt.vision.append((item, prompt_reduction))
+        return kept
 
     # ----------------------------------------------------------------- inputs
     def _keep_labels(self, module, args, kwargs):
@@ -185,90 +300,138 @@ class Attachment:
     def _forget_labels(self, module, args, output):
         self._labels = None
 
-    def _find_images(self, module, args, kwargs):
+    def _find_items(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             embeds = kwargs["inputs_embeds"]
-            token = module.get_input_embeddings()(torch.tensor(self.adapter.image_token_id, device=embeds.device))
-            self._image_mask = (embeds == token).all(-1)
-            self._input_ids = torch.where(self._image_mask, self.adapter.image_token_id, -1)
-        else:
-            self._image_mask = input_ids == self.adapter.image_token_id
-            self._input_ids = input_ids
+            table = module.get_input_embeddings()
+            input_ids = torch.full(embeds.shape[:2], -1, dtype=torch.long, device=embeds.device)
+            for token_id in self.adapter.placeholder_ids:
+                token = table(torch.tensor(token_id, device=embeds.device))
+                input_ids = torch.where((embeds == token).all(-1), token_id, input_ids)
+        # Items are found at the language model's entry, after transformers' own placeholder checks
+        # ran: a mismatch surfaces as transformers' error, not ours.
+        self._input_ids = input_ids
+        self._items = (input_ids, kwargs)
 
     # ----------------------------------------------------------------- language model entry
     def _enter_language_model(self, module, args, kwargs):
         cache = kwargs.get("past_key_values")
-        image_mask, self._image_mask = self._image_mask, None
+        found, self._items = self._items, None
+        items = self.adapter.find_items(*found) if found is not None else None
         if cache is not None and cache.get_seq_length() > 0:
-            if image_mask is not None and image_mask.any():
-                raise NotImplementedError("duet-vlm reduces images in the prefill only, not in a continued cache")
+            if items:
+                raise NotImplementedError("duet-vlm reduces visual items in the prefill only, not in a continued cache")
             return self._continue_prompt(kwargs, cache)
         self._prompt = None
-        if image_mask is None or not image_mask.any():
+        if not items:
             return None
-        return self._start_prompt(kwargs, image_mask)
+        return self._start_prompt(kwargs, items)
 
-    def _start_prompt(self, kwargs, image_mask: torch.Tensor):
-        batch, length = image_mask.shape
-        slots = self.adapter.geometry.visual_tokens
-        counts = image_mask.sum(dim=1)
-        if (counts != counts[0]).any() or counts[0] % slots:
-            raise ValueError(
-                f"every row must hold the same number of images of {slots} tokens; image tokens per row: {counts.tolist()}"
-            )
-        images = int(counts[0]) // slots
-        if self.plan.vision is not None and (self._vision is None or self._vision.features.shape[0] != batch * images):
-            raise RuntimeError(
-                "image features were not computed under this reducer (pass pixel_values, not precomputed features)"
-            )
-        kept_slots = self.schedule.llm_input
-        visual_full = image_mask.nonzero()[:, 1].view(batch, images, slots)
-        keep = ~image_mask
-        keep.scatter_(1, visual_full[..., :kept_slots].reshape(batch, -1), True)
-        entry_index = keep.nonzero()[:, 1].view(batch, -1)
+    def _start_prompt(self, kwargs, items: list[VisualItem]):
+        input_ids = self._input_ids
+        batch, length = input_ids.shape
+        device = input_ids.device
+        self._prompt = _Prompt(length, None, None, None, [], [])  # filled below; holds Stage-A records
+        inputs_embeds = kwargs["inputs_embeds"]
+        captures = self._take_captures()
+        self.adapter.trace(items, captures, inputs_embeds)
+        if any(self.plan_for(i.geometry).vision is not None for i in items):
+            inputs_embeds = inputs_embeds.clone()
+        kept_by_vision = self._reduce_vision(items, captures, inputs_embeds)
+
+        keep = torch.ones(batch, length, dtype=torch.bool, device=device)
+        is_visual = torch.zeros_like(keep)
+        item_slots = []
+        for item in items:
+            is_visual[item.row, item.start : item.start + item.length] = True
+            count = kept_by_vision.get(id(item))
+            if count is None:
+                slots = torch.arange(item.start, item.start + item.length, device=device)
+            else:
+                units, per_unit = item.geometry.units, count // item.geometry.units
+                slots = torch.cat([item.unit_start(u) + torch.arange(per_unit, device=device) for u in range(units)])
+            item_slots.append(slots)
+            keep[item.row, item.start : item.start + item.length] = False
+            keep[item.row, slots] = True
+        entry_index, entry_pad = _left_pad([row.nonzero()[:, 0] for row in keep])
         entry_length = entry_index.shape[1]
 
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("duet-vlm needs a 2-D attention_mask (or None) at the language model input")
-        if entry_length != length:
-            kwargs["inputs_embeds"] = gather_tokens(kwargs["inputs_embeds"], entry_index)
+        plans = [self.plan_for(item.geometry) for item in items]
+        positions_mode = self._positions_mode(plans)
+        if entry_length != length or entry_pad is not None:
+            kwargs["inputs_embeds"] = gather_tokens(inputs_embeds, entry_index)
+            if attention_mask is None and entry_pad is not None:
+                attention_mask = torch.ones(batch, length, dtype=torch.long, device=device)
             if attention_mask is not None:
-                attention_mask = kwargs["attention_mask"] = attention_mask.gather(1, entry_index)
-            kwargs["position_ids"] = self._entry_positions(kwargs.get("position_ids"), entry_index, length)
-            if self.plan.positions == "original" and attention_mask is None and kwargs.get("past_key_values") is None:
+                attention_mask = attention_mask.gather(1, entry_index)
+                if entry_pad is not None:
+                    attention_mask = attention_mask.masked_fill(entry_pad, 0)
+                kwargs["attention_mask"] = attention_mask
+            kwargs["position_ids"] = self._entry_positions(
+                kwargs.get("position_ids"), entry_index, entry_pad, length, positions_mode
+            )
+            if positions_mode == "original" and attention_mask is None and kwargs.get("past_key_values") is None:
                 # Gapped positions without a mask would be read as packed sequences by transformers.
                 kwargs["attention_mask"] = torch.ones_like(entry_index)
+        elif kwargs["inputs_embeds"] is not inputs_embeds:
+            kwargs["inputs_embeds"] = inputs_embeds
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(entry_index, dtype=torch.bool)
+        if entry_pad is not None:
+            valid = valid & ~entry_pad
 
-        rank = keep.long().cumsum(dim=1) - 1
-        visual_entry = rank.gather(1, visual_full[..., :kept_slots].reshape(batch, -1)).view(batch, images, kept_slots)
-        input_ids = self._input_ids.gather(1, entry_index)
+        # Rank of every full-input position among the kept ones, per row, in entry coordinates.
+        offset = entry_pad.sum(dim=1, keepdim=True) if entry_pad is not None else 0
+        rank = keep.long().cumsum(dim=1) - 1 + offset
+        input_ids = input_ids.gather(1, entry_index)
         labels = self._labels
-        if labels is not None and labels.shape == image_mask.shape:
-            instruction = labels.to(entry_index.device).gather(1, entry_index) == -100
+        if labels is not None and labels.shape == (batch, length):
+            instruction = labels.to(device).gather(1, entry_index) == -100
         else:
             instruction = torch.ones_like(valid)
-        last_image = rank.gather(1, visual_full[:, -1, -1:])  # (B, 1)
-        positions = torch.arange(entry_length, device=entry_index.device)
-        text = (positions[None] > last_image) & valid & instruction
-        text_after = [row.nonzero()[:, 0] for row in text]
-        text_after = [t if len(t) else positions[-1:] for t in text_after]
-        self._prompt = _Prompt(length, entry_index, images, valid, input_ids, text_after)
-        visual_ids = torch.arange(kept_slots, device=entry_index.device).expand(batch, images, -1)
-        self._prompt.groups.append(_Group(positions.expand(batch, -1), visual_entry, visual_ids, None, None))
+        positions = torch.arange(entry_length, device=device)
+        text_after = []
+        for b in range(batch):
+            row_items = [i for i, item in enumerate(items) if item.row == b]
+            after = positions > (rank[b, item_slots[row_items[-1]][-1]] if row_items else -1)
+            chosen = (after & valid[b] & instruction[b] & ~is_visual[b].gather(0, entry_index[b])).nonzero()[:, 0]
+            text_after.append(chosen if len(chosen) else positions[-1:])
+        boundaries = sorted({layer for plan in plans for layer, _ in plan.schedule.boundaries})
+        prompt = self._prompt
+        prompt.entry_index, prompt.valid, prompt.input_ids = entry_index, valid, input_ids
+        prompt.text_after_image, prompt.boundaries = text_after, boundaries
+        states = [
+            _ItemState(item, plan, rank[item.row, slots], torch.arange(len(slots), device=device))
+            for item, plan, slots in zip(items, plans, item_slots)
+        ]
+        prompt.groups.append(_Group(positions.expand(batch, -1), entry_pad, states))
         return (), kwargs
 
-    def _entry_positions(self, position_ids, entry_index: torch.Tensor, length: int):
+    @staticmethod
+    def _positions_mode(plans: list[Plan]) -> str:
+        # Only plans that drop tokens renumber anything; an item left whole has no say.
+        modes = {plan.positions for plan in plans if not plan.schedule.is_identity} or {"contiguous"}
+        if len(modes) > 1:
+            raise ValueError(f"the items of one batch resolved to different position modes: {sorted(modes)}")
+        return modes.pop()
+
+    @staticmethod
+    def _entry_positions(position_ids, entry_index, entry_pad, length: int, mode: str):
         if position_ids is None:
-            if self.plan.positions == "contiguous":
+            if mode == "contiguous" and entry_pad is None:
                 return None  # the decoder numbers the shorter sequence 0..L-1 itself
             position_ids = torch.arange(length, device=entry_index.device)[None]
         position_ids = position_ids.expand(entry_index.shape[0], -1).gather(1, entry_index)
-        if self.plan.positions == "contiguous":
-            dropped_before = entry_index - torch.arange(entry_index.shape[1], device=entry_index.device)
-            position_ids = position_ids - dropped_before
+        if mode == "contiguous":
+            slot = torch.arange(entry_index.shape[1], device=entry_index.device)
+            if entry_pad is not None:
+                slot = slot - entry_pad.sum(dim=1, keepdim=True)
+            position_ids = position_ids - (entry_index - slot)
+        if entry_pad is not None:
+            position_ids = position_ids.masked_fill(entry_pad, 0)
         return position_ids
 
     def _continue_prompt(self, kwargs, cache):
@@ -277,24 +440,34 @@ class Attachment:
             return None
         prompt.is_prefill = False
         prompt.decode_kwargs.clear()
-        shift = prompt.full_length - prompt.entry_length
-        if shift == 0:
-            return None
+        entry = prompt.groups[0]
+        # Tokens each row dropped at the entry (alignment pads are not tokens of the row).
+        shift = prompt.full_length - entry.present()  # (B,)
         attention_mask = kwargs.get("attention_mask")
+        new = kwargs["inputs_embeds"].shape[1]
+        device = kwargs["inputs_embeds"].device
+        if attention_mask is None and entry.pad is not None:
+            attention_mask = torch.ones(shift.shape[0], prompt.full_length + cache.get_seq_length() - prompt.entry_length + new,
+                                        dtype=torch.long, device=device)
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[1] < prompt.full_length:
                 raise ValueError("decoding under duet-vlm needs the full-length 2-D attention_mask generate() keeps")
-            kwargs["attention_mask"] = torch.cat(
-                [attention_mask.gather(1, prompt.entry_index), attention_mask[:, prompt.full_length :]], dim=1
-            )
+            head = attention_mask.gather(1, prompt.entry_index)
+            if entry.pad is not None:
+                head = head.masked_fill(entry.pad, 0)
+            attention_mask = kwargs["attention_mask"] = torch.cat([head, attention_mask[:, prompt.full_length :]], dim=1)
+        prompt.decode_mask = attention_mask
+        if bool((shift == 0).all()) and entry.pad is None:
+            return (), kwargs
         position_ids = kwargs.get("position_ids")
-        if self.plan.positions == "contiguous":
-            if position_ids is not None:
-                kwargs["position_ids"] = position_ids - shift
-        elif position_ids is None:
-            new = kwargs["inputs_embeds"].shape[1]
-            device = kwargs["inputs_embeds"].device
-            kwargs["position_ids"] = (cache.get_seq_length() + shift + torch.arange(new, device=device))[None]
+        mode = self._positions_mode([state.plan for state in entry.items])
+        if position_ids is None and (mode == "original" or entry.pad is not None):
+            full = cache.get_seq_length() + (prompt.full_length - prompt.entry_length)
+            position_ids = (full + torch.arange(new, device=device))[None].expand(shift.shape[0], -1)
+        if mode == "contiguous" and position_ids is not None:
+            position_ids = position_ids - shift[:, None] if entry.pad is not None else position_ids - int(shift[0])
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
         return (), kwargs
 
     # ----------------------------------------------------------------- decoder layers
@@ -303,11 +476,11 @@ class Attachment:
             prompt = self._prompt
             if prompt is None or self._in_stage:
                 return None
-            group = self.schedule.group_of_layer(layer_index)
+            group = prompt.group_of_layer(layer_index)
             if not prompt.is_prefill:
                 if group == 0:
                     return None
-                if layer_index in self.boundaries:
+                if layer_index in prompt.boundaries:
                     prompt.decode_kwargs[group] = self._decode_kwargs(prompt.groups[group], args, kwargs)
                 kwargs.update(prompt.decode_kwargs[group])
                 return args, kwargs
@@ -318,8 +491,8 @@ class Attachment:
                 entry.position_embeddings = kwargs["position_embeddings"]
                 entry.attention_mask = kwargs.get("attention_mask")
                 prompt.input_embeddings = hidden
-            if layer_index in self.boundaries:
-                hidden = self._prune(layer_index, module, hidden, self.boundaries[layer_index])
+            if layer_index in prompt.boundaries:
+                hidden = self._prune(layer_index, module, hidden)
             prompt.last_layer_input = hidden
             if group > 0:
                 g = prompt.groups[group]
@@ -330,70 +503,185 @@ class Attachment:
 
         return hook
 
-    def _prune(self, layer_index: int, layer: nn.Module, hidden: torch.Tensor, keep: int) -> torch.Tensor:
+    def _stage_calls(self, layer_index: int, states: list[_ItemState]):
+        """The language-stage calls of one boundary: ``(rows or None, [item states], keep)``.
+
+        Items pruned at this boundary with the same plan and the same current count are ranked in one
+        call. When every row holds the same sequence of such items the call covers the whole batch
+        (``rows=None``); otherwise each row is called alone, which is what a row run alone computes.
+        """
+        per_row: dict[int, list[tuple]] = {}
+        for state in states:
+            keep = dict(state.plan.schedule.boundaries).get(layer_index)
+            if keep is None:
+                continue
+            key = (id(state.plan), len(state.positions), keep)
+            per_row.setdefault(state.item.row, []).append((key, state))
+        if not per_row:
+            return []
+        batch = self._prompt.entry_index.shape[0]
+        signatures = [tuple(key for key, _ in per_row.get(b, [])) for b in range(batch)]
+        calls = []
+        if all(s == signatures[0] for s in signatures):
+            for key in dict.fromkeys(signatures[0]):
+                chosen = [state for b in range(batch) for k, state in per_row[b] if k == key]
+                calls.append((None, chosen, key[2]))
+            return calls
+        for b, entries in per_row.items():
+            for key in dict.fromkeys(k for k, _ in entries):
+                calls.append(([b], [state for k, state in entries if k == key], key[2]))
+        return calls
+
+    def _prune(self, layer_index: int, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         prompt = self._prompt
         previous = prompt.groups[-1]
-        batch = hidden.shape[0]
-        text_after = [_rank_in(previous.index[b], prompt.text_after_image[b]) for b in range(batch)]
-        layers = self.adapter.layers
-        view = LayerView(
-            layer_index=layer_index,
-            layer=layer,
-            hidden_states=hidden,
-            position_embeddings=previous.position_embeddings,
-            visual_index=previous.visual,
-            visual_ids=previous.visual_ids,
-            valid=prompt.valid.gather(1, previous.index),
-            input_ids=prompt.input_ids.gather(1, previous.index),
-            input_embeddings=gather_tokens(prompt.input_embeddings, previous.index),
-            text_after_image=text_after,
-            previous_layer=layers[layer_index - 1],
-            previous_hidden_states=prompt.last_layer_input,
-            scratch=prompt.scratch,
-            attention_fn=self.adapter.text_to_visual_attention,
-            run_layer_fn=lambda module, states: self._run_layer(module, states, previous),
-            output_head_fn=self._output_head,
-        )
-        self._in_stage = True
-        try:
-            selection = self.plan.language.select(view, keep)
-        finally:
-            self._in_stage = False
-        if not isinstance(selection, Selection):
-            selection = Selection(selection)
-        kept = selection.index
-        n_visual = previous.visual.shape[-1]
-        if kept.shape != (batch, prompt.images_per_row, keep) or (keep and (kept.min() < 0 or kept.max() >= n_visual)):
-            raise RuntimeError(f"{type(self.plan.language).__name__}.select returned invalid indices {tuple(kept.shape)}")
-        if selection.hidden_states is None:
-            kept = kept.sort(dim=-1).values
-        elif (kept.diff(dim=-1) <= 0).any():
-            raise RuntimeError("a Selection with hidden_states must list its indices in ascending order")
-        kept_positions = previous.visual.gather(2, kept).reshape(batch, -1)
-        if selection.hidden_states is not None:
-            replacement = selection.hidden_states.reshape(batch, -1, hidden.shape[-1]).to(hidden.dtype)
-            hidden = hidden.scatter(1, kept_positions.unsqueeze(-1).expand_as(replacement), replacement)
-        survivors = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        survivors.scatter_(1, previous.visual.reshape(batch, -1), False)
-        survivors.scatter_(1, kept_positions, True)
-        local = survivors.nonzero()[:, 1].view(batch, -1)
-        rank = survivors.long().cumsum(dim=1) - 1
+        batch, length = hidden.shape[:2]
+        device = hidden.device
+        kept_ids: dict[int, torch.Tensor] = {}  # id(state) -> kept indices into state.positions
+        replacements: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (row, positions, states)
+        for rows, states, keep in self._stage_calls(layer_index, previous.items):
+            row_list = rows if rows is not None else list(range(batch))
+            items_per_row = len(states) // len(row_list)
+            visual_index = torch.stack([s.positions for s in states]).view(len(row_list), items_per_row, -1)
+            visual_ids = torch.stack([s.ids for s in states]).view(len(row_list), items_per_row, -1)
+            view = self._layer_view(layer_index, layer, hidden, previous, row_list, visual_index, visual_ids, states)
+            plan = states[0].plan
+            self._in_stage = True
+            try:
+                selection = plan.language.select(view, keep)
+            finally:
+                self._in_stage = False
+            if not isinstance(selection, Selection):
+                selection = Selection(selection)
+            kept = selection.index
+            n_visual = visual_index.shape[-1]
+            if kept.shape != (len(row_list), items_per_row, keep) or (keep and (kept.min() < 0 or kept.max() >= n_visual)):
+                raise RuntimeError(f"{type(plan.language).__name__}.select returned invalid indices {tuple(kept.shape)}")
+            if selection.hidden_states is None:
+                kept = kept.sort(dim=-1).values
+            elif (kept.diff(dim=-1) <= 0).any():
+                raise RuntimeError("a Selection with hidden_states must list its indices in ascending order")
+            for i, state in enumerate(states):
+                r, j = divmod(i, items_per_row)
+                kept_ids[id(state)] = kept[r, j]
+                if selection.hidden_states is not None:
+                    replacements.append((state.item.row, state.positions[kept[r, j]], selection.hidden_states[r, j]))
+        for row, positions, states in replacements:
+            hidden = hidden.index_put((torch.full_like(positions, row), positions), states.to(hidden.dtype))
+
+        survivors = torch.ones(batch, length, dtype=torch.bool, device=device)
+        if previous.pad is not None:
+            survivors &= ~previous.pad
+        for state in previous.items:
+            chosen = kept_ids.get(id(state))
+            if chosen is not None:
+                survivors[state.item.row, state.positions] = False
+                survivors[state.item.row, state.positions[chosen]] = True
+        local, pad = _left_pad([row.nonzero()[:, 0] for row in survivors])
+        if pad is None and previous.pad is None:
+            rank = survivors.long().cumsum(dim=1) - 1
+        else:
+            offset = pad.sum(dim=1, keepdim=True) if pad is not None else 0
+            rank = survivors.long().cumsum(dim=1) - 1 + offset
         position_ids = previous.position_ids.gather(1, local)
-        if self.plan.positions == "contiguous":
-            position_ids = position_ids - (local - torch.arange(local.shape[1], device=local.device))
+        if self._positions_mode([s.plan for s in previous.items]) == "contiguous":
+            if pad is None and previous.pad is None:
+                dropped_before = local - torch.arange(local.shape[1], device=device)
+            else:
+                dropped = torch.zeros(batch, length, dtype=torch.long, device=device)
+                for state in previous.items:
+                    if id(state) in kept_ids:
+                        dropped[state.item.row, state.positions] = 1
+                        dropped[state.item.row, state.positions[kept_ids[id(state)]]] = 0
+                dropped_before = dropped.cumsum(dim=1).gather(1, local)
+            position_ids = position_ids - dropped_before
+        if pad is not None:
+            position_ids = position_ids.masked_fill(pad, 0)
         hidden = gather_tokens(hidden, local)
         index = previous.index.gather(1, local)
+        states = []
+        for state in previous.items:
+            chosen = kept_ids.get(id(state))
+            positions, ids = (state.positions, state.ids) if chosen is None else (state.positions[chosen], state.ids[chosen])
+            states.append(_ItemState(state.item, state.plan, rank[state.item.row, positions], ids))
+        if pad is None and previous.pad is None and prompt.groups[0].pad is None:
+            mask = _gather_mask(prompt.groups[0].attention_mask, index, index)
+        else:
+            valid = prompt.valid.gather(1, index) if pad is None else prompt.valid.gather(1, index) & ~pad
+            mask = self._build_mask(hidden, valid, query_length=index.shape[1])
         prompt.groups.append(
             _Group(
                 index=index,
-                visual=rank.gather(1, kept_positions).view_as(kept),
-                visual_ids=previous.visual_ids.gather(2, kept),
+                pad=pad,
+                items=states,
                 position_ids=position_ids,
                 position_embeddings=self.adapter.rotary_emb(hidden, position_ids),
-                attention_mask=_gather_mask(prompt.groups[0].attention_mask, index, index),
+                attention_mask=mask,
             )
         )
         return hidden
+
+    def _build_mask(self, hidden: torch.Tensor, key_valid: torch.Tensor, query_length: int):
+        """The causal mask transformers would build for this attention backend, over ``key_valid``
+        keys of which the last ``query_length`` are the queries (a group's own sequence in a prefill,
+        the new tokens in a decoding step)."""
+        implementation = self.adapter.text_config._attn_implementation
+        builder = ALL_MASK_ATTENTION_FUNCTIONS[implementation]
+        kv_length = key_valid.shape[1]
+        return builder(
+            batch_size=key_valid.shape[0],
+            q_length=query_length,
+            kv_length=kv_length,
+            q_offset=kv_length - query_length,
+            kv_offset=0,
+            mask_function=causal_mask_function,
+            attention_mask=key_valid,
+            allow_is_causal_skip=False,
+            dtype=hidden.dtype,
+            device=hidden.device,
+        )
+
+    def _layer_view(self, layer_index, layer, hidden, group: _Group, rows, visual_index, visual_ids, states) -> LayerView:
+        """What a language stage sees: the whole batch, or only ``rows`` (a row ranked alone)."""
+        prompt = self._prompt
+        whole = len(rows) == hidden.shape[0]
+        select = slice(None) if whole else torch.tensor(rows, device=hidden.device)
+
+        def take(x):  # the rows of this call from a (B, ...) tensor; batch-1 broadcasts stay
+            return x if x is None or whole or x.shape[0] == 1 else x[select]
+
+        text_after = []
+        for b in rows:
+            present = group.index[b] if group.pad is None else group.index[b][~group.pad[b]]
+            offset = 0 if group.pad is None else int(group.pad[b].sum())
+            text_after.append(torch.searchsorted(present.contiguous(), prompt.text_after_image[b].contiguous()) + offset)
+        valid = prompt.valid.gather(1, group.index)
+        if group.pad is not None:
+            valid = valid & ~group.pad
+        cos, sin = group.position_embeddings
+        call_group = _Group(
+            group.index[select], None, [], take(group.position_ids), (take(cos), take(sin)), take(group.attention_mask)
+        )
+        # Per-prompt memory of a stage (e.g. SparseVLM's raters), one per call: rows and items.
+        scratch = prompt.scratch.setdefault((tuple(rows), tuple((s.item.row, s.item.start) for s in states)), {})
+        return LayerView(
+            layer_index=layer_index,
+            layer=layer,
+            hidden_states=take(hidden),
+            position_embeddings=call_group.position_embeddings,
+            visual_index=visual_index,
+            visual_ids=visual_ids,
+            valid=take(valid),
+            input_ids=take(prompt.input_ids.gather(1, group.index)),
+            input_embeddings=take(gather_tokens(prompt.input_embeddings, group.index)),
+            text_after_image=text_after,
+            previous_layer=self.adapter.layers[layer_index - 1],
+            previous_hidden_states=take(prompt.last_layer_input),
+            scratch=scratch,
+            attention_fn=self.adapter.text_to_visual_attention,
+            run_layer_fn=lambda module, states_: self._run_layer(module, states_, call_group),
+            output_head_fn=self._output_head,
+        )
 
     def _run_layer(self, layer: nn.Module, hidden: torch.Tensor, group: _Group) -> torch.Tensor:
         output = layer(
@@ -415,13 +703,25 @@ class Attachment:
         prompt = self._prompt
         hidden = args[0] if args else kwargs["hidden_states"]
         position_ids = kwargs["position_ids"]
-        if self.plan.positions == "contiguous":
-            position_ids = position_ids - (prompt.entry_length - group.index.shape[1])
+        entry = prompt.groups[0]
+        if self._positions_mode([s.plan for s in group.items]) == "contiguous":
+            dropped = entry.present() - group.present()  # (B,) tokens dropped after the entry
+            if group.pad is None and entry.pad is None:
+                position_ids = position_ids - int(dropped[0])
+            else:
+                position_ids = position_ids - dropped[:, None]
         mask = kwargs.get("attention_mask")
-        if mask is not None:
-            tail = torch.arange(prompt.entry_length, mask.shape[-1], device=group.index.device)
-            kv_index = torch.cat([group.index, tail.expand(group.index.shape[0], -1)], dim=1)
-            mask = _gather_mask(mask, None, kv_index)
+        if group.pad is None and entry.pad is None:
+            if mask is not None:
+                tail = torch.arange(prompt.entry_length, mask.shape[-1], device=group.index.device)
+                kv_index = torch.cat([group.index, tail.expand(group.index.shape[0], -1)], dim=1)
+                mask = _gather_mask(mask, None, kv_index)
+        else:
+            head = prompt.valid.gather(1, group.index)
+            if group.pad is not None:
+                head = head & ~group.pad
+            tail = prompt.decode_mask[:, prompt.entry_length :].bool()
+            mask = self._build_mask(hidden, torch.cat([head, tail], dim=1), query_length=hidden.shape[1])
         return dict(
             attention_mask=mask,
             position_ids=position_ids,
@@ -435,38 +735,84 @@ class Attachment:
             return None
         self._record_stats()
         hidden = output.last_hidden_state
-        final = prompt.entry_index.gather(1, prompt.groups[-1].index)
-        if hidden.shape[1] == prompt.full_length:
+        last = prompt.groups[-1]
+        if hidden.shape[1] == prompt.full_length and last.pad is None and bool((prompt.entry_index == torch.arange(prompt.full_length, device=hidden.device)).all()):
             return None
         # The kept token j predicts token j+1 of the reduced sequence; place it just before that
         # token's original slot so transformers' shifted loss and logits_to_keep read it there.
-        last = torch.full_like(final[:, :1], prompt.full_length - 1)
-        targets = torch.cat([final[:, 1:] - 1, last], dim=1)
+        final = prompt.entry_index.gather(1, last.index)
         full = hidden.new_zeros(hidden.shape[0], prompt.full_length, hidden.shape[-1])
-        output.last_hidden_state = full.scatter(1, targets.unsqueeze(-1).expand_as(hidden), hidden)
+        if last.pad is None:
+            end = torch.full_like(final[:, :1], prompt.full_length - 1)
+            targets = torch.cat([final[:, 1:] - 1, end], dim=1)
+            output.last_hidden_state = full.scatter(1, targets.unsqueeze(-1).expand_as(hidden), hidden)
+            return output
+        for b in range(hidden.shape[0]):
+            present = ~last.pad[b]
+            row = final[b][present]
+            targets = torch.cat([row[1:] - 1, row.new_tensor([prompt.full_length - 1])])
+            full[b, targets] = hidden[b][present]
+        output.last_hidden_state = full
         return output
 
     def _record_stats(self) -> None:
-        prompt, schedule = self._prompt, self.schedule
-        groups = prompt.groups
-        per_layer = [groups[schedule.group_of_layer(l)].visual.shape[-1] for l in range(schedule.num_layers)]
-        visual_entry = groups[0].visual.reshape(groups[0].visual.shape[0], -1)
-        is_visual = torch.zeros_like(prompt.valid).scatter_(1, visual_entry, True)
-        text_tokens = (prompt.valid & ~is_visual).sum(dim=1).tolist()
-        vision = self._vision if self.plan.vision is not None else None
+        prompt = self._prompt
+        num_layers = len(self.adapter.layers)
+        entry = prompt.groups[0]
+        per_item: list[ItemStats] = []
+        for i, state in enumerate(entry.items):
+            counts = [len(prompt.groups[prompt.group_of_layer(l)].items[i].positions) for l in range(num_layers)]
+            item = state.item
+            per_item.append(
+                ItemStats(
+                    row=item.row,
+                    modality=item.geometry.modality,
+                    tokens=item.geometry.visual_tokens,
+                    units=item.geometry.units,
+                    tokens_per_layer=counts,
+                    kept_ids=prompt.groups[-1].items[i].ids,
+                )
+            )
+        vision = prompt.vision
+        stages = [(layer, g) for layer, g in zip(prompt.boundaries, prompt.groups[1:])]
+        uniform = len({(s.tokens, tuple(s.tokens_per_layer)) for s in per_item}) == 1
+        rows = entry.index.shape[0]
+        first = per_item[0]
+        if uniform and len(per_item) % rows == 0:
+            images = len(per_item) // rows
+            stage_kept = [
+                (layer, torch.stack([s.ids for s in g.items]).view(rows, images, -1)) for layer, g in stages
+            ]
+            vision_kept = torch.cat([r.kept for _, r in vision]) if vision else None
+            roles = {k: torch.cat([r.roles[k] for _, r in vision]) for k in vision[0][1].roles} if vision else {}
+            tokens_per_layer, visual_tokens, llm_input = first.tokens_per_layer, first.tokens, first.tokens_per_layer[0]
+        else:
+            stage_kept, vision_kept, roles = [], None, {}
+            mean = [sum(s.tokens_per_layer[l] for s in per_item) / len(per_item) for l in range(num_layers)]
+            tokens_per_layer = mean
+            visual_tokens = sum(s.tokens for s in per_item) / len(per_item)
+            llm_input = mean[0]
+        vision_by_item = {id(item): reduction for item, reduction in vision}
+        for state, stats_item in zip(entry.items, per_item):
+            reduction = vision_by_item.get(id(state.item))
+            stats_item.vision_kept = reduction.kept if reduction is not None else None
+        valid = prompt.valid
+        is_visual = torch.zeros_like(valid)
+        for state in entry.items:
+            is_visual[state.item.row, state.positions] = True
+        text_tokens = (valid & ~is_visual).sum(dim=1).tolist()
         stats = ReductionStats(
-            tokens_per_layer=per_layer,
-            visual_tokens=schedule.visual_tokens,
-            llm_input_tokens=schedule.llm_input,
+            tokens_per_layer=tokens_per_layer,
+            visual_tokens=visual_tokens,
+            llm_input_tokens=llm_input,
             text_tokens=text_tokens,
-            vision_kept=vision.kept if vision is not None else None,
-            vision_roles=dict(vision.roles) if vision is not None else {},
-            stage_kept=[(layer, g.visual_ids) for (layer, _), g in zip(schedule.boundaries, groups[1:])],
+            vision_kept=vision_kept,
+            vision_roles=roles,
+            stage_kept=stage_kept,
+            items=per_item,
         )
         dtype = next(self.adapter.language_model.parameters()).dtype
-        stats.fill_costs(
-            DecoderDims.from_config(self.adapter.text_config), prompt.images_per_row, torch.finfo(dtype).bits // 8
-        )
+        stats.fill_costs(DecoderDims.from_config(self.adapter.text_config), torch.finfo(dtype).bits // 8)
         self.reducer.stats = stats
 
 

@@ -88,20 +88,21 @@ def ratio_schedule(
     )
 
 
-def solve_llm_input(budget: int, build) -> Schedule:
+def solve_llm_input(budget: int, build, step: int = 1) -> Schedule:
     """The schedule ``build(n)`` whose average is closest to ``budget`` (ties: fewer tokens).
 
     ``build`` maps an LLM-input count ``n`` to a schedule; its average must not decrease with ``n``.
+    Only multiples of ``step`` are tried (a video's vision stage keeps the same count per frame).
     Raises ``ValueError`` when no ``n`` comes within 1 token of the budget.
     """
-    low, high = 0, build(0).visual_tokens
-    while low < high:  # smallest n whose average reaches the budget
+    low, high = 0, build(0).visual_tokens // step
+    while low < high:  # smallest multiple whose average reaches the budget
         middle = (low + high) // 2
-        if build(middle).average >= budget:
+        if build(middle * step).average >= budget:
             high = middle
         else:
             low = middle + 1
-    candidates = [build(n) for n in {max(0, low - 1), low}]
+    candidates = [build(m * step) for m in {max(0, low - 1), low}]
     best = min(candidates, key=lambda s: (abs(s.average - budget), s.llm_input))
     if abs(best.average - budget) > 1:
         raise ValueError(

@@ -68,21 +68,26 @@ def merge_dominant_contextual(
     dominant: int,
     contextual: int,
     cluster_width: int | None = 4,
+    has_cls: bool = True,
 ) -> MergeResult:
     """DUET Stage A (V2V): keep dominant tokens, merge a pool of the next-best into contextual ones.
 
     Args:
-        features: ``(I, 1 + P, C)`` features of the vision feature layer, CLS first.
+        features: ``(I, 1 + P, C)`` features of the vision feature layer, CLS first (``(I, P, C)``
+            without ``has_cls``).
         cls_attention: ``(I, P)`` CLS-to-patch attention of that layer (summed or averaged over heads;
-            only the ranking matters).
+            only the ranking matters), or any per-patch importance (attention received, for towers
+            without a CLS token).
         keys: ``(I, 1 + P, d)`` keys of that layer averaged over heads (the similarity metric).
-        dominant: tokens kept as they are, CLS included (so ``dominant - 1`` patches).
+        dominant: tokens kept as they are, CLS included (so ``dominant - 1`` patches; all
+            ``dominant`` are patches without ``has_cls``).
         contextual: merged tokens appended after the dominant ones.
         cluster_width: DUET's pre-selection width ``w``: only the ``w * contextual`` best-scoring
             residual patches form the pool; anchors sit at every ``w``-th rank of it and the rest of
             the residual patches are dropped. ``None`` gives VisionZip's rule instead: anchors
             spatially uniform (every ``M // contextual``-th residual patch in raster order) and every
             other residual patch merged.
+        has_cls: token 0 is a CLS token, always kept as the first dominant token.
 
     Each contextual token is ``anchor + mean(members assigned to it)`` (members chosen by the
     highest cosine similarity of keys), the reference formula; an anchor without members is itself.
@@ -92,10 +97,11 @@ def merge_dominant_contextual(
     torch.Size([1, 7, 8])
     """
     images, tokens, _ = features.shape
-    patches = tokens - 1
+    offset = int(has_cls)
+    patches = tokens - offset
     if cls_attention.shape != (images, patches):
         raise ValueError(f"cls_attention must be {(images, patches)}, got {tuple(cls_attention.shape)}")
-    if dominant < 1 or contextual < 0 or dominant + contextual > tokens:
+    if dominant < offset or contextual < 0 or dominant + contextual > tokens:
         raise ValueError(
             f"dominant={dominant} (CLS included) + contextual={contextual} must fit in {tokens} tokens"
         )
@@ -104,14 +110,14 @@ def merge_dominant_contextual(
     device = features.device
     with torch.no_grad():
         scores = cls_attention.float()
-        top_patches = scores.topk(dominant - 1, dim=-1).indices + 1
-        cls = torch.zeros(images, 1, dtype=torch.long, device=device)
+        top_patches = scores.topk(dominant - offset, dim=-1).indices + offset
+        cls = torch.zeros(images, offset, dtype=torch.long, device=device)
         dominant_idx = torch.cat([cls, top_patches], dim=1).sort(dim=1).values
 
         is_dominant = torch.zeros(images, tokens, dtype=torch.bool, device=device)
         is_dominant.scatter_(1, dominant_idx, True)
         # Residual patches in raster order; every image has the same number of them.
-        residual = (~is_dominant[:, 1:]).nonzero()[:, 1].view(images, -1) + 1
+        residual = (~is_dominant[:, offset:]).nonzero()[:, 1].view(images, -1) + offset
         n_residual = residual.shape[1]
 
         if contextual == 0 or n_residual == 0:
@@ -124,7 +130,7 @@ def merge_dominant_contextual(
                 pool = residual
             else:
                 pool_size = min(max(1, cluster_width * contextual), n_residual)
-                residual_scores = scores.gather(1, residual - 1)
+                residual_scores = scores.gather(1, residual - offset)
                 pool = residual.gather(1, residual_scores.topk(pool_size, dim=-1).indices)
                 step = max(1, pool_size // contextual)
                 anchor_rank = torch.arange(0, pool_size, step, device=device)[:contextual]

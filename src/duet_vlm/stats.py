@@ -10,13 +10,46 @@ from .flops import DecoderDims, exact_flops, fastv_flops, kv_cache_bytes
 
 
 @dataclass
+class ItemStats:
+    """One visual item (an image or a video) of the last prefill.
+
+    Attributes:
+        row: its batch row.
+        modality: ``"image"`` or ``"video"``.
+        tokens: its placeholder slots (what the unreduced model processes).
+        units: frames of a video (1 for an image).
+        tokens_per_layer: its visual tokens entering each decoder layer.
+        kept_ids: indices, into the item's block at the LLM entry, of the tokens that reach the last
+            layer group.
+        vision_kept: ``(units, n)`` for each token entering the LLM, the vision-encoder index (within
+            its frame or image, CLS = 0 where there is one) it stands for; ``None`` without a
+            vision stage. ``unit = slot // n`` names the frame a kept slot came from.
+    """
+
+    row: int
+    modality: str
+    tokens: int
+    units: int
+    tokens_per_layer: list[int]
+    kept_ids: torch.Tensor | None = None
+    vision_kept: torch.Tensor | None = None
+
+    @property
+    def average_tokens(self) -> float:
+        return sum(self.tokens_per_layer) / len(self.tokens_per_layer)
+
+
+@dataclass
 class ReductionStats:
     """Counts and costs of the last prefill (or training forward) run under a reducer.
 
+    When every item of the batch has the same shape the per-item fields below are exact; otherwise
+    they are averages over the items, and ``items`` holds each one.
+
     Attributes:
-        tokens_per_layer: visual tokens per image entering each decoder layer.
-        visual_tokens: visual tokens per image without reduction.
-        llm_input_tokens: visual tokens per image entering decoder layer 0.
+        tokens_per_layer: visual tokens per item entering each decoder layer.
+        visual_tokens: visual tokens per item without reduction.
+        llm_input_tokens: visual tokens per item entering decoder layer 0.
         text_tokens: non-visual, non-padding tokens of each row.
         vision_kept: ``(images, n)`` for each token entering the LLM, the vision-encoder index it
             stands for (0 = CLS; ``None`` without a vision stage).
@@ -26,6 +59,7 @@ class ReductionStats:
         flops_fastv / flops_fastv_full: the papers' formula, summed over rows, reduced vs unreduced.
         flops_exact / flops_exact_full: exact decoder FLOPs (GQA, gated MLP, causal), same rows.
         kv_bytes / kv_bytes_full: KV-cache bytes after the prefill, all rows.
+        items: per visual item, its counts (``ItemStats``).
     """
 
     tokens_per_layer: list[int]
@@ -41,6 +75,7 @@ class ReductionStats:
     flops_exact_full: int = 0
     kv_bytes: int = 0
     kv_bytes_full: int = 0
+    items: list[ItemStats] = field(default_factory=list)
 
     @property
     def average_tokens(self) -> float:
@@ -51,11 +86,13 @@ class ReductionStats:
         """Reduced / unreduced exact decoder FLOPs."""
         return self.flops_exact / self.flops_exact_full if self.flops_exact_full else 1.0
 
-    def fill_costs(self, dims: DecoderDims, images_per_row: int, bytes_per_element: int) -> None:
-        full = [self.visual_tokens] * len(self.tokens_per_layer)
-        for text in self.text_tokens:
-            reduced_row = [text + images_per_row * n for n in self.tokens_per_layer]
-            full_row = [text + images_per_row * n for n in full]
+    def fill_costs(self, dims: DecoderDims, bytes_per_element: int) -> None:
+        """Decoder FLOPs and KV bytes of every row: its text tokens plus its items' visual tokens."""
+        layers = len(self.items[0].tokens_per_layer) if self.items else len(self.tokens_per_layer)
+        for row, text in enumerate(self.text_tokens):
+            row_items = [item for item in self.items if item.row == row]
+            reduced_row = [text + sum(item.tokens_per_layer[l] for item in row_items) for l in range(layers)]
+            full_row = [text + sum(item.tokens for item in row_items)] * layers
             self.flops_fastv += fastv_flops(dims, reduced_row)
             self.flops_fastv_full += fastv_flops(dims, full_row)
             self.flops_exact += exact_flops(dims, reduced_row)

@@ -1,24 +1,28 @@
-"""Model-family adapters: where the vision span is, which modules to hook, RoPE conventions."""
+"""Model-family adapters: where the visual items are, which modules to hook, RoPE conventions."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from .base import Geometry, ModelAdapter
+from .base import Capture, Geometry, ModelAdapter, VisualItem
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .video_llava import VideoLlavaAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter,)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, VideoLlavaAdapter)
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
-    """The adapter for ``model``, or a ``TypeError`` naming the supported model classes."""
+    """The adapter whose config types match ``model``, or a ``TypeError`` naming the supported classes."""
     for adapter in ADAPTERS:
         if adapter.matches(model):
             return adapter(model)
     supported = ", ".join(name for adapter in ADAPTERS for name in adapter.supported_classes)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
     raise TypeError(
-        f"duet-vlm does not support {type(model).__name__}; supported model classes: {supported}"
+        f"duet-vlm does not support {type(model).__name__} (model_type {model_type!r}); "
+        f"supported model classes: {supported}"
     )
 
 
-__all__ = ["ADAPTERS", "Geometry", "ModelAdapter", "adapter_for"]
+__all__ = ["ADAPTERS", "Capture", "Geometry", "ModelAdapter", "VisualItem", "adapter_for"]

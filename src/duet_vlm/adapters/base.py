@@ -1,4 +1,21 @@
-"""What the runtime needs to know about a model family, and nothing about methods."""
+"""What the runtime needs to know about a model family, and nothing about methods.
+
+A family adapter answers four questions for the runtime:
+
+1. **Where are the visual items?** ``find_items`` turns a batch's ``input_ids`` (and the forward's
+   keyword arguments, e.g. ``image_sizes``) into ``VisualItem``s: one image (all its tiles and
+   newline tokens) or one video (all its frames) in one row, its placeholder slots, and the
+   ``Geometry`` a method's budget solver needs for it.
+2. **Which vision layers carry the signals?** ``towers`` names the encoder layer whose input and
+   output are captured for every tower (Video-LLaVA has two); ``vision_scores`` turns a captured
+   input into per-token importance and keys from that layer's own projections, so the tower keeps
+   its attention backend.
+3. **How do vision tokens map to slots?** ``unit_features`` hands a vision stage the pre-projector
+   features of an item's units (a frame, or an image) and ``project`` maps the stage's output into
+   the language model's space; the runtime writes it into the item's first slots at the language
+   model's entry (the *feature site*), so transformers' placeholder checks and packing run unchanged.
+4. **How does the decoder number positions?** ``rotary_emb`` and the layer modules (1-D RoPE here).
+"""
 
 from __future__ import annotations
 
@@ -19,37 +36,114 @@ def rotate_like(layer: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: 
 
 @dataclass(frozen=True)
 class Geometry:
-    """Shape facts a budget solver needs.
+    """Shape facts of one visual item that a budget solver needs.
 
     Attributes:
         num_layers: decoder layers of the language model.
-        visual_tokens: placeholder tokens per image in the LLM input (576 on LLaVA-1.5).
-        grid: patch grid of the vision encoder (24, 24 on LLaVA-1.5).
-        has_cls: the vision encoder has a CLS token at index 0.
+        visual_tokens: placeholder slots of the item in the LLM input (576 for a LLaVA-1.5 image;
+            frames x tokens per frame for a video; tiles, unpadding and newline tokens included for
+            an anyres image).
+        grid: patch grid ``(rows, cols)`` of one unit (a frame, or the image's base tile).
+        has_cls: each unit's vision tokens start with a CLS token (index 0).
+        units: how many units the item has (frames of a video; 1 for an image). Vision stages run
+            per unit with ``llm_input // units`` tokens each, so a vision stage's token count is a
+            multiple of ``units``.
+        modality: ``"image"`` or ``"video"``.
+
+    >>> Geometry(32, 576, (24, 24), True).unit_tokens
+    576
     """
 
     num_layers: int
     visual_tokens: int
     grid: tuple[int, int]
     has_cls: bool
+    units: int = 1
+    modality: str = "image"
+
+    def __post_init__(self) -> None:
+        if self.units < 1 or self.visual_tokens % self.units:
+            raise ValueError(f"{self.visual_tokens} visual tokens do not split into {self.units} equal units")
+
+    @property
+    def unit_tokens(self) -> int:
+        """Placeholder slots of one unit (a frame)."""
+        return self.visual_tokens // self.units
+
+    @property
+    def patches(self) -> int:
+        """Patches of one unit's grid (CLS excluded)."""
+        return self.grid[0] * self.grid[1]
+
+
+@dataclass
+class VisualItem:
+    """One image or video in one row of a batch.
+
+    Attributes:
+        row: batch row.
+        start: first placeholder slot in the row (full input coordinates).
+        geometry: the item's shape facts (its ``visual_tokens`` slots follow ``start``).
+        tower: name of the tower that encoded it (a key of ``ModelAdapter.towers``).
+    """
+
+    row: int
+    start: int
+    geometry: Geometry
+    tower: str = "image"
+    layout: object = None  # adapter-private facts (LLaVA-NeXT: its tiles and slot map)
+
+    @property
+    def length(self) -> int:
+        return self.geometry.visual_tokens
+
+    def unit_start(self, unit: int) -> int:
+        """First slot (full input coordinates) of ``unit``."""
+        return self.start + unit * self.geometry.unit_tokens
+
+
+@dataclass
+class Capture:
+    """Input and output of a tower's feature layer, for every unit that tower encoded in one call."""
+
+    layer_input: torch.Tensor
+    output: torch.Tensor
+
+
+@dataclass
+class UnitFeatures:
+    """What a vision stage needs for a stack of units of the same shape (see ``VisionView``)."""
+
+    features: torch.Tensor
+    scores: torch.Tensor
+    keys: torch.Tensor
 
 
 class ModelAdapter:
     """Module paths and tensor conventions of one model family.
 
-    Subclasses set the module attributes in ``__init__`` and implement the vision-side scoring.
-    The attributes the runtime uses:
+    Subclasses set the module attributes in ``__init__``. The attributes the runtime uses:
 
     - ``top``: the module receiving ``labels`` (or ``None`` for a bare base model),
     - ``base``: the module receiving ``input_ids`` and running vision + language,
     - ``language_model``: the text decoder (``LlamaModel``-like), ``layers`` its decoder layers,
       ``rotary_emb`` its RoPE module,
     - ``final_norm`` and ``lm_head`` (``None`` without a head): the output head,
-    - ``vision_layer``: the encoder layer whose output feeds the projector, ``projector``,
-    - ``image_token_id``, ``geometry`` and ``text_config``.
+    - ``towers``: ``{name: feature layer}`` of every vision tower, ``projector``,
+    - ``placeholder_ids``: ``{token id: tower name}``,
+    - ``geometry``: the geometry of a default image (what ``duet-vlm plan`` and attach-time checks
+      use), and ``text_config``.
+
+    Adapters are matched on the model's config (``model_type`` and the vision tower's model type),
+    never on class names alone: a LLaVA class with a tower the adapter does not know is refused at
+    attach, not mid-forward.
     """
 
     family: str = ""
+    #: ``config.model_type`` values this adapter handles.
+    model_types: tuple[str, ...] = ()
+    #: vision ``model_type`` values its towers may have.
+    vision_model_types: tuple[str, ...] = ()
     supported_classes: tuple[str, ...] = ()
 
     top: nn.Module | None
@@ -59,34 +153,104 @@ class ModelAdapter:
     rotary_emb: nn.Module
     final_norm: nn.Module
     lm_head: nn.Module | None
-    vision_layer: nn.Module
+    towers: dict[str, nn.Module]
     projector: nn.Module
-    image_token_id: int
+    placeholder_ids: dict[int, str]
     geometry: Geometry
 
     @classmethod
+    def config_of(cls, model: nn.Module):
+        return getattr(model, "config", None)
+
+    @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return type(model).__name__ in cls.supported_classes
+        config = cls.config_of(model)
+        return getattr(config, "model_type", None) in cls.model_types and hasattr(model, "get_input_embeddings")
+
+    @classmethod
+    def check_vision(cls, model: nn.Module) -> None:
+        """Refuse, at attach time, a vision tower this adapter was not written for."""
+        config = cls.config_of(model)
+        for key in ("vision_config",):
+            vision = getattr(config, key, None)
+            kind = getattr(vision, "model_type", None)
+            if vision is not None and kind not in cls.vision_model_types:
+                raise TypeError(
+                    f"duet-vlm's {cls.family} adapter supports vision towers of type "
+                    f"{', '.join(cls.vision_model_types)}; this model's is {kind!r}"
+                )
 
     @property
     def text_config(self):
         return self.language_model.config
 
-    @property
-    def slots_have_cls(self) -> bool:
-        """Whether the image's placeholder slots hold the CLS feature too (LLaVA "full" strategy)."""
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    # ----------------------------------------------------------------- visual items
+    def find_items(self, input_ids: torch.Tensor, kwargs: dict) -> list[VisualItem]:
+        """Every visual item of the batch, in row-major order."""
         raise NotImplementedError
 
-    def vision_scores(self, layer_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """CLS-to-patch attention ``(I, P)`` summed over heads and head-averaged keys ``(I, T, d)``.
+    def items_from_runs(self, input_ids: torch.Tensor, token_id: int, tower: str, geometry_of_run) -> list[VisualItem]:
+        """Items from the runs of ``token_id`` placeholders: ``geometry_of_run(length)`` returns the
+        geometry of one item; a run longer than one item holds several consecutive items."""
+        items = []
+        is_token = input_ids == token_id
+        if not is_token.any():
+            return items
+        for row in range(input_ids.shape[0]):
+            positions = is_token[row].nonzero()[:, 0].tolist()
+            runs: list[list[int]] = []
+            for position in positions:
+                if runs and position == runs[-1][1]:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([position, position + 1])
+            for start, end in runs:
+                geometry = geometry_of_run(end - start)
+                if (end - start) % geometry.visual_tokens:
+                    raise ValueError(
+                        f"a run of {end - start} {tower} placeholder tokens in row {row} is not a whole number of "
+                        f"items of {geometry.visual_tokens} tokens (mismatched placeholders?)"
+                    )
+                for item_start in range(start, end, geometry.visual_tokens):
+                    items.append(VisualItem(row, item_start, geometry, tower))
+        return items
 
-        Computed from the vision layer's own norm and projections on its input, so the tower keeps
-        its fast attention and nothing beyond the CLS query row is materialised.
-        """
+    # ----------------------------------------------------------------- vision side
+    def vision_scores(self, layer_input: torch.Tensor, tower: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
+        """Importance of each patch ``(U, P)`` and head-averaged keys ``(U, T, d)`` of ``tower``'s
+        feature layer, from the layer's own norm and projections on its captured input."""
         raise NotImplementedError
 
+    def trace(self, items: list[VisualItem], captures: dict[str, Capture], inputs_embeds: torch.Tensor) -> None:
+        """Complete items whose layout is only known once their features sit in ``inputs_embeds``
+        (at the language model's entry); most families know everything from ``input_ids``."""
+
+    def units_needed(self, item: VisualItem) -> int:
+        """Rows of its tower's captured features that ``item`` uses (frames, or tiles)."""
+        return item.geometry.units
+
+    def unit_features(
+        self, items: list[VisualItem], capture: Capture, signals: tuple[torch.Tensor, torch.Tensor], first_row
+    ) -> UnitFeatures:
+        """A vision stage's input for ``items`` (same geometry), stacked unit by unit: the
+        pre-projector features, patch scores and keys of each unit. ``first_row(item)`` is the first
+        captured row of the item (items repeated by ``generate`` share rows)."""
+        scores, keys = signals
+        units = items[0].geometry.units
+        rows = torch.cat([torch.arange(units) + first_row(item) for item in items]).to(scores.device)
+        return UnitFeatures(capture.output[rows], scores[rows], keys[rows])
+
+    def project(self, item: VisualItem, features: torch.Tensor) -> torch.Tensor:
+        """Map a vision stage's output ``(U, k, C)`` into the language model's embedding space."""
+        return self.projector(features)
+
+    # ----------------------------------------------------------------- language side
     # The language side is Llama-like for every supported family: pre-norm decoder layers with
-    # ``input_layernorm`` and ``self_attn.{q_proj,k_proj}`` and rotate-half RoPE.
+    # ``input_layernorm`` and ``self_attn.{q_proj,k_proj}`` (optionally ``q_norm``/``k_norm``) and
+    # rotate-half RoPE.
     def rotate(self, layer: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Apply the model's own RoPE function (from its modeling module) to ``(B, H, L, d)`` states."""
         return rotate_like(layer, states, cos, sin)
@@ -102,23 +266,25 @@ class ModelAdapter:
     ) -> torch.Tensor:
         """Attention from each row's query tokens to its visual tokens, as ``layer`` would compute it.
 
-        Only the ``|queries| x L`` block is formed: the layer's input norm, q/k projections and RoPE on
-        the (detached) hidden states, a full-row softmax in float32 over all causally visible, non-pad
-        keys, then the mean over heads and over queries.
+        Only the ``|queries| x L`` block is formed: the layer's input norm, q/k projections (and
+        per-head q/k norms where the layer has them) and RoPE on the (detached) hidden states, a
+        full-row softmax in float32 over all causally visible, non-pad keys, then the mean over
+        heads and over queries.
 
         Args:
             hidden_states: ``(B, L, D)`` input of ``layer``.
             position_embeddings: ``(cos, sin)`` for those ``L`` positions.
             queries: per row, a 1-D tensor of query positions.
             key_valid: ``(B, L)`` bool, False on padding.
-            visual_index: ``(B, n_images, n)`` positions of the visual tokens.
+            visual_index: ``(B, n_items, n)`` positions of the visual tokens.
 
         Returns:
-            ``(B, n_images, n)`` float32 scores.
+            ``(B, n_items, n)`` float32 scores.
         """
         attn = layer.self_attn
         head_dim = attn.head_dim
         groups = attn.num_key_value_groups
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         cos, sin = position_embeddings
         batch = hidden_states.shape[0]
         cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
@@ -127,10 +293,12 @@ class ModelAdapter:
             for row in range(batch):
                 x = layer.input_layernorm(hidden_states[row : row + 1].detach())
                 q_pos = queries[row]
-                keys = attn.k_proj(x).view(1, x.shape[1], -1, head_dim).transpose(1, 2)
-                keys = self.rotate(layer, keys, cos[row : row + 1], sin[row : row + 1])
-                query = attn.q_proj(x[:, q_pos]).view(1, len(q_pos), -1, head_dim).transpose(1, 2)
-                query = self.rotate(layer, query, cos[row : row + 1, q_pos], sin[row : row + 1, q_pos])
+                keys = attn.k_proj(x).view(1, x.shape[1], -1, head_dim)
+                query = attn.q_proj(x[:, q_pos]).view(1, len(q_pos), -1, head_dim)
+                if k_norm is not None:
+                    keys, query = k_norm(keys), q_norm(query)
+                keys = self.rotate(layer, keys.transpose(1, 2), cos[row : row + 1], sin[row : row + 1])
+                query = self.rotate(layer, query.transpose(1, 2), cos[row : row + 1, q_pos], sin[row : row + 1, q_pos])
                 keys = keys.repeat_interleave(groups, dim=1)
                 logits = (query.float() @ keys.float().transpose(-1, -2)) * attn.scaling  # (1, H, q, L)
                 key_pos = torch.arange(x.shape[1], device=x.device)
@@ -140,3 +308,56 @@ class ModelAdapter:
                 per_token = probs[:, visual_index[row].reshape(-1)].mean(dim=0)
                 scores.append(per_token.view(visual_index.shape[1:]))
         return torch.stack(scores)
+
+
+def feature_layer(tower: nn.Module, feature_layer_index: int) -> nn.Module:
+    """The encoder layer whose output is ``hidden_states[feature_layer_index]`` of ``tower``."""
+    if not isinstance(feature_layer_index, int):
+        raise ValueError(
+            f"vision_feature_layer={feature_layer_index}: duet-vlm supports a single vision feature layer"
+        )
+    encoder = getattr(tower, "vision_model", tower).encoder
+    layers = encoder.layers
+    n = len(layers)
+    # hidden_states[0] is the embedding output and hidden_states[k] the output of layer k - 1.
+    layer_index = feature_layer_index % (n + 1) - 1
+    if layer_index < 0:
+        raise ValueError("vision_feature_layer selects the patch embeddings; no attention layer to score with")
+    return layers[layer_index]
+
+
+def cls_attention_and_keys(layer: nn.Module, layer_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLS-to-patch attention ``(U, P)`` summed over heads and head-averaged keys ``(U, T, d)`` of a
+    CLIP encoder layer, from its own ``layer_norm1`` and projections (only the CLS query row)."""
+    attn = layer.self_attn
+    with torch.no_grad():
+        x = layer.layer_norm1(layer_input)
+        units, tokens, _ = x.shape
+        keys = attn.k_proj(x).view(units, tokens, -1, attn.head_dim).transpose(1, 2)  # (U, H, T, d)
+        cls_query = attn.q_proj(x[:, :1]).view(units, 1, -1, attn.head_dim).transpose(1, 2)
+        logits = (cls_query.float() @ keys.float().transpose(-1, -2)) * attn.scale  # (U, H, 1, T)
+        cls_attention = logits.softmax(dim=-1)[:, :, 0, 1:].sum(dim=1)
+    return cls_attention, keys.mean(dim=1)
+
+
+def attention_received_and_keys(
+    layer: nn.Module, layer_input: torch.Tensor, chunk: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention each token *receives* ``(U, T)`` (softmax over keys, mean over heads, summed over
+    every query) and head-averaged keys ``(U, T, d)``, for towers without a CLS token (SigLIP).
+
+    Computed from the layer's own ``layer_norm1`` and projections, ``chunk`` query rows at a time,
+    so no more than a ``chunk x T`` slice of the map exists at once and the tower keeps its
+    attention backend.
+    """
+    attn = layer.self_attn
+    with torch.no_grad():
+        x = layer.layer_norm1(layer_input)
+        units, tokens, _ = x.shape
+        keys = attn.k_proj(x).view(units, tokens, -1, attn.head_dim).transpose(1, 2)
+        queries = attn.q_proj(x).view(units, tokens, -1, attn.head_dim).transpose(1, 2)
+        received = torch.zeros(units, tokens, dtype=torch.float32, device=x.device)
+        for begin in range(0, tokens, chunk):
+            logits = (queries[:, :, begin : begin + chunk].float() @ keys.float().transpose(-1, -2)) * attn.scale
+            received += logits.softmax(dim=-1).mean(dim=1).sum(dim=1)
+    return received, keys.mean(dim=1)

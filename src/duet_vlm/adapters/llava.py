@@ -1,21 +1,25 @@
-"""LLaVA-1.5 (`LlavaForConditionalGeneration` / `LlavaModel`) with a CLIP vision tower."""
+"""LLaVA-1.5 (`LlavaForConditionalGeneration` / `LlavaModel`): one tower, one fixed-size image."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .base import Geometry, ModelAdapter
+from .base import Geometry, ModelAdapter, VisualItem, attention_received_and_keys, cls_attention_and_keys, feature_layer
 
 
 class LlavaAdapter(ModelAdapter):
-    """Vision span = runs of ``config.image_token_id``; 1-D RoPE; Llama-like decoder."""
+    """Images are runs of ``config.image_token_id``, ``image_seq_length`` slots each; CLIP towers
+    (CLS scores) or SigLIP towers (no CLS: attention received instead); 1-D RoPE."""
 
     family = "llava"
+    model_types = ("llava",)
+    vision_model_types = ("clip_vision_model", "siglip_vision_model")
     supported_classes = ("LlavaForConditionalGeneration", "LlavaModel")
 
     def __init__(self, model: nn.Module):
         config = model.config
+        self.check_vision(model)
         self.top = model if hasattr(model, "lm_head") else None
         self.base = model.model if self.top is not None else model
         self.language_model = self.base.language_model
@@ -24,45 +28,27 @@ class LlavaAdapter(ModelAdapter):
         self.projector = self.base.multi_modal_projector
         self.final_norm = self.language_model.norm
         self.lm_head = self.top.lm_head if self.top is not None else None
-        self.image_token_id = config.image_token_id
         self.select_strategy = config.vision_feature_select_strategy
-
-        feature_layer = config.vision_feature_layer
-        if not isinstance(feature_layer, int):
-            raise ValueError(
-                f"vision_feature_layer={feature_layer}: duet-vlm supports a single vision feature layer"
-            )
-        tower = self.base.vision_tower
-        encoder_layers = getattr(tower, "vision_model", tower).encoder.layers
-        n = len(encoder_layers)
-        # hidden_states[0] is the embedding output and hidden_states[k] the output of layer k - 1.
-        layer_index = feature_layer % (n + 1) - 1
-        if layer_index < 0:
-            raise ValueError("vision_feature_layer selects the patch embeddings; no attention layer to score with")
-        self.vision_layer = encoder_layers[layer_index]
+        self.towers = {"image": feature_layer(self.base.vision_tower, config.vision_feature_layer)}
+        self.placeholder_ids = {config.image_token_id: "image"}
+        self.has_cls = config.vision_config.model_type == "clip_vision_model"
 
         vision_config = config.vision_config
         side = vision_config.image_size // vision_config.patch_size
-        patches = side * side
-        self.geometry = Geometry(
-            num_layers=config.text_config.num_hidden_layers,
-            visual_tokens=patches + (1 if self.slots_have_cls else 0),
-            grid=(side, side),
-            has_cls=True,
-        )
+        tokens = side * side + int(self.has_cls)  # what the feature layer outputs per image
+        slots = tokens - (1 if self.select_strategy == "default" else 0)
+        self.geometry = Geometry(config.text_config.num_hidden_layers, slots, (side, side), self.has_cls)
 
     @property
     def slots_have_cls(self) -> bool:
-        return self.select_strategy == "full"
+        """Whether the image's placeholder slots hold the CLS feature too (LLaVA "full" strategy)."""
+        return self.has_cls and self.select_strategy == "full"
 
-    def vision_scores(self, layer_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        layer = self.vision_layer
-        attn = layer.self_attn
-        with torch.no_grad():
-            x = layer.layer_norm1(layer_input)
-            images, tokens, _ = x.shape
-            keys = attn.k_proj(x).view(images, tokens, -1, attn.head_dim).transpose(1, 2)  # (I, H, T, d)
-            cls_query = attn.q_proj(x[:, :1]).view(images, 1, -1, attn.head_dim).transpose(1, 2)
-            logits = (cls_query.float() @ keys.float().transpose(-1, -2)) * attn.scale  # (I, H, 1, T)
-            cls_attention = logits.softmax(dim=-1)[:, :, 0, 1:].sum(dim=1)
-        return cls_attention, keys.mean(dim=1)
+    def find_items(self, input_ids: torch.Tensor, kwargs: dict) -> list[VisualItem]:
+        (token_id, tower), = self.placeholder_ids.items()
+        return self.items_from_runs(input_ids, token_id, tower, lambda n: self.geometry)
+
+    def vision_scores(self, layer_input: torch.Tensor, tower: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
+        if self.has_cls:
+            return cls_attention_and_keys(self.towers[tower], layer_input)
+        return attention_received_and_keys(self.towers[tower], layer_input)

@@ -3,6 +3,7 @@
 from .base import (
     Compose,
     LanguageStage,
+    PerItemRatio,
     LayerView,
     Plan,
     Reducer,
@@ -26,6 +27,7 @@ __all__ = [
     # the interface
     "Compose",
     "LanguageStage",
+    "PerItemRatio",
     "LayerView",
     "Plan",
     "Reducer",

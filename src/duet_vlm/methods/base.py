@@ -26,11 +26,13 @@ from ..stats import ReductionStats
 
 @dataclass
 class VisionView:
-    """What a vision-side stage sees for a batch of ``I`` images.
+    """What a vision-side stage sees for a stack of ``I`` units of the same shape (images, or frames).
 
     Attributes:
         features: ``(I, T, C)`` output of the vision feature layer, CLS first when ``has_cls``.
-        cls_attention: ``(I, P)`` CLS-to-patch attention of that layer, summed over heads.
+        cls_attention: ``(I, P)`` CLS-to-patch attention of that layer, summed over heads; for a
+            tower without a CLS token (SigLIP) the substitute the adapter documents: the attention
+            each patch receives, averaged over heads and summed over queries.
         keys: ``(I, T, d)`` that layer's keys averaged over heads.
         grid: patch grid ``(rows, cols)``; patch ``(r, c)`` is token ``has_cls + r * cols + c``.
         has_cls: whether token 0 is a CLS token.
@@ -60,11 +62,11 @@ class VisionReduction:
 
 
 class VisionStage(ABC):
-    """Reduces each image's vision-encoder tokens before the projector."""
+    """Reduces each unit's vision-encoder tokens (an image, or one frame of a video) before the projector."""
 
     @abstractmethod
     def reduce(self, view: VisionView, keep: int) -> VisionReduction:
-        """Return ``keep`` tokens per image (``keep`` counts the CLS token if it is kept)."""
+        """Return ``keep`` tokens per unit (``keep`` counts the CLS token if it is kept)."""
 
 
 @dataclass
@@ -185,6 +187,11 @@ class Plan:
             raise ValueError("a schedule with pruning boundaries needs a language stage")
 
 
+def per_unit(geometry: Geometry | None, keep: int) -> int:
+    """Tokens per unit (per frame of a video) of a vision stage that keeps ``keep`` per item."""
+    return keep // geometry.units if geometry is not None else keep
+
+
 def check_budget(budget: int | None, required: bool = True) -> None:
     """Budgets are whole numbers of visual tokens per layer per image."""
     if budget is None and not required:
@@ -230,10 +237,12 @@ class Reducer(ABC):
         budget = getattr(self, "budget", None)
         if budget is not None and budget >= geometry.visual_tokens:
             warnings.warn(
-                f"budget {budget} >= {geometry.visual_tokens} visual tokens per image: nothing is reduced",
+                f"budget {budget} >= {geometry.visual_tokens} visual tokens per {geometry.modality}: "
+                "nothing is reduced",
                 stacklevel=3,
             )
-            return Plan(Schedule(geometry.num_layers, geometry.visual_tokens, geometry.visual_tokens))
+            schedule = Schedule(geometry.num_layers, geometry.visual_tokens, geometry.visual_tokens)
+            return Plan(schedule, positions=getattr(self, "positions", "contiguous"))
         return self.plan(geometry)
 
     def attach(self, model: nn.Module):
@@ -252,6 +261,35 @@ class Reducer(ABC):
             handle.remove()
 
 
+@dataclass
+class PerItemRatio(Reducer):
+    """Any method with its budget set, for each visual item, to ``ratio`` of the item's own tokens.
+
+    Anyres images and videos differ in size, so one absolute budget means a different reduction for
+    each of them; ``ratio=0.25`` keeps a quarter of every item (its layer average, rounded).
+    ``duet_vlm.make(name, ratio=...)`` builds one.
+
+    >>> reducer = make("duet", ratio=0.25)                         # doctest: +SKIP
+    >>> with reducer(model): model.generate(**inputs)              # doctest: +SKIP
+    """
+
+    build: Callable[[int], Reducer]
+    ratio: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio <= 1:
+            raise ValueError(f"ratio must lie in (0, 1] (the kept fraction of each item's tokens), got {self.ratio!r}")
+
+    def budget_for(self, geometry: Geometry) -> int:
+        return max(1, round(self.ratio * geometry.visual_tokens))
+
+    def resolve(self, geometry: Geometry) -> Plan:
+        return self.build(self.budget_for(geometry)).resolve(geometry)
+
+    def plan(self, geometry: Geometry) -> Plan:
+        return self.build(self.budget_for(geometry)).plan(geometry)
+
+
 def compose_plan(
     vision: Reducer, language: Reducer, budget: int, geometry: Geometry, positions: str = "contiguous"
 ) -> Plan:
@@ -260,7 +298,7 @@ def compose_plan(
     The LLM-input count is solved so that the language method's schedule averages ``budget``; the
     vision method is then configured to deliver exactly that many tokens.
     """
-    schedule = solve_llm_input(budget, lambda n: language.schedule_for(geometry, n))
+    schedule = solve_llm_input(budget, lambda n: language.schedule_for(geometry, n), step=geometry.units)
     language_stage = language.language_stage() if schedule.boundaries else None
     return Plan(schedule, vision.vision_stage_for(geometry, schedule.llm_input), language_stage, positions)
 

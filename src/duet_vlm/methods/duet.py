@@ -21,11 +21,14 @@ from .base import (
     VisionView,
     check_budget,
     compose_plan,
+    per_unit,
 )
 
 # The splits the paper's LLaVA-1.5 runs used (official eval and README): 300 + 7 at budget 192 and
 # 170 + 35 at budget 128. Elsewhere contextual tokens take VisionZip's share (10 of every 64).
-PUBLISHED_SPLITS = {(576, 307): (300, 7), (576, 205): (170, 35)}
+# Keyed by (tokens per unit, kept per unit). The reference's Video-LLaVA runs keep 160 + 32 per
+# frame (CLS included); transformers' video tower keeps CLS in each frame's 257 tokens.
+PUBLISHED_SPLITS = {(576, 307): (300, 7), (576, 205): (170, 35), (257, 192): (160, 32)}
 CONTEXTUAL_SHARE = 10 / 64
 
 
@@ -67,7 +70,7 @@ class DominantContextualMerge(VisionStage):
     def reduce(self, view: VisionView, keep: int) -> VisionReduction:
         contextual = min(self.contextual, keep - 1)
         merged = merge_dominant_contextual(
-            view.features, view.cls_attention, view.keys, keep - contextual, contextual, self.cluster_width
+            view.features, view.cls_attention, view.keys, keep - contextual, contextual, self.cluster_width, view.has_cls
         )
         roles = {"dominant": merged.dominant, "anchors": merged.anchors, "members": merged.members}
         return VisionReduction(merged.features, merged.kept, roles)
@@ -178,14 +181,16 @@ class Duet(Reducer):
         return TextGuidedPrune(query=self.query, tokenizer=self.tokenizer)
 
     def vision_stage_for(self, geometry: Geometry, keep: int) -> DominantContextualMerge:
-        published = PUBLISHED_SPLITS.get((geometry.visual_tokens, keep))
+        keep = per_unit(geometry, keep)
+        published = PUBLISHED_SPLITS.get((geometry.unit_tokens, keep))
         default = published[1] if published else round(keep * CONTEXTUAL_SHARE)
         contextual = contextual_count(keep, self.dominant, self.contextual, default)
         return DominantContextualMerge(contextual=contextual, cluster_width=self.cluster_width)
 
     def plan(self, geometry: Geometry) -> Plan:
         if self.dominant is not None and self.contextual is not None:
-            schedule = self.schedule_for(geometry, self.dominant + self.contextual)
+            # Explicit counts are per unit: per image, or per frame of a video.
+            schedule = self.schedule_for(geometry, (self.dominant + self.contextual) * geometry.units)
             language = self.language_stage() if schedule.boundaries else None
             return Plan(schedule, self.vision_stage_for(geometry, schedule.llm_input), language, self.positions)
         return compose_plan(self, self, self.budget, geometry, self.positions)

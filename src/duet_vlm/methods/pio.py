@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..adapters import Geometry
 from ..schedule import Schedule, scaled_boundaries, solve_llm_input
 from ..selection import gather_tokens
-from .base import LanguageStage, LayerView, Plan, Reducer, check_budget, compose_plan
+from .base import LanguageStage, LayerView, Plan, Reducer, check_budget, compose_plan, per_unit
 from .duet import CONTEXTUAL_SHARE, DominantContextualMerge, contextual_count
 
 SALIENCIES = ("grad_norm", "grad_x_input")
@@ -262,6 +262,7 @@ class PIO(Reducer):
         return SaliencyNMSPrune(self.saliency, self.threshold, self.prediction_tokens)
 
     def vision_stage_for(self, geometry: Geometry, keep: int) -> DominantContextualMerge:
+        keep = per_unit(geometry, keep)
         contextual = contextual_count(keep, None, self.contextual, round(keep * CONTEXTUAL_SHARE))
         return DominantContextualMerge(contextual=contextual, cluster_width=None)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..adapters import Geometry
 from ..schedule import Schedule
-from .base import Plan, Reducer, VisionReduction, VisionStage, VisionView, check_budget
+from .base import Plan, Reducer, VisionReduction, VisionStage, VisionView, check_budget, per_unit
 
 
 def pool_grid(count: int, grid: tuple[int, int], tolerance: int = 0) -> tuple[int, int]:
@@ -101,7 +101,7 @@ class Pool(Reducer):
 
     def vision_stage_for(self, geometry: Geometry, keep: int) -> GridPool:
         # Composition needs exactly `keep` tokens, so no tolerance here.
-        return GridPool(pool_grid(keep, geometry.grid))
+        return GridPool(pool_grid(per_unit(geometry, keep), geometry.grid))
 
     def plan(self, geometry: Geometry) -> Plan:
         if self.shape is not None:
@@ -111,6 +111,6 @@ class Pool(Reducer):
         elif self.budget is None:
             raise ValueError("Pool needs a budget (or a shape)")
         else:
-            shape = pool_grid(self.budget, geometry.grid, tolerance=1)
-        schedule = Schedule(geometry.num_layers, geometry.visual_tokens, shape[0] * shape[1])
+            shape = pool_grid(self.budget // geometry.units, geometry.grid, tolerance=1)  # per frame
+        schedule = Schedule(geometry.num_layers, geometry.visual_tokens, shape[0] * shape[1] * geometry.units)
         return Plan(schedule, vision=GridPool(shape))

@@ -9,7 +9,7 @@ import torch
 from ..adapters import Geometry
 from ..schedule import Schedule
 from ..selection import gather_tokens
-from .base import Plan, Reducer, VisionReduction, VisionStage, VisionView, check_budget
+from .base import Plan, Reducer, VisionReduction, VisionStage, VisionView, check_budget, per_unit
 
 
 def random_patches(num_patches: int, keep: int, seed: int) -> torch.Tensor:
@@ -73,7 +73,7 @@ class RandomDrop(Reducer):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
 
     def vision_stage_for(self, geometry: Geometry, keep: int) -> RandomPatches:
-        patches = geometry.grid[0] * geometry.grid[1]
+        patches, keep = geometry.patches, per_unit(geometry, keep)
         if keep > patches:
             raise ValueError(f"cannot keep {keep} of {patches} patches")
         return RandomPatches(seed=self.seed)
@@ -81,5 +81,6 @@ class RandomDrop(Reducer):
     def plan(self, geometry: Geometry) -> Plan:
         if self.budget is None:
             raise ValueError("RandomDrop needs a budget")
-        schedule = Schedule(geometry.num_layers, geometry.visual_tokens, self.budget)
-        return Plan(schedule, vision=self.vision_stage_for(geometry, self.budget))
+        keep = self.budget // geometry.units * geometry.units  # the same count in every frame
+        schedule = Schedule(geometry.num_layers, geometry.visual_tokens, keep)
+        return Plan(schedule, vision=self.vision_stage_for(geometry, keep))

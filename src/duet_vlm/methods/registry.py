@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Reducer
+from .base import PerItemRatio, Reducer
 from .duet import Duet
 from .pio import PIO
 from .fastv import FastV
@@ -26,14 +26,21 @@ METHODS: dict[str, type[Reducer]] = {
 }
 
 
-def make(name: str, budget: int | None = None, **options) -> Reducer:
-    """Build a registered method by name.
+def make(name: str, budget: int | None = None, ratio: float | None = None, **options) -> Reducer:
+    """Build a registered method by name, with an absolute ``budget`` (average visual tokens per
+    decoder layer, per visual item) or a ``ratio`` of each item's own tokens.
 
     >>> reducer = make("duet", budget=128)
     >>> with reducer(model): model.generate(**inputs)      # doctest: +SKIP
+    >>> make("visionzip", ratio=0.25)                       # doctest: +SKIP
     """
     try:
         method = METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; registered: {', '.join(sorted(METHODS))}") from None
+    if ratio is not None:
+        if budget is not None:
+            raise ValueError("give a budget or a ratio, not both")
+        method(budget=1, **options)  # validate the options now, not at the first forward
+        return PerItemRatio(lambda b: method(budget=b, **options), ratio)
     return method(budget=budget, **options) if budget is not None else method(**options)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..adapters import Geometry
 from ..schedule import Schedule
-from .base import Plan, Reducer, check_budget
+from .base import Plan, Reducer, check_budget, per_unit
 from .duet import CONTEXTUAL_SHARE, DominantContextualMerge, check_stage_a_counts, contextual_count
 
 
@@ -50,16 +50,17 @@ class VisionZip(Reducer):
         check_stage_a_counts(self.dominant, self.contextual)
 
     def vision_stage_for(self, geometry: Geometry, keep: int) -> DominantContextualMerge:
+        keep = per_unit(geometry, keep)
         contextual = contextual_count(keep, self.dominant, self.contextual, visionzip_split(keep)[1])
         return DominantContextualMerge(contextual=contextual, cluster_width=None)
 
     def plan(self, geometry: Geometry) -> Plan:
         if self.dominant is not None and self.contextual is not None:
-            keep = self.dominant + self.contextual
+            keep = (self.dominant + self.contextual) * geometry.units  # explicit counts are per frame
         elif self.budget is None:
             raise ValueError("VisionZip needs a budget (or both dominant and contextual)")
         else:
-            keep = self.budget
+            keep = self.budget // geometry.units * geometry.units
         if keep > geometry.visual_tokens:
             raise ValueError(f"{keep} tokens exceed the {geometry.visual_tokens} visual tokens per image")
         schedule = Schedule(geometry.num_layers, geometry.visual_tokens, keep)

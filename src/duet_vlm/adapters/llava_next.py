@@ -1,0 +1,140 @@
+"""LLaVA-NeXT (`LlavaNextForConditionalGeneration`): anyres tiles, unpadding and newline tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import (
+    Capture,
+    Geometry,
+    ModelAdapter,
+    UnitFeatures,
+    VisualItem,
+    attention_received_and_keys,
+    cls_attention_and_keys,
+    feature_layer,
+)
+
+
+@dataclass(frozen=True)
+class AnyresLayout:
+    """Where each patch slot of one anyres image comes from.
+
+    Attributes:
+        slot_tile, slot_patch: ``(candidates,)`` captured tile row and patch (raster index within
+            the tile) of every slot that holds a patch, in slot order; newline slots hold none.
+        candidate_slots: ``(candidates,)`` those slots' offsets within the image's block.
+    """
+
+    slot_tile: torch.Tensor
+    slot_patch: torch.Tensor
+    candidate_slots: torch.Tensor
+
+
+class LlavaNextAdapter(ModelAdapter):
+    """An image is every slot transformers' packing produces for it: the base tile, the unpadded
+    grid of high-resolution tiles and one ``image_newline`` per grid row, so its size depends on
+    the image's size. An image is one run of placeholders (transformers' processors put text
+    between images; two images with nothing between them count as one item).
+
+    Which tile and patch each slot holds is traced, not re-derived: ``generate()`` encodes images
+    before the prefill and drops ``image_sizes``, so instead the captured tile features are projected
+    once more (the same call on the same tensor, hence the same bits) and every slot written by
+    transformers' packing is matched to its projected patch; newline slots equal ``image_newline``.
+    No packing logic is copied, and copies made by ``generate`` (beams, several sequences) match the
+    same tiles.
+
+    Vision stages see one unit per image: the pre-projector features of every patch slot of all its
+    tiles (newlines excluded), scored by its tile's CLS attention (attention received for SigLIP),
+    so Stage A ranks all tiles of an image together. Their output fills the image's first slots and
+    newline slots are dropped with the rest; language stages rank every remaining slot, newlines
+    included. ``Geometry.grid`` of an anyres image is ``(1, patch slots)``: there is no single 2-D
+    grid, so the pooling baseline pools that sequence in slot order.
+    """
+
+    family = "llava_next"
+    model_types = ("llava_next",)
+    vision_model_types = ("clip_vision_model", "siglip_vision_model")
+    supported_classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
+
+    def __init__(self, model: nn.Module):
+        config = model.config
+        self.check_vision(model)
+        if config.vision_feature_select_strategy != "default" or not isinstance(config.vision_feature_layer, int):
+            raise TypeError(
+                "duet-vlm's llava_next adapter supports vision_feature_select_strategy='default' with one feature layer"
+            )
+        self.top = model if hasattr(model, "lm_head") else None
+        self.base = model.model if self.top is not None else model
+        self.language_model = self.base.language_model
+        self.layers = self.language_model.layers
+        self.rotary_emb = self.language_model.rotary_emb
+        self.projector = self.base.multi_modal_projector
+        self.final_norm = self.language_model.norm
+        self.lm_head = self.top.lm_head if self.top is not None else None
+        self.towers = {"image": feature_layer(self.base.vision_tower, config.vision_feature_layer)}
+        self.placeholder_ids = {config.image_token_id: "image"}
+        self.has_cls = config.vision_config.model_type == "clip_vision_model"
+        vision = config.vision_config
+        side = vision.image_size // vision.patch_size
+        self.tile_patches = side * side
+        # The base tile alone and its newline: what `duet-vlm plan` shows by default.
+        self.geometry = self.geometry_of_run(self.tile_patches + 1)
+
+    def geometry_of_run(self, slots: int, candidates: int | None = None) -> Geometry:
+        candidates = slots if candidates is None else candidates
+        return Geometry(len(self.layers), slots, (1, candidates), False)
+
+    def find_items(self, input_ids: torch.Tensor, kwargs: dict) -> list[VisualItem]:
+        (token_id, tower), = self.placeholder_ids.items()
+        return [
+            VisualItem(item.row, item.start, item.geometry, tower)
+            for item in self.items_from_runs(input_ids, token_id, tower, self.geometry_of_run)
+            for _ in [None]
+        ]
+
+    def trace(self, items: list[VisualItem], captures: dict[str, Capture], inputs_embeds: torch.Tensor) -> None:
+        """Give each item its ``AnyresLayout`` and the geometry of its patch slots (see the class docstring)."""
+        capture = captures.get("image")
+        if capture is None:
+            return
+        features = capture.output[:, int(self.has_cls) :]  # what the model projected ("default" drops CLS)
+        with torch.no_grad():
+            projected = self.projector(features).to(inputs_embeds.dtype)
+        flat = projected.reshape(-1, projected.shape[-1])
+        probe = torch.randn(flat.shape[-1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        keys = flat.double() @ probe.to(flat.device)
+        order = keys.argsort()
+        sorted_keys = keys[order]
+        newline = self.base.image_newline.to(inputs_embeds.dtype)
+        for item in items:
+            slots = inputs_embeds[item.row, item.start : item.start + item.length].detach()
+            candidates = (~(slots == newline).all(-1)).nonzero()[:, 0]
+            wanted = slots[candidates]
+            found = order[torch.searchsorted(sorted_keys, wanted.double() @ probe.to(flat.device)).clamp(max=len(order) - 1)]
+            if not torch.equal(flat[found], wanted):
+                raise RuntimeError("could not trace the anyres image's slots back to its tiles (were features edited?)")
+            item.layout = AnyresLayout(found // self.tile_patches, found % self.tile_patches, candidates)
+            item.geometry = self.geometry_of_run(item.length, len(candidates))
+
+    def units_needed(self, item: VisualItem) -> int:
+        return 0  # slots are traced to tiles, not consumed in order
+
+    def unit_features(self, items, capture: Capture, signals, first_row) -> UnitFeatures:
+        scores, keys = signals
+        features, unit_scores, unit_keys = [], [], []
+        for item in items:
+            layout = item.layout
+            tokens = layout.slot_patch + int(self.has_cls)
+            features.append(capture.output[layout.slot_tile, tokens])
+            unit_scores.append(scores[layout.slot_tile, layout.slot_patch])
+            unit_keys.append(keys[layout.slot_tile, tokens])
+        return UnitFeatures(torch.stack(features), torch.stack(unit_scores), torch.stack(unit_keys))
+
+    def vision_scores(self, layer_input: torch.Tensor, tower: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
+        if self.has_cls:
+            return cls_attention_and_keys(self.towers[tower], layer_input)
+        return attention_received_and_keys(self.towers[tower], layer_input)

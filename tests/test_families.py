@@ -1,0 +1,412 @@
+"""Every registered method on the other families' geometries: Video-LLaVA (an image tower and a
+video tower sharing one projector, an image and a video in one prompt) and LLaVA with a SigLIP
+tower (no CLS token).
+
+Tiny models of the real transformers classes. Checks: the tokens each decoder layer receives equal
+the per-item stats; the KV cache per layer; a padded batch whose rows hold different items equals
+each row run alone (logits and greedy tokens); no-op parity; eager equals SDPA; a training forward
+and backward; the reference's video setting from ``Duet(budget=960)``; a tower no adapter knows is
+refused at attach; bad ratios are refused.
+"""
+
+import pytest
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    SiglipVisionConfig,
+    VideoLlavaConfig,
+    VideoLlavaForConditionalGeneration,
+)
+
+import duet_vlm
+from duet_vlm.adapters import Geometry
+
+from test_methods_matrix import LayerInputs, _hook_ids
+
+NAMES = sorted(duet_vlm.METHODS)
+IMAGE, VIDEO = 998, 999
+FRAMES, SIDE = 4, 8  # 4 frames of 8x8 patches (+ CLS): 260 video tokens; an image has 64
+
+
+def _text_config(layers=16):
+    return LlamaConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def _sharpen(model):
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(8.0)
+    return model
+
+
+def make_video_llava(attn="sdpa", side=SIDE, layers=16, seed=0):
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=14 * side,
+        patch_size=14, projection_dim=32, hidden_act="quick_gelu",
+    )
+    config = VideoLlavaConfig(
+        vision_config=vision, text_config=_text_config(layers), image_token_id=IMAGE, video_token_id=VIDEO,
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_seq_length=side * side, video_seq_length=FRAMES * (side * side + 1),
+    )
+    torch.manual_seed(seed)
+    model = _sharpen(VideoLlavaForConditionalGeneration(config))
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def video_llava():
+    model = make_video_llava()
+    with torch.no_grad():  # transformers adds its output-capturing hooks at the first forward
+        model(**batch_row(mixed_batch(), 0))
+    return model
+
+
+def _prompt(generator, image: bool, video: bool, suffix: int):
+    ids = [1] + torch.randint(3, 900, (3,), generator=generator).tolist()
+    if image:
+        ids += [IMAGE] * SIDE * SIDE + torch.randint(3, 900, (2,), generator=generator).tolist()
+    if video:
+        ids += [VIDEO] * FRAMES * (SIDE * SIDE + 1)
+    return ids + torch.randint(3, 900, (suffix,), generator=generator).tolist()
+
+
+def mixed_batch(seed=0):
+    """Row 0: an image and a video; row 1: a video only, shorter text (left-padded)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = [_prompt(generator, True, True, 12), _prompt(generator, False, True, 5)]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    size = 14 * SIDE
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "pixel_values": torch.randn(1, 3, size, size, generator=generator),
+        "pixel_values_videos": torch.randn(2, FRAMES, 3, size, size, generator=generator),
+    }
+
+
+def batch_row(inputs, b):
+    keep = inputs["attention_mask"][b].bool()
+    out = {"input_ids": inputs["input_ids"][b : b + 1, keep], "attention_mask": inputs["attention_mask"][b : b + 1, keep]}
+    out["pixel_values_videos"] = inputs["pixel_values_videos"][b : b + 1]
+    if (out["input_ids"] == IMAGE).any():
+        out["pixel_values"] = inputs["pixel_values"][:1]
+    return out
+
+
+def _visual_tokens(input_ids):
+    return int(((input_ids == IMAGE) | (input_ids == VIDEO)).sum())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_image_and_video_in_one_prompt(video_llava, name):
+    inputs = batch_row(mixed_batch(), 0)
+    text = inputs["input_ids"].shape[1] - _visual_tokens(inputs["input_ids"])
+    reducer = duet_vlm.make(name, ratio=0.5)
+    hooks = _hook_ids(video_llava)
+    handle = reducer.attach(video_llava)
+    probe = LayerInputs(video_llava)
+    try:
+        with torch.no_grad():
+            out = video_llava.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    finally:
+        probe.remove()
+        handle.remove()
+    assert _hook_ids(video_llava) == hooks
+    items = reducer.stats.items
+    assert [(i.modality, i.tokens, i.units) for i in items] == [("image", 64, 1), ("video", 260, FRAMES)]
+    seen = [length - text for _, length in sorted(probe.calls[0].items())]
+    assert seen == [sum(i.tokens_per_layer[layer] for i in items) for layer in range(16)]
+    for item in items:
+        expected = item.tokens if name == "full" else round(0.5 * item.tokens)
+        # A vision stage keeps the same count in every frame: a video lands within a frame count.
+        assert abs(item.average_tokens - expected) <= max(1, item.units), (item.modality, item.tokens_per_layer)
+    generated = out.sequences.shape[1] - inputs["input_ids"].shape[1]
+    for layer, visual in enumerate(seen):
+        assert out.past_key_values.layers[layer].keys.shape[-2] == text + visual + generated - 1, f"layer {layer}"
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "full"])
+def test_mixed_batch_equals_rows_alone(video_llava, name):
+    """Rows with different items reduce to different lengths; each equals the row run alone."""
+    inputs = mixed_batch(seed=1)
+    reducer = duet_vlm.make(name, ratio=0.5)
+    kwargs = dict(max_new_tokens=3, do_sample=False)
+    with torch.no_grad(), reducer(video_llava):
+        logits = video_llava(**inputs).logits[:, -1]
+        tokens = video_llava.generate(**inputs, **kwargs)[:, inputs["input_ids"].shape[1] :]
+        for b in range(2):
+            alone = batch_row(inputs, b)
+            torch.testing.assert_close(logits[b], video_llava(**alone).logits[0, -1], atol=1e-4, rtol=1e-4)
+            single = video_llava.generate(**alone, **kwargs)[0, alone["input_ids"].shape[1] :]
+            assert tokens[b, : len(single)].tolist() == single.tolist(), f"row {b}"
+
+
+def test_full_is_bit_identical_on_video_llava(video_llava):
+    inputs = mixed_batch(seed=2)
+    with torch.no_grad():
+        plain = video_llava(**inputs).logits
+        with duet_vlm.make("full")(video_llava):
+            reduced = video_llava(**inputs).logits
+    assert torch.equal(plain, reduced)
+
+
+@pytest.mark.parametrize("name", ["duet", "fastv", "sparsevlm"])
+def test_eager_equals_sdpa_on_video_llava(name):
+    inputs = mixed_batch(seed=3)
+    outputs = []
+    for attn in ("sdpa", "eager"):
+        model = make_video_llava(attn=attn)
+        with torch.no_grad(), duet_vlm.make(name, ratio=0.5)(model):
+            outputs.append(model(**inputs).logits)
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(outputs[0][valid], outputs[1][valid], atol=1e-4, rtol=1e-4)
+
+
+def test_training_forward_and_backward_on_video_llava(video_llava):
+    inputs = mixed_batch(seed=4)
+    ids = inputs["input_ids"]
+    labels = ids.masked_fill((ids == IMAGE) | (ids == VIDEO) | (inputs["attention_mask"] == 0), -100)
+    parameters = {
+        "projector": video_llava.model.multi_modal_projector.linear_1.weight,
+        "last layer": video_llava.model.language_model.layers[-1].mlp.down_proj.weight,
+    }
+    video_llava.zero_grad(set_to_none=True)
+    try:
+        with duet_vlm.make("duet", ratio=0.5)(video_llava):
+            loss = video_llava(**inputs, labels=labels).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        for part, parameter in parameters.items():
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, part
+    finally:
+        video_llava.zero_grad(set_to_none=True)
+
+
+def test_reference_video_setting_from_the_budget():
+    """The reference's Video-LLaVA run: 160 + 32 tokens per frame (CLS included), boundaries after
+    layers 16 and 24 with ratios 0.5 and 0.0, 960 average of 8 x 257 tokens."""
+    geometry = Geometry(32, 8 * 257, (16, 16), True, units=8, modality="video")
+    plan = duet_vlm.Duet(budget=960).resolve(geometry)
+    assert plan.schedule.llm_input == 1536
+    assert plan.schedule.boundaries == ((16, 768), (24, 0))
+    assert plan.schedule.average == 960
+    assert plan.vision.contextual == 32  # so 192 - 32 = 160 dominant per frame
+
+
+def test_reference_video_setting_through_the_runtime():
+    model = make_video_llava(side=16, layers=32)
+    ids = torch.tensor([[1, 5, 6] + [VIDEO] * 8 * 257 + [7, 8, 9]])
+    inputs = {"input_ids": ids, "pixel_values_videos": torch.randn(1, 8, 3, 224, 224)}
+    reducer = duet_vlm.Duet(budget=960)
+    with torch.no_grad(), reducer(model):
+        model(**inputs)
+    (video,) = reducer.stats.items
+    assert video.tokens_per_layer == [1536] * 16 + [768] * 8 + [0] * 8
+    assert tuple(video.vision_kept.shape) == (8, 192)
+    assert tuple(reducer.stats.vision_roles["dominant"].shape) == (8, 160)
+    assert tuple(reducer.stats.vision_roles["anchors"].shape) == (8, 32)
+
+
+def _llava_with(vision_config, strategy="full"):
+    config = LlavaConfig(
+        vision_config=vision_config, text_config=_text_config(8), image_token_id=IMAGE, vision_feature_layer=-2,
+        vision_feature_select_strategy=strategy, image_seq_length=64,
+    )
+    torch.manual_seed(0)
+    return _sharpen(LlavaForConditionalGeneration(config)).eval()
+
+
+def test_llava_with_a_siglip_tower_ranks_patches_without_a_cls_token():
+    siglip = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                image_size=112, patch_size=14)
+    model = _llava_with(siglip)
+    ids = torch.tensor([[1, 5] + [IMAGE] * 64 + [7, 8, 9]])
+    inputs = {"input_ids": ids, "pixel_values": torch.randn(1, 3, 112, 112)}
+    reducer = duet_vlm.Duet(budget=16)
+    with torch.no_grad(), reducer(model):
+        logits = model(**inputs).logits
+        # The tokens kept are patches chosen by the attention they receive, not a CLS at index 0.
+        dominant = reducer.stats.vision_roles["dominant"][0]
+    assert torch.isfinite(logits).all()
+    assert len(dominant) == reducer.stats.llm_input_tokens - reducer.stats.vision_roles["anchors"].shape[-1]
+    assert duet_vlm.adapter_for(model).geometry.has_cls is False
+
+
+def test_a_tower_no_adapter_knows_is_refused_at_attach():
+    from transformers import PixtralVisionConfig
+
+    pixtral = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=112, patch_size=14, head_dim=8)
+    model = _llava_with(pixtral)
+    with pytest.raises(TypeError, match="vision towers of type clip_vision_model, siglip_vision_model; this model's is 'pixtral'"):
+        duet_vlm.Duet(budget=16).attach(model)
+    assert _hook_ids(model) == {}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(ratio=0.0), "ratio must lie in"),
+        (dict(ratio=1.5), "ratio must lie in"),
+        (dict(ratio=0.5, budget=64), "a budget or a ratio, not both"),
+        (dict(budget=0), "budget must be a positive int"),
+    ],
+)
+def test_bad_budgets_and_ratios_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        duet_vlm.make("duet", **kwargs)
+
+
+def test_hooks_are_removed_after_an_exception(video_llava):
+    hooks = _hook_ids(video_llava)
+    with pytest.raises(RuntimeError, match="boom"):
+        with duet_vlm.make("duet", ratio=0.5)(video_llava):
+            raise RuntimeError("boom")
+    assert _hook_ids(video_llava) == hooks
+
+
+# ----------------------------------------------------------------------------- LLaVA-NeXT (anyres)
+def make_llava_next(attn="sdpa", seed=0):
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=56,
+        patch_size=14, projection_dim=32, hidden_act="quick_gelu",
+    )
+    config = LlavaNextConfig(
+        vision_config=vision, text_config=_text_config(), image_token_id=IMAGE, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
+    )
+    torch.manual_seed(seed)
+    model = _sharpen(LlavaNextForConditionalGeneration(config))
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+# (height, width) -> placeholder slots: base tile 16 + unpadded grid + one newline per grid row
+NEXT_SIZES = {(112, 112): 16 + 8 * 9, (56, 112): 16 + 4 * 9, (100, 60): 16 + 8 * 5}
+
+
+@pytest.fixture(scope="module")
+def llava_next():
+    model = make_llava_next()
+    with torch.no_grad():
+        model(**next_batch([[(112, 112)]]))
+    return model
+
+
+def next_batch(rows_sizes, seed=0, suffixes=None):
+    """Rows of anyres images (each image followed by two text tokens), left-padded."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, sizes = [], []
+    for r, row_sizes in enumerate(rows_sizes):
+        ids = [1] + torch.randint(3, 900, (3,), generator=generator).tolist()
+        for size in row_sizes:
+            ids += [IMAGE] * NEXT_SIZES[size] + torch.randint(3, 900, (2,), generator=generator).tolist()
+            sizes.append(size)
+        suffix = suffixes[r] if suffixes else 6
+        rows.append(ids + torch.randint(3, 900, (suffix,), generator=generator).tolist())
+    width = max(map(len, rows))
+    return {
+        "input_ids": torch.tensor([[0] * (width - len(r)) + r for r in rows]),
+        "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+        "pixel_values": torch.randn(len(sizes), 5, 3, 56, 56, generator=generator),
+        "image_sizes": torch.tensor(sizes),
+    }
+
+
+def test_anyres_layout_equals_the_models_packing(llava_next):
+    """The slot counts the runtime finds equal what transformers' packing produces."""
+    inputs = next_batch([list(NEXT_SIZES)])
+    with torch.no_grad():
+        features = llava_next.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    assert [f.shape[0] for f in features] == list(NEXT_SIZES.values())
+    reducer = duet_vlm.make("duet", ratio=0.5)
+    with torch.no_grad(), reducer(llava_next):
+        llava_next(**inputs)
+    assert [item.tokens for item in reducer.stats.items] == list(NEXT_SIZES.values())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_anyres_images_of_different_sizes(llava_next, name):
+    inputs = next_batch([[(112, 112), (56, 112)]], seed=1)
+    text = inputs["input_ids"].shape[1] - _visual_tokens(inputs["input_ids"])
+    reducer = duet_vlm.make(name, ratio=0.5)
+    handle = reducer.attach(llava_next)
+    probe = LayerInputs(llava_next)
+    try:
+        with torch.no_grad():
+            out = llava_next.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    finally:
+        probe.remove()
+        handle.remove()
+    items = reducer.stats.items
+    assert [i.tokens for i in items] == [88, 52]
+    seen = [length - text for _, length in sorted(probe.calls[0].items())]
+    assert seen == [sum(i.tokens_per_layer[layer] for i in items) for layer in range(16)]
+    for item in items:
+        expected = item.tokens if name == "full" else round(0.5 * item.tokens)
+        assert abs(item.average_tokens - expected) <= 1, item.tokens_per_layer
+    generated = out.sequences.shape[1] - inputs["input_ids"].shape[1]
+    for layer, visual in enumerate(seen):
+        assert out.past_key_values.layers[layer].keys.shape[-2] == text + visual + generated - 1, f"layer {layer}"
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "full"])
+def test_anyres_padded_batch_equals_rows_alone(llava_next, name):
+    """Rows holding images of different sizes and counts reduce to different lengths."""
+    inputs = next_batch([[(112, 112)], [(56, 112), (100, 60)]], seed=2, suffixes=[7, 3])
+    reducer = duet_vlm.make(name, ratio=0.5)
+    kwargs = dict(max_new_tokens=3, do_sample=False)
+    images = [1, 2]
+    with torch.no_grad(), reducer(llava_next):
+        logits = llava_next(**inputs).logits[:, -1]
+        tokens = llava_next.generate(**inputs, **kwargs)[:, inputs["input_ids"].shape[1] :]
+        for b in range(2):
+            keep = inputs["attention_mask"][b].bool()
+            first = sum(images[:b])
+            alone = {
+                "input_ids": inputs["input_ids"][b : b + 1, keep],
+                "attention_mask": inputs["attention_mask"][b : b + 1, keep],
+                "pixel_values": inputs["pixel_values"][first : first + images[b]],
+                "image_sizes": inputs["image_sizes"][first : first + images[b]],
+            }
+            torch.testing.assert_close(logits[b], llava_next(**alone).logits[0, -1], atol=1e-4, rtol=1e-4)
+            single = llava_next.generate(**alone, **kwargs)[0, alone["input_ids"].shape[1] :]
+            assert tokens[b, : len(single)].tolist() == single.tolist(), f"row {b}"
+
+
+def test_full_is_bit_identical_on_llava_next(llava_next):
+    inputs = next_batch([[(112, 112)], [(56, 112)]], seed=3)
+    with torch.no_grad():
+        plain = llava_next(**inputs).logits
+        with duet_vlm.make("full")(llava_next):
+            reduced = llava_next(**inputs).logits
+    assert torch.equal(plain, reduced)
+
+
+@pytest.mark.parametrize("name", ["duet", "visionzip", "pio"])
+def test_sampling_several_sequences_equals_repeated_rows(llava_next, name):
+    """generate() encodes an image once and repeats the rows (num_return_sequences); the copies
+    must be reduced exactly like explicitly repeated rows."""
+    inputs = next_batch([[(112, 112)]], seed=4)
+    repeated = {k: v.repeat_interleave(3, dim=0) for k, v in inputs.items()}
+    kwargs = dict(max_new_tokens=4, do_sample=True, top_k=0)
+    with torch.no_grad(), duet_vlm.make(name, ratio=0.5)(llava_next):
+        torch.manual_seed(0)
+        several = llava_next.generate(**inputs, num_return_sequences=3, **kwargs)
+        torch.manual_seed(0)
+        explicit = llava_next.generate(**repeated, **kwargs)
+    assert torch.equal(several, explicit)

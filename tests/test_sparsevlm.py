@@ -352,3 +352,29 @@ def test_training_backward_reaches_the_projector():
         ("layer 20", layers[20].self_attn.q_proj.weight),
     ]:
         assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_original_positions_keep_each_token_its_position(llava15):
+    """SparseVLM(positions="original"): after its drops, every kept token keeps its original position."""
+    from conftest import make_inputs
+
+    inputs = make_inputs(llava15, seed=3)
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append(kwargs["position_ids"].reshape(-1).tolist())
+
+    reducer = duet_vlm.SparseVLM(budget=128, positions="original")
+    handle = reducer.attach(llava15)
+    probe = llava15.model.language_model.layers[-1].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            llava15(**inputs)
+    finally:
+        probe.remove()
+        handle.remove()
+    last = seen[-1]
+    assert len(last) < inputs["input_ids"].shape[1] and last == sorted(set(last))
+    assert last[-1] == inputs["input_ids"].shape[1] - 1  # the last prompt token keeps its position
+    with pytest.raises(ValueError, match="positions must be 'contiguous' or 'original'"):
+        duet_vlm.SparseVLM(budget=128, positions="renumbered")

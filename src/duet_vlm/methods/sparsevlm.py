@@ -259,6 +259,8 @@ class SparseVLM(Reducer):
             official schedule); overrides the solver.
         layers: boundaries as counts of layers completed; default ``(3, 7, 16)`` scaled to depth.
         recycle: add the recycled clusters (v1.5 default) or drop the deleted tokens outright.
+        positions: ``"contiguous"`` (v1.5: renumbered after each drop) or ``"original"`` (kept
+            tokens keep their positions, as FastV does).
 
     Deviations from the official code: a merged token takes the slot (and position) of its cluster
     centre, one of the deleted tokens, instead of being appended after the kept visual tokens;
@@ -275,9 +277,12 @@ class SparseVLM(Reducer):
     keep: tuple[int, ...] | None = None
     layers: tuple[int, ...] | None = None
     recycle: bool = True
+    positions: str = "contiguous"
 
     def __post_init__(self) -> None:
         check_budget(self.budget, required=self.keep is None)
+        if self.positions not in ("contiguous", "original"):
+            raise ValueError(f"positions must be 'contiguous' or 'original', got {self.positions!r}")
         if self.keep is not None:
             self.keep = tuple(self.keep)
             if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in self.keep):
@@ -334,4 +339,4 @@ class SparseVLM(Reducer):
         else:
             schedule = self.solve(geometry, self.budget)
         language = self.language_stage() if schedule.boundaries else None
-        return Plan(schedule, None, language, "contiguous")
+        return Plan(schedule, None, language, self.positions)

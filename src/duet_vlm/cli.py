@@ -70,9 +70,11 @@ def _human(value: float, unit: str) -> str:
 
 @app.command()
 def plan(
-    budget: int = typer.Option(..., help="Average visual tokens per decoder layer per image."),
+    budget: Optional[int] = typer.Option(None, help="Average visual tokens per decoder layer per item."),
+    ratio: Optional[float] = typer.Option(None, help="Instead of --budget: keep this fraction of the item's tokens."),
     layers: int = typer.Option(32, help="Decoder layers of the language model."),
-    tokens: int = typer.Option(576, help="Visual tokens per image without reduction."),
+    tokens: int = typer.Option(576, help="Visual tokens per image (per frame with --frames) without reduction."),
+    frames: int = typer.Option(1, help="Frames of a video item (e.g. 8 with --tokens 257 for Video-LLaVA)."),
     method: str = typer.Option("duet", help=f"One of: {', '.join(sorted(METHODS))}."),
     text_tokens: int = typer.Option(60, help="Prompt tokens besides the image, for FLOPs and KV bytes."),
     hidden: int = typer.Option(4096, help="Decoder hidden size (LLaVA-1.5-7B by default)."),
@@ -82,23 +84,33 @@ def plan(
     bytes_per_element: int = typer.Option(2, help="KV-cache element size (2 for fp16/bf16)."),
 ) -> None:
     """Print the schedule a method solves for a budget, with per-layer counts, FLOPs and KV-cache savings."""
-    side = int(math.isqrt(tokens))
-    grid = (side, side) if side * side == tokens else (1, tokens)
-    geometry = Geometry(num_layers=layers, visual_tokens=tokens, grid=grid, has_cls=True)
-    solved = make(method, budget=budget).resolve(geometry)
+    if (budget is None) == (ratio is None):
+        raise ValueError("give --budget or --ratio")
+    # The patch grid of a unit: N square patches, or N - 1 plus a CLS slot (Video-LLaVA frames).
+    side = next((s for s in (math.isqrt(tokens), math.isqrt(tokens - 1)) if s * s in (tokens, tokens - 1)), None)
+    grid = (side, side) if side else (1, tokens)
+    modality = "video" if frames > 1 else "image"
+    geometry = Geometry(layers, tokens * frames, grid, True, units=frames, modality=modality)
+    solved = make(method, budget=budget, ratio=ratio).resolve(geometry)
     schedule = solved.schedule
+    tokens *= frames
+    item = f"video of {frames} frames" if frames > 1 else "image"
     counts = schedule.tokens_per_layer
     dims = DecoderDims(hidden, intermediate, heads, kv_heads, hidden // heads)
 
-    console.print(f"[bold]{method}[/bold] at budget {budget}: {tokens} visual tokens per image, {layers} layers")
+    target = f"budget {budget}" if budget is not None else f"ratio {ratio}"
+    console.print(f"[bold]{method}[/bold] at {target}: {tokens} visual tokens per {item}, {layers} layers")
     vision = solved.vision
     if vision is not None:
         detail = ", ".join(f"{k}={v}" for k, v in vars(vision).items())
-        console.print(f"  vision side: {type(vision).__name__}({detail}) -> {schedule.llm_input} tokens enter the LLM")
+        per_frame = f" ({schedule.llm_input // frames} per frame)" if frames > 1 else ""
+        console.print(
+            f"  vision side: {type(vision).__name__}({detail}) -> {schedule.llm_input} tokens enter the LLM{per_frame}"
+        )
     for layer, keep in schedule.boundaries:
         console.print(f"  after layer {layer}: keep {keep} ({type(solved.language).__name__})")
 
-    table = Table(title="Visual tokens per image entering each decoder layer")
+    table = Table(title=f"Visual tokens per {item} entering each decoder layer")
     table.add_column("layers")
     table.add_column("visual tokens", justify="right")
     for first, last, count in layer_groups(counts):
@@ -244,6 +256,12 @@ def _print_answers(answers, title: str = "Answers") -> None:
         )
 
 
+def default_image_tokens(model) -> int:
+    from .adapters import adapter_for
+
+    return adapter_for(model).geometry.visual_tokens
+
+
 def patch_grid(model) -> tuple[int, int]:
     from .adapters import adapter_for
 
@@ -276,11 +294,12 @@ def demo(
 
 @app.command()
 def run(
-    model: str = typer.Option(..., help="A local path or a Hub id of a LLaVA checkpoint."),
+    model: str = typer.Option(..., help="A local path or a Hub id of a LLaVA, LLaVA-NeXT or Video-LLaVA checkpoint."),
     image: Path = typer.Option(..., help="An image file."),
     prompt: str = typer.Option(..., help="The question (the model's chat template is applied)."),
     method: str = typer.Option("duet", help=f"One of: {', '.join(sorted(METHODS))}."),
-    budget: int = typer.Option(64, help="Average visual tokens per decoder layer per image."),
+    budget: Optional[int] = typer.Option(64, help="Average visual tokens per decoder layer per image."),
+    ratio: Optional[float] = typer.Option(None, help="Instead of --budget: keep this fraction of the image's tokens."),
     max_new_tokens: int = typer.Option(32),
     overlay: Optional[Path] = typer.Option(None, help="Write the kept-patch overlay here."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
@@ -289,23 +308,26 @@ def run(
     """Answer a prompt about an image with all tokens and with a reduction method, on any LLaVA checkpoint."""
     import torch
     from PIL import Image
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from .compare import compare, draw_overlay
 
     # The cheap checks first: a bad method, budget or image fails before the weights load.
-    reducer = make(method, budget=budget)
+    reducer = make(method, budget=None if ratio is not None else budget, ratio=ratio)
     picture = Image.open(image).convert("RGB")
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
-        llava = LlavaForConditionalGeneration.from_pretrained(model, dtype=torch_dtype).eval()
+        llava = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype).eval()
         processor = AutoProcessor.from_pretrained(model)
     except OSError as error:  # transformers' message does not say which argument was wrong
         raise OSError(f"cannot load a LLaVA checkpoint from --model {model!r}: {error}") from error
-    answers = compare(llava, processor, picture, prompt, {"all tokens": None, f"{method} {budget}": reducer}, max_new_tokens, rounds)
+    label = f"{method} {budget}" if ratio is None else f"{method} ratio {ratio}"
+    answers = compare(llava, processor, picture, prompt, {"all tokens": None, label: reducer}, max_new_tokens, rounds)
     _print_answers(answers)
+    if overlay and any(item.tokens != default_image_tokens(llava) for item in answers[1].stats.items):
+        raise ValueError("--overlay draws single-grid images (LLaVA-1.5 geometry); anyres tiles are not drawn yet")
     if overlay:
         console.print(f"wrote {draw_overlay(picture, answers[1].stats, patch_grid(llava), overlay, title=prompt)}")
 

@@ -504,7 +504,7 @@ def load_demo(path: str | os.PathLike | None = None):
 
     path = Path(path) if path is not None else DEMO_MODEL_DIR
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"no demo model at {path} (train one with duet_vlm.demo.train.train_demo)")
+        raise FileNotFoundError(f"no demo model at {path}: train one with `duet-vlm train-demo`")
     model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa")
     processor = AutoProcessor.from_pretrained(path)
     model.eval()

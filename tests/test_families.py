@@ -410,3 +410,131 @@ def test_sampling_several_sequences_equals_repeated_rows(llava_next, name):
         torch.manual_seed(0)
         explicit = llava_next.generate(**repeated, **kwargs)
     assert torch.equal(several, explicit)
+
+
+@pytest.mark.parametrize("name", ["duet", "random"])
+def test_several_sequences_with_an_image_and_a_video_per_row(video_llava, name):
+    """Repeated rows holding two items each (one per tower) read their own original's captures."""
+    inputs = batch_row(mixed_batch(seed=5), 0)
+    repeated = {k: v.repeat_interleave(2, dim=0) for k, v in inputs.items()}
+    kwargs = dict(max_new_tokens=3, do_sample=True, top_k=0)
+    with torch.no_grad(), duet_vlm.make(name, ratio=0.5)(video_llava):
+        torch.manual_seed(0)
+        several = video_llava.generate(**inputs, num_return_sequences=2, **kwargs)
+        torch.manual_seed(0)
+        explicit = video_llava.generate(**repeated, **kwargs)
+    assert torch.equal(several, explicit)
+
+
+# ----------------------------------------------------------------------------- LLaVA-OneVision
+VIDEO_FRAMES_OV = 4
+
+
+def make_llava_onevision(attn="sdpa", seed=0):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config
+
+    text = Qwen2Config(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=16, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                image_size=32, patch_size=4)
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=VIDEO, vision_feature_layer=-1,
+        vision_feature_select_strategy="full", image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]],
+    )
+    torch.manual_seed(seed)
+    model = _sharpen(LlavaOnevisionForConditionalGeneration(config))
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+# (height, width) -> slots; a video of 4 frames: 4 x 16 pooled tokens + a newline
+OV_SIZES = {(64, 64): 336, (32, 64): 200}
+OV_VIDEO = VIDEO_FRAMES_OV * 16 + 1
+
+
+def ov_batch(rows, seed=0):
+    """Rows of items: ``("image", size)`` or ``("video", None)``, each followed by a text token."""
+    generator = torch.Generator().manual_seed(seed)
+    ids_rows, sizes, videos = [], [], 0
+    for row in rows:
+        ids = [1] + torch.randint(3, 900, (3,), generator=generator).tolist()
+        for kind, size in row:
+            ids += [IMAGE] * OV_SIZES[size] if kind == "image" else [VIDEO] * OV_VIDEO
+            ids += torch.randint(3, 900, (1,), generator=generator).tolist()
+            sizes += [size] if kind == "image" else []
+            videos += kind == "video"
+        ids_rows.append(ids + torch.randint(3, 900, (4,), generator=generator).tolist())
+    width = max(map(len, ids_rows))
+    out = {
+        "input_ids": torch.tensor([[0] * (width - len(r)) + r for r in ids_rows]),
+        "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids_rows]),
+    }
+    if sizes:
+        out["pixel_values"] = torch.randn(len(sizes), 5, 3, 32, 32, generator=generator)
+        out["image_sizes"] = torch.tensor(sizes)
+    if videos:
+        out["pixel_values_videos"] = torch.randn(videos, VIDEO_FRAMES_OV, 3, 32, 32, generator=generator)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llava_onevision():
+    model = make_llava_onevision()
+    with torch.no_grad():
+        model(**ov_batch([[("image", (64, 64))]]))
+    return model
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_onevision_images_and_a_video(llava_onevision, name):
+    inputs = ov_batch([[("image", (64, 64)), ("image", (32, 64)), ("video", None)]], seed=1)
+    text = inputs["input_ids"].shape[1] - _visual_tokens(inputs["input_ids"])
+    reducer = duet_vlm.make(name, ratio=0.5)
+    handle = reducer.attach(llava_onevision)
+    probe = LayerInputs(llava_onevision)
+    try:
+        with torch.no_grad():
+            llava_onevision.generate(**inputs, max_new_tokens=3, do_sample=False)
+    finally:
+        probe.remove()
+        handle.remove()
+    items = reducer.stats.items
+    assert [(i.modality, i.tokens) for i in items] == [("image", 336), ("image", 200), ("video", OV_VIDEO)]
+    seen = [length - text for _, length in sorted(probe.calls[0].items())]
+    assert seen == [sum(i.tokens_per_layer[layer] for i in items) for layer in range(16)]
+    for item in items:
+        expected = item.tokens if name == "full" else round(0.5 * item.tokens)
+        assert abs(item.average_tokens - expected) <= max(1, item.units), (item.modality, item.tokens_per_layer)
+
+
+@pytest.mark.parametrize("name", ["duet", "visionzip", "fastv", "sparsevlm", "pio", "pool"])
+def test_onevision_padded_batch_equals_rows_alone(llava_onevision, name):
+    rows = [[("image", (64, 64))], [("video", None), ("image", (32, 64))]]
+    inputs = ov_batch(rows, seed=2)
+    reducer = duet_vlm.make(name, ratio=0.5)
+    with torch.no_grad(), reducer(llava_onevision):
+        logits = llava_onevision(**inputs).logits[:, -1]
+        images = 0
+        for b, row in enumerate(rows):
+            alone = {}
+            keep = inputs["attention_mask"][b].bool()
+            alone["input_ids"] = inputs["input_ids"][b : b + 1, keep]
+            alone["attention_mask"] = inputs["attention_mask"][b : b + 1, keep]
+            count = sum(kind == "image" for kind, _ in row)
+            alone["pixel_values"] = inputs["pixel_values"][images : images + count]
+            alone["image_sizes"] = inputs["image_sizes"][images : images + count]
+            images += count
+            if any(kind == "video" for kind, _ in row):
+                alone["pixel_values_videos"] = inputs["pixel_values_videos"][:1]
+            torch.testing.assert_close(logits[b], llava_onevision(**alone).logits[0, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_full_is_bit_identical_on_onevision(llava_onevision):
+    inputs = ov_batch([[("image", (64, 64)), ("video", None)], [("image", (32, 64))]], seed=3)
+    with torch.no_grad():
+        plain = llava_onevision(**inputs).logits
+        with duet_vlm.make("full")(llava_onevision):
+            reduced = llava_onevision(**inputs).logits
+    assert torch.equal(plain, reduced)

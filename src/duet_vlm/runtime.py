@@ -221,7 +221,11 @@ class Attachment:
         self._captures_used = True
         captures = self._captures
         return {
-            tower: Capture(torch.cat([c.layer_input for c in calls]), torch.cat([c.output for c in calls]))
+            tower: Capture(
+                torch.cat([c.layer_input for c in calls]),
+                torch.cat([c.output for c in calls]),
+                tuple(c.output.shape[0] for c in calls),
+            )
             for tower, calls in captures.items()
         }
 
@@ -236,14 +240,11 @@ class Attachment:
         staged = [item for item in prompt_items if self.plan_for(item.geometry).vision is not None]
         if not staged:
             return kept
-        # Each item's first row in its tower's captures: items consume rows in row-major order.
-        first_row: dict[int, int] = {}
+        # generate() encodes each image once and repeats every row afterwards (num_return_sequences,
+        # beams): r copies of a row read the captured rows of its first copy.
         needed: dict[str, int] = {}
         for item in prompt_items:
-            first_row[id(item)] = needed.get(item.tower, 0)
             needed[item.tower] = needed.get(item.tower, 0) + self.adapter.units_needed(item)
-        # generate() encodes each image once and repeats rows afterwards (num_return_sequences, beams):
-        # then consecutive items share the same captured rows.
         repeat: dict[str, int] = {}
         for tower, count in needed.items():
             have = captures[tower].output.shape[0] if tower in captures else 0
@@ -253,13 +254,23 @@ class Attachment:
                     f"features); {count} units expected, {have} captured"
                 )
             repeat[tower] = max(1, count // have)
+        # Items consume captured rows in row-major order; (tower, original row, j-th item) -> first row.
+        first_row: dict[tuple, int] = {}
+        item_key: dict[int, tuple] = {}
+        cursor: dict[str, int] = {}
+        seen_in_row: dict[tuple, int] = {}
+        for item in prompt_items:
+            r = repeat.get(item.tower, 1)
+            j = seen_in_row.get((item.tower, item.row), 0)
+            seen_in_row[(item.tower, item.row)] = j + 1
+            key = item_key[id(item)] = (item.tower, item.row // r, j)
+            if item.row % r == 0:
+                first_row[key] = cursor.get(item.tower, 0)
+                cursor[item.tower] = first_row[key] + self.adapter.units_needed(item)
 
         def source_row(item: VisualItem) -> int:
-            if repeat[item.tower] == 1:
-                return first_row[id(item)]
-            # The k-th of r copies of an item reads the rows of the original, which come first.
-            per_item = self.adapter.units_needed(item)
-            return first_row[id(item)] // (per_item * repeat[item.tower]) * per_item
+            return first_row[item_key[id(item)]]
+
         buckets: dict[tuple, list[VisualItem]] = {}
         for item in staged:
             buckets.setdefault((item.tower, item.geometry), []).append(item)

@@ -93,7 +93,7 @@ def solve_llm_input(budget: int, build, step: int = 1) -> Schedule:
 
     ``build`` maps an LLM-input count ``n`` to a schedule; its average must not decrease with ``n``.
     Only multiples of ``step`` are tried (a video's vision stage keeps the same count per frame).
-    Raises ``ValueError`` when no ``n`` comes within 1 token of the budget.
+    Raises ``ValueError`` when no ``n`` comes within 1 token (``step`` tokens) of the budget.
     """
     low, high = 0, build(0).visual_tokens // step
     while low < high:  # smallest multiple whose average reaches the budget
@@ -104,7 +104,7 @@ def solve_llm_input(budget: int, build, step: int = 1) -> Schedule:
             low = middle + 1
     candidates = [build(m * step) for m in {max(0, low - 1), low}]
     best = min(candidates, key=lambda s: (abs(s.average - budget), s.llm_input))
-    if abs(best.average - budget) > 1:
+    if abs(best.average - budget) > max(1, step):  # with frames, within a frame count
         raise ValueError(
             f"no schedule of this shape averages {budget} visual tokens per layer (closest: {best.average:.2f})"
         )

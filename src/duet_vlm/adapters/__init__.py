@@ -7,9 +7,10 @@ from torch import nn
 from .base import Capture, Geometry, ModelAdapter, VisualItem
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .video_llava import VideoLlavaAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, VideoLlavaAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, VideoLlavaAdapter)
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:

@@ -49,6 +49,7 @@ class Geometry:
             per unit with ``llm_input // units`` tokens each, so a vision stage's token count is a
             multiple of ``units``.
         modality: ``"image"`` or ``"video"``.
+        trailing: structural slots after the last unit (LLaVA-OneVision's newline after a video).
 
     >>> Geometry(32, 576, (24, 24), True).unit_tokens
     576
@@ -60,15 +61,16 @@ class Geometry:
     has_cls: bool
     units: int = 1
     modality: str = "image"
+    trailing: int = 0
 
     def __post_init__(self) -> None:
-        if self.units < 1 or self.visual_tokens % self.units:
+        if self.units < 1 or (self.visual_tokens - self.trailing) % self.units:
             raise ValueError(f"{self.visual_tokens} visual tokens do not split into {self.units} equal units")
 
     @property
     def unit_tokens(self) -> int:
         """Placeholder slots of one unit (a frame)."""
-        return self.visual_tokens // self.units
+        return (self.visual_tokens - self.trailing) // self.units
 
     @property
     def patches(self) -> int:
@@ -104,10 +106,14 @@ class VisualItem:
 
 @dataclass
 class Capture:
-    """Input and output of a tower's feature layer, for every unit that tower encoded in one call."""
+    """Input and output of a tower's feature layer, for every unit it encoded (one row per unit).
+
+    ``calls`` holds the rows of each call of the tower, in order (LLaVA-OneVision encodes images,
+    then videos, with the same tower)."""
 
     layer_input: torch.Tensor
     output: torch.Tensor
+    calls: tuple[int, ...] = ()
 
 
 @dataclass

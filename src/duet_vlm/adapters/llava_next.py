@@ -63,10 +63,12 @@ class LlavaNextAdapter(ModelAdapter):
     def __init__(self, model: nn.Module):
         config = model.config
         self.check_vision(model)
-        if config.vision_feature_select_strategy != "default" or not isinstance(config.vision_feature_layer, int):
-            raise TypeError(
-                "duet-vlm's llava_next adapter supports vision_feature_select_strategy='default' with one feature layer"
-            )
+        if config.vision_feature_select_strategy != "default":
+            raise TypeError("duet-vlm's llava_next adapter supports vision_feature_select_strategy='default' only")
+        self._setup(model)
+
+    def _setup(self, model: nn.Module) -> None:
+        config = model.config
         self.top = model if hasattr(model, "lm_head") else None
         self.base = model.model if self.top is not None else model
         self.language_model = self.base.language_model
@@ -78,8 +80,11 @@ class LlavaNextAdapter(ModelAdapter):
         self.towers = {"image": feature_layer(self.base.vision_tower, config.vision_feature_layer)}
         self.placeholder_ids = {config.image_token_id: "image"}
         self.has_cls = config.vision_config.model_type == "clip_vision_model"
+        # Tower tokens dropped before the projector ("default" drops CLS): projected index q is token q + offset.
+        self.feature_offset = int(config.vision_feature_select_strategy == "default")
         vision = config.vision_config
         side = vision.image_size // vision.patch_size
+        self.tile_side = side
         self.tile_patches = side * side
         # The base tile alone and its newline: what `duet-vlm plan` shows by default.
         self.geometry = self.geometry_of_run(self.tile_patches + 1)
@@ -99,9 +104,10 @@ class LlavaNextAdapter(ModelAdapter):
     def trace(self, items: list[VisualItem], captures: dict[str, Capture], inputs_embeds: torch.Tensor) -> None:
         """Give each item its ``AnyresLayout`` and the geometry of its patch slots (see the class docstring)."""
         capture = captures.get("image")
-        if capture is None:
+        items = [item for item in items if item.tower == "image"]
+        if capture is None or not items:
             return
-        features = capture.output[:, int(self.has_cls) :]  # what the model projected ("default" drops CLS)
+        features = capture.output[:, self.feature_offset :]  # what the model projected
         with torch.no_grad():
             projected = self.projector(features).to(inputs_embeds.dtype)
         flat = projected.reshape(-1, projected.shape[-1])
@@ -116,7 +122,7 @@ class LlavaNextAdapter(ModelAdapter):
             wanted = slots[candidates]
             found = order[torch.searchsorted(sorted_keys, wanted.double() @ probe.to(flat.device)).clamp(max=len(order) - 1)]
             if not torch.equal(flat[found], wanted):
-                raise RuntimeError("could not trace the anyres image's slots back to its tiles (were features edited?)")
+                continue  # resized after projection (OneVision's anyres_max): no slot-to-patch map
             item.layout = AnyresLayout(found // self.tile_patches, found % self.tile_patches, candidates)
             item.geometry = self.geometry_of_run(item.length, len(candidates))
 
@@ -124,17 +130,23 @@ class LlavaNextAdapter(ModelAdapter):
         return 0  # slots are traced to tiles, not consumed in order
 
     def unit_features(self, items, capture: Capture, signals, first_row) -> UnitFeatures:
+        if any(item.layout is None for item in items):
+            raise ValueError(
+                "this image's slots could not be traced to its tiles (it was resized after the projector, as "
+                "LLaVA-OneVision does above anyres_max tiles): use a language-side method, or a smaller image"
+            )
         scores, keys = signals
         features, unit_scores, unit_keys = [], [], []
         for item in items:
             layout = item.layout
-            tokens = layout.slot_patch + int(self.has_cls)
+            tokens = layout.slot_patch + self.feature_offset
             features.append(capture.output[layout.slot_tile, tokens])
-            unit_scores.append(scores[layout.slot_tile, layout.slot_patch])
+            unit_scores.append(scores[layout.slot_tile, tokens - int(self.has_cls)])  # CLIP scores skip CLS
             unit_keys.append(keys[layout.slot_tile, tokens])
         return UnitFeatures(torch.stack(features), torch.stack(unit_scores), torch.stack(unit_keys))
 
     def vision_scores(self, layer_input: torch.Tensor, tower: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.towers["image"]  # one tower encodes everything in this family
         if self.has_cls:
-            return cls_attention_and_keys(self.towers[tower], layer_input)
-        return attention_received_and_keys(self.towers[tower], layer_input)
+            return cls_attention_and_keys(layer, layer_input)
+        return attention_received_and_keys(layer, layer_input)

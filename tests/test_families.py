@@ -538,3 +538,67 @@ def test_full_is_bit_identical_on_onevision(llava_onevision):
         with duet_vlm.make("full")(llava_onevision):
             reduced = llava_onevision(**inputs).logits
     assert torch.equal(plain, reduced)
+
+
+def test_stats_name_the_frames_and_tiles_tokens_come_from(video_llava, llava_next):
+    with torch.no_grad():
+        reducer = duet_vlm.make("duet", ratio=0.5)
+        with reducer(video_llava):
+            video_llava(**batch_row(mixed_batch(), 0))
+        image, video = reducer.stats.items
+        assert image.entry_units.unique().tolist() == [0]
+        # Per-frame Stage A: the same number of tokens from every frame, in frame order.
+        assert video.entry_units.tolist() == sorted(video.entry_units.tolist())
+        assert video.entry_units.bincount().tolist() == [video.tokens_per_layer[0] // FRAMES] * FRAMES
+
+        reducer = duet_vlm.make("fastv", ratio=0.5)
+        with reducer(llava_next):
+            llava_next(**next_batch([[(112, 112)]]))
+        (item,) = reducer.stats.items
+        units = item.entry_units  # all 88 slots enter: base tile (16), 4 tiles (16 each), 8 newlines
+        assert units[units >= 0].bincount().tolist() == [16] * 5 and int((units == -1).sum()) == 8
+        reached = units[item.kept_ids]
+        assert len(reached) == item.tokens_per_layer[-1]
+
+
+def test_overlay_draws_the_tiles_and_frames_tokens_came_from(video_llava, llava_next, tmp_path):
+    """Every kept token of an anyres image or a video lands on one cell of one grid of the picture."""
+    from PIL import Image
+
+    from duet_vlm.cli import read_frames
+    from duet_vlm.compare import draw_item_overlay
+
+    with torch.no_grad():
+        reducer = duet_vlm.make("duet", ratio=0.3)
+        with reducer(llava_next):
+            llava_next(**next_batch([[(112, 112)]]))
+        (image,) = reducer.stats.items
+        reducer = duet_vlm.make("duet", ratio=0.3)
+        with reducer(video_llava):
+            video_llava(**batch_row(mixed_batch(), 0))
+        video = reducer.stats.items[1]
+    assert [name for name, _, _ in image.views] == ["base tile", "high resolution"]
+    assert image.views[1][1:] == (8, 8)  # 112 x 112 px: 2 x 2 tiles of 4 x 4 patches, no padding to remove
+    cells = image.cells[image.entry_slots]
+    assert (cells[:, 0] >= 0).all()  # Stage A keeps patches, never newlines
+    assert [name for name, _, _ in video.views] == [f"frame {u}" for u in range(FRAMES)]
+    drawn = video.cells[video.entry_slots]
+    drawn = drawn[drawn[:, 0] >= 0]  # each frame's CLS token sits in a slot but on no cell
+    assert drawn[:, 0].bincount().tolist() == [video.tokens_per_layer[0] // FRAMES - 1] * FRAMES
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for u in range(FRAMES):
+        Image.new("RGB", (112, 112), (60 * u, 90, 120)).save(frames / f"{u:02d}.png")
+    pictures = read_frames(frames)
+    assert len(pictures) == FRAMES
+    assert draw_item_overlay(pictures, video, tmp_path / "video.png").stat().st_size > 0
+    assert draw_item_overlay(pictures[0], image, tmp_path / "image.png").stat().st_size > 0
+
+
+def test_a_video_with_no_frames_and_a_video_without_pixels_get_clear_errors(video_llava):
+    with torch.no_grad(), duet_vlm.make("duet", ratio=0.5)(video_llava):
+        with pytest.raises(ValueError, match="a video with no frames"):
+            video_llava(input_ids=torch.tensor([[1, 5, 6, 7]]), pixel_values_videos=torch.randn(1, 0, 3, 112, 112))
+        with pytest.raises(RuntimeError, match="video features were not computed under this reducer"):
+            video_llava(input_ids=torch.tensor([[1, 5] + [VIDEO] * FRAMES * (SIDE * SIDE + 1) + [7]]))

@@ -181,3 +181,131 @@ def prefill_variants(
             reducers[name] = make(method, budget=budget)
             variants[name] = runner(name, lambda r=reducers[name]: r(model))
     return variants, reducers, decoder_seconds
+
+
+# ----------------------------------------------------------------------------- families and the ideal
+FAMILIES = ("llava", "llava_next", "video_llava")
+
+
+def build_family(family: str, size: ModelSize, seed: int = 0):
+    """A random-weight model of ``family`` with a CLIP-L/14 tower and ``size``'s decoder, and one
+    prompt of its typical geometry: LLaVA-1.5 (336 px, 576 tokens), LLaVA-NeXT (a 672x672 image:
+    5 tiles, 2,928 tokens with newlines) or Video-LLaVA (8 frames at 224 px, 2,056 tokens)."""
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        VideoLlavaConfig,
+        VideoLlavaForConditionalGeneration,
+    )
+
+    if family == "llava":
+        model = build_model(size, seed=seed)
+        return model, example_inputs(model)
+    image_size = 336 if family == "llava_next" else 224
+    vision = CLIPVisionConfig(
+        hidden_size=size.vision_hidden, intermediate_size=4 * size.vision_hidden, num_hidden_layers=size.vision_layers,
+        num_attention_heads=size.vision_heads, image_size=image_size, patch_size=14, projection_dim=768,
+    )
+    text = LlamaConfig(
+        vocab_size=32064, hidden_size=size.hidden, intermediate_size=size.intermediate, num_hidden_layers=size.layers,
+        num_attention_heads=size.heads, num_key_value_heads=size.kv_heads, max_position_embeddings=8192,
+    )
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    if family == "llava_next":
+        pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+        config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=32000, image_grid_pinpoints=pinpoints,
+                                 vision_feature_layer=-2, vision_feature_select_strategy="default")
+        model = LlavaNextForConditionalGeneration(config).eval()
+        slots = 576 + 48 * 49
+        visual = {"pixel_values": torch.randn(1, 5, 3, 336, 336, generator=generator), "image_sizes": torch.tensor([[672, 672]])}
+    elif family == "video_llava":
+        config = VideoLlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, video_token_id=32001,
+                                  vision_feature_layer=-2, vision_feature_select_strategy="default")
+        model = VideoLlavaForConditionalGeneration(config).eval()
+        slots = 8 * 257
+        visual = {"pixel_values_videos": torch.randn(1, 8, 3, 224, 224, generator=generator)}
+    else:
+        raise ValueError(f"unknown family {family!r}; one of {', '.join(FAMILIES)}")
+    model.set_attn_implementation("sdpa")
+    token = config.image_token_id if family == "llava_next" else config.video_token_id
+    ids = torch.cat([torch.randint(3, 32000, (1, 5), generator=generator), torch.full((1, slots), token),
+                     torch.randint(3, 32000, (1, 55), generator=generator)], dim=1)
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), **visual}
+
+
+def ideal_language_model(model, text_tokens: int, visual_per_layer: list[int]) -> Callable[[], None]:
+    """The unpatched decoder fed the same token counts: each layer called directly on a sequence of
+    ``text_tokens + visual_per_layer[l]`` random states (sliced where the count drops), causal SDPA
+    without a mask, RoPE recomputed per group, then the final norm. What a reducer costs beyond it
+    is its scoring and bookkeeping."""
+    language_model = model.model.language_model
+    width = language_model.config.hidden_size
+    first = text_tokens + visual_per_layer[0]
+    hidden0 = torch.randn(1, first, width, generator=torch.Generator().manual_seed(0)).to(language_model.dtype)
+
+    def run():
+        with torch.inference_mode():
+            hidden, rope = hidden0, None
+            for layer, visual in zip(language_model.layers, visual_per_layer):
+                length = text_tokens + visual
+                if rope is None or hidden.shape[1] != length:
+                    hidden = hidden[:, :length]
+                    positions = torch.arange(length)[None]
+                    rope = language_model.rotary_emb(hidden, positions)
+                out = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rope)
+                hidden = out[0] if isinstance(out, tuple) else out
+            language_model.norm(hidden)
+
+    return run
+
+
+def family_benchmark(family: str, size: ModelSize, methods: list[str], ratios: list[float], rounds: int, progress=None) -> dict:
+    """Prefill of ``family``'s typical prompt under each method and ratio, side by side with the
+    unreduced model and, for each reduced variant, the ideal decoder on the same token counts.
+
+    Returns ``{variant: {forward_s, language_model_s, ideal_s, lm_vs_ideal, lm_vs_full, flops_ratio,
+    kv_ratio, avg_visual_tokens}}`` (medians over interleaved rounds; ratios per round).
+    """
+    model, inputs = build_family(family, size)
+    names = [f"{method} ratio {ratio:g}" for method in methods for ratio in ratios]
+    reducers = {name: make(method, ratio=ratio) for name, (method, ratio) in
+                zip(names, [(m, r) for m in methods for r in ratios])}
+    variants, decoder_seconds = {}, {}
+
+    def runner(name, context_factory):
+        decoder_seconds[name] = []
+
+        def run():
+            with torch.inference_mode(), context_factory(), LanguageModelTimer(model) as timer:
+                model(**inputs, logits_to_keep=1)
+            decoder_seconds[name].extend(timer.seconds)
+
+        return run
+
+    variants["no reduction"] = runner("no reduction", nullcontext)
+    for name, reducer in reducers.items():
+        variants[name] = runner(name, lambda r=reducer: r(model))
+        variants[name]()  # one prefill tells the per-layer counts the ideal must match
+        stats = reducer.stats
+        visual = [sum(item.tokens_per_layer[layer] for item in stats.items) for layer in range(len(stats.tokens_per_layer))]
+        variants[f"ideal: {name}"] = ideal_language_model(model, stats.text_tokens[0], visual)
+    times = interleaved(variants, rounds, progress=progress)
+    lm = {name: seconds[-rounds:] for name, seconds in decoder_seconds.items()}
+    results = {}
+    for name in ["no reduction", *names]:
+        stats = reducers[name].stats if name in reducers else None
+        row = {
+            "forward_s": statistics.median(times[name]),
+            "language_model_s": statistics.median(lm[name]),
+            "lm_vs_full": statistics.median(t / b for t, b in zip(lm[name], lm["no reduction"])),
+            "flops_ratio": stats.flops_ratio if stats else 1.0,
+            "kv_ratio": stats.kv_bytes / stats.kv_bytes_full if stats else 1.0,
+            "avg_visual_tokens": stats.average_tokens if stats else None,
+        }
+        if stats is not None:
+            ideal = times[f"ideal: {name}"]
+            row["ideal_s"] = statistics.median(ideal)
+            row["lm_vs_ideal"] = statistics.median(t / i for t, i in zip(lm[name], ideal))
+        results[name] = row
+    return {"family": family, "model": vars(size), "rounds": rounds, "variants": results}

@@ -136,7 +136,7 @@ def plan(
     console.print(costs)
 
 
-LIST_OPTIONS = ("--methods", "--budgets")
+LIST_OPTIONS = ("--methods", "--budgets", "--ratios")
 
 
 def expand_list_options(argv: list[str]) -> list[str]:
@@ -169,6 +169,11 @@ def bench(
     intermediate: int = typer.Option(2816, help="Decoder MLP size."),
     text_tokens: int = typer.Option(60, help="Prompt tokens besides the image."),
     threads: int = typer.Option(0, help="torch threads (0 = leave as is)."),
+    family: Optional[str] = typer.Option(
+        None, help="Time a family's geometry instead: llava, llava_next (672x672, 5 tiles) or video_llava (8 frames)."
+    ),
+    ratios: list[float] = typer.Option([0.33, 0.11], help="With --family: kept fractions of the item's tokens."),
+    vision_layers: int = typer.Option(24, help="Layers of the CLIP-L tower (fewer makes --family runs faster)."),
     output: Optional[Path] = typer.Option(None, help="Write the results as JSON here."),
 ) -> None:
     """Time Stage A on the vision side and the prefill of each method, side by side in one run."""
@@ -178,7 +183,13 @@ def bench(
 
     if threads:
         torch.set_num_threads(threads)
-    size = ModelSize(hidden=hidden, heads=max(1, hidden // 64), kv_heads=max(1, hidden // 64), intermediate=intermediate)
+    size = ModelSize(
+        vision_layers=vision_layers, hidden=hidden, heads=max(1, hidden // 64), kv_heads=max(1, hidden // 64),
+        intermediate=intermediate,
+    )
+    if family is not None:
+        _bench_family(family, size, methods, ratios, rounds, output)
+        return
     model = build_model(size)
     inputs = example_inputs(model, text_tokens=text_tokens)
     vision = vision_variants(model, inputs, budgets[0])
@@ -227,6 +238,32 @@ def bench(
         console.print(f"wrote {output}")
 
 
+def _bench_family(family, size, methods, ratios, rounds, output) -> None:
+    from .bench import FAMILIES, family_benchmark
+
+    if family not in FAMILIES:
+        raise ValueError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    variants = len(methods) * len(ratios) * 2 + 1
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"{family} prefill", total=rounds)
+        results = family_benchmark(family, size, methods, ratios, rounds, progress=lambda: progress.advance(task))
+    table = Table(title=f"{family}: prefill, {rounds} interleaved rounds of {variants} variants")
+    columns = ("variant", "visual tok/layer", "forward s", "LM s", "LM vs full", "ideal LM s", "LM vs ideal", "FLOPs ratio", "KV ratio")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for name, row in results["variants"].items():
+        tokens = row["avg_visual_tokens"]
+        table.add_row(
+            name, f"{tokens:.1f}" if tokens is not None else "all", f"{row['forward_s']:.3f}", f"{row['language_model_s']:.3f}",
+            f"{row['lm_vs_full']:.3f}", f"{row['ideal_s']:.3f}" if "ideal_s" in row else "",
+            f"{row['lm_vs_ideal']:.3f}" if "lm_vs_ideal" in row else "", f"{row['flops_ratio']:.3f}", f"{row['kv_ratio']:.3f}",
+        )
+    console.print(table)
+    if output:
+        output.write_text(json.dumps(results, indent=2))
+        console.print(f"wrote {output}")
+
+
 def _print_answers(answers, title: str = "Answers") -> None:
     table = Table(title=title)
     for column in ("", "answer", "avg visual tokens/layer", "visual tokens per layer group", "decoder FLOPs (exact)", "KV cache", "prefill s"):
@@ -256,10 +293,18 @@ def _print_answers(answers, title: str = "Answers") -> None:
         )
 
 
-def default_image_tokens(model) -> int:
-    from .adapters import adapter_for
+def read_frames(path: Path) -> list:
+    """Frames of an animated image (GIF, WebP) or of the images in a folder (sorted by name)."""
+    from PIL import Image, ImageSequence
 
-    return adapter_for(model).geometry.visual_tokens
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+        frames = [Image.open(p).convert("RGB") for p in files]
+    else:
+        frames = [frame.convert("RGB") for frame in ImageSequence.Iterator(Image.open(path))]
+    if not frames:
+        raise ValueError(f"no video frames in {path}")
+    return frames
 
 
 def patch_grid(model) -> tuple[int, int]:
@@ -295,7 +340,8 @@ def demo(
 @app.command()
 def run(
     model: str = typer.Option(..., help="A local path or a Hub id of a LLaVA, LLaVA-NeXT or Video-LLaVA checkpoint."),
-    image: Path = typer.Option(..., help="An image file."),
+    image: Optional[Path] = typer.Option(None, help="An image file."),
+    video: Optional[Path] = typer.Option(None, help="Instead of --image: an animated GIF/WebP or a folder of frame images."),
     prompt: str = typer.Option(..., help="The question (the model's chat template is applied)."),
     method: str = typer.Option("duet", help=f"One of: {', '.join(sorted(METHODS))}."),
     budget: Optional[int] = typer.Option(64, help="Average visual tokens per decoder layer per image."),
@@ -310,11 +356,13 @@ def run(
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from .compare import compare, draw_overlay
+    from .compare import compare, draw_item_overlay, draw_overlay
 
     # The cheap checks first: a bad method, budget or image fails before the weights load.
     reducer = make(method, budget=None if ratio is not None else budget, ratio=ratio)
-    picture = Image.open(image).convert("RGB")
+    if (image is None) == (video is None):
+        raise ValueError("give --image or --video")
+    picture = Image.open(image).convert("RGB") if image is not None else read_frames(video)
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
@@ -326,10 +374,14 @@ def run(
     label = f"{method} {budget}" if ratio is None else f"{method} ratio {ratio}"
     answers = compare(llava, processor, picture, prompt, {"all tokens": None, label: reducer}, max_new_tokens, rounds)
     _print_answers(answers)
-    if overlay and any(item.tokens != default_image_tokens(llava) for item in answers[1].stats.items):
-        raise ValueError("--overlay draws single-grid images (LLaVA-1.5 geometry); anyres tiles are not drawn yet")
     if overlay:
-        console.print(f"wrote {draw_overlay(picture, answers[1].stats, patch_grid(llava), overlay, title=prompt)}")
+        stats = answers[1].stats
+        (item,) = stats.items
+        if len(item.views) == 1 and stats.vision_roles:  # one grid: Stage A's roles can be drawn too
+            path = draw_overlay(picture, stats, patch_grid(llava), overlay, title=prompt)
+        else:  # tiles of an anyres image, or frames of a video
+            path = draw_item_overlay(picture, item, overlay, title=prompt)
+        console.print(f"wrote {path}")
 
 
 @app.command("eval")

@@ -24,14 +24,15 @@ class Answer:
     prefill_seconds: float
 
 
-def chat_prompt(processor, question: str) -> str:
-    """The model's own chat template around an image and ``question`` (LLaVA-1.5 style if it has none)."""
-    if "<image>" in question:
+def chat_prompt(processor, question: str, kind: str = "image") -> str:
+    """The model's own chat template around an image (or a video) and ``question`` (LLaVA-1.5 style
+    if it has none)."""
+    if f"<{kind}>" in question:
         return question
     if getattr(processor, "chat_template", None):
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        conversation = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(conversation, add_generation_prompt=True)
-    return f"USER: <image>\n{question} ASSISTANT:"
+    return f"USER: <{kind}>\n{question} ASSISTANT:"
 
 
 def compare(
@@ -43,8 +44,12 @@ def compare(
     max_new_tokens: int = 8,
     rounds: int = 5,
 ) -> list[Answer]:
-    """Answer ``question`` under each reducer (``None`` = all tokens) and time their prefills side by side."""
-    inputs = processor(images=image, text=chat_prompt(processor, question), return_tensors="pt")
+    """Answer ``question`` about ``image`` (a list of frames: a video) under each reducer (``None`` =
+    all tokens) and time their prefills side by side."""
+    if isinstance(image, (list, tuple)):
+        inputs = processor(videos=[list(image)], text=chat_prompt(processor, question, "video"), return_tensors="pt")
+    else:
+        inputs = processor(images=image, text=chat_prompt(processor, question), return_tensors="pt")
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     resolved = {label: reducer if reducer is not None else make("full") for label, reducer in reducers.items()}
     tokenizer = processor.tokenizer
@@ -122,5 +127,44 @@ def draw_overlay(image, stats: ReductionStats, grid: tuple[int, int], path: str 
     figure.tight_layout(rect=(0, 0, 1, 0.9 if title else 1))
     path = Path(path)
     figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def draw_item_overlay(pictures, item, path: str | Path, title: str = "") -> Path:
+    """Kept tokens of one visual item (``ReductionStats.items[i]``) on its grids: a row per grid
+    (each frame of a video; an anyres image's base tile and its high-resolution grid, both over the
+    whole picture), a column per stage (the tokens entering the LLM, then each boundary's survivors).
+
+    ``pictures``: one picture per grid of a video (its frames), or one picture for an image.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [(f"LLM input: {len(item.entry_slots)} tokens", item.entry_slots)]
+    stages += [(f"after layer {layer}: {len(ids)} kept", item.entry_slots[ids.cpu()]) for layer, ids in item.stage_ids]
+    pictures = list(pictures) if isinstance(pictures, (list, tuple)) else [pictures] * len(item.views)
+    figure, axes = plt.subplots(len(item.views), len(stages), figsize=(3.0 * len(stages), 3.0 * len(item.views)), squeeze=False)
+    for column, (label, slots) in enumerate(stages):
+        cells = item.cells[slots[slots >= 0]]
+        for row, (name, rows, cols) in enumerate(item.views):
+            picture = np.asarray(pictures[row].convert("RGB"))
+            extent = (0, picture.shape[1], picture.shape[0], 0)
+            layer = np.zeros((rows, cols, 4))
+            chosen = cells[cells[:, 0] == row]
+            layer[chosen[:, 1].numpy(), chosen[:, 2].numpy()] = (1.0, 1.0, 0.0, 0.6)
+            axis = axes[row, column]
+            axis.imshow(picture, extent=extent)
+            axis.imshow(np.full(picture.shape[:2], 0.0), cmap="gray", alpha=0.45, extent=extent, vmin=0, vmax=1)
+            axis.imshow(layer, extent=extent, interpolation="nearest")
+            axis.set_title(f"{name}: {len(chosen)} of {rows * cols}\n{label}" if row == 0 else f"{name}: {len(chosen)}", fontsize=7)
+            axis.axis("off")
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout(rect=(0, 0, 1, 0.95 if title else 1))
+    path = Path(path)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
     return path

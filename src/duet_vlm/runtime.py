@@ -312,6 +312,9 @@ class Attachment:
         self._labels = None
 
     def _find_items(self, module, args, kwargs):
+        videos = kwargs.get("pixel_values_videos")
+        if isinstance(videos, torch.Tensor) and videos.dim() == 5 and videos.shape[0] and not videos.shape[1]:
+            raise ValueError(f"pixel_values_videos of shape {tuple(videos.shape)}: a video with no frames")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             embeds = kwargs["inputs_embeds"]
@@ -766,25 +769,42 @@ class Attachment:
         output.last_hidden_state = full
         return output
 
+    def _item_stats(self, index: int, state: _ItemState, reduction: VisionReduction | None) -> ItemStats:
+        prompt, item = self._prompt, state.item
+        counts = [len(prompt.groups[prompt.group_of_layer(l)].items[index].ids) for l in range(len(self.adapter.layers))]
+        views, cells = self.adapter.cell_views(item)
+        stats = ItemStats(
+            row=item.row,
+            modality=item.geometry.modality,
+            tokens=item.geometry.visual_tokens,
+            units=item.geometry.units,
+            tokens_per_layer=counts,
+            kept_ids=prompt.groups[-1].items[index].ids,
+            stage_ids=[(layer, group.items[index].ids) for layer, group in zip(prompt.boundaries, prompt.groups[1:])],
+            views=views,
+            cells=cells,
+        )
+        if reduction is None:
+            stats.entry_units = self.adapter.slot_units(item)
+            stats.entry_slots = torch.arange(item.length)
+        else:
+            stats.vision_kept = reduction.kept
+            stats.entry_slots = self.adapter.vision_slots(item, reduction.kept)
+            units, per_unit = reduction.kept.shape
+            stats.entry_units = (
+                torch.arange(units).repeat_interleave(per_unit)
+                if units > 1
+                else self.adapter.view_units(item, reduction.kept[0]).cpu()
+            )
+        return stats
+
     def _record_stats(self) -> None:
         prompt = self._prompt
         num_layers = len(self.adapter.layers)
         entry = prompt.groups[0]
-        per_item: list[ItemStats] = []
-        for i, state in enumerate(entry.items):
-            counts = [len(prompt.groups[prompt.group_of_layer(l)].items[i].positions) for l in range(num_layers)]
-            item = state.item
-            per_item.append(
-                ItemStats(
-                    row=item.row,
-                    modality=item.geometry.modality,
-                    tokens=item.geometry.visual_tokens,
-                    units=item.geometry.units,
-                    tokens_per_layer=counts,
-                    kept_ids=prompt.groups[-1].items[i].ids,
-                )
-            )
         vision = prompt.vision
+        vision_by_item = {id(item): reduction for item, reduction in vision}
+        per_item = [self._item_stats(i, state, vision_by_item.get(id(state.item))) for i, state in enumerate(entry.items)]
         stages = [(layer, g) for layer, g in zip(prompt.boundaries, prompt.groups[1:])]
         uniform = len({(s.tokens, tuple(s.tokens_per_layer)) for s in per_item}) == 1
         rows = entry.index.shape[0]
@@ -803,10 +823,6 @@ class Attachment:
             tokens_per_layer = mean
             visual_tokens = sum(s.tokens for s in per_item) / len(per_item)
             llm_input = mean[0]
-        vision_by_item = {id(item): reduction for item, reduction in vision}
-        for state, stats_item in zip(entry.items, per_item):
-            reduction = vision_by_item.get(id(state.item))
-            stats_item.vision_kept = reduction.kept if reduction is not None else None
         valid = prompt.valid
         is_visual = torch.zeros_like(valid)
         for state in entry.items:

@@ -23,7 +23,14 @@ class ItemStats:
             layer group.
         vision_kept: ``(units, n)`` for each token entering the LLM, the vision-encoder index (within
             its frame or image, CLS = 0 where there is one) it stands for; ``None`` without a
-            vision stage. ``unit = slot // n`` names the frame a kept slot came from.
+            vision stage.
+        entry_units: ``(tokens entering the LLM,)`` the frame (video) or tile (anyres image, 0 = the
+            base tile) each token comes from; -1 for newline tokens. ``entry_units[kept_ids]``
+            names where the tokens reaching the last layers came from.
+        stage_ids: per pruning boundary ``(layer, ids)``, the entry tokens that survive it.
+        entry_slots: the item's slot each entry token stands for (-1: a CLS token).
+        views, cells: the grids a picture of the item shows (``(name, rows, cols)``) and each
+            slot's ``(grid, row, col)`` (-1 where a slot has no cell); see ``compare.draw_item_overlay``.
     """
 
     row: int
@@ -33,6 +40,11 @@ class ItemStats:
     tokens_per_layer: list[int]
     kept_ids: torch.Tensor | None = None
     vision_kept: torch.Tensor | None = None
+    entry_units: torch.Tensor | None = None
+    stage_ids: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    entry_slots: torch.Tensor | None = None
+    views: list[tuple[str, int, int]] = field(default_factory=list)
+    cells: torch.Tensor | None = None
 
     @property
     def average_tokens(self) -> float:

@@ -249,6 +249,41 @@ class ModelAdapter:
         rows = torch.cat([torch.arange(units) + first_row(item) for item in items]).to(scores.device)
         return UnitFeatures(capture.output[rows], scores[rows], keys[rows])
 
+    def slot_units(self, item: VisualItem) -> torch.Tensor:
+        """``(slots,)`` the unit (frame) each of ``item``'s slots belongs to; -1 on structural slots."""
+        geometry = item.geometry
+        units = torch.arange(geometry.units).repeat_interleave(geometry.unit_tokens)
+        return torch.cat([units, torch.full((geometry.trailing,), -1)])
+
+    def cell_views(self, item: VisualItem) -> tuple[list[tuple[str, int, int]], torch.Tensor]:
+        """Where ``item``'s slots sit in a picture: the grids to draw (``(name, rows, cols)``: the
+        image, or each frame) and ``(slots, 3)`` cells ``(grid, row, col)``, -1 on CLS slots."""
+        geometry = item.geometry
+        rows, cols = geometry.grid
+        # Slots of a unit hold its CLS first when there is one more slot than patches.
+        cls_slot = int(geometry.unit_tokens == geometry.patches + 1)
+        within = torch.arange(geometry.unit_tokens) - cls_slot
+        unit = torch.arange(geometry.units).repeat_interleave(geometry.unit_tokens)
+        within = within.repeat(geometry.units)
+        cells = torch.stack([unit, within // cols, within % cols], dim=1)
+        cells[within.lt(0)] = -1
+        cells = torch.cat([cells, torch.full((geometry.trailing, 3), -1)])
+        names = [f"frame {u}" for u in range(geometry.units)] if geometry.units > 1 else [geometry.modality]
+        return [(name, rows, cols) for name in names], cells
+
+    def vision_slots(self, item: VisualItem, vision_kept: torch.Tensor) -> torch.Tensor:
+        """The slot each output of a vision stage stands for (``vision_kept``: ``(units, k)`` vision
+        token indices per unit); -1 for a CLS token that has no slot."""
+        geometry = item.geometry
+        offset = geometry.unit_tokens - geometry.patches - int(geometry.has_cls)  # -1 when slots skip CLS
+        slots = vision_kept.cpu() + offset
+        slots = slots + (torch.arange(geometry.units) * geometry.unit_tokens)[:, None]
+        return torch.where(vision_kept.cpu() + offset < 0, -1, slots).reshape(-1)
+
+    def view_units(self, item: VisualItem, view_index: torch.Tensor) -> torch.Tensor:
+        """The tile each token of a one-unit vision view stands for (0: an image is its own unit)."""
+        return torch.zeros_like(view_index)
+
     def project(self, item: VisualItem, features: torch.Tensor) -> torch.Tensor:
         """Map a vision stage's output ``(U, k, C)`` into the language model's embedding space."""
         return self.projector(features)

@@ -129,6 +129,44 @@ class LlavaNextAdapter(ModelAdapter):
     def units_needed(self, item: VisualItem) -> int:
         return 0  # slots are traced to tiles, not consumed in order
 
+    def slot_units(self, item: VisualItem) -> torch.Tensor:
+        """The tile (0 = the base tile) of each slot; -1 on newlines, and everywhere if untraced."""
+        units = torch.full((item.length,), -1)
+        if item.layout is not None and item.tower == "image":
+            tiles = item.layout.slot_tile
+            units[item.layout.candidate_slots.cpu()] = (tiles - tiles.min()).cpu()
+            return units
+        return super().slot_units(item) if item.tower != "image" else units
+
+    def cell_views(self, item: VisualItem) -> tuple[list[tuple[str, int, int]], torch.Tensor]:
+        """The base tile's grid and the unpadded high-resolution grid (newline slots: -1); both
+        cover the whole picture, since unpadding removes exactly the processor's padding."""
+        if item.tower != "image" or item.layout is None:
+            return super().cell_views(item)
+        side = self.tile_side
+        cells = torch.full((item.length, 3), -1)
+        base = torch.arange(side * side)
+        cells[: side * side] = torch.stack([torch.zeros_like(base), base // side, base % side], dim=1)
+        rows = item.length - len(item.layout.candidate_slots)  # one newline per high-resolution row
+        if rows:
+            cols = (item.length - side * side) // rows - 1
+            grid = torch.arange(item.length - side * side)
+            row, col = grid // (cols + 1), grid % (cols + 1)
+            hires = torch.stack([torch.ones_like(row), row, col], dim=1)
+            hires[col == cols] = -1
+            cells[side * side :] = hires
+            return [("base tile", side, side), ("high resolution", rows, cols)], cells
+        return [("base tile", side, side)], cells
+
+    def vision_slots(self, item: VisualItem, vision_kept: torch.Tensor) -> torch.Tensor:
+        if item.tower != "image":
+            return super().vision_slots(item, vision_kept)
+        return item.layout.candidate_slots.cpu()[vision_kept.cpu().reshape(-1)]
+
+    def view_units(self, item: VisualItem, view_index: torch.Tensor) -> torch.Tensor:
+        tiles = item.layout.slot_tile
+        return (tiles - tiles.min())[view_index]
+
     def unit_features(self, items, capture: Capture, signals, first_row) -> UnitFeatures:
         if any(item.layout is None for item in items):
             raise ValueError(

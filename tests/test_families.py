@@ -109,32 +109,40 @@ def _visual_tokens(input_ids):
     return int(((input_ids == IMAGE) | (input_ids == VIDEO)).sum())
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_image_and_video_in_one_prompt(video_llava, name):
-    inputs = batch_row(mixed_batch(), 0)
+def generate_and_check_counts(model, name, inputs):
+    """``generate`` under ``make(name, ratio=0.5)``: the visual tokens each decoder layer receives
+    equal the sum of the items' stats, every item averages half its tokens (within a frame count:
+    a vision stage keeps the same count in every frame), each layer's KV cache holds its prefill
+    plus the generated tokens, and no hook is left behind. Returns the items' stats."""
     text = inputs["input_ids"].shape[1] - _visual_tokens(inputs["input_ids"])
     reducer = duet_vlm.make(name, ratio=0.5)
-    hooks = _hook_ids(video_llava)
-    handle = reducer.attach(video_llava)
-    probe = LayerInputs(video_llava)
+    hooks = _hook_ids(model)
+    handle = reducer.attach(model)
+    probe = LayerInputs(model)
     try:
         with torch.no_grad():
-            out = video_llava.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     finally:
         probe.remove()
         handle.remove()
-    assert _hook_ids(video_llava) == hooks
+    assert _hook_ids(model) == hooks
     items = reducer.stats.items
-    assert [(i.modality, i.tokens, i.units) for i in items] == [("image", 64, 1), ("video", 260, FRAMES)]
+    layers = len(probe.calls[0])
     seen = [length - text for _, length in sorted(probe.calls[0].items())]
-    assert seen == [sum(i.tokens_per_layer[layer] for i in items) for layer in range(16)]
+    assert seen == [sum(i.tokens_per_layer[layer] for i in items) for layer in range(layers)]
     for item in items:
         expected = item.tokens if name == "full" else round(0.5 * item.tokens)
-        # A vision stage keeps the same count in every frame: a video lands within a frame count.
         assert abs(item.average_tokens - expected) <= max(1, item.units), (item.modality, item.tokens_per_layer)
     generated = out.sequences.shape[1] - inputs["input_ids"].shape[1]
     for layer, visual in enumerate(seen):
         assert out.past_key_values.layers[layer].keys.shape[-2] == text + visual + generated - 1, f"layer {layer}"
+    return items
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_image_and_video_in_one_prompt(video_llava, name):
+    items = generate_and_check_counts(video_llava, name, batch_row(mixed_batch(), 0))
+    assert [(i.modality, i.tokens, i.units) for i in items] == [("image", 64, 1), ("video", 260, FRAMES)]
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "full"])
@@ -341,27 +349,8 @@ def test_anyres_layout_equals_the_models_packing(llava_next):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_anyres_images_of_different_sizes(llava_next, name):
-    inputs = next_batch([[(112, 112), (56, 112)]], seed=1)
-    text = inputs["input_ids"].shape[1] - _visual_tokens(inputs["input_ids"])
-    reducer = duet_vlm.make(name, ratio=0.5)
-    handle = reducer.attach(llava_next)
-    probe = LayerInputs(llava_next)
-    try:
-        with torch.no_grad():
-            out = llava_next.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    finally:
-        probe.remove()
-        handle.remove()
-    items = reducer.stats.items
+    items = generate_and_check_counts(llava_next, name, next_batch([[(112, 112), (56, 112)]], seed=1))
     assert [i.tokens for i in items] == [88, 52]
-    seen = [length - text for _, length in sorted(probe.calls[0].items())]
-    assert seen == [sum(i.tokens_per_layer[layer] for i in items) for layer in range(16)]
-    for item in items:
-        expected = item.tokens if name == "full" else round(0.5 * item.tokens)
-        assert abs(item.average_tokens - expected) <= 1, item.tokens_per_layer
-    generated = out.sequences.shape[1] - inputs["input_ids"].shape[1]
-    for layer, visual in enumerate(seen):
-        assert out.past_key_values.layers[layer].keys.shape[-2] == text + visual + generated - 1, f"layer {layer}"
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "full"])
@@ -490,23 +479,8 @@ def llava_onevision():
 @pytest.mark.parametrize("name", NAMES)
 def test_onevision_images_and_a_video(llava_onevision, name):
     inputs = ov_batch([[("image", (64, 64)), ("image", (32, 64)), ("video", None)]], seed=1)
-    text = inputs["input_ids"].shape[1] - _visual_tokens(inputs["input_ids"])
-    reducer = duet_vlm.make(name, ratio=0.5)
-    handle = reducer.attach(llava_onevision)
-    probe = LayerInputs(llava_onevision)
-    try:
-        with torch.no_grad():
-            llava_onevision.generate(**inputs, max_new_tokens=3, do_sample=False)
-    finally:
-        probe.remove()
-        handle.remove()
-    items = reducer.stats.items
+    items = generate_and_check_counts(llava_onevision, name, inputs)
     assert [(i.modality, i.tokens) for i in items] == [("image", 336), ("image", 200), ("video", OV_VIDEO)]
-    seen = [length - text for _, length in sorted(probe.calls[0].items())]
-    assert seen == [sum(i.tokens_per_layer[layer] for i in items) for layer in range(16)]
-    for item in items:
-        expected = item.tokens if name == "full" else round(0.5 * item.tokens)
-        assert abs(item.average_tokens - expected) <= max(1, item.units), (item.modality, item.tokens_per_layer)
 
 
 @pytest.mark.parametrize("name", ["duet", "visionzip", "fastv", "sparsevlm", "pio", "pool"])

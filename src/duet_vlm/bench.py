@@ -153,6 +153,18 @@ class LanguageModelTimer:
             handle.remove()
 
 
+def timed_prefill(model, inputs, context_factory, decoder_seconds: list[float]) -> Callable[[], None]:
+    """One prefill forward (logits of the last token only, as generate does) inside
+    ``context_factory()``; appends the seconds it spent in the language model to ``decoder_seconds``."""
+
+    def run():
+        with torch.inference_mode(), context_factory(), LanguageModelTimer(model) as timer:
+            model(**inputs, logits_to_keep=1)
+        decoder_seconds.extend(timer.seconds)
+
+    return run
+
+
 def prefill_variants(
     model, inputs, methods: list[str], budgets: list[int]
 ) -> tuple[dict[str, Callable[[], None]], dict, dict[str, list[float]]]:
@@ -166,13 +178,7 @@ def prefill_variants(
 
     def runner(name, context_factory):
         decoder_seconds[name] = []
-
-        def run():
-            with torch.inference_mode(), context_factory(), LanguageModelTimer(model) as timer:
-                model(**inputs, logits_to_keep=1)
-            decoder_seconds[name].extend(timer.seconds)
-
-        return run
+        return timed_prefill(model, inputs, context_factory, decoder_seconds[name])
 
     variants["no reduction"] = runner("no reduction", nullcontext)
     for method in methods:
@@ -275,13 +281,7 @@ def family_benchmark(family: str, size: ModelSize, methods: list[str], ratios: l
 
     def runner(name, context_factory):
         decoder_seconds[name] = []
-
-        def run():
-            with torch.inference_mode(), context_factory(), LanguageModelTimer(model) as timer:
-                model(**inputs, logits_to_keep=1)
-            decoder_seconds[name].extend(timer.seconds)
-
-        return run
+        return timed_prefill(model, inputs, context_factory, decoder_seconds[name])
 
     variants["no reduction"] = runner("no reduction", nullcontext)
     for name, reducer in reducers.items():

@@ -147,7 +147,7 @@ class Attachment:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.plan: Plan = self.reducer.resolve(self.adapter.geometry)
-        self.schedule = self.plan.schedule
+        self.schedule = self.plan.schedule  # the default image's; each item gets its own at its prefill
         self._captures: dict[str, list[Capture]] = {}
         self._captures_used = False
         self._pending_inputs: dict[str, torch.Tensor] = {}
@@ -231,15 +231,15 @@ class Attachment:
 
     def _reduce_vision(
         self, prompt_items: list[VisualItem], captures: dict[str, Capture], inputs_embeds: torch.Tensor
-    ) -> dict[int, int]:
+    ) -> list[tuple[VisualItem, VisionReduction]]:
         """Run each item's vision stage and write its projected output into the item's first slots.
 
-        Returns ``{id(item): tokens kept}`` for the items with a vision stage.
+        Returns, for the items with a vision stage, what their stage kept.
         """
-        kept: dict[int, int] = {}
+        records: list[tuple[VisualItem, VisionReduction]] = []
         staged = [item for item in prompt_items if self.plan_for(item.geometry).vision is not None]
         if not staged:
-            return kept
+            return records
         # generate() encodes each image once and repeats every row afterwards (num_return_sequences,
         # beams): r copies of a row read the captured rows of its first copy.
         needed: dict[str, int] = {}
@@ -274,7 +274,6 @@ class Attachment:
         buckets: dict[tuple, list[VisualItem]] = {}
         for item in staged:
             buckets.setdefault((item.tower, item.geometry), []).append(item)
-        prompt = self._prompt
         signals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for (tower, geometry), items in buckets.items():
             plan = self.plan_for(geometry)
@@ -296,13 +295,13 @@ class Attachment:
             for i, item in enumerate(items):
                 slots = torch.cat([item.unit_start(u) + torch.arange(keep) for u in range(units)]).to(inputs_embeds.device)
                 inputs_embeds[item.row, slots] = projected[i].reshape(units * keep, -1)
-                kept[id(item)] = units * keep
                 share = slice(i * units, (i + 1) * units)
-                prompt_reduction = VisionReduction(
-                    reduction.features[share], reduction.kept[share], {k: v[share] for k, v in reduction.roles.items()}
+                records.append(
+                    (item, VisionReduction(
+                        reduction.features[share], reduction.kept[share], {k: v[share] for k, v in reduction.roles.items()}
+                    ))
                 )
-                prompt.vision.append((item, prompt_reduction))
-        return kept
+        return records
 
     # ----------------------------------------------------------------- inputs
     def _keep_labels(self, module, args, kwargs):
@@ -346,13 +345,13 @@ class Attachment:
         input_ids = self._input_ids
         batch, length = input_ids.shape
         device = input_ids.device
-        self._prompt = _Prompt(length, None, None, None, [], [])  # filled below; holds Stage-A records
         inputs_embeds = kwargs["inputs_embeds"]
         captures = self._take_captures()
         self.adapter.trace(items, captures, inputs_embeds)
         if any(self.plan_for(i.geometry).vision is not None for i in items):
             inputs_embeds = inputs_embeds.clone()
-        kept_by_vision = self._reduce_vision(items, captures, inputs_embeds)
+        vision = self._reduce_vision(items, captures, inputs_embeds)
+        kept_by_vision = {id(item): reduction.kept.numel() for item, reduction in vision}
 
         keep = torch.ones(batch, length, dtype=torch.bool, device=device)
         is_visual = torch.zeros_like(keep)
@@ -414,9 +413,7 @@ class Attachment:
             chosen = (after & valid[b] & instruction[b] & ~is_visual[b].gather(0, entry_index[b])).nonzero()[:, 0]
             text_after.append(chosen if len(chosen) else positions[-1:])
         boundaries = sorted({layer for plan in plans for layer, _ in plan.schedule.boundaries})
-        prompt = self._prompt
-        prompt.entry_index, prompt.valid, prompt.input_ids = entry_index, valid, input_ids
-        prompt.text_after_image, prompt.boundaries = text_after, boundaries
+        prompt = self._prompt = _Prompt(length, entry_index, valid, input_ids, text_after, boundaries, vision=vision)
         states = [
             _ItemState(item, plan, rank[item.row, slots], torch.arange(len(slots), device=device))
             for item, plan, slots in zip(items, plans, item_slots)
@@ -460,9 +457,9 @@ class Attachment:
         attention_mask = kwargs.get("attention_mask")
         new = kwargs["inputs_embeds"].shape[1]
         device = kwargs["inputs_embeds"].device
-        if attention_mask is None and entry.pad is not None:
-            attention_mask = torch.ones(shift.shape[0], prompt.full_length + cache.get_seq_length() - prompt.entry_length + new,
-                                        dtype=torch.long, device=device)
+        if attention_mask is None and entry.pad is not None:  # the alignment pads need masking
+            length = prompt.full_length + cache.get_seq_length() - prompt.entry_length + new
+            attention_mask = torch.ones(shift.shape[0], length, dtype=torch.long, device=device)
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[1] < prompt.full_length:
                 raise ValueError("decoding under duet-vlm needs the full-length 2-D attention_mask generate() keeps")

@@ -186,6 +186,17 @@ class ModelAdapter:
                     f"{', '.join(cls.vision_model_types)}; this model's is {kind!r}"
                 )
 
+    def bind_modules(self, model: nn.Module) -> None:
+        """The module paths every LLaVA-like family shares (``model.model.language_model`` ...)."""
+        self.top = model if hasattr(model, "lm_head") else None
+        self.base = model.model if self.top is not None else model
+        self.language_model = self.base.language_model
+        self.layers = self.language_model.layers
+        self.rotary_emb = self.language_model.rotary_emb
+        self.projector = self.base.multi_modal_projector
+        self.final_norm = self.language_model.norm
+        self.lm_head = self.top.lm_head if self.top is not None else None
+
     @property
     def text_config(self):
         return self.language_model.config

@@ -20,14 +20,7 @@ class LlavaAdapter(ModelAdapter):
     def __init__(self, model: nn.Module):
         config = model.config
         self.check_vision(model)
-        self.top = model if hasattr(model, "lm_head") else None
-        self.base = model.model if self.top is not None else model
-        self.language_model = self.base.language_model
-        self.layers = self.language_model.layers
-        self.rotary_emb = self.language_model.rotary_emb
-        self.projector = self.base.multi_modal_projector
-        self.final_norm = self.language_model.norm
-        self.lm_head = self.top.lm_head if self.top is not None else None
+        self.bind_modules(model)
         self.select_strategy = config.vision_feature_select_strategy
         self.towers = {"image": feature_layer(self.base.vision_tower, config.vision_feature_layer)}
         self.placeholder_ids = {config.image_token_id: "image"}

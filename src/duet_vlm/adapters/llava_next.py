@@ -69,14 +69,7 @@ class LlavaNextAdapter(ModelAdapter):
 
     def _setup(self, model: nn.Module) -> None:
         config = model.config
-        self.top = model if hasattr(model, "lm_head") else None
-        self.base = model.model if self.top is not None else model
-        self.language_model = self.base.language_model
-        self.layers = self.language_model.layers
-        self.rotary_emb = self.language_model.rotary_emb
-        self.projector = self.base.multi_modal_projector
-        self.final_norm = self.language_model.norm
-        self.lm_head = self.top.lm_head if self.top is not None else None
+        self.bind_modules(model)
         self.towers = {"image": feature_layer(self.base.vision_tower, config.vision_feature_layer)}
         self.placeholder_ids = {config.image_token_id: "image"}
         self.has_cls = config.vision_config.model_type == "clip_vision_model"

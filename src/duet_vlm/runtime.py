@@ -331,11 +331,18 @@ class Attachment:
     def _enter_language_model(self, module, args, kwargs):
         cache = kwargs.get("past_key_values")
         found, self._items = self._items, None
-        items = self.adapter.find_items(*found) if found is not None else None
         if cache is not None and cache.get_seq_length() > 0:
-            if items:
-                raise NotImplementedError("duet-vlm reduces visual items in the prefill only, not in a continued cache")
+            # Placeholders on top of a cache: generate() resent part of a prompt whose cache a
+            # vision-side reduction made shorter (a second turn passed with past_key_values).
+            input_ids = found[0] if found is not None else None
+            if input_ids is not None and any(bool((input_ids == t).any()) for t in self.adapter.placeholder_ids):
+                raise NotImplementedError(
+                    "duet-vlm reduces visual items in a prefill, not on top of a cache (a reduced cache is shorter "
+                    "than its prompt, so generate() resends part of it). To continue a conversation, pass the whole "
+                    "conversation again without past_key_values"
+                )
             return self._continue_prompt(kwargs, cache)
+        items = self.adapter.find_items(*found) if found is not None else None
         self._prompt = None
         if not items:
             return None

@@ -679,7 +679,7 @@ def train_demo(output_dir, steps: int = 2400, batch_size: int = 4, n_questions: 
     step = vision_step = 0
     history: list[dict] = []
     if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ck.get("hparams") != hparams:
             raise ValueError(f"{ckpt_path} was written with different hyper-parameters:\n"
                              f"  checkpoint: {ck.get('hparams')}\n  now:        {hparams}\n"

@@ -453,3 +453,25 @@ def test_salient_queries_from_a_tokenizer(llava15):
     with torch.no_grad(), everything(llava15):
         llava15(**inputs)
     assert not torch.equal(everything.stats.stage_kept[0][1], salient.stats.stage_kept[0][1])
+
+
+@pytest.mark.parametrize("name", ["duet", "fastv"])
+def test_the_lm_head_runs_on_kept_states_only(llava15, name):
+    """A full forward's logits: the head sees only the kept states, and the logits equal the head
+    on the scattered states (zeros, hence zero logits, at dropped slots)."""
+    inputs = make_inputs(llava15, seed=8)
+    head_rows = []
+    reducer = duet_vlm.make(name, budget=64)
+    with torch.no_grad(), reducer(llava15):
+        probe = llava15.lm_head.register_forward_pre_hook(lambda module, args: head_rows.append(args[0].shape[1]))
+        hidden = []
+        keep = llava15.model.register_forward_hook(lambda module, args, output: hidden.append(output.last_hidden_state))
+        try:
+            logits = llava15(**inputs).logits
+        finally:
+            probe.remove()
+            keep.remove()
+    kept = inputs["input_ids"].shape[1] - 576 + reducer.stats.tokens_per_layer[-1]
+    assert head_rows == [kept]
+    torch.testing.assert_close(logits, llava15.lm_head(hidden[0]), atol=1e-5, rtol=1e-5)
+    assert int((logits.abs().sum(-1) == 0).sum()) == inputs["input_ids"].shape[1] - kept

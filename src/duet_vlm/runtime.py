@@ -156,6 +156,7 @@ class Attachment:
         self._input_ids: torch.Tensor | None = None
         self._prompt: _Prompt | None = None
         self._in_stage = False  # a stage is running a layer itself: hooks stand aside
+        self._head_rows: torch.Tensor | None = None  # where the last prefill's states sit, for the LM head
         self._handles: list = []
         try:
             self._install()
@@ -184,6 +185,9 @@ class Attachment:
         add(a.base.register_forward_pre_hook(self._find_items, with_kwargs=True))
         add(a.language_model.register_forward_pre_hook(self._enter_language_model, with_kwargs=True))
         add(a.language_model.register_forward_hook(self._leave_language_model))
+        if a.lm_head is not None:
+            add(a.lm_head.register_forward_pre_hook(self._compact_head_input))
+            add(a.lm_head.register_forward_hook(self._expand_head_output))
         for index, layer in enumerate(a.layers):
             add(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
 
@@ -194,7 +198,7 @@ class Attachment:
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]
         self._captures, self._pending_inputs = {}, {}
-        self._labels = self._items = self._input_ids = self._prompt = None
+        self._labels = self._items = self._input_ids = self._prompt = self._head_rows = None
 
     # ----------------------------------------------------------------- vision side
     def _keep_vision_input(self, tower: str):
@@ -764,6 +768,7 @@ class Attachment:
             end = torch.full_like(final[:, :1], prompt.full_length - 1)
             targets = torch.cat([final[:, 1:] - 1, end], dim=1)
             output.last_hidden_state = full.scatter(1, targets.unsqueeze(-1).expand_as(hidden), hidden)
+            self._head_rows = targets
             return output
         for b in range(hidden.shape[0]):
             present = ~last.pad[b]
@@ -772,6 +777,26 @@ class Attachment:
             full[b, targets] = hidden[b][present]
         output.last_hidden_state = full
         return output
+
+    # A full forward (training, scoring) runs the LM head on every position, though dropped slots
+    # only hold zeros: run it on the kept states alone and put the logits where they were.
+    def _compact_head_input(self, module, args):
+        rows = self._head_rows
+        if rows is None:
+            return None
+        if args[0].shape[1] != self._prompt.full_length:  # logits_to_keep sliced it already
+            self._head_rows = None
+            return None
+        return (gather_tokens(args[0], rows), *args[1:])
+
+    def _expand_head_output(self, module, args, output):
+        rows, self._head_rows = self._head_rows, None
+        if rows is None:
+            return None
+        full = output.new_zeros(output.shape[0], self._prompt.full_length, output.shape[-1])
+        if getattr(module, "bias", None) is not None:  # what the head gives a zero state
+            full = full + module.bias.to(full.dtype)
+        return full.scatter(1, rows.unsqueeze(-1).expand_as(output), output)
 
     def _item_stats(self, index: int, state: _ItemState, reduction: VisionReduction | None) -> ItemStats:
         prompt, item = self._prompt, state.item

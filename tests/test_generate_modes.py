@@ -3,8 +3,10 @@
 Beam search and several sampled sequences repeat each row after the image was encoded once:
 a batch of two equal prompts must give each row what one prompt gives. Continuing a cached
 conversation works for language-side methods; after a vision-side reduction the cache is shorter
-than the prompt, generate() resends part of it, and the error says what to do instead.
-(Assisted decoding is not covered yet.)
+than the prompt, generate() resends part of it, and the error says what to do instead. Assisted
+decoding puts the first drafts into the prefill: it equals greedy decoding under vision-side
+methods and is refused under methods that prune inside the language model (the drafts would
+steer what they keep).
 """
 
 import pytest
@@ -20,6 +22,18 @@ NAMES = [name for name in sorted(duet_vlm.METHODS) if name != "full"]
 @pytest.fixture(scope="module")
 def model():
     return make_llava(layers=8, seed=2)
+
+
+@pytest.fixture(scope="module")
+def draft():
+    """A draft that always proposes token 998, which the main model never generates here: every
+    draft is rejected and cropped from the cache."""
+    model = make_llava(layers=2, seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[998] = 1.0
+        model.model.language_model.norm.weight.fill_(1.0)
+    return model
 
 
 def _twice(inputs):
@@ -46,6 +60,24 @@ def test_several_sampled_sequences_equal_repeated_rows(model, name):
         torch.manual_seed(0)
         repeated = model.generate(**_twice(inputs), **kwargs)
     assert torch.equal(several, repeated)
+
+
+@pytest.mark.parametrize("name", ["visionzip", "pool", "random"])
+def test_assisted_decoding_after_a_vision_side_method_equals_greedy(model, draft, name):
+    inputs = make_inputs(model, seed=3)
+    with torch.no_grad(), duet_vlm.make(name, ratio=0.25)(model):
+        greedy = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        assisted = model.generate(**inputs, max_new_tokens=6, do_sample=False, assistant_model=draft)
+    assert torch.equal(greedy, assisted)
+
+
+@pytest.mark.parametrize("name", ["duet", "fastv", "pyramiddrop", "sparsevlm", "pio"])
+def test_assisted_decoding_under_in_llm_pruning_is_refused(model, draft, name):
+    """The first drafts join the prefill and steer what Stage B keeps: refused, naming what works."""
+    inputs = make_inputs(model, seed=3)
+    with torch.no_grad(), duet_vlm.make(name, ratio=0.25)(model):
+        with pytest.raises(NotImplementedError, match="Use greedy, sampling or beam search, or a vision-side method"):
+            model.generate(**inputs, max_new_tokens=6, do_sample=False, assistant_model=draft)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -460,6 +460,14 @@ class Attachment:
         prompt = self._prompt
         if prompt is None:
             return None
+        if prompt.boundaries and cache.get_seq_length() < prompt.entry_length:
+            # Assisted decoding prefills the prompt with the first drafts and crops them afterwards:
+            # the drafts chose what Stage B kept, so the result would differ from greedy decoding.
+            raise NotImplementedError(
+                "the cache was cropped into the prefill (assisted or speculative decoding?): under a method that "
+                "prunes inside the language model the drafted tokens changed what was kept. Use greedy, sampling or "
+                "beam search, or a vision-side method (visionzip, pool, random)"
+            )
         prompt.is_prefill = False
         prompt.decode_kwargs.clear()
         entry = prompt.groups[0]

@@ -94,3 +94,10 @@ def test_a_second_turn_on_the_cache(model, name):
         else:
             second = model.generate(**turn, max_new_tokens=2, do_sample=False)
             assert second.shape[1] == follow_up.shape[1] + 2
+
+
+def test_a_static_cache_is_refused_with_what_to_use(model):
+    inputs = make_inputs(model, seed=5)
+    with torch.no_grad(), duet_vlm.make("duet", ratio=0.25)(model):
+        with pytest.raises(NotImplementedError, match="Use the default dynamic cache"):
+            model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.cache_utils import StaticCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
 from .adapters import Capture, Geometry, ModelAdapter, VisualItem, adapter_for
@@ -335,6 +336,12 @@ class Attachment:
     def _enter_language_model(self, module, args, kwargs):
         cache = kwargs.get("past_key_values")
         found, self._items = self._items, None
+        if isinstance(cache, StaticCache):
+            raise NotImplementedError(
+                "duet-vlm gives each decoder layer a cache of its own length; a static cache (cache_implementation="
+                "'static', or torch.compile's default for generate) writes by absolute position. Use the default "
+                "dynamic cache"
+            )
         if cache is not None and cache.get_seq_length() > 0:
             # Placeholders on top of a cache: generate() resent part of a prompt whose cache a
             # vision-side reduction made shorter (a second turn passed with past_key_values).

@@ -615,23 +615,13 @@ class Attachment:
                 survivors[state.item.row, state.positions] = False
                 survivors[state.item.row, state.positions[chosen]] = True
         local, pad = _left_pad([row.nonzero()[:, 0] for row in survivors])
-        if pad is None and previous.pad is None:
-            rank = survivors.long().cumsum(dim=1) - 1
-        else:
-            offset = pad.sum(dim=1, keepdim=True) if pad is not None else 0
-            rank = survivors.long().cumsum(dim=1) - 1 + offset
+        offset = pad.sum(dim=1, keepdim=True) if pad is not None else 0
+        rank = survivors.long().cumsum(dim=1) - 1 + offset
         position_ids = previous.position_ids.gather(1, local)
         if self._positions_mode([s.plan for s in previous.items]) == "contiguous":
-            if pad is None and previous.pad is None:
-                dropped_before = local - torch.arange(local.shape[1], device=device)
-            else:
-                dropped = torch.zeros(batch, length, dtype=torch.long, device=device)
-                for state in previous.items:
-                    if id(state) in kept_ids:
-                        dropped[state.item.row, state.positions] = 1
-                        dropped[state.item.row, state.positions[kept_ids[id(state)]]] = 0
-                dropped_before = dropped.cumsum(dim=1).gather(1, local)
-            position_ids = position_ids - dropped_before
+            # Renumber: each survivor moves back by the visual tokens dropped before it (pads are not tokens).
+            dropped = ~survivors if previous.pad is None else ~survivors & ~previous.pad
+            position_ids = position_ids - dropped.long().cumsum(dim=1).gather(1, local)
         if pad is not None:
             position_ids = position_ids.masked_fill(pad, 0)
         hidden = gather_tokens(hidden, local)

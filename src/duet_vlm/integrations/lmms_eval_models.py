@@ -1,13 +1,27 @@
-"""The lmms-eval model ``duet_llava_hf``: lmms-eval's LLaVA-1.5 HF chat model with a reducer attached.
+"""The lmms-eval models of duet-vlm: lmms-eval's own model classes with a reducer attached.
 
     lmms-eval --model duet_llava_hf \\
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=duet,budget=192 --tasks pope
 
-``model_args`` take ``method=`` (any name in ``duet_vlm.METHODS``, default ``duet``), ``budget=``
-and any option of that method; everything else goes to lmms-eval's ``LlavaHf``. Options whose
-field is a tuple take ``;``-separated values (``layers=16;24,ratios=0.5;0.0``; an empty value,
-``layers=``, is the empty tuple) and ``none`` means ``None`` (``cluster_width=none``). With
-``query=salient`` the model's tokenizer is passed to the method.
+=============================  ===============================  ==========================================
+model                          lmms-eval class it extends       checkpoints
+=============================  ===============================  ==========================================
+``duet_llava_hf``              chat ``llava_hf``                llava-hf LLaVA-1.5, LLaVA-NeXT and
+(aliases ``duet_llava_next_hf``,                                LLaVA-OneVision (lmms-eval's ``llava_hf``
+``duet_llava_onevision_hf``)                                    picks the class from the config)
+``duet_video_llava``           simple ``video_llava``           ``LanguageBind/Video-LLaVA-7B-hf``
+``duet_qwen2_vl``              simple ``qwen2_vl``              Qwen2-VL (``lmms_eval_qwen``)
+``duet_qwen2_5_vl``            chat ``qwen2_5_vl``              Qwen2.5-VL (``lmms_eval_qwen``)
+``duet_qwen3_vl``              chat ``qwen3_vl``                Qwen3-VL (``lmms_eval_qwen``)
+=============================  ===============================  ==========================================
+
+Every model takes the same ``model_args`` on top of its lmms-eval class's own: ``method=`` (any
+name in ``duet_vlm.METHODS``, default ``duet``), ``budget=`` (average visual tokens per decoder
+layer, per visual item) or ``ratio=`` (the kept fraction of each item's tokens; suits anyres images
+and videos, whose token counts differ), and any option of that method. Options whose field is a
+tuple take ``;``-separated values (``layers=16;24,ratios=0.5;0.0``; an empty value, ``layers=``, is
+the empty tuple) and ``none`` means ``None`` (``cluster_width=none``). With ``query=salient`` the
+model's tokenizer is passed to the method.
 
 Over the run the reducer's statistics are summed (every prefill, all processes) and handed to
 lmms-eval's metric log, which reports them in the results' ``throughput`` section with an
@@ -28,6 +42,7 @@ import torch
 from accelerate import PartialState
 from lmms_eval.models.chat.llava_hf import LlavaHf
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
+from lmms_eval.models.simple.video_llava import VideoLLaVA
 from loguru import logger as eval_logger
 
 import duet_vlm
@@ -100,31 +115,39 @@ class RunStats:
         }
 
 
-class DuetLlavaHf(LlavaHf):
-    """lmms-eval's LLaVA-HF chat model with ``duet_vlm.make(method, budget=..., **options)`` attached.
+class ReducerMixin:
+    """Attaches ``duet_vlm.make(method, budget=..., ratio=..., **options)`` to an lmms-eval model for
+    the whole run and logs the reducer's statistics after every ``generate_until`` and
+    ``loglikelihood`` call (see the module docstring for the ``model_args``).
 
-    >>> from lmms_eval.evaluator import simple_evaluate                              # doctest: +SKIP
-    >>> simple_evaluate(model="duet_llava_hf", tasks=["pope"],                       # doctest: +SKIP
-    ...                 model_args="pretrained=llava-hf/llava-1.5-7b-hf,method=duet,budget=192")
+    Put it first among the bases; the lmms-eval class must load its model in ``__init__`` and expose
+    it as ``self.model`` (unwrapped under accelerate), as lmms-eval's HF model classes do. A new
+    family is one line, ``class DuetX(ReducerMixin, X): ...``, plus a manifest entry.
+
+    >>> from lmms_eval.models.chat.llava_hf import LlavaHf                          # doctest: +SKIP
+    >>> class DuetLlavaHf(ReducerMixin, LlavaHf): ...                                 # doctest: +SKIP
+    >>> DuetLlavaHf(pretrained="llava-hf/llava-1.5-7b-hf", method="duet", budget=64)  # doctest: +SKIP
     """
 
-    def __init__(self, method: str = "duet", budget: int | None = None, **kwargs: Any) -> None:
-        # LlavaHf rejects unknown keyword arguments: everything that is not its own is the method's.
-        llava_args = set(inspect.signature(LlavaHf.__init__).parameters) - {"self", "kwargs"}
-        options = method_options(method, {name: kwargs.pop(name) for name in list(kwargs) if name not in llava_args})
-        self.reducer = duet_vlm.make(method, budget=budget, **options)  # fails here, before loading weights
-        # LlavaHf's default device_map ("") is rejected by from_pretrained on transformers 5; in a single
-        # process put the model on `device` (LlavaHf sets device_map itself under accelerate launch).
-        if not kwargs.get("device_map") and PartialState().num_processes == 1:
-            kwargs["device_map"] = kwargs.get("device", "cuda")
+    def __init__(self, method: str = "duet", budget: int | None = None, ratio: float | None = None, **kwargs: Any) -> None:
+        # lmms-eval's classes reject unknown keyword arguments: everything that is not the lmms-eval
+        # class's own is the method's.
+        own = {name for name, p in inspect.signature(super().__init__).parameters.items()
+               if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        options = method_options(method, {name: kwargs.pop(name) for name in list(kwargs) if name not in own})
+        self.reducer = duet_vlm.make(method, budget=budget, ratio=ratio, **options)  # fails here, before loading weights
+        self._place(kwargs)
         super().__init__(**kwargs)
         if options.get("query") == "salient" and "tokenizer" not in options:
-            self.reducer = duet_vlm.make(method, budget=budget, tokenizer=self.tokenizer, **options)
+            self.reducer = duet_vlm.make(method, budget=budget, ratio=ratio, tokenizer=self.tokenizer, **options)
         self.run_stats = RunStats()
         self._seen = None
         self._handle = self.reducer.attach(self.model)
         self._hook = self.model.register_forward_hook(self._collect)
         eval_logger.info(f"duet_vlm: {self.reducer!r} attached")
+
+    def _place(self, kwargs: dict[str, Any]) -> None:
+        """Adjust the lmms-eval class's device arguments before it loads the model (none by default)."""
 
     def _collect(self, module, args, output) -> None:
         # The runtime stores a new ReductionStats at every prefill; decoding steps leave it alone.
@@ -157,3 +180,43 @@ class DuetLlavaHf(LlavaHf):
         results = super().loglikelihood(requests)
         self._log_reduction()
         return results
+
+
+class DuetLlavaHf(ReducerMixin, LlavaHf):
+    """lmms-eval's chat ``llava_hf`` (LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision HF checkpoints; the
+    transformers class follows the checkpoint's ``model_type``) with a reducer attached.
+    ``batch_size`` must be 1 (lmms-eval's class asserts it).
+
+    >>> from lmms_eval.evaluator import simple_evaluate                              # doctest: +SKIP
+    >>> simple_evaluate(model="duet_llava_hf", tasks=["pope"],                       # doctest: +SKIP
+    ...                 model_args="pretrained=llava-hf/llava-1.5-7b-hf,method=duet,budget=192")
+    """
+
+    def _place(self, kwargs: dict[str, Any]) -> None:
+        # LlavaHf's default device_map ("") is rejected by from_pretrained on transformers 5; in a single
+        # process put the model on `device` (LlavaHf sets device_map itself under accelerate launch).
+        if not kwargs.get("device_map") and PartialState().num_processes == 1:
+            kwargs["device_map"] = kwargs.get("device", "cuda")
+
+
+class DuetVideoLlava(ReducerMixin, VideoLLaVA):
+    """lmms-eval's ``video_llava`` (a "simple" model: one video per question, 8 frames, prompt
+    ``USER: <video>{question}? ASSISTANT:``; ``generate_until`` only) with a reducer attached.
+
+    lmms-eval's class loads the checkpoint's own dtype on the CPU and ignores ``dtype`` and
+    ``attn_implementation``; in one process it moves the model to ``cuda:0`` unless
+    ``device_map=auto``, so ``device=cpu`` sets that for you.
+
+    >>> from lmms_eval.evaluator import simple_evaluate                              # doctest: +SKIP
+    >>> simple_evaluate(model="duet_video_llava", tasks=["mvbench"],                 # doctest: +SKIP
+    ...                 model_args="pretrained=LanguageBind/Video-LLaVA-7B-hf,method=duet,ratio=0.25")
+    """
+
+    def _place(self, kwargs: dict[str, Any]) -> None:
+        if str(kwargs.get("device", "")).startswith("cpu") and "device_map" not in kwargs:
+            kwargs["device_map"] = "auto"
+
+    @property
+    def tokenizer(self):
+        # lmms-eval's VideoLLaVA never sets the tokenizer its base class reads.
+        return self._processor.tokenizer

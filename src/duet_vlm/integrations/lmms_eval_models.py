@@ -42,8 +42,10 @@ import torch
 from accelerate import PartialState
 from lmms_eval.models.chat.llava_hf import LlavaHf
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
+from lmms_eval.models.model_utils.load_video import read_video
 from lmms_eval.models.simple.video_llava import VideoLLaVA
 from loguru import logger as eval_logger
+from tqdm import tqdm
 
 import duet_vlm
 
@@ -171,6 +173,15 @@ class ReducerMixin:
         log_metrics(total_elapsed_time=0.0, total_gen_tokens=0, avg_speed=0.0,
                     additional_metrics={PREFIX + k: v for k, v in summary.items()})
 
+    def clean(self):
+        # lmms-eval frees the model at the end of simple_evaluate by deleting its attributes; the
+        # hooks and the attach handle hold the model too: drop them first or the weights stay in memory.
+        if self._handle is not None:
+            self._hook.remove()
+            self._handle.remove()
+            self._hook = self._handle = None
+        super().clean()
+
     def generate_until(self, requests):
         results = super().generate_until(requests)
         self._log_reduction()
@@ -220,3 +231,28 @@ class DuetVideoLlava(ReducerMixin, VideoLLaVA):
     def tokenizer(self):
         # lmms-eval's VideoLLaVA never sets the tokenizer its base class reads.
         return self._processor.tokenizer
+
+    def generate_until(self, requests):
+        # lmms-eval 0.7.3's VideoLLaVA.generate_until passes the frame count to read_video
+        # positionally, and read_video takes it by keyword only: every request raises a TypeError
+        # (fixed upstream, EvolvingLMMs-Lab/lmms-eval#1487). This is that loop with the call fixed and
+        # nothing else changed; drop it when the lmms-eval pin moves past the fix.
+        answers = []
+        for contexts, gen_kwargs, doc_to_visual, doc_id, task, split in tqdm(
+            [request.args for request in requests], disable=self.rank != 0, desc="Model Responding"
+        ):
+            visuals = self.flatten([doc_to_visual(self.task_dict[task][split][doc_id])])
+            assert len(visuals) == 1
+            clip = read_video(visuals[0], num_frm=self.num_frames)
+            inputs = self._processor(text=self.prompt.format(contexts), videos=clip, return_tensors="pt")
+            videos = inputs["pixel_values_videos"]
+            if videos.shape[1] != self.num_frames:
+                empty = torch.zeros((1, self.num_frames - videos.shape[1], *videos.shape[2:]), dtype=videos.dtype)
+                inputs["pixel_values_videos"] = torch.cat([videos, empty], dim=1)
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            output = self.model.generate(**inputs, max_new_tokens=gen_kwargs.get("max_new_tokens", 1024),
+                                         temperature=gen_kwargs.get("temperature", 0))
+            text = self._processor.batch_decode(output, skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]
+            answers.append(text.split("ASSISTANT:")[-1].strip())
+        self._log_reduction()
+        return answers

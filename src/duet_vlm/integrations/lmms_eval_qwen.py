@@ -2,10 +2,10 @@
 Qwen-VL classes with a reducer attached (``model_args`` and statistics as in ``lmms_eval_models``).
 
 **Until duet-vlm has a Qwen-VL adapter, these models load the checkpoint and then stop with the
-reducer's ``TypeError`` ("duet-vlm does not support Qwen2_5_VLForConditionalGeneration ...;
-supported model classes: ...")**: Qwen's M-RoPE positions and its merged patch grid are family
-knowledge an adapter in ``duet_vlm.adapters`` must supply. They are registered now so that the
-commands stay the same when it lands.
+reducer's ``TypeError`` at attach ("duet-vlm cannot attach to Qwen2_5_VLForConditionalGeneration:
+pass the LlavaForConditionalGeneration, ..."), which names the supported classes**: Qwen's M-RoPE
+positions and its merged patch grid are family knowledge an adapter in ``duet_vlm.adapters`` must
+supply. They are registered now so that the commands stay the same when it lands.
 
 Kept apart from ``lmms_eval_models`` so that the other models do not import lmms-eval's Qwen
 modules. Those need ``qwen-vl-utils``, which imports torchvision: they run on a GPU machine's

@@ -65,7 +65,7 @@ def test_an_unreadable_image_is_one_line(tmp_path):
 def test_a_wrong_model_path_is_one_line(image, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     missing = tmp_path / "no" / "such" / "model"
-    _one_line_error(_run(image, "--model", str(missing)), "cannot load a LLaVA checkpoint from --model", str(missing))
+    _one_line_error(_run(image, "--model", str(missing)), "cannot load a checkpoint from --model", str(missing))
     _one_line_error(
         runner.invoke(app, ["demo", "--model-path", str(missing)]), "no demo model at", str(missing)
     )

@@ -108,7 +108,7 @@ def test_solver_numbers(budget, llm_input, keep):
     plan = PIO(budget=budget).plan(LLAVA15)
     assert plan.schedule.llm_input == llm_input and plan.schedule.boundaries == ((16, keep),)
     assert plan.schedule.average == budget
-    assert plan.positions == "contiguous" and plan.vision.cluster_width is None
+    assert PIO(budget=budget).resolve(LLAVA15).positions == "contiguous" and plan.vision.cluster_width is None
     assert plan.vision.contextual == round(llm_input * 10 / 64)
     assert make("pio", budget=budget).plan(LLAVA15).schedule == plan.schedule
 

@@ -16,7 +16,7 @@ from rich.progress import Progress
 from rich.table import Table
 from typer.core import TyperGroup
 
-from .adapters import Geometry
+from .adapters import Geometry, adapter_for
 from .flops import DecoderDims, exact_flops, fastv_flops, kv_cache_bytes
 from .methods import METHODS, make
 
@@ -339,7 +339,9 @@ def demo(
 
 @app.command()
 def run(
-    model: str = typer.Option(..., help="A local path or a Hub id of a LLaVA, LLaVA-NeXT or Video-LLaVA checkpoint."),
+    model: str = typer.Option(
+        ..., help="A local path or a Hub id of a LLaVA(-NeXT, -OneVision), Video-LLaVA or Qwen2/2.5/3-VL checkpoint."
+    ),
     image: Optional[Path] = typer.Option(None, help="An image file."),
     video: Optional[Path] = typer.Option(None, help="Instead of --image: an animated GIF/WebP or a folder of frame images."),
     prompt: str = typer.Option(..., help="The question (the model's chat template is applied)."),
@@ -351,7 +353,8 @@ def run(
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
     rounds: int = typer.Option(3, help="Interleaved prefill timing rounds."),
 ) -> None:
-    """Answer a prompt about an image with all tokens and with a reduction method, on any LLaVA checkpoint."""
+    """Answer a prompt about an image (or a video) with all tokens and with a reduction method, on any
+    supported checkpoint."""
     import torch
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -370,7 +373,7 @@ def run(
         llava = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype).eval()
         processor = AutoProcessor.from_pretrained(model)
     except OSError as error:  # transformers' message does not say which argument was wrong
-        raise OSError(f"cannot load a LLaVA checkpoint from --model {model!r}: {error}") from error
+        raise OSError(f"cannot load a checkpoint from --model {model!r}: {error}") from error
     label = f"{method} {budget}" if ratio is None else f"{method} ratio {ratio}"
     answers = compare(llava, processor, picture, prompt, {"all tokens": None, label: reducer}, max_new_tokens, rounds)
     _print_answers(answers)
@@ -378,7 +381,10 @@ def run(
         stats = answers[1].stats
         (item,) = stats.items
         if len(item.views) == 1 and stats.vision_roles:  # one grid: Stage A's roles can be drawn too
-            path = draw_overlay(picture, stats, patch_grid(llava), overlay, title=prompt)
+            # The item's own token grid (Qwen-VL images come in any size), CLS or not.
+            (_, rows, cols), = item.views
+            has_cls = adapter_for(llava).geometry.has_cls
+            path = draw_overlay(picture, stats, (rows, cols), overlay, title=prompt, has_cls=has_cls)
         else:  # tiles of an anyres image, or frames of a video
             path = draw_item_overlay(picture, item, overlay, title=prompt)
         console.print(f"wrote {path}")

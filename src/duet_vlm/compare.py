@@ -81,8 +81,11 @@ def patch_mask(indices, grid: tuple[int, int], has_cls: bool = True) -> np.ndarr
     return mask
 
 
-def draw_overlay(image, stats: ReductionStats, grid: tuple[int, int], path: str | Path, title: str = "") -> Path:
-    """Kept patches of the first image: Stage A roles, then the survivors of each Stage-B boundary."""
+def draw_overlay(
+    image, stats: ReductionStats, grid: tuple[int, int], path: str | Path, title: str = "", has_cls: bool = True
+) -> Path:
+    """Kept patches of the first image: Stage A roles, then the survivors of each Stage-B boundary.
+    ``grid``: the image's token grid; ``has_cls``: vision-token index 0 is a CLS token (CLIP)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,22 +98,23 @@ def draw_overlay(image, stats: ReductionStats, grid: tuple[int, int], path: str 
     roles = {name: indices[0] for name, indices in stats.vision_roles.items()}
     if "dominant" in roles:
         layers = np.zeros((*grid, 4))
-        layers[patch_mask(roles.get("members", []), grid)] = (1.0, 0.0, 1.0, 0.3)
-        layers[patch_mask(roles["dominant"], grid)] = (0.0, 1.0, 1.0, 0.55)
-        layers[patch_mask(roles.get("anchors", []), grid)] = (1.0, 0.0, 1.0, 0.95)
+        layers[patch_mask(roles.get("members", []), grid, has_cls)] = (1.0, 0.0, 1.0, 0.3)
+        layers[patch_mask(roles["dominant"], grid, has_cls)] = (0.0, 1.0, 1.0, 0.55)
+        layers[patch_mask(roles.get("anchors", []), grid, has_cls)] = (1.0, 0.0, 1.0, 0.95)
         n_anchors = len(roles.get("anchors", []))
-        label = f"Stage A: {len(roles['dominant'])} dominant (cyan, CLS incl.)\n{n_anchors} contextual anchors (magenta), merged (pale)"
+        cls = ", CLS incl." if has_cls else ""
+        label = f"Stage A: {len(roles['dominant'])} dominant (cyan{cls})\n{n_anchors} contextual anchors (magenta), merged (pale)"
         panels.append((label, layers))
     elif stats.vision_kept is not None:
         layers = np.zeros((*grid, 4))
-        layers[patch_mask(stats.vision_kept[0], grid)] = (0.0, 1.0, 1.0, 0.55)
+        layers[patch_mask(stats.vision_kept[0], grid, has_cls)] = (0.0, 1.0, 1.0, 0.55)
         panels.append((f"LLM input: {stats.llm_input_tokens} tokens", layers))
     entry = stats.vision_kept[0] if stats.vision_kept is not None else None
     for layer, kept in stats.stage_kept:
         ids = kept[0].reshape(-1)
-        indices = entry[ids] if entry is not None else ids + 1
+        indices = entry[ids] if entry is not None else ids + int(has_cls)
         layers = np.zeros((*grid, 4))
-        layers[patch_mask(indices, grid)] = (1.0, 1.0, 0.0, 0.6)
+        layers[patch_mask(indices, grid, has_cls)] = (1.0, 1.0, 0.0, 0.6)
         panels.append((f"after layer {layer}: {ids.numel()} kept", layers))
 
     figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))

@@ -39,7 +39,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask
 
 from .adapters import Capture, Geometry, ModelAdapter, VisualItem, adapter_for
 from .flops import DecoderDims
-from .methods.base import LayerView, Plan, Reducer, Selection, VisionReduction, VisionView
+from .methods.base import LayerView, Plan, PositionsError, Reducer, Selection, VisionReduction, VisionView
 from .selection import gather_tokens
 from .stats import ItemStats, ReductionStats
 
@@ -59,6 +59,15 @@ def _gather_mask(mask, q_index: torch.Tensor | None, kv_index: torch.Tensor):
     if q_index is not None:
         mask = mask.gather(2, q_index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
     return mask.gather(3, kv_index[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
+
+
+def _gather_positions(positions: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    """Gather ``(..., B or 1, L)`` positions along their last (sequence) axis with ``(B, L')`` indices."""
+    if positions is None:
+        return None
+    lead = positions.shape[:-2]
+    positions = positions.expand(*lead, index.shape[0], -1)
+    return positions.gather(-1, index.expand(*lead, -1, -1))
 
 
 def _left_pad(rows: list[torch.Tensor], fill: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -91,7 +100,8 @@ class _Group:
     index: torch.Tensor  # (B, L_g) positions in the LLM-entry sequence (pads: 0)
     pad: torch.Tensor | None  # (B, L_g) True on slots added to align rows of different lengths
     items: list[_ItemState]
-    position_ids: torch.Tensor | None = None  # (B, L_g)
+    position_ids: torch.Tensor | None = None  # (B, L_g) what decoder layers receive (None: Qwen-VL)
+    rope_positions: torch.Tensor | None = None  # (B, L_g), or (3, B, L_g) M-RoPE: the rotary's input
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     attention_mask: object = None
 
@@ -120,6 +130,10 @@ class _Prompt:
     last_layer_input: torch.Tensor | None = None
     vision: list[tuple[VisualItem, VisionReduction]] = field(default_factory=list)
     scratch: dict = field(default_factory=dict)
+    lm_position_ids: torch.Tensor | None = None  # what the language model received in the prefill
+    # DeepStack: per item, (entry slots, layers, D) features added after the first decoder layers.
+    additions: dict[int, torch.Tensor] = field(default_factory=dict)
+    addition_layers: int = 0
 
     @property
     def entry_length(self) -> int:
@@ -145,13 +159,24 @@ class Attachment:
         self._plans: dict[Geometry, Plan] = {}
         # Solving the default image's plan now turns a budget the model cannot reach into an error
         # at attach time rather than mid-forward; a no-op warning waits until an item is that size.
+        # Families without a default size (Qwen-VL) have only a nominal one: a budget it cannot meet
+        # may suit the real items, so only what fails for every size (positions) is an error here.
+        self.plan: Plan | None = None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.plan: Plan = self.reducer.resolve(self.adapter.geometry)
-        self.schedule = self.plan.schedule  # the default image's; each item gets its own at its prefill
+            try:
+                self.plan = self.reducer.resolve(self.adapter.geometry)
+            except PositionsError:
+                raise
+            except ValueError:
+                if not self.adapter.nominal_geometry:
+                    raise
+        # The default image's schedule; each item gets its own at its prefill.
+        self.schedule = self.plan.schedule if self.plan is not None else None
         self._captures: dict[str, list[Capture]] = {}
         self._captures_used = False
-        self._pending_inputs: dict[str, torch.Tensor] = {}
+        self._pending_inputs: dict[str, tuple[torch.Tensor, dict]] = {}
+        self._pending_calls: dict[str, dict] = {}
         self._labels: torch.Tensor | None = None
         self._items: tuple[torch.Tensor, dict] | None = None  # the base model's inputs
         self._input_ids: torch.Tensor | None = None
@@ -180,6 +205,8 @@ class Attachment:
         for name, layer in a.towers.items():
             add(layer.register_forward_pre_hook(self._keep_vision_input(name), with_kwargs=True))
             add(layer.register_forward_hook(self._keep_vision_output(name)))
+        for name, module in a.tower_entries.items():
+            add(module.register_forward_pre_hook(self._keep_tower_call(name), with_kwargs=True))
         if a.top is not None:
             add(a.top.register_forward_pre_hook(self._keep_labels, with_kwargs=True))
             add(a.top.register_forward_hook(self._forget_labels))
@@ -191,6 +218,7 @@ class Attachment:
             add(a.lm_head.register_forward_hook(self._expand_head_output))
         for index, layer in enumerate(a.layers):
             add(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
+            add(layer.register_forward_hook(self._add_layer_features(index)))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -198,13 +226,19 @@ class Attachment:
         self._handles.clear()
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]
-        self._captures, self._pending_inputs = {}, {}
+        self._captures, self._pending_inputs, self._pending_calls = {}, {}, {}
         self._labels = self._items = self._input_ids = self._prompt = self._head_rows = None
 
     # ----------------------------------------------------------------- vision side
     def _keep_vision_input(self, tower: str):
         def hook(module, args, kwargs):
-            self._pending_inputs[tower] = args[0] if args else kwargs["hidden_states"]
+            self._pending_inputs[tower] = (args[0] if args else kwargs["hidden_states"], kwargs)
+
+        return hook
+
+    def _keep_tower_call(self, tower: str):
+        def hook(module, args, kwargs):
+            self._pending_calls[tower] = {"entry_args": args, "entry_kwargs": kwargs}
 
         return hook
 
@@ -213,7 +247,9 @@ class Attachment:
             features = output[0] if isinstance(output, tuple) else output
             if self._captures_used:  # the first tower call of a new encoding: earlier captures are stale
                 self._captures, self._captures_used = {}, False
-            self._captures.setdefault(tower, []).append(Capture(self._pending_inputs.pop(tower), features))
+            layer_input, layer_kwargs = self._pending_inputs.pop(tower)
+            context = {"layer_kwargs": layer_kwargs, **self._pending_calls.get(tower, {})}
+            self._captures.setdefault(tower, []).append(Capture(layer_input, features, contexts=(context,)))
 
         return hook
 
@@ -230,18 +266,26 @@ class Attachment:
                 torch.cat([c.layer_input for c in calls]),
                 torch.cat([c.output for c in calls]),
                 tuple(c.output.shape[0] for c in calls),
+                tuple(context for c in calls for context in c.contexts),
             )
             for tower, calls in captures.items()
         }
 
     def _reduce_vision(
-        self, prompt_items: list[VisualItem], captures: dict[str, Capture], inputs_embeds: torch.Tensor
-    ) -> list[tuple[VisualItem, VisionReduction]]:
-        """Run each item's vision stage and write its projected output into the item's first slots.
+        self,
+        prompt_items: list[VisualItem],
+        captures: dict[str, Capture],
+        inputs_embeds: torch.Tensor,
+        additions: dict[int, torch.Tensor],
+    ) -> list[tuple[VisualItem, VisionReduction, torch.Tensor]]:
+        """Run each item's vision stage and write its projected output into the slots the adapter
+        names (``reduced_slots``). An item's DeepStack ``additions`` (``(slots, layers, D)``) are
+        reduced with its features, by the same selection and the same merge, and replaced by the
+        reduced ones (in slot order).
 
-        Returns, for the items with a vision stage, what their stage kept.
+        Returns, for the items with a vision stage, what their stage kept and the slots it filled.
         """
-        records: list[tuple[VisualItem, VisionReduction]] = []
+        records: list[tuple[VisualItem, VisionReduction, torch.Tensor]] = []
         staged = [item for item in prompt_items if self.plan_for(item.geometry).vision is not None]
         if not staged:
             return records
@@ -252,7 +296,7 @@ class Attachment:
             needed[item.tower] = needed.get(item.tower, 0) + self.adapter.units_needed(item)
         repeat: dict[str, int] = {}
         for tower, count in needed.items():
-            have = captures[tower].output.shape[0] if tower in captures else 0
+            have = self.adapter.captured_units(captures[tower]) if tower in captures else 0
             if have == 0 or count % have:
                 raise RuntimeError(
                     f"{tower} features were not computed under this reducer (pass pixel values, not precomputed "
@@ -283,10 +327,19 @@ class Attachment:
         for (tower, geometry), items in buckets.items():
             plan = self.plan_for(geometry)
             if tower not in signals:
-                signals[tower] = self.adapter.vision_scores(captures[tower].layer_input, tower)
+                signals[tower] = self.adapter.vision_signals(captures[tower], tower)
             units = geometry.units
-            unit = self.adapter.unit_features(items, captures[tower], signals[tower], source_row)
+            unit = self.adapter.unit_features(items, captures[tower], signals[tower], source_row, inputs_embeds)
             features = unit.features
+            width = features.shape[-1]
+            extra = [additions[id(item)] for item in items if id(item) in additions]
+            if extra:  # every item of a bucket has them, or none
+                # Reduced as extra channels of the same tokens: every vision stage selects from scores
+                # and keys and merges channel-wise, so they get the same selection and the same merge.
+                extra = torch.stack(extra).flatten(2).to(features.dtype)  # (items, slots, layers * D)
+                features = torch.cat([features, extra.view(features.shape[0], features.shape[1], -1)], dim=-1)
+            else:
+                extra = None
             view = VisionView(features, unit.scores, unit.keys, geometry.grid, geometry.has_cls)
             keep = plan.schedule.llm_input // units
             reduction = plan.vision.reduce(view, keep)
@@ -295,16 +348,23 @@ class Attachment:
                 raise RuntimeError(
                     f"{type(plan.vision).__name__} returned {tuple(reduction.features.shape)}, expected {expected}"
                 )
-            projected = self.adapter.project(items[0], reduction.features.to(features.dtype))
+            reduced = reduction.features[..., :width]
+            projected = self.adapter.project(items[0], reduced.to(unit.features.dtype))
             projected = projected.to(inputs_embeds.dtype).view(len(items), units, keep, -1)
             for i, item in enumerate(items):
-                slots = torch.cat([item.unit_start(u) + torch.arange(keep) for u in range(units)]).to(inputs_embeds.device)
-                inputs_embeds[item.row, slots] = projected[i].reshape(units * keep, -1)
                 share = slice(i * units, (i + 1) * units)
+                slots = self.adapter.reduced_slots(item, reduction.kept[share]).to(inputs_embeds.device)
+                if len(slots.unique()) != len(slots):
+                    raise RuntimeError(f"{type(plan.vision).__name__} put two outputs in one slot")
+                inputs_embeds[item.row, slots] = projected[i].reshape(units * keep, -1)
+                if extra is not None:
+                    layers_d = additions[id(item)].shape[1:]
+                    mine = reduction.features[share, :, width:].reshape(units * keep, *layers_d)
+                    additions[id(item)] = mine[slots.argsort()]
                 records.append(
                     (item, VisionReduction(
-                        reduction.features[share], reduction.kept[share], {k: v[share] for k, v in reduction.roles.items()}
-                    ))
+                        reduced[share], reduction.kept[share], {k: v[share] for k, v in reduction.roles.items()}
+                    ), slots.sort().values)
                 )
         return records
 
@@ -353,35 +413,35 @@ class Attachment:
                     "conversation again without past_key_values"
                 )
             return self._continue_prompt(kwargs, cache)
-        items = self.adapter.find_items(*found) if found is not None else None
         self._prompt = None
+        if found is None:
+            return None
+        captures = self._take_captures()
+        items = self.adapter.find_items(*found, captures)
         if not items:
             return None
-        return self._start_prompt(kwargs, items)
+        return self._start_prompt(kwargs, items, captures)
 
-    def _start_prompt(self, kwargs, items: list[VisualItem]):
+    def _start_prompt(self, kwargs, items: list[VisualItem], captures: dict[str, Capture]):
         input_ids = self._input_ids
         batch, length = input_ids.shape
         device = input_ids.device
         inputs_embeds = kwargs["inputs_embeds"]
-        captures = self._take_captures()
         self.adapter.trace(items, captures, inputs_embeds)
+        additions = self._take_additions(kwargs, items)
         if any(self.plan_for(i.geometry).vision is not None for i in items):
             inputs_embeds = inputs_embeds.clone()
-        vision = self._reduce_vision(items, captures, inputs_embeds)
-        kept_by_vision = {id(item): reduction.kept.numel() for item, reduction in vision}
+        vision = self._reduce_vision(items, captures, inputs_embeds, additions)
+        slots_by_vision = {id(item): slots for item, _, slots in vision}
 
         keep = torch.ones(batch, length, dtype=torch.bool, device=device)
         is_visual = torch.zeros_like(keep)
         item_slots = []
         for item in items:
             is_visual[item.row, item.start : item.start + item.length] = True
-            count = kept_by_vision.get(id(item))
-            if count is None:
+            slots = slots_by_vision.get(id(item))
+            if slots is None:
                 slots = torch.arange(item.start, item.start + item.length, device=device)
-            else:
-                units, per_unit = item.geometry.units, count // item.geometry.units
-                slots = torch.cat([item.unit_start(u) + torch.arange(per_unit, device=device) for u in range(units)])
             item_slots.append(slots)
             keep[item.row, item.start : item.start + item.length] = False
             keep[item.row, slots] = True
@@ -431,13 +491,59 @@ class Attachment:
             chosen = (after & valid[b] & instruction[b] & ~is_visual[b].gather(0, entry_index[b])).nonzero()[:, 0]
             text_after.append(chosen if len(chosen) else positions[-1:])
         boundaries = sorted({layer for plan in plans for layer, _ in plan.schedule.boundaries})
-        prompt = self._prompt = _Prompt(length, entry_index, valid, input_ids, text_after, boundaries, vision=vision)
+        prompt = self._prompt = _Prompt(
+            length, entry_index, valid, input_ids, text_after, boundaries,
+            vision=[(item, reduction) for item, reduction, _ in vision],
+            lm_position_ids=kwargs.get("position_ids"),
+        )
+        if additions:
+            prompt.additions = additions
+            prompt.addition_layers = next(iter(additions.values())).shape[1]
         states = [
             _ItemState(item, plan, rank[item.row, slots], torch.arange(len(slots), device=device))
             for item, plan, slots in zip(items, plans, item_slots)
         ]
         prompt.groups.append(_Group(positions.expand(batch, -1), entry_pad, states))
         return (), kwargs
+
+    def _take_additions(self, kwargs, items: list[VisualItem]) -> dict[int, torch.Tensor]:
+        """Each item's DeepStack features ``(slots, layers, D)``, taken out of the language model's
+        arguments: the runtime adds them to the kept tokens (``_add_layer_features``)."""
+        taken = self.adapter.take_layer_additions(kwargs)
+        if taken is None:
+            return {}
+        mask, per_layer = taken
+        stacked = torch.stack(list(per_layer), dim=1)  # (visual tokens in row-major order, layers, D)
+        rank = mask.flatten().long().cumsum(0).view(mask.shape) - 1
+        additions = {}
+        for item in items:
+            slots = torch.arange(item.start, item.start + item.length, device=mask.device)
+            if not bool(mask[item.row, slots].all()):
+                raise RuntimeError("DeepStack's visual positions do not cover a visual item")
+            additions[id(item)] = stacked[rank[item.row, slots]]
+        return additions
+
+    def _add_layer_features(self, layer_index: int):
+        def hook(module, args, output):
+            prompt = self._prompt
+            if prompt is None or not prompt.is_prefill or self._in_stage or layer_index >= prompt.addition_layers:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            group = prompt.groups[prompt.group_of_layer(layer_index)]
+            rows, positions, values = [], [], []
+            for state in group.items:
+                features = prompt.additions.get(id(state.item))
+                if features is not None:
+                    rows.append(torch.full_like(state.positions, state.item.row))
+                    positions.append(state.positions)
+                    values.append(features[state.ids.to(features.device), layer_index])
+            if not rows:
+                return None
+            index = (torch.cat(rows), torch.cat(positions))
+            hidden = hidden.index_put(index, hidden[index] + torch.cat(values).to(hidden.dtype))
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
 
     @staticmethod
     def _positions_mode(plans: list[Plan]) -> str:
@@ -449,6 +555,12 @@ class Attachment:
 
     @staticmethod
     def _entry_positions(position_ids, entry_index, entry_pad, length: int, mode: str):
+        if position_ids is not None and position_ids.dim() == 3:
+            # M-RoPE ((3 or 4, B, L): text row first when 4): kept tokens keep their positions.
+            if mode != "original":
+                raise ValueError("3-D (M-RoPE) position_ids can only be kept, not renumbered")
+            position_ids = _gather_positions(position_ids, entry_index)
+            return position_ids.masked_fill(entry_pad[None], 0) if entry_pad is not None else position_ids
         if position_ids is None:
             if mode == "contiguous" and entry_pad is None:
                 return None  # the decoder numbers the shorter sequence 0..L-1 itself
@@ -524,7 +636,9 @@ class Attachment:
             hidden = args[0] if args else kwargs.pop("hidden_states")
             if layer_index == 0:
                 entry = prompt.groups[0]
-                entry.position_ids = kwargs["position_ids"].expand(entry.index.shape[0], -1)
+                entry.position_ids, entry.rope_positions = self.adapter.split_positions(
+                    prompt.lm_position_ids, kwargs, entry.index.shape[0]
+                )
                 entry.position_embeddings = kwargs["position_embeddings"]
                 entry.attention_mask = kwargs.get("attention_mask")
                 prompt.input_embeddings = hidden
@@ -617,13 +731,18 @@ class Attachment:
         local, pad = _left_pad([row.nonzero()[:, 0] for row in survivors])
         offset = pad.sum(dim=1, keepdim=True) if pad is not None else 0
         rank = survivors.long().cumsum(dim=1) - 1 + offset
-        position_ids = previous.position_ids.gather(1, local)
+        one_d = previous.rope_positions is previous.position_ids
+        position_ids = _gather_positions(previous.position_ids, local)
+        rope_positions = position_ids if one_d else _gather_positions(previous.rope_positions, local)
         if self._positions_mode([s.plan for s in previous.items]) == "contiguous":
+            if not one_d:
+                raise ValueError("multi-axis (M-RoPE) positions cannot be renumbered")
             # Renumber: each survivor moves back by the visual tokens dropped before it (pads are not tokens).
             dropped = ~survivors if previous.pad is None else ~survivors & ~previous.pad
-            position_ids = position_ids - dropped.long().cumsum(dim=1).gather(1, local)
+            position_ids = rope_positions = position_ids - dropped.long().cumsum(dim=1).gather(1, local)
         if pad is not None:
-            position_ids = position_ids.masked_fill(pad, 0)
+            position_ids = position_ids.masked_fill(pad, 0) if position_ids is not None else None
+            rope_positions = position_ids if one_d else rope_positions.masked_fill(pad, 0)
         hidden = gather_tokens(hidden, local)
         index = previous.index.gather(1, local)
         states = []
@@ -642,7 +761,8 @@ class Attachment:
                 pad=pad,
                 items=states,
                 position_ids=position_ids,
-                position_embeddings=self.adapter.rotary_emb(hidden, position_ids),
+                rope_positions=rope_positions,
+                position_embeddings=self.adapter.rotary_emb(hidden, rope_positions),
                 attention_mask=mask,
             )
         )
@@ -687,7 +807,8 @@ class Attachment:
             valid = valid & ~group.pad
         cos, sin = group.position_embeddings
         call_group = _Group(
-            group.index[select], None, [], take(group.position_ids), (take(cos), take(sin)), take(group.attention_mask)
+            group.index[select], None, [], position_ids=take(group.position_ids),
+            position_embeddings=(take(cos), take(sin)), attention_mask=take(group.attention_mask),
         )
         # Per-prompt memory of a stage (e.g. SparseVLM's raters), one per call: rows and items.
         scratch = prompt.scratch.setdefault((tuple(rows), tuple((s.item.row, s.item.start) for s in states)), {})
@@ -729,9 +850,12 @@ class Attachment:
     def _decode_kwargs(self, group: _Group, args, kwargs) -> dict:
         prompt = self._prompt
         hidden = args[0] if args else kwargs["hidden_states"]
-        position_ids = kwargs["position_ids"]
+        position_ids = kwargs.get("position_ids")
         entry = prompt.groups[0]
-        if self._positions_mode([s.plan for s in group.items]) == "contiguous":
+        # Original positions: the decoder's own positions and RoPE are already right; only the
+        # mask changes. Renumbered ones (1-D RoPE only) shift by what this group dropped.
+        contiguous = self._positions_mode([s.plan for s in group.items]) == "contiguous"
+        if contiguous:
             dropped = entry.present() - group.present()  # (B,) tokens dropped after the entry
             if group.pad is None and entry.pad is None:
                 position_ids = position_ids - int(dropped[0])
@@ -749,6 +873,8 @@ class Attachment:
                 head = head & ~group.pad
             tail = prompt.decode_mask[:, prompt.entry_length :].bool()
             mask = self._build_mask(hidden, torch.cat([head, tail], dim=1), query_length=hidden.shape[1])
+        if not contiguous:
+            return dict(attention_mask=mask)
         return dict(
             attention_mask=mask,
             position_ids=position_ids,
@@ -840,7 +966,7 @@ class Attachment:
         vision_by_item = {id(item): reduction for item, reduction in vision}
         per_item = [self._item_stats(i, state, vision_by_item.get(id(state.item))) for i, state in enumerate(entry.items)]
         stages = [(layer, g) for layer, g in zip(prompt.boundaries, prompt.groups[1:])]
-        uniform = len({(s.tokens, tuple(s.tokens_per_layer)) for s in per_item}) == 1
+        uniform = len({(s.tokens, s.units, tuple(s.tokens_per_layer)) for s in per_item}) == 1
         rows = entry.index.shape[0]
         first = per_item[0]
         if uniform and len(per_item) % rows == 0:

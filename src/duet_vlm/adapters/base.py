@@ -14,7 +14,10 @@ A family adapter answers four questions for the runtime:
    features of an item's units (a frame, or an image) and ``project`` maps the stage's output into
    the language model's space; the runtime writes it into the item's first slots at the language
    model's entry (the *feature site*), so transformers' placeholder checks and packing run unchanged.
-4. **How does the decoder number positions?** ``rotary_emb`` and the layer modules (1-D RoPE here).
+4. **How does the decoder number positions?** ``split_positions`` separates what decoder layers
+   receive as ``position_ids`` from what ``rotary_emb`` turns into RoPE: the same ``(B, L)`` tensor
+   for 1-D RoPE, the text row and the ``(3, B, L)`` M-RoPE rows for Qwen-VL. The runtime gathers
+   both along their last (sequence) axis.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ class Geometry:
             multiple of ``units``.
         modality: ``"image"`` or ``"video"``.
         trailing: structural slots after the last unit (LLaVA-OneVision's newline after a video).
+        rope: ``"1d"`` (one position per token) or ``"mrope"`` (Qwen-VL's 3-D time/row/column
+            positions, under which kept tokens must keep their positions).
 
     >>> Geometry(32, 576, (24, 24), True).unit_tokens
     576
@@ -62,6 +67,7 @@ class Geometry:
     units: int = 1
     modality: str = "image"
     trailing: int = 0
+    rope: str = "1d"
 
     def __post_init__(self) -> None:
         if self.units < 1 or (self.visual_tokens - self.trailing) % self.units:
@@ -109,11 +115,14 @@ class Capture:
     """Input and output of a tower's feature layer, for every unit it encoded (one row per unit).
 
     ``calls`` holds the rows of each call of the tower, in order (LLaVA-OneVision encodes images,
-    then videos, with the same tower)."""
+    then videos, with the same tower); ``contexts`` holds, per call, the feature layer's keyword
+    arguments (``layer_kwargs``) and the arguments of the tower's entry module, if the adapter names
+    one (``entry_args``, ``entry_kwargs``: Qwen-VL's ``grid_thw``)."""
 
     layer_input: torch.Tensor
     output: torch.Tensor
     calls: tuple[int, ...] = ()
+    contexts: tuple[dict, ...] = ()
 
 
 @dataclass
@@ -163,6 +172,10 @@ class ModelAdapter:
     projector: nn.Module
     placeholder_ids: dict[int, str]
     geometry: Geometry
+    #: ``geometry`` is only a nominal size (items come in any size): attach-time checks are lenient.
+    nominal_geometry: bool = False
+    #: ``{tower name: module}`` whose call arguments are kept with the tower's captures.
+    tower_entries: dict[str, nn.Module] = {}
 
     @classmethod
     def config_of(cls, model: nn.Module):
@@ -205,8 +218,10 @@ class ModelAdapter:
         return len(self.layers)
 
     # ----------------------------------------------------------------- visual items
-    def find_items(self, input_ids: torch.Tensor, kwargs: dict) -> list[VisualItem]:
-        """Every visual item of the batch, in row-major order."""
+    def find_items(self, input_ids: torch.Tensor, kwargs: dict, captures: dict | None = None) -> list[VisualItem]:
+        """Every visual item of the batch, in row-major order. ``captures``: the towers' captures of
+        this forward (``generate`` encodes the images before the forward, so their sizes may only be
+        known from the towers' calls)."""
         raise NotImplementedError
 
     def items_from_runs(self, input_ids: torch.Tensor, token_id: int, tower: str, geometry_of_run) -> list[VisualItem]:
@@ -249,12 +264,27 @@ class ModelAdapter:
         """Rows of its tower's captured features that ``item`` uses (frames, or tiles)."""
         return item.geometry.units
 
+    def captured_units(self, capture: Capture) -> int:
+        """How many units a tower's captures hold (one row per unit here)."""
+        return capture.output.shape[0]
+
+    def vision_signals(self, capture: Capture, tower: str):
+        """The scores and keys of every captured unit of ``tower``, in whatever form this adapter's
+        ``unit_features`` reads them (``(scores, keys)`` here)."""
+        return self.vision_scores(capture.layer_input, tower)
+
     def unit_features(
-        self, items: list[VisualItem], capture: Capture, signals: tuple[torch.Tensor, torch.Tensor], first_row
+        self,
+        items: list[VisualItem],
+        capture: Capture,
+        signals: tuple[torch.Tensor, torch.Tensor],
+        first_row,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> UnitFeatures:
         """A vision stage's input for ``items`` (same geometry), stacked unit by unit: the
         pre-projector features, patch scores and keys of each unit. ``first_row(item)`` is the first
-        captured row of the item (items repeated by ``generate`` share rows)."""
+        captured row of the item (items repeated by ``generate`` share rows); ``inputs_embeds`` is
+        the language model's input, for families that reduce after the projector (Qwen-VL)."""
         scores, keys = signals
         units = items[0].geometry.units
         rows = torch.cat([torch.arange(units) + first_row(item) for item in items]).to(scores.device)
@@ -298,6 +328,26 @@ class ModelAdapter:
     def project(self, item: VisualItem, features: torch.Tensor) -> torch.Tensor:
         """Map a vision stage's output ``(U, k, C)`` into the language model's embedding space."""
         return self.projector(features)
+
+    def reduced_slots(self, item: VisualItem, kept: torch.Tensor) -> torch.Tensor:
+        """Where a vision stage's ``(U, k)`` outputs go (full-input slots, in output order): each
+        unit's first ``k`` slots. With 1-D RoPE positions are renumbered or taken from these slots;
+        families that keep original positions put each output in the slot of the token it stands
+        for instead."""
+        units, keep = kept.shape
+        return torch.cat([item.unit_start(u) + torch.arange(keep) for u in range(units)])
+
+    def split_positions(self, lm_position_ids, layer_kwargs: dict, batch: int):
+        """``(layer position_ids, rotary input)`` of a prefill, from the ``position_ids`` the language
+        model received and the first decoder layer's keyword arguments. 1-D RoPE: the same tensor."""
+        ids = layer_kwargs["position_ids"].expand(batch, -1)
+        return ids, ids
+
+    def take_layer_additions(self, kwargs: dict):
+        """Visual features the language model adds to the visual positions after its first layers
+        (Qwen3-VL's DeepStack), taken out of its keyword arguments so the runtime adds them to the
+        kept tokens itself: ``(visual_pos_masks (B, L), [per layer (visual tokens, D)])`` or ``None``."""
+        return None
 
     # ----------------------------------------------------------------- language side
     # The language side is Llama-like for every supported family: pre-norm decoder layers with

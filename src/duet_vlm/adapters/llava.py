@@ -37,7 +37,7 @@ class LlavaAdapter(ModelAdapter):
         """Whether the image's placeholder slots hold the CLS feature too (LLaVA "full" strategy)."""
         return self.has_cls and self.select_strategy == "full"
 
-    def find_items(self, input_ids: torch.Tensor, kwargs: dict) -> list[VisualItem]:
+    def find_items(self, input_ids: torch.Tensor, kwargs: dict, captures: dict | None = None) -> list[VisualItem]:
         (token_id, tower), = self.placeholder_ids.items()
         return self.items_from_runs(input_ids, token_id, tower, lambda n: self.geometry)
 

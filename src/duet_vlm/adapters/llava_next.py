@@ -86,7 +86,7 @@ class LlavaNextAdapter(ModelAdapter):
         candidates = slots if candidates is None else candidates
         return Geometry(len(self.layers), slots, (1, candidates), False)
 
-    def find_items(self, input_ids: torch.Tensor, kwargs: dict) -> list[VisualItem]:
+    def find_items(self, input_ids: torch.Tensor, kwargs: dict, captures: dict | None = None) -> list[VisualItem]:
         (token_id, tower), = self.placeholder_ids.items()
         return [
             VisualItem(item.row, item.start, item.geometry, tower)
@@ -160,7 +160,7 @@ class LlavaNextAdapter(ModelAdapter):
         tiles = item.layout.slot_tile
         return (tiles - tiles.min())[view_index]
 
-    def unit_features(self, items, capture: Capture, signals, first_row) -> UnitFeatures:
+    def unit_features(self, items, capture: Capture, signals, first_row, inputs_embeds=None) -> UnitFeatures:
         if any(item.layout is None for item in items):
             raise ValueError(
                 "this image's slots could not be traced to its tiles (it was resized after the projector, as "

@@ -50,7 +50,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             raise ValueError(f"a run of {length} video placeholders is not frames of {self.frame_tokens} plus a newline")
         return self.video_geometry((length - 1) // self.frame_tokens)
 
-    def find_items(self, input_ids: torch.Tensor, kwargs: dict) -> list[VisualItem]:
+    def find_items(self, input_ids: torch.Tensor, kwargs: dict, captures: dict | None = None) -> list[VisualItem]:
         (image_id, _), (video_id, _) = self.placeholder_ids.items()
         images = self.items_from_runs(input_ids, image_id, "image", self.geometry_of_run)
         videos = self.items_from_runs(input_ids, video_id, "video", self._video_run)
@@ -71,9 +71,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def units_needed(self, item: VisualItem) -> int:
         return item.geometry.units if item.tower == "video" else 0
 
-    def unit_features(self, items, capture: Capture, signals, first_row) -> UnitFeatures:
+    def unit_features(self, items, capture: Capture, signals, first_row, inputs_embeds=None) -> UnitFeatures:
         if items[0].tower != "video":
-            return super().unit_features(items, capture, signals, first_row)
+            return super().unit_features(items, capture, signals, first_row, inputs_embeds)
         scores, keys = signals
         frames = items[0].geometry.units
         rows = torch.cat([torch.arange(frames) + first_row(item) for item in items]).to(scores.device)

@@ -40,7 +40,7 @@ class VideoLlavaAdapter(ModelAdapter):
     def video_geometry(self, frames: int) -> Geometry:
         return Geometry(self._layers, frames * self.frame_tokens, self._grid, True, units=frames, modality="video")
 
-    def find_items(self, input_ids: torch.Tensor, kwargs: dict) -> list[VisualItem]:
+    def find_items(self, input_ids: torch.Tensor, kwargs: dict, captures: dict | None = None) -> list[VisualItem]:
         (image_id, _), (video_id, _) = self.placeholder_ids.items()
         images = self.items_from_runs(input_ids, image_id, "image", lambda n: self.geometry)
         videos = self.items_from_runs(input_ids, video_id, "video", self._video_run)

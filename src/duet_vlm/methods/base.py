@@ -176,15 +176,42 @@ class Plan:
     schedule: Schedule
     vision: VisionStage | None = None
     language: LanguageStage | None = None
-    positions: str = "contiguous"
+    positions: str | None = None  # None: the model's default (``resolve_positions``)
 
     def __post_init__(self) -> None:
-        if self.positions not in ("contiguous", "original"):
-            raise ValueError(f"positions must be 'contiguous' or 'original', got {self.positions!r}")
+        check_positions(self.positions)
         if self.vision is None and self.schedule.llm_input != self.schedule.visual_tokens:
             raise ValueError("a schedule that reduces the LLM input needs a vision stage")
         if self.language is None and self.schedule.boundaries:
             raise ValueError("a schedule with pruning boundaries needs a language stage")
+
+
+def check_positions(positions: str | None) -> None:
+    if positions not in (None, "contiguous", "original"):
+        raise ValueError(f"positions must be 'contiguous' or 'original' (or None for the model's default), got {positions!r}")
+
+
+class PositionsError(ValueError):
+    """A position mode the model cannot use (renumbering under M-RoPE)."""
+
+
+def resolve_positions(positions: str | None, geometry: Geometry) -> str:
+    """The position mode of a plan for ``geometry``: ``None`` means the model's default.
+
+    1-D RoPE models default to ``"contiguous"`` (the references of DUET, PyramidDrop, SparseVLM and
+    PIO renumber after every drop). Under M-RoPE (Qwen-VL) a visual token's position is a 3-D
+    (time, row, column) coordinate and text after an image continues from ``rope_deltas``: the
+    reference keeps every kept token's original position, and renumbering has no sound meaning.
+    """
+    if geometry.rope == "mrope":
+        if positions == "contiguous":
+            raise PositionsError(
+                "positions='contiguous' renumbers the kept visual tokens, which has no sound meaning under M-RoPE "
+                "(3-D time/row/column positions; text continues from rope_deltas). Use positions='original' (the "
+                "default on this model): kept tokens keep their 3-D positions, merged tokens take their anchor's"
+            )
+        return "original"
+    return positions or "contiguous"
 
 
 def per_unit(geometry: Geometry | None, keep: int) -> int:
@@ -234,6 +261,7 @@ class Reducer(ABC):
 
     def resolve(self, geometry: Geometry) -> Plan:
         """``plan`` with the shared budget rule: a budget at or above the token count is a no-op."""
+        resolve_positions(getattr(self, "positions", None), geometry)  # refused before any budget error
         budget = getattr(self, "budget", None)
         if budget is not None and budget >= geometry.visual_tokens:
             warnings.warn(
@@ -242,8 +270,11 @@ class Reducer(ABC):
                 stacklevel=3,
             )
             schedule = Schedule(geometry.num_layers, geometry.visual_tokens, geometry.visual_tokens)
-            return Plan(schedule, positions=getattr(self, "positions", "contiguous"))
-        return self.plan(geometry)
+            plan = Plan(schedule, positions=getattr(self, "positions", None))
+        else:
+            plan = self.plan(geometry)
+        plan.positions = resolve_positions(plan.positions, geometry)
+        return plan
 
     def attach(self, model: nn.Module):
         """Install the hooks until ``handle.remove()``; for Trainers and evaluators."""
@@ -291,7 +322,7 @@ class PerItemRatio(Reducer):
 
 
 def compose_plan(
-    vision: Reducer, language: Reducer, budget: int, geometry: Geometry, positions: str = "contiguous"
+    vision: Reducer, language: Reducer, budget: int, geometry: Geometry, positions: str | None = None
 ) -> Plan:
     """Split one budget between a vision-side and a language-side method.
 
@@ -316,10 +347,11 @@ class Compose(Reducer):
     vision: Reducer
     language: Reducer
     budget: int
-    positions: str = "contiguous"
+    positions: str | None = None
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
+        check_positions(self.positions)
 
     def plan(self, geometry: Geometry) -> Plan:
         return compose_plan(self.vision, self.language, self.budget, geometry, self.positions)

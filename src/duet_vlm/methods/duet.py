@@ -20,6 +20,7 @@ from .base import (
     VisionStage,
     VisionView,
     check_budget,
+    check_positions,
     compose_plan,
     per_unit,
 )
@@ -140,7 +141,9 @@ class Duet(Reducer):
             ``()`` disables Stage B.
         ratios: kept fraction of the Stage-A count after each boundary (reference ``(0.5, 0.0)``).
         query: Stage-B query tokens, see ``TextGuidedPrune``; ``tokenizer`` for ``"salient"``.
-        positions: ``"contiguous"`` (the reference: renumbered after each drop) or ``"original"``.
+        positions: ``"contiguous"`` (the reference: renumbered after each drop) or ``"original"``;
+            ``None`` (default): contiguous on 1-D RoPE models, original under M-RoPE (Qwen-VL),
+            where renumbering is refused.
 
     >>> reducer = Duet(budget=64)                                 # doctest: +SKIP
     >>> with reducer(model): model.generate(**inputs)             # doctest: +SKIP
@@ -155,12 +158,13 @@ class Duet(Reducer):
     ratios: tuple[float, ...] | None = None
     query: Query = "text"
     tokenizer: Any = field(default=None, repr=False)
-    positions: str = "contiguous"
+    positions: str | None = None
 
     def __post_init__(self) -> None:
         explicit = self.dominant is not None and self.contextual is not None
         check_budget(self.budget, required=not explicit)
         check_stage_a_counts(self.dominant, self.contextual)
+        check_positions(self.positions)
         if (self.layers is None) != (self.ratios is None) and self.layers != ():
             raise ValueError("give both layers and ratios (or neither, for the default schedule)")
         if self.ratios is None and self.layers == ():
@@ -187,10 +191,28 @@ class Duet(Reducer):
         contextual = contextual_count(keep, self.dominant, self.contextual, default)
         return DominantContextualMerge(contextual=contextual, cluster_width=self.cluster_width)
 
+    @classmethod
+    def qwen_reference(cls, **overrides: Any) -> "Duet":
+        """The reference's Qwen2.5-VL-7B evaluation setting (``qwen2_5_vl/eval_benchmarks.py``):
+        540 dominant + 100 contextual merged tokens per image (cluster width 4), then 0.5 and 0.25
+        of them after decoder layers 14 and 21 (of 28), original M-RoPE positions. Images with
+        fewer tokens than 640 pass Stage A whole.
+
+        >>> with Duet.qwen_reference()(model): model.generate(**inputs)   # doctest: +SKIP
+        """
+        settings = dict(dominant=540, contextual=100, cluster_width=4, layers=(14, 21), ratios=(0.5, 0.25))
+        return cls(**{**settings, **overrides})
+
     def plan(self, geometry: Geometry) -> Plan:
         if self.dominant is not None and self.contextual is not None:
-            # Explicit counts are per unit: per image, or per frame of a video.
-            schedule = self.schedule_for(geometry, (self.dominant + self.contextual) * geometry.units)
+            # Explicit counts are per unit: per image, or per frame of a video. A unit with no more
+            # tokens than that passes Stage A whole (Qwen images come in any size).
+            stage_a = (self.dominant + self.contextual) * geometry.units
+            if stage_a >= geometry.visual_tokens:
+                schedule = self.schedule_for(geometry, geometry.visual_tokens)
+                language = self.language_stage() if schedule.boundaries else None
+                return Plan(schedule, None, language, self.positions)
+            schedule = self.schedule_for(geometry, stage_a)
             language = self.language_stage() if schedule.boundaries else None
             return Plan(schedule, self.vision_stage_for(geometry, schedule.llm_input), language, self.positions)
         return compose_plan(self, self, self.budget, geometry, self.positions)

@@ -9,7 +9,7 @@ import torch
 
 from ..adapters import Geometry
 from ..schedule import Schedule
-from .base import LanguageStage, LayerView, Plan, Reducer, check_budget
+from .base import LanguageStage, LayerView, Plan, Reducer, check_budget, check_positions
 
 # FastV's paper default R = 50%: used when FastV prunes after a vision-side method in a Compose and
 # neither ``keep`` nor ``ratio`` is given.
@@ -75,7 +75,7 @@ class FastV(Reducer):
         keep: explicit number of visual tokens kept from ``layer`` on; overrides the solver.
         ratio: explicit kept fraction of the LLM-input tokens (``1 - R`` in the paper); overrides the
             solver. Inside a ``Compose`` without ``keep`` or ``ratio`` the paper's 0.5 is used.
-        positions: ``"original"`` (FastV) or ``"contiguous"``.
+        positions: ``"original"`` (FastV) or ``"contiguous"`` (refused under M-RoPE).
 
     >>> reducer = FastV(budget=128)                               # doctest: +SKIP
     >>> with reducer(model): model.generate(**inputs)             # doctest: +SKIP
@@ -99,8 +99,7 @@ class FastV(Reducer):
             raise ValueError(f"ratio must lie in [0, 1], got {self.ratio!r}")
         if self.keep is not None and self.ratio is not None:
             raise ValueError("give keep or ratio, not both")
-        if self.positions not in ("contiguous", "original"):
-            raise ValueError(f"positions must be 'contiguous' or 'original', got {self.positions!r}")
+        check_positions(self.positions)
 
     def _check_layer(self, geometry: Geometry) -> None:
         if self.layer >= geometry.num_layers:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..adapters import Geometry
 from ..schedule import Schedule, scaled_boundaries, solve_llm_input
 from ..selection import gather_tokens
-from .base import LanguageStage, LayerView, Plan, Reducer, check_budget, compose_plan, per_unit
+from .base import LanguageStage, LayerView, Plan, Reducer, check_budget, check_positions, compose_plan, per_unit
 from .duet import CONTEXTUAL_SHARE, DominantContextualMerge, contextual_count
 
 SALIENCIES = ("grad_norm", "grad_x_input")
@@ -185,7 +185,9 @@ class PIO(Reducer):
             ``vision=False`` mode; with ``vision=True`` the LLM input is then solved).
         contextual: merged tokens of the pre-filter (default VisionZip's share, 10 of every 64).
         saliency, threshold, prediction_tokens: see ``SaliencyNMSPrune``.
-        positions: ``"contiguous"`` (reference) or ``"original"``.
+        positions: ``"contiguous"`` (reference) or ``"original"``;
+            ``None`` (default): contiguous on 1-D RoPE models, original under M-RoPE (Qwen-VL),
+            where renumbering is refused.
 
     >>> reducer = PIO(budget=64)                                  # 96 tokens, 32 after layer 16
     >>> with reducer(model): model.generate(**inputs)             # doctest: +SKIP
@@ -202,11 +204,10 @@ class PIO(Reducer):
     saliency: str = "grad_norm"
     threshold: float = 0.9
     prediction_tokens: int = 2
-    positions: str = "contiguous"
+    positions: str | None = None
 
     def __post_init__(self) -> None:
-        if self.positions not in ("contiguous", "original"):
-            raise ValueError(f"positions must be 'contiguous' or 'original', got {self.positions!r}")
+        check_positions(self.positions)
         if not isinstance(self.vision, bool):
             raise ValueError(f"vision must be True or False, got {self.vision!r}")
         if isinstance(self.keep, int):

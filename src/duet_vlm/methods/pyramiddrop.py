@@ -9,7 +9,7 @@ import torch
 
 from ..adapters import Geometry
 from ..schedule import Schedule, ratio_schedule, scaled_boundaries
-from .base import LanguageStage, LayerView, Plan, Reducer, check_budget
+from .base import LanguageStage, LayerView, Plan, Reducer, check_budget, check_positions
 
 # The reference's LLaVA-1.5 boundaries [8, 16, 24] and lambda = 0.5, as fractions of depth so that
 # other depths get the same shape.
@@ -125,7 +125,9 @@ class PyramidDrop(Reducer):
         layers: boundaries as counts of layers completed (reference ``(8, 16, 24)``).
         ratios: kept fraction of the LLM-input count after each boundary; overrides the solver.
         decay: ``lambda`` (reference 0.5): ratios ``lambda, lambda^2, ...``; overrides the solver.
-        positions: ``"contiguous"`` (the reference) or ``"original"``.
+        positions: ``"contiguous"`` (the reference) or ``"original"``;
+            ``None`` (default): contiguous on 1-D RoPE models, original under M-RoPE (Qwen-VL),
+            where renumbering is refused.
 
     Inside a ``Compose`` (pruning the tokens a vision-side method passed on) the shape is fixed:
     ``layers`` or [8, 16, 24], ``ratios`` or ``decay`` or 0.5, and the LLM-input count is solved.
@@ -140,14 +142,13 @@ class PyramidDrop(Reducer):
     layers: tuple[int, ...] | None = None
     ratios: tuple[float, ...] | None = None
     decay: float | None = None
-    positions: str = "contiguous"
+    positions: str | None = None
 
     def __post_init__(self) -> None:
         check_budget(self.budget, required=False)
         if self.ratios is not None and self.decay is not None:
             raise ValueError("give ratios or decay, not both")
-        if self.positions not in ("contiguous", "original"):
-            raise ValueError(f"positions must be 'contiguous' or 'original', got {self.positions!r}")
+        check_positions(self.positions)
         if self.decay is not None and not 0.0 <= self.decay <= 1.0:
             raise ValueError(f"decay must lie in [0, 1], got {self.decay!r}")
         if self.ratios is not None:

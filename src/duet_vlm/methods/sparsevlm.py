@@ -10,7 +10,7 @@ import torch
 from ..adapters import Geometry
 from ..schedule import Schedule, scaled_boundaries
 from ..selection import gather_tokens
-from .base import LanguageStage, LayerView, Plan, Reducer, Selection, check_budget
+from .base import LanguageStage, LayerView, Plan, Reducer, Selection, check_budget, check_positions
 
 # v1.5 prunes the output of decoder layers 2, 6 and 15 (0-based) of 32: boundaries after 3, 7 and
 # 16 layers. Its published top-k counts per target, before the recycled clusters are added.
@@ -260,7 +260,8 @@ class SparseVLM(Reducer):
         layers: boundaries as counts of layers completed; default ``(3, 7, 16)`` scaled to depth.
         recycle: add the recycled clusters (v1.5 default) or drop the deleted tokens outright.
         positions: ``"contiguous"`` (v1.5: renumbered after each drop) or ``"original"`` (kept
-            tokens keep their positions, as FastV does).
+            tokens keep their positions, as FastV does); ``None`` (default): contiguous on 1-D
+            RoPE models, original under M-RoPE (Qwen-VL), where renumbering is refused.
 
     Deviations from the official code: a merged token takes the slot (and position) of its cluster
     centre, one of the deleted tokens, instead of being appended after the kept visual tokens;
@@ -277,12 +278,11 @@ class SparseVLM(Reducer):
     keep: tuple[int, ...] | None = None
     layers: tuple[int, ...] | None = None
     recycle: bool = True
-    positions: str = "contiguous"
+    positions: str | None = None
 
     def __post_init__(self) -> None:
         check_budget(self.budget, required=self.keep is None)
-        if self.positions not in ("contiguous", "original"):
-            raise ValueError(f"positions must be 'contiguous' or 'original', got {self.positions!r}")
+        check_positions(self.positions)
         if self.keep is not None:
             self.keep = tuple(self.keep)
             if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in self.keep):

@@ -1,0 +1,306 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: no CLS token, a 2x2 patch merger, window attention, M-RoPE.
+
+What differs from the LLaVA families, and how this adapter meets it:
+
+- **Tokens come out of a merger.** The vision transformer sees ``t x h x w`` patches of an image (or
+  of a video's ``t`` temporal slices) and its merger turns each 2x2 group into one language-model
+  token. As in the reference port, vision stages choose and merge among these *merged* tokens, in
+  the language model's space: their features are read from ``inputs_embeds`` at the language
+  model's entry (what the merger produced, Qwen3-VL's DeepStack features along), and nothing is
+  projected afterwards.
+- **No CLS token.** A merged token's score is the attention its patches *receive* in the last
+  full-attention vision block (softmax over keys, mean over heads, summed over queries, within the
+  token's own image or frame), averaged over its 2x2 group; keys (after the block's 2-D RoPE,
+  averaged over heads) are averaged the same way. Computed from the block's own norm and
+  projections on its captured input, a chunk of queries at a time: the tower keeps its attention
+  backend and memory stays bounded at high resolution. Qwen2.5-VL runs its blocks on a window
+  permutation of the groups; the scores are put back in the merger's output order.
+- **One unit per temporal slice.** An image is one unit (``t = 1``); a video has ``t`` units, the
+  tower's own attention segments, so vision stages reduce each slice (the reference's per-frame
+  Stage A) and language stages rank all of a video's tokens together. Qwen3-VL writes each slice
+  as its own run behind a timestamp: there each slice is an item of its own.
+- **M-RoPE.** Positions are ``(3, B, L)`` (time, row, column), with a text row first when
+  ``generate`` prepared them. Kept tokens keep their positions and a merged (contextual) token takes
+  the slot, and so the position, of its anchor: ``rope_deltas`` stays valid and decoding continues
+  from the positions the unreduced model would use. Renumbering is refused (``resolve_positions``).
+- **DeepStack (Qwen3-VL).** Features of intermediate vision layers are added to the visual
+  positions after the first decoder layers. The runtime takes them out of the language model's
+  arguments, reduces them with the same selection and merge as the main features, and adds them to
+  the kept tokens itself.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from .base import Capture, Geometry, ModelAdapter, UnitFeatures, VisualItem
+
+
+def received_attention_and_keys(
+    block: nn.Module, layer_input: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings, chunk: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention each patch receives ``(N,)`` within its segment (softmax over the segment's keys,
+    mean over heads, sum over queries) and head-averaged keys ``(N, d)`` of a Qwen vision block,
+    from the block's own ``norm1``, ``qkv`` and 2-D RoPE on its input ``(N, C)``; no more than a
+    ``chunk x segment`` slice of the map exists at once."""
+    attn = block.attn
+    rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+    with torch.no_grad():
+        x = block.norm1(layer_input)
+        tokens = x.shape[0]
+        query, key, _ = attn.qkv(x).reshape(tokens, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = position_embeddings
+        query, key = rotary(query, key, cos, sin)  # (N, H, d)
+        query, key = query.transpose(0, 1).float(), key.transpose(0, 1).float()  # (H, N, d)
+        received = torch.zeros(tokens, dtype=torch.float32, device=x.device)
+        bounds = cu_seqlens.tolist()
+        for begin, end in zip(bounds[:-1], bounds[1:]):
+            keys = key[:, begin:end]
+            for q0 in range(begin, end, chunk):
+                logits = (query[:, q0 : min(q0 + chunk, end)] @ keys.transpose(-1, -2)) * attn.scaling
+                received[begin:end] += logits.softmax(dim=-1).mean(dim=0).sum(dim=0)
+    return received, key.mean(dim=0)
+
+
+class Qwen2VLAdapter(ModelAdapter):
+    """``Qwen2VLForConditionalGeneration`` / ``Qwen2VLModel``; the base of the Qwen-VL adapters."""
+
+    family = "qwen2_vl"
+    model_types = ("qwen2_vl",)
+    vision_model_types = ("qwen2_vl", "qwen2_vl_vision")
+    supported_classes = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel")
+    nominal_geometry = True
+
+    def __init__(self, model: nn.Module):
+        self.check_vision(model)
+        config = model.config
+        self.top = model if hasattr(model, "lm_head") else None
+        self.base = model.model if self.top is not None else model
+        self.language_model = self.base.language_model
+        self.layers = self.language_model.layers
+        self.rotary_emb = self.language_model.rotary_emb
+        self.final_norm = self.language_model.norm
+        self.lm_head = self.top.lm_head if self.top is not None else None
+        self.visual = self.base.visual
+        self.projector = self.visual.merger  # vision stages run after it: ``project`` is the identity
+        self.merge = config.vision_config.spatial_merge_size
+        self.towers = {"image": self.score_block()}
+        self.tower_entries = {"image": self.visual}
+        self.placeholder_ids = {config.image_token_id: "image", config.video_token_id: "video"}
+        self._layers = config.text_config.num_hidden_layers
+        # A nominal 896x896 image (32x32 merged tokens), for attach-time checks and ``duet-vlm plan``;
+        # each item gets the plan of its own size.
+        self.geometry = self.item_geometry(1, 64, 64, "image")
+
+    def score_block(self) -> nn.Module:
+        """The last vision block that attends over whole images (every block here)."""
+        return self.visual.blocks[-1]
+
+    def item_geometry(self, t: int, h: int, w: int, modality: str) -> Geometry:
+        rows, cols = h // self.merge, w // self.merge
+        return Geometry(self._layers, t * rows * cols, (rows, cols), False, units=t, modality=modality, rope="mrope")
+
+    # ----------------------------------------------------------------- visual items
+    def find_items(self, input_ids: torch.Tensor, kwargs: dict, captures: dict | None = None) -> list[VisualItem]:
+        """Runs of image (video) placeholders, matched in order with the rows of ``image_grid_thw``
+        (``video_grid_thw``), or, when ``generate`` encoded the pixels before the forward, with the
+        grids the tower was called with. Rows that ``generate`` repeated (several sequences, beams)
+        reuse the grids of their original row."""
+        runs = {tower: [] for tower in self.placeholder_ids.values()}
+        for token_id, tower in self.placeholder_ids.items():
+            is_token = input_ids == token_id
+            if not bool(is_token.any()):
+                continue
+            for row in range(input_ids.shape[0]):
+                positions = is_token[row].nonzero()[:, 0]
+                if len(positions):
+                    breaks = ((positions.diff() != 1).nonzero()[:, 0] + 1).tolist()
+                    runs[tower] += [(row, int(run[0]), len(run)) for run in torch.tensor_split(positions, breaks)]
+        grids = self._grids(kwargs, captures or {}, {tower: bool(found) for tower, found in runs.items()})
+        items = []
+        for tower, tower_runs in runs.items():
+            if not tower_runs:
+                continue
+            for (row, start, length), (t, h, w) in zip(tower_runs, self._grid_per_run(tower_runs, grids[tower], tower)):
+                geometry = self.item_geometry(t, h, w, tower)
+                if length != geometry.visual_tokens:
+                    raise ValueError(
+                        f"a run of {length} {tower} placeholders in row {row}, but its grid {[t, h, w]} gives "
+                        f"{geometry.visual_tokens} tokens"
+                    )
+                items.append(VisualItem(row, start, geometry, tower))
+        return sorted(items, key=lambda item: (item.row, item.start))
+
+    def _grids(self, kwargs: dict, captures: dict, present: dict[str, bool]) -> dict[str, list]:
+        grids = {"image": kwargs.get("image_grid_thw"), "video": kwargs.get("video_grid_thw")}
+        calls = [self._grid(context) for capture in captures.values() for context in capture.contexts]
+        # The tower encodes the images, then the videos, one call each.
+        for tower in ("image", "video"):
+            if grids[tower] is None and present[tower]:
+                if not calls:
+                    raise ValueError(f"{tower} placeholders, but no {tower}_grid_thw and no encoded {tower}s")
+                grids[tower] = calls.pop(0)
+            elif grids[tower] is not None and present[tower] and calls:
+                calls.pop(0)
+        return {tower: self.item_grids(tower, grid.tolist() if grid is not None else []) for tower, grid in grids.items()}
+
+    def item_grids(self, tower: str, grids: list) -> list:
+        """The grid of each run of placeholders (one per image or video here)."""
+        return grids
+
+    @staticmethod
+    def _grid_per_run(runs: list[tuple[int, int, int]], grids: list, tower: str) -> list:
+        if len(runs) == len(grids):
+            return grids
+        rows = sorted({row for row, _, _ in runs})
+        if not grids or len(runs) % len(grids):
+            raise ValueError(f"{len(runs)} runs of {tower} placeholders but {len(grids)} {tower} grids")
+        # generate() repeated each row r times (repeat_interleave): copies follow their original.
+        repeat = len(runs) // len(grids)
+        per_row = {row: [run for run in runs if run[0] == row] for row in rows}
+        assigned, cursor = {}, 0
+        for row in rows:
+            original = row - row % repeat
+            if original == row:
+                assigned[row] = grids[cursor : cursor + len(per_row[row])]
+                cursor += len(per_row[row])
+            else:
+                assigned[row] = assigned[original]
+        return [grid for row in rows for grid in assigned[row]]
+
+    def trace(self, items: list[VisualItem], captures: dict[str, Capture], inputs_embeds: torch.Tensor) -> None:
+        capture = captures.get("image")
+        if capture is None or not any(item.tower == "video" for item in items):
+            return
+        # One tower, called for the images first, then for the videos.
+        calls = 1 if any(item.tower == "image" for item in items) else 0
+        split = sum(capture.calls[:calls])
+        captures["video"] = Capture(
+            capture.layer_input[split:], capture.output[split:], capture.calls[calls:], capture.contexts[calls:]
+        )
+        if calls:
+            captures["image"] = Capture(
+                capture.layer_input[:split], capture.output[:split], capture.calls[:calls], capture.contexts[:calls]
+            )
+        else:
+            del captures["image"]
+
+    @staticmethod
+    def _grid(context: dict) -> torch.Tensor:
+        kwargs = context.get("entry_kwargs", {})
+        return kwargs["grid_thw"] if "grid_thw" in kwargs else context["entry_args"][1]
+
+    def captured_units(self, capture: Capture) -> int:
+        return sum(int(self._grid(context)[:, 0].sum()) for context in capture.contexts)
+
+    # ----------------------------------------------------------------- vision side
+    def merged_order(self, grid: torch.Tensor) -> torch.Tensor | None:
+        """Where each merger output sits in the blocks' order of merged groups (``None``: same order)."""
+        return None
+
+    def vision_signals(self, capture: Capture, tower: str):
+        """Scores ``(tokens,)`` and keys ``(tokens, d)`` of every merged token the tower produced, in
+        the merger's output order, and the first token of each unit (temporal slice)."""
+        group = self.merge * self.merge
+        scores, keys, starts = [], [], []
+        offset = 0
+        for rows, layer_input, context in zip(
+            capture.calls, capture.layer_input.split(list(capture.calls)), capture.contexts
+        ):
+            kwargs = context["layer_kwargs"]
+            received, key = received_attention_and_keys(
+                self.towers["image"], layer_input, kwargs["cu_seqlens"], kwargs["position_embeddings"]
+            )
+            received = received.view(-1, group).mean(dim=1)
+            key = key.view(-1, group, key.shape[-1]).mean(dim=1)
+            grid = self._grid(context)
+            order = self.merged_order(grid)
+            if order is not None:
+                received, key = received[order], key[order]
+            scores.append(received)
+            keys.append(key)
+            for t, h, w in grid.tolist():
+                for _ in range(t):
+                    starts.append(offset)
+                    offset += h * w // group
+        return torch.cat(scores), torch.cat(keys), starts
+
+    def unit_features(self, items, capture: Capture, signals, first_row, inputs_embeds=None) -> UnitFeatures:
+        scores, keys, starts = signals
+        tokens = items[0].geometry.unit_tokens
+        features, unit_scores, unit_keys = [], [], []
+        for item in items:
+            for unit in range(item.geometry.units):
+                begin = starts[first_row(item) + unit]
+                slot = item.unit_start(unit)
+                features.append(inputs_embeds[item.row, slot : slot + tokens])
+                unit_scores.append(scores[begin : begin + tokens])
+                unit_keys.append(keys[begin : begin + tokens])
+        return UnitFeatures(torch.stack(features), torch.stack(unit_scores), torch.stack(unit_keys))
+
+    def project(self, item: VisualItem, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+    def reduced_slots(self, item: VisualItem, kept: torch.Tensor) -> torch.Tensor:
+        # Each output in the slot (and so the 3-D position) of the token it stands for.
+        return torch.cat([item.unit_start(unit) + kept[unit].cpu() for unit in range(kept.shape[0])])
+
+    # ----------------------------------------------------------------- language side
+    def split_positions(self, lm_position_ids, layer_kwargs: dict, batch: int):
+        positions = lm_position_ids
+        if positions is None:  # the text model numbered the sequence itself: 0..L-1 on every axis
+            length = layer_kwargs["position_embeddings"][0].shape[1]
+            positions = torch.arange(length, device=layer_kwargs["position_embeddings"][0].device)[None]
+        if positions.dim() == 2:
+            positions = positions.expand(batch, -1)
+            return positions, positions[None].expand(3, -1, -1)
+        if positions.shape[0] == 4:  # generate()'s text row, then the three M-RoPE rows
+            return positions[0].expand(batch, -1), positions[1:].expand(-1, batch, -1)
+        return None, positions.expand(-1, batch, -1)
+
+
+class Qwen2_5_VLAdapter(Qwen2VLAdapter):
+    """``Qwen2_5_VLForConditionalGeneration``: window attention except in ``fullatt_block_indexes``."""
+
+    family = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+    vision_model_types = ("qwen2_5_vl", "qwen2_5_vl_vision")
+    supported_classes = ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel")
+
+    def score_block(self) -> nn.Module:
+        return self.visual.blocks[max(self.visual.fullatt_block_indexes)]
+
+    def merged_order(self, grid: torch.Tensor) -> torch.Tensor:
+        from transformers.vision_utils import get_vision_window_index
+
+        visual = self.visual
+        window_index, _ = get_vision_window_index(
+            grid, visual.spatial_merge_size, visual.config.window_size, visual.config.patch_size
+        )
+        return torch.argsort(window_index.to(grid.device))
+
+
+class Qwen3VLAdapter(Qwen2VLAdapter):
+    """``Qwen3VLForConditionalGeneration``: full-attention blocks, DeepStack, q/k-normed decoder."""
+
+    family = "qwen3_vl"
+    model_types = ("qwen3_vl",)
+    vision_model_types = ("qwen3_vl", "qwen3_vl_vision")
+    supported_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLModel")
+
+    def item_grids(self, tower: str, grids: list) -> list:
+        # Qwen3-VL writes each temporal slice of a video as its own run, behind a timestamp: each
+        # slice is an item (what the model's own ``get_rope_index`` does with ``video_grid_thw``).
+        if tower != "video":
+            return grids
+        return [[1, h, w] for t, h, w in grids for _ in range(t)]
+
+    def take_layer_additions(self, kwargs: dict):
+        embeds, mask = kwargs.get("deepstack_visual_embeds"), kwargs.get("visual_pos_masks")
+        if embeds is None or mask is None:
+            return None
+        kwargs["deepstack_visual_embeds"] = kwargs["visual_pos_masks"] = None
+        return mask, embeds

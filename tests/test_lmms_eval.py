@@ -512,7 +512,7 @@ def test_each_family_answers_and_logs_its_statistics(name, tmp_path, offline, on
     assert alive() is None
 
 
-# ------------------------------------------------------------------ Qwen-VL (waiting for its adapter)
+# ------------------------------------------------------------------ Qwen-VL
 def _qwen(kind, path):
     """A tiny Qwen2-VL, Qwen2.5-VL or Qwen3-VL of the real class, with the demo tokenizer, saved to ``path``."""
     import transformers as tf
@@ -539,25 +539,26 @@ def _qwen(kind, path):
 
 
 @pytest.mark.parametrize("name", ["duet_qwen2_vl", "duet_qwen2_5_vl", "duet_qwen3_vl"])
-def test_qwen_models_load_and_attach_once_an_adapter_exists(name, tmp_path, offline, monkeypatch):
+def test_qwen_models_load_and_attach(name, tmp_path, offline, monkeypatch):
     """lmms-eval's Qwen class loads a tiny checkpoint of its real transformers class (its processor,
     which needs torchvision, replaced by a placeholder) with the method's options taken out of its
-    arguments; the reducer then attaches, or, while no adapter knows the family, raises the
-    TypeError the docstrings promise. Generation needs qwen-vl-utils, hence torchvision: not here."""
+    arguments, and the reducer attaches. Generation through lmms-eval needs qwen-vl-utils, which
+    imports torchvision: not on this install (the adapter's own tests run these models)."""
     from lmms_eval.models import get_model
-
-    from duet_vlm.adapters import ADAPTERS
 
     kind = name.removeprefix("duet_")
     _qwen(kind, tmp_path / "model")
-    module = "qwen3_vl" if kind == "qwen3_vl" else kind  # where the class's __init__ lives
-    monkeypatch.setattr(f"lmms_eval.models.simple.{module}.AutoProcessor",
+    # the chat classes inherit __init__ from the simple ones, which look AutoProcessor up in their module
+    monkeypatch.setattr(f"lmms_eval.models.simple.{kind}.AutoProcessor",
                         type("Loader", (), {"from_pretrained": staticmethod(lambda *a, **k: None)}))
-    arguments = f"pretrained={tmp_path / 'model'},device=cpu,device_map=cpu,max_pixels=50176,method=duet,ratio=0.25,cluster_width=none"
-    if not any(kind in adapter.model_types for adapter in ADAPTERS):
-        with pytest.raises(TypeError, match=r"duet-vlm (does not support|cannot attach to) Qwen\w*ForConditionalGeneration"):
-            get_model(name).create_from_arg_string(arguments, {"batch_size": 1})
-        return
-    lm = get_model(name).create_from_arg_string(arguments, {"batch_size": 1})
-    assert lm.max_pixels == 50176 and lm.reducer.ratio == 0.25
+    lm = get_model(name).create_from_arg_string(
+        f"pretrained={tmp_path / 'model'},device=cpu,device_map=cpu,max_pixels=50176,method=duet,ratio=0.25,"
+        "cluster_width=none", {"batch_size": 1})
+    assert lm.max_pixels == 50176  # lmms-eval's own argument
+    assert (lm.reducer.ratio, lm.reducer.build(64).cluster_width) == (0.25, None)  # the method's
+    model = weakref.ref(lm.model)
+    with pytest.raises(RuntimeError, match="already attached"):
+        duet_vlm.make("full").attach(model())
     lm.clean()
+    gc.collect()
+    assert model() is None  # clean() detached the reducer, so lmms-eval could free the weights

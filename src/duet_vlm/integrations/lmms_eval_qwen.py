@@ -1,15 +1,10 @@
 """The lmms-eval models ``duet_qwen2_vl``, ``duet_qwen2_5_vl`` and ``duet_qwen3_vl``: lmms-eval's
 Qwen-VL classes with a reducer attached (``model_args`` and statistics as in ``lmms_eval_models``).
 
-**Until duet-vlm has a Qwen-VL adapter, these models load the checkpoint and then stop with the
-reducer's ``TypeError`` at attach ("duet-vlm cannot attach to Qwen2_5_VLForConditionalGeneration:
-pass the LlavaForConditionalGeneration, ..."), which names the supported classes**: Qwen's M-RoPE
-positions and its merged patch grid are family knowledge an adapter in ``duet_vlm.adapters`` must
-supply. They are registered now so that the commands stay the same when it lands.
-
 Kept apart from ``lmms_eval_models`` so that the other models do not import lmms-eval's Qwen
-modules. Those need ``qwen-vl-utils``, which imports torchvision: they run on a GPU machine's
-install (README), not with the CPU-only install, where lmms-eval warns at import and generation fails.
+modules. Their generation calls ``qwen_vl_utils.process_vision_info``, and ``qwen-vl-utils``
+imports torchvision (so do transformers' Qwen video processors): they run on a GPU machine's
+install (README), not with the CPU-only one, where lmms-eval warns at import and generation fails.
 
     lmms-eval --model duet_qwen2_5_vl \\
         --model_args pretrained=Qwen/Qwen2.5-VL-7B-Instruct,method=duet,ratio=0.25 --tasks mme
@@ -25,8 +20,7 @@ from .lmms_eval_models import ReducerMixin
 
 
 class DuetQwen2VL(ReducerMixin, Qwen2_VL):
-    """lmms-eval's ``qwen2_vl`` (a "simple" model) with a reducer attached; refused at attach until
-    the Qwen-VL adapter lands (module docstring).
+    """lmms-eval's ``qwen2_vl`` (a "simple" model) with a reducer attached.
 
     >>> from lmms_eval.evaluator import simple_evaluate                              # doctest: +SKIP
     >>> simple_evaluate(model="duet_qwen2_vl", tasks=["mme"],                        # doctest: +SKIP
@@ -35,8 +29,7 @@ class DuetQwen2VL(ReducerMixin, Qwen2_VL):
 
 
 class DuetQwen2_5_VL(ReducerMixin, Qwen2_5_VL):
-    """lmms-eval's chat ``qwen2_5_vl`` with a reducer attached; refused at attach until the Qwen-VL
-    adapter lands (module docstring).
+    """lmms-eval's chat ``qwen2_5_vl`` with a reducer attached.
 
     >>> from lmms_eval.evaluator import simple_evaluate                              # doctest: +SKIP
     >>> simple_evaluate(model="duet_qwen2_5_vl", tasks=["mme"],                      # doctest: +SKIP
@@ -45,8 +38,9 @@ class DuetQwen2_5_VL(ReducerMixin, Qwen2_5_VL):
 
 
 class DuetQwen3VL(ReducerMixin, Qwen3_VL):
-    """lmms-eval's chat ``qwen3_vl`` (dense and MoE checkpoints) with a reducer attached; refused at
-    attach until the Qwen-VL adapter lands (module docstring).
+    """lmms-eval's chat ``qwen3_vl`` with a reducer attached (dense Qwen3-VL). lmms-eval's class also
+    loads Qwen3-VL MoE (``...-A3B-...``) and Qwen3.5 checkpoints, whose model types duet-vlm's
+    adapters do not list: attach refuses those with a ``TypeError`` naming the supported classes.
 
     >>> from lmms_eval.evaluator import simple_evaluate                              # doctest: +SKIP
     >>> simple_evaluate(model="duet_qwen3_vl", tasks=["mme"],                        # doctest: +SKIP

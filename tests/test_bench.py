@@ -36,3 +36,80 @@ def test_family_benchmark_times_each_variant_against_the_ideal(family):
     tokens = {"llava_next": 576 + 48 * 49, "video_llava": 8 * 257}[family]
     assert abs(row["avg_visual_tokens"] - 0.25 * tokens) <= 8
     assert row["ideal_s"] > 0 and row["lm_vs_ideal"] > 0 and row["flops_ratio"] < 0.5
+
+
+# ----------------------------------------------------------------------------- end to end (tiny sizes; no timing asserted)
+TINY = dict(vision_hidden=32, vision_layers=2, vision_heads=4, hidden=64, layers=8, heads=4, kv_heads=4, intermediate=128)
+
+
+def _schedule(method, budget, layers=8):
+    from duet_vlm.adapters import Geometry
+    from duet_vlm.methods import make
+
+    return make(method, budget=budget).resolve(Geometry(layers, 576, (24, 24), True)).schedule.tokens_per_layer
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_ideal_model_on_all_tokens_is_the_model_itself(batch):
+    import torch
+
+    from duet_vlm.bench import IdealModel, ModelSize, build_model, cache_bytes, padded_inputs
+
+    model = build_model(ModelSize(**TINY))
+    inputs = padded_inputs(model, batch, text_tokens=20)
+    ideal = IdealModel(model, inputs, [576] * 8)
+    reference = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
+                               return_dict_in_generate=True)
+    tokens, cache = ideal.generate(4)
+    assert torch.equal(tokens, reference.sequences[:, -4:])
+    assert cache_bytes(cache) == cache_bytes(reference.past_key_values)
+    length = inputs["input_ids"].shape[1]
+    labels = inputs["input_ids"].masked_fill(torch.arange(length) < length - 8, -100)
+    torch.testing.assert_close(ideal.loss(labels), model(**inputs, labels=labels).loss)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_generate_benchmark_counts_tokens_and_kv_bytes_exactly(batch):
+    from duet_vlm.bench import ModelSize
+    from duet_vlm.bench_generate import generate_benchmark, markdown_table
+
+    results = generate_benchmark(ModelSize(**TINY), [("duet", 192), ("fastv", 192)], batch=batch, new_tokens=(2, 3),
+                                 rounds=1, text_tokens=20)
+    rows = results["variants"]
+    assert list(rows) == ["no reduction", "duet 192", "fastv 192", "ideal: no reduction", "ideal: duet 192",
+                          "ideal: fastv 192"]
+    texts = [20] if batch == 1 else [10, 30]
+    assert results["row_text_tokens"] == texts
+    per_token = 2 * 4 * 16 * 4  # keys and values, 4 heads of 16, float32
+    for name, method in [("no reduction", None), ("duet 192", "duet"), ("fastv 192", "fastv")]:
+        counts = [576] * 8 if method is None else _schedule(method, 192)
+        row, ideal = rows[name], rows[f"ideal: {name}"]
+        assert row["visual_tokens_per_layer"] == ideal["visual_tokens_per_layer"] == counts
+        exact = sum(per_token * (text + 2 + visual) for text in texts for visual in counts) // batch
+        assert row["kv_schedule"] == ideal["kv_schedule"] == exact
+        assert row["kv_cache"] == ideal["kv_cache"]  # the ideal's cache has the library's per-layer lengths
+        if batch == 1:
+            assert row["kv_cache"] == exact
+        assert row["ideal"] == f"ideal: {name}" and set(row["vs_ideal"]) >= {"latency_2_s", "latency_3_s", "tokens_per_s"}
+        assert row["first_token_s"] <= row["latency_2_s"] <= row["latency_3_s"]
+    assert rows["duet 192"]["vs_full"]["kv"] == rows["duet 192"]["kv_schedule"] / rows["no reduction"]["kv_schedule"]
+    assert markdown_table(results).count("\n") == 1 + len(rows)
+
+
+def test_train_benchmark_times_each_part_against_the_ideal():
+    import math
+
+    from duet_vlm.bench import ModelSize
+    from duet_vlm.bench_train import markdown_table, train_benchmark
+
+    results = train_benchmark(ModelSize(**TINY), [("duet", 192)], rounds=1, text_tokens=20, answer_tokens=5)
+    assert list(results["modes"]) == ["plain", "checkpointing"]
+    for table in results["modes"].values():
+        assert list(table) == ["no reduction", "duet 192", "ideal: duet 192"]
+        assert table["duet 192"]["visual_tokens_per_layer"] == table["ideal: duet 192"]["visual_tokens_per_layer"]
+        assert table["duet 192"]["visual_tokens_per_layer"] == _schedule("duet", 192)
+        for row in table.values():
+            assert math.isclose(row["step_s"], row["forward_s"] + row["backward_s"] + row["optimizer_s"], rel_tol=1e-9)
+            assert math.isfinite(row["loss"])
+        assert table["duet 192"]["ideal"] == "ideal: duet 192" and table["duet 192"]["vs_ideal"] > 0
+    assert "**checkpointing**" in markdown_table(results)

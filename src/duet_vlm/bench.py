@@ -11,6 +11,7 @@ import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Callable
 
 import torch
@@ -309,3 +310,200 @@ def family_benchmark(family: str, size: ModelSize, methods: list[str], ratios: l
             row["lm_vs_ideal"] = statistics.median(t / i for t, i in zip(lm[name], ideal))
         results[name] = row
     return {"family": family, "model": vars(size), "rounds": rounds, "variants": results}
+
+
+# ----------------------------------------------------------------------------- end to end: memory and the ideal model
+class PeakRSS:
+    """Peak resident memory (bytes) that a block adds to this process, on Linux.
+
+    torch allocates CPU tensors with the system allocator and caches nothing, so the resident set follows
+    the live tensors (tracemalloc sees none of them). Before the block, glibc hands its free heap pages
+    back to the OS (``malloc_trim``) and the kernel's high-water mark is reset to the current resident
+    set (``/proc/self/clear_refs`` = 5); after it, ``VmHWM`` minus the resident set before is the peak.
+    This measures every timed call in place, in the same rounds, where ``getrusage``'s max RSS cannot be
+    reset and would need a fresh process (and a rebuilt model) per variant. ``peak`` is ``None`` where
+    the reset is not allowed.
+
+    >>> with PeakRSS() as memory:                                   # doctest: +SKIP
+    ...     x = torch.ones(2**27)
+    >>> memory.peak >= 2**29                                       # doctest: +SKIP
+    True
+    """
+
+    peak: int | None = None
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        raise OSError(f"no {key} in /proc/self/status")
+
+    def __enter__(self):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")
+            self._before = self._status("VmRSS")
+        except OSError:
+            self._before = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._before is not None:
+            self.peak = self._status("VmHWM") - self._before
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of the keys and values a ``DynamicCache`` holds (each layer has its own length under a reducer)."""
+    return sum(
+        t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None
+    )
+
+
+def padded_inputs(model, batch: int, text_tokens: int = 60, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``batch`` rows of one image each whose prompts differ in length, left-padded as for ``generate``:
+    text lengths spread evenly over ``text_tokens`` ± 50% (their mean is ``text_tokens``)."""
+    if batch == 1:
+        return example_inputs(model, 1, text_tokens, seed)
+    lengths = torch.linspace(text_tokens * 0.5, text_tokens * 1.5, batch).round().long().tolist()
+    rows = [example_inputs(model, 1, length, seed + b)["input_ids"][0] for b, length in enumerate(lengths)]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row) :] = row
+        mask[b, width - len(row) :] = 1
+    pixels = torch.randn(batch, 3, 336, 336, generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+class IdealModel:
+    """The unpatched LLaVA model run on reduced token counts, with no scoring and no bookkeeping.
+
+    Layer ``l`` of the decoder sees every text token and the first ``visual_per_layer[l]`` slots of each
+    row's image (any slots cost the same): the tower and the projector run as usual (the projector on
+    the kept count only), the visual block entering the decoder is as long as ``visual_per_layer[0]``,
+    and where the count drops the sequence is gathered once for the next run of layers, whose positions
+    are renumbered and RoPE recomputed. Each layer is the model's own module called directly, so with a
+    ``DynamicCache`` each layer's cache holds exactly its own tokens and a decoding step attends over
+    those per-layer lengths. Padded rows get a boolean mask; unpadded ones run SDPA's causal path.
+
+    This is what a reduction would cost if choosing the tokens were free. ``generate`` is a bare greedy
+    loop (embed, layers, norm, LM head on the last position, argmax); ``loss`` is a training forward.
+
+    >>> ideal = IdealModel(model, inputs, [205] * 16 + [102] * 8 + [0] * 8)      # doctest: +SKIP
+    >>> tokens, cache = ideal.generate(32)                                        # doctest: +SKIP
+    """
+
+    def __init__(self, model, inputs: dict[str, torch.Tensor], visual_per_layer: list[int]):
+        base = model.model
+        self.model, self.base, self.language_model = model, base, base.language_model
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        self.pixel_values = inputs["pixel_values"]
+        self.input_ids = ids
+        visual = ids == model.config.image_token_id
+        rank = visual.long().cumsum(dim=1) - 1
+        runs = [(count, len(list(run))) for count, run in groupby(visual_per_layer)]
+        self.entry_visual = visual & (rank < runs[0][0])  # image slots that enter the decoder
+        self.groups = []  # (gather index into the previous sequence or None, valid keys, layers)
+        previous, start = None, 0
+        for count, size in runs:
+            keep = ~visual | (rank < count)
+            index = _row_indices(keep)
+            local = None if previous is None else _row_indices(keep.gather(1, previous))
+            valid = torch.ones_like(index, dtype=torch.bool) if mask is None else mask.gather(1, index).bool()
+            self.groups.append((local, valid, self.language_model.layers[start : start + size]))
+            previous, start = index, start + size
+        self.entry_index = _row_indices(self.entry_visual | ~visual)
+
+    def _embeddings(self) -> torch.Tensor:
+        config = self.model.config
+        tower = self.base.vision_tower(self.pixel_values, output_hidden_states=True)
+        features = tower.hidden_states[config.vision_feature_layer]
+        if config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]
+        count = int(self.entry_visual[0].sum())
+        visual = self.base.multi_modal_projector(features[:, :count])
+        embeds = self.language_model.embed_tokens(self.input_ids)
+        embeds = embeds.masked_scatter(self.entry_visual[..., None], visual.to(embeds.dtype))
+        return embeds.gather(1, self.entry_index[..., None].expand(-1, -1, embeds.shape[-1]))
+
+    @staticmethod
+    def _mask(valid: torch.Tensor, queries: int):
+        """``None`` (causal SDPA) without padding, else a (B, 1, queries, keys) boolean causal mask."""
+        if bool(valid.all()):
+            return None
+        keys = valid.shape[1]
+        causal = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)
+        allowed = causal[None] & valid[:, None, :]
+        own = torch.zeros(queries, keys, dtype=torch.bool)
+        own[torch.arange(queries), torch.arange(keys - queries, keys)] = True  # a pad attends to itself, not to nothing
+        allowed |= own[None]
+        return allowed[:, None]
+
+    def forward(self, cache=None) -> torch.Tensor:
+        """The prompt through the decoder: the final-normed states of the last layer group's sequence."""
+        hidden = self._embeddings()
+        self.positions = []
+        for local, valid, layers in self.groups:
+            if local is not None:
+                hidden = hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))
+            positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+            self.positions.append(valid.sum(dim=1, keepdim=True))
+            rope = self.language_model.rotary_emb(hidden, positions)
+            mask = self._mask(valid, hidden.shape[1])
+            for layer in layers:
+                out = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=cache is not None, position_embeddings=rope)
+                hidden = out[0] if isinstance(out, tuple) else out
+        return self.language_model.norm(hidden)
+
+    def generate(self, new_tokens: int, on_token: Callable[[], None] | None = None):
+        """Greedy decoding of exactly ``new_tokens`` tokens; ``on_token()`` after each one. Returns the
+        tokens ``(B, new_tokens)`` and the cache."""
+        from transformers import DynamicCache
+
+        head = self.model.lm_head
+        with torch.no_grad():
+            cache = DynamicCache(config=self.language_model.config)
+            token = head(self.forward(cache)[:, -1]).argmax(-1)
+            tokens = [token]
+            if on_token:
+                on_token()
+            for step in range(new_tokens - 1):
+                hidden = self.language_model.embed_tokens(token[:, None])
+                for (_, valid, layers), length in zip(self.groups, self.positions):
+                    positions = length + step
+                    rope = self.language_model.rotary_emb(hidden, positions)
+                    keys = torch.cat([valid, valid.new_ones(valid.shape[0], step + 1)], dim=1)
+                    mask = self._mask(keys, 1)
+                    for layer in layers:
+                        out = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                    use_cache=True, position_embeddings=rope)
+                        hidden = out[0] if isinstance(out, tuple) else out
+                token = head(self.language_model.norm(hidden)[:, -1]).argmax(-1)
+                tokens.append(token)
+                if on_token:
+                    on_token()
+        return torch.stack(tokens, dim=1), cache
+
+    def loss(self, labels: torch.Tensor) -> torch.Tensor:
+        """A training forward: the LM head over the last group's sequence and the shifted cross-entropy
+        with ``labels`` (full-prompt coordinates; -100 is ignored) read at the tokens that reach it."""
+        hidden = self.forward()
+        index = self.entry_index
+        for local, _, _ in self.groups[1:]:
+            index = index.gather(1, local)
+        logits = self.model.lm_head(hidden).float()
+        kept = labels.gather(1, index)
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), kept[:, 1:].flatten(), ignore_index=-100)
+
+
+def _row_indices(keep: torch.Tensor) -> torch.Tensor:
+    """``(B, n)`` positions of the True entries of each row (every row keeps the same count)."""
+    return keep.nonzero()[:, 1].view(keep.shape[0], -1)

@@ -136,7 +136,7 @@ def plan(
     console.print(costs)
 
 
-LIST_OPTIONS = ("--methods", "--budgets", "--ratios")
+LIST_OPTIONS = ("--methods", "--budgets", "--ratios", "--baselines", "--baseline-budgets", "--batches", "--new-tokens")
 
 
 def expand_list_options(argv: list[str]) -> list[str]:
@@ -175,8 +175,19 @@ def bench(
     ratios: list[float] = typer.Option([0.33, 0.11], help="With --family: kept fractions of the item's tokens."),
     vision_layers: int = typer.Option(24, help="Layers of the CLIP-L tower (fewer makes --family runs faster)."),
     output: Optional[Path] = typer.Option(None, help="Write the results as JSON here."),
+    generate: bool = typer.Option(False, "--generate", help="Time generate() end to end instead (latency, decode, throughput, memory)."),
+    train: bool = typer.Option(False, "--train", help="Time a training step instead (forward, backward, AdamW step, memory)."),
+    baselines: list[str] = typer.Option(
+        ["visionzip", "fastv", "pyramiddrop", "sparsevlm"],
+        help="With --generate/--train: baseline methods, timed at --baseline-budgets ('none' for none).",
+    ),
+    baseline_budgets: list[int] = typer.Option([128], help="With --generate/--train: budgets of the baselines."),
+    batches: list[int] = typer.Option([1], help="With --generate: batch sizes, one run each (rows of different prompt lengths, left-padded); with --train: the first is the batch."),
+    new_tokens: list[int] = typer.Option([32, 128], help="With --generate: latencies reported at these lengths (one call of the longest)."),
+    checkpointing: str = typer.Option("both", help="With --train: off, on or both (gradient checkpointing)."),
 ) -> None:
-    """Time Stage A on the vision side and the prefill of each method, side by side in one run."""
+    """Time Stage A on the vision side and the prefill of each method, side by side in one run
+    (or, with --generate or --train, generation end to end or a training step)."""
     import torch
 
     from .bench import ModelSize, build_model, example_inputs, interleaved, median_ratio, prefill_variants, vision_variants
@@ -189,6 +200,11 @@ def bench(
     )
     if family is not None:
         _bench_family(family, size, methods, ratios, rounds, output)
+        return
+    baselines = [] if baselines == ["none"] else baselines
+    variants = [(m, b) for m in methods for b in budgets] + [(m, b) for m in baselines for b in baseline_budgets]
+    if generate or train:
+        _bench_end_to_end(generate, size, variants, rounds, text_tokens, batches, new_tokens, checkpointing, output)
         return
     model = build_model(size)
     inputs = example_inputs(model, text_tokens=text_tokens)
@@ -235,6 +251,35 @@ def bench(
     console.print(table)
     if output:
         output.write_text(json.dumps(results, indent=2))
+        console.print(f"wrote {output}")
+
+
+def _bench_end_to_end(generate, size, variants, rounds, text_tokens, batches, new_tokens, checkpointing, output) -> None:
+    from .bench_generate import generate_benchmark
+    from .bench_generate import markdown_table as generate_table
+    from .bench_train import markdown_table as train_table
+    from .bench_train import train_benchmark
+
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}
+    if checkpointing not in modes:
+        raise ValueError(f"--checkpointing must be off, on or both, got {checkpointing!r}")
+    runs = []
+    with Progress(console=console, transient=True) as progress:
+        for batch in batches if generate else batches[:1]:
+            task = progress.add_task(f"{'generate' if generate else 'train'}, batch {batch}", total=rounds)
+            advance = lambda task=task: progress.advance(task)  # noqa: E731
+            if generate:
+                result = generate_benchmark(size, variants, batch, tuple(new_tokens), rounds, text_tokens, progress=advance)
+            else:
+                result = train_benchmark(size, variants, modes[checkpointing], rounds, batch, text_tokens, progress=advance)
+            load = " -> ".join(f"{before[0]:.1f}" for before in result["load_average_before_after"])
+            # plain echo: the markdown tables must not be wrapped to the terminal's width
+            typer.echo(f"\nbatch {batch}, {rounds} interleaved rounds, 1-minute load average {load}")
+            typer.echo(generate_table(result) if generate else train_table(result))
+            runs.append(result)
+            if output:  # written after every batch: a long run keeps what it measured
+                output.write_text(json.dumps(runs if generate else runs[0], indent=2))
+    if output:
         console.print(f"wrote {output}")
 
 

@@ -406,7 +406,11 @@ class Attachment:
             # Placeholders on top of a cache: generate() resent part of a prompt whose cache a
             # vision-side reduction made shorter (a second turn passed with past_key_values).
             input_ids = found[0] if found is not None else None
-            if input_ids is not None and any(bool((input_ids == t).any()) for t in self.adapter.placeholder_ids):
+            # One new token is a decoding step (the model may generate a placeholder id); only a
+            # longer input can be a resent prompt. Keeps the decoding path free of data-dependent
+            # branches (torch.compile).
+            resent = input_ids is not None and input_ids.shape[1] > 1
+            if resent and any(bool((input_ids == t).any()) for t in self.adapter.placeholder_ids):
                 raise NotImplementedError(
                     "duet-vlm reduces visual items in a prefill, not on top of a cache (a reduced cache is shorter "
                     "than its prompt, so generate() resends part of it). To continue a conversation, pass the whole "
@@ -606,7 +610,7 @@ class Attachment:
                 head = head.masked_fill(entry.pad, 0)
             attention_mask = kwargs["attention_mask"] = torch.cat([head, attention_mask[:, prompt.full_length :]], dim=1)
         prompt.decode_mask = attention_mask
-        if bool((shift == 0).all()) and entry.pad is None:
+        if entry.pad is None and prompt.full_length == prompt.entry_length:  # nothing dropped at the entry
             return (), kwargs
         position_ids = kwargs.get("position_ids")
         mode = self._positions_mode([state.plan for state in entry.items])
@@ -614,7 +618,9 @@ class Attachment:
             full = cache.get_seq_length() + (prompt.full_length - prompt.entry_length)
             position_ids = (full + torch.arange(new, device=device))[None].expand(shift.shape[0], -1)
         if mode == "contiguous" and position_ids is not None:
-            position_ids = position_ids - shift[:, None] if entry.pad is not None else position_ids - int(shift[0])
+            # Unpadded rows all dropped the same count: a Python int, no device sync (torch.compile).
+            uniform = prompt.full_length - prompt.entry_length
+            position_ids = position_ids - shift[:, None] if entry.pad is not None else position_ids - uniform
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         return (), kwargs
@@ -858,7 +864,7 @@ class Attachment:
         if contiguous:
             dropped = entry.present() - group.present()  # (B,) tokens dropped after the entry
             if group.pad is None and entry.pad is None:
-                position_ids = position_ids - int(dropped[0])
+                position_ids = position_ids - (entry.index.shape[1] - group.index.shape[1])
             else:
                 position_ids = position_ids - dropped[:, None]
         mask = kwargs.get("attention_mask")

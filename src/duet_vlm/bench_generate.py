@@ -156,12 +156,16 @@ def generate_benchmark(
     """``generate`` latency, decode time per token, throughput, peak memory and KV bytes of the
     unreduced model, of each ``(method, budget)`` and of each one's ideal, timed in interleaved rounds.
 
-    Every variant is first run once with ``warmup_tokens`` new tokens (which also tells each ideal its
-    per-layer counts); then ``rounds`` rounds of one ``max(new_tokens)``-token call each. Returns
+    Every variant is first run once with ``warmup_tokens`` new tokens on the batch's first row alone
+    (which also tells each ideal its per-layer counts; a whole large batch would cost nearly a round);
+    then ``rounds`` rounds of one ``max(new_tokens)``-token call each. Returns
     ``{"variants": {name: {...medians, "vs_full": {...}, "vs_ideal": {...}, "rounds": {...}}}, ...}``.
     """
     model = build_model(size)
     inputs = padded_inputs(model, batch, text_tokens)
+    valid = inputs["attention_mask"][0].bool()
+    warm = {"input_ids": inputs["input_ids"][:1, valid], "attention_mask": inputs["attention_mask"][:1, valid],
+            "pixel_values": inputs["pixel_values"][:1]}
     length = max(new_tokens)
     calls: dict[str, Callable[[], None]] = {}
     records: dict[str, list[dict]] = {}
@@ -180,7 +184,7 @@ def generate_benchmark(
         name = f"{method} {budget}"
         reducer = make(method, budget=budget)
         add(name, lambda r, reducer=reducer: generate_call(model, inputs, length, lambda: reducer(model), r))
-        generate_call(model, inputs, warmup_tokens, lambda reducer=reducer: reducer(model), [])()  # warm-up; sets stats
+        generate_call(model, warm, warmup_tokens, lambda reducer=reducer: reducer(model), [])()  # warm-up; sets stats
         items = {tuple(item.tokens_per_layer) for item in reducer.stats.items}
         if len(items) != 1:
             raise RuntimeError(f"{name}: the rows' images were reduced to different counts {sorted(items)}")
@@ -197,8 +201,8 @@ def generate_benchmark(
         ideal = IdealModel(model, inputs, list(key))
         add(name, lambda r, ideal=ideal: ideal_call(ideal, length, r))
         counts[name] = list(key)
-        ideal_call(ideal, warmup_tokens, [])()
-    generate_call(model, inputs, warmup_tokens, nullcontext, [])()
+        ideal_call(IdealModel(model, warm, list(key)), warmup_tokens, [])()
+    generate_call(model, warm, warmup_tokens, nullcontext, [])()
 
     load_before = os.getloadavg()
     interleaved(calls, rounds, warmup=0, progress=progress)

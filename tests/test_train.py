@@ -84,6 +84,22 @@ def test_labels_are_the_answers_only(processor, batch):
     assert (labels[batch["attention_mask"] == 0] == -100).all()
 
 
+def test_collator_passes_extra_keys_through():
+    """A recipe's own keys: per-token sequences padded like input_ids, other tensors stacked and padded."""
+    items = [{"input_ids": torch.tensor([5, 6, 7]), "attention_mask": torch.ones(3, dtype=torch.long),
+              "labels": torch.tensor([-100, 6, 7]), "pixel_values": torch.zeros(1, 3, 2, 2),
+              "segments": torch.tensor([0, 1, 1]), "query": torch.tensor([2]), "target": torch.ones(1, 4, dtype=torch.bool)},
+             {"input_ids": torch.tensor([5]), "attention_mask": torch.ones(1, dtype=torch.long),
+              "labels": torch.tensor([-100]), "pixel_values": torch.ones(1, 3, 2, 2),
+              "segments": torch.tensor([0]), "query": torch.tensor([0, 1]), "target": torch.ones(2, 4, dtype=torch.bool)}]
+    batch = VisionLanguageCollator(0, sequence_keys={"segments": -1}, pad_values={"query": -1})(items)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]] and batch["labels"][1].tolist() == [-100] * 3
+    assert batch["segments"].tolist() == [[0, 1, 1], [0, -1, -1]]
+    assert batch["query"].tolist() == [[2, -1], [0, 1]]
+    assert batch["target"].shape == (2, 2, 4) and batch["target"].sum() == 12
+    assert batch["pixel_values"].shape == (2, 3, 2, 2)
+
+
 @pytest.mark.parametrize("method", sorted(duet_vlm.METHODS))
 def test_training_step_changes_only_trained_parameters(processor, batch, method):
     model = tiny(processor).train()

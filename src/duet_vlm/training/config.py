@@ -2,7 +2,8 @@
 
 The command-line options (``parse_args``), the saved hyper-parameters (``to_dict``, written as
 ``train_config.json``) and the model card's command (``command``) are all derived from the
-dataclass fields below; a new option is one new field.
+dataclass fields below; a new option is one new field. ``RecipeConfig`` gives any recipe's
+dataclass the same four things (the demo recipe's ``DemoConfig`` uses it too).
 
 >>> config = TrainConfig.parse_args(["--model", "m", "--data", "synthetic", "--output-dir", "out", "--budget", "64"])
 >>> config.command()
@@ -16,13 +17,58 @@ from __future__ import annotations
 import dataclasses
 import shlex
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 TRAINABLE = ("projector", "projector+llm", "lora")
 
 
+class RecipeConfig:
+    """Mixin for a training recipe's dataclass whose fields carry their help text (``metadata={"help": ...}``):
+    the argparse parser, the saved dict and the command line are all derived from the fields.
+
+    >>> @dataclass
+    ... class Recipe(RecipeConfig):
+    ...     program: ClassVar[str] = "train-x"
+    ...     steps: int = field(default=10, metadata={"help": "Optimizer steps."})
+    >>> Recipe.parse_args(["--steps", "3"]).command()
+    'train-x --steps 3'
+    """
+
+    program: ClassVar[str] = ""
+
+    @classmethod
+    def parser(cls):
+        """An argparse parser with one option per field (``--max-steps`` and ``--max_steps`` both work)."""
+        from transformers import HfArgumentParser
+
+        return HfArgumentParser(cls, prog=cls.program, description=cls.__doc__)
+
+    @classmethod
+    def parse_args(cls, args: list[str]):
+        (config,) = cls.parser().parse_args_into_dataclasses(args=args)
+        return config
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def command(self, program: Optional[str] = None) -> str:
+        """The command line that gives this config: required options, then every option not at its default."""
+        words = (program or self.program).split()
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if not required and value == f.default:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                words.append(flag if value else "--no-" + f.name.replace("_", "-"))
+            else:
+                words += [flag, str(value)]
+        return shlex.join(words)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(RecipeConfig):
     """Fine-tune a LLaVA checkpoint with a token-reduction method attached (see ``duet_vlm.training.train``)."""
 
     model: str = field(metadata={"help": "A local LLaVA checkpoint directory or a Hub id (where there is network)."})
@@ -76,36 +122,8 @@ class TrainConfig:
     deepspeed: Optional[str] = field(default=None, metadata={"help": "A DeepSpeed JSON config (GPU; passed to TrainingArguments)."})
     report_to: str = field(default="none", metadata={"help": "Trackers for transformers' Trainer (none, tensorboard, wandb, ...)."})
 
+    program: ClassVar[str] = "duet-vlm train"
+
     def __post_init__(self) -> None:
         if self.train not in TRAINABLE:
             raise ValueError(f"--train must be one of {', '.join(TRAINABLE)}, got {self.train!r}")
-
-    @classmethod
-    def parser(cls):
-        """An argparse parser with one option per field (``--max-steps`` and ``--max_steps`` both work)."""
-        from transformers import HfArgumentParser
-
-        return HfArgumentParser(cls, prog="duet-vlm train", description=cls.__doc__)
-
-    @classmethod
-    def parse_args(cls, args: list[str]) -> "TrainConfig":
-        (config,) = cls.parser().parse_args_into_dataclasses(args=args)
-        return config
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def command(self, program: str = "duet-vlm train") -> str:
-        """The command line that gives this config: required options, then every option not at its default."""
-        words = program.split()
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            if not required and value == f.default:
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            if isinstance(value, bool):
-                words.append(flag if value else "--no-" + f.name.replace("_", "-"))
-            else:
-                words += [flag, str(value)]
-        return shlex.join(words)

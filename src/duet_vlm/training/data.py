@@ -19,7 +19,7 @@ elsewhere, multi-turn included). ``VisionLanguageCollator`` pads a batch.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -197,12 +197,18 @@ class ConversationDataset(torch.utils.data.Dataset):
 class VisionLanguageCollator:
     """Pads ``encode`` outputs into a batch: ``pad_token_id`` / attention 0 / label -100 on ``padding_side``.
 
+    Any other key is passed through: keys in ``sequence_keys`` (``{key: fill}``) are per-token
+    sequences padded like ``input_ids``; the rest are stacked, padded up to the largest item in every
+    dimension with ``pad_values.get(key, 0)`` (e.g. a recipe's per-question targets).
+
     >>> batch = VisionLanguageCollator(pad_token_id=0)([dataset[0], dataset[1]])   # doctest: +SKIP
     >>> batch["input_ids"].shape, batch["pixel_values"].shape                       # doctest: +SKIP
     """
 
     pad_token_id: int
     padding_side: str = "right"
+    sequence_keys: dict[str, int] = field(default_factory=dict)
+    pad_values: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("right", "left"):
@@ -210,12 +216,26 @@ class VisionLanguageCollator:
 
     def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         width = max(len(f["input_ids"]) for f in features)
+        fills = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, **self.sequence_keys}
         batch = {}
-        for key, fill in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
+        for key, fill in fills.items():
+            if key not in features[0]:
+                continue
             rows = []
             for f in features:
                 pad = f[key].new_full((width - len(f[key]),), fill)
                 rows.append(torch.cat([f[key], pad] if self.padding_side == "right" else [pad, f[key]]))
             batch[key] = torch.stack(rows)
         batch["pixel_values"] = torch.cat([f["pixel_values"] for f in features])
+        for key in features[0]:
+            if key not in batch:
+                batch[key] = _stack_padded([f[key] for f in features], self.pad_values.get(key, 0))
         return batch
+
+
+def _stack_padded(tensors: list[torch.Tensor], fill) -> torch.Tensor:
+    shape = [max(sizes) for sizes in zip(*(t.shape for t in tensors))]
+    out = tensors[0].new_full((len(tensors), *shape), fill)
+    for row, tensor in zip(out, tensors):
+        row[tuple(slice(0, size) for size in tensor.shape)] = tensor
+    return out

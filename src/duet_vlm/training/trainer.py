@@ -132,11 +132,58 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or torch.backends.mps.is_available()
 
 
-def training_arguments(config: TrainConfig, has_eval: bool):
+def trainer_arguments(output_dir: str, seed: int, **options):
+    """``TrainingArguments`` with what every duet-vlm training run shares (``duet-vlm train`` and the
+    demo recipe): steps-based checkpoints, the seed for initialisation and data order, the collator's
+    batch passed whole to the model, CPU runs told apart from accelerator runs, and no DDP search for
+    unused parameters. ``options`` are further ``TrainingArguments`` fields.
+
+    >>> trainer_arguments("runs/x", seed=0, max_steps=10).save_strategy      # doctest: +SKIP
+    """
     from transformers import TrainingArguments
 
-    return TrainingArguments(
-        output_dir=config.output_dir,
+    shared = dict(
+        save_strategy="steps",
+        seed=seed,
+        data_seed=seed,
+        report_to="none",
+        # Without an accelerator, say so: accelerate then runs a multi-process launch as DDP over gloo
+        # (MULTI_CPU) instead of N independent single-process runs.
+        use_cpu=not _has_accelerator(),
+        # The collator builds the model's inputs; Trainer must not drop columns it cannot match to forward().
+        remove_unused_columns=False,
+        label_names=["labels"],
+        # Frozen parameters (vision tower, LoRA's base weights) do not require grad, so DDP does not wait for
+        # them; every trained parameter is used in every step (reducers drop tokens, not modules). Searching
+        # for unused parameters would only cost a graph traversal and breaks gradient checkpointing.
+        ddp_find_unused_parameters=False,
+    )
+    return TrainingArguments(output_dir=output_dir, **{**shared, **options})
+
+
+def resume_point(spec, output_dir) -> str | bool | None:
+    """What ``Trainer.train(resume_from_checkpoint=...)`` gets: ``None`` / ``False`` -> start afresh;
+    ``"last"`` / ``"true"`` / ``True`` -> the newest ``checkpoint-N`` in ``output_dir`` (an error if none);
+    ``"auto"`` -> the newest one if there is one, else start afresh; else a checkpoint directory."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if spec is None or spec is False:
+        return None
+    text = str(spec).lower()
+    if text in ("last", "true", "auto"):
+        last = get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+        if last is None and text != "auto":
+            raise FileNotFoundError(f"no checkpoint-N directory in {output_dir} to resume from")
+        return last
+    if not Path(spec).is_dir():
+        raise FileNotFoundError(f"--resume-from-checkpoint {spec}: no such checkpoint directory")
+    return str(spec)
+
+
+def training_arguments(config: TrainConfig, has_eval: bool):
+    return trainer_arguments(
+        config.output_dir,
+        config.seed,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler_type,
         warmup_steps=config.warmup_steps,
@@ -151,26 +198,13 @@ def training_arguments(config: TrainConfig, has_eval: bool):
         # Non-reentrant checkpointing needs no input that requires grad (the embeddings may be frozen).
         activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         logging_steps=config.logging_steps,
-        save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=(config.eval_steps or config.save_steps) if has_eval else None,
-        seed=config.seed,
-        data_seed=config.seed,
         dataloader_num_workers=config.dataloader_num_workers,
         deepspeed=config.deepspeed,
         report_to=config.report_to,
-        # Without an accelerator, say so: accelerate then runs a multi-process launch as DDP over gloo
-        # (MULTI_CPU) instead of N independent single-process runs.
-        use_cpu=not _has_accelerator(),
-        # The collator builds the model's inputs; Trainer must not drop columns it cannot match to forward().
-        remove_unused_columns=False,
-        label_names=["labels"],
-        # Frozen parameters (vision tower, LoRA's base weights) do not require grad, so DDP does not wait for
-        # them; every trained parameter is used in every step (reducers drop tokens, not modules). Searching
-        # for unused parameters would only cost a graph traversal and breaks gradient checkpointing.
-        ddp_find_unused_parameters=False,
     )
 
 
@@ -202,12 +236,7 @@ def train(config: TrainConfig) -> TrainOutcome:
             model=model, args=training_arguments(config, eval_dataset is not None), train_dataset=train_dataset,
             eval_dataset=eval_dataset, data_collator=collator, processing_class=processor,
         )
-        resume = config.resume_from_checkpoint
-        if resume is not None and resume.lower() in ("last", "true"):
-            resume = True
-        elif resume is not None and not Path(resume).is_dir():
-            raise FileNotFoundError(f"--resume-from-checkpoint {resume}: no such checkpoint directory")
-        result = trainer.train(resume_from_checkpoint=resume)
+        result = trainer.train(resume_from_checkpoint=resume_point(config.resume_from_checkpoint, config.output_dir))
     finally:
         handle.remove()
 

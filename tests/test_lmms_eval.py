@@ -28,7 +28,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 import duet_vlm  # noqa: E402
 from duet_vlm.demo import data  # noqa: E402
-from duet_vlm.demo.train import DEMO_MODEL_DIR, _normalise, evaluate_accuracy, load_demo  # noqa: E402
+from duet_vlm.demo.evaluate import DEMO_MODEL_DIR, _normalise, evaluate_accuracy, load_demo  # noqa: E402
 
 N = 21  # three questions of each of the seven types (test split, items 0..20, as `duet-vlm eval`)
 TASK = "duet_synthetic_vqa"
@@ -38,7 +38,7 @@ import io
 
 from PIL import Image
 
-from duet_vlm.demo.train import _normalise  # the project's answer normalisation
+from duet_vlm.demo.evaluate import _normalise  # the project's answer normalisation
 
 
 def doc_to_visual(doc):

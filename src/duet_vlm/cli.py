@@ -369,7 +369,7 @@ def demo(
     """Ask the shipped demo model about a synthetic scene with all tokens and with DUET; draw what was kept."""
     from .compare import compare, draw_overlay
     from .demo import data
-    from .demo.train import load_demo
+    from .demo.evaluate import load_demo
     from .methods import Duet
 
     model, processor = load_demo(model_path)
@@ -448,7 +448,7 @@ def evaluate(
 ) -> None:
     """Accuracy of every method and budget on the synthetic visual-QA benchmark (a miniature Table 1)."""
     from .demo import data
-    from .demo.train import evaluate_accuracy, load_demo
+    from .demo.evaluate import evaluate_accuracy, load_demo
     from .report import retention_plot, write_results
 
     chosen = methods or [name for name in METHODS if name != "full"]
@@ -517,18 +517,20 @@ def evaluate(
     console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
-@app.command("train-demo")
-def train_demo_command(
-    output_dir: Path = typer.Option(Path("runs/demo"), help="Checkpoints go here; re-running resumes."),
-    steps: int = typer.Option(2400, help="Visual-QA optimizer steps (after 300 vision-only steps)."),
-    export_dir: Optional[Path] = typer.Option(None, help="Where the final model + processor are saved."),
-    seed: int = typer.Option(0),
-) -> None:
-    """Train the demo LLaVA model from scratch on the synthetic benchmark (seeded, resumable)."""
+@app.command(
+    "train-demo",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def train_demo_command(ctx: typer.Context) -> None:
+    """Train the demo LLaVA model from scratch, seeded, resumable by re-running (options: duet-vlm train-demo --help)."""
+    from .demo.config import DemoConfig
     from .demo.train import train_demo
 
+    # The options are DemoConfig's fields, parsed (and --help printed) by transformers' HfArgumentParser.
+    config = DemoConfig.parse_args(ctx.args)
     # markup=False: log lines carry tags like "[val]" that rich would swallow as markup.
-    path = train_demo(output_dir, steps=steps, seed=seed, export_dir=export_dir, log=lambda line: console.print(line, markup=False))
+    path = train_demo(config, log=lambda line: console.print(line, markup=False))
     console.print(f"saved {path}")
 
 

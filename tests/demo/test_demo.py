@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import shlex
@@ -15,16 +16,10 @@ import torch
 from duet_vlm.demo import data
 from duet_vlm.demo.model import build_model, count_parameters, demo_config
 from duet_vlm.demo.processor import CHAT_TEMPLATE, build_processor, build_tokenizer, prompt
-from duet_vlm.demo.train import (
-    DEMO_MODEL_DIR,
-    encode_conversation,
-    evaluate_accuracy,
-    load_demo,
-    build_parser,
-    pixel_values,
-    reproduce_commands,
-    train_demo,
-)
+from duet_vlm.demo.batching import encode_conversation, pixel_values
+from duet_vlm.demo.config import DemoConfig
+from duet_vlm.demo.evaluate import DEMO_MODEL_DIR, evaluate_accuracy, load_demo
+from duet_vlm.demo.train import train_demo
 
 TINY = dict(text_layers=2, text_hidden=32, text_intermediate=64, text_heads=2, text_kv_heads=2,
             vision_layers=3, vision_hidden=32, vision_intermediate=64, vision_heads=2)
@@ -267,49 +262,73 @@ def test_tiny_model_save_load_generate(tmp_path, processor):
     assert blank["blank_image"] is True and blank["n"] == 7
 
 
-def test_train_demo_tiny_resumes(tmp_path):
+def tiny_recipe(output_dir, **options) -> DemoConfig:
+    settings = dict(model_overrides=json.dumps(TINY), vision_steps=1, steps=1, batch_size=1, n_questions=2,
+                    ground_from=1, ground_heads=2, warmup_steps=1, threads="1", save_steps=1, logging_steps=1,
+                    eval_steps=0, final_eval_n=7, progress=False)
+    return DemoConfig(output_dir=str(output_dir), **{**settings, **options})
+
+
+def test_train_demo_runs_two_tiny_steps_on_the_shared_loop_and_resumes(tmp_path):
+    """A vision-only step and a visual-QA step through the Trainer-based loop, stopped there; the same
+    config run again resumes from the checkpoint, trains the third step only and ends with the weights
+    of an uninterrupted run; run once more it has nothing left to train; a changed recipe is refused."""
+    from transformers import LlavaForConditionalGeneration, TrainerCallback
+
+    class StopAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step >= 2
+
     logs = []
-    kw = dict(steps=2, batch_size=1, n_questions=2, num_threads=1, save_every=1, eval_every=0,
-              vision_steps=2, vision_batch_size=2, keep_visual=100, full_visual_steps=1,
-              final_eval_n=7, model_overrides=TINY, log=logs.append, warmup_steps=1, ground_from=1,
-              position_regression=True)
-    out = train_demo(tmp_path / "run", **kw)
+    config = tiny_recipe(tmp_path / "run", steps=2)  # 1 vision-only + 2 visual-QA steps
+    out = train_demo(config, log=logs.append, callbacks=(StopAfter(),))
+    assert any(line.startswith("training from scratch") for line in logs)
     assert (out / "model.safetensors").exists() and (out / "processor_config.json").exists()
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 2 and "test" in metrics and "test_blank_image" in metrics
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["history"][-1]["ground"] > 0
-    assert any(line.startswith("step 2/2") for line in logs)
+    assert (metrics["vision_steps"], metrics["steps"]) == (1, 1) and "test" in metrics and "test_blank_image" in metrics
+    history = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in history if "loss" in e] == [1, 2]
+    assert "answer" not in history[0] and history[1]["answer"] > 0 and history[1]["ground"] > 0  # the two phases
     card = (out / "README.md").read_text()
-    assert "Test accuracy" in card and "blank" in card
-    logs.clear()
-    train_demo(tmp_path / "run", **kw)  # same call resumes from the checkpoint
-    assert any("resumed" in line and "step 2/2" in line for line in logs)
-    with pytest.raises(ValueError, match="different hyper-parameters"):
-        train_demo(tmp_path / "run", **{**kw, "lr": 1e-2})
-    # continue training the exported model with a fresh schedule
-    from transformers import LlavaForConditionalGeneration
+    assert "Test accuracy" in card and "blank" in card and metrics["command"] in card
+    assert DemoConfig.parse_args(shlex.split(metrics["command"])[2:]) == config  # the card's command is the config
+    assert metrics["hparams"] == config.to_dict()
 
-    before = LlavaForConditionalGeneration.from_pretrained(out).state_dict()
+    logs.clear()
+    resumed = train_demo(config, log=logs.append)
+    assert any(line == f"resuming from {tmp_path / 'run' / 'checkpoint-2'}" for line in logs)
+    history = json.loads((tmp_path / "run" / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3]
+    straight = train_demo(tiny_recipe(tmp_path / "straight", steps=2), log=logs.append)
+    a = LlavaForConditionalGeneration.from_pretrained(resumed).state_dict()
+    b = LlavaForConditionalGeneration.from_pretrained(straight).state_dict()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     built = build_model(demo_config(**TINY), seed=0).state_dict()
-    out2 = train_demo(tmp_path / "more", **{**kw, "steps": 1, "final_eval_n": 0, "lr": 0.0}, init_from=out)
-    after = LlavaForConditionalGeneration.from_pretrained(out2).state_dict()
     key = "model.language_model.layers.0.self_attn.q_proj.weight"
-    assert torch.equal(before[key], after[key]) and not torch.equal(built[key], after[key])
-    # the continued model's card describes both stages and the commands that retrain them
-    card = (out2 / "README.md").read_text()
-    assert "Training, stage 1" in card and "Training, stage 2" in card
-    commands = reproduce_commands(json.loads((out2 / "metrics.json").read_text()))
-    assert all(c in card for c in commands) and len(commands) == 2
-    for command, out_dir in zip(commands, (out, out2)):  # each command parses back to the run's settings
-        hparams = json.loads((out_dir / "metrics.json").read_text())["hparams"]
-        args = build_parser().parse_args(shlex.split(command.split("  #")[0])[3:])
-        assert (args.steps, args.lr, args.batch_size, args.keep_visual) == (
-            hparams["steps"], hparams["lr"], hparams["batch_size"], hparams["keep_visual"])
-        assert (args.ground_from, args.position_regression, args.model_overrides) == (1, True, TINY)
-        assert args.scene_curriculum == hparams["scene_curriculum"]
-    assert args.init_from == "runs/demo/final" and args.data_offset == 0
-    defaults = json.loads((DEMO_MODEL_DIR / "metrics.json").read_text())
-    assert reproduce_commands(defaults)[0] == "duet-vlm train-demo --output-dir runs/demo"
+    assert not torch.equal(built[key], a[key])
+
+    logs.clear()
+    train_demo(config, log=logs.append)  # finished: resumes at the last step and trains nothing
+    assert json.loads((tmp_path / "run" / "checkpoint-3" / "trainer_state.json").read_text())["log_history"] == history
+    with pytest.raises(ValueError, match=r"different hyper-parameters \(lr\)"):
+        train_demo(tiny_recipe(tmp_path / "run", steps=2, lr=1e-2), log=logs.append)
+
+
+def test_train_demo_command_options_come_from_the_config():
+    from typer.testing import CliRunner
+
+    from duet_vlm.cli import app
+
+    result = CliRunner().invoke(app, ["train-demo", "--help"])
+    assert result.exit_code == 0
+    for f in dataclasses.fields(DemoConfig):
+        assert "--" + f.name in result.output
+    config = DemoConfig.parse_args(["--steps", "7", "--no-resume", "--random-share", "0.5"])
+    assert (config.steps, config.resume, config.random_share) == (7, False, 0.5)
+    assert config.command() == "duet-vlm train-demo --no-resume --steps 7 --random-share 0.5"
+    assert DemoConfig().command() == "duet-vlm train-demo"
+    with pytest.raises(ValueError, match="scene-curriculum"):
+        DemoConfig(scene_curriculum="300-1")
 
 
 # ----------------------------------------------------------------------------- shipped model
@@ -368,13 +387,14 @@ def test_thread_tuner_adapts_to_contention():
 
 def test_packed_questions_see_exactly_the_single_turn_context(processor):
     """Each packed question's logits equal those of the same question asked alone."""
-    from duet_vlm.demo.train import image_features, language_forward, make_batch
+    from duet_vlm.demo.batching import make_batch
+    from duet_vlm.demo.objectives import language_forward, vision_features
 
     model = build_model(demo_config(processor.tokenizer, **TINY), seed=3).eval()
     tok = processor.tokenizer
     batch, _ = make_batch(tok, processor.image_token_id, step=5, batch_size=2, n_questions=4)
     with torch.no_grad():
-        packed = language_forward(model, batch, image_features(model, batch["pixel_values"])[0]).logits
+        packed = language_forward(model, batch, vision_features(model, batch["pixel_values"])[0]).output.logits
     checked = 0
     for b in range(2):
         image, turns, _ = data.conversation("train", 5 * 2 + b, 4)
@@ -390,30 +410,114 @@ def test_packed_questions_see_exactly_the_single_turn_context(processor):
     assert checked >= 6
 
 
-def test_training_with_random_visual_subsets_matches_a_shorter_prompt(processor):
-    """``language_forward(keep_visual=k)`` = the model run on the sequence that contains only
-    the k kept image tokens, at their original positions, with labels carried along."""
-    from duet_vlm.demo.train import image_features, language_forward, make_batch, packed_attention_mask
+@pytest.mark.parametrize("order", ["original", "contiguous", "shuffled"])
+@pytest.mark.parametrize("kind, size", [("random", 50), ("pool", 2), ("pool", 3)])
+def test_training_on_a_visual_subset_is_the_model_on_the_shorter_prompt(processor, kind, size, order):
+    """``language_forward`` on a subset = the plain model run on the sequence holding only the subset's
+    tokens (kept patches, or the projected average of each pooled window), with labels carried along,
+    at the kept patches' position ids ("original"; a pooled cell has its centre patch's) or renumbered
+    as if the image had fewer tokens (also in a random order for "shuffled")."""
+    from duet_vlm.demo.batching import make_batch, packed_attention_mask
+    from duet_vlm.demo.objectives import VisualSubset, language_forward, vision_features
+    from duet_vlm.methods.pool import pooled_centres
 
     model = build_model(demo_config(processor.tokenizer, **TINY), seed=4).eval()
     batch, _ = make_batch(processor.tokenizer, processor.image_token_id, step=2, batch_size=2, n_questions=3)
+    subset = VisualSubset(kind, size)
     with torch.no_grad():
-        feats, _ = image_features(model, batch["pixel_values"])
-        out = language_forward(model, batch, feats, keep_visual=50, generator=torch.Generator().manual_seed(0))
-    length = batch["input_ids"].shape[1]
-    assert out.logits.shape[1] == length - 576 + 50
-    kept = torch.randperm(576, generator=torch.Generator().manual_seed(0))[:50].sort().values  # row 0
+        patches, _ = vision_features(model, batch["pixel_values"])
+        out = language_forward(model, batch, patches, subset, [order, "original"], torch.Generator().manual_seed(0)).output
+    length, k = batch["input_ids"].shape[1], subset.tokens
+    assert out.logits.shape[1] == length - 576 + k
+    generator = torch.Generator().manual_seed(0)  # row 0's draws, again
+    if kind == "random":
+        kept = torch.randperm(576, generator=generator)[:k].sort().values
+        randperm = torch.randperm(576, generator=generator)  # row 1's subset
+        tokens = model.model.multi_modal_projector(patches[0, kept])
+    else:
+        g = 24 // size
+        kept = pooled_centres((24, 24), (g, g))
+        windows = patches[0].reshape(g, size, g, size, -1).mean((1, 3)).reshape(g * g, -1)
+        tokens = model.model.multi_modal_projector(windows)
+    order_of = torch.randperm(k, generator=generator) if order == "shuffled" else torch.arange(k)
     first = int((batch["input_ids"][0] == processor.image_token_id).nonzero()[0])
-    index = torch.cat([torch.arange(first), first + kept, torch.arange(first + 576, length)])
+    index = torch.cat([torch.arange(first), torch.full((k,), first), torch.arange(first + 576, length)])
     embeds = model.get_input_embeddings()(batch["input_ids"][:1, index])
-    embeds[0, first:first + 50] = feats[0, kept]
+    embeds[0, first:first + k] = tokens[order_of]
+    positions = batch["position_ids"][:1, index].clone()
+    if order == "original":
+        positions[0, first:first + k] = first + kept
+    else:
+        positions[0, first:first + k] = first + torch.arange(k)
+        positions[0, first + k:] -= 576 - k
+    labels = batch["labels"][:1, index]
     with torch.no_grad():
         ref = model(inputs_embeds=embeds, attention_mask=packed_attention_mask(batch["segments"][:1, index]),
-                    position_ids=batch["position_ids"][:1, index], labels=batch["labels"][:1, index])
+                    position_ids=positions.clamp(min=0), labels=labels)
     assert torch.allclose(out.logits[0], ref.logits[0], atol=1e-5)
     with torch.no_grad():
-        full = language_forward(model, batch, feats, keep_visual=576)
+        full = language_forward(model, batch, patches).output
     assert full.logits.shape[1] == length
+
+
+def test_subset_mix_draws_every_subset_and_position_mode_and_no_ranked_subset(processor):
+    from duet_vlm.demo.objectives import SubsetMix
+
+    draws = [SubsetMix().draw(torch.Generator().manual_seed(step), rows=4) for step in range(400)]
+    kinds = Counter((s.kind, s.size if s.kind == "pool" else None) for s, _ in draws)
+    assert set(kinds) == {("full", None), ("random", None), ("pool", 2), ("pool", 3)}
+    assert kinds["full", None] / 400 == pytest.approx(0.2, abs=0.06)
+    sizes = [s.size for s, _ in draws if s.kind == "random"]
+    assert min(sizes) >= 64 and max(sizes) <= 256
+    orders = Counter(o for s, rows in draws if s.kind != "full" for o in rows)
+    assert orders["original"] / sum(orders.values()) == pytest.approx(0.5, abs=0.05)
+    assert orders["shuffled"] / orders["contiguous"] == pytest.approx(1.0, abs=0.2)
+    assert all(rows == ["original"] * 4 for s, rows in draws if s.kind == "full")
+    # the same step draws the same subset (resumable)
+    assert SubsetMix().draw(torch.Generator().manual_seed(7), 4) == SubsetMix().draw(torch.Generator().manual_seed(7), 4)
+
+
+def test_questions_a_random_subset_made_unanswerable_leave_the_loss(processor):
+    """A question whose object lost every patch gets no answer label and no grounding query; with all
+    patches, or pooled (every patch in some cell), every question stays."""
+    from duet_vlm.demo.batching import make_batch
+    from duet_vlm.demo.objectives import VisualSubset, language_forward, unanswerable, vision_features
+
+    batch, aux = make_batch(processor.tokenizer, processor.image_token_id, step=1, batch_size=2, n_questions=8,
+                            balanced=True)
+    required = aux["required"]
+    nothing = torch.zeros(2, 576, dtype=torch.bool)
+    needs = (required > 0).any(-1)
+    assert torch.equal(unanswerable(required, nothing), needs) and needs.any() and not needs.all()  # "no" answers
+    assert not unanswerable(required, ~nothing).any()
+    # keep exactly one patch of each group: still answerable; drop one whole group: that question goes
+    one_each = torch.zeros_like(nothing)
+    for b, q in needs.nonzero().tolist():
+        for g in required[b, q].unique()[1:]:
+            one_each[b, (required[b, q] == g).nonzero()[0]] = True
+    assert not unanswerable(required, one_each).any()
+
+    model = build_model(demo_config(processor.tokenizer, **TINY), seed=1).eval()
+    with torch.no_grad():
+        patches, _ = vision_features(model, batch["pixel_values"])
+        kept = language_forward(model, batch, patches, VisualSubset("random", 64), generator=torch.Generator().manual_seed(3),
+                                targets=aux)
+        pooled = language_forward(model, batch, patches, VisualSubset("pool", 3), targets=aux)
+    assert kept.dropped_questions > 0 and pooled.dropped_questions == 0
+    # the loss is the mean over the answers of the questions that stayed answerable
+    generator = torch.Generator().manual_seed(3)
+    subsets = torch.stack([torch.randperm(576, generator=generator)[:64] for _ in range(2)])
+    kept_patches = torch.zeros(2, 576, dtype=torch.bool).scatter_(1, subsets, True)
+    bad = unanswerable(required, kept_patches)
+    assert int(bad.sum()) == kept.dropped_questions
+    first = int((batch["input_ids"][0] == processor.image_token_id).nonzero()[0])
+    after = batch["labels"][:, first + 576:].clone()
+    segments = batch["segments"][:, first + 576:]
+    for b, q in bad.nonzero().tolist():
+        after[b][segments[b] == q + 1] = -100
+    labels = torch.cat([batch["labels"][:, :first], torch.full((2, 64), -100), after], 1)
+    expected = torch.nn.functional.cross_entropy(kept.output.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    assert kept.output.loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_scene_labels_name_what_is_in_the_scene():
@@ -475,27 +579,6 @@ def test_questions_use_the_right_article_and_count_answers_are_balanced():
         assert 0.12 < counts.count(word) / len(counts) < 0.4, (word, counts.count(word))
 
 
-def test_focused_subsets_keep_the_priority_patches_first(processor):
-    from duet_vlm.demo.train import image_features, language_forward, make_batch
-
-    model = build_model(demo_config(processor.tokenizer, **TINY), seed=5).eval()
-    batch, aux = make_batch(processor.tokenizer, processor.image_token_id, step=1, batch_size=2, n_questions=2)
-    priority = aux["color"] > 0
-    seen = {}
-    hook = model.model.language_model.register_forward_pre_hook(
-        lambda _m, _a, kw: seen.__setitem__("positions", kw["position_ids"]), with_kwargs=True)
-    with torch.no_grad():
-        feats, _ = image_features(model, batch["pixel_values"])
-        language_forward(model, batch, feats, keep_visual=100, generator=torch.Generator().manual_seed(1),
-                         priority=priority)
-    hook.remove()
-    first = int((batch["input_ids"][0] == processor.image_token_id).nonzero()[0])
-    for b in range(2):
-        assert 0 < int(priority[b].sum()) < 100
-        kept = set((seen["positions"][b, first:first + 100] - first).tolist())
-        assert set(priority[b].nonzero().flatten().tolist()) <= kept
-
-
 def test_scene_curriculum_caps_the_number_of_objects():
     for cap in (1, 2, 3):
         for i in range(10):
@@ -513,7 +596,8 @@ def test_scene_curriculum_caps_the_number_of_objects():
 def test_word_alignment_trains_only_the_answer_words_rows(processor):
     """The alignment term reads object patches through the decoder's norm and lm_head and
     scores them among the words of one kind, so only those lm_head rows get gradients."""
-    from duet_vlm.demo.train import AuxHeads, _vision_batch, answer_words, image_features
+    from duet_vlm.demo.batching import vision_batch as _vision_batch
+    from duet_vlm.demo.objectives import AuxHeads, answer_words, image_features
 
     model = build_model(demo_config(processor.tokenizer, **TINY), seed=6)
     words = answer_words(processor.tokenizer)
@@ -535,7 +619,8 @@ def test_word_alignment_trains_only_the_answer_words_rows(processor):
 
 
 def test_patch_word_probe_reads_patches_through_the_decoder_head(processor):
-    from duet_vlm.demo.train import _vision_batch, patch_word_probe
+    from duet_vlm.demo.batching import vision_batch as _vision_batch
+    from duet_vlm.demo.evaluate import patch_word_probe
 
     model = build_model(demo_config(processor.tokenizer, **TINY), seed=0).eval()
     # an all-zero head ties every word, argmax picks the first of each kind: the probe must score
@@ -595,7 +680,7 @@ def test_balanced_conversations_give_every_possible_type_an_equal_share():
 
 
 def test_grounding_targets_name_the_patches_of_the_asked_objects(processor):
-    from duet_vlm.demo.train import grounding_targets
+    from duet_vlm.demo.batching import grounding_targets
 
     _image, turns, scene = data.conversation("train", 11, 16, balanced=True, with_params=True)
     patches = data.object_patches(scene)
@@ -622,7 +707,8 @@ def test_grounding_loss_is_minus_log_the_layers_attention_on_the_targets(process
     the layer's full attention matrix, itself checked against the module's own output."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from duet_vlm.demo.train import image_features, language_forward, make_batch, packed_attention_mask
+    from duet_vlm.demo.batching import make_batch, packed_attention_mask
+    from duet_vlm.demo.objectives import FULL, VisualSubset, language_forward, vision_features
 
     tok = processor.tokenizer
     model = build_model(demo_config(tok, **{**TINY, "text_heads": 4, "text_kv_heads": 2}), seed=2)
@@ -632,9 +718,11 @@ def test_grounding_loss_is_minus_log_the_layers_attention_on_the_targets(process
     seen = {}
     hooks = [layer.self_attn.register_forward_hook(lambda _m, _a, out: seen.__setitem__("out", out[0])),
              layer.register_forward_pre_hook(lambda _m, a, kw: seen.__setitem__("in", (a[0] if a else kw["hidden_states"], kw["position_embeddings"])), with_kwargs=True)]
-    feats, _ = image_features(model, batch["pixel_values"])
-    _out, loss = language_forward(model, batch, feats, keep_visual=keep_visual, priority=aux["color"] > 0,
-                                  generator=torch.Generator().manual_seed(0), grounding=aux, ground_layers=(1,))
+    patches, _ = vision_features(model, batch["pixel_values"])
+    subset = VisualSubset("random", keep_visual) if keep_visual else FULL
+    targets = {k: aux[k] for k in ("ground_query", "ground_target")}  # no "required": every query stays
+    _out, loss, _ = language_forward(model, batch, patches, subset, generator=torch.Generator().manual_seed(0),
+                                     targets=targets, ground_layers=(1,))
     loss.backward()  # targets that are empty must not leak NaN gradients
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     with torch.no_grad():
@@ -643,7 +731,6 @@ def test_grounding_loss_is_minus_log_the_layers_attention_on_the_targets(process
         kept, rows = [], []
         for b in range(2):
             order = torch.randperm(576, generator=gen)
-            order = order[torch.argsort((~(aux["color"][b] > 0)[order]).to(torch.int8), stable=True)]
             kept.append(order[:keep_visual].sort().values if keep_visual else torch.arange(576))
             rows.append(torch.cat([torch.arange(first), first + kept[-1],
                                    torch.arange(first + 576, batch["input_ids"].shape[1])]))

@@ -10,7 +10,7 @@ thread counts and CPUs).
 import pytest
 
 import duet_vlm
-from duet_vlm.demo.train import load_demo, evaluate_accuracy
+from duet_vlm.demo.evaluate import evaluate_accuracy, load_demo
 
 N = 42  # test questions 0..41: six of each of the seven types
 BATCH = 14

@@ -1,6 +1,8 @@
 """Shipped demo: a small, genuinely trained LLaVA-architecture model and the offline synthetic
-visual-QA benchmark it was trained on (see ``data``, ``processor``, ``model``, ``train``).
+visual-QA benchmark it was trained on.
 
+``data`` the benchmark, ``processor`` / ``model`` the model family, ``evaluate`` accuracy and probes,
+``config`` / ``batching`` / ``objectives`` / ``train`` the training recipe, ``card`` the model card.
 Names are imported lazily so that ``python -m duet_vlm.demo.train`` runs cleanly."""
 
 from importlib import import_module
@@ -9,8 +11,8 @@ _EXPORTS = {
     "QUESTION_TYPES": "data", "Sample": "data", "conversation": "data", "sample": "data",
     "build_model": "model", "count_parameters": "model", "demo_config": "model",
     "build_processor": "processor", "build_tokenizer": "processor", "prompt": "processor",
-    "DEMO_MODEL_DIR": "train", "evaluate_accuracy": "train", "load_demo": "train",
-    "train_demo": "train", "write_model_card": "train",
+    "DEMO_MODEL_DIR": "evaluate", "evaluate_accuracy": "evaluate", "load_demo": "evaluate",
+    "patch_word_probe": "evaluate", "DemoConfig": "config", "train_demo": "train", "write_model_card": "card",
 }
 __all__ = sorted(_EXPORTS)
 

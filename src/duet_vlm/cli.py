@@ -529,8 +529,9 @@ def train_demo_command(ctx: typer.Context) -> None:
 
     # The options are DemoConfig's fields, parsed (and --help printed) by transformers' HfArgumentParser.
     config = DemoConfig.parse_args(ctx.args)
-    # markup=False: log lines carry tags like "[val]" that rich would swallow as markup.
-    path = train_demo(config, log=lambda line: console.print(line, markup=False))
+    # markup=False: log lines carry tags like "[val]" that rich would swallow as markup; soft_wrap: a log
+    # file keeps the command line in one piece.
+    path = train_demo(config, log=lambda line: console.print(line, markup=False, soft_wrap=True))
     console.print(f"saved {path}")
 
 

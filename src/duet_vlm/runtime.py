@@ -420,6 +420,10 @@ class Attachment:
         self._prompt = None
         if found is None:
             return None
+        return self._begin_prompt(found, kwargs)
+
+    @torch.compiler.disable  # finds items and selects tokens (data-dependent): eager under torch.compile
+    def _begin_prompt(self, found, kwargs):
         captures = self._take_captures()
         items = self.adapter.find_items(*found, captures)
         if not items:
@@ -631,34 +635,52 @@ class Attachment:
             prompt = self._prompt
             if prompt is None or self._in_stage:
                 return None
+            if prompt.is_prefill:
+                if layer_index == 0 or layer_index in prompt.boundaries:
+                    return self._prefill_layer(layer_index, module, args, kwargs)
+                return self._group_layer(layer_index, args, kwargs)
+            # A decoding step: what the compiled model runs over and over. Python state and tensor
+            # arithmetic only (no data-dependent branch), so torch.compile traces it into its graph.
             group = prompt.group_of_layer(layer_index)
-            if not prompt.is_prefill:
-                if group == 0:
-                    return None
-                if layer_index in prompt.boundaries:
-                    prompt.decode_kwargs[group] = self._decode_kwargs(prompt.groups[group], args, kwargs)
-                kwargs.update(prompt.decode_kwargs[group])
-                return args, kwargs
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            if layer_index == 0:
-                entry = prompt.groups[0]
-                entry.position_ids, entry.rope_positions = self.adapter.split_positions(
-                    prompt.lm_position_ids, kwargs, entry.index.shape[0]
-                )
-                entry.position_embeddings = kwargs["position_embeddings"]
-                entry.attention_mask = kwargs.get("attention_mask")
-                prompt.input_embeddings = hidden
+            if group == 0:
+                return None
             if layer_index in prompt.boundaries:
-                hidden = self._prune(layer_index, module, hidden)
-            prompt.last_layer_input = hidden
-            if group > 0:
-                g = prompt.groups[group]
-                kwargs.update(
-                    attention_mask=g.attention_mask, position_ids=g.position_ids, position_embeddings=g.position_embeddings
-                )
-            return (hidden, *args[1:]), kwargs
+                prompt.decode_kwargs[group] = self._decode_kwargs(prompt.groups[group], args, kwargs)
+            kwargs.update(prompt.decode_kwargs[group])
+            return args, kwargs
 
         return hook
+
+    # Prefill-only work selects tokens (data-dependent shapes): torch.compile runs it eagerly
+    # instead of breaking its graph at every selection.
+    @torch.compiler.disable
+    def _prefill_layer(self, layer_index: int, module, args, kwargs):
+        prompt = self._prompt
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if layer_index == 0:
+            entry = prompt.groups[0]
+            entry.position_ids, entry.rope_positions = self.adapter.split_positions(
+                prompt.lm_position_ids, kwargs, entry.index.shape[0]
+            )
+            entry.position_embeddings = kwargs["position_embeddings"]
+            entry.attention_mask = kwargs.get("attention_mask")
+            prompt.input_embeddings = hidden
+        if layer_index in prompt.boundaries:
+            hidden = self._prune(layer_index, module, hidden)
+        return self._group_layer(layer_index, (hidden, *args[1:]), kwargs)
+
+    def _group_layer(self, layer_index: int, args, kwargs):
+        """A prefill layer's input is its group's sequence: the group's mask, positions and RoPE."""
+        prompt = self._prompt
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        prompt.last_layer_input = hidden
+        group = prompt.group_of_layer(layer_index)
+        if group > 0:
+            g = prompt.groups[group]
+            kwargs.update(
+                attention_mask=g.attention_mask, position_ids=g.position_ids, position_embeddings=g.position_embeddings
+            )
+        return (hidden, *args[1:]), kwargs
 
     def _stage_calls(self, layer_index: int, states: list[_ItemState]):
         """The language-stage calls of one boundary: ``(rows or None, [item states], keep)``.
@@ -892,6 +914,11 @@ class Attachment:
         prompt = self._prompt
         if prompt is None or not prompt.is_prefill:
             return None
+        return self._finish_prefill(output)
+
+    @torch.compiler.disable
+    def _finish_prefill(self, output):
+        prompt = self._prompt
         self._record_stats()
         hidden = output.last_hidden_state
         last = prompt.groups[-1]

@@ -576,3 +576,19 @@ def test_a_video_with_no_frames_and_a_video_without_pixels_get_clear_errors(vide
             video_llava(input_ids=torch.tensor([[1, 5, 6, 7]]), pixel_values_videos=torch.randn(1, 0, 3, 112, 112))
         with pytest.raises(RuntimeError, match="video features were not computed under this reducer"):
             video_llava(input_ids=torch.tensor([[1, 5] + [VIDEO] * FRAMES * (SIDE * SIDE + 1) + [7]]))
+
+
+def test_a_family_no_adapter_knows_is_named_at_attach():
+    """A whole vision-language model of another family: the error names it and the supported
+    classes (not the advice for wrappers or pieces of a supported model)."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    config = PaliGemmaConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=28, patch_size=14),
+        text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=1, head_dim=8, vocab_size=99),
+        image_token_id=3,
+    )
+    with pytest.raises(TypeError, match=r"does not support PaliGemmaForConditionalGeneration \(model_type 'paligemma'\).*Qwen2_5_VLForConditionalGeneration"):
+        duet_vlm.make("duet", budget=8).attach(PaliGemmaForConditionalGeneration(config))

@@ -2,7 +2,7 @@
 
 ``unwrap_model(model)`` peels peft (``PeftModel``, ``LoraModel``), DDP / DataParallel / FSDP /
 DeepSpeed (``.module``) and ``torch.compile`` (``._orig_mod``), in any order, until it reaches a
-model a duet-vlm adapter supports (``LlavaForConditionalGeneration`` or ``LlavaModel``). Hooks
+model a duet-vlm adapter supports (``LlavaForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``, ...). Hooks
 installed on that inner model fire whichever wrapper calls it, so ``reducer.attach(ddp_model)``
 and ``reducer.attach(peft_model)`` work as ``reducer.attach(model)`` does.
 
@@ -51,6 +51,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         seen.append(type(current).__name__)
     if not isinstance(current, nn.Module) or not _supported(current):
         supported = ", ".join(name for adapter in ADAPTERS for name in adapter.supported_classes)
+        if len(seen) == 1 and getattr(getattr(current, "config", None), "vision_config", None) is not None:
+            # A whole vision-language model of a family no adapter knows (not a piece of a supported one).
+            model_type = getattr(current.config, "model_type", None)
+            raise TypeError(
+                f"duet-vlm does not support {seen[0]} (model_type {model_type!r}); supported model classes: {supported}"
+            )
         raise TypeError(
             f"duet-vlm cannot attach to {' -> '.join(seen)}: pass the {supported} itself, or one wrapped by a "
             f"{WRAPPERS} (e.g. `reducer.attach(model)` with `model = LlavaForConditionalGeneration.from_pretrained(...)`, "

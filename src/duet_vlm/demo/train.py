@@ -157,7 +157,7 @@ class ThreadTuner:
     steps (aborting after one step if that one is clearly worse), keeping whichever is faster.
     """
 
-    def __init__(self, max_threads: int, probe_every: int = 100, probe_steps: int = 3):
+    def __init__(self, max_threads: int, probe_every: int = 100, probe_steps: int = 3, first_probe: int = 5):
         self.max = max_threads
         self.current = max_threads
         self.probe_every = probe_every
@@ -165,6 +165,8 @@ class ThreadTuner:
         self.recent: list[float] = []
         self.best: dict[int, float] = {}
         self.probe: dict | None = None
+        # the first probe comes early: a run that starts under contention should not wait probe_every steps
+        self.since_probe = probe_every - first_probe
 
     def _median(self) -> float:
         r = sorted(self.recent[-5:])
@@ -173,12 +175,14 @@ class ThreadTuner:
     def threads(self, step: int) -> int:
         if self.max <= 1:
             return 1
-        if self.probe is None and step > 0 and step % self.probe_every == 0 and len(self.recent) >= 3:
+        if self.probe is None and self.since_probe >= self.probe_every and len(self.recent) >= 3:
             other = 1 if self.current != 1 else self.max
             self.probe = {"threads": other, "ref": self._median(), "times": []}
+            self.since_probe = 0
         return self.probe["threads"] if self.probe else self.current
 
     def record(self, dt: float) -> None:
+        self.since_probe += 1
         if self.probe is not None:
             p = self.probe
             p["times"].append(dt)
@@ -205,12 +209,12 @@ class ThreadTunerCallback(TrainerCallback):
 
     def __init__(self, trainer: DemoTrainer, max_threads: int):
         self.trainer, self.max_threads = trainer, max_threads
-        self.tuner = ThreadTuner(max_threads)
+        self.tuner = ThreadTuner(max_threads, probe_every=50)
         self.started = 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.trainer.recipe.vision_steps:
-            self.tuner = ThreadTuner(self.max_threads)
+            self.tuner = ThreadTuner(self.max_threads, probe_every=50)
         torch.set_num_threads(self.tuner.threads(state.global_step))
         self.started = time.perf_counter()
 

@@ -575,3 +575,34 @@ def test_run_on_a_local_qwen_checkpoint(tmp_path, monkeypatch):
     assert "duet ratio 0.5" in " ".join(result.output.split())
     assert drawn["grid"] == (4, 7) and drawn["has_cls"] is False
     assert int(drawn["kept"].max()) < 28 and (tmp_path / "overlay.png").stat().st_size > 5_000
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_manual_decoding_loop_without_mask_gets_the_unreduced_positions(family):
+    """``model(next_token, past_key_values=cache)`` with neither positions nor a mask: Qwen numbers
+    the step from the cache's length, which the reduction shortened; the reducer supplies the
+    unreduced sequence's mask, so the step gets the unreduced model's positions."""
+    model = make_qwen(family)
+    inputs = row_of(batch_for(model, MIXED, seed=10), MIXED, 1)
+    inputs.pop("attention_mask")
+
+    def loop(reducer):
+        probe = []
+        with torch.no_grad(), reducer(model):
+            handle = model.model.language_model.register_forward_pre_hook(
+                lambda m, a, k: probe.append(k["position_ids"]), with_kwargs=True
+            )
+            try:
+                out = model(**inputs, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+                for _ in range(2):
+                    out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+                    token = out.logits[:, -1:].argmax(-1)
+            finally:
+                handle.remove()
+        return probe
+
+    plain, reduced = loop(duet_vlm.make("full")), loop(duet_vlm.make("visionzip", ratio=0.5))
+    assert len(reduced) == 3
+    for step in (1, 2):
+        assert torch.equal(reduced[step], plain[step]), f"step {step}"

@@ -391,6 +391,27 @@ class Attachment:
         # ran: a mismatch surfaces as transformers' error, not ours.
         self._input_ids = input_ids
         self._items = (input_ids, kwargs)
+        return self._unreduced_decode_positions(input_ids, args, kwargs)
+
+    def _unreduced_decode_positions(self, input_ids, args, kwargs):
+        """A decoding step given neither positions nor a mask after a reduced prefill: a model that
+        numbers it from the cache's length (Qwen-VL) would count the reduced cache. Pass the
+        positions the unreduced model would use (the adapter's ``decode_position_ids``)."""
+        prompt, cache = self._prompt, kwargs.get("past_key_values")
+        if (
+            prompt is None or cache is None
+            or kwargs.get("position_ids") is not None or kwargs.get("attention_mask") is not None
+        ):
+            return None
+        cached = cache.get_seq_length()
+        if cached == 0 or prompt.full_length == prompt.entry_length:
+            return None
+        start = prompt.full_length + cached - prompt.entry_length  # the unreduced cache's length
+        positions = self.adapter.decode_position_ids(start, input_ids.shape[1], input_ids.shape[0], input_ids.device)
+        if positions is None:
+            return None
+        kwargs["position_ids"] = positions
+        return args, kwargs
 
     # ----------------------------------------------------------------- language model entry
     def _enter_language_model(self, module, args, kwargs):

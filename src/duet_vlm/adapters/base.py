@@ -343,6 +343,12 @@ class ModelAdapter:
         ids = layer_kwargs["position_ids"].expand(batch, -1)
         return ids, ids
 
+    def decode_position_ids(self, start: int, new: int, batch: int, device) -> torch.Tensor | None:
+        """Positions of ``new`` decoded tokens after ``start`` tokens of the unreduced sequence, for
+        a decoding step called without positions or mask; ``None``: the runtime's 1-D handling
+        (``_continue_prompt``) covers it."""
+        return None
+
     def take_layer_additions(self, kwargs: dict):
         """Visual features the language model adds to the visual positions after its first layers
         (Qwen3-VL's DeepStack), taken out of its keyword arguments so the runtime adds them to the

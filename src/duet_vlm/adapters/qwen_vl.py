@@ -262,6 +262,16 @@ class Qwen2VLAdapter(ModelAdapter):
         return None, positions.expand(-1, batch, -1)
 
 
+    def decode_position_ids(self, start: int, new: int, batch: int, device) -> torch.Tensor:
+        # As Qwen numbers a decoding step itself (``compute_3d_position_ids``), from the unreduced
+        # length: text positions continue from the prompt's ``rope_deltas`` on all three axes.
+        deltas = self.base.rope_deltas
+        steps = torch.arange(start, start + new, device=device)[None]
+        if deltas is not None:
+            steps = steps + deltas.to(device).repeat_interleave(batch // deltas.shape[0], dim=0)
+        return steps.expand(batch, -1)[None].expand(3, -1, -1)
+
+
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     """``Qwen2_5_VLForConditionalGeneration``: window attention except in ``fullatt_block_indexes``."""
 

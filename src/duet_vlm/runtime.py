@@ -657,9 +657,7 @@ class Attachment:
             if prompt is None or self._in_stage:
                 return None
             if prompt.is_prefill:
-                if layer_index == 0 or layer_index in prompt.boundaries:
-                    return self._prefill_layer(layer_index, module, args, kwargs)
-                return self._group_layer(layer_index, args, kwargs)
+                return self._prefill_layer(layer_index, module, args, kwargs)
             # A decoding step: what the compiled model runs over and over. Python state and tensor
             # arithmetic only (no data-dependent branch), so torch.compile traces it into its graph.
             group = prompt.group_of_layer(layer_index)
@@ -673,10 +671,13 @@ class Attachment:
         return hook
 
     # Prefill-only work selects tokens (data-dependent shapes): torch.compile runs it eagerly
-    # instead of breaking its graph at every selection.
+    # instead of breaking its graph at every selection. The hook passes every prefill layer here
+    # without reading its index, so dynamo compiles the hook once, not once per layer.
     @torch.compiler.disable
     def _prefill_layer(self, layer_index: int, module, args, kwargs):
         prompt = self._prompt
+        if layer_index != 0 and layer_index not in prompt.boundaries:
+            return self._group_layer(layer_index, args, kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
         if layer_index == 0:
             entry = prompt.groups[0]

@@ -4,8 +4,9 @@ guards and graph breaks, without inductor's slow CPU code generation).
 Compiled generation gives the same tokens as eager generation. The reducer's hooks break the graph
 only where the prefill selects tokens (finding the items, layer 0 and each boundary layer, the
 scatter back at the end: all ``torch.compiler.disable``-d, so dynamo runs them eagerly instead of
-breaking at every data-dependent line); a decoding step runs inside the compiled graph, and a
-second ``generate`` with the same shapes compiles nothing new.
+breaking at every data-dependent line); a decoding step runs inside the compiled graph, a second
+``generate`` with the same shapes compiles nothing new, and the decoder-layer hook (one code object
+for every layer) is compiled a fixed number of times (3), not once per layer.
 """
 
 import pytest
@@ -14,6 +15,8 @@ import torch._dynamo as dynamo
 
 import duet_vlm
 from conftest import make_inputs, make_llava
+from duet_vlm.runtime import Attachment
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 DISABLED = ("_begin_prompt", "_prefill_layer", "_finish_prefill")
 
@@ -37,6 +40,8 @@ def test_compiled_generation_equals_eager(name, ratio):
         with torch.no_grad(), reducer(model):
             again = model.generate(**inputs, max_new_tokens=5, do_sample=False)
         new_graphs = counters["stats"]["unique_graphs"]
+        hook_code = Attachment._layer_hook(None, 0).__code__  # the code object every layer's hook shares
+        hook_versions = len(_debug_get_cache_entry_list(hook_code))
     finally:
         model._compiled_call_impl = None  # undo model.compile()
         dynamo.reset()
@@ -44,3 +49,5 @@ def test_compiled_generation_equals_eager(name, ratio):
     ours = [reason for reason in breaks if "Attachment" in reason or "duet_vlm" in reason]
     assert ours and all(any(f"Attachment.{fn}" in reason for fn in DISABLED) for reason in ours), ours
     assert new_graphs == 0
+    # Prefill, first decoding step, later steps (3 on 4, 8 and 12 layers alike); once per layer would be >= 4.
+    assert 1 <= hook_versions <= 3, f"the layer hook was compiled {hook_versions} times (once per layer?)"

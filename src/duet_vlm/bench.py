@@ -423,8 +423,9 @@ class IdealModel:
 
     def _embeddings(self) -> torch.Tensor:
         config = self.model.config
-        tower = self.base.vision_tower(self.pixel_values, output_hidden_states=True)
-        features = tower.hidden_states[config.vision_feature_layer]
+        # Only the feature layer's states are kept, as get_image_features asks the tower to.
+        layer = config.vision_feature_layer
+        features = self.base.vision_tower(self.pixel_values, output_hidden_states=layer).hidden_states[layer]
         if config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
         count = int(self.entry_visual[0].sum())

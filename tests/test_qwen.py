@@ -310,12 +310,15 @@ def test_cached_decoding_equals_recomputation(qwen, name):
         assert again[0].tolist() == out[0].tolist()
 
 
-@pytest.mark.parametrize("name", ["duet", "fastv", "sparsevlm", "visionzip"])
-def test_eager_equals_sdpa(name):
-    inputs = make_batch(MIXED, seed=5)
+@pytest.mark.parametrize(
+    "family, name", [("qwen2_5_vl", n) for n in ("duet", "fastv", "sparsevlm", "visionzip")]
+    + [("qwen2_vl", "duet"), ("qwen3_vl", "duet")],
+)
+def test_eager_equals_sdpa(family, name):
+    inputs = make_batch(MIXED, seed=5, frames_apart=family == "qwen3_vl")
     outputs = []
     for attn in ("sdpa", "eager"):
-        model = make_qwen("qwen2_5_vl", attn=attn)
+        model = make_qwen(family, attn=attn)
         with torch.no_grad(), duet_vlm.make(name, ratio=0.5)(model):
             outputs.append(model(**inputs).logits)
     valid = inputs["attention_mask"].bool()

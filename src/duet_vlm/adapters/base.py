@@ -206,7 +206,7 @@ class ModelAdapter:
         self.language_model = self.base.language_model
         self.layers = self.language_model.layers
         self.rotary_emb = self.language_model.rotary_emb
-        self.projector = self.base.multi_modal_projector
+        self.projector = getattr(self.base, "multi_modal_projector", None)  # Qwen-VL: its merger, set by the adapter
         self.final_norm = self.language_model.norm
         self.lm_head = self.top.lm_head if self.top is not None else None
 

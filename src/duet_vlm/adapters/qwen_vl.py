@@ -77,13 +77,7 @@ class Qwen2VLAdapter(ModelAdapter):
     def __init__(self, model: nn.Module):
         self.check_vision(model)
         config = model.config
-        self.top = model if hasattr(model, "lm_head") else None
-        self.base = model.model if self.top is not None else model
-        self.language_model = self.base.language_model
-        self.layers = self.language_model.layers
-        self.rotary_emb = self.language_model.rotary_emb
-        self.final_norm = self.language_model.norm
-        self.lm_head = self.top.lm_head if self.top is not None else None
+        self.bind_modules(model)
         self.visual = self.base.visual
         self.projector = self.visual.merger  # vision stages run after it: ``project`` is the identity
         self.merge = config.vision_config.spatial_merge_size

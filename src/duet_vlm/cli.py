@@ -162,7 +162,7 @@ def main() -> None:
 
 @app.command()
 def bench(
-    methods: list[str] = typer.Option(["duet"], help="Methods to time (space-separated list)."),
+    methods: list[str] = typer.Option(["duet"], help="Methods to time (space-separated list; 'none' for only the baselines)."),
     budgets: list[int] = typer.Option([192, 128, 64], help="Budgets (space-separated list)."),
     rounds: int = typer.Option(5, help="Timed rounds; variants are interleaved within each round."),
     hidden: int = typer.Option(1024, help="Decoder width (CLIP-L tower and 32 layers are fixed)."),
@@ -201,7 +201,7 @@ def bench(
     if family is not None:
         _bench_family(family, size, methods, ratios, rounds, output)
         return
-    baselines = [] if baselines == ["none"] else baselines
+    methods, baselines = ([] if names == ["none"] else names for names in (methods, baselines))
     variants = [(m, b) for m in methods for b in budgets] + [(m, b) for m in baselines for b in baseline_budgets]
     if generate or train:
         _bench_end_to_end(generate, size, variants, rounds, text_tokens, batches, new_tokens, checkpointing, output)

@@ -9,6 +9,7 @@ from duet_vlm.cli import app, expand_list_options
 from duet_vlm.demo import data
 from duet_vlm.demo.model import build_model, demo_config
 from duet_vlm.demo.processor import build_processor
+from duet_vlm.report import weights_digest
 
 runner = CliRunner()
 
@@ -43,22 +44,33 @@ def test_demo_prints_both_runs_and_writes_the_overlay(tiny_demo_model, tmp_path)
 
 def test_eval_writes_table_json_csv_and_plot(tiny_demo_model, tmp_path):
     output = _invoke(
-        "eval", "--model-path", tiny_demo_model, "--methods", "duet", "--budgets", 192, 64, "--n", 7,
-        "--batch-size", 4, "--output-dir", tmp_path,
+        "eval", "--model-path", tiny_demo_model, "--methods", "duet", "visionzip", "--budgets", 192, 64, "--n", 7,
+        "--batch-size", 4, "--output-dir", tmp_path, "--positions", "original",
     )
     results = json.loads((tmp_path / "results.json").read_text())
     rows = {(row["method"], row["budget"]): row for row in results["rows"]}
-    assert set(rows) == {("full", None), ("duet", 192), ("duet", 64), ("blank image", None)}
+    assert set(rows) == {("full", None), ("duet", 192), ("duet", 64), ("visionzip", 192), ("visionzip", 64), ("blank image", None)}
     assert rows[("full", None)]["avg_visual_tokens"] == 576
     assert abs(rows[("duet", 64)]["avg_visual_tokens"] - 64) <= 1
     assert rows[("duet", 64)]["decoder_tflops_per_sample"] < rows[("full", None)]["decoder_tflops_per_sample"]
     assert all(row["n"] == 7 for row in results["rows"])
-    assert (tmp_path / "results.csv").read_text().count("\n") == 5
+    # the position mode reaches the methods that have one; VisionZip hands the decoder a shorter input instead
+    assert rows[("duet", 64)]["positions"] == "original" and rows[("visionzip", 64)]["positions"] is None
+    meta = results["meta"]
+    assert meta["positions"] == "original" and meta["weights_sha256"] == weights_digest(tiny_demo_model)
+    assert meta["chance"]["exists"] == 0.5
+    assert (tmp_path / "results.csv").read_text().count("\n") == 7
     assert (tmp_path / "retention.png").stat().st_size > 5_000
     assert "Synthetic visual QA" in output  # the table was printed
     markdown = (tmp_path / "results.md").read_text().splitlines()
-    assert len(markdown) == 2 + 4 and markdown[0].startswith("| method | budget | color |")
+    assert len(markdown) == 2 + 6 + 1 and markdown[0].startswith("| method | budget | color |")
     assert markdown[2].startswith("| full |  |") and "| 576.0 |" in markdown[2]
+    assert markdown[-1].startswith("| chance |  | 16.7 |")
+
+
+def test_eval_refuses_an_unknown_position_mode(tiny_demo_model, tmp_path):
+    result = runner.invoke(app, ["eval", "--model-path", str(tiny_demo_model), "--positions", "shuffled"])
+    assert result.exit_code != 0 and "--positions must be original or contiguous" in result.output
 
 
 def test_run_on_a_local_checkpoint(tiny_demo_model, tmp_path):

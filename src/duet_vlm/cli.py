@@ -445,19 +445,28 @@ def evaluate(
     output_dir: Path = typer.Option(Path("duet_eval"), help="Where results.json, results.csv and the plot go."),
     batch_size: int = typer.Option(8),
     control: bool = typer.Option(True, help="Also evaluate with the image blanked (language-prior control)."),
+    positions: Optional[str] = typer.Option(
+        None, help="original or contiguous: the position mode of every method that has one (default: each method's own)."
+    ),
 ) -> None:
     """Accuracy of every method and budget on the synthetic visual-QA benchmark (a miniature Table 1)."""
     from .demo import data
-    from .demo.evaluate import evaluate_accuracy, load_demo
-    from .report import retention_plot, write_results
+    from .demo.evaluate import DEMO_MODEL_DIR, evaluate_accuracy, load_demo
+    from .report import retention_plot, standard_error, takes_positions, weights_digest, write_results
 
     chosen = methods or [name for name in METHODS if name != "full"]
     unknown = [name for name in chosen if name not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; registered: {', '.join(sorted(METHODS))}")
+    if positions not in (None, "original", "contiguous"):
+        raise ValueError(f"--positions must be original or contiguous, got {positions!r}")
+
+    def options(name: str) -> dict:
+        return {"positions": positions} if positions and takes_positions(METHODS[name]) else {}
+
     # every reducer is built (and its method and budget checked) before the model loads
     configs = [("full", None, make("full"))]
-    configs += [(name, budget, make(name, budget=budget)) for name in chosen for budget in budgets]
+    configs += [(name, budget, make(name, budget=budget, **options(name))) for name in chosen for budget in budgets]
     model, processor = load_demo(model_path)
     rows = []
     with Progress(console=console) as progress:
@@ -483,6 +492,7 @@ def evaluate(
                     "accuracy": result["accuracy"],
                     "per_type": result["per_type"],
                     "n": result["n"],
+                    "positions": options(name).get("positions"),
                     "avg_visual_tokens": sum(costs["tokens"]) / len(costs["tokens"]),
                     "decoder_tflops_per_sample": costs["flops"] / max(costs["rows"], 1) / 1e12,
                 }
@@ -498,7 +508,7 @@ def evaluate(
 
     types = [t for t in data.QUESTION_TYPES if t in rows[0]["per_type"]]
     table = Table(title=f"Synthetic visual QA, {split} split, {n} questions per row")
-    for column in ["method", "budget", *types, "avg", "% of full", "visual tok/layer", "decoder TFLOPs"]:
+    for column in ["method", "budget", *types, "avg", "± s.e.", "% of full", "visual tok/layer", "decoder TFLOPs"]:
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(
@@ -506,13 +516,24 @@ def evaluate(
             str(row["budget"] or ""),
             *(f"{100 * row['per_type'].get(t, float('nan')):.1f}" for t in types),
             f"{100 * row['accuracy']:.1f}",
+            f"{100 * standard_error(row['accuracy'], row['n']):.1f}",
             f"{row['retained_percent']:.1f}",
             f"{row['avg_visual_tokens']:.1f}",
             f"{row['decoder_tflops_per_sample']:.4f}",
         )
     console.print(table)
     output_dir.mkdir(parents=True, exist_ok=True)
-    paths = write_results(rows, output_dir, meta={"split": split, "n": n, "model": str(model_path or "shipped demo model")})
+    meta = {
+        # the command line, when this ran as one (not from Python or a test runner)
+        "command": " ".join(["duet-vlm", *sys.argv[1:]]) if Path(sys.argv[0]).name == "duet-vlm" else None,
+        "split": split,
+        "n": n,
+        "model": str(model_path or "shipped demo model"),
+        "weights_sha256": weights_digest(model_path or DEMO_MODEL_DIR),
+        "positions": positions,
+        "chance": {t: data.CHANCE[t] for t in types},
+    }
+    paths = write_results(rows, output_dir, meta=meta)
     paths.append(retention_plot(rows, output_dir / "retention.png"))
     console.print("wrote " + ", ".join(str(p) for p in paths))
 

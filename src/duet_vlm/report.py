@@ -1,10 +1,21 @@
-"""Writing evaluation results: JSON, CSV and the retention-versus-budget figure."""
+"""Writing evaluation results: JSON, CSV, Markdown, the retention-versus-budget figure, and the
+README's generated tables.
+
+Every accuracy the README quotes sits between ``<!-- generated: KIND FILE... -->`` and
+``<!-- end generated -->`` and is rendered from the named JSON files (``duet-vlm eval``'s
+``results.json``, a demo model's ``metrics.json``), so it cannot drift from what a command printed:
+``python -m duet_vlm.report README.md`` rewrites the blocks, ``--check`` fails when one is stale.
+"""
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import inspect
 import json
 import math
+import re
+import sys
 from pathlib import Path
 
 
@@ -25,28 +36,150 @@ def write_results(rows: list[dict], output_dir: Path, meta: dict) -> list[Path]:
                 + [row["accuracy"], row["retained_percent"], row["avg_visual_tokens"], row["decoder_tflops_per_sample"]]
             )
     md_path = output_dir / "results.md"
-    md_path.write_text(markdown_table(rows, [t for t in QUESTION_ORDER if t in types]))
+    md_path.write_text(markdown_table(rows, [t for t in QUESTION_ORDER if t in types], meta.get("chance")))
     return [json_path, csv_path, md_path]
 
 
 QUESTION_ORDER = ("color", "shape", "count", "exists", "relation", "quadrant", "read")
 
 
-def markdown_table(rows: list[dict], types: list[str]) -> str:
-    """Accuracy (%) per question type, average, % of full-token accuracy retained, visual tokens
-    per layer and decoder TFLOPs per sample: one line per method and budget."""
-    def number(value, digits):
-        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+def standard_error(accuracy: float, n: int) -> float:
+    """Binomial standard error of an accuracy measured on ``n`` questions."""
+    return math.sqrt(accuracy * (1 - accuracy) / n) if n else float("nan")
 
-    head = ["method", "budget", *types, "avg", "% of full", "visual tok/layer", "decoder TFLOPs"]
+
+def _number(value, digits: int) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def markdown_table(rows: list[dict], types: list[str], chance: dict[str, float] | None = None) -> str:
+    """Accuracy (%) per question type, average with its standard error, % of full-token accuracy
+    retained, visual tokens per layer and decoder TFLOPs per sample: one line per method and
+    budget (and a last line with each type's chance level, when given)."""
+    head = ["method", "budget", *types, "avg", "± s.e.", "% of full", "visual tok/layer", "decoder TFLOPs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["method"], str(row["budget"] or "")]
-        cells += [number(100 * row["per_type"][t], 1) if t in row["per_type"] else "" for t in types]
-        cells += [number(100 * row["accuracy"], 1), number(row["retained_percent"], 1),
-                  number(row["avg_visual_tokens"], 1), number(row["decoder_tflops_per_sample"], 4)]
+        cells += [_number(100 * row["per_type"][t], 1) if t in row["per_type"] else "" for t in types]
+        cells += [_number(100 * row["accuracy"], 1), _number(100 * standard_error(row["accuracy"], row["n"]), 1),
+                  _number(row["retained_percent"], 1), _number(row["avg_visual_tokens"], 1),
+                  _number(row["decoder_tflops_per_sample"], 4)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if chance:
+        cells = ["chance", "", *(_number(100 * chance[t], 1) if t in chance else "" for t in types)]
+        lines.append("| " + " | ".join(cells + [""] * (len(head) - len(cells))) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def weights_digest(model_dir: Path) -> str:
+    """SHA-256 of a model directory's ``model.safetensors``: ties results to the weights they measured."""
+    digest = hashlib.sha256()
+    with (Path(model_dir) / "model.safetensors").open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def takes_positions(method) -> bool:
+    """Whether a registered method has a ``positions`` option (the methods that shorten the
+    sequence inside the language model; vision-side methods hand it a shorter input instead)."""
+    return "positions" in inspect.signature(method).parameters
+
+
+# ---- the README's generated blocks -------------------------------------------------------------
+
+GENERATED_BLOCK = re.compile(r"(<!-- generated: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
+
+
+def _load(root: Path, name: str) -> dict:
+    return json.loads((root / name).read_text())
+
+
+def _types(rows: list[dict]) -> list[str]:
+    present = {t for row in rows for t in row["per_type"]}
+    return [t for t in QUESTION_ORDER if t in present]
+
+
+def render_results(root: Path, path: str) -> str:
+    """``duet-vlm eval``'s table, with its question count and the chance row."""
+    results = _load(root, path)
+    meta, rows = results["meta"], results["rows"]
+    header = f"`{meta.get('command') or 'duet-vlm eval'}`: {meta['split']} split, {meta['n']} questions per row.\n\n"
+    return header + markdown_table(rows, _types(rows), meta.get("chance"))
+
+
+def render_positions(root: Path, *paths: str) -> str:
+    """The same methods and budgets under each position mode, side by side: average accuracy and
+    the two question types that depend on where objects are (relation, quadrant)."""
+    runs = [_load(root, path) for path in paths]
+    labels = [run["meta"].get("positions") or "default" for run in runs]
+    head = ["method", "budget"] + [f"{label}: {column}" for label in labels for column in ("avg", "relation", "quadrant")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keyed = [{(row["method"], row["budget"]): row for row in run["rows"]} for run in runs]
+    for key, first in keyed[0].items():
+        # only methods with a position option differ between the runs
+        if first["budget"] is None or not any(rows.get(key, {}).get("positions") for rows in keyed):
+            continue
+        cells = [key[0], str(key[1])]
+        for rows in keyed:
+            row = rows.get(key)
+            cells += ["", "", ""] if row is None else [
+                _number(100 * row["accuracy"], 1), _number(100 * row["per_type"]["relation"], 1),
+                _number(100 * row["per_type"]["quadrant"], 1)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def render_model(root: Path, path: str) -> str:
+    """A demo model's ``metrics.json``: test accuracy with all tokens and with the image blanked, per type."""
+    metrics = _load(root, path)
+    seen, blank = metrics["test"], metrics["test_blank_image"]
+    types = [t for t in QUESTION_ORDER if t in seen["per_type"]]
+    lines = [
+        f"**Test accuracy {100 * seen['accuracy']:.1f}% with all tokens, {100 * blank['accuracy']:.1f}% with the "
+        f"image blanked.** Test split, n={seen['n']} (per question type, %):",
+        "",
+        "| | overall | " + " | ".join(types) + " |",
+        "|---|---|" + "---|" * len(types),
+    ]
+    for label, result in (("all 576 visual tokens", seen), ("image blanked (control)", blank)):
+        lines.append(f"| {label} | {100 * result['accuracy']:.1f} | "
+                     + " | ".join(f"{100 * result['per_type'][t]:.0f}" for t in types) + " |")
+    lines.append("| chance | | " + " | ".join(f"{100 * seen['chance'][t]:.0f}" for t in types) + " |")
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS = {"results": render_results, "positions": render_positions, "model": render_model}
+
+
+def render_readme(text: str, root: Path) -> str:
+    """``text`` with every generated block re-rendered from its files (paths relative to ``root``)."""
+    def replace(match: re.Match) -> str:
+        kind, *paths = match["spec"].split()
+        if kind not in RENDERERS:
+            raise ValueError(f"unknown generated block {kind!r}; known: {', '.join(RENDERERS)}")
+        return match.group(1) + RENDERERS[kind](root, *paths) + match.group(4)
+
+    return GENERATED_BLOCK.sub(replace, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m duet_vlm.report README.md [--check]``: regenerate (or check) the README's tables."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    check = "--check" in args
+    paths = [Path(a) for a in args if a != "--check"] or [Path("README.md")]
+    stale = []
+    for path in paths:
+        text = path.read_text()
+        fresh = render_readme(text, path.resolve().parent)
+        if fresh != text:
+            stale.append(path)
+            if not check:
+                path.write_text(fresh)
+    if check and stale:
+        print(f"stale generated tables in {', '.join(map(str, stale))}: run python -m duet_vlm.report", file=sys.stderr)
+        return 1
+    return 0
 
 
 def retention_plot(rows: list[dict], path: Path) -> Path:
@@ -74,3 +207,7 @@ def retention_plot(rows: list[dict], path: Path) -> Path:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

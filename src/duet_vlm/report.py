@@ -149,7 +149,30 @@ def render_model(root: Path, path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-RENDERERS = {"results": render_results, "positions": render_positions, "model": render_model}
+def render_adaptation(root: Path, path: str) -> str:
+    """The adaptation experiment (``duet_vlm.demo.adaptation``): one line per model, one column per
+    evaluation setting, accuracy ± standard error (%), and each fine-tune's wall-clock."""
+    results = _load(root, path)
+    meta, rows = results["meta"], results["rows"]
+    settings = [None] + meta["budgets"]
+    labels = ["all tokens" if b is None else f"{meta['method']} {b}" for b in settings]
+    head = ["model", *(f"evaluated with {label}" for label in labels), "fine-tune wall-clock"]
+    lines = [f"`{meta['command']}`: {meta['split']} split, {meta['n']} questions per cell, "
+             f"{meta['steps']} fine-tuning steps per model.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    for model in models:
+        cells = [model]
+        for budget in settings:
+            row = next(r for r in rows if r["model"] == model and r["evaluated_with"] == budget)
+            cells.append(f"{100 * row['accuracy']:.1f} ± {100 * standard_error(row['accuracy'], row['n']):.1f}")
+        tune = meta["fine_tunes"].get(model)
+        cells.append(f"{tune['seconds'] / 60:.1f} min" if tune else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS = {"results": render_results, "positions": render_positions, "model": render_model, "adaptation": render_adaptation}
 
 
 def render_readme(text: str, root: Path) -> str:

@@ -85,6 +85,7 @@ class TrainConfig(RecipeConfig):
     eval_data: Optional[str] = field(default=None, metadata={"help": "Evaluation conversations (same format as --data, or 'synthetic')."})
     synthetic_items: int = field(default=64, metadata={"help": "Training images generated when --data synthetic (eval: a quarter, from the validation split)."})
     synthetic_questions: int = field(default=4, metadata={"help": "Question/answer turns per synthetic image."})
+    synthetic_offset: int = field(default=0, metadata={"help": "First synthetic image index (a later range gives images a model has not seen)."})
     train: Literal["projector", "projector+llm", "lora"] = field(
         default="projector",
         metadata={"help": "What trains (the vision tower is always frozen): the projector; the projector and the "

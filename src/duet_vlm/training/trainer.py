@@ -45,7 +45,7 @@ class TrainOutcome:
 def load_records(spec: str, config: TrainConfig, split: str) -> list[Record]:
     if spec == "synthetic":
         n = config.synthetic_items if split == "train" else max(1, config.synthetic_items // 4)
-        return synthetic_records(n, split=split, questions=config.synthetic_questions)
+        return synthetic_records(n, split=split, questions=config.synthetic_questions, offset=config.synthetic_offset)
     return load_conversations(spec, config.image_folder)
 
 

@@ -1,0 +1,49 @@
+"""The adaptation experiment's plumbing on a tiny model of the demo's geometry: every fine-tune runs
+with its reducer, every model is evaluated in every setting, a re-run reuses finished fine-tunes, and
+the README's renderer reads what it wrote."""
+
+import json
+
+import pytest
+
+from duet_vlm.demo.adaptation import AdaptationConfig, run
+from duet_vlm.demo.model import build_model, demo_config
+from duet_vlm.demo.processor import build_processor
+from duet_vlm.report import render_adaptation, weights_digest
+
+
+@pytest.fixture(scope="module")
+def tiny_demo_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("demo_model")
+    processor = build_processor()
+    config = demo_config(
+        processor.tokenizer, vision_hidden=32, vision_intermediate=64, vision_layers=3, vision_heads=2,
+        text_hidden=32, text_intermediate=64, text_layers=8, text_heads=2, text_kv_heads=1,
+    )
+    build_model(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def test_adaptation_runs_every_arm_and_resumes(tiny_demo_model, tmp_path):
+    config = AdaptationConfig(output_dir=str(tmp_path), model=str(tiny_demo_model), budgets="64", steps=2,
+                              batch_size=2, n=7)
+    results = run(config)
+    cells = {(row["model"], row["evaluated_with"]) for row in results["rows"]}
+    models = ["shipped", "fine-tuned, all tokens", "fine-tuned, duet 64"]
+    assert cells == {(model, setting) for model in models for setting in (None, 64)}
+    assert all(row["n"] == 7 for row in results["rows"])
+    trained = json.loads((tmp_path / "duet64" / "train_config.json").read_text())
+    assert trained["method"] == "duet" and trained["budget"] == 64 and trained["synthetic_offset"] == 100_000
+    assert json.loads((tmp_path / "full" / "train_config.json").read_text())["method"] == "full"
+    assert results["meta"]["weights_sha256"] == weights_digest(tiny_demo_model)
+    # the fine-tunes changed the weights; the starting model was not touched
+    assert weights_digest(tmp_path / "duet64") != weights_digest(tiny_demo_model)
+
+    first = results["meta"]["fine_tunes"]
+    again = run(config)  # finished fine-tunes are reused, not retrained
+    assert again["meta"]["fine_tunes"] == first
+
+    table = render_adaptation(tmp_path, "adaptation.json").splitlines()
+    assert table[2] == "| model | evaluated with all tokens | evaluated with duet 64 | fine-tune wall-clock |"
+    assert [line.split(" | ")[0] for line in table[4:]] == ["| " + model for model in models]

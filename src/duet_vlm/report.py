@@ -172,7 +172,23 @@ def render_adaptation(root: Path, path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-RENDERERS = {"results": render_results, "positions": render_positions, "model": render_model, "adaptation": render_adaptation}
+def render_bench(root: Path, path: str) -> str:
+    """A ``duet-vlm bench --generate`` or ``--train`` result, as the command printed it."""
+    from . import bench_generate, bench_train
+
+    results = _load(root, path)
+    runs = results if isinstance(results, list) else [results]
+    tables = []
+    for run in runs:
+        load = " → ".join(f"{before[0]:.1f}" for before in run["load_average_before_after"])
+        tables.append(f"Batch {run['batch']}, {run['rounds']} interleaved rounds, {run['threads']} thread(s), "
+                      f"1-minute load average {load} (before → after).\n")
+        render = bench_generate.markdown_table if run["benchmark"] == "generate" else bench_train.markdown_table
+        tables.append(render(run).strip() + "\n")
+    return "\n".join(tables)
+
+
+RENDERERS = {"bench": render_bench, "results": render_results, "positions": render_positions, "model": render_model, "adaptation": render_adaptation}
 
 
 def render_readme(text: str, root: Path) -> str:

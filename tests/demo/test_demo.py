@@ -366,6 +366,31 @@ def test_shipped_demo_model_answers_from_the_image():
     assert shipped["test"]["n"] == 700 and abs(shipped["test"]["accuracy"] - seen["accuracy"]) < 0.1
 
 
+@pytest.mark.skipif(not (DEMO_MODEL_DIR / "config.json").exists(), reason="no shipped demo model")
+def test_stage_a_dominant_tokens_lie_on_the_objects():
+    """What the demo's overlay shows, measured: DUET's Stage A (ranking patches by CLS attention)
+    keeps nearly every object patch among its dominant tokens, and its dominant tokens land on
+    objects far more often than the objects' share of the image."""
+    import duet_vlm
+
+    model, proc = load_demo()
+    recall, precision, share = [], [], []
+    for index in range(14):
+        sample = data.sample("test", index)
+        on_object = data.object_patches(sample.scene).any(0)
+        reducer = duet_vlm.make("duet", budget=64)
+        inputs = proc(images=sample.image, text=prompt(sample.question), return_tensors="pt")
+        with reducer(model), torch.no_grad():
+            model(**inputs)
+        dominant = reducer.stats.vision_roles["dominant"][0].numpy() - 1  # index 0 is CLS
+        dominant = dominant[dominant >= 0]
+        recall.append(on_object[dominant].sum() / on_object.sum())
+        precision.append(on_object[dominant].mean())
+        share.append(on_object.mean())
+    assert np.mean(recall) >= 0.8
+    assert np.mean(precision) >= 4 * np.mean(share)
+
+
 def test_thread_tuner_adapts_to_contention():
     from duet_vlm.demo.train import ThreadTuner
 

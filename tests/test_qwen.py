@@ -485,6 +485,42 @@ def test_deepstack_features_follow_the_kept_set_and_the_merge():
     torch.testing.assert_close(reduced_logits[0, -1], logits, atol=1e-5, rtol=1e-5)
 
 
+def test_a_stage_running_a_layer_gets_its_deepstack_features(monkeypatch):
+    """PIO runs the boundary's layer itself to take gradients through it. Inside Qwen3-VL's DeepStack
+    layers that layer's output includes the visual features the model adds after it, as in the
+    unreduced model (where it is the next layer's input), for a padded batch too."""
+    from duet_vlm.methods.pio import SaliencyNMSPrune
+
+    model = make_qwen("qwen3_vl")
+    rows = [[("image", 8, 8)], [("image", 12, 8)]]
+    batch = batch_for(model, rows)
+    layers = model.model.language_model.layers
+    expected = {}
+    handle = layers[2].register_forward_pre_hook(lambda m, a, k: expected.update(x=k.get("hidden_states", a[0] if a else None)),
+                                                 with_kwargs=True)
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+
+    seen = []
+    original = SaliencyNMSPrune.score
+
+    def recording(self, view):
+        with torch.no_grad():
+            seen.append((view.layer_index, view.run_layer(view.hidden_states)))
+        return original(self, view)
+
+    monkeypatch.setattr(SaliencyNMSPrune, "score", recording)
+    reducer = duet_vlm.make("pio", budget=8, vision=False, layers=(1,), keep=(4,))
+    with torch.no_grad(), reducer(model):
+        model(**batch)
+    # one boundary, nothing dropped before it; items of different sizes are ranked row by row
+    assert [index for index, _ in seen] == [1, 1]
+    for row, (_, output) in enumerate(seen):
+        valid = batch["attention_mask"][row].bool()
+        torch.testing.assert_close(output[0, valid], expected["x"][row, valid], atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- budgets and defaults
 def test_reference_qwen25_setting_is_reproducible():
     """540 dominant + 100 contextual tokens, width 4, boundaries after layers 14 and 21 keeping 0.5

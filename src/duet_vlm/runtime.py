@@ -559,20 +559,32 @@ class Attachment:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
             group = prompt.groups[prompt.group_of_layer(layer_index)]
-            rows, positions, values = [], [], []
-            for state in group.items:
-                features = prompt.additions.get(id(state.item))
-                if features is not None:
-                    rows.append(torch.full_like(state.positions, state.item.row))
-                    positions.append(state.positions)
-                    values.append(features[state.ids.to(features.device), layer_index])
-            if not rows:
+            added = self._with_layer_features(hidden, layer_index, group.items)
+            if added is hidden:
                 return None
-            index = (torch.cat(rows), torch.cat(positions))
-            hidden = hidden.index_put(index, hidden[index] + torch.cat(values).to(hidden.dtype))
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+            return (added, *output[1:]) if isinstance(output, tuple) else added
 
         return hook
+
+    def _with_layer_features(self, hidden: torch.Tensor, layer_index: int, states, rows: list[int] | None = None):
+        """``hidden`` (a layer's output) plus the DeepStack features the model adds after that layer,
+        at the kept visual tokens of ``states``; ``rows`` are the batch rows ``hidden`` holds (all by
+        default). Returns ``hidden`` itself when the layer adds nothing."""
+        prompt = self._prompt
+        if layer_index >= prompt.addition_layers:
+            return hidden
+        index_rows, positions, values = [], [], []
+        for state in states:
+            features = prompt.additions.get(id(state.item))
+            if features is not None and (rows is None or state.item.row in rows):
+                row = state.item.row if rows is None else rows.index(state.item.row)
+                index_rows.append(torch.full_like(state.positions, row))
+                positions.append(state.positions)
+                values.append(features[state.ids.to(features.device), layer_index])
+        if not index_rows:
+            return hidden
+        index = (torch.cat(index_rows), torch.cat(positions))
+        return hidden.index_put(index, hidden[index] + torch.cat(values).to(hidden.dtype))
 
     @staticmethod
     def _positions_mode(plans: list[Plan]) -> str:
@@ -877,7 +889,9 @@ class Attachment:
             previous_hidden_states=take(prompt.last_layer_input),
             scratch=scratch,
             attention_fn=self.adapter.text_to_visual_attention,
-            run_layer_fn=lambda module, states_: self._run_layer(module, states_, call_group),
+            run_layer_fn=lambda module, hidden_: self._with_layer_features(
+                self._run_layer(module, hidden_, call_group), layer_index, states, None if whole else list(rows)
+            ),
             output_head_fn=self._output_head,
         )
 

@@ -261,13 +261,16 @@ def grounding_loss(layer, hidden: torch.Tensor, position_embeddings, mask: torch
     logp = logits.masked_fill(~allowed[:, None], float("-inf")).log_softmax(-1)
     n_visual = targets.shape[-1]
     visual_logp = logp[..., first:first + n_visual]  # (B, h, Q, n)
-    on_target = targets.permute(0, 2, 1, 3)  # (B, h, Q, n)
+    # A question left out of the loss (queries < 0: a random subset lost an object it is about) has
+    # no target: its row 0 stand-in sees no visual token, and a target there would make logsumexp
+    # of nothing but -inf, whose gradient is NaN even though the loss leaves the row out.
+    on_target = targets.permute(0, 2, 1, 3) & (queries >= 0)[:, None, :, None]  # (B, h, Q, n)
     losses = -visual_logp.masked_fill(~on_target, float("-inf")).logsumexp(-1)  # (B, h, Q)
     if n_heads > 2:
         spread = on_target[:, 2]
         n = spread.sum(-1)
         losses[:, 2] = -(logp[:, 2, :, 0] + visual_logp[:, 2].masked_fill(~spread, 0.0).sum(-1)) / (n + 1)
-    valid = on_target.any(-1) & (queries >= 0)[:, None]
+    valid = on_target.any(-1)
     if not valid.any():
         return logits.sum() * 0.0
     return losses[valid].mean()

@@ -136,10 +136,23 @@ class DemoTrainer(Trainer):
         self.last_tokens = batch["input_ids"].shape[1] - 576 + subset.tokens
         return (loss, result.output) if return_outputs else loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # One step with non-finite gradients would turn every weight into NaN through AdamW and
+        # lose the run; such a step is skipped instead (its gradients dropped) and counted in the log.
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads and not bool(torch.isfinite(torch.stack([torch.linalg.vector_norm(g) for g in grads])).all()):
+            for p in model.parameters():
+                p.grad = None
+            self.window["skipped_steps"] += 1
+        return loss
+
     def log(self, logs: dict, start_time=None) -> None:
         w = self.window
         if w["n"] and "loss" in logs:
             logs["aux"] = round(w["aux"] / w["n"], 4)
+            if w["skipped_steps"]:
+                logs["skipped_steps"] = int(w["skipped_steps"])
             if w["qa"]:
                 for key in ("answer", "ground", "visual", "questions_dropped"):
                     logs[key] = round(w[key] / w["qa"], 4)

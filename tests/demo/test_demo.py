@@ -726,6 +726,26 @@ def test_grounding_targets_name_the_patches_of_the_asked_objects(processor):
             assert np.array_equal(target[1], patches[objects[0]]) and np.array_equal(target[3], patches[objects[1]])
 
 
+def test_a_question_a_subset_made_unanswerable_leaves_no_nan_gradient(processor):
+    """Regression: a relation question whose first object a random subset dropped still had its
+    second object's patches as a grounding target; its row had no visual token to attend to, and the
+    logsumexp over only -inf gave NaN gradients (the demo retrain turned to NaN at its first
+    two-object scenes). The dropped question must leave the loss without a trace."""
+    from duet_vlm.demo.batching import make_batch
+    from duet_vlm.demo.objectives import VisualSubset, language_forward, vision_features
+
+    tok = processor.tokenizer
+    model = build_model(demo_config(tok, **{**TINY, "text_heads": 4, "text_kv_heads": 2}), seed=2)
+    batch, aux = make_batch(tok, processor.image_token_id, step=3, batch_size=2, n_questions=8, balanced=True)
+    patches, _ = vision_features(model, batch["pixel_values"])
+    targets = {k: aux[k] for k in ("ground_query", "ground_target", "required")}
+    result = language_forward(model, batch, patches, VisualSubset("random", 40), ["original", "shuffled"],
+                              torch.Generator().manual_seed(0), targets, ground_layers=(1,))
+    assert result.dropped_questions > 0
+    (result.output.loss + result.grounding).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 @pytest.mark.parametrize("keep_visual", [None, 100])
 def test_grounding_loss_is_minus_log_the_layers_attention_on_the_targets(processor, keep_visual):
     """Differential test: the loss equals -log(attention mass on the target patches) taken from

@@ -9,7 +9,7 @@ from duet_vlm.cli import app, expand_list_options
 from duet_vlm.demo import data
 from duet_vlm.demo.model import build_model, demo_config
 from duet_vlm.demo.processor import build_processor
-from duet_vlm.report import weights_digest
+from duet_vlm.report import render_positions, weights_digest
 
 runner = CliRunner()
 
@@ -56,6 +56,18 @@ def test_eval_writes_table_json_csv_and_plot(tiny_demo_model, tmp_path):
     assert all(row["n"] == 7 for row in results["rows"])
     # the position mode reaches the methods that have one; VisionZip hands the decoder a shorter input instead
     assert rows[("duet", 64)]["positions"] == "original" and rows[("visionzip", 64)]["positions"] is None
+    default = _invoke("eval", "--model-path", tiny_demo_model, "--methods", "duet", "fastv", "--budgets", 192, "--n", 7,
+                      "--batch-size", 7, "--no-control", "--output-dir", tmp_path / "default")
+    assert "Synthetic visual QA" in default
+    modes = {row["method"]: row["positions"] for row in json.loads((tmp_path / "default" / "results.json").read_text())["rows"]}
+    assert modes == {"full": None, "duet": "contiguous", "fastv": "original"}  # each method's default, resolved
+    table = render_positions(tmp_path, "results.json", "default/results.json").splitlines()
+    assert table[0] == ("| method | budget | original: avg | original: relation | original: quadrant | "
+                        "renumbered: avg | renumbered: relation | renumbered: quadrant |")
+    assert [line.split(" | ")[:2] for line in table[2:]] == [["| duet", "192"], ["| duet", "64"], ["| fastv", "192"]]
+    duet192, fastv192 = table[2].split(" | "), table[4].split(" | ")
+    assert duet192[2] != "" and duet192[5] != ""  # both modes measured for DUET 192
+    assert fastv192[2] != "" and fastv192[5] == ""  # FastV only in its default, original
     meta = results["meta"]
     assert meta["positions"] == "original" and meta["weights_sha256"] == weights_digest(tiny_demo_model)
     assert meta["chance"]["exists"] == 0.5

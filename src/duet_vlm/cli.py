@@ -452,6 +452,8 @@ def evaluate(
     """Accuracy of every method and budget on the synthetic visual-QA benchmark (a miniature Table 1)."""
     from .demo import data
     from .demo.evaluate import DEMO_MODEL_DIR, evaluate_accuracy, load_demo
+    from .adapters import adapter_for
+    from .methods.base import resolve_positions
     from .report import retention_plot, standard_error, takes_positions, weights_digest, write_results
 
     chosen = methods or [name for name in METHODS if name != "full"]
@@ -468,6 +470,12 @@ def evaluate(
     configs = [("full", None, make("full"))]
     configs += [(name, budget, make(name, budget=budget, **options(name))) for name in chosen for budget in budgets]
     model, processor = load_demo(model_path)
+    geometry = adapter_for(model).geometry
+
+    def position_mode(name: str, reducer) -> str | None:
+        """The mode a method with a position option ran in (its default resolved on this model)."""
+        return resolve_positions(reducer.resolve(geometry).positions, geometry) if takes_positions(METHODS[name]) else None
+
     rows = []
     with Progress(console=console) as progress:
         task = progress.add_task("evaluating", total=n * (len(configs) + control))
@@ -492,7 +500,7 @@ def evaluate(
                     "accuracy": result["accuracy"],
                     "per_type": result["per_type"],
                     "n": result["n"],
-                    "positions": options(name).get("positions"),
+                    "positions": position_mode(name, reducer) if name != "full" else None,
                     "avg_visual_tokens": sum(costs["tokens"]) / len(costs["tokens"]),
                     "decoder_tflops_per_sample": costs["flops"] / max(costs["rows"], 1) / 1e12,
                 }

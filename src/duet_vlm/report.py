@@ -109,20 +109,21 @@ def render_results(root: Path, path: str) -> str:
 
 
 def render_positions(root: Path, *paths: str) -> str:
-    """The same methods and budgets under each position mode, side by side: average accuracy and
-    the two question types that depend on where objects are (relation, quadrant)."""
-    runs = [_load(root, path) for path in paths]
-    labels = [run["meta"].get("positions") or "default" for run in runs]
-    head = ["method", "budget"] + [f"{label}: {column}" for label in labels for column in ("avg", "relation", "quadrant")]
+    """Each method with a position option at each budget, with its kept tokens' original position
+    ids and renumbered contiguously, from every ``results.json`` given (their rows record the mode
+    each ran in): average accuracy, and the two question types that depend on where objects are."""
+    by_mode: dict[tuple, dict[str, dict]] = {}
+    for path in paths:
+        for row in _load(root, path)["rows"]:
+            if row["budget"] is not None and row.get("positions"):
+                by_mode.setdefault((row["method"], row["budget"]), {})[row["positions"]] = row
+    modes = (("original", "original"), ("contiguous", "renumbered"))
+    head = ["method", "budget"] + [f"{label}: {column}" for _, label in modes for column in ("avg", "relation", "quadrant")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    keyed = [{(row["method"], row["budget"]): row for row in run["rows"]} for run in runs]
-    for key, first in keyed[0].items():
-        # only methods with a position option differ between the runs
-        if first["budget"] is None or not any(rows.get(key, {}).get("positions") for rows in keyed):
-            continue
-        cells = [key[0], str(key[1])]
-        for rows in keyed:
-            row = rows.get(key)
+    for (method, budget), rows in by_mode.items():
+        cells = [method, str(budget)]
+        for mode, _ in modes:
+            row = rows.get(mode)
             cells += ["", "", ""] if row is None else [
                 _number(100 * row["accuracy"], 1), _number(100 * row["per_type"]["relation"], 1),
                 _number(100 * row["per_type"]["quadrant"], 1)]

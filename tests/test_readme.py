@@ -1,0 +1,52 @@
+"""The README's accuracy numbers are generated from files a command wrote, and those files measured
+the weights that ship: a retrained model, a new evaluation or a hand edit of a table shows up here."""
+
+import json
+from pathlib import Path
+
+from duet_vlm.demo.evaluate import DEMO_MODEL_DIR
+from duet_vlm.report import GENERATED_BLOCK, render_readme, weights_digest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+
+def _blocks() -> list[tuple[str, list[str]]]:
+    specs = [match["spec"].split() for match in GENERATED_BLOCK.finditer(README.read_text())]
+    return [(kind, paths) for kind, *paths in specs]
+
+
+def test_generated_tables_are_current():
+    text = README.read_text()
+    assert render_readme(text, ROOT) == text, "stale README tables: run `python -m duet_vlm.report README.md`"
+
+
+def test_the_readme_reports_the_shipped_model():
+    kinds = {kind: paths for kind, paths in _blocks()}
+    assert kinds["model"] == [str((DEMO_MODEL_DIR / "metrics.json").relative_to(ROOT))]
+
+
+def test_every_accuracy_table_measured_the_shipped_weights():
+    """Evaluations (``duet-vlm eval``, the adaptation experiment) record the digest of the weights
+    they ran on; a README table from another model (an earlier demo model) fails here."""
+    shipped = weights_digest(DEMO_MODEL_DIR)
+    for kind, paths in _blocks():
+        if kind in ("results", "positions", "adaptation"):
+            for path in paths:
+                meta = json.loads((ROOT / path).read_text())["meta"]
+                assert meta["weights_sha256"] == shipped, f"{path} was measured on other weights"
+                assert meta["n"] >= 500, f"{path}: fewer than 500 questions per row"
+
+
+def test_the_digest_check_catches_other_weights(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model.safetensors").write_bytes(b"other weights")
+    assert weights_digest(model_dir) != weights_digest(DEMO_MODEL_DIR)
+
+
+def test_a_hand_edit_of_a_generated_table_is_caught():
+    text = README.read_text()
+    match = next(GENERATED_BLOCK.finditer(text))
+    edited = text[: match.start("body")] + match["body"].replace("|", "| 1", 1) + text[match.end("body"):]
+    assert render_readme(edited, ROOT) == text

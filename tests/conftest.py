@@ -134,6 +134,24 @@ def llava15_gqa():
 
 
 @pytest.fixture(scope="session")
+def tiny_demo_model(tmp_path_factory) -> Path:
+    """The demo model's geometry (336 px, 576 patches, its processor) with tiny untrained widths,
+    saved like the shipped model: for the commands that load a demo model directory."""
+    from duet_vlm.demo.model import build_model, demo_config
+    from duet_vlm.demo.processor import build_processor
+
+    path = tmp_path_factory.mktemp("demo_model")
+    processor = build_processor()
+    config = demo_config(
+        processor.tokenizer, vision_hidden=32, vision_intermediate=64, vision_layers=3, vision_heads=2,
+        text_hidden=32, text_intermediate=64, text_layers=8, text_heads=2, text_kv_heads=1,
+    )
+    build_model(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """The in-repo reference vectors; missing files are an error, never a skip."""
     required = ["README.md", "inputs.json", "inputs.safetensors", "tiny-llava15-hf/model.safetensors"]

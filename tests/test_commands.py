@@ -2,30 +2,13 @@
 
 import json
 
-import pytest
 from typer.testing import CliRunner
 
 from duet_vlm.cli import app, expand_list_options
 from duet_vlm.demo import data
-from duet_vlm.demo.model import build_model, demo_config
-from duet_vlm.demo.processor import build_processor
 from duet_vlm.report import render_positions, weights_digest
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tiny_demo_model(tmp_path_factory):
-    """LLaVA-1.5 geometry (336 px, 576 patches) with tiny widths, saved like the shipped model."""
-    path = tmp_path_factory.mktemp("demo_model")
-    processor = build_processor()
-    config = demo_config(
-        processor.tokenizer, vision_hidden=32, vision_intermediate=64, vision_layers=3, vision_heads=2,
-        text_hidden=32, text_intermediate=64, text_layers=8, text_heads=2, text_kv_heads=1,
-    )
-    build_model(config).save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
 
 
 def _invoke(*args):

@@ -4,25 +4,8 @@ the README's renderer reads what it wrote."""
 
 import json
 
-import pytest
-
 from duet_vlm.demo.adaptation import AdaptationConfig, run
-from duet_vlm.demo.model import build_model, demo_config
-from duet_vlm.demo.processor import build_processor
 from duet_vlm.report import render_adaptation, weights_digest
-
-
-@pytest.fixture(scope="module")
-def tiny_demo_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("demo_model")
-    processor = build_processor()
-    config = demo_config(
-        processor.tokenizer, vision_hidden=32, vision_intermediate=64, vision_layers=3, vision_heads=2,
-        text_hidden=32, text_intermediate=64, text_layers=8, text_heads=2, text_kv_heads=1,
-    )
-    build_model(config).save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
 
 
 def test_adaptation_runs_every_arm_and_resumes(tiny_demo_model, tmp_path):

@@ -102,7 +102,7 @@ def run(config: AdaptationConfig) -> dict:
         for budget in settings:
             reducer = make(config.method, budget=budget) if budget is not None else None
             result = evaluate_accuracy(model, processor, split="test", n=config.n,
-                                       wrap=(lambda r=reducer: r(model)) if reducer is not None else None)
+                                       wrap=(lambda r=reducer, m=model: r(m)) if reducer is not None else None)
             rows.append({"model": name, "trained_with": spec["trained_with"], "evaluated_with": budget,
                          "accuracy": result["accuracy"], "per_type": result["per_type"], "n": result["n"]})
             label = "all tokens" if budget is None else f"{config.method} {budget}"

@@ -1,9 +1,9 @@
 """Writing evaluation results: JSON, CSV, Markdown, the retention-versus-budget figure, and the
 README's generated tables.
 
-Every accuracy the README quotes sits between ``<!-- generated: KIND FILE... -->`` and
-``<!-- end generated -->`` and is rendered from the named JSON files (``duet-vlm eval``'s
-``results.json``, a demo model's ``metrics.json``), so it cannot drift from what a command printed:
+A README table between ``<!-- generated: KIND FILE... -->`` and ``<!-- end generated -->`` is
+rendered from the named JSON files (``duet-vlm eval``'s ``results.json``, a demo model's
+``metrics.json``, a benchmark's output), so it cannot drift from what a command printed:
 ``python -m duet_vlm.report README.md`` rewrites the blocks, ``--check`` fails when one is stale.
 """
 
@@ -189,7 +189,10 @@ def render_bench(root: Path, path: str) -> str:
     return "\n".join(tables)
 
 
-RENDERERS = {"bench": render_bench, "results": render_results, "positions": render_positions, "model": render_model, "adaptation": render_adaptation}
+RENDERERS = {
+    "model": render_model, "results": render_results, "positions": render_positions,
+    "adaptation": render_adaptation, "bench": render_bench,
+}
 
 
 def render_readme(text: str, root: Path) -> str:

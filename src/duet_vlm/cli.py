@@ -450,9 +450,9 @@ def evaluate(
     ),
 ) -> None:
     """Accuracy of every method and budget on the synthetic visual-QA benchmark (a miniature Table 1)."""
+    from .adapters import adapter_for
     from .demo import data
     from .demo.evaluate import DEMO_MODEL_DIR, evaluate_accuracy, load_demo
-    from .adapters import adapter_for
     from .methods.base import resolve_positions
     from .report import retention_plot, standard_error, takes_positions, weights_digest, write_results
 

@@ -314,6 +314,33 @@ def test_train_demo_runs_two_tiny_steps_on_the_shared_loop_and_resumes(tmp_path)
         train_demo(tiny_recipe(tmp_path / "run", steps=2, lr=1e-2), log=logs.append)
 
 
+def test_a_step_with_non_finite_gradients_is_skipped_and_logged(tmp_path):
+    """One visual-QA step whose gradients turn NaN (forced here through the projector's backward)
+    is dropped: the run ends with finite weights, and the log says a step was skipped."""
+    import torch
+    from transformers import TrainerCallback
+
+    class PoisonOneStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:  # the first visual-QA step
+                projector = model.llava.model.multi_modal_projector
+                self.handle = projector.register_full_backward_pre_hook(lambda m, grads: tuple(g * float("nan") for g in grads))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if hasattr(self, "handle"):
+                self.handle.remove()
+                del self.handle
+
+    out = train_demo(tiny_recipe(tmp_path / "run", steps=2, final_eval_n=0), log=lambda message: None,
+                     callbacks=(PoisonOneStep(),))
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    history = json.loads((out / "training_log.json").read_text())
+    assert sum(entry.get("skipped_steps", 0) for entry in history) == 1
+
+
 def test_train_demo_command_options_come_from_the_config():
     from typer.testing import CliRunner
 

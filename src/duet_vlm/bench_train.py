@@ -213,4 +213,3 @@ def markdown_table(results: dict) -> str:
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out).rstrip()
-

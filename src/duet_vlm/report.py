@@ -36,7 +36,7 @@ def write_results(rows: list[dict], output_dir: Path, meta: dict) -> list[Path]:
                 + [row["accuracy"], row["retained_percent"], row["avg_visual_tokens"], row["decoder_tflops_per_sample"]]
             )
     md_path = output_dir / "results.md"
-    md_path.write_text(markdown_table(rows, [t for t in QUESTION_ORDER if t in types], meta.get("chance")))
+    md_path.write_text(markdown_table(rows, _types(rows), meta.get("chance")))
     return [json_path, csv_path, md_path]
 
 

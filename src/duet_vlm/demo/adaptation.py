@@ -86,24 +86,20 @@ def run(config: AdaptationConfig) -> dict:
     for budget in budgets:  # an unknown method or an invalid budget fails here, before any training
         make(config.method, budget=budget)
 
-    models = {"shipped": {"path": base, "trained_with": None}}
-    models["fine-tuned, all tokens"] = {"path": out / "full", "trained_with": "full"}
-    for budget in budgets:
-        models[f"fine-tuned, {config.method} {budget}"] = {"path": out / f"{config.method}{budget}", "trained_with": budget}
-    for name, spec in models.items():
-        if spec["trained_with"] is not None:
-            method, budget = ("full", None) if spec["trained_with"] == "full" else (config.method, spec["trained_with"])
-            spec["fine_tune"] = _fine_tune(config, base, method, budget, spec["path"])
+    # (name, weights, what it was fine-tuned with: None, or (method, budget) with "full" for all tokens)
+    arms = [("shipped", base, None), ("fine-tuned, all tokens", out / "full", ("full", None))]
+    arms += [(f"fine-tuned, {config.method} {b}", out / f"{config.method}{b}", (config.method, b)) for b in budgets]
+    fine_tunes = {name: _fine_tune(config, base, *tuned, path) for name, path, tuned in arms if tuned is not None}
 
     rows = []
-    for name, spec in models.items():
-        model, processor = load_demo(spec["path"])
-        settings = [None] + budgets
-        for budget in settings:
+    for name, path, tuned in arms:
+        model, processor = load_demo(path)
+        for budget in [None] + budgets:
             reducer = make(config.method, budget=budget) if budget is not None else None
             result = evaluate_accuracy(model, processor, split="test", n=config.n,
                                        wrap=(lambda r=reducer, m=model: r(m)) if reducer is not None else None)
-            rows.append({"model": name, "trained_with": spec["trained_with"], "evaluated_with": budget,
+            trained_with = None if tuned is None else (tuned[0] if tuned[0] == "full" else tuned[1])
+            rows.append({"model": name, "trained_with": trained_with, "evaluated_with": budget,
                          "accuracy": result["accuracy"], "per_type": result["per_type"], "n": result["n"]})
             label = "all tokens" if budget is None else f"{config.method} {budget}"
             print(f"{name:<28} evaluated with {label:<12} {100 * result['accuracy']:.1f}%", flush=True)
@@ -111,7 +107,7 @@ def run(config: AdaptationConfig) -> dict:
         "meta": {
             "command": config.command(), "method": config.method, "budgets": budgets, "steps": config.steps,
             "n": config.n, "split": "test", "weights_sha256": weights_digest(base),
-            "fine_tunes": {name: spec["fine_tune"] for name, spec in models.items() if "fine_tune" in spec},
+            "fine_tunes": fine_tunes,
         },
         "rows": rows,
     }

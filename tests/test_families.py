@@ -24,7 +24,7 @@ from transformers import (
 import duet_vlm
 from duet_vlm.adapters import Geometry
 
-from test_methods_matrix import LayerInputs, _hook_ids
+from test_methods_matrix import _hook_ids, generate_and_check_counts
 
 NAMES = sorted(duet_vlm.METHODS)
 IMAGE, VIDEO = 998, 999
@@ -103,40 +103,6 @@ def batch_row(inputs, b):
     if (out["input_ids"] == IMAGE).any():
         out["pixel_values"] = inputs["pixel_values"][:1]
     return out
-
-
-def _visual_tokens(input_ids):
-    return int(((input_ids == IMAGE) | (input_ids == VIDEO)).sum())
-
-
-def generate_and_check_counts(model, name, inputs):
-    """``generate`` under ``make(name, ratio=0.5)``: the visual tokens each decoder layer receives
-    equal the sum of the items' stats, every item averages half its tokens (within a frame count:
-    a vision stage keeps the same count in every frame), each layer's KV cache holds its prefill
-    plus the generated tokens, and no hook is left behind. Returns the items' stats."""
-    text = inputs["input_ids"].shape[1] - _visual_tokens(inputs["input_ids"])
-    reducer = duet_vlm.make(name, ratio=0.5)
-    hooks = _hook_ids(model)
-    handle = reducer.attach(model)
-    probe = LayerInputs(model)
-    try:
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    finally:
-        probe.remove()
-        handle.remove()
-    assert _hook_ids(model) == hooks
-    items = reducer.stats.items
-    layers = len(probe.calls[0])
-    seen = [length - text for _, length in sorted(probe.calls[0].items())]
-    assert seen == [sum(i.tokens_per_layer[layer] for i in items) for layer in range(layers)]
-    for item in items:
-        expected = item.tokens if name == "full" else round(0.5 * item.tokens)
-        assert abs(item.average_tokens - expected) <= max(1, item.units), (item.modality, item.tokens_per_layer)
-    generated = out.sequences.shape[1] - inputs["input_ids"].shape[1]
-    for layer, visual in enumerate(seen):
-        assert out.past_key_values.layers[layer].keys.shape[-2] == text + visual + generated - 1, f"layer {layer}"
-    return items
 
 
 @pytest.mark.parametrize("name", NAMES)

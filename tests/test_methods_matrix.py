@@ -58,6 +58,42 @@ class LayerInputs:
             handle.remove()
 
 
+def _visual_token_count(model, input_ids) -> int:
+    """Placeholder tokens of images and videos, by the ids the model's config names."""
+    ids = [getattr(model.config, key, None) for key in ("image_token_id", "video_token_id")]
+    return int(sum((input_ids == i).sum() for i in ids if i is not None))
+
+
+def generate_and_check_counts(model, name, inputs):
+    """``generate`` under ``make(name, ratio=0.5)``: the visual tokens each decoder layer receives
+    equal the sum of the items' stats, every item averages half its tokens (within a frame count:
+    a vision stage keeps the same count in every frame), each layer's KV cache holds its prefill
+    plus the generated tokens, and no hook is left behind. Returns the items' stats."""
+    text = inputs["input_ids"].shape[1] - _visual_token_count(model, inputs["input_ids"])
+    reducer = duet_vlm.make(name, ratio=0.5)
+    hooks = _hook_ids(model)
+    handle = reducer.attach(model)
+    probe = LayerInputs(model)
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    finally:
+        probe.remove()
+        handle.remove()
+    assert _hook_ids(model) == hooks
+    items = reducer.stats.items
+    seen = [length - text for _, length in sorted(probe.calls[0].items())]
+    assert seen == [sum(i.tokens_per_layer[layer] for i in items) for layer in range(len(seen))]
+    for item in items:
+        expected = item.tokens if name == "full" else round(0.5 * item.tokens)
+        assert abs(item.average_tokens - expected) <= max(1, item.units), (item.modality, item.tokens_per_layer)
+    generated = out.sequences.shape[1] - inputs["input_ids"].shape[1]
+    for layer, visual in enumerate(seen):
+        assert out.past_key_values.layers[layer].keys.shape[-2] == text + visual + generated - 1, f"layer {layer}"
+    return items
+
+
+
 def _text_tokens(inputs) -> int:
     return int((inputs["input_ids"][0] != IMAGE_TOKEN).sum())
 

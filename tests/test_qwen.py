@@ -34,7 +34,7 @@ import duet_vlm
 from duet_vlm.adapters import Geometry, adapter_for
 from duet_vlm.adapters.qwen_vl import received_attention_and_keys
 
-from test_methods_matrix import LayerInputs, _hook_ids
+from test_methods_matrix import generate_and_check_counts
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 NAMES = sorted(duet_vlm.METHODS)
@@ -159,37 +159,12 @@ def qwen(request):
     return model
 
 
-def _visual(input_ids):
-    return int(((input_ids == IMAGE) | (input_ids == VIDEO)).sum())
-
-
 # ----------------------------------------------------------------------------- counts, cache, hooks
 @pytest.mark.parametrize("name", NAMES)
 def test_layer_counts_and_cache_equal_the_stats(qwen, name):
-    inputs = row_of(batch_for(qwen, MIXED), MIXED, 0)
-    text = inputs["input_ids"].shape[1] - _visual(inputs["input_ids"])
-    reducer = duet_vlm.make(name, ratio=0.5)
-    hooks = _hook_ids(qwen)
-    handle = reducer.attach(qwen)
-    probe = LayerInputs(qwen)
-    try:
-        with torch.no_grad():
-            out = qwen.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    finally:
-        probe.remove()
-        handle.remove()
-    assert _hook_ids(qwen) == hooks
-    items = reducer.stats.items
+    items = generate_and_check_counts(qwen, name, row_of(batch_for(qwen, MIXED), MIXED, 0))
     video = [("video", 8, 1)] * 2 if qwen.config.model_type == "qwen3_vl" else [("video", 16, 2)]
     assert [(i.modality, i.tokens, i.units) for i in items] == [("image", 16, 1), *video]
-    seen = [length - text for _, length in sorted(probe.calls[0].items())]
-    assert seen == [sum(i.tokens_per_layer[layer] for i in items) for layer in range(len(seen))]
-    for item in items:
-        expected = item.tokens if name == "full" else round(0.5 * item.tokens)
-        assert abs(item.average_tokens - expected) <= max(1, item.units), item.tokens_per_layer
-    generated = out.sequences.shape[1] - inputs["input_ids"].shape[1]
-    for layer, visual in enumerate(seen):
-        assert out.past_key_values.layers[layer].keys.shape[-2] == text + visual + generated - 1, f"layer {layer}"
 
 
 def test_full_is_bit_identical(qwen):

@@ -20,7 +20,7 @@ from duet_vlm.cli import app
 from duet_vlm.demo import data as synthetic
 from duet_vlm.demo.processor import build_processor
 from duet_vlm.training import DataError, TrainConfig, VisionLanguageCollator, encode, synthetic_records, train
-from duet_vlm.training.trainer import make_reducer, set_trainable
+from duet_vlm.training.trainer import checkpointing_callback, make_reducer, set_trainable
 from duet_vlm.unwrap import unwrap_model
 
 from conftest import make_llava
@@ -130,21 +130,36 @@ def test_dropped_visual_positions_never_enter_the_loss(processor, batch):
     torch.testing.assert_close(out.loss, expected)
 
 
-def test_gradient_checkpointing_matches_the_plain_run(processor, batch):
-    config = TrainConfig(model="-", data="-", output_dir="-", budget=64, train="projector+llm")
+@pytest.mark.parametrize("trained", ["projector+llm", "lora"])
+def test_gradient_checkpointing_matches_the_plain_run_and_leaves_the_tower_out_of_autograd(processor, batch, trained):
+    """Checkpointing enabled as ``Trainer`` does it, then the callback ``duet-vlm train`` installs: the same
+    loss and gradients as the plain run, and the frozen tower's output does not require grad (transformers'
+    input-gradient hooks would make autograd back-propagate through the whole tower)."""
+    from types import SimpleNamespace
+
+    config = TrainConfig(model="-", data="-", output_dir="-", budget=64, train=trained)
     results = []
     for checkpointing in (False, True):
         model = set_trainable(tiny(processor).train(), config)
+        tower_output = []
+        unwrap_model(model).model.vision_tower.register_forward_hook(
+            lambda module, args, out: tower_output.append(out.last_hidden_state.requires_grad)
+        )
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model(**batch)
+            assert tower_output.pop(), "without the callback transformers' hooks reach the tower"
+            checkpointing_callback().on_train_begin(SimpleNamespace(activation_checkpointing=True), None, None, model=model)
         with make_reducer(config)(model):
             loss = model(**batch).loss
             loss.backward()
+        assert tower_output == [False]
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
     (loss_plain, grads_plain), (loss_ckpt, grads_ckpt) = results
     torch.testing.assert_close(loss_ckpt, loss_plain)
     assert grads_plain.keys() == grads_ckpt.keys()
     for name in grads_plain:
+        assert grads_plain[name] is not None, name
         torch.testing.assert_close(grads_ckpt[name], grads_plain[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
@@ -155,7 +170,8 @@ def test_cli_train_saves_a_plain_checkpoint_and_resumes(tmp_path, checkpoint):
     out = tmp_path / "out"
     args = ["--model", str(checkpoint), "--data", str(data), "--image-folder", str(tmp_path / "images"),
             "--output-dir", str(out), "--method", "duet", "--budget", "64", "--train", "lora",
-            "--batch-size", "2", "--save-steps", "1", "--logging-steps", "1", "--learning-rate", "1e-3"]
+            "--batch-size", "2", "--save-steps", "1", "--logging-steps", "1", "--learning-rate", "1e-3",
+            "--gradient-checkpointing"]
     result = CliRunner().invoke(app, ["train", *args, "--max-steps", "2"])
     assert result.exit_code == 0, result.output
 

@@ -31,6 +31,7 @@ import torch
 
 from .bench import IdealModel, ModelSize, PeakRSS, build_model, interleaved, padded_inputs
 from .methods import make
+from .training.trainer import drop_input_grad_hooks
 
 FULL = "no reduction"
 PARTS = ("step_s", "forward_s", "backward_s", "optimizer_s", "peak_bytes")
@@ -53,6 +54,7 @@ def answer_labels(inputs: dict[str, torch.Tensor], answer_tokens: int) -> torch.
 def _set_checkpointing(model, on: bool) -> None:
     if on and not model.is_activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        drop_input_grad_hooks(model)  # as `duet-vlm train` does: the frozen tower stays out of autograd
     elif not on and model.is_activation_checkpointing:
         model.activation_checkpointing_disable()
 

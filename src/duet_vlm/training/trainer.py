@@ -118,6 +118,32 @@ def set_trainable(model: nn.Module, config: TrainConfig) -> nn.Module:
     return model
 
 
+def drop_input_grad_hooks(model: nn.Module) -> None:
+    """Remove the hooks with which ``activation_checkpointing_enable`` makes embedding outputs require grad.
+
+    transformers installs them (``enable_input_require_grads``) on the input embeddings of every
+    sub-model, so that *reentrant* checkpointing sees an input that requires grad. On a VLM that
+    includes the vision tower's patch embedding: a frozen tower's output then requires grad, and
+    autograd keeps, recomputes and back-propagates through every tower layer for a gradient nobody
+    reads, a cost that does not shrink with the visual tokens. duet-vlm only asks for
+    non-reentrant checkpointing, under which parameters inside a checkpointed layer get their
+    gradients whether or not its inputs require grad, so the hooks only cost."""
+    unwrap_model(model).disable_input_require_grads()
+
+
+def checkpointing_callback():
+    """A ``TrainerCallback`` that runs ``drop_input_grad_hooks`` once ``Trainer`` has enabled checkpointing
+    (it does so in ``train()``, before ``on_train_begin``)."""
+    from transformers import TrainerCallback
+
+    class DropInputGradHooks(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if args.activation_checkpointing and model is not None:
+                drop_input_grad_hooks(model)
+
+    return DropInputGradHooks()
+
+
 def parameter_digest(model: nn.Module) -> str:
     """SHA-256 of every trainable parameter, to compare data-parallel replicas."""
     digest = hashlib.sha256()
@@ -235,6 +261,7 @@ def train(config: TrainConfig) -> TrainOutcome:
         trainer = Trainer(
             model=model, args=training_arguments(config, eval_dataset is not None), train_dataset=train_dataset,
             eval_dataset=eval_dataset, data_collator=collator, processing_class=processor,
+            callbacks=[checkpointing_callback()],
         )
         result = trainer.train(resume_from_checkpoint=resume_point(config.resume_from_checkpoint, config.output_dir))
     finally:

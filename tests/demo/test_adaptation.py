@@ -26,6 +26,13 @@ def test_adaptation_runs_every_arm_and_resumes(tiny_demo_model, tmp_path):
     first = results["meta"]["fine_tunes"]
     again = run(config)  # finished fine-tunes are reused, not retrained
     assert again["meta"]["fine_tunes"] == first
+    # a fine-tune of other weights (a demo model since replaced) is redone, not reused
+    timing = tmp_path / "duet64" / "adaptation_timing.json"
+    timing.write_text(json.dumps({**json.loads(timing.read_text()), "base_sha256": "other weights"}))
+    redone = run(config)["meta"]["fine_tunes"]
+    assert redone["fine-tuned, duet 64"]["seconds"] != first["fine-tuned, duet 64"]["seconds"]
+    assert redone["fine-tuned, duet 64"]["base_sha256"] == weights_digest(tiny_demo_model)
+    assert redone["fine-tuned, all tokens"] == first["fine-tuned, all tokens"]
 
     table = render_adaptation(tmp_path, "adaptation.json").splitlines()
     assert table[2] == "| model | evaluated with all tokens | evaluated with duet 64 | fine-tune wall-clock |"

@@ -15,7 +15,8 @@ never drew (``synthetic_offset``), projector and language model trained, vision 
 wall-clock of each fine-tune is recorded too; on this machine it is noisy, so it is reported, not
 used as the speed claim (``duet-vlm bench --train`` measures that side by side).
 
-Re-running the same command skips the fine-tunes already finished (their ``train_results.json``).
+Re-running the same command skips the fine-tunes already finished from the same weights (their
+``train_results.json``; a fine-tune of other weights, e.g. a demo model since replaced, is redone).
 
     python -m duet_vlm.demo.adaptation --output-dir runs/adaptation
 """
@@ -59,19 +60,23 @@ class AdaptationConfig(RecipeConfig):
 
 
 def _fine_tune(config: AdaptationConfig, base: Path, method: str, budget: int | None, output: Path) -> dict:
-    """One fine-tune (skipped when already finished); returns its summary and wall-clock."""
+    """One fine-tune (skipped when the same command already finished from the same weights); returns
+    its summary and wall-clock."""
     timing = output / "adaptation_timing.json"
-    if (output / "train_results.json").exists() and timing.exists():
-        return json.loads(timing.read_text())
     train_config = TrainConfig(
         model=str(base), data="synthetic", output_dir=str(output), method=method, budget=budget,
         synthetic_items=config.steps * config.batch_size, synthetic_offset=config.synthetic_offset,
         train="projector+llm", learning_rate=config.learning_rate, warmup_steps=20, max_steps=config.steps,
         batch_size=config.batch_size, save_steps=config.steps, logging_steps=max(1, config.steps // 20), seed=config.seed,
     )
+    base_sha256 = weights_digest(base)
+    if (output / "train_results.json").exists() and timing.exists():
+        record = json.loads(timing.read_text())
+        if record.get("command") == train_config.command() and record.get("base_sha256") == base_sha256:
+            return record
     started = time.perf_counter()
     outcome = train(train_config)
-    record = {"command": train_config.command(), "seconds": time.perf_counter() - started,
+    record = {"command": train_config.command(), "base_sha256": base_sha256, "seconds": time.perf_counter() - started,
               "final_loss": outcome.final_loss, "average_loss": outcome.average_loss, "steps": outcome.global_step}
     timing.write_text(json.dumps(record, indent=2) + "\n")
     return record

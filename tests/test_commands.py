@@ -81,3 +81,23 @@ def test_run_on_a_local_checkpoint(tiny_demo_model, tmp_path):
 def test_demo_without_a_model_says_how_to_get_one(tmp_path):
     result = runner.invoke(app, ["demo", "--model-path", str(tmp_path)])
     assert result.exit_code != 0 and "train-demo" in result.output
+
+
+def test_eval_resumes_from_the_rows_a_previous_run_saved(tiny_demo_model, tmp_path):
+    args = ["eval", "--model-path", tiny_demo_model, "--methods", "duet", "--budgets", 64, "--n", 7, "--batch-size", 7,
+            "--output-dir", tmp_path]
+    _invoke(*args)
+    saved = tmp_path / "rows" / "duet-64.json"
+    assert sorted(p.name for p in (tmp_path / "rows").iterdir()) == ["blank_image-all.json", "duet-64.json", "full-all.json"]
+    record = json.loads(saved.read_text())
+    saved.write_text(json.dumps({**record, "row": {**record["row"], "accuracy": 0.123}}))
+
+    def duet64(*extra):
+        _invoke(*args, *extra)
+        rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+        return next(row["accuracy"] for row in rows if row["method"] == "duet")
+
+    assert duet64() == 0.123  # the saved row is reused, not recomputed
+    assert duet64("--no-resume") == record["row"]["accuracy"]  # recomputed, and saved again
+    saved.write_text(json.dumps({**record, "key": {**record["key"], "weights_sha256": "other weights"}, "row": {**record["row"], "accuracy": 0.123}}))
+    assert duet64() == record["row"]["accuracy"]  # a row of other weights is not reused

@@ -448,8 +448,15 @@ def evaluate(
     positions: Optional[str] = typer.Option(
         None, help="original or contiguous: the position mode of every method that has one (default: each method's own)."
     ),
+    resume: bool = typer.Option(
+        True, help="Reuse rows an interrupted run of the same settings on the same weights finished (OUTPUT_DIR/rows/)."
+    ),
 ) -> None:
-    """Accuracy of every method and budget on the synthetic visual-QA benchmark (a miniature Table 1)."""
+    """Accuracy of every method and budget on the synthetic visual-QA benchmark (a miniature Table 1).
+
+    Each finished row is saved in OUTPUT_DIR/rows/ with everything that determines it (method, budget,
+    position option, split, n, batch size, the weights' SHA-256), so an interrupted run picks up where it
+    stopped; a row saved under other settings or other weights is computed again."""
     from .adapters import adapter_for
     from .demo import data
     from .demo.evaluate import DEMO_MODEL_DIR, evaluate_accuracy, load_demo
@@ -476,40 +483,59 @@ def evaluate(
         """The mode a method with a position option ran in (its default resolved on this model)."""
         return resolve_positions(reducer.resolve(geometry).positions, geometry) if takes_positions(METHODS[name]) else None
 
+    digest = weights_digest(model_path or DEMO_MODEL_DIR)
+
+    def measure(name: str, budget: int | None, reducer) -> dict:
+        costs = {"flops": 0, "rows": 0, "tokens": []}
+
+        def collect(message):
+            stats = reducer.stats
+            rows_now = len(stats.text_tokens)
+            costs["flops"] += stats.flops_exact
+            costs["rows"] += rows_now
+            costs["tokens"] = stats.tokens_per_layer
+            progress.update(task, advance=rows_now, description=f"{name} {budget or ''}")
+
+        result = evaluate_accuracy(
+            model, processor, split=split, n=n, batch_size=batch_size, wrap=lambda: reducer(model), progress=collect
+        )
+        return {
+            "method": name,
+            "budget": budget,
+            "accuracy": result["accuracy"],
+            "per_type": result["per_type"],
+            "n": result["n"],
+            "positions": position_mode(name, reducer) if name != "full" else None,
+            "avg_visual_tokens": sum(costs["tokens"]) / len(costs["tokens"]),
+            "decoder_tflops_per_sample": costs["flops"] / max(costs["rows"], 1) / 1e12,
+        }
+
+    def blank_image_row() -> dict:
+        blank = evaluate_accuracy(model, processor, split=split, n=n, batch_size=batch_size, blank_image=True,
+                                  progress=lambda message: progress.update(task, advance=batch_size))
+        return {"method": "blank image", "budget": None, "accuracy": blank["accuracy"], "per_type": blank["per_type"],
+                "n": blank["n"], "avg_visual_tokens": float("nan"), "decoder_tflops_per_sample": float("nan")}
+
+    def saved_row(name: str, budget: int | None, compute) -> dict:
+        """``compute()``'s row, or the one a previous run with the same settings saved."""
+        key = {"method": name, "budget": budget, "options": options(name) if name in METHODS else {}, "split": split,
+               "n": n, "batch_size": batch_size, "weights_sha256": digest}
+        path = output_dir / "rows" / f"{name.replace(' ', '_')}-{budget or 'all'}.json"
+        if resume and path.exists() and (saved := json.loads(path.read_text()))["key"] == key:
+            progress.update(task, advance=n, description=f"{name} {budget or ''} (saved)")
+            return saved["row"]
+        row = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"key": key, "row": row}, indent=2) + "\n")
+        return row
+
     rows = []
     with Progress(console=console) as progress:
         task = progress.add_task("evaluating", total=n * (len(configs) + control))
         for name, budget, reducer in configs:
-            costs = {"flops": 0, "rows": 0, "tokens": []}
-
-            def collect(message, reducer=reducer, costs=costs):
-                stats = reducer.stats
-                rows_now = len(stats.text_tokens)
-                costs["flops"] += stats.flops_exact
-                costs["rows"] += rows_now
-                costs["tokens"] = stats.tokens_per_layer
-                progress.update(task, advance=rows_now, description=f"{name} {budget or ''}")
-
-            result = evaluate_accuracy(
-                model, processor, split=split, n=n, batch_size=batch_size, wrap=lambda r=reducer: r(model), progress=collect
-            )
-            rows.append(
-                {
-                    "method": name,
-                    "budget": budget,
-                    "accuracy": result["accuracy"],
-                    "per_type": result["per_type"],
-                    "n": result["n"],
-                    "positions": position_mode(name, reducer) if name != "full" else None,
-                    "avg_visual_tokens": sum(costs["tokens"]) / len(costs["tokens"]),
-                    "decoder_tflops_per_sample": costs["flops"] / max(costs["rows"], 1) / 1e12,
-                }
-            )
+            rows.append(saved_row(name, budget, lambda name=name, budget=budget, reducer=reducer: measure(name, budget, reducer)))
         if control:
-            blank = evaluate_accuracy(model, processor, split=split, n=n, batch_size=batch_size, blank_image=True,
-                                      progress=lambda message: progress.update(task, advance=batch_size))
-            rows.append({"method": "blank image", "budget": None, "accuracy": blank["accuracy"], "per_type": blank["per_type"],
-                         "n": blank["n"], "avg_visual_tokens": float("nan"), "decoder_tflops_per_sample": float("nan")})
+            rows.append(saved_row("blank image", None, blank_image_row))
     full_accuracy = rows[0]["accuracy"]
     for row in rows:
         row["retained_percent"] = 100 * row["accuracy"] / full_accuracy if full_accuracy else float("nan")
@@ -537,7 +563,7 @@ def evaluate(
         "split": split,
         "n": n,
         "model": str(model_path or "shipped demo model"),
-        "weights_sha256": weights_digest(model_path or DEMO_MODEL_DIR),
+        "weights_sha256": digest,
         "positions": positions,
         "chance": {t: data.CHANCE[t] for t in types},
     }

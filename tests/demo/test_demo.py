@@ -291,6 +291,7 @@ def test_train_demo_runs_two_tiny_steps_on_the_shared_loop_and_resumes(tmp_path)
     assert "answer" not in history[0] and history[1]["answer"] > 0 and history[1]["ground"] > 0  # the two phases
     card = (out / "README.md").read_text()
     assert "Test accuracy" in card and "blank" in card and metrics["command"] in card
+    assert metrics["training_seconds"] > 0 and "training wall-clock" in card
     assert DemoConfig.parse_args(shlex.split(metrics["command"])[2:]) == config  # the card's command is the config
     assert metrics["hparams"] == config.to_dict()
 
@@ -299,6 +300,11 @@ def test_train_demo_runs_two_tiny_steps_on_the_shared_loop_and_resumes(tmp_path)
     assert any(line == f"resuming from {tmp_path / 'run' / 'checkpoint-2'}" for line in logs)
     history = json.loads((tmp_path / "run" / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
     assert [e["step"] for e in history if "loss" in e] == [1, 2, 3]
+    # the training clock continues from the checkpoint's value instead of restarting
+    clock = [json.loads((tmp_path / "run" / f"checkpoint-{step}" / "trainer_state.json").read_text())
+             ["stateful_callbacks"]["TrainingClock"]["args"]["seconds"] for step in (2, 3)]
+    assert 0 < clock[0] < clock[1]
+    assert json.loads((resumed / "metrics.json").read_text())["training_seconds"] == round(clock[1], 1)
     straight = train_demo(tiny_recipe(tmp_path / "straight", steps=2), log=logs.append)
     a = LlavaForConditionalGeneration.from_pretrained(resumed).state_dict()
     b = LlavaForConditionalGeneration.from_pretrained(straight).state_dict()

@@ -88,6 +88,8 @@ def write_model_card(export_dir) -> Path:
     if metrics.get("hparams"):
         lines += ["", "## Training", *_recipe_lines(metrics["hparams"], metrics),
                   f"- hyper-parameters: `{json.dumps(metrics['hparams'])}`",
+                  *([f"- training wall-clock: {metrics['training_seconds'] / 3600:.2f} h (summed over resumed runs, "
+                     "final evaluation excluded)"] if "training_seconds" in metrics else []),
                   "- reproduce (seeded; re-running the command resumes it):", "", "```bash",
                   metrics.get("command", "duet-vlm train-demo"), "```"]
     for key, title in (("test", "all 576 visual tokens"), ("test_blank_image", "blank (grey) image control")):

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from ..training.trainer import resume_point, trainer_arguments
 from .batching import DemoQADataset, demo_collator, split_batch
@@ -253,6 +254,28 @@ class ValidationCallback(TrainerCallback):
                               **{f"val_{t}": round(a, 3) for t, a in result["per_type"].items()}})
 
 
+class TrainingClock(TrainerCallback, ExportableState):
+    """Training wall-clock in seconds, summed over the runs of a resumed training: ``Trainer`` saves this
+    callback's state with every checkpoint and, with ``restore_callback_states_from_checkpoint``, builds it
+    again from there on resume. Steps redone after an interruption count once, as the clock resumes at the
+    checkpoint's value."""
+
+    def __init__(self, seconds: float = 0.0):
+        self.seconds = seconds
+        self._since: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._since = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        self.seconds += now - self._since
+        self._since = now
+
+    def state(self) -> dict:
+        return {"args": {"seconds": self.seconds}, "attributes": {}}
+
+
 def check_saved_recipe(config: DemoConfig, output_dir: Path) -> None:
     """Write ``demo_config.json``, or check that the one already there describes the same recipe."""
     path = output_dir / "demo_config.json"
@@ -314,10 +337,11 @@ def train_demo(config: DemoConfig, log: Callable[[str], None] = print, callbacks
         str(output_dir), config.seed, max_steps=total_steps, per_device_train_batch_size=config.batch_size,
         learning_rate=config.lr, max_grad_norm=config.grad_clip, logging_steps=config.logging_steps,
         save_steps=config.save_steps, save_total_limit=config.save_total_limit, dataloader_num_workers=0,
-        disable_tqdm=not config.progress,
+        disable_tqdm=not config.progress, restore_callback_states_from_checkpoint=True,
     )
     trainer = DemoTrainer(model=model, args=args, train_dataset=dataset, data_collator=demo_collator(tok),
                           processing_class=processor, recipe=config)
+    trainer.add_callback(TrainingClock())
     if auto and max_threads > 1:
         trainer.add_callback(ThreadTunerCallback(trainer, max_threads))
     if config.eval_steps:
@@ -329,6 +353,8 @@ def train_demo(config: DemoConfig, log: Callable[[str], None] = print, callbacks
     log(f"resuming from {resume}" if resume else
         f"training from scratch: {params['total'] / 1e6:.2f}M parameters; {config.command()}")
     trainer.train(resume_from_checkpoint=resume)
+    # resuming replaced the clock by one rebuilt from the checkpoint
+    clock = next(callback for callback in trainer.callback_handler.callbacks if isinstance(callback, TrainingClock))
 
     llava.eval()
     export_dir.mkdir(parents=True, exist_ok=True)
@@ -339,7 +365,8 @@ def train_demo(config: DemoConfig, log: Callable[[str], None] = print, callbacks
     metrics = {"hparams": config.to_dict(), "command": config.command(), "code": code, "parameters": params,
                "steps": qa_steps, "vision_steps": min(steps, config.vision_steps),
                "images_seen": steps * config.batch_size,
-               "qa_pairs_seen_approx": qa_steps * config.batch_size * config.n_questions}
+               "qa_pairs_seen_approx": qa_steps * config.batch_size * config.n_questions,
+               "training_seconds": round(clock.seconds, 1)}
     if config.final_eval_n:
         metrics.update(model_card_metrics(llava, processor, n=config.final_eval_n))
         for key in ("test", "test_blank_image"):

@@ -93,7 +93,6 @@ def generate_and_check_counts(model, name, inputs):
     return items
 
 
-
 def _text_tokens(inputs) -> int:
     return int((inputs["input_ids"][0] != IMAGE_TOKEN).sum())
 

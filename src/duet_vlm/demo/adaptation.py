@@ -59,7 +59,8 @@ class AdaptationConfig(RecipeConfig):
         return [int(b) for b in self.budgets.split(",") if b.strip()]
 
 
-def _fine_tune(config: AdaptationConfig, base: Path, method: str, budget: int | None, output: Path) -> dict:
+def _fine_tune(config: AdaptationConfig, base: Path, base_sha256: str, method: str, budget: int | None,
+               output: Path) -> dict:
     """One fine-tune (skipped when the same command already finished from the same weights); returns
     its summary and wall-clock."""
     timing = output / "adaptation_timing.json"
@@ -69,7 +70,6 @@ def _fine_tune(config: AdaptationConfig, base: Path, method: str, budget: int | 
         train="projector+llm", learning_rate=config.learning_rate, warmup_steps=20, max_steps=config.steps,
         batch_size=config.batch_size, save_steps=config.steps, logging_steps=max(1, config.steps // 20), seed=config.seed,
     )
-    base_sha256 = weights_digest(base)
     if (output / "train_results.json").exists() and timing.exists():
         record = json.loads(timing.read_text())
         if record.get("command") == train_config.command() and record.get("base_sha256") == base_sha256:
@@ -94,7 +94,8 @@ def run(config: AdaptationConfig) -> dict:
     # (name, weights, what it was fine-tuned with: None, or (method, budget) with "full" for all tokens)
     arms = [("shipped", base, None), ("fine-tuned, all tokens", out / "full", ("full", None))]
     arms += [(f"fine-tuned, {config.method} {b}", out / f"{config.method}{b}", (config.method, b)) for b in budgets]
-    fine_tunes = {name: _fine_tune(config, base, *tuned, path) for name, path, tuned in arms if tuned is not None}
+    base_sha256 = weights_digest(base)
+    fine_tunes = {name: _fine_tune(config, base, base_sha256, *tuned, path) for name, path, tuned in arms if tuned is not None}
 
     rows = []
     for name, path, tuned in arms:
@@ -111,7 +112,7 @@ def run(config: AdaptationConfig) -> dict:
     results = {
         "meta": {
             "command": config.command(), "method": config.method, "budgets": budgets, "steps": config.steps,
-            "n": config.n, "split": "test", "weights_sha256": weights_digest(base),
+            "n": config.n, "split": "test", "weights_sha256": base_sha256,
             "fine_tunes": fine_tunes,
         },
         "rows": rows,

@@ -37,7 +37,7 @@ class DemoConfig(RecipeConfig):
     seed: int = _help("Seed of initialisation, data order and visual subsets.", 0)
     # ---- schedule
     vision_steps: int = _help("First steps: the vision tower and projector alone, on the auxiliary losses.", 400)
-    steps: int = _help("Visual-QA steps after the vision-only steps.", 4000)
+    steps: int = _help("Visual-QA steps after the vision-only steps.", 6000)
     batch_size: int = _help("Images per step.", 4)
     n_questions: int = _help("Independent questions packed behind each image.", 16)
     balanced_questions: bool = _help("Share each image's questions equally among the question types its scene admits.", True)

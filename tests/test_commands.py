@@ -5,7 +5,7 @@ import json
 from typer.testing import CliRunner
 
 from duet_vlm.cli import app, expand_list_options
-from duet_vlm.demo import data
+from duet_vlm import synthetic as data
 from duet_vlm.report import render_positions, weights_digest
 
 runner = CliRunner()

@@ -27,7 +27,7 @@ else:
 import pyarrow.parquet as pq  # noqa: E402
 
 import duet_vlm  # noqa: E402
-from duet_vlm.demo import data  # noqa: E402
+from duet_vlm import synthetic as data  # noqa: E402
 from duet_vlm.demo.evaluate import DEMO_MODEL_DIR, _normalise, evaluate_accuracy, load_demo  # noqa: E402
 
 N = 21  # three questions of each of the seven types (test split, items 0..20, as `duet-vlm eval`)

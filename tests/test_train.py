@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 import duet_vlm
 from duet_vlm.cli import app
-from duet_vlm.demo import data as synthetic
+from duet_vlm import synthetic
 from duet_vlm.demo.processor import build_processor
 from duet_vlm.training import DataError, TrainConfig, VisionLanguageCollator, encode, synthetic_records, train
 from duet_vlm.training.trainer import checkpointing_callback, make_reducer, set_trainable

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from duet_vlm.demo import data
+from duet_vlm import synthetic as data
 from duet_vlm.demo.model import build_model, count_parameters, demo_config
 from duet_vlm.demo.processor import CHAT_TEMPLATE, build_processor, build_tokenizer, prompt
 from duet_vlm.demo.batching import encode_conversation, pixel_values

@@ -1,14 +1,15 @@
-"""Shipped demo: a small, genuinely trained LLaVA-architecture model and the offline synthetic
-visual-QA benchmark it was trained on.
+"""Shipped demo: a small, genuinely trained LLaVA-architecture model, trained on the offline
+synthetic visual-QA benchmark (``duet_vlm.synthetic``, below both this package and ``training``;
+``duet_vlm.demo.data`` still names it).
 
-``data`` the benchmark, ``processor`` / ``model`` the model family, ``evaluate`` accuracy and probes,
+``processor`` / ``model`` the model family, ``evaluate`` accuracy and probes,
 ``config`` / ``batching`` / ``objectives`` / ``train`` the training recipe, ``card`` the model card.
 Names are imported lazily so that ``python -m duet_vlm.demo.train`` runs cleanly."""
 
 from importlib import import_module
 
 _EXPORTS = {
-    "QUESTION_TYPES": "data", "Sample": "data", "conversation": "data", "sample": "data",
+    "QUESTION_TYPES": ".synthetic", "Sample": ".synthetic", "conversation": ".synthetic", "sample": ".synthetic",
     "build_model": "model", "count_parameters": "model", "demo_config": "model",
     "build_processor": "processor", "build_tokenizer": "processor", "prompt": "processor",
     "DEMO_MODEL_DIR": "evaluate", "evaluate_accuracy": "evaluate", "load_demo": "evaluate",
@@ -18,6 +19,8 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
+    if name == "data":  # the benchmark's name before it moved below training/
+        return import_module("..synthetic", __name__)
     if name in _EXPORTS:
         return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

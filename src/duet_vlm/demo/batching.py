@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from ..training.data import VisionLanguageCollator
-from . import data
+from .. import synthetic
 from .processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-N_IMAGE_TOKENS = data.GRID * data.GRID
+N_IMAGE_TOKENS = synthetic.GRID * synthetic.GRID
 _MEAN = np.asarray(OPENAI_CLIP_MEAN, np.float32)
 _STD = np.asarray(OPENAI_CLIP_STD, np.float32)
 
@@ -89,8 +89,8 @@ def packed_attention_mask(segments: torch.Tensor) -> torch.Tensor:
 
 def aux_targets(scene) -> dict[str, torch.Tensor]:
     """Per-patch colour / shape / character ids and the scene's multi-hot labels (``AuxHeads``)."""
-    targets = {k: torch.from_numpy(v) for k, v in data.patch_labels(scene).items()}
-    targets["scene"] = torch.from_numpy(data.scene_labels(scene))
+    targets = {k: torch.from_numpy(v) for k, v in synthetic.patch_labels(scene).items()}
+    targets["scene"] = torch.from_numpy(synthetic.scene_labels(scene))
     return targets
 
 
@@ -105,18 +105,18 @@ def grounding_targets(scene, turns) -> list[np.ndarray]:
       those and ``<s>``, so the share left on ``<s>`` is 1 / (count + 1): a count the next
       layers can read.
     """
-    patches = data.object_patches(scene)
+    patches = synthetic.object_patches(scene)
     out = []
     for qtype, _q, _a, params in turns:
         target = np.zeros((4, N_IMAGE_TOKENS), bool)
-        objects = data.question_objects(scene, qtype, params)
+        objects = synthetic.question_objects(scene, qtype, params)
         if qtype == "count":
             for i in objects:
                 o = scene[i]
-                target[2, (o["y"] // data.PATCH_SIZE) * data.GRID + o["x"] // data.PATCH_SIZE] = True
+                target[2, (o["y"] // synthetic.PATCH_SIZE) * synthetic.GRID + o["x"] // synthetic.PATCH_SIZE] = True
         else:
             for i in objects:
-                target[0] |= data.char_patches(scene[i]) if qtype == "read" else patches[i]
+                target[0] |= synthetic.char_patches(scene[i]) if qtype == "read" else patches[i]
         if qtype == "relation":
             target[1], target[3] = patches[objects[0]], patches[objects[1]]
         out.append(target)
@@ -128,12 +128,12 @@ def required_patches(scene, turns) -> list[np.ndarray]:
     patches only if every group ``g > 0`` keeps at least one patch (each object the question is
     about is a group; for reading, the character's patch). An existence question answered "no"
     needs nothing. Used to leave out the loss of questions a random subset made unanswerable."""
-    patches = data.object_patches(scene)
+    patches = synthetic.object_patches(scene)
     out = []
     for qtype, _q, _a, params in turns:
         groups = np.zeros(N_IMAGE_TOKENS, np.int8)
-        for g, i in enumerate(data.question_objects(scene, qtype, params), start=1):
-            groups[data.char_patches(scene[i]) if qtype == "read" else patches[i]] = g
+        for g, i in enumerate(synthetic.question_objects(scene, qtype, params), start=1):
+            groups[synthetic.char_patches(scene[i]) if qtype == "read" else patches[i]] = g
         out.append(groups)
     return out
 
@@ -193,7 +193,7 @@ class DemoQADataset(torch.utils.data.Dataset):
         return next((cap for until, cap in self.curriculum if step < until), None)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        image, turns, scene = data.conversation(self.split, self.offset + index, self.n_questions,
+        image, turns, scene = synthetic.conversation(self.split, self.offset + index, self.n_questions,
                                                 self.max_objects(index), balanced=self.balanced, with_params=True)
         return encode_item(self.tokenizer, self.image_token_id, image, turns, scene)
 
@@ -212,7 +212,7 @@ def make_batch(tokenizer, image_token_id: int, step: int, batch_size: int, n_que
     ``required`` (B, Q, 576)."""
     items = []
     for b in range(batch_size):
-        image, turns, scene = data.conversation(split, step * batch_size + b, n_questions, max_objects,
+        image, turns, scene = synthetic.conversation(split, step * batch_size + b, n_questions, max_objects,
                                                 balanced=balanced, with_params=True)
         items.append(encode_item(tokenizer, image_token_id, image, turns, scene))
     return split_batch(demo_collator(tokenizer)(items))
@@ -222,9 +222,9 @@ def vision_batch(step: int, batch_size: int, offset: int):
     """``(auxiliary targets, pixel values)`` of ``batch_size`` fresh scenes (no questions)."""
     images, labels = [], defaultdict(list)
     for b in range(batch_size):
-        rng = data.rng_for("train", offset + step * batch_size + b, stream=2)
-        scene = data.make_scene(rng)
-        images.append(data.render_scene(scene, rng))
+        rng = synthetic.rng_for("train", offset + step * batch_size + b, stream=2)
+        scene = synthetic.make_scene(rng)
+        images.append(synthetic.render_scene(scene, rng))
         for k, v in aux_targets(scene).items():
             labels[k].append(v)
     return {k: torch.stack(v) for k, v in labels.items()}, pixel_values(images)

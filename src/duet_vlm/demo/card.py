@@ -66,7 +66,7 @@ def write_model_card(export_dir) -> Path:
         "# duet-vlm demo LLaVA model",
         "",
         "A tiny LLaVA-1.5-architecture model (`LlavaForConditionalGeneration`) trained from scratch on the",
-        "offline synthetic visual-QA benchmark of `duet_vlm.demo.data`. Load it like any llava-hf checkpoint:",
+        "offline synthetic visual-QA benchmark of `duet_vlm.synthetic`. Load it like any llava-hf checkpoint:",
         "",
         "```python",
         "from transformers import AutoProcessor, LlavaForConditionalGeneration",

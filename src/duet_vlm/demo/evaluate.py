@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from . import data
+from .. import synthetic
 from .processor import prompt
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
@@ -74,10 +74,10 @@ def evaluate_accuracy(model, processor, split: str = "test", n: int = 700, blank
     correct, total = defaultdict(int), defaultdict(int)
     answered = defaultdict(Counter)
     preds = []
-    blank = data.blank_image() if blank_image else None
+    blank = synthetic.blank_image() if blank_image else None
     with wrap():
         for lo in range(start, start + n, batch_size):
-            samples = [data.sample(split, i) for i in range(lo, min(lo + batch_size, start + n))]
+            samples = [synthetic.sample(split, i) for i in range(lo, min(lo + batch_size, start + n))]
             images = [blank if blank is not None else s.image for s in samples]
             inputs = processor(images=images, text=[prompt(s.question) for s in samples],
                                padding=True, return_tensors="pt")
@@ -100,7 +100,7 @@ def evaluate_accuracy(model, processor, split: str = "test", n: int = 700, blank
     if was_training:
         model.train()
     n_done = sum(total.values())
-    types = [t for t in data.QUESTION_TYPES if total[t]]
+    types = [t for t in synthetic.QUESTION_TYPES if total[t]]
     result = {
         "split": split,
         "blank_image": blank_image,
@@ -108,7 +108,7 @@ def evaluate_accuracy(model, processor, split: str = "test", n: int = 700, blank
         "accuracy": sum(correct.values()) / max(n_done, 1),
         "per_type": {t: correct[t] / total[t] for t in types},
         "per_type_n": {t: total[t] for t in types},
-        "chance": {t: data.CHANCE[t] for t in types},
+        "chance": {t: synthetic.CHANCE[t] for t in types},
         # a model that answers one word to every question of a type has not learned that type
         "top_answer": {t: [word, count / total[t]] for t in types for word, count in answered[t].most_common(1)},
     }

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from . import data
+from .. import synthetic
 from .processor import IMAGE, build_tokenizer
 
 DEFAULTS = dict(
@@ -46,8 +46,8 @@ def demo_config(tokenizer=None, **overrides) -> LlavaConfig:
         intermediate_size=h["vision_intermediate"],
         num_hidden_layers=h["vision_layers"],
         num_attention_heads=h["vision_heads"],
-        image_size=data.IMAGE_SIZE,
-        patch_size=data.PATCH_SIZE,
+        image_size=synthetic.IMAGE_SIZE,
+        patch_size=synthetic.PATCH_SIZE,
         projection_dim=h["vision_hidden"],
         hidden_act="quick_gelu",
     )
@@ -70,7 +70,7 @@ def demo_config(tokenizer=None, **overrides) -> LlavaConfig:
         vision_config=vision,
         text_config=text,
         image_token_index=tok.convert_tokens_to_ids(IMAGE),
-        image_seq_length=data.GRID * data.GRID,
+        image_seq_length=synthetic.GRID * synthetic.GRID,
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..adapters.base import rotate_like
 from ..methods.pool import pooled_centres
-from . import data
+from .. import synthetic
 from .batching import N_IMAGE_TOKENS, packed_attention_mask
 
 ORDERS = ("original", "contiguous", "shuffled")
@@ -45,7 +45,7 @@ class VisualSubset:
         if self.kind == "random":
             return self.size
         if self.kind == "pool":
-            return (data.GRID // self.size) ** 2
+            return (synthetic.GRID // self.size) ** 2
         return N_IMAGE_TOKENS
 
 
@@ -98,13 +98,13 @@ def select_visual(patch_features: torch.Tensor, projector: nn.Module, subset: Vi
     B, n, _ = patch_features.shape
     device = patch_features.device
     if subset.kind == "pool":
-        g = data.GRID // subset.size
-        grid = patch_features.transpose(1, 2).reshape(B, -1, data.GRID, data.GRID)
+        g = synthetic.GRID // subset.size
+        grid = patch_features.transpose(1, 2).reshape(B, -1, synthetic.GRID, synthetic.GRID)
         pooled = F.avg_pool2d(grid, subset.size).flatten(2).transpose(1, 2)
         tokens = projector(pooled)
-        slot = pooled_centres((data.GRID, data.GRID), (g, g)).to(device).expand(B, -1)
+        slot = pooled_centres((synthetic.GRID, synthetic.GRID), (g, g)).to(device).expand(B, -1)
         rc = torch.arange(n, device=device)
-        cell = (rc // data.GRID // subset.size) * g + (rc % data.GRID) // subset.size
+        cell = (rc // synthetic.GRID // subset.size) * g + (rc % synthetic.GRID) // subset.size
         assign = F.one_hot(cell, g * g).bool().expand(B, -1, -1)
     else:
         projected = projector(patch_features)
@@ -283,8 +283,8 @@ def answer_words(tokenizer) -> dict[str, list[int]]:
     def ids(words):
         return [tokenizer.convert_tokens_to_ids(w) for w in words]
 
-    return {"color": ids(data.COLOR_NAMES), "shape": ids(data.SHAPES), "char": ids(data.CHARACTERS),
-            "quadrant": ids(data.QUADRANTS)}
+    return {"color": ids(synthetic.COLOR_NAMES), "shape": ids(synthetic.SHAPES), "char": ids(synthetic.CHARACTERS),
+            "quadrant": ids(synthetic.QUADRANTS)}
 
 
 class AuxHeads(nn.Module):
@@ -306,20 +306,20 @@ class AuxHeads(nn.Module):
     def __init__(self, hidden: int, vision_hidden: int, words: dict[str, list[int]] | None = None,
                  position_regression: bool = False):
         super().__init__()
-        self.color = nn.Linear(hidden, len(data.COLOR_NAMES) + 1)
-        self.shape = nn.Linear(hidden, len(data.SHAPES) + 1)
-        self.char = nn.Linear(hidden, len(data.CHARACTERS) + 1)
-        self.scene = nn.Linear(vision_hidden, len(data.SCENE_LABELS))
-        self.row = nn.Linear(hidden, data.GRID)
-        self.column = nn.Linear(hidden, data.GRID)
+        self.color = nn.Linear(hidden, len(synthetic.COLOR_NAMES) + 1)
+        self.shape = nn.Linear(hidden, len(synthetic.SHAPES) + 1)
+        self.char = nn.Linear(hidden, len(synthetic.CHARACTERS) + 1)
+        self.scene = nn.Linear(vision_hidden, len(synthetic.SCENE_LABELS))
+        self.row = nn.Linear(hidden, synthetic.GRID)
+        self.column = nn.Linear(hidden, synthetic.GRID)
         self.words = words
-        grid = torch.arange(data.GRID * data.GRID)
-        self.register_buffer("row_id", grid // data.GRID, persistent=False)
-        self.register_buffer("column_id", grid % data.GRID, persistent=False)
+        grid = torch.arange(synthetic.GRID * synthetic.GRID)
+        self.register_buffer("row_id", grid // synthetic.GRID, persistent=False)
+        self.register_buffer("column_id", grid % synthetic.GRID, persistent=False)
         self.xy = nn.Linear(hidden, 2) if position_regression else None
-        centred = torch.stack([self.column_id, self.row_id], -1).float() / (data.GRID - 1) * 2 - 1
+        centred = torch.stack([self.column_id, self.row_id], -1).float() / (synthetic.GRID - 1) * 2 - 1
         self.register_buffer("xy_target", centred, persistent=False)
-        centres = (torch.arange(data.GRID) * data.PATCH_SIZE + data.PATCH_SIZE // 2) >= data.IMAGE_SIZE / 2
+        centres = (torch.arange(synthetic.GRID) * synthetic.PATCH_SIZE + synthetic.PATCH_SIZE // 2) >= synthetic.IMAGE_SIZE / 2
         # QUADRANTS order: topleft, topright, bottomleft, bottomright
         self.register_buffer("quadrant", (2 * centres[:, None] + centres[None, :]).reshape(-1), persistent=False)
 

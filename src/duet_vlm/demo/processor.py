@@ -1,6 +1,6 @@
 """Word-level tokenizer and ``LlavaProcessor`` for the demo model.
 
-``build_tokenizer()`` -> ``PreTrainedTokenizerFast`` (WordLevel over :func:`duet_vlm.demo.data.vocabulary`
+``build_tokenizer()`` -> ``PreTrainedTokenizerFast`` (WordLevel over :func:`duet_vlm.synthetic.vocabulary`
 plus ``<pad> <s> </s> <unk> <image>``; lower-case normaliser; whitespace + punctuation
 pre-tokeniser; ``<s>`` prepended to every encoded text, left padding).
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
-from . import data
+from .. import synthetic
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 PAD, BOS, EOS, UNK, IMAGE = SPECIAL_TOKENS
@@ -45,7 +45,7 @@ def prompt(question: str) -> str:
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for w in data.vocabulary():
+    for w in synthetic.vocabulary():
         if w not in vocab:
             vocab[w] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
@@ -73,8 +73,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_image_processor():
     kwargs = dict(
-        size={"shortest_edge": data.IMAGE_SIZE},
-        crop_size={"height": data.IMAGE_SIZE, "width": data.IMAGE_SIZE},
+        size={"shortest_edge": synthetic.IMAGE_SIZE},
+        crop_size={"height": synthetic.IMAGE_SIZE, "width": synthetic.IMAGE_SIZE},
         do_resize=True,
         do_center_crop=True,
         do_rescale=True,
@@ -95,7 +95,7 @@ def build_processor() -> LlavaProcessor:
     return LlavaProcessor(
         image_processor=build_image_processor(),
         tokenizer=build_tokenizer(),
-        patch_size=data.PATCH_SIZE,
+        patch_size=synthetic.PATCH_SIZE,
         vision_feature_select_strategy="default",
         chat_template=CHAT_TEMPLATE,
         num_additional_image_tokens=1,  # the CLS token, dropped by the "default" strategy -> 576

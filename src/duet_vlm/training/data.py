@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .. import synthetic
+
 IMAGE_TAG = "<image>"
 IGNORE_INDEX = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -111,9 +113,7 @@ def load_conversations(path: str | Path, image_folder: str | Path | None = None)
 
 
 def synthetic_records(n: int, split: str = "train", questions: int = 4, offset: int = 0) -> list[Record]:
-    """``n`` conversations of the built-in synthetic visual-QA benchmark (``duet_vlm.demo.data``), images in memory."""
-    from ..demo import data as synthetic
-
+    """``n`` conversations of the built-in synthetic visual-QA benchmark (``duet_vlm.synthetic``), images in memory."""
     if n <= 0:
         raise DataError(f"--synthetic-items must be positive, got {n}")
     records = []

@@ -53,7 +53,8 @@ def _schedule(method, budget, layers=8):
 def test_ideal_model_on_all_tokens_is_the_model_itself(batch):
     import torch
 
-    from duet_vlm.bench import IdealModel, ModelSize, build_model, cache_bytes, padded_inputs
+    from duet_vlm.bench import IdealModel, ModelSize, build_model, padded_inputs
+    from duet_vlm.bench.generate import cache_bytes
 
     model = build_model(ModelSize(**TINY))
     inputs = padded_inputs(model, batch, text_tokens=20)
@@ -71,7 +72,7 @@ def test_ideal_model_on_all_tokens_is_the_model_itself(batch):
 @pytest.mark.parametrize("batch", [1, 2])
 def test_generate_benchmark_counts_tokens_and_kv_bytes_exactly(batch):
     from duet_vlm.bench import ModelSize
-    from duet_vlm.bench_generate import generate_benchmark, markdown_table
+    from duet_vlm.bench.generate import generate_benchmark, markdown_table
 
     results = generate_benchmark(ModelSize(**TINY), [("duet", 192), ("fastv", 192)], batch=batch, new_tokens=(2, 3),
                                  rounds=1, text_tokens=20)
@@ -100,7 +101,7 @@ def test_train_benchmark_times_each_part_against_the_ideal():
     import math
 
     from duet_vlm.bench import ModelSize
-    from duet_vlm.bench_train import markdown_table, train_benchmark
+    from duet_vlm.bench.train import markdown_table, train_benchmark
 
     results = train_benchmark(ModelSize(**TINY), [("duet", 192)], rounds=1, text_tokens=20, answer_tokens=5)
     assert list(results["modes"]) == ["plain", "checkpointing"]

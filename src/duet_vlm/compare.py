@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bench import interleaved
+from .bench.timing import interleaved
 from .methods import Reducer, make
 from .stats import ReductionStats
 

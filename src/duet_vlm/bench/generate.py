@@ -9,13 +9,13 @@ is timed per round, with a timestamp at every new token (a stopping criterion th
 - **latency for n tokens**: the call up to the n-th token, for each n of ``new_tokens`` (the 32-token
   latency is read inside the 128-token call: greedy decoding makes them the same computation);
 - **throughput**: ``batch x n / latency`` for the smallest ``n`` (the same length at every batch size);
-- **peak memory**: ``bench.PeakRSS`` around the call (resident set above what it was before);
+- **peak memory**: ``timing.PeakRSS`` around the call (resident set above what it was before);
 - **KV bytes per sequence**: exactly, from the per-layer token counts (``kv_schedule``), and what the
   returned cache holds (``kv_cache``; left-padding slots included, so equal only without padding).
 
-Batches of several rows hold prompts of different lengths, left-padded (``bench.padded_inputs``).
+Batches of several rows hold prompts of different lengths, left-padded (``models.padded_inputs``).
 
-**The ideal** (``bench.IdealModel``) is the unpatched model generating from the same prompt with the
+**The ideal** (``ideal.IdealModel``) is the unpatched model generating from the same prompt with the
 variant's per-layer visual counts: the tower and projector as usual, then each decoder layer called
 directly on a sequence that holds every text token and as many visual tokens as the reducer left at
 that layer, each layer caching only its own tokens. So at decode time each layer attends over the KV
@@ -38,11 +38,20 @@ from typing import Callable
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .bench import IdealModel, ModelSize, PeakRSS, build_model, cache_bytes, interleaved, padded_inputs
-from .flops import DecoderDims, kv_cache_bytes
-from .methods import make
+from ..flops import DecoderDims, kv_cache_bytes
+from ..methods import make
+from .ideal import IdealModel
+from .models import ModelSize, build_model, padded_inputs
+from .timing import PeakRSS, interleaved
 
 FULL = "no reduction"
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of the keys and values a ``DynamicCache`` holds (each layer has its own length under a reducer)."""
+    return sum(
+        t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None
+    )
 
 
 class _Stamps(StoppingCriteria):

@@ -16,8 +16,9 @@ from typing import Callable
 
 import torch
 
-from .bench import ModelSize, build_model, example_inputs, interleaved
-from .methods import make
+from ..methods import make
+from .models import ModelSize, build_model, example_inputs
+from .timing import interleaved
 
 
 def compile_benchmark(

@@ -5,11 +5,11 @@ The setting is LLaVA's fine-tuning stage: the vision tower frozen, the projector
 language model (embeddings and LM head included) trained with AdamW (``fused=True``, what
 ``transformers.Trainer`` picks by default), and no KV cache in the forward (``use_cache=False``, as
 LLaVA's training sets it). Each step is timed in three parts (forward, backward,
-optimizer step) and its peak memory is measured in place (``bench.PeakRSS``; gradients are freed
+optimizer step) and its peak memory is measured in place (``timing.PeakRSS``; gradients are freed
 before each step, so the peak holds this step's gradients and activations). The batch is
-``bench.padded_inputs``; the last ``answer_tokens`` of each row are labelled, the rest is -100.
+``models.padded_inputs``; the last ``answer_tokens`` of each row are labelled, the rest is -100.
 
-**The ideal** (``bench.IdealModel.loss``) is the unpatched model trained on the variant's per-layer
+**The ideal** (``ideal.IdealModel.loss``) is the unpatched model trained on the variant's per-layer
 visual counts: tower and projector as usual, each decoder layer called directly on every text token
 plus that layer's number of visual tokens, the LM head and the loss on the tokens that reach the last
 layer, then the same backward and optimizer step. What a reducer costs beyond it is its scoring,
@@ -29,9 +29,11 @@ from typing import Callable
 
 import torch
 
-from .bench import IdealModel, ModelSize, PeakRSS, build_model, interleaved, padded_inputs
-from .methods import make
-from .training.trainer import drop_input_grad_hooks
+from ..methods import make
+from ..training.trainer import drop_input_grad_hooks
+from .ideal import IdealModel
+from .models import ModelSize, build_model, padded_inputs
+from .timing import PeakRSS, interleaved
 
 FULL = "no reduction"
 PARTS = ("step_s", "forward_s", "backward_s", "optimizer_s", "peak_bytes")

@@ -1,0 +1,112 @@
+"""The one timer of every benchmark: variants timed round-robin in the same process, compared per round.
+
+Timings on a shared machine are noisy, so every variant is timed in the same process, interleaved
+round by round, and reported as a ratio to a reference measured in the same rounds (the median over
+rounds). ``LanguageModelTimer`` splits a forward's time into its language-model part; ``PeakRSS``
+measures the memory a timed call adds.
+
+>>> times = interleaved({"a": lambda: None, "b": lambda: None}, rounds=3)
+>>> sorted(median_ratio({"base": [1.0, 2.0], "x": [0.5, 1.0]}, "base").items())
+[('base', 1.0), ('x', 0.5)]
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+
+def interleaved(variants: dict[str, Callable[[], None]], rounds: int, warmup: int = 1, progress=None) -> dict[str, list[float]]:
+    """Seconds per call of every variant, timed round-robin so that drifts in load hit all alike."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+        if progress is not None:
+            progress()
+    return times
+
+
+def median_ratio(times: dict[str, list[float]], baseline: str) -> dict[str, float]:
+    """Median over rounds of (variant / baseline) measured in the same round."""
+    return {
+        name: statistics.median(t / b for t, b in zip(values, times[baseline])) for name, values in times.items()
+    }
+
+
+class LanguageModelTimer:
+    """Seconds spent inside the language model (decoder layers and the reducer's hooks) per forward.
+
+    >>> with LanguageModelTimer(model) as timer:                       # doctest: +SKIP
+    ...     model(**inputs)
+    >>> timer.seconds                                                  # doctest: +SKIP
+    [0.41]
+    """
+
+    def __init__(self, model):
+        self.language_model = model.model.language_model
+        self.seconds: list[float] = []
+
+    def __enter__(self):
+        start = {}
+        self._handles = [
+            self.language_model.register_forward_pre_hook(lambda *_: start.__setitem__("t", time.perf_counter())),
+            self.language_model.register_forward_hook(
+                lambda *_: self.seconds.append(time.perf_counter() - start["t"])
+            ),
+        ]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+
+
+class PeakRSS:
+    """Peak resident memory (bytes) that a block adds to this process, on Linux.
+
+    torch allocates CPU tensors with the system allocator and caches nothing, so the resident set follows
+    the live tensors (tracemalloc sees none of them). Before the block, glibc hands its free heap pages
+    back to the OS (``malloc_trim``) and the kernel's high-water mark is reset to the current resident
+    set (``/proc/self/clear_refs`` = 5); after it, ``VmHWM`` minus the resident set before is the peak.
+    This measures every timed call in place, in the same rounds, where ``getrusage``'s max RSS cannot be
+    reset and would need a fresh process (and a rebuilt model) per variant. ``peak`` is ``None`` where
+    the reset is not allowed.
+
+    >>> with PeakRSS() as memory:                                   # doctest: +SKIP
+    ...     x = torch.ones(2**27)
+    >>> memory.peak >= 2**29                                       # doctest: +SKIP
+    True
+    """
+
+    peak: int | None = None
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        raise OSError(f"no {key} in /proc/self/status")
+
+    def __enter__(self):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")
+            self._before = self._status("VmRSS")
+        except OSError:
+            self._before = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._before is not None:
+            self.peak = self._status("VmHWM") - self._before

@@ -1,12 +1,18 @@
 """`duet-vlm demo`, `eval` and `run` end to end on an untrained model of the demo's geometry."""
 
 import json
+import sys
+from pathlib import Path
 
 from typer.testing import CliRunner
 
-from duet_vlm.cli import app, expand_list_options
+import duet_vlm
 from duet_vlm import synthetic as data
-from duet_vlm.report import render_positions, weights_digest
+from duet_vlm.cli import app, expand_list_options
+from duet_vlm.evaluation import weights_digest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "docs"))
+from render import render_positions  # noqa: E402 - docs/render.py
 
 runner = CliRunner()
 
@@ -61,6 +67,11 @@ def test_eval_writes_table_json_csv_and_plot(tiny_demo_model, tmp_path):
     assert len(markdown) == 2 + 6 + 1 and markdown[0].startswith("| method | budget | color |")
     assert markdown[2].startswith("| full |  |") and "| 576.0 |" in markdown[2]
     assert markdown[-1].startswith("| chance |  | 16.7 |")
+    # every row records the reducer that ran, and the record rebuilds an equal reducer
+    assert duet_vlm.from_dict(rows[("duet", 64)]["reducer"]) == duet_vlm.make("duet", budget=64, positions="original")
+    assert duet_vlm.from_dict(rows[("visionzip", 192)]["reducer"]) == duet_vlm.make("visionzip", budget=192)
+    assert duet_vlm.from_dict(rows[("full", None)]["reducer"]) == duet_vlm.make("full")
+    assert "reducer" not in rows[("blank image", None)]
 
 
 def test_eval_refuses_an_unknown_position_mode(tiny_demo_model, tmp_path):

@@ -2,12 +2,16 @@
 the weights that ship: a retrained model, a new evaluation or a hand edit of a table shows up here."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from duet_vlm.demo.evaluate import DEMO_MODEL_DIR
-from duet_vlm.report import GENERATED_BLOCK, render_readme, weights_digest
+from duet_vlm.evaluation import weights_digest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "docs"))
+from render import GENERATED_BLOCK, render_readme  # noqa: E402 - docs/render.py
 README = ROOT / "README.md"
 
 
@@ -18,7 +22,7 @@ def _blocks() -> list[tuple[str, list[str]]]:
 
 def test_generated_tables_are_current():
     text = README.read_text()
-    assert render_readme(text, ROOT) == text, "stale README tables: run `python -m duet_vlm.report README.md`"
+    assert render_readme(text, ROOT) == text, "stale README tables: run `python docs/render.py README.md`"
 
 
 def test_the_readme_reports_the_shipped_model():
@@ -50,3 +54,10 @@ def test_a_hand_edit_of_a_generated_table_is_caught():
     match = next(GENERATED_BLOCK.finditer(text))
     edited = text[: match.start("body")] + match["body"].replace("|", "| 1", 1) + text[match.end("body"):]
     assert render_readme(edited, ROOT) == text
+
+
+def test_the_renderer_checks_the_readme_from_the_command_line():
+    """``python docs/render.py README.md --check``: the command a docs build runs."""
+    command = [sys.executable, str(ROOT / "docs" / "render.py"), "README.md", "--check"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr

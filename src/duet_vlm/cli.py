@@ -1,10 +1,9 @@
-"""The ``duet-vlm`` command line."""
+"""The ``duet-vlm`` command line: each command parses its options, calls one library function and
+prints what it returns."""
 
 from __future__ import annotations
 
 import json
-import math
-import statistics
 import sys
 from itertools import groupby
 from pathlib import Path
@@ -16,9 +15,8 @@ from rich.progress import Progress
 from rich.table import Table
 from typer.core import TyperGroup
 
-from .adapters import Geometry, adapter_for
-from .flops import DecoderDims, exact_flops, fastv_flops, kv_cache_bytes
-from .methods import METHODS, make
+from .compare import read_frames  # noqa: F401 - its home before duet_vlm.compare; tests still import it here
+from .methods import METHODS
 
 # What a user's mistake raises in the library (a bad budget or method name, an unreadable image, a
 # wrong model path): reported as one line unless --debug. typer's own usage errors pass through.
@@ -50,92 +48,6 @@ def _commands(debug: bool = typer.Option(False, "--debug", help="Show the traceb
     """DUET visual-token reduction for Hugging Face vision-language models."""
 
 
-def layer_groups(counts: list[int]) -> list[tuple[int, int, int]]:
-    """``[(first_layer, last_layer, count), ...]`` (1-based layers) for runs of equal counts."""
-    groups, start = [], 1
-    for count, run in groupby(counts):
-        size = len(list(run))
-        groups.append((start, start + size - 1, count))
-        start += size
-    return groups
-
-
-def _human(value: float, unit: str) -> str:
-    for prefix in ("", "K", "M", "G", "T", "P"):
-        if abs(value) < 1000:
-            return f"{value:.2f} {prefix}{unit}"
-        value /= 1000
-    return f"{value:.2f} E{unit}"
-
-
-@app.command()
-def plan(
-    budget: Optional[int] = typer.Option(None, help="Average visual tokens per decoder layer per item."),
-    ratio: Optional[float] = typer.Option(None, help="Instead of --budget: keep this fraction of the item's tokens."),
-    layers: int = typer.Option(32, help="Decoder layers of the language model."),
-    tokens: int = typer.Option(576, help="Visual tokens per image (per frame with --frames) without reduction."),
-    frames: int = typer.Option(1, help="Frames of a video item (e.g. 8 with --tokens 257 for Video-LLaVA)."),
-    method: str = typer.Option("duet", help=f"One of: {', '.join(sorted(METHODS))}."),
-    text_tokens: int = typer.Option(60, help="Prompt tokens besides the image, for FLOPs and KV bytes."),
-    hidden: int = typer.Option(4096, help="Decoder hidden size (LLaVA-1.5-7B by default)."),
-    intermediate: int = typer.Option(11008, help="Decoder MLP size."),
-    heads: int = typer.Option(32, help="Attention heads."),
-    kv_heads: int = typer.Option(32, help="Key/value heads (fewer with grouped-query attention)."),
-    bytes_per_element: int = typer.Option(2, help="KV-cache element size (2 for fp16/bf16)."),
-) -> None:
-    """Print the schedule a method solves for a budget, with per-layer counts, FLOPs and KV-cache savings."""
-    if (budget is None) == (ratio is None):
-        raise ValueError("give --budget or --ratio")
-    # The patch grid of a unit: N square patches, or N - 1 plus a CLS slot (Video-LLaVA frames).
-    side = next((s for s in (math.isqrt(tokens), math.isqrt(tokens - 1)) if s * s in (tokens, tokens - 1)), None)
-    grid = (side, side) if side else (1, tokens)
-    modality = "video" if frames > 1 else "image"
-    geometry = Geometry(layers, tokens * frames, grid, True, units=frames, modality=modality)
-    solved = make(method, budget=budget, ratio=ratio).resolve(geometry)
-    schedule = solved.schedule
-    tokens *= frames
-    item = f"video of {frames} frames" if frames > 1 else "image"
-    counts = schedule.tokens_per_layer
-    dims = DecoderDims(hidden, intermediate, heads, kv_heads, hidden // heads)
-
-    target = f"budget {budget}" if budget is not None else f"ratio {ratio}"
-    console.print(f"[bold]{method}[/bold] at {target}: {tokens} visual tokens per {item}, {layers} layers")
-    vision = solved.vision
-    if vision is not None:
-        detail = ", ".join(f"{k}={v}" for k, v in vars(vision).items())
-        per_frame = f" ({schedule.llm_input // frames} per frame)" if frames > 1 else ""
-        console.print(
-            f"  vision side: {type(vision).__name__}({detail}) -> {schedule.llm_input} tokens enter the LLM{per_frame}"
-        )
-    for layer, keep in schedule.boundaries:
-        console.print(f"  after layer {layer}: keep {keep} ({type(solved.language).__name__})")
-
-    table = Table(title=f"Visual tokens per {item} entering each decoder layer")
-    table.add_column("layers")
-    table.add_column("visual tokens", justify="right")
-    for first, last, count in layer_groups(counts):
-        table.add_row(f"{first}-{last}" if first != last else str(first), str(count))
-    console.print(table)
-    console.print(
-        f"average: {schedule.average:.2f} visual tokens per layer "
-        f"({1 - schedule.average / tokens:.1%} fewer than {tokens})"
-    )
-
-    reduced = [text_tokens + n for n in counts]
-    full = [text_tokens + tokens] * layers
-    costs = Table(title=f"Decoder prefill cost, one image + {text_tokens} text tokens")
-    for column in ("", "reduced", "full", "ratio"):
-        costs.add_column(column, justify="right")
-    for name, fn, unit in (
-        ("FLOPs (FastV formula)", fastv_flops, "FLOP"),
-        ("FLOPs (exact: GQA, gated MLP, causal)", exact_flops, "FLOP"),
-        ("KV cache", lambda d, n: kv_cache_bytes(d, n, bytes_per_element), "B"),
-    ):
-        r, f = fn(dims, reduced), fn(dims, full)
-        costs.add_row(name, _human(r, unit), _human(f, unit), f"{r / f:.3f}")
-    console.print(costs)
-
-
 LIST_OPTIONS = ("--methods", "--budgets", "--ratios", "--baselines", "--baseline-budgets", "--batches", "--new-tokens")
 
 
@@ -158,6 +70,138 @@ def expand_list_options(argv: list[str]) -> list[str]:
 def main() -> None:
     """Console-script entry point."""
     app(args=expand_list_options(sys.argv[1:]), prog_name="duet-vlm")
+
+
+# ----------------------------------------------------------------------------- printing
+def layer_groups(counts: list[int]) -> list[tuple[int, int, int]]:
+    """``[(first_layer, last_layer, count), ...]`` (1-based layers) for runs of equal counts."""
+    groups, start = [], 1
+    for count, run in groupby(counts):
+        size = len(list(run))
+        groups.append((start, start + size - 1, count))
+        start += size
+    return groups
+
+
+def _human(value: float, unit: str) -> str:
+    for prefix in ("", "K", "M", "G", "T", "P"):
+        if abs(value) < 1000:
+            return f"{value:.2f} {prefix}{unit}"
+        value /= 1000
+    return f"{value:.2f} E{unit}"
+
+
+def _table(title: str, columns, rows) -> Table:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+class _Bar:
+    """A rich progress display drawn from its first report on (a command that fails first draws none),
+    one task per label."""
+
+    def __init__(self, transient: bool = True):
+        self.progress = Progress(console=console, transient=transient)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.tasks:
+            self.progress.stop()
+
+    def task(self, label: str, total: Optional[int]) -> int:
+        if not self.tasks:
+            self.progress.start()
+        if label not in self.tasks:
+            self.tasks[label] = self.progress.add_task(label, total=total)
+        return self.tasks[label]
+
+    def rounds(self, total: int):
+        """``report(label)``: one more of ``total`` rounds of the task ``label``."""
+        return lambda label: self.progress.advance(self.task(label, total))
+
+    def counter(self, label: str):
+        """``report(advance, description=None, total=None)`` of the one task ``label``."""
+        return lambda advance, description=None, total=None: self.progress.update(
+            self.task(label, total), advance=advance, description=description, total=total)
+
+
+def _print_answers(answers, title: str = "Answers") -> None:
+    rows = []
+    for answer in answers:
+        stats = answer.stats
+        groups = ", ".join(
+            f"{first}-{last}: {count}" if first != last else f"{first}: {count}"
+            for first, last, count in layer_groups(stats.tokens_per_layer)
+        )
+        rows.append((answer.label, repr(answer.text), f"{stats.average_tokens:.2f}", groups,
+                     _human(stats.flops_exact, "FLOP"), _human(stats.kv_bytes, "B"), f"{answer.prefill_seconds:.3f}"))
+    columns = ("", "answer", "avg visual tokens/layer", "visual tokens per layer group", "decoder FLOPs (exact)", "KV cache", "prefill s")
+    console.print(_table(title, columns, rows))
+    base = answers[0]
+    for answer in answers[1:]:
+        console.print(
+            f"{answer.label}: decoder FLOPs x{answer.stats.flops_exact / base.stats.flops_exact:.3f}, "
+            f"KV cache x{answer.stats.kv_bytes / base.stats.kv_bytes:.3f}, "
+            f"prefill time x{answer.prefill_seconds / base.prefill_seconds:.3f} (median of interleaved runs)"
+        )
+
+
+def _write(output: Optional[Path], results) -> None:
+    if output:
+        output.write_text(json.dumps(results, indent=2))
+        console.print(f"wrote {output}")
+
+
+# ----------------------------------------------------------------------------- commands
+@app.command()
+def plan(
+    budget: Optional[int] = typer.Option(None, help="Average visual tokens per decoder layer per item."),
+    ratio: Optional[float] = typer.Option(None, help="Instead of --budget: keep this fraction of the item's tokens."),
+    layers: int = typer.Option(32, help="Decoder layers of the language model."),
+    tokens: int = typer.Option(576, help="Visual tokens per image (per frame with --frames) without reduction."),
+    frames: int = typer.Option(1, help="Frames of a video item (e.g. 8 with --tokens 257 for Video-LLaVA)."),
+    method: str = typer.Option("duet", help=f"One of: {', '.join(sorted(METHODS))}."),
+    text_tokens: int = typer.Option(60, help="Prompt tokens besides the image, for FLOPs and KV bytes."),
+    hidden: int = typer.Option(4096, help="Decoder hidden size (LLaVA-1.5-7B by default)."),
+    intermediate: int = typer.Option(11008, help="Decoder MLP size."),
+    heads: int = typer.Option(32, help="Attention heads."),
+    kv_heads: int = typer.Option(32, help="Key/value heads (fewer with grouped-query attention)."),
+    bytes_per_element: int = typer.Option(2, help="KV-cache element size (2 for fp16/bf16)."),
+) -> None:
+    """Print the schedule a method solves for a budget, with per-layer counts, FLOPs and KV-cache savings."""
+    from .costs import plan_costs
+
+    costs = plan_costs(method, budget, ratio, layers, tokens, frames, text_tokens, hidden, intermediate, heads, kv_heads,
+                       bytes_per_element)
+    solved, schedule, item = costs.plan, costs.plan.schedule, costs.item
+    target = f"budget {budget}" if budget is not None else f"ratio {ratio}"
+    console.print(f"[bold]{method}[/bold] at {target}: {costs.tokens} visual tokens per {item}, {layers} layers")
+    if solved.vision is not None:
+        detail = ", ".join(f"{k}={v}" for k, v in vars(solved.vision).items())
+        per_frame = f" ({schedule.llm_input // frames} per frame)" if frames > 1 else ""
+        console.print(
+            f"  vision side: {type(solved.vision).__name__}({detail}) -> {schedule.llm_input} tokens enter the LLM{per_frame}"
+        )
+    for layer, keep in schedule.boundaries:
+        console.print(f"  after layer {layer}: keep {keep} ({type(solved.language).__name__})")
+    groups = [(f"{first}-{last}" if first != last else str(first), str(count))
+              for first, last, count in layer_groups(schedule.tokens_per_layer)]
+    table = _table(f"Visual tokens per {item} entering each decoder layer", ("layers", "visual tokens"), groups)
+    table.columns[0].justify = "left"
+    console.print(table)
+    console.print(
+        f"average: {schedule.average:.2f} visual tokens per layer "
+        f"({1 - schedule.average / costs.tokens:.1%} fewer than {costs.tokens})"
+    )
+    rows = [(name, _human(r, unit), _human(f, unit), f"{r / f:.3f}") for name, unit, r, f in costs.rows]
+    console.print(_table(f"Decoder prefill cost, one image + {text_tokens} text tokens", ("", "reduced", "full", "ratio"), rows))
 
 
 @app.command()
@@ -190,7 +234,8 @@ def bench(
     (or, with --generate or --train, generation end to end or a training step)."""
     import torch
 
-    from .bench import ModelSize, build_model, example_inputs, interleaved, median_ratio, prefill_variants, vision_variants
+    from .bench import FAMILIES, ModelSize, family_benchmark, prefill_benchmark
+    from .bench.end_to_end import end_to_end
 
     if threads:
         torch.set_num_threads(threads)
@@ -199,163 +244,63 @@ def bench(
         intermediate=intermediate,
     )
     if family is not None:
-        _bench_family(family, size, methods, ratios, rounds, output)
-        return
-    methods, baselines = ([] if names == ["none"] else names for names in (methods, baselines))
-    variants = [(m, b) for m in methods for b in budgets] + [(m, b) for m in baselines for b in baseline_budgets]
-    if generate or train:
-        _bench_end_to_end(generate, size, variants, rounds, text_tokens, batches, new_tokens, checkpointing, output)
-        return
-    model = build_model(size)
-    inputs = example_inputs(model, text_tokens=text_tokens)
-    vision = vision_variants(model, inputs, budgets[0])
-    prefill, reducers, decoder_seconds = prefill_variants(model, inputs, methods, budgets)
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("vision side", total=rounds)
-        vision_times = interleaved(vision, rounds, progress=lambda: progress.advance(task))
-        task = progress.add_task("prefill", total=rounds)
-        prefill_times = interleaved(prefill, rounds, progress=lambda: progress.advance(task))
+        if family not in FAMILIES:
+            raise ValueError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
+        with _Bar() as bar:
+            report = bar.rounds(rounds)
+            results = family_benchmark(family, size, methods, ratios, rounds, progress=lambda: report(f"{family} prefill"))
+        _print_family(results, len(methods) * len(ratios) * 2 + 1)
+        _write(output, results)
+    elif generate or train:
+        kind = "generate" if generate else "train"
+        with _Bar() as bar:
+            for result in end_to_end(kind, size, methods, budgets, baselines, baseline_budgets, rounds, text_tokens, batches,
+                                     tuple(new_tokens), checkpointing, output, progress=bar.rounds(rounds)):
+                _print_end_to_end(result)
+        if output:
+            console.print(f"wrote {output}")
+    else:
+        with _Bar() as bar:
+            results = prefill_benchmark(size, [] if methods == ["none"] else methods, budgets, rounds, text_tokens,
+                                        progress=bar.rounds(rounds))
+        _print_prefill(results)
+        _write(output, results)
 
-    results = {"model": vars(size), "rounds": rounds, "threads": torch.get_num_threads(), "vision": {}, "prefill": {}}
-    table = Table(title=f"Vision tower + projector, {rounds} interleaved rounds")
-    for column in ("variant", "median s", "time vs no reduction"):
-        table.add_column(column, justify="right")
-    ratios = median_ratio(vision_times, "no reduction")
-    for name, values in vision_times.items():
-        median = statistics.median(values)
-        table.add_row(name, f"{median:.3f}", f"{ratios[name]:.3f}")
-        results["vision"][name] = {"median_s": median, "ratio": ratios[name]}
-    console.print(table)
 
-    table = Table(title=f"Prefill, {rounds} interleaved rounds (whole forward, and its language-model part)")
+def _print_prefill(results: dict) -> None:
+    rounds = results["rounds"]
+    rows = [(name, f"{row['median_s']:.3f}", f"{row['ratio']:.3f}") for name, row in results["vision"].items()]
+    console.print(_table(f"Vision tower + projector, {rounds} interleaved rounds", ("variant", "median s", "time vs no reduction"), rows))
     columns = ("variant", "forward s", "forward ratio", "LM s", "LM ratio", "exact FLOPs ratio", "KV ratio", "visual tok/layer")
-    for column in columns:
-        table.add_column(column, justify="right")
-    ratios = median_ratio(prefill_times, "no reduction")
-    decoder_times = {name: seconds[-rounds:] for name, seconds in decoder_seconds.items()}
-    decoder_ratios = median_ratio(decoder_times, "no reduction")
-    for name, values in prefill_times.items():
-        median, decoder_median = statistics.median(values), statistics.median(decoder_times[name])
-        stats = reducers[name].stats if name in reducers else None
-        flops = stats.flops_ratio if stats else 1.0
-        kv = stats.kv_bytes / stats.kv_bytes_full if stats else 1.0
-        tokens = stats.average_tokens if stats else 576.0
-        table.add_row(
-            name, f"{median:.3f}", f"{ratios[name]:.3f}", f"{decoder_median:.3f}", f"{decoder_ratios[name]:.3f}",
-            f"{flops:.3f}", f"{kv:.3f}", f"{tokens:.2f}",
-        )
-        results["prefill"][name] = {
-            "forward_median_s": median, "forward_ratio": ratios[name], "language_model_median_s": decoder_median,
-            "language_model_ratio": decoder_ratios[name], "flops_ratio": flops, "kv_ratio": kv, "avg_visual_tokens": tokens,
-        }
-    console.print(table)
-    if output:
-        output.write_text(json.dumps(results, indent=2))
-        console.print(f"wrote {output}")
+    rows = [
+        (name, f"{row['forward_median_s']:.3f}", f"{row['forward_ratio']:.3f}", f"{row['language_model_median_s']:.3f}",
+         f"{row['language_model_ratio']:.3f}", f"{row['flops_ratio']:.3f}", f"{row['kv_ratio']:.3f}", f"{row['avg_visual_tokens']:.2f}")
+        for name, row in results["prefill"].items()
+    ]
+    console.print(_table(f"Prefill, {rounds} interleaved rounds (whole forward, and its language-model part)", columns, rows))
 
 
-def _bench_end_to_end(generate, size, variants, rounds, text_tokens, batches, new_tokens, checkpointing, output) -> None:
-    from .bench_generate import generate_benchmark
-    from .bench_generate import markdown_table as generate_table
-    from .bench_train import markdown_table as train_table
-    from .bench_train import train_benchmark
-
-    modes = {"off": (False,), "on": (True,), "both": (False, True)}
-    if checkpointing not in modes:
-        raise ValueError(f"--checkpointing must be off, on or both, got {checkpointing!r}")
-    runs = []
-    with Progress(console=console, transient=True) as progress:
-        for batch in batches if generate else batches[:1]:
-            task = progress.add_task(f"{'generate' if generate else 'train'}, batch {batch}", total=rounds)
-            advance = lambda task=task: progress.advance(task)  # noqa: E731
-            if generate:
-                result = generate_benchmark(size, variants, batch, tuple(new_tokens), rounds, text_tokens, progress=advance)
-            else:
-                result = train_benchmark(size, variants, modes[checkpointing], rounds, batch, text_tokens, progress=advance)
-            load = " -> ".join(f"{before[0]:.1f}" for before in result["load_average_before_after"])
-            # plain echo: the markdown tables must not be wrapped to the terminal's width
-            typer.echo(f"\nbatch {batch}, {rounds} interleaved rounds, 1-minute load average {load}")
-            typer.echo(generate_table(result) if generate else train_table(result))
-            runs.append(result)
-            if output:  # written after every batch: a long run keeps what it measured
-                output.write_text(json.dumps(runs if generate else runs[0], indent=2))
-    if output:
-        console.print(f"wrote {output}")
-
-
-def _bench_family(family, size, methods, ratios, rounds, output) -> None:
-    from .bench import FAMILIES, family_benchmark
-
-    if family not in FAMILIES:
-        raise ValueError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
-    variants = len(methods) * len(ratios) * 2 + 1
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"{family} prefill", total=rounds)
-        results = family_benchmark(family, size, methods, ratios, rounds, progress=lambda: progress.advance(task))
-    table = Table(title=f"{family}: prefill, {rounds} interleaved rounds of {variants} variants")
+def _print_family(results: dict, variants: int) -> None:
     columns = ("variant", "visual tok/layer", "forward s", "LM s", "LM vs full", "ideal LM s", "LM vs ideal", "FLOPs ratio", "KV ratio")
-    for column in columns:
-        table.add_column(column, justify="right")
+    rows = []
     for name, row in results["variants"].items():
         tokens = row["avg_visual_tokens"]
-        table.add_row(
+        rows.append((
             name, f"{tokens:.1f}" if tokens is not None else "all", f"{row['forward_s']:.3f}", f"{row['language_model_s']:.3f}",
             f"{row['lm_vs_full']:.3f}", f"{row['ideal_s']:.3f}" if "ideal_s" in row else "",
             f"{row['lm_vs_ideal']:.3f}" if "lm_vs_ideal" in row else "", f"{row['flops_ratio']:.3f}", f"{row['kv_ratio']:.3f}",
-        )
-    console.print(table)
-    if output:
-        output.write_text(json.dumps(results, indent=2))
-        console.print(f"wrote {output}")
+        ))
+    title = f"{results['family']}: prefill, {results['rounds']} interleaved rounds of {variants} variants"
+    console.print(_table(title, columns, rows))
 
 
-def _print_answers(answers, title: str = "Answers") -> None:
-    table = Table(title=title)
-    for column in ("", "answer", "avg visual tokens/layer", "visual tokens per layer group", "decoder FLOPs (exact)", "KV cache", "prefill s"):
-        table.add_column(column, justify="right")
-    for answer in answers:
-        stats = answer.stats
-        groups = ", ".join(
-            f"{first}-{last}: {count}" if first != last else f"{first}: {count}"
-            for first, last, count in layer_groups(stats.tokens_per_layer)
-        )
-        table.add_row(
-            answer.label,
-            repr(answer.text),
-            f"{stats.average_tokens:.2f}",
-            groups,
-            _human(stats.flops_exact, "FLOP"),
-            _human(stats.kv_bytes, "B"),
-            f"{answer.prefill_seconds:.3f}",
-        )
-    console.print(table)
-    base = answers[0]
-    for answer in answers[1:]:
-        console.print(
-            f"{answer.label}: decoder FLOPs x{answer.stats.flops_exact / base.stats.flops_exact:.3f}, "
-            f"KV cache x{answer.stats.kv_bytes / base.stats.kv_bytes:.3f}, "
-            f"prefill time x{answer.prefill_seconds / base.prefill_seconds:.3f} (median of interleaved runs)"
-        )
+def _print_end_to_end(result: dict) -> None:
+    from .bench import generate, train
 
-
-def read_frames(path: Path) -> list:
-    """Frames of an animated image (GIF, WebP) or of the images in a folder (sorted by name)."""
-    from PIL import Image, ImageSequence
-
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
-        frames = [Image.open(p).convert("RGB") for p in files]
-    else:
-        frames = [frame.convert("RGB") for frame in ImageSequence.Iterator(Image.open(path))]
-    if not frames:
-        raise ValueError(f"no video frames in {path}")
-    return frames
-
-
-def patch_grid(model) -> tuple[int, int]:
-    from .adapters import adapter_for
-
-    return adapter_for(model).geometry.grid
+    load = " -> ".join(f"{before[0]:.1f}" for before in result["load_average_before_after"])
+    # plain echo: the markdown tables must not be wrapped to the terminal's width
+    typer.echo(f"\nbatch {result['batch']}, {result['rounds']} interleaved rounds, 1-minute load average {load}")
+    typer.echo((generate if result["benchmark"] == "generate" else train).markdown_table(result))
 
 
 @app.command()
@@ -367,19 +312,13 @@ def demo(
     rounds: int = typer.Option(5, help="Interleaved prefill timing rounds."),
 ) -> None:
     """Ask the shipped demo model about a synthetic scene with all tokens and with DUET; draw what was kept."""
-    from .compare import compare, draw_overlay
-    from .demo import data
-    from .demo.evaluate import load_demo
-    from .methods import Duet
+    from .demo.showcase import showcase
 
-    model, processor = load_demo(model_path)
-    sample = data.sample("test", index)
+    shown = showcase(index, budget, output, model_path, rounds)
+    sample = shown.sample
     console.print(f"[bold]question[/bold] ({sample.qtype}): {sample.question}   [bold]truth[/bold]: {sample.answer}")
-    answers = compare(model, processor, sample.image, sample.question, {"all tokens": None, f"DUET {budget}": Duet(budget=budget)}, rounds=rounds)
-    _print_answers(answers)
-    grid = patch_grid(model)
-    path = draw_overlay(sample.image, answers[1].stats, grid, output, title=f"{sample.question}  ->  {answers[1].text!r}")
-    console.print(f"wrote {path}")
+    _print_answers(shown.answers)
+    console.print(f"wrote {shown.overlay}")
 
 
 @app.command()
@@ -400,39 +339,12 @@ def run(
 ) -> None:
     """Answer a prompt about an image (or a video) with all tokens and with a reduction method, on any
     supported checkpoint."""
-    import torch
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from .compare import ask
 
-    from .compare import compare, draw_item_overlay, draw_overlay
-
-    # The cheap checks first: a bad method, budget or image fails before the weights load.
-    reducer = make(method, budget=None if ratio is not None else budget, ratio=ratio)
-    if (image is None) == (video is None):
-        raise ValueError("give --image or --video")
-    picture = Image.open(image).convert("RGB") if image is not None else read_frames(video)
-    if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    try:
-        llava = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype).eval()
-        processor = AutoProcessor.from_pretrained(model)
-    except OSError as error:  # transformers' message does not say which argument was wrong
-        raise OSError(f"cannot load a checkpoint from --model {model!r}: {error}") from error
-    label = f"{method} {budget}" if ratio is None else f"{method} ratio {ratio}"
-    answers = compare(llava, processor, picture, prompt, {"all tokens": None, label: reducer}, max_new_tokens, rounds)
-    _print_answers(answers)
-    if overlay:
-        stats = answers[1].stats
-        (item,) = stats.items
-        if len(item.views) == 1 and stats.vision_roles:  # one grid: Stage A's roles can be drawn too
-            # The item's own token grid (Qwen-VL images come in any size), CLS or not.
-            (_, rows, cols), = item.views
-            has_cls = adapter_for(llava).geometry.has_cls
-            path = draw_overlay(picture, stats, (rows, cols), overlay, title=prompt, has_cls=has_cls)
-        else:  # tiles of an anyres image, or frames of a video
-            path = draw_item_overlay(picture, item, overlay, title=prompt)
-        console.print(f"wrote {path}")
+    asked = ask(model, prompt, image, video, method, budget, ratio, max_new_tokens, overlay, dtype, rounds)
+    _print_answers(asked.answers)
+    if asked.overlay:
+        console.print(f"wrote {asked.overlay}")
 
 
 @app.command("eval")
@@ -457,119 +369,23 @@ def evaluate(
     Each finished row is saved in OUTPUT_DIR/rows/ with everything that determines it (method, budget,
     position option, split, n, batch size, the weights' SHA-256), so an interrupted run picks up where it
     stopped; a row saved under other settings or other weights is computed again."""
-    from .adapters import adapter_for
-    from .demo import data
-    from .demo.evaluate import DEMO_MODEL_DIR, evaluate_accuracy, load_demo
-    from .methods.base import resolve_positions
-    from .report import retention_plot, standard_error, takes_positions, weights_digest, write_results
+    from .demo.sweep import evaluate_methods
+    from .evaluation import standard_error
 
-    chosen = methods or [name for name in METHODS if name != "full"]
-    unknown = [name for name in chosen if name not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; registered: {', '.join(sorted(METHODS))}")
-    if positions not in (None, "original", "contiguous"):
-        raise ValueError(f"--positions must be original or contiguous, got {positions!r}")
-
-    def options(name: str) -> dict:
-        return {"positions": positions} if positions and takes_positions(METHODS[name]) else {}
-
-    # every reducer is built (and its method and budget checked) before the model loads
-    configs = [("full", None, make("full"))]
-    configs += [(name, budget, make(name, budget=budget, **options(name))) for name in chosen for budget in budgets]
-    model, processor = load_demo(model_path)
-    geometry = adapter_for(model).geometry
-
-    def position_mode(name: str, reducer) -> str | None:
-        """The mode a method with a position option ran in (its default resolved on this model)."""
-        return resolve_positions(reducer.resolve(geometry).positions, geometry) if takes_positions(METHODS[name]) else None
-
-    digest = weights_digest(model_path or DEMO_MODEL_DIR)
-
-    def measure(name: str, budget: int | None, reducer) -> dict:
-        costs = {"flops": 0, "rows": 0, "tokens": []}
-
-        def collect(message):
-            stats = reducer.stats
-            rows_now = len(stats.text_tokens)
-            costs["flops"] += stats.flops_exact
-            costs["rows"] += rows_now
-            costs["tokens"] = stats.tokens_per_layer
-            progress.update(task, advance=rows_now, description=f"{name} {budget or ''}")
-
-        result = evaluate_accuracy(
-            model, processor, split=split, n=n, batch_size=batch_size, wrap=lambda: reducer(model), progress=collect
-        )
-        return {
-            "method": name,
-            "budget": budget,
-            "accuracy": result["accuracy"],
-            "per_type": result["per_type"],
-            "n": result["n"],
-            "positions": position_mode(name, reducer) if name != "full" else None,
-            "avg_visual_tokens": sum(costs["tokens"]) / len(costs["tokens"]),
-            "decoder_tflops_per_sample": costs["flops"] / max(costs["rows"], 1) / 1e12,
-        }
-
-    def blank_image_row() -> dict:
-        blank = evaluate_accuracy(model, processor, split=split, n=n, batch_size=batch_size, blank_image=True,
-                                  progress=lambda message: progress.update(task, advance=batch_size))
-        return {"method": "blank image", "budget": None, "accuracy": blank["accuracy"], "per_type": blank["per_type"],
-                "n": blank["n"], "avg_visual_tokens": float("nan"), "decoder_tflops_per_sample": float("nan")}
-
-    def saved_row(name: str, budget: int | None, compute) -> dict:
-        """``compute()``'s row, or the one a previous run with the same settings saved."""
-        key = {"method": name, "budget": budget, "options": options(name) if name in METHODS else {}, "split": split,
-               "n": n, "batch_size": batch_size, "weights_sha256": digest}
-        path = output_dir / "rows" / f"{name.replace(' ', '_')}-{budget or 'all'}.json"
-        if resume and path.exists() and (saved := json.loads(path.read_text()))["key"] == key:
-            progress.update(task, advance=n, description=f"{name} {budget or ''} (saved)")
-            return saved["row"]
-        row = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"key": key, "row": row}, indent=2) + "\n")
-        return row
-
-    rows = []
-    with Progress(console=console) as progress:
-        task = progress.add_task("evaluating", total=n * (len(configs) + control))
-        for name, budget, reducer in configs:
-            rows.append(saved_row(name, budget, lambda name=name, budget=budget, reducer=reducer: measure(name, budget, reducer)))
-        if control:
-            rows.append(saved_row("blank image", None, blank_image_row))
-    full_accuracy = rows[0]["accuracy"]
-    for row in rows:
-        row["retained_percent"] = 100 * row["accuracy"] / full_accuracy if full_accuracy else float("nan")
-
-    types = [t for t in data.QUESTION_TYPES if t in rows[0]["per_type"]]
-    table = Table(title=f"Synthetic visual QA, {split} split, {n} questions per row")
-    for column in ["method", "budget", *types, "avg", "± s.e.", "% of full", "visual tok/layer", "decoder TFLOPs"]:
-        table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(
-            row["method"],
-            str(row["budget"] or ""),
-            *(f"{100 * row['per_type'].get(t, float('nan')):.1f}" for t in types),
-            f"{100 * row['accuracy']:.1f}",
-            f"{100 * standard_error(row['accuracy'], row['n']):.1f}",
-            f"{row['retained_percent']:.1f}",
-            f"{row['avg_visual_tokens']:.1f}",
-            f"{row['decoder_tflops_per_sample']:.4f}",
-        )
-    console.print(table)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    meta = {
-        # the command line, when this ran as one (not from Python or a test runner)
-        "command": " ".join(["duet-vlm", *sys.argv[1:]]) if Path(sys.argv[0]).name == "duet-vlm" else None,
-        "split": split,
-        "n": n,
-        "model": str(model_path or "shipped demo model"),
-        "weights_sha256": digest,
-        "positions": positions,
-        "chance": {t: data.CHANCE[t] for t in types},
-    }
-    paths = write_results(rows, output_dir, meta=meta)
-    paths.append(retention_plot(rows, output_dir / "retention.png"))
-    console.print("wrote " + ", ".join(str(p) for p in paths))
+    # the command line, when this ran as one (not from Python or a test runner)
+    command = " ".join(["duet-vlm", *sys.argv[1:]]) if Path(sys.argv[0]).name == "duet-vlm" else None
+    with _Bar(transient=False) as bar:
+        run = evaluate_methods(methods, budgets, n, split, model_path, output_dir, batch_size, control, positions, resume,
+                               command, progress=bar.counter("evaluating"))
+    rows = [
+        (row["method"], str(row["budget"] or ""), *(f"{100 * row['per_type'].get(t, float('nan')):.1f}" for t in run.types),
+         f"{100 * row['accuracy']:.1f}", f"{100 * standard_error(row['accuracy'], row['n']):.1f}", f"{row['retained_percent']:.1f}",
+         f"{row['avg_visual_tokens']:.1f}", f"{row['decoder_tflops_per_sample']:.4f}")
+        for row in run.rows
+    ]
+    columns = ["method", "budget", *run.types, "avg", "± s.e.", "% of full", "visual tok/layer", "decoder TFLOPs"]
+    console.print(_table(f"Synthetic visual QA, {split} split, {n} questions per row", columns, rows))
+    console.print("wrote " + ", ".join(str(p) for p in run.paths))
 
 
 @app.command(

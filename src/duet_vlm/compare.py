@@ -1,14 +1,22 @@
-"""One prompt answered with and without token reduction: answers, counts, costs, timing, figure."""
+"""One prompt answered with and without token reduction: answers, counts, costs, timing, figure.
+
+``compare`` runs a loaded model; ``ask`` loads any supported checkpoint first (``duet-vlm run``).
+
+>>> asked = ask("llava-hf/llava-1.5-7b-hf", "What is shown?", image="scene.png", budget=64)   # doctest: +SKIP
+>>> [(answer.label, answer.text) for answer in asked.answers]                                # doctest: +SKIP
+"""
 
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
+from .adapters import adapter_for
 from .bench.timing import interleaved
 from .methods import Reducer, make
 from .stats import ReductionStats
@@ -69,6 +77,70 @@ def compare(
 
     times = interleaved({label: prefill(r) for label, r in resolved.items()}, rounds=rounds)
     return [Answer(label, texts[label], stats[label], statistics.median(times[label])) for label in resolved]
+
+
+def read_frames(path: Path) -> list:
+    """Frames of an animated image (GIF, WebP) or of the images in a folder (sorted by name)."""
+    from PIL import Image, ImageSequence
+
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+        frames = [Image.open(p).convert("RGB") for p in files]
+    else:
+        frames = [frame.convert("RGB") for frame in ImageSequence.Iterator(Image.open(path))]
+    if not frames:
+        raise ValueError(f"no video frames in {path}")
+    return frames
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class Asked:
+    """``ask``'s answers (all tokens, then the reducer) and the overlay it drew, if asked to."""
+
+    answers: list[Answer]
+    overlay: Optional[Path] = None
+
+
+def ask(model: str, prompt: str, image: Optional[Path] = None, video: Optional[Path] = None, method: str = "duet",
+        budget: Optional[int] = 64, ratio: Optional[float] = None, max_new_tokens: int = 32,
+        overlay: Optional[Path] = None, dtype: str = "auto", rounds: int = 3) -> Asked:
+    """Answer ``prompt`` about an image (or a video: an animated image or a folder of frames) with all
+    tokens and under ``make(method, budget=... or ratio=...)`` on the checkpoint ``model`` (a local
+    path or a Hub id); ``overlay``: where to draw the kept tokens."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    # The cheap checks first: a bad method, budget or image fails before the weights load.
+    reducer = make(method, budget=None if ratio is not None else budget, ratio=ratio)
+    if (image is None) == (video is None):
+        raise ValueError("give --image or --video")
+    picture = Image.open(image).convert("RGB") if image is not None else read_frames(video)
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    try:
+        loaded = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype).eval()
+        processor = AutoProcessor.from_pretrained(model)
+    except OSError as error:  # transformers' message does not say which argument was wrong
+        raise OSError(f"cannot load a checkpoint from --model {model!r}: {error}") from error
+    label = f"{method} {budget}" if ratio is None else f"{method} ratio {ratio}"
+    answers = compare(loaded, processor, picture, prompt, {"all tokens": None, label: reducer}, max_new_tokens, rounds)
+    if not overlay:
+        return Asked(answers)
+    stats = answers[1].stats
+    (item,) = stats.items
+    if len(item.views) == 1 and stats.vision_roles:  # one grid: Stage A's roles can be drawn too
+        # The item's own token grid (Qwen-VL images come in any size), CLS or not.
+        (_, rows, cols), = item.views
+        has_cls = adapter_for(loaded).geometry.has_cls
+        path = draw_overlay(picture, stats, (rows, cols), overlay, title=prompt, has_cls=has_cls)
+    else:  # tiles of an anyres image, or frames of a video
+        path = draw_item_overlay(picture, item, overlay, title=prompt)
+    return Asked(answers, path)
 
 
 def patch_mask(indices, grid: tuple[int, int], has_cls: bool = True) -> np.ndarray:

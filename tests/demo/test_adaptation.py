@@ -3,9 +3,14 @@ with its reducer, every model is evaluated in every setting, a re-run reuses fin
 the README's renderer reads what it wrote."""
 
 import json
+import sys
+from pathlib import Path
 
 from duet_vlm.demo.adaptation import AdaptationConfig, run
-from duet_vlm.report import render_adaptation, weights_digest
+from duet_vlm.evaluation import weights_digest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "docs"))
+from render import render_adaptation  # noqa: E402 - docs/render.py
 
 
 def test_adaptation_runs_every_arm_and_resumes(tiny_demo_model, tmp_path):

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import ClassVar, Optional
 
 from ..methods import make
-from ..report import weights_digest
+from ..evaluation import weights_digest
 from ..training import TrainConfig, train
 from ..training.config import RecipeConfig
 from .evaluate import DEMO_MODEL_DIR, evaluate_accuracy, load_demo

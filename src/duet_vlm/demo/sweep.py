@@ -1,0 +1,149 @@
+"""Every method at every budget on the synthetic visual-QA benchmark, on a demo model (``duet-vlm eval``):
+a miniature of the papers' Table 1.
+
+Each finished row is saved in ``OUTPUT_DIR/rows/`` with everything that determines it (method,
+budget, position option, split, n, batch size, the weights' SHA-256), so an interrupted run picks
+up where it stopped; a row saved under other settings or other weights is computed again. Each row
+records the reducer that ran (``reducer``: its ``to_dict()``, which ``duet_vlm.from_dict`` rebuilds).
+
+>>> run = evaluate_methods(["duet", "fastv"], [192, 64], n=70, output_dir=Path("out"))   # doctest: +SKIP
+>>> [(row["method"], row["budget"], row["accuracy"]) for row in run.rows]               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from .. import synthetic
+from ..adapters import adapter_for
+from ..evaluation import retention_plot, takes_positions, weights_digest, write_results
+from ..methods import METHODS, make
+from ..plan import resolve_positions
+from .evaluate import DEMO_MODEL_DIR, evaluate_accuracy, load_demo
+
+#: ``progress(advance, description=None, total=None)``: questions answered since the last call; the
+#: first call gives the run's total.
+Progress = Callable[..., None]
+
+
+@dataclass
+class EvalRun:
+    """What ``evaluate_methods`` measured and wrote."""
+
+    rows: list[dict]
+    types: list[str]  # the question types measured, in table order
+    paths: list[Path]  # results.json, results.csv, results.md, retention.png
+
+
+def evaluate_methods(
+    methods: Optional[list[str]] = None,
+    budgets: tuple[int, ...] = (192, 128, 64),
+    n: int = 500,
+    split: str = "test",
+    model_path: Optional[Path] = None,
+    output_dir: Path = Path("duet_eval"),
+    batch_size: int = 8,
+    control: bool = True,
+    positions: Optional[str] = None,
+    resume: bool = True,
+    command: Optional[str] = None,
+    progress: Optional[Progress] = None,
+) -> EvalRun:
+    """Accuracy of all tokens, of each method (default: every registered one) at each budget, and
+    with the image blanked (``control``); ``positions`` sets the position mode of every method
+    that has one. Writes ``output_dir``'s results files (``command``: the command line, for them)."""
+    chosen = methods or [name for name in METHODS if name != "full"]
+    unknown = [name for name in chosen if name not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; registered: {', '.join(sorted(METHODS))}")
+    if positions not in (None, "original", "contiguous"):
+        raise ValueError(f"--positions must be original or contiguous, got {positions!r}")
+    report = progress or (lambda advance, description=None, total=None: None)
+    output_dir = Path(output_dir)
+
+    def options(name: str) -> dict:
+        return {"positions": positions} if positions and takes_positions(METHODS[name]) else {}
+
+    # every reducer is built (and its method and budget checked) before the model loads
+    configs = [("full", None, make("full"))]
+    configs += [(name, budget, make(name, budget=budget, **options(name))) for name in chosen for budget in budgets]
+    model, processor = load_demo(model_path)
+    geometry = adapter_for(model).geometry
+    digest = weights_digest(model_path or DEMO_MODEL_DIR)
+    report(0, "evaluating", n * (len(configs) + control))
+
+    def measure(name: str, budget: int | None, reducer) -> dict:
+        costs = {"flops": 0, "rows": 0, "tokens": []}
+
+        def collect(message):
+            stats = reducer.stats
+            rows_now = len(stats.text_tokens)
+            costs["flops"] += stats.flops_exact
+            costs["rows"] += rows_now
+            costs["tokens"] = stats.tokens_per_layer
+            report(rows_now, f"{name} {budget or ''}")
+
+        result = evaluate_accuracy(
+            model, processor, split=split, n=n, batch_size=batch_size, wrap=lambda: reducer(model), progress=collect
+        )
+        # the mode a method with a position option ran in (its default resolved on this model)
+        mode = None
+        if name != "full" and takes_positions(METHODS[name]):
+            mode = resolve_positions(reducer.resolve(geometry).positions, geometry)
+        return {
+            "method": name,
+            "budget": budget,
+            "accuracy": result["accuracy"],
+            "per_type": result["per_type"],
+            "n": result["n"],
+            "positions": mode,
+            "avg_visual_tokens": sum(costs["tokens"]) / len(costs["tokens"]),
+            "decoder_tflops_per_sample": costs["flops"] / max(costs["rows"], 1) / 1e12,
+            "reducer": reducer.to_dict(),
+        }
+
+    def blank_image_row() -> dict:
+        blank = evaluate_accuracy(model, processor, split=split, n=n, batch_size=batch_size, blank_image=True,
+                                  progress=lambda message: report(batch_size))
+        return {"method": "blank image", "budget": None, "accuracy": blank["accuracy"], "per_type": blank["per_type"],
+                "n": blank["n"], "avg_visual_tokens": float("nan"), "decoder_tflops_per_sample": float("nan")}
+
+    def saved_row(name: str, budget: int | None, compute, reducer=None) -> dict:
+        """``compute()``'s row, or the one a previous run with the same settings saved."""
+        key = {"method": name, "budget": budget, "options": options(name) if name in METHODS else {}, "split": split,
+               "n": n, "batch_size": batch_size, "weights_sha256": digest,
+               "reducer": reducer.to_dict() if reducer is not None else None}
+        path = output_dir / "rows" / f"{name.replace(' ', '_')}-{budget or 'all'}.json"
+        if resume and path.exists() and (saved := json.loads(path.read_text()))["key"] == key:
+            report(n, f"{name} {budget or ''} (saved)")
+            return saved["row"]
+        row = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"key": key, "row": row}, indent=2) + "\n")
+        return row
+
+    rows = [saved_row(name, budget, lambda name=name, budget=budget, reducer=reducer: measure(name, budget, reducer), reducer)
+            for name, budget, reducer in configs]
+    if control:
+        rows.append(saved_row("blank image", None, blank_image_row))
+    full_accuracy = rows[0]["accuracy"]
+    for row in rows:
+        row["retained_percent"] = 100 * row["accuracy"] / full_accuracy if full_accuracy else float("nan")
+
+    types = [t for t in synthetic.QUESTION_TYPES if t in rows[0]["per_type"]]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "command": command,
+        "split": split,
+        "n": n,
+        "model": str(model_path or "shipped demo model"),
+        "weights_sha256": digest,
+        "positions": positions,
+        "chance": {t: synthetic.CHANCE[t] for t in types},
+    }
+    paths = write_results(rows, output_dir, meta=meta)
+    paths.append(retention_plot(rows, output_dir / "retention.png"))
+    return EvalRun(rows, types, paths)

@@ -544,18 +544,31 @@ def test_qwen_models_load_and_attach(name, tmp_path, offline, monkeypatch):
     which needs torchvision, replaced by a placeholder) with the method's options taken out of its
     arguments, and the reducer attaches. Generation through lmms-eval needs qwen-vl-utils, which
     imports torchvision: not on this install (the adapter's own tests run these models)."""
+    import json
+
     from lmms_eval.models import get_model
+    from loguru import logger
 
     kind = name.removeprefix("duet_")
     _qwen(kind, tmp_path / "model")
     # the chat classes inherit __init__ from the simple ones, which look AutoProcessor up in their module
     monkeypatch.setattr(f"lmms_eval.models.simple.{kind}.AutoProcessor",
                         type("Loader", (), {"from_pretrained": staticmethod(lambda *a, **k: None)}))
-    lm = get_model(name).create_from_arg_string(
-        f"pretrained={tmp_path / 'model'},device=cpu,device_map=cpu,max_pixels=50176,method=duet,ratio=0.25,"
-        "cluster_width=none", {"batch_size": 1})
+    logged = []
+    sink = logger.add(logged.append, format="{message}")
+    try:
+        lm = get_model(name).create_from_arg_string(
+            f"pretrained={tmp_path / 'model'},device=cpu,device_map=cpu,max_pixels=50176,method=duet,ratio=0.25,"
+            "cluster_width=none", {"batch_size": 1})
+    finally:
+        logger.remove(sink)
     assert lm.max_pixels == 50176  # lmms-eval's own argument
     assert (lm.reducer.ratio, lm.reducer.build(64).cluster_width) == (0.25, None)  # the method's
+    # the log records exactly what runs, and the record rebuilds it
+    (line,) = [m.strip() for m in logged if m.startswith("duet_vlm: attached ")]
+    record = json.loads(line.removeprefix("duet_vlm: attached "))
+    assert record == lm.reducer_record and duet_vlm.from_dict(record) == lm.reducer
+    assert lm.reducer == duet_vlm.make("duet", ratio=0.25, cluster_width=None)
     model = weakref.ref(lm.model)
     with pytest.raises(RuntimeError, match="already attached"):
         duet_vlm.make("full").attach(model())

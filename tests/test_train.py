@@ -16,8 +16,8 @@ from transformers import LlavaForConditionalGeneration
 from typer.testing import CliRunner
 
 import duet_vlm
-from duet_vlm.cli import app
 from duet_vlm import synthetic
+from duet_vlm.cli import app
 from duet_vlm.demo.processor import build_processor
 from duet_vlm.training import DataError, TrainConfig, VisionLanguageCollator, encode, synthetic_records, train
 from duet_vlm.training.trainer import checkpointing_callback, make_reducer, set_trainable
@@ -185,8 +185,11 @@ def test_cli_train_saves_a_plain_checkpoint_and_resumes(tmp_path, checkpoint):
     assert not any("vision_tower" in n for n in differs)
     assert not trained._forward_pre_hooks and not trained.model.language_model.layers[0]._forward_pre_hooks
 
-    config = TrainConfig(**json.loads((out / "train_config.json").read_text()))
+    saved = json.loads((out / "train_config.json").read_text())
+    config = TrainConfig.from_dict(saved)
     assert config == TrainConfig.parse_args([*args, "--max-steps", "2"])
+    # the reducer that trained, recorded so that it rebuilds
+    assert duet_vlm.from_dict(saved["reducer"]) == make_reducer(config) == duet_vlm.make("duet", budget=64)
     card = (out / "README.md").read_text()
     assert config.command() in card and "`duet`, budget: 64" in card
     assert TrainConfig.parse_args(shlex.split(config.command())[2:]) == config

@@ -23,7 +23,9 @@ tuple take ``;``-separated values (``layers=16;24,ratios=0.5;0.0``; an empty val
 the empty tuple) and ``none`` means ``None`` (``cluster_width=none``). With ``query=salient`` the
 model's tokenizer is passed to the method.
 
-Over the run the reducer's statistics are summed (every prefill, all processes) and handed to
+The reducer is logged when it attaches as its ``to_dict()`` (``duet_vlm: attached {"method": ...}``,
+also ``model.reducer_record``), which ``duet_vlm.from_dict`` rebuilds. Over the run the reducer's
+statistics are summed (every prefill, all processes) and handed to
 lmms-eval's metric log, which reports them in the results' ``throughput`` section with an
 ``avg_`` prefix: ``avg_duet_vlm_visual_tokens_per_layer``, ``avg_duet_vlm_llm_input_tokens``,
 ``avg_duet_vlm_flops_ratio`` (exact decoder prefill FLOPs, reduced / unreduced),
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 from typing import Any
 
 import torch
@@ -146,7 +149,9 @@ class ReducerMixin:
         self._seen = None
         self._handle = self.reducer.attach(self.model)
         self._hook = self.model.register_forward_hook(self._collect)
-        eval_logger.info(f"duet_vlm: {self.reducer!r} attached")
+        # exactly what runs, as data: duet_vlm.from_dict(json.loads(...)) rebuilds it
+        self.reducer_record = self.reducer.to_dict()
+        eval_logger.info(f"duet_vlm: attached {json.dumps(self.reducer_record)}")
 
     def _place(self, kwargs: dict[str, Any]) -> None:
         """Adjust the lmms-eval class's device arguments before it loads the model (none by default)."""

@@ -1,7 +1,7 @@
 """``TrainConfig``: the one description of a ``duet-vlm train`` run.
 
 The command-line options (``parse_args``), the saved hyper-parameters (``to_dict``, written as
-``train_config.json``) and the model card's command (``command``) are all derived from the
+``train_config.json`` next to the reducer's own record; ``from_dict`` reads it back) and the model card's command (``command``) are all derived from the
 dataclass fields below; a new option is one new field. ``RecipeConfig`` gives any recipe's
 dataclass the same four things (the demo recipe's ``DemoConfig`` uses it too).
 
@@ -50,6 +50,13 @@ class RecipeConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict):
+        """The config a ``to_dict()`` recorded. Keys that are no field are left out: a saved
+        ``train_config.json`` also holds the ``reducer`` that trained (``duet_vlm.from_dict`` rebuilds it)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in record.items() if key in names})
 
     def command(self, program: Optional[str] = None) -> str:
         """The command line that gives this config: required options, then every option not at its default."""

@@ -279,13 +279,14 @@ def train(config: TrainConfig) -> TrainOutcome:
         replica_digests=digests,
     )
     if trainer.is_world_process_zero():
-        save_final(trainer, config, processor, outcome, handle)
+        save_final(trainer, config, processor, outcome, handle, reducer)
     trainer.accelerator.wait_for_everyone()
     return outcome
 
 
-def save_final(trainer, config: TrainConfig, processor, outcome: TrainOutcome, handle) -> None:
-    """The plain model (LoRA merged, no reducer) + processor + ``train_config.json`` + model card."""
+def save_final(trainer, config: TrainConfig, processor, outcome: TrainOutcome, handle, reducer) -> None:
+    """The plain model (LoRA merged, no reducer) + processor + ``train_config.json`` (the config and the
+    reducer that trained, as its ``to_dict()``: ``duet_vlm.from_dict`` rebuilds it) + model card."""
     output = Path(config.output_dir)
     model = trainer.accelerator.unwrap_model(trainer.model)
     if config.train == "lora":
@@ -295,7 +296,8 @@ def save_final(trainer, config: TrainConfig, processor, outcome: TrainOutcome, h
     model.save_pretrained(output)
     processor.save_pretrained(output)
     trainer.save_state()
-    (output / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    record = {**config.to_dict(), "reducer": reducer.to_dict()}
+    (output / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
     summary = {
         "final_loss": outcome.final_loss, "average_loss": outcome.average_loss, "global_step": outcome.global_step,
         "world_size": trainer.accelerator.num_processes, "replica_digests": outcome.replica_digests,

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import duet_vlm
-from duet_vlm.runtime import _gather_mask
+from duet_vlm.runtime.masks import gather_mask as _gather_mask
 
 from conftest import IMAGE_TOKEN, make_inputs, make_llava, row
 from reference_duet import eager_copy, reference_duet

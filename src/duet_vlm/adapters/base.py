@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..geometry import Geometry
+
 
 def rotate_like(layer: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``(B, H, L, d)`` states with the RoPE function of ``layer``'s own modeling module,
@@ -35,53 +37,6 @@ def rotate_like(layer: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: 
     module = sys.modules[type(layer.self_attn).__module__]
     rotated, _ = module.apply_rotary_pos_emb(states, states, cos, sin)
     return rotated
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Shape facts of one visual item that a budget solver needs.
-
-    Attributes:
-        num_layers: decoder layers of the language model.
-        visual_tokens: placeholder slots of the item in the LLM input (576 for a LLaVA-1.5 image;
-            frames x tokens per frame for a video; tiles, unpadding and newline tokens included for
-            an anyres image).
-        grid: patch grid ``(rows, cols)`` of one unit (a frame, or the image's base tile).
-        has_cls: each unit's vision tokens start with a CLS token (index 0).
-        units: how many units the item has (frames of a video; 1 for an image). Vision stages run
-            per unit with ``llm_input // units`` tokens each, so a vision stage's token count is a
-            multiple of ``units``.
-        modality: ``"image"`` or ``"video"``.
-        trailing: structural slots after the last unit (LLaVA-OneVision's newline after a video).
-        rope: ``"1d"`` (one position per token) or ``"mrope"`` (Qwen-VL's 3-D time/row/column
-            positions, under which kept tokens must keep their positions).
-
-    >>> Geometry(32, 576, (24, 24), True).unit_tokens
-    576
-    """
-
-    num_layers: int
-    visual_tokens: int
-    grid: tuple[int, int]
-    has_cls: bool
-    units: int = 1
-    modality: str = "image"
-    trailing: int = 0
-    rope: str = "1d"
-
-    def __post_init__(self) -> None:
-        if self.units < 1 or (self.visual_tokens - self.trailing) % self.units:
-            raise ValueError(f"{self.visual_tokens} visual tokens do not split into {self.units} equal units")
-
-    @property
-    def unit_tokens(self) -> int:
-        """Placeholder slots of one unit (a frame)."""
-        return (self.visual_tokens - self.trailing) // self.units
-
-    @property
-    def patches(self) -> int:
-        """Patches of one unit's grid (CLS excluded)."""
-        return self.grid[0] * self.grid[1]
 
 
 @dataclass
@@ -123,6 +78,7 @@ class Capture:
     output: torch.Tensor
     calls: tuple[int, ...] = ()
     contexts: tuple[dict, ...] = ()
+    source: object = None  # a weak reference to the tower call's output object, once it returned
 
 
 @dataclass
@@ -174,7 +130,8 @@ class ModelAdapter:
     geometry: Geometry
     #: ``geometry`` is only a nominal size (items come in any size): attach-time checks are lenient.
     nominal_geometry: bool = False
-    #: ``{tower name: module}`` whose call arguments are kept with the tower's captures.
+    #: ``{tower name: the tower's entry module}``: a call of the tower begins and ends there (a
+    #: tower call that raised voids its encoding), and its arguments are kept with the captures.
     tower_entries: dict[str, nn.Module] = {}
 
     @classmethod

@@ -23,6 +23,7 @@ class LlavaAdapter(ModelAdapter):
         self.bind_modules(model)
         self.select_strategy = config.vision_feature_select_strategy
         self.towers = {"image": feature_layer(self.base.vision_tower, config.vision_feature_layer)}
+        self.tower_entries = {"image": self.base.vision_tower}
         self.placeholder_ids = {config.image_token_id: "image"}
         self.has_cls = config.vision_config.model_type == "clip_vision_model"
 

@@ -71,6 +71,7 @@ class LlavaNextAdapter(ModelAdapter):
         config = model.config
         self.bind_modules(model)
         self.towers = {"image": feature_layer(self.base.vision_tower, config.vision_feature_layer)}
+        self.tower_entries = {"image": self.base.vision_tower}
         self.placeholder_ids = {config.image_token_id: "image"}
         self.has_cls = config.vision_config.model_type == "clip_vision_model"
         # Tower tokens dropped before the projector ("default" drops CLS): projected index q is token q + offset.

@@ -28,6 +28,7 @@ class VideoLlavaAdapter(ModelAdapter):
             "image": feature_layer(self.base.image_tower, layer),
             "video": feature_layer(self.base.video_tower, layer),
         }
+        self.tower_entries = {"image": self.base.image_tower, "video": self.base.video_tower}
         self.placeholder_ids = {config.image_token_id: "image", config.video_token_id: "video"}
         vision = config.vision_config
         side = vision.image_size // vision.patch_size

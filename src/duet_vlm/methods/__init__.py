@@ -1,4 +1,4 @@
-"""Token-reduction methods: one file each, all ``Reducer`` subclasses."""
+"""Token-reduction methods: one file each, all ``Reducer`` subclasses that register themselves."""
 
 from .base import (
     Compose,
@@ -12,16 +12,17 @@ from .base import (
     VisionStage,
     VisionView,
 )
+# Imported in the registry's order (each module registers its method): the order of listings.
 from .duet import DominantContextualMerge, Duet, TextGuidedPrune
-from .fastv import FastV, LastTokenAttention
-from .full import Full
 from .pio import PIO, SaliencyNMSPrune, saliency_nms
-from .pool import GridPool, Pool
+from .fastv import FastV, LastTokenAttention
 from .pyramiddrop import LastInstructionAttention, PyramidDrop
-from .random_drop import RandomDrop, RandomPatches
-from .registry import METHODS, make
-from .sparsevlm import SparseVLM, TextRaterPrune
 from .visionzip import VisionZip
+from .random_drop import RandomDrop, RandomPatches
+from .pool import GridPool, Pool
+from .full import Full
+from .sparsevlm import SparseVLM, TextRaterPrune
+from .registry import METHODS, from_dict, make, register_method
 
 __all__ = [
     # the interface
@@ -37,7 +38,9 @@ __all__ = [
     "VisionView",
     # the registry
     "METHODS",
+    "from_dict",
     "make",
+    "register_method",
     # methods and their stages
     "Duet",
     "DominantContextualMerge",

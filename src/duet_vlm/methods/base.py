@@ -1,217 +1,40 @@
-"""The two kinds of reduction stage and the reducer that combines them.
+"""The reducer every method is: a ``plan`` per item geometry, attached to a model through the runtime.
 
-A method is a ``Reducer`` whose ``plan`` returns a ``Plan``: an optional ``VisionStage`` (fewer
-tokens enter the language model), an optional ``LanguageStage`` (visual tokens are dropped at layer
-boundaries inside it) and the ``Schedule`` of counts both must meet. Stages override one method
-each: ``VisionStage.reduce`` and ``LanguageStage.score`` (or ``select`` when top-k is not enough).
-The runtime (``duet_vlm.runtime``) installs the hooks and does all the bookkeeping.
+A method is a ``Reducer`` whose ``plan`` returns a ``duet_vlm.plan.Plan`` (the interface types live
+there, below the runtime). Methods register themselves by name (``register_method``), declare
+their options as dataclass fields, and round-trip through a plain dict (``to_dict`` /
+``duet_vlm.from_dict``), so a results file records exactly what ran and can rebuild it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import warnings
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, ClassVar, Iterator
 
-import torch
 from torch import nn
 
-from ..adapters import Geometry
+from ..geometry import Geometry
+from ..plan import (  # noqa: F401 - re-exported: the interface methods are written against
+    LanguageStage,
+    LayerView,
+    Plan,
+    PositionsError,
+    Selection,
+    VisionReduction,
+    VisionStage,
+    VisionView,
+    check_positions,
+    resolve_positions,
+)
+from ..runtime import attach as attach_runtime
 from ..schedule import Schedule, solve_llm_input
-from ..selection import top_k_in_order
 from ..stats import ReductionStats
-
-
-@dataclass
-class VisionView:
-    """What a vision-side stage sees for a stack of ``I`` units of the same shape (images, or frames).
-
-    Attributes:
-        features: ``(I, T, C)`` output of the vision feature layer, CLS first when ``has_cls``.
-        cls_attention: ``(I, P)`` CLS-to-patch attention of that layer, summed over heads; for a
-            tower without a CLS token (SigLIP) the substitute the adapter documents: the attention
-            each patch receives, averaged over heads and summed over queries.
-        keys: ``(I, T, d)`` that layer's keys averaged over heads.
-        grid: patch grid ``(rows, cols)``; patch ``(r, c)`` is token ``has_cls + r * cols + c``.
-        has_cls: whether token 0 is a CLS token.
-    """
-
-    features: torch.Tensor
-    cls_attention: torch.Tensor
-    keys: torch.Tensor
-    grid: tuple[int, int]
-    has_cls: bool
-
-
-@dataclass
-class VisionReduction:
-    """Output of a vision-side stage.
-
-    Attributes:
-        features: ``(I, n, C)`` what the projector consumes instead of the image's tokens.
-        kept: ``(I, n)`` for each output token, the index (in ``VisionView.features``) of the token it
-            stands for; used for statistics and figures.
-        roles: optional named index tensors (e.g. ``"dominant"``, ``"anchors"``) for figures.
-    """
-
-    features: torch.Tensor
-    kept: torch.Tensor
-    roles: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-class VisionStage(ABC):
-    """Reduces each unit's vision-encoder tokens (an image, or one frame of a video) before the projector."""
-
-    @abstractmethod
-    def reduce(self, view: VisionView, keep: int) -> VisionReduction:
-        """Return ``keep`` tokens per unit (``keep`` counts the CLS token if it is kept)."""
-
-
-@dataclass
-class LayerView:
-    """What a language-side stage sees at a pruning boundary (the input of decoder layer ``layer_index``).
-
-    Sequence positions below are positions in the current (already reduced) sequence.
-
-    Attributes:
-        layer_index: 0-based index of the decoder layer about to run (the first after the boundary).
-        layer: that decoder layer.
-        hidden_states: ``(B, L, D)`` its input.
-        position_embeddings: ``(cos, sin)`` for those positions.
-        visual_index: ``(B, n_images, n)`` positions of the visual tokens.
-        visual_ids: ``(B, n_images, n)`` the same tokens as indices into the visual block that entered
-            the language model (stable across boundaries).
-        valid: ``(B, L)`` False on padding.
-        input_ids: ``(B, L)`` token ids (the image placeholder id on visual tokens).
-        input_embeddings: ``(B, L, D)`` the language model's input embeddings of these tokens.
-        text_after_image: per row, positions of the prompt tokens after the last image; during
-            training (labels given) only those with label -100, i.e. instructions, not answers.
-        previous_layer, previous_hidden_states: decoder layer ``layer_index - 1`` and its input
-            (``None`` when that layer saw a different token set).
-        scratch: a dict that lives for one prefill, for what a stage computes once and reuses at
-            later boundaries.
-    """
-
-    layer_index: int
-    layer: nn.Module
-    hidden_states: torch.Tensor
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
-    visual_index: torch.Tensor
-    visual_ids: torch.Tensor
-    valid: torch.Tensor
-    input_ids: torch.Tensor
-    input_embeddings: torch.Tensor
-    text_after_image: list[torch.Tensor]
-    previous_layer: nn.Module | None
-    previous_hidden_states: torch.Tensor | None
-    scratch: dict
-    attention_fn: Callable[..., torch.Tensor]
-    run_layer_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]
-    output_head_fn: Callable[[torch.Tensor], torch.Tensor]
-
-    @property
-    def last_index(self) -> torch.Tensor:
-        """``(B,)`` position of the last token of each row (the last prompt token in a prefill)."""
-        batch, length = self.hidden_states.shape[:2]
-        return torch.full((batch,), length - 1, dtype=torch.long, device=self.hidden_states.device)
-
-    def text_to_visual_attention(self, queries: list[torch.Tensor], previous_layer: bool = False) -> torch.Tensor:
-        """``(B, n_images, n)`` attention from each row's ``queries`` to its visual tokens (float32).
-
-        Computes only the query-rows x keys block with the layer's own norm, projections and RoPE
-        (full-row causal softmax, mean over heads and queries), so the model keeps its fast attention
-        backend. ``previous_layer=True`` scores with layer ``layer_index - 1`` on its own input, the
-        attention that layer actually computed (FastV, SparseVLM); the default uses the next layer's
-        projections on the current states (PyramidDrop, DUET).
-        """
-        if previous_layer:
-            if self.previous_hidden_states is None:
-                raise RuntimeError(f"layer {self.layer_index - 1} saw a different token set; cannot score with it")
-            layer, hidden = self.previous_layer, self.previous_hidden_states
-        else:
-            layer, hidden = self.layer, self.hidden_states
-        return self.attention_fn(layer, hidden, self.position_embeddings, queries, self.valid, self.visual_index)
-
-    def run_layer(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Run ``layer`` on ``hidden_states`` (same tokens) without touching the KV cache or the hooks."""
-        return self.run_layer_fn(self.layer, hidden_states)
-
-    def output_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The model's own final norm and LM head applied to intermediate states (logits)."""
-        return self.output_head_fn(hidden_states)
-
-
-@dataclass
-class Selection:
-    """What ``LanguageStage.select`` may return instead of bare indices.
-
-    Attributes:
-        index: ``(B, n_images, keep)`` indices into the visual block, ascending.
-        hidden_states: optional ``(B, n_images, keep, D)`` states to put in those slots instead of the
-            tokens' own (token recycling: a merged token takes the slot of one it stands for).
-    """
-
-    index: torch.Tensor
-    hidden_states: torch.Tensor | None = None
-
-
-class LanguageStage(ABC):
-    """Drops visual tokens inside the language model at the schedule's boundaries."""
-
-    @abstractmethod
-    def score(self, view: LayerView) -> torch.Tensor:
-        """``(B, n_images, n)`` importance of each visual token; the highest ``keep`` survive."""
-
-    def select(self, view: LayerView, keep: int) -> torch.Tensor | Selection:
-        """``(B, n_images, keep)`` indices into the visual block to keep (or a ``Selection``)."""
-        return top_k_in_order(self.score(view), keep)
-
-
-@dataclass
-class Plan:
-    """A method's concrete stages for one model geometry."""
-
-    schedule: Schedule
-    vision: VisionStage | None = None
-    language: LanguageStage | None = None
-    positions: str | None = None  # None: the model's default (``resolve_positions``)
-
-    def __post_init__(self) -> None:
-        check_positions(self.positions)
-        if self.vision is None and self.schedule.llm_input != self.schedule.visual_tokens:
-            raise ValueError("a schedule that reduces the LLM input needs a vision stage")
-        if self.language is None and self.schedule.boundaries:
-            raise ValueError("a schedule with pruning boundaries needs a language stage")
-
-
-def check_positions(positions: str | None) -> None:
-    if positions not in (None, "contiguous", "original"):
-        raise ValueError(f"positions must be 'contiguous' or 'original' (or None for the model's default), got {positions!r}")
-
-
-class PositionsError(ValueError):
-    """A position mode the model cannot use (renumbering under M-RoPE)."""
-
-
-def resolve_positions(positions: str | None, geometry: Geometry) -> str:
-    """The position mode of a plan for ``geometry``: ``None`` means the model's default.
-
-    1-D RoPE models default to ``"contiguous"`` (the references of DUET, PyramidDrop, SparseVLM and
-    PIO renumber after every drop). Under M-RoPE (Qwen-VL) a visual token's position is a 3-D
-    (time, row, column) coordinate and text after an image continues from ``rope_deltas``: the
-    reference keeps every kept token's original position, and renumbering has no sound meaning.
-    """
-    if geometry.rope == "mrope":
-        if positions == "contiguous":
-            raise PositionsError(
-                "positions='contiguous' renumbers the kept visual tokens, which has no sound meaning under M-RoPE "
-                "(3-D time/row/column positions; text continues from rope_deltas). Use positions='original' (the "
-                "default on this model): kept tokens keep their 3-D positions, merged tokens take their anchor's"
-            )
-        return "original"
-    return positions or "contiguous"
+from ..unwrap import unwrap_model
 
 
 def per_unit(geometry: Geometry | None, keep: int) -> int:
@@ -229,6 +52,29 @@ def check_budget(budget: int | None, required: bool = True) -> None:
         raise ValueError(f"budget must be a positive int (visual tokens per layer per image), got {budget}")
 
 
+class CallStats:
+    """The statistics of the last prefill, per thread, so that threads sharing one reducer each read
+    their own call's; a thread that made no call reads the newest any thread recorded (e.g. a
+    ``generate`` run in a background thread with a streamer). Not copied with the reducer."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self.newest: ReductionStats | None = None
+
+    def get(self) -> ReductionStats | None:
+        return getattr(self._local, "stats", self.newest)
+
+    def set(self, stats: ReductionStats | None) -> None:
+        self._local.stats = self.newest = stats
+
+    def __deepcopy__(self, memo) -> "CallStats":
+        return CallStats()
+
+    def __reduce__(self):
+        return CallStats, ()
+
+
+@dataclass
 class Reducer(ABC):
     """Base of every method: attach it to a model as a context manager or persistently.
 
@@ -236,13 +82,58 @@ class Reducer(ABC):
     ``vision_stage_for`` (vision-side methods) or ``schedule_for`` and ``language_stage``
     (language-side methods).
 
+    ``positions`` is declared here once for every method: ``"contiguous"`` renumbers kept tokens
+    after every drop (the references of DUET, PyramidDrop, SparseVLM and PIO), ``"original"`` keeps
+    their positions (FastV); ``None`` takes the method's ``default_positions``, else the model's
+    default (contiguous under 1-D RoPE, original under M-RoPE, where renumbering is refused).
+
     >>> reducer = duet_vlm.Duet(budget=64)                      # doctest: +SKIP
     >>> with reducer(model):                                    # doctest: +SKIP
     ...     model.generate(**inputs, max_new_tokens=32)
     >>> reducer.stats.tokens_per_layer                          # doctest: +SKIP
     """
 
-    stats: ReductionStats | None = None
+    positions: str | None = field(default=None, kw_only=True)
+
+    #: the name the method is registered under (``register_method``).
+    method_name: ClassVar[str] = ""
+    #: the position mode used when ``positions`` is ``None`` (``None``: the model's default).
+    default_positions: ClassVar[str | None] = None
+    #: fields that are objects rather than settings: left out of ``to_dict``, passed to ``from_dict``.
+    runtime_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        check_positions(self.positions)
+        if self.positions is None:
+            self.positions = self.default_positions
+
+    @classmethod
+    def prunes_in_language_model(cls) -> bool:
+        """Whether the method drops tokens inside the language model (it has a language stage):
+        where ``positions`` decides how the survivors are numbered. A vision-side method hands the
+        language model a shorter input, whose numbering ``positions`` also sets."""
+        return cls.language_stage is not Reducer.language_stage
+
+    @property
+    def position_mode(self) -> str | None:
+        """The position mode asked for (``None``: the model's default)."""
+        return self.positions
+
+    # Statistics belong to the call that made them (``CallStats``).
+    @property
+    def stats(self) -> ReductionStats | None:
+        """What the last prefill of this thread reduced (``None`` before any call)."""
+        return self._call_stats().get()
+
+    @stats.setter
+    def stats(self, value: ReductionStats | None) -> None:
+        self._call_stats().set(value)
+
+    def _call_stats(self) -> CallStats:
+        box = self.__dict__.get("_stats")
+        if box is None:
+            box = self.__dict__.setdefault("_stats", CallStats())
+        return box
 
     @abstractmethod
     def plan(self, geometry: Geometry) -> Plan:
@@ -260,8 +151,9 @@ class Reducer(ABC):
         raise NotImplementedError(f"{type(self).__name__} has no language-side stage")
 
     def resolve(self, geometry: Geometry) -> Plan:
-        """``plan`` with the shared budget rule: a budget at or above the token count is a no-op."""
-        resolve_positions(getattr(self, "positions", None), geometry)  # refused before any budget error
+        """``plan`` with the shared rules: a budget at or above the token count is a no-op, and the
+        plan's position mode is this reducer's, resolved for the model."""
+        mode = resolve_positions(self.position_mode, geometry)  # refused before any budget error
         budget = getattr(self, "budget", None)
         if budget is not None and budget >= geometry.visual_tokens:
             warnings.warn(
@@ -269,19 +161,15 @@ class Reducer(ABC):
                 "nothing is reduced",
                 stacklevel=3,
             )
-            schedule = Schedule(geometry.num_layers, geometry.visual_tokens, geometry.visual_tokens)
-            plan = Plan(schedule, positions=getattr(self, "positions", None))
+            plan = Plan(Schedule(geometry.num_layers, geometry.visual_tokens, geometry.visual_tokens))
         else:
             plan = self.plan(geometry)
-        plan.positions = resolve_positions(plan.positions, geometry)
+        plan.positions = mode
         return plan
 
     def attach(self, model: nn.Module):
         """Install the hooks until ``handle.remove()``; for Trainers and evaluators."""
-        from ..runtime import attach
-        from ..unwrap import unwrap_model
-
-        return attach(self, unwrap_model(model))
+        return attach_runtime(self, unwrap_model(model))
 
     @contextmanager
     def __call__(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -290,6 +178,34 @@ class Reducer(ABC):
             yield model
         finally:
             handle.remove()
+
+    # ----------------------------------------------------------------- records
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting as plain data, with the method's registered name: ``from_dict`` rebuilds
+        an equal reducer (objects such as a tokenizer are passed to ``from_dict`` again).
+
+        >>> Duet(budget=64).to_dict()["method"], Duet(budget=64).to_dict()["budget"]   # doctest: +SKIP
+        ('duet', 64)
+        """
+        if not self.method_name:
+            raise TypeError(f"{type(self).__name__} is not a registered method (register_method)")
+        record: dict[str, Any] = {"method": self.method_name}
+        for spec in dataclasses.fields(self):
+            if spec.name in self.runtime_fields:
+                continue
+            record[spec.name] = _plain(spec.name, getattr(self, spec.name))
+        return record
+
+
+def _plain(name: str, value: Any) -> Any:
+    """A setting as JSON-ready data (tuples become lists, reducers their dicts)."""
+    if isinstance(value, Reducer):
+        return value.to_dict()
+    if isinstance(value, (tuple, list)):
+        return [_plain(name, v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ValueError(f"the setting {name}={value!r} is not plain data and cannot be recorded (to_dict)")
 
 
 @dataclass
@@ -304,12 +220,23 @@ class PerItemRatio(Reducer):
     >>> with reducer(model): model.generate(**inputs)              # doctest: +SKIP
     """
 
-    build: Callable[[int], Reducer]
+    method: type[Reducer]
     ratio: float
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio <= 1:
             raise ValueError(f"ratio must lie in (0, 1] (the kept fraction of each item's tokens), got {self.ratio!r}")
+        self.build(1)  # validate the options now, not at the first forward
+
+    @property
+    def position_mode(self) -> str | None:
+        return self.build(1).position_mode
+
+    def build(self, budget: int) -> Reducer:
+        """The method with an absolute budget."""
+        return self.method(budget=budget, positions=self.positions, **self.options)
 
     def budget_for(self, geometry: Geometry) -> int:
         return max(1, round(self.ratio * geometry.visual_tokens))
@@ -320,10 +247,13 @@ class PerItemRatio(Reducer):
     def plan(self, geometry: Geometry) -> Plan:
         return self.build(self.budget_for(geometry)).plan(geometry)
 
+    def to_dict(self) -> dict[str, Any]:
+        record = self.build(1).to_dict()
+        del record["budget"]
+        return {**record, "ratio": self.ratio}
 
-def compose_plan(
-    vision: Reducer, language: Reducer, budget: int, geometry: Geometry, positions: str | None = None
-) -> Plan:
+
+def compose_plan(vision: Reducer, language: Reducer, budget: int, geometry: Geometry) -> Plan:
     """Split one budget between a vision-side and a language-side method.
 
     The LLM-input count is solved so that the language method's schedule averages ``budget``; the
@@ -331,7 +261,7 @@ def compose_plan(
     """
     schedule = solve_llm_input(budget, lambda n: language.schedule_for(geometry, n), step=geometry.units)
     language_stage = language.language_stage() if schedule.boundaries else None
-    return Plan(schedule, vision.vision_stage_for(geometry, schedule.llm_input), language_stage, positions)
+    return Plan(schedule, vision.vision_stage_for(geometry, schedule.llm_input), language_stage)
 
 
 @dataclass
@@ -347,11 +277,12 @@ class Compose(Reducer):
     vision: Reducer
     language: Reducer
     budget: int
-    positions: str | None = None
+
+    method_name: ClassVar[str] = "compose"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_budget(self.budget)
-        check_positions(self.positions)
 
     def plan(self, geometry: Geometry) -> Plan:
-        return compose_plan(self.vision, self.language, self.budget, geometry, self.positions)
+        return compose_plan(self.vision, self.language, self.budget, geometry)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
-from ..adapters import Geometry
+from ..geometry import Geometry
 from ..salient import salient_token_positions
 from ..schedule import ratio_schedule, scaled_boundaries
 from ..selection import merge_dominant_contextual
@@ -20,10 +20,10 @@ from .base import (
     VisionStage,
     VisionView,
     check_budget,
-    check_positions,
     compose_plan,
     per_unit,
 )
+from .registry import register_method
 
 # The splits the paper's LLaVA-1.5 runs used (official eval and README): 300 + 7 at budget 192 and
 # 170 + 35 at budget 128. Elsewhere contextual tokens take VisionZip's share (10 of every 64).
@@ -123,6 +123,7 @@ class TextGuidedPrune(LanguageStage):
         return view.text_to_visual_attention(self.queries(view))
 
 
+@register_method("duet")
 @dataclass
 class Duet(Reducer):
     """DUET-VLM (Singh et al., CVPR 2026): merge on the vision side, then prune inside the LLM.
@@ -158,13 +159,14 @@ class Duet(Reducer):
     ratios: tuple[float, ...] | None = None
     query: Query = "text"
     tokenizer: Any = field(default=None, repr=False)
-    positions: str | None = None
+
+    runtime_fields: ClassVar[tuple[str, ...]] = ("tokenizer",)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         explicit = self.dominant is not None and self.contextual is not None
         check_budget(self.budget, required=not explicit)
         check_stage_a_counts(self.dominant, self.contextual)
-        check_positions(self.positions)
         if (self.layers is None) != (self.ratios is None) and self.layers != ():
             raise ValueError("give both layers and ratios (or neither, for the default schedule)")
         if self.ratios is None and self.layers == ():
@@ -211,8 +213,8 @@ class Duet(Reducer):
             if stage_a >= geometry.visual_tokens:
                 schedule = self.schedule_for(geometry, geometry.visual_tokens)
                 language = self.language_stage() if schedule.boundaries else None
-                return Plan(schedule, None, language, self.positions)
+                return Plan(schedule, None, language)
             schedule = self.schedule_for(geometry, stage_a)
             language = self.language_stage() if schedule.boundaries else None
-            return Plan(schedule, self.vision_stage_for(geometry, schedule.llm_input), language, self.positions)
-        return compose_plan(self, self, self.budget, geometry, self.positions)
+            return Plan(schedule, self.vision_stage_for(geometry, schedule.llm_input), language)
+        return compose_plan(self, self, self.budget, geometry)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from ..adapters import Geometry
+from ..geometry import Geometry
 from ..schedule import Schedule
-from .base import LanguageStage, LayerView, Plan, Reducer, check_budget, check_positions
+from .base import LanguageStage, LayerView, Plan, Reducer, check_budget
+from .registry import register_method
 
 # FastV's paper default R = 50%: used when FastV prunes after a vision-side method in a Compose and
 # neither ``keep`` nor ``ratio`` is given.
@@ -60,6 +62,7 @@ class LastTokenAttention(LanguageStage):
         return view.text_to_visual_attention(last, previous_layer=True)
 
 
+@register_method("fastv")
 @dataclass
 class FastV(Reducer):
     """FastV (Chen et al., ECCV 2024): drop visual tokens once, after decoder layer ``layer``.
@@ -87,9 +90,11 @@ class FastV(Reducer):
     layer: int = 2
     keep: int | None = None
     ratio: float | None = None
-    positions: str = "original"
+
+    default_positions: ClassVar[str | None] = "original"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_budget(self.budget, required=False)
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
             raise ValueError(f"layer must be an int >= 1 (FastV scores with layer - 1), got {self.layer!r}")
@@ -99,7 +104,6 @@ class FastV(Reducer):
             raise ValueError(f"ratio must lie in [0, 1], got {self.ratio!r}")
         if self.keep is not None and self.ratio is not None:
             raise ValueError("give keep or ratio, not both")
-        check_positions(self.positions)
 
     def _check_layer(self, geometry: Geometry) -> None:
         if self.layer >= geometry.num_layers:
@@ -131,4 +135,4 @@ class FastV(Reducer):
                 raise ValueError("FastV needs a budget (or keep / ratio)")
             keep = fastv_keep(self.budget, geometry.num_layers, geometry.visual_tokens, self.layer)
             schedule = self._schedule(geometry, geometry.visual_tokens, keep)
-        return Plan(schedule, language=self.language_stage(), positions=self.positions)
+        return Plan(schedule, language=self.language_stage())

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..adapters import Geometry
+from ..geometry import Geometry
 from ..schedule import Schedule
 from .base import Plan, Reducer, check_budget
+from .registry import register_method
 
 
+@register_method("full")
 @dataclass
 class Full(Reducer):
     """Keeps every visual token; outputs are bit-identical to the model without a reducer.
@@ -26,6 +28,7 @@ class Full(Reducer):
     budget: int | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_budget(self.budget, required=False)
 
     def resolve(self, geometry: Geometry) -> Plan:

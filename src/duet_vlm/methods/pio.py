@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..adapters import Geometry
+from ..geometry import Geometry
 from ..schedule import Schedule, scaled_boundaries, solve_llm_input
 from ..selection import gather_tokens
-from .base import LanguageStage, LayerView, Plan, Reducer, check_budget, check_positions, compose_plan, per_unit
+from .base import LanguageStage, LayerView, Plan, Reducer, check_budget, compose_plan, per_unit
+from .registry import register_method
 from .duet import CONTEXTUAL_SHARE, DominantContextualMerge, contextual_count
 
 SALIENCIES = ("grad_norm", "grad_x_input")
@@ -132,6 +133,7 @@ class SaliencyNMSPrune(LanguageStage):
 
 
 
+@register_method("pio")
 @dataclass
 class PIO(Reducer):
     """PIO-FVLM / TRIO (Ouyang et al., 2026): keep the visual tokens the model's own prediction needs.
@@ -204,10 +206,9 @@ class PIO(Reducer):
     saliency: str = "grad_norm"
     threshold: float = 0.9
     prediction_tokens: int = 2
-    positions: str | None = None
 
     def __post_init__(self) -> None:
-        check_positions(self.positions)
+        super().__post_init__()
         if not isinstance(self.vision, bool):
             raise ValueError(f"vision must be True or False, got {self.vision!r}")
         if isinstance(self.keep, int):
@@ -274,7 +275,7 @@ class PIO(Reducer):
                     raise ValueError(f"llm_input={self.llm_input} exceeds the {geometry.visual_tokens} visual tokens")
                 schedule = self.schedule_for(geometry, self.llm_input)
                 language = self.language_stage() if schedule.boundaries else None
-                plan = Plan(schedule, self.vision_stage_for(geometry, self.llm_input), language, self.positions)
+                plan = Plan(schedule, self.vision_stage_for(geometry, self.llm_input), language)
             else:
                 maximum = self.schedule_for(geometry, geometry.visual_tokens).average
                 if self.budget > maximum + 1:
@@ -282,10 +283,10 @@ class PIO(Reducer):
                         f"PIO with the vision pre-filter averages at most {maximum:g} visual tokens per layer with "
                         f"this schedule (budget {self.budget}); use vision=False or larger ratios"
                     )
-                plan = compose_plan(self, self, self.budget, geometry, self.positions)
+                plan = compose_plan(self, self, self.budget, geometry)
         else:
             schedule = self._solve_llm_only(geometry)
-            plan = Plan(schedule, None, self.language_stage() if schedule.boundaries else None, self.positions)
+            plan = Plan(schedule, None, self.language_stage() if schedule.boundaries else None)
         kept = tuple(k for _, k in plan.schedule.boundaries)
         if self.keep is not None and kept != self.keep:
             raise ValueError(f"keep={self.keep} exceeds the {plan.schedule.llm_input} tokens entering the LLM")

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..adapters import Geometry
+from ..geometry import Geometry
 from ..schedule import Schedule
 from .base import Plan, Reducer, VisionReduction, VisionStage, VisionView, check_budget, per_unit
+from .registry import register_method
 
 
 def pool_grid(count: int, grid: tuple[int, int], tolerance: int = 0) -> tuple[int, int]:
@@ -70,6 +71,7 @@ class GridPool(VisionStage):
         return VisionReduction(pooled, kept.expand(images, -1))
 
 
+@register_method("pool")
 @dataclass
 class Pool(Reducer):
     """Spatial pooling baseline: the patch grid averaged down to about ``budget`` cells.
@@ -93,6 +95,7 @@ class Pool(Reducer):
     shape: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_budget(self.budget, required=False)
         if self.shape is not None:
             self.shape = tuple(self.shape)

@@ -7,9 +7,10 @@ from typing import Callable
 
 import torch
 
-from ..adapters import Geometry
+from ..geometry import Geometry
 from ..schedule import Schedule, ratio_schedule, scaled_boundaries
-from .base import LanguageStage, LayerView, Plan, Reducer, check_budget, check_positions
+from .base import LanguageStage, LayerView, Plan, Reducer, check_budget
+from .registry import register_method
 
 # The reference's LLaVA-1.5 boundaries [8, 16, 24] and lambda = 0.5, as fractions of depth so that
 # other depths get the same shape.
@@ -107,6 +108,7 @@ class LastInstructionAttention(LanguageStage):
         return view.text_to_visual_attention([positions[-1:] for positions in view.text_after_image])
 
 
+@register_method("pyramiddrop")
 @dataclass
 class PyramidDrop(Reducer):
     """PyramidDrop (Xing et al., CVPR 2025): rank and drop visual tokens at several layer boundaries.
@@ -142,13 +144,12 @@ class PyramidDrop(Reducer):
     layers: tuple[int, ...] | None = None
     ratios: tuple[float, ...] | None = None
     decay: float | None = None
-    positions: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_budget(self.budget, required=False)
         if self.ratios is not None and self.decay is not None:
             raise ValueError("give ratios or decay, not both")
-        check_positions(self.positions)
         if self.decay is not None and not 0.0 <= self.decay <= 1.0:
             raise ValueError(f"decay must lie in [0, 1], got {self.decay!r}")
         if self.ratios is not None:
@@ -181,4 +182,4 @@ class PyramidDrop(Reducer):
             raise ValueError("PyramidDrop needs a budget (or ratios / decay)")
         else:
             schedule, _ = pyramid_schedule(self.budget, geometry.num_layers, geometry.visual_tokens, self.layers)
-        return Plan(schedule, language=self.language_stage(), positions=self.positions)
+        return Plan(schedule, language=self.language_stage())

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters import Geometry
+from ..geometry import Geometry
 from ..schedule import Schedule
 from ..selection import gather_tokens
 from .base import Plan, Reducer, VisionReduction, VisionStage, VisionView, check_budget, per_unit
+from .registry import register_method
 
 
 def random_patches(num_patches: int, keep: int, seed: int) -> torch.Tensor:
@@ -46,6 +47,7 @@ class RandomPatches(VisionStage):
         return VisionReduction(features, kept)
 
 
+@register_method("random")
 @dataclass
 class RandomDrop(Reducer):
     """Random baseline: ``budget`` uniformly random patches enter the language model.
@@ -68,6 +70,7 @@ class RandomDrop(Reducer):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_budget(self.budget, required=False)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")

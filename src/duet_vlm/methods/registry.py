@@ -1,29 +1,41 @@
-"""Name -> method class, and ``make(name, budget=...)``: the same budget meaning for every method."""
+"""Name -> method class, filled by the methods themselves (``register_method``); ``make`` and
+``from_dict`` build reducers by name with the same budget meaning for every method."""
 
 from __future__ import annotations
 
-from .base import PerItemRatio, Reducer
-from .duet import Duet
-from .pio import PIO
-from .fastv import FastV
-from .full import Full
-from .pool import Pool
-from .pyramiddrop import PyramidDrop
-from .random_drop import RandomDrop
-from .visionzip import VisionZip
-from .sparsevlm import SparseVLM
+from typing import Any, Callable, TypeVar
 
-METHODS: dict[str, type[Reducer]] = {
-    "duet": Duet,
-    "pio": PIO,
-    "fastv": FastV,
-    "pyramiddrop": PyramidDrop,
-    "visionzip": VisionZip,
-    "random": RandomDrop,
-    "pool": Pool,
-    "full": Full,
-    "sparsevlm": SparseVLM,
-}
+from .base import Compose, PerItemRatio, Reducer
+
+METHODS: dict[str, type[Reducer]] = {}
+
+R = TypeVar("R", bound=type[Reducer])
+
+
+def register_method(name: str) -> Callable[[R], R]:
+    """Class decorator: register a ``Reducer`` under ``name`` (``make(name)``, the CLI, lmms-eval,
+    and every test of the method matrix pick it up).
+
+    >>> @register_method("mine")                                     # doctest: +SKIP
+    ... @dataclass
+    ... class Mine(Reducer): ...
+    """
+
+    def register(cls: R) -> R:
+        if name in METHODS and METHODS[name] is not cls:
+            raise ValueError(f"a method named {name!r} is already registered ({METHODS[name].__name__})")
+        cls.method_name = name
+        METHODS[name] = cls
+        return cls
+
+    return register
+
+
+def method_class(name: str) -> type[Reducer]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; registered: {', '.join(sorted(METHODS))}") from None
 
 
 def make(name: str, budget: int | None = None, ratio: float | None = None, **options) -> Reducer:
@@ -34,13 +46,36 @@ def make(name: str, budget: int | None = None, ratio: float | None = None, **opt
     >>> with reducer(model): model.generate(**inputs)      # doctest: +SKIP
     >>> make("visionzip", ratio=0.25)                       # doctest: +SKIP
     """
-    try:
-        method = METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; registered: {', '.join(sorted(METHODS))}") from None
+    method = method_class(name)
     if ratio is not None:
         if budget is not None:
             raise ValueError("give a budget or a ratio, not both")
-        method(budget=1, **options)  # validate the options now, not at the first forward
-        return PerItemRatio(lambda b: method(budget=b, **options), ratio)
+        positions = options.pop("positions", None)
+        return PerItemRatio(method, ratio, options, positions=positions)
     return method(budget=budget, **options) if budget is not None else method(**options)
+
+
+def from_dict(record: dict[str, Any], **objects) -> Reducer:
+    """Rebuild the reducer that ``reducer.to_dict()`` recorded; ``objects`` supplies what a record
+    leaves out (e.g. ``tokenizer=`` for DUET's ``query="salient"``), to the methods that take it.
+
+    >>> from_dict(make("duet", budget=64).to_dict()) == make("duet", budget=64)
+    True
+    """
+    record = dict(record)
+    try:
+        name = record.pop("method")
+    except KeyError:
+        raise ValueError(f"a reducer record names its method ('method': ...), got keys {sorted(record)}") from None
+    if name == Compose.method_name:
+        vision, language = (from_dict(record.pop(part), **objects) for part in ("vision", "language"))
+        return Compose(vision, language, **record)
+    method = method_class(name)
+    options = {key: _tuples(value) for key, value in record.items()}
+    options.update({key: value for key, value in objects.items() if key in method.runtime_fields})
+    return make(name, **options)
+
+
+def _tuples(value: Any) -> Any:
+    """Lists in a record were tuples (JSON has no tuples)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value

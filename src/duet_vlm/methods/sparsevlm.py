@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from ..adapters import Geometry
+from ..geometry import Geometry
 from ..schedule import Schedule, scaled_boundaries
 from ..selection import gather_tokens
-from .base import LanguageStage, LayerView, Plan, Reducer, Selection, check_budget, check_positions
+from .base import LanguageStage, LayerView, Plan, Reducer, Selection, check_budget
+from .registry import register_method
 
 # v1.5 prunes the output of decoder layers 2, 6 and 15 (0-based) of 32: boundaries after 3, 7 and
 # 16 layers. Its published top-k counts per target, before the recycled clusters are added.
@@ -183,6 +185,8 @@ class TextRaterPrune(LanguageStage):
     torch.Size([1, 1, 309, 4096])
     """
 
+    needs_input_embeddings: ClassVar[bool] = True
+
     recycle: bool = True
 
     SCRATCH_KEY = "sparsevlm.raters"
@@ -229,6 +233,7 @@ class TextRaterPrune(LanguageStage):
         return Selection(index, replacement)
 
 
+@register_method("sparsevlm")
 @dataclass
 class SparseVLM(Reducer):
     """SparseVLM v1.5 (Zhang et al., ICML 2025): text raters prune visual tokens inside the LLM.
@@ -278,11 +283,10 @@ class SparseVLM(Reducer):
     keep: tuple[int, ...] | None = None
     layers: tuple[int, ...] | None = None
     recycle: bool = True
-    positions: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_budget(self.budget, required=self.keep is None)
-        check_positions(self.positions)
         if self.keep is not None:
             self.keep = tuple(self.keep)
             if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in self.keep):
@@ -339,4 +343,4 @@ class SparseVLM(Reducer):
         else:
             schedule = self.solve(geometry, self.budget)
         language = self.language_stage() if schedule.boundaries else None
-        return Plan(schedule, None, language, self.positions)
+        return Plan(schedule, None, language)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..adapters import Geometry
+from ..geometry import Geometry
 from ..schedule import Schedule
 from .base import Plan, Reducer, check_budget, per_unit
+from .registry import register_method
 from .duet import CONTEXTUAL_SHARE, DominantContextualMerge, check_stage_a_counts, contextual_count
 
 
@@ -20,6 +21,7 @@ def visionzip_split(keep: int) -> tuple[int, int]:
     return keep - contextual, contextual
 
 
+@register_method("visionzip")
 @dataclass
 class VisionZip(Reducer):
     """VisionZip (Yang et al., CVPR 2025): dominant plus contextual tokens, before the projector.
@@ -46,6 +48,7 @@ class VisionZip(Reducer):
     contextual: int | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_budget(self.budget, required=False)
         check_stage_a_counts(self.dominant, self.contextual)
 

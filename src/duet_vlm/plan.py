@@ -1,0 +1,217 @@
+"""The interface between methods and the runtime: the plan a method produces and the views its stages see.
+
+A method's ``Reducer.plan`` returns a ``Plan``: an optional ``VisionStage`` (fewer tokens enter the
+language model), an optional ``LanguageStage`` (visual tokens are dropped at layer boundaries inside
+it) and the ``Schedule`` of counts both must meet. Stages override one method each:
+``VisionStage.reduce`` and ``LanguageStage.score`` (or ``select`` when top-k is not enough). The
+runtime (``duet_vlm.runtime``) applies plans and imports this module, never a method.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from .geometry import Geometry
+from .schedule import Schedule
+from .selection import top_k_in_order
+
+
+@dataclass
+class VisionView:
+    """What a vision-side stage sees for a stack of ``I`` units of the same shape (images, or frames).
+
+    Attributes:
+        features: ``(I, T, C)`` output of the vision feature layer, CLS first when ``has_cls``.
+        cls_attention: ``(I, P)`` CLS-to-patch attention of that layer, summed over heads; for a
+            tower without a CLS token (SigLIP) the substitute the adapter documents: the attention
+            each patch receives, averaged over heads and summed over queries.
+        keys: ``(I, T, d)`` that layer's keys averaged over heads.
+        grid: patch grid ``(rows, cols)``; patch ``(r, c)`` is token ``has_cls + r * cols + c``.
+        has_cls: whether token 0 is a CLS token.
+    """
+
+    features: torch.Tensor
+    cls_attention: torch.Tensor
+    keys: torch.Tensor
+    grid: tuple[int, int]
+    has_cls: bool
+
+
+@dataclass
+class VisionReduction:
+    """Output of a vision-side stage.
+
+    Attributes:
+        features: ``(I, n, C)`` what the projector consumes instead of the image's tokens.
+        kept: ``(I, n)`` for each output token, the index (in ``VisionView.features``) of the token it
+            stands for; used for statistics and figures.
+        roles: optional named index tensors (e.g. ``"dominant"``, ``"anchors"``) for figures.
+    """
+
+    features: torch.Tensor
+    kept: torch.Tensor
+    roles: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class VisionStage(ABC):
+    """Reduces each unit's vision-encoder tokens (an image, or one frame of a video) before the projector."""
+
+    @abstractmethod
+    def reduce(self, view: VisionView, keep: int) -> VisionReduction:
+        """Return ``keep`` tokens per unit (``keep`` counts the CLS token if it is kept)."""
+
+
+@dataclass
+class LayerView:
+    """What a language-side stage sees at a pruning boundary (the input of decoder layer ``layer_index``).
+
+    Sequence positions below are positions in the current (already reduced) sequence.
+
+    Attributes:
+        layer_index: 0-based index of the decoder layer about to run (the first after the boundary).
+        layer: that decoder layer.
+        hidden_states: ``(B, L, D)`` its input.
+        position_embeddings: ``(cos, sin)`` for those positions.
+        visual_index: ``(B, n_images, n)`` positions of the visual tokens.
+        visual_ids: ``(B, n_images, n)`` the same tokens as indices into the visual block that entered
+            the language model (stable across boundaries).
+        valid: ``(B, L)`` False on padding.
+        input_ids: ``(B, L)`` token ids (the image placeholder id on visual tokens).
+        input_embeddings: ``(B, L, D)`` the language model's input embeddings of these tokens
+            (``None`` unless the stage sets ``needs_input_embeddings``).
+        text_after_image: per row, positions of the prompt tokens after the last image; during
+            training (labels given) only those with label -100, i.e. instructions, not answers.
+        previous_layer, previous_hidden_states: decoder layer ``layer_index - 1`` and its input.
+        scratch: a dict that lives for one prefill, for what a stage computes once and reuses at
+            later boundaries.
+    """
+
+    layer_index: int
+    layer: nn.Module
+    hidden_states: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    visual_index: torch.Tensor
+    visual_ids: torch.Tensor
+    valid: torch.Tensor
+    input_ids: torch.Tensor
+    input_embeddings: torch.Tensor | None
+    text_after_image: list[torch.Tensor]
+    previous_layer: nn.Module | None
+    previous_hidden_states: torch.Tensor | None
+    scratch: dict
+    attention_fn: Callable[..., torch.Tensor]
+    run_layer_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    output_head_fn: Callable[[torch.Tensor], torch.Tensor]
+
+    @property
+    def last_index(self) -> torch.Tensor:
+        """``(B,)`` position of the last token of each row (the last prompt token in a prefill)."""
+        batch, length = self.hidden_states.shape[:2]
+        return torch.full((batch,), length - 1, dtype=torch.long, device=self.hidden_states.device)
+
+    def text_to_visual_attention(self, queries: list[torch.Tensor], previous_layer: bool = False) -> torch.Tensor:
+        """``(B, n_images, n)`` attention from each row's ``queries`` to its visual tokens (float32).
+
+        Computes only the query-rows x keys block with the layer's own norm, projections and RoPE
+        (full-row causal softmax, mean over heads and queries), so the model keeps its fast attention
+        backend. ``previous_layer=True`` scores with layer ``layer_index - 1`` on its own input, the
+        attention that layer actually computed (FastV, SparseVLM); the default uses the next layer's
+        projections on the current states (PyramidDrop, DUET).
+        """
+        if previous_layer:
+            if self.previous_hidden_states is None:
+                raise RuntimeError(f"layer {self.layer_index - 1} saw a different token set; cannot score with it")
+            layer, hidden = self.previous_layer, self.previous_hidden_states
+        else:
+            layer, hidden = self.layer, self.hidden_states
+        return self.attention_fn(layer, hidden, self.position_embeddings, queries, self.valid, self.visual_index)
+
+    def run_layer(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Run ``layer`` on ``hidden_states`` (same tokens) without touching the KV cache or the hooks."""
+        return self.run_layer_fn(self.layer, hidden_states)
+
+    def output_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The model's own final norm and LM head applied to intermediate states (logits)."""
+        return self.output_head_fn(hidden_states)
+
+
+@dataclass
+class Selection:
+    """What ``LanguageStage.select`` may return instead of bare indices.
+
+    Attributes:
+        index: ``(B, n_images, keep)`` indices into the visual block, ascending.
+        hidden_states: optional ``(B, n_images, keep, D)`` states to put in those slots instead of the
+            tokens' own (token recycling: a merged token takes the slot of one it stands for).
+    """
+
+    index: torch.Tensor
+    hidden_states: torch.Tensor | None = None
+
+
+class LanguageStage(ABC):
+    """Drops visual tokens inside the language model at the schedule's boundaries.
+
+    ``needs_input_embeddings``: the stage reads ``LayerView.input_embeddings`` (the language model's
+    input embeddings of the current tokens); the runtime keeps them through the prefill only then.
+    """
+
+    needs_input_embeddings: ClassVar[bool] = False
+
+    @abstractmethod
+    def score(self, view: LayerView) -> torch.Tensor:
+        """``(B, n_images, n)`` importance of each visual token; the highest ``keep`` survive."""
+
+    def select(self, view: LayerView, keep: int) -> torch.Tensor | Selection:
+        """``(B, n_images, keep)`` indices into the visual block to keep (or a ``Selection``)."""
+        return top_k_in_order(self.score(view), keep)
+
+
+@dataclass
+class Plan:
+    """A method's concrete stages for one model geometry."""
+
+    schedule: Schedule
+    vision: VisionStage | None = None
+    language: LanguageStage | None = None
+    positions: str | None = None  # None: the model's default (``resolve_positions``)
+
+    def __post_init__(self) -> None:
+        check_positions(self.positions)
+        if self.vision is None and self.schedule.llm_input != self.schedule.visual_tokens:
+            raise ValueError("a schedule that reduces the LLM input needs a vision stage")
+        if self.language is None and self.schedule.boundaries:
+            raise ValueError("a schedule with pruning boundaries needs a language stage")
+
+
+def check_positions(positions: str | None) -> None:
+    if positions not in (None, "contiguous", "original"):
+        raise ValueError(f"positions must be 'contiguous' or 'original' (or None for the model's default), got {positions!r}")
+
+
+class PositionsError(ValueError):
+    """A position mode the model cannot use (renumbering under M-RoPE)."""
+
+
+def resolve_positions(positions: str | None, geometry: Geometry) -> str:
+    """The position mode of a plan for ``geometry``: ``None`` means the model's default.
+
+    1-D RoPE models default to ``"contiguous"`` (the references of DUET, PyramidDrop, SparseVLM and
+    PIO renumber after every drop). Under M-RoPE (Qwen-VL) a visual token's position is a 3-D
+    (time, row, column) coordinate and text after an image continues from ``rope_deltas``: the
+    reference keeps every kept token's original position, and renumbering has no sound meaning.
+    """
+    if geometry.rope == "mrope":
+        if positions == "contiguous":
+            raise PositionsError(
+                "positions='contiguous' renumbers the kept visual tokens, which has no sound meaning under M-RoPE "
+                "(3-D time/row/column positions; text continues from rope_deltas). Use positions='original' (the "
+                "default on this model): kept tokens keep their 3-D positions, merged tokens take their anchor's"
+            )
+        return "original"
+    return positions or "contiguous"

@@ -1,0 +1,316 @@
+"""The one place that registers hooks on a model; ``remove()`` restores it exactly.
+
+Where each hook sits and what it hands to the rest of the runtime:
+
+1. Each vision tower's entry module and feature layer (``taps``): the feature layer's input and
+   output, per tower call, for the call that owns them.
+2. The top model (``labels``) and the base model (``input_ids`` and the forward's arguments); the
+   base model's end also closes the call's forward, and a forward that raised clears its state.
+3. The language model's entry (the *feature site*): vision stages run and the sequence is
+   compacted (``prefill.start_prompt``); in a decoding step the mask and positions are mapped
+   (``decoding.continue_prompt``).
+4. Each decoder layer: at a boundary the language stages choose (``boundary.prune``); other layers
+   take their group's mask, positions and RoPE.
+5. The language model's exit and the LM head (``exit``), and the call's statistics (``record``).
+
+Prefill work selects tokens (data-dependent shapes), so it sits behind ``torch.compiler.disable``
+(dynamo runs it eagerly instead of breaking its graph at every selection); a decoding step is
+Python state and tensor arithmetic that ``torch.compile`` traces into its graph.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+from transformers.cache_utils import StaticCache
+
+from ..adapters import ModelAdapter, adapter_for
+from .binding import Binding
+from .boundary import prune
+from .calls import CallStore
+from .decoding import continue_prompt, decode_kwargs, unreduced_decode_positions
+from .exit import compact_head_input, expand_head_output, finish_prefill
+from .prefill import start_prompt
+from .record import prefill_stats
+
+# Models with a reducer attached: two reducers on one model would stack their hooks.
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Attachment]" = weakref.WeakKeyDictionary()
+
+
+class Attachment:
+    """Hooks of one reducer on one model; ``remove()`` restores the model exactly."""
+
+    def __init__(self, reducer, model: nn.Module):
+        if model in _ATTACHED:
+            raise RuntimeError("a duet-vlm reducer is already attached to this model; remove it first")
+        self.reducer = reducer
+        self.model = model
+        self.adapter: ModelAdapter = adapter_for(model)
+        self.binding = Binding(reducer, self.adapter)
+        self.plan, self.schedule = self.binding.plan, self.binding.schedule
+        self.calls = CallStore()
+        self._handles: list = []
+        try:
+            self._install()
+        except BaseException:
+            self.remove()
+            raise
+        _ATTACHED[model] = self
+
+    def plan_for(self, geometry):
+        return self.binding.plan_for(geometry)
+
+    def _install(self) -> None:
+        a, add = self.adapter, self._handles.append
+        # Captured for every reducer: the plan of an item (and whether it has a vision stage) is
+        # only known once the item's size is, at the language model's entry.
+        for name, layer in a.towers.items():
+            add(layer.register_forward_pre_hook(self._keep_vision_input(name), with_kwargs=True))
+            add(layer.register_forward_hook(self._keep_vision_output(name)))
+        for name, module in a.tower_entries.items():
+            add(module.register_forward_pre_hook(self._enter_tower(name), with_kwargs=True))
+            add(module.register_forward_hook(self._leave_tower(name)))
+        if a.top is not None:
+            add(a.top.register_forward_pre_hook(self._keep_labels, with_kwargs=True))
+            add(a.top.register_forward_hook(self._forget_labels))
+        add(a.base.register_forward_pre_hook(self._find_items, with_kwargs=True))
+        add(a.base.register_forward_hook(self._end_forward))
+        add(a.language_model.register_forward_pre_hook(self._enter_language_model, with_kwargs=True))
+        add(a.language_model.register_forward_hook(self._leave_language_model))
+        if a.lm_head is not None:
+            add(a.lm_head.register_forward_pre_hook(self._compact_head_input))
+            add(a.lm_head.register_forward_hook(self._expand_head_output))
+        for index, layer in enumerate(a.layers):
+            add(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
+            add(layer.register_forward_hook(self._add_layer_features(index)))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if _ATTACHED.get(self.model) is self:
+            del _ATTACHED[self.model]
+        self.calls = CallStore()
+
+    # ----------------------------------------------------------------- vision towers
+    def _enter_tower(self, tower: str):
+        def hook(module, args, kwargs):
+            self.calls.current().captures.enter_tower(tower, args, kwargs)
+
+        return hook
+
+    def _leave_tower(self, tower: str):
+        def hook(module, args, output):
+            self.calls.current().captures.leave_tower(tower, output)
+
+        return hook
+
+    def _keep_vision_input(self, tower: str):
+        def hook(module, args, kwargs):
+            self.calls.current().captures.keep_input(tower, args, kwargs)
+
+        return hook
+
+    def _keep_vision_output(self, tower: str):
+        def hook(module, args, output):
+            self.calls.current().captures.keep_output(tower, output)
+
+        return hook
+
+    # ----------------------------------------------------------------- a forward's inputs
+    def _keep_labels(self, module, args, kwargs):
+        self.calls.current().labels = kwargs.get("labels")
+
+    def _forget_labels(self, module, args, output):
+        self.calls.current().labels = None
+
+    def _find_items(self, module, args, kwargs):
+        call = self.calls.current()
+        if call.forwards:  # the last forward of this thread never reached its end: it raised
+            call.forget()
+        call.forwards += 1
+        encoded = kwargs.get("mm_encoder_outputs")
+        if kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None:
+            call.captures.clear()  # this forward encodes its own pixels: earlier captures are stale
+        elif encoded:  # generate() encoded them: keep exactly the captures of that encoding
+            call.captures.keep_only(encoded.values())
+        videos = kwargs.get("pixel_values_videos")
+        if isinstance(videos, torch.Tensor) and videos.dim() == 5 and videos.shape[0] and not videos.shape[1]:
+            raise ValueError(f"pixel_values_videos of shape {tuple(videos.shape)}: a video with no frames")
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            embeds = kwargs["inputs_embeds"]
+            table = module.get_input_embeddings()
+            input_ids = torch.full(embeds.shape[:2], -1, dtype=torch.long, device=embeds.device)
+            for token_id in self.adapter.placeholder_ids:
+                token = table(torch.tensor(token_id, device=embeds.device))
+                input_ids = torch.where((embeds == token).all(-1), token_id, input_ids)
+        # Items are found at the language model's entry, after transformers' own placeholder checks
+        # ran: a mismatch surfaces as transformers' error, not ours.
+        call.found = (input_ids, kwargs)
+        if unreduced_decode_positions(self.binding, call.prompt, input_ids, kwargs):
+            return args, kwargs
+        return None
+
+    def _end_forward(self, module, args, output):
+        call = self.calls.current()
+        call.forwards = max(0, call.forwards - 1)
+        call.found = None
+
+    # ----------------------------------------------------------------- language model entry
+    def _enter_language_model(self, module, args, kwargs):
+        call = self.calls.current()
+        cache = kwargs.get("past_key_values")
+        found, call.found = call.found, None
+        if isinstance(cache, StaticCache):
+            raise NotImplementedError(
+                "duet-vlm gives each decoder layer a cache of its own length; a static cache (cache_implementation="
+                "'static', or torch.compile's default for generate) writes by absolute position. Use the default "
+                "dynamic cache"
+            )
+        if cache is not None and cache.get_seq_length() > 0:
+            # Placeholders on top of a cache: generate() resent part of a prompt whose cache a
+            # vision-side reduction made shorter (a second turn passed with past_key_values).
+            input_ids = found[0] if found is not None else None
+            # One new token is a decoding step (the model may generate a placeholder id); only a
+            # longer input can be a resent prompt. Keeps the decoding path free of data-dependent
+            # branches (torch.compile).
+            resent = input_ids is not None and input_ids.shape[1] > 1
+            if resent and any(bool((input_ids == t).any()) for t in self.adapter.placeholder_ids):
+                raise NotImplementedError(
+                    "duet-vlm reduces visual items in a prefill, not on top of a cache (a reduced cache is shorter "
+                    "than its prompt, so generate() resends part of it). To continue a conversation, pass the whole "
+                    "conversation again without past_key_values"
+                )
+            if call.prompt is None:
+                return None
+            return continue_prompt(call.prompt, kwargs, cache)
+        call.prompt = None
+        if found is None:
+            return None
+        return self._begin_prompt(call, found, kwargs)
+
+    @torch.compiler.disable  # finds items and selects tokens (data-dependent): eager under torch.compile
+    def _begin_prompt(self, call, found, kwargs):
+        captures = call.captures.take()
+        items = self.adapter.find_items(*found, captures)
+        if not items:
+            return None
+        call.prompt = start_prompt(self.binding, found[0], call.labels, kwargs, items, captures)
+        self.calls.remember_grad_call(call)
+        if kwargs.get("past_key_values") is not None:
+            # Decoding steps follow on the cache and never read the encoding again; without a cache
+            # generate() prefills again at every step from the same encoding, so it stays.
+            call.captures.clear()
+        return (), kwargs
+
+    # ----------------------------------------------------------------- decoder layers
+    def _layer_hook(self, layer_index: int):
+        def hook(module, args, kwargs):
+            call = self.calls.for_layers()
+            prompt = call.prompt
+            if prompt is None or call.in_stage:
+                return None
+            if prompt.is_prefill:
+                return self._prefill_layer(call, layer_index, module, args, kwargs)
+            # A decoding step: what the compiled model runs over and over. Python state and tensor
+            # arithmetic only (no data-dependent branch), so torch.compile traces it into its graph.
+            group = prompt.group_of_layer(layer_index)
+            if group == 0:
+                return None
+            if layer_index in prompt.boundaries:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                prompt.decode_kwargs[group] = decode_kwargs(self.binding, prompt, prompt.groups[group], hidden, kwargs)
+            kwargs.update(prompt.decode_kwargs[group])
+            return args, kwargs
+
+        return hook
+
+    # Prefill-only work selects tokens (data-dependent shapes): torch.compile runs it eagerly
+    # instead of breaking its graph at every selection. The hook passes every prefill layer here
+    # without reading its index, so dynamo compiles the hook once, not once per layer.
+    @torch.compiler.disable
+    def _prefill_layer(self, call, layer_index: int, module, args, kwargs):
+        prompt = call.prompt
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if layer_index == 0:
+            entry = prompt.groups[0]
+            entry.position_ids, entry.rope_positions = self.adapter.split_positions(
+                prompt.lm_position_ids, kwargs, entry.steps.batch
+            )
+            entry.position_embeddings = kwargs["position_embeddings"]
+            entry.attention_mask = kwargs.get("attention_mask")
+            if any(s.plan.language is not None and s.plan.language.needs_input_embeddings for s in entry.items):
+                prompt.input_embeddings = hidden
+        if layer_index in prompt.boundaries:
+            if torch.is_grad_enabled():  # a backward pass may recompute this boundary after later layers
+                prompt.boundary_inputs.setdefault(layer_index, prompt.last_layer_input)
+            hidden = prune(self.binding, call, prompt, layer_index, module, hidden)
+        # Kept only where a boundary follows (a stage may score with the layer before it), so no
+        # layer's input outlives the next layer.
+        prompt.last_layer_input = hidden if layer_index + 1 in prompt.boundaries else None
+        group = prompt.group_of_layer(layer_index)
+        if group > 0:
+            g = prompt.groups[group]
+            kwargs.update(
+                attention_mask=g.attention_mask, position_ids=g.position_ids, position_embeddings=g.position_embeddings
+            )
+        return (hidden, *args[1:]), kwargs
+
+    def _add_layer_features(self, layer_index: int):
+        def hook(module, args, output):
+            call = self.calls.for_layers()
+            prompt = call.prompt
+            if prompt is None or not prompt.is_prefill or call.in_stage or layer_index >= prompt.addition_layers:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            group = prompt.groups[prompt.group_of_layer(layer_index)]
+            added = prompt.with_layer_features(hidden, layer_index, group.items)
+            if added is hidden:
+                return None
+            return (added, *output[1:]) if isinstance(output, tuple) else added
+
+        return hook
+
+    # ----------------------------------------------------------------- language model exit
+    def _leave_language_model(self, module, args, output):
+        call = self.calls.current()
+        prompt = call.prompt
+        if prompt is None or not prompt.is_prefill:
+            return None
+        return self._finish_prefill(call, output)
+
+    @torch.compiler.disable
+    def _finish_prefill(self, call, output):
+        prompt = call.prompt
+        self.reducer.stats = prefill_stats(self.binding, prompt)
+        output, call.head_rows = finish_prefill(prompt, output)
+        if not torch.is_grad_enabled():
+            # Only a backward pass (gradient checkpointing) would run the prefill's layers again:
+            # without one, what they alone read need not live through the decoding steps.
+            prompt.release_prefill_state()
+        return output
+
+    def _compact_head_input(self, module, args):
+        call = self.calls.current()
+        rows = call.head_rows
+        if rows is None:
+            return None
+        compact = compact_head_input(call.prompt, rows, args)
+        if compact is None:  # logits_to_keep sliced it already
+            call.head_rows = None
+        return compact
+
+    def _expand_head_output(self, module, args, output):
+        call = self.calls.current()
+        rows, call.head_rows = call.head_rows, None
+        if rows is None:
+            return None
+        return expand_head_output(call.prompt, rows, module, output)
+
+
+def attach(reducer, model: nn.Module) -> Attachment:
+    """Install ``reducer`` on ``model``; returns a handle whose ``remove()`` undoes it."""
+    return Attachment(reducer, model)

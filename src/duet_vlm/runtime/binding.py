@@ -1,0 +1,50 @@
+"""What every call on an attached model shares: the reducer, the family adapter, the solved plans."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+from ..adapters import Geometry, ModelAdapter
+from ..plan import Plan, PositionsError
+
+
+class Binding:
+    """A reducer bound to a model's adapter; plans are solved once per item geometry (thread-safe).
+
+    The default image's plan is solved at once, so a budget the model cannot reach is an error at
+    attach time rather than mid-forward; a no-op warning waits until an item is that size. Families
+    without a default size (Qwen-VL) have only a nominal one: a budget it cannot meet may suit the
+    real items, so only what fails for every size (positions) is an error there.
+    """
+
+    def __init__(self, reducer, adapter: ModelAdapter):
+        self.reducer = reducer
+        self.adapter = adapter
+        self._plans: dict[Geometry, Plan] = {}
+        self._lock = threading.Lock()
+        self.plan: Plan | None = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                self.plan = reducer.resolve(adapter.geometry)
+            except PositionsError:
+                raise
+            except ValueError:
+                if not adapter.nominal_geometry:
+                    raise
+        #: the default image's schedule; each item gets its own at its prefill.
+        self.schedule = self.plan.schedule if self.plan is not None else None
+
+    def plan_for(self, geometry: Geometry) -> Plan:
+        plan = self._plans.get(geometry)
+        if plan is None:
+            with self._lock:
+                plan = self._plans.get(geometry)
+                if plan is None:
+                    plan = self._plans[geometry] = self.reducer.resolve(geometry)
+        return plan
+
+    @property
+    def text_config(self):
+        return self.adapter.text_config

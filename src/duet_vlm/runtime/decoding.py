@@ -1,0 +1,103 @@
+"""Decoding steps after a reduced prefill: each layer group attends over its own cache.
+
+``generate`` keeps a full-length 2-D mask and unreduced positions. At the language model's entry
+they are mapped onto the entry sequence (``continue_prompt``); at the first layer of each later
+group the mask is mapped onto that group's cache, and renumbered positions move back by what the
+group dropped (``decode_kwargs``). This is the path ``torch.compile`` runs over and over: tensor
+arithmetic and Python state only, no data-dependent branch and no device sync.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .binding import Binding
+from .masks import causal_mask, gather_mask
+from .prefill import Group, Prompt
+
+
+def continue_prompt(prompt: Prompt, kwargs: dict, cache) -> tuple | None:
+    """A decoding step at the language model's entry: the mask and positions of the new tokens."""
+    cached = cache.get_seq_length()
+    if prompt.boundaries and cached < prompt.entry_length:
+        # Assisted decoding prefills the prompt with the first drafts and crops them afterwards:
+        # the drafts chose what Stage B kept, so the result would differ from greedy decoding.
+        raise NotImplementedError(
+            "the cache was cropped into the prefill (assisted or speculative decoding?): under a method that "
+            "prunes inside the language model the drafted tokens changed what was kept. Use greedy, sampling or "
+            "beam search, or a vision-side method (visionzip, pool, random)"
+        )
+    prompt.is_prefill = False
+    prompt.decode_kwargs.clear()
+    entry = prompt.entry
+    # Tokens each row dropped at the entry (alignment pads are not tokens of the row).
+    shift = prompt.full_length - entry.present()  # (B,)
+    attention_mask = kwargs.get("attention_mask")
+    new = kwargs["inputs_embeds"].shape[1]
+    device = kwargs["inputs_embeds"].device
+    if attention_mask is None and entry.pad is not None:  # the alignment pads need masking
+        length = prompt.full_length + cached - prompt.entry_length + new
+        attention_mask = torch.ones(shift.shape[0], length, dtype=torch.long, device=device)
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[1] < prompt.full_length:
+            raise ValueError("decoding under duet-vlm needs the full-length 2-D attention_mask generate() keeps")
+        head = entry.gather_mask(attention_mask[:, : prompt.full_length])
+        attention_mask = kwargs["attention_mask"] = torch.cat([head, attention_mask[:, prompt.full_length :]], dim=1)
+    prompt.decode_mask = attention_mask
+    if entry.is_identity:  # nothing dropped at the entry
+        return (), kwargs
+    dropped = prompt.full_length - prompt.entry_length  # a Python int: no device sync (torch.compile)
+    position_ids = prompt.positions.decode_entry(
+        kwargs.get("position_ids"), shift, cached + dropped, new, entry, dropped
+    )
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    return (), kwargs
+
+
+def decode_kwargs(binding: Binding, prompt: Prompt, group: Group, hidden: torch.Tensor, kwargs: dict) -> dict:
+    """What the layers of a later ``group`` receive in a decoding step instead of the entry's."""
+    entry = prompt.groups[0].steps
+    steps = group.steps
+    mask = kwargs.get("attention_mask")
+    if steps.pad is None and entry.pad is None:
+        if mask is not None:
+            tail = torch.arange(prompt.entry_length, mask.shape[-1], device=steps.index.device)
+            kv_index = torch.cat([steps.index, tail.expand(steps.batch, -1)], dim=1)
+            mask = gather_mask(mask, None, kv_index)
+    else:
+        head = steps.valid(prompt.valid)
+        tail = prompt.decode_mask[:, prompt.entry_length :].bool()
+        mask = causal_mask(binding.text_config, hidden, torch.cat([head, tail], dim=1), query_length=hidden.shape[1])
+    # Original positions: the decoder's own positions and RoPE are already right; only the mask
+    # changes. Renumbered ones (1-D RoPE only) move back by what this group dropped.
+    position_ids = prompt.positions.decode_group(kwargs.get("position_ids"), entry, steps)
+    if position_ids is None:
+        return dict(attention_mask=mask)
+    return dict(
+        attention_mask=mask,
+        position_ids=position_ids,
+        position_embeddings=binding.adapter.rotary_emb(hidden, position_ids),
+    )
+
+
+def unreduced_decode_positions(binding: Binding, prompt: Prompt | None, input_ids: torch.Tensor, kwargs: dict) -> bool:
+    """A decoding step given neither positions nor a mask after a reduced prefill: a model that
+    numbers it from the cache's length (Qwen-VL) would count the reduced cache. Puts the positions
+    the unreduced model would use into ``kwargs`` (the adapter's ``decode_position_ids``); returns
+    whether it did."""
+    cache = kwargs.get("past_key_values")
+    if (
+        prompt is None or cache is None
+        or kwargs.get("position_ids") is not None or kwargs.get("attention_mask") is not None
+    ):
+        return False
+    cached = cache.get_seq_length()
+    if cached == 0 or prompt.full_length == prompt.entry_length:
+        return False
+    start = prompt.full_length + cached - prompt.entry_length  # the unreduced cache's length
+    positions = binding.adapter.decode_position_ids(start, input_ids.shape[1], input_ids.shape[0], input_ids.device)
+    if positions is None:
+        return False
+    kwargs["position_ids"] = positions
+    return True

@@ -1,0 +1,42 @@
+"""The language model's exit in a prefill: states back at the input's length, and a compact LM head.
+
+The kept token ``j`` predicts kept token ``j + 1`` of the reduced sequence; its state is placed just
+before that token's original slot (``Compaction.next_slots``), so transformers' shifted loss and
+``logits_to_keep`` read it where they read the unreduced model's state. Dropped slots hold zeros.
+A full forward (training, scoring) would run the LM head on every position, though dropped ones
+only hold zeros: the head runs on the kept states alone and its logits are put where they were.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .prefill import Prompt
+
+
+def finish_prefill(prompt: Prompt, output):
+    """Scatter the last group's states back to the input's length. Returns ``(output or None, the
+    slots the states went to, or None)``; the latter lets the LM head run on those rows alone."""
+    hidden = output.last_hidden_state
+    final = prompt.entry.then(prompt.groups[-1].steps)  # full input -> the last group's sequence
+    if final.is_identity:
+        return None, None
+    targets = final.next_slots()
+    output.last_hidden_state = final.scatter_to(hidden, targets)
+    return output, (targets if final.pad is None else None)
+
+
+def compact_head_input(prompt: Prompt, rows: torch.Tensor, args: tuple) -> tuple | None:
+    """The LM head's input reduced to the kept states' slots (unless ``logits_to_keep`` sliced it)."""
+    if args[0].shape[1] != prompt.full_length:
+        return None
+    index = rows.unsqueeze(-1).expand(-1, -1, args[0].shape[-1])
+    return (args[0].gather(1, index), *args[1:])
+
+
+def expand_head_output(prompt: Prompt, rows: torch.Tensor, head, output: torch.Tensor) -> torch.Tensor:
+    """The compact head's logits at their slots; other slots get what the head gives a zero state."""
+    full = output.new_zeros(output.shape[0], prompt.full_length, output.shape[-1])
+    if getattr(head, "bias", None) is not None:
+        full = full + head.bias.to(full.dtype)
+    return full.scatter(1, rows.unsqueeze(-1).expand_as(output), output)

@@ -1,0 +1,91 @@
+"""What a prefill reduced, per item and in sum: the call's ``ReductionStats``."""
+
+from __future__ import annotations
+
+import torch
+
+from ..flops import DecoderDims
+from ..plan import VisionReduction
+from ..stats import ItemStats, ReductionStats
+from .binding import Binding
+from .prefill import ItemState, Prompt
+
+
+def item_stats(binding: Binding, prompt: Prompt, index: int, state: ItemState,
+               reduction: VisionReduction | None) -> ItemStats:
+    adapter, item = binding.adapter, state.item
+    counts = [len(prompt.groups[prompt.group_of_layer(l)].items[index].ids) for l in range(len(adapter.layers))]
+    views, cells = adapter.cell_views(item)
+    stats = ItemStats(
+        row=item.row,
+        modality=item.geometry.modality,
+        tokens=item.geometry.visual_tokens,
+        units=item.geometry.units,
+        tokens_per_layer=counts,
+        kept_ids=prompt.groups[-1].items[index].ids,
+        stage_ids=[(layer, group.items[index].ids) for layer, group in zip(prompt.boundaries, prompt.groups[1:])],
+        views=views,
+        cells=cells,
+    )
+    if reduction is None:
+        stats.entry_units = adapter.slot_units(item)
+        stats.entry_slots = torch.arange(item.length)
+    else:
+        stats.vision_kept = reduction.kept
+        stats.entry_slots = adapter.vision_slots(item, reduction.kept)
+        units, per_unit = reduction.kept.shape
+        stats.entry_units = (
+            torch.arange(units).repeat_interleave(per_unit)
+            if units > 1
+            else adapter.view_units(item, reduction.kept[0]).cpu()
+        )
+    return stats
+
+
+def prefill_stats(binding: Binding, prompt: Prompt) -> ReductionStats:
+    """The stats of a finished prefill (every group is known)."""
+    num_layers = len(binding.adapter.layers)
+    entry = prompt.groups[0]
+    vision = prompt.vision
+    vision_by_item = {id(item): reduction for item, reduction in vision}
+    per_item = [
+        item_stats(binding, prompt, i, state, vision_by_item.get(id(state.item))) for i, state in enumerate(entry.items)
+    ]
+    stages = list(zip(prompt.boundaries, prompt.groups[1:]))
+    uniform = len({(s.tokens, s.units, tuple(s.tokens_per_layer)) for s in per_item}) == 1
+    rows = entry.steps.batch
+    first = per_item[0]
+    if uniform and len(per_item) % rows == 0:
+        images = len(per_item) // rows
+        stage_kept = [(layer, torch.stack([s.ids for s in g.items]).view(rows, images, -1)) for layer, g in stages]
+        vision_kept = torch.cat([r.kept for _, r in vision]) if vision else None
+        roles = {k: torch.cat([r.roles[k] for _, r in vision]) for k in vision[0][1].roles} if vision else {}
+        tokens_per_layer, visual_tokens, llm_input = first.tokens_per_layer, first.tokens, first.tokens_per_layer[0]
+    else:
+        stage_kept, vision_kept, roles = [], None, {}
+        mean = [sum(s.tokens_per_layer[l] for s in per_item) / len(per_item) for l in range(num_layers)]
+        tokens_per_layer = mean
+        visual_tokens = sum(s.tokens for s in per_item) / len(per_item)
+        llm_input = mean[0]
+    is_visual = torch.zeros_like(prompt.valid)
+    for state in entry.items:
+        is_visual[state.item.row, state.positions] = True
+    text_tokens = (prompt.valid & ~is_visual).sum(dim=1).tolist()
+    stats = ReductionStats(
+        tokens_per_layer=tokens_per_layer,
+        visual_tokens=visual_tokens,
+        llm_input_tokens=llm_input,
+        text_tokens=text_tokens,
+        vision_kept=vision_kept,
+        vision_roles=roles,
+        stage_kept=stage_kept,
+        items=per_item,
+    )
+    return with_costs(binding, stats)
+
+
+def with_costs(binding: Binding, stats: ReductionStats) -> ReductionStats:
+    language_model = binding.adapter.language_model
+    dtype = next(language_model.parameters()).dtype
+    stats.fill_costs(DecoderDims.from_config(binding.text_config), torch.finfo(dtype).bits // 8)
+    return stats

@@ -1,0 +1,84 @@
+"""Encoder taps: what each vision tower's feature layer saw, per tower call, for the call that owns it.
+
+A tower's feature layer keeps its input (the scores and keys are computed from it with the layer's
+own projections, so the tower keeps its attention backend) and its output (the pre-projector
+features). The arguments of the tower's entry module are kept too (Qwen-VL's ``grid_thw``), and
+each capture remembers, weakly, the output object its tower call returned: ``generate`` encodes the
+images before the prefill and hands the model exactly those objects (``mm_encoder_outputs``), so
+the prefill keeps the captures of its own encoding and nothing a failed or interrupted call left
+behind. Without a cache ``generate`` prefills again at every step from the same encoding, so
+captures stay until the next encoding.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapters import Capture
+
+
+@dataclass
+class TowerCaptures:
+    """The captures of one call's current encoding, per tower (one ``Capture`` per tower call)."""
+
+    calls: dict[str, list[Capture]] = field(default_factory=dict)
+    used: bool = False  # taken by a prefill: the next tower call starts a new encoding
+    pending_inputs: dict[str, tuple[torch.Tensor, dict]] = field(default_factory=dict)
+    pending_entries: dict[str, dict] = field(default_factory=dict)
+    open: dict[str, list[Capture]] = field(default_factory=dict)  # made by a tower call still running
+
+    def clear(self) -> None:
+        self.calls, self.used = {}, False
+        self.pending_inputs, self.pending_entries, self.open = {}, {}, {}
+
+    def enter_tower(self, tower: str, args: tuple, kwargs: dict) -> None:
+        self.pending_entries[tower] = {"entry_args": args, "entry_kwargs": kwargs}
+        self.open[tower] = []
+
+    def leave_tower(self, tower: str, output) -> None:
+        """The tower call returned ``output``: its captures are that output's."""
+        for capture in self.open.pop(tower, []):
+            capture.source = weakref.ref(output)
+
+    def keep_input(self, tower: str, args: tuple, kwargs: dict) -> None:
+        self.pending_inputs[tower] = (args[0] if args else kwargs["hidden_states"], kwargs)
+
+    def keep_output(self, tower: str, output) -> None:
+        features = output[0] if isinstance(output, tuple) else output
+        if self.used:  # the first tower call of a new encoding: earlier captures are stale
+            self.calls, self.used = {}, False
+        layer_input, layer_kwargs = self.pending_inputs.pop(tower)
+        context = {"layer_kwargs": layer_kwargs, **self.pending_entries.get(tower, {})}
+        capture = Capture(layer_input, features, contexts=(context,))
+        self.calls.setdefault(tower, []).append(capture)
+        self.open.setdefault(tower, []).append(capture)
+
+    def keep_only(self, outputs) -> None:
+        """Keep the captures of the tower calls that returned one of ``outputs`` (the encoder
+        outputs a ``generate`` prefill receives), in their order; drop everything else."""
+        wanted = {id(output) for output in outputs if output is not None}
+        kept = {}
+        for tower, captures in self.calls.items():
+            mine = [c for c in captures if c.source is not None and id(c.source()) in wanted]
+            if mine:
+                kept[tower] = mine
+        self.calls, self.used = kept, False
+        self.pending_inputs, self.pending_entries, self.open = {}, {}, {}
+
+    def take(self) -> dict[str, Capture]:
+        """Every tower's captures of the current encoding, concatenated over its calls (one row per
+        unit). They stay until a tower runs again: ``generate()`` without a cache encodes the images
+        once and prefills at every step."""
+        self.used = True
+        return {
+            tower: Capture(
+                torch.cat([c.layer_input for c in calls]),
+                torch.cat([c.output for c in calls]),
+                tuple(c.output.shape[0] for c in calls),
+                tuple(context for c in calls for context in c.contexts),
+            )
+            for tower, calls in self.calls.items()
+        }

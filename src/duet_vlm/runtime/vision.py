@@ -1,0 +1,135 @@
+"""Applying vision stages at the language model's entry (the *feature site*).
+
+For every item whose plan has a vision stage, the stage reduces each unit's captured features, the
+model's projector maps the result into the language model's space, and the adapter names the
+slots it is written into. Rows that ``generate`` repeated (beams, several sequences) read the
+captured rows of their first copy. Qwen3-VL's DeepStack features ride along as extra channels of
+the same tokens, so they get the same selection and the same merge.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapters import Capture, VisualItem
+from ..plan import VisionReduction, VisionView
+from .binding import Binding
+
+
+def source_rows(binding: Binding, items: list[VisualItem], captures: dict[str, Capture]):
+    """``first_row(item)``: the first captured row (unit) each item reads.
+
+    Items consume captured rows in row-major order; ``generate`` encodes each image once and
+    repeats every row afterwards, so ``r`` copies of a row read the rows of its first copy.
+    """
+    adapter = binding.adapter
+    needed: dict[str, int] = {}
+    for item in items:
+        needed[item.tower] = needed.get(item.tower, 0) + adapter.units_needed(item)
+    repeat: dict[str, int] = {}
+    for tower, count in needed.items():
+        have = adapter.captured_units(captures[tower]) if tower in captures else 0
+        if have == 0 or count % have:
+            raise RuntimeError(
+                f"{tower} features were not computed under this reducer (pass pixel values, not precomputed "
+                f"features); {count} units expected, {have} captured"
+            )
+        repeat[tower] = max(1, count // have)
+    first_row: dict[tuple, int] = {}
+    item_key: dict[int, tuple] = {}
+    cursor: dict[str, int] = {}
+    seen_in_row: dict[tuple, int] = {}
+    for item in items:
+        r = repeat.get(item.tower, 1)
+        j = seen_in_row.get((item.tower, item.row), 0)
+        seen_in_row[(item.tower, item.row)] = j + 1
+        key = item_key[id(item)] = (item.tower, item.row // r, j)
+        if item.row % r == 0:
+            first_row[key] = cursor.get(item.tower, 0)
+            cursor[item.tower] = first_row[key] + adapter.units_needed(item)
+    return lambda item: first_row[item_key[id(item)]]
+
+
+def reduce_vision(
+    binding: Binding,
+    items: list[VisualItem],
+    captures: dict[str, Capture],
+    inputs_embeds: torch.Tensor,
+    additions: dict[int, torch.Tensor],
+) -> list[tuple[VisualItem, VisionReduction, torch.Tensor]]:
+    """Run each item's vision stage and write its projected output into ``inputs_embeds`` at the
+    slots the adapter names (``reduced_slots``). An item's DeepStack ``additions`` (``(slots,
+    layers, D)``) are reduced with its features and replaced by the reduced ones (in slot order).
+
+    Returns, for the items with a vision stage, what their stage kept and the slots it filled.
+    """
+    adapter = binding.adapter
+    records: list[tuple[VisualItem, VisionReduction, torch.Tensor]] = []
+    staged = [item for item in items if binding.plan_for(item.geometry).vision is not None]
+    if not staged:
+        return records
+    first_row = source_rows(binding, items, captures)
+    buckets: dict[tuple, list[VisualItem]] = {}
+    for item in staged:
+        buckets.setdefault((item.tower, item.geometry), []).append(item)
+    signals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for (tower, geometry), bucket in buckets.items():
+        plan = binding.plan_for(geometry)
+        if tower not in signals:
+            signals[tower] = adapter.vision_signals(captures[tower], tower)
+        units = geometry.units
+        unit = adapter.unit_features(bucket, captures[tower], signals[tower], first_row, inputs_embeds)
+        features = unit.features
+        width = features.shape[-1]
+        extra = [additions[id(item)] for item in bucket if id(item) in additions]
+        if extra:  # every item of a bucket has them, or none
+            # Reduced as extra channels of the same tokens: every vision stage selects from scores
+            # and keys and merges channel-wise, so they get the same selection and the same merge.
+            extra = torch.stack(extra).flatten(2).to(features.dtype)  # (items, slots, layers * D)
+            features = torch.cat([features, extra.view(features.shape[0], features.shape[1], -1)], dim=-1)
+        else:
+            extra = None
+        view = VisionView(features, unit.scores, unit.keys, geometry.grid, geometry.has_cls)
+        keep = plan.schedule.llm_input // units
+        reduction = plan.vision.reduce(view, keep)
+        expected = (features.shape[0], keep, features.shape[-1])
+        if tuple(reduction.features.shape) != expected:
+            raise RuntimeError(
+                f"{type(plan.vision).__name__} returned {tuple(reduction.features.shape)}, expected {expected}"
+            )
+        reduced = reduction.features[..., :width]
+        projected = adapter.project(bucket[0], reduced.to(unit.features.dtype))
+        projected = projected.to(inputs_embeds.dtype).view(len(bucket), units, keep, -1)
+        for i, item in enumerate(bucket):
+            share = slice(i * units, (i + 1) * units)
+            slots = adapter.reduced_slots(item, reduction.kept[share]).to(inputs_embeds.device)
+            if len(slots.unique()) != len(slots):
+                raise RuntimeError(f"{type(plan.vision).__name__} put two outputs in one slot")
+            inputs_embeds[item.row, slots] = projected[i].reshape(units * keep, -1)
+            if extra is not None:
+                layers_d = additions[id(item)].shape[1:]
+                mine = reduction.features[share, :, width:].reshape(units * keep, *layers_d)
+                additions[id(item)] = mine[slots.argsort()]
+            kept = VisionReduction(
+                reduced[share], reduction.kept[share], {k: v[share] for k, v in reduction.roles.items()}
+            )
+            records.append((item, kept, slots.sort().values))
+    return records
+
+
+def take_additions(binding: Binding, kwargs: dict, items: list[VisualItem]) -> dict[int, torch.Tensor]:
+    """Each item's DeepStack features ``(slots, layers, D)``, taken out of the language model's
+    arguments: the runtime adds them to the kept tokens itself (``Prompt.with_layer_features``)."""
+    taken = binding.adapter.take_layer_additions(kwargs)
+    if taken is None:
+        return {}
+    mask, per_layer = taken
+    stacked = torch.stack(list(per_layer), dim=1)  # (visual tokens in row-major order, layers, D)
+    rank = mask.flatten().long().cumsum(0).view(mask.shape) - 1
+    additions = {}
+    for item in items:
+        slots = torch.arange(item.start, item.start + item.length, device=mask.device)
+        if not bool(mask[item.row, slots].all()):
+            raise RuntimeError("DeepStack's visual positions do not cover a visual item")
+        additions[id(item)] = stacked[rank[item.row, slots]]
+    return additions

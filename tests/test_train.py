@@ -84,6 +84,31 @@ def test_labels_are_the_answers_only(processor, batch):
     assert (labels[batch["attention_mask"] == 0] == -100).all()
 
 
+def test_an_eos_the_template_already_puts_after_each_answer_is_labelled():
+    """A chat template that closes every answer with EOS itself (outside its generation span): the
+    ids stay the template's (no second EOS inserted) and the EOS after each answer is labelled, so the
+    model learns to stop; with ``eos_after_answer=False`` it stays unlabelled.
+
+    Catches ``eos_after_answer`` labelling only the EOS it inserts (the default template's case, which
+    ``test_labels_are_the_answers_only`` covers) and leaving the template's own EOS at -100."""
+    processor = copy.deepcopy(build_processor())
+    processor.chat_template = processor.chat_template.replace("{% endgeneration %}", "{% endgeneration %}{{ '</s>' }}")
+    record = synthetic_records(1, questions=3)[0]
+    answers = [m["content"][0]["text"] for m in record.messages if m["role"] == "assistant"]
+    tokenizer = processor.tokenizer
+    messages = [{**m, "content": [{"type": "image", "image": record.image} if c["type"] == "image" else c
+                                  for c in m["content"]]} for m in record.messages]
+    template_ids = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")["input_ids"][0]
+    eos = tokenizer.eos_token_id
+    encoded = encode(processor, record)
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    assert torch.equal(ids, template_ids) and int((ids == eos).sum()) == len(answers)
+    assert tokenizer.convert_ids_to_tokens(ids[labels != -100].tolist()) == [t for a in answers for t in (a, "</s>")]
+    assert (labels[ids == eos] == eos).all()
+    unlabelled = encode(processor, record, eos_after_answer=False)
+    assert torch.equal(unlabelled["input_ids"], template_ids) and (unlabelled["labels"][ids == eos] == -100).all()
+
+
 def test_collator_passes_extra_keys_through():
     """A recipe's own keys: per-token sequences padded like input_ids, other tensors stacked and padded."""
     items = [{"input_ids": torch.tensor([5, 6, 7]), "attention_mask": torch.ones(3, dtype=torch.long),
@@ -115,6 +140,42 @@ def test_training_step_changes_only_trained_parameters(processor, batch, method)
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert changed and all("multi_modal_projector" in name for name in changed)
     assert all(".vision_tower." not in name for name in changed)
+
+
+@pytest.mark.parametrize("trained", ["projector", "projector+llm", "lora"])
+def test_each_train_mode_trains_exactly_its_parts(processor, batch, trained):
+    """``set_trainable`` for every ``--train`` mode: the parameters that require grad are exactly the
+    mode's parts (named here from the model's own module tree): the projector; the projector, the
+    whole language model and ``lm_head``; LoRA A/B on every decoder layer's q/k/v/o plus a trainable
+    copy of the projector. One backward under the reducer then gives each of them a nonzero gradient
+    (LoRA A excepted: its gradient is zero while B is still zero) and nothing else one.
+
+    Catches a mode leaving part of what it names frozen (e.g. ``projector+llm`` without ``lm_head``)
+    or training the vision tower."""
+    model = tiny(processor).train()
+    names = [name for name, _ in model.named_parameters()]
+    projector = {n for n in names if n.startswith("model.multi_modal_projector.")}
+    language = {n for n in names if n.startswith("model.language_model.")}
+    head = {n for n in names if n.startswith("lm_head.")}
+    assert projector and language and head
+    config = TrainConfig(model="-", data="-", output_dir="-", method="duet", budget=BUDGET, train=trained)
+    wrapped = set_trainable(model, config)
+    trainable = {name for name, p in wrapped.named_parameters() if p.requires_grad}
+    if trained == "lora":
+        prefix = "base_model.model."
+        attention = [f"model.language_model.layers.{i}.self_attn.{proj}" for i in range(4)
+                     for proj in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        lora_a = {f"{prefix}{m}.lora_A.default.weight" for m in attention}
+        copies = {prefix + n.replace("multi_modal_projector.", "multi_modal_projector.modules_to_save.default.")
+                  for n in projector}
+        expected, silent = lora_a | {n.replace("lora_A", "lora_B") for n in lora_a} | copies, lora_a
+    else:
+        expected, silent = projector | (language | head if trained == "projector+llm" else set()), set()
+    assert trainable == expected
+    with make_reducer(config)(wrapped):
+        wrapped(**batch).loss.backward()
+    graded = {name for name, p in wrapped.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert graded == expected - silent
 
 
 def test_dropped_visual_positions_never_enter_the_loss(processor, batch):
@@ -163,6 +224,50 @@ def test_gradient_checkpointing_matches_the_plain_run_and_leaves_the_tower_out_o
         torch.testing.assert_close(grads_ckpt[name], grads_plain[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.fixture(scope="module")
+def uneven_batch(processor):
+    """A right-padded batch (the collator's default) of a three-turn and a one-turn conversation: the
+    second row carries many pads after its answer; and each row alone, without its pads."""
+    records = synthetic_records(1, questions=3) + synthetic_records(1, questions=1, offset=1)
+    batch = VisionLanguageCollator(processor.tokenizer.pad_token_id)([encode(processor, r) for r in records])
+    alone = []
+    for b in range(2):
+        keep = batch["attention_mask"][b].bool()
+        alone.append({k: v[b : b + 1, keep] if v.dim() == 2 else v[b : b + 1] for k, v in batch.items()})
+    assert int((batch["attention_mask"][1] == 0).sum()) > 20
+    return batch, alone
+
+
+@pytest.mark.parametrize("method", sorted(duet_vlm.METHODS))
+def test_loss_of_a_right_padded_batch_equals_its_rows_alone(processor, uneven_batch, method):
+    """Under every method, a right-padded training batch: each row's logits at its valid positions,
+    its loss from them, and the batch loss (the token-weighted mean of the rows' own losses) equal the
+    row run alone; under ``full`` the loss also equals the unpatched model's.
+
+    ``test_dropped_visual_positions_never_enter_the_loss`` recomputes the loss from the same call's
+    logits, so a wrong loss under a reducer passes it; here the reference is independent. Catches
+    padding after the answer leaking into a row's selection (e.g. the pads counted as Stage-B query
+    tokens), which left-padded tests cannot see (their pads sit before the image).
+    """
+    batch, alone = uneven_batch
+    model = tiny(processor)
+    config = TrainConfig(model="-", data="-", output_dir="-", method=method, budget=BUDGET)
+    with torch.no_grad():
+        plain = model(**batch).loss
+        with make_reducer(config)(model):
+            out = model(**batch)
+            singles = [model(**single) for single in alone]
+    mask, labels = batch["attention_mask"].bool(), batch["labels"]
+    counts = [int((single["labels"][0, 1:] != -100).sum()) for single in alone]
+    for b, single in enumerate(singles):
+        torch.testing.assert_close(out.logits[b, mask[b]], single.logits[0], atol=1e-4, rtol=1e-4, msg=f"row {b}")
+        row_loss = torch.nn.functional.cross_entropy(out.logits[b, :-1], labels[b, 1:], ignore_index=-100)
+        torch.testing.assert_close(row_loss, single.loss, atol=1e-5, rtol=1e-5, msg=f"row {b} loss")
+    torch.testing.assert_close(out.loss, sum(n * s.loss for n, s in zip(counts, singles)) / sum(counts))
+    if method == "full":
+        torch.testing.assert_close(out.loss, plain, atol=0, rtol=0)
+
+
 # ----------------------------------------------------------------------------- the command
 
 def test_cli_train_saves_a_plain_checkpoint_and_resumes(tmp_path, checkpoint):
@@ -204,6 +309,42 @@ def test_cli_train_saves_a_plain_checkpoint_and_resumes(tmp_path, checkpoint):
     losses = [entry for entry in history if "loss" in entry]
     assert [e["step"] for e in losses] == [1, 2, 3]
     assert losses[:2] == [e for e in first if "loss" in e]  # steps 1-2 come from the checkpoint, not re-run
+
+
+@pytest.mark.parametrize("trained", ["lora", "projector+llm"])
+def test_one_checkpointed_training_step_updates_the_language_model_as_the_plain_step_does(tmp_path, checkpoint, trained):
+    """``duet-vlm train --gradient-checkpointing`` for one step (through ``TrainConfig.parse_args`` and
+    ``train``, so through ``training_arguments`` and the checkpointing callback), with PIO, whose
+    scoring differentiates one checkpointed block: every decoder layer's weights changed (the merged
+    LoRA q/k/v/o; in ``projector+llm`` every language-model parameter and ``lm_head``), the projector
+    changed, the vision tower did not, and the saved weights equal those of the same step without
+    checkpointing.
+
+    Catches checkpointing configured so that gradients do not reach the checkpointed layers as they
+    should (e.g. reentrant checkpointing, under which no checkpointed input needs grad once the
+    input-gradient hooks are dropped, and which PIO's one-block ``autograd.grad`` cannot run under)."""
+    common = ["--model", str(checkpoint), "--data", "synthetic", "--synthetic-items", "1", "--synthetic-questions", "2",
+              "--method", "pio", "--budget", str(BUDGET), "--train", trained, "--batch-size", "1", "--max-steps", "1",
+              "--learning-rate", "1e-3", "--save-steps", "10"]
+    states = {}
+    for checkpointing in (True, False):
+        out = tmp_path / ("checkpointed" if checkpointing else "plain")
+        config = TrainConfig.parse_args([*common, "--output-dir", str(out), *["--gradient-checkpointing"] * checkpointing])
+        assert config.gradient_checkpointing is checkpointing
+        torch.manual_seed(0)  # LoRA's A matrices are drawn before Trainer seeds anything
+        train(config)
+        states[checkpointing] = LlavaForConditionalGeneration.from_pretrained(out).state_dict()
+    base = LlavaForConditionalGeneration.from_pretrained(checkpoint).state_dict()
+    projector = {n for n in base if n.startswith("model.multi_modal_projector.")}
+    if trained == "lora":
+        trained_names = {f"model.language_model.layers.{i}.self_attn.{proj}.weight"
+                         for i in range(4) for proj in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    else:
+        trained_names = {n for n in base if n.startswith(("model.language_model.", "lm_head."))}
+    changed = {name for name in base if not torch.equal(states[True][name], base[name])}
+    assert changed == trained_names | projector
+    for name in base:
+        torch.testing.assert_close(states[True][name], states[False][name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 # ----------------------------------------------------------------------------- wrapped models

@@ -168,6 +168,52 @@ def test_training_forward_and_backward_on_video_llava(video_llava):
         video_llava.zero_grad(set_to_none=True)
 
 
+class _KeepEveryToken(duet_vlm.VisionStage):
+    """A vision stage that records its input and keeps every token a unit's slots hold, in order
+    (the last ``keep``: an image's slots skip CLS under the "default" strategy, a frame's do not)."""
+
+    def __init__(self, seen: dict):
+        self.seen = seen
+
+    def reduce(self, view, keep):
+        units, tokens = view.features.shape[:2]
+        self.seen[units] = view.features
+        kept = torch.arange(tokens - keep, tokens).expand(units, -1)
+        return duet_vlm.VisionReduction(view.features[:, tokens - keep :], kept)
+
+
+class _KeepEverything(duet_vlm.Reducer):
+    """A reducer whose vision stage runs on every item but keeps all of its tokens."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def plan(self, geometry):
+        schedule = duet_vlm.Schedule(geometry.num_layers, geometry.visual_tokens, geometry.visual_tokens)
+        return duet_vlm.Plan(schedule, vision=_KeepEveryToken(self.seen))
+
+
+def test_vision_stages_read_each_towers_feature_layer_on_video_llava(video_llava):
+    """Video-LLaVA, an image and a video in one prompt, under a vision stage that runs but keeps every
+    token: the features it gets are ``hidden_states[vision_feature_layer]`` of the image tower and of
+    the video tower (computed here from the towers), and the logits at every position equal the
+    unpatched model's. Catches a tower's feature layer taken off by one (its own projection of the
+    wrong layer's output then replaces the model's)."""
+    inputs = batch_row(mixed_batch(seed=7), 0)
+    layer = video_llava.config.vision_feature_layer
+    reducer = _KeepEverything()
+    with torch.no_grad():
+        plain = video_llava(**inputs).logits
+        with reducer(video_llava):
+            reduced = video_llava(**inputs).logits
+        image = video_llava.model.image_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[layer]
+        video = video_llava.model.video_tower(inputs["pixel_values_videos"].flatten(0, 1), output_hidden_states=True)
+    assert sorted(reducer.seen) == [1, FRAMES]  # the stage ran on the image and on the video
+    torch.testing.assert_close(reducer.seen[1], image, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(reducer.seen[FRAMES], video.hidden_states[layer], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(reduced, plain, atol=1e-5, rtol=1e-5)
+
+
 def test_reference_video_setting_from_the_budget():
     """The reference's Video-LLaVA run: 160 + 32 tokens per frame (CLS included), boundaries after
     layers 16 and 24 with ratios 0.5 and 0.0, 960 average of 8 x 257 tokens."""
@@ -191,6 +237,68 @@ def test_reference_video_setting_through_the_runtime():
     assert tuple(video.vision_kept.shape) == (8, 192)
     assert tuple(reducer.stats.vision_roles["dominant"].shape) == (8, 160)
     assert tuple(reducer.stats.vision_roles["anchors"].shape) == (8, 32)
+
+
+def test_explicit_stage_a_counts_are_per_frame_of_a_video(video_llava):
+    """``Duet(dominant=d, contextual=c, layers=())`` on a Video-LLaVA video keeps ``d + c`` tokens in
+    every frame: ``d`` dominant (CLS and the ``d - 1`` patches the frame's CLS attends to most in the
+    video tower's feature layer, from the tower's own eager attention maps here) and ``c`` merged.
+    Catches explicit counts applied per video instead of per frame (``d + c`` spread over the frames).
+    """
+    import copy
+
+    dominant, contextual = 10, 3
+    inputs = batch_row(mixed_batch(seed=8), 1)  # a video only
+    reducer = duet_vlm.Duet(dominant=dominant, contextual=contextual, layers=())
+    with torch.no_grad(), reducer(video_llava):
+        video_llava(**inputs)
+    (video,) = reducer.stats.items
+    assert video.tokens_per_layer == [FRAMES * (dominant + contextual)] * 16
+    assert video.entry_units.bincount().tolist() == [dominant + contextual] * FRAMES
+    assert tuple(reducer.stats.vision_roles["anchors"].shape) == (FRAMES, contextual)
+    tower = copy.deepcopy(video_llava.model.video_tower)
+    tower.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = tower(inputs["pixel_values_videos"].flatten(0, 1), output_attentions=True, output_hidden_states=True)
+    layers = len(out.attentions)
+    feature_layer = video_llava.config.vision_feature_layer % (layers + 1) - 1  # hidden_states[k]: layer k - 1
+    cls_attention = out.attentions[feature_layer][:, :, 0, 1:].sum(dim=1)  # (frames, patches)
+    for frame in range(FRAMES):
+        top = (cls_attention[frame].topk(dominant - 1).indices + 1).sort().values.tolist()
+        assert reducer.stats.vision_roles["dominant"][frame].tolist() == [0] + top, f"frame {frame}"
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda b: duet_vlm.make("duet", budget=b), lambda b: duet_vlm.make("pio", budget=b),
+     lambda b: duet_vlm.Compose(duet_vlm.VisionZip(), duet_vlm.FastV(), budget=b)],
+    ids=["duet", "pio", "visionzip+fastv"],
+)
+def test_a_video_budget_is_met_in_whole_frames(video_llava, build):
+    """Methods that solve their LLM-input count for a budget, on a 4-frame video: for every budget
+    they can reach, the count is a multiple of the frame count (a vision stage keeps the same count in
+    every frame) and the layer average within a frame count of the budget; through the runtime the
+    video enters the language model with that count, the same in every frame.
+    Catches the solver trying counts that are not whole frames (the runtime then keeps fewer tokens
+    per frame than the schedule it reports was planned for)."""
+    geometry = duet_vlm.adapter_for(video_llava).video_geometry(FRAMES)
+    reached = 0
+    for budget in range(10, geometry.visual_tokens, 7):
+        try:
+            plan = build(budget).resolve(geometry)
+        except ValueError:  # beyond what this schedule shape can average
+            continue
+        reached += 1
+        assert plan.schedule.llm_input % FRAMES == 0, budget
+        assert abs(plan.schedule.average - budget) <= FRAMES, budget
+    assert reached >= 10
+    reducer = build(37)  # reachable for the image geometry too (checked at attach)
+    with torch.no_grad(), reducer(video_llava):
+        video_llava(**batch_row(mixed_batch(seed=9), 1))
+    (video,) = reducer.stats.items
+    llm_input = reducer.resolve(geometry).schedule.llm_input
+    assert video.tokens_per_layer[0] == llm_input
+    assert video.entry_units.bincount().tolist() == [llm_input // FRAMES] * FRAMES
 
 
 def _llava_with(vision_config, strategy="full"):
@@ -469,6 +577,28 @@ def test_onevision_padded_batch_equals_rows_alone(llava_onevision, name):
             if any(kind == "video" for kind, _ in row):
                 alone["pixel_values_videos"] = inputs["pixel_values_videos"][:1]
             torch.testing.assert_close(logits[b], llava_onevision(**alone).logits[0, -1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["visionzip", "duet"])
+def test_onevision_two_videos_in_one_forward_equal_each_alone(llava_onevision, name):
+    """Two rows, each with its own video, in one forward: each row's logits at every position equal
+    the row run alone with its own video (and the two rows' kept features differ), under a
+    vision-side method and DUET. The videos share one bucket of the vision stage, so a bucket that
+    reads every video's frames from the first video's captured rows would give row 1 row 0's video.
+    """
+    inputs = ov_batch([[("video", None)], [("video", None)]], seed=6)
+    inputs["input_ids"][1] = inputs["input_ids"][0]  # the same prompt: the rows differ by their videos only
+    reducer = duet_vlm.make(name, ratio=0.5)
+    with torch.no_grad(), reducer(llava_onevision):
+        logits = llava_onevision(**inputs).logits
+        alone = []
+        for b in range(2):
+            single = {"input_ids": inputs["input_ids"][b : b + 1], "attention_mask": inputs["attention_mask"][b : b + 1],
+                      "pixel_values_videos": inputs["pixel_values_videos"][b : b + 1]}
+            alone.append(llava_onevision(**single).logits[0])
+    assert (alone[0] - alone[1]).abs().max() > 1e-3  # each video reaches its row's output
+    for b in range(2):
+        torch.testing.assert_close(logits[b], alone[b], atol=1e-4, rtol=1e-4, msg=f"row {b}")
 
 
 def test_full_is_bit_identical_on_onevision(llava_onevision):

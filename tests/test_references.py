@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import duet_vlm
 
-from conftest import IMAGE_TOKEN, make_inputs, make_llava, row
+from conftest import IMAGE_TOKEN, make_inputs, make_llava
 
 
 def _probe(module, store: list, *, pre: bool = True):

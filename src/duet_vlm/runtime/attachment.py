@@ -31,9 +31,10 @@ from .binding import Binding
 from .boundary import prune
 from .calls import CallStore
 from .decoding import continue_prompt, decode_kwargs, unreduced_decode_positions
+from .entry import base_input_ids, check_turn_on_cache
 from .exit import compact_head_input, expand_head_output, finish_prefill
-from .prefill import start_prompt
-from .record import prefill_stats
+from .prefill import open_prompt
+from .record import prefill_stats, text_only_stats
 
 # Models with a reducer attached: two reducers on one model would stack their hooks.
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Attachment]" = weakref.WeakKeyDictionary()
@@ -121,7 +122,8 @@ class Attachment:
 
     # ----------------------------------------------------------------- a forward's inputs
     def _keep_labels(self, module, args, kwargs):
-        self.calls.current().labels = kwargs.get("labels")
+        call = self.calls.current()
+        call.labels, call.logits_to_keep = kwargs.get("labels"), kwargs.get("logits_to_keep")
 
     def _forget_labels(self, module, args, output):
         self.calls.current().labels = None
@@ -136,17 +138,7 @@ class Attachment:
             call.captures.clear()  # this forward encodes its own pixels: earlier captures are stale
         elif encoded:  # generate() encoded them: keep exactly the captures of that encoding
             call.captures.keep_only(encoded.values())
-        videos = kwargs.get("pixel_values_videos")
-        if isinstance(videos, torch.Tensor) and videos.dim() == 5 and videos.shape[0] and not videos.shape[1]:
-            raise ValueError(f"pixel_values_videos of shape {tuple(videos.shape)}: a video with no frames")
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is None:
-            embeds = kwargs["inputs_embeds"]
-            table = module.get_input_embeddings()
-            input_ids = torch.full(embeds.shape[:2], -1, dtype=torch.long, device=embeds.device)
-            for token_id in self.adapter.placeholder_ids:
-                token = table(torch.tensor(token_id, device=embeds.device))
-                input_ids = torch.where((embeds == token).all(-1), token_id, input_ids)
+        input_ids = base_input_ids(self.adapter, module, args, kwargs)
         # Items are found at the language model's entry, after transformers' own placeholder checks
         # ran: a mismatch surfaces as transformers' error, not ours.
         call.found = (input_ids, kwargs)
@@ -170,20 +162,9 @@ class Attachment:
                 "'static', or torch.compile's default for generate) writes by absolute position. Use the default "
                 "dynamic cache"
             )
-        if cache is not None and cache.get_seq_length() > 0:
-            # Placeholders on top of a cache: generate() resent part of a prompt whose cache a
-            # vision-side reduction made shorter (a second turn passed with past_key_values).
-            input_ids = found[0] if found is not None else None
-            # One new token is a decoding step (the model may generate a placeholder id); only a
-            # longer input can be a resent prompt. Keeps the decoding path free of data-dependent
-            # branches (torch.compile).
-            resent = input_ids is not None and input_ids.shape[1] > 1
-            if resent and any(bool((input_ids == t).any()) for t in self.adapter.placeholder_ids):
-                raise NotImplementedError(
-                    "duet-vlm reduces visual items in a prefill, not on top of a cache (a reduced cache is shorter "
-                    "than its prompt, so generate() resends part of it). To continue a conversation, pass the whole "
-                    "conversation again without past_key_values"
-                )
+        cached = cache.get_seq_length() if cache is not None else 0
+        if cached > 0:
+            check_turn_on_cache(self.binding, call.prompt, found, kwargs, cached)
             if call.prompt is None:
                 return None
             return continue_prompt(call.prompt, kwargs, cache)
@@ -194,16 +175,10 @@ class Attachment:
 
     @torch.compiler.disable  # finds items and selects tokens (data-dependent): eager under torch.compile
     def _begin_prompt(self, call, found, kwargs):
-        captures = call.captures.take()
-        items = self.adapter.find_items(*found, captures)
-        if not items:
+        if open_prompt(self.binding, call, found, kwargs) is None:
+            self.reducer.stats = text_only_stats(self.binding, found[0], kwargs)
             return None
-        call.prompt = start_prompt(self.binding, found[0], call.labels, kwargs, items, captures)
         self.calls.remember_grad_call(call)
-        if kwargs.get("past_key_values") is not None:
-            # Decoding steps follow on the cache and never read the encoding again; without a cache
-            # generate() prefills again at every step from the same encoding, so it stays.
-            call.captures.clear()
         return (), kwargs
 
     # ----------------------------------------------------------------- decoder layers

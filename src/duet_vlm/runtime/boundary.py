@@ -142,10 +142,40 @@ def select(binding: Binding, call, prompt: Prompt, layer_index: int, layer: nn.M
             r, j = divmod(i, items_per_row)
             kept_ids[id(state)] = kept[r, j]
             if selection.hidden_states is not None:
-                replacements.append((state.item.row, state.positions[kept[r, j]], selection.hidden_states[r, j]))
-    for row, positions, states in replacements:
-        hidden = hidden.index_put((torch.full_like(positions, row), positions), states.to(hidden.dtype))
-    return hidden, kept_ids
+                replacements.append((state, kept[r, j], selection.hidden_states[r, j]))
+    order = {id(state): index for index, state in enumerate(previous.items)}
+    recycled = prompt.recycled.setdefault(layer_index, {})
+    for state, kept, states in replacements:
+        recycled[order[id(state)]] = states
+    return recycle(hidden, replacements), kept_ids
+
+
+def recycle(hidden: torch.Tensor, replacements) -> torch.Tensor:
+    """``hidden`` with recycled states written into kept slots: ``(item state, kept, states)``."""
+    for state, kept, states in replacements:
+        positions = state.positions[kept]
+        hidden = hidden.index_put((torch.full_like(positions, state.item.row), positions), states.to(hidden.dtype))
+    return hidden
+
+
+def reuse(prompt: Prompt, layer_index: int, hidden: torch.Tensor, previous: Group):
+    """The selection of the prefill this one extends (``prompt.reference``), item by item: the same
+    tokens survive and the same recycled states fill their slots, so generating without a cache
+    equals generating with one (where the prefill chose once)."""
+    reference, rows = prompt.reference
+    theirs = reference.groups[prompt.group_of_layer(layer_index)].items
+    index_of = {(item.row, item.start): k for k, item in enumerate(reference.items)}
+    recycled = reference.recycled.get(layer_index, {})
+    kept_ids, replacements = {}, []
+    for state in previous.items:
+        if dict(state.plan.schedule.boundaries).get(layer_index) is None:
+            continue
+        k = index_of[(rows[state.item.row], state.item.start)]
+        kept = torch.searchsorted(state.ids, theirs[k].ids.to(state.ids.device))
+        kept_ids[id(state)] = kept
+        if k in recycled:
+            replacements.append((state, kept, recycled[k]))
+    return recycle(hidden, replacements), kept_ids
 
 
 def prune(binding: Binding, call, prompt: Prompt, layer_index: int, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -156,7 +186,10 @@ def prune(binding: Binding, call, prompt: Prompt, layer_index: int, layer: nn.Mo
     again and replaces it."""
     number = prompt.group_of_layer(layer_index)
     previous = prompt.groups[number - 1]
-    hidden, kept_ids = select(binding, call, prompt, layer_index, layer, hidden, previous)
+    if prompt.reference is not None:
+        hidden, kept_ids = reuse(prompt, layer_index, hidden, previous)
+    else:
+        hidden, kept_ids = select(binding, call, prompt, layer_index, layer, hidden, previous)
     survivors = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
     if previous.steps.pad is not None:
         survivors &= ~previous.steps.pad

@@ -32,11 +32,16 @@ class Call:
     head_rows: torch.Tensor | None = None  # where the last prefill's states sit, for the LM head
     in_stage: bool = False  # a stage is running a layer itself: the hooks stand aside
     forwards: int = 0  # base-model forwards in progress in this thread
+    logits_to_keep: object = None  # the top model's argument: > 1 in a prefill means drafted tokens
+    # The first prefill without a cache of the current encoding, and which encoding: generate()
+    # without a cache prefills again at every step and keeps that prefill's selection.
+    reference: Prompt | None = None
+    reference_encoding: tuple = ()
 
     def forget(self) -> None:
         """Drop what the last call left (its prompt, labels, inputs); captures are sorted out by the
         next forward, which knows which encoding is its own."""
-        self.labels = self.found = self.prompt = self.head_rows = None
+        self.labels = self.found = self.prompt = self.head_rows = self.reference = None
         self.in_stage = False
         self.forwards = 0
 

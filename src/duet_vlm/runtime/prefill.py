@@ -68,6 +68,14 @@ class Prompt:
     # DeepStack: per item, (entry slots, layers, D) features added after the first decoder layers.
     additions: dict[int, torch.Tensor] = field(default_factory=dict)
     addition_layers: int = 0
+    source_ids: torch.Tensor | None = None  # (B, L) the full input ids
+    items: list[VisualItem] = field(default_factory=list)
+    # Per boundary layer, per item (its index in ``items``): the states a stage recycled into its
+    # kept slots (``Selection.hidden_states``), for a prefill that reuses this one's selection.
+    recycled: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
+    # ``(earlier prompt, its row for each row of this one)``: this prefill extends an earlier one of
+    # the same encoding (generate without a cache) and keeps its selection instead of choosing again.
+    reference: tuple["Prompt", list[int]] | None = None
 
     @property
     def full_length(self) -> int:
@@ -109,6 +117,26 @@ class Prompt:
         return hidden.index_put(index, hidden[index] + torch.cat(values).to(hidden.dtype))
 
 
+def extends(reference: Prompt, input_ids: torch.Tensor, items: list[VisualItem]) -> list[int] | None:
+    """For each row of ``input_ids``, a row of ``reference`` whose whole input it continues with the
+    same items (generate without a cache appends tokens; beams may reorder rows), or ``None``."""
+    width = reference.full_length
+    if input_ids.shape[1] < width or reference.source_ids.device != input_ids.device:
+        return None
+    rows = []
+    for b in range(input_ids.shape[0]):
+        same = (reference.source_ids == input_ids[b, :width]).all(dim=1).nonzero()[:, 0]
+        if not len(same):
+            return None
+        rows.append(int(same[0]))
+    for b, r in enumerate(rows):
+        mine = [(item.start, item.length) for item in items if item.row == b]
+        theirs = [(item.start, item.length) for item in reference.items if item.row == r]
+        if mine != theirs:
+            return None
+    return rows
+
+
 def positions_mode(plans: list[Plan]) -> str:
     """The batch's position mode. Only plans that drop tokens renumber anything; an item left whole
     has no say."""
@@ -125,6 +153,7 @@ def start_prompt(
     kwargs: dict,
     items: list[VisualItem],
     captures: dict[str, Capture],
+    reference: tuple[Prompt, list[int]] | None = None,
 ) -> Prompt:
     """Reduce the items at the language model's entry and compact ``kwargs`` (its arguments) in
     place: ``inputs_embeds``, ``attention_mask`` and ``position_ids`` become the entry sequence's."""
@@ -194,6 +223,7 @@ def start_prompt(
         vision=[(item, reduction) for item, reduction, _ in vision],
         lm_position_ids=kwargs.get("position_ids"),
     )
+    prompt.source_ids, prompt.items, prompt.reference = input_ids, items, reference
     if additions:
         prompt.additions = additions
         prompt.addition_layers = next(iter(additions.values())).shape[1]
@@ -203,3 +233,42 @@ def start_prompt(
     ]
     prompt.groups.append(Group(entry.output_identity(), states))
     return prompt
+
+
+def check_drafts_in_prefill(plans, logits_to_keep, cache) -> None:
+    """Assisted and prompt-lookup decoding verify drafted tokens in the prefill itself (``generate``
+    asks for the logits of every draft): the drafts would be the text a language stage reads."""
+    drafted = isinstance(logits_to_keep, int) and logits_to_keep > 1 and cache is not None
+    if drafted and any(plan.schedule.boundaries for plan in plans):
+        raise NotImplementedError(
+            "assisted and prompt-lookup decoding put drafted tokens into the prefill, where they would steer what "
+            "a method that prunes inside the language model keeps. Use greedy, sampling or beam search, or a "
+            "vision-side method (visionzip, pool, random), under which drafts run exactly"
+        )
+
+
+def open_prompt(binding: Binding, call, found: tuple[torch.Tensor, dict], kwargs: dict) -> Prompt | None:
+    """The prefill of ``call`` at the language model's entry (``None``: no visual items). A prefill
+    without a cache that continues the call's earlier one of the same encoding (generate without a
+    cache) keeps that one's selection."""
+    input_ids = found[0]
+    encoding = call.captures.encoding()
+    captures = call.captures.take()
+    items = binding.adapter.find_items(*found, captures)
+    if not items:
+        return None
+    cache = kwargs.get("past_key_values")
+    check_drafts_in_prefill([binding.plan_for(item.geometry) for item in items], call.logits_to_keep, cache)
+    reference = None
+    if cache is None and not torch.is_grad_enabled() and call.reference is not None:
+        rows = extends(call.reference, input_ids, items) if call.reference_encoding == encoding else None
+        reference = (call.reference, rows) if rows is not None else None
+    call.prompt = start_prompt(binding, input_ids, call.labels, kwargs, items, captures, reference)
+    if cache is not None:
+        # Decoding steps follow on the cache and never read the encoding again; without a cache
+        # generate() prefills again at every step from the same encoding, so it stays.
+        call.captures.clear()
+        call.reference = None
+    elif reference is None and not torch.is_grad_enabled() and call.prompt.boundaries:
+        call.reference, call.reference_encoding = call.prompt, encoding
+    return call.prompt

@@ -84,6 +84,17 @@ def prefill_stats(binding: Binding, prompt: Prompt) -> ReductionStats:
     return with_costs(binding, stats)
 
 
+def text_only_stats(binding: Binding, input_ids: torch.Tensor, kwargs: dict) -> ReductionStats:
+    """A prefill without visual items: nothing reduced, no items; its text costs."""
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        text = mask.bool().sum(dim=1).tolist()
+    else:
+        text = [input_ids.shape[1]] * input_ids.shape[0]
+    layers = len(binding.adapter.layers)
+    return with_costs(binding, ReductionStats(tokens_per_layer=[0] * layers, visual_tokens=0, llm_input_tokens=0, text_tokens=text))
+
+
 def with_costs(binding: Binding, stats: ReductionStats) -> ReductionStats:
     language_model = binding.adapter.language_model
     dtype = next(language_model.parameters()).dtype

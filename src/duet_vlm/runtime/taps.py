@@ -68,6 +68,12 @@ class TowerCaptures:
         self.calls, self.used = kept, False
         self.pending_inputs, self.pending_entries, self.open = {}, {}, {}
 
+    def encoding(self) -> tuple[int, ...]:
+        """Which tower calls produced the current captures (ids of their live outputs)."""
+        return tuple(
+            id(c.source()) if c.source is not None else -1 for captures in self.calls.values() for c in captures
+        )
+
     def take(self) -> dict[str, Capture]:
         """Every tower's captures of the current encoding, concatenated over its calls (one row per
         unit). They stay until a tower runs again: ``generate()`` without a cache encodes the images

@@ -11,56 +11,31 @@ refused at attach; bad ratios are refused.
 
 import pytest
 import torch
-from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    SiglipVisionConfig,
-    VideoLlavaConfig,
-    VideoLlavaForConditionalGeneration,
-)
+from transformers import SiglipVisionConfig
 
 import duet_vlm
 from duet_vlm.adapters import Geometry
 
+# The tiny models and their prompts live in tests/models.py.
+from models import (
+    FRAMES,
+    IMAGE,
+    NEXT_SIZES,
+    OV_VIDEO,
+    SIDE,
+    VIDEO,
+    batch_row,
+    make_llava_next,
+    make_llava_onevision,
+    make_video_llava,
+    mixed_batch,
+    next_batch,
+    ov_batch,
+)
+from models import llava_with as _llava_with
 from test_methods_matrix import _hook_ids, generate_and_check_counts
 
 NAMES = sorted(duet_vlm.METHODS)
-IMAGE, VIDEO = 998, 999
-FRAMES, SIDE = 4, 8  # 4 frames of 8x8 patches (+ CLS): 260 video tokens; an image has 64
-
-
-def _text_config(layers=16):
-    return LlamaConfig(
-        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2,
-    )
-
-
-def _sharpen(model):
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                param.mul_(8.0)
-    return model
-
-
-def make_video_llava(attn="sdpa", side=SIDE, layers=16, seed=0):
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=14 * side,
-        patch_size=14, projection_dim=32, hidden_act="quick_gelu",
-    )
-    config = VideoLlavaConfig(
-        vision_config=vision, text_config=_text_config(layers), image_token_id=IMAGE, video_token_id=VIDEO,
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
-        image_seq_length=side * side, video_seq_length=FRAMES * (side * side + 1),
-    )
-    torch.manual_seed(seed)
-    model = _sharpen(VideoLlavaForConditionalGeneration(config))
-    model.set_attn_implementation(attn)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -69,40 +44,6 @@ def video_llava():
     with torch.no_grad():  # transformers adds its output-capturing hooks at the first forward
         model(**batch_row(mixed_batch(), 0))
     return model
-
-
-def _prompt(generator, image: bool, video: bool, suffix: int):
-    ids = [1] + torch.randint(3, 900, (3,), generator=generator).tolist()
-    if image:
-        ids += [IMAGE] * SIDE * SIDE + torch.randint(3, 900, (2,), generator=generator).tolist()
-    if video:
-        ids += [VIDEO] * FRAMES * (SIDE * SIDE + 1)
-    return ids + torch.randint(3, 900, (suffix,), generator=generator).tolist()
-
-
-def mixed_batch(seed=0):
-    """Row 0: an image and a video; row 1: a video only, shorter text (left-padded)."""
-    generator = torch.Generator().manual_seed(seed)
-    rows = [_prompt(generator, True, True, 12), _prompt(generator, False, True, 5)]
-    width = max(map(len, rows))
-    input_ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    size = 14 * SIDE
-    return {
-        "input_ids": input_ids,
-        "attention_mask": mask,
-        "pixel_values": torch.randn(1, 3, size, size, generator=generator),
-        "pixel_values_videos": torch.randn(2, FRAMES, 3, size, size, generator=generator),
-    }
-
-
-def batch_row(inputs, b):
-    keep = inputs["attention_mask"][b].bool()
-    out = {"input_ids": inputs["input_ids"][b : b + 1, keep], "attention_mask": inputs["attention_mask"][b : b + 1, keep]}
-    out["pixel_values_videos"] = inputs["pixel_values_videos"][b : b + 1]
-    if (out["input_ids"] == IMAGE).any():
-        out["pixel_values"] = inputs["pixel_values"][:1]
-    return out
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -301,15 +242,6 @@ def test_a_video_budget_is_met_in_whole_frames(video_llava, build):
     assert video.entry_units.bincount().tolist() == [llm_input // FRAMES] * FRAMES
 
 
-def _llava_with(vision_config, strategy="full"):
-    config = LlavaConfig(
-        vision_config=vision_config, text_config=_text_config(8), image_token_id=IMAGE, vision_feature_layer=-2,
-        vision_feature_select_strategy=strategy, image_seq_length=64,
-    )
-    torch.manual_seed(0)
-    return _sharpen(LlavaForConditionalGeneration(config)).eval()
-
-
 def test_llava_with_a_siglip_tower_ranks_patches_without_a_cls_token():
     siglip = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                                 image_size=112, patch_size=14)
@@ -360,53 +292,12 @@ def test_hooks_are_removed_after_an_exception(video_llava):
 
 
 # ----------------------------------------------------------------------------- LLaVA-NeXT (anyres)
-def make_llava_next(attn="sdpa", seed=0):
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
-
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=56,
-        patch_size=14, projection_dim=32, hidden_act="quick_gelu",
-    )
-    config = LlavaNextConfig(
-        vision_config=vision, text_config=_text_config(), image_token_id=IMAGE, vision_feature_layer=-2,
-        vision_feature_select_strategy="default", image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
-    )
-    torch.manual_seed(seed)
-    model = _sharpen(LlavaNextForConditionalGeneration(config))
-    model.set_attn_implementation(attn)
-    return model.eval()
-
-
-# (height, width) -> placeholder slots: base tile 16 + unpadded grid + one newline per grid row
-NEXT_SIZES = {(112, 112): 16 + 8 * 9, (56, 112): 16 + 4 * 9, (100, 60): 16 + 8 * 5}
-
-
 @pytest.fixture(scope="module")
 def llava_next():
     model = make_llava_next()
     with torch.no_grad():
         model(**next_batch([[(112, 112)]]))
     return model
-
-
-def next_batch(rows_sizes, seed=0, suffixes=None):
-    """Rows of anyres images (each image followed by two text tokens), left-padded."""
-    generator = torch.Generator().manual_seed(seed)
-    rows, sizes = [], []
-    for r, row_sizes in enumerate(rows_sizes):
-        ids = [1] + torch.randint(3, 900, (3,), generator=generator).tolist()
-        for size in row_sizes:
-            ids += [IMAGE] * NEXT_SIZES[size] + torch.randint(3, 900, (2,), generator=generator).tolist()
-            sizes.append(size)
-        suffix = suffixes[r] if suffixes else 6
-        rows.append(ids + torch.randint(3, 900, (suffix,), generator=generator).tolist())
-    width = max(map(len, rows))
-    return {
-        "input_ids": torch.tensor([[0] * (width - len(r)) + r for r in rows]),
-        "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
-        "pixel_values": torch.randn(len(sizes), 5, 3, 56, 56, generator=generator),
-        "image_sizes": torch.tensor(sizes),
-    }
 
 
 def test_anyres_layout_equals_the_models_packing(llava_next):
@@ -490,58 +381,6 @@ def test_several_sequences_with_an_image_and_a_video_per_row(video_llava, name):
 
 
 # ----------------------------------------------------------------------------- LLaVA-OneVision
-VIDEO_FRAMES_OV = 4
-
-
-def make_llava_onevision(attn="sdpa", seed=0):
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config
-
-    text = Qwen2Config(
-        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=16, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                image_size=32, patch_size=4)
-    config = LlavaOnevisionConfig(
-        vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=VIDEO, vision_feature_layer=-1,
-        vision_feature_select_strategy="full", image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]],
-    )
-    torch.manual_seed(seed)
-    model = _sharpen(LlavaOnevisionForConditionalGeneration(config))
-    model.set_attn_implementation(attn)
-    return model.eval()
-
-
-# (height, width) -> slots; a video of 4 frames: 4 x 16 pooled tokens + a newline
-OV_SIZES = {(64, 64): 336, (32, 64): 200}
-OV_VIDEO = VIDEO_FRAMES_OV * 16 + 1
-
-
-def ov_batch(rows, seed=0):
-    """Rows of items: ``("image", size)`` or ``("video", None)``, each followed by a text token."""
-    generator = torch.Generator().manual_seed(seed)
-    ids_rows, sizes, videos = [], [], 0
-    for row in rows:
-        ids = [1] + torch.randint(3, 900, (3,), generator=generator).tolist()
-        for kind, size in row:
-            ids += [IMAGE] * OV_SIZES[size] if kind == "image" else [VIDEO] * OV_VIDEO
-            ids += torch.randint(3, 900, (1,), generator=generator).tolist()
-            sizes += [size] if kind == "image" else []
-            videos += kind == "video"
-        ids_rows.append(ids + torch.randint(3, 900, (4,), generator=generator).tolist())
-    width = max(map(len, ids_rows))
-    out = {
-        "input_ids": torch.tensor([[0] * (width - len(r)) + r for r in ids_rows]),
-        "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids_rows]),
-    }
-    if sizes:
-        out["pixel_values"] = torch.randn(len(sizes), 5, 3, 32, 32, generator=generator)
-        out["image_sizes"] = torch.tensor(sizes)
-    if videos:
-        out["pixel_values_videos"] = torch.randn(videos, VIDEO_FRAMES_OV, 3, 32, 32, generator=generator)
-    return out
-
-
 @pytest.fixture(scope="module")
 def llava_onevision():
     model = make_llava_onevision()

@@ -20,135 +20,24 @@ import sys
 
 import pytest
 import torch
-from transformers import (
-    AttentionInterface,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-    Qwen3VLConfig,
-    Qwen3VLForConditionalGeneration,
-)
+from transformers import AttentionInterface
 
 import duet_vlm
 from duet_vlm.adapters import Geometry, adapter_for
 from duet_vlm.adapters.qwen_vl import received_attention_and_keys
 
+# The tiny models and their prompts live in tests/models.py.
+from models import QWEN_IMAGE as IMAGE
+from models import QWEN_MIXED as MIXED
+from models import QWEN_VIDEO as VIDEO
+from models import make_qwen
+from models import qwen_batch as make_batch
+from models import qwen_batch_for as batch_for
+from models import qwen_row as row_of
 from test_methods_matrix import generate_and_check_counts
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 NAMES = sorted(duet_vlm.METHODS)
-IMAGE, VIDEO, VSTART, VEND = 3, 4, 5, 6
-PATCH = 3 * 14 * 14 * 2  # channels x patch x patch x temporal patch
-
-
-def _text(layers):
-    return dict(
-        vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0,
-        # head_dim 8: the three M-RoPE sections must add up to head_dim / 2.
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
-    )
-
-
-def make_qwen(family, attn="sdpa", layers=6, seed=0):
-    ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND)
-    vision = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-    if family == "qwen2_vl":
-        config = Qwen2VLConfig(
-            text_config=_text(layers), vision_config=dict(vision, depth=2, embed_dim=32, hidden_size=32, num_heads=4,
-                                                         mlp_ratio=2), **ids,
-        )
-        cls = Qwen2VLForConditionalGeneration
-    elif family == "qwen2_5_vl":
-        # Windows of 2x2 merged tokens (56 px), full attention in block 1 of 3: the scores come from
-        # block 1, whose input is in the window order.
-        config = Qwen2_5_VLConfig(
-            text_config=_text(layers),
-            vision_config=dict(vision, depth=3, hidden_size=32, intermediate_size=37, num_heads=4, out_hidden_size=32,
-                               window_size=56, fullatt_block_indexes=[1]),
-            **ids,
-        )
-        cls = Qwen2_5_VLForConditionalGeneration
-    else:
-        text = _text(layers)
-        text["rope_parameters"]["mrope_interleaved"] = True
-        config = Qwen3VLConfig(
-            text_config=text,
-            vision_config=dict(vision, depth=3, hidden_size=32, intermediate_size=37, num_heads=4, out_hidden_size=32,
-                               deepstack_visual_indexes=[0, 1], num_position_embeddings=64),
-            **ids,
-        )
-        cls = Qwen3VLForConditionalGeneration
-    torch.manual_seed(seed)
-    model = cls(config)
-    with torch.no_grad():  # sharper attention, so that scores (and what is kept) differ between tokens
-        for name, param in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight", "qkv.weight")):
-                param.mul_(4.0)
-    model.set_attn_implementation(attn)
-    return model.eval()
-
-
-def _row(generator, items, prefix=3, suffix=4, frames_apart=False):
-    """Token ids of one prompt; ``items``: ``("image", h, w)`` or ``("video", t, h, w)`` in patches.
-    ``frames_apart``: each temporal slice of a video in its own run behind a timestamp (Qwen3-VL)."""
-    ids = [1] + torch.randint(10, 99, (prefix,), generator=generator).tolist()
-    types = [0] * len(ids)
-    for item in items:
-        t, h, w = (1, *item[1:]) if item[0] == "image" else item[1:]
-        token, kind = (IMAGE, 1) if item[0] == "image" else (VIDEO, 2)
-        runs = [h * w // 4] * t if frames_apart and kind == 2 else [t * h * w // 4]
-        for count in runs:
-            stamp = [40 + len(ids) % 9] if frames_apart and kind == 2 else []
-            ids += stamp + [VSTART] + [token] * count + [VEND]
-            types += [0] * len(stamp) + [0] + [kind] * count + [0]
-    tail = torch.randint(10, 99, (suffix,), generator=generator).tolist()
-    return ids + tail, types + [0] * len(tail)
-
-
-def make_batch(rows, seed=0, frames_apart=False):
-    """Left-padded rows of items; pixels and grids in row-major order, as Qwen's processor makes them."""
-    generator = torch.Generator().manual_seed(seed)
-    built = [_row(generator, items, suffix=4 + 2 * b, frames_apart=frames_apart) for b, items in enumerate(rows)]
-    width = max(len(ids) for ids, _ in built)
-    pad = lambda xs: [0] * (width - len(xs)) + xs  # noqa: E731
-    batch = {
-        "input_ids": torch.tensor([pad(ids) for ids, _ in built]),
-        "attention_mask": torch.tensor([pad([1] * len(ids)) for ids, _ in built]),
-        "mm_token_type_ids": torch.tensor([pad(types) for _, types in built]),
-    }
-    for kind, pixels, grids in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
-        shapes = [(1, *i[1:]) if kind == "image" else tuple(i[1:]) for items in rows for i in items if i[0] == kind]
-        if shapes:
-            batch[pixels] = torch.randn(sum(t * h * w for t, h, w in shapes), PATCH, generator=generator)
-            batch[grids] = torch.tensor([list(s) for s in shapes])
-    return batch
-
-
-def batch_for(model, rows, seed=0):
-    return make_batch(rows, seed, frames_apart=model.config.model_type == "qwen3_vl")
-
-
-def row_of(batch, rows, b):
-    """Row ``b`` of a batch built from ``rows``, unpadded, with its own pixels and grids."""
-    keep = batch["attention_mask"][b].bool()
-    out = {k: batch[k][b : b + 1, keep] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    for kind, pixels, grids in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
-        if grids not in batch:
-            continue
-        sizes = batch[grids].prod(-1).tolist()
-        owners = [r for r, items in enumerate(rows) for i in items if i[0] == kind]
-        chosen = [i for i, owner in enumerate(owners) if owner == b]
-        if chosen:
-            starts = [sum(sizes[:i]) for i in range(len(sizes))]
-            out[pixels] = torch.cat([batch[pixels][starts[i] : starts[i] + sizes[i]] for i in chosen])
-            out[grids] = batch[grids][chosen]
-    return out
-
-
-MIXED = [[("image", 8, 8), ("video", 2, 8, 4)], [("image", 12, 8)]]  # row 0: 16 + 16 tokens; row 1: 24
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

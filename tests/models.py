@@ -1,0 +1,589 @@
+"""Tiny models of every supported family and tower variant, and prompts for them.
+
+The real transformers classes, built from configs with random weights (no network), with the
+query and key projections of every attention sharpened so that selections have clear margins.
+
+``FAMILIES`` maps a name to a ``Family``: a model builder and three kinds of inputs, (a) ``one``:
+one row holding one visual item, (b) ``batch``: a left-padded batch of two rows of different text
+lengths (and items of different sizes where the family allows), (c) ``row``: one row of that batch
+alone (its own pixels, without padding), so that "a batch equals its rows" can be checked. A
+family's name is its adapter's ``family``, with ``-<tower>`` for a vision tower other than the
+one the family is usually released with. tests/conftest.py's ``family`` fixture runs over it, so
+tests/test_invariants.py checks every method on every family; an adapter (or a tower an adapter
+accepts) without an entry here fails that file.
+
+>>> family = FAMILIES["qwen2_5_vl"]
+>>> model = family.model()                        # built once per session, then shared
+>>> model(**family.batch(model)).logits.shape     # doctest: +SKIP
+
+The factories of LLaVA-1.5 (``make_llava``, ``make_inputs``, ``row``), Video-LLaVA, LLaVA-NeXT,
+LLaVA-OneVision and Qwen-VL were moved here from conftest.py, test_families.py and test_qwen.py,
+which import them from here.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    SiglipVisionConfig,
+    VideoLlavaConfig,
+    VideoLlavaForConditionalGeneration,
+)
+
+
+def sharpen(model: nn.Module, scale: float = 8.0, names=("q_proj.weight", "k_proj.weight")) -> nn.Module:
+    """Sharper attention than the default init, so that selections have clear margins."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(names):
+                param.mul_(scale)
+    return model
+
+
+def left_pad(rows: list[list[int]], pad: int = 0) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of token rows, left-padded (the HF default for generation)."""
+    width = max(map(len, rows))
+    return {
+        "input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
+        "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+    }
+
+
+def items_row(inputs: dict[str, torch.Tensor], b: int, entries: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """Row ``b`` of a left-padded batch, without its padding, with its own visual inputs:
+    ``entries[key][r]`` is how many entries of ``inputs[key]`` (along the first dimension, in row
+    order) row ``r`` owns; a key row ``b`` owns none of is left out."""
+    keep = inputs["attention_mask"][b].bool()
+    out = {key: inputs[key][b : b + 1, keep] for key in ("input_ids", "attention_mask")}
+    for key, counts in entries.items():
+        if counts[b]:
+            start = sum(counts[:b])
+            out[key] = inputs[key][start : start + counts[b]]
+    return out
+
+
+# ----------------------------------------------------------------------------- LLaVA-1.5 (CLIP)
+IMAGE_TOKEN = 999
+VOCAB = 1000
+
+
+def make_llava(
+    *,
+    layers: int = 32,
+    heads: int = 4,
+    kv_heads: int = 4,
+    hidden: int = 64,
+    vision_layers: int = 4,
+    image_size: int = 336,
+    attn: str = "sdpa",
+    strategy: str = "default",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> LlavaForConditionalGeneration:
+    """A randomly initialised LlavaForConditionalGeneration; LLaVA-1.5 geometry by default (576 patches, 32 layers)."""
+    text = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=14,
+        projection_dim=32,
+        hidden_act="quick_gelu",
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy=strategy,
+        image_seq_length=(image_size // 14) ** 2 + (strategy == "full"),
+    )
+    torch.manual_seed(seed)
+    model = sharpen(LlavaForConditionalGeneration(config))
+    model.set_attn_implementation(attn)
+    return model.to(dtype).eval()
+
+
+def image_tokens(model) -> int:
+    return model.config.image_seq_length
+
+
+def make_inputs(
+    model,
+    *,
+    batch: int = 1,
+    prefix: int = 5,
+    suffix: int | tuple[int, ...] = 12,
+    images_per_row: int = 1,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Prompts ``<s> (prefix ids + image tokens) * images + suffix ids`` with random pixels, for a
+    LLaVA model (any tower: the image token and the image's size come from its config).
+
+    ``suffix`` may differ per row; shorter rows are left-padded (the HF default for generation).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    suffixes = suffix if isinstance(suffix, tuple) else (suffix,) * batch
+    n_image = image_tokens(model)
+    token = model.config.image_token_id
+    rows = []
+    for b in range(batch):
+        ids = [1]
+        for _ in range(images_per_row):
+            ids += torch.randint(3, 900, (prefix,), generator=generator).tolist() + [token] * n_image
+        rows.append(ids + torch.randint(3, 900, (suffixes[b],), generator=generator).tolist())
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(batch * images_per_row, 3, size, size, generator=generator)
+    return {**left_pad(rows), "pixel_values": pixels.to(model.dtype)}
+
+
+def row(inputs: dict[str, torch.Tensor], b: int, images_per_row: int = 1) -> dict[str, torch.Tensor]:
+    """Row ``b`` of a batch from ``make_inputs``, without its padding."""
+    keep = inputs["attention_mask"][b].bool()
+    return {
+        "input_ids": inputs["input_ids"][b : b + 1, keep],
+        "attention_mask": inputs["attention_mask"][b : b + 1, keep],
+        "pixel_values": inputs["pixel_values"][b * images_per_row : (b + 1) * images_per_row],
+    }
+
+
+# ----------------------------------------------------------------------------- LLaVA with other towers, Video-LLaVA
+IMAGE, VIDEO = 998, 999
+FRAMES, SIDE = 4, 8  # Video-LLaVA: 4 frames of 8x8 patches (+ CLS): 260 video tokens; an image has 64
+
+
+def text_config(layers=16):
+    """The Llama decoder of the tiny LLaVA-NeXT, Video-LLaVA and LLaVA-with-another-tower models (GQA)."""
+    return LlamaConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def llava_with(vision_config, strategy="full", layers=8):
+    """LlavaForConditionalGeneration with any vision tower (64 image tokens, image token ``IMAGE``)."""
+    config = LlavaConfig(
+        vision_config=vision_config, text_config=text_config(layers), image_token_id=IMAGE, vision_feature_layer=-2,
+        vision_feature_select_strategy=strategy, image_seq_length=64,
+    )
+    torch.manual_seed(0)
+    return sharpen(LlavaForConditionalGeneration(config)).eval()
+
+
+def siglip_tower(image_size=112, patch_size=14, layers=3):
+    return SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                              image_size=image_size, patch_size=patch_size)
+
+
+def clip_tower(image_size, patch_size=14, layers=3):
+    return CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4, image_size=image_size,
+        patch_size=patch_size, projection_dim=32, hidden_act="quick_gelu",
+    )
+
+
+def make_video_llava(attn="sdpa", side=SIDE, layers=16, seed=0):
+    config = VideoLlavaConfig(
+        vision_config=clip_tower(14 * side), text_config=text_config(layers), image_token_id=IMAGE,
+        video_token_id=VIDEO, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_seq_length=side * side, video_seq_length=FRAMES * (side * side + 1),
+    )
+    torch.manual_seed(seed)
+    model = sharpen(VideoLlavaForConditionalGeneration(config))
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def _prompt(generator, image: bool, video: bool, suffix: int):
+    ids = [1] + torch.randint(3, 900, (3,), generator=generator).tolist()
+    if image:
+        ids += [IMAGE] * SIDE * SIDE + torch.randint(3, 900, (2,), generator=generator).tolist()
+    if video:
+        ids += [VIDEO] * FRAMES * (SIDE * SIDE + 1)
+    return ids + torch.randint(3, 900, (suffix,), generator=generator).tolist()
+
+
+def mixed_batch(seed=0):
+    """Video-LLaVA. Row 0: an image and a video; row 1: a video only, shorter text (left-padded)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = [_prompt(generator, True, True, 12), _prompt(generator, False, True, 5)]
+    size = 14 * SIDE
+    return {
+        **left_pad(rows),
+        "pixel_values": torch.randn(1, 3, size, size, generator=generator),
+        "pixel_values_videos": torch.randn(2, FRAMES, 3, size, size, generator=generator),
+    }
+
+
+def batch_row(inputs, b):
+    """Row ``b`` of ``mixed_batch`` alone."""
+    keep = inputs["attention_mask"][b].bool()
+    out = {"input_ids": inputs["input_ids"][b : b + 1, keep], "attention_mask": inputs["attention_mask"][b : b + 1, keep]}
+    out["pixel_values_videos"] = inputs["pixel_values_videos"][b : b + 1]
+    if (out["input_ids"] == IMAGE).any():
+        out["pixel_values"] = inputs["pixel_values"][:1]
+    return out
+
+
+def one_video(seed=0, suffix=6):
+    """Video-LLaVA: one row holding one video."""
+    generator = torch.Generator().manual_seed(seed)
+    size = 14 * SIDE
+    return {
+        **left_pad([_prompt(generator, False, True, suffix)]),
+        "pixel_values_videos": torch.randn(1, FRAMES, 3, size, size, generator=generator),
+    }
+
+
+# ----------------------------------------------------------------------------- LLaVA-NeXT (anyres)
+def make_llava_next(attn="sdpa", seed=0, tower="clip", layers=16):
+    """Tiles of 56 px (4x4 patches of 14 px; a CLIP tower's CLS dropped, a SigLIP tower has none)."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    vision, strategy = (clip_tower(56), "default") if tower == "clip" else (siglip_tower(56), "full")
+    config = LlavaNextConfig(
+        vision_config=vision, text_config=text_config(layers), image_token_id=IMAGE, vision_feature_layer=-2,
+        vision_feature_select_strategy=strategy, image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
+    )
+    torch.manual_seed(seed)
+    model = sharpen(LlavaNextForConditionalGeneration(config))
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+# (height, width) -> placeholder slots: base tile 16 + unpadded grid + one newline per grid row
+NEXT_SIZES = {(112, 112): 16 + 8 * 9, (56, 112): 16 + 4 * 9, (100, 60): 16 + 8 * 5}
+
+
+def next_batch(rows_sizes, seed=0, suffixes=None):
+    """Rows of anyres images (each image followed by two text tokens), left-padded."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, sizes = [], []
+    for r, row_sizes in enumerate(rows_sizes):
+        ids = [1] + torch.randint(3, 900, (3,), generator=generator).tolist()
+        for size in row_sizes:
+            ids += [IMAGE] * NEXT_SIZES[size] + torch.randint(3, 900, (2,), generator=generator).tolist()
+            sizes.append(size)
+        suffix = suffixes[r] if suffixes else 6
+        rows.append(ids + torch.randint(3, 900, (suffix,), generator=generator).tolist())
+    return {
+        **left_pad(rows),
+        "pixel_values": torch.randn(len(sizes), 5, 3, 56, 56, generator=generator),
+        "image_sizes": torch.tensor(sizes),
+    }
+
+
+# ----------------------------------------------------------------------------- LLaVA-OneVision
+VIDEO_FRAMES_OV = 4
+
+
+def make_llava_onevision(attn="sdpa", seed=0, tower="siglip", layers=16):
+    """Tiles of 32 px (8x8 patches of 4 px; a CLIP tower's CLS dropped, a SigLIP tower has none)."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config
+
+    text = Qwen2Config(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    if tower == "siglip":
+        vision, strategy, layer = siglip_tower(32, 4), "full", -1
+    else:
+        vision, strategy, layer = clip_tower(32, 4), "default", -2
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=VIDEO, vision_feature_layer=layer,
+        vision_feature_select_strategy=strategy, image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]],
+    )
+    torch.manual_seed(seed)
+    model = sharpen(LlavaOnevisionForConditionalGeneration(config))
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+# (height, width) -> slots; a video of 4 frames: 4 x 16 pooled tokens + a newline
+OV_SIZES = {(64, 64): 336, (32, 64): 200}
+OV_VIDEO = VIDEO_FRAMES_OV * 16 + 1
+
+
+def ov_batch(rows, seed=0, suffixes=None):
+    """Rows of items: ``("image", size)`` or ``("video", None)``, each followed by a text token."""
+    generator = torch.Generator().manual_seed(seed)
+    ids_rows, sizes, videos = [], [], 0
+    for r, row in enumerate(rows):
+        ids = [1] + torch.randint(3, 900, (3,), generator=generator).tolist()
+        for kind, size in row:
+            ids += [IMAGE] * OV_SIZES[size] if kind == "image" else [VIDEO] * OV_VIDEO
+            ids += torch.randint(3, 900, (1,), generator=generator).tolist()
+            sizes += [size] if kind == "image" else []
+            videos += kind == "video"
+        suffix = suffixes[r] if suffixes else 4
+        ids_rows.append(ids + torch.randint(3, 900, (suffix,), generator=generator).tolist())
+    out = left_pad(ids_rows)
+    if sizes:
+        out["pixel_values"] = torch.randn(len(sizes), 5, 3, 32, 32, generator=generator)
+        out["image_sizes"] = torch.tensor(sizes)
+    if videos:
+        out["pixel_values_videos"] = torch.randn(videos, VIDEO_FRAMES_OV, 3, 32, 32, generator=generator)
+    return out
+
+
+def ov_row(inputs, rows, b):
+    """Row ``b`` of an ``ov_batch`` of ``rows`` alone."""
+    images = [sum(kind == "image" for kind, _ in r) for r in rows]
+    videos = [sum(kind == "video" for kind, _ in r) for r in rows]
+    return items_row(inputs, b, {"pixel_values": images, "image_sizes": images, "pixel_values_videos": videos})
+
+
+# ----------------------------------------------------------------------------- Qwen2-VL, Qwen2.5-VL, Qwen3-VL
+QWEN_IMAGE, QWEN_VIDEO, VSTART, VEND = 3, 4, 5, 6
+PATCH = 3 * 14 * 14 * 2  # channels x patch x patch x temporal patch
+
+
+def qwen_text(layers):
+    return dict(
+        vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0,
+        # head_dim 8: the three M-RoPE sections must add up to head_dim / 2.
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+    )
+
+
+def make_qwen(family, attn="sdpa", layers=6, seed=0):
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+    )
+
+    ids = dict(image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=VSTART,
+               vision_end_token_id=VEND)
+    vision = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    if family == "qwen2_vl":
+        config = Qwen2VLConfig(
+            text_config=qwen_text(layers), vision_config=dict(vision, depth=2, embed_dim=32, hidden_size=32,
+                                                              num_heads=4, mlp_ratio=2), **ids,
+        )
+        cls = Qwen2VLForConditionalGeneration
+    elif family == "qwen2_5_vl":
+        # Windows of 2x2 merged tokens (56 px), full attention in block 1 of 3: the scores come from
+        # block 1, whose input is in the window order.
+        config = Qwen2_5_VLConfig(
+            text_config=qwen_text(layers),
+            vision_config=dict(vision, depth=3, hidden_size=32, intermediate_size=37, num_heads=4, out_hidden_size=32,
+                               window_size=56, fullatt_block_indexes=[1]),
+            **ids,
+        )
+        cls = Qwen2_5_VLForConditionalGeneration
+    else:
+        text = qwen_text(layers)
+        text["rope_parameters"]["mrope_interleaved"] = True
+        config = Qwen3VLConfig(
+            text_config=text,
+            vision_config=dict(vision, depth=3, hidden_size=32, intermediate_size=37, num_heads=4, out_hidden_size=32,
+                               deepstack_visual_indexes=[0, 1], num_position_embeddings=64),
+            **ids,
+        )
+        cls = Qwen3VLForConditionalGeneration
+    torch.manual_seed(seed)
+    # sharper attention, so that scores (and what is kept) differ between tokens
+    model = sharpen(cls(config), 4.0, ("q_proj.weight", "k_proj.weight", "qkv.weight"))
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def _qwen_row(generator, items, prefix=3, suffix=4, frames_apart=False):
+    """Token ids of one prompt; ``items``: ``("image", h, w)`` or ``("video", t, h, w)`` in patches.
+    ``frames_apart``: each temporal slice of a video in its own run behind a timestamp (Qwen3-VL)."""
+    ids = [1] + torch.randint(10, 99, (prefix,), generator=generator).tolist()
+    types = [0] * len(ids)
+    for item in items:
+        t, h, w = (1, *item[1:]) if item[0] == "image" else item[1:]
+        token, kind = (QWEN_IMAGE, 1) if item[0] == "image" else (QWEN_VIDEO, 2)
+        runs = [h * w // 4] * t if frames_apart and kind == 2 else [t * h * w // 4]
+        for count in runs:
+            stamp = [40 + len(ids) % 9] if frames_apart and kind == 2 else []
+            ids += stamp + [VSTART] + [token] * count + [VEND]
+            types += [0] * len(stamp) + [0] + [kind] * count + [0]
+    tail = torch.randint(10, 99, (suffix,), generator=generator).tolist()
+    return ids + tail, types + [0] * len(tail)
+
+
+def qwen_batch(rows, seed=0, frames_apart=False):
+    """Left-padded rows of items; pixels and grids in row-major order, as Qwen's processor makes them."""
+    generator = torch.Generator().manual_seed(seed)
+    built = [_qwen_row(generator, items, suffix=4 + 2 * b, frames_apart=frames_apart) for b, items in enumerate(rows)]
+    width = max(len(ids) for ids, _ in built)
+    pad = lambda xs: [0] * (width - len(xs)) + xs  # noqa: E731
+    batch = {
+        "input_ids": torch.tensor([pad(ids) for ids, _ in built]),
+        "attention_mask": torch.tensor([pad([1] * len(ids)) for ids, _ in built]),
+        "mm_token_type_ids": torch.tensor([pad(types) for _, types in built]),
+    }
+    for kind, pixels, grids in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
+        shapes = [(1, *i[1:]) if kind == "image" else tuple(i[1:]) for items in rows for i in items if i[0] == kind]
+        if shapes:
+            batch[pixels] = torch.randn(sum(t * h * w for t, h, w in shapes), PATCH, generator=generator)
+            batch[grids] = torch.tensor([list(s) for s in shapes])
+    return batch
+
+
+def qwen_batch_for(model, rows, seed=0):
+    return qwen_batch(rows, seed, frames_apart=model.config.model_type == "qwen3_vl")
+
+
+def qwen_row(batch, rows, b):
+    """Row ``b`` of a batch built from ``rows``, unpadded, with its own pixels and grids."""
+    keep = batch["attention_mask"][b].bool()
+    out = {k: batch[k][b : b + 1, keep] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    for kind, pixels, grids in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
+        if grids not in batch:
+            continue
+        sizes = batch[grids].prod(-1).tolist()
+        owners = [r for r, items in enumerate(rows) for i in items if i[0] == kind]
+        chosen = [i for i, owner in enumerate(owners) if owner == b]
+        if chosen:
+            starts = [sum(sizes[:i]) for i in range(len(sizes))]
+            out[pixels] = torch.cat([batch[pixels][starts[i] : starts[i] + sizes[i]] for i in chosen])
+            out[grids] = batch[grids][chosen]
+    return out
+
+
+QWEN_MIXED = [[("image", 8, 8), ("video", 2, 8, 4)], [("image", 12, 8)]]  # row 0: 16 + 16 tokens; row 1: 24
+
+
+# ----------------------------------------------------------------------------- the registry
+LAYERS = 6  # decoder layers of the registry's models: every method's default boundaries fit
+
+
+@dataclass(frozen=True)
+class Family:
+    """A tiny model of one family and tower variant, and its prompts.
+
+    ``one(model)``: one row holding one visual item; ``batch(model)``: two left-padded rows of
+    different text lengths; ``row(batch, b)``: row ``b`` of that batch alone. ``known_failure``: why
+    every check of this family fails today, a ``TypeError`` at attach (a bug in the library,
+    reported), or ``None``; conftest's ``family`` fixture marks the family's cases strict xfail.
+    """
+
+    name: str
+    build: Callable[[], nn.Module]
+    one: Callable[[nn.Module], dict]
+    batch: Callable[[nn.Module], dict]
+    row: Callable[[dict, int], dict]
+    known_failure: str | None = None
+
+    def model(self) -> nn.Module:
+        """The model, built once per session, after one forward of each input: transformers adds
+        its output-capturing hooks at the first forward."""
+        return _built(self)
+
+
+@functools.cache
+def _built(family: Family) -> nn.Module:
+    model = family.build()
+    with torch.no_grad():
+        model(**family.one(model))
+        model(**family.batch(model))
+    return model
+
+
+def _llava_family(name, build):
+    """One fixed-size image per row."""
+    return Family(
+        name, build,
+        one=lambda model: make_inputs(model, seed=1),
+        batch=lambda model: make_inputs(model, batch=2, suffix=(9, 4), seed=2),
+        row=row,
+    )
+
+
+NEXT_ROWS = [[(112, 112)], [(56, 112)]]
+
+
+def _next_family(name, tower, known_failure=None):
+    """Anyres images of different sizes (88 and 52 slots)."""
+    images = [len(r) for r in NEXT_ROWS]
+    return Family(
+        name, lambda: make_llava_next(tower=tower, layers=LAYERS),
+        one=lambda model: next_batch([[(112, 112)]], seed=1),
+        batch=lambda model: next_batch(NEXT_ROWS, seed=2, suffixes=[7, 3]),
+        row=lambda inputs, b: items_row(inputs, b, {"pixel_values": images, "image_sizes": images}),
+        known_failure=known_failure,
+    )
+
+
+def _ov_family(name, tower, one, rows):
+    """``one``: the items of the single row; ``rows``: the items of the batch's rows."""
+    return Family(
+        name, lambda: make_llava_onevision(tower=tower, layers=LAYERS),
+        one=lambda model: ov_batch([one], seed=1),
+        batch=lambda model: ov_batch(rows, seed=2, suffixes=[6, 2]),
+        row=lambda inputs, b: ov_row(inputs, rows, b),
+    )
+
+
+def _qwen_family(name):
+    """One image alone; a batch of an image and a video | a larger image."""
+    return Family(
+        name, lambda: make_qwen(name, layers=LAYERS),
+        one=lambda model: qwen_row(qwen_batch_for(model, QWEN_MIXED, seed=1), QWEN_MIXED, 1),
+        batch=lambda model: qwen_batch_for(model, QWEN_MIXED, seed=2),
+        row=lambda inputs, b: qwen_row(inputs, QWEN_MIXED, b),
+    )
+
+
+FAMILIES: dict[str, Family] = {
+    family.name: family
+    for family in (
+        _llava_family("llava", lambda: make_llava(layers=LAYERS, image_size=112, vision_layers=3)),
+        _llava_family("llava-siglip", lambda: llava_with(siglip_tower(), layers=LAYERS)),
+        _next_family("llava_next", "clip"),
+        _next_family("llava_next-siglip", "siglip", known_failure=(
+            "LlavaNextAdapter lists siglip_vision_model among its towers but refuses every "
+            "vision_feature_select_strategy except 'default', with which transformers' LLaVA-NeXT cannot "
+            "run a SigLIP tower (no CLS: dropping the first patch breaks the tile grid); 'full' runs in "
+            "transformers and is refused at attach with a TypeError"
+        )),
+        # SigLIP: a video alone; a batch of an image | a video and a smaller image.
+        # CLIP: an image alone; a batch of an image and a video | a smaller image.
+        _ov_family("llava_onevision", "siglip", [("video", None)],
+                   [[("image", (64, 64))], [("video", None), ("image", (32, 64))]]),
+        _ov_family("llava_onevision-clip", "clip", [("image", (32, 64))],
+                   [[("image", (64, 64)), ("video", None)], [("image", (32, 64))]]),
+        # A video alone; a batch of an image and a video | a video.
+        Family(
+            "video_llava", lambda: make_video_llava(layers=LAYERS),
+            one=lambda model: one_video(seed=1), batch=lambda model: mixed_batch(seed=2), row=batch_row,
+        ),
+        _qwen_family("qwen2_vl"),
+        _qwen_family("qwen2_5_vl"),
+        _qwen_family("qwen3_vl"),
+    )
+}

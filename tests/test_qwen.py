@@ -262,7 +262,8 @@ def test_stage_a_scores_equal_the_full_attention_map(family):
         {"layer_kwargs": {"cu_seqlens": captured["cu_seqlens"], "position_embeddings": captured["position_embeddings"]},
          "entry_args": (inputs["pixel_values"], grid), "entry_kwargs": {}},
     ))
-    scores, merged_keys, starts = adapter.vision_signals(capture, "image")
+    signals = adapter.vision_signals(capture, "image")
+    scores, merged_keys, starts = signals.scores, signals.keys, signals.starts
     torch.testing.assert_close(scores, expected.float(), rtol=0, atol=1e-5)
     assert starts == [0, 24]
     key_groups = keys.view(-1, 4, keys.shape[-1]).mean(dim=1)
@@ -332,7 +333,7 @@ def test_deepstack_features_follow_the_kept_set_and_the_merge():
         {"layer_kwargs": {"cu_seqlens": captured["cu_seqlens"], "position_embeddings": captured["position_embeddings"]},
          "entry_args": (inputs["pixel_values"], inputs["image_grid_thw"]), "entry_kwargs": {}},
     ))
-    _, reducer_keys, _ = adapter.vision_signals(capture, "image")
+    reducer_keys = adapter.vision_signals(capture, "image").keys
     kept_slots = visual[sorted(int(i) for i in torch.cat([dominant, anchors]))]
     text = (~mask[0]).nonzero()[:, 0]
     order = torch.cat([text, kept_slots]).sort().values

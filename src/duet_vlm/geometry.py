@@ -23,6 +23,7 @@ class Geometry:
         trailing: structural slots after the last unit (LLaVA-OneVision's newline after a video).
         rope: ``"1d"`` (one position per token) or ``"mrope"`` (Qwen-VL's 3-D time/row/column
             positions, under which kept tokens must keep their positions).
+        encoder_depth: layers (blocks) of the vision tower that encoded it; 0 where unknown.
 
     >>> Geometry(32, 576, (24, 24), True).unit_tokens
     576
@@ -36,6 +37,7 @@ class Geometry:
     modality: str = "image"
     trailing: int = 0
     rope: str = "1d"
+    encoder_depth: int = 0
 
     def __post_init__(self) -> None:
         if self.units < 1 or (self.visual_tokens - self.trailing) % self.units:

@@ -33,6 +33,10 @@ class VisionView:
         keys: ``(I, T, d)`` that layer's keys averaged over heads.
         grid: patch grid ``(rows, cols)``; patch ``(r, c)`` is token ``has_cls + r * cols + c``.
         has_cls: whether token 0 is a CLS token.
+        attention: ``{layer: (I, P)}`` the same score as ``cls_attention`` at the other encoder layers
+            the stage asked for (``VisionStage.encoder_layers``).
+        project: maps ``(I, n, C)`` features into the language model's space, as the model's projector
+            does, for a stage that decides or merges after the projector.
     """
 
     features: torch.Tensor
@@ -40,6 +44,8 @@ class VisionView:
     keys: torch.Tensor
     grid: tuple[int, int]
     has_cls: bool
+    attention: dict = field(default_factory=dict)
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -51,11 +57,14 @@ class VisionReduction:
         kept: ``(I, n)`` for each output token, the index (in ``VisionView.features``) of the token it
             stands for; used for statistics and figures.
         roles: optional named index tensors (e.g. ``"dominant"``, ``"anchors"``) for figures.
+        projected: ``(I, n, D)`` the output already in the language model's space (a stage that
+            merges after the projector); the runtime then writes it as it is.
     """
 
     features: torch.Tensor
     kept: torch.Tensor
     roles: dict[str, torch.Tensor] = field(default_factory=dict)
+    projected: torch.Tensor | None = None
 
 
 class VisionStage(ABC):
@@ -64,6 +73,12 @@ class VisionStage(ABC):
     @abstractmethod
     def reduce(self, view: VisionView, keep: int) -> VisionReduction:
         """Return ``keep`` tokens per unit (``keep`` counts the CLS token if it is kept)."""
+
+    def encoder_layers(self) -> tuple:
+        """Encoder layers besides the feature layer whose scores the stage reads (``VisionView.attention``):
+        indices into the tower's layers (negative from the end), or the names ``"first_full_attention"``
+        and ``"last"`` that each family resolves (``ModelAdapter.encoder_layer``)."""
+        return ()
 
 
 @dataclass
@@ -105,7 +120,7 @@ class LayerView:
     previous_hidden_states: torch.Tensor | None
     scratch: dict
     attention_fn: Callable[..., torch.Tensor]
-    run_layer_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    run_layer_fn: Callable[[nn.Module, torch.Tensor, int], torch.Tensor]
     output_head_fn: Callable[[torch.Tensor], torch.Tensor]
 
     @property
@@ -131,9 +146,11 @@ class LayerView:
             layer, hidden = self.layer, self.hidden_states
         return self.attention_fn(layer, hidden, self.position_embeddings, queries, self.valid, self.visual_index)
 
-    def run_layer(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Run ``layer`` on ``hidden_states`` (same tokens) without touching the KV cache or the hooks."""
-        return self.run_layer_fn(self.layer, hidden_states)
+    def run_layer(self, hidden_states: torch.Tensor, previous: bool = False) -> torch.Tensor:
+        """Run ``layer`` (``previous_layer`` with ``previous=True``) on ``hidden_states`` (these tokens,
+        their mask and positions) without touching the KV cache or the hooks."""
+        index = self.layer_index - 1 if previous else self.layer_index
+        return self.run_layer_fn(self.previous_layer if previous else self.layer, hidden_states, index)
 
     def output_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The model's own final norm and LM head applied to intermediate states (logits)."""

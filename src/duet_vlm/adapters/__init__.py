@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Capture, Geometry, ModelAdapter, VisualItem
+from .base import Capture, Geometry, ModelAdapter, Signals, VisualItem
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
@@ -35,4 +35,4 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     )
 
 
-__all__ = ["ADAPTERS", "Capture", "Geometry", "ModelAdapter", "VisualItem", "adapter_for"]
+__all__ = ["ADAPTERS", "Capture", "Geometry", "ModelAdapter", "Signals", "VisualItem", "adapter_for"]

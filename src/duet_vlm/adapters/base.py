@@ -23,7 +23,7 @@ A family adapter answers four questions for the runtime:
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -88,6 +88,20 @@ class UnitFeatures:
     features: torch.Tensor
     scores: torch.Tensor
     keys: torch.Tensor
+    attention: dict = field(default_factory=dict)  # {encoder layer: scores like ``scores``}
+
+
+@dataclass
+class Signals:
+    """Scores and keys of every unit a tower encoded, in whatever layout the adapter's
+    ``unit_features`` reads them: ``(units, P)`` rows here, one flat row of merged tokens for Qwen-VL
+    (``starts``: each unit's first token). ``maps`` holds the scores of other encoder layers
+    (``{layer: like scores}``) that a vision stage asked for."""
+
+    scores: torch.Tensor
+    keys: torch.Tensor
+    maps: dict = field(default_factory=dict)
+    starts: list[int] | None = None
 
 
 class ModelAdapter:
@@ -208,10 +222,27 @@ class ModelAdapter:
         return items
 
     # ----------------------------------------------------------------- vision side
+    #: each unit's tokens start with a CLS token (CLIP); SigLIP towers have none.
+    has_cls: bool = True
+
     def vision_scores(self, layer_input: torch.Tensor, tower: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
         """Importance of each patch ``(U, P)`` and head-averaged keys ``(U, T, d)`` of ``tower``'s
         feature layer, from the layer's own norm and projections on its captured input."""
-        raise NotImplementedError
+        return self.layer_scores(self.towers[tower], layer_input)
+
+    def layer_scores(self, layer: nn.Module, layer_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores, keys)`` of an encoder ``layer``: CLS-to-patch attention with a CLS token, the
+        attention each patch receives without one (SigLIP)."""
+        if self.has_cls:
+            return cls_attention_and_keys(layer, layer_input)
+        return attention_received_and_keys(layer, layer_input)
+
+    def encoder_layer(self, tower: str, layer) -> nn.Module:
+        """The encoder layer a vision stage names: an index into the tower's layers (negative from
+        the end, as ``output_attentions`` numbers them), ``"first_full_attention"`` (every layer of a
+        CLIP or SigLIP tower attends globally: the first) or ``"last"``."""
+        layers = getattr(self.tower_entries[tower], "vision_model", self.tower_entries[tower]).encoder.layers
+        return layers[check_layer({"first_full_attention": 0, "last": -1}.get(layer, layer), len(layers))]
 
     def trace(self, items: list[VisualItem], captures: dict[str, Capture], inputs_embeds: torch.Tensor) -> None:
         """Complete items whose layout is only known once their features sit in ``inputs_embeds``
@@ -225,16 +256,21 @@ class ModelAdapter:
         """How many units a tower's captures hold (one row per unit here)."""
         return capture.output.shape[0]
 
-    def vision_signals(self, capture: Capture, tower: str):
-        """The scores and keys of every captured unit of ``tower``, in whatever form this adapter's
-        ``unit_features`` reads them (``(scores, keys)`` here)."""
-        return self.vision_scores(capture.layer_input, tower)
+    def vision_signals(self, capture: Capture, tower: str, layers: tuple = ()) -> Signals:
+        """The scores and keys of every captured unit of ``tower``, and the scores of ``layers``
+        (other encoder layers, from their captured inputs)."""
+        scores, keys = self.vision_scores(capture.layer_input, tower)
+        maps = {}
+        for layer in layers:
+            layer_input = torch.cat([context["layers"][layer][0] for context in capture.contexts])
+            maps[layer] = self.layer_scores(self.encoder_layer(tower, layer), layer_input)[0]
+        return Signals(scores, keys, maps)
 
     def unit_features(
         self,
         items: list[VisualItem],
         capture: Capture,
-        signals: tuple[torch.Tensor, torch.Tensor],
+        signals: Signals,
         first_row,
         inputs_embeds: torch.Tensor | None = None,
     ) -> UnitFeatures:
@@ -242,10 +278,12 @@ class ModelAdapter:
         pre-projector features, patch scores and keys of each unit. ``first_row(item)`` is the first
         captured row of the item (items repeated by ``generate`` share rows); ``inputs_embeds`` is
         the language model's input, for families that reduce after the projector (Qwen-VL)."""
-        scores, keys = signals
         units = items[0].geometry.units
-        rows = torch.cat([torch.arange(units) + first_row(item) for item in items]).to(scores.device)
-        return UnitFeatures(capture.output[rows], scores[rows], keys[rows])
+        rows = torch.cat([torch.arange(units) + first_row(item) for item in items]).to(signals.scores.device)
+        return UnitFeatures(
+            capture.output[rows], signals.scores[rows], signals.keys[rows],
+            {layer: scores[rows] for layer, scores in signals.maps.items()},
+        )
 
     def slot_units(self, item: VisualItem) -> torch.Tensor:
         """``(slots,)`` the unit (frame) each of ``item``'s slots belongs to; -1 on structural slots."""
@@ -373,6 +411,19 @@ class ModelAdapter:
                 per_token = probs[:, visual_index[row].reshape(-1)].mean(dim=0)
                 scores.append(per_token.view(visual_index.shape[1:]))
         return torch.stack(scores)
+
+
+def check_layer(index: int, depth: int) -> int:
+    """An encoder layer index of a tower of ``depth`` layers (negative from the end).
+
+    >>> check_layer(5, 24), check_layer(-2, 4)
+    (5, -2)
+    """
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise ValueError(f"an encoder layer is an int index or 'first_full_attention' / 'last', got {index!r}")
+    if not -depth <= index < depth:
+        raise ValueError(f"encoder layer {index} does not exist in a vision tower of {depth} layers")
+    return index
 
 
 def feature_layer(tower: nn.Module, feature_layer_index: int) -> nn.Module:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Geometry, ModelAdapter, VisualItem, attention_received_and_keys, cls_attention_and_keys, feature_layer
+from .base import Geometry, ModelAdapter, VisualItem, feature_layer
 
 
 class LlavaAdapter(ModelAdapter):
@@ -31,7 +31,10 @@ class LlavaAdapter(ModelAdapter):
         side = vision_config.image_size // vision_config.patch_size
         tokens = side * side + int(self.has_cls)  # what the feature layer outputs per image
         slots = tokens - (1 if self.select_strategy == "default" else 0)
-        self.geometry = Geometry(config.text_config.num_hidden_layers, slots, (side, side), self.has_cls)
+        self.geometry = Geometry(
+            config.text_config.num_hidden_layers, slots, (side, side), self.has_cls,
+            encoder_depth=config.vision_config.num_hidden_layers,
+        )
 
     @property
     def slots_have_cls(self) -> bool:
@@ -41,8 +44,3 @@ class LlavaAdapter(ModelAdapter):
     def find_items(self, input_ids: torch.Tensor, kwargs: dict, captures: dict | None = None) -> list[VisualItem]:
         (token_id, tower), = self.placeholder_ids.items()
         return self.items_from_runs(input_ids, token_id, tower, lambda n: self.geometry)
-
-    def vision_scores(self, layer_input: torch.Tensor, tower: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
-        if self.has_cls:
-            return cls_attention_and_keys(self.towers[tower], layer_input)
-        return attention_received_and_keys(self.towers[tower], layer_input)

@@ -13,8 +13,6 @@ from .base import (
     ModelAdapter,
     UnitFeatures,
     VisualItem,
-    attention_received_and_keys,
-    cls_attention_and_keys,
     feature_layer,
 )
 
@@ -79,13 +77,14 @@ class LlavaNextAdapter(ModelAdapter):
         vision = config.vision_config
         side = vision.image_size // vision.patch_size
         self.tile_side = side
+        self.encoder_depth = vision.num_hidden_layers
         self.tile_patches = side * side
         # The base tile alone and its newline: what `duet-vlm plan` shows by default.
         self.geometry = self.geometry_of_run(self.tile_patches + 1)
 
     def geometry_of_run(self, slots: int, candidates: int | None = None) -> Geometry:
         candidates = slots if candidates is None else candidates
-        return Geometry(len(self.layers), slots, (1, candidates), False)
+        return Geometry(len(self.layers), slots, (1, candidates), False, encoder_depth=self.encoder_depth)
 
     def find_items(self, input_ids: torch.Tensor, kwargs: dict, captures: dict | None = None) -> list[VisualItem]:
         (token_id, tower), = self.placeholder_ids.items()
@@ -167,18 +166,21 @@ class LlavaNextAdapter(ModelAdapter):
                 "this image's slots could not be traced to its tiles (it was resized after the projector, as "
                 "LLaVA-OneVision does above anyres_max tiles): use a language-side method, or a smaller image"
             )
-        scores, keys = signals
-        features, unit_scores, unit_keys = [], [], []
+        features, unit_keys = [], []
+        unit_scores: dict = {None: [], **{layer: [] for layer in signals.maps}}
         for item in items:
             layout = item.layout
             tokens = layout.slot_patch + self.feature_offset
             features.append(capture.output[layout.slot_tile, tokens])
-            unit_scores.append(scores[layout.slot_tile, tokens - int(self.has_cls)])  # CLIP scores skip CLS
-            unit_keys.append(keys[layout.slot_tile, tokens])
-        return UnitFeatures(torch.stack(features), torch.stack(unit_scores), torch.stack(unit_keys))
+            for layer, scores in ((None, signals.scores), *signals.maps.items()):  # CLIP scores skip CLS
+                unit_scores[layer].append(scores[layout.slot_tile, tokens - int(self.has_cls)])
+            unit_keys.append(signals.keys[layout.slot_tile, tokens])
+        maps = {layer: torch.stack(scores) for layer, scores in unit_scores.items() if layer is not None}
+        return UnitFeatures(torch.stack(features), torch.stack(unit_scores[None]), torch.stack(unit_keys), maps)
 
+    # One tower encodes everything in this family (LLaVA-OneVision's videos too).
     def vision_scores(self, layer_input: torch.Tensor, tower: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
-        layer = self.towers["image"]  # one tower encodes everything in this family
-        if self.has_cls:
-            return cls_attention_and_keys(layer, layer_input)
-        return attention_received_and_keys(layer, layer_input)
+        return self.layer_scores(self.towers["image"], layer_input)
+
+    def encoder_layer(self, tower: str, layer) -> nn.Module:
+        return super().encoder_layer("image", layer)

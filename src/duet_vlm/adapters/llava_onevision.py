@@ -42,7 +42,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def video_geometry(self, frames: int) -> Geometry:
         return Geometry(
             len(self.layers), frames * self.frame_tokens + 1, self.pooled_grid, False, units=frames, modality="video",
-            trailing=1,
+            trailing=1, encoder_depth=self.encoder_depth,
         )
 
     def _video_run(self, length: int) -> Geometry:
@@ -61,9 +61,13 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         if capture is not None and any(item.tower == "video" for item in items):
             # Images are encoded first when the forward has both; the last call holds the videos.
             split = sum(capture.calls[:-1]) if any(item.tower == "image" for item in items) else 0
-            captures["video"] = Capture(capture.layer_input[split:], capture.output[split:], capture.calls[-1:])
+            captures["video"] = Capture(
+                capture.layer_input[split:], capture.output[split:], capture.calls[-1:], capture.contexts[-1:]
+            )
             if split:
-                captures["image"] = Capture(capture.layer_input[:split], capture.output[:split], capture.calls[:-1])
+                captures["image"] = Capture(
+                    capture.layer_input[:split], capture.output[:split], capture.calls[:-1], capture.contexts[:-1]
+                )
             else:
                 del captures["image"]
         super().trace(items, captures, inputs_embeds)
@@ -74,15 +78,17 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def unit_features(self, items, capture: Capture, signals, first_row, inputs_embeds=None) -> UnitFeatures:
         if items[0].tower != "video":
             return super().unit_features(items, capture, signals, first_row, inputs_embeds)
-        scores, keys = signals
         frames = items[0].geometry.units
-        rows = torch.cat([torch.arange(frames) + first_row(item) for item in items]).to(scores.device)
+        rows = torch.cat([torch.arange(frames) + first_row(item) for item in items]).to(signals.scores.device)
         tokens = slice(self.feature_offset, None)
         pool = self.base.apply_pooling
         features = pool(self.projector(capture.output[rows, tokens]))
-        # Scores of the same tokens the projector saw (CLIP scores already skip CLS).
-        unit_scores = scores[rows, self.feature_offset - int(self.has_cls) :]
-        return UnitFeatures(features, pool(unit_scores[..., None])[..., 0], pool(keys[rows, tokens]))
+
+        def pooled_scores(scores):  # of the same tokens the projector saw (CLIP scores already skip CLS)
+            return pool(scores[rows, self.feature_offset - int(self.has_cls) :][..., None])[..., 0]
+
+        maps = {layer: pooled_scores(scores) for layer, scores in signals.maps.items()}
+        return UnitFeatures(features, pooled_scores(signals.scores), pool(signals.keys[rows, tokens]), maps)
 
     def project(self, item: VisualItem, features: torch.Tensor) -> torch.Tensor:
         return features if item.tower == "video" else self.projector(features)

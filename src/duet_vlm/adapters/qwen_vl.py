@@ -36,7 +36,7 @@ import sys
 import torch
 from torch import nn
 
-from .base import Capture, Geometry, ModelAdapter, UnitFeatures, VisualItem
+from .base import Capture, Geometry, ModelAdapter, Signals, UnitFeatures, VisualItem, check_layer
 
 
 def received_attention_and_keys(
@@ -95,7 +95,10 @@ class Qwen2VLAdapter(ModelAdapter):
 
     def item_geometry(self, t: int, h: int, w: int, modality: str) -> Geometry:
         rows, cols = h // self.merge, w // self.merge
-        return Geometry(self._layers, t * rows * cols, (rows, cols), False, units=t, modality=modality, rope="mrope")
+        return Geometry(
+            self._layers, t * rows * cols, (rows, cols), False, units=t, modality=modality, rope="mrope",
+            encoder_depth=len(self.visual.blocks),
+        )
 
     # ----------------------------------------------------------------- visual items
     def find_items(self, input_ids: torch.Tensor, kwargs: dict, captures: dict | None = None) -> list[VisualItem]:
@@ -195,45 +198,60 @@ class Qwen2VLAdapter(ModelAdapter):
         """Where each merger output sits in the blocks' order of merged groups (``None``: same order)."""
         return None
 
-    def vision_signals(self, capture: Capture, tower: str):
+    def encoder_layer(self, tower: str, layer) -> nn.Module:
+        """A vision block by index, ``"first_full_attention"`` (the first block that attends over whole
+        images: every block in Qwen2-VL and Qwen3-VL, ``fullatt_block_indexes[0]`` in Qwen2.5-VL) or
+        ``"last"``."""
+        if layer == "first_full_attention":
+            full = getattr(self.visual, "fullatt_block_indexes", None)
+            layer = min(full) if full else 0
+        return self.visual.blocks[check_layer(-1 if layer == "last" else layer, len(self.visual.blocks))]
+
+    def vision_signals(self, capture: Capture, tower: str, layers: tuple = ()) -> Signals:
         """Scores ``(tokens,)`` and keys ``(tokens, d)`` of every merged token the tower produced, in
-        the merger's output order, and the first token of each unit (temporal slice)."""
+        the merger's output order, the same scores at ``layers``, and the first token of each unit
+        (temporal slice)."""
         group = self.merge * self.merge
-        scores, keys, starts = [], [], []
+        blocks = {None: self.towers["image"], **{layer: self.encoder_layer(tower, layer) for layer in layers}}
+        scores: dict = {layer: [] for layer in blocks}
+        keys, starts = [], []
         offset = 0
         for rows, layer_input, context in zip(
             capture.calls, capture.layer_input.split(list(capture.calls)), capture.contexts
         ):
-            kwargs = context["layer_kwargs"]
-            received, key = received_attention_and_keys(
-                self.towers["image"], layer_input, kwargs["cu_seqlens"], kwargs["position_embeddings"]
-            )
-            received = received.view(-1, group).mean(dim=1)
-            key = key.view(-1, group, key.shape[-1]).mean(dim=1)
             grid = self._grid(context)
             order = self.merged_order(grid)
-            if order is not None:
-                received, key = received[order], key[order]
-            scores.append(received)
-            keys.append(key)
+            for layer, block in blocks.items():
+                block_input, kwargs = (layer_input, context["layer_kwargs"]) if layer is None else context["layers"][layer]
+                received, key = received_attention_and_keys(
+                    block, block_input, kwargs["cu_seqlens"], kwargs["position_embeddings"]
+                )
+                received = received.view(-1, group).mean(dim=1)
+                scores[layer].append(received[order] if order is not None else received)
+                if layer is None:
+                    key = key.view(-1, group, key.shape[-1]).mean(dim=1)
+                    keys.append(key[order] if order is not None else key)
             for t, h, w in grid.tolist():
                 for _ in range(t):
                     starts.append(offset)
                     offset += h * w // group
-        return torch.cat(scores), torch.cat(keys), starts
+        maps = {layer: torch.cat(values) for layer, values in scores.items() if layer is not None}
+        return Signals(torch.cat(scores[None]), torch.cat(keys), maps, starts)
 
-    def unit_features(self, items, capture: Capture, signals, first_row, inputs_embeds=None) -> UnitFeatures:
-        scores, keys, starts = signals
+    def unit_features(self, items, capture: Capture, signals: Signals, first_row, inputs_embeds=None) -> UnitFeatures:
         tokens = items[0].geometry.unit_tokens
-        features, unit_scores, unit_keys = [], [], []
+        features, unit_keys = [], []
+        unit_scores: dict = {None: [], **{layer: [] for layer in signals.maps}}
         for item in items:
             for unit in range(item.geometry.units):
-                begin = starts[first_row(item) + unit]
+                begin = signals.starts[first_row(item) + unit]
                 slot = item.unit_start(unit)
                 features.append(inputs_embeds[item.row, slot : slot + tokens])
-                unit_scores.append(scores[begin : begin + tokens])
-                unit_keys.append(keys[begin : begin + tokens])
-        return UnitFeatures(torch.stack(features), torch.stack(unit_scores), torch.stack(unit_keys))
+                for layer, scores in ((None, signals.scores), *signals.maps.items()):
+                    unit_scores[layer].append(scores[begin : begin + tokens])
+                unit_keys.append(signals.keys[begin : begin + tokens])
+        maps = {layer: torch.stack(scores) for layer, scores in unit_scores.items() if layer is not None}
+        return UnitFeatures(torch.stack(features), torch.stack(unit_scores[None]), torch.stack(unit_keys), maps)
 
     def project(self, item: VisualItem, features: torch.Tensor) -> torch.Tensor:
         return features

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Geometry, ModelAdapter, VisualItem, cls_attention_and_keys, feature_layer
+from .base import Geometry, ModelAdapter, VisualItem, feature_layer
 
 
 class VideoLlavaAdapter(ModelAdapter):
@@ -35,11 +35,14 @@ class VideoLlavaAdapter(ModelAdapter):
         layers = config.text_config.num_hidden_layers
         image_slots = side * side + (0 if config.vision_feature_select_strategy == "default" else 1)
         self.frame_tokens = side * side + 1
-        self.geometry = Geometry(layers, image_slots, (side, side), True)
+        self.geometry = Geometry(layers, image_slots, (side, side), True, encoder_depth=vision.num_hidden_layers)
         self._layers, self._grid = layers, (side, side)
 
     def video_geometry(self, frames: int) -> Geometry:
-        return Geometry(self._layers, frames * self.frame_tokens, self._grid, True, units=frames, modality="video")
+        return Geometry(
+            self._layers, frames * self.frame_tokens, self._grid, True, units=frames, modality="video",
+            encoder_depth=self.geometry.encoder_depth,
+        )
 
     def find_items(self, input_ids: torch.Tensor, kwargs: dict, captures: dict | None = None) -> list[VisualItem]:
         (image_id, _), (video_id, _) = self.placeholder_ids.items()
@@ -53,6 +56,3 @@ class VideoLlavaAdapter(ModelAdapter):
                 f"a run of {length} video placeholder tokens is not a whole number of frames of {self.frame_tokens}"
             )
         return self.video_geometry(length // self.frame_tokens)
-
-    def vision_scores(self, layer_input: torch.Tensor, tower: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
-        return cls_attention_and_keys(self.towers[tower], layer_input)

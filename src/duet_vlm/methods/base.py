@@ -143,6 +143,11 @@ class Reducer(ABC):
         """The vision stage configured to pass ``keep`` tokens per image to the language model."""
         raise NotImplementedError(f"{type(self).__name__} has no vision-side stage")
 
+    def encoder_layers(self, geometry: Geometry) -> tuple:
+        """Encoder layers besides the feature layer that this method's vision stage reads on a model
+        of ``geometry`` (``VisionStage.encoder_layers``): the runtime taps their inputs."""
+        return ()
+
     def schedule_for(self, geometry: Geometry, llm_input: int) -> Schedule:
         """The pruning schedule when ``llm_input`` visual tokens per image enter the language model."""
         raise NotImplementedError(f"{type(self).__name__} has no language-side stage")
@@ -228,7 +233,13 @@ class PerItemRatio(Reducer):
         super().__post_init__()
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio <= 1:
             raise ValueError(f"ratio must lie in (0, 1] (the kept fraction of each item's tokens), got {self.ratio!r}")
+        if self.positions is None:
+            self.positions = self.method.default_positions
         self.build(1)  # validate the options now, not at the first forward
+        # Only the options that differ from the method's defaults: equal reducers compare equal,
+        # however they were written (``make`` or ``from_dict``).
+        defaults = {spec.name: spec.default for spec in dataclasses.fields(self.method)}
+        self.options = {k: v for k, v in self.options.items() if k not in defaults or defaults[k] != v}
 
     @property
     def position_mode(self) -> str | None:
@@ -237,6 +248,9 @@ class PerItemRatio(Reducer):
     def build(self, budget: int) -> Reducer:
         """The method with an absolute budget."""
         return self.method(budget=budget, positions=self.positions, **self.options)
+
+    def encoder_layers(self, geometry: Geometry) -> tuple:
+        return self.build(1).encoder_layers(geometry)
 
     def budget_for(self, geometry: Geometry) -> int:
         return max(1, round(self.ratio * geometry.visual_tokens))
@@ -283,6 +297,9 @@ class Compose(Reducer):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_budget(self.budget)
+
+    def encoder_layers(self, geometry: Geometry) -> tuple:
+        return self.vision.encoder_layers(geometry)
 
     def plan(self, geometry: Geometry) -> Plan:
         return compose_plan(self.vision, self.language, self.budget, geometry)

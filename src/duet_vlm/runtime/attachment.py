@@ -72,6 +72,8 @@ class Attachment:
             add(layer.register_forward_hook(self._keep_vision_output(name)))
         for name, module in a.tower_entries.items():
             add(module.register_forward_pre_hook(self._enter_tower(name), with_kwargs=True))
+            for layer in self.reducer.encoder_layers(a.geometry):  # other encoder layers a vision stage reads
+                add(a.encoder_layer(name, layer).register_forward_pre_hook(self._keep_layer_input(name, layer), with_kwargs=True))
             add(module.register_forward_hook(self._leave_tower(name)))
         if a.top is not None:
             add(a.top.register_forward_pre_hook(self._keep_labels, with_kwargs=True))
@@ -111,6 +113,12 @@ class Attachment:
     def _keep_vision_input(self, tower: str):
         def hook(module, args, kwargs):
             self.calls.current().captures.keep_input(tower, args, kwargs)
+
+        return hook
+
+    def _keep_layer_input(self, tower: str, layer):
+        def hook(module, args, kwargs):
+            self.calls.current().captures.keep_layer_input(tower, layer, args, kwargs)
 
         return hook
 

@@ -105,8 +105,8 @@ def layer_view(binding: Binding, prompt: Prompt, layer_index: int, layer: nn.Mod
         previous_hidden_states=take(previous_input),
         scratch=scratch,
         attention_fn=binding.adapter.text_to_visual_attention,
-        run_layer_fn=lambda module, hidden_: prompt.with_layer_features(
-            run_layer(module, hidden_, call_group), layer_index, states, None if whole else list(rows)
+        run_layer_fn=lambda module, hidden_, index: prompt.with_layer_features(
+            run_layer(module, hidden_, call_group), index, states, None if whole else list(rows)
         ),
         output_head_fn=lambda hidden_: output_head(binding, hidden_),
     )

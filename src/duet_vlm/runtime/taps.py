@@ -29,10 +29,11 @@ class TowerCaptures:
     pending_inputs: dict[str, tuple[torch.Tensor, dict]] = field(default_factory=dict)
     pending_entries: dict[str, dict] = field(default_factory=dict)
     open: dict[str, list[Capture]] = field(default_factory=dict)  # made by a tower call still running
+    pending_layers: dict[str, dict] = field(default_factory=dict)  # other encoder layers' inputs, per tower
 
     def clear(self) -> None:
         self.calls, self.used = {}, False
-        self.pending_inputs, self.pending_entries, self.open = {}, {}, {}
+        self.pending_inputs, self.pending_entries, self.open, self.pending_layers = {}, {}, {}, {}
 
     def enter_tower(self, tower: str, args: tuple, kwargs: dict) -> None:
         self.pending_entries[tower] = {"entry_args": args, "entry_kwargs": kwargs}
@@ -46,12 +47,23 @@ class TowerCaptures:
     def keep_input(self, tower: str, args: tuple, kwargs: dict) -> None:
         self.pending_inputs[tower] = (args[0] if args else kwargs["hidden_states"], kwargs)
 
+    def keep_layer_input(self, tower: str, layer, args: tuple, kwargs: dict) -> None:
+        """The input of another encoder layer a vision stage reads (``VisionStage.encoder_layers``):
+        kept with the capture of the same tower call, which may come before or after it."""
+        entry = (args[0] if args else kwargs["hidden_states"], kwargs)
+        captured = self.open.get(tower)
+        if captured:  # the feature layer of this tower call ran already
+            captured[-1].contexts[0].setdefault("layers", {})[layer] = entry
+        else:
+            self.pending_layers.setdefault(tower, {})[layer] = entry
+
     def keep_output(self, tower: str, output) -> None:
         features = output[0] if isinstance(output, tuple) else output
         if self.used:  # the first tower call of a new encoding: earlier captures are stale
             self.calls, self.used = {}, False
         layer_input, layer_kwargs = self.pending_inputs.pop(tower)
         context = {"layer_kwargs": layer_kwargs, **self.pending_entries.get(tower, {})}
+        context["layers"] = self.pending_layers.pop(tower, {})
         capture = Capture(layer_input, features, contexts=(context,))
         self.calls.setdefault(tower, []).append(capture)
         self.open.setdefault(tower, []).append(capture)
@@ -66,7 +78,7 @@ class TowerCaptures:
             if mine:
                 kept[tower] = mine
         self.calls, self.used = kept, False
-        self.pending_inputs, self.pending_entries, self.open = {}, {}, {}
+        self.pending_inputs, self.pending_entries, self.open, self.pending_layers = {}, {}, {}, {}
 
     def encoding(self) -> tuple[int, ...]:
         """Which tower calls produced the current captures (ids of their live outputs)."""

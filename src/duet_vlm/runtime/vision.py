@@ -72,11 +72,14 @@ def reduce_vision(
     buckets: dict[tuple, list[VisualItem]] = {}
     for item in staged:
         buckets.setdefault((item.tower, item.geometry), []).append(item)
-    signals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    layers: dict[str, set] = {}
+    for (tower, geometry) in buckets:
+        layers.setdefault(tower, set()).update(binding.plan_for(geometry).vision.encoder_layers())
+    signals = {}
     for (tower, geometry), bucket in buckets.items():
         plan = binding.plan_for(geometry)
         if tower not in signals:
-            signals[tower] = adapter.vision_signals(captures[tower], tower)
+            signals[tower] = adapter.vision_signals(captures[tower], tower, tuple(sorted(layers[tower], key=str)))
         units = geometry.units
         unit = adapter.unit_features(bucket, captures[tower], signals[tower], first_row, inputs_embeds)
         features = unit.features
@@ -89,7 +92,11 @@ def reduce_vision(
             features = torch.cat([features, extra.view(features.shape[0], features.shape[1], -1)], dim=-1)
         else:
             extra = None
-        view = VisionView(features, unit.scores, unit.keys, geometry.grid, geometry.has_cls)
+        item = bucket[0]
+        view = VisionView(
+            features, unit.scores, unit.keys, geometry.grid, geometry.has_cls, unit.attention,
+            project=lambda f, item=item, width=width: adapter.project(item, f[..., :width].to(unit.features.dtype)),
+        )
         keep = plan.schedule.llm_input // units
         reduction = plan.vision.reduce(view, keep)
         expected = (features.shape[0], keep, features.shape[-1])
@@ -98,7 +105,10 @@ def reduce_vision(
                 f"{type(plan.vision).__name__} returned {tuple(reduction.features.shape)}, expected {expected}"
             )
         reduced = reduction.features[..., :width]
-        projected = adapter.project(bucket[0], reduced.to(unit.features.dtype))
+        if reduction.projected is not None:  # merged after the projector by the stage itself
+            projected = reduction.projected
+        else:
+            projected = adapter.project(bucket[0], reduced.to(unit.features.dtype))
         projected = projected.to(inputs_embeds.dtype).view(len(bucket), units, keep, -1)
         for i, item in enumerate(bucket):
             share = slice(i * units, (i + 1) * units)

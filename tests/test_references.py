@@ -283,8 +283,9 @@ def test_stage_b_queries_are_the_text_after_the_last_image(small_llava, answer):
 # ``prediction_tokens`` (2) prompt tokens. The official code reads the 4 positions S-5..S-2 of the
 # sequence (the last prompt token excluded): when the library follows it, change this one line (and
 # the NMS threshold and the loss reduction below where they change too).
-PIO_PROXY_POSITIONS = lambda length: torch.arange(length - 2, length)  # noqa: E731
-PIO_NMS_THRESHOLD = 0.9
+# The official TRIO proxy: the 4 positions before the last prompt token (S-5..S-2); NMS at cos >= 0.8.
+PIO_PROXY_POSITIONS = lambda length: torch.arange(length - 5, length - 1)  # noqa: E731
+PIO_NMS_THRESHOLD = 0.8
 
 
 def reference_pio(model, layer_index: int, hidden, layer_kwargs, visual, keep: int):
@@ -331,8 +332,8 @@ def test_pio_saliency_and_selection_equal_a_direct_computation(small_llava):
 
     @dataclass
     class RecordingPIO(duet_vlm.PIO):
-        def language_stage(self):
-            return Recording(self.saliency, self.threshold, self.prediction_tokens)
+        def language_stage(self, geometry=None):
+            return Recording(self.threshold, self.proxy_tokens, "next")
 
     boundary, keep = 4, 8
     inputs = make_inputs(model, suffix=12, seed=14)

@@ -15,6 +15,7 @@ from .base import (
 # Imported in the registry's order (each module registers its method): the order of listings.
 from .duet import DominantContextualMerge, Duet, TextGuidedPrune
 from .pio import PIO, SaliencyNMSPrune, saliency_nms
+from .trio_scan import GlobalLocalScan, TrioScan
 from .fastv import FastV, LastTokenAttention
 from .pyramiddrop import LastInstructionAttention, PyramidDrop
 from .visionzip import VisionZip
@@ -51,6 +52,8 @@ __all__ = [
     "PIO",
     "SaliencyNMSPrune",
     "saliency_nms",
+    "GlobalLocalScan",
+    "TrioScan",
     "Pool",
     "GridPool",
     "PyramidDrop",

@@ -1,8 +1,9 @@
-"""PIO-FVLM / TRIO (arXiv 2602.04657): gradient saliency of a layer-local proxy loss, then NMS.
+"""PIO-FVLM / TRIO (arXiv 2602.04657): the official algorithm (``ocy1/TRIO`` ``ec85d99``).
 
-The official pruning function is an empty stub (baselines.md §3.5), so this is a reconstruction
-from the paper's abstract, its architecture figure, a README caption and the PDrop-derived
-scaffolding. Every choice the sources leave open is named in ``PIO``'s docstring.
+Inside the language model, the visual tokens a layer-local proxy of the model's own next-token
+prediction is most sensitive to are kept, and saliency-ordered non-maximum suppression keeps near
+duplicates from crowding out the budget. Before it, TRIO's vision-encoder scan (``TrioScan``)
+shortens the language model's input.
 """
 
 from __future__ import annotations
@@ -13,30 +14,37 @@ import torch
 import torch.nn.functional as F
 
 from ..geometry import Geometry
+from ..plan import LanguageStage, LayerView, Plan
 from ..schedule import Schedule, scaled_boundaries, solve_llm_input
 from ..selection import gather_tokens
-from .base import LanguageStage, LayerView, Plan, Reducer, check_budget, compose_plan, per_unit
+from .base import Reducer, check_budget, per_unit
 from .registry import register_method
-from .duet import CONTEXTUAL_SHARE, DominantContextualMerge, contextual_count
+from .trio_scan import GlobalLocalScan, scan_for
 
-SALIENCIES = ("grad_norm", "grad_x_input")
+PROBES = ("next", "boundary")
+# The official "w/o VE" schedules (LLaVA-1.5: 576 tokens, 32 layers), pruning after layers 1, 10, 15:
+# scripts/v1_5/eval/*.sh at budget 128, textvqa_set1/2.sh and the comment above layer_prune at 64.
+LLM_ONLY_LAYERS = (1 / 32, 10 / 32, 15 / 32)
+LLM_ONLY_PUBLISHED = {(576, 32, 128): (218, 128, 54), (576, 32, 64): (92, 54, 22)}
+QWEN_KEEP_RATIO = 0.333  # the official Qwen2.5-VL README's ratio at layer 14 of 28 (keep int(0.333 * n))
 
 
-def saliency_nms(saliency: torch.Tensor, features: torch.Tensor, keep: int, threshold: float) -> torch.Tensor:
+def saliency_nms(saliency: torch.Tensor, features: torch.Tensor, keep: int, threshold: float = 0.8) -> torch.Tensor:
     """Saliency-ordered non-maximum suppression in feature space; ``(..., keep)`` ascending indices.
 
-    Repeatedly keeps the most salient token still available and suppresses the available tokens whose
-    cosine similarity to it exceeds ``threshold``. If suppression leaves fewer than ``keep`` tokens,
-    the most salient suppressed tokens fill the remaining places, so exactly ``keep`` are returned.
-    Ties in saliency go to the lower index; ``threshold >= 1`` is plain top-k.
+    The official ``layer_prune`` rule: walk the tokens by decreasing saliency, keep each one not yet
+    suppressed and suppress every token whose cosine similarity to it is at least ``threshold``
+    (itself included), until ``keep`` are kept; if fewer survive, the most salient suppressed tokens
+    fill the remaining places. Ties in saliency go to the lower index (the official ``argsort`` is
+    not stable; only exact ties differ). ``threshold > 1`` is plain top-k.
 
     Args:
         saliency: ``(..., n)`` importance of each token.
-        features: ``(..., n, d)`` token features; only their directions matter (cosine similarity).
+        features: ``(..., n, d)`` token features; only their directions matter.
         keep: tokens to return per row, ``0 <= keep <= n``.
-        threshold: cosine similarity above which a token counts as a duplicate of a kept one.
+        threshold: cosine similarity at which a token counts as a duplicate of a kept one (official 0.8).
 
-    >>> saliency_nms(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]]), 2, 0.9)
+    >>> saliency_nms(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]]), 2)
     tensor([0, 2])
     """
     n = saliency.shape[-1]
@@ -47,8 +55,7 @@ def saliency_nms(saliency: torch.Tensor, features: torch.Tensor, keep: int, thre
     lead = saliency.shape[:-1]
     scores = saliency.detach().float().reshape(-1, n)
     units = F.normalize(features.detach().float().reshape(-1, n, features.shape[-1]), dim=-1)
-    # Clamped so that rounding never lifts a token's similarity with itself or a duplicate above 1.
-    similarity = (units @ units.transpose(1, 2)).clamp(-1.0, 1.0)
+    similarity = units @ units.transpose(1, 2)
     rows = torch.arange(scores.shape[0], device=scores.device)
     available = torch.ones_like(scores, dtype=torch.bool)
     kept = torch.zeros_like(available)
@@ -59,7 +66,7 @@ def saliency_nms(saliency: torch.Tensor, features: torch.Tensor, keep: int, thre
         if not picked.any():
             break
         kept[rows[picked], best[picked]] = True
-        duplicates = similarity[rows, best] > threshold
+        duplicates = similarity[rows, best] >= threshold
         available &= ~(duplicates & picked[:, None])
         available[rows[picked], best[picked]] = False
     # NMS survivors first, then the rest by saliency: a stable sort on saliency, then on the tier.
@@ -69,48 +76,64 @@ def saliency_nms(saliency: torch.Tensor, features: torch.Tensor, keep: int, thre
     return order[:, :keep].sort(dim=-1).values.reshape(*lead, keep)
 
 
+def proxy_positions(valid: torch.Tensor, count: int) -> torch.Tensor:
+    """``(B, count)``: the positions whose logits enter the proxy loss, the ``count`` before each
+    row's last valid token (S-5..S-2 for the official 4: the last prompt token is not used).
+
+    >>> proxy_positions(torch.tensor([[False, True, True, True, True, True, True]]), 4).tolist()
+    [[2, 3, 4, 5]]
+    """
+    length = valid.shape[1]
+    last = length - 1 - valid.flip(1).long().argmax(dim=1)  # each row's last valid position
+    positions = last[:, None] - count + torch.arange(count, device=valid.device)[None]
+    return positions.clamp(min=0)
+
+
 @dataclass
 class SaliencyNMSPrune(LanguageStage):
-    """Language stage of PIO: proxy-loss gradient saliency through one block, then ``saliency_nms``.
+    """PIO's language stage: the gradient of a layer-local proxy loss scores every token, NMS keeps.
 
-    At a boundary the next decoder block runs on a detached, grad-requiring copy of its input; the
-    model's own head reads the block's output at the last ``prediction_tokens`` prompt tokens, the
-    loss is the cross-entropy against its own argmax, and the gradient with respect to the block input
-    (never the parameters) scores each visual token.
+    At a boundary a decoder layer runs on a detached, gradient-requiring copy of the boundary's
+    hidden states (the *probe*); the model's own final norm and LM head read its output at the
+    ``proxy_tokens`` positions before each row's last token; the loss is the mean cross-entropy
+    against their own argmax, and the L2 norm of its gradient with respect to the hidden states
+    (never the parameters) is each visual token's saliency. ``saliency_nms`` on the L2-normalised
+    hidden states chooses the survivors.
 
-    >>> stage = SaliencyNMSPrune(saliency="grad_norm", threshold=0.9)
+    ``probe="next"`` runs the next decoder layer (the official LLaVA path); ``"boundary"`` runs the
+    layer that just ran once more, on its own output (the official Qwen2.5-VL path).
+
+    >>> stage = SaliencyNMSPrune(threshold=0.8, proxy_tokens=4)
     >>> stage.select(view, keep=32).shape                 # doctest: +SKIP
     torch.Size([1, 1, 32])
     """
 
-    saliency: str = "grad_norm"
-    threshold: float = 0.9
-    prediction_tokens: int = 2
+    threshold: float = 0.8
+    proxy_tokens: int = 4
+    probe: str = "next"
 
     def __post_init__(self) -> None:
-        if self.saliency not in SALIENCIES:
-            raise ValueError(f"saliency must be one of {SALIENCIES}, got {self.saliency!r}")
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
-            raise ValueError(f"threshold must be a number in [-1, 1], got {self.threshold!r}")
+            raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {self.threshold!r}")
         if not -1.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {self.threshold}")
-        if isinstance(self.prediction_tokens, bool) or not isinstance(self.prediction_tokens, int):
-            raise ValueError(f"prediction_tokens must be a positive int, got {self.prediction_tokens!r}")
-        if self.prediction_tokens < 1:
-            raise ValueError(f"prediction_tokens must be a positive int, got {self.prediction_tokens}")
+        if isinstance(self.proxy_tokens, bool) or not isinstance(self.proxy_tokens, int) or self.proxy_tokens < 1:
+            raise ValueError(f"proxy_tokens must be a positive int, got {self.proxy_tokens!r}")
+        if self.probe not in PROBES:
+            raise ValueError(f"probe must be one of {PROBES}, got {self.probe!r}")
 
     def score(self, view: LayerView) -> torch.Tensor:
         if torch.is_inference_mode_enabled():
             raise RuntimeError("PIO needs a backward pass through one block: use torch.no_grad(), not inference_mode()")
         with torch.enable_grad():
             x = view.hidden_states.detach().requires_grad_()
-            y = view.run_layer(x)
-            # Summed over rows (mean within a row) so that each row's gradient is exactly the one it
-            # would get alone: batching must not change a row's selection.
-            loss = y.new_zeros((), dtype=torch.float32)
-            for b, positions in enumerate(view.text_after_image):
-                logits = view.output_head(y[b, positions[-self.prediction_tokens :]]).float()
-                loss = loss + F.cross_entropy(logits, logits.argmax(dim=-1))
+            y = view.run_layer(x, previous=self.probe == "boundary")
+            positions = proxy_positions(view.valid, self.proxy_tokens)
+            logits = view.output_head(y.gather(1, positions[..., None].expand(-1, -1, y.shape[-1]))).float()
+            logits = logits.reshape(-1, logits.shape[-1])
+            # The mean over every row's positions, as the official code: a row's gradient is scaled
+            # by the batch, never its ranking, so a row selects what it selects alone.
+            loss = F.cross_entropy(logits, logits.argmax(dim=-1))
             try:
                 (grad,) = torch.autograd.grad(loss, x)
             except RuntimeError as error:
@@ -120,11 +143,7 @@ class SaliencyNMSPrune(LanguageStage):
                     "PIO differentiates one block with torch.autograd.grad, which reentrant checkpointing does not "
                     "support: enable checkpointing with gradient_checkpointing_kwargs={'use_reentrant': False}"
                 ) from error
-        grad = gather_tokens(grad, view.visual_index).float()
-        if self.saliency == "grad_norm":
-            return grad.norm(dim=-1)
-        inputs = gather_tokens(view.hidden_states.detach(), view.visual_index).float()
-        return (grad * inputs).sum(dim=-1).abs()
+        return gather_tokens(grad, view.visual_index).float().norm(dim=-1)
 
     def select(self, view: LayerView, keep: int) -> torch.Tensor:
         saliency = self.score(view)
@@ -132,80 +151,80 @@ class SaliencyNMSPrune(LanguageStage):
         return saliency_nms(saliency, features, keep, self.threshold)
 
 
-
 @register_method("pio")
 @dataclass
 class PIO(Reducer):
-    """PIO-FVLM / TRIO (Ouyang et al., 2026): keep the visual tokens the model's own prediction needs.
+    """PIO-FVLM / TRIO (Ouyang et al., 2026), the official algorithm (``ocy1/TRIO``, ``ec85d99``).
 
-    At a boundary inside the LLM (default: after half the layers, the README's ``--layer_list [16]``)
-    each visual token is scored by the gradient of a layer-local proxy loss, and the kept set is
-    chosen by saliency-ordered NMS in feature space, so near-duplicate tokens do not crowd out the
-    budget. Optionally a vision-side pre-filter first shrinks the LLM input (the README's "w/ VE" mode).
+    A vision-encoder scan (``TrioScan``: half the tokens by windows of a shallow layer's CLS
+    attention, half by a deep layer's, every other token merged into its nearest kept one after the
+    projector) shortens the language model's input to ``N``; at each boundary ``SaliencyNMSPrune``
+    keeps the tokens the model's own prediction is most sensitive to, without near duplicates.
 
-    Reconstruction choices (the official core is an empty stub):
+    As the official code runs it (``llava/model/modeling_llama_x.py`` ``layer_prune``,
+    ``llava/model/llava_arch.py`` ``encode_images``, ``qwen/model/qwen2_5_vl_custom.py``):
 
-    - Proxy loss: the next block (autograd on, on a detached copy of its input) feeds the model's own
-      final norm + LM head at the last ``prediction_tokens=2`` prompt tokens of each row (our reading
-      of the figure's "case bound" and "prediction" tokens: the last two tokens before generation;
-      in training, the last two instruction tokens). Pseudo-label = argmax of that prediction; loss =
-      mean cross-entropy per row, summed over rows. ``torch.autograd.grad`` differentiates only the
-      block input, so parameter ``.grad`` is never touched (also in training).
-    - Saliency: ``"grad_norm"`` (default) = L2 norm of a visual token's gradient (the "magnitude" the
-      paper names); ``"grad_x_input"`` = ``|<gradient, hidden state>|``, the first-order loss change
-      when the token is zeroed.
-    - NMS (``saliency_nms``): cosine similarity of the L2-normalised boundary hidden states (plain
-      cosine; the paper's "norm" could also be the next block's RMSNorm, whose learned gain would
-      reweight dimensions). ``threshold=0.9`` (unpublished; about 26 degrees) suppresses only near
-      duplicates, so NMS removes redundancy without overriding saliency; baselines.md recommends
-      sweeping it. When suppression leaves fewer than K candidates, the most salient suppressed tokens
-      fill up, so exactly K tokens per image are always kept.
-    - Positions: ``"contiguous"`` (renumbered after the drop, as in the PDrop-derived LLaVA code).
+    - Proxy loss: the probe's logits at the 4 positions before the last prompt token (S-5..S-2 of
+      the sequence; the last token itself is not used), pseudo-labels their argmax, the mean
+      cross-entropy over the batch's positions; saliency = L2 norm of the gradient at the boundary's
+      hidden states. Probe: the next decoder layer (LLaVA); on M-RoPE models (the Qwen2.5-VL path)
+      the layer that just ran, once more on its own output.
+    - NMS: cosine similarity of the L2-normalised hidden states, suppress at ``>= 0.8`` (self
+      included), fill up from the suppressed tokens by saliency.
+    - Positions: renumbered after every drop (decoding positions shifted per layer group); under
+      M-RoPE kept tokens keep their 3-D positions (the Qwen path gathers them).
 
-    Budget (average visual tokens per decoder layer per image):
+    Schedules (budget = average visual tokens per decoder layer per image):
 
-    - ``vision=True`` (default, "w/ VE"): a pre-filter brings the LLM input to N, the boundary keeps
-      ``round(N * ratio)`` (default ratio 1/3, the README's 96 -> 32 at 64); N is solved for the
-      budget: 192 -> 288/96, 128 -> 192/64, 64 -> 96/32 on LLaVA-1.5 (at most 576/192, average 384:
-      higher budgets need ``vision=False`` or larger ``ratios``). The pre-filter is the project's
-      ``DominantContextualMerge`` with VisionZip's rule (CLS-attention dominant tokens plus
-      ``contextual`` merged tokens, all residual tokens merged; ``contextual=0`` = plain CLS-attention
-      top-k). The official pre-filter is a VScan-style scan (half local window top-k by CLS
-      attention at CLIP layer 5, half global top-k at layer -2, every other token averaged into its
-      most similar kept one), which needs an early vision layer the runtime does not expose.
-    - ``vision=False`` ("w/o VE"): 576 tokens enter the LLM and the boundary keep is solved; a budget
-      below the pre-boundary share (288 with one boundary at 16 of 32) is unreachable: ValueError.
+    - ``vision=True`` (default, "w/ VE"): ``N`` is solved so that ``N`` for the first half of the
+      layers and ``round(N / 3)`` after it average the budget: 64 -> 96 -> 32 after layer 16 (the
+      official README default), 128 -> 192 -> 64 and 192 -> 288 -> 96 (not published: the same
+      shape). On M-RoPE models the kept count after the boundary is ``int(0.333 * N)``, as the
+      official Qwen code computes it from its README's ratio (``PIO.qwen_reference()`` is that
+      setting: 0.167 of each image's tokens after the encoder, x0.333 at layer 14 of 28).
+    - ``vision=False`` ("w/o VE"): three boundaries, after layers 1, 10 and 15 of 32 (scaled to the
+      depth), keeping the official ``(218, 128, 54)`` at 128 and ``(92, 54, 22)`` at 64 on LLaVA-1.5;
+      other budgets keep the proportions of the 128 schedule, the first count solved. The least it
+      averages is the first layer's full count over the depth (18 on LLaVA-1.5).
+    - Explicit: ``llm_input`` (N), ``layers`` (1-based boundaries) and ``keep`` (absolute counts)
+      or ``ratios`` (of the current count, ``int(r * n)``) override the solver, e.g.
+      ``make("pio", vision=True, llm_input=96, layers=(16,), keep=(32,))`` is the README default and
+      ``make("pio", vision=False, layers=(1, 10, 15), keep=(218, 128, 54))`` the eval scripts'.
+
+    Where this differs from the released code, by choice: a left-padded batch equals each row run
+    alone (the official code needs right padding and decodes at batch 1); proxy positions count from
+    each row's last valid token. Facts of the released code not copied: ``modeling_llama_x.py`` uses
+    ``np`` and ``nullcontext`` without importing them (every boundary raises ``NameError`` as
+    published), and prints a ``[DEBUG]`` line at every boundary.
 
     Args:
         budget: average visual tokens per decoder layer per image.
-        vision: use the vision-side pre-filter ("w/ VE").
-        layers: boundaries as counts of layers completed (default: half the depth, 16 of 32).
-        ratios: kept fraction of the LLM-input count after each boundary (default ``(1/3)**(s+1)``).
-            In ``vision=False`` mode only their proportions matter (the first keep is solved).
-        llm_input: explicit LLM-input count (``vision=True`` only); overrides the solver.
-        keep: explicit kept counts after each boundary; override ``ratios`` (and the solver in
-            ``vision=False`` mode; with ``vision=True`` the LLM input is then solved).
-        contextual: merged tokens of the pre-filter (default VisionZip's share, 10 of every 64).
-        saliency, threshold, prediction_tokens: see ``SaliencyNMSPrune``.
-        positions: ``"contiguous"`` (reference) or ``"original"``;
-            ``None`` (default): contiguous on 1-D RoPE models, original under M-RoPE (Qwen-VL),
-            where renumbering is refused.
+        vision: run the vision-encoder scan first ("w/ VE").
+        llm_input: explicit N (the scan's output per image); ``vision_ratio``: N as a fraction of
+            each image's tokens (``int(r * tokens)``, the official Qwen option).
+        layers, keep, ratios: explicit boundaries (1-based) and kept counts or fractions.
+        threshold: NMS threshold (official 0.8); proxy_tokens: positions in the proxy loss (official 4).
+        probe: ``"next"`` or ``"boundary"``; ``None``: the model path's (``"boundary"`` under M-RoPE).
+        window, local_share, local_layer, global_layer: the scan's options (``TrioScan``).
 
     >>> reducer = PIO(budget=64)                                  # 96 tokens, 32 after layer 16
     >>> with reducer(model): model.generate(**inputs)             # doctest: +SKIP
-    >>> reducer.stats.tokens_per_layer                            # doctest: +SKIP
     """
 
     budget: int | None = None
     vision: bool = True
-    layers: tuple[int, ...] | None = None
-    ratios: tuple[float, ...] | None = None
     llm_input: int | None = None
+    vision_ratio: float | None = None
+    layers: tuple[int, ...] | None = None
     keep: tuple[int, ...] | None = None
-    contextual: int | None = None
-    saliency: str = "grad_norm"
-    threshold: float = 0.9
-    prediction_tokens: int = 2
+    ratios: tuple[float, ...] | None = None
+    threshold: float = 0.8
+    proxy_tokens: int = 4
+    probe: str | None = None
+    window: int | None = None
+    local_share: float = 0.5
+    local_layer: int | str | None = None
+    global_layer: int | str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -223,92 +242,131 @@ class PIO(Reducer):
             self.ratios = tuple(self.ratios)
             if any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1 for r in self.ratios):
                 raise ValueError(f"ratios must lie in (0, 1], got {self.ratios}")
-        for name in ("llm_input", "contextual"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        if self.llm_input is not None and not self.vision:
-            raise ValueError("llm_input needs the vision-side pre-filter (vision=True); without it 576 tokens enter")
+        if self.keep is not None and self.ratios is not None:
+            raise ValueError("give keep or ratios, not both")
+        if self.llm_input is not None and (
+            isinstance(self.llm_input, bool) or not isinstance(self.llm_input, int) or self.llm_input < 1
+        ):
+            raise ValueError(f"llm_input must be a positive int, got {self.llm_input!r}")
+        if self.vision_ratio is not None and (
+            isinstance(self.vision_ratio, bool) or not isinstance(self.vision_ratio, (int, float))
+            or not 0 < self.vision_ratio <= 1
+        ):
+            raise ValueError(f"vision_ratio must lie in (0, 1], got {self.vision_ratio!r}")
+        if self.llm_input is not None and self.vision_ratio is not None:
+            raise ValueError("give llm_input or vision_ratio, not both")
+        if not self.vision and (self.llm_input is not None or self.vision_ratio is not None):
+            raise ValueError("llm_input and vision_ratio set the vision scan's output: they need vision=True")
         shape = self.keep if self.keep is not None else self.ratios
-        if self.layers is not None and shape is not None and len(shape) != len(self.layers):
+        if shape is not None and self.layers is None:
+            raise ValueError("give the boundary layers with keep or ratios")
+        if shape is not None and len(shape) != len(self.layers):
             raise ValueError(f"{len(self.layers)} boundary layers but {len(shape)} keep counts/ratios")
-        if self.layers is None and shape is not None and len(shape) != 1:
-            raise ValueError("give layers with more than one keep count or ratio (the default is one boundary)")
         check_budget(self.budget, required=not self._explicit)
         self.language_stage()  # validate the stage options now rather than at attach time
+        self.vision_stage_for(Geometry(1, 1, (1, 1), False), 1)
 
     @property
     def _explicit(self) -> bool:
         """Whether the schedule is fixed without a budget."""
-        return self.llm_input is not None if self.vision else self.keep is not None
+        if self.vision:
+            return self.llm_input is not None or self.vision_ratio is not None
+        return self.keep is not None or self.ratios is not None
 
-    def _layers(self, geometry: Geometry) -> tuple[int, ...]:
+    @classmethod
+    def qwen_reference(cls, **overrides) -> "PIO":
+        """The official Qwen2.5-VL README setting: 0.167 of each image's tokens after the encoder,
+        then ``int(0.333 * n)`` of them after decoder layer 14 (of 28): 11.1% on average.
+
+        >>> with PIO.qwen_reference()(model): model.generate(**inputs)   # doctest: +SKIP
+        """
+        return cls(**{**dict(vision_ratio=0.167, layers=(14,), ratios=(QWEN_KEEP_RATIO,)), **overrides})
+
+    def language_stage(self, geometry: Geometry | None = None) -> SaliencyNMSPrune:
+        probe = self.probe or ("boundary" if geometry is not None and geometry.rope == "mrope" else "next")
+        return SaliencyNMSPrune(self.threshold, self.proxy_tokens, probe)
+
+    def vision_stage_for(self, geometry: Geometry, keep: int) -> GlobalLocalScan:
+        return scan_for(geometry, self.window, self.local_share, self.local_layer, self.global_layer)
+
+    def encoder_layers(self, geometry: Geometry) -> tuple:
+        return self.vision_stage_for(geometry, 1).encoder_layers() if self.vision else ()
+
+    def schedule_for(self, geometry: Geometry, llm_input: int) -> Schedule:
+        """The boundaries after ``llm_input`` tokens enter: explicit counts (never more than enter),
+        or fractions of the current count; by default ``round(n / 3)`` after half the depth
+        (``int(0.333 * n)`` under M-RoPE)."""
         layers = self.layers if self.layers is not None else scaled_boundaries(geometry.num_layers, (0.5,))
         if layers and layers[-1] >= geometry.num_layers:
             raise ValueError(f"boundary layers must lie inside (0, {geometry.num_layers}), got {layers}")
-        return layers
-
-    def _ratios(self, layers: tuple[int, ...]) -> tuple[float, ...]:
-        return self.ratios if self.ratios is not None else tuple((1 / 3) ** (s + 1) for s in range(len(layers)))
-
-    def schedule_for(self, geometry: Geometry, llm_input: int) -> Schedule:
-        layers = self._layers(geometry)
-        if self.keep is not None:
-            # Never more than enter, so the solver may probe small inputs; plan() rejects a clamped result.
-            keeps = tuple(min(k, llm_input) for k in self.keep)
-        else:
-            keeps = tuple(round(llm_input * r) for r in self._ratios(layers))
+        keeps, current = [], llm_input
+        for stage in range(len(layers)):
+            if self.keep is not None:
+                current = min(self.keep[stage], current)
+            elif self.ratios is not None:
+                current = int(self.ratios[stage] * current)
+            elif geometry.rope == "mrope":
+                current = int(QWEN_KEEP_RATIO * current)
+            else:
+                current = round(current / 3)
+            keeps.append(current)
         return Schedule(geometry.num_layers, geometry.visual_tokens, llm_input, tuple(zip(layers, keeps)))
 
-    def language_stage(self) -> SaliencyNMSPrune:
-        return SaliencyNMSPrune(self.saliency, self.threshold, self.prediction_tokens)
-
-    def vision_stage_for(self, geometry: Geometry, keep: int) -> DominantContextualMerge:
-        keep = per_unit(geometry, keep)
-        contextual = contextual_count(keep, None, self.contextual, round(keep * CONTEXTUAL_SHARE))
-        return DominantContextualMerge(contextual=contextual, cluster_width=None)
-
     def plan(self, geometry: Geometry) -> Plan:
-        if self.vision:
-            if self.llm_input is not None:
-                if self.llm_input > geometry.visual_tokens:
-                    raise ValueError(f"llm_input={self.llm_input} exceeds the {geometry.visual_tokens} visual tokens")
-                schedule = self.schedule_for(geometry, self.llm_input)
-                language = self.language_stage() if schedule.boundaries else None
-                plan = Plan(schedule, self.vision_stage_for(geometry, self.llm_input), language)
-            else:
-                maximum = self.schedule_for(geometry, geometry.visual_tokens).average
-                if self.budget > maximum + 1:
-                    raise ValueError(
-                        f"PIO with the vision pre-filter averages at most {maximum:g} visual tokens per layer with "
-                        f"this schedule (budget {self.budget}); use vision=False or larger ratios"
-                    )
-                plan = compose_plan(self, self, self.budget, geometry)
+        if not self.vision:
+            schedule = self._llm_only(geometry)
+            return Plan(schedule, None, self.language_stage(geometry) if schedule.boundaries else None)
+        if self.llm_input is not None or self.vision_ratio is not None:
+            n = self.llm_input if self.llm_input is not None else int(self.vision_ratio * geometry.visual_tokens)
+            n = per_unit(geometry, min(n, geometry.visual_tokens)) * geometry.units
+            if self.llm_input is not None and self.llm_input > geometry.visual_tokens:
+                raise ValueError(f"llm_input={self.llm_input} exceeds the {geometry.visual_tokens} visual tokens")
+            schedule = self.schedule_for(geometry, n)
         else:
-            schedule = self._solve_llm_only(geometry)
-            plan = Plan(schedule, None, self.language_stage() if schedule.boundaries else None)
-        kept = tuple(k for _, k in plan.schedule.boundaries)
-        if self.keep is not None and kept != self.keep:
-            raise ValueError(f"keep={self.keep} exceeds the {plan.schedule.llm_input} tokens entering the LLM")
-        return plan
+            maximum = self.schedule_for(geometry, geometry.visual_tokens).average
+            if self.budget > maximum + 1:
+                raise ValueError(
+                    f"PIO with the vision scan averages at most {maximum:g} visual tokens per layer with this "
+                    f"schedule (budget {self.budget}); use vision=False or larger ratios"
+                )
+            schedule = solve_llm_input(self.budget, lambda n: self.schedule_for(geometry, n), step=geometry.units)
+        self._check_keep(schedule)
+        language = self.language_stage(geometry) if schedule.boundaries else None
+        return Plan(schedule, self.vision_stage_for(geometry, schedule.llm_input), language)
 
-    def _solve_llm_only(self, geometry: Geometry) -> Schedule:
-        visual, layers = geometry.visual_tokens, self._layers(geometry)
-        if self.keep is not None:
-            return self.schedule_for(geometry, visual)
-        if not layers:
-            raise ValueError("vision=False with no boundary layers reduces nothing; give a budget >= the token count")
-        ratios = self._ratios(layers)
+    def _check_keep(self, schedule: Schedule) -> None:
+        kept = tuple(k for _, k in schedule.boundaries)
+        if self.keep is not None and kept != self.keep:
+            raise ValueError(f"keep={self.keep} exceeds the {schedule.llm_input} tokens entering the LLM")
+
+    def _llm_only(self, geometry: Geometry) -> Schedule:
+        """The "w/o VE" schedule: every token enters, three boundaries (or the explicit ones)."""
+        visual = geometry.visual_tokens
+        if self.keep is not None or self.ratios is not None:
+            schedule = self.schedule_for(geometry, visual)
+            self._check_keep(schedule)
+            return schedule
+        layers = self.layers if self.layers is not None else scaled_boundaries(geometry.num_layers, LLM_ONLY_LAYERS)
+        published = LLM_ONLY_PUBLISHED.get((visual, geometry.num_layers, self.budget))
+        if published is not None and self.layers is None:
+            return Schedule(geometry.num_layers, visual, visual, tuple(zip(layers, published)))
+        shape = LLM_ONLY_PUBLISHED[(576, 32, 128)][: len(layers)]
 
         def build(first: int) -> Schedule:
-            keeps = tuple(min(visual, round(first * r / ratios[0])) for r in ratios)
+            keeps = tuple(min(visual, round(first * k / shape[0])) for k in shape)
             return Schedule(geometry.num_layers, visual, visual, tuple(zip(layers, keeps)))
 
-        minimum = build(0).average
+        minimum, maximum = build(0).average, build(visual).average
+        if self.budget > maximum + 1:
+            raise ValueError(
+                f"PIO without the vision scan (vision=False) averages at most {maximum:g} visual tokens per layer "
+                f"with boundaries {layers} on {geometry.num_layers} layers (budget {self.budget}); give later "
+                "layers or explicit keep counts"
+            )
         if self.budget < minimum - 1:
             raise ValueError(
-                f"PIO without the vision pre-filter (vision=False) cannot average fewer than {minimum:g} visual "
-                f"tokens per layer with boundaries {layers} on {geometry.num_layers} layers (budget {self.budget}); "
+                f"PIO without the vision scan (vision=False) cannot average fewer than {minimum:g} visual tokens "
+                f"per layer with boundaries {layers} on {geometry.num_layers} layers (budget {self.budget}); "
                 "use vision=True or earlier layers"
             )
         return solve_llm_input(self.budget, build)

@@ -37,6 +37,10 @@ class VisionView:
             the stage asked for (``VisionStage.encoder_layers``).
         project: maps ``(I, n, C)`` features into the language model's space, as the model's projector
             does, for a stage that decides or merges after the projector.
+        text: for a stage that sets ``needs_text``: per unit, ``(n_text, D)`` the language model's
+            input embeddings of the text of the unit's prompt (its row's non-visual, non-padding
+            tokens; in training those not labelled, i.e. the instruction), for instruction-conditioned
+            selection.
     """
 
     features: torch.Tensor
@@ -46,6 +50,7 @@ class VisionView:
     has_cls: bool
     attention: dict = field(default_factory=dict)
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
+    text: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -68,7 +73,12 @@ class VisionReduction:
 
 
 class VisionStage(ABC):
-    """Reduces each unit's vision-encoder tokens (an image, or one frame of a video) before the projector."""
+    """Reduces each unit's vision-encoder tokens (an image, or one frame of a video) before the projector.
+
+    ``needs_text``: the stage reads ``VisionView.text`` (the prompt's text embeddings).
+    """
+
+    needs_text: ClassVar[bool] = False
 
     @abstractmethod
     def reduce(self, view: VisionView, keep: int) -> VisionReduction:

@@ -146,6 +146,18 @@ def positions_mode(plans: list[Plan]) -> str:
     return modes.pop()
 
 
+def _text_tokens(input_ids: torch.Tensor, items: list[VisualItem], mask, labels) -> torch.Tensor:
+    """``(B, L)`` True on each row's text: not visual, not padding, and (with labels) not an answer."""
+    text = torch.ones_like(input_ids, dtype=torch.bool)
+    for item in items:
+        text[item.row, item.start : item.start + item.length] = False
+    if isinstance(mask, torch.Tensor) and mask.shape == input_ids.shape:
+        text &= mask.bool()
+    if labels is not None and labels.shape == input_ids.shape:
+        text &= labels.to(text.device) == -100
+    return text
+
+
 def start_prompt(
     binding: Binding,
     input_ids: torch.Tensor,
@@ -166,7 +178,10 @@ def start_prompt(
     plans = [binding.plan_for(item.geometry) for item in items]
     if any(plan.vision is not None for plan in plans):
         inputs_embeds = inputs_embeds.clone()
-    vision = reduce_vision(binding, items, captures, inputs_embeds, additions)
+    text = None
+    if any(plan.vision is not None and plan.vision.needs_text for plan in plans):
+        text = _text_tokens(input_ids, items, kwargs.get("attention_mask"), labels)
+    vision = reduce_vision(binding, items, captures, inputs_embeds, additions, text)
     slots_by_vision = {id(item): slots for item, _, slots in vision}
 
     keep = torch.ones(batch, length, dtype=torch.bool, device=device)

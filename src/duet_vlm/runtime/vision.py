@@ -56,10 +56,13 @@ def reduce_vision(
     captures: dict[str, Capture],
     inputs_embeds: torch.Tensor,
     additions: dict[int, torch.Tensor],
+    text: torch.Tensor | None = None,
 ) -> list[tuple[VisualItem, VisionReduction, torch.Tensor]]:
     """Run each item's vision stage and write its projected output into ``inputs_embeds`` at the
     slots the adapter names (``reduced_slots``). An item's DeepStack ``additions`` (``(slots,
     layers, D)``) are reduced with its features and replaced by the reduced ones (in slot order).
+
+    ``text``: ``(B, L)`` True on each row's text tokens, for stages that read the prompt's text.
 
     Returns, for the items with a vision stage, what their stage kept and the slots it filled.
     """
@@ -97,6 +100,8 @@ def reduce_vision(
             features, unit.scores, unit.keys, geometry.grid, geometry.has_cls, unit.attention,
             project=lambda f, item=item, width=width: adapter.project(item, f[..., :width].to(unit.features.dtype)),
         )
+        if plan.vision.needs_text and text is not None:
+            view.text = [inputs_embeds[i.row, text[i.row]] for i in bucket for _ in range(units)]
         keep = plan.schedule.llm_input // units
         reduction = plan.vision.reduce(view, keep)
         expected = (features.shape[0], keep, features.shape[-1])

@@ -1,0 +1,1 @@
+"""divprune: being written (issue #24); this module registers the method once it is."""

@@ -1,0 +1,1 @@
+"""holitom: being written (issue #24); this module registers the method once it is."""

@@ -1,0 +1,1 @@
+"""vscan: being written (issue #24); this module registers the method once it is."""

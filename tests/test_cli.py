@@ -107,3 +107,37 @@ def test_the_console_script_exits_non_zero_with_one_line_or_a_traceback():
                            env={**os.environ, "TYPER_STANDARD_TRACEBACK": "1"})
     assert debug.returncode == 1
     assert "Traceback (most recent call last)" in debug.stderr and "ValueError: budget must be a positive int" in debug.stderr
+
+
+# Issue #22: every command's user error is one line and a non-zero exit.
+@pytest.mark.parametrize("n", ["0", "-3"])
+def test_eval_with_no_questions_is_one_line(tmp_path, n):
+    result = runner.invoke(app, ["eval", "--n", n, "--output-dir", str(tmp_path), "--methods", "duet"])
+    _one_line_error(result, "--n must be at least 1")
+
+
+@pytest.mark.parametrize("option, value, fragment", [
+    ("--tokens", "0", "--tokens must be at least 1"),
+    ("--layers", "0", "--layers must be at least 2"),
+    ("--layers", "1", "--layers must be at least 2"),
+    ("--frames", "0", "--frames must be at least 1"),
+])
+def test_plan_with_impossible_shapes_is_one_line(option, value, fragment):
+    _one_line_error(runner.invoke(app, ["plan", "--budget", "64", option, value]), fragment)
+
+
+def test_an_overlay_into_a_missing_folder_fails_before_the_model_loads(image, tmp_path):
+    # --model "unused" would fail to load: the overlay's folder is checked first.
+    result = _run(image, "--overlay", str(tmp_path / "missing" / "kept.png"))
+    _one_line_error(result, "does not exist")
+
+
+def test_a_budget_that_reduces_nothing_is_said_once_in_one_line(tiny_demo_model, image):
+    """The no-op warning: once per run (not once per attach), one line, no Python source line."""
+    command = [sys.executable, "-c", "from duet_vlm.cli import main; main()", "run", "--model", str(tiny_demo_model),
+               "--image", str(image), "--prompt", "What?", "--budget", "600", "--max-new-tokens", "1"]
+    env = dict(os.environ, PYTHONWARNINGS="default")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stderr.splitlines() if "nothing is reduced" in line]
+    assert said == ["warning: budget 600 >= 576 visual tokens per image: nothing is reduced"], result.stderr

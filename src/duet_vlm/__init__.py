@@ -7,10 +7,13 @@
 
 from . import methods
 from .adapters import Geometry, adapter_for
+from .plan import BudgetWarning, ReducedHiddenStatesWarning
 from .methods import *  # noqa: F401,F403 - the methods, their stages, the registry and the interface
 from .schedule import Schedule
 from .stats import ReductionStats
 
 __version__ = "0.1.0"
 
-__all__ = [*methods.__all__, "Geometry", "ReductionStats", "Schedule", "adapter_for"]
+__all__ = [
+    *methods.__all__, "BudgetWarning", "Geometry", "ReducedHiddenStatesWarning", "ReductionStats", "Schedule", "adapter_for",
+]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from itertools import groupby
 from pathlib import Path
 from typing import Optional
@@ -66,8 +67,14 @@ def expand_list_options(argv: list[str]) -> list[str]:
     return expanded
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line on stderr (the default shows a line of Python source under each)."""
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main() -> None:
     """Console-script entry point."""
+    warnings.showwarning = _one_line_warning  # this process is the command line's own
     app(args=expand_list_options(sys.argv[1:]), prog_name="duet-vlm")
 
 

@@ -121,6 +121,8 @@ def ask(model: str, prompt: str, image: Optional[Path] = None, video: Optional[P
     picture = Image.open(image).convert("RGB") if image is not None else read_frames(video)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    if overlay is not None and not Path(overlay).parent.is_dir():  # before the model loads, not after the run
+        raise ValueError(f"--overlay {overlay}: the folder {Path(overlay).parent} does not exist")
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
         loaded = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype).eval()

@@ -44,6 +44,10 @@ def plan_costs(method: str = "duet", budget: int | None = None, ratio: float | N
     per frame on a ``layers``-layer decoder (LLaVA-1.5-7B's by default), and its costs."""
     if (budget is None) == (ratio is None):
         raise ValueError("give --budget or --ratio")
+    for name, value, least in (("layers", layers, 2), ("tokens", tokens, 1), ("frames", frames, 1),
+                               ("text-tokens", text_tokens, 0), ("heads", heads, 1), ("kv-heads", kv_heads, 1)):
+        if value < least:
+            raise ValueError(f"--{name} must be at least {least}, got {value}")
     # The patch grid of a unit: N square patches, or N - 1 plus a CLS slot (Video-LLaVA frames).
     side = next((s for s in (math.isqrt(tokens), math.isqrt(tokens - 1)) if s * s in (tokens, tokens - 1)), None)
     grid = (side, side) if side else (1, tokens)

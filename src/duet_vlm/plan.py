@@ -221,6 +221,14 @@ def check_positions(positions: str | None) -> None:
         raise ValueError(f"positions must be 'contiguous' or 'original' (or None for the model's default), got {positions!r}")
 
 
+class BudgetWarning(UserWarning):
+    """A budget that reduces nothing (at or above an item's token count)."""
+
+
+class ReducedHiddenStatesWarning(UserWarning):
+    """``output_hidden_states`` under a reducer: per-layer hidden states at reduced lengths."""
+
+
 class PositionsError(ValueError):
     """A position mode the model cannot use (renumbering under M-RoPE)."""
 

@@ -61,6 +61,10 @@ def evaluate_methods(
         raise ValueError(f"unknown methods {unknown}; registered: {', '.join(sorted(METHODS))}")
     if positions not in (None, "original", "contiguous"):
         raise ValueError(f"--positions must be original or contiguous, got {positions!r}")
+    if n < 1:
+        raise ValueError(f"--n must be at least 1 (questions per row), got {n}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     report = progress or (lambda advance, description=None, total=None: None)
     output_dir = Path(output_dir)
 

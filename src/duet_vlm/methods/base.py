@@ -20,6 +20,7 @@ from torch import nn
 
 from ..geometry import Geometry
 from ..plan import (  # noqa: F401 - re-exported: the interface methods are written against
+    BudgetWarning,
     LanguageStage,
     LayerView,
     Plan,
@@ -155,17 +156,22 @@ class Reducer(ABC):
     def language_stage(self) -> LanguageStage:
         raise NotImplementedError(f"{type(self).__name__} has no language-side stage")
 
-    def resolve(self, geometry: Geometry) -> Plan:
-        """``plan`` with the shared rules: a budget at or above the token count is a no-op, and the
-        plan's position mode is this reducer's, resolved for the model."""
+    def resolve(self, geometry: Geometry, quiet: bool = False) -> Plan:
+        """``plan`` with the shared rules: a budget at or above the token count is a no-op (said once
+        per reducer and item size, unless ``quiet``), and the plan's position mode is this reducer's,
+        resolved for the model."""
         mode = resolve_positions(self.position_mode, geometry)  # refused before any budget error
         budget = getattr(self, "budget", None)
         if budget is not None and budget >= geometry.visual_tokens:
-            warnings.warn(
-                f"budget {budget} >= {geometry.visual_tokens} visual tokens per {geometry.modality}: "
-                "nothing is reduced",
-                stacklevel=3,
-            )
+            said = self.__dict__.setdefault("_said", set())
+            if not quiet and (budget, geometry.visual_tokens) not in said:
+                said.add((budget, geometry.visual_tokens))
+                warnings.warn(
+                    f"budget {budget} >= {geometry.visual_tokens} visual tokens per {geometry.modality}: "
+                    "nothing is reduced",
+                    BudgetWarning,
+                    stacklevel=2,
+                )
             plan = Plan(Schedule(geometry.num_layers, geometry.visual_tokens, geometry.visual_tokens))
         else:
             plan = self.plan(geometry)
@@ -255,8 +261,8 @@ class PerItemRatio(Reducer):
     def budget_for(self, geometry: Geometry) -> int:
         return max(1, round(self.ratio * geometry.visual_tokens))
 
-    def resolve(self, geometry: Geometry) -> Plan:
-        return self.build(self.budget_for(geometry)).resolve(geometry)
+    def resolve(self, geometry: Geometry, quiet: bool = False) -> Plan:
+        return self.build(self.budget_for(geometry)).resolve(geometry, quiet)
 
     def plan(self, geometry: Geometry) -> Plan:
         return self.build(self.budget_for(geometry)).plan(geometry)

@@ -31,7 +31,7 @@ class Full(Reducer):
         super().__post_init__()
         check_budget(self.budget, required=False)
 
-    def resolve(self, geometry: Geometry) -> Plan:
+    def resolve(self, geometry: Geometry, quiet: bool = False) -> Plan:
         # No "budget >= tokens" warning: the budget is ignored by design.
         return self.plan(geometry)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import warnings
 
 from ..adapters import Geometry, ModelAdapter
 from ..plan import Plan, PositionsError
@@ -24,15 +23,13 @@ class Binding:
         self._plans: dict[Geometry, Plan] = {}
         self._lock = threading.Lock()
         self.plan: Plan | None = None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                self.plan = reducer.resolve(adapter.geometry)
-            except PositionsError:
+        try:
+            self.plan = reducer.resolve(adapter.geometry, quiet=True)
+        except PositionsError:
+            raise
+        except ValueError:
+            if not adapter.nominal_geometry:
                 raise
-            except ValueError:
-                if not adapter.nominal_geometry:
-                    raise
         #: the default image's schedule; each item gets its own at its prefill.
         self.schedule = self.plan.schedule if self.plan is not None else None
 

@@ -24,12 +24,14 @@ from .pool import GridPool, Pool
 from .full import Full
 from .sparsevlm import SparseVLM, TextRaterPrune
 from .registry import METHODS, from_dict, make, register_method
+from .adaptive import Adaptive
 
 # The field's newer methods (issue #24): each module registers its method.
 from . import dart, divprune, cdpruner, vispruner, vscan, holitom  # noqa: E402,F401
 
 __all__ = [
     # the interface
+    "Adaptive",
     "Compose",
     "LanguageStage",
     "PerItemRatio",

@@ -75,6 +75,16 @@ class CallStats:
         return CallStats, ()
 
 
+class CallOptions(threading.local):
+    """Options of the calls one thread makes (``Reducer.per_row``); not copied with the reducer."""
+
+    def __deepcopy__(self, memo) -> "CallOptions":
+        return CallOptions()
+
+    def __reduce__(self):
+        return CallOptions, ()
+
+
 @dataclass
 class Reducer(ABC):
     """Base of every method: attach it to a model as a context manager or persistently.
@@ -134,6 +144,65 @@ class Reducer(ABC):
         box = self.__dict__.get("_stats")
         if box is None:
             box = self.__dict__.setdefault("_stats", CallStats())
+        return box
+
+    # ----------------------------------------------------------------- budgets per call and per item
+    #: whether ``item_budget`` chooses each item's budget from its content (``Adaptive``).
+    adapts_to_content: ClassVar[bool] = False
+
+    def item_budget(self, view: VisionView, geometry: Geometry) -> int | None:
+        """The budget of one item chosen from its own vision-encoder view (``None``: the reducer's)."""
+        return None
+
+    def with_budget(self, budget: int) -> "Reducer":
+        """The same method at another budget (what a per-row or per-item budget runs)."""
+        if not any(spec.name == "budget" for spec in dataclasses.fields(self)):
+            raise TypeError(f"{type(self).__name__} has no budget to set per row or per item")
+        return dataclasses.replace(self, budget=budget)
+
+    @contextmanager
+    def per_row(self, budget=None, ratio=None) -> Iterator["Reducer"]:
+        """Budgets (average visual tokens per layer per item) or ratios (of each item's tokens) per
+        row, for the calls this thread makes inside: one server batch, several users' budgets. A
+        padded batch with per-row budgets equals each row run alone with its own.
+
+        >>> with reducer(model), reducer.per_row(budget=[64, 192]):   # doctest: +SKIP
+        ...     model.generate(**two_rows)
+        """
+        if (budget is None) == (ratio is None):
+            raise ValueError("give per-row budgets or per-row ratios (one list)")
+        values = list(budget if budget is not None else ratio)
+        if not values:
+            raise ValueError("per-row budgets: give one value per row of the batch")
+        for value in values:
+            if budget is not None:
+                check_budget(value)
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ValueError(f"per-row ratios must lie in (0, 1], got {value!r}")
+        if ratio is not None:
+            values = [lambda geometry, r=r: max(1, round(r * geometry.visual_tokens)) for r in values]
+        options = self._call_options()
+        previous, options.rows = getattr(options, "rows", None), values
+        try:
+            yield self
+        finally:
+            options.rows = previous
+
+    def row_budgets(self, batch: int) -> list | None:
+        """The per-row budgets set for this thread's call (``per_row``), one per row of a batch of
+        ``batch`` (rows that ``generate`` repeated for beams or several sequences share their row's)."""
+        rows = getattr(self._call_options(), "rows", None)
+        if rows is None:
+            return None
+        if batch % len(rows):
+            raise ValueError(f"per-row budgets: {len(rows)} given for a batch of {batch} rows")
+        repeat = batch // len(rows)
+        return [value for value in rows for _ in range(repeat)]
+
+    def _call_options(self) -> threading.local:
+        box = self.__dict__.get("_options")
+        if box is None:
+            box = self.__dict__.setdefault("_options", CallOptions())
         return box
 
     @abstractmethod
@@ -260,6 +329,9 @@ class PerItemRatio(Reducer):
 
     def budget_for(self, geometry: Geometry) -> int:
         return max(1, round(self.ratio * geometry.visual_tokens))
+
+    def with_budget(self, budget: int) -> Reducer:
+        return self.build(budget)
 
     def resolve(self, geometry: Geometry, quiet: bool = False) -> Plan:
         return self.build(self.budget_for(geometry)).resolve(geometry, quiet)

@@ -70,6 +70,10 @@ def from_dict(record: dict[str, Any], **objects) -> Reducer:
     if name == Compose.method_name:
         vision, language = (from_dict(record.pop(part), **objects) for part in ("vision", "language"))
         return Compose(vision, language, **record)
+    if name == "adaptive":
+        from .adaptive import Adaptive
+
+        return Adaptive(from_dict(record.pop("reducer"), **objects), **record)
     method = method_class(name)
     options = {key: _tuples(value) for key, value in record.items()}
     options.update({key: value for key, value in objects.items() if key in method.runtime_fields})

@@ -33,13 +33,16 @@ class Binding:
         #: the default image's schedule; each item gets its own at its prefill.
         self.schedule = self.plan.schedule if self.plan is not None else None
 
-    def plan_for(self, geometry: Geometry) -> Plan:
-        plan = self._plans.get(geometry)
+    def plan_for(self, geometry: Geometry, budget: int | None = None) -> Plan:
+        """The plan of an item of ``geometry``: the reducer's, or the same method at ``budget``."""
+        key = (geometry, budget)
+        plan = self._plans.get(key)
         if plan is None:
             with self._lock:
-                plan = self._plans.get(geometry)
+                plan = self._plans.get(key)
                 if plan is None:
-                    plan = self._plans[geometry] = self.reducer.resolve(geometry)
+                    reducer = self.reducer if budget is None else self.reducer.with_budget(budget)
+                    plan = self._plans[key] = reducer.resolve(geometry)
         return plan
 
     @property

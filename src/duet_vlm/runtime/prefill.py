@@ -18,7 +18,7 @@ from ..compaction import Compaction
 from ..plan import Plan, VisionReduction
 from .binding import Binding
 from .positions import Original, Renumbered, scheme
-from .vision import reduce_vision, take_additions
+from .vision import item_views, reduce_vision, take_additions
 
 
 @dataclass
@@ -146,6 +146,21 @@ def positions_mode(plans: list[Plan]) -> str:
     return modes.pop()
 
 
+def item_plans(binding: Binding, items: list[VisualItem], captures, inputs_embeds, signals: dict,
+               row_budgets: list | None) -> list[Plan]:
+    """Each item's plan: for the budget its row was given (``reducer.per_row``), or the one the
+    reducer chooses from the item's own content (``Adaptive``), else the reducer's own."""
+    if row_budgets is not None:
+        budgets = [row_budgets[item.row] for item in items]
+        budgets = [b(item.geometry) if callable(b) else b for b, item in zip(budgets, items)]
+    elif binding.reducer.adapts_to_content:
+        views = item_views(binding, items, captures, inputs_embeds, signals)
+        budgets = [binding.reducer.item_budget(view, item.geometry) for view, item in zip(views, items)]
+    else:
+        budgets = [None] * len(items)
+    return [binding.plan_for(item.geometry, budget) for item, budget in zip(items, budgets)]
+
+
 def _text_tokens(input_ids: torch.Tensor, items: list[VisualItem], mask, labels) -> torch.Tensor:
     """``(B, L)`` True on each row's text: not visual, not padding, and (with labels) not an answer."""
     text = torch.ones_like(input_ids, dtype=torch.bool)
@@ -166,6 +181,7 @@ def start_prompt(
     items: list[VisualItem],
     captures: dict[str, Capture],
     reference: tuple[Prompt, list[int]] | None = None,
+    row_budgets: list | None = None,
 ) -> Prompt:
     """Reduce the items at the language model's entry and compact ``kwargs`` (its arguments) in
     place: ``inputs_embeds``, ``attention_mask`` and ``position_ids`` become the entry sequence's."""
@@ -175,13 +191,15 @@ def start_prompt(
     inputs_embeds = kwargs["inputs_embeds"]
     adapter.trace(items, captures, inputs_embeds)
     additions = take_additions(binding, kwargs, items)
-    plans = [binding.plan_for(item.geometry) for item in items]
+    signals: dict = {}
+    plans = item_plans(binding, items, captures, inputs_embeds, signals, row_budgets)
     if any(plan.vision is not None for plan in plans):
         inputs_embeds = inputs_embeds.clone()
     text = None
     if any(plan.vision is not None and plan.vision.needs_text for plan in plans):
         text = _text_tokens(input_ids, items, kwargs.get("attention_mask"), labels)
-    vision = reduce_vision(binding, items, captures, inputs_embeds, additions, text)
+    by_item = {id(item): plan for item, plan in zip(items, plans)}
+    vision = reduce_vision(binding, items, captures, inputs_embeds, additions, by_item, signals, text)
     slots_by_vision = {id(item): slots for item, _, slots in vision}
 
     keep = torch.ones(batch, length, dtype=torch.bool, device=device)
@@ -273,12 +291,13 @@ def open_prompt(binding: Binding, call, found: tuple[torch.Tensor, dict], kwargs
     if not items:
         return None
     cache = kwargs.get("past_key_values")
+    row_budgets = binding.reducer.row_budgets(input_ids.shape[0])
     check_drafts_in_prefill([binding.plan_for(item.geometry) for item in items], call.logits_to_keep, cache)
     reference = None
     if cache is None and not torch.is_grad_enabled() and call.reference is not None:
         rows = extends(call.reference, input_ids, items) if call.reference_encoding == encoding else None
         reference = (call.reference, rows) if rows is not None else None
-    call.prompt = start_prompt(binding, input_ids, call.labels, kwargs, items, captures, reference)
+    call.prompt = start_prompt(binding, input_ids, call.labels, kwargs, items, captures, reference, row_budgets)
     if cache is not None:
         # Decoding steps follow on the cache and never read the encoding again; without a cache
         # generate() prefills again at every step from the same encoding, so it stays.

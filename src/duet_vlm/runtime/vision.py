@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters import Capture, VisualItem
-from ..plan import VisionReduction, VisionView
+from ..plan import Plan, VisionReduction, VisionView
 from .binding import Binding
 
 
@@ -56,35 +56,37 @@ def reduce_vision(
     captures: dict[str, Capture],
     inputs_embeds: torch.Tensor,
     additions: dict[int, torch.Tensor],
+    plans: dict[int, Plan],
+    signals: dict,
     text: torch.Tensor | None = None,
 ) -> list[tuple[VisualItem, VisionReduction, torch.Tensor]]:
     """Run each item's vision stage and write its projected output into ``inputs_embeds`` at the
     slots the adapter names (``reduced_slots``). An item's DeepStack ``additions`` (``(slots,
     layers, D)``) are reduced with its features and replaced by the reduced ones (in slot order).
 
-    ``text``: ``(B, L)`` True on each row's text tokens, for stages that read the prompt's text.
+    ``plans``: each item's plan (by ``id``); ``signals``: the towers' scores computed so far this
+    prefill (``tower_signals``). ``text``: ``(B, L)`` True on each row's text tokens, for stages that
+    read the prompt's text.
 
     Returns, for the items with a vision stage, what their stage kept and the slots it filled.
     """
     adapter = binding.adapter
     records: list[tuple[VisualItem, VisionReduction, torch.Tensor]] = []
-    staged = [item for item in items if binding.plan_for(item.geometry).vision is not None]
+    staged = [item for item in items if plans[id(item)].vision is not None]
     if not staged:
         return records
     first_row = source_rows(binding, items, captures)
     buckets: dict[tuple, list[VisualItem]] = {}
-    for item in staged:
-        buckets.setdefault((item.tower, item.geometry), []).append(item)
+    for item in staged:  # items of one shape and one plan are reduced together
+        buckets.setdefault((item.tower, item.geometry, id(plans[id(item)])), []).append(item)
     layers: dict[str, set] = {}
-    for (tower, geometry) in buckets:
-        layers.setdefault(tower, set()).update(binding.plan_for(geometry).vision.encoder_layers())
-    signals = {}
-    for (tower, geometry), bucket in buckets.items():
-        plan = binding.plan_for(geometry)
-        if tower not in signals:
-            signals[tower] = adapter.vision_signals(captures[tower], tower, tuple(sorted(layers[tower], key=str)))
+    for (tower, _, _), bucket in buckets.items():
+        layers.setdefault(tower, set()).update(plans[id(bucket[0])].vision.encoder_layers())
+    for (tower, geometry, _), bucket in buckets.items():
+        plan = plans[id(bucket[0])]
+        tower_signals = signals_of(binding, signals, captures, tower, tuple(sorted(layers[tower], key=str)))
         units = geometry.units
-        unit = adapter.unit_features(bucket, captures[tower], signals[tower], first_row, inputs_embeds)
+        unit = adapter.unit_features(bucket, captures[tower], tower_signals, first_row, inputs_embeds)
         features = unit.features
         width = features.shape[-1]
         extra = [additions[id(item)] for item in bucket if id(item) in additions]
@@ -130,6 +132,27 @@ def reduce_vision(
             )
             records.append((item, kept, slots.sort().values))
     return records
+
+
+def signals_of(binding: Binding, cache: dict, captures: dict[str, Capture], tower: str, layers: tuple = ()):
+    """``tower``'s scores and keys (and those of ``layers``), computed once per prefill."""
+    for (cached_tower, cached_layers), signals in cache.items():
+        if cached_tower == tower and set(layers) <= set(cached_layers):
+            return signals
+    signals = cache[(tower, layers)] = binding.adapter.vision_signals(captures[tower], tower, layers)
+    return signals
+
+
+def item_views(binding: Binding, items: list[VisualItem], captures: dict[str, Capture], inputs_embeds, cache: dict):
+    """Each item's ``VisionView`` of its own units (features, scores, keys), for choosing its budget
+    from its content before its plan is known."""
+    first_row = source_rows(binding, items, captures)
+    views = []
+    for item in items:
+        tower_signals = signals_of(binding, cache, captures, item.tower)
+        unit = binding.adapter.unit_features([item], captures[item.tower], tower_signals, first_row, inputs_embeds)
+        views.append(VisionView(unit.features, unit.scores, unit.keys, item.geometry.grid, item.geometry.has_cls))
+    return views
 
 
 def take_additions(binding: Binding, kwargs: dict, items: list[VisualItem]) -> dict[int, torch.Tensor]:

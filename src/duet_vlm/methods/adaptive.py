@@ -1,0 +1,124 @@
+"""Budgets that follow the content: any method, each item's budget chosen from what it holds."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable
+
+import torch
+from torch import nn
+
+from ..content import SIGNALS, THRESHOLD_RANGES, Curve, calibrate_threshold, curve
+from ..geometry import Geometry
+from ..plan import Plan, VisionView
+from .base import PerItemRatio, Reducer
+
+
+@dataclass
+class Adaptive(Reducer):
+    """Any method with a budget, each item's budget chosen from a signal of that item alone.
+
+    The method's own budget (or ratio) is the average to meet over the data. An item's budget is
+    its ``signal`` curve's count at ``threshold`` (``duet_vlm.content``: the tokens covering a share
+    of its attention, its distinct tokens, or its effective rank), clamped to ``floor`` and
+    ``ceiling`` times the average; ``calibrate`` finds the threshold at which sample data averages
+    the method's budget. Each item's count depends on that item alone, so a padded batch still
+    equals each row run alone; ``reducer.stats.items`` has every item's counts.
+
+    Args:
+        reducer: the method (``make(name, budget=...)`` or ``ratio=...``).
+        signal: ``"coverage"`` (default), ``"distinct"`` or ``"rank"``.
+        threshold: the calibrated threshold (``calibrate`` sets it).
+        floor, ceiling: bounds of an item's budget, as fractions of the average (defaults 0.25, 2).
+
+    >>> adaptive = Adaptive(make("duet", budget=128)).calibrate(model, batches)   # doctest: +SKIP
+    >>> with adaptive(model): model.generate(**inputs)                            # doctest: +SKIP
+    """
+
+    reducer: Reducer
+    signal: str = "coverage"
+    threshold: float | None = None
+    floor: float = 0.25
+    ceiling: float = 2.0
+
+    method_name: ClassVar[str] = "adaptive"
+    adapts_to_content: ClassVar[bool] = True
+
+    # Items seen while calibrating (``calibrate``): their curves and average budgets.
+    _recorded: list | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.reducer, Reducer) or isinstance(self.reducer, Adaptive):
+            raise ValueError("Adaptive wraps one method with a budget (make(name, budget=...) or ratio=...)")
+        if self.signal not in SIGNALS:
+            raise ValueError(f"signal must be one of {SIGNALS}, got {self.signal!r}")
+        low, high = THRESHOLD_RANGES[self.signal]
+        if self.threshold is not None and (
+            isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
+            or not low <= self.threshold <= high
+        ):
+            raise ValueError(f"threshold of the {self.signal} signal must lie in [{low}, {high}], got {self.threshold!r}")
+        if not 0 < self.floor <= 1 <= self.ceiling:
+            raise ValueError(f"floor must lie in (0, 1] and ceiling be >= 1, got {self.floor}, {self.ceiling}")
+        self.average_budget(Geometry(1, 10**6, (1, 1), False))  # a method without a budget is refused now
+
+    def average_budget(self, geometry: Geometry) -> int:
+        """The average an item of ``geometry`` is calibrated towards (the method's budget or ratio)."""
+        if isinstance(self.reducer, PerItemRatio):
+            return self.reducer.budget_for(geometry)
+        budget = getattr(self.reducer, "budget", None)
+        if budget is None:
+            raise ValueError(f"Adaptive needs a method with a budget or a ratio, got {type(self.reducer).__name__}")
+        return budget
+
+    def item_budget(self, view: VisionView, geometry: Geometry) -> int | None:
+        average = self.average_budget(geometry)
+        item_curve = curve(self.signal, view.cls_attention, view.keys, view.features)
+        if self._recorded is not None:  # calibrating: the method's own budget, the curve noted
+            self._recorded.append((item_curve, average, geometry.visual_tokens))
+            return None
+        if self.threshold is None:
+            raise ValueError("Adaptive has no threshold: calibrate it on sample data first (calibrate), or give one")
+        return self.clamp(item_curve.count(self.threshold), average, geometry.visual_tokens)
+
+    def clamp(self, count: int, average: int, tokens: int) -> int:
+        return int(min(max(count, round(self.floor * average), 1), round(self.ceiling * average), tokens))
+
+    def calibrate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> "Adaptive":
+        """A copy whose threshold makes the items of ``batches`` (model inputs) average the method's
+        budget. Runs the model once per batch with the method at its own budget."""
+        recorder = dataclasses.replace(self, threshold=None)
+        recorder._recorded = recorded = []
+        with torch.no_grad(), recorder(model):
+            for batch in batches:
+                model(**batch)
+        if not recorded:
+            raise ValueError("calibration saw no image or video: give batches with visual items")
+        curves: list[Curve] = [c for c, _, _ in recorded]
+        averages = [a for _, a, _ in recorded]
+        floors = [max(1, round(self.floor * a)) for a in averages]
+        ceilings = [min(round(self.ceiling * a), t) for _, a, t in recorded]
+        low, high = THRESHOLD_RANGES[self.signal]
+        threshold = calibrate_threshold(curves, averages, floors, ceilings, low, high)
+        return dataclasses.replace(self, threshold=threshold)
+
+    # The method itself, at each item's budget.
+    def plan(self, geometry: Geometry) -> Plan:
+        return self.reducer.plan(geometry)
+
+    def resolve(self, geometry: Geometry, quiet: bool = False) -> Plan:
+        return self.reducer.resolve(geometry, quiet)
+
+    def with_budget(self, budget: int) -> Reducer:
+        return self.reducer.with_budget(budget)
+
+    def encoder_layers(self, geometry: Geometry) -> tuple:
+        return self.reducer.encoder_layers(geometry)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method_name, "reducer": self.reducer.to_dict(), "signal": self.signal,
+            "threshold": self.threshold, "floor": self.floor, "ceiling": self.ceiling, "positions": self.positions,
+        }

@@ -101,3 +101,14 @@ def test_a_static_cache_is_refused_with_what_to_use(model):
     with torch.no_grad(), duet_vlm.make("duet", ratio=0.25)(model):
         with pytest.raises(NotImplementedError, match="Use the default dynamic cache"):
             model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
+
+
+def test_a_static_cache_runs_under_full_exactly():
+    """Nothing reduced, nothing to refuse: ``full`` is the unpatched model under a static cache too."""
+    model = make_llava(layers=4, seed=2)
+    inputs = make_inputs(model, seed=5)
+    kwargs = dict(max_new_tokens=3, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        plain = model.generate(**inputs, **kwargs)
+        with duet_vlm.make("full")(model):
+            assert torch.equal(model.generate(**inputs, **kwargs), plain)

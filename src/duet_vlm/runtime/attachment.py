@@ -25,7 +25,6 @@ import weakref
 
 import torch
 from torch import nn
-from transformers.cache_utils import StaticCache
 
 from ..adapters import ModelAdapter, adapter_for
 from ..plan import ReducedHiddenStatesWarning
@@ -176,12 +175,6 @@ class Attachment:
         call = self.calls.current()
         cache = kwargs.get("past_key_values")
         found, call.found = call.found, None
-        if isinstance(cache, StaticCache):
-            raise NotImplementedError(
-                "duet-vlm gives each decoder layer a cache of its own length; a static cache (cache_implementation="
-                "'static', or torch.compile's default for generate) writes by absolute position. Use the default "
-                "dynamic cache"
-            )
         cached = cache.get_seq_length() if cache is not None else 0
         if cached > 0:
             check_turn_on_cache(self.binding, call.prompt, found, kwargs, cached)

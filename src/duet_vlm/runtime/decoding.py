@@ -30,6 +30,8 @@ def continue_prompt(prompt: Prompt, kwargs: dict, cache) -> tuple | None:
     prompt.is_prefill = False
     prompt.decode_kwargs.clear()
     entry = prompt.entry
+    if entry.is_identity and not prompt.boundaries:  # the prefill reduced nothing: nothing to map
+        return (), kwargs
     # Tokens each row dropped at the entry (alignment pads are not tokens of the row).
     shift = prompt.full_length - entry.present()  # (B,)
     attention_mask = kwargs.get("attention_mask")

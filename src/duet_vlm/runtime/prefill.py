@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import StaticCache
 
 from ..adapters import Capture, VisualItem
 from ..compaction import Compaction
@@ -292,7 +293,14 @@ def open_prompt(binding: Binding, call, found: tuple[torch.Tensor, dict], kwargs
         return None
     cache = kwargs.get("past_key_values")
     row_budgets = binding.reducer.row_budgets(input_ids.shape[0])
-    check_drafts_in_prefill([binding.plan_for(item.geometry) for item in items], call.logits_to_keep, cache)
+    plans = [binding.plan_for(item.geometry) for item in items]
+    check_drafts_in_prefill(plans, call.logits_to_keep, cache)
+    if isinstance(cache, StaticCache) and not all(plan.schedule.is_identity for plan in plans):
+        raise NotImplementedError(
+            "duet-vlm gives each decoder layer a cache of its own length; a static cache (cache_implementation="
+            "'static', or torch.compile's default for generate) writes by absolute position. Use the default "
+            "dynamic cache"
+        )
     reference = None
     if cache is None and not torch.is_grad_enabled() and call.reference is not None:
         rows = extends(call.reference, input_ids, items) if call.reference_encoding == encoding else None

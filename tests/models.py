@@ -565,12 +565,7 @@ FAMILIES: dict[str, Family] = {
         _llava_family("llava", lambda: make_llava(layers=LAYERS, image_size=112, vision_layers=3)),
         _llava_family("llava-siglip", lambda: llava_with(siglip_tower(), layers=LAYERS)),
         _next_family("llava_next", "clip"),
-        _next_family("llava_next-siglip", "siglip", known_failure=(
-            "LlavaNextAdapter lists siglip_vision_model among its towers but refuses every "
-            "vision_feature_select_strategy except 'default', with which transformers' LLaVA-NeXT cannot "
-            "run a SigLIP tower (no CLS: dropping the first patch breaks the tile grid); 'full' runs in "
-            "transformers and is refused at attach with a TypeError"
-        )),
+        _next_family("llava_next-siglip", "siglip"),
         # SigLIP: a video alone; a batch of an image | a video and a smaller image.
         # CLIP: an image alone; a batch of an image and a video | a smaller image.
         _ov_family("llava_onevision", "siglip", [("video", None)],

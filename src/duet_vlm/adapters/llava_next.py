@@ -61,8 +61,10 @@ class LlavaNextAdapter(ModelAdapter):
     def __init__(self, model: nn.Module):
         config = model.config
         self.check_vision(model)
-        if config.vision_feature_select_strategy != "default":
-            raise TypeError("duet-vlm's llava_next adapter supports vision_feature_select_strategy='default' only")
+        clip = config.vision_config.model_type == "clip_vision_model"
+        if clip and config.vision_feature_select_strategy != "default":
+            # A CLIP tower's CLS would sit among the patch slots of every tile.
+            raise TypeError("duet-vlm's llava_next adapter supports CLIP towers with vision_feature_select_strategy='default' only")
         self._setup(model)
 
     def _setup(self, model: nn.Module) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -13,6 +13,15 @@ from ..content import SIGNALS, THRESHOLD_RANGES, Curve, calibrate_threshold, cur
 from ..geometry import Geometry
 from ..plan import Plan, VisionView
 from .base import PerItemRatio, Reducer
+
+
+class Recorded(NamedTuple):
+    """One visual item seen while calibrating: its signal curve, the average budget it is calibrated
+    towards (the method's budget, or its ratio of the item's tokens) and its token count."""
+
+    curve: Curve
+    average: int
+    tokens: int
 
 
 @dataclass
@@ -86,23 +95,39 @@ class Adaptive(Reducer):
     def clamp(self, count: int, average: int, tokens: int) -> int:
         return int(min(max(count, round(self.floor * average), 1), round(self.ceiling * average), tokens))
 
-    def calibrate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> "Adaptive":
-        """A copy whose threshold makes the items of ``batches`` (model inputs) average the method's
-        budget. Runs the model once per batch with the method at its own budget."""
+    def record(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> list[Recorded]:
+        """Every visual item of ``batches`` (model inputs): its signal curve, the average budget it is
+        calibrated towards and its token count. Runs the model once per batch with the method at its
+        own budget."""
         recorder = dataclasses.replace(self, threshold=None)
         recorder._recorded = recorded = []
         with torch.no_grad(), recorder(model):
             for batch in batches:
                 model(**batch)
+        return [Recorded(*item) for item in recorded]
+
+    def fit(self, recorded: list[Recorded]) -> "Adaptive":
+        """A copy whose threshold makes the ``recorded`` items (``record``) average their budgets."""
         if not recorded:
             raise ValueError("calibration saw no image or video: give batches with visual items")
-        curves: list[Curve] = [c for c, _, _ in recorded]
-        averages = [a for _, a, _ in recorded]
+        averages = [item.average for item in recorded]
         floors = [max(1, round(self.floor * a)) for a in averages]
-        ceilings = [min(round(self.ceiling * a), t) for _, a, t in recorded]
+        ceilings = [min(round(self.ceiling * item.average), item.tokens) for item in recorded]
         low, high = THRESHOLD_RANGES[self.signal]
-        threshold = calibrate_threshold(curves, averages, floors, ceilings, low, high)
+        threshold = calibrate_threshold([item.curve for item in recorded], averages, floors, ceilings, low, high)
         return dataclasses.replace(self, threshold=threshold)
+
+    def counts(self, recorded: list[Recorded]) -> list[int]:
+        """Each ``recorded`` item's budget at this reducer's threshold (what a run would give it)."""
+        if self.threshold is None:
+            raise ValueError("Adaptive has no threshold: calibrate it on sample data first (calibrate), or give one")
+        return [self.clamp(item.curve.count(self.threshold), item.average, item.tokens) for item in recorded]
+
+    def calibrate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> "Adaptive":
+        """A copy whose threshold makes the items of ``batches`` (model inputs) average the method's
+        budget (``fit(record(model, batches))``). Runs the model once per batch with the method at
+        its own budget."""
+        return self.fit(self.record(model, batches))
 
     # The method itself, at each item's budget.
     def plan(self, geometry: Geometry) -> Plan:

@@ -114,6 +114,9 @@ class LayerView:
         previous_layer, previous_hidden_states: decoder layer ``layer_index - 1`` and its input.
         scratch: a dict that lives for one prefill, for what a stage computes once and reuses at
             later boundaries.
+        final_norm_fn: the model's final norm (the one before the LM head).
+        keys_fn: ``(layer, hidden_states, position_embeddings, valid) -> (B, L, H_kv * d)`` the keys
+            ``layer`` computes for these tokens (``ModelAdapter.layer_keys``).
     """
 
     layer_index: int
@@ -132,6 +135,8 @@ class LayerView:
     attention_fn: Callable[..., torch.Tensor]
     run_layer_fn: Callable[[nn.Module, torch.Tensor, int], torch.Tensor]
     output_head_fn: Callable[[torch.Tensor], torch.Tensor]
+    final_norm_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    keys_fn: Callable[..., torch.Tensor] | None = None
 
     @property
     def last_index(self) -> torch.Tensor:
@@ -165,6 +170,24 @@ class LayerView:
     def output_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The model's own final norm and LM head applied to intermediate states (logits)."""
         return self.output_head_fn(hidden_states)
+
+    def final_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The model's own final norm (the one before the LM head) applied to intermediate states."""
+        return self.final_norm_fn(hidden_states)
+
+    def keys(self, previous_layer: bool = False) -> torch.Tensor:
+        """``(B, L, H_kv * d)`` the keys of the current tokens as the layer computes them (its input
+        norm, ``k_proj``, per-head ``k_norm`` where it has one, RoPE), heads concatenated, before any
+        grouped-query repetition; no gradient. Rotated as the row alone would rotate them (positions
+        counted from each row's first valid token), so a padded batch gives each row its own keys.
+        ``previous_layer=True``: the keys of layer ``layer_index - 1`` on its own input (DART's pivots)."""
+        if previous_layer:
+            if self.previous_hidden_states is None:
+                raise RuntimeError(f"layer {self.layer_index - 1} saw a different token set; cannot take its keys")
+            layer, hidden = self.previous_layer, self.previous_hidden_states
+        else:
+            layer, hidden = self.layer, self.hidden_states
+        return self.keys_fn(layer, hidden, self.position_embeddings, self.valid)
 
 
 @dataclass

@@ -358,6 +358,39 @@ class ModelAdapter:
         """Apply the model's own RoPE function (from its modeling module) to ``(B, H, L, d)`` states."""
         return rotate_like(layer, states, cos, sin)
 
+    def layer_keys(
+        self,
+        layer: nn.Module,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``(B, L, H_kv * d)`` the keys ``layer`` computes from its input ``hidden_states``: input
+        norm, ``k_proj``, per-head ``k_norm`` where the layer has one, RoPE; heads concatenated (no
+        grouped-query repetition), in the model's dtype, without gradient.
+
+        With ``valid`` (``(B, L)``, False on padding) the rotation counts from each row's first valid
+        token, as the row alone numbers its positions, so that a quantity of single keys (a norm) is
+        the same in a left-padded batch, whose rows the model may number from the padding: each
+        token's angle minus that token's (RoPE composes: R(a - b) = R(a) R(b)^-1)."""
+        attn = layer.self_attn
+        batch, length = hidden_states.shape[:2]
+        cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
+        if valid is not None:
+            first = valid.long().argmax(dim=-1)
+            rows = torch.arange(batch, device=first.device)
+            c0, s0 = cos[rows, first][:, None], sin[rows, first][:, None]
+            scale = (c0.square() + s0.square()).sqrt()  # RoPE's attention scaling, applied once
+            c0, s0 = c0 / scale, s0 / scale
+            cos, sin = cos * c0 + sin * s0, sin * c0 - cos * s0
+        with torch.no_grad():
+            keys = attn.k_proj(layer.input_layernorm(hidden_states.detach())).view(batch, length, -1, attn.head_dim)
+            k_norm = getattr(attn, "k_norm", None)
+            if k_norm is not None:
+                keys = k_norm(keys)
+            keys = self.rotate(layer, keys.transpose(1, 2), cos, sin)
+        return keys.transpose(1, 2).reshape(batch, length, -1)
+
     def text_to_visual_attention(
         self,
         layer: nn.Module,

@@ -109,6 +109,8 @@ def layer_view(binding: Binding, prompt: Prompt, layer_index: int, layer: nn.Mod
             run_layer(module, hidden_, call_group), index, states, None if whole else list(rows)
         ),
         output_head_fn=lambda hidden_: output_head(binding, hidden_),
+        final_norm_fn=binding.adapter.final_norm,
+        keys_fn=binding.adapter.layer_keys,
     )
 
 

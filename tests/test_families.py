@@ -527,3 +527,14 @@ def test_a_family_no_adapter_knows_is_named_at_attach():
     )
     with pytest.raises(TypeError, match=r"does not support PaliGemmaForConditionalGeneration \(model_type 'paligemma'\).*Qwen2_5_VLForConditionalGeneration"):
         duet_vlm.make("duet", budget=8).attach(PaliGemmaForConditionalGeneration(config))
+
+
+def test_a_vision_budget_below_one_token_per_frame_is_a_clear_error():
+    """A vision stage keeps the same count in every frame: fewer tokens than frames is refused with
+    what to do, not a reshape error deep in the runtime."""
+    video = Geometry(16, FRAMES * (SIDE * SIDE + 1), (SIDE, SIDE), True, units=FRAMES, modality="video")
+    for name in ("random", "visionzip"):  # they keep the budget itself
+        with pytest.raises(ValueError, match="at least one token per frame"):
+            duet_vlm.make(name, budget=FRAMES - 1).resolve(video)
+    for name in ("pool", "duet"):  # their solvers round the LLM input to whole frames, one each at least
+        assert duet_vlm.make(name, budget=FRAMES - 1).resolve(video).schedule.llm_input == FRAMES

@@ -39,8 +39,16 @@ from ..unwrap import unwrap_model
 
 
 def per_unit(geometry: Geometry | None, keep: int) -> int:
-    """Tokens per unit (per frame of a video) of a vision stage that keeps ``keep`` per item."""
-    return keep // geometry.units if geometry is not None else keep
+    """Tokens per unit (per frame of a video) of a vision stage that keeps ``keep`` per item; a
+    video is refused a count below one token per frame."""
+    if geometry is None:
+        return keep
+    if keep < geometry.units:
+        where = f"{geometry.units} frames (a vision stage keeps the same count in every frame)" if geometry.units > 1 else "an image"
+        raise ValueError(
+            f"{keep} visual tokens cannot be split over {where}: give a budget of at least one token per frame"
+        )
+    return keep // geometry.units
 
 
 def check_budget(budget: int | None, required: bool = True) -> None:
@@ -188,15 +196,18 @@ class Reducer(ABC):
         finally:
             options.rows = previous
 
-    def row_budgets(self, batch: int) -> list | None:
+    def row_budgets(self, batch: int, input_ids=None) -> list | None:
         """The per-row budgets set for this thread's call (``per_row``), one per row of a batch of
-        ``batch`` (rows that ``generate`` repeated for beams or several sequences share their row's)."""
+        ``batch`` (rows that ``generate`` repeated for beams or several sequences share their row's:
+        given ``input_ids``, a batch is taken as repeated rows only when each group's rows are equal,
+        so a list shorter than the batch is an error, not a silent repeat)."""
         rows = getattr(self._call_options(), "rows", None)
         if rows is None:
             return None
-        if batch % len(rows):
-            raise ValueError(f"per-row budgets: {len(rows)} given for a batch of {batch} rows")
         repeat = batch // len(rows)
+        if batch % len(rows) or (repeat > 1 and input_ids is not None and not bool(
+                (input_ids.view(len(rows), repeat, -1) == input_ids[::repeat, None]).all())):
+            raise ValueError(f"per-row budgets: {len(rows)} given for a batch of {batch} rows (give one per row)")
         return [value for value in rows for _ in range(repeat)]
 
     def _call_options(self) -> threading.local:

@@ -64,12 +64,17 @@ class VisionReduction:
         roles: optional named index tensors (e.g. ``"dominant"``, ``"anchors"``) for figures.
         projected: ``(I, n, D)`` the output already in the language model's space (a stage that
             merges after the projector); the runtime then writes it as it is.
+        counts: ``(I,)`` for a stage whose units keep different numbers of tokens (a video stage
+            that merges across frames): unit ``i``'s tokens are its first ``counts[i]`` outputs, the
+            rest of its ``n`` are ignored; each item's counts sum to ``keep`` times its units.
+            ``None``: every unit's ``n == keep`` outputs.
     """
 
     features: torch.Tensor
     kept: torch.Tensor
     roles: dict[str, torch.Tensor] = field(default_factory=dict)
     projected: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
 
 
 class VisionStage(ABC):
@@ -82,7 +87,9 @@ class VisionStage(ABC):
 
     @abstractmethod
     def reduce(self, view: VisionView, keep: int) -> VisionReduction:
-        """Return ``keep`` tokens per unit (``keep`` counts the CLS token if it is kept)."""
+        """Return ``keep`` tokens per unit (``keep`` counts the CLS token if it is kept), or per-unit
+        ``VisionReduction.counts`` summing to ``keep`` times the units of each item (the units of
+        an item are stacked consecutively)."""
 
     def encoder_layers(self) -> tuple:
         """Encoder layers besides the feature layer whose scores the stage reads (``VisionView.attention``):

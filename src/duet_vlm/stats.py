@@ -22,8 +22,8 @@ class ItemStats:
         kept_ids: indices, into the item's block at the LLM entry, of the tokens that reach the last
             layer group.
         vision_kept: ``(units, n)`` for each token entering the LLM, the vision-encoder index (within
-            its frame or image, CLS = 0 where there is one) it stands for; ``None`` without a
-            vision stage.
+            its frame or image, CLS = 0 where there is one) it stands for; -1 past a frame's count
+            where frames keep different numbers of tokens; ``None`` without a vision stage.
         entry_units: ``(tokens entering the LLM,)`` the frame (video) or tile (anyres image, 0 = the
             base tile) each token comes from; -1 for newline tokens. ``entry_units[kept_ids]``
             names where the tokens reaching the last layers came from.

@@ -31,15 +31,25 @@ def item_stats(binding: Binding, prompt: Prompt, index: int, state: ItemState,
         stats.entry_units = adapter.slot_units(item)
         stats.entry_slots = torch.arange(item.length)
     else:
-        stats.vision_kept = reduction.kept
-        stats.entry_slots = adapter.vision_slots(item, reduction.kept)
-        units, per_unit = reduction.kept.shape
+        stats.vision_kept = entry_kept(reduction)
+        valid = stats.vision_kept.cpu() >= 0
+        stats.entry_slots = adapter.vision_slots(item, reduction.kept)[valid.reshape(-1)]
+        units = reduction.kept.shape[0]
         stats.entry_units = (
-            torch.arange(units).repeat_interleave(per_unit)
+            torch.arange(units).repeat_interleave(valid.sum(dim=1))
             if units > 1
-            else adapter.view_units(item, reduction.kept[0]).cpu()
+            else adapter.view_units(item, reduction.kept[0][valid[0].to(reduction.kept.device)]).cpu()
         )
     return stats
+
+
+def entry_kept(reduction: VisionReduction) -> torch.Tensor:
+    """``(units, n)`` the vision-token index each output stands for, -1 past a unit's count (a stage
+    whose units keep different numbers of tokens)."""
+    if reduction.counts is None:
+        return reduction.kept
+    columns = torch.arange(reduction.kept.shape[1], device=reduction.kept.device)
+    return reduction.kept.masked_fill(columns[None, :] >= reduction.counts.to(reduction.kept.device)[:, None], -1)
 
 
 def prefill_stats(binding: Binding, prompt: Prompt) -> ReductionStats:
@@ -58,7 +68,9 @@ def prefill_stats(binding: Binding, prompt: Prompt) -> ReductionStats:
     if uniform and len(per_item) % rows == 0:
         images = len(per_item) // rows
         stage_kept = [(layer, torch.stack([s.ids for s in g.items]).view(rows, images, -1)) for layer, g in stages]
-        vision_kept = torch.cat([r.kept for _, r in vision]) if vision else None
+        kept = [entry_kept(r) for _, r in vision]
+        width = max((k.shape[1] for k in kept), default=0)
+        vision_kept = torch.cat([torch.nn.functional.pad(k, (0, width - k.shape[1]), value=-1) for k in kept]) if vision else None
         roles = {k: torch.cat([r.roles[k] for _, r in vision]) for k in vision[0][1].roles} if vision else {}
         tokens_per_layer, visual_tokens, llm_input = first.tokens_per_layer, first.tokens, first.tokens_per_layer[0]
     else:

@@ -106,32 +106,55 @@ def reduce_vision(
             view.text = [inputs_embeds[i.row, text[i.row]] for i in bucket for _ in range(units)]
         keep = plan.schedule.llm_input // units
         reduction = plan.vision.reduce(view, keep)
-        expected = (features.shape[0], keep, features.shape[-1])
-        if tuple(reduction.features.shape) != expected:
-            raise RuntimeError(
-                f"{type(plan.vision).__name__} returned {tuple(reduction.features.shape)}, expected {expected}"
-            )
+        counts = unit_counts(type(plan.vision).__name__, reduction, features.shape, units, keep)
+        n = reduction.features.shape[1]
+        valid = torch.arange(n)[None, :] < counts[:, None]  # (units stacked, n): outputs that are tokens
         reduced = reduction.features[..., :width]
         if reduction.projected is not None:  # merged after the projector by the stage itself
             projected = reduction.projected
         else:
             projected = adapter.project(bucket[0], reduced.to(unit.features.dtype))
-        projected = projected.to(inputs_embeds.dtype).view(len(bucket), units, keep, -1)
+        projected = projected.to(inputs_embeds.dtype).view(len(bucket), units, n, -1)
         for i, item in enumerate(bucket):
             share = slice(i * units, (i + 1) * units)
-            slots = adapter.reduced_slots(item, reduction.kept[share]).to(inputs_embeds.device)
+            mine = valid[share].reshape(-1)
+            slots = adapter.reduced_slots(item, reduction.kept[share]).cpu()[mine].to(inputs_embeds.device)
             if len(slots.unique()) != len(slots):
                 raise RuntimeError(f"{type(plan.vision).__name__} put two outputs in one slot")
-            inputs_embeds[item.row, slots] = projected[i].reshape(units * keep, -1)
+            mine = mine.to(inputs_embeds.device)
+            inputs_embeds[item.row, slots] = projected[i].reshape(units * n, -1)[mine]
             if extra is not None:
                 layers_d = additions[id(item)].shape[1:]
-                mine = reduction.features[share, :, width:].reshape(units * keep, *layers_d)
-                additions[id(item)] = mine[slots.argsort()]
+                theirs = reduction.features[share, :, width:].reshape(units * n, *layers_d)[mine]
+                additions[id(item)] = theirs[slots.argsort()]
             kept = VisionReduction(
-                reduced[share], reduction.kept[share], {k: v[share] for k, v in reduction.roles.items()}
+                reduced[share], reduction.kept[share], {k: v[share] for k, v in reduction.roles.items()},
+                counts=None if reduction.counts is None else counts[share],
             )
             records.append((item, kept, slots.sort().values))
     return records
+
+
+def unit_counts(stage: str, reduction: VisionReduction, shape, units: int, keep: int) -> torch.Tensor:
+    """``(units stacked,)`` tokens of each unit in ``reduction``: ``keep`` each, or the stage's own
+    ``counts`` (checked: each item's sum is ``units * keep``)."""
+    stacked, width = shape[0], shape[-1]
+    got = tuple(reduction.features.shape)
+    if reduction.counts is None:
+        if got != (stacked, keep, width):
+            raise RuntimeError(f"{stage} returned {got}, expected {(stacked, keep, width)}")
+        return torch.full((stacked,), keep)
+    counts = reduction.counts.detach().cpu().long()
+    if (
+        len(got) != 3 or (got[0], got[2]) != (stacked, width) or counts.shape != (stacked,)
+        or bool((counts < 0).any()) or bool((counts > got[1]).any())
+        or bool((counts.view(-1, units).sum(dim=1) != units * keep).any())
+    ):
+        raise RuntimeError(
+            f"{stage} returned {got} with counts {counts.tolist()}, expected ({stacked}, n, {width}) with counts "
+            f"of at most n summing to {units * keep} over each item's {units} units"
+        )
+    return counts
 
 
 def signals_of(binding: Binding, cache: dict, captures: dict[str, Capture], tower: str, layers: tuple = ()):

@@ -1,0 +1,198 @@
+"""Tiny random-weight checkpoints that vLLM 0.32 loads, for the plugin's tests and its benchmark.
+
+Two things differ from what transformers 5 writes with ``save_pretrained``: vLLM 0.32 loads a LLaVA
+vision tower only under the older key layout of the llava-hf checkpoints (``vision_tower.vision_model.*``,
+``language_model.model.*``, ``language_model.lm_head.*``, ``multi_modal_projector.*``), and its CPU
+attention refuses some head sizes (24 is refused, 32 and 64 run): the decoders here have head_dim 32
+unless told otherwise. Each folder holds the weights, the config, a word-level tokenizer (the shipped
+demo model's vocabulary), the processor's config and a chat template, so that ``vllm.LLM(folder)``
+and ``transformers`` both load it. ``load_hf`` gives the transformers model of the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+DEMO = Path(__file__).resolve().parents[2] / "assets" / "demo_model"
+IMAGE_TOKEN = 4  # "<image>" in the demo tokenizer
+VOCAB = 71  # the demo tokenizer's vocabulary: every generated id decodes
+
+
+@dataclass(frozen=True)
+class TinySize:
+    """A LLaVA-1.5-shaped model scaled down: ``layers`` decoder layers of ``hidden`` (``heads`` heads of
+    ``hidden // heads``), a CLIP tower of ``vision_layers`` x ``vision_hidden`` on ``image_size`` pixels."""
+
+    hidden: int = 128
+    heads: int = 4
+    layers: int = 4
+    intermediate: int = 256
+    vision_hidden: int = 64
+    vision_heads: int = 4
+    vision_layers: int = 4
+    image_size: int = 336
+    patch_size: int = 14
+    vocab: int = VOCAB
+
+
+def sharpen(model: torch.nn.Module, scale: float) -> torch.nn.Module:
+    """Scale every query/key projection, so attention maps are peaked and rankings well separated
+    (random weights otherwise give near-uniform attention and near-ties)."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                parameter.mul_(scale)
+    return model
+
+
+def _clip(size: TinySize, image_size: int | None = None):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=size.vision_hidden, intermediate_size=4 * size.vision_hidden, num_hidden_layers=size.vision_layers,
+        num_attention_heads=size.vision_heads, image_size=image_size or size.image_size, patch_size=size.patch_size,
+        projection_dim=size.vision_hidden, hidden_act="quick_gelu",
+    )
+
+
+def _llama(size: TinySize):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.heads,
+        head_dim=size.hidden // size.heads, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, tie_word_embeddings=False,
+    )
+
+
+def old_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5's LLaVA keys -> the llava-hf layout vLLM 0.32 loads."""
+    renames = (
+        ("model.vision_tower.", "vision_tower.vision_model."),
+        ("model.language_model.", "language_model.model."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("model.image_newline", "image_newline"),
+        ("lm_head.", "language_model.lm_head."),
+    )
+    out = {}
+    for key, value in state.items():
+        for old, new in renames:
+            if key.startswith(old):
+                key = new + key[len(old) :]
+                break
+        out[key] = value.detach().contiguous().clone()
+    return out
+
+
+def _tokenizer_files(folder: Path, processor_class: str) -> None:
+    shutil.copy(DEMO / "tokenizer.json", folder / "tokenizer.json")
+    shutil.copy(DEMO / "chat_template.jinja", folder / "chat_template.jinja")
+    config = json.loads((DEMO / "tokenizer_config.json").read_text())
+    config["processor_class"] = processor_class
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def _clip_image_processor(size: int, cls: str = "CLIPImageProcessor") -> dict:
+    return {
+        "crop_size": {"height": size, "width": size}, "do_center_crop": True, "do_convert_rgb": True,
+        "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": cls, "resample": 3, "rescale_factor": 1 / 255, "size": {"shortest_edge": size},
+    }
+
+
+def _write(model, folder: Path, processor: dict, processor_class: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["dtype"] = "float32"
+    config["architectures"] = [type(model).__name__]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(old_layout(model.state_dict()), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "processor_config.json").write_text(json.dumps({**processor, "processor_class": processor_class}, indent=2))
+    _tokenizer_files(folder, processor_class)
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}))
+    return folder
+
+
+def write_llava(folder: str | Path, size: TinySize = TinySize(), seed: int = 0, sharpness: float = 4.0) -> Path:
+    """A LLaVA-1.5-shaped checkpoint (CLIP tower, feature layer -2, "default" strategy)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    side = size.image_size // size.patch_size
+    config = LlavaConfig(
+        vision_config=_clip(size), text_config=_llama(size), image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_seq_length=side * side, projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = sharpen(LlavaForConditionalGeneration(config), sharpness).float().eval()
+    processor = {
+        "image_processor": _clip_image_processor(size.image_size), "image_token": "<image>",
+        "num_additional_image_tokens": 1, "patch_size": size.patch_size, "vision_feature_select_strategy": "default",
+    }
+    return _write(model, Path(folder), processor, "LlavaProcessor")
+
+
+def write_llava_next(folder: str | Path, size: TinySize = TinySize(image_size=112), seed: int = 0, sharpness: float = 4.0) -> Path:
+    """A LLaVA-NeXT-shaped checkpoint: anyres tiles of ``size.image_size`` pixels on a 1x2, 2x1 and
+    2x2 grid of pinpoints, unpadding and newline tokens."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    tile = size.image_size
+    pinpoints = [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
+    side = tile // size.patch_size
+    config = LlavaNextConfig(
+        vision_config=_clip(size), text_config=_llama(size), image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints, image_seq_length=side * side,
+        projector_hidden_act="gelu", tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    with torch.no_grad():
+        model.model.image_newline.normal_()
+    model = sharpen(model, sharpness).float().eval()
+    image_processor = {
+        **_clip_image_processor(tile, "LlavaNextImageProcessor"), "image_grid_pinpoints": pinpoints,
+        "do_pad": True,
+    }
+    processor = {
+        "image_processor": image_processor, "image_token": "<image>", "num_additional_image_tokens": 1,
+        "patch_size": size.patch_size, "vision_feature_select_strategy": "default",
+    }
+    return _write(model, Path(folder), processor, "LlavaNextProcessor")
+
+
+def load_hf(folder: str | Path):
+    """The transformers model of a folder written here (the old layout read back), float32, eval."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_config(config).float().eval()
+    state = load_file(str(folder / "model.safetensors"))
+    back = {}
+    for key, value in state.items():
+        for new, old in (
+            ("vision_tower.vision_model.", "model.vision_tower."),
+            ("language_model.model.", "model.language_model."),
+            ("multi_modal_projector.", "model.multi_modal_projector."),
+            ("image_newline", "model.image_newline"),
+            ("language_model.lm_head.", "lm_head."),
+        ):
+            if key.startswith(new):
+                key = old + key[len(new) :]
+                break
+        back[key] = value
+    missing, unexpected = model.load_state_dict(back, strict=False)
+    if unexpected or [m for m in missing if "position_ids" not in m]:
+        raise RuntimeError(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
+    return model

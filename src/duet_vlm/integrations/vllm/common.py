@@ -1,0 +1,134 @@
+"""What the processor and the model of every family share under vLLM.
+
+``DuetProcessorMixin`` (before vLLM's processor class in the bases): reads the server's and the
+request's options, keeps them from the Hugging Face processor, and gives every image a
+``duet_budget`` item field (its absolute budget, 0 for unreduced) that travels with its pixels to
+the model. ``DuetTowerMixin`` (before vLLM's model class): the server's reducer, the plan of an
+item's budget, and the tower run with taps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Callable
+
+import torch
+from vllm.multimodal.inputs import MultiModalFieldConfig
+
+from ...geometry import Geometry
+from ...plan import Plan
+from .options import RefusedMethod, Settings, plan_for, strip, tokens_for
+from .select import Reduced, Taps, encoder_index, layer_scores, reduce_unit, tap
+
+
+def server_options(model_config) -> dict:
+    """The server-wide processor options (``--mm-processor-kwargs``)."""
+    mm_config = getattr(model_config, "multimodal_config", None)
+    return dict(getattr(mm_config, "mm_processor_kwargs", None) or {})
+
+
+class WithoutDuetOptions:
+    """A Hugging Face processor called without duet-vlm's options (the rest passes through)."""
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+
+    def __call__(self, *args, **kwargs):
+        return self.processor(*args, **strip(kwargs))
+
+
+class DuetProcessorMixin:
+    """Reads duet-vlm's options; subclasses give each processed image's ``Geometry``."""
+
+    def settings(self, request: Mapping[str, object] | None = None) -> Settings:
+        return Settings.read(server_options(self.info.ctx.model_config), request)
+
+    def item_geometries(self, processed, hf_kwargs) -> list[Geometry]:
+        raise NotImplementedError
+
+    def _call_hf_processor(self, hf_data, hf_kwargs):
+        # vLLM merges the server's options in again inside ``call_hf_processor``: the processor is
+        # called through a wrapper that takes duet-vlm's keys out.
+        ctx = self.info.ctx
+        processor = self.info.get_hf_processor(**strip(hf_kwargs))
+        return ctx.call_hf_processor(WithoutDuetOptions(processor), hf_data, strip(hf_kwargs))
+
+    def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
+        processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
+        settings = self.settings(hf_processor_mm_kwargs)
+        if settings.active and processed_data.get("pixel_values") is not None:
+            geometries = self.item_geometries(processed_data, hf_processor_mm_kwargs)
+            processed_data["duet_budget"] = torch.tensor([settings.item_budget(g) for g in geometries], dtype=torch.long)
+        return processed_data
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        config = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        if "duet_budget" in hf_inputs:
+            config["duet_budget"] = MultiModalFieldConfig.batched("image")
+        return config
+
+    def reduced_tokens(self, hf_processor_mm_kwargs, geometry: Geometry) -> int:
+        """An image's placeholder count: the method's token count at the image's budget."""
+        settings = self.settings(hf_processor_mm_kwargs)
+        return tokens_for(settings, settings.item_budget(geometry), geometry)
+
+
+class DuetTowerMixin:
+    """The server's reducer inside a vLLM model, and the tower run with taps."""
+
+    #: vision towers whose layers ``select.layer_scores`` reads.
+    tower_types = ("clip_vision_model", "siglip_vision_model")
+
+    def setup_duet(self, vllm_config, geometry: Geometry) -> None:
+        self.duet = Settings.read(server_options(vllm_config.model_config))
+        self.duet_geometry = geometry
+        if self.duet.active:
+            kind = self.config.vision_config.model_type
+            if kind not in self.tower_types:
+                raise RefusedMethod(f"duet-vlm's vLLM plugin reads {', '.join(self.tower_types)} towers; this one is {kind!r}")
+            self.duet.reducer()
+
+    def duet_plan(self, budget: int, geometry: Geometry) -> Plan | None:
+        return plan_for(self.duet, budget, geometry)
+
+    def encoder_layers_of(self) -> list:
+        return list(self.vision_tower.vision_model.encoder.layers)
+
+    def run_tower(self, call: Callable[[], object], plans: list) -> Taps:
+        """Run the tower (``call``) with taps on its feature layer (the last layer vLLM built) and on
+        the other layers the plans' stages read."""
+        layers = self.encoder_layers_of()
+        depth = self.config.vision_config.num_hidden_layers
+        feature = len(layers) - 1
+        wanted = {feature}
+        for plan in plans:
+            if plan is None:
+                continue
+            for layer in plan.vision.encoder_layers():
+                index = encoder_index(layer, depth)
+                if index > feature:
+                    raise RefusedMethod(
+                        f"{type(plan.vision).__name__} reads encoder layer {layer!r} (index {index}), after the feature "
+                        f"layer (index {feature}); vLLM does not build the tower past its feature layer"
+                    )
+                wanted.add(index)
+        with torch.no_grad(), tap({index: layers[index] for index in sorted(wanted)}, layers[feature]) as taps:
+            call()
+        return taps
+
+    def tower_signals(self, taps: Taps, plan: Plan, rows) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Scores and keys of the feature layer for ``rows`` of the tower's units, and the scores of
+        the other layers the plan's stage reads (``VisionView.attention``, keyed as the stage names them)."""
+        layers = self.encoder_layers_of()
+        depth = self.config.vision_config.num_hidden_layers
+        has_cls = self.config.vision_config.model_type == "clip_vision_model"
+        feature = len(layers) - 1
+        scores, keys = layer_scores(layers[feature], taps.inputs[feature][rows], has_cls)
+        maps = {}
+        for layer in plan.vision.encoder_layers():
+            index = encoder_index(layer, depth)
+            maps[layer] = layer_scores(layers[index], taps.inputs[index][rows], has_cls)[0]
+        return scores, keys, maps
+
+    def reduce_item(self, plan: Plan, geometry: Geometry, features, scores, keys, maps) -> Reduced:
+        return reduce_unit(plan, features, scores, keys, geometry.grid, geometry.has_cls, self.multi_modal_projector, maps)

@@ -1,0 +1,153 @@
+"""LLaVA-NeXT under vLLM: anyres tiles, unpadding and newline tokens, as in the Hugging Face path.
+
+An image is one unit whose tokens are every patch slot vLLM's packing produces for it (the base
+tile, then the unpadded high-resolution grid; newline slots excluded), scored by its own tile's CLS
+attention, so a stage ranks all of an image's tiles together (``duet_vlm.adapters.llava_next``).
+Which tile and patch each slot holds is traced, not re-derived: vLLM's own packing
+(``_merge_image_patch_embeddings``) runs on the projected tiles and every packed slot is matched to
+the projected patch it holds. The stage's output (projected) is the image's tokens; its newlines
+are dropped with the rest, as in the Hugging Face path.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
+from vllm.model_executor.models.llava_next import (
+    LlavaNextForConditionalGeneration,
+    LlavaNextMultiModalProcessor,
+    LlavaNextProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.parse import ImageProcessorItems
+from vllm.multimodal.processing import PromptReplacement
+from vllm.model_executor.models.llava_next import get_anyres_image_grid_shape
+
+from ...geometry import Geometry
+from .common import DuetProcessorMixin, DuetTowerMixin
+
+
+def next_geometry(info: LlavaNextProcessingInfo, width: int, height: int) -> Geometry:
+    """An image's geometry before anything is encoded: its slots (base tile, unpadded grid, one
+    newline per grid row) and its patch slots (``grid = (1, candidates)``), as the Hugging Face
+    adapter traces them."""
+    config = info.get_hf_config()
+    encoder = info.get_vision_encoder_info()
+    slots = info.get_num_image_tokens(image_width=width, image_height=height)
+    rows, cols = get_anyres_image_grid_shape(
+        image_size=(height, width), grid_pinpoints=config.image_grid_pinpoints, patch_size=encoder.get_image_size()
+    )
+    _, newlines = info._get_num_unpadded_features(
+        original_height=height, original_width=width, npatches=encoder.get_patch_grid_length(),
+        num_patch_height=rows, num_patch_width=cols,
+    )
+    return Geometry(
+        config.text_config.num_hidden_layers, slots, (1, slots - newlines), False,
+        encoder_depth=config.vision_config.num_hidden_layers,
+    )
+
+
+class DuetLlavaNextMultiModalProcessor(DuetProcessorMixin, LlavaNextMultiModalProcessor):
+    def item_geometries(self, processed, hf_kwargs) -> list[Geometry]:
+        return [next_geometry(self.info, int(w), int(h)) for h, w in processed["image_sizes"].tolist()]
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        if not self.settings().active:
+            return updates
+        image_token_id = self.info.get_hf_config().image_token_index
+
+        def replacement(item_idx: int):
+            images = mm_items.get("image")
+            if not isinstance(images, ImageProcessorItems):
+                return updates[0].replacement(item_idx)
+            size = images.get_image_size(item_idx)
+            geometry = next_geometry(self.info, size.width, size.height)
+            return [image_token_id] * self.reduced_tokens(hf_processor_mm_kwargs, geometry)
+
+        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    DuetLlavaNextMultiModalProcessor, info=LlavaNextProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+)
+class DuetLlavaNextForConditionalGeneration(DuetTowerMixin, LlavaNextForConditionalGeneration):
+    """vLLM's LLaVA-NeXT with duet-vlm's vision-side reduction in ``embed_multimodal``."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        config = self.config
+        if config.vision_config.model_type == "clip_vision_model" and config.vision_feature_select_strategy != "default":
+            raise TypeError("duet-vlm's LLaVA-NeXT path supports CLIP towers with vision_feature_select_strategy='default'")
+        if self.select_layers is not None:
+            raise TypeError("duet-vlm supports a single vision feature layer")
+        self.setup_duet(vllm_config, None)
+
+    def embed_multimodal(self, **kwargs: object):
+        budgets = kwargs.pop("duet_budget", None)
+        if not self.duet.active or budgets is None:
+            return super().embed_multimodal(**kwargs)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        if image_input["type"] != "pixel_values":
+            return super().embed_multimodal(**kwargs)
+        budgets = [int(b) for b in torch.as_tensor(budgets).reshape(-1).tolist()]
+        pixel_values = image_input["pixel_values"]
+        tiles = [len(p) for p in pixel_values]
+        stacked = torch.cat(list(pixel_values)) if not isinstance(pixel_values, torch.Tensor) else pixel_values.flatten(0, 1)
+        config = self.config
+        # Geometries are known once the tiles are traced: the taps cover the layers the method's
+        # stage reads at any budget.
+        taps = self.run_tower(lambda: self.vision_tower(stacked, feature_select_strategy="full"), self.method_plans())
+        offset = int(config.vision_feature_select_strategy == "default")
+        features_all = taps.output
+        outputs = []
+        start = 0
+        for index, count in enumerate(tiles):
+            rows = slice(start, start + count)
+            start += count
+            features = features_all[rows]
+            projected = self.multi_modal_projector(features[:, offset:])
+            packed = self._merge_image_patch_embeddings(image_input["image_sizes"][index], projected, strategy="spatial_unpad")
+            tile, patch = trace_slots(packed, projected, self.image_newline)
+            geometry = Geometry(
+                config.text_config.num_hidden_layers, packed.shape[0], (1, len(tile)), False,
+                encoder_depth=config.vision_config.num_hidden_layers,
+            )
+            plan = self.duet_plan(budgets[index], geometry)
+            if plan is None:
+                outputs.append(packed)
+                continue
+            scores, keys, maps = self.tower_signals(taps, plan, rows)
+            tokens = patch + offset
+            unit_features = features[tile, tokens][None]
+            unit_scores = scores[tile, tokens - 1][None]  # CLIP scores skip CLS
+            unit_keys = keys[tile, tokens][None]
+            unit_maps = {layer: m[tile, tokens - 1][None] for layer, m in maps.items()}
+            reduced = self.reduce_item(plan, geometry, unit_features, unit_scores, unit_keys, unit_maps)
+            outputs.append(reduced.embeddings)
+        return outputs
+
+    def method_plans(self) -> list:
+        """A plan of the server's method at an arbitrary budget, for the layers its stage reads."""
+        plan = self.duet_plan(64, Geometry(self.config.text_config.num_hidden_layers, 4096, (1, 4000), False,
+                                           encoder_depth=self.config.vision_config.num_hidden_layers))
+        return [plan]
+
+
+def trace_slots(packed: torch.Tensor, projected: torch.Tensor, newline: torch.Tensor):
+    """``(tile, patch)`` of every packed slot that holds a patch (newline slots skipped), in slot order:
+    each slot matched to the identical projected patch (the packing only moves vectors)."""
+    flat = projected.reshape(-1, projected.shape[-1])
+    probe = torch.randn(flat.shape[-1], generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(flat.device)
+    keys = flat.double() @ probe
+    order = keys.argsort()
+    sorted_keys = keys[order]
+    is_newline = (packed == newline.to(packed.dtype)).all(-1)
+    wanted = packed[~is_newline]
+    found = order[torch.searchsorted(sorted_keys, wanted.double() @ probe).clamp(max=len(order) - 1)]
+    if not torch.equal(flat[found], wanted):
+        raise RuntimeError("LLaVA-NeXT: packed slots could not be traced to their tiles")
+    patches = projected.shape[1]
+    return found // patches, found % patches

@@ -1,0 +1,206 @@
+"""What a vLLM server and its requests ask of duet-vlm, read from vLLM's multimodal processor options.
+
+No vLLM import here: these are pure functions of the options and of an item's ``Geometry``, shared by
+the multimodal processor (which must know an item's placeholder count before the encoder runs) and
+by the model's embedding step (which must cut exactly that many tokens).
+
+The options, all optional, travel the way vLLM passes a model's processor options:
+
+- server-wide, ``vllm serve MODEL --mm-processor-kwargs '{"duet_method": "visionzip", "duet_budget": 64}'``
+  (``LLM(model, mm_processor_kwargs={...})`` offline);
+- per request, the request's ``mm_processor_kwargs`` (``{"duet_budget": 32}`` or ``{"duet_ratio": 0.1}``);
+  a request's budget or ratio replaces the server's, whichever of the two the server gave.
+
+Keys: ``duet_method`` (a registered method), ``duet_budget`` (average visual tokens per decoder
+layer per item: ``duet_vlm.make``'s budget) or ``duet_ratio`` (of each item's own tokens),
+``duet_options`` (the method's other settings, as ``make``'s keyword arguments, e.g.
+``{"layers": []}`` for DUET's Stage A alone).
+
+>>> settings = Settings.read({"duet_method": "pool", "duet_budget": 64}, {"duet_ratio": 0.5})
+>>> settings.budget, settings.ratio
+(None, 0.5)
+>>> from duet_vlm.geometry import Geometry
+>>> settings.item_budget(Geometry(32, 576, (24, 24), True))
+288
+>>> settings.tokens(Geometry(32, 576, (24, 24), True))
+288
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ...geometry import Geometry
+from ...methods import METHODS, make
+from ...methods.base import Reducer
+
+#: every key of the processor options that duet-vlm reads (and takes out before the HF processor).
+KEYS = ("duet_method", "duet_budget", "duet_ratio", "duet_options")
+
+
+class RefusedMethod(ValueError):
+    """A method that cannot run under vLLM (it prunes inside the language model, or chooses an
+    item's budget from its content)."""
+
+
+def strip(kwargs: Mapping[str, object]) -> dict[str, object]:
+    """The processor options without duet-vlm's (what the Hugging Face processor receives)."""
+    return {key: value for key, value in kwargs.items() if key not in KEYS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The reducer a server runs and the budget or ratio an item gets.
+
+    ``method`` ``None``: nothing is reduced (the plugin is installed, not asked for).
+    """
+
+    method: str | None = None
+    budget: int | None = None
+    ratio: float | None = None
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, server: Mapping[str, object] | None, request: Mapping[str, object] | None = None) -> "Settings":
+        """The server's options (``--mm-processor-kwargs``) with a request's budget or ratio over them.
+        A request may not name another method: one server runs one method."""
+        server, request = dict(server or {}), dict(request or {})
+        method = server.get("duet_method")
+        if request.get("duet_method") not in (None, method):
+            raise ValueError(
+                f"this server runs duet_method={method!r}; a request may set duet_budget or duet_ratio, not another method"
+            )
+        if request.get("duet_options") not in (None, server.get("duet_options")):
+            raise ValueError("duet_options are the server's (--mm-processor-kwargs); a request may set duet_budget or duet_ratio")
+        values = server
+        if "duet_budget" in request or "duet_ratio" in request:
+            values = {**server, "duet_budget": request.get("duet_budget"), "duet_ratio": request.get("duet_ratio")}
+        budget, ratio = values.get("duet_budget"), values.get("duet_ratio")
+        options = dict(values.get("duet_options") or {})
+        if method is None:
+            if budget is not None or ratio is not None:
+                raise ValueError(
+                    "duet_budget / duet_ratio given but no duet_method: start the server with "
+                    "--mm-processor-kwargs '{\"duet_method\": ..., \"duet_budget\": ...}'"
+                )
+            return cls()
+        if (budget is None) == (ratio is None):
+            raise ValueError(f"duet_method={method!r} needs one of duet_budget or duet_ratio")
+        settings = cls(method, budget, ratio, options)
+        settings.reducer()  # the method exists and takes these settings, and runs before the language model
+        return settings
+
+    @property
+    def active(self) -> bool:
+        return self.method is not None
+
+    def reducer(self) -> Reducer:
+        """The method as ``duet_vlm.make`` builds it (budget or ratio), refused if it cannot run here."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown duet_method {self.method!r}; registered: {', '.join(sorted(METHODS))}")
+        reducer = make(self.method, budget=self.budget, ratio=self.ratio, **tuples(self.options))
+        check_supported(reducer)
+        return reducer
+
+    def item_budget(self, geometry: Geometry) -> int:
+        """The absolute budget of one item (a ratio resolved on the item's own tokens); 0: unreduced."""
+        if not self.active:
+            return 0
+        reducer = self.reducer()
+        budget = reducer.budget_for(geometry) if hasattr(reducer, "budget_for") else self.budget
+        return budget if budget < geometry.visual_tokens else 0
+
+    def tokens(self, geometry: Geometry) -> int:
+        """How many visual tokens the language model receives for an item: its placeholder count."""
+        return tokens_for(self, self.item_budget(geometry), geometry)
+
+    def record(self) -> dict[str, Any] | None:
+        """The reducer's record (``to_dict``), or ``None``."""
+        return self.reducer().to_dict() if self.active else None
+
+
+def tuples(options: Mapping[str, object]) -> dict[str, object]:
+    """JSON lists as the tuples ``make`` takes (``layers``, ``shape``...)."""
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in options.items()}
+
+
+def check_supported(reducer: Reducer) -> None:
+    """Refuse what cannot run under vLLM: pruning inside the language model (vLLM's paged KV cache
+    holds every prompt token in every layer) and budgets chosen from an item's content (the
+    placeholder count must be known before the encoder runs)."""
+    if reducer.adapts_to_content:
+        raise RefusedMethod(
+            f"{reducer.method_name!r} chooses each item's budget from its content, but vLLM needs an item's token "
+            "count before its encoder runs: use a fixed duet_budget or duet_ratio"
+        )
+    inner = reducer.build(64) if hasattr(reducer, "build") else reducer
+    if getattr(inner, "budget", None) is not None:
+        inner = inner.with_budget(64)
+    try:
+        plan = inner.resolve(Geometry(32, 576, (24, 24), True, encoder_depth=24), quiet=True)
+        in_language_model = plan.language is not None or bool(plan.schedule.boundaries)
+    except RefusedMethod:
+        raise
+    except Exception:  # settings that need another geometry: judge by the method's kind
+        in_language_model = type(inner).prunes_in_language_model()
+    if not in_language_model:
+        return
+    hint = ""
+    if vision_half(inner.method_name):
+        hint = ' (its vision-side half alone runs: "duet_options": {"layers": []})'
+    raise RefusedMethod(
+        f"{inner.method_name!r} prunes visual tokens inside the language model, which vLLM's paged KV cache cannot "
+        f"do (every layer keeps every prompt token): under vLLM only methods that select before the language model "
+        f"run{hint}. Supported: {', '.join(supported_methods())}"
+    )
+
+
+def vision_half(name: str) -> bool:
+    """Whether method ``name`` without its boundaries (``layers=()``) selects before the language
+    model only (DUET's Stage A, VScan's scan)."""
+    cls = METHODS.get(name)
+    if cls is None or "layers" not in {spec.name for spec in dataclasses.fields(cls)}:
+        return False
+    try:
+        plan = make(name, budget=64, layers=()).resolve(Geometry(32, 576, (24, 24), True, encoder_depth=24), quiet=True)
+    except Exception:
+        return False
+    return plan.language is None and not plan.schedule.boundaries and plan.vision is not None
+
+
+def tokens_for(settings: Settings, budget: int, geometry: Geometry) -> int:
+    """The language model's visual tokens for an item reduced at ``budget`` (0: unreduced)."""
+    plan = plan_for(settings, budget, geometry)
+    return plan.schedule.llm_input if plan is not None else geometry.visual_tokens
+
+
+def plan_for(settings: Settings, budget: int, geometry: Geometry):
+    """The method's plan for an item at its absolute ``budget`` (``None``: unreduced)."""
+    if not settings.active or budget <= 0:
+        return None
+    reducer = settings.reducer().with_budget(int(budget))
+    plan = reducer.resolve(geometry, quiet=True)
+    if plan.language is not None or plan.schedule.boundaries:
+        raise RefusedMethod(f"{settings.method!r} prunes inside the language model: it cannot run under vLLM")
+    return plan if plan.vision is not None else None
+
+
+def supported_methods() -> list[str]:
+    """Registered methods that select before the language model at their defaults, then those whose
+    vision-side half runs alone (``name (layers=[])``)."""
+    names = []
+    for name, cls in sorted(METHODS.items()):
+        if name in ("full", "compose", "adaptive") or cls.adapts_to_content:
+            continue
+        if "budget" not in {spec.name for spec in dataclasses.fields(cls)}:
+            continue
+        try:
+            reducer = make(name, budget=64)
+            plan = reducer.resolve(Geometry(32, 576, (24, 24), True, encoder_depth=24), quiet=True)
+        except Exception:  # a method that needs more than a budget (or is not implemented yet)
+            continue
+        if plan.language is None and not plan.schedule.boundaries and plan.vision is not None:
+            names.append(name)
+    return names + [f"{name} (layers=[])" for name in sorted(METHODS) if name not in names and vision_half(name)]

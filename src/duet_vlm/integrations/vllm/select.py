@@ -1,0 +1,145 @@
+"""The selection glue every family shares: a vision tower's captured layers -> the method's own
+``VisionStage.reduce`` -> the language model's tokens.
+
+One implementation: the method code that runs under vLLM is the code the Hugging Face path runs
+(``duet_vlm.methods``); this module only builds the ``VisionView`` a stage reads (features, scores
+and keys of the feature layer, scores of the other encoder layers a stage asks for, the projector)
+from vLLM's modules, the way ``duet_vlm.runtime.vision`` builds it from transformers' modules. No
+vLLM import: only the module attributes of vLLM's vision layers (``layer_norm1``, ``qkv_proj``).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ...adapters.base import check_layer
+from ...plan import Plan, VisionReduction, VisionView
+
+
+@dataclass
+class Taps:
+    """What a tower call left: the inputs of the tapped encoder layers (``{index: (U, T, C)}``,
+    concatenated over the call's chunks) and the feature layer's output ``(U, T, C)``."""
+
+    inputs: dict = field(default_factory=dict)
+    output: torch.Tensor | None = None
+
+
+@contextmanager
+def tap(layers: dict[int, nn.Module], feature: nn.Module) -> Iterator[Taps]:
+    """Keep the inputs of ``layers`` and the output of ``feature`` while the block runs (hooks on
+    the model's own layers, removed on exit)."""
+    taps = Taps()
+    chunks: dict = {index: [] for index in layers}
+    outputs: list = []
+    handles = []
+    for index, layer in layers.items():
+        handles.append(layer.register_forward_pre_hook(
+            lambda module, args, kwargs, index=index: chunks[index].append(
+                (args[0] if args else kwargs["hidden_states"]).detach()
+            ),
+            with_kwargs=True,
+        ))
+    handles.append(feature.register_forward_hook(
+        lambda module, args, output: outputs.append((output[0] if isinstance(output, tuple) else output).detach())
+    ))
+    try:
+        yield taps
+    finally:
+        for handle in handles:
+            handle.remove()
+    taps.inputs = {index: torch.cat(parts) for index, parts in chunks.items() if parts}
+    taps.output = torch.cat(outputs) if outputs else None
+
+
+def split_heads(linear_out: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, T, 3 * H * d)`` fused q/k/v -> queries and keys ``(U, H, T, d)``."""
+    query, key, _ = linear_out.chunk(3, dim=-1)
+    units, tokens, width = query.shape
+    shape = (units, tokens, heads, width // heads)
+    return query.reshape(shape).transpose(1, 2), key.reshape(shape).transpose(1, 2)
+
+
+def layer_scores(layer: nn.Module, layer_input: torch.Tensor, has_cls: bool, chunk: int = 256):
+    """``(scores (U, P or T), keys (U, T, d))`` of a CLIP / SigLIP encoder layer of vLLM, from its own
+    ``layer_norm1`` and fused ``qkv_proj``: the CLS-to-patch attention summed over heads with a CLS
+    token, the attention each token receives (mean over heads, summed over queries) without one;
+    keys averaged over heads. The same arithmetic as ``duet_vlm.adapters.base`` on transformers'
+    separate projections."""
+    attn = layer.self_attn
+    heads = getattr(attn, "num_heads_per_partition", None) or attn.num_heads
+    scale = attn.scale
+    with torch.no_grad():
+        x = layer.layer_norm1(layer_input)
+        qkv, _ = attn.qkv_proj(x)
+        queries, keys = split_heads(qkv, heads)
+        units, _, tokens, _ = keys.shape
+        if has_cls:
+            logits = (queries[:, :, :1].float() @ keys.float().transpose(-1, -2)) * scale  # (U, H, 1, T)
+            scores = logits.softmax(dim=-1)[:, :, 0, 1:].sum(dim=1)
+        else:
+            scores = torch.zeros(units, tokens, dtype=torch.float32, device=x.device)
+            for begin in range(0, tokens, chunk):
+                logits = (queries[:, :, begin : begin + chunk].float() @ keys.float().transpose(-1, -2)) * scale
+                scores += logits.softmax(dim=-1).mean(dim=1).sum(dim=1)
+    return scores, keys.mean(dim=1)
+
+
+def encoder_index(layer, depth: int) -> int:
+    """A stage's encoder layer (``VisionStage.encoder_layers``: an index, negative from the end of a
+    tower of ``depth`` layers, or ``"first_full_attention"`` / ``"last"``) as a layer index >= 0."""
+    index = {"first_full_attention": 0, "last": -1}.get(layer, layer)
+    return check_layer(index, depth) % depth
+
+
+#: when a list, every reduction appends what its stage kept (``(units, n)`` indices into the view's
+#: tokens): for tests that run vLLM's engine in their own process.
+TRACE: list | None = None
+
+
+@dataclass
+class Reduced:
+    """One item's reduction: the language model's tokens ``(n, D)`` and what the stage kept."""
+
+    embeddings: torch.Tensor
+    reduction: VisionReduction
+
+
+def reduce_unit(
+    plan: Plan,
+    features: torch.Tensor,
+    scores: torch.Tensor,
+    keys: torch.Tensor,
+    grid: tuple[int, int],
+    has_cls: bool,
+    project: Callable[[torch.Tensor], torch.Tensor],
+    attention: dict | None = None,
+) -> Reduced:
+    """Run ``plan``'s vision stage on one item's units (``features (U, T, C)``, ``scores``, ``keys``)
+    and map the result into the language model's space, as ``duet_vlm.runtime.vision.reduce_vision``
+    does: the stage's own projected output where it merged after the projector, else the projector
+    on its features. Returns ``(U * keep, D)`` tokens in the stage's output order."""
+    width = features.shape[-1]
+    dtype = features.dtype
+    view = VisionView(
+        features, scores, keys, grid, has_cls, dict(attention or {}),
+        project=lambda f: project(f[..., :width].to(dtype)),
+    )
+    units = features.shape[0]
+    keep = plan.schedule.llm_input // units
+    reduction = plan.vision.reduce(view, keep)
+    expected = (units, keep, width)
+    if tuple(reduction.features.shape) != expected:
+        raise RuntimeError(f"{type(plan.vision).__name__} returned {tuple(reduction.features.shape)}, expected {expected}")
+    if reduction.projected is not None:
+        projected = reduction.projected
+    else:
+        projected = project(reduction.features[..., :width].to(dtype))
+    if TRACE is not None:
+        TRACE.append(reduction.kept.detach().cpu())
+    return Reduced(projected.reshape(units * keep, -1), reduction)

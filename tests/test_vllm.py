@@ -1,0 +1,310 @@
+"""duet-vlm inside vLLM: the plugin's output equals the Hugging Face path's under the same method and
+budget (the same kept tokens, the same greedy tokens, log-probabilities within float tolerance),
+a request's budget equals a server's, methods that prune inside the language model are refused,
+and an OpenAI-compatible server answers image requests with different budgets as offline runs do.
+
+Needs the vLLM environment (``bash tools/install_vllm_cpu.sh``, README "Serving with vLLM"); skipped
+without vLLM unless ``DUET_REQUIRE_VLLM=1`` (CI's vLLM step), which turns the skip into a failure.
+vLLM's engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the test can read what
+the plugin's stages kept (``select.TRACE``); the server test starts ``vllm serve`` on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import base64
+import gc
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+
+import pytest
+
+if os.environ.get("DUET_REQUIRE_VLLM") == "1":
+    import vllm  # noqa: F401 - an ImportError here fails the run instead of skipping
+else:
+    pytest.importorskip("vllm")
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import AutoProcessor  # noqa: E402
+from vllm import LLM, SamplingParams  # noqa: E402
+
+import duet_vlm  # noqa: E402
+from duet_vlm.integrations.vllm import select  # noqa: E402
+from duet_vlm.integrations.vllm.checkpoints import IMAGE_TOKEN, TinySize, load_hf, write_llava, write_llava_next  # noqa: E402
+from duet_vlm.integrations.vllm.options import RefusedMethod  # noqa: E402
+
+NEW_TOKENS = 6
+PROMPT = "USER: <image>\nwhat colour is the shape on the left? ASSISTANT:"
+LOGPROB_TOLERANCE = 2e-3
+
+#: every pre-LLM method, as the server is told it (method, options), at budget 64 on LLaVA-1.5's geometry.
+METHODS = [
+    ("visionzip", {}),
+    ("duet", {"layers": []}),
+    ("pool", {}),
+    ("random", {}),
+    ("trio_scan", {}),
+    ("divprune", {}),
+    ("vispruner", {}),
+    ("vscan", {"layers": []}),
+]
+
+
+def image(seed: int, size=(336, 336)) -> Image.Image:
+    """A picture with structure (blocks of colour and noise), so attention and diversity rank its patches."""
+    rng = np.random.RandomState(seed)
+    width, height = size
+    blocks = rng.rand(6, 6, 3)
+    picture = np.kron(blocks, np.ones((height // 6 + 1, width // 6 + 1, 1)))[:height, :width]
+    picture = 0.7 * picture + 0.3 * rng.rand(height, width, 3)
+    return Image.fromarray((picture * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    folder = write_llava(tmp_path_factory.mktemp("tiny-llava"))
+    return folder, load_hf(folder), AutoProcessor.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def llava_next(tmp_path_factory):
+    folder = write_llava_next(tmp_path_factory.mktemp("tiny-llava-next"), TinySize(image_size=112))
+    return folder, load_hf(folder), AutoProcessor.from_pretrained(folder)
+
+
+@contextmanager
+def engine(folder, options: dict | None):
+    """vLLM's offline engine on ``folder`` with the server-wide processor options ``options``."""
+    llm = LLM(
+        model=str(folder), dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
+        limit_mm_per_prompt={"image": 1}, mm_processor_kwargs=options, max_num_seqs=4,
+        kv_cache_memory_bytes=1 << 28, enable_prefix_caching=False,
+    )
+    try:
+        yield llm
+    finally:
+        del llm
+        gc.collect()
+
+
+def hf_inputs(processor, picture):
+    return processor(images=picture, text=PROMPT, return_tensors="pt")
+
+
+def vllm_prompt(inputs) -> dict:
+    """The Hugging Face prompt's ids with its run of placeholders collapsed to one (vLLM expands it)."""
+    ids = inputs["input_ids"][0].tolist()
+    first = ids.index(IMAGE_TOKEN)
+    last = len(ids) - ids[::-1].index(IMAGE_TOKEN)
+    return ids[:first] + [IMAGE_TOKEN] + ids[last:]
+
+
+def hf_run(model, processor, picture, reducer):
+    """Greedy tokens, each token's log-probability and what the vision stage kept, on the HF path."""
+    inputs = hf_inputs(processor, picture)
+    context = reducer(model) if reducer is not None else _nothing()
+    with context, torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+            output_logits=True, return_dict_in_generate=True,
+        )
+    tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    logprobs = [torch.log_softmax(step[0].float(), -1)[token].item() for step, token in zip(out.logits, tokens)]
+    kept = reducer.stats.items[0].vision_kept if reducer is not None else None
+    return tokens, logprobs, kept
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def vllm_run(llm, processor, pictures, request_options=None):
+    """Greedy tokens, their log-probabilities and the kept indices of each picture, under vLLM."""
+    select.TRACE = []
+    prompts = []
+    for i, picture in enumerate(pictures):
+        prompt = {"prompt_token_ids": vllm_prompt(hf_inputs(processor, picture)), "multi_modal_data": {"image": picture}}
+        options = request_options[i] if request_options is not None else None
+        if options:
+            prompt["mm_processor_kwargs"] = options
+        prompts.append(prompt)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=1)
+    try:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        kept = list(select.TRACE)
+    finally:
+        select.TRACE = None
+    results = []
+    for output in outputs:
+        completion = output.outputs[0]
+        tokens = list(completion.token_ids)
+        logprobs = [step[token].logprob for step, token in zip(completion.logprobs, tokens)]
+        results.append((tokens, logprobs, len(output.prompt_token_ids)))
+    return results, kept
+
+
+def assert_same(hf, vl, kept_vllm):
+    tokens, logprobs, kept = hf
+    assert vl[0] == tokens, (vl[0], tokens)
+    assert np.allclose(vl[1], logprobs, atol=LOGPROB_TOLERANCE), (vl[1], logprobs)
+    if kept is not None:
+        assert torch.equal(kept_vllm.reshape(-1).cpu(), kept.reshape(-1).cpu()), (kept_vllm, kept)
+
+
+def test_unreduced_equals_the_hugging_face_model(llava):
+    folder, model, processor = llava
+    picture = image(0)
+    reference = hf_run(model, processor, picture, None)
+    with engine(folder, None) as llm:
+        (result,), kept = vllm_run(llm, processor, [picture])
+    assert kept == [] and result[2] == len(vllm_prompt(hf_inputs(processor, picture))) + 575
+    assert_same(reference, result, None)
+
+
+@pytest.mark.parametrize("method,options", METHODS, ids=[m for m, _ in METHODS])
+def test_llava_equals_the_hugging_face_path(llava, method, options):
+    folder, model, processor = llava
+    pictures = [image(1), image(2)]
+    budget = 64
+    reducer = duet_vlm.make(method, budget=budget, **{k: tuple(v) for k, v in options.items()})
+    references = [hf_run(model, processor, picture, reducer) for picture in pictures]
+    server = {"duet_method": method, "duet_budget": budget, **({"duet_options": options} if options else {})}
+    with engine(folder, server) as llm:
+        results, kept = vllm_run(llm, processor, pictures)
+    assert len(kept) == 2
+    for reference, result, picture_kept in zip(references, results, kept):
+        assert result[2] == len(vllm_prompt(hf_inputs(processor, pictures[0]))) - 1 + budget
+        assert_same(reference, result, picture_kept)
+
+
+def test_a_request_budget_equals_a_server_budget(llava):
+    folder, model, processor = llava
+    pictures = [image(3), image(3), image(4)]
+    requests = [{"duet_budget": 32}, {"duet_ratio": 0.25}, None]
+    with engine(folder, {"duet_method": "visionzip", "duet_budget": 64}) as llm:
+        per_request, _ = vllm_run(llm, processor, pictures, requests)
+    with engine(folder, {"duet_method": "visionzip", "duet_budget": 32}) as llm:
+        (server_32,), _ = vllm_run(llm, processor, pictures[:1])
+    with engine(folder, {"duet_method": "visionzip", "duet_ratio": 0.25}) as llm:
+        (server_ratio,), _ = vllm_run(llm, processor, pictures[1:2])
+    assert per_request[0][:2] == server_32[:2] and per_request[1][:2] == server_ratio[:2]
+    text = len(vllm_prompt(hf_inputs(processor, pictures[0]))) - 1
+    assert [r[2] - text for r in per_request] == [32, 144, 64]
+    reference = hf_run(model, processor, pictures[2], duet_vlm.make("visionzip", budget=64))
+    assert per_request[2][0] == reference[0]
+
+
+@pytest.mark.parametrize("method", ["duet", "fastv", "pyramiddrop"])
+def test_methods_pruning_inside_the_language_model_are_refused(llava, method):
+    folder, _, _ = llava
+    with pytest.raises(Exception) as failure:
+        with engine(folder, {"duet_method": method, "duet_budget": 64}):
+            pass
+    chain, error = [], failure.value
+    while error is not None:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    assert any(isinstance(e, RefusedMethod) or "inside the language model" in str(e) for e in chain), chain
+
+
+@pytest.mark.parametrize("method,options", [("visionzip", {}), ("pool", {}), ("trio_scan", {})], ids=["visionzip", "pool", "trio_scan"])
+def test_llava_next_equals_the_hugging_face_path(llava_next, method, options):
+    folder, model, processor = llava_next
+    pictures = [image(5, (200, 150)), image(6, (120, 230))]
+    budget = 48
+    reducer = duet_vlm.make(method, budget=budget, **options)
+    references = [hf_run(model, processor, picture, reducer) for picture in pictures]
+    with engine(folder, {"duet_method": method, "duet_budget": budget}) as llm:
+        results, kept = vllm_run(llm, processor, pictures)
+    for picture, reference, result, picture_kept in zip(pictures, references, results, kept):
+        assert result[2] == len(vllm_prompt(hf_inputs(processor, picture))) - 1 + reference_tokens(reducer, model, processor, picture)
+        assert_same(reference, result, picture_kept)
+
+
+def reference_tokens(reducer, model, processor, picture) -> int:
+    hf_run(model, processor, picture, reducer)
+    return reducer.stats.items[0].tokens_per_layer[0]
+
+
+# ------------------------------------------------------------------------------------------ server
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data_url(picture) -> str:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_openai_server_answers_with_per_request_budgets(llava, tmp_path):
+    """``vllm serve`` with the plugin on 127.0.0.1: three image requests with different budgets (the
+    server's, a request's budget, a request's ratio) answer as the offline engine does."""
+    openai = pytest.importorskip("openai")
+    folder, _, processor = llava
+    pictures = [image(7), image(8), image(9)]
+    requests = [None, {"duet_budget": 16}, {"duet_ratio": 0.1}]
+    server = {"duet_method": "visionzip", "duet_budget": 64}
+    messages = [
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(p)}},
+                                      {"type": "text", "text": "what colour is the shape on the left?"}]}]
+        for p in pictures
+    ]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
+    with engine(folder, server) as llm:
+        offline = [
+            llm.chat(m, params, use_tqdm=False, mm_processor_kwargs=r)[0].outputs[0].text
+            for m, r in zip(messages, requests)
+        ]
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(folder), "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--kv-cache-memory-bytes", str(1 << 28),
+        "--limit-mm-per-prompt", json.dumps({"image": 1}), "--mm-processor-kwargs", json.dumps(server),
+        "--served-model-name", "tiny", "--no-enable-prefix-caching",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 420
+        while True:
+            assert process.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "the server did not start in 420 s"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                time.sleep(2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=300, max_retries=0)
+        answers = []
+        for m, r in zip(messages, requests):
+            extra = {"min_tokens": NEW_TOKENS}
+            if r:
+                extra["mm_processor_kwargs"] = r
+            reply = client.chat.completions.create(
+                model="tiny", messages=m, max_tokens=NEW_TOKENS, temperature=0, extra_body=extra
+            )
+            answers.append(reply.choices[0].message.content)
+        assert answers == offline
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+        log.close()

@@ -1,0 +1,70 @@
+"""The vLLM plugin's options, without vLLM: what a server and its requests ask for, the placeholder
+count an item gets (known before its encoder runs), and the methods refused under vLLM.
+
+The plugin itself runs in tests/test_vllm.py, in the vLLM environment (tools/install_vllm_cpu.sh).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import duet_vlm
+from duet_vlm.geometry import Geometry
+from duet_vlm.integrations.vllm.options import KEYS, RefusedMethod, Settings, plan_for, strip, supported_methods
+
+LLAVA = Geometry(32, 576, (24, 24), True, encoder_depth=24)
+NEXT = Geometry(32, 1728, (1, 1680), False, encoder_depth=24)
+
+
+def test_inactive_without_a_method():
+    settings = Settings.read({}, {})
+    assert not settings.active and settings.item_budget(LLAVA) == 0 and settings.tokens(LLAVA) == 576
+    with pytest.raises(ValueError, match="no duet_method"):
+        Settings.read({}, {"duet_budget": 64})
+
+
+@pytest.mark.parametrize("method", ["visionzip", "pool", "random", "trio_scan"])
+def test_tokens_are_the_methods_llm_input(method):
+    settings = Settings.read({"duet_method": method, "duet_budget": 64})
+    plan = duet_vlm.make(method, budget=64).resolve(LLAVA, quiet=True)
+    assert settings.tokens(LLAVA) == plan.schedule.llm_input
+    assert plan_for(settings, settings.item_budget(LLAVA), LLAVA).schedule == plan.schedule
+
+
+def test_a_request_budget_or_ratio_replaces_the_servers():
+    server = {"duet_method": "visionzip", "duet_budget": 64}
+    assert Settings.read(server, {"duet_budget": 32}).tokens(LLAVA) == 32
+    ratio = Settings.read(server, {"duet_ratio": 0.25})
+    assert ratio.budget is None and ratio.item_budget(LLAVA) == 144 and ratio.item_budget(NEXT) == 432
+    assert Settings.read({"duet_method": "visionzip", "duet_ratio": 0.5}, {"duet_budget": 16}).tokens(LLAVA) == 16
+    with pytest.raises(ValueError, match="not another method"):
+        Settings.read(server, {"duet_method": "pool", "duet_budget": 32})
+
+
+def test_a_budget_at_or_above_the_items_tokens_reduces_nothing():
+    settings = Settings.read({"duet_method": "pool", "duet_budget": 600})
+    assert settings.item_budget(LLAVA) == 0 and settings.tokens(LLAVA) == 576
+
+
+@pytest.mark.parametrize("method", ["duet", "fastv", "pyramiddrop", "sparsevlm", "pio"])
+def test_methods_pruning_inside_the_language_model_are_refused(method):
+    with pytest.raises(RefusedMethod, match="inside the language model"):
+        Settings.read({"duet_method": method, "duet_budget": 64})
+
+
+def test_duets_stage_a_alone_runs_and_the_refusal_says_how():
+    with pytest.raises(RefusedMethod, match='"layers": \\[\\]'):
+        Settings.read({"duet_method": "duet", "duet_budget": 64})
+    settings = Settings.read({"duet_method": "duet", "duet_budget": 64, "duet_options": {"layers": []}})
+    assert settings.tokens(LLAVA) == 64
+
+
+def test_the_supported_methods_select_before_the_language_model():
+    names = supported_methods()
+    assert {"visionzip", "pool", "random", "trio_scan"} <= set(names)
+    assert not {"duet", "fastv", "pyramiddrop", "sparsevlm", "pio", "full"} & set(names)
+
+
+def test_the_hugging_face_processor_never_sees_the_options():
+    assert strip({"duet_method": "pool", "duet_budget": 3, "do_resize": True}) == {"do_resize": True}
+    assert set(KEYS) == {"duet_method", "duet_budget", "duet_ratio", "duet_options"}

@@ -26,8 +26,13 @@ from .sparsevlm import SparseVLM, TextRaterPrune
 from .registry import METHODS, from_dict, make, register_method
 from .adaptive import Adaptive
 
-# The field's newer methods (issue #24): each module registers its method.
-from . import dart, divprune, cdpruner, vispruner, vscan, holitom  # noqa: E402,F401
+# The field's newer methods (issue #24).
+from .dart import DART, DuplicationPrune
+from .divprune import DivPrune, MaxMinDiversity
+from .cdpruner import CDPruner, ConditionalDPPSelect
+from .vispruner import ImportantDiverse, VisPruner
+from .vscan import VScan
+from .holitom import HoliTom, HoliTomMerge, SimilarityMerge
 
 __all__ = [
     # the interface
@@ -68,4 +73,16 @@ __all__ = [
     "SparseVLM",
     "TextRaterPrune",
     "VisionZip",
+    "DART",
+    "DuplicationPrune",
+    "DivPrune",
+    "MaxMinDiversity",
+    "CDPruner",
+    "ConditionalDPPSelect",
+    "VisPruner",
+    "ImportantDiverse",
+    "VScan",
+    "HoliTom",
+    "HoliTomMerge",
+    "SimilarityMerge",
 ]

@@ -86,13 +86,22 @@ def curve(signal: str, scores: torch.Tensor, keys: torch.Tensor, features: torch
 
 
 def calibrate_threshold(curves: list[Curve], targets: list[float], floors: list[float], ceilings: list[float],
-                        low: float, high: float, steps: int = 40) -> float:
+                        low: float, high: float, steps: int = 40, snap=None) -> float:
     """The threshold at which the items' clamped counts average the targets' average (bisection on
-    a non-decreasing function; the closest of the last two candidates wins)."""
+    a non-decreasing function; the closest of the last two candidates wins). ``snap(i, count)``:
+    item ``i``'s final count for a clamped ``count`` (non-decreasing in it), when not the count itself.
+
+    >>> curves = [coverage_curve(torch.tensor([[0.7, 0.1, 0.1, 0.1]])), coverage_curve(torch.tensor([[0.25] * 4]))]
+    >>> threshold = calibrate_threshold(curves, [2, 2], [1, 1], [4, 4], 0.0, 1.0)
+    >>> [c.count(threshold) for c in curves]
+    [1, 3]
+    """
     goal = sum(targets) / len(targets)
 
     def average(threshold: float) -> float:
         counts = [min(max(c.count(threshold), f), g) for c, f, g in zip(curves, floors, ceilings)]
+        if snap is not None:
+            counts = [snap(i, count) for i, count in enumerate(counts)]
         return sum(counts) / len(counts)
 
     for _ in range(steps):

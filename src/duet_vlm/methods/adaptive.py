@@ -16,12 +16,11 @@ from .base import PerItemRatio, Reducer
 
 
 class Recorded(NamedTuple):
-    """One visual item seen while calibrating: its signal curve, the average budget it is calibrated
-    towards (the method's budget, or its ratio of the item's tokens) and its token count."""
+    """One visual item seen while calibrating: its signal curve (which reads the vision encoder
+    only, so any method's ``Adaptive`` can ``fit`` it) and its geometry."""
 
     curve: Curve
-    average: int
-    tokens: int
+    geometry: Geometry
 
 
 @dataclass
@@ -31,8 +30,10 @@ class Adaptive(Reducer):
     The method's own budget (or ratio) is the average to meet over the data. An item's budget is
     its ``signal`` curve's count at ``threshold`` (``duet_vlm.content``: the tokens covering a share
     of its attention, its distinct tokens, or its effective rank), clamped to ``floor`` and
-    ``ceiling`` times the average; ``calibrate`` finds the threshold at which sample data averages
-    the method's budget. Each item's count depends on that item alone, so a padded batch still
+    ``ceiling`` times the average, then moved towards the average to the nearest budget the method
+    reaches on the item (``reach``: e.g. FastV and PyramidDrop keep every token in their first
+    layers, so they cannot average a few tokens); ``calibrate`` finds the threshold at which sample
+    data averages the method's budget. Each item's count depends on that item alone, so a padded batch still
     equals each row run alone; ``reducer.stats.items`` has every item's counts.
 
     Args:
@@ -83,45 +84,78 @@ class Adaptive(Reducer):
         return budget
 
     def item_budget(self, view: VisionView, geometry: Geometry) -> int | None:
-        average = self.average_budget(geometry)
         item_curve = curve(self.signal, view.cls_attention, view.keys, view.features)
         if self._recorded is not None:  # calibrating: the method's own budget, the curve noted
-            self._recorded.append((item_curve, average, geometry.visual_tokens))
+            self._recorded.append(Recorded(item_curve, geometry))
             return None
         if self.threshold is None:
             raise ValueError("Adaptive has no threshold: calibrate it on sample data first (calibrate), or give one")
-        return self.clamp(item_curve.count(self.threshold), average, geometry.visual_tokens)
+        return self.budget_of(item_curve.count(self.threshold), geometry)
 
-    def clamp(self, count: int, average: int, tokens: int) -> int:
-        return int(min(max(count, round(self.floor * average), 1), round(self.ceiling * average), tokens))
+    def bounds(self, geometry: Geometry) -> tuple[int, int]:
+        """The lowest and highest budget of an item of ``geometry``: ``floor`` and ``ceiling`` times
+        its average, at least 1 and at most its tokens."""
+        average = self.average_budget(geometry)
+        low = max(round(self.floor * average), 1)
+        return min(low, geometry.visual_tokens), max(low, min(round(self.ceiling * average), geometry.visual_tokens))
+
+    def budget_of(self, count: int, geometry: Geometry) -> int:
+        """An item's budget for its signal's ``count``: clamped to ``bounds``, then ``reach``ed."""
+        low, high = self.bounds(geometry)
+        return self.reach(min(max(count, low), high), geometry)
+
+    def reach(self, budget: int, geometry: Geometry) -> int:
+        """``budget``, or the nearest budget towards the item's average that the method reaches on an
+        item of ``geometry`` (its solver refuses the others). Each budget is tried once per geometry."""
+        cache = self.__dict__.setdefault("_reach", {})
+        found = cache.get((geometry, budget))
+        if found is not None:
+            return found
+        average = min(self.average_budget(geometry), geometry.visual_tokens)
+        step = 1 if budget < average else -1
+        tried, candidate = [], budget
+        while candidate != average and (geometry, candidate) not in cache and not self._reaches(candidate, geometry):
+            tried.append(candidate)
+            candidate += step
+        found = cache.get((geometry, candidate), candidate)
+        for budget_tried in [*tried, budget]:
+            cache[(geometry, budget_tried)] = found
+        return found
+
+    def _reaches(self, budget: int, geometry: Geometry) -> bool:
+        try:
+            self.reducer.with_budget(budget).resolve(geometry, quiet=True)
+        except ValueError:
+            return False
+        return True
 
     def record(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> list[Recorded]:
-        """Every visual item of ``batches`` (model inputs): its signal curve, the average budget it is
-        calibrated towards and its token count. Runs the model once per batch with the method at its
-        own budget."""
+        """Every visual item of ``batches`` (model inputs): its signal curve and its geometry. Runs the
+        model once per batch with the method at its own budget."""
         recorder = dataclasses.replace(self, threshold=None)
         recorder._recorded = recorded = []
         with torch.no_grad(), recorder(model):
             for batch in batches:
                 model(**batch)
-        return [Recorded(*item) for item in recorded]
+        return recorded
 
     def fit(self, recorded: list[Recorded]) -> "Adaptive":
-        """A copy whose threshold makes the ``recorded`` items (``record``) average their budgets."""
+        """A copy whose threshold makes the ``recorded`` items (``record``) average their budgets (the
+        method's budget, or its ratio of each item's tokens)."""
         if not recorded:
             raise ValueError("calibration saw no image or video: give batches with visual items")
-        averages = [item.average for item in recorded]
-        floors = [max(1, round(self.floor * a)) for a in averages]
-        ceilings = [min(round(self.ceiling * item.average), item.tokens) for item in recorded]
+        averages = [min(self.average_budget(item.geometry), item.geometry.visual_tokens) for item in recorded]
+        floors, ceilings = zip(*(self.bounds(item.geometry) for item in recorded))
         low, high = THRESHOLD_RANGES[self.signal]
-        threshold = calibrate_threshold([item.curve for item in recorded], averages, floors, ceilings, low, high)
+        threshold = calibrate_threshold([item.curve for item in recorded], averages, list(floors), list(ceilings),
+                                        low, high, snap=lambda i, count: self.reach(count, recorded[i].geometry))
         return dataclasses.replace(self, threshold=threshold)
 
     def counts(self, recorded: list[Recorded]) -> list[int]:
         """Each ``recorded`` item's budget at this reducer's threshold (what a run would give it)."""
         if self.threshold is None:
             raise ValueError("Adaptive has no threshold: calibrate it on sample data first (calibrate), or give one")
-        return [self.clamp(item.curve.count(self.threshold), item.average, item.tokens) for item in recorded]
+        return [self.budget_of(item.curve.count(self.threshold), item.geometry) for item in recorded]
 
     def calibrate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> "Adaptive":
         """A copy whose threshold makes the items of ``batches`` (model inputs) average the method's

@@ -292,7 +292,7 @@ def open_prompt(binding: Binding, call, found: tuple[torch.Tensor, dict], kwargs
     if not items:
         return None
     cache = kwargs.get("past_key_values")
-    row_budgets = binding.reducer.row_budgets(input_ids.shape[0])
+    row_budgets = binding.reducer.row_budgets(input_ids.shape[0], input_ids)
     plans = [binding.plan_for(item.geometry) for item in items]
     check_drafts_in_prefill(plans, call.logits_to_keep, cache)
     if isinstance(cache, StaticCache) and not all(plan.schedule.is_identity for plan in plans):

@@ -6,6 +6,9 @@ The plugin itself runs in tests/test_vllm.py, in the vLLM environment (tools/ins
 
 from __future__ import annotations
 
+import doctest
+import json
+
 import pytest
 
 import duet_vlm
@@ -53,7 +56,7 @@ def test_methods_pruning_inside_the_language_model_are_refused(method):
 
 
 def test_duets_stage_a_alone_runs_and_the_refusal_says_how():
-    with pytest.raises(RefusedMethod, match='"layers": \\[\\]'):
+    with pytest.raises(RefusedMethod, match='layers.*\\[\\]'):
         Settings.read({"duet_method": "duet", "duet_budget": 64})
     settings = Settings.read({"duet_method": "duet", "duet_budget": 64, "duet_options": {"layers": []}})
     assert settings.tokens(LLAVA) == 64
@@ -68,3 +71,19 @@ def test_the_supported_methods_select_before_the_language_model():
 def test_the_hugging_face_processor_never_sees_the_options():
     assert strip({"duet_method": "pool", "duet_budget": 3, "do_resize": True}) == {"do_resize": True}
     assert set(KEYS) == {"duet_method", "duet_budget", "duet_ratio", "duet_options"}
+
+
+def test_the_serve_command_passes_vllm_its_own_flag():
+    from duet_vlm.integrations.vllm.serve import serve_argv
+
+    argv = serve_argv(["llava-hf/llava-1.5-7b-hf", "--method", "duet", "--budget", "64", "--options", '{"layers": []}', "--port", "9"])
+    assert argv[:4] == ["--model", "llava-hf/llava-1.5-7b-hf", "--port", "9"]
+    assert json.loads(argv[-1]) == {"duet_method": "duet", "duet_budget": 64, "duet_options": '{"layers": []}'}
+    with pytest.raises(RefusedMethod):
+        serve_argv(["m", "--method", "fastv", "--budget", "64"])
+
+
+def test_doctests():
+    from duet_vlm.integrations.vllm import options, serve
+
+    assert doctest.testmod(options).failed == 0 and doctest.testmod(serve).failed == 0

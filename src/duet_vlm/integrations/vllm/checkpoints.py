@@ -196,3 +196,97 @@ def load_hf(folder: str | Path):
     if unexpected or [m for m in missing if "position_ids" not in m]:
         raise RuntimeError(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
     return model
+
+
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] in ('image', 'image_url') %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _qwen_tokenizer(folder: Path) -> dict[str, int]:
+    """The demo vocabulary plus Qwen's special tokens (ids after it); returns the special ids."""
+    tokenizer = json.loads((DEMO / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    ids = {}
+    for token in QWEN_SPECIAL:
+        ids[token] = len(vocab)
+        vocab[token] = ids[token]
+        tokenizer["added_tokens"].append(
+            {"id": ids[token], "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": True}
+        )
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (folder / "chat_template.jinja").write_text(QWEN_TEMPLATE)
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "backend": "tokenizers", "tokenizer_class": "TokenizersBackend", "bos_token": None, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "unk_token": "<unk>", "model_max_length": 4096, "padding_side": "left",
+        "processor_class": "Qwen2_5_VLProcessor", "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+        "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>",
+        "extra_special_tokens": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                 "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
+    }, indent=2))
+    return ids
+
+
+def write_qwen2_5_vl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, layers: int = 4) -> Path:
+    """A Qwen2.5-VL-shaped checkpoint: a 4-block vision tower (window attention, full attention in
+    blocks 1 and 3, 2x2 merger), a decoder with head_dim 32 and M-RoPE; the processor resizes to
+    multiples of 28 pixels between 56x56 and 448x448."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = _qwen_tokenizer(folder)
+    vocab = max(ids.values()) + 1
+    text = dict(
+        vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+        bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+    )
+    vision = dict(
+        depth=4, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3], in_channels=3,
+        tokens_per_second=2,
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = sharpen(Qwen2_5_VLForConditionalGeneration(config), sharpness).float().eval()
+    with torch.no_grad():  # the vision tower's fused qkv: sharpen its query and key rows too
+        for block in model.model.visual.blocks:
+            width = block.attn.qkv.weight.shape[0] // 3
+            block.attn.qkv.weight[: 2 * width].mul_(sharpness)
+    model.config.save_pretrained(folder)
+    written = json.loads((folder / "config.json").read_text())
+    written["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
+    written["dtype"] = "float32"
+    (folder / "config.json").write_text(json.dumps(written, indent=2))
+    state = {key: value.detach().contiguous().clone() for key, value in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    image_processor = {
+        "image_processor_type": "Qwen2VLImageProcessor", "do_resize": True, "do_rescale": True, "do_normalize": True,
+        "do_convert_rgb": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "rescale_factor": 1 / 255, "patch_size": 14,
+        "merge_size": 2, "temporal_patch_size": 2, "size": {"shortest_edge": 56 * 56, "longest_edge": 448 * 448},
+        "resample": 3,
+    }
+    video_processor = {
+        **{k: v for k, v in image_processor.items() if k != "image_processor_type"},
+        "video_processor_type": "Qwen2VLVideoProcessor", "size": {"shortest_edge": 56 * 56, "longest_edge": 4 * 224 * 224},
+        "fps": 2.0, "do_sample_frames": False,
+    }
+    (folder / "processor_config.json").write_text(json.dumps(
+        {"image_processor": image_processor, "video_processor": video_processor, "processor_class": "Qwen2_5_VLProcessor"},
+        indent=2,
+    ))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}))
+    return folder

@@ -14,7 +14,8 @@ The options, all optional, travel the way vLLM passes a model's processor option
 Keys: ``duet_method`` (a registered method), ``duet_budget`` (average visual tokens per decoder
 layer per item: ``duet_vlm.make``'s budget) or ``duet_ratio`` (of each item's own tokens),
 ``duet_options`` (the method's other settings, as ``make``'s keyword arguments, e.g.
-``{"layers": []}`` for DUET's Stage A alone).
+``"{\"layers\": []}"`` for DUET's Stage A alone: a JSON string where a setting is a list, since vLLM
+caches processors by their options and cannot hash lists).
 
 >>> settings = Settings.read({"duet_method": "pool", "duet_budget": 64}, {"duet_ratio": 0.5})
 >>> settings.budget, settings.ratio
@@ -29,6 +30,7 @@ layer per item: ``duet_vlm.make``'s budget) or ``duet_ratio`` (of each item's ow
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -72,13 +74,13 @@ class Settings:
             raise ValueError(
                 f"this server runs duet_method={method!r}; a request may set duet_budget or duet_ratio, not another method"
             )
-        if request.get("duet_options") not in (None, server.get("duet_options")):
+        if request.get("duet_options") is not None and parse_options(request["duet_options"]) != parse_options(server.get("duet_options")):
             raise ValueError("duet_options are the server's (--mm-processor-kwargs); a request may set duet_budget or duet_ratio")
         values = server
         if "duet_budget" in request or "duet_ratio" in request:
             values = {**server, "duet_budget": request.get("duet_budget"), "duet_ratio": request.get("duet_ratio")}
         budget, ratio = values.get("duet_budget"), values.get("duet_ratio")
-        options = dict(values.get("duet_options") or {})
+        options = parse_options(values.get("duet_options"))
         if method is None:
             if budget is not None or ratio is not None:
                 raise ValueError(
@@ -121,6 +123,21 @@ class Settings:
         return self.reducer().to_dict() if self.active else None
 
 
+def parse_options(options) -> dict:
+    """``duet_options`` as a dict, or as a JSON string (vLLM caches its processors by their options
+    and cannot hash a list inside a dict: ``"duet_options": "{\\"layers\\": []}"``)."""
+    if options is None or options == "":
+        return {}
+    if isinstance(options, str):
+        try:
+            options = json.loads(options)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"duet_options must be a JSON object, got {options!r}: {error}") from None
+    if not isinstance(options, Mapping):
+        raise ValueError(f"duet_options must be a JSON object of the method's settings, got {options!r}")
+    return dict(options)
+
+
 def tuples(options: Mapping[str, object]) -> dict[str, object]:
     """JSON lists as the tuples ``make`` takes (``layers``, ``shape``...)."""
     return {key: tuple(value) if isinstance(value, list) else value for key, value in options.items()}
@@ -149,7 +166,7 @@ def check_supported(reducer: Reducer) -> None:
         return
     hint = ""
     if vision_half(inner.method_name):
-        hint = ' (its vision-side half alone runs: "duet_options": {"layers": []})'
+        hint = ' (its vision-side half alone runs: "duet_options": "{\\"layers\\": []}")'
     raise RefusedMethod(
         f"{inner.method_name!r} prunes visual tokens inside the language model, which vLLM's paged KV cache cannot "
         f"do (every layer keeps every prompt token): under vLLM only methods that select before the language model "

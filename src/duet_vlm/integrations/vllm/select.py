@@ -97,8 +97,8 @@ def encoder_index(layer, depth: int) -> int:
     return check_layer(index, depth) % depth
 
 
-#: when a list, every reduction appends what its stage kept (``(units, n)`` indices into the view's
-#: tokens): for tests that run vLLM's engine in their own process.
+#: when a list, every reduction appends its ``VisionReduction`` (what the stage kept: ``kept`` indices
+#: into the view's tokens, and its roles): for tests that run vLLM's engine in their own process.
 TRACE: list | None = None
 
 
@@ -128,7 +128,7 @@ def reduce_unit(
     dtype = features.dtype
     view = VisionView(
         features, scores, keys, grid, has_cls, dict(attention or {}),
-        project=lambda f: project(f[..., :width].to(dtype)),
+        project=lambda f: project(f[..., :width].to(dtype).contiguous()),
     )
     units = features.shape[0]
     keep = plan.schedule.llm_input // units
@@ -139,7 +139,7 @@ def reduce_unit(
     if reduction.projected is not None:
         projected = reduction.projected
     else:
-        projected = project(reduction.features[..., :width].to(dtype))
+        projected = project(reduction.features[..., :width].to(dtype).contiguous())
     if TRACE is not None:
-        TRACE.append(reduction.kept.detach().cpu())
+        TRACE.append(reduction)
     return Reduced(projected.reshape(units * keep, -1), reduction)

@@ -1,0 +1,246 @@
+"""Serving benchmark: vLLM's OpenAI-compatible server with and without a reducer, on one machine.
+
+    python -m duet_vlm.integrations.vllm.bench --out docs/bench/vllm_serving.json
+
+One random-weight checkpoint of the benchmark model's geometry (LLaVA-1.5: a CLIP tower on 336 px
+images, 576 visual tokens per image, a 32-layer decoder; widths scaled down to fit a small CPU, as
+``duet_vlm.bench.models.ModelSize`` scales them) is served twice: by plain vLLM (the plugin
+installed, no method: vLLM's own code path), and with the plugin running a method, where each
+request asks for its budget (``mm_processor_kwargs``). A client sends ``requests`` image requests at
+each concurrency (streaming, ``max_tokens`` tokens each, end-of-sequence ignored) and measures
+requests/s, output tokens/s, time to first token (median and 90th percentile) and the peak resident
+memory of the server's processes. Rows record the machine's load average before and after: on a
+shared machine the numbers are noisy, and the load says how noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoints import TinySize, write_llava
+
+#: the benchmark model: LLaVA-1.5's token geometry (336 px, patch 14, feature layer -2, 32 decoder
+#: layers), widths a 2-core CPU can serve.
+BENCH_SIZE = TinySize(
+    hidden=512, heads=8, layers=32, intermediate=1408, vision_hidden=256, vision_heads=4, vision_layers=24,
+    image_size=336, patch_size=14,
+)
+
+
+@dataclass
+class Row:
+    setting: str
+    method: str | None
+    budget: int | None
+    visual_tokens: int
+    concurrency: int
+    requests: int
+    output_tokens: int
+    seconds: float
+    requests_per_s: float
+    output_tokens_per_s: float
+    ttft_median_s: float
+    ttft_p90_s: float
+    peak_rss_gib: float
+    load_before: float
+    load_after: float
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def picture(seed: int):
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    blocks = np.kron(rng.rand(6, 6, 3), np.ones((57, 57, 1)))[:336, :336]
+    return Image.fromarray(((0.7 * blocks + 0.3 * rng.rand(336, 336, 3)) * 255).astype("uint8"))
+
+
+def data_url(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+class Server:
+    """``python -m duet_vlm.integrations.vllm.serve`` on 127.0.0.1, stopped on exit; its processes'
+    resident memory sampled while it runs."""
+
+    def __init__(self, folder: Path, method: str | None, budget: int | None, log: Path, threads: int, startup_s: float):
+        self.port = free_port()
+        command = [
+            sys.executable, "-m", "duet_vlm.integrations.vllm.serve", str(folder), "--host", "127.0.0.1",
+            "--port", str(self.port), "--dtype", "float32", "--max-model-len", "2048",
+            "--kv-cache-memory-bytes", str(1 << 30), "--limit-mm-per-prompt", json.dumps({"image": 1, "video": 0}),
+            "--served-model-name", "bench", "--no-enable-prefix-caching", "--max-num-seqs", "16",
+        ]
+        if method is not None:
+            command += ["--method", method, "--budget", str(budget)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        self.log = open(log, "w")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.peak = 0
+        self._sampling = True
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+        deadline = time.monotonic() + startup_s
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited ({self.process.returncode}); see {log}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the server did not start in {startup_s:.0f} s; see {log}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                time.sleep(2)
+        self.peak = 0  # what serving takes, not loading
+
+    def _sample(self) -> None:
+        import psutil
+
+        root = psutil.Process(self.process.pid)
+        while self._sampling:
+            try:
+                total = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+                self.peak = max(self.peak, total)
+            except psutil.Error:
+                pass
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self._sampling = False
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        self.log.close()
+
+
+async def _one(client, url: str, budget: int | None, max_tokens: int) -> tuple[float, int]:
+    """One streaming chat request: (time to first token, output tokens)."""
+    extra = {"min_tokens": max_tokens, "ignore_eos": True}
+    if budget is not None:
+        extra["mm_processor_kwargs"] = {"duet_budget": budget}
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    stream = await client.chat.completions.create(
+        model="bench", max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                               {"type": "text", "text": "what colour is the shape on the left?"}]}],
+        extra_body=extra,
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content is not None and first is None:
+            first = time.perf_counter() - start
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return (first if first is not None else time.perf_counter() - start), tokens
+
+
+async def _run(port: int, urls: list[str], budget: int | None, concurrency: int, max_tokens: int, timeout: float):
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=timeout, max_retries=0)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def limited(url):
+        async with gate:
+            return await _one(client, url, budget, max_tokens)
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(limited(url) for url in urls))
+    return time.perf_counter() - start, results
+
+
+def measure(server: Server, setting: str, method, budget, visual_tokens, concurrency, requests, max_tokens, seed) -> Row:
+    urls = [data_url(picture(seed + i)) for i in range(requests)]
+    asyncio.run(_run(server.port, urls[:1], budget, 1, max_tokens, 600))  # warm-up, not counted
+    server.peak = 0
+    load_before = os.getloadavg()[0]
+    seconds, results = asyncio.run(_run(server.port, urls, budget, concurrency, max_tokens, 600))
+    load_after = os.getloadavg()[0]
+    ttfts = sorted(r[0] for r in results)
+    tokens = sum(r[1] for r in results)
+    return Row(
+        setting, method, budget, visual_tokens, concurrency, requests, tokens, round(seconds, 3),
+        round(requests / seconds, 4), round(tokens / seconds, 3), round(statistics.median(ttfts), 3),
+        round(ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))], 3), round(server.peak / 2**30, 3),
+        round(load_before, 2), round(load_after, 2),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="docs/bench/vllm_serving.json")
+    parser.add_argument("--method", default="visionzip")
+    parser.add_argument("--budgets", default="192,64", help="per-request budgets, comma-separated")
+    parser.add_argument("--concurrency", default="1,4")
+    parser.add_argument("--requests", type=int, default=8, help="requests per measurement")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the server's OMP_NUM_THREADS")
+    parser.add_argument("--startup-s", type=float, default=600)
+    args = parser.parse_args(argv)
+    budgets = [int(b) for b in args.budgets.split(",") if b]
+    levels = [int(c) for c in args.concurrency.split(",") if c]
+    work = Path(tempfile.mkdtemp(prefix="duet-vllm-bench-"))
+    folder = write_llava(work / "model", BENCH_SIZE, sharpness=1.0)
+    import vllm
+
+    rows: list[Row] = []
+    settings = [("vLLM, unreduced", None, [None]), (f"plugin, {args.method}", args.method, budgets)]
+    for setting, method, setting_budgets in settings:
+        server = Server(folder, method, setting_budgets[0], work / f"server-{method}.log", args.threads, args.startup_s)
+        try:
+            for budget in setting_budgets:
+                for concurrency in levels:
+                    row = measure(server, setting, method, budget, budget or 576, concurrency, args.requests,
+                                  args.max_tokens, seed=100)
+                    print(json.dumps(asdict(row)), flush=True)
+                    rows.append(row)
+        finally:
+            server.stop()
+    record = {
+        "command": "python -m duet_vlm.integrations.vllm.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": {**asdict(BENCH_SIZE), "visual_tokens": 576, "note": "random weights; LLaVA-1.5 token geometry"},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "server_threads": args.threads,
+                    "vllm": vllm.__version__, "python": platform.python_version()},
+        "settings": {"requests": args.requests, "max_tokens": args.max_tokens, "prefix_caching": False,
+                     "dtype": "float32"},
+        "rows": [asdict(row) for row in rows],
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

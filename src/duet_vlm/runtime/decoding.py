@@ -37,7 +37,9 @@ def continue_prompt(prompt: Prompt, kwargs: dict, cache) -> tuple | None:
     attention_mask = kwargs.get("attention_mask")
     new = kwargs["inputs_embeds"].shape[1]
     device = kwargs["inputs_embeds"].device
-    if attention_mask is None and entry.pad is not None:  # the alignment pads need masking
+    # alignment pads (at the entry, or in a later group whose rows kept different counts: per-row
+    # or per-item budgets) need masking
+    if attention_mask is None and (entry.pad is not None or any(g.steps.pad is not None for g in prompt.groups[1:])):
         length = prompt.full_length + cached - prompt.entry_length + new
         attention_mask = torch.ones(shift.shape[0], length, dtype=torch.long, device=device)
     if attention_mask is not None:

@@ -3,7 +3,8 @@ commands wrote, so that a table cannot drift from what a command printed.
 
 A table between ``<!-- generated: KIND FILE... -->`` and ``<!-- end generated -->`` is rendered from
 the named JSON files (paths relative to the page): ``duet-vlm eval``'s ``results.json``, a demo
-model's ``metrics.json``, the adaptation experiment's ``adaptation.json``, a benchmark's output.
+model's ``metrics.json``, the adaptation experiment's ``adaptation.json``, a benchmark's output,
+the fixed-against-adaptive study's ``results.json``.
 
     python docs/render.py README.md            # rewrite the stale blocks
     python docs/render.py README.md --check    # exit 1 when one is stale (tests/test_readme.py)
@@ -99,6 +100,105 @@ def render_adaptation(root: Path, path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pct(value) -> str:
+    return number(100 * value, 1)
+
+
+def render_adaptive(root: Path, path: str) -> str:
+    """The fixed-against-adaptive study (``python -m duet_vlm.demo.adaptive_study``): the signal
+    comparison on validation, then on test each method and budget fixed and adaptive at the same
+    realised average, with the paired difference and its standard error, per question type and
+    per number of objects in the scene."""
+    results = _load(root, path)
+    meta, rows = results["meta"], results["rows"]
+    signals = ("coverage", "distinct", "rank")
+    types = [t for t in QUESTION_ORDER if t in rows[0]["per_type"]]
+    lines = [f"`{meta['command']}`: calibrated on {meta['calibration_n']} validation scenes; signals compared on "
+             f"{meta['validation_n']} validation questions at budget {meta['comparison_budget']}; test split, "
+             f"{meta['n']} questions per row. Floor {meta['floor']}, ceiling {meta['ceiling']} (of the average).", ""]
+
+    # the signal comparison on validation, with how each signal spreads the budgets
+    budget = str(meta["comparison_budget"])
+    head = ["validation, budget " + budget, "fixed", *signals]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    comparison = results["signal_comparison"]
+    for method in meta["methods"]:
+        cells = [method]
+        for variant in ("fixed", *signals):
+            row = next(r for r in comparison if r["method"] == method and r["variant"] == variant)
+            cells.append(f"{_pct(row['accuracy'])} ± {_pct(standard_error(row['accuracy'], row['n']))}")
+        lines.append("| " + " | ".join(cells) + " |")
+    accuracy = meta["validation_accuracy"]
+    lines.append("| mean | " + " | ".join(_pct(accuracy[v]) for v in ("fixed", *signals)) + " |")
+    first = meta["methods"][0]
+    spread = [results["calibration"][s][first][budget] for s in signals]
+    lines.append("| items' budgets: s.d. (min-max) | | " + " | ".join(
+        f"{c['stdev']:.1f} ({c['min']}-{c['max']})" for c in spread) + " |")
+    lines.append("| correlation with objects in the scene | | " + " | ".join(
+        f"{c['correlation_with_objects']:+.2f}" for c in spread) + " |")
+    lines += ["", f"Chosen: **{meta['signal']}** ({meta['rule']}).", ""]
+
+    # the test: fixed against adaptive at the same realised average
+    head = ["test", "budget", "signal", "tok/layer fixed / adaptive", "fixed", "adaptive", "adaptive - fixed (paired s.e.)",
+            "count: fixed / adaptive", "read: fixed / adaptive"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in results["comparisons"]:
+        pair = {v: next(r for r in rows if r["method"] == c["method"] and r["budget"] == c["budget"]
+                        and r.get("signal") == c["signal"] and r["variant"] == v) for v in ("fixed", "adaptive")}
+        lines.append("| " + " | ".join([
+            c["method"], str(c["budget"]), c["signal"], f"{c['fixed_realised']:.1f} / {c['adaptive_realised']:.1f}",
+            _pct(c["fixed"]), _pct(c["adaptive"]), f"{100 * c['difference']:+.1f} ({_pct(c['paired_se'])})",
+            f"{_pct(pair['fixed']['per_type']['count'])} / {_pct(pair['adaptive']['per_type']['count'])}",
+            f"{_pct(pair['fixed']['per_type']['read'])} / {_pct(pair['adaptive']['per_type']['read'])}",
+        ]) + " |")
+    lines.append("")
+
+    # per question type, every row once
+    head = ["per type", "budget", "variant", "tok/layer", *types, "avg"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    seen = set()
+    for row in rows:
+        label = row["variant"] if row["variant"] != "adaptive" else f"adaptive ({row['signal']})"
+        key = (row["method"], row.get("run_budget", row["budget"]), label)
+        if key in seen:
+            continue
+        seen.add(key)
+        budget_cell = "" if row["budget"] is None else str(row.get("run_budget", row["budget"]))
+        lines.append("| " + " | ".join([row["method"], budget_cell, label, f"{row['realised']:.1f}",
+                                        *(_pct(row["per_type"][t]) for t in types), _pct(row["accuracy"])]) + " |")
+    lines.append("")
+
+    # per number of objects in the scene
+    counts = sorted({k for row in rows for k in row["per_objects_n"]}, key=int)
+    full = rows[0]
+    head = ["per objects in the scene", "budget", "variant", *(f"{k} (n={full['per_objects_n'][k]})" for k in counts)]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    seen = set()
+    for row in rows:
+        label = row["variant"] if row["variant"] != "adaptive" else f"adaptive ({row['signal']})"
+        key = (row["method"], row.get("run_budget", row["budget"]), label)
+        if key in seen:
+            continue
+        seen.add(key)
+        budget_cell = "" if row["budget"] is None else str(row.get("run_budget", row["budget"]))
+        lines.append("| " + " | ".join([row["method"], budget_cell, label,
+                                        *(_pct(row["per_objects"][k]) if k in row["per_objects"] else "" for k in counts)])
+                     + " |")
+    lines.append("")
+    # how each adaptive row spread its tokens over the scenes
+    head = ["mean tok/layer by objects", "budget", "signal", *counts]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        if row["variant"] != "adaptive":
+            continue
+        by_objects: dict[str, list[float]] = {}
+        for k, tokens in zip(row["questions"]["objects"], row["questions"]["tokens"]):
+            by_objects.setdefault(str(k), []).append(tokens)
+        lines.append("| " + " | ".join([row["method"], str(row["budget"]), row["signal"], *(
+            f"{sum(by_objects[k]) / len(by_objects[k]):.0f}" if k in by_objects else "" for k in counts)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def render_bench(root: Path, path: str) -> str:
     """A ``duet-vlm bench --generate`` or ``--train`` result, as the command printed it."""
     results = _load(root, path)
@@ -113,9 +213,39 @@ def render_bench(root: Path, path: str) -> str:
     return "\n".join(tables)
 
 
+def render_vllm(root: Path, path: str) -> str:
+    """``python -m duet_vlm.integrations.vllm.bench``: serving with and without a reducer, per budget and
+    concurrency, with each row's ratio to the unreduced server at the same concurrency."""
+    results = _load(root, path)
+    model, machine, settings = results["model"], results["machine"], results["settings"]
+    rows = results["rows"]
+    base = {row["concurrency"]: row for row in rows if row["method"] is None}
+    header = (
+        f"`{results['command']}`: {machine['cpus']} CPU cores, server threads {machine['server_threads']}, "
+        f"vLLM {machine['vllm']}; a random-weight model of LLaVA-1.5's geometry ({model['visual_tokens']} visual "
+        f"tokens per image, {model['layers']} decoder layers of width {model['hidden']}, a {model['vision_layers']}-layer "
+        f"CLIP tower of width {model['vision_hidden']}), {settings['dtype']}; {settings['requests']} image requests per "
+        f"row, {settings['max_tokens']} output tokens each, prefix caching off.\n\n"
+    )
+    head = ["server", "visual tokens", "concurrent", "requests/s", "output tokens/s", "TTFT median (s)",
+            "TTFT p90 (s)", "peak RSS (GiB)", "requests/s vs unreduced", "TTFT vs unreduced", "load (before → after)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        ref = base.get(row["concurrency"])
+        speed = f"{row['requests_per_s'] / ref['requests_per_s']:.2f}x" if ref and row["method"] else ""
+        ttft = f"{row['ttft_median_s'] / ref['ttft_median_s']:.2f}x" if ref and row["method"] else ""
+        name = row["setting"] if row["method"] is None else f"{row['setting']} {row['budget']}"
+        lines.append("| " + " | ".join([
+            name, str(row["visual_tokens"]), str(row["concurrency"]), f"{row['requests_per_s']:.3f}",
+            f"{row['output_tokens_per_s']:.2f}", f"{row['ttft_median_s']:.2f}", f"{row['ttft_p90_s']:.2f}",
+            f"{row['peak_rss_gib']:.2f}", speed, ttft, f"{row['load_before']:.1f} → {row['load_after']:.1f}",
+        ]) + " |")
+    return header + "\n".join(lines) + "\n"
+
+
 RENDERERS = {
     "model": render_model, "results": render_results, "positions": render_positions,
-    "adaptation": render_adaptation, "bench": render_bench,
+    "adaptation": render_adaptation, "bench": render_bench, "vllm": render_vllm, "adaptive": render_adaptive,
 }
 
 

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import weakref
 from contextlib import contextmanager
 
 import pytest
@@ -34,16 +35,27 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import AutoProcessor  # noqa: E402
+from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 
 import duet_vlm  # noqa: E402
 from duet_vlm.integrations.vllm import select  # noqa: E402
-from duet_vlm.integrations.vllm.checkpoints import IMAGE_TOKEN, TinySize, load_hf, write_llava, write_llava_next  # noqa: E402
+from duet_vlm.integrations.vllm.checkpoints import (  # noqa: E402
+    IMAGE_TOKEN,
+    TinySize,
+    load_hf,
+    write_llava,
+    write_llava_next,
+    write_qwen2_5_vl,
+)
 from duet_vlm.integrations.vllm.options import RefusedMethod  # noqa: E402
 
 NEW_TOKENS = 6
 PROMPT = "USER: <image>\nwhat colour is the shape on the left? ASSISTANT:"
+QWEN_PROMPT = (
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what colour is the shape on the left?<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
 LOGPROB_TOLERANCE = 2e-3
 
 #: every pre-LLM method, as the server is told it (method, options), at budget 64 on LLaVA-1.5's geometry.
@@ -54,6 +66,8 @@ METHODS = [
     ("random", {}),
     ("trio_scan", {}),
     ("divprune", {}),
+    ("cdpruner", {}),
+    ("pio", {"layers": []}),  # PIO's encoder scan
     ("vispruner", {}),
     ("vscan", {"layers": []}),  # VScan's scan
 ]
@@ -81,16 +95,26 @@ def llava_next(tmp_path_factory):
     return folder, load_hf(folder), AutoProcessor.from_pretrained(folder)
 
 
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    folder = write_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2_5_vl"))
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    return folder, model, AutoProcessor.from_pretrained(folder)
+
+
 @contextmanager
 def engine(folder, options: dict | None):
     """vLLM's offline engine on ``folder`` with the server-wide processor options ``options``."""
+    llm = None
     try:
         llm = LLM(
             model=str(folder), dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
             limit_mm_per_prompt={"image": 1, "video": 0}, mm_processor_kwargs=options, max_num_seqs=4,
             kv_cache_memory_bytes=1 << 28, enable_prefix_caching=False,
         )
-        yield llm
+        # a proxy: the caller never holds the engine, so it is gone (and its process groups with it)
+        # before the next engine of this process starts
+        yield weakref.proxy(llm)
     finally:
         llm = None
         gc.collect()
@@ -101,16 +125,21 @@ def engine(folder, options: dict | None):
         destroy_distributed_environment()
 
 
+def is_qwen(processor) -> bool:
+    return "Qwen" in type(processor).__name__
+
+
 def hf_inputs(processor, picture):
-    return processor(images=picture, text=PROMPT, return_tensors="pt")
+    return processor(images=picture, text=QWEN_PROMPT if is_qwen(processor) else PROMPT, return_tensors="pt")
 
 
 def vllm_prompt(inputs) -> dict:
     """The Hugging Face prompt's ids with its run of placeholders collapsed to one (vLLM expands it)."""
     ids = inputs["input_ids"][0].tolist()
-    first = ids.index(IMAGE_TOKEN)
-    last = len(ids) - ids[::-1].index(IMAGE_TOKEN)
-    return ids[:first] + [IMAGE_TOKEN] + ids[last:]
+    token = IMAGE_TOKEN if IMAGE_TOKEN in ids else max(set(ids), key=ids.count)  # Qwen: <|image_pad|>
+    first = ids.index(token)
+    last = len(ids) - ids[::-1].index(token)
+    return ids[:first] + [token] + ids[last:]
 
 
 def hf_run(model, processor, picture, reducer):
@@ -220,7 +249,9 @@ def test_a_request_budget_equals_a_server_budget(llava):
         (server_32,), _ = vllm_run(llm, processor, pictures[:1])
     with engine(folder, {"duet_method": "visionzip", "duet_ratio": 0.25}) as llm:
         (server_ratio,), _ = vllm_run(llm, processor, pictures[1:2])
-    assert per_request[0][:2] == server_32[:2] and per_request[1][:2] == server_ratio[:2]
+    # the same tokens; log-probabilities equal up to the float noise of another batch composition
+    for mine, theirs in ((per_request[0], server_32), (per_request[1], server_ratio)):
+        assert mine[0] == theirs[0] and np.allclose(mine[1], theirs[1], atol=1e-4) and mine[2] == theirs[2]
     text = len(vllm_prompt(hf_inputs(processor, pictures[0]))) - 1
     assert [r[2] - text for r in per_request] == [32, 144, 64]
     reference = hf_run(model, processor, pictures[2], duet_vlm.make("visionzip", budget=64))
@@ -252,6 +283,36 @@ def test_llava_next_equals_the_hugging_face_path(llava_next, method, options):
     for picture, reference, result, picture_kept in zip(pictures, references, results, kept):
         assert result[2] == len(vllm_prompt(hf_inputs(processor, picture))) - 1 + reference_tokens(reducer, model, processor, picture)
         assert_same(reference, result, picture_kept)
+
+
+QWEN_METHODS = ["visionzip", "trio_scan", "random", "divprune", "cdpruner"]
+
+
+@pytest.mark.parametrize("method", QWEN_METHODS)
+def test_qwen2_5_vl_equals_the_hugging_face_path(qwen, method):
+    """Kept tokens in their slots with their original M-RoPE positions, text after the image at the
+    unreduced model's positions: the same tokens and log-probabilities as the Hugging Face path."""
+    folder, model, processor = qwen
+    pictures = [image(10, (224, 168)), image(11, (168, 280))]
+    budget = 16
+    reducer = duet_vlm.make(method, budget=budget)
+    references = [hf_run(model, processor, picture, reducer) for picture in pictures]
+    with engine(folder, {"duet_method": method, "duet_budget": budget}) as llm:
+        results, kept = vllm_run(llm, processor, pictures)
+    for picture, reference, result, picture_kept in zip(pictures, references, results, kept):
+        assert result[2] == len(vllm_prompt(hf_inputs(processor, picture))) - 1 + budget
+        assert_same(reference, result, picture_kept)
+
+
+def test_qwen2_5_vl_unreduced_under_the_plugin_equals_vllm(qwen):
+    """An image the budget does not reduce, on a server running a method, numbers its tokens as vLLM does."""
+    folder, model, processor = qwen
+    picture = image(12, (112, 112))  # 16 merged tokens: a budget of 16 reduces nothing
+    reference = hf_run(model, processor, picture, None)
+    with engine(folder, {"duet_method": "visionzip", "duet_budget": 16}) as llm:
+        (result,), kept = vllm_run(llm, processor, [picture])
+    assert kept == []
+    assert_same(reference, result, None)
 
 
 def reference_tokens(reducer, model, processor, picture) -> int:
@@ -297,7 +358,7 @@ def test_openai_server_answers_with_per_request_budgets(llava, tmp_path):
         sys.executable, "-m", "duet_vlm.integrations.vllm.serve", str(folder), "--method", "visionzip", "--budget", "64",
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
         "--kv-cache-memory-bytes", str(1 << 28), "--limit-mm-per-prompt", json.dumps({"image": 1, "video": 0}),
-        "--served-model-name", "tiny", "--no-enable-prefix-caching",
+        "--served-model-name", "tiny", "--no-enable-prefix-caching", "--trust-request-mm-kwargs",
     ]
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -70,7 +70,7 @@ def test_the_supported_methods_select_before_the_language_model():
 
 def test_the_hugging_face_processor_never_sees_the_options():
     assert strip({"duet_method": "pool", "duet_budget": 3, "do_resize": True}) == {"do_resize": True}
-    assert set(KEYS) == {"duet_method", "duet_budget", "duet_ratio", "duet_options"}
+    assert set(KEYS) == {"duet_method", "duet_budget", "duet_ratio", "duet_options", "duet_text"}
 
 
 def test_the_serve_command_passes_vllm_its_own_flag():

@@ -94,7 +94,7 @@ class Server:
             sys.executable, "-m", "duet_vlm.integrations.vllm.serve", str(folder), "--host", "127.0.0.1",
             "--port", str(self.port), "--dtype", "float32", "--max-model-len", "2048",
             "--kv-cache-memory-bytes", str(1 << 30), "--limit-mm-per-prompt", json.dumps({"image": 1, "video": 0}),
-            "--served-model-name", "bench", "--no-enable-prefix-caching", "--max-num-seqs", "16",
+            "--served-model-name", "bench", "--no-enable-prefix-caching", "--max-num-seqs", "16", "--trust-request-mm-kwargs",
         ]
         if method is not None:
             command += ["--method", method, "--budget", str(budget)]

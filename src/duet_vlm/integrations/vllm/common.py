@@ -9,6 +9,7 @@ item's budget, and the tower run with taps.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Callable
 
@@ -41,10 +42,40 @@ class DuetProcessorMixin:
     """Reads duet-vlm's options; subclasses give each processed image's ``Geometry``."""
 
     def settings(self, request: Mapping[str, object] | None = None) -> Settings:
+        if getattr(self, "_duet_profiling", False):
+            return Settings()
+        request = {k: v for k, v in (request or {}).items() if k != "duet_text"}
         return Settings.read(server_options(self.info.ctx.model_config), request)
 
     def item_geometries(self, processed, hf_kwargs) -> list[Geometry]:
         raise NotImplementedError
+
+    def placeholder_ids(self) -> set[int]:
+        """The token ids of visual placeholders (not text)."""
+        config = self.info.get_hf_config()
+        return {getattr(config, "image_token_index", None), getattr(config, "image_token_id", None),
+                getattr(config, "video_token_id", None)} - {None}
+
+    def get_dummy_mm_inputs(self, *args, **kwargs):
+        """vLLM sizes its encoder cache and profiles memory with the largest item: unreduced, since a
+        request may ask for any budget up to its item's tokens."""
+        self._duet_profiling = True
+        try:
+            return super().get_dummy_mm_inputs(*args, **kwargs)
+        finally:
+            self._duet_profiling = False
+
+    def apply(self, inputs, timing_ctx):
+        """A method that reads the prompt's text gets it with every image (``duet_text``: the prompt's
+        non-placeholder token ids); it is part of the options, so vLLM's caches key items by it too."""
+        request = dict(inputs.hf_processor_mm_kwargs or {})
+        request.pop("duet_text", None)
+        settings = self.settings(request)
+        if settings.active and settings.needs_text() and isinstance(inputs.prompt, (list, tuple)):
+            placeholders = self.placeholder_ids()
+            text = tuple(int(t) for t in inputs.prompt if int(t) not in placeholders)
+            inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={**request, "duet_text": text})
+        return super().apply(inputs, timing_ctx)
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
         # vLLM merges the server's options in again inside ``call_hf_processor``: the processor is
@@ -59,17 +90,21 @@ class DuetProcessorMixin:
         if settings.active and processed_data.get("pixel_values") is not None:
             geometries = self.item_geometries(processed_data, hf_processor_mm_kwargs)
             processed_data["duet_budget"] = torch.tensor([settings.item_budget(g) for g in geometries], dtype=torch.long)
+            text = hf_processor_mm_kwargs.get("duet_text")
+            if text is not None:
+                processed_data["duet_text"] = torch.tensor([list(text)] * len(geometries), dtype=torch.long)
         return processed_data
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         config = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        if "duet_budget" in hf_inputs:
-            config["duet_budget"] = MultiModalFieldConfig.batched("image")
+        for key in ("duet_budget", "duet_text"):
+            if key in hf_inputs:
+                config[key] = MultiModalFieldConfig.batched("image")
         return config
 
     def reduced_tokens(self, hf_processor_mm_kwargs, geometry: Geometry) -> int:
         """An image's placeholder count: the method's token count at the image's budget."""
-        settings = self.settings(hf_processor_mm_kwargs)
+        settings = self.settings({k: v for k, v in hf_processor_mm_kwargs.items() if k != "duet_text"})
         return tokens_for(settings, settings.item_budget(geometry), geometry)
 
 
@@ -130,5 +165,15 @@ class DuetTowerMixin:
             maps[layer] = layer_scores(layers[index], taps.inputs[index][rows], has_cls)[0]
         return scores, keys, maps
 
-    def reduce_item(self, plan: Plan, geometry: Geometry, features, scores, keys, maps) -> Reduced:
-        return reduce_unit(plan, features, scores, keys, geometry.grid, geometry.has_cls, self.multi_modal_projector, maps)
+    def reduce_item(self, plan: Plan, geometry: Geometry, features, scores, keys, maps, text=None) -> Reduced:
+        return reduce_unit(
+            plan, features, scores, keys, geometry.grid, geometry.has_cls, self.multi_modal_projector, maps, text
+        )
+
+    def text_embeddings(self, texts, index: int):
+        """The language model's input embeddings of image ``index``'s prompt text (``duet_text``)."""
+        if texts is None:
+            return None
+        ids = texts[index] if not isinstance(texts, torch.Tensor) else texts[index]
+        ids = torch.as_tensor(ids).reshape(-1).to(device=next(self.parameters()).device, dtype=torch.long)
+        return self.language_model.embed_input_ids(ids)

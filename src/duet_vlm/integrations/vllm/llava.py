@@ -79,6 +79,7 @@ class DuetLlavaForConditionalGeneration(DuetTowerMixin, LlavaForConditionalGener
 
     def embed_multimodal(self, **kwargs: object):
         budgets = kwargs.pop("duet_budget", None)
+        texts = kwargs.pop("duet_text", None)
         if not self.duet.active or budgets is None:
             return super().embed_multimodal(**kwargs)
         image_input = self._parse_and_validate_image_input(**kwargs)
@@ -99,6 +100,6 @@ class DuetLlavaForConditionalGeneration(DuetTowerMixin, LlavaForConditionalGener
                 outputs.append(self.multi_modal_projector(features[0, offset:]))
                 continue
             scores, keys, maps = self.tower_signals(taps, plan, slice(index, index + 1))
-            outputs.append(self.reduce_item(plan, geometry, features, scores, keys, maps).embeddings)
+            outputs.append(self.reduce_item(plan, geometry, features, scores, keys, maps, self.text_embeddings(texts, index)).embeddings)
         return outputs
 

@@ -85,6 +85,7 @@ class DuetLlavaNextForConditionalGeneration(DuetTowerMixin, LlavaNextForConditio
 
     def embed_multimodal(self, **kwargs: object):
         budgets = kwargs.pop("duet_budget", None)
+        texts = kwargs.pop("duet_text", None)
         if not self.duet.active or budgets is None:
             return super().embed_multimodal(**kwargs)
         image_input = self._parse_and_validate_image_input(**kwargs)
@@ -125,7 +126,9 @@ class DuetLlavaNextForConditionalGeneration(DuetTowerMixin, LlavaNextForConditio
             unit_scores = scores[tile, tokens - 1][None]  # CLIP scores skip CLS
             unit_keys = keys[tile, tokens][None]
             unit_maps = {layer: m[tile, tokens - 1][None] for layer, m in maps.items()}
-            reduced = self.reduce_item(plan, geometry, unit_features, unit_scores, unit_keys, unit_maps)
+            reduced = self.reduce_item(
+                plan, geometry, unit_features, unit_scores, unit_keys, unit_maps, self.text_embeddings(texts, index)
+            )
             outputs.append(reduced.embeddings)
         return outputs
 

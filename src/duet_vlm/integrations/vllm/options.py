@@ -39,7 +39,7 @@ from ...methods import METHODS, make
 from ...methods.base import Reducer
 
 #: every key of the processor options that duet-vlm reads (and takes out before the HF processor).
-KEYS = ("duet_method", "duet_budget", "duet_ratio", "duet_options")
+KEYS = ("duet_method", "duet_budget", "duet_ratio", "duet_options", "duet_text")
 
 
 class RefusedMethod(ValueError):
@@ -117,6 +117,15 @@ class Settings:
     def tokens(self, geometry: Geometry) -> int:
         """How many visual tokens the language model receives for an item: its placeholder count."""
         return tokens_for(self, self.item_budget(geometry), geometry)
+
+    def needs_text(self) -> bool:
+        """Whether the method's vision stage reads the prompt's text (``VisionStage.needs_text``)."""
+        if not self.active:
+            return False
+        reducer = self.reducer()
+        inner = reducer.build(64) if hasattr(reducer, "build") else reducer.with_budget(64)
+        plan = inner.resolve(Geometry(32, 576, (24, 24), True, encoder_depth=24), quiet=True)
+        return plan.vision is not None and plan.vision.needs_text
 
     def record(self) -> dict[str, Any] | None:
         """The reducer's record (``to_dict``), or ``None``."""

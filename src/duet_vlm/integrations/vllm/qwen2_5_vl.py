@@ -183,7 +183,8 @@ class DuetQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
         metadata = self.visual.prepare_encoder_metadata(grids)
         signals = {index: self.received(index, *captured[index], metadata["reverse_indices"]) for index in wanted}
         outputs, start = [], 0
-        for size, grid, plan, geometry, item in zip(sizes, grids, plans, geometries, embeds.split(sizes)):
+        texts = getattr(self, "_duet_texts", None)
+        for index, (size, grid, plan, geometry, item) in enumerate(zip(sizes, grids, plans, geometries, embeds.split(sizes))):
             rows = slice(start, start + size)
             start += size
             full = grid_positions(grid, merge).to(item.device, item.dtype)
@@ -192,8 +193,12 @@ class DuetQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
                 continue
             scores, keys = signals[score_block]
             maps = {layer: signals[self.block_for(layer)][0][rows][None] for layer in plan.vision.encoder_layers()}
+            text = None
+            if texts is not None:
+                ids = torch.as_tensor(texts[index]).reshape(-1).to(device=item.device, dtype=torch.long)
+                text = self.language_model.embed_input_ids(ids)
             reduced = reduce_unit(
-                plan, item[None], scores[rows][None], keys[rows][None], geometry.grid, False, lambda f: f, maps
+                plan, item[None], scores[rows][None], keys[rows][None], geometry.grid, False, lambda f: f, maps, text
             )
             kept = reduced.reduction.kept.reshape(-1).cpu()
             order = kept.argsort()  # each output in the slot of the token it stands for
@@ -242,11 +247,12 @@ class DuetQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
         """Images under duet-vlm: their tokens in slot order, each with its (t, h, w) as three extra
         channels (``embed_input_ids`` takes them off)."""
         budgets = kwargs.pop("duet_budget", None)
+        self._duet_texts = kwargs.pop("duet_text", None)
         self._duet_budgets = [int(b) for b in torch.as_tensor(budgets).reshape(-1).tolist()] if budgets is not None else None
         try:
             return super().embed_multimodal(**kwargs)
         finally:
-            self._duet_budgets = None
+            self._duet_budgets = self._duet_texts = None
 
 
 def grid_positions(grid, merge: int) -> torch.Tensor:

@@ -119,11 +119,14 @@ def reduce_unit(
     has_cls: bool,
     project: Callable[[torch.Tensor], torch.Tensor],
     attention: dict | None = None,
+    text: torch.Tensor | None = None,
 ) -> Reduced:
     """Run ``plan``'s vision stage on one item's units (``features (U, T, C)``, ``scores``, ``keys``)
     and map the result into the language model's space, as ``duet_vlm.runtime.vision.reduce_vision``
     does: the stage's own projected output where it merged after the projector, else the projector
-    on its features. Returns ``(U * keep, D)`` tokens in the stage's output order."""
+    on its features. ``text``: ``(n_text, D)`` the language model's input embeddings of the prompt's
+    text, for stages that read it (``VisionView.text``, one per unit). Returns ``(U * keep, D)``
+    tokens in the stage's output order."""
     width = features.shape[-1]
     dtype = features.dtype
     view = VisionView(
@@ -131,6 +134,10 @@ def reduce_unit(
         project=lambda f: project(f[..., :width].to(dtype).contiguous()),
     )
     units = features.shape[0]
+    if plan.vision.needs_text:
+        if text is None:
+            raise RuntimeError(f"{type(plan.vision).__name__} reads the prompt's text, which did not reach the encoder step")
+        view.text = [text] * units
     keep = plan.schedule.llm_input // units
     reduction = plan.vision.reduce(view, keep)
     expected = (units, keep, width)

@@ -16,7 +16,14 @@ Invariants, on tiny models of the real transformers classes:
 - a training forward: the batch loss is the row losses combined as the model combines them (the
   mean over every labelled token, within 1e-5 relative), and gradients reach the projector (or the
   merger) and the first and last decoder layers;
-- ``from_dict(reducer.to_dict()) == reducer``, for the budget and the ratio forms, through JSON too.
+- ``from_dict(reducer.to_dict()) == reducer``, for the budget and the ratio forms, through JSON too;
+- budgets per row (``reducer.per_row(budget=[...])``): a left-padded batch whose rows have
+  different budgets equals each row alone with its budget (logits at every valid position, greedy
+  tokens), each item's counts are the ones it gets alone, and each decoder layer receives the
+  longest row's text plus its items' tokens;
+- content-adaptive budgets (``Adaptive`` over the method, calibrated): the batch equals its rows
+  (logits), each item's average lies within the floor and the ceiling, each layer receives what the
+  stats say, the hooks are the ones before, and the record rebuilds an equal reducer.
 """
 
 import functools
@@ -27,9 +34,10 @@ import torch
 
 import duet_vlm
 from duet_vlm.adapters import ADAPTERS
+from duet_vlm.content import SIGNALS
 
 from models import FAMILIES
-from test_methods_matrix import _hook_ids, generate_and_check_counts
+from test_methods_matrix import LayerInputs, _hook_ids, generate_and_check_counts
 
 NAMES = sorted(duet_vlm.METHODS)
 NEW_TOKENS = 3
@@ -168,3 +176,99 @@ def test_records_rebuild_an_equal_reducer(name, form):
     record = reducer.to_dict()
     assert duet_vlm.from_dict(record) == reducer
     assert duet_vlm.from_dict(json.loads(json.dumps(record))) == reducer
+
+
+# ----------------------------------------------------------------------------- budgets per row and per item
+ROW_RATIOS = (0.4, 0.5)  # each row's share of its items' tokens (every method reaches both on every family)
+ADAPTIVE_RANGE = (0.8, 1.0)  # the floor and ceiling around an average of half the tokens: within ROW_RATIOS
+
+
+def _check_batch_counts(probe, stats, length: int) -> None:
+    """Each decoder layer's input is the padded batch (``length`` tokens) less the tokens the row
+    that dropped fewest dropped from its items by that layer (``stats.items``): rows are compacted
+    and left-padded to the longest."""
+    seen = [length for _, length in sorted(probe.calls[0].items())]
+    rows = range(len(stats.text_tokens))
+    expected = [
+        length - min(sum(i.tokens - i.tokens_per_layer[layer] for i in stats.items if i.row == b) for b in rows)
+        for layer in range(len(seen))
+    ]
+    assert seen == expected
+
+
+def _rows_alone(model, family, inputs, logits, reducers, kwargs=None, tokens=None):
+    """Each row of ``inputs`` run alone under its own reducer: the batch's ``logits`` at the row's
+    valid positions (and its greedy ``tokens``, when given); returns the rows' item stats."""
+    items = []
+    for b, reducer in enumerate(reducers):
+        alone = family.row(inputs, b)
+        valid = inputs["attention_mask"][b].bool()
+        with torch.no_grad(), reducer(model):
+            torch.testing.assert_close(logits[b, valid], model(**alone).logits[0], atol=1e-4, rtol=1e-4,
+                                       msg=lambda m: f"row {b}: {m}")
+            items += reducer.stats.items
+            if tokens is not None:
+                single = model.generate(**alone, **kwargs)[0, alone["input_ids"].shape[1] :]
+                assert tokens[b, : len(single)].tolist() == single.tolist(), f"row {b}"
+    return items
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_per_row_budgets_equal_rows_alone(family, name):
+    """``reducer.per_row(ratio=[...])``: a left-padded batch whose rows have different budgets equals
+    each row run alone with its own (logits at every valid position, greedy tokens); each item's
+    counts in the batch's stats are the ones it gets alone, and each decoder layer receives what the
+    stats say. (Ratios, so that rows holding items of several sizes stay in every method's range;
+    budgets per row take the same path: test_per_row_absolute_budgets.)"""
+    if name == "full":
+        pytest.skip("full has no budget to give per row (test_per_row_refusals)")
+    model = family.model()
+    inputs = family.batch(model)
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+    reducer = duet_vlm.make(name, ratio=0.5)
+    with torch.no_grad(), reducer(model), reducer.per_row(ratio=list(ROW_RATIOS)):
+        probe = LayerInputs(model)
+        try:
+            logits = model(**inputs).logits
+        finally:
+            probe.remove()
+        stats = reducer.stats
+        tokens = model.generate(**inputs, **kwargs)[:, inputs["input_ids"].shape[1] :]
+    _check_batch_counts(probe, stats, inputs["input_ids"].shape[1])
+    alone = [duet_vlm.make(name, ratio=r) for r in ROW_RATIOS]
+    items = _rows_alone(model, family, inputs, logits, alone, kwargs, tokens)
+    assert [i.tokens_per_layer for i in stats.items] == [i.tokens_per_layer for i in items]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_adaptive_batch_equals_rows_alone(family, name):
+    """``Adaptive`` over the method (a signal per method, in turn), calibrated on the family's one-item
+    prompt: a left-padded batch equals each row alone (logits at every valid position); each item's
+    average lies within the floor and the ceiling (within a frame count); each decoder layer receives
+    what the stats say; the reducer's record rebuilds it."""
+    if name == "full":
+        pytest.skip("full has no budget to adapt (test_adaptive_refusals)")
+    model = family.model()
+    inputs = family.batch(model)
+    signal = SIGNALS[NAMES.index(name) % len(SIGNALS)]
+    adaptive = duet_vlm.Adaptive(duet_vlm.make(name, ratio=0.5), signal=signal, floor=ADAPTIVE_RANGE[0],
+                                 ceiling=ADAPTIVE_RANGE[1])
+    adaptive = adaptive.calibrate(model, [family.one(model)])
+    assert adaptive.threshold is not None
+    assert duet_vlm.from_dict(json.loads(json.dumps(adaptive.to_dict()))) == adaptive
+    hooks = _hook_ids(model)
+    with torch.no_grad(), adaptive(model):
+        probe = LayerInputs(model)
+        try:
+            logits = model(**inputs).logits
+        finally:
+            probe.remove()
+        stats = adaptive.stats
+    assert _hook_ids(model) == hooks
+    _check_batch_counts(probe, stats, inputs["input_ids"].shape[1])
+    for item in stats.items:
+        average = round(0.5 * item.tokens)
+        low, high = max(1, round(ADAPTIVE_RANGE[0] * average)), min(round(ADAPTIVE_RANGE[1] * average), item.tokens)
+        assert low - item.units <= item.average_tokens <= high + item.units, (item.modality, item.tokens, item.tokens_per_layer)
+    items = _rows_alone(model, family, inputs, logits, [adaptive, adaptive])
+    assert [i.tokens_per_layer for i in stats.items] == [i.tokens_per_layer for i in items]

@@ -9,11 +9,13 @@ from . import methods
 from .adapters import Geometry, adapter_for
 from .plan import BudgetWarning, ReducedHiddenStatesWarning
 from .methods import *  # noqa: F401,F403 - the methods, their stages, the registry and the interface
+from .methods.registry import REDUCER_FILE, load_reducer, save_reducer
 from .schedule import Schedule
 from .stats import ReductionStats
 
 __version__ = "0.1.0"
 
 __all__ = [
-    *methods.__all__, "BudgetWarning", "Geometry", "ReducedHiddenStatesWarning", "ReductionStats", "Schedule", "adapter_for",
+    *methods.__all__, "BudgetWarning", "Geometry", "REDUCER_FILE", "ReducedHiddenStatesWarning", "ReductionStats", "Schedule",
+    "adapter_for", "load_reducer", "save_reducer",
 ]

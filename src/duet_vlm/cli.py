@@ -340,25 +340,79 @@ def run(
     model: str = typer.Option(
         ..., help="A local path or a Hub id of a LLaVA(-NeXT, -OneVision), Video-LLaVA or Qwen2/2.5/3-VL checkpoint."
     ),
-    image: Optional[Path] = typer.Option(None, help="An image file."),
+    image: Optional[list[Path]] = typer.Option(
+        None, help="An image file; repeat it for a batch of images (one row each, see --budgets)."
+    ),
     video: Optional[Path] = typer.Option(None, help="Instead of --image: an animated GIF/WebP or a folder of frame images."),
     prompt: str = typer.Option(..., help="The question (the model's chat template is applied)."),
-    method: str = typer.Option("duet", help=f"One of: {', '.join(sorted(METHODS))}."),
-    budget: Optional[int] = typer.Option(64, help="Average visual tokens per decoder layer per image."),
+    method: Optional[str] = typer.Option(
+        None, help=f"One of: {', '.join(sorted(METHODS))} (default: the reducer a fine-tuned checkpoint carries, else duet)."
+    ),
+    budget: Optional[int] = typer.Option(None, help="Average visual tokens per decoder layer per image (default 64)."),
     ratio: Optional[float] = typer.Option(None, help="Instead of --budget: keep this fraction of the image's tokens."),
+    budgets: Optional[list[int]] = typer.Option(
+        None, help="One budget per --image: the images run as one padded batch, each row with its own budget."
+    ),
+    ratios: Optional[list[float]] = typer.Option(None, help="Instead of --budgets: one kept fraction per --image."),
+    saved_reducer: bool = typer.Option(
+        True, help="Attach the reducer a checkpoint fine-tuned under one carries (duet_vlm_reducer.json), unless "
+                   "--method, --budget or --ratio is given."
+    ),
     max_new_tokens: int = typer.Option(32),
-    overlay: Optional[Path] = typer.Option(None, help="Write the kept-patch overlay here."),
+    overlay: Optional[Path] = typer.Option(None, help="Write the kept-patch overlay here (with each item's token count)."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
     rounds: int = typer.Option(3, help="Interleaved prefill timing rounds."),
 ) -> None:
     """Answer a prompt about an image (or a video) with all tokens and with a reduction method, on any
-    supported checkpoint."""
+    supported checkpoint; several images run as one batch, each row with its own budget (--budgets)."""
     from .compare import ask
 
-    asked = ask(model, prompt, image, video, method, budget, ratio, max_new_tokens, overlay, dtype, rounds)
-    _print_answers(asked.answers)
+    images = list(image or [])
+    asked = ask(model, prompt, images[0] if images else None, video, method, budget, ratio, max_new_tokens, overlay, dtype,
+                rounds, images=images[1:], budgets=budgets or None, ratios=ratios or None, saved_reducer=saved_reducer)
+    if asked.rows:
+        rows = [(row.label, str(path), row.asked, f"{row.tokens:.1f}", repr(row.text), repr(row.text_all_tokens))
+                for row, path in zip(asked.rows, images)]
+        columns = ("", "image", "asked", "visual tokens/layer", f"answer ({asked.label})", "answer (all tokens)")
+        console.print(_table(f"One batch, {asked.label}, a budget per row", columns, rows))
+    else:
+        _print_answers(asked.answers)
     if asked.overlay:
         console.print(f"wrote {asked.overlay}")
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Option(..., help="A local path or a Hub id of a supported checkpoint."),
+    data: str = typer.Option(
+        "synthetic:validation",
+        help="Sample inputs: synthetic[:SPLIT] (the demo's generated scenes and questions), a folder of images, or a glob.",
+    ),
+    method: str = typer.Option("duet", help=f"One of: {', '.join(sorted(METHODS))}."),
+    budget: Optional[int] = typer.Option(64, help="The average visual tokens per decoder layer per item to meet."),
+    ratio: Optional[float] = typer.Option(None, help="Instead of --budget: the average kept fraction of each item's tokens."),
+    signal: str = typer.Option("rank", help="rank, coverage or distinct (duet_vlm.content; Adaptive says why rank)."),
+    n: int = typer.Option(128, help="Sample inputs to run."),
+    floor: float = typer.Option(0.25, help="An item's lowest budget, as a fraction of the average."),
+    ceiling: float = typer.Option(2.0, help="An item's highest budget, as a multiple of the average."),
+    batch_size: int = typer.Option(8),
+    output: Optional[Path] = typer.Option(None, help="Write the calibrated reducer and the averages here (JSON)."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+) -> None:
+    """Find the threshold of a content-adaptive budget (duet_vlm.Adaptive) at which sample inputs average
+    the budget; print it with the average it realises on them. duet_vlm.from_dict(json["reducer"]) rebuilds
+    the calibrated reducer from --output."""
+    from .evaluation import calibrate_checkpoint
+
+    result = calibrate_checkpoint(model, data, method, budget, ratio, signal, n, floor, ceiling, output, batch_size, dtype)
+    asked = f"budget {budget}" if ratio is None else f"ratio {ratio}"
+    console.print(f"{method} at {asked}, signal {signal}: threshold {result.threshold:.6g}", markup=False)
+    console.print(
+        f"over {len(result.counts)} items of {data}: asked average {result.asked:.1f}, realised {result.realised:.1f} "
+        f"visual tokens per layer (items from {min(result.counts)} to {max(result.counts)})", markup=False,
+    )
+    if output:
+        console.print(f"wrote {output}")
 
 
 @app.command("eval")
@@ -377,12 +431,20 @@ def evaluate(
     resume: bool = typer.Option(
         True, help="Reuse rows an interrupted run of the same settings on the same weights finished (OUTPUT_DIR/rows/)."
     ),
+    adaptive: Optional[str] = typer.Option(
+        None, help="coverage, distinct or rank: give each image its own budget from this signal (duet_vlm.Adaptive), "
+                   "calibrated on the validation split so that the average is the budget."
+    ),
+    threshold: Optional[float] = typer.Option(None, help="With --adaptive: this threshold instead of calibrating one."),
+    calibration_n: int = typer.Option(140, help="With --adaptive: validation scenes the threshold is calibrated on."),
 ) -> None:
     """Accuracy of every method and budget on the synthetic visual-QA benchmark (a miniature Table 1).
 
     Each finished row is saved in OUTPUT_DIR/rows/ with everything that determines it (method, budget,
     position option, split, n, batch size, the weights' SHA-256), so an interrupted run picks up where it
-    stopped; a row saved under other settings or other weights is computed again."""
+    stopped; a row saved under other settings or other weights is computed again. With --adaptive the
+    realised visual tokens per layer stand next to the asked budget; counts.png shows the distribution of
+    each image's tokens."""
     from .demo.sweep import evaluate_methods
     from .evaluation import standard_error
 
@@ -390,14 +452,18 @@ def evaluate(
     command = " ".join(["duet-vlm", *sys.argv[1:]]) if Path(sys.argv[0]).name == "duet-vlm" else None
     with _Bar(transient=False) as bar:
         run = evaluate_methods(methods, budgets, n, split, model_path, output_dir, batch_size, control, positions, resume,
-                               command, progress=bar.counter("evaluating"))
+                               command, progress=bar.counter("evaluating"), adaptive=adaptive, threshold=threshold,
+                               calibration_n=calibration_n)
     rows = [
-        (row["method"], str(row["budget"] or ""), *(f"{100 * row['per_type'].get(t, float('nan')):.1f}" for t in run.types),
+        (row["method"] + (f" ({row['adaptive']})" if row.get("adaptive") else ""), str(row["budget"] or ""),
+         *([f"{row['avg_visual_tokens']:.1f}"] if adaptive else []),
+         *(f"{100 * row['per_type'].get(t, float('nan')):.1f}" for t in run.types),
          f"{100 * row['accuracy']:.1f}", f"{100 * standard_error(row['accuracy'], row['n']):.1f}", f"{row['retained_percent']:.1f}",
          f"{row['avg_visual_tokens']:.1f}", f"{row['decoder_tflops_per_sample']:.4f}")
         for row in run.rows
     ]
-    columns = ["method", "budget", *run.types, "avg", "± s.e.", "% of full", "visual tok/layer", "decoder TFLOPs"]
+    columns = ["method", "budget", *(["realised tok/layer"] if adaptive else []), *run.types, "avg", "± s.e.", "% of full",
+               "visual tok/layer", "decoder TFLOPs"]
     console.print(_table(f"Synthetic visual QA, {split} split, {n} questions per row", columns, rows))
     console.print("wrote " + ", ".join(str(p) for p in run.paths))
 

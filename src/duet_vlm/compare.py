@@ -8,8 +8,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +19,9 @@ import torch
 
 from .adapters import adapter_for
 from .bench.timing import interleaved
+from .evaluation import chat_prompt  # noqa: F401 - also imported from here
 from .methods import Reducer, make
+from .methods.registry import load_reducer
 from .stats import ReductionStats
 
 
@@ -30,17 +33,6 @@ class Answer:
     text: str
     stats: ReductionStats
     prefill_seconds: float
-
-
-def chat_prompt(processor, question: str, kind: str = "image") -> str:
-    """The model's own chat template around an image (or a video) and ``question`` (LLaVA-1.5 style
-    if it has none)."""
-    if f"<{kind}>" in question:
-        return question
-    if getattr(processor, "chat_template", None):
-        conversation = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(conversation, add_generation_prompt=True)
-    return f"USER: <{kind}>\n{question} ASSISTANT:"
 
 
 def compare(
@@ -99,26 +91,102 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass
 class Asked:
-    """``ask``'s answers (all tokens, then the reducer) and the overlay it drew, if asked to."""
+    """``ask``'s answers (all tokens, then the reducer) and the overlay it drew, if asked to; for a
+    batch with per-row budgets, ``rows`` instead of ``answers``; ``label``: the reducer that ran."""
 
     answers: list[Answer]
     overlay: Optional[Path] = None
+    rows: list[RowAnswer] = field(default_factory=list)
+    label: str = ""
 
 
-def ask(model: str, prompt: str, image: Optional[Path] = None, video: Optional[Path] = None, method: str = "duet",
-        budget: Optional[int] = 64, ratio: Optional[float] = None, max_new_tokens: int = 32,
-        overlay: Optional[Path] = None, dtype: str = "auto", rounds: int = 3) -> Asked:
+@dataclass
+class RowAnswer:
+    """One row of a batch run with per-row budgets: its answer with all tokens and under the
+    reducer at its own budget, the budget asked and the visual tokens per layer it kept."""
+
+    label: str
+    asked: str
+    tokens: float
+    text: str
+    text_all_tokens: str
+
+
+def compare_rows(model, processor, images: list, question: str, reducer: Reducer, budgets=None, ratios=None,
+                 max_new_tokens: int = 8) -> tuple[list[RowAnswer], ReductionStats]:
+    """Answer ``question`` about each of ``images`` in one left-padded batch, with all tokens and
+    under ``reducer`` with a budget (or ratio) per row (``reducer.per_row``; ``None``: the
+    reducer's own for every row). Returns each row's answers and the reduced batch's stats."""
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(images=list(images), text=[chat_prompt(processor, question)] * len(images), padding=True,
+                       return_tensors="pt")
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    start = inputs["input_ids"].shape[1]
+    tokenizer = processor.tokenizer
+    decode = lambda out: [tokenizer.decode(row[start:], skip_special_tokens=True).strip() for row in out]  # noqa: E731
+    with torch.inference_mode():
+        plain = decode(model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False))
+        rows = {} if budgets is None and ratios is None else {"budget": budgets, "ratio": ratios}
+        with reducer(model), (reducer.per_row(**rows) if rows else contextlib.nullcontext()):
+            reduced = decode(model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False))
+        stats = reducer.stats
+    kept = [0.0] * len(images)
+    for item in stats.items:
+        kept[item.row] += item.average_tokens
+    asked = [str(v) for v in (budgets or ratios)] if rows else [""] * len(images)
+    answers = [RowAnswer(f"row {b}", asked[b], kept[b], reduced[b], plain[b]) for b in range(len(images))]
+    return answers, stats
+
+
+def saved_or_asked(model: str, method: Optional[str], budget: Optional[int], ratio: Optional[float],
+                   saved_reducer: bool = True) -> tuple[Reducer, str]:
+    """The reducer ``duet-vlm run`` attaches, and its label: the one a fine-tuned checkpoint carries
+    (``duet_vlm.load_reducer``) unless a method, budget or ratio is given or ``saved_reducer`` is
+    off; else ``make(method or "duet", budget=... or 64, or ratio=...)``."""
+    if saved_reducer and method is None and budget is None and ratio is None and Path(model).is_dir():
+        saved = load_reducer(model)
+        if saved is not None:
+            return saved, f"{saved.method_name} (saved with the checkpoint)"
+    method = method or "duet"
+    if ratio is None and budget is None:
+        budget = 64
+    reducer = make(method, budget=None if ratio is not None else budget, ratio=ratio)
+    return reducer, f"{method} {budget}" if ratio is None else f"{method} ratio {ratio}"
+
+
+def ask(model: str, prompt: str, image: Optional[Path] = None, video: Optional[Path] = None, method: Optional[str] = None,
+        budget: Optional[int] = None, ratio: Optional[float] = None, max_new_tokens: int = 32,
+        overlay: Optional[Path] = None, dtype: str = "auto", rounds: int = 3, images: Optional[list[Path]] = None,
+        budgets: Optional[list[int]] = None, ratios: Optional[list[float]] = None, saved_reducer: bool = True) -> Asked:
     """Answer ``prompt`` about an image (or a video: an animated image or a folder of frames) with all
     tokens and under ``make(method, budget=... or ratio=...)`` on the checkpoint ``model`` (a local
-    path or a Hub id); ``overlay``: where to draw the kept tokens."""
+    path or a Hub id; a checkpoint fine-tuned under a reducer brings its own: ``saved_or_asked``);
+    ``overlay``: where to draw the kept tokens, with each item's count.
+
+    Several ``images`` (or ``budgets``/``ratios``, one per image) run as one left-padded batch, each
+    row under its own budget (``reducer.per_row``): ``Asked.rows``."""
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     # The cheap checks first: a bad method, budget or image fails before the weights load.
-    reducer = make(method, budget=None if ratio is not None else budget, ratio=ratio)
-    if (image is None) == (video is None):
-        raise ValueError("give --image or --video")
-    picture = Image.open(image).convert("RGB") if image is not None else read_frames(video)
+    reducer, label = saved_or_asked(model, method, budget, ratio, saved_reducer)
+    pictures = [image] if image is not None else []
+    pictures += list(images or [])
+    if (not pictures) == (video is None):
+        raise ValueError("give --image (one or more) or --video")
+    batched = len(pictures) > 1 or budgets is not None or ratios is not None
+    if batched:
+        if video is not None:
+            raise ValueError("per-row budgets run a batch of images: give --image for each row, not --video")
+        if budgets is not None and ratios is not None:
+            raise ValueError("give --budgets or --ratios, not both")
+        given = budgets if budgets is not None else ratios
+        if given is not None and len(given) != len(pictures):
+            raise ValueError(f"per-row budgets: {len(given)} given for {len(pictures)} images (give one per --image)")
+        with reducer.per_row(budget=budgets, ratio=ratios) if given is not None else contextlib.nullcontext():
+            pass  # the values are checked now, before the model loads
+    opened = [Image.open(p).convert("RGB") for p in pictures] if pictures else None
+    picture = opened[0] if opened else read_frames(video)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     if overlay is not None and not Path(overlay).parent.is_dir():  # before the model loads, not after the run
@@ -129,20 +197,61 @@ def ask(model: str, prompt: str, image: Optional[Path] = None, video: Optional[P
         processor = AutoProcessor.from_pretrained(model)
     except OSError as error:  # transformers' message does not say which argument was wrong
         raise OSError(f"cannot load a checkpoint from --model {model!r}: {error}") from error
-    label = f"{method} {budget}" if ratio is None else f"{method} ratio {ratio}"
+    if batched:
+        rows, stats = compare_rows(loaded, processor, opened, prompt, reducer, budgets, ratios, max_new_tokens)
+        path = None
+        if overlay:
+            path = draw_rows_overlay(opened, stats, overlay, [f"{r.label}: asked {r.asked or label}" for r in rows], prompt)
+        return Asked([], path, rows, label)
     answers = compare(loaded, processor, picture, prompt, {"all tokens": None, label: reducer}, max_new_tokens, rounds)
     if not overlay:
-        return Asked(answers)
+        return Asked(answers, label=label)
     stats = answers[1].stats
     (item,) = stats.items
+    title = f"{prompt}\n{label}: {item.average_tokens:.1f} visual tokens per layer (of {item.tokens})"
     if len(item.views) == 1 and stats.vision_roles:  # one grid: Stage A's roles can be drawn too
         # The item's own token grid (Qwen-VL images come in any size), CLS or not.
         (_, rows, cols), = item.views
         has_cls = adapter_for(loaded).geometry.has_cls
-        path = draw_overlay(picture, stats, (rows, cols), overlay, title=prompt, has_cls=has_cls)
+        path = draw_overlay(picture, stats, (rows, cols), overlay, title=title, has_cls=has_cls)
     else:  # tiles of an anyres image, or frames of a video
-        path = draw_item_overlay(picture, item, overlay, title=prompt)
-    return Asked(answers, path)
+        path = draw_item_overlay(picture, item, overlay, title=title)
+    return Asked(answers, path, label=label)
+
+
+def draw_rows_overlay(pictures: list, stats: ReductionStats, path: str | Path, labels: list[str], title: str = "") -> Path:
+    """One panel per item of a batch (``stats.items``): the tokens entering the language model on the
+    item's first grid, titled with the item's visual tokens per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = stats.items
+    figure, axes = plt.subplots(1, len(items), figsize=(3.2 * len(items), 3.6), squeeze=False)
+    for axis, item in zip(axes[0], items):
+        picture = np.asarray(pictures[item.row].convert("RGB"))
+        extent = (0, picture.shape[1], picture.shape[0], 0)
+        axis.imshow(picture, extent=extent)
+        if item.cells is not None and item.views and item.entry_slots is not None:
+            _, rows, cols = item.views[0]
+            slots = item.entry_slots[item.entry_slots >= 0]
+            cells = item.cells[slots]
+            chosen = cells[cells[:, 0] == 0]
+            layer = np.zeros((rows, cols, 4))
+            layer[chosen[:, 1].numpy(), chosen[:, 2].numpy()] = (1.0, 1.0, 0.0, 0.6)
+            axis.imshow(np.full(picture.shape[:2], 0.0), cmap="gray", alpha=0.45, extent=extent, vmin=0, vmax=1)
+            axis.imshow(layer, extent=extent, interpolation="nearest")
+        axis.set_title(f"{labels[item.row]}\n{item.average_tokens:.1f} visual tokens per layer "
+                       f"({len(item.entry_slots) if item.entry_slots is not None else item.tokens} enter)", fontsize=8)
+        axis.axis("off")
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout(rect=(0, 0, 1, 0.9 if title else 1))
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
 
 
 def patch_mask(indices, grid: tuple[int, int], has_cls: bool = True) -> np.ndarray:

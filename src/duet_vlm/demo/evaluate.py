@@ -52,18 +52,32 @@ def load_demo(path: str | os.PathLike | None = None):
     return model, processor
 
 
+def row_tokens(reducer, rows: int) -> list[float]:
+    """The visual tokens per layer (averaged over layers) each of ``rows`` rows kept in the
+    reducer's last prefill: the sum over the row's items of ``ItemStats.average_tokens``."""
+    kept = [0.0] * rows
+    for item in reducer.stats.items:
+        kept[item.row] += item.average_tokens
+    return kept
+
+
 @torch.no_grad()
 def evaluate_accuracy(model, processor, split: str = "test", n: int = 700, blank_image: bool = False,
                       wrap: Callable[[], contextlib.AbstractContextManager] | None = None,
                       batch_size: int = 8, max_new_tokens: int = 3, start: int = 0,
-                      return_predictions: bool = False, progress: Callable[[str], None] | None = None) -> dict:
+                      return_predictions: bool = False, progress: Callable[[str], None] | None = None,
+                      reducer=None) -> dict:
     """Greedy-generation exact-match accuracy on samples ``start .. start + n`` of ``split``.
 
     Question types are balanced when ``n`` is a multiple of 7. ``wrap`` is a zero-argument callable
     returning a context manager entered around all generation, e.g. ``wrap=lambda: reducer(model)``.
     ``blank_image=True`` replaces every image by a uniform grey one (the "no vision" control).
-    Returns ``{"accuracy", "n", "per_type", "per_type_n", "chance", "top_answer", "blank_image",
-    "split"}`` (+ ``"predictions"`` if asked).
+    Returns ``{"accuracy", "n", "per_type", "per_type_n", "per_objects", "per_objects_n", "chance",
+    "top_answer", "blank_image", "split"}`` (+ ``"predictions"`` if asked: each question's index,
+    type, objects in its scene, answer, prediction and correctness). ``per_objects``: accuracy by
+    the number of objects in the scene. ``reducer``: the reducer ``wrap`` attaches; each prediction
+    then records the visual tokens per layer its image kept (``visual_tokens``, from
+    ``reducer.stats.items``).
 
     >>> evaluate_accuracy(model, processor, n=14)["per_type"]["color"]    # doctest: +SKIP
     """
@@ -72,6 +86,7 @@ def evaluate_accuracy(model, processor, split: str = "test", n: int = 700, blank
     model.eval()
     tok = processor.tokenizer
     correct, total = defaultdict(int), defaultdict(int)
+    by_objects, by_objects_n = defaultdict(int), defaultdict(int)
     answered = defaultdict(Counter)
     preds = []
     blank = synthetic.blank_image() if blank_image else None
@@ -84,15 +99,20 @@ def evaluate_accuracy(model, processor, split: str = "test", n: int = 700, blank
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             new = out[:, inputs["input_ids"].shape[1]:]
-            for s, row in zip(samples, new):
+            tokens = row_tokens(reducer, len(samples)) if reducer is not None else [None] * len(samples)
+            for s, row, kept in zip(samples, new, tokens):
                 pred = normalise_answer(tok.decode(row, skip_special_tokens=True))
                 ok = pred == s.answer
                 correct[s.qtype] += ok
                 total[s.qtype] += 1
+                by_objects[len(s.scene)] += ok
+                by_objects_n[len(s.scene)] += 1
                 answered[s.qtype][pred] += 1
                 if return_predictions:
-                    preds.append({"index": s.index, "qtype": s.qtype, "question": s.question,
+                    preds.append({"index": s.index, "qtype": s.qtype, "objects": len(s.scene), "question": s.question,
                                   "answer": s.answer, "prediction": pred, "correct": bool(ok)})
+                    if kept is not None:
+                        preds[-1]["visual_tokens"] = kept
             if progress is not None:
                 done = sum(total.values())
                 progress(f"eval {split}{' (blank)' if blank_image else ''}: {done}/{n} "
@@ -108,6 +128,8 @@ def evaluate_accuracy(model, processor, split: str = "test", n: int = 700, blank
         "accuracy": sum(correct.values()) / max(n_done, 1),
         "per_type": {t: correct[t] / total[t] for t in types},
         "per_type_n": {t: total[t] for t in types},
+        "per_objects": {str(k): by_objects[k] / by_objects_n[k] for k in sorted(by_objects_n)},
+        "per_objects_n": {str(k): by_objects_n[k] for k in sorted(by_objects_n)},
         "chance": {t: synthetic.CHANCE[t] for t in types},
         # a model that answers one word to every question of a type has not learned that type
         "top_answer": {t: [word, count / total[t]] for t in types for word, count in answered[t].most_common(1)},

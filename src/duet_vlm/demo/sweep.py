@@ -4,7 +4,14 @@ a miniature of the papers' Table 1.
 Each finished row is saved in ``OUTPUT_DIR/rows/`` with everything that determines it (method,
 budget, position option, split, n, batch size, the weights' SHA-256), so an interrupted run picks
 up where it stopped; a row saved under other settings or other weights is computed again. Each row
-records the reducer that ran (``reducer``: its ``to_dict()``, which ``duet_vlm.from_dict`` rebuilds).
+records the reducer that ran (``reducer``: its ``to_dict()``, which ``duet_vlm.from_dict`` rebuilds),
+the visual tokens per layer each question's image kept (``item_tokens``: drawn in ``counts.png``)
+and the accuracy by the number of objects in the scene (``per_objects``).
+
+``adaptive=SIGNAL`` runs every method with a content-adaptive budget (``duet_vlm.Adaptive``): each
+method and budget calibrated on ``calibration_n`` scenes of the validation split (or at the given
+``threshold``); a row then reports the asked budget (``budget``) and the realised average over the
+evaluation (``avg_visual_tokens``), side by side in ``results.md``.
 
 >>> run = evaluate_methods(["duet", "fastv"], [192, 64], n=70, output_dir=Path("out"))   # doctest: +SKIP
 >>> [(row["method"], row["budget"], row["accuracy"]) for row in run.rows]               # doctest: +SKIP
@@ -19,8 +26,8 @@ from typing import Callable, Optional
 
 from .. import synthetic
 from ..adapters import adapter_for
-from ..evaluation import retention_plot, takes_positions, weights_digest, write_results
-from ..methods import METHODS, make
+from ..evaluation import count_histogram_plot, retention_plot, sample_batches, takes_positions, weights_digest, write_results
+from ..methods import METHODS, Adaptive, make
 from ..plan import resolve_positions
 from .evaluate import DEMO_MODEL_DIR, evaluate_accuracy, load_demo
 
@@ -35,7 +42,7 @@ class EvalRun:
 
     rows: list[dict]
     types: list[str]  # the question types measured, in table order
-    paths: list[Path]  # results.json, results.csv, results.md, retention.png
+    paths: list[Path]  # results.json, results.csv, results.md, retention.png, counts.png
 
 
 def evaluate_methods(
@@ -51,10 +58,14 @@ def evaluate_methods(
     resume: bool = True,
     command: Optional[str] = None,
     progress: Optional[Progress] = None,
+    adaptive: Optional[str] = None,
+    threshold: Optional[float] = None,
+    calibration_n: int = 140,
 ) -> EvalRun:
     """Accuracy of all tokens, of each method (default: every registered one) at each budget, and
     with the image blanked (``control``); ``positions`` sets the position mode of every method
-    that has one. Writes ``output_dir``'s results files (``command``: the command line, for them)."""
+    that has one; ``adaptive``: a content-adaptive budget from that signal (module docstring).
+    Writes ``output_dir``'s results files (``command``: the command line, for them)."""
     chosen = methods or [name for name in METHODS if name != "full"]
     unknown = [name for name in chosen if name not in METHODS]
     if unknown:
@@ -65,6 +76,10 @@ def evaluate_methods(
         raise ValueError(f"--n must be at least 1 (questions per row), got {n}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    if threshold is not None and adaptive is None:
+        raise ValueError("--threshold needs --adaptive SIGNAL (the signal the threshold belongs to)")
+    if calibration_n < 1:
+        raise ValueError(f"--calibration-n must be at least 1 (validation scenes), got {calibration_n}")
     report = progress or (lambda advance, description=None, total=None: None)
     output_dir = Path(output_dir)
 
@@ -74,40 +89,56 @@ def evaluate_methods(
     # every reducer is built (and its method and budget checked) before the model loads
     configs = [("full", None, make("full"))]
     configs += [(name, budget, make(name, budget=budget, **options(name))) for name in chosen for budget in budgets]
+    if adaptive is not None:
+        configs[1:] = [(name, budget, Adaptive(reducer, signal=adaptive, threshold=threshold))
+                       for name, budget, reducer in configs[1:]]
     model, processor = load_demo(model_path)
     geometry = adapter_for(model).geometry
     digest = weights_digest(model_path or DEMO_MODEL_DIR)
+    if adaptive is not None and threshold is None and len(configs) > 1:
+        # one recording of the validation scenes (the signal reads the vision encoder only), fitted
+        # for each method and budget
+        report(0, f"calibrating on {calibration_n} validation scenes")
+        recorded = configs[1][2].record(model, sample_batches(processor, "synthetic:validation", calibration_n, batch_size))
+        configs[1:] = [(name, budget, reducer.fit(recorded)) for name, budget, reducer in configs[1:]]
     report(0, "evaluating", n * (len(configs) + control))
 
     def measure(name: str, budget: int | None, reducer) -> dict:
-        costs = {"flops": 0, "rows": 0, "tokens": []}
+        costs = {"flops": 0, "rows": 0}
 
         def collect(message):
             stats = reducer.stats
             rows_now = len(stats.text_tokens)
             costs["flops"] += stats.flops_exact
             costs["rows"] += rows_now
-            costs["tokens"] = stats.tokens_per_layer
             report(rows_now, f"{name} {budget or ''}")
 
         result = evaluate_accuracy(
-            model, processor, split=split, n=n, batch_size=batch_size, wrap=lambda: reducer(model), progress=collect
+            model, processor, split=split, n=n, batch_size=batch_size, wrap=lambda: reducer(model), progress=collect,
+            return_predictions=True, reducer=reducer,
         )
         # the mode a method with a position option ran in (its default resolved on this model)
         mode = None
         if name != "full" and takes_positions(METHODS[name]):
             mode = resolve_positions(reducer.resolve(geometry).positions, geometry)
-        return {
+        item_tokens = [prediction["visual_tokens"] for prediction in result["predictions"]]
+        row = {
             "method": name,
             "budget": budget,
             "accuracy": result["accuracy"],
             "per_type": result["per_type"],
+            "per_objects": result["per_objects"],
             "n": result["n"],
             "positions": mode,
-            "avg_visual_tokens": sum(costs["tokens"]) / len(costs["tokens"]),
+            # the realised average over the evaluation: every question's image, each its own count
+            "avg_visual_tokens": sum(item_tokens) / len(item_tokens),
             "decoder_tflops_per_sample": costs["flops"] / max(costs["rows"], 1) / 1e12,
             "reducer": reducer.to_dict(),
+            "item_tokens": item_tokens,
         }
+        if isinstance(reducer, Adaptive):
+            row.update(adaptive=reducer.signal, threshold=reducer.threshold)
+        return row
 
     def blank_image_row() -> dict:
         blank = evaluate_accuracy(model, processor, split=split, n=n, batch_size=batch_size, blank_image=True,
@@ -120,7 +151,8 @@ def evaluate_methods(
         key = {"method": name, "budget": budget, "options": options(name) if name in METHODS else {}, "split": split,
                "n": n, "batch_size": batch_size, "weights_sha256": digest,
                "reducer": reducer.to_dict() if reducer is not None else None}
-        path = output_dir / "rows" / f"{name.replace(' ', '_')}-{budget or 'all'}.json"
+        kind = f"-adaptive-{reducer.signal}" if isinstance(reducer, Adaptive) else ""
+        path = output_dir / "rows" / f"{name.replace(' ', '_')}-{budget or 'all'}{kind}.json"
         if resume and path.exists() and (saved := json.loads(path.read_text()))["key"] == key:
             report(n, f"{name} {budget or ''} (saved)")
             return saved["row"]
@@ -146,8 +178,14 @@ def evaluate_methods(
         "model": str(model_path or "shipped demo model"),
         "weights_sha256": digest,
         "positions": positions,
+        "adaptive": adaptive,
+        "threshold": threshold,
+        "calibration_n": calibration_n if adaptive is not None and threshold is None else None,
         "chance": {t: synthetic.CHANCE[t] for t in types},
     }
     paths = write_results(rows, output_dir, meta=meta)
     paths.append(retention_plot(rows, output_dir / "retention.png"))
+    counted = [(f"{row['method']} {row['budget'] or ''}".strip(), row["item_tokens"]) for row in rows if row.get("item_tokens")]
+    paths.append(count_histogram_plot(counted, output_dir / "counts.png",
+                                      title="visual tokens per layer of each question's image"))
     return EvalRun(rows, types, paths)

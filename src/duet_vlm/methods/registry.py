@@ -83,3 +83,41 @@ def from_dict(record: dict[str, Any], **objects) -> Reducer:
 def _tuples(value: Any) -> Any:
     """Lists in a record were tuples (JSON has no tuples)."""
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+#: The file a model directory fine-tuned under a reducer carries beside its weights (``save_reducer``).
+REDUCER_FILE = "duet_vlm_reducer.json"
+
+
+def save_reducer(reducer: Reducer, directory) -> "Path":
+    """Write ``reducer.to_dict()`` beside a model's weights (``directory/duet_vlm_reducer.json``), so
+    that loading the model (``load_reducer``, ``duet-vlm run``, the lmms-eval models) attaches it again.
+
+    >>> save_reducer(make("duet", budget=64), "runs/duet64")           # doctest: +SKIP
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(directory) / REDUCER_FILE
+    path.write_text(json.dumps(reducer.to_dict(), indent=2) + "\n")
+    return path
+
+
+def load_reducer(directory, **objects) -> Reducer | None:
+    """The reducer a model directory was fine-tuned under (``save_reducer``), or ``None`` when it
+    carries none (a Hub id or a plain checkpoint). ``objects`` as for ``from_dict``.
+
+    >>> reducer = load_reducer("runs/duet64")                          # doctest: +SKIP
+    >>> with reducer(model): model.generate(**inputs)                  # doctest: +SKIP
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(directory) / REDUCER_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not a reducer record (JSON): {error}") from error
+    return from_dict(record, **objects)

@@ -88,6 +88,16 @@ class TrainConfig(RecipeConfig):
     budget: Optional[int] = field(
         default=None, metadata={"help": "Average visual tokens per decoder layer per image (required unless --method full)."}
     )
+    adaptive: Optional[str] = field(
+        default=None,
+        metadata={"help": "coverage, distinct or rank: train with a content-adaptive budget (duet_vlm.Adaptive), each "
+                          "image its own budget from this signal, averaging --budget; calibrated on --calibration-items "
+                          "training images before training (the vision tower is frozen) unless --threshold is given."},
+    )
+    threshold: Optional[float] = field(default=None, metadata={"help": "With --adaptive: the threshold (skips calibration)."})
+    adaptive_floor: float = field(default=0.25, metadata={"help": "With --adaptive: an image's lowest budget, a fraction of --budget."})
+    adaptive_ceiling: float = field(default=2.0, metadata={"help": "With --adaptive: an image's highest budget, a multiple of --budget."})
+    calibration_items: int = field(default=64, metadata={"help": "With --adaptive: training conversations the threshold is calibrated on."})
     image_folder: Optional[str] = field(default=None, metadata={"help": "Images of --data/--eval-data are relative to this folder."})
     eval_data: Optional[str] = field(default=None, metadata={"help": "Evaluation conversations (same format as --data, or 'synthetic')."})
     synthetic_items: int = field(default=64, metadata={"help": "Training images generated when --data synthetic (eval: a quarter, from the validation split)."})
@@ -135,3 +145,7 @@ class TrainConfig(RecipeConfig):
     def __post_init__(self) -> None:
         if self.train not in TRAINABLE:
             raise ValueError(f"--train must be one of {', '.join(TRAINABLE)}, got {self.train!r}")
+        if self.threshold is not None and self.adaptive is None:
+            raise ValueError("--threshold needs --adaptive SIGNAL (the signal the threshold belongs to)")
+        if self.calibration_items < 1:
+            raise ValueError(f"--calibration-items must be at least 1, got {self.calibration_items}")

@@ -4,7 +4,11 @@
 the vision tower (and whatever else ``config.train`` leaves out), wraps the language model in LoRA
 when asked, attaches the reducer persistently and runs ``Trainer`` (progress bar, logging,
 checkpoints, resume, evaluation, DDP under ``accelerate launch``). The saved model is plain: LoRA
-merged, no reducer inside; attach one again at inference.
+merged, no reducer inside its weights; beside them (and in every checkpoint) ``duet_vlm_reducer.json``
+records the reducer it trained under, which ``duet_vlm.load_reducer(path)``, ``duet-vlm run`` and
+the lmms-eval models attach again. ``--adaptive SIGNAL`` trains with a content-adaptive budget
+(``duet_vlm.Adaptive``), calibrated before training on training images, so that the model is
+fine-tuned with the allocation it will be served with.
 
 >>> from duet_vlm.training import TrainConfig, train
 >>> train(TrainConfig(model="llava-hf/llava-1.5-7b-hf", data="train.json", image_folder="images",
@@ -22,7 +26,8 @@ import torch
 from torch import nn
 
 from ..adapters import adapter_for
-from ..methods import METHODS, make
+from ..methods import METHODS, Adaptive, make
+from ..methods.registry import save_reducer
 from ..unwrap import unwrap_model
 from .config import TrainConfig
 from .data import ConversationDataset, DataError, Record, VisionLanguageCollator, encode, load_conversations, synthetic_records
@@ -56,7 +61,25 @@ def make_reducer(config: TrainConfig):
         return make("full")
     if config.budget is None:
         raise ValueError(f"--budget is required for --method {config.method} (average visual tokens per layer per image)")
-    return make(config.method, budget=config.budget)
+    reducer = make(config.method, budget=config.budget)
+    if config.adaptive is not None:
+        reducer = Adaptive(reducer, signal=config.adaptive, threshold=config.threshold, floor=config.adaptive_floor,
+                           ceiling=config.adaptive_ceiling)
+    return reducer
+
+
+def calibrate_reducer(reducer, model: nn.Module, dataset: "ConversationDataset", collator, config: TrainConfig):
+    """An uncalibrated ``Adaptive`` calibrated on the first ``config.calibration_items`` training
+    conversations (their prompts and answers; the signal reads the frozen vision tower only)."""
+    if not isinstance(reducer, Adaptive) or reducer.threshold is not None:
+        return reducer
+    items = [dataset[i] for i in range(min(config.calibration_items, len(dataset)))]
+    batches = []
+    for lo in range(0, len(items), config.batch_size):
+        batch = collator(items[lo : lo + config.batch_size])
+        batch.pop("labels", None)
+        batches.append(batch)
+    return reducer.calibrate(model, batches)
 
 
 def check_budget(reducer, model: nn.Module, config: TrainConfig) -> None:
@@ -142,6 +165,19 @@ def checkpointing_callback():
                 drop_input_grad_hooks(model)
 
     return DropInputGradHooks()
+
+
+def reducer_callback(reducer):
+    """Writes the reducer's record (``duet_vlm_reducer.json``) into every checkpoint the Trainer saves."""
+    from transformers import TrainerCallback
+
+    class SaveReducer(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                save_reducer(reducer, folder)
+
+    return SaveReducer()
 
 
 def parameter_digest(model: nn.Module) -> str:
@@ -255,13 +291,14 @@ def train(config: TrainConfig) -> TrainOutcome:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = VisionLanguageCollator(pad_token_id=pad, padding_side=config.padding_side)
 
+    reducer = calibrate_reducer(reducer, model, train_dataset, collator, config)
     model = set_trainable(model, config)
     handle = reducer.attach(model)
     try:
         trainer = Trainer(
             model=model, args=training_arguments(config, eval_dataset is not None), train_dataset=train_dataset,
             eval_dataset=eval_dataset, data_collator=collator, processing_class=processor,
-            callbacks=[checkpointing_callback()],
+            callbacks=[checkpointing_callback(), reducer_callback(reducer)],
         )
         result = trainer.train(resume_from_checkpoint=resume_point(config.resume_from_checkpoint, config.output_dir))
     finally:
@@ -285,8 +322,9 @@ def train(config: TrainConfig) -> TrainOutcome:
 
 
 def save_final(trainer, config: TrainConfig, processor, outcome: TrainOutcome, handle, reducer) -> None:
-    """The plain model (LoRA merged, no reducer) + processor + ``train_config.json`` (the config and the
-    reducer that trained, as its ``to_dict()``: ``duet_vlm.from_dict`` rebuilds it) + model card."""
+    """The plain model (LoRA merged, no reducer) + processor + ``duet_vlm_reducer.json`` (the reducer
+    that trained, as its ``to_dict()``: ``duet_vlm.load_reducer`` rebuilds it) + ``train_config.json``
+    (the config and the same record) + model card."""
     output = Path(config.output_dir)
     model = trainer.accelerator.unwrap_model(trainer.model)
     if config.train == "lora":
@@ -298,6 +336,7 @@ def save_final(trainer, config: TrainConfig, processor, outcome: TrainOutcome, h
     trainer.save_state()
     record = {**config.to_dict(), "reducer": reducer.to_dict()}
     (output / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
+    save_reducer(reducer, output)  # beside the weights: loading the model attaches it again
     summary = {
         "final_loss": outcome.final_loss, "average_loss": outcome.average_loss, "global_step": outcome.global_step,
         "world_size": trainer.accelerator.num_processes, "replica_digests": outcome.replica_digests,
@@ -332,19 +371,24 @@ def write_model_card(output: Path, config: TrainConfig, summary: dict) -> Path:
         f"{schedule['average']:.2f} visual tokens per decoder layer per image, {schedule['llm_input']} of them entering "
         "the language model.",
         "",
-        "The weights are a plain `LlavaForConditionalGeneration`; the reducer is not inside them. Use it the way it was trained:",
+        "The weights are a plain `LlavaForConditionalGeneration`; the reducer is not inside them but beside them, in "
+        "`duet_vlm_reducer.json` (`duet-vlm run` and the lmms-eval models attach it unless told otherwise). "
+        "Use it the way it was trained:",
         "",
         "```python",
         "import duet_vlm",
         "from transformers import AutoProcessor, LlavaForConditionalGeneration",
         "model = LlavaForConditionalGeneration.from_pretrained(path)",
         "processor = AutoProcessor.from_pretrained(path)",
-        f"with duet_vlm.make({config.method!r}{'' if config.method == 'full' else f', budget={config.budget}'})(model):",
+        "with duet_vlm.load_reducer(path)(model):"
+        + f"{'' if config.adaptive is None else f'  # {config.method} at an adaptive budget ({config.adaptive})'}",
         "    model.generate(**inputs, max_new_tokens=64)",
         "```",
         "",
         "## Training",
-        f"- method: `{config.method}`, budget: {config.budget}",
+        f"- method: `{config.method}`, budget: {config.budget}"
+        + ("" if config.adaptive is None else f", adaptive ({config.adaptive}, floor {config.adaptive_floor}, "
+           f"ceiling {config.adaptive_ceiling})"),
         f"- trained: {trained}",
         f"- data: `{config.data}`" + (f" (images under `{config.image_folder}`)" if config.image_folder else ""),
         f"- {summary['global_step']} optimizer steps on {summary['world_size']} process(es), "

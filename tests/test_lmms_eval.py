@@ -71,9 +71,10 @@ def offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
 
 
-def write_task(folder, rows: dict, max_new_tokens: int = 3):
+def write_task(folder, rows: dict, max_new_tokens: int = 3, generation: str = ""):
     """A local lmms-eval task named TASK: ``rows`` (columns of equal length: question, answer and
-    image PNG bytes or a video path) in a parquet file, with a YAML and the UTILS beside it."""
+    image PNG bytes or a video path) in a parquet file, with a YAML and the UTILS beside it;
+    ``generation``: more ``generation_kwargs`` lines (``key: value``)."""
     folder.mkdir()
     pq.write_table(pa.table(rows), folder / "test.parquet")
     (folder / "utils.py").write_text(UTILS)
@@ -94,6 +95,7 @@ def write_task(folder, rows: dict, max_new_tokens: int = 3):
           max_new_tokens: {max_new_tokens}
           temperature: 0
           do_sample: false
+          {generation}
         metric_list:
           - metric: exact_match
             aggregation: mean
@@ -575,3 +577,73 @@ def test_qwen_models_load_and_attach(name, tmp_path, offline, monkeypatch):
     lm.clean()
     gc.collect()
     assert model() is None  # clean() detached the reducer, so lmms-eval could free the weights
+
+
+def test_a_request_budget_and_a_checkpoints_saved_reducer(tmp_path, offline, one_thread):
+    """A task whose generation arguments hold ``duet_budget`` runs at that budget, whatever the
+    model's own (the key never reaches lmms-eval's class); a checkpoint that carries
+    ``duet_vlm_reducer.json`` attaches that reducer unless ``saved_reducer=false`` or a method or
+    budget is given. Answers equal the project's evaluation at the same budget."""
+    import shutil
+
+    n = 7
+    samples = [data.sample("test", i) for i in range(n)]
+    rows = {"index": list(range(n)), "question": [s.question for s in samples], "answer": [s.answer for s in samples],
+            "qtype": [s.qtype for s in samples], "image": [png(s.image) for s in samples]}
+    model, processor = load_demo()
+    at_128 = evaluate_accuracy(model, processor, split="test", n=n, wrap=lambda: duet_vlm.make("duet", budget=128)(model),
+                               return_predictions=True)
+
+    def answers(results):
+        samples = sorted(results["samples"][TASK], key=lambda s: s["doc_id"])
+        return [_normalise(s["filtered_resps"][0]) for s in samples]
+
+    per_request = write_task(tmp_path / "per_request", rows, generation="duet_budget: 128")
+    results = run_lmms_eval(per_request, "method=duet,budget=64")
+    assert answers(results) == [p["prediction"] for p in at_128["predictions"]]
+    assert results["throughput"]["avg_duet_vlm_visual_tokens_per_layer"] == pytest.approx(128.0)
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(DEMO_MODEL_DIR, tuned)
+    duet_vlm.save_reducer(duet_vlm.make("duet", budget=128), tuned)
+    plain = write_task(tmp_path / "plain", rows)
+    base = f"pretrained={tuned},device=cpu,attn_implementation=sdpa,dtype=float32"
+    saved = run_lmms_eval(plain, "saved_reducer=true", base_args=base)
+    assert answers(saved) == [p["prediction"] for p in at_128["predictions"]]
+    assert saved["throughput"]["avg_duet_vlm_visual_tokens_per_layer"] == pytest.approx(128.0)
+    ignored = run_lmms_eval(plain, "saved_reducer=false,budget=64", base_args=base)
+    assert ignored["throughput"]["avg_duet_vlm_visual_tokens_per_layer"] == pytest.approx(63.75)
+
+
+def test_request_budgets_group_the_requests():
+    """Requests of several budgets in one call: each group's generate calls run under its budget on
+    every row, the keys leave the generation arguments, every answer returns to its request's place,
+    and the model's generate is restored."""
+    from types import SimpleNamespace
+
+    from duet_vlm.integrations.lmms_eval_models import ReducerMixin, request_budget
+
+    class Fake(ReducerMixin):
+        def __init__(self):
+            self.reducer = duet_vlm.make("duet", budget=64)
+
+    fake = Fake()
+    seen = []
+    original = lambda input_ids: seen.append(fake.reducer.row_budgets(input_ids.shape[0]))  # noqa: E731
+    fake.model = SimpleNamespace(generate=original)
+    shared = {"max_new_tokens": 3, "duet_budget": 128}
+    requests = [SimpleNamespace(args=("q", lambda doc: [], kwargs, 0, "task", "test"))  # a chat model's arguments
+                for kwargs in (shared, {"duet_ratio": "0.25"}, shared, {})]
+
+    def generate_until(group):
+        fake.model.generate(input_ids=torch.zeros(2, 3))
+        return [f"answer {id(r)}" for r in group]
+
+    results = fake._per_request_budgets(requests, generate_until)
+    assert results == [f"answer {id(r)}" for r in requests]
+    assert seen[0] == [128, 128] and seen[2] is None
+    assert [value(duet_vlm.Geometry(32, 576, (24, 24), True)) for value in seen[1]] == [144, 144]
+    assert fake.model.generate is original and "duet_budget" not in shared
+    assert fake._per_request_budgets(requests[3:], lambda group: ["plain"]) == ["plain"]
+    with pytest.raises(ValueError, match="not both"):
+        request_budget({"duet_budget": 128, "duet_ratio": 0.5})

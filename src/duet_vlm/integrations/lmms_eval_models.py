@@ -23,6 +23,17 @@ tuple take ``;``-separated values (``layers=16;24,ratios=0.5;0.0``; an empty val
 the empty tuple) and ``none`` means ``None`` (``cluster_width=none``). With ``query=salient`` the
 model's tokenizer is passed to the method.
 
+A checkpoint fine-tuned under a reducer (``duet-vlm train`` writes ``duet_vlm_reducer.json`` beside
+the weights) brings it: with none of ``method``, ``budget``, ``ratio`` or a method option given, a
+local ``pretrained`` directory that carries one attaches it (``duet_vlm.load_reducer``);
+``saved_reducer=false`` opts out (then ``method`` defaults to ``duet``).
+
+Budgets per request: a task's ``generation_kwargs`` (or lmms-eval's ``--gen_kwargs``) may hold
+``duet_budget=N`` or ``duet_ratio=R``; those requests run with that budget (``reducer.per_row``, one
+value for every row of their batches) and the keys are taken out before lmms-eval's class sees the
+generation arguments. Requests without them run with the model's own budget. Several tasks with
+different budgets can so run in one call.
+
 The reducer is logged when it attaches as its ``to_dict()`` (``duet_vlm: attached {"method": ...}``,
 also ``model.reducer_record``), which ``duet_vlm.from_dict`` rebuilds. Over the run the reducer's
 statistics are summed (every prefill, all processes) and handed to
@@ -36,9 +47,11 @@ are whole-run values (per call otherwise).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +66,41 @@ from tqdm import tqdm
 import duet_vlm
 
 PREFIX = "duet_vlm_"
+#: The generation arguments of a request that set its own budget (see the module docstring).
+REQUEST_KEYS = ("duet_budget", "duet_ratio")
+
+
+def _flag(value: Any) -> bool:
+    """A boolean model arg (lmms-eval passes ``true``/``false`` as text or as a bool)."""
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"saved_reducer must be true or false, got {value!r}")
+        return value.lower() in ("true", "1", "yes")
+    return bool(value)
+
+
+def generation_arguments(request) -> dict:
+    """A request's generation arguments: the dict among its ``args`` (a simple model's second, a chat
+    model's third)."""
+    return next((argument for argument in request.args if isinstance(argument, dict)), {})
+
+
+def request_budget(gen_kwargs: dict) -> tuple[str, Any] | None:
+    """``("budget", N)`` or ``("ratio", R)`` from a request's generation arguments, or ``None``.
+
+    >>> request_budget({"max_new_tokens": 8, "duet_budget": "64"})
+    ('budget', 64)
+    >>> request_budget({"max_new_tokens": 8}) is None
+    True
+    """
+    given = [key for key in REQUEST_KEYS if gen_kwargs.get(key) is not None]
+    if len(given) > 1:
+        raise ValueError("a request's generation arguments give duet_budget or duet_ratio, not both")
+    if not given:
+        return None
+    value = gen_kwargs[given[0]]
+    kind = given[0].removeprefix("duet_")
+    return kind, (int(value) if kind == "budget" else float(value)) if isinstance(value, str) else value
 
 
 def method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -134,24 +182,35 @@ class ReducerMixin:
     >>> DuetLlavaHf(pretrained="llava-hf/llava-1.5-7b-hf", method="duet", budget=64)  # doctest: +SKIP
     """
 
-    def __init__(self, method: str = "duet", budget: int | None = None, ratio: float | None = None, **kwargs: Any) -> None:
+    def __init__(self, method: str | None = None, budget: int | None = None, ratio: float | None = None,
+                 saved_reducer: Any = True, **kwargs: Any) -> None:
         # lmms-eval's classes reject unknown keyword arguments: everything that is not the lmms-eval
         # class's own is the method's.
         own = {name for name, p in inspect.signature(super().__init__).parameters.items()
                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-        options = method_options(method, {name: kwargs.pop(name) for name in list(kwargs) if name not in own})
-        self.reducer = duet_vlm.make(method, budget=budget, ratio=ratio, **options)  # fails here, before loading weights
+        options = method_options(method or "duet", {name: kwargs.pop(name) for name in list(kwargs) if name not in own})
+        # a checkpoint fine-tuned under a reducer carries it (unless a method or budget is given)
+        pretrained = kwargs.get("pretrained")
+        saved = None
+        if _flag(saved_reducer) and method is None and budget is None and ratio is None and not options and pretrained \
+                and Path(str(pretrained)).is_dir():
+            saved = duet_vlm.load_reducer(pretrained)
+        # fails here, before loading weights
+        self.reducer = saved or duet_vlm.make(method or "duet", budget=budget, ratio=ratio, **options)
         self._place(kwargs)
         super().__init__(**kwargs)
-        if options.get("query") == "salient" and "tokenizer" not in options:
-            self.reducer = duet_vlm.make(method, budget=budget, ratio=ratio, tokenizer=self.tokenizer, **options)
+        if saved is not None and "salient" in json.dumps(saved.to_dict()):  # objects a record leaves out
+            self.reducer = duet_vlm.load_reducer(pretrained, tokenizer=self.tokenizer)
+        elif options.get("query") == "salient" and "tokenizer" not in options:
+            self.reducer = duet_vlm.make(method or "duet", budget=budget, ratio=ratio, tokenizer=self.tokenizer, **options)
         self.run_stats = RunStats()
         self._seen = None
         self._handle = self.reducer.attach(self.model)
         self._hook = self.model.register_forward_hook(self._collect)
         # exactly what runs, as data: duet_vlm.from_dict(json.loads(...)) rebuilds it
         self.reducer_record = self.reducer.to_dict()
-        eval_logger.info(f"duet_vlm: attached {json.dumps(self.reducer_record)}")
+        eval_logger.info(f"duet_vlm: attached {json.dumps(self.reducer_record)}"
+                         + (f" (saved with {pretrained})" if saved is not None else ""))
 
     def _place(self, kwargs: dict[str, Any]) -> None:
         """Adjust the lmms-eval class's device arguments before it loads the model (none by default)."""
@@ -188,9 +247,57 @@ class ReducerMixin:
         super().clean()
 
     def generate_until(self, requests):
-        results = super().generate_until(requests)
+        results = self._per_request_budgets(requests, super().generate_until)
         self._log_reduction()
         return results
+
+    def _per_request_budgets(self, requests, generate_until):
+        """``generate_until`` over ``requests``, each group of requests with the same budget (their
+        ``duet_budget``/``duet_ratio`` generation argument, taken out) under that budget."""
+        arguments = [generation_arguments(request) for request in requests]
+        budgets = [request_budget(kwargs) for kwargs in arguments]
+        if not any(budgets):
+            return generate_until(requests)
+        for kwargs in arguments:  # a task's requests may share one dict: read every budget first
+            for key in REQUEST_KEYS:
+                kwargs.pop(key, None)
+        results: list = [None] * len(requests)
+        for budget in dict.fromkeys(budgets):
+            indices = [i for i, b in enumerate(budgets) if b == budget]
+            with self._request_budget(budget):
+                answers = generate_until([requests[i] for i in indices])
+            for i, answer in zip(indices, answers):
+                results[i] = answer
+        return results
+
+    @contextlib.contextmanager
+    def _request_budget(self, budget: tuple[str, Any] | None):
+        """Every ``generate`` of the model inside runs with ``budget`` (``("budget", N)`` or
+        ``("ratio", R)``) on each of its rows (``reducer.per_row``); ``None``: the reducer's own."""
+        if budget is None:
+            yield
+            return
+        kind, value = budget
+        model, reducer = self.model, self.reducer
+        with reducer.per_row(**{kind: [value]}):  # checks the value now
+            pass
+        previous = model.__dict__.get("generate")
+        original = model.generate
+
+        def generate(*args, **kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            rows = ids.shape[0] if ids is not None else 1
+            with reducer.per_row(**{kind: [value] * rows}):
+                return original(*args, **kwargs)
+
+        model.generate = generate
+        try:
+            yield
+        finally:
+            if previous is None:
+                del model.generate
+            else:
+                model.generate = previous
 
     def loglikelihood(self, requests):
         results = super().loglikelihood(requests)
@@ -238,6 +345,11 @@ class DuetVideoLlava(ReducerMixin, VideoLLaVA):
         return self._processor.tokenizer
 
     def generate_until(self, requests):
+        answers = self._per_request_budgets(requests, self._generate_until)
+        self._log_reduction()
+        return answers
+
+    def _generate_until(self, requests):
         # lmms-eval 0.7.3's VideoLLaVA.generate_until passes the frame count to read_video
         # positionally, and read_video takes it by keyword only: every request raises a TypeError
         # (fixed upstream, EvolvingLMMs-Lab/lmms-eval#1487). This is that loop with the call fixed and
@@ -259,5 +371,4 @@ class DuetVideoLlava(ReducerMixin, VideoLLaVA):
                                          temperature=gen_kwargs.get("temperature", 0))
             text = self._processor.batch_decode(output, skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]
             answers.append(text.split("ASSISTANT:")[-1].strip())
-        self._log_reduction()
         return answers

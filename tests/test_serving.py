@@ -43,21 +43,17 @@ NAMES = sorted(duet_vlm.METHODS)
 # Half the visual tokens: at a quarter, FastV after layer 2 of 8 layers keeps no visual token at all
 # (its first two layers alone average more than the budget), so there would be nothing to select.
 RATIO = 0.5
-# Methods that drop tokens inside the language model (drafts in the prefill would steer them).
-LANGUAGE_SIDE = ["duet", "fastv", "pio", "pyramiddrop", "sparsevlm"]
-# Methods that reduce before it only, and the one that reduces nothing.
-VISION_SIDE = ["visionzip", "pool", "random"]
+def _reads_text(name: str) -> bool:
+    """Whether the method's vision stage reads the prompt's text (``VisionStage.needs_text``)."""
+    stage = duet_vlm.make(name, ratio=RATIO).resolve(duet_vlm.Geometry(8, 576, (24, 24), True)).vision
+    return getattr(stage, "needs_text", False)
 
 
-def _vision_stage(name: str):
-    """The method's vision stage for a LLaVA-1.5 image at ``RATIO`` (``None``: it has none)."""
-    return duet_vlm.make(name, ratio=RATIO).resolve(duet_vlm.Geometry(8, 576, (24, 24), True)).vision
-
-
-# A prefill under these leaves a cache shorter than the prompt (a vision stage ran).
-SHORTENS_CACHE = [name for name in NAMES if _vision_stage(name) is not None]
-# Their vision stage reads the prompt's text (``VisionStage.needs_text``).
-READS_TEXT = [name for name in NAMES if getattr(_vision_stage(name), "needs_text", False)]
+# Methods whose selection drafted tokens in the prefill would steer (they drop tokens inside the
+# language model, or their vision stage reads the prompt's text), and the vision-side rest (full,
+# which reduces nothing, apart).
+LANGUAGE_SIDE = [n for n in NAMES if duet_vlm.METHODS[n].prunes_in_language_model() or _reads_text(n)]
+VISION_SIDE = [name for name in NAMES if name not in LANGUAGE_SIDE and name != "full"]
 
 
 @pytest.fixture(scope="module")
@@ -501,20 +497,7 @@ def test_drafts_holding_placeholders_run_and_equal_greedy(request, family, name)
 
 
 # ----------------------------------------------------------------------------- 4. without a cache
-NO_CACHE_BUG = (
-    "current code: a vision stage that reads the prompt's text (needs_text) chooses again at every prefill "
-    "generate() makes without a cache, with the tokens generated so far as part of the text; only a "
-    "language stage's first selection is kept"
-)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=NO_CACHE_BUG)) if n in READS_TEXT else n
-        for n in NAMES
-    ],
-)
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("batch", [1, 2], ids=["one", "padded_batch"])
 def test_generate_without_a_cache_equals_cached_decoding(model, name, batch):
     """``use_cache=False`` prefills again at every step; the runtime keeps the first prefill's
@@ -549,21 +532,7 @@ def test_a_cached_second_turn_with_a_new_image_under_full_equals_the_unpatched_m
     assert torch.equal(second_turn(model, duet_vlm.make("full")), second_turn(model))
 
 
-SECOND_TURN_BUG = (
-    "current code: after a prefill that shortened the cache (a vision stage ran), generate() resends part "
-    "of the first turn with the new image, and transformers' placeholder check raises 'Image features and "
-    "image tokens do not match' before the runtime's refusal at the language model's entry"
-)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=ValueError, reason=SECOND_TURN_BUG))
-        if n in SHORTENS_CACHE else n
-        for n in NAMES if n != "full"
-    ],
-)
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "full"])
 def test_a_cached_second_turn_with_a_new_image_is_refused_clearly(model, name):
     """Refused saying what was refused (new images on a cache) and what to do instead. The old runtime
     refused it under ``full`` too, and under FastV, PyramidDrop and SparseVLM with the message of a

@@ -32,7 +32,7 @@ from .binding import Binding
 from .boundary import prune
 from .calls import CallStore
 from .decoding import continue_prompt, decode_kwargs, unreduced_decode_positions
-from .entry import base_input_ids, check_turn_on_cache
+from .entry import base_input_ids, check_new_items_on_cache, check_turn_on_cache
 from .exit import compact_head_input, expand_head_output, finish_prefill
 from .prefill import open_prompt
 from .record import prefill_stats, text_only_stats
@@ -152,6 +152,7 @@ class Attachment:
         if call.forwards:  # the last forward of this thread never reached its end: it raised
             call.forget()
         call.forwards += 1
+        check_new_items_on_cache(self.binding, call.prompt, kwargs)
         encoded = kwargs.get("mm_encoder_outputs")
         if kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None:
             call.captures.clear()  # this forward encodes its own pixels: earlier captures are stale

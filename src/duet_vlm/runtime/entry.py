@@ -54,14 +54,30 @@ def check_turn_on_cache(binding: Binding, prompt: Prompt | None, found, kwargs: 
     if new == 1:  # a decoding step: no data-dependent check on the path torch.compile runs
         return
     input_ids, base_kwargs = found if found is not None else (None, {})
-    if brings_visual_items(base_kwargs) and not _reduces_nothing(binding, prompt):
-        raise NotImplementedError(
-            "a turn that brings new images or videos on top of a cache: duet-vlm reduces visual items in a "
-            f"prefill only ({type(binding.reducer).__name__} would reduce them). Pass the whole conversation "
-            "again without past_key_values (each turn is then one prefill), or use full"
-        )
+    check_new_items_on_cache(binding, prompt, base_kwargs)
     if prompt is not None and _resent(binding, prompt, kwargs, cached, new, input_ids):
         raise NotImplementedError(RESENT)
+
+
+def check_new_items_on_cache(binding: Binding, prompt: Prompt | None, base_kwargs: dict) -> None:
+    """A forward on a non-empty cache that brings images or videos: refused unless nothing is
+    reduced. Checked at the base model's entry too, before transformers' own placeholder check
+    trips over the part of a prompt that ``generate`` resends after a vision-side reduction."""
+    cache = base_kwargs.get("past_key_values")
+    if cache is None or not brings_visual_items(base_kwargs) or _reduces_nothing(binding, prompt):
+        return
+    if cache.get_seq_length() > 0:
+        raise NotImplementedError(
+            "a turn that brings new images or videos on top of a cache: duet-vlm reduces visual items in a "
+            f"prefill only ({method_name(binding.reducer)} would reduce them). Pass the whole conversation "
+            "again without past_key_values (each turn is then one prefill), or use full"
+        )
+
+
+def method_name(reducer) -> str:
+    """The name a user gave the method (``make(name, ratio=...)`` included)."""
+    method = getattr(reducer, "method", None)
+    return getattr(method, "method_name", "") or reducer.method_name or type(reducer).__name__
 
 
 def _reduces_nothing(binding: Binding, prompt: Prompt | None) -> bool:

@@ -19,6 +19,7 @@ from ..compaction import Compaction
 from ..plan import Plan, VisionReduction
 from .binding import Binding
 from .positions import Original, Renumbered, scheme
+from .taps import same_encoding
 from .vision import item_views, reduce_vision, take_additions
 
 
@@ -162,6 +163,10 @@ def item_plans(binding: Binding, items: list[VisualItem], captures, inputs_embed
     return [binding.plan_for(item.geometry, budget) for item, budget in zip(items, budgets)]
 
 
+def _reads_text(plans: list[Plan]) -> bool:
+    return any(plan.vision is not None and plan.vision.needs_text for plan in plans)
+
+
 def _text_tokens(input_ids: torch.Tensor, items: list[VisualItem], mask, labels) -> torch.Tensor:
     """``(B, L)`` True on each row's text: not visual, not padding, and (with labels) not an answer."""
     text = torch.ones_like(input_ids, dtype=torch.bool)
@@ -197,8 +202,10 @@ def start_prompt(
     if any(plan.vision is not None for plan in plans):
         inputs_embeds = inputs_embeds.clone()
     text = None
-    if any(plan.vision is not None and plan.vision.needs_text for plan in plans):
+    if _reads_text(plans):
         text = _text_tokens(input_ids, items, kwargs.get("attention_mask"), labels)
+        if reference is not None:  # generating without a cache: the text the first prefill read
+            text[:, reference[0].full_length :] = False
     by_item = {id(item): plan for item, plan in zip(items, plans)}
     vision = reduce_vision(binding, items, captures, inputs_embeds, additions, by_item, signals, text)
     slots_by_vision = {id(item): slots for item, _, slots in vision}
@@ -273,11 +280,12 @@ def check_drafts_in_prefill(plans, logits_to_keep, cache) -> None:
     """Assisted and prompt-lookup decoding verify drafted tokens in the prefill itself (``generate``
     asks for the logits of every draft): the drafts would be the text a language stage reads."""
     drafted = isinstance(logits_to_keep, int) and logits_to_keep > 1 and cache is not None
-    if drafted and any(plan.schedule.boundaries for plan in plans):
+    if drafted and (any(plan.schedule.boundaries for plan in plans) or _reads_text(plans)):
         raise NotImplementedError(
             "assisted and prompt-lookup decoding put drafted tokens into the prefill, where they would steer what "
-            "a method that prunes inside the language model keeps. Use greedy, sampling or beam search, or a "
-            "vision-side method (visionzip, pool, random), under which drafts run exactly"
+            "a method that prunes inside the language model (or reads the prompt's text) keeps. Use greedy, "
+            "sampling or beam search, or a vision-side method (visionzip, pool, random), under which drafts "
+            "run exactly"
         )
 
 
@@ -303,7 +311,7 @@ def open_prompt(binding: Binding, call, found: tuple[torch.Tensor, dict], kwargs
         )
     reference = None
     if cache is None and not torch.is_grad_enabled() and call.reference is not None:
-        rows = extends(call.reference, input_ids, items) if call.reference_encoding == encoding else None
+        rows = extends(call.reference, input_ids, items) if same_encoding(call.reference_encoding, encoding) else None
         reference = (call.reference, rows) if rows is not None else None
     call.prompt = start_prompt(binding, input_ids, call.labels, kwargs, items, captures, reference, row_budgets)
     if cache is not None:
@@ -311,6 +319,6 @@ def open_prompt(binding: Binding, call, found: tuple[torch.Tensor, dict], kwargs
         # generate() prefills again at every step from the same encoding, so it stays.
         call.captures.clear()
         call.reference = None
-    elif reference is None and not torch.is_grad_enabled() and call.prompt.boundaries:
+    elif reference is None and not torch.is_grad_enabled() and (call.prompt.boundaries or _reads_text(plans)):
         call.reference, call.reference_encoding = call.prompt, encoding
     return call.prompt

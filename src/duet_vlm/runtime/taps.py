@@ -80,11 +80,10 @@ class TowerCaptures:
         self.calls, self.used = kept, False
         self.pending_inputs, self.pending_entries, self.open, self.pending_layers = {}, {}, {}, {}
 
-    def encoding(self) -> tuple[int, ...]:
-        """Which tower calls produced the current captures (ids of their live outputs)."""
-        return tuple(
-            id(c.source()) if c.source is not None else -1 for captures in self.calls.values() for c in captures
-        )
+    def encoding(self) -> tuple:
+        """Which tower calls produced the current captures: weak references to their outputs
+        (compared with ``same_encoding``; an id alone could be reused once an output is freed)."""
+        return tuple(c.source for captures in self.calls.values() for c in captures)
 
     def take(self) -> dict[str, Capture]:
         """Every tower's captures of the current encoding, concatenated over its calls (one row per
@@ -100,3 +99,10 @@ class TowerCaptures:
             )
             for tower, calls in self.calls.items()
         }
+
+
+def same_encoding(a: tuple, b: tuple) -> bool:
+    """Whether two encodings are the same tower calls, by the identity of outputs still alive."""
+    return len(a) == len(b) and all(
+        x is not None and y is not None and x() is not None and x() is y() for x, y in zip(a, b)
+    )

@@ -219,24 +219,24 @@ def render_vllm(root: Path, path: str) -> str:
     results = _load(root, path)
     model, machine, settings = results["model"], results["machine"], results["settings"]
     rows = results["rows"]
-    base = {row["concurrency"]: row for row in rows if row["method"] is None}
+    base = {(row["concurrency"], row["max_tokens"]): row for row in rows if row["method"] is None}
     header = (
         f"`{results['command']}`: {machine['cpus']} CPU cores, server threads {machine['server_threads']}, "
         f"vLLM {machine['vllm']}; a random-weight model of LLaVA-1.5's geometry ({model['visual_tokens']} visual "
         f"tokens per image, {model['layers']} decoder layers of width {model['hidden']}, a {model['vision_layers']}-layer "
         f"CLIP tower of width {model['vision_hidden']}), {settings['dtype']}; {settings['requests']} image requests per "
-        f"row, {settings['max_tokens']} output tokens each, prefix caching off.\n\n"
+        f"row (a warm-up request before each row), end-of-sequence ignored, prefix caching off.\n\n"
     )
-    head = ["server", "visual tokens", "concurrent", "requests/s", "output tokens/s", "TTFT median (s)",
+    head = ["server", "visual tokens", "output tokens", "concurrent", "requests/s", "output tokens/s", "TTFT median (s)",
             "TTFT p90 (s)", "peak RSS (GiB)", "requests/s vs unreduced", "TTFT vs unreduced", "load (before → after)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        ref = base.get(row["concurrency"])
+        ref = base.get((row["concurrency"], row["max_tokens"]))
         speed = f"{row['requests_per_s'] / ref['requests_per_s']:.2f}x" if ref and row["method"] else ""
         ttft = f"{row['ttft_median_s'] / ref['ttft_median_s']:.2f}x" if ref and row["method"] else ""
         name = row["setting"] if row["method"] is None else f"{row['setting']} {row['budget']}"
         lines.append("| " + " | ".join([
-            name, str(row["visual_tokens"]), str(row["concurrency"]), f"{row['requests_per_s']:.3f}",
+            name, str(row["visual_tokens"]), str(row["max_tokens"]), str(row["concurrency"]), f"{row['requests_per_s']:.3f}",
             f"{row['output_tokens_per_s']:.2f}", f"{row['ttft_median_s']:.2f}", f"{row['ttft_p90_s']:.2f}",
             f"{row['peak_rss_gib']:.2f}", speed, ttft, f"{row['load_before']:.1f} → {row['load_after']:.1f}",
         ]) + " |")

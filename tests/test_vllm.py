@@ -334,12 +334,14 @@ def data_url(picture) -> str:
 
 
 def test_openai_server_answers_with_per_request_budgets(llava, tmp_path):
-    """``vllm serve`` with the plugin on 127.0.0.1: three image requests with different budgets (the
-    server's, a request's budget, a request's ratio) answer as the offline engine does."""
+    """vLLM's OpenAI-compatible server with the plugin (``python -m duet_vlm.integrations.vllm.serve``) on
+    127.0.0.1: three image requests with different budgets (the server's, a request's budget, a
+    request's ratio), then the first again with a request's budget (the same image, now another
+    budget: prefix caching must not reuse the first), answer as the offline engine does."""
     openai = pytest.importorskip("openai")
     folder, _, processor = llava
-    pictures = [image(7), image(8), image(9)]
-    requests = [None, {"duet_budget": 16}, {"duet_ratio": 0.1}]
+    pictures = [image(7), image(8), image(9), image(7)]
+    requests = [None, {"duet_budget": 16}, {"duet_ratio": 0.1}, {"duet_budget": 8}]
     server = {"duet_method": "visionzip", "duet_budget": 64}
     messages = [
         [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(p)}},
@@ -358,7 +360,7 @@ def test_openai_server_answers_with_per_request_budgets(llava, tmp_path):
         sys.executable, "-m", "duet_vlm.integrations.vllm.serve", str(folder), "--method", "visionzip", "--budget", "64",
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
         "--kv-cache-memory-bytes", str(1 << 28), "--limit-mm-per-prompt", json.dumps({"image": 1, "video": 0}),
-        "--served-model-name", "tiny", "--no-enable-prefix-caching", "--trust-request-mm-kwargs",
+        "--served-model-name", "tiny", "--trust-request-mm-kwargs",  # vLLM's defaults otherwise (prefix caching on)
     ]
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)

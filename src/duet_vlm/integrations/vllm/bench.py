@@ -7,7 +7,8 @@ images, 576 visual tokens per image, a 32-layer decoder; widths scaled down to f
 ``duet_vlm.bench.models.ModelSize`` scales them) is served twice: by plain vLLM (the plugin
 installed, no method: vLLM's own code path), and with the plugin running a method, where each
 request asks for its budget (``mm_processor_kwargs``). A client sends ``requests`` image requests at
-each concurrency (streaming, ``max_tokens`` tokens each, end-of-sequence ignored) and measures
+each concurrency and output length (streaming, ``max_tokens`` tokens each, end-of-sequence ignored: a
+short answer, where the prefill dominates, and a longer one, where decoding does) and measures
 requests/s, output tokens/s, time to first token (median and 90th percentile) and the peak resident
 memory of the server's processes. Rows record the machine's load average before and after: on a
 shared machine the numbers are noisy, and the load says how noisy.
@@ -52,6 +53,7 @@ class Row:
     budget: int | None
     visual_tokens: int
     concurrency: int
+    max_tokens: int
     requests: int
     output_tokens: int
     seconds: float
@@ -175,9 +177,12 @@ async def _run(port: int, urls: list[str], budget: int | None, concurrency: int,
         async with gate:
             return await _one(client, url, budget, max_tokens)
 
-    start = time.perf_counter()
-    results = await asyncio.gather(*(limited(url) for url in urls))
-    return time.perf_counter() - start, results
+    try:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(limited(url) for url in urls))
+        return time.perf_counter() - start, results
+    finally:
+        await client.close()
 
 
 def measure(server: Server, setting: str, method, budget, visual_tokens, concurrency, requests, max_tokens, seed) -> Row:
@@ -190,7 +195,7 @@ def measure(server: Server, setting: str, method, budget, visual_tokens, concurr
     ttfts = sorted(r[0] for r in results)
     tokens = sum(r[1] for r in results)
     return Row(
-        setting, method, budget, visual_tokens, concurrency, requests, tokens, round(seconds, 3),
+        setting, method, budget, visual_tokens, concurrency, max_tokens, requests, tokens, round(seconds, 3),
         round(requests / seconds, 4), round(tokens / seconds, 3), round(statistics.median(ttfts), 3),
         round(ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))], 3), round(server.peak / 2**30, 3),
         round(load_before, 2), round(load_after, 2),
@@ -203,13 +208,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--method", default="visionzip")
     parser.add_argument("--budgets", default="192,64", help="per-request budgets, comma-separated")
     parser.add_argument("--concurrency", default="1,4")
-    parser.add_argument("--requests", type=int, default=8, help="requests per measurement")
-    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=6, help="requests per measurement")
+    parser.add_argument("--max-tokens", default="16,96", help="output tokens per request, comma-separated")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the server's OMP_NUM_THREADS")
     parser.add_argument("--startup-s", type=float, default=600)
     args = parser.parse_args(argv)
     budgets = [int(b) for b in args.budgets.split(",") if b]
     levels = [int(c) for c in args.concurrency.split(",") if c]
+    lengths = [int(t) for t in args.max_tokens.split(",") if t]
     work = Path(tempfile.mkdtemp(prefix="duet-vllm-bench-"))
     folder = write_llava(work / "model", BENCH_SIZE, sharpness=1.0)
     import vllm
@@ -220,11 +226,12 @@ def main(argv: list[str] | None = None) -> None:
         server = Server(folder, method, setting_budgets[0], work / f"server-{method}.log", args.threads, args.startup_s)
         try:
             for budget in setting_budgets:
-                for concurrency in levels:
-                    row = measure(server, setting, method, budget, budget or 576, concurrency, args.requests,
-                                  args.max_tokens, seed=100)
-                    print(json.dumps(asdict(row)), flush=True)
-                    rows.append(row)
+                for max_tokens in lengths:
+                    for concurrency in levels:
+                        row = measure(server, setting, method, budget, budget or 576, concurrency, args.requests,
+                                      max_tokens, seed=100)
+                        print(json.dumps(asdict(row)), flush=True)
+                        rows.append(row)
         finally:
             server.stop()
     record = {
@@ -232,8 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": {**asdict(BENCH_SIZE), "visual_tokens": 576, "note": "random weights; LLaVA-1.5 token geometry"},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "server_threads": args.threads,
                     "vllm": vllm.__version__, "python": platform.python_version()},
-        "settings": {"requests": args.requests, "max_tokens": args.max_tokens, "prefix_caching": False,
-                     "dtype": "float32"},
+        "settings": {"requests": args.requests, "max_tokens": lengths, "prefix_caching": False, "dtype": "float32"},
         "rows": [asdict(row) for row in rows],
     }
     out = Path(args.out)

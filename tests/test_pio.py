@@ -163,6 +163,10 @@ def test_explicit_parameters_override_the_solver():
     fractions = PIO(llm_input=300, layers=(8, 16), ratios=(0.5, 0.333)).plan(LLAVA15).schedule
     assert fractions.boundaries == ((8, 150), (16, 49))  # int(r * n) of the current count, as the Qwen code
     assert PIO(llm_input=96, layers=()).plan(LLAVA15).language is None
+    # As the official code: an explicit count is capped by what is there (min(image_token_list[s], n)).
+    assert PIO(llm_input=50, layers=(16,), keep=(60,)).plan(LLAVA15).schedule.boundaries == ((16, 50),)
+    whole = PIO(llm_input=600).plan(LLAVA15)  # N >= 576: every token enters, no scan (visual_token_num 576)
+    assert whole.schedule.llm_input == 576 and whole.vision is None
     assert PIO(budget=64).schedule_for(LLAVA15, 300).boundaries == ((16, 100),)  # as a Compose half
 
 
@@ -181,7 +185,6 @@ def test_the_qwen_path_follows_the_official_qwen_code():
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(), "budget must be a positive int"),
         (dict(budget=0), "budget must be a positive int"),
         (dict(budget=64.0), "budget must be a positive int"),
         (dict(budget=64, threshold=1.5), r"threshold must be a cosine similarity in \[-1, 1\]"),
@@ -190,10 +193,10 @@ def test_the_qwen_path_follows_the_official_qwen_code():
         (dict(budget=64, probe="first"), "probe must be one of"),
         (dict(budget=300, vision=False, llm_input=300), r"need vision=True"),
         (dict(budget=64, layers=(16, 8)), "layers must be strictly increasing"),
-        (dict(budget=64, layers=(8, 16), keep=(32,)), "2 boundary layers but 1 keep counts"),
-        (dict(budget=64, keep=(40, 20)), "give the boundary layers with keep or ratios"),
+        (dict(budget=64, layers=(8, 16), keep=(32,)), r"2 boundary layer\(s\) but 1 keep counts"),
+        (dict(budget=64, keep=(40, 20)), "give layers with more than one"),
         (dict(budget=64, layers=(8,), keep=(2,), ratios=(0.5,)), "give keep or ratios, not both"),
-        (dict(budget=64, layers=(8,), ratios=(0.0,)), r"ratios must lie in \(0, 1\]"),
+        (dict(budget=64, layers=(8,), ratios=(1.5,)), r"ratios must lie in \[0, 1\]"),
         (dict(budget=64, llm_input=-1), "llm_input must be a positive int"),
         (dict(budget=64, vision_ratio=1.5), r"vision_ratio must lie in \(0, 1\]"),
         (dict(budget=64, llm_input=96, vision_ratio=0.2), "give llm_input or vision_ratio, not both"),
@@ -210,8 +213,8 @@ def test_bad_options_are_refused(options, message):
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(llm_input=600), "llm_input=600 exceeds the 576 visual tokens"),
-        (dict(llm_input=50, layers=(16,), keep=(60,)), r"keep=\(60,\) exceeds the 50 tokens entering the LLM"),
+        (dict(), "PIO needs a budget"),
+        (dict(vision=False), "PIO needs a budget"),
         (dict(budget=64, layers=(32,)), r"boundary layers must lie inside \(0, 32\)"),
     ],
 )

@@ -27,7 +27,8 @@ from duet_vlm.methods.duet import DominantContextualMerge
 from duet_vlm.methods.fastv import LastTokenAttention
 from duet_vlm.methods.pyramiddrop import LastInstructionAttention
 from duet_vlm.methods.trio_scan import GlobalLocalScan
-from duet_vlm.methods.vscan import VScan, vscan_keeps
+from duet_vlm.methods.trio_scan import third_keeps as vscan_keeps
+from duet_vlm.methods.vscan import VScan
 from duet_vlm.plan import PositionsError, VisionReduction, VisionStage, VisionView
 
 from conftest import make_inputs

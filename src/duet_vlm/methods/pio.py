@@ -9,6 +9,7 @@ shortens the language model's input.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -17,16 +18,14 @@ from ..geometry import Geometry
 from ..plan import LanguageStage, LayerView, Plan
 from ..schedule import Schedule, scaled_boundaries, solve_llm_input
 from ..selection import gather_tokens
-from .base import Reducer, check_budget, per_unit
 from .registry import register_method
-from .trio_scan import GlobalLocalScan, scan_for
+from .trio_scan import ScanThenPrune
 
 PROBES = ("next", "boundary")
 # The official "w/o VE" schedules (LLaVA-1.5: 576 tokens, 32 layers), pruning after layers 1, 10, 15:
 # scripts/v1_5/eval/*.sh at budget 128, textvqa_set1/2.sh and the comment above layer_prune at 64.
 LLM_ONLY_LAYERS = (1 / 32, 10 / 32, 15 / 32)
 LLM_ONLY_PUBLISHED = {(576, 32, 128): (218, 128, 54), (576, 32, 64): (92, 54, 22)}
-QWEN_KEEP_RATIO = 0.333  # the official Qwen2.5-VL README's ratio at layer 14 of 28 (keep int(0.333 * n))
 
 
 def saliency_nms(saliency: torch.Tensor, features: torch.Tensor, keep: int, threshold: float = 0.8) -> torch.Tensor:
@@ -153,7 +152,7 @@ class SaliencyNMSPrune(LanguageStage):
 
 @register_method("pio")
 @dataclass
-class PIO(Reducer):
+class PIO(ScanThenPrune):
     """PIO-FVLM / TRIO (Ouyang et al., 2026), the official algorithm (``ocy1/TRIO``, ``ec85d99``).
 
     A vision-encoder scan (``TrioScan``: half the tokens by windows of a shallow layer's CLS
@@ -211,141 +210,44 @@ class PIO(Reducer):
     >>> with reducer(model): model.generate(**inputs)             # doctest: +SKIP
     """
 
-    budget: int | None = None
     vision: bool = True
-    llm_input: int | None = None
-    vision_ratio: float | None = None
-    layers: tuple[int, ...] | None = None
-    keep: tuple[int, ...] | None = None
-    ratios: tuple[float, ...] | None = None
     threshold: float = 0.8
     proxy_tokens: int = 4
     probe: str | None = None
-    window: int | None = None
-    local_share: float = 0.5
-    local_layer: int | str | None = None
-    global_layer: int | str | None = None
+
+    ceiling_hint: ClassVar[str] = "use vision=False or larger ratios"
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if not isinstance(self.vision, bool):
             raise ValueError(f"vision must be True or False, got {self.vision!r}")
-        if isinstance(self.keep, int):
-            self.keep = (self.keep,)
-        if self.layers is not None:
-            self.layers = _int_tuple("layers", self.layers, minimum=1)
-            if list(self.layers) != sorted(set(self.layers)):
-                raise ValueError(f"layers must be strictly increasing, got {self.layers}")
-        if self.keep is not None:
-            self.keep = _int_tuple("keep", self.keep, minimum=0)
-        if self.ratios is not None:
-            self.ratios = tuple(self.ratios)
-            if any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1 for r in self.ratios):
-                raise ValueError(f"ratios must lie in (0, 1], got {self.ratios}")
-        if self.keep is not None and self.ratios is not None:
-            raise ValueError("give keep or ratios, not both")
-        if self.llm_input is not None and (
-            isinstance(self.llm_input, bool) or not isinstance(self.llm_input, int) or self.llm_input < 1
-        ):
-            raise ValueError(f"llm_input must be a positive int, got {self.llm_input!r}")
-        if self.vision_ratio is not None and (
-            isinstance(self.vision_ratio, bool) or not isinstance(self.vision_ratio, (int, float))
-            or not 0 < self.vision_ratio <= 1
-        ):
-            raise ValueError(f"vision_ratio must lie in (0, 1], got {self.vision_ratio!r}")
-        if self.llm_input is not None and self.vision_ratio is not None:
-            raise ValueError("give llm_input or vision_ratio, not both")
         if not self.vision and (self.llm_input is not None or self.vision_ratio is not None):
             raise ValueError("llm_input and vision_ratio set the vision scan's output: they need vision=True")
-        shape = self.keep if self.keep is not None else self.ratios
-        if shape is not None and self.layers is None:
-            raise ValueError("give the boundary layers with keep or ratios")
-        if shape is not None and len(shape) != len(self.layers):
-            raise ValueError(f"{len(self.layers)} boundary layers but {len(shape)} keep counts/ratios")
-        check_budget(self.budget, required=not self._explicit)
+        super().__post_init__()
         self.language_stage()  # validate the stage options now rather than at attach time
-        self.vision_stage_for(Geometry(1, 1, (1, 1), False), 1)
-
-    @property
-    def _explicit(self) -> bool:
-        """Whether the schedule is fixed without a budget."""
-        if self.vision:
-            return self.llm_input is not None or self.vision_ratio is not None
-        return self.keep is not None or self.ratios is not None
-
-    @classmethod
-    def qwen_reference(cls, **overrides) -> "PIO":
-        """The official Qwen2.5-VL README setting: 0.167 of each image's tokens after the encoder,
-        then ``int(0.333 * n)`` of them after decoder layer 14 (of 28): 11.1% on average.
-
-        >>> with PIO.qwen_reference()(model): model.generate(**inputs)   # doctest: +SKIP
-        """
-        return cls(**{**dict(vision_ratio=0.167, layers=(14,), ratios=(QWEN_KEEP_RATIO,)), **overrides})
 
     def language_stage(self, geometry: Geometry | None = None) -> SaliencyNMSPrune:
         probe = self.probe or ("boundary" if geometry is not None and geometry.rope == "mrope" else "next")
         return SaliencyNMSPrune(self.threshold, self.proxy_tokens, probe)
 
-    def vision_stage_for(self, geometry: Geometry, keep: int) -> GlobalLocalScan:
-        return scan_for(geometry, self.window, self.local_share, self.local_layer, self.global_layer)
+    def language_stage_for(self, geometry: Geometry) -> SaliencyNMSPrune:
+        return self.language_stage(geometry)
 
     def encoder_layers(self, geometry: Geometry) -> tuple:
-        return self.vision_stage_for(geometry, 1).encoder_layers() if self.vision else ()
-
-    def schedule_for(self, geometry: Geometry, llm_input: int) -> Schedule:
-        """The boundaries after ``llm_input`` tokens enter: explicit counts (never more than enter),
-        or fractions of the current count; by default ``round(n / 3)`` after half the depth
-        (``int(0.333 * n)`` under M-RoPE)."""
-        layers = self.layers if self.layers is not None else scaled_boundaries(geometry.num_layers, (0.5,))
-        if layers and layers[-1] >= geometry.num_layers:
-            raise ValueError(f"boundary layers must lie inside (0, {geometry.num_layers}), got {layers}")
-        keeps, current = [], llm_input
-        for stage in range(len(layers)):
-            if self.keep is not None:
-                current = min(self.keep[stage], current)
-            elif self.ratios is not None:
-                current = int(self.ratios[stage] * current)
-            elif geometry.rope == "mrope":
-                current = int(QWEN_KEEP_RATIO * current)
-            else:
-                current = round(current / 3)
-            keeps.append(current)
-        return Schedule(geometry.num_layers, geometry.visual_tokens, llm_input, tuple(zip(layers, keeps)))
+        return super().encoder_layers(geometry) if self.vision else ()
 
     def plan(self, geometry: Geometry) -> Plan:
-        if not self.vision:
-            schedule = self._llm_only(geometry)
-            return Plan(schedule, None, self.language_stage(geometry) if schedule.boundaries else None)
-        if self.llm_input is not None or self.vision_ratio is not None:
-            n = self.llm_input if self.llm_input is not None else int(self.vision_ratio * geometry.visual_tokens)
-            n = per_unit(geometry, min(n, geometry.visual_tokens)) * geometry.units
-            if self.llm_input is not None and self.llm_input > geometry.visual_tokens:
-                raise ValueError(f"llm_input={self.llm_input} exceeds the {geometry.visual_tokens} visual tokens")
-            schedule = self.schedule_for(geometry, n)
-        else:
-            maximum = self.schedule_for(geometry, geometry.visual_tokens).average
-            if self.budget > maximum + 1:
-                raise ValueError(
-                    f"PIO with the vision scan averages at most {maximum:g} visual tokens per layer with this "
-                    f"schedule (budget {self.budget}); use vision=False or larger ratios"
-                )
-            schedule = solve_llm_input(self.budget, lambda n: self.schedule_for(geometry, n), step=geometry.units)
-        self._check_keep(schedule)
-        language = self.language_stage(geometry) if schedule.boundaries else None
-        return Plan(schedule, self.vision_stage_for(geometry, schedule.llm_input), language)
-
-    def _check_keep(self, schedule: Schedule) -> None:
-        kept = tuple(k for _, k in schedule.boundaries)
-        if self.keep is not None and kept != self.keep:
-            raise ValueError(f"keep={self.keep} exceeds the {schedule.llm_input} tokens entering the LLM")
+        if self.vision:
+            return super().plan(geometry)
+        schedule = self._llm_only(geometry)
+        return Plan(schedule, None, self.language_stage(geometry) if schedule.boundaries else None)
 
     def _llm_only(self, geometry: Geometry) -> Schedule:
         """The "w/o VE" schedule: every token enters, three boundaries (or the explicit ones)."""
         visual = geometry.visual_tokens
         if self.keep is not None or self.ratios is not None:
-            schedule = self.schedule_for(geometry, visual)
-            self._check_keep(schedule)
-            return schedule
+            return self.schedule_for(geometry, visual)
+        if self.budget is None:
+            raise ValueError("PIO needs a budget (or keep / ratios)")
         layers = self.layers if self.layers is not None else scaled_boundaries(geometry.num_layers, LLM_ONLY_LAYERS)
         published = LLM_ONLY_PUBLISHED.get((visual, geometry.num_layers, self.budget))
         if published is not None and self.layers is None:
@@ -365,15 +267,8 @@ class PIO(Reducer):
             )
         if self.budget < minimum - 1:
             raise ValueError(
-                f"PIO without the vision scan (vision=False) cannot average fewer than {minimum:g} visual tokens "
-                f"per layer with boundaries {layers} on {geometry.num_layers} layers (budget {self.budget}); "
+                f"PIO without the vision scan (vision=False) cannot average fewer than {minimum:g} visual "
+                f"tokens per layer with boundaries {layers} on {geometry.num_layers} layers (budget {self.budget}); "
                 "use vision=True or earlier layers"
             )
         return solve_llm_input(self.budget, build)
-
-
-def _int_tuple(name: str, values, minimum: int) -> tuple[int, ...]:
-    values = tuple(values)
-    if any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in values):
-        raise ValueError(f"{name} must be ints >= {minimum}, got {values}")
-    return values

@@ -6,53 +6,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..geometry import Geometry
-from ..schedule import Schedule, scaled_boundaries, solve_llm_input
-from .base import Plan, Reducer, check_budget, per_unit
+from ..geometry import Geometry  # noqa: F401 - the doctest's
 from .pyramiddrop import LastInstructionAttention
 from .registry import register_method
-from .trio_scan import GlobalLocalScan, scan_for
-
-#: The pruning boundary at half the depth: the official LLaVA scripts prune after layer 16 of 32,
-#: the Qwen2.5-VL README after layer 14 of 28.
-BOUNDARY_FRACTION = 0.5
-#: The official Qwen2.5-VL README's keep ratio at that boundary (``int(0.333 * n)`` in the code).
-QWEN_KEEP_RATIO = 0.333
-
-
-def vscan_keeps(
-    llm_input: int, stages: int, keep: tuple[int, ...] | None = None, ratios: tuple[float, ...] | None = None,
-    mrope: bool = False,
-) -> tuple[int, ...]:
-    """Visual tokens per item after each of ``stages`` boundaries when ``llm_input`` enter the LLM.
-
-    Explicit ``keep`` counts are capped by the tokens present (the official ``min(image_token_list[s],
-    image_tokens)``); ``ratios`` are fractions of the current count (``int(r * n)``, the official Qwen
-    rule); by default a third: ``round(n / 3)`` (the official LLaVA README's 96 -> 32), ``int(0.333 * n)``
-    under M-RoPE (the official Qwen2.5-VL README's ratio, as its code applies it).
-
-    >>> vscan_keeps(96, 1), vscan_keeps(288, 1), vscan_keeps(288, 1, mrope=True)
-    ((32,), (96,), (95,))
-    >>> vscan_keeps(96, 2, keep=(64, 100)), vscan_keeps(100, 2, ratios=(0.5, 0.5))
-    ((64, 64), (50, 25))
-    """
-    keeps, current = [], llm_input
-    for stage in range(stages):
-        if keep is not None:
-            current = min(keep[stage], current)
-        elif ratios is not None:
-            current = int(ratios[stage] * current)
-        elif mrope:
-            current = int(QWEN_KEEP_RATIO * current)
-        else:
-            current = round(current / 3)
-        keeps.append(current)
-    return tuple(keeps)
+from .trio_scan import ScanThenPrune, third_keeps  # noqa: F401 - third_keeps: VScan's keep counts, documented here
 
 
 @register_method("vscan")
 @dataclass
-class VScan(Reducer):
+class VScan(ScanThenPrune):
     """VScan (Zhang et al., 2025, arXiv 2505.22654; TMLR 2026): a global and a local scan of the vision
     encoder with every other token merged into a kept one, then text-guided pruning in the middle of
     the language model.
@@ -83,7 +45,7 @@ class VScan(Reducer):
     (PyramidDrop's stage, the same rule) takes the last one. This module imports that stage.
 
     **Schedule and budget** (``budget`` = average visual tokens per decoder layer per item): ``N`` for
-    the first half of the layers and a third of it after the boundary (``vscan_keeps``); ``N`` is
+    the first half of the layers and a third of it after the boundary (``third_keeps``); ``N`` is
     solved from the budget (``solve_llm_input``, as DUET's ``compose_plan`` does). On LLaVA-1.5
     (576 tokens, 32 layers): 64 -> 96 -> 32 after layer 16 (the official README and scripts'
     default, ``--visual_token_num 96 --layer_list [16] --image_token_list [32]``); 128 -> 192 -> 64
@@ -144,117 +106,7 @@ class VScan(Reducer):
     >>> with VScan(budget=64)(model): model.generate(**inputs)      # doctest: +SKIP
     """
 
-    budget: int | None = None
-    llm_input: int | None = None
-    vision_ratio: float | None = None
-    layers: tuple[int, ...] | None = None
-    keep: tuple[int, ...] | None = None
-    ratios: tuple[float, ...] | None = None
-    window: int | None = None
-    local_share: float = 0.5
-    local_layer: int | str | None = None
-    global_layer: int | str | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.layers, int) and not isinstance(self.layers, bool):
-            self.layers = (self.layers,)
-        if isinstance(self.keep, int) and not isinstance(self.keep, bool):
-            self.keep = (self.keep,)
-        if isinstance(self.ratios, (int, float)) and not isinstance(self.ratios, bool):
-            self.ratios = (self.ratios,)
-        if self.layers is not None:
-            self.layers = _int_tuple("layers", self.layers, minimum=1)
-            if list(self.layers) != sorted(set(self.layers)):
-                raise ValueError(f"layers must be strictly increasing, got {self.layers}")
-        if self.keep is not None:
-            self.keep = _int_tuple("keep", self.keep, minimum=0)
-        if self.ratios is not None:
-            self.ratios = tuple(self.ratios)
-            if any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1 for r in self.ratios):
-                raise ValueError(f"ratios must lie in [0, 1], got {self.ratios}")
-        if self.keep is not None and self.ratios is not None:
-            raise ValueError("give keep or ratios, not both")
-        shape = self.keep if self.keep is not None else self.ratios
-        stages = len(self.layers) if self.layers is not None else 1
-        if shape is not None and len(shape) != stages:
-            raise ValueError(
-                f"{stages} boundary layer(s) but {len(shape)} keep counts/ratios"
-                + ("" if self.layers is not None else " (give layers with more than one)")
-            )
-        if self.llm_input is not None and (
-            isinstance(self.llm_input, bool) or not isinstance(self.llm_input, int) or self.llm_input < 1
-        ):
-            raise ValueError(f"llm_input must be a positive int (tokens per item entering the LLM), got {self.llm_input!r}")
-        if self.vision_ratio is not None and (
-            isinstance(self.vision_ratio, bool) or not isinstance(self.vision_ratio, (int, float))
-            or not 0 < self.vision_ratio <= 1
-        ):
-            raise ValueError(f"vision_ratio must lie in (0, 1], got {self.vision_ratio!r}")
-        if self.llm_input is not None and self.vision_ratio is not None:
-            raise ValueError("give llm_input or vision_ratio, not both")
-        check_budget(self.budget, required=False)  # a half of a Compose needs none
-        self.vision_stage_for(Geometry(1, 1, (1, 1), False), 1)  # validate the scan's options now
-
-    @classmethod
-    def qwen_reference(cls, **overrides) -> "VScan":
-        """The official Qwen2.5-VL README setting: ``int(0.167 * n)`` of each image's tokens after the
-        encoder, then ``int(0.333 * n)`` of those after decoder layer 14 (of 28): 11.1% on average.
-
-        >>> VScan.qwen_reference().ratios
-        (0.333,)
-        """
-        return cls(**{**dict(vision_ratio=0.167, layers=(14,), ratios=(QWEN_KEEP_RATIO,)), **overrides})
-
-    # ----------------------------------------------------------------------------- the halves
-    def vision_stage_for(self, geometry: Geometry, keep: int) -> GlobalLocalScan:
-        return scan_for(geometry, self.window, self.local_share, self.local_layer, self.global_layer)
-
-    def encoder_layers(self, geometry: Geometry) -> tuple:
-        return self.vision_stage_for(geometry, 1).encoder_layers()
-
-    def schedule_for(self, geometry: Geometry, llm_input: int) -> Schedule:
-        """The boundary (or the explicit ones) when ``llm_input`` visual tokens per item enter."""
-        layers = self.layers if self.layers is not None else scaled_boundaries(geometry.num_layers, (BOUNDARY_FRACTION,))
-        if layers and layers[-1] >= geometry.num_layers:
-            raise ValueError(f"boundary layers must lie inside (0, {geometry.num_layers}), got {layers}")
-        keeps = vscan_keeps(llm_input, len(layers), self.keep, self.ratios, geometry.rope == "mrope")
-        return Schedule(geometry.num_layers, geometry.visual_tokens, llm_input, tuple(zip(layers, keeps)))
+    ceiling_hint = "give larger ratios/keep, later layers, or layers=() for the scan alone"
 
     def language_stage(self) -> LastInstructionAttention:
         return LastInstructionAttention()
-
-    # ----------------------------------------------------------------------------- the whole method
-    def plan(self, geometry: Geometry) -> Plan:
-        visual = geometry.visual_tokens
-        if self.llm_input is not None or self.vision_ratio is not None:
-            n = self.llm_input if self.llm_input is not None else int(self.vision_ratio * visual)
-            n = per_unit(geometry, min(n, visual)) * geometry.units
-            schedule = self.schedule_for(geometry, n)
-        elif self.budget is None:
-            raise ValueError("VScan needs a budget (or llm_input / vision_ratio)")
-        else:
-            maximum = self.schedule_for(geometry, visual).average
-            if self.budget > maximum + 1:
-                raise ValueError(
-                    f"VScan averages at most {maximum:g} visual tokens per layer with this schedule (all "
-                    f"{visual} tokens enter, boundaries {_schedule_text(self.schedule_for(geometry, visual))}; "
-                    f"budget {self.budget}); give larger ratios/keep, later layers, or layers=() for the scan alone"
-                )
-            schedule = solve_llm_input(self.budget, lambda n: self.schedule_for(geometry, n), step=geometry.units)
-        language = self.language_stage() if schedule.boundaries else None
-        vision = self.vision_stage_for(geometry, schedule.llm_input) if schedule.llm_input < visual else None
-        return Plan(schedule, vision, language)
-
-
-def _schedule_text(schedule: Schedule) -> str:
-    return ", ".join(f"{keep} after layer {layer}" for layer, keep in schedule.boundaries) or "none"
-
-
-def _int_tuple(name: str, values, minimum: int) -> tuple[int, ...]:
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise ValueError(f"{name} must be a sequence of ints >= {minimum}, got {values!r}")
-    values = tuple(values)
-    if any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in values):
-        raise ValueError(f"{name} must be ints >= {minimum}, got {values}")
-    return values

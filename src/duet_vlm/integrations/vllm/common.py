@@ -121,6 +121,8 @@ class DuetTowerMixin:
             kind = self.config.vision_config.model_type
             if kind not in self.tower_types:
                 raise RefusedMethod(f"duet-vlm's vLLM plugin reads {', '.join(self.tower_types)} towers; this one is {kind!r}")
+            if not isinstance(getattr(self.config, "vision_feature_layer", -1), int):
+                raise RefusedMethod("duet-vlm supports a single vision feature layer (vision_feature_layer an int)")
             self.duet.reducer()
 
     def duet_plan(self, budget: int, geometry: Geometry) -> Plan | None:

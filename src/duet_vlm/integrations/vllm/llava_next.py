@@ -25,6 +25,7 @@ from vllm.model_executor.models.llava_next import get_anyres_image_grid_shape
 
 from ...geometry import Geometry
 from .common import DuetProcessorMixin, DuetTowerMixin
+from .options import RefusedMethod
 
 
 def next_geometry(info: LlavaNextProcessingInfo, width: int, height: int) -> Geometry:
@@ -76,12 +77,13 @@ class DuetLlavaNextForConditionalGeneration(DuetTowerMixin, LlavaNextForConditio
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        config = self.config
-        if config.vision_config.model_type == "clip_vision_model" and config.vision_feature_select_strategy != "default":
-            raise TypeError("duet-vlm's LLaVA-NeXT path supports CLIP towers with vision_feature_select_strategy='default'")
-        if self.select_layers is not None:
-            raise TypeError("duet-vlm supports a single vision feature layer")
         self.setup_duet(vllm_config, None)
+        config = self.config
+        if self.duet.active:  # without a method this is vLLM's class as it is
+            if config.vision_config.model_type == "clip_vision_model" and config.vision_feature_select_strategy != "default":
+                raise RefusedMethod("duet-vlm's LLaVA-NeXT path supports CLIP towers with vision_feature_select_strategy='default'")
+            if self.select_layers is not None:
+                raise RefusedMethod("duet-vlm supports a single vision feature layer")
 
     def embed_multimodal(self, **kwargs: object):
         budgets = kwargs.pop("duet_budget", None)

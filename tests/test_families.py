@@ -474,7 +474,7 @@ def test_overlay_draws_the_tiles_and_frames_tokens_came_from(video_llava, llava_
     """Every kept token of an anyres image or a video lands on one cell of one grid of the picture."""
     from PIL import Image
 
-    from duet_vlm.cli import read_frames
+    from duet_vlm.compare import read_frames
     from duet_vlm.compare import draw_item_overlay
 
     with torch.no_grad():

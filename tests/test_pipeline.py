@@ -9,7 +9,7 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration, pipeline
 
 import duet_vlm
-from duet_vlm.demo import data
+from duet_vlm import synthetic as data
 
 DEMO = Path(duet_vlm.__file__).parent / "assets" / "demo_model"
 

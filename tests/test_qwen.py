@@ -514,7 +514,7 @@ def test_a_manual_decoding_loop_without_mask_gets_the_unreduced_positions(family
 
 def test_stage_a_cost_benchmark_runs_on_a_small_tower():
     """The benchmark behind the README's Stage A cost: structure and the derived shares (no timing asserted)."""
-    from duet_vlm.bench_vision import stage_a_cost
+    from duet_vlm.bench.vision import stage_a_cost
 
     result = stage_a_cost(depth=1, grid=(8, 8), rounds=1)
     assert result["image_patches"] == 64 and result["merged_tokens"] == 16 and result["tower"]["depth"] == 1

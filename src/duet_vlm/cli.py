@@ -78,14 +78,6 @@ def main() -> None:
     app(args=expand_list_options(sys.argv[1:]), prog_name="duet-vlm")
 
 
-def __getattr__(name: str):
-    if name == "read_frames":  # lived here before duet_vlm.compare; a test still imports it from here
-        from .compare import read_frames
-
-        return read_frames
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # ----------------------------------------------------------------------------- printing
 def layer_groups(counts: list[int]) -> list[tuple[int, int, int]]:
     """``[(first_layer, last_layer, count), ...]`` (1-based layers) for runs of equal counts."""

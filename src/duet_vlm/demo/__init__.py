@@ -1,6 +1,5 @@
 """Shipped demo: a small, genuinely trained LLaVA-architecture model, trained on the offline
-synthetic visual-QA benchmark (``duet_vlm.synthetic``, below both this package and ``training``;
-``duet_vlm.demo.data`` still names it).
+synthetic visual-QA benchmark (``duet_vlm.synthetic``, below both this package and ``training``).
 
 ``processor`` / ``model`` the model family, ``evaluate`` accuracy and probes,
 ``config`` / ``batching`` / ``objectives`` / ``train`` the training recipe, ``card`` the model card.
@@ -19,8 +18,6 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-    if name == "data":  # the benchmark's name before it moved below training/
-        return import_module("..synthetic", __name__)
     if name in _EXPORTS:
         return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,26 +1,40 @@
-"""The generated tables of the README (and of any page of these docs), rendered from the files the
-commands wrote, so that a table cannot drift from what a command printed.
+"""The generated tables and figures of the README and of the documentation site's pages (docs/*.md),
+rendered from the files the commands wrote, so that a number cannot drift from what a command printed.
 
-A table between ``<!-- generated: KIND FILE... -->`` and ``<!-- end generated -->`` is rendered from
-the named JSON files (paths relative to the page): ``duet-vlm eval``'s ``results.json``, a demo
+A block between ``<!-- generated: KIND ARG... -->`` and ``<!-- end generated -->`` is rendered from
+its arguments (file paths relative to the page): ``duet-vlm eval``'s ``results.json``, a demo
 model's ``metrics.json``, the adaptation experiment's ``adaptation.json``, a benchmark's output,
-the fixed-against-adaptive study's ``results.json``.
+the fixed-against-adaptive study's ``results.json``, the vLLM serving benchmark; ``schedules`` and
+``plan`` blocks are solved by the library itself (what ``duet-vlm plan`` prints); a ``figure``
+block draws ``docs/figures.py``'s "which method and budget" figure and records the digest of its
+inputs, in the block and in the PNG.
 
-    python docs/render.py README.md            # rewrite the stale blocks
-    python docs/render.py README.md --check    # exit 1 when one is stale (tests/test_readme.py)
+Prose that quotes numbers of a results file carries ``<!-- reading: FILE@DIGEST -->`` before it:
+when the file changes, the check fails until someone has read the prose against the new numbers
+and accepted it (``--accept-readings``). Tables re-render themselves; prose cannot.
+
+    python docs/render.py                       # README.md and every page: rewrite stale blocks, redraw stale figures
+    python docs/render.py README.md docs/x.md   # only these
+    python docs/render.py --check               # exit 1 when a block, a figure or a reading is stale (CI, tests)
+    python docs/render.py --accept-readings docs/benchmarks.md   # after re-reading that page's prose
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
 from pathlib import Path
 
+import figures  # docs/figures.py, beside this file
+
 from duet_vlm.bench import generate, train
 from duet_vlm.evaluation import QUESTION_ORDER, markdown_table, number, question_types, standard_error
 
 GENERATED_BLOCK = re.compile(r"(<!-- generated: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
+READING = re.compile(r"<!-- reading: (?P<files>[^>]*?) -->")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _load(root: Path, name: str) -> dict:
@@ -243,40 +257,301 @@ def render_vllm(root: Path, path: str) -> str:
     return header + "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- what the library solves
+def _schedule_cell(plan) -> str:
+    """A schedule in a few characters: ``307 → 153 → 0 (after 16, 24)``, or the LLM-input count alone."""
+    schedule = plan.schedule
+    counts = [schedule.llm_input, *(keep for _, keep in schedule.boundaries)]
+    after = f" (after {', '.join(str(layer) for layer, _ in schedule.boundaries)})" if schedule.boundaries else ""
+    return " → ".join(map(str, counts)) + after
+
+
+def _where(plan) -> str:
+    sides = [name for name, present in (("vision", plan.vision is not None), ("LLM", plan.language is not None)) if present]
+    return " + ".join(sides) or "—"
+
+
+def _geometry(tokens: int = 576, layers: int = 32):
+    from duet_vlm.costs import plan_costs
+
+    return lambda method, budget: plan_costs(method, budget, None, layers, tokens).plan
+
+
+def render_schedules(root: Path, *budgets: str) -> str:
+    """Every registered method's schedule at each budget on LLaVA-1.5's geometry (576 visual tokens, 32
+    decoder layers), as ``duet-vlm plan --method M --budget B`` solves it: the tokens entering the
+    language model, then the tokens kept after each boundary layer."""
+    from duet_vlm import METHODS
+
+    solve = _geometry()
+    head = ["method", "where", *(f"budget {b}" for b in budgets)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in METHODS:
+        plans = [solve(method, int(b)) for b in budgets]
+        lines.append("| " + " | ".join([f"`{method}`", _where(plans[0]), *map(_schedule_cell, plans)]) + " |")
+    return ("Visual tokens entering the language model → kept after each boundary layer, on LLaVA-1.5 (576 tokens, "
+            "32 layers); `duet-vlm plan --method NAME --budget N` prints any geometry.\n\n" + "\n".join(lines) + "\n")
+
+
+def render_plan(root: Path, method: str, *budgets: str) -> str:
+    """One method's solved plan per budget on LLaVA-1.5's geometry: its vision stage's parameters, the
+    visual tokens per layer group and the average (``duet-vlm plan --method METHOD --budget B``)."""
+    from itertools import groupby
+
+    solve = _geometry()
+    head = ["budget", "enter the LLM", "vision stage", "language stage", "tokens per layer group", "average"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for budget in budgets:
+        plan = solve(method, int(budget))
+        vision = "" if plan.vision is None else f"{type(plan.vision).__name__}(" + ", ".join(
+            f"{k}={v}" for k, v in vars(plan.vision).items() if isinstance(v, (int, float)) and not isinstance(v, bool)) + ")"
+        language = "" if plan.language is None else type(plan.language).__name__
+        groups, start = [], 1
+        for count, run in groupby(plan.schedule.tokens_per_layer):
+            size = len(list(run))
+            groups.append(f"{start}–{start + size - 1}: {count}" if size > 1 else f"{start}: {count}")
+            start += size
+        lines.append("| " + " | ".join([budget, str(plan.schedule.llm_input), vision, language, " / ".join(groups),
+                                        f"{plan.schedule.average:.2f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- benchmarks
+def render_prefill(root: Path, path: str) -> str:
+    """``duet-vlm bench --methods ... --output FILE``: the vision side per variant, then each method's
+    prefill against no reduction and against its ideal: the selection's cost, its share of the saving,
+    its FLOPs next to the decoder's, and whether it pays (files written before the costs: the forward
+    and its language-model part against no reduction, with FLOPs and KV ratios)."""
+    results = _load(root, path)
+    model = results["model"]
+    load = results.get("load_average_before_after")
+    lines = [(f"`{results['command']}`: " if "command" in results else "")
+             + f"{results['rounds']} interleaved rounds, {results['threads']} torch thread(s); a LLaVA-1.5-shaped model with "
+             f"random weights: CLIP-L/14-336 tower ({model['vision_layers']} layers), {model['layers']}-layer Llama decoder "
+             f"of width {model['hidden']}. Ratios are medians of per-round ratios to no reduction."
+             + (f" 1-minute load average {load[0][0]:.1f} → {load[1][0]:.1f} (before → after the prefill rounds) on "
+                f"{results['cpus']} CPUs." if load else ""), "",
+             "| vision side | median s | time vs no reduction |", "|---|---|---|"]
+    for name, row in results["vision"].items():
+        lines.append(f"| {name} | {row['median_s']:.2f} | {row['ratio']:.3f} |")
+    if "ideals" in results:  # each method against its ideal (duet_vlm.bench.prefill.costs_markdown, what the command prints)
+        from duet_vlm.bench.prefill import costs_markdown
+
+        lines += ["", costs_markdown(results["prefill"], results["ideals"], results["rounds"]), "", COSTS_LEGEND]
+        return "\n".join(lines) + "\n"
+    head = ["prefill", "visual tok/layer", "forward s", "forward vs full", "LM s", "LM vs full", "exact FLOPs ratio",
+            "KV ratio"]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in results["prefill"].items():
+        lines.append("| " + " | ".join([
+            name, f"{row['avg_visual_tokens']:.1f}", f"{row['forward_median_s']:.2f}", f"{row['forward_ratio']:.3f}",
+            f"{row['language_model_median_s']:.2f}", f"{row['language_model_ratio']:.3f}", f"{row['flops_ratio']:.3f}",
+            f"{row['kv_ratio']:.3f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+COSTS_LEGEND = (
+    "*vs ideal*: the forward against its ideal, the unpatched model on the same per-layer visual token counts with "
+    "nothing choosing them (the tower on every tile or frame, the projector on the kept tokens, the decoder's own "
+    "layers). *selection cost*: the median per-round forward − ideal; *cost / saving*: that over the median per-round "
+    "unreduced − ideal (what the token counts save). *selection GFLOPs*: the matrix products of the selection where "
+    "a method's count is declared (`duet_vlm.bench.selection`; — where none is); *extra projector GFLOPs*: the rows "
+    "its forward projects beyond the ideal's, counted by a hook; *decoder GFLOPs*: exact. *pays?* is **no** where "
+    "the forward takes at least the unreduced forward's time, i.e. the selection costs more than its tokens save on "
+    "this geometry (in brackets: the rounds in which it was faster). *cannot run*: why the method has no plan here.")
+
+FAMILY_NAMES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "video_llava": "Video-LLaVA"}
+
+
+def render_family(root: Path, *paths: str) -> str:
+    """``duet-vlm bench --family F --output FILE`` for each file: the language-model part of the prefill
+    per variant, against the unreduced model and against the ideal (the unpatched decoder fed the same
+    per-layer token counts), with the exact FLOPs and KV ratios; then, where the file has them, the
+    whole forward against both, the selection's cost and share of the saving, its declared FLOPs and
+    whether it pays (``COSTS_LEGEND``), and why a method cannot run on the geometry."""
+    head = ["geometry", "variant", "visual tok/layer", "LM time vs unreduced", "LM time vs ideal", "exact FLOPs ratio",
+            "KV ratio", "forward vs unreduced", "forward vs ideal", "selection cost s", "cost / saving",
+            "selection GFLOPs", "pays?"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def number(row, key, digits, scale=1.0):
+        return "" if key not in row else "—" if row[key] is None else f"{row[key] * scale:.{digits}f}"
+
+    for path in paths:
+        results = _load(root, path)
+        family = FAMILY_NAMES.get(results["family"], results["family"])
+        for i, (name, row) in enumerate(results["variants"].items()):
+            if "error" in row:  # files written before the costs have no such rows
+                lines.append("| " + " | ".join([family if i == 0 else "", name, f"cannot run: {row['error']}"]
+                                               + [""] * (len(head) - 3)) + " |")
+                continue
+            tokens = "all" if row["avg_visual_tokens"] is None else f"{row['avg_visual_tokens']:.1f}"
+            if row["avg_visual_tokens"] is None:
+                name = f"{name} ({row['language_model_s']:.2f} s LM, {row['forward_s']:.2f} s forward, {results['rounds']} rounds)"
+            paid = "" if "pays" not in row else f"{'yes' if row['pays'] else '**no**'} ({row['rounds_paid']}/{results['rounds']})"
+            lines.append("| " + " | ".join([
+                family if i == 0 else "", name, tokens, f"{row['lm_vs_full']:.3f}",
+                f"{row['lm_vs_ideal']:.3f}" if "lm_vs_ideal" in row else "", f"{row['flops_ratio']:.3f}",
+                f"{row['kv_ratio']:.3f}", number(row, "forward_vs_unreduced", 3), number(row, "forward_vs_ideal", 3),
+                number(row, "selection_cost_s", 2), number(row, "cost_share_of_saving", 2),
+                number(row, "selection_flops", 2, 1e-9), paid]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_compile(root: Path, path: str) -> str:
+    """The compiled-against-eager generation benchmark (``duet_vlm.bench.compiled``)."""
+    results = _load(root, path)
+    head = ["variant", "eager s", "compiled s", "compiled / eager", "compiled vs compiled all tokens",
+            "warm-up (compile) s", "same tokens"]
+    lines = [f"`{results['command']}`: {results['new_tokens']} new tokens, greedy, {results['rounds']} interleaved "
+             f"rounds, {results['threads']} threads, torch {results['torch']}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in results["variants"].items():
+        lines.append("| " + " | ".join([
+            name, f"{row['eager_s']:.2f}", f"{row['compiled_s']:.2f}", f"{row['compiled_vs_eager']:.3f}",
+            f"{row['compiled_vs_all_tokens_compiled']:.3f}", f"{row['warmup_s']:.0f}",
+            "yes" if row["same_tokens"] else "no"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_stage_a(root: Path, path: str) -> str:
+    """DUET Stage A's vision-side cost on a Qwen2.5-VL-7B-width tower (``duet_vlm.bench.vision.stage_a_cost``)."""
+    results = _load(root, path)
+    head = ["image patches", "merged tokens", "rounds", "tower s", "Stage A s", "Stage A in tower blocks",
+            "share of the 32-block tower"]
+    lines = [f"`{results['command']}`", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in results["runs"]:
+        lines.append("| " + " | ".join([
+            f"{run['image_patches']:,}", f"{run['merged_tokens']:,}", str(run["rounds"]), f"{run['tower_s']:.1f}",
+            f"{run['stage_a_s']:.2f}", f"{run['stage_a_in_tower_blocks']:.2f}",
+            f"{100 * run['share_of_32_block_tower']:.1f}%"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- figures
+def render_figure(root: Path, out: str, results: str, *benches: str) -> str:
+    """``docs/figures.py``'s figure for one evaluation (and the benchmarks that timed some of its rows),
+    embedded with the commands that made its inputs and the digest it was drawn from."""
+    meta = _load(root, results).get("meta", {})
+    made = [f"accuracy and decoder FLOPs: `{meta.get('command') or 'duet-vlm eval'}` (`{results}`)"]
+    for path in benches:
+        runs = _load(root, path)
+        for run in runs if isinstance(runs, list) else [runs]:
+            made.append(f"latency: `duet-vlm bench --generate`, batch {run['batch']}, {run['rounds']} rounds, "
+                        f"{run['threads']} thread(s) (`{path}`)")
+    inputs = [root / p for p in (results, *benches)]
+    return (f"![Which method and budget: accuracy retained against decoder FLOPs"
+            f"{' and measured latency' if benches else ''}, one line per method over its budgets, the Pareto front "
+            f"circled]({out})\n\n"
+            f"Made from {'; '.join(made)}. Drawn by `python docs/render.py` (`docs/figures.py`); each line is a method "
+            f"over its budgets, circles mark the Pareto front (no other point keeps more for less).\n"
+            f"<!-- figure inputs sha256: {figures.digest(inputs)} -->\n")
+
+
+def figure_is_current(root: Path, out: str, results: str, *benches: str) -> bool:
+    return figures.recorded_digest(root / out) == figures.digest([root / p for p in (results, *benches)])
+
+
+def draw_figure(root: Path, out: str, results: str, *benches: str) -> None:
+    figures.draw(root / out, root / results, [root / p for p in benches])
+
+
 RENDERERS = {
     "model": render_model, "results": render_results, "positions": render_positions,
     "adaptation": render_adaptation, "bench": render_bench, "vllm": render_vllm, "adaptive": render_adaptive,
+    "schedules": render_schedules, "plan": render_plan, "prefill": render_prefill, "family": render_family,
+    "compile": render_compile, "stage_a": render_stage_a, "figure": render_figure,
 }
+# Kinds whose block stands for a file that is drawn beside the page (the figure's PNG).
+FILES = {"figure": (figure_is_current, draw_figure)}
 
 
-def render_readme(text: str, root: Path) -> str:
-    """``text`` with every generated block re-rendered from its files (paths relative to ``root``)."""
+def render_page(text: str, root: Path, stale_files: list[str] | None = None, draw: bool = False) -> str:
+    """``text`` with every generated block re-rendered from its files (paths relative to ``root``).
+
+    A block that stands for a file (a figure) also checks that file: a stale one is redrawn when
+    ``draw``, and its path appended to ``stale_files`` otherwise."""
     def replace(match: re.Match) -> str:
-        kind, *paths = match["spec"].split()
+        kind, *args = match["spec"].split()
         if kind not in RENDERERS:
             raise ValueError(f"unknown generated block {kind!r}; known: {', '.join(RENDERERS)}")
-        return match.group(1) + RENDERERS[kind](root, *paths) + match.group(4)
+        if kind in FILES:
+            current, write = FILES[kind]
+            if not current(root, *args):
+                if draw:
+                    write(root, *args)
+                elif stale_files is not None:
+                    stale_files.append(str(root / args[0]))
+        return match.group(1) + RENDERERS[kind](root, *args) + match.group(4)
 
     return GENERATED_BLOCK.sub(replace, text)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python docs/render.py README.md [--check]``: regenerate (or check) the generated tables."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    check = "--check" in args
-    paths = [Path(a) for a in args if a != "--check"] or [Path("README.md")]
+render_readme = render_page  # the README is one page among others
+
+
+def file_digest(path: Path) -> str:
+    """The short digest a reading records: the first 12 hex digits of the file's SHA-256."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def stale_readings(text: str, root: Path) -> list[str]:
+    """The files whose prose reading in ``text`` was written for other contents (or that are gone)."""
     stale = []
+    for match in READING.finditer(text):
+        for entry in match["files"].split():
+            name, _, recorded = entry.rpartition("@")
+            path = root / name
+            if not path.exists() or file_digest(path) != recorded:
+                stale.append(name)
+    return stale
+
+
+def accept_readings(text: str, root: Path) -> str:
+    """``text`` with every reading's digests set to its files' current contents."""
+    def replace(match: re.Match) -> str:
+        entries = [entry.rpartition("@")[0] for entry in match["files"].split()]
+        return "<!-- reading: " + " ".join(f"{name}@{file_digest(root / name)}" for name in entries) + " -->"
+
+    return READING.sub(replace, text)
+
+
+def pages(root: Path = ROOT) -> list[Path]:
+    """The README and every page of the site that has a generated block or a reading."""
+    found = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+    return [p for p in found if p.exists() and ("<!-- generated:" in p.read_text() or "<!-- reading:" in p.read_text())]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python docs/render.py [PAGE...] [--check | --accept-readings]``: regenerate (or check) the
+    generated blocks and figures of the pages (default: README.md and every page under docs/)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    check, accept = "--check" in args, "--accept-readings" in args
+    paths = [Path(a) for a in args if not a.startswith("--")] or pages()
+    stale, stale_files, readings = [], [], []
     for path in paths:
         text = path.read_text()
-        fresh = render_readme(text, path.resolve().parent)
+        root = path.resolve().parent
+        fresh = render_page(text, root, stale_files, draw=not check)
+        if accept:
+            fresh = accept_readings(fresh, root)
+        readings += [f"{path}: {name}" for name in stale_readings(fresh, root)]
         if fresh != text:
             stale.append(path)
             if not check:
                 path.write_text(fresh)
+    failed = False
     if check and stale:
-        print(f"stale generated tables in {', '.join(map(str, stale))}: run python docs/render.py", file=sys.stderr)
-        return 1
-    return 0
+        print(f"stale generated blocks in {', '.join(map(str, stale))}: run python docs/render.py", file=sys.stderr)
+        failed = True
+    if stale_files:
+        print(f"stale figures {', '.join(stale_files)}: run python docs/render.py", file=sys.stderr)
+        failed = True
+    if readings:
+        print("prose written for other numbers (re-read it against the new file, then run python docs/render.py "
+              "--accept-readings PAGE):\n  " + "\n  ".join(readings), file=sys.stderr)
+        failed = failed or check
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

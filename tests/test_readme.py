@@ -1,7 +1,9 @@
-"""The README's accuracy numbers are generated from files a command wrote, and those files measured
-the weights that ship: a retrained model, a new evaluation or a hand edit of a table shows up here."""
+"""The accuracy numbers of the README and of the site's pages are generated from files a command wrote,
+and those files measured the weights that ship: a retrained model, a new evaluation or a hand edit of a
+table shows up here. (tests/test_docs.py checks that every page renders current.)"""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +13,19 @@ from duet_vlm.evaluation import weights_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "docs"))
-from render import GENERATED_BLOCK, render_readme  # noqa: E402 - docs/render.py
+from render import GENERATED_BLOCK, pages, render_readme  # noqa: E402 - docs/render.py
 README = ROOT / "README.md"
 
 
 def _blocks() -> list[tuple[str, list[str]]]:
-    specs = [match["spec"].split() for match in GENERATED_BLOCK.finditer(README.read_text())]
-    return [(kind, paths) for kind, *paths in specs]
+    """Every generated block of the README and the pages, its arguments as paths from the repository
+    root (a page's block names its files relative to the page)."""
+    blocks = []
+    for page in pages():
+        for match in GENERATED_BLOCK.finditer(page.read_text()):
+            kind, *args = match["spec"].split()
+            blocks.append((kind, [os.path.relpath(page.parent / arg, ROOT) for arg in args]))
+    return blocks
 
 
 def test_generated_tables_are_current():
@@ -25,21 +33,22 @@ def test_generated_tables_are_current():
     assert render_readme(text, ROOT) == text, "stale README tables: run `python docs/render.py README.md`"
 
 
-def test_the_readme_reports_the_shipped_model():
-    kinds = {kind: paths for kind, paths in _blocks()}
-    assert kinds["model"] == [str((DEMO_MODEL_DIR / "metrics.json").relative_to(ROOT))]
+def test_the_docs_report_the_shipped_model():
+    models = [paths for kind, paths in _blocks() if kind == "model"]
+    assert models, "no page reports the demo model's accuracy (a `model` block)"
+    assert all(paths == [str((DEMO_MODEL_DIR / "metrics.json").relative_to(ROOT))] for paths in models)
 
 
 def test_every_accuracy_table_measured_the_shipped_weights():
     """Evaluations (``duet-vlm eval``, the adaptation experiment) record the digest of the weights
-    they ran on; a README table from another model (an earlier demo model) fails here."""
+    they ran on; a table or figure from another model (an earlier demo model) fails here."""
     shipped = weights_digest(DEMO_MODEL_DIR)
     for kind, paths in _blocks():
-        if kind in ("results", "positions", "adaptation"):
-            for path in paths:
-                meta = json.loads((ROOT / path).read_text())["meta"]
-                assert meta["weights_sha256"] == shipped, f"{path} was measured on other weights"
-                assert meta["n"] >= 500, f"{path}: fewer than 500 questions per row"
+        evaluated = paths if kind in ("results", "positions", "adaptation") else paths[1:2] if kind == "figure" else []
+        for path in evaluated:
+            meta = json.loads((ROOT / path).read_text())["meta"]
+            assert meta["weights_sha256"] == shipped, f"{path} was measured on other weights"
+            assert meta["n"] >= 500, f"{path}: fewer than 500 questions per row"
 
 
 def test_the_digest_check_catches_other_weights(tmp_path):

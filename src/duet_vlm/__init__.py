@@ -13,7 +13,7 @@ from .methods.registry import REDUCER_FILE, load_reducer, save_reducer
 from .schedule import Schedule
 from .stats import ReductionStats
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # pyproject.toml reads it; CHANGELOG.md says what each version holds
 
 __all__ = [
     *methods.__all__, "BudgetWarning", "Geometry", "REDUCER_FILE", "ReducedHiddenStatesWarning", "ReductionStats", "Schedule",

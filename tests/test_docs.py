@@ -1,0 +1,100 @@
+"""The documentation: the README and every page of the site (docs/*.md) render current from the files
+the commands wrote, the README's links lead to pages that exist, and the site builds strictly
+(broken links and missing references fail it), as CI builds it with the ``docs`` extra."""
+
+import doctest
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "docs"))
+import figures  # noqa: E402 - docs/figures.py
+import griffe_doctests  # noqa: E402 - docs/griffe_doctests.py, mkdocs.yml's griffe extension
+import render  # noqa: E402 - docs/render.py
+
+README = ROOT / "README.md"
+LINK = re.compile(r"\]\((?P<target>[^)\s]+)\)")
+
+
+def test_every_page_is_current():
+    """``python docs/render.py --check``: every generated table and figure of the README and the
+    pages equals what its files give, and no prose quotes numbers its results file no longer holds."""
+    result = subprocess.run([sys.executable, str(ROOT / "docs" / "render.py"), "--check"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_renderer_sees_the_readme_and_the_pages():
+    checked = {path.relative_to(ROOT).as_posix() for path in render.pages()}
+    assert "README.md" in checked
+    assert {"docs/methods.md", "docs/choosing.md", "docs/benchmarks.md"} <= checked
+
+
+def test_a_reading_goes_stale_with_its_file(tmp_path):
+    """Prose marked as reading a results file fails the check once the file changes, until accepted."""
+    (tmp_path / "numbers.json").write_text('{"a": 1}')
+    page = "<!-- reading: numbers.json@000000000000 -->\nIt is 1.\n"
+    assert render.stale_readings(page, tmp_path) == ["numbers.json"]
+    accepted = render.accept_readings(page, tmp_path)
+    assert render.stale_readings(accepted, tmp_path) == []
+    (tmp_path / "numbers.json").write_text('{"a": 2}')
+    assert render.stale_readings(accepted, tmp_path) == ["numbers.json"]
+
+
+def test_readme_links_resolve():
+    """The README's relative links (to the site's pages under docs/, and to files) lead somewhere
+    that exists, so they work on GitHub as well as in the site."""
+    missing = []
+    for match in LINK.finditer(README.read_text()):
+        target = match["target"].split("#")[0]
+        if not target or re.match(r"[a-z]+:", target):
+            continue
+        if not (ROOT / target).exists():
+            missing.append(match["target"])
+    assert not missing, f"README links to missing files: {missing}"
+
+
+def test_the_readme_is_a_front_page():
+    """Issue #27: the README is what a newcomer reads in five minutes; the rest lives in the site."""
+    lines = README.read_text().count("\n")
+    assert lines <= 300, f"README.md has {lines} lines: move the details to a page under docs/"
+
+
+def test_every_page_is_in_the_site_navigation():
+    nav = (ROOT / "mkdocs.yml").read_text()
+    pages = [p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md")]
+    pages = [page for page in pages if not page.startswith("eval/")]  # duet-vlm eval's results.md (exclude_docs)
+    absent = [page for page in pages if f": {page}" not in nav]
+    assert not absent, f"pages missing from mkdocs.yml's nav: {absent}"
+
+
+@pytest.mark.parametrize("module", [figures, griffe_doctests], ids=["figures", "griffe_doctests"])
+def test_doctests_of_the_docs_tools(module):
+    result = doctest.testmod(module)
+    assert result.failed == 0 and result.attempted > 0
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+def test_the_site_builds_strictly(tmp_path):
+    """``mkdocs build --strict`` (what CI runs after ``pip install -e ".[docs]"``): a broken link, a
+    missing anchor, a page left out of the navigation or an API reference that does not resolve fails."""
+    missing = [name for name in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python") if not _installed(name)]
+    if missing:
+        pytest.skip(f"the docs extra is not installed ({', '.join(missing)} missing): pip install -e \".[docs]\"")
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (tmp_path / "site" / "methods" / "index.html").exists()

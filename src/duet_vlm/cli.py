@@ -4,16 +4,23 @@ prints what it returns."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import warnings
+from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import typer
-from rich.console import Console
+from rich import box
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions
+from rich.measure import Measurement
+from rich.padding import Padding
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 from typer.core import TyperGroup
 
 from .methods import METHODS
@@ -38,7 +45,8 @@ class _Commands(TyperGroup):
 
 
 app = typer.Typer(
-    help="DUET visual-token reduction for Hugging Face vision-language models.", no_args_is_help=True, cls=_Commands
+    help="DUET visual-token reduction for Hugging Face vision-language models.", no_args_is_help=True, cls=_Commands,
+    rich_markup_mode="markdown",
 )
 console = Console()
 
@@ -79,6 +87,91 @@ def main() -> None:
 
 
 # ----------------------------------------------------------------------------- printing
+# A table is built from plain strings and laid out when printed, for the width it is printed at: the
+# first of its layouts (most detailed first) in which every name and number fits on one line, else one
+# block per row ("header  value" lines). Only prose (an answer, a path) wraps, between words.
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: its ``header`` (a newline splits it over two lines), its alignment, and whether its
+    cells are ``prose`` that may wrap between words; names and numbers never wrap."""
+
+    header: str
+    justify: str = "right"
+    prose: bool = False
+
+
+@dataclass
+class Layout:
+    """One way to lay out a table: its columns, one string per column in each row (a newline puts a
+    cell's parts on lines of their own), and a legend for its abbreviations, printed under it."""
+
+    columns: Sequence[Column]
+    rows: Sequence[Sequence[str]]
+    legend: str = ""
+
+    def table(self) -> Table:
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold")
+        for index, column in enumerate(self.columns):
+            lines = [line for cell in (column.header, *(row[index] for row in self.rows)) for line in cell.split("\n")]
+            widest = max(map(cell_len, lines))
+            if column.prose:  # wraps, but not into a sliver: its longest word, or 24 cells when it is longer
+                word = max((cell_len(word) for line in lines for word in line.split()), default=1)
+                table.add_column(Text(column.header), justify=column.justify, min_width=max(word, min(widest, 24)))
+            else:  # the minimum width is what a measurement of the table sums: every cell on one line
+                table.add_column(Text(column.header), justify=column.justify, no_wrap=True, min_width=widest)
+        for row in self.rows:
+            table.add_row(*map(Text, row))  # Text: a cell's brackets are not rich markup
+        return table
+
+
+class Fitted:
+    """A titled table printed in the first of its ``layouts`` that fits the width it is given, else as one
+    block per row (``header  value`` lines) in the first layout's words.
+
+    >>> rows = [["duet 64", "0.412", "63.75"], ["pyramiddrop 64", "0.380", "63.88"]]
+    >>> wide = Layout([Column("variant", "left"), Column("LM ratio"), Column("visual tokens/layer")], rows)
+    >>> narrow = Layout([Column("", "left"), Column("LM ×"), Column("tok")], rows, "×: ratio")
+    >>> Console(width=40).print(Fitted("Prefill", wide, narrow))
+    Prefill
+                     LM ×    tok
+    ────────────────────────────
+    duet 64         0.412  63.75
+    pyramiddrop 64  0.380  63.88
+    ×: ratio
+    """
+
+    def __init__(self, title: str, *layouts: Layout):
+        self.title, self.layouts = title, layouts
+
+    def choose(self, console: Console, width: int) -> Optional[Layout]:
+        """The first layout whose names and numbers all fit on one line each in ``width`` cells; ``None``
+        when none does."""
+        unbounded = console.options.update_width(10_000)  # a measurement within a width is capped to it
+        return next((layout for layout in self.layouts
+                     if Measurement.get(console, unbounded, layout.table()).minimum <= width), None)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions):
+        if self.title:
+            yield Text(self.title, style="italic")
+        layout = self.choose(console, options.max_width)
+        if layout is not None:
+            yield layout.table()
+        else:
+            layout = self.layouts[0]
+            for row in layout.rows:
+                yield Text(row[0], style="bold")
+                block = Table.grid(padding=(0, 2))
+                block.add_column(no_wrap=True, style="dim")
+                block.add_column()
+                for column, cell in zip(layout.columns[1:], row[1:]):
+                    block.add_row(Text("  " + column.header.replace("\n", " ")), Text(cell))
+                yield block
+        if layout.legend:
+            yield Text(layout.legend, style="dim")
+
+
 def layer_groups(counts: list[int]) -> list[tuple[int, int, int]]:
     """``[(first_layer, last_layer, count), ...]`` (1-based layers) for runs of equal counts."""
     groups, start = [], 1
@@ -89,21 +182,18 @@ def layer_groups(counts: list[int]) -> list[tuple[int, int, int]]:
     return groups
 
 
+def _layers(first: int, last: int) -> str:
+    return f"{first}-{last}" if first != last else str(first)
+
+
 def _human(value: float, unit: str) -> str:
-    for prefix in ("", "K", "M", "G", "T", "P"):
-        if abs(value) < 1000:
-            return f"{value:.2f} {prefix}{unit}"
+    """Three significant digits and a prefix: ``575 MFLOP``, ``6.28 GFLOP``, ``14.4 MB``, ``1.00 KB``; empty for NaN."""
+    if math.isnan(value):
+        return ""
+    for prefix in ("", "K", "M", "G", "T", "P", "E"):
+        if abs(value) < 999.5 or prefix == "E":
+            return f"{value:.{2 if abs(value) < 9.995 else 1 if abs(value) < 99.95 else 0}f} {prefix}{unit}"
         value /= 1000
-    return f"{value:.2f} E{unit}"
-
-
-def _table(title: str, columns, rows) -> Table:
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(*row)
-    return table
 
 
 class _Bar:
@@ -138,18 +228,32 @@ class _Bar:
             self.task(label, total), advance=advance, description=description, total=total)
 
 
-def _print_answers(answers, title: str = "Answers") -> None:
-    rows = []
+def answers_table(answers, title: str = "Answers") -> Fitted:
+    """``compare``'s answers: text, visual tokens per layer (and per run of layers), decoder FLOPs, KV cache
+    and prefill time of each configuration."""
+    rows, groups = [], []
     for answer in answers:
         stats = answer.stats
-        groups = ", ".join(
-            f"{first}-{last}: {count}" if first != last else f"{first}: {count}"
-            for first, last, count in layer_groups(stats.tokens_per_layer)
-        )
-        rows.append((answer.label, repr(answer.text), f"{stats.average_tokens:.2f}", groups,
-                     _human(stats.flops_exact, "FLOP"), _human(stats.kv_bytes, "B"), f"{answer.prefill_seconds:.3f}"))
-    columns = ("", "answer", "avg visual tokens/layer", "visual tokens per layer group", "decoder FLOPs (exact)", "KV cache", "prefill s")
-    console.print(_table(title, columns, rows))
+        groups.append([f"{_layers(first, last)}: {count}" for first, last, count in layer_groups(stats.tokens_per_layer)])
+        rows.append([answer.label, repr(answer.text), f"{stats.average_tokens:.2f}", "",
+                     _human(stats.flops_exact, "FLOP"), _human(stats.kv_bytes, "B"), f"{answer.prefill_seconds:.3f}"])
+    wide = Layout(
+        [Column("", "left"), Column("answer", "left", prose=True), Column("visual tokens/layer"),
+         Column("layers: visual tokens", "left"), Column("decoder FLOPs (exact)"), Column("KV cache"), Column("prefill s")],
+        [row[:3] + [", ".join(parts)] + row[4:] for row, parts in zip(rows, groups)],
+    )
+    narrow = Layout(
+        [Column("", "left"), Column("answer", "left", prose=True), Column("tokens/\nlayer"), Column("layer\ngroups", "left"),
+         Column("decoder\nFLOPs"), Column("KV\ncache"), Column("prefill\ns")],
+        [row[:3] + ["\n".join(parts)] + row[4:] for row, parts in zip(rows, groups)],
+        "tokens/layer: average visual tokens per decoder layer; layer groups: the visual tokens entering each run of "
+        "decoder layers; FLOPs exact; prefill: median of interleaved runs",
+    )
+    return Fitted(title, wide, narrow)
+
+
+def _print_answers(answers, title: str = "Answers") -> None:
+    console.print(answers_table(answers, title))
     base = answers[0]
     for answer in answers[1:]:
         console.print(
@@ -157,6 +261,22 @@ def _print_answers(answers, title: str = "Answers") -> None:
             f"KV cache x{answer.stats.kv_bytes / base.stats.kv_bytes:.3f}, "
             f"prefill time x{answer.prefill_seconds / base.prefill_seconds:.3f} (median of interleaved runs)"
         )
+
+
+def batch_rows_table(asked, images: list[Path]) -> Fitted:
+    """``ask``'s rows of one batch with a budget per row: the budget asked, the visual tokens per layer
+    kept, and the answer with and without the reduction."""
+    rows = [[row.label, str(path), row.asked, f"{row.tokens:.1f}", repr(row.text), repr(row.text_all_tokens)]
+            for row, path in zip(asked.rows, images)]
+    wide = Layout([Column("", "left"), Column("image", "left", prose=True), Column("asked"), Column("visual tokens/layer"),
+                   Column(f"answer ({asked.label})", "left", prose=True), Column("answer (all tokens)", "left", prose=True)],
+                  rows)
+    narrow = Layout([Column("", "left"), Column("image", "left"), Column("asked"), Column("tokens/\nlayer"),
+                     Column("answer", "left", prose=True), Column("all tokens", "left", prose=True)],
+                    [[row[0], Path(row[1]).name, *row[2:]] for row in rows],
+                    f"answer: with {asked.label}; all tokens: the answer without reduction; tokens/layer: average "
+                    "visual tokens per decoder layer")
+    return Fitted(f"One batch, {asked.label}, a budget per row", wide, narrow)
 
 
 def _write(output: Optional[Path], results) -> None:
@@ -189,31 +309,39 @@ def plan(
     solved, schedule, item = costs.plan, costs.plan.schedule, costs.item
     target = f"budget {budget}" if budget is not None else f"ratio {ratio}"
     console.print(f"[bold]{method}[/bold] at {target}: {costs.tokens} visual tokens per {item}, {layers} layers")
+    steps = []
     if solved.vision is not None:
         detail = ", ".join(f"{k}={v}" for k, v in vars(solved.vision).items())
         per_frame = f" ({schedule.llm_input // frames} per frame)" if frames > 1 else ""
-        console.print(
-            f"  vision side: {type(solved.vision).__name__}({detail}) -> {schedule.llm_input} tokens enter the LLM{per_frame}"
-        )
-    for layer, keep in schedule.boundaries:
-        console.print(f"  after layer {layer}: keep {keep} ({type(solved.language).__name__})")
-    groups = [(f"{first}-{last}" if first != last else str(first), str(count))
-              for first, last, count in layer_groups(schedule.tokens_per_layer)]
-    table = _table(f"Visual tokens per {item} entering each decoder layer", ("layers", "visual tokens"), groups)
-    table.columns[0].justify = "left"
-    console.print(table)
+        entering = f"{schedule.llm_input} tokens enter the LLM{per_frame}"
+        steps.append(("vision side:", f"{type(solved.vision).__name__}({detail}) -> {entering}"))
+    steps += [(f"after layer {layer}:", f"keep {keep} ({type(solved.language).__name__})")
+              for layer, keep in schedule.boundaries]
+    if steps:
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(no_wrap=True)
+        grid.add_column()
+        for step in steps:
+            grid.add_row(*map(Text, step))
+        console.print(Padding(grid, (0, 0, 0, 2), expand=False))
+    groups = [[_layers(first, last), str(count)] for first, last, count in layer_groups(schedule.tokens_per_layer)]
+    console.print(Fitted(f"Visual tokens per {item} entering each decoder layer",
+                         Layout([Column("layers", "left"), Column("visual tokens")], groups)))
     console.print(
         f"average: {schedule.average:.2f} visual tokens per layer "
         f"({1 - schedule.average / costs.tokens:.1%} fewer than {costs.tokens})"
     )
-    rows = [(name, _human(r, unit), _human(f, unit), f"{r / f:.3f}") for name, unit, r, f in costs.rows]
-    console.print(_table(f"Decoder prefill cost, one image + {text_tokens} text tokens", ("", "reduced", "full", "ratio"), rows))
+    rows = [[name, _human(r, unit), _human(f, unit), f"{r / f:.3f}"] for name, unit, r, f in costs.rows]
+    console.print(Fitted(f"Decoder prefill cost, one image + {text_tokens} text tokens",
+                         Layout([Column("", "left"), Column("reduced"), Column("full"), Column("ratio")], rows)))
 
 
 @app.command()
 def bench(
-    methods: list[str] = typer.Option(["duet"], help="Methods to time (space-separated list; 'none' for only the baselines)."),
-    budgets: list[int] = typer.Option([192, 128, 64], help="Budgets (space-separated list)."),
+    methods: list[str] = typer.Option(
+        ["duet"], metavar="<str>...", help="Methods to time (space-separated list; 'none' for only the baselines)."
+    ),
+    budgets: list[int] = typer.Option([192, 128, 64], metavar="<int>...", help="Budgets (space-separated list)."),
     rounds: int = typer.Option(5, help="Timed rounds; variants are interleaved within each round."),
     hidden: int = typer.Option(1024, help="Decoder width (CLIP-L tower and 32 layers are fixed)."),
     intermediate: int = typer.Option(2816, help="Decoder MLP size."),
@@ -222,18 +350,27 @@ def bench(
     family: Optional[str] = typer.Option(
         None, help="Time a family's geometry instead: llava, llava_next (672x672, 5 tiles) or video_llava (8 frames)."
     ),
-    ratios: list[float] = typer.Option([0.33, 0.11], help="With --family: kept fractions of the item's tokens."),
+    ratios: list[float] = typer.Option(
+        [0.33, 0.11], metavar="<float>...", help="With --family: kept fractions of the item's tokens."
+    ),
     vision_layers: int = typer.Option(24, help="Layers of the CLIP-L tower (fewer makes --family runs faster)."),
     output: Optional[Path] = typer.Option(None, help="Write the results as JSON here."),
     generate: bool = typer.Option(False, "--generate", help="Time generate() end to end instead (latency, decode, throughput, memory)."),
     train: bool = typer.Option(False, "--train", help="Time a training step instead (forward, backward, AdamW step, memory)."),
     baselines: list[str] = typer.Option(
-        ["visionzip", "fastv", "pyramiddrop", "sparsevlm"],
+        ["visionzip", "fastv", "pyramiddrop", "sparsevlm"], metavar="<str>...",
         help="With --generate/--train: baseline methods, timed at --baseline-budgets ('none' for none).",
     ),
-    baseline_budgets: list[int] = typer.Option([128], help="With --generate/--train: budgets of the baselines."),
-    batches: list[int] = typer.Option([1], help="With --generate: batch sizes, one run each (rows of different prompt lengths, left-padded); with --train: the first is the batch."),
-    new_tokens: list[int] = typer.Option([32, 128], help="With --generate: latencies reported at these lengths (one call of the longest)."),
+    baseline_budgets: list[int] = typer.Option(
+        [128], metavar="<int>...", help="With --generate/--train: budgets of the baselines."
+    ),
+    batches: list[int] = typer.Option(
+        [1], metavar="<int>...", help="With --generate: batch sizes, one run each (rows of different prompt lengths, "
+                                      "left-padded); with --train: the first is the batch."
+    ),
+    new_tokens: list[int] = typer.Option(
+        [32, 128], metavar="<int>...", help="With --generate: latencies reported at these lengths (one call of the longest)."
+    ),
     checkpointing: str = typer.Option("both", help="With --train: off, on or both (gradient checkpointing)."),
 ) -> None:
     """Time Stage A on the vision side and the prefill of each method, side by side in one run
@@ -273,40 +410,135 @@ def bench(
         _write(output, results)
 
 
-def _print_prefill(results: dict) -> None:
-    rounds = results["rounds"]
-    rows = [(name, f"{row['median_s']:.3f}", f"{row['ratio']:.3f}") for name, row in results["vision"].items()]
-    console.print(_table(f"Vision tower + projector, {rounds} interleaved rounds", ("variant", "median s", "time vs no reduction"), rows))
-    columns = ("variant", "forward s", "forward ratio", "LM s", "LM ratio", "exact FLOPs ratio", "KV ratio", "visual tok/layer")
+def vision_table(results: dict) -> Fitted:
+    """``prefill_benchmark``'s vision side: the tower and projector alone, plain and under each variant."""
+    rows = [[name, f"{row['median_s']:.3f}", f"{row['ratio']:.3f}"] for name, row in results["vision"].items()]
+    return Fitted(f"Vision tower + projector, {results['rounds']} interleaved rounds",
+                  Layout([Column("variant", "left"), Column("median s"), Column("time vs no reduction")], rows),
+                  Layout([Column("variant", "left"), Column("median s"), Column("time ×")], rows,
+                         "×: the ratio to no reduction"))
+
+
+def prefill_table(results: dict) -> Fitted:
+    """``prefill_benchmark``'s prefill per variant: the whole forward and its language-model part (median
+    seconds, ratio to no reduction), the exact FLOPs and KV-cache ratios and the visual tokens per layer."""
     rows = [
-        (name, f"{row['forward_median_s']:.3f}", f"{row['forward_ratio']:.3f}", f"{row['language_model_median_s']:.3f}",
-         f"{row['language_model_ratio']:.3f}", f"{row['flops_ratio']:.3f}", f"{row['kv_ratio']:.3f}", f"{row['avg_visual_tokens']:.2f}")
+        [name, f"{row['forward_median_s']:.3f}", f"{row['forward_ratio']:.3f}", f"{row['language_model_median_s']:.3f}",
+         f"{row['language_model_ratio']:.3f}", f"{row['flops_ratio']:.3f}", f"{row['kv_ratio']:.3f}", f"{row['avg_visual_tokens']:.2f}"]
         for name, row in results["prefill"].items()
     ]
-    console.print(_table(f"Prefill, {rounds} interleaved rounds (whole forward, and its language-model part)", columns, rows))
+    wide = Layout([Column("variant", "left"), *map(Column, ("forward s", "forward ratio", "LM s", "LM ratio",
+                                                            "exact FLOPs ratio", "KV ratio", "visual tok/layer"))], rows)
+    narrow = Layout([Column("variant", "left"), *map(Column, ("fwd s", "fwd ×", "LM s", "LM ×", "FLOPs ×", "KV ×",
+                                                              "tokens/\nlayer"))],
+                    rows, "fwd: the whole forward, LM: its language-model part (median s); ×: ratio to no reduction "
+                          "(FLOPs exact); tokens/layer: average visual tokens per decoder layer")
+    return Fitted(f"Prefill, {results['rounds']} interleaved rounds (whole forward, and its language-model part)", wide, narrow)
 
 
-def _print_family(results: dict, variants: int) -> None:
-    columns = ("variant", "visual tok/layer", "forward s", "LM s", "LM vs full", "ideal LM s", "LM vs ideal", "FLOPs ratio", "KV ratio")
+def _print_prefill(results: dict) -> None:
+    console.print(vision_table(results))
+    console.print(prefill_table(results))
+
+
+def family_table(results: dict, variants: int) -> Fitted:
+    """``family_benchmark``'s variants: visual tokens per layer, the forward and its language-model part
+    against the unreduced model and against the ideal, and the exact FLOPs and KV-cache ratios."""
     rows = []
     for name, row in results["variants"].items():
         tokens = row["avg_visual_tokens"]
-        rows.append((
+        rows.append([
             name, f"{tokens:.1f}" if tokens is not None else "all", f"{row['forward_s']:.3f}", f"{row['language_model_s']:.3f}",
             f"{row['lm_vs_full']:.3f}", f"{row['ideal_s']:.3f}" if "ideal_s" in row else "",
             f"{row['lm_vs_ideal']:.3f}" if "lm_vs_ideal" in row else "", f"{row['flops_ratio']:.3f}", f"{row['kv_ratio']:.3f}",
-        ))
-    title = f"{results['family']}: prefill, {results['rounds']} interleaved rounds of {variants} variants"
-    console.print(_table(title, columns, rows))
+        ])
+    wide = Layout([Column("variant", "left"), *map(Column, ("visual tok/layer", "forward s", "LM s", "LM vs full", "ideal LM s",
+                                                            "LM vs ideal", "FLOPs ratio", "KV ratio"))], rows)
+    narrow = Layout([Column("variant", "left"), *map(Column, ("tokens/\nlayer", "fwd s", "LM s", "LM ×\nfull", "ideal\nLM s",
+                                                              "LM ×\nideal", "FLOPs\n×", "KV ×"))],
+                    rows, "tokens/layer: average visual tokens per decoder layer; fwd: the whole forward, LM: its "
+                          "language-model part (median s); ×: a ratio, to no reduction unless named (FLOPs exact)")
+    return Fitted(f"{results['family']}: prefill, {results['rounds']} interleaved rounds of {variants} variants", wide, narrow)
+
+
+def _print_family(results: dict, variants: int) -> None:
+    console.print(family_table(results, variants))
+
+
+def end_to_end_tables(markdown: str, legend: str = "") -> list[Fitted]:
+    """``bench --generate`` or ``--train``'s markdown tables (a ``**mode**`` line titles the table after
+    it) as tables that fit a narrow terminal."""
+    tables, title, header = [], "", None
+    for line in markdown.splitlines():
+        if line.startswith("**"):
+            title = line.strip("*")
+        elif line.startswith("|") and not line.startswith("|---"):
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            if header is None:
+                header, rows = cells, []
+                tables.append(Fitted(title, Layout([Column(header[0], "left"), *map(Column, header[1:])], rows, legend)))
+            else:
+                rows.append(cells)
+        elif not line.strip():
+            header = None
+    return tables
 
 
 def _print_end_to_end(result: dict) -> None:
     from .bench import generate, train
 
     load = " -> ".join(f"{before[0]:.1f}" for before in result["load_average_before_after"])
-    # plain echo: the markdown tables must not be wrapped to the terminal's width
     typer.echo(f"\nbatch {result['batch']}, {result['rounds']} interleaved rounds, 1-minute load average {load}")
-    typer.echo((generate if result["benchmark"] == "generate" else train).markdown_table(result))
+    if result["benchmark"] == "generate":
+        markdown, legend = generate.markdown_table(result), "in brackets: the ratio to no reduction / to the variant's ideal"
+    else:
+        markdown, legend = train.markdown_table(result), "in brackets: the ratio to no reduction"
+    if console.is_terminal and max(map(len, markdown.splitlines())) > console.width:
+        for table in end_to_end_tables(markdown, legend):
+            console.print(table)
+    else:  # plain echo: markdown that a file or a wide terminal keeps as it is, ready to paste
+        typer.echo(markdown)
+
+
+#: Question types as the narrow accuracy table heads them.
+SHORT_TYPES = {"color": "col", "shape": "shp", "count": "cnt", "exists": "ex", "relation": "rel", "quadrant": "quad"}
+
+
+def accuracy_table(rows: list[dict], types: list[str], title: str) -> Fitted:
+    """``duet-vlm eval``'s rows: accuracy per question type, average ± standard error, % of the full
+    model's accuracy, visual tokens per layer (the realised average next to the asked budget for
+    content-adaptive rows) and decoder FLOPs per sample."""
+    from .evaluation import number, standard_error
+
+    adaptive = sorted({row["adaptive"] for row in rows if row.get("adaptive")})
+    wide, narrow = [], []
+    for row in rows:
+        scores = [f"{100 * row['accuracy']:.1f}", f"{100 * standard_error(row['accuracy'], row['n']):.1f}",
+                  f"{row['retained_percent']:.1f}"]
+        tokens = number(row["avg_visual_tokens"], 1)
+        wide.append([row["method"] + (f" ({row['adaptive']})" if row.get("adaptive") else ""), str(row["budget"] or ""),
+                     *([tokens] if adaptive else []), *(number(100 * row["per_type"].get(t, math.nan), 1) for t in types),
+                     *scores, tokens, number(row["decoder_tflops_per_sample"], 4)])
+        narrow.append([row["method"] + (f" {row['budget']}" if row["budget"] else ""), tokens,
+                       *(number(100 * row["per_type"].get(t, math.nan), 0) for t in types), *scores,
+                       _human(1e12 * row["decoder_tflops_per_sample"], "FLOP")])
+    detailed = Layout([Column("method", "left"), Column("budget"), *([Column("realised tok/layer")] if adaptive else []),
+                       *map(Column, types), *map(Column, ("avg", "± s.e.", "% of full", "visual tok/layer", "decoder TFLOPs"))],
+                      wide)
+    # narrower: method and budget in one label, question types abbreviated, whole percents per type
+    head = [Column("", "left"), Column("tokens/\nlayer"), *(Column(SHORT_TYPES.get(t, t)) for t in types), Column("avg"),
+            Column("±"), Column("% of\nfull")]
+    per_tokens = "tokens/layer: average visual tokens per decoder layer" + (
+        f" (realised by {', '.join(adaptive)}-adaptive budgets)" if adaptive else "")
+    per_type = ("accuracy (%) per question type: " + ", ".join(f"{SHORT_TYPES[t]} {t}" for t in types if t in SHORT_TYPES)
+                + "; ±: standard error")
+    compact = Layout([*head, Column("decoder\nFLOPs")], narrow, f"{per_tokens}; {per_type}; FLOPs per sample")
+    # narrowest: without FLOPs, and without tokens/layer unless budgets are adaptive (else it is the budget)
+    keep = [index for index in range(len(head)) if index != 1 or adaptive]
+    narrowest = Layout([head[i] for i in keep], [[row[i] for i in keep] for row in narrow],
+                       f"{per_tokens}; {per_type}; each row's FLOPs are in results.md" if adaptive
+                       else f"{per_type}; each row's visual tokens and FLOPs are in results.md")
+    return Fitted(title, detailed, compact, narrowest)
 
 
 @app.command()
@@ -333,7 +565,7 @@ def run(
         ..., help="A local path or a Hub id of a LLaVA(-NeXT, -OneVision), Video-LLaVA or Qwen2/2.5/3-VL checkpoint."
     ),
     image: Optional[list[Path]] = typer.Option(
-        None, help="An image file; repeat it for a batch of images (one row each, see --budgets)."
+        None, metavar="<path>", help="An image file; repeat it for a batch of images (one row each, see --budgets)."
     ),
     video: Optional[Path] = typer.Option(None, help="Instead of --image: an animated GIF/WebP or a folder of frame images."),
     prompt: str = typer.Option(..., help="The question (the model's chat template is applied)."),
@@ -343,12 +575,15 @@ def run(
     budget: Optional[int] = typer.Option(None, help="Average visual tokens per decoder layer per image (default 64)."),
     ratio: Optional[float] = typer.Option(None, help="Instead of --budget: keep this fraction of the image's tokens."),
     budgets: Optional[list[int]] = typer.Option(
-        None, help="One budget per --image: the images run as one padded batch, each row with its own budget."
+        None, metavar="<int>...",
+        help="One budget per --image: the images run as one padded batch, each row with its own budget.",
     ),
-    ratios: Optional[list[float]] = typer.Option(None, help="Instead of --budgets: one kept fraction per --image."),
+    ratios: Optional[list[float]] = typer.Option(
+        None, metavar="<float>...", help="Instead of --budgets: one kept fraction per --image."
+    ),
     saved_reducer: bool = typer.Option(
-        True, help="Attach the reducer a checkpoint fine-tuned under one carries (duet_vlm_reducer.json), unless "
-                   "--method, --budget or --ratio is given."
+        True, help="Attach the reducer a checkpoint fine-tuned under one carries, unless --method, --budget or --ratio "
+                   "is given."
     ),
     max_new_tokens: int = typer.Option(32),
     overlay: Optional[Path] = typer.Option(None, help="Write the kept-patch overlay here (with each item's token count)."),
@@ -356,17 +591,17 @@ def run(
     rounds: int = typer.Option(3, help="Interleaved prefill timing rounds."),
 ) -> None:
     """Answer a prompt about an image (or a video) with all tokens and with a reduction method, on any
-    supported checkpoint; several images run as one batch, each row with its own budget (--budgets)."""
+    supported checkpoint; several images run as one batch, each row with its own budget (--budgets).
+
+    A checkpoint fine-tuned under a reducer carries it (duet_vlm_reducer.json next to the weights), and
+    run attaches it unless --method, --budget or --ratio is given or --no-saved-reducer."""
     from .compare import ask
 
     images = list(image or [])
     asked = ask(model, prompt, images[0] if images else None, video, method, budget, ratio, max_new_tokens, overlay, dtype,
                 rounds, images=images[1:], budgets=budgets or None, ratios=ratios or None, saved_reducer=saved_reducer)
     if asked.rows:
-        rows = [(row.label, str(path), row.asked, f"{row.tokens:.1f}", repr(row.text), repr(row.text_all_tokens))
-                for row, path in zip(asked.rows, images)]
-        columns = ("", "image", "asked", "visual tokens/layer", f"answer ({asked.label})", "answer (all tokens)")
-        console.print(_table(f"One batch, {asked.label}, a budget per row", columns, rows))
+        console.print(batch_rows_table(asked, images))
     else:
         _print_answers(asked.answers)
     if asked.overlay:
@@ -409,8 +644,10 @@ def calibrate(
 
 @app.command("eval")
 def evaluate(
-    methods: Optional[list[str]] = typer.Option(None, help="Methods (space-separated); default: every registered one."),
-    budgets: list[int] = typer.Option([192, 128, 64], help="Budgets (space-separated list)."),
+    methods: Optional[list[str]] = typer.Option(
+        None, metavar="<str>...", help="Methods (space-separated); default: every registered one."
+    ),
+    budgets: list[int] = typer.Option([192, 128, 64], metavar="<int>...", help="Budgets (space-separated list)."),
     n: int = typer.Option(500, help="Questions per configuration (balanced over types when a multiple of 7)."),
     split: str = typer.Option("test", help="train, validation or test."),
     model_path: Optional[Path] = typer.Option(None, help="A demo model directory (default: the shipped one)."),
@@ -438,7 +675,6 @@ def evaluate(
     realised visual tokens per layer stand next to the asked budget; counts.png shows the distribution of
     each image's tokens."""
     from .demo.sweep import evaluate_methods
-    from .evaluation import standard_error
 
     # the command line, when this ran as one (not from Python or a test runner)
     command = " ".join(["duet-vlm", *sys.argv[1:]]) if Path(sys.argv[0]).name == "duet-vlm" else None
@@ -446,17 +682,7 @@ def evaluate(
         run = evaluate_methods(methods, budgets, n, split, model_path, output_dir, batch_size, control, positions, resume,
                                command, progress=bar.counter("evaluating"), adaptive=adaptive, threshold=threshold,
                                calibration_n=calibration_n)
-    rows = [
-        (row["method"] + (f" ({row['adaptive']})" if row.get("adaptive") else ""), str(row["budget"] or ""),
-         *([f"{row['avg_visual_tokens']:.1f}"] if adaptive else []),
-         *(f"{100 * row['per_type'].get(t, float('nan')):.1f}" for t in run.types),
-         f"{100 * row['accuracy']:.1f}", f"{100 * standard_error(row['accuracy'], row['n']):.1f}", f"{row['retained_percent']:.1f}",
-         f"{row['avg_visual_tokens']:.1f}", f"{row['decoder_tflops_per_sample']:.4f}")
-        for row in run.rows
-    ]
-    columns = ["method", "budget", *(["realised tok/layer"] if adaptive else []), *run.types, "avg", "± s.e.", "% of full",
-               "visual tok/layer", "decoder TFLOPs"]
-    console.print(_table(f"Synthetic visual QA, {split} split, {n} questions per row", columns, rows))
+    console.print(accuracy_table(run.rows, run.types, f"Synthetic visual QA, {split} split, {n} questions per row"))
     console.print("wrote " + ", ".join(str(p) for p in run.paths))
 
 

@@ -5,7 +5,8 @@ A block between ``<!-- generated: KIND ARG... -->`` and ``<!-- end generated -->
 its arguments (file paths relative to the page): ``duet-vlm eval``'s ``results.json``, a demo
 model's ``metrics.json``, the adaptation experiment's ``adaptation.json``, a benchmark's output,
 the fixed-against-adaptive study's ``results.json``, the vLLM serving benchmark; ``schedules`` and
-``plan`` blocks are solved by the library itself (what ``duet-vlm plan`` prints); a ``figure``
+``plan`` blocks are solved by the library itself (what ``duet-vlm plan`` prints), a ``modes`` block
+is the generation-modes table that tests/test_generation_modes_table.py checks; a ``figure``
 block draws ``docs/figures.py``'s "which method and budget" figure and records the digest of its
 inputs, in the block and in the PNG.
 
@@ -316,6 +317,14 @@ def render_plan(root: Path, method: str, *budgets: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_modes(root: Path) -> str:
+    """What each mode of ``generate`` does under each kind of method (``duet_vlm.generation_modes``,
+    checked cell by cell by tests/test_generation_modes_table.py), and which method is of which kind."""
+    from duet_vlm.generation_modes import markdown
+
+    return markdown()
+
+
 # ----------------------------------------------------------------------------- benchmarks
 def render_prefill(root: Path, path: str) -> str:
     """``duet-vlm bench --methods ... --output FILE``: the vision side per variant, then each method's
@@ -460,7 +469,7 @@ RENDERERS = {
     "model": render_model, "results": render_results, "positions": render_positions,
     "adaptation": render_adaptation, "bench": render_bench, "vllm": render_vllm, "adaptive": render_adaptive,
     "schedules": render_schedules, "plan": render_plan, "prefill": render_prefill, "family": render_family,
-    "compile": render_compile, "stage_a": render_stage_a, "figure": render_figure,
+    "compile": render_compile, "stage_a": render_stage_a, "figure": render_figure, "modes": render_modes,
 }
 # Kinds whose block stands for a file that is drawn beside the page (the figure's PNG).
 FILES = {"figure": (figure_is_current, draw_figure)}

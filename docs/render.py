@@ -378,32 +378,44 @@ def render_family(root: Path, *paths: str) -> str:
     per-layer token counts), with the exact FLOPs and KV ratios; then, where the file has them, the
     whole forward against both, the selection's cost and share of the saving, its declared FLOPs and
     whether it pays (``COSTS_LEGEND``), and why a method cannot run on the geometry."""
+    files = [_load(root, path) for path in paths]
+    costs = any("ideals" in results for results in files)  # files written before the costs lack their columns
     head = ["geometry", "variant", "visual tok/layer", "LM time vs unreduced", "LM time vs ideal", "exact FLOPs ratio",
-            "KV ratio", "forward vs unreduced", "forward vs ideal", "selection cost s", "cost / saving",
-            "selection GFLOPs", "pays?"]
+            "KV ratio"] + (["forward vs unreduced", "forward vs ideal", "selection cost s", "cost / saving",
+                            "selection GFLOPs", "extra projector GFLOPs", "decoder GFLOPs", "pays?"] if costs else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def number(row, key, digits, scale=1.0):
         return "" if key not in row else "—" if row[key] is None else f"{row[key] * scale:.{digits}f}"
 
-    for path in paths:
-        results = _load(root, path)
+    for results in files:
         family = FAMILY_NAMES.get(results["family"], results["family"])
         for i, (name, row) in enumerate(results["variants"].items()):
-            if "error" in row:  # files written before the costs have no such rows
+            if "error" in row:
                 lines.append("| " + " | ".join([family if i == 0 else "", name, f"cannot run: {row['error']}"]
                                                + [""] * (len(head) - 3)) + " |")
                 continue
             tokens = "all" if row["avg_visual_tokens"] is None else f"{row['avg_visual_tokens']:.1f}"
             if row["avg_visual_tokens"] is None:
-                name = f"{name} ({row['language_model_s']:.2f} s LM, {row['forward_s']:.2f} s forward, {results['rounds']} rounds)"
-            paid = "" if "pays" not in row else f"{'yes' if row['pays'] else '**no**'} ({row['rounds_paid']}/{results['rounds']})"
-            lines.append("| " + " | ".join([
-                family if i == 0 else "", name, tokens, f"{row['lm_vs_full']:.3f}",
-                f"{row['lm_vs_ideal']:.3f}" if "lm_vs_ideal" in row else "", f"{row['flops_ratio']:.3f}",
-                f"{row['kv_ratio']:.3f}", number(row, "forward_vs_unreduced", 3), number(row, "forward_vs_ideal", 3),
-                number(row, "selection_cost_s", 2), number(row, "cost_share_of_saving", 2),
-                number(row, "selection_flops", 2, 1e-9), paid]) + " |")
+                forward = f", {row['forward_s']:.2f} s forward" if costs else ""
+                name = f"{name} ({row['language_model_s']:.2f} s LM{forward}, {results['rounds']} rounds)"
+            cells = [family if i == 0 else "", name, tokens, f"{row['lm_vs_full']:.3f}",
+                     f"{row['lm_vs_ideal']:.3f}" if "lm_vs_ideal" in row else "", f"{row['flops_ratio']:.3f}",
+                     f"{row['kv_ratio']:.3f}"]
+            if costs:
+                paid = "" if "pays" not in row else f"{'yes' if row['pays'] else '**no**'} ({row['rounds_paid']}/{results['rounds']})"
+                cells += [number(row, "forward_vs_unreduced", 3), number(row, "forward_vs_ideal", 3),
+                          number(row, "selection_cost_s", 2), number(row, "cost_share_of_saving", 2),
+                          number(row, "selection_flops", 2, 1e-9), number(row, "projector_extra_flops", 2, 1e-9),
+                          number(row, "decoder_flops", 1, 1e-9), paid]
+            lines.append("| " + " | ".join(cells) + " |")
+            if costs and row["avg_visual_tokens"] is None:  # how far the ideal's own path is from the model's
+                calibration = next((r for r in results.get("ideals", {}).values()
+                                    if r["visual_tokens_per_layer"] == row.get("visual_tokens_per_layer")), None)
+                if calibration is not None:
+                    lines.append("| " + " | ".join(["", "ideal of no reduction", "all", "", "", "", "",
+                                                    f"{calibration['forward_vs_unreduced']:.3f}"]
+                                                   + [""] * (len(head) - 8)) + " |")
     return "\n".join(lines) + "\n"
 
 

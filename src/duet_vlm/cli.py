@@ -392,7 +392,8 @@ def bench(
         with _Bar() as bar:
             report = bar.rounds(rounds)
             results = family_benchmark(family, size, methods, ratios, rounds, progress=lambda: report(f"{family} prefill"))
-        _print_family(results, len(methods) * len(ratios) * 2 + 1)
+        results["command"] = "duet-vlm " + " ".join(sys.argv[1:])
+        _print_family(results, sum("error" not in row for row in results["variants"].values()) + len(results["ideals"]))
         _write(output, results)
     elif generate or train:
         kind = "generate" if generate else "train"
@@ -406,6 +407,7 @@ def bench(
         with _Bar() as bar:
             results = prefill_benchmark(size, [] if methods == ["none"] else methods, budgets, rounds, text_tokens,
                                         progress=bar.rounds(rounds))
+        results["command"] = "duet-vlm " + " ".join(sys.argv[1:])
         _print_prefill(results)
         _write(output, results)
 
@@ -425,7 +427,7 @@ def prefill_table(results: dict) -> Fitted:
     rows = [
         [name, f"{row['forward_median_s']:.3f}", f"{row['forward_ratio']:.3f}", f"{row['language_model_median_s']:.3f}",
          f"{row['language_model_ratio']:.3f}", f"{row['flops_ratio']:.3f}", f"{row['kv_ratio']:.3f}", f"{row['avg_visual_tokens']:.2f}"]
-        for name, row in results["prefill"].items()
+        for name, row in results["prefill"].items() if "error" not in row
     ]
     wide = Layout([Column("variant", "left"), *map(Column, ("forward s", "forward ratio", "LM s", "LM ratio",
                                                             "exact FLOPs ratio", "KV ratio", "visual tok/layer"))], rows)
@@ -439,6 +441,22 @@ def prefill_table(results: dict) -> Fitted:
 def _print_prefill(results: dict) -> None:
     console.print(vision_table(results))
     console.print(prefill_table(results))
+    _print_costs(results["prefill"], results)
+
+
+def _print_costs(variants: dict, results: dict) -> None:
+    """Each variant's selection cost against its ideal and whether it pays (``bench.prefill.costs_markdown``:
+    the table ``docs/render.py`` renders from the JSON)."""
+    from .bench.prefill import costs_markdown
+
+    load = " -> ".join(f"{average[0]:.1f}" for average in results["load_average_before_after"])
+    typer.echo(f"\nSelection cost against the ideal, {results['rounds']} interleaved rounds, 1-minute load average {load}")
+    markdown = costs_markdown(variants, results["ideals"], results["rounds"])
+    if console.is_terminal and max(map(len, markdown.splitlines())) > console.width:
+        for table in end_to_end_tables(markdown):
+            console.print(table)
+    else:  # plain echo: markdown that a file or a wide terminal keeps as it is
+        typer.echo(markdown)
 
 
 def family_table(results: dict, variants: int) -> Fitted:
@@ -446,6 +464,8 @@ def family_table(results: dict, variants: int) -> Fitted:
     against the unreduced model and against the ideal, and the exact FLOPs and KV-cache ratios."""
     rows = []
     for name, row in results["variants"].items():
+        if "error" in row:  # _print_costs says why
+            continue
         tokens = row["avg_visual_tokens"]
         rows.append([
             name, f"{tokens:.1f}" if tokens is not None else "all", f"{row['forward_s']:.3f}", f"{row['language_model_s']:.3f}",
@@ -463,6 +483,7 @@ def family_table(results: dict, variants: int) -> Fitted:
 
 def _print_family(results: dict, variants: int) -> None:
     console.print(family_table(results, variants))
+    _print_costs(results["variants"], results)
 
 
 def end_to_end_tables(markdown: str, legend: str = "") -> list[Fitted]:

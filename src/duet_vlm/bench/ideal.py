@@ -22,8 +22,11 @@ class IdealModel:
     lengths. Padded rows get a boolean mask; unpadded ones run SDPA's causal path.
 
     ``decode`` runs the decoder alone on entry states (any LLaVA family: the slots are the image or
-    video tokens). ``forward``, ``generate`` and ``loss`` start from the pixels of a LLaVA-1.5 prompt:
-    the tower and the projector run as usual (the projector on the kept count only). ``generate`` is a
+    video tokens). ``embeddings``, ``forward``, ``generate`` and ``loss`` start from the pixels of a
+    LLaVA-1.5, LLaVA-NeXT or Video-LLaVA prompt: the family's tower runs as usual on every tile or
+    frame (only its feature layer's states kept), and the projector on the kept count only; with
+    nothing dropped at the entry the visual embeddings are the model's own (LLaVA-NeXT's unpadding
+    and newlines included), so the ideal of no reduction is the unreduced model. ``generate`` is a
     bare greedy loop (embed, layers, norm, LM head on the last position, argmax); ``loss`` is a
     training forward.
 
@@ -37,6 +40,8 @@ class IdealModel:
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask")
         self.pixel_values = inputs.get("pixel_values")
+        self.pixel_values_videos = inputs.get("pixel_values_videos")
+        self.image_sizes = inputs.get("image_sizes")
         self.input_ids = ids
         token = model.config.video_token_id if "pixel_values_videos" in inputs else model.config.image_token_id
         visual = ids == token
@@ -54,15 +59,40 @@ class IdealModel:
             start += size
         self.exit = segment  # the prompt's tokens that reach the last layer
 
-    def _embeddings(self) -> torch.Tensor:
-        config = self.model.config
-        # Only the feature layer's states are kept, as get_image_features asks the tower to.
+    def _features(self) -> torch.Tensor:
+        """``(B, n, C)`` what the projector maps, per row: the family's tower at its feature layer on
+        every tile (LLaVA-NeXT) or frame (Video-LLaVA), CLS dropped where the family drops it."""
+        config, base = self.model.config, self.base
         layer = config.vision_feature_layer
-        features = self.base.vision_tower(self.pixel_values, output_hidden_states=layer).hidden_states[layer]
+        if self.pixel_values_videos is not None:  # Video-LLaVA's video path keeps each frame's CLS
+            videos = self.pixel_values_videos
+            frames = videos.flatten(0, 1)
+            features = base.video_tower(frames, output_hidden_states=layer).hidden_states[layer]
+            return features.reshape(videos.shape[0], -1, features.shape[-1])
+        pixels = self.pixel_values
+        tower = base.vision_tower if hasattr(base, "vision_tower") else base.image_tower
+        tiles = pixels.flatten(0, 1) if pixels.dim() == 5 else pixels  # LLaVA-NeXT: (B, tiles, 3, H, W)
+        # Only the feature layer's states are kept, as get_image_features asks the tower to.
+        features = tower(tiles, output_hidden_states=layer).hidden_states[layer]
         if config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
+        return features.reshape(pixels.shape[0], -1, features.shape[-1])
+
+    def embeddings(self) -> torch.Tensor:
+        """``(B, entry.length, width)`` the entry sequence's input embeddings: the text's, and the kept
+        count of projected visual tokens in the first visual slots (any slots cost the same)."""
+        features = self._features()
         count = int(self.entry_visual[0].sum())
-        visual = self.base.multi_modal_projector(features[:, :count])
+        if count <= features.shape[1]:
+            visual = self.base.multi_modal_projector(features[:, :count])
+        else:  # LLaVA-NeXT with (nearly) every slot kept: its own unpadding and newlines
+            tiles = self.pixel_values.shape[1]
+            projected = self.base.multi_modal_projector(features.reshape(-1, features.shape[1] // tiles, features.shape[-1]))
+            packed, _ = self.base.pack_image_features(
+                list(projected.split(tiles)), self.image_sizes, self.model.config.vision_feature_select_strategy,
+                image_newline=self.base.image_newline,
+            )
+            visual = torch.stack(packed)[:, :count]  # images of one size in the rows
         embeds = self.language_model.embed_tokens(self.input_ids)
         embeds = embeds.masked_scatter(self.entry_visual[..., None], visual.to(embeds.dtype))
         return self.entry.gather(embeds)
@@ -99,7 +129,7 @@ class IdealModel:
 
     def forward(self, cache=None) -> torch.Tensor:
         """The prompt through the tower, the projector and the decoder (``decode``)."""
-        return self.decode(self._embeddings(), cache)
+        return self.decode(self.embeddings(), cache)
 
     def generate(self, new_tokens: int, on_token: Callable[[], None] | None = None):
         """Greedy decoding of exactly ``new_tokens`` tokens; ``on_token()`` after each one. Returns the

@@ -1,25 +1,36 @@
-"""Speed measured side by side: the vision-side overhead of Stage A and the decoder prefill per method
-(``duet-vlm bench``), and a family's typical prompt against the ideal (``duet-vlm bench --family``).
+"""Speed measured side by side: the vision-side overhead of Stage A and the prefill per method
+(``duet-vlm bench``), and a family's typical prompt (``duet-vlm bench --family``), each reduced
+prefill against the unreduced one and against its *ideal*.
 
-Every variant is timed in the same process, interleaved round by round (``timing``), and reported as
-a ratio to the unreduced model measured in the same rounds. FLOPs and KV-cache bytes, which are
-exact, are reported next to them.
+Every variant is timed in the same process, interleaved round by round (``timing``). The ideal of a
+variant (``ideal.IdealModel``) is the unpatched model on the same per-layer visual token counts with
+nothing choosing them: the tower on every tile or frame, the projector on the kept tokens, the
+decoder's own layers. So ``forward - ideal`` is what the method's choosing costs (scoring,
+selecting, merging, the hooks' bookkeeping), ``unreduced - ideal`` what its token counts save, and a
+method whose forward takes at least the unreduced forward's time does not pay on that geometry
+(``selection_costs``). FLOPs and KV-cache bytes, which are exact, are reported next to them, and the
+selection's own FLOPs where a method's count is declared (``selection``).
 
 >>> results = prefill_benchmark(ModelSize(), ["duet"], [192, 64], rounds=3)           # doctest: +SKIP
->>> results["prefill"]["duet 64"]["language_model_ratio"]                              # doctest: +SKIP
+>>> results["prefill"]["duet 64"]["selection_cost_s"], results["prefill"]["duet 64"]["pays"]   # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import time
 from contextlib import nullcontext
+from itertools import groupby
 from typing import Callable
 
 import torch
 
-from ..methods import make
+from ..flops import DecoderDims, exact_flops
+from ..methods import PerItemRatio, make
 from .ideal import IdealModel
 from .models import ModelSize, build_family, build_model, example_inputs
+from .selection import ProjectorRows, Widths, declared_flops, item_shapes, projector_flops_per_row
 from .timing import LanguageModelTimer, interleaved, median_ratio
 
 FULL = "no reduction"
@@ -55,12 +66,31 @@ def vision_variants(model, inputs, budget: int) -> dict[str, Callable[[], None]]
 
 def timed_prefill(model, inputs, context_factory, decoder_seconds: list[float]) -> Callable[[], None]:
     """One prefill forward (logits of the last token only, as generate does) inside
-    ``context_factory()``; appends the seconds it spent in the language model to ``decoder_seconds``."""
+    ``context_factory()``; appends the seconds it spent in the language model to ``decoder_seconds``.
+
+    Under ``torch.no_grad()``, as ``generate`` runs, not ``inference_mode``: PIO's score is a
+    backward pass through one block, which inference mode refuses. Every variant runs alike."""
 
     def run():
-        with torch.inference_mode(), context_factory(), LanguageModelTimer(model) as timer:
+        with torch.no_grad(), context_factory(), LanguageModelTimer(model) as timer:
             model(**inputs, logits_to_keep=1)
-        decoder_seconds.extend(timer.seconds)
+        decoder_seconds.append(sum(timer.seconds))
+
+    return run
+
+
+def ideal_prefill(model, ideal: IdealModel, decoder_seconds: list[float]) -> Callable[[], None]:
+    """The ideal's prefill: ``IdealModel.embeddings`` (the tower, the projector on the kept count),
+    its decoder (timed into ``decoder_seconds``: layers and final norm, what ``LanguageModelTimer``
+    times of a reduced forward), and the LM head on the last position."""
+
+    def run():
+        with torch.no_grad():
+            embeds = ideal.embeddings()
+            start = time.perf_counter()
+            hidden = ideal.decode(embeds)
+            decoder_seconds.append(time.perf_counter() - start)
+            model.lm_head(hidden[:, -1:])
 
     return run
 
@@ -87,89 +117,292 @@ def prefill_variants(
     return variants, reducers, decoder_seconds
 
 
+def selection_costs(forward: list[float], ideal: list[float], unreduced: list[float]) -> dict:
+    """What a method's choosing costs, from per-round seconds of its forward, of its ideal (the same
+    per-layer counts chosen for free) and of the unreduced forward, all measured in the same rounds.
+
+    - ``forward_vs_unreduced``, ``forward_vs_ideal``: medians of the per-round ratios;
+    - ``selection_cost_s``: the median per-round ``forward - ideal`` (scoring, choosing, the
+      library's bookkeeping: everything the reduction costs beyond its token counts);
+    - ``saving_s``: the median per-round ``unreduced - ideal`` (what the token counts save);
+    - ``cost_share_of_saving``: ``selection_cost_s / saving_s`` (``None`` when nothing is saved);
+    - ``pays``: ``forward_vs_unreduced < 1``; **False** when the forward takes at least the unreduced
+      one's time, i.e. the selection costs more than its tokens save; ``rounds_paid``: the rounds in
+      which the forward was faster than the unreduced one.
+
+    >>> row = selection_costs([6.0, 7.0, 8.0], [5.0, 5.0, 6.0], [10.0, 11.0, 12.0])
+    >>> row["selection_cost_s"], row["saving_s"], row["cost_share_of_saving"], row["pays"], row["rounds_paid"]
+    (2.0, 6.0, 0.3333333333333333, True, 3)
+    """
+    if not (len(forward) == len(ideal) == len(unreduced)) or not forward:
+        raise ValueError("forward, ideal and unreduced need one time per round each, from the same rounds")
+    cost = statistics.median(f - i for f, i in zip(forward, ideal))
+    saving = statistics.median(u - i for u, i in zip(unreduced, ideal))
+    ratio = statistics.median(f / u for f, u in zip(forward, unreduced))
+    return {
+        "forward_vs_unreduced": ratio,
+        "forward_vs_ideal": statistics.median(f / i for f, i in zip(forward, ideal)),
+        "selection_cost_s": cost,
+        "saving_s": saving,
+        "cost_share_of_saving": cost / saving if saving > 0 else None,
+        "pays": ratio < 1,
+        "rounds_paid": sum(f < u for f, u in zip(forward, unreduced)),
+    }
+
+
+def _visual_per_layer(stats) -> list[int]:
+    """Visual tokens entering each decoder layer, summed over the prompt's items (what the ideal keeps)."""
+    return [sum(item.tokens_per_layer[layer] for item in stats.items) for layer in range(len(stats.tokens_per_layer))]
+
+
+def schedule_name(counts) -> str:
+    """Per-layer counts in a few characters: ``576 x2, 192 x30`` (count x layers, in order).
+
+    >>> schedule_name([576, 576, 192, 192, 192])
+    '576 x2, 192 x3'
+    """
+    return ", ".join(f"{count} x{len(list(run))}" for count, run in groupby(counts))
+
+
+def _reason(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
+def measure(model, inputs, reducers: dict, rounds: int, progress=None) -> dict:
+    """Every reducer's prefill against the unreduced one and against its ideal, timed in the same
+    interleaved rounds; ``reducers`` maps a variant's name to a reducer, or to the exception making
+    one raised. The shared core of ``prefill_benchmark`` and ``family_benchmark``.
+
+    Each variant runs once first (the warm-up): that run gives its per-layer counts, its selection's
+    shapes and its projector rows, or the reason it cannot run on this geometry (then it is left out
+    of the rounds and its row says why). One ideal is timed per distinct per-layer schedule, plus the
+    ideal of no reduction (the direct layer loop against ``model.forward``: what the ideal's own
+    path saves with nothing reduced). Returns ``{"variants": {name: row}, "ideals": {name: row},
+    "load_average_before_after": ...}``.
+    """
+    config = model.config
+    visual_ids = {getattr(config, key) for key in ("image_token_id", "video_token_id")
+                  if getattr(config, key, None) is not None}
+    dims, per_row = Widths.of(model), projector_flops_per_row(model.model.multi_modal_projector)
+    variants: dict[str, Callable[[], None]] = {}
+    seconds: dict[str, list[float]] = {}
+    facts: dict[str, dict] = {}
+
+    def warm(name: str, run: Callable[[], None]) -> int:
+        with ProjectorRows(model) as rows:
+            run()
+        variants[name] = run
+        return rows.count
+
+    for name, reducer in {FULL: None, **reducers}.items():
+        seconds[name] = []
+        if isinstance(reducer, Exception):
+            facts[name] = {"error": _reason(reducer)}
+            continue
+        context = nullcontext if reducer is None else (lambda r=reducer: r(model))
+        try:
+            rows = warm(name, timed_prefill(model, inputs, context, seconds[name]))
+        except Exception as error:  # a method that cannot run on this geometry: the table says why
+            variants.pop(name, None)
+            facts[name] = {"error": _reason(error)}
+            continue
+        if reducer is None:
+            ids = inputs["input_ids"]
+            visual = torch.isin(ids, torch.tensor(sorted(visual_ids)))
+            valid = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones_like(visual)
+            layers = config.text_config.num_hidden_layers
+            decoder = DecoderDims.from_config(config.text_config)
+            flops = sum(exact_flops(decoder, [int(row.sum())] * layers) for row in valid)  # each row, all its tokens
+            facts[name] = {"counts": [int(visual[0].sum())] * layers, "projector_rows": rows, "decoder_flops": flops}
+            continue
+        stats = reducer.stats
+        spec = reducer.build(1) if isinstance(reducer, PerItemRatio) else reducer  # the method's own options
+        flops, terms = declared_flops(spec.method_name, spec, item_shapes(stats, inputs, visual_ids), dims)
+        facts[name] = {"counts": _visual_per_layer(stats), "projector_rows": rows, "stats": stats,
+                       "selection_flops": flops, "selection_flops_terms": terms}
+
+    ideals: dict[tuple[int, ...], str] = {}
+    for name, fact in facts.items():
+        if "counts" in fact:
+            key = tuple(fact["counts"])
+            ideals.setdefault(key, "ideal: " + schedule_name(key))
+            fact["ideal"] = ideals[key]
+    ideal_rows: dict[str, dict] = {}
+    for key, name in ideals.items():
+        seconds[name] = []
+        ideal = IdealModel(model, inputs, list(key))
+        rows = warm(name, ideal_prefill(model, ideal, seconds[name]))
+        ideal_rows[name] = {"visual_tokens_per_layer": list(key), "projector_rows": rows}
+    # The pre-runs were the warm-up; only the rounds are timed.
+    for name in seconds:
+        seconds[name].clear()
+    # Each ideal right after the first variant it serves: a drift of the load within a round then
+    # hits a variant and its ideal alike.
+    order: dict[str, None] = {}
+    for name, fact in facts.items():
+        if name in variants:
+            order.update({name: None, fact["ideal"]: None})
+    variants = {name: variants[name] for name in order}
+
+    load_before = os.getloadavg()
+    times = interleaved(variants, rounds, warmup=0, progress=progress)
+    load_after = os.getloadavg()
+
+    full = times[FULL]
+    results = {}
+    for name, fact in facts.items():
+        if "error" in fact:
+            results[name] = {"error": fact["error"]}
+            continue
+        ideal = fact["ideal"]
+        stats = fact.get("stats")
+        counts = fact["counts"]
+        row = {
+            "visual_tokens_per_layer": counts,
+            "avg_visual_tokens": sum(counts) / len(counts),
+            "forward_s": statistics.median(times[name]),
+            "language_model_s": statistics.median(seconds[name]),
+            "lm_vs_full": statistics.median(t / b for t, b in zip(seconds[name], seconds[FULL])),
+            "flops_ratio": stats.flops_ratio if stats else 1.0,
+            "kv_ratio": stats.kv_bytes / stats.kv_bytes_full if stats else 1.0,
+            "decoder_flops": stats.flops_exact if stats else fact["decoder_flops"],
+            "decoder_flops_full": stats.flops_exact_full if stats else fact["decoder_flops"],
+            "projector_rows": fact["projector_rows"],
+            "forward_rounds_s": times[name],
+        }
+        if stats is not None:
+            ideal_rows[ideal].setdefault("for", []).append(name)
+            row["ideal"] = ideal
+            row["ideal_forward_s"] = statistics.median(times[ideal])
+            row["ideal_language_model_s"] = statistics.median(seconds[ideal])
+            row["lm_vs_ideal"] = statistics.median(t / i for t, i in zip(seconds[name], seconds[ideal]))
+            row.update(selection_costs(times[name], times[ideal], full))
+            extra = fact["projector_rows"] - ideal_rows[ideal]["projector_rows"]
+            row.update(selection_flops=fact["selection_flops"], selection_flops_terms=fact["selection_flops_terms"],
+                       projector_extra_rows=extra, projector_extra_flops=extra * per_row)
+        results[name] = row
+    for name, row in ideal_rows.items():
+        row.update(forward_s=statistics.median(times[name]), language_model_s=statistics.median(seconds[name]),
+                   forward_vs_unreduced=statistics.median(t / b for t, b in zip(times[name], full)),
+                   forward_rounds_s=times[name])
+    return {"variants": results, "ideals": ideal_rows, "load_average_before_after": [load_before, load_after],
+            "cpus": os.cpu_count()}
+
+
+def _reducers(methods: list[str], settings: list, key: str, label: Callable) -> dict:
+    """``make(method, key=setting)`` for each pair, or the error making it raised."""
+    reducers = {}
+    for method in methods:
+        for setting in settings:
+            try:
+                reducers[label(method, setting)] = make(method, **{key: setting})
+            except Exception as error:
+                reducers[label(method, setting)] = error
+    return reducers
+
+
 def prefill_benchmark(size: ModelSize, methods: list[str], budgets: list[int], rounds: int, text_tokens: int = 60,
                       progress: Callable[[str], None] | None = None) -> dict:
     """Stage A's vision-side cost (``vision_variants`` at the first budget) and the prefill of each
-    method and budget, each in its own interleaved rounds; ``progress(phase)`` after every round.
+    method and budget against the unreduced model and against its ideal (``measure``), each part in
+    its own interleaved rounds; ``progress(phase)`` after every round.
 
-    Returns ``{"vision": {variant: {median_s, ratio}}, "prefill": {variant: {forward_median_s,
-    forward_ratio, language_model_median_s, language_model_ratio, flops_ratio, kv_ratio,
-    avg_visual_tokens}}, ...}`` (ratios to no reduction: medians of per-round ratios).
+    Returns ``{"vision": {variant: {median_s, ratio}}, "prefill": {variant: row}, "ideals": {...},
+    ...}``; a row has ``forward_median_s, forward_ratio, language_model_median_s,
+    language_model_ratio, flops_ratio, kv_ratio, avg_visual_tokens`` (ratios to no reduction:
+    medians of per-round ratios), the costs of ``selection_costs``, ``selection_flops`` (where the
+    method declares a count, ``selection``) and ``projector_extra_flops``, or ``error`` when the
+    method cannot run on this geometry.
     """
     model = build_model(size)
     inputs = example_inputs(model, text_tokens=text_tokens)
-    vision = vision_variants(model, inputs, budgets[0])
-    prefill, reducers, decoder_seconds = prefill_variants(model, inputs, methods, budgets)
     advance = (lambda phase: (lambda: progress(phase))) if progress else (lambda phase: None)
+    vision = vision_variants(model, inputs, budgets[0])
     vision_times = interleaved(vision, rounds, progress=advance("vision side"))
-    prefill_times = interleaved(prefill, rounds, progress=advance("prefill"))
+    reducers = _reducers(methods, budgets, "budget", lambda method, budget: f"{method} {budget}")
+    measured = measure(model, inputs, reducers, rounds, progress=advance("prefill"))
 
-    results = {"model": vars(size), "rounds": rounds, "threads": torch.get_num_threads(), "vision": {}, "prefill": {}}
+    results = {"model": vars(size), "rounds": rounds, "threads": torch.get_num_threads(), "text_tokens": text_tokens,
+               "vision": {}, "prefill": {}}
     ratios = median_ratio(vision_times, FULL)
     for name, values in vision_times.items():
         results["vision"][name] = {"median_s": statistics.median(values), "ratio": ratios[name]}
-    ratios = median_ratio(prefill_times, FULL)
-    decoder_times = {name: seconds[-rounds:] for name, seconds in decoder_seconds.items()}
-    decoder_ratios = median_ratio(decoder_times, FULL)
-    for name, values in prefill_times.items():
-        stats = reducers[name].stats if name in reducers else None
-        results["prefill"][name] = {
-            "forward_median_s": statistics.median(values), "forward_ratio": ratios[name],
-            "language_model_median_s": statistics.median(decoder_times[name]),
-            "language_model_ratio": decoder_ratios[name],
-            "flops_ratio": stats.flops_ratio if stats else 1.0,
-            "kv_ratio": stats.kv_bytes / stats.kv_bytes_full if stats else 1.0,
-            "avg_visual_tokens": stats.average_tokens if stats else 576.0,
-        }
+    for name, row in measured["variants"].items():
+        if "error" not in row:  # the names the renderers have always read
+            row = {"forward_median_s": row["forward_s"], "forward_ratio": row.get("forward_vs_unreduced", 1.0),
+                   "language_model_median_s": row["language_model_s"], "language_model_ratio": row["lm_vs_full"], **row}
+        results["prefill"][name] = row
+    results.update(ideals=measured["ideals"], load_average_before_after=measured["load_average_before_after"],
+                   cpus=measured["cpus"])
     return results
-
-
-def ideal_decoder(model, inputs, visual_per_layer: list[int]) -> Callable[[], None]:
-    """The unpatched decoder fed the same token counts (``IdealModel.decode`` on random entry
-    states). What a reducer costs beyond it is its scoring and bookkeeping."""
-    ideal = IdealModel(model, inputs, visual_per_layer)
-    language_model = ideal.language_model
-    shape = (inputs["input_ids"].shape[0], ideal.entry.length, language_model.config.hidden_size)
-    states = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(language_model.dtype)
-
-    def run():
-        with torch.inference_mode():
-            ideal.decode(states)
-
-    return run
 
 
 def family_benchmark(family: str, size: ModelSize, methods: list[str], ratios: list[float], rounds: int, progress=None) -> dict:
     """Prefill of ``family``'s typical prompt under each method and ratio, side by side with the
-    unreduced model and, for each reduced variant, the ideal decoder on the same token counts.
+    unreduced model and, for each reduced variant, its ideal (``measure``: the tower, the kept tokens
+    and the unpatched decoder on the same per-layer counts).
 
-    Returns ``{variant: {forward_s, language_model_s, ideal_s, lm_vs_ideal, lm_vs_full, flops_ratio,
-    kv_ratio, avg_visual_tokens}}`` (medians over interleaved rounds; ratios per round).
+    Returns ``{"variants": {variant: {forward_s, language_model_s, ideal_s, lm_vs_ideal, lm_vs_full,
+    flops_ratio, kv_ratio, avg_visual_tokens, ...the costs of selection_costs...}}, "ideals": ...}``
+    (medians over interleaved rounds; ratios per round); ``ideal_s`` is the ideal's language-model
+    part, ``ideal_forward_s`` its whole forward; a variant that cannot run has ``error``.
     """
     model, inputs = build_family(family, size)
-    reducers = {f"{method} ratio {ratio:g}": make(method, ratio=ratio) for method in methods for ratio in ratios}
-    variants, decoder_seconds = _prefills(model, inputs, reducers)
-    for name, reducer in reducers.items():
-        variants[name]()  # one prefill tells the per-layer counts the ideal must match
-        stats = reducer.stats
-        visual = [sum(item.tokens_per_layer[layer] for item in stats.items) for layer in range(len(stats.tokens_per_layer))]
-        variants[f"ideal: {name}"] = ideal_decoder(model, inputs, visual)
-    times = interleaved(variants, rounds, progress=progress)
-    lm = {name: seconds[-rounds:] for name, seconds in decoder_seconds.items()}
-    results = {}
-    for name in [FULL, *reducers]:
-        stats = reducers[name].stats if name in reducers else None
-        row = {
-            "forward_s": statistics.median(times[name]),
-            "language_model_s": statistics.median(lm[name]),
-            "lm_vs_full": statistics.median(t / b for t, b in zip(lm[name], lm[FULL])),
-            "flops_ratio": stats.flops_ratio if stats else 1.0,
-            "kv_ratio": stats.kv_bytes / stats.kv_bytes_full if stats else 1.0,
-            "avg_visual_tokens": stats.average_tokens if stats else None,
-        }
-        if stats is not None:
-            ideal = times[f"ideal: {name}"]
-            row["ideal_s"] = statistics.median(ideal)
-            row["lm_vs_ideal"] = statistics.median(t / i for t, i in zip(lm[name], ideal))
-        results[name] = row
-    return {"family": family, "model": vars(size), "rounds": rounds, "variants": results}
+    reducers = _reducers(methods, ratios, "ratio", lambda method, ratio: f"{method} ratio {ratio:g}")
+    measured = measure(model, inputs, reducers, rounds, progress=progress)
+    variants = {}
+    for name, row in measured["variants"].items():
+        if "error" not in row:
+            row = dict(row)
+            if name == FULL:
+                row["avg_visual_tokens"] = None  # "all": the renderers' mark of the unreduced row
+            else:
+                row["ideal_s"] = row["ideal_language_model_s"]
+        variants[name] = row
+    return {"family": family, "model": vars(size), "rounds": rounds, "threads": torch.get_num_threads(),
+            "variants": variants, "ideals": measured["ideals"],
+            "load_average_before_after": measured["load_average_before_after"], "cpus": measured["cpus"]}
+
+
+COST_COLUMNS = ("variant", "visual tok/layer", "forward s", "vs unreduced", "vs ideal", "selection cost s",
+                "cost / saving", "selection GFLOPs", "extra projector GFLOPs", "decoder GFLOPs", "pays?")
+
+
+def _number(value, digits: int, scale: float = 1.0) -> str:
+    return "—" if value is None else f"{value * scale:.{digits}f}"
+
+
+def cost_cells(name: str, row: dict, rounds: int) -> list[str]:
+    """One variant of ``measure`` (``prefill_benchmark``'s ``prefill`` or ``family_benchmark``'s
+    ``variants``) as the cells of ``COST_COLUMNS``: medians in seconds, ratios, the selection's cost
+    and its share of the saving (``selection_costs``), GFLOPs (selection: declared counts, ``—``
+    where a method declares none; extra projector: rows beyond the ideal's; decoder: exact), and
+    whether it pays, with the rounds in which it did."""
+    if "error" in row:
+        return [name, f"cannot run: {row['error']}"] + [""] * (len(COST_COLUMNS) - 2)
+    tokens = row["avg_visual_tokens"]
+    cells = [name, "all" if tokens is None or "ideal" not in row else f"{tokens:.1f}", f"{row['forward_s']:.2f}"]
+    if "ideal" not in row:  # the unreduced model
+        return cells + ["1.000", "", "", "", "", "", _number(row["decoder_flops_full"], 1, 1e-9), ""]
+    paid = f"{'yes' if row['pays'] else '**no**'} ({row['rounds_paid']}/{rounds})"
+    return cells + [
+        f"{row['forward_vs_unreduced']:.3f}", f"{row['forward_vs_ideal']:.3f}", f"{row['selection_cost_s']:.2f}",
+        _number(row["cost_share_of_saving"], 2), _number(row["selection_flops"], 2, 1e-9),
+        _number(row["projector_extra_flops"], 2, 1e-9), _number(row["decoder_flops"], 1, 1e-9), paid,
+    ]
+
+
+def costs_markdown(variants: dict, ideals: dict, rounds: int) -> str:
+    """``measure``'s variants as one markdown table (``cost_cells``), the ideal of no reduction second:
+    how far the ideal's direct layer loop is from the model's own forward with nothing reduced."""
+    lines = ["| " + " | ".join(COST_COLUMNS) + " |", "|" + "---|" * len(COST_COLUMNS)]
+    for name, row in variants.items():
+        lines.append("| " + " | ".join(cost_cells(name, row, rounds)) + " |")
+        if "ideal" not in row and "error" not in row:
+            counts = row["visual_tokens_per_layer"]
+            calibration = next((r for r in ideals.values() if r["visual_tokens_per_layer"] == counts), None)
+            if calibration is not None:
+                cells = ["ideal of no reduction", "all", f"{calibration['forward_s']:.2f}",
+                         f"{calibration['forward_vs_unreduced']:.3f}"] + [""] * (len(COST_COLUMNS) - 4)
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""The benchmark's cost honesty (#24): each method's forward against its ideal (the same per-layer counts
+with nothing choosing them), the selection's cost and whether it pays, on tiny models (no timing asserted)."""
+
+import pytest
+import torch
+
+from duet_vlm import METHODS
+
+TINY = dict(vision_hidden=32, vision_layers=2, vision_heads=4, hidden=64, layers=8, heads=4, kv_heads=4, intermediate=128)
+
+
+def _size():
+    from duet_vlm.bench import ModelSize
+
+    return ModelSize(**TINY)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "video_llava"])
+def test_ideal_of_no_reduction_is_the_model_itself(family):
+    from duet_vlm.bench import IdealModel, build_family
+
+    model, inputs = build_family(family, _size())
+    visual = int(torch.isin(inputs["input_ids"], torch.tensor([32000, 32001])).sum())
+    with torch.no_grad():
+        reference = model.model(**inputs).last_hidden_state
+        logits = model(**inputs, logits_to_keep=1).logits
+        hidden = IdealModel(model, inputs, [visual] * TINY["layers"]).forward()
+    torch.testing.assert_close(hidden, reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.lm_head(hidden[:, -1:]), logits, rtol=0, atol=1e-6)
+
+
+def _layer_lengths(model, run):
+    lengths = []
+    handles = [layer.register_forward_pre_hook(lambda m, args, kwargs: lengths.append(
+        (kwargs.get("hidden_states", args[0] if args else None)).shape[1]), with_kwargs=True)
+        for layer in model.model.language_model.layers]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return lengths
+
+
+@pytest.mark.parametrize("family,method", [("llava", "pyramiddrop"), ("llava", "cdpruner"), ("llava_next", "divprune"),
+                                           ("video_llava", "holitom")])
+def test_the_ideal_runs_each_layer_on_the_methods_counts(family, method):
+    from duet_vlm.bench import IdealModel, build_family
+    from duet_vlm.methods import make
+
+    model, inputs = build_family(family, _size())
+    reducer = make(method, ratio=0.33)
+    with torch.no_grad(), reducer(model):
+        model(**inputs, logits_to_keep=1)
+    counts = [sum(item.tokens_per_layer[layer] for item in reducer.stats.items) for layer in range(TINY["layers"])]
+    visual = int(torch.isin(inputs["input_ids"], torch.tensor([32000, 32001])).sum())
+    text = inputs["input_ids"].shape[1] - visual
+    ideal = IdealModel(model, inputs, counts)
+    assert [length - text for length in _layer_lengths(model, ideal.forward)] == counts
+    # and the schedule the method's plan solves for this geometry is what its layers received
+    assert counts == reducer.stats.items[0].tokens_per_layer
+
+
+def test_selection_costs_follow_their_definitions():
+    from duet_vlm.bench.prefill import selection_costs
+
+    row = selection_costs([6.0, 9.0, 7.0], [5.0, 5.0, 5.0], [10.0, 8.0, 12.0])
+    assert row["selection_cost_s"] == 2.0 and row["saving_s"] == 5.0  # medians of per-round differences
+    assert row["cost_share_of_saving"] == 2.0 / 5.0
+    assert row["forward_vs_unreduced"] == pytest.approx(0.6) and row["forward_vs_ideal"] == pytest.approx(1.4)
+    assert row["pays"] and row["rounds_paid"] == 2  # 9 > 8 in the second round
+    slow = selection_costs([12.0, 11.0], [5.0, 5.0], [10.0, 11.0])
+    assert not slow["pays"] and slow["rounds_paid"] == 0 and slow["cost_share_of_saving"] > 1
+    nothing_saved = selection_costs([5.0], [5.0], [4.0])
+    assert nothing_saved["cost_share_of_saving"] is None and not nothing_saved["pays"]
+    with pytest.raises(ValueError, match="same rounds"):
+        selection_costs([1.0, 2.0], [1.0], [1.0, 2.0])
+
+
+def test_measure_pairs_each_variant_with_its_ideal_in_the_same_rounds(monkeypatch):
+    """Fixed fake round times (each variant still runs, so its language-model part is recorded):
+    the rows are computed from them as ``selection_costs`` documents."""
+    from duet_vlm.bench import build_model, example_inputs
+    from duet_vlm.bench import prefill as bench
+    from duet_vlm.methods import make
+
+    fake = {"no reduction": [10.0, 12.0, 11.0], "visionzip 192": [7.0, 8.0, 6.0], "random 192": [13.0, 12.0, 11.5],
+            "ideal: 576 x8": [9.0, 9.0, 9.0], "ideal: 192 x8": [5.0, 6.0, 5.0]}
+
+    def interleaved(variants, rounds, warmup=0, progress=None):
+        assert set(variants) == set(fake) and rounds == 3
+        for _ in range(rounds):
+            for fn in variants.values():
+                fn()
+        return {name: list(fake[name]) for name in variants}
+
+    monkeypatch.setattr(bench, "interleaved", interleaved)
+    model = build_model(_size())
+    inputs = example_inputs(model, text_tokens=20)
+    reducers = {"visionzip 192": make("visionzip", budget=192), "random 192": make("random", budget=192),
+                "fastv 64": make("fastv", budget=64)}  # after layer 2 of 8 it cannot average 64
+    out = bench.measure(model, inputs, reducers, rounds=3)
+    rows = out["variants"]
+    assert rows["visionzip 192"]["ideal"] == rows["random 192"]["ideal"] == "ideal: 192 x8"
+    for name in ("visionzip 192", "random 192"):
+        expected = bench.selection_costs(fake[name], fake["ideal: 192 x8"], fake["no reduction"])
+        assert {key: rows[name][key] for key in expected} == expected
+        assert rows[name]["forward_rounds_s"] == fake[name]
+    assert rows["visionzip 192"]["pays"] and not rows["random 192"]["pays"]
+    assert rows["fastv 64"] == {"error": rows["fastv 64"]["error"]} and "FastV after layer 2" in rows["fastv 64"]["error"]
+    assert out["ideals"]["ideal: 576 x8"]["forward_vs_unreduced"] == pytest.approx(0.818181, rel=1e-5)
+    assert rows["no reduction"]["decoder_flops"] == rows["visionzip 192"]["decoder_flops_full"]
+    # the projector: the ideal maps the 192 kept tokens, visionzip's forward every token once more
+    assert out["ideals"]["ideal: 192 x8"]["projector_rows"] == 192
+    assert rows["visionzip 192"]["projector_extra_rows"] == rows["visionzip 192"]["projector_rows"] - 192 > 0
+    table = bench.costs_markdown(rows, out["ideals"], 3).splitlines()
+    assert len(table) == 2 + len(rows) + 1  # header, rule, the variants and the ideal of no reduction
+    assert "**no** (0/3)" in table[-2] and "cannot run: ValueError" in table[-1]
+
+
+def test_every_registered_method_runs_through_the_prefill_benchmark():
+    from duet_vlm.bench import prefill_benchmark
+
+    methods = [name for name in METHODS if name != "full"]
+    results = prefill_benchmark(_size(), methods, [192], rounds=1, text_tokens=20)
+    for method in methods:
+        row = results["prefill"][f"{method} 192"]
+        assert "error" not in row, (method, row.get("error"))
+        assert row["visual_tokens_per_layer"] == results["ideals"][row["ideal"]]["visual_tokens_per_layer"]
+        assert row["forward_s"] > 0 and row["ideal_forward_s"] > 0 and isinstance(row["pays"], bool)
+        assert (row["selection_flops"] is None) == (method not in ("cdpruner", "divprune", "vispruner", "dart"))
+    # the fields the renderers have always read are still there
+    assert {"forward_median_s", "forward_ratio", "language_model_median_s", "language_model_ratio", "flops_ratio",
+            "kv_ratio", "avg_visual_tokens"} <= set(results["prefill"]["cdpruner 192"])
+
+
+def test_video_geometry_and_methods_that_cannot_run_there():
+    from duet_vlm.bench import family_benchmark
+
+    results = family_benchmark("video_llava", _size(), ["holitom", "cdpruner", "dart", "vispruner"], [0.33, 0.001], rounds=1)
+    rows = results["variants"]
+    for method in ("holitom", "cdpruner", "dart", "vispruner"):
+        row = rows[f"{method} ratio 0.33"]
+        assert "error" not in row and row["ideal_s"] > 0 and "selection_cost_s" in row
+    # 0.001 of 2,056 tokens is 2: fewer than one per frame for the vision-side methods
+    assert "frame" in rows["cdpruner ratio 0.001"]["error"]

@@ -2,7 +2,8 @@
 
 Beam search and several sampled sequences repeat each row after the image was encoded once:
 a batch of two equal prompts must give each row what one prompt gives. Continuing a cached
-conversation works for language-side methods; after a vision-side reduction the cache is shorter
+conversation works for methods that prune only inside the language model; after any vision-side
+reduction (DUET's Stage A included) the cache is shorter
 than the prompt, generate() resends part of it, and the error says what to do instead. Assisted
 decoding puts the first drafts into the prefill: it equals greedy decoding under vision-side
 methods and is refused under methods that prune inside the language model (the drafts would
@@ -76,7 +77,7 @@ def test_assisted_decoding_under_in_llm_pruning_is_refused(model, draft, name):
     """The first drafts join the prefill and steer what Stage B keeps: refused, naming what works."""
     inputs = make_inputs(model, seed=3)
     with torch.no_grad(), duet_vlm.make(name, ratio=0.25)(model):
-        with pytest.raises(NotImplementedError, match="Use greedy, sampling or beam search, or a vision-side method"):
+        with pytest.raises(NotImplementedError, match="Use greedy, sampling or beam search, or a method that reduces only before the language model"):
             model.generate(**inputs, max_new_tokens=6, do_sample=False, assistant_model=draft)
 
 

@@ -146,8 +146,9 @@ MODES: tuple[Mode, ...] = (
          {**_every(_NEW_IMAGE), "full": EQUAL}),
     Mode("compile", "`model.compile()`", "eager generation", _every(EQUAL)),
     Mode("threads", "threads sharing one attached model", "the same calls one after another", _every(EQUAL)),
-    # Warned whenever a reducer is attached, under ``full`` too (where every length is the input's).
-    Mode("hidden_states", "`output_hidden_states=True`", "greedy decoding without them", _every(_HIDDEN)),
+    # Warned where a prefill reduces something; under ``full`` every length is the input's.
+    Mode("hidden_states", "`output_hidden_states=True`", "greedy decoding without them",
+         {**_every(_HIDDEN), "full": EQUAL}),
 )
 
 

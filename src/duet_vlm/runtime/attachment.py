@@ -20,14 +20,12 @@ Python state and tensor arithmetic that ``torch.compile`` traces into its graph.
 
 from __future__ import annotations
 
-import warnings
 import weakref
 
 import torch
 from torch import nn
 
 from ..adapters import ModelAdapter, adapter_for
-from ..plan import ReducedHiddenStatesWarning
 from .binding import Binding
 from .boundary import prune
 from .calls import CallStore
@@ -53,7 +51,6 @@ class Attachment:
         self.binding = Binding(reducer, self.adapter)
         self.plan, self.schedule = self.binding.plan, self.binding.schedule
         self.calls = CallStore()
-        self._said_hidden_states = False
         self._handles: list = []
         try:
             self._install()
@@ -134,15 +131,7 @@ class Attachment:
     def _keep_labels(self, module, args, kwargs):
         call = self.calls.current()
         call.labels, call.logits_to_keep = kwargs.get("labels"), kwargs.get("logits_to_keep")
-        if kwargs.get("output_hidden_states") and not self._said_hidden_states:
-            self._said_hidden_states = True
-            warnings.warn(
-                "output_hidden_states under a duet-vlm reducer: each decoder layer's hidden states have that "
-                "layer's reduced length (its kept tokens, in order); only the last hidden state is put back "
-                "at the input's length (dropped positions hold zeros)",
-                ReducedHiddenStatesWarning,
-                stacklevel=2,
-            )
+        call.hidden_states_asked = bool(kwargs.get("output_hidden_states"))
 
     def _forget_labels(self, module, args, output):
         self.calls.current().labels = None

@@ -46,8 +46,12 @@ def stage_calls(layer_index: int, states: list[ItemState], batch: int):
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, group: Group) -> torch.Tensor:
-    """``layer`` on ``hidden`` with ``group``'s mask and positions, outside the KV cache."""
-    output = layer(
+    """``layer`` on ``hidden`` with ``group``'s mask and positions, outside the KV cache.
+
+    A stage's own extra pass (PIO's proxy loss, a scoring probe), not one of the model's layer
+    calls: ``forward`` directly, so module hooks (transformers' output recorder for
+    ``output_hidden_states``/``output_attentions``) do not count it as a layer's output."""
+    output = layer.forward(
         hidden,
         attention_mask=group.attention_mask,
         position_ids=group.position_ids,

@@ -33,6 +33,7 @@ class Call:
     in_stage: bool = False  # a stage is running a layer itself: the hooks stand aside
     forwards: int = 0  # base-model forwards in progress in this thread
     logits_to_keep: object = None  # the top model's argument: > 1 in a prefill means drafted tokens
+    hidden_states_asked: bool = False  # output_hidden_states: warned about at a prefill that reduces
     # The first prefill without a cache of the current encoding, and which encoding: generate()
     # without a cache prefills again at every step and keeps that prefill's selection.
     reference: Prompt | None = None

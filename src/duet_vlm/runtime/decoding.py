@@ -25,7 +25,8 @@ def continue_prompt(prompt: Prompt, kwargs: dict, cache) -> tuple | None:
         raise NotImplementedError(
             "the cache was cropped into the prefill (assisted or speculative decoding?): under a method that "
             "prunes inside the language model the drafted tokens changed what was kept. Use greedy, sampling or "
-            "beam search, or a vision-side method (visionzip, pool, random)"
+            "beam search, or a method that reduces only before the language model (duet_vlm.generation_modes "
+            "lists them)"
         )
     prompt.is_prefill = False
     prompt.decode_kwargs.clear()

@@ -9,6 +9,7 @@ for the decoding steps that follow.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +17,7 @@ from transformers.cache_utils import StaticCache
 
 from ..adapters import Capture, VisualItem
 from ..compaction import Compaction
-from ..plan import Plan, VisionReduction
+from ..plan import Plan, ReducedHiddenStatesWarning, VisionReduction
 from .binding import Binding
 from .positions import Original, Renumbered, scheme
 from .taps import same_encoding
@@ -284,8 +285,8 @@ def check_drafts_in_prefill(plans, logits_to_keep, cache) -> None:
         raise NotImplementedError(
             "assisted and prompt-lookup decoding put drafted tokens into the prefill, where they would steer what "
             "a method that prunes inside the language model (or reads the prompt's text) keeps. Use greedy, "
-            "sampling or beam search, or a vision-side method (visionzip, pool, random), under which drafts "
-            "run exactly"
+            "sampling or beam search, or a method that reduces only before the language model without reading the "
+            "prompt (duet_vlm.generation_modes lists them), under which drafts run exactly"
         )
 
 
@@ -308,6 +309,14 @@ def open_prompt(binding: Binding, call, found: tuple[torch.Tensor, dict], kwargs
             "duet-vlm gives each decoder layer a cache of its own length; a static cache (cache_implementation="
             "'static', or torch.compile's default for generate) writes by absolute position. Use the default "
             "dynamic cache"
+        )
+    if call.hidden_states_asked and not all(plan.schedule.is_identity for plan in plans):
+        warnings.warn(
+            "output_hidden_states under a duet-vlm reducer that reduces: each decoder layer's hidden states have "
+            "that layer's reduced length (its kept tokens, in order); only the last hidden state is put back at "
+            "the input's length (dropped positions hold zeros)",
+            ReducedHiddenStatesWarning,
+            stacklevel=2,
         )
     reference = None
     if cache is None and not torch.is_grad_enabled() and call.reference is not None:

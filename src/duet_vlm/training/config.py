@@ -14,12 +14,30 @@ True
 
 from __future__ import annotations
 
+import argparse
+
 import dataclasses
 import shlex
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional
 
 TRAINABLE = ("projector", "projector+llm", "lora")
+
+
+class _OneNameHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` that fits 80 columns: each option under its dashed name alone (HfArgumentParser also
+    registers the underscore spelling, which argparse would print beside it) with a short metavar
+    (``INT``, ``FLOAT``, ``VALUE``) instead of the upper-cased field name, once."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        long_names = [name for name in action.option_strings if name.startswith("--")] or action.option_strings
+        name = next((n for n in long_names if "_" not in n), long_names[0])
+        if action.nargs == 0:
+            return name
+        metavar = action.metavar or {int: "INT", float: "FLOAT"}.get(action.type, "VALUE")
+        return f"{name} {self._format_args(action, metavar)}"
 
 
 class RecipeConfig:
@@ -41,7 +59,8 @@ class RecipeConfig:
         """An argparse parser with one option per field (``--max-steps`` and ``--max_steps`` both work)."""
         from transformers import HfArgumentParser
 
-        return HfArgumentParser(cls, prog=cls.program, description=cls.__doc__)
+        return HfArgumentParser(cls, prog=cls.program, description=cls.__doc__, usage=f"{cls.program} [OPTIONS]",
+                                formatter_class=_OneNameHelpFormatter)
 
     @classmethod
     def parse_args(cls, args: list[str]):

@@ -225,7 +225,7 @@ def test_bad_budgets_are_refused(name, budget):
 def test_other_bad_options_are_refused():
     for bad, message in (
         (dict(layer=0), "layer must be an int >= 1"),
-        (dict(keep=-1), "keep must be a non-negative int"),
+        (dict(keep=-1), "keep must be an int >= 0"),
         (dict(ratio=1.5), r"ratio must lie in \[0, 1\]"),
         (dict(keep=10, ratio=0.5), "give keep or ratio, not both"),
         (dict(positions="x"), "positions must be 'contiguous' or 'original'"),

@@ -14,12 +14,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..geometry import Geometry
-from ..plan import LanguageStage, LayerView, Plan
-from ..schedule import Schedule
+from ..plan import LanguageStage, LayerView
 from ..selection import gather_tokens
-from .base import Reducer, check_budget
-from .fastv import fastv_keep
+from .fastv import PruneOnceAfterLayer
 from .registry import register_method
 
 # The official scripts' reduction_ratio 0.778 (scripts/v1_5/eval/*.sh, 128 of 576 tokens kept): the
@@ -205,7 +202,7 @@ def _count(value, name: str, least: int) -> None:
 
 @register_method("dart")
 @dataclass
-class DART(Reducer):
+class DART(PruneOnceAfterLayer):
     """DART (Wen et al., EMNLP 2025): after decoder layer ``layer``, keep the visual tokens least
     duplicated by a few pivot tokens.
 
@@ -278,64 +275,15 @@ class DART(Reducer):
     [576, 576, 98]
     """
 
-    budget: int | None = None
-    layer: int = 2
-    keep: int | None = None
-    ratio: float | None = None
     image_pivots: int = 4
     text_pivots: int = 4
 
-    default_positions: ClassVar[str | None] = "original"
+    compose_ratio: ClassVar[float] = DEFAULT_RATIO
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_budget(self.budget, required=False)
-        _count(self.layer, "layer", 1)
         _count(self.image_pivots, "image_pivots", 1)
         _count(self.text_pivots, "text_pivots", 0)
-        if self.keep is not None:
-            _count(self.keep, "keep", 0)
-        if self.ratio is not None and (
-            isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio <= 1.0
-        ):
-            raise ValueError(f"ratio must lie in [0, 1], got {self.ratio!r}")
-        if self.keep is not None and self.ratio is not None:
-            raise ValueError("give keep or ratio, not both")
-
-    def _check_layer(self, geometry: Geometry) -> None:
-        if self.layer >= geometry.num_layers:
-            raise ValueError(f"layer={self.layer} but the language model has {geometry.num_layers} layers")
-
-    def schedule_for(self, geometry: Geometry, llm_input: int) -> Schedule:
-        self._check_layer(geometry)
-        if self.keep is not None:
-            keep = min(self.keep, llm_input)  # clamped: Compose's solver probes small inputs
-        else:
-            keep = int(llm_input * (self.ratio if self.ratio is not None else DEFAULT_RATIO))
-        return self._schedule(geometry, llm_input, keep)
-
-    def _schedule(self, geometry: Geometry, llm_input: int, keep: int) -> Schedule:
-        return Schedule(geometry.num_layers, geometry.visual_tokens, llm_input, ((self.layer, keep),))
 
     def language_stage(self) -> DuplicationPrune:
         return DuplicationPrune(self.image_pivots, self.text_pivots)
-
-    def plan(self, geometry: Geometry) -> Plan:
-        self._check_layer(geometry)
-        if self.keep is not None or self.ratio is not None:
-            if self.keep is not None and self.keep > geometry.visual_tokens:
-                raise ValueError(f"keep={self.keep} exceeds the {geometry.visual_tokens} visual tokens per item")
-            schedule = self.schedule_for(geometry, geometry.visual_tokens)
-        else:
-            if self.budget is None:
-                raise ValueError("DART needs a budget (or keep / ratio)")
-            try:
-                keep = fastv_keep(self.budget, geometry.num_layers, geometry.visual_tokens, self.layer)
-            except ValueError:
-                first = self.layer * geometry.visual_tokens / geometry.num_layers
-                raise ValueError(
-                    f"DART after layer {self.layer} cannot average {self.budget} visual tokens per layer: the "
-                    f"first {self.layer} layers alone give {first:.1f}; use a smaller `layer` or an explicit `keep`"
-                ) from None
-            schedule = self._schedule(geometry, geometry.visual_tokens, keep)
-        return Plan(schedule, language=self.language_stage())

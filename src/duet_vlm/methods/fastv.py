@@ -62,9 +62,77 @@ class LastTokenAttention(LanguageStage):
         return view.text_to_visual_attention(last, previous_layer=True)
 
 
+@dataclass
+class PruneOnceAfterLayer(Reducer):
+    """The schedule of a method that prunes once inside the language model: layers ``0 .. layer-1``
+    see every visual token, ``keep`` of them run from ``layer`` on. ``keep`` is solved from the
+    budget (``fastv_keep``), or given, or a ``ratio`` of the LLM input; inside a ``Compose``
+    without either, the subclass's ``compose_ratio``. Subclasses name the language stage that picks
+    the ``keep`` tokens (FastV, DART)."""
+
+    budget: int | None = None
+    layer: int = 2
+    keep: int | None = None
+    ratio: float | None = None
+
+    default_positions: ClassVar[str | None] = "original"
+    compose_ratio: ClassVar[float] = DEFAULT_RATIO
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_budget(self.budget, required=False)
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise ValueError(f"layer must be an int >= 1 (the score reads layer - 1), got {self.layer!r}")
+        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 0):
+            raise ValueError(f"keep must be an int >= 0, got {self.keep!r}")
+        if self.ratio is not None and (
+            isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio <= 1.0
+        ):
+            raise ValueError(f"ratio must lie in [0, 1], got {self.ratio!r}")
+        if self.keep is not None and self.ratio is not None:
+            raise ValueError("give keep or ratio, not both")
+
+    def _check_layer(self, geometry: Geometry) -> None:
+        if self.layer >= geometry.num_layers:
+            raise ValueError(f"layer={self.layer} but the language model has {geometry.num_layers} layers")
+
+    def schedule_for(self, geometry: Geometry, llm_input: int) -> Schedule:
+        self._check_layer(geometry)
+        if self.keep is not None:
+            # Clamped rather than rejected: Compose's solver probes small LLM-input counts.
+            keep = min(self.keep, llm_input)
+        else:
+            keep = int(llm_input * (self.ratio if self.ratio is not None else self.compose_ratio))
+        return self._schedule(geometry, llm_input, keep)
+
+    def _schedule(self, geometry: Geometry, llm_input: int, keep: int) -> Schedule:
+        return Schedule(geometry.num_layers, geometry.visual_tokens, llm_input, ((self.layer, keep),))
+
+    def plan(self, geometry: Geometry) -> Plan:
+        self._check_layer(geometry)
+        name = type(self).__name__
+        if self.keep is not None or self.ratio is not None:
+            if self.keep is not None and self.keep > geometry.visual_tokens:
+                raise ValueError(f"keep={self.keep} exceeds the {geometry.visual_tokens} visual tokens per item")
+            schedule = self.schedule_for(geometry, geometry.visual_tokens)
+        else:
+            if self.budget is None:
+                raise ValueError(f"{name} needs a budget (or keep / ratio)")
+            try:
+                keep = fastv_keep(self.budget, geometry.num_layers, geometry.visual_tokens, self.layer)
+            except ValueError:
+                first = self.layer * geometry.visual_tokens / geometry.num_layers
+                raise ValueError(
+                    f"{name} after layer {self.layer} cannot average {self.budget} visual tokens per layer: the "
+                    f"first {self.layer} layers alone give {first:.1f}; use a smaller `layer` or an explicit `keep`"
+                ) from None
+            schedule = self._schedule(geometry, geometry.visual_tokens, keep)
+        return Plan(schedule, language=self.language_stage())
+
+
 @register_method("fastv")
 @dataclass
-class FastV(Reducer):
+class FastV(PruneOnceAfterLayer):
     """FastV (Chen et al., ECCV 2024): drop visual tokens once, after decoder layer ``layer``.
 
     Layers ``0 .. layer-1`` see every visual token; from ``layer`` on only the ``keep`` tokens the
@@ -86,53 +154,5 @@ class FastV(Reducer):
     [576, 576, 98]
     """
 
-    budget: int | None = None
-    layer: int = 2
-    keep: int | None = None
-    ratio: float | None = None
-
-    default_positions: ClassVar[str | None] = "original"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_budget(self.budget, required=False)
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
-            raise ValueError(f"layer must be an int >= 1 (FastV scores with layer - 1), got {self.layer!r}")
-        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 0):
-            raise ValueError(f"keep must be a non-negative int, got {self.keep!r}")
-        if self.ratio is not None and not 0.0 <= self.ratio <= 1.0:
-            raise ValueError(f"ratio must lie in [0, 1], got {self.ratio!r}")
-        if self.keep is not None and self.ratio is not None:
-            raise ValueError("give keep or ratio, not both")
-
-    def _check_layer(self, geometry: Geometry) -> None:
-        if self.layer >= geometry.num_layers:
-            raise ValueError(f"layer={self.layer} but the language model has {geometry.num_layers} layers")
-
-    def schedule_for(self, geometry: Geometry, llm_input: int) -> Schedule:
-        self._check_layer(geometry)
-        if self.keep is not None:
-            # Clamped rather than rejected: Compose's solver probes small LLM-input counts.
-            keep = min(self.keep, llm_input)
-        else:
-            keep = int(llm_input * (self.ratio if self.ratio is not None else DEFAULT_RATIO))
-        return self._schedule(geometry, llm_input, keep)
-
-    def _schedule(self, geometry: Geometry, llm_input: int, keep: int) -> Schedule:
-        return Schedule(geometry.num_layers, geometry.visual_tokens, llm_input, ((self.layer, keep),))
-
     def language_stage(self) -> LastTokenAttention:
         return LastTokenAttention()
-
-    def plan(self, geometry: Geometry) -> Plan:
-        self._check_layer(geometry)
-        if self.keep is not None or self.ratio is not None:
-            if self.keep is not None and self.keep > geometry.visual_tokens:
-                raise ValueError(f"keep={self.keep} exceeds the {geometry.visual_tokens} visual tokens per image")
-            schedule = self.schedule_for(geometry, geometry.visual_tokens)
-        else:
-            if self.budget is None:
-                raise ValueError("FastV needs a budget (or keep / ratio)")
-            keep = fastv_keep(self.budget, geometry.num_layers, geometry.visual_tokens, self.layer)
-            schedule = self._schedule(geometry, geometry.visual_tokens, keep)
-        return Plan(schedule, language=self.language_stage())

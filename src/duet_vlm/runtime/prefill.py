@@ -9,16 +9,15 @@ for the decoding steps that follow.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import StaticCache
 
 from ..adapters import Capture, VisualItem
 from ..compaction import Compaction
-from ..plan import Plan, ReducedHiddenStatesWarning, VisionReduction
+from ..plan import Plan, VisionReduction
 from .binding import Binding
+from .guards import check_prefill, reads_text
 from .positions import Original, Renumbered, scheme
 from .taps import same_encoding
 from .vision import item_views, reduce_vision, take_additions
@@ -164,10 +163,6 @@ def item_plans(binding: Binding, items: list[VisualItem], captures, inputs_embed
     return [binding.plan_for(item.geometry, budget) for item, budget in zip(items, budgets)]
 
 
-def _reads_text(plans: list[Plan]) -> bool:
-    return any(plan.vision is not None and plan.vision.needs_text for plan in plans)
-
-
 def _text_tokens(input_ids: torch.Tensor, items: list[VisualItem], mask, labels) -> torch.Tensor:
     """``(B, L)`` True on each row's text: not visual, not padding, and (with labels) not an answer."""
     text = torch.ones_like(input_ids, dtype=torch.bool)
@@ -203,7 +198,7 @@ def start_prompt(
     if any(plan.vision is not None for plan in plans):
         inputs_embeds = inputs_embeds.clone()
     text = None
-    if _reads_text(plans):
+    if reads_text(plans):
         text = _text_tokens(input_ids, items, kwargs.get("attention_mask"), labels)
         if reference is not None:  # generating without a cache: the text the first prefill read
             text[:, reference[0].full_length :] = False
@@ -277,19 +272,6 @@ def start_prompt(
     return prompt
 
 
-def check_drafts_in_prefill(plans, logits_to_keep, cache) -> None:
-    """Assisted and prompt-lookup decoding verify drafted tokens in the prefill itself (``generate``
-    asks for the logits of every draft): the drafts would be the text a language stage reads."""
-    drafted = isinstance(logits_to_keep, int) and logits_to_keep > 1 and cache is not None
-    if drafted and (any(plan.schedule.boundaries for plan in plans) or _reads_text(plans)):
-        raise NotImplementedError(
-            "assisted and prompt-lookup decoding put drafted tokens into the prefill, where they would steer what "
-            "a method that prunes inside the language model (or reads the prompt's text) keeps. Use greedy, "
-            "sampling or beam search, or a method that reduces only before the language model without reading the "
-            "prompt (duet_vlm.generation_modes lists them), under which drafts run exactly"
-        )
-
-
 def open_prompt(binding: Binding, call, found: tuple[torch.Tensor, dict], kwargs: dict) -> Prompt | None:
     """The prefill of ``call`` at the language model's entry (``None``: no visual items). A prefill
     without a cache that continues the call's earlier one of the same encoding (generate without a
@@ -303,21 +285,7 @@ def open_prompt(binding: Binding, call, found: tuple[torch.Tensor, dict], kwargs
     cache = kwargs.get("past_key_values")
     row_budgets = binding.reducer.row_budgets(input_ids.shape[0], input_ids)
     plans = [binding.plan_for(item.geometry) for item in items]
-    check_drafts_in_prefill(plans, call.logits_to_keep, cache)
-    if isinstance(cache, StaticCache) and not all(plan.schedule.is_identity for plan in plans):
-        raise NotImplementedError(
-            "duet-vlm gives each decoder layer a cache of its own length; a static cache (cache_implementation="
-            "'static', or torch.compile's default for generate) writes by absolute position. Use the default "
-            "dynamic cache"
-        )
-    if call.hidden_states_asked and not all(plan.schedule.is_identity for plan in plans):
-        warnings.warn(
-            "output_hidden_states under a duet-vlm reducer that reduces: each decoder layer's hidden states have "
-            "that layer's reduced length (its kept tokens, in order); only the last hidden state is put back at "
-            "the input's length (dropped positions hold zeros)",
-            ReducedHiddenStatesWarning,
-            stacklevel=2,
-        )
+    check_prefill(plans, call, cache)
     reference = None
     if cache is None and not torch.is_grad_enabled() and call.reference is not None:
         rows = extends(call.reference, input_ids, items) if same_encoding(call.reference_encoding, encoding) else None
@@ -328,6 +296,6 @@ def open_prompt(binding: Binding, call, found: tuple[torch.Tensor, dict], kwargs
         # generate() prefills again at every step from the same encoding, so it stays.
         call.captures.clear()
         call.reference = None
-    elif reference is None and not torch.is_grad_enabled() and (call.prompt.boundaries or _reads_text(plans)):
+    elif reference is None and not torch.is_grad_enabled() and (call.prompt.boundaries or reads_text(plans)):
         call.reference, call.reference_encoding = call.prompt, encoding
     return call.prompt

@@ -354,8 +354,8 @@ def test_train_demo_command_options_come_from_the_config():
 
     result = CliRunner().invoke(app, ["train-demo", "--help"])
     assert result.exit_code == 0
-    for f in dataclasses.fields(DemoConfig):
-        assert "--" + f.name in result.output
+    for f in dataclasses.fields(DemoConfig):  # each under its dashed name (--output_dir also parses)
+        assert "--" + f.name.replace("_", "-") in result.output
     config = DemoConfig.parse_args(["--steps", "7", "--no-resume", "--random-share", "0.5"])
     assert (config.steps, config.resume, config.random_share) == (7, False, 0.5)
     assert config.command() == "duet-vlm train-demo --no-resume --steps 7 --random-share 0.5"

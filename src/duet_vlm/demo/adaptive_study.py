@@ -38,8 +38,9 @@ from typing import Callable, Optional
 import torch
 
 from .. import synthetic
-from ..content import SIGNALS
+from ..content import SIGNALS, Curve
 from ..evaluation import count_histogram_plot, weights_digest
+from ..geometry import Geometry
 from ..methods import Adaptive, make
 from ..methods.adaptive import Recorded
 from .evaluate import DEMO_MODEL_DIR, evaluate_accuracy, load_demo
@@ -87,6 +88,13 @@ def measure(model, processor, reducer, split: str, n: int, batch_size: int, log:
     }
 
 
+def _load_recording(path: Path) -> dict:
+    """A saved calibration recording, unpickled without running code: only tensors, plain values
+    and the three classes a recording is made of are allowed."""
+    with torch.serialization.safe_globals([Recorded, Curve, Geometry]):
+        return torch.load(path, weights_only=True)
+
+
 def run_study(
     methods: tuple[str, ...] = METHODS,
     budgets: tuple[int, ...] = BUDGETS,
@@ -128,7 +136,7 @@ def run_study(
     def recording(sig: str) -> list[Recorded]:
         path = rows_dir / f"calibration-{sig}.pt"
         key = {"signal": sig, "split": "validation", "n": calibration_n, "weights_sha256": digest, "batch_size": batch_size}
-        if path.exists() and (stored := torch.load(path, weights_only=False))["key"] == key:
+        if path.exists() and (stored := _load_recording(path))["key"] == key:
             log(f"calibration-{sig}: saved")
             return stored["recorded"]
         log(f"calibration-{sig}: recording {calibration_n} validation scenes")

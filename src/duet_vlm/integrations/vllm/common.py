@@ -125,6 +125,19 @@ class DuetTowerMixin:
                 raise RefusedMethod("duet-vlm supports a single vision feature layer (vision_feature_layer an int)")
             self.duet.reducer()
 
+    def duet_pixels(self, kwargs: dict):
+        """``(image_input, budgets, texts)`` of an image batch the method reduces (vLLM's parsed input:
+        ``pixel_values`` and any sizes), with the duet keys taken out of ``kwargs``; ``None`` where
+        vLLM's own ``embed_multimodal`` answers (no method, no budgets, no images, embeddings given)."""
+        budgets = kwargs.pop("duet_budget", None)
+        texts = kwargs.pop("duet_text", None)
+        if not self.duet.active or budgets is None:
+            return None
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None or image_input["type"] != "pixel_values":
+            return None
+        return image_input, [int(b) for b in torch.as_tensor(budgets).reshape(-1).tolist()], texts
+
     def duet_plan(self, budget: int, geometry: Geometry) -> Plan | None:
         return plan_for(self.duet, budget, geometry)
 

@@ -78,16 +78,10 @@ class DuetLlavaForConditionalGeneration(DuetTowerMixin, LlavaForConditionalGener
         self.setup_duet(vllm_config, llava_geometry(self.config))
 
     def embed_multimodal(self, **kwargs: object):
-        budgets = kwargs.pop("duet_budget", None)
-        texts = kwargs.pop("duet_text", None)
-        if not self.duet.active or budgets is None:
+        request = self.duet_pixels(kwargs)
+        if request is None:
             return super().embed_multimodal(**kwargs)
-        image_input = self._parse_and_validate_image_input(**kwargs)
-        if image_input is None:
-            return []
-        if image_input["type"] != "pixel_values":
-            return super().embed_multimodal(**kwargs)
-        budgets = [int(b) for b in torch.as_tensor(budgets).reshape(-1).tolist()]
+        image_input, budgets, texts = request
         pixel_values = image_input["pixel_values"]
         geometry = self.duet_geometry
         plans = [self.duet_plan(budget, geometry) for budget in budgets]

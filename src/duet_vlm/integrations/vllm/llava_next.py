@@ -86,16 +86,10 @@ class DuetLlavaNextForConditionalGeneration(DuetTowerMixin, LlavaNextForConditio
                 raise RefusedMethod("duet-vlm supports a single vision feature layer")
 
     def embed_multimodal(self, **kwargs: object):
-        budgets = kwargs.pop("duet_budget", None)
-        texts = kwargs.pop("duet_text", None)
-        if not self.duet.active or budgets is None:
+        request = self.duet_pixels(kwargs)
+        if request is None:
             return super().embed_multimodal(**kwargs)
-        image_input = self._parse_and_validate_image_input(**kwargs)
-        if image_input is None:
-            return []
-        if image_input["type"] != "pixel_values":
-            return super().embed_multimodal(**kwargs)
-        budgets = [int(b) for b in torch.as_tensor(budgets).reshape(-1).tolist()]
+        image_input, budgets, texts = request
         pixel_values = image_input["pixel_values"]
         tiles = [len(p) for p in pixel_values]
         stacked = torch.cat(list(pixel_values)) if not isinstance(pixel_values, torch.Tensor) else pixel_values.flatten(0, 1)

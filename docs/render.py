@@ -119,6 +119,18 @@ def _pct(value) -> str:
     return number(100 * value, 1)
 
 
+def _distinct_rows(rows: list[dict]):
+    """Each study row once (a fixed row serves every signal that matched its budget), with its
+    budget cell and label: ``(row, budget_cell, label)``."""
+    seen = set()
+    for row in rows:
+        label = row["variant"] if row["variant"] != "adaptive" else f"adaptive ({row['signal']})"
+        key = (row["method"], row.get("run_budget", row["budget"]), label)
+        if key not in seen:
+            seen.add(key)
+            yield row, "" if row["budget"] is None else str(row.get("run_budget", row["budget"])), label
+
+
 def render_adaptive(root: Path, path: str) -> str:
     """The fixed-against-adaptive study (``python -m duet_vlm.demo.adaptive_study``): the signal
     comparison on validation, then on test each method and budget fixed and adaptive at the same
@@ -171,14 +183,7 @@ def render_adaptive(root: Path, path: str) -> str:
     # per question type, every row once
     head = ["per type", "budget", "variant", "tok/layer", *types, "avg"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    seen = set()
-    for row in rows:
-        label = row["variant"] if row["variant"] != "adaptive" else f"adaptive ({row['signal']})"
-        key = (row["method"], row.get("run_budget", row["budget"]), label)
-        if key in seen:
-            continue
-        seen.add(key)
-        budget_cell = "" if row["budget"] is None else str(row.get("run_budget", row["budget"]))
+    for row, budget_cell, label in _distinct_rows(rows):
         lines.append("| " + " | ".join([row["method"], budget_cell, label, f"{row['realised']:.1f}",
                                         *(_pct(row["per_type"][t]) for t in types), _pct(row["accuracy"])]) + " |")
     lines.append("")
@@ -188,14 +193,7 @@ def render_adaptive(root: Path, path: str) -> str:
     full = rows[0]
     head = ["per objects in the scene", "budget", "variant", *(f"{k} (n={full['per_objects_n'][k]})" for k in counts)]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    seen = set()
-    for row in rows:
-        label = row["variant"] if row["variant"] != "adaptive" else f"adaptive ({row['signal']})"
-        key = (row["method"], row.get("run_budget", row["budget"]), label)
-        if key in seen:
-            continue
-        seen.add(key)
-        budget_cell = "" if row["budget"] is None else str(row.get("run_budget", row["budget"]))
+    for row, budget_cell, label in _distinct_rows(rows):
         lines.append("| " + " | ".join([row["method"], budget_cell, label,
                                         *(_pct(row["per_objects"][k]) if k in row["per_objects"] else "" for k in counts)])
                      + " |")

@@ -1,5 +1,7 @@
 """DUET through the hook runtime on tiny real LLaVA models: equivalences, schedules, batching, training."""
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -226,6 +228,39 @@ def test_two_images_per_prompt_keep_the_same_count_each(llava15):
     with torch.no_grad(), reducer(llava15):
         out = llava15.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape == (2, inputs["input_ids"].shape[1] + 3)
+
+
+class _WatchedDuet(duet_vlm.Duet):
+    """DUET whose Stage A reports, weakly, every output it returns."""
+
+    def vision_stage_for(self, geometry, keep):
+        stage, outputs = super().vision_stage_for(geometry, keep), self.outputs
+
+        class Watched(type(stage)):
+            def reduce(self, view, keep):
+                reduction = super().reduce(view, keep)
+                outputs.append(weakref.ref(reduction.features))
+                return reduction
+
+        return Watched(contextual=stage.contextual, cluster_width=stage.cluster_width)
+
+
+def test_the_vision_stage_output_is_not_held_through_the_prefill(llava15):
+    """Once written into the embeddings, the stage's output (every image's merged tokens at the
+    encoder's width) is freed: at the last decoder layer, where a prefill's memory peaks, nothing
+    holds it, and the statistics still say what was kept."""
+    reducer = _WatchedDuet(**BUDGET)
+    reducer.outputs = []
+    alive_at_last_layer = []
+    last = llava15.model.language_model.layers[-1]
+    handle = last.register_forward_hook(lambda *_: alive_at_last_layer.append([r() is not None for r in reducer.outputs]))
+    try:
+        with torch.no_grad(), reducer(llava15):
+            llava15(**make_inputs(llava15, batch=2, suffix=(12, 7)))
+    finally:
+        handle.remove()
+    assert len(reducer.outputs) == 1 and alive_at_last_layer == [[False]]
+    assert reducer.stats.vision_kept.shape == (2, 68)
 
 
 def test_bfloat16(llava15):

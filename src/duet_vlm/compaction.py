@@ -177,5 +177,5 @@ class Compaction:
         extra = 0 if self.pad is None else 1
         full = x.new_full((x.shape[0], self.source_length + extra, *x.shape[2:]), fill)
         index = targets.view(*targets.shape, *([1] * (x.dim() - 2))).expand_as(x)
-        full = full.scatter(1, index, x)
+        full.scatter_(1, index, x)  # in place: ``full`` is new, and a copy would be one more (B, L, ...) at the peak
         return full[:, : self.source_length] if extra else full

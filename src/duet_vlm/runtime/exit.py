@@ -39,4 +39,5 @@ def expand_head_output(prompt: Prompt, rows: torch.Tensor, head, output: torch.T
     full = output.new_zeros(output.shape[0], prompt.full_length, output.shape[-1])
     if getattr(head, "bias", None) is not None:
         full = full + head.bias.to(full.dtype)
-    return full.scatter(1, rows.unsqueeze(-1).expand_as(output), output)
+    # In place: ``full`` is this call's own, and a copy would be one more (B, L, vocabulary) at the peak.
+    return full.scatter_(1, rows.unsqueeze(-1).expand_as(output), output)

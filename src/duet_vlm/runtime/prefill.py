@@ -15,12 +15,12 @@ import torch
 
 from ..adapters import Capture, VisualItem
 from ..compaction import Compaction
-from ..plan import Plan, VisionReduction
+from ..plan import Plan
 from .binding import Binding
 from .guards import check_prefill, reads_text
 from .positions import Original, Renumbered, scheme
 from .taps import same_encoding
-from .vision import item_views, reduce_vision, take_additions
+from .vision import EntryChoice, item_views, reduce_vision, take_additions
 
 
 @dataclass
@@ -64,7 +64,7 @@ class Prompt:
     # Per boundary layer, the input of the layer before it (what FastV scores with), kept when a
     # backward pass may recompute the boundary (gradient checkpointing) after later layers ran.
     boundary_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
-    vision: list[tuple[VisualItem, VisionReduction]] = field(default_factory=list)
+    vision: list[tuple[VisualItem, EntryChoice]] = field(default_factory=list)
     scratch: dict = field(default_factory=dict)
     lm_position_ids: torch.Tensor | None = None  # what the language model received in the prefill
     # DeepStack: per item, (entry slots, layers, D) features added after the first decoder layers.

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 
 from ..flops import DecoderDims
-from ..plan import VisionReduction
 from ..stats import ItemStats, ReductionStats
 from .binding import Binding
 from .prefill import ItemState, Prompt
+from .vision import EntryChoice
 
 
 def item_stats(binding: Binding, prompt: Prompt, index: int, state: ItemState,
-               reduction: VisionReduction | None) -> ItemStats:
+               reduction: EntryChoice | None) -> ItemStats:
     adapter, item = binding.adapter, state.item
     counts = [len(prompt.groups[prompt.group_of_layer(l)].items[index].ids) for l in range(len(adapter.layers))]
     views, cells = adapter.cell_views(item)
@@ -43,7 +43,7 @@ def item_stats(binding: Binding, prompt: Prompt, index: int, state: ItemState,
     return stats
 
 
-def entry_kept(reduction: VisionReduction) -> torch.Tensor:
+def entry_kept(reduction: EntryChoice) -> torch.Tensor:
     """``(units, n)`` the vision-token index each output stands for, -1 past a unit's count (a stage
     whose units keep different numbers of tokens)."""
     if reduction.counts is None:

@@ -9,11 +9,28 @@ the same tokens, so they get the same selection and the same merge.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from ..adapters import Capture, VisualItem
 from ..plan import Plan, VisionReduction, VisionView
 from .binding import Binding
+
+
+@dataclass
+class EntryChoice:
+    """What an item's vision stage chose, as the statistics read it: for each output token the
+    vision token it stands for (``VisionReduction.kept``), its ``roles`` and per-unit ``counts``.
+
+    The reduced features are not kept: they are in the embeddings already, and holding them would
+    keep the stage's whole output (every item's tokens at the encoder's width) alive until the
+    prefill ends, when memory peaks.
+    """
+
+    kept: torch.Tensor
+    roles: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: torch.Tensor | None = None
 
 
 def source_rows(binding: Binding, items: list[VisualItem], captures: dict[str, Capture]):
@@ -59,7 +76,7 @@ def reduce_vision(
     plans: dict[int, Plan],
     signals: dict,
     text: torch.Tensor | None = None,
-) -> list[tuple[VisualItem, VisionReduction, torch.Tensor]]:
+) -> list[tuple[VisualItem, EntryChoice, torch.Tensor]]:
     """Run each item's vision stage and write its projected output into ``inputs_embeds`` at the
     slots the adapter names (``reduced_slots``). An item's DeepStack ``additions`` (``(slots,
     layers, D)``) are reduced with its features and replaced by the reduced ones (in slot order).
@@ -71,7 +88,7 @@ def reduce_vision(
     Returns, for the items with a vision stage, what their stage kept and the slots it filled.
     """
     adapter = binding.adapter
-    records: list[tuple[VisualItem, VisionReduction, torch.Tensor]] = []
+    records: list[tuple[VisualItem, EntryChoice, torch.Tensor]] = []
     staged = [item for item in items if plans[id(item)].vision is not None]
     if not staged:
         return records
@@ -127,8 +144,8 @@ def reduce_vision(
                 layers_d = additions[id(item)].shape[1:]
                 theirs = reduction.features[share, :, width:].reshape(units * n, *layers_d)[mine]
                 additions[id(item)] = theirs[slots.argsort()]
-            kept = VisionReduction(
-                reduced[share], reduction.kept[share], {k: v[share] for k, v in reduction.roles.items()},
+            kept = EntryChoice(
+                reduction.kept[share], {k: v[share] for k, v in reduction.roles.items()},
                 counts=None if reduction.counts is None else counts[share],
             )
             records.append((item, kept, slots.sort().values))

@@ -4,11 +4,11 @@ rendered from the files the commands wrote, so that a number cannot drift from w
 A block between ``<!-- generated: KIND ARG... -->`` and ``<!-- end generated -->`` is rendered from
 its arguments (file paths relative to the page): ``duet-vlm eval``'s ``results.json``, a demo
 model's ``metrics.json``, the adaptation experiment's ``adaptation.json``, a benchmark's output,
-the fixed-against-adaptive study's ``results.json``, the vLLM serving benchmark; ``schedules`` and
-``plan`` blocks are solved by the library itself (what ``duet-vlm plan`` prints), a ``modes`` block
-is the generation-modes table that tests/test_generation_modes_table.py checks; a ``figure``
-block draws ``docs/figures.py``'s "which method and budget" figure and records the digest of its
-inputs, in the block and in the PNG.
+the fixed-against-adaptive study's ``results.json``, the vLLM serving benchmark, a live-memory
+trace (``python -m duet_vlm.bench.live``); ``schedules`` and ``plan`` blocks are solved by the
+library itself (what ``duet-vlm plan`` prints), a ``modes`` block is the generation-modes table
+that tests/test_generation_modes_table.py checks; a ``figure`` block draws ``docs/figures.py``'s
+"which method and budget" figure and records the digest of its inputs, in the block and in the PNG.
 
 Prose that quotes numbers of a results file carries ``<!-- reading: FILE@DIGEST -->`` before it:
 when the file changes, the check fails until someone has read the prose against the new numbers
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import figures  # docs/figures.py, beside this file
 
-from duet_vlm.bench import generate, train
+from duet_vlm.bench import generate, live, train
 from duet_vlm.evaluation import QUESTION_ORDER, markdown_table, number, question_types, standard_error
 
 GENERATED_BLOCK = re.compile(r"(<!-- generated: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
@@ -224,6 +224,12 @@ def render_bench(root: Path, path: str) -> str:
         render = generate.markdown_table if run["benchmark"] == "generate" else train.markdown_table
         tables.append(render(run).strip() + "\n")
     return "\n".join(tables)
+
+
+def render_live(root: Path, path: str) -> str:
+    """``python -m duet_vlm.bench.live``: what is alive at a ``generate`` call's peak and its ideal's."""
+    report = _load(root, path)
+    return f"`{report['command']}`: batch {report['batch']}, {report['new_tokens']} new tokens.\n\n" + live.markdown(report)
 
 
 def render_vllm(root: Path, path: str) -> str:
@@ -480,6 +486,7 @@ RENDERERS = {
     "adaptation": render_adaptation, "bench": render_bench, "vllm": render_vllm, "adaptive": render_adaptive,
     "schedules": render_schedules, "plan": render_plan, "prefill": render_prefill, "family": render_family,
     "compile": render_compile, "stage_a": render_stage_a, "figure": render_figure, "modes": render_modes,
+    "live": render_live,
 }
 # Kinds whose block stands for a file that is drawn beside the page (the figure's PNG).
 FILES = {"figure": (figure_is_current, draw_figure)}

@@ -114,3 +114,27 @@ def test_train_benchmark_times_each_part_against_the_ideal():
             assert math.isfinite(row["loss"])
         assert table["duet 192"]["ideal"] == "ideal: duet 192" and table["duet 192"]["vs_ideal"] > 0
     assert "**checkpointing**" in markdown_table(results)
+
+
+def test_live_tensors_find_the_peak_and_the_frame_that_holds_each_tensor():
+    """The trace's peak is the bytes alive together (not the sum of all allocations), found again on
+    the second run, and each tensor alive there is named with the outermost frame that holds it."""
+    import torch
+
+    from duet_vlm.bench.live import _traced
+
+    def inner(kept):
+        scratch = torch.ones(1000)  # 4,000 bytes, freed when inner returns
+        return torch.zeros(250) + scratch.sum() + kept.sum()  # peak: kept, scratch, the sum's parts
+
+    def outer():
+        kept = torch.ones(2000)  # 8,000 bytes, held by outer throughout
+        for _ in range(3):
+            inner(kept)  # the same peak three times: the first one counts
+
+    report = _traced(outer)
+    groups = {(g["held_by"], g["bytes"]) for g in report["live"]}
+    assert 12_000 <= report["peak_bytes"] < 12_000 + 2_100  # kept + scratch + the few small results
+    assert ("test_bench.py test_live_tensors_find_the_peak_and_the_frame_that_holds_each_tensor.<locals>.outer", 8_000) in groups
+    assert ("test_bench.py test_live_tensors_find_the_peak_and_the_frame_that_holds_each_tensor.<locals>.inner", 4_000) in groups
+    assert sum(g["bytes"] for g in report["live"]) == report["peak_bytes"]

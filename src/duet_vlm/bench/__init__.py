@@ -12,6 +12,8 @@ They share one model builder (``models``), one timer (``timing``) and one ideal 
 - ``train``: a training step and its parts (``duet-vlm bench --train``); ``end_to_end`` runs either
   per batch size;
 - ``vision``: Stage A's cost on Qwen2.5-VL's tower; ``compiled``: ``model.compile()`` against eager.
+- ``live``: what is alive at a ``generate`` call's memory peak, and which frame holds it, for a method
+  and its ideal (``python -m duet_vlm.bench.live``).
 
 >>> from duet_vlm.bench import ModelSize, prefill_benchmark
 >>> prefill_benchmark(ModelSize(), ["duet"], [64], rounds=3)["prefill"]["duet 64"]    # doctest: +SKIP

@@ -178,11 +178,22 @@ def live_memory(method: str, budget: int, batch: int = 16, new_tokens: int = 2, 
             "visual_tokens_per_layer": counts, "variants": variants}
 
 
+def by_holder(variant: dict) -> dict[str, int]:
+    """Bytes live at the peak per holding frame, largest first."""
+    totals: dict[str, int] = {}
+    for group in variant["live"]:
+        totals[group["held_by"]] = totals.get(group["held_by"], 0) + group["bytes"]
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
 def markdown(report: dict, top: int = 12) -> str:
-    """Per variant: its peak, then the largest live groups (held by, made by, MB)."""
+    """Per variant: its peak, the bytes each frame holds there, then the largest live groups (held
+    by, made by, MB)."""
     lines = []
     for name, variant in report["variants"].items():
-        lines += [f"**{name}**: {variant['peak_bytes'] / 1e6:.0f} MB live at the peak ({variant['peak_at']})", "",
+        holders = ", ".join(f"{holder} {size / 1e6:.1f}" for holder, size in by_holder(variant).items() if size >= 1e6)
+        lines += [f"**{name}**: {variant['peak_bytes'] / 1e6:.1f} MB live at the peak ({variant['peak_at']}). "
+                  f"MB per holding frame: {holders}.", "",
                   "| MB | tensors | held by | made by |", "|---|---|---|---|"]
         for group in variant["live"][:top]:
             lines.append(f"| {group['bytes'] / 1e6:.1f} | {group['tensors']} | {group['held_by']} | {group['made_by']} |")

@@ -72,7 +72,10 @@ class PeakRSS:
     """Peak resident memory (bytes) that a block adds to this process, on Linux.
 
     torch allocates CPU tensors with the system allocator and caches nothing, so the resident set follows
-    the live tensors (tracemalloc sees none of them). Before the block, glibc hands its free heap pages
+    the live tensors (tracemalloc sees none of them), up to glibc's heap: a freed tensor below its
+    (adaptive) mmap threshold may stay in the heap, so the same call's peak can differ by hundreds of
+    MB between runs. For memory comparisons, pin the threshold (``MALLOC_MMAP_THRESHOLD_=1048576``
+    in the environment): every tensor above 1 MB is then its own mapping, returned when freed. Before the block, glibc hands its free heap pages
     back to the OS (``malloc_trim``) and the kernel's high-water mark is reset to the current resident
     set (``/proc/self/clear_refs`` = 5); after it, ``VmHWM`` minus the resident set before is the peak.
     This measures every timed call in place, in the same rounds, where ``getrusage``'s max RSS cannot be

@@ -39,8 +39,6 @@ _WRAPPERS = (
     "/transformers/utils/", "/torch/nn/modules/module.py", "/torch/utils/_contextlib.py", "/torch/_compile.py",
     "/torch/_dynamo/", "/contextlib.py",
 )
-
-
 #: What ``_storages`` does not look into: modules hold the weights; code and classes hold none of a call's tensors.
 _OPAQUE = (torch.nn.Module, type, types.ModuleType, types.FunctionType, types.MethodType)
 
@@ -102,7 +100,7 @@ class LiveTensors(TorchDispatchMode):
         self._live: dict[int, dict] = {}
         self._ops = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func, _types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for key in [key for key, entry in self._live.items() if entry["ref"].expired()]:

@@ -75,12 +75,13 @@ class PeakRSS:
     the live tensors (tracemalloc sees none of them), up to glibc's heap: a freed tensor below its
     (adaptive) mmap threshold may stay in the heap, so the same call's peak can differ by hundreds of
     MB between runs. For memory comparisons, pin the threshold (``MALLOC_MMAP_THRESHOLD_=1048576``
-    in the environment): every tensor above 1 MB is then its own mapping, returned when freed. Before the block, glibc hands its free heap pages
-    back to the OS (``malloc_trim``) and the kernel's high-water mark is reset to the current resident
-    set (``/proc/self/clear_refs`` = 5); after it, ``VmHWM`` minus the resident set before is the peak.
-    This measures every timed call in place, in the same rounds, where ``getrusage``'s max RSS cannot be
-    reset and would need a fresh process (and a rebuilt model) per variant. ``peak`` is ``None`` where
-    the reset is not allowed.
+    in the environment): every tensor above 1 MB is then its own mapping, returned when freed.
+
+    Before the block, glibc hands its free heap pages back to the OS (``malloc_trim``) and the
+    kernel's high-water mark is reset to the current resident set (``/proc/self/clear_refs`` = 5);
+    after it, ``VmHWM`` minus the resident set before is the peak. This measures every timed call in
+    place, in the same rounds, where ``getrusage``'s max RSS cannot be reset and would need a fresh
+    process (and a rebuilt model) per variant. ``peak`` is ``None`` where the reset is not allowed.
 
     >>> with PeakRSS() as memory:                                   # doctest: +SKIP
     ...     x = torch.ones(2**27)

@@ -21,11 +21,11 @@ They share one model builder (``models``), one timer (``timing``) and one ideal 
 
 from .ideal import IdealModel
 from .models import FAMILIES, ModelSize, build_family, build_model, example_inputs, padded_inputs
-from .prefill import family_benchmark, prefill_benchmark, prefill_variants, selection_costs, vision_variants
+from .prefill import family_benchmark, prefill_benchmark, selection_costs, vision_variants
 from .timing import LanguageModelTimer, PeakRSS, interleaved, median_ratio
 
 __all__ = [
     "FAMILIES", "IdealModel", "LanguageModelTimer", "ModelSize", "PeakRSS", "build_family", "build_model",
     "example_inputs", "family_benchmark", "interleaved", "median_ratio", "padded_inputs", "prefill_benchmark",
-    "prefill_variants", "selection_costs", "vision_variants",
+    "selection_costs", "vision_variants",
 ]

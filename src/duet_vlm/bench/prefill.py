@@ -95,28 +95,6 @@ def ideal_prefill(model, ideal: IdealModel, decoder_seconds: list[float]) -> Cal
     return run
 
 
-def _prefills(model, inputs, reducers: dict) -> tuple[dict[str, Callable[[], None]], dict[str, list[float]]]:
-    """A timed prefill of the unreduced model and one under each reducer, and their language-model seconds."""
-    variants, decoder_seconds = {}, {}
-    for name, reducer in {FULL: None, **reducers}.items():
-        decoder_seconds[name] = []
-        context = nullcontext if reducer is None else (lambda r=reducer: r(model))
-        variants[name] = timed_prefill(model, inputs, context, decoder_seconds[name])
-    return variants, decoder_seconds
-
-
-def prefill_variants(
-    model, inputs, methods: list[str], budgets: list[int]
-) -> tuple[dict[str, Callable[[], None]], dict, dict[str, list[float]]]:
-    """One prefill forward (logits of the last token only, as generate does) per method and budget.
-
-    Also returns, per variant, the seconds each forward spent in the language model.
-    """
-    reducers = {f"{method} {budget}": make(method, budget=budget) for method in methods for budget in budgets}
-    variants, decoder_seconds = _prefills(model, inputs, reducers)
-    return variants, reducers, decoder_seconds
-
-
 def selection_costs(forward: list[float], ideal: list[float], unreduced: list[float]) -> dict:
     """What a method's choosing costs, from per-round seconds of its forward, of its ideal (the same
     per-layer counts chosen for free) and of the unreduced forward, all measured in the same rounds.

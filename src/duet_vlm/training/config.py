@@ -15,7 +15,6 @@ True
 from __future__ import annotations
 
 import argparse
-
 import dataclasses
 import shlex
 from dataclasses import dataclass, field

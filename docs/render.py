@@ -30,7 +30,7 @@ from pathlib import Path
 
 import figures  # docs/figures.py, beside this file
 
-from duet_vlm.bench import generate, live, train
+from duet_vlm.bench import generate, live, prefill, train
 from duet_vlm.evaluation import QUESTION_ORDER, markdown_table, number, question_types, standard_error
 
 GENERATED_BLOCK = re.compile(r"(<!-- generated: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
@@ -348,9 +348,7 @@ def render_prefill(root: Path, path: str) -> str:
     for name, row in results["vision"].items():
         lines.append(f"| {name} | {row['median_s']:.2f} | {row['ratio']:.3f} |")
     if "ideals" in results:  # each method against its ideal (duet_vlm.bench.prefill.costs_markdown, what the command prints)
-        from duet_vlm.bench.prefill import costs_markdown
-
-        lines += ["", costs_markdown(results["prefill"], results["ideals"], results["rounds"]), "", COSTS_LEGEND]
+        lines += ["", prefill.costs_markdown(results["prefill"], results["ideals"], results["rounds"]), "", COSTS_LEGEND]
         return "\n".join(lines) + "\n"
     head = ["prefill", "visual tok/layer", "forward s", "forward vs full", "LM s", "LM vs full", "exact FLOPs ratio",
             "KV ratio"]
@@ -414,8 +412,7 @@ def render_family(root: Path, *paths: str) -> str:
                           number(row, "decoder_flops", 1, 1e-9), paid]
             lines.append("| " + " | ".join(cells) + " |")
             if costs and row["avg_visual_tokens"] is None:  # how far the ideal's own path is from the model's
-                calibration = next((r for r in results.get("ideals", {}).values()
-                                    if r["visual_tokens_per_layer"] == row.get("visual_tokens_per_layer")), None)
+                calibration = prefill.ideal_of_no_reduction(results.get("ideals", {}), row)
                 if calibration is not None:
                     lines.append("| " + " | ".join(["", "ideal of no reduction", "all", "", "", "", "",
                                                     f"{calibration['forward_vs_unreduced']:.3f}"]

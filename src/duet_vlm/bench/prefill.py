@@ -370,6 +370,13 @@ def cost_cells(name: str, row: dict, rounds: int) -> list[str]:
     ]
 
 
+def ideal_of_no_reduction(ideals: dict, unreduced: dict) -> dict | None:
+    """Of ``measure``'s ideals, the one on the unreduced row's own counts: the ideal's direct layer
+    loop against the model's forward with nothing reduced (``None`` in files written without it)."""
+    counts = unreduced.get("visual_tokens_per_layer")
+    return next((ideal for ideal in ideals.values() if ideal["visual_tokens_per_layer"] == counts), None)
+
+
 def costs_markdown(variants: dict, ideals: dict, rounds: int) -> str:
     """``measure``'s variants as one markdown table (``cost_cells``), the ideal of no reduction second:
     how far the ideal's direct layer loop is from the model's own forward with nothing reduced."""
@@ -377,8 +384,7 @@ def costs_markdown(variants: dict, ideals: dict, rounds: int) -> str:
     for name, row in variants.items():
         lines.append("| " + " | ".join(cost_cells(name, row, rounds)) + " |")
         if "ideal" not in row and "error" not in row:
-            counts = row["visual_tokens_per_layer"]
-            calibration = next((r for r in ideals.values() if r["visual_tokens_per_layer"] == counts), None)
+            calibration = ideal_of_no_reduction(ideals, row)
             if calibration is not None:
                 cells = ["ideal of no reduction", "all", f"{calibration['forward_s']:.2f}",
                          f"{calibration['forward_vs_unreduced']:.3f}"] + [""] * (len(COST_COLUMNS) - 4)

@@ -26,8 +26,47 @@ def lint(*contracts: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
-@pytest.mark.parametrize("contract", ["layers", "library", "acyclic"])
+@pytest.mark.parametrize("contract", ["layers", "library", "acyclic", "methods-independent"])
 def test_import_contract_is_kept(contract):
     result = lint(contract)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "BROKEN" not in result.stdout and "1 kept, 0 broken" in result.stdout
+
+
+def test_every_method_module_is_in_the_independence_contract():
+    """A new method file joins "methods do not import methods" (pyproject.toml) by being listed."""
+    import tomllib
+
+    import duet_vlm
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    contract = next(c for c in config["tool"]["importlinter"]["contracts"] if c["id"] == "methods-independent")
+    modules = {cls.__module__ for cls in duet_vlm.METHODS.values()} - {"duet_vlm.methods.base"}
+    assert modules <= set(contract["modules"]), sorted(modules - set(contract["modules"]))
+    assert "duet_vlm.methods.stages" not in contract["modules"] and "duet_vlm.methods.shapes" not in contract["modules"]
+
+
+def test_vision_scores_have_one_implementation():
+    """The vLLM plugin and the adapters score vision tokens with ``duet_vlm.scoring``: they import it,
+    and no softmax over attention logits is written anywhere else outside the methods (the one left
+    in adapters/base.py is the language side's text-to-visual attention)."""
+    import ast
+
+    import grimp
+
+    graph = grimp.build_graph("duet_vlm")
+    for module in ("duet_vlm.integrations.vllm.select", "duet_vlm.integrations.vllm.qwen2_5_vl",
+                   "duet_vlm.adapters.base", "duet_vlm.adapters.qwen_vl"):
+        assert graph.direct_import_exists(importer=module, imported="duet_vlm.scoring"), module
+    src = ROOT / "src" / "duet_vlm"
+    found = []
+    for folder in ("adapters", "runtime", "integrations"):
+        for path in sorted((src / folder).rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            for function in ast.walk(tree):
+                if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                for node in ast.walk(function):
+                    if isinstance(node, ast.Attribute) and node.attr == "softmax":
+                        found.append(f"{path.relative_to(src)}:{function.name}")
+    assert sorted(set(found)) == ["adapters/base.py:text_to_visual_attention"], found

@@ -99,6 +99,59 @@ class VisionStage(ABC):
 
 
 @dataclass
+class AppliedStage:
+    """A vision stage's reduction of a stack of units, checked and projected (``apply_vision_stage``).
+
+    Attributes:
+        reduction: what the stage returned.
+        counts: ``(I,)`` tokens of each unit (``keep`` each, or the stage's own ``counts``).
+        valid: ``(I, n)`` True on the outputs that are tokens (a unit's first ``counts[i]``).
+        projected: ``(I, n, D)`` the outputs in the language model's space: the stage's own
+            ``projected`` where it merged after the projector, else ``view.project`` on its features.
+    """
+
+    reduction: VisionReduction
+    counts: torch.Tensor
+    valid: torch.Tensor
+    projected: torch.Tensor
+
+
+def apply_vision_stage(stage: VisionStage, view: VisionView, keep: int, units: int) -> AppliedStage:
+    """Run ``stage`` on ``view`` (a stack of items of ``units`` units each), check what it returned
+    against ``keep`` tokens per unit, and project it: the one application of a vision stage that the
+    Hugging Face runtime and the vLLM plugin both run, so their selections are equal by construction.
+    """
+    reduction = stage.reduce(view, keep)
+    counts = unit_counts(type(stage).__name__, reduction, view.features.shape, units, keep)
+    n = reduction.features.shape[1]
+    valid = torch.arange(n)[None, :] < counts[:, None]
+    projected = reduction.projected if reduction.projected is not None else view.project(reduction.features)
+    return AppliedStage(reduction, counts, valid, projected)
+
+
+def unit_counts(stage: str, reduction: VisionReduction, shape, units: int, keep: int) -> torch.Tensor:
+    """``(units stacked,)`` tokens of each unit in ``reduction``: ``keep`` each, or the stage's own
+    ``counts`` (checked: each item's sum is ``units * keep``)."""
+    stacked, width = shape[0], shape[-1]
+    got = tuple(reduction.features.shape)
+    if reduction.counts is None:
+        if got != (stacked, keep, width):
+            raise RuntimeError(f"{stage} returned {got}, expected {(stacked, keep, width)}")
+        return torch.full((stacked,), keep)
+    counts = reduction.counts.detach().cpu().long()
+    if (
+        len(got) != 3 or (got[0], got[2]) != (stacked, width) or counts.shape != (stacked,)
+        or bool((counts < 0).any()) or bool((counts > got[1]).any())
+        or bool((counts.view(-1, units).sum(dim=1) != units * keep).any())
+    ):
+        raise RuntimeError(
+            f"{stage} returned {got} with counts {counts.tolist()}, expected ({stacked}, n, {width}) with counts "
+            f"of at most n summing to {units * keep} over each item's {units} units"
+        )
+    return counts
+
+
+@dataclass
 class LayerView:
     """What a language-side stage sees at a pruning boundary (the input of decoder layer ``layer_index``).
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..geometry import Geometry
+from ..scoring import clip_layer_scores
 
 
 def rotate_like(layer: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -233,9 +234,7 @@ class ModelAdapter:
     def layer_scores(self, layer: nn.Module, layer_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores, keys)`` of an encoder ``layer``: CLS-to-patch attention with a CLS token, the
         attention each patch receives without one (SigLIP)."""
-        if self.has_cls:
-            return cls_attention_and_keys(layer, layer_input)
-        return attention_received_and_keys(layer, layer_input)
+        return clip_layer_scores(layer, layer_input, self.has_cls)
 
     def encoder_layer(self, tower: str, layer) -> nn.Module:
         """The encoder layer a vision stage names: an index into the tower's layers (negative from
@@ -473,40 +472,3 @@ def feature_layer(tower: nn.Module, feature_layer_index: int) -> nn.Module:
     if layer_index < 0:
         raise ValueError("vision_feature_layer selects the patch embeddings; no attention layer to score with")
     return layers[layer_index]
-
-
-def cls_attention_and_keys(layer: nn.Module, layer_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLS-to-patch attention ``(U, P)`` summed over heads and head-averaged keys ``(U, T, d)`` of a
-    CLIP encoder layer, from its own ``layer_norm1`` and projections (only the CLS query row)."""
-    attn = layer.self_attn
-    with torch.no_grad():
-        x = layer.layer_norm1(layer_input)
-        units, tokens, _ = x.shape
-        keys = attn.k_proj(x).view(units, tokens, -1, attn.head_dim).transpose(1, 2)  # (U, H, T, d)
-        cls_query = attn.q_proj(x[:, :1]).view(units, 1, -1, attn.head_dim).transpose(1, 2)
-        logits = (cls_query.float() @ keys.float().transpose(-1, -2)) * attn.scale  # (U, H, 1, T)
-        cls_attention = logits.softmax(dim=-1)[:, :, 0, 1:].sum(dim=1)
-    return cls_attention, keys.mean(dim=1)
-
-
-def attention_received_and_keys(
-    layer: nn.Module, layer_input: torch.Tensor, chunk: int = 256
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention each token *receives* ``(U, T)`` (softmax over keys, mean over heads, summed over
-    every query) and head-averaged keys ``(U, T, d)``, for towers without a CLS token (SigLIP).
-
-    Computed from the layer's own ``layer_norm1`` and projections, ``chunk`` query rows at a time,
-    so no more than a ``chunk x T`` slice of the map exists at once and the tower keeps its
-    attention backend.
-    """
-    attn = layer.self_attn
-    with torch.no_grad():
-        x = layer.layer_norm1(layer_input)
-        units, tokens, _ = x.shape
-        keys = attn.k_proj(x).view(units, tokens, -1, attn.head_dim).transpose(1, 2)
-        queries = attn.q_proj(x).view(units, tokens, -1, attn.head_dim).transpose(1, 2)
-        received = torch.zeros(units, tokens, dtype=torch.float32, device=x.device)
-        for begin in range(0, tokens, chunk):
-            logits = (queries[:, :, begin : begin + chunk].float() @ keys.float().transpose(-1, -2)) * attn.scale
-            received += logits.softmax(dim=-1).mean(dim=1).sum(dim=1)
-    return received, keys.mean(dim=1)

@@ -36,6 +36,7 @@ import sys
 import torch
 from torch import nn
 
+from ..scoring import segment_scores
 from .base import Capture, Geometry, ModelAdapter, Signals, UnitFeatures, VisualItem, check_layer
 
 
@@ -55,13 +56,7 @@ def received_attention_and_keys(
         cos, sin = position_embeddings
         query, key = rotary(query, key, cos, sin)  # (N, H, d)
         query, key = query.transpose(0, 1).float(), key.transpose(0, 1).float()  # (H, N, d)
-        received = torch.zeros(tokens, dtype=torch.float32, device=x.device)
-        bounds = cu_seqlens.tolist()
-        for begin, end in zip(bounds[:-1], bounds[1:]):
-            keys = key[:, begin:end]
-            for q0 in range(begin, end, chunk):
-                logits = (query[:, q0 : min(q0 + chunk, end)] @ keys.transpose(-1, -2)) * attn.scaling
-                received[begin:end] += logits.softmax(dim=-1).mean(dim=0).sum(dim=0)
+        received = segment_scores(query, key, cu_seqlens.tolist(), attn.scaling, chunk)
     return received, key.mean(dim=0)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters import Capture, VisualItem
-from ..plan import Plan, VisionReduction, VisionView
+from ..plan import Plan, VisionView, apply_vision_stage
 from .binding import Binding
 
 
@@ -121,17 +121,10 @@ def reduce_vision(
         )
         if plan.vision.needs_text and text is not None:
             view.text = [inputs_embeds[i.row, text[i.row]] for i in bucket for _ in range(units)]
-        keep = plan.schedule.llm_input // units
-        reduction = plan.vision.reduce(view, keep)
-        counts = unit_counts(type(plan.vision).__name__, reduction, features.shape, units, keep)
+        applied = apply_vision_stage(plan.vision, view, plan.schedule.llm_input // units, units)
+        reduction, counts, valid = applied.reduction, applied.counts, applied.valid
         n = reduction.features.shape[1]
-        valid = torch.arange(n)[None, :] < counts[:, None]  # (units stacked, n): outputs that are tokens
-        reduced = reduction.features[..., :width]
-        if reduction.projected is not None:  # merged after the projector by the stage itself
-            projected = reduction.projected
-        else:
-            projected = adapter.project(bucket[0], reduced.to(unit.features.dtype))
-        projected = projected.to(inputs_embeds.dtype).view(len(bucket), units, n, -1)
+        projected = applied.projected.to(inputs_embeds.dtype).view(len(bucket), units, n, -1)
         for i, item in enumerate(bucket):
             share = slice(i * units, (i + 1) * units)
             mine = valid[share].reshape(-1)
@@ -150,28 +143,6 @@ def reduce_vision(
             )
             records.append((item, kept, slots.sort().values))
     return records
-
-
-def unit_counts(stage: str, reduction: VisionReduction, shape, units: int, keep: int) -> torch.Tensor:
-    """``(units stacked,)`` tokens of each unit in ``reduction``: ``keep`` each, or the stage's own
-    ``counts`` (checked: each item's sum is ``units * keep``)."""
-    stacked, width = shape[0], shape[-1]
-    got = tuple(reduction.features.shape)
-    if reduction.counts is None:
-        if got != (stacked, keep, width):
-            raise RuntimeError(f"{stage} returned {got}, expected {(stacked, keep, width)}")
-        return torch.full((stacked,), keep)
-    counts = reduction.counts.detach().cpu().long()
-    if (
-        len(got) != 3 or (got[0], got[2]) != (stacked, width) or counts.shape != (stacked,)
-        or bool((counts < 0).any()) or bool((counts > got[1]).any())
-        or bool((counts.view(-1, units).sum(dim=1) != units * keep).any())
-    ):
-        raise RuntimeError(
-            f"{stage} returned {got} with counts {counts.tolist()}, expected ({stacked}, n, {width}) with counts "
-            f"of at most n summing to {units * keep} over each item's {units} units"
-        )
-    return counts
 
 
 def signals_of(binding: Binding, cache: dict, captures: dict[str, Capture], tower: str, layers: tuple = ()):

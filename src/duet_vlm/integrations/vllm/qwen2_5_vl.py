@@ -33,6 +33,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
 from ...geometry import Geometry
+from ...scoring import segment_scores
 from .common import DuetProcessorMixin, server_options
 from .options import RefusedMethod, Settings, plan_for, strip
 from .select import encoder_index, reduce_unit
@@ -200,7 +201,7 @@ class DuetQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
             reduced = reduce_unit(
                 plan, item[None], scores[rows][None], keys[rows][None], geometry.grid, False, lambda f: f, maps, text
             )
-            kept = reduced.reduction.kept.reshape(-1).cpu()
+            kept = reduced.kept.cpu()
             order = kept.argsort()  # each output in the slot of the token it stands for
             embeddings = reduced.embeddings[order.to(reduced.embeddings.device)]
             outputs.append(torch.cat([embeddings, full[kept[order].to(full.device)]], dim=1))
@@ -214,7 +215,8 @@ class DuetQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
 
     def received(self, index: int, args, kwargs, reverse_indices):
         """Scores ``(tokens,)`` and keys ``(tokens, d)`` of every merged token of block ``index``, in
-        the merger's output order (``duet_vlm.adapters.qwen_vl.received_attention_and_keys``)."""
+        the merger's output order (``duet_vlm.scoring.segment_scores``, as the Hugging Face adapter
+        scores them)."""
         attn = self.visual.blocks[index].attn
         x = args[0] if args else kwargs["x"]  # the block's input after its norm1
         cu_seqlens = kwargs["cu_seqlens"]
@@ -228,15 +230,7 @@ class DuetQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
             rotated = attn.apply_rotary_emb(qk, cos, sin)
             query, key = rotated[0].transpose(0, 1).float(), rotated[1].transpose(0, 1).float()  # (H, s, d)
             scale = attn.hidden_size_per_attention_head ** -0.5
-            received = torch.zeros(tokens, dtype=torch.float32, device=x.device)
-            bounds = cu_seqlens.tolist()
-            for begin, end in zip(bounds[:-1], bounds[1:]):
-                if end <= begin:
-                    continue
-                keys = key[:, begin:end]
-                for q0 in range(begin, end, 512):
-                    logits = (query[:, q0 : min(q0 + 512, end)] @ keys.transpose(-1, -2)) * scale
-                    received[begin:end] += logits.softmax(dim=-1).mean(dim=0).sum(dim=0)
+            received = segment_scores(query, key, cu_seqlens.tolist(), scale, chunk=512)
             group = self.visual.spatial_merge_unit
             received = received.view(-1, group).mean(dim=1)
             merged_keys = key.mean(dim=0).view(-1, group, key.shape[-1]).mean(dim=1)

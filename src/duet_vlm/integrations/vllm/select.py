@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ...adapters.base import check_layer
-from ...plan import Plan, VisionReduction, VisionView
+from ...plan import Plan, VisionReduction, VisionView, apply_vision_stage
+from ...scoring import attention_scores, fused_qk
 
 
 @dataclass
@@ -57,36 +58,16 @@ def tap(layers: dict[int, nn.Module], feature: nn.Module) -> Iterator[Taps]:
     taps.output = torch.cat(outputs) if outputs else None
 
 
-def split_heads(linear_out: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(U, T, 3 * H * d)`` fused q/k/v -> queries and keys ``(U, H, T, d)``."""
-    query, key, _ = linear_out.chunk(3, dim=-1)
-    units, tokens, width = query.shape
-    shape = (units, tokens, heads, width // heads)
-    return query.reshape(shape).transpose(1, 2), key.reshape(shape).transpose(1, 2)
-
-
 def layer_scores(layer: nn.Module, layer_input: torch.Tensor, has_cls: bool, chunk: int = 256):
     """``(scores (U, P or T), keys (U, T, d))`` of a CLIP / SigLIP encoder layer of vLLM, from its own
-    ``layer_norm1`` and fused ``qkv_proj``: the CLS-to-patch attention summed over heads with a CLS
-    token, the attention each token receives (mean over heads, summed over queries) without one;
-    keys averaged over heads. The same arithmetic as ``duet_vlm.adapters.base`` on transformers'
-    separate projections."""
+    ``layer_norm1`` and fused ``qkv_proj``: ``duet_vlm.scoring.attention_scores`` (the arithmetic the
+    Hugging Face path runs on transformers' separate projections), keys averaged over heads."""
     attn = layer.self_attn
     heads = getattr(attn, "num_heads_per_partition", None) or attn.num_heads
-    scale = attn.scale
     with torch.no_grad():
-        x = layer.layer_norm1(layer_input)
-        qkv, _ = attn.qkv_proj(x)
-        queries, keys = split_heads(qkv, heads)
-        units, _, tokens, _ = keys.shape
-        if has_cls:
-            logits = (queries[:, :, :1].float() @ keys.float().transpose(-1, -2)) * scale  # (U, H, 1, T)
-            scores = logits.softmax(dim=-1)[:, :, 0, 1:].sum(dim=1)
-        else:
-            scores = torch.zeros(units, tokens, dtype=torch.float32, device=x.device)
-            for begin in range(0, tokens, chunk):
-                logits = (queries[:, :, begin : begin + chunk].float() @ keys.float().transpose(-1, -2)) * scale
-                scores += logits.softmax(dim=-1).mean(dim=1).sum(dim=1)
+        qkv, _ = attn.qkv_proj(layer.layer_norm1(layer_input))
+        queries, keys = fused_qk(qkv, heads)
+        scores = attention_scores(queries, keys, attn.scale, has_cls, chunk)
     return scores, keys.mean(dim=1)
 
 
@@ -104,9 +85,11 @@ TRACE: list | None = None
 
 @dataclass
 class Reduced:
-    """One item's reduction: the language model's tokens ``(n, D)`` and what the stage kept."""
+    """One item's reduction: the language model's tokens ``(n, D)``, the vision token each stands
+    for (``kept``, ``(n,)`` indices into a unit's tokens), and what the stage returned."""
 
     embeddings: torch.Tensor
+    kept: torch.Tensor
     reduction: VisionReduction
 
 
@@ -122,11 +105,11 @@ def reduce_unit(
     text: torch.Tensor | None = None,
 ) -> Reduced:
     """Run ``plan``'s vision stage on one item's units (``features (U, T, C)``, ``scores``, ``keys``)
-    and map the result into the language model's space, as ``duet_vlm.runtime.vision.reduce_vision``
-    does: the stage's own projected output where it merged after the projector, else the projector
-    on its features. ``text``: ``(n_text, D)`` the language model's input embeddings of the prompt's
-    text, for stages that read it (``VisionView.text``, one per unit). Returns ``(U * keep, D)``
-    tokens in the stage's output order."""
+    and map the result into the language model's space with ``duet_vlm.plan.apply_vision_stage``,
+    the application the Hugging Face runtime runs: the stage's own projected output where it merged
+    after the projector, else the projector on its features. ``text``: ``(n_text, D)`` the language model's input embeddings of the prompt's
+    text, for stages that read it (``VisionView.text``, one per unit). Returns ``U * keep`` tokens in
+    the stage's output order."""
     width = features.shape[-1]
     dtype = features.dtype
     view = VisionView(
@@ -138,15 +121,9 @@ def reduce_unit(
         if text is None:
             raise RuntimeError(f"{type(plan.vision).__name__} reads the prompt's text, which did not reach the encoder step")
         view.text = [text] * units
-    keep = plan.schedule.llm_input // units
-    reduction = plan.vision.reduce(view, keep)
-    expected = (units, keep, width)
-    if tuple(reduction.features.shape) != expected:
-        raise RuntimeError(f"{type(plan.vision).__name__} returned {tuple(reduction.features.shape)}, expected {expected}")
-    if reduction.projected is not None:
-        projected = reduction.projected
-    else:
-        projected = project(reduction.features[..., :width].to(dtype).contiguous())
+    applied = apply_vision_stage(plan.vision, view, plan.schedule.llm_input // units, units)
     if TRACE is not None:
-        TRACE.append(reduction)
-    return Reduced(projected.reshape(units * keep, -1), reduction)
+        TRACE.append(applied.reduction)
+    valid = applied.valid.flatten()
+    tokens = applied.projected.flatten(0, 1)[valid.to(applied.projected.device)]
+    return Reduced(tokens, applied.reduction.kept.flatten()[valid.to(applied.reduction.kept.device)], applied.reduction)

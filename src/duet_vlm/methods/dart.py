@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..plan import LanguageStage, LayerView
 from ..selection import gather_tokens
-from .fastv import PruneOnceAfterLayer
+from .shapes import PruneOnceAfterLayer
 from .registry import register_method
 
 # The official scripts' reduction_ratio 0.778 (scripts/v1_5/eval/*.sh, 128 of 576 tokens kept): the

@@ -10,71 +10,28 @@ import torch
 from ..geometry import Geometry
 from ..salient import salient_token_positions
 from ..schedule import ratio_schedule, scaled_boundaries
-from ..selection import merge_dominant_contextual
 from .base import (
     LanguageStage,
     LayerView,
     Plan,
     Reducer,
-    VisionReduction,
-    VisionStage,
-    VisionView,
     check_budget,
     compose_plan,
     per_unit,
 )
 from .registry import register_method
+from .stages import (  # noqa: F401 - shared with VisionZip, re-exported
+    CONTEXTUAL_SHARE,
+    DominantContextualMerge,
+    check_stage_a_counts,
+    contextual_count,
+)
 
 # The splits the paper's LLaVA-1.5 runs used (official eval and README): 300 + 7 at budget 192 and
 # 170 + 35 at budget 128. Elsewhere contextual tokens take VisionZip's share (10 of every 64).
 # Keyed by (tokens per unit, kept per unit). The reference's Video-LLaVA runs keep 160 + 32 per
 # frame (CLS included); transformers' video tower keeps CLS in each frame's 257 tokens.
 PUBLISHED_SPLITS = {(576, 307): (300, 7), (576, 205): (170, 35), (257, 192): (160, 32)}
-CONTEXTUAL_SHARE = 10 / 64
-
-
-def check_stage_a_counts(dominant: int | None, contextual: int | None) -> None:
-    """Explicit dominant/contextual counts are non-negative ints; dominant includes CLS, so >= 1."""
-    for name, value in (("dominant", dominant), ("contextual", contextual)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    if dominant is not None and dominant < 1:
-        raise ValueError("dominant counts the CLS token and must be >= 1")
-
-
-def contextual_count(keep: int, dominant: int | None, contextual: int | None, default: int) -> int:
-    """How many of ``keep`` Stage-A tokens are contextual: as given, implied by ``dominant``, or ``default``."""
-    if contextual is None:
-        contextual = keep - dominant if dominant is not None else default
-    if not 0 <= contextual < keep:
-        raise ValueError(f"cannot split {keep} tokens into dominant (CLS included) + {contextual} contextual")
-    return contextual
-
-
-@dataclass
-class DominantContextualMerge(VisionStage):
-    """Stage A (V2V): CLS-attention dominant tokens plus merged contextual tokens.
-
-    Keeps CLS and the ``keep - contextual - 1`` patches the CLS token attends to most (raster
-    order), then ``contextual`` tokens, each an anchor plus the mean of the pool members most similar
-    to it (see ``duet_vlm.selection.merge_dominant_contextual``). ``cluster_width=None`` gives
-    VisionZip's spatially uniform anchors over all residual tokens.
-
-    >>> stage = DominantContextualMerge(contextual=7, cluster_width=4)
-    >>> stage.reduce(view, keep=307).features.shape      # doctest: +SKIP
-    torch.Size([1, 307, 1024])
-    """
-
-    contextual: int = 7
-    cluster_width: int | None = 4
-
-    def reduce(self, view: VisionView, keep: int) -> VisionReduction:
-        contextual = min(self.contextual, keep - 1)
-        merged = merge_dominant_contextual(
-            view.features, view.cls_attention, view.keys, keep - contextual, contextual, self.cluster_width, view.has_cls
-        )
-        roles = {"dominant": merged.dominant, "anchors": merged.anchors, "members": merged.members}
-        return VisionReduction(merged.features, merged.kept, roles)
 
 
 Query = str | Callable[[LayerView], list[torch.Tensor]]

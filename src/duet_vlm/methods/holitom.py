@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..geometry import Geometry
 from ..schedule import Schedule
-from ..selection import gather_tokens
+from ..selection import density_peaks_clusters, gather_tokens
 from .base import (
     LanguageStage,
     LayerView,
@@ -31,9 +31,8 @@ from .base import (
     check_budget,
     compose_plan,
 )
-from .fastv import LastTokenAttention
+from .stages import LastTokenAttention
 from .registry import register_method
-from .sparsevlm import density_peaks_clusters
 
 # The official settings (scripts/eval_ov-7b_holitom.sh, holitom/llava_arch.py environment defaults).
 REFERENCE_LAYER = (18, 28)  # HOLITOM_k=18 on Qwen2-7B's 28 decoder layers (LLaVA-OneVision-7B, LLaVA-Video-7B)

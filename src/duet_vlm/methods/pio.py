@@ -19,7 +19,7 @@ from ..plan import LanguageStage, LayerView, Plan
 from ..schedule import Schedule, scaled_boundaries, solve_llm_input
 from ..selection import gather_tokens
 from .registry import register_method
-from .trio_scan import ScanThenPrune
+from .shapes import ScanThenPrune
 
 PROBES = ("next", "boundary")
 # The official "w/o VE" schedules (LLaVA-1.5: 576 tokens, 32 layers), pruning after layers 1, 10, 15:

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 
 from ..geometry import Geometry
 from ..schedule import Schedule, ratio_schedule, scaled_boundaries
-from .base import LanguageStage, LayerView, Plan, Reducer, check_budget
+from .base import Plan, Reducer, check_budget
 from .registry import register_method
+from .stages import LastInstructionAttention  # noqa: F401 - shared with VScan, re-exported
 
 # The reference's LLaVA-1.5 boundaries [8, 16, 24] and lambda = 0.5, as fractions of depth so that
 # other depths get the same shape.
@@ -89,23 +89,6 @@ def pyramid_schedule(
             continue
         return schedule, decay
     raise error
-
-
-@dataclass
-class LastInstructionAttention(LanguageStage):
-    """PyramidDrop's score: attention from the last instruction token, with the next layer's projections.
-
-    At inference the last instruction token is the last prompt token. In training
-    ``view.text_after_image`` holds only instruction tokens (label -100), so its last entry is the
-    token just before the final answer; the reference uses the token before *each* answer span and
-    averages, so multi-turn samples are approximated by their last turn.
-
-    >>> LastInstructionAttention().select(view, keep=144).shape    # doctest: +SKIP
-    torch.Size([1, 1, 144])
-    """
-
-    def score(self, view: LayerView) -> torch.Tensor:
-        return view.text_to_visual_attention([positions[-1:] for positions in view.text_after_image])
 
 
 @register_method("pyramiddrop")

@@ -10,9 +10,9 @@ import torch
 
 from ..geometry import Geometry
 from ..schedule import Schedule, scaled_boundaries
-from ..selection import gather_tokens
 from .base import LanguageStage, LayerView, Plan, Reducer, Selection, check_budget
 from .registry import register_method
+from ..selection import density_peaks_clusters, gather_tokens, merge_clusters  # noqa: F401 - shared with HoliTom
 
 # v1.5 prunes the output of decoder layers 2, 6 and 15 (0-based) of 32: boundaries after 3, 7 and
 # 16 layers. Its published top-k counts per target, before the recycled clusters are added.
@@ -114,59 +114,6 @@ def text_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     if len(chosen) == 0:
         chosen = torch.tensor([text.shape[0] - 1], device=text.device)
     return chosen
-
-
-def density_peaks_clusters(x: torch.Tensor, clusters: int, neighbours: int | None = None):
-    """DPC-kNN (as in TCFormer and SparseVLM's recycling): centres and each token's cluster.
-
-    Distances are L2 / sqrt(C); density = exp(-mean squared distance to the ``neighbours`` nearest
-    tokens, itself included; default ``clusters`` as in the reference); delta = distance to the
-    nearest denser token (the densest gets the largest distance of the group); the ``clusters``
-    tokens with the largest density * delta are centres and every token joins its nearest centre.
-    Ties are broken by token index instead of the reference's random noise, so results do not
-    depend on the batch.
-
-    Args:
-        x: ``(G, m, C)`` tokens of ``G`` independent groups.
-        clusters: centres per group, ``1 <= clusters <= m``.
-
-    Returns:
-        ``centres`` ``(G, clusters)`` ascending token indices and ``assignment`` ``(G, m)``: the
-        position in ``centres`` of each token's cluster (a centre is in its own cluster).
-
-    >>> x = torch.tensor([[[0.0], [0.1], [5.0], [5.2]]])
-    >>> density_peaks_clusters(x, 2)[1]
-    tensor([[0, 0, 1, 1]])
-    """
-    groups, tokens, channels = x.shape
-    if not 1 <= clusters <= tokens:
-        raise ValueError(f"cannot form {clusters} clusters from {tokens} tokens")
-    neighbours = clusters if neighbours is None else neighbours
-    if not 1 <= neighbours <= tokens:
-        raise ValueError(f"neighbours must lie in [1, {tokens}], got {neighbours}")
-    x = x.detach().float()
-    # Direct pairwise differences, not the matmul expansion: exact zeros on the diagonal and values
-    # that do not depend on which other rows share the batch.
-    distance = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(channels)
-    nearest = distance.topk(neighbours, dim=-1, largest=False).values
-    density = (-(nearest**2).mean(dim=-1)).exp()
-    order = density.argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(tokens, device=x.device).expand(groups, -1))
-    denser = rank[:, None, :] < rank[:, :, None]  # [g, i, j]: token j is denser than token i
-    farthest = distance.flatten(1).max(dim=-1).values[:, None, None]
-    delta = torch.where(denser, distance, farthest).min(dim=-1).values
-    score = density * delta
-    centres = score.argsort(dim=-1, descending=True, stable=True)[:, :clusters].sort(dim=-1).values
-    to_centre = distance.gather(2, centres[:, None, :].expand(-1, tokens, -1))  # (G, m, clusters)
-    assignment = to_centre.argmin(dim=-1)
-    own = torch.arange(clusters, device=x.device).expand(groups, -1)
-    return centres, assignment.scatter(1, centres, own)
-
-
-def merge_clusters(x: torch.Tensor, assignment: torch.Tensor, clusters: int) -> torch.Tensor:
-    """``(G, clusters, C)`` mean of each cluster's members (differentiable in ``x``)."""
-    one_hot = torch.nn.functional.one_hot(assignment, clusters).to(x.dtype).transpose(1, 2)  # (G, c, m)
-    return (one_hot @ x) / one_hot.sum(dim=-1, keepdim=True).clamp(min=1)
 
 
 @dataclass

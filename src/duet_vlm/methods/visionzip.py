@@ -8,7 +8,7 @@ from ..geometry import Geometry
 from ..schedule import Schedule
 from .base import Plan, Reducer, check_budget, per_unit
 from .registry import register_method
-from .duet import CONTEXTUAL_SHARE, DominantContextualMerge, check_stage_a_counts, contextual_count
+from .stages import CONTEXTUAL_SHARE, DominantContextualMerge, check_stage_a_counts, contextual_count
 
 
 def visionzip_split(keep: int) -> tuple[int, int]:

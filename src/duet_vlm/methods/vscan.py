@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..geometry import Geometry  # noqa: F401 - the doctest's
-from .pyramiddrop import LastInstructionAttention
+from .stages import LastInstructionAttention
 from .registry import register_method
-from .trio_scan import ScanThenPrune, third_keeps  # noqa: F401 - third_keeps: VScan's keep counts, documented here
+from .shapes import ScanThenPrune, third_keeps  # noqa: F401 - third_keeps: VScan's keep counts, documented here
 
 
 @register_method("vscan")

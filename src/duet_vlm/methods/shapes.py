@@ -1,0 +1,271 @@
+"""Reducer shapes that more than one method shares: a schedule, its options and its budget solver.
+
+``PruneOnceAfterLayer`` (FastV, DART) prunes once inside the language model; ``ScanThenPrune`` (TRIO's
+``pio``, VScan) scans the vision encoder, then prunes a third at boundaries. A subclass names its
+language stage. Methods import these from here, never from another method.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..geometry import Geometry
+from ..schedule import Schedule, scaled_boundaries, solve_llm_input
+from .base import Plan, Reducer, check_budget, per_unit
+from .stages import GlobalLocalScan, scan_for
+
+# FastV's paper default R = 50%: used when FastV prunes after a vision-side method in a Compose and
+# neither ``keep`` nor ``ratio`` is given.
+DEFAULT_RATIO = 0.5
+
+
+def fastv_keep(budget: int, num_layers: int, visual_tokens: int, layer: int) -> int:
+    """Visual tokens to keep from decoder layer ``layer`` on so that the layer average is ``budget``.
+
+    The first ``layer`` layers see all ``visual_tokens``, so the average is
+    ``(layer * visual_tokens + (num_layers - layer) * keep) / num_layers``; the closest ``keep``
+    wins (ties: fewer tokens). Raises ``ValueError`` when no ``keep`` comes within 1 token.
+
+    >>> [fastv_keep(b, 32, 576, 2) for b in (192, 128, 64)]
+    [166, 98, 30]
+    """
+    if not 0 < layer < num_layers:
+        raise ValueError(f"FastV prunes after layer {layer}; it must lie in (0, {num_layers})")
+
+    def average(keep: int) -> float:
+        return (layer * visual_tokens + (num_layers - layer) * keep) / num_layers
+
+    exact = (budget * num_layers - layer * visual_tokens) / (num_layers - layer)
+    candidates = {min(visual_tokens, max(0, f(exact))) for f in (math.floor, math.ceil)}
+    best = min(candidates, key=lambda keep: (abs(average(keep) - budget), keep))
+    if abs(average(best) - budget) > 1:
+        raise ValueError(
+            f"FastV after layer {layer} cannot average {budget} visual tokens per layer: the first {layer} "
+            f"layers alone give {average(0):.1f}; use a smaller `layer` or an explicit `keep`"
+        )
+    return best
+
+
+@dataclass
+class PruneOnceAfterLayer(Reducer):
+    """The schedule of a method that prunes once inside the language model: layers ``0 .. layer-1``
+    see every visual token, ``keep`` of them run from ``layer`` on. ``keep`` is solved from the
+    budget (``fastv_keep``), or given, or a ``ratio`` of the LLM input; inside a ``Compose``
+    without either, the subclass's ``compose_ratio``. Subclasses name the language stage that picks
+    the ``keep`` tokens (FastV, DART)."""
+
+    budget: int | None = None
+    layer: int = 2
+    keep: int | None = None
+    ratio: float | None = None
+
+    default_positions: ClassVar[str | None] = "original"
+    compose_ratio: ClassVar[float] = DEFAULT_RATIO
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_budget(self.budget, required=False)
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise ValueError(f"layer must be an int >= 1 (the score reads layer - 1), got {self.layer!r}")
+        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 0):
+            raise ValueError(f"keep must be an int >= 0, got {self.keep!r}")
+        if self.ratio is not None and (
+            isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio <= 1.0
+        ):
+            raise ValueError(f"ratio must lie in [0, 1], got {self.ratio!r}")
+        if self.keep is not None and self.ratio is not None:
+            raise ValueError("give keep or ratio, not both")
+
+    def _check_layer(self, geometry: Geometry) -> None:
+        if self.layer >= geometry.num_layers:
+            raise ValueError(f"layer={self.layer} but the language model has {geometry.num_layers} layers")
+
+    def schedule_for(self, geometry: Geometry, llm_input: int) -> Schedule:
+        self._check_layer(geometry)
+        if self.keep is not None:
+            # Clamped rather than rejected: Compose's solver probes small LLM-input counts.
+            keep = min(self.keep, llm_input)
+        else:
+            keep = int(llm_input * (self.ratio if self.ratio is not None else self.compose_ratio))
+        return self._schedule(geometry, llm_input, keep)
+
+    def _schedule(self, geometry: Geometry, llm_input: int, keep: int) -> Schedule:
+        return Schedule(geometry.num_layers, geometry.visual_tokens, llm_input, ((self.layer, keep),))
+
+    def plan(self, geometry: Geometry) -> Plan:
+        self._check_layer(geometry)
+        name = type(self).__name__
+        if self.keep is not None or self.ratio is not None:
+            if self.keep is not None and self.keep > geometry.visual_tokens:
+                raise ValueError(f"keep={self.keep} exceeds the {geometry.visual_tokens} visual tokens per item")
+            schedule = self.schedule_for(geometry, geometry.visual_tokens)
+        else:
+            if self.budget is None:
+                raise ValueError(f"{name} needs a budget (or keep / ratio)")
+            try:
+                keep = fastv_keep(self.budget, geometry.num_layers, geometry.visual_tokens, self.layer)
+            except ValueError:
+                first = self.layer * geometry.visual_tokens / geometry.num_layers
+                raise ValueError(
+                    f"{name} after layer {self.layer} cannot average {self.budget} visual tokens per layer: the "
+                    f"first {self.layer} layers alone give {first:.1f}; use a smaller `layer` or an explicit `keep`"
+                ) from None
+            schedule = self._schedule(geometry, geometry.visual_tokens, keep)
+        return Plan(schedule, language=self.language_stage())
+
+
+#: The official Qwen2.5-VL READMEs' keep ratio at the boundary (TRIO and VScan: ``int(0.333 * n)``).
+QWEN_KEEP_RATIO = 0.333
+
+
+def third_keeps(
+    llm_input: int, stages: int, keep: tuple[int, ...] | None = None, ratios: tuple[float, ...] | None = None,
+    mrope: bool = False,
+) -> tuple[int, ...]:
+    """Visual tokens per item after each of ``stages`` boundaries when ``llm_input`` enter the LLM.
+
+    Explicit ``keep`` counts are capped by the tokens present (the official ``min(image_token_list[s],
+    image_tokens)``); ``ratios`` are fractions of the current count (``int(r * n)``, the official Qwen
+    rule); by default a third: ``round(n / 3)`` (the official LLaVA READMEs' 96 -> 32), ``int(0.333 * n)``
+    under M-RoPE (the official Qwen2.5-VL READMEs' ratio, as their code applies it).
+
+    >>> third_keeps(96, 1), third_keeps(288, 1), third_keeps(288, 1, mrope=True)
+    ((32,), (96,), (95,))
+    >>> third_keeps(96, 2, keep=(64, 100)), third_keeps(100, 2, ratios=(0.5, 0.5))
+    ((64, 64), (50, 25))
+    """
+    keeps, current = [], llm_input
+    for stage in range(stages):
+        if keep is not None:
+            current = min(keep[stage], current)
+        elif ratios is not None:
+            current = int(ratios[stage] * current)
+        elif mrope:
+            current = int(QWEN_KEEP_RATIO * current)
+        else:
+            current = round(current / 3)
+        keeps.append(current)
+    return tuple(keeps)
+
+
+def int_tuple(name: str, values, minimum: int) -> tuple[int, ...]:
+    if isinstance(values, int) and not isinstance(values, bool):
+        values = (values,)
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{name} must be a sequence of ints >= {minimum}, got {values!r}")
+    values = tuple(values)
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in values):
+        raise ValueError(f"{name} must be ints >= {minimum}, got {values}")
+    return values
+
+
+@dataclass
+class ScanThenPrune(Reducer):
+    """The shape TRIO (``pio``) and VScan share: TRIO's vision-encoder scan brings each item to ``N``
+    tokens, then boundaries inside the language model keep a third (by default after half the
+    depth). A subclass gives the language stage; this class owns the options, their checks, the
+    schedule and the budget solver.
+
+    ``N`` is solved so that ``N`` for the first half of the layers and a third of it after the
+    boundary average the budget: on LLaVA-1.5 (576 tokens, 32 layers) 64 -> 96 -> 32 after layer 16
+    (the official READMEs' default), 128 -> 192 -> 64, 192 -> 288 -> 96. The default shape averages
+    at most two thirds of an item's tokens. Explicit ``llm_input`` or ``vision_ratio`` (``N`` as
+    ``int(r * tokens)``), ``layers`` (1-based "after layer l"; ``()`` for the scan alone) and ``keep``
+    (absolute) or ``ratios`` (of the current count) override the solver.
+    """
+
+    budget: int | None = None
+    llm_input: int | None = None
+    vision_ratio: float | None = None
+    layers: tuple[int, ...] | None = None
+    keep: tuple[int, ...] | None = None
+    ratios: tuple[float, ...] | None = None
+    window: int | None = None
+    local_share: float = 0.5
+    local_layer: int | str | None = None
+    global_layer: int | str | None = None
+
+    #: what a budget above the default shape's ceiling should try instead.
+    ceiling_hint: ClassVar[str] = "give larger ratios/keep, later layers, or layers=() for the scan alone"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.layers is not None:
+            self.layers = int_tuple("layers", self.layers, minimum=1)
+            if list(self.layers) != sorted(set(self.layers)):
+                raise ValueError(f"layers must be strictly increasing, got {self.layers}")
+        if self.keep is not None:
+            self.keep = int_tuple("keep", self.keep, minimum=0)
+        if self.ratios is not None:
+            self.ratios = (self.ratios,) if isinstance(self.ratios, (int, float)) else tuple(self.ratios)
+            if any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1 for r in self.ratios):
+                raise ValueError(f"ratios must lie in [0, 1], got {self.ratios}")
+        if self.keep is not None and self.ratios is not None:
+            raise ValueError("give keep or ratios, not both")
+        shape = self.keep if self.keep is not None else self.ratios
+        stages = len(self.layers) if self.layers is not None else 1
+        if shape is not None and len(shape) != stages:
+            raise ValueError(
+                f"{stages} boundary layer(s) but {len(shape)} keep counts/ratios"
+                + ("" if self.layers is not None else " (give layers with more than one)")
+            )
+        if self.llm_input is not None and (
+            isinstance(self.llm_input, bool) or not isinstance(self.llm_input, int) or self.llm_input < 1
+        ):
+            raise ValueError(f"llm_input must be a positive int (tokens per item entering the LLM), got {self.llm_input!r}")
+        if self.vision_ratio is not None and (
+            isinstance(self.vision_ratio, bool) or not isinstance(self.vision_ratio, (int, float))
+            or not 0 < self.vision_ratio <= 1
+        ):
+            raise ValueError(f"vision_ratio must lie in (0, 1], got {self.vision_ratio!r}")
+        if self.llm_input is not None and self.vision_ratio is not None:
+            raise ValueError("give llm_input or vision_ratio, not both")
+        check_budget(self.budget, required=False)  # a half of a Compose needs none
+        self.vision_stage_for(Geometry(1, 1, (1, 1), False), 1)  # validate the scan's options now
+
+    @classmethod
+    def qwen_reference(cls, **overrides):
+        """The official Qwen2.5-VL READMEs' setting: ``int(0.167 * n)`` of each image's tokens after
+        the encoder, then ``int(0.333 * n)`` of those after decoder layer 14 (of 28): 11.1% on average."""
+        return cls(**{**dict(vision_ratio=0.167, layers=(14,), ratios=(QWEN_KEEP_RATIO,)), **overrides})
+
+    def vision_stage_for(self, geometry: Geometry, keep: int) -> GlobalLocalScan:
+        return scan_for(geometry, self.window, self.local_share, self.local_layer, self.global_layer)
+
+    def encoder_layers(self, geometry: Geometry) -> tuple:
+        return self.vision_stage_for(geometry, 1).encoder_layers()
+
+    def schedule_for(self, geometry: Geometry, llm_input: int) -> Schedule:
+        """The boundaries after ``llm_input`` tokens enter (``third_keeps``), by default one at half the depth."""
+        layers = self.layers if self.layers is not None else scaled_boundaries(geometry.num_layers, (0.5,))
+        if layers and layers[-1] >= geometry.num_layers:
+            raise ValueError(f"boundary layers must lie inside (0, {geometry.num_layers}), got {layers}")
+        keeps = third_keeps(llm_input, len(layers), self.keep, self.ratios, geometry.rope == "mrope")
+        return Schedule(geometry.num_layers, geometry.visual_tokens, llm_input, tuple(zip(layers, keeps)))
+
+    def language_stage_for(self, geometry: Geometry):
+        """The language stage on a model of ``geometry`` (``language_stage`` by default)."""
+        return self.language_stage()
+
+    def plan(self, geometry: Geometry) -> Plan:
+        visual = geometry.visual_tokens
+        if self.llm_input is not None or self.vision_ratio is not None:
+            n = self.llm_input if self.llm_input is not None else int(self.vision_ratio * visual)
+            n = per_unit(geometry, min(n, visual)) * geometry.units
+            schedule = self.schedule_for(geometry, n)
+        elif self.budget is None:
+            raise ValueError(f"{type(self).__name__} needs a budget (or llm_input / vision_ratio)")
+        else:
+            maximum = self.schedule_for(geometry, visual).average
+            if self.budget > maximum + 1:
+                raise ValueError(
+                    f"{type(self).__name__} with the vision scan averages at most {maximum:g} visual tokens per "
+                    f"layer with this schedule (budget {self.budget}); {self.ceiling_hint}"
+                )
+            schedule = solve_llm_input(self.budget, lambda n: self.schedule_for(geometry, n), step=geometry.units)
+        language = self.language_stage_for(geometry) if schedule.boundaries else None
+        vision = self.vision_stage_for(geometry, schedule.llm_input) if schedule.llm_input < visual else None
+        return Plan(schedule, vision, language)
+

@@ -20,6 +20,7 @@ Python state and tensor arithmetic that ``torch.compile`` traces into its graph.
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -35,29 +36,32 @@ from .exit import compact_head_input, expand_head_output, finish_prefill
 from .prefill import open_prompt
 from .record import prefill_stats, text_only_stats
 
-# Models with a reducer attached: two reducers on one model would stack their hooks.
+# Models with a reducer attached: two reducers on one model would stack their hooks. A model's
+# slot is taken (checked and reserved) under the lock, so of two threads attaching at once one wins.
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Attachment]" = weakref.WeakKeyDictionary()
+_ATTACHING = threading.Lock()
 
 
 class Attachment:
     """Hooks of one reducer on one model; ``remove()`` restores the model exactly."""
 
     def __init__(self, reducer, model: nn.Module):
-        if model in _ATTACHED:
-            raise RuntimeError("a duet-vlm reducer is already attached to this model; remove it first")
-        self.reducer = reducer
         self.model = model
-        self.adapter: ModelAdapter = adapter_for(model)
-        self.binding = Binding(reducer, self.adapter)
-        self.plan, self.schedule = self.binding.plan, self.binding.schedule
-        self.calls = CallStore()
         self._handles: list = []
+        with _ATTACHING:
+            if model in _ATTACHED:
+                raise RuntimeError("a duet-vlm reducer is already attached to this model; remove it first")
+            _ATTACHED[model] = self
         try:
+            self.reducer = reducer
+            self.adapter: ModelAdapter = adapter_for(model)
+            self.binding = Binding(reducer, self.adapter)
+            self.plan, self.schedule = self.binding.plan, self.binding.schedule
+            self.calls = CallStore()
             self._install()
         except BaseException:
             self.remove()
             raise
-        _ATTACHED[model] = self
 
     def plan_for(self, geometry):
         return self.binding.plan_for(geometry)
@@ -92,8 +96,9 @@ class Attachment:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if _ATTACHED.get(self.model) is self:
-            del _ATTACHED[self.model]
+        with _ATTACHING:
+            if _ATTACHED.get(self.model) is self:
+                del _ATTACHED[self.model]
         self.calls = CallStore()
 
     # ----------------------------------------------------------------- vision towers

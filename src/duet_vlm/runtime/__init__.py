@@ -13,5 +13,6 @@ an attached model. ``attachment`` alone registers hooks.
 
 from .attachment import Attachment, attach
 from .masks import gather_mask
+from .protocol import RuntimeReducer
 
-__all__ = ["Attachment", "attach", "gather_mask"]
+__all__ = ["Attachment", "RuntimeReducer", "attach", "gather_mask"]

@@ -34,6 +34,7 @@ from .decoding import continue_prompt, decode_kwargs, unreduced_decode_positions
 from .entry import base_input_ids, check_new_items_on_cache, check_turn_on_cache
 from .exit import compact_head_input, expand_head_output, finish_prefill
 from .prefill import open_prompt
+from .protocol import RuntimeReducer
 from .record import prefill_stats, text_only_stats
 
 # Models with a reducer attached: two reducers on one model would stack their hooks. A model's
@@ -45,7 +46,7 @@ _ATTACHING = threading.Lock()
 class Attachment:
     """Hooks of one reducer on one model; ``remove()`` restores the model exactly."""
 
-    def __init__(self, reducer, model: nn.Module):
+    def __init__(self, reducer: RuntimeReducer, model: nn.Module):
         self.model = model
         self._handles: list = []
         with _ATTACHING:
@@ -294,6 +295,6 @@ class Attachment:
         return expand_head_output(call.prompt, rows, module, output)
 
 
-def attach(reducer, model: nn.Module) -> Attachment:
+def attach(reducer: RuntimeReducer, model: nn.Module) -> Attachment:
     """Install ``reducer`` on ``model``; returns a handle whose ``remove()`` undoes it."""
     return Attachment(reducer, model)

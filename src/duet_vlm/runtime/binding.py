@@ -6,6 +6,7 @@ import threading
 
 from ..adapters import Geometry, ModelAdapter
 from ..plan import Plan, PositionsError
+from .protocol import RuntimeReducer
 
 
 class Binding:
@@ -17,7 +18,7 @@ class Binding:
     real items, so only what fails for every size (positions) is an error there.
     """
 
-    def __init__(self, reducer, adapter: ModelAdapter):
+    def __init__(self, reducer: RuntimeReducer, adapter: ModelAdapter):
         self.reducer = reducer
         self.adapter = adapter
         self._plans: dict[Geometry, Plan] = {}

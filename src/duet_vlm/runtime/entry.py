@@ -13,6 +13,7 @@ import torch
 
 from .binding import Binding
 from .prefill import Prompt
+from .protocol import RuntimeReducer
 
 RESENT = (
     "duet-vlm reduces visual items in a prefill, not on top of a cache (a reduced cache is shorter than its "
@@ -74,7 +75,7 @@ def check_new_items_on_cache(binding: Binding, prompt: Prompt | None, base_kwarg
         )
 
 
-def method_name(reducer) -> str:
+def method_name(reducer: RuntimeReducer) -> str:
     """The name a user gave the method (``make(name, ratio=...)`` included)."""
     method = getattr(reducer, "method", None)
     return getattr(method, "method_name", "") or reducer.method_name or type(reducer).__name__

@@ -24,7 +24,7 @@ from models import make_inputs, make_llava
 
 
 @pytest.fixture(scope="module")
-def small_llava():
+def guards_llava():
     """The family matrix's LLaVA-1.5 shape: 64 patches, 6 decoder layers."""
     return make_llava(layers=6, image_size=112, vision_layers=3)
 
@@ -46,20 +46,20 @@ def _with_answer(inputs: dict, answer: list[int]) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": inputs["pixel_values"], "labels": labels}
 
 
-def test_training_selects_what_inference_selects(small_llava):
+def test_training_selects_what_inference_selects(guards_llava):
     """Under CDPruner (its selection is conditioned on the prompt's text), a training forward with
     labels keeps the tokens the inference forward keeps on the prompt without its answer, and the
     logits before the answer do not depend on which answer follows. Fails if the answer tokens
     reach the stage's text (the label filter of ``prefill._text_tokens`` removed)."""
-    prompt = make_inputs(small_llava, suffix=6, seed=3)
+    prompt = make_inputs(guards_llava, suffix=6, seed=3)
     reducer = duet_vlm.make("cdpruner", budget=16)
     length = prompt["input_ids"].shape[1]
-    with torch.no_grad(), reducer(small_llava):
-        small_llava(**prompt)
+    with torch.no_grad(), reducer(guards_llava):
+        guards_llava(**prompt)
         inference = reducer.stats.items[0].vision_kept.clone()
         runs = []
         for answer in ([11, 12, 13, 14, 15, 16, 17, 18], [801, 802, 803, 804, 805, 806, 807, 808]):
-            out = small_llava(**_with_answer(prompt, answer))
+            out = guards_llava(**_with_answer(prompt, answer))
             runs.append((reducer.stats.items[0].vision_kept.clone(), out.logits[0, :length]))
     for kept, _ in runs:
         assert torch.equal(kept, inference)
@@ -67,46 +67,46 @@ def test_training_selects_what_inference_selects(small_llava):
 
 
 # ----------------------------------------------------------------------------- attach: all or nothing
-def test_an_attach_that_fails_part_way_leaves_the_model_as_it_was(small_llava):
+def test_an_attach_that_fails_part_way_leaves_the_model_as_it_was(guards_llava):
     """A reducer reading an encoder layer the tower lacks fails at attach, after some hooks are in:
     the error names the layer, the model's hooks are exactly those it had, the model computes what
     it computed, and a later attach installs its usual hook set."""
-    inputs = make_inputs(small_llava, seed=4)
+    inputs = make_inputs(guards_llava, seed=4)
     with torch.no_grad():
-        before_logits = small_llava(**inputs).logits
-    before = hooks(small_llava)
+        before_logits = guards_llava(**inputs).logits
+    before = hooks(guards_llava)
     bad = duet_vlm.make("trio_scan", budget=16, local_layer=40)
     with pytest.raises(ValueError, match="encoder layer 40 does not exist"):
-        bad.attach(small_llava)
-    assert hooks(small_llava) == before
+        bad.attach(guards_llava)
+    assert hooks(guards_llava) == before
     with torch.no_grad():
-        assert torch.equal(small_llava(**inputs).logits, before_logits)
+        assert torch.equal(guards_llava(**inputs).logits, before_logits)
     good = duet_vlm.make("trio_scan", budget=16)
-    handle = good.attach(small_llava)
+    handle = good.attach(guards_llava)
     try:
-        usual = len(hooks(small_llava)) - len(before)
+        usual = len(hooks(guards_llava)) - len(before)
         assert usual > 0
     finally:
         handle.remove()
-    assert hooks(small_llava) == before
+    assert hooks(guards_llava) == before
     reference = duet_vlm.make("trio_scan", budget=16)
-    handle = reference.attach(small_llava)
+    handle = reference.attach(guards_llava)
     try:
-        assert len(hooks(small_llava)) - len(before) == usual
+        assert len(hooks(guards_llava)) - len(before) == usual
     finally:
         handle.remove()
 
 
-def test_concurrent_attaches_to_one_model_let_exactly_one_win(small_llava):
+def test_concurrent_attaches_to_one_model_let_exactly_one_win(guards_llava):
     """Threads that each attach their own reducer to one model at the same moment: one succeeds,
     every other gets the "already attached" error, and removing the winner leaves no hook behind.
     The interpreter switches threads every microsecond here, so a check and an install that are not
     one atomic step lose the race within a few tries."""
-    before = hooks(small_llava)
+    before = hooks(guards_llava)
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
     try:
-        _race(small_llava, before)
+        _race(guards_llava, before)
     finally:
         sys.setswitchinterval(interval)
 
@@ -139,26 +139,26 @@ def _race(model, before):
 
 
 # ----------------------------------------------------------------------------- a cropped cache
-def test_a_cache_cropped_into_a_reduced_prefill_is_refused(small_llava):
+def test_a_cache_cropped_into_a_reduced_prefill_is_refused(guards_llava):
     """After a prefill under a method that prunes inside the language model, cropping the cache into
     the prompt (as assisted decoding crops its drafts) and stepping once is refused: the tokens kept
     after the boundary were chosen by the prompt's end, which is no longer there."""
-    inputs = make_inputs(small_llava, suffix=6, seed=5)
+    inputs = make_inputs(guards_llava, suffix=6, seed=5)
     length = inputs["input_ids"].shape[1]
     reducer = duet_vlm.make("fastv", budget=32)
-    with torch.no_grad(), reducer(small_llava):
-        out = small_llava(**inputs, use_cache=True)
+    with torch.no_grad(), reducer(guards_llava):
+        out = guards_llava(**inputs, use_cache=True)
         cache = out.past_key_values
         cache.crop(-3)  # three tokens off every layer, as assisted decoding drops rejected drafts
         token = torch.tensor([[7]])
         mask = torch.ones(1, length + 1, dtype=torch.long)
         with pytest.raises(NotImplementedError, match="cache was cropped into the prefill"):
-            small_llava(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+            guards_llava(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
     # without the crop, the same step runs
-    with torch.no_grad(), reducer(small_llava):
-        out = small_llava(**inputs, use_cache=True)
-        step = small_llava(input_ids=token, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
-    assert step.logits.shape == (1, 1, small_llava.config.text_config.vocab_size)
+    with torch.no_grad(), reducer(guards_llava):
+        out = guards_llava(**inputs, use_cache=True)
+        step = guards_llava(input_ids=token, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+    assert step.logits.shape == (1, 1, guards_llava.config.text_config.vocab_size)
 
 
 # ----------------------------------------------------------------------------- Qwen: one rope_deltas row per prompt

@@ -14,8 +14,8 @@ from .base import (
 )
 # Imported in the registry's order (each module registers its method): the order of listings.
 from .duet import DominantContextualMerge, Duet, TextGuidedPrune
+from .trio_scan import GlobalLocalScan, TrioScan  # registered before pio, as the tables list them
 from .pio import PIO, SaliencyNMSPrune, saliency_nms
-from .trio_scan import GlobalLocalScan, TrioScan
 from .fastv import FastV, LastTokenAttention
 from .pyramiddrop import LastInstructionAttention, PyramidDrop
 from .visionzip import VisionZip

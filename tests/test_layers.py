@@ -70,3 +70,23 @@ def test_vision_scores_have_one_implementation():
                     if isinstance(node, ast.Attribute) and node.attr == "softmax":
                         found.append(f"{path.relative_to(src)}:{function.name}")
     assert sorted(set(found)) == ["adapters/base.py:text_to_visual_attention"], found
+
+
+def test_the_prefill_state_stays_small():
+    """Issue #31's targets, kept: one PrefillState of at most 8 fields per call, no side table keyed
+    by ``id(...)`` in the runtime (items and segments are their own keys), and a prefill's opening
+    that reads as its steps (plan items, reduce vision, compact, open) in at most 30 lines."""
+    import ast
+    import dataclasses
+    import re
+
+    from duet_vlm.runtime.state import PrefillState
+
+    assert len(dataclasses.fields(PrefillState)) <= 8, [f.name for f in dataclasses.fields(PrefillState)]
+    runtime = ROOT / "src" / "duet_vlm" / "runtime"
+    keyed = [f"{path.name}:{n}" for path in sorted(runtime.glob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), 1) if re.search(r"\bid\(", line)]
+    assert not keyed, keyed
+    tree = ast.parse((runtime / "prefill.py").read_text())
+    start = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "start_prefill")
+    assert start.end_lineno - start.lineno + 1 <= 30

@@ -7,10 +7,10 @@ Where each hook sits and what it hands to the rest of the runtime:
 2. The top model (``labels``) and the base model (``input_ids`` and the forward's arguments); the
    base model's end also closes the call's forward, and a forward that raised clears its state.
 3. The language model's entry (the *feature site*): vision stages run and the sequence is
-   compacted (``prefill.start_prompt``); in a decoding step the mask and positions are mapped
+   compacted (``prefill.start_prefill``); in a decoding step the mask and positions are mapped
    (``decoding.continue_prompt``).
 4. Each decoder layer: at a boundary the language stages choose (``boundary.prune``); other layers
-   take their group's mask, positions and RoPE.
+   take their segment's mask, positions and RoPE.
 5. The language model's exit and the LM head (``exit``), and the call's statistics (``record``).
 
 Prefill work selects tokens (data-dependent shapes), so it sits behind ``torch.compiler.disable``
@@ -30,10 +30,10 @@ from ..adapters import ModelAdapter, adapter_for
 from .binding import Binding
 from .boundary import prune
 from .calls import CallStore
-from .decoding import continue_prompt, decode_kwargs, unreduced_decode_positions
+from .decoding import continue_prompt, unreduced_decode_positions
 from .entry import base_input_ids, check_new_items_on_cache, check_turn_on_cache
 from .exit import compact_head_input, expand_head_output, finish_prefill
-from .prefill import open_prompt
+from .prefill import open_prefill
 from .protocol import RuntimeReducer
 from .record import prefill_stats, text_only_stats
 
@@ -184,7 +184,7 @@ class Attachment:
 
     @torch.compiler.disable  # finds items and selects tokens (data-dependent): eager under torch.compile
     def _begin_prompt(self, call, found, kwargs):
-        if open_prompt(self.binding, call, found, kwargs) is None:
+        if open_prefill(self.binding, call, found, kwargs) is None:
             self.reducer.stats = text_only_stats(self.binding, found[0], kwargs)
             return None
         self.calls.remember_grad_call(call)
@@ -201,13 +201,15 @@ class Attachment:
                 return self._prefill_layer(call, layer_index, module, args, kwargs)
             # A decoding step: what the compiled model runs over and over. Python state and tensor
             # arithmetic only (no data-dependent branch), so torch.compile traces it into its graph.
-            group = prompt.group_of_layer(layer_index)
-            if group == 0:
+            number = prompt.segment_of_layer(layer_index)
+            if number == 0:
                 return None
             if layer_index in prompt.boundaries:
                 hidden = args[0] if args else kwargs["hidden_states"]
-                prompt.decode_kwargs[group] = decode_kwargs(self.binding, prompt, prompt.groups[group], hidden, kwargs)
-            kwargs.update(prompt.decode_kwargs[group])
+                prompt.decoding.kwargs[number] = prompt.segments[number].decode_kwargs(
+                    prompt, self.adapter, self.binding.text_config, hidden, kwargs
+                )
+            kwargs.update(prompt.decoding.kwargs[number])
             return args, kwargs
 
         return hook
@@ -218,29 +220,27 @@ class Attachment:
     @torch.compiler.disable
     def _prefill_layer(self, call, layer_index: int, module, args, kwargs):
         prompt = call.prompt
+        scratch = prompt.scratch
         hidden = args[0] if args else kwargs.pop("hidden_states")
         if layer_index == 0:
-            entry = prompt.groups[0]
+            entry = prompt.segments[0].inputs
             entry.position_ids, entry.rope_positions = self.adapter.split_positions(
-                prompt.lm_position_ids, kwargs, entry.steps.batch
+                scratch.lm_position_ids, kwargs, prompt.segments[0].steps.batch
             )
             entry.position_embeddings = kwargs["position_embeddings"]
             entry.attention_mask = kwargs.get("attention_mask")
-            if any(s.plan.language is not None and s.plan.language.needs_input_embeddings for s in entry.items):
-                prompt.input_embeddings = hidden
+            if any(item.plan.language is not None and item.plan.language.needs_input_embeddings for item in prompt.items):
+                scratch.input_embeddings = hidden
         if layer_index in prompt.boundaries:
             if torch.is_grad_enabled():  # a backward pass may recompute this boundary after later layers
-                prompt.boundary_inputs.setdefault(layer_index, prompt.last_layer_input)
+                scratch.boundary_inputs.setdefault(layer_index, scratch.last_layer_input)
             hidden = prune(self.binding, call, prompt, layer_index, module, hidden)
         # Kept only where a boundary follows (a stage may score with the layer before it), so no
         # layer's input outlives the next layer.
-        prompt.last_layer_input = hidden if layer_index + 1 in prompt.boundaries else None
-        group = prompt.group_of_layer(layer_index)
-        if group > 0:
-            g = prompt.groups[group]
-            kwargs.update(
-                attention_mask=g.attention_mask, position_ids=g.position_ids, position_embeddings=g.position_embeddings
-            )
+        scratch.last_layer_input = hidden if layer_index + 1 in prompt.boundaries else None
+        number = prompt.segment_of_layer(layer_index)
+        if number > 0:
+            kwargs.update(prompt.segments[number].layer_kwargs())
         return (hidden, *args[1:]), kwargs
 
     def _add_layer_features(self, layer_index: int):
@@ -250,8 +250,8 @@ class Attachment:
             if prompt is None or not prompt.is_prefill or call.in_stage or layer_index >= prompt.addition_layers:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
-            group = prompt.groups[prompt.group_of_layer(layer_index)]
-            added = prompt.with_layer_features(hidden, layer_index, group.items)
+            segment = prompt.segments[prompt.segment_of_layer(layer_index)]
+            added = prompt.with_layer_features(hidden, layer_index, segment.placements)
             if added is hidden:
                 return None
             return (added, *output[1:]) if isinstance(output, tuple) else added
@@ -274,7 +274,7 @@ class Attachment:
         if not torch.is_grad_enabled():
             # Only a backward pass (gradient checkpointing) would run the prefill's layers again:
             # without one, what they alone read need not live through the decoding steps.
-            prompt.release_prefill_state()
+            prompt.end_prefill()
         return output
 
     def _compact_head_input(self, module, args):

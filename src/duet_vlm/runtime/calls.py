@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .prefill import Prompt
+from .state import PrefillState
 from .taps import TowerCaptures
 
 
@@ -28,7 +28,7 @@ class Call:
     captures: TowerCaptures = field(default_factory=TowerCaptures)
     labels: torch.Tensor | None = None  # the top model's labels, read at the language model's entry
     found: tuple[torch.Tensor, dict] | None = None  # the base model's (input_ids, kwargs), until that entry
-    prompt: Prompt | None = None  # the last prefill's bookkeeping, for the decoding steps after it
+    prompt: PrefillState | None = None  # the last prefill's state, for the decoding steps after it
     head_rows: torch.Tensor | None = None  # where the last prefill's states sit, for the LM head
     in_stage: bool = False  # a stage is running a layer itself: the hooks stand aside
     forwards: int = 0  # base-model forwards in progress in this thread
@@ -36,7 +36,7 @@ class Call:
     hidden_states_asked: bool = False  # output_hidden_states: warned about at a prefill that reduces
     # The first prefill without a cache of the current encoding, and which encoding: generate()
     # without a cache prefills again at every step and keeps that prefill's selection.
-    reference: Prompt | None = None
+    reference: PrefillState | None = None
     reference_encoding: tuple = ()
 
     def forget(self) -> None:

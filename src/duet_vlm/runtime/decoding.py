@@ -2,8 +2,8 @@
 
 ``generate`` keeps a full-length 2-D mask and unreduced positions. At the language model's entry
 they are mapped onto the entry sequence (``continue_prompt``); at the first layer of each later
-group the mask is mapped onto that group's cache, and renumbered positions move back by what the
-group dropped (``decode_kwargs``). This is the path ``torch.compile`` runs over and over: tensor
+segment the mask is mapped onto that segment's cache, and renumbered positions move back by what the
+segment dropped (``Segment.decode_kwargs``). This is the path ``torch.compile`` runs over and over: tensor
 arithmetic and Python state only, no data-dependent branch and no device sync.
 """
 
@@ -12,11 +12,10 @@ from __future__ import annotations
 import torch
 
 from .binding import Binding
-from .masks import causal_mask, gather_mask
-from .prefill import Group, Prompt
+from .state import PrefillState
 
 
-def continue_prompt(prompt: Prompt, kwargs: dict, cache) -> tuple | None:
+def continue_prompt(prompt: PrefillState, kwargs: dict, cache) -> tuple | None:
     """A decoding step at the language model's entry: the mask and positions of the new tokens."""
     cached = cache.get_seq_length()
     if prompt.boundaries and cached < prompt.entry_length:
@@ -28,8 +27,8 @@ def continue_prompt(prompt: Prompt, kwargs: dict, cache) -> tuple | None:
             "beam search, or a method that reduces only before the language model (duet_vlm.generation_modes "
             "lists them)"
         )
-    prompt.is_prefill = False
-    prompt.decode_kwargs.clear()
+    prompt.decoding.is_prefill = False
+    prompt.decoding.kwargs.clear()
     entry = prompt.entry
     if entry.is_identity and not prompt.boundaries:  # the prefill reduced nothing: nothing to map
         return (), kwargs
@@ -40,7 +39,7 @@ def continue_prompt(prompt: Prompt, kwargs: dict, cache) -> tuple | None:
     device = kwargs["inputs_embeds"].device
     # alignment pads (at the entry, or in a later group whose rows kept different counts: per-row
     # or per-item budgets) need masking
-    if attention_mask is None and (entry.pad is not None or any(g.steps.pad is not None for g in prompt.groups[1:])):
+    if attention_mask is None and (entry.pad is not None or any(s.steps.pad is not None for s in prompt.segments[1:])):
         length = prompt.full_length + cached - prompt.entry_length + new
         attention_mask = torch.ones(shift.shape[0], length, dtype=torch.long, device=device)
     if attention_mask is not None:
@@ -48,11 +47,11 @@ def continue_prompt(prompt: Prompt, kwargs: dict, cache) -> tuple | None:
             raise ValueError("decoding under duet-vlm needs the full-length 2-D attention_mask generate() keeps")
         head = entry.gather_mask(attention_mask[:, : prompt.full_length])
         attention_mask = kwargs["attention_mask"] = torch.cat([head, attention_mask[:, prompt.full_length :]], dim=1)
-    prompt.decode_mask = attention_mask
+    prompt.decoding.mask = attention_mask
     if entry.is_identity:  # nothing dropped at the entry
         return (), kwargs
     dropped = prompt.full_length - prompt.entry_length  # a Python int: no device sync (torch.compile)
-    position_ids = prompt.positions.decode_entry(
+    position_ids = prompt.numbering.decode_entry(
         kwargs.get("position_ids"), shift, cached + dropped, new, entry, dropped
     )
     if position_ids is not None:
@@ -60,33 +59,7 @@ def continue_prompt(prompt: Prompt, kwargs: dict, cache) -> tuple | None:
     return (), kwargs
 
 
-def decode_kwargs(binding: Binding, prompt: Prompt, group: Group, hidden: torch.Tensor, kwargs: dict) -> dict:
-    """What the layers of a later ``group`` receive in a decoding step instead of the entry's."""
-    entry = prompt.groups[0].steps
-    steps = group.steps
-    mask = kwargs.get("attention_mask")
-    if steps.pad is None and entry.pad is None:
-        if mask is not None:
-            tail = torch.arange(prompt.entry_length, mask.shape[-1], device=steps.index.device)
-            kv_index = torch.cat([steps.index, tail.expand(steps.batch, -1)], dim=1)
-            mask = gather_mask(mask, None, kv_index)
-    else:
-        head = steps.valid(prompt.valid)
-        tail = prompt.decode_mask[:, prompt.entry_length :].bool()
-        mask = causal_mask(binding.text_config, hidden, torch.cat([head, tail], dim=1), query_length=hidden.shape[1])
-    # Original positions: the decoder's own positions and RoPE are already right; only the mask
-    # changes. Renumbered ones (1-D RoPE only) move back by what this group dropped.
-    position_ids = prompt.positions.decode_group(kwargs.get("position_ids"), entry, steps)
-    if position_ids is None:
-        return dict(attention_mask=mask)
-    return dict(
-        attention_mask=mask,
-        position_ids=position_ids,
-        position_embeddings=binding.adapter.rotary_emb(hidden, position_ids),
-    )
-
-
-def unreduced_decode_positions(binding: Binding, prompt: Prompt | None, input_ids: torch.Tensor, kwargs: dict) -> bool:
+def unreduced_decode_positions(binding: Binding, prompt: PrefillState | None, input_ids: torch.Tensor, kwargs: dict) -> bool:
     """A decoding step given neither positions nor a mask after a reduced prefill: a model that
     numbers it from the cache's length (Qwen-VL) would count the reduced cache. Puts the positions
     the unreduced model would use into ``kwargs`` (the adapter's ``decode_position_ids``); returns

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .binding import Binding
-from .prefill import Prompt
+from .state import PrefillState
 from .protocol import RuntimeReducer
 
 RESENT = (
@@ -48,7 +48,7 @@ def brings_visual_items(kwargs: dict) -> bool:
     )
 
 
-def check_turn_on_cache(binding: Binding, prompt: Prompt | None, found, kwargs: dict, cached: int) -> None:
+def check_turn_on_cache(binding: Binding, prompt: PrefillState | None, found, kwargs: dict, cached: int) -> None:
     """Refuse what cannot run exactly on top of a cache; return when the chunk is a decoding step
     (or a new turn that nothing reduces, e.g. under ``full``)."""
     new = kwargs["inputs_embeds"].shape[1]
@@ -60,7 +60,7 @@ def check_turn_on_cache(binding: Binding, prompt: Prompt | None, found, kwargs: 
         raise NotImplementedError(RESENT)
 
 
-def check_new_items_on_cache(binding: Binding, prompt: Prompt | None, base_kwargs: dict) -> None:
+def check_new_items_on_cache(binding: Binding, prompt: PrefillState | None, base_kwargs: dict) -> None:
     """A forward on a non-empty cache that brings images or videos: refused unless nothing is
     reduced. Checked at the base model's entry too, before transformers' own placeholder check
     trips over the part of a prompt that ``generate`` resends after a vision-side reduction."""
@@ -81,7 +81,7 @@ def method_name(reducer: RuntimeReducer) -> str:
     return getattr(method, "method_name", "") or reducer.method_name or type(reducer).__name__
 
 
-def _reduces_nothing(binding: Binding, prompt: Prompt | None) -> bool:
+def _reduces_nothing(binding: Binding, prompt: PrefillState | None) -> bool:
     """The last prefill and the default item's plan left everything whole (``full``, or a budget at
     or above the token count): a new item on the cache gets what the unpatched model gives it."""
     plan = binding.plan
@@ -89,7 +89,7 @@ def _reduces_nothing(binding: Binding, prompt: Prompt | None) -> bool:
     return plan_whole and (prompt is None or (prompt.entry.is_identity and not prompt.boundaries))
 
 
-def _resent(binding: Binding, prompt: Prompt, kwargs: dict, cached: int, new: int, input_ids) -> bool:
+def _resent(binding: Binding, prompt: PrefillState, kwargs: dict, cached: int, new: int, input_ids) -> bool:
     """Whether a multi-token chunk restarts inside what the cache already holds. A decoding or
     verification chunk starts at the unreduced cache's length: the full-length mask ``generate``
     keeps is exactly that plus the chunk, and without padding positions are indices."""

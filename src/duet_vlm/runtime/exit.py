@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from .prefill import Prompt
+from .state import PrefillState
 
 
-def finish_prefill(prompt: Prompt, output):
-    """Scatter the last group's states back to the input's length. Returns ``(output or None, the
+def finish_prefill(prompt: PrefillState, output):
+    """Scatter the last segment's states back to the input's length. Returns ``(output or None, the
     slots the states went to, or None)``; the latter lets the LM head run on those rows alone."""
     hidden = output.last_hidden_state
-    final = prompt.entry.then(prompt.groups[-1].steps)  # full input -> the last group's sequence
+    final = prompt.entry.then(prompt.segments[-1].steps)  # full input -> the last segment's sequence
     if final.is_identity:
         return None, None
     targets = final.next_slots()
@@ -26,7 +26,7 @@ def finish_prefill(prompt: Prompt, output):
     return output, (targets if final.pad is None else None)
 
 
-def compact_head_input(prompt: Prompt, rows: torch.Tensor, args: tuple) -> tuple | None:
+def compact_head_input(prompt: PrefillState, rows: torch.Tensor, args: tuple) -> tuple | None:
     """The LM head's input reduced to the kept states' slots (unless ``logits_to_keep`` sliced it)."""
     if args[0].shape[1] != prompt.full_length:
         return None
@@ -34,7 +34,7 @@ def compact_head_input(prompt: Prompt, rows: torch.Tensor, args: tuple) -> tuple
     return (args[0].gather(1, index), *args[1:])
 
 
-def expand_head_output(prompt: Prompt, rows: torch.Tensor, head, output: torch.Tensor) -> torch.Tensor:
+def expand_head_output(prompt: PrefillState, rows: torch.Tensor, head, output: torch.Tensor) -> torch.Tensor:
     """The compact head's logits at their slots; other slots get what the head gives a zero state."""
     full = output.new_zeros(output.shape[0], prompt.full_length, output.shape[-1])
     if getattr(head, "bias", None) is not None:

@@ -1,15 +1,14 @@
-"""A prefill's bookkeeping: the language model's entry, its layer groups, and where items sit.
+"""Opening a prefill at the language model's entry: its items planned, their vision stages run, the
+sequence compacted, and its ``PrefillState`` opened (``duet_vlm.runtime.state``).
 
-At the language model's entry the items' vision stages run (``vision.reduce_vision``) and the
-slots they left empty are compacted away (``Prompt.entry``: full input -> entry sequence). Each
-pruning boundary then compacts the entry sequence further (``Group.steps``); decoder layers between
-two boundaries see one group's sequence, mask, positions and RoPE. The prompt stays with its call
-for the decoding steps that follow.
+At the entry each item gets its plan, the items' vision stages run (``vision.reduce_vision``) and
+the slots they left empty are compacted away (the entry ``Compaction``: full input -> entry
+sequence). Each pruning boundary then compacts the entry sequence further (``boundary``); decoder
+layers between two boundaries see one segment's sequence, mask, positions and RoPE. The state stays
+with its call for the decoding steps that follow.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 
@@ -19,121 +18,27 @@ from ..plan import Plan
 from .binding import Binding
 from .guards import check_prefill, reads_text
 from .positions import Original, Renumbered, scheme
+from .state import Item, Placement, PrefillState, Scratch, Segment, Tokens
 from .taps import same_encoding
-from .vision import EntryChoice, item_views, reduce_vision, take_additions
+from .vision import item_views, reduce_vision, take_additions
 
 
-@dataclass
-class ItemState:
-    """Where one item's surviving visual tokens sit in a group's sequence."""
-
-    item: VisualItem
-    plan: Plan
-    positions: torch.Tensor  # (n,) positions in the group's sequence of row ``item.row``
-    ids: torch.Tensor  # (n,) indices into the item's block at the LLM entry (stable)
-
-
-@dataclass
-class Group:
-    """The sequence seen by the decoder layers between two boundaries, during the prefill."""
-
-    steps: Compaction  # entry sequence -> this group's sequence (group 0: the entry's own alignment)
-    items: list[ItemState]
-    position_ids: torch.Tensor | None = None  # (B, L_g) what decoder layers receive (None: Qwen-VL)
-    rope_positions: torch.Tensor | None = None  # (B, L_g), or (3, B, L_g) M-RoPE: the rotary's input
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
-    attention_mask: object = None
-
-
-@dataclass
-class Prompt:
-    """One prefill's bookkeeping, kept for the decoding steps that follow it."""
-
-    entry: Compaction  # full input -> the language model's entry
-    valid: torch.Tensor  # (B, L_entry) False on padding (the user's and alignment pads)
-    input_ids: torch.Tensor  # (B, L_entry)
-    text_after_image: list[torch.Tensor]  # per row, positions in the entry sequence
-    boundaries: list[int]  # union of the items' boundary layers (counts of layers completed)
-    positions: Original | Renumbered
-    groups: list[Group] = field(default_factory=list)
-    decode_kwargs: dict[int, dict] = field(default_factory=dict)
-    decode_mask: torch.Tensor | None = None  # the 2-D mask at the LLM entry in the current decoding step
-    is_prefill: bool = True
-    input_embeddings: torch.Tensor | None = None  # (B, L_entry, D)
-    last_layer_input: torch.Tensor | None = None
-    # Per boundary layer, the input of the layer before it (what FastV scores with), kept when a
-    # backward pass may recompute the boundary (gradient checkpointing) after later layers ran.
-    boundary_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
-    vision: list[tuple[VisualItem, EntryChoice]] = field(default_factory=list)
-    scratch: dict = field(default_factory=dict)
-    lm_position_ids: torch.Tensor | None = None  # what the language model received in the prefill
-    # DeepStack: per item, (entry slots, layers, D) features added after the first decoder layers.
-    additions: dict[int, torch.Tensor] = field(default_factory=dict)
-    addition_layers: int = 0
-    source_ids: torch.Tensor | None = None  # (B, L) the full input ids
-    items: list[VisualItem] = field(default_factory=list)
-    # Per boundary layer, per item (its index in ``items``): the states a stage recycled into its
-    # kept slots (``Selection.hidden_states``), for a prefill that reuses this one's selection.
-    recycled: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
-    # ``(earlier prompt, its row for each row of this one)``: this prefill extends an earlier one of
-    # the same encoding (generate without a cache) and keeps its selection instead of choosing again.
-    reference: tuple["Prompt", list[int]] | None = None
-
-    @property
-    def full_length(self) -> int:
-        return self.entry.source_length
-
-    @property
-    def entry_length(self) -> int:
-        return self.entry.length
-
-    def release_prefill_state(self) -> None:
-        """Drop what only the prefill's layers and stages read (states, masks, RoPE of every group):
-        decoding steps need the compactions and the valid flags alone."""
-        self.input_embeddings = self.last_layer_input = None
-        self.boundary_inputs, self.scratch = {}, {}
-        for group in self.groups:
-            group.attention_mask = group.position_embeddings = None
-            group.position_ids = group.rope_positions = None
-
-    def group_of_layer(self, layer: int) -> int:
-        return sum(1 for boundary in self.boundaries if boundary <= layer)
-
-    def with_layer_features(self, hidden: torch.Tensor, layer_index: int, states, rows: list[int] | None = None):
-        """``hidden`` (a layer's output) plus the DeepStack features the model adds after that layer,
-        at the kept visual tokens of ``states``; ``rows`` are the batch rows ``hidden`` holds (all by
-        default). Returns ``hidden`` itself when the layer adds nothing."""
-        if layer_index >= self.addition_layers:
-            return hidden
-        index_rows, positions, values = [], [], []
-        for state in states:
-            features = self.additions.get(id(state.item))
-            if features is not None and (rows is None or state.item.row in rows):
-                row = state.item.row if rows is None else rows.index(state.item.row)
-                index_rows.append(torch.full_like(state.positions, row))
-                positions.append(state.positions)
-                values.append(features[state.ids.to(features.device), layer_index])
-        if not index_rows:
-            return hidden
-        index = (torch.cat(index_rows), torch.cat(positions))
-        return hidden.index_put(index, hidden[index] + torch.cat(values).to(hidden.dtype))
-
-
-def extends(reference: Prompt, input_ids: torch.Tensor, items: list[VisualItem]) -> list[int] | None:
+def extends(reference: PrefillState, input_ids: torch.Tensor, items: list[VisualItem]) -> list[int] | None:
     """For each row of ``input_ids``, a row of ``reference`` whose whole input it continues with the
     same items (generate without a cache appends tokens; beams may reorder rows), or ``None``."""
     width = reference.full_length
-    if input_ids.shape[1] < width or reference.source_ids.device != input_ids.device:
+    source_ids = reference.tokens.source_ids
+    if input_ids.shape[1] < width or source_ids.device != input_ids.device:
         return None
     rows = []
     for b in range(input_ids.shape[0]):
-        same = (reference.source_ids == input_ids[b, :width]).all(dim=1).nonzero()[:, 0]
+        same = (source_ids == input_ids[b, :width]).all(dim=1).nonzero()[:, 0]
         if not len(same):
             return None
         rows.append(int(same[0]))
     for b, r in enumerate(rows):
         mine = [(item.start, item.length) for item in items if item.row == b]
-        theirs = [(item.start, item.length) for item in reference.items if item.row == r]
+        theirs = [(item.source.start, item.source.length) for item in reference.items if item.row == r]
         if mine != theirs:
             return None
     return rows
@@ -175,73 +80,90 @@ def _text_tokens(input_ids: torch.Tensor, items: list[VisualItem], mask, labels)
     return text
 
 
-def start_prompt(
-    binding: Binding,
-    input_ids: torch.Tensor,
-    labels: torch.Tensor | None,
-    kwargs: dict,
-    items: list[VisualItem],
-    captures: dict[str, Capture],
-    reference: tuple[Prompt, list[int]] | None = None,
-    row_budgets: list | None = None,
-) -> Prompt:
+def start_prefill(binding: Binding, input_ids: torch.Tensor, labels: torch.Tensor | None, kwargs: dict,
+                  found: list[VisualItem], captures: dict[str, Capture],
+                  reference: tuple[PrefillState, list[int]] | None = None, row_budgets: list | None = None) -> PrefillState:
     """Reduce the items at the language model's entry and compact ``kwargs`` (its arguments) in
     place: ``inputs_embeds``, ``attention_mask`` and ``position_ids`` become the entry sequence's."""
-    adapter = binding.adapter
-    batch, length = input_ids.shape
-    device = input_ids.device
-    inputs_embeds = kwargs["inputs_embeds"]
-    adapter.trace(items, captures, inputs_embeds)
-    additions = take_additions(binding, kwargs, items)
+    binding.adapter.trace(found, captures, kwargs["inputs_embeds"])
     signals: dict = {}
-    plans = item_plans(binding, items, captures, inputs_embeds, signals, row_budgets)
-    if any(plan.vision is not None for plan in plans):
-        inputs_embeds = inputs_embeds.clone()
-    text = None
-    if reads_text(plans):
-        text = _text_tokens(input_ids, items, kwargs.get("attention_mask"), labels)
-        if reference is not None:  # generating without a cache: the text the first prefill read
-            text[:, reference[0].full_length :] = False
-    by_item = {id(item): plan for item, plan in zip(items, plans)}
-    vision = reduce_vision(binding, items, captures, inputs_embeds, additions, by_item, signals, text)
-    slots_by_vision = {id(item): slots for item, _, slots in vision}
+    items = plan_items(binding, found, captures, kwargs, signals, row_budgets)
+    if any(item.plan.vision is not None for item in items):
+        kwargs["inputs_embeds"] = kwargs["inputs_embeds"].clone()
+        text = None
+        if reads_text([item.plan for item in items]):
+            text = _text_tokens(input_ids, found, kwargs.get("attention_mask"), labels)
+            if reference is not None:  # generating without a cache: the text the first prefill read
+                text[:, reference[0].full_length :] = False
+        reduce_vision(binding, items, captures, kwargs["inputs_embeds"], signals, text)
+    entry, mask = entry_compaction(items, input_ids), kwargs.get("attention_mask")
+    numbering = scheme(positions_mode([item.plan for item in items]), found[0].geometry.rope)
+    lm_position_ids = compact_entry(entry, numbering, kwargs)
+    tokens = entry_tokens(entry, items, input_ids, labels, mask)
+    rank = entry.rank()  # every full-input position's slot among the kept ones, per row
+    placements = [Placement(item, rank[item.row, item.slots], torch.arange(len(item.slots), device=input_ids.device))
+                  for item in items]
+    segment = Segment(entry.output_identity(), placements)
+    return PrefillState(entry, items, [segment], numbering, tokens, Scratch(lm_position_ids), reference=reference)
 
-    keep = torch.ones(batch, length, dtype=torch.bool, device=device)
-    is_visual = torch.zeros_like(keep)
-    item_slots = []
+
+def plan_items(binding: Binding, found: list[VisualItem], captures, kwargs: dict, signals: dict,
+               row_budgets: list | None) -> list[Item]:
+    """Each item with its plan (``item_plans``) and its DeepStack features, taken out of ``kwargs``."""
+    additions = take_additions(binding, kwargs, found)
+    plans = item_plans(binding, found, captures, kwargs["inputs_embeds"], signals, row_budgets)
+    return [Item(source, plan, additions=extra) for source, plan, extra in zip(found, plans, additions)]
+
+
+def entry_compaction(items: list[Item], input_ids: torch.Tensor) -> Compaction:
+    """Full input -> entry sequence: every slot but the ones items' vision stages left empty. Sets
+    the slots of the items without a vision stage (all of theirs)."""
+    keep = torch.ones_like(input_ids, dtype=torch.bool)
     for item in items:
-        is_visual[item.row, item.start : item.start + item.length] = True
-        slots = slots_by_vision.get(id(item))
-        if slots is None:
-            slots = torch.arange(item.start, item.start + item.length, device=device)
-        item_slots.append(slots)
-        keep[item.row, item.start : item.start + item.length] = False
-        keep[item.row, slots] = True
-    entry = Compaction.from_keep(keep)
+        source = item.source
+        if item.slots is None:
+            item.slots = torch.arange(source.start, source.start + source.length, device=input_ids.device)
+        keep[source.row, source.start : source.start + source.length] = False
+        keep[source.row, item.slots] = True
+    return Compaction.from_keep(keep)
 
+
+def compact_entry(entry: Compaction, numbering: Original | Renumbered, kwargs: dict) -> torch.Tensor | None:
+    """Compact the language model's arguments to the entry sequence, in place; returns the position
+    ids the language model then receives."""
     attention_mask = kwargs.get("attention_mask")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError("duet-vlm needs a 2-D attention_mask (or None) at the language model input")
-    mode = positions_mode(plans)
-    positions = scheme(mode, items[0].geometry.rope)
     if not entry.is_identity:
-        kwargs["inputs_embeds"] = entry.gather(inputs_embeds)
+        kwargs["inputs_embeds"] = entry.gather(kwargs["inputs_embeds"])
         if attention_mask is None and entry.pad is not None:
-            attention_mask = torch.ones(batch, length, dtype=torch.long, device=device)
+            attention_mask = torch.ones(entry.batch, entry.source_length, dtype=torch.long, device=entry.index.device)
         if attention_mask is not None:
-            attention_mask = kwargs["attention_mask"] = entry.gather_mask(attention_mask)
-        kwargs["position_ids"] = positions.at_entry(kwargs.get("position_ids"), entry)
-        if mode == "original" and attention_mask is None and kwargs.get("past_key_values") is None:
+            kwargs["attention_mask"] = entry.gather_mask(attention_mask)
+        kwargs["position_ids"] = numbering.at_entry(kwargs.get("position_ids"), entry)
+        if isinstance(numbering, Original) and attention_mask is None and kwargs.get("past_key_values") is None:
             # Gapped positions without a mask would be read as packed sequences by transformers.
             kwargs["attention_mask"] = torch.ones_like(entry.index)
-    elif kwargs["inputs_embeds"] is not inputs_embeds:
-        kwargs["inputs_embeds"] = inputs_embeds
-    valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(entry.index, dtype=torch.bool)
+    return kwargs.get("position_ids")
+
+
+def entry_tokens(entry: Compaction, items: list[Item], input_ids: torch.Tensor, labels, mask) -> Tokens:
+    """The prompt's tokens at the entry (``mask``: the full input's 2-D mask, or ``None``): ids,
+    valid flags, and per row the instruction after its last item (what language stages query with)."""
+    batch, length = input_ids.shape
+    device = input_ids.device
+    if mask is not None and not entry.is_identity:
+        valid = entry.gather_mask(mask).bool()
+    elif mask is not None:
+        valid = mask.bool()
+    else:
+        valid = torch.ones_like(entry.index, dtype=torch.bool)
     if entry.pad is not None:
         valid = valid & ~entry.pad
-
-    rank = entry.rank()  # every full-input position's slot among the kept ones, per row
-    entry_ids = entry.gather(input_ids)
+    rank = entry.rank()
+    is_visual = torch.zeros_like(input_ids, dtype=torch.bool)
+    for item in items:
+        is_visual[item.row, item.source.start : item.source.start + item.source.length] = True
     if labels is not None and labels.shape == (batch, length):
         instruction = entry.gather(labels.to(device)) == -100
     else:
@@ -250,29 +172,14 @@ def start_prompt(
     visual_at_entry = entry.gather(is_visual)
     text_after = []
     for b in range(batch):
-        row_items = [i for i, item in enumerate(items) if item.row == b]
-        after = slots > (rank[b, item_slots[row_items[-1]][-1]] if row_items else -1)
+        row_items = [item for item in items if item.row == b]
+        after = slots > (rank[b, row_items[-1].slots[-1]] if row_items else -1)
         chosen = (after & valid[b] & instruction[b] & ~visual_at_entry[b]).nonzero()[:, 0]
         text_after.append(chosen if len(chosen) else slots[-1:])
-    boundaries = sorted({layer for plan in plans for layer, _ in plan.schedule.boundaries})
-    prompt = Prompt(
-        entry, valid, entry_ids, text_after, boundaries, positions,
-        vision=[(item, reduction) for item, reduction, _ in vision],
-        lm_position_ids=kwargs.get("position_ids"),
-    )
-    prompt.source_ids, prompt.items, prompt.reference = input_ids, items, reference
-    if additions:
-        prompt.additions = additions
-        prompt.addition_layers = next(iter(additions.values())).shape[1]
-    states = [
-        ItemState(item, plan, rank[item.row, item_slots_], torch.arange(len(item_slots_), device=device))
-        for item, plan, item_slots_ in zip(items, plans, item_slots)
-    ]
-    prompt.groups.append(Group(entry.output_identity(), states))
-    return prompt
+    return Tokens(input_ids, entry.gather(input_ids), valid, text_after)
 
 
-def open_prompt(binding: Binding, call, found: tuple[torch.Tensor, dict], kwargs: dict) -> Prompt | None:
+def open_prefill(binding: Binding, call, found: tuple[torch.Tensor, dict], kwargs: dict) -> PrefillState | None:
     """The prefill of ``call`` at the language model's entry (``None``: no visual items). A prefill
     without a cache that continues the call's earlier one of the same encoding (generate without a
     cache) keeps that one's selection."""
@@ -290,7 +197,7 @@ def open_prompt(binding: Binding, call, found: tuple[torch.Tensor, dict], kwargs
     if cache is None and not torch.is_grad_enabled() and call.reference is not None:
         rows = extends(call.reference, input_ids, items) if same_encoding(call.reference_encoding, encoding) else None
         reference = (call.reference, rows) if rows is not None else None
-    call.prompt = start_prompt(binding, input_ids, call.labels, kwargs, items, captures, reference, row_budgets)
+    call.prompt = start_prefill(binding, input_ids, call.labels, kwargs, items, captures, reference, row_budgets)
     if cache is not None:
         # Decoding steps follow on the cache and never read the encoding again; without a cache
         # generate() prefills again at every step from the same encoding, so it stays.

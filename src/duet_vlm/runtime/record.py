@@ -7,14 +7,13 @@ import torch
 from ..flops import DecoderDims
 from ..stats import ItemStats, ReductionStats
 from .binding import Binding
-from .prefill import ItemState, Prompt
-from .vision import EntryChoice
+from .state import EntryChoice, Placement, PrefillState
 
 
-def item_stats(binding: Binding, prompt: Prompt, index: int, state: ItemState,
-               reduction: EntryChoice | None) -> ItemStats:
-    adapter, item = binding.adapter, state.item
-    counts = [len(prompt.groups[prompt.group_of_layer(l)].items[index].ids) for l in range(len(adapter.layers))]
+def item_stats(binding: Binding, prompt: PrefillState, index: int, placement: Placement) -> ItemStats:
+    adapter, item, reduction = binding.adapter, placement.item.source, placement.item.choice
+    segments = prompt.segments
+    counts = [len(segments[prompt.segment_of_layer(l)].placements[index].ids) for l in range(len(adapter.layers))]
     views, cells = adapter.cell_views(item)
     stats = ItemStats(
         row=item.row,
@@ -22,8 +21,8 @@ def item_stats(binding: Binding, prompt: Prompt, index: int, state: ItemState,
         tokens=item.geometry.visual_tokens,
         units=item.geometry.units,
         tokens_per_layer=counts,
-        kept_ids=prompt.groups[-1].items[index].ids,
-        stage_ids=[(layer, group.items[index].ids) for layer, group in zip(prompt.boundaries, prompt.groups[1:])],
+        kept_ids=segments[-1].placements[index].ids,
+        stage_ids=[(layer, segment.placements[index].ids) for layer, segment in zip(prompt.boundaries, segments[1:])],
         views=views,
         cells=cells,
     )
@@ -52,26 +51,23 @@ def entry_kept(reduction: EntryChoice) -> torch.Tensor:
     return reduction.kept.masked_fill(columns[None, :] >= reduction.counts.to(reduction.kept.device)[:, None], -1)
 
 
-def prefill_stats(binding: Binding, prompt: Prompt) -> ReductionStats:
-    """The stats of a finished prefill (every group is known)."""
+def prefill_stats(binding: Binding, prompt: PrefillState) -> ReductionStats:
+    """The stats of a finished prefill (every segment is known)."""
     num_layers = len(binding.adapter.layers)
-    entry = prompt.groups[0]
-    vision = prompt.vision
-    vision_by_item = {id(item): reduction for item, reduction in vision}
-    per_item = [
-        item_stats(binding, prompt, i, state, vision_by_item.get(id(state.item))) for i, state in enumerate(entry.items)
-    ]
-    stages = list(zip(prompt.boundaries, prompt.groups[1:]))
+    entry = prompt.segments[0]
+    vision = [item.choice for item in prompt.items if item.choice is not None]
+    per_item = [item_stats(binding, prompt, i, placement) for i, placement in enumerate(entry.placements)]
+    stages = list(zip(prompt.boundaries, prompt.segments[1:]))
     uniform = len({(s.tokens, s.units, tuple(s.tokens_per_layer)) for s in per_item}) == 1
     rows = entry.steps.batch
     first = per_item[0]
     if uniform and len(per_item) % rows == 0:
         images = len(per_item) // rows
-        stage_kept = [(layer, torch.stack([s.ids for s in g.items]).view(rows, images, -1)) for layer, g in stages]
-        kept = [entry_kept(r) for _, r in vision]
+        stage_kept = [(layer, torch.stack([p.ids for p in g.placements]).view(rows, images, -1)) for layer, g in stages]
+        kept = [entry_kept(choice) for choice in vision]
         width = max((k.shape[1] for k in kept), default=0)
         vision_kept = torch.cat([torch.nn.functional.pad(k, (0, width - k.shape[1]), value=-1) for k in kept]) if vision else None
-        roles = {k: torch.cat([r.roles[k] for _, r in vision]) for k in vision[0][1].roles} if vision else {}
+        roles = {k: torch.cat([choice.roles[k] for choice in vision]) for k in vision[0].roles} if vision else {}
         tokens_per_layer, visual_tokens, llm_input = first.tokens_per_layer, first.tokens, first.tokens_per_layer[0]
     else:
         stage_kept, vision_kept, roles = [], None, {}
@@ -79,10 +75,11 @@ def prefill_stats(binding: Binding, prompt: Prompt) -> ReductionStats:
         tokens_per_layer = mean
         visual_tokens = sum(s.tokens for s in per_item) / len(per_item)
         llm_input = mean[0]
-    is_visual = torch.zeros_like(prompt.valid)
-    for state in entry.items:
-        is_visual[state.item.row, state.positions] = True
-    text_tokens = (prompt.valid & ~is_visual).sum(dim=1).tolist()
+    valid = prompt.tokens.valid
+    is_visual = torch.zeros_like(valid)
+    for placement in entry.placements:
+        is_visual[placement.item.row, placement.positions] = True
+    text_tokens = (valid & ~is_visual).sum(dim=1).tolist()
     stats = ReductionStats(
         tokens_per_layer=tokens_per_layer,
         visual_tokens=visual_tokens,

@@ -71,10 +71,10 @@ class TowerCaptures:
     def keep_only(self, outputs) -> None:
         """Keep the captures of the tower calls that returned one of ``outputs`` (the encoder
         outputs a ``generate`` prefill receives), in their order; drop everything else."""
-        wanted = {id(output) for output in outputs if output is not None}
+        wanted = [output for output in outputs if output is not None]
         kept = {}
         for tower, captures in self.calls.items():
-            mine = [c for c in captures if c.source is not None and id(c.source()) in wanted]
+            mine = [c for c in captures if c.source is not None and any(c.source() is output for output in wanted)]
             if mine:
                 kept[tower] = mine
         self.calls, self.used = kept, False

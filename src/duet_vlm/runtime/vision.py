@@ -9,28 +9,12 @@ the same tokens, so they get the same selection and the same merge.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from ..adapters import Capture, VisualItem
-from ..plan import Plan, VisionView, apply_vision_stage
+from ..plan import VisionView, apply_vision_stage
 from .binding import Binding
-
-
-@dataclass
-class EntryChoice:
-    """What an item's vision stage chose, as the statistics read it: for each output token the
-    vision token it stands for (``VisionReduction.kept``), its ``roles`` and per-unit ``counts``.
-
-    The reduced features are not kept: they are in the embeddings already, and holding them would
-    keep the stage's whole output (every item's tokens at the encoder's width) alive until the
-    prefill ends, when memory peaks.
-    """
-
-    kept: torch.Tensor
-    roles: dict[str, torch.Tensor] = field(default_factory=dict)
-    counts: torch.Tensor | None = None
+from .state import EntryChoice, Item
 
 
 def source_rows(binding: Binding, items: list[VisualItem], captures: dict[str, Capture]):
@@ -53,60 +37,60 @@ def source_rows(binding: Binding, items: list[VisualItem], captures: dict[str, C
             )
         repeat[tower] = max(1, count // have)
     first_row: dict[tuple, int] = {}
-    item_key: dict[int, tuple] = {}
+    item_key: dict[tuple, tuple] = {}  # (tower, row, first slot): an item's place in the batch
     cursor: dict[str, int] = {}
     seen_in_row: dict[tuple, int] = {}
     for item in items:
         r = repeat.get(item.tower, 1)
         j = seen_in_row.get((item.tower, item.row), 0)
         seen_in_row[(item.tower, item.row)] = j + 1
-        key = item_key[id(item)] = (item.tower, item.row // r, j)
+        key = item_key[(item.tower, item.row, item.start)] = (item.tower, item.row // r, j)
         if item.row % r == 0:
             first_row[key] = cursor.get(item.tower, 0)
             cursor[item.tower] = first_row[key] + adapter.units_needed(item)
-    return lambda item: first_row[item_key[id(item)]]
+    return lambda item: first_row[item_key[(item.tower, item.row, item.start)]]
 
 
 def reduce_vision(
     binding: Binding,
-    items: list[VisualItem],
+    items: list[Item],
     captures: dict[str, Capture],
     inputs_embeds: torch.Tensor,
-    additions: dict[int, torch.Tensor],
-    plans: dict[int, Plan],
     signals: dict,
     text: torch.Tensor | None = None,
-) -> list[tuple[VisualItem, EntryChoice, torch.Tensor]]:
+) -> None:
     """Run each item's vision stage and write its projected output into ``inputs_embeds`` at the
-    slots the adapter names (``reduced_slots``). An item's DeepStack ``additions`` (``(slots,
-    layers, D)``) are reduced with its features and replaced by the reduced ones (in slot order).
+    slots the adapter names (``reduced_slots``): each item with a stage gets its ``choice`` and its
+    ``slots``, and its DeepStack ``additions`` reduced with its features (in slot order).
 
-    ``plans``: each item's plan (by ``id``); ``signals``: the towers' scores computed so far this
-    prefill (``tower_signals``). ``text``: ``(B, L)`` True on each row's text tokens, for stages that
-    read the prompt's text.
-
-    Returns, for the items with a vision stage, what their stage kept and the slots it filled.
+    ``signals``: the towers' scores computed so far this prefill (``signals_of``). ``text``: ``(B,
+    L)`` True on each row's text tokens, for stages that read the prompt's text.
     """
     adapter = binding.adapter
-    records: list[tuple[VisualItem, EntryChoice, torch.Tensor]] = []
-    staged = [item for item in items if plans[id(item)].vision is not None]
+    staged = [item for item in items if item.plan.vision is not None]
     if not staged:
-        return records
-    first_row = source_rows(binding, items, captures)
-    buckets: dict[tuple, list[VisualItem]] = {}
-    for item in staged:  # items of one shape and one plan are reduced together
-        buckets.setdefault((item.tower, item.geometry, id(plans[id(item)])), []).append(item)
+        return
+    first_row = source_rows(binding, [item.source for item in items], captures)
+    buckets: list[tuple[tuple, list[Item]]] = []  # items of one shape and one plan are reduced together
+    for item in staged:
+        key = (item.source.tower, item.source.geometry)
+        bucket = next((b for k, b in buckets if k == key and b[0].plan is item.plan), None)
+        if bucket is None:
+            buckets.append((key, [item]))
+        else:
+            bucket.append(item)
     layers: dict[str, set] = {}
-    for (tower, _, _), bucket in buckets.items():
-        layers.setdefault(tower, set()).update(plans[id(bucket[0])].vision.encoder_layers())
-    for (tower, geometry, _), bucket in buckets.items():
-        plan = plans[id(bucket[0])]
+    for (tower, _), bucket in buckets:
+        layers.setdefault(tower, set()).update(bucket[0].plan.vision.encoder_layers())
+    for (tower, geometry), bucket in buckets:
+        plan = bucket[0].plan
         tower_signals = signals_of(binding, signals, captures, tower, tuple(sorted(layers[tower], key=str)))
         units = geometry.units
-        unit = adapter.unit_features(bucket, captures[tower], tower_signals, first_row, inputs_embeds)
+        sources = [item.source for item in bucket]
+        unit = adapter.unit_features(sources, captures[tower], tower_signals, first_row, inputs_embeds)
         features = unit.features
         width = features.shape[-1]
-        extra = [additions[id(item)] for item in bucket if id(item) in additions]
+        extra = [item.additions for item in bucket if item.additions is not None]
         if extra:  # every item of a bucket has them, or none
             # Reduced as extra channels of the same tokens: every vision stage selects from scores
             # and keys and merges channel-wise, so they get the same selection and the same merge.
@@ -114,13 +98,13 @@ def reduce_vision(
             features = torch.cat([features, extra.view(features.shape[0], features.shape[1], -1)], dim=-1)
         else:
             extra = None
-        item = bucket[0]
+        source = sources[0]
         view = VisionView(
             features, unit.scores, unit.keys, geometry.grid, geometry.has_cls, unit.attention,
-            project=lambda f, item=item, width=width: adapter.project(item, f[..., :width].to(unit.features.dtype)),
+            project=lambda f, item=source, width=width: adapter.project(item, f[..., :width].to(unit.features.dtype)),
         )
         if plan.vision.needs_text and text is not None:
-            view.text = [inputs_embeds[i.row, text[i.row]] for i in bucket for _ in range(units)]
+            view.text = [inputs_embeds[i.row, text[i.row]] for i in sources for _ in range(units)]
         applied = apply_vision_stage(plan.vision, view, plan.schedule.llm_input // units, units)
         reduction, counts, valid = applied.reduction, applied.counts, applied.valid
         n = reduction.features.shape[1]
@@ -128,21 +112,20 @@ def reduce_vision(
         for i, item in enumerate(bucket):
             share = slice(i * units, (i + 1) * units)
             mine = valid[share].reshape(-1)
-            slots = adapter.reduced_slots(item, reduction.kept[share]).cpu()[mine].to(inputs_embeds.device)
+            slots = adapter.reduced_slots(item.source, reduction.kept[share]).cpu()[mine].to(inputs_embeds.device)
             if len(slots.unique()) != len(slots):
                 raise RuntimeError(f"{type(plan.vision).__name__} put two outputs in one slot")
             mine = mine.to(inputs_embeds.device)
             inputs_embeds[item.row, slots] = projected[i].reshape(units * n, -1)[mine]
             if extra is not None:
-                layers_d = additions[id(item)].shape[1:]
+                layers_d = item.additions.shape[1:]
                 theirs = reduction.features[share, :, width:].reshape(units * n, *layers_d)[mine]
-                additions[id(item)] = theirs[slots.argsort()]
-            kept = EntryChoice(
+                item.additions = theirs[slots.argsort()]
+            item.choice = EntryChoice(
                 reduction.kept[share], {k: v[share] for k, v in reduction.roles.items()},
                 counts=None if reduction.counts is None else counts[share],
             )
-            records.append((item, kept, slots.sort().values))
-    return records
+            item.slots = slots.sort().values
 
 
 def signals_of(binding: Binding, cache: dict, captures: dict[str, Capture], tower: str, layers: tuple = ()):
@@ -166,19 +149,20 @@ def item_views(binding: Binding, items: list[VisualItem], captures: dict[str, Ca
     return views
 
 
-def take_additions(binding: Binding, kwargs: dict, items: list[VisualItem]) -> dict[int, torch.Tensor]:
-    """Each item's DeepStack features ``(slots, layers, D)``, taken out of the language model's
-    arguments: the runtime adds them to the kept tokens itself (``Prompt.with_layer_features``)."""
+def take_additions(binding: Binding, kwargs: dict, items: list[VisualItem]) -> list[torch.Tensor | None]:
+    """Each item's DeepStack features ``(slots, layers, D)`` (``None`` for every item of a family
+    without them), taken out of the language model's arguments: the runtime adds them to the kept
+    tokens itself (``PrefillState.with_layer_features``)."""
     taken = binding.adapter.take_layer_additions(kwargs)
     if taken is None:
-        return {}
+        return [None] * len(items)
     mask, per_layer = taken
     stacked = torch.stack(list(per_layer), dim=1)  # (visual tokens in row-major order, layers, D)
     rank = mask.flatten().long().cumsum(0).view(mask.shape) - 1
-    additions = {}
+    additions = []
     for item in items:
         slots = torch.arange(item.start, item.start + item.length, device=mask.device)
         if not bool(mask[item.row, slots].all()):
             raise RuntimeError("DeepStack's visual positions do not cover a visual item")
-        additions[id(item)] = stacked[rank[item.row, slots]]
+        additions.append(stacked[rank[item.row, slots]])
     return additions

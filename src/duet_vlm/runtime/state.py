@@ -1,0 +1,317 @@
+"""One prefill's state: its items, the segments of decoder layers between its boundaries, its numbering.
+
+A call's prefill is one ``PrefillState``. It holds the entry ``Compaction`` (full input -> the
+language model's entry sequence), the ``Item``s (each visual item with everything the prefill
+decided for it: its plan, what its vision stage kept, the slots it fills, its DeepStack features,
+the states a language stage recycled), the ``Segment``s (the sequence the decoder layers between two
+boundaries see, after transformers' ``CacheLayerMixin``: an object per stretch of layers with its own
+behaviour), the position ``numbering``, the prompt's ``tokens``, and two short-lived parts: the
+``Scratch`` only the prefill's layers read (dropped at the exit) and the ``Decoding`` state the steps
+after it carry. Items and segments are compared by identity, so they key dictionaries directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from ..adapters import VisualItem
+from ..compaction import Compaction
+from ..plan import LayerView, Plan
+from .masks import causal_mask, gather_mask
+from .positions import Original, Renumbered
+
+
+@dataclass(eq=False)
+class EntryChoice:
+    """What an item's vision stage chose, as the statistics read it: for each output token the
+    vision token it stands for (``VisionReduction.kept``), its ``roles`` and per-unit ``counts``.
+
+    The reduced features are not kept: they are in the embeddings already, and holding them would
+    keep the stage's whole output (every item's tokens at the encoder's width) alive until the
+    prefill ends, when memory peaks.
+    """
+
+    kept: torch.Tensor
+    roles: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: torch.Tensor | None = None
+
+
+@dataclass(eq=False)
+class Item:
+    """One visual item of a prefill and everything the prefill decided for it.
+
+    Attributes:
+        source: where the adapter found it (row, first slot, geometry, tower).
+        plan: its method's plan for its geometry (and its row's or its own budget).
+        slots: the full-input slots it fills at the entry, ascending (all its slots without a
+            vision stage).
+        choice: what its vision stage kept (``None``: no vision stage).
+        additions: DeepStack features ``(entry tokens, layers, D)`` added after the first decoder
+            layers (Qwen3-VL), reduced with its tokens.
+        recycled: per boundary layer, the states a language stage recycled into its kept slots
+            (``Selection.hidden_states``), for a prefill that reuses this one's selection.
+    """
+
+    source: VisualItem
+    plan: Plan
+    slots: torch.Tensor | None = None
+    choice: EntryChoice | None = None
+    additions: torch.Tensor | None = None
+    recycled: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def row(self) -> int:
+        return self.source.row
+
+    def prunes_at(self, layer: int) -> int | None:
+        """How many of its tokens survive boundary ``layer`` (``None``: it is not pruned there)."""
+        return dict(self.plan.schedule.boundaries).get(layer)
+
+
+@dataclass(eq=False)
+class Placement:
+    """Where one item's surviving tokens sit in a segment's sequence."""
+
+    item: Item
+    positions: torch.Tensor  # (n,) positions in the segment's sequence of the item's row
+    ids: torch.Tensor  # (n,) indices into the item's block at the LLM entry (stable)
+
+
+@dataclass
+class LayerInputs:
+    """What a segment's decoder layers receive in the prefill besides the hidden states."""
+
+    position_ids: torch.Tensor | None = None  # (B, L) what decoder layers receive (None: Qwen-VL)
+    rope_positions: torch.Tensor | None = None  # (B, L), or (3, B, L) M-RoPE: the rotary's input
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    attention_mask: object = None
+
+    def kwargs(self) -> dict:
+        return dict(
+            attention_mask=self.attention_mask, position_ids=self.position_ids,
+            position_embeddings=self.position_embeddings,
+        )
+
+
+@dataclass(eq=False)
+class Segment:
+    """The sequence the decoder layers between two boundaries see: how it is cut from the entry
+    sequence (``steps``; the entry segment's is the entry's own alignment), where each item's tokens
+    sit in it, and, during the prefill, its layers' mask, positions and RoPE (``inputs``)."""
+
+    steps: Compaction
+    placements: list[Placement]
+    inputs: LayerInputs = field(default_factory=LayerInputs)
+
+    def layer_kwargs(self) -> dict:
+        """A prefill layer's mask, positions and RoPE in this segment."""
+        return self.inputs.kwargs()
+
+    def rows(self, rows: list[int] | None) -> LayerInputs:
+        """Its layer inputs for ``rows`` of the batch (all: ``None``); batch-1 broadcasts stay."""
+        inputs = self.inputs
+        if rows is None:
+            return inputs
+        select = torch.tensor(rows, device=self.steps.index.device)
+
+        def take(x):
+            return x if x is None or x.shape[0] == 1 else x[select]
+
+        cos, sin = inputs.position_embeddings
+        return LayerInputs(take(inputs.position_ids), None, (take(cos), take(sin)), take(inputs.attention_mask))
+
+    def view(self, state: "PrefillState", adapter, layer_index: int, layer: nn.Module, hidden: torch.Tensor,
+             rows: list[int], placements: list[Placement]) -> LayerView:
+        """What a language stage sees at boundary ``layer_index``: the whole batch, or only ``rows``
+        (a row ranked alone), and the tokens of ``placements`` (items per row, row-major)."""
+        whole = len(rows) == hidden.shape[0]
+        select = slice(None) if whole else torch.tensor(rows, device=hidden.device)
+
+        def take(x):  # the rows of this call from a (B, ...) tensor; batch-1 broadcasts stay
+            return x if x is None or whole or x.shape[0] == 1 else x[select]
+
+        steps, tokens, scratch = self.steps, state.tokens, state.scratch
+        text_after = []
+        for b in rows:
+            present = steps.index[b] if steps.pad is None else steps.index[b][~steps.pad[b]]
+            offset = 0 if steps.pad is None else int(steps.pad[b].sum())
+            text_after.append(torch.searchsorted(present.contiguous(), tokens.text_after_image[b].contiguous()) + offset)
+        inputs = self.rows(None if whole else rows)
+        visual_index = torch.stack([p.positions for p in placements]).view(len(rows), len(placements) // len(rows), -1)
+        visual_ids = torch.stack([p.ids for p in placements]).view(visual_index.shape)
+        # Per-prompt memory of a stage (e.g. SparseVLM's raters), one per call: rows and items.
+        memory = scratch.stages.setdefault((tuple(rows), tuple((p.item.row, p.item.source.start) for p in placements)), {})
+        previous_input = scratch.boundary_inputs.get(layer_index, scratch.last_layer_input)
+        embeddings = scratch.input_embeddings
+        return LayerView(
+            layer_index=layer_index,
+            layer=layer,
+            hidden_states=take(hidden),
+            position_embeddings=inputs.position_embeddings,
+            visual_index=visual_index,
+            visual_ids=visual_ids,
+            valid=take(steps.valid(tokens.valid)),
+            input_ids=take(steps.gather(tokens.ids)),
+            input_embeddings=None if embeddings is None else take(steps.gather(embeddings)),
+            text_after_image=text_after,
+            previous_layer=adapter.layers[layer_index - 1],
+            previous_hidden_states=take(previous_input),
+            scratch=memory,
+            attention_fn=adapter.text_to_visual_attention,
+            run_layer_fn=lambda module, hidden_, index: state.with_layer_features(
+                run_layer(module, hidden_, inputs), index, placements, None if whole else list(rows)
+            ),
+            output_head_fn=lambda hidden_: output_head(adapter, hidden_),
+            final_norm_fn=adapter.final_norm,
+            keys_fn=adapter.layer_keys,
+        )
+
+    def decode_kwargs(self, state: "PrefillState", adapter, text_config, hidden: torch.Tensor, kwargs: dict) -> dict:
+        """What this (later) segment's layers receive in a decoding step instead of the entry's: the
+        step's full-length mask mapped onto this segment's cache, and renumbered positions moved back
+        by what the segment dropped. Tensor arithmetic and Python state only (``torch.compile``
+        traces it)."""
+        entry = state.segments[0].steps
+        steps = self.steps
+        mask = kwargs.get("attention_mask")
+        if steps.pad is None and entry.pad is None:
+            if mask is not None:
+                tail = torch.arange(state.entry_length, mask.shape[-1], device=steps.index.device)
+                kv_index = torch.cat([steps.index, tail.expand(steps.batch, -1)], dim=1)
+                mask = gather_mask(mask, None, kv_index)
+        else:
+            head = steps.valid(state.tokens.valid)
+            tail = state.decoding.mask[:, state.entry_length :].bool()
+            mask = causal_mask(text_config, hidden, torch.cat([head, tail], dim=1), query_length=hidden.shape[1])
+        # Original positions: the decoder's own positions and RoPE are already right; only the mask
+        # changes. Renumbered ones (1-D RoPE only) move back by what this segment dropped.
+        position_ids = state.numbering.decode_group(kwargs.get("position_ids"), entry, steps)
+        if position_ids is None:
+            return dict(attention_mask=mask)
+        return dict(
+            attention_mask=mask,
+            position_ids=position_ids,
+            position_embeddings=adapter.rotary_emb(hidden, position_ids),
+        )
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
+    """``layer`` on ``hidden`` with a segment's mask and positions, outside the KV cache.
+
+    A stage's own extra pass (PIO's proxy loss, a scoring probe), not one of the model's layer
+    calls: ``forward`` directly, so module hooks (transformers' output recorder for
+    ``output_hidden_states``/``output_attentions``) do not count it as a layer's output."""
+    output = layer.forward(hidden, **inputs.kwargs(), past_key_values=None, use_cache=False)
+    return output[0] if isinstance(output, tuple) else output
+
+
+def output_head(adapter, hidden: torch.Tensor) -> torch.Tensor:
+    if adapter.lm_head is None:
+        raise RuntimeError("this model has no LM head (attach the reducer to the ...ForConditionalGeneration)")
+    return adapter.lm_head(adapter.final_norm(hidden))
+
+
+@dataclass
+class Tokens:
+    """The prompt's tokens: the full input's ids, and at each entry position its id, whether it is a
+    token (not padding), and per row the text after its last item (the instruction)."""
+
+    source_ids: torch.Tensor  # (B, L) the full input's ids
+    ids: torch.Tensor  # (B, L_entry)
+    valid: torch.Tensor  # (B, L_entry) False on padding (the user's and alignment pads)
+    text_after_image: list[torch.Tensor]  # per row, positions in the entry sequence
+
+
+@dataclass
+class Scratch:
+    """What only the prefill's layers and stages read; dropped when the prefill ends without a
+    backward pass to follow (``PrefillState.end_prefill``)."""
+
+    lm_position_ids: torch.Tensor | None = None  # what the language model received
+    input_embeddings: torch.Tensor | None = None  # (B, L_entry, D), for stages that read them
+    last_layer_input: torch.Tensor | None = None  # the input of the layer before a boundary
+    # Per boundary layer, the input of the layer before it (what FastV scores with), kept when a
+    # backward pass may recompute the boundary (gradient checkpointing) after later layers ran.
+    boundary_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)  # per call of a stage (its rows and items), its memory
+
+
+@dataclass
+class Decoding:
+    """What the decoding steps after a prefill carry from one step to the next."""
+
+    is_prefill: bool = True
+    kwargs: dict[int, dict] = field(default_factory=dict)  # per segment, the step's layer kwargs
+    mask: torch.Tensor | None = None  # the 2-D mask at the LLM entry in the current step
+
+
+@dataclass(eq=False)
+class PrefillState:
+    """One prefill, kept for the decoding steps that follow it."""
+
+    entry: Compaction  # full input -> the language model's entry sequence
+    items: list[Item]
+    segments: list[Segment]
+    numbering: Original | Renumbered
+    tokens: Tokens
+    scratch: Scratch
+    decoding: Decoding = field(default_factory=Decoding)
+    # ``(earlier state, its row for each row of this one)``: this prefill extends an earlier one of
+    # the same encoding (generate without a cache) and keeps its selection instead of choosing again.
+    reference: tuple["PrefillState", list[int]] | None = None
+
+    @cached_property
+    def boundaries(self) -> list[int]:
+        """The union of the items' boundary layers (counts of layers completed)."""
+        return sorted({layer for item in self.items for layer, _ in item.plan.schedule.boundaries})
+
+    @cached_property
+    def addition_layers(self) -> int:
+        """Decoder layers after which DeepStack features are added (0: none)."""
+        return max((item.additions.shape[1] for item in self.items if item.additions is not None), default=0)
+
+    @property
+    def full_length(self) -> int:
+        return self.entry.source_length
+
+    @property
+    def entry_length(self) -> int:
+        return self.entry.length
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.decoding.is_prefill
+
+    def segment_of_layer(self, layer: int) -> int:
+        return sum(1 for boundary in self.boundaries if boundary <= layer)
+
+    def end_prefill(self) -> None:
+        """Drop what only the prefill's layers and stages read (states, masks, RoPE of every
+        segment): decoding steps need the compactions and the valid flags alone."""
+        self.scratch = Scratch()
+        for segment in self.segments:
+            segment.inputs = LayerInputs()
+
+    def with_layer_features(self, hidden: torch.Tensor, layer_index: int, placements: list[Placement],
+                            rows: list[int] | None = None) -> torch.Tensor:
+        """``hidden`` (a layer's output) plus the DeepStack features the model adds after that layer,
+        at the kept visual tokens of ``placements``; ``rows`` are the batch rows ``hidden`` holds
+        (all by default). Returns ``hidden`` itself when the layer adds nothing."""
+        if layer_index >= self.addition_layers:
+            return hidden
+        index_rows, positions, values = [], [], []
+        for placement in placements:
+            features = placement.item.additions
+            if features is not None and (rows is None or placement.item.row in rows):
+                row = placement.item.row if rows is None else rows.index(placement.item.row)
+                index_rows.append(torch.full_like(placement.positions, row))
+                positions.append(placement.positions)
+                values.append(features[placement.ids.to(features.device), layer_index])
+        if not index_rows:
+            return hidden
+        index = (torch.cat(index_rows), torch.cat(positions))
+        return hidden.index_put(index, hidden[index] + torch.cat(values).to(hidden.dtype))

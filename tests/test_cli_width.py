@@ -14,6 +14,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from duet_vlm import cli
+from duet_vlm.cli import printing, tables
 
 WIDTHS = (80, 120)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -26,12 +27,12 @@ def _console(width: int) -> Console:
 
 def _printed(width: int, print_it) -> str:
     """What ``print_it()`` prints through the command line's console, at ``width`` columns."""
-    console, cli.console = cli.console, _console(width)
+    console, printing.console = printing.console, _console(width)
     try:
         print_it()
-        return cli.console.export_text()
+        return printing.console.export_text()
     finally:
-        cli.console = console
+        printing.console = console
 
 
 def _rendered(table: cli.Fitted, width: int) -> str:
@@ -82,7 +83,7 @@ ANSWERS = [  # `duet-vlm demo` on the shipped model
 def test_the_demo_table_keeps_every_value_on_one_line(width):
     """Today's demo table at 80 columns wrapped every cell: ``574.85`` over ``MFLOP``, ``1-16:`` over
     ``102,``, its headers cut to ``tokens/l…``."""
-    text = _printed(width, lambda: cli._print_answers(ANSWERS))
+    text = _printed(width, lambda: printing.print_answers(ANSWERS))
     _fits(text, width, ["all tokens", "DUET 64", "'yes'", "576.00", "63.75", "1-32: 576", "1-16: 102", "17-24: 51", "25-32: 0",
                         "6.28 GFLOP", "575 MFLOP", "14.4 MB", "1.84 MB", "2.213", "1.404"])
     assert len(text.splitlines()) <= 14, text
@@ -90,7 +91,7 @@ def test_the_demo_table_keeps_every_value_on_one_line(width):
 
 
 def test_wide_terminals_get_the_table_on_one_line_per_row():
-    text = _printed(120, lambda: cli._print_answers(ANSWERS))
+    text = _printed(120, lambda: printing.print_answers(ANSWERS))
     assert any("DUET 64" in line and "1-16: 102, 17-24: 51, 25-32: 0" in line and "1.404" in line for line in text.splitlines())
 
 
@@ -253,6 +254,6 @@ def test_help_wraps_cleanly(command, width):
 
 def test_the_layout_docstring():
     finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner()
-    for test in finder.find(cli.Fitted, "Fitted", globs=vars(cli)):
+    for test in finder.find(tables.Fitted, "Fitted", globs=vars(tables)):
         runner.run(test)
     assert runner.failures == 0

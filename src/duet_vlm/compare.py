@@ -71,19 +71,114 @@ def compare(
     return [Answer(label, texts[label], stats[label], statistics.median(times[label])) for label in resolved]
 
 
+def to_rgb(image, name: str = "the image"):
+    """``image`` (a PIL image of any mode) as the 8-bit RGB picture it shows.
+
+    ``convert("RGB")`` alone clips a 16-bit greyscale image (mode ``I;16``, or ``I`` as Pillow reads
+    16-bit PNGs and PGMs) to white and shows a transparent pixel's hidden colour; here 16-bit values
+    are scaled to 8 bits, transparency is composited over white (as transformers' ``convert_rgb``
+    does), and CMYK, palette and greyscale images are converted. A floating-point image, or a 32-bit
+    one with values beyond 16 bits, has no range to scale from: it is refused, naming ``name``.
+
+    >>> from PIL import Image
+    >>> to_rgb(Image.new("I;16", (2, 2), 32896)).getpixel((0, 0))
+    (128, 128, 128)
+    >>> to_rgb(Image.new("RGBA", (2, 2), (255, 0, 0, 0))).getpixel((0, 0))
+    (255, 255, 255)
+    """
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"{name}: a 32-bit integer image with values from {values.min()} to {values.max()}; "
+                             "save it as an 8- or 16-bit image")
+        return Image.fromarray(np.round(values / 257).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        raise ValueError(f"{name}: a floating-point image has no range to read colours from; save it as an 8- or 16-bit image")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        picture = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        picture.alpha_composite(image.convert("RGBA"))
+        return picture.convert("RGB")
+    return image.convert("RGB")
+
+
+def read_image(path: Path):
+    """The image file at ``path`` as an 8-bit RGB picture (``to_rgb``)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return to_rgb(image, str(path))
+
+
 def read_frames(path: Path) -> list:
-    """Frames of an animated image (GIF, WebP) or of the images in a folder (sorted by name)."""
+    """Frames of an animated image (GIF, WebP) or of the images in a folder (sorted by name), as 8-bit
+    RGB pictures (``to_rgb``)."""
     from PIL import Image, ImageSequence
 
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
-        frames = [Image.open(p).convert("RGB") for p in files]
+        frames = [read_image(p) for p in files]
     else:
-        frames = [frame.convert("RGB") for frame in ImageSequence.Iterator(Image.open(path))]
+        with Image.open(path) as video:
+            frames = [to_rgb(frame, str(path)) for frame in ImageSequence.Iterator(video)]
     if not frames:
         raise ValueError(f"no video frames in {path}")
     return frames
+
+
+def seen_box(processor, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The box (left, top, right, bottom), in the pixels of a picture of ``size`` (width, height), that
+    ``processor`` (a checkpoint's image or video processor) hands the model as one grid.
+
+    A CLIP-style processor resizes the shortest edge and centre-crops (LLaVA-1.5, Video-LLaVA): a wide
+    photo loses its sides. One that pads to a square first (LLaVA's ``do_pad``) shows the model more
+    than the photo: the box reaches beyond its edges. Any other resizes the whole picture (Qwen-VL,
+    LLaVA-OneVision's videos). The arithmetic is transformers' (``get_resize_output_image_size``, then
+    ``center_crop``).
+
+    >>> from types import SimpleNamespace as Processor
+    >>> clip = Processor(do_center_crop=True, size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    >>> seen_box(clip, (600, 300)), seen_box(clip, (300, 600)), seen_box(clip, (400, 400))
+    ((150, 0, 450, 300), (0, 150, 300, 450), (0, 0, 400, 400))
+    """
+    width, height = size
+    left = top = 0
+    if _pads_to_square(processor):
+        side = max(width, height)
+        left, top = -((side - width) // 2), -((side - height) // 2)
+        width = height = side
+    resize, crop = getattr(processor, "size", None) or {}, getattr(processor, "crop_size", None) or {}
+    short = resize.get("shortest_edge") if getattr(processor, "do_resize", True) else None
+    if not (getattr(processor, "do_center_crop", False) and crop.get("height") and crop.get("width")):
+        return left, top, left + width, top + height
+    resized = (width, height)
+    if short:  # the short edge to ``short``, the long one in proportion, truncated
+        resized = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
+    crop_left, crop_top = int((resized[0] - crop["width"]) / 2), int((resized[1] - crop["height"]) / 2)
+    x, y = width / resized[0], height / resized[1]
+    return (left + round(crop_left * x), top + round(crop_top * y),
+            left + round((crop_left + crop["width"]) * x), top + round((crop_top + crop["height"]) * y))
+
+
+def _pads_to_square(processor) -> bool:
+    """LLaVA's image processor with ``do_pad``: the photo is padded to a square before it is resized."""
+    return bool(getattr(processor, "do_pad", False)) and hasattr(processor, "pad_to_square")
+
+
+def seen_part(picture, processor):
+    """The part of ``picture`` the model sees through ``processor`` (``seen_box``): cropped, or padded
+    as the processor pads (a square in its mean colour; black beyond a crop larger than the image)."""
+    from PIL import Image
+
+    left, top, right, bottom = seen_box(processor, picture.size)
+    if (left, top, right, bottom) == (0, 0, *picture.size):
+        return picture
+    fill = tuple(int(255 * mean) for mean in processor.image_mean) if _pads_to_square(processor) else (0, 0, 0)
+    part = Image.new("RGB", (right - left, bottom - top), fill)
+    part.paste(picture, (-left, -top))
+    return part
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -139,19 +234,43 @@ def compare_rows(model, processor, images: list, question: str, reducer: Reducer
 
 
 def saved_or_asked(model: str, method: Optional[str], budget: Optional[int], ratio: Optional[float],
-                   saved_reducer: bool = True) -> tuple[Reducer, str]:
+                   saved_reducer: bool = True, budgets: Optional[list[int]] = None,
+                   ratios: Optional[list[float]] = None) -> tuple[Reducer, str]:
     """The reducer ``duet-vlm run`` attaches, and its label: the one a fine-tuned checkpoint carries
     (``duet_vlm.load_reducer``) unless a method, budget or ratio is given or ``saved_reducer`` is
-    off; else ``make(method or "duet", budget=... or 64, or ratio=...)``."""
+    off; else ``make(method or "duet", budget=... or 64, or ratio=...)``.
+
+    With a budget (or a ratio) per row, ``budgets`` (``ratios``), and neither ``budget`` nor
+    ``ratio``, the reducer is made at the first of the rows' and labelled by its method alone: each
+    row runs at its own, and no default the user never gave is solved for (a budget of 64 that the
+    method cannot reach on the model would fail the run)."""
     if saved_reducer and method is None and budget is None and ratio is None and Path(model).is_dir():
         saved = load_reducer(model)
         if saved is not None:
             return saved, f"{saved.method_name} (saved with the checkpoint)"
     method = method or "duet"
+    if budget is None and ratio is None and (budgets or ratios):
+        if budgets:
+            return make(method, budget=budgets[0]), method
+        return make(method, ratio=ratios[0]), method
     if ratio is None and budget is None:
         budget = 64
     reducer = make(method, budget=None if ratio is not None else budget, ratio=ratio)
     return reducer, f"{method} {budget}" if ratio is None else f"{method} ratio {ratio}"
+
+
+#: What each family that takes no video is called in ``duet-vlm run``'s refusal.
+IMAGE_ONLY = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT"}
+
+
+def check_video(config, model: str) -> None:
+    """Refuse a video for a checkpoint whose family takes none (its config has no ``video_token_id``):
+    its processor would drop the frames and the model answer from the text alone."""
+    if getattr(config, "video_token_id", None) is None:
+        model_type = getattr(config, "model_type", None)
+        family = IMAGE_ONLY.get(model_type, f"model_type {model_type!r}")
+        raise ValueError(f"--video: {model} is a {family} checkpoint, which takes no video (it would answer from the text "
+                         "alone); the families that take a video are LLaVA-OneVision, Video-LLaVA and Qwen2/2.5/3-VL")
 
 
 def ask(model: str, prompt: str, image: Optional[Path] = None, video: Optional[Path] = None, method: Optional[str] = None,
@@ -165,11 +284,10 @@ def ask(model: str, prompt: str, image: Optional[Path] = None, video: Optional[P
 
     Several ``images`` (or ``budgets``/``ratios``, one per image) run as one left-padded batch, each
     row under its own budget (``reducer.per_row``): ``Asked.rows``."""
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     # The cheap checks first: a bad method, budget or image fails before the weights load.
-    reducer, label = saved_or_asked(model, method, budget, ratio, saved_reducer)
+    reducer, label = saved_or_asked(model, method, budget, ratio, saved_reducer, budgets, ratios)
     pictures = [image] if image is not None else []
     pictures += list(images or [])
     if (not pictures) == (video is None):
@@ -185,7 +303,7 @@ def ask(model: str, prompt: str, image: Optional[Path] = None, video: Optional[P
             raise ValueError(f"per-row budgets: {len(given)} given for {len(pictures)} images (give one per --image)")
         with reducer.per_row(budget=budgets, ratio=ratios) if given is not None else contextlib.nullcontext():
             pass  # the values are checked now, before the model loads
-    opened = [Image.open(p).convert("RGB") for p in pictures] if pictures else None
+    opened = [read_image(p) for p in pictures] if pictures else None
     picture = opened[0] if opened else read_frames(video)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
@@ -193,6 +311,8 @@ def ask(model: str, prompt: str, image: Optional[Path] = None, video: Optional[P
         raise ValueError(f"--overlay {overlay}: the folder {Path(overlay).parent} does not exist")
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
+        if video is not None:  # before the weights load
+            check_video(AutoConfig.from_pretrained(model), model)
         loaded = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype).eval()
         processor = AutoProcessor.from_pretrained(model)
     except OSError as error:  # transformers' message does not say which argument was wrong
@@ -201,7 +321,10 @@ def ask(model: str, prompt: str, image: Optional[Path] = None, video: Optional[P
         rows, stats = compare_rows(loaded, processor, opened, prompt, reducer, budgets, ratios, max_new_tokens)
         path = None
         if overlay:
-            path = draw_rows_overlay(opened, stats, overlay, [f"{r.label}: asked {r.asked or label}" for r in rows], prompt)
+            seen = list(opened)  # each item on what the model saw of its image
+            for item in stats.items:
+                seen[item.row] = _seen(opened[item.row], processor, item)
+            path = draw_rows_overlay(seen, stats, overlay, [f"{r.label}: asked {r.asked or label}" for r in rows], prompt)
         return Asked([], path, rows, label)
     answers = compare(loaded, processor, picture, prompt, {"all tokens": None, label: reducer}, max_new_tokens, rounds)
     if not overlay:
@@ -209,14 +332,24 @@ def ask(model: str, prompt: str, image: Optional[Path] = None, video: Optional[P
     stats = answers[1].stats
     (item,) = stats.items
     title = f"{prompt}\n{label}: {item.average_tokens:.1f} visual tokens per layer (of {item.tokens})"
+    seen = _seen(picture, processor, item)
     if len(item.views) == 1 and stats.vision_roles:  # one grid: Stage A's roles can be drawn too
         # The item's own token grid (Qwen-VL images come in any size), CLS or not.
         (_, rows, cols), = item.views
         has_cls = adapter_for(loaded).geometry.has_cls
-        path = draw_overlay(picture, stats, (rows, cols), overlay, title=title, has_cls=has_cls)
+        path = draw_overlay(seen, stats, (rows, cols), overlay, title=title, has_cls=has_cls)
     else:  # tiles of an anyres image, or frames of a video
-        path = draw_item_overlay(picture, item, overlay, title=title)
+        path = draw_item_overlay(seen, item, overlay, title=title)
     return Asked(answers, path, label=label)
+
+
+def _seen(picture, processor, item):
+    """What the overlay draws ``item``'s grids on: the part of the picture (each frame of a video) the
+    model saw through its processor (``seen_part``); an anyres image's grids cover the whole picture."""
+    if isinstance(picture, (list, tuple)):
+        frames = getattr(processor, "video_processor", None)
+        return [seen_part(frame, frames) for frame in picture] if frames is not None else picture
+    return seen_part(picture, getattr(processor, "image_processor", None)) if len(item.views) == 1 else picture
 
 
 def draw_rows_overlay(pictures: list, stats: ReductionStats, path: str | Path, labels: list[str], title: str = "") -> Path:

@@ -1,0 +1,358 @@
+"""The ``duet-vlm`` commands: each parses its options, calls one library function and prints what it
+returns (``printing``). Nothing heavy is imported before a command runs: ``duet-vlm --help`` and
+``duet-vlm COMMAND --help`` build no model and import no torch of their own."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typer.core import TyperGroup
+
+from . import printing
+from .progress import Bar
+
+# What a user's mistake raises in the library (a bad budget or method name, an unreadable image, a
+# wrong model path): reported as one line unless --debug. typer's own usage errors pass through.
+USER_ERRORS = (ValueError, TypeError, OSError)
+
+#: The registered methods (``duet_vlm.METHODS``), for the help texts; written out because the
+#: registry imports torch. tests/test_cli_inputs.py checks that it lists every registered method.
+METHOD_NAMES = ("cdpruner", "dart", "divprune", "duet", "fastv", "full", "holitom", "pio", "pool", "pyramiddrop", "random",
+                "sparsevlm", "trio_scan", "visionzip", "vispruner", "vscan")
+
+
+class _Commands(TyperGroup):
+    """The command group; the one place where user mistakes become a one-line message and exit 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as error:
+            if ctx.params.get("debug"):
+                raise
+            message = " ".join(str(error).split()) or type(error).__name__
+            typer.echo(f"Error: {message} (--debug shows the traceback)", err=True)
+            raise typer.Exit(1) from error
+
+
+app = typer.Typer(
+    help="DUET visual-token reduction for Hugging Face vision-language models.", no_args_is_help=True, cls=_Commands,
+    rich_markup_mode="markdown",
+)
+
+
+@app.callback()
+def _commands(debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error.")) -> None:
+    """DUET visual-token reduction for Hugging Face vision-language models."""
+
+
+LIST_OPTIONS = ("--methods", "--budgets", "--ratios", "--baselines", "--baseline-budgets", "--batches", "--new-tokens")
+
+
+def expand_list_options(argv: list[str]) -> list[str]:
+    """Let list options take several values after one flag (``--budgets 192 128 64``), as in the docs."""
+    expanded, current = [], None
+    for arg in argv:
+        if arg in LIST_OPTIONS:
+            current = arg
+            continue
+        if arg.startswith("-"):
+            current = None
+        elif current is not None:
+            expanded += [current, arg]
+            continue
+        expanded.append(arg)
+    return expanded
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line on stderr (the default shows a line of Python source under each)."""
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    warnings.showwarning = _one_line_warning  # this process is the command line's own
+    app(args=expand_list_options(sys.argv[1:]), prog_name="duet-vlm")
+
+
+@app.command()
+def plan(
+    budget: Optional[int] = typer.Option(None, help="Average visual tokens per decoder layer per item."),
+    ratio: Optional[float] = typer.Option(None, help="Instead of --budget: keep this fraction of the item's tokens."),
+    layers: int = typer.Option(32, help="Decoder layers of the language model."),
+    tokens: int = typer.Option(576, help="Visual tokens per image (per frame with --frames) without reduction."),
+    frames: int = typer.Option(1, help="Frames of a video item (e.g. 8 with --tokens 257 for Video-LLaVA)."),
+    method: str = typer.Option("duet", help=f"One of: {', '.join(METHOD_NAMES)}."),
+    text_tokens: int = typer.Option(60, help="Prompt tokens besides the image, for FLOPs and KV bytes."),
+    hidden: int = typer.Option(4096, help="Decoder hidden size (LLaVA-1.5-7B by default)."),
+    intermediate: int = typer.Option(11008, help="Decoder MLP size."),
+    heads: int = typer.Option(32, help="Attention heads."),
+    kv_heads: int = typer.Option(32, help="Key/value heads (fewer with grouped-query attention)."),
+    bytes_per_element: int = typer.Option(2, help="KV-cache element size (2 for fp16/bf16)."),
+) -> None:
+    """Print the schedule a method solves for a budget, with per-layer counts, FLOPs and KV-cache savings."""
+    from ..costs import plan_costs
+
+    costs = plan_costs(method, budget, ratio, layers, tokens, frames, text_tokens, hidden, intermediate, heads, kv_heads,
+                       bytes_per_element)
+    target = f"budget {budget}" if budget is not None else f"ratio {ratio}"
+    printing.print_plan(costs, method, target, layers, frames, text_tokens)
+
+
+@app.command()
+def bench(
+    methods: list[str] = typer.Option(
+        ["duet"], metavar="<str>...", help="Methods to time (space-separated list; 'none' for only the baselines)."
+    ),
+    budgets: list[int] = typer.Option([192, 128, 64], metavar="<int>...", help="Budgets (space-separated list)."),
+    rounds: int = typer.Option(5, help="Timed rounds; variants are interleaved within each round."),
+    hidden: int = typer.Option(1024, help="Decoder width (CLIP-L tower and 32 layers are fixed)."),
+    intermediate: int = typer.Option(2816, help="Decoder MLP size."),
+    text_tokens: int = typer.Option(60, help="Prompt tokens besides the image."),
+    threads: int = typer.Option(0, help="torch threads (0 = leave as is)."),
+    family: Optional[str] = typer.Option(
+        None, help="Time a family's geometry instead: llava, llava_next (672x672, 5 tiles) or video_llava (8 frames)."
+    ),
+    ratios: list[float] = typer.Option(
+        [0.33, 0.11], metavar="<float>...", help="With --family: kept fractions of the item's tokens."
+    ),
+    vision_layers: int = typer.Option(24, help="Layers of the CLIP-L tower (fewer makes --family runs faster)."),
+    output: Optional[Path] = typer.Option(None, help="Write the results as JSON here."),
+    generate: bool = typer.Option(False, "--generate", help="Time generate() end to end instead (latency, decode, throughput, memory)."),
+    train: bool = typer.Option(False, "--train", help="Time a training step instead (forward, backward, AdamW step, memory)."),
+    baselines: list[str] = typer.Option(
+        ["visionzip", "fastv", "pyramiddrop", "sparsevlm"], metavar="<str>...",
+        help="With --generate/--train: baseline methods, timed at --baseline-budgets ('none' for none).",
+    ),
+    baseline_budgets: list[int] = typer.Option(
+        [128], metavar="<int>...", help="With --generate/--train: budgets of the baselines."
+    ),
+    batches: list[int] = typer.Option(
+        [1], metavar="<int>...", help="With --generate: batch sizes, one run each (rows of different prompt lengths, "
+                                      "left-padded); with --train: the first is the batch."
+    ),
+    new_tokens: list[int] = typer.Option(
+        [32, 128], metavar="<int>...", help="With --generate: latencies reported at these lengths (one call of the longest)."
+    ),
+    checkpointing: str = typer.Option("both", help="With --train: off, on or both (gradient checkpointing)."),
+) -> None:
+    """Time Stage A on the vision side and the prefill of each method, side by side in one run
+    (or, with --generate or --train, generation end to end or a training step)."""
+    import torch
+
+    from ..bench import FAMILIES, ModelSize, family_benchmark, prefill_benchmark
+    from ..bench.end_to_end import end_to_end
+
+    if threads:
+        torch.set_num_threads(threads)
+    size = ModelSize(
+        vision_layers=vision_layers, hidden=hidden, heads=max(1, hidden // 64), kv_heads=max(1, hidden // 64),
+        intermediate=intermediate,
+    )
+    if family is not None:
+        if family not in FAMILIES:
+            raise ValueError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
+        with Bar() as bar:
+            report = bar.rounds(rounds)
+            results = family_benchmark(family, size, methods, ratios, rounds, progress=lambda: report(f"{family} prefill"))
+        results["command"] = "duet-vlm " + " ".join(sys.argv[1:])
+        printing.print_family(results, sum("error" not in row for row in results["variants"].values()) + len(results["ideals"]))
+        printing.write_json(output, results)
+    elif generate or train:
+        kind = "generate" if generate else "train"
+        with Bar() as bar:
+            for result in end_to_end(kind, size, methods, budgets, baselines, baseline_budgets, rounds, text_tokens, batches,
+                                     tuple(new_tokens), checkpointing, output, progress=bar.rounds(rounds)):
+                printing.print_end_to_end(result)
+        if output:
+            printing.console.print(f"wrote {output}")
+    else:
+        with Bar() as bar:
+            results = prefill_benchmark(size, [] if methods == ["none"] else methods, budgets, rounds, text_tokens,
+                                        progress=bar.rounds(rounds))
+        results["command"] = "duet-vlm " + " ".join(sys.argv[1:])
+        printing.print_prefill(results)
+        printing.write_json(output, results)
+
+
+@app.command()
+def demo(
+    index: int = typer.Option(3, help="Which test-split sample of the synthetic benchmark to ask about."),
+    budget: int = typer.Option(64, help="DUET budget (average visual tokens per layer)."),
+    output: Path = typer.Option(Path("duet_demo.png"), help="Where to write the kept-patch overlay."),
+    model_path: Optional[Path] = typer.Option(None, help="A demo model directory (default: the shipped one)."),
+    rounds: int = typer.Option(5, help="Interleaved prefill timing rounds."),
+) -> None:
+    """Ask the shipped demo model about a synthetic scene with all tokens and with DUET; draw what was kept."""
+    from ..demo.showcase import showcase
+
+    printing.print_shown(showcase(index, budget, output, model_path, rounds))
+
+
+@app.command()
+def run(
+    model: str = typer.Option(
+        ..., help="A local path or a Hub id of a LLaVA(-NeXT, -OneVision), Video-LLaVA or Qwen2/2.5/3-VL checkpoint."
+    ),
+    image: Optional[list[Path]] = typer.Option(
+        None, metavar="<path>", help="An image file; repeat it for a batch of images (one row each, see --budgets)."
+    ),
+    video: Optional[Path] = typer.Option(
+        None, help="Instead of --image: an animated GIF/WebP or a folder of frame images (LLaVA-OneVision, Video-LLaVA "
+                   "and Qwen2/2.5/3-VL take a video)."
+    ),
+    prompt: str = typer.Option(..., help="The question (the model's chat template is applied)."),
+    method: Optional[str] = typer.Option(
+        None, help=f"One of: {', '.join(METHOD_NAMES)} (default: the reducer a fine-tuned checkpoint carries, else duet)."
+    ),
+    budget: Optional[int] = typer.Option(None, help="Average visual tokens per decoder layer per image (default 64)."),
+    ratio: Optional[float] = typer.Option(None, help="Instead of --budget: keep this fraction of the image's tokens."),
+    budgets: Optional[list[int]] = typer.Option(
+        None, metavar="<int>...",
+        help="One budget per --image: the images run as one padded batch, each row with its own budget.",
+    ),
+    ratios: Optional[list[float]] = typer.Option(
+        None, metavar="<float>...", help="Instead of --budgets: one kept fraction per --image."
+    ),
+    saved_reducer: bool = typer.Option(
+        True, help="Attach the reducer a checkpoint fine-tuned under one carries, unless --method, --budget or --ratio "
+                   "is given."
+    ),
+    max_new_tokens: int = typer.Option(32),
+    overlay: Optional[Path] = typer.Option(None, help="Write the kept-patch overlay here (with each item's token count)."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    rounds: int = typer.Option(3, help="Interleaved prefill timing rounds."),
+) -> None:
+    """Answer a prompt about an image (or a video) with all tokens and with a reduction method, on any
+    supported checkpoint; several images run as one batch, each row with its own budget (--budgets).
+
+    A checkpoint fine-tuned under a reducer carries it (duet_vlm_reducer.json next to the weights), and
+    run attaches it unless --method, --budget or --ratio is given or --no-saved-reducer."""
+    from ..compare import ask
+
+    images = list(image or [])
+    asked = ask(model, prompt, images[0] if images else None, video, method, budget, ratio, max_new_tokens, overlay, dtype,
+                rounds, images=images[1:], budgets=budgets or None, ratios=ratios or None, saved_reducer=saved_reducer)
+    printing.print_asked(asked, images)
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Option(..., help="A local path or a Hub id of a supported checkpoint."),
+    data: str = typer.Option(
+        "synthetic:validation",
+        help="Sample inputs: synthetic[:SPLIT] (the demo's generated scenes and questions), a folder of images, or a glob.",
+    ),
+    method: str = typer.Option("duet", help=f"One of: {', '.join(METHOD_NAMES)}."),
+    budget: Optional[int] = typer.Option(64, help="The average visual tokens per decoder layer per item to meet."),
+    ratio: Optional[float] = typer.Option(None, help="Instead of --budget: the average kept fraction of each item's tokens."),
+    signal: str = typer.Option("rank", help="rank, coverage or distinct (duet_vlm.content; Adaptive says why rank)."),
+    n: int = typer.Option(128, help="Sample inputs to run."),
+    floor: float = typer.Option(0.25, help="An item's lowest budget, as a fraction of the average."),
+    ceiling: float = typer.Option(2.0, help="An item's highest budget, as a multiple of the average."),
+    batch_size: int = typer.Option(8),
+    output: Optional[Path] = typer.Option(None, help="Write the calibrated reducer and the averages here (JSON)."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+) -> None:
+    """Find the threshold of a content-adaptive budget (duet_vlm.Adaptive) at which sample inputs average
+    the budget; print it with the average it realises on them. duet_vlm.from_dict(json["reducer"]) rebuilds
+    the calibrated reducer from --output."""
+    from ..evaluation import calibrate_checkpoint
+
+    result = calibrate_checkpoint(model, data, method, budget, ratio, signal, n, floor, ceiling, output, batch_size, dtype)
+    asked = f"budget {budget}" if ratio is None else f"ratio {ratio}"
+    printing.console.print(f"{method} at {asked}, signal {signal}: threshold {result.threshold:.6g}", markup=False)
+    printing.console.print(
+        f"over {len(result.counts)} items of {data}: asked average {result.asked:.1f}, realised {result.realised:.1f} "
+        f"visual tokens per layer (items from {min(result.counts)} to {max(result.counts)})", markup=False,
+    )
+    if output:
+        printing.console.print(f"wrote {output}")
+
+
+@app.command("eval")
+def evaluate(
+    methods: Optional[list[str]] = typer.Option(
+        None, metavar="<str>...", help="Methods (space-separated); default: every registered one."
+    ),
+    budgets: list[int] = typer.Option([192, 128, 64], metavar="<int>...", help="Budgets (space-separated list)."),
+    n: int = typer.Option(500, help="Questions per configuration (balanced over types when a multiple of 7)."),
+    split: str = typer.Option("test", help="train, validation or test."),
+    model_path: Optional[Path] = typer.Option(None, help="A demo model directory (default: the shipped one)."),
+    output_dir: Path = typer.Option(Path("duet_eval"), help="Where results.json, results.csv and the plot go."),
+    batch_size: int = typer.Option(8),
+    control: bool = typer.Option(True, help="Also evaluate with the image blanked (language-prior control)."),
+    positions: Optional[str] = typer.Option(
+        None, help="original or contiguous: the position mode of every method that has one (default: each method's own)."
+    ),
+    resume: bool = typer.Option(
+        True, help="Reuse rows an interrupted run of the same settings on the same weights finished (OUTPUT_DIR/rows/)."
+    ),
+    adaptive: Optional[str] = typer.Option(
+        None, help="coverage, distinct or rank: give each image its own budget from this signal (duet_vlm.Adaptive), "
+                   "calibrated on the validation split so that the average is the budget."
+    ),
+    threshold: Optional[float] = typer.Option(None, help="With --adaptive: this threshold instead of calibrating one."),
+    calibration_n: int = typer.Option(140, help="With --adaptive: validation scenes the threshold is calibrated on."),
+) -> None:
+    """Accuracy of every method and budget on the synthetic visual-QA benchmark (a miniature Table 1).
+
+    Each finished row is saved in OUTPUT_DIR/rows/ with everything that determines it (method, budget,
+    position option, split, n, batch size, the weights' SHA-256), so an interrupted run picks up where it
+    stopped; a row saved under other settings or other weights is computed again. With --adaptive the
+    realised visual tokens per layer stand next to the asked budget; counts.png shows the distribution of
+    each image's tokens."""
+    from ..demo.sweep import evaluate_methods
+
+    # the command line, when this ran as one (not from Python or a test runner)
+    command = " ".join(["duet-vlm", *sys.argv[1:]]) if Path(sys.argv[0]).name == "duet-vlm" else None
+    with Bar(transient=False) as bar:
+        run = evaluate_methods(methods, budgets, n, split, model_path, output_dir, batch_size, control, positions, resume,
+                               command, progress=bar.counter("evaluating"), adaptive=adaptive, threshold=threshold,
+                               calibration_n=calibration_n)
+    printing.print_accuracy(run, split, n)
+
+
+@app.command(
+    "train-demo",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def train_demo_command(ctx: typer.Context) -> None:
+    """Train the demo LLaVA model from scratch, seeded, resumable by re-running (options: duet-vlm train-demo --help)."""
+    from ..demo.config import DemoConfig
+    from ..demo.train import train_demo
+
+    # The options are DemoConfig's fields, parsed (and --help printed) by transformers' HfArgumentParser.
+    config = DemoConfig.parse_args(ctx.args)
+    # markup=False: log lines carry tags like "[val]" that rich would swallow as markup; soft_wrap: a log
+    # file keeps the command line in one piece.
+    path = train_demo(config, log=lambda line: printing.console.print(line, markup=False, soft_wrap=True))
+    printing.console.print(f"saved {path}")
+
+
+@app.command(
+    "train",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def train_command(ctx: typer.Context) -> None:
+    """Fine-tune a LLaVA checkpoint with a reduction method attached (options: duet-vlm train --help)."""
+    from ..training import DataError, TrainConfig, train
+
+    # The options are TrainConfig's fields, parsed (and --help printed) by transformers' HfArgumentParser.
+    config = TrainConfig.parse_args(ctx.args)
+    try:
+        outcome = train(config)
+    except (DataError, ValueError, FileNotFoundError) as error:
+        raise typer.BadParameter(str(error)) from error
+    printing.console.print(
+        f"saved {outcome.output_dir} after {outcome.global_step} steps, final training loss {outcome.final_loss:.4f}",
+        markup=False,
+    )
+

@@ -1,7 +1,14 @@
-"""Tiny models of the real transformers classes, built from configs (no network)."""
+"""Fixtures that more than one test module uses, each defined once, here; a fixture only one module
+uses stays in that module (tests/test_test_layout.py fails on a fixture name defined in two files).
+
+The tiny models and their prompts are in tests/models.py, the checks more than one test module
+uses in tests/checks.py; test modules import from those two (``from models import ...``,
+``from checks import ...``), never from a ``test_*`` module.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -11,11 +18,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest
 import torch
 
-# The tiny-model factories live in tests/models.py; their LLaVA-1.5 names stay importable from here.
+# The tiny-model factories live in tests/models.py; their LLaVA-1.5 names stay importable from here
+# (tests/test_runtime.py imports them from conftest).
 from models import FAMILIES, IMAGE_TOKEN, VOCAB, image_tokens, make_inputs, make_llava, row  # noqa: F401
 
-# Recorded outputs of the official DUET-VLM code (a copy of ../shared/reference/vectors, kept in the
-# repository so that the fidelity tests run on a fresh clone).
+# Recorded outputs of the official code of each method (a copy of ../shared/reference/vectors, kept in
+# the repository so that the fidelity tests run on a fresh clone): the ``reference_dir`` fixture.
 REFERENCE = Path(__file__).resolve().parent / "data" / "vectors"
 
 torch.set_num_threads(2)
@@ -74,3 +82,52 @@ def reference_dir() -> Path:
     if missing:
         raise FileNotFoundError(f"reference vectors missing from {REFERENCE}: {missing}")
     return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def official_model(reference_dir):
+    """The tiny LLaVA-1.5 the official runs were recorded on (``tiny-llava15-hf``), loaded once per
+    session. Tests attach reducers to it and remove them; none changes its weights or config."""
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(reference_dir / "tiny-llava15-hf").eval()
+
+
+@pytest.fixture(scope="session")
+def official(official_model, reference_dir):
+    """``(model, input_ids, pixel_values, reference_dir)``: the official runs' model and their shared
+    recorded input (sample 0 of ``inputs.json``: its prefix ids, the 576 image placeholders (999),
+    its suffix ids; ``pixel_values_0`` of ``inputs.safetensors``)."""
+    from safetensors.torch import load_file
+
+    sample = json.loads((reference_dir / "inputs.json").read_text())["samples"][0]
+    input_ids = torch.tensor([sample["prefix_ids"] + [999] * 576 + sample["suffix_ids"]])
+    pixel_values = load_file(reference_dir / "inputs.safetensors")["pixel_values_0"]
+    return official_model, input_ids, pixel_values, reference_dir
+
+
+# Module-scoped below (a fresh copy for each module that asks, as when each module built its own).
+@pytest.fixture(scope="module")
+def model():
+    """The 8-layer tiny LLaVA-1.5 (seed 2) of the generation-mode and serving tests, one forward
+    already run (transformers adds its output-capturing hooks at the first forward)."""
+    model = make_llava(layers=8, seed=2)
+    with torch.no_grad():
+        model(**make_inputs(model, seed=0))
+    return model
+
+
+@pytest.fixture(scope="module")
+def processor():
+    """The demo model's processor (``duet_vlm.demo.processor.build_processor``)."""
+    from duet_vlm.demo.processor import build_processor
+
+    return build_processor()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """``(model, processor)`` of the shipped demo model (``duet_vlm.demo.evaluate.load_demo``)."""
+    from duet_vlm.demo.evaluate import load_demo
+
+    return load_demo()

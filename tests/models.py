@@ -127,6 +127,14 @@ def make_llava(
     return model.to(dtype).eval()
 
 
+def make_demo_llava(processor, seed: int = 0) -> LlavaForConditionalGeneration:
+    """A 4-layer LLaVA-1.5-geometry model (576 patches) whose image token is the demo tokenizer's
+    (``processor``: ``duet_vlm.demo.processor.build_processor()``), for the training commands."""
+    model = make_llava(layers=4, seed=seed)
+    model.config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    return model
+
+
 def image_tokens(model) -> int:
     return model.config.image_seq_length
 

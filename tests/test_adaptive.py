@@ -23,7 +23,8 @@ from duet_vlm.cli import app, expand_list_options
 from duet_vlm.content import Curve, calibrate_threshold, coverage_curve, distinct_curve, rank_curve
 from duet_vlm.geometry import Geometry
 
-from models import make_inputs, make_llava, row
+from checks import write_llava_json
+from models import make_demo_llava, make_inputs, make_llava, row
 
 runner = CliRunner()
 GEOMETRY = Geometry(32, 576, (24, 24), True)
@@ -294,11 +295,9 @@ def test_train_adaptive_carries_its_reducer_beside_the_weights(tmp_path):
     ``load_reducer`` rebuilds it."""
     from duet_vlm.demo.processor import build_processor
 
-    from test_train import tiny, write_llava_json
-
     processor = build_processor()
     checkpoint = tmp_path / "base"
-    tiny(processor).save_pretrained(checkpoint)
+    make_demo_llava(processor).save_pretrained(checkpoint)
     processor.save_pretrained(checkpoint)
     data = write_llava_json(tmp_path, n=2)
     out = tmp_path / "out"

@@ -14,7 +14,7 @@ from duet_vlm.methods.pyramiddrop import LastInstructionAttention, pyramid_sched
 from duet_vlm.methods.random_drop import random_patches
 from duet_vlm.methods.visionzip import visionzip_split
 
-from conftest import IMAGE_TOKEN, make_inputs, make_llava
+from models import IMAGE_TOKEN, make_inputs, make_llava
 
 LLAVA15 = Geometry(num_layers=32, visual_tokens=576, grid=(24, 24), has_cls=True)
 MINE = ("fastv", "pyramiddrop", "visionzip", "random", "pool", "full")

@@ -6,7 +6,6 @@ model's own pieces."""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,29 +27,26 @@ from duet_vlm.methods.cdpruner import (
 )
 from duet_vlm.plan import VisionView
 
-from conftest import make_inputs, make_llava, row
+from models import make_inputs, make_llava, row
 
 LLAVA15 = Geometry(num_layers=32, visual_tokens=576, grid=(24, 24), has_cls=True)
 VIDEO = Geometry(num_layers=16, visual_tokens=4 * 65, grid=(8, 8), has_cls=True, units=4, modality="video")
 QWEN = Geometry(num_layers=28, visual_tokens=1024, grid=(32, 32), has_cls=False, rope="mrope")
 
 
-VECTORS = Path(__file__).parent / "data" / "vectors"
-
-
 # ----------------------------------------------------------------------------- the official code, replayed
 @pytest.fixture(scope="module")
-def official():
-    record = json.loads((VECTORS / "cdpruner-official.json").read_text())
-    return record, load_file(VECTORS / "cdpruner-official.safetensors")
+def cdpruner_official(reference_dir):
+    record = json.loads((reference_dir / "cdpruner-official.json").read_text())
+    return record, load_file(reference_dir / "cdpruner-official.safetensors")
 
 
 @pytest.mark.parametrize("config", ["192", "128", "64", "128-long"])
-def test_official_relevance_kernel_and_picks_replay(official, config):
+def test_official_relevance_kernel_and_picks_replay(cdpruner_official, config):
     """The official ``encode_images`` (CLIP relevance, negated; min-max; ``q_i S_ij q_j``; fast greedy
     MAP) on the tiny tower: our relevance of its CLIP embeddings (``negate=True``), our kernel of its
     projected features and our greedy give its numbers and its picks, in its order."""
-    record, tensors = official
+    record, tensors = cdpruner_official
     entry = record["configs"][config]
     question, keep = entry["question"], entry["visual_token_num"]
     features, relevance = tensors["features"], tensors[f"relevance_{question}"]
@@ -65,10 +61,10 @@ def test_official_relevance_kernel_and_picks_replay(official, config):
     assert entry["text_segments"] == tensors[f"text_embeds_{question}"].shape[0]  # "long": a mean over 2
 
 
-def test_official_code_breaks_where_the_kernel_rank_runs_out(official):
+def test_official_code_breaks_where_the_kernel_rank_runs_out(cdpruner_official):
     """Recorded: with the tiny LLaVA's own 64-wide projector the official greedy meets NaN gains after
     64 steps and returns 73 distinct tokens for 192; the exhaustion rule keeps exactly 192."""
-    record, _ = official
+    record, _ = cdpruner_official
     assert record["narrow_projector_192"] == {"kept": 73, "distinct_picks": 73, "nan_in_gains": True, "cis_nan": True}
 
 

@@ -14,7 +14,7 @@ import torch
 import torch._dynamo as dynamo
 
 import duet_vlm
-from conftest import make_inputs, make_llava
+from models import make_inputs, make_llava
 from duet_vlm.runtime import Attachment
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 

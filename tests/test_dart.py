@@ -10,13 +10,12 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
-from transformers import LlavaForConditionalGeneration
 
 import duet_vlm
 from duet_vlm import Compose, Geometry, make
 from duet_vlm.methods.dart import DART, DuplicationPrune, dart_select, duplication_select, pivot_quotas
 
-from conftest import IMAGE_TOKEN, make_inputs, make_llava, row
+from models import IMAGE_TOKEN, make_inputs, make_llava, row
 
 LLAVA15 = Geometry(num_layers=32, visual_tokens=576, grid=(24, 24), has_cls=True)
 START, N_IMAGE = 5, 576  # the recorded prompt: 5 prefix ids, 576 image tokens, 12 suffix ids
@@ -114,13 +113,7 @@ def test_duplicates_of_a_pivot_go_first():
 
 
 # ----------------------------------------------------------------------------- the official code's outputs
-@pytest.fixture(scope="module")
-def official(reference_dir):
-    model = LlavaForConditionalGeneration.from_pretrained(reference_dir / "tiny-llava15-hf").eval()
-    sample = json.loads((reference_dir / "inputs.json").read_text())["samples"][0]
-    input_ids = torch.tensor([sample["prefix_ids"] + [999] * N_IMAGE + sample["suffix_ids"]])
-    pixel_values = load_file(reference_dir / "inputs.safetensors")["pixel_values_0"]
-    return model, input_ids, pixel_values, reference_dir
+# ``official``: (model, input_ids, pixel_values, reference_dir) of the recorded runs (tests/conftest.py).
 
 
 def _expected(reference_dir, name):

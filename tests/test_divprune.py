@@ -11,7 +11,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
-from transformers import LlavaForConditionalGeneration
 
 import duet_vlm
 from duet_vlm.geometry import Geometry
@@ -36,10 +35,11 @@ def _expected(reference_dir, name):
 
 
 @pytest.fixture(scope="module")
-def official(reference_dir):
-    """The tiny LLaVA-1.5 and the recorded input: the official code needs the image at token 35,
-    so the recording's prompt is 35 ids, the image, then the shared sample's 12 suffix ids."""
-    model = LlavaForConditionalGeneration.from_pretrained(reference_dir / "tiny-llava15-hf").eval()
+def divprune_official(official_model, reference_dir):
+    """The tiny LLaVA-1.5 (tests/conftest.py's ``official_model``) and the recorded input: the
+    official code needs the image at token 35, so the recording's prompt is 35 ids, the image, then
+    the shared sample's 12 suffix ids (not ``official``'s prompt)."""
+    model = official_model
     settings_ = _expected(reference_dir, "none")[0]["settings"]
     input_ids = torch.tensor([settings_["prefix_ids"] + [999] * 576 + settings_["suffix_ids"]])
     pixel_values = load_file(reference_dir / "inputs.safetensors")["pixel_values_0"]
@@ -78,10 +78,10 @@ def _run(model, input_ids, pixel_values, reducer):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_whole_run_matches_the_official_code(official, name):
+def test_whole_run_matches_the_official_code(divprune_official, name):
     """Lengths and positions every decoder layer receives in the prefill and at each decoding step,
     the kept patches (exact), the prefill's and every greedy step's logits (atol 1e-4), the tokens."""
-    model, input_ids, pixel_values, reference_dir = official
+    model, input_ids, pixel_values, reference_dir = divprune_official
     expected, tensors = _expected(reference_dir, name)
     sample = expected["samples"]["0"]
     logits, prefill, decode, generated, stats = _run(model, input_ids, pixel_values, CONFIGS[name]())
@@ -127,10 +127,10 @@ class _SpyStage(MaxMinDiversity):
         return super().reduce(view, keep)
 
 
-def test_distances_are_taken_in_the_language_models_input_space(official):
+def test_distances_are_taken_in_the_language_models_input_space(divprune_official):
     """The stage measures the projector's output of the 576 patches (CLS excluded): the official
     code's visual block, to fp32 accuracy."""
-    model, input_ids, pixel_values, reference_dir = official
+    model, input_ids, pixel_values, reference_dir = divprune_official
     reducer = _Spy(budget=64)
     with torch.no_grad(), reducer(model):
         model(input_ids=input_ids, pixel_values=pixel_values)
@@ -313,12 +313,12 @@ def test_a_video_budget_below_one_token_per_frame_is_refused():
         DivPrune().vision_stage_for(video, 4)
 
 
-def test_the_overlay_draws_the_kept_patches(official, tmp_path):
+def test_the_overlay_draws_the_kept_patches(divprune_official, tmp_path):
     from PIL import Image
 
     from duet_vlm.compare import draw_overlay
 
-    model, input_ids, pixel_values, _ = official
+    model, input_ids, pixel_values, _ = divprune_official
     reducer = duet_vlm.make("divprune", budget=64)
     with torch.no_grad(), reducer(model):
         model(input_ids=input_ids, pixel_values=pixel_values)

@@ -33,7 +33,7 @@ from models import (
     ov_batch,
 )
 from models import llava_with as _llava_with
-from test_methods_matrix import _hook_ids, generate_and_check_counts
+from checks import generate_and_check_counts, hook_ids
 
 NAMES = sorted(duet_vlm.METHODS)
 
@@ -266,7 +266,7 @@ def test_a_tower_no_adapter_knows_is_refused_at_attach():
     model = _llava_with(pixtral)
     with pytest.raises(TypeError, match="vision towers of type clip_vision_model, siglip_vision_model; this model's is 'pixtral'"):
         duet_vlm.Duet(budget=16).attach(model)
-    assert _hook_ids(model) == {}
+    assert hook_ids(model) == {}
 
 
 @pytest.mark.parametrize(
@@ -284,11 +284,11 @@ def test_bad_budgets_and_ratios_are_refused(kwargs, message):
 
 
 def test_hooks_are_removed_after_an_exception(video_llava):
-    hooks = _hook_ids(video_llava)
+    hooks = hook_ids(video_llava)
     with pytest.raises(RuntimeError, match="boom"):
         with duet_vlm.make("duet", ratio=0.5)(video_llava):
             raise RuntimeError("boom")
-    assert _hook_ids(video_llava) == hooks
+    assert hook_ids(video_llava) == hooks
 
 
 # ----------------------------------------------------------------------------- LLaVA-NeXT (anyres)
@@ -538,3 +538,45 @@ def test_a_vision_budget_below_one_token_per_frame_is_a_clear_error():
             duet_vlm.make(name, budget=FRAMES - 1).resolve(video)
     for name in ("pool", "duet"):  # their solvers round the LLM input to whole frames, one each at least
         assert duet_vlm.make(name, budget=FRAMES - 1).resolve(video).schedule.llm_input == FRAMES
+
+
+class _RecordScores(duet_vlm.VisionStage):
+    """A vision stage that records the scores it is given and keeps every token."""
+
+    def __init__(self, seen: list):
+        self.seen = seen
+
+    def reduce(self, view, keep):
+        self.seen.append(view.cls_attention.clone())
+        units, tokens = view.features.shape[:2]
+        kept = torch.arange(tokens - keep, tokens).expand(units, -1)
+        return duet_vlm.VisionReduction(view.features[:, tokens - keep :], kept)
+
+
+class _ScoresRecorder(duet_vlm.Reducer):
+    def __init__(self):
+        self.seen = []
+
+    def plan(self, geometry):
+        schedule = duet_vlm.Schedule(geometry.num_layers, geometry.visual_tokens, geometry.visual_tokens)
+        return duet_vlm.Plan(schedule, vision=_RecordScores(self.seen))
+
+
+def test_video_scores_of_a_clip_tower_onevision_are_its_cls_attention_pooled():
+    """LLaVA-OneVision with a CLIP tower (its CLS dropped from the features, kept in the scores) and a
+    video: the scores a vision stage gets for each frame are the feature layer's CLS-to-patch
+    attention (the tower's own attention map, eager, summed over heads), pooled as the model pools
+    the frame's features. Catches the CLS offset of video scores taken off by one (every other
+    video model in the tests has a SigLIP tower, without a CLS token)."""
+    model = make_llava_onevision(tower="clip", layers=6, attn="eager")
+    inputs = ov_batch([[("video", None)]], seed=3)
+    reducer = _ScoresRecorder()
+    with torch.no_grad(), reducer(model):
+        model(**inputs)
+    (seen,) = reducer.seen
+    layer = model.config.vision_feature_layer  # -2: the output of the tower's second-to-last layer
+    with torch.no_grad():
+        tower = model.model.vision_tower(inputs["pixel_values_videos"].flatten(0, 1), output_attentions=True)
+        cls = tower.attentions[layer][:, :, 0, 1:].sum(dim=1)  # (frames, patches)
+        expected = model.model.apply_pooling(cls[..., None])[..., 0]
+    torch.testing.assert_close(seen, expected, rtol=1e-5, atol=1e-6)

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlavaForConditionalGeneration
 
 import duet_vlm
 
@@ -25,13 +24,7 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def official(reference_dir):
-    model = LlavaForConditionalGeneration.from_pretrained(reference_dir / "tiny-llava15-hf").eval()
-    sample = json.loads((reference_dir / "inputs.json").read_text())["samples"][0]
-    input_ids = torch.tensor([sample["prefix_ids"] + [999] * 576 + sample["suffix_ids"]])
-    pixel_values = load_file(reference_dir / "inputs.safetensors")["pixel_values_0"]
-    return model, input_ids, pixel_values, reference_dir
+# ``official``: (model, input_ids, pixel_values, reference_dir) of the recorded runs (tests/conftest.py).
 
 
 def _record_layer_inputs(model):

@@ -15,18 +15,15 @@ import torch
 
 import duet_vlm
 
-from conftest import make_inputs, make_llava
+from checks import twice
+from models import make_inputs, make_llava
 
 NAMES = [name for name in sorted(duet_vlm.METHODS) if name != "full"]
+# ``model``: tests/conftest.py's 8-layer tiny LLaVA-1.5 (seed 2), built once for this module.
 
 
 @pytest.fixture(scope="module")
-def model():
-    return make_llava(layers=8, seed=2)
-
-
-@pytest.fixture(scope="module")
-def draft():
+def rejected_draft():
     """A draft that always proposes token 998, which the main model never generates here: every
     draft is rejected and cropped from the cache."""
     model = make_llava(layers=2, seed=3)
@@ -37,17 +34,13 @@ def draft():
     return model
 
 
-def _twice(inputs):
-    return {k: torch.cat([v, v]) for k, v in inputs.items()}
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_beam_search_rows_equal_one_prompt(model, name):
     inputs = make_inputs(model, seed=1)
     kwargs = dict(max_new_tokens=4, num_beams=2, do_sample=False)
     with torch.no_grad(), duet_vlm.make(name, ratio=0.25)(model):
         one = model.generate(**inputs, **kwargs)
-        two = model.generate(**_twice(inputs), **kwargs)
+        two = model.generate(**twice(inputs), **kwargs)
     assert torch.equal(two[0], one[0]) and torch.equal(two[1], one[0])
 
 
@@ -59,26 +52,26 @@ def test_several_sampled_sequences_equal_repeated_rows(model, name):
         torch.manual_seed(0)
         several = model.generate(**inputs, num_return_sequences=2, **kwargs)
         torch.manual_seed(0)
-        repeated = model.generate(**_twice(inputs), **kwargs)
+        repeated = model.generate(**twice(inputs), **kwargs)
     assert torch.equal(several, repeated)
 
 
 @pytest.mark.parametrize("name", ["visionzip", "pool", "random"])
-def test_assisted_decoding_after_a_vision_side_method_equals_greedy(model, draft, name):
+def test_assisted_decoding_after_a_vision_side_method_equals_greedy(model, rejected_draft, name):
     inputs = make_inputs(model, seed=3)
     with torch.no_grad(), duet_vlm.make(name, ratio=0.25)(model):
         greedy = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-        assisted = model.generate(**inputs, max_new_tokens=6, do_sample=False, assistant_model=draft)
+        assisted = model.generate(**inputs, max_new_tokens=6, do_sample=False, assistant_model=rejected_draft)
     assert torch.equal(greedy, assisted)
 
 
 @pytest.mark.parametrize("name", ["duet", "fastv", "pyramiddrop", "sparsevlm", "pio"])
-def test_assisted_decoding_under_in_llm_pruning_is_refused(model, draft, name):
+def test_assisted_decoding_under_in_llm_pruning_is_refused(model, rejected_draft, name):
     """The first drafts join the prefill and steer what Stage B keeps: refused, naming what works."""
     inputs = make_inputs(model, seed=3)
     with torch.no_grad(), duet_vlm.make(name, ratio=0.25)(model):
         with pytest.raises(NotImplementedError, match="Use greedy, sampling or beam search, or a method that reduces only before the language model"):
-            model.generate(**inputs, max_new_tokens=6, do_sample=False, assistant_model=draft)
+            model.generate(**inputs, max_new_tokens=6, do_sample=False, assistant_model=rejected_draft)
 
 
 @pytest.mark.parametrize("name", NAMES)

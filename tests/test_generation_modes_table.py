@@ -18,33 +18,25 @@ import pytest
 import torch
 import torch._dynamo as dynamo
 from transformers import LogitsProcessor
-from transformers.generation.streamers import BaseStreamer
 
 import duet_vlm
 import duet_vlm.generation_modes as table
 from duet_vlm.generation_modes import KINDS, MODES, cell, kind_of, methods_by_kind
 
+from checks import TokenCount, lookup_prompt, plain, run_overlapping, same, second_turn, twice
 from models import make_inputs, make_llava, row
-from test_serving import lookup_prompt, plain, run_overlapping, same, second_turn
 
 RATIO = 0.5  # as tests/test_serving.py: at a quarter FastV keeps no visual token after layer 2 of 8
 COMPILE_RATIO = 0.6  # on the 4-layer model compiled: FastV keeps 115 after layer 2 (as tests/test_compile.py)
 # The method a kind's cells run on, where it is of that kind (else the kind's first registered method).
 PREFERRED = ("full", "visionzip", "cdpruner", "fastv", "duet")
+# ``model``: tests/conftest.py's 8-layer tiny LLaVA-1.5 (seed 2), built once for this module.
 
 
 def representative(kind: str) -> str:
     members = methods_by_kind()[kind]
     assert members, f"no registered method of kind {kind!r}: its cells cannot be checked"
     return next((name for name in PREFERRED if name in members), members[0])
-
-
-@pytest.fixture(scope="module")
-def model():
-    model = make_llava(layers=8, seed=2)
-    with torch.no_grad():  # transformers adds its output-capturing hooks at the first forward
-        model(**make_inputs(model, seed=0))
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +64,6 @@ def reducer_for(name: str, ratio: float = RATIO):
     return duet_vlm.make(name, ratio=ratio)
 
 
-def twice(inputs):
-    return {k: torch.cat([v, v]) for k, v in inputs.items()}
-
-
 def generate(model, inputs, **kwargs):
     kwargs = {"max_new_tokens": 4, "do_sample": False, **kwargs}
     return model.generate(**inputs, **kwargs)
@@ -96,22 +84,9 @@ def assert_steps_close(got, want, atol=1e-5):
         torch.testing.assert_close(a, b, atol=atol, rtol=atol, msg=lambda m: f"step {step}: {m}")
 
 
-class Puts(BaseStreamer):
-    """How many times ``generate`` handed tokens out (the prompt first, then each accepted chunk)."""
-
-    def __init__(self):
-        self.puts = 0
-
-    def put(self, value):
-        self.puts += 1
-
-    def end(self):
-        pass
-
-
 def before_any_token(call):
     """``call(streamer)``; a refusal must come before ``generate`` handed out a token."""
-    streamer = Puts()
+    streamer = TokenCount()
     try:
         return call(streamer)
     except NotImplementedError:

@@ -37,8 +37,7 @@ from duet_vlm.methods.holitom import (
 )
 from duet_vlm.plan import VisionView
 
-from conftest import REFERENCE, make_llava
-from models import FAMILIES, LAYERS, make_inputs
+from models import FAMILIES, LAYERS, make_inputs, make_llava
 
 LLAVA15 = Geometry(num_layers=32, visual_tokens=576, grid=(24, 24), has_cls=True)
 VIDEO_LLAVA = Geometry(num_layers=32, visual_tokens=8 * 257, grid=(16, 16), has_cls=True, units=8, modality="video")
@@ -61,17 +60,17 @@ def _video(seed, frames, n, c, scenes=(0,), moving=2, noise=0.05):
 
 
 # ----------------------------------------------------------------------------- official outputs
-def _official(name):
-    return json.loads((REFERENCE / f"holitom-official-{name}.json").read_text()), load_file(
-        REFERENCE / f"holitom-official-{name}.safetensors"
+def _official(reference_dir, name):
+    return json.loads((reference_dir / f"holitom-official-{name}.json").read_text()), load_file(
+        reference_dir / f"holitom-official-{name}.safetensors"
     )
 
 
 @pytest.mark.parametrize("case", ["a", "b", "c", "d", "e"])
-def test_outer_merge_replays_the_official_functions(case):
+def test_outer_merge_replays_the_official_functions(reference_dir, case):
     """Segments, tokens saved, the raised retain ratio, static positions, per-group counts, every
     output token (features within 1e-5, in the official order) and the position it stands for."""
-    record, tensors = _official(f"outer-{case}")
+    record, tensors = _official(reference_dir, f"outer-{case}")
     settings_ = record["settings"]
     features, attention = tensors["features"], tensors["attention"]
     frames, n = attention.shape
@@ -108,19 +107,19 @@ def test_outer_merge_replays_the_official_functions(case):
 
 
 @pytest.mark.parametrize("case", ["a", "b", "c"])
-def test_inner_merge_replays_the_official_block(case):
+def test_inner_merge_replays_the_official_block(reference_dir, case):
     """The kept tokens and every merged state of the official in-LLM block (exact in float32)."""
-    record, tensors = _official(f"inner-{case}")
+    record, tensors = _official(reference_dir, f"inner-{case}")
     start, tokens = record["settings"]["image_start"], record["settings"]["image_tokens"]
     index, merged = merge_into_kept(tensors["hidden"][0, start : start + tokens], tensors["attention"], record["kept"])
     assert index.tolist() == record["kept_visual"]
     torch.testing.assert_close(merged, tensors["merged_visual"], atol=1e-6, rtol=0)
 
 
-def test_official_counts_overshoot_and_are_made_exact():
+def test_official_counts_overshoot_and_are_made_exact(reference_dir):
     """The official per-group rounding hands the LLM more than its retain ratio (38 tokens for 0.25
     of 8 x 16 here); the exact counts differ from it on the fewest groups, one token each."""
-    record, tensors = _official("outer-a")
+    record, tensors = _official(reference_dir, "outer-a")
     features = tensors["features"]
     segments, runs, savings = temporal_segments(features, 0.8)
     masks = static_masks(segments, runs)

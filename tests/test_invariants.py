@@ -37,7 +37,7 @@ from duet_vlm.adapters import ADAPTERS
 from duet_vlm.content import SIGNALS
 
 from models import FAMILIES
-from test_methods_matrix import LayerInputs, _hook_ids, generate_and_check_counts
+from checks import LayerInputs, generate_and_check_counts, hook_ids
 
 NAMES = sorted(duet_vlm.METHODS)
 NEW_TOKENS = 3
@@ -49,7 +49,7 @@ def _unpatched(name: str):
     family = FAMILIES[name]
     model = family.model()
     with torch.no_grad():
-        return model(**family.batch(model)).logits, _hook_ids(model)
+        return model(**family.batch(model)).logits, hook_ids(model)
 
 
 def _visual(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,7 @@ def test_layer_counts_cache_and_restore(family, name):
     batch = family.batch(model)
     for inputs in (family.one(model), family.row(batch, 0), family.row(batch, 1)):
         generate_and_check_counts(model, name, inputs)  # also: no hook left behind
-    assert _hook_ids(model) == hooks
+    assert hook_ids(model) == hooks
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, plain)
 
@@ -256,7 +256,7 @@ def test_adaptive_batch_equals_rows_alone(family, name):
     adaptive = adaptive.calibrate(model, [family.one(model)])
     assert adaptive.threshold is not None
     assert duet_vlm.from_dict(json.loads(json.dumps(adaptive.to_dict()))) == adaptive
-    hooks = _hook_ids(model)
+    hooks = hook_ids(model)
     with torch.no_grad(), adaptive(model):
         probe = LayerInputs(model)
         try:
@@ -264,7 +264,7 @@ def test_adaptive_batch_equals_rows_alone(family, name):
         finally:
             probe.remove()
         stats = adaptive.stats
-    assert _hook_ids(model) == hooks
+    assert hook_ids(model) == hooks
     _check_batch_counts(probe, stats, inputs["input_ids"].shape[1])
     for item in stats.items:
         average = round(0.5 * item.tokens)

@@ -12,85 +12,12 @@ import torch
 
 import duet_vlm
 
-from conftest import IMAGE_TOKEN, make_inputs, row
+from checks import LayerInputs, hook_ids
+from models import IMAGE_TOKEN, make_inputs, row
 
 NAMES = sorted(duet_vlm.METHODS)
 BUDGETS = (192, 128, 64)
 NEW_TOKENS = 3
-
-
-def _hook_ids(model):
-    """Every hook on every module, by id: equal before attaching and after detaching."""
-    kinds = ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks")
-    return {
-        (name, kind): tuple(getattr(module, kind))
-        for name, module in model.named_modules()
-        for kind in kinds
-        if getattr(module, kind)
-    }
-
-
-class LayerInputs:
-    """Sequence lengths entering each decoder layer, seen by hooks registered after the reducer's.
-
-    Hooks fire in registration order, so these see the reducer's output. A stage that runs a layer
-    itself (``view.run_layer``) does so before that layer's real call, hence "last call wins".
-    """
-
-    def __init__(self, model):
-        self.calls: list[dict[int, int]] = []
-        self.handles = [
-            layer.register_forward_pre_hook(self._hook(index), with_kwargs=True)
-            for index, layer in enumerate(model.model.language_model.layers)
-        ]
-
-    def _hook(self, index):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if index == 0:
-                self.calls.append({})
-            self.calls[-1][index] = hidden.shape[1]
-
-        return hook
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
-
-
-def _visual_token_count(model, input_ids) -> int:
-    """Placeholder tokens of images and videos, by the ids the model's config names."""
-    ids = [getattr(model.config, key, None) for key in ("image_token_id", "video_token_id")]
-    return int(sum((input_ids == i).sum() for i in ids if i is not None))
-
-
-def generate_and_check_counts(model, name, inputs):
-    """``generate`` under ``make(name, ratio=0.5)``: the visual tokens each decoder layer receives
-    equal the sum of the items' stats, every item averages half its tokens (within a frame count:
-    a vision stage keeps the same count in every frame), each layer's KV cache holds its prefill
-    plus the generated tokens, and no hook is left behind. Returns the items' stats."""
-    text = inputs["input_ids"].shape[1] - _visual_token_count(model, inputs["input_ids"])
-    reducer = duet_vlm.make(name, ratio=0.5)
-    hooks = _hook_ids(model)
-    handle = reducer.attach(model)
-    probe = LayerInputs(model)
-    try:
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    finally:
-        probe.remove()
-        handle.remove()
-    assert _hook_ids(model) == hooks
-    items = reducer.stats.items
-    seen = [length - text for _, length in sorted(probe.calls[0].items())]
-    assert seen == [sum(i.tokens_per_layer[layer] for i in items) for layer in range(len(seen))]
-    for item in items:
-        expected = item.tokens if name == "full" else round(0.5 * item.tokens)
-        assert abs(item.average_tokens - expected) <= max(1, item.units), (item.modality, item.tokens_per_layer)
-    generated = out.sequences.shape[1] - inputs["input_ids"].shape[1]
-    for layer, visual in enumerate(seen):
-        assert out.past_key_values.layers[layer].keys.shape[-2] == text + visual + generated - 1, f"layer {layer}"
-    return items
 
 
 def _text_tokens(inputs) -> int:
@@ -112,7 +39,7 @@ def plain(llava15):
     inputs = make_inputs(llava15, seed=5)
     with torch.no_grad():
         logits = llava15(**inputs).logits
-    return inputs, logits, _hook_ids(llava15)
+    return inputs, logits, hook_ids(llava15)
 
 
 def _generate_and_count(model, reducer, inputs):
@@ -157,7 +84,7 @@ def test_counts_cache_and_detach(llava15, plain, name, budget):
         assert stats.flops_exact < stats.flops_exact_full
     _check_cache(out, inputs, seen)
 
-    assert _hook_ids(llava15) == hooks_before
+    assert hook_ids(llava15) == hooks_before
 
 
 @pytest.mark.parametrize("budget", [128])
@@ -228,6 +155,6 @@ def test_model_unchanged_after_the_matrix(llava15, plain):
     state a method could leave behind, at the cost of one slow forward instead of one per method.)
     """
     inputs, plain_logits, hooks_before = plain
-    assert _hook_ids(llava15) == hooks_before
+    assert hook_ids(llava15) == hooks_before
     with torch.no_grad():
         assert torch.equal(llava15(**inputs).logits, plain_logits)

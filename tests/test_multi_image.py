@@ -12,7 +12,7 @@ import torch
 
 import duet_vlm
 
-from conftest import IMAGE_TOKEN, make_inputs
+from models import IMAGE_TOKEN, make_inputs
 
 IMAGES = 2
 BUDGET = 64

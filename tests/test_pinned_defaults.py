@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 import duet_vlm
 from duet_vlm.methods.duet import TextGuidedPrune
 
-from conftest import IMAGE_TOKEN, make_inputs
+from models import IMAGE_TOKEN, make_inputs
 
 
 @pytest.fixture(scope="module")

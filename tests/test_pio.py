@@ -16,34 +16,14 @@ from duet_vlm import PIO, Geometry, make
 from duet_vlm.methods.pio import SaliencyNMSPrune, proxy_positions, saliency_nms
 from duet_vlm.methods.trio_scan import GlobalLocalScan
 
-from conftest import make_inputs, make_llava, row
+from checks import cosine, reference_nms
+from models import make_inputs, make_llava, row
 
 LLAVA15 = Geometry(num_layers=32, visual_tokens=576, grid=(24, 24), has_cls=True)
 QWEN = Geometry(num_layers=28, visual_tokens=1024, grid=(32, 32), has_cls=False, rope="mrope")
 
 
 # ----------------------------------------------------------------------------- NMS
-def _cosine(features):
-    unit = F.normalize(features.float(), dim=-1)
-    return (unit @ unit.transpose(-1, -2)).clamp(-1, 1)
-
-
-def _reference_nms(saliency, features, keep, threshold):
-    """Textbook greedy NMS, one token at a time, then fill with the most salient suppressed tokens."""
-    similarity = _cosine(features)
-    order = sorted(range(len(saliency)), key=lambda i: (-float(saliency[i]), i))
-    kept, suppressed = [], set()
-    for i in order:
-        if len(kept) == keep:
-            break
-        if i in suppressed:
-            continue
-        kept.append(i)
-        suppressed |= {j for j in order if j not in kept and similarity[i, j] >= threshold}
-    fill = [i for i in order if i not in kept][: keep - len(kept)]
-    return sorted(kept + fill), len(kept)
-
-
 def test_nms_hand_example():
     saliency = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
     e1, e2, e3 = torch.eye(3)
@@ -86,10 +66,10 @@ def test_nms_properties(problem):
     if threshold > 1:
         top = sorted(range(len(saliency)), key=lambda i: (-float(saliency[i]), i))[:keep]
         assert kept.tolist() == sorted(top)
-    similarity = _cosine(features)
+    similarity = cosine(features)
     # A threshold exactly at a similarity value would make the comparison ill-conditioned.
     assume(((similarity - threshold).abs() > 1e-4).all())
-    expected, survivors = _reference_nms(saliency, features, keep, threshold)
+    expected, survivors = reference_nms(saliency, features, keep, threshold)
     assert kept.tolist() == expected
     if survivors == keep:  # enough dissimilar candidates: no kept pair is a duplicate
         pairs = similarity[kept][:, kept][~torch.eye(keep, dtype=torch.bool)]

@@ -2,21 +2,14 @@
 question asked alone with ``generate`` under the same reducer (the shipped demo model, so the
 answers are words, not noise)."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration, pipeline
+from transformers import pipeline
 
 import duet_vlm
 from duet_vlm import synthetic as data
 
-DEMO = Path(duet_vlm.__file__).parent / "assets" / "demo_model"
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return LlavaForConditionalGeneration.from_pretrained(DEMO).eval(), AutoProcessor.from_pretrained(DEMO)
+# ``demo``: the shipped demo model and its processor (tests/conftest.py).
 
 
 @pytest.mark.parametrize("name", ["duet", "fastv", "visionzip"])

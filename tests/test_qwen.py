@@ -34,7 +34,7 @@ from models import make_qwen
 from models import qwen_batch as make_batch
 from models import qwen_batch_for as batch_for
 from models import qwen_row as row_of
-from test_methods_matrix import generate_and_check_counts
+from checks import generate_and_check_counts
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 NAMES = sorted(duet_vlm.METHODS)

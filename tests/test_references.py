@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import duet_vlm
 
-from conftest import IMAGE_TOKEN, make_inputs, make_llava
+from checks import reference_nms
+from models import IMAGE_TOKEN, make_inputs, make_llava
 
 
 def _probe(module, store: list, *, pre: bool = True):
@@ -131,13 +132,13 @@ def _uneven_batch(model, images=(2, 1), suffix=(6, 11), answer=4, seed=0):
 
 
 @pytest.fixture(scope="module")
-def small_llava():
+def small_llava8():
     """8 decoder layers, 64 patches per image (112 px), multi-head attention, sdpa."""
     return make_llava(layers=8, image_size=112, seed=3)
 
 
 @pytest.mark.parametrize("name", ["visionzip", "fastv", "duet"])
-def test_uneven_padded_batch_equals_rows_alone_at_every_position_and_in_the_loss(small_llava, name):
+def test_uneven_padded_batch_equals_rows_alone_at_every_position_and_in_the_loss(small_llava8, name):
     """Rows holding 2 and 1 images reduce to different lengths, so the last layer group carries
     alignment pads. Each row's logits at every valid position, its loss (labels on the answer) and
     the batch loss (the token-weighted mean of the rows' own losses) equal the row run alone.
@@ -146,7 +147,7 @@ def test_uneven_padded_batch_equals_rows_alone_at_every_position_and_in_the_loss
     last logits, which earlier padded tests compare, stay right), so logits and labels misalign,
     for a vision-side (visionzip), a language-side (fastv) and a two-stage (duet) method.
     """
-    model = small_llava
+    model = small_llava8
     batch, alone = _uneven_batch(model)
     reducer = duet_vlm.make(name, ratio=0.5)
     with torch.no_grad(), reducer(model):
@@ -210,7 +211,7 @@ def _decoding_positions(model, reducer, inputs, manual: bool, steps: int = 3):
      lambda: duet_vlm.Compose(duet_vlm.VisionZip(), duet_vlm.PyramidDrop(), budget=16, positions="original")],
     ids=["duet", "visionzip+pyramiddrop"],
 )
-def test_decoding_after_a_vision_stage_keeps_the_original_positions(small_llava, build):
+def test_decoding_after_a_vision_stage_keeps_the_original_positions(small_llava8, build):
     """``positions="original"`` after a vision stage (fewer tokens enter the language model, so the
     KV cache is shorter than the prompt): in every decoding step, through ``generate`` and through a
     manual loop that passes the mask but no positions, every decoder layer receives the position the
@@ -219,7 +220,7 @@ def test_decoding_after_a_vision_stage_keeps_the_original_positions(small_llava,
 
     Catches decoding positions numbered from the reduced cache's length (or shifted by the dropped
     tokens) in original mode, which batch-versus-row comparisons cannot see (both are off alike)."""
-    model = small_llava
+    model = small_llava8
     inputs = make_inputs(model, suffix=6, seed=12)
     length = inputs["input_ids"].shape[1]
     rotary = model.model.language_model.rotary_emb
@@ -244,7 +245,7 @@ def test_decoding_after_a_vision_stage_keeps_the_original_positions(small_llava,
 
 # ----------------------------------------------------------------------------- Stage-B queries with two images
 @pytest.mark.parametrize("answer", [0, 3], ids=["inference", "training"])
-def test_stage_b_queries_are_the_text_after_the_last_image(small_llava, answer):
+def test_stage_b_queries_are_the_text_after_the_last_image(small_llava8, answer):
     """Two images per row with text between them, a left-padded batch: at every Stage-B boundary the
     query positions DUET's default ``query="text"`` gets (``view.text_after_image``, captured by a
     query callable that returns them unchanged) are exactly the row's prompt tokens after its last
@@ -252,7 +253,7 @@ def test_stage_b_queries_are_the_text_after_the_last_image(small_llava, answer):
     sequence, holding the ids that follow the last image in ``input_ids``.
 
     Catches the text between the two images (after the first image) scored as queries."""
-    model = small_llava
+    model = small_llava8
     inputs = make_inputs(model, batch=2, images_per_row=2, suffix=(7, 4), seed=13)
     labels = torch.full_like(inputs["input_ids"], -100)
     if answer:
@@ -292,9 +293,7 @@ def reference_pio(model, layer_index: int, hidden, layer_kwargs, visual, keep: i
     """PIO's selection for one row, from the decoder layer's own call: run the layer on its input
     (detached, requiring grad), the model's final norm and LM head at ``PIO_PROXY_POSITIONS``, the
     cross-entropy against their argmax (mean), the gradient norm of each visual token's input, then
-    textbook greedy NMS (``test_pio._reference_nms``). Returns ``(saliency, kept)``."""
-    from test_pio import _reference_nms
-
+    textbook greedy NMS (``checks.reference_nms``). Returns ``(saliency, kept)``."""
     layer = model.model.language_model.layers[layer_index]
     x = hidden.detach().clone().requires_grad_()
     kwargs = {k: layer_kwargs[k] for k in ("attention_mask", "position_ids", "position_embeddings") if k in layer_kwargs}
@@ -305,11 +304,11 @@ def reference_pio(model, layer_index: int, hidden, layer_kwargs, visual, keep: i
         loss = F.cross_entropy(logits, logits.argmax(-1))
         (grad,) = torch.autograd.grad(loss, x)
     saliency = grad[0, visual].float().norm(dim=-1)
-    kept, _ = _reference_nms(saliency, hidden[0, visual].detach().float(), keep, PIO_NMS_THRESHOLD)
+    kept, _ = reference_nms(saliency, hidden[0, visual].detach().float(), keep, PIO_NMS_THRESHOLD)
     return saliency, kept
 
 
-def test_pio_saliency_and_selection_equal_a_direct_computation(small_llava):
+def test_pio_saliency_and_selection_equal_a_direct_computation(small_llava8):
     """PIO on a prompt with 12 text tokens after the image: the saliency its stage computes at the
     boundary and the tokens it keeps equal ``reference_pio`` on the same layer input (captured by a
     probe that runs before the reducer's hooks).
@@ -320,7 +319,7 @@ def test_pio_saliency_and_selection_equal_a_direct_computation(small_llava):
     applied to other features."""
     from dataclasses import dataclass
 
-    model = small_llava
+    model = small_llava8
     recorded = []
 
     @dataclass

@@ -25,19 +25,17 @@ Only the public API is used, so that the file also runs against older versions o
 from __future__ import annotations
 
 import contextlib
-import random
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass
 
 import pytest
 import torch
 from transformers import LogitsProcessor
-from transformers.generation.streamers import BaseStreamer
 
 import duet_vlm
 
-from models import make_inputs, make_llava, make_llava_next, next_batch
+from checks import TokenCount, lookup_prompt, outcome, plain, run_overlapping, same, second_turn
+from models import make_inputs, make_llava_next, next_batch
 
 NAMES = sorted(duet_vlm.METHODS)
 # Half the visual tokens: at a quarter, FastV after layer 2 of 8 layers keeps no visual token at all
@@ -54,14 +52,7 @@ def _reads_text(name: str) -> bool:
 # which reduces nothing, apart).
 LANGUAGE_SIDE = [n for n in NAMES if duet_vlm.METHODS[n].prunes_in_language_model() or _reads_text(n)]
 VISION_SIDE = [name for name in NAMES if name not in LANGUAGE_SIDE and name != "full"]
-
-
-@pytest.fixture(scope="module")
-def model():
-    model = make_llava(layers=8, seed=2)
-    with torch.no_grad():  # transformers adds its output-capturing hooks at the first forward
-        model(**make_inputs(model, seed=0))
-    return model
+# ``model``: tests/conftest.py's 8-layer tiny LLaVA-1.5 (seed 2), built once for this module.
 
 
 def text_only(length: int = 9, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -70,56 +61,7 @@ def text_only(length: int = 9, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def plain(value):
-    """A comparable form of stats (nested dataclasses, tensors, lists, dicts)."""
-    if isinstance(value, torch.Tensor):
-        return ("tensor", str(value.dtype), tuple(value.shape), value.tolist())
-    if is_dataclass(value):
-        return (type(value).__name__, {f.name: plain(getattr(value, f.name)) for f in fields(value)})
-    if isinstance(value, dict):
-        return {key: plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(item) for item in value]
-    return value
-
-
-def same(a, b) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
-def outcome(call):
-    """What a call gives: its value, or its exception's type and message (never raised here)."""
-    try:
-        return call()
-    except Exception as error:  # noqa: BLE001 - compared as values
-        return f"{type(error).__name__}: {error}"
-
-
 # ----------------------------------------------------------------------------- 1. threads
-def run_overlapping(jobs, rounds: int, seed: int):
-    """Each round runs every job once, each in its own thread, released together by a barrier (in a
-    shuffled order); returns per round the list of outcomes in job order."""
-    rng = random.Random(seed)
-    results = []
-    for _ in range(rounds):
-        order = list(range(len(jobs)))
-        rng.shuffle(order)
-        barrier = threading.Barrier(len(jobs))
-
-        def run(index):
-            barrier.wait(timeout=120)
-            return index, outcome(jobs[index])
-
-        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-            done = dict(pool.map(run, order))
-        results.append([done[i] for i in range(len(jobs))])
-    return results
-
-
 def serving_jobs(model, reducer):
     """Requests of several shapes and modes; each returns its output and the stats its thread reads
     right after the call (grad mode is per thread: each job sets its own)."""
@@ -327,19 +269,6 @@ def test_a_failed_call_leaves_nothing_behind(model, kind):
 
 
 # ----------------------------------------------------------------------------- 3. prompt lookup
-class TokenCount(BaseStreamer):
-    """How many times ``generate`` handed tokens out (the prompt first, then each accepted chunk)."""
-
-    def __init__(self):
-        self.puts = 0
-
-    def put(self, value):
-        self.puts += 1
-
-    def end(self):
-        pass
-
-
 class Chunks:
     """Forward inputs of the top model: ``(cached tokens, input_ids)`` per call."""
 
@@ -364,18 +293,6 @@ def generate(model, inputs, name, **kwargs):
     reducer = reduced(name)
     with torch.no_grad(), (reducer(model) if reducer is not None else contextlib.nullcontext()):
         return model.generate(**inputs, max_new_tokens=8, do_sample=False, **kwargs)
-
-
-MARK = [901, 902]  # two tokens make_inputs never draws
-
-
-def lookup_prompt(model, drafts=(904, 905, 906), seed: int = 3):
-    """A prompt whose last two tokens repeat two tokens of its text after the image: prompt lookup
-    drafts the three that followed them (``drafts``) into the prefill itself."""
-    inputs = make_inputs(model, seed=seed)
-    tail = torch.tensor([MARK + list(drafts) + [903] + MARK])
-    ids = torch.cat([inputs["input_ids"], tail], dim=1)
-    return {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def accepted_lookup_prompt(model, name):
@@ -441,7 +358,8 @@ def test_prompt_lookup_with_drafts_in_the_prefill_equals_greedy(model, name):
 
 
 @pytest.fixture(scope="module")
-def llava_next():
+def llava_next_6layers():
+    """A 6-layer LLaVA-NeXT (anyres), one forward already run (the output-capturing hooks)."""
     model = make_llava_next(layers=6)
     with torch.no_grad():
         model(**next_batch([[(112, 112)]], seed=1))
@@ -466,7 +384,7 @@ def placeholder_draft_prompt(model, build, name, before: int):
 
 FAMILY_INPUTS = {
     # (model fixture, inputs of a seed, index of the token just before the image)
-    "llava_next": ("llava_next", lambda m, seed: next_batch([[(112, 112)]], seed=seed), 3),
+    "llava_next": ("llava_next_6layers", lambda m, seed: next_batch([[(112, 112)]], seed=seed), 3),
     "llava": ("model", lambda m, seed: make_inputs(m, seed=seed), 5),
 }
 
@@ -517,17 +435,6 @@ def test_generate_without_a_cache_equals_cached_decoding(model, name, batch):
 
 
 # ----------------------------------------------------------------------------- 5. a second turn with an image
-def second_turn(model, reducer=None):
-    first_turn, new_image = make_inputs(model, seed=31), make_inputs(model, seed=32)
-    with torch.no_grad(), (reducer(model) if reducer is not None else contextlib.nullcontext()):
-        first = model.generate(**first_turn, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-        ids = torch.cat([first.sequences, new_image["input_ids"][:, 1:]], dim=1)
-        return model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=new_image["pixel_values"],
-            past_key_values=first.past_key_values, max_new_tokens=3, do_sample=False,
-        )
-
-
 def test_a_cached_second_turn_with_a_new_image_under_full_equals_the_unpatched_model(model):
     assert torch.equal(second_turn(model, duet_vlm.make("full")), second_turn(model))
 

@@ -43,9 +43,8 @@ import torch
 
 import duet_vlm
 
+from checks import hook_ids, outcome, plain, same
 from models import FAMILIES
-from test_methods_matrix import _hook_ids
-from test_serving import outcome, plain, same
 
 SERVED = [  # (family, method)
     ("llava", "duet"),
@@ -218,7 +217,7 @@ def test_unpatched_qwen_is_safe_under_concurrent_generate():
 
 def test_soak_of_mixed_requests_from_threads():
     models = {name: build(name) for name, _ in SERVED}
-    hooks = {name: _hook_ids(model) for name, model in models.items()}
+    hooks = {name: hook_ids(model) for name, model in models.items()}
     reducers = {name: duet_vlm.make(method, ratio=RATIO) for name, method in SERVED}
     handles = [reducers[name].attach(models[name]) for name, _ in SERVED]
     try:
@@ -246,7 +245,7 @@ def test_soak_of_mixed_requests_from_threads():
     finally:
         for handle in handles:
             handle.remove()
-    assert {name: _hook_ids(model) for name, model in models.items()} == hooks
+    assert {name: hook_ids(model) for name, model in models.items()} == hooks
     # A call's state is a few MB here (a prefill over a few hundred tokens): 120 requests keeping
     # theirs would take hundreds of MB; allocator noise stays far below the bound.
     assert rss[1] - rss[0] < 64 * 2**20, f"RSS grew by {(rss[1] - rss[0]) / 2**20:.0f} MiB in the second half"

@@ -22,7 +22,7 @@ from duet_vlm.methods.sparsevlm import (
     text_raters,
 )
 
-from conftest import IMAGE_TOKEN, make_inputs, make_llava, row
+from models import IMAGE_TOKEN, make_inputs, make_llava, row
 
 LLAVA15 = Geometry(num_layers=32, visual_tokens=576, grid=(24, 24), has_cls=True)
 
@@ -356,8 +356,6 @@ def test_training_backward_reaches_the_projector():
 
 def test_original_positions_keep_each_token_its_position(llava15):
     """SparseVLM(positions="original"): after its drops, every kept token keeps its original position."""
-    from conftest import make_inputs
-
     inputs = make_inputs(llava15, seed=3)
     seen = []
 

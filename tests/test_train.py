@@ -16,28 +16,16 @@ from transformers import LlavaForConditionalGeneration
 from typer.testing import CliRunner
 
 import duet_vlm
-from duet_vlm import synthetic
 from duet_vlm.cli import app
 from duet_vlm.demo.processor import build_processor
 from duet_vlm.training import DataError, TrainConfig, VisionLanguageCollator, encode, synthetic_records, train
 from duet_vlm.training.trainer import checkpointing_callback, make_reducer, set_trainable
 from duet_vlm.unwrap import unwrap_model
 
-from conftest import make_llava
+from checks import write_llava_json
+from models import make_demo_llava as tiny
 
 BUDGET = 320  # every method can reach it on 4 decoder layers (FastV's first two layers alone average 288)
-
-
-def tiny(processor, seed: int = 0) -> LlavaForConditionalGeneration:
-    """A 4-layer LLaVA-1.5-geometry model (576 patches) whose image token is the demo tokenizer's."""
-    model = make_llava(layers=4, seed=seed)
-    model.config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    return model
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return build_processor()
 
 
 @pytest.fixture(scope="module")
@@ -52,24 +40,6 @@ def checkpoint(tmp_path_factory, processor) -> Path:
 def batch(processor):
     items = [encode(processor, record) for record in synthetic_records(2, questions=3)]
     return VisionLanguageCollator(processor.tokenizer.pad_token_id)(items)
-
-
-def write_llava_json(folder: Path, n: int = 4, **overrides) -> Path:
-    """``n`` synthetic conversations in LLaVA's JSON format, images as PNG files under ``folder/images``."""
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    items = []
-    for index in range(n):
-        image, turns, _ = synthetic.conversation("train", index, n_questions=2)
-        image.save(folder / "images" / f"{index}.png")
-        conversations = []
-        for k, (_qtype, question, answer) in enumerate(turns):
-            conversations += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + question},
-                              {"from": "gpt", "value": answer}]
-        items.append({"id": str(index), "image": f"{index}.png", "conversations": conversations})
-    items[0].update(overrides)
-    path = folder / "data.json"
-    path.write_text(json.dumps(items))
-    return path
 
 
 # ----------------------------------------------------------------------------- labels and a training step

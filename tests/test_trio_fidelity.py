@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlavaForConditionalGeneration
 
 import duet_vlm
-from duet_vlm.plan import VisionReduction, VisionStage
+
+from checks import RecordedVisualBlock
 
 CONFIGS = {
     "none": lambda: None,
@@ -30,13 +30,7 @@ FROM_BUDGET = {
 }
 
 
-@pytest.fixture(scope="module")
-def official(reference_dir):
-    model = LlavaForConditionalGeneration.from_pretrained(reference_dir / "tiny-llava15-hf").eval()
-    sample = json.loads((reference_dir / "inputs.json").read_text())["samples"][0]
-    input_ids = torch.tensor([sample["prefix_ids"] + [999] * 576 + sample["suffix_ids"]])
-    pixel_values = load_file(reference_dir / "inputs.safetensors")["pixel_values_0"]
-    return model, input_ids, pixel_values, reference_dir
+# ``official``: (model, input_ids, pixel_values, reference_dir) of the recorded runs (tests/conftest.py).
 
 
 def _expected(reference_dir, name):
@@ -142,17 +136,6 @@ def test_vision_scan_chooses_what_the_official_code_chooses(official, name):
     near_ties |= {tie["runner_up_patch"] for tie in expected["selection_margins"]["ve_merge_near_ties_below_1e-4"]}
     exact = torch.tensor([patch not in near_ties for patch in ve["kept_patch_indices_ascending"]])
     torch.testing.assert_close(features[exact], tensors["s0_ve_output_features"][exact], atol=1e-5, rtol=1e-5)
-
-
-class RecordedVisualBlock(VisionStage):
-    """A vision stage that hands the language model the official run's merged visual block."""
-
-    def __init__(self, features):
-        self.features = features
-
-    def reduce(self, view, keep):
-        kept = torch.arange(1, keep + 1)[None]  # stand-in indices (statistics only)
-        return VisionReduction(view.features[:, 1 : keep + 1], kept, projected=self.features[None])
 
 
 @pytest.mark.parametrize("name", ["64-ve", "192-ve"])

@@ -11,7 +11,6 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
-from transformers import LlavaForConditionalGeneration
 
 import duet_vlm
 from duet_vlm import Compose, Geometry, make
@@ -79,13 +78,7 @@ def test_where_the_official_code_raises_the_rule_goes_on(selection_vectors):
     assert all(len(set(k.tolist())) == case["visual_token_num"] for k in choice.kept)
 
 
-@pytest.fixture(scope="module")
-def official(reference_dir):
-    model = LlavaForConditionalGeneration.from_pretrained(reference_dir / "tiny-llava15-hf").eval()
-    sample = json.loads((reference_dir / "inputs.json").read_text())["samples"][0]
-    input_ids = torch.tensor([sample["prefix_ids"] + [999] * 576 + sample["suffix_ids"]])
-    pixel_values = load_file(reference_dir / "inputs.safetensors")["pixel_values_0"]
-    return model, input_ids, pixel_values, reference_dir
+# ``official``: (model, input_ids, pixel_values, reference_dir) of the recorded runs (tests/conftest.py).
 
 
 def _expected(reference_dir, name):

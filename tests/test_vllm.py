@@ -83,20 +83,21 @@ def image(seed: int, size=(336, 336)) -> Image.Image:
     return Image.fromarray((picture * 255).astype("uint8"))
 
 
+# Tiny checkpoints saved to a folder (what vLLM loads): (folder, its Hugging Face model, its processor).
 @pytest.fixture(scope="module")
-def llava(tmp_path_factory):
+def saved_llava(tmp_path_factory):
     folder = write_llava(tmp_path_factory.mktemp("tiny-llava"))
     return folder, load_hf(folder), AutoProcessor.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
-def llava_next(tmp_path_factory):
+def saved_llava_next(tmp_path_factory):
     folder = write_llava_next(tmp_path_factory.mktemp("tiny-llava-next"), TinySize(image_size=112))
     return folder, load_hf(folder), AutoProcessor.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
+def saved_qwen(tmp_path_factory):
     folder = write_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2_5_vl"))
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
     return folder, model, AutoProcessor.from_pretrained(folder)
@@ -198,8 +199,8 @@ def assert_same(hf, vl, kept_vllm):
         assert torch.equal(kept_vllm.reshape(-1).cpu(), kept.reshape(-1).cpu()), (kept_vllm, kept)
 
 
-def test_unreduced_equals_the_hugging_face_model(llava):
-    folder, model, processor = llava
+def test_unreduced_equals_the_hugging_face_model(saved_llava):
+    folder, model, processor = saved_llava
     picture = image(0)
     reference = hf_run(model, processor, picture, None)
     with engine(folder, None) as llm:
@@ -213,8 +214,8 @@ FLOAT_TIES = {"vispruner"}
 
 
 @pytest.mark.parametrize("method,options", METHODS, ids=[m for m, _ in METHODS])
-def test_llava_equals_the_hugging_face_path(llava, method, options):
-    folder, model, processor = llava
+def test_llava_equals_the_hugging_face_path(saved_llava, method, options):
+    folder, model, processor = saved_llava
     pictures = [image(1), image(2)]
     budget = 64
     reducer = duet_vlm.make(method, budget=budget, **{k: tuple(v) for k, v in options.items()})
@@ -239,8 +240,8 @@ def test_llava_equals_the_hugging_face_path(llava, method, options):
         assert_same(reference, result, picture_kept)
 
 
-def test_a_request_budget_equals_a_server_budget(llava):
-    folder, model, processor = llava
+def test_a_request_budget_equals_a_server_budget(saved_llava):
+    folder, model, processor = saved_llava
     pictures = [image(3), image(3), image(4)]
     requests = [{"duet_budget": 32}, {"duet_ratio": 0.25}, None]
     with engine(folder, {"duet_method": "visionzip", "duet_budget": 64}) as llm:
@@ -259,8 +260,8 @@ def test_a_request_budget_equals_a_server_budget(llava):
 
 
 @pytest.mark.parametrize("method", ["duet", "fastv", "pyramiddrop"])
-def test_methods_pruning_inside_the_language_model_are_refused(llava, method):
-    folder, _, _ = llava
+def test_methods_pruning_inside_the_language_model_are_refused(saved_llava, method):
+    folder, _, _ = saved_llava
     with pytest.raises(Exception) as failure:
         with engine(folder, {"duet_method": method, "duet_budget": 64}):
             pass
@@ -272,8 +273,8 @@ def test_methods_pruning_inside_the_language_model_are_refused(llava, method):
 
 
 @pytest.mark.parametrize("method,options", [("visionzip", {}), ("pool", {}), ("trio_scan", {})], ids=["visionzip", "pool", "trio_scan"])
-def test_llava_next_equals_the_hugging_face_path(llava_next, method, options):
-    folder, model, processor = llava_next
+def test_llava_next_equals_the_hugging_face_path(saved_llava_next, method, options):
+    folder, model, processor = saved_llava_next
     pictures = [image(5, (200, 150)), image(6, (120, 230))]
     budget = 48
     reducer = duet_vlm.make(method, budget=budget, **options)
@@ -289,10 +290,10 @@ QWEN_METHODS = ["visionzip", "trio_scan", "random", "divprune", "cdpruner"]
 
 
 @pytest.mark.parametrize("method", QWEN_METHODS)
-def test_qwen2_5_vl_equals_the_hugging_face_path(qwen, method):
+def test_qwen2_5_vl_equals_the_hugging_face_path(saved_qwen, method):
     """Kept tokens in their slots with their original M-RoPE positions, text after the image at the
     unreduced model's positions: the same tokens and log-probabilities as the Hugging Face path."""
-    folder, model, processor = qwen
+    folder, model, processor = saved_qwen
     pictures = [image(10, (224, 168)), image(11, (168, 280))]
     budget = 16
     reducer = duet_vlm.make(method, budget=budget)
@@ -304,9 +305,9 @@ def test_qwen2_5_vl_equals_the_hugging_face_path(qwen, method):
         assert_same(reference, result, picture_kept)
 
 
-def test_qwen2_5_vl_unreduced_under_the_plugin_equals_vllm(qwen):
+def test_qwen2_5_vl_unreduced_under_the_plugin_equals_vllm(saved_qwen):
     """An image the budget does not reduce, on a server running a method, numbers its tokens as vLLM does."""
-    folder, model, processor = qwen
+    folder, model, processor = saved_qwen
     picture = image(12, (112, 112))  # 16 merged tokens: a budget of 16 reduces nothing
     reference = hf_run(model, processor, picture, None)
     with engine(folder, {"duet_method": "visionzip", "duet_budget": 16}) as llm:
@@ -333,13 +334,13 @@ def data_url(picture) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def test_openai_server_answers_with_per_request_budgets(llava, tmp_path):
+def test_openai_server_answers_with_per_request_budgets(saved_llava, tmp_path):
     """vLLM's OpenAI-compatible server with the plugin (``python -m duet_vlm.integrations.vllm.serve``) on
     127.0.0.1: three image requests with different budgets (the server's, a request's budget, a
     request's ratio), then the first again with a request's budget (the same image, now another
     budget: prefix caching must not reuse the first), answer as the offline engine does."""
     openai = pytest.importorskip("openai")
-    folder, _, processor = llava
+    folder, _, processor = saved_llava
     pictures = [image(7), image(8), image(9), image(7)]
     requests = [None, {"duet_budget": 16}, {"duet_ratio": 0.1}, {"duet_budget": 8}]
     server = {"duet_method": "visionzip", "duet_budget": 64}

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
-from transformers import LlavaForConditionalGeneration
 
 import duet_vlm
 from duet_vlm import Compose, Geometry, make
@@ -29,9 +28,10 @@ from duet_vlm.methods.pyramiddrop import LastInstructionAttention
 from duet_vlm.methods.trio_scan import GlobalLocalScan
 from duet_vlm.methods.trio_scan import third_keeps as vscan_keeps
 from duet_vlm.methods.vscan import VScan
-from duet_vlm.plan import PositionsError, VisionReduction, VisionStage, VisionView
+from duet_vlm.plan import PositionsError, VisionView
 
-from conftest import make_inputs
+from checks import RecordedVisualBlock
+from models import make_inputs
 
 LLAVA15 = Geometry(num_layers=32, visual_tokens=576, grid=(24, 24), has_cls=True, encoder_depth=24)
 QWEN = Geometry(num_layers=28, visual_tokens=1024, grid=(32, 32), has_cls=False, rope="mrope", encoder_depth=32)
@@ -261,13 +261,7 @@ def test_scan_keeps_exactly_the_count_where_the_official_code_keeps_fewer(count,
 
 
 # ----------------------------------------------------------------------------- the official code's outputs
-@pytest.fixture(scope="module")
-def official(reference_dir):
-    model = LlavaForConditionalGeneration.from_pretrained(reference_dir / "tiny-llava15-hf").eval()
-    sample = json.loads((reference_dir / "inputs.json").read_text())["samples"][0]
-    input_ids = torch.tensor([sample["prefix_ids"] + [999] * 576 + sample["suffix_ids"]])
-    pixel_values = load_file(reference_dir / "inputs.safetensors")["pixel_values_0"]
-    return model, input_ids, pixel_values, reference_dir
+# ``official``: (model, input_ids, pixel_values, reference_dir) of the recorded runs (tests/conftest.py).
 
 
 def _expected(reference_dir, name):
@@ -285,17 +279,6 @@ class RecordingPrune(LastInstructionAttention):
         scores = super().score(view)
         self.scores.append(scores.detach().clone())
         return scores
-
-
-class RecordedVisualBlock(VisionStage):
-    """A vision stage that hands the language model the official run's merged visual block."""
-
-    def __init__(self, features):
-        self.features = features
-
-    def reduce(self, view, keep):
-        kept = torch.arange(1, keep + 1)[None]  # stand-in indices (statistics only)
-        return VisionReduction(view.features[:, 1 : keep + 1], kept, projected=self.features[None])
 
 
 def _run(model, input_ids, pixel_values, reducer, vision=None):

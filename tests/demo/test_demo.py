@@ -15,7 +15,7 @@ import torch
 
 from duet_vlm import synthetic as data
 from duet_vlm.demo.model import build_model, count_parameters, demo_config
-from duet_vlm.demo.processor import CHAT_TEMPLATE, build_processor, build_tokenizer, prompt
+from duet_vlm.demo.processor import CHAT_TEMPLATE, build_tokenizer, prompt
 from duet_vlm.demo.batching import encode_conversation, pixel_values
 from duet_vlm.demo.config import DemoConfig
 from duet_vlm.demo.evaluate import DEMO_MODEL_DIR, evaluate_accuracy, load_demo
@@ -27,11 +27,6 @@ TINY = dict(text_layers=2, text_hidden=32, text_intermediate=64, text_heads=2, t
 
 def _digest(img) -> str:
     return hashlib.sha256(img.tobytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return build_processor()
 
 
 # ----------------------------------------------------------------------------- generator

@@ -12,7 +12,7 @@ import json
 import pytest
 
 import duet_vlm
-from duet_vlm.demo.evaluate import DEMO_MODEL_DIR, evaluate_accuracy, load_demo
+from duet_vlm.demo.evaluate import DEMO_MODEL_DIR, evaluate_accuracy
 
 N = 42  # test questions 0..41: six of each of the seven types
 BATCH = 14
@@ -24,11 +24,6 @@ PINNED = {
     ("visionzip", 64): 32,  # 76.2%
     ("fastv", 64): 28,  # 66.7%
 }
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return load_demo()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,257 @@
+"""Checks and helpers that more than one test module uses (issue #31).
+
+A test module imports these from here (``from checks import ...``; tests/ is on ``sys.path`` as
+for ``models``), never from another test module: tests/test_test_layout.py fails on an import of a
+``test_*`` module. The tiny models and their prompts are in tests/models.py, the fixtures in
+tests/conftest.py.
+
+- Hooks and counts: ``hook_ids``, ``LayerInputs``, ``generate_and_check_counts``.
+- Values compared across calls and threads: ``plain``, ``same``, ``outcome``, ``run_overlapping``.
+- Prompts and calls of generation modes: ``twice``, ``lookup_prompt`` (``MARK``), ``second_turn``,
+  ``TokenCount``.
+- Replays of the official code's recorded outputs: ``RecordedVisualBlock``; textbook references:
+  ``cosine``, ``reference_nms``.
+- Training data: ``write_llava_json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers.generation.streamers import BaseStreamer
+
+import duet_vlm
+from duet_vlm import synthetic
+from duet_vlm.plan import VisionReduction, VisionStage
+
+from models import make_inputs
+
+
+# ----------------------------------------------------------------------------- hooks and counts
+def hook_ids(model):
+    """Every hook on every module, by id: equal before attaching and after detaching."""
+    kinds = ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return {
+        (name, kind): tuple(getattr(module, kind))
+        for name, module in model.named_modules()
+        for kind in kinds
+        if getattr(module, kind)
+    }
+
+
+class LayerInputs:
+    """Sequence lengths entering each decoder layer, seen by hooks registered after the reducer's.
+
+    Hooks fire in registration order, so these see the reducer's output. A stage that runs a layer
+    itself (``view.run_layer``) does so before that layer's real call, hence "last call wins".
+    """
+
+    def __init__(self, model):
+        self.calls: list[dict[int, int]] = []
+        self.handles = [
+            layer.register_forward_pre_hook(self._hook(index), with_kwargs=True)
+            for index, layer in enumerate(model.model.language_model.layers)
+        ]
+
+    def _hook(self, index):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if index == 0:
+                self.calls.append({})
+            self.calls[-1][index] = hidden.shape[1]
+
+        return hook
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def _visual_token_count(model, input_ids) -> int:
+    """Placeholder tokens of images and videos, by the ids the model's config names."""
+    ids = [getattr(model.config, key, None) for key in ("image_token_id", "video_token_id")]
+    return int(sum((input_ids == i).sum() for i in ids if i is not None))
+
+
+def generate_and_check_counts(model, name, inputs):
+    """``generate`` under ``make(name, ratio=0.5)``: the visual tokens each decoder layer receives
+    equal the sum of the items' stats, every item averages half its tokens (within a frame count:
+    a vision stage keeps the same count in every frame), each layer's KV cache holds its prefill
+    plus the generated tokens, and no hook is left behind. Returns the items' stats."""
+    text = inputs["input_ids"].shape[1] - _visual_token_count(model, inputs["input_ids"])
+    reducer = duet_vlm.make(name, ratio=0.5)
+    hooks = hook_ids(model)
+    handle = reducer.attach(model)
+    probe = LayerInputs(model)
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    finally:
+        probe.remove()
+        handle.remove()
+    assert hook_ids(model) == hooks
+    items = reducer.stats.items
+    seen = [length - text for _, length in sorted(probe.calls[0].items())]
+    assert seen == [sum(i.tokens_per_layer[layer] for i in items) for layer in range(len(seen))]
+    for item in items:
+        expected = item.tokens if name == "full" else round(0.5 * item.tokens)
+        assert abs(item.average_tokens - expected) <= max(1, item.units), (item.modality, item.tokens_per_layer)
+    generated = out.sequences.shape[1] - inputs["input_ids"].shape[1]
+    for layer, visual in enumerate(seen):
+        assert out.past_key_values.layers[layer].keys.shape[-2] == text + visual + generated - 1, f"layer {layer}"
+    return items
+
+
+# ----------------------------------------------------------------------------- values across calls and threads
+def plain(value):
+    """A comparable form of stats (nested dataclasses, tensors, lists, dicts)."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", str(value.dtype), tuple(value.shape), value.tolist())
+    if is_dataclass(value):
+        return (type(value).__name__, {f.name: plain(getattr(value, f.name)) for f in fields(value)})
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    return value
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def outcome(call):
+    """What a call gives: its value, or its exception's type and message (never raised here)."""
+    try:
+        return call()
+    except Exception as error:  # noqa: BLE001 - compared as values
+        return f"{type(error).__name__}: {error}"
+
+
+def run_overlapping(jobs, rounds: int, seed: int):
+    """Each round runs every job once, each in its own thread, released together by a barrier (in a
+    shuffled order); returns per round the list of outcomes in job order."""
+    rng = random.Random(seed)
+    results = []
+    for _ in range(rounds):
+        order = list(range(len(jobs)))
+        rng.shuffle(order)
+        barrier = threading.Barrier(len(jobs))
+
+        def run(index):
+            barrier.wait(timeout=120)
+            return index, outcome(jobs[index])
+
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            done = dict(pool.map(run, order))
+        results.append([done[i] for i in range(len(jobs))])
+    return results
+
+
+# ----------------------------------------------------------------------------- generation modes
+def twice(inputs):
+    """A batch of two rows, each the prompt of ``inputs`` (one row)."""
+    return {k: torch.cat([v, v]) for k, v in inputs.items()}
+
+
+class TokenCount(BaseStreamer):
+    """How many times ``generate`` handed tokens out (the prompt first, then each accepted chunk)."""
+
+    def __init__(self):
+        self.puts = 0
+
+    def put(self, value):
+        self.puts += 1
+
+    def end(self):
+        pass
+
+
+MARK = [901, 902]  # two tokens make_inputs never draws
+
+
+def lookup_prompt(model, drafts=(904, 905, 906), seed: int = 3):
+    """A prompt whose last two tokens repeat two tokens of its text after the image: prompt lookup
+    drafts the three that followed them (``drafts``) into the prefill itself."""
+    inputs = make_inputs(model, seed=seed)
+    tail = torch.tensor([MARK + list(drafts) + [903] + MARK])
+    ids = torch.cat([inputs["input_ids"], tail], dim=1)
+    return {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def second_turn(model, reducer=None):
+    """A cached second turn bringing a new image: three greedy tokens after a first prompt, then
+    three more after the second prompt, its pixels and the first turn's cache (under ``reducer``)."""
+    first_turn, new_image = make_inputs(model, seed=31), make_inputs(model, seed=32)
+    with torch.no_grad(), (reducer(model) if reducer is not None else contextlib.nullcontext()):
+        first = model.generate(**first_turn, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        ids = torch.cat([first.sequences, new_image["input_ids"][:, 1:]], dim=1)
+        return model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=new_image["pixel_values"],
+            past_key_values=first.past_key_values, max_new_tokens=3, do_sample=False,
+        )
+
+
+# ----------------------------------------------------------------------------- official code and references
+class RecordedVisualBlock(VisionStage):
+    """A vision stage that hands the language model the official run's merged visual block."""
+
+    def __init__(self, features):
+        self.features = features
+
+    def reduce(self, view, keep):
+        kept = torch.arange(1, keep + 1)[None]  # stand-in indices (statistics only)
+        return VisionReduction(view.features[:, 1 : keep + 1], kept, projected=self.features[None])
+
+
+def cosine(features):
+    """Pairwise cosine similarity of the rows of ``features`` (float32, clamped to [-1, 1])."""
+    unit = F.normalize(features.float(), dim=-1)
+    return (unit @ unit.transpose(-1, -2)).clamp(-1, 1)
+
+
+def reference_nms(saliency, features, keep, threshold):
+    """Textbook greedy NMS, one token at a time, then fill with the most salient suppressed tokens."""
+    similarity = cosine(features)
+    order = sorted(range(len(saliency)), key=lambda i: (-float(saliency[i]), i))
+    kept, suppressed = [], set()
+    for i in order:
+        if len(kept) == keep:
+            break
+        if i in suppressed:
+            continue
+        kept.append(i)
+        suppressed |= {j for j in order if j not in kept and similarity[i, j] >= threshold}
+    fill = [i for i in order if i not in kept][: keep - len(kept)]
+    return sorted(kept + fill), len(kept)
+
+
+# ----------------------------------------------------------------------------- training data
+def write_llava_json(folder: Path, n: int = 4, **overrides) -> Path:
+    """``n`` synthetic conversations in LLaVA's JSON format, images as PNG files under ``folder/images``."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    items = []
+    for index in range(n):
+        image, turns, _ = synthetic.conversation("train", index, n_questions=2)
+        image.save(folder / "images" / f"{index}.png")
+        conversations = []
+        for k, (_qtype, question, answer) in enumerate(turns):
+            conversations += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + question},
+                              {"from": "gpt", "value": answer}]
+        items.append({"id": str(index), "image": f"{index}.png", "conversations": conversations})
+    items[0].update(overrides)
+    path = folder / "data.json"
+    path.write_text(json.dumps(items))
+    return path

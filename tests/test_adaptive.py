@@ -125,7 +125,7 @@ def test_calibration_counts_the_budgets_a_method_reaches():
         (dict(signal="entropy"), "signal must be one of"),
         (dict(floor=0.0), r"floor must lie in \(0, 1\]"),
         (dict(floor=1.5), r"floor must lie in \(0, 1\]"),
-        (dict(ceiling=0.5), "ceiling be >= 1"),
+        (dict(ceiling=0.5), r"ceiling must be >= 1 .*got 0.5"),
     ],
 )
 def test_adaptive_refuses_bad_settings(options, message):

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..content import SIGNALS, THRESHOLD_RANGES, Curve, calibrate_threshold, curve
 from ..geometry import Geometry
+from ..options import check_number
 from ..plan import Plan, VisionView
 from .base import PerItemRatio, Reducer
 
@@ -77,13 +78,9 @@ class Adaptive(Reducer):
         if self.signal not in SIGNALS:
             raise ValueError(f"signal must be one of {SIGNALS}, got {self.signal!r}")
         low, high = THRESHOLD_RANGES[self.signal]
-        if self.threshold is not None and (
-            isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
-            or not low <= self.threshold <= high
-        ):
-            raise ValueError(f"threshold of the {self.signal} signal must lie in [{low}, {high}], got {self.threshold!r}")
-        if not 0 < self.floor <= 1 <= self.ceiling:
-            raise ValueError(f"floor must lie in (0, 1] and ceiling be >= 1, got {self.floor}, {self.ceiling}")
+        check_number(f"threshold of the {self.signal} signal", self.threshold, low=low, high=high, optional=True)
+        check_number("floor", self.floor, low=0, high=1, low_open=True, note="a fraction of the average budget")
+        check_number("ceiling", self.ceiling, low=1, note="a multiple of the average budget")
         self.average_budget(Geometry(1, 10**6, (1, 1), False))  # a method without a budget is refused now
 
     def average_budget(self, geometry: Geometry) -> int:

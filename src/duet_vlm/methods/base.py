@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Iterator
 from torch import nn
 
 from ..geometry import Geometry
+from ..options import check_number
 from ..plan import (  # noqa: F401 - re-exported: the interface methods are written against
     BudgetWarning,
     LanguageStage,
@@ -53,12 +54,8 @@ def per_unit(geometry: Geometry | None, keep: int) -> int:
 
 def check_budget(budget: int | None, required: bool = True) -> None:
     """Budgets are whole numbers of visual tokens per layer per image."""
-    if budget is None and not required:
-        return
-    if isinstance(budget, bool) or not isinstance(budget, int):
-        raise ValueError(f"budget must be a positive int (visual tokens per layer per image), got {budget!r}")
-    if budget <= 0:
-        raise ValueError(f"budget must be a positive int (visual tokens per layer per image), got {budget}")
+    check_number("budget", budget, integer=True, low=0, low_open=True, optional=not required,
+                 note="visual tokens per layer per image")
 
 
 class CallStats:
@@ -185,8 +182,8 @@ class Reducer(ABC):
         for value in values:
             if budget is not None:
                 check_budget(value)
-            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-                raise ValueError(f"per-row ratios must lie in (0, 1], got {value!r}")
+            else:
+                check_number("per-row ratios", value, low=0, high=1, low_open=True)
         if ratio is not None:
             values = [lambda geometry, r=r: max(1, round(r * geometry.visual_tokens)) for r in values]
         options = self._call_options()
@@ -317,8 +314,7 @@ class PerItemRatio(Reducer):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio <= 1:
-            raise ValueError(f"ratio must lie in (0, 1] (the kept fraction of each item's tokens), got {self.ratio!r}")
+        check_number("ratio", self.ratio, low=0, high=1, low_open=True, note="the kept fraction of each item's tokens")
         if self.positions is None:
             self.positions = self.method.default_positions
         self.build(1)  # validate the options now, not at the first forward

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..geometry import Geometry
+from ..options import check_number
 from ..plan import Plan, VisionReduction, VisionStage, VisionView
 from ..schedule import Schedule
 from ..selection import gather_tokens
@@ -139,13 +140,6 @@ def cdpruner_select(
     return greedy_dpp_map(conditional_kernel(features, relevance, theta), keep).sort(dim=-1).values
 
 
-def check_theta(theta: float | None) -> None:
-    if theta is None:
-        return
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 <= theta < 1:
-        raise ValueError(f"theta must be None or a number in [0, 1) (the relevance weight), got {theta!r}")
-
-
 @dataclass
 class ConditionalDPPSelect(VisionStage):
     """CDPruner's stage: per unit, the ``keep`` patches the conditional DPP chooses, in their original
@@ -166,7 +160,8 @@ class ConditionalDPPSelect(VisionStage):
     needs_text: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        check_theta(self.theta)
+        check_number("theta", self.theta, low=0, high=1, high_open=True, optional=True, kind="None or a number",
+                     note="the relevance weight")
         if not isinstance(self.negate_relevance, bool):
             raise ValueError(f"negate_relevance must be a bool, got {self.negate_relevance!r}")
 

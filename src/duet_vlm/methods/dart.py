@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..options import check_number
 from ..plan import LanguageStage, LayerView
 from ..selection import gather_tokens
 from .shapes import PruneOnceAfterLayer
@@ -195,11 +196,6 @@ def _padded(positions: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.
     return index, valid
 
 
-def _count(value, name: str, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-
-
 @register_method("dart")
 @dataclass
 class DART(PruneOnceAfterLayer):
@@ -282,8 +278,8 @@ class DART(PruneOnceAfterLayer):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _count(self.image_pivots, "image_pivots", 1)
-        _count(self.text_pivots, "text_pivots", 0)
+        check_number("image_pivots", self.image_pivots, integer=True, low=1)
+        check_number("text_pivots", self.text_pivots, integer=True, low=0)
 
     def language_stage(self) -> DuplicationPrune:
         return DuplicationPrune(self.image_pivots, self.text_pivots)

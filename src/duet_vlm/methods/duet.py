@@ -8,6 +8,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from ..geometry import Geometry
+from ..options import check_number, check_numbers
 from ..salient import salient_token_positions
 from ..schedule import ratio_schedule, scaled_boundaries
 from .base import (
@@ -124,6 +125,10 @@ class Duet(Reducer):
         explicit = self.dominant is not None and self.contextual is not None
         check_budget(self.budget, required=not explicit)
         check_stage_a_counts(self.dominant, self.contextual)
+        check_number("cluster_width", self.cluster_width, integer=True, low=1, optional=True)
+        self.layers = check_numbers("layers", self.layers, integer=True, low=1, optional=True)
+        # Numbers here; the schedule checks that they lie in [0, 1] when planning.
+        self.ratios = check_numbers("ratios", self.ratios, optional=True)
         if (self.layers is None) != (self.ratios is None) and self.layers != ():
             raise ValueError("give both layers and ratios (or neither, for the default schedule)")
         if self.ratios is None and self.layers == ():

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..geometry import Geometry
+from ..options import check_number
 from ..plan import LanguageStage, LayerView, Plan
 from ..schedule import Schedule, scaled_boundaries, solve_llm_input
 from ..selection import gather_tokens
@@ -112,12 +113,8 @@ class SaliencyNMSPrune(LanguageStage):
     probe: str = "next"
 
     def __post_init__(self) -> None:
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
-            raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {self.threshold!r}")
-        if not -1.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {self.threshold}")
-        if isinstance(self.proxy_tokens, bool) or not isinstance(self.proxy_tokens, int) or self.proxy_tokens < 1:
-            raise ValueError(f"proxy_tokens must be a positive int, got {self.proxy_tokens!r}")
+        check_number("threshold", self.threshold, low=-1, high=1, kind="a cosine similarity")
+        check_number("proxy_tokens", self.proxy_tokens, integer=True, low=0, low_open=True)
         if self.probe not in PROBES:
             raise ValueError(f"probe must be one of {PROBES}, got {self.probe!r}")
 

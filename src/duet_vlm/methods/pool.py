@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..geometry import Geometry
+from ..options import check_numbers
 from ..schedule import Schedule
 from .base import Plan, Reducer, VisionReduction, VisionStage, VisionView, check_budget, per_unit
 from .registry import register_method
@@ -97,10 +98,8 @@ class Pool(Reducer):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_budget(self.budget, required=False)
-        if self.shape is not None:
-            self.shape = tuple(self.shape)
-            if len(self.shape) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.shape):
-                raise ValueError(f"shape must be two positive ints (rows, cols), got {self.shape!r}")
+        self.shape = check_numbers("shape", self.shape, integer=True, low=0, low_open=True, length=2, optional=True,
+                                   note="rows, cols")
 
     def vision_stage_for(self, geometry: Geometry, keep: int) -> GridPool:
         # Composition needs exactly `keep` tokens, so no tolerance here.

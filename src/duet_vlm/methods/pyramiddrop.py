@@ -7,6 +7,7 @@ from typing import Callable
 
 
 from ..geometry import Geometry
+from ..options import check_number, check_numbers
 from ..schedule import Schedule, ratio_schedule, scaled_boundaries
 from .base import Plan, Reducer, check_budget
 from .registry import register_method
@@ -131,18 +132,15 @@ class PyramidDrop(Reducer):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_budget(self.budget, required=False)
+        self.layers = check_numbers("layers", self.layers, integer=True, low=1, optional=True)
+        self.ratios = check_numbers("ratios", self.ratios, low=0, high=1, optional=True)
+        check_number("decay", self.decay, low=0, high=1, optional=True)
         if self.ratios is not None and self.decay is not None:
             raise ValueError("give ratios or decay, not both")
-        if self.decay is not None and not 0.0 <= self.decay <= 1.0:
-            raise ValueError(f"decay must lie in [0, 1], got {self.decay!r}")
-        if self.ratios is not None:
-            self.ratios = tuple(self.ratios)
-            if self.layers is None or len(self.layers) != len(self.ratios):
-                raise ValueError("explicit ratios need layers of the same length")
-        if self.layers is not None:
-            self.layers = tuple(self.layers)
-            if not self.layers:
-                raise ValueError("PyramidDrop needs at least one boundary layer")
+        if self.ratios is not None and (self.layers is None or len(self.layers) != len(self.ratios)):
+            raise ValueError("explicit ratios need layers of the same length")
+        if self.layers is not None and not self.layers:
+            raise ValueError("PyramidDrop needs at least one boundary layer")
 
     def _shape(self, geometry: Geometry) -> tuple[tuple[int, ...], tuple[float, ...]]:
         layers = self.layers if self.layers is not None else scaled_boundaries(geometry.num_layers, DEFAULT_FRACTIONS)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..geometry import Geometry
+from ..options import check_number
 from ..schedule import Schedule
 from ..selection import gather_tokens
 from .base import Plan, Reducer, VisionReduction, VisionStage, VisionView, check_budget, per_unit
@@ -72,8 +73,7 @@ class RandomDrop(Reducer):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_budget(self.budget, required=False)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        check_number("seed", self.seed, integer=True)
 
     def vision_stage_for(self, geometry: Geometry, keep: int) -> RandomPatches:
         patches, keep = geometry.patches, per_unit(geometry, keep)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..geometry import Geometry
+from ..options import check_number, check_numbers
 from ..schedule import Schedule, scaled_boundaries, solve_llm_input
 from .base import Plan, Reducer, check_budget, per_unit
 from .stages import GlobalLocalScan, scan_for
@@ -67,14 +68,9 @@ class PruneOnceAfterLayer(Reducer):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_budget(self.budget, required=False)
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
-            raise ValueError(f"layer must be an int >= 1 (the score reads layer - 1), got {self.layer!r}")
-        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 0):
-            raise ValueError(f"keep must be an int >= 0, got {self.keep!r}")
-        if self.ratio is not None and (
-            isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio <= 1.0
-        ):
-            raise ValueError(f"ratio must lie in [0, 1], got {self.ratio!r}")
+        check_number("layer", self.layer, integer=True, low=1, note="the score reads layer - 1")
+        check_number("keep", self.keep, integer=True, low=0, optional=True)
+        check_number("ratio", self.ratio, low=0, high=1, optional=True)
         if self.keep is not None and self.ratio is not None:
             raise ValueError("give keep or ratio, not both")
 
@@ -150,17 +146,6 @@ def third_keeps(
     return tuple(keeps)
 
 
-def int_tuple(name: str, values, minimum: int) -> tuple[int, ...]:
-    if isinstance(values, int) and not isinstance(values, bool):
-        values = (values,)
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise ValueError(f"{name} must be a sequence of ints >= {minimum}, got {values!r}")
-    values = tuple(values)
-    if any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in values):
-        raise ValueError(f"{name} must be ints >= {minimum}, got {values}")
-    return values
-
-
 @dataclass
 class ScanThenPrune(Reducer):
     """The shape TRIO (``pio``) and VScan share: TRIO's vision-encoder scan brings each item to ``N``
@@ -192,16 +177,11 @@ class ScanThenPrune(Reducer):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.layers is not None:
-            self.layers = int_tuple("layers", self.layers, minimum=1)
-            if list(self.layers) != sorted(set(self.layers)):
-                raise ValueError(f"layers must be strictly increasing, got {self.layers}")
-        if self.keep is not None:
-            self.keep = int_tuple("keep", self.keep, minimum=0)
-        if self.ratios is not None:
-            self.ratios = (self.ratios,) if isinstance(self.ratios, (int, float)) else tuple(self.ratios)
-            if any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1 for r in self.ratios):
-                raise ValueError(f"ratios must lie in [0, 1], got {self.ratios}")
+        self.layers = check_numbers("layers", self.layers, integer=True, low=1, optional=True)
+        if self.layers is not None and list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"layers must be strictly increasing, got {self.layers}")
+        self.keep = check_numbers("keep", self.keep, integer=True, low=0, optional=True)
+        self.ratios = check_numbers("ratios", self.ratios, low=0, high=1, optional=True)
         if self.keep is not None and self.ratios is not None:
             raise ValueError("give keep or ratios, not both")
         shape = self.keep if self.keep is not None else self.ratios
@@ -211,15 +191,9 @@ class ScanThenPrune(Reducer):
                 f"{stages} boundary layer(s) but {len(shape)} keep counts/ratios"
                 + ("" if self.layers is not None else " (give layers with more than one)")
             )
-        if self.llm_input is not None and (
-            isinstance(self.llm_input, bool) or not isinstance(self.llm_input, int) or self.llm_input < 1
-        ):
-            raise ValueError(f"llm_input must be a positive int (tokens per item entering the LLM), got {self.llm_input!r}")
-        if self.vision_ratio is not None and (
-            isinstance(self.vision_ratio, bool) or not isinstance(self.vision_ratio, (int, float))
-            or not 0 < self.vision_ratio <= 1
-        ):
-            raise ValueError(f"vision_ratio must lie in (0, 1], got {self.vision_ratio!r}")
+        check_number("llm_input", self.llm_input, integer=True, low=0, low_open=True, optional=True,
+                     note="tokens per item entering the LLM")
+        check_number("vision_ratio", self.vision_ratio, low=0, high=1, low_open=True, optional=True)
         if self.llm_input is not None and self.vision_ratio is not None:
             raise ValueError("give llm_input or vision_ratio, not both")
         check_budget(self.budget, required=False)  # a half of a Compose needs none

@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 
 from ..geometry import Geometry
+from ..options import check_numbers
 from ..schedule import Schedule, scaled_boundaries
 from .base import LanguageStage, LayerView, Plan, Reducer, Selection, check_budget
 from .registry import register_method
@@ -234,14 +235,11 @@ class SparseVLM(Reducer):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_budget(self.budget, required=self.keep is None)
-        if self.keep is not None:
-            self.keep = tuple(self.keep)
-            if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in self.keep):
-                raise ValueError(f"keep must hold non-negative ints, got {self.keep!r}")
-        if self.layers is not None:
-            self.layers = tuple(self.layers)
-            if self.keep is not None and len(self.keep) != len(self.layers):
-                raise ValueError(f"{len(self.layers)} boundary layers but {len(self.keep)} keep counts")
+        self.keep = check_numbers("keep", self.keep, integer=True, low=0, optional=True,
+                                  note="top-k counts per boundary, before recycling")
+        self.layers = check_numbers("layers", self.layers, integer=True, low=1, optional=True)
+        if self.keep is not None and self.layers is not None and len(self.keep) != len(self.layers):
+            raise ValueError(f"{len(self.layers)} boundary layers but {len(self.keep)} keep counts")
 
     def boundaries(self, geometry: Geometry) -> tuple[int, ...]:
         return self.layers if self.layers is not None else scaled_boundaries(geometry.num_layers, V15_FRACTIONS)

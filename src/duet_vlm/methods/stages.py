@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..geometry import Geometry
+from ..options import check_number
 from ..plan import LanguageStage, LayerView, VisionReduction, VisionStage, VisionView
 from ..selection import merge_dominant_contextual
 
@@ -22,12 +23,11 @@ CONTEXTUAL_SHARE = 10 / 64
 
 
 def check_stage_a_counts(dominant: int | None, contextual: int | None) -> None:
-    """Explicit dominant/contextual counts are non-negative ints; dominant includes CLS, so >= 1."""
-    for name, value in (("dominant", dominant), ("contextual", contextual)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    """Explicit dominant/contextual counts are ints >= 0; dominant includes CLS, so >= 1."""
+    check_number("dominant", dominant, integer=True, low=0, optional=True)
+    check_number("contextual", contextual, integer=True, low=0, optional=True)
     if dominant is not None and dominant < 1:
-        raise ValueError("dominant counts the CLS token and must be >= 1")
+        raise ValueError(f"dominant counts the CLS token and must be >= 1, got {dominant!r}")
 
 
 def contextual_count(keep: int, dominant: int | None, contextual: int | None, default: int) -> int:
@@ -166,12 +166,8 @@ class GlobalLocalScan(VisionStage):
     global_layer: int | str = -2
 
     def __post_init__(self) -> None:
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be a positive int (tokens per side), got {self.window!r}")
-        if isinstance(self.local_share, bool) or not isinstance(self.local_share, (int, float)):
-            raise ValueError(f"local_share must be a number in [0, 1], got {self.local_share!r}")
-        if not 0 <= self.local_share <= 1:
-            raise ValueError(f"local_share must lie in [0, 1], got {self.local_share}")
+        check_number("window", self.window, integer=True, low=0, low_open=True, note="tokens per side")
+        check_number("local_share", self.local_share, low=0, high=1)
 
     def encoder_layers(self) -> tuple:
         return tuple(dict.fromkeys((self.local_layer, self.global_layer)))

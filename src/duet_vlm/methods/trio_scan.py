@@ -10,7 +10,7 @@ from ..plan import Plan
 from ..schedule import Schedule
 from .base import Reducer, check_budget, per_unit
 from .registry import register_method
-from .shapes import QWEN_KEEP_RATIO, ScanThenPrune, int_tuple, third_keeps  # noqa: F401 - shared with PIO and VScan
+from .shapes import QWEN_KEEP_RATIO, ScanThenPrune, third_keeps  # noqa: F401 - shared with PIO and VScan
 from .stages import GlobalLocalScan, merge_into_nearest, scan_for, window_scan  # noqa: F401 - re-exported
 
 

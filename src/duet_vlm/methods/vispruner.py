@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..geometry import Geometry
+from ..options import check_number
 from ..schedule import Schedule
 from ..selection import gather_tokens
 from .base import Plan, Reducer, VisionReduction, VisionStage, VisionView, check_budget, per_unit
@@ -88,8 +89,7 @@ def remove_duplicates(similarity: torch.Tensor, residual: torch.Tensor, keep: in
     rows, length = residual.shape
     if not 0 <= keep <= length:
         raise ValueError(f"cannot keep {keep} of {length} tokens")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise ValueError(f"step must be a positive int, got {step!r}")
+    check_number("step", step, integer=True, low=0, low_open=True)
     if keep == 0:  # the official loop runs only while diverse tokens are wanted
         return residual[:, :0]
     tokens = similarity.shape[-1]
@@ -177,13 +177,9 @@ class ImportantDiverse(VisionStage):
 
 def check_options(important_ratio: float, step: int) -> None:
     """Refuse options the official code has no meaning for, with the reason."""
-    wanted = "important_ratio must be a number in [0, 1] (the share of important tokens)"
-    if isinstance(important_ratio, bool) or not isinstance(important_ratio, (int, float)):
-        raise ValueError(f"{wanted}, got {important_ratio!r}")
-    if not 0 <= important_ratio <= 1:
-        raise ValueError(f"{wanted}, got {important_ratio}")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise ValueError(f"step must be a positive int (duplicates removed per round, official 8), got {step!r}")
+    check_number("important_ratio", important_ratio, low=0, high=1, kind="a number",
+                 note="the share of important tokens")
+    check_number("step", step, integer=True, low=0, low_open=True, note="duplicates removed per round, official 8")
 
 
 @register_method("vispruner")

@@ -6,7 +6,7 @@ its method solves for the item's own geometry, so rows of a batch may hold items
 and kinds. One prefill is a chain of compactions (``duet_vlm.compaction``): the full input becomes
 the language model's entry sequence (``prefill``), each pruning boundary shortens it (``boundary``),
 and the kept states go back to the input's length for the logits (``exit``). Decoding steps attend
-over each layer group's own cache (``decoding``). Positions follow one strategy per scheme
+over each layer segment's own cache (``decoding``). Positions follow one strategy per scheme
 (``positions``). What a call computes lives in that call's state (``calls``), so threads may share
 an attached model. ``attachment`` alone registers hooks.
 """

@@ -1,4 +1,4 @@
-"""Decoding steps after a reduced prefill: each layer group attends over its own cache.
+"""Decoding steps after a reduced prefill: each layer segment attends over its own cache.
 
 ``generate`` keeps a full-length 2-D mask and unreduced positions. At the language model's entry
 they are mapped onto the entry sequence (``continue_prompt``); at the first layer of each later
@@ -37,7 +37,7 @@ def continue_prompt(prompt: PrefillState, kwargs: dict, cache) -> tuple | None:
     attention_mask = kwargs.get("attention_mask")
     new = kwargs["inputs_embeds"].shape[1]
     device = kwargs["inputs_embeds"].device
-    # alignment pads (at the entry, or in a later group whose rows kept different counts: per-row
+    # alignment pads (at the entry, or in a later segment whose rows kept different counts: per-row
     # or per-item budgets) need masking
     if attention_mask is None and (entry.pad is not None or any(s.steps.pad is not None for s in prompt.segments[1:])):
         length = prompt.full_length + cached - prompt.entry_length + new

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from .binding import Binding
-from .state import PrefillState
 from .protocol import RuntimeReducer
+from .state import PrefillState
 
 RESENT = (
     "duet-vlm reduces visual items in a prefill, not on top of a cache (a reduced cache is shorter than its "

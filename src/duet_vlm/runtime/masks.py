@@ -25,7 +25,7 @@ def gather_mask(mask, q_index: torch.Tensor | None, kv_index: torch.Tensor):
 
 def causal_mask(text_config, hidden: torch.Tensor, key_valid: torch.Tensor, query_length: int):
     """The causal mask transformers would build for the model's attention backend, over
-    ``key_valid`` keys of which the last ``query_length`` are the queries (a group's own sequence in
+    ``key_valid`` keys of which the last ``query_length`` are the queries (a segment's own sequence in
     a prefill, the new tokens in a decoding step)."""
     builder = ALL_MASK_ATTENTION_FUNCTIONS[text_config._attn_implementation]
     kv_length = key_valid.shape[1]

@@ -3,7 +3,7 @@ positions at the language model's entry, after a pruning boundary, and for a dec
 
 - ``Renumbered`` (1-D RoPE, ``positions="contiguous"``, the references of DUET, PyramidDrop,
   SparseVLM and PIO): kept tokens are renumbered after every drop, as if the prompt had been
-  shorter; a decoding step's position moves back by what its layer group dropped, so each layer's
+  shorter; a decoding step's position moves back by what its layer segment dropped, so each layer's
   RoPE position is the length of its own cache.
 - ``Original`` (1-D RoPE, ``positions="original"``, FastV): kept tokens keep their positions; a
   decoding step is numbered as the unreduced model numbers it, and only the mask changes.
@@ -55,7 +55,7 @@ class Original:
         return position_ids
 
     def decode_group(self, position_ids: torch.Tensor, entry: Compaction, group: Compaction) -> torch.Tensor | None:
-        """A decoding step's positions in a later layer group; ``None``: the entry's stand."""
+        """A decoding step's positions in a later layer segment; ``None``: the entry's stand."""
         return None
 
 

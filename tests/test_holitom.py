@@ -36,6 +36,7 @@ from duet_vlm.methods.holitom import (
     window_savings,
 )
 from duet_vlm.plan import VisionView
+from duet_vlm.video_merge import split_counts
 
 from models import FAMILIES, LAYERS, make_inputs, make_llava
 
@@ -87,12 +88,7 @@ def test_outer_merge_replays_the_official_functions(reference_dir, case):
     official = record["segments"]
     assert [m.nonzero()[:, 0].tolist() for m in masks] == [s["static_positions_in_window"] for s in official]
     counts, _, _ = official_counts(segments, [int(m.sum()) for m in masks], n, ratio)
-    static_count, dynamic, g = [], [], 0
-    for s, e in segments:
-        static_count.append(counts[g] if e > s else 0)
-        g += e > s
-        dynamic += counts[g : g + e - s + 1]
-        g += e - s + 1
+    static_count, dynamic = split_counts(segments, counts)
     assert static_count == [s["static_count"] for s in official]
     assert dynamic == [d for s in official for d in s["dynamic_counts"]]
     plan = assemble(features, attention, segments, masks, static_count, dynamic, settings_["beta"], settings_["K"])

@@ -313,7 +313,16 @@ def token_counts(
     reduced = sum(savings[s][e] for s, e in segments)
     ratio = min(total / whole / ((whole - reduced) / whole), 1.0)  # as the official code computes it
     counts, quotas, sizes = official_counts(segments, n_static, n, ratio)
-    counts = exact_counts(counts, quotas, sizes, total)
+    return split_counts(segments, exact_counts(counts, quotas, sizes, total))
+
+
+def split_counts(segments: list[tuple[int, int]], counts: list[int]) -> tuple[list[int], list[int]]:
+    """``official_counts``' flat list (per segment: its static group when it spans several frames,
+    then one group per frame) as ``(static tokens per segment, dynamic tokens per frame)``.
+
+    >>> split_counts([(0, 1), (2, 2)], [5, 2, 3, 4])
+    ([5, 0], [2, 3, 4])
+    """
     static_count, dynamic, g = [], [], 0
     for s, e in segments:
         static_count.append(counts[g] if e > s else 0)

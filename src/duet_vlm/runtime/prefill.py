@@ -96,11 +96,11 @@ def start_prefill(binding: Binding, input_ids: torch.Tensor, labels: torch.Tenso
             if reference is not None:  # generating without a cache: the text the first prefill read
                 text[:, reference[0].full_length :] = False
         reduce_vision(binding, items, captures, kwargs["inputs_embeds"], signals, text)
-    entry, mask = entry_compaction(items, input_ids), kwargs.get("attention_mask")
+    entry = entry_compaction(items, input_ids)
     numbering = scheme(positions_mode([item.plan for item in items]), found[0].geometry.rope)
-    lm_position_ids = compact_entry(entry, numbering, kwargs)
-    tokens = entry_tokens(entry, items, input_ids, labels, mask)
+    lm_position_ids, mask = compact_entry(entry, numbering, kwargs)
     rank = entry.rank()  # every full-input position's slot among the kept ones, per row
+    tokens = entry_tokens(entry, rank, items, input_ids, labels, mask)
     placements = [Placement(item, rank[item.row, item.slots], torch.arange(len(item.slots), device=input_ids.device))
                   for item in items]
     segment = Segment(entry.output_identity(), placements)
@@ -128,9 +128,9 @@ def entry_compaction(items: list[Item], input_ids: torch.Tensor) -> Compaction:
     return Compaction.from_keep(keep)
 
 
-def compact_entry(entry: Compaction, numbering: Original | Renumbered, kwargs: dict) -> torch.Tensor | None:
+def compact_entry(entry: Compaction, numbering: Original | Renumbered, kwargs: dict) -> tuple:
     """Compact the language model's arguments to the entry sequence, in place; returns the position
-    ids the language model then receives."""
+    ids the language model then receives, and the user's 2-D mask at the entry (``None``: none)."""
     attention_mask = kwargs.get("attention_mask")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError("duet-vlm needs a 2-D attention_mask (or None) at the language model input")
@@ -139,28 +139,24 @@ def compact_entry(entry: Compaction, numbering: Original | Renumbered, kwargs: d
         if attention_mask is None and entry.pad is not None:
             attention_mask = torch.ones(entry.batch, entry.source_length, dtype=torch.long, device=entry.index.device)
         if attention_mask is not None:
-            kwargs["attention_mask"] = entry.gather_mask(attention_mask)
+            attention_mask = kwargs["attention_mask"] = entry.gather_mask(attention_mask)
         kwargs["position_ids"] = numbering.at_entry(kwargs.get("position_ids"), entry)
         if isinstance(numbering, Original) and attention_mask is None and kwargs.get("past_key_values") is None:
             # Gapped positions without a mask would be read as packed sequences by transformers.
             kwargs["attention_mask"] = torch.ones_like(entry.index)
-    return kwargs.get("position_ids")
+    return kwargs.get("position_ids"), attention_mask
 
 
-def entry_tokens(entry: Compaction, items: list[Item], input_ids: torch.Tensor, labels, mask) -> Tokens:
-    """The prompt's tokens at the entry (``mask``: the full input's 2-D mask, or ``None``): ids,
-    valid flags, and per row the instruction after its last item (what language stages query with)."""
+def entry_tokens(entry: Compaction, rank: torch.Tensor, items: list[Item], input_ids: torch.Tensor, labels,
+                 mask: torch.Tensor | None) -> Tokens:
+    """The prompt's tokens at the entry (``mask``: the 2-D mask at the entry, or ``None``; ``rank``:
+    ``entry.rank()``): ids, valid flags, and per row the instruction after its last item (what
+    language stages query with)."""
     batch, length = input_ids.shape
     device = input_ids.device
-    if mask is not None and not entry.is_identity:
-        valid = entry.gather_mask(mask).bool()
-    elif mask is not None:
-        valid = mask.bool()
-    else:
-        valid = torch.ones_like(entry.index, dtype=torch.bool)
+    valid = mask.bool() if mask is not None else torch.ones_like(entry.index, dtype=torch.bool)
     if entry.pad is not None:
         valid = valid & ~entry.pad
-    rank = entry.rank()
     is_visual = torch.zeros_like(input_ids, dtype=torch.bool)
     for item in items:
         is_visual[item.row, item.source.start : item.source.start + item.source.length] = True

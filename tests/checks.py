@@ -106,7 +106,15 @@ def generate_and_check_counts(model, name, inputs):
         assert abs(item.average_tokens - expected) <= max(1, item.units), (item.modality, item.tokens_per_layer)
     generated = out.sequences.shape[1] - inputs["input_ids"].shape[1]
     for layer, visual in enumerate(seen):
-        assert out.past_key_values.layers[layer].keys.shape[-2] == text + visual + generated - 1, f"layer {layer}"
+        cached = out.past_key_values.layers[layer]
+        if hasattr(cached, "recurrent_states"):  # linear attention: a state of fixed size, whatever the tokens
+            module = model.get_decoder().layers[layer].linear_attn
+            batch = inputs["input_ids"].shape[0]
+            assert cached.conv_states[0].shape == (batch, module.conv_dim, module.conv_kernel_size), f"layer {layer}"
+            heads, k, v = module.num_v_heads, module.head_k_dim, module.head_v_dim
+            assert cached.recurrent_states[0].shape == (batch, heads, k, v), f"layer {layer}"
+            continue
+        assert cached.keys.shape[-2] == text + visual + generated - 1, f"layer {layer}"
     return items
 
 

@@ -463,7 +463,7 @@ def qwen_batch(rows, seed=0, frames_apart=False):
 
 
 def qwen_batch_for(model, rows, seed=0):
-    return qwen_batch(rows, seed, frames_apart=model.config.model_type == "qwen3_vl")
+    return qwen_batch(rows, seed, frames_apart=model.config.model_type in ("qwen3_vl", "qwen3_5", "qwen3_5_moe"))
 
 
 def qwen_row(batch, rows, b):
@@ -484,6 +484,48 @@ def qwen_row(batch, rows, b):
 
 
 QWEN_MIXED = [[("image", 8, 8), ("video", 2, 8, 4)], [("image", 12, 8)]]  # row 0: 16 + 16 tokens; row 1: 24
+
+
+def make_qwen3_5(moe=False, attn="sdpa", layers=6, interval=4, attention_first=False, seed=0):
+    """Qwen3.5 (or Qwen3.5-MoE): the Qwen3-VL tower without DeepStack, and a hybrid language model
+    whose every ``interval``-th layer is full attention, the others Gated-DeltaNet linear attention
+    (as released: layers 3, 7, ...); ``attention_first``: layers 0, interval, 2 interval, ... attend
+    instead. The gated query (``q_proj`` gives a query and a gate per head) and partial RoPE (a
+    quarter of the head) as released."""
+    from transformers import (
+        Qwen3_5Config,
+        Qwen3_5ForConditionalGeneration,
+        Qwen3_5MoeConfig,
+        Qwen3_5MoeForConditionalGeneration,
+    )
+
+    text = dict(
+        vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+        linear_num_key_heads=2, linear_num_value_heads=4,
+        layer_types=[
+            "full_attention" if (i if attention_first else i + 1) % interval == 0 else "linear_attention"
+            for i in range(layers)
+        ],
+        # a quarter of head_dim 16 rotates: the M-RoPE sections add up to 2.
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 0],
+                         "mrope_interleaved": True, "partial_rotary_factor": 0.25},
+    )
+    if moe:
+        text.update(moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
+    vision = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, depth=3, hidden_size=32,
+                  intermediate_size=37, num_heads=4, out_hidden_size=32, num_position_embeddings=64)
+    ids = dict(image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=VSTART,
+               vision_end_token_id=VEND)
+    config_class, model_class = (
+        (Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration) if moe else (Qwen3_5Config, Qwen3_5ForConditionalGeneration)
+    )
+    torch.manual_seed(seed)
+    model = config_class(text_config=text, vision_config=vision, **ids)
+    model = sharpen(model_class(model), 4.0, ("q_proj.weight", "k_proj.weight", "qkv.weight"))
+    model.set_attn_implementation(attn)
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------- the registry
@@ -557,10 +599,10 @@ def _ov_family(name, tower, one, rows):
     )
 
 
-def _qwen_family(name):
+def _qwen_family(name, build=None):
     """One image alone; a batch of an image and a video | a larger image."""
     return Family(
-        name, lambda: make_qwen(name, layers=LAYERS),
+        name, build or (lambda: make_qwen(name, layers=LAYERS)),
         one=lambda model: qwen_row(qwen_batch_for(model, QWEN_MIXED, seed=1), QWEN_MIXED, 1),
         batch=lambda model: qwen_batch_for(model, QWEN_MIXED, seed=2),
         row=lambda inputs, b: qwen_row(inputs, QWEN_MIXED, b),
@@ -588,5 +630,11 @@ FAMILIES: dict[str, Family] = {
         _qwen_family("qwen2_vl"),
         _qwen_family("qwen2_5_vl"),
         _qwen_family("qwen3_vl"),
+        # Hybrid language models: attention in layers 0, 2 and 4, linear attention in 1, 3 and 5, so
+        # that every method's boundaries fit six layers (the released pattern, attention in every
+        # 4th layer from layer 3, needs more layers: tests/test_qwen3_5.py).
+        _qwen_family("qwen3_5", lambda: make_qwen3_5(layers=LAYERS, interval=2, attention_first=True)),
+        _qwen_family("qwen3_5-moe", lambda: make_qwen3_5(moe=True, layers=LAYERS, interval=2, attention_first=True)),
+        # One image of 2x2 tiles + thumbnail; a batch of such an image | 1x2 tiles + thumbnail and a single tile.
     )
 }

@@ -24,6 +24,10 @@ class Geometry:
         rope: ``"1d"`` (one position per token) or ``"mrope"`` (Qwen-VL's 3-D time/row/column
             positions, under which kept tokens must keep their positions).
         encoder_depth: layers (blocks) of the vision tower that encoded it; 0 where unknown.
+        attention_layers: the decoder layers that compute softmax attention, in a language model
+            that mixes layer kinds (Qwen3.5: Gated-DeltaNet linear attention in the others, which
+            give no attention scores and keep a fixed-size state, not a per-token KV cache);
+            ``None``: every layer. A language stage scores only with these (``boundary_layers``).
 
     >>> Geometry(32, 576, (24, 24), True).unit_tokens
     576
@@ -38,6 +42,7 @@ class Geometry:
     trailing: int = 0
     rope: str = "1d"
     encoder_depth: int = 0
+    attention_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.units < 1 or (self.visual_tokens - self.trailing) % self.units:
@@ -52,3 +57,39 @@ class Geometry:
     def patches(self) -> int:
         """Patches of one unit's grid (CLS excluded)."""
         return self.grid[0] * self.grid[1]
+
+    def boundary_layers(self, reads: str | None) -> tuple[int, ...]:
+        """The boundaries (counts of layers completed) where a language stage that scores with the
+        layer after the boundary (``reads="layer"``), the layer before it (``"previous"``), or no
+        layer's attention (``None``) can run. Every boundary lies after the first attention layer:
+        that layer sees the whole prompt, as ``generate`` reads the prompt's length from its cache.
+
+        >>> Geometry(8, 16, (4, 4), False, attention_layers=(1, 3, 5, 7)).boundary_layers("layer")
+        (3, 5, 7)
+        >>> Geometry(8, 16, (4, 4), False, attention_layers=(1, 3, 5, 7)).boundary_layers("previous")
+        (2, 4, 6)
+        """
+        attention = range(self.num_layers) if self.attention_layers is None else self.attention_layers
+        first = min(attention, default=self.num_layers)
+        if reads == "layer":
+            allowed = [layer for layer in attention if layer > first]
+        elif reads == "previous":
+            allowed = [layer + 1 for layer in attention]
+        else:
+            allowed = list(range(first + 1, self.num_layers))
+        return tuple(layer for layer in allowed if 0 < layer < self.num_layers)
+
+    def snap(self, layers, reads: str | None) -> tuple[int, ...]:
+        """``layers`` (a method's default boundaries) moved each to the nearest boundary where its
+        stage can score (``boundary_layers``; a tie goes to the earlier layer, which leaves more
+        budgets reachable), duplicates merged. Unchanged when every layer is an attention layer.
+
+        >>> Geometry(8, 16, (4, 4), False, attention_layers=(1, 3, 5, 7)).snap((4, 6), "layer")
+        (3, 5)
+        """
+        if self.attention_layers is None:
+            return tuple(layers)
+        allowed = self.boundary_layers(reads)
+        if not allowed:
+            return ()
+        return tuple(sorted({min(allowed, key=lambda b: (abs(b - layer), b)) for layer in layers}))

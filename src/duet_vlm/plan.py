@@ -272,6 +272,11 @@ class LanguageStage(ABC):
     """
 
     needs_input_embeddings: ClassVar[bool] = False
+    #: whose attention the stage reads at a boundary: ``"layer"`` (the layer after it, ``LayerView.layer``),
+    #: ``"previous"`` (the layer before it) or ``None`` (no layer's attention). In a language model
+    #: that mixes layer kinds, a boundary sits only where that layer is an attention layer
+    #: (``Geometry.boundary_layers``); ``check_boundaries`` refuses the others.
+    reads: ClassVar[str | None] = "layer"
 
     @abstractmethod
     def score(self, view: LayerView) -> torch.Tensor:
@@ -297,6 +302,28 @@ class Plan:
             raise ValueError("a schedule that reduces the LLM input needs a vision stage")
         if self.language is None and self.schedule.boundaries:
             raise ValueError("a schedule with pruning boundaries needs a language stage")
+
+
+class LayerKindError(ValueError):
+    """A pruning boundary where the language stage's scoring layer computes no attention."""
+
+
+def check_boundaries(plan: Plan, geometry: Geometry) -> None:
+    """Refuse a plan whose language stage would score with a layer that computes no attention
+    scores (a linear-attention layer of a hybrid language model), naming the boundaries that work."""
+    if plan.language is None or geometry.attention_layers is None:
+        return
+    reads = type(plan.language).reads
+    allowed = geometry.boundary_layers(reads)
+    wrong = [layer for layer, _ in plan.schedule.boundaries if layer not in allowed]
+    if wrong:
+        whose = {"layer": "the layer after it", "previous": "the layer before it"}.get(reads, "")
+        raise LayerKindError(
+            f"{type(plan.language).__name__} cannot prune after layer(s) {wrong}: on this model only layers "
+            f"{list(geometry.attention_layers)} compute attention (the others are linear attention)"
+            + (f", and the stage scores with {whose}" if whose else "")
+            + f", and the first of them keeps the whole prompt; boundaries that work: {list(allowed)}"
+        )
 
 
 def check_positions(positions: str | None) -> None:

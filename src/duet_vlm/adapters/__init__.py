@@ -8,6 +8,7 @@ from .base import Capture, Geometry, ModelAdapter, Signals, VisualItem
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .qwen3_5 import Qwen3_5Adapter
 from .qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
 from .video_llava import VideoLlavaAdapter
 
@@ -19,6 +20,7 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = (
     Qwen2VLAdapter,
     Qwen2_5_VLAdapter,
     Qwen3VLAdapter,
+    Qwen3_5Adapter,
 )
 
 

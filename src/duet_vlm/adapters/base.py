@@ -189,6 +189,21 @@ class ModelAdapter:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    def layer_kinds(self) -> tuple[str, ...]:
+        """Each decoder layer's token mixer: ``"attention"`` (softmax attention: it can score, and
+        its KV cache holds one entry per token) or ``"linear_attention"`` (a recurrence with a
+        fixed-size state, Qwen3.5's Gated DeltaNet: no attention scores, and a cache that does not
+        shrink with the tokens). Every layer attends in the LLaVA and Qwen-VL families."""
+        return ("attention",) * self.num_layers()
+
+    def attention_layers(self) -> tuple[int, ...] | None:
+        """The layers of kind ``"attention"`` when the language model mixes kinds (``None``: all),
+        for ``Geometry.attention_layers``."""
+        kinds = self.layer_kinds()
+        if all(kind == "attention" for kind in kinds):
+            return None
+        return tuple(i for i, kind in enumerate(kinds) if kind == "attention")
+
     # ----------------------------------------------------------------- visual items
     def find_items(self, input_ids: torch.Tensor, kwargs: dict, captures: dict | None = None) -> list[VisualItem]:
         """Every visual item of the batch, in row-major order. ``captures``: the towers' captures of
@@ -390,6 +405,11 @@ class ModelAdapter:
             keys = self.rotate(layer, keys.transpose(1, 2), cos, sin)
         return keys.transpose(1, 2).reshape(batch, length, -1)
 
+    def layer_queries(self, attn: nn.Module, normed: torch.Tensor) -> torch.Tensor:
+        """``(B, L, H, d)`` the queries ``attn`` projects from normed states ``(B, L, D)``, before any
+        per-head norm and RoPE."""
+        return attn.q_proj(normed).view(*normed.shape[:2], -1, attn.head_dim)
+
     def text_to_visual_attention(
         self,
         layer: nn.Module,
@@ -429,7 +449,7 @@ class ModelAdapter:
                 x = layer.input_layernorm(hidden_states[row : row + 1].detach())
                 q_pos = queries[row]
                 keys = attn.k_proj(x).view(1, x.shape[1], -1, head_dim)
-                query = attn.q_proj(x[:, q_pos]).view(1, len(q_pos), -1, head_dim)
+                query = self.layer_queries(attn, x[:, q_pos])
                 if k_norm is not None:
                     keys, query = k_norm(keys), q_norm(query)
                 keys = self.rotate(layer, keys.transpose(1, 2), cos[row : row + 1], sin[row : row + 1])

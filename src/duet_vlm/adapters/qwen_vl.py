@@ -92,7 +92,7 @@ class Qwen2VLAdapter(ModelAdapter):
         rows, cols = h // self.merge, w // self.merge
         return Geometry(
             self._layers, t * rows * cols, (rows, cols), False, units=t, modality=modality, rope="mrope",
-            encoder_depth=len(self.visual.blocks),
+            encoder_depth=len(self.visual.blocks), attention_layers=self.attention_layers(),
         )
 
     # ----------------------------------------------------------------- visual items

@@ -23,6 +23,7 @@ from ..options import check_number
 from ..plan import (  # noqa: F401 - re-exported: the interface methods are written against
     BudgetWarning,
     LanguageStage,
+    LayerKindError,
     LayerView,
     Plan,
     PositionsError,
@@ -30,6 +31,7 @@ from ..plan import (  # noqa: F401 - re-exported: the interface methods are writ
     VisionReduction,
     VisionStage,
     VisionView,
+    check_boundaries,
     check_positions,
     resolve_positions,
 )
@@ -252,6 +254,7 @@ class Reducer(ABC):
             plan = Plan(Schedule(geometry.num_layers, geometry.visual_tokens, geometry.visual_tokens))
         else:
             plan = self.plan(geometry)
+        check_boundaries(plan, geometry)
         plan.positions = mode
         return plan
 

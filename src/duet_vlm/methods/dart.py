@@ -162,6 +162,8 @@ class DuplicationPrune(LanguageStage):
     torch.Size([1, 1, 98])
     """
 
+    reads: ClassVar[str | None] = "previous"  # scores with the layer before the boundary
+
     image_pivots: int = 4
     text_pivots: int = 4
 

@@ -137,7 +137,9 @@ class Duet(Reducer):
         self.language_stage()
 
     def _default_shape(self, geometry: Geometry) -> tuple[tuple[int, ...], tuple[float, ...]]:
-        layers = self.layers if self.layers is not None else scaled_boundaries(geometry.num_layers, (0.5, 0.75))
+        layers = self.layers if self.layers is not None else geometry.snap(
+            scaled_boundaries(geometry.num_layers, (0.5, 0.75)), TextGuidedPrune.reads
+        )
         ratios = tuple(self.ratios) if self.ratios is not None else (0.5, 0.0)[: len(layers)]
         return tuple(layers), ratios
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -140,6 +141,8 @@ class SimilarityMerge(LanguageStage):
     (``merge_into_kept``) on the states entering the boundary layer; only the ``query x keys`` block
     of attention is formed, so the model keeps its attention backend."""
 
+    reads: ClassVar[str | None] = "previous"  # scores with the layer before the boundary
+
     def score(self, view: LayerView) -> torch.Tensor:
         return LastTokenAttention().score(view)
 
@@ -265,6 +268,7 @@ class HoliTom(Reducer):
         layer = self.layer
         if layer is None:
             layer = min(layers - 1, max(1, round(REFERENCE_LAYER[0] * layers / REFERENCE_LAYER[1])))
+            layer = geometry.snap((layer,), SimilarityMerge.reads)[0]
         if not 0 < layer < layers:
             raise ValueError(f"layer={layer} but the language model has {layers} layers (merge after 1..{layers - 1})")
         return layer

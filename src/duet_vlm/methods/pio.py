@@ -108,6 +108,8 @@ class SaliencyNMSPrune(LanguageStage):
     torch.Size([1, 1, 32])
     """
 
+    reads: ClassVar[str | None] = None  # runs a layer on a probe copy: no layer's attention
+
     threshold: float = 0.8
     proxy_tokens: int = 4
     probe: str = "next"
@@ -245,7 +247,9 @@ class PIO(ScanThenPrune):
             return self.schedule_for(geometry, visual)
         if self.budget is None:
             raise ValueError("PIO needs a budget (or keep / ratios)")
-        layers = self.layers if self.layers is not None else scaled_boundaries(geometry.num_layers, LLM_ONLY_LAYERS)
+        layers = self.layers if self.layers is not None else geometry.snap(
+            scaled_boundaries(geometry.num_layers, LLM_ONLY_LAYERS), SaliencyNMSPrune.reads
+        )
         published = LLM_ONLY_PUBLISHED.get((visual, geometry.num_layers, self.budget))
         if published is not None and self.layers is None:
             return Schedule(geometry.num_layers, visual, visual, tuple(zip(layers, published)))

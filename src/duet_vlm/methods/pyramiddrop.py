@@ -58,7 +58,7 @@ def solve_decay(budget: int, build: Callable[[float], Schedule], iterations: int
 
 
 def pyramid_schedule(
-    budget: int, num_layers: int, visual_tokens: int, layers: tuple[int, ...] | None = None
+    budget: int, num_layers: int, visual_tokens: int, layers: tuple[int, ...] | None = None, snap=tuple
 ) -> tuple[Schedule, float]:
     """PyramidDrop's schedule for a layer-averaged ``budget``, and the ``lambda`` solved for it.
 
@@ -66,7 +66,8 @@ def pyramid_schedule(
     or above the reference configuration's average (lambda 0.5: 270 on LLaVA-1.5), else [2, 8, 16].
     ``lambda`` is solved so that the average is within 1 token of the budget. On LLaVA-1.5 (32
     layers, 576 tokens): 192 -> lambda 0.561, 576/322/180/101 tokens; 128 -> lambda 0.421,
-    576/242/102/42; 64 -> lambda 0.193, 576/111/21/4 (all with [2, 8, 16]).
+    576/242/102/42; 64 -> lambda 0.193, 576/111/21/4 (all with [2, 8, 16]). ``snap`` moves the
+    default boundaries to layers that can score (``Geometry.snap``, on a hybrid language model).
 
     >>> pyramid_schedule(128, 32, 576)[0].boundaries
     ((2, 242), (8, 102), (16, 42))
@@ -78,7 +79,7 @@ def pyramid_schedule(
     if layers is not None:
         shapes = [tuple(layers)]
     else:
-        default, early = (scaled_boundaries(num_layers, f) for f in (DEFAULT_FRACTIONS, EARLY_FRACTIONS))
+        default, early = (snap(scaled_boundaries(num_layers, f)) for f in (DEFAULT_FRACTIONS, EARLY_FRACTIONS))
         shapes = [default] if budget >= builder(default)(DEFAULT_DECAY).average else [early, default]
     error = None
     for shape in shapes:
@@ -143,7 +144,9 @@ class PyramidDrop(Reducer):
             raise ValueError("PyramidDrop needs at least one boundary layer")
 
     def _shape(self, geometry: Geometry) -> tuple[tuple[int, ...], tuple[float, ...]]:
-        layers = self.layers if self.layers is not None else scaled_boundaries(geometry.num_layers, DEFAULT_FRACTIONS)
+        layers = self.layers if self.layers is not None else geometry.snap(
+            scaled_boundaries(geometry.num_layers, DEFAULT_FRACTIONS), LastInstructionAttention.reads
+        )
         if self.ratios is not None:
             return layers, self.ratios
         decay = self.decay if self.decay is not None else DEFAULT_DECAY
@@ -162,5 +165,8 @@ class PyramidDrop(Reducer):
         elif self.budget is None:
             raise ValueError("PyramidDrop needs a budget (or ratios / decay)")
         else:
-            schedule, _ = pyramid_schedule(self.budget, geometry.num_layers, geometry.visual_tokens, self.layers)
+            schedule, _ = pyramid_schedule(
+                self.budget, geometry.num_layers, geometry.visual_tokens, self.layers,
+                snap=lambda layers: geometry.snap(layers, LastInstructionAttention.reads),
+            )
         return Plan(schedule, language=self.language_stage())

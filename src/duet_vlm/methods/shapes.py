@@ -87,8 +87,13 @@ class PruneOnceAfterLayer(Reducer):
             keep = int(llm_input * (self.ratio if self.ratio is not None else self.compose_ratio))
         return self._schedule(geometry, llm_input, keep)
 
+    def boundary(self, geometry: Geometry) -> int:
+        """``layer``, or on a hybrid language model the nearest layer after which the stage can
+        score (``Geometry.snap``: the layer before it computes attention)."""
+        return geometry.snap((self.layer,), self.language_stage().reads)[0]
+
     def _schedule(self, geometry: Geometry, llm_input: int, keep: int) -> Schedule:
-        return Schedule(geometry.num_layers, geometry.visual_tokens, llm_input, ((self.layer, keep),))
+        return Schedule(geometry.num_layers, geometry.visual_tokens, llm_input, ((self.boundary(geometry), keep),))
 
     def plan(self, geometry: Geometry) -> Plan:
         self._check_layer(geometry)
@@ -100,13 +105,14 @@ class PruneOnceAfterLayer(Reducer):
         else:
             if self.budget is None:
                 raise ValueError(f"{name} needs a budget (or keep / ratio)")
+            layer = self.boundary(geometry)
             try:
-                keep = fastv_keep(self.budget, geometry.num_layers, geometry.visual_tokens, self.layer)
+                keep = fastv_keep(self.budget, geometry.num_layers, geometry.visual_tokens, layer)
             except ValueError:
-                first = self.layer * geometry.visual_tokens / geometry.num_layers
+                first = layer * geometry.visual_tokens / geometry.num_layers
                 raise ValueError(
-                    f"{name} after layer {self.layer} cannot average {self.budget} visual tokens per layer: the "
-                    f"first {self.layer} layers alone give {first:.1f}; use a smaller `layer` or an explicit `keep`"
+                    f"{name} after layer {layer} cannot average {self.budget} visual tokens per layer: the "
+                    f"first {layer} layers alone give {first:.1f}; use a smaller `layer` or an explicit `keep`"
                 ) from None
             schedule = self._schedule(geometry, geometry.visual_tokens, keep)
         return Plan(schedule, language=self.language_stage())
@@ -213,7 +219,9 @@ class ScanThenPrune(Reducer):
 
     def schedule_for(self, geometry: Geometry, llm_input: int) -> Schedule:
         """The boundaries after ``llm_input`` tokens enter (``third_keeps``), by default one at half the depth."""
-        layers = self.layers if self.layers is not None else scaled_boundaries(geometry.num_layers, (0.5,))
+        layers = self.layers if self.layers is not None else geometry.snap(
+            scaled_boundaries(geometry.num_layers, (0.5,)), self.language_stage_for(geometry).reads
+        )
         if layers and layers[-1] >= geometry.num_layers:
             raise ValueError(f"boundary layers must lie inside (0, {geometry.num_layers}), got {layers}")
         keeps = third_keeps(llm_input, len(layers), self.keep, self.ratios, geometry.rope == "mrope")

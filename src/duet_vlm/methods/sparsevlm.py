@@ -133,6 +133,8 @@ class TextRaterPrune(LanguageStage):
     torch.Size([1, 1, 309, 4096])
     """
 
+    reads: ClassVar[str | None] = "previous"  # scores with the layer before the boundary
+
     needs_input_embeddings: ClassVar[bool] = True
 
     recycle: bool = True
@@ -242,7 +244,9 @@ class SparseVLM(Reducer):
             raise ValueError(f"{len(self.layers)} boundary layers but {len(self.keep)} keep counts")
 
     def boundaries(self, geometry: Geometry) -> tuple[int, ...]:
-        return self.layers if self.layers is not None else scaled_boundaries(geometry.num_layers, V15_FRACTIONS)
+        if self.layers is not None:
+            return self.layers
+        return geometry.snap(scaled_boundaries(geometry.num_layers, V15_FRACTIONS), TextRaterPrune.reads)
 
     def _schedule(self, geometry: Geometry, llm_input: int, tops: tuple[int, ...]) -> Schedule:
         layers = self.boundaries(geometry)

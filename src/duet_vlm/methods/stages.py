@@ -10,6 +10,7 @@ contract).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,8 @@ class LastTokenAttention(LanguageStage):
     >>> LastTokenAttention().select(view, keep=98).shape      # doctest: +SKIP
     torch.Size([1, 1, 98])
     """
+
+    reads: ClassVar[str | None] = "previous"  # scores with the layer before the boundary
 
     def score(self, view: LayerView) -> torch.Tensor:
         last = [row.nonzero()[-1] for row in view.valid]

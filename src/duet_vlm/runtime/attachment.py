@@ -209,6 +209,10 @@ class Attachment:
                 prompt.decoding.kwargs[number] = prompt.segments[number].decode_kwargs(
                     prompt, self.adapter, self.binding.text_config, hidden, kwargs
                 )
+            if self.binding.kinds[layer_index] == "linear_attention":
+                # Its state already holds the prompt (the kept tokens); new tokens are never
+                # dropped, so the model's own (padding) mask for them stands.
+                return None
             kwargs.update(prompt.decoding.kwargs[number])
             return args, kwargs
 
@@ -222,13 +226,15 @@ class Attachment:
         prompt = call.prompt
         scratch = prompt.scratch
         hidden = args[0] if args else kwargs.pop("hidden_states")
+        kind = self.binding.kinds[layer_index]
+        if layer_index == self.binding.first_of_kind[kind]:  # the mask the model built for this kind
+            prompt.segments[0].inputs.keep_mask(kind, kwargs.get("attention_mask"))
         if layer_index == 0:
             entry = prompt.segments[0].inputs
             entry.position_ids, entry.rope_positions = self.adapter.split_positions(
                 scratch.lm_position_ids, kwargs, prompt.segments[0].steps.batch
             )
             entry.position_embeddings = kwargs["position_embeddings"]
-            entry.attention_mask = kwargs.get("attention_mask")
             if any(item.plan.language is not None and item.plan.language.needs_input_embeddings for item in prompt.items):
                 scratch.input_embeddings = hidden
         if layer_index in prompt.boundaries:
@@ -240,7 +246,7 @@ class Attachment:
         scratch.last_layer_input = hidden if layer_index + 1 in prompt.boundaries else None
         number = prompt.segment_of_layer(layer_index)
         if number > 0:
-            kwargs.update(prompt.segments[number].layer_kwargs())
+            kwargs.update(prompt.segments[number].layer_kwargs(kind))
         return (hidden, *args[1:]), kwargs
 
     def _add_layer_features(self, layer_index: int):

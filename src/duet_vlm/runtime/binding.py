@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from ..adapters import Geometry, ModelAdapter
-from ..plan import Plan, PositionsError
+from ..plan import LayerKindError, Plan, PositionsError
 from .protocol import RuntimeReducer
 
 
@@ -21,12 +21,17 @@ class Binding:
     def __init__(self, reducer: RuntimeReducer, adapter: ModelAdapter):
         self.reducer = reducer
         self.adapter = adapter
+        #: each decoder layer's kind (``ModelAdapter.layer_kinds``), the first layer of each kind
+        #: (where the model's own mask for that kind is kept), and whether any layer is recurrent.
+        self.kinds = adapter.layer_kinds()
+        self.first_of_kind = {kind: self.kinds.index(kind) for kind in dict.fromkeys(self.kinds)}
+        self.recurrent = "linear_attention" in self.first_of_kind
         self._plans: dict[Geometry, Plan] = {}
         self._lock = threading.Lock()
         self.plan: Plan | None = None
         try:
             self.plan = reducer.resolve(adapter.geometry, quiet=True)
-        except PositionsError:
+        except (PositionsError, LayerKindError):  # wrong for every item size: refused at attach
             raise
         except ValueError:
             if not adapter.nominal_geometry:

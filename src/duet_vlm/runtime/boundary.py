@@ -159,7 +159,11 @@ def prune(binding: Binding, call, state: PrefillState, layer_index: int, layer: 
         mask = gather_mask(entry.inputs.attention_mask, steps.index, steps.index)
     else:
         mask = causal_mask(binding.text_config, hidden, steps.valid(state.tokens.valid), query_length=steps.length)
-    inputs = LayerInputs(position_ids, rope_positions, binding.adapter.rotary_emb(hidden, rope_positions), mask)
+    recurrent = None
+    if binding.recurrent:  # linear-attention layers: padded states are zeroed before the recurrence
+        valid = steps.valid(state.tokens.valid)
+        recurrent = None if bool(valid.all()) else valid.long()
+    inputs = LayerInputs(position_ids, rope_positions, binding.adapter.rotary_emb(hidden, rope_positions), mask, recurrent)
     segment = Segment(steps, placements, inputs)
     if number < len(state.segments):
         state.segments[number] = segment

@@ -88,13 +88,24 @@ class LayerInputs:
     position_ids: torch.Tensor | None = None  # (B, L) what decoder layers receive (None: Qwen-VL)
     rope_positions: torch.Tensor | None = None  # (B, L), or (3, B, L) M-RoPE: the rotary's input
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
-    attention_mask: object = None
+    attention_mask: object = None  # what attention layers receive
+    # What linear-attention layers receive (a hybrid language model): the 2-D padding mask of the
+    # segment's sequence, zeroing padded states before they enter the recurrence; None: no padding.
+    recurrent_mask: torch.Tensor | None = None
 
-    def kwargs(self) -> dict:
+    def kwargs(self, kind: str = "attention") -> dict:
+        """The keyword arguments of a layer of ``kind`` (``ModelAdapter.layer_kinds``)."""
         return dict(
-            attention_mask=self.attention_mask, position_ids=self.position_ids,
-            position_embeddings=self.position_embeddings,
+            attention_mask=self.recurrent_mask if kind == "linear_attention" else self.attention_mask,
+            position_ids=self.position_ids, position_embeddings=self.position_embeddings,
         )
+
+    def keep_mask(self, kind: str, mask) -> None:
+        """Keep the mask the model built for its layers of ``kind`` (the entry segment's)."""
+        if kind == "linear_attention":
+            self.recurrent_mask = mask
+        else:
+            self.attention_mask = mask
 
 
 @dataclass(eq=False)
@@ -107,9 +118,9 @@ class Segment:
     placements: list[Placement]
     inputs: LayerInputs = field(default_factory=LayerInputs)
 
-    def layer_kwargs(self) -> dict:
-        """A prefill layer's mask, positions and RoPE in this segment."""
-        return self.inputs.kwargs()
+    def layer_kwargs(self, kind: str = "attention") -> dict:
+        """A prefill layer's mask, positions and RoPE in this segment, for a layer of ``kind``."""
+        return self.inputs.kwargs(kind)
 
     def rows(self, rows: list[int] | None) -> LayerInputs:
         """Its layer inputs for ``rows`` of the batch (all: ``None``); batch-1 broadcasts stay."""
@@ -122,7 +133,10 @@ class Segment:
             return x if x is None or x.shape[0] == 1 else x[select]
 
         cos, sin = inputs.position_embeddings
-        return LayerInputs(take(inputs.position_ids), None, (take(cos), take(sin)), take(inputs.attention_mask))
+        return LayerInputs(
+            take(inputs.position_ids), None, (take(cos), take(sin)), take(inputs.attention_mask),
+            take(inputs.recurrent_mask),
+        )
 
     def view(self, state: "PrefillState", adapter, layer_index: int, layer: nn.Module, hidden: torch.Tensor,
              rows: list[int], placements: list[Placement]) -> LayerView:
@@ -163,7 +177,8 @@ class Segment:
             scratch=memory,
             attention_fn=adapter.text_to_visual_attention,
             run_layer_fn=lambda module, hidden_, index: state.with_layer_features(
-                run_layer(module, hidden_, inputs), index, placements, None if whole else list(rows)
+                run_layer(module, hidden_, inputs, adapter.layer_kinds()[index]), index, placements,
+                None if whole else list(rows),
             ),
             output_head_fn=lambda hidden_: output_head(adapter, hidden_),
             final_norm_fn=adapter.final_norm,
@@ -199,13 +214,13 @@ class Segment:
         )
 
 
-def run_layer(layer: nn.Module, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
-    """``layer`` on ``hidden`` with a segment's mask and positions, outside the KV cache.
+def run_layer(layer: nn.Module, hidden: torch.Tensor, inputs: LayerInputs, kind: str = "attention") -> torch.Tensor:
+    """``layer`` (of ``kind``) on ``hidden`` with a segment's mask and positions, outside the KV cache.
 
     A stage's own extra pass (PIO's proxy loss, a scoring probe), not one of the model's layer
     calls: ``forward`` directly, so module hooks (transformers' output recorder for
     ``output_hidden_states``/``output_attentions``) do not count it as a layer's output."""
-    output = layer.forward(hidden, **inputs.kwargs(), past_key_values=None, use_cache=False)
+    output = layer.forward(hidden, **inputs.kwargs(kind), past_key_values=None, use_cache=False)
     return output[0] if isinstance(output, tuple) else output
 
 

@@ -1,0 +1,308 @@
+"""Qwen3.5 (and Qwen3.5-MoE): a hybrid language model, Gated-DeltaNet linear attention in three of
+every four decoder layers, attention in every fourth (layers 3, 7, 11, 15 of the 16 here, the
+released pattern).
+
+The referee is built by hand from the unpatched model's own modules: its language model's entry
+(embeddings with the tower's features, M-RoPE positions) captured on an unreduced run, then each
+decoder layer called directly on the tokens the reducer kept, at their positions, with a hybrid
+``DynamicCache`` (attention layers' keys and values, linear layers' convolution and recurrent
+states), the final norm and the LM head. FastV's choice is recomputed from eager attention
+probabilities of the layer before the boundary. The registry's six-layer models
+(tests/models.py ``qwen3_5``, ``qwen3_5-moe``) run the invariant matrix of tests/test_invariants.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import duet_vlm
+from duet_vlm.plan import LayerKindError
+
+from checks import hook_ids
+from models import QWEN_IMAGE, make_qwen3_5, qwen_batch, qwen_row
+
+LAYERS = 16
+ROWS = [[("image", 8, 8)], [("image", 12, 8)]]  # 16 and 24 merged tokens
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["dense", "moe"])
+def hybrid(request):
+    return make_qwen3_5(moe=request.param, layers=LAYERS)
+
+
+def _one(b=0, seed=3):
+    return qwen_row(qwen_batch(ROWS, seed=seed, frames_apart=True), ROWS, b)
+
+
+def _entry(model, inputs):
+    """The language model's entry on an unreduced run: ``inputs_embeds`` and the ``(4, B, L)``
+    positions (text row, then M-RoPE), and the prompt's ``rope_deltas``."""
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen.update(embeds=kwargs["inputs_embeds"], positions=kwargs["position_ids"])
+
+    handle = model.model.language_model.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return seen["embeds"], seen["positions"], model.model.rope_deltas
+
+
+def _layers(model, hidden, positions, layers, cache):
+    """Decoder ``layers`` called directly (one row, no padding: causal attention, no recurrent mask)."""
+    lm = model.model.language_model
+    text, rope = (positions[0], positions[1:]) if positions.shape[0] == 4 else (None, positions)
+    embeddings = lm.rotary_emb(hidden, rope)
+    for layer in layers:
+        hidden = layer(hidden, position_embeddings=embeddings, attention_mask=None, position_ids=text,
+                       past_key_values=cache, use_cache=cache is not None)
+    return hidden
+
+
+def _head(model, hidden):
+    return model.lm_head(model.model.language_model.norm(hidden))
+
+
+def _last_token_attention(model, layer_index, hidden, positions):
+    """FastV's score by the referee: the last token's eager attention probabilities in layer
+    ``layer_index`` on its input, mean over heads."""
+    lm = model.model.language_model
+    layer = lm.layers[layer_index]
+    attn = layer.self_attn
+    previous = attn.config._attn_implementation
+    attn.config._attn_implementation = "eager"
+    try:
+        _, probs = attn(layer.input_layernorm(hidden), lm.rotary_emb(hidden, positions[-3:]),
+                        attention_mask=_causal(hidden))
+    finally:
+        attn.config._attn_implementation = previous
+    return probs[0, :, -1].mean(dim=0)
+
+
+def _causal(hidden):
+    length = hidden.shape[1]
+    mask = torch.full((length, length), torch.finfo(hidden.dtype).min).triu(1)
+    return mask[None, None]
+
+
+def _kept_positions(stats, inputs, layer):
+    """Sequence positions (of the full prompt) that enter decoder ``layer``: every text token and the
+    item's entry tokens that survived the boundaries before it."""
+    item = stats.items[0]
+    start = int((inputs["input_ids"][0] == QWEN_IMAGE).nonzero()[0])
+    ids = torch.arange(len(item.entry_slots))
+    for boundary, survivors in item.stage_ids:
+        if boundary <= layer:
+            ids = survivors
+    visual = inputs["input_ids"][0] == QWEN_IMAGE
+    keep = ~visual.clone()
+    keep[start + item.entry_slots[ids]] = True
+    return keep.nonzero()[:, 0]
+
+
+def _slots(keep):
+    """Where the runtime puts each kept token's logits: just before the next kept token's slot
+    (runtime/exit.py), so that shifted losses and ``logits_to_keep`` read them as usual."""
+    return torch.cat([keep[1:] - 1, keep[-1:]])
+
+
+# ----------------------------------------------------------------------------- where boundaries sit
+def test_layer_kinds_and_the_boundaries_that_can_score(hybrid):
+    adapter = duet_vlm.adapters.adapter_for(hybrid)
+    assert adapter.family == "qwen3_5"
+    assert adapter.attention_layers() == (3, 7, 11, 15)
+    geometry = adapter.geometry
+    assert geometry.boundary_layers("layer") == (7, 11, 15)  # the stage reads the layer after the boundary
+    assert geometry.boundary_layers("previous") == (4, 8, 12)  # ... the layer before it (FastV)
+    # Defaults move to those layers before the budget is solved, so the budget still holds.
+    for name, reads in (("duet", "layer"), ("pyramiddrop", "layer"), ("fastv", "previous"), ("sparsevlm", "previous")):
+        plan = duet_vlm.make(name, budget=500).resolve(geometry)
+        layers = [layer for layer, _ in plan.schedule.boundaries]
+        assert layers and set(layers) <= set(geometry.boundary_layers(reads)), (name, layers)
+        assert abs(plan.schedule.average - 500) <= 1, name
+
+
+@pytest.mark.parametrize("name, options, wrong", [
+    ("duet", dict(budget=500, layers=(8,), ratios=(0.5,)), [8]),  # DUET scores with layer 8: linear attention
+    ("pyramiddrop", dict(layers=(3, 7), ratios=(0.5, 0.25)), [3]),  # layer 3 keeps the whole prompt
+    ("fastv", dict(layer=6, keep=10), None),  # FastV's K moves: 6 -> 4 (layer 3 scores)
+])
+def test_a_boundary_that_cannot_score_is_refused_at_attach(hybrid, name, options, wrong):
+    hooks = hook_ids(hybrid)
+    reducer = duet_vlm.make(name, **options)
+    if wrong is None:
+        with reducer(hybrid):
+            with torch.no_grad():
+                hybrid(**_one())
+        assert reducer.stats.items[0].stage_ids[0][0] == 4
+        return
+    with pytest.raises(LayerKindError) as error:
+        reducer.attach(hybrid)
+    message = str(error.value)
+    assert f"layer(s) {wrong}" in message and "[3, 7, 11, 15] compute attention" in message, message
+    assert "boundaries that work" in message
+    assert hook_ids(hybrid) == hooks
+
+
+# ----------------------------------------------------------------------------- against the ideal
+def test_fastv_equals_the_hand_built_ideal_in_prefill_and_cached_decoding(hybrid):
+    """FastV after layer 4 (layer 3 attends): the reduced prefill's logits at every kept position,
+    and the next decoding step's logits, equal the unpatched layers fed the same kept tokens (linear
+    layers 4-6, 8-10, 12-14 run their recurrence over the kept tokens only); the kept tokens are
+    the top of layer 3's eager attention from the last token."""
+    inputs = _one()
+    reducer = duet_vlm.make("fastv", ratio=0.5)
+    with torch.no_grad(), reducer(hybrid):
+        out = hybrid.generate(**inputs, max_new_tokens=2, do_sample=False, output_scores=True,
+                              return_dict_in_generate=True, output_logits=True)
+        logits = hybrid(**inputs).logits[0]
+    (boundary, survivors), = reducer.stats.items[0].stage_ids
+    assert boundary == 4
+
+    embeds, positions, deltas = _entry(hybrid, inputs)
+    lm = hybrid.model.language_model
+    cache = DynamicCache(config=lm.config)
+    with torch.no_grad():
+        hidden = _layers(hybrid, embeds, positions, lm.layers[:3], cache)
+        scores = _last_token_attention(hybrid, 3, hidden, positions)
+        hidden = _layers(hybrid, hidden, positions, lm.layers[3:4], cache)
+        keep = _kept_positions(reducer.stats, inputs, layer=boundary)
+        visual = (inputs["input_ids"][0] == QWEN_IMAGE).nonzero()[:, 0]
+        chosen = scores[visual].topk(len(survivors)).indices.sort().values
+        assert torch.equal(visual[chosen], keep[torch.isin(keep, visual)])  # the referee's choice
+        hidden = _layers(hybrid, hidden[:, keep], positions[:, :, keep], lm.layers[4:], cache)
+        ideal = _head(hybrid, hidden)[0]
+        torch.testing.assert_close(logits[_slots(keep)], ideal, atol=1e-5, rtol=1e-5)
+        # One decoding step on the hybrid cache: the first generated token at the next position.
+        token = out.sequences[:, inputs["input_ids"].shape[1]][:, None]
+        step = torch.full((4, 1, 1), inputs["input_ids"].shape[1])
+        step[1:] += deltas.view(1, -1, 1)
+        hidden = _layers(hybrid, hybrid.model.get_input_embeddings()(token), step, lm.layers, cache)
+        torch.testing.assert_close(out.logits[1][0], _head(hybrid, hidden)[0, -1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cdpruner", "divprune"])
+def test_a_vision_side_method_equals_the_hand_built_ideal(hybrid, name):
+    """Tokens dropped before the language model: the unpatched model fed the kept merged tokens at
+    their M-RoPE positions gives the same logits at every position."""
+    inputs = _one()
+    reducer = duet_vlm.make(name, ratio=0.5)
+    with torch.no_grad(), reducer(hybrid):
+        logits = hybrid(**inputs).logits[0]
+    keep = _kept_positions(reducer.stats, inputs, layer=0)
+    assert len(keep) < inputs["input_ids"].shape[1]
+    embeds, positions, _ = _entry(hybrid, inputs)
+    with torch.no_grad():
+        ideal = _head(hybrid, _layers(hybrid, embeds[:, keep], positions[:, :, keep],
+                                      hybrid.model.language_model.layers, None))[0]
+    torch.testing.assert_close(logits[_slots(keep)], ideal, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- generation and training
+@pytest.mark.parametrize("name", ["duet", "fastv", "pyramiddrop", "sparsevlm", "dart", "pio", "visionzip"])
+def test_cached_decoding_equals_uncached(hybrid, name):
+    """generate with the hybrid cache (attention KV of the kept tokens, linear-attention states of
+    the shortened prompt) gives the tokens and scores of generate without a cache, which runs the
+    prefill again each step with the same selection."""
+    inputs = _one(b=1)
+    reducer = duet_vlm.make(name, ratio=0.5)
+    kwargs = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad(), reducer(hybrid):
+        cached = hybrid.generate(**inputs, **kwargs)
+        uncached = hybrid.generate(**inputs, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b in zip(cached.scores, uncached.scores):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_every_method_runs_on_the_released_layer_pattern(hybrid):
+    """Every registered method at half the tokens, on 16 layers with attention in every 4th: it
+    generates, and each item averages what its plan says (the boundaries moved to where they score)."""
+    inputs = qwen_batch(ROWS, seed=4, frames_apart=True)
+    for name in sorted(duet_vlm.METHODS):
+        reducer = duet_vlm.make(name, ratio=0.5)
+        with torch.no_grad(), reducer(hybrid):
+            hybrid.generate(**inputs, max_new_tokens=2, do_sample=False)
+        for item in reducer.stats.items:
+            expected = item.tokens if name == "full" else round(0.5 * item.tokens)
+            assert abs(item.average_tokens - expected) <= 1, (name, item.tokens_per_layer)
+
+
+def test_training_step_equals_the_ideal(hybrid):
+    """A training forward under FastV: the loss and every parameter's gradient equal the hand-built
+    ideal's (the same kept tokens through the unpatched layers, the model's own loss on the kept
+    labels)."""
+    inputs = _one()
+    labels = inputs["input_ids"].clone()
+    labels[inputs["input_ids"] == QWEN_IMAGE] = -100
+    reducer = duet_vlm.make("fastv", ratio=0.5)
+    hybrid.zero_grad()
+    with reducer(hybrid):
+        loss = hybrid(**inputs, labels=labels).loss
+        loss.backward()
+    reduced = {name: p.grad.clone() for name, p in hybrid.named_parameters() if p.grad is not None}
+    (boundary, _), = reducer.stats.items[0].stage_ids
+    keep = _kept_positions(reducer.stats, inputs, layer=boundary)
+
+    hybrid.zero_grad()
+    lm = hybrid.model.language_model
+    embeds, positions, _ = _entry_with_grad(hybrid, inputs)
+    hidden = _layers(hybrid, embeds, positions, lm.layers[:boundary], None)
+    hidden = _layers(hybrid, hidden[:, keep], positions[:, :, keep], lm.layers[boundary:], None)
+    logits = _head(hybrid, hidden)
+    ideal = hybrid.loss_function(logits=logits, labels=labels[:, keep], vocab_size=hybrid.config.text_config.vocab_size)
+    ideal.backward()
+    torch.testing.assert_close(loss, ideal, atol=1e-6, rtol=1e-6)
+    grads = {name: p.grad for name, p in hybrid.named_parameters() if p.grad is not None}
+    assert grads.keys() == reduced.keys() and any("linear_attn" in name for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(reduced[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    hybrid.zero_grad()
+
+
+def _entry_with_grad(model, inputs):
+    """``_entry`` keeping the graph: the tower and embeddings run with gradients, as in training."""
+    seen = {}
+
+    def stop(module, args, kwargs):
+        seen.update(embeds=kwargs["inputs_embeds"], positions=kwargs["position_ids"])
+        raise _Stop
+
+    handle = model.model.language_model.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        model(**inputs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen["embeds"], seen["positions"], model.model.rope_deltas
+
+
+class _Stop(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def test_bad_inputs_get_a_clear_error_and_leave_the_model_as_it_was(hybrid):
+    hooks = hook_ids(hybrid)
+    reducer = duet_vlm.make("duet", ratio=0.5)
+    inputs = _one()
+    with reducer(hybrid):
+        wrong = dict(inputs, input_ids=inputs["input_ids"].clone())
+        first = int((wrong["input_ids"][0] == QWEN_IMAGE).nonzero()[0])
+        wrong["input_ids"][0, first] = 50  # one placeholder fewer than the grid's tokens
+        with pytest.raises(ValueError, match="tokens|features"):
+            hybrid(**wrong)
+        missing = {k: v for k, v in inputs.items() if k != "image_grid_thw"}
+        with pytest.raises((ValueError, TypeError, AttributeError)):
+            hybrid(**missing)
+        with torch.no_grad():  # and the next call is served as usual
+            again = hybrid(**inputs).logits
+    assert hook_ids(hybrid) == hooks
+    with torch.no_grad(), duet_vlm.make("duet", ratio=0.5)(hybrid):
+        assert torch.equal(hybrid(**inputs).logits, again)

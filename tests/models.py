@@ -528,6 +528,77 @@ def make_qwen3_5(moe=False, attn="sdpa", layers=6, interval=4, attention_first=F
     return model.eval()
 
 
+# ----------------------------------------------------------------------------- InternVL3 / 3.5
+INTERNVL_IMAGE, IMG_START, IMG_END = 998, 996, 997  # <IMG_CONTEXT>, <img>, </img>
+INTERNVL_TILE = 32  # px: 8x8 patches of 4 px (+ CLS); the 0.5 pixel shuffle makes 4x4 = 16 tokens
+INTERNVL_TOKENS = 16  # placeholders per tile (image_seq_length)
+
+
+def make_internvl(attn="sdpa", layers=16, seed=0, text="qwen2", **vision_options):
+    """InternVL3 with tiles of 32 px and a Qwen2 decoder (GQA); ``text="qwen3"``: InternVL3.5's
+    Qwen3 decoder (per-head q/k norms); ``vision_options``: more ``InternVLVisionConfig`` fields
+    (the 6B ViT's ``use_qk_norm=True, norm_type="rms_norm"``). The CLS token and the position
+    embeddings (zeros at init) are drawn at random and the layer scales (0.1) set to 1, so that
+    the CLS attention differs between patches."""
+    from transformers import (
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLVisionConfig,
+        Qwen2Config,
+        Qwen3Config,
+    )
+
+    vision = InternVLVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=INTERNVL_TILE,
+        patch_size=4, layer_scale_init_value=1.0, **vision_options,
+    )
+    text = (Qwen3Config if text == "qwen3" else Qwen2Config)(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2,
+    )
+    config = InternVLConfig(
+        vision_config=vision, text_config=text, image_token_id=INTERNVL_IMAGE, image_seq_length=INTERNVL_TOKENS,
+        downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config)
+    with torch.no_grad():
+        embeddings = model.model.vision_tower.embeddings
+        embeddings.cls_token.normal_()
+        embeddings.position_embeddings.normal_(std=0.5)
+    # q/k norms (Qwen3, a qk-normed ViT) undo a sharper projection: their weights are sharpened too.
+    model = sharpen(sharpen(model), 2.0, ("q_norm.weight", "k_norm.weight"))
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def internvl_batch(rows, seed=0, suffixes=None):
+    """Rows of images given by their tiles (thumbnail included: 5 = 2x2 tiles and a thumbnail, 1 = a
+    single tile), each ``<img>`` + 16 placeholders per tile + ``</img>`` and two text tokens,
+    left-padded; ``pixel_values``: every tile of every image, in order."""
+    generator = torch.Generator().manual_seed(seed)
+    ids_rows, tiles = [], 0
+    for r, row_tiles in enumerate(rows):
+        ids = [1] + torch.randint(3, 900, (3,), generator=generator).tolist()
+        for count in row_tiles:
+            ids += [IMG_START] + [INTERNVL_IMAGE] * INTERNVL_TOKENS * count + [IMG_END]
+            ids += torch.randint(3, 900, (2,), generator=generator).tolist()
+            tiles += count
+        suffix = suffixes[r] if suffixes else 5
+        ids_rows.append(ids + torch.randint(3, 900, (suffix,), generator=generator).tolist())
+    size = INTERNVL_TILE
+    return {**left_pad(ids_rows), "pixel_values": torch.randn(tiles, 3, size, size, generator=generator)}
+
+
+def internvl_row(inputs, rows, b):
+    """Row ``b`` of an ``internvl_batch`` of ``rows`` alone, with its own tiles."""
+    return items_row(inputs, b, {"pixel_values": [sum(r) for r in rows]})
+
+
+INTERNVL_ROWS = [[5], [3, 1]]  # 2x2 tiles + thumbnail | 1x2 tiles + thumbnail, then a single tile
+
+
 # ----------------------------------------------------------------------------- the registry
 LAYERS = 6  # decoder layers of the registry's models: every method's default boundaries fit
 
@@ -636,5 +707,11 @@ FAMILIES: dict[str, Family] = {
         _qwen_family("qwen3_5", lambda: make_qwen3_5(layers=LAYERS, interval=2, attention_first=True)),
         _qwen_family("qwen3_5-moe", lambda: make_qwen3_5(moe=True, layers=LAYERS, interval=2, attention_first=True)),
         # One image of 2x2 tiles + thumbnail; a batch of such an image | 1x2 tiles + thumbnail and a single tile.
+        Family(
+            "internvl", lambda: make_internvl(layers=LAYERS),
+            one=lambda model: internvl_batch([[5]], seed=1),
+            batch=lambda model: internvl_batch(INTERNVL_ROWS, seed=2, suffixes=[7, 3]),
+            row=lambda inputs, b: internvl_row(inputs, INTERNVL_ROWS, b),
+        ),
     )
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Capture, Geometry, ModelAdapter, Signals, VisualItem
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
@@ -20,6 +21,7 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = (
     Qwen2VLAdapter,
     Qwen2_5_VLAdapter,
     Qwen3VLAdapter,
+    InternVLAdapter,
     Qwen3_5Adapter,
 )
 
@@ -37,4 +39,4 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     )
 
 
-__all__ = ["ADAPTERS", "Capture", "Geometry", "ModelAdapter", "Signals", "VisualItem", "adapter_for"]
+__all__ = ["ADAPTERS", "Capture", "Geometry", "InternVLAdapter", "ModelAdapter", "Signals", "VisualItem", "adapter_for"]

@@ -22,6 +22,28 @@ def test_plan_prints_the_paper_schedule():
     assert "191.75" in result.output and "FLOPs (FastV formula)" in result.output and "KV cache" in result.output
 
 
+def test_plan_presets_take_the_family_config():
+    """``--preset qwen3.5``: transformers' default Qwen3.5 decoder, its hybrid pattern (attention in
+    layers 3, 7, ...): DUET's default boundaries (16, 24) move to layers 15 and 23, which attend, and
+    the costs count the linear-attention layers (whose states do not shrink) apart from the FastV
+    formula; ``--preset internvl --tiles 2``: two 448 px tiles and a thumbnail of 256 tokens each."""
+    from duet_vlm.costs import plan_costs
+
+    result = runner.invoke(app, ["plan", "--preset", "qwen3.5", "--budget", "192"])
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert "784 visual tokens per image, 32 layers" in flat and "after layer 15" in flat and "after layer 23" in flat
+    assert "FastV formula" not in flat and "linear-attention states" in flat
+    costs = plan_costs("duet", budget=192, preset="qwen3.5")
+    (_, _, reduced, full), = [row for row in costs.rows if "states" in row[0]]
+    assert 0.5 < reduced / full < 1  # a quarter of the layers shrink their cache; the states stay
+    assert plan_costs("fastv", budget=256, preset="internvl", tiles=2).tokens == 3 * 256
+    _one_line_error(runner.invoke(app, ["plan", "--preset", "qwen3.5", "--budget", "64", "--layers", "8"]),
+                    "--preset qwen3.5 sets the decoder; drop --layers")
+    _one_line_error(runner.invoke(app, ["plan", "--preset", "qwen3.5", "--budget", "64", "--tiles", "2"]), "--tiles")
+    _one_line_error(runner.invoke(app, ["plan", "--preset", "gemma", "--budget", "64"]), "unknown preset 'gemma'")
+
+
 def test_plan_rejects_a_bad_budget():
     result = runner.invoke(app, ["plan", "--budget", "0"])
     assert result.exit_code != 0 and "budget must be a positive int" in result.output

@@ -306,3 +306,41 @@ def test_bad_inputs_get_a_clear_error_and_leave_the_model_as_it_was(hybrid):
     assert hook_ids(hybrid) == hooks
     with torch.no_grad(), duet_vlm.make("duet", ratio=0.5)(hybrid):
         assert torch.equal(hybrid(**inputs).logits, again)
+
+
+# ----------------------------------------------------------------------------- costs per layer kind
+def test_flops_and_cache_bytes_per_layer_kind(hybrid):
+    """``DecoderDims.from_config`` on the hybrid decoder: each layer's FLOPs besides the sequence
+    mixing (attention's ``n²`` products, the recurrence) are two per token per weight of its
+    matrices (the gated query counted), and the cache bytes equal what a prefill leaves in the
+    model's own hybrid cache (keys and values per token; a fixed convolution window and float32
+    recurrent state per linear-attention layer, which do not shrink with the tokens)."""
+    from duet_vlm.flops import DecoderDims, kv_cache_bytes, layer_flops
+
+    text = hybrid.config.text_config
+    dims = DecoderDims.from_config(text)
+    lm = hybrid.model.language_model
+    n = 7
+    for index, layer in enumerate(lm.layers):
+        matrices = sum(p.numel() for name, p in layer.named_parameters()
+                       if p.dim() >= 2 and "norm" not in name and "gate.weight" not in name)
+        if dims.kind(index) == "linear_attention":
+            linear = dims.linear
+            mixing = 2 * 4 * n * linear.value_heads * linear.key_head_dim * linear.value_head_dim
+        else:
+            mixing = 2 * 2 * dims.heads * dims.head_dim * (n * (n + 1) // 2)
+        if getattr(text, "num_experts", None):  # active experts only: checked for the dense model
+            continue
+        assert layer_flops(dims, index, n) - mixing == 2 * n * matrices, index
+    inputs = _one()
+    with torch.no_grad():
+        cache = hybrid(**inputs, use_cache=True).past_key_values
+    held = 0
+    for cached in cache.layers:
+        if hasattr(cached, "recurrent_states"):
+            held += sum(t.numel() * t.element_size() for t in (cached.conv_states[0], cached.recurrent_states[0]))
+        else:
+            held += sum(t.numel() * t.element_size() for t in (cached.keys, cached.values))
+    length = inputs["input_ids"].shape[1]
+    assert kv_cache_bytes(dims, [length] * len(lm.layers), bytes_per_element=4) == held
+    assert dims.layer_kinds == duet_vlm.adapters.adapter_for(hybrid).layer_kinds()

@@ -11,8 +11,36 @@ from typing import Sequence
 
 
 @dataclass(frozen=True)
+class LinearAttentionDims:
+    """The sizes of a Gated-DeltaNet linear-attention layer (Qwen3.5) that its cost depends on."""
+
+    key_heads: int
+    value_heads: int
+    key_head_dim: int
+    value_head_dim: int
+    conv_kernel: int
+
+    @property
+    def key_dim(self) -> int:
+        return self.key_heads * self.key_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.value_heads * self.value_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the causal convolution: queries, keys and values."""
+        return 2 * self.key_dim + self.value_dim
+
+
+@dataclass(frozen=True)
 class DecoderDims:
-    """The sizes of a decoder-only language model that its cost depends on."""
+    """The sizes of a decoder-only language model that its cost depends on.
+
+    ``layer_kinds``: per layer ``"attention"`` or ``"linear_attention"`` in a hybrid decoder (empty:
+    every layer attends), with the linear-attention layers' sizes in ``linear``; ``gated_query``:
+    the attention layers' query projection also gives an output gate per head (Qwen3.5)."""
 
     hidden: int
     intermediate: int
@@ -20,18 +48,37 @@ class DecoderDims:
     kv_heads: int
     head_dim: int
     gated_mlp: bool = True
+    layer_kinds: tuple[str, ...] = ()
+    linear: LinearAttentionDims | None = None
+    gated_query: bool = False
 
     @classmethod
     def from_config(cls, text_config) -> "DecoderDims":
         heads = text_config.num_attention_heads
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+        intermediate = getattr(text_config, "intermediate_size", None)
+        if getattr(text_config, "num_experts", None):  # a mixture of experts: the active experts' MLPs
+            intermediate = (text_config.moe_intermediate_size * text_config.num_experts_per_tok
+                            + getattr(text_config, "shared_expert_intermediate_size", 0))
+        types = tuple(getattr(text_config, "layer_types", None) or ())
+        hybrid = "linear_attention" in types
+        linear = LinearAttentionDims(
+            text_config.linear_num_key_heads, text_config.linear_num_value_heads, text_config.linear_key_head_dim,
+            text_config.linear_value_head_dim, text_config.linear_conv_kernel_dim,
+        ) if hybrid else None
         return cls(
             hidden=text_config.hidden_size,
-            intermediate=text_config.intermediate_size,
+            intermediate=intermediate,
             heads=heads,
             kv_heads=getattr(text_config, "num_key_value_heads", None) or heads,
             head_dim=head_dim,
+            layer_kinds=tuple("linear_attention" if t == "linear_attention" else "attention" for t in types) if hybrid else (),
+            linear=linear,
+            gated_query=hybrid and "qwen3_5" in getattr(text_config, "model_type", ""),
         )
+
+    def kind(self, layer: int) -> str:
+        return self.layer_kinds[layer] if self.layer_kinds else "attention"
 
 
 LLAVA_15_7B = DecoderDims(hidden=4096, intermediate=11008, heads=32, kv_heads=32, head_dim=128)
@@ -50,22 +97,56 @@ def fastv_flops(dims: DecoderDims, tokens_per_layer: Sequence[int]) -> int:
 def exact_flops(dims: DecoderDims, tokens_per_layer: Sequence[int]) -> int:
     """FLOPs (2 per multiply-add) of the decoder layers' matrix products in a causal prefill.
 
-    Counts Q/K/V/O projections with the real head counts (GQA), the gated MLP's three matrices, and
-    the causal score and value products (``n(n+1)/2`` query-key pairs per head). Norms, RoPE,
-    softmax and the LM head are left out (they are O(n·d) or independent of the visual tokens).
+    Counts Q/K/V/O projections with the real head counts (GQA; twice the query width where the
+    query projection also gives a gate), the gated MLP's three matrices, and the causal score and
+    value products (``n(n+1)/2`` query-key pairs per head). A linear-attention layer
+    (``linear_attention_flops``) has no term in ``n²``. Norms, RoPE, softmax and the LM head are
+    left out (they are O(n·d) or independent of the visual tokens).
     """
+    return sum(layer_flops(dims, layer, n) for layer, n in enumerate(tokens_per_layer))
+
+
+def layer_flops(dims: DecoderDims, layer: int, n: int) -> int:
+    """``exact_flops`` of decoder ``layer`` on ``n`` tokens."""
     d, m = dims.hidden, dims.intermediate
+    mlp = (3 if dims.gated_mlp else 2) * n * d * m
+    if dims.kind(layer) == "linear_attention":
+        return 2 * mlp + linear_attention_flops(dims.linear, d, n)
     q_out, kv_out = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
-    mlp_matrices = 3 if dims.gated_mlp else 2
-    total = 0
-    for n in tokens_per_layer:
-        projections = n * d * (2 * q_out + 2 * kv_out)  # q and o use q_out; k and v use kv_out
-        attention = 2 * dims.heads * dims.head_dim * (n * (n + 1) // 2)
-        mlp = mlp_matrices * n * d * m
-        total += 2 * (projections + attention + mlp)
-    return total
+    q_proj = (2 if dims.gated_query else 1) * q_out
+    projections = n * d * (q_proj + q_out + 2 * kv_out)  # q (and its gate), o; k and v
+    attention = 2 * dims.heads * dims.head_dim * (n * (n + 1) // 2)
+    return 2 * (projections + attention + mlp)
+
+
+def linear_attention_flops(linear: LinearAttentionDims, hidden: int, n: int) -> int:
+    """FLOPs of a Gated-DeltaNet token mixer on ``n`` tokens, all linear in ``n``: the input
+    projections (queries, keys and values; the output gate; the two per-head scalars) and the output
+    projection, the depthwise causal convolution (``conv_kernel`` taps per channel), and the
+    delta-rule recurrence, counted as its token-by-token form: per value head and token, the state's
+    decay, its product with the key, the rank-one update and the readout by the query (four
+    ``key_head_dim x value_head_dim`` products; the chunked kernel reorders, not removes, them)."""
+    projections = n * hidden * (linear.conv_dim + linear.value_dim + 2 * linear.value_heads) + n * linear.value_dim * hidden
+    convolution = n * linear.conv_dim * linear.conv_kernel
+    recurrence = 4 * n * linear.value_heads * linear.key_head_dim * linear.value_head_dim
+    return 2 * (projections + convolution + recurrence)
 
 
 def kv_cache_bytes(dims: DecoderDims, tokens_per_layer: Sequence[int], bytes_per_element: int = 2) -> int:
-    """Bytes the KV cache holds after a prefill whose layer ``l`` processed ``tokens_per_layer[l]`` tokens."""
-    return sum(2 * n * dims.kv_heads * dims.head_dim * bytes_per_element for n in tokens_per_layer)
+    """Bytes the cache holds after a prefill whose layer ``l`` processed ``tokens_per_layer[l]`` tokens:
+    keys and values per token in attention layers; in linear-attention layers a state whose size
+    does not depend on the tokens (``linear_state_bytes``), so it does not shrink when tokens drop."""
+    total = 0
+    for layer, n in enumerate(tokens_per_layer):
+        if dims.kind(layer) == "linear_attention":
+            total += linear_state_bytes(dims.linear, bytes_per_element)
+        else:
+            total += 2 * n * dims.kv_heads * dims.head_dim * bytes_per_element
+    return total
+
+
+def linear_state_bytes(linear: LinearAttentionDims, bytes_per_element: int = 2) -> int:
+    """A Gated-DeltaNet layer's cache, per sequence: the convolution's last ``conv_kernel`` inputs
+    (model dtype) and the recurrent state, ``key_head_dim x value_head_dim`` per value head, in
+    float32 (as transformers' kernels and flash-linear-attention keep it)."""
+    return linear.conv_dim * linear.conv_kernel * bytes_per_element + 4 * linear.value_heads * linear.key_head_dim * linear.value_head_dim

@@ -84,24 +84,31 @@ def main() -> None:
 def plan(
     budget: Optional[int] = typer.Option(None, help="Average visual tokens per decoder layer per item."),
     ratio: Optional[float] = typer.Option(None, help="Instead of --budget: keep this fraction of the item's tokens."),
-    layers: int = typer.Option(32, help="Decoder layers of the language model."),
-    tokens: int = typer.Option(576, help="Visual tokens per image (per frame with --frames) without reduction."),
+    layers: Optional[int] = typer.Option(None, help="Decoder layers of the language model [default: 32]."),
+    tokens: Optional[int] = typer.Option(
+        None, help="Visual tokens per image (per frame with --frames) without reduction [default: 576, or the preset's]."
+    ),
     frames: int = typer.Option(1, help="Frames of a video item (e.g. 8 with --tokens 257 for Video-LLaVA)."),
     method: str = typer.Option("duet", help=f"One of: {', '.join(METHOD_NAMES)}."),
     text_tokens: int = typer.Option(60, help="Prompt tokens besides the image, for FLOPs and KV bytes."),
-    hidden: int = typer.Option(4096, help="Decoder hidden size (LLaVA-1.5-7B by default)."),
-    intermediate: int = typer.Option(11008, help="Decoder MLP size."),
-    heads: int = typer.Option(32, help="Attention heads."),
-    kv_heads: int = typer.Option(32, help="Key/value heads (fewer with grouped-query attention)."),
+    hidden: Optional[int] = typer.Option(None, help="Decoder hidden size [default: 4096, LLaVA-1.5-7B's]."),
+    intermediate: Optional[int] = typer.Option(None, help="Decoder MLP size [default: 11008]."),
+    heads: Optional[int] = typer.Option(None, help="Attention heads [default: 32]."),
+    kv_heads: Optional[int] = typer.Option(None, help="Key/value heads (fewer with grouped-query attention) [default: 32]."),
     bytes_per_element: int = typer.Option(2, help="KV-cache element size (2 for fp16/bf16)."),
+    preset: Optional[str] = typer.Option(
+        None, help="A family's geometry from its default transformers config instead of the sizes above: "
+        "qwen3.5 (hybrid: attention in every 4th layer), qwen3.5-moe, or internvl (448 px tiles)."
+    ),
+    tiles: Optional[int] = typer.Option(None, help="With --preset internvl: tiles of the image (plus a thumbnail) [default: 4]."),
 ) -> None:
     """Print the schedule a method solves for a budget, with per-layer counts, FLOPs and KV-cache savings."""
     from ..costs import plan_costs
 
     costs = plan_costs(method, budget, ratio, layers, tokens, frames, text_tokens, hidden, intermediate, heads, kv_heads,
-                       bytes_per_element)
+                       bytes_per_element, preset, tiles)
     target = f"budget {budget}" if budget is not None else f"ratio {ratio}"
-    printing.print_plan(costs, method, target, layers, frames, text_tokens)
+    printing.print_plan(costs, method, target, costs.plan.schedule.num_layers, frames, text_tokens)
 
 
 @app.command()

@@ -516,7 +516,7 @@ def test_each_family_answers_and_logs_its_statistics(name, tmp_path, offline, on
 
 # ------------------------------------------------------------------ Qwen-VL
 def _qwen(kind, path):
-    """A tiny Qwen2-VL, Qwen2.5-VL or Qwen3-VL of the real class, with the demo tokenizer, saved to ``path``."""
+    """A tiny Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3.5 of the real class, with the demo tokenizer, saved to ``path``."""
     import transformers as tf
 
     text = {"vocab_size": VIDEO_ID + 1, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -531,6 +531,13 @@ def _qwen(kind, path):
         config, model = tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration
         text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 3, 3]}
         vision.update(hidden_size=32, out_hidden_size=64, intermediate_size=64, patch_size=14, fullatt_block_indexes=[1])
+    elif kind == "qwen3_5":  # a hybrid decoder: linear attention in layer 0, attention in layer 1
+        config, model = tf.Qwen3_5Config, tf.Qwen3_5ForConditionalGeneration
+        text["rope_parameters"] = {"rope_type": "default", "mrope_section": [1, 1, 0], "mrope_interleaved": True,
+                                   "partial_rotary_factor": 0.25}
+        text.update(layer_types=["linear_attention", "full_attention"], linear_key_head_dim=8, linear_value_head_dim=8,
+                    linear_num_key_heads=2, linear_num_value_heads=4)
+        vision.update(hidden_size=32, out_hidden_size=64, intermediate_size=64, patch_size=16)
     else:
         config, model = tf.Qwen3VLConfig, tf.Qwen3VLForConditionalGeneration
         text["rope_parameters"] = {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True}
@@ -540,7 +547,7 @@ def _qwen(kind, path):
     _tokenizer().save_pretrained(path)
 
 
-@pytest.mark.parametrize("name", ["duet_qwen2_vl", "duet_qwen2_5_vl", "duet_qwen3_vl"])
+@pytest.mark.parametrize("name", ["duet_qwen2_vl", "duet_qwen2_5_vl", "duet_qwen3_vl", "duet_qwen3_5"])
 def test_qwen_models_load_and_attach(name, tmp_path, offline, monkeypatch):
     """lmms-eval's Qwen class loads a tiny checkpoint of its real transformers class (its processor,
     which needs torchvision, replaced by a placeholder) with the method's options taken out of its
@@ -554,7 +561,8 @@ def test_qwen_models_load_and_attach(name, tmp_path, offline, monkeypatch):
     kind = name.removeprefix("duet_")
     _qwen(kind, tmp_path / "model")
     # the chat classes inherit __init__ from the simple ones, which look AutoProcessor up in their module
-    monkeypatch.setattr(f"lmms_eval.models.simple.{kind}.AutoProcessor",
+    loader = "qwen3_vl" if kind == "qwen3_5" else kind  # Qwen3.5's classes are Qwen3-VL's with other defaults
+    monkeypatch.setattr(f"lmms_eval.models.simple.{loader}.AutoProcessor",
                         type("Loader", (), {"from_pretrained": staticmethod(lambda *a, **k: None)}))
     logged = []
     sink = logger.add(logged.append, format="{message}")

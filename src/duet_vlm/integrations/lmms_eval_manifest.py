@@ -19,6 +19,7 @@ MODELS = {
     "duet_qwen2_vl": (f"{PACKAGE}.lmms_eval_qwen.DuetQwen2VL", "simple", ()),
     "duet_qwen2_5_vl": (f"{PACKAGE}.lmms_eval_qwen.DuetQwen2_5_VL", "chat", ()),
     "duet_qwen3_vl": (f"{PACKAGE}.lmms_eval_qwen.DuetQwen3VL", "chat", ()),
+    "duet_qwen3_5": (f"{PACKAGE}.lmms_eval_qwen.DuetQwen3_5", "chat", ()),
 }
 
 
@@ -26,7 +27,7 @@ def manifests():
     """The ``lmms_eval.models`` entry point (a callable, so that nothing is imported at discovery).
 
     >>> sorted(m.model_id for m in manifests())                    # doctest: +SKIP
-    ['duet_llava_hf', 'duet_qwen2_5_vl', 'duet_qwen2_vl', 'duet_qwen3_vl', 'duet_video_llava']
+    ['duet_llava_hf', 'duet_qwen2_5_vl', 'duet_qwen2_vl', 'duet_qwen3_5', 'duet_qwen3_vl', 'duet_video_llava']
     """
     from lmms_eval.models.registry_v2 import ModelManifest
 

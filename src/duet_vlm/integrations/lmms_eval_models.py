@@ -103,6 +103,22 @@ def request_budget(gen_kwargs: dict) -> tuple[str, Any] | None:
     return kind, (int(value) if kind == "budget" else float(value)) if isinstance(value, str) else value
 
 
+def lmms_arguments(cls: type) -> set[str]:
+    """The keyword arguments the lmms-eval class behind ``ReducerMixin`` in ``cls`` accepts: its
+    ``__init__``'s, and those of the classes it passes ``**kwargs`` on to (lmms-eval's Qwen3.5 is
+    Qwen3-VL's ``__init__`` with other defaults)."""
+    names: set[str] = set()
+    for base in cls.__mro__[cls.__mro__.index(ReducerMixin) + 1 :]:
+        init = base.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters.values()
+        names |= {p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"}
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break
+    return names
+
+
 def method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments for ``duet_vlm.make(method, ...)`` from lmms-eval's parsed ``model_args``.
 
@@ -186,8 +202,7 @@ class ReducerMixin:
                  saved_reducer: Any = True, **kwargs: Any) -> None:
         # lmms-eval's classes reject unknown keyword arguments: everything that is not the lmms-eval
         # class's own is the method's.
-        own = {name for name, p in inspect.signature(super().__init__).parameters.items()
-               if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        own = lmms_arguments(type(self))
         options = method_options(method or "duet", {name: kwargs.pop(name) for name in list(kwargs) if name not in own})
         # a checkpoint fine-tuned under a reducer carries it (unless a method or budget is given)
         pretrained = kwargs.get("pretrained")

@@ -1,4 +1,4 @@
-"""The lmms-eval models ``duet_qwen2_vl``, ``duet_qwen2_5_vl`` and ``duet_qwen3_vl``: lmms-eval's
+"""The lmms-eval models ``duet_qwen2_vl``, ``duet_qwen2_5_vl``, ``duet_qwen3_vl`` and ``duet_qwen3_5``: lmms-eval's
 Qwen-VL classes with a reducer attached (``model_args`` and statistics as in ``lmms_eval_models``).
 
 Kept apart from ``lmms_eval_models`` so that the other models do not import lmms-eval's Qwen
@@ -13,6 +13,7 @@ install (README), not with the CPU-only one, where lmms-eval warns at import and
 from __future__ import annotations
 
 from lmms_eval.models.chat.qwen2_5_vl import Qwen2_5_VL
+from lmms_eval.models.chat.qwen3_5 import Qwen3_5
 from lmms_eval.models.chat.qwen3_vl import Qwen3_VL
 from lmms_eval.models.simple.qwen2_vl import Qwen2_VL
 
@@ -38,11 +39,21 @@ class DuetQwen2_5_VL(ReducerMixin, Qwen2_5_VL):
 
 
 class DuetQwen3VL(ReducerMixin, Qwen3_VL):
-    """lmms-eval's chat ``qwen3_vl`` with a reducer attached (dense Qwen3-VL). lmms-eval's class also
-    loads Qwen3-VL MoE (``...-A3B-...``) and Qwen3.5 checkpoints, whose model types duet-vlm's
-    adapters do not list: attach refuses those with a ``TypeError`` naming the supported classes.
+    """lmms-eval's chat ``qwen3_vl`` with a reducer attached (dense Qwen3-VL; Qwen3.5 checkpoints it
+    also loads are served too). Qwen3-VL MoE (``...-A3B-...``), whose model type duet-vlm's adapters
+    do not list, is refused at attach with a ``TypeError`` naming the supported classes.
 
     >>> from lmms_eval.evaluator import simple_evaluate                              # doctest: +SKIP
     >>> simple_evaluate(model="duet_qwen3_vl", tasks=["mme"],                        # doctest: +SKIP
     ...                 model_args="pretrained=Qwen/Qwen3-VL-8B-Instruct,method=duet,ratio=0.25")
+    """
+
+
+class DuetQwen3_5(ReducerMixin, Qwen3_5):
+    """lmms-eval's chat ``qwen3_5`` (Qwen3.5 and Qwen3.5-MoE, hybrid linear-attention language
+    models) with a reducer attached.
+
+    >>> from lmms_eval.evaluator import simple_evaluate                              # doctest: +SKIP
+    >>> simple_evaluate(model="duet_qwen3_5", tasks=["mme"],                         # doctest: +SKIP
+    ...                 model_args="pretrained=Qwen/Qwen3.5-4B,method=duet,ratio=0.25")
     """

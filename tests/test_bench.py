@@ -25,7 +25,7 @@ def test_list_options_take_several_values():
     ]
 
 
-@pytest.mark.parametrize("family", ["llava_next", "video_llava"])
+@pytest.mark.parametrize("family", ["llava_next", "video_llava", "qwen3_5", "internvl"])
 def test_family_benchmark_times_each_variant_against_the_ideal(family):
     from duet_vlm.bench import ModelSize, family_benchmark
 
@@ -33,7 +33,7 @@ def test_family_benchmark_times_each_variant_against_the_ideal(family):
                      intermediate=128)
     results = family_benchmark(family, size, ["duet"], [0.25], rounds=1)
     row = results["variants"]["duet ratio 0.25"]
-    tokens = {"llava_next": 576 + 48 * 49, "video_llava": 8 * 257}[family]
+    tokens = {"llava_next": 576 + 48 * 49, "video_llava": 8 * 257, "qwen3_5": 21 * 21, "internvl": 5 * 256}[family]
     assert abs(row["avg_visual_tokens"] - 0.25 * tokens) <= 8
     assert row["ideal_s"] > 0 and row["lm_vs_ideal"] > 0 and row["flops_ratio"] < 0.5
 
@@ -67,6 +67,22 @@ def test_ideal_model_on_all_tokens_is_the_model_itself(batch):
     length = inputs["input_ids"].shape[1]
     labels = inputs["input_ids"].masked_fill(torch.arange(length) < length - 8, -100)
     torch.testing.assert_close(ideal.loss(labels), model(**inputs, labels=labels).loss)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "internvl"])
+def test_ideal_model_on_all_tokens_generates_as_the_model(family):
+    """Qwen3.5 (M-RoPE positions continued after the prompt's largest one, a hybrid cache of keys and
+    values and of linear-attention states) and InternVL: the ideal of no reduction's greedy loop is
+    the model's ``generate``."""
+    import torch
+
+    from duet_vlm.bench import IdealModel, ModelSize, build_family
+
+    model, inputs = build_family(family, ModelSize(**TINY))
+    visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    reference = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    tokens, _ = IdealModel(model, inputs, [visual] * TINY["layers"]).generate(4)
+    assert torch.equal(tokens, reference[:, -4:])
 
 
 @pytest.mark.parametrize("batch", [1, 2])

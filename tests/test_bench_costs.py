@@ -15,7 +15,7 @@ def _size():
     return ModelSize(**TINY)
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "video_llava"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "video_llava", "qwen3_5", "internvl"])
 def test_ideal_of_no_reduction_is_the_model_itself(family):
     from duet_vlm.bench import IdealModel, build_family
 
@@ -44,7 +44,8 @@ def _layer_lengths(model, run):
 
 
 @pytest.mark.parametrize("family,method", [("llava", "pyramiddrop"), ("llava", "cdpruner"), ("llava_next", "divprune"),
-                                           ("video_llava", "holitom")])
+                                           ("video_llava", "holitom"), ("qwen3_5", "duet"), ("qwen3_5", "visionzip"),
+                                           ("internvl", "pyramiddrop"), ("internvl", "fastv")])
 def test_the_ideal_runs_each_layer_on_the_methods_counts(family, method):
     from duet_vlm.bench import IdealModel, build_family
     from duet_vlm.methods import make
@@ -60,6 +61,35 @@ def test_the_ideal_runs_each_layer_on_the_methods_counts(family, method):
     assert [length - text for length in _layer_lengths(model, ideal.forward)] == counts
     # and the schedule the method's plan solves for this geometry is what its layers received
     assert counts == reducer.stats.items[0].tokens_per_layer
+
+
+def test_the_qwen3_5_ideal_keeps_the_kept_tokens_positions():
+    """Under M-RoPE the ideal's kept tokens keep their (time, row, column) positions: with 100 of the
+    441 image tokens kept, it is the unpatched language model fed the kept slots' embeddings at their
+    original positions (and not at renumbered ones); linear-attention layers included."""
+    from duet_vlm.bench import IdealModel, build_family
+
+    model, inputs = build_family("qwen3_5", _size())
+    visual = inputs["input_ids"] == model.config.image_token_id
+    keep = ~visual | (visual.long().cumsum(dim=1) <= 100)
+    captured = {}
+    handle = model.model.language_model.register_forward_pre_hook(lambda m, a, kwargs: captured.update(kwargs),
+                                                                  with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.model(**inputs)
+    finally:
+        handle.remove()
+    embeds, positions = captured["inputs_embeds"][keep][None], captured["position_ids"][:, keep][:, None]
+    language_model = model.model.language_model
+    with torch.no_grad():
+        hidden = IdealModel(model, inputs, [100] * TINY["layers"]).forward()
+        reference = language_model(inputs_embeds=embeds, position_ids=positions).last_hidden_state
+        renumbered = language_model(inputs_embeds=embeds).last_hidden_state
+    torch.testing.assert_close(hidden, reference, rtol=0, atol=1e-5)
+    assert not torch.allclose(hidden, renumbered, atol=1e-3)
+    kinds = set(model.config.text_config.layer_types)
+    assert kinds == {"linear_attention", "full_attention"}
 
 
 def test_selection_costs_follow_their_definitions():

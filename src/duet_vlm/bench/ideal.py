@@ -10,6 +10,15 @@ import torch
 from ..compaction import Compaction
 
 
+def _family(config) -> str:
+    """Which path builds the entry embeddings: ``qwen3_5``, ``internvl`` or ``llava`` (LLaVA-1.5,
+    LLaVA-NeXT, Video-LLaVA)."""
+    kind = getattr(config, "model_type", None)
+    if kind in ("qwen3_5", "qwen3_5_moe"):
+        return "qwen3_5"
+    return "internvl" if kind == "internvl" else "llava"
+
+
 class IdealModel:
     """The unpatched model run on reduced token counts, with no scoring and no bookkeeping.
 
@@ -17,16 +26,25 @@ class IdealModel:
     of each row (any slots cost the same). The prompt enters the decoder compacted to
     ``visual_per_layer[0]`` slots (``entry``); where the count drops, the sequence is compacted once
     more for the next run of layers (each group's ``step``), whose positions are renumbered and RoPE
-    recomputed. Each layer is the model's own module called directly, so with a ``DynamicCache`` each
-    layer's cache holds exactly its own tokens and a decoding step attends over those per-layer
-    lengths. Padded rows get a boolean mask; unpadded ones run SDPA's causal path.
+    recomputed (1-D RoPE), or, under M-RoPE (Qwen3.5), the kept tokens' own (time, row, column)
+    positions gathered from the unreduced prompt's (never renumbered) and RoPE recomputed from them.
+    Each layer is the model's own module called directly, so with a ``DynamicCache`` each layer's
+    cache holds exactly its own tokens and a decoding step attends over those per-layer lengths.
+    Each layer gets the mask of its kind: attention layers a boolean causal mask for padded rows,
+    ``None`` (SDPA's causal path) for unpadded ones; linear-attention layers (Qwen3.5's
+    Gated-DeltaNet, ``layer_types``) the 2-D padding mask, ``None`` without padding, as the model's
+    ``create_recurrent_attention_mask`` gives them.
 
     ``decode`` runs the decoder alone on entry states (any LLaVA family: the slots are the image or
     video tokens). ``embeddings``, ``forward``, ``generate`` and ``loss`` start from the pixels of a
     LLaVA-1.5, LLaVA-NeXT or Video-LLaVA prompt: the family's tower runs as usual on every tile or
     frame (only its feature layer's states kept), and the projector on the kept count only; with
     nothing dropped at the entry the visual embeddings are the model's own (LLaVA-NeXT's unpadding
-    and newlines included), so the ideal of no reduction is the unreduced model. ``generate`` is a
+    and newlines included), so the ideal of no reduction is the unreduced model. The same holds for
+    Qwen3.5 (the vision blocks on every patch, the 2x2 merger on the kept tokens' groups of patches
+    only) and InternVL (the ViT on every tile, CLS dropped, the pixel shuffle, the projector on the
+    kept tokens only); their visual slots are filled in the model's order (row by row, image by
+    image), so the kept slots take the features the model would put there. ``generate`` is a
     bare greedy loop (embed, layers, norm, LM head on the last position, argmax); ``loss`` is a
     training forward.
 
@@ -37,6 +55,8 @@ class IdealModel:
     def __init__(self, model, inputs: dict[str, torch.Tensor], visual_per_layer: list[int]):
         base = model.model
         self.model, self.base, self.language_model = model, base, base.language_model
+        self.inputs = inputs
+        self.family = _family(model.config)
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask")
         self.pixel_values = inputs.get("pixel_values")
@@ -47,15 +67,30 @@ class IdealModel:
         visual = ids == token
         rank = visual.long().cumsum(dim=1) - 1
         runs = [(count, len(list(run))) for count, run in groupby(visual_per_layer)]
+        self.visual = visual
         self.entry_visual = visual & (rank < runs[0][0])  # visual slots that enter the decoder
         self.entry = Compaction.from_keep(self.entry_visual | ~visual)
-        self.groups = []  # (compaction of the previous group's sequence, or None; valid keys; layers)
+        text_config = self.language_model.config
+        types = getattr(text_config, "layer_types", None) or ["full_attention"] * len(self.language_model.layers)
+        kinds = ["linear" if kind == "linear_attention" else "attention" for kind in types]
+        # M-RoPE: the unreduced prompt's (3, B, L) positions, of which each group keeps its tokens'.
+        original = None
+        if self.family == "qwen3_5":
+            original, _ = base.get_rope_index(
+                ids, inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+                video_grid_thw=inputs.get("video_grid_thw"), attention_mask=mask,
+            )
+            self.next_position = original.amax(dim=(0, 2))[:, None] + 1  # (B, 1) a decoding step's first position
+        # (compaction of the previous group's sequence, or None; valid keys; M-RoPE positions or None; layers; kinds)
+        self.groups = []
         segment, start = self.entry, 0
         for count, size in runs:
             step = Compaction.from_keep(segment.gather(~visual | (rank < count)))
             segment = segment.then(step)
             valid = torch.ones_like(segment.index, dtype=torch.bool) if mask is None else mask.gather(1, segment.index).bool()
-            self.groups.append((None if step.is_identity else step, valid, self.language_model.layers[start : start + size]))
+            positions = segment.gather_positions(original)
+            self.groups.append((None if step.is_identity else step, valid, positions,
+                                self.language_model.layers[start : start + size], kinds[start : start + size]))
             start += size
         self.exit = segment  # the prompt's tokens that reach the last layer
 
@@ -78,9 +113,48 @@ class IdealModel:
             features = features[:, 1:]
         return features.reshape(pixels.shape[0], -1, features.shape[-1])
 
+    def _qwen3_5_visual(self) -> torch.Tensor:
+        """``(kept, width)`` Qwen3.5's kept visual tokens: the vision blocks on every patch, the
+        merger on the kept tokens' 2x2 groups of patches only (a group's patches are consecutive)."""
+        visual_model = self.base.visual
+        videos = "pixel_values_videos" in self.inputs
+        pixels = self.inputs["pixel_values_videos" if videos else "pixel_values"]
+        grid = self.inputs["video_grid_thw" if videos else "image_grid_thw"]
+        merger = visual_model.merger
+        visual_model.merger = torch.nn.Identity()  # the blocks' output, unmerged: what the merger reads
+        try:
+            patches = visual_model(pixels.type(visual_model.dtype), grid_thw=grid).last_hidden_state
+        finally:
+            visual_model.merger = merger
+        groups = patches.view(-1, visual_model.spatial_merge_unit, patches.shape[-1])
+        return merger(groups[self.entry_visual[self.visual]].flatten(0, 1))
+
+    def _internvl_visual(self) -> torch.Tensor:
+        """``(kept, width)`` InternVL's kept visual tokens: the ViT on every tile (CLS dropped at its
+        feature layer, as ``get_image_features`` reads it), the pixel shuffle, and the projector on the
+        kept tokens only."""
+        config, base = self.model.config, self.base
+        pixels = self.inputs["pixel_values"].to(dtype=base.dtype)
+        layer = config.vision_feature_layer
+        if layer == -1:
+            features = base.vision_tower(pixel_values=pixels, return_dict=True).last_hidden_state
+        else:
+            features = base.vision_tower(pixel_values=pixels, output_hidden_states=True, return_dict=True).hidden_states[layer]
+        if config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]
+        tiles, side = features.shape[0], int(features.shape[1] ** 0.5)
+        shuffled = base.pixel_shuffle(features.reshape(tiles, side, side, -1), scale_factor=config.downsample_ratio)
+        tokens = shuffled.reshape(-1, shuffled.shape[-1])  # every tile's tokens, in slot order
+        return base.multi_modal_projector(tokens[self.entry_visual[self.visual]])
+
     def embeddings(self) -> torch.Tensor:
         """``(B, entry.length, width)`` the entry sequence's input embeddings: the text's, and the kept
         count of projected visual tokens in the first visual slots (any slots cost the same)."""
+        if self.family != "llava":
+            visual = self._qwen3_5_visual() if self.family == "qwen3_5" else self._internvl_visual()
+            embeds = self.language_model.embed_tokens(self.input_ids)
+            embeds = embeds.masked_scatter(self.entry_visual[..., None], visual.to(embeds.dtype))
+            return self.entry.gather(embeds)
         features = self._features()
         count = int(self.entry_visual[0].sum())
         if count <= features.shape[1]:
@@ -110,19 +184,33 @@ class IdealModel:
         allowed |= own[None]
         return allowed[:, None]
 
+    @staticmethod
+    def _recurrent_mask(valid: torch.Tensor):
+        """A linear-attention layer's mask: ``None`` without padding, else the ``(B, L)`` padding mask
+        (its padded states are zeroed before they enter the recurrence)."""
+        return None if bool(valid.all()) else valid.long()
+
+    def _positions(self, valid: torch.Tensor, positions: torch.Tensor | None):
+        """``(rotary positions, the layers' position ids)`` of a group: its kept tokens' M-RoPE
+        positions (the layers get none, as the model gives them none), or 1-D renumbered ones."""
+        if positions is not None:
+            return positions, None
+        renumbered = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+        return renumbered, renumbered
+
     def decode(self, hidden: torch.Tensor, cache=None) -> torch.Tensor:
         """The decoder on the entry sequence's states ``hidden`` (``(B, entry.length, width)``): the
         final-normed states of the last layer group's sequence."""
         self.positions = []
-        for step, valid, layers in self.groups:
+        for step, valid, original, layers, kinds in self.groups:
             if step is not None:
                 hidden = step.gather(hidden)
-            positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+            rotary, positions = self._positions(valid, original)
             self.positions.append(valid.sum(dim=1, keepdim=True))
-            rope = self.language_model.rotary_emb(hidden, positions)
-            mask = self._mask(valid, hidden.shape[1])
-            for layer in layers:
-                out = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
+            rope = self.language_model.rotary_emb(hidden, rotary)
+            masks = {"attention": self._mask(valid, hidden.shape[1]), "linear": self._recurrent_mask(valid)}
+            for layer, kind in zip(layers, kinds):
+                out = layer(hidden, attention_mask=masks[kind], position_ids=positions, past_key_values=cache,
                             use_cache=cache is not None, position_embeddings=rope)
                 hidden = out[0] if isinstance(out, tuple) else out
         return self.language_model.norm(hidden)
@@ -145,14 +233,15 @@ class IdealModel:
                 on_token()
             for step in range(new_tokens - 1):
                 hidden = self.language_model.embed_tokens(token[:, None])
-                for (_, valid, layers), length in zip(self.groups, self.positions):
-                    positions = length + step
+                for (_, valid, original, layers, kinds), length in zip(self.groups, self.positions):
+                    # M-RoPE: the unreduced numbering (after the prompt's largest position); 1-D: renumbered
+                    positions = (self.next_position if original is not None else length) + step
                     rope = self.language_model.rotary_emb(hidden, positions)
                     keys = torch.cat([valid, valid.new_ones(valid.shape[0], step + 1)], dim=1)
-                    mask = self._mask(keys, 1)
-                    for layer in layers:
-                        out = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                                    use_cache=True, position_embeddings=rope)
+                    masks = {"attention": self._mask(keys, 1), "linear": None}  # a decoding step has no padding
+                    for layer, kind in zip(layers, kinds):
+                        out = layer(hidden, attention_mask=masks[kind], position_ids=None if original is not None else positions,
+                                    past_key_values=cache, use_cache=True, position_embeddings=rope)
                         hidden = out[0] if isinstance(out, tuple) else out
                 token = head(self.language_model.norm(hidden)[:, -1]).argmax(-1)
                 tokens.append(token)

@@ -1,5 +1,7 @@
 """The one model builder of every benchmark: random-weight models of LLaVA-1.5's geometry (a
-CLIP-L/14 tower, a 32-layer Llama decoder of configurable width) and their prompts.
+CLIP-L/14 tower, a 32-layer Llama decoder of configurable width) and their prompts; and, for
+``build_family``, the other families' towers and decoders (Qwen3.5: a Qwen3-VL tower and a hybrid
+linear-attention decoder; InternVL3: an InternViT tower and a Qwen2 decoder) at the same sizes.
 
 Random weights are enough for timing: cost does not depend on the values.
 
@@ -16,12 +18,15 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 #: The families ``build_family`` builds, each with its typical prompt.
-FAMILIES = ("llava", "llava_next", "video_llava")
+FAMILIES = ("llava", "llava_next", "video_llava", "qwen3_5", "internvl")
 
 
 @dataclass(frozen=True)
 class ModelSize:
-    """A LLaVA-1.5-shaped model (CLIP-L/14-336 tower, 32-layer decoder) with a configurable decoder width."""
+    """A LLaVA-1.5-shaped model (CLIP-L/14-336 tower, 32-layer decoder) with a configurable decoder width.
+
+    The other families of ``build_family`` read the same fields: their tower's width, depth and heads
+    (``vision_*``), their decoder's (``hidden`` ... ``intermediate``; heads of ``hidden / heads``)."""
 
     vision_hidden: int = 1024
     vision_layers: int = 24
@@ -97,9 +102,11 @@ def padded_inputs(model, batch: int, text_tokens: int = 60, seed: int = 0) -> di
 
 
 def build_family(family: str, size: ModelSize, seed: int = 0):
-    """A random-weight model of ``family`` with a CLIP-L/14 tower and ``size``'s decoder, and one
-    prompt of its typical geometry: LLaVA-1.5 (336 px, 576 tokens), LLaVA-NeXT (a 672x672 image:
-    5 tiles, 2,928 tokens with newlines) or Video-LLaVA (8 frames at 224 px, 2,056 tokens)."""
+    """A random-weight model of ``family`` with ``size``'s tower and decoder, and one prompt of its
+    typical geometry (5 text tokens, the visual slots, 55 text tokens): LLaVA-1.5 (336 px, 576
+    tokens), LLaVA-NeXT (a 672x672 image: 5 tiles, 2,928 tokens with newlines), Video-LLaVA (8
+    frames at 224 px, 2,056 tokens), each with a CLIP-L/14 tower; Qwen3.5 (``_qwen3_5``: a 672x672
+    image, 441 tokens) or InternVL3 (``_internvl``: 2x2 tiles and a thumbnail, 1,280 tokens)."""
     from transformers import (
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
@@ -110,6 +117,10 @@ def build_family(family: str, size: ModelSize, seed: int = 0):
     if family == "llava":
         model = build_model(size, seed=seed)
         return model, example_inputs(model)
+    if family == "qwen3_5":
+        return _qwen3_5(size, seed)
+    if family == "internvl":
+        return _internvl(size, seed)
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; one of {', '.join(FAMILIES)}")
     vision = _tower(size, 336 if family == "llava_next" else 224)
@@ -133,3 +144,100 @@ def build_family(family: str, size: ModelSize, seed: int = 0):
     ids = torch.cat([torch.randint(3, 32000, (1, 5), generator=generator), torch.full((1, slots), token),
                      torch.randint(3, 32000, (1, 55), generator=generator)], dim=1)
     return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), **visual}
+
+
+def _prompt(generator: torch.Generator, visual: list[int], prefix: int = 5, suffix: int = 55) -> torch.Tensor:
+    """``(1, L)``: ``prefix`` random text tokens, the ``visual`` ids, ``suffix`` random text tokens."""
+    return torch.cat([torch.randint(3, 32000, (1, prefix), generator=generator), torch.tensor([visual]),
+                      torch.randint(3, 32000, (1, suffix), generator=generator)], dim=1)
+
+
+#: Qwen3.5's prompt: one 672x672 image, 42x42 patches of 16 px, 21x21 = 441 tokens after the 2x2 merger.
+QWEN3_5_IMAGE = (672, 16)
+
+
+def _mrope_sections(half: int) -> list[int]:
+    """M-RoPE's (time, height, width) frequencies over ``half`` rotary frequencies, in the released
+    proportions (11, 11, 10 of 32)."""
+    width = half * 10 // 32
+    height = (half - width) // 2
+    return [half - height - width, height, width]
+
+
+def _qwen3_5(size: ModelSize, seed: int):
+    """Qwen3.5 (``Qwen3_5ForConditionalGeneration``): the Qwen3-VL tower (patches of 16 px, 2
+    frames per temporal patch, a 2x2 merger, no CLS; ``size.vision_*``) and the hybrid decoder as
+    released: ``size.layers`` layers, every 4th full attention (layers 3, 7, 11, ...; gated query,
+    a quarter of each head rotated by interleaved M-RoPE), the others Gated-DeltaNet linear attention
+    (``size.heads / 2`` key heads and ``size.heads`` value heads of the attention's head width, a
+    convolution of 4). The prompt: one 672x672 image (1,764 patches, 441 tokens) between
+    ``<vision_start>`` and ``<vision_end>``, with ``mm_token_type_ids`` and its grid."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    head = size.hidden // size.heads
+    text = dict(
+        vocab_size=32064, hidden_size=size.hidden, intermediate_size=size.intermediate, num_hidden_layers=size.layers,
+        num_attention_heads=size.heads, num_key_value_heads=size.kv_heads, head_dim=head, max_position_embeddings=8192,
+        linear_conv_kernel_dim=4, linear_key_head_dim=head, linear_value_head_dim=head,
+        linear_num_key_heads=max(1, size.heads // 2), linear_num_value_heads=size.heads,
+        layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(size.layers)],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                         "mrope_interleaved": True, "mrope_section": _mrope_sections(head // 8)},
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    vision = dict(depth=size.vision_layers, hidden_size=size.vision_hidden, intermediate_size=4 * size.vision_hidden,
+                  num_heads=size.vision_heads, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                  out_hidden_size=size.hidden, num_position_embeddings=2304)
+    config = Qwen3_5Config(text_config=text, vision_config=vision, image_token_id=32000, video_token_id=32001,
+                           vision_start_token_id=32002, vision_end_token_id=32003)
+    torch.manual_seed(seed)
+    model = Qwen3_5ForConditionalGeneration(config).eval()
+    model.set_attn_implementation("sdpa")
+    generator = torch.Generator().manual_seed(seed)
+    pixels, patch = QWEN3_5_IMAGE
+    side = pixels // patch
+    tokens = side * side // 4
+    ids = _prompt(generator, [32002] + [32000] * tokens + [32003])
+    types = (ids == 32000).long()
+    inputs = {
+        "input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": types,
+        "pixel_values": torch.randn(side * side, 3 * 2 * patch * patch, generator=generator),
+        "image_grid_thw": torch.tensor([[1, side, side]]),
+    }
+    return model, inputs
+
+
+#: InternVL3's prompt: 2x2 tiles of 448 px and a thumbnail, 256 tokens per tile after the pixel shuffle.
+INTERNVL_TILES = 5
+
+
+def _internvl(size: ModelSize, seed: int):
+    """InternVL3 (``InternVLForConditionalGeneration``): an InternViT tower (448 px tiles, patches
+    of 14 px and a CLS token; ``size.vision_*``), its last layer's patches through a 0.5 pixel
+    shuffle (256 tokens per tile) and the MLP projector, and a Qwen2 decoder (1-D RoPE). The prompt:
+    a 2x2-tile image and its thumbnail (5 tiles, 1,280 tokens) between ``<img>`` and ``</img>``."""
+    from transformers import (
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLVisionConfig,
+        Qwen2Config,
+    )
+
+    vision = InternVLVisionConfig(
+        hidden_size=size.vision_hidden, intermediate_size=4 * size.vision_hidden, num_hidden_layers=size.vision_layers,
+        num_attention_heads=size.vision_heads, image_size=448, patch_size=14,
+    )
+    text = Qwen2Config(
+        vocab_size=32064, hidden_size=size.hidden, intermediate_size=size.intermediate, num_hidden_layers=size.layers,
+        num_attention_heads=size.heads, num_key_value_heads=size.kv_heads, max_position_embeddings=8192,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=32000, image_seq_length=256,
+                            downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    model.set_attn_implementation("sdpa")
+    generator = torch.Generator().manual_seed(seed)
+    ids = _prompt(generator, [32002] + [32000] * (256 * INTERNVL_TILES) + [32003])  # <img> ... </img>
+    pixels = torch.randn(INTERNVL_TILES, 3, 448, 448, generator=generator)
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}

@@ -36,6 +36,20 @@ from .timing import LanguageModelTimer, interleaved, median_ratio
 FULL = "no reduction"
 
 
+def projector_of(model) -> torch.nn.Module:
+    """The module mapping visual features into the language model's space: the
+    ``multi_modal_projector`` (LLaVA families, InternVL) or Qwen3.5's 2x2 merger."""
+    base = model.model
+    return base.multi_modal_projector if hasattr(base, "multi_modal_projector") else base.visual.merger
+
+
+class _ProjectorRows(ProjectorRows):
+    """``ProjectorRows`` on ``projector_of(model)``."""
+
+    def __init__(self, model):
+        self.projector, self.count = projector_of(model), 0
+
+
 def vision_variants(model, inputs, budget: int) -> dict[str, Callable[[], None]]:
     """The tower + projector alone: plain, under DUET's hooks, and the official code's way of scoring."""
     pixels = inputs["pixel_values"]
@@ -161,13 +175,13 @@ def measure(model, inputs, reducers: dict, rounds: int, progress=None) -> dict:
     config = model.config
     visual_ids = {getattr(config, key) for key in ("image_token_id", "video_token_id")
                   if getattr(config, key, None) is not None}
-    dims, per_row = Widths.of(model), projector_flops_per_row(model.model.multi_modal_projector)
+    dims, per_row = Widths.of(model), projector_flops_per_row(projector_of(model))
     variants: dict[str, Callable[[], None]] = {}
     seconds: dict[str, list[float]] = {}
     facts: dict[str, dict] = {}
 
     def warm(name: str, run: Callable[[], None]) -> int:
-        with ProjectorRows(model) as rows:
+        with _ProjectorRows(model) as rows:
             run()
         variants[name] = run
         return rows.count
@@ -316,9 +330,10 @@ def prefill_benchmark(size: ModelSize, methods: list[str], budgets: list[int], r
 
 
 def family_benchmark(family: str, size: ModelSize, methods: list[str], ratios: list[float], rounds: int, progress=None) -> dict:
-    """Prefill of ``family``'s typical prompt under each method and ratio, side by side with the
-    unreduced model and, for each reduced variant, its ideal (``measure``: the tower, the kept tokens
-    and the unpatched decoder on the same per-layer counts).
+    """Prefill of ``family``'s typical prompt (``build_family``: any of ``FAMILIES``) under each
+    method and ratio, side by side with the unreduced model and, for each reduced variant, its ideal
+    (``measure``: the tower, the kept tokens and the unpatched decoder on the same per-layer counts;
+    M-RoPE families keep their kept tokens' positions, hybrid decoders give each layer its kind's mask).
 
     Returns ``{"variants": {variant: {forward_s, language_model_s, ideal_s, lm_vs_ideal, lm_vs_full,
     flops_ratio, kv_ratio, avg_visual_tokens, ...the costs of selection_costs...}}, "ideals": ...}``

@@ -118,17 +118,22 @@ def bench(
     ),
     budgets: list[int] = typer.Option([192, 128, 64], metavar="<int>...", help="Budgets (space-separated list)."),
     rounds: int = typer.Option(5, help="Timed rounds; variants are interleaved within each round."),
-    hidden: int = typer.Option(1024, help="Decoder width (CLIP-L tower and 32 layers are fixed)."),
+    hidden: int = typer.Option(1024, help="Decoder width (the tower's width and the 32 layers are fixed)."),
     intermediate: int = typer.Option(2816, help="Decoder MLP size."),
     text_tokens: int = typer.Option(60, help="Prompt tokens besides the image."),
     threads: int = typer.Option(0, help="torch threads (0 = leave as is)."),
     family: Optional[str] = typer.Option(
-        None, help="Time a family's geometry instead: llava, llava_next (672x672, 5 tiles) or video_llava (8 frames)."
+        None, help="Time a family's geometry instead: llava, llava_next (672x672, 5 tiles), video_llava (8 frames), "
+                   "qwen3_5 (672x672, 441 tokens; hybrid linear-attention decoder, M-RoPE) or internvl (2x2 tiles + "
+                   "thumbnail, 1,280 tokens)."
     ),
     ratios: list[float] = typer.Option(
         [0.33, 0.11], metavar="<float>...", help="With --family: kept fractions of the item's tokens."
     ),
-    vision_layers: int = typer.Option(24, help="Layers of the CLIP-L tower (fewer makes --family runs faster)."),
+    vision_layers: int = typer.Option(
+        24, help="Layers of the vision tower (CLIP-L; with --family qwen3_5 or internvl, its tower at CLIP-L's width) "
+                 "(fewer makes --family runs faster)."
+    ),
     output: Optional[Path] = typer.Option(None, help="Write the results as JSON here."),
     generate: bool = typer.Option(False, "--generate", help="Time generate() end to end instead (latency, decode, throughput, memory)."),
     train: bool = typer.Option(False, "--train", help="Time a training step instead (forward, backward, AdamW step, memory)."),

@@ -36,6 +36,14 @@ def test_family_benchmark_times_each_variant_against_the_ideal(family):
     tokens = {"llava_next": 576 + 48 * 49, "video_llava": 8 * 257, "qwen3_5": 21 * 21, "internvl": 5 * 256}[family]
     assert abs(row["avg_visual_tokens"] - 0.25 * tokens) <= 8
     assert row["ideal_s"] > 0 and row["lm_vs_ideal"] > 0 and row["flops_ratio"] < 0.5
+    if family == "qwen3_5":  # a hybrid decoder: each kind of layer timed, its FLOPs and cache counted apart
+        kinds = {"attention", "linear_attention"}
+        assert set(row["layer_kind_s"]) == set(row["layer_kind_vs_full"]) == set(row["layer_kind_vs_ideal"]) == kinds
+        assert row["layer_kind_cache_ratio"]["linear_attention"] == 1.0  # its states do not shrink
+        assert row["layer_kind_cache_ratio"]["attention"] < 0.6 and row["layer_kind_flops_ratio"]["linear_attention"] < 0.6
+        assert set(results["variants"]["no reduction"]["layer_kind_s"]) == kinds
+    else:
+        assert "layer_kind_s" not in row
 
 
 # ----------------------------------------------------------------------------- end to end (tiny sizes; no timing asserted)

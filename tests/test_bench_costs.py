@@ -175,3 +175,18 @@ def test_video_geometry_and_methods_that_cannot_run_there():
         assert "error" not in row and row["ideal_s"] > 0 and "selection_cost_s" in row
     # 0.001 of 2,056 tokens is 2: fewer than one per frame for the vision-side methods
     assert "frame" in rows["cdpruner ratio 0.001"]["error"]
+
+
+def test_costs_by_kind_of_layer():
+    """``kind_costs``: per kind of layer, exact FLOPs and cache bytes against no reduction; an
+    attention layer's cache falls with its tokens, a linear-attention layer's state does not."""
+    from duet_vlm.bench.prefill import kind_costs
+    from duet_vlm.flops import DecoderDims, LinearAttentionDims, exact_flops
+
+    dims = DecoderDims(64, 128, 4, 2, 16, layer_kinds=("linear_attention", "attention") * 2,
+                       linear=LinearAttentionDims(2, 4, 8, 8, 4), gated_query=True)
+    costs = kind_costs(dims, [100, 100, 40, 40], [100] * 4, text=20)
+    assert costs["layer_kind_cache_ratio"] == {"linear_attention": 1.0, "attention": (120 + 60) / 240}
+    attention_only = DecoderDims(64, 128, 4, 2, 16, gated_query=True)
+    reduced, full = (exact_flops(attention_only, [0, n, 0, m]) for n, m in ((120, 60), (120, 120)))
+    assert costs["layer_kind_flops_ratio"]["attention"] == reduced / full

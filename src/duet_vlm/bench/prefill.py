@@ -26,12 +26,12 @@ from typing import Callable
 
 import torch
 
-from ..flops import DecoderDims, exact_flops
+from ..flops import DecoderDims, exact_flops, kv_cache_bytes, layer_flops
 from ..methods import PerItemRatio, make
 from .ideal import IdealModel
 from .models import ModelSize, build_family, build_model, example_inputs
 from .selection import ProjectorRows, Widths, declared_flops, item_shapes, projector_flops_per_row
-from .timing import LanguageModelTimer, interleaved, median_ratio
+from .timing import LanguageModelTimer, LayerKindTimer, interleaved, median_ratio
 
 FULL = "no reduction"
 
@@ -78,35 +78,91 @@ def vision_variants(model, inputs, budget: int) -> dict[str, Callable[[], None]]
     return {FULL: plain, f"duet {budget} (hooks)": duet, "eager + attention maps": eager_with_attention_maps}
 
 
-def timed_prefill(model, inputs, context_factory, decoder_seconds: list[float]) -> Callable[[], None]:
+def timed_prefill(model, inputs, context_factory, decoder_seconds: list[float],
+                  kind_seconds: list[dict] | None = None) -> Callable[[], None]:
     """One prefill forward (logits of the last token only, as generate does) inside
-    ``context_factory()``; appends the seconds it spent in the language model to ``decoder_seconds``.
+    ``context_factory()``; appends the seconds it spent in the language model to ``decoder_seconds``
+    (and, with ``kind_seconds``, in its layers of each kind: ``LayerKindTimer``).
 
     Under ``torch.no_grad()``, as ``generate`` runs, not ``inference_mode``: PIO's score is a
     backward pass through one block, which inference mode refuses. Every variant runs alike."""
+    kinds = _hybrid_kinds(model) if kind_seconds is not None else None
 
     def run():
-        with torch.no_grad(), context_factory(), LanguageModelTimer(model) as timer:
+        by_kind = LayerKindTimer(model, kinds) if kinds else nullcontext()
+        with torch.no_grad(), context_factory(), LanguageModelTimer(model) as timer, by_kind:
             model(**inputs, logits_to_keep=1)
         decoder_seconds.append(sum(timer.seconds))
+        if kinds:
+            kind_seconds.append(dict(by_kind.seconds))
 
     return run
 
 
-def ideal_prefill(model, ideal: IdealModel, decoder_seconds: list[float]) -> Callable[[], None]:
+def ideal_prefill(model, ideal: IdealModel, decoder_seconds: list[float],
+                  kind_seconds: list[dict] | None = None) -> Callable[[], None]:
     """The ideal's prefill: ``IdealModel.embeddings`` (the tower, the projector on the kept count),
     its decoder (timed into ``decoder_seconds``: layers and final norm, what ``LanguageModelTimer``
-    times of a reduced forward), and the LM head on the last position."""
+    times of a reduced forward; with ``kind_seconds``, its layers of each kind), and the LM head on
+    the last position."""
+    kinds = _hybrid_kinds(model) if kind_seconds is not None else None
 
     def run():
+        by_kind = LayerKindTimer(model, kinds) if kinds else nullcontext()
         with torch.no_grad():
             embeds = ideal.embeddings()
-            start = time.perf_counter()
-            hidden = ideal.decode(embeds)
-            decoder_seconds.append(time.perf_counter() - start)
+            with by_kind:
+                start = time.perf_counter()
+                hidden = ideal.decode(embeds)
+                decoder_seconds.append(time.perf_counter() - start)
             model.lm_head(hidden[:, -1:])
+        if kinds:
+            kind_seconds.append(dict(by_kind.seconds))
 
     return run
+
+
+def text_tokens(inputs, visual_ids) -> int:
+    """The first row's tokens that are neither visual nor padding."""
+    ids = inputs["input_ids"][0]
+    valid = inputs["attention_mask"][0].bool() if "attention_mask" in inputs else torch.ones_like(ids, dtype=torch.bool)
+    return int((valid & ~torch.isin(ids, torch.tensor(sorted(visual_ids)))).sum())
+
+
+def kind_costs(dims: DecoderDims, counts: list[int], full: list[int], text: int) -> dict:
+    """Per kind of layer, the exact FLOPs and the cache bytes of a prefill whose layers see ``text``
+    plus ``counts`` visual tokens, against ``full``: ``{"layer_kind_flops_ratio": {kind: ratio},
+    "layer_kind_cache_ratio": {kind: ratio}}`` (linear-attention states do not shrink: 1.0)."""
+    flops, cache = {}, {}
+    for layer, (n, m) in enumerate(zip(counts, full)):
+        kind = dims.kind(layer)
+        reduced_f, full_f = flops.get(kind, (0, 0))
+        flops[kind] = (reduced_f + layer_flops(dims, layer, text + n), full_f + layer_flops(dims, layer, text + m))
+        one = [0] * layer
+        reduced_c, full_c = cache.get(kind, (0, 0))
+        cache[kind] = (reduced_c + kv_cache_bytes(dims, one + [text + n]) - kv_cache_bytes(dims, one),
+                       full_c + kv_cache_bytes(dims, one + [text + m]) - kv_cache_bytes(dims, one))
+    return {"layer_kind_flops_ratio": {kind: r / f for kind, (r, f) in flops.items()},
+            "layer_kind_cache_ratio": {kind: r / f for kind, (r, f) in cache.items()}}
+
+
+def _hybrid_kinds(model) -> tuple[str, ...] | None:
+    """Each decoder layer's kind when the decoder mixes kinds (Qwen3.5), else ``None``."""
+    from ..adapters import adapter_for
+
+    kinds = adapter_for(model).layer_kinds()
+    return kinds if len(set(kinds)) > 1 else None
+
+
+def _kind_medians(rounds: list[dict]) -> dict[str, float]:
+    return {kind: statistics.median(r[kind] for r in rounds) for kind in rounds[0]} if rounds else {}
+
+
+def _kind_ratios(rounds: list[dict], others: list[dict]) -> dict[str, float]:
+    """Per kind, the median of the per-round ratios of ``rounds`` to ``others`` (the same rounds)."""
+    if not rounds or not others:
+        return {}
+    return {kind: statistics.median(r[kind] / o[kind] for r, o in zip(rounds, others)) for kind in rounds[0]}
 
 
 def selection_costs(forward: list[float], ideal: list[float], unreduced: list[float]) -> dict:
@@ -178,6 +234,7 @@ def measure(model, inputs, reducers: dict, rounds: int, progress=None) -> dict:
     dims, per_row = Widths.of(model), projector_flops_per_row(projector_of(model))
     variants: dict[str, Callable[[], None]] = {}
     seconds: dict[str, list[float]] = {}
+    by_kind: dict[str, list[dict]] = {}  # per variant, per round, seconds in each kind of layer (a hybrid decoder)
     facts: dict[str, dict] = {}
 
     def warm(name: str, run: Callable[[], None]) -> int:
@@ -187,13 +244,13 @@ def measure(model, inputs, reducers: dict, rounds: int, progress=None) -> dict:
         return rows.count
 
     for name, reducer in {FULL: None, **reducers}.items():
-        seconds[name] = []
+        seconds[name], by_kind[name] = [], []
         if isinstance(reducer, Exception):
             facts[name] = {"error": _reason(reducer)}
             continue
         context = nullcontext if reducer is None else (lambda r=reducer: r(model))
         try:
-            rows = warm(name, timed_prefill(model, inputs, context, seconds[name]))
+            rows = warm(name, timed_prefill(model, inputs, context, seconds[name], by_kind[name]))
         except Exception as error:  # a method that cannot run on this geometry: the table says why
             variants.pop(name, None)
             facts[name] = {"error": _reason(error)}
@@ -221,13 +278,14 @@ def measure(model, inputs, reducers: dict, rounds: int, progress=None) -> dict:
             fact["ideal"] = ideals[key]
     ideal_rows: dict[str, dict] = {}
     for key, name in ideals.items():
-        seconds[name] = []
+        seconds[name], by_kind[name] = [], []
         ideal = IdealModel(model, inputs, list(key))
-        rows = warm(name, ideal_prefill(model, ideal, seconds[name]))
+        rows = warm(name, ideal_prefill(model, ideal, seconds[name], by_kind[name]))
         ideal_rows[name] = {"visual_tokens_per_layer": list(key), "projector_rows": rows}
     # The pre-runs were the warm-up; only the rounds are timed.
     for name in seconds:
         seconds[name].clear()
+        by_kind[name].clear()
     # Each ideal right after the first variant it serves: a drift of the load within a round then
     # hits a variant and its ideal alike.
     order: dict[str, None] = {}
@@ -262,12 +320,19 @@ def measure(model, inputs, reducers: dict, rounds: int, progress=None) -> dict:
             "projector_rows": fact["projector_rows"],
             "forward_rounds_s": times[name],
         }
+        if by_kind[name]:  # a hybrid decoder: each kind of layer's part, and against no reduction
+            row["layer_kind_s"] = _kind_medians(by_kind[name])
+            row["layer_kind_vs_full"] = _kind_ratios(by_kind[name], by_kind[FULL])
+            row.update(kind_costs(DecoderDims.from_config(config.text_config), counts, facts[FULL]["counts"],
+                                  text_tokens(inputs, visual_ids)))
         if stats is not None:
             ideal_rows[ideal].setdefault("for", []).append(name)
             row["ideal"] = ideal
             row["ideal_forward_s"] = statistics.median(times[ideal])
             row["ideal_language_model_s"] = statistics.median(seconds[ideal])
             row["lm_vs_ideal"] = statistics.median(t / i for t, i in zip(seconds[name], seconds[ideal]))
+            if by_kind[name]:
+                row["layer_kind_vs_ideal"] = _kind_ratios(by_kind[name], by_kind[ideal])
             row.update(selection_costs(times[name], times[ideal], full))
             extra = fact["projector_rows"] - ideal_rows[ideal]["projector_rows"]
             row.update(selection_flops=fact["selection_flops"], selection_flops_terms=fact["selection_flops_terms"],
@@ -277,6 +342,8 @@ def measure(model, inputs, reducers: dict, rounds: int, progress=None) -> dict:
         row.update(forward_s=statistics.median(times[name]), language_model_s=statistics.median(seconds[name]),
                    forward_vs_unreduced=statistics.median(t / b for t, b in zip(times[name], full)),
                    forward_rounds_s=times[name])
+        if by_kind[name]:
+            row["layer_kind_s"] = _kind_medians(by_kind[name])
     return {"variants": results, "ideals": ideal_rows, "load_average_before_after": [load_before, load_after],
             "cpus": os.cpu_count()}
 

@@ -68,6 +68,44 @@ class LanguageModelTimer:
             handle.remove()
 
 
+class LayerKindTimer:
+    """Seconds spent inside the decoder layers of each kind per forward (``ModelAdapter.layer_kinds``:
+    attention, and the linear attention of a hybrid decoder), from each layer's own call to its
+    return: a reducer's work before a layer (a boundary's selection) is not a layer's.
+
+    >>> with LayerKindTimer(model) as timer:                            # doctest: +SKIP
+    ...     model(**inputs)
+    >>> timer.seconds                                                   # doctest: +SKIP
+    {'attention': 0.11, 'linear_attention': 0.29}
+    """
+
+    def __init__(self, model, kinds: tuple[str, ...]):
+        self.layers = model.model.language_model.layers
+        self.kinds = kinds
+        self.seconds: dict[str, float] = dict.fromkeys(dict.fromkeys(kinds), 0.0)
+
+    def __enter__(self):
+        start = {}
+
+        def enter(module, args):
+            start[module] = time.perf_counter()
+
+        def leave(kind):
+            def hook(module, args, output):
+                self.seconds[kind] += time.perf_counter() - start.pop(module)
+
+            return hook
+
+        self._handles = []
+        for layer, kind in zip(self.layers, self.kinds):
+            self._handles += [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave(kind))]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+
+
 class PeakRSS:
     """Peak resident memory (bytes) that a block adds to this process, on Linux.
 

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.padding import Padding
 
 from .tables import (
-    NOISE_LEGEND, accuracy_table, answer_ratios, answers_table, batch_rows_table, end_to_end_tables, family_table, mark_noise,
+    NOISE_LEGEND, accuracy_table, answer_ratios, answers_table, batch_rows_table, end_to_end_tables, family_table, layer_kind_table, mark_noise,
     plan_costs_table, plan_steps, prefill_table, schedule_table, vision_table,
 )
 
@@ -70,6 +70,9 @@ def print_prefill(results: dict) -> None:
 def print_family(results: dict, variants: int) -> None:
     """``family_benchmark``'s result: the prefill per variant, then the selection costs."""
     console.print(family_table(results, variants))
+    by_kind = layer_kind_table(results)
+    if by_kind is not None:
+        console.print(by_kind)
     print_costs(results["variants"], results)
 
 

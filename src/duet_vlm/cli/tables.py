@@ -267,6 +267,26 @@ def family_table(results: dict, variants: int) -> Fitted:
     return Fitted(f"{results['family']}: prefill, {results['rounds']} interleaved rounds of {variants} variants", wide, narrow)
 
 
+def layer_kind_table(results: dict) -> Fitted | None:
+    """A hybrid decoder's ``family_benchmark`` by kind of layer: each kind's seconds (median) and
+    their ratio to no reduction and to the variant's ideal, with the exact FLOPs and cache ratios
+    of that kind (``None`` when every layer attends)."""
+    rows = []
+    for name, row in results["variants"].items():
+        if "layer_kind_s" not in row:
+            continue
+        for kind, seconds in row["layer_kind_s"].items():
+            ideal = row.get("layer_kind_vs_ideal", {}).get(kind)
+            rows.append([name, kind.replace("_", " "), f"{seconds:.3f}", f"{row['layer_kind_vs_full'][kind]:.3f}",
+                         f"{ideal:.3f}" if ideal is not None else "", f"{row['layer_kind_flops_ratio'][kind]:.3f}",
+                         f"{row['layer_kind_cache_ratio'][kind]:.3f}"])
+    if not rows:
+        return None
+    header = ("layers", "s", "× full", "× ideal", "FLOPs ×", "cache ×")
+    wide = Layout([Column("variant", "left"), Column(header[0], "left"), *map(Column, header[1:])], rows)
+    return Fitted("By kind of decoder layer (median s in each kind's layers; ×: ratio)", wide, wide)
+
+
 def end_to_end_tables(markdown: str, legend: str = "") -> list[Fitted]:
     """``bench --generate`` or ``--train``'s markdown tables (a ``**mode**`` line titles the table after
     it) as tables that fit a narrow terminal."""

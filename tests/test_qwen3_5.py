@@ -344,3 +344,74 @@ def test_flops_and_cache_bytes_per_layer_kind(hybrid):
     length = inputs["input_ids"].shape[1]
     assert kv_cache_bytes(dims, [length] * len(lm.layers), bytes_per_element=4) == held
     assert dims.layer_kinds == duet_vlm.adapters.adapter_for(hybrid).layer_kinds()
+
+
+# ----------------------------------------------------------------------------- generation modes
+def test_sampling_several_sequences_equals_the_prompt_repeated(hybrid):
+    """``num_return_sequences=2`` under DUET (the hybrid cache's states repeated with the rows) gives
+    the tokens of the prompt repeated in a batch, same seed."""
+    inputs = _one()
+    reducer = duet_vlm.make("duet", ratio=0.5)
+    kwargs = dict(max_new_tokens=4, do_sample=True, top_k=5)
+    with torch.no_grad(), reducer(hybrid):
+        torch.manual_seed(7)
+        several = hybrid.generate(**inputs, num_return_sequences=2, **kwargs)
+        torch.manual_seed(7)
+        repeated = hybrid.generate(**{k: torch.cat([v, v]) for k, v in inputs.items() if k != "pixel_values"},
+                                   pixel_values=torch.cat([inputs["pixel_values"]] * 2), **kwargs)
+    assert torch.equal(several, repeated)
+
+
+def test_beam_search_equals_each_prompt_alone(hybrid):
+    """Beam search (the cache reordered between beams: keys, values and linear-attention states) on a
+    padded batch of two prompts under FastV: each row's beams equal that prompt's alone."""
+    batch = qwen_batch(ROWS, seed=5, frames_apart=True)
+    reducer = duet_vlm.make("fastv", ratio=0.5)
+    kwargs = dict(max_new_tokens=3, num_beams=2, do_sample=False)
+    with torch.no_grad(), reducer(hybrid):
+        together = hybrid.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1]:]
+        for b in range(2):
+            alone = qwen_row(batch, ROWS, b)
+            assert torch.equal(together[b], hybrid.generate(**alone, **kwargs)[0, alone["input_ids"].shape[1]:]), b
+
+
+def test_a_text_turn_on_the_hybrid_cache_equals_one_call(hybrid):
+    """A language-side method keeps the entry whole, so a second, text-only turn on the first turn's
+    cache (attention KV of the kept tokens, linear-attention states of the shortened prompt) runs
+    like decoding steps: its tokens and logits equal one call with the same tokens forced. A
+    vision-side method leaves the cache shorter than the prompt: the second turn is refused."""
+    inputs, follow = _one(), torch.tensor([[11, 12, 13]])
+    width = inputs["input_ids"].shape[1]
+    reducer = duet_vlm.make("fastv", ratio=0.5)
+    kwargs = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad(), reducer(hybrid):
+        first = hybrid.generate(**inputs, max_new_tokens=3, **kwargs)
+        ids = torch.cat([first.sequences, follow], dim=1)
+        second = hybrid.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=first.past_key_values,
+                                 max_new_tokens=3, **kwargs)
+        forced = hybrid.generate(**inputs, max_new_tokens=9, logits_processor=[_Force(width + 3, follow[0])], **kwargs)
+    assert torch.equal(second.sequences, forced.sequences)
+    for a, b in zip(second.logits, forced.logits[6:]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    vision = duet_vlm.make("visionzip", ratio=0.5)
+    with torch.no_grad(), vision(hybrid):
+        first = hybrid.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        ids = torch.cat([first.sequences, follow], dim=1)
+        with pytest.raises(NotImplementedError, match="without past_key_values"):
+            hybrid.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=first.past_key_values,
+                            max_new_tokens=2, do_sample=False)
+
+
+class _Force:
+    """A logits processor forcing ``tokens`` from position ``start`` on (a turn's text in one call)."""
+
+    def __init__(self, start, tokens):
+        self.start, self.tokens = start, tokens
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.start
+        if 0 <= step < len(self.tokens):
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, self.tokens[step]] = 0.0
+            return forced
+        return scores

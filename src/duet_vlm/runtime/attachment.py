@@ -202,17 +202,17 @@ class Attachment:
             # A decoding step: what the compiled model runs over and over. Python state and tensor
             # arithmetic only (no data-dependent branch), so torch.compile traces it into its graph.
             number = prompt.segment_of_layer(layer_index)
-            if number == 0:
+            if number == 0 or self.binding.kinds[layer_index] == "linear_attention":
+                # A linear-attention layer's state already holds the prompt (the kept tokens); new
+                # tokens are never dropped, so the model's own (padding) mask for them stands.
                 return None
-            if layer_index in prompt.boundaries:
+            if layer_index in prompt.segment_heads(self.binding.kinds):
+                # The segment's first attention layer maps this step's attention mask (the one the
+                # model built for attention layers) onto the segment's cache.
                 hidden = args[0] if args else kwargs["hidden_states"]
                 prompt.decoding.kwargs[number] = prompt.segments[number].decode_kwargs(
                     prompt, self.adapter, self.binding.text_config, hidden, kwargs
                 )
-            if self.binding.kinds[layer_index] == "linear_attention":
-                # Its state already holds the prompt (the kept tokens); new tokens are never
-                # dropped, so the model's own (padding) mask for them stands.
-                return None
             kwargs.update(prompt.decoding.kwargs[number])
             return args, kwargs
 

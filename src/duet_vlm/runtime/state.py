@@ -304,6 +304,20 @@ class PrefillState:
     def segment_of_layer(self, layer: int) -> int:
         return sum(1 for boundary in self.boundaries if boundary <= layer)
 
+    def segment_heads(self, kinds: tuple[str, ...]) -> frozenset[int]:
+        """The first attention layer of each segment after the entry (``kinds``: every layer's kind):
+        where a decoding step's attention mask is mapped onto the segment's cache. The boundary layer
+        itself unless it is a linear-attention layer, whose mask is not an attention mask."""
+        heads = self.__dict__.get("_heads")
+        if heads is None:
+            ends = [*self.boundaries[1:], len(kinds)]
+            heads = frozenset(
+                next((layer for layer in range(start, end) if kinds[layer] != "linear_attention"), -1)
+                for start, end in zip(self.boundaries, ends)
+            )
+            self.__dict__["_heads"] = heads
+        return heads
+
     def end_prefill(self) -> None:
         """Drop what only the prefill's layers and stages read (states, masks, RoPE of every
         segment): decoding steps need the compactions and the valid flags alone."""

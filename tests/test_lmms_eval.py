@@ -587,6 +587,40 @@ def test_qwen_models_load_and_attach(name, tmp_path, offline, monkeypatch):
     assert model() is None  # clean() detached the reducer, so lmms-eval could free the weights
 
 
+def test_internvl_loads_and_attaches(tmp_path, offline, monkeypatch):
+    """lmms-eval's ``internvl_hf`` loads a tiny InternVL3 checkpoint of the real class (its processor
+    replaced by one that carries the tokenizer) with the method's options taken out of its arguments,
+    and the reducer attaches to it; ``clean()`` lets the weights go."""
+    from types import SimpleNamespace
+
+    import transformers as tf
+    from lmms_eval.models import get_model
+
+    tokenizer = _tokenizer()
+    vision = tf.InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     image_size=[32, 32], patch_size=[4, 4])
+    text = tf.Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0)
+    config = tf.InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID, image_seq_length=16,
+                               downsample_ratio=0.5, vision_feature_layer=-1)
+    tf.InternVLForConditionalGeneration(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    monkeypatch.setattr("lmms_eval.models.chat.internvl_hf.AutoProcessor",
+                        type("Loader", (), {"from_pretrained": staticmethod(lambda *a, **k: SimpleNamespace(tokenizer=tokenizer))}))
+    lm = get_model("duet_internvl_hf").create_from_arg_string(
+        f"pretrained={tmp_path / 'model'},device=cpu,device_map=cpu,max_patches=6,method=fastv,ratio=0.25,layer=1",
+        {"batch_size": 1})
+    assert lm.max_patches == 6  # lmms-eval's own argument
+    assert lm.reducer == duet_vlm.make("fastv", ratio=0.25, layer=1)  # the method's
+    assert duet_vlm.adapters.adapter_for(lm.model).family == "internvl"
+    model = weakref.ref(lm.model)
+    with pytest.raises(RuntimeError, match="already attached"):
+        duet_vlm.make("full").attach(model())
+    lm.clean()
+    gc.collect()
+    assert model() is None
+
+
 def test_a_request_budget_and_a_checkpoints_saved_reducer(tmp_path, offline, one_thread):
     """A task whose generation arguments hold ``duet_budget`` runs at that budget, whatever the
     model's own (the key never reaches lmms-eval's class); a checkpoint that carries

@@ -13,6 +13,8 @@ model                          lmms-eval class it extends       checkpoints
 ``duet_qwen2_vl``              simple ``qwen2_vl``              Qwen2-VL (``lmms_eval_qwen``)
 ``duet_qwen2_5_vl``            chat ``qwen2_5_vl``              Qwen2.5-VL (``lmms_eval_qwen``)
 ``duet_qwen3_vl``              chat ``qwen3_vl``                Qwen3-VL (``lmms_eval_qwen``)
+``duet_qwen3_5``               chat ``qwen3_5``                 Qwen3.5, Qwen3.5-MoE (``lmms_eval_qwen``)
+``duet_internvl_hf``           chat ``internvl_hf``             InternVL3, InternVL3.5 (``...-hf``)
 =============================  ===============================  ==========================================
 
 Every model takes the same ``model_args`` on top of its lmms-eval class's own: ``method=`` (any
@@ -56,6 +58,7 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
+from lmms_eval.models.chat.internvl_hf import InternVLHf
 from lmms_eval.models.chat.llava_hf import LlavaHf
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from lmms_eval.models.model_utils.load_video import read_video
@@ -387,3 +390,15 @@ class DuetVideoLlava(ReducerMixin, VideoLLaVA):
             text = self._processor.batch_decode(output, skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]
             answers.append(text.split("ASSISTANT:")[-1].strip())
         return answers
+
+
+class DuetInternVLHf(ReducerMixin, InternVLHf):
+    """lmms-eval's chat ``internvl_hf`` (InternVL3 and InternVL3.5 checkpoints in the transformers
+    format, ``...-hf``/``...-HF``: ``InternVLForConditionalGeneration``) with a reducer attached; an
+    image's tiles and thumbnail are one item, with one budget. ``batch_size`` must be 1 (lmms-eval's
+    class asserts it); it loads the weights in bfloat16.
+
+    >>> from lmms_eval.evaluator import simple_evaluate                              # doctest: +SKIP
+    >>> simple_evaluate(model="duet_internvl_hf", tasks=["mme"],                     # doctest: +SKIP
+    ...                 model_args="pretrained=OpenGVLab/InternVL3_5-8B-HF,method=duet,ratio=0.25")
+    """

@@ -371,7 +371,8 @@ COSTS_LEGEND = (
     "the forward takes at least the unreduced forward's time, i.e. the selection costs more than its tokens save on "
     "this geometry (in brackets: the rounds in which it was faster). *cannot run*: why the method has no plan here.")
 
-FAMILY_NAMES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "video_llava": "Video-LLaVA"}
+FAMILY_NAMES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "video_llava": "Video-LLaVA", "qwen3_5": "Qwen3.5",
+                "internvl": "InternVL"}
 
 
 def render_family(root: Path, *paths: str) -> str:
@@ -417,6 +418,26 @@ def render_family(root: Path, *paths: str) -> str:
                     lines.append("| " + " | ".join(["", "ideal of no reduction", "all", "", "", "", "",
                                                     f"{calibration['forward_vs_unreduced']:.3f}"]
                                                    + [""] * (len(head) - 8)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_layer_kinds(root: Path, path: str) -> str:
+    """A hybrid decoder's ``duet-vlm bench --family`` by kind of decoder layer: the seconds spent in
+    each kind's layers (median over rounds), their per-round ratio to no reduction and to the
+    variant's ideal, and that kind's exact FLOPs and cache ratios (a linear-attention layer's state
+    does not shrink)."""
+    results = _load(root, path)
+    head = ["variant", "layers", "s in these layers", "vs unreduced", "vs ideal", "exact FLOPs ratio", "cache ratio"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in results["variants"].items():
+        if "layer_kind_s" not in row:
+            continue
+        for i, (kind, seconds) in enumerate(row["layer_kind_s"].items()):
+            ideal = row.get("layer_kind_vs_ideal", {}).get(kind)
+            lines.append("| " + " | ".join([
+                name if i == 0 else "", kind.replace("_", " "), f"{seconds:.3f}", f"{row['layer_kind_vs_full'][kind]:.3f}",
+                "" if ideal is None else f"{ideal:.3f}", f"{row['layer_kind_flops_ratio'][kind]:.3f}",
+                f"{row['layer_kind_cache_ratio'][kind]:.3f}"]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -483,7 +504,7 @@ RENDERERS = {
     "adaptation": render_adaptation, "bench": render_bench, "vllm": render_vllm, "adaptive": render_adaptive,
     "schedules": render_schedules, "plan": render_plan, "prefill": render_prefill, "family": render_family,
     "compile": render_compile, "stage_a": render_stage_a, "figure": render_figure, "modes": render_modes,
-    "live": render_live,
+    "live": render_live, "layer_kinds": render_layer_kinds,
 }
 # Kinds whose block stands for a file that is drawn beside the page (the figure's PNG).
 FILES = {"figure": (figure_is_current, draw_figure)}

@@ -82,7 +82,8 @@ class Geometry:
     def snap(self, layers, reads: str | None) -> tuple[int, ...]:
         """``layers`` (a method's default boundaries) moved each to the nearest boundary where its
         stage can score (``boundary_layers``; a tie goes to the earlier layer, which leaves more
-        budgets reachable), duplicates merged. Unchanged when every layer is an attention layer.
+        budgets reachable), duplicates merged. Unchanged when every layer is an attention layer, or
+        when no boundary can score (the plan is then refused with the reason: ``check_boundaries``).
 
         >>> Geometry(8, 16, (4, 4), False, attention_layers=(1, 3, 5, 7)).snap((4, 6), "layer")
         (3, 5)
@@ -91,5 +92,5 @@ class Geometry:
             return tuple(layers)
         allowed = self.boundary_layers(reads)
         if not allowed:
-            return ()
+            return tuple(layers)
         return tuple(sorted({min(allowed, key=lambda b: (abs(b - layer), b)) for layer in layers}))

@@ -301,7 +301,6 @@ def test_one_checkpointed_training_step_updates_the_language_model_as_the_plain_
         out = tmp_path / ("checkpointed" if checkpointing else "plain")
         config = TrainConfig.parse_args([*common, "--output-dir", str(out), *["--gradient-checkpointing"] * checkpointing])
         assert config.gradient_checkpointing is checkpointing
-        torch.manual_seed(0)  # LoRA's A matrices are drawn before Trainer seeds anything
         train(config)
         states[checkpointing] = LlavaForConditionalGeneration.from_pretrained(out).state_dict()
     base = LlavaForConditionalGeneration.from_pretrained(checkpoint).state_dict()
@@ -315,6 +314,23 @@ def test_one_checkpointed_training_step_updates_the_language_model_as_the_plain_
     assert changed == trained_names | projector
     for name in base:
         torch.testing.assert_close(states[True][name], states[False][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_the_seed_decides_the_lora_initialisation(tmp_path, checkpoint):
+    """Two LoRA runs with one ``--seed`` give the same weights whatever the global random state
+    before them (LoRA's A matrices are drawn before the Trainer seeds); another seed, other weights."""
+    common = ["--model", str(checkpoint), "--data", "synthetic", "--synthetic-items", "1", "--synthetic-questions", "1",
+              "--method", "fastv", "--budget", str(BUDGET), "--train", "lora", "--batch-size", "1", "--max-steps", "1",
+              "--learning-rate", "1e-2", "--save-steps", "10"]
+    states = []
+    for run, (seed, noise) in enumerate(((0, 1), (0, 2), (1, 1))):
+        out = tmp_path / f"run{run}"
+        torch.manual_seed(noise)  # a different global random state before each run
+        train(TrainConfig.parse_args([*common, "--seed", str(seed), "--output-dir", str(out)]))
+        states.append(LlavaForConditionalGeneration.from_pretrained(out).state_dict())
+    q_proj = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert all(torch.equal(states[0][name], states[1][name]) for name in states[0])
+    assert not torch.equal(states[0][q_proj], states[2][q_proj])
 
 
 # ----------------------------------------------------------------------------- wrapped models

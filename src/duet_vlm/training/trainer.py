@@ -272,7 +272,7 @@ def training_arguments(config: TrainConfig, has_eval: bool):
 
 def train(config: TrainConfig) -> TrainOutcome:
     """Run the training ``config`` describes; see the module docstring."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration, Trainer
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, Trainer, set_seed
 
     reducer = make_reducer(config)
     train_records = load_records(config.data, config, "train")
@@ -292,6 +292,9 @@ def train(config: TrainConfig) -> TrainOutcome:
     collator = VisionLanguageCollator(pad_token_id=pad, padding_side=config.padding_side)
 
     reducer = calibrate_reducer(reducer, model, train_dataset, collator, config)
+    # LoRA's A matrices are drawn here, before the Trainer seeds anything: seeded with the run's seed,
+    # two runs with one seed start from the same adapters (and every rank from the same ones).
+    set_seed(config.seed)
     model = set_trainable(model, config)
     handle = reducer.attach(model)
     try:

@@ -14,6 +14,7 @@ import torch
 from ..adapters import Capture, VisualItem
 from ..plan import VisionView, apply_vision_stage
 from .binding import Binding
+from .sharded import full_parameters
 from .state import EntryChoice, Item
 
 
@@ -133,7 +134,10 @@ def signals_of(binding: Binding, cache: dict, captures: dict[str, Capture], towe
     for (cached_tower, cached_layers), signals in cache.items():
         if cached_tower == tower and set(layers) <= set(cached_layers):
             return signals
-    signals = cache[(tower, layers)] = binding.adapter.vision_signals(captures[tower], tower, layers)
+    adapter = binding.adapter
+    # The tower returned: under FSDP2 the layers the signals read hold their full parameters again.
+    with full_parameters(adapter.towers.get(tower), *(adapter.encoder_layer(tower, layer) for layer in layers)):
+        signals = cache[(tower, layers)] = adapter.vision_signals(captures[tower], tower, layers)
     return signals
 
 

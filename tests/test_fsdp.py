@@ -1,0 +1,122 @@
+"""Training under FSDP2 (``torch.distributed.fsdp.fully_shard``) equals one process, for every method.
+
+Two gloo processes on CPU each take one row of a two-row batch of the tiny LLaVA-1.5 model, sharded
+as the Trainer's FSDP would shard it (each decoder layer, each vision-encoder layer, then the root;
+and the decoder layers alone), with the reducer attached after sharding. A training forward and
+backward under each registered method: the loss of each rank and every parameter's gradient
+(gathered from its shards, averaged over the ranks as FSDP reduces it) equal one process running
+both rows alone under the same method and averaging their losses. Before the runtime gathered the
+parameters of the layers a stage reads outside their forward (``runtime.sharded``), FastV failed with
+"mixed torch.Tensor and DTensor" (it scores with the layer before the boundary, re-sharded after its
+forward) and DUET likewise in its vision stage (the feature layer's norm and projections).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import duet_vlm
+
+from models import make_inputs, make_llava, row
+
+NAMES = sorted(duet_vlm.METHODS)
+POLICIES = ("decoder", "decoder+vision")
+RATIO = 0.5
+
+
+def _model():
+    torch.manual_seed(0)
+    return make_llava(layers=4, image_size=112, vision_layers=3).train()
+
+
+def _batch(model):
+    inputs = make_inputs(model, batch=2, suffix=(9, 4), seed=2)
+    return [row(inputs, b) for b in range(2)]
+
+
+def _labels(inputs):
+    labels = inputs["input_ids"].clone()
+    labels[labels == 999] = -100  # the image placeholders
+    return labels
+
+
+def _shard(model, policy):
+    from torch.distributed.fsdp import fully_shard
+
+    if "vision" in policy:
+        tower = model.model.vision_tower
+        for layer in getattr(tower, "vision_model", tower).encoder.layers:
+            fully_shard(layer)
+    for layer in model.model.language_model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results = {}
+    try:
+        for policy in POLICIES:
+            for name in NAMES:
+                model = _model()
+                inputs = _batch(model)[rank]
+                _shard(model, policy)
+                handle = duet_vlm.make(name, ratio=RATIO).attach(model)
+                try:
+                    loss = model(**inputs, labels=_labels(inputs)).loss
+                    loss.backward()
+                finally:
+                    handle.remove()
+                grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+                         for n, p in model.named_parameters() if p.grad is not None}
+                results[(policy, name)] = (loss.detach(), grads)
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("fsdp")
+    sys.path.insert(0, str(Path(__file__).parent))  # the spawned workers import this module
+    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name", NAMES)
+def test_fsdp2_training_step_equals_one_process(sharded_runs, policy, name):
+    model = _model()
+    rows = _batch(model)
+    losses = []
+    with duet_vlm.make(name, ratio=RATIO)(model):
+        for inputs in rows:
+            losses.append(model(**inputs, labels=_labels(inputs)).loss)
+        (sum(losses) / len(losses)).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for rank, results in enumerate(sharded_runs):
+        loss, sharded = results[(policy, name)]
+        torch.testing.assert_close(loss, losses[rank].detach(), atol=1e-6, rtol=1e-6)
+        assert sharded.keys() == grads.keys()
+        for parameter, grad in grads.items():
+            torch.testing.assert_close(sharded[parameter], grad, atol=1e-6, rtol=1e-5,
+                                       msg=lambda m: f"{parameter}: {m}")

@@ -86,6 +86,33 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+def _unkept_worker(rank: int, world: int, port: int, out: str) -> None:
+    """FastV with nothing kept unsharded (``KeptUnsharded.keep`` a no-op): the read of the sharded layer
+    before the boundary is refused with duet-vlm's own message, and the hooks come off."""
+    import torch.distributed as dist
+
+    from duet_vlm.runtime import sharded
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    sharded.KeptUnsharded.keep = lambda self, *modules: None
+    try:
+        model = _model()
+        inputs = _batch(model)[rank]
+        _shard(model, "decoder")
+        reducer = duet_vlm.make("fastv", ratio=RATIO)
+        try:
+            with reducer(model):
+                model(**inputs, labels=_labels(inputs))
+            message = "no error"
+        except RuntimeError as error:
+            message = str(error)
+        hooks = sum(len(m._forward_pre_hooks) for m in model.model.language_model.layers)
+        (Path(out) / f"unkept{rank}.txt").write_text(f"{hooks}\n{message}")
+    finally:
+        dist.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -120,3 +147,16 @@ def test_fsdp2_training_step_equals_one_process(sharded_runs, policy, name):
         for parameter, grad in grads.items():
             torch.testing.assert_close(sharded[parameter], grad, atol=1e-6, rtol=1e-5,
                                        msg=lambda m: f"{parameter}: {m}")
+
+
+def test_a_sharded_read_is_refused_with_what_to_do(tmp_path):
+    """Where nothing kept a layer unsharded, reading it is refused with a message that names FSDP2 and
+    the remedy (not torch's "mixed torch.Tensor and DTensor"), and the reducer's hooks come off."""
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    mp.spawn(_unkept_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        hooks, message = (tmp_path / f"unkept{rank}.txt").read_text().split("\n", 1)
+        assert "while FSDP2 holds them sharded" in message and "reshard_after_forward=False" in message, message
+        assert int(hooks) == 4  # FSDP's own pre-forward hook on each of the 4 layers, none of duet-vlm's

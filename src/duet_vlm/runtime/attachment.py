@@ -117,13 +117,17 @@ class Attachment:
 
     def _keep_vision_input(self, tower: str):
         def hook(module, args, kwargs):
-            self.calls.current().captures.keep_input(tower, args, kwargs)
+            call = self.calls.current()
+            call.captures.keep_input(tower, args, kwargs)
+            call.kept.keep(module)  # FSDP2: the signals read it after the tower returns
 
         return hook
 
     def _keep_layer_input(self, tower: str, layer):
         def hook(module, args, kwargs):
-            self.calls.current().captures.keep_layer_input(tower, layer, args, kwargs)
+            call = self.calls.current()
+            call.captures.keep_layer_input(tower, layer, args, kwargs)
+            call.kept.keep(module)
 
         return hook
 
@@ -165,6 +169,7 @@ class Attachment:
         call = self.calls.current()
         call.forwards = max(0, call.forwards - 1)
         call.found = None
+        call.kept.release()
 
     # ----------------------------------------------------------------- language model entry
     def _enter_language_model(self, module, args, kwargs):
@@ -184,7 +189,9 @@ class Attachment:
 
     @torch.compiler.disable  # finds items and selects tokens (data-dependent): eager under torch.compile
     def _begin_prompt(self, call, found, kwargs):
-        if open_prefill(self.binding, call, found, kwargs) is None:
+        opened = open_prefill(self.binding, call, found, kwargs)
+        call.kept.release()  # the vision signals are read: the tower's layers may be freed
+        if opened is None:
             self.reducer.stats = text_only_stats(self.binding, found[0], kwargs)
             return None
         self.calls.remember_grad_call(call)
@@ -241,6 +248,9 @@ class Attachment:
             if torch.is_grad_enabled():  # a backward pass may recompute this boundary after later layers
                 scratch.boundary_inputs.setdefault(layer_index, scratch.last_layer_input)
             hidden = prune(self.binding, call, prompt, layer_index, module, hidden)
+            call.kept.release()  # the layer before the boundary is read
+        if layer_index + 1 in prompt.boundaries:  # FSDP2: a stage may read this layer after its forward
+            call.kept.keep(module)
         # Kept only where a boundary follows (a stage may score with the layer before it), so no
         # layer's input outlives the next layer.
         scratch.last_layer_input = hidden if layer_index + 1 in prompt.boundaries else None

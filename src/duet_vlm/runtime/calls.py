@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .sharded import KeptUnsharded
 from .state import PrefillState
 from .taps import TowerCaptures
 
@@ -38,6 +39,8 @@ class Call:
     # without a cache prefills again at every step and keeps that prefill's selection.
     reference: PrefillState | None = None
     reference_encoding: tuple = ()
+    # FSDP2 layers this forward reads after their own forward, kept unsharded until it has.
+    kept: KeptUnsharded = field(default_factory=KeptUnsharded)
 
     def forget(self) -> None:
         """Drop what the last call left (its prompt, labels, inputs); captures are sorted out by the
@@ -45,6 +48,7 @@ class Call:
         self.labels = self.found = self.prompt = self.head_rows = self.reference = None
         self.in_stage = False
         self.forwards = 0
+        self.kept.release()
 
 
 def _in_backward() -> bool:

@@ -1,63 +1,94 @@
-"""Full parameters for a stage that reads a layer outside that layer's own forward, under FSDP2.
+"""Full parameters for a stage that reads a layer after that layer's own forward, under FSDP2.
 
-A stage scores with a layer's weights when the layer is not running: FastV and SparseVLM with the
-decoder layer *before* the boundary (which ran already), DART with its keys, PIO by running a layer
-on a probe copy, every vision stage with the tower's feature layer after the tower returned. Under
-FSDP2 (``torch.distributed.fsdp.fully_shard``, what the Trainer's FSDP and accelerate apply) such a
-layer holds only its shard of each parameter outside its forward (``reshard_after_forward``): reading
-it gives torch's "mixed torch.Tensor and DTensor" error. ``full_parameters(*modules)`` all-gathers
-the parameters of every sharded FSDP module among ``modules`` and their submodules for the block
-(``FSDPModule.unshard``) and frees them again after it (``reshard``); a module whose parameters are
-unsharded already (in its own forward, or ``reshard_after_forward=False``) is left as it is. Without
-FSDP it does nothing. The runtime wraps the one place each kind of read goes through (``LayerView``'s
-callbacks, ``vision_signals``), so methods know nothing of sharding.
+A stage scores with a layer's weights when the layer is not running: FastV, SparseVLM and HoliTom
+with the decoder layer *before* the boundary (which ran already), DART with its keys, PIO by running
+that layer on a probe copy, every vision stage with the tower's feature layer after the tower
+returned. Under FSDP2 (``torch.distributed.fsdp.fully_shard``, what the Trainer's FSDP and
+accelerate apply) a layer holds only its shard of each parameter outside its forward
+(``reshard_after_forward``), and reading it gave torch's "mixed torch.Tensor and DTensor" error.
+
+Gathering the parameters again for the read (``FSDPModule.unshard``) would be a collective that
+ranks with other prompts (fewer items, no boundary there) would not join. Instead the runtime asks
+FSDP not to free the parameters of exactly the layers this prompt will read after their forward:
+``KeptUnsharded.keep`` before the layer runs (on every rank FSDP all-gathers every layer in its own
+forward, as always), ``release`` once the read is done, which frees them (``reshard``: local, no
+communication) and restores the layer's setting. The layer *after* a boundary is read in its own
+pre-forward, where FSDP (whose hook runs first) has gathered it. Without FSDP all of this does
+nothing. ``check_full`` turns a read of still-sharded parameters (a path that kept nothing) into an
+error that says what to do.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 from torch import nn
 
 
-def _sharded_owners(modules) -> list[nn.Module]:
+def _fsdp_modules(modules) -> list[nn.Module]:
     try:
         from torch.distributed.fsdp import FSDPModule
-        from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without distributed
         return []
-    owners: list[nn.Module] = []
+    found: list[nn.Module] = []
     for module in modules:
         if module is None:
             continue
         for candidate in module.modules():
-            if isinstance(candidate, FSDPModule) and candidate not in owners and any(
-                isinstance(p, DTensor) for p in candidate.parameters()
-            ):
-                owners.append(candidate)
-    return owners
+            if isinstance(candidate, FSDPModule) and candidate not in found:
+                found.append(candidate)
+    return found
 
 
-@contextmanager
-def full_parameters(*modules: nn.Module | None) -> Iterator[None]:
-    """Within the block, every FSDP2-sharded module among ``modules`` (and their submodules) holds
-    its full parameters; they are sharded again after it."""
-    owners = _sharded_owners(modules)
-    for owner in owners:
-        owner.unshard()
+def _reshards_after_forward(module) -> bool:
+    """Whether FSDP frees ``module``'s parameters after its forward (the default, ``True``). An integer
+    ``reshard_after_forward`` (a smaller mesh) or an unknown state counts as not: left alone."""
+    group = getattr(module._get_fsdp_state(), "_fsdp_param_group", None)
+    return group is not None and group.post_forward_mesh_info is group.mesh_info
+
+
+class KeptUnsharded:
+    """The FSDP2 modules a prompt reads after their forward, kept unsharded until it has."""
+
+    def __init__(self) -> None:
+        self.modules: list[nn.Module] = []
+
+    def keep(self, *modules: nn.Module | None) -> None:
+        """FSDP keeps the full parameters of ``modules`` (and their FSDP submodules) after their next
+        forward, until ``release``."""
+        for module in _fsdp_modules(modules):
+            if module not in self.modules and _reshards_after_forward(module):
+                module.set_reshard_after_forward(False, recurse=False)
+                self.modules.append(module)
+
+    def release(self) -> None:
+        """Free what ``keep`` kept (a local ``reshard``) and restore FSDP's setting."""
+        modules, self.modules = self.modules, []
+        for module in modules:
+            module.set_reshard_after_forward(True, recurse=False)
+            module.reshard()
+
+
+def check_full(*modules: nn.Module | None) -> None:
+    """Refuse to read parameters that FSDP2 holds sharded (a ``DTensor``): a clear error instead of
+    torch's "mixed torch.Tensor and DTensor"."""
     try:
-        yield
-    finally:
-        for owner in owners:
-            owner.reshard()
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return
+    for module in modules:
+        if module is not None and any(isinstance(p, DTensor) for p in module.parameters()):
+            raise RuntimeError(
+                f"duet-vlm would read the parameters of {type(module).__name__} while FSDP2 holds them sharded; "
+                "this path (e.g. gradient checkpointing recomputing a pruning boundary in the backward pass) is "
+                "not supported under FSDP2: shard that layer with reshard_after_forward=False, or train without "
+                "gradient checkpointing"
+            )
 
 
-def with_full_parameters(fn, *fixed: nn.Module | None):
-    """``fn`` whose first argument (a module) and ``fixed`` modules hold their full parameters while it runs."""
+def reading_full(fn):
+    """``fn`` whose first argument (a layer) is checked to hold its full parameters (``check_full``)."""
 
     def call(module, *args, **kwargs):
-        with full_parameters(module, *fixed):
-            return fn(module, *args, **kwargs)
+        check_full(module)
+        return fn(module, *args, **kwargs)
 
     return call

@@ -23,7 +23,7 @@ from ..compaction import Compaction
 from ..plan import LayerView, Plan
 from .masks import causal_mask, gather_mask
 from .positions import Original, Renumbered
-from .sharded import with_full_parameters
+from .sharded import reading_full
 
 
 @dataclass(eq=False)
@@ -176,16 +176,16 @@ class Segment:
             previous_layer=adapter.layers[layer_index - 1],
             previous_hidden_states=take(previous_input),
             scratch=memory,
-            # A stage reads layers outside their own forward: under FSDP2 they hold their full
-            # parameters while it does (``sharded.full_parameters``).
-            attention_fn=with_full_parameters(adapter.text_to_visual_attention),
-            run_layer_fn=with_full_parameters(lambda module, hidden_, index: state.with_layer_features(
+            # A stage reads layers outside their own forward: under FSDP2 the runtime kept them
+            # unsharded (``sharded.KeptUnsharded``), and a read of sharded ones is a clear error.
+            attention_fn=reading_full(adapter.text_to_visual_attention),
+            run_layer_fn=reading_full(lambda module, hidden_, index: state.with_layer_features(
                 run_layer(module, hidden_, inputs, adapter.layer_kinds()[index]), index, placements,
                 None if whole else list(rows),
             )),
             output_head_fn=lambda hidden_: output_head(adapter, hidden_),
             final_norm_fn=adapter.final_norm,
-            keys_fn=with_full_parameters(adapter.layer_keys),
+            keys_fn=reading_full(adapter.layer_keys),
         )
 
     def decode_kwargs(self, state: "PrefillState", adapter, text_config, hidden: torch.Tensor, kwargs: dict) -> dict:

@@ -14,7 +14,7 @@ import torch
 from ..adapters import Capture, VisualItem
 from ..plan import VisionView, apply_vision_stage
 from .binding import Binding
-from .sharded import full_parameters
+from .sharded import check_full
 from .state import EntryChoice, Item
 
 
@@ -135,9 +135,9 @@ def signals_of(binding: Binding, cache: dict, captures: dict[str, Capture], towe
         if cached_tower == tower and set(layers) <= set(cached_layers):
             return signals
     adapter = binding.adapter
-    # The tower returned: under FSDP2 the layers the signals read hold their full parameters again.
-    with full_parameters(adapter.towers.get(tower), *(adapter.encoder_layer(tower, layer) for layer in layers)):
-        signals = cache[(tower, layers)] = adapter.vision_signals(captures[tower], tower, layers)
+    # The tower returned: under FSDP2 the layers the signals read were kept unsharded (the taps).
+    check_full(adapter.towers.get(tower), *(adapter.encoder_layer(tower, layer) for layer in layers))
+    signals = cache[(tower, layers)] = adapter.vision_signals(captures[tower], tower, layers)
     return signals
 
 

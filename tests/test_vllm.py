@@ -259,6 +259,32 @@ def test_a_request_budget_equals_a_server_budget(saved_llava):
     assert per_request[2][0] == reference[0]
 
 
+def test_a_family_the_plugin_does_not_serve_refuses_duet_options_at_start(tmp_path):
+    """Qwen2-VL (one of the families the Hugging Face path supports and the plugin does not serve
+    yet): asked for a reduction, the engine does not start, and the error names the families the
+    plugin serves (it used to serve every image unreduced without a word); without duet-vlm's
+    options it is vLLM's own class and answers as transformers does."""
+    from duet_vlm.integrations.vllm.refused import NOT_SERVED
+
+    folder = write_qwen2_5_vl(tmp_path / "tiny-qwen2_vl", kind="qwen2_vl")
+    with pytest.raises(Exception) as failure:
+        with engine(folder, {"duet_method": "visionzip", "duet_budget": 8}):
+            pass
+    chain, error = [], failure.value
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__ or error.__context__
+    assert any("serves LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL; Qwen2-VL runs as vLLM's own class" in e for e in chain), chain
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    picture = Image.new("RGB", (112, 84), (200, 40, 90))
+    with engine(folder, None) as llm:
+        (got,), _ = vllm_run(llm, processor, [picture])
+    assert_same(hf_run(model, processor, picture, None), got, None)
+    assert set(NOT_SERVED) >= {"Qwen2VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
+                               "LlavaOnevisionForConditionalGeneration", "Qwen3_5ForConditionalGeneration"}
+
+
 @pytest.mark.parametrize("method", ["duet", "fastv", "pyramiddrop"])
 def test_methods_pruning_inside_the_language_model_are_refused(saved_llava, method):
     folder, _, _ = saved_llava

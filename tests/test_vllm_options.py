@@ -44,6 +44,17 @@ def test_a_request_budget_or_ratio_replaces_the_servers():
         Settings.read(server, {"duet_method": "pool", "duet_budget": 32})
 
 
+def test_each_wrong_request_gets_its_own_answer():
+    """Both a budget and a ratio: "not both" (it said "needs one of"); ``adaptive``: refused for what
+    it is (it said "unknown")."""
+    with pytest.raises(ValueError, match="duet_budget or duet_ratio, not both"):
+        Settings.read({"duet_method": "visionzip", "duet_budget": 64}, {"duet_budget": 32, "duet_ratio": 0.5})
+    with pytest.raises(ValueError, match="needs one of duet_budget or duet_ratio"):
+        Settings.read({"duet_method": "visionzip"})
+    with pytest.raises(RefusedMethod, match="'adaptive' chooses each item's budget from its content"):
+        Settings.read({"duet_method": "adaptive", "duet_budget": 64})
+
+
 def test_a_budget_at_or_above_the_items_tokens_reduces_nothing():
     settings = Settings.read({"duet_method": "pool", "duet_budget": 600})
     assert settings.item_budget(LLAVA) == 0 and settings.tokens(LLAVA) == 576

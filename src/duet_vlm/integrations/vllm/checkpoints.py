@@ -208,7 +208,7 @@ QWEN_TEMPLATE = (
 )
 
 
-def _qwen_tokenizer(folder: Path) -> dict[str, int]:
+def _qwen_tokenizer(folder: Path, processor_class: str = "Qwen2_5_VLProcessor") -> dict[str, int]:
     """The demo vocabulary plus Qwen's special tokens (ids after it); returns the special ids."""
     tokenizer = json.loads((DEMO / "tokenizer.json").read_text())
     vocab = tokenizer["model"]["vocab"]
@@ -225,7 +225,7 @@ def _qwen_tokenizer(folder: Path) -> dict[str, int]:
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "backend": "tokenizers", "tokenizer_class": "TokenizersBackend", "bos_token": None, "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>", "unk_token": "<unk>", "model_max_length": 4096, "padding_side": "left",
-        "processor_class": "Qwen2_5_VLProcessor", "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+        "processor_class": processor_class, "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
         "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>",
         "extra_special_tokens": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                                  "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
@@ -233,15 +233,18 @@ def _qwen_tokenizer(folder: Path) -> dict[str, int]:
     return ids
 
 
-def write_qwen2_5_vl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, layers: int = 4) -> Path:
+def write_qwen2_5_vl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, layers: int = 4,
+                     kind: str = "qwen2_5_vl") -> Path:
     """A Qwen2.5-VL-shaped checkpoint: a 4-block vision tower (window attention, full attention in
     blocks 1 and 3, 2x2 merger), a decoder with head_dim 32 and M-RoPE; the processor resizes to
-    multiples of 28 pixels between 56x56 and 448x448."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    multiples of 28 pixels between 56x56 and 448x448. ``kind="qwen2_vl"``: a Qwen2-VL of the same
+    sizes (every vision block attends over the whole image), for the families the plugin refuses."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
+    qwen2 = kind == "qwen2_vl"
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    ids = _qwen_tokenizer(folder)
+    ids = _qwen_tokenizer(folder, "Qwen2VLProcessor" if qwen2 else "Qwen2_5_VLProcessor")
     vocab = max(ids.values()) + 1
     text = dict(
         vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
@@ -254,20 +257,26 @@ def write_qwen2_5_vl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, 
         spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3], in_channels=3,
         tokens_per_second=2,
     )
-    config = Qwen2_5_VLConfig(
+    if qwen2:
+        vision = dict(depth=4, embed_dim=64, hidden_size=128, mlp_ratio=2, num_heads=2, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, in_channels=3)
+    config_class, model_class = (Qwen2VLConfig, Qwen2VLForConditionalGeneration) if qwen2 else (
+        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
+    architecture = model_class.__name__
+    config = config_class(
         text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = sharpen(Qwen2_5_VLForConditionalGeneration(config), sharpness).float().eval()
+    model = sharpen(model_class(config), sharpness).float().eval()
     with torch.no_grad():  # the vision tower's fused qkv: sharpen its query and key rows too
         for block in model.model.visual.blocks:
             width = block.attn.qkv.weight.shape[0] // 3
             block.attn.qkv.weight[: 2 * width].mul_(sharpness)
     model.config.save_pretrained(folder)
     written = json.loads((folder / "config.json").read_text())
-    written["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
+    written["architectures"] = [architecture]
     written["dtype"] = "float32"
     (folder / "config.json").write_text(json.dumps(written, indent=2))
     state = {key: value.detach().contiguous().clone() for key, value in model.state_dict().items()}
@@ -285,7 +294,8 @@ def write_qwen2_5_vl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, 
         "fps": 2.0, "do_sample_frames": False,
     }
     (folder / "processor_config.json").write_text(json.dumps(
-        {"image_processor": image_processor, "video_processor": video_processor, "processor_class": "Qwen2_5_VLProcessor"},
+        {"image_processor": image_processor, "video_processor": video_processor,
+         "processor_class": "Qwen2VLProcessor" if qwen2 else "Qwen2_5_VLProcessor"},
         indent=2,
     ))
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}))

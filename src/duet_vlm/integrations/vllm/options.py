@@ -88,7 +88,9 @@ class Settings:
                     "--mm-processor-kwargs '{\"duet_method\": ..., \"duet_budget\": ...}'"
                 )
             return cls()
-        if (budget is None) == (ratio is None):
+        if budget is not None and ratio is not None:
+            raise ValueError(f"duet_method={method!r} takes duet_budget or duet_ratio, not both")
+        if budget is None and ratio is None:
             raise ValueError(f"duet_method={method!r} needs one of duet_budget or duet_ratio")
         settings = cls(method, budget, ratio, options)
         settings.reducer()  # the method exists and takes these settings, and runs before the language model
@@ -100,6 +102,11 @@ class Settings:
 
     def reducer(self) -> Reducer:
         """The method as ``duet_vlm.make`` builds it (budget or ratio), refused if it cannot run here."""
+        if self.method == "adaptive":  # a wrapper, not a registered method: refused as what it is
+            raise RefusedMethod(
+                "'adaptive' chooses each item's budget from its content, but vLLM needs an item's token count "
+                "before its encoder runs: use a fixed duet_budget or duet_ratio"
+            )
         if self.method not in METHODS:
             raise ValueError(f"unknown duet_method {self.method!r}; registered: {', '.join(sorted(METHODS))}")
         reducer = make(self.method, budget=self.budget, ratio=self.ratio, **tuples(self.options))

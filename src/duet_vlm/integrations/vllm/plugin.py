@@ -17,10 +17,16 @@ MODELS = {
 
 
 def register() -> None:
-    """Register duet-vlm's classes with vLLM's model registry (safe to call more than once)."""
+    """Register duet-vlm's classes with vLLM's model registry (safe to call more than once): the
+    served families' (``MODELS``), and for the families the plugin does not serve yet vLLM's own
+    classes refusing duet-vlm's options at start (``refused``), so that asking for a reduction there
+    is an error, not an unreduced server."""
     from vllm import ModelRegistry
 
+    from .refused import NOT_SERVED
+
     supported = set(ModelRegistry.get_supported_archs())
-    for architecture, target in MODELS.items():
+    targets = {**{arch: f"duet_vlm.integrations.vllm.refused:Refusing{arch}" for arch in NOT_SERVED}, **MODELS}
+    for architecture, target in targets.items():
         if architecture in supported:
             ModelRegistry.register_model(architecture, target)

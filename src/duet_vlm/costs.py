@@ -49,7 +49,6 @@ class Preset:
     tile_tokens: int
     tiles: int = 1
     rope: str = "1d"
-    describe: str = ""
 
     def tokens(self, tiles: int | None) -> int:
         tiles = self.tiles if tiles is None else tiles
@@ -67,14 +66,13 @@ def _config(name: str, sub: str | None = None):
 
 
 PRESETS: dict[str, Preset] = {
-    # A 896x896 image: 56x56 patches of 16 px, 28x28 tokens after the 2x2 merger.
-    "qwen3.5": Preset(_config("Qwen3_5TextConfig"), 28 * 28, rope="mrope",
-                      describe="Qwen3.5 (transformers' default Qwen3_5TextConfig: attention in every 4th layer), a 896x896 image"),
-    "qwen3.5-moe": Preset(_config("Qwen3_5MoeTextConfig"), 28 * 28, rope="mrope",
-                          describe="Qwen3.5-MoE (transformers' default Qwen3_5MoeTextConfig), a 896x896 image"),
-    # 448 px tiles: 32x32 patches of 14 px, 16x16 tokens after the 0.5 pixel shuffle.
-    "internvl": Preset(_config("InternVLConfig", "text_config"), 16 * 16, tiles=4,
-                       describe="InternVL (transformers' default InternVLConfig decoder), 2x2 tiles of 448 px and a thumbnail"),
+    # Qwen3.5 (transformers' default Qwen3_5TextConfig: attention in every 4th layer) and its MoE:
+    # a 896x896 image, 56x56 patches of 16 px, 28x28 tokens after the 2x2 merger.
+    "qwen3.5": Preset(_config("Qwen3_5TextConfig"), 28 * 28, rope="mrope"),
+    "qwen3.5-moe": Preset(_config("Qwen3_5MoeTextConfig"), 28 * 28, rope="mrope"),
+    # InternVL (transformers' default InternVLConfig decoder): 448 px tiles, 32x32 patches of 14 px,
+    # 16x16 tokens after the 0.5 pixel shuffle; 2x2 tiles and a thumbnail by default.
+    "internvl": Preset(_config("InternVLConfig", "text_config"), 16 * 16, tiles=4),
 }
 
 

@@ -127,6 +127,17 @@ def test_layer_kinds_and_the_boundaries_that_can_score(hybrid):
         assert abs(plan.schedule.average - 500) <= 1, name
 
 
+def test_a_model_where_no_boundary_can_score_refuses_the_language_stage():
+    """Four layers, attention in layer 3 only: no boundary after it where DUET (reading the layer after
+    the boundary) could score. Its language stage is refused, not silently left out."""
+    from duet_vlm.geometry import Geometry
+
+    geometry = Geometry(4, 16, (4, 4), False, attention_layers=(3,), rope="mrope")
+    with pytest.raises(LayerKindError, match="boundaries that work: \\[\\]"):
+        duet_vlm.make("duet", ratio=0.5).resolve(geometry)
+    assert duet_vlm.make("duet", ratio=0.5, layers=(), ratios=()).resolve(geometry).language is None  # Stage A alone runs
+
+
 @pytest.mark.parametrize("name, options, wrong", [
     ("duet", dict(budget=500, layers=(8,), ratios=(0.5,)), [8]),  # DUET scores with layer 8: linear attention
     ("pyramiddrop", dict(layers=(3, 7), ratios=(0.5, 0.25)), [3]),  # layer 3 keeps the whole prompt

@@ -82,33 +82,38 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                          for n, p in model.named_parameters() if p.grad is not None}
                 results[(policy, name)] = (loss.detach(), grads)
         torch.save(results, Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # every collective of both ranks done before the group goes
     finally:
         dist.destroy_process_group()
 
 
 def _unkept_worker(rank: int, world: int, port: int, out: str) -> None:
-    """FastV with nothing kept unsharded (``KeptUnsharded.keep`` a no-op): the read of the sharded layer
-    before the boundary is refused with duet-vlm's own message, and the hooks come off."""
+    """A read of a sharded decoder layer through the path every stage's read takes (``reading_full``
+    around ``text_to_visual_attention``), with nothing kept unsharded: refused with duet-vlm's own
+    message. No forward runs, so no collective is left half done when the error is raised."""
     import torch.distributed as dist
 
-    from duet_vlm.runtime import sharded
+    from duet_vlm.adapters import adapter_for
+    from duet_vlm.runtime.sharded import reading_full
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    sharded.KeptUnsharded.keep = lambda self, *modules: None
     try:
         model = _model()
-        inputs = _batch(model)[rank]
         _shard(model, "decoder")
-        reducer = duet_vlm.make("fastv", ratio=RATIO)
+        adapter = adapter_for(model)
+        hidden = torch.zeros(1, 5, model.config.text_config.hidden_size)
+        rope = adapter.rotary_emb(hidden, torch.arange(5)[None])
         try:
-            with reducer(model):
-                model(**inputs, labels=_labels(inputs))
+            reading_full(adapter.text_to_visual_attention)(
+                adapter.layers[1], hidden, rope, [torch.tensor([4])], torch.ones(1, 5, dtype=torch.bool),
+                torch.tensor([[[1, 2]]]),
+            )
             message = "no error"
         except RuntimeError as error:
             message = str(error)
-        hooks = sum(len(m._forward_pre_hooks) for m in model.model.language_model.layers)
-        (Path(out) / f"unkept{rank}.txt").write_text(f"{hooks}\n{message}")
+        (Path(out) / f"unkept{rank}.txt").write_text(message)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -151,12 +156,11 @@ def test_fsdp2_training_step_equals_one_process(sharded_runs, policy, name):
 
 def test_a_sharded_read_is_refused_with_what_to_do(tmp_path):
     """Where nothing kept a layer unsharded, reading it is refused with a message that names FSDP2 and
-    the remedy (not torch's "mixed torch.Tensor and DTensor"), and the reducer's hooks come off."""
+    the remedy, not torch's "mixed torch.Tensor and DTensor"."""
     import torch.multiprocessing as mp
 
     sys.path.insert(0, str(Path(__file__).parent))
     mp.spawn(_unkept_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
-        hooks, message = (tmp_path / f"unkept{rank}.txt").read_text().split("\n", 1)
+        message = (tmp_path / f"unkept{rank}.txt").read_text()
         assert "while FSDP2 holds them sharded" in message and "reshard_after_forward=False" in message, message
-        assert int(hooks) == 4  # FSDP's own pre-forward hook on each of the 4 layers, none of duet-vlm's

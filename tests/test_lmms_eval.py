@@ -531,12 +531,12 @@ def _qwen(kind, path):
         config, model = tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration
         text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 3, 3]}
         vision.update(hidden_size=32, out_hidden_size=64, intermediate_size=64, patch_size=14, fullatt_block_indexes=[1])
-    elif kind == "qwen3_5":  # a hybrid decoder: linear attention in layer 0, attention in layer 1
+    elif kind == "qwen3_5":  # a hybrid decoder, attention in layers 0 and 2: DUET's boundary (2) can score
         config, model = tf.Qwen3_5Config, tf.Qwen3_5ForConditionalGeneration
         text["rope_parameters"] = {"rope_type": "default", "mrope_section": [1, 1, 0], "mrope_interleaved": True,
                                    "partial_rotary_factor": 0.25}
-        text.update(layer_types=["linear_attention", "full_attention"], linear_key_head_dim=8, linear_value_head_dim=8,
-                    linear_num_key_heads=2, linear_num_value_heads=4)
+        text.update(num_hidden_layers=4, layer_types=["full_attention", "linear_attention"] * 2, linear_key_head_dim=8,
+                    linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4)
         vision.update(hidden_size=32, out_hidden_size=64, intermediate_size=64, patch_size=16)
     else:
         config, model = tf.Qwen3VLConfig, tf.Qwen3VLForConditionalGeneration

@@ -26,13 +26,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import LogitsProcessor
 from transformers.generation.streamers import BaseStreamer
 
 import duet_vlm
 from duet_vlm import synthetic
 from duet_vlm.plan import VisionReduction, VisionStage
 
-from models import make_inputs
+from models import make_inputs, make_llava, row
 
 
 # ----------------------------------------------------------------------------- hooks and counts
@@ -174,6 +175,21 @@ def twice(inputs):
     return {k: torch.cat([v, v]) for k, v in inputs.items()}
 
 
+class Force(LogitsProcessor):
+    """Forces ``tokens`` from sequence length ``at`` on: a turn's text decoded token by token."""
+
+    def __init__(self, at: int, tokens: list[int]):
+        self.at, self.tokens = at, tokens
+
+    def __call__(self, input_ids, scores):
+        i = input_ids.shape[1] - self.at
+        if 0 <= i < len(self.tokens):
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, self.tokens[i]] = 0
+            return forced
+        return scores
+
+
 class TokenCount(BaseStreamer):
     """How many times ``generate`` handed tokens out (the prompt first, then each accepted chunk)."""
 
@@ -263,3 +279,54 @@ def write_llava_json(folder: Path, n: int = 4, **overrides) -> Path:
     path = folder / "data.json"
     path.write_text(json.dumps(items))
     return path
+
+
+# ----------------------------------------------------------------------------- training past one process
+def two_rank_model():
+    """The tiny LLaVA-1.5 of the distributed tests (tests/test_fsdp.py, tests/test_deepspeed.py), seeded."""
+    torch.manual_seed(0)
+    return make_llava(layers=4, image_size=112, vision_layers=3).train()
+
+
+def two_rank_rows(model) -> list[dict]:
+    """The two rows of a batch, each alone: rank ``r`` trains on row ``r``."""
+    inputs = make_inputs(model, batch=2, suffix=(9, 4), seed=2)
+    return [row(inputs, b) for b in range(2)]
+
+
+def answer_labels(inputs) -> torch.Tensor:
+    labels = inputs["input_ids"].clone()
+    labels[labels == 999] = -100  # the image placeholders
+    return labels
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def assert_step_equals_one_process(name: str, ratio: float, per_rank: list[tuple], zero_filled: bool = False) -> None:
+    """Each rank's ``(loss, gradients)`` from a distributed training step under ``make(name, ratio=...)``
+    against one process running both rows alone and averaging their losses: the rank's loss (1e-6)
+    and every parameter's gradient (1e-6, 1e-5 relative). ``zero_filled``: the engine keeps a
+    gradient for every trainable parameter (DeepSpeed), zeros where none flows."""
+    model = two_rank_model()
+    losses = []
+    with duet_vlm.make(name, ratio=ratio)(model):
+        for inputs in two_rank_rows(model):
+            losses.append(model(**inputs, labels=answer_labels(inputs)).loss)
+        (sum(losses) / len(losses)).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for rank, (loss, reduced) in enumerate(per_rank):
+        torch.testing.assert_close(loss, losses[rank].detach(), atol=1e-6, rtol=1e-6)
+        if zero_filled:
+            assert grads.keys() <= reduced.keys()
+            assert all(not reduced[n].any() for n in reduced.keys() - grads.keys())
+        else:
+            assert reduced.keys() == grads.keys()
+        for parameter, grad in grads.items():
+            torch.testing.assert_close(reduced[parameter], grad, atol=1e-6, rtol=1e-5,
+                                       msg=lambda m: f"{parameter}: {m}")

@@ -20,7 +20,6 @@ items of different sizes or text-only rows on some ranks they would not (docs/tr
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 
 import duet_vlm
 
-from models import make_inputs, make_llava, row
+from checks import answer_labels, assert_step_equals_one_process, free_port, two_rank_model, two_rank_rows
 
 if os.environ.get("DUET_REQUIRE_DEEPSPEED") != "1":  # CI sets it: there the suite must run
     pytest.importorskip("deepspeed")
@@ -37,22 +36,6 @@ if os.environ.get("DUET_REQUIRE_DEEPSPEED") != "1":  # CI sets it: there the sui
 NAMES = sorted(duet_vlm.METHODS)
 STAGES = (2, 3)
 RATIO = 0.5
-
-
-def _model():
-    torch.manual_seed(0)
-    return make_llava(layers=4, image_size=112, vision_layers=3).train()
-
-
-def _rows(model):
-    inputs = make_inputs(model, batch=2, suffix=(9, 4), seed=2)
-    return [row(inputs, b) for b in range(2)]
-
-
-def _labels(inputs):
-    labels = inputs["input_ids"].clone()
-    labels[labels == 999] = -100  # the image placeholders
-    return labels
 
 
 def _config(stage: int) -> dict:
@@ -75,12 +58,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     results = {}
     for stage in STAGES:
         for name in NAMES:
-            model = _model()
-            inputs = _rows(model)[rank]
+            model = two_rank_model()
+            inputs = two_rank_rows(model)[rank]
             engine, *_ = deepspeed.initialize(model=model, config=_config(stage), model_parameters=model.parameters())
             handle = duet_vlm.make(name, ratio=RATIO).attach(engine)
             try:
-                loss = engine(**inputs, labels=_labels(inputs)).loss
+                loss = engine(**inputs, labels=answer_labels(inputs)).loss
                 engine.backward(loss)
             finally:
                 handle.remove()
@@ -94,39 +77,17 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory):
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("zero")
     sys.path.insert(0, str(Path(__file__).parent))  # the spawned workers import this module
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
 
 
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("name", NAMES)
 def test_zero_training_step_equals_one_process(zero_runs, stage, name):
-    model = _model()
-    losses = []
-    with duet_vlm.make(name, ratio=RATIO)(model):
-        for inputs in _rows(model):
-            losses.append(model(**inputs, labels=_labels(inputs)).loss)
-        (sum(losses) / len(losses)).backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    for rank, results in enumerate(zero_runs):
-        loss, reduced = results[(stage, name)]
-        torch.testing.assert_close(loss, losses[rank].detach(), atol=1e-6, rtol=1e-6)
-        # DeepSpeed keeps a gradient buffer for every trainable parameter: zeros where none flows
-        # (the tower's last layer, past its feature layer)
-        assert grads.keys() <= reduced.keys()
-        assert all(not reduced[n].any() for n in reduced.keys() - grads.keys())
-        for parameter, grad in grads.items():
-            torch.testing.assert_close(reduced[parameter], grad, atol=1e-6, rtol=1e-5,
-                                       msg=lambda m: f"{parameter}: {m}")
+    assert_step_equals_one_process(name, RATIO, [results[(stage, name)] for results in zero_runs], zero_filled=True)

@@ -14,7 +14,6 @@ forward) and DUET likewise in its vision stage (the feature layer's norm and pro
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -23,27 +22,11 @@ import torch
 
 import duet_vlm
 
-from models import make_inputs, make_llava, row
+from checks import answer_labels, assert_step_equals_one_process, free_port, two_rank_model, two_rank_rows
 
 NAMES = sorted(duet_vlm.METHODS)
 POLICIES = ("decoder", "decoder+vision")
 RATIO = 0.5
-
-
-def _model():
-    torch.manual_seed(0)
-    return make_llava(layers=4, image_size=112, vision_layers=3).train()
-
-
-def _batch(model):
-    inputs = make_inputs(model, batch=2, suffix=(9, 4), seed=2)
-    return [row(inputs, b) for b in range(2)]
-
-
-def _labels(inputs):
-    labels = inputs["input_ids"].clone()
-    labels[labels == 999] = -100  # the image placeholders
-    return labels
 
 
 def _shard(model, policy):
@@ -69,12 +52,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         for policy in POLICIES:
             for name in NAMES:
-                model = _model()
-                inputs = _batch(model)[rank]
+                model = two_rank_model()
+                inputs = two_rank_rows(model)[rank]
                 _shard(model, policy)
                 handle = duet_vlm.make(name, ratio=RATIO).attach(model)
                 try:
-                    loss = model(**inputs, labels=_labels(inputs)).loss
+                    loss = model(**inputs, labels=answer_labels(inputs)).loss
                     loss.backward()
                 finally:
                     handle.remove()
@@ -99,7 +82,7 @@ def _unkept_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = _model()
+        model = two_rank_model()
         _shard(model, "decoder")
         adapter = adapter_for(model)
         hidden = torch.zeros(1, 5, model.config.text_config.hidden_size)
@@ -118,40 +101,20 @@ def _unkept_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def sharded_runs(tmp_path_factory):
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("fsdp")
     sys.path.insert(0, str(Path(__file__).parent))  # the spawned workers import this module
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("name", NAMES)
 def test_fsdp2_training_step_equals_one_process(sharded_runs, policy, name):
-    model = _model()
-    rows = _batch(model)
-    losses = []
-    with duet_vlm.make(name, ratio=RATIO)(model):
-        for inputs in rows:
-            losses.append(model(**inputs, labels=_labels(inputs)).loss)
-        (sum(losses) / len(losses)).backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    for rank, results in enumerate(sharded_runs):
-        loss, sharded = results[(policy, name)]
-        torch.testing.assert_close(loss, losses[rank].detach(), atol=1e-6, rtol=1e-6)
-        assert sharded.keys() == grads.keys()
-        for parameter, grad in grads.items():
-            torch.testing.assert_close(sharded[parameter], grad, atol=1e-6, rtol=1e-5,
-                                       msg=lambda m: f"{parameter}: {m}")
+    assert_step_equals_one_process(name, RATIO, [results[(policy, name)] for results in sharded_runs])
 
 
 def test_a_sharded_read_is_refused_with_what_to_do(tmp_path):
@@ -160,7 +123,7 @@ def test_a_sharded_read_is_refused_with_what_to_do(tmp_path):
     import torch.multiprocessing as mp
 
     sys.path.insert(0, str(Path(__file__).parent))
-    mp.spawn(_unkept_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_unkept_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         message = (tmp_path / f"unkept{rank}.txt").read_text()
         assert "while FSDP2 holds them sharded" in message and "reshard_after_forward=False" in message, message

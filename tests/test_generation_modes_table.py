@@ -17,13 +17,12 @@ import warnings
 import pytest
 import torch
 import torch._dynamo as dynamo
-from transformers import LogitsProcessor
 
 import duet_vlm
 import duet_vlm.generation_modes as table
 from duet_vlm.generation_modes import KINDS, MODES, cell, kind_of, methods_by_kind
 
-from checks import TokenCount, lookup_prompt, plain, run_overlapping, same, second_turn, twice
+from checks import Force, TokenCount, lookup_prompt, plain, run_overlapping, same, second_turn, twice
 from models import make_inputs, make_llava, row
 
 RATIO = 0.5  # as tests/test_serving.py: at a quarter FastV keeps no visual token after layer 2 of 8
@@ -92,21 +91,6 @@ def before_any_token(call):
     except NotImplementedError:
         assert streamer.puts == 1, "tokens were handed out before the refusal"
         raise
-
-
-class Force(LogitsProcessor):
-    """Forces ``tokens`` from sequence length ``at`` on: a turn's text decoded token by token."""
-
-    def __init__(self, at: int, tokens: list[int]):
-        self.at, self.tokens = at, tokens
-
-    def __call__(self, input_ids, scores):
-        i = input_ids.shape[1] - self.at
-        if 0 <= i < len(self.tokens):
-            forced = torch.full_like(scores, float("-inf"))
-            forced[:, self.tokens[i]] = 0
-            return forced
-        return scores
 
 
 # ----------------------------------------------------------------------------- one runner per mode

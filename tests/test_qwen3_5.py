@@ -20,7 +20,7 @@ from transformers import DynamicCache
 import duet_vlm
 from duet_vlm.plan import LayerKindError
 
-from checks import hook_ids
+from checks import Force, hook_ids
 from models import QWEN_IMAGE, make_qwen3_5, qwen_batch, qwen_row
 
 LAYERS = 16
@@ -400,7 +400,7 @@ def test_a_text_turn_on_the_hybrid_cache_equals_one_call(hybrid):
         ids = torch.cat([first.sequences, follow], dim=1)
         second = hybrid.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=first.past_key_values,
                                  max_new_tokens=3, **kwargs)
-        forced = hybrid.generate(**inputs, max_new_tokens=9, logits_processor=[_Force(width + 3, follow[0])], **kwargs)
+        forced = hybrid.generate(**inputs, max_new_tokens=9, logits_processor=[Force(width + 3, follow[0].tolist())], **kwargs)
     assert torch.equal(second.sequences, forced.sequences)
     for a, b in zip(second.logits, forced.logits[6:]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -411,18 +411,3 @@ def test_a_text_turn_on_the_hybrid_cache_equals_one_call(hybrid):
         with pytest.raises(NotImplementedError, match="without past_key_values"):
             hybrid.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=first.past_key_values,
                             max_new_tokens=2, do_sample=False)
-
-
-class _Force:
-    """A logits processor forcing ``tokens`` from position ``start`` on (a turn's text in one call)."""
-
-    def __init__(self, start, tokens):
-        self.start, self.tokens = start, tokens
-
-    def __call__(self, input_ids, scores):
-        step = input_ids.shape[1] - self.start
-        if 0 <= step < len(self.tokens):
-            forced = torch.full_like(scores, float("-inf"))
-            forced[:, self.tokens[step]] = 0.0
-            return forced
-        return scores

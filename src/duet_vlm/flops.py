@@ -136,13 +136,14 @@ def kv_cache_bytes(dims: DecoderDims, tokens_per_layer: Sequence[int], bytes_per
     """Bytes the cache holds after a prefill whose layer ``l`` processed ``tokens_per_layer[l]`` tokens:
     keys and values per token in attention layers; in linear-attention layers a state whose size
     does not depend on the tokens (``linear_state_bytes``), so it does not shrink when tokens drop."""
-    total = 0
-    for layer, n in enumerate(tokens_per_layer):
-        if dims.kind(layer) == "linear_attention":
-            total += linear_state_bytes(dims.linear, bytes_per_element)
-        else:
-            total += 2 * n * dims.kv_heads * dims.head_dim * bytes_per_element
-    return total
+    return sum(layer_cache_bytes(dims, layer, n, bytes_per_element) for layer, n in enumerate(tokens_per_layer))
+
+
+def layer_cache_bytes(dims: DecoderDims, layer: int, n: int, bytes_per_element: int = 2) -> int:
+    """``kv_cache_bytes`` of decoder ``layer`` after ``n`` tokens."""
+    if dims.kind(layer) == "linear_attention":
+        return linear_state_bytes(dims.linear, bytes_per_element)
+    return 2 * n * dims.kv_heads * dims.head_dim * bytes_per_element
 
 
 def linear_state_bytes(linear: LinearAttentionDims, bytes_per_element: int = 2) -> int:

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from ..flops import DecoderDims, exact_flops, kv_cache_bytes, layer_flops
+from ..flops import DecoderDims, exact_flops, layer_cache_bytes, layer_flops
 from ..methods import PerItemRatio, make
 from .ideal import IdealModel
 from .models import ModelSize, build_family, build_model, example_inputs
@@ -133,17 +133,15 @@ def kind_costs(dims: DecoderDims, counts: list[int], full: list[int], text: int)
     """Per kind of layer, the exact FLOPs and the cache bytes of a prefill whose layers see ``text``
     plus ``counts`` visual tokens, against ``full``: ``{"layer_kind_flops_ratio": {kind: ratio},
     "layer_kind_cache_ratio": {kind: ratio}}`` (linear-attention states do not shrink: 1.0)."""
-    flops, cache = {}, {}
-    for layer, (n, m) in enumerate(zip(counts, full)):
-        kind = dims.kind(layer)
-        reduced_f, full_f = flops.get(kind, (0, 0))
-        flops[kind] = (reduced_f + layer_flops(dims, layer, text + n), full_f + layer_flops(dims, layer, text + m))
-        one = [0] * layer
-        reduced_c, full_c = cache.get(kind, (0, 0))
-        cache[kind] = (reduced_c + kv_cache_bytes(dims, one + [text + n]) - kv_cache_bytes(dims, one),
-                       full_c + kv_cache_bytes(dims, one + [text + m]) - kv_cache_bytes(dims, one))
-    return {"layer_kind_flops_ratio": {kind: r / f for kind, (r, f) in flops.items()},
-            "layer_kind_cache_ratio": {kind: r / f for kind, (r, f) in cache.items()}}
+    ratios = {}
+    for key, cost in (("layer_kind_flops_ratio", layer_flops), ("layer_kind_cache_ratio", layer_cache_bytes)):
+        totals: dict[str, list[int]] = {}
+        for layer, (n, m) in enumerate(zip(counts, full)):
+            total = totals.setdefault(dims.kind(layer), [0, 0])
+            total[0] += cost(dims, layer, text + n)
+            total[1] += cost(dims, layer, text + m)
+        ratios[key] = {kind: reduced / unreduced for kind, (reduced, unreduced) in totals.items()}
+    return ratios
 
 
 def _hybrid_kinds(model) -> tuple[str, ...] | None:

@@ -80,6 +80,7 @@ class Qwen2VLAdapter(ModelAdapter):
         self.tower_entries = {"image": self.visual}
         self.placeholder_ids = {config.image_token_id: "image", config.video_token_id: "video"}
         self._layers = config.text_config.num_hidden_layers
+        self._attention_layers = self.attention_layers()  # of every item's geometry, computed once
         # A nominal 896x896 image (32x32 merged tokens), for attach-time checks and ``duet-vlm plan``;
         # each item gets the plan of its own size.
         self.geometry = self.item_geometry(1, 64, 64, "image")
@@ -92,7 +93,7 @@ class Qwen2VLAdapter(ModelAdapter):
         rows, cols = h // self.merge, w // self.merge
         return Geometry(
             self._layers, t * rows * cols, (rows, cols), False, units=t, modality=modality, rope="mrope",
-            encoder_depth=len(self.visual.blocks), attention_layers=self.attention_layers(),
+            encoder_depth=len(self.visual.blocks), attention_layers=self._attention_layers,
         )
 
     # ----------------------------------------------------------------- visual items

@@ -115,11 +115,37 @@ def generate_and_check_counts(model, name, inputs):
             heads, k, v = module.num_v_heads, module.head_k_dim, module.head_v_dim
             assert cached.recurrent_states[0].shape == (batch, heads, k, v), f"layer {layer}"
             continue
+        if getattr(cached, "is_sliding", False):  # a sliding window: every token counted, the last W - 1 kept
+            assert cached.cumulative_length == text + visual + generated - 1, f"layer {layer}"
+            assert cached.keys.shape[-2] == min(text + visual + generated - 1, cached.sliding_window - 1), f"layer {layer}"
+            continue
         assert cached.keys.shape[-2] == text + visual + generated - 1, f"layer {layer}"
     return items
 
 
 # ----------------------------------------------------------------------------- values across calls and threads
+def assert_step_equals_ideal(model, reducer, inputs: dict, parts: dict, ideal) -> None:
+    """A training step under ``reducer`` against its ideal: the reduced model's loss on ``inputs``
+    (labels included) and ``ideal()``, the unpatched model's loss on the kept tokens (called after,
+    so it may read the reducer's statistics), must be equal, and so must the gradients of ``parts``
+    (``{name: parameter}``), every one nonzero."""
+    model.zero_grad(set_to_none=True)
+    try:
+        with reducer(model):
+            loss = model(**inputs).loss
+            loss.backward()
+        grads = {name: p.grad.clone() for name, p in parts.items()}
+        model.zero_grad(set_to_none=True)
+        expected = ideal()
+        expected.backward()
+        torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+        for name, p in parts.items():
+            assert grads[name].abs().sum() > 0, name
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
 def plain(value):
     """A comparable form of stats (nested dataclasses, tensors, lists, dicts)."""
     if isinstance(value, torch.Tensor):

@@ -599,6 +599,72 @@ def internvl_row(inputs, rows, b):
 INTERNVL_ROWS = [[5], [3, 1]]  # 2x2 tiles + thumbnail | 1x2 tiles + thumbnail, then a single tile
 
 
+# ----------------------------------------------------------------------------- Gemma 3
+GEMMA_IMAGE, BOI, EOI = 998, 996, 997  # <image_soft_token>, <start_of_image>, <end_of_image>
+GEMMA_TOKENS = 16  # soft tokens per image: 8x8 SigLIP patches of 4 px, pooled 2x2
+GEMMA_WINDOW = 16  # shorter than every prompt below, so that the sliding window bites
+
+
+def make_gemma3(attn="sdpa", layers=6, seed=0, window=GEMMA_WINDOW, layer_types=None):
+    """Gemma 3 with 32 px images (16 soft tokens) and ``layers`` decoder layers, Gemma's pattern
+    (five sliding layers, then a global one) unless ``layer_types`` says otherwise. transformers
+    initialises the image projection to zeros (a tiny model would see no image) and Gemma's
+    RMSNorm weights to zeros (a scale of 1): the projection is drawn at random and the per-head
+    q/k norms set to a scale of 2, so that attention has clear margins."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = dict(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=4096,
+        sliding_window=window, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        layer_types=layer_types or ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)],
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+                  patch_size=4)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=GEMMA_TOKENS,
+                          image_token_index=GEMMA_IMAGE, boi_token_index=BOI, eoi_token_index=EOI)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.3)
+        for name, param in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.fill_(1.0)
+    model = sharpen(model, 4.0, ("q_proj.weight", "k_proj.weight"))
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def gemma3_batch(rows, seed=0, suffixes=None):
+    """Rows of ``rows[r]`` images each: ``<bos>``, three text tokens, then per image
+    ``<start_of_image>`` + 16 soft-token placeholders + ``<end_of_image>`` and two text tokens, then
+    ``suffixes[r]`` text tokens; left-padded, with the ``token_type_ids`` the processor returns (1
+    on the placeholders) and one ``pixel_values`` row per image, in order."""
+    generator = torch.Generator().manual_seed(seed)
+    ids_rows, images = [], 0
+    for r, count in enumerate(rows):
+        ids = [1] + torch.randint(3, 900, (3,), generator=generator).tolist()
+        for _ in range(count):
+            ids += [BOI] + [GEMMA_IMAGE] * GEMMA_TOKENS + [EOI] + torch.randint(3, 900, (2,), generator=generator).tolist()
+        images += count
+        suffix = suffixes[r] if suffixes else 5
+        ids_rows.append(ids + torch.randint(3, 900, (suffix,), generator=generator).tolist())
+    inputs = left_pad(ids_rows)
+    inputs["token_type_ids"] = (inputs["input_ids"] == GEMMA_IMAGE).long()
+    inputs["pixel_values"] = torch.randn(images, 3, 32, 32, generator=generator)
+    return inputs
+
+
+def gemma3_row(inputs, rows, b):
+    """Row ``b`` of a ``gemma3_batch`` of ``rows`` alone, with its own images."""
+    out = items_row(inputs, b, {"pixel_values": list(rows)})
+    out["token_type_ids"] = inputs["token_type_ids"][b : b + 1, inputs["attention_mask"][b].bool()]
+    return out
+
+
+GEMMA_ROWS = [1, 2]  # one image | two images
+
+
 # ----------------------------------------------------------------------------- the registry
 LAYERS = 6  # decoder layers of the registry's models: every method's default boundaries fit
 
@@ -712,6 +778,14 @@ FAMILIES: dict[str, Family] = {
             one=lambda model: internvl_batch([[5]], seed=1),
             batch=lambda model: internvl_batch(INTERNVL_ROWS, seed=2, suffixes=[7, 3]),
             row=lambda inputs, b: internvl_row(inputs, INTERNVL_ROWS, b),
+        ),
+        # Five sliding layers (a window of 16, shorter than the prompts), then a global one; one
+        # image alone; a batch of one image | two images.
+        Family(
+            "gemma3", lambda: make_gemma3(layers=LAYERS),
+            one=lambda model: gemma3_batch([1], seed=1),
+            batch=lambda model: gemma3_batch(GEMMA_ROWS, seed=2, suffixes=[7, 3]),
+            row=lambda inputs, b: gemma3_row(inputs, GEMMA_ROWS, b),
         ),
     )
 }

@@ -621,6 +621,37 @@ def test_internvl_loads_and_attaches(tmp_path, offline, monkeypatch):
     assert model() is None
 
 
+def test_gemma3_loads_and_attaches(tmp_path, offline, monkeypatch):
+    """lmms-eval's simple ``gemma3`` loads a tiny Gemma 3 checkpoint of the real class (its processor
+    replaced by a stub) with the method's options taken out of its arguments, and the reducer
+    attaches to it; ``clean()`` lets the weights go."""
+    from types import SimpleNamespace
+
+    import transformers as tf
+    from lmms_eval.models import get_model
+
+    tokenizer = _tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16, pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=4)
+    config = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16, image_token_index=IMAGE_ID)
+    tf.Gemma3ForConditionalGeneration(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    monkeypatch.setattr("lmms_eval.models.simple.gemma3.AutoProcessor",
+                        type("Loader", (), {"from_pretrained": staticmethod(lambda *a, **k: SimpleNamespace(tokenizer=tokenizer))}))
+    lm = get_model("duet_gemma3").create_from_arg_string(
+        f"pretrained={tmp_path / 'model'},device=cpu,device_map=cpu,method=fastv,ratio=0.25,layer=1", {"batch_size": 1})
+    assert lm.reducer == duet_vlm.make("fastv", ratio=0.25, layer=1)
+    assert duet_vlm.adapters.adapter_for(lm.model).family == "gemma3"
+    model = weakref.ref(lm.model)
+    with pytest.raises(RuntimeError, match="already attached"):
+        duet_vlm.make("full").attach(model())
+    lm.clean()
+    gc.collect()
+    assert model() is None
+
+
 def test_a_request_budget_and_a_checkpoints_saved_reducer(tmp_path, offline, one_thread):
     """A task whose generation arguments hold ``duet_budget`` runs at that budget, whatever the
     model's own (the key never reaches lmms-eval's class); a checkpoint that carries

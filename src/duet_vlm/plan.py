@@ -161,7 +161,9 @@ class LayerView:
         layer_index: 0-based index of the decoder layer about to run (the first after the boundary).
         layer: that decoder layer.
         hidden_states: ``(B, L, D)`` its input.
-        position_embeddings: ``(cos, sin)`` for those positions.
+        position_embeddings: ``(cos, sin)`` for those positions, as ``layer`` rotates them.
+        previous_position_embeddings: the same as ``previous_layer`` rotates them (Gemma's local
+            and global layers rotate differently; the same tensors elsewhere).
         visual_index: ``(B, n_images, n)`` positions of the visual tokens.
         visual_ids: ``(B, n_images, n)`` the same tokens as indices into the visual block that entered
             the language model (stable across boundaries).
@@ -197,6 +199,13 @@ class LayerView:
     output_head_fn: Callable[[torch.Tensor], torch.Tensor]
     final_norm_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
     keys_fn: Callable[..., torch.Tensor] | None = None
+    previous_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def rope(self, previous_layer: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of the layer a stage reads: ``previous_layer`` or ``layer``."""
+        if previous_layer and self.previous_position_embeddings is not None:
+            return self.previous_position_embeddings
+        return self.position_embeddings
 
     @property
     def last_index(self) -> torch.Tensor:
@@ -219,7 +228,7 @@ class LayerView:
             layer, hidden = self.previous_layer, self.previous_hidden_states
         else:
             layer, hidden = self.layer, self.hidden_states
-        return self.attention_fn(layer, hidden, self.position_embeddings, queries, self.valid, self.visual_index)
+        return self.attention_fn(layer, hidden, self.rope(previous_layer), queries, self.valid, self.visual_index)
 
     def run_layer(self, hidden_states: torch.Tensor, previous: bool = False) -> torch.Tensor:
         """Run ``layer`` (``previous_layer`` with ``previous=True``) on ``hidden_states`` (these tokens,
@@ -247,7 +256,7 @@ class LayerView:
             layer, hidden = self.previous_layer, self.previous_hidden_states
         else:
             layer, hidden = self.layer, self.hidden_states
-        return self.keys_fn(layer, hidden, self.position_embeddings, self.valid)
+        return self.keys_fn(layer, hidden, self.rope(previous_layer), self.valid)
 
 
 @dataclass

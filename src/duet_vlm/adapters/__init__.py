@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Capture, Geometry, ModelAdapter, Signals, VisualItem
+from .gemma3 import Gemma3Adapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
@@ -23,6 +24,7 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = (
     Qwen3VLAdapter,
     InternVLAdapter,
     Qwen3_5Adapter,
+    Gemma3Adapter,
 )
 
 
@@ -39,4 +41,4 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     )
 
 
-__all__ = ["ADAPTERS", "Capture", "Geometry", "InternVLAdapter", "ModelAdapter", "Signals", "VisualItem", "adapter_for"]
+__all__ = ["ADAPTERS", "Capture", "Gemma3Adapter", "Geometry", "InternVLAdapter", "ModelAdapter", "Signals", "VisualItem", "adapter_for"]

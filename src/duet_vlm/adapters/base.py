@@ -31,6 +31,9 @@ from torch import nn
 from ..geometry import Geometry
 from ..scoring import clip_layer_scores
 
+#: layer kinds that compute softmax attention: they can score, and their cache holds tokens.
+SCORING_KINDS = ("attention", "sliding_attention")
+
 
 def rotate_like(layer: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``(B, H, L, d)`` states with the RoPE function of ``layer``'s own modeling module,
@@ -197,12 +200,40 @@ class ModelAdapter:
         return ("attention",) * self.num_layers()
 
     def attention_layers(self) -> tuple[int, ...] | None:
-        """The layers of kind ``"attention"`` when the language model mixes kinds (``None``: all),
+        """The layers that compute softmax attention (and so can score: ``"attention"`` and
+        ``"sliding_attention"``) when the language model mixes in layers that do not (``None``: all),
         for ``Geometry.attention_layers``."""
         kinds = self.layer_kinds()
-        if all(kind == "attention" for kind in kinds):
-            return None
-        return tuple(i for i, kind in enumerate(kinds) if kind == "attention")
+        scoring = tuple(i for i, kind in enumerate(kinds) if kind in SCORING_KINDS)
+        return None if len(scoring) == len(kinds) else scoring
+
+    # ----------------------------------------------------------------- masks and RoPE per layer kind
+    #: the base model builds the language model's masks itself (``layer_masks``), not from a 2-D mask.
+    builds_masks: bool = False
+
+    def layer_rope(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict:
+        """``{kind: (cos, sin)}`` for ``positions`` (the rotary's input): one RoPE for every layer
+        here; a family whose layer kinds rotate differently returns each kind's."""
+        return {"attention": self.rotary_emb(hidden, positions)}
+
+    def token_types(self, input_ids: torch.Tensor, kwargs: dict, items: list) -> torch.Tensor | None:
+        """``(B, L)`` what the family's masks read besides padding (Gemma's ``token_type_ids``), from
+        a prefill's base-model ``kwargs``, checked against its ``items``; ``None``: nothing."""
+        return None
+
+    def layer_masks(self, hidden: torch.Tensor, key_valid: torch.Tensor, types: torch.Tensor | None,
+                    cache=None, layers: dict | None = None) -> dict | None:
+        """``{kind: mask}`` for a sequence of ``hidden`` states whose keys are ``key_valid`` (``(B, kv)``,
+        False on padding), built as the model builds them, for a family whose base model builds the
+        language model's masks itself (Gemma: bidirectional image blocks from ``types``, sliding
+        windows). With ``cache``, sized against its layer ``layers[kind]`` (a decoding step). ``None``
+        (every other family): the language model builds causal masks from a 2-D mask, and the
+        runtime builds them the same way."""
+        return None
+
+    def by_layer_type(self, masks: dict) -> dict:
+        """``layer_masks``' masks keyed as the language model looks them up (its layer types)."""
+        return masks
 
     # ----------------------------------------------------------------- visual items
     def find_items(self, input_ids: torch.Tensor, kwargs: dict, captures: dict | None = None) -> list[VisualItem]:
@@ -423,8 +454,9 @@ class ModelAdapter:
 
         Only the ``|queries| x L`` block is formed: the layer's input norm, q/k projections (and
         per-head q/k norms where the layer has them) and RoPE on the (detached) hidden states, a
-        full-row softmax in float32 over all causally visible, non-pad keys, then the mean over
-        heads and over queries.
+        full-row softmax in float32 over all causally visible, non-pad keys (within the layer's
+        sliding window, counted in tokens of this sequence, where it has one; soft-capped logits
+        where it caps them), then the mean over heads and over queries.
 
         Args:
             hidden_states: ``(B, L, D)`` input of ``layer``.
@@ -440,6 +472,7 @@ class ModelAdapter:
         head_dim = attn.head_dim
         groups = attn.num_key_value_groups
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        window, cap = getattr(attn, "sliding_window", None), getattr(attn, "attn_logit_softcapping", None)
         cos, sin = position_embeddings
         batch = hidden_states.shape[0]
         cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
@@ -456,8 +489,12 @@ class ModelAdapter:
                 query = self.rotate(layer, query.transpose(1, 2), cos[row : row + 1, q_pos], sin[row : row + 1, q_pos])
                 keys = keys.repeat_interleave(groups, dim=1)
                 logits = (query.float() @ keys.float().transpose(-1, -2)) * attn.scaling  # (1, H, q, L)
+                if cap is not None:  # Gemma-2-style logit soft-capping, as the layer applies it
+                    logits = torch.tanh(logits / cap) * cap
                 key_pos = torch.arange(x.shape[1], device=x.device)
                 allowed = (key_pos[None, :] <= q_pos[:, None]) & key_valid[row][None, :]
+                if window is not None:  # a sliding layer sees the last ``window`` tokens of the sequence
+                    allowed &= key_pos[None, :] > q_pos[:, None] - window
                 logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
                 probs = logits.softmax(dim=-1).mean(dim=1)[0]  # (q, L)
                 per_token = probs[:, visual_index[row].reshape(-1)].mean(dim=0)

@@ -206,21 +206,13 @@ class InternVLAdapter(ModelAdapter):
     def encoder_layer(self, tower: str, layer) -> nn.Module:
         return self.vision_layers[check_layer({"first_full_attention": 0, "last": -1}.get(layer, layer), len(self.vision_layers))]
 
-    def pooled_scores(self, layer: nn.Module, layer_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_scores(self, layer: nn.Module, layer_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores (rows, T), keys (rows, T, d))`` of every captured tile's post-shuffle tokens:
         ``layer``'s CLS-to-patch attention summed over each token's group of patches, its keys
         averaged over the group."""
         scores, keys = internvl_layer_scores(layer, layer_input)
         groups = self.shuffle_groups(round(scores.shape[1] ** 0.5)).to(scores.device)
         return scores[:, groups].sum(dim=-1), keys[:, 1:][:, groups].mean(dim=-2)
-
-    def vision_signals(self, capture: Capture, tower: str, layers: tuple = ()) -> Signals:
-        scores, keys = self.pooled_scores(self.towers[tower], capture.layer_input)
-        maps = {}
-        for layer in layers:
-            layer_input = torch.cat([context["layers"][layer][0] for context in capture.contexts])
-            maps[layer] = self.pooled_scores(self.encoder_layer(tower, layer), layer_input)[0]
-        return Signals(scores, keys, maps)
 
     def unit_features(self, items, capture: Capture, signals: Signals, first_row, inputs_embeds=None) -> UnitFeatures:
         """One unit per image: its post-shuffle tokens as the language model receives them (read from

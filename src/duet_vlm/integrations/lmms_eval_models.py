@@ -15,6 +15,7 @@ model                          lmms-eval class it extends       checkpoints
 ``duet_qwen3_vl``              chat ``qwen3_vl``                Qwen3-VL (``lmms_eval_qwen``)
 ``duet_qwen3_5``               chat ``qwen3_5``                 Qwen3.5, Qwen3.5-MoE (``lmms_eval_qwen``)
 ``duet_internvl_hf``           chat ``internvl_hf``             InternVL3, InternVL3.5 (``...-hf``)
+``duet_gemma3``                simple ``gemma3``                Gemma 3 (``google/gemma-3-*-it``)
 =============================  ===============================  ==========================================
 
 Every model takes the same ``model_args`` on top of its lmms-eval class's own: ``method=`` (any
@@ -62,6 +63,7 @@ from lmms_eval.models.chat.internvl_hf import InternVLHf
 from lmms_eval.models.chat.llava_hf import LlavaHf
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from lmms_eval.models.model_utils.load_video import read_video
+from lmms_eval.models.simple.gemma3 import Gemma3
 from lmms_eval.models.simple.video_llava import VideoLLaVA
 from loguru import logger as eval_logger
 from tqdm import tqdm
@@ -401,4 +403,16 @@ class DuetInternVLHf(ReducerMixin, InternVLHf):
     >>> from lmms_eval.evaluator import simple_evaluate                              # doctest: +SKIP
     >>> simple_evaluate(model="duet_internvl_hf", tasks=["mme"],                     # doctest: +SKIP
     ...                 model_args="pretrained=OpenGVLab/InternVL3_5-8B-HF,method=duet,ratio=0.25")
+    """
+
+
+class DuetGemma3(ReducerMixin, Gemma3):
+    """lmms-eval's simple ``gemma3`` (``Gemma3ForConditionalGeneration``) with a reducer attached: each
+    image (and each pan-and-scan crop) is one item of soft tokens; the processor's
+    ``token_type_ids``, which Gemma 3's image blocks need, reach ``generate`` with the rest of its
+    inputs. It loads the weights in bfloat16.
+
+    >>> from lmms_eval.evaluator import simple_evaluate                              # doctest: +SKIP
+    >>> simple_evaluate(model="duet_gemma3", tasks=["mme"],                          # doctest: +SKIP
+    ...                 model_args="pretrained=google/gemma-3-4b-it,method=duet,budget=64")
     """

@@ -30,7 +30,7 @@ from ..adapters import ModelAdapter, adapter_for
 from .binding import Binding
 from .boundary import prune
 from .calls import CallStore
-from .decoding import continue_prompt, unreduced_decode_positions
+from .decoding import continue_prompt, continue_with_masks, unreduced_decode_positions
 from .entry import base_input_ids, check_new_items_on_cache, check_turn_on_cache
 from .exit import compact_head_input, expand_head_output, finish_prefill
 from .prefill import open_prefill
@@ -181,7 +181,10 @@ class Attachment:
             check_turn_on_cache(self.binding, call.prompt, found, kwargs, cached)
             if call.prompt is None:
                 return None
-            return continue_prompt(call.prompt, kwargs, cache)
+            prebuilt = kwargs.get("attention_mask")
+            if not isinstance(prebuilt, dict):
+                return continue_prompt(call.prompt, kwargs, cache)
+            return continue_with_masks(self.adapter, call.prompt, kwargs, cache, prebuilt, found, cached)
         call.prompt = None
         if found is None:
             return None
@@ -209,18 +212,19 @@ class Attachment:
             # A decoding step: what the compiled model runs over and over. Python state and tensor
             # arithmetic only (no data-dependent branch), so torch.compile traces it into its graph.
             number = prompt.segment_of_layer(layer_index)
-            if number == 0 or self.binding.kinds[layer_index] == "linear_attention":
+            kind = self.binding.kinds[layer_index]
+            if number == 0 or kind == "linear_attention":
                 # A linear-attention layer's state already holds the prompt (the kept tokens); new
                 # tokens are never dropped, so the model's own (padding) mask for them stands.
                 return None
             if layer_index in prompt.segment_heads(self.binding.kinds):
-                # The segment's first attention layer maps this step's attention mask (the one the
-                # model built for attention layers) onto the segment's cache.
+                # The segment's first layer of each attention kind maps this step's mask for that
+                # kind onto the segment's cache.
                 hidden = args[0] if args else kwargs["hidden_states"]
-                prompt.decoding.kwargs[number] = prompt.segments[number].decode_kwargs(
-                    prompt, self.adapter, self.binding.text_config, hidden, kwargs
+                prompt.decoding.kwargs[number, kind] = prompt.segments[number].decode_kwargs(
+                    prompt, self.adapter, self.binding.text_config, hidden, kwargs, kind, layer_index
                 )
-            kwargs.update(prompt.decoding.kwargs[number])
+            kwargs.update(prompt.decoding.kwargs[number, kind])
             return args, kwargs
 
         return hook
@@ -234,14 +238,13 @@ class Attachment:
         scratch = prompt.scratch
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kind = self.binding.kinds[layer_index]
-        if layer_index == self.binding.first_of_kind[kind]:  # the mask the model built for this kind
-            prompt.segments[0].inputs.keep_mask(kind, kwargs.get("attention_mask"))
+        if layer_index == self.binding.first_of_kind[kind]:  # the mask and RoPE the model built for this kind
+            prompt.segments[0].inputs.keep(kind, kwargs)
         if layer_index == 0:
             entry = prompt.segments[0].inputs
             entry.position_ids, entry.rope_positions = self.adapter.split_positions(
                 scratch.lm_position_ids, kwargs, prompt.segments[0].steps.batch
             )
-            entry.position_embeddings = kwargs["position_embeddings"]
             if any(item.plan.language is not None and item.plan.language.needs_input_embeddings for item in prompt.items):
                 scratch.input_embeddings = hidden
         if layer_index in prompt.boundaries:

@@ -154,16 +154,19 @@ def prune(binding: Binding, call, state: PrefillState, layer_index: int, layer: 
             placement.positions[chosen], placement.ids[chosen]
         )
         placements.append(Placement(placement.item, rank[placement.item.row, positions], ids))
-    entry = state.segments[0]
-    if steps.pad is None and previous.steps.pad is None and entry.steps.pad is None:
-        mask = gather_mask(entry.inputs.attention_mask, steps.index, steps.index)
-    else:
-        mask = causal_mask(binding.text_config, hidden, steps.valid(state.tokens.valid), query_length=steps.length)
-    recurrent = None
-    if binding.recurrent:  # linear-attention layers: padded states are zeroed before the recurrence
-        valid = steps.valid(state.tokens.valid)
-        recurrent = None if bool(valid.all()) else valid.long()
-    inputs = LayerInputs(position_ids, rope_positions, binding.adapter.rotary_emb(hidden, rope_positions), mask, recurrent)
+    valid = steps.valid(state.tokens.valid)
+    types = None if state.tokens.types is None else steps.gather(state.tokens.types)
+    masks = binding.adapter.layer_masks(hidden, valid, types)
+    if masks is None:  # the language model builds its masks from a 2-D mask: the causal one, per kind
+        entry = state.segments[0]
+        if steps.pad is None and previous.steps.pad is None and entry.steps.pad is None:
+            mask = gather_mask(entry.inputs.masks.get("attention"), steps.index, steps.index)
+        else:
+            mask = causal_mask(binding.text_config, hidden, valid, query_length=steps.length)
+        masks = {"attention": mask}
+        if binding.recurrent:  # linear-attention layers: padded states are zeroed before the recurrence
+            masks["linear_attention"] = None if bool(valid.all()) else valid.long()
+    inputs = LayerInputs(position_ids, rope_positions, binding.adapter.layer_rope(hidden, rope_positions), masks)
     segment = Segment(steps, placements, inputs)
     if number < len(state.segments):
         state.segments[number] = segment

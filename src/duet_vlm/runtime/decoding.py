@@ -59,6 +59,31 @@ def continue_prompt(prompt: PrefillState, kwargs: dict, cache) -> tuple | None:
     return (), kwargs
 
 
+def continue_with_masks(adapter, prompt: PrefillState, kwargs: dict, cache, prebuilt: dict, found, cached: int):
+    """``continue_prompt`` for a family whose base model built the step's masks (``prebuilt``, per
+    layer type) over the unreduced sequence (Gemma): the base model's 2-D mask (all ones when it was
+    given none) is mapped onto the entry sequence, and the entry segment's masks are built from it
+    against the cache (``ModelAdapter.layer_masks``); later segments build theirs at their heads."""
+    if prompt.entry.is_identity and not prompt.boundaries:  # the prefill reduced nothing
+        return continue_prompt(prompt, kwargs, cache)
+    mask = (found[1] if found is not None else {}).get("attention_mask")
+    if mask is None:
+        new = kwargs["inputs_embeds"].shape[1]
+        length = cached + prompt.full_length - prompt.entry_length + new
+        mask = torch.ones(kwargs["inputs_embeds"].shape[0], length, dtype=torch.long, device=kwargs["inputs_embeds"].device)
+    kwargs["attention_mask"] = mask
+    result = continue_prompt(prompt, kwargs, cache)
+    if prompt.entry.is_identity:
+        kwargs["attention_mask"] = prebuilt  # the entry segment's masks are the model's own
+        return result
+    kinds = adapter.layer_kinds()
+    first = prompt.boundaries[0] if prompt.boundaries else len(kinds)
+    heads = {kind: kinds.index(kind) for kind in kinds[:first] if kind != "linear_attention"}
+    masks = adapter.layer_masks(kwargs["inputs_embeds"], kwargs["attention_mask"].bool(), None, cache, heads)
+    kwargs["attention_mask"] = adapter.by_layer_type(masks)
+    return result
+
+
 def unreduced_decode_positions(binding: Binding, prompt: PrefillState | None, input_ids: torch.Tensor, kwargs: dict) -> bool:
     """A decoding step given neither positions nor a mask after a reduced prefill: a model that
     numbers it from the cache's length (Qwen-VL) would count the reduced cache. Puts the positions

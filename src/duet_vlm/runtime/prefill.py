@@ -175,6 +175,17 @@ def entry_tokens(entry: Compaction, rank: torch.Tensor, items: list[Item], input
     return Tokens(input_ids, entry.gather(input_ids), valid, text_after)
 
 
+def entry_masks(binding: Binding, prompt: PrefillState, kwargs: dict, prebuilt: dict) -> dict:
+    """The layers' masks at the entry, for a family whose base model builds them over the full input
+    (``prebuilt``, ``{layer type: mask}``): those masks when nothing was dropped at the entry, else the
+    family's masks of the entry sequence (``ModelAdapter.layer_masks``: Gemma's image blocks and
+    windows over the tokens that are left), keyed by the model's layer types as it passes them on."""
+    if prompt.entry.is_identity:
+        return prebuilt
+    masks = binding.adapter.layer_masks(kwargs["inputs_embeds"], prompt.tokens.valid, prompt.tokens.types)
+    return binding.adapter.by_layer_type(masks)
+
+
 def open_prefill(binding: Binding, call, found: tuple[torch.Tensor, dict], kwargs: dict) -> PrefillState | None:
     """The prefill of ``call`` at the language model's entry (``None``: no visual items). A prefill
     without a cache that continues the call's earlier one of the same encoding (generate without a
@@ -193,7 +204,15 @@ def open_prefill(binding: Binding, call, found: tuple[torch.Tensor, dict], kwarg
     if cache is None and not torch.is_grad_enabled() and call.reference is not None:
         rows = extends(call.reference, input_ids, items) if same_encoding(call.reference_encoding, encoding) else None
         reference = (call.reference, rows) if rows is not None else None
+    types = binding.adapter.token_types(input_ids, found[1], items)
+    prebuilt = kwargs.get("attention_mask") if isinstance(kwargs.get("attention_mask"), dict) else None
+    if prebuilt is not None:  # the base model built the layers' masks (Gemma): compact its 2-D mask
+        kwargs["attention_mask"] = found[1].get("attention_mask")
     call.prompt = start_prefill(binding, input_ids, call.labels, kwargs, items, captures, reference, row_budgets)
+    if types is not None:
+        call.prompt.tokens.types = call.prompt.entry.gather(types)
+    if prebuilt is not None:
+        kwargs["attention_mask"] = entry_masks(binding, call.prompt, kwargs, prebuilt)
     if cache is not None:
         # Decoding steps follow on the cache and never read the encoding again; without a cache
         # generate() prefills again at every step from the same encoding, so it stays.

@@ -84,29 +84,39 @@ class Placement:
 
 @dataclass
 class LayerInputs:
-    """What a segment's decoder layers receive in the prefill besides the hidden states."""
+    """What a segment's decoder layers receive in the prefill besides the hidden states.
+
+    Masks and RoPE are kept per layer kind (``ModelAdapter.layer_kinds``): attention layers get a
+    causal mask, linear-attention layers (a hybrid language model) the segment's 2-D padding mask
+    (padded states are zeroed before they enter the recurrence; ``None``: no padding), and a family
+    whose layer kinds rotate differently (Gemma's local and global RoPE) gets each kind's own
+    ``(cos, sin)``. A kind without its own RoPE uses the ``"attention"`` layers' (or any kept one).
+    """
 
     position_ids: torch.Tensor | None = None  # (B, L) what decoder layers receive (None: Qwen-VL)
     rope_positions: torch.Tensor | None = None  # (B, L), or (3, B, L) M-RoPE: the rotary's input
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
-    attention_mask: object = None  # what attention layers receive
-    # What linear-attention layers receive (a hybrid language model): the 2-D padding mask of the
-    # segment's sequence, zeroing padded states before they enter the recurrence; None: no padding.
-    recurrent_mask: torch.Tensor | None = None
+    rope: dict = field(default_factory=dict)  # {kind: (cos, sin)}
+    masks: dict = field(default_factory=dict)  # {kind: the mask its layers receive}
+
+    def position_embeddings(self, kind: str = "attention") -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The ``(cos, sin)`` layers of ``kind`` receive."""
+        rope = self.rope.get(kind)
+        if rope is None:
+            rope = self.rope.get("attention", next(iter(self.rope.values()), None))
+        return rope
 
     def kwargs(self, kind: str = "attention") -> dict:
         """The keyword arguments of a layer of ``kind`` (``ModelAdapter.layer_kinds``)."""
         return dict(
-            attention_mask=self.recurrent_mask if kind == "linear_attention" else self.attention_mask,
-            position_ids=self.position_ids, position_embeddings=self.position_embeddings,
+            attention_mask=self.masks.get(kind), position_ids=self.position_ids,
+            position_embeddings=self.position_embeddings(kind),
         )
 
-    def keep_mask(self, kind: str, mask) -> None:
-        """Keep the mask the model built for its layers of ``kind`` (the entry segment's)."""
-        if kind == "linear_attention":
-            self.recurrent_mask = mask
-        else:
-            self.attention_mask = mask
+    def keep(self, kind: str, kwargs: dict) -> None:
+        """Keep the mask and RoPE the model built for its layers of ``kind`` (the entry segment's)."""
+        self.masks[kind] = kwargs.get("attention_mask")
+        if kwargs.get("position_embeddings") is not None:
+            self.rope[kind] = kwargs["position_embeddings"]
 
 
 @dataclass(eq=False)
@@ -133,10 +143,10 @@ class Segment:
         def take(x):
             return x if x is None or x.shape[0] == 1 else x[select]
 
-        cos, sin = inputs.position_embeddings
         return LayerInputs(
-            take(inputs.position_ids), None, (take(cos), take(sin)), take(inputs.attention_mask),
-            take(inputs.recurrent_mask),
+            take(inputs.position_ids), None,
+            {kind: (take(cos), take(sin)) for kind, (cos, sin) in inputs.rope.items()},
+            {kind: take(mask) for kind, mask in inputs.masks.items()},
         )
 
     def view(self, state: "PrefillState", adapter, layer_index: int, layer: nn.Module, hidden: torch.Tensor,
@@ -166,7 +176,8 @@ class Segment:
             layer_index=layer_index,
             layer=layer,
             hidden_states=take(hidden),
-            position_embeddings=inputs.position_embeddings,
+            position_embeddings=inputs.position_embeddings(adapter.layer_kinds()[layer_index]),
+            previous_position_embeddings=inputs.position_embeddings(adapter.layer_kinds()[layer_index - 1]),
             visual_index=visual_index,
             visual_ids=visual_ids,
             valid=take(steps.valid(tokens.valid)),
@@ -188,15 +199,19 @@ class Segment:
             keys_fn=reading_full(adapter.layer_keys),
         )
 
-    def decode_kwargs(self, state: "PrefillState", adapter, text_config, hidden: torch.Tensor, kwargs: dict) -> dict:
-        """What this (later) segment's layers receive in a decoding step instead of the entry's: the
-        step's full-length mask mapped onto this segment's cache, and renumbered positions moved back
-        by what the segment dropped. Tensor arithmetic and Python state only (``torch.compile``
-        traces it)."""
+    def decode_kwargs(self, state: "PrefillState", adapter, text_config, hidden: torch.Tensor, kwargs: dict,
+                      kind: str = "attention", layer_index: int | None = None) -> dict:
+        """What this (later) segment's layers of ``kind`` receive in a decoding step instead of the
+        entry's (``layer_index``: the first of them): the step's full-length mask mapped onto this
+        segment's cache, and renumbered positions moved back by what the segment dropped. Tensor
+        arithmetic and Python state only (``torch.compile`` traces it)."""
         entry = state.segments[0].steps
         steps = self.steps
         mask = kwargs.get("attention_mask")
-        if steps.pad is None and entry.pad is None:
+        if adapter.builds_masks:  # the family's own masks, sized against this segment's cache layer
+            keys = torch.cat([steps.valid(state.tokens.valid), state.decoding.mask[:, state.entry_length :].bool()], dim=1)
+            mask = adapter.layer_masks(hidden, keys, None, kwargs.get("past_key_values"), {kind: layer_index})[kind]
+        elif steps.pad is None and entry.pad is None:
             if mask is not None:
                 tail = torch.arange(state.entry_length, mask.shape[-1], device=steps.index.device)
                 kv_index = torch.cat([steps.index, tail.expand(steps.batch, -1)], dim=1)
@@ -210,11 +225,8 @@ class Segment:
         position_ids = state.numbering.decode_group(kwargs.get("position_ids"), entry, steps)
         if position_ids is None:
             return dict(attention_mask=mask)
-        return dict(
-            attention_mask=mask,
-            position_ids=position_ids,
-            position_embeddings=adapter.rotary_emb(hidden, position_ids),
-        )
+        rope = adapter.layer_rope(hidden, position_ids)
+        return dict(attention_mask=mask, position_ids=position_ids, position_embeddings=rope.get(kind, rope["attention"]))
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, inputs: LayerInputs, kind: str = "attention") -> torch.Tensor:
@@ -242,6 +254,9 @@ class Tokens:
     ids: torch.Tensor  # (B, L_entry)
     valid: torch.Tensor  # (B, L_entry) False on padding (the user's and alignment pads)
     text_after_image: list[torch.Tensor]  # per row, positions in the entry sequence
+    # (B, L_entry) what the family's masks read besides validity (Gemma's token types: image blocks
+    # attend bidirectionally), gathered like the ids; None: nothing.
+    types: torch.Tensor | None = None
 
 
 @dataclass
@@ -263,7 +278,7 @@ class Decoding:
     """What the decoding steps after a prefill carry from one step to the next."""
 
     is_prefill: bool = True
-    kwargs: dict[int, dict] = field(default_factory=dict)  # per segment, the step's layer kwargs
+    kwargs: dict[tuple, dict] = field(default_factory=dict)  # per (segment, layer kind), the step's layer kwargs
     mask: torch.Tensor | None = None  # the 2-D mask at the LLM entry in the current step
 
 
@@ -308,15 +323,16 @@ class PrefillState:
         return sum(1 for boundary in self.boundaries if boundary <= layer)
 
     def segment_heads(self, kinds: tuple[str, ...]) -> frozenset[int]:
-        """The first attention layer of each segment after the entry (``kinds``: every layer's kind):
-        where a decoding step's attention mask is mapped onto the segment's cache. The boundary layer
-        itself unless it is a linear-attention layer, whose mask is not an attention mask."""
+        """The first layer of each attention kind in each segment after the entry (``kinds``: every
+        layer's kind): where a decoding step's mask for that kind is mapped onto the segment's cache.
+        Linear-attention layers are never heads: their mask is not an attention mask."""
         heads = self.__dict__.get("_heads")
         if heads is None:
             ends = [*self.boundaries[1:], len(kinds)]
             heads = frozenset(
-                next((layer for layer in range(start, end) if kinds[layer] != "linear_attention"), -1)
+                next(layer for layer in range(start, end) if kinds[layer] == kind)
                 for start, end in zip(self.boundaries, ends)
+                for kind in {kinds[layer] for layer in range(start, end)} - {"linear_attention"}
             )
             self.__dict__["_heads"] = heads
         return heads

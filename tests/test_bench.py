@@ -25,18 +25,19 @@ def test_list_options_take_several_values():
     ]
 
 
-@pytest.mark.parametrize("family", ["llava_next", "video_llava", "qwen3_5", "internvl"])
+@pytest.mark.parametrize("family", ["llava_next", "video_llava", "qwen3_5", "internvl", "gemma3"])
 def test_family_benchmark_times_each_variant_against_the_ideal(family):
     from duet_vlm.bench import ModelSize, family_benchmark
 
     # Qwen3.5 attends in every 4th layer: 8 layers give DUET a boundary where it can score (layer 7);
-    # on 4 it has none and is refused (tests/test_qwen3_5.py).
-    size = ModelSize(vision_hidden=32, vision_layers=2, vision_heads=4, hidden=64, layers=8 if family == "qwen3_5" else 4,
-                     heads=4, kv_heads=4, intermediate=128)
+    # on 4 it has none and is refused (tests/test_qwen3_5.py). Gemma 3 has a global layer in every 6th.
+    layers = {"qwen3_5": 8, "gemma3": 6}.get(family, 4)
+    size = ModelSize(vision_hidden=32, vision_layers=2, vision_heads=4, hidden=64, layers=layers, heads=4, kv_heads=4,
+                     intermediate=128)
     results = family_benchmark(family, size, ["duet"], [0.25], rounds=1)
     row = results["variants"]["duet ratio 0.25"]
     assert "error" not in row, row
-    tokens = {"llava_next": 576 + 48 * 49, "video_llava": 8 * 257, "qwen3_5": 21 * 21, "internvl": 5 * 256}[family]
+    tokens = {"llava_next": 576 + 48 * 49, "video_llava": 8 * 257, "qwen3_5": 21 * 21, "internvl": 5 * 256, "gemma3": 256}[family]
     assert abs(row["avg_visual_tokens"] - 0.25 * tokens) <= 8
     assert row["ideal_s"] > 0 and row["lm_vs_ideal"] > 0 and row["flops_ratio"] < 0.5
     if family == "qwen3_5":  # a hybrid decoder: each kind of layer timed, its FLOPs and cache counted apart
@@ -45,8 +46,11 @@ def test_family_benchmark_times_each_variant_against_the_ideal(family):
         assert row["layer_kind_cache_ratio"]["linear_attention"] == 1.0  # its states do not shrink
         assert row["layer_kind_cache_ratio"]["attention"] < 0.6 and row["layer_kind_flops_ratio"]["linear_attention"] < 0.6
         assert set(results["variants"]["no reduction"]["layer_kind_s"]) == kinds
+    elif family == "gemma3":  # sliding and global layers timed apart; the cost of building Gemma's masks
+        assert set(row["layer_kind_s"]) == {"attention", "sliding_attention"}
+        assert results["mask_rebuild_s"] > 0
     else:
-        assert "layer_kind_s" not in row
+        assert "layer_kind_s" not in row and results["mask_rebuild_s"] is None
 
 
 # ----------------------------------------------------------------------------- end to end (tiny sizes; no timing asserted)
@@ -80,11 +84,11 @@ def test_ideal_model_on_all_tokens_is_the_model_itself(batch):
     torch.testing.assert_close(ideal.loss(labels), model(**inputs, labels=labels).loss)
 
 
-@pytest.mark.parametrize("family", ["qwen3_5", "internvl"])
+@pytest.mark.parametrize("family", ["qwen3_5", "internvl", "gemma3"])
 def test_ideal_model_on_all_tokens_generates_as_the_model(family):
     """Qwen3.5 (M-RoPE positions continued after the prompt's largest one, a hybrid cache of keys and
-    values and of linear-attention states) and InternVL: the ideal of no reduction's greedy loop is
-    the model's ``generate``."""
+    values and of linear-attention states), InternVL and Gemma 3 (its own masks, local and global
+    RoPE): the ideal of no reduction's greedy loop is the model's ``generate``."""
     import torch
 
     from duet_vlm.bench import IdealModel, ModelSize, build_family

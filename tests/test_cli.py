@@ -38,6 +38,10 @@ def test_plan_presets_take_the_family_config():
     (_, _, reduced, full), = [row for row in costs.rows if "states" in row[0]]
     assert 0.5 < reduced / full < 1  # a quarter of the layers shrink their cache; the states stay
     assert plan_costs("fastv", budget=256, preset="internvl", tiles=2).tokens == 3 * 256
+    # Gemma 3: 256 soft tokens, sliding layers whose window (4,096 by default) is longer than the prompt.
+    gemma = plan_costs("duet", budget=64, preset="gemma3")
+    assert gemma.tokens == 256 and [name for name, *_ in gemma.rows] == [
+        "FLOPs (exact: sliding windows, image blocks)", "KV cache (sliding layers: last W - 1)"]
     _one_line_error(runner.invoke(app, ["plan", "--preset", "qwen3.5", "--budget", "64", "--layers", "8"]),
                     "--preset qwen3.5 sets the decoder; drop --layers")
     _one_line_error(runner.invoke(app, ["plan", "--preset", "qwen3.5", "--budget", "64", "--tiles", "2"]), "--tiles")

@@ -27,6 +27,7 @@ from transformers.masking_utils import create_causal_mask
 
 import duet_vlm
 from duet_vlm.adapters import adapter_for
+from duet_vlm.flops import DecoderDims, attention_pairs, layer_cache_bytes
 
 LAYERS = 6
 
@@ -305,3 +306,26 @@ def test_masks_fall_back_only_where_the_model_builds_none(gemma):
     differs = (masks["attention"] != causal)[0, 0]
     image = inputs["token_type_ids"][0].bool()
     assert differs.any() and bool(differs[~image].logical_not().all()) and bool(differs[:, ~image].logical_not().all())
+
+
+
+def test_costs_count_what_gemmas_masks_allow_and_its_caches_hold(gemma):
+    """On a prompt longer than the window, with two image blocks: each layer's counted query-key pairs
+    (``flops.attention_pairs``: windowed in sliding layers, plus each block's later tokens) equal the
+    pairs its mask allows, and each layer's counted cache bytes what its cache holds after the prefill."""
+    from transformers import DynamicCache
+
+    model, _ = gemma
+    inputs = gemma3_batch([2], seed=3, suffixes=[9])
+    n = inputs["input_ids"].shape[1]
+    assert n > GEMMA_WINDOW
+    adapter = adapter_for(model)
+    dims = DecoderDims.from_config(model.config.text_config)
+    with torch.no_grad():
+        masks = adapter.layer_masks(_entry_embeds(model, inputs), inputs["attention_mask"].bool(), inputs["token_type_ids"])
+        cache = DynamicCache(config=model.config.text_config)
+        model(**inputs, past_key_values=cache, use_cache=True)
+    for layer, kind in enumerate(adapter.layer_kinds()):
+        assert attention_pairs(dims, layer, n, [GEMMA_TOKENS] * 2) == int(masks[kind].sum()), layer
+        held = cache.layers[layer].keys
+        assert layer_cache_bytes(dims, layer, n, held.element_size()) == 2 * held.numel() * held.element_size(), layer

@@ -641,8 +641,8 @@ def test_gemma3_loads_and_attaches(tmp_path, offline, monkeypatch):
     monkeypatch.setattr("lmms_eval.models.simple.gemma3.AutoProcessor",
                         type("Loader", (), {"from_pretrained": staticmethod(lambda *a, **k: SimpleNamespace(tokenizer=tokenizer))}))
     lm = get_model("duet_gemma3").create_from_arg_string(
-        f"pretrained={tmp_path / 'model'},device=cpu,device_map=cpu,method=fastv,ratio=0.25,layer=1", {"batch_size": 1})
-    assert lm.reducer == duet_vlm.make("fastv", ratio=0.25, layer=1)
+        f"pretrained={tmp_path / 'model'},device=cpu,device_map=cpu,method=fastv,ratio=0.75,layer=1", {"batch_size": 1})
+    assert lm.reducer == duet_vlm.make("fastv", ratio=0.75, layer=1)
     assert duet_vlm.adapters.adapter_for(lm.model).family == "gemma3"
     model = weakref.ref(lm.model)
     with pytest.raises(RuntimeError, match="already attached"):

@@ -73,6 +73,10 @@ PRESETS: dict[str, Preset] = {
     # InternVL (transformers' default InternVLConfig decoder): 448 px tiles, 32x32 patches of 14 px,
     # 16x16 tokens after the 0.5 pixel shuffle; 2x2 tiles and a thumbnail by default.
     "internvl": Preset(_config("InternVLConfig", "text_config"), 16 * 16, tiles=4),
+    # Gemma 3 (transformers' default Gemma3Config decoder: five sliding layers of every six): an
+    # 896x896 image is 256 soft tokens (64x64 SigLIP patches, pooled 4x4); each pan-and-scan crop is
+    # another image of 256.
+    "gemma3": Preset(_config("Gemma3Config", "text_config"), 16 * 16),
 }
 
 
@@ -101,8 +105,8 @@ def plan_costs(method: str = "duet", budget: int | None = None, ratio: float | N
         dims = DecoderDims.from_config(config)
         layers = config.num_hidden_layers
         tokens = chosen.tokens(tiles) if tokens is None else tokens
-        if dims.layer_kinds:
-            attention_layers = tuple(i for i, kind in enumerate(dims.layer_kinds) if kind == "attention")
+        if "linear_attention" in dims.layer_kinds:
+            attention_layers = tuple(i for i, kind in enumerate(dims.layer_kinds) if kind != "linear_attention")
         rope, has_cls = chosen.rope, False
     elif tiles is not None:
         raise ValueError("--tiles is a positive count of InternVL tiles (--preset internvl)")
@@ -126,15 +130,23 @@ def plan_costs(method: str = "duet", budget: int | None = None, ratio: float | N
         dims = DecoderDims(hidden, intermediate, heads, kv_heads, hidden // heads)
     reduced = [text_tokens + n for n in plan.schedule.tokens_per_layer]
     full = [text_tokens + tokens] * layers
+    # Each frame's (or image's) block of visual tokens, per layer: what Gemma's bidirectional blocks read.
+    blocks = [[n // frames] * frames for n in plan.schedule.tokens_per_layer]
+    full_blocks = [[tokens // frames] * frames] * layers
+    exact = lambda n, b: exact_flops(dims, n, b)  # noqa: E731
+    cache = lambda n, b: kv_cache_bytes(dims, n, bytes_per_element)  # noqa: E731
     measures = [
-        ("FLOPs (FastV formula)", fastv_flops, "FLOP"),
-        ("FLOPs (exact: GQA, gated MLP, causal)", exact_flops, "FLOP"),
-        ("KV cache", lambda d, n: kv_cache_bytes(d, n, bytes_per_element), "B"),
+        ("FLOPs (FastV formula)", lambda n, b: fastv_flops(dims, n), "FLOP"),
+        ("FLOPs (exact: GQA, gated MLP, causal)", exact, "FLOP"),
+        ("KV cache", cache, "B"),
     ]
-    if dims.layer_kinds:  # a hybrid decoder: the formula assumes attention everywhere; states do not shrink
+    if "linear_attention" in dims.layer_kinds:  # the formula assumes attention everywhere; states do not shrink
         measures = [
-            ("FLOPs (exact: attention and linear-attention layers)", exact_flops, "FLOP"),
-            ("KV cache + linear-attention states", lambda d, n: kv_cache_bytes(d, n, bytes_per_element), "B"),
+            ("FLOPs (exact: attention and linear-attention layers)", exact, "FLOP"),
+            ("KV cache + linear-attention states", cache, "B"),
         ]
-    rows = [(name, unit, fn(dims, reduced), fn(dims, full)) for name, fn, unit in measures]
+    elif dims.window is not None:  # sliding layers: windowed attention, a cache of the last W - 1
+        what = "sliding windows, image blocks" if dims.image_blocks else "sliding windows"
+        measures = [(f"FLOPs (exact: {what})", exact, "FLOP"), ("KV cache (sliding layers: last W - 1)", cache, "B")]
+    rows = [(name, unit, fn(reduced, blocks), fn(full, full_blocks)) for name, fn, unit in measures]
     return PlanCosts(plan, tokens, frames, text_tokens, rows)

@@ -38,9 +38,12 @@ class LinearAttentionDims:
 class DecoderDims:
     """The sizes of a decoder-only language model that its cost depends on.
 
-    ``layer_kinds``: per layer ``"attention"`` or ``"linear_attention"`` in a hybrid decoder (empty:
-    every layer attends), with the linear-attention layers' sizes in ``linear``; ``gated_query``:
-    the attention layers' query projection also gives an output gate per head (Qwen3.5)."""
+    ``layer_kinds``: per layer ``"attention"``, ``"sliding_attention"`` (a query sees the last
+    ``window`` tokens, its cache keeps the last ``window - 1``: Gemma) or ``"linear_attention"`` in a
+    decoder that mixes kinds (empty: every layer attends globally), with the linear-attention layers'
+    sizes in ``linear``; ``gated_query``: the attention layers' query projection also gives an
+    output gate per head (Qwen3.5); ``image_blocks``: the tokens of an image attend to each other in
+    both directions (Gemma 3), which adds ``b(b - 1)/2`` query-key pairs per image of ``b`` tokens."""
 
     hidden: int
     intermediate: int
@@ -51,6 +54,8 @@ class DecoderDims:
     layer_kinds: tuple[str, ...] = ()
     linear: LinearAttentionDims | None = None
     gated_query: bool = False
+    window: int | None = None
+    image_blocks: bool = False
 
     @classmethod
     def from_config(cls, text_config) -> "DecoderDims":
@@ -62,6 +67,8 @@ class DecoderDims:
                             + getattr(text_config, "shared_expert_intermediate_size", 0))
         types = tuple(getattr(text_config, "layer_types", None) or ())
         hybrid = "linear_attention" in types
+        sliding = "sliding_attention" in types and getattr(text_config, "sliding_window", None) is not None
+        kinds = {"linear_attention": "linear_attention", "sliding_attention": "sliding_attention"}
         linear = LinearAttentionDims(
             text_config.linear_num_key_heads, text_config.linear_num_value_heads, text_config.linear_key_head_dim,
             text_config.linear_value_head_dim, text_config.linear_conv_kernel_dim,
@@ -72,9 +79,11 @@ class DecoderDims:
             heads=heads,
             kv_heads=getattr(text_config, "num_key_value_heads", None) or heads,
             head_dim=head_dim,
-            layer_kinds=tuple("linear_attention" if t == "linear_attention" else "attention" for t in types) if hybrid else (),
+            layer_kinds=tuple(kinds.get(t, "attention") for t in types) if hybrid or sliding else (),
             linear=linear,
             gated_query=hybrid and "qwen3_5" in getattr(text_config, "model_type", ""),
+            window=text_config.sliding_window if sliding else None,
+            image_blocks=getattr(text_config, "model_type", None) == "gemma3_text",
         )
 
     def kind(self, layer: int) -> str:
@@ -94,20 +103,45 @@ def fastv_flops(dims: DecoderDims, tokens_per_layer: Sequence[int]) -> int:
     return sum(4 * n * d * d + 2 * n * n * d + 2 * n * d * m for n in tokens_per_layer)
 
 
-def exact_flops(dims: DecoderDims, tokens_per_layer: Sequence[int]) -> int:
+def exact_flops(dims: DecoderDims, tokens_per_layer: Sequence[int], blocks: Sequence[Sequence[int]] | None = None) -> int:
     """FLOPs (2 per multiply-add) of the decoder layers' matrix products in a causal prefill.
 
     Counts Q/K/V/O projections with the real head counts (GQA; twice the query width where the
     query projection also gives a gate), the gated MLP's three matrices, and the causal score and
-    value products (``n(n+1)/2`` query-key pairs per head). A linear-attention layer
-    (``linear_attention_flops``) has no term in ``n²``. Norms, RoPE, softmax and the LM head are
-    left out (they are O(n·d) or independent of the visual tokens).
+    value products (``n(n+1)/2`` query-key pairs per head; within the window in a sliding layer,
+    ``causal_pairs``; plus each image block's pairs with ``image_blocks``, ``blocks[layer]`` holding
+    the sizes of the layer's image blocks). A linear-attention layer (``linear_attention_flops``)
+    has no term in ``n²``. Norms, RoPE, softmax and the LM head are left out (they are O(n·d) or
+    independent of the visual tokens).
     """
-    return sum(layer_flops(dims, layer, n) for layer, n in enumerate(tokens_per_layer))
+    return sum(layer_flops(dims, layer, n, blocks[layer] if blocks else ()) for layer, n in enumerate(tokens_per_layer))
 
 
-def layer_flops(dims: DecoderDims, layer: int, n: int) -> int:
-    """``exact_flops`` of decoder ``layer`` on ``n`` tokens."""
+def causal_pairs(n: int, window: int | None = None) -> int:
+    """Query-key pairs of a causal mask over ``n`` tokens, each query seeing at most ``window`` keys
+    (itself included) in a sliding layer.
+
+    >>> causal_pairs(4), causal_pairs(4, window=2)
+    (10, 7)
+    """
+    if window is None or n <= window:
+        return n * (n + 1) // 2
+    return window * (window + 1) // 2 + (n - window) * window
+
+
+def attention_pairs(dims: DecoderDims, layer: int, n: int, blocks: Sequence[int] = ()) -> int:
+    """Query-key pairs attention ``layer`` computes over ``n`` tokens: causal, within its window in a
+    sliding layer, and with ``image_blocks`` each block of ``b`` image tokens' ``b(b - 1)/2`` pairs
+    with the later tokens of their block (Gemma's overlay bounds only the past, so a window never
+    cuts them)."""
+    pairs = causal_pairs(n, dims.window if dims.kind(layer) == "sliding_attention" else None)
+    if dims.image_blocks:
+        pairs += sum(b * (b - 1) // 2 for b in blocks)
+    return pairs
+
+
+def layer_flops(dims: DecoderDims, layer: int, n: int, blocks: Sequence[int] = ()) -> int:
+    """``exact_flops`` of decoder ``layer`` on ``n`` tokens (``blocks``: its image blocks' sizes)."""
     d, m = dims.hidden, dims.intermediate
     mlp = (3 if dims.gated_mlp else 2) * n * d * m
     if dims.kind(layer) == "linear_attention":
@@ -115,7 +149,7 @@ def layer_flops(dims: DecoderDims, layer: int, n: int) -> int:
     q_out, kv_out = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
     q_proj = (2 if dims.gated_query else 1) * q_out
     projections = n * d * (q_proj + q_out + 2 * kv_out)  # q (and its gate), o; k and v
-    attention = 2 * dims.heads * dims.head_dim * (n * (n + 1) // 2)
+    attention = 2 * dims.heads * dims.head_dim * attention_pairs(dims, layer, n, blocks)
     return 2 * (projections + attention + mlp)
 
 
@@ -143,6 +177,8 @@ def layer_cache_bytes(dims: DecoderDims, layer: int, n: int, bytes_per_element: 
     """``kv_cache_bytes`` of decoder ``layer`` after ``n`` tokens."""
     if dims.kind(layer) == "linear_attention":
         return linear_state_bytes(dims.linear, bytes_per_element)
+    if dims.kind(layer) == "sliding_attention":  # the sliding cache keeps the last window - 1 tokens
+        n = min(n, dims.window - 1)
     return 2 * n * dims.kv_heads * dims.head_dim * bytes_per_element
 
 

@@ -107,7 +107,8 @@ class ReductionStats:
             full_row = [text + sum(item.tokens for item in row_items)] * layers
             self.flops_fastv += fastv_flops(dims, reduced_row)
             self.flops_fastv_full += fastv_flops(dims, full_row)
-            self.flops_exact += exact_flops(dims, reduced_row)
-            self.flops_exact_full += exact_flops(dims, full_row)
+            blocks = [[item.tokens_per_layer[l] for item in row_items] for l in range(layers)]
+            self.flops_exact += exact_flops(dims, reduced_row, blocks)
+            self.flops_exact_full += exact_flops(dims, full_row, [[item.tokens for item in row_items]] * layers)
             self.kv_bytes += kv_cache_bytes(dims, reduced_row, bytes_per_element)
             self.kv_bytes_full += kv_cache_bytes(dims, full_row, bytes_per_element)

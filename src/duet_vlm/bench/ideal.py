@@ -11,12 +11,12 @@ from ..compaction import Compaction
 
 
 def _family(config) -> str:
-    """Which path builds the entry embeddings: ``qwen3_5``, ``internvl`` or ``llava`` (LLaVA-1.5,
-    LLaVA-NeXT, Video-LLaVA)."""
+    """Which path builds the entry embeddings: ``qwen3_5``, ``internvl``, ``gemma3`` or ``llava``
+    (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA)."""
     kind = getattr(config, "model_type", None)
     if kind in ("qwen3_5", "qwen3_5_moe"):
         return "qwen3_5"
-    return "internvl" if kind == "internvl" else "llava"
+    return kind if kind in ("internvl", "gemma3") else "llava"
 
 
 class IdealModel:
@@ -73,6 +73,9 @@ class IdealModel:
         text_config = self.language_model.config
         types = getattr(text_config, "layer_types", None) or ["full_attention"] * len(self.language_model.layers)
         kinds = ["linear" if kind == "linear_attention" else "attention" for kind in types]
+        token_types = inputs.get("token_type_ids")  # Gemma 3: its image blocks attend both ways
+        if self.family == "gemma3":
+            kinds = list(types)  # a mask and a RoPE per layer type
         # M-RoPE: the unreduced prompt's (3, B, L) positions, of which each group keeps its tokens'.
         original = None
         if self.family == "qwen3_5":
@@ -82,13 +85,15 @@ class IdealModel:
             )
             self.next_position = original.amax(dim=(0, 2))[:, None] + 1  # (B, 1) a decoding step's first position
         # (compaction of the previous group's sequence, or None; valid keys; M-RoPE positions or None; layers; kinds)
-        self.groups = []
+        self.groups, self.token_types = [], []  # token types: per group, its sequence's (Gemma 3)
         segment, start = self.entry, 0
         for count, size in runs:
             step = Compaction.from_keep(segment.gather(~visual | (rank < count)))
             segment = segment.then(step)
             valid = torch.ones_like(segment.index, dtype=torch.bool) if mask is None else mask.gather(1, segment.index).bool()
             positions = segment.gather_positions(original)
+            if token_types is not None:
+                self.token_types.append(segment.gather(token_types))
             self.groups.append((None if step.is_identity else step, valid, positions,
                                 self.language_model.layers[start : start + size], kinds[start : start + size]))
             start += size
@@ -147,11 +152,18 @@ class IdealModel:
         tokens = shuffled.reshape(-1, shuffled.shape[-1])  # every tile's tokens, in slot order
         return base.multi_modal_projector(tokens[self.entry_visual[self.visual]])
 
+    def _gemma3_visual(self) -> torch.Tensor:
+        """``(kept, width)`` Gemma 3's kept soft tokens: the tower and the projector's pool on every
+        image (the pool needs the whole grid), the kept tokens' rows of the projection."""
+        features = self.base.get_image_features(pixel_values=self.pixel_values.to(self.base.dtype)).pooler_output
+        return features.reshape(-1, features.shape[-1])[self.entry_visual[self.visual]]
+
     def embeddings(self) -> torch.Tensor:
         """``(B, entry.length, width)`` the entry sequence's input embeddings: the text's, and the kept
         count of projected visual tokens in the first visual slots (any slots cost the same)."""
         if self.family != "llava":
-            visual = self._qwen3_5_visual() if self.family == "qwen3_5" else self._internvl_visual()
+            visual = {"qwen3_5": self._qwen3_5_visual, "internvl": self._internvl_visual,
+                      "gemma3": self._gemma3_visual}[self.family]()
             embeds = self.language_model.embed_tokens(self.input_ids)
             embeds = embeds.masked_scatter(self.entry_visual[..., None], visual.to(embeds.dtype))
             return self.entry.gather(embeds)
@@ -198,20 +210,42 @@ class IdealModel:
         renumbered = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
         return renumbered, renumbered
 
+    def _rope(self, hidden: torch.Tensor, positions: torch.Tensor, kinds) -> dict:
+        """``{kind: (cos, sin)}``: Gemma 3's local and global RoPE per layer type, else one for all."""
+        if self.family == "gemma3":
+            return {kind: self.language_model.rotary_emb(hidden, positions, kind) for kind in dict.fromkeys(kinds)}
+        rope = self.language_model.rotary_emb(hidden, positions)
+        return {"attention": rope, "linear": rope}
+
+    def _gemma3_masks(self, hidden: torch.Tensor, valid: torch.Tensor, types: torch.Tensor) -> dict:
+        """Gemma 3's own masks of a group's sequence (per layer type): bidirectional image blocks,
+        sliding windows over the tokens it holds, from the model's ``create_masks_for_vision_model``."""
+        import sys
+
+        modeling = sys.modules[type(self.base).__module__]
+        blocks = modeling.get_block_sequence_ids_for_mask(types, device=hidden.device)
+        return modeling.create_masks_for_vision_model(
+            config=self.language_model.config, inputs_embeds=hidden, attention_mask=valid, past_key_values=None,
+            position_ids=None, block_sequence_ids=blocks,
+        )
+
     def decode(self, hidden: torch.Tensor, cache=None) -> torch.Tensor:
         """The decoder on the entry sequence's states ``hidden`` (``(B, entry.length, width)``): the
         final-normed states of the last layer group's sequence."""
         self.positions = []
-        for step, valid, original, layers, kinds in self.groups:
+        for number, (step, valid, original, layers, kinds) in enumerate(self.groups):
             if step is not None:
                 hidden = step.gather(hidden)
             rotary, positions = self._positions(valid, original)
             self.positions.append(valid.sum(dim=1, keepdim=True))
-            rope = self.language_model.rotary_emb(hidden, rotary)
-            masks = {"attention": self._mask(valid, hidden.shape[1]), "linear": self._recurrent_mask(valid)}
+            rope = self._rope(hidden, rotary, kinds)
+            if self.family == "gemma3":
+                masks = self._gemma3_masks(hidden, valid, self.token_types[number])
+            else:
+                masks = {"attention": self._mask(valid, hidden.shape[1]), "linear": self._recurrent_mask(valid)}
             for layer, kind in zip(layers, kinds):
                 out = layer(hidden, attention_mask=masks[kind], position_ids=positions, past_key_values=cache,
-                            use_cache=cache is not None, position_embeddings=rope)
+                            use_cache=cache is not None, position_embeddings=rope[kind])
                 hidden = out[0] if isinstance(out, tuple) else out
         return self.language_model.norm(hidden)
 
@@ -236,12 +270,16 @@ class IdealModel:
                 for (_, valid, original, layers, kinds), length in zip(self.groups, self.positions):
                     # M-RoPE: the unreduced numbering (after the prompt's largest position); 1-D: renumbered
                     positions = (self.next_position if original is not None else length) + step
-                    rope = self.language_model.rotary_emb(hidden, positions)
+                    rope = self._rope(hidden, positions, kinds)
                     keys = torch.cat([valid, valid.new_ones(valid.shape[0], step + 1)], dim=1)
-                    masks = {"attention": self._mask(keys, 1), "linear": None}  # a decoding step has no padding
+                    if self.family == "gemma3" and not bool(keys.all()):
+                        raise NotImplementedError("the ideal decodes Gemma 3 prompts without padding only")
+                    # a decoding step has no padding; a sliding cache returns at most its window
+                    mask = self._mask(keys, 1)
+                    masks = {"attention": mask, "linear": None, "full_attention": mask, "sliding_attention": mask}
                     for layer, kind in zip(layers, kinds):
                         out = layer(hidden, attention_mask=masks[kind], position_ids=None if original is not None else positions,
-                                    past_key_values=cache, use_cache=True, position_embeddings=rope)
+                                    past_key_values=cache, use_cache=True, position_embeddings=rope[kind])
                         hidden = out[0] if isinstance(out, tuple) else out
                 token = head(self.language_model.norm(hidden)[:, -1]).argmax(-1)
                 tokens.append(token)

@@ -1,7 +1,8 @@
 """The one model builder of every benchmark: random-weight models of LLaVA-1.5's geometry (a
 CLIP-L/14 tower, a 32-layer Llama decoder of configurable width) and their prompts; and, for
 ``build_family``, the other families' towers and decoders (Qwen3.5: a Qwen3-VL tower and a hybrid
-linear-attention decoder; InternVL3: an InternViT tower and a Qwen2 decoder) at the same sizes.
+linear-attention decoder; InternVL3: an InternViT tower and a Qwen2 decoder; Gemma 3: a SigLIP
+tower and a decoder of sliding and global layers) at the same sizes.
 
 Random weights are enough for timing: cost does not depend on the values.
 
@@ -18,7 +19,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 #: The families ``build_family`` builds, each with its typical prompt.
-FAMILIES = ("llava", "llava_next", "video_llava", "qwen3_5", "internvl")
+FAMILIES = ("llava", "llava_next", "video_llava", "qwen3_5", "internvl", "gemma3")
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,8 @@ def build_family(family: str, size: ModelSize, seed: int = 0):
     typical geometry (5 text tokens, the visual slots, 55 text tokens): LLaVA-1.5 (336 px, 576
     tokens), LLaVA-NeXT (a 672x672 image: 5 tiles, 2,928 tokens with newlines), Video-LLaVA (8
     frames at 224 px, 2,056 tokens), each with a CLIP-L/14 tower; Qwen3.5 (``_qwen3_5``: a 672x672
-    image, 441 tokens) or InternVL3 (``_internvl``: 2x2 tiles and a thumbnail, 1,280 tokens)."""
+    image, 441 tokens), InternVL3 (``_internvl``: 2x2 tiles and a thumbnail, 1,280 tokens) or Gemma 3
+    (``_gemma3``: one image of 256 soft tokens)."""
     from transformers import (
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
@@ -121,6 +123,8 @@ def build_family(family: str, size: ModelSize, seed: int = 0):
         return _qwen3_5(size, seed)
     if family == "internvl":
         return _internvl(size, seed)
+    if family == "gemma3":
+        return _gemma3(size, seed)
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; one of {', '.join(FAMILIES)}")
     vision = _tower(size, 336 if family == "llava_next" else 224)
@@ -241,3 +245,39 @@ def _internvl(size: ModelSize, seed: int):
     ids = _prompt(generator, [32002] + [32000] * (256 * INTERNVL_TILES) + [32003])  # <img> ... </img>
     pixels = torch.randn(INTERNVL_TILES, 3, 448, 448, generator=generator)
     return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+
+#: Gemma 3's prompt: one image of 16x16 = 256 soft tokens between <start_of_image> and <end_of_image>.
+GEMMA3_IMAGE = (448, 14)
+
+
+def _gemma3(size: ModelSize, seed: int):
+    """Gemma 3 (``Gemma3ForConditionalGeneration``): a SigLIP tower (``size.vision_*``, no CLS) on a
+    448 px image (32x32 patches of 14 px) average-pooled 2x2 to 16x16 = 256 soft tokens, the released
+    count (the released tower sees 896 px pooled 4x4), and a decoder of ``size.layers`` layers, five
+    sliding of every six with the released window of 1,024 tokens (longer than this prompt, so every
+    layer sees the whole of it), local and global RoPE. The prompt: the image's block between
+    ``<start_of_image>`` and ``<end_of_image>``, with its ``token_type_ids``."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    head = size.hidden // size.heads
+    text = dict(
+        vocab_size=32064, hidden_size=size.hidden, intermediate_size=size.intermediate, num_hidden_layers=size.layers,
+        num_attention_heads=size.heads, num_key_value_heads=size.kv_heads, head_dim=head, query_pre_attn_scalar=head,
+        sliding_window=1024, max_position_embeddings=8192, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(size.layers)],
+    )
+    pixels, patch = GEMMA3_IMAGE
+    vision = dict(hidden_size=size.vision_hidden, intermediate_size=4 * size.vision_hidden,
+                  num_hidden_layers=size.vision_layers, num_attention_heads=size.vision_heads, image_size=pixels,
+                  patch_size=patch)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256, image_token_index=32000,
+                          boi_token_index=32002, eoi_token_index=32003)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    model.set_attn_implementation("sdpa")
+    generator = torch.Generator().manual_seed(seed)
+    ids = _prompt(generator, [32002] + [32000] * 256 + [32003])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": (ids == 32000).long(),
+              "pixel_values": torch.randn(1, 3, pixels, pixels, generator=generator)}
+    return model, inputs

@@ -398,7 +398,9 @@ def family_benchmark(family: str, size: ModelSize, methods: list[str], ratios: l
     """Prefill of ``family``'s typical prompt (``build_family``: any of ``FAMILIES``) under each
     method and ratio, side by side with the unreduced model and, for each reduced variant, its ideal
     (``measure``: the tower, the kept tokens and the unpatched decoder on the same per-layer counts;
-    M-RoPE families keep their kept tokens' positions, hybrid decoders give each layer its kind's mask).
+    M-RoPE families keep their kept tokens' positions, hybrid decoders give each layer its kind's mask,
+    Gemma 3 its own masks of the kept sequence), and, for a family that builds its own masks, the
+    median cost of one build (``mask_rebuild_s``).
 
     Returns ``{"variants": {variant: {forward_s, language_model_s, ideal_s, lm_vs_ideal, lm_vs_full,
     flops_ratio, kv_ratio, avg_visual_tokens, ...the costs of selection_costs...}}, "ideals": ...}``
@@ -418,8 +420,30 @@ def family_benchmark(family: str, size: ModelSize, methods: list[str], ratios: l
                 row["ideal_s"] = row["ideal_language_model_s"]
         variants[name] = row
     return {"family": family, "model": vars(size), "rounds": rounds, "threads": torch.get_num_threads(),
-            "variants": variants, "ideals": measured["ideals"],
+            "variants": variants, "ideals": measured["ideals"], "mask_rebuild_s": mask_rebuild_s(model, inputs, rounds),
             "load_average_before_after": measured["load_average_before_after"], "cpus": measured["cpus"]}
+
+
+def mask_rebuild_s(model, inputs: dict, rounds: int) -> float | None:
+    """Median seconds of one build of the family's own layer masks over the whole prompt, for a
+    family whose base model builds them (Gemma 3: bidirectional image blocks and sliding windows,
+    ``ModelAdapter.layer_masks``): what the runtime pays at the entry and at each boundary, on at
+    most this many tokens. ``None`` where the language model builds its causal masks itself."""
+    from ..adapters import adapter_for
+
+    adapter = adapter_for(model)
+    if not adapter.builds_masks:
+        return None
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        hidden = model.get_input_embeddings()(ids)
+        valid, types = inputs["attention_mask"].bool(), adapter.token_types(ids, inputs, [])
+        seconds = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            adapter.layer_masks(hidden, valid, types)
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
 
 
 COST_COLUMNS = ("variant", "visual tok/layer", "forward s", "vs unreduced", "vs ideal", "selection cost s",

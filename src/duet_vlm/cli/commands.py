@@ -98,7 +98,8 @@ def plan(
     bytes_per_element: int = typer.Option(2, help="KV-cache element size (2 for fp16/bf16)."),
     preset: Optional[str] = typer.Option(
         None, help="A family's geometry from its default transformers config instead of the sizes above: "
-        "qwen3.5 (hybrid: attention in every 4th layer), qwen3.5-moe, or internvl (448 px tiles)."
+        "qwen3.5 (hybrid: attention in every 4th layer), qwen3.5-moe, internvl (448 px tiles), or gemma3 "
+        "(256 soft tokens; sliding windows in five of every six layers)."
     ),
     tiles: Optional[int] = typer.Option(None, help="With --preset internvl: tiles of the image (plus a thumbnail) [default: 4]."),
 ) -> None:

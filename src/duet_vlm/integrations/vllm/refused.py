@@ -24,6 +24,7 @@ NOT_SERVED = {
     "Qwen3_5ForConditionalGeneration": ("qwen3_5", "Qwen3_5ForConditionalGeneration", "Qwen3.5"),
     "Qwen3_5MoeForConditionalGeneration": ("qwen3_5", "Qwen3_5MoeForConditionalGeneration", "Qwen3.5-MoE"),
     "InternVLForConditionalGeneration": ("interns1", "InternS1ForConditionalGeneration", "InternVL"),
+    "Gemma3ForConditionalGeneration": ("gemma3_mm", "Gemma3ForConditionalGeneration", "Gemma 3"),
 }
 
 #: what the plugin serves (``plugin.MODELS``), for the message.

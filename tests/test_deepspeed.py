@@ -11,6 +11,10 @@ alone and averaging their losses. Skipped where DeepSpeed is not installed (``pi
 constraints/torch-cpu.txt -e ".[deepspeed]"``); CI installs it and runs this suite with
 ``DUET_REQUIRE_DEEPSPEED=1``, under which it must not skip.
 
+Through the Trainer (``duet-vlm train --deepspeed`` with the shipped ``configs/deepspeed/zero{2,3}.json``),
+two processes of one row each train as one process on the same two-row batches: every step's loss
+and every saved weight (``test_the_trainers_deepspeed_path_equals_one_process``).
+
 Under ZeRO-3 a stage's read of a layer outside its forward goes through the layer's modules, whose
 DeepSpeed hooks gather the partitioned weights: an all-gather that every rank must make alike. The
 ranks here make the same stage calls (one image per row, as the official LLaVA-1.5 recipe); with
@@ -91,3 +95,69 @@ def zero_runs(tmp_path_factory):
 @pytest.mark.parametrize("name", NAMES)
 def test_zero_training_step_equals_one_process(zero_runs, stage, name):
     assert_step_equals_one_process(name, RATIO, [results[(stage, name)] for results in zero_runs], zero_filled=True)
+
+
+# ----------------------------------------------------------------------------- through the Trainer
+CONFIGS = Path(__file__).parents[1] / "configs" / "deepspeed"
+TRAIN = ["--data", "synthetic", "--synthetic-items", "4", "--method", "duet", "--budget", "64", "--max-steps", "2",
+         "--save-steps", "2", "--logging-steps", "1", "--learning-rate", "0.01"]
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory):
+    """``duet-vlm train`` on the tiny demo-shaped LLaVA-1.5: one process on batches of two rows, and
+    two processes of one row each under ``--deepspeed configs/deepspeed/zero{2,3}.json`` (the shipped
+    configs: the official recipe's settings). Returns each run's output folder."""
+    import subprocess
+
+    from duet_vlm.demo.processor import build_processor
+    from models import make_demo_llava
+
+    root = tmp_path_factory.mktemp("trainer")
+    processor = build_processor()
+    make_demo_llava(processor).save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    runs = {}
+    for name, launcher, extra in [
+        ("one", [sys.executable, "-m", "duet_vlm.cli"], ["--batch-size", "2"]),
+        *[(f"zero{stage}", [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                            "--main_process_port", str(free_port()), "-m", "duet_vlm.cli"],
+           ["--batch-size", "1", "--deepspeed", str(CONFIGS / f"zero{stage}.json")]) for stage in STAGES],
+    ]:
+        out = root / name
+        done = subprocess.run([*launcher, "train", "--model", str(root / "model"), "--output-dir", str(out), *TRAIN, *extra],
+                              env=env, capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = out
+    return root / "model", runs
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_the_trainers_deepspeed_path_equals_one_process(trainer_runs, stage):
+    """Two optimizer steps through the Trainer's ``deepspeed=`` (two processes, one row each) against
+    one process on the same two-row batches: every step's logged loss, and every saved weight (under
+    ZeRO-3 the weights are partitioned across the ranks; ``duet-vlm train`` gathers them for the
+    digest and the save, else the saved tensors would be a rank's empty partitions). The projector,
+    the default trained part, moved."""
+    import json
+
+    from safetensors.torch import load_file
+
+    start, runs = trainer_runs
+    one, zero = runs["one"], runs[f"zero{stage}"]
+
+    def losses(folder):
+        return [entry["loss"] for entry in json.loads((folder / "trainer_state.json").read_text())["log_history"] if "loss" in entry]
+
+    assert len(losses(zero)) == 2
+    torch.testing.assert_close(torch.tensor(losses(zero)), torch.tensor(losses(one)), rtol=1e-6, atol=1e-6)
+    summary = json.loads((zero / "train_results.json").read_text())
+    assert summary["world_size"] == 2 and summary["replicas_identical"]
+    initial, expected, saved = (load_file(folder / "model.safetensors") for folder in (start, one, zero))
+    assert saved.keys() == expected.keys()
+    moved = [name for name in expected if not torch.equal(expected[name], initial[name])]
+    assert moved and all(name.startswith("multi_modal_projector") for name in moved)
+    for name, weight in expected.items():
+        torch.testing.assert_close(saved[name], weight, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")

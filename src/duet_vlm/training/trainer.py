@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -309,19 +310,34 @@ def train(config: TrainConfig) -> TrainOutcome:
 
     from accelerate.utils import gather_object
 
-    digests = gather_object([parameter_digest(model)]) if trainer.accelerator.num_processes > 1 else [parameter_digest(model)]
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    outcome = TrainOutcome(
-        output_dir=Path(config.output_dir),
-        final_loss=losses[-1] if losses else result.training_loss,
-        average_loss=result.training_loss,
-        global_step=trainer.state.global_step,
-        replica_digests=digests,
-    )
-    if trainer.is_world_process_zero():
-        save_final(trainer, config, processor, outcome, handle, reducer)
+    with whole_parameters(model):  # every rank enters: under ZeRO-3 it gathers the partitioned weights
+        digest = parameter_digest(model)
+        outcome = TrainOutcome(
+            output_dir=Path(config.output_dir),
+            final_loss=losses[-1] if losses else result.training_loss,
+            average_loss=result.training_loss,
+            global_step=trainer.state.global_step,
+            replica_digests=gather_object([digest]) if trainer.accelerator.num_processes > 1 else [digest],
+        )
+        if trainer.is_world_process_zero():
+            save_final(trainer, config, processor, outcome, handle, reducer)
     trainer.accelerator.wait_for_everyone()
     return outcome
+
+
+def whole_parameters(model: nn.Module):
+    """A context in which every parameter of ``model`` holds its whole value: under DeepSpeed ZeRO-3
+    its partitioned parameters are gathered on every rank (a collective: every rank enters it; read
+    only, nothing is scattered back), so that the digest and the saved weights are the model's, not
+    a rank's empty partition; elsewhere nothing happens. The whole model is then in each rank's
+    memory for the save."""
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
 def save_final(trainer, config: TrainConfig, processor, outcome: TrainOutcome, handle, reducer) -> None:

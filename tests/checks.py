@@ -146,6 +146,52 @@ def assert_step_equals_ideal(model, reducer, inputs: dict, parts: dict, ideal) -
         model.zero_grad(set_to_none=True)
 
 
+def placeholder_runs(ids: torch.Tensor, token: int) -> list[tuple[int, int]]:
+    """``(start, length)`` of each run of ``token`` placeholders in one row of ids."""
+    runs: list[list[int]] = []
+    for position in (ids == token).nonzero()[:, 0].tolist():
+        if runs and position == runs[-1][0] + runs[-1][1]:
+            runs[-1][1] += 1
+        else:
+            runs.append([position, 1])
+    return [(start, length) for start, length in runs]
+
+
+def next_slots(kept: torch.Tensor, length: int) -> torch.Tensor:
+    """Where the reduced model's logits of kept token ``j`` sit in its full-length output: just before
+    kept token ``j + 1``'s slot (the last at the end), as transformers' shifted loss reads them."""
+    return torch.cat([kept[1:] - 1, torch.tensor([length - 1])])
+
+
+def kept_slots(reducer, ids: torch.Tensor, token: int) -> torch.Tensor:
+    """The full-input slots the vision stage of each item of one row filled (``entry_slots``, from
+    ``reducer.stats``), items in order of their runs of ``token`` placeholders."""
+    starts = [start for start, _ in placeholder_runs(ids, token)]
+    return torch.cat([start + item.entry_slots for start, item in zip(starts, reducer.stats.items)])
+
+
+def fastv_kept_by_hand(attention: torch.Tensor, ids: torch.Tensor, token: int, items, boundary: int) -> torch.Tensor:
+    """The positions FastV keeps in one row, chosen by hand: every other token, and of each run of
+    ``token`` placeholders (an item) the top ``items[i].tokens_per_layer[boundary]`` by ``attention``
+    (``(L,)``: the last token's row of layer ``boundary - 1``'s eager map, mean over heads)."""
+    keep = ids != token
+    for (start, length), item in zip(placeholder_runs(ids, token), items):
+        keep[start + attention[start : start + length].topk(item.tokens_per_layer[boundary]).indices] = True
+    return keep.nonzero()[:, 0]
+
+
+def run_two_ranks(worker, out: Path) -> list:
+    """``worker(rank, 2, port, out)`` in two spawned processes, then each rank's ``rank{r}.pt``. The
+    spawned workers import the test module that defines ``worker`` from this folder."""
+    import sys
+
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    mp.spawn(worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
+
+
 def plain(value):
     """A comparable form of stats (nested dataclasses, tensors, lists, dicts)."""
     if isinstance(value, torch.Tensor):

@@ -32,7 +32,7 @@ import torch
 
 import duet_vlm
 
-from checks import answer_labels, assert_step_equals_one_process, free_port, two_rank_model, two_rank_rows
+from checks import answer_labels, assert_step_equals_one_process, free_port, run_two_ranks, two_rank_model, two_rank_rows
 
 if os.environ.get("DUET_REQUIRE_DEEPSPEED") != "1":  # CI sets it: there the suite must run
     pytest.importorskip("deepspeed")
@@ -83,12 +83,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory):
-    import torch.multiprocessing as mp
-
-    out = tmp_path_factory.mktemp("zero")
-    sys.path.insert(0, str(Path(__file__).parent))  # the spawned workers import this module
-    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
+    return run_two_ranks(_worker, tmp_path_factory.mktemp("zero"))
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -21,7 +21,7 @@ import functools
 
 import pytest
 import torch
-from checks import assert_step_equals_ideal, hook_ids
+from checks import assert_step_equals_ideal, fastv_kept_by_hand, hook_ids, kept_slots, next_slots
 from models import BOI, GEMMA_IMAGE, GEMMA_TOKENS, GEMMA_WINDOW, gemma3_batch, make_gemma3
 from transformers.masking_utils import create_causal_mask
 
@@ -45,17 +45,6 @@ def _models():
 @pytest.fixture
 def gemma():
     return _models()
-
-
-def _runs(ids: torch.Tensor) -> list[tuple[int, int]]:
-    positions = (ids == GEMMA_IMAGE).nonzero()[:, 0].tolist()
-    runs = []
-    for p in positions:
-        if runs and p == runs[-1][0] + runs[-1][1]:
-            runs[-1][1] += 1
-        else:
-            runs.append([p, 1])
-    return [tuple(r) for r in runs]
 
 
 def _entry_embeds(model, inputs) -> torch.Tensor:
@@ -92,17 +81,6 @@ def test_the_signal_is_the_attention_patches_receive_summed_by_the_pool(gemma):
     assert keys.shape == (2, GEMMA_TOKENS, 32 // 4)
 
 
-def _next_slots(kept: torch.Tensor, length: int) -> torch.Tensor:
-    """Where the reduced model's logits of kept token ``j`` sit in its full-length output: just before
-    kept token ``j + 1``'s slot (the last at the end), as transformers' shifted loss reads them."""
-    return torch.cat([kept[1:] - 1, torch.tensor([length - 1])])
-
-
-def _kept_slots(reducer, ids):
-    starts = [start for start, _ in _runs(ids)]
-    return torch.cat([start + item.entry_slots for start, item in zip(starts, reducer.stats.items)])
-
-
 def _dominant_only():
     return duet_vlm.make("visionzip", ratio=0.5, contextual=0)
 
@@ -119,14 +97,14 @@ def test_vision_side_method_equals_the_unpatched_model_fed_the_kept_tokens(gemma
     with torch.no_grad(), reducer(model):
         reduced = model(**inputs).logits[0]
     keep = ids != GEMMA_IMAGE
-    keep[_kept_slots(reducer, ids)] = True
+    keep[kept_slots(reducer, ids, GEMMA_IMAGE)] = True
     kept = keep.nonzero()[:, 0]
     assert len(kept) > GEMMA_WINDOW  # the window bites
     with torch.no_grad():
         embeds = _entry_embeds(model, inputs)[:, kept]
         ideal = model(inputs_embeds=embeds, token_type_ids=inputs["token_type_ids"][:, kept],
                       attention_mask=torch.ones(1, len(kept), dtype=torch.long)).logits[0]
-    torch.testing.assert_close(reduced[_next_slots(kept, len(ids))], ideal, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reduced[next_slots(kept, len(ids))], ideal, atol=1e-5, rtol=1e-5)
 
 
 def test_training_step_equals_the_ideal(gemma):
@@ -146,7 +124,7 @@ def test_training_step_equals_the_ideal(gemma):
 
     def ideal():
         keep = ids[0] != GEMMA_IMAGE
-        keep[_kept_slots(reducer, ids[0])] = True
+        keep[kept_slots(reducer, ids[0], GEMMA_IMAGE)] = True
         kept = keep.nonzero()[:, 0]
         return model(inputs_embeds=_entry_embeds(model, inputs)[:, kept], token_type_ids=inputs["token_type_ids"][:, kept],
                      attention_mask=torch.ones(1, len(kept), dtype=torch.long), labels=labels[:, kept]).loss
@@ -185,10 +163,7 @@ def test_language_side_method_equals_the_hand_built_ideal(gemma):
     with torch.no_grad():
         out = referee.model(**inputs, output_attentions=True, output_hidden_states=True)
     attention = out.attentions[boundary - 1][0, :, -1].mean(dim=0)
-    keep = ids != GEMMA_IMAGE
-    for (start, length), item in zip(_runs(ids), items):
-        keep[start + attention[start : start + length].topk(item.tokens_per_layer[boundary]).indices] = True
-    kept = keep.nonzero()[:, 0]
+    kept = fastv_kept_by_hand(attention, ids, GEMMA_IMAGE, items, boundary)
     assert len(kept) > GEMMA_WINDOW
     hidden = out.hidden_states[boundary][:, kept]
     positions = kept[None]
@@ -202,7 +177,7 @@ def test_language_side_method_equals_the_hand_built_ideal(gemma):
             hidden = layer(hidden, attention_mask=masks[kind], position_ids=positions, position_embeddings=rope)
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         ideal = referee.lm_head(lm.norm(hidden))[0]
-    torch.testing.assert_close(reduced[_next_slots(kept, len(ids))], ideal, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(reduced[next_slots(kept, len(ids))], ideal, atol=1e-4, rtol=1e-4)
 
 
 def test_the_image_block_stays_bidirectional_after_pruning(gemma):

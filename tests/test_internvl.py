@@ -38,7 +38,14 @@ from models import (
     internvl_row,
     make_internvl,
 )
-from checks import assert_step_equals_ideal, hook_ids
+from checks import (
+    assert_step_equals_ideal,
+    fastv_kept_by_hand,
+    hook_ids,
+    kept_slots,
+    next_slots,
+    placeholder_runs,
+)
 
 IMAGE = INTERNVL_IMAGE
 
@@ -90,18 +97,6 @@ def _entry_embeds(model, inputs) -> torch.Tensor:
     return seen["embeds"]
 
 
-def _runs(ids: torch.Tensor) -> list[tuple[int, int]]:
-    """``(start, length)`` of each run of image placeholders in one row."""
-    visual = (ids == IMAGE).tolist()
-    runs = []
-    for i, v in enumerate(visual):
-        if v and (i == 0 or not visual[i - 1]):
-            runs.append([i, 0])
-        if v:
-            runs[-1][1] += 1
-    return [tuple(r) for r in runs]
-
-
 def _pooled_by_hand(referee, pixel_values) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The feature layer's CLS-to-patch attention from the tower's full eager map (summed over
     heads), summed over each 2x2 group of patches the 0.5 pixel shuffle concatenates; the layer's
@@ -120,12 +115,6 @@ def _pooled_by_hand(referee, pixel_values) -> tuple[torch.Tensor, torch.Tensor, 
         keys = keys.view(tiles, tokens, heads, -1).mean(dim=2)
     keys = keys[:, 1:].reshape(tiles, side // 2, 2, side // 2, 2, -1).mean(dim=(2, 4)).reshape(tiles, -1, keys.shape[-1])
     return scores, keys, states
-
-
-def _next_slots(kept: torch.Tensor, length: int) -> torch.Tensor:
-    """Where the reduced model's logits of kept token ``j`` sit in its full-length output: just before
-    kept token ``j + 1``'s slot (the last at the end), as transformers' shifted loss reads them."""
-    return torch.cat([kept[1:] - 1, torch.tensor([length - 1])])
 
 
 # ----------------------------------------------------------------------------- no-op, items
@@ -200,7 +189,7 @@ def _vision_ideal(referee, inputs):
     scores = _pooled_by_hand(referee, inputs["pixel_values"])[0]
     keep = torch.ones_like(ids, dtype=torch.bool)
     tile = 0
-    for start, length in _runs(ids):
+    for start, length in placeholder_runs(ids, IMAGE):
         tiles = length // INTERNVL_TOKENS
         image = scores[tile : tile + tiles].reshape(-1)
         tile += tiles
@@ -221,15 +210,14 @@ def test_vision_side_method_equals_the_hand_built_ideal(pair, rows):
     reducer = _dominant_only()
     with torch.no_grad(), reducer(internvl):
         reduced = internvl(**inputs).logits[0]
-    starts = [start for start, _ in _runs(inputs["input_ids"][0])]
-    slots = torch.cat([start + item.entry_slots for start, item in zip(starts, reducer.stats.items)]).sort().values
     ids = inputs["input_ids"][0]
+    slots = kept_slots(reducer, ids, IMAGE).sort().values
     assert slots.tolist() == kept[ids[kept] == IMAGE].tolist()  # the reducer kept the referee's choice
     embeds = _entry_embeds(referee, inputs)[:, kept]
     with torch.no_grad():
         ideal = referee(inputs_embeds=embeds, attention_mask=torch.ones(1, len(kept), dtype=torch.long)).logits[0]
     length = inputs["input_ids"].shape[1]
-    torch.testing.assert_close(reduced[_next_slots(kept, length)], ideal, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(reduced[next_slots(kept, length)], ideal, atol=1e-4, rtol=1e-4)
 
 
 def test_training_step_equals_the_ideal(pair):
@@ -249,10 +237,8 @@ def test_training_step_equals_the_ideal(pair):
     reducer = _dominant_only()
 
     def ideal():
-        starts = [start for start, _ in _runs(ids[0])]
-        slots = torch.cat([start + item.entry_slots for start, item in zip(starts, reducer.stats.items)])
         keep = ids[0] != IMAGE
-        keep[slots] = True
+        keep[kept_slots(reducer, ids[0], IMAGE)] = True
         kept = keep.nonzero()[:, 0]
         base = internvl.model
         embeds = base.get_input_embeddings()(ids)
@@ -282,11 +268,7 @@ def test_language_side_method_equals_the_hand_built_ideal(pair):
     with torch.no_grad():
         out = lm(inputs_embeds=embeds, output_attentions=True, output_hidden_states=True)
     attention = out.attentions[boundary - 1][0, :, -1].mean(dim=0)  # the last token's row, mean over heads
-    keep = ids != IMAGE
-    for (start, length), item in zip(_runs(ids), items):
-        count = item.tokens_per_layer[boundary]
-        keep[start + attention[start : start + length].topk(count).indices] = True
-    kept = keep.nonzero()[:, 0]
+    kept = fastv_kept_by_hand(attention, ids, IMAGE, items, boundary)
     hidden = out.hidden_states[boundary][:, kept]  # the input of layer K, at the kept tokens
     positions = kept[None]
     mask = torch.full((len(kept), len(kept)), torch.finfo(hidden.dtype).min).triu(1)[None, None]
@@ -296,7 +278,7 @@ def test_language_side_method_equals_the_hand_built_ideal(pair):
             hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rope)
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         ideal = referee.lm_head(lm.norm(hidden))[0]
-    torch.testing.assert_close(reduced[_next_slots(kept, len(ids))], ideal, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(reduced[next_slots(kept, len(ids))], ideal, atol=1e-4, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- bad inputs, refusals
@@ -306,11 +288,11 @@ def test_a_run_that_is_not_whole_tiles_is_a_clear_error(internvl):
     they were, and the next call works."""
     inputs = internvl_batch([[2, 2]], seed=9)
     ids = inputs["input_ids"][0].tolist()
-    (first, _), _ = _runs(inputs["input_ids"][0])
+    (first, _), _ = placeholder_runs(inputs["input_ids"][0], IMAGE)
     # Move 8 placeholders of the first image to the second (``</img>``, text, ``<img>`` between them).
     ids = ids[:first] + ids[first + 8 : first + 36] + [IMAGE] * 8 + ids[first + 36 :]
     ids = torch.tensor([ids])
-    assert [length for _, length in _runs(ids[0])] == [24, 40]
+    assert [length for _, length in placeholder_runs(ids[0], IMAGE)] == [24, 40]
     bad = {**inputs, "input_ids": ids}
     hooks = hook_ids(internvl)
     reducer = duet_vlm.make("duet", ratio=0.5)

@@ -268,6 +268,23 @@ QUESTION = 1  # the synthetic test item asked (its image; a video of coloured fr
 IMAGE_ID, VIDEO_ID = 4, 71  # <image> in the demo tokenizer, <video> added after its 71 tokens
 
 
+def _stub_processor(monkeypatch, module: str, processor) -> None:
+    """The lmms-eval class in ``module`` loads ``processor`` instead of a hub processor."""
+    monkeypatch.setattr(f"{module}.AutoProcessor",
+                        type("Loader", (), {"from_pretrained": staticmethod(lambda *a, **k: processor)}))
+
+
+def _attached_then_released(lm) -> None:
+    """The reducer is attached to lmms-eval's model (a second attach is refused), and ``clean()``
+    detached it, so that lmms-eval could free the weights."""
+    model = weakref.ref(lm.model)
+    with pytest.raises(RuntimeError, match="already attached"):
+        duet_vlm.make("full").attach(model())
+    lm.clean()
+    gc.collect()
+    assert model() is None
+
+
 def _tokenizer():
     from duet_vlm.demo.processor import build_tokenizer
 
@@ -370,8 +387,7 @@ def llava_onevision(path, monkeypatch):
                                                                            image_grid_pinpoints=pinpoints),
                            tokenizer=tokenizer, num_image_tokens=64, vision_feature_select_strategy="full",
                            chat_template=CHAT_TEMPLATE)
-    monkeypatch.setattr("lmms_eval.models.simple.llava_hf.AutoProcessor",
-                        type("Loader", (), {"from_pretrained": staticmethod(lambda *a, **k: processor)}))
+    _stub_processor(monkeypatch, "lmms_eval.models.simple.llava_hf", processor)
     return processor
 
 
@@ -562,8 +578,7 @@ def test_qwen_models_load_and_attach(name, tmp_path, offline, monkeypatch):
     _qwen(kind, tmp_path / "model")
     # the chat classes inherit __init__ from the simple ones, which look AutoProcessor up in their module
     loader = "qwen3_vl" if kind == "qwen3_5" else kind  # Qwen3.5's classes are Qwen3-VL's with other defaults
-    monkeypatch.setattr(f"lmms_eval.models.simple.{loader}.AutoProcessor",
-                        type("Loader", (), {"from_pretrained": staticmethod(lambda *a, **k: None)}))
+    _stub_processor(monkeypatch, f"lmms_eval.models.simple.{loader}", None)
     logged = []
     sink = logger.add(logged.append, format="{message}")
     try:
@@ -579,12 +594,7 @@ def test_qwen_models_load_and_attach(name, tmp_path, offline, monkeypatch):
     record = json.loads(line.removeprefix("duet_vlm: attached "))
     assert record == lm.reducer_record and duet_vlm.from_dict(record) == lm.reducer
     assert lm.reducer == duet_vlm.make("duet", ratio=0.25, cluster_width=None)
-    model = weakref.ref(lm.model)
-    with pytest.raises(RuntimeError, match="already attached"):
-        duet_vlm.make("full").attach(model())
-    lm.clean()
-    gc.collect()
-    assert model() is None  # clean() detached the reducer, so lmms-eval could free the weights
+    _attached_then_released(lm)
 
 
 def test_internvl_loads_and_attaches(tmp_path, offline, monkeypatch):
@@ -605,20 +615,14 @@ def test_internvl_loads_and_attaches(tmp_path, offline, monkeypatch):
                                downsample_ratio=0.5, vision_feature_layer=-1)
     tf.InternVLForConditionalGeneration(config).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    monkeypatch.setattr("lmms_eval.models.chat.internvl_hf.AutoProcessor",
-                        type("Loader", (), {"from_pretrained": staticmethod(lambda *a, **k: SimpleNamespace(tokenizer=tokenizer))}))
+    _stub_processor(monkeypatch, "lmms_eval.models.chat.internvl_hf", SimpleNamespace(tokenizer=tokenizer))
     lm = get_model("duet_internvl_hf").create_from_arg_string(
         f"pretrained={tmp_path / 'model'},device=cpu,device_map=cpu,max_patches=6,method=fastv,ratio=0.25,layer=1",
         {"batch_size": 1})
     assert lm.max_patches == 6  # lmms-eval's own argument
     assert lm.reducer == duet_vlm.make("fastv", ratio=0.25, layer=1)  # the method's
     assert duet_vlm.adapters.adapter_for(lm.model).family == "internvl"
-    model = weakref.ref(lm.model)
-    with pytest.raises(RuntimeError, match="already attached"):
-        duet_vlm.make("full").attach(model())
-    lm.clean()
-    gc.collect()
-    assert model() is None
+    _attached_then_released(lm)
 
 
 def test_gemma3_loads_and_attaches(tmp_path, offline, monkeypatch):
@@ -638,18 +642,12 @@ def test_gemma3_loads_and_attaches(tmp_path, offline, monkeypatch):
     config = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16, image_token_index=IMAGE_ID)
     tf.Gemma3ForConditionalGeneration(config).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    monkeypatch.setattr("lmms_eval.models.simple.gemma3.AutoProcessor",
-                        type("Loader", (), {"from_pretrained": staticmethod(lambda *a, **k: SimpleNamespace(tokenizer=tokenizer))}))
+    _stub_processor(monkeypatch, "lmms_eval.models.simple.gemma3", SimpleNamespace(tokenizer=tokenizer))
     lm = get_model("duet_gemma3").create_from_arg_string(
         f"pretrained={tmp_path / 'model'},device=cpu,device_map=cpu,method=fastv,ratio=0.75,layer=1", {"batch_size": 1})
     assert lm.reducer == duet_vlm.make("fastv", ratio=0.75, layer=1)
     assert duet_vlm.adapters.adapter_for(lm.model).family == "gemma3"
-    model = weakref.ref(lm.model)
-    with pytest.raises(RuntimeError, match="already attached"):
-        duet_vlm.make("full").attach(model())
-    lm.clean()
-    gc.collect()
-    assert model() is None
+    _attached_then_released(lm)
 
 
 def test_a_request_budget_and_a_checkpoints_saved_reducer(tmp_path, offline, one_thread):

@@ -63,8 +63,14 @@ def build_model(size: ModelSize, attn: str = "sdpa", seed: int = 0) -> LlavaForC
         vision_feature_select_strategy="default",
         image_seq_length=576,
     )
+    return seeded(LlavaForConditionalGeneration, config, seed, attn)
+
+
+def seeded(model_class, config, seed: int, attn: str = "sdpa"):
+    """``model_class(config)`` with random weights drawn after ``torch.manual_seed(seed)``, in eval
+    mode, on the ``attn`` attention backend."""
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     model.set_attn_implementation(attn)
     return model
 
@@ -129,22 +135,20 @@ def build_family(family: str, size: ModelSize, seed: int = 0):
         raise ValueError(f"unknown family {family!r}; one of {', '.join(FAMILIES)}")
     vision = _tower(size, 336 if family == "llava_next" else 224)
     text = _decoder(size, 8192)
-    torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     if family == "llava_next":
         pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
         config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=32000, image_grid_pinpoints=pinpoints,
                                  vision_feature_layer=-2, vision_feature_select_strategy="default")
-        model = LlavaNextForConditionalGeneration(config).eval()
+        model = seeded(LlavaNextForConditionalGeneration, config, seed)
         slots, token = 576 + 48 * 49, config.image_token_id
         visual = {"pixel_values": torch.randn(1, 5, 3, 336, 336, generator=generator), "image_sizes": torch.tensor([[672, 672]])}
     else:
         config = VideoLlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, video_token_id=32001,
                                   vision_feature_layer=-2, vision_feature_select_strategy="default")
-        model = VideoLlavaForConditionalGeneration(config).eval()
+        model = seeded(VideoLlavaForConditionalGeneration, config, seed)
         slots, token = 8 * 257, config.video_token_id
         visual = {"pixel_values_videos": torch.randn(1, 8, 3, 224, 224, generator=generator)}
-    model.set_attn_implementation("sdpa")
     ids = torch.cat([torch.randint(3, 32000, (1, 5), generator=generator), torch.full((1, slots), token),
                      torch.randint(3, 32000, (1, 55), generator=generator)], dim=1)
     return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), **visual}
@@ -194,9 +198,7 @@ def _qwen3_5(size: ModelSize, seed: int):
                   out_hidden_size=size.hidden, num_position_embeddings=2304)
     config = Qwen3_5Config(text_config=text, vision_config=vision, image_token_id=32000, video_token_id=32001,
                            vision_start_token_id=32002, vision_end_token_id=32003)
-    torch.manual_seed(seed)
-    model = Qwen3_5ForConditionalGeneration(config).eval()
-    model.set_attn_implementation("sdpa")
+    model = seeded(Qwen3_5ForConditionalGeneration, config, seed)
     generator = torch.Generator().manual_seed(seed)
     pixels, patch = QWEN3_5_IMAGE
     side = pixels // patch
@@ -238,9 +240,7 @@ def _internvl(size: ModelSize, seed: int):
     )
     config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=32000, image_seq_length=256,
                             downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default")
-    torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config).eval()
-    model.set_attn_implementation("sdpa")
+    model = seeded(InternVLForConditionalGeneration, config, seed)
     generator = torch.Generator().manual_seed(seed)
     ids = _prompt(generator, [32002] + [32000] * (256 * INTERNVL_TILES) + [32003])  # <img> ... </img>
     pixels = torch.randn(INTERNVL_TILES, 3, 448, 448, generator=generator)
@@ -273,9 +273,7 @@ def _gemma3(size: ModelSize, seed: int):
                   patch_size=patch)
     config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256, image_token_index=32000,
                           boi_token_index=32002, eoi_token_index=32003)
-    torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(config).eval()
-    model.set_attn_implementation("sdpa")
+    model = seeded(Gemma3ForConditionalGeneration, config, seed)
     generator = torch.Generator().manual_seed(seed)
     ids = _prompt(generator, [32002] + [32000] * 256 + [32003])
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": (ids == 32000).long(),

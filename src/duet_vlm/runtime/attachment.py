@@ -184,7 +184,7 @@ class Attachment:
             prebuilt = kwargs.get("attention_mask")
             if not isinstance(prebuilt, dict):
                 return continue_prompt(call.prompt, kwargs, cache)
-            return continue_with_masks(self.adapter, call.prompt, kwargs, cache, prebuilt, found, cached)
+            return continue_with_masks(self.binding, call.prompt, kwargs, cache, prebuilt, found, cached)
         call.prompt = None
         if found is None:
             return None

@@ -15,7 +15,8 @@ from ..compaction import Compaction
 from ..plan import Plan, Selection
 from .binding import Binding
 from .masks import causal_mask, gather_mask
-from .state import LayerInputs, Placement, PrefillState, Segment
+from .inputs import LayerInputs
+from .state import Placement, PrefillState, Segment
 
 
 def stage_calls(layer_index: int, placements: list[Placement], batch: int):

@@ -59,7 +59,7 @@ def continue_prompt(prompt: PrefillState, kwargs: dict, cache) -> tuple | None:
     return (), kwargs
 
 
-def continue_with_masks(adapter, prompt: PrefillState, kwargs: dict, cache, prebuilt: dict, found, cached: int):
+def continue_with_masks(binding: Binding, prompt: PrefillState, kwargs: dict, cache, prebuilt: dict, found, cached: int):
     """``continue_prompt`` for a family whose base model built the step's masks (``prebuilt``, per
     layer type) over the unreduced sequence (Gemma): the base model's 2-D mask (all ones when it was
     given none) is mapped onto the entry sequence, and the entry segment's masks are built from it
@@ -76,11 +76,11 @@ def continue_with_masks(adapter, prompt: PrefillState, kwargs: dict, cache, preb
     if prompt.entry.is_identity:
         kwargs["attention_mask"] = prebuilt  # the entry segment's masks are the model's own
         return result
-    kinds = adapter.layer_kinds()
-    first = prompt.boundaries[0] if prompt.boundaries else len(kinds)
-    heads = {kind: kinds.index(kind) for kind in kinds[:first] if kind != "linear_attention"}
-    masks = adapter.layer_masks(kwargs["inputs_embeds"], kwargs["attention_mask"].bool(), None, cache, heads)
-    kwargs["attention_mask"] = adapter.by_layer_type(masks)
+    # The entry segment's first layer of each attention kind: where each mask is sized against the cache.
+    first = prompt.boundaries[0] if prompt.boundaries else len(binding.kinds)
+    heads = {kind: layer for kind, layer in binding.first_of_kind.items() if layer < first and kind != "linear_attention"}
+    masks = binding.adapter.layer_masks(kwargs["inputs_embeds"], kwargs["attention_mask"].bool(), None, cache, heads)
+    kwargs["attention_mask"] = binding.adapter.by_layer_type(masks)
     return result
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from ..adapters import VisualItem
 from ..compaction import Compaction
 from ..plan import LayerView, Plan
+from .inputs import LayerInputs
 from .masks import causal_mask, gather_mask
 from .positions import Original, Renumbered
 from .sharded import reading_full
@@ -82,43 +83,6 @@ class Placement:
     ids: torch.Tensor  # (n,) indices into the item's block at the LLM entry (stable)
 
 
-@dataclass
-class LayerInputs:
-    """What a segment's decoder layers receive in the prefill besides the hidden states.
-
-    Masks and RoPE are kept per layer kind (``ModelAdapter.layer_kinds``): attention layers get a
-    causal mask, linear-attention layers (a hybrid language model) the segment's 2-D padding mask
-    (padded states are zeroed before they enter the recurrence; ``None``: no padding), and a family
-    whose layer kinds rotate differently (Gemma's local and global RoPE) gets each kind's own
-    ``(cos, sin)``. A kind without its own RoPE uses the ``"attention"`` layers' (or any kept one).
-    """
-
-    position_ids: torch.Tensor | None = None  # (B, L) what decoder layers receive (None: Qwen-VL)
-    rope_positions: torch.Tensor | None = None  # (B, L), or (3, B, L) M-RoPE: the rotary's input
-    rope: dict = field(default_factory=dict)  # {kind: (cos, sin)}
-    masks: dict = field(default_factory=dict)  # {kind: the mask its layers receive}
-
-    def position_embeddings(self, kind: str = "attention") -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The ``(cos, sin)`` layers of ``kind`` receive."""
-        rope = self.rope.get(kind)
-        if rope is None:
-            rope = self.rope.get("attention", next(iter(self.rope.values()), None))
-        return rope
-
-    def kwargs(self, kind: str = "attention") -> dict:
-        """The keyword arguments of a layer of ``kind`` (``ModelAdapter.layer_kinds``)."""
-        return dict(
-            attention_mask=self.masks.get(kind), position_ids=self.position_ids,
-            position_embeddings=self.position_embeddings(kind),
-        )
-
-    def keep(self, kind: str, kwargs: dict) -> None:
-        """Keep the mask and RoPE the model built for its layers of ``kind`` (the entry segment's)."""
-        self.masks[kind] = kwargs.get("attention_mask")
-        if kwargs.get("position_embeddings") is not None:
-            self.rope[kind] = kwargs["position_embeddings"]
-
-
 @dataclass(eq=False)
 class Segment:
     """The sequence the decoder layers between two boundaries see: how it is cut from the entry
@@ -160,6 +124,7 @@ class Segment:
             return x if x is None or whole or x.shape[0] == 1 else x[select]
 
         steps, tokens, scratch = self.steps, state.tokens, state.scratch
+        kinds = adapter.layer_kinds()
         text_after = []
         for b in rows:
             present = steps.index[b] if steps.pad is None else steps.index[b][~steps.pad[b]]
@@ -176,8 +141,8 @@ class Segment:
             layer_index=layer_index,
             layer=layer,
             hidden_states=take(hidden),
-            position_embeddings=inputs.position_embeddings(adapter.layer_kinds()[layer_index]),
-            previous_position_embeddings=inputs.position_embeddings(adapter.layer_kinds()[layer_index - 1]),
+            position_embeddings=inputs.position_embeddings(kinds[layer_index]),
+            previous_position_embeddings=inputs.position_embeddings(kinds[layer_index - 1]),
             visual_index=visual_index,
             visual_ids=visual_ids,
             valid=take(steps.valid(tokens.valid)),
@@ -191,7 +156,7 @@ class Segment:
             # unsharded (``sharded.KeptUnsharded``), and a read of sharded ones is a clear error.
             attention_fn=reading_full(adapter.text_to_visual_attention),
             run_layer_fn=reading_full(lambda module, hidden_, index: state.with_layer_features(
-                run_layer(module, hidden_, inputs, adapter.layer_kinds()[index]), index, placements,
+                run_layer(module, hidden_, inputs, kinds[index]), index, placements,
                 None if whole else list(rows),
             )),
             output_head_fn=lambda hidden_: output_head(adapter, hidden_),

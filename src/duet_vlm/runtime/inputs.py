@@ -1,0 +1,45 @@
+"""What a segment's decoder layers receive in the prefill besides the hidden states: positions,
+and a mask and a RoPE per kind of layer (``ModelAdapter.layer_kinds``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LayerInputs:
+    """What a segment's decoder layers receive in the prefill besides the hidden states.
+
+    Masks and RoPE are kept per layer kind (``ModelAdapter.layer_kinds``): attention layers get a
+    causal mask, linear-attention layers (a hybrid language model) the segment's 2-D padding mask
+    (padded states are zeroed before they enter the recurrence; ``None``: no padding), and a family
+    whose layer kinds rotate differently (Gemma's local and global RoPE) gets each kind's own
+    ``(cos, sin)``. A kind without its own RoPE uses the ``"attention"`` layers' (or any kept one).
+    """
+
+    position_ids: torch.Tensor | None = None  # (B, L) what decoder layers receive (None: Qwen-VL)
+    rope_positions: torch.Tensor | None = None  # (B, L), or (3, B, L) M-RoPE: the rotary's input
+    rope: dict = field(default_factory=dict)  # {kind: (cos, sin)}
+    masks: dict = field(default_factory=dict)  # {kind: the mask its layers receive}
+
+    def position_embeddings(self, kind: str = "attention") -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The ``(cos, sin)`` layers of ``kind`` receive."""
+        rope = self.rope.get(kind)
+        if rope is None:
+            rope = self.rope.get("attention", next(iter(self.rope.values()), None))
+        return rope
+
+    def kwargs(self, kind: str = "attention") -> dict:
+        """The keyword arguments of a layer of ``kind`` (``ModelAdapter.layer_kinds``)."""
+        return dict(
+            attention_mask=self.masks.get(kind), position_ids=self.position_ids,
+            position_embeddings=self.position_embeddings(kind),
+        )
+
+    def keep(self, kind: str, kwargs: dict) -> None:
+        """Keep the mask and RoPE the model built for its layers of ``kind`` (the entry segment's)."""
+        self.masks[kind] = kwargs.get("attention_mask")
+        if kwargs.get("position_embeddings") is not None:
+            self.rope[kind] = kwargs["position_embeddings"]

@@ -33,6 +33,7 @@ from .calls import CallStore
 from .decoding import continue_prompt, continue_with_masks, unreduced_decode_positions
 from .entry import base_input_ids, check_new_items_on_cache, check_turn_on_cache
 from .exit import compact_head_input, expand_head_output, finish_prefill
+from .guards import check_cache_argument
 from .prefill import open_prefill
 from .protocol import RuntimeReducer
 from .record import prefill_stats, text_only_stats
@@ -147,6 +148,7 @@ class Attachment:
         self.calls.current().labels = None
 
     def _find_items(self, module, args, kwargs):
+        check_cache_argument(kwargs)
         call = self.calls.current()
         if call.forwards:  # the last forward of this thread never reached its end: it raised
             call.forget()

@@ -665,6 +665,88 @@ def gemma3_row(inputs, rows, b):
 GEMMA_ROWS = [1, 2]  # one image | two images
 
 
+# ----------------------------------------------------------------------------- Gemma 4
+GEMMA4_IMAGE, GEMMA4_VIDEO = 998, 995  # boi/eoi as Gemma 3's
+GEMMA4_PATCH, GEMMA4_KERNEL = 4, 3  # 4 px patches, pooled 3x3 into one soft token
+GEMMA4_MAX_TOKENS = 16  # the tiny processor's max_soft_tokens: every image is padded to 16 x 9 patches
+GEMMA4_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+
+
+def make_gemma4(attn="sdpa", layers=6, seed=0, window=GEMMA_WINDOW, layer_types=None, kv_shared=2,
+                bidirectional="vision"):
+    """Gemma 4 with per-layer inputs, ``layers`` decoder layers (two sliding, then a global one) of
+    which the last ``kv_shared`` reuse the keys and values of earlier ones, and a window of
+    ``window`` tokens. transformers initialises the patch-position table to ones (every position
+    alike) and Gemma's norms to a scale of 1: the table is drawn at random, and q/k projections
+    sharpened, so that attention has clear margins."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    text = dict(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, global_head_dim=16, max_position_embeddings=4096, sliding_window=window,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_size_per_layer_input=8, vocab_size_per_layer_input=1000,
+        num_kv_shared_layers=kv_shared, use_bidirectional_attention=bidirectional,
+        layer_types=layer_types or (GEMMA4_LAYER_TYPES * layers)[:layers],
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                  head_dim=8, patch_size=GEMMA4_PATCH, pooling_kernel_size=GEMMA4_KERNEL, position_embedding_size=64)
+    config = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=GEMMA4_IMAGE,
+                          boi_token_id=BOI, eoi_token_id=EOI, video_token_id=GEMMA4_VIDEO, audio_token_id=994)
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(config)
+    with torch.no_grad():
+        model.model.vision_tower.patch_embedder.position_embedding_table.normal_(std=0.5)
+    model = sharpen(model, 2.0, ("q_proj.weight", "k_proj.weight", "q_proj.linear.weight", "k_proj.linear.weight"))
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def gemma4_patches(rows: int, cols: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image of ``rows x cols`` soft tokens as the processor gives it: its patches (row by row)
+    and their ``(x, y)`` positions, padded to ``GEMMA4_MAX_TOKENS`` cells' patches with ``-1``."""
+    k, p = GEMMA4_KERNEL, GEMMA4_PATCH
+    h, w = rows * k, cols * k
+    image = torch.rand(3, h * p, w * p, generator=generator)
+    patches = image.reshape(3, h, p, w, p).permute(1, 3, 2, 4, 0).reshape(h * w, -1)
+    grid = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(h), indexing="xy"), dim=-1).reshape(-1, 2)
+    pad = GEMMA4_MAX_TOKENS * k * k - h * w
+    return torch.cat([patches, patches.new_zeros(pad, patches.shape[1])]), torch.cat([grid, grid.new_full((pad, 2), -1)])
+
+
+def gemma4_batch(rows, seed=0, suffixes=None):
+    """Rows of images given by their soft-token grids (``(4, 4)``: 16 tokens, ``(3, 4)``: 12):
+    ``<bos>``, three text tokens, then per image ``<start_of_image>`` + its placeholders +
+    ``<end_of_image>`` and two text tokens, then ``suffixes[r]`` text tokens; left-padded, with the
+    ``mm_token_type_ids`` the processor returns and the images' patches and positions, in order."""
+    generator = torch.Generator().manual_seed(seed)
+    ids_rows, patches, positions = [], [], []
+    for r, grids in enumerate(rows):
+        ids = [1] + torch.randint(3, 900, (3,), generator=generator).tolist()
+        for grid in grids:
+            ids += [BOI] + [GEMMA4_IMAGE] * (grid[0] * grid[1]) + [EOI] + torch.randint(3, 900, (2,), generator=generator).tolist()
+            image, where = gemma4_patches(*grid, generator)
+            patches.append(image)
+            positions.append(where)
+        suffix = suffixes[r] if suffixes else 5
+        ids_rows.append(ids + torch.randint(3, 900, (suffix,), generator=generator).tolist())
+    inputs = left_pad(ids_rows)
+    inputs["mm_token_type_ids"] = (inputs["input_ids"] == GEMMA4_IMAGE).long()
+    inputs["pixel_values"] = torch.stack(patches)
+    inputs["image_position_ids"] = torch.stack(positions)
+    return inputs
+
+
+def gemma4_row(inputs, rows, b):
+    """Row ``b`` of a ``gemma4_batch`` of ``rows`` alone, with its own images."""
+    counts = [len(r) for r in rows]
+    out = items_row(inputs, b, {"pixel_values": counts, "image_position_ids": counts})
+    out["mm_token_type_ids"] = inputs["mm_token_type_ids"][b : b + 1, inputs["attention_mask"][b].bool()]
+    return out
+
+
+GEMMA4_ROWS = [[(4, 4)], [(3, 4), (2, 4)]]  # one image | two smaller images
+
+
 # ----------------------------------------------------------------------------- the registry
 LAYERS = 6  # decoder layers of the registry's models: every method's default boundaries fit
 
@@ -786,6 +868,15 @@ FAMILIES: dict[str, Family] = {
             one=lambda model: gemma3_batch([1], seed=1),
             batch=lambda model: gemma3_batch(GEMMA_ROWS, seed=2, suffixes=[7, 3]),
             row=lambda inputs, b: gemma3_row(inputs, GEMMA_ROWS, b),
+        ),
+        # Per-layer inputs; two sliding layers, then a global one; the last two layers reuse the keys
+        # and values of layers 2 and 3 (boundaries at layer 2 or before). One 4x4-token image alone; a
+        # batch of it | two smaller images (3x4 and 2x4), every image padded to 16 cells' patches.
+        Family(
+            "gemma4", lambda: make_gemma4(layers=LAYERS),
+            one=lambda model: gemma4_batch([[(4, 4)]], seed=1),
+            batch=lambda model: gemma4_batch(GEMMA4_ROWS, seed=2, suffixes=[7, 3]),
+            row=lambda inputs, b: gemma4_row(inputs, GEMMA4_ROWS, b),
         ),
     )
 }

@@ -28,6 +28,10 @@ class Geometry:
             that mixes layer kinds (Qwen3.5: Gated-DeltaNet linear attention in the others, which
             give no attention scores and keep a fixed-size state, not a per-token KV cache);
             ``None``: every layer. A language stage scores only with these (``boundary_layers``).
+        last_boundary: the deepest boundary a reduction may take, in a language model whose later
+            layers reuse the keys and values of earlier ones (Gemma 4's KV sharing: from the first
+            layer that stores them for sharing on, every layer must see the sequence the storing
+            layer saw); ``None``: any layer.
 
     >>> Geometry(32, 576, (24, 24), True).unit_tokens
     576
@@ -43,6 +47,7 @@ class Geometry:
     rope: str = "1d"
     encoder_depth: int = 0
     attention_layers: tuple[int, ...] | None = None
+    last_boundary: int | None = None
 
     def __post_init__(self) -> None:
         if self.units < 1 or (self.visual_tokens - self.trailing) % self.units:
@@ -68,6 +73,8 @@ class Geometry:
         (3, 5, 7)
         >>> Geometry(8, 16, (4, 4), False, attention_layers=(1, 3, 5, 7)).boundary_layers("previous")
         (2, 4, 6)
+        >>> Geometry(8, 16, (4, 4), False, last_boundary=3).boundary_layers("layer")
+        (1, 2, 3)
         """
         attention = range(self.num_layers) if self.attention_layers is None else self.attention_layers
         first = min(attention, default=self.num_layers)
@@ -77,18 +84,22 @@ class Geometry:
             allowed = [layer + 1 for layer in attention]
         else:
             allowed = list(range(first + 1, self.num_layers))
-        return tuple(layer for layer in allowed if 0 < layer < self.num_layers)
+        last = self.num_layers - 1 if self.last_boundary is None else self.last_boundary
+        return tuple(layer for layer in allowed if 0 < layer <= last and layer < self.num_layers)
 
     def snap(self, layers, reads: str | None) -> tuple[int, ...]:
         """``layers`` (a method's default boundaries) moved each to the nearest boundary where its
         stage can score (``boundary_layers``; a tie goes to the earlier layer, which leaves more
-        budgets reachable), duplicates merged. Unchanged when every layer is an attention layer, or
-        when no boundary can score (the plan is then refused with the reason: ``check_boundaries``).
+        budgets reachable), duplicates merged. Unchanged when every layer is an attention layer and
+        any layer may take a boundary, or when no boundary can score (the plan is then refused with
+        the reason: ``check_boundaries``).
 
         >>> Geometry(8, 16, (4, 4), False, attention_layers=(1, 3, 5, 7)).snap((4, 6), "layer")
         (3, 5)
+        >>> Geometry(8, 16, (4, 4), False, last_boundary=3).snap((2, 4, 6), "previous")
+        (2, 3)
         """
-        if self.attention_layers is None:
+        if self.attention_layers is None and self.last_boundary is None:
             return tuple(layers)
         allowed = self.boundary_layers(reads)
         if not allowed:

@@ -319,20 +319,33 @@ class LayerKindError(ValueError):
 
 def check_boundaries(plan: Plan, geometry: Geometry) -> None:
     """Refuse a plan whose language stage would score with a layer that computes no attention
-    scores (a linear-attention layer of a hybrid language model), naming the boundaries that work."""
-    if plan.language is None or geometry.attention_layers is None:
+    scores (a linear-attention layer of a hybrid language model), or that prunes past the deepest
+    boundary the model allows (layers that reuse an earlier layer's keys and values), naming the
+    boundaries that work."""
+    if plan.language is None or (geometry.attention_layers is None and geometry.last_boundary is None):
         return
     reads = type(plan.language).reads
     allowed = geometry.boundary_layers(reads)
     wrong = [layer for layer, _ in plan.schedule.boundaries if layer not in allowed]
-    if wrong:
+    if not wrong:
+        return
+    reasons = []
+    if geometry.attention_layers is not None:
         whose = {"layer": "the layer after it", "previous": "the layer before it"}.get(reads, "")
-        raise LayerKindError(
-            f"{type(plan.language).__name__} cannot prune after layer(s) {wrong}: on this model only layers "
-            f"{list(geometry.attention_layers)} compute attention (the others are linear attention)"
-            + (f", and the stage scores with {whose}" if whose else "")
-            + f", and the first of them keeps the whole prompt; boundaries that work: {list(allowed)}"
+        reasons.append(
+            f"on this model only layers {list(geometry.attention_layers)} compute attention (the others are linear "
+            "attention)" + (f", and the stage scores with {whose}" if whose else "")
+            + ", and the first of them keeps the whole prompt"
         )
+    if geometry.last_boundary is not None:
+        reasons.append(
+            f"from layer {geometry.last_boundary} on, this model's layers store or reuse keys and values that later "
+            f"layers share (KV sharing), so every boundary must be at layer {geometry.last_boundary} or before"
+        )
+    raise LayerKindError(
+        f"{type(plan.language).__name__} cannot prune after layer(s) {wrong}: " + "; ".join(reasons)
+        + f"; boundaries that work: {list(allowed)}"
+    )
 
 
 def check_positions(positions: str | None) -> None:

@@ -24,7 +24,8 @@ from torch import nn
 
 
 def attention_scores(
-    queries: torch.Tensor, keys: torch.Tensor, scale: float, has_cls: bool, chunk: int = 256
+    queries: torch.Tensor, keys: torch.Tensor, scale: float, has_cls: bool, chunk: int = 256,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Importance of each token of each unit, from one layer's queries and keys.
 
@@ -38,6 +39,8 @@ def attention_scores(
         queries: ``(units, heads, tokens_q, dim)``.
         keys: ``(units, heads, tokens, dim)``.
         scale: the layer's attention scale (``dim ** -0.5``).
+        valid: ``(units, tokens)`` False on padding tokens (a unit padded to the others' length,
+            Gemma 4's patches): they are no keys and no queries, and receive 0. Without CLS only.
 
     >>> q = k = torch.zeros(2, 3, 4, 8)  # uniform attention
     >>> attention_scores(q, k, 0.5, has_cls=True).tolist()[0]  # each patch gets 1/4 from 3 heads
@@ -52,7 +55,13 @@ def attention_scores(
     received = torch.zeros(units, tokens, dtype=torch.float32, device=keys.device)
     for begin in range(0, queries.shape[2], chunk):
         logits = (queries[:, :, begin : begin + chunk].float() @ keys.float().transpose(-1, -2)) * scale
-        received += logits.softmax(dim=-1).mean(dim=1).sum(dim=1)
+        if valid is None:
+            received += logits.softmax(dim=-1).mean(dim=1).sum(dim=1)
+            continue
+        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+        probs = logits.softmax(dim=-1).mean(dim=1)  # (U, chunk, T)
+        probs = probs * valid[:, begin : begin + chunk, None]  # padded queries ask nothing
+        received += probs.sum(dim=1)
     return received
 
 

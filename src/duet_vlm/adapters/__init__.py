@@ -6,6 +6,7 @@ from torch import nn
 
 from .base import Capture, Geometry, ModelAdapter, Signals, VisualItem
 from .gemma3 import Gemma3Adapter
+from .gemma4 import Gemma4Adapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
@@ -25,6 +26,7 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = (
     InternVLAdapter,
     Qwen3_5Adapter,
     Gemma3Adapter,
+    Gemma4Adapter,
 )
 
 
@@ -41,4 +43,4 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     )
 
 
-__all__ = ["ADAPTERS", "Capture", "Gemma3Adapter", "Geometry", "InternVLAdapter", "ModelAdapter", "Signals", "VisualItem", "adapter_for"]
+__all__ = ["ADAPTERS", "Capture", "Gemma3Adapter", "Gemma4Adapter", "Geometry", "InternVLAdapter", "ModelAdapter", "Signals", "VisualItem", "adapter_for"]

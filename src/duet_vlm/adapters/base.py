@@ -235,6 +235,25 @@ class ModelAdapter:
         """``layer_masks``' masks keyed as the language model looks them up (its layer types)."""
         return masks
 
+    # ----------------------------------------------------------------- per-token arguments
+    #: keyword arguments of the language model, besides ``inputs_embeds``, that hold one entry per
+    #: token along their second axis (Gemma 4's ``per_layer_inputs``): cut to the entry sequence.
+    token_arguments: tuple[str, ...] = ()
+    #: ``(name, position)`` of a decoder layer's argument that holds one entry per token (Gemma 4's
+    #: ``per_layer_input``, a slice of ``per_layer_inputs``): the model passes it at the entry
+    #: sequence's length, and the runtime cuts it to each later segment's tokens; ``None``: none.
+    layer_token_argument: tuple[str, int] | None = None
+    #: the first decoder layer to which the model may pass only the last ``logits_to_keep`` queries
+    #: of the prefill (Gemma 4's KV-shared layers read every key from an earlier layer, so the model
+    #: cuts their queries); ``None``: every layer gets the whole sequence.
+    queries_cut_from: int | None = None
+
+    def layer_call_kwargs(self) -> dict:
+        """Keyword arguments a decoder layer needs when a stage runs it outside the model's forward
+        (``run_layer``) besides its mask, positions and RoPE (Gemma 4: a store for the keys and
+        values it shares)."""
+        return {}
+
     # ----------------------------------------------------------------- visual items
     def find_items(self, input_ids: torch.Tensor, kwargs: dict, captures: dict | None = None) -> list[VisualItem]:
         """Every visual item of the batch, in row-major order. ``captures``: the towers' captures of

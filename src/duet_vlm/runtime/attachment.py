@@ -34,9 +34,11 @@ from .decoding import continue_prompt, continue_with_masks, unreduced_decode_pos
 from .entry import base_input_ids, check_new_items_on_cache, check_turn_on_cache
 from .exit import compact_head_input, expand_head_output, finish_prefill
 from .guards import check_cache_argument
+from .inputs import token_argument
 from .prefill import open_prefill
 from .protocol import RuntimeReducer
 from .record import prefill_stats, text_only_stats
+from .state import segment_layer_inputs
 
 # Models with a reducer attached: two reducers on one model would stack their hooks. A model's
 # slot is taken (checked and reserved) under the lock, so of two threads attaching at once one wins.
@@ -249,6 +251,10 @@ class Attachment:
             )
             if any(item.plan.language is not None and item.plan.language.needs_input_embeddings for item in prompt.items):
                 scratch.input_embeddings = hidden
+        spec = self.adapter.layer_token_argument
+        if spec is not None and (layer_index in prompt.boundaries or layer_index + 1 in prompt.boundaries):
+            # a stage may run this layer outside the forward (PIO's probe): keep its per-token argument
+            scratch.layer_arguments[layer_index] = token_argument(spec, args, kwargs)
         if layer_index in prompt.boundaries:
             if torch.is_grad_enabled():  # a backward pass may recompute this boundary after later layers
                 scratch.boundary_inputs.setdefault(layer_index, scratch.last_layer_input)
@@ -261,7 +267,7 @@ class Attachment:
         scratch.last_layer_input = hidden if layer_index + 1 in prompt.boundaries else None
         number = prompt.segment_of_layer(layer_index)
         if number > 0:
-            kwargs.update(prompt.segments[number].layer_kwargs(kind))
+            return segment_layer_inputs(self.adapter, prompt, number, layer_index, kind, hidden, args, kwargs)
         return (hidden, *args[1:]), kwargs
 
     def _add_layer_features(self, layer_index: int):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .state import PrefillState
+from .state import PrefillState, check_last_kept
 
 
 def finish_prefill(prompt: PrefillState, output):
@@ -20,6 +20,11 @@ def finish_prefill(prompt: PrefillState, output):
     hidden = output.last_hidden_state
     final = prompt.entry.then(prompt.segments[-1].steps)  # full input -> the last segment's sequence
     if final.is_identity:
+        return None, None
+    if hidden.shape[1] != final.length:
+        # The model computed only the last ``logits_to_keep`` tokens (Gemma 4's KV-shared layers):
+        # they are the input's last, which the unpatched model returns too.
+        check_last_kept(final, hidden.shape[1], prompt.full_length)
         return None, None
     targets = final.next_slots()
     output.last_hidden_state = final.scatter_to(hidden, targets)

@@ -43,3 +43,34 @@ class LayerInputs:
         self.masks[kind] = kwargs.get("attention_mask")
         if kwargs.get("position_embeddings") is not None:
             self.rope[kind] = kwargs["position_embeddings"]
+
+
+def last_queries(kwargs: dict, queries: int) -> dict:
+    """A layer's mask, positions and RoPE cut to its last ``queries`` query rows, for a layer the
+    model passes only the last ``logits_to_keep`` tokens (``ModelAdapter.queries_cut_from``): every
+    key stays, as the model keeps them (its mask is ``(B, 1, q, kv)``)."""
+    cut = dict(kwargs)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        cut["attention_mask"] = mask[..., -queries:, :]
+    if isinstance(kwargs.get("position_ids"), torch.Tensor):
+        cut["position_ids"] = kwargs["position_ids"][..., -queries:]
+    rope = kwargs.get("position_embeddings")
+    if rope is not None:
+        cut["position_embeddings"] = tuple(t[:, -queries:] for t in rope)
+    return cut
+
+
+def token_argument(spec: tuple[str, int], args: tuple, kwargs: dict):
+    """The decoder layer's per-token argument ``spec`` (``(name, position)``), or ``None``."""
+    name, position = spec
+    return args[position] if len(args) > position else kwargs.get(name)
+
+
+def with_token_argument(spec: tuple[str, int], args: tuple, kwargs: dict, value) -> tuple[tuple, dict]:
+    """``args, kwargs`` with the per-token argument ``spec`` replaced by ``value``."""
+    name, position = spec
+    if len(args) > position:
+        return (*args[:position], value, *args[position + 1 :]), kwargs
+    kwargs[name] = value
+    return args, kwargs

@@ -98,7 +98,7 @@ def start_prefill(binding: Binding, input_ids: torch.Tensor, labels: torch.Tenso
         reduce_vision(binding, items, captures, kwargs["inputs_embeds"], signals, text)
     entry = entry_compaction(items, input_ids)
     numbering = scheme(positions_mode([item.plan for item in items]), found[0].geometry.rope)
-    lm_position_ids, mask = compact_entry(entry, numbering, kwargs)
+    lm_position_ids, mask = compact_entry(entry, numbering, kwargs, binding.adapter.token_arguments)
     rank = entry.rank()  # every full-input position's slot among the kept ones, per row
     tokens = entry_tokens(entry, rank, items, input_ids, labels, mask)
     placements = [Placement(item, rank[item.row, item.slots], torch.arange(len(item.slots), device=input_ids.device))
@@ -128,14 +128,19 @@ def entry_compaction(items: list[Item], input_ids: torch.Tensor) -> Compaction:
     return Compaction.from_keep(keep)
 
 
-def compact_entry(entry: Compaction, numbering: Original | Renumbered, kwargs: dict) -> tuple:
-    """Compact the language model's arguments to the entry sequence, in place; returns the position
-    ids the language model then receives, and the user's 2-D mask at the entry (``None``: none)."""
+def compact_entry(entry: Compaction, numbering: Original | Renumbered, kwargs: dict, token_arguments=()) -> tuple:
+    """Compact the language model's arguments to the entry sequence, in place (``inputs_embeds``
+    and the family's other per-token arguments, ``ModelAdapter.token_arguments``); returns the
+    position ids the language model then receives, and the user's 2-D mask at the entry (``None``:
+    none)."""
     attention_mask = kwargs.get("attention_mask")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError("duet-vlm needs a 2-D attention_mask (or None) at the language model input")
     if not entry.is_identity:
         kwargs["inputs_embeds"] = entry.gather(kwargs["inputs_embeds"])
+        for name in token_arguments:
+            if isinstance(kwargs.get(name), torch.Tensor):
+                kwargs[name] = entry.gather(kwargs[name])
         if attention_mask is None and entry.pad is not None:
             attention_mask = torch.ones(entry.batch, entry.source_length, dtype=torch.long, device=entry.index.device)
         if attention_mask is not None:

@@ -21,7 +21,7 @@ from torch import nn
 from ..adapters import VisualItem
 from ..compaction import Compaction
 from ..plan import LayerView, Plan
-from .inputs import LayerInputs
+from .inputs import LayerInputs, last_queries, token_argument, with_token_argument
 from .masks import causal_mask, gather_mask
 from .positions import Original, Renumbered
 from .sharded import reading_full
@@ -156,13 +156,25 @@ class Segment:
             # unsharded (``sharded.KeptUnsharded``), and a read of sharded ones is a clear error.
             attention_fn=reading_full(adapter.text_to_visual_attention),
             run_layer_fn=reading_full(lambda module, hidden_, index: state.with_layer_features(
-                run_layer(module, hidden_, inputs, kinds[index]), index, placements,
+                run_layer(module, hidden_, inputs, kinds[index], self.layer_extras(state, adapter, index, take)),
+                index, placements,
                 None if whole else list(rows),
             )),
             output_head_fn=lambda hidden_: output_head(adapter, hidden_),
             final_norm_fn=adapter.final_norm,
             keys_fn=reading_full(adapter.layer_keys),
         )
+
+    def layer_extras(self, state: "PrefillState", adapter, layer_index: int, take) -> dict:
+        """What layer ``layer_index`` needs besides its mask and RoPE when a stage runs it outside
+        the forward on this segment's sequence (rows chosen by ``take``): the adapter's
+        ``layer_call_kwargs`` and its per-token argument cut to this segment's tokens."""
+        extra = adapter.layer_call_kwargs()
+        spec = adapter.layer_token_argument
+        value = None if spec is None else state.scratch.layer_arguments.get(layer_index)
+        if value is not None:
+            extra[spec[0]] = take(self.steps.gather(value))
+        return extra
 
     def decode_kwargs(self, state: "PrefillState", adapter, text_config, hidden: torch.Tensor, kwargs: dict,
                       kind: str = "attention", layer_index: int | None = None) -> dict:
@@ -194,13 +206,50 @@ class Segment:
         return dict(attention_mask=mask, position_ids=position_ids, position_embeddings=rope.get(kind, rope["attention"]))
 
 
-def run_layer(layer: nn.Module, hidden: torch.Tensor, inputs: LayerInputs, kind: str = "attention") -> torch.Tensor:
+def segment_layer_inputs(adapter, state: "PrefillState", number: int, layer_index: int, kind: str,
+                         hidden: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """What a prefill layer of segment ``number`` (> 0) receives: its segment's mask, positions and
+    RoPE, and its per-token argument (``ModelAdapter.layer_token_argument``, passed at the entry
+    sequence's length) cut to the segment's tokens. A layer the model passes only the last
+    ``logits_to_keep`` tokens (``ModelAdapter.queries_cut_from``) gets the last query rows of each,
+    once it is checked that those tokens are the prompt's last, kept by every boundary."""
+    segment = state.segments[number]
+    kwargs.update(segment.layer_kwargs(kind))
+    queries = hidden.shape[1]
+    cut = queries != segment.steps.length
+    if cut:
+        if adapter.queries_cut_from is None or layer_index < adapter.queries_cut_from:
+            raise RuntimeError(
+                f"decoder layer {layer_index} received {queries} tokens where its segment holds {segment.steps.length}"
+            )
+        check_last_kept(segment.steps, queries, state.entry_length)
+        kwargs = last_queries(kwargs, queries)
+    spec = adapter.layer_token_argument
+    value = None if spec is None else token_argument(spec, args, kwargs)
+    if isinstance(value, torch.Tensor) and value.shape[1] == state.entry_length and not cut:
+        args, kwargs = with_token_argument(spec, args, kwargs, segment.steps.gather(value))
+    return (hidden, *args[1:]), kwargs
+
+
+def check_last_kept(steps: Compaction, queries: int, source_length: int) -> None:
+    """Refuse a cut to the last ``queries`` tokens (``logits_to_keep``) when they are not the last
+    ``queries`` tokens of the sequence ``steps`` cuts from: a reduction dropped one of them."""
+    tail = torch.arange(source_length - queries, source_length, device=steps.index.device)
+    if not bool((steps.index[:, -queries:] == tail).all()):
+        raise NotImplementedError(
+            f"the model computes only the last {queries} tokens here (logits_to_keep={queries}), and the reducer "
+            "dropped some of them; pass a logits_to_keep that covers only tokens the reducer keeps (the prompt's text)"
+        )
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, inputs: LayerInputs, kind: str = "attention",
+              extra: dict | None = None) -> torch.Tensor:
     """``layer`` (of ``kind``) on ``hidden`` with a segment's mask and positions, outside the KV cache.
 
     A stage's own extra pass (PIO's proxy loss, a scoring probe), not one of the model's layer
     calls: ``forward`` directly, so module hooks (transformers' output recorder for
     ``output_hidden_states``/``output_attentions``) do not count it as a layer's output."""
-    output = layer.forward(hidden, **inputs.kwargs(kind), past_key_values=None, use_cache=False)
+    output = layer.forward(hidden, **inputs.kwargs(kind), **(extra or {}), past_key_values=None, use_cache=False)
     return output[0] if isinstance(output, tuple) else output
 
 
@@ -236,6 +285,9 @@ class Scratch:
     # backward pass may recompute the boundary (gradient checkpointing) after later layers ran.
     boundary_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
     stages: dict = field(default_factory=dict)  # per call of a stage (its rows and items), its memory
+    # Per layer at a boundary (or before one), its per-token argument at the entry sequence's length
+    # (``ModelAdapter.layer_token_argument``), for a stage that runs the layer outside the forward.
+    layer_arguments: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass

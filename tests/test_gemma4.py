@@ -1,0 +1,342 @@
+"""Gemma 4: variable-resolution images, per-layer inputs, KV-shared layers, bidirectional image
+blocks in the sliding layers (the invariant matrix runs the ``gemma4`` family of tests/models.py).
+
+- the vision signal is the attention the tower's patches receive (padding patches excluded),
+  summed over each soft token's 3x3 patches by the tower's own pooling;
+- a vision-side method (VisionZip, dominant tokens only) equals the unpatched model fed the kept
+  tokens with their per-layer inputs and ``mm_token_type_ids``; a training step equals that ideal's
+  loss and gradients;
+- a language-side method (FastV) equals its hand-built ideal: the unpatched layers after the
+  boundary fed the kept tokens with Gemma's masks of the kept sequence, each layer type's RoPE, each
+  layer's per-layer input of the kept tokens, and the keys and values the storing layers share;
+- boundaries stop at the first layer that stores keys and values for sharing: methods' defaults
+  snap there, and an explicit boundary past it is refused with the boundaries that work; without KV
+  sharing they go deeper;
+- after pruning, the kept tokens of an image still attend to each other both ways in a sliding
+  layer, and only causally in a global one (Gemma 4's masks);
+- cached decoding equals uncached decoding step by step (``generate`` passes the KV-shared layers
+  only the prompt's last token);
+- bad inputs (no ``mm_token_type_ids``, types off the images, a cut image, images that do not match
+  their runs, a video) are clear errors and leave the model as it was.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from checks import assert_step_equals_ideal, fastv_kept_by_hand, hook_ids, kept_slots, next_slots
+from models import GEMMA4_IMAGE, GEMMA4_KERNEL, GEMMA4_VIDEO, GEMMA_WINDOW, gemma4_batch, make_gemma4
+
+import duet_vlm
+from duet_vlm.adapters import adapter_for
+from duet_vlm.plan import LayerKindError
+
+LAYERS = 6
+
+
+@functools.cache
+def _models(kv_shared: int = 2):
+    model = make_gemma4(layers=LAYERS, kv_shared=kv_shared)
+    referee = make_gemma4(attn="eager", layers=LAYERS, kv_shared=kv_shared)
+    with torch.no_grad():
+        model(**gemma4_batch([[(4, 4)]], seed=1))
+        referee(**gemma4_batch([[(4, 4)]], seed=1))
+    return model, referee
+
+
+@pytest.fixture
+def gemma4():
+    return _models()
+
+
+def _entry(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The language model's input as the unpatched model builds it: the embeddings with the images'
+    soft tokens in their slots, and the per-layer inputs' token part (image slots read as padding)."""
+    base = model.model
+    ids = inputs["input_ids"]
+    image = ids == GEMMA4_IMAGE
+    text_ids = ids.masked_fill(image, model.config.text_config.pad_token_id)
+    embeds = base.get_input_embeddings()(text_ids)
+    features = base.get_image_features(inputs["pixel_values"], inputs["image_position_ids"]).pooler_output
+    embeds = embeds.masked_scatter(image[..., None], torch.cat(features).to(embeds.dtype))
+    return embeds, base.language_model.get_per_layer_inputs(text_ids, None)
+
+
+def _fed(model, inputs, kept, **extra):
+    """The unpatched model fed the tokens at ``kept`` of row 0 (their embeddings, per-layer inputs
+    and token types)."""
+    embeds, per_layer = _entry(model, inputs)
+    return model(inputs_embeds=embeds[:, kept], per_layer_inputs=per_layer[:, kept],
+                 mm_token_type_ids=inputs["mm_token_type_ids"][:, kept],
+                 attention_mask=torch.ones(1, len(kept), dtype=torch.long), **extra)
+
+
+def test_the_signal_is_the_attention_patches_receive_summed_by_the_pool(gemma4):
+    """From the eager referee's last-layer attention map, for a 4x4- and a 2x4-token image (the
+    second padded): per patch the attention it receives from the image's own patches (mean over
+    heads), summed over its 3x3 cell; the adapter's pooled scores equal it on each image's cells."""
+    model, referee = gemma4
+    inputs = gemma4_batch([[(4, 4), (2, 4)]], seed=3)
+    pixels, positions = inputs["pixel_values"], inputs["image_position_ids"]
+    with torch.no_grad():
+        out = referee.model.vision_tower(pixel_values=pixels, pixel_position_ids=positions, output_attentions=True)
+    valid = (positions != -1).all(-1)
+    attention = out.attentions[-1].mean(dim=1) * valid[:, :, None]  # (images, queries, keys)
+    received = attention.sum(dim=1)
+    adapter = adapter_for(model)
+    reducer = duet_vlm.make("visionzip", budget=4)
+    captured = {}
+    handle = adapter.towers["image"].register_forward_pre_hook(
+        lambda module, args, kwargs: captured.update(x=args[0] if args else kwargs["hidden_states"], kw=kwargs),
+        with_kwargs=True,
+    )
+    try:
+        with torch.no_grad(), reducer(model):
+            model(**inputs)
+    finally:
+        handle.remove()
+    scores, keys = adapter.captured_layer_scores(adapter.towers["image"], captured["x"], [{"layer_kwargs": captured["kw"]}])
+    k = GEMMA4_KERNEL
+    for image, (rows, cols) in enumerate([(4, 4), (2, 4)]):
+        n = valid[image].sum()
+        grid = received[image, :n].view(rows * k, cols * k)
+        by_hand = grid.view(rows, k, cols, k).sum(dim=(1, 3)).reshape(-1)
+        torch.testing.assert_close(scores[image, : rows * cols], by_hand, rtol=1e-5, atol=1e-6)
+    assert keys.shape == (2, 16, 8)
+
+
+def _dominant_only():
+    return duet_vlm.make("visionzip", ratio=0.5, contextual=0)
+
+
+@pytest.mark.parametrize("grids", [[(4, 4)], [(3, 4), (2, 4)]])
+def test_vision_side_method_equals_the_unpatched_model_fed_the_kept_tokens(gemma4, grids):
+    """VisionZip (dominant tokens only) keeps half of each image's soft tokens in their slots: the
+    unpatched model fed those embeddings with their per-layer inputs and token types (so Gemma builds
+    its own masks over the kept sequence) gives the same logits at every position."""
+    model, _ = gemma4
+    inputs = gemma4_batch([grids], seed=11, suffixes=[9])
+    ids = inputs["input_ids"][0]
+    reducer = _dominant_only()
+    with torch.no_grad(), reducer(model):
+        reduced = model(**inputs).logits[0]
+    keep = ids != GEMMA4_IMAGE
+    keep[kept_slots(reducer, ids, GEMMA4_IMAGE)] = True
+    kept = keep.nonzero()[:, 0]
+    assert len(kept) > GEMMA_WINDOW  # the window bites
+    with torch.no_grad():
+        ideal = _fed(model, inputs, kept).logits[0]
+    torch.testing.assert_close(reduced[next_slots(kept, len(ids))], ideal, atol=1e-5, rtol=1e-5)
+
+
+def test_training_step_equals_the_ideal(gemma4):
+    """With labels, the reduced model's loss and gradients (the image embedder, the vision tower,
+    the per-layer projection, first and last decoder layers) equal those of the unpatched model run
+    on the kept tokens."""
+    model, _ = gemma4
+    inputs = gemma4_batch([[(4, 4), (3, 4)]], seed=7)
+    ids = inputs["input_ids"]
+    labels = ids.masked_fill(ids == GEMMA4_IMAGE, -100)
+    lm = model.model.language_model
+    parts = {
+        "embedder": model.model.embed_vision.embedding_projection.weight,
+        "vision tower": model.model.vision_tower.encoder.layers[-1].mlp.up_proj.linear.weight,
+        "per-layer projection": lm.per_layer_model_projection.weight,
+        "first layer": lm.layers[0].self_attn.q_proj.weight,
+        "last layer": lm.layers[-1].mlp.down_proj.weight,
+    }
+    reducer = _dominant_only()
+
+    def ideal():
+        keep = ids[0] != GEMMA4_IMAGE
+        keep[kept_slots(reducer, ids[0], GEMMA4_IMAGE)] = True
+        kept = keep.nonzero()[:, 0]
+        return _fed(model, inputs, kept, labels=labels[:, kept]).loss
+
+    assert_step_equals_ideal(model, reducer, {**inputs, "labels": labels}, parts, ideal)
+
+
+def _gemma4_masks(model, hidden, types):
+    """The masks the unpatched Gemma 4 builds for a sequence (per layer type), from its own module."""
+    import transformers.models.gemma4.modeling_gemma4 as gemma
+
+    blocks = gemma.get_block_sequence_ids_for_mask(types, device=hidden.device)
+    return gemma.create_masks_for_vision_model(
+        config=model.config.text_config, inputs_embeds=hidden, attention_mask=torch.ones_like(types),
+        past_key_values=None, position_ids=None, block_sequence_ids=blocks,
+    )
+
+
+@pytest.mark.parametrize("kv_shared", [2, 0])
+def test_language_side_method_equals_the_hand_built_ideal(kv_shared):
+    """FastV: the unpatched decoder runs layers 0..K-1 on every token; per image the tokens kept are
+    the top by the last token's attention in layer K - 1's eager map; layers K.. run on the text and
+    the kept tokens at their original positions, each with Gemma 4's mask of its type over the kept
+    sequence, its type's RoPE, its per-layer input of the kept tokens, and (KV sharing) the keys and
+    values the storing layers leave for the reusing ones. Logits equal at every position; with KV
+    sharing FastV's default layer 2 is the deepest boundary allowed, without it layer 3 is taken."""
+    model, referee = _models(kv_shared)
+    layer = 2 if kv_shared else 3
+    inputs = gemma4_batch([[(4, 4), (3, 4)]], seed=8, suffixes=[9])
+    reducer = duet_vlm.make("fastv", ratio=0.5, layer=layer)
+    with torch.no_grad(), reducer(model):
+        reduced = model(**inputs).logits[0]
+    items = reducer.stats.items
+    (boundary, _), = items[0].stage_ids
+    assert boundary == layer
+    ids = inputs["input_ids"][0]
+    lm = referee.model.language_model
+    embeds, per_layer = _entry(referee, inputs)
+    with torch.no_grad():
+        out = referee.model(**inputs, output_attentions=True, output_hidden_states=True)
+        projected = lm.project_per_layer_inputs(embeds, per_layer)
+    attention = out.attentions[boundary - 1][0, :, -1].mean(dim=0)
+    kept = fastv_kept_by_hand(attention, ids, GEMMA4_IMAGE, items, boundary)
+    assert len(kept) > GEMMA_WINDOW
+    hidden = out.hidden_states[boundary][:, kept]
+    positions = kept[None]
+    masks = _gemma4_masks(referee, hidden, inputs["mm_token_type_ids"][:, kept])
+    shared: dict = {}
+    with torch.no_grad():
+        for index in range(boundary, LAYERS):
+            kind = lm.config.layer_types[index]
+            rope = lm.rotary_emb(hidden, positions, kind)
+            hidden = lm.layers[index](hidden, projected[:, kept, index], shared_kv_states=shared,
+                                      attention_mask=masks[kind], position_ids=positions, position_embeddings=rope)
+        ideal = referee.lm_head(lm.norm(hidden))[0]
+    assert bool(shared) == bool(kv_shared)
+    torch.testing.assert_close(reduced[next_slots(kept, len(ids))], ideal, atol=1e-4, rtol=1e-4)
+
+
+def test_boundaries_stop_before_the_layers_that_share_keys_and_values(gemma4):
+    """Layers 2 and 3 store keys and values that layers 4 and 5 reuse: the geometry's last boundary
+    is 2, a method's default boundaries snap to it (PyramidDrop's three merge into those that fit;
+    FastV's one ``layer`` snaps, as on a hybrid model), and explicit boundaries past it (DUET's
+    ``layers``) are refused at attach, naming the boundaries that work."""
+    model, _ = gemma4
+    adapter = adapter_for(model)
+    assert (adapter.geometry.last_boundary, adapter.queries_cut_from) == (2, 4)
+    assert adapter_for(_models(0)[0]).geometry.last_boundary is None
+    plan = duet_vlm.make("pyramiddrop", budget=8).resolve(adapter.image_geometry(4, 4))
+    assert [layer for layer, _ in plan.schedule.boundaries] and max(layer for layer, _ in plan.schedule.boundaries) <= 2
+    fastv = duet_vlm.make("fastv", ratio=0.5, layer=4).resolve(adapter.geometry)  # FastV's layer snaps, as on Qwen3.5
+    assert [layer for layer, _ in fastv.schedule.boundaries] == [2]
+    hooks = hook_ids(model)
+    with pytest.raises(LayerKindError, match=r"KV sharing.*boundaries that work: \[1, 2\]"):
+        duet_vlm.make("duet", ratio=0.5, layers=(1, 4), ratios=(0.5, 0.5)).attach(model)
+    assert hook_ids(model) == hooks
+
+
+KEPT = 4
+
+
+def _block_outputs(model, inputs, layer_index, nudge_at, read_at):
+    """Layer ``layer_index``'s output under FastV at layer 2 (4 of 16 soft tokens kept), with
+    ``nudge`` added to the input state at ``nudge_at`` (kept-sequence slots); the outputs at
+    ``read_at``, unnudged and nudged."""
+    reducer = duet_vlm.make("fastv", layer=2, keep=KEPT)
+    layer = model.model.language_model.layers[layer_index]
+    outputs = []
+    for nudge in (0.0, 1.0):
+        captured = {}
+
+        def perturb(module, args, kwargs, nudge=nudge):
+            hidden = (args[0] if args else kwargs["hidden_states"]).clone()
+            hidden[:, nudge_at] += nudge
+            return (hidden, *args[1:]), kwargs
+
+        with torch.no_grad(), reducer(model):
+            handles = [layer.register_forward_pre_hook(perturb, with_kwargs=True),
+                       layer.register_forward_hook(lambda m, a, o: captured.update(out=o[0] if isinstance(o, tuple) else o))]
+            try:
+                model(**inputs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        outputs.append(captured["out"][0, read_at])
+    return outputs
+
+
+@pytest.mark.parametrize("layer_index, both_ways", [(3, True), (2, False)])
+def test_the_image_block_stays_bidirectional_after_pruning_where_gemma_4_has_it(gemma4, layer_index, both_ways):
+    """After FastV's boundary at layer 2, a change to the last kept image token's state moves the
+    first kept image token's output in sliding layer 3 (they attend both ways there, as in the
+    unpatched model) and not in global layer 2 (causal, as Gemma 4's global layers are); tokens
+    before the image block never move."""
+    model, _ = gemma4
+    inputs = gemma4_batch([[(4, 4)]], seed=5)
+    start = (inputs["input_ids"][0] == GEMMA4_IMAGE).nonzero()[0, 0].item()
+    plain, nudged = _block_outputs(model, inputs, layer_index, start + KEPT - 1, slice(None))
+    moved = (plain[start] - nudged[start]).abs().max() > 1e-3
+    assert bool(moved) == both_ways
+    torch.testing.assert_close(plain[:start], nudged[:start], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method, beams", [("duet", 1), ("fastv", 1), ("visionzip", 1), ("duet", 2)])
+def test_cached_decoding_equals_uncached_decoding(gemma4, method, beams):
+    """Greedy generation (and beam search) with the cache, whose prefill passes the KV-shared layers
+    only the prompt's last token, gives the same logits at every step as generation that prefills
+    again each step; the prompts are longer than the window."""
+    model, _ = gemma4
+    inputs = gemma4_batch([[(4, 4)], [(3, 4), (2, 4)]], seed=9, suffixes=[7, 3])
+    reducer = duet_vlm.make(method, ratio=0.5)
+    runs = []
+    for use_cache in (True, False):
+        with torch.no_grad(), reducer(model):
+            out = model.generate(**inputs, max_new_tokens=GEMMA_WINDOW + 2, do_sample=False, use_cache=use_cache,
+                                 num_beams=beams, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        runs.append(out)
+    cached, uncached = runs
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for step, (a, b) in enumerate(zip(cached.logits, uncached.logits)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m, step=step: f"step {step}: {m}")
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def _cut_image(inputs):
+    ids = inputs["input_ids"].clone()
+    image = (ids[0] == GEMMA4_IMAGE).nonzero()[:, 0]
+    keep = torch.ones_like(ids[0], dtype=torch.bool)
+    keep[image[-1]] = False
+    return {**inputs, "input_ids": ids[:, keep], "attention_mask": inputs["attention_mask"][:, keep],
+            "mm_token_type_ids": inputs["mm_token_type_ids"][:, keep]}
+
+
+def _with_video(inputs):
+    ids = inputs["input_ids"].clone()
+    ids[0, 1] = GEMMA4_VIDEO
+    return {**inputs, "input_ids": ids}
+
+
+BAD = {
+    "no mm_token_type_ids": (lambda i: {k: v for k, v in i.items() if k != "mm_token_type_ids"}, ValueError,
+                             "mm_token_type_ids"),
+    "types off the images": (lambda i: {**i, "mm_token_type_ids": torch.roll(i["mm_token_type_ids"], 1, dims=1)},
+                             ValueError, "do not mark exactly the image placeholders"),
+    # transformers' own check (soft tokens against placeholders) runs before the language model's entry
+    "an image cut short": (_cut_image, ValueError, "do not match"),
+    "images without their runs": (lambda i: {**i, "pixel_values": torch.cat([i["pixel_values"]] * 3),
+                                             "image_position_ids": torch.cat([i["image_position_ids"]] * 3)},
+                                  ValueError, "do not match"),
+    # as many soft tokens as placeholders, but each run is not its image's: only the adapter sees it
+    "images out of order": (lambda i: {**i, "pixel_values": i["pixel_values"].flip(0),
+                                       "image_position_ids": i["image_position_ids"].flip(0)},
+                            ValueError, r"a run of 16 image placeholders in row 0, but its image has 3x4"),
+    "a video": (_with_video, NotImplementedError, "videos"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_inputs_are_clear_errors_and_leave_the_model_as_it_was(gemma4, case):
+    model, _ = gemma4
+    inputs = gemma4_batch([[(4, 4), (3, 4)]], seed=4)
+    make_bad, error, message = BAD[case]
+    hooks = hook_ids(model)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with pytest.raises(error, match=message), duet_vlm.make("duet", budget=8)(model):
+            model(**make_bad(inputs))
+        assert hook_ids(model) == hooks
+        torch.testing.assert_close(model(**inputs).logits, plain, rtol=0, atol=0)

@@ -683,7 +683,7 @@ def make_gemma4(attn="sdpa", layers=6, seed=0, window=GEMMA_WINDOW, layer_types=
 
     text = dict(
         vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, global_head_dim=16, max_position_embeddings=4096, sliding_window=window,
+        num_key_value_heads=2, head_dim=16, global_head_dim=32, max_position_embeddings=4096, sliding_window=window,
         pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_size_per_layer_input=8, vocab_size_per_layer_input=1000,
         num_kv_shared_layers=kv_shared, use_bidirectional_attention=bidirectional,
         layer_types=layer_types or (GEMMA4_LAYER_TYPES * layers)[:layers],

@@ -340,3 +340,40 @@ def test_bad_inputs_are_clear_errors_and_leave_the_model_as_it_was(gemma4, case)
             model(**make_bad(inputs))
         assert hook_ids(model) == hooks
         torch.testing.assert_close(model(**inputs).logits, plain, rtol=0, atol=0)
+
+
+def test_costs_count_what_gemma_4_computes_and_caches(gemma4):
+    """On a prompt longer than the window, with two images: each layer's counted query-key pairs
+    equal the pairs its mask allows (image blocks only in sliding layers), each layer's counted cache
+    bytes what its cache holds after the prefill (nothing in the KV-shared layers; the global layers'
+    wider heads), and each layer's counted projection FLOPs its own weights' (no key or value
+    projection where it reuses them)."""
+    from transformers import DynamicCache
+
+    from duet_vlm.flops import DecoderDims, attention_pairs, layer_cache_bytes, layer_flops
+
+    model, _ = gemma4
+    inputs = gemma4_batch([[(4, 4), (3, 4)]], seed=3, suffixes=[9])
+    n = inputs["input_ids"].shape[1]
+    assert n > GEMMA_WINDOW
+    adapter = adapter_for(model)
+    dims = DecoderDims.from_config(model.config.text_config)
+    embeds, _ = _entry(model, inputs)
+    with torch.no_grad():
+        masks = adapter.layer_masks(embeds, inputs["attention_mask"].bool(), inputs["mm_token_type_ids"])
+        cache = DynamicCache(config=model.config.text_config)
+        model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=0)
+    for layer, (kind, module) in enumerate(zip(adapter.layer_kinds(), adapter.layers)):
+        mask = masks[kind]  # None: sdpa's causal mask (no padding, no blocks: a global layer)
+        allowed = n * (n + 1) // 2 if mask is None else int(mask.sum())
+        assert attention_pairs(dims, layer, n, [16, 12]) == allowed, layer
+        if module.self_attn.is_kv_shared_layer:
+            assert layer_cache_bytes(dims, layer, n, 4) == 0
+        else:
+            held = cache.layers[layer].keys
+            assert layer_cache_bytes(dims, layer, n, 4) == 2 * held.numel() * held.element_size(), layer
+        # Matrix weights a token passes through (2 FLOPs per weight per token), the attention products aside.
+        weights = sum(p.numel() for name, p in module.named_parameters() if p.dim() == 2)
+        weights += model.model.language_model.per_layer_model_projection.weight.numel() // LAYERS
+        attention = 2 * 2 * dims.heads * module.self_attn.head_dim * attention_pairs(dims, layer, n, [16, 12])
+        assert layer_flops(dims, layer, n, [16, 12]) - attention == 2 * n * weights, layer

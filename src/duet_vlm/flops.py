@@ -35,6 +35,20 @@ class LinearAttentionDims:
 
 
 @dataclass(frozen=True)
+class LayerDims:
+    """What one layer of a decoder whose layers differ (Gemma 4) has of its own: its attention's
+    head size and key/value heads, whether it reuses an earlier layer's keys and values (no key or
+    value projection and no cache of its own: KV sharing), whether its values are its keys (no value
+    projection: ``attention_k_eq_v``), and its MLP's width."""
+
+    head_dim: int
+    kv_heads: int
+    intermediate: int
+    reuses_kv: bool = False
+    values_are_keys: bool = False
+
+
+@dataclass(frozen=True)
 class DecoderDims:
     """The sizes of a decoder-only language model that its cost depends on.
 
@@ -43,7 +57,12 @@ class DecoderDims:
     decoder that mixes kinds (empty: every layer attends globally), with the linear-attention layers'
     sizes in ``linear``; ``gated_query``: the attention layers' query projection also gives an
     output gate per head (Qwen3.5); ``image_blocks``: the tokens of an image attend to each other in
-    both directions (Gemma 3), which adds ``b(b - 1)/2`` query-key pairs per image of ``b`` tokens."""
+    both directions (Gemma 3; Gemma 4 in its sliding layers only, ``global_blocks=False``), which
+    adds ``b(b - 1)/2`` query-key pairs per image of ``b`` tokens; ``per_layer``: each layer's own
+    sizes where they differ (``LayerDims``; empty: every layer has the sizes above);
+    ``per_layer_input``: the width of Gemma 4's per-layer inputs (each layer gates its output with
+    one, ``2nd·p`` multiply-adds, and the model projects its embeddings into every layer's, ``nd·p``
+    per layer)."""
 
     hidden: int
     intermediate: int
@@ -56,9 +75,14 @@ class DecoderDims:
     gated_query: bool = False
     window: int | None = None
     image_blocks: bool = False
+    global_blocks: bool = True
+    per_layer: tuple[LayerDims, ...] = ()
+    per_layer_input: int = 0
 
     @classmethod
     def from_config(cls, text_config) -> "DecoderDims":
+        if getattr(text_config, "model_type", None) == "gemma4_text":
+            return cls.gemma4(text_config)
         heads = text_config.num_attention_heads
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
         intermediate = getattr(text_config, "intermediate_size", None)
@@ -86,8 +110,47 @@ class DecoderDims:
             image_blocks=getattr(text_config, "model_type", None) == "gemma3_text",
         )
 
+    @classmethod
+    def gemma4(cls, text_config) -> "DecoderDims":
+        """A Gemma 4 decoder: layers of two kinds with their own head sizes (read from the config's
+        ``per_layer_config``), KV sharing, per-layer inputs, and image blocks in sliding layers."""
+        modes = list(text_config.kv_sharing_modes)
+        types = list(text_config.layer_types)
+        experts = text_config.top_k_experts * text_config.moe_intermediate_size if text_config.enable_moe_block else 0
+        per_layer = tuple(
+            LayerDims(
+                head_dim=text_config.per_layer_config[i].head_dim,
+                kv_heads=text_config.per_layer_config[i].num_key_value_heads,
+                intermediate=text_config.intermediate_size * (2 if text_config.use_double_wide_mlp and modes[i] == "reuse" else 1)
+                + experts,
+                reuses_kv=modes[i] == "reuse",
+                values_are_keys=bool(text_config.attention_k_eq_v) and types[i] != "sliding_attention",
+            )
+            for i in range(text_config.num_hidden_layers)
+        )
+        first = per_layer[0]
+        return cls(
+            hidden=text_config.hidden_size,
+            intermediate=first.intermediate,
+            heads=text_config.num_attention_heads,
+            kv_heads=first.kv_heads,
+            head_dim=first.head_dim,
+            layer_kinds=tuple("sliding_attention" if t == "sliding_attention" else "attention" for t in types),
+            window=text_config.sliding_window,
+            image_blocks=text_config.use_bidirectional_attention == "vision",
+            global_blocks=False,
+            per_layer=per_layer,
+            per_layer_input=text_config.hidden_size_per_layer_input or 0,
+        )
+
     def kind(self, layer: int) -> str:
         return self.layer_kinds[layer] if self.layer_kinds else "attention"
+
+    def layer(self, layer: int) -> LayerDims:
+        """Layer ``layer``'s own sizes."""
+        if self.per_layer:
+            return self.per_layer[layer]
+        return LayerDims(self.head_dim, self.kv_heads, self.intermediate)
 
 
 LLAVA_15_7B = DecoderDims(hidden=4096, intermediate=11008, heads=32, kv_heads=32, head_dim=128)
@@ -135,22 +198,25 @@ def attention_pairs(dims: DecoderDims, layer: int, n: int, blocks: Sequence[int]
     with the later tokens of their block (Gemma's overlay bounds only the past, so a window never
     cuts them)."""
     pairs = causal_pairs(n, dims.window if dims.kind(layer) == "sliding_attention" else None)
-    if dims.image_blocks:
+    if dims.image_blocks and (dims.global_blocks or dims.kind(layer) == "sliding_attention"):
         pairs += sum(b * (b - 1) // 2 for b in blocks)
     return pairs
 
 
 def layer_flops(dims: DecoderDims, layer: int, n: int, blocks: Sequence[int] = ()) -> int:
     """``exact_flops`` of decoder ``layer`` on ``n`` tokens (``blocks``: its image blocks' sizes)."""
-    d, m = dims.hidden, dims.intermediate
+    own = dims.layer(layer)
+    d, m = dims.hidden, own.intermediate
     mlp = (3 if dims.gated_mlp else 2) * n * d * m
     if dims.kind(layer) == "linear_attention":
         return 2 * mlp + linear_attention_flops(dims.linear, d, n)
-    q_out, kv_out = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
+    q_out, kv_out = dims.heads * own.head_dim, own.kv_heads * own.head_dim
     q_proj = (2 if dims.gated_query else 1) * q_out
-    projections = n * d * (q_proj + q_out + 2 * kv_out)  # q (and its gate), o; k and v
-    attention = 2 * dims.heads * dims.head_dim * attention_pairs(dims, layer, n, blocks)
-    return 2 * (projections + attention + mlp)
+    kv_proj = 0 if own.reuses_kv else (1 if own.values_are_keys else 2) * kv_out
+    projections = n * d * (q_proj + q_out + kv_proj)  # q (and its gate), o; k and v unless reused
+    attention = 2 * dims.heads * own.head_dim * attention_pairs(dims, layer, n, blocks)
+    per_layer_input = 3 * n * d * dims.per_layer_input  # its gate and projection, its share of the model's
+    return 2 * (projections + attention + mlp + per_layer_input)
 
 
 def linear_attention_flops(linear: LinearAttentionDims, hidden: int, n: int) -> int:
@@ -177,9 +243,12 @@ def layer_cache_bytes(dims: DecoderDims, layer: int, n: int, bytes_per_element: 
     """``kv_cache_bytes`` of decoder ``layer`` after ``n`` tokens."""
     if dims.kind(layer) == "linear_attention":
         return linear_state_bytes(dims.linear, bytes_per_element)
+    own = dims.layer(layer)
+    if own.reuses_kv:  # it reads an earlier layer's keys and values and caches nothing
+        return 0
     if dims.kind(layer) == "sliding_attention":  # the sliding cache keeps the last window - 1 tokens
         n = min(n, dims.window - 1)
-    return 2 * n * dims.kv_heads * dims.head_dim * bytes_per_element
+    return 2 * n * own.kv_heads * own.head_dim * bytes_per_element
 
 
 def linear_state_bytes(linear: LinearAttentionDims, bytes_per_element: int = 2) -> int:

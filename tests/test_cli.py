@@ -48,6 +48,39 @@ def test_plan_presets_take_the_family_config():
     _one_line_error(runner.invoke(app, ["plan", "--preset", "gemma", "--budget", "64"]), "unknown preset 'gemma'")
 
 
+def test_plan_gemma4_ladder_chooses_the_cheapest_rung_that_reaches_the_budget():
+    """``--preset gemma4 --ladder``: each rung's square image (8x8 .. 33x33 soft tokens), the tower's
+    FLOPs growing with the rung (it runs on max_soft_tokens x 9 padded patches) and the decoder's
+    level at a fixed budget; the choice is the smallest rung with at least the budget's tokens (64:
+    the 70 rung as is; 128: 280, then DUET; 192: 560, since DUET's shape cannot average 192 of 256),
+    and a budget above every rung gets the largest, unreduced. ``--soft-tokens`` picks a rung for a
+    plan; both refuse what is not Gemma 4's."""
+    from duet_vlm.costs import GEMMA4_LADDER, ladder_costs
+
+    rungs, chosen = ladder_costs("duet", 128)
+    assert [r.tokens for r in rungs] == [64, 121, 256, 529, 1089]
+    assert chosen.max_soft_tokens == 280 and abs(chosen.plan.schedule.average - 128) <= 1
+    towers = [r.encoder_flops for r in rungs]
+    assert towers == sorted(towers) and len(set(towers)) == len(GEMMA4_LADDER)
+    reduced = [r for r in rungs if r.plan is not None]
+    assert max(r.decoder_flops for r in reduced) / min(r.decoder_flops for r in reduced) < 1.05
+    assert ladder_costs("duet", 64)[1].max_soft_tokens == 70 and ladder_costs("duet", 64)[1].plan is None
+    rungs192, chosen192 = ladder_costs("duet", 192)
+    assert rungs192[2].unreachable and chosen192.max_soft_tokens == 560
+    assert ladder_costs("fastv", 192)[1].max_soft_tokens == 280
+    assert ladder_costs("duet", 2000)[1].max_soft_tokens == 1120 and ladder_costs("duet", 2000)[1].plan is None
+    result = runner.invoke(app, ["plan", "--preset", "gemma4", "--budget", "128", "--ladder"])
+    assert result.exit_code == 0, result.output
+    assert "chosen: max_soft_tokens=280 (256 soft tokens), then duet to 128" in " ".join(result.output.split())
+    result = runner.invoke(app, ["plan", "--preset", "gemma4", "--budget", "64", "--soft-tokens", "560"])
+    assert result.exit_code == 0 and "529 visual tokens per image, 30 layers" in result.output
+    _one_line_error(runner.invoke(app, ["plan", "--preset", "gemma3", "--budget", "64", "--ladder"]), "--ladder needs")
+    _one_line_error(runner.invoke(app, ["plan", "--preset", "gemma3", "--budget", "64", "--soft-tokens", "280"]),
+                    "--soft-tokens is a rung of Gemma 4's ladder")
+    _one_line_error(runner.invoke(app, ["plan", "--preset", "gemma4", "--budget", "64", "--soft-tokens", "300"]),
+                    "must be one of Gemma 4's 70, 140, 280, 560, 1120")
+
+
 def test_plan_rejects_a_bad_budget():
     result = runner.invoke(app, ["plan", "--budget", "0"])
     assert result.exit_code != 0 and "budget must be a positive int" in result.output

@@ -377,3 +377,19 @@ def test_costs_count_what_gemma_4_computes_and_caches(gemma4):
         weights += model.model.language_model.per_layer_model_projection.weight.numel() // LAYERS
         attention = 2 * 2 * dims.heads * module.self_attn.head_dim * attention_pairs(dims, layer, n, [16, 12])
         assert layer_flops(dims, layer, n, [16, 12]) - attention == 2 * n * weights, layer
+
+
+def test_the_towers_counted_flops_are_its_weights_and_its_attention(gemma4):
+    """``flops.encoder_flops`` (what ``plan --ladder`` counts per rung) on the tiny tower: two FLOPs
+    per weight of its layers per patch, plus the score and value products over every pair of the
+    padded patches (the tower runs on all of them)."""
+    from duet_vlm.flops import encoder_flops
+
+    model, _ = gemma4
+    vision = model.config.vision_config
+    patches = 16 * GEMMA4_KERNEL ** 2
+    weights = sum(p.numel() for p in model.model.vision_tower.encoder.parameters() if p.dim() == 2)
+    attention = 2 * 2 * vision.num_attention_heads * vision.head_dim * patches * patches * vision.num_hidden_layers
+    counted = encoder_flops(vision.hidden_size, vision.intermediate_size, vision.num_attention_heads, vision.head_dim,
+                            vision.num_hidden_layers, patches, vision.num_key_value_heads)
+    assert counted - attention == 2 * patches * weights

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from .flops import DecoderDims, exact_flops, fastv_flops, kv_cache_bytes
+from .flops import DecoderDims, encoder_flops, exact_flops, fastv_flops, kv_cache_bytes
 from .geometry import Geometry
 from .methods import make
 from .plan import Plan
@@ -77,20 +77,114 @@ PRESETS: dict[str, Preset] = {
     # 896x896 image is 256 soft tokens (64x64 SigLIP patches, pooled 4x4); each pan-and-scan crop is
     # another image of 256.
     "gemma3": Preset(_config("Gemma3Config", "text_config"), 16 * 16),
+    # Gemma 4 (transformers' default Gemma4Config decoder): at the processor's default max_soft_tokens
+    # (280) a square image is 16x16 soft tokens; --soft-tokens picks another rung of the ladder.
+    "gemma4": Preset(_config("Gemma4Config", "text_config"), 16 * 16),
 }
+
+#: Gemma 4's soft-token ladder: the ``max_soft_tokens`` settings its processor accepts.
+GEMMA4_LADDER = (70, 140, 280, 560, 1120)
+GEMMA4_KERNEL = 3  # pooling_kernel_size: one soft token pools 3x3 patches
+
+
+def ladder_grid(max_soft_tokens: int, aspect: float = 1.0) -> tuple[int, int]:
+    """``(rows, cols)`` of soft tokens Gemma 4's processor gives an image of ``aspect`` (width /
+    height) at ``max_soft_tokens``: it resizes the image, keeping its aspect, to the largest sides
+    that are whole pooling cells and hold at most that many cells (at least one cell a side).
+
+    >>> [ladder_grid(n) for n in GEMMA4_LADDER]
+    [(8, 8), (11, 11), (16, 16), (23, 23), (33, 33)]
+    >>> ladder_grid(280, aspect=2.0)
+    (11, 23)
+    """
+    if max_soft_tokens not in GEMMA4_LADDER:
+        raise ValueError(f"--soft-tokens must be one of Gemma 4's {', '.join(map(str, GEMMA4_LADDER))}, got {max_soft_tokens}")
+    if not aspect > 0:
+        raise ValueError(f"--aspect is width / height, a positive number; got {aspect}")
+    rows = max(1, math.floor(math.sqrt(max_soft_tokens / aspect) + 1e-9))
+    cols = max(1, math.floor(math.sqrt(max_soft_tokens * aspect) + 1e-9))
+    return rows, min(cols, max_soft_tokens // rows)
+
+
+@dataclass
+class LadderRung:
+    """One rung of Gemma 4's ladder under a budget: the image's soft tokens there, the plan solved
+    for them (``None``: the budget reaches all of them, nothing is reduced), and the prefill's
+    costs: the vision tower on the patches the processor pads every image to, and the decoder."""
+
+    max_soft_tokens: int
+    tokens: int
+    plan: Plan | None
+    encoder_flops: int
+    decoder_flops: int
+    kv_bytes: int
+    unreachable: str | None = None  # why the method cannot meet the budget on this rung's tokens
+
+    @property
+    def total_flops(self) -> int:
+        return self.encoder_flops + self.decoder_flops
+
+
+def ladder_costs(method: str, budget: int, text_tokens: int = 60, aspect: float = 1.0,
+                 bytes_per_element: int = 2) -> tuple[list[LadderRung], LadderRung]:
+    """Every rung of Gemma 4's ladder (transformers' default Gemma 4 decoder and tower) for an image
+    of ``aspect`` reduced by ``method`` to ``budget`` visual tokens per layer, and the rung chosen:
+    of the rungs whose image has at least ``budget`` soft tokens, the one whose prefill (tower and
+    decoder) costs the fewest FLOPs. Both grow with the rung at a fixed budget (the tower runs on
+    ``max_soft_tokens x 9`` patch slots, padded, whatever the image), so it is the smallest rung
+    that reaches the budget (and where ``method`` can meet it): reduce a larger image only when the
+    budget asks for more tokens than a smaller rung gives. A budget above every rung's tokens gets
+    the largest rung, unreduced."""
+    import transformers
+
+    text, vision = transformers.Gemma4Config().text_config, transformers.Gemma4VisionConfig()
+    dims = DecoderDims.from_config(text)
+    layers = text.num_hidden_layers
+    rungs = []
+    for rung in GEMMA4_LADDER:
+        rows, cols = ladder_grid(rung, aspect)
+        tokens = rows * cols
+        plan, unreachable = None, None
+        reduced = [text_tokens + tokens] * layers
+        if budget < tokens:
+            geometry = Geometry(layers, tokens, (rows, cols), False, last_boundary=_last_boundary(text))
+            try:
+                plan = make(method, budget=budget).resolve(geometry)
+                reduced = [text_tokens + n for n in plan.schedule.tokens_per_layer]
+            except ValueError as error:
+                unreachable = str(error)
+        blocks = [[n - text_tokens] for n in reduced]
+        encoder = encoder_flops(vision.hidden_size, vision.intermediate_size, vision.num_attention_heads,
+                                vision.head_dim, vision.num_hidden_layers, rung * GEMMA4_KERNEL ** 2,
+                                vision.num_key_value_heads)
+        rungs.append(LadderRung(rung, tokens, plan, encoder, exact_flops(dims, reduced, blocks),
+                                kv_cache_bytes(dims, reduced, bytes_per_element), unreachable))
+    reaching = [r for r in rungs if r.tokens >= budget and r.unreachable is None]
+    chosen = min(reaching, key=lambda r: r.total_flops) if reaching else rungs[-1]
+    return rungs, chosen
+
+
+def _last_boundary(text_config) -> int | None:
+    """The deepest boundary a Gemma 4 decoder allows: the first layer that stores keys and values
+    for KV sharing (``None``: no sharing)."""
+    modes = list(getattr(text_config, "kv_sharing_modes", ()) or ())
+    stores = [i for i, mode in enumerate(modes) if mode == "store"]
+    return min(stores) if stores and "reuse" in modes else None
 
 
 def plan_costs(method: str = "duet", budget: int | None = None, ratio: float | None = None, layers: int | None = None,
                tokens: int | None = None, frames: int = 1, text_tokens: int = 60, hidden: int | None = None,
                intermediate: int | None = None, heads: int | None = None, kv_heads: int | None = None,
-               bytes_per_element: int = 2, preset: str | None = None, tiles: int | None = None) -> PlanCosts:
+               bytes_per_element: int = 2, preset: str | None = None, tiles: int | None = None,
+               soft_tokens: int | None = None) -> PlanCosts:
     """The plan ``make(method, budget=..., ratio=...)`` solves for an item of ``tokens`` visual tokens
     per frame on a ``layers``-layer decoder (LLaVA-1.5-7B's by default), and its costs. ``preset``
     (one of ``PRESETS``) takes the decoder, its layer kinds and an image's tokens from a family's
-    default transformers config instead (``tiles``: InternVL's tiles; ``tokens`` still overrides)."""
+    default transformers config instead (``tiles``: InternVL's tiles; ``soft_tokens``: the rung of
+    Gemma 4's ladder, a square image; ``tokens`` still overrides)."""
     if (budget is None) == (ratio is None):
         raise ValueError("give --budget or --ratio")
-    attention_layers, rope, has_cls = None, "1d", True
+    attention_layers, rope, has_cls, last_boundary = None, "1d", True, None
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; one of {', '.join(PRESETS)}")
@@ -104,12 +198,20 @@ def plan_costs(method: str = "duet", budget: int | None = None, ratio: float | N
         config = chosen.text_config()
         dims = DecoderDims.from_config(config)
         layers = config.num_hidden_layers
+        if soft_tokens is not None:
+            if preset != "gemma4":
+                raise ValueError("--soft-tokens is a rung of Gemma 4's ladder (--preset gemma4)")
+            rows, cols = ladder_grid(soft_tokens)
+            tokens = rows * cols if tokens is None else tokens
         tokens = chosen.tokens(tiles) if tokens is None else tokens
+        last_boundary = _last_boundary(config)
         if "linear_attention" in dims.layer_kinds:
             attention_layers = tuple(i for i, kind in enumerate(dims.layer_kinds) if kind != "linear_attention")
         rope, has_cls = chosen.rope, False
     elif tiles is not None:
         raise ValueError("--tiles is a positive count of InternVL tiles (--preset internvl)")
+    elif soft_tokens is not None:
+        raise ValueError("--soft-tokens is a rung of Gemma 4's ladder (--preset gemma4)")
     layers = 32 if layers is None else layers
     tokens = 576 if tokens is None else tokens
     hidden, intermediate = (4096 if hidden is None else hidden), (11008 if intermediate is None else intermediate)
@@ -123,7 +225,7 @@ def plan_costs(method: str = "duet", budget: int | None = None, ratio: float | N
     grid = (side, side) if side else (1, tokens)
     modality = "video" if frames > 1 else "image"
     geometry = Geometry(layers, tokens * frames, grid, has_cls, units=frames, modality=modality, rope=rope,
-                        attention_layers=attention_layers)
+                        attention_layers=attention_layers, last_boundary=last_boundary)
     plan = make(method, budget=budget, ratio=ratio).resolve(geometry)
     tokens *= frames
     if preset is None:

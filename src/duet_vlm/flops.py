@@ -256,3 +256,20 @@ def linear_state_bytes(linear: LinearAttentionDims, bytes_per_element: int = 2) 
     (model dtype) and the recurrent state, ``key_head_dim x value_head_dim`` per value head, in
     float32 (as transformers' kernels and flash-linear-attention keep it)."""
     return linear.conv_dim * linear.conv_kernel * bytes_per_element + 4 * linear.value_heads * linear.key_head_dim * linear.value_head_dim
+
+
+def encoder_flops(hidden: int, intermediate: int, heads: int, head_dim: int, layers: int, tokens: int,
+                  kv_heads: int | None = None) -> int:
+    """FLOPs (2 per multiply-add) of a bidirectional vision encoder's matrix products on ``tokens``
+    tokens: per layer the Q/K/V/O projections, the ``tokens²`` score and value products per head, and a
+    gated MLP's three matrices (a Gemma 4 tower; patch embedding, norms and pooling left out).
+
+    >>> encoder_flops(4, 8, 2, 2, 1, 3)  # 2 * (3*4*(2*4 + 2*4) + 2*2*2*9 + 3*3*4*8)
+    1104
+    """
+    kv_heads = heads if kv_heads is None else kv_heads
+    q_out, kv_out = heads * head_dim, kv_heads * head_dim
+    projections = tokens * hidden * (2 * q_out + 2 * kv_out)
+    attention = 2 * heads * head_dim * tokens * tokens
+    mlp = 3 * tokens * hidden * intermediate
+    return 2 * layers * (projections + attention + mlp)

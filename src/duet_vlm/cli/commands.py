@@ -98,16 +98,30 @@ def plan(
     bytes_per_element: int = typer.Option(2, help="KV-cache element size (2 for fp16/bf16)."),
     preset: Optional[str] = typer.Option(
         None, help="A family's geometry from its default transformers config instead of the sizes above: "
-        "qwen3.5 (hybrid: attention in every 4th layer), qwen3.5-moe, internvl (448 px tiles), or gemma3 "
-        "(256 soft tokens; sliding windows in five of every six layers)."
+        "qwen3.5 (hybrid: attention in every 4th layer), qwen3.5-moe, internvl (448 px tiles), gemma3 "
+        "(256 soft tokens; sliding windows in five of every six layers) or gemma4 (a square image at --soft-tokens)."
     ),
     tiles: Optional[int] = typer.Option(None, help="With --preset internvl: tiles of the image (plus a thumbnail) [default: 4]."),
+    soft_tokens: Optional[int] = typer.Option(
+        None, help="With --preset gemma4: the processor's max_soft_tokens, one of 70, 140, 280, 560, 1120 [default: 280]."
+    ),
+    ladder: bool = typer.Option(
+        False, "--ladder", help="With --preset gemma4 and --budget: every rung of the soft-token ladder at the budget, "
+                                "and the cheapest that reaches it."
+    ),
+    aspect: float = typer.Option(1.0, help="With --ladder: the image's width / height."),
 ) -> None:
     """Print the schedule a method solves for a budget, with per-layer counts, FLOPs and KV-cache savings."""
-    from ..costs import plan_costs
+    from ..costs import ladder_costs, plan_costs
 
+    if ladder:
+        if preset != "gemma4" or budget is None or ratio is not None:
+            raise ValueError("--ladder needs --preset gemma4 and --budget (the ladder is Gemma 4's)")
+        rungs, chosen = ladder_costs(method, budget, text_tokens, aspect, bytes_per_element)
+        printing.print_ladder(rungs, chosen, method, budget, text_tokens)
+        return
     costs = plan_costs(method, budget, ratio, layers, tokens, frames, text_tokens, hidden, intermediate, heads, kv_heads,
-                       bytes_per_element, preset, tiles)
+                       bytes_per_element, preset, tiles, soft_tokens)
     target = f"budget {budget}" if budget is not None else f"ratio {ratio}"
     printing.print_plan(costs, method, target, costs.plan.schedule.num_layers, frames, text_tokens)
 

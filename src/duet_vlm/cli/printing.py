@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.padding import Padding
 
 from .tables import (
-    NOISE_LEGEND, accuracy_table, answer_ratios, answers_table, batch_rows_table, end_to_end_tables, family_table, layer_kind_table, mark_noise,
+    NOISE_LEGEND, accuracy_table, answer_ratios, answers_table, batch_rows_table, end_to_end_tables, family_table, ladder_table, layer_kind_table,
+    mark_noise,
     plan_costs_table, plan_steps, prefill_table, schedule_table, vision_table,
 )
 
@@ -33,6 +34,16 @@ def print_plan(costs, method: str, target: str, layers: int, frames: int, text_t
         f"({1 - schedule.average / costs.tokens:.1%} fewer than {costs.tokens})"
     )
     console.print(plan_costs_table(costs.rows, text_tokens))
+
+
+def print_ladder(rungs, chosen, method: str, budget: int, text_tokens: int) -> None:
+    """``costs.ladder_costs``'s result: every rung of Gemma 4's ladder at the budget, the one chosen."""
+    console.print(ladder_table(rungs, chosen, method, budget, text_tokens))
+    if chosen.plan is None:
+        console.print(f"chosen: max_soft_tokens={chosen.max_soft_tokens} ({chosen.tokens} soft tokens), no reduction")
+    else:
+        console.print(f"chosen: max_soft_tokens={chosen.max_soft_tokens} ({chosen.tokens} soft tokens), "
+                      f"then {method} to {budget}")
 
 
 def print_answers(answers, title: str = "Answers") -> None:

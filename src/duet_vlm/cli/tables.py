@@ -167,6 +167,36 @@ def plan_costs_table(rows, text_tokens: int) -> Fitted:
                   Layout([Column("", "left"), Column("reduced"), Column("full"), Column("ratio")], cells))
 
 
+def ladder_table(rungs, chosen, method: str, budget: int, text_tokens: int) -> Fitted:
+    """``plan --ladder``: each rung of Gemma 4's ladder at ``budget`` (``costs.ladder_costs``), its
+    soft tokens, what the method does there, and the prefill's FLOPs (tower, decoder) and KV bytes;
+    ``*`` marks the rung chosen."""
+    rows = []
+    for rung in rungs:
+        if rung.unreachable is not None:
+            what = "cannot"
+        elif rung.plan is None:
+            what = "as is"
+        else:
+            what = f"to {budget}"
+        mark = "*" if rung is chosen else ""
+        costs = ["", "", "", ""] if rung.unreachable is not None else [
+            _human(rung.encoder_flops, "FLOP"), _human(rung.decoder_flops, "FLOP"), _human(rung.total_flops, "FLOP"),
+            _human(rung.kv_bytes, "B"),
+        ]
+        rows.append([f"{mark}{rung.max_soft_tokens}", str(rung.tokens), what, *costs])
+    wide = Layout([Column("max_soft_tokens", "left"), Column("soft tokens"), Column("then", "left"), Column("tower"),
+                   Column("decoder"), Column("total"), Column("KV cache")], rows,
+                  f"* the rung chosen: the cheapest whose image has at least {budget} soft tokens")
+    narrow = Layout([Column("rung", "left"), Column("tokens"), Column("then", "left"), Column("tower"), Column("LM"),
+                     Column("total"), Column("KV")], rows,
+                    f"rung: max_soft_tokens; tokens: soft tokens; tower, LM, total: prefill FLOPs; * chosen: the "
+                    f"cheapest with at least {budget} soft tokens")
+    return Fitted(f"Gemma 4's soft-token ladder, {method} at budget {budget}, one square image + {text_tokens} text "
+                  "tokens (then: what the method does; cannot: no schedule of its shape averages the budget there)",
+                  wide, narrow)
+
+
 def answers_table(answers, title: str = "Answers") -> Fitted:
     """``compare``'s answers: text, visual tokens per layer (and per run of layers), decoder FLOPs, KV cache
     and prefill time of each configuration."""

@@ -321,6 +321,32 @@ def render_plan(root: Path, method: str, *budgets: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_ladder(root: Path, method: str, *budgets: str) -> str:
+    """Gemma 4's soft-token ladder under ``method`` at each budget, as ``duet-vlm plan --preset gemma4
+    --ladder --budget B`` solves it (``costs.ladder_costs``): per rung the square image's soft tokens
+    and the prefill's FLOPs (tower, decoder) with the method at the budget, the rung chosen in bold."""
+    from duet_vlm.costs import GEMMA4_LADDER, ladder_costs
+
+    head = ["budget", *(f"{rung} ({tokens} tokens)" for rung, tokens in
+                        zip(GEMMA4_LADDER, (r.tokens for r in ladder_costs(method, int(budgets[0]))[0]))), "chosen"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for budget in budgets:
+        rungs, chosen = ladder_costs(method, int(budget))
+        cells = []
+        for rung in rungs:
+            if rung.unreachable is not None:
+                cells.append("cannot")
+                continue
+            what = "as is" if rung.plan is None else f"to {budget}"
+            cell = f"{what}: {rung.encoder_flops / 1e12:.2f} + {rung.decoder_flops / 1e12:.2f} = {rung.total_flops / 1e12:.2f}"
+            cells.append(f"**{cell}**" if rung is chosen else cell)
+        chosen_cell = f"{chosen.max_soft_tokens}" + ("" if chosen.plan is None else f", then {method} to {budget}")
+        lines.append("| " + " | ".join([budget, *cells, chosen_cell]) + " |")
+    return (f"Prefill TFLOPs (tower + decoder = total) of one square image and 60 text tokens on transformers' default "
+            f"Gemma 4 config, {method} at each budget; `duet-vlm plan --preset gemma4 --ladder --budget B` prints one "
+            "row.\n\n" + "\n".join(lines) + "\n")
+
+
 def render_modes(root: Path) -> str:
     """What each mode of ``generate`` does under each kind of method (``duet_vlm.generation_modes``,
     checked cell by cell by tests/test_generation_modes_table.py), and which method is of which kind."""
@@ -372,7 +398,7 @@ COSTS_LEGEND = (
     "this geometry (in brackets: the rounds in which it was faster). *cannot run*: why the method has no plan here.")
 
 FAMILY_NAMES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "video_llava": "Video-LLaVA", "qwen3_5": "Qwen3.5",
-                "internvl": "InternVL", "gemma3": "Gemma 3"}
+                "internvl": "InternVL", "gemma3": "Gemma 3", "gemma4": "Gemma 4"}
 
 
 def render_family(root: Path, *paths: str) -> str:
@@ -513,7 +539,7 @@ RENDERERS = {
     "adaptation": render_adaptation, "bench": render_bench, "vllm": render_vllm, "adaptive": render_adaptive,
     "schedules": render_schedules, "plan": render_plan, "prefill": render_prefill, "family": render_family,
     "compile": render_compile, "stage_a": render_stage_a, "figure": render_figure, "modes": render_modes,
-    "live": render_live, "layer_kinds": render_layer_kinds,
+    "live": render_live, "layer_kinds": render_layer_kinds, "ladder": render_ladder,
 }
 # Kinds whose block stands for a file that is drawn beside the page (the figure's PNG).
 FILES = {"figure": (figure_is_current, draw_figure)}

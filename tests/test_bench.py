@@ -25,19 +25,21 @@ def test_list_options_take_several_values():
     ]
 
 
-@pytest.mark.parametrize("family", ["llava_next", "video_llava", "qwen3_5", "internvl", "gemma3"])
+@pytest.mark.parametrize("family", ["llava_next", "video_llava", "qwen3_5", "internvl", "gemma3", "gemma4"])
 def test_family_benchmark_times_each_variant_against_the_ideal(family):
     from duet_vlm.bench import ModelSize, family_benchmark
 
     # Qwen3.5 attends in every 4th layer: 8 layers give DUET a boundary where it can score (layer 7);
-    # on 4 it has none and is refused (tests/test_qwen3_5.py). Gemma 3 has a global layer in every 6th.
-    layers = {"qwen3_5": 8, "gemma3": 6}.get(family, 4)
+    # on 4 it has none and is refused (tests/test_qwen3_5.py). Gemma 3 has a global layer in every 6th;
+    # Gemma 4's last 5 of 12 reuse the keys and values of layers 5 and 6 (a global and a sliding one).
+    layers = {"qwen3_5": 8, "gemma3": 6, "gemma4": 12}.get(family, 4)
     size = ModelSize(vision_hidden=32, vision_layers=2, vision_heads=4, hidden=64, layers=layers, heads=4, kv_heads=4,
                      intermediate=128)
     results = family_benchmark(family, size, ["duet"], [0.25], rounds=1)
     row = results["variants"]["duet ratio 0.25"]
     assert "error" not in row, row
-    tokens = {"llava_next": 576 + 48 * 49, "video_llava": 8 * 257, "qwen3_5": 21 * 21, "internvl": 5 * 256, "gemma3": 256}[family]
+    tokens = {"llava_next": 576 + 48 * 49, "video_llava": 8 * 257, "qwen3_5": 21 * 21, "internvl": 5 * 256, "gemma3": 256,
+              "gemma4": 256}[family]
     assert abs(row["avg_visual_tokens"] - 0.25 * tokens) <= 8
     assert row["ideal_s"] > 0 and row["lm_vs_ideal"] > 0 and row["flops_ratio"] < 0.5
     if family == "qwen3_5":  # a hybrid decoder: each kind of layer timed, its FLOPs and cache counted apart
@@ -46,7 +48,7 @@ def test_family_benchmark_times_each_variant_against_the_ideal(family):
         assert row["layer_kind_cache_ratio"]["linear_attention"] == 1.0  # its states do not shrink
         assert row["layer_kind_cache_ratio"]["attention"] < 0.6 and row["layer_kind_flops_ratio"]["linear_attention"] < 0.6
         assert set(results["variants"]["no reduction"]["layer_kind_s"]) == kinds
-    elif family == "gemma3":  # sliding and global layers timed apart; the cost of building Gemma's masks
+    elif family in ("gemma3", "gemma4"):  # sliding and global layers timed apart; the cost of building Gemma's masks
         assert set(row["layer_kind_s"]) == {"attention", "sliding_attention"}
         assert results["mask_rebuild_s"] > 0
     else:
@@ -82,6 +84,29 @@ def test_ideal_model_on_all_tokens_is_the_model_itself(batch):
     length = inputs["input_ids"].shape[1]
     labels = inputs["input_ids"].masked_fill(torch.arange(length) < length - 8, -100)
     torch.testing.assert_close(ideal.loss(labels), model(**inputs, labels=labels).loss)
+
+
+def test_gemma4_ideal_on_all_tokens_is_the_model():
+    """Gemma 4's ideal of no reduction (per-layer inputs projected from the entry's embeddings, the
+    keys and values the storing layers share, Gemma 4's masks) gives the model's logits at every
+    position, its loss, and, cut to the last token from the first KV-shared layer on as the model
+    cuts under ``generate``, its last logits."""
+    import torch
+
+    from duet_vlm.bench import IdealModel, ModelSize, build_family
+
+    model, inputs = build_family("gemma4", ModelSize(**{**TINY, "layers": 12}))
+    visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    ideal = IdealModel(model, inputs, [visual] * 12)
+    with torch.no_grad():
+        reference = model(**inputs)
+        torch.testing.assert_close(model.lm_head(ideal.forward()), reference.logits, rtol=1e-5, atol=1e-5)
+        labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, -100)
+        torch.testing.assert_close(ideal.loss(labels), model(**inputs, labels=labels).loss)
+        # generate's prefill: the model passes its KV-shared layers only the last token, and so does the ideal
+        last = model.lm_head(ideal.decode(ideal.embeddings(), last=1))
+        assert last.shape[1] == 1
+        torch.testing.assert_close(last, model(**inputs, logits_to_keep=1).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["qwen3_5", "internvl", "gemma3"])

@@ -294,6 +294,18 @@ def test_cached_decoding_equals_uncached_decoding(gemma4, method, beams):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m, step=step: f"step {step}: {m}")
 
 
+def test_a_video_runs_unpatched_under_full_and_is_refused_under_a_method(gemma4):
+    """Gemma 4's videos are not reduced: under ``full`` a prompt with a video gives the unpatched
+    model's logits (the reducer steps aside), under a method it is refused (``bad inputs`` below)."""
+    model, _ = gemma4
+    inputs = _with_video(gemma4_batch([[(4, 4)]], seed=4))
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with duet_vlm.make("full")(model):
+            under_full = model(**inputs).logits
+    torch.testing.assert_close(under_full, plain, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- bad inputs
 def _cut_image(inputs):
     ids = inputs["input_ids"].clone()

@@ -650,6 +650,36 @@ def test_gemma3_loads_and_attaches(tmp_path, offline, monkeypatch):
     _attached_then_released(lm)
 
 
+def test_gemma4_loads_and_attaches(tmp_path, offline, monkeypatch):
+    """lmms-eval's simple ``gemma4`` loads a tiny Gemma 4 checkpoint of the real class (its processor
+    replaced by a stub) with the method's options taken out of its arguments and its own
+    ``max_soft_tokens`` kept, and the reducer attaches to it; ``clean()`` lets the weights go."""
+    from types import SimpleNamespace
+
+    import transformers as tf
+    from lmms_eval.models import get_model
+
+    tokenizer = _tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32, sliding_window=16,
+                pad_token_id=0, hidden_size_per_layer_input=8, vocab_size_per_layer_input=len(tokenizer))
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, head_dim=8, patch_size=4, pooling_kernel_size=3, position_embedding_size=64)
+    config = tf.Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=IMAGE_ID,
+                             boi_token_id=1, eoi_token_id=2, video_token_id=3, audio_token_id=4)
+    tf.Gemma4ForConditionalGeneration(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    _stub_processor(monkeypatch, "lmms_eval.models.simple.gemma4",
+                    SimpleNamespace(tokenizer=tokenizer, video_processor=SimpleNamespace()))
+    lm = get_model("duet_gemma4").create_from_arg_string(
+        f"pretrained={tmp_path / 'model'},device=cpu,device_map=cpu,max_soft_tokens=140,method=duet,budget=32",
+        {"batch_size": 1})
+    assert lm.max_soft_tokens == 140  # lmms-eval's own argument: the rung
+    assert lm.reducer == duet_vlm.make("duet", budget=32)
+    assert duet_vlm.adapters.adapter_for(lm.model).family == "gemma4"
+    _attached_then_released(lm)
+
+
 def test_a_request_budget_and_a_checkpoints_saved_reducer(tmp_path, offline, one_thread):
     """A task whose generation arguments hold ``duet_budget`` runs at that budget, whatever the
     model's own (the key never reaches lmms-eval's class); a checkpoint that carries

@@ -283,7 +283,7 @@ def test_a_family_the_plugin_does_not_serve_refuses_duet_options_at_start(tmp_pa
     assert_same(hf_run(model, processor, picture, None), got, None)
     assert set(NOT_SERVED) >= {"Qwen2VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
                                "LlavaOnevisionForConditionalGeneration", "Qwen3_5ForConditionalGeneration",
-                               "Gemma3ForConditionalGeneration"}
+                               "Gemma3ForConditionalGeneration", "Gemma4ForConditionalGeneration"}
 
 
 @pytest.mark.parametrize("method", ["duet", "fastv", "pyramiddrop"])

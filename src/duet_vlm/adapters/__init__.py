@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Capture, Geometry, ModelAdapter, Signals, VisualItem
+from .base import Capture, Geometry, ModelAdapter, Signals, UnreducibleInput, VisualItem
 from .gemma3 import Gemma3Adapter
 from .gemma4 import Gemma4Adapter
 from .internvl import InternVLAdapter
@@ -43,4 +43,4 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     )
 
 
-__all__ = ["ADAPTERS", "Capture", "Gemma3Adapter", "Gemma4Adapter", "Geometry", "InternVLAdapter", "ModelAdapter", "Signals", "VisualItem", "adapter_for"]
+__all__ = ["ADAPTERS", "Capture", "Gemma3Adapter", "Gemma4Adapter", "Geometry", "InternVLAdapter", "ModelAdapter", "Signals", "UnreducibleInput", "VisualItem", "adapter_for"]

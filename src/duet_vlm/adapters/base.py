@@ -43,6 +43,11 @@ def rotate_like(layer: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: 
     return rotated
 
 
+class UnreducibleInput(NotImplementedError):
+    """Visual input an adapter cannot reduce (Gemma 4's videos): refused while the reducer would
+    reduce, passed to the unpatched model when it reduces nothing (``full``)."""
+
+
 @dataclass
 class VisualItem:
     """One image or video in one row of a batch.

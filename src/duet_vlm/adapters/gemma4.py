@@ -30,7 +30,8 @@ builds, a local and a global RoPE), so this adapter extends ``Gemma3Adapter``; w
   refused. Under ``generate`` the model passes its shared layers only the last token of the
   prefill (``queries_cut_from``); that token is the prompt's last, which every reduction keeps.
 - Videos (``pixel_values_videos``) are not reduced: a forward that brings one is refused while a
-  method would reduce (the tower encodes frames through the same layers as images).
+  method would reduce (the tower encodes frames through the same layers as images), and runs
+  unpatched under ``full`` (``UnreducibleInput``).
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ import sys
 
 import torch
 from torch import nn
+from transformers.cache_utils import KVSharingDict
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from ..scoring import attention_scores
-from .base import Capture, Geometry, Signals, UnitFeatures, VisualItem, check_layer
+from .base import Capture, Geometry, Signals, UnitFeatures, UnreducibleInput, VisualItem, check_layer
 from .gemma3 import KINDS, Gemma3Adapter
 
 #: the processor's default ``max_soft_tokens`` gives a square image 16 x 16 soft tokens.
@@ -99,7 +101,9 @@ class Gemma4Adapter(Gemma3Adapter):
         )
 
     def layer_call_kwargs(self) -> dict:
-        return {"shared_kv_states": {}}  # a layer run outside the forward shares nothing it stores
+        # A layer run outside the forward shares nothing it stores. transformers' own container, which
+        # FSDP2's helpers leave alone (a plain dict they would walk).
+        return {"shared_kv_states": KVSharingDict()}
 
     # ----------------------------------------------------------------- visual items
     def image_grids(self, capture: Capture) -> list[tuple[int, int]]:
@@ -123,7 +127,7 @@ class Gemma4Adapter(Gemma3Adapter):
         if kwargs.get("pixel_values_videos") is not None or (
             self.video_token_id is not None and bool((input_ids == self.video_token_id).any())
         ):
-            raise NotImplementedError(
+            raise UnreducibleInput(
                 "duet-vlm does not reduce Gemma 4 videos yet (their frames pass through the image tower): pass images, "
                 "or run the video without a reducer"
             )

@@ -6,17 +6,18 @@ from itertools import groupby
 from typing import Callable
 
 import torch
+from transformers.cache_utils import KVSharingDict
 
 from ..compaction import Compaction
 
 
 def _family(config) -> str:
-    """Which path builds the entry embeddings: ``qwen3_5``, ``internvl``, ``gemma3`` or ``llava``
-    (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA)."""
+    """Which path builds the entry embeddings: ``qwen3_5``, ``internvl``, ``gemma3``, ``gemma4`` or
+    ``llava`` (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA)."""
     kind = getattr(config, "model_type", None)
     if kind in ("qwen3_5", "qwen3_5_moe"):
         return "qwen3_5"
-    return kind if kind in ("internvl", "gemma3") else "llava"
+    return kind if kind in ("internvl", "gemma3", "gemma4") else "llava"
 
 
 class IdealModel:
@@ -73,8 +74,10 @@ class IdealModel:
         text_config = self.language_model.config
         types = getattr(text_config, "layer_types", None) or ["full_attention"] * len(self.language_model.layers)
         kinds = ["linear" if kind == "linear_attention" else "attention" for kind in types]
-        token_types = inputs.get("token_type_ids")  # Gemma 3: its image blocks attend both ways
-        if self.family == "gemma3":
+        # Gemma: its image blocks attend both ways (Gemma 3 in every layer, Gemma 4 in sliding ones)
+        token_types = inputs.get("token_type_ids", inputs.get("mm_token_type_ids"))
+        self.gemma = self.family in ("gemma3", "gemma4")
+        if self.gemma:
             kinds = list(types)  # a mask and a RoPE per layer type
         # M-RoPE: the unreduced prompt's (3, B, L) positions, of which each group keeps its tokens'.
         original = None
@@ -158,13 +161,25 @@ class IdealModel:
         features = self.base.get_image_features(pixel_values=self.pixel_values.to(self.base.dtype)).pooler_output
         return features.reshape(-1, features.shape[-1])[self.entry_visual[self.visual]]
 
+    def _gemma4_visual(self) -> torch.Tensor:
+        """``(kept, width)`` Gemma 4's kept soft tokens: the tower, its pooling and the embedder on
+        every image, the kept tokens' rows."""
+        features = self.base.get_image_features(self.pixel_values.to(self.base.dtype), self.inputs["image_position_ids"])
+        return torch.cat(features.pooler_output)[self.entry_visual[self.visual]]
+
     def embeddings(self) -> torch.Tensor:
         """``(B, entry.length, width)`` the entry sequence's input embeddings: the text's, and the kept
-        count of projected visual tokens in the first visual slots (any slots cost the same)."""
+        count of projected visual tokens in the first visual slots (any slots cost the same). Gemma 4:
+        also the per-layer inputs' token part of the entry sequence (image slots read as padding, as
+        the model reads them), which ``decode`` projects with the embeddings, as the model does."""
         if self.family != "llava":
             visual = {"qwen3_5": self._qwen3_5_visual, "internvl": self._internvl_visual,
-                      "gemma3": self._gemma3_visual}[self.family]()
-            embeds = self.language_model.embed_tokens(self.input_ids)
+                      "gemma3": self._gemma3_visual, "gemma4": self._gemma4_visual}[self.family]()
+            ids = self.input_ids
+            if self.family == "gemma4":
+                ids = ids.masked_fill(self.visual, self.language_model.config.pad_token_id)
+                self.entry_per_layer = self.entry.gather(self.language_model.get_per_layer_inputs(ids, None))
+            embeds = self.language_model.embed_tokens(ids)
             embeds = embeds.masked_scatter(self.entry_visual[..., None], visual.to(embeds.dtype))
             return self.entry.gather(embeds)
         features = self._features()
@@ -211,14 +226,14 @@ class IdealModel:
         return renumbered, renumbered
 
     def _rope(self, hidden: torch.Tensor, positions: torch.Tensor, kinds) -> dict:
-        """``{kind: (cos, sin)}``: Gemma 3's local and global RoPE per layer type, else one for all."""
-        if self.family == "gemma3":
+        """``{kind: (cos, sin)}``: Gemma's local and global RoPE per layer type, else one for all."""
+        if self.gemma:
             return {kind: self.language_model.rotary_emb(hidden, positions, kind) for kind in dict.fromkeys(kinds)}
         rope = self.language_model.rotary_emb(hidden, positions)
         return {"attention": rope, "linear": rope}
 
-    def _gemma3_masks(self, hidden: torch.Tensor, valid: torch.Tensor, types: torch.Tensor) -> dict:
-        """Gemma 3's own masks of a group's sequence (per layer type): bidirectional image blocks,
+    def _gemma_masks(self, hidden: torch.Tensor, valid: torch.Tensor, types: torch.Tensor) -> dict:
+        """Gemma's own masks of a group's sequence (per layer type): bidirectional image blocks,
         sliding windows over the tokens it holds, from the model's ``create_masks_for_vision_model``."""
         import sys
 
@@ -229,23 +244,44 @@ class IdealModel:
             position_ids=None, block_sequence_ids=blocks,
         )
 
-    def decode(self, hidden: torch.Tensor, cache=None) -> torch.Tensor:
+    def decode(self, hidden: torch.Tensor, cache=None, last: int | None = None) -> torch.Tensor:
         """The decoder on the entry sequence's states ``hidden`` (``(B, entry.length, width)``): the
-        final-normed states of the last layer group's sequence."""
+        final-normed states of the last layer group's sequence. ``last``: the forward's
+        ``logits_to_keep``; a Gemma 4 decoder then passes its KV-shared layers only the last ``last``
+        tokens, as the model does (they read every key from an earlier layer)."""
         self.positions = []
+        cut = None
+        if last is not None and self.family == "gemma4" and self.language_model.config.num_kv_shared_layers:
+            cut = self.language_model.first_kv_shared_layer_idx
+        # Gemma 4: each layer's per-layer input (projected from the entry's embeddings, as the model
+        # does), and the keys and values the storing layers leave for the layers that reuse them.
+        per_layer = None
+        if self.family == "gemma4":
+            per_layer = self.language_model.project_per_layer_inputs(hidden, self.entry_per_layer)
+        shared = KVSharingDict()
         for number, (step, valid, original, layers, kinds) in enumerate(self.groups):
             if step is not None:
                 hidden = step.gather(hidden)
+                per_layer = None if per_layer is None else step.gather(per_layer)
             rotary, positions = self._positions(valid, original)
             self.positions.append(valid.sum(dim=1, keepdim=True))
             rope = self._rope(hidden, rotary, kinds)
-            if self.family == "gemma3":
-                masks = self._gemma3_masks(hidden, valid, self.token_types[number])
+            if self.gemma:
+                masks = self._gemma_masks(hidden, valid, self.token_types[number])
             else:
                 masks = {"attention": self._mask(valid, hidden.shape[1]), "linear": self._recurrent_mask(valid)}
+            if cut is not None and step is not None and hidden.shape[1] == last:
+                raise ValueError("a Gemma 4 ideal reduces after its KV-shared layers began")
             for layer, kind in zip(layers, kinds):
+                if cut is not None and layer.layer_idx == cut:  # the model's own cut to the last queries
+                    hidden, per_layer = hidden[:, -last:], per_layer[:, -last:]
+                    masks = {k: None if m is None else m[..., -last:, :] for k, m in masks.items()}
+                    rope = {k: (c[:, -last:], s[:, -last:]) for k, (c, s) in rope.items()}
+                    positions = None if positions is None else positions[..., -last:]
+                extra = {} if per_layer is None else {"per_layer_input": per_layer[:, :, layer.layer_idx],
+                                                      "shared_kv_states": shared}
                 out = layer(hidden, attention_mask=masks[kind], position_ids=positions, past_key_values=cache,
-                            use_cache=cache is not None, position_embeddings=rope[kind])
+                            use_cache=cache is not None, position_embeddings=rope[kind], **extra)
                 hidden = out[0] if isinstance(out, tuple) else out
         return self.language_model.norm(hidden)
 
@@ -258,6 +294,8 @@ class IdealModel:
         tokens ``(B, new_tokens)`` and the cache."""
         from transformers import DynamicCache
 
+        if self.family == "gemma4":
+            raise NotImplementedError("the ideal does not decode Gemma 4 (per-layer inputs of each new token)")
         head = self.model.lm_head
         with torch.no_grad():
             cache = DynamicCache(config=self.language_model.config)
@@ -272,7 +310,7 @@ class IdealModel:
                     positions = (self.next_position if original is not None else length) + step
                     rope = self._rope(hidden, positions, kinds)
                     keys = torch.cat([valid, valid.new_ones(valid.shape[0], step + 1)], dim=1)
-                    if self.family == "gemma3" and not bool(keys.all()):
+                    if self.gemma and not bool(keys.all()):
                         raise NotImplementedError("the ideal decodes Gemma 3 prompts without padding only")
                     # a decoding step has no padding; a sliding cache returns at most its window
                     mask = self._mask(keys, 1)

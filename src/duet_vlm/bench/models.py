@@ -19,7 +19,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 #: The families ``build_family`` builds, each with its typical prompt.
-FAMILIES = ("llava", "llava_next", "video_llava", "qwen3_5", "internvl", "gemma3")
+FAMILIES = ("llava", "llava_next", "video_llava", "qwen3_5", "internvl", "gemma3", "gemma4")
 
 
 @dataclass(frozen=True)
@@ -113,8 +113,9 @@ def build_family(family: str, size: ModelSize, seed: int = 0):
     typical geometry (5 text tokens, the visual slots, 55 text tokens): LLaVA-1.5 (336 px, 576
     tokens), LLaVA-NeXT (a 672x672 image: 5 tiles, 2,928 tokens with newlines), Video-LLaVA (8
     frames at 224 px, 2,056 tokens), each with a CLIP-L/14 tower; Qwen3.5 (``_qwen3_5``: a 672x672
-    image, 441 tokens), InternVL3 (``_internvl``: 2x2 tiles and a thumbnail, 1,280 tokens) or Gemma 3
-    (``_gemma3``: one image of 256 soft tokens)."""
+    image, 441 tokens), InternVL3 (``_internvl``: 2x2 tiles and a thumbnail, 1,280 tokens), Gemma 3
+    (``_gemma3``: one image of 256 soft tokens) or Gemma 4 (``_gemma4``: a 768x768 image at 280 soft
+    tokens, 16x16 = 256)."""
     from transformers import (
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
@@ -131,6 +132,8 @@ def build_family(family: str, size: ModelSize, seed: int = 0):
         return _internvl(size, seed)
     if family == "gemma3":
         return _gemma3(size, seed)
+    if family == "gemma4":
+        return _gemma4(size, seed)
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; one of {', '.join(FAMILIES)}")
     vision = _tower(size, 336 if family == "llava_next" else 224)
@@ -278,4 +281,51 @@ def _gemma3(size: ModelSize, seed: int):
     ids = _prompt(generator, [32002] + [32000] * 256 + [32003])
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": (ids == 32000).long(),
               "pixel_values": torch.randn(1, 3, pixels, pixels, generator=generator)}
+    return model, inputs
+
+
+#: Gemma 4's prompt: a 768x768 image at the processor's default max_soft_tokens (280): 48x48 patches of
+#: 16 px (padded to 280 x 9 = 2,520), pooled 3x3 into 16x16 = 256 soft tokens.
+GEMMA4_IMAGE = (48, 16, 280)
+
+
+def _gemma4(size: ModelSize, seed: int):
+    """Gemma 4 (``Gemma4ForConditionalGeneration``): its tower (``size.vision_*``, 2-D RoPE, no CLS) on
+    one image's patches as the processor gives them (``GEMMA4_IMAGE``), and a decoder of
+    ``size.layers`` layers in the released shapes: five sliding layers (window 512, longer than this
+    prompt) then a global one whose heads are twice as wide, per-layer inputs of 256, bidirectional
+    image blocks in the sliding layers, and the last ``size.layers * 7 // 16`` layers reusing the keys
+    and values of earlier ones (KV sharing, as the small released models: boundaries stop at the
+    first layer that stores them). The prompt: the image's soft tokens between ``<start_of_image>``
+    and ``<end_of_image>``, with its ``mm_token_type_ids``."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    head = size.hidden // size.heads
+    text = dict(
+        vocab_size=32064, hidden_size=size.hidden, intermediate_size=size.intermediate, num_hidden_layers=size.layers,
+        num_attention_heads=size.heads, num_key_value_heads=size.kv_heads, head_dim=head, global_head_dim=2 * head,
+        sliding_window=512, max_position_embeddings=8192, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(size.layers - 1)]
+        + ["full_attention"], hidden_size_per_layer_input=256, vocab_size_per_layer_input=32064,
+        num_kv_shared_layers=size.layers * 7 // 16, use_bidirectional_attention="vision",
+    )
+    side, patch, rung = GEMMA4_IMAGE
+    vision = dict(hidden_size=size.vision_hidden, intermediate_size=4 * size.vision_hidden,
+                  num_hidden_layers=size.vision_layers, num_attention_heads=size.vision_heads,
+                  num_key_value_heads=size.vision_heads, head_dim=size.vision_hidden // size.vision_heads,
+                  patch_size=patch, pooling_kernel_size=3, position_embedding_size=1024)
+    config = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=32000,
+                          boi_token_id=32002, eoi_token_id=32003, video_token_id=32004, audio_token_id=32005)
+    model = seeded(Gemma4ForConditionalGeneration, config, seed)
+    generator = torch.Generator().manual_seed(seed)
+    tokens = (side // 3) ** 2
+    ids = _prompt(generator, [32002] + [32000] * tokens + [32003])
+    slots = rung * 9
+    patches = torch.zeros(1, slots, 3 * patch * patch)
+    patches[0, : side * side] = torch.rand(side * side, 3 * patch * patch, generator=generator)
+    grid = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="xy"), dim=-1).reshape(-1, 2)
+    positions = torch.full((1, slots, 2), -1, dtype=torch.long)
+    positions[0, : side * side] = grid
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": (ids == 32000).long(),
+              "pixel_values": patches, "image_position_ids": positions}
     return model, inputs

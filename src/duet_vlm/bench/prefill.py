@@ -38,9 +38,13 @@ FULL = "no reduction"
 
 def projector_of(model) -> torch.nn.Module:
     """The module mapping visual features into the language model's space: the
-    ``multi_modal_projector`` (LLaVA families, InternVL) or Qwen3.5's 2x2 merger."""
+    ``multi_modal_projector`` (LLaVA families, InternVL, Gemma 3), Gemma 4's ``embed_vision`` or
+    Qwen3.5's 2x2 merger."""
     base = model.model
-    return base.multi_modal_projector if hasattr(base, "multi_modal_projector") else base.visual.merger
+    for name in ("multi_modal_projector", "embed_vision"):
+        if hasattr(base, name):
+            return getattr(base, name)
+    return base.visual.merger
 
 
 class _ProjectorRows(ProjectorRows):
@@ -113,7 +117,7 @@ def ideal_prefill(model, ideal: IdealModel, decoder_seconds: list[float],
             embeds = ideal.embeddings()
             with by_kind:
                 start = time.perf_counter()
-                hidden = ideal.decode(embeds)
+                hidden = ideal.decode(embeds, last=1)
                 decoder_seconds.append(time.perf_counter() - start)
             model.lm_head(hidden[:, -1:])
         if kinds:

@@ -39,6 +39,8 @@ from typing import Callable
 
 import torch
 
+from ..flops import DecoderDims
+
 
 @dataclass(frozen=True)
 class ItemShape:
@@ -64,7 +66,7 @@ class ItemShape:
 @dataclass(frozen=True)
 class Widths:
     """``hidden``: the language model's width (the projector's output); ``vision``: the tower's;
-    ``kv``: key heads x head dim of a decoder layer."""
+    ``kv``: key heads x head dim of a decoder layer (the first's, where layers differ: Gemma 4)."""
 
     hidden: int
     vision: int
@@ -73,8 +75,8 @@ class Widths:
     @classmethod
     def of(cls, model) -> "Widths":
         text, vision = model.config.text_config, model.config.vision_config
-        head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        return cls(text.hidden_size, vision.hidden_size, text.num_key_value_heads * head)
+        first = DecoderDims.from_config(text).layer(0)
+        return cls(text.hidden_size, vision.hidden_size, first.kv_heads * first.head_dim)
 
 
 def _cdpruner(reducer, item: ItemShape, dims: Widths) -> dict[str, int]:

@@ -139,8 +139,9 @@ def bench(
     threads: int = typer.Option(0, help="torch threads (0 = leave as is)."),
     family: Optional[str] = typer.Option(
         None, help="Time a family's geometry instead: llava, llava_next (672x672, 5 tiles), video_llava (8 frames), "
-                   "qwen3_5 (672x672, 441 tokens; hybrid linear-attention decoder, M-RoPE) or internvl (2x2 tiles + "
-                   "thumbnail, 1,280 tokens)."
+                   "qwen3_5 (672x672, 441 tokens; hybrid linear-attention decoder, M-RoPE), internvl (2x2 tiles + "
+                   "thumbnail, 1,280 tokens), gemma3 (256 soft tokens) or gemma4 (768x768 at 280 soft tokens: 256; "
+                   "per-layer inputs, KV sharing)."
     ),
     ratios: list[float] = typer.Option(
         [0.33, 0.11], metavar="<float>...", help="With --family: kept fractions of the item's tokens."

@@ -18,6 +18,7 @@ MODELS = {
     "duet_video_llava": (f"{PACKAGE}.lmms_eval_models.DuetVideoLlava", "simple", ()),
     "duet_internvl_hf": (f"{PACKAGE}.lmms_eval_models.DuetInternVLHf", "chat", ()),
     "duet_gemma3": (f"{PACKAGE}.lmms_eval_models.DuetGemma3", "simple", ()),
+    "duet_gemma4": (f"{PACKAGE}.lmms_eval_models.DuetGemma4", "simple", ()),
     "duet_qwen2_vl": (f"{PACKAGE}.lmms_eval_qwen.DuetQwen2VL", "simple", ()),
     "duet_qwen2_5_vl": (f"{PACKAGE}.lmms_eval_qwen.DuetQwen2_5_VL", "chat", ()),
     "duet_qwen3_vl": (f"{PACKAGE}.lmms_eval_qwen.DuetQwen3VL", "chat", ()),
@@ -29,7 +30,7 @@ def manifests():
     """The ``lmms_eval.models`` entry point (a callable, so that nothing is imported at discovery).
 
     >>> sorted(m.model_id for m in manifests())                    # doctest: +SKIP
-    ['duet_gemma3', 'duet_internvl_hf', 'duet_llava_hf', 'duet_qwen2_5_vl', 'duet_qwen2_vl', 'duet_qwen3_5', 'duet_qwen3_vl', ...]
+    ['duet_gemma3', 'duet_gemma4', 'duet_internvl_hf', 'duet_llava_hf', 'duet_qwen2_5_vl', 'duet_qwen2_vl', 'duet_qwen3_5', 'duet_qwen3_vl', ...]
     """
     from lmms_eval.models.registry_v2 import ModelManifest
 

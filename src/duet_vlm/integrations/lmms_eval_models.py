@@ -16,6 +16,7 @@ model                          lmms-eval class it extends       checkpoints
 ``duet_qwen3_5``               chat ``qwen3_5``                 Qwen3.5, Qwen3.5-MoE (``lmms_eval_qwen``)
 ``duet_internvl_hf``           chat ``internvl_hf``             InternVL3, InternVL3.5 (``...-hf``)
 ``duet_gemma3``                simple ``gemma3``                Gemma 3 (``google/gemma-3-*-it``)
+``duet_gemma4``                simple ``gemma4``                Gemma 4 (``google/gemma-4-*-it``)
 =============================  ===============================  ==========================================
 
 Every model takes the same ``model_args`` on top of its lmms-eval class's own: ``method=`` (any
@@ -64,6 +65,7 @@ from lmms_eval.models.chat.llava_hf import LlavaHf
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from lmms_eval.models.model_utils.load_video import read_video
 from lmms_eval.models.simple.gemma3 import Gemma3
+from lmms_eval.models.simple.gemma4 import Gemma4
 from lmms_eval.models.simple.video_llava import VideoLLaVA
 from loguru import logger as eval_logger
 from tqdm import tqdm
@@ -415,4 +417,17 @@ class DuetGemma3(ReducerMixin, Gemma3):
     >>> from lmms_eval.evaluator import simple_evaluate                              # doctest: +SKIP
     >>> simple_evaluate(model="duet_gemma3", tasks=["mme"],                          # doctest: +SKIP
     ...                 model_args="pretrained=google/gemma-3-4b-it,method=duet,budget=64")
+    """
+
+
+class DuetGemma4(ReducerMixin, Gemma4):
+    """lmms-eval's simple ``gemma4`` (``Gemma4ForConditionalGeneration``) with a reducer attached: each
+    image is one item of its own soft tokens. lmms-eval's ``max_soft_tokens=`` sets the rung of Gemma
+    4's ladder and the method's budget reduces from there ("280 soft tokens, then DUET to 64":
+    ``max_soft_tokens=280,method=duet,budget=64``). It loads the weights in bfloat16; videos are
+    refused while a method reduces.
+
+    >>> from lmms_eval.evaluator import simple_evaluate                              # doctest: +SKIP
+    >>> simple_evaluate(model="duet_gemma4", tasks=["mme"],                          # doctest: +SKIP
+    ...                 model_args="pretrained=google/gemma-4-e4b-it,max_soft_tokens=280,method=duet,budget=64")
     """

@@ -65,7 +65,7 @@ def check_new_items_on_cache(binding: Binding, prompt: PrefillState | None, base
     reduced. Checked at the base model's entry too, before transformers' own placeholder check
     trips over the part of a prompt that ``generate`` resends after a vision-side reduction."""
     cache = base_kwargs.get("past_key_values")
-    if cache is None or not brings_visual_items(base_kwargs) or _reduces_nothing(binding, prompt):
+    if cache is None or not brings_visual_items(base_kwargs) or reduces_nothing(binding, prompt):
         return
     if cache.get_seq_length() > 0:
         raise NotImplementedError(
@@ -81,7 +81,7 @@ def method_name(reducer: RuntimeReducer) -> str:
     return getattr(method, "method_name", "") or reducer.method_name or type(reducer).__name__
 
 
-def _reduces_nothing(binding: Binding, prompt: PrefillState | None) -> bool:
+def reduces_nothing(binding: Binding, prompt: PrefillState | None) -> bool:
     """The last prefill and the default item's plan left everything whole (``full``, or a budget at
     or above the token count): a new item on the cache gets what the unpatched model gives it."""
     plan = binding.plan

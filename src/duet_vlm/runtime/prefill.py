@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters import Capture, VisualItem
+from ..adapters import Capture, UnreducibleInput, VisualItem
 from ..compaction import Compaction
 from ..plan import Plan
 from .binding import Binding
+from .entry import reduces_nothing
 from .guards import check_prefill, reads_text
 from .positions import Original, Renumbered, scheme
 from .state import Item, Placement, PrefillState, Scratch, Segment, Tokens
@@ -198,7 +199,12 @@ def open_prefill(binding: Binding, call, found: tuple[torch.Tensor, dict], kwarg
     input_ids = found[0]
     encoding = call.captures.encoding()
     captures = call.captures.take()
-    items = binding.adapter.find_items(*found, captures)
+    try:
+        items = binding.adapter.find_items(*found, captures)
+    except UnreducibleInput:
+        if reduces_nothing(binding, None):  # full: the unpatched model's forward
+            return None
+        raise
     if not items:
         return None
     cache = kwargs.get("past_key_values")

@@ -25,6 +25,7 @@ NOT_SERVED = {
     "Qwen3_5MoeForConditionalGeneration": ("qwen3_5", "Qwen3_5MoeForConditionalGeneration", "Qwen3.5-MoE"),
     "InternVLForConditionalGeneration": ("interns1", "InternS1ForConditionalGeneration", "InternVL"),
     "Gemma3ForConditionalGeneration": ("gemma3_mm", "Gemma3ForConditionalGeneration", "Gemma 3"),
+    "Gemma4ForConditionalGeneration": ("gemma4_mm", "Gemma4ForConditionalGeneration", "Gemma 4"),
 }
 
 #: what the plugin serves (``plugin.MODELS``), for the message.

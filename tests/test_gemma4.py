@@ -107,6 +107,22 @@ def test_the_signal_is_the_attention_patches_receive_summed_by_the_pool(gemma4):
     assert keys.shape == (2, 16, 8)
 
 
+def test_padding_patches_are_neither_keys_nor_queries_wherever_they_sit():
+    """The scores of an image whose padding comes last (computed on its own patches) equal those of
+    the same patches with the padding first (computed over all of them, the padding masked), and the
+    padding receives nothing."""
+    from duet_vlm.adapters import Gemma4Adapter
+
+    generator = torch.Generator().manual_seed(0)
+    queries, keys = torch.randn(2, 1, 2, 10, 4, generator=generator)
+    valid = torch.tensor([[True] * 7 + [False] * 3])
+    last = Gemma4Adapter.received(queries, keys, 0.5, valid)
+    order = torch.arange(10).roll(3)  # the three padding patches first
+    first = Gemma4Adapter.received(queries[:, :, order], keys[:, :, order], 0.5, valid[:, order])
+    torch.testing.assert_close(first[:, order.argsort()], last)
+    assert last[0, 7:].eq(0).all() and abs(float(last.sum()) - 7) < 1e-5  # 7 queries, each a distribution
+
+
 def _dominant_only():
     return duet_vlm.make("visionzip", ratio=0.5, contextual=0)
 

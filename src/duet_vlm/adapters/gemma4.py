@@ -207,12 +207,26 @@ class Gemma4Adapter(Gemma3Adapter):
             queries = self.modeling.apply_multidimensional_rope(queries, cos, sin, positions).transpose(1, 2)
             keys = self.modeling.apply_multidimensional_rope(keys, cos, sin, positions).transpose(1, 2)
             keys = keys.repeat_interleave(attn.num_key_value_groups, dim=1)
-            scores = attention_scores(queries, keys, attn.scaling, has_cls=False, valid=valid)
+            scores = self.received(queries, keys, attn.scaling, valid)
             cells = tokens // (self.kernel * self.kernel)
             pool = self.tower.pooler._avg_pool_by_positions
             pooled, _ = pool(scores[..., None], positions, cells)
             pooled_keys, _ = pool(keys.mean(dim=1).float(), positions, cells)
         return (pooled[..., 0] * (self.kernel * self.kernel)).to(layer_input.dtype), pooled_keys.to(layer_input.dtype)
+
+    @staticmethod
+    def received(queries: torch.Tensor, keys: torch.Tensor, scale: float, valid: torch.Tensor) -> torch.Tensor:
+        """``(units, T)`` the attention each patch receives from its image's patches: on each image's
+        own patches alone where the processor put its padding after them (no mask to apply, no
+        padded rows to compute), else over all of them with the padding masked."""
+        units, tokens = valid.shape
+        counts = valid.sum(dim=1).tolist()
+        if not all(bool(valid[u, :n].all()) for u, n in enumerate(counts)):
+            return attention_scores(queries, keys, scale, has_cls=False, valid=valid)
+        scores = torch.zeros(units, tokens, dtype=torch.float32, device=keys.device)
+        for u, n in enumerate(counts):
+            scores[u, :n] = attention_scores(queries[u : u + 1, :, :n], keys[u : u + 1, :, :n], scale, has_cls=False)[0]
+        return scores
 
     def vision_signals(self, capture: Capture, tower: str, layers: tuple = ()) -> Signals:
         scores, keys = self.captured_layer_scores(self.towers[tower], capture.layer_input, capture.contexts)

@@ -421,3 +421,22 @@ def test_the_towers_counted_flops_are_its_weights_and_its_attention(gemma4):
     counted = encoder_flops(vision.hidden_size, vision.intermediate_size, vision.num_attention_heads, vision.head_dim,
                             vision.num_hidden_layers, patches, vision.num_key_value_heads)
     assert counted - attention == 2 * patches * weights
+
+
+def test_the_overlay_draws_an_images_soft_tokens_on_its_own_grid(gemma4, tmp_path):
+    """A 3x4-token image's item is drawn on a 3x4 grid: its slots are its cells row by row, and the
+    overlay of what DUET kept is written."""
+    from PIL import Image
+
+    from duet_vlm.compare import draw_item_overlay
+
+    model, _ = gemma4
+    inputs = gemma4_batch([[(3, 4)]], seed=2)
+    reducer = duet_vlm.make("duet", budget=6)
+    with torch.no_grad(), reducer(model):
+        model(**inputs)
+    item, = reducer.stats.items
+    assert item.views == [("image", 3, 4)]
+    assert item.cells.tolist() == [[0, r, c] for r in range(3) for c in range(4)]
+    path = draw_item_overlay(Image.new("RGB", (48, 36)), item, tmp_path / "overlay.png")
+    assert path.stat().st_size > 0

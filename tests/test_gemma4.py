@@ -248,6 +248,21 @@ def test_boundaries_stop_before_the_layers_that_share_keys_and_values(gemma4):
 KEPT = 4
 
 
+def test_a_gemma4_without_a_vision_tower_is_refused_at_attach():
+    """A text-only Gemma 4 (``vision_config=None``): nothing to reduce, a ``TypeError`` saying so."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    text = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, global_head_dim=16, hidden_size_per_layer_input=0, pad_token_id=0)
+    model = Gemma4ForConditionalGeneration(Gemma4Config(text_config=text, vision_config=None, audio_config=None,
+                                                        image_token_id=998, boi_token_id=996, eoi_token_id=997,
+                                                        video_token_id=995, audio_token_id=994))
+    hooks = hook_ids(model)
+    with pytest.raises(TypeError, match="no vision tower"):
+        duet_vlm.make("duet", budget=8).attach(model)
+    assert hook_ids(model) == hooks
+
+
 def _block_outputs(model, inputs, layer_index, nudge_at, read_at):
     """Layer ``layer_index``'s output under FastV at layer 2 (4 of 16 soft tokens kept), with
     ``nudge`` added to the input state at ``nudge_at`` (kept-sequence slots); the outputs at

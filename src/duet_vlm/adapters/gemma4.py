@@ -75,6 +75,8 @@ class Gemma4Adapter(Gemma3Adapter):
         self.bind_modules(model)
         self.modeling = sys.modules[type(self.base).__module__]
         self.tower = self.base.vision_tower
+        if self.tower is None:
+            raise TypeError("this Gemma 4 has no vision tower (vision_config is None): duet-vlm reduces images")
         self.vision_layers = self.tower.encoder.layers
         self.towers = {"image": self.vision_layers[-1]}
         self.tower_entries = {"image": self.tower}

@@ -194,3 +194,22 @@ def test_live_tensors_find_the_peak_and_the_frame_that_holds_each_tensor():
     assert ("test_bench.py test_live_tensors_find_the_peak_and_the_frame_that_holds_each_tensor.<locals>.outer", 8_000) in groups
     assert ("test_bench.py test_live_tensors_find_the_peak_and_the_frame_that_holds_each_tensor.<locals>.inner", 4_000) in groups
     assert sum(g["bytes"] for g in report["live"]) == report["peak_bytes"]
+
+
+def test_train_step_per_process_count_runs_a_ddp_group_beside_one_process():
+    """``bench --train --processes 2``: one process on the batch and two DDP (gloo) processes on a row
+    each, for no reduction and DUET, in one run: every time measured, the ratios are those of the
+    medians' rounds, and a batch the processes cannot split is refused before anything is spawned."""
+    from duet_vlm.bench import ModelSize
+    from duet_vlm.bench.processes import process_benchmark
+
+    size = ModelSize(**{**TINY, "layers": 32})
+    results = process_benchmark(size, [("duet", 64)], processes=2, rounds=1, batch=2, threads=2)
+    assert (results["processes"], results["threads_per_process"]) == (2, 1)
+    for name in ("no reduction", "duet 64"):
+        row = results["variants"][name]
+        assert row["one_process_s"] > 0 and row["2_processes_s"] > 0
+        assert row["speedup"] == row["one_process_s"] / row["2_processes_s"]
+    assert results["variants"]["no reduction"]["one_process_vs_full"] == 1.0
+    with pytest.raises(ValueError, match="a batch it divides"):
+        process_benchmark(size, [], processes=2, batch=3)

@@ -168,6 +168,10 @@ def bench(
         [32, 128], metavar="<int>...", help="With --generate: latencies reported at these lengths (one call of the longest)."
     ),
     checkpointing: str = typer.Option("both", help="With --train: off, on or both (gradient checkpointing)."),
+    processes: int = typer.Option(
+        1, help="With --train: time one process on the batch against this many DDP (gloo) processes on its rows, "
+                "with and without each method (--threads split between them)."
+    ),
 ) -> None:
     """Time Stage A on the vision side and the prefill of each method, side by side in one run
     (or, with --generate or --train, generation end to end or a training step)."""
@@ -190,6 +194,16 @@ def bench(
             results = family_benchmark(family, size, methods, ratios, rounds, progress=lambda: report(f"{family} prefill"))
         results["command"] = "duet-vlm " + " ".join(sys.argv[1:])
         printing.print_family(results, sum("error" not in row for row in results["variants"].values()) + len(results["ideals"]))
+        printing.write_json(output, results)
+    elif train and processes > 1:
+        from ..bench.processes import process_benchmark
+
+        variants = [] if methods == ["none"] else [(m, b) for m in methods for b in budgets]
+        with Bar() as bar:
+            results = process_benchmark(size, variants, processes, rounds, batches[0], text_tokens,
+                                        threads=threads or None, progress=bar.rounds(rounds))
+        results["command"] = "duet-vlm " + " ".join(sys.argv[1:])
+        printing.print_processes(results)
         printing.write_json(output, results)
     elif generate or train:
         kind = "generate" if generate else "train"

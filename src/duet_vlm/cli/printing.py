@@ -121,6 +121,21 @@ def print_end_to_end(result: dict) -> None:
         typer.echo(markdown)
 
 
+def print_processes(result: dict) -> None:
+    """``bench --train --processes N``: its markdown, or tables where a terminal is too narrow."""
+    from ..bench.processes import markdown_table
+
+    load = " -> ".join(f"{before[0]:.1f}" for before in result["load_average_before_after"])
+    typer.echo(f"\nbatch {result['batch']}, {result['threads']} threads, {result['rounds']} interleaved rounds, "
+               f"1-minute load average {load}")
+    markdown = markdown_table(result)
+    if console.is_terminal and max(map(len, markdown.splitlines())) > console.width:
+        for table in end_to_end_tables(markdown, "speed-up: 1 process's step time over the group's (its slowest rank's)"):
+            console.print(table)
+    else:
+        typer.echo(markdown)
+
+
 def print_accuracy(run, split: str, n: int) -> None:
     """``evaluate_methods``'s result: the accuracy table and the files written."""
     console.print(accuracy_table(run.rows, run.types, f"Synthetic visual QA, {split} split, {n} questions per row"))

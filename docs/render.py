@@ -226,6 +226,17 @@ def render_bench(root: Path, path: str) -> str:
     return "\n".join(tables)
 
 
+def render_processes(root: Path, path: str) -> str:
+    """``duet-vlm bench --train --processes N``: one process against N DDP processes, per variant."""
+    from duet_vlm.bench import processes
+
+    run = _load(root, path)
+    load = " → ".join(f"{before[0]:.1f}" for before in run["load_average_before_after"])
+    return (f"Batch {run['batch']}, {run['rounds']} interleaved rounds, {run['threads']} thread(s) in all "
+            f"({run['threads_per_process']} per process in the group), 1-minute load average {load} (before → after).\n\n"
+            + processes.markdown_table(run).strip() + "\n")
+
+
 def render_live(root: Path, path: str) -> str:
     """``python -m duet_vlm.bench.live``: what is alive at a ``generate`` call's peak and its ideal's."""
     report = _load(root, path)
@@ -539,7 +550,7 @@ RENDERERS = {
     "adaptation": render_adaptation, "bench": render_bench, "vllm": render_vllm, "adaptive": render_adaptive,
     "schedules": render_schedules, "plan": render_plan, "prefill": render_prefill, "family": render_family,
     "compile": render_compile, "stage_a": render_stage_a, "figure": render_figure, "modes": render_modes,
-    "live": render_live, "layer_kinds": render_layer_kinds, "ladder": render_ladder,
+    "live": render_live, "layer_kinds": render_layer_kinds, "ladder": render_ladder, "processes": render_processes,
 }
 # Kinds whose block stands for a file that is drawn beside the page (the figure's PNG).
 FILES = {"figure": (figure_is_current, draw_figure)}

@@ -239,7 +239,7 @@ def demo(
 @app.command()
 def run(
     model: str = typer.Option(
-        ..., help="A local path or a Hub id of a LLaVA(-NeXT, -OneVision), Video-LLaVA or Qwen2/2.5/3-VL checkpoint."
+        ..., help="A local path or a Hub id of a checkpoint of any supported family (docs/families.md)."
     ),
     image: Optional[list[Path]] = typer.Option(
         None, metavar="<path>", help="An image file; repeat it for a batch of images (one row each, see --budgets)."

@@ -63,6 +63,11 @@ class Gemma3Adapter(ModelAdapter):
     supported_classes = ("Gemma3ForConditionalGeneration", "Gemma3Model")
     has_cls = False
     builds_masks = True
+    #: the tokens of an image attend to each other both ways in the prefill's masks (read from
+    #: ``types_argument``, 1 on every image token) in the layers ``image_blocks_where`` says.
+    image_blocks = True
+    types_argument = "token_type_ids"
+    image_blocks_where = "Gemma 3 attends bidirectionally inside each image block"
 
     def __init__(self, model: nn.Module):
         self.check_vision(model)
@@ -120,18 +125,20 @@ class Gemma3Adapter(ModelAdapter):
         return items
 
     def token_types(self, input_ids: torch.Tensor, kwargs: dict, items: list) -> torch.Tensor | None:
-        types = kwargs.get("token_type_ids")
+        if not self.image_blocks:
+            return None  # every mask is causal: the model reads no token types
+        name = self.types_argument
+        types = kwargs.get(name)
         if types is None:
             raise ValueError(
-                "Gemma 3 attends bidirectionally inside each image block, which it reads from token_type_ids (1 on "
-                "image tokens, as the processor returns them); without them duet-vlm cannot keep the model's mask. "
-                "Pass the processor's token_type_ids"
+                f"{self.image_blocks_where}, which it reads from {name} (1 on image tokens, as the processor returns "
+                f"them); without them duet-vlm cannot keep the model's mask. Pass the processor's {name}"
             )
         types = types.to(input_ids.device)
         image = input_ids == next(iter(self.placeholder_ids))
         if types.shape != input_ids.shape or not bool(((types == 1) == image).all()):
             raise ValueError(
-                f"token_type_ids of shape {tuple(types.shape)} do not mark exactly the image placeholders of input_ids "
+                f"{name} of shape {tuple(types.shape)} do not mark exactly the image placeholders of input_ids "
                 f"{tuple(input_ids.shape)} (1 on every image token, 0 elsewhere)"
             )
         return types
@@ -176,12 +183,15 @@ class Gemma3Adapter(ModelAdapter):
         config = self.text_config
         common = dict(config=config, inputs_embeds=hidden, attention_mask=key_valid, past_key_values=cache,
                       position_ids=None)
-        if layers is None:  # a prefill's sequence: the model's own builder, image blocks from the types
+        if layers is None and self.image_blocks:  # a prefill: the model's own builder, image blocks from the types
             blocks = self.modeling.get_block_sequence_ids_for_mask(types, device=hidden.device)
             built = self.modeling.create_masks_for_vision_model(block_sequence_ids=blocks, **common)
             return {KINDS[t]: mask for t, mask in built.items()}
-        # A decoding step (no image tokens among its queries, so no blocks, as the model builds it),
-        # sized against the cache layer where each kind's mask is used.
+        # Causal masks: a decoding step (no image tokens among its queries, so no blocks, as the model
+        # builds it), sized against the cache layer where each kind's mask is used; or the prefill of
+        # a model without image blocks.
+        if layers is None:
+            layers = dict.fromkeys(KINDS[t] for t in self.types)
         build = {"attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
         return {kind: build[kind](**common, layer_idx=layer) for kind, layer in layers.items()}
 

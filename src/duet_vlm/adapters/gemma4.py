@@ -41,10 +41,9 @@ import sys
 import torch
 from torch import nn
 from transformers.cache_utils import KVSharingDict
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from ..scoring import attention_scores
-from .base import Capture, Geometry, Signals, UnitFeatures, UnreducibleInput, VisualItem, check_layer
+from .base import Capture, Geometry, Signals, UnitFeatures, UnreducibleInput, VisualItem
 from .gemma3 import KINDS, Gemma3Adapter
 
 #: the processor's default ``max_soft_tokens`` gives a square image 16 x 16 soft tokens.
@@ -61,6 +60,8 @@ class Gemma4Adapter(Gemma3Adapter):
     has_cls = False
     builds_masks = True
     nominal_geometry = True  # images come in any size up to the processor's max_soft_tokens
+    types_argument = "mm_token_type_ids"
+    image_blocks_where = "this Gemma 4 attends bidirectionally inside each image in its sliding layers"
     token_arguments = ("per_layer_inputs",)
     layer_token_argument = ("per_layer_input", 1)
 
@@ -84,7 +85,7 @@ class Gemma4Adapter(Gemma3Adapter):
         self.video_token_id = getattr(config, "video_token_id", None)
         self.projector = self.base.embed_vision
         self.kernel = config.vision_config.pooling_kernel_size
-        self.bidirectional = text.use_bidirectional_attention == "vision"
+        self.image_blocks = text.use_bidirectional_attention == "vision"  # in the sliding layers only
         self.types = tuple(text.layer_types[: len(self.layers)])
         unknown = sorted(set(self.types) - set(KINDS))
         if unknown:
@@ -166,29 +167,7 @@ class Gemma4Adapter(Gemma3Adapter):
             items.append(VisualItem(run.row, run.start, self.image_geometry(rows, cols), tower))
         return items
 
-    def token_types(self, input_ids: torch.Tensor, kwargs: dict, items: list) -> torch.Tensor | None:
-        if not self.bidirectional:
-            return None  # every mask is causal: the model reads no token types
-        types = kwargs.get("mm_token_type_ids")
-        if types is None:
-            raise ValueError(
-                "this Gemma 4 attends bidirectionally inside each image in its sliding layers, which it reads from "
-                "mm_token_type_ids (1 on image tokens, as the processor returns them); without them duet-vlm cannot "
-                "keep the model's mask. Pass the processor's mm_token_type_ids"
-            )
-        types = types.to(input_ids.device)
-        image = input_ids == next(iter(self.placeholder_ids))
-        if types.shape != input_ids.shape or not bool(((types == 1) == image).all()):
-            raise ValueError(
-                f"mm_token_type_ids of shape {tuple(types.shape)} do not mark exactly the image placeholders of "
-                f"input_ids {tuple(input_ids.shape)} (1 on every image token, 0 elsewhere)"
-            )
-        return types
-
     # ----------------------------------------------------------------- vision side
-    def encoder_layer(self, tower: str, layer) -> nn.Module:
-        return self.vision_layers[check_layer({"first_full_attention": 0, "last": -1}.get(layer, layer), len(self.vision_layers))]
-
     def captured_layer_scores(self, layer: nn.Module, layer_input: torch.Tensor, contexts) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores (images, cells), keys (images, cells, d))``: the attention each patch receives
         in ``layer`` (its norms, projections and 2-D RoPE, padding patches masked), summed over
@@ -251,13 +230,3 @@ class Gemma4Adapter(Gemma3Adapter):
     def rotate(self, layer: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Gemma 4's RoPE function rotates one tensor at a time."""
         return self.modeling.apply_rotary_pos_emb(states, cos, sin, unsqueeze_dim=1)
-
-    def layer_masks(self, hidden: torch.Tensor, key_valid: torch.Tensor, types: torch.Tensor | None,
-                    cache=None, layers: dict | None = None) -> dict:
-        if layers is None and not self.bidirectional:  # a prefill of a model whose masks are all causal
-            config = self.text_config
-            common = dict(config=config, inputs_embeds=hidden, attention_mask=key_valid, past_key_values=None,
-                          position_ids=None)
-            return {"attention": create_causal_mask(**common),
-                    "sliding_attention": create_sliding_window_causal_mask(**common)}
-        return super().layer_masks(hidden, key_valid, types, cache, layers)

@@ -186,6 +186,73 @@ def fastv_kept_by_hand(attention: torch.Tensor, ids: torch.Tensor, token: int, i
     return keep.nonzero()[:, 0]
 
 
+def gemma_masks(model, hidden: torch.Tensor, types: torch.Tensor) -> dict:
+    """The masks the unpatched Gemma (3 or 4) builds for a sequence of ``hidden`` states whose image
+    tokens ``types`` marks (per layer type), from the model's own modeling module."""
+    import sys
+
+    gemma = sys.modules[type(model.model).__module__]
+    blocks = gemma.get_block_sequence_ids_for_mask(types, device=hidden.device)
+    return gemma.create_masks_for_vision_model(
+        config=model.config.text_config, inputs_embeds=hidden, attention_mask=torch.ones_like(types),
+        past_key_values=None, position_ids=None, block_sequence_ids=blocks,
+    )
+
+
+def nudged_layer_outputs(model, reducer, inputs: dict, layer_index: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder layer ``layer_index``'s output in row 0 under ``reducer``, as it is and with 1.0 added
+    to its input state at ``slot`` (of the sequence the layer sees): what moves attends to that slot."""
+    layer = model.model.language_model.layers[layer_index]
+    outputs = []
+    for nudge in (0.0, 1.0):
+        captured = {}
+
+        def perturb(module, args, kwargs, nudge=nudge):
+            hidden = (args[0] if args else kwargs["hidden_states"]).clone()
+            hidden[:, slot] += nudge
+            return (hidden, *args[1:]), kwargs
+
+        with torch.no_grad(), reducer(model):
+            handles = [layer.register_forward_pre_hook(perturb, with_kwargs=True),
+                       layer.register_forward_hook(lambda m, a, o: captured.update(out=o[0] if isinstance(o, tuple) else o))]
+            try:
+                model(**inputs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        outputs.append(captured["out"][0])
+    return outputs[0], outputs[1]
+
+
+def assert_cached_equals_uncached(model, reducer, inputs: dict, new_tokens: int, beams: int = 1) -> None:
+    """``generate`` under ``reducer`` with the cache and without it (prefilling again at every step):
+    the same sequences, and the same logits at every step (1e-4)."""
+    runs = []
+    for use_cache in (True, False):
+        with torch.no_grad(), reducer(model):
+            out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, use_cache=use_cache,
+                                 num_beams=beams, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        runs.append(out)
+    cached, uncached = runs
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for step, (a, b) in enumerate(zip(cached.logits, uncached.logits)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m, step=step: f"step {step}: {m}")
+
+
+def assert_refused_and_left_as_it_was(model, inputs: dict, bad: dict, error, message: str) -> None:
+    """A forward on ``bad`` inputs under ``duet`` at budget 8 raises ``error`` matching ``message``;
+    afterwards the hooks are the ones before and ``inputs`` give the unpatched logits bit for bit."""
+    import pytest
+
+    hooks = hook_ids(model)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with pytest.raises(error, match=message), duet_vlm.make("duet", budget=8)(model):
+            model(**bad)
+        assert hook_ids(model) == hooks
+        torch.testing.assert_close(model(**inputs).logits, plain, rtol=0, atol=0)
+
+
 def run_two_ranks(worker, out: Path) -> list:
     """``worker(rank, 2, port, out)`` in two spawned processes, then each rank's ``rank{r}.pt``. The
     spawned workers import the test module that defines ``worker`` from this folder."""

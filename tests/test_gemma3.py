@@ -21,7 +21,10 @@ import functools
 
 import pytest
 import torch
-from checks import assert_step_equals_ideal, fastv_kept_by_hand, hook_ids, kept_slots, next_slots
+from checks import (
+    assert_cached_equals_uncached, assert_refused_and_left_as_it_was, assert_step_equals_ideal, fastv_kept_by_hand,
+    gemma_masks, kept_slots, next_slots, nudged_layer_outputs,
+)
 from models import BOI, GEMMA_IMAGE, GEMMA_TOKENS, GEMMA_WINDOW, gemma3_batch, make_gemma3
 from transformers.masking_utils import create_causal_mask
 
@@ -132,17 +135,6 @@ def test_training_step_equals_the_ideal(gemma):
     assert_step_equals_ideal(model, reducer, {**inputs, "labels": labels}, parts, ideal)
 
 
-def _gemma_masks(model, hidden, types):
-    """The masks the unpatched Gemma 3 builds for a sequence (per layer type), from its own module."""
-    import transformers.models.gemma3.modeling_gemma3 as gemma
-
-    blocks = gemma.get_block_sequence_ids_for_mask(types)
-    return gemma.create_masks_for_vision_model(
-        config=model.config.text_config, inputs_embeds=hidden, attention_mask=torch.ones_like(types),
-        past_key_values=None, position_ids=None, block_sequence_ids=blocks,
-    )
-
-
 def test_language_side_method_equals_the_hand_built_ideal(gemma):
     """FastV: the unpatched decoder runs layers 0..K-1 on every token; per image the tokens kept are
     the top by the last token's attention in layer K - 1's eager map (a sliding layer: the window is
@@ -168,8 +160,8 @@ def test_language_side_method_equals_the_hand_built_ideal(gemma):
     hidden = out.hidden_states[boundary][:, kept]
     positions = kept[None]
     types = inputs["token_type_ids"][:, kept]
-    masks = _gemma_masks(referee, hidden, types)
-    gathered = _gemma_masks(referee, embeds, inputs["token_type_ids"])["sliding_attention"][..., kept[:, None], kept]
+    masks = gemma_masks(referee, hidden, types)
+    gathered = gemma_masks(referee, embeds, inputs["token_type_ids"])["sliding_attention"][..., kept[:, None], kept]
     assert not torch.equal(masks["sliding_attention"], gathered)  # where the window counts differs here
     with torch.no_grad():
         for layer, kind in zip(lm.layers[boundary:], lm.config.layer_types[boundary:]):
@@ -188,27 +180,8 @@ def test_the_image_block_stays_bidirectional_after_pruning(gemma):
     inputs = gemma3_batch([1], seed=5)
     reducer = duet_vlm.make("fastv", ratio=0.5)
     start = (inputs["input_ids"][0] == BOI).nonzero()[0, 0].item() + 1
-    outputs = []
-    for nudge in (0.0, 1.0):
-        captured = {}
-        with torch.no_grad(), reducer(model):
-            (boundary, kept), = reducer.resolve(adapter_for(model).geometry).schedule.boundaries
-            layer = model.model.language_model.layers[boundary]
-
-            def perturb(module, args, kwargs, kept=kept):
-                hidden = (args[0] if args else kwargs["hidden_states"]).clone()
-                hidden[:, start + kept - 1] += nudge
-                return (hidden, *args[1:]), kwargs
-
-            handles = [layer.register_forward_pre_hook(perturb, with_kwargs=True),
-                       layer.register_forward_hook(lambda m, a, o: captured.update(out=o[0] if isinstance(o, tuple) else o))]
-            try:
-                model(**inputs)
-            finally:
-                for handle in handles:
-                    handle.remove()
-        outputs.append(captured["out"][0])
-    plain, nudged = outputs
+    (boundary, kept), = reducer.resolve(adapter_for(model).geometry).schedule.boundaries
+    plain, nudged = nudged_layer_outputs(model, reducer, inputs, boundary, start + kept - 1)
     assert (plain[start] - nudged[start]).abs().max() > 1e-3  # the first kept image token saw the last
     torch.testing.assert_close(plain[:start], nudged[:start], rtol=0, atol=0)  # nothing before the block did
 
@@ -221,17 +194,7 @@ def test_cached_decoding_equals_uncached_decoding(gemma, method, beams):
     the prompts are longer than the window."""
     model, _ = gemma
     inputs = gemma3_batch([1, 2], seed=9, suffixes=[7, 3])
-    reducer = duet_vlm.make(method, ratio=0.5)
-    runs = []
-    for use_cache in (True, False):
-        with torch.no_grad(), reducer(model):
-            out = model.generate(**inputs, max_new_tokens=GEMMA_WINDOW + 2, do_sample=False, use_cache=use_cache,
-                                 num_beams=beams, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-        runs.append(out)
-    cached, uncached = runs
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for step, (a, b) in enumerate(zip(cached.logits, uncached.logits)):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m, step=step: f"step {step}: {m}")
+    assert_cached_equals_uncached(model, duet_vlm.make(method, ratio=0.5), inputs, GEMMA_WINDOW + 2, beams)
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -258,13 +221,7 @@ def test_bad_inputs_are_clear_errors_and_leave_the_model_as_it_was(gemma, case):
     model, _ = gemma
     inputs = gemma3_batch([2], seed=4)
     make_bad, message = BAD[case]
-    hooks = hook_ids(model)
-    with torch.no_grad():
-        plain = model(**inputs).logits
-        with pytest.raises(ValueError, match=message), duet_vlm.make("duet", budget=8)(model):
-            model(**make_bad(inputs))
-        assert hook_ids(model) == hooks
-        torch.testing.assert_close(model(**inputs).logits, plain, rtol=0, atol=0)
+    assert_refused_and_left_as_it_was(model, inputs, make_bad(inputs), ValueError, message)
 
 
 def test_masks_fall_back_only_where_the_model_builds_none(gemma):

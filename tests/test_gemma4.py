@@ -26,7 +26,10 @@ import functools
 
 import pytest
 import torch
-from checks import assert_step_equals_ideal, fastv_kept_by_hand, hook_ids, kept_slots, next_slots
+from checks import (
+    assert_cached_equals_uncached, assert_refused_and_left_as_it_was, assert_step_equals_ideal, fastv_kept_by_hand,
+    gemma_masks, hook_ids, kept_slots, next_slots, nudged_layer_outputs,
+)
 from models import GEMMA4_IMAGE, GEMMA4_KERNEL, GEMMA4_VIDEO, GEMMA_WINDOW, gemma4_batch, make_gemma4
 
 import duet_vlm
@@ -174,17 +177,6 @@ def test_training_step_equals_the_ideal(gemma4):
     assert_step_equals_ideal(model, reducer, {**inputs, "labels": labels}, parts, ideal)
 
 
-def _gemma4_masks(model, hidden, types):
-    """The masks the unpatched Gemma 4 builds for a sequence (per layer type), from its own module."""
-    import transformers.models.gemma4.modeling_gemma4 as gemma
-
-    blocks = gemma.get_block_sequence_ids_for_mask(types, device=hidden.device)
-    return gemma.create_masks_for_vision_model(
-        config=model.config.text_config, inputs_embeds=hidden, attention_mask=torch.ones_like(types),
-        past_key_values=None, position_ids=None, block_sequence_ids=blocks,
-    )
-
-
 @pytest.mark.parametrize("kv_shared", [2, 0])
 def test_language_side_method_equals_the_hand_built_ideal(kv_shared):
     """FastV: the unpatched decoder runs layers 0..K-1 on every token; per image the tokens kept are
@@ -213,7 +205,7 @@ def test_language_side_method_equals_the_hand_built_ideal(kv_shared):
     assert len(kept) > GEMMA_WINDOW
     hidden = out.hidden_states[boundary][:, kept]
     positions = kept[None]
-    masks = _gemma4_masks(referee, hidden, inputs["mm_token_type_ids"][:, kept])
+    masks = gemma_masks(referee, hidden, inputs["mm_token_type_ids"][:, kept])
     shared: dict = {}
     with torch.no_grad():
         for index in range(boundary, LAYERS):
@@ -245,49 +237,7 @@ def test_boundaries_stop_before_the_layers_that_share_keys_and_values(gemma4):
     assert hook_ids(model) == hooks
 
 
-KEPT = 4
-
-
-def test_a_gemma4_without_a_vision_tower_is_refused_at_attach():
-    """A text-only Gemma 4 (``vision_config=None``): nothing to reduce, a ``TypeError`` saying so."""
-    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
-
-    text = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=1, head_dim=16, global_head_dim=16, hidden_size_per_layer_input=0, pad_token_id=0)
-    model = Gemma4ForConditionalGeneration(Gemma4Config(text_config=text, vision_config=None, audio_config=None,
-                                                        image_token_id=998, boi_token_id=996, eoi_token_id=997,
-                                                        video_token_id=995, audio_token_id=994))
-    hooks = hook_ids(model)
-    with pytest.raises(TypeError, match="no vision tower"):
-        duet_vlm.make("duet", budget=8).attach(model)
-    assert hook_ids(model) == hooks
-
-
-def _block_outputs(model, inputs, layer_index, nudge_at, read_at):
-    """Layer ``layer_index``'s output under FastV at layer 2 (4 of 16 soft tokens kept), with
-    ``nudge`` added to the input state at ``nudge_at`` (kept-sequence slots); the outputs at
-    ``read_at``, unnudged and nudged."""
-    reducer = duet_vlm.make("fastv", layer=2, keep=KEPT)
-    layer = model.model.language_model.layers[layer_index]
-    outputs = []
-    for nudge in (0.0, 1.0):
-        captured = {}
-
-        def perturb(module, args, kwargs, nudge=nudge):
-            hidden = (args[0] if args else kwargs["hidden_states"]).clone()
-            hidden[:, nudge_at] += nudge
-            return (hidden, *args[1:]), kwargs
-
-        with torch.no_grad(), reducer(model):
-            handles = [layer.register_forward_pre_hook(perturb, with_kwargs=True),
-                       layer.register_forward_hook(lambda m, a, o: captured.update(out=o[0] if isinstance(o, tuple) else o))]
-            try:
-                model(**inputs)
-            finally:
-                for handle in handles:
-                    handle.remove()
-        outputs.append(captured["out"][0, read_at])
-    return outputs
+KEPT = 4  # FastV at layer 2 keeps 4 of an image's 16 soft tokens in the tests below
 
 
 @pytest.mark.parametrize("layer_index, both_ways", [(3, True), (2, False)])
@@ -299,7 +249,8 @@ def test_the_image_block_stays_bidirectional_after_pruning_where_gemma_4_has_it(
     model, _ = gemma4
     inputs = gemma4_batch([[(4, 4)]], seed=5)
     start = (inputs["input_ids"][0] == GEMMA4_IMAGE).nonzero()[0, 0].item()
-    plain, nudged = _block_outputs(model, inputs, layer_index, start + KEPT - 1, slice(None))
+    reducer = duet_vlm.make("fastv", layer=2, keep=KEPT)
+    plain, nudged = nudged_layer_outputs(model, reducer, inputs, layer_index, start + KEPT - 1)
     moved = (plain[start] - nudged[start]).abs().max() > 1e-3
     assert bool(moved) == both_ways
     torch.testing.assert_close(plain[:start], nudged[:start], rtol=0, atol=0)
@@ -312,17 +263,7 @@ def test_cached_decoding_equals_uncached_decoding(gemma4, method, beams):
     again each step; the prompts are longer than the window."""
     model, _ = gemma4
     inputs = gemma4_batch([[(4, 4)], [(3, 4), (2, 4)]], seed=9, suffixes=[7, 3])
-    reducer = duet_vlm.make(method, ratio=0.5)
-    runs = []
-    for use_cache in (True, False):
-        with torch.no_grad(), reducer(model):
-            out = model.generate(**inputs, max_new_tokens=GEMMA_WINDOW + 2, do_sample=False, use_cache=use_cache,
-                                 num_beams=beams, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-        runs.append(out)
-    cached, uncached = runs
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for step, (a, b) in enumerate(zip(cached.logits, uncached.logits)):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m, step=step: f"step {step}: {m}")
+    assert_cached_equals_uncached(model, duet_vlm.make(method, ratio=0.5), inputs, GEMMA_WINDOW + 2, beams)
 
 
 def test_a_video_runs_unpatched_under_full_and_is_refused_under_a_method(gemma4):
@@ -376,13 +317,7 @@ def test_bad_inputs_are_clear_errors_and_leave_the_model_as_it_was(gemma4, case)
     model, _ = gemma4
     inputs = gemma4_batch([[(4, 4), (3, 4)]], seed=4)
     make_bad, error, message = BAD[case]
-    hooks = hook_ids(model)
-    with torch.no_grad():
-        plain = model(**inputs).logits
-        with pytest.raises(error, match=message), duet_vlm.make("duet", budget=8)(model):
-            model(**make_bad(inputs))
-        assert hook_ids(model) == hooks
-        torch.testing.assert_close(model(**inputs).logits, plain, rtol=0, atol=0)
+    assert_refused_and_left_as_it_was(model, inputs, make_bad(inputs), error, message)
 
 
 def test_costs_count_what_gemma_4_computes_and_caches(gemma4):

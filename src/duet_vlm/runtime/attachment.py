@@ -34,11 +34,10 @@ from .decoding import continue_prompt, continue_with_masks, unreduced_decode_pos
 from .entry import base_input_ids, check_new_items_on_cache, check_turn_on_cache
 from .exit import compact_head_input, expand_head_output, finish_prefill
 from .guards import check_cache_argument
-from .inputs import token_argument
+from .inputs import segment_layer_inputs, token_argument
 from .prefill import open_prefill
 from .protocol import RuntimeReducer
 from .record import prefill_stats, text_only_stats
-from .state import segment_layer_inputs
 
 # Models with a reducer attached: two reducers on one model would stack their hooks. A model's
 # slot is taken (checked and reserved) under the lock, so of two threads attaching at once one wins.

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .state import PrefillState, check_last_kept
+from .inputs import check_last_kept
+from .state import PrefillState
 
 
 def finish_prefill(prompt: PrefillState, output):

@@ -21,7 +21,7 @@ from torch import nn
 from ..adapters import VisualItem
 from ..compaction import Compaction
 from ..plan import LayerView, Plan
-from .inputs import LayerInputs, last_queries, token_argument, with_token_argument
+from .inputs import LayerInputs
 from .masks import causal_mask, gather_mask
 from .positions import Original, Renumbered
 from .sharded import reading_full
@@ -204,42 +204,6 @@ class Segment:
             return dict(attention_mask=mask)
         rope = adapter.layer_rope(hidden, position_ids)
         return dict(attention_mask=mask, position_ids=position_ids, position_embeddings=rope.get(kind, rope["attention"]))
-
-
-def segment_layer_inputs(adapter, state: "PrefillState", number: int, layer_index: int, kind: str,
-                         hidden: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """What a prefill layer of segment ``number`` (> 0) receives: its segment's mask, positions and
-    RoPE, and its per-token argument (``ModelAdapter.layer_token_argument``, passed at the entry
-    sequence's length) cut to the segment's tokens. A layer the model passes only the last
-    ``logits_to_keep`` tokens (``ModelAdapter.queries_cut_from``) gets the last query rows of each,
-    once it is checked that those tokens are the prompt's last, kept by every boundary."""
-    segment = state.segments[number]
-    kwargs.update(segment.layer_kwargs(kind))
-    queries = hidden.shape[1]
-    cut = queries != segment.steps.length
-    if cut:
-        if adapter.queries_cut_from is None or layer_index < adapter.queries_cut_from:
-            raise RuntimeError(
-                f"decoder layer {layer_index} received {queries} tokens where its segment holds {segment.steps.length}"
-            )
-        check_last_kept(segment.steps, queries, state.entry_length)
-        kwargs = last_queries(kwargs, queries)
-    spec = adapter.layer_token_argument
-    value = None if spec is None else token_argument(spec, args, kwargs)
-    if isinstance(value, torch.Tensor) and value.shape[1] == state.entry_length and not cut:
-        args, kwargs = with_token_argument(spec, args, kwargs, segment.steps.gather(value))
-    return (hidden, *args[1:]), kwargs
-
-
-def check_last_kept(steps: Compaction, queries: int, source_length: int) -> None:
-    """Refuse a cut to the last ``queries`` tokens (``logits_to_keep``) when they are not the last
-    ``queries`` tokens of the sequence ``steps`` cuts from: a reduction dropped one of them."""
-    tail = torch.arange(source_length - queries, source_length, device=steps.index.device)
-    if not bool((steps.index[:, -queries:] == tail).all()):
-        raise NotImplementedError(
-            f"the model computes only the last {queries} tokens here (logits_to_keep={queries}), and the reducer "
-            "dropped some of them; pass a logits_to_keep that covers only tokens the reducer keeps (the prompt's text)"
-        )
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, inputs: LayerInputs, kind: str = "attention",

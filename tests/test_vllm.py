@@ -46,7 +46,7 @@ from duet_vlm.integrations.vllm.checkpoints import (  # noqa: E402
     load_hf,
     write_llava,
     write_llava_next,
-    write_qwen2_5_vl,
+    write_qwen_vl,
 )
 from duet_vlm.integrations.vllm.options import RefusedMethod  # noqa: E402
 
@@ -96,9 +96,10 @@ def saved_llava_next(tmp_path_factory):
     return folder, load_hf(folder), AutoProcessor.from_pretrained(folder)
 
 
-@pytest.fixture(scope="module")
-def saved_qwen(tmp_path_factory):
-    folder = write_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2_5_vl"))
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
+def saved_qwen(request, tmp_path_factory):
+    """A tiny checkpoint of each Qwen family the plugin serves (the real transformers classes)."""
+    folder = write_qwen_vl(tmp_path_factory.mktemp(f"tiny-{request.param}"), kind=request.param)
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
     return folder, model, AutoProcessor.from_pretrained(folder)
 
@@ -260,13 +261,13 @@ def test_a_request_budget_equals_a_server_budget(saved_llava):
 
 
 def test_a_family_the_plugin_does_not_serve_refuses_duet_options_at_start(tmp_path):
-    """Qwen2-VL (one of the families the Hugging Face path supports and the plugin does not serve
+    """Qwen3-VL (one of the families the Hugging Face path supports and the plugin does not serve
     yet): asked for a reduction, the engine does not start, and the error names the families the
     plugin serves (it used to serve every image unreduced without a word); without duet-vlm's
     options it is vLLM's own class and answers as transformers does."""
     from duet_vlm.integrations.vllm.refused import NOT_SERVED
 
-    folder = write_qwen2_5_vl(tmp_path / "tiny-qwen2_vl", kind="qwen2_vl")
+    folder = write_qwen_vl(tmp_path / "tiny-qwen3_vl", kind="qwen3_vl")
     with pytest.raises(Exception) as failure:
         with engine(folder, {"duet_method": "visionzip", "duet_budget": 8}):
             pass
@@ -274,14 +275,14 @@ def test_a_family_the_plugin_does_not_serve_refuses_duet_options_at_start(tmp_pa
     while error is not None:
         chain.append(str(error))
         error = error.__cause__ or error.__context__
-    assert any("serves LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL; Qwen2-VL runs as vLLM's own class" in e for e in chain), chain
+    assert any("serves LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL; Qwen3-VL runs as vLLM's own class" in e for e in chain), chain
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(folder)
     picture = Image.new("RGB", (112, 84), (200, 40, 90))
     with engine(folder, None) as llm:
         (got,), _ = vllm_run(llm, processor, [picture])
     assert_same(hf_run(model, processor, picture, None), got, None)
-    assert set(NOT_SERVED) >= {"Qwen2VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
+    assert set(NOT_SERVED) >= {"Qwen3VLForConditionalGeneration",
                                "LlavaOnevisionForConditionalGeneration", "Qwen3_5ForConditionalGeneration",
                                "Gemma3ForConditionalGeneration", "Gemma4ForConditionalGeneration"}
 
@@ -317,7 +318,7 @@ QWEN_METHODS = ["visionzip", "trio_scan", "random", "divprune", "cdpruner"]
 
 
 @pytest.mark.parametrize("method", QWEN_METHODS)
-def test_qwen2_5_vl_equals_the_hugging_face_path(saved_qwen, method):
+def test_qwen_vl_equals_the_hugging_face_path(saved_qwen, method):
     """Kept tokens in their slots with their original M-RoPE positions, text after the image at the
     unreduced model's positions: the same tokens and log-probabilities as the Hugging Face path."""
     folder, model, processor = saved_qwen
@@ -332,7 +333,7 @@ def test_qwen2_5_vl_equals_the_hugging_face_path(saved_qwen, method):
         assert_same(reference, result, picture_kept)
 
 
-def test_qwen2_5_vl_unreduced_under_the_plugin_equals_vllm(saved_qwen):
+def test_qwen_vl_unreduced_under_the_plugin_equals_vllm(saved_qwen):
     """An image the budget does not reduce, on a server running a method, numbers its tokens as vLLM does."""
     folder, model, processor = saved_qwen
     picture = image(12, (112, 112))  # 16 merged tokens: a budget of 16 reduces nothing

@@ -233,18 +233,29 @@ def _qwen_tokenizer(folder: Path, processor_class: str = "Qwen2_5_VLProcessor") 
     return ids
 
 
-def write_qwen2_5_vl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, layers: int = 4,
-                     kind: str = "qwen2_5_vl") -> Path:
-    """A Qwen2.5-VL-shaped checkpoint: a 4-block vision tower (window attention, full attention in
-    blocks 1 and 3, 2x2 merger), a decoder with head_dim 32 and M-RoPE; the processor resizes to
-    multiples of 28 pixels between 56x56 and 448x448. ``kind="qwen2_vl"``: a Qwen2-VL of the same
-    sizes (every vision block attends over the whole image), for the families the plugin refuses."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+#: the Hugging Face classes of each Qwen kind ``write_qwen_vl`` writes.
+QWEN_KINDS = {
+    "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+    "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
+    "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
+}
 
-    qwen2 = kind == "qwen2_vl"
+
+def write_qwen_vl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, layers: int = 4,
+                  kind: str = "qwen2_5_vl") -> Path:
+    """A tiny Qwen-VL checkpoint of the real classes: a 4-block vision tower with 14-pixel patches
+    and a 2x2 merger, a decoder with head_dim 32 and M-RoPE; the processor resizes to multiples of
+    28 pixels between 56x56 and 448x448. ``kind``: ``"qwen2_5_vl"`` (window attention, full
+    attention in blocks 1 and 3), ``"qwen2_vl"`` (every block attends over the whole image) or
+    ``"qwen3_vl"`` (learned position embeddings, DeepStack from blocks 1 and 2, interleaved M-RoPE
+    and a q/k-normed decoder)."""
+    import transformers
+
+    config_name, model_name, processor_class = QWEN_KINDS[kind]
+    config_class, model_class = getattr(transformers, config_name), getattr(transformers, model_name)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    ids = _qwen_tokenizer(folder, "Qwen2VLProcessor" if qwen2 else "Qwen2_5_VLProcessor")
+    ids = _qwen_tokenizer(folder, processor_class)
     vocab = max(ids.values()) + 1
     text = dict(
         vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
@@ -257,11 +268,14 @@ def write_qwen2_5_vl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, 
         spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3], in_channels=3,
         tokens_per_second=2,
     )
-    if qwen2:
+    if kind == "qwen2_vl":
         vision = dict(depth=4, embed_dim=64, hidden_size=128, mlp_ratio=2, num_heads=2, patch_size=14, spatial_merge_size=2,
                       temporal_patch_size=2, in_channels=3)
-    config_class, model_class = (Qwen2VLConfig, Qwen2VLForConditionalGeneration) if qwen2 else (
-        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
+    elif kind == "qwen3_vl":
+        text["rope_parameters"]["mrope_interleaved"] = True
+        vision = dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=256,
+                      deepstack_visual_indexes=[1, 2])
     architecture = model_class.__name__
     config = config_class(
         text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -290,12 +304,12 @@ def write_qwen2_5_vl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, 
     }
     video_processor = {
         **{k: v for k, v in image_processor.items() if k != "image_processor_type"},
-        "video_processor_type": "Qwen2VLVideoProcessor", "size": {"shortest_edge": 56 * 56, "longest_edge": 4 * 224 * 224},
+        "video_processor_type": "Qwen3VLVideoProcessor" if kind == "qwen3_vl" else "Qwen2VLVideoProcessor", "size": {"shortest_edge": 56 * 56, "longest_edge": 4 * 224 * 224},
         "fps": 2.0, "do_sample_frames": False,
     }
     (folder / "processor_config.json").write_text(json.dumps(
         {"image_processor": image_processor, "video_processor": video_processor,
-         "processor_class": "Qwen2VLProcessor" if qwen2 else "Qwen2_5_VLProcessor"},
+         "processor_class": processor_class},
         indent=2,
     ))
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}))

@@ -12,7 +12,8 @@ from __future__ import annotations
 MODELS = {
     "LlavaForConditionalGeneration": "duet_vlm.integrations.vllm.llava:DuetLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "duet_vlm.integrations.vllm.llava_next:DuetLlavaNextForConditionalGeneration",
-    "Qwen2_5_VLForConditionalGeneration": "duet_vlm.integrations.vllm.qwen2_5_vl:DuetQwen2_5_VLForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "duet_vlm.integrations.vllm.qwen_vl:DuetQwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "duet_vlm.integrations.vllm.qwen_vl:DuetQwen2_5_VLForConditionalGeneration",
 }
 
 

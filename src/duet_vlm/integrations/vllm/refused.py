@@ -16,7 +16,6 @@ from .options import KEYS
 #: architecture -> (vLLM's module, vLLM's class, the family's name) for the families the Hugging Face
 #: path supports and the plugin does not serve yet (vLLM 0.32's registry).
 NOT_SERVED = {
-    "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2-VL"),
     "Qwen3VLForConditionalGeneration": ("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3-VL"),
     "LlavaOnevisionForConditionalGeneration": (
         "llava_onevision", "LlavaOnevisionForConditionalGeneration", "LLaVA-OneVision",
@@ -29,7 +28,7 @@ NOT_SERVED = {
 }
 
 #: what the plugin serves (``plugin.MODELS``), for the message.
-SERVED = "LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL"
+SERVED = "LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL"
 
 
 def refuse_options(vllm_config, family: str) -> None:

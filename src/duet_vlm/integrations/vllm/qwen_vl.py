@@ -1,12 +1,13 @@
-"""Qwen2.5-VL under vLLM: reduction among the merger's tokens, kept tokens at their original M-RoPE positions.
+"""Qwen2-VL and Qwen2.5-VL under vLLM: reduction among the merger's tokens, kept tokens at their original M-RoPE positions.
 
 As in the Hugging Face path (``duet_vlm.adapters.qwen_vl``): a stage chooses and merges among the
 merged tokens of an image, in the language model's space (``project`` is the identity), scored by
-the attention each patch receives in the last full-attention vision block (within its image; mean
-over heads, summed over queries, averaged over its 2x2 group, put back in the merger's output
-order), and every output takes the slot, and so the 3-D position, of the token it stands for: the
-kept tokens enter the language model in their original order with their original (t, h, w)
-positions, and the text after the image keeps the positions the unreduced model gives it.
+the attention each patch receives in the last vision block that attends over whole images (every
+block of Qwen2-VL's tower, ``fullatt_block_indexes`` in Qwen2.5-VL's; within its image; mean over
+heads, summed over queries, averaged over its 2x2 group, put in the merger's output order), and
+every output takes the slot, and so the 3-D position, of the token it stands for: the kept tokens
+enter the language model in their original order with their original (t, h, w) positions, and the
+text after the image keeps the positions the unreduced model gives it.
 
 vLLM numbers a request's tokens before its encoder runs (``get_mrope_input_positions``), and the
 kept tokens are known only after. So each image's embedding carries three extra channels, its kept
@@ -17,6 +18,11 @@ own multimodal-pruning interface (``SupportsMultiModalPruning.recompute_mrope_po
 EVS uses) would serve, but vLLM 0.32 calls it only with ``--video-pruning-rate`` > 0 and never on
 the CPU backend (``CPUModelRunner.load_model`` leaves it off): this path works on every backend, and
 refuses to run together with EVS.
+
+The two families differ in three places, each a method of ``DuetQwenVLMixin`` the Qwen2.5-VL class
+overrides: which block scores (``score_block``), which block is the first to attend over whole
+images (``first_full_attention``), and where each merger output sits among the blocks' merged
+groups (``merger_order``: Qwen2.5-VL's window attention reorders them, Qwen2-VL's does not).
 """
 
 from __future__ import annotations
@@ -28,6 +34,12 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLMultiModalProcessor,
     Qwen2_5_VLProcessingInfo,
+)
+from vllm.model_executor.models.qwen2_vl import (
+    Qwen2VLDummyInputsBuilder,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLMultiModalProcessor,
+    Qwen2VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
@@ -50,7 +62,9 @@ def qwen_geometry(config, grid_thw) -> Geometry:
     )
 
 
-class DuetQwen2_5_VLMultiModalProcessor(DuetProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+class DuetQwenProcessorMixin(DuetProcessorMixin):
+    """Each image's placeholder run as long as the method keeps at its budget (before vLLM's processor class)."""
+
     def item_geometries(self, processed, hf_kwargs) -> list[Geometry]:
         config = self.info.get_hf_config()
         return [qwen_geometry(config, grid) for grid in processed["image_grid_thw"].tolist()]
@@ -70,11 +84,11 @@ class DuetQwen2_5_VLMultiModalProcessor(DuetProcessorMixin, Qwen2_5_VLMultiModal
         return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement), *others]
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    DuetQwen2_5_VLMultiModalProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
-)
-class DuetQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
-    """vLLM's Qwen2.5-VL with duet-vlm's vision-side reduction of images."""
+class DuetQwenVLMixin:
+    """duet-vlm's reduction of images inside vLLM's Qwen-VL model classes (before vLLM's class in the bases)."""
+
+    #: the family's name, for messages.
+    family = "Qwen-VL"
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -82,13 +96,25 @@ class DuetQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
         self._duet_pending = None
         if self.duet.active:
             self.duet.reducer()
-            if self.is_multimodal_pruning_enabled:
+            if getattr(self, "is_multimodal_pruning_enabled", False):
                 raise RefusedMethod(
-                    "duet-vlm's Qwen2.5-VL path numbers the kept tokens itself; it does not run together with vLLM's "
-                    "EVS (--video-pruning-rate): start the server without it"
+                    f"duet-vlm's {self.family} path numbers the kept tokens itself; it does not run together with "
+                    "vLLM's EVS (--video-pruning-rate): start the server without it"
                 )
             if self.use_data_parallel:
-                raise RefusedMethod("duet-vlm's Qwen2.5-VL path does not support --mm-encoder-tp-mode data")
+                raise RefusedMethod(f"duet-vlm's {self.family} path does not support --mm-encoder-tp-mode data")
+
+    # ------------------------------------------------------------------------------ family differences
+    def score_block(self) -> int:
+        """The block whose received attention ranks the tokens: the last that attends over whole images."""
+        return len(self.visual.blocks) - 1
+
+    def first_full_attention(self) -> int:
+        return 0
+
+    def merger_order(self, metadata: dict):
+        """Where each merger output sits among the blocks' merged groups (``None``: the same order)."""
+        return None
 
     # ------------------------------------------------------------------------------ positions
     def get_mrope_input_positions(self, input_tokens, mm_features):
@@ -160,7 +186,7 @@ class DuetQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
         geometries = [qwen_geometry(self.config, grid) for grid in grids]
         plans = [plan_for(self.duet, budget, geometry) for budget, geometry in zip(budgets, geometries)]
         blocks = self.visual.blocks
-        score_block = max(self.visual.fullatt_block_indexes)
+        score_block = self.score_block()
         wanted = {score_block}
         for plan in plans:
             if plan is not None:
@@ -182,7 +208,7 @@ class DuetQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
                 handle.remove()
         sizes = (grid_thw.prod(-1) // merge // merge).tolist()
         metadata = self.visual.prepare_encoder_metadata(grids)
-        signals = {index: self.received(index, *captured[index], metadata["reverse_indices"]) for index in wanted}
+        signals = {index: self.received(index, *captured[index], self.merger_order(metadata)) for index in wanted}
         outputs, start = [], 0
         texts = getattr(self, "_duet_texts", None)
         for index, (size, grid, plan, geometry, item) in enumerate(zip(sizes, grids, plans, geometries, embeds.split(sizes))):
@@ -210,10 +236,10 @@ class DuetQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
     def block_for(self, layer) -> int:
         """A block a stage names, as ``Qwen2VLAdapter.encoder_layer`` resolves it."""
         if layer == "first_full_attention":
-            return min(self.visual.fullatt_block_indexes)
+            return self.first_full_attention()
         return encoder_index(layer, len(self.visual.blocks))
 
-    def received(self, index: int, args, kwargs, reverse_indices):
+    def received(self, index: int, args, kwargs, order):
         """Scores ``(tokens,)`` and keys ``(tokens, d)`` of every merged token of block ``index``, in
         the merger's output order (``duet_vlm.scoring.segment_scores``, as the Hugging Face adapter
         scores them)."""
@@ -231,10 +257,12 @@ class DuetQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
             query, key = rotated[0].transpose(0, 1).float(), rotated[1].transpose(0, 1).float()  # (H, s, d)
             scale = attn.hidden_size_per_attention_head ** -0.5
             received = segment_scores(query, key, cu_seqlens.tolist(), scale, chunk=512)
-            group = self.visual.spatial_merge_unit
+            group = self.visual.spatial_merge_size ** 2
             received = received.view(-1, group).mean(dim=1)
             merged_keys = key.mean(dim=0).view(-1, group, key.shape[-1]).mean(dim=1)
-        order = reverse_indices.to(received.device)
+        if order is None:
+            return received, merged_keys
+        order = order.to(received.device)
         return received[order], merged_keys[order]
 
     def embed_multimodal(self, **kwargs: object):
@@ -247,6 +275,42 @@ class DuetQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
             return super().embed_multimodal(**kwargs)
         finally:
             self._duet_budgets = self._duet_texts = None
+
+
+class DuetQwen2VLMultiModalProcessor(DuetQwenProcessorMixin, Qwen2VLMultiModalProcessor):
+    pass
+
+
+class DuetQwen2_5_VLMultiModalProcessor(DuetQwenProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    DuetQwen2VLMultiModalProcessor, info=Qwen2VLProcessingInfo, dummy_inputs=Qwen2VLDummyInputsBuilder
+)
+class DuetQwen2VLForConditionalGeneration(DuetQwenVLMixin, Qwen2VLForConditionalGeneration):
+    """vLLM's Qwen2-VL with duet-vlm's vision-side reduction of images: every block attends over whole images."""
+
+    family = "Qwen2-VL"
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    DuetQwen2_5_VLMultiModalProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
+)
+class DuetQwen2_5_VLForConditionalGeneration(DuetQwenVLMixin, Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL with duet-vlm's vision-side reduction of images: window attention except in
+    ``fullatt_block_indexes``, whose window order the merger undoes (``reverse_indices``)."""
+
+    family = "Qwen2.5-VL"
+
+    def score_block(self) -> int:
+        return max(self.visual.fullatt_block_indexes)
+
+    def first_full_attention(self) -> int:
+        return min(self.visual.fullatt_block_indexes)
+
+    def merger_order(self, metadata: dict):
+        return metadata["reverse_indices"]
 
 
 def grid_positions(grid, merge: int) -> torch.Tensor:

@@ -46,6 +46,7 @@ from duet_vlm.integrations.vllm.checkpoints import (  # noqa: E402
     load_hf,
     write_llava,
     write_llava_next,
+    write_llava_onevision,
     write_qwen_vl,
 )
 from duet_vlm.integrations.vllm.options import RefusedMethod  # noqa: E402
@@ -96,7 +97,7 @@ def saved_llava_next(tmp_path_factory):
     return folder, load_hf(folder), AutoProcessor.from_pretrained(folder)
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
 def saved_qwen(request, tmp_path_factory):
     """A tiny checkpoint of each Qwen family the plugin serves (the real transformers classes)."""
     folder = write_qwen_vl(tmp_path_factory.mktemp(f"tiny-{request.param}"), kind=request.param)
@@ -105,12 +106,12 @@ def saved_qwen(request, tmp_path_factory):
 
 
 @contextmanager
-def engine(folder, options: dict | None):
+def engine(folder, options: dict | None, dtype: str = "float32"):
     """vLLM's offline engine on ``folder`` with the server-wide processor options ``options``."""
     llm = None
     try:
         llm = LLM(
-            model=str(folder), dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
+            model=str(folder), dtype=dtype, enforce_eager=True, max_model_len=2048, seed=0,
             limit_mm_per_prompt={"image": 1, "video": 0}, mm_processor_kwargs=options, max_num_seqs=4,
             kv_cache_memory_bytes=1 << 28, enable_prefix_caching=False,
         )
@@ -261,13 +262,13 @@ def test_a_request_budget_equals_a_server_budget(saved_llava):
 
 
 def test_a_family_the_plugin_does_not_serve_refuses_duet_options_at_start(tmp_path):
-    """Qwen3-VL (one of the families the Hugging Face path supports and the plugin does not serve
+    """LLaVA-OneVision (one of the families the Hugging Face path supports and the plugin does not serve
     yet): asked for a reduction, the engine does not start, and the error names the families the
     plugin serves (it used to serve every image unreduced without a word); without duet-vlm's
     options it is vLLM's own class and answers as transformers does."""
     from duet_vlm.integrations.vllm.refused import NOT_SERVED
 
-    folder = write_qwen_vl(tmp_path / "tiny-qwen3_vl", kind="qwen3_vl")
+    folder = write_llava_onevision(tmp_path / "tiny-llava_onevision")
     with pytest.raises(Exception) as failure:
         with engine(folder, {"duet_method": "visionzip", "duet_budget": 8}):
             pass
@@ -275,15 +276,15 @@ def test_a_family_the_plugin_does_not_serve_refuses_duet_options_at_start(tmp_pa
     while error is not None:
         chain.append(str(error))
         error = error.__cause__ or error.__context__
-    assert any("serves LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL; Qwen3-VL runs as vLLM's own class" in e for e in chain), chain
+    assert any("serves LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and Qwen3.5-MoE; LLaVA-OneVision "
+               "runs as vLLM's own class" in e for e in chain), chain
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(folder)
-    picture = Image.new("RGB", (112, 84), (200, 40, 90))
+    picture = image(5, (200, 150))
     with engine(folder, None) as llm:
         (got,), _ = vllm_run(llm, processor, [picture])
     assert_same(hf_run(model, processor, picture, None), got, None)
-    assert set(NOT_SERVED) >= {"Qwen3VLForConditionalGeneration",
-                               "LlavaOnevisionForConditionalGeneration", "Qwen3_5ForConditionalGeneration",
+    assert set(NOT_SERVED) == {"LlavaOnevisionForConditionalGeneration", "InternVLForConditionalGeneration",
                                "Gemma3ForConditionalGeneration", "Gemma4ForConditionalGeneration"}
 
 
@@ -342,6 +343,42 @@ def test_qwen_vl_unreduced_under_the_plugin_equals_vllm(saved_qwen):
         (result,), kept = vllm_run(llm, processor, [picture])
     assert kept == []
     assert_same(reference, result, None)
+
+
+#: vLLM's CPU kernel for Gated-DeltaNet runs in bfloat16 only: Qwen3.5 is compared in bfloat16.
+BF16_LOGPROB_TOLERANCE = 1e-2
+
+
+@pytest.fixture(scope="module", params=["qwen3_5", "qwen3_5_moe"])
+def saved_qwen3_5(request, tmp_path_factory):
+    folder = write_qwen_vl(tmp_path_factory.mktemp(f"tiny-{request.param}"), kind=request.param)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    return folder, model, AutoProcessor.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("method", ["visionzip", "trio_scan", "divprune"])
+def test_qwen3_5_equals_the_hugging_face_path_in_bfloat16(saved_qwen3_5, method):
+    """Qwen3.5 and Qwen3.5-MoE (Qwen3-VL's tower, a hybrid linear-attention language model), in
+    bfloat16 on both sides: the same kept tokens and placeholder count, the same first token, and
+    log-probabilities within bfloat16's tolerance for as long as the greedy tokens agree (a tiny
+    random model's next-token distribution is nearly flat, so bfloat16 noise may fork a later step
+    at a near-tie; the first step is the prefill, where the reduction and the positions act). On this
+    tiny model a wrong position moves a log-probability by ~1e-2, about twice bfloat16's noise, so this
+    test does not prove the positions; the float32 Qwen-VL test above does, for the same code (the
+    Qwen3.5 classes add nothing to Qwen3-VL's positions)."""
+    folder, model, processor = saved_qwen3_5
+    pictures = [image(10, (224, 168)), image(11, (168, 280))]
+    budget = 16
+    reducer = duet_vlm.make(method, budget=budget)
+    references = [hf_run(model, processor, picture, reducer) for picture in pictures]
+    with engine(folder, {"duet_method": method, "duet_budget": budget}, dtype="bfloat16") as llm:
+        results, kept = vllm_run(llm, processor, pictures)
+    for picture, (tokens, logprobs, hf_kept), result, picture_kept in zip(pictures, references, results, kept):
+        assert result[2] == len(vllm_prompt(hf_inputs(processor, picture))) - 1 + budget
+        assert torch.equal(picture_kept.reshape(-1).cpu(), hf_kept.reshape(-1).cpu()), (picture_kept, hf_kept)
+        assert result[0][0] == tokens[0], (result[0], tokens)
+        agree = next((i for i, (a, b) in enumerate(zip(result[0], tokens)) if a != b), len(tokens))
+        assert np.allclose(result[1][:agree], logprobs[:agree], atol=BF16_LOGPROB_TOLERANCE), (result[1], logprobs)
 
 
 def reference_tokens(reducer, model, processor, picture) -> int:

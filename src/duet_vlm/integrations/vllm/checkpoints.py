@@ -170,6 +170,52 @@ def write_llava_next(folder: str | Path, size: TinySize = TinySize(image_size=11
     return _write(model, Path(folder), processor, "LlavaNextProcessor")
 
 
+def write_llava_onevision(folder: str | Path, size: TinySize = TinySize(image_size=112), seed: int = 0,
+                          sharpness: float = 4.0) -> Path:
+    """A LLaVA-OneVision-shaped checkpoint (a family the plugin does not serve yet): anyres tiles of
+    ``size.image_size`` pixels on the pinpoints of ``write_llava_next``, a CLIP tower, every feature
+    kept (strategy "full") from a SigLIP tower (no CLS, as released), ``<video>`` added to the demo
+    vocabulary."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tile = size.image_size
+    pinpoints = [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
+    side = tile // size.patch_size
+    tokenizer = json.loads((DEMO / "tokenizer.json").read_text())
+    video = len(tokenizer["model"]["vocab"])
+    tokenizer["model"]["vocab"]["<video>"] = video
+    tokenizer["added_tokens"].append({"id": video, "content": "<video>", "single_word": False, "lstrip": False,
+                                      "rstrip": False, "normalized": False, "special": True})
+    text = _llama(size)
+    text.vocab_size = max(text.vocab_size, video + 1)
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=size.vision_hidden, intermediate_size=2 * size.vision_hidden, num_hidden_layers=size.vision_layers,
+            num_attention_heads=size.vision_heads, image_size=tile, patch_size=size.patch_size,
+        ),
+        text_config=text, image_token_index=IMAGE_TOKEN, video_token_index=video,
+        vision_feature_layer=-1, vision_feature_select_strategy="full", image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio="anyres_max_9", projector_hidden_act="gelu", tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = sharpen(LlavaOnevisionForConditionalGeneration(config), sharpness).float().eval()
+    image_processor = {
+        **_clip_image_processor(tile, "LlavaOnevisionImageProcessor"), "image_grid_pinpoints": pinpoints, "do_pad": True,
+        "do_center_crop": False, "size": {"height": tile, "width": tile},
+    }
+    video_processor = {**{k: v for k, v in image_processor.items() if k != "image_processor_type"},
+                       "video_processor_type": "LlavaOnevisionVideoProcessor"}
+    processor = {
+        "image_processor": image_processor, "video_processor": video_processor, "image_token": "<image>",
+        "video_token": "<video>", "num_image_tokens": side * side, "vision_feature_select_strategy": "full",
+    }
+    _write(model, folder, processor, "LlavaOnevisionProcessor")
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return folder
+
+
 def load_hf(folder: str | Path):
     """The transformers model of a folder written here (the old layout read back), float32, eval."""
     from safetensors.torch import load_file
@@ -238,6 +284,8 @@ QWEN_KINDS = {
     "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
     "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
     "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
+    "qwen3_5": ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration", "Qwen3VLProcessor"),
+    "qwen3_5_moe": ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration", "Qwen3VLProcessor"),
 }
 
 
@@ -248,7 +296,11 @@ def write_qwen_vl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, lay
     28 pixels between 56x56 and 448x448. ``kind``: ``"qwen2_5_vl"`` (window attention, full
     attention in blocks 1 and 3), ``"qwen2_vl"`` (every block attends over the whole image) or
     ``"qwen3_vl"`` (learned position embeddings, DeepStack from blocks 1 and 2, interleaved M-RoPE
-    and a q/k-normed decoder)."""
+    and a q/k-normed decoder) or ``"qwen3_5"`` (Qwen3-VL's tower without DeepStack; a hybrid decoder,
+    Gated-DeltaNet linear attention in layers 0 and 2 and full attention with a gated query and
+    partial RoPE in layers 1 and 3 (released models attend in every fourth layer; two of four here
+    make positions matter beyond bfloat16's noise); linear heads of 128 channels,
+    the one size vLLM's CPU kernel takes) or ``"qwen3_5_moe"`` (the same with 4 experts, 2 per token)."""
     import transformers
 
     config_name, model_name, processor_class = QWEN_KINDS[kind]
@@ -271,11 +323,21 @@ def write_qwen_vl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, lay
     if kind == "qwen2_vl":
         vision = dict(depth=4, embed_dim=64, hidden_size=128, mlp_ratio=2, num_heads=2, patch_size=14, spatial_merge_size=2,
                       temporal_patch_size=2, in_channels=3)
-    elif kind == "qwen3_vl":
+    elif kind in ("qwen3_vl", "qwen3_5", "qwen3_5_moe"):
         text["rope_parameters"]["mrope_interleaved"] = True
         vision = dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=256,
                       deepstack_visual_indexes=[1, 2])
+    if kind in ("qwen3_5", "qwen3_5_moe"):
+        vision.pop("deepstack_visual_indexes")
+        # a quarter of head_dim 32 rotates: the M-RoPE sections add up to 4; a short wavelength
+        # (theta 100), so that positions move the attention layers' output beyond bfloat16's noise
+        text["rope_parameters"].update(mrope_section=[2, 1, 1], partial_rotary_factor=0.25, rope_theta=100.0)
+        text.update(linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=1,
+                    linear_num_value_heads=2, layer_types=[
+                        "full_attention" if i % 2 else "linear_attention" for i in range(layers)])
+    if kind == "qwen3_5_moe":
+        text.update(moe_intermediate_size=64, shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2)
     architecture = model_class.__name__
     config = config_class(
         text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],

@@ -14,6 +14,9 @@ MODELS = {
     "LlavaNextForConditionalGeneration": "duet_vlm.integrations.vllm.llava_next:DuetLlavaNextForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "duet_vlm.integrations.vllm.qwen_vl:DuetQwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "duet_vlm.integrations.vllm.qwen_vl:DuetQwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "duet_vlm.integrations.vllm.qwen_vl:DuetQwen3VLForConditionalGeneration",
+    "Qwen3_5ForConditionalGeneration": "duet_vlm.integrations.vllm.qwen_vl:DuetQwen3_5ForConditionalGeneration",
+    "Qwen3_5MoeForConditionalGeneration": "duet_vlm.integrations.vllm.qwen_vl:DuetQwen3_5MoeForConditionalGeneration",
 }
 
 

@@ -1,9 +1,9 @@
-"""Qwen2-VL and Qwen2.5-VL under vLLM: reduction among the merger's tokens, kept tokens at their original M-RoPE positions.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL under vLLM: reduction among the merger's tokens, kept tokens at their original M-RoPE positions.
 
 As in the Hugging Face path (``duet_vlm.adapters.qwen_vl``): a stage chooses and merges among the
 merged tokens of an image, in the language model's space (``project`` is the identity), scored by
 the attention each patch receives in the last vision block that attends over whole images (every
-block of Qwen2-VL's tower, ``fullatt_block_indexes`` in Qwen2.5-VL's; within its image; mean over
+block of Qwen2-VL's and Qwen3-VL's towers, ``fullatt_block_indexes`` in Qwen2.5-VL's; within its image; mean over
 heads, summed over queries, averaged over its 2x2 group, put in the merger's output order), and
 every output takes the slot, and so the 3-D position, of the token it stands for: the kept tokens
 enter the language model in their original order with their original (t, h, w) positions, and the
@@ -13,19 +13,23 @@ vLLM numbers a request's tokens before its encoder runs (``get_mrope_input_posit
 kept tokens are known only after. So each image's embedding carries three extra channels, its kept
 tokens' (t, h, w) within the image; ``embed_input_ids`` takes them off as it writes the tokens into
 the sequence, and ``forward`` adds them to the image's slots, which ``get_mrope_input_positions``
-numbered at the image's start (text after the image keeps the unreduced model's positions). vLLM's
+numbered at the image's start (text after the image keeps the unreduced model's positions: vLLM
+numbers the unreduced prompt, and the reduced one reads its positions back). vLLM's
 own multimodal-pruning interface (``SupportsMultiModalPruning.recompute_mrope_positions``, the one
 EVS uses) would serve, but vLLM 0.32 calls it only with ``--video-pruning-rate`` > 0 and never on
 the CPU backend (``CPUModelRunner.load_model`` leaves it off): this path works on every backend, and
 refuses to run together with EVS.
 
-The two families differ in three places, each a method of ``DuetQwenVLMixin`` the Qwen2.5-VL class
+The families differ in a few places, each a method of ``DuetQwenVLMixin`` a family's class
 overrides: which block scores (``score_block``), which block is the first to attend over whole
-images (``first_full_attention``), and where each merger output sits among the blocks' merged
-groups (``merger_order``: Qwen2.5-VL's window attention reorders them, Qwen2-VL's does not).
+images (``first_full_attention``), where each merger output sits among the blocks' merged groups
+(``merger_order``: Qwen2.5-VL's window attention reorders them), and the channels of a token as the
+tower returns it (``duet_width``, ``main_width``: Qwen3-VL's DeepStack features follow its own).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import torch
@@ -40,6 +44,18 @@ from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLMultiModalProcessor,
     Qwen2VLProcessingInfo,
+)
+from vllm.model_executor.models.qwen3_5 import (
+    Qwen3_5ForConditionalGeneration,
+    Qwen3_5MoeForConditionalGeneration,
+    Qwen3_5MoeProcessingInfo,
+    Qwen3_5ProcessingInfo,
+)
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
@@ -90,7 +106,7 @@ class DuetQwenVLMixin:
     #: the family's name, for messages.
     family = "Qwen-VL"
 
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:  # vLLM reads these two names
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.duet = Settings.read(server_options(vllm_config.model_config))
         self._duet_pending = None
@@ -101,7 +117,7 @@ class DuetQwenVLMixin:
                     f"duet-vlm's {self.family} path numbers the kept tokens itself; it does not run together with "
                     "vLLM's EVS (--video-pruning-rate): start the server without it"
                 )
-            if self.use_data_parallel:
+            if vllm_config.model_config.get_multimodal_config().mm_encoder_tp_mode == "data":
                 raise RefusedMethod(f"duet-vlm's {self.family} path does not support --mm-encoder-tp-mode data")
 
     # ------------------------------------------------------------------------------ family differences
@@ -112,45 +128,56 @@ class DuetQwenVLMixin:
     def first_full_attention(self) -> int:
         return 0
 
-    def merger_order(self, metadata: dict):
+    def merger_order(self, grids: list):
         """Where each merger output sits among the blocks' merged groups (``None``: the same order)."""
         return None
 
+    def duet_width(self) -> int:
+        """The channels of a visual token's embedding as the tower returns it."""
+        return self.config.text_config.hidden_size
+
+    def main_width(self) -> int:
+        """The channels that enter the sequence; the rest (DeepStack's) travel with the token."""
+        return self.config.text_config.hidden_size
+
     # ------------------------------------------------------------------------------ positions
     def get_mrope_input_positions(self, input_tokens, mm_features):
-        """vLLM's positions, with each image's run as long as its reduced placeholder count: text keeps
-        the unreduced model's positions, an image's slots all hold the image's start (``forward`` adds
-        each kept token's own (t, h, w)); videos as vLLM numbers them."""
+        """vLLM's own positions of the unreduced prompt, read back onto the reduced one: text keeps the
+        unreduced model's positions, an image's slots all hold the image's start (``forward`` adds each
+        kept token's own (t, h, w)), videos keep vLLM's numbering. The unreduced prompt is the reduced
+        one with each image's run written at its full length, so each family numbers it its own way
+        (Qwen3-VL's timestamped frames included) and nothing of vLLM's numbering is copied here."""
         if not self.duet.active:
             return super().get_mrope_input_positions(input_tokens, mm_features)
-        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
-        parts, cursor, next_position = [], 0, 0
-        for feature, (offset, t, h, w, t_factor) in zip(features, self.iter_mm_grid_thw(mm_features)):
-            text = offset - cursor
-            parts.append(np.broadcast_to(np.arange(text), (3, text)) + next_position)
-            base = next_position + text
-            full = np.indices((t, h, w)).reshape(3, -1)
-            if t_factor != 1.0:
-                full[0] = (full[0] * t_factor).astype(np.int64)
-            length = feature.mm_position.length
+        merge = self.config.vision_config.spatial_merge_size
+        tokens = list(input_tokens)
+        expanded, source, features, cursor = [], [], [], 0
+        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            offset, length = feature.mm_position.offset, feature.mm_position.length
+            source += range(len(expanded), len(expanded) + offset - cursor)
+            expanded += tokens[cursor:offset]
+            start = len(expanded)
             if feature.modality == "image":
-                parts.append(np.zeros((3, length), dtype=np.int64) + base)
+                full = int(feature.data["image_grid_thw"].data.prod()) // merge // merge
+                expanded += [tokens[offset]] * full
+                source += [start] * length  # every slot at the image's start: (t, h, w) = (0, 0, 0)
+                placed = dataclasses.replace(feature.mm_position, offset=start, length=full, is_embed=None)
             else:
-                parts.append(full[:, :length] + base)
-            next_position = base + int(full.max()) + 1
+                expanded += tokens[offset : offset + length]
+                source += range(start, start + length)
+                placed = dataclasses.replace(feature.mm_position, offset=start)
+            features.append(dataclasses.replace(feature, mm_position=placed))
             cursor = offset + length
-        if cursor < len(input_tokens):
-            text = len(input_tokens) - cursor
-            parts.append(np.broadcast_to(np.arange(text), (3, text)) + next_position)
-            next_position += text
-        positions = np.concatenate(parts, axis=1).reshape(3, -1)
-        return torch.from_numpy(positions), int(next_position - len(input_tokens))
+        source += range(len(expanded), len(expanded) + len(tokens) - cursor)
+        expanded += tokens[cursor:]
+        positions, _ = super().get_mrope_input_positions(expanded, features)
+        return positions[:, source].contiguous(), int(positions.max()) + 1 - len(tokens)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
         """Take each image's position channels off its embedding (kept for ``forward``)."""
         if not self.duet.active or multimodal_embeddings is None or is_multimodal is None or len(multimodal_embeddings) == 0:
             return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
-        width = self.config.text_config.hidden_size
+        width = self.duet_width()
         embeddings, offsets = [], []
         for embedding in multimodal_embeddings:
             if embedding.shape[-1] == width + 3:
@@ -207,8 +234,8 @@ class DuetQwenVLMixin:
             for handle in handles:
                 handle.remove()
         sizes = (grid_thw.prod(-1) // merge // merge).tolist()
-        metadata = self.visual.prepare_encoder_metadata(grids)
-        signals = {index: self.received(index, *captured[index], self.merger_order(metadata)) for index in wanted}
+        order = self.merger_order(grids)
+        signals = {index: self.received(index, *captured[index], order) for index in wanted}
         outputs, start = [], 0
         texts = getattr(self, "_duet_texts", None)
         for index, (size, grid, plan, geometry, item) in enumerate(zip(sizes, grids, plans, geometries, embeds.split(sizes))):
@@ -225,7 +252,8 @@ class DuetQwenVLMixin:
                 ids = torch.as_tensor(texts[index]).reshape(-1).to(device=item.device, dtype=torch.long)
                 text = self.language_model.embed_input_ids(ids)
             reduced = reduce_unit(
-                plan, item[None], scores[rows][None], keys[rows][None], geometry.grid, False, lambda f: f, maps, text
+                plan, item[None], scores[rows][None], keys[rows][None], geometry.grid, False, lambda f: f, maps, text,
+                main=self.main_width(),
             )
             kept = reduced.kept.cpu()
             order = kept.argsort()  # each output in the slot of the token it stands for
@@ -309,8 +337,50 @@ class DuetQwen2_5_VLForConditionalGeneration(DuetQwenVLMixin, Qwen2_5_VLForCondi
     def first_full_attention(self) -> int:
         return min(self.visual.fullatt_block_indexes)
 
-    def merger_order(self, metadata: dict):
-        return metadata["reverse_indices"]
+    def merger_order(self, grids: list):
+        return self.visual.prepare_encoder_metadata(grids)["reverse_indices"]
+
+
+class DuetQwen3VLMultiModalProcessor(DuetQwenProcessorMixin, Qwen3VLMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    DuetQwen3VLMultiModalProcessor, info=Qwen3VLProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
+)
+class DuetQwen3VLForConditionalGeneration(DuetQwenVLMixin, Qwen3VLForConditionalGeneration):
+    """vLLM's Qwen3-VL with duet-vlm's vision-side reduction of images: every block attends over whole
+    images; the tower returns each token's DeepStack features as extra channels after its own, and
+    they are selected and merged with it (the Hugging Face runtime's ``additions``), so a kept token
+    carries its own DeepStack rows into the decoder layers that add them."""
+
+    family = "Qwen3-VL"
+
+    def duet_width(self) -> int:
+        return self.visual_dim + (self.multiscale_dim if self.use_deepstack else 0)
+
+    def main_width(self) -> int:
+        return self.visual_dim
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    DuetQwen3VLMultiModalProcessor, info=Qwen3_5ProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
+)
+class DuetQwen3_5ForConditionalGeneration(DuetQwen3VLForConditionalGeneration, Qwen3_5ForConditionalGeneration):
+    """vLLM's Qwen3.5 (Qwen3-VL's tower and processor, a hybrid linear-attention language model) with
+    duet-vlm's vision-side reduction of images: the tower side is Qwen3-VL's; the language model is
+    untouched, so its linear-attention layers see the kept tokens as any prompt."""
+
+    family = "Qwen3.5"
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    DuetQwen3VLMultiModalProcessor, info=Qwen3_5MoeProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
+)
+class DuetQwen3_5MoeForConditionalGeneration(DuetQwen3VLForConditionalGeneration, Qwen3_5MoeForConditionalGeneration):
+    """vLLM's Qwen3.5-MoE with duet-vlm's vision-side reduction of images (as Qwen3.5)."""
+
+    family = "Qwen3.5-MoE"
 
 
 def grid_positions(grid, merge: int) -> torch.Tensor:

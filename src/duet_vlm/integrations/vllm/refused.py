@@ -16,19 +16,16 @@ from .options import KEYS
 #: architecture -> (vLLM's module, vLLM's class, the family's name) for the families the Hugging Face
 #: path supports and the plugin does not serve yet (vLLM 0.32's registry).
 NOT_SERVED = {
-    "Qwen3VLForConditionalGeneration": ("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3-VL"),
     "LlavaOnevisionForConditionalGeneration": (
         "llava_onevision", "LlavaOnevisionForConditionalGeneration", "LLaVA-OneVision",
     ),
-    "Qwen3_5ForConditionalGeneration": ("qwen3_5", "Qwen3_5ForConditionalGeneration", "Qwen3.5"),
-    "Qwen3_5MoeForConditionalGeneration": ("qwen3_5", "Qwen3_5MoeForConditionalGeneration", "Qwen3.5-MoE"),
     "InternVLForConditionalGeneration": ("interns1", "InternS1ForConditionalGeneration", "InternVL"),
     "Gemma3ForConditionalGeneration": ("gemma3_mm", "Gemma3ForConditionalGeneration", "Gemma 3"),
     "Gemma4ForConditionalGeneration": ("gemma4_mm", "Gemma4ForConditionalGeneration", "Gemma 4"),
 }
 
 #: what the plugin serves (``plugin.MODELS``), for the message.
-SERVED = "LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL"
+SERVED = "LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and Qwen3.5-MoE"
 
 
 def refuse_options(vllm_config, family: str) -> None:

@@ -103,14 +103,18 @@ def reduce_unit(
     project: Callable[[torch.Tensor], torch.Tensor],
     attention: dict | None = None,
     text: torch.Tensor | None = None,
+    main: int | None = None,
 ) -> Reduced:
     """Run ``plan``'s vision stage on one item's units (``features (U, T, C)``, ``scores``, ``keys``)
     and map the result into the language model's space with ``duet_vlm.plan.apply_vision_stage``,
     the application the Hugging Face runtime runs: the stage's own projected output where it merged
     after the projector, else the projector on its features. ``text``: ``(n_text, D)`` the language model's input embeddings of the prompt's
-    text, for stages that read it (``VisionView.text``, one per unit). Returns ``U * keep`` tokens in
-    the stage's output order."""
-    width = features.shape[-1]
+    text, for stages that read it (``VisionView.text``, one per unit). ``main``: the channels the
+    projector reads (all by default); the rest are extra channels of the same tokens (Qwen3-VL's
+    DeepStack features), selected and merged with them and appended to the projected tokens, as
+    the Hugging Face runtime reduces them (``runtime.vision.reduce_vision``). Returns ``U * keep``
+    tokens in the stage's output order."""
+    width = features.shape[-1] if main is None else main
     dtype = features.dtype
     view = VisionView(
         features, scores, keys, grid, has_cls, dict(attention or {}),
@@ -125,5 +129,9 @@ def reduce_unit(
     if TRACE is not None:
         TRACE.append(applied.reduction)
     valid = applied.valid.flatten()
-    tokens = applied.projected.flatten(0, 1)[valid.to(applied.projected.device)]
+    tokens = applied.projected.flatten(0, 1)
+    if width < features.shape[-1]:
+        extra = applied.reduction.features[..., width:].flatten(0, 1).to(features.dtype)
+        tokens = torch.cat([tokens, extra.to(tokens.device, tokens.dtype)], dim=-1)
+    tokens = tokens[valid.to(tokens.device)]
     return Reduced(tokens, applied.reduction.kept.flatten()[valid.to(applied.reduction.kept.device)], applied.reduction)

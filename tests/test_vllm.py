@@ -381,6 +381,42 @@ def test_qwen3_5_equals_the_hugging_face_path_in_bfloat16(saved_qwen3_5, method)
         assert np.allclose(result[1][:agree], logprobs[:agree], atol=BF16_LOGPROB_TOLERANCE), (result[1], logprobs)
 
 
+@pytest.mark.parametrize(
+    "kind,method,mode",
+    [("llava", "visionzip", "weights"), ("qwen2_vl", "visionzip", "weights"), ("qwen2_5_vl", "trio_scan", "weights"),
+     ("qwen2_5_vl", "visionzip", "data")],
+)
+def test_tensor_parallel_equals_the_hugging_face_path(tmp_path, kind, method, mode):
+    """``--tensor-parallel-size 2`` (two CPU workers, one core each): every rank scores over all
+    heads (its own and the other rank's, gathered), so both keep the tokens one process keeps, and
+    the output equals the Hugging Face path's: LLaVA's CLIP (a fused projection per rank),
+    Qwen2-VL's tower (a slice of q|k|v per rank), Qwen2.5-VL's (per-rank heads), and Qwen2.5-VL with
+    the encoder replicated on each rank (``--mm-encoder-tp-mode data``)."""
+    folder = write_llava(tmp_path / kind) if kind == "llava" else write_qwen_vl(tmp_path / kind, kind=kind)
+    if kind == "llava":
+        model, budget, sizes = load_hf(folder), 64, [(336, 336), (300, 400)]
+    else:
+        model, budget, sizes = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval(), 16, [(224, 168), (168, 280)]
+    processor = AutoProcessor.from_pretrained(folder)
+    seeds = [[20 + i, list(size)] for i, size in enumerate(sizes)]
+    pictures = [image(seed, tuple(size)) for seed, size in seeds]
+    reducer = duet_vlm.make(method, budget=budget)
+    references = [hf_run(model, processor, picture, reducer) for picture in pictures]
+    out = tmp_path / "tp.json"
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    script = os.path.join(os.path.dirname(__file__), "vllm_tensor_parallel.py")
+    run = subprocess.run(
+        [sys.executable, script, str(folder), json.dumps({"duet_method": method, "duet_budget": budget}), mode,
+         json.dumps(seeds), str(out)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for picture, reference, result in zip(pictures, references, results):
+        assert result[2] == len(vllm_prompt(hf_inputs(processor, picture))) - 1 + budget
+        assert_same(reference[:2] + (None,), result, None)
+
+
 def reference_tokens(reducer, model, processor, picture) -> int:
     hf_run(model, processor, picture, reducer)
     return reducer.stats.items[0].tokens_per_layer[0]

@@ -33,6 +33,7 @@ import dataclasses
 
 import numpy as np
 import torch
+from vllm.model_executor.layers.linear import QKVParallelLinear
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLForConditionalGeneration,
@@ -64,7 +65,7 @@ from ...geometry import Geometry
 from ...scoring import segment_scores
 from .common import DuetProcessorMixin, server_options
 from .options import RefusedMethod, Settings, plan_for, strip
-from .select import encoder_index, reduce_unit
+from .select import all_heads, encoder_index, reduce_unit
 
 
 def qwen_geometry(config, grid_thw) -> Geometry:
@@ -117,8 +118,9 @@ class DuetQwenVLMixin:
                     f"duet-vlm's {self.family} path numbers the kept tokens itself; it does not run together with "
                     "vLLM's EVS (--video-pruning-rate): start the server without it"
                 )
-            if vllm_config.model_config.get_multimodal_config().mm_encoder_tp_mode == "data":
-                raise RefusedMethod(f"duet-vlm's {self.family} path does not support --mm-encoder-tp-mode data")
+            # --mm-encoder-tp-mode data (the tower replicated on every rank) is exact as it is: each rank
+            # holds every head. vLLM's own path then splits a batch's images among the ranks; images a
+            # method reduces run whole on every rank (``_process_image_input``).
 
     # ------------------------------------------------------------------------------ family differences
     def score_block(self) -> int:
@@ -276,13 +278,24 @@ class DuetQwenVLMixin:
         cu_seqlens = kwargs["cu_seqlens"]
         cos, sin = kwargs["rotary_pos_emb_cos"], kwargs["rotary_pos_emb_sin"]
         heads = attn.num_attention_heads_per_partition
+        tp_size = getattr(attn, "tp_size", 1)
+        # Under tensor parallelism each rank holds some heads. Qwen2.5-VL's and Qwen3-VL's fused
+        # projection (QKVParallelLinear) gives each rank its heads' q, k and v: their rotated queries
+        # and keys are gathered below. Qwen2-VL's (ColumnParallelLinear) gives a rank a slice of the
+        # concatenated q|k|v: it is gathered first, as Qwen2-VL's own ``split_qkv`` does.
+        per_head = isinstance(attn.qkv, QKVParallelLinear)
         with torch.no_grad():
             qkv, _ = attn.qkv(x)  # (s, 1, 3 * H * d)
+            if not per_head:
+                (qkv,) = all_heads((qkv,), -1, tp_size)
+                heads *= tp_size
             tokens = qkv.shape[0]
             qkv = qkv.reshape(tokens, 3, heads, -1)
             qk = qkv[:, :2].permute(1, 0, 2, 3).contiguous()  # (2, s, H, d)
             rotated = attn.apply_rotary_emb(qk, cos, sin)
             query, key = rotated[0].transpose(0, 1).float(), rotated[1].transpose(0, 1).float()  # (H, s, d)
+            if per_head:
+                query, key = all_heads((query, key), 0, tp_size)
             scale = attn.hidden_size_per_attention_head ** -0.5
             received = segment_scores(query, key, cu_seqlens.tolist(), scale, chunk=512)
             group = self.visual.spatial_merge_size ** 2

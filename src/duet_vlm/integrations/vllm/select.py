@@ -5,7 +5,13 @@ One implementation: the method code that runs under vLLM is the code the Hugging
 (``duet_vlm.methods``); this module only builds the ``VisionView`` a stage reads (features, scores
 and keys of the feature layer, scores of the other encoder layers a stage asks for, the projector)
 from vLLM's modules, the way ``duet_vlm.runtime.vision`` builds it from transformers' modules. No
-vLLM import: only the module attributes of vLLM's vision layers (``layer_norm1``, ``qkv_proj``).
+vLLM import at module level: only the module attributes of vLLM's vision layers (``layer_norm1``,
+``qkv_proj``), and vLLM's all-gather under tensor parallelism (``all_heads``).
+
+Tensor parallelism: a vision layer split over ranks holds only its rank's heads, and a score that
+averages over the heads it holds would differ between ranks (each would keep other tokens, and none
+the tokens of one process). Every score here averages over *all* heads: the ranks' queries and keys
+are gathered first (``all_heads``), so every rank keeps the tokens one process keeps.
 """
 
 from __future__ import annotations
@@ -58,15 +64,27 @@ def tap(layers: dict[int, nn.Module], feature: nn.Module) -> Iterator[Taps]:
     taps.output = torch.cat(outputs) if outputs else None
 
 
+def all_heads(tensors: tuple, dim: int, tp_size: int) -> tuple:
+    """``tensors`` with every tensor-parallel rank's part gathered along ``dim`` (themselves on one
+    rank): the heads of all ranks, in rank order, on every rank."""
+    if tp_size <= 1:
+        return tuple(tensors)
+    from vllm.distributed import tensor_model_parallel_all_gather
+
+    return tuple(tensor_model_parallel_all_gather(t.contiguous(), dim=dim) for t in tensors)
+
+
 def layer_scores(layer: nn.Module, layer_input: torch.Tensor, has_cls: bool, chunk: int = 256):
     """``(scores (U, P or T), keys (U, T, d))`` of a CLIP / SigLIP encoder layer of vLLM, from its own
     ``layer_norm1`` and fused ``qkv_proj``: ``duet_vlm.scoring.attention_scores`` (the arithmetic the
-    Hugging Face path runs on transformers' separate projections), keys averaged over heads."""
+    Hugging Face path runs on transformers' separate projections) over all heads of every
+    tensor-parallel rank (``qkv_proj`` is a ``QKVParallelLinear``: each rank's output is its heads'
+    queries, keys and values), keys averaged over heads."""
     attn = layer.self_attn
     heads = getattr(attn, "num_heads_per_partition", None) or attn.num_heads
     with torch.no_grad():
         qkv, _ = attn.qkv_proj(layer.layer_norm1(layer_input))
-        queries, keys = fused_qk(qkv, heads)
+        queries, keys = all_heads(fused_qk(qkv, heads), 1, getattr(attn, "tp_size", 1))
         scores = attention_scores(queries, keys, attn.scale, has_cls, chunk)
     return scores, keys.mean(dim=1)
 

@@ -15,6 +15,7 @@ import base64
 import gc
 import io
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -106,14 +107,15 @@ def saved_qwen(request, tmp_path_factory):
 
 
 @contextmanager
-def engine(folder, options: dict | None, dtype: str = "float32"):
-    """vLLM's offline engine on ``folder`` with the server-wide processor options ``options``."""
+def engine(folder, options: dict | None, dtype: str = "float32", **settings):
+    """vLLM's offline engine on ``folder`` with the server-wide processor options ``options`` (and
+    more of ``LLM``'s settings)."""
     llm = None
     try:
         llm = LLM(
             model=str(folder), dtype=dtype, enforce_eager=True, max_model_len=2048, seed=0,
-            limit_mm_per_prompt={"image": 1, "video": 0}, mm_processor_kwargs=options, max_num_seqs=4,
-            kv_cache_memory_bytes=1 << 28, enable_prefix_caching=False,
+            mm_processor_kwargs=options, max_num_seqs=4, kv_cache_memory_bytes=1 << 28,
+            **{"enable_prefix_caching": False, "limit_mm_per_prompt": {"image": 1, "video": 0}, **settings},
         )
         # a proxy: the caller never holds the engine, so it is gone (and its process groups with it)
         # before the next engine of this process starts
@@ -261,6 +263,65 @@ def test_a_request_budget_equals_a_server_budget(saved_llava):
     assert per_request[2][0] == reference[0]
 
 
+def test_requests_choose_their_method_from_the_servers_allow_list_llava(saved_llava):
+    check_allow_list(saved_llava, 64, [image(30), image(31), image(32)])
+
+
+def test_requests_choose_their_method_from_the_servers_allow_list_qwen(saved_qwen):
+    check_allow_list(saved_qwen, 16, [image(30, (224, 168)), image(31, (168, 280)), image(32, (224, 224))])
+
+
+def test_the_prefix_cache_serves_the_same_image_at_the_same_budget_only(saved_llava):
+    """Prefix caching with 32-token blocks (the CPU backend's smallest; a prompt here spans three):
+    the same image at the same budget again hits the cache (its full blocks, the image's among them)
+    and answers the same; the same image at another budget hits none of the first's blocks (vLLM
+    keys a block by the items in it, and an item by its processor options, budget included) and
+    answers as an engine without a cache does."""
+    folder, _, processor = saved_llava
+    picture = image(40)
+    prompt = vllm_prompt(hf_inputs(processor, picture))
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=1)
+
+    def ask(llm, request):
+        item = {"prompt_token_ids": prompt, "multi_modal_data": {"image": picture}}
+        if request:
+            item["mm_processor_kwargs"] = request
+        output = llm.generate([item], params, use_tqdm=False)[0]
+        completion = output.outputs[0]
+        logprobs = [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)]
+        return list(completion.token_ids), logprobs, len(output.prompt_token_ids), output.num_cached_tokens or 0
+
+    server = {"duet_method": "visionzip", "duet_budget": 64}
+    with engine(folder, server, enable_prefix_caching=True, block_size=32) as llm:
+        first, again, other = ask(llm, None), ask(llm, None), ask(llm, {"duet_budget": 16})
+    with engine(folder, server) as llm:
+        fresh = ask(llm, {"duet_budget": 16})
+    assert first[3] == 0 and again[3] == (again[2] - 1) // 32 * 32 >= 64  # every full block, the image's among them
+    assert again[:2] == first[:2]
+    assert other[3] == 0 and other[2] == first[2] - 48
+    assert other[0] == fresh[0] and np.allclose(other[1], fresh[1], atol=1e-5)
+
+
+def check_allow_list(saved, budget, pictures):
+    """A server running VisionZip with ``duet_allow`` "pool,divprune": in one batch, a request that
+    names no method, one that chooses pool and one divprune each equal the Hugging Face path under
+    its own method (kept tokens, tokens, log-probabilities), and the placeholder counts are each
+    method's; a method outside the list is refused."""
+    folder, model, processor = saved
+    methods = ["visionzip", "pool", "divprune"]
+    requests = [None, {"duet_method": "pool"}, {"duet_method": "divprune"}]
+    reducers = [duet_vlm.make(m, budget=budget) for m in methods]
+    references = [hf_run(model, processor, p, r) for p, r in zip(pictures, reducers)]
+    counts = [r.stats.items[0].tokens_per_layer[0] for r in reducers]
+    with engine(folder, {"duet_method": "visionzip", "duet_budget": budget, "duet_allow": "pool,divprune"}) as llm:
+        results, kept = vllm_run(llm, processor, pictures, requests)
+        with pytest.raises(ValueError, match="may choose one of pool, divprune"):
+            vllm_run(llm, processor, pictures[:1], [{"duet_method": "random"}])
+    for picture, reference, result, picture_kept, count in zip(pictures, references, results, kept, counts):
+        assert result[2] == len(vllm_prompt(hf_inputs(processor, picture))) - 1 + count
+        assert_same(reference, result, picture_kept)
+
+
 def test_a_family_the_plugin_does_not_serve_refuses_duet_options_at_start(tmp_path):
     """LLaVA-OneVision (one of the families the Hugging Face path supports and the plugin does not serve
     yet): asked for a reduction, the engine does not start, and the error names the families the
@@ -334,15 +395,18 @@ def test_qwen_vl_equals_the_hugging_face_path(saved_qwen, method):
         assert_same(reference, result, picture_kept)
 
 
-def test_qwen_vl_unreduced_under_the_plugin_equals_vllm(saved_qwen):
-    """An image the budget does not reduce, on a server running a method, numbers its tokens as vLLM does."""
+def test_qwen_vl_unreduced_under_the_plugin_equals_vllm(saved_qwen, caplog):
+    """An image the budget does not reduce, on a server running a method, numbers its tokens as vLLM
+    does, and the server's log says so."""
     folder, model, processor = saved_qwen
     picture = image(12, (112, 112))  # 16 merged tokens: a budget of 16 reduces nothing
     reference = hf_run(model, processor, picture, None)
-    with engine(folder, {"duet_method": "visionzip", "duet_budget": 16}) as llm:
-        (result,), kept = vllm_run(llm, processor, [picture])
+    with caplog.at_level(logging.WARNING, logger="duet_vlm.vllm"):
+        with engine(folder, {"duet_method": "visionzip", "duet_budget": 16}) as llm:
+            (result,), kept = vllm_run(llm, processor, [picture])
     assert kept == []
     assert_same(reference, result, None)
+    assert "an image of 16 visual tokens is served unreduced: duet_budget 16 is not below its tokens" in caplog.text
 
 
 #: vLLM's CPU kernel for Gated-DeltaNet runs in bfloat16 only: Qwen3.5 is compared in bfloat16.
@@ -398,8 +462,11 @@ def test_tensor_parallel_equals_the_hugging_face_path(tmp_path, kind, method, mo
     else:
         model, budget, sizes = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval(), 16, [(224, 168), (168, 280)]
     processor = AutoProcessor.from_pretrained(folder)
-    seeds = [[20 + i, list(size)] for i, size in enumerate(sizes)]
-    pictures = [image(seed, tuple(size)) for seed, size in seeds]
+    pictures = [image(20 + i, size) for i, size in enumerate(sizes)]
+    requests = []
+    for i, picture in enumerate(pictures):  # PNG is lossless: the script reads the same pixels
+        picture.save(tmp_path / f"picture{i}.png")
+        requests.append({"prompt_token_ids": vllm_prompt(hf_inputs(processor, picture)), "image": str(tmp_path / f"picture{i}.png")})
     reducer = duet_vlm.make(method, budget=budget)
     references = [hf_run(model, processor, picture, reducer) for picture in pictures]
     out = tmp_path / "tp.json"
@@ -407,7 +474,7 @@ def test_tensor_parallel_equals_the_hugging_face_path(tmp_path, kind, method, mo
     script = os.path.join(os.path.dirname(__file__), "vllm_tensor_parallel.py")
     run = subprocess.run(
         [sys.executable, script, str(folder), json.dumps({"duet_method": method, "duet_budget": budget}), mode,
-         json.dumps(seeds), str(out)],
+         json.dumps(requests), str(NEW_TOKENS), str(out)],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -415,6 +482,80 @@ def test_tensor_parallel_equals_the_hugging_face_path(tmp_path, kind, method, mo
     for picture, reference, result in zip(pictures, references, results):
         assert result[2] == len(vllm_prompt(hf_inputs(processor, picture))) - 1 + budget
         assert_same(reference[:2] + (None,), result, None)
+
+
+#: a 4-frame video and its metadata, the same on both sides (vLLM needs it; without it the Hugging
+#: Face processor times the frames at 24 fps and even unreduced answers differ).
+VIDEO_METADATA = {"total_num_frames": 4, "fps": 2.0, "duration": 2.0, "video_backend": "opencv",
+                  "frames_indices": [0, 1, 2, 3], "do_sample_frames": False}
+VIDEO_PROMPT = (
+    "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>what moves?<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+def video(seed: int, size=(168, 112)) -> np.ndarray:
+    return np.stack([np.asarray(image(seed + i, size)) for i in range(VIDEO_METADATA["total_num_frames"])])
+
+
+def hf_video_run(model, processor, frames, reducer):
+    """Greedy tokens, log-probabilities, kept tokens and token count of a video on the HF path."""
+    from transformers.video_utils import VideoMetadata
+
+    metadata = VideoMetadata(**{k: v for k, v in VIDEO_METADATA.items() if k != "do_sample_frames"})
+    inputs = processor(text=VIDEO_PROMPT, videos=[frames], video_metadata=[metadata], do_sample_frames=False,
+                       return_tensors="pt")
+    context = reducer(model) if reducer is not None else _nothing()
+    with context, torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+            output_logits=True, return_dict_in_generate=True,
+        )
+    tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    logprobs = [torch.log_softmax(step[0].float(), -1)[token].item() for step, token in zip(out.logits, tokens)]
+    kept = reducer.stats.items[0].vision_kept if reducer is not None else None
+    length = inputs["input_ids"].shape[1]
+    if reducer is not None:  # the prompt's length with the video's tokens as the method keeps them
+        length += reducer.stats.items[0].tokens_per_layer[0] - int(inputs["video_grid_thw"].prod()) // 4
+    return (tokens, logprobs, kept), length
+
+
+def vllm_video_run(llm, frames):
+    """The same on vLLM, from the prompt's text (vLLM writes the video's placeholders, Qwen3-VL's
+    timestamped frames included)."""
+    select.TRACE = []
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=1)
+    try:
+        request = {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": (frames, VIDEO_METADATA)}}
+        output = llm.generate([request], params, use_tqdm=False)[0]
+        kept = [reduction.kept.cpu() for reduction in select.TRACE]
+    finally:
+        select.TRACE = None
+    completion = output.outputs[0]
+    tokens = list(completion.token_ids)
+    logprobs = [step[token].logprob for step, token in zip(completion.logprobs, tokens)]
+    return (tokens, logprobs, len(output.prompt_token_ids)), kept
+
+
+@pytest.mark.parametrize("method", ["visionzip", "cdpruner"])
+def test_qwen_videos_equal_the_hugging_face_path(saved_qwen, method):
+    """A 4-frame video (two temporal slices, M-RoPE time scaled by ``second_per_grid_ts`` on
+    Qwen2.5-VL) under a vision-side method, one budget for the whole video as the Hugging Face path
+    defines it: the same kept tokens (every slice's), placeholder count, tokens and log-probabilities."""
+    folder, model, processor = saved_qwen
+    if model.config.model_type == "qwen3_vl":
+        pytest.skip(
+            "vLLM 0.32 with transformers 5.23 fails a Qwen3-VL video before the plugin runs, without duet-vlm's "
+            "options too ('Found 1 <|video_pad|> tokens in the text but no videos were passed'); the plugin serves "
+            "Qwen3-VL videos unreduced and logs it"
+        )
+    frames = video(50)
+    budget = 16
+    reducer = duet_vlm.make(method, budget=budget)
+    reference, length = hf_video_run(model, processor, frames, reducer)
+    with engine(folder, {"duet_method": method, "duet_budget": budget}, limit_mm_per_prompt={"image": 0, "video": 1}) as llm:
+        result, kept = vllm_video_run(llm, frames)
+    assert reducer.stats.items[0].tokens_per_layer[0] == budget and result[2] == length
+    assert_same(reference, result, kept[0])
 
 
 def reference_tokens(reducer, model, processor, picture) -> int:
@@ -439,12 +580,15 @@ def test_openai_server_answers_with_per_request_budgets(saved_llava, tmp_path):
     """vLLM's OpenAI-compatible server with the plugin (``python -m duet_vlm.integrations.vllm.serve``) on
     127.0.0.1: three image requests with different budgets (the server's, a request's budget, a
     request's ratio), then the first again with a request's budget (the same image, now another
-    budget: prefix caching must not reuse the first), answer as the offline engine does."""
+    budget: prefix caching must not reuse the first), then one that chooses pool from the server's
+    ``--allow``, answer as the offline engine does, and each reply's ``usage.prompt_tokens`` counts
+    the visual tokens served (the reduced placeholders); a method outside ``--allow`` and a processor
+    option the server does not take are each a 400."""
     openai = pytest.importorskip("openai")
     folder, _, processor = saved_llava
-    pictures = [image(7), image(8), image(9), image(7)]
-    requests = [None, {"duet_budget": 16}, {"duet_ratio": 0.1}, {"duet_budget": 8}]
-    server = {"duet_method": "visionzip", "duet_budget": 64}
+    pictures = [image(7), image(8), image(9), image(7), image(8)]
+    requests = [None, {"duet_budget": 16}, {"duet_ratio": 0.1}, {"duet_budget": 8}, {"duet_method": "pool"}]
+    server = {"duet_method": "visionzip", "duet_budget": 64, "duet_allow": "pool"}
     messages = [
         [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(p)}},
                                       {"type": "text", "text": "what colour is the shape on the left?"}]}]
@@ -452,14 +596,15 @@ def test_openai_server_answers_with_per_request_budgets(saved_llava, tmp_path):
     ]
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
     with engine(folder, server) as llm:
-        offline = [
-            llm.chat(m, params, use_tqdm=False, mm_processor_kwargs=r)[0].outputs[0].text
-            for m, r in zip(messages, requests)
-        ]
+        outputs = [llm.chat(m, params, use_tqdm=False, mm_processor_kwargs=r)[0] for m, r in zip(messages, requests)]
+    offline = [output.outputs[0].text for output in outputs]
+    prompt_tokens = [len(output.prompt_token_ids) for output in outputs]
+    assert len(set(prompt_tokens)) == 4  # 64, 16, 57 (0.1 of 576) and 8 visual tokens; pool's 64 again
     port = free_port()
     log = open(tmp_path / "server.log", "w")
     command = [
         sys.executable, "-m", "duet_vlm.integrations.vllm.serve", str(folder), "--method", "visionzip", "--budget", "64",
+        "--allow", "pool",
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
         "--kv-cache-memory-bytes", str(1 << 28), "--limit-mm-per-prompt", json.dumps({"image": 1, "video": 0}),
         "--served-model-name", "tiny", "--trust-request-mm-kwargs",  # vLLM's defaults otherwise (prefix caching on)
@@ -478,7 +623,7 @@ def test_openai_server_answers_with_per_request_budgets(saved_llava, tmp_path):
             except OSError:
                 time.sleep(2)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=300, max_retries=0)
-        answers = []
+        answers, served = [], []
         for m, r in zip(messages, requests):
             extra = {"min_tokens": NEW_TOKENS}
             if r:
@@ -487,7 +632,14 @@ def test_openai_server_answers_with_per_request_budgets(saved_llava, tmp_path):
                 model="tiny", messages=m, max_tokens=NEW_TOKENS, temperature=0, extra_body=extra
             )
             answers.append(reply.choices[0].message.content)
+            served.append(reply.usage.prompt_tokens)
         assert answers == offline
+        assert served == prompt_tokens
+        for bad, says in (({"duet_method": "random"}, "may choose one of pool"), ({"do_resize": False}, "no other processor option")):
+            with pytest.raises(openai.BadRequestError, match=says):
+                client.chat.completions.create(
+                    model="tiny", messages=messages[0], max_tokens=NEW_TOKENS, extra_body={"mm_processor_kwargs": bad}
+                )
     finally:
         process.terminate()
         try:

@@ -55,6 +55,35 @@ def test_each_wrong_request_gets_its_own_answer():
         Settings.read({"duet_method": "adaptive", "duet_budget": 64})
 
 
+def test_a_request_chooses_a_method_from_the_servers_allow_list():
+    """``duet_allow``: a request may name one of the server's allowed methods (at its defaults; the
+    server's ``duet_options`` stay with the server's method), and nothing else: another method, a
+    processor option, or a different allow-list is refused, each with its own answer; each item
+    carries its method as an index into ``methods``, which ``choose`` turns back into its settings."""
+    server = {"duet_method": "visionzip", "duet_budget": 64, "duet_allow": "pool, divprune", "max_pixels": 1000}
+    start = Settings.read(server)
+    assert start.method == "visionzip" and start.allow == ("pool", "divprune") and start.methods == ("visionzip", "pool", "divprune")
+    chosen = Settings.read(server, {"duet_method": "divprune", "duet_budget": 32})
+    assert (chosen.method, chosen.budget, chosen.options) == ("divprune", 32, {})
+    assert chosen.methods.index(chosen.method) == 2 and start.choose(2).method == "divprune"
+    assert chosen.tokens(LLAVA) == duet_vlm.make("divprune", budget=32).resolve(LLAVA, quiet=True).schedule.llm_input
+    Settings.check_request(server, {"max_pixels": 1000, "duet_budget": 16})  # the server's own value
+    Settings.check_request({"duet_method": "pool", "duet_budget": 8}, {"max_pixels": 5000})  # no duet_allow: vLLM's rule
+    with pytest.raises(ValueError, match=r"may choose one of pool, divprune \(duet_allow\).*not another method"):
+        Settings.read(server, {"duet_method": "random"})
+    with pytest.raises(ValueError, match="no other processor option; got max_pixels"):
+        Settings.check_request(server, {"max_pixels": 5000, "duet_budget": 16})
+    with pytest.raises(ValueError, match="duet_allow is the server's"):
+        Settings.read(server, {"duet_allow": "random"})
+    with pytest.raises(ValueError, match="duet_allow names unknown methods nope"):
+        Settings.read({"duet_method": "visionzip", "duet_budget": 64, "duet_allow": "nope"})
+    with pytest.raises(RefusedMethod, match="prunes visual tokens inside the language model"):
+        Settings.read({"duet_method": "visionzip", "duet_budget": 64, "duet_allow": "fastv"})  # at the server's start
+    with pytest.raises(ValueError, match="start the server with duet_allow"):
+        Settings.read({"duet_method": "visionzip", "duet_budget": 64}, {"duet_method": "pool"})
+    assert "duet_allow" in KEYS and "duet_allow" not in strip(server)
+
+
 def test_a_budget_at_or_above_the_items_tokens_reduces_nothing():
     settings = Settings.read({"duet_method": "pool", "duet_budget": 600})
     assert settings.item_budget(LLAVA) == 0 and settings.tokens(LLAVA) == 576
@@ -81,7 +110,7 @@ def test_the_supported_methods_select_before_the_language_model():
 
 def test_the_hugging_face_processor_never_sees_the_options():
     assert strip({"duet_method": "pool", "duet_budget": 3, "do_resize": True}) == {"do_resize": True}
-    assert set(KEYS) == {"duet_method", "duet_budget", "duet_ratio", "duet_options", "duet_text"}
+    assert set(KEYS) == {"duet_method", "duet_budget", "duet_ratio", "duet_options", "duet_text", "duet_allow"}
 
 
 def test_the_serve_command_passes_vllm_its_own_flag():

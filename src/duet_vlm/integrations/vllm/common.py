@@ -1,15 +1,17 @@
 """What the processor and the model of every family share under vLLM.
 
 ``DuetProcessorMixin`` (before vLLM's processor class in the bases): reads the server's and the
-request's options, keeps them from the Hugging Face processor, and gives every image a
-``duet_budget`` item field (its absolute budget, 0 for unreduced) that travels with its pixels to
-the model. ``DuetTowerMixin`` (before vLLM's model class): the server's reducer, the plan of an
-item's budget, and the tower run with taps.
+request's options, keeps them from the Hugging Face processor, and gives every image (and every
+video a family reduces) item fields that travel with its pixels to the model (``write_item_fields``:
+its absolute budget, 0 for unreduced; its method where the server lets requests choose; its prompt's
+text where the method reads it), read back as ``ItemFields``. ``DuetTowerMixin`` (before vLLM's
+model class): the server's reducer, the plan of an item's budget, and the tower run with taps.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from typing import Callable
 
@@ -20,6 +22,10 @@ from ...geometry import Geometry
 from ...plan import Plan
 from .options import RefusedMethod, Settings, plan_for, strip, tokens_for
 from .select import Reduced, Taps, encoder_index, layer_scores, reduce_unit, tap
+
+
+#: where the processor says what a request asked that it cannot do (an image its budget leaves unreduced).
+LOG = logging.getLogger("duet_vlm.vllm")
 
 
 def server_options(model_config) -> dict:
@@ -70,6 +76,8 @@ class DuetProcessorMixin:
         non-placeholder token ids); it is part of the options, so vLLM's caches key items by it too."""
         request = dict(inputs.hf_processor_mm_kwargs or {})
         request.pop("duet_text", None)
+        if not getattr(self, "_duet_profiling", False):
+            Settings.check_request(server_options(self.info.ctx.model_config), request)
         settings = self.settings(request)
         if settings.active and settings.needs_text() and isinstance(inputs.prompt, (list, tuple)):
             placeholders = self.placeholder_ids()
@@ -89,23 +97,73 @@ class DuetProcessorMixin:
         settings = self.settings(hf_processor_mm_kwargs)
         if settings.active and processed_data.get("pixel_values") is not None:
             geometries = self.item_geometries(processed_data, hf_processor_mm_kwargs)
-            processed_data["duet_budget"] = torch.tensor([settings.item_budget(g) for g in geometries], dtype=torch.long)
-            text = hf_processor_mm_kwargs.get("duet_text")
-            if text is not None:
-                processed_data["duet_text"] = torch.tensor([list(text)] * len(geometries), dtype=torch.long)
+            write_item_fields(processed_data, settings, geometries, hf_processor_mm_kwargs.get("duet_text"))
         return processed_data
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
-        config = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        for key in ("duet_budget", "duet_text"):
-            if key in hf_inputs:
-                config[key] = MultiModalFieldConfig.batched("image")
-        return config
+        return {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs), **item_fields_config(hf_inputs)}
 
     def reduced_tokens(self, hf_processor_mm_kwargs, geometry: Geometry) -> int:
         """An image's placeholder count: the method's token count at the image's budget."""
         settings = self.settings({k: v for k, v in hf_processor_mm_kwargs.items() if k != "duet_text"})
         return tokens_for(settings, settings.item_budget(geometry), geometry)
+
+
+@dataclasses.dataclass
+class ItemFields:
+    """What the processor gave each item of one modality in a batch: its absolute budget (0:
+    unreduced), its prompt's text ids (methods that read the text), and its method (an index into
+    the server's ``Settings.methods``; ``None`` where the server allows no other)."""
+
+    budgets: list[int] | None = None
+    texts: object = None
+    methods: list[int] | None = None
+
+    @classmethod
+    def take(cls, kwargs: dict, modality: str = "image") -> "ItemFields":
+        """The fields of ``modality``'s items, taken out of a batch's arguments."""
+        prefix = field_prefix(modality)
+        budgets, texts, methods = (kwargs.pop(prefix + key, None) for key in ("budget", "text", "method"))
+        return cls(_ints(budgets), texts, _ints(methods))
+
+    def settings(self, server: Settings, index: int) -> Settings:
+        """The settings of item ``index``: the server's, or the method its request chose."""
+        return server if not self.methods else server.choose(self.methods[index])
+
+
+def field_prefix(modality: str) -> str:
+    """The item fields' prefix: ``duet_budget`` for an image, ``duet_video_budget`` for a video."""
+    return "duet_" if modality == "image" else f"duet_{modality}_"
+
+
+def _ints(values) -> list[int] | None:
+    return None if values is None else [int(v) for v in torch.as_tensor(values).reshape(-1).tolist()]
+
+
+def item_fields_config(hf_inputs, modality: str = "image") -> dict:
+    """vLLM's field config of the item fields the processor wrote for ``modality``."""
+    prefix = field_prefix(modality)
+    return {prefix + key: MultiModalFieldConfig.batched(modality)
+            for key in ("budget", "text", "method") if prefix + key in hf_inputs}
+
+
+def write_item_fields(processed_data: dict, settings: Settings, geometries: list, text, modality: str = "image") -> None:
+    """Give each of ``modality``'s items (``geometries``) its budget, method and prompt text, and
+    log the items a budget leaves unreduced."""
+    prefix = field_prefix(modality)
+    budgets = [settings.item_budget(g) for g in geometries]
+    for geometry, budget in zip(geometries, budgets):
+        if budget == 0:
+            LOG.warning(
+                "duet-vlm: %s of %d visual tokens is served unreduced: %s is not below its tokens",
+                f"an {modality}" if modality == "image" else f"a {modality}", geometry.visual_tokens,
+                f"duet_budget {settings.budget}" if settings.budget is not None else f"duet_ratio {settings.ratio}",
+            )
+    processed_data[prefix + "budget"] = torch.tensor(budgets, dtype=torch.long)
+    if settings.allow:  # the item's method, as its index in the server's methods
+        processed_data[prefix + "method"] = torch.tensor([settings.methods.index(settings.method)] * len(geometries), dtype=torch.long)
+    if text is not None:
+        processed_data[prefix + "text"] = torch.tensor([list(text)] * len(geometries), dtype=torch.long)
 
 
 class DuetTowerMixin:
@@ -127,19 +185,22 @@ class DuetTowerMixin:
 
     def duet_pixels(self, kwargs: dict):
         """``(image_input, budgets, texts)`` of an image batch the method reduces (vLLM's parsed input:
-        ``pixel_values`` and any sizes), with the duet keys taken out of ``kwargs``; ``None`` where
-        vLLM's own ``embed_multimodal`` answers (no method, no budgets, no images, embeddings given)."""
-        budgets = kwargs.pop("duet_budget", None)
-        texts = kwargs.pop("duet_text", None)
-        if not self.duet.active or budgets is None:
+        ``pixel_values`` and any sizes), with the duet keys taken out of ``kwargs`` (each item's method,
+        ``duet_method``, kept for ``duet_plan``); ``None`` where vLLM's own ``embed_multimodal``
+        answers (no method, no budgets, no images, embeddings given)."""
+        fields = ItemFields.take(kwargs)
+        self._duet_items = {"image": fields}
+        if not self.duet.active or fields.budgets is None:
             return None
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None or image_input["type"] != "pixel_values":
             return None
-        return image_input, [int(b) for b in torch.as_tensor(budgets).reshape(-1).tolist()], texts
+        return image_input, fields.budgets, fields.texts
 
-    def duet_plan(self, budget: int, geometry: Geometry) -> Plan | None:
-        return plan_for(self.duet, budget, geometry)
+    def duet_plan(self, budget: int, geometry: Geometry, index: int = 0) -> Plan | None:
+        """The plan of image ``index`` of the batch at its ``budget``, by its own method."""
+        fields = getattr(self, "_duet_items", {}).get("image") or ItemFields()
+        return plan_for(fields.settings(self.duet, index), budget, geometry)
 
     def encoder_layers_of(self) -> list:
         return list(self.vision_tower.vision_model.encoder.layers)

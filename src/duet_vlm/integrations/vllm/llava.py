@@ -84,7 +84,7 @@ class DuetLlavaForConditionalGeneration(DuetTowerMixin, LlavaForConditionalGener
         image_input, budgets, texts = request
         pixel_values = image_input["pixel_values"]
         geometry = self.duet_geometry
-        plans = [self.duet_plan(budget, geometry) for budget in budgets]
+        plans = [self.duet_plan(budget, geometry, index) for index, budget in enumerate(budgets)]
         taps = self.run_tower(lambda: self.vision_tower(pixel_values, feature_select_strategy="full"), plans)
         offset = int(self.config.vision_feature_select_strategy == "default")
         outputs = []

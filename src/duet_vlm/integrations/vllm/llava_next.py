@@ -25,7 +25,7 @@ from vllm.model_executor.models.llava_next import get_anyres_image_grid_shape
 
 from ...geometry import Geometry
 from .common import DuetProcessorMixin, DuetTowerMixin
-from .options import RefusedMethod
+from .options import RefusedMethod, plan_for
 
 
 def next_geometry(info: LlavaNextProcessingInfo, width: int, height: int) -> Geometry:
@@ -112,7 +112,7 @@ class DuetLlavaNextForConditionalGeneration(DuetTowerMixin, LlavaNextForConditio
                 config.text_config.num_hidden_layers, packed.shape[0], (1, len(tile)), False,
                 encoder_depth=config.vision_config.num_hidden_layers,
             )
-            plan = self.duet_plan(budgets[index], geometry)
+            plan = self.duet_plan(budgets[index], geometry, index)
             if plan is None:
                 outputs.append(packed)
                 continue
@@ -129,10 +129,11 @@ class DuetLlavaNextForConditionalGeneration(DuetTowerMixin, LlavaNextForConditio
         return outputs
 
     def method_plans(self) -> list:
-        """A plan of the server's method at an arbitrary budget, for the layers its stage reads."""
-        plan = self.duet_plan(64, Geometry(self.config.text_config.num_hidden_layers, 4096, (1, 4000), False,
-                                           encoder_depth=self.config.vision_config.num_hidden_layers))
-        return [plan]
+        """A plan of each method the server runs (its own, those it allows) at an arbitrary budget, for
+        the layers their stages read."""
+        geometry = Geometry(self.config.text_config.num_hidden_layers, 4096, (1, 4000), False,
+                            encoder_depth=self.config.vision_config.num_hidden_layers)
+        return [plan_for(self.duet.choose(index), 64, geometry) for index in range(len(self.duet.methods))]
 
 
 def trace_slots(packed: torch.Tensor, projected: torch.Tensor, newline: torch.Tensor):

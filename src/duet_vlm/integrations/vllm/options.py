@@ -15,7 +15,11 @@ Keys: ``duet_method`` (a registered method), ``duet_budget`` (average visual tok
 layer per item: ``duet_vlm.make``'s budget) or ``duet_ratio`` (of each item's own tokens),
 ``duet_options`` (the method's other settings, as ``make``'s keyword arguments, e.g.
 ``"{\"layers\": []}"`` for DUET's Stage A alone: a JSON string where a setting is a list, since vLLM
-caches processors by their options and cannot hash lists).
+caches processors by their options and cannot hash lists), ``duet_allow`` (the server's only: the
+methods a request may choose instead of the server's, comma-separated, each at its defaults; a
+server that sets it takes ``duet_method``, ``duet_budget`` and ``duet_ratio`` from a request and no
+other processor option, so ``--trust-request-mm-kwargs``, which vLLM requires for any request
+option, opens these three and nothing else).
 
 >>> settings = Settings.read({"duet_method": "pool", "duet_budget": 64}, {"duet_ratio": 0.5})
 >>> settings.budget, settings.ratio
@@ -39,7 +43,10 @@ from ...methods import METHODS, make
 from ...methods.base import Reducer
 
 #: every key of the processor options that duet-vlm reads (and takes out before the HF processor).
-KEYS = ("duet_method", "duet_budget", "duet_ratio", "duet_options", "duet_text")
+KEYS = ("duet_method", "duet_budget", "duet_ratio", "duet_options", "duet_text", "duet_allow")
+
+#: what a request may set on a server with ``duet_allow``.
+REQUEST_KEYS = ("duet_method", "duet_budget", "duet_ratio")
 
 
 class RefusedMethod(ValueError):
@@ -56,13 +63,17 @@ def strip(kwargs: Mapping[str, object]) -> dict[str, object]:
 class Settings:
     """The reducer a server runs and the budget or ratio an item gets.
 
-    ``method`` ``None``: nothing is reduced (the plugin is installed, not asked for).
+    ``method`` ``None``: nothing is reduced (the plugin is installed, not asked for). ``allow``: the
+    methods a request may choose instead of the server's (``duet_allow``); ``server_method``: the
+    server's own (``methods`` numbers them: an item carries its method's index to the model).
     """
 
     method: str | None = None
     budget: int | None = None
     ratio: float | None = None
     options: dict = field(default_factory=dict)
+    allow: tuple = ()
+    server_method: str | None = None
 
     @classmethod
     def read(cls, server: Mapping[str, object] | None, request: Mapping[str, object] | None = None) -> "Settings":
@@ -70,17 +81,29 @@ class Settings:
         A request may not name another method: one server runs one method."""
         server, request = dict(server or {}), dict(request or {})
         method = server.get("duet_method")
-        if request.get("duet_method") not in (None, method):
-            raise ValueError(
-                f"this server runs duet_method={method!r}; a request may set duet_budget or duet_ratio, not another method"
-            )
-        if request.get("duet_options") is not None and parse_options(request["duet_options"]) != parse_options(server.get("duet_options")):
+        allow = parse_allow(server.get("duet_allow"))
+        if allow and method is None:
+            raise ValueError("duet_allow names the methods a request may choose instead of the server's duet_method: set one")
+        if "duet_allow" in request and parse_allow(request["duet_allow"]) != allow:
+            raise ValueError("duet_allow is the server's (--mm-processor-kwargs); a request may not change it")
+        chosen = request.get("duet_method")
+        options_of = server.get("duet_options")
+        if chosen not in (None, method):
+            if chosen not in allow:
+                choices = f"; a request may choose one of {', '.join(allow)} (duet_allow)" if allow else ""
+                raise ValueError(
+                    f"this server runs duet_method={method!r}{choices}; a request may set duet_budget or duet_ratio, "
+                    f"not another method (duet_method={chosen!r})"
+                    + ("" if allow else " (start the server with duet_allow to let requests choose)")
+                )
+            options_of = None  # the server's duet_options belong to its own method
+        elif request.get("duet_options") is not None and parse_options(request["duet_options"]) != parse_options(server.get("duet_options")):
             raise ValueError("duet_options are the server's (--mm-processor-kwargs); a request may set duet_budget or duet_ratio")
         values = server
         if "duet_budget" in request or "duet_ratio" in request:
             values = {**server, "duet_budget": request.get("duet_budget"), "duet_ratio": request.get("duet_ratio")}
         budget, ratio = values.get("duet_budget"), values.get("duet_ratio")
-        options = parse_options(values.get("duet_options"))
+        options = parse_options(options_of)
         if method is None:
             if budget is not None or ratio is not None:
                 raise ValueError(
@@ -92,9 +115,38 @@ class Settings:
             raise ValueError(f"duet_method={method!r} takes duet_budget or duet_ratio, not both")
         if budget is None and ratio is None:
             raise ValueError(f"duet_method={method!r} needs one of duet_budget or duet_ratio")
-        settings = cls(method, budget, ratio, options)
+        if not request:  # the server's own settings: every method it allows runs here
+            for name in allow:
+                cls(name, budget, ratio).reducer()
+        method = chosen if chosen is not None else method
+        settings = cls(method, budget, ratio, options, allow, server.get("duet_method"))
         settings.reducer()  # the method exists and takes these settings, and runs before the language model
         return settings
+
+    @staticmethod
+    def check_request(server: Mapping[str, object] | None, request: Mapping[str, object] | None) -> None:
+        """Refuse a client's processor options other than duet-vlm's where the server sets
+        ``duet_allow`` (called on what the client sent, before vLLM adds its own options)."""
+        server, request = dict(server or {}), dict(request or {})
+        if not parse_allow(server.get("duet_allow")):
+            return
+        others = sorted(k for k in request if k not in KEYS and request[k] != server.get(k))
+        if others:
+            raise ValueError(
+                f"this server (duet_allow) takes {', '.join(REQUEST_KEYS)} from a request and no other processor "
+                f"option; got {', '.join(others)}"
+            )
+
+    @property
+    def methods(self) -> tuple:
+        """The server's method, then those a request may choose (an item's method is its index here)."""
+        return (self.server_method or self.method, *self.allow)
+
+    def choose(self, index: int) -> "Settings":
+        """The settings of method ``index`` of ``methods`` (the server's options go with its own method only)."""
+        if index == 0:
+            return dataclasses.replace(self, method=self.methods[0])
+        return dataclasses.replace(self, method=self.methods[index], options={})
 
     @property
     def active(self) -> bool:
@@ -137,6 +189,18 @@ class Settings:
     def record(self) -> dict[str, Any] | None:
         """The reducer's record (``to_dict``), or ``None``."""
         return self.reducer().to_dict() if self.active else None
+
+
+def parse_allow(allow) -> tuple:
+    """``duet_allow`` as a tuple of method names (a comma-separated string, or a list offline)."""
+    if allow is None or allow == "":
+        return ()
+    names = allow.split(",") if isinstance(allow, str) else list(allow)
+    names = tuple(str(name).strip() for name in names if str(name).strip())
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise ValueError(f"duet_allow names unknown methods {', '.join(unknown)}; registered: {', '.join(sorted(METHODS))}")
+    return names
 
 
 def parse_options(options) -> dict:

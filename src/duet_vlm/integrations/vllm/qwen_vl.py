@@ -30,6 +30,7 @@ tower returns it (``duet_width``, ``main_width``: Qwen3-VL's DeepStack features 
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import numpy as np
 import torch
@@ -63,42 +64,70 @@ from vllm.multimodal.processing import PromptReplacement
 
 from ...geometry import Geometry
 from ...scoring import segment_scores
-from .common import DuetProcessorMixin, server_options
+from .common import LOG, DuetProcessorMixin, ItemFields, item_fields_config, server_options, write_item_fields
 from .options import RefusedMethod, Settings, plan_for, strip
 from .select import all_heads, encoder_index, reduce_unit
 
 
-def qwen_geometry(config, grid_thw) -> Geometry:
-    """An image's geometry from its ``image_grid_thw``, as ``Qwen2VLAdapter.item_geometry`` gives it."""
+def qwen_geometry(config, grid_thw, modality: str = "image") -> Geometry:
+    """An item's geometry from its ``image_grid_thw`` / ``video_grid_thw``, as
+    ``Qwen2VLAdapter.item_geometry`` gives it (a video: one unit per temporal slice, one budget)."""
     merge = config.vision_config.spatial_merge_size
     t, h, w = (int(v) for v in grid_thw)
     rows, cols = h // merge, w // merge
     return Geometry(
-        config.text_config.num_hidden_layers, t * rows * cols, (rows, cols), False, units=t, modality="image",
+        config.text_config.num_hidden_layers, t * rows * cols, (rows, cols), False, units=t, modality=modality,
         rope="mrope", encoder_depth=config.vision_config.depth,
     )
 
 
 class DuetQwenProcessorMixin(DuetProcessorMixin):
-    """Each image's placeholder run as long as the method keeps at its budget (before vLLM's processor class)."""
+    """Each item's placeholder run as long as the method keeps at its budget (before vLLM's processor
+    class): images, and videos where the family reduces them (``reduces_videos``)."""
+
+    #: whether the model class reduces videos (Qwen2-VL, Qwen2.5-VL: one run per video); Qwen3-VL
+    #: writes each frame as its own run behind a timestamp, which the plugin does not reduce yet.
+    reduces_videos = True
 
     def item_geometries(self, processed, hf_kwargs) -> list[Geometry]:
         config = self.info.get_hf_config()
         return [qwen_geometry(config, grid) for grid in processed["image_grid_thw"].tolist()]
+
+    def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
+        processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
+        settings = self.settings(hf_processor_mm_kwargs)
+        if settings.active and processed_data.get("pixel_values_videos") is not None:
+            if not self.reduces_videos:
+                LOG.warning("duet-vlm: videos are served unreduced on %s (its frames are runs of their own)",
+                            type(self.info.get_hf_config()).__name__)
+            else:
+                config = self.info.get_hf_config()
+                geometries = [qwen_geometry(config, grid, "video") for grid in processed_data["video_grid_thw"].tolist()]
+                write_item_fields(processed_data, settings, geometries, hf_processor_mm_kwargs.get("duet_text"), "video")
+        return processed_data
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        return {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs), **item_fields_config(hf_inputs, "video")}
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, strip(hf_processor_mm_kwargs), out_mm_kwargs)
         if not self.settings().active:
             return updates
         config = self.info.get_hf_config()
-        image_token_id = config.image_token_id
-        others = [update for update in updates if update.modality != "image"]
+        modalities = ("image", "video") if self.reduces_videos else ("image",)
+        tokens = {"image": config.image_token_id, "video": config.video_token_id}
+        others = [update for update in updates if update.modality not in modalities]
 
-        def replacement(item_idx: int):
-            grid = out_mm_kwargs["image"][item_idx]["image_grid_thw"].data
-            return [image_token_id] * self.reduced_tokens(hf_processor_mm_kwargs, qwen_geometry(config, grid))
+        def replacement(item_idx: int, modality: str):
+            grid = out_mm_kwargs[modality][item_idx][f"{modality}_grid_thw"].data
+            count = self.reduced_tokens(hf_processor_mm_kwargs, qwen_geometry(config, grid, modality))
+            return [tokens[modality]] * count
 
-        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement), *others]
+        return [
+            *(PromptReplacement(modality=m, target=[tokens[m]], replacement=partial(replacement, modality=m))
+              for m in modalities),
+            *others,
+        ]
 
 
 class DuetQwenVLMixin:
@@ -106,11 +135,14 @@ class DuetQwenVLMixin:
 
     #: the family's name, for messages.
     family = "Qwen-VL"
+    #: whether videos are reduced (as their processor's ``reduces_videos``).
+    reduces_videos = True
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:  # vLLM reads these two names
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.duet = Settings.read(server_options(vllm_config.model_config))
         self._duet_pending = None
+        self._duet_items: dict = {}
         if self.duet.active:
             self.duet.reducer()
             if getattr(self, "is_multimodal_pruning_enabled", False):
@@ -145,8 +177,8 @@ class DuetQwenVLMixin:
     # ------------------------------------------------------------------------------ positions
     def get_mrope_input_positions(self, input_tokens, mm_features):
         """vLLM's own positions of the unreduced prompt, read back onto the reduced one: text keeps the
-        unreduced model's positions, an image's slots all hold the image's start (``forward`` adds each
-        kept token's own (t, h, w)), videos keep vLLM's numbering. The unreduced prompt is the reduced
+        unreduced model's positions, an image's (and a reduced video's) slots all hold its start
+        (``forward`` adds each kept token's own (t, h, w)), other videos keep vLLM's numbering. The unreduced prompt is the reduced
         one with each image's run written at its full length, so each family numbers it its own way
         (Qwen3-VL's timestamped frames included) and nothing of vLLM's numbering is copied here."""
         if not self.duet.active:
@@ -159,10 +191,10 @@ class DuetQwenVLMixin:
             source += range(len(expanded), len(expanded) + offset - cursor)
             expanded += tokens[cursor:offset]
             start = len(expanded)
-            if feature.modality == "image":
-                full = int(feature.data["image_grid_thw"].data.prod()) // merge // merge
+            if feature.modality == "image" or (feature.modality == "video" and self.reduces_videos):
+                full = int(feature.data[f"{feature.modality}_grid_thw"].data.prod()) // merge // merge
                 expanded += [tokens[offset]] * full
-                source += [start] * length  # every slot at the image's start: (t, h, w) = (0, 0, 0)
+                source += [start] * length  # every slot at the item's start: (t, h, w) = (0, 0, 0)
                 placed = dataclasses.replace(feature.mm_position, offset=start, length=full, is_embed=None)
             else:
                 expanded += tokens[offset : offset + length]
@@ -203,17 +235,45 @@ class DuetQwenVLMixin:
 
     # ------------------------------------------------------------------------------ images
     def _process_image_input(self, image_input):
-        budgets = getattr(self, "_duet_budgets", None)
         if not self.duet.active:
             return super()._process_image_input(image_input)
-        grid_thw = image_input["image_grid_thw"]
+        return self._reduce_items(image_input, "image", super()._process_image_input)
+
+    def _process_video_input(self, video_input):
+        if not self.duet.active or not self.reduces_videos:
+            return super()._process_video_input(video_input)
+        return self._reduce_items(video_input, "video", super()._process_video_input)
+
+    def temporal_factors(self, visual_input, modality: str, count: int) -> list[float]:
+        """How far apart in M-RoPE time each item's temporal slices are: 1 for images; for a video
+        ``second_per_grid_ts * tokens_per_second``, as vLLM numbers it (``iter_mm_grid_thw``)."""
+        if modality == "image":
+            return [1.0] * count
+        try:
+            seconds = torch.as_tensor(visual_input["second_per_grid_ts"]).reshape(-1).tolist()
+        except (KeyError, TypeError, AttributeError):  # Qwen2-VL's video input has none
+            seconds = [1.0] * count
+        per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        return [float(second) * per_second for second in seconds]
+
+    def _reduce_items(self, visual_input, modality: str, unreduced):
+        """The items of one modality under duet-vlm: each reduced by its own method at its own budget
+        (an unreduced one as vLLM embeds it), its tokens in slot order, each with its (t, h, w)."""
+        fields = self._duet_items.get(modality) or ItemFields()
+        grid_thw = visual_input[f"{modality}_grid_thw"]
         grids = grid_thw.tolist()
         merge = self.visual.spatial_merge_size
-        if budgets is None or image_input["type"] != "pixel_values":  # unreduced, with their positions
-            embeds = super()._process_image_input(image_input)
-            return tuple(torch.cat([e, grid_positions(g, merge).to(e.device, e.dtype)], dim=1) for e, g in zip(embeds, grids))
-        geometries = [qwen_geometry(self.config, grid) for grid in grids]
-        plans = [plan_for(self.duet, budget, geometry) for budget, geometry in zip(budgets, geometries)]
+        factors = self.temporal_factors(visual_input, modality, len(grids))
+        pixels = "pixel_values" if modality == "image" else "pixel_values_videos"
+        if fields.budgets is None or visual_input["type"] != pixels:  # unreduced, with their positions
+            embeds = unreduced(visual_input)
+            return tuple(
+                torch.cat([e, grid_positions(g, merge, f).to(e.device, e.dtype)], dim=1)
+                for e, g, f in zip(embeds, grids, factors)
+            )
+        geometries = [qwen_geometry(self.config, grid, modality) for grid in grids]
+        plans = [plan_for(fields.settings(self.duet, i), budget, geometry)
+                 for i, (budget, geometry) in enumerate(zip(fields.budgets, geometries))]
         blocks = self.visual.blocks
         score_block = self.score_block()
         wanted = {score_block}
@@ -231,7 +291,7 @@ class DuetQwenVLMixin:
         ]
         try:
             with torch.no_grad():
-                embeds = self.visual(image_input["pixel_values"], grid_thw=grids)
+                embeds = self.visual(visual_input[pixels], grid_thw=grids)
         finally:
             for handle in handles:
                 handle.remove()
@@ -239,28 +299,31 @@ class DuetQwenVLMixin:
         order = self.merger_order(grids)
         signals = {index: self.received(index, *captured[index], order) for index in wanted}
         outputs, start = [], 0
-        texts = getattr(self, "_duet_texts", None)
-        for index, (size, grid, plan, geometry, item) in enumerate(zip(sizes, grids, plans, geometries, embeds.split(sizes))):
+        for index, (size, grid, plan, geometry, item, factor) in enumerate(
+            zip(sizes, grids, plans, geometries, embeds.split(sizes), factors)
+        ):
             rows = slice(start, start + size)
             start += size
-            full = grid_positions(grid, merge).to(item.device, item.dtype)
+            full = grid_positions(grid, merge, factor).to(item.device, item.dtype)
             if plan is None:
                 outputs.append(torch.cat([item, full], dim=1))
                 continue
+            units, tokens = geometry.units, geometry.unit_tokens  # a video: one unit per temporal slice
             scores, keys = signals[score_block]
-            maps = {layer: signals[self.block_for(layer)][0][rows][None] for layer in plan.vision.encoder_layers()}
+            maps = {layer: signals[self.block_for(layer)][0][rows].view(units, tokens)
+                    for layer in plan.vision.encoder_layers()}
             text = None
-            if texts is not None:
-                ids = torch.as_tensor(texts[index]).reshape(-1).to(device=item.device, dtype=torch.long)
+            if fields.texts is not None:
+                ids = torch.as_tensor(fields.texts[index]).reshape(-1).to(device=item.device, dtype=torch.long)
                 text = self.language_model.embed_input_ids(ids)
             reduced = reduce_unit(
-                plan, item[None], scores[rows][None], keys[rows][None], geometry.grid, False, lambda f: f, maps, text,
-                main=self.main_width(),
+                plan, item.view(units, tokens, -1), scores[rows].view(units, tokens), keys[rows].view(units, tokens, -1),
+                geometry.grid, False, lambda f: f, maps, text, main=self.main_width(),
             )
-            kept = reduced.kept.cpu()
-            order = kept.argsort()  # each output in the slot of the token it stands for
+            slots = (reduced.units * tokens + reduced.kept).cpu()
+            order = slots.argsort()  # each output in the slot of the token it stands for
             embeddings = reduced.embeddings[order.to(reduced.embeddings.device)]
-            outputs.append(torch.cat([embeddings, full[kept[order].to(full.device)]], dim=1))
+            outputs.append(torch.cat([embeddings, full[slots[order].to(full.device)]], dim=1))
         return tuple(outputs)
 
     def block_for(self, layer) -> int:
@@ -307,15 +370,13 @@ class DuetQwenVLMixin:
         return received[order], merged_keys[order]
 
     def embed_multimodal(self, **kwargs: object):
-        """Images under duet-vlm: their tokens in slot order, each with its (t, h, w) as three extra
-        channels (``embed_input_ids`` takes them off)."""
-        budgets = kwargs.pop("duet_budget", None)
-        self._duet_texts = kwargs.pop("duet_text", None)
-        self._duet_budgets = [int(b) for b in torch.as_tensor(budgets).reshape(-1).tolist()] if budgets is not None else None
+        """Images (and videos, where reduced) under duet-vlm: their tokens in slot order, each with its
+        (t, h, w) as three extra channels (``embed_input_ids`` takes them off)."""
+        self._duet_items = {modality: ItemFields.take(kwargs, modality) for modality in ("image", "video")}
         try:
             return super().embed_multimodal(**kwargs)
         finally:
-            self._duet_budgets = self._duet_texts = None
+            self._duet_items = {}
 
 
 class DuetQwen2VLMultiModalProcessor(DuetQwenProcessorMixin, Qwen2VLMultiModalProcessor):
@@ -355,7 +416,7 @@ class DuetQwen2_5_VLForConditionalGeneration(DuetQwenVLMixin, Qwen2_5_VLForCondi
 
 
 class DuetQwen3VLMultiModalProcessor(DuetQwenProcessorMixin, Qwen3VLMultiModalProcessor):
-    pass
+    reduces_videos = False
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -368,6 +429,7 @@ class DuetQwen3VLForConditionalGeneration(DuetQwenVLMixin, Qwen3VLForConditional
     carries its own DeepStack rows into the decoder layers that add them."""
 
     family = "Qwen3-VL"
+    reduces_videos = False
 
     def duet_width(self) -> int:
         return self.visual_dim + (self.multiscale_dim if self.use_deepstack else 0)
@@ -396,7 +458,11 @@ class DuetQwen3_5MoeForConditionalGeneration(DuetQwen3VLForConditionalGeneration
     family = "Qwen3.5-MoE"
 
 
-def grid_positions(grid, merge: int) -> torch.Tensor:
-    """``(tokens, 3)`` the (t, h, w) of each merged token of an image, in the merger's output order."""
+def grid_positions(grid, merge: int, factor: float = 1.0) -> torch.Tensor:
+    """``(tokens, 3)`` the M-RoPE (t, h, w) of each merged token of an item within it, in the merger's
+    output order; a video's temporal index scaled by ``factor`` as vLLM scales it."""
     t, h, w = grid[0], grid[1] // merge, grid[2] // merge
-    return torch.from_numpy(np.indices((t, h, w)).reshape(3, -1).T.copy()).long()
+    positions = np.indices((t, h, w)).reshape(3, -1)
+    if factor != 1.0:
+        positions[0] = (positions[0] * factor).astype(np.int64)
+    return torch.from_numpy(positions.T.copy()).long()

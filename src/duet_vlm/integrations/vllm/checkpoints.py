@@ -73,7 +73,7 @@ def _llama(size: TinySize):
 
 
 def old_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers 5's LLaVA keys -> the llava-hf layout vLLM 0.32 loads."""
+    """transformers 5's keys of a LLaVA-like model (LLaVA, Gemma 3) -> the layout vLLM 0.32 loads."""
     renames = (
         ("model.vision_tower.", "vision_tower.vision_model."),
         ("model.language_model.", "language_model.model."),
@@ -213,6 +213,61 @@ def write_llava_onevision(folder: str | Path, size: TinySize = TinySize(image_si
     }
     _write(model, folder, processor, "LlavaOnevisionProcessor")
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return folder
+
+
+def write_gemma3(folder: str | Path, seed: int = 0) -> Path:
+    """A Gemma-3-shaped checkpoint (a family the plugin does not serve): a SigLIP tower on 32-pixel
+    images (16 soft tokens), two decoder layers (a sliding one, then a global one), the demo
+    tokenizer with Gemma's image tokens and newlines added after its vocabulary. Enough for vLLM to build the
+    model class, which is all a refusal at start needs."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = json.loads((DEMO / "tokenizer.json").read_text())
+    ids = {}
+    newlines = ("\n" * n for n in range(1, 5))  # vLLM's Gemma 3 processor looks up runs of 1 to 4
+    for token in ("<start_of_image>", "<end_of_image>", "<image_soft_token>", *newlines):
+        ids[token] = len(tokenizer["model"]["vocab"])
+        tokenizer["model"]["vocab"][token] = ids[token]
+        tokenizer["added_tokens"].append({"id": ids[token], "content": token, "single_word": False, "lstrip": False,
+                                          "rstrip": False, "normalized": False, "special": True})
+    text = dict(
+        vocab_size=max(ids.values()) + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
+        max_position_embeddings=4096, sliding_window=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=4)
+    config = Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=16, image_token_index=ids["<image_soft_token>"],
+        boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).float().eval()
+    model.config.save_pretrained(folder)
+    written = json.loads((folder / "config.json").read_text())
+    written["architectures"] = ["Gemma3ForConditionalGeneration"]
+    written["dtype"] = "float32"
+    (folder / "config.json").write_text(json.dumps(written, indent=2))
+    save_file(old_layout(model.state_dict()), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _tokenizer_files(folder, "Gemma3Processor")
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config["extra_special_tokens"] = {
+        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    image_processor = {
+        "image_processor_type": "Gemma3ImageProcessor", "do_resize": True, "size": {"height": 32, "width": 32},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True, "do_pan_and_scan": False, "resample": 2,
+    }
+    (folder / "processor_config.json").write_text(json.dumps(
+        {"image_processor": image_processor, "image_seq_length": 16, "processor_class": "Gemma3Processor"}, indent=2
+    ))
     return folder
 
 

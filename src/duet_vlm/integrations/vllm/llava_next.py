@@ -1,4 +1,5 @@
-"""LLaVA-NeXT under vLLM: anyres tiles, unpadding and newline tokens, as in the Hugging Face path.
+"""LLaVA-NeXT under vLLM (and LLaVA-OneVision's images, ``llava_onevision``): anyres tiles, unpadding
+and newline tokens, as in the Hugging Face path.
 
 An image is one unit whose tokens are every patch slot vLLM's packing produces for it (the base
 tile, then the unpadded high-resolution grid; newline slots excluded), scored by its own tile's CLS
@@ -38,17 +39,26 @@ def next_geometry(info: LlavaNextProcessingInfo, width: int, height: int) -> Geo
     rows, cols = get_anyres_image_grid_shape(
         image_size=(height, width), grid_pinpoints=config.image_grid_pinpoints, patch_size=encoder.get_image_size()
     )
-    _, newlines = info._get_num_unpadded_features(
-        original_height=height, original_width=width, npatches=encoder.get_patch_grid_length(),
-        num_patch_height=rows, num_patch_width=cols,
-    )
+    grid = dict(original_height=height, original_width=width, npatches=encoder.get_patch_grid_length(),
+                num_patch_height=rows, num_patch_width=cols)
+    _, newlines = info._get_num_unpadded_features(**grid)
+    if info._get_num_unpadded_features(**grid) != LlavaNextProcessingInfo._get_num_unpadded_features(info, **grid):
+        # LLaVA-OneVision's anyres_max: the unpadded grid is resized after projection
+        raise RefusedMethod(
+            f"duet-vlm: LLaVA-OneVision resizes the grid of a {width}x{height} image after projection (its unpadded "
+            "grid exceeds anyres_max), so its tokens cannot be traced to the patches a vision-side method ranks; "
+            "send a smaller image, or serve it without a method"
+        )
     return Geometry(
         config.text_config.num_hidden_layers, slots, (1, slots - newlines), False,
         encoder_depth=config.vision_config.num_hidden_layers,
     )
 
 
-class DuetLlavaNextMultiModalProcessor(DuetProcessorMixin, LlavaNextMultiModalProcessor):
+class AnyresProcessorMixin(DuetProcessorMixin):
+    """Each image's placeholder run as long as the method keeps of its anyres slots (LLaVA-NeXT,
+    LLaVA-OneVision; before vLLM's processor class)."""
+
     def item_geometries(self, processed, hf_kwargs) -> list[Geometry]:
         return [next_geometry(self.info, int(w), int(h)) for h, w in processed["image_sizes"].tolist()]
 
@@ -58,22 +68,26 @@ class DuetLlavaNextMultiModalProcessor(DuetProcessorMixin, LlavaNextMultiModalPr
             return updates
         image_token_id = self.info.get_hf_config().image_token_index
 
+        image_update = next(update for update in updates if update.modality == "image")
+
         def replacement(item_idx: int):
             images = mm_items.get("image")
             if not isinstance(images, ImageProcessorItems):
-                return updates[0].replacement(item_idx)
+                return image_update.replacement(item_idx)
             size = images.get_image_size(item_idx)
             geometry = next_geometry(self.info, size.width, size.height)
             return [image_token_id] * self.reduced_tokens(hf_processor_mm_kwargs, geometry)
 
-        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+        others = [update for update in updates if update.modality != "image"]  # LLaVA-OneVision's videos
+        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement), *others]
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    DuetLlavaNextMultiModalProcessor, info=LlavaNextProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
-)
-class DuetLlavaNextForConditionalGeneration(DuetTowerMixin, LlavaNextForConditionalGeneration):
-    """vLLM's LLaVA-NeXT with duet-vlm's vision-side reduction in ``embed_multimodal``."""
+class DuetLlavaNextMultiModalProcessor(AnyresProcessorMixin, LlavaNextMultiModalProcessor):
+    pass
+
+
+class AnyresTowerMixin(DuetTowerMixin):
+    """duet-vlm's reduction of anyres images (LLaVA-NeXT, LLaVA-OneVision; before vLLM's model class)."""
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -81,15 +95,18 @@ class DuetLlavaNextForConditionalGeneration(DuetTowerMixin, LlavaNextForConditio
         config = self.config
         if self.duet.active:  # without a method this is vLLM's class as it is
             if config.vision_config.model_type == "clip_vision_model" and config.vision_feature_select_strategy != "default":
-                raise RefusedMethod("duet-vlm's LLaVA-NeXT path supports CLIP towers with vision_feature_select_strategy='default'")
-            if self.select_layers is not None:
+                raise RefusedMethod("duet-vlm's anyres path supports CLIP towers with vision_feature_select_strategy='default'")
+            if getattr(self, "select_layers", None) is not None:
                 raise RefusedMethod("duet-vlm supports a single vision feature layer")
 
     def embed_multimodal(self, **kwargs: object):
         request = self.duet_pixels(kwargs)
         if request is None:
             return super().embed_multimodal(**kwargs)
-        image_input, budgets, texts = request
+        return self.reduce_anyres(*request)
+
+    def reduce_anyres(self, image_input, budgets, texts) -> list:
+        """Each image reduced by its method at its budget (an unreduced one as vLLM packs it)."""
         pixel_values = image_input["pixel_values"]
         tiles = [len(p) for p in pixel_values]
         stacked = torch.cat(list(pixel_values)) if not isinstance(pixel_values, torch.Tensor) else pixel_values.flatten(0, 1)
@@ -106,7 +123,7 @@ class DuetLlavaNextForConditionalGeneration(DuetTowerMixin, LlavaNextForConditio
             start += count
             features = features_all[rows]
             projected = self.multi_modal_projector(features[:, offset:])
-            packed = self._merge_image_patch_embeddings(image_input["image_sizes"][index], projected, strategy="spatial_unpad")
+            packed = self.pack(image_input["image_sizes"][index], projected)
             tile, patch = trace_slots(packed, projected, self.image_newline)
             geometry = Geometry(
                 config.text_config.num_hidden_layers, packed.shape[0], (1, len(tile)), False,
@@ -119,14 +136,18 @@ class DuetLlavaNextForConditionalGeneration(DuetTowerMixin, LlavaNextForConditio
             scores, keys, maps = self.tower_signals(taps, plan, rows)
             tokens = patch + offset
             unit_features = features[tile, tokens][None]
-            unit_scores = scores[tile, tokens - 1][None]  # CLIP scores skip CLS
+            unit_scores = scores[tile, patch][None]  # scores are the patches' (a CLIP tower's skip CLS)
             unit_keys = keys[tile, tokens][None]
-            unit_maps = {layer: m[tile, tokens - 1][None] for layer, m in maps.items()}
+            unit_maps = {layer: m[tile, patch][None] for layer, m in maps.items()}
             reduced = self.reduce_item(
                 plan, geometry, unit_features, unit_scores, unit_keys, unit_maps, self.text_embeddings(texts, index)
             )
             outputs.append(reduced.embeddings)
         return outputs
+
+    def pack(self, image_size, projected: torch.Tensor) -> torch.Tensor:
+        """vLLM's own packing of an image's projected tiles into its slots."""
+        return self._merge_image_patch_embeddings(image_size, projected, strategy="spatial_unpad")
 
     def method_plans(self) -> list:
         """A plan of each method the server runs (its own, those it allows) at an arbitrary budget, for
@@ -134,6 +155,13 @@ class DuetLlavaNextForConditionalGeneration(DuetTowerMixin, LlavaNextForConditio
         geometry = Geometry(self.config.text_config.num_hidden_layers, 4096, (1, 4000), False,
                             encoder_depth=self.config.vision_config.num_hidden_layers)
         return [plan_for(self.duet.choose(index), 64, geometry) for index in range(len(self.duet.methods))]
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    DuetLlavaNextMultiModalProcessor, info=LlavaNextProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+)
+class DuetLlavaNextForConditionalGeneration(AnyresTowerMixin, LlavaNextForConditionalGeneration):
+    """vLLM's LLaVA-NeXT with duet-vlm's vision-side reduction in ``embed_multimodal``."""
 
 
 def trace_slots(packed: torch.Tensor, projected: torch.Tensor, newline: torch.Tensor):

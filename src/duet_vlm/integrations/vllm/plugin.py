@@ -12,6 +12,7 @@ from __future__ import annotations
 MODELS = {
     "LlavaForConditionalGeneration": "duet_vlm.integrations.vllm.llava:DuetLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "duet_vlm.integrations.vllm.llava_next:DuetLlavaNextForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration": "duet_vlm.integrations.vllm.llava_onevision:DuetLlavaOnevisionForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "duet_vlm.integrations.vllm.qwen_vl:DuetQwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "duet_vlm.integrations.vllm.qwen_vl:DuetQwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration": "duet_vlm.integrations.vllm.qwen_vl:DuetQwen3VLForConditionalGeneration",

@@ -16,16 +16,13 @@ from .options import KEYS
 #: architecture -> (vLLM's module, vLLM's class, the family's name) for the families the Hugging Face
 #: path supports and the plugin does not serve yet (vLLM 0.32's registry).
 NOT_SERVED = {
-    "LlavaOnevisionForConditionalGeneration": (
-        "llava_onevision", "LlavaOnevisionForConditionalGeneration", "LLaVA-OneVision",
-    ),
     "InternVLForConditionalGeneration": ("interns1", "InternS1ForConditionalGeneration", "InternVL"),
     "Gemma3ForConditionalGeneration": ("gemma3_mm", "Gemma3ForConditionalGeneration", "Gemma 3"),
     "Gemma4ForConditionalGeneration": ("gemma4_mm", "Gemma4ForConditionalGeneration", "Gemma 4"),
 }
 
 #: what the plugin serves (``plugin.MODELS``), for the message.
-SERVED = "LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and Qwen3.5-MoE"
+SERVED = "LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and Qwen3.5-MoE"
 
 
 def refuse_options(vllm_config, family: str) -> None:

@@ -180,7 +180,11 @@ class DuetQwenVLMixin:
         unreduced model's positions, an image's (and a reduced video's) slots all hold its start
         (``forward`` adds each kept token's own (t, h, w)), other videos keep vLLM's numbering. The unreduced prompt is the reduced
         one with each image's run written at its full length, so each family numbers it its own way
-        (Qwen3-VL's timestamped frames included) and nothing of vLLM's numbering is copied here."""
+        (Qwen3-VL's timestamped frames included) and nothing of vLLM's numbering is copied here.
+
+        Both of vLLM's model runners call this at a request's prefill (V1: ``_init_mrope_positions``;
+        Model Runner V2, 0.33's default: ``v1/worker/gpu/mm/rope.py``); V2 calls
+        ``recompute_mrope_positions`` only for vLLM's own pruning, which ``__init__`` refuses."""
         if not self.duet.active:
             return super().get_mrope_input_positions(input_tokens, mm_features)
         merge = self.config.vision_config.spatial_merge_size

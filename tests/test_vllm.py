@@ -157,7 +157,13 @@ def vllm_prompt(inputs) -> dict:
 
 def hf_run(model, processor, picture, reducer):
     """Greedy tokens, each token's log-probability and what the vision stage kept, on the HF path."""
-    inputs = hf_inputs(processor, picture)
+    result = hf_generate(model, hf_inputs(processor, picture), reducer)
+    hf_run.roles = dict(reducer.stats.vision_roles or {}) if reducer is not None else {}
+    return result
+
+
+def hf_generate(model, inputs, reducer):
+    """``(tokens, log-probabilities, kept)`` of a greedy ``generate`` on ``inputs`` under ``reducer``."""
     context = reducer(model) if reducer is not None else _nothing()
     with context, torch.no_grad():
         out = model.generate(
@@ -167,7 +173,6 @@ def hf_run(model, processor, picture, reducer):
     tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
     logprobs = [torch.log_softmax(step[0].float(), -1)[token].item() for step, token in zip(out.logits, tokens)]
     kept = reducer.stats.items[0].vision_kept if reducer is not None else None
-    hf_run.roles = dict(reducer.stats.vision_roles or {}) if reducer is not None else {}
     return tokens, logprobs, kept
 
 
@@ -373,35 +378,32 @@ def test_methods_pruning_inside_the_language_model_are_refused(saved_llava, meth
     assert any(isinstance(e, RefusedMethod) or "inside the language model" in str(e) for e in chain), chain
 
 
-@pytest.mark.parametrize("method,options", [("visionzip", {}), ("pool", {}), ("trio_scan", {})], ids=["visionzip", "pool", "trio_scan"])
-def test_llava_next_equals_the_hugging_face_path(saved_llava_next, method, options):
-    folder, model, processor = saved_llava_next
-    pictures = [image(5, (200, 150)), image(6, (120, 230))]
-    budget = 48
-    reducer = duet_vlm.make(method, budget=budget, **options)
-    references = [hf_run(model, processor, picture, reducer) for picture in pictures]
+def check_equals_hf(saved, method: str, budget: int, pictures) -> None:
+    """A server running ``method`` at ``budget`` against the Hugging Face path, picture by picture:
+    the placeholder count the method keeps, the same kept tokens, tokens and log-probabilities."""
+    folder, model, processor = saved
+    reducer = duet_vlm.make(method, budget=budget)
+    references, counts = [], []
+    for picture in pictures:
+        references.append(hf_run(model, processor, picture, reducer))
+        counts.append(reducer.stats.items[0].tokens_per_layer[0])
     with engine(folder, {"duet_method": method, "duet_budget": budget}) as llm:
         results, kept = vllm_run(llm, processor, pictures)
-    for picture, reference, result, picture_kept in zip(pictures, references, results, kept):
-        assert result[2] == len(vllm_prompt(hf_inputs(processor, picture))) - 1 + reference_tokens(reducer, model, processor, picture)
+    for picture, reference, result, picture_kept, count in zip(pictures, references, results, kept, counts):
+        assert result[2] == len(vllm_prompt(hf_inputs(processor, picture))) - 1 + count
         assert_same(reference, result, picture_kept)
+
+
+@pytest.mark.parametrize("method", ["visionzip", "pool", "trio_scan"])
+def test_llava_next_equals_the_hugging_face_path(saved_llava_next, method):
+    check_equals_hf(saved_llava_next, method, 48, [image(5, (200, 150)), image(6, (120, 230))])
 
 
 @pytest.mark.parametrize("method", ["visionzip", "trio_scan", "divprune"])
 def test_llava_onevision_equals_the_hugging_face_path(saved_llava_onevision, method):
     """LLaVA-OneVision's anyres images (a SigLIP tower: no CLS, tokens ranked by the attention each
-    patch receives), through LLaVA-NeXT's traced packing: the same kept tokens, placeholder count,
-    tokens and log-probabilities as the Hugging Face path."""
-    folder, model, processor = saved_llava_onevision
-    pictures = [image(5, (200, 150)), image(6, (120, 230))]
-    budget = 48
-    reducer = duet_vlm.make(method, budget=budget)
-    references = [hf_run(model, processor, picture, reducer) for picture in pictures]
-    with engine(folder, {"duet_method": method, "duet_budget": budget}) as llm:
-        results, kept = vllm_run(llm, processor, pictures)
-    for picture, reference, result, picture_kept in zip(pictures, references, results, kept):
-        assert result[2] == len(vllm_prompt(hf_inputs(processor, picture))) - 1 + reference_tokens(reducer, model, processor, picture)
-        assert_same(reference, result, picture_kept)
+    patch receives), through LLaVA-NeXT's traced packing."""
+    check_equals_hf(saved_llava_onevision, method, 48, [image(5, (200, 150)), image(6, (120, 230))])
 
 
 QWEN_METHODS = ["visionzip", "trio_scan", "random", "divprune", "cdpruner"]
@@ -411,16 +413,7 @@ QWEN_METHODS = ["visionzip", "trio_scan", "random", "divprune", "cdpruner"]
 def test_qwen_vl_equals_the_hugging_face_path(saved_qwen, method):
     """Kept tokens in their slots with their original M-RoPE positions, text after the image at the
     unreduced model's positions: the same tokens and log-probabilities as the Hugging Face path."""
-    folder, model, processor = saved_qwen
-    pictures = [image(10, (224, 168)), image(11, (168, 280))]
-    budget = 16
-    reducer = duet_vlm.make(method, budget=budget)
-    references = [hf_run(model, processor, picture, reducer) for picture in pictures]
-    with engine(folder, {"duet_method": method, "duet_budget": budget}) as llm:
-        results, kept = vllm_run(llm, processor, pictures)
-    for picture, reference, result, picture_kept in zip(pictures, references, results, kept):
-        assert result[2] == len(vllm_prompt(hf_inputs(processor, picture))) - 1 + budget
-        assert_same(reference, result, picture_kept)
+    check_equals_hf(saved_qwen, method, 16, [image(10, (224, 168)), image(11, (168, 280))])
 
 
 def test_qwen_vl_unreduced_under_the_plugin_equals_vllm(saved_qwen, caplog):
@@ -532,19 +525,11 @@ def hf_video_run(model, processor, frames, reducer):
     metadata = VideoMetadata(**{k: v for k, v in VIDEO_METADATA.items() if k != "do_sample_frames"})
     inputs = processor(text=VIDEO_PROMPT, videos=[frames], video_metadata=[metadata], do_sample_frames=False,
                        return_tensors="pt")
-    context = reducer(model) if reducer is not None else _nothing()
-    with context, torch.no_grad():
-        out = model.generate(
-            **inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-            output_logits=True, return_dict_in_generate=True,
-        )
-    tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-    logprobs = [torch.log_softmax(step[0].float(), -1)[token].item() for step, token in zip(out.logits, tokens)]
-    kept = reducer.stats.items[0].vision_kept if reducer is not None else None
+    result = hf_generate(model, inputs, reducer)
     length = inputs["input_ids"].shape[1]
     if reducer is not None:  # the prompt's length with the video's tokens as the method keeps them
         length += reducer.stats.items[0].tokens_per_layer[0] - int(inputs["video_grid_thw"].prod()) // 4
-    return (tokens, logprobs, kept), length
+    return result, length
 
 
 def vllm_video_run(llm, frames):
@@ -584,11 +569,6 @@ def test_qwen_videos_equal_the_hugging_face_path(saved_qwen, method):
         result, kept = vllm_video_run(llm, frames)
     assert reducer.stats.items[0].tokens_per_layer[0] == budget and result[2] == length
     assert_same(reference, result, kept[0])
-
-
-def reference_tokens(reducer, model, processor, picture) -> int:
-    hf_run(model, processor, picture, reducer)
-    return reducer.stats.items[0].tokens_per_layer[0]
 
 
 # ------------------------------------------------------------------------------------------ server

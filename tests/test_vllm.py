@@ -406,6 +406,20 @@ def test_llava_onevision_equals_the_hugging_face_path(saved_llava_onevision, met
     check_equals_hf(saved_llava_onevision, method, 48, [image(5, (200, 150)), image(6, (120, 230))])
 
 
+def test_llava_onevision_refuses_an_image_resized_after_projection(tmp_path):
+    """A 448x448 image on a 4x4-tile pinpoint: its unpadded grid (32x32 patches) exceeds anyres_max_9,
+    so OneVision resizes it after projection and its tokens cannot be traced to patches. The request
+    is refused with the reason (a 400 on a server), the engine keeps serving, and a small image on
+    the same engine is reduced."""
+    folder = write_llava_onevision(tmp_path / "tiny-llava-onevision-4x4", largest_grid=4)
+    processor = AutoProcessor.from_pretrained(folder)
+    with engine(folder, {"duet_method": "visionzip", "duet_budget": 48}) as llm:
+        with pytest.raises(ValueError, match="LLaVA-OneVision resizes the grid of a 448x448 image after projection"):
+            vllm_run(llm, processor, [image(7, (448, 448))])
+        (result,), kept = vllm_run(llm, processor, [image(5, (200, 150))])
+    assert len(kept) == 1 and result[2] == len(vllm_prompt(hf_inputs(processor, image(5, (200, 150))))) - 1 + 48
+
+
 QWEN_METHODS = ["visionzip", "trio_scan", "random", "divprune", "cdpruner"]
 
 

@@ -171,17 +171,20 @@ def write_llava_next(folder: str | Path, size: TinySize = TinySize(image_size=11
 
 
 def write_llava_onevision(folder: str | Path, size: TinySize = TinySize(image_size=112), seed: int = 0,
-                          sharpness: float = 4.0) -> Path:
+                          sharpness: float = 4.0, largest_grid: int = 2) -> Path:
     """A LLaVA-OneVision-shaped checkpoint (a family the plugin does not serve yet): anyres tiles of
     ``size.image_size`` pixels on the pinpoints of ``write_llava_next``, a CLIP tower, every feature
     kept (strategy "full") from a SigLIP tower (no CLS, as released), ``<video>`` added to the demo
-    vocabulary."""
+    vocabulary. ``largest_grid``: also a pinpoint of that many tiles a side (above 3, a large image's
+    unpadded grid exceeds ``anyres_max_9`` and is resized after projection)."""
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tile = size.image_size
     pinpoints = [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
+    if largest_grid > 2:
+        pinpoints.append([largest_grid * tile, largest_grid * tile])
     side = tile // size.patch_size
     tokenizer = json.loads((DEMO / "tokenizer.json").read_text())
     video = len(tokenizer["model"]["vocab"])

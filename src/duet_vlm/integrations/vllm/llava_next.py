@@ -41,8 +41,9 @@ def next_geometry(info: LlavaNextProcessingInfo, width: int, height: int) -> Geo
     )
     grid = dict(original_height=height, original_width=width, npatches=encoder.get_patch_grid_length(),
                 num_patch_height=rows, num_patch_width=cols)
-    _, newlines = info._get_num_unpadded_features(**grid)
-    if info._get_num_unpadded_features(**grid) != LlavaNextProcessingInfo._get_num_unpadded_features(info, **grid):
+    unpadded = info._get_num_unpadded_features(**grid)
+    _, newlines = unpadded
+    if unpadded != LlavaNextProcessingInfo._get_num_unpadded_features(info, **grid):
         # LLaVA-OneVision's anyres_max: the unpadded grid is resized after projection
         raise RefusedMethod(
             f"duet-vlm: LLaVA-OneVision resizes the grid of a {width}x{height} image after projection (its unpadded "

@@ -78,7 +78,7 @@ class Settings:
     @classmethod
     def read(cls, server: Mapping[str, object] | None, request: Mapping[str, object] | None = None) -> "Settings":
         """The server's options (``--mm-processor-kwargs``) with a request's budget or ratio over them.
-        A request may not name another method: one server runs one method."""
+        A request may name another method only if the server allows it (``duet_allow``)."""
         server, request = dict(server or {}), dict(request or {})
         method = server.get("duet_method")
         allow = parse_allow(server.get("duet_allow"))

@@ -250,27 +250,18 @@ def write_gemma3(folder: str | Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(config).float().eval()
-    model.config.save_pretrained(folder)
-    written = json.loads((folder / "config.json").read_text())
-    written["architectures"] = ["Gemma3ForConditionalGeneration"]
-    written["dtype"] = "float32"
-    (folder / "config.json").write_text(json.dumps(written, indent=2))
-    save_file(old_layout(model.state_dict()), str(folder / "model.safetensors"), metadata={"format": "pt"})
-    _tokenizer_files(folder, "Gemma3Processor")
+    image_processor = {
+        "image_processor_type": "Gemma3ImageProcessor", "do_resize": True, "size": {"height": 32, "width": 32},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True, "do_pan_and_scan": False, "resample": 2,
+    }
+    _write(model, folder, {"image_processor": image_processor, "image_seq_length": 16}, "Gemma3Processor")
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     tokenizer_config["extra_special_tokens"] = {
         "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>",
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-    image_processor = {
-        "image_processor_type": "Gemma3ImageProcessor", "do_resize": True, "size": {"height": 32, "width": 32},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True, "do_pan_and_scan": False, "resample": 2,
-    }
-    (folder / "processor_config.json").write_text(json.dumps(
-        {"image_processor": image_processor, "image_seq_length": 16, "processor_class": "Gemma3Processor"}, indent=2
-    ))
     return folder
 
 

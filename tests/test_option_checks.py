@@ -72,6 +72,7 @@ RANGES: dict = {
     ("sparsevlm", "budget"): Range(integer=True, low=1),  # needed unless keep is given
     "layer": INT_1,
     ("holitom", "layer"): Range(integer=True, low=1, optional=True),
+    ("hiprune", "alpha"): Range(low=0, high=1),
     "keep": Range(integer=True, low=0, optional=True),
     "ratio": Range(low=0, high=1, optional=True),
     "image_pivots": INT_1,

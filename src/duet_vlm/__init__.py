@@ -24,7 +24,7 @@ _METHOD_EXPORTS = (
     "saliency_nms", "GlobalLocalScan", "TrioScan", "Pool", "GridPool", "PyramidDrop", "LastInstructionAttention",
     "RandomDrop", "RandomPatches", "SparseVLM", "TextRaterPrune", "VisionZip", "DART", "DuplicationPrune", "DivPrune",
     "MaxMinDiversity", "CDPruner", "ConditionalDPPSelect", "VisPruner", "ImportantDiverse", "VScan", "HoliTom",
-    "HoliTomMerge", "SimilarityMerge",
+    "HoliTomMerge", "SimilarityMerge", "HiPrune", "HierarchicalSelect",
 )
 
 # name -> the module that defines it

@@ -81,9 +81,13 @@ class VisionStage(ABC):
     """Reduces each unit's vision-encoder tokens (an image, or one frame of a video) before the projector.
 
     ``needs_text``: the stage reads ``VisionView.text`` (the prompt's text embeddings).
+    ``received``: the stage ranks by the attention each patch *receives* from every token, on every
+    tower: ``VisionView.cls_attention`` and ``VisionView.attention`` then hold that score (the CLS
+    token among the queries, its own column left out) where the tower has a CLS token too.
     """
 
     needs_text: ClassVar[bool] = False
+    received: ClassVar[bool] = False
 
     @abstractmethod
     def reduce(self, view: VisionView, keep: int) -> VisionReduction:

@@ -65,6 +65,23 @@ def attention_scores(
     return received
 
 
+def patch_scores(
+    queries: torch.Tensor, keys: torch.Tensor, scale: float, has_cls: bool, received: bool = False, chunk: int = 256
+) -> torch.Tensor:
+    """``attention_scores``, or with ``received`` on a tower with a CLS token the attention each
+    patch *receives* from every token (the CLS token among the queries), ``(units, tokens - 1)``:
+    the signal of a stage that ranks by attention received on every tower
+    (``VisionStage.received``). Without a CLS token the two are the same.
+
+    >>> q = k = torch.zeros(1, 2, 4, 8)  # uniform: each of 4 queries gives each token 1/4
+    >>> patch_scores(q, k, 0.5, has_cls=True, received=True).tolist()
+    [[1.0, 1.0, 1.0]]
+    """
+    if has_cls and received:
+        return attention_scores(queries, keys, scale, has_cls=False, chunk=chunk)[:, 1:]
+    return attention_scores(queries, keys, scale, has_cls, chunk)
+
+
 def separate_qk(attention: nn.Module, x: torch.Tensor, cls_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries and keys ``(U, H, T, d)`` of a transformers attention module with separate
     ``q_proj`` and ``k_proj`` (CLIP, SigLIP) on its normed input ``x`` ``(U, T, C)``; with
@@ -90,14 +107,16 @@ def fused_qk(projected: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.T
     return query.reshape(shape).transpose(1, 2), key.reshape(shape).transpose(1, 2)
 
 
-def clip_layer_scores(layer: nn.Module, layer_input: torch.Tensor, has_cls: bool, chunk: int = 256):
+def clip_layer_scores(
+    layer: nn.Module, layer_input: torch.Tensor, has_cls: bool, chunk: int = 256, received: bool = False
+):
     """``(scores, keys (U, T, d))`` of a transformers CLIP or SigLIP encoder layer on its input
-    ``(U, T, C)``, from its own ``layer_norm1``, ``q_proj`` and ``k_proj``: ``attention_scores``, and
+    ``(U, T, C)``, from its own ``layer_norm1``, ``q_proj`` and ``k_proj``: ``patch_scores``, and
     the keys averaged over heads."""
     attn = layer.self_attn
     with torch.no_grad():
-        queries, keys = separate_qk(attn, layer.layer_norm1(layer_input), cls_only=has_cls)
-        scores = attention_scores(queries, keys, attn.scale, has_cls, chunk)
+        queries, keys = separate_qk(attn, layer.layer_norm1(layer_input), cls_only=has_cls and not received)
+        scores = patch_scores(queries, keys, attn.scale, has_cls, received, chunk)
     return scores, keys.mean(dim=1)
 
 

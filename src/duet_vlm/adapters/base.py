@@ -296,15 +296,20 @@ class ModelAdapter:
     #: each unit's tokens start with a CLS token (CLIP); SigLIP towers have none.
     has_cls: bool = True
 
-    def vision_scores(self, layer_input: torch.Tensor, tower: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
+    def vision_scores(
+        self, layer_input: torch.Tensor, tower: str = "image", received: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Importance of each patch ``(U, P)`` and head-averaged keys ``(U, T, d)`` of ``tower``'s
         feature layer, from the layer's own norm and projections on its captured input."""
-        return self.layer_scores(self.towers[tower], layer_input)
+        return self.layer_scores(self.towers[tower], layer_input, received)
 
-    def layer_scores(self, layer: nn.Module, layer_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_scores(
+        self, layer: nn.Module, layer_input: torch.Tensor, received: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores, keys)`` of an encoder ``layer``: CLS-to-patch attention with a CLS token, the
-        attention each patch receives without one (SigLIP)."""
-        return clip_layer_scores(layer, layer_input, self.has_cls)
+        attention each patch receives without one (SigLIP), or with ``received`` on either
+        (``VisionStage.received``)."""
+        return clip_layer_scores(layer, layer_input, self.has_cls, received=received)
 
     def encoder_layer(self, tower: str, layer) -> nn.Module:
         """The encoder layer a vision stage names: an index into the tower's layers (negative from
@@ -325,14 +330,15 @@ class ModelAdapter:
         """How many units a tower's captures hold (one row per unit here)."""
         return capture.output.shape[0]
 
-    def vision_signals(self, capture: Capture, tower: str, layers: tuple = ()) -> Signals:
+    def vision_signals(self, capture: Capture, tower: str, layers: tuple = (), received: bool = False) -> Signals:
         """The scores and keys of every captured unit of ``tower``, and the scores of ``layers``
-        (other encoder layers, from their captured inputs)."""
-        scores, keys = self.vision_scores(capture.layer_input, tower)
+        (other encoder layers, from their captured inputs); with ``received``, attention received
+        on a tower with a CLS token too (``VisionStage.received``)."""
+        scores, keys = self.vision_scores(capture.layer_input, tower, received)
         maps = {}
         for layer in layers:
             layer_input = torch.cat([context["layers"][layer][0] for context in capture.contexts])
-            maps[layer] = self.layer_scores(self.encoder_layer(tower, layer), layer_input)[0]
+            maps[layer] = self.layer_scores(self.encoder_layer(tower, layer), layer_input, received)[0]
         return Signals(scores, keys, maps)
 
     def unit_features(

@@ -147,7 +147,9 @@ class Gemma3Adapter(ModelAdapter):
     def encoder_layer(self, tower: str, layer) -> nn.Module:
         return self.vision_layers[check_layer({"first_full_attention": 0, "last": -1}.get(layer, layer), len(self.vision_layers))]
 
-    def layer_scores(self, layer: nn.Module, layer_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_scores(
+        self, layer: nn.Module, layer_input: torch.Tensor, received: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores (rows, T), keys (rows, T, d))`` of every captured image's soft tokens: the
         attention ``layer``'s patches receive, summed over each token's ``k x k`` patches by the
         model's own pool; the keys averaged by it."""

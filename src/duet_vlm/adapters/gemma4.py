@@ -209,7 +209,8 @@ class Gemma4Adapter(Gemma3Adapter):
             scores[u, :n] = attention_scores(queries[u : u + 1, :, :n], keys[u : u + 1, :, :n], scale, has_cls=False)[0]
         return scores
 
-    def vision_signals(self, capture: Capture, tower: str, layers: tuple = ()) -> Signals:
+    def vision_signals(self, capture: Capture, tower: str, layers: tuple = (), received: bool = False) -> Signals:
+        # No CLS token: attention received is what every score here is (``received`` changes nothing).
         scores, keys = self.captured_layer_scores(self.towers[tower], capture.layer_input, capture.contexts)
         maps = {}
         for layer in layers:

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..scoring import attention_scores
+from ..scoring import patch_scores
 from .base import Capture, Geometry, ModelAdapter, Signals, UnitFeatures, VisualItem, check_layer
 
 #: Decoders whose layers the language side knows (input_layernorm, q/k projections, optional
@@ -65,17 +65,21 @@ from .base import Capture, Geometry, ModelAdapter, Signals, UnitFeatures, Visual
 TEXT_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe", "llama")
 
 
-def internvl_layer_scores(layer: nn.Module, layer_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def internvl_layer_scores(
+    layer: nn.Module, layer_input: torch.Tensor, received: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scores (U, P), keys (U, 1 + P, d))`` of an InternVL vision layer on its input ``(U, 1 + P, C)``
-    (CLS first): the CLS query's attention to each patch, summed over heads, and the keys averaged
-    over heads; from the layer's own ``layernorm_before``, projections and q/k norms."""
+    (CLS first): the CLS query's attention to each patch, summed over heads (with ``received``: the
+    attention each patch receives from every token), and the keys averaged over heads; from the
+    layer's own ``layernorm_before``, projections and q/k norms."""
     attn = layer.attention
     units, tokens, _ = layer_input.shape
     with torch.no_grad():
         x = layer.layernorm_before(layer_input)
         keys = attn.k_norm(attn.k_proj(x)).view(units, tokens, attn.num_heads, attn.head_dim).transpose(1, 2)
-        query = attn.q_norm(attn.q_proj(x[:, :1])).view(units, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-        scores = attention_scores(query, keys, attn.scale, has_cls=True)
+        rows = x if received else x[:, :1]
+        query = attn.q_norm(attn.q_proj(rows)).view(units, rows.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)
+        scores = patch_scores(query, keys, attn.scale, has_cls=True, received=received)
     return scores, keys.mean(dim=1)
 
 
@@ -206,11 +210,13 @@ class InternVLAdapter(ModelAdapter):
     def encoder_layer(self, tower: str, layer) -> nn.Module:
         return self.vision_layers[check_layer({"first_full_attention": 0, "last": -1}.get(layer, layer), len(self.vision_layers))]
 
-    def layer_scores(self, layer: nn.Module, layer_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_scores(
+        self, layer: nn.Module, layer_input: torch.Tensor, received: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores (rows, T), keys (rows, T, d))`` of every captured tile's post-shuffle tokens:
-        ``layer``'s CLS-to-patch attention summed over each token's group of patches, its keys
-        averaged over the group."""
-        scores, keys = internvl_layer_scores(layer, layer_input)
+        ``layer``'s CLS-to-patch attention (or attention received) summed over each token's group of
+        patches, its keys averaged over the group."""
+        scores, keys = internvl_layer_scores(layer, layer_input, received)
         groups = self.shuffle_groups(round(scores.shape[1] ** 0.5)).to(scores.device)
         return scores[:, groups].sum(dim=-1), keys[:, 1:][:, groups].mean(dim=-2)
 

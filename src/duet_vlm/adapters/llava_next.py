@@ -181,8 +181,10 @@ class LlavaNextAdapter(ModelAdapter):
         return UnitFeatures(torch.stack(features), torch.stack(unit_scores[None]), torch.stack(unit_keys), maps)
 
     # One tower encodes everything in this family (LLaVA-OneVision's videos too).
-    def vision_scores(self, layer_input: torch.Tensor, tower: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
-        return self.layer_scores(self.towers["image"], layer_input)
+    def vision_scores(
+        self, layer_input: torch.Tensor, tower: str = "image", received: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layer_scores(self.towers["image"], layer_input, received)
 
     def encoder_layer(self, tower: str, layer) -> nn.Module:
         return super().encoder_layer("image", layer)

@@ -203,10 +203,10 @@ class Qwen2VLAdapter(ModelAdapter):
             layer = min(full) if full else 0
         return self.visual.blocks[check_layer(-1 if layer == "last" else layer, len(self.visual.blocks))]
 
-    def vision_signals(self, capture: Capture, tower: str, layers: tuple = ()) -> Signals:
+    def vision_signals(self, capture: Capture, tower: str, layers: tuple = (), received: bool = False) -> Signals:
         """Scores ``(tokens,)`` and keys ``(tokens, d)`` of every merged token the tower produced, in
         the merger's output order, the same scores at ``layers``, and the first token of each unit
-        (temporal slice)."""
+        (temporal slice). Its blocks have no CLS token: ``received`` is what they always give."""
         group = self.merge * self.merge
         blocks = {None: self.towers["image"], **{layer: self.encoder_layer(tower, layer) for layer in layers}}
         scores: dict = {layer: [] for layer in blocks}

@@ -34,6 +34,9 @@ from .vispruner import ImportantDiverse, VisPruner
 from .vscan import VScan
 from .holitom import HoliTom, HoliTomMerge, SimilarityMerge
 
+# Methods that reach where the others cannot (issue #36).
+from .hiprune import HierarchicalSelect, HiPrune
+
 __all__ = [
     # the interface
     "Adaptive",
@@ -85,4 +88,6 @@ __all__ = [
     "HoliTom",
     "HoliTomMerge",
     "SimilarityMerge",
+    "HiPrune",
+    "HierarchicalSelect",
 ]

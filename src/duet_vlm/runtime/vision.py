@@ -85,7 +85,9 @@ def reduce_vision(
         layers.setdefault(tower, set()).update(bucket[0].plan.vision.encoder_layers())
     for (tower, geometry), bucket in buckets:
         plan = bucket[0].plan
-        tower_signals = signals_of(binding, signals, captures, tower, tuple(sorted(layers[tower], key=str)))
+        tower_signals = signals_of(
+            binding, signals, captures, tower, tuple(sorted(layers[tower], key=str)), plan.vision.received
+        )
         units = geometry.units
         sources = [item.source for item in bucket]
         unit = adapter.unit_features(sources, captures[tower], tower_signals, first_row, inputs_embeds)
@@ -129,15 +131,18 @@ def reduce_vision(
             item.slots = slots.sort().values
 
 
-def signals_of(binding: Binding, cache: dict, captures: dict[str, Capture], tower: str, layers: tuple = ()):
-    """``tower``'s scores and keys (and those of ``layers``), computed once per prefill."""
-    for (cached_tower, cached_layers), signals in cache.items():
-        if cached_tower == tower and set(layers) <= set(cached_layers):
+def signals_of(
+    binding: Binding, cache: dict, captures: dict[str, Capture], tower: str, layers: tuple = (), received: bool = False
+):
+    """``tower``'s scores and keys (and those of ``layers``), computed once per prefill; with
+    ``received``, the attention received (``VisionStage.received``)."""
+    for (cached_tower, cached_layers, cached_received), signals in cache.items():
+        if cached_tower == tower and cached_received == received and set(layers) <= set(cached_layers):
             return signals
     adapter = binding.adapter
     # The tower returned: under FSDP2 the layers the signals read were kept unsharded (the taps).
     check_full(adapter.towers.get(tower), *(adapter.encoder_layer(tower, layer) for layer in layers))
-    signals = cache[(tower, layers)] = adapter.vision_signals(captures[tower], tower, layers)
+    signals = cache[(tower, layers, received)] = adapter.vision_signals(captures[tower], tower, layers, received)
     return signals
 
 

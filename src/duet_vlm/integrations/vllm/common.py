@@ -234,11 +234,12 @@ class DuetTowerMixin:
         depth = self.config.vision_config.num_hidden_layers
         has_cls = self.config.vision_config.model_type == "clip_vision_model"
         feature = len(layers) - 1
-        scores, keys = layer_scores(layers[feature], taps.inputs[feature][rows], has_cls)
+        received = plan.vision.received
+        scores, keys = layer_scores(layers[feature], taps.inputs[feature][rows], has_cls, received=received)
         maps = {}
         for layer in plan.vision.encoder_layers():
             index = encoder_index(layer, depth)
-            maps[layer] = layer_scores(layers[index], taps.inputs[index][rows], has_cls)[0]
+            maps[layer] = layer_scores(layers[index], taps.inputs[index][rows], has_cls, received=received)[0]
         return scores, keys, maps
 
     def reduce_item(self, plan: Plan, geometry: Geometry, features, scores, keys, maps, text=None) -> Reduced:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ...adapters.base import check_layer
 from ...plan import Plan, VisionReduction, VisionView, apply_vision_stage
-from ...scoring import attention_scores, fused_qk
+from ...scoring import fused_qk, patch_scores
 
 
 @dataclass
@@ -74,9 +74,9 @@ def all_heads(tensors: tuple, dim: int, tp_size: int) -> tuple:
     return tuple(tensor_model_parallel_all_gather(t.contiguous(), dim=dim) for t in tensors)
 
 
-def layer_scores(layer: nn.Module, layer_input: torch.Tensor, has_cls: bool, chunk: int = 256):
+def layer_scores(layer: nn.Module, layer_input: torch.Tensor, has_cls: bool, chunk: int = 256, received: bool = False):
     """``(scores (U, P or T), keys (U, T, d))`` of a CLIP / SigLIP encoder layer of vLLM, from its own
-    ``layer_norm1`` and fused ``qkv_proj``: ``duet_vlm.scoring.attention_scores`` (the arithmetic the
+    ``layer_norm1`` and fused ``qkv_proj``: ``duet_vlm.scoring.patch_scores`` (the arithmetic the
     Hugging Face path runs on transformers' separate projections) over all heads of every
     tensor-parallel rank (``qkv_proj`` is a ``QKVParallelLinear``: each rank's output is its heads'
     queries, keys and values), keys averaged over heads."""
@@ -85,7 +85,7 @@ def layer_scores(layer: nn.Module, layer_input: torch.Tensor, has_cls: bool, chu
     with torch.no_grad():
         qkv, _ = attn.qkv_proj(layer.layer_norm1(layer_input))
         queries, keys = all_heads(fused_qk(qkv, heads), 1, getattr(attn, "tp_size", 1))
-        scores = attention_scores(queries, keys, attn.scale, has_cls, chunk)
+        scores = patch_scores(queries, keys, attn.scale, has_cls, received, chunk)
     return scores, keys.mean(dim=1)
 
 

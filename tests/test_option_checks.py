@@ -73,6 +73,7 @@ RANGES: dict = {
     "layer": INT_1,
     ("holitom", "layer"): Range(integer=True, low=1, optional=True),
     ("hiprune", "alpha"): Range(low=0, high=1),
+    ("random_horizon", "layer"): Range(integer=True, low=1, optional=True),
     "keep": Range(integer=True, low=0, optional=True),
     "ratio": Range(low=0, high=1, optional=True),
     "image_pivots": INT_1,

@@ -73,6 +73,7 @@ METHODS = [
     ("pio", {"layers": []}),  # PIO's encoder scan
     ("vispruner", {}),
     ("vscan", {"layers": []}),  # VScan's scan
+    ("hiprune", {}),  # attention received on a CLS tower
 ]
 
 
@@ -394,7 +395,7 @@ def check_equals_hf(saved, method: str, budget: int, pictures) -> None:
         assert_same(reference, result, picture_kept)
 
 
-@pytest.mark.parametrize("method", ["visionzip", "pool", "trio_scan"])
+@pytest.mark.parametrize("method", ["visionzip", "pool", "trio_scan", "hiprune"])
 def test_llava_next_equals_the_hugging_face_path(saved_llava_next, method):
     check_equals_hf(saved_llava_next, method, 48, [image(5, (200, 150)), image(6, (120, 230))])
 
@@ -420,7 +421,7 @@ def test_llava_onevision_refuses_an_image_resized_after_projection(tmp_path):
     assert len(kept) == 1 and result[2] == len(vllm_prompt(hf_inputs(processor, image(5, (200, 150))))) - 1 + 48
 
 
-QWEN_METHODS = ["visionzip", "trio_scan", "random", "divprune", "cdpruner"]
+QWEN_METHODS = ["visionzip", "trio_scan", "random", "divprune", "cdpruner", "hiprune"]
 
 
 @pytest.mark.parametrize("method", QWEN_METHODS)

@@ -25,6 +25,7 @@ _METHOD_EXPORTS = (
     "RandomDrop", "RandomPatches", "SparseVLM", "TextRaterPrune", "VisionZip", "DART", "DuplicationPrune", "DivPrune",
     "MaxMinDiversity", "CDPruner", "ConditionalDPPSelect", "VisPruner", "ImportantDiverse", "VScan", "HoliTom",
     "HoliTomMerge", "SimilarityMerge", "HiPrune", "HierarchicalSelect",
+    "RandomHorizon", "UniformRandomPrune",
 )
 
 # name -> the module that defines it

@@ -36,6 +36,7 @@ from .holitom import HoliTom, HoliTomMerge, SimilarityMerge
 
 # Methods that reach where the others cannot (issue #36).
 from .hiprune import HierarchicalSelect, HiPrune
+from .random_horizon import RandomHorizon, UniformRandomPrune
 
 __all__ = [
     # the interface
@@ -90,4 +91,6 @@ __all__ = [
     "SimilarityMerge",
     "HiPrune",
     "HierarchicalSelect",
+    "RandomHorizon",
+    "UniformRandomPrune",
 ]

@@ -58,25 +58,35 @@ class PruneOnceAfterLayer(Reducer):
     the ``keep`` tokens (FastV, DART)."""
 
     budget: int | None = None
-    layer: int = 2
+    layer: int | None = 2
     keep: int | None = None
     ratio: float | None = None
 
     default_positions: ClassVar[str | None] = "original"
     compose_ratio: ClassVar[float] = DEFAULT_RATIO
+    #: where ``layer=None`` puts the boundary: this share of the decoder's depth (a subclass whose
+    #: default is relative to the depth); ``None``: ``layer`` must be given.
+    depth_share: ClassVar[float | None] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_budget(self.budget, required=False)
-        check_number("layer", self.layer, integer=True, low=1, note="the score reads layer - 1")
+        check_number("layer", self.layer, integer=True, low=1, note="the score reads layer - 1",
+                     optional=self.depth_share is not None)
         check_number("keep", self.keep, integer=True, low=0, optional=True)
         check_number("ratio", self.ratio, low=0, high=1, optional=True)
         if self.keep is not None and self.ratio is not None:
             raise ValueError("give keep or ratio, not both")
 
+    def layer_on(self, geometry: Geometry) -> int:
+        """``layer``, or where ``depth_share`` puts it on this model (at least 1)."""
+        if self.layer is not None:
+            return self.layer
+        return max(1, round(self.depth_share * geometry.num_layers))
+
     def _check_layer(self, geometry: Geometry) -> None:
-        if self.layer >= geometry.num_layers:
-            raise ValueError(f"layer={self.layer} but the language model has {geometry.num_layers} layers")
+        if self.layer_on(geometry) >= geometry.num_layers:
+            raise ValueError(f"layer={self.layer_on(geometry)} but the language model has {geometry.num_layers} layers")
 
     def schedule_for(self, geometry: Geometry, llm_input: int) -> Schedule:
         self._check_layer(geometry)
@@ -90,7 +100,7 @@ class PruneOnceAfterLayer(Reducer):
     def boundary(self, geometry: Geometry) -> int:
         """``layer``, or on a hybrid language model the nearest layer after which the stage can
         score (``Geometry.snap``: the layer before it computes attention)."""
-        return geometry.snap((self.layer,), self.language_stage().reads)[0]
+        return geometry.snap((self.layer_on(geometry),), self.language_stage().reads)[0]
 
     def _schedule(self, geometry: Geometry, llm_input: int, keep: int) -> Schedule:
         return Schedule(geometry.num_layers, geometry.visual_tokens, llm_input, ((self.boundary(geometry), keep),))

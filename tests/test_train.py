@@ -432,3 +432,123 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, checkpoint):
                                       str(tmp_path / "images"), "--output-dir", str(tmp_path / "out"), "--budget", "64"])
     text = "".join(result.output.replace("│", " ").split())  # rich wraps the message in a box
     assert result.exit_code == 2 and "missing.pngnotfound" in text and "Traceback" not in result.output
+
+
+# ----------------------------------------------------------------------------- other families: Gemma 3
+@pytest.fixture(scope="module")
+def gemma3_checkpoint(tmp_path_factory) -> Path:
+    """A tiny Gemma 3 (4 decoder layers, the last global; 16 soft tokens per 32-pixel image) with a chat
+    template in Gemma's form, which has no ``{% generation %}`` spans, as Gemma's own has not."""
+    from duet_vlm.integrations.vllm.checkpoints import write_gemma3
+
+    return write_gemma3(tmp_path_factory.mktemp("tiny_gemma3"), layers=4, gemma_template=True)
+
+
+def test_a_template_without_generation_spans_labels_each_answer_and_its_end_of_turn(gemma3_checkpoint):
+    """Gemma's template marks no assistant tokens: each answer is what its message adds to the prompt
+    that ends with the generation prompt (``answer_spans``); the image's tokens carry
+    ``token_type_ids`` 1, and the EOS inserted after an answer 0."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(gemma3_checkpoint)
+    record = synthetic_records(1, questions=2)[0]
+    item = encode(processor, record)
+    tokenizer = processor.tokenizer
+    answers = [m["content"][0]["text"] for m in record.messages if m["role"] == "assistant"]
+    end_of_turn = tokenizer("<end_of_turn>\n", add_special_tokens=False)["input_ids"]
+    expected = []
+    for answer in answers:
+        expected += tokenizer(answer, add_special_tokens=False)["input_ids"] + end_of_turn + [tokenizer.eos_token_id]
+    assert item["labels"][item["labels"] != -100].tolist() == expected
+    image = item["input_ids"] == tokenizer.convert_tokens_to_ids("<image_soft_token>")
+    assert int(image.sum()) == 16 and torch.equal(item["token_type_ids"].bool(), image)
+    assert len(item["token_type_ids"]) == len(item["input_ids"])
+
+
+def test_cli_train_fine_tunes_gemma3_and_its_first_step_is_the_reduced_models_loss(tmp_path, gemma3_checkpoint):
+    """``duet-vlm train`` on Gemma 3 (``AutoModelForImageTextToText``; the batch carries Gemma's
+    ``token_type_ids``, without which its image blocks would not attend both ways): the first logged
+    loss equals the loss of the same batch through the untrained model under the same reducer, the
+    LoRA-merged weights load as a plain Gemma 3, the language model and projector changed and the
+    tower did not."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    data = write_llava_json(tmp_path)
+    out = tmp_path / "out"
+    args = ["--model", str(gemma3_checkpoint), "--data", str(data), "--image-folder", str(tmp_path / "images"),
+            "--output-dir", str(out), "--method", "duet", "--budget", "10", "--train", "lora", "--batch-size", "4",
+            "--logging-steps", "1", "--learning-rate", "1e-2", "--max-steps", "2", "--seed", "3"]
+    result = CliRunner().invoke(app, ["train", *args])
+    assert result.exit_code == 0, result.output
+
+    processor = AutoProcessor.from_pretrained(gemma3_checkpoint)
+    original = AutoModelForImageTextToText.from_pretrained(gemma3_checkpoint)
+    records = duet_vlm.training.data.load_conversations(data, tmp_path / "images")
+    # One batch holds the four items: its mean loss over the answer tokens does not depend on their order.
+    batch = VisionLanguageCollator(processor.tokenizer.pad_token_id)([encode(processor, record) for record in records])
+    assert "token_type_ids" in batch
+    with torch.no_grad(), make_reducer(TrainConfig.parse_args(args))(original):
+        expected = original(**batch).loss.item()
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    logged = [entry["loss"] for entry in history if "loss" in entry]
+    assert len(logged) == 2 and abs(logged[0] - expected) < 1e-5, (logged, expected)
+
+    trained = AutoModelForImageTextToText.from_pretrained(out)
+    assert type(trained).__name__ == "Gemma3ForConditionalGeneration"
+    state, base = trained.state_dict(), original.state_dict()
+    assert state.keys() == base.keys()
+    differs = {name for name in state if not torch.equal(state[name], base[name])}
+    assert any("q_proj" in n and "language_model" in n for n in differs)
+    assert any("multi_modal_projector" in n for n in differs)
+    assert not any("vision_tower" in n for n in differs)
+    assert "Gemma3ForConditionalGeneration" in (out / "README.md").read_text()
+
+
+# ----------------------------------------------------------------------------- Gemma 4 (needs torchvision)
+@pytest.fixture(scope="module")
+def gemma4_checkpoint(tmp_path_factory) -> Path:
+    """A tiny Gemma 4 (4 decoder layers; images of up to 70 soft tokens, the ladder's lowest rung).
+    Gemma 4's processor always builds its video processor, which needs torchvision: this environment
+    lacks it, so these run in the vLLM environment's CI step (``DUET_REQUIRE_TORCHVISION=1``)."""
+    if os.environ.get("DUET_REQUIRE_TORCHVISION") != "1":
+        pytest.importorskip("torchvision", reason="Gemma 4's processor needs torchvision")
+    from duet_vlm.integrations.vllm.checkpoints import write_gemma4
+
+    return write_gemma4(tmp_path_factory.mktemp("tiny_gemma4"))
+
+
+def test_cli_train_fine_tunes_gemma4_and_its_first_step_is_the_reduced_models_loss(tmp_path, gemma4_checkpoint):
+    """``duet-vlm train`` on Gemma 4: the batch carries ``mm_token_type_ids`` and each image's patches
+    and positions (``image_position_ids``, concatenated image by image); the first logged loss equals
+    the same batch's loss through the untrained model under the same reducer; the merged weights load
+    as a plain Gemma 4 with the language model and projector changed and the tower not."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    data = write_llava_json(tmp_path)
+    out = tmp_path / "out"
+    args = ["--model", str(gemma4_checkpoint), "--data", str(data), "--image-folder", str(tmp_path / "images"),
+            "--output-dir", str(out), "--method", "duet", "--budget", "32", "--train", "lora", "--batch-size", "4",
+            "--logging-steps", "1", "--learning-rate", "1e-2", "--max-steps", "2", "--seed", "3"]
+    result = CliRunner().invoke(app, ["train", *args])
+    assert result.exit_code == 0, result.output
+
+    processor = AutoProcessor.from_pretrained(gemma4_checkpoint)
+    original = AutoModelForImageTextToText.from_pretrained(gemma4_checkpoint)
+    records = duet_vlm.training.data.load_conversations(data, tmp_path / "images")
+    batch = VisionLanguageCollator(processor.tokenizer.pad_token_id)([encode(processor, record) for record in records])
+    assert batch["image_position_ids"].shape[:2] == batch["pixel_values"].shape[:2] == (4, 630)
+    assert torch.equal(batch["mm_token_type_ids"].bool(), batch["input_ids"] == original.config.image_token_id)
+    with torch.no_grad(), make_reducer(TrainConfig.parse_args(args))(original):
+        expected = original(**batch).loss.item()
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    logged = [entry["loss"] for entry in history if "loss" in entry]
+    assert len(logged) == 2 and abs(logged[0] - expected) < 1e-5, (logged, expected)
+
+    trained = AutoModelForImageTextToText.from_pretrained(out)
+    assert type(trained).__name__ == "Gemma4ForConditionalGeneration"
+    state, base = trained.state_dict(), original.state_dict()
+    assert state.keys() == base.keys()
+    differs = {name for name in state if not torch.equal(state[name], base[name])}
+    assert any("q_proj" in n and "language_model" in n for n in differs)
+    assert any("embed_vision" in n or "multi_modal_projector" in n for n in differs)
+    assert not any("vision_tower" in n for n in differs)

@@ -94,9 +94,9 @@ class RecipeConfig:
 
 @dataclass
 class TrainConfig(RecipeConfig):
-    """Fine-tune a LLaVA checkpoint with a token-reduction method attached (see ``duet_vlm.training.train``)."""
+    """Fine-tune a vision-language checkpoint with a token-reduction method attached (see ``duet_vlm.training.train``)."""
 
-    model: str = field(metadata={"help": "A local LLaVA checkpoint directory or a Hub id (where there is network)."})
+    model: str = field(metadata={"help": "A local checkpoint directory (LLaVA, Gemma 3/4, ...) or a Hub id (where there is network)."})
     data: str = field(
         metadata={"help": "LLaVA conversation JSON ([{'image': ..., 'conversations': [...]}, ...]) or 'synthetic' "
                           "(the built-in synthetic visual-QA benchmark, see --synthetic-items)."}

@@ -19,6 +19,7 @@ elsewhere, multi-turn included). ``VisionLanguageCollator`` pads a batch.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,11 +128,22 @@ def synthetic_records(n: int, split: str = "train", questions: int = 4, offset: 
     return records
 
 
-def encode(processor, record: Record, eos_after_answer: bool = True) -> dict[str, torch.Tensor]:
-    """``input_ids``, ``attention_mask``, ``labels`` (1-D) and ``pixel_values`` (1, 3, H, W) of one conversation.
+#: Processor outputs with one entry per token (padded and extended like ``input_ids``, fill 0):
+#: Gemma 3's ``token_type_ids`` (1 on image tokens), Gemma 4's and Qwen3.5's ``mm_token_type_ids``.
+PER_TOKEN_KEYS = ("token_type_ids", "mm_token_type_ids")
+#: Processor outputs whose rows are the images' (or Qwen's patches'): a batch concatenates them.
+IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "image_position_ids")
 
-    The prompt comes from ``processor.apply_chat_template``; the assistant tokens it reports (the
-    template's ``{% generation %}`` spans) keep their ids as labels, everything else is -100.
+
+def encode(processor, record: Record, eos_after_answer: bool = True) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask``, ``labels`` (1-D) and every other input the processor gives
+    the model for one conversation: ``pixel_values`` and, per family, ``image_grid_thw`` (Qwen),
+    ``token_type_ids`` (Gemma 3) or ``mm_token_type_ids`` (Gemma 4), per-token ones 1-D.
+
+    The prompt comes from ``processor.apply_chat_template``. The answers are labelled, everything else
+    is -100: the assistant tokens the template reports (its ``{% generation %}`` spans), or, for a
+    template without them (most checkpoints' own), what each assistant message adds to the prompt
+    that ends before it with the generation prompt (``answer_spans``).
     """
     image = record.image
     if not isinstance(image, Image.Image):
@@ -144,38 +156,82 @@ def encode(processor, record: Record, eos_after_answer: bool = True) -> dict[str
         {**m, "content": [{"type": "image", "image": image} if c["type"] == "image" else c for c in m["content"]]}
         for m in record.messages
     ]
+    marks = _marks_answers(processor)
     out = processor.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=marks, return_tensors="pt"
     )
     ids, mask = out["input_ids"][0], out["attention_mask"][0]
-    answer = out["assistant_masks"][0].bool()
+    answer = out["assistant_masks"][0].bool() if "assistant_masks" in out else torch.zeros_like(ids, dtype=torch.bool)
+    if not answer.any():
+        answer = answer_spans(processor, messages, ids)
+    labels = torch.where(answer, ids, IGNORE_INDEX)
+    tokens = {key: out[key][0] for key in PER_TOKEN_KEYS if key in out}
+    eos = processor.tokenizer.eos_token_id
+    if eos_after_answer and eos is not None:
+        ids, mask, labels, tokens = _append_eos(ids, mask, labels, answer, eos, tokens)
+    rest = {key: value for key, value in out.items()
+            if key not in ("input_ids", "attention_mask", "assistant_masks", *PER_TOKEN_KEYS)}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, **tokens, **rest}
+
+
+def _marks_answers(processor) -> bool:
+    """Whether the processor's chat template has ``{% generation %}`` spans (then transformers reports
+    the assistant tokens itself)."""
+    template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None) or ""
+    templates = template.values() if isinstance(template, dict) else [template]
+    return any(re.search(r"{%-?\s*generation\s*-?%}", t) for t in templates)
+
+
+def answer_spans(processor, messages: list[dict], ids: torch.Tensor) -> torch.Tensor:
+    """``(L,)`` True on the tokens each assistant message adds: the conversation up to and including
+    it, less the conversation before it with the generation prompt. Both must be prefixes of the
+    whole conversation's ``ids`` (true of the templates of LLaVA, Gemma and Qwen); a template whose
+    earlier turns change with later ones is refused, as is one that marks no answer."""
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+
+    def prefix(upto: list[dict], prompt: bool) -> int:
+        part = processor.apply_chat_template(
+            upto, tokenize=True, return_dict=True, add_generation_prompt=prompt, return_tensors="pt"
+        )["input_ids"][0]
+        if len(part) > len(ids) or not torch.equal(part, ids[: len(part)]):
+            raise DataError(
+                "the processor's chat template renders a conversation's first turns differently once later turns follow, "
+                "and marks no assistant tokens ({% generation %}): give it a template with {% generation %} ... "
+                "{% endgeneration %} around assistant messages so that only answers are trained on"
+            )
+        return len(part)
+
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant":
+            answer[prefix(messages[:index], True) : prefix(messages[: index + 1], False)] = True
     if not answer.any():
         raise DataError(
             "the processor's chat template marks no assistant tokens: it needs {% generation %} ... {% endgeneration %} "
             "around assistant messages (as the llava-hf templates have) so that only answers are trained on"
         )
-    labels = torch.where(answer, ids, IGNORE_INDEX)
-    eos = processor.tokenizer.eos_token_id
-    if eos_after_answer and eos is not None:
-        ids, mask, labels = _append_eos(ids, mask, labels, answer, eos)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": out["pixel_values"]}
+    return answer
 
 
-def _append_eos(ids, mask, labels, answer, eos: int):
-    """Insert a labelled EOS after each answer span that the template does not already end with one."""
+def _append_eos(ids, mask, labels, answer, eos: int, tokens: dict | None = None):
+    """Insert a labelled EOS after each answer span that the template does not already end with one;
+    per-token inputs (``tokens``) get 0 there (a text token)."""
+    tokens = tokens or {}
+    columns = [ids, mask, labels, *tokens.values()]
     ends = torch.nonzero(answer & ~torch.cat([answer[1:], answer.new_zeros(1)])).flatten().tolist()
     pieces, start = [], 0
     for end in ends:
-        pieces.append((ids[start : end + 1], mask[start : end + 1], labels[start : end + 1]))
+        pieces.append([column[start : end + 1] for column in columns])
         following = ids[end + 1] if end + 1 < len(ids) else None
         if following == eos:
             labels[end + 1] = eos
         else:
             one = torch.tensor([eos])
-            pieces.append((one, torch.ones(1, dtype=mask.dtype), one.clone()))
+            pieces.append([one, torch.ones(1, dtype=mask.dtype), one.clone(),
+                           *(column.new_zeros(1) for column in tokens.values())])
         start = end + 1
-    pieces.append((ids[start:], mask[start:], labels[start:]))
-    return tuple(torch.cat([p[i] for p in pieces]) for i in range(3))
+    pieces.append([column[start:] for column in columns])
+    joined = [torch.cat([piece[i] for piece in pieces]) for i in range(len(columns))]
+    return joined[0], joined[1], joined[2], dict(zip(tokens, joined[3:]))
 
 
 class ConversationDataset(torch.utils.data.Dataset):
@@ -216,7 +272,8 @@ class VisionLanguageCollator:
 
     def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         width = max(len(f["input_ids"]) for f in features)
-        fills = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, **self.sequence_keys}
+        fills = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX,
+                 **{key: 0 for key in PER_TOKEN_KEYS}, **self.sequence_keys}
         batch = {}
         for key, fill in fills.items():
             if key not in features[0]:
@@ -226,7 +283,9 @@ class VisionLanguageCollator:
                 pad = f[key].new_full((width - len(f[key]),), fill)
                 rows.append(torch.cat([f[key], pad] if self.padding_side == "right" else [pad, f[key]]))
             batch[key] = torch.stack(rows)
-        batch["pixel_values"] = torch.cat([f["pixel_values"] for f in features])
+        for key in IMAGE_KEYS:  # one row per image (or per patch, Qwen's): the rows of the batch's images
+            if key in features[0]:
+                batch[key] = torch.cat([f[key] for f in features])
         for key in features[0]:
             if key not in batch:
                 batch[key] = _stack_padded([f[key] for f in features], self.pad_values.get(key, 0))

@@ -1,6 +1,7 @@
-"""Fine-tune a LLaVA checkpoint with a reducer attached, on ``transformers.Trainer``.
+"""Fine-tune a vision-language checkpoint with a reducer attached, on ``transformers.Trainer``.
 
-``train(config)`` loads the checkpoint and its processor, checks the data and the budget, freezes
+``train(config)`` loads the checkpoint (``AutoModelForImageTextToText``, a family the library knows)
+and its processor, checks the data and the budget, freezes
 the vision tower (and whatever else ``config.train`` leaves out), wraps the language model in LoRA
 when asked, attaches the reducer persistently and runs ``Trainer`` (progress bar, logging,
 checkpoints, resume, evaluation, DDP under ``accelerate launch``). The saved model is plain: LoRA
@@ -101,12 +102,14 @@ def check_budget(reducer, model: nn.Module, config: TrainConfig) -> None:
 
 
 def check_encoding(dataset: ConversationDataset, model: nn.Module) -> None:
-    """Encode the first item: answers are labelled and the processor expands the image as the model expects."""
+    """Encode the first item: answers are labelled and the processor expands the image as the model
+    expects (where the model fixes an image's token count: LLaVA-1.5's ``image_seq_length``, Gemma 3's
+    ``mm_tokens_per_image``; images of any size are checked by the adapter when the model runs)."""
     item = dataset[0]
     image_token = model.config.image_token_id
     count = int((item["input_ids"] == image_token).sum())
-    expected = model.config.image_seq_length
-    if count != expected:
+    expected = getattr(model.config, "image_seq_length", None) or getattr(model.config, "mm_tokens_per_image", None)
+    if expected is not None and count % expected:
         raise DataError(
             f"the processor expands an image into {count} tokens but the model expects {expected} "
             "(processor and checkpoint do not match)"
@@ -273,16 +276,17 @@ def training_arguments(config: TrainConfig, has_eval: bool):
 
 def train(config: TrainConfig) -> TrainOutcome:
     """Run the training ``config`` describes; see the module docstring."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration, Trainer, set_seed
+    from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, set_seed
 
     reducer = make_reducer(config)
     train_records = load_records(config.data, config, "train")
     eval_records = load_records(config.eval_data, config, "validation") if config.eval_data else None
 
     processor = AutoProcessor.from_pretrained(config.model)
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model = AutoModelForImageTextToText.from_pretrained(
         config.model, dtype=torch.float32, attn_implementation=config.attn_implementation
     )
+    adapter_for(model)  # a family the library knows, or its error naming the families it does
     model.config.use_cache = False
     check_budget(reducer, model, config)
     train_dataset = ConversationDataset(train_records, processor, config.eos_after_answer)
@@ -358,6 +362,7 @@ def save_final(trainer, config: TrainConfig, processor, outcome: TrainOutcome, h
     save_reducer(reducer, output)  # beside the weights: loading the model attaches it again
     summary = {
         "final_loss": outcome.final_loss, "average_loss": outcome.average_loss, "global_step": outcome.global_step,
+        "model_class": type(model).__name__, "model_type": model.config.model_type,
         "world_size": trainer.accelerator.num_processes, "replica_digests": outcome.replica_digests,
         "replicas_identical": len(set(outcome.replica_digests)) == 1,
         "schedule": {"tokens_per_layer": handle.schedule.tokens_per_layer, "average": handle.schedule.average,
@@ -381,7 +386,7 @@ def write_model_card(output: Path, config: TrainConfig, summary: dict) -> Path:
         "---",
         "library_name: transformers",
         "pipeline_tag: image-text-to-text",
-        "tags: [llava, duet-vlm, visual-token-reduction]",
+        f"tags: [{summary['model_type']}, duet-vlm, visual-token-reduction]",
         "---",
         "",
         f"# {Path(config.model).name or config.model}, fine-tuned with {config.method}{budget}",
@@ -390,14 +395,14 @@ def write_model_card(output: Path, config: TrainConfig, summary: dict) -> Path:
         f"{schedule['average']:.2f} visual tokens per decoder layer per image, {schedule['llm_input']} of them entering "
         "the language model.",
         "",
-        "The weights are a plain `LlavaForConditionalGeneration`; the reducer is not inside them but beside them, in "
+        f"The weights are a plain `{summary['model_class']}`; the reducer is not inside them but beside them, in "
         "`duet_vlm_reducer.json` (`duet-vlm run` and the lmms-eval models attach it unless told otherwise). "
         "Use it the way it was trained:",
         "",
         "```python",
         "import duet_vlm",
-        "from transformers import AutoProcessor, LlavaForConditionalGeneration",
-        "model = LlavaForConditionalGeneration.from_pretrained(path)",
+        "from transformers import AutoModelForImageTextToText, AutoProcessor",
+        "model = AutoModelForImageTextToText.from_pretrained(path)",
         "processor = AutoProcessor.from_pretrained(path)",
         "with duet_vlm.load_reducer(path)(model):"
         + f"{'' if config.adaptive is None else f'  # {config.method} at an adaptive budget ({config.adaptive})'}",

@@ -219,29 +219,48 @@ def write_llava_onevision(folder: str | Path, size: TinySize = TinySize(image_si
     return folder
 
 
-def write_gemma3(folder: str | Path, seed: int = 0) -> Path:
-    """A Gemma-3-shaped checkpoint (a family the plugin does not serve): a SigLIP tower on 32-pixel
-    images (16 soft tokens), two decoder layers (a sliding one, then a global one), the demo
-    tokenizer with Gemma's image tokens and newlines added after its vocabulary. Enough for vLLM to build the
-    model class, which is all a refusal at start needs."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+#: A chat template in Gemma 3's form (turns, ``<start_of_image>`` where an image goes), without
+#: ``{% generation %}`` spans, as Gemma's own templates are.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' "
+    "else message['role'] }}\n{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "<start_of_image>{% elif content['type'] == 'text' %}{{ content['text'] | trim }}{% endif %}{% endfor %}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+
+def _gemma_tokenizer(tokens) -> tuple[dict, dict[str, int]]:
+    """The demo tokenizer (``tokenizer.json``'s content) with ``tokens`` added after its vocabulary
+    as special tokens, and their ids."""
     tokenizer = json.loads((DEMO / "tokenizer.json").read_text())
     ids = {}
-    newlines = ("\n" * n for n in range(1, 5))  # vLLM's Gemma 3 processor looks up runs of 1 to 4
-    for token in ("<start_of_image>", "<end_of_image>", "<image_soft_token>", *newlines):
+    for token in tokens:
         ids[token] = len(tokenizer["model"]["vocab"])
         tokenizer["model"]["vocab"][token] = ids[token]
         tokenizer["added_tokens"].append({"id": ids[token], "content": token, "single_word": False, "lstrip": False,
                                           "rstrip": False, "normalized": False, "special": True})
+    return tokenizer, ids
+
+
+def write_gemma3(folder: str | Path, seed: int = 0, layers: int = 2, gemma_template: bool = False) -> Path:
+    """A Gemma-3-shaped checkpoint: a SigLIP tower on 32-pixel images (16 soft tokens), ``layers``
+    decoder layers (sliding ones, the last global), the demo tokenizer with Gemma's image tokens and
+    newlines added after its vocabulary; with ``gemma_template`` a chat template in Gemma's form
+    (``GEMMA_CHAT_TEMPLATE``), else the demo's. Enough for vLLM to build the model class (a refusal
+    at start) and for ``duet-vlm train`` to fine-tune it."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    newlines = ("\n" * n for n in range(1, 5))  # vLLM's Gemma 3 processor looks up runs of 1 to 4
+    tokenizer, ids = _gemma_tokenizer(("<start_of_image>", "<end_of_image>", "<image_soft_token>", *newlines))
     text = dict(
         vocab_size=max(ids.values()) + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
         max_position_embeddings=4096, sliding_window=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        layer_types=["sliding_attention", "full_attention"],
+        layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
     )
+    text["num_hidden_layers"] = layers
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
                   patch_size=4)
     config = Gemma3Config(
@@ -262,6 +281,64 @@ def write_gemma3(folder: str | Path, seed: int = 0) -> Path:
         "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>",
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    if gemma_template:
+        (folder / "chat_template.jinja").write_text(GEMMA_CHAT_TEMPLATE)
+    return folder
+
+
+def write_gemma4(folder: str | Path, seed: int = 0, layers: int = 4) -> Path:
+    """A Gemma-4-shaped checkpoint in transformers' layout, for ``duet-vlm train`` and the Hugging Face
+    path: a 2-layer vision tower of 4-pixel patches pooled 3x3 into soft tokens (``max_soft_tokens``
+    70, the ladder's lowest rung), ``layers`` decoder layers (sliding, the last global; no KV sharing),
+    per-layer inputs, the demo tokenizer with Gemma 4's image, video and audio tokens, and a chat template in
+    Gemma's form (``GEMMA_CHAT_TEMPLATE``, the image marked by its soft token, as Gemma 4's processor
+    expects). Needs torchvision: Gemma 4's processor always builds its
+    video processor, which does."""
+    from transformers import (
+        Gemma4AudioFeatureExtractor, Gemma4Config, Gemma4ForConditionalGeneration, Gemma4ImageProcessorPil,
+        Gemma4Processor, Gemma4VideoProcessor, PreTrainedTokenizerFast,
+    )
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer, ids = _gemma_tokenizer((
+        "<start_of_image>", "<end_of_image>", "<image_soft_token>", "<|video|>", "<start_of_audio>", "<end_of_audio>",
+        "<audio_soft_token>",
+    ))
+    vocab = max(ids.values()) + 1
+    text = dict(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, global_head_dim=32, max_position_embeddings=4096, sliding_window=16,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_size_per_layer_input=8, vocab_size_per_layer_input=vocab,
+        num_kv_shared_layers=0, use_bidirectional_attention="vision",
+        layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                  head_dim=8, patch_size=4, pooling_kernel_size=3, position_embedding_size=64)
+    config = Gemma4Config(
+        text_config=text, vision_config=vision, audio_config=None, image_token_id=ids["<image_soft_token>"],
+        boi_token_id=ids["<start_of_image>"], eoi_token_id=ids["<end_of_image>"], video_token_id=ids["<|video|>"],
+        audio_token_id=ids["<audio_soft_token>"],
+    )
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(config).float().eval()
+    with torch.no_grad():  # transformers sets every patch position alike; drawn so that positions differ
+        model.model.vision_tower.patch_embedder.position_embedding_table.normal_(std=0.5)
+    model.save_pretrained(folder)
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_file=str(folder / "tokenizer.json"), bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>", extra_special_tokens={
+            "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>",
+            "boa_token": "<start_of_audio>", "eoa_token": "<end_of_audio>", "audio_token": "<audio_soft_token>",
+        },
+    )
+    images = Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
+    Gemma4Processor(  # its video processor needs torchvision, as loading any Gemma 4 processor does
+        feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=images, tokenizer=fast,
+        video_processor=Gemma4VideoProcessor(), image_seq_length=70,
+        chat_template=GEMMA_CHAT_TEMPLATE.replace("<start_of_image>", "<image_soft_token>"),  # Gemma 4 marks the image so
+    ).save_pretrained(folder)
     return folder
 
 

@@ -269,6 +269,8 @@ def write_gemma3(folder: str | Path, seed: int = 0, layers: int = 2, gemma_templ
     )
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(config).float().eval()
+    with torch.no_grad():  # transformers starts the image projection at zeros: the model would see no image
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.3)
     image_processor = {
         "image_processor_type": "Gemma3ImageProcessor", "do_resize": True, "size": {"height": 32, "width": 32},
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],

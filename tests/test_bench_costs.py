@@ -159,7 +159,7 @@ def test_every_registered_method_runs_through_the_prefill_benchmark():
         assert "error" not in row, (method, row.get("error"))
         assert row["visual_tokens_per_layer"] == results["ideals"][row["ideal"]]["visual_tokens_per_layer"]
         assert row["forward_s"] > 0 and row["ideal_forward_s"] > 0 and isinstance(row["pays"], bool)
-        assert (row["selection_flops"] is None) == (method not in ("cdpruner", "divprune", "vispruner", "dart"))
+        assert (row["selection_flops"] is None) == (method not in ("cdpruner", "divprune", "vispruner", "dart", "hiprune"))
     # the fields the renderers have always read are still there
     assert {"forward_median_s", "forward_ratio", "language_model_median_s", "language_model_ratio", "flops_ratio",
             "kv_ratio", "avg_visual_tokens"} <= set(results["prefill"]["cdpruner 192"])
@@ -190,3 +190,28 @@ def test_costs_by_kind_of_layer():
     attention_only = DecoderDims(64, 128, 4, 2, 16, gated_query=True)
     reduced, full = (exact_flops(attention_only, [0, n, 0, m]) for n, m in ((120, 60), (120, 120)))
     assert costs["layer_kind_flops_ratio"]["attention"] == reduced / full
+
+
+def test_hipruns_declared_count_is_what_its_scoring_multiplies():
+    """HiPrune's declared FLOPs per layer equal what torch's flop counter counts in the scoring it runs
+    (``clip_layer_scores(received=True)`` on a CLIP layer: the recomputed queries and keys, every
+    query's logits); a tower whose tokens are not one per candidate declares none."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from duet_vlm.bench.selection import ItemShape, Widths, declared_flops
+    from duet_vlm.scoring import clip_layer_scores
+
+    import duet_vlm
+
+    from models import make_llava
+
+    model = make_llava(layers=2, image_size=112, seed=0)  # 64 patches + CLS
+    layer = duet_vlm.adapter_for(model).encoder_layer("image", 0)
+    width = model.config.vision_config.hidden_size
+    x = torch.randn(1, 65, width)
+    with FlopCounterMode(display=False) as counter:
+        clip_layer_scores(layer, x, has_cls=True, received=True)
+    shape = ItemShape(units=1, candidates=64, kept=16, text=10, visual_per_layer=[16, 16], text_after=5)
+    total, terms = declared_flops("hiprune", None, [shape], Widths(64, width, 64, "clip_vision_model"))
+    assert terms["object layer"] == terms["feature layer"] == counter.get_total_flops() and total == 2 * terms["feature layer"]
+    assert declared_flops("hiprune", None, [shape], Widths(64, width, 64, "qwen2_5_vl")) == (None, {})

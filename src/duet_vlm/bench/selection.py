@@ -19,6 +19,11 @@ Declared (each method's own docstring gives the same terms):
   tower's width), formed when duplicates must go (``k < n``);
 - ``dart``: the keys of layer ``K - 1`` recomputed for the row's ``L`` tokens ``2 L D (H_kv d)``,
   and the cosine of the ``v`` visual tokens to its ``P`` pivots ``2 P v D``.
+- ``hiprune``, per unit of ``n`` tokens (the patches, and a CLIP tower's CLS token), on CLIP and
+  SigLIP towers (elsewhere a tower's tokens are not one per candidate: not counted): in each of its
+  two encoder layers (the object layer and the feature layer), the queries and keys recomputed from
+  the layer's normed input ``2 * 2 n C^2`` and every query's logits over every key ``2 n^2 C``
+  (``C``: the tower's width).
 
 Every method also runs the projector on whatever rows its path projects; ``prefill`` counts those
 rows with a hook and reports the rows beyond the ideal's (the ideal projects the kept tokens only)
@@ -66,17 +71,19 @@ class ItemShape:
 @dataclass(frozen=True)
 class Widths:
     """``hidden``: the language model's width (the projector's output); ``vision``: the tower's;
-    ``kv``: key heads x head dim of a decoder layer (the first's, where layers differ: Gemma 4)."""
+    ``kv``: key heads x head dim of a decoder layer (the first's, where layers differ: Gemma 4);
+    ``tower``: the tower's ``model_type``."""
 
     hidden: int
     vision: int
     kv: int
+    tower: str = ""
 
     @classmethod
     def of(cls, model) -> "Widths":
         text, vision = model.config.text_config, model.config.vision_config
         first = DecoderDims.from_config(text).layer(0)
-        return cls(text.hidden_size, vision.hidden_size, first.kv_heads * first.head_dim)
+        return cls(text.hidden_size, vision.hidden_size, first.kv_heads * first.head_dim, vision.model_type)
 
 
 def _cdpruner(reducer, item: ItemShape, dims: Widths) -> dict[str, int]:
@@ -100,9 +107,18 @@ def _dart(reducer, item: ItemShape, dims: Widths) -> dict[str, int]:
     return {"keys": 2 * (item.text + visual) * dims.hidden * dims.kv, "pivot cosines": 2 * pivots * visual * dims.hidden}
 
 
+def _hiprune(reducer, item: ItemShape, dims: Widths) -> dict[str, int] | None:
+    if dims.tower not in ("clip_vision_model", "siglip_vision_model"):
+        return None  # a tower whose tokens are not one per candidate (Qwen's merge, Gemma's pooling): not counted
+    n, C = item.candidates + int(dims.tower == "clip_vision_model"), dims.vision  # every token is a query
+    per_layer = 2 * 2 * n * C * C + 2 * n * n * C  # queries and keys recomputed, then every query's logits
+    return {"object layer": per_layer, "feature layer": per_layer}
+
+
 # Per unit (``_dart``: per item, its units are one pool), summed over units and items by ``declared_flops``.
-DECLARED: dict[str, tuple[Callable[..., dict[str, int]], bool]] = {
+DECLARED: dict[str, tuple[Callable[..., dict[str, int] | None], bool]] = {
     "cdpruner": (_cdpruner, True), "divprune": (_divprune, True), "vispruner": (_vispruner, True), "dart": (_dart, False),
+    "hiprune": (_hiprune, True),
 }
 
 
@@ -114,7 +130,10 @@ def declared_flops(method: str, reducer, items: list[ItemShape], dims: Widths) -
     count, per_unit = DECLARED[method]
     terms: dict[str, int] = {}
     for item in items:
-        for name, flops in count(reducer, item, dims).items():
+        counted = count(reducer, item, dims)
+        if counted is None:
+            return None, {}
+        for name, flops in counted.items():
             terms[name] = terms.get(name, 0) + flops * (item.units if per_unit else 1)
     return sum(terms.values()), terms
 

@@ -39,6 +39,8 @@ from duet_vlm.content import SIGNALS
 from models import FAMILIES
 from checks import LayerInputs, generate_and_check_counts, hook_ids
 
+pytestmark = pytest.mark.matrix  # CI's own step (`pytest -m matrix`); `pytest` alone leaves it out
+
 NAMES = sorted(duet_vlm.METHODS)
 NEW_TOKENS = 3
 

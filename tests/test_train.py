@@ -532,3 +532,27 @@ def test_cli_train_fine_tunes_gemma4_and_its_first_step_is_the_reduced_models_lo
     assert type(original).__name__ == "Gemma4ForConditionalGeneration"
     assert batch["image_position_ids"].shape[:2] == batch["pixel_values"].shape[:2] == (4, 630)
     assert torch.equal(batch["mm_token_type_ids"].bool(), batch["input_ids"] == original.config.image_token_id)
+
+
+@pytest.mark.parametrize("fixed,ok", [(64, True), (16, True), (48, False), (65, False)])
+def test_an_image_expanded_into_other_than_the_models_count_is_refused(processor, fixed, ok):
+    """``check_encoding``: the first item's image tokens must be a whole number of the model's fixed
+    count per image (a multiple: Gemma 3's pan-and-scan crops), and at least one image."""
+    from types import SimpleNamespace
+
+    from duet_vlm.training import ConversationDataset
+    from duet_vlm.training.trainer import check_encoding
+
+    dataset = ConversationDataset(synthetic_records(1, questions=1), processor)
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    count = int((dataset[0]["input_ids"] == image_token).sum())
+    assert count == 576
+    model = SimpleNamespace(config=SimpleNamespace(image_token_id=image_token, image_seq_length=fixed * 9))
+    if ok:
+        check_encoding(dataset, model)
+    else:
+        with pytest.raises(DataError, match=f"expands an image into 576 tokens but the model expects {fixed * 9}"):
+            check_encoding(dataset, model)
+    nothing = SimpleNamespace(config=SimpleNamespace(image_token_id=image_token + 1, image_seq_length=576))
+    with pytest.raises(DataError, match="expands an image into 0 tokens"):  # no image token found
+        check_encoding(dataset, nothing)

@@ -109,7 +109,7 @@ def check_encoding(dataset: ConversationDataset, model: nn.Module) -> None:
     image_token = model.config.image_token_id
     count = int((item["input_ids"] == image_token).sum())
     expected = getattr(model.config, "image_seq_length", None) or getattr(model.config, "mm_tokens_per_image", None)
-    if expected is not None and count % expected:
+    if expected is not None and (count == 0 or count % expected):  # a multiple: Gemma 3's pan-and-scan crops
         raise DataError(
             f"the processor expands an image into {count} tokens but the model expects {expected} "
             "(processor and checkpoint do not match)"

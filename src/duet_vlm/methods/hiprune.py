@@ -87,7 +87,8 @@ def hiprune_select(
 class HierarchicalSelect(VisionStage):
     """HiPrune's selection: anchors by a middle encoder layer's attention, their raster neighbours as
     buffers, registers by the feature layer's, ranked by the attention each patch receives from
-    every token (``received``: no CLS token needed, and the CLS token is not read where there is one).
+    every token (``received``: no CLS token needed; where there is one, it is a query like every
+    other token and is never kept).
 
     ``object_layer``: the encoder layer (an index, negative from the end) whose attention picks the
     anchors. The registers are ranked by the feature layer's, the layer whose output the projector

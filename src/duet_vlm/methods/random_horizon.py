@@ -31,8 +31,7 @@ class UniformRandomPrune(LanguageStage):
 
     Each visual token's draw depends on ``seed``, the boundary's layer and the token's index in the
     visual block that entered the language model (``LayerView.visual_ids``), never on the batch:
-    a row gives the same tokens alone and in any batch, every image of a call the same subset of
-    its indices, and another ``seed`` another subset.
+    a row gives the same tokens alone and in any batch, and another ``seed`` another subset.
 
     >>> UniformRandomPrune(seed=0).select(view, keep=98).shape      # doctest: +SKIP
     torch.Size([1, 1, 98])

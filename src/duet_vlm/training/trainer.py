@@ -286,9 +286,8 @@ def train(config: TrainConfig) -> TrainOutcome:
     model = AutoModelForImageTextToText.from_pretrained(
         config.model, dtype=torch.float32, attn_implementation=config.attn_implementation
     )
-    adapter_for(model)  # a family the library knows, or its error naming the families it does
     model.config.use_cache = False
-    check_budget(reducer, model, config)
+    check_budget(reducer, model, config)  # its adapter_for refuses a family the library does not know
     train_dataset = ConversationDataset(train_records, processor, config.eos_after_answer)
     eval_dataset = ConversationDataset(eval_records, processor, config.eos_after_answer) if eval_records else None
     check_encoding(train_dataset, model)

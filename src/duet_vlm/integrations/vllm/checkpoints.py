@@ -255,12 +255,11 @@ def write_gemma3(folder: str | Path, seed: int = 0, layers: int = 2, gemma_templ
     newlines = ("\n" * n for n in range(1, 5))  # vLLM's Gemma 3 processor looks up runs of 1 to 4
     tokenizer, ids = _gemma_tokenizer(("<start_of_image>", "<end_of_image>", "<image_soft_token>", *newlines))
     text = dict(
-        vocab_size=max(ids.values()) + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=max(ids.values()) + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
         max_position_embeddings=4096, sliding_window=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
     )
-    text["num_hidden_layers"] = layers
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
                   patch_size=4)
     config = Gemma3Config(
@@ -292,10 +291,10 @@ def write_gemma4(folder: str | Path, seed: int = 0, layers: int = 4) -> Path:
     """A Gemma-4-shaped checkpoint in transformers' layout, for ``duet-vlm train`` and the Hugging Face
     path: a 2-layer vision tower of 4-pixel patches pooled 3x3 into soft tokens (``max_soft_tokens``
     70, the ladder's lowest rung), ``layers`` decoder layers (sliding, the last global; no KV sharing),
-    per-layer inputs, the demo tokenizer with Gemma 4's image, video and audio tokens, and a chat template in
-    Gemma's form (``GEMMA_CHAT_TEMPLATE``, the image marked by its soft token, as Gemma 4's processor
-    expects). Needs torchvision: Gemma 4's processor always builds its
-    video processor, which does."""
+    per-layer inputs, the demo tokenizer with Gemma 4's image, video and audio tokens, and a chat
+    template in Gemma's form (``GEMMA_CHAT_TEMPLATE``, the image marked by its soft token, as Gemma 4's
+    processor expects). Needs torchvision: Gemma 4's processor always builds its video processor,
+    which does."""
     from transformers import (
         Gemma4AudioFeatureExtractor, Gemma4Config, Gemma4ForConditionalGeneration, Gemma4ImageProcessorPil,
         Gemma4Processor, Gemma4VideoProcessor, PreTrainedTokenizerFast,
@@ -339,7 +338,7 @@ def write_gemma4(folder: str | Path, seed: int = 0, layers: int = 4) -> Path:
     Gemma4Processor(  # its video processor needs torchvision, as loading any Gemma 4 processor does
         feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=images, tokenizer=fast,
         video_processor=Gemma4VideoProcessor(), image_seq_length=70,
-        chat_template=GEMMA_CHAT_TEMPLATE.replace("<start_of_image>", "<image_soft_token>"),  # Gemma 4 marks the image so
+        chat_template=GEMMA_CHAT_TEMPLATE.replace("<start_of_image>", "<image_soft_token>"),
     ).save_pretrained(folder)
     return folder
 

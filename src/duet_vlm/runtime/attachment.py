@@ -35,9 +35,9 @@ from .entry import base_input_ids, check_new_items_on_cache, check_turn_on_cache
 from .exit import compact_head_input, expand_head_output, finish_prefill
 from .guards import check_cache_argument
 from .inputs import segment_layer_inputs, token_argument
-from .prefill import open_prefill
+from .prefill import WholeItems, open_prefill
 from .protocol import RuntimeReducer
-from .record import prefill_stats, text_only_stats
+from .record import prefill_stats, text_only_stats, whole_stats
 
 # Models with a reducer attached: two reducers on one model would stack their hooks. A model's
 # slot is taken (checked and reserved) under the lock, so of two threads attaching at once one wins.
@@ -199,6 +199,10 @@ class Attachment:
         call.kept.release()  # the vision signals are read: the tower's layers may be freed
         if opened is None:
             self.reducer.stats = text_only_stats(self.binding, found[0], kwargs)
+            return None
+        if isinstance(opened, WholeItems):
+            call.prompt = None
+            self.reducer.stats = whole_stats(self.binding, found[0], opened.items)
             return None
         self.calls.remember_grad_call(call)
         return (), kwargs

@@ -10,6 +10,8 @@ with its call for the decoding steps that follow.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..adapters import Capture, UnreducibleInput, VisualItem
@@ -135,7 +137,7 @@ def compact_entry(entry: Compaction, numbering: Original | Renumbered, kwargs: d
     position ids the language model then receives, and the user's 2-D mask at the entry (``None``:
     none)."""
     attention_mask = kwargs.get("attention_mask")
-    if attention_mask is not None and attention_mask.dim() != 2:
+    if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
         raise ValueError("duet-vlm needs a 2-D attention_mask (or None) at the language model input")
     if not entry.is_identity:
         kwargs["inputs_embeds"] = entry.gather(kwargs["inputs_embeds"])
@@ -192,10 +194,19 @@ def entry_masks(binding: Binding, prompt: PrefillState, kwargs: dict, prebuilt: 
     return binding.adapter.by_layer_type(masks)
 
 
-def open_prefill(binding: Binding, call, found: tuple[torch.Tensor, dict], kwargs: dict) -> PrefillState | None:
-    """The prefill of ``call`` at the language model's entry (``None``: no visual items). A prefill
-    without a cache that continues the call's earlier one of the same encoding (generate without a
-    cache) keeps that one's selection."""
+@dataclass(frozen=True)
+class WholeItems:
+    """A prefill left to the unpatched model: nothing in it is reduced, and the model's masks were
+    built before it (``generate`` with a static cache builds them, 4-D or one per layer type), so no
+    2-D mask is there to keep the books with. ``record.whole_stats`` reports its items unreduced."""
+
+    items: list
+
+
+def open_prefill(binding: Binding, call, found: tuple[torch.Tensor, dict], kwargs: dict) -> PrefillState | WholeItems | None:
+    """The prefill of ``call`` at the language model's entry (``None``: no visual items; ``WholeItems``:
+    nothing reduced, left to the unpatched model). A prefill without a cache that continues the call's
+    earlier one of the same encoding (generate without a cache) keeps that one's selection."""
     input_ids = found[0]
     encoding = call.captures.encoding()
     captures = call.captures.take()
@@ -211,6 +222,10 @@ def open_prefill(binding: Binding, call, found: tuple[torch.Tensor, dict], kwarg
     row_budgets = binding.reducer.row_budgets(input_ids.shape[0], input_ids)
     plans = [binding.plan_for(item.geometry) for item in items]
     check_prefill(plans, call, cache)
+    user_mask = found[1].get("attention_mask")
+    if user_mask is not None and not (isinstance(user_mask, torch.Tensor) and user_mask.dim() == 2):
+        if all(plan.schedule.is_identity for plan in plans):
+            return WholeItems(items)
     reference = None
     if cache is None and not torch.is_grad_enabled() and call.reference is not None:
         rows = extends(call.reference, input_ids, items) if same_encoding(call.reference_encoding, encoding) else None

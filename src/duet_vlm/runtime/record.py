@@ -104,6 +104,20 @@ def text_only_stats(binding: Binding, input_ids: torch.Tensor, kwargs: dict) -> 
     return with_costs(binding, ReductionStats(tokens_per_layer=[0] * layers, visual_tokens=0, llm_input_tokens=0, text_tokens=text))
 
 
+def whole_stats(binding: Binding, input_ids: torch.Tensor, items: list) -> ReductionStats:
+    """A prefill left whole (``prefill.WholeItems``): every item's tokens enter every layer. Without a
+    2-D mask, every token of a row that is not visual counts as text."""
+    layers = len(binding.adapter.layers)
+    per_item = [ItemStats(row=item.row, modality=item.geometry.modality, tokens=item.geometry.visual_tokens,
+                          units=item.geometry.units, tokens_per_layer=[item.geometry.visual_tokens] * layers,
+                          entry_slots=torch.arange(item.length)) for item in items]
+    text = [input_ids.shape[1] - sum(item.length for item in items if item.row == row) for row in range(input_ids.shape[0])]
+    mean = sum(s.tokens for s in per_item) / len(per_item)
+    stats = ReductionStats(tokens_per_layer=[mean] * layers, visual_tokens=mean, llm_input_tokens=mean, text_tokens=text,
+                           items=per_item)
+    return with_costs(binding, stats)
+
+
 def with_costs(binding: Binding, stats: ReductionStats) -> ReductionStats:
     language_model = binding.adapter.language_model
     dtype = next(language_model.parameters()).dtype

@@ -5,7 +5,7 @@ A block between ``<!-- generated: KIND ARG... -->`` and ``<!-- end generated -->
 its arguments (file paths relative to the page): ``duet-vlm eval``'s ``results.json``, a demo
 model's ``metrics.json``, the adaptation experiment's ``adaptation.json``, a benchmark's output,
 the fixed-against-adaptive study's ``results.json``, the vLLM serving benchmark, a live-memory
-trace (``python -m duet_vlm.bench.live``); ``schedules`` and ``plan`` blocks are solved by the
+trace (``python -m duet_vlm.bench.live``), ``duet-vlm check``'s report; ``schedules`` and ``plan`` blocks are solved by the
 library itself (what ``duet-vlm plan`` prints), a ``modes`` block is the generation-modes table
 that tests/test_generation_modes_table.py checks; a ``figure`` block draws ``docs/figures.py``'s
 "which method and budget" figure and records the digest of its inputs, in the block and in the PNG.
@@ -270,6 +270,26 @@ def render_vllm(root: Path, path: str) -> str:
             f"{row['output_tokens_per_s']:.2f}", f"{row['ttft_median_s']:.2f}", f"{row['ttft_p90_s']:.2f}",
             f"{row['peak_rss_gib']:.2f}", speed, ttft, f"{row['load_before']:.1f} → {row['load_after']:.1f}",
         ]) + " |")
+    return header + "\n".join(lines) + "\n"
+
+
+def render_check(root: Path, path: str) -> str:
+    """``duet-vlm check --json``: what it ran on (the versions included) and each check's result."""
+    report = _load(root, path)
+    setup, versions = report["setup"], report["versions"]
+    device = versions["gpu"] or f"CPU ({versions['platform']})"
+    header = (
+        f"`{setup.get('command', 'duet-vlm check')}`: {setup['class']} ({setup['adapter']}), {setup['dtype']}, attention "
+        f"`{setup['attention']}`, on {device}; torch {versions['torch']}, transformers {versions['transformers']}, "
+        f"CUDA {versions['cuda'] or 'none'}, flash-attn {versions['flash-attn'] or 'not installed'}. "
+        + ("Every check passed" if report["ok"] else "Some checks FAILED") + f" in {setup['seconds']} s.\n\n"
+    )
+    lines = ["| check | result | numbers |", "|---|---|---|"]
+    for result in report["results"]:
+        seconds = result["numbers"].get("seconds")
+        took = f" ({seconds:.1f} s)" if seconds is not None and not result["key"].startswith("mode:") else ""
+        name = result["key"].replace("mode:", "mode: ").replace("_", " ")
+        lines.append(f"| {name} | {result['status']} | {result['detail']}{took} |")
     return header + "\n".join(lines) + "\n"
 
 
@@ -550,7 +570,7 @@ RENDERERS = {
     "adaptation": render_adaptation, "bench": render_bench, "vllm": render_vllm, "adaptive": render_adaptive,
     "schedules": render_schedules, "plan": render_plan, "prefill": render_prefill, "family": render_family,
     "compile": render_compile, "stage_a": render_stage_a, "figure": render_figure, "modes": render_modes,
-    "live": render_live, "layer_kinds": render_layer_kinds, "ladder": render_ladder, "processes": render_processes,
+    "live": render_live, "layer_kinds": render_layer_kinds, "check": render_check, "ladder": render_ladder, "processes": render_processes,
 }
 # Kinds whose block stands for a file that is drawn beside the page (the figure's PNG).
 FILES = {"figure": (figure_is_current, draw_figure)}

@@ -290,6 +290,9 @@ class LanguageStage(ABC):
     #: that mixes layer kinds, a boundary sits only where that layer is an attention layer
     #: (``Geometry.boundary_layers``); ``check_boundaries`` refuses the others.
     reads: ClassVar[str | None] = "layer"
+    #: ``select`` may return a ``Selection`` with states of its own (merged tokens): the survivors of a
+    #: boundary are then not only a subset of the tokens before it (``duet-vlm check``'s ideal reads it).
+    merges: ClassVar[bool] = False
 
     @abstractmethod
     def score(self, view: LayerView) -> torch.Tensor:

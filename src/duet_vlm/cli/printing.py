@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.padding import Padding
 
 from .tables import (
-    NOISE_LEGEND, accuracy_table, answer_ratios, answers_table, batch_rows_table, end_to_end_tables, family_table, ladder_table, layer_kind_table,
+    NOISE_LEGEND, accuracy_table, check_table, answer_ratios, answers_table, batch_rows_table, end_to_end_tables, family_table, ladder_table, layer_kind_table,
     mark_noise,
     plan_costs_table, plan_steps, prefill_table, schedule_table, vision_table,
 )
@@ -69,6 +69,20 @@ def print_asked(asked, images: list[Path]) -> None:
         print_answers(asked.answers)
     if asked.overlay:
         console.print(f"wrote {asked.overlay}")
+
+
+def print_check(report, json_path: Optional[Path]) -> None:
+    """``check.check_model``'s report as a table (or, with ``--json -``, as JSON on stdout), and the
+    JSON file written."""
+    if json_path is not None and str(json_path) == "-":
+        print(report.to_json())
+        return
+    console.print(check_table(report))
+    for said in report.setup.get("warnings", []):
+        console.print(f"warning: {said}")
+    if json_path is not None:
+        json_path.write_text(report.to_json())
+        console.print(f"wrote {json_path}")
 
 
 def print_prefill(results: dict) -> None:

@@ -248,6 +248,21 @@ def batch_rows_table(asked, images: list[Path]) -> Fitted:
     return Fitted(f"One batch, {asked.label}, a budget per row", wide, narrow)
 
 
+# ----------------------------------------------------------------------------- check
+def check_table(report) -> Fitted:
+    """``check.check_model``'s report: one row per check, its result and what it measured."""
+    setup = report.setup
+    rows = [[result.key.replace("mode:", "mode: ").replace("_", " "),
+             result.status.upper() if result.status == "fail" else result.status, result.detail]
+            for result in report.results]
+    failed = len(report.failed)
+    title = (f"duet-vlm check: {setup['method']} on {setup['family']} ({setup['attention']}, {setup['dtype']}, "
+             f"{setup['device']}): " + (f"{failed} failed" if failed else "every check passed"))
+    wide = Layout([Column("check", "left"), Column("result", "left"), Column("numbers", "left", prose=True)], rows)
+    narrow = Layout([Column("check", "left", prose=True), Column("", "left"), Column("numbers", "left", prose=True)], rows)
+    return Fitted(title, wide, narrow)
+
+
 # ----------------------------------------------------------------------------- bench
 def vision_table(results: dict) -> Fitted:
     """``prefill_benchmark``'s vision side: the tower and projector alone, plain and under each variant."""

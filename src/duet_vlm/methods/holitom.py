@@ -141,6 +141,8 @@ class SimilarityMerge(LanguageStage):
     (``merge_into_kept``) on the states entering the boundary layer; only the ``query x keys`` block
     of attention is formed, so the model keeps its attention backend."""
 
+    merges = True
+
     reads: ClassVar[str | None] = "previous"  # scores with the layer before the boundary
 
     def score(self, view: LayerView) -> torch.Tensor:

@@ -133,6 +133,8 @@ class TextRaterPrune(LanguageStage):
     torch.Size([1, 1, 309, 4096])
     """
 
+    merges = True
+
     reads: ClassVar[str | None] = "previous"  # scores with the layer before the boundary
 
     needs_input_embeddings: ClassVar[bool] = True

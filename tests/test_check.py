@@ -1,0 +1,260 @@
+"""``duet-vlm check`` (issue #37): its checks pass on every family's tiny model and on the shipped demo
+model, and each one fails on a fault planted where the library could plausibly go wrong.
+
+- every family of ``models.FAMILIES`` under DUET: every check passes or is not applicable for a
+  stated reason (Gemma 4's ideal, prompt lookup on a stateful Qwen3.5); every method on every family
+  is the marked ``matrix`` suite's (``test_every_method_on_every_family``);
+- a planted fault per check, each in the library (a hook that perturbs the decoder's input, a hook
+  left behind, a weight moved, padding that leaks into a row, statistics that disagree with the
+  plan, positions shifted after a boundary, a static cache let through): that check fails, the
+  report is not ``ok``, and a check that raises is reported failed, not crashed;
+- the command: ``duet-vlm check --model demo`` exits 0 with a table that fits 80 columns, ``--json``
+  carries the versions; a planted fault exits 1; bad options are refused before the model loads.
+"""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import duet_vlm
+from duet_vlm import cli
+from duet_vlm.check import check_model
+from duet_vlm.check.report import FAIL, NOT_APPLICABLE, PASS
+from duet_vlm.runtime import attachment, positions, record
+
+from models import FAMILIES
+
+runner = CliRunner()
+#: Checks a family may leave not applicable, and why (the report says the same).
+EXPECTED_NOT_APPLICABLE = {
+    ("gemma4", "ideal"): "per-layer inputs",
+    ("qwen3_5", "mode:prompt_lookup"): "stateful",
+    ("qwen3_5-moe", "mode:prompt_lookup"): "stateful",
+}
+
+
+def _run(family_name: str = "llava", method: str = "duet", **options):
+    family = FAMILIES[family_name]
+    model = family.model()
+    batch = family.batch(model)
+    rows = [family.row(batch, b) for b in range(batch["input_ids"].shape[0])]
+    return check_model(model, batch, rows, method, ratio=0.5, rounds=1, new_tokens=3, **options)
+
+
+def _assert_passes(report, family_name: str) -> None:
+    for result in report.results:
+        if result.detail == "skipped (--skip)":
+            continue
+        if result.status == NOT_APPLICABLE:
+            reason = EXPECTED_NOT_APPLICABLE.get((family_name, result.key))
+            assert reason is not None and reason in result.detail, (result.key, result.detail)
+        else:
+            assert result.status in (PASS, "info"), (result.key, result.detail)
+    assert report.ok
+
+
+@pytest.mark.parametrize("family_name", sorted(FAMILIES))
+def test_every_check_passes_on_every_family(family_name):
+    report = _run(family_name, skip=("timing",))
+    _assert_passes(report, family_name)
+    ideal = report.result("ideal")
+    if ideal.status == PASS:
+        assert ideal.numbers["positions"] > 0 and ideal.numbers["max_difference"] <= 1e-4
+    counts = report.result("counts").numbers
+    assert counts["visual_per_layer"] == counts["planned"] and counts["kv_layers_checked"] > 0
+
+
+@pytest.mark.matrix
+@pytest.mark.parametrize("method", sorted(duet_vlm.METHODS))
+@pytest.mark.parametrize("family_name", sorted(FAMILIES))
+def test_every_method_on_every_family(family_name, method):
+    _assert_passes(_run(family_name, method, skip=("timing",)), family_name)
+
+
+def test_the_timing_check_reports_both_sides_and_the_ideal():
+    timing = _run(skip=("full", "padded", "counts", "ideal", "modes", "restored")).result("timing")
+    numbers = timing.numbers
+    assert set(numbers["prefill_s"]) == {"unreduced", "reduced", "ideal"} and numbers["prefill_vs_ideal"] > 0
+    assert set(numbers["generate_s"]) == {"unreduced", "reduced"}
+    assert 0 < numbers["decoder_flops"] < numbers["decoder_flops_unreduced"]
+    assert 0 < numbers["kv_bytes"] < numbers["kv_bytes_unreduced"]
+    assert numbers["peak_memory_bytes"] == {"unreduced": None, "reduced": None}  # a CPU: not measured
+
+
+# ----------------------------------------------------------------------------- planted faults
+def _plant_hook(monkeypatch, make_hook):
+    """Every attachment also registers ``make_hook(attachment)``'s hooks (removed with it)."""
+    original = attachment.Attachment.__init__
+
+    def init(self, reducer, model):
+        original(self, reducer, model)
+        self._handles.extend(make_hook(self, model))
+
+    monkeypatch.setattr(attachment.Attachment, "__init__", init)
+
+
+def _failed(report, key: str):
+    result = report.result(key)
+    assert result.status == FAIL, (key, result.detail)
+    assert not report.ok
+    return result
+
+
+def test_full_fails_when_attaching_perturbs_the_decoder(monkeypatch):
+    def nudge(module, args, kwargs):
+        return (args[0] + 1e-3, *args[1:]), kwargs
+
+    _plant_hook(monkeypatch, lambda a, model: [model.model.language_model.layers[0].register_forward_pre_hook(
+        nudge, with_kwargs=True)])
+    result = _failed(_run(method="full", skip=("timing", "modes")), "full")
+    assert result.numbers["max_difference"] > 0 and not result.numbers["bit_identical"]
+
+
+def test_restored_fails_on_a_hook_left_behind(monkeypatch):
+    original = attachment.Attachment.remove
+
+    def remove(self):
+        self._handles.pop(0)  # forgotten: never removed
+        original(self)
+
+    monkeypatch.setattr(attachment.Attachment, "remove", remove)
+    model = FAMILIES["llava"].model()
+    kinds = ("_forward_pre_hooks", "_forward_hooks")
+    before = {(name, kind): set(getattr(m, kind)) for name, m in model.named_modules() for kind in kinds}
+    try:
+        assert "hooks left behind" in _failed(_run(skip=("timing", "modes", "padded", "ideal", "counts", "full")),
+                                              "restored").detail
+    finally:  # take the planted leftovers off the shared model
+        for name, module in model.named_modules():
+            for kind in kinds:
+                hooks = getattr(module, kind)
+                for key in set(hooks) - before[(name, kind)]:
+                    del hooks[key]
+
+
+def test_restored_fails_on_a_moved_weight(monkeypatch):
+    model = FAMILIES["llava"].model()
+    head = model.lm_head.weight
+
+    def move(a, model):
+        with torch.no_grad():
+            head[0, 0] += 1.0
+        return []
+
+    _plant_hook(monkeypatch, move)
+    original = head.detach().clone()
+    try:
+        result = _failed(_run(skip=("timing", "modes", "padded", "ideal", "counts", "full")), "restored")
+        assert "weights changed: lm_head.weight" in result.detail
+    finally:
+        with torch.no_grad():
+            head.copy_(original)
+
+
+def test_padded_fails_when_padding_leaks_into_a_row(monkeypatch):
+    def leak(module, args, kwargs):
+        hidden = args[0]
+        if hidden.shape[0] > 1:  # only in a batch: the first row reads what its neighbour holds
+            hidden = hidden.clone()
+            hidden[0] += 1e-2 * hidden[1].mean()
+        return (hidden, *args[1:]), kwargs
+
+    _plant_hook(monkeypatch, lambda a, model: [model.model.language_model.layers[1].register_forward_pre_hook(
+        leak, with_kwargs=True)])
+    result = _failed(_run(skip=("timing", "modes", "restored")), "padded")
+    assert result.numbers["max_difference"] > result.numbers["tolerance"]
+
+
+def test_counts_fails_when_the_statistics_disagree_with_the_plan(monkeypatch):
+    original = record.item_stats
+
+    def off_by_one(*args, **kwargs):
+        stats = original(*args, **kwargs)
+        stats.tokens_per_layer = [*stats.tokens_per_layer[:-1], stats.tokens_per_layer[-1] + 1]
+        return stats
+
+    monkeypatch.setattr(record, "item_stats", off_by_one)
+    assert "plan" in _failed(_run(skip=("timing", "modes", "restored", "padded", "ideal")), "counts").detail
+
+
+def test_ideal_fails_when_survivors_are_not_renumbered_after_a_boundary(monkeypatch):
+    """DUET renumbers the survivors of a boundary (``positions="contiguous"``); the planted fault keeps
+    their old positions, gaps and all (a constant shift would not be a fault: RoPE is relative)."""
+
+    def not_moved_back(self, position_ids, rope_positions, step):
+        kept = step.without_pads(step.gather_positions(position_ids))
+        return kept, kept
+
+    monkeypatch.setattr(positions.Renumbered, "after_boundary", not_moved_back)
+    result = _failed(_run(skip=("timing", "modes", "restored", "padded", "counts")), "ideal")
+    assert result.numbers["max_difference"] > result.numbers["tolerance"]
+
+
+def _let_static_caches_through(monkeypatch):
+    from duet_vlm.runtime import prefill
+
+    original = prefill.check_prefill
+    monkeypatch.setattr(prefill, "check_prefill", lambda plans, call, cache: original(plans, call, None))
+
+
+def test_a_mode_fails_when_a_refusal_goes_missing(monkeypatch):
+    _let_static_caches_through(monkeypatch)
+    result = _failed(_run(skip=("timing", "restored", "padded", "counts", "ideal")), "mode:static_cache")
+    assert "expected a refusal" in result.detail or "refused:" in result.detail
+
+
+def test_a_check_that_raises_is_a_failed_check(monkeypatch):
+    import duet_vlm.check as check
+
+    def broken(ctx):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(check, "check_counts", broken)
+    result = _failed(_run(skip=("timing", "modes", "restored", "padded", "ideal")), "counts")
+    assert "planted" in result.detail
+
+
+# ----------------------------------------------------------------------------- the command
+def test_the_command_on_the_demo_model(tmp_path):
+    out = tmp_path / "check.json"
+    result = runner.invoke(cli.app, ["check", "--model", "demo", "--rounds", "1", "--json", str(out)],
+                           env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert "every check passed" in " ".join(result.output.split())
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+    report = json.loads(out.read_text())
+    assert report["ok"] and report["setup"]["family"] == "llava" and report["setup"]["attention"] == "sdpa"
+    assert {"torch", "transformers", "cuda", "flash-attn", "gpu", "duet-vlm"} <= set(report["versions"])
+    keys = [r["key"] for r in report["results"]]
+    assert keys[:6] == ["model", "full", "padded", "counts", "ideal", "mode:no_cache"] and keys[-2:] == ["timing", "restored"]
+    assert report["results"][keys.index("ideal")]["numbers"]["max_difference"] == 0.0  # bit for bit on a CPU
+
+
+def test_the_command_exits_1_on_a_failed_check(monkeypatch):
+    _let_static_caches_through(monkeypatch)
+    result = runner.invoke(cli.app, ["check", "--model", "demo", "--skip", "timing", "--skip", "padded"],
+                           env={"COLUMNS": "80"})
+    assert result.exit_code == 1, result.output
+    assert "FAIL" in result.output and "1 failed" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--skip", "speed"], "the checks are full, restored"),
+    (["--dtype", "int8"], "--dtype must be one of"),
+    (["--device", "cuda"], "torch sees no CUDA device"),
+    (["--method", "nope"], "nope"),
+    (["--budget", "0"], "budget"),
+    (["--image", "a.png", "--image", "b.png", "--image", "c.png"], "at most two"),
+])
+def test_bad_options_are_refused_before_loading(args, message, monkeypatch):
+    from transformers import AutoModelForImageTextToText
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", never)
+    result = runner.invoke(cli.app, ["check", "--model", "demo", *args])
+    assert result.exit_code == 1
+    assert message in " ".join(result.output.split())

@@ -200,3 +200,14 @@ def test_a_budget_that_reduces_nothing_is_said_once_in_one_line(tiny_demo_model,
     assert result.returncode == 0, result.stderr
     said = [line for line in result.stderr.splitlines() if "nothing is reduced" in line]
     assert said == ["warning: budget 600 >= 576 visual tokens per image: nothing is reduced"], result.stderr
+
+
+def test_reproduce_without_lmms_eval_says_how_to_install_it():
+    pytest.importorskip("typer")
+    import importlib.util
+
+    if importlib.util.find_spec("lmms_eval") is not None:
+        pytest.skip("lmms-eval is installed here (tests/test_lmms_eval.py runs reproduce)")
+    result = runner.invoke(app, ["reproduce", "--dry-run"])
+    assert result.exit_code == 1
+    assert "install the extra" in " ".join(result.output.split())

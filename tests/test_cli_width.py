@@ -257,3 +257,25 @@ def test_the_layout_docstring():
     for test in finder.find(tables.Fitted, "Fitted", globs=vars(tables)):
         runner.run(test)
     assert runner.failures == 0
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_the_check_and_reproduce_tables(width):
+    """``duet-vlm check``'s report and ``duet-vlm reproduce``'s table, from fixed inputs."""
+    from duet_vlm.check.report import Report, Result
+
+    report = Report({"method": "duet", "family": "llava", "attention": "flash_attention_2", "dtype": "bfloat16",
+                     "device": "cuda"},
+                    [Result("full", "", "pass", "bit-identical"),
+                     Result("mode:prompt_lookup", "", "n/a", "the unpatched model fails it on this prompt too: Image "
+                            "features and image tokens do not match, tokens: 578, features: 55296"),
+                     Result("ideal", "", "fail", "max logit difference 0.0412 over 30 positions (allowed 0.03)")], {})
+    text = _laid_out(cli.check_table(report), width)
+    assert "1 failed" in " ".join(text.split()) and "FAIL" in text
+    entry = {"task": "gqa", "column": "GQA", "ours": 59.12, "reported": 59.3, "tolerance": 1.0, "within": True}
+    table = {"model": "llava-hf/llava-1.5-7b-hf", "limit": None, "rows": [
+        {"cell": "visionzip-192", "entries": [entry, {**entry, "task": "mme", "column": "MME", "ours": 1790.4,
+                                                       "reported": 1782, "tolerance": 40.0}],
+         "average_retained": 97.1, "reported_average": 97.7, "average_tolerance": 1.5, "average_within": True}]}
+    text = _laid_out(cli.reproduce_table(table), width)
+    assert "59.1" in text and "1790.4" in text

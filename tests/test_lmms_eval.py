@@ -748,3 +748,68 @@ def test_request_budgets_group_the_requests():
     assert fake._per_request_budgets(requests[3:], lambda group: ["plain"]) == ["plain"]
     with pytest.raises(ValueError, match="not both"):
         request_budget({"duet_budget": 128, "duet_ratio": 0.5})
+
+
+# ----------------------------------------------------------------------------- duet-vlm reproduce
+def test_reproduce_runs_the_table_resumes_and_lists_its_plan(task_dir, one_thread, tmp_path, monkeypatch):
+    """``duet-vlm reproduce`` end to end on the demo model and the local task: the dry run lists the
+    checkpoint, the task's data file and one command per setting; the run's scores equal lmms-eval's
+    own run of each setting; a second run loads nothing (every cell is done) and gives the same
+    table; the command prints it and the dry run then has nothing left to run."""
+    from typer.testing import CliRunner
+
+    from duet_vlm.cli import app
+    from duet_vlm.integrations import reproduce
+
+    out = tmp_path / "out"
+    settings = dict(methods=("duet", "visionzip"), budgets=(64,), tasks=[TASK], model=str(DEMO_MODEL_DIR), device="cpu",
+                    dtype="float32", include_path=task_dir)
+    planned = reproduce.plan(out, **settings, extra_model_args="attn_implementation=sdpa")
+    assert [cell.name for cell in planned.cells] == ["full", "duet-64", "visionzip-64"]
+    assert "parquet" in planned.datasets[TASK] and "test.parquet" in planned.datasets[TASK]
+    assert len(planned.commands) == 3 and "method=duet,budget=64" in planned.commands[1]
+
+    seen = []
+    table = reproduce.run(out, **settings, extra_model_args="attn_implementation=sdpa",
+                          progress=lambda label, done, total: seen.append((done, total)))
+    assert seen[0] == (0, 3) and seen[-1] == (3, 3)
+    scores = {row["cell"]: row["entries"][0]["ours"] for row in table["rows"]}
+    for cell, args in (("full", "method=full"), ("duet-64", "method=duet,budget=64"),
+                       ("visionzip-64", "method=visionzip,budget=64")):
+        direct = run_lmms_eval(task_dir, args)["results"][TASK]["exact_match,none"]
+        assert scores[cell] == pytest.approx(direct), cell
+    full = next(row for row in table["rows"] if row["cell"] == "full")
+    assert full["average_retained"] == pytest.approx(100.0) and full["average_within"]
+    duet = next(row for row in table["rows"] if row["cell"] == "duet-64")
+    assert duet["reported_average"] == 95.4 and duet["average_retained"] == pytest.approx(100 * scores["duet-64"] / scores["full"])
+
+    import lmms_eval.evaluator
+
+    def never(*args, **kwargs):
+        raise AssertionError("a finished cell ran again")
+
+    monkeypatch.setattr(lmms_eval.evaluator, "simple_evaluate", never)
+    assert reproduce.run(out, **settings)["rows"] == table["rows"]
+    assert reproduce.plan(out, **settings).commands == []
+
+    common = ["--output-dir", str(out), "--methods", "duet", "--methods", "visionzip", "--budgets", "64", "--tasks", TASK,
+              "--model", str(DEMO_MODEL_DIR), "--device", "cpu", "--dtype", "float32", "--include-path", str(task_dir)]
+    result = CliRunner().invoke(app, ["reproduce", *common], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "duet-64" in result.output and "95.4" in result.output
+    dry = CliRunner().invoke(app, ["reproduce", *common, "--dry-run"], env={"COLUMNS": "160"})
+    assert dry.exit_code == 0 and "nothing left to run" in dry.output and str(DEMO_MODEL_DIR) in dry.output
+
+
+def test_reproduce_dry_run_lists_the_papers_data_sets(tmp_path):
+    """Without a GPU or the Hub: the paper's seven tasks resolve in lmms-eval's index to the data sets
+    a run downloads, and every method at every budget is one command."""
+    from duet_vlm.integrations import reproduce
+
+    planned = reproduce.plan(tmp_path)
+    assert set(planned.datasets) == {b.task for b in reproduce.BENCHMARKS}
+    assert "GQA" in planned.datasets["gqa"] and "MME" in planned.datasets["mme"]
+    assert planned.model == "llava-hf/llava-1.5-7b-hf"
+    assert len(planned.commands) == 1 + len(reproduce.METHODS) * len(reproduce.BUDGETS)
+    with pytest.raises(ValueError, match="full always runs"):
+        reproduce.cells(("full",), (64,))

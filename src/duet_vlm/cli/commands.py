@@ -330,6 +330,53 @@ def check(
 
 
 @app.command()
+def reproduce(
+    output_dir: Path = typer.Option(Path("reproduce"), help="Where each cell's scores and the table go (a rerun resumes)."),
+    methods: list[str] = typer.Option(
+        ["duet", "visionzip", "pyramiddrop", "fastv", "sparsevlm", "dart", "pio"], metavar="<str>...",
+        help="Methods besides the unreduced model (space-separated list).",
+    ),
+    budgets: list[int] = typer.Option([192, 128, 64], metavar="<int>...", help="Budgets (space-separated list)."),
+    tasks: Optional[list[str]] = typer.Option(
+        None, metavar="<task>", help="lmms-eval tasks (repeat; default the paper's seven: gqa, mmbench_en_dev, mme, pope, "
+                                     "scienceqa_img, vqav2_val, textvqa_val)."
+    ),
+    model: str = typer.Option("llava-hf/llava-1.5-7b-hf", help="The checkpoint (a Hub id or a path)."),
+    device: str = typer.Option("cuda:0", help="lmms-eval's device."),
+    dtype: str = typer.Option("float16", help="The model's dtype."),
+    limit: Optional[int] = typer.Option(None, help="At most this many items per task (a smoke run; not the paper's)."),
+    include_path: Optional[Path] = typer.Option(None, help="A folder of local lmms-eval tasks (only these are indexed)."),
+    model_args: str = typer.Option("", help="More lmms-eval model_args for duet_llava_hf (comma-separated key=value)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be downloaded and run, and what is done."),
+) -> None:
+    """Reproduce the DUET paper's LLaVA-1.5-7B table through the lmms-eval plugin: every method at each
+    budget on the paper's benchmarks, the reported numbers and tolerances beside each cell; resumable
+    (finished cells are kept in --output-dir). Needs the lmms-eval extra and, for the paper's table, a GPU
+    and the Hub."""
+    import importlib.util
+
+    from ..integrations import reproduce as recipe
+
+    if importlib.util.find_spec("lmms_eval") is None:
+        raise ValueError("duet-vlm reproduce runs lmms-eval: install the extra first (docs/lmms-eval.md has the "
+                         "torch-safe line; on a GPU machine pip install 'duet-vlm[lmms-eval]')")
+    if dry_run:
+        printing.print_reproduce_plan(recipe.plan(output_dir, tuple(methods), tuple(budgets), tasks, model, device, dtype,
+                                                  include_path, limit, model_args))
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with Bar() as bar:
+        def progress(label: str, done: int, total: int) -> None:
+            bar.progress.update(bar.task(label, total), completed=done)
+
+        table = recipe.run(output_dir, tuple(methods), tuple(budgets), tasks, model, device, dtype, include_path, limit,
+                           progress, model_args)
+    table["command"] = "duet-vlm " + " ".join(sys.argv[1:])
+    printing.write_json(output_dir / "results.json", table)
+    printing.print_reproduced(table, output_dir)
+
+
+@app.command()
 def calibrate(
     model: str = typer.Option(..., help="A local path or a Hub id of a supported checkpoint."),
     data: str = typer.Option(

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.padding import Padding
 
 from .tables import (
-    NOISE_LEGEND, accuracy_table, check_table, answer_ratios, answers_table, batch_rows_table, end_to_end_tables, family_table, ladder_table, layer_kind_table,
+    NOISE_LEGEND, accuracy_table, check_table, reproduce_table, answer_ratios, answers_table, batch_rows_table, end_to_end_tables, family_table, ladder_table, layer_kind_table,
     mark_noise,
     plan_costs_table, plan_steps, prefill_table, schedule_table, vision_table,
 )
@@ -83,6 +83,27 @@ def print_check(report, json_path: Optional[Path]) -> None:
     if json_path is not None:
         json_path.write_text(report.to_json())
         console.print(f"wrote {json_path}")
+
+
+def print_reproduce_plan(plan) -> None:
+    """``reproduce.plan``: the checkpoint, each task's data set, the cells done and the commands left."""
+    console.print(f"checkpoint: {plan.model}")
+    console.print("data sets (lmms-eval downloads them on first use):")
+    for task, where in plan.datasets.items():
+        console.print(f"  {task}: {where}")
+    for note in plan.notes:
+        console.print(f"note: {note}")
+    done = sum(len(tasks) for tasks in plan.done.values())
+    console.print(f"cells: {len(plan.cells)} settings x {len(plan.tasks)} tasks, {done} done")
+    for command in plan.commands:
+        console.print(command, soft_wrap=True)
+    if not plan.commands:
+        console.print("nothing left to run")
+
+
+def print_reproduced(table: dict, output_dir: Path) -> None:
+    """``reproduce.run``'s table: each setting's scores beside the reported numbers."""
+    console.print(reproduce_table(table))
 
 
 def print_prefill(results: dict) -> None:

@@ -263,6 +263,30 @@ def check_table(report) -> Fitted:
     return Fitted(title, wide, narrow)
 
 
+def _reproduced_cell(ours, reported, tolerance, within) -> str:
+    if ours is None:
+        return "-"
+    text = f"{ours:.1f}"
+    if reported is not None:
+        text += f" ({reported:g}±{tolerance:g} {'ok' if within else 'off'})"
+    return text
+
+
+def reproduce_table(table: dict) -> Fitted:
+    """``reproduce.run``'s table: per setting and task our score, and the reported one with its
+    tolerance (``ok``: within it); the average accuracy retained likewise."""
+    rows, columns = [], [entry["column"] for entry in table["rows"][0]["entries"]] if table["rows"] else []
+    for row in table["rows"]:
+        cells = [_reproduced_cell(e["ours"], e["reported"], e["tolerance"], e["within"]) for e in row["entries"]]
+        cells.append(_reproduced_cell(row["average_retained"], row["reported_average"], row["average_tolerance"],
+                                      row["average_within"]))
+        rows.append([row["cell"], *cells])
+    header = [Column("setting", "left"), *(Column(c) for c in columns), Column("avg retained %")]
+    limit = f", at most {table['limit']} items per task (not the paper's)" if table.get("limit") else ""
+    return Fitted(f"{table.get('model', 'the model')} on lmms-eval{limit}; (reported±tolerance ok/off)",
+                  Layout(header, rows))
+
+
 # ----------------------------------------------------------------------------- bench
 def vision_table(results: dict) -> Fitted:
     """``prefill_benchmark``'s vision side: the tower and projector alone, plain and under each variant."""

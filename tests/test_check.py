@@ -258,3 +258,20 @@ def test_bad_options_are_refused_before_loading(args, message, monkeypatch):
     result = runner.invoke(cli.app, ["check", "--model", "demo", *args])
     assert result.exit_code == 1
     assert message in " ".join(result.output.split())
+
+
+def test_the_command_on_a_tiny_llava_next_checkpoint(tmp_path):
+    """Through the processor: two images of different aspects become anyres items of different sizes
+    (336 and 272 slots here); every check passes at a ratio. A budget the method cannot meet on those
+    four decoder layers is refused in one line before any check runs."""
+    from duet_vlm.integrations.vllm.checkpoints import write_llava_next
+
+    folder = write_llava_next(tmp_path / "next")
+    result = runner.invoke(cli.app, ["check", "--model", str(folder), "--ratio", "0.5", "--rounds", "1",
+                                     "--json", str(tmp_path / "r.json")], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["setup"]["family"] == "llava_next" and report["ok"]
+    refused = runner.invoke(cli.app, ["check", "--model", str(folder), "--budget", "64"])
+    assert refused.exit_code == 1
+    assert "duet cannot run on row 0 of the check's inputs: no schedule" in " ".join(refused.output.split())

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .flops import DecoderDims, exact_flops, fastv_flops, kv_cache_bytes
+from .geometry import Geometry
 
 
 @dataclass
@@ -31,6 +32,7 @@ class ItemStats:
         entry_slots: the item's slot each entry token stands for (-1: a CLS token).
         views, cells: the grids a picture of the item shows (``(name, rows, cols)``) and each
             slot's ``(grid, row, col)`` (-1 where a slot has no cell); see ``compare.draw_item_overlay``.
+        geometry: the shape its plan was solved for (``reducer.resolve(geometry)`` gives that plan).
     """
 
     row: int
@@ -45,6 +47,7 @@ class ItemStats:
     entry_slots: torch.Tensor | None = None
     views: list[tuple[str, int, int]] = field(default_factory=list)
     cells: torch.Tensor | None = None
+    geometry: Geometry | None = None
 
     @property
     def average_tokens(self) -> float:

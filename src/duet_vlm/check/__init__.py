@@ -118,27 +118,29 @@ def _weights(model) -> dict:
                 for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
 
 
-def _items(model, inputs: dict) -> list | None:
-    """The prompt's visual items (``ModelAdapter.find_items``), or ``None`` where the adapter needs the
-    tower's output to know them (Gemma 4: its images' sizes come from the tower's calls)."""
-    try:
-        return adapter_for(model).find_items(inputs["input_ids"], inputs)
-    except RuntimeError:
-        return None
-
-
 # ----------------------------------------------------------------------------- checks
+def _run_rows(ctx: Context, method: str) -> list:
+    """Each row alone under a fresh reducer: its items' statistics (each with the geometry its plan
+    was solved for). A budget the method cannot meet on some item is the user's to change: refused."""
+    found = []
+    for b, row in enumerate(ctx.rows):
+        reducer = ctx.reducer()
+        try:
+            ctx.logits(row, reducer)
+        except ValueError as error:
+            raise ValueError(f"{method} cannot run on row {b} of the check's inputs: {error}") from error
+        found.append(reducer.stats.items)
+    return found
+
+
 def check_setup(ctx: Context, method: str) -> tuple[dict, Result]:
     """The family, adapter, backend and the plan solved for each item of the first row."""
     model = ctx.model
     adapter = adapter_for(model)
     reducer = ctx.reducer()
-    items = _items(model, ctx.rows[0])
-    plans = [] if items is not None else ["solved when the tower has run (this family's item sizes come from it)"]
-    for item in items or []:
-        plan = reducer.resolve(item.geometry, quiet=True)
-        counts = plan.schedule.tokens_per_layer
-        plans.append(f"{item.geometry.visual_tokens} -> " + ", ".join(f"{c} x{len(list(r))}" for c, r in groupby(counts)))
+    items = _run_rows(ctx, method)[0]
+    plans = [f"{item.tokens} -> {_runs(reducer.resolve(item.geometry, quiet=True).schedule.tokens_per_layer)}"
+             for item in items]
     setup = {
         "family": getattr(model.config, "model_type", type(model).__name__), "class": type(model).__name__,
         "adapter": type(adapter).__name__, "attention": model.config._attn_implementation,
@@ -247,7 +249,6 @@ def check_counts(ctx: Context) -> Result:
     plus the generated tokens (attention layers; a sliding window holds its window)."""
     model, inputs = ctx.model, ctx.rows[0]
     adapter = adapter_for(model)
-    items = _items(model, inputs)
     reducer = ctx.reducer()
     problems = []
     with reducer(model):
@@ -259,12 +260,7 @@ def check_counts(ctx: Context) -> Result:
             lengths.remove()
     stats = reducer.stats.items
     text = inputs["input_ids"].shape[1] - sum(item.tokens for item in stats)
-    if items is None:  # the plan is solved inside the forward: the statistics stand for it
-        planned = [item.tokens_per_layer for item in stats]
-    else:
-        planned = [reducer.resolve(item.geometry, quiet=True).schedule.tokens_per_layer for item in items]
-        if len(items) != len(stats):
-            problems.append(f"{len(items)} visual items in the prompt, {len(stats)} in the statistics")
+    planned = [reducer.resolve(item.geometry, quiet=True).schedule.tokens_per_layer for item in stats]
     for index, (item_stats, plan) in enumerate(zip(stats, planned)):
         if item_stats.tokens_per_layer != plan:
             problems.append(f"item {index}: statistics {_runs(item_stats.tokens_per_layer)}, plan {_runs(plan)}")
@@ -349,14 +345,13 @@ def check_modes(ctx: Context) -> list[Result]:
     method's kind (``generation_modes``)."""
     import re
 
-    from ..generation_modes import cell, kind_of, kind_of_plan
+    from ..generation_modes import cell, kind_of_plan
 
     model, inputs = ctx.model, ctx.rows[0]
-    items = _items(model, inputs)
-    if items is None:  # the item's plan is solved inside the forward: the method's kind on LLaVA-1.5's geometry
-        kind = kind_of(ctx.reducer())
-    else:
-        kind = kind_of_plan(ctx.reducer().resolve(items[0].geometry, quiet=True)) if items else "full"
+    probe = ctx.reducer()
+    ctx.logits(inputs, probe)
+    items = probe.stats.items
+    kind = kind_of_plan(probe.resolve(items[0].geometry, quiet=True)) if items else "full"
     start = inputs["input_ids"].shape[1]
     greedy = ctx.generate(inputs, ctx.reducer())[0, start:].tolist()
     runs = {

@@ -25,6 +25,7 @@ def item_stats(binding: Binding, prompt: PrefillState, index: int, placement: Pl
         stage_ids=[(layer, segment.placements[index].ids) for layer, segment in zip(prompt.boundaries, segments[1:])],
         views=views,
         cells=cells,
+        geometry=item.geometry,
     )
     if reduction is None:
         stats.entry_units = adapter.slot_units(item)
@@ -110,7 +111,7 @@ def whole_stats(binding: Binding, input_ids: torch.Tensor, items: list) -> Reduc
     layers = len(binding.adapter.layers)
     per_item = [ItemStats(row=item.row, modality=item.geometry.modality, tokens=item.geometry.visual_tokens,
                           units=item.geometry.units, tokens_per_layer=[item.geometry.visual_tokens] * layers,
-                          entry_slots=torch.arange(item.length)) for item in items]
+                          entry_slots=torch.arange(item.length), geometry=item.geometry) for item in items]
     text = [input_ids.shape[1] - sum(item.length for item in items if item.row == row) for row in range(input_ids.shape[0])]
     mean = sum(s.tokens for s in per_item) / len(per_item)
     stats = ReductionStats(tokens_per_layer=[mean] * layers, visual_tokens=mean, llm_input_tokens=mean, text_tokens=text,

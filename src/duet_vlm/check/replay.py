@@ -10,8 +10,9 @@ RoPE, ``contiguous``) or keeps their positions (``original``, M-RoPE), and build
 mask and rotary embedding with the model's own functions for that shorter sequence. What the
 runtime does on top of the plain layers (compaction, masks, positions, RoPE, the cache) is what
 the comparison checks. What the reducer's hooks add to a layer's output (Qwen3-VL's DeepStack
-rows of the kept tokens) is taken from the run too. A language stage that merges tokens (``LanguageStage.merges``) gives the
-kept visual slots states of its own: there the replay takes those rows from the reduced run.
+rows of the kept tokens) is taken from the run too. A language stage that merges tokens
+(``LanguageStage.merges``) gives the kept visual slots states of its own: there the replay takes
+those rows from the reduced run.
 
 Not replayed (``NotReplayable`` says why): Gemma 4 (per-layer inputs and KV-shared layers), a
 batch of more than one row or with padding (the check replays each row alone).
@@ -119,17 +120,15 @@ class Replay:
         self.model, self.reducer = model, reducer
         self.language_model = model.model.language_model
         self.text_config = self.language_model.config
-        adapter = adapter_for(model)
-        self.items = adapter.find_items(ids, inputs)
+        # Where each item's placeholders are (the runs of its tokens); its plan's shape is the statistics'.
+        self.items = adapter_for(model).find_items(ids, inputs)
         stats = reducer.stats.items
         if len(stats) != len(self.items):
             raise NotReplayable(f"{len(self.items)} visual items in the prompt, {len(stats)} in the reducer's statistics")
-        self.mode = resolve_positions(reducer.position_mode, self.items[0].geometry) if self.items else "contiguous"
+        self.mode = resolve_positions(reducer.position_mode, stats[0].geometry) if stats else "contiguous"
         # The entry sequence: each item's run of placeholders replaced by its first layer's tokens.
-        keep_text = torch.ones(ids.shape[1], dtype=torch.bool)
         blocks, shift = [], 0
         for item, item_stats in zip(self.items, stats):
-            keep_text[item.start : item.start + item.length] = False
             entered = item_stats.tokens_per_layer[0]
             blocks.append((item.start - shift, entered, item_stats))
             shift += item.length - entered
@@ -150,11 +149,10 @@ class Replay:
         # Qwen3-VL's DeepStack rows: the reducer's hooks add the kept tokens' rows to the outputs of
         # the first layers; the replay adds the same values (taken from the run, like the entry).
         self.additions = probe.additions
-        self.reduced_last = probe.last
         # A stage that merges (SparseVLM's recycled tokens, HoliTom) puts states of its own into the
         # kept slots: at its boundaries the visual rows are taken from the reduced run (as the vision
         # stage's tokens are at the entry), and the text rows and every layer are the replay's own.
-        plans = [reducer.resolve(item.geometry, quiet=True) for item in self.items]
+        plans = [reducer.resolve(item.geometry, quiet=True) for item in stats]
         self.merged = {layer: hidden for layer, hidden in probe.boundary_inputs.items()
                        if any(plan.language is not None and type(plan.language).merges for plan in plans)}
 

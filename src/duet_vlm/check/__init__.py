@@ -18,9 +18,9 @@ applicable, with the numbers:
   each layer's KV cache holds its prefill plus the generated tokens;
 - ``ideal``: the reduced prefill equals its ideal, the unpatched decoder layers fed the kept tokens
   (``replay``), at every token that reaches the last layer;
-- ``mode:*``: the generation modes of the modes table that a check can run quickly (cached and
-  uncached decoding, beam search, a static cache, prompt lookup, hidden states), each against what
-  the table says (``equal``, ``refused``, ``warns``);
+- ``mode:*``: the generation modes of the modes table that a check can run quickly (uncached
+  decoding, beam search, sampling, threads, a static cache, prompt lookup, hidden states), each
+  against what the table says (``equal``, ``refused``, ``warns``);
 - ``timing``: prefill and generate seconds, interleaved, against no reduction and against the ideal
   (``bench.ideal.IdealModel``, where it covers the family), with the exact decoder FLOPs, KV bytes
   and peak device memory beside them.
@@ -357,6 +357,8 @@ def check_modes(ctx: Context) -> list[Result]:
     runs = {
         "no_cache": lambda: ctx.generate(inputs, ctx.reducer(), use_cache=False)[0, start:].tolist(),
         "beam_search": None,
+        "sampling": None,
+        "threads": None,
         "static_cache": lambda: ctx.generate(inputs, ctx.reducer(), cache_implementation="static")[0, start:].tolist(),
         "prompt_lookup": lambda: ctx.generate(inputs, ctx.reducer(), prompt_lookup_num_tokens=2)[0, start:].tolist(),
         "hidden_states": lambda: ctx.generate(inputs, ctx.reducer(), output_hidden_states=True,
@@ -368,8 +370,8 @@ def check_modes(ctx: Context) -> list[Result]:
     for key, run in runs.items():
         expected = cell(key, kind)
         title = f"mode: {key.replace('_', ' ')}"
-        if key == "beam_search":
-            results.append(_beams(ctx, kind))
+        if key in ("beam_search", "sampling", "threads"):
+            results.append({"beam_search": _beams, "sampling": _sampling, "threads": _threads}[key](ctx, kind))
             continue
         if key == "prompt_lookup":
             unpatched, _, why = _outcome(lambda: ctx.generate(inputs, prompt_lookup_num_tokens=2))
@@ -405,6 +407,37 @@ def _beams(ctx: Context, kind: str) -> Result:
             problems.append(f"row {b}: {batch[b, :len(single)].tolist()} in the batch, {single} alone")
     return Result("mode:beam_search", "mode: beam search", FAIL if problems else PASS, "; ".join(problems) or "equal",
                   {"kind": kind, "expected": "equal", "beams": 2})
+
+
+def _sampling(ctx: Context, kind: str) -> Result:
+    """Two sampled sequences of one prompt equal the prompt repeated in a batch, with the same seed."""
+    inputs = ctx.rows[0]
+    start = inputs["input_ids"].shape[1]
+    sample = dict(do_sample=True, top_k=0)
+    torch.manual_seed(0)
+    several = ctx.generate(inputs, ctx.reducer(), num_return_sequences=2, **sample)[:, start:]
+    torch.manual_seed(0)
+    repeated = ctx.generate({k: torch.cat([v, v]) for k, v in inputs.items()}, ctx.reducer(), **sample)[:, start:]
+    same = torch.equal(several, repeated)
+    return Result("mode:sampling", "mode: sampling", PASS if same else FAIL,
+                  "equal" if same else f"{several.tolist()} sampled as two sequences, {repeated.tolist()} as two rows",
+                  {"kind": kind, "expected": "equal"})
+
+
+def _threads(ctx: Context, kind: str) -> Result:
+    """Two threads generating the rows at once on one attached model equal the calls one by one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, reducer = ctx.model, ctx.reducer()
+    options = dict(max_new_tokens=ctx.new_tokens, do_sample=False)
+    with torch.no_grad(), reducer(model):
+        alone = [model.generate(**row, **options).tolist() for row in ctx.rows]
+        with ThreadPoolExecutor(len(ctx.rows)) as pool:
+            together = list(pool.map(lambda row: model.generate(**row, **options).tolist(), ctx.rows))
+    same = together == alone
+    return Result("mode:threads", "mode: threads", PASS if same else FAIL,
+                  "equal" if same else "threads sharing the model gave other tokens than the calls one by one",
+                  {"kind": kind, "expected": "equal", "threads": len(ctx.rows)})
 
 
 def _sync(device: torch.device) -> None:

@@ -32,6 +32,7 @@ from transformers.generation.streamers import BaseStreamer
 import duet_vlm
 from duet_vlm import synthetic
 from duet_vlm.adapters import adapter_for
+from duet_vlm.check import LayerLengths
 from duet_vlm.plan import VisionReduction, VisionStage
 
 from models import make_inputs, make_llava, row
@@ -49,32 +50,11 @@ def hook_ids(model):
     }
 
 
-class LayerInputs:
-    """Sequence lengths entering each decoder layer, seen by hooks registered after the reducer's.
-
-    Hooks fire in registration order, so these see the reducer's output. A stage that runs a layer
-    itself (``view.run_layer``) does so before that layer's real call, hence "last call wins".
-    """
-
-    def __init__(self, model):
-        self.calls: list[dict[int, int]] = []
-        self.handles = [
-            layer.register_forward_pre_hook(self._hook(index), with_kwargs=True)
-            for index, layer in enumerate(model.model.language_model.layers)
-        ]
-
-    def _hook(self, index):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if index == 0:
-                self.calls.append({})
-            self.calls[-1][index] = hidden.shape[1]
-
-        return hook
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
+# Sequence lengths entering each decoder layer, per call, seen by hooks registered after the
+# reducer's (hooks fire in registration order, so these see the reducer's output; a stage that runs
+# a layer itself does so before that layer's real call, hence "last call wins"): the one duet-vlm
+# check counts with.
+LayerInputs = LayerLengths
 
 
 def _visual_token_count(model, input_ids) -> int:

@@ -7,7 +7,9 @@ It reads only JSON (no import of duet_vlm), so it runs anywhere matplotlib does:
 
 - an evaluation's ``results.json`` (``duet-vlm eval``): rows of ``method``, ``budget``,
   ``accuracy``, ``retained_percent`` and ``decoder_tflops_per_sample``; the row without a budget
-  named ``full`` is the reference; the ``blank image`` control is drawn as the floor;
+  named ``full`` is the reference; the ``blank image`` control is drawn as the floor. More results
+  files of the same evaluation (methods evaluated later, on the same questions: their ``full`` row
+  must equal the first file's) add their methods' lines;
 - optionally benchmark outputs of ``duet-vlm bench --generate`` (``variants`` named ``"METHOD BUDGET"``
   with ``vs_full.first_token_s``, the median per-round ratio of the time to the first token to the
   unreduced model's): the second panel places every evaluated method and budget that a benchmark
@@ -16,7 +18,7 @@ It reads only JSON (no import of duet_vlm), so it runs anywhere matplotlib does:
 Each figure carries the SHA-256 of its inputs and of this file in its PNG metadata (``duet-inputs``),
 and the generated block that embeds it repeats that digest, so both go stale together.
 
-    python docs/figures.py OUT.png RESULTS.json [BENCH.json ...]   # write one figure (render.py does this)
+    python docs/figures.py OUT.png RESULTS.json [MORE_RESULTS.json ...] [BENCH.json ...]   # one figure (render.py does this)
 
 >>> pareto_front([(0.1, 90.0), (0.2, 95.0), (0.3, 94.0), (0.05, 60.0)])
 [(0.05, 60.0), (0.1, 90.0), (0.2, 95.0)]
@@ -70,11 +72,24 @@ def _label(row: dict) -> str:
     return row["method"] + (f" ({row['adaptive']})" if row.get("adaptive") else "")
 
 
-def evaluation(results: dict) -> tuple[list[Point], dict]:
-    """The reduced rows of an evaluation as points (cost = decoder prefill FLOPs / the full row's),
-    and what the figure says about the run (its command, split, questions, the blank-image floor)."""
-    rows = results["rows"]
+def is_evaluation(data) -> bool:
+    """A ``duet-vlm eval`` results file (rows), not a benchmark's output."""
+    return isinstance(data, dict) and "rows" in data and "benchmark" not in data
+
+
+def evaluation(results: dict | list[dict]) -> tuple[list[Point], dict]:
+    """The reduced rows of one evaluation, or of several files of the same one, as points (cost =
+    decoder prefill FLOPs / the full row's), and what the figure says about the run (the first
+    file's command, split, questions, the blank-image floor)."""
+    files = results if isinstance(results, list) else [results]
+    rows = files[0]["rows"]
     full = next(r for r in rows if r["method"] == "full" and r["budget"] is None)
+    for other in files[1:]:
+        theirs = next((r for r in other["rows"] if r["method"] == "full" and r["budget"] is None), None)
+        if theirs is None or (theirs["accuracy"], theirs["decoder_tflops_per_sample"]) != (
+                full["accuracy"], full["decoder_tflops_per_sample"]):
+            raise ValueError(f"{other.get('meta', {}).get('command')!r} is another evaluation: its full row differs")
+        rows = rows + other["rows"]
     points = []
     for row in rows:
         if row["budget"] is None or not row.get("decoder_tflops_per_sample"):
@@ -85,7 +100,7 @@ def evaluation(results: dict) -> tuple[list[Point], dict]:
         points.append(Point(_label(row), int(row["budget"]), row["decoder_tflops_per_sample"] / full["decoder_tflops_per_sample"],
                             retained))
     blank = next((r for r in rows if r["method"] == "blank image"), None)
-    meta = dict(results.get("meta", {}))
+    meta = dict(files[0].get("meta", {}))
     meta["floor"] = None if blank is None else blank.get("retained_percent", 100 * blank["accuracy"] / full["accuracy"])
     meta["full_accuracy"] = full["accuracy"]
     return points, meta
@@ -151,14 +166,16 @@ def _axes(ax, points: list[Point], colours: dict[str, tuple], xlabel: str) -> No
     ax.grid(True, which="both", alpha=0.25)
 
 
-def draw(out: Path, results_path: Path, bench_paths: list[Path]) -> Path:
-    """Write the figure for one evaluation (and the latency panel when benchmarks measured some of its rows)."""
+def draw(out: Path, results_path: Path | list[Path], bench_paths: list[Path]) -> Path:
+    """Write the figure for one evaluation, from one results file or several of the same evaluation
+    (and the latency panel when benchmarks measured some of its rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points, meta = evaluation(json.loads(results_path.read_text()))
+    results_paths = results_path if isinstance(results_path, list) else [results_path]
+    points, meta = evaluation([json.loads(p.read_text()) for p in results_paths])
     timed = latencies([json.loads(p.read_text()) for p in bench_paths])
     measured = [Point(p.method, p.budget, timed[(p.method, p.budget)], p.retained) for p in points
                 if (p.method, p.budget) in timed]
@@ -192,7 +209,7 @@ def draw(out: Path, results_path: Path, bench_paths: list[Path]) -> Path:
                  f"(all tokens: {100 * meta['full_accuracy']:.1f}%)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 0.84 if panels == 2 else 0.78, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130, metadata={METADATA_KEY: digest([results_path, *bench_paths])})
+    fig.savefig(out, dpi=130, metadata={METADATA_KEY: digest([*results_paths, *bench_paths])})
     plt.close(fig)
     return out
 
@@ -202,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) < 2:
         print(__doc__.split("\n\n")[-2].strip(), file=sys.stderr)
         return 2
-    out, results, *benches = map(Path, args)
-    print(f"wrote {draw(out, results, benches)}")
+    out, *inputs = map(Path, args)
+    evaluations = [p for p in inputs if is_evaluation(json.loads(p.read_text()))]
+    print(f"wrote {draw(out, evaluations, [p for p in inputs if p not in evaluations])}")
     return 0
 
 

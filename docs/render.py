@@ -538,17 +538,25 @@ def render_stage_a(root: Path, path: str) -> str:
 
 
 # ----------------------------------------------------------------------------- figures
-def render_figure(root: Path, out: str, results: str, *benches: str) -> str:
-    """``docs/figures.py``'s figure for one evaluation (and the benchmarks that timed some of its rows),
-    embedded with the commands that made its inputs and the digest it was drawn from."""
-    meta = _load(root, results).get("meta", {})
-    made = [f"accuracy and decoder FLOPs: `{meta.get('command') or 'duet-vlm eval'}` (`{results}`)"]
+def _figure_inputs(root: Path, paths: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """A figure block's files: the evaluations (``duet-vlm eval`` results) and the benchmarks."""
+    evaluations = [p for p in paths if figures.is_evaluation(_load(root, p))]
+    return evaluations, [p for p in paths if p not in evaluations]
+
+
+def render_figure(root: Path, out: str, *paths: str) -> str:
+    """``docs/figures.py``'s figure for one evaluation (one results file, or several of the same
+    evaluation) and the benchmarks that timed some of its rows, embedded with the commands that made
+    its inputs and the digest it was drawn from."""
+    evaluations, benches = _figure_inputs(root, paths)
+    made = [f"accuracy and decoder FLOPs: `{_load(root, path).get('meta', {}).get('command') or 'duet-vlm eval'}` "
+            f"(`{path}`)" for path in evaluations]
     for path in benches:
         runs = _load(root, path)
         for run in runs if isinstance(runs, list) else [runs]:
             made.append(f"latency: `duet-vlm bench --generate`, batch {run['batch']}, {run['rounds']} rounds, "
                         f"{run['threads']} thread(s) (`{path}`)")
-    inputs = [root / p for p in (results, *benches)]
+    inputs = [root / p for p in (*evaluations, *benches)]
     return (f"![Which method and budget: accuracy retained against decoder FLOPs"
             f"{' and measured latency' if benches else ''}, one line per method over its budgets, the Pareto front "
             f"circled]({out})\n\n"
@@ -557,12 +565,14 @@ def render_figure(root: Path, out: str, results: str, *benches: str) -> str:
             f"<!-- figure inputs sha256: {figures.digest(inputs)} -->\n")
 
 
-def figure_is_current(root: Path, out: str, results: str, *benches: str) -> bool:
-    return figures.recorded_digest(root / out) == figures.digest([root / p for p in (results, *benches)])
+def figure_is_current(root: Path, out: str, *paths: str) -> bool:
+    evaluations, benches = _figure_inputs(root, paths)
+    return figures.recorded_digest(root / out) == figures.digest([root / p for p in (*evaluations, *benches)])
 
 
-def draw_figure(root: Path, out: str, results: str, *benches: str) -> None:
-    figures.draw(root / out, root / results, [root / p for p in benches])
+def draw_figure(root: Path, out: str, *paths: str) -> None:
+    evaluations, benches = _figure_inputs(root, paths)
+    figures.draw(root / out, [root / p for p in evaluations], [root / p for p in benches])
 
 
 RENDERERS = {

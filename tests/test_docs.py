@@ -101,3 +101,18 @@ def test_the_site_builds_strictly(tmp_path):
                             env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "site" / "methods" / "index.html").exists()
+
+
+def test_a_figure_takes_later_results_of_the_same_evaluation_only():
+    """Methods evaluated later (``docs/eval/new_methods``) join the main figure as lines of their own;
+    a results file whose unreduced row differs is another evaluation and is refused."""
+    import json
+
+    main = json.loads((ROOT / "docs/eval/results.json").read_text())
+    later = json.loads((ROOT / "docs/eval/new_methods/results.json").read_text())
+    points, _ = figures.evaluation([main, later])
+    alone, _ = figures.evaluation(main)
+    assert {p.method for p in points} - {p.method for p in alone} == {"hiprune", "random_horizon"}
+    other = {**later, "rows": [{**row, "accuracy": 0.5} if row["method"] == "full" else row for row in later["rows"]]}
+    with pytest.raises(ValueError, match="another evaluation"):
+        figures.evaluation([main, other])

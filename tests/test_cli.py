@@ -211,3 +211,28 @@ def test_reproduce_without_lmms_eval_says_how_to_install_it():
     result = runner.invoke(app, ["reproduce", "--dry-run"])
     assert result.exit_code == 1
     assert "install the extra" in " ".join(result.output.split())
+
+
+def test_eval_takes_a_composition(tmp_path):
+    """``--methods divprune+random_horizon`` is the paper's "DivPrune + random": one row whose reducer
+    is the composition under the budget, whose accuracy is the project evaluation's of that reducer on
+    the same questions, and which drops at the horizon (layer 20 of the demo's 32) at 64."""
+    import json
+
+    from duet_vlm import Compose, make
+    from duet_vlm.demo.evaluate import evaluate_accuracy, load_demo
+
+    result = runner.invoke(app, ["eval", "--methods", "divprune+random_horizon", "--budgets", "64", "--n", "7",
+                                 "--no-control", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    row = next(r for r in json.loads((tmp_path / "results.json").read_text())["rows"] if r["budget"] == 64)
+    assert row["method"] == "divprune+random_horizon" and row["reducer"]["method"] == "compose"
+    reducer = Compose(make("divprune"), make("random_horizon"), budget=64)
+    model, processor = load_demo(None)
+    direct = evaluate_accuracy(model, processor, split="test", n=7, wrap=lambda: reducer(model), reducer=reducer)
+    assert row["accuracy"] == direct["accuracy"]
+    from duet_vlm.adapters import adapter_for
+
+    layers = reducer.resolve(adapter_for(model).geometry, quiet=True).schedule.boundaries
+    assert [layer for layer, _ in layers] == [20]
+    _one_line_error(runner.invoke(app, ["eval", "--methods", "divprune+nope", "--n", "1"]), "unknown methods ['nope']")

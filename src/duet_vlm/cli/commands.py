@@ -413,7 +413,8 @@ def calibrate(
 @app.command("eval")
 def evaluate(
     methods: Optional[list[str]] = typer.Option(
-        None, metavar="<str>...", help="Methods (space-separated); default: every registered one."
+        None, metavar="<str>...", help="Methods (space-separated); default: every registered one. VISION+LANGUAGE "
+                                       "composes two under one budget (divprune+random_horizon)."
     ),
     budgets: list[int] = typer.Option([192, 128, 64], metavar="<int>...", help="Budgets (space-separated list)."),
     n: int = typer.Option(500, help="Questions per configuration (balanced over types when a multiple of 7)."),

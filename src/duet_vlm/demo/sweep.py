@@ -27,7 +27,7 @@ from typing import Callable, Optional
 from .. import synthetic
 from ..adapters import adapter_for
 from ..evaluation import count_histogram_plot, retention_plot, sample_batches, takes_positions, weights_digest, write_results
-from ..methods import METHODS, Adaptive, make
+from ..methods import METHODS, Adaptive, Compose, make
 from ..plan import resolve_positions
 from .evaluate import DEMO_MODEL_DIR, evaluate_accuracy, load_demo
 
@@ -67,9 +67,11 @@ def evaluate_methods(
     that has one; ``adaptive``: a content-adaptive budget from that signal (module docstring).
     Writes ``output_dir``'s results files (``command``: the command line, for them)."""
     chosen = methods or [name for name in METHODS if name != "full"]
-    unknown = [name for name in chosen if name not in METHODS]
+    unknown = [part for name in chosen for part in name.split("+") if part not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; registered: {', '.join(sorted(METHODS))}")
+    if any(name.count("+") > 1 for name in chosen):
+        raise ValueError("a composition is VISION+LANGUAGE: two methods (e.g. divprune+random_horizon)")
     if positions not in (None, "original", "contiguous"):
         raise ValueError(f"--positions must be original or contiguous, got {positions!r}")
     if n < 1:
@@ -86,9 +88,17 @@ def evaluate_methods(
     def options(name: str) -> dict:
         return {"positions": positions} if positions and takes_positions(METHODS[name]) else {}
 
+    def build(name: str, budget: int):
+        """``make(name, budget=...)``, or for ``VISION+LANGUAGE`` the two composed under the budget
+        (``Compose``: the paper's "DivPrune + random" is ``divprune+random_horizon``)."""
+        if "+" not in name:
+            return make(name, budget=budget, **options(name))
+        vision, language = name.split("+")
+        return Compose(make(vision, **options(vision)), make(language, **options(language)), budget=budget)
+
     # every reducer is built (and its method and budget checked) before the model loads
     configs = [("full", None, make("full"))]
-    configs += [(name, budget, make(name, budget=budget, **options(name))) for name in chosen for budget in budgets]
+    configs += [(name, budget, build(name, budget)) for name in chosen for budget in budgets]
     if adaptive is not None:
         configs[1:] = [(name, budget, Adaptive(reducer, signal=adaptive, threshold=threshold))
                        for name, budget, reducer in configs[1:]]
@@ -119,7 +129,7 @@ def evaluate_methods(
         )
         # the mode a method with a position option ran in (its default resolved on this model)
         mode = None
-        if name != "full" and takes_positions(METHODS[name]):
+        if name != "full" and takes_positions(METHODS[name.split("+")[-1]]):
             mode = resolve_positions(reducer.resolve(geometry).positions, geometry)
         item_tokens = [prediction["visual_tokens"] for prediction in result["predictions"]]
         row = {

@@ -112,7 +112,7 @@ def test_a_figure_takes_later_results_of_the_same_evaluation_only():
     later = json.loads((ROOT / "docs/eval/new_methods/results.json").read_text())
     points, _ = figures.evaluation([main, later])
     alone, _ = figures.evaluation(main)
-    assert {p.method for p in points} - {p.method for p in alone} == {"hiprune", "random_horizon"}
+    assert {p.method for p in points} - {p.method for p in alone} == {"hiprune", "random_horizon", "divprune+random_horizon"}
     other = {**later, "rows": [{**row, "accuracy": 0.5} if row["method"] == "full" else row for row in later["rows"]]}
     with pytest.raises(ValueError, match="another evaluation"):
         figures.evaluation([main, other])

@@ -373,7 +373,7 @@ def reproduce(
                            progress, model_args)
     table["command"] = "duet-vlm " + " ".join(sys.argv[1:])
     printing.write_json(output_dir / "results.json", table)
-    printing.print_reproduced(table, output_dir)
+    printing.print_reproduced(table)
 
 
 @app.command()

@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.padding import Padding
 
 from .tables import (
-    NOISE_LEGEND, accuracy_table, check_table, reproduce_table, answer_ratios, answers_table, batch_rows_table, end_to_end_tables, family_table, ladder_table, layer_kind_table,
-    mark_noise,
-    plan_costs_table, plan_steps, prefill_table, schedule_table, vision_table,
+    NOISE_LEGEND, accuracy_table, answer_ratios, answers_table, batch_rows_table, check_table, end_to_end_tables,
+    family_table, ladder_table, layer_kind_table, mark_noise, plan_costs_table, plan_steps, prefill_table,
+    reproduce_table, schedule_table, vision_table,
 )
 
 console = Console()
@@ -101,7 +101,7 @@ def print_reproduce_plan(plan) -> None:
         console.print("nothing left to run")
 
 
-def print_reproduced(table: dict, output_dir: Path) -> None:
+def print_reproduced(table: dict) -> None:
     """``reproduce.run``'s table: each setting's scores beside the reported numbers."""
     console.print(reproduce_table(table))
 

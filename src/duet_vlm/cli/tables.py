@@ -275,7 +275,8 @@ def _reproduced_cell(ours, reported, tolerance, within) -> str:
 def reproduce_table(table: dict) -> Fitted:
     """``reproduce.run``'s table: per setting and task our score, and the reported one with its
     tolerance (``ok``: within it); the average accuracy retained likewise."""
-    rows, columns = [], [entry["column"] for entry in table["rows"][0]["entries"]] if table["rows"] else []
+    rows: list[list[str]] = []
+    columns = [entry["column"] for entry in table["rows"][0]["entries"]] if table["rows"] else []
     for row in table["rows"]:
         cells = [_reproduced_cell(e["ours"], e["reported"], e["tolerance"], e["within"]) for e in row["entries"]]
         cells.append(_reproduced_cell(row["average_retained"], row["reported_average"], row["average_tolerance"],

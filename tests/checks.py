@@ -32,24 +32,13 @@ from transformers.generation.streamers import BaseStreamer
 import duet_vlm
 from duet_vlm import synthetic
 from duet_vlm.adapters import adapter_for
-from duet_vlm.check import LayerLengths
+from duet_vlm.check import LayerLengths, hook_ids  # noqa: F401 - the check's own, shared with the tests
 from duet_vlm.plan import VisionReduction, VisionStage
 
 from models import make_inputs, make_llava, row
 
 
 # ----------------------------------------------------------------------------- hooks and counts
-def hook_ids(model):
-    """Every hook on every module, by id: equal before attaching and after detaching."""
-    kinds = ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks")
-    return {
-        (name, kind): tuple(getattr(module, kind))
-        for name, module in model.named_modules()
-        for kind in kinds
-        if getattr(module, kind)
-    }
-
-
 # Sequence lengths entering each decoder layer, per call, seen by hooks registered after the
 # reducer's (hooks fire in registration order, so these see the reducer's output; a stage that runs
 # a layer itself does so before that layer's real call, hence "last call wins"): the one duet-vlm

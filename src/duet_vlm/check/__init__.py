@@ -44,6 +44,7 @@ import torch
 
 from ..adapters import adapter_for
 from ..methods import make
+from ..plan import ReducedHiddenStatesWarning
 from .replay import EntryProbe, NotReplayable, Replay
 from .report import FAIL, INFO, NOT_APPLICABLE, PASS, Report, Result, versions
 
@@ -52,7 +53,7 @@ from .report import FAIL, INFO, NOT_APPLICABLE, PASS, Report, Result, versions
 #: rows, the reduced model against its ideal). ``full`` and ``restored`` are bit-identical on a CPU.
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
-__all__ = ["CHECKS", "TOLERANCE", "Report", "Result", "check_checkpoint", "check_model"]
+__all__ = ["CHECKS", "TOLERANCE", "LayerLengths", "Report", "Result", "check_checkpoint", "check_model", "hook_ids"]
 
 
 @dataclass
@@ -99,7 +100,8 @@ def _difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1.0)) if b.numel() else 0.0
 
 
-def _hook_ids(model) -> dict:
+def hook_ids(model) -> dict:
+    """Every hook on every module, by id: equal before attaching a reducer and after removing it."""
     kinds = ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks")
     return {(name, kind): tuple(getattr(module, kind)) for name, module in model.named_modules()
             for kind in kinds if getattr(module, kind)}
@@ -175,14 +177,14 @@ def check_restored(ctx: Context) -> Result:
     model, inputs = ctx.model, ctx.batch
     plain = ctx.logits(inputs)
     ctx.generate(inputs, output_hidden_states=True, return_dict_in_generate=True)
-    hooks, weights = _hook_ids(model), _weights(model)
+    hooks, weights = hook_ids(model), _weights(model)
     reducer = ctx.reducer()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the reduced hidden states' warning: the modes check reports it
         ctx.logits(inputs, reducer)
         ctx.generate(inputs, reducer, output_hidden_states=True, return_dict_in_generate=True)
     problems = []
-    left = set(_hook_ids(model).items()) ^ set(hooks.items())
+    left = set(hook_ids(model).items()) ^ set(hooks.items())
     if left:
         problems.append(f"hooks left behind on {', '.join(sorted({name for (name, _), _ in left})[:3])}")
     now = _weights(model)
@@ -334,8 +336,6 @@ def _outcome(run: Callable[[], object]) -> tuple[str, object, str]:
             value = run()
         except (ValueError, NotImplementedError, RuntimeError, TypeError) as error:
             return "refused", None, str(error)
-    from ..plan import ReducedHiddenStatesWarning
-
     said = [str(w.message) for w in caught if issubclass(w.category, ReducedHiddenStatesWarning)]
     return ("warns" if said else "ran"), value, "; ".join(said)
 
@@ -347,32 +347,29 @@ def check_modes(ctx: Context) -> list[Result]:
 
     from ..generation_modes import cell, kind_of_plan
 
-    model, inputs = ctx.model, ctx.rows[0]
-    probe = ctx.reducer()
-    ctx.logits(inputs, probe)
-    items = probe.stats.items
-    kind = kind_of_plan(probe.resolve(items[0].geometry, quiet=True)) if items else "full"
+    inputs = ctx.rows[0]
     start = inputs["input_ids"].shape[1]
-    greedy = ctx.generate(inputs, ctx.reducer())[0, start:].tolist()
+    reducer = ctx.reducer()
+    greedy = ctx.generate(inputs, reducer)[0, start:].tolist()
+    items = reducer.stats.items  # the greedy call's prefill: the kind of the plan solved for its first item
+    kind = kind_of_plan(reducer.resolve(items[0].geometry, quiet=True)) if items else "full"
+    plain = ctx.generate(inputs)[0, start:].tolist()
+    # modes compared with greedy decoding (or, for a static cache, the unpatched model), by the table
     runs = {
         "no_cache": lambda: ctx.generate(inputs, ctx.reducer(), use_cache=False)[0, start:].tolist(),
-        "beam_search": None,
-        "sampling": None,
-        "threads": None,
         "static_cache": lambda: ctx.generate(inputs, ctx.reducer(), cache_implementation="static")[0, start:].tolist(),
         "prompt_lookup": lambda: ctx.generate(inputs, ctx.reducer(), prompt_lookup_num_tokens=2)[0, start:].tolist(),
         "hidden_states": lambda: ctx.generate(inputs, ctx.reducer(), output_hidden_states=True,
                                               return_dict_in_generate=True).sequences[0, start:].tolist(),
     }
-    plain = ctx.generate(inputs)[0, start:].tolist()
     references = {"no_cache": greedy, "static_cache": plain, "prompt_lookup": greedy, "hidden_states": greedy}
+    own = {"beam_search": _beams, "sampling": _sampling, "threads": _threads}  # modes with references of their own
     results = []
-    for key, run in runs.items():
-        expected = cell(key, kind)
-        title = f"mode: {key.replace('_', ' ')}"
-        if key in ("beam_search", "sampling", "threads"):
-            results.append({"beam_search": _beams, "sampling": _sampling, "threads": _threads}[key](ctx, kind))
+    for key in ("no_cache", "beam_search", "sampling", "threads", "static_cache", "prompt_lookup", "hidden_states"):
+        if key in own:
+            results.append(own[key](ctx, kind))
             continue
+        run, expected, title = runs[key], cell(key, kind), f"mode: {key.replace('_', ' ')}"
         if key == "prompt_lookup":
             unpatched, _, why = _outcome(lambda: ctx.generate(inputs, prompt_lookup_num_tokens=2))
             if unpatched == "refused":
@@ -532,7 +529,7 @@ def check_model(model, batch: dict, rows: list[dict], method: str = "duet", budg
         budget = 64
     make(method, budget=budget, ratio=ratio, **(options or {}))  # a bad method or budget fails here
     ctx = Context(model, batch, rows, lambda: make(method, budget=budget, ratio=ratio, **(options or {})), new_tokens)
-    step = (lambda label: progress(label)) if progress else (lambda label: None)
+    step = progress or (lambda label: None)
     plain = ctx.logits(batch)
     results: list[Result] = []
     runs: list[tuple[str, Callable[[], list[Result] | Result]]] = [

@@ -370,10 +370,8 @@ def reproduce(
             bar.progress.update(bar.task(label, total), completed=done)
 
         table = recipe.run(output_dir, tuple(methods), tuple(budgets), tasks, model, device, dtype, include_path, limit,
-                           progress, model_args)
-    table["command"] = "duet-vlm " + " ".join(sys.argv[1:])
-    printing.write_json(output_dir / "results.json", table)
-    printing.print_reproduced(table)
+                           progress, model_args, command="duet-vlm " + " ".join(sys.argv[1:]))
+    printing.print_reproduced(table, output_dir / "results.json")
 
 
 @app.command()

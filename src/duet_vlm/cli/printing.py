@@ -101,9 +101,10 @@ def print_reproduce_plan(plan) -> None:
         console.print("nothing left to run")
 
 
-def print_reproduced(table: dict) -> None:
-    """``reproduce.run``'s table: each setting's scores beside the reported numbers."""
+def print_reproduced(table: dict, written: Path) -> None:
+    """``reproduce.run``'s table: each setting's scores beside the reported numbers; the file it wrote."""
     console.print(reproduce_table(table))
+    console.print(f"wrote {written}")
 
 
 def print_prefill(results: dict) -> None:

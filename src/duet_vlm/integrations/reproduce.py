@@ -105,9 +105,10 @@ class Cell:
     def name(self) -> str:
         return self.method if self.budget is None else f"{self.method}-{self.budget}"
 
-    def model_args(self, model: str, device: str, dtype: str) -> str:
+    def model_args(self, model: str, device: str, dtype: str, extra: str = "") -> str:
+        """``duet_llava_hf``'s ``--model_args`` for this setting (``extra``: more, comma-separated)."""
         budget = "" if self.budget is None else f",budget={self.budget}"
-        return f"pretrained={model},method={self.method}{budget},device={device},dtype={dtype}"
+        return f"pretrained={model},method={self.method}{budget},device={device},dtype={dtype}" + (f",{extra}" if extra else "")
 
 
 @dataclass
@@ -184,7 +185,7 @@ def plan(out: Path, methods: tuple[str, ...] = METHODS, budgets: tuple[int, ...]
         if left:
             extra = (f" --include_path {shlex.quote(str(include_path))}" if include_path else "") + (
                 f" --limit {limit}" if limit else "")
-            args = cell.model_args(model, device, dtype) + (f",{extra_model_args}" if extra_model_args else "")
+            args = cell.model_args(model, device, dtype, extra_model_args)
             commands.append(f"python -m lmms_eval --model duet_llava_hf --model_args {shlex.quote(args)} "
                             f"--tasks {','.join(left)} --batch_size 1{extra}")
     notes = [f"{b.task}: {b.note}" for b in BENCHMARKS if b.note and b.task in tasks]
@@ -204,9 +205,11 @@ def _score(results: dict, task: str) -> dict:
 def run(out: Path, methods: tuple[str, ...] = METHODS, budgets: tuple[int, ...] = BUDGETS,
         tasks: Optional[list[str]] = None, model: str = MODEL, device: str = "cuda:0", dtype: str = "float16",
         include_path: Optional[Path] = None, limit: Optional[int] = None,
-        progress: Optional[Callable[[str, int, int], None]] = None, extra_model_args: str = "") -> dict:
+        progress: Optional[Callable[[str, int, int], None]] = None, extra_model_args: str = "",
+        command: Optional[str] = None) -> dict:
     """Run every cell not yet finished (``OUT/cells``), then write and return the table
-    (``OUT/results.json``): each cell's scores beside the reported numbers."""
+    (``OUT/results.json``, with the ``command`` that ran it): each cell's scores beside the reported
+    numbers."""
     from lmms_eval.evaluator import simple_evaluate
 
     tasks = list(tasks or [b.task for b in BENCHMARKS])
@@ -221,7 +224,7 @@ def run(out: Path, methods: tuple[str, ...] = METHODS, budgets: tuple[int, ...] 
         left = [task for task in tasks if task not in finished(out, cell)]
         if not left:
             continue
-        args = cell.model_args(model, device, dtype) + (f",{extra_model_args}" if extra_model_args else "")
+        args = cell.model_args(model, device, dtype, extra_model_args)
         results = simple_evaluate(model="duet_llava_hf", model_args=args, tasks=left, task_manager=manager,
                                   batch_size=1, limit=limit, bootstrap_iters=0, process_docs_parallel=1)
         folder = out / "cells" / cell.name
@@ -235,8 +238,18 @@ def run(out: Path, methods: tuple[str, ...] = METHODS, budgets: tuple[int, ...] 
                 progress("cells", count, total)
     table = results_table(out, todo, tasks)
     table.update(model=model, device=device, dtype=dtype, limit=limit)
+    if command is not None:
+        table["command"] = command
     (out / "results.json").write_text(json.dumps(table, indent=2))
     return table
+
+
+def _cell_score(scores: dict[str, dict], task: str) -> Optional[float]:
+    """A finished cell's score on ``task`` (``None`` if unfinished): the paper's column, else its first metric."""
+    if task not in scores:
+        return None
+    score = scores[task]["score"]
+    return score if score is not None else next(iter(scores[task]["metrics"].values()), None)
 
 
 def results_table(out: Path, todo: list[Cell], tasks: list[str]) -> dict:
@@ -251,18 +264,13 @@ def results_table(out: Path, todo: list[Cell], tasks: list[str]) -> dict:
         for task in tasks:
             bench = next((b for b in BENCHMARKS if b.task == task), None)
             column = bench.column if bench else task
-            ours = scores.get(task, {}).get("score")
-            if ours is None and task in scores:  # a task outside the paper's: its first metric
-                metrics = scores[task]["metrics"]
-                ours = next(iter(metrics.values()), None)
+            ours = _cell_score(scores, task)
             paper = reported.get(column)
             tolerance = bench.tolerance if bench else None
             within = None if paper is None or ours is None else abs(ours - paper) <= tolerance
             entries.append({"task": task, "column": column, "ours": ours, "reported": paper, "tolerance": tolerance,
                             "within": within})
-            base = full.get(task, {}).get("score")
-            if base is None and task in full:
-                base = next(iter(full[task]["metrics"].values()), None)
+            base = _cell_score(full, task)
             if ours is not None and base:
                 retained.append(100.0 * ours / base)
         average = sum(retained) / len(retained) if retained else None

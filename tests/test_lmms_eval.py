@@ -813,3 +813,22 @@ def test_reproduce_dry_run_lists_the_papers_data_sets(tmp_path):
     assert len(planned.commands) == 1 + len(reproduce.METHODS) * len(reproduce.BUDGETS)
     with pytest.raises(ValueError, match="full always runs"):
         reproduce.cells(("full",), (64,))
+
+
+def test_a_paper_task_without_its_metric_has_no_score(tmp_path):
+    """A cell of MME whose results lack MME's scores (another lmms-eval's names) is not scored with
+    whatever metric came first; a task outside the paper's reads its first metric."""
+    import json
+
+    from duet_vlm.integrations import reproduce
+
+    todo = reproduce.cells(("duet",), (64,))
+    for cell in todo:
+        folder = tmp_path / "cells" / cell.name
+        folder.mkdir(parents=True)
+        (folder / "mme.json").write_text(json.dumps({"task": "mme", "metrics": {"accuracy,none": 0.9}, "score": None}))
+        (folder / "local.json").write_text(json.dumps({"task": "local", "metrics": {"exact_match,none": 0.5}, "score": None}))
+    table = reproduce.results_table(tmp_path, todo, ["mme", "local"])
+    mme, local = table["rows"][1]["entries"]
+    assert mme["ours"] is None and mme["within"] is None
+    assert local["ours"] == 0.5

@@ -245,11 +245,14 @@ def run(out: Path, methods: tuple[str, ...] = METHODS, budgets: tuple[int, ...] 
 
 
 def _cell_score(scores: dict[str, dict], task: str) -> Optional[float]:
-    """A finished cell's score on ``task`` (``None`` if unfinished): the paper's column, else its first metric."""
+    """A finished cell's score on ``task`` (``None`` if unfinished): the paper's column, or, for a task
+    outside the paper's, its first metric. A paper task whose metrics lmms-eval did not report has no
+    score: another metric would be compared with the paper's number."""
     if task not in scores:
         return None
-    score = scores[task]["score"]
-    return score if score is not None else next(iter(scores[task]["metrics"].values()), None)
+    if any(b.task == task for b in BENCHMARKS):
+        return scores[task]["score"]
+    return next(iter(scores[task]["metrics"].values()), None)
 
 
 def results_table(out: Path, todo: list[Cell], tasks: list[str]) -> dict:

@@ -39,6 +39,13 @@ from transformers import (
     VideoLlavaForConditionalGeneration,
 )
 
+import duet_vlm
+
+#: The registered methods that take a budget or a ratio and run on every family: the method
+#: matrices iterate these. PixelPrune takes none and runs on the Qwen families only; it has its own
+#: matrix in tests/test_pixelprune.py.
+BUDGETED = [name for name in sorted(duet_vlm.METHODS) if duet_vlm.METHODS[name].takes_budget]
+
 
 def sharpen(model: nn.Module, scale: float = 8.0, names=("q_proj.weight", "k_proj.weight")) -> nn.Module:
     """Sharper attention than the default init, so that selections have clear margins."""

@@ -4,7 +4,7 @@ with nothing choosing them), the selection's cost and whether it pays, on tiny m
 import pytest
 import torch
 
-from duet_vlm import METHODS
+from models import BUDGETED
 
 TINY = dict(vision_hidden=32, vision_layers=2, vision_heads=4, hidden=64, layers=8, heads=4, kv_heads=4, intermediate=128)
 
@@ -152,7 +152,7 @@ def test_measure_pairs_each_variant_with_its_ideal_in_the_same_rounds(monkeypatc
 def test_every_registered_method_runs_through_the_prefill_benchmark():
     from duet_vlm.bench import prefill_benchmark
 
-    methods = [name for name in METHODS if name != "full"]
+    methods = [name for name in BUDGETED if name != "full"]  # pixelprune: Qwen only (its own bench test)
     results = prefill_benchmark(_size(), methods, [192], rounds=1, text_tokens=20)
     for method in methods:
         row = results["prefill"][f"{method} 192"]

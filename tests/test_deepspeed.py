@@ -33,11 +33,12 @@ import torch
 import duet_vlm
 
 from checks import answer_labels, assert_step_equals_one_process, free_port, run_two_ranks, two_rank_model, two_rank_rows
+from models import BUDGETED
 
 if os.environ.get("DUET_REQUIRE_DEEPSPEED") != "1":  # CI sets it: there the suite must run
     pytest.importorskip("deepspeed")
 
-NAMES = sorted(duet_vlm.METHODS)
+NAMES = BUDGETED  # pixelprune takes no budget: tests/test_pixelprune.py
 STAGES = (2, 3)
 RATIO = 0.5
 

@@ -18,6 +18,7 @@ from duet_vlm.adapters import Geometry
 
 # The tiny models and their prompts live in tests/models.py.
 from models import (
+    BUDGETED,
     FRAMES,
     IMAGE,
     NEXT_SIZES,
@@ -35,7 +36,7 @@ from models import (
 from models import llava_with as _llava_with
 from checks import generate_and_check_counts, hook_ids
 
-NAMES = sorted(duet_vlm.METHODS)
+NAMES = BUDGETED  # pixelprune takes no budget: tests/test_pixelprune.py
 
 
 @pytest.fixture(scope="module")

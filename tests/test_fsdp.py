@@ -23,8 +23,9 @@ import torch
 import duet_vlm
 
 from checks import answer_labels, assert_step_equals_one_process, free_port, run_two_ranks, two_rank_model, two_rank_rows
+from models import BUDGETED
 
-NAMES = sorted(duet_vlm.METHODS)
+NAMES = BUDGETED  # pixelprune takes no budget: tests/test_pixelprune.py
 POLICIES = ("decoder", "decoder+vision")
 RATIO = 0.5
 

@@ -16,9 +16,9 @@ import torch
 import duet_vlm
 
 from checks import twice
-from models import FAMILIES, make_inputs, make_llava
+from models import BUDGETED, FAMILIES, make_inputs, make_llava
 
-NAMES = [name for name in sorted(duet_vlm.METHODS) if name != "full"]
+NAMES = [name for name in BUDGETED if name != "full"]  # pixelprune: tests/test_pixelprune.py
 # ``model``: tests/conftest.py's 8-layer tiny LLaVA-1.5 (seed 2), built once for this module.
 
 

@@ -23,7 +23,7 @@ import duet_vlm.generation_modes as table
 from duet_vlm.generation_modes import KINDS, MODES, cell, kind_of, methods_by_kind
 
 from checks import Force, TokenCount, lookup_prompt, plain, run_overlapping, same, second_turn, twice
-from models import make_inputs, make_llava, row
+from models import BUDGETED, make_inputs, make_llava, row
 
 RATIO = 0.5  # as tests/test_serving.py: at a quarter FastV keeps no visual token after layer 2 of 8
 COMPILE_RATIO = 0.6  # on the 4-layer model compiled: FastV keeps 115 after layer 2 (as tests/test_compile.py)
@@ -429,7 +429,7 @@ def test_doctests():
 # PIO's language stage runs its boundary layer's input through the layer once more for its proxy loss;
 # that pass is not one of the model's layer calls and must not be recorded as one (it once gave 10
 # hidden states on 8 layers).
-@pytest.mark.parametrize("name", sorted(duet_vlm.METHODS))
+@pytest.mark.parametrize("name", BUDGETED)  # pixelprune runs on the Qwen families: tests/test_pixelprune.py
 def test_hidden_states_are_one_per_layer_under_every_method(model, name):
     """The ``warns`` cells' claim for every method, not one per kind: a forward's hidden states are
     the input of layer 0 and each decoder layer's output at the length that layer ran at."""

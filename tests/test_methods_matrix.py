@@ -13,9 +13,9 @@ import torch
 import duet_vlm
 
 from checks import LayerInputs, hook_ids
-from models import IMAGE_TOKEN, make_inputs, row
+from models import BUDGETED, IMAGE_TOKEN, make_inputs, row
 
-NAMES = sorted(duet_vlm.METHODS)
+NAMES = BUDGETED  # pixelprune takes no budget: tests/test_pixelprune.py
 BUDGETS = (192, 128, 64)
 NEW_TOKENS = 3
 

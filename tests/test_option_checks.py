@@ -73,6 +73,7 @@ RANGES: dict = {
     "layer": INT_1,
     ("holitom", "layer"): Range(integer=True, low=1, optional=True),
     ("hiprune", "alpha"): Range(low=0, high=1),
+    ("pixelprune", "threshold"): UNIT,
     ("random_horizon", "layer"): Range(integer=True, low=1, optional=True),
     "keep": Range(integer=True, low=0, optional=True),
     "ratio": Range(low=0, high=1, optional=True),
@@ -129,7 +130,7 @@ def range_of(method: str, option: str) -> Range:
 
 def companions(method: str, option: str, value) -> dict:
     """The other options that make ``value`` a complete setting (boundaries for ratios and back)."""
-    budget = {} if option == "budget" else {"budget": 64}
+    budget = {} if option == "budget" or not duet_vlm.METHODS[method].takes_budget else {"budget": 64}
     if value is None:
         return budget
     count = len(value) if isinstance(value, tuple) else 1

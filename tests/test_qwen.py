@@ -27,6 +27,7 @@ from duet_vlm.adapters import Geometry, adapter_for
 from duet_vlm.adapters.qwen_vl import received_attention_and_keys
 
 # The tiny models and their prompts live in tests/models.py.
+from models import BUDGETED
 from models import QWEN_IMAGE as IMAGE
 from models import QWEN_MIXED as MIXED
 from models import QWEN_VIDEO as VIDEO
@@ -37,7 +38,7 @@ from models import qwen_row as row_of
 from checks import generate_and_check_counts
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
-NAMES = sorted(duet_vlm.METHODS)
+NAMES = BUDGETED  # pixelprune takes no budget: tests/test_pixelprune.py
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -35,9 +35,9 @@ from transformers import LogitsProcessor
 import duet_vlm
 
 from checks import TokenCount, lookup_prompt, outcome, plain, run_overlapping, same, second_turn
-from models import make_inputs, make_llava_next, next_batch
+from models import BUDGETED, make_inputs, make_llava_next, next_batch
 
-NAMES = sorted(duet_vlm.METHODS)
+NAMES = BUDGETED  # pixelprune takes no budget: tests/test_pixelprune.py
 # Half the visual tokens: at a quarter, FastV after layer 2 of 8 layers keeps no visual token at all
 # (its first two layers alone average more than the budget), so there would be nothing to select.
 RATIO = 0.5

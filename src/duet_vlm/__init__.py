@@ -18,14 +18,14 @@ __version__ = "0.2.0"  # pyproject.toml reads it; CHANGELOG.md says what each ve
 #: The methods, their stages, the registry and the interface (``duet_vlm.methods.__all__``; a test
 #: keeps the two lists equal).
 _METHOD_EXPORTS = (
-    "Adaptive", "Compose", "LanguageStage", "PerItemRatio", "LayerView", "Plan", "Reducer", "Selection",
+    "Adaptive", "Compose", "InputStage", "LanguageStage", "PerItemRatio", "LayerView", "Plan", "Reducer", "Selection",
     "VisionReduction", "VisionStage", "VisionView", "METHODS", "from_dict", "make", "register_method", "Duet",
     "DominantContextualMerge", "TextGuidedPrune", "FastV", "LastTokenAttention", "Full", "PIO", "SaliencyNMSPrune",
     "saliency_nms", "GlobalLocalScan", "TrioScan", "Pool", "GridPool", "PyramidDrop", "LastInstructionAttention",
     "RandomDrop", "RandomPatches", "SparseVLM", "TextRaterPrune", "VisionZip", "DART", "DuplicationPrune", "DivPrune",
     "MaxMinDiversity", "CDPruner", "ConditionalDPPSelect", "VisPruner", "ImportantDiverse", "VScan", "HoliTom",
     "HoliTomMerge", "SimilarityMerge", "HiPrune", "HierarchicalSelect",
-    "RandomHorizon", "UniformRandomPrune",
+    "RandomHorizon", "UniformRandomPrune", "PixelPrune", "PixelPredict", "EnteredTokens",
 )
 
 # name -> the module that defines it

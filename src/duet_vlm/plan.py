@@ -41,6 +41,9 @@ class VisionView:
             input embeddings of the text of the unit's prompt (its row's non-visual, non-padding
             tokens; in training those not labelled, i.e. the instruction), for instruction-conditioned
             selection.
+        entered: ``(I, T)`` True on the tokens whose patches entered the vision encoder, where a
+            method's ``InputStage`` chose them before it (``None``: every token did). The others
+            were never encoded: their features, scores and keys are zeros.
     """
 
     features: torch.Tensor
@@ -51,6 +54,7 @@ class VisionView:
     attention: dict = field(default_factory=dict)
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
     text: list[torch.Tensor] | None = None
+    entered: torch.Tensor | None = None
 
 
 @dataclass
@@ -100,6 +104,22 @@ class VisionStage(ABC):
         indices into the tower's layers (negative from the end), or the names ``"first_full_attention"``
         and ``"last"`` that each family resolves (``ModelAdapter.encoder_layer``)."""
         return ()
+
+
+class InputStage(ABC):
+    """Chooses, from the pixels alone, which of a unit's language-model tokens enter the vision
+    encoder at all: the patches of the others are never encoded (PixelPrune). It runs in the
+    tower's entry hook, before any encoder layer, on families whose tower takes a subset of its
+    patches with their own positions (``ModelAdapter.takes_patch_subsets``); the runtime refuses it
+    elsewhere. What the language model then receives is chosen by the method's vision stage from
+    ``VisionView.entered``.
+    """
+
+    @abstractmethod
+    def select(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``pixels``: ``(rows, cols, D)`` one unit's pixels in ``[0, 1]``, one row of ``D`` values per
+        language-model token (the patches it merges, in the tower's order). Returns ``(rows, cols)``
+        bool: True where the token's patches enter the encoder (at least one per unit)."""
 
 
 @dataclass

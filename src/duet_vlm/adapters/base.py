@@ -98,6 +98,7 @@ class UnitFeatures:
     scores: torch.Tensor
     keys: torch.Tensor
     attention: dict = field(default_factory=dict)  # {encoder layer: scores like ``scores``}
+    entered: torch.Tensor | None = None  # like ``scores``, True where the patches were encoded (``VisionView``)
 
 
 @dataclass
@@ -111,6 +112,7 @@ class Signals:
     keys: torch.Tensor
     maps: dict = field(default_factory=dict)
     starts: list[int] | None = None
+    entered: torch.Tensor | None = None  # like ``scores``: True where an input stage let the patches in
 
 
 class ModelAdapter:
@@ -156,6 +158,9 @@ class ModelAdapter:
     #: ``{tower name: the tower's entry module}``: a call of the tower begins and ends there (a
     #: tower call that raised voids its encoding), and its arguments are kept with the captures.
     tower_entries: dict[str, nn.Module] = {}
+    #: The tower takes a subset of its patches with their own positions (``enter_patch_subset``):
+    #: a method's ``InputStage`` can keep patches out of the encoder.
+    takes_patch_subsets: bool = False
 
     @classmethod
     def config_of(cls, model: nn.Module):
@@ -329,6 +334,25 @@ class ModelAdapter:
     def captured_units(self, capture: Capture) -> int:
         """How many units a tower's captures hold (one row per unit here)."""
         return capture.output.shape[0]
+
+    def enter_patch_subset(self, stage, args: tuple, kwargs: dict) -> tuple[tuple, dict, torch.Tensor]:
+        """A tower call's arguments ``(args, kwargs)`` with only the patches ``stage`` (an
+        ``InputStage``) lets in, and ``(tokens,)`` True on the language-model tokens whose patches
+        entered, over every item of the call (``takes_patch_subsets`` families)."""
+        raise ValueError(self.no_patch_subsets())
+
+    def no_patch_subsets(self) -> str:
+        """Why this family's tower cannot encode a subset of its patches (the refusal's message)."""
+        return (
+            f"{self.family}'s vision tower encodes whole images (absolute position embeddings over the full patch "
+            "grid, attention over all of it): it cannot leave patches out. Methods that choose patches before the "
+            "encoder run on Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5"
+        )
+
+    def expand_tower_output(self, output, entered: torch.Tensor) -> None:
+        """Put a patch-subset tower call's outputs back at their tokens' places, in place (zeros
+        where no patch entered), so that the model sees a whole encoding."""
+        raise NotImplementedError
 
     def vision_signals(self, capture: Capture, tower: str, layers: tuple = (), received: bool = False) -> Signals:
         """The scores and keys of every captured unit of ``tower``, and the scores of ``layers``

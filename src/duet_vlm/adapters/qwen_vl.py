@@ -27,6 +27,20 @@ What differs from the LLaVA families, and how this adapter meets it:
   positions after the first decoder layers. The runtime takes them out of the language model's
   arguments, reduces them with the same selection and merge as the main features, and adds them to
   the kept tokens itself.
+- **Patches left out of the encoder** (``enter_patch_subset``, a method's ``InputStage``:
+  PixelPrune). The tower takes packed patches with their grid, and transformers' vision utilities
+  take precomputed ``position_ids``, ``cu_seqlens`` (and Qwen2.5-VL's ``window_index`` and
+  ``cu_window_seqlens``, Qwen3-VL's ``interp_indices`` and ``interp_weights``) from its keyword
+  arguments: the tower's entry hook hands it the kept patches (whole 2x2 groups, so the merger
+  still merges groups) with those tensors gathered at them. Each image (temporal slice) attends
+  within its kept patches; a window over its kept patches of that window. The tower's outputs
+  (merged features and DeepStack features) are put back at their tokens' places, zeros where
+  nothing entered, so the model's own placeholder checks and splits see a whole encoding and the
+  method's vision stage keeps the tokens that entered. An input stage reads each unit's pixels
+  back in ``[0, 1]`` with the processor's normalisation (``pixel_mean``, ``pixel_std``: what the
+  released checkpoints' preprocessor configs carry), every temporal frame of a patch included. It
+  runs on images and on the temporal slices of a video where each slice is an item (Qwen3-VL,
+  Qwen3.5); Qwen2/2.5-VL videos of several slices, one item with one budget, enter whole.
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..scoring import segment_scores
@@ -68,6 +83,12 @@ class Qwen2VLAdapter(ModelAdapter):
     vision_model_types = ("qwen2_vl", "qwen2_vl_vision")
     supported_classes = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel")
     nominal_geometry = True
+    takes_patch_subsets = True
+    #: the image processor's normalisation (OpenAI CLIP's for Qwen2/2.5-VL), to read pixels back.
+    pixel_mean = (0.48145466, 0.4578275, 0.40821073)
+    pixel_std = (0.26862954, 0.26130258, 0.27577711)
+    #: each temporal slice of a video is an item of its own (Qwen3-VL writes it as its own run).
+    slices_are_items = False
 
     def __init__(self, model: nn.Module):
         self.check_vision(model)
@@ -189,9 +210,71 @@ class Qwen2VLAdapter(ModelAdapter):
     def captured_units(self, capture: Capture) -> int:
         return sum(int(self._grid(context)[:, 0].sum()) for context in capture.contexts)
 
+    # ----------------------------------------------------------------- patches left out of the encoder
+    def unit_pixels(self, patches: torch.Tensor, grid: torch.Tensor) -> list[torch.Tensor]:
+        """Each grid row's pixels ``(t, rows, cols, group * C * T * P * P)`` in ``[0, 1]``, one row per
+        merged token (its 2x2 patches, in the processor's order)."""
+        channels = self.visual.config.in_channels
+        mean = torch.tensor(self.pixel_mean, dtype=torch.float32, device=patches.device)[:, None]
+        std = torch.tensor(self.pixel_std, dtype=torch.float32, device=patches.device)[:, None]
+        pixels = (patches.float().view(patches.shape[0], channels, -1) * std + mean).flatten(1)
+        out, offset = [], 0
+        for t, h, w in grid.tolist():
+            rows, cols = h // self.merge, w // self.merge
+            out.append(pixels[offset : offset + t * h * w].reshape(t, rows, cols, -1))
+            offset += t * h * w
+        return out
+
+    def enter_patch_subset(self, stage, args: tuple, kwargs: dict) -> tuple[tuple, dict, torch.Tensor]:
+        patches = args[0] if args else kwargs["hidden_states"]
+        grid = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+        entered = []
+        for (t, _, _), pixels in zip(grid.tolist(), self.unit_pixels(patches, grid)):
+            if t > 1 and not self.slices_are_items:  # one item of several slices: it enters whole
+                entered.append(torch.ones(pixels.shape[:3], dtype=torch.bool, device=patches.device).flatten())
+                continue
+            chosen = torch.stack([stage.select(pixels[s]).to(patches.device) for s in range(t)])
+            if chosen.shape != pixels.shape[:3] or chosen.dtype != torch.bool or not bool(chosen.flatten(1).any(1).all()):
+                raise RuntimeError(
+                    f"{type(stage).__name__}.select returned {tuple(chosen.shape[1:])} {chosen.dtype}, expected "
+                    f"{tuple(pixels.shape[1:3])} bool with at least one token per unit"
+                )
+            entered.append(chosen.flatten())
+        entered = torch.cat(entered)
+        kept = entered.repeat_interleave(self.merge * self.merge)
+        subset = {key: value for key, value in kwargs.items() if key != "hidden_states"}
+        subset.update(self.subset_arguments(grid, entered, kept))
+        if args:
+            return (patches[kept], *args[1:]), subset, entered
+        return args, {**subset, "hidden_states": patches[kept]}, entered
+
+    def subset_arguments(self, grid: torch.Tensor, entered: torch.Tensor, kept: torch.Tensor) -> dict:
+        """The tower's precomputed arguments for the patches ``kept`` (``(patches,)`` True): each
+        patch's rotary position, and one attention segment per image (temporal slice) over its kept
+        patches (transformers' ``get_vision_*`` take them from the keyword arguments)."""
+        from transformers.vision_utils import get_vision_position_ids
+
+        group = self.merge * self.merge
+        per_unit = [h * w // group for t, h, w in grid.tolist() for _ in range(t)]
+        counts = torch.stack([chunk.sum() for chunk in entered.split(per_unit)]) * group
+        cu_seqlens = F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0), value=0).to(grid.device)
+        position_ids = get_vision_position_ids(grid, self.merge)[kept.to(grid.device)]
+        return {"position_ids": position_ids, "cu_seqlens": cu_seqlens}
+
+    def expand_tower_output(self, output, entered: torch.Tensor) -> None:
+        def whole(merged: torch.Tensor) -> torch.Tensor:
+            full = merged.new_zeros(len(entered), *merged.shape[1:])
+            full[entered.to(merged.device)] = merged
+            return full
+
+        output.pooler_output = whole(output.pooler_output)
+        if getattr(output, "deepstack_features", None) is not None:
+            output.deepstack_features = [whole(features) for features in output.deepstack_features]
+
     # ----------------------------------------------------------------- vision side
-    def merged_order(self, grid: torch.Tensor) -> torch.Tensor | None:
-        """Where each merger output sits in the blocks' order of merged groups (``None``: same order)."""
+    def merged_order(self, grid: torch.Tensor, entered: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Where each merger output sits in the blocks' order of merged groups (``None``: same
+        order); of the tokens ``entered`` only, where an input stage left some out."""
         return None
 
     def encoder_layer(self, tower: str, layer) -> nn.Module:
@@ -210,33 +293,46 @@ class Qwen2VLAdapter(ModelAdapter):
         group = self.merge * self.merge
         blocks = {None: self.towers["image"], **{layer: self.encoder_layer(tower, layer) for layer in layers}}
         scores: dict = {layer: [] for layer in blocks}
-        keys, starts = [], []
+        keys, starts, entered_all = [], [], []
         offset = 0
         for rows, layer_input, context in zip(
             capture.calls, capture.layer_input.split(list(capture.calls)), capture.contexts
         ):
             grid = self._grid(context)
-            order = self.merged_order(grid)
+            entered = context.get("entered")  # an input stage left patches out: the blocks saw the rest
+            order = self.merged_order(grid, entered)
+
+            def in_place(values: torch.Tensor) -> torch.Tensor:
+                values = values[order] if order is not None else values
+                if entered is None:
+                    return values
+                full = values.new_zeros(len(entered), *values.shape[1:])
+                full[entered.to(values.device)] = values
+                return full
+
             for layer, block in blocks.items():
                 block_input, kwargs = (layer_input, context["layer_kwargs"]) if layer is None else context["layers"][layer]
                 received, key = received_attention_and_keys(
                     block, block_input, kwargs["cu_seqlens"], kwargs["position_embeddings"]
                 )
-                received = received.view(-1, group).mean(dim=1)
-                scores[layer].append(received[order] if order is not None else received)
+                scores[layer].append(in_place(received.view(-1, group).mean(dim=1)))
                 if layer is None:
-                    key = key.view(-1, group, key.shape[-1]).mean(dim=1)
-                    keys.append(key[order] if order is not None else key)
+                    keys.append(in_place(key.view(-1, group, key.shape[-1]).mean(dim=1)))
+            units = sum(t * h * w // group for t, h, w in grid.tolist())
+            entered_all.append(torch.ones(units, dtype=torch.bool) if entered is None else entered.cpu())
             for t, h, w in grid.tolist():
                 for _ in range(t):
                     starts.append(offset)
                     offset += h * w // group
         maps = {layer: torch.cat(values) for layer, values in scores.items() if layer is not None}
-        return Signals(torch.cat(scores[None]), torch.cat(keys), maps, starts)
+        entered = None
+        if any(context.get("entered") is not None for context in capture.contexts):
+            entered = torch.cat(entered_all).to(keys[0].device)
+        return Signals(torch.cat(scores[None]), torch.cat(keys), maps, starts, entered)
 
     def unit_features(self, items, capture: Capture, signals: Signals, first_row, inputs_embeds=None) -> UnitFeatures:
         tokens = items[0].geometry.unit_tokens
-        features, unit_keys = [], []
+        features, unit_keys, entered = [], [], []
         unit_scores: dict = {None: [], **{layer: [] for layer in signals.maps}}
         for item in items:
             for unit in range(item.geometry.units):
@@ -246,8 +342,13 @@ class Qwen2VLAdapter(ModelAdapter):
                 for layer, scores in ((None, signals.scores), *signals.maps.items()):
                     unit_scores[layer].append(scores[begin : begin + tokens])
                 unit_keys.append(signals.keys[begin : begin + tokens])
+                if signals.entered is not None:
+                    entered.append(signals.entered[begin : begin + tokens])
         maps = {layer: torch.stack(scores) for layer, scores in unit_scores.items() if layer is not None}
-        return UnitFeatures(torch.stack(features), torch.stack(unit_scores[None]), torch.stack(unit_keys), maps)
+        return UnitFeatures(
+            torch.stack(features), torch.stack(unit_scores[None]), torch.stack(unit_keys), maps,
+            torch.stack(entered) if entered else None,
+        )
 
     def project(self, item: VisualItem, features: torch.Tensor) -> torch.Tensor:
         return features
@@ -291,14 +392,42 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     def score_block(self) -> nn.Module:
         return self.visual.blocks[max(self.visual.fullatt_block_indexes)]
 
-    def merged_order(self, grid: torch.Tensor) -> torch.Tensor:
+    def windows(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's own window permutation of the merged groups and its cumulative window lengths
+        (in patches)."""
         from transformers.vision_utils import get_vision_window_index
 
         visual = self.visual
-        window_index, _ = get_vision_window_index(
+        window_index, cu_window_seqlens = get_vision_window_index(
             grid, visual.spatial_merge_size, visual.config.window_size, visual.config.patch_size
         )
-        return torch.argsort(window_index.to(grid.device))
+        return window_index.to(grid.device), cu_window_seqlens.to(grid.device)
+
+    def subset_windows(self, grid: torch.Tensor, entered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window permutation of the kept groups (indices among the kept ones) and their
+        cumulative window lengths: each window holds its own kept groups, in the model's order."""
+        window_index, cu_window_seqlens = self.windows(grid)
+        entered = entered.to(grid.device)
+        rank = entered.long().cumsum(0) - 1
+        mine = entered[window_index]  # in window order: which groups are kept
+        group = self.merge * self.merge
+        window_of = torch.bucketize(
+            torch.arange(len(window_index), device=grid.device), cu_window_seqlens[1:].long() // group, right=True
+        )
+        counts = torch.bincount(window_of[mine], minlength=len(cu_window_seqlens) - 1) * group
+        cu_kept = torch.unique_consecutive(F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0), value=0))
+        return rank[window_index[mine]], cu_kept
+
+    def subset_arguments(self, grid: torch.Tensor, entered: torch.Tensor, kept: torch.Tensor) -> dict:
+        window_index, cu_window_seqlens = self.subset_windows(grid, entered)
+        return {
+            **super().subset_arguments(grid, entered, kept),
+            "window_index": window_index, "cu_window_seqlens": cu_window_seqlens,
+        }
+
+    def merged_order(self, grid: torch.Tensor, entered: torch.Tensor | None = None) -> torch.Tensor:
+        window_index = self.windows(grid)[0] if entered is None else self.subset_windows(grid, entered)[0]
+        return torch.argsort(window_index)
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
@@ -308,6 +437,20 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     model_types = ("qwen3_vl",)
     vision_model_types = ("qwen3_vl", "qwen3_vl_vision")
     supported_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLModel")
+    pixel_mean = pixel_std = (0.5, 0.5, 0.5)  # the released checkpoints' preprocessor configs
+    slices_are_items = True
+
+    def subset_arguments(self, grid: torch.Tensor, entered: torch.Tensor, kept: torch.Tensor) -> dict:
+        # The learned position embeddings, interpolated to the grid, are gathered at the kept patches too.
+        from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+        visual = self.visual
+        indices, weights = get_vision_interpolation_indices_and_weights(
+            grid, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+            align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.config.spatial_merge_size,
+        )
+        kept = kept.to(indices.device)
+        return {**super().subset_arguments(grid, entered, kept), "interp_indices": indices[kept], "interp_weights": weights[kept]}
 
     def item_grids(self, tower: str, grids: list) -> list:
         # Qwen3-VL writes each temporal slice of a video as its own run, behind a timestamp: each

@@ -2,6 +2,7 @@
 
 from .base import (
     Compose,
+    InputStage,
     LanguageStage,
     PerItemRatio,
     LayerView,
@@ -37,11 +38,13 @@ from .holitom import HoliTom, HoliTomMerge, SimilarityMerge
 # Methods that reach where the others cannot (issue #36).
 from .hiprune import HierarchicalSelect, HiPrune
 from .random_horizon import RandomHorizon, UniformRandomPrune
+from .pixelprune import EnteredTokens, PixelPredict, PixelPrune
 
 __all__ = [
     # the interface
     "Adaptive",
     "Compose",
+    "InputStage",
     "LanguageStage",
     "PerItemRatio",
     "LayerView",
@@ -93,4 +96,7 @@ __all__ = [
     "HierarchicalSelect",
     "RandomHorizon",
     "UniformRandomPrune",
+    "PixelPrune",
+    "PixelPredict",
+    "EnteredTokens",
 ]

@@ -22,6 +22,7 @@ from ..geometry import Geometry
 from ..options import check_number
 from ..plan import (  # noqa: F401 - re-exported: the interface methods are written against
     BudgetWarning,
+    InputStage,
     LanguageStage,
     LayerKindError,
     LayerView,
@@ -119,6 +120,9 @@ class Reducer(ABC):
     default_positions: ClassVar[str | None] = None
     #: fields that are objects rather than settings: left out of ``to_dict``, passed to ``from_dict``.
     runtime_fields: ClassVar[tuple[str, ...]] = ()
+    #: the method is given a budget or a ratio (``make(name, budget=...)``); ``False``: each item's
+    #: count follows its content and no budget is taken (PixelPrune).
+    takes_budget: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_positions(self.positions)
@@ -218,6 +222,11 @@ class Reducer(ABC):
     @abstractmethod
     def plan(self, geometry: Geometry) -> Plan:
         """Resolve the budget into stages and a schedule for this model geometry."""
+
+    def input_stage(self) -> InputStage | None:
+        """The stage that chooses, from the pixels, which patches enter the vision encoder at all
+        (``None``: every patch does)."""
+        return None
 
     def vision_stage_for(self, geometry: Geometry, keep: int) -> VisionStage:
         """The vision stage configured to pass ``keep`` tokens per image to the language model."""

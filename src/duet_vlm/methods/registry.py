@@ -47,6 +47,10 @@ def make(name: str, budget: int | None = None, ratio: float | None = None, **opt
     >>> make("visionzip", ratio=0.25)                       # doctest: +SKIP
     """
     method = method_class(name)
+    if not method.takes_budget and (budget is not None or ratio is not None):
+        raise ValueError(
+            f"{name} takes no budget or ratio: each item's count follows its content (see its options, e.g. a threshold)"
+        )
     if ratio is not None:
         if budget is not None:
             raise ValueError("give a budget or a ratio, not both")

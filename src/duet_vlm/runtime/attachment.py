@@ -76,8 +76,14 @@ class Attachment:
         for name, layer in a.towers.items():
             add(layer.register_forward_pre_hook(self._keep_vision_input(name), with_kwargs=True))
             add(layer.register_forward_hook(self._keep_vision_output(name)))
+        input_stage = self.reducer.input_stage()
+        if input_stage is not None and not a.takes_patch_subsets:
+            raise ValueError(f"{self.reducer.method_name}: {a.no_patch_subsets()}")
         for name, module in a.tower_entries.items():
             add(module.register_forward_pre_hook(self._enter_tower(name), with_kwargs=True))
+            if input_stage is not None:  # after the entry is noted: the capture keeps the whole call's arguments
+                add(module.register_forward_pre_hook(self._enter_patch_subset(name, input_stage), with_kwargs=True))
+                add(module.register_forward_hook(self._expand_patch_subset(name)))
             for layer in self.reducer.encoder_layers(a.geometry):  # other encoder layers a vision stage reads
                 add(a.encoder_layer(name, layer).register_forward_pre_hook(self._keep_layer_input(name, layer), with_kwargs=True))
             add(module.register_forward_hook(self._leave_tower(name)))
@@ -108,6 +114,21 @@ class Attachment:
     def _enter_tower(self, tower: str):
         def hook(module, args, kwargs):
             self.calls.current().captures.enter_tower(tower, args, kwargs)
+
+        return hook
+
+    def _enter_patch_subset(self, tower: str, stage):
+        @torch.compiler.disable  # chooses patches (data-dependent shapes)
+        def hook(module, args, kwargs):
+            args, kwargs, entered = self.adapter.enter_patch_subset(stage, args, kwargs)
+            self.calls.current().captures.note_entered(tower, entered)
+            return args, kwargs
+
+        return hook
+
+    def _expand_patch_subset(self, tower: str):
+        def hook(module, args, output):
+            self.adapter.expand_tower_output(output, self.calls.current().captures.entered(tower))
 
         return hook
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..geometry import Geometry
-    from ..plan import Plan, VisionView
+    from ..plan import InputStage, Plan, VisionView
     from ..stats import ReductionStats
 
 
@@ -55,4 +55,8 @@ class RuntimeReducer(Protocol):
 
     def item_budget(self, view: VisionView, geometry: Geometry) -> int | None:
         """An item's budget chosen from its own vision-encoder view (``None``: the reducer's)."""
+        ...
+
+    def input_stage(self) -> InputStage | None:
+        """The stage choosing which patches enter the vision encoder (``None``: all of them)."""
         ...

@@ -39,6 +39,14 @@ class TowerCaptures:
         self.pending_entries[tower] = {"entry_args": args, "entry_kwargs": kwargs}
         self.open[tower] = []
 
+    def note_entered(self, tower: str, entered: torch.Tensor) -> None:
+        """The running tower call encodes only the tokens ``entered`` (an input stage chose them):
+        kept with its capture (``context["entered"]``)."""
+        self.pending_entries[tower]["entered"] = entered
+
+    def entered(self, tower: str) -> torch.Tensor:
+        return self.pending_entries[tower]["entered"]
+
     def leave_tower(self, tower: str, output) -> None:
         """The tower call returned ``output``: its captures are that output's."""
         for capture in self.open.pop(tower, []):

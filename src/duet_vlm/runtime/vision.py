@@ -105,6 +105,7 @@ def reduce_vision(
         view = VisionView(
             features, unit.scores, unit.keys, geometry.grid, geometry.has_cls, unit.attention,
             project=lambda f, item=source, width=width: adapter.project(item, f[..., :width].to(unit.features.dtype)),
+            entered=unit.entered,
         )
         if plan.vision.needs_text and text is not None:
             view.text = [inputs_embeds[i.row, text[i.row]] for i in sources for _ in range(units)]
@@ -154,7 +155,9 @@ def item_views(binding: Binding, items: list[VisualItem], captures: dict[str, Ca
     for item in items:
         tower_signals = signals_of(binding, cache, captures, item.tower)
         unit = binding.adapter.unit_features([item], captures[item.tower], tower_signals, first_row, inputs_embeds)
-        views.append(VisionView(unit.features, unit.scores, unit.keys, item.geometry.grid, item.geometry.has_cls))
+        views.append(VisionView(
+            unit.features, unit.scores, unit.keys, item.geometry.grid, item.geometry.has_cls, entered=unit.entered
+        ))
     return views
 
 

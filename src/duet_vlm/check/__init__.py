@@ -44,6 +44,7 @@ import torch
 
 from ..adapters import adapter_for
 from ..methods import make
+from ..methods.registry import method_class
 from ..plan import ReducedHiddenStatesWarning
 from .replay import EntryProbe, NotReplayable, Replay
 from .report import FAIL, INFO, NOT_APPLICABLE, PASS, Report, Result, versions
@@ -262,7 +263,10 @@ def check_counts(ctx: Context) -> Result:
             lengths.remove()
     stats = reducer.stats.items
     text = inputs["input_ids"].shape[1] - sum(item.tokens for item in stats)
-    planned = [reducer.resolve(item.geometry, quiet=True).schedule.tokens_per_layer for item in stats]
+    planned = [
+        (reducer if item.budget is None else reducer.with_budget(item.budget)).resolve(item.geometry, quiet=True)
+        .schedule.tokens_per_layer for item in stats
+    ]
     for index, (item_stats, plan) in enumerate(zip(stats, planned)):
         if item_stats.tokens_per_layer != plan:
             problems.append(f"item {index}: statistics {_runs(item_stats.tokens_per_layer)}, plan {_runs(plan)}")
@@ -519,14 +523,21 @@ def check_timing(ctx: Context, rounds: int, progress=None) -> Result:
 CHECKS = ("full", "restored", "padded", "counts", "ideal", "modes", "timing")
 
 
+def default_budget(method: str, budget: Optional[int], ratio: Optional[float]) -> Optional[int]:
+    """The budget a check runs at: the one given, else 64 for a method that takes one (``None`` for
+    a method whose counts follow the content, PixelPrune)."""
+    if budget is None and ratio is None and method_class(method).takes_budget:
+        return 64
+    return budget
+
+
 def check_model(model, batch: dict, rows: list[dict], method: str = "duet", budget: Optional[int] = None,
                 ratio: Optional[float] = None, rounds: int = 3, new_tokens: int = 4, skip: tuple[str, ...] = (),
                 progress=None, options: Optional[dict] = None) -> Report:
     """Run every check on ``model`` with a left-padded ``batch`` and its ``rows`` alone (unpadded,
     one dict of inputs each). ``skip``: check names of ``CHECKS`` to leave out (reported ``n/a``);
     ``progress(label)``: called as work advances."""
-    if budget is None and ratio is None:
-        budget = 64
+    budget = default_budget(method, budget, ratio)
     make(method, budget=budget, ratio=ratio, **(options or {}))  # a bad method or budget fails here
     ctx = Context(model, batch, rows, lambda: make(method, budget=budget, ratio=ratio, **(options or {})), new_tokens)
     step = progress or (lambda label: None)
@@ -584,7 +595,7 @@ def check_checkpoint(model: str, method: str = "duet", budget: Optional[int] = N
     alone with its processor, and run ``check_model``."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    make(method, budget=budget if budget is not None or ratio is not None else 64, ratio=ratio)  # fail before loading
+    make(method, budget=default_budget(method, budget, ratio), ratio=ratio)  # fail before loading
     if model == "demo":
         model = str(DEMO_MODEL)
     if device == "auto":

@@ -56,10 +56,10 @@ def positions_mode(plans: list[Plan]) -> str:
     return modes.pop()
 
 
-def item_plans(binding: Binding, items: list[VisualItem], captures, inputs_embeds, signals: dict,
-               row_budgets: list | None) -> list[Plan]:
-    """Each item's plan: for the budget its row was given (``reducer.per_row``), or the one the
-    reducer chooses from the item's own content (``Adaptive``), else the reducer's own."""
+def item_budgets(binding: Binding, items: list[VisualItem], captures, inputs_embeds, signals: dict,
+                 row_budgets: list | None) -> list[int | None]:
+    """Each item's budget: the one its row was given (``reducer.per_row``), or the one the reducer
+    chooses from the item's own content (``Adaptive``), else ``None`` (the reducer's own)."""
     if row_budgets is not None:
         budgets = [row_budgets[item.row] for item in items]
         budgets = [b(item.geometry) if callable(b) else b for b, item in zip(budgets, items)]
@@ -68,7 +68,7 @@ def item_plans(binding: Binding, items: list[VisualItem], captures, inputs_embed
         budgets = [binding.reducer.item_budget(view, item.geometry) for view, item in zip(views, items)]
     else:
         budgets = [None] * len(items)
-    return [binding.plan_for(item.geometry, budget) for item, budget in zip(items, budgets)]
+    return budgets
 
 
 def _text_tokens(input_ids: torch.Tensor, items: list[VisualItem], mask, labels) -> torch.Tensor:
@@ -112,10 +112,11 @@ def start_prefill(binding: Binding, input_ids: torch.Tensor, labels: torch.Tenso
 
 def plan_items(binding: Binding, found: list[VisualItem], captures, kwargs: dict, signals: dict,
                row_budgets: list | None) -> list[Item]:
-    """Each item with its plan (``item_plans``) and its DeepStack features, taken out of ``kwargs``."""
+    """Each item with its plan (``item_budgets``) and its DeepStack features, taken out of ``kwargs``."""
     additions = take_additions(binding, kwargs, found)
-    plans = item_plans(binding, found, captures, kwargs["inputs_embeds"], signals, row_budgets)
-    return [Item(source, plan, additions=extra) for source, plan, extra in zip(found, plans, additions)]
+    budgets = item_budgets(binding, found, captures, kwargs["inputs_embeds"], signals, row_budgets)
+    return [Item(source, binding.plan_for(source.geometry, budget), budget, additions=extra)
+            for source, budget, extra in zip(found, budgets, additions)]
 
 
 def entry_compaction(items: list[Item], input_ids: torch.Tensor) -> Compaction:

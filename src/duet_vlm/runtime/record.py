@@ -26,6 +26,7 @@ def item_stats(binding: Binding, prompt: PrefillState, index: int, placement: Pl
         views=views,
         cells=cells,
         geometry=item.geometry,
+        budget=placement.item.budget,
     )
     if reduction is None:
         stats.entry_units = adapter.slot_units(item)

@@ -60,6 +60,7 @@ class Item:
 
     source: VisualItem
     plan: Plan
+    budget: int | None = None  # the row's or its own budget ``plan`` was solved for (``None``: the reducer's)
     slots: torch.Tensor | None = None
     choice: EntryChoice | None = None
     additions: torch.Tensor | None = None

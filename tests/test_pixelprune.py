@@ -1,0 +1,287 @@
+"""PixelPrune (issue #36): tokens whose pixels their neighbours predict never enter the vision encoder.
+
+- the selection replays the official ``Pred2DSelector`` (``a870e31``) on its recorded outputs
+  (``pixelprune-official.*``): every metric, anchored and sliding, on a screenshot, a photograph,
+  colour blocks and a short image; and each Qwen family, fed those pixels through its processor's
+  normalisation, leaves exactly those tokens out;
+- the encoder sees only the kept patches, and its output equals the unpatched blocks fed those
+  patches (their rotary positions, learned position embeddings, one segment per image and, on
+  Qwen2.5-VL, the windows rebuilt here from their definition);
+- nothing repeated: bit-identical to the unpatched model; every check of ``duet-vlm check`` (padded
+  batch = rows, counts = plan, the language model's ideal, the generation modes, restored) passes
+  on every family that supports it, images and videos together; elsewhere it is refused at attach
+  and leaves nothing behind; options and budgets are refused clearly.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import duet_vlm
+from duet_vlm.check import check_model
+from duet_vlm.check.report import NOT_APPLICABLE, PASS
+from duet_vlm.methods.pixelprune import predictive_keep
+
+from checks import hook_ids
+from models import FAMILIES, QWEN_IMAGE, VEND, VSTART
+
+QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
+OTHERS = [name for name in sorted(FAMILIES) if not name.startswith("qwen")]
+NAMES = {"max-0": {}, "max-0.05": dict(threshold=0.05), "mae-0.02": dict(metric="mae", threshold=0.02),
+         "rmse-0.03-sliding": dict(metric="rmse", threshold=0.03, anchored=False),
+         "exact-0.1": dict(metric="exact", threshold=0.1)}
+
+
+@pytest.fixture(scope="module")
+def official(reference_dir):
+    record = json.loads((reference_dir / "pixelprune-official.json").read_text())
+    return record, load_file(reference_dir / "pixelprune-official.safetensors")
+
+
+def _grouped(frame0: torch.Tensor, grid) -> torch.Tensor:
+    """Frame-0 patches ``(h * w, C * P * P)`` -> one row per merged token ``(h / 2, w / 2, 4 * C * P * P)``."""
+    _, h, w = grid
+    return frame0.reshape(h // 2, w // 2, -1)
+
+
+def _model_inputs(model, frame0: torch.Tensor, grid, adapter_cls) -> dict:
+    """One prompt holding the image, its pixels as the processor gives them: both temporal frames of
+    each patch, normalised with the family's mean and std."""
+    channels = model.config.vision_config.in_channels
+    patch = model.config.vision_config.patch_size
+    mean = torch.tensor(adapter_cls.pixel_mean)[None, :, None, None, None]
+    std = torch.tensor(adapter_cls.pixel_std)[None, :, None, None, None]
+    frames = frame0.view(-1, channels, 1, patch, patch).expand(-1, -1, 2, -1, -1)
+    pixel_values = ((frames - mean) / std).reshape(frames.shape[0], -1)
+    tokens = grid[1] * grid[2] // 4
+    input_ids = torch.tensor([[1, 20, 21, VSTART] + [QWEN_IMAGE] * tokens + [VEND, 30, 31, 32]])
+    return {
+        "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+        "mm_token_type_ids": (input_ids == QWEN_IMAGE).long(),
+        "pixel_values": pixel_values, "image_grid_thw": torch.tensor([grid]),
+    }
+
+
+@pytest.mark.parametrize("config", sorted(NAMES))
+def test_the_selection_replays_the_official_code(official, config):
+    record, tensors = official
+    assert record["official_run"]["commit"].startswith("a870e31")
+    options = NAMES[config]
+    for image, meta in record["images"].items():
+        grid = meta["grid_thw"]
+        keep = predictive_keep(_grouped(tensors[f"{image}_pixels"], grid), options.get("metric", "max"),
+                               options.get("threshold", 0.0), options.get("anchored", True))
+        assert keep.flatten().nonzero()[:, 0].tolist() == record["kept"][config][image], (config, image)
+
+
+def test_the_recorded_cases_tell_the_settings_apart(official):
+    """The replay is a test: the recorded photograph keeps 36, 8, 9 and 1 of its 36 tokens under the
+    settings, and the other images keep a few of many (an off-by-one neighbour would show)."""
+    kept = official[0]["kept"]
+    assert [len(kept[c]["photo"]) for c in ("max-0", "max-0.05", "mae-0.02", "rmse-0.03-sliding")] == [36, 8, 9, 1]
+    assert len(kept["max-0"]["screenshot"]) == 31 and len(kept["max-0"]["blocks"]) == 10
+
+
+@pytest.mark.parametrize("config", ["max-0", "max-0.05", "mae-0.02"])
+@pytest.mark.parametrize("family_name", QWEN)
+def test_each_family_leaves_the_recorded_tokens_out(official, family_name, config):
+    record, tensors = official
+    model = FAMILIES[family_name].model()
+    adapter_cls = type(duet_vlm.adapter_for(model))
+    for image in ("screenshot", "photo"):
+        grid = record["images"][image]["grid_thw"]
+        reducer = duet_vlm.make("pixelprune", **NAMES[config])
+        with torch.no_grad(), reducer(model):
+            model(**_model_inputs(model, tensors[f"{image}_pixels"], grid, adapter_cls))
+        (item,) = reducer.stats.items
+        expected = record["kept"][config][image]
+        assert item.tokens_per_layer == [len(expected)] * len(item.tokens_per_layer)
+        if len(expected) < item.tokens:
+            assert item.vision_kept[0].tolist() == expected, (family_name, config, image)
+        else:
+            assert item.vision_kept is None  # every token entered: nothing to choose
+
+
+# ----------------------------------------------------------------------------- the encoder
+def _ideal_tower(visual, pixel_values, grid, keep_units):
+    """The unpatched tower's own modules fed the kept patches: patch embedding, learned position
+    embedding (Qwen3-VL, Qwen3.5) and rotary position of each kept patch, one attention segment over
+    the kept patches, and on Qwen2.5-VL each window (``window_size`` pixels square, from the top-left)
+    over its own kept patches. Returns the merged features of the kept tokens, in raster order, and
+    the DeepStack features."""
+    from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
+
+    grid_t = torch.tensor([grid])
+    kept = keep_units.repeat_interleave(4)
+    x = visual.patch_embed(pixel_values)[kept]
+    if hasattr(visual, "pos_embed"):
+        indices, weights = get_vision_interpolation_indices_and_weights(
+            grid_t, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+            align_corners=visual.interpolation_align_corners, spatial_merge_size=2,
+        )
+        x = x + (visual.pos_embed(indices[kept]) * weights[kept][:, :, None]).sum(1)
+    position_embeddings = visual.rotary_pos_emb(x, get_vision_position_ids(grid_t, 2)[kept])
+    units = keep_units.nonzero()[:, 0].tolist()
+    cols = grid[2] // 2
+    windows = getattr(visual, "fullatt_block_indexes", None)
+    if windows is not None:
+        side = visual.config.window_size // 2 // visual.config.patch_size
+        key = {u: ((u // cols) // side, (u % cols) // side) for u in units}
+        order = sorted(range(len(units)), key=lambda i: (key[units[i]], units[i]))
+        lengths = [sum(1 for u in units if key[u] == k) for k in dict.fromkeys(key[units[i]] for i in order)]
+    else:
+        order, lengths = list(range(len(units))), [len(units)]
+    index = torch.tensor(order)
+    x = x.view(len(units), 4, -1)[index].flatten(0, 1)
+    position_embeddings = tuple(p.view(len(units), 4, -1)[index].flatten(0, 1) for p in position_embeddings)
+
+    def cu(sizes):
+        return torch.tensor([0] + sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32) * 4
+
+    deepstack = []
+    for layer, block in enumerate(visual.blocks):
+        full = windows is None or layer in windows
+        x = block(x, cu_seqlens=cu([len(units)] if full else lengths), position_embeddings=position_embeddings)
+        if layer in getattr(visual, "deepstack_visual_indexes", ()):
+            merger = visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(layer)]
+            deepstack.append(merger(x)[torch.argsort(index)])
+    return visual.merger(x)[torch.argsort(index)], deepstack
+
+
+@pytest.mark.parametrize("family_name", QWEN)
+def test_the_encoder_runs_on_the_kept_patches_as_its_blocks_would(official, family_name):
+    record, tensors = official
+    model = FAMILIES[family_name].model()
+    visual = model.model.visual
+    grid = record["images"]["screenshot"]["grid_thw"]
+    inputs = _model_inputs(model, tensors["screenshot_pixels"], grid, type(duet_vlm.adapter_for(model)))
+    keep_units = torch.zeros(grid[1] * grid[2] // 4, dtype=torch.bool)
+    keep_units[record["kept"]["max-0"]["screenshot"]] = True
+
+    seen, outputs = [], []
+    reducer = duet_vlm.make("pixelprune")
+    with torch.no_grad(), reducer(model):
+        probes = [visual.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0])),
+                  # read at once: get_image_features then splits the output in place
+                  visual.register_forward_hook(lambda m, args, out: outputs.append(
+                      (out.pooler_output, list(getattr(out, "deepstack_features", None) or []))))]
+        try:
+            model(**inputs)
+        finally:
+            for probe in probes:
+                probe.remove()
+        ideal, deepstack = _ideal_tower(visual, inputs["pixel_values"], grid, keep_units)
+    assert seen == [4 * int(keep_units.sum())]  # 124 of the 384 patches entered the encoder
+    ((merged, stacked),) = outputs
+    torch.testing.assert_close(merged[keep_units], ideal, rtol=0, atol=2e-6)
+    assert not merged[~keep_units].any()
+    for got, want in zip(stacked, deepstack, strict=True):
+        torch.testing.assert_close(got[keep_units], want, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("family_name", QWEN)
+def test_nothing_repeated_is_bit_identical_to_the_unpatched_model(family_name):
+    """Noise pixels: every token enters, through the same precomputed-arguments path."""
+    family = FAMILIES[family_name]
+    model = family.model()
+    batch = family.batch(model)
+    with torch.no_grad():
+        plain = model(**batch).logits
+        reducer = duet_vlm.make("pixelprune")
+        with reducer(model):
+            reduced = model(**batch).logits
+    assert torch.equal(plain, reduced)
+    assert all(item.average_tokens == item.tokens for item in reducer.stats.items)
+
+
+def _blocky(batch: dict, seed: int = 0) -> dict:
+    """The batch with its images' and videos' tokens repeating their left neighbour in runs (each
+    merged token's four patches copied whole), so that PixelPrune leaves some of every item out."""
+    generator = torch.Generator().manual_seed(seed)
+    out = dict(batch)
+    for pixels, grids in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        if pixels not in batch:
+            continue
+        values, offset = batch[pixels].clone(), 0
+        for t, h, w in batch[grids].tolist():
+            units = values[offset : offset + t * h * w].view(t, h // 2, w // 2, -1)
+            for c in range(1, w // 2):
+                copy = torch.rand(h // 2, generator=generator) < 0.6
+                units[:, copy, c] = units[:, copy, c - 1]
+            offset += t * h * w
+        out[pixels] = values
+    return out
+
+
+@pytest.mark.parametrize("family_name", QWEN + ["qwen3_5-moe"])
+def test_every_check_passes_on_the_families_it_supports(family_name):
+    family = FAMILIES[family_name]
+    model = family.model()
+    batch = _blocky(family.batch(model))
+    rows = [family.row(batch, b) for b in range(2)]
+    report = check_model(model, batch, rows, "pixelprune", rounds=1, new_tokens=3, skip=("timing",))
+    for result in report.results:
+        if result.status == NOT_APPLICABLE:
+            assert result.detail == "skipped (--skip)" or (
+                family_name.startswith("qwen3_5") and result.key == "mode:prompt_lookup"), (result.key, result.detail)
+        else:
+            assert result.status in (PASS, "info"), (result.key, result.detail)
+    counts = report.result("counts").numbers
+    assert counts["visual_per_layer"] == counts["planned"]
+    reducer = duet_vlm.make("pixelprune")
+    with torch.no_grad(), reducer(model):
+        model(**batch)
+    reduced = [item for item in reducer.stats.items if item.average_tokens < item.tokens]
+    assert reduced, "the blocky batch left nothing out"
+
+
+def test_the_count_follows_the_content(official):
+    """A screenshot keeps 31 of its 96 tokens, a photograph (noise in every token) all of them."""
+    record, tensors = official
+    model = FAMILIES["qwen2_vl"].model()
+    adapter_cls = type(duet_vlm.adapter_for(model))
+    counts = {}
+    for image in ("screenshot", "photo", "blocks"):
+        reducer = duet_vlm.make("pixelprune")
+        with torch.no_grad(), reducer(model):
+            model(**_model_inputs(model, tensors[f"{image}_pixels"], record["images"][image]["grid_thw"], adapter_cls))
+        counts[image] = (reducer.stats.items[0].average_tokens, reducer.stats.items[0].tokens)
+    assert counts == {"screenshot": (31, 96), "photo": (36, 36), "blocks": (10, 60)}
+
+
+# ----------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize("family_name", OTHERS)
+def test_refused_where_the_tower_encodes_whole_images_leaving_nothing_behind(family_name):
+    model = FAMILIES[family_name].model()
+    before = hook_ids(model)
+    with pytest.raises(ValueError, match="cannot leave patches out.*Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5"):
+        duet_vlm.make("pixelprune").attach(model)
+    assert hook_ids(model) == before
+    with duet_vlm.make("full")(model):  # the model is free for another reducer
+        pass
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(budget=64), "pixelprune takes no budget or ratio"),
+    (dict(ratio=0.5), "pixelprune takes no budget or ratio"),
+    (dict(metric="l2"), "metric must be one of max, mae, rmse, exact, got 'l2'"),
+    (dict(threshold=1.5), "threshold "),
+    (dict(anchored="yes"), "anchored must be True or False"),
+])
+def test_bad_options_are_refused_when_built(options, message):
+    with pytest.raises(ValueError, match=message):
+        duet_vlm.make("pixelprune", **options)
+
+
+def test_per_row_budgets_are_refused():
+    with pytest.raises(ValueError, match="takes no budget, per row"):
+        with duet_vlm.make("pixelprune").per_row(budget=[64]):
+            pass
+
+
+def test_the_record_rebuilds_the_reducer():
+    reducer = duet_vlm.make("pixelprune", metric="mae", threshold=0.02)
+    assert duet_vlm.from_dict(reducer.to_dict()) == reducer
+    assert "_count" not in reducer.to_dict()

@@ -322,11 +322,18 @@ def render_schedules(root: Path, *budgets: str) -> str:
     solve = _geometry()
     head = ["method", "where", *(f"budget {b}" for b in budgets)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method in METHODS:
+    content = []
+    for method, cls in METHODS.items():
+        if not cls.takes_budget:  # its count follows each image's content, on the families it runs on
+            content.append(f"`{method}`")
+            continue
         plans = [solve(method, int(b)) for b in budgets]
         lines.append("| " + " | ".join([f"`{method}`", _where(plans[0]), *map(_schedule_cell, plans)]) + " |")
+    note = (f"\n{', '.join(content)} takes no budget: each image keeps what its content needs, and it does not run "
+            "on LLaVA-1.5.\n") if content else ""
     return ("Visual tokens entering the language model → kept after each boundary layer, on LLaVA-1.5 (576 tokens, "
-            "32 layers); `duet-vlm plan --method NAME --budget N` prints any geometry.\n\n" + "\n".join(lines) + "\n")
+            "32 layers); `duet-vlm plan --method NAME --budget N` prints any geometry.\n\n" + "\n".join(lines) + "\n"
+            + note)
 
 
 def render_plan(root: Path, method: str, *budgets: str) -> str:

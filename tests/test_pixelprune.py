@@ -35,7 +35,7 @@ NAMES = {"max-0": {}, "max-0.05": dict(threshold=0.05), "mae-0.02": dict(metric=
 
 
 @pytest.fixture(scope="module")
-def official(reference_dir):
+def recorded(reference_dir):
     record = json.loads((reference_dir / "pixelprune-official.json").read_text())
     return record, load_file(reference_dir / "pixelprune-official.safetensors")
 
@@ -65,8 +65,8 @@ def _model_inputs(model, frame0: torch.Tensor, grid, adapter_cls) -> dict:
 
 
 @pytest.mark.parametrize("config", sorted(NAMES))
-def test_the_selection_replays_the_official_code(official, config):
-    record, tensors = official
+def test_the_selection_replays_the_official_code(recorded, config):
+    record, tensors = recorded
     assert record["official_run"]["commit"].startswith("a870e31")
     options = NAMES[config]
     for image, meta in record["images"].items():
@@ -76,18 +76,18 @@ def test_the_selection_replays_the_official_code(official, config):
         assert keep.flatten().nonzero()[:, 0].tolist() == record["kept"][config][image], (config, image)
 
 
-def test_the_recorded_cases_tell_the_settings_apart(official):
+def test_the_recorded_cases_tell_the_settings_apart(recorded):
     """The replay is a test: the recorded photograph keeps 36, 8, 9 and 1 of its 36 tokens under the
     settings, and the other images keep a few of many (an off-by-one neighbour would show)."""
-    kept = official[0]["kept"]
+    kept = recorded[0]["kept"]
     assert [len(kept[c]["photo"]) for c in ("max-0", "max-0.05", "mae-0.02", "rmse-0.03-sliding")] == [36, 8, 9, 1]
     assert len(kept["max-0"]["screenshot"]) == 31 and len(kept["max-0"]["blocks"]) == 10
 
 
 @pytest.mark.parametrize("config", ["max-0", "max-0.05", "mae-0.02"])
 @pytest.mark.parametrize("family_name", QWEN)
-def test_each_family_leaves_the_recorded_tokens_out(official, family_name, config):
-    record, tensors = official
+def test_each_family_leaves_the_recorded_tokens_out(recorded, family_name, config):
+    record, tensors = recorded
     model = FAMILIES[family_name].model()
     adapter_cls = type(duet_vlm.adapter_for(model))
     for image in ("screenshot", "photo"):
@@ -151,8 +151,8 @@ def _ideal_tower(visual, pixel_values, grid, keep_units):
 
 
 @pytest.mark.parametrize("family_name", QWEN)
-def test_the_encoder_runs_on_the_kept_patches_as_its_blocks_would(official, family_name):
-    record, tensors = official
+def test_the_encoder_runs_on_the_kept_patches_as_its_blocks_would(recorded, family_name):
+    record, tensors = recorded
     model = FAMILIES[family_name].model()
     visual = model.model.visual
     grid = record["images"]["screenshot"]["grid_thw"]
@@ -237,9 +237,9 @@ def test_every_check_passes_on_the_families_it_supports(family_name):
     assert reduced, "the blocky batch left nothing out"
 
 
-def test_the_count_follows_the_content(official):
+def test_the_count_follows_the_content(recorded):
     """A screenshot keeps 31 of its 96 tokens, a photograph (noise in every token) all of them."""
-    record, tensors = official
+    record, tensors = recorded
     model = FAMILIES["qwen2_vl"].model()
     adapter_cls = type(duet_vlm.adapter_for(model))
     counts = {}
@@ -285,3 +285,38 @@ def test_the_record_rebuilds_the_reducer():
     reducer = duet_vlm.make("pixelprune", metric="mae", threshold=0.02)
     assert duet_vlm.from_dict(reducer.to_dict()) == reducer
     assert "_count" not in reducer.to_dict()
+
+
+# ----------------------------------------------------------------------------- the bench
+def test_the_encoder_benchmark_times_the_tower_against_its_ideal():
+    """``pixelprune_encoder_cost`` on a one-block tower at Qwen2.5-VL-7B's width: the document page
+    keeps fewer tokens, the reduced tower's kept features equal the ideal's bit for bit, and the
+    blocks' FLOPs follow the kept patches (no timing asserted)."""
+    from duet_vlm.bench.vision import pixelprune_encoder_cost
+
+    result = pixelprune_encoder_cost(depth=1, grid=(16, 16), rounds=1)
+    assert result["kept_features_equal_ideal"]
+    assert 0 < result["kept_tokens"] < result["merged_tokens"] == 64
+    assert set(result["seconds"]) == {"tower", "pixelprune", "ideal", "selection"}
+    flops = result["block_flops"]
+    assert 0 < flops["kept"] < flops["tower"]
+    assert flops["ratio"] < 1 and flops["ratio"] > result["kept_tokens"] / result["merged_tokens"] - 0.05
+
+
+def test_the_statistics_and_the_overlay_name_what_never_entered_the_encoder(recorded, tmp_path):
+    from PIL import Image
+
+    from duet_vlm.compare import draw_item_overlay
+
+    record, tensors = recorded
+    model = FAMILIES["qwen2_5_vl"].model()
+    grid = record["images"]["screenshot"]["grid_thw"]
+    reducer = duet_vlm.make("pixelprune")
+    with torch.no_grad(), reducer(model):
+        model(**_model_inputs(model, tensors["screenshot_pixels"], grid, type(duet_vlm.adapter_for(model))))
+    (item,) = reducer.stats.items
+    kept = record["kept"]["max-0"]["screenshot"]
+    assert item.never_encoded.tolist() == [t for t in range(96) if t not in kept]
+    assert item.entry_slots.tolist() == kept and item.budget == len(kept)
+    path = draw_item_overlay(Image.new("RGB", (grid[2] * 14, grid[1] * 14), "white"), item, tmp_path / "overlay.png")
+    assert path.stat().st_size > 0

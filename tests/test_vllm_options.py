@@ -53,6 +53,9 @@ def test_each_wrong_request_gets_its_own_answer():
         Settings.read({"duet_method": "visionzip"})
     with pytest.raises(RefusedMethod, match="'adaptive' chooses each item's budget from its content"):
         Settings.read({"duet_method": "adaptive", "duet_budget": 64})
+    for budget in ({}, {"duet_budget": 64}):  # PixelPrune takes no budget: refused for what it is either way
+        with pytest.raises(RefusedMethod, match="'pixelprune' chooses from the pixels which tokens enter the vision encoder"):
+            Settings.read({"duet_method": "pixelprune", **budget})
 
 
 def test_a_request_chooses_a_method_from_the_servers_allow_list():

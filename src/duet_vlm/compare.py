@@ -20,7 +20,7 @@ import torch
 from .adapters import adapter_for
 from .bench.timing import interleaved
 from .evaluation import chat_prompt  # noqa: F401 - also imported from here
-from .methods import Reducer, make
+from .methods import METHODS, Reducer, make
 from .methods.registry import load_reducer
 from .stats import ReductionStats
 
@@ -254,6 +254,8 @@ def saved_or_asked(model: str, method: Optional[str], budget: Optional[int], rat
             return make(method, budget=budgets[0]), method
         return make(method, ratio=ratios[0]), method
     if ratio is None and budget is None:
+        if method in METHODS and not METHODS[method].takes_budget:  # its count follows the content
+            return make(method), method
         budget = 64
     reducer = make(method, budget=None if ratio is not None else budget, ratio=ratio)
     return reducer, f"{method} {budget}" if ratio is None else f"{method} ratio {ratio}"
@@ -373,6 +375,10 @@ def draw_rows_overlay(pictures: list, stats: ReductionStats, path: str | Path, l
             chosen = cells[cells[:, 0] == 0]
             layer = np.zeros((rows, cols, 4))
             layer[chosen[:, 1].numpy(), chosen[:, 2].numpy()] = (1.0, 1.0, 0.0, 0.6)
+            if never is not None and column == 0:
+                skipped = item.cells[never]
+                skipped = skipped[skipped[:, 0] == row]
+                layer[skipped[:, 1].numpy(), skipped[:, 2].numpy()] = (0.9, 0.1, 0.1, 0.45)
             axis.imshow(np.full(picture.shape[:2], 0.0), cmap="gray", alpha=0.45, extent=extent, vmin=0, vmax=1)
             axis.imshow(layer, extent=extent, interpolation="nearest")
         axis.set_title(f"{labels[item.row]}\n{item.average_tokens:.1f} visual tokens per layer "
@@ -455,6 +461,7 @@ def draw_item_overlay(pictures, item, path: str | Path, title: str = "") -> Path
     """Kept tokens of one visual item (``ReductionStats.items[i]``) on its grids: a row per grid
     (each frame of a video; an anyres image's base tile and its high-resolution grid, both over the
     whole picture), a column per stage (the tokens entering the LLM, then each boundary's survivors).
+    Tokens whose patches never entered the vision encoder (PixelPrune) are red in the first column.
 
     ``pictures``: one picture per grid of a video (its frames), or one picture for an image.
     """
@@ -464,6 +471,9 @@ def draw_item_overlay(pictures, item, path: str | Path, title: str = "") -> Path
     import matplotlib.pyplot as plt
 
     stages = [(f"LLM input: {len(item.entry_slots)} tokens", item.entry_slots)]
+    never = getattr(item, "never_encoded", None)  # red: tokens whose patches never entered the encoder
+    if never is not None:
+        stages[0] = (f"LLM input: {len(item.entry_slots)} tokens\n(red: {len(never)} never encoded)", item.entry_slots)
     stages += [(f"after layer {layer}: {len(ids)} kept", item.entry_slots[ids.cpu()]) for layer, ids in item.stage_ids]
     pictures = list(pictures) if isinstance(pictures, (list, tuple)) else [pictures] * len(item.views)
     figure, axes = plt.subplots(len(item.views), len(stages), figsize=(3.0 * len(stages), 3.0 * len(item.views)), squeeze=False)

@@ -64,7 +64,10 @@ def kind_of(method: str | Reducer, geometry: Geometry = LLAVA15) -> str:
     >>> kind_of("pyramiddrop"), kind_of(make("pool", budget=64))
     ('language', 'vision')
     """
-    reducer = make(method, ratio=0.25) if isinstance(method, str) else method
+    if isinstance(method, str):  # a method whose count follows the content takes no ratio
+        reducer = make(method, ratio=0.25) if METHODS[method].takes_budget else make(method)
+    else:
+        reducer = method
     return kind_of_plan(reducer.resolve(geometry, quiet=True))
 
 

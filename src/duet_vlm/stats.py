@@ -33,6 +33,8 @@ class ItemStats:
         views, cells: the grids a picture of the item shows (``(name, rows, cols)``) and each
             slot's ``(grid, row, col)`` (-1 where a slot has no cell); see ``compare.draw_item_overlay``.
         geometry: the shape its plan was solved for (``reducer.resolve(geometry)`` gives that plan).
+        never_encoded: the item's slots whose patches never entered the vision encoder (an input
+            stage left them out: PixelPrune), ``None`` where every patch did.
         budget: the budget of its own its plan was solved for (a row's, ``per_row``; or the one its
             content gave it: ``Adaptive``, PixelPrune's count), ``None``: the reducer's.
             ``reducer.with_budget(budget).resolve(geometry)`` gives that plan.
@@ -52,6 +54,7 @@ class ItemStats:
     cells: torch.Tensor | None = None
     geometry: Geometry | None = None
     budget: int | None = None
+    never_encoded: torch.Tensor | None = None
 
     @property
     def average_tokens(self) -> float:

@@ -4,8 +4,8 @@ composition are ``RuntimeReducer``s, with the runtime's signatures."""
 from typing import Callable
 
 from duet_vlm.methods import (
-    CDPruner, DART, PIO, Adaptive, Compose, DivPrune, Duet, FastV, Full, HiPrune, HoliTom, Pool, PyramidDrop, RandomDrop,
-    RandomHorizon, SparseVLM, TrioScan, VisionZip, VisPruner, VScan, make,
+    CDPruner, DART, PIO, Adaptive, Compose, DivPrune, Duet, FastV, Full, HiPrune, HoliTom, PixelPrune, Pool, PyramidDrop,
+    RandomDrop, RandomHorizon, SparseVLM, TrioScan, VisionZip, VisPruner, VScan, make,
 )
 from duet_vlm.methods.base import PerItemRatio, Reducer
 from duet_vlm.runtime import RuntimeReducer
@@ -17,8 +17,8 @@ def as_runtime(reducer: RuntimeReducer) -> RuntimeReducer:
 
 # each class builds a RuntimeReducer (tests/test_protocol.py checks that this list is every registered method)
 classes: list[Callable[..., RuntimeReducer]] = [
-    CDPruner, DART, PIO, Adaptive, Compose, DivPrune, Duet, FastV, Full, HiPrune, HoliTom, Pool, PyramidDrop, RandomDrop,
-    RandomHorizon, SparseVLM, TrioScan, VisionZip, VisPruner, VScan, PerItemRatio,
+    CDPruner, DART, PIO, Adaptive, Compose, DivPrune, Duet, FastV, Full, HiPrune, HoliTom, PixelPrune, Pool, PyramidDrop,
+    RandomDrop, RandomHorizon, SparseVLM, TrioScan, VisionZip, VisPruner, VScan, PerItemRatio,
 ]
 
 

@@ -72,3 +72,160 @@ def stage_a_cost(depth: int = 8, grid: tuple[int, int] = (32, 32), rounds: int =
         "share_of_32_block_tower": extra / (per_block * 32),
         "spread": {name: [min(v), max(v)] for name, v in times.items()},
     }
+
+
+def document_pixels(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """A synthetic document page of ``rows x cols`` patches (14 px), as Qwen2.5-VL's processor hands it
+    to the tower: ``(rows * cols, 3 * 2 * 14 * 14)``, both temporal frames of each patch, 2x2 groups
+    consecutive, normalised with OpenAI CLIP's mean and std. A white page with a title bar, lines of
+    dark strokes and a grey figure: what PixelPrune is for (the paper's documents and screenshots)."""
+    from ..adapters.qwen_vl import Qwen2_5_VLAdapter
+
+    generator = torch.Generator().manual_seed(seed)
+    height, width = rows * 14, cols * 14
+    page = torch.ones(3, height, width)
+    page[:, : height // 12, :] = torch.tensor([0.15, 0.25, 0.5])[:, None, None]  # title bar
+    top = height // 8
+    while top + 10 < height * 3 // 5:  # lines of text: dark strokes of random length
+        length = int(width * (0.5 + 0.4 * torch.rand(1, generator=generator)))
+        strokes = (torch.rand(8, length - 28, generator=generator) < 0.45).float()
+        page[:, top : top + 8, 14 : length - 14] = 1 - 0.85 * strokes
+        top += 22
+    page[:, height * 2 // 3 : height * 9 // 10, width // 6 : width * 2 // 3] = 0.6  # a figure
+    page = (page * 255).round() / 255
+    mean = torch.tensor(Qwen2_5_VLAdapter.pixel_mean)[:, None, None]
+    std = torch.tensor(Qwen2_5_VLAdapter.pixel_std)[:, None, None]
+    page = (page - mean) / std
+    patches = page.view(3, rows // 2, 2, 14, cols // 2, 2, 14).permute(1, 4, 2, 5, 0, 3, 6)  # R, C, 2, 2, c, p, p
+    patches = patches.reshape(rows * cols, 3, 1, 14, 14).expand(-1, -1, 2, -1, -1)
+    return patches.reshape(rows * cols, -1).contiguous()
+
+
+def qwen25_encoder_model(depth: int = 8, seed: int = 0):
+    """Qwen2.5-VL with Qwen2.5-VL-7B's vision tower (``depth`` blocks, the last full-attention, its
+    merger into 3,584 wide) and a one-layer language model: enough for a reducer to attach, and the
+    tower is what is timed."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = dict(hidden_size=QWEN25_7B_VISION["out_hidden_size"], intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=28, num_key_value_heads=4, vocab_size=1000,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+    config = Qwen2_5_VLConfig(
+        text_config=text, vision_config=dict(QWEN25_7B_VISION, depth=depth, fullatt_block_indexes=[depth - 1]),
+        image_token_id=900, video_token_id=901, vision_start_token_id=902, vision_end_token_id=903,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa")
+    return model.eval()
+
+
+def encoder_block_flops(tower, grid: torch.Tensor, window_lengths: list[int], full_lengths: list[int]) -> int:
+    """Multiply-adds x 2 of the tower's blocks on sequences of these segment lengths (in patches):
+    the projections and MLP per patch, and the attention scores and weighted sums over each window
+    (window blocks) or image (full-attention blocks)."""
+    config = tower.config
+    d, mlp = config.hidden_size, config.intermediate_size
+    tokens = sum(full_lengths)
+    per_token = 2 * (4 * d * d + 3 * d * mlp)  # qkv and output projections; gate, up and down
+    total = 0
+    for index in range(config.depth):
+        lengths = full_lengths if index in tower.fullatt_block_indexes else window_lengths
+        total += tokens * per_token + 4 * d * sum(n * n for n in lengths)
+    return total
+
+
+def pixelprune_encoder_cost(depth: int = 8, grid: tuple[int, int] = (32, 32), rounds: int = 3, progress=None) -> dict:
+    """PixelPrune's saving in the vision encoder, timed side by side in interleaved rounds on a
+    Qwen2.5-VL-7B-width tower: the tower on every patch, the tower under ``make("pixelprune")`` (the
+    selection, the tower on the kept patches, the outputs put back), the ideal (the unpatched tower
+    handed only the kept patches and their arguments, nothing chosen or put back) and the selection
+    alone, on one synthetic document page of ``grid`` patches; with the blocks' exact FLOPs, and
+    whether the reduced tower's kept features equal the ideal's."""
+    from .. import make
+    from ..adapters import adapter_for
+    from .timing import interleaved
+
+    model = qwen25_encoder_model(depth)
+    rows, cols = grid
+    pixels = document_pixels(rows, cols)
+    grid_thw = torch.tensor([[1, rows, cols]])
+    adapter = adapter_for(model)
+    stage = make("pixelprune").input_stage()
+    _, subset, entered = adapter.enter_patch_subset(stage, (pixels,), {"grid_thw": grid_thw})
+    kept_patches = entered.repeat_interleave(4)
+    features = model.model.get_image_features
+
+    def whole():
+        with torch.inference_mode():
+            return features(pixels, grid_thw).pooler_output[0]
+
+    reducer = make("pixelprune")
+
+    def pixelprune():
+        with torch.inference_mode(), reducer(model):
+            return features(pixels, grid_thw).pooler_output[0]
+
+    def ideal():
+        with torch.inference_mode():
+            return model.model.visual(pixels[kept_patches], **dict(subset)).pooler_output
+
+    def selection():  # reading the pixels back and predicting them
+        with torch.inference_mode():
+            stage.select(adapter.unit_pixels(pixels, grid_thw)[0][0])
+
+    reduced, wanted = pixelprune(), ideal()
+    same = bool(torch.equal(reduced[entered], wanted)) and not bool(reduced[~entered].any())
+    times = interleaved({"tower": whole, "pixelprune": pixelprune, "ideal": ideal, "selection": selection}, rounds,
+                        progress=progress)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    window_index, cu_window = adapter.windows(grid_thw)
+    full_windows = (cu_window[1:] - cu_window[:-1]).tolist()
+    kept_windows = (subset["cu_window_seqlens"][1:] - subset["cu_window_seqlens"][:-1]).tolist()
+    flops_full = encoder_block_flops(model.model.visual, grid_thw, full_windows, [rows * cols])
+    flops_kept = encoder_block_flops(model.model.visual, grid_thw, kept_windows, [int(kept_patches.sum())])
+    return {
+        "tower": {**QWEN25_7B_VISION, "depth": depth},
+        "image": "synthetic document page (document_pixels)",
+        "image_patches": rows * cols,
+        "merged_tokens": rows * cols // 4,
+        "kept_tokens": int(entered.sum()),
+        "rounds": rounds,
+        "threads": torch.get_num_threads(),
+        "seconds": median,
+        "pixelprune_vs_tower": median["pixelprune"] / median["tower"],
+        "pixelprune_vs_ideal": median["pixelprune"] / median["ideal"],
+        "selection_share": median["selection"] / median["pixelprune"],
+        "block_flops": {"tower": flops_full, "kept": flops_kept, "ratio": flops_kept / flops_full},
+        "kept_features_equal_ideal": same,
+        "spread": {name: [min(v), max(v)] for name, v in times.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m duet_vlm.bench.vision --output FILE [--depth 8] [--grids 32x32 48x48] [--rounds 3]``:
+    PixelPrune's encoder cost on document pages of each grid (``pixelprune_encoder_cost``), written
+    with the command that made it."""
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="python -m duet_vlm.bench.vision", description=main.__doc__)
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--grids", nargs="+", default=["32x32", "48x48"], help="patch grids, ROWSxCOLS (even)")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    grids = [tuple(int(n) for n in grid.split("x")) for grid in args.grids]
+    runs = []
+    for grid in grids:
+        runs.append(pixelprune_encoder_cost(args.depth, grid, args.rounds))
+        print(f"{grid}: {runs[-1]['kept_tokens']}/{runs[-1]['merged_tokens']} tokens, "
+              f"{runs[-1]['pixelprune_vs_tower']:.3f} of the tower's time", file=sys.stderr)
+    command = "python -m duet_vlm.bench.vision " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.output.write_text(json.dumps({"command": command, "torch": torch.__version__, "runs": runs}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

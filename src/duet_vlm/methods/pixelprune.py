@@ -114,7 +114,8 @@ class PixelPredict(InputStage):
 
 class EnteredTokens(VisionStage):
     """Every token whose patches entered the encoder (``VisionView.entered``), in order: the rest
-    were never encoded. Units of one item may keep different counts (``VisionReduction.counts``)."""
+    were never encoded (the role ``never_encoded``, -1 past a unit's count, which the overlay
+    draws). Units of one item may keep different counts (``VisionReduction.counts``)."""
 
     def reduce(self, view: VisionView, keep: int) -> VisionReduction:
         if view.entered is None:
@@ -126,8 +127,12 @@ class EnteredTokens(VisionStage):
         counts = entered.sum(dim=1)
         # Entered tokens first, each group in ascending order (a stable sort of "not entered").
         kept = torch.sort((~entered).int(), dim=1, stable=True).indices[:, : int(counts.max())]
+        left = entered.shape[1] - counts
+        never = torch.sort(entered.int(), dim=1, stable=True).indices[:, : max(int(left.max()), 1)]
+        never = never.masked_fill(torch.arange(never.shape[1], device=never.device)[None] >= left[:, None], -1)
         uneven = bool((counts != keep).any())
-        return VisionReduction(gather_tokens(view.features, kept), kept, counts=counts.cpu() if uneven else None)
+        return VisionReduction(gather_tokens(view.features, kept), kept, {"never_encoded": never},
+                               counts=counts.cpu() if uneven else None)
 
 
 @register_method("pixelprune")
@@ -171,7 +176,7 @@ class PixelPrune(Reducer):
 
     >>> reducer = duet_vlm.make("pixelprune")                  # doctest: +SKIP
     >>> with reducer(model): model.generate(**inputs)          # doctest: +SKIP
-    >>> [item.llm_input for item in reducer.stats.items]       # doctest: +SKIP
+    >>> [item.tokens_per_layer[0] for item in reducer.stats.items]   # doctest: +SKIP
     """
 
     metric: str = "max"

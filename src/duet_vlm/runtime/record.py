@@ -32,6 +32,10 @@ def item_stats(binding: Binding, prompt: PrefillState, index: int, placement: Pl
         stats.entry_units = adapter.slot_units(item)
         stats.entry_slots = torch.arange(item.length)
     else:
+        never = reduction.roles.get("never_encoded")  # tokens an input stage kept out of the encoder
+        if never is not None:
+            valid = never.cpu() >= 0
+            stats.never_encoded = adapter.vision_slots(item, never.clamp(min=0))[valid.reshape(-1)]
         stats.vision_kept = entry_kept(reduction)
         valid = stats.vision_kept.cpu() >= 0
         stats.entry_slots = adapter.vision_slots(item, reduction.kept)[valid.reshape(-1)]

@@ -111,6 +111,8 @@ class Settings:
                     "--mm-processor-kwargs '{\"duet_method\": ..., \"duet_budget\": ...}'"
                 )
             return cls()
+        if method in METHODS and not METHODS[method].takes_budget:
+            cls(method).reducer()  # refused for what it is, not for the budget it does not take
         if budget is not None and ratio is not None:
             raise ValueError(f"duet_method={method!r} takes duet_budget or duet_ratio, not both")
         if budget is None and ratio is None:
@@ -161,6 +163,12 @@ class Settings:
             )
         if self.method not in METHODS:
             raise ValueError(f"unknown duet_method {self.method!r}; registered: {', '.join(sorted(METHODS))}")
+        if METHODS[self.method].input_stage is not Reducer.input_stage:
+            raise RefusedMethod(
+                f"{self.method!r} chooses from the pixels which tokens enter the vision encoder, but this plugin sizes "
+                "each item's placeholders in its processor from a budget: it is not served yet (run it through "
+                "transformers)"
+            )
         reducer = make(self.method, budget=self.budget, ratio=self.ratio, **tuples(self.options))
         check_supported(reducer)
         return reducer

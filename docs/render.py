@@ -544,6 +544,26 @@ def render_stage_a(root: Path, path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_pixelprune_encoder(root: Path, path: str) -> str:
+    """PixelPrune's encoder cost on a Qwen2.5-VL-7B-width tower, against the tower on every patch and
+    the ideal (``python -m duet_vlm.bench.vision``: ``duet_vlm.bench.vision.pixelprune_encoder_cost``)."""
+    results = _load(root, path)
+    head = ["page (patches)", "tokens kept", "tower s", "PixelPrune s", "ideal s", "selection s", "PixelPrune / tower",
+            "PixelPrune / ideal", "block FLOPs kept", "kept features = ideal"]
+    lines = [f"`{results['command']}`", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in results["runs"]:
+        seconds = run["seconds"]
+        lines.append("| " + " | ".join([
+            f"{run['image_patches']:,}", f"{run['kept_tokens']} of {run['merged_tokens']}", f"{seconds['tower']:.2f}",
+            f"{seconds['pixelprune']:.2f}", f"{seconds['ideal']:.2f}", f"{seconds['selection']:.3f}",
+            f"{run['pixelprune_vs_tower']:.3f}", f"{run['pixelprune_vs_ideal']:.3f}",
+            f"{100 * run['block_flops']['ratio']:.1f}%", "yes" if run["kept_features_equal_ideal"] else "no"]) + " |")
+    first = results["runs"][0]
+    lines += ["", f"The tower: Qwen2.5-VL-7B's vision width with {first['tower']['depth']} blocks (the last one full "
+              f"attention), {first['rounds']} interleaved rounds, {first['threads']} threads, torch {results['torch']}."]
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- figures
 def _figure_inputs(root: Path, paths: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """A figure block's files: the evaluations (``duet-vlm eval`` results) and the benchmarks."""
@@ -588,6 +608,7 @@ RENDERERS = {
     "schedules": render_schedules, "plan": render_plan, "prefill": render_prefill, "family": render_family,
     "compile": render_compile, "stage_a": render_stage_a, "figure": render_figure, "modes": render_modes,
     "live": render_live, "layer_kinds": render_layer_kinds, "check": render_check, "ladder": render_ladder, "processes": render_processes,
+    "pixelprune_encoder": render_pixelprune_encoder,
 }
 # Kinds whose block stands for a file that is drawn beside the page (the figure's PNG).
 FILES = {"figure": (figure_is_current, draw_figure)}

@@ -108,7 +108,7 @@ def qwen25_encoder_model(depth: int = 8, seed: int = 0):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     text = dict(hidden_size=QWEN25_7B_VISION["out_hidden_size"], intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=28, num_key_value_heads=4, vocab_size=1000,
+                num_attention_heads=28, num_key_value_heads=4, vocab_size=1000, bos_token_id=1, eos_token_id=2,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
     config = Qwen2_5_VLConfig(
         text_config=text, vision_config=dict(QWEN25_7B_VISION, depth=depth, fullatt_block_indexes=[depth - 1]),

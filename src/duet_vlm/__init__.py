@@ -25,7 +25,8 @@ _METHOD_EXPORTS = (
     "RandomDrop", "RandomPatches", "SparseVLM", "TextRaterPrune", "VisionZip", "DART", "DuplicationPrune", "DivPrune",
     "MaxMinDiversity", "CDPruner", "ConditionalDPPSelect", "VisPruner", "ImportantDiverse", "VScan", "HoliTom",
     "HoliTomMerge", "SimilarityMerge", "HiPrune", "HierarchicalSelect",
-    "RandomHorizon", "UniformRandomPrune", "PixelPrune", "PixelPredict", "EnteredTokens",
+    "RandomHorizon", "UniformRandomPrune", "PixelPrune", "PixelPredict", "EnteredTokens", "VisionSelector",
+    "LearnedSelect", "TokenScorer", "soft_top_k",
 )
 
 # name -> the module that defines it

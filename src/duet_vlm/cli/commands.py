@@ -22,7 +22,8 @@ USER_ERRORS = (ValueError, TypeError, OSError)
 #: The registered methods (``duet_vlm.METHODS``), for the help texts; written out because the
 #: registry imports torch. tests/test_cli_inputs.py checks that it lists every registered method.
 METHOD_NAMES = ("cdpruner", "dart", "divprune", "duet", "fastv", "full", "hiprune", "holitom", "pio", "pixelprune", "pool",
-                "pyramiddrop", "random", "random_horizon", "sparsevlm", "trio_scan", "visionzip", "vispruner", "vscan")
+                "pyramiddrop", "random", "random_horizon", "sparsevlm", "trio_scan", "visionselector", "visionzip", "vispruner",
+                "vscan")
 
 
 class _Commands(TyperGroup):

@@ -39,6 +39,7 @@ from .holitom import HoliTom, HoliTomMerge, SimilarityMerge
 from .hiprune import HierarchicalSelect, HiPrune
 from .random_horizon import RandomHorizon, UniformRandomPrune
 from .pixelprune import EnteredTokens, PixelPredict, PixelPrune
+from .visionselector import LearnedSelect, TokenScorer, VisionSelector, soft_top_k
 
 __all__ = [
     # the interface
@@ -99,4 +100,8 @@ __all__ = [
     "PixelPrune",
     "PixelPredict",
     "EnteredTokens",
+    "VisionSelector",
+    "LearnedSelect",
+    "TokenScorer",
+    "soft_top_k",
 ]

@@ -280,6 +280,16 @@ class Reducer(ABC):
             handle.remove()
 
     # ----------------------------------------------------------------- records
+    def save_objects(self, directory) -> None:
+        """Write what ``to_dict`` leaves out and a saved model needs (a trained scorer) into
+        ``directory``, beside the model (``save_reducer`` calls it); nothing for most methods."""
+
+    @classmethod
+    def load_objects(cls, directory) -> dict[str, Any]:
+        """What ``save_objects`` wrote into ``directory``, as ``from_dict``'s objects (``load_reducer``
+        passes them)."""
+        return {}
+
     def to_dict(self) -> dict[str, Any]:
         """Every setting as plain data, with the method's registered name: ``from_dict`` rebuilds
         an equal reducer (objects such as a tokenizer are passed to ``from_dict`` again).

@@ -104,6 +104,7 @@ def save_reducer(reducer: Reducer, directory) -> "Path":
 
     path = Path(directory) / REDUCER_FILE
     path.write_text(json.dumps(reducer.to_dict(), indent=2) + "\n")
+    reducer.save_objects(directory)  # e.g. a trained scorer
     return path
 
 
@@ -124,4 +125,7 @@ def load_reducer(directory, **objects) -> Reducer | None:
         record = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not a reducer record (JSON): {error}") from error
+    name = record.get("method") if isinstance(record, dict) else None
+    if name in METHODS:  # what the method saved beside the record (a trained scorer)
+        objects = {**METHODS[name].load_objects(directory), **objects}
     return from_dict(record, **objects)

@@ -20,7 +20,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional
 
-TRAINABLE = ("projector", "projector+llm", "lora")
+TRAINABLE = ("projector", "projector+llm", "lora", "selector")
 
 
 class _OneNameHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -121,10 +121,18 @@ class TrainConfig(RecipeConfig):
     synthetic_items: int = field(default=64, metadata={"help": "Training images generated when --data synthetic (eval: a quarter, from the validation split)."})
     synthetic_questions: int = field(default=4, metadata={"help": "Question/answer turns per synthetic image."})
     synthetic_offset: int = field(default=0, metadata={"help": "First synthetic image index (a later range gives images a model has not seen)."})
-    train: Literal["projector", "projector+llm", "lora"] = field(
+    train: Literal["projector", "projector+llm", "lora", "selector"] = field(
         default="projector",
         metadata={"help": "What trains (the vision tower is always frozen): the projector; the projector and the "
-                          "language model; or LoRA on the language model's attention projections plus the projector."},
+                          "language model; LoRA on the language model's attention projections plus the projector; or "
+                          "(with --method visionselector) only the method's token scorer, the model frozen."},
+    )
+    penalty_start: float = field(
+        default=0.1, metadata={"help": "With --train selector: the weight of the soft-to-hard top-k penalty at the "
+                                       "first step (VisionSelector's recipe: 0.1), rising linearly to --penalty-end."},
+    )
+    penalty_end: float = field(
+        default=3.0, metadata={"help": "With --train selector: the penalty's weight at the last step (the 7B recipe's 3.0)."},
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (--train lora)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (--train lora)."})
@@ -163,6 +171,10 @@ class TrainConfig(RecipeConfig):
     def __post_init__(self) -> None:
         if self.train not in TRAINABLE:
             raise ValueError(f"--train must be one of {', '.join(TRAINABLE)}, got {self.train!r}")
+        if self.train == "selector" and self.method != "visionselector":
+            raise ValueError(f"--train selector trains the token scorer of --method visionselector, not of {self.method}")
+        if self.train == "selector" and self.adaptive is not None:
+            raise ValueError("--train selector trains at a fixed --budget (no --adaptive)")
         if self.threshold is not None and self.adaptive is None:
             raise ValueError("--threshold needs --adaptive SIGNAL (the signal the threshold belongs to)")
         if self.calibration_items < 1:

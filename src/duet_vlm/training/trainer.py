@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +60,8 @@ def load_records(spec: str, config: TrainConfig, split: str) -> list[Record]:
 def make_reducer(config: TrainConfig):
     if config.method not in METHODS:
         raise ValueError(f"unknown method {config.method!r}; registered: {', '.join(sorted(METHODS))}")
-    if config.method == "full":
-        return make("full")
+    if config.method == "full" or (not METHODS[config.method].takes_budget and config.budget is None):
+        return make(config.method)  # full, or a method whose count follows the content (PixelPrune)
     if config.budget is None:
         raise ValueError(f"--budget is required for --method {config.method} (average visual tokens per layer per image)")
     reducer = make(config.method, budget=config.budget)
@@ -119,9 +120,12 @@ def check_encoding(dataset: ConversationDataset, model: nn.Module) -> None:
 
 
 def set_trainable(model: nn.Module, config: TrainConfig) -> nn.Module:
-    """Freeze per ``config.train``; returns the model to train (a ``PeftModel`` for LoRA)."""
+    """Freeze per ``config.train``; returns the model to train (a ``PeftModel`` for LoRA). Under
+    ``selector`` the whole model stays frozen: only the method's scorer trains (``selector_training``)."""
     adapter = adapter_for(model)
     model.requires_grad_(False)
+    if config.train == "selector":
+        return model
     if config.train == "lora":
         try:
             from peft import LoraConfig, get_peft_model
@@ -143,6 +147,39 @@ def set_trainable(model: nn.Module, config: TrainConfig) -> nn.Module:
     if any(p.requires_grad for p in vision):  # pragma: no cover - guards the rule above
         raise RuntimeError("the vision tower must stay frozen")
     return model
+
+
+def selector_training(config: TrainConfig, model: nn.Module, device) -> tuple:
+    """``--train selector``: a fresh ``VisionSelector`` scorer for this model's tokens (the language
+    model's width), on ``device``, trained at ``--budget``; returns the reducer, the optimizer over
+    the scorer alone (AdamW at ``--learning-rate``), and the Trainer class that adds the scorer's
+    soft-to-hard top-k penalty to the loss, its weight rising linearly from ``--penalty-start`` to
+    ``--penalty-end`` over the optimizer steps (VisionSelector's ``ScheduledWeightTrainer``). One
+    process: the scorer is not the model's, so data-parallel replicas would not average its
+    gradients."""
+    from transformers import Trainer
+
+    from ..methods import VisionSelector
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--train selector runs in one process (the scorer's gradients are not averaged across ranks)")
+    width = adapter_for(model).text_config.hidden_size
+    reducer = VisionSelector.for_training(config.budget, width, config.seed)
+    reducer.scorer.to(device).train()
+    optimizer = torch.optim.AdamW(reducer.scorer.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    start, end = config.penalty_start, config.penalty_end
+
+    class SelectorTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            loss = result[0] if return_outputs else result
+            penalty = reducer.take_penalty()
+            if penalty is not None and model.training:
+                progress = min(self.state.global_step / max(self.state.max_steps, 1), 1.0)
+                loss = loss + (start + (end - start) * progress) * penalty.to(loss.device)
+            return (loss, result[1]) if return_outputs else loss
+
+    return reducer, optimizer, SelectorTrainer
 
 
 def drop_input_grad_hooks(model: nn.Module) -> None:
@@ -300,12 +337,17 @@ def train(config: TrainConfig) -> TrainOutcome:
     # two runs with one seed start from the same adapters (and every rank from the same ones).
     set_seed(config.seed)
     model = set_trainable(model, config)
+    arguments = training_arguments(config, eval_dataset is not None)
+    trainer_class, optimizers = Trainer, (None, None)
+    if config.train == "selector":  # only the method's scorer trains
+        reducer, optimizer, trainer_class = selector_training(config, model, arguments.device)
+        optimizers = (optimizer, None)
     handle = reducer.attach(model)
     try:
-        trainer = Trainer(
-            model=model, args=training_arguments(config, eval_dataset is not None), train_dataset=train_dataset,
+        trainer = trainer_class(
+            model=model, args=arguments, train_dataset=train_dataset,
             eval_dataset=eval_dataset, data_collator=collator, processing_class=processor,
-            callbacks=[checkpointing_callback(), reducer_callback(reducer)],
+            callbacks=[checkpointing_callback(), reducer_callback(reducer)], optimizers=optimizers,
         )
         result = trainer.train(resume_from_checkpoint=resume_point(config.resume_from_checkpoint, config.output_dir))
     finally:
@@ -315,7 +357,7 @@ def train(config: TrainConfig) -> TrainOutcome:
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     with whole_parameters(model):  # every rank enters: under ZeRO-3 it gathers the partitioned weights
-        digest = parameter_digest(model)
+        digest = parameter_digest(reducer.scorer if config.train == "selector" else model)  # what trained
         outcome = TrainOutcome(
             output_dir=Path(config.output_dir),
             final_loss=losses[-1] if losses else result.training_loss,
@@ -378,6 +420,7 @@ def write_model_card(output: Path, config: TrainConfig, summary: dict) -> Path:
     trained = {
         "projector": "the projector (vision tower and language model frozen)",
         "projector+llm": "the projector and the language model (vision tower frozen)",
+        "selector": "only VisionSelector's token scorer (duet_vlm_scorer.safetensors; the model frozen)",
         "lora": f"LoRA (r={config.lora_r}, alpha={config.lora_alpha}) on the language model's attention projections, "
                 "merged into the weights, and the projector (vision tower frozen)",
     }[config.train]

@@ -167,3 +167,30 @@ def test_the_record_rebuilds_the_reducer_with_its_scorer(tmp_path):
     assert loaded == reducer and "scorer" not in reducer.to_dict()
     for name, value in scorer.state_dict().items():
         assert torch.equal(loaded.scorer.state_dict()[name], value)
+
+
+def test_eval_reads_a_trained_scorer_from_method_files_and_keys_its_rows_by_it(tiny_demo_model, tmp_path, monkeypatch):
+    """``duet-vlm eval --method-files DIR`` attaches the scorer saved there; a row saved with one
+    scorer is not reused for another."""
+    from duet_vlm.demo import sweep
+
+    seen = []
+    original = duet_vlm.VisionSelector.load_objects.__func__
+
+    def spy(cls, directory):
+        objects = original(cls, directory)
+        seen.append(objects.get("scorer"))
+        return objects
+
+    monkeypatch.setattr(duet_vlm.VisionSelector, "load_objects", classmethod(spy))
+    files = tmp_path / "files"
+    files.mkdir()
+    digests = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        duet_vlm.save_reducer(duet_vlm.VisionSelector(budget=64, scorer=TokenScorer(32, std=0.3)), files)
+        sweep.evaluate_methods(["visionselector"], (64,), n=7, model_path=tiny_demo_model, output_dir=tmp_path / "eval",
+                               batch_size=7, control=False, method_files=files)
+        digests.append(json.loads((tmp_path / "eval" / "rows" / "visionselector-64.json").read_text())["key"]["method_files_sha256"])
+    assert seen[-1] is not None and torch.equal(seen[-1].q_proj.weight, duet_vlm.load_reducer(files).scorer.q_proj.weight)
+    assert digests[0] != digests[1] and None not in digests

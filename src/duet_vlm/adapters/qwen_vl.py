@@ -75,6 +75,14 @@ def received_attention_and_keys(
     return received, key.mean(dim=0)
 
 
+def in_place(values: torch.Tensor, entered: torch.Tensor) -> torch.Tensor:
+    """``values`` of the tokens ``entered`` (``(tokens,)`` True where an input stage let them into the
+    encoder) put back at every token's place, zeros where nothing entered."""
+    full = values.new_zeros(len(entered), *values.shape[1:])
+    full[entered.to(values.device)] = values
+    return full
+
+
 class Qwen2VLAdapter(ModelAdapter):
     """``Qwen2VLForConditionalGeneration`` / ``Qwen2VLModel``; the base of the Qwen-VL adapters."""
 
@@ -262,14 +270,9 @@ class Qwen2VLAdapter(ModelAdapter):
         return {"position_ids": position_ids, "cu_seqlens": cu_seqlens}
 
     def expand_tower_output(self, output, entered: torch.Tensor) -> None:
-        def whole(merged: torch.Tensor) -> torch.Tensor:
-            full = merged.new_zeros(len(entered), *merged.shape[1:])
-            full[entered.to(merged.device)] = merged
-            return full
-
-        output.pooler_output = whole(output.pooler_output)
+        output.pooler_output = in_place(output.pooler_output, entered)
         if getattr(output, "deepstack_features", None) is not None:
-            output.deepstack_features = [whole(features) for features in output.deepstack_features]
+            output.deepstack_features = [in_place(features, entered) for features in output.deepstack_features]
 
     # ----------------------------------------------------------------- vision side
     def merged_order(self, grid: torch.Tensor, entered: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -302,22 +305,18 @@ class Qwen2VLAdapter(ModelAdapter):
             entered = context.get("entered")  # an input stage left patches out: the blocks saw the rest
             order = self.merged_order(grid, entered)
 
-            def in_place(values: torch.Tensor) -> torch.Tensor:
+            def merged(values: torch.Tensor) -> torch.Tensor:  # in the merger's order, every token's place
                 values = values[order] if order is not None else values
-                if entered is None:
-                    return values
-                full = values.new_zeros(len(entered), *values.shape[1:])
-                full[entered.to(values.device)] = values
-                return full
+                return values if entered is None else in_place(values, entered)
 
             for layer, block in blocks.items():
                 block_input, kwargs = (layer_input, context["layer_kwargs"]) if layer is None else context["layers"][layer]
                 received, key = received_attention_and_keys(
                     block, block_input, kwargs["cu_seqlens"], kwargs["position_embeddings"]
                 )
-                scores[layer].append(in_place(received.view(-1, group).mean(dim=1)))
+                scores[layer].append(merged(received.view(-1, group).mean(dim=1)))
                 if layer is None:
-                    keys.append(in_place(key.view(-1, group, key.shape[-1]).mean(dim=1)))
+                    keys.append(merged(key.view(-1, group, key.shape[-1]).mean(dim=1)))
             units = sum(t * h * w // group for t, h, w in grid.tolist())
             entered_all.append(torch.ones(units, dtype=torch.bool) if entered is None else entered.cpu())
             for t, h, w in grid.tolist():

@@ -434,6 +434,10 @@ def evaluate(
     ),
     threshold: Optional[float] = typer.Option(None, help="With --adaptive: this threshold instead of calibrating one."),
     calibration_n: int = typer.Option(140, help="With --adaptive: validation scenes the threshold is calibrated on."),
+    method_files: Optional[Path] = typer.Option(
+        None, help="A directory with what a method saved beside a fine-tuned model (VisionSelector's "
+                   "duet_vlm_scorer.safetensors), read instead of --model-path's."
+    ),
 ) -> None:
     """Accuracy of every method and budget on the synthetic visual-QA benchmark (a miniature Table 1).
 
@@ -449,7 +453,7 @@ def evaluate(
     with Bar(transient=False) as bar:
         run = evaluate_methods(methods, budgets, n, split, model_path, output_dir, batch_size, control, positions, resume,
                                command, progress=bar.counter("evaluating"), adaptive=adaptive, threshold=threshold,
-                               calibration_n=calibration_n)
+                               calibration_n=calibration_n, method_files=method_files)
     printing.print_accuracy(run, split, n)
 
 

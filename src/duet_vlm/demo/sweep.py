@@ -19,6 +19,7 @@ evaluation (``avg_visual_tokens``), side by side in ``results.md``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,11 +62,14 @@ def evaluate_methods(
     adaptive: Optional[str] = None,
     threshold: Optional[float] = None,
     calibration_n: int = 140,
+    method_files: Optional[Path] = None,
 ) -> EvalRun:
     """Accuracy of all tokens, of each method (default: every registered one) at each budget, and
     with the image blanked (``control``); ``positions`` sets the position mode of every method
     that has one; ``adaptive``: a content-adaptive budget from that signal (module docstring).
-    Writes ``output_dir``'s results files (``command``: the command line, for them)."""
+    Writes ``output_dir``'s results files (``command``: the command line, for them). ``method_files``:
+    a directory holding what a method saved beside a fine-tuned model (VisionSelector's trained
+    scorer), read instead of ``model_path``'s."""
     chosen = methods or [name for name in METHODS if name != "full"]
     unknown = [part for name in chosen for part in name.split("+") if part not in METHODS]
     if unknown:
@@ -88,11 +92,25 @@ def evaluate_methods(
     def options(name: str) -> dict:
         return {"positions": positions} if positions and takes_positions(METHODS[name]) else {}
 
+    def saved(name: str) -> dict:
+        """What the method saved beside the model (VisionSelector's trained scorer), if anything."""
+        directory = method_files or model_path
+        return METHODS[name].load_objects(directory) if directory is not None else {}
+
+    files_digest = None
+    if method_files is not None:
+        if not Path(method_files).is_dir():
+            raise ValueError(f"--method-files {method_files}: not a directory")
+        files_digest = hashlib.sha256(b"".join(
+            path.name.encode() + path.read_bytes() for path in sorted(Path(method_files).iterdir()) if path.is_file()
+        )).hexdigest()
+
     def build(name: str, budget: int):
-        """``make(name, budget=...)``, or for ``VISION+LANGUAGE`` the two composed under the budget
-        (``Compose``: the paper's "DivPrune + random" is ``divprune+random_horizon``)."""
+        """``make(name, budget=...)`` with what the method saved beside the model, or for
+        ``VISION+LANGUAGE`` the two composed under the budget (``Compose``: the paper's "DivPrune +
+        random" is ``divprune+random_horizon``)."""
         if "+" not in name:
-            return make(name, budget=budget, **options(name))
+            return make(name, budget=budget, **options(name), **saved(name))
         vision, language = name.split("+")
         return Compose(make(vision, **options(vision)), make(language, **options(language)), budget=budget)
 
@@ -160,7 +178,7 @@ def evaluate_methods(
         """``compute()``'s row, or the one a previous run with the same settings saved."""
         key = {"method": name, "budget": budget, "options": options(name) if name in METHODS else {}, "split": split,
                "n": n, "batch_size": batch_size, "weights_sha256": digest,
-               "reducer": reducer.to_dict() if reducer is not None else None}
+               "reducer": reducer.to_dict() if reducer is not None else None, "method_files_sha256": files_digest}
         kind = f"-adaptive-{reducer.signal}" if isinstance(reducer, Adaptive) else ""
         path = output_dir / "rows" / f"{name.replace(' ', '_')}-{budget or 'all'}{kind}.json"
         if resume and path.exists() and (saved := json.loads(path.read_text()))["key"] == key:
@@ -186,6 +204,7 @@ def evaluate_methods(
         "split": split,
         "n": n,
         "model": str(model_path or "shipped demo model"),
+        "method_files": str(method_files) if method_files is not None else None,
         "weights_sha256": digest,
         "positions": positions,
         "adaptive": adaptive,

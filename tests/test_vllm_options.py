@@ -53,6 +53,9 @@ def test_each_wrong_request_gets_its_own_answer():
         Settings.read({"duet_method": "visionzip"})
     with pytest.raises(RefusedMethod, match="'adaptive' chooses each item's budget from its content"):
         Settings.read({"duet_method": "adaptive", "duet_budget": 64})
+    with pytest.raises(RefusedMethod, match="'visionselector' needs what it learned"):
+        Settings.read({"duet_method": "visionselector", "duet_budget": 64})
+    assert "visionselector" not in supported_methods() and "pixelprune" not in supported_methods()
     for budget in ({}, {"duet_budget": 64}):  # PixelPrune takes no budget: refused for what it is either way
         with pytest.raises(RefusedMethod, match="'pixelprune' chooses from the pixels which tokens enter the vision encoder"):
             Settings.read({"duet_method": "pixelprune", **budget})

@@ -163,6 +163,11 @@ class Settings:
             )
         if self.method not in METHODS:
             raise ValueError(f"unknown duet_method {self.method!r}; registered: {', '.join(sorted(METHODS))}")
+        if METHODS[self.method].load_objects.__func__ is not Reducer.load_objects.__func__:
+            raise RefusedMethod(
+                f"{self.method!r} needs what it learned (a trained scorer, saved beside a fine-tuned model), which this "
+                "plugin does not load yet: it would run untrained (run it through transformers, duet_vlm.load_reducer)"
+            )
         if METHODS[self.method].input_stage is not Reducer.input_stage:
             raise RefusedMethod(
                 f"{self.method!r} chooses from the pixels which tokens enter the vision encoder, but this plugin sizes "
@@ -298,6 +303,8 @@ def supported_methods() -> list[str]:
     names = []
     for name, cls in sorted(METHODS.items()):
         if name in ("full", "compose", "adaptive") or cls.adapts_to_content:
+            continue
+        if cls.load_objects.__func__ is not Reducer.load_objects.__func__:  # learned state the plugin does not load
             continue
         if "budget" not in {spec.name for spec in dataclasses.fields(cls)}:
             continue

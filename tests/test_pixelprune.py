@@ -320,3 +320,15 @@ def test_the_statistics_and_the_overlay_name_what_never_entered_the_encoder(reco
     assert item.entry_slots.tolist() == kept and item.budget == len(kept)
     path = draw_item_overlay(Image.new("RGB", (grid[2] * 14, grid[1] * 14), "white"), item, tmp_path / "overlay.png")
     assert path.stat().st_size > 0
+
+
+def test_with_every_token_kept_the_subset_windows_are_the_models_own():
+    """``subset_windows`` with nothing left out gives transformers' own window permutation and
+    lengths, on grids whose windows are cut by the image's edge (the scores' order relies on it)."""
+    adapter = duet_vlm.adapter_for(FAMILIES["qwen2_5_vl"].model())
+    for grid in ([1, 8, 12], [1, 6, 10], [2, 4, 6], [1, 2, 2]):
+        grid = torch.tensor([grid])
+        units = int(grid.prod()) // 4
+        index, lengths = adapter.subset_windows(grid, torch.ones(units, dtype=torch.bool))
+        own_index, own_lengths = adapter.windows(grid)
+        assert torch.equal(index, own_index) and torch.equal(lengths, own_lengths), grid.tolist()

@@ -134,7 +134,7 @@ class LearnedSelect(VisionStage):
 @register_method("visionselector")
 @dataclass
 class VisionSelector(Reducer):
-    """VisionSelector (Zhu et al., ACM MM 2026; official code ``JulietChoo/VisionSelector`` ``800a70f``,
+    """VisionSelector (Zhu et al., ACM MM 2026; arXiv 2510.16598; official code ``JulietChoo/VisionSelector`` ``800a70f``,
     ``qwen-vl-finetune/compression_method/selector_model.py`` and ``selector_scorer.py``).
 
     A small scorer (``TokenScorer``) ranks the tokens of each image as the language model would

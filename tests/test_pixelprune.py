@@ -318,8 +318,19 @@ def test_the_statistics_and_the_overlay_name_what_never_entered_the_encoder(reco
     kept = record["kept"]["max-0"]["screenshot"]
     assert item.never_encoded.tolist() == [t for t in range(96) if t not in kept]
     assert item.entry_slots.tolist() == kept and item.budget == len(kept)
-    path = draw_item_overlay(Image.new("RGB", (grid[2] * 14, grid[1] * 14), "white"), item, tmp_path / "overlay.png")
-    assert path.stat().st_size > 0
+    import numpy as np
+
+    from duet_vlm.compare import draw_rows_overlay
+
+    def red_pixels(path) -> int:
+        pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        return int(((pixels[..., 0] - pixels[..., 1]) > 60).sum())
+
+    picture = Image.new("RGB", (grid[2] * 14, grid[1] * 14), "white")
+    assert red_pixels(draw_item_overlay(picture, item, tmp_path / "item.png")) > 1000
+    assert red_pixels(draw_rows_overlay([picture], reducer.stats, tmp_path / "rows.png", ["pixelprune"])) > 1000
+    item.never_encoded = None  # the same item as another method reports it: nothing red
+    assert red_pixels(draw_item_overlay(picture, item, tmp_path / "plain.png")) == 0
 
 
 def test_with_every_token_kept_the_subset_windows_are_the_models_own():

@@ -354,6 +354,17 @@ def _seen(picture, processor, item):
     return seen_part(picture, getattr(processor, "image_processor", None)) if len(item.views) == 1 else picture
 
 
+def paint_never_encoded(layer: np.ndarray, item, grid: int) -> None:
+    """Paint red, on ``layer`` (``(rows, cols, 4)`` of grid ``grid``), the item's tokens whose patches
+    never entered the vision encoder (``ItemStats.never_encoded``: PixelPrune), if any."""
+    never = getattr(item, "never_encoded", None)
+    if never is None or item.cells is None:
+        return
+    cells = item.cells[never]
+    cells = cells[cells[:, 0] == grid]
+    layer[cells[:, 1].numpy(), cells[:, 2].numpy()] = (0.9, 0.1, 0.1, 0.45)
+
+
 def draw_rows_overlay(pictures: list, stats: ReductionStats, path: str | Path, labels: list[str], title: str = "") -> Path:
     """One panel per item of a batch (``stats.items``): the tokens entering the language model on the
     item's first grid, titled with the item's visual tokens per layer."""
@@ -375,10 +386,7 @@ def draw_rows_overlay(pictures: list, stats: ReductionStats, path: str | Path, l
             chosen = cells[cells[:, 0] == 0]
             layer = np.zeros((rows, cols, 4))
             layer[chosen[:, 1].numpy(), chosen[:, 2].numpy()] = (1.0, 1.0, 0.0, 0.6)
-            if never is not None and column == 0:
-                skipped = item.cells[never]
-                skipped = skipped[skipped[:, 0] == row]
-                layer[skipped[:, 1].numpy(), skipped[:, 2].numpy()] = (0.9, 0.1, 0.1, 0.45)
+            paint_never_encoded(layer, item, 0)
             axis.imshow(np.full(picture.shape[:2], 0.0), cmap="gray", alpha=0.45, extent=extent, vmin=0, vmax=1)
             axis.imshow(layer, extent=extent, interpolation="nearest")
         axis.set_title(f"{labels[item.row]}\n{item.average_tokens:.1f} visual tokens per layer "
@@ -485,6 +493,8 @@ def draw_item_overlay(pictures, item, path: str | Path, title: str = "") -> Path
             layer = np.zeros((rows, cols, 4))
             chosen = cells[cells[:, 0] == row]
             layer[chosen[:, 1].numpy(), chosen[:, 2].numpy()] = (1.0, 1.0, 0.0, 0.6)
+            if column == 0:
+                paint_never_encoded(layer, item, row)
             axis = axes[row, column]
             axis.imshow(picture, extent=extent)
             axis.imshow(np.full(picture.shape[:2], 0.0), cmap="gray", alpha=0.45, extent=extent, vmin=0, vmax=1)

@@ -194,3 +194,16 @@ def test_eval_reads_a_trained_scorer_from_method_files_and_keys_its_rows_by_it(t
         digests.append(json.loads((tmp_path / "eval" / "rows" / "visionselector-64.json").read_text())["key"]["method_files_sha256"])
     assert seen[-1] is not None and torch.equal(seen[-1].q_proj.weight, duet_vlm.load_reducer(files).scorer.q_proj.weight)
     assert digests[0] != digests[1] and None not in digests
+
+
+def test_a_resumed_run_continues_from_the_checkpoints_scorer(tiny_demo_model, tmp_path):
+    """Every checkpoint carries the scorer, and resuming loads it: resumed at its last step (nothing
+    left to train), the run saves exactly the checkpoint's scorer, not a fresh one."""
+    _train(tiny_demo_model, tmp_path / "run", max_steps=2, save_steps=1)
+    checkpoint = duet_vlm.load_reducer(tmp_path / "run" / "checkpoint-2").scorer.state_dict()
+    (tmp_path / "run" / SCORER_FILE).unlink()
+    _train(tiny_demo_model, tmp_path / "run", max_steps=2, save_steps=1, resume_from_checkpoint="last")
+    resumed = duet_vlm.load_reducer(tmp_path / "run").scorer.state_dict()
+    for name, value in checkpoint.items():
+        assert torch.equal(resumed[name], value), name
+    assert float(checkpoint["q_proj.weight"].abs().max()) > 1e-3  # a trained scorer, not the initialisation

@@ -149,14 +149,15 @@ def set_trainable(model: nn.Module, config: TrainConfig) -> nn.Module:
     return model
 
 
-def selector_training(config: TrainConfig, model: nn.Module, device) -> tuple:
+def selector_training(config: TrainConfig, model: nn.Module, device, resume: str | None = None) -> tuple:
     """``--train selector``: a fresh ``VisionSelector`` scorer for this model's tokens (the language
     model's width), on ``device``, trained at ``--budget``; returns the reducer, the optimizer over
     the scorer alone (AdamW at ``--learning-rate``), and the Trainer class that adds the scorer's
     soft-to-hard top-k penalty to the loss, its weight rising linearly from ``--penalty-start`` to
     ``--penalty-end`` over the optimizer steps (VisionSelector's ``ScheduledWeightTrainer``). One
     process: the scorer is not the model's, so data-parallel replicas would not average its
-    gradients."""
+    gradients. ``resume``: a checkpoint directory, whose saved scorer (every checkpoint carries one,
+    ``reducer_callback``) the run continues from; the Trainer restores the optimizer's state."""
     from transformers import Trainer
 
     from ..methods import VisionSelector
@@ -165,6 +166,11 @@ def selector_training(config: TrainConfig, model: nn.Module, device) -> tuple:
         raise ValueError("--train selector runs in one process (the scorer's gradients are not averaged across ranks)")
     width = adapter_for(model).text_config.hidden_size
     reducer = VisionSelector.for_training(config.budget, width, config.seed)
+    if resume is not None:
+        saved = VisionSelector.load_objects(resume).get("scorer")
+        if saved is None:
+            raise FileNotFoundError(f"{resume} holds no trained scorer to resume from")
+        reducer.scorer.load_state_dict(saved.state_dict())
     reducer.scorer.to(device).train()
     optimizer = torch.optim.AdamW(reducer.scorer.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     start, end = config.penalty_start, config.penalty_end
@@ -338,9 +344,10 @@ def train(config: TrainConfig) -> TrainOutcome:
     set_seed(config.seed)
     model = set_trainable(model, config)
     arguments = training_arguments(config, eval_dataset is not None)
+    resume = resume_point(config.resume_from_checkpoint, config.output_dir)
     trainer_class, optimizers = Trainer, (None, None)
     if config.train == "selector":  # only the method's scorer trains
-        reducer, optimizer, trainer_class = selector_training(config, model, arguments.device)
+        reducer, optimizer, trainer_class = selector_training(config, model, arguments.device, resume or None)
         optimizers = (optimizer, None)
     handle = reducer.attach(model)
     try:
@@ -349,7 +356,7 @@ def train(config: TrainConfig) -> TrainOutcome:
             eval_dataset=eval_dataset, data_collator=collator, processing_class=processor,
             callbacks=[checkpointing_callback(), reducer_callback(reducer)], optimizers=optimizers,
         )
-        result = trainer.train(resume_from_checkpoint=resume_point(config.resume_from_checkpoint, config.output_dir))
+        result = trainer.train(resume_from_checkpoint=resume)
     finally:
         handle.remove()
 

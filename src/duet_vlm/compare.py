@@ -20,8 +20,8 @@ import torch
 from .adapters import adapter_for
 from .bench.timing import interleaved
 from .evaluation import chat_prompt  # noqa: F401 - also imported from here
-from .methods import METHODS, Reducer, make
-from .methods.registry import load_reducer
+from .methods import Reducer, make
+from .methods.registry import default_budget, load_reducer
 from .stats import ReductionStats
 
 
@@ -253,12 +253,11 @@ def saved_or_asked(model: str, method: Optional[str], budget: Optional[int], rat
         if budgets:
             return make(method, budget=budgets[0]), method
         return make(method, ratio=ratios[0]), method
-    if ratio is None and budget is None:
-        if method in METHODS and not METHODS[method].takes_budget:  # its count follows the content
-            return make(method), method
-        budget = 64
+    budget = default_budget(method, budget, ratio)  # None for a method whose count follows the content
     reducer = make(method, budget=None if ratio is not None else budget, ratio=ratio)
-    return reducer, f"{method} {budget}" if ratio is None else f"{method} ratio {ratio}"
+    if ratio is not None:
+        return reducer, f"{method} ratio {ratio}"
+    return reducer, method if budget is None else f"{method} {budget}"
 
 
 #: What each family that takes no video is called in ``duet-vlm run``'s refusal.

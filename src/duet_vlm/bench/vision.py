@@ -119,7 +119,7 @@ def qwen25_encoder_model(depth: int = 8, seed: int = 0):
     return model.eval()
 
 
-def encoder_block_flops(tower, grid: torch.Tensor, window_lengths: list[int], full_lengths: list[int]) -> int:
+def encoder_block_flops(tower, window_lengths: list[int], full_lengths: list[int]) -> int:
     """Multiply-adds x 2 of the tower's blocks on sequences of these segment lengths (in patches):
     the projections and MLP per patch, and the attention scores and weighted sums over each window
     (window blocks) or image (full-attention blocks)."""
@@ -150,7 +150,8 @@ def pixelprune_encoder_cost(depth: int = 8, grid: tuple[int, int] = (32, 32), ro
     pixels = document_pixels(rows, cols)
     grid_thw = torch.tensor([[1, rows, cols]])
     adapter = adapter_for(model)
-    stage = make("pixelprune").input_stage()
+    reducer = make("pixelprune")
+    stage = reducer.input_stage()
     _, subset, entered = adapter.enter_patch_subset(stage, (pixels,), {"grid_thw": grid_thw})
     kept_patches = entered.repeat_interleave(4)
     features = model.model.get_image_features
@@ -158,8 +159,6 @@ def pixelprune_encoder_cost(depth: int = 8, grid: tuple[int, int] = (32, 32), ro
     def whole():
         with torch.inference_mode():
             return features(pixels, grid_thw).pooler_output[0]
-
-    reducer = make("pixelprune")
 
     def pixelprune():
         with torch.inference_mode(), reducer(model):
@@ -178,11 +177,11 @@ def pixelprune_encoder_cost(depth: int = 8, grid: tuple[int, int] = (32, 32), ro
     times = interleaved({"tower": whole, "pixelprune": pixelprune, "ideal": ideal, "selection": selection}, rounds,
                         progress=progress)
     median = {name: statistics.median(values) for name, values in times.items()}
-    window_index, cu_window = adapter.windows(grid_thw)
+    cu_window = adapter.windows(grid_thw)[1]
     full_windows = (cu_window[1:] - cu_window[:-1]).tolist()
     kept_windows = (subset["cu_window_seqlens"][1:] - subset["cu_window_seqlens"][:-1]).tolist()
-    flops_full = encoder_block_flops(model.model.visual, grid_thw, full_windows, [rows * cols])
-    flops_kept = encoder_block_flops(model.model.visual, grid_thw, kept_windows, [int(kept_patches.sum())])
+    flops_full = encoder_block_flops(model.model.visual, full_windows, [rows * cols])
+    flops_kept = encoder_block_flops(model.model.visual, kept_windows, [int(kept_patches.sum())])
     return {
         "tower": {**QWEN25_7B_VISION, "depth": depth},
         "image": "synthetic document page (document_pixels)",

@@ -44,7 +44,7 @@ import torch
 
 from ..adapters import adapter_for
 from ..methods import make
-from ..methods.registry import method_class
+from ..methods.registry import default_budget
 from ..plan import ReducedHiddenStatesWarning
 from .replay import EntryProbe, NotReplayable, Replay
 from .report import FAIL, INFO, NOT_APPLICABLE, PASS, Report, Result, versions
@@ -521,14 +521,6 @@ def check_timing(ctx: Context, rounds: int, progress=None) -> Result:
 
 # ----------------------------------------------------------------------------- runs
 CHECKS = ("full", "restored", "padded", "counts", "ideal", "modes", "timing")
-
-
-def default_budget(method: str, budget: Optional[int], ratio: Optional[float]) -> Optional[int]:
-    """The budget a check runs at: the one given, else 64 for a method that takes one (``None`` for
-    a method whose counts follow the content, PixelPrune)."""
-    if budget is None and ratio is None and method_class(method).takes_budget:
-        return 64
-    return budget
 
 
 def check_model(model, batch: dict, rows: list[dict], method: str = "duet", budget: Optional[int] = None,

@@ -59,6 +59,19 @@ def make(name: str, budget: int | None = None, ratio: float | None = None, **opt
     return method(budget=budget, **options) if budget is not None else method(**options)
 
 
+def default_budget(name: str, budget: int | None, ratio: float | None, default: int = 64) -> int | None:
+    """The budget a command runs ``name`` at when the user gave neither a budget nor a ratio:
+    ``default`` for a method that takes one, ``None`` for one whose count follows the content
+    (PixelPrune); the budget given otherwise.
+
+    >>> default_budget("duet", None, None), default_budget("pixelprune", None, None), default_budget("duet", 32, None)
+    (64, None, 32)
+    """
+    if budget is None and ratio is None and method_class(name).takes_budget:
+        return default
+    return budget
+
+
 def from_dict(record: dict[str, Any], **objects) -> Reducer:
     """Rebuild the reducer that ``reducer.to_dict()`` recorded; ``objects`` supplies what a record
     leaves out (e.g. ``tokenizer=`` for DUET's ``query="salient"``), to the methods that take it.

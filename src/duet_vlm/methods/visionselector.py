@@ -190,10 +190,9 @@ class VisionSelector(Reducer):
             return self.scorer
         made = self.__dict__.setdefault("_untrained", {})
         if width not in made:
-            generator_state = torch.random.get_rng_state()
-            torch.manual_seed(self.seed)
-            made[width] = TokenScorer(width).eval()
-            torch.random.set_rng_state(generator_state)
+            with torch.random.fork_rng(devices=[]):  # seeded, and the caller's generator left as it was
+                torch.manual_seed(self.seed)
+                made[width] = TokenScorer(width).eval()
         return made[width]
 
     def with_budget(self, budget: int) -> "VisionSelector":

@@ -1,4 +1,5 @@
-"""The one place that registers hooks on a model; ``remove()`` restores it exactly.
+"""The one place that installs hooks on a model (with ``patch_subsets`` for an input stage);
+``remove()`` restores it exactly.
 
 Where each hook sits and what it hands to the rest of the runtime:
 
@@ -35,6 +36,7 @@ from .entry import base_input_ids, check_new_items_on_cache, check_turn_on_cache
 from .exit import compact_head_input, expand_head_output, finish_prefill
 from .guards import check_cache_argument
 from .inputs import segment_layer_inputs, token_argument
+from .patch_subsets import input_stage_of, patch_subset_hooks
 from .prefill import WholeItems, open_prefill
 from .protocol import RuntimeReducer
 from .record import prefill_stats, text_only_stats, whole_stats
@@ -76,14 +78,11 @@ class Attachment:
         for name, layer in a.towers.items():
             add(layer.register_forward_pre_hook(self._keep_vision_input(name), with_kwargs=True))
             add(layer.register_forward_hook(self._keep_vision_output(name)))
-        input_stage = self.reducer.input_stage()
-        if input_stage is not None and not a.takes_patch_subsets:
-            raise ValueError(f"{self.reducer.method_name}: {a.no_patch_subsets()}")
+        input_stage = input_stage_of(self.reducer, a)
         for name, module in a.tower_entries.items():
             add(module.register_forward_pre_hook(self._enter_tower(name), with_kwargs=True))
-            if input_stage is not None:  # after the entry is noted: the capture keeps the whole call's arguments
-                add(module.register_forward_pre_hook(self._enter_patch_subset(name, input_stage), with_kwargs=True))
-                add(module.register_forward_hook(self._expand_patch_subset(name)))
+            if input_stage is not None:
+                self._handles += patch_subset_hooks(a, lambda: self.calls.current().captures, name, module, input_stage)
             for layer in self.reducer.encoder_layers(a.geometry):  # other encoder layers a vision stage reads
                 add(a.encoder_layer(name, layer).register_forward_pre_hook(self._keep_layer_input(name, layer), with_kwargs=True))
             add(module.register_forward_hook(self._leave_tower(name)))
@@ -114,21 +113,6 @@ class Attachment:
     def _enter_tower(self, tower: str):
         def hook(module, args, kwargs):
             self.calls.current().captures.enter_tower(tower, args, kwargs)
-
-        return hook
-
-    def _enter_patch_subset(self, tower: str, stage):
-        @torch.compiler.disable  # chooses patches (data-dependent shapes)
-        def hook(module, args, kwargs):
-            args, kwargs, entered = self.adapter.enter_patch_subset(stage, args, kwargs)
-            self.calls.current().captures.note_entered(tower, entered)
-            return args, kwargs
-
-        return hook
-
-    def _expand_patch_subset(self, tower: str):
-        def hook(module, args, output):
-            self.adapter.expand_tower_output(output, self.calls.current().captures.entered(tower))
 
         return hook
 

@@ -163,7 +163,7 @@ class Settings:
             )
         if self.method not in METHODS:
             raise ValueError(f"unknown duet_method {self.method!r}; registered: {', '.join(sorted(METHODS))}")
-        if METHODS[self.method].load_objects.__func__ is not Reducer.load_objects.__func__:
+        if loads_learned_state(METHODS[self.method]):
             raise RefusedMethod(
                 f"{self.method!r} needs what it learned (a trained scorer, saved beside a fine-tuned model), which this "
                 "plugin does not load yet: it would run untrained (run it through transformers, duet_vlm.load_reducer)"
@@ -297,6 +297,12 @@ def plan_for(settings: Settings, budget: int, geometry: Geometry):
     return plan if plan.vision is not None else None
 
 
+def loads_learned_state(cls: type[Reducer]) -> bool:
+    """Whether the method needs what it saved beside a fine-tuned model (``Reducer.load_objects``:
+    VisionSelector's trained scorer), which this plugin does not load."""
+    return cls.load_objects.__func__ is not Reducer.load_objects.__func__
+
+
 def supported_methods() -> list[str]:
     """Registered methods that select before the language model at their defaults, then those whose
     vision-side half runs alone (``name (layers=[])``)."""
@@ -304,7 +310,7 @@ def supported_methods() -> list[str]:
     for name, cls in sorted(METHODS.items()):
         if name in ("full", "compose", "adaptive") or cls.adapts_to_content:
             continue
-        if cls.load_objects.__func__ is not Reducer.load_objects.__func__:  # learned state the plugin does not load
+        if loads_learned_state(cls):
             continue
         if "budget" not in {spec.name for spec in dataclasses.fields(cls)}:
             continue

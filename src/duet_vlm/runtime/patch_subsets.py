@@ -1,0 +1,46 @@
+"""Patches left out of the vision encoder: a method's ``InputStage`` at each tower's entry.
+
+On a family whose tower takes a subset of its patches (``ModelAdapter.takes_patch_subsets``), the
+tower's entry gets two more hooks: before the call, the adapter hands the tower only the patches
+the stage lets in and the captures note which tokens entered (``TowerCaptures.note_entered``);
+after it, the adapter puts the tower's outputs back at their tokens' places. Elsewhere a method
+with an input stage is refused at attach, with the family's reason.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..adapters import ModelAdapter
+from ..plan import InputStage
+from .protocol import RuntimeReducer
+
+
+def input_stage_of(reducer: RuntimeReducer, adapter: ModelAdapter) -> InputStage | None:
+    """The reducer's input stage (``None``: every patch enters), refused where the tower cannot
+    encode a subset of its patches."""
+    stage = reducer.input_stage()
+    if stage is not None and not adapter.takes_patch_subsets:
+        raise ValueError(f"{reducer.method_name}: {adapter.no_patch_subsets()}")
+    return stage
+
+
+def patch_subset_hooks(adapter: ModelAdapter, captures: Callable, tower: str, module: nn.Module,
+                       stage: InputStage) -> list:
+    """Register the two hooks on ``module`` (the tower's entry; the pre-hook after the entry's own,
+    so the capture keeps the whole call's arguments; the forward hook before the one that closes
+    the call) and return their handles. ``captures()``: the calling thread's ``TowerCaptures``."""
+
+    @torch.compiler.disable  # chooses patches (data-dependent shapes)
+    def enter(module, args, kwargs):
+        args, kwargs, entered = adapter.enter_patch_subset(stage, args, kwargs)
+        captures().note_entered(tower, entered)
+        return args, kwargs
+
+    def expand(module, args, output):
+        adapter.expand_tower_output(output, captures().entered(tower))
+
+    return [module.register_forward_pre_hook(enter, with_kwargs=True), module.register_forward_hook(expand)]

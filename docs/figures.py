@@ -7,7 +7,8 @@ It reads only JSON (no import of duet_vlm), so it runs anywhere matplotlib does:
 
 - an evaluation's ``results.json`` (``duet-vlm eval``): rows of ``method``, ``budget``,
   ``accuracy``, ``retained_percent`` and ``decoder_tflops_per_sample``; the row without a budget
-  named ``full`` is the reference; the ``blank image`` control is drawn as the floor. More results
+  named ``full`` is the reference; rows of a method that takes no budget (``pixelprune:OPTIONS``)
+  make one line of their method, each point annotated with its realised ``avg_visual_tokens``; the ``blank image`` control is drawn as the floor. More results
   files of the same evaluation (methods evaluated later, on the same questions: their ``full`` row
   must equal the first file's) add their methods' lines;
 - optionally benchmark outputs of ``duet-vlm bench --generate`` (``variants`` named ``"METHOD BUDGET"``
@@ -92,12 +93,17 @@ def evaluation(results: dict | list[dict]) -> tuple[list[Point], dict]:
         rows = rows + other["rows"]
     points = []
     for row in rows:
-        if row["budget"] is None or not row.get("decoder_tflops_per_sample"):
+        if row["method"] in ("full", "blank image") or not row.get("decoder_tflops_per_sample"):
             continue
+        label, budget = _label(row), row["budget"]
+        if budget is None:  # a method without a budget (PixelPrune): one point per option, at its realised count
+            if row.get("avg_visual_tokens") is None:
+                continue
+            label, budget = label.split(":")[0], round(row["avg_visual_tokens"])
         retained = row.get("retained_percent")
         if retained is None:
             retained = 100 * row["accuracy"] / full["accuracy"]
-        points.append(Point(_label(row), int(row["budget"]), row["decoder_tflops_per_sample"] / full["decoder_tflops_per_sample"],
+        points.append(Point(label, int(budget), row["decoder_tflops_per_sample"] / full["decoder_tflops_per_sample"],
                             retained))
     blank = next((r for r in rows if r["method"] == "blank image"), None)
     meta = dict(files[0].get("meta", {}))

@@ -6,7 +6,9 @@
   normalisation, leaves exactly those tokens out;
 - the encoder sees only the kept patches, and its output equals the unpatched blocks fed those
   patches (their rotary positions, learned position embeddings, one segment per image and, on
-  Qwen2.5-VL, the windows rebuilt here from their definition);
+  Qwen2.5-VL, the windows rebuilt here from their definition); on LLaVA's CLIP and SigLIP towers,
+  the unpatched layers fed each image's CLS and kept rows of its embeddings, one image at a time,
+  while the batch ran padded under a key mask;
 - nothing repeated: bit-identical to the unpatched model; every check of ``duet-vlm check`` (padded
   batch = rows, counts = plan, the language model's ideal, the generation modes, restored) passes
   on every family that supports it, images and videos together; elsewhere it is refused at attach
@@ -28,7 +30,8 @@ from checks import hook_ids
 from models import FAMILIES, QWEN_IMAGE, VEND, VSTART
 
 QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
-OTHERS = [name for name in sorted(FAMILIES) if not name.startswith("qwen")]
+LLAVA = ["llava", "llava-siglip"]  # CLIP (CLS) and SigLIP towers: rows left out after the embeddings
+OTHERS = [name for name in sorted(FAMILIES) if not name.startswith("qwen") and name not in LLAVA]
 NAMES = {"max-0": {}, "max-0.05": dict(threshold=0.05), "mae-0.02": dict(metric="mae", threshold=0.02),
          "rmse-0.03-sliding": dict(metric="rmse", threshold=0.03, anchored=False),
          "exact-0.1": dict(metric="exact", threshold=0.1)}
@@ -181,9 +184,10 @@ def test_the_encoder_runs_on_the_kept_patches_as_its_blocks_would(recorded, fami
         torch.testing.assert_close(got[keep_units], want, rtol=0, atol=2e-6)
 
 
-@pytest.mark.parametrize("family_name", QWEN)
+@pytest.mark.parametrize("family_name", QWEN + LLAVA)
 def test_nothing_repeated_is_bit_identical_to_the_unpatched_model(family_name):
-    """Noise pixels: every token enters, through the same precomputed-arguments path."""
+    """Noise pixels: every token enters, through the same precomputed-arguments path (on LLaVA,
+    nothing is gathered or masked)."""
     family = FAMILIES[family_name]
     model = family.model()
     batch = family.batch(model)
@@ -216,14 +220,15 @@ def _blocky(batch: dict, seed: int = 0) -> dict:
 
 
 @pytest.mark.parametrize("family_name", [
-    # Qwen2.5-VL (windows) in the default suite; the others in the marked matrix suite (CI runs both)
-    pytest.param(name, marks=() if name == "qwen2_5_vl" else pytest.mark.matrix)
-    for name in QWEN + ["qwen3_5-moe"]
+    # Qwen2.5-VL (windows) and the LLaVA towers (a padded, masked batch) in the default suite; the
+    # other Qwen families in the marked matrix suite (CI runs both)
+    pytest.param(name, marks=() if name in ("qwen2_5_vl", *LLAVA) else pytest.mark.matrix)
+    for name in QWEN + ["qwen3_5-moe"] + LLAVA
 ])
 def test_every_check_passes_on_the_families_it_supports(family_name):
     family = FAMILIES[family_name]
     model = family.model()
-    batch = _blocky(family.batch(model))
+    batch = (_blocky_images if family_name in LLAVA else _blocky)(family.batch(model))
     rows = [family.row(batch, b) for b in range(2)]
     report = check_model(model, batch, rows, "pixelprune", rounds=1, new_tokens=3, skip=("timing",))
     for result in report.results:
@@ -260,7 +265,7 @@ def test_the_count_follows_the_content(recorded):
 def test_refused_where_the_tower_encodes_whole_images_leaving_nothing_behind(family_name):
     model = FAMILIES[family_name].model()
     before = hook_ids(model)
-    with pytest.raises(ValueError, match="cannot leave patches out.*Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5"):
+    with pytest.raises(ValueError, match="cannot leave patches out.*Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and LLaVA-1.5"):
         duet_vlm.make("pixelprune").attach(model)
     assert hook_ids(model) == before
     with duet_vlm.make("full")(model):  # the model is free for another reducer
@@ -347,3 +352,127 @@ def test_with_every_token_kept_the_subset_windows_are_the_models_own():
         index, lengths = adapter.subset_windows(grid, torch.ones(units, dtype=torch.bool))
         own_index, own_lengths = adapter.windows(grid)
         assert torch.equal(index, own_index) and torch.equal(lengths, own_lengths), grid.tolist()
+
+
+# ----------------------------------------------------------------------------- LLaVA: CLIP and SigLIP towers
+def _blocky_images(batch: dict, seed: int = 0, share: float = 0.6) -> dict:
+    """LLaVA's images with patches repeating their left neighbour in runs (each patch copied whole):
+    the images keep different counts."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = batch["pixel_values"]
+    n, c, h, w = pixels.shape
+    units = pixels.view(n, c, h // 14, 14, w // 14, 14).permute(0, 2, 4, 1, 3, 5).contiguous()
+    for col in range(1, w // 14):
+        copy = torch.rand(n, h // 14, generator=generator) < share
+        units[:, :, col][copy] = units[:, :, col - 1][copy]
+    return {**batch, "pixel_values": units.permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)}
+
+
+def _tower_layers(tower, x):
+    """Every hidden state of the unpatched tower's layers fed ``x`` (``(1, T, C)``, its embeddings'
+    rows), as transformers numbers them: the layers' input first."""
+    x = tower.pre_layrnorm(x) if hasattr(tower, "pre_layrnorm") else x
+    states = [x]
+    for layer in tower.encoder.layers:
+        x = layer(x, None)
+        x = x[0] if isinstance(x, tuple) else x
+        states.append(x)
+    return states
+
+
+@pytest.mark.parametrize("family_name", LLAVA)
+def test_clip_and_siglip_towers_encode_the_kept_rows_as_their_layers_would(family_name):
+    family = FAMILIES[family_name]
+    model = family.model()
+    tower, adapter = model.model.vision_tower, duet_vlm.adapter_for(model)
+    batch = _blocky_images(family.batch(model))
+    keep = torch.stack([predictive_keep(unit) for unit in adapter.unit_pixels(batch["pixel_values"])]).flatten(1)
+    counts = keep.sum(dim=1).tolist()
+    assert counts[0] != counts[1] and max(counts) < keep.shape[1]  # uneven: the batch runs padded, masked
+    cls = int(adapter.geometry.has_cls)
+
+    seen, outputs = [], []
+    reducer = duet_vlm.make("pixelprune")
+    with torch.no_grad(), reducer(model):
+        probes = [tower.encoder.layers[0].register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[:2]))),
+                  tower.register_forward_hook(lambda m, args, out: outputs.append(out.hidden_states))]
+        try:
+            model(**batch)
+        finally:
+            for probe in probes:
+                probe.remove()
+        embeddings = tower.embeddings(batch["pixel_values"])
+        for b in range(2):
+            rows = torch.cat([torch.zeros(cls, dtype=torch.long), keep[b].nonzero()[:, 0] + cls])
+            ideal = _tower_layers(tower, embeddings[b : b + 1, rows])
+            compared = 0
+            for got, want in zip(outputs[0], ideal, strict=True):
+                if got is None:  # transformers keeps only the hidden states LLaVA reads
+                    continue
+                compared += 1
+                torch.testing.assert_close(got[b, rows], want[0], rtol=1e-5, atol=1e-5)  # SDPA masked vs not
+                left_out = torch.ones(got.shape[1], dtype=torch.bool)
+                left_out[rows] = False
+                assert not got[b, left_out].any()
+            assert compared == 1  # the feature layer's (-2)
+    assert seen == [(2, cls + max(counts))]  # only the kept rows (and the shorter image's padding) reach the layers
+    assert [item.budget for item in reducer.stats.items] == counts
+
+
+def test_on_clip_the_statistics_name_the_patches_that_never_entered():
+    model = FAMILIES["llava"].model()
+    adapter = duet_vlm.adapter_for(model)
+    batch = _blocky_images(FAMILIES["llava"].one(model))
+    keep = predictive_keep(adapter.unit_pixels(batch["pixel_values"])[0]).flatten()
+    reducer = duet_vlm.make("pixelprune")
+    with torch.no_grad(), reducer(model):
+        model(**batch)
+    (item,) = reducer.stats.items
+    assert item.never_encoded.tolist() == (~keep).nonzero()[:, 0].tolist()  # slots: patch order, CLS has none
+    assert item.budget == int(keep.sum()) == item.tokens_per_layer[0] < item.tokens
+
+
+def test_images_of_uneven_counts_are_refused_under_attention_without_a_key_mask(monkeypatch):
+    """FlashAttention takes no additive mask: a call whose images keep different counts is refused
+    with what to do; one image per call still runs."""
+    model = FAMILIES["llava"].model()
+    tower_config = model.model.vision_tower.config
+    monkeypatch.setattr(type(tower_config), "_attn_implementation", property(lambda self: "flash_attention_2"), raising=False)
+    batch = _blocky_images(FAMILIES["llava"].batch(model))
+    before = hook_ids(model)
+    with pytest.raises(ValueError, match="takes no key mask.*attn_implementation='sdpa'"):
+        with torch.no_grad(), duet_vlm.make("pixelprune")(model):
+            model(**batch)
+    assert hook_ids(model) == before
+
+
+# ----------------------------------------------------------------------------- duet-vlm eval
+def test_eval_gives_a_method_without_a_budget_one_row_per_option_spec(tiny_demo_model, tmp_path):
+    """``duet-vlm eval --methods pixelprune pixelprune:metric=mae,threshold=0.05``: one row each,
+    whatever the budgets, built with those options and saved under a key that holds them."""
+    from duet_vlm.demo import sweep
+
+    spec = "pixelprune:metric=mae,threshold=0.05"
+    run = sweep.evaluate_methods(["pixelprune", spec], (192, 64), n=7, model_path=tiny_demo_model, output_dir=tmp_path,
+                                 batch_size=7, control=False)
+    assert [(row["method"], row["budget"]) for row in run.rows] == [("full", None), ("pixelprune", None), (spec, None)]
+    rows = {row["method"]: row for row in run.rows}
+    assert duet_vlm.from_dict(rows[spec]["reducer"]) == duet_vlm.make("pixelprune", metric="mae", threshold=0.05)
+    # the demo's scenes have noisy backgrounds: no exact repeats, and most patches within 0.05 on average
+    assert rows["pixelprune"]["avg_visual_tokens"] == 576 > 2 * rows[spec]["avg_visual_tokens"]
+    assert len(set(rows[spec]["item_tokens"])) > 1  # each image its own count
+    saved = json.loads((tmp_path / "rows" / "pixelprune_metric_mae_threshold_0.05-all.json").read_text())
+    assert saved["key"]["options"] == {"metric": "mae", "threshold": 0.05}
+
+
+@pytest.mark.parametrize("methods, message", [
+    (["pixelprune:threshold"], "KEY=VALUE, comma-separated: 'pixelprune:threshold' has 'threshold'"),
+    (["divprune+random_horizon:seed=1"], "options .* are for a single method, not a composition"),
+    (["pixelprune:metric=l2"], "metric must be one of"),
+    (["pixelprune", "pixelprune"], "a method spec is given twice"),
+])
+def test_eval_refuses_bad_method_specs_before_loading_a_model(methods, message, tmp_path):
+    from duet_vlm.demo import sweep
+
+    with pytest.raises(ValueError, match=message):
+        sweep.evaluate_methods(methods, n=7, model_path=tmp_path / "no model", output_dir=tmp_path)

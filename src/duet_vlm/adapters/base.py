@@ -344,26 +344,74 @@ class ModelAdapter:
     def no_patch_subsets(self) -> str:
         """Why this family's tower cannot encode a subset of its patches (the refusal's message)."""
         return (
-            f"{self.family}'s vision tower encodes whole images (absolute position embeddings over the full patch "
-            "grid, attention over all of it): it cannot leave patches out. Methods that choose patches before the "
-            "encoder run on Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5"
+            f"{self.family}'s vision tower encodes whole images (attention over the full patch grid, and nothing in "
+            "its arguments or its layout of items takes a subset): it cannot leave patches out. Methods that choose "
+            "patches before the encoder run on Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and LLaVA-1.5"
         )
+
+    def subset_inner_hooks(self, tower: str) -> dict:
+        """``{module inside the tower: reshape(output, entered) -> output}``: forward hooks a
+        patch-subset call of ``tower`` needs inside it, besides the entry's (CLIP's embeddings leave
+        out the rows of the patches that do not enter); none where the entry's arguments suffice."""
+        return {}
 
     def expand_tower_output(self, output, entered: torch.Tensor) -> None:
         """Put a patch-subset tower call's outputs back at their tokens' places, in place (zeros
         where no patch entered), so that the model sees a whole encoding."""
         raise NotImplementedError
 
+    def expand_capture(self, capture: Capture, entered: torch.Tensor) -> None:
+        """Put a patch-subset tower call's captured layer inputs and outputs back at their tokens'
+        places, in place (zeros elsewhere), where the adapter reads captures one row per unit; the
+        ``entered`` tokens are kept with the capture (``context["entered"]``) either way."""
+
+    def captured_entered(self, capture: Capture) -> torch.Tensor | None:
+        """``(units, T)`` True on the captured tokens whose patches entered the tower (a CLS token
+        always does), ``None`` where no input stage chose patches; one row per unit."""
+        if not any(context.get("entered") is not None for context in capture.contexts):
+            return None
+        tokens, cls = capture.output.shape[1], int(self.geometry.has_cls)
+        rows = []
+        for count, context in zip(capture.calls or (capture.output.shape[0],), capture.contexts):
+            entered = context.get("entered")
+            entered = torch.ones(count, tokens - cls, dtype=torch.bool) if entered is None else entered.view(count, -1)
+            rows.append(torch.cat([torch.ones(count, cls, dtype=torch.bool, device=entered.device), entered], dim=1))
+        return torch.cat([row.cpu() for row in rows]).to(capture.output.device)
+
     def vision_signals(self, capture: Capture, tower: str, layers: tuple = (), received: bool = False) -> Signals:
         """The scores and keys of every captured unit of ``tower``, and the scores of ``layers``
         (other encoder layers, from their captured inputs); with ``received``, attention received
         on a tower with a CLS token too (``VisionStage.received``)."""
-        scores, keys = self.vision_scores(capture.layer_input, tower, received)
+        entered = self.captured_entered(capture)
+        scores, keys = self.subset_scores(
+            lambda layer_input: self.vision_scores(layer_input, tower, received), capture.layer_input, entered
+        )
         maps = {}
         for layer in layers:
             layer_input = torch.cat([context["layers"][layer][0] for context in capture.contexts])
-            maps[layer] = self.layer_scores(self.encoder_layer(tower, layer), layer_input, received)[0]
-        return Signals(scores, keys, maps)
+            encoder_layer = self.encoder_layer(tower, layer)
+            maps[layer] = self.subset_scores(
+                lambda layer_input: self.layer_scores(encoder_layer, layer_input, received), layer_input, entered
+            )[0]
+        return Signals(scores, keys, maps, entered=entered)
+
+    def subset_scores(
+        self, score, layer_input: torch.Tensor, entered: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``score(layer_input) -> (scores, keys)`` of each unit over the tokens that ``entered`` the
+        tower (``(units, T)``; ``None``: all), as the tower saw them; zeros at the others."""
+        if entered is None or bool(entered.all()):
+            return score(layer_input)
+        cls = int(self.geometry.has_cls)
+        scores = keys = None
+        for unit, (tokens, mine) in enumerate(zip(layer_input, entered)):
+            unit_scores, unit_keys = score(tokens[mine][None])
+            if scores is None:
+                scores = unit_scores.new_zeros(len(entered), entered.shape[1] - cls)
+                keys = unit_keys.new_zeros(len(entered), entered.shape[1], unit_keys.shape[-1])
+            scores[unit, mine[cls:]] = unit_scores[0]
+            keys[unit, mine] = unit_keys[0]
+        return scores, keys
 
     def unit_features(
         self,
@@ -382,6 +430,7 @@ class ModelAdapter:
         return UnitFeatures(
             capture.output[rows], signals.scores[rows], signals.keys[rows],
             {layer: scores[rows] for layer, scores in signals.maps.items()},
+            None if signals.entered is None else signals.entered[rows],
         )
 
     def slot_units(self, item: VisualItem) -> torch.Tensor:

@@ -1,11 +1,30 @@
-"""LLaVA-1.5 (`LlavaForConditionalGeneration` / `LlavaModel`): one tower, one fixed-size image."""
+"""LLaVA-1.5 (`LlavaForConditionalGeneration` / `LlavaModel`): one tower, one fixed-size image.
+
+**Patches left out of the encoder** (``enter_patch_subset``, a method's ``InputStage``: PixelPrune).
+A CLIP or SigLIP tower adds its learned absolute position embedding to every patch inside its
+embeddings, then attends over all of them. Leaving patches out therefore happens *after* the
+embeddings: a forward hook on them keeps each image's CLS row and the rows of its kept patches,
+each with its own position embedding (``subset_inner_hooks``), so the encoder layers run on the
+kept tokens only, where the cost is. Images of one call that keep different counts are padded to
+the longest, and the tower's keyword arguments carry an additive key mask that transformers'
+CLIP and SigLIP encoders pass to every layer's attention (eager or SDPA; FlashAttention takes no
+such mask, and is refused for such a call). The tower's hidden states and the captures are put
+back at their tokens' places, zeros where nothing entered, so LLaVA's feature selection and the
+placeholder check see a whole encoding and the method's vision stage keeps the tokens that
+entered. The patch embedding (one convolution) still runs over the whole image; SigLIP's pooling
+head, which LLaVA does not read, pools the kept tokens (and any padding).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .base import Geometry, ModelAdapter, VisualItem, feature_layer
+from .base import Capture, Geometry, ModelAdapter, VisualItem, feature_layer
+
+#: OpenAI CLIP's image normalisation (LLaVA-1.5's processor), and SigLIP's.
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
 class LlavaAdapter(ModelAdapter):
@@ -16,6 +35,7 @@ class LlavaAdapter(ModelAdapter):
     model_types = ("llava",)
     vision_model_types = ("clip_vision_model", "siglip_vision_model")
     supported_classes = ("LlavaForConditionalGeneration", "LlavaModel")
+    takes_patch_subsets = True
 
     def __init__(self, model: nn.Module):
         config = model.config
@@ -26,6 +46,9 @@ class LlavaAdapter(ModelAdapter):
         self.tower_entries = {"image": self.base.vision_tower}
         self.placeholder_ids = {config.image_token_id: "image"}
         self.has_cls = config.vision_config.model_type == "clip_vision_model"
+        #: the processor's normalisation, to read pixels back (``unit_pixels``).
+        self.pixel_mean, self.pixel_std = (CLIP_MEAN, CLIP_STD) if self.has_cls else (SIGLIP_MEAN, SIGLIP_STD)
+        self.patch_size = config.vision_config.patch_size
 
         vision_config = config.vision_config
         side = vision_config.image_size // vision_config.patch_size
@@ -44,3 +67,96 @@ class LlavaAdapter(ModelAdapter):
     def find_items(self, input_ids: torch.Tensor, kwargs: dict, captures: dict | None = None) -> list[VisualItem]:
         (token_id, tower), = self.placeholder_ids.items()
         return self.items_from_runs(input_ids, token_id, tower, lambda n: self.geometry)
+
+    # ----------------------------------------------------------------- patches left out of the encoder
+    def unit_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(images, rows, cols, 3 * p * p)`` each patch's pixels in ``[0, 1]``, the processor's
+        normalisation undone."""
+        p = self.patch_size
+        mean = torch.tensor(self.pixel_mean, dtype=torch.float32, device=pixels.device)[:, None, None]
+        std = torch.tensor(self.pixel_std, dtype=torch.float32, device=pixels.device)[:, None, None]
+        images, channels, height, width = pixels.shape
+        x = pixels.float() * std + mean
+        x = x.reshape(images, channels, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(images, height // p, width // p, -1)
+
+    def enter_patch_subset(self, stage, args: tuple, kwargs: dict) -> tuple[tuple, dict, torch.Tensor]:
+        pixels = args[0] if args else kwargs["pixel_values"]
+        grid = self.geometry.grid
+        if tuple(pixels.shape[-2:]) != (grid[0] * self.patch_size, grid[1] * self.patch_size):
+            raise ValueError(
+                f"{type(stage).__name__} reads {grid[0]}x{grid[1]} patches of {self.patch_size} px; the tower got "
+                f"images of {tuple(pixels.shape[-2:])} px"
+            )
+        chosen = torch.stack([stage.select(unit).to(pixels.device) for unit in self.unit_pixels(pixels)])
+        if chosen.shape[1:] != grid or chosen.dtype != torch.bool or not bool(chosen.flatten(1).any(1).all()):
+            raise RuntimeError(
+                f"{type(stage).__name__}.select returned {tuple(chosen.shape[1:])} {chosen.dtype}, expected {grid} bool "
+                "with at least one token per image"
+            )
+        entered = chosen.flatten()
+        _, valid = self.subset_rows(entered)
+        if not bool(valid.all()):  # images keep different counts: the padding must not be attended to
+            implementation = getattr(self.tower_entries["image"].config, "_attn_implementation", None)
+            if implementation not in ("sdpa", "eager"):
+                raise ValueError(
+                    f"the vision tower runs {implementation!r} attention, which takes no key mask: images that keep "
+                    "different numbers of patches cannot share a call. Load the model with attn_implementation='sdpa' "
+                    "(or 'eager'), or pass one image per call"
+                )
+            if kwargs.get("attention_mask") is not None:
+                raise ValueError("the vision tower was called with an attention mask: patches cannot be left out of it")
+            dtype = self.tower_entries["image"].embeddings.patch_embedding.weight.dtype
+            mask = torch.zeros(valid.shape, dtype=dtype, device=pixels.device).masked_fill(~valid, torch.finfo(dtype).min)
+            kwargs = {**kwargs, "attention_mask": mask[:, None, None, :]}
+        return args, kwargs, entered
+
+    def subset_rows(self, entered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(index, valid)``, both ``(images, n)``: the tower rows each image keeps (its CLS row
+        first, then its entered patches in order; ``n`` the most any image keeps) and which of
+        them are real (the rest pad)."""
+        cls = int(self.has_cls)
+        patches = entered.view(-1, self.geometry.patches)
+        full = torch.cat([patches.new_ones(patches.shape[0], cls), patches], dim=1)
+        counts = full.sum(dim=1)
+        index = torch.sort((~full).int(), dim=1, stable=True).indices[:, : int(counts.max())]
+        return index, torch.arange(index.shape[1], device=index.device)[None] < counts[:, None]
+
+    def subset_inner_hooks(self, tower: str) -> dict:
+        return {self.tower_entries[tower].embeddings: self.keep_rows}
+
+    def keep_rows(self, embeddings: torch.Tensor, entered: torch.Tensor) -> torch.Tensor:
+        """The embeddings' output ``(images, T, C)`` with only the rows the images keep (padded)."""
+        if bool(entered.all()):
+            return embeddings
+        index, valid = self.subset_rows(entered.to(embeddings.device))
+        kept = embeddings.gather(1, index[..., None].expand(-1, -1, embeddings.shape[-1]))
+        return kept.masked_fill(~valid[..., None], 0)
+
+    def in_place(self, values: torch.Tensor, entered: torch.Tensor) -> torch.Tensor:
+        """A subset call's ``(images, n, ...)`` tower rows put back at their tokens' places
+        ``(images, T, ...)``, zeros where nothing entered."""
+        if bool(entered.all()):
+            return values
+        _, valid = self.subset_rows(entered.to(values.device))
+        cls = int(self.has_cls)
+        patches = entered.to(values.device).view(-1, self.geometry.patches)
+        full = torch.cat([patches.new_ones(patches.shape[0], cls), patches], dim=1)
+        out = values.new_zeros(*full.shape, *values.shape[2:])
+        out[full] = values[valid]
+        return out
+
+    def expand_tower_output(self, output, entered: torch.Tensor) -> None:
+        output.last_hidden_state = self.in_place(output.last_hidden_state, entered)
+        if getattr(output, "hidden_states", None) is not None:
+            output.hidden_states = tuple(
+                None if states is None else self.in_place(states, entered) for states in output.hidden_states
+            )
+
+    def expand_capture(self, capture: Capture, entered: torch.Tensor) -> None:
+        capture.layer_input = self.in_place(capture.layer_input, entered)
+        capture.output = self.in_place(capture.output, entered)
+        for context in capture.contexts:
+            layers = context.get("layers", {})
+            for layer, (layer_input, layer_kwargs) in list(layers.items()):
+                layers[layer] = (self.in_place(layer_input, entered), layer_kwargs)

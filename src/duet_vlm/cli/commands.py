@@ -413,7 +413,9 @@ def calibrate(
 def evaluate(
     methods: Optional[list[str]] = typer.Option(
         None, metavar="<str>...", help="Methods (space-separated); default: every registered one. VISION+LANGUAGE "
-                                       "composes two under one budget (divprune+random_horizon)."
+                                       "composes two under one budget (divprune+random_horizon); NAME:KEY=VALUE,... "
+                                       "sets a method's options, e.g. pixelprune:threshold=0.05. A method without "
+                                       "a budget gets one row."
     ),
     budgets: list[int] = typer.Option([192, 128, 64], metavar="<int>...", help="Budgets (space-separated list)."),
     n: int = typer.Option(500, help="Questions per configuration (balanced over types when a multiple of 7)."),

@@ -8,6 +8,11 @@ records the reducer that ran (``reducer``: its ``to_dict()``, which ``duet_vlm.f
 the visual tokens per layer each question's image kept (``item_tokens``: drawn in ``counts.png``)
 and the accuracy by the number of objects in the scene (``per_objects``).
 
+A method's options follow its name, ``NAME:KEY=VALUE,...`` (values read as JSON where they parse,
+else as text): ``pixelprune:metric=mae,threshold=0.05``; the row is labelled with the whole spec. A
+method without a budget (PixelPrune: its count follows each image) gets one row, whatever the
+budgets.
+
 ``adaptive=SIGNAL`` runs every method with a content-adaptive budget (``duet_vlm.Adaptive``): each
 method and budget calibrated on ``calibration_n`` scenes of the validation split (or at the given
 ``threshold``); a row then reports the asked budget (``budget``) and the realised average over the
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -31,6 +37,25 @@ from ..evaluation import count_histogram_plot, retention_plot, sample_batches, t
 from ..methods import METHODS, Adaptive, Compose, make
 from ..plan import resolve_positions
 from .evaluate import DEMO_MODEL_DIR, evaluate_accuracy, load_demo
+
+def method_spec(spec: str) -> tuple[str, dict]:
+    """``(method, options)`` of ``NAME`` or ``NAME:KEY=VALUE,...`` (values as JSON where they parse).
+
+    >>> method_spec("pixelprune:metric=mae,threshold=0.05")
+    ('pixelprune', {'metric': 'mae', 'threshold': 0.05})
+    """
+    name, _, rest = spec.partition(":")
+    options = {}
+    for part in filter(None, rest.split(",")):
+        key, equals, value = part.partition("=")
+        if not equals or not key:
+            raise ValueError(f"method options are KEY=VALUE, comma-separated: {spec!r} has {part!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return name, options
+
 
 #: ``progress(advance, description=None, total=None)``: questions answered since the last call; the
 #: first call gives the run's total.
@@ -71,11 +96,16 @@ def evaluate_methods(
     a directory holding what a method saved beside a fine-tuned model (VisionSelector's trained
     scorer), read instead of ``model_path``'s."""
     chosen = methods or [name for name in METHODS if name != "full"]
-    unknown = [part for name in chosen for part in name.split("+") if part not in METHODS]
+    specs = {spec: method_spec(spec) for spec in chosen}
+    unknown = [part for name, _ in specs.values() for part in name.split("+") if part not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; registered: {', '.join(sorted(METHODS))}")
     if any(name.count("+") > 1 for name in chosen):
         raise ValueError("a composition is VISION+LANGUAGE: two methods (e.g. divprune+random_horizon)")
+    if any("+" in name and given for name, given in specs.values()):
+        raise ValueError("options (NAME:KEY=VALUE) are for a single method, not a composition")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"a method spec is given twice: {chosen}")
     if positions not in (None, "original", "contiguous"):
         raise ValueError(f"--positions must be original or contiguous, got {positions!r}")
     if n < 1:
@@ -89,8 +119,13 @@ def evaluate_methods(
     report = progress or (lambda advance, description=None, total=None: None)
     output_dir = Path(output_dir)
 
-    def options(name: str) -> dict:
-        return {"positions": positions} if positions and takes_positions(METHODS[name]) else {}
+    def options(spec: str) -> dict:
+        """The options of a method spec: its own, and ``positions`` where the method has that option."""
+        name, given = specs.get(spec) or method_spec(spec)
+        return {**given, **({"positions": positions} if positions and takes_positions(METHODS[name]) else {})}
+
+    def base(spec: str) -> str:
+        return (specs.get(spec) or method_spec(spec))[0]
 
     def saved(name: str) -> dict:
         """What the method saved beside the model (VisionSelector's trained scorer), if anything."""
@@ -105,18 +140,23 @@ def evaluate_methods(
             path.name.encode() + path.read_bytes() for path in sorted(Path(method_files).iterdir()) if path.is_file()
         )).hexdigest()
 
-    def build(name: str, budget: int):
-        """``make(name, budget=...)`` with what the method saved beside the model, or for
+    def build(spec: str, budget: int | None):
+        """``make(name, budget=..., **options)`` with what the method saved beside the model, or for
         ``VISION+LANGUAGE`` the two composed under the budget (``Compose``: the paper's "DivPrune +
         random" is ``divprune+random_horizon``)."""
+        name = base(spec)
         if "+" not in name:
-            return make(name, budget=budget, **options(name), **saved(name))
+            return make(name, **({} if budget is None else {"budget": budget}), **options(spec), **saved(name))
         vision, language = name.split("+")
         return Compose(make(vision, **options(vision)), make(language, **options(language)), budget=budget)
 
-    # every reducer is built (and its method and budget checked) before the model loads
+    def takes_budget(spec: str) -> bool:
+        return all(METHODS[part].takes_budget for part in base(spec).split("+"))
+
+    # every reducer is built (and its method, budget and options checked) before the model loads
     configs = [("full", None, make("full"))]
-    configs += [(name, budget, build(name, budget)) for name in chosen for budget in budgets]
+    configs += [(spec, budget, build(spec, budget)) for spec in chosen
+                for budget in (budgets if takes_budget(spec) else (None,))]
     if adaptive is not None:
         configs[1:] = [(name, budget, Adaptive(reducer, signal=adaptive, threshold=threshold))
                        for name, budget, reducer in configs[1:]]
@@ -147,7 +187,7 @@ def evaluate_methods(
         )
         # the mode a method with a position option ran in (its default resolved on this model)
         mode = None
-        if name != "full" and takes_positions(METHODS[name.split("+")[-1]]):
+        if name != "full" and takes_positions(METHODS[base(name).split("+")[-1]]):
             mode = resolve_positions(reducer.resolve(geometry).positions, geometry)
         item_tokens = [prediction["visual_tokens"] for prediction in result["predictions"]]
         row = {
@@ -176,11 +216,12 @@ def evaluate_methods(
 
     def saved_row(name: str, budget: int | None, compute, reducer=None) -> dict:
         """``compute()``'s row, or the one a previous run with the same settings saved."""
-        key = {"method": name, "budget": budget, "options": options(name) if name in METHODS else {}, "split": split,
+        key = {"method": name, "budget": budget, "options": options(name) if base(name) in METHODS else {}, "split": split,
                "n": n, "batch_size": batch_size, "weights_sha256": digest,
                "reducer": reducer.to_dict() if reducer is not None else None, "method_files_sha256": files_digest}
         kind = f"-adaptive-{reducer.signal}" if isinstance(reducer, Adaptive) else ""
-        path = output_dir / "rows" / f"{name.replace(' ', '_')}-{budget or 'all'}{kind}.json"
+        stem = re.sub(r"[^\w.+-]", "_", name)  # a spec's options too
+        path = output_dir / "rows" / f"{stem}-{budget or 'all'}{kind}.json"
         if resume and path.exists() and (saved := json.loads(path.read_text()))["key"] == key:
             report(n, f"{name} {budget or ''} (saved)")
             return saved["row"]

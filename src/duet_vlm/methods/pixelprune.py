@@ -123,12 +123,13 @@ class EnteredTokens(VisionStage):
                 "no input stage chose this item's patches (its tower ran without the reducer's entry hook): "
                 "PixelPrune's selection is made before the encoder"
             )
-        entered = view.entered.to(view.features.device)
+        offset = int(view.has_cls)  # a CLS token enters, and has no slot of its own
+        entered = view.entered[:, offset:].to(view.features.device)
         counts = entered.sum(dim=1)
         # Entered tokens first, each group in ascending order (a stable sort of "not entered").
-        kept = torch.sort((~entered).int(), dim=1, stable=True).indices[:, : int(counts.max())]
+        kept = torch.sort((~entered).int(), dim=1, stable=True).indices[:, : int(counts.max())] + offset
         left = entered.shape[1] - counts
-        never = torch.sort(entered.int(), dim=1, stable=True).indices[:, : max(int(left.max()), 1)]
+        never = torch.sort(entered.int(), dim=1, stable=True).indices[:, : max(int(left.max()), 1)] + offset
         never = never.masked_fill(torch.arange(never.shape[1], device=never.device)[None] >= left[:, None], -1)
         uneven = bool((counts != keep).any())
         return VisionReduction(gather_tokens(view.features, kept), kept, {"never_encoded": never},
@@ -152,10 +153,11 @@ class PixelPrune(Reducer):
     (there is no budget: ``reducer.stats.items`` has each item's count).
 
     Families: those whose tower takes a subset of its patches with their positions, Qwen2-VL,
-    Qwen2.5-VL, Qwen3-VL and Qwen3.5 (the official code patches Qwen3-VL and Qwen3.5). Elsewhere it
-    is refused at attach: CLIP and SigLIP towers add absolute position embeddings to the whole patch
-    grid inside their embeddings and attend over all of it (LLaVA's CLS token too), so leaving
-    patches out would change what the rest encode; nothing in their arguments takes a subset.
+    Qwen2.5-VL, Qwen3-VL and Qwen3.5 (the official code patches Qwen3-VL and Qwen3.5), and LLaVA-1.5,
+    whose CLIP or SigLIP tower adds each patch's absolute position embedding inside its embeddings:
+    there the rows of the patches left out are dropped just after them (each image keeps its CLS
+    row), and the encoder layers run on the rest, as the tower would encode those patches alone.
+    Elsewhere (tiled, pooled or pixel-shuffled layouts) it is refused at attach, with the reason.
 
     Choices where the official code has none or differs: the pixels compared are all of a token's
     (both temporal frames of Qwen's patches; the official code reads the first frame, the same
@@ -201,7 +203,7 @@ class PixelPrune(Reducer):
     def item_budget(self, view: VisionView, geometry: Geometry) -> int:
         if view.entered is None:
             raise RuntimeError("pixelprune: this item's tower call did not go through the reducer's input stage")
-        return int(view.entered.sum())
+        return int(view.entered[:, int(view.has_cls):].sum())
 
     def with_budget(self, budget: int) -> "PixelPrune":
         copy = dataclasses.replace(self)

@@ -3,8 +3,10 @@
 On a family whose tower takes a subset of its patches (``ModelAdapter.takes_patch_subsets``), the
 tower's entry gets two more hooks: before the call, the adapter hands the tower only the patches
 the stage lets in and the captures note which tokens entered (``TowerCaptures.note_entered``);
-after it, the adapter puts the tower's outputs back at their tokens' places. Elsewhere a method
-with an input stage is refused at attach, with the family's reason.
+after it, the adapter puts the tower's outputs (and, where it reads them one row per unit, the
+call's captures) back at their tokens' places. Modules inside the tower the adapter names get a
+forward hook for the call too (``subset_inner_hooks``: CLIP's embeddings leave the other rows out).
+Elsewhere a method with an input stage is refused at attach, with the family's reason.
 """
 
 from __future__ import annotations
@@ -41,6 +43,18 @@ def patch_subset_hooks(adapter: ModelAdapter, captures: Callable, tower: str, mo
         return args, kwargs
 
     def expand(module, args, output):
-        adapter.expand_tower_output(output, captures().entered(tower))
+        entered = captures().entered(tower, done=True)
+        adapter.expand_tower_output(output, entered)
+        for capture in captures().open.get(tower, ()):  # this call's captures (the entry's last hook closes them)
+            adapter.expand_capture(capture, entered)
 
-    return [module.register_forward_pre_hook(enter, with_kwargs=True), module.register_forward_hook(expand)]
+    def inner(reshape):
+        def hook(module, args, output):
+            entered = captures().entered(tower, running=True)
+            return output if entered is None else reshape(output, entered)  # None: called outside a tower call
+        return hook
+
+    handles = [module.register_forward_pre_hook(enter, with_kwargs=True), module.register_forward_hook(expand)]
+    for inside, reshape in adapter.subset_inner_hooks(tower).items():
+        handles.append(inside.register_forward_hook(inner(reshape)))
+    return handles

@@ -44,8 +44,14 @@ class TowerCaptures:
         kept with its capture (``context["entered"]``)."""
         self.pending_entries[tower]["entered"] = entered
 
-    def entered(self, tower: str) -> torch.Tensor:
-        return self.pending_entries[tower]["entered"]
+    def entered(self, tower: str, running: bool = False, done: bool = False) -> torch.Tensor | None:
+        """The tokens the running call of ``tower`` lets in; ``running``: ``None`` when no call that
+        an input stage chose for is running (a module inside the tower called on its own);
+        ``done``: the call ends, and forgets them (its captures keep them)."""
+        entry = self.pending_entries.get(tower, {})
+        if running:
+            return entry.get("entered")
+        return entry.pop("entered") if done else entry["entered"]
 
     def leave_tower(self, tower: str, output) -> None:
         """The tower call returned ``output``: its captures are that output's."""

@@ -329,8 +329,8 @@ def render_schedules(root: Path, *budgets: str) -> str:
             continue
         plans = [solve(method, int(b)) for b in budgets]
         lines.append("| " + " | ".join([f"`{method}`", _where(plans[0]), *map(_schedule_cell, plans)]) + " |")
-    note = (f"\n{', '.join(content)} takes no budget: each image keeps what its content needs, and it does not run "
-            "on LLaVA-1.5.\n") if content else ""
+    note = (f"\n{', '.join(content)} takes no budget: each image keeps what its content needs (its threshold "
+            "sets how close a repeat must be).\n") if content else ""
     return ("Visual tokens entering the language model → kept after each boundary layer, on LLaVA-1.5 (576 tokens, "
             "32 layers); `duet-vlm plan --method NAME --budget N` prints any geometry.\n\n" + "\n".join(lines) + "\n"
             + note)
@@ -588,7 +588,8 @@ def render_figure(root: Path, out: str, *paths: str) -> str:
             f"{' and measured latency' if benches else ''}, one line per method over its budgets, the Pareto front "
             f"circled]({out})\n\n"
             f"Made from {'; '.join(made)}. Drawn by `python docs/render.py` (`docs/figures.py`); each line is a method "
-            f"over its budgets, circles mark the Pareto front (no other point keeps more for less).\n"
+            f"over its budgets (one without a budget over its options, each point at its average visual tokens), "
+            f"circles mark the Pareto front (no other point keeps more for less).\n"
             f"<!-- figure inputs sha256: {figures.digest(inputs)} -->\n")
 
 

@@ -548,19 +548,25 @@ def render_pixelprune_encoder(root: Path, path: str) -> str:
     """PixelPrune's encoder cost on a Qwen2.5-VL-7B-width tower, against the tower on every patch and
     the ideal (``python -m duet_vlm.bench.vision``: ``duet_vlm.bench.vision.pixelprune_encoder_cost``)."""
     results = _load(root, path)
-    head = ["page (patches)", "tokens kept", "tower s", "PixelPrune s", "ideal s", "selection s", "PixelPrune / tower",
-            "PixelPrune / ideal", "block FLOPs kept", "kept features = ideal"]
+    clip = results["runs"][0]["tower"].get("family") == "llava"
+    head = ["image, options" if clip else "page (patches)", "tokens kept", "tower s", "PixelPrune s", "ideal s",
+            "selection s", "PixelPrune / tower", "PixelPrune / ideal", "layer FLOPs kept" if clip else "block FLOPs kept",
+            "kept features = ideal"]
     lines = [f"`{results['command']}`", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in results["runs"]:
         seconds = run["seconds"]
+        options = ", ".join(f"{key} {value}" for key, value in run.get("options", {}).items()) or "threshold 0"
         lines.append("| " + " | ".join([
-            f"{run['image_patches']:,}", f"{run['kept_tokens']} of {run['merged_tokens']}", f"{seconds['tower']:.2f}",
+            f"{run['image']}, {options}" if clip else f"{run['image_patches']:,}",
+            f"{run['kept_tokens']} of {run['merged_tokens']}", f"{seconds['tower']:.2f}",
             f"{seconds['pixelprune']:.2f}", f"{seconds['ideal']:.2f}", f"{seconds['selection']:.3f}",
             f"{run['pixelprune_vs_tower']:.3f}", f"{run['pixelprune_vs_ideal']:.3f}",
             f"{100 * run['block_flops']['ratio']:.1f}%", "yes" if run["kept_features_equal_ideal"] else "no"]) + " |")
     first = results["runs"][0]
-    lines += ["", f"The tower: Qwen2.5-VL-7B's vision width with {first['tower']['depth']} blocks (the last one full "
-              f"attention), {first['rounds']} interleaved rounds, {first['threads']} threads, torch {results['torch']}."]
+    tower = (f"CLIP-L/14-336 (LLaVA-1.5-7B's) with {first['tower']['depth']} layers and the 7B projector" if clip else
+             f"Qwen2.5-VL-7B's vision width with {first['tower']['depth']} blocks (the last one full attention)")
+    lines += ["", f"The tower: {tower}, {first['rounds']} interleaved rounds, {first['threads']} threads, "
+              f"torch {results['torch']}."]
     return "\n".join(lines) + "\n"
 
 

@@ -312,6 +312,20 @@ def test_the_encoder_benchmark_times_the_tower_against_its_ideal():
     assert flops["ratio"] < 1 and flops["ratio"] > result["kept_tokens"] / result["merged_tokens"] - 0.05
 
 
+def test_the_clip_encoder_benchmark_times_the_tower_against_its_ideal():
+    """``clip_pixelprune_encoder_cost`` on a two-layer CLIP-L tower: the document page at threshold 0
+    and the demo scene at mae 0.05 keep fewer patches, the kept features equal the ideal's (its own
+    layers fed the kept rows) bit for bit, and the FLOPs follow the kept rows."""
+    from duet_vlm.bench.vision import clip_pixelprune_encoder_cost
+
+    for image, options in (("document", {}), ("scene", dict(metric="mae", threshold=0.05))):
+        result = clip_pixelprune_encoder_cost(depth=2, image=image, rounds=1, **options)
+        assert result["kept_features_equal_ideal"], image
+        assert 0 < result["kept_tokens"] < 576 and result["options"] == options
+        assert set(result["seconds"]) == {"tower", "pixelprune", "ideal", "selection"}
+        assert 0 < result["block_flops"]["kept"] < result["block_flops"]["tower"]
+
+
 def test_the_statistics_and_the_overlay_name_what_never_entered_the_encoder(recorded, tmp_path):
     from PIL import Image
 
@@ -395,16 +409,25 @@ def test_clip_and_siglip_towers_encode_the_kept_rows_as_their_layers_would(famil
     reducer = duet_vlm.make("pixelprune")
     with torch.no_grad(), reducer(model):
         probes = [tower.encoder.layers[0].register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[:2]))),
-                  tower.register_forward_hook(lambda m, args, out: outputs.append(out.hidden_states))]
+                  tower.register_forward_hook(lambda m, args, out: outputs.append(out.hidden_states)),
+                  model.model.multi_modal_projector.register_forward_pre_hook(
+                      lambda m, args: seen.append(tuple(args[0].shape[:2])))]
         try:
             model(**batch)
         finally:
             for probe in probes:
                 probe.remove()
+        projected = model.model.get_image_features(  # what LLaVA scatters into the placeholders
+            batch["pixel_values"], vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy).pooler_output
         embeddings = tower.embeddings(batch["pixel_values"])
         for b in range(2):
             rows = torch.cat([torch.zeros(cls, dtype=torch.long), keep[b].nonzero()[:, 0] + cls])
             ideal = _tower_layers(tower, embeddings[b : b + 1, rows])
+            slots = keep[b] if not adapter.slots_have_cls else torch.cat([torch.ones(1, dtype=torch.bool), keep[b]])
+            want = model.model.multi_modal_projector(ideal[-2][0, int(cls and not adapter.slots_have_cls):])
+            torch.testing.assert_close(projected[b][slots], want, rtol=1e-5, atol=1e-5)
+            assert not projected[b][~slots].any()
             compared = 0
             for got, want in zip(outputs[0], ideal, strict=True):
                 if got is None:  # transformers keeps only the hidden states LLaVA reads
@@ -415,7 +438,12 @@ def test_clip_and_siglip_towers_encode_the_kept_rows_as_their_layers_would(famil
                 left_out[rows] = False
                 assert not got[b, left_out].any()
             assert compared == 1  # the feature layer's (-2)
-    assert seen == [(2, cls + max(counts))]  # only the kept rows (and the shorter image's padding) reach the layers
+    # only the kept rows (and the shorter image's padding) reach the layers, and LLaVA's projector
+    # (its slots: without the CLS row under the "default" strategy); then the language model's entry
+    # projects each image's kept features, as for every vision-side method
+    slots_cls = int(adapter.slots_have_cls)
+    assert seen[:2] == [(2, cls + max(counts)), (2, slots_cls + max(counts))]
+    assert sorted(seen[2:]) == sorted((1, count) for count in counts)
     assert [item.budget for item in reducer.stats.items] == counts
 
 

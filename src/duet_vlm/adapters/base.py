@@ -355,6 +355,12 @@ class ModelAdapter:
         out the rows of the patches that do not enter); none where the entry's arguments suffice."""
         return {}
 
+    def subset_after_tower(self, tower: str) -> dict:
+        """``{module: (compact(input, entered) -> rows or None, put_back(output, entered) -> output)}``:
+        a module the model runs on the whole output of a patch-subset call of ``tower`` right after
+        it, which should see only the entered rows (``None``: the input is not that output)."""
+        return {}
+
     def expand_tower_output(self, output, entered: torch.Tensor) -> None:
         """Put a patch-subset tower call's outputs back at their tokens' places, in place (zeros
         where no patch entered), so that the model sees a whole encoding."""

@@ -146,6 +146,35 @@ class LlavaAdapter(ModelAdapter):
         out[full] = values[valid]
         return out
 
+    def subset_after_tower(self, tower: str) -> dict:
+        return {self.projector: (self.compact_slots, self.expand_slots)}
+
+    def slot_layout(self, entered: torch.Tensor) -> torch.Tensor:
+        """``(images, slots)`` True on each image's slots whose tokens entered (its CLS slot too,
+        under the "full" strategy)."""
+        patches = entered.view(-1, self.geometry.patches)
+        if self.slots_have_cls:
+            patches = torch.cat([patches.new_ones(patches.shape[0], 1), patches], dim=1)
+        return patches
+
+    def compact_slots(self, features: torch.Tensor, entered: torch.Tensor) -> torch.Tensor | None:
+        """The projector's input ``(images, slots, C)`` cut to the slots that entered (padded to the
+        most any image keeps), so that it projects only those; ``None`` for another input."""
+        layout = self.slot_layout(entered.to(features.device))
+        if features.dim() != 3 or tuple(features.shape[:2]) != tuple(layout.shape):
+            return None
+        counts = layout.sum(dim=1)
+        index = torch.sort((~layout).int(), dim=1, stable=True).indices[:, : int(counts.max())]
+        return features.gather(1, index[..., None].expand(-1, -1, features.shape[-1]))
+
+    def expand_slots(self, projected: torch.Tensor, entered: torch.Tensor) -> torch.Tensor:
+        """The projector's output on the entered slots put back at every slot (zeros elsewhere)."""
+        layout = self.slot_layout(entered.to(projected.device))
+        valid = torch.arange(projected.shape[1], device=projected.device)[None] < layout.sum(dim=1)[:, None]
+        out = projected.new_zeros(*layout.shape, projected.shape[-1])
+        out[layout] = projected[valid]
+        return out
+
     def expand_tower_output(self, output, entered: torch.Tensor) -> None:
         output.last_hidden_state = self.in_place(output.last_hidden_state, entered)
         if getattr(output, "hidden_states", None) is not None:

@@ -5,8 +5,10 @@ tower's entry gets two more hooks: before the call, the adapter hands the tower 
 the stage lets in and the captures note which tokens entered (``TowerCaptures.note_entered``);
 after it, the adapter puts the tower's outputs (and, where it reads them one row per unit, the
 call's captures) back at their tokens' places. Modules inside the tower the adapter names get a
-forward hook for the call too (``subset_inner_hooks``: CLIP's embeddings leave the other rows out).
-Elsewhere a method with an input stage is refused at attach, with the family's reason.
+forward hook for the call too (``subset_inner_hooks``: CLIP's embeddings leave the other rows out),
+and a module the model runs on the tower's whole output right after it (``subset_after_tower``:
+LLaVA's projector) runs on the entered rows only, its output put back in place. Elsewhere a method
+with an input stage is refused at attach, with the family's reason.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def patch_subset_hooks(adapter: ModelAdapter, captures: Callable, tower: str, mo
         adapter.expand_tower_output(output, entered)
         for capture in captures().open.get(tower, ()):  # this call's captures (the entry's last hook closes them)
             adapter.expand_capture(capture, entered)
+        captures().after_tower[tower] = (entered, False)
 
     def inner(reshape):
         def hook(module, args, output):
@@ -54,7 +57,28 @@ def patch_subset_hooks(adapter: ModelAdapter, captures: Callable, tower: str, mo
             return output if entered is None else reshape(output, entered)  # None: called outside a tower call
         return hook
 
+    def compact_input(compact):
+        def hook(module, args):
+            entered, running = captures().after_tower.pop(tower, (None, False))
+            rows = None if entered is None or running else compact(args[0], entered)
+            if rows is None:  # not the tower's whole output (another call of the module): as it is
+                return None
+            captures().after_tower[tower] = (entered, True)
+            return (rows, *args[1:])
+        return hook
+
+    def expand_output(put_back):
+        def hook(module, args, output):
+            entered, running = captures().after_tower.get(tower, (None, False))
+            if not running:
+                return None
+            del captures().after_tower[tower]
+            return put_back(output, entered)
+        return hook
+
     handles = [module.register_forward_pre_hook(enter, with_kwargs=True), module.register_forward_hook(expand)]
     for inside, reshape in adapter.subset_inner_hooks(tower).items():
         handles.append(inside.register_forward_hook(inner(reshape)))
+    for after, (compact, put_back) in adapter.subset_after_tower(tower).items():
+        handles += [after.register_forward_pre_hook(compact_input(compact)), after.register_forward_hook(expand_output(put_back))]
     return handles

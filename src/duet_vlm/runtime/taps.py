@@ -30,10 +30,14 @@ class TowerCaptures:
     pending_entries: dict[str, dict] = field(default_factory=dict)
     open: dict[str, list[Capture]] = field(default_factory=dict)  # made by a tower call still running
     pending_layers: dict[str, dict] = field(default_factory=dict)  # other encoder layers' inputs, per tower
+    #: per tower, what its last patch-subset call let in, until the module after it (LLaVA's projector)
+    #: takes it: ``(entered, False)``, then ``(entered, True)`` while that module runs on the entered rows.
+    after_tower: dict[str, tuple] = field(default_factory=dict)
 
     def clear(self) -> None:
         self.calls, self.used = {}, False
         self.pending_inputs, self.pending_entries, self.open, self.pending_layers = {}, {}, {}, {}
+        self.after_tower = {}
 
     def enter_tower(self, tower: str, args: tuple, kwargs: dict) -> None:
         self.pending_entries[tower] = {"entry_args": args, "entry_kwargs": kwargs}

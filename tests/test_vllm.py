@@ -550,10 +550,14 @@ def hf_video_run(model, processor, frames, reducer):
 def vllm_video_run(llm, frames):
     """The same on vLLM, from the prompt's text (vLLM writes the video's placeholders, Qwen3-VL's
     timestamped frames included)."""
+    return vllm_request_run(llm, {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": (frames, VIDEO_METADATA)}})
+
+
+def vllm_request_run(llm, request: dict):
+    """``((tokens, log-probabilities, prompt length), kept)`` of one greedy request on vLLM."""
     select.TRACE = []
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=1)
     try:
-        request = {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": (frames, VIDEO_METADATA)}}
         output = llm.generate([request], params, use_tqdm=False)[0]
         kept = [reduction.kept.cpu() for reduction in select.TRACE]
     finally:
@@ -584,6 +588,33 @@ def test_qwen_videos_equal_the_hugging_face_path(saved_qwen, method):
         result, kept = vllm_video_run(llm, frames)
     assert reducer.stats.items[0].tokens_per_layer[0] == budget and result[2] == length
     assert_same(reference, result, kept[0])
+
+
+@pytest.mark.parametrize("method,budget", [("visionzip", 32), ("divprune", 20), ("visionzip", 80)])
+def test_llava_onevision_videos_equal_the_hugging_face_path(saved_llava_onevision, method, budget):
+    """A 4-frame video on LLaVA-OneVision: each frame projected and pooled 2x2 (16 tokens), a unit of
+    the vision stage under one budget for the video, its newline dropped, as the Hugging Face path
+    reduces it: the same kept tokens (every frame's), placeholder count, tokens and log-probabilities.
+    A budget above the video's 65 tokens serves it as vLLM embeds it (the Hugging Face path unreduced)."""
+    folder, model, processor = saved_llava_onevision
+    frames = video(50, (112, 112))
+    inputs = processor(text="USER: <video>\nwhat moves? ASSISTANT:", videos=[frames], return_tensors="pt")
+    reduced = budget < 65
+    reducer = duet_vlm.make(method, budget=budget)
+    reference = hf_generate(model, inputs, reducer if reduced else None)
+    ids = inputs["input_ids"][0].tolist()
+    token = model.config.video_token_id
+    first, last = ids.index(token), len(ids) - ids[::-1].index(token)
+    request = {"prompt_token_ids": ids[:first] + [token] + ids[last:], "multi_modal_data": {"video": frames}}
+    with engine(folder, {"duet_method": method, "duet_budget": budget}, limit_mm_per_prompt={"image": 0, "video": 1}) as llm:
+        result, kept = vllm_request_run(llm, request)
+    assert last - first == 4 * 16 + 1
+    if reduced:
+        assert reducer.stats.items[0].tokens_per_layer[0] == budget and result[2] == len(ids) - 65 + budget
+        assert_same(reference, result, kept[0])
+    else:
+        assert kept == [] and result[2] == len(ids)
+        assert_same(reference, result, None)
 
 
 # ------------------------------------------------------------------------------------------ server

@@ -242,9 +242,13 @@ class DuetTowerMixin:
             maps[layer] = layer_scores(layers[index], taps.inputs[index][rows], has_cls, received=received)[0]
         return scores, keys, maps
 
-    def reduce_item(self, plan: Plan, geometry: Geometry, features, scores, keys, maps, text=None) -> Reduced:
+    def reduce_item(self, plan: Plan, geometry: Geometry, features, scores, keys, maps, text=None,
+                    project: Callable | None = None) -> Reduced:
+        """``reduce_unit`` on one item; ``project``: how its stage's output reaches the language model
+        (the projector by default; the identity where the features are projected already)."""
         return reduce_unit(
-            plan, features, scores, keys, geometry.grid, geometry.has_cls, self.multi_modal_projector, maps, text
+            plan, features, scores, keys, geometry.grid, geometry.has_cls, project or self.multi_modal_projector,
+            maps, text,
         )
 
     def text_embeddings(self, texts, index: int):

@@ -245,11 +245,15 @@ def render_live(root: Path, path: str) -> str:
 
 def render_vllm(root: Path, path: str) -> str:
     """``python -m duet_vlm.integrations.vllm.bench``: serving with and without a reducer, per budget and
-    concurrency, with each row's ratio to the unreduced server at the same concurrency."""
+    concurrency, with each row's ratio to vLLM's own class unreduced at the same concurrency (and
+    output length); an unreduced row of another route (the Transformers backend) gets one too."""
     results = _load(root, path)
     model, machine, settings = results["model"], results["machine"], results["settings"]
     rows = results["rows"]
-    base = {(row["concurrency"], row["max_tokens"]): row for row in rows if row["method"] is None}
+    base: dict = {}  # vLLM's own class, unreduced (the first unreduced server; a second is another route)
+    for row in rows:
+        if row["method"] is None:
+            base.setdefault((row["concurrency"], row["max_tokens"]), row)
     header = (
         f"`{results['command']}`: {machine['cpus']} CPU cores, server threads {machine['server_threads']}, "
         f"vLLM {machine['vllm']}; a random-weight model of LLaVA-1.5's geometry ({model['visual_tokens']} visual "
@@ -262,8 +266,8 @@ def render_vllm(root: Path, path: str) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         ref = base.get((row["concurrency"], row["max_tokens"]))
-        speed = f"{row['requests_per_s'] / ref['requests_per_s']:.2f}x" if ref and row["method"] else ""
-        ttft = f"{row['ttft_median_s'] / ref['ttft_median_s']:.2f}x" if ref and row["method"] else ""
+        speed = f"{row['requests_per_s'] / ref['requests_per_s']:.2f}x" if ref and row is not ref else ""
+        ttft = f"{row['ttft_median_s'] / ref['ttft_median_s']:.2f}x" if ref and row is not ref else ""
         name = row["setting"] if row["method"] is None else f"{row['setting']} {row['budget']}"
         lines.append("| " + " | ".join([
             name, str(row["visual_tokens"]), str(row["max_tokens"]), str(row["concurrency"]), f"{row['requests_per_s']:.3f}",

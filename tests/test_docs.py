@@ -116,3 +116,38 @@ def test_a_figure_takes_later_results_of_the_same_evaluation_only():
     other = {**later, "rows": [{**row, "accuracy": 0.5} if row["method"] == "full" else row for row in later["rows"]]}
     with pytest.raises(ValueError, match="another evaluation"):
         figures.evaluation([main, other])
+
+
+def test_a_method_without_a_budget_is_one_line_at_its_average_tokens():
+    """PixelPrune's rows (``pixelprune:OPTIONS``, no budget) are one line named ``pixelprune``, each
+    point annotated with its realised average tokens; ``full`` and the blank image are not points."""
+    import json
+
+    main = json.loads((ROOT / "docs/eval/results.json").read_text())
+    pixelprune = json.loads((ROOT / "docs/eval/pixelprune/results.json").read_text())
+    points, _ = figures.evaluation([main, pixelprune])
+    mine = sorted((p.budget, round(p.retained, 1)) for p in points if p.method == "pixelprune")
+    expected = sorted((round(row["avg_visual_tokens"]), round(row["retained_percent"], 1))
+                      for row in pixelprune["rows"] if row["method"].startswith("pixelprune"))
+    assert mine == expected and len(mine) == 5
+    assert not any(p.method in ("full", "blank image") or ":" in p.method for p in points)
+
+
+def test_the_serving_table_compares_every_route_with_vllms_own_class(tmp_path):
+    """A second unreduced route (the Transformers backend) is compared with vLLM's own class, and so
+    is the plugin, not with the backend that came after it."""
+    import json
+
+    def row(setting, method, rps):
+        return {"setting": setting, "method": method, "budget": 64 if method else None, "visual_tokens": 64,
+                "concurrency": 1, "max_tokens": 16, "requests_per_s": rps, "output_tokens_per_s": 1.0,
+                "ttft_median_s": 1.0, "ttft_p90_s": 1.0, "peak_rss_gib": 1.0, "load_before": 0.0, "load_after": 0.0}
+
+    record = {"command": "bench", "model": {"visual_tokens": 576, "layers": 32, "hidden": 512, "vision_layers": 24,
+                                            "vision_hidden": 256},
+              "machine": {"cpus": 2, "server_threads": 2, "vllm": "0.32.0"}, "settings": {"requests": 6, "dtype": "float32"},
+              "rows": [row("vLLM, unreduced", None, 1.0), row("backend, unreduced", None, 4.0), row("plugin", "pool", 2.0)]}
+    (tmp_path / "bench.json").write_text(json.dumps(record))
+    table = render.render_vllm(tmp_path, "bench.json")
+    assert "| backend, unreduced | 64 | 16 | 1 | 4.000 |" in table and "| 4.00x |" in table
+    assert "| plugin 64 |" in table and "| 2.00x |" in table

@@ -90,7 +90,8 @@ class Server:
     """``python -m duet_vlm.integrations.vllm.serve`` on 127.0.0.1, stopped on exit; its processes'
     resident memory sampled while it runs."""
 
-    def __init__(self, folder: Path, method: str | None, budget: int | None, log: Path, threads: int, startup_s: float):
+    def __init__(self, folder: Path, method: str | None, budget: int | None, log: Path, threads: int, startup_s: float,
+                 extra: tuple[str, ...] = ()):
         self.port = free_port()
         command = [
             sys.executable, "-m", "duet_vlm.integrations.vllm.serve", str(folder), "--host", "127.0.0.1",
@@ -100,6 +101,7 @@ class Server:
         ]
         if method is not None:
             command += ["--method", method, "--budget", str(budget)]
+        command += list(extra)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         self.log = open(log, "w")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -212,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", default="16,96", help="output tokens per request, comma-separated")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the server's OMP_NUM_THREADS")
     parser.add_argument("--startup-s", type=float, default=600)
+    parser.add_argument("--transformers-backend", action="store_true",
+                        help="also serve the model unreduced through vLLM's Transformers modeling backend "
+                             "(--model-impl transformers), the other route to every family")
     args = parser.parse_args(argv)
     budgets = [int(b) for b in args.budgets.split(",") if b]
     levels = [int(c) for c in args.concurrency.split(",") if c]
@@ -221,9 +226,13 @@ def main(argv: list[str] | None = None) -> None:
     import vllm
 
     rows: list[Row] = []
-    settings = [("vLLM, unreduced", None, [None]), (f"plugin, {args.method}", args.method, budgets)]
-    for setting, method, setting_budgets in settings:
-        server = Server(folder, method, setting_budgets[0], work / f"server-{method}.log", args.threads, args.startup_s)
+    settings = [("vLLM, unreduced", None, [None], ())]
+    if args.transformers_backend:
+        settings.append(("vLLM Transformers backend, unreduced", None, [None], ("--model-impl", "transformers")))
+    settings.append((f"plugin, {args.method}", args.method, budgets, ()))
+    for number, (setting, method, setting_budgets, extra) in enumerate(settings):
+        server = Server(folder, method, setting_budgets[0], work / f"server-{number}-{method}.log", args.threads,
+                        args.startup_s, extra)
         try:
             for budget in setting_budgets:
                 for max_tokens in lengths:

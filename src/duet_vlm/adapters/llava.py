@@ -11,7 +11,8 @@ CLIP and SigLIP encoders pass to every layer's attention (eager or SDPA; FlashAt
 such mask, and is refused for such a call). The tower's hidden states and the captures are put
 back at their tokens' places, zeros where nothing entered, so LLaVA's feature selection and the
 placeholder check see a whole encoding and the method's vision stage keeps the tokens that
-entered. The patch embedding (one convolution) still runs over the whole image; SigLIP's pooling
+entered; LLaVA's projector, which the model runs on that encoding next, projects only the entered
+slots (``subset_after_tower``). The patch embedding (one convolution) still runs over the whole image; SigLIP's pooling
 head, which LLaVA does not read, pools the kept tokens (and any padding).
 """
 
@@ -21,6 +22,26 @@ import torch
 from torch import nn
 
 from .base import Capture, Geometry, ModelAdapter, VisualItem, feature_layer
+
+def compact(values: torch.Tensor, layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, valid)``: the rows of ``values`` (``(images, T, ...)``) where ``layout`` (``(images,
+    T)``) is True, in order, each image padded with zeros to the most any image keeps; ``valid``
+    ``(images, n)`` False on the padding."""
+    counts = layout.sum(dim=1)
+    index = torch.sort((~layout).int(), dim=1, stable=True).indices[:, : int(counts.max())]
+    valid = torch.arange(index.shape[1], device=index.device)[None] < counts[:, None]
+    rows = values.gather(1, index.view(*index.shape, *[1] * (values.dim() - 2)).expand(-1, -1, *values.shape[2:]))
+    return rows.masked_fill(~valid.view(*valid.shape, *[1] * (values.dim() - 2)), 0), valid
+
+
+def expand(rows: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``compact``: ``rows`` (``(images, n, ...)``) put back where ``layout`` is True,
+    zeros elsewhere."""
+    valid = torch.arange(rows.shape[1], device=rows.device)[None] < layout.sum(dim=1)[:, None]
+    out = rows.new_zeros(*layout.shape, *rows.shape[2:])
+    out[layout] = rows[valid]
+    return out
+
 
 #: OpenAI CLIP's image normalisation (LLaVA-1.5's processor), and SigLIP's.
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -95,8 +116,8 @@ class LlavaAdapter(ModelAdapter):
                 "with at least one token per image"
             )
         entered = chosen.flatten()
-        _, valid = self.subset_rows(entered)
-        if not bool(valid.all()):  # images keep different counts: the padding must not be attended to
+        counts = self.tower_layout(entered).sum(dim=1)
+        if bool((counts != counts.max()).any()):  # images keep different counts: the padding must not be attended to
             implementation = getattr(self.tower_entries["image"].config, "_attn_implementation", None)
             if implementation not in ("sdpa", "eager"):
                 raise ValueError(
@@ -107,47 +128,15 @@ class LlavaAdapter(ModelAdapter):
             if kwargs.get("attention_mask") is not None:
                 raise ValueError("the vision tower was called with an attention mask: patches cannot be left out of it")
             dtype = self.tower_entries["image"].embeddings.patch_embedding.weight.dtype
-            mask = torch.zeros(valid.shape, dtype=dtype, device=pixels.device).masked_fill(~valid, torch.finfo(dtype).min)
+            valid = torch.arange(int(counts.max()), device=counts.device)[None] < counts[:, None]
+            mask = torch.zeros(valid.shape, dtype=dtype).masked_fill(~valid, torch.finfo(dtype).min).to(pixels.device)
             kwargs = {**kwargs, "attention_mask": mask[:, None, None, :]}
         return args, kwargs, entered
 
-    def subset_rows(self, entered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(index, valid)``, both ``(images, n)``: the tower rows each image keeps (its CLS row
-        first, then its entered patches in order; ``n`` the most any image keeps) and which of
-        them are real (the rest pad)."""
-        cls = int(self.has_cls)
+    def tower_layout(self, entered: torch.Tensor) -> torch.Tensor:
+        """``(images, T)`` True on the tower's rows each image keeps: its CLS row, its entered patches."""
         patches = entered.view(-1, self.geometry.patches)
-        full = torch.cat([patches.new_ones(patches.shape[0], cls), patches], dim=1)
-        counts = full.sum(dim=1)
-        index = torch.sort((~full).int(), dim=1, stable=True).indices[:, : int(counts.max())]
-        return index, torch.arange(index.shape[1], device=index.device)[None] < counts[:, None]
-
-    def subset_inner_hooks(self, tower: str) -> dict:
-        return {self.tower_entries[tower].embeddings: self.keep_rows}
-
-    def keep_rows(self, embeddings: torch.Tensor, entered: torch.Tensor) -> torch.Tensor:
-        """The embeddings' output ``(images, T, C)`` with only the rows the images keep (padded)."""
-        if bool(entered.all()):
-            return embeddings
-        index, valid = self.subset_rows(entered.to(embeddings.device))
-        kept = embeddings.gather(1, index[..., None].expand(-1, -1, embeddings.shape[-1]))
-        return kept.masked_fill(~valid[..., None], 0)
-
-    def in_place(self, values: torch.Tensor, entered: torch.Tensor) -> torch.Tensor:
-        """A subset call's ``(images, n, ...)`` tower rows put back at their tokens' places
-        ``(images, T, ...)``, zeros where nothing entered."""
-        if bool(entered.all()):
-            return values
-        _, valid = self.subset_rows(entered.to(values.device))
-        cls = int(self.has_cls)
-        patches = entered.to(values.device).view(-1, self.geometry.patches)
-        full = torch.cat([patches.new_ones(patches.shape[0], cls), patches], dim=1)
-        out = values.new_zeros(*full.shape, *values.shape[2:])
-        out[full] = values[valid]
-        return out
-
-    def subset_after_tower(self, tower: str) -> dict:
-        return {self.projector: (self.compact_slots, self.expand_slots)}
+        return torch.cat([patches.new_ones(patches.shape[0], int(self.has_cls)), patches], dim=1)
 
     def slot_layout(self, entered: torch.Tensor) -> torch.Tensor:
         """``(images, slots)`` True on each image's slots whose tokens entered (its CLS slot too,
@@ -157,23 +146,36 @@ class LlavaAdapter(ModelAdapter):
             patches = torch.cat([patches.new_ones(patches.shape[0], 1), patches], dim=1)
         return patches
 
+    def subset_inner_hooks(self, tower: str) -> dict:
+        return {self.tower_entries[tower].embeddings: self.keep_rows}
+
+    def keep_rows(self, embeddings: torch.Tensor, entered: torch.Tensor) -> torch.Tensor:
+        """The embeddings' output ``(images, T, C)`` with only the rows the images keep (padded with zeros)."""
+        if bool(entered.all()):
+            return embeddings
+        return compact(embeddings, self.tower_layout(entered.to(embeddings.device)))[0]
+
+    def in_place(self, values: torch.Tensor, entered: torch.Tensor) -> torch.Tensor:
+        """A subset call's ``(images, n, ...)`` tower rows put back at their tokens' places
+        ``(images, T, ...)``, zeros where nothing entered."""
+        if bool(entered.all()):
+            return values
+        return expand(values, self.tower_layout(entered.to(values.device)))
+
+    def subset_after_tower(self, tower: str) -> dict:
+        return {self.projector: (self.compact_slots, self.expand_slots)}
+
     def compact_slots(self, features: torch.Tensor, entered: torch.Tensor) -> torch.Tensor | None:
         """The projector's input ``(images, slots, C)`` cut to the slots that entered (padded to the
         most any image keeps), so that it projects only those; ``None`` for another input."""
         layout = self.slot_layout(entered.to(features.device))
         if features.dim() != 3 or tuple(features.shape[:2]) != tuple(layout.shape):
             return None
-        counts = layout.sum(dim=1)
-        index = torch.sort((~layout).int(), dim=1, stable=True).indices[:, : int(counts.max())]
-        return features.gather(1, index[..., None].expand(-1, -1, features.shape[-1]))
+        return compact(features, layout)[0]
 
     def expand_slots(self, projected: torch.Tensor, entered: torch.Tensor) -> torch.Tensor:
         """The projector's output on the entered slots put back at every slot (zeros elsewhere)."""
-        layout = self.slot_layout(entered.to(projected.device))
-        valid = torch.arange(projected.shape[1], device=projected.device)[None] < layout.sum(dim=1)[:, None]
-        out = projected.new_zeros(*layout.shape, projected.shape[-1])
-        out[layout] = projected[valid]
-        return out
+        return expand(projected, self.slot_layout(entered.to(projected.device)))
 
     def expand_tower_output(self, output, entered: torch.Tensor) -> None:
         output.last_hidden_state = self.in_place(output.last_hidden_state, entered)

@@ -447,7 +447,12 @@ def test_clip_and_siglip_towers_encode_the_kept_rows_as_their_layers_would(famil
     assert [item.budget for item in reducer.stats.items] == counts
 
 
-def test_on_clip_the_statistics_name_the_patches_that_never_entered():
+def test_on_clip_the_statistics_and_the_overlay_name_the_patches_that_never_entered(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from duet_vlm.compare import draw_item_overlay
+
     model = FAMILIES["llava"].model()
     adapter = duet_vlm.adapter_for(model)
     batch = _blocky_images(FAMILIES["llava"].one(model))
@@ -458,6 +463,15 @@ def test_on_clip_the_statistics_name_the_patches_that_never_entered():
     (item,) = reducer.stats.items
     assert item.never_encoded.tolist() == (~keep).nonzero()[:, 0].tolist()  # slots: patch order, CLS has none
     assert item.budget == int(keep.sum()) == item.tokens_per_layer[0] < item.tokens
+
+    def red_pixels(path) -> int:
+        pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        return int(((pixels[..., 0] - pixels[..., 1]) > 60).sum())
+
+    picture = Image.new("RGB", (112, 112), "white")
+    assert red_pixels(draw_item_overlay(picture, item, tmp_path / "item.png")) > 1000
+    item.never_encoded = None  # the same item as another method reports it: nothing red
+    assert red_pixels(draw_item_overlay(picture, item, tmp_path / "plain.png")) == 0
 
 
 def test_images_of_uneven_counts_are_refused_under_attention_without_a_key_mask(monkeypatch):

@@ -1,4 +1,5 @@
-"""vLLM's own classes for the families duet-vlm's plugin does not serve yet, refusing duet-vlm's options.
+"""vLLM's own classes for the families duet-vlm's plugin does not serve yet (and for vLLM's
+Transformers modeling backend), refusing duet-vlm's options.
 
 Without this, a server started with ``--mm-processor-kwargs '{"duet_method": ...}'`` on, say,
 Qwen2-VL ran vLLM's own class, never read the method, and served every image unreduced without a
@@ -19,6 +20,12 @@ NOT_SERVED = {
     "InternVLForConditionalGeneration": ("interns1", "InternS1ForConditionalGeneration", "InternVL"),
     "Gemma3ForConditionalGeneration": ("gemma3_mm", "Gemma3ForConditionalGeneration", "Gemma 3"),
     "Gemma4ForConditionalGeneration": ("gemma4_mm", "Gemma4ForConditionalGeneration", "Gemma 4"),
+    # vLLM's Transformers modeling backend (``--model-impl transformers``): any family, run through
+    # the Hugging Face model's own vision code, which the plugin does not reduce (the serving page)
+    "TransformersMultiModalForCausalLM": ("transformers", "TransformersMultiModalForCausalLM",
+                                          "vLLM's Transformers modeling backend (--model-impl transformers)"),
+    "TransformersMultiModalMoEForCausalLM": ("transformers", "TransformersMultiModalMoEForCausalLM",
+                                             "vLLM's Transformers modeling backend (--model-impl transformers)"),
 }
 
 #: what the plugin serves (``plugin.MODELS``), for the message.
@@ -35,6 +42,7 @@ def refuse_options(vllm_config, family: str) -> None:
             f"duet-vlm's vLLM plugin serves {SERVED}; {family} runs as vLLM's own class, which would ignore "
             f"{', '.join(asked)} and serve every image unreduced. Start the server without duet-vlm's options to "
             "serve it unreduced, or reduce it on the Hugging Face path (duet-vlm run, the lmms-eval models)"
+            + (" or with vLLM's own model implementation (--model-impl auto or vllm)" if "backend" in family else "")
         )
 
 

@@ -376,13 +376,18 @@ class ModelAdapter:
         always does), ``None`` where no input stage chose patches; one row per unit."""
         if not any(context.get("entered") is not None for context in capture.contexts):
             return None
-        tokens, cls = capture.output.shape[1], int(self.geometry.has_cls)
         rows = []
         for count, context in zip(capture.calls or (capture.output.shape[0],), capture.contexts):
             entered = context.get("entered")
-            entered = torch.ones(count, tokens - cls, dtype=torch.bool) if entered is None else entered.view(count, -1)
-            rows.append(torch.cat([torch.ones(count, cls, dtype=torch.bool, device=entered.device), entered], dim=1))
-        return torch.cat([row.cpu() for row in rows]).to(capture.output.device)
+            rows.append(torch.ones(count, capture.output.shape[1], dtype=torch.bool) if entered is None
+                        else self.tower_layout(entered).cpu())
+        return torch.cat(rows).to(capture.output.device)
+
+    def tower_layout(self, entered: torch.Tensor) -> torch.Tensor:
+        """``(units, T)`` True on the tower's rows each unit keeps, from ``entered`` (its patches, flat
+        over the call's units): its CLS row, if it has one, and its entered patches."""
+        patches = entered.view(-1, self.geometry.patches)
+        return torch.cat([patches.new_ones(patches.shape[0], int(self.geometry.has_cls)), patches], dim=1)
 
     def vision_signals(self, capture: Capture, tower: str, layers: tuple = (), received: bool = False) -> Signals:
         """The scores and keys of every captured unit of ``tower``, and the scores of ``layers``

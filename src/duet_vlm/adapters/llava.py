@@ -133,11 +133,6 @@ class LlavaAdapter(ModelAdapter):
             kwargs = {**kwargs, "attention_mask": mask[:, None, None, :]}
         return args, kwargs, entered
 
-    def tower_layout(self, entered: torch.Tensor) -> torch.Tensor:
-        """``(images, T)`` True on the tower's rows each image keeps: its CLS row, its entered patches."""
-        patches = entered.view(-1, self.geometry.patches)
-        return torch.cat([patches.new_ones(patches.shape[0], int(self.has_cls)), patches], dim=1)
-
     def slot_layout(self, entered: torch.Tensor) -> torch.Tensor:
         """``(images, slots)`` True on each image's slots whose tokens entered (its CLS slot too,
         under the "full" strategy)."""

@@ -44,12 +44,15 @@ def patch_subset_hooks(adapter: ModelAdapter, captures: Callable, tower: str, mo
         captures().note_entered(tower, entered)
         return args, kwargs
 
+    after_tower = adapter.subset_after_tower(tower)
+
     def expand(module, args, output):
         entered = captures().entered(tower, done=True)
         adapter.expand_tower_output(output, entered)
         for capture in captures().open.get(tower, ()):  # this call's captures (the entry's last hook closes them)
             adapter.expand_capture(capture, entered)
-        captures().after_tower[tower] = (entered, False)
+        if after_tower:  # for the module the model runs next (LLaVA's projector)
+            captures().after_tower[tower] = (entered, False)
 
     def inner(reshape):
         def hook(module, args, output):
@@ -79,6 +82,6 @@ def patch_subset_hooks(adapter: ModelAdapter, captures: Callable, tower: str, mo
     handles = [module.register_forward_pre_hook(enter, with_kwargs=True), module.register_forward_hook(expand)]
     for inside, reshape in adapter.subset_inner_hooks(tower).items():
         handles.append(inside.register_forward_hook(inner(reshape)))
-    for after, (compact, put_back) in adapter.subset_after_tower(tower).items():
+    for after, (compact, put_back) in after_tower.items():
         handles += [after.register_forward_pre_hook(compact_input(compact)), after.register_forward_hook(expand_output(put_back))]
     return handles

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from .options import KEYS
 
+#: what vLLM's Transformers modeling backend is called in the refusal (it serves any family).
+BACKEND = "vLLM's Transformers modeling backend (--model-impl transformers)"
+
 #: architecture -> (vLLM's module, vLLM's class, the family's name) for the families the Hugging Face
 #: path supports and the plugin does not serve yet (vLLM 0.32's registry).
 NOT_SERVED = {
@@ -22,10 +25,8 @@ NOT_SERVED = {
     "Gemma4ForConditionalGeneration": ("gemma4_mm", "Gemma4ForConditionalGeneration", "Gemma 4"),
     # vLLM's Transformers modeling backend (``--model-impl transformers``): any family, run through
     # the Hugging Face model's own vision code, which the plugin does not reduce (the serving page)
-    "TransformersMultiModalForCausalLM": ("transformers", "TransformersMultiModalForCausalLM",
-                                          "vLLM's Transformers modeling backend (--model-impl transformers)"),
-    "TransformersMultiModalMoEForCausalLM": ("transformers", "TransformersMultiModalMoEForCausalLM",
-                                             "vLLM's Transformers modeling backend (--model-impl transformers)"),
+    "TransformersMultiModalForCausalLM": ("transformers", "TransformersMultiModalForCausalLM", BACKEND),
+    "TransformersMultiModalMoEForCausalLM": ("transformers", "TransformersMultiModalMoEForCausalLM", BACKEND),
 }
 
 #: what the plugin serves (``plugin.MODELS``), for the message.
@@ -42,7 +43,7 @@ def refuse_options(vllm_config, family: str) -> None:
             f"duet-vlm's vLLM plugin serves {SERVED}; {family} runs as vLLM's own class, which would ignore "
             f"{', '.join(asked)} and serve every image unreduced. Start the server without duet-vlm's options to "
             "serve it unreduced, or reduce it on the Hugging Face path (duet-vlm run, the lmms-eval models)"
-            + (" or with vLLM's own model implementation (--model-impl auto or vllm)" if "backend" in family else "")
+            + (" or with vLLM's own model implementation (--model-impl auto or vllm)" if family == BACKEND else "")
         )
 
 

@@ -47,6 +47,7 @@ from duet_vlm.integrations.vllm.checkpoints import (  # noqa: E402
     load_hf,
     write_llava,
     write_gemma3,
+    write_internvl,
     write_llava_next,
     write_llava_onevision,
     write_qwen_vl,
@@ -59,6 +60,12 @@ QWEN_PROMPT = (
     "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what colour is the shape on the left?<|im_end|>\n"
     "<|im_start|>assistant\n"
 )
+INTERNVL_PROMPT = (
+    "<|im_start|>user\n<IMG_CONTEXT>what colour is the shape on the left?<|im_end|>\n<|im_start|>assistant\n"
+)
+#: InternVL images: 150x100 px, 6 tiles of 56 px and a thumbnail (112 tokens); 112x56 px, 2 tiles and a
+#: thumbnail (48 tokens).
+INTERNVL_SIZES = [(150, 100), (112, 56)]
 LOGPROB_TOLERANCE = 2e-3
 
 #: every pre-LLM method, as the server is told it (method, options), at budget 64 on LLaVA-1.5's geometry.
@@ -143,17 +150,32 @@ def is_qwen(processor) -> bool:
     return "Qwen" in type(processor).__name__
 
 
+def is_internvl(processor) -> bool:
+    return "InternVL" in type(processor).__name__
+
+
 def hf_inputs(processor, picture):
-    return processor(images=picture, text=QWEN_PROMPT if is_qwen(processor) else PROMPT, return_tensors="pt")
+    text = QWEN_PROMPT if is_qwen(processor) else INTERNVL_PROMPT if is_internvl(processor) else PROMPT
+    return processor(images=picture, text=text, return_tensors="pt")
 
 
-def vllm_prompt(inputs) -> dict:
-    """The Hugging Face prompt's ids with its run of placeholders collapsed to one (vLLM expands it)."""
+def vllm_prompt(inputs, processor=None) -> dict:
+    """The Hugging Face prompt's ids with its run of placeholders collapsed to one (vLLM expands it;
+    InternVL's ``<img>`` and ``</img>`` around the run with it)."""
     ids = inputs["input_ids"][0].tolist()
     token = IMAGE_TOKEN if IMAGE_TOKEN in ids else max(set(ids), key=ids.count)  # Qwen: <|image_pad|>
     first = ids.index(token)
     last = len(ids) - ids[::-1].index(token)
+    if processor is not None and is_internvl(processor):
+        first, last = first - 1, last + 1
     return ids[:first] + [token] + ids[last:]
+
+
+def served_length(processor, picture, visual: int) -> int:
+    """The length of the prompt a server fills for ``picture`` with ``visual`` visual tokens: the
+    Hugging Face prompt's, its placeholders replaced by ``visual`` tokens."""
+    ids = hf_inputs(processor, picture)["input_ids"][0].tolist()
+    return len(ids) - ids.count(processor.image_token_id) + visual
 
 
 def hf_run(model, processor, picture, reducer):
@@ -187,7 +209,7 @@ def vllm_run(llm, processor, pictures, request_options=None):
     select.TRACE = []
     prompts = []
     for i, picture in enumerate(pictures):
-        prompt = {"prompt_token_ids": vllm_prompt(hf_inputs(processor, picture)), "multi_modal_data": {"image": picture}}
+        prompt = {"prompt_token_ids": vllm_prompt(hf_inputs(processor, picture), processor), "multi_modal_data": {"image": picture}}
         options = request_options[i] if request_options is not None else None
         if options:
             prompt["mm_processor_kwargs"] = options
@@ -332,7 +354,7 @@ def check_allow_list(saved, budget, pictures):
         with pytest.raises(ValueError, match="may choose one of pool, divprune"):
             vllm_run(llm, processor, pictures[:1], [{"duet_method": "random"}])
     for picture, reference, result, picture_kept, count in zip(pictures, references, results, kept, counts):
-        assert result[2] == len(vllm_prompt(hf_inputs(processor, picture))) - 1 + count
+        assert result[2] == served_length(processor, picture, count)
         assert_same(reference, result, picture_kept)
 
 
@@ -351,8 +373,8 @@ def test_a_family_the_plugin_does_not_serve_refuses_duet_options_at_start(tmp_pa
     while error is not None:
         chain.append(str(error))
         error = error.__cause__ or error.__context__
-    assert any("serves LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and "
-               "Qwen3.5-MoE; Gemma 3 runs as vLLM's own class" in e for e in chain), chain
+    assert any("serves LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, "
+               "Qwen3.5-MoE and InternVL; Gemma 3 runs as vLLM's own class" in e for e in chain), chain
     prompt = [1, 10, 11, 12, 13]
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -362,7 +384,7 @@ def test_a_family_the_plugin_does_not_serve_refuses_duet_options_at_start(tmp_pa
     with engine(folder, None) as llm:
         got = list(llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0].token_ids)
     assert got == expected
-    assert set(NOT_SERVED) == {"InternVLForConditionalGeneration", "Gemma3ForConditionalGeneration",
+    assert set(NOT_SERVED) == {"Gemma3ForConditionalGeneration",
                                "Gemma4ForConditionalGeneration", "TransformersMultiModalForCausalLM",
                                "TransformersMultiModalMoEForCausalLM"}
 
@@ -412,7 +434,7 @@ def check_equals_hf(saved, method: str, budget: int, pictures) -> None:
     with engine(folder, {"duet_method": method, "duet_budget": budget}) as llm:
         results, kept = vllm_run(llm, processor, pictures)
     for picture, reference, result, picture_kept, count in zip(pictures, references, results, kept, counts):
-        assert result[2] == len(vllm_prompt(hf_inputs(processor, picture))) - 1 + count
+        assert result[2] == served_length(processor, picture, count)
         assert_same(reference, result, picture_kept)
 
 
@@ -440,6 +462,73 @@ def test_llava_onevision_refuses_an_image_resized_after_projection(tmp_path):
             vllm_run(llm, processor, [image(7, (448, 448))])
         (result,), kept = vllm_run(llm, processor, [image(5, (200, 150))])
     assert len(kept) == 1 and result[2] == len(vllm_prompt(hf_inputs(processor, image(5, (200, 150))))) - 1 + 48
+
+
+@pytest.fixture(scope="module")
+def saved_internvl(tmp_path_factory):
+    folder = write_internvl(tmp_path_factory.mktemp("vllm-internvl") / "tiny-internvl")
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    return folder, model, AutoProcessor.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("method", ["visionzip", "trio_scan", "cdpruner", "hiprune"])
+def test_internvl_equals_the_hugging_face_path(saved_internvl, method):
+    """InternVL (vLLM's ``InternS1ForConditionalGeneration``): an image's tiles and thumbnail are one
+    item, its post-shuffle tokens scored by the CLS attention pooled through the model's shuffle, each
+    kept token in its slot (VisionZip's merged tokens at their anchors), ``<img>`` and ``</img>`` read
+    as text by CDPruner as on the Hugging Face path: the same kept tokens, tokens and log-probabilities."""
+    check_equals_hf(saved_internvl, method, 24, [image(30 + i, size) for i, size in enumerate(INTERNVL_SIZES)])
+
+
+def test_internvl_image_a_budget_leaves_unreduced_equals_the_hugging_face_model(saved_internvl, caplog):
+    """A single-tile image (16 tokens) under a budget of 24 is served as vLLM embeds it (the unreduced
+    Hugging Face model's answer), and the server's log says so."""
+    folder, model, processor = saved_internvl
+    picture = image(33, (56, 56))
+    reference = hf_run(model, processor, picture, None)
+    with caplog.at_level(logging.WARNING, logger="duet_vlm.vllm"):
+        with engine(folder, {"duet_method": "visionzip", "duet_budget": 24}) as llm:
+            (result,), kept = vllm_run(llm, processor, [picture])
+    assert kept == [] and result[2] == served_length(processor, picture, 16)
+    assert_same(reference, result, None)
+    assert "an image of 16 visual tokens is served unreduced: duet_budget 24 is not below its tokens" in caplog.text
+
+
+def test_internvl_videos_are_served_unreduced_with_a_log_line(saved_internvl, caplog):
+    """InternVL's videos (each frame a run of its own under ``<video>`` tokens) are not reduced by the
+    plugin: a server running a method answers a video as plain vLLM does, and its log says so."""
+    folder, _, _ = saved_internvl
+    frames = np.stack([np.asarray(image(34 + i, (56, 56))) for i in range(4)])
+    request = {"prompt": "<|im_start|>user\n<video>what moves?<|im_end|>\n<|im_start|>assistant\n",
+               "multi_modal_data": {"video": (frames, VIDEO_METADATA)}}
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=1)
+    answers = []
+    for options in (None, {"duet_method": "visionzip", "duet_budget": 8}):
+        with caplog.at_level(logging.WARNING, logger="duet_vlm.vllm"):
+            with engine(folder, options, limit_mm_per_prompt={"image": 0, "video": 1}) as llm:
+                output = llm.generate([request], params, use_tqdm=False)[0]
+        completion = output.outputs[0]
+        answers.append((list(completion.token_ids), [step[t].logprob for step, t in zip(completion.logprobs, completion.token_ids)],
+                        len(output.prompt_token_ids)))
+    assert answers[0] == answers[1]
+    assert "videos are served unreduced on InternVL" in caplog.text
+
+
+def test_internvl_with_another_feature_layer_is_refused_at_start(tmp_path):
+    """vLLM's InternVL projects the tower's last layer whatever ``vision_feature_layer`` says: a
+    checkpoint naming another layer is refused when the server is asked to reduce it."""
+    folder = write_internvl(tmp_path / "tiny-internvl-layer")
+    config = json.loads((folder / "config.json").read_text())
+    config["vision_feature_layer"] = -2
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception) as failure:
+        with engine(folder, {"duet_method": "visionzip", "duet_budget": 24}):
+            pass
+    chain, error = [], failure.value
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__ or error.__context__
+    assert any("vision_feature_layer=-2: vLLM's InternVL projects the tower's last layer" in e for e in chain), chain
 
 
 QWEN_METHODS = ["visionzip", "trio_scan", "random", "divprune", "cdpruner", "hiprune"]
@@ -505,25 +594,32 @@ def test_qwen3_5_equals_the_hugging_face_path_in_bfloat16(saved_qwen3_5, method)
 @pytest.mark.parametrize(
     "kind,method,mode",
     [("llava", "visionzip", "weights"), ("qwen2_vl", "visionzip", "weights"), ("qwen2_5_vl", "trio_scan", "weights"),
-     ("qwen2_5_vl", "visionzip", "data")],
+     ("qwen2_5_vl", "visionzip", "data"), ("internvl", "visionzip", "weights")],
 )
 def test_tensor_parallel_equals_the_hugging_face_path(tmp_path, kind, method, mode):
     """``--tensor-parallel-size 2`` (two CPU workers, one core each): every rank scores over all
     heads (its own and the other rank's, gathered), so both keep the tokens one process keeps, and
     the output equals the Hugging Face path's: LLaVA's CLIP (a fused projection per rank),
     Qwen2-VL's tower (a slice of q|k|v per rank), Qwen2.5-VL's (per-rank heads), and Qwen2.5-VL with
-    the encoder replicated on each rank (``--mm-encoder-tp-mode data``)."""
-    folder = write_llava(tmp_path / kind) if kind == "llava" else write_qwen_vl(tmp_path / kind, kind=kind)
+    the encoder replicated on each rank (``--mm-encoder-tp-mode data``), and InternVL (its tower is
+    replicated in vLLM: every rank holds all heads; its Qwen2 decoder is split)."""
     if kind == "llava":
+        folder = write_llava(tmp_path / kind)
         model, budget, sizes = load_hf(folder), 64, [(336, 336), (300, 400)]
+    elif kind == "internvl":
+        folder = write_internvl(tmp_path / kind)
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+        budget, sizes = 24, INTERNVL_SIZES
     else:
+        folder = write_qwen_vl(tmp_path / kind, kind=kind)
         model, budget, sizes = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval(), 16, [(224, 168), (168, 280)]
     processor = AutoProcessor.from_pretrained(folder)
     pictures = [image(20 + i, size) for i, size in enumerate(sizes)]
     requests = []
     for i, picture in enumerate(pictures):  # PNG is lossless: the script reads the same pixels
         picture.save(tmp_path / f"picture{i}.png")
-        requests.append({"prompt_token_ids": vllm_prompt(hf_inputs(processor, picture)), "image": str(tmp_path / f"picture{i}.png")})
+        requests.append({"prompt_token_ids": vllm_prompt(hf_inputs(processor, picture), processor),
+                         "image": str(tmp_path / f"picture{i}.png")})
     reducer = duet_vlm.make(method, budget=budget)
     references = [hf_run(model, processor, picture, reducer) for picture in pictures]
     out = tmp_path / "tp.json"
@@ -537,7 +633,7 @@ def test_tensor_parallel_equals_the_hugging_face_path(tmp_path, kind, method, mo
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads(out.read_text())
     for picture, reference, result in zip(pictures, references, results):
-        assert result[2] == len(vllm_prompt(hf_inputs(processor, picture))) - 1 + budget
+        assert result[2] == served_length(processor, picture, budget)
         assert_same(reference[:2] + (None,), result, None)
 
 

@@ -74,13 +74,33 @@ def internvl_layer_scores(
     layer's own ``layernorm_before``, projections and q/k norms."""
     attn = layer.attention
     units, tokens, _ = layer_input.shape
+    # transformers' layer has identity q/k norms when the ViT has none; vLLM's (which serves the
+    # same checkpoints, ``integrations.vllm.internvl``) has no such modules
+    q_norm, k_norm = (getattr(attn, name, None) for name in ("q_norm", "k_norm"))
+    q_norm, k_norm = (nn.Identity() if norm is None else norm for norm in (q_norm, k_norm))
     with torch.no_grad():
         x = layer.layernorm_before(layer_input)
-        keys = attn.k_norm(attn.k_proj(x)).view(units, tokens, attn.num_heads, attn.head_dim).transpose(1, 2)
+        keys = k_norm(attn.k_proj(x)).view(units, tokens, attn.num_heads, attn.head_dim).transpose(1, 2)
         rows = x if received else x[:, :1]
-        query = attn.q_norm(attn.q_proj(rows)).view(units, rows.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)
+        query = q_norm(attn.q_proj(rows)).view(units, rows.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)
         scores = patch_scores(query, keys, attn.scale, has_cls=True, received=received)
     return scores, keys.mean(dim=1)
+
+
+def shuffle_groups(pixel_shuffle, side: int, ratio: float) -> torch.Tensor:
+    """``(tokens, group)``: the raster indices of the patches of a ``side x side`` tile that the
+    model's ``pixel_shuffle`` (called as ``pixel_shuffle(x, scale_factor=ratio)``) concatenates into
+    each post-shuffle token, in its channel order."""
+    index = torch.arange(side * side, dtype=torch.long).view(1, side, side, 1)
+    shuffled = pixel_shuffle(index, scale_factor=ratio)  # (1, s, s, group)
+    return shuffled.reshape(-1, shuffled.shape[-1])
+
+
+def pool_through_shuffle(scores: torch.Tensor, keys: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch ``scores (U, P)`` and ``keys (U, 1 + P, d)`` (CLS first) -> each post-shuffle token's:
+    the scores summed over its group of patches, the keys averaged over it."""
+    groups = groups.to(scores.device)
+    return scores[:, groups].sum(dim=-1), keys[:, 1:][:, groups].mean(dim=-2)
 
 
 @dataclass(frozen=True)
@@ -146,9 +166,7 @@ class InternVLAdapter(ModelAdapter):
         model's ``pixel_shuffle`` concatenates into each post-shuffle token (in its channel order)."""
         groups = self._groups.get(side)
         if groups is None:
-            index = torch.arange(side * side, dtype=torch.long).view(1, side, side, 1)
-            shuffled = self.base.pixel_shuffle(index, scale_factor=self.ratio)  # (1, s, s, group)
-            groups = self._groups[side] = shuffled.reshape(-1, shuffled.shape[-1])
+            groups = self._groups[side] = shuffle_groups(self.base.pixel_shuffle, side, self.ratio)
         return groups
 
     def shuffled_side(self, side: int) -> int:
@@ -217,8 +235,7 @@ class InternVLAdapter(ModelAdapter):
         ``layer``'s CLS-to-patch attention (or attention received) summed over each token's group of
         patches, its keys averaged over the group."""
         scores, keys = internvl_layer_scores(layer, layer_input, received)
-        groups = self.shuffle_groups(round(scores.shape[1] ** 0.5)).to(scores.device)
-        return scores[:, groups].sum(dim=-1), keys[:, 1:][:, groups].mean(dim=-2)
+        return pool_through_shuffle(scores, keys, self.shuffle_groups(round(scores.shape[1] ** 0.5)))
 
     def unit_features(self, items, capture: Capture, signals: Signals, first_row, inputs_embeds=None) -> UnitFeatures:
         """One unit per image: its post-shuffle tokens as the language model receives them (read from

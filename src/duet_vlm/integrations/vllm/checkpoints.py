@@ -381,12 +381,13 @@ QWEN_TEMPLATE = (
 )
 
 
-def _qwen_tokenizer(folder: Path, processor_class: str = "Qwen2_5_VLProcessor") -> dict[str, int]:
-    """The demo vocabulary plus Qwen's special tokens (ids after it); returns the special ids."""
+def _added_tokens(folder: Path, special: list[str], config: dict, template: str) -> dict[str, int]:
+    """The demo vocabulary plus ``special`` tokens (ids after it), with ``config`` as the tokenizer's
+    config and ``template`` as its chat template; returns the special ids."""
     tokenizer = json.loads((DEMO / "tokenizer.json").read_text())
     vocab = tokenizer["model"]["vocab"]
     ids = {}
-    for token in QWEN_SPECIAL:
+    for token in special:
         ids[token] = len(vocab)
         vocab[token] = ids[token]
         tokenizer["added_tokens"].append(
@@ -394,16 +395,23 @@ def _qwen_tokenizer(folder: Path, processor_class: str = "Qwen2_5_VLProcessor") 
              "normalized": False, "special": True}
         )
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
-    (folder / "chat_template.jinja").write_text(QWEN_TEMPLATE)
+    (folder / "chat_template.jinja").write_text(template)
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "backend": "tokenizers", "tokenizer_class": "TokenizersBackend", "bos_token": None, "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>", "unk_token": "<unk>", "model_max_length": 4096, "padding_side": "left",
+        "backend": "tokenizers", "tokenizer_class": "TokenizersBackend", "unk_token": "<unk>", "model_max_length": 4096,
+        "padding_side": "left", **config,
+    }, indent=2))
+    return ids
+
+
+def _qwen_tokenizer(folder: Path, processor_class: str = "Qwen2_5_VLProcessor") -> dict[str, int]:
+    """The demo vocabulary plus Qwen's special tokens (ids after it); returns the special ids."""
+    return _added_tokens(folder, QWEN_SPECIAL, {
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
         "processor_class": processor_class, "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
         "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>",
         "extra_special_tokens": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                                  "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
-    }, indent=2))
-    return ids
+    }, QWEN_TEMPLATE)
 
 
 #: the Hugging Face classes of each Qwen kind ``write_qwen_vl`` writes.
@@ -502,4 +510,70 @@ def write_qwen_vl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, lay
         indent=2,
     ))
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}))
+    return folder
+
+
+INTERNVL_SPECIAL = ["<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+INTERNVL_TEMPLATE = QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>")
+
+
+def write_internvl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, layers: int = 4, tile: int = 56) -> Path:
+    """A tiny InternVL3 checkpoint of the real classes (``InternVLForConditionalGeneration``, which
+    vLLM 0.32 serves with its ``InternS1ForConditionalGeneration``): ``tile``-pixel tiles of 7-pixel
+    patches (8 x 8 at 56 px), a 0.5 pixel shuffle (16 tokens a tile), a 3-layer ViT of width 64 (2
+    heads of 32) with a random CLS token and position embeddings, and a Qwen2 decoder with head_dim
+    32; the processor (``GotOcr2ImageProcessor``) cuts an image into 1 to 6 tiles by its aspect ratio
+    and adds a thumbnail when there is more than one, as InternVL's does at 448 px."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = _added_tokens(folder, INTERNVL_SPECIAL, {
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<pad>", "processor_class": "InternVLProcessor",
+        "extra_special_tokens": {"start_image_token": "<img>", "end_image_token": "</img>",
+                                 "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+    }, INTERNVL_TEMPLATE)
+    patch = 7
+    tokens = (tile // patch // 2) ** 2
+    vision = InternVLVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2, image_size=[tile, tile],
+        patch_size=[patch, patch], layer_scale_init_value=1.0,
+    )
+    text = Qwen2Config(
+        vocab_size=max(ids.values()) + 1, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, pad_token_id=0,
+        bos_token_id=None, eos_token_id=ids["<|im_end|>"], tie_word_embeddings=False,
+    )
+    config = InternVLConfig(
+        vision_config=vision, text_config=text, image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=tokens,
+        downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config)
+    with torch.no_grad():
+        embeddings = model.model.vision_tower.embeddings
+        embeddings.cls_token.normal_()
+        embeddings.position_embeddings.normal_(std=0.5)
+    model = sharpen(model, sharpness).float().eval()
+    model.config.save_pretrained(folder)
+    written = json.loads((folder / "config.json").read_text())
+    written["architectures"] = ["InternVLForConditionalGeneration"]
+    written["dtype"] = "float32"
+    (folder / "config.json").write_text(json.dumps(written, indent=2))
+    state = {key: value.detach().contiguous().clone() for key, value in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    image_processor = {
+        "image_processor_type": "GotOcr2ImageProcessor", "do_resize": True, "do_rescale": True, "do_normalize": True,
+        "do_convert_rgb": True, "crop_to_patches": True, "min_patches": 1, "max_patches": 6,
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "rescale_factor": 1 / 255,
+        "size": {"height": tile, "width": tile}, "resample": 3,
+    }
+    video_processor = {**{k: v for k, v in image_processor.items() if k not in ("image_processor_type", "crop_to_patches",
+                                                                              "min_patches", "max_patches")},
+                       "video_processor_type": "InternVLVideoProcessor", "do_sample_frames": False}
+    (folder / "processor_config.json").write_text(json.dumps(
+        {"image_processor": image_processor, "video_processor": video_processor, "image_seq_length": tokens,
+         "processor_class": "InternVLProcessor"}, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": ids["<|im_end|>"], "pad_token_id": 0}))
     return folder

@@ -43,6 +43,11 @@ class WithoutDuetOptions:
     def __call__(self, *args, **kwargs):
         return self.processor(*args, **strip(kwargs))
 
+    def __getattr__(self, name: str):
+        if name == "processor":  # not set yet (copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.processor, name)
+
 
 class DuetProcessorMixin:
     """Reads duet-vlm's options; subclasses give each processed image's ``Geometry``."""
@@ -80,10 +85,14 @@ class DuetProcessorMixin:
             Settings.check_request(server_options(self.info.ctx.model_config), request)
         settings = self.settings(request)
         if settings.active and settings.needs_text() and isinstance(inputs.prompt, (list, tuple)):
-            placeholders = self.placeholder_ids()
-            text = tuple(int(t) for t in inputs.prompt if int(t) not in placeholders)
+            text = self.prompt_text([int(t) for t in inputs.prompt])
             inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={**request, "duet_text": text})
         return super().apply(inputs, timing_ctx)
+
+    def prompt_text(self, prompt: list[int]) -> tuple[int, ...]:
+        """The text of a prompt as the Hugging Face path reads it: its ids without the visual placeholders."""
+        placeholders = self.placeholder_ids()
+        return tuple(t for t in prompt if t not in placeholders)
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
         # vLLM merges the server's options in again inside ``call_hf_processor``: the processor is

@@ -18,6 +18,7 @@ MODELS = {
     "Qwen3VLForConditionalGeneration": "duet_vlm.integrations.vllm.qwen_vl:DuetQwen3VLForConditionalGeneration",
     "Qwen3_5ForConditionalGeneration": "duet_vlm.integrations.vllm.qwen_vl:DuetQwen3_5ForConditionalGeneration",
     "Qwen3_5MoeForConditionalGeneration": "duet_vlm.integrations.vllm.qwen_vl:DuetQwen3_5MoeForConditionalGeneration",
+    "InternVLForConditionalGeneration": "duet_vlm.integrations.vllm.internvl:DuetInternVLForConditionalGeneration",
 }
 
 

@@ -19,6 +19,7 @@ MODELS = {
     "Qwen3_5ForConditionalGeneration": "duet_vlm.integrations.vllm.qwen_vl:DuetQwen3_5ForConditionalGeneration",
     "Qwen3_5MoeForConditionalGeneration": "duet_vlm.integrations.vllm.qwen_vl:DuetQwen3_5MoeForConditionalGeneration",
     "InternVLForConditionalGeneration": "duet_vlm.integrations.vllm.internvl:DuetInternVLForConditionalGeneration",
+    "Gemma3ForConditionalGeneration": "duet_vlm.integrations.vllm.gemma3:DuetGemma3ForConditionalGeneration",
 }
 
 

@@ -20,7 +20,6 @@ BACKEND = "vLLM's Transformers modeling backend (--model-impl transformers)"
 #: architecture -> (vLLM's module, vLLM's class, the family's name) for the families the Hugging Face
 #: path supports and the plugin does not serve yet (vLLM 0.32's registry).
 NOT_SERVED = {
-    "Gemma3ForConditionalGeneration": ("gemma3_mm", "Gemma3ForConditionalGeneration", "Gemma 3"),
     "Gemma4ForConditionalGeneration": ("gemma4_mm", "Gemma4ForConditionalGeneration", "Gemma 4"),
     # vLLM's Transformers modeling backend (``--model-impl transformers``): any family, run through
     # the Hugging Face model's own vision code, which the plugin does not reduce (the serving page)
@@ -29,7 +28,7 @@ NOT_SERVED = {
 }
 
 #: what the plugin serves (``plugin.MODELS``), for the message.
-SERVED = "LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Qwen3.5-MoE and InternVL"
+SERVED = "LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Qwen3.5-MoE, InternVL and Gemma 3"
 
 
 def refuse_options(vllm_config, family: str) -> None:

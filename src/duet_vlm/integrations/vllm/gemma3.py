@@ -1,0 +1,155 @@
+"""Gemma 3 under vLLM: vLLM's own ``Gemma3ForConditionalGeneration`` and its processor, subclassed.
+
+As in the Hugging Face path (``duet_vlm.adapters.gemma3``), every image block (the image, and each
+pan-and-scan crop after it) is one unit of ``mm_tokens_per_image`` soft tokens with the budget of
+its image: the SigLIP tower's last layer, average-pooled ``k x k`` by the projector's own pool,
+normed and projected. A soft token's score is the attention its patches receive in the tower's
+last layer, summed over the ``k x k`` patches the pool puts in it; its key the layer's keys
+averaged by the same pool. The stage chooses among projected tokens, so its output reaches the
+language model as it is, each token in the slot of the token it stands for. The processor writes
+each block's ``<start_of_image>``, the method's count of soft tokens and ``<end_of_image>``.
+
+The mask inside an image block is vLLM's: its attention backends that support a multimodal prefix
+(``is_mm_prefix_lm``: FlashAttention on a GPU) let a block's tokens, the kept ones here, attend to
+each other both ways, as Gemma 3 and the Hugging Face path do; vLLM 0.32's CPU backend attends
+causally inside the block, reduced or not (the serving page).
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.models.gemma3_mm import (
+    Gemma3DummyInputsBuilder,
+    Gemma3ForConditionalGeneration,
+    Gemma3MultiModalProcessor,
+    Gemma3ProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.parse import ImageProcessorItems
+from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
+from vllm.multimodal.processing.processor import cached_encode, replace_token_matches
+
+from ...geometry import Geometry
+from .common import DuetProcessorMixin, DuetTowerMixin
+from .options import strip
+
+
+def gemma3_geometry(config) -> Geometry:
+    """An image block, as ``adapters.gemma3`` gives it: ``mm_tokens_per_image`` soft tokens on a square grid."""
+    side = round(config.mm_tokens_per_image ** 0.5)
+    return Geometry(config.text_config.num_hidden_layers, side * side, (side, side), False,
+                    encoder_depth=config.vision_config.num_hidden_layers)
+
+
+class DuetGemma3ProcessingInfo(Gemma3ProcessingInfo):
+    """vLLM's Gemma 3 processing info, whose Hugging Face processor is built without duet-vlm's
+    options (vLLM's Gemma 3 processor asks for it with the request's options)."""
+
+    def get_hf_processor(self, **kwargs: object):
+        return super().get_hf_processor(**strip(kwargs))
+
+
+class DuetGemma3MultiModalProcessor(DuetProcessorMixin, Gemma3MultiModalProcessor):
+    """vLLM's Gemma 3 processor with each image block's soft tokens cut to the reduced count."""
+
+    def item_geometries(self, processed, hf_kwargs) -> list[Geometry]:
+        return [gemma3_geometry(self.info.get_hf_config())] * len(processed["num_patches"])
+
+    def prompt_text(self, prompt: list[int]) -> tuple[int, ...]:
+        """The prompt's text as the Hugging Face path reads it: each ``<start_of_image>`` written out as
+        the processor writes an image (``full_image_sequence``: newlines, ``<start_of_image>``,
+        ``<end_of_image>``, newlines) without its soft tokens, runs of newline tokens joined as vLLM
+        joins them (``_apply_token_matches``)."""
+        processor = self.info.get_hf_processor()
+        tokenizer = self.info.get_tokenizer()
+        vocab = tokenizer.get_vocab()
+        boi = vocab[processor.boi_token]
+        soft = self.info.get_hf_config().image_token_index
+        block = [t for t in cached_encode(tokenizer, processor.full_image_sequence, add_special_tokens=False) if t != soft]
+        text = []
+        for token in prompt:
+            text.extend(block if token == boi else [token])
+        one, two, three, four = (vocab["\n" * n] for n in range(1, 5))
+        for pair, joined in (([one, two], [three]), ([two, one], [three]), ([two, two], [four])):
+            text = replace_token_matches(text, pair, joined)
+        return tuple(text)
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        if not self.settings().active:
+            return updates
+        config = self.info.get_hf_config()
+        soft, tokens = config.image_token_index, config.mm_tokens_per_image
+        image_update = next(update for update in updates if update.modality == "image")
+        count = self.reduced_tokens(hf_processor_mm_kwargs, gemma3_geometry(config))
+
+        def replacement(item_idx: int):
+            full = image_update.replacement(item_idx)  # vLLM's: the image's blocks, each of `tokens` soft tokens
+            if not isinstance(mm_items.get("image"), ImageProcessorItems) or count == tokens:
+                return full
+            ids, run = [], 0
+            for token in full.full:
+                run = run + 1 if token == soft else 0
+                if token != soft or run <= count:
+                    ids.append(token)
+            return PromptUpdateDetails.select_token_id(ids, soft)
+
+        return [PromptReplacement(modality="image", target=image_update.target, replacement=replacement)]
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    DuetGemma3MultiModalProcessor, info=DuetGemma3ProcessingInfo, dummy_inputs=Gemma3DummyInputsBuilder
+)
+class DuetGemma3ForConditionalGeneration(DuetTowerMixin, Gemma3ForConditionalGeneration):
+    """vLLM's Gemma 3 with duet-vlm's vision-side reduction in ``embed_multimodal``."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.setup_duet(vllm_config, gemma3_geometry(self.config))
+
+    def embed_multimodal(self, **kwargs: object):
+        request = self.duet_pixels(kwargs)
+        if request is None:
+            return super().embed_multimodal(**kwargs)
+        image_input, budgets, texts = request
+        counts = [int(n) for n in torch.as_tensor(image_input["num_patches"]).reshape(-1).tolist()]
+        geometry = self.duet_geometry
+        plans = [self.duet_plan(budget, geometry, index) for index, budget in enumerate(budgets)]
+        features = []
+        taps = self.run_tower(lambda: features.append(self.vision_tower(image_input["pixel_values"])), plans)
+        projected = self.multi_modal_projector(features[0])  # (blocks, tokens, D)
+        outputs, start = [], 0
+        for index, (plan, blocks) in enumerate(zip(plans, counts)):
+            rows = slice(start, start + blocks)
+            start += blocks
+            if plan is None:
+                outputs.append(projected[rows].flatten(0, 1))
+                continue
+            scores, keys, maps = self.tower_signals(taps, plan, rows)
+            text = self.text_embeddings(texts, index)
+            parts = []
+            for block in range(blocks):  # each block a unit of its own, as the Hugging Face path reduces it
+                one = slice(block, block + 1)
+                reduced = self.reduce_item(plan, geometry, projected[rows][one], scores[one], keys[one],
+                                           {layer: m[one] for layer, m in maps.items()}, text, project=lambda f: f)
+                order = reduced.kept.argsort()  # each output in the slot of the token it stands for
+                parts.append(reduced.embeddings[order.to(reduced.embeddings.device)])
+            outputs.append(torch.cat(parts))
+        return outputs
+
+    def tower_signals(self, taps, plan, rows) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """The soft tokens' scores and keys: each patch's received attention (SigLIP has no CLS) summed
+        by the projector's own ``k x k`` pool, the keys averaged by it; the other layers' scores too."""
+        scores, keys, maps = super().tower_signals(taps, plan, rows)
+        pool = self.multi_modal_projector.avg_pool
+        area = self.multi_modal_projector.kernel_size ** 2
+
+        def pooled_scores(values: torch.Tensor) -> torch.Tensor:
+            units, patches = values.shape
+            side = round(patches ** 0.5)
+            return (pool(values.view(units, 1, side, side).to(torch.float32)).flatten(1) * area).to(values.dtype)
+
+        units, patches, width = keys.shape
+        side = round(patches ** 0.5)
+        pooled_keys = pool(keys.transpose(1, 2).reshape(units, width, side, side)).flatten(2).transpose(1, 2)
+        return pooled_scores(scores), pooled_keys, {layer: pooled_scores(m) for layer, m in maps.items()}

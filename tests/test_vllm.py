@@ -579,6 +579,27 @@ def test_gemma3_image_a_budget_leaves_unreduced_equals_the_hugging_face_model(sa
     assert "an image of 16 visual tokens is served unreduced: duet_budget 16 is not below its tokens" in caplog.text
 
 
+def test_gemma3_pan_and_scan_images_are_refused_while_a_method_runs(saved_gemma3, gemma3_causal):
+    """A pan-and-scan image (the image and three crops, four blocks of one vLLM item) is refused with the
+    reason while a method runs (a 400 on a server): unreduced, vLLM 0.32 and transformers already answer
+    it differently on this checkpoint (other greedy tokens; the pixels and the image embeddings agree,
+    text-only prompts of the same length agree), so a reduction could not be checked. The engine
+    keeps serving: an image without crops is then reduced as the Hugging Face path reduces it."""
+    folder, model, processor = saved_gemma3
+    scan = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 16}
+    wide = image(43, (96, 32))
+    assert processor(images=wide, text=GEMMA3_PROMPT, return_tensors="pt", **scan)["pixel_values"].shape[0] == 4
+    square = image(44, (32, 32))  # too small to crop: one block under the same options
+    reducer = duet_vlm.make("visionzip", budget=8)
+    reference = hf_run(model, processor, square, reducer)
+    with engine(folder, {"duet_method": "visionzip", "duet_budget": 8, **scan}) as llm:
+        with pytest.raises(ValueError, match="duet-vlm does not reduce Gemma 3's pan-and-scan crops under vLLM"):
+            vllm_run(llm, processor, [wide])
+        (result,), kept = vllm_run(llm, processor, [square])
+    assert result[2] == served_length(processor, square, 8)
+    assert_same(reference, result, kept[0])
+
+
 QWEN_METHODS = ["visionzip", "trio_scan", "random", "divprune", "cdpruner", "hiprune"]
 
 
@@ -642,15 +663,16 @@ def test_qwen3_5_equals_the_hugging_face_path_in_bfloat16(saved_qwen3_5, method)
 @pytest.mark.parametrize(
     "kind,method,mode",
     [("llava", "visionzip", "weights"), ("qwen2_vl", "visionzip", "weights"), ("qwen2_5_vl", "trio_scan", "weights"),
-     ("qwen2_5_vl", "visionzip", "data"), ("internvl", "visionzip", "weights")],
+     ("qwen2_5_vl", "visionzip", "data"), ("internvl", "visionzip", "weights"), ("gemma3", "visionzip", "weights")],
 )
-def test_tensor_parallel_equals_the_hugging_face_path(tmp_path, kind, method, mode):
+def test_tensor_parallel_equals_the_hugging_face_path(tmp_path, request, kind, method, mode):
     """``--tensor-parallel-size 2`` (two CPU workers, one core each): every rank scores over all
     heads (its own and the other rank's, gathered), so both keep the tokens one process keeps, and
     the output equals the Hugging Face path's: LLaVA's CLIP (a fused projection per rank),
     Qwen2-VL's tower (a slice of q|k|v per rank), Qwen2.5-VL's (per-rank heads), and Qwen2.5-VL with
     the encoder replicated on each rank (``--mm-encoder-tp-mode data``), and InternVL (its tower is
-    replicated in vLLM: every rank holds all heads; its Qwen2 decoder is split)."""
+    replicated in vLLM: every rank holds all heads; its Qwen2 decoder is split), and Gemma 3 (a SigLIP
+    tower split by heads, scores pooled after the gather; under vLLM's CPU mask, ``gemma3_causal``)."""
     if kind == "llava":
         folder = write_llava(tmp_path / kind)
         model, budget, sizes = load_hf(folder), 64, [(336, 336), (300, 400)]
@@ -658,6 +680,10 @@ def test_tensor_parallel_equals_the_hugging_face_path(tmp_path, kind, method, mo
         folder = write_internvl(tmp_path / kind)
         model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
         budget, sizes = 24, INTERNVL_SIZES
+    elif kind == "gemma3":
+        request.getfixturevalue("gemma3_causal")
+        folder = write_gemma3(tmp_path / kind)
+        model, budget, sizes = load_hf(folder), 8, [(32, 32), (48, 40)]
     else:
         folder = write_qwen_vl(tmp_path / kind, kind=kind)
         model, budget, sizes = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval(), 16, [(224, 168), (168, 280)]

@@ -1,13 +1,14 @@
 """Gemma 3 under vLLM: vLLM's own ``Gemma3ForConditionalGeneration`` and its processor, subclassed.
 
-As in the Hugging Face path (``duet_vlm.adapters.gemma3``), every image block (the image, and each
-pan-and-scan crop after it) is one unit of ``mm_tokens_per_image`` soft tokens with the budget of
-its image: the SigLIP tower's last layer, average-pooled ``k x k`` by the projector's own pool,
+As in the Hugging Face path (``duet_vlm.adapters.gemma3``), an image is one unit of
+``mm_tokens_per_image`` soft tokens: the SigLIP tower's last layer, average-pooled ``k x k`` by the projector's own pool,
 normed and projected. A soft token's score is the attention its patches receive in the tower's
 last layer, summed over the ``k x k`` patches the pool puts in it; its key the layer's keys
 averaged by the same pool. The stage chooses among projected tokens, so its output reaches the
 language model as it is, each token in the slot of the token it stands for. The processor writes
-each block's ``<start_of_image>``, the method's count of soft tokens and ``<end_of_image>``.
+the image's ``<start_of_image>``, the method's count of soft tokens and ``<end_of_image>``. A
+pan-and-scan image (the image and its crops, blocks of one vLLM item) is refused while a method
+runs: unreduced, vLLM 0.32 and transformers already answer it differently.
 
 The mask inside an image block is vLLM's: its attention backends that support a multimodal prefix
 (``is_mm_prefix_lm``: FlashAttention on a GPU) let a block's tokens, the kept ones here, attend to
@@ -31,7 +32,7 @@ from vllm.multimodal.processing.processor import cached_encode, replace_token_ma
 
 from ...geometry import Geometry
 from .common import DuetProcessorMixin, DuetTowerMixin
-from .options import strip
+from .options import RefusedMethod, strip
 
 
 def gemma3_geometry(config) -> Geometry:
@@ -53,7 +54,14 @@ class DuetGemma3MultiModalProcessor(DuetProcessorMixin, Gemma3MultiModalProcesso
     """vLLM's Gemma 3 processor with each image block's soft tokens cut to the reduced count."""
 
     def item_geometries(self, processed, hf_kwargs) -> list[Geometry]:
-        return [gemma3_geometry(self.info.get_hf_config())] * len(processed["num_patches"])
+        blocks = processed["num_patches"].tolist()
+        if any(count > 1 for count in blocks):
+            raise RefusedMethod(
+                "duet-vlm does not reduce Gemma 3's pan-and-scan crops under vLLM: unreduced, vLLM 0.32 and transformers "
+                "already answer a pan-and-scan image differently (the serving page), so a reduction could not be checked "
+                "against the Hugging Face path; send the image with do_pan_and_scan off, or serve it without a method"
+            )
+        return [gemma3_geometry(self.info.get_hf_config())] * len(blocks)
 
     def prompt_text(self, prompt: list[int]) -> tuple[int, ...]:
         """The prompt's text as the Hugging Face path reads it: each ``<start_of_image>`` written out as
@@ -84,7 +92,7 @@ class DuetGemma3MultiModalProcessor(DuetProcessorMixin, Gemma3MultiModalProcesso
         count = self.reduced_tokens(hf_processor_mm_kwargs, gemma3_geometry(config))
 
         def replacement(item_idx: int):
-            full = image_update.replacement(item_idx)  # vLLM's: the image's blocks, each of `tokens` soft tokens
+            full = image_update.replacement(item_idx)  # vLLM's: the image's block of `tokens` soft tokens
             if not isinstance(mm_items.get("image"), ImageProcessorItems) or count == tokens:
                 return full
             ids, run = [], 0
@@ -112,29 +120,22 @@ class DuetGemma3ForConditionalGeneration(DuetTowerMixin, Gemma3ForConditionalGen
         if request is None:
             return super().embed_multimodal(**kwargs)
         image_input, budgets, texts = request
-        counts = [int(n) for n in torch.as_tensor(image_input["num_patches"]).reshape(-1).tolist()]
         geometry = self.duet_geometry
         plans = [self.duet_plan(budget, geometry, index) for index, budget in enumerate(budgets)]
         features = []
         taps = self.run_tower(lambda: features.append(self.vision_tower(image_input["pixel_values"])), plans)
         projected = self.multi_modal_projector(features[0])  # (blocks, tokens, D)
-        outputs, start = [], 0
-        for index, (plan, blocks) in enumerate(zip(plans, counts)):
-            rows = slice(start, start + blocks)
-            start += blocks
+        outputs = []
+        for index, plan in enumerate(plans):  # one block an image (pan-and-scan crops are refused by the processor)
+            rows = slice(index, index + 1)
             if plan is None:
-                outputs.append(projected[rows].flatten(0, 1))
+                outputs.append(projected[index])
                 continue
             scores, keys, maps = self.tower_signals(taps, plan, rows)
-            text = self.text_embeddings(texts, index)
-            parts = []
-            for block in range(blocks):  # each block a unit of its own, as the Hugging Face path reduces it
-                one = slice(block, block + 1)
-                reduced = self.reduce_item(plan, geometry, projected[rows][one], scores[one], keys[one],
-                                           {layer: m[one] for layer, m in maps.items()}, text, project=lambda f: f)
-                order = reduced.kept.argsort()  # each output in the slot of the token it stands for
-                parts.append(reduced.embeddings[order.to(reduced.embeddings.device)])
-            outputs.append(torch.cat(parts))
+            reduced = self.reduce_item(plan, geometry, projected[rows], scores, keys, maps, self.text_embeddings(texts, index),
+                                       project=lambda f: f)
+            order = reduced.kept.argsort()  # each output in the slot of the token it stands for
+            outputs.append(reduced.embeddings[order.to(reduced.embeddings.device)])
         return outputs
 
     def tower_signals(self, taps, plan, rows) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -49,6 +49,15 @@ class WithoutDuetOptions:
         return getattr(self.processor, name)
 
 
+class DuetInfoMixin:
+    """Before a family's vLLM processing info: its Hugging Face processor never sees duet-vlm's options,
+    even where vLLM's processor calls it directly with the request's (InternVL's images, LLaVA-OneVision's
+    videos; the processor used to warn "Keyword argument duet_method is not a valid argument")."""
+
+    def get_hf_processor(self, **kwargs: object):
+        return WithoutDuetOptions(super().get_hf_processor(**strip(kwargs)))
+
+
 class DuetProcessorMixin:
     """Reads duet-vlm's options; subclasses give each processed image's ``Geometry``."""
 

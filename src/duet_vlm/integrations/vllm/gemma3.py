@@ -31,8 +31,8 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 from vllm.multimodal.processing.processor import cached_encode, replace_token_matches
 
 from ...geometry import Geometry
-from .common import DuetProcessorMixin, DuetTowerMixin
-from .options import RefusedMethod, strip
+from .common import DuetInfoMixin, DuetProcessorMixin, DuetTowerMixin
+from .options import RefusedMethod
 
 
 def gemma3_geometry(config) -> Geometry:
@@ -42,12 +42,9 @@ def gemma3_geometry(config) -> Geometry:
                     encoder_depth=config.vision_config.num_hidden_layers)
 
 
-class DuetGemma3ProcessingInfo(Gemma3ProcessingInfo):
-    """vLLM's Gemma 3 processing info, whose Hugging Face processor is built without duet-vlm's
-    options (vLLM's Gemma 3 processor asks for it with the request's options)."""
-
-    def get_hf_processor(self, **kwargs: object):
-        return super().get_hf_processor(**strip(kwargs))
+class DuetGemma3ProcessingInfo(DuetInfoMixin, Gemma3ProcessingInfo):
+    """vLLM's Gemma 3 processing info, whose Hugging Face processor never sees duet-vlm's options
+    (vLLM's Gemma 3 processor asks for it with the request's options)."""
 
 
 class DuetGemma3MultiModalProcessor(DuetProcessorMixin, Gemma3MultiModalProcessor):

@@ -33,8 +33,8 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
 from ...adapters.internvl import internvl_layer_scores, pool_through_shuffle, shuffle_groups
 from ...geometry import Geometry
-from .common import LOG, DuetProcessorMixin, DuetTowerMixin, WithoutDuetOptions
-from .options import RefusedMethod, strip
+from .common import LOG, DuetInfoMixin, DuetProcessorMixin, DuetTowerMixin
+from .options import RefusedMethod
 from .select import encoder_index
 
 
@@ -48,12 +48,9 @@ def internvl_geometry(config, tiles: int) -> Geometry:
     )
 
 
-class DuetInternVLProcessingInfo(InternS1ProcessingInfo):
+class DuetInternVLProcessingInfo(DuetInfoMixin, InternS1ProcessingInfo):
     """vLLM's InternVL processing info, whose Hugging Face processor never sees duet-vlm's options
     (vLLM's InternVL processor calls it directly, with the server's and the request's options)."""
-
-    def get_hf_processor(self, **kwargs: object):
-        return WithoutDuetOptions(super().get_hf_processor(**strip(kwargs)))
 
 
 class DuetInternVLMultiModalProcessor(DuetProcessorMixin, InternS1MultiModalProcessor):

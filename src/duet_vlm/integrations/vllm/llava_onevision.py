@@ -30,7 +30,7 @@ from vllm.multimodal.parse import VideoProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
 from ...geometry import Geometry
-from .common import ItemFields, item_fields_config, write_item_fields
+from .common import DuetInfoMixin, ItemFields, item_fields_config, write_item_fields
 from .llava_next import AnyresProcessorMixin, AnyresTowerMixin
 from .options import plan_for
 
@@ -79,8 +79,14 @@ class DuetLlavaOnevisionMultiModalProcessor(AnyresProcessorMixin, LlavaOnevision
         return [*others, PromptReplacement(modality="video", target=[config.video_token_index], replacement=replacement)]
 
 
+class DuetLlavaOnevisionProcessingInfo(DuetInfoMixin, LlavaOnevisionProcessingInfo):
+    """vLLM's OneVision processing info, whose Hugging Face processor never sees duet-vlm's options
+    (vLLM's OneVision processor calls it directly for videos, with the request's options)."""
+
+
 @MULTIMODAL_REGISTRY.register_processor(
-    DuetLlavaOnevisionMultiModalProcessor, info=LlavaOnevisionProcessingInfo, dummy_inputs=LlavaOnevisionDummyInputsBuilder
+    DuetLlavaOnevisionMultiModalProcessor, info=DuetLlavaOnevisionProcessingInfo,
+    dummy_inputs=LlavaOnevisionDummyInputsBuilder,
 )
 class DuetLlavaOnevisionForConditionalGeneration(AnyresTowerMixin, LlavaOnevisionForConditionalGeneration):
     """vLLM's LLaVA-OneVision with duet-vlm's vision-side reduction of images and videos."""

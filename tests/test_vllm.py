@@ -394,18 +394,68 @@ def test_a_family_the_plugin_does_not_serve_refuses_duet_options_at_start():
     assert ("serves LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Qwen3.5-MoE, "
             "InternVL and Gemma 3; Gemma 4 runs as vLLM's own class, which would ignore duet_budget, duet_method"
             in str(failure.value))
-    assert set(refused.NOT_SERVED) == {"Gemma4ForConditionalGeneration", "TransformersMultiModalForCausalLM",
-                                       "TransformersMultiModalMoEForCausalLM"}
+    assert set(refused.NOT_SERVED) == {"Gemma4ForConditionalGeneration", "TransformersMultiModalMoEForCausalLM"}
 
 
-def test_the_transformers_backend_refuses_duet_options_at_start(saved_llava):
-    """LLaVA-1.5 through vLLM's Transformers modeling backend (``--model-impl transformers``) runs the
-    Hugging Face model's own vision code, which the plugin does not reduce: asked for a reduction,
-    the engine does not start and says to use vLLM's own implementation (it used to serve every image
-    unreduced without a word)."""
+def engine_in_a_process(folder, options: dict, mode: str, processor, pictures, tmp_path) -> list:
+    """``tests/vllm_tensor_parallel.py`` on ``pictures``: tensor parallelism (``mode``: vLLM's
+    ``mm_encoder_tp_mode``) or the Transformers backend (``mode="backend"``), in a process of its own;
+    each picture's ``[tokens, log-probabilities, prompt length, kept or None]``."""
+    requests = []
+    for i, picture in enumerate(pictures):  # PNG is lossless: the script reads the same pixels
+        picture.save(tmp_path / f"picture{i}.png")
+        requests.append({"prompt_token_ids": vllm_prompt(hf_inputs(processor, picture), processor),
+                         "image": str(tmp_path / f"picture{i}.png")})
+    out = tmp_path / "results.json"
+    env = {**os.environ, **({} if mode == "backend" else {"VLLM_CPU_OMP_THREADS_BIND": "0|1"})}  # a core per rank
+    script = os.path.join(os.path.dirname(__file__), "vllm_tensor_parallel.py")
+    run = subprocess.run(
+        [sys.executable, script, str(folder), json.dumps(options), mode, json.dumps(requests), str(NEW_TOKENS), str(out)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("method", ["visionzip", "divprune", "cdpruner"])
+def test_the_transformers_backend_prototype_equals_the_hugging_face_path(saved_llava, tmp_path, method):
+    """LLaVA-1.5 through vLLM's Transformers modeling backend (``--model-impl transformers``), the
+    prototype of ``integrations/vllm/backend.py``: placeholders cut to the method's count, the
+    transformers tower (its q/k/v fused by the backend) scored and reduced by the method's own stage:
+    the same kept tokens, placeholder count, tokens and log-probabilities as the Hugging Face path.
+    In a process of its own: the backend compiles transformers' model classes for the whole process."""
+    folder, model, processor = saved_llava
+    pictures = [image(1), image(2)]
+    reducer = duet_vlm.make(method, budget=64)
+    references = [hf_run(model, processor, picture, reducer) for picture in pictures]
+    results = engine_in_a_process(folder, {"duet_method": method, "duet_budget": 64}, "backend", processor, pictures, tmp_path)
+    for picture, reference, result in zip(pictures, references, results):
+        assert result[2] == served_length(processor, picture, 64)
+        assert_same(reference, result[:3], torch.tensor(result[3]))
+
+
+def test_the_transformers_backend_prototype_refuses_methods_reading_a_second_layer(saved_llava):
+    """TRIO's scan reads a shallow encoder layer besides the feature layer, which the backend prototype
+    does not tap: refused at start, before the backend builds anything, naming vLLM's own implementation."""
     folder, _, _ = saved_llava
     with pytest.raises(Exception) as failure:
-        with engine(folder, {"duet_method": "visionzip", "duet_budget": 64}, model_impl="transformers"):
+        with engine(folder, {"duet_method": "trio_scan", "duet_budget": 64}, model_impl="transformers"):
+            pass
+    chain, error = [], failure.value
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__ or error.__context__
+    assert any("trio_scan reads encoder layers besides the feature layer" in e and "vLLM's own implementation" in e
+               for e in chain), chain
+
+
+def test_the_transformers_backend_refuses_duet_options_on_other_families(tmp_path):
+    """Any other family through the Transformers backend (Qwen2-VL here), asked for a reduction: the
+    engine does not start and says to use vLLM's own implementation (it used to serve every image
+    unreduced without a word). The refusal comes before the backend builds anything."""
+    folder = write_qwen_vl(tmp_path / "tiny-qwen2-vl", kind="qwen2_vl")
+    with pytest.raises(Exception) as failure:
+        with engine(folder, {"duet_method": "visionzip", "duet_budget": 16}, model_impl="transformers"):
             pass
     chain, error = [], failure.value
     while error is not None:
@@ -413,9 +463,6 @@ def test_the_transformers_backend_refuses_duet_options_at_start(saved_llava):
         error = error.__cause__ or error.__context__
     assert any("vLLM's Transformers modeling backend (--model-impl transformers) runs as vLLM's own class" in e
                and "--model-impl auto or vllm" in e for e in chain), chain
-    # Unreduced, the backend is vLLM's own class (the serving benchmark runs it): not started here,
-    # since the backend compiles transformers' model classes for the whole process, and the Hugging
-    # Face models the other tests build would then need a vLLM config.
 
 
 @pytest.mark.parametrize("method", ["duet", "fastv", "pyramiddrop"])
@@ -689,23 +736,9 @@ def test_tensor_parallel_equals_the_hugging_face_path(tmp_path, request, kind, m
         model, budget, sizes = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval(), 16, [(224, 168), (168, 280)]
     processor = AutoProcessor.from_pretrained(folder)
     pictures = [image(20 + i, size) for i, size in enumerate(sizes)]
-    requests = []
-    for i, picture in enumerate(pictures):  # PNG is lossless: the script reads the same pixels
-        picture.save(tmp_path / f"picture{i}.png")
-        requests.append({"prompt_token_ids": vllm_prompt(hf_inputs(processor, picture), processor),
-                         "image": str(tmp_path / f"picture{i}.png")})
     reducer = duet_vlm.make(method, budget=budget)
     references = [hf_run(model, processor, picture, reducer) for picture in pictures]
-    out = tmp_path / "tp.json"
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    script = os.path.join(os.path.dirname(__file__), "vllm_tensor_parallel.py")
-    run = subprocess.run(
-        [sys.executable, script, str(folder), json.dumps({"duet_method": method, "duet_budget": budget}), mode,
-         json.dumps(requests), str(NEW_TOKENS), str(out)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    results = json.loads(out.read_text())
+    results = engine_in_a_process(folder, {"duet_method": method, "duet_budget": budget}, mode, processor, pictures, tmp_path)
     for picture, reference, result in zip(pictures, references, results):
         assert result[2] == served_length(processor, picture, budget)
         assert_same(reference[:2] + (None,), result, None)

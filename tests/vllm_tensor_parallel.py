@@ -1,8 +1,11 @@
-"""Runs vLLM's offline engine with ``--tensor-parallel-size 2`` on a tiny checkpoint and writes each
-request's greedy tokens, log-probabilities and prompt length as JSON: what ``tests/test_vllm.py``
-compares with the Hugging Face path. A script, started by the test in its own process: vLLM's
-tensor-parallel workers are processes of their own (spawned, so the main guard matters), and the
-test's process runs engines in-process.
+"""Runs vLLM's offline engine with ``--tensor-parallel-size 2`` on a tiny checkpoint, or with
+``--model-impl transformers`` (``ENCODER_TP_MODE`` ``backend``: one process), and writes each
+request's greedy tokens, log-probabilities, prompt length and the indices its vision stage kept
+(``backend`` only; ``None`` elsewhere) as JSON: what ``tests/test_vllm.py`` compares with the
+Hugging Face path. A script, started by the test in its own process: vLLM's tensor-parallel workers
+are processes of their own (spawned, so the main guard matters), the test's process runs engines
+in-process, and vLLM's Transformers backend compiles transformers' model classes for the whole
+process it runs in.
 
     python tests/vllm_tensor_parallel.py FOLDER OPTIONS_JSON ENCODER_TP_MODE REQUESTS_JSON NEW_TOKENS OUT_JSON
 
@@ -14,16 +17,20 @@ import os
 import sys
 
 if __name__ == "__main__":
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    folder, options, mode, requests, new_tokens, out = sys.argv[1:7]
+    backend = mode == "backend"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if backend else "1"
     from PIL import Image
     from vllm import LLM, SamplingParams
 
-    folder, options, mode, requests, new_tokens, out = sys.argv[1:7]
+    from duet_vlm.integrations.vllm import select
+
+    select.TRACE = [] if backend else None
+    parallel = {"model_impl": "transformers"} if backend else {"tensor_parallel_size": 2, "mm_encoder_tp_mode": mode}
     llm = LLM(
-        model=folder, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0, tensor_parallel_size=2,
-        mm_encoder_tp_mode=mode, limit_mm_per_prompt={"image": 1, "video": 0},
+        model=folder, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0, limit_mm_per_prompt={"image": 1, "video": 0},
         mm_processor_kwargs=json.loads(options) or None, max_num_seqs=4, kv_cache_memory_bytes=1 << 28,
-        enable_prefix_caching=False,
+        enable_prefix_caching=False, **parallel,
     )
     prompts = [
         {"prompt_token_ids": request["prompt_token_ids"], "multi_modal_data": {"image": Image.open(request["image"]).convert("RGB")}}
@@ -32,9 +39,10 @@ if __name__ == "__main__":
     count = int(new_tokens)
     params = SamplingParams(temperature=0, max_tokens=count, min_tokens=count, logprobs=1)
     results = []
-    for output in llm.generate(prompts, params, use_tqdm=False):
+    for index, output in enumerate(llm.generate(prompts, params, use_tqdm=False)):
         completion = output.outputs[0]
         tokens = list(completion.token_ids)
-        results.append([tokens, [step[t].logprob for step, t in zip(completion.logprobs, tokens)], len(output.prompt_token_ids)])
+        kept = select.TRACE[index].kept.reshape(-1).tolist() if select.TRACE else None
+        results.append([tokens, [step[t].logprob for step, t in zip(completion.logprobs, tokens)], len(output.prompt_token_ids), kept])
     with open(out, "w") as handle:
         json.dump(results, handle)

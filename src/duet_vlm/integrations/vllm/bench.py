@@ -215,8 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the server's OMP_NUM_THREADS")
     parser.add_argument("--startup-s", type=float, default=600)
     parser.add_argument("--transformers-backend", action="store_true",
-                        help="also serve the model unreduced through vLLM's Transformers modeling backend "
-                             "(--model-impl transformers), the other route to every family")
+                        help="also serve the model through vLLM's Transformers modeling backend "
+                             "(--model-impl transformers), the other route to every family: unreduced, and reduced "
+                             "by the plugin's prototype on it (integrations/vllm/backend.py)")
     args = parser.parse_args(argv)
     budgets = [int(b) for b in args.budgets.split(",") if b]
     levels = [int(c) for c in args.concurrency.split(",") if c]
@@ -230,6 +231,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.transformers_backend:
         settings.append(("vLLM Transformers backend, unreduced", None, [None], ("--model-impl", "transformers")))
     settings.append((f"plugin, {args.method}", args.method, budgets, ()))
+    if args.transformers_backend:
+        settings.append((f"Transformers backend prototype, {args.method}", args.method, budgets,
+                         ("--model-impl", "transformers")))
     for number, (setting, method, setting_budgets, extra) in enumerate(settings):
         server = Server(folder, method, setting_budgets[0], work / f"server-{number}-{method}.log", args.threads,
                         args.startup_s, extra)

@@ -21,9 +21,8 @@ BACKEND = "vLLM's Transformers modeling backend (--model-impl transformers)"
 #: path supports and the plugin does not serve yet (vLLM 0.32's registry).
 NOT_SERVED = {
     "Gemma4ForConditionalGeneration": ("gemma4_mm", "Gemma4ForConditionalGeneration", "Gemma 4"),
-    # vLLM's Transformers modeling backend (``--model-impl transformers``): any family, run through
-    # the Hugging Face model's own vision code, which the plugin does not reduce (the serving page)
-    "TransformersMultiModalForCausalLM": ("transformers", "TransformersMultiModalForCausalLM", BACKEND),
+    # vLLM's Transformers modeling backend for mixture-of-experts models (``--model-impl transformers``);
+    # the dense backend class is ``backend``'s prototype, which refuses every family but LLaVA-1.5
     "TransformersMultiModalMoEForCausalLM": ("transformers", "TransformersMultiModalMoEForCausalLM", BACKEND),
 }
 

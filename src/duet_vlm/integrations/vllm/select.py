@@ -83,7 +83,8 @@ def layer_scores(layer: nn.Module, layer_input: torch.Tensor, has_cls: bool, chu
     attn = layer.self_attn
     heads = getattr(attn, "num_heads_per_partition", None) or attn.num_heads
     with torch.no_grad():
-        qkv, _ = attn.qkv_proj(layer.layer_norm1(layer_input))
+        qkv = attn.qkv_proj(layer.layer_norm1(layer_input))
+        qkv = qkv[0] if isinstance(qkv, tuple) else qkv  # (output, bias) unless built with return_bias=False
         queries, keys = all_heads(fused_qk(qkv, heads), 1, getattr(attn, "tp_size", 1))
         scores = patch_scores(queries, keys, attn.scale, has_cls, received, chunk)
     return scores, keys.mean(dim=1)

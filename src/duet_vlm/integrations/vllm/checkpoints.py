@@ -414,6 +414,18 @@ def _qwen_tokenizer(folder: Path, processor_class: str = "Qwen2_5_VLProcessor") 
     }, QWEN_TEMPLATE)
 
 
+def _save_native(model, folder: Path) -> None:
+    """``model``'s config and weights under transformers 5's own key layout (which vLLM 0.32 maps for
+    the Qwen-VL families and InternVL), float32, its class named as the architecture."""
+    model.config.save_pretrained(folder)
+    written = json.loads((folder / "config.json").read_text())
+    written["architectures"] = [type(model).__name__]
+    written["dtype"] = "float32"
+    (folder / "config.json").write_text(json.dumps(written, indent=2))
+    state = {key: value.detach().contiguous().clone() for key, value in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
 #: the Hugging Face classes of each Qwen kind ``write_qwen_vl`` writes.
 QWEN_KINDS = {
     "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
@@ -473,7 +485,6 @@ def write_qwen_vl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, lay
                         "full_attention" if i % 2 else "linear_attention" for i in range(layers)])
     if kind == "qwen3_5_moe":
         text.update(moe_intermediate_size=64, shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2)
-    architecture = model_class.__name__
     config = config_class(
         text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
@@ -485,13 +496,7 @@ def write_qwen_vl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, lay
         for block in model.model.visual.blocks:
             width = block.attn.qkv.weight.shape[0] // 3
             block.attn.qkv.weight[: 2 * width].mul_(sharpness)
-    model.config.save_pretrained(folder)
-    written = json.loads((folder / "config.json").read_text())
-    written["architectures"] = [architecture]
-    written["dtype"] = "float32"
-    (folder / "config.json").write_text(json.dumps(written, indent=2))
-    state = {key: value.detach().contiguous().clone() for key, value in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _save_native(model, folder)
     image_processor = {
         "image_processor_type": "Qwen2VLImageProcessor", "do_resize": True, "do_rescale": True, "do_normalize": True,
         "do_convert_rgb": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
@@ -556,13 +561,7 @@ def write_internvl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, la
         embeddings.cls_token.normal_()
         embeddings.position_embeddings.normal_(std=0.5)
     model = sharpen(model, sharpness).float().eval()
-    model.config.save_pretrained(folder)
-    written = json.loads((folder / "config.json").read_text())
-    written["architectures"] = ["InternVLForConditionalGeneration"]
-    written["dtype"] = "float32"
-    (folder / "config.json").write_text(json.dumps(written, indent=2))
-    state = {key: value.detach().contiguous().clone() for key, value in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _save_native(model, folder)
     image_processor = {
         "image_processor_type": "GotOcr2ImageProcessor", "do_resize": True, "do_rescale": True, "do_normalize": True,
         "do_convert_rgb": True, "crop_to_patches": True, "min_patches": 1, "max_patches": 6,

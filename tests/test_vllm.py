@@ -449,6 +449,27 @@ def test_the_transformers_backend_prototype_refuses_methods_reading_a_second_lay
                for e in chain), chain
 
 
+def test_the_transformers_backend_prototype_refuses_tensor_parallelism(saved_llava):
+    """Under ``--tensor-parallel-size 2`` the backend's fused projections hold one rank's heads, which
+    the prototype does not gather: refused before the backend builds anything, naming the route that
+    reduces there (the class itself, built on the engine's configuration)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from duet_vlm.integrations.vllm.backend import DuetTransformersMultiModalForCausalLM
+
+    folder, _, _ = saved_llava
+    options = {"duet_method": "visionzip", "duet_budget": 64}
+    config = SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=AutoConfig.from_pretrained(folder),
+                                     multimodal_config=SimpleNamespace(mm_processor_kwargs=options)),
+        parallel_config=SimpleNamespace(tensor_parallel_size=2),
+    )
+    with pytest.raises(RefusedMethod, match="runs without tensor parallelism; vLLM's own implementation reduces"):
+        DuetTransformersMultiModalForCausalLM(vllm_config=config)
+
+
 def test_the_transformers_backend_refuses_duet_options_on_other_families(tmp_path):
     """Any other family through the Transformers backend (Qwen2-VL here), asked for a reduction: the
     engine does not start and says to use vLLM's own implementation (it used to serve every image

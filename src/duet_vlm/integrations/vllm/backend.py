@@ -106,6 +106,10 @@ class DuetTransformersMultiModalForCausalLM(TransformersMultiModalForCausalLM):
                 raise RefusedMethod(f"duet-vlm's {BACKEND} prototype reduces CLIP towers with the 'default' strategy")
             if not isinstance(config.vision_feature_layer, int):
                 raise RefusedMethod("duet-vlm supports a single vision feature layer")
+            if vllm_config.parallel_config.tensor_parallel_size > 1:
+                # the fused projections would hold one rank's heads, which the scores do not gather here
+                raise RefusedMethod(f"duet-vlm's {BACKEND} prototype runs without tensor parallelism; vLLM's own "
+                                    "implementation reduces under --tensor-parallel-size")
             geometry = backend_geometry(config)
             for index, name in enumerate(duet.methods):
                 plan = plan_for(duet.choose(index), 64, geometry)

@@ -50,9 +50,10 @@ class WithoutDuetOptions:
 
 
 class DuetInfoMixin:
-    """Before a family's vLLM processing info: its Hugging Face processor never sees duet-vlm's options,
-    even where vLLM's processor calls it directly with the request's (InternVL's images, LLaVA-OneVision's
-    videos; the processor used to warn "Keyword argument duet_method is not a valid argument")."""
+    """Before a family's vLLM processing info: its Hugging Face processor is never called with duet-vlm's
+    options, even where vLLM's processor calls it directly with the request's (InternVL's images,
+    LLaVA-OneVision's videos). The server's options still reach the processor's construction (vLLM's
+    ``ctx.get_hf_processor`` merges them in), where transformers warns once that it ignores them."""
 
     def get_hf_processor(self, **kwargs: object):
         return WithoutDuetOptions(super().get_hf_processor(**strip(kwargs)))

@@ -1,8 +1,8 @@
 """Gemma 3 under vLLM: vLLM's own ``Gemma3ForConditionalGeneration`` and its processor, subclassed.
 
 As in the Hugging Face path (``duet_vlm.adapters.gemma3``), an image is one unit of
-``mm_tokens_per_image`` soft tokens: the SigLIP tower's last layer, average-pooled ``k x k`` by the projector's own pool,
-normed and projected. A soft token's score is the attention its patches receive in the tower's
+``mm_tokens_per_image`` soft tokens: the SigLIP tower's last layer, average-pooled ``k x k`` by the
+projector's own pool, normed and projected. A soft token's score is the attention its patches receive in the tower's
 last layer, summed over the ``k x k`` patches the pool puts in it; its key the layer's keys
 averaged by the same pool. The stage chooses among projected tokens, so its output reaches the
 language model as it is, each token in the slot of the token it stands for. The processor writes

@@ -9,9 +9,9 @@ group of patches the model's own ``pixel_shuffle`` puts in it, its key the layer
 over the group (``adapters.internvl.internvl_layer_scores`` and ``pool_through_shuffle``, run on
 vLLM's layers, which carry the same module names). The stage chooses among projected tokens, so
 its output reaches the language model as it is, each token in the slot of the token it stands for
-(a merged token: its anchor's), as the Hugging Face path orders them. The processor writes ``<img>`` + the method's
-count of ``<IMG_CONTEXT>`` + ``</img>`` for each image; the tile count is the processor's
-``image_num_patches``, known before anything is encoded.
+(a merged token: its anchor's), as the Hugging Face path orders them. The processor writes
+``<img>`` + the method's count of ``<IMG_CONTEXT>`` + ``</img>`` for each image; the tile count is
+the processor's ``image_num_patches``, known before anything is encoded.
 
 vLLM's InternVL vision tower is replicated on every tensor-parallel rank (plain linear layers), so
 every rank scores with all heads. Videos (each frame a run of its own under ``<video>`` tokens) are
@@ -64,12 +64,12 @@ class DuetInternVLMultiModalProcessor(DuetProcessorMixin, InternS1MultiModalProc
         """The prompt's text with ``<img>`` and ``</img>`` where each image's ``<IMG_CONTEXT>`` stands:
         vLLM writes them around the image's run, and the Hugging Face path reads them as text."""
         processor = self.info.get_hf_processor()
-        context = processor.image_token_id
+        context, placeholders = processor.image_token_id, self.placeholder_ids()
         text = []
         for token in prompt:
             if token == context:
                 text += [processor.start_image_token_id, processor.end_image_token_id]
-            elif token not in self.placeholder_ids():
+            elif token not in placeholders:
                 text.append(token)
         return tuple(text)
 

@@ -96,7 +96,7 @@ def test_collator_passes_extra_keys_through():
     assert batch["pixel_values"].shape == (2, 3, 2, 2)
 
 
-@pytest.mark.parametrize("method", BUDGETED)  # pixelprune: Qwen only, no budget
+@pytest.mark.parametrize("method", BUDGETED)  # pixelprune (no budget): test_pixelprune_trains_on_llava
 def test_training_step_changes_only_trained_parameters(processor, batch, method):
     model = tiny(processor).train()
     config = TrainConfig(model="-", data="-", output_dir="-", method=method, budget=BUDGET, train="projector")
@@ -209,7 +209,7 @@ def uneven_batch(processor):
     return batch, alone
 
 
-@pytest.mark.parametrize("method", BUDGETED)  # pixelprune: Qwen only, no budget
+@pytest.mark.parametrize("method", BUDGETED)  # pixelprune (no budget): test_pixelprune_trains_on_llava
 def test_loss_of_a_right_padded_batch_equals_its_rows_alone(processor, uneven_batch, method):
     """Under every method, a right-padded training batch: each row's logits at its valid positions,
     its loss from them, and the batch loss (the token-weighted mean of the rows' own losses) equal the
@@ -237,6 +237,33 @@ def test_loss_of_a_right_padded_batch_equals_its_rows_alone(processor, uneven_ba
     torch.testing.assert_close(out.loss, sum(n * s.loss for n, s in zip(counts, singles)) / sum(counts))
     if method == "full":
         torch.testing.assert_close(out.loss, plain, atol=0, rtol=0)
+
+
+def test_pixelprune_trains_on_llava(processor, uneven_batch):
+    """PixelPrune on the demo LLaVA's CLIP tower in training (``mae`` 0.05: the demo scenes' noisy
+    backgrounds repeat nothing at the official threshold 0). The two images keep different patch
+    counts, so the tower runs them padded under a key mask: each row's logits and loss equal the row
+    run alone; ``make_reducer`` builds it without a budget; and the loss's gradient reaches the
+    projector only (``train="projector"``)."""
+    batch, alone = uneven_batch
+    config = TrainConfig(model="-", data="-", output_dir="-", method="pixelprune", train="projector")
+    assert make_reducer(config) == duet_vlm.make("pixelprune")
+    reducer = duet_vlm.make("pixelprune", metric="mae", threshold=0.05)
+    model = set_trainable(tiny(processor).train(), config)
+    with reducer(model):
+        out = model(**batch)
+        counts = [item.tokens_per_layer[0] for item in reducer.stats.items]
+        with torch.no_grad():
+            singles = [model(**single) for single in alone]
+    assert len(set(counts)) == 2 and max(counts) < 576, counts  # reduced, and unevenly
+    mask, labels = batch["attention_mask"].bool(), batch["labels"]
+    for b, single in enumerate(singles):
+        torch.testing.assert_close(out.logits[b, mask[b]].detach(), single.logits[0], atol=1e-4, rtol=1e-4, msg=f"row {b}")
+        row_loss = torch.nn.functional.cross_entropy(out.logits[b, :-1], labels[b, 1:], ignore_index=-100)
+        torch.testing.assert_close(row_loss.detach(), single.loss, atol=1e-5, rtol=1e-5, msg=f"row {b} loss")
+    out.loss.backward()
+    trained = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained and all("multi_modal_projector" in name for name in trained)
 
 
 # ----------------------------------------------------------------------------- the command

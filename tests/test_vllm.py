@@ -647,25 +647,43 @@ def test_gemma3_image_a_budget_leaves_unreduced_equals_the_hugging_face_model(sa
     assert "an image of 16 visual tokens is served unreduced: duet_budget 16 is not below its tokens" in caplog.text
 
 
-def test_gemma3_pan_and_scan_images_are_refused_while_a_method_runs(saved_gemma3, gemma3_causal):
-    """A pan-and-scan image (the image and three crops, four blocks of one vLLM item) is refused with the
-    reason while a method runs (a 400 on a server): unreduced, vLLM 0.32 and transformers already answer
-    it differently on this checkpoint (other greedy tokens; the pixels and the image embeddings agree,
-    text-only prompts of the same length agree), so a reduction could not be checked. The engine
-    keeps serving: an image without crops is then reduced as the Hugging Face path reduces it."""
-    folder, model, processor = saved_gemma3
+def test_gemma3_pan_and_scan_crops_are_blocks_of_their_own(tmp_path, gemma3_causal):
+    """With pan-and-scan, an image is its whole block and one block per crop (one vLLM item, four Hugging
+    Face items): every block is reduced on its own at the image's budget, as the Hugging Face path
+    reduces each: the same kept tokens block by block, placeholder count, tokens and log-probabilities.
+    A method that reads the prompt's text refuses such an image with the reason (a 400 on a server),
+    and the engine keeps serving. The tokenizer keeps spaces (``space_token``), as Gemma's does: the
+    word-level one drops the space between blocks, and vLLM then misplaces the crops' embeddings."""
+    folder = write_gemma3(tmp_path / "tiny-gemma3-spaces", space_token=True)
+    model, processor = load_hf(folder), AutoProcessor.from_pretrained(folder)
     scan = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 16}
-    wide = image(43, (96, 32))
-    assert processor(images=wide, text=GEMMA3_PROMPT, return_tensors="pt", **scan)["pixel_values"].shape[0] == 4
-    square = image(44, (32, 32))  # too small to crop: one block under the same options
+    picture = image(43, (96, 32))
+    inputs = processor(images=picture, text=GEMMA3_PROMPT, return_tensors="pt", **scan)
+    inputs = {key: value for key, value in inputs.items() if key != "token_type_ids"}
+    assert inputs["pixel_values"].shape[0] == 4  # the image and three crops
     reducer = duet_vlm.make("visionzip", budget=8)
-    reference = hf_run(model, processor, square, reducer)
-    with engine(folder, {"duet_method": "visionzip", "duet_budget": 8, **scan}) as llm:
-        with pytest.raises(ValueError, match="duet-vlm does not reduce Gemma 3's pan-and-scan crops under vLLM"):
-            vllm_run(llm, processor, [wide])
-        (result,), kept = vllm_run(llm, processor, [square])
-    assert result[2] == served_length(processor, square, 8)
-    assert_same(reference, result, kept[0])
+    reference = hf_generate(model, inputs, reducer)
+    hf_kept = [item.vision_kept for item in reducer.stats.items]
+    prompt = processor.tokenizer(GEMMA3_PROMPT)["input_ids"]
+    request = {"prompt_token_ids": prompt, "multi_modal_data": {"image": picture}}
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=1)
+    select.TRACE = []
+    try:
+        with engine(folder, {"duet_method": "visionzip", "duet_budget": 8, "duet_allow": "cdpruner", **scan}) as llm:
+            output = llm.generate([request], params, use_tqdm=False)[0]
+            kept = [reduction.kept.cpu() for reduction in select.TRACE]
+            with pytest.raises(ValueError, match="duet-vlm does not run cdpruner on Gemma 3's pan-and-scan crops"):
+                llm.generate([{**request, "mm_processor_kwargs": {"duet_method": "cdpruner"}}], params, use_tqdm=False)
+            again = llm.generate([request], params, use_tqdm=False)[0]
+    finally:
+        select.TRACE = None
+    completion = output.outputs[0]
+    assert len(output.prompt_token_ids) == inputs["input_ids"].shape[1] - 4 * (16 - 8)
+    assert len(kept) == 4 and all(torch.equal(a.reshape(-1), b.reshape(-1).cpu()) for a, b in zip(kept, hf_kept))
+    assert list(completion.token_ids) == reference[0]
+    assert np.allclose([step[t].logprob for step, t in zip(completion.logprobs, completion.token_ids)], reference[1],
+                       atol=LOGPROB_TOLERANCE)
+    assert list(again.outputs[0].token_ids) == reference[0]
 
 
 QWEN_METHODS = ["visionzip", "trio_scan", "random", "divprune", "cdpruner", "hiprune"]

@@ -242,18 +242,23 @@ def _gemma_tokenizer(tokens) -> tuple[dict, dict[str, int]]:
     return tokenizer, ids
 
 
-def write_gemma3(folder: str | Path, seed: int = 0, layers: int = 2, gemma_template: bool = False) -> Path:
+def write_gemma3(folder: str | Path, seed: int = 0, layers: int = 2, gemma_template: bool = False,
+                 space_token: bool = False) -> Path:
     """A Gemma-3-shaped checkpoint: a SigLIP tower on 32-pixel images (16 soft tokens), ``layers``
     decoder layers (sliding ones, the last global), the demo tokenizer with Gemma's image tokens and
     newlines added after its vocabulary; with ``gemma_template`` a chat template in Gemma's form
-    (``GEMMA_CHAT_TEMPLATE``), else the demo's. Enough for vLLM to build the model class (a refusal
-    at start) and for ``duet-vlm train`` to fine-tune it."""
+    (``GEMMA_CHAT_TEMPLATE``), else the demo's. With ``space_token`` a token for a space too, which
+    the word-level tokenizer otherwise drops: Gemma's own tokenizer keeps the space the processor
+    writes between pan-and-scan blocks, and without it vLLM's Gemma 3 processor joins the blocks'
+    newline tokens and puts the crops' embeddings in the wrong places (unreduced, too). Enough for
+    vLLM to serve it and for ``duet-vlm train`` to fine-tune it."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     newlines = ("\n" * n for n in range(1, 5))  # vLLM's Gemma 3 processor looks up runs of 1 to 4
-    tokenizer, ids = _gemma_tokenizer(("<start_of_image>", "<end_of_image>", "<image_soft_token>", *newlines))
+    tokenizer, ids = _gemma_tokenizer(("<start_of_image>", "<end_of_image>", "<image_soft_token>", *newlines,
+                                       *((" ",) if space_token else ())))
     text = dict(
         vocab_size=max(ids.values()) + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,

@@ -1,14 +1,15 @@
 """Gemma 3 under vLLM: vLLM's own ``Gemma3ForConditionalGeneration`` and its processor, subclassed.
 
-As in the Hugging Face path (``duet_vlm.adapters.gemma3``), an image is one unit of
-``mm_tokens_per_image`` soft tokens: the SigLIP tower's last layer, average-pooled ``k x k`` by the
-projector's own pool, normed and projected. A soft token's score is the attention its patches receive in the tower's
-last layer, summed over the ``k x k`` patches the pool puts in it; its key the layer's keys
+As in the Hugging Face path (``duet_vlm.adapters.gemma3``), an image block (the image, or a
+pan-and-scan crop) is one unit of ``mm_tokens_per_image`` soft tokens: the SigLIP tower's last
+layer, average-pooled ``k x k`` by the projector's own pool, normed and projected. A soft token's
+score is the attention its patches receive in the tower's last layer, summed over the ``k x k`` patches the pool puts in it; its key the layer's keys
 averaged by the same pool. The stage chooses among projected tokens, so its output reaches the
 language model as it is, each token in the slot of the token it stands for. The processor writes
-the image's ``<start_of_image>``, the method's count of soft tokens and ``<end_of_image>``. A
-pan-and-scan image (the image and its crops, blocks of one vLLM item) is refused while a method
-runs: unreduced, vLLM 0.32 and transformers already answer it differently.
+each block's ``<start_of_image>``, the method's count of soft tokens and ``<end_of_image>``. A
+pan-and-scan image is one vLLM item of several blocks (the image, then each crop): each block is
+reduced on its own at the image's budget, as the Hugging Face path reduces each as an item; methods
+that read the prompt's text refuse such an image (the text is taken before the crops are known).
 
 The mask inside an image block is vLLM's: its attention backends that support a multimodal prefix
 (``is_mm_prefix_lm``: FlashAttention on a GPU) let a block's tokens, the kept ones here, attend to
@@ -52,11 +53,14 @@ class DuetGemma3MultiModalProcessor(DuetProcessorMixin, Gemma3MultiModalProcesso
 
     def item_geometries(self, processed, hf_kwargs) -> list[Geometry]:
         blocks = processed["num_patches"].tolist()
-        if any(count > 1 for count in blocks):
+        settings = self.settings({k: v for k, v in hf_kwargs.items() if k != "duet_text"})
+        if any(count > 1 for count in blocks) and settings.needs_text():
+            # the prompt's text is read before the image is cut into crops (``apply``), so it would
+            # miss the words vLLM writes around them
             raise RefusedMethod(
-                "duet-vlm does not reduce Gemma 3's pan-and-scan crops under vLLM: unreduced, vLLM 0.32 and transformers "
-                "already answer a pan-and-scan image differently (the serving page), so a reduction could not be checked "
-                "against the Hugging Face path; send the image with do_pan_and_scan off, or serve it without a method"
+                f"duet-vlm does not run {settings.method} on Gemma 3's pan-and-scan crops under vLLM: the method reads "
+                "the prompt's text, which is taken before the image is cut into crops; send the image with "
+                "do_pan_and_scan off, or use a method that does not read the text"
             )
         return [gemma3_geometry(self.info.get_hf_config())] * len(blocks)
 
@@ -89,7 +93,7 @@ class DuetGemma3MultiModalProcessor(DuetProcessorMixin, Gemma3MultiModalProcesso
         count = self.reduced_tokens(hf_processor_mm_kwargs, gemma3_geometry(config))
 
         def replacement(item_idx: int):
-            full = image_update.replacement(item_idx)  # vLLM's: the image's block of `tokens` soft tokens
+            full = image_update.replacement(item_idx)  # vLLM's: the image's blocks, each of `tokens` soft tokens
             if not isinstance(mm_items.get("image"), ImageProcessorItems) or count == tokens:
                 return full
             ids, run = [], 0
@@ -122,17 +126,24 @@ class DuetGemma3ForConditionalGeneration(DuetTowerMixin, Gemma3ForConditionalGen
         features = []
         taps = self.run_tower(lambda: features.append(self.vision_tower(image_input["pixel_values"])), plans)
         projected = self.multi_modal_projector(features[0])  # (blocks, tokens, D)
-        outputs = []
-        for index, plan in enumerate(plans):  # one block an image (pan-and-scan crops are refused by the processor)
-            rows = slice(index, index + 1)
+        counts = [int(n) for n in torch.as_tensor(image_input["num_patches"]).reshape(-1).tolist()]
+        outputs, start = [], 0
+        for index, (plan, blocks) in enumerate(zip(plans, counts)):
+            rows = slice(start, start + blocks)  # the image's block, then one per pan-and-scan crop
+            start += blocks
             if plan is None:
-                outputs.append(projected[index])
+                outputs.append(projected[rows].flatten(0, 1))
                 continue
             scores, keys, maps = self.tower_signals(taps, plan, rows)
-            reduced = self.reduce_item(plan, geometry, projected[rows], scores, keys, maps, self.text_embeddings(texts, index),
-                                       project=lambda f: f)
-            order = reduced.kept.argsort()  # each output in the slot of the token it stands for
-            outputs.append(reduced.embeddings[order.to(reduced.embeddings.device)])
+            text = self.text_embeddings(texts, index)
+            parts = []
+            for block in range(blocks):  # each block a unit of its own at the image's budget, as the HF path reduces it
+                one = slice(block, block + 1)
+                reduced = self.reduce_item(plan, geometry, projected[rows][one], scores[one], keys[one],
+                                           {layer: m[one] for layer, m in maps.items()}, text, project=lambda f: f)
+                order = reduced.kept.argsort()  # each output in the slot of the token it stands for
+                parts.append(reduced.embeddings[order.to(reduced.embeddings.device)])
+            outputs.append(torch.cat(parts))
         return outputs
 
     def tower_signals(self, taps, plan, rows) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -54,6 +54,22 @@ from .base import Capture, Geometry, ModelAdapter, Signals, UnitFeatures, Visual
 KINDS = {"full_attention": "attention", "sliding_attention": "sliding_attention"}
 
 
+def pooled_scores(pool: nn.Module, kernel: int, scores: torch.Tensor) -> torch.Tensor:
+    """Per-patch ``scores (U, P)`` on a square grid -> each soft token's ``(U, T)``: the sum over the
+    ``kernel x kernel`` patches the model's own ``pool`` (its projector's ``avg_pool``) puts in it."""
+    units, patches = scores.shape
+    side = round(patches ** 0.5)
+    pooled = pool(scores.view(units, 1, side, side).to(torch.float32)).flatten(1) * (kernel * kernel)
+    return pooled.to(scores.dtype)
+
+
+def pooled_keys(pool: nn.Module, keys: torch.Tensor) -> torch.Tensor:
+    """Per-patch ``keys (U, P, d)`` on a square grid -> each soft token's ``(U, T, d)``: averaged by ``pool``."""
+    units, patches, width = keys.shape
+    side = round(patches ** 0.5)
+    return pool(keys.transpose(1, 2).reshape(units, width, side, side)).flatten(2).transpose(1, 2)
+
+
 class Gemma3Adapter(ModelAdapter):
     """``Gemma3ForConditionalGeneration`` / ``Gemma3Model``."""
 
@@ -154,13 +170,7 @@ class Gemma3Adapter(ModelAdapter):
         attention ``layer``'s patches receive, summed over each token's ``k x k`` patches by the
         model's own pool; the keys averaged by it."""
         scores, keys = clip_layer_scores(layer, layer_input, False)
-        rows, patches = scores.shape
-        side = round(patches ** 0.5)
-        grid = scores.view(rows, 1, side, side)
-        pooled = self.pool(grid.to(torch.float32)).flatten(1) * (self.kernel * self.kernel)
-        key_grid = keys.transpose(1, 2).reshape(rows, keys.shape[-1], side, side)
-        pooled_keys = self.pool(key_grid).flatten(2).transpose(1, 2)
-        return pooled.to(scores.dtype), pooled_keys
+        return pooled_scores(self.pool, self.kernel, scores), pooled_keys(self.pool, keys)
 
     def unit_features(self, items, capture: Capture, signals: Signals, first_row, inputs_embeds=None) -> UnitFeatures:
         """One unit per image: its soft tokens as the language model receives them (read from

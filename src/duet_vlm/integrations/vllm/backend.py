@@ -30,10 +30,10 @@ from vllm.model_executor.models.transformers.multimodal import (
     MultiModalProcessor,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
+from vllm.multimodal.processing import PromptReplacement
 
 from ...geometry import Geometry
-from .common import DuetProcessorMixin, ItemFields, item_fields_config, server_options
+from .common import DuetProcessorMixin, ItemFields, cut_runs, item_fields_config, server_options
 from .llava import llava_geometry
 from .options import RefusedMethod, Settings, plan_for
 from .refused import BACKEND, refuse_options
@@ -73,14 +73,8 @@ class DuetBackendProcessor(DuetProcessorMixin, MultiModalProcessor):
         image_token = self.info.get_hf_config().image_token_index
 
         def cut(update):
-            def replacement(item_idx: int):
-                full = update.replacement(item_idx)  # the processor's: the image's placeholders, all of them
-                kept, seen = [], 0
-                for token in full.full:
-                    seen += token == image_token
-                    if token != image_token or seen <= count:
-                        kept.append(token)
-                return PromptUpdateDetails.select_token_id(kept, image_token)
+            def replacement(item_idx: int):  # the processor's: all the image's placeholders
+                return cut_runs(update.replacement(item_idx).full, image_token, count)
             return PromptReplacement(modality=update.modality, target=update.target, replacement=replacement)
 
         return [cut(update) if update.modality == "image" else update for update in updates]

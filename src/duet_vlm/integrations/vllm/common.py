@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.processing import PromptUpdateDetails
 
 from ...geometry import Geometry
 from ...plan import Plan
@@ -124,8 +125,20 @@ class DuetProcessorMixin:
 
     def reduced_tokens(self, hf_processor_mm_kwargs, geometry: Geometry) -> int:
         """An image's placeholder count: the method's token count at the image's budget."""
-        settings = self.settings({k: v for k, v in hf_processor_mm_kwargs.items() if k != "duet_text"})
+        settings = self.settings(hf_processor_mm_kwargs)
         return tokens_for(settings, settings.item_budget(geometry), geometry)
+
+
+def cut_runs(ids, token: int, count: int) -> PromptUpdateDetails:
+    """A replacement's ids (vLLM's own, unreduced) with each run of ``token`` cut to its first
+    ``count``, the embeddings going to ``token``: an item's reduced placeholders, its other ids as
+    vLLM writes them (``<start_of_image>``, newlines, ...)."""
+    kept, run = [], 0
+    for t in ids:
+        run = run + 1 if t == token else 0
+        if t != token or run <= count:
+            kept.append(t)
+    return PromptUpdateDetails.select_token_id(kept, token)
 
 
 @dataclasses.dataclass

@@ -28,11 +28,12 @@ from vllm.model_executor.models.gemma3_mm import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageProcessorItems
-from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
+from vllm.multimodal.processing import PromptReplacement
 from vllm.multimodal.processing.processor import cached_encode, replace_token_matches
 
+from ...adapters.gemma3 import pooled_keys, pooled_scores
 from ...geometry import Geometry
-from .common import DuetInfoMixin, DuetProcessorMixin, DuetTowerMixin
+from .common import DuetInfoMixin, DuetProcessorMixin, DuetTowerMixin, cut_runs
 from .options import RefusedMethod
 
 
@@ -53,7 +54,7 @@ class DuetGemma3MultiModalProcessor(DuetProcessorMixin, Gemma3MultiModalProcesso
 
     def item_geometries(self, processed, hf_kwargs) -> list[Geometry]:
         blocks = processed["num_patches"].tolist()
-        settings = self.settings({k: v for k, v in hf_kwargs.items() if k != "duet_text"})
+        settings = self.settings(hf_kwargs)
         if any(count > 1 for count in blocks) and settings.needs_text():
             # the prompt's text is read before the image is cut into crops (``apply``), so it would
             # miss the words vLLM writes around them
@@ -96,12 +97,7 @@ class DuetGemma3MultiModalProcessor(DuetProcessorMixin, Gemma3MultiModalProcesso
             full = image_update.replacement(item_idx)  # vLLM's: the image's blocks, each of `tokens` soft tokens
             if not isinstance(mm_items.get("image"), ImageProcessorItems) or count == tokens:
                 return full
-            ids, run = [], 0
-            for token in full.full:
-                run = run + 1 if token == soft else 0
-                if token != soft or run <= count:
-                    ids.append(token)
-            return PromptUpdateDetails.select_token_id(ids, soft)
+            return cut_runs(full.full, soft, count)
 
         return [PromptReplacement(modality="image", target=image_update.target, replacement=replacement)]
 
@@ -141,8 +137,7 @@ class DuetGemma3ForConditionalGeneration(DuetTowerMixin, Gemma3ForConditionalGen
                 one = slice(block, block + 1)
                 reduced = self.reduce_item(plan, geometry, projected[rows][one], scores[one], keys[one],
                                            {layer: m[one] for layer, m in maps.items()}, text, project=lambda f: f)
-                order = reduced.kept.argsort()  # each output in the slot of the token it stands for
-                parts.append(reduced.embeddings[order.to(reduced.embeddings.device)])
+                parts.append(reduced.in_slot_order())
             outputs.append(torch.cat(parts))
         return outputs
 
@@ -150,15 +145,6 @@ class DuetGemma3ForConditionalGeneration(DuetTowerMixin, Gemma3ForConditionalGen
         """The soft tokens' scores and keys: each patch's received attention (SigLIP has no CLS) summed
         by the projector's own ``k x k`` pool, the keys averaged by it; the other layers' scores too."""
         scores, keys, maps = super().tower_signals(taps, plan, rows)
-        pool = self.multi_modal_projector.avg_pool
-        area = self.multi_modal_projector.kernel_size ** 2
-
-        def pooled_scores(values: torch.Tensor) -> torch.Tensor:
-            units, patches = values.shape
-            side = round(patches ** 0.5)
-            return (pool(values.view(units, 1, side, side).to(torch.float32)).flatten(1) * area).to(values.dtype)
-
-        units, patches, width = keys.shape
-        side = round(patches ** 0.5)
-        pooled_keys = pool(keys.transpose(1, 2).reshape(units, width, side, side)).flatten(2).transpose(1, 2)
-        return pooled_scores(scores), pooled_keys, {layer: pooled_scores(m) for layer, m in maps.items()}
+        pool, kernel = self.multi_modal_projector.avg_pool, self.multi_modal_projector.kernel_size
+        return (pooled_scores(pool, kernel, scores), pooled_keys(pool, keys),
+                {layer: pooled_scores(pool, kernel, m) for layer, m in maps.items()})

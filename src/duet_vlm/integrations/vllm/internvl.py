@@ -160,8 +160,7 @@ class DuetInternVLForConditionalGeneration(DuetTowerMixin, InternS1ForConditiona
             scores, keys, maps = self.tower_signals(taps, plan, rows)
             reduced = self.reduce_item(plan, geometry, tokens[None], scores, keys, maps, self.text_embeddings(texts, index),
                                        project=lambda features: features)
-            order = reduced.kept.argsort()  # each output in the slot of the token it stands for (a merged one: its anchor's)
-            outputs.append(reduced.embeddings[order.to(reduced.embeddings.device)])
+            outputs.append(reduced.in_slot_order())
         return outputs
 
     def tower_signals(self, taps, plan, rows) -> tuple[torch.Tensor, torch.Tensor, dict]:

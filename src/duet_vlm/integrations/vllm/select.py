@@ -113,6 +113,11 @@ class Reduced:
     reduction: VisionReduction
     units: torch.Tensor | None = None
 
+    def in_slot_order(self) -> torch.Tensor:
+        """The embeddings of a one-unit item, each in the slot of the token it stands for (a merged
+        token: its anchor's), as the Hugging Face path places them where it keeps slots."""
+        return self.embeddings[self.kept.argsort().to(self.embeddings.device)]
+
 
 def reduce_unit(
     plan: Plan,

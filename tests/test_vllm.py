@@ -251,6 +251,33 @@ def assert_same(hf, vl, kept_vllm):
         assert torch.equal(kept_vllm.reshape(-1).cpu(), kept.reshape(-1).cpu()), (kept_vllm, kept)
 
 
+def refused_at_start(folder, options: dict, **settings) -> list:
+    """Start an engine that must not start; every error of the failure's chain (causes and contexts)."""
+    with pytest.raises(Exception) as failure:
+        with engine(folder, options, **settings):
+            pass
+    chain, error = [], failure.value
+    while error is not None:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def check_served_unreduced(saved, picture, budget: int, tokens: int, caplog) -> None:
+    """A picture of ``tokens`` visual tokens under a server ``budget`` not below them: served as vLLM
+    embeds it (the unreduced Hugging Face model's answer, with its ``tokens`` placeholders), and the
+    server's log says so."""
+    folder, model, processor = saved
+    reference = hf_run(model, processor, picture, None)
+    with caplog.at_level(logging.WARNING, logger="duet_vlm.vllm"):
+        with engine(folder, {"duet_method": "visionzip", "duet_budget": budget}) as llm:
+            (result,), kept = vllm_run(llm, processor, [picture])
+    assert kept == [] and result[2] == served_length(processor, picture, tokens)
+    assert_same(reference, result, None)
+    assert (f"an image of {tokens} visual tokens is served unreduced: duet_budget {budget} is not below its tokens"
+            in caplog.text)
+
+
 def test_unreduced_equals_the_hugging_face_model(saved_llava):
     folder, model, processor = saved_llava
     picture = image(0)
@@ -438,13 +465,8 @@ def test_the_transformers_backend_prototype_refuses_methods_reading_a_second_lay
     """TRIO's scan reads a shallow encoder layer besides the feature layer, which the backend prototype
     does not tap: refused at start, before the backend builds anything, naming vLLM's own implementation."""
     folder, _, _ = saved_llava
-    with pytest.raises(Exception) as failure:
-        with engine(folder, {"duet_method": "trio_scan", "duet_budget": 64}, model_impl="transformers"):
-            pass
-    chain, error = [], failure.value
-    while error is not None:
-        chain.append(str(error))
-        error = error.__cause__ or error.__context__
+    chain = [str(e) for e in refused_at_start(folder, {"duet_method": "trio_scan", "duet_budget": 64},
+                                              model_impl="transformers")]
     assert any("trio_scan reads encoder layers besides the feature layer" in e and "vLLM's own implementation" in e
                for e in chain), chain
 
@@ -475,13 +497,8 @@ def test_the_transformers_backend_refuses_duet_options_on_other_families(tmp_pat
     engine does not start and says to use vLLM's own implementation (it used to serve every image
     unreduced without a word). The refusal comes before the backend builds anything."""
     folder = write_qwen_vl(tmp_path / "tiny-qwen2-vl", kind="qwen2_vl")
-    with pytest.raises(Exception) as failure:
-        with engine(folder, {"duet_method": "visionzip", "duet_budget": 16}, model_impl="transformers"):
-            pass
-    chain, error = [], failure.value
-    while error is not None:
-        chain.append(str(error))
-        error = error.__cause__ or error.__context__
+    chain = [str(e) for e in refused_at_start(folder, {"duet_method": "visionzip", "duet_budget": 16},
+                                              model_impl="transformers")]
     assert any("vLLM's Transformers modeling backend (--model-impl transformers) runs as vLLM's own class" in e
                and "--model-impl auto or vllm" in e for e in chain), chain
 
@@ -489,13 +506,7 @@ def test_the_transformers_backend_refuses_duet_options_on_other_families(tmp_pat
 @pytest.mark.parametrize("method", ["duet", "fastv", "pyramiddrop"])
 def test_methods_pruning_inside_the_language_model_are_refused(saved_llava, method):
     folder, _, _ = saved_llava
-    with pytest.raises(Exception) as failure:
-        with engine(folder, {"duet_method": method, "duet_budget": 64}):
-            pass
-    chain, error = [], failure.value
-    while error is not None:
-        chain.append(error)
-        error = error.__cause__ or error.__context__
+    chain = refused_at_start(folder, {"duet_method": method, "duet_budget": 64})
     assert any(isinstance(e, RefusedMethod) or "inside the language model" in str(e) for e in chain), chain
 
 
@@ -560,15 +571,7 @@ def test_internvl_equals_the_hugging_face_path(saved_internvl, method):
 def test_internvl_image_a_budget_leaves_unreduced_equals_the_hugging_face_model(saved_internvl, caplog):
     """A single-tile image (16 tokens) under a budget of 24 is served as vLLM embeds it (the unreduced
     Hugging Face model's answer), and the server's log says so."""
-    folder, model, processor = saved_internvl
-    picture = image(33, (56, 56))
-    reference = hf_run(model, processor, picture, None)
-    with caplog.at_level(logging.WARNING, logger="duet_vlm.vllm"):
-        with engine(folder, {"duet_method": "visionzip", "duet_budget": 24}) as llm:
-            (result,), kept = vllm_run(llm, processor, [picture])
-    assert kept == [] and result[2] == served_length(processor, picture, 16)
-    assert_same(reference, result, None)
-    assert "an image of 16 visual tokens is served unreduced: duet_budget 24 is not below its tokens" in caplog.text
+    check_served_unreduced(saved_internvl, image(33, (56, 56)), 24, 16, caplog)
 
 
 def test_internvl_videos_are_served_unreduced_with_a_log_line(saved_internvl, caplog):
@@ -598,13 +601,7 @@ def test_internvl_with_another_feature_layer_is_refused_at_start(tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["vision_feature_layer"] = -2
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(Exception) as failure:
-        with engine(folder, {"duet_method": "visionzip", "duet_budget": 24}):
-            pass
-    chain, error = [], failure.value
-    while error is not None:
-        chain.append(str(error))
-        error = error.__cause__ or error.__context__
+    chain = [str(e) for e in refused_at_start(folder, {"duet_method": "visionzip", "duet_budget": 24})]
     assert any("vision_feature_layer=-2: vLLM's InternVL projects the tower's last layer" in e for e in chain), chain
 
 
@@ -636,15 +633,8 @@ def test_gemma3_equals_the_hugging_face_path(saved_gemma3, gemma3_causal, method
 
 
 def test_gemma3_image_a_budget_leaves_unreduced_equals_the_hugging_face_model(saved_gemma3, gemma3_causal, caplog):
-    folder, model, processor = saved_gemma3
-    picture = image(42, (32, 32))
-    reference = hf_run(model, processor, picture, None)
-    with caplog.at_level(logging.WARNING, logger="duet_vlm.vllm"):
-        with engine(folder, {"duet_method": "visionzip", "duet_budget": 16}) as llm:
-            (result,), kept = vllm_run(llm, processor, [picture])
-    assert kept == [] and result[2] == served_length(processor, picture, 16)
-    assert_same(reference, result, None)
-    assert "an image of 16 visual tokens is served unreduced: duet_budget 16 is not below its tokens" in caplog.text
+    """A 16-token image under a budget of 16 is served as vLLM embeds it, and the server's log says so."""
+    check_served_unreduced(saved_gemma3, image(42, (32, 32)), 16, 16, caplog)
 
 
 def test_gemma3_pan_and_scan_crops_are_blocks_of_their_own(tmp_path, gemma3_causal):
@@ -699,15 +689,7 @@ def test_qwen_vl_equals_the_hugging_face_path(saved_qwen, method):
 def test_qwen_vl_unreduced_under_the_plugin_equals_vllm(saved_qwen, caplog):
     """An image the budget does not reduce, on a server running a method, numbers its tokens as vLLM
     does, and the server's log says so."""
-    folder, model, processor = saved_qwen
-    picture = image(12, (112, 112))  # 16 merged tokens: a budget of 16 reduces nothing
-    reference = hf_run(model, processor, picture, None)
-    with caplog.at_level(logging.WARNING, logger="duet_vlm.vllm"):
-        with engine(folder, {"duet_method": "visionzip", "duet_budget": 16}) as llm:
-            (result,), kept = vllm_run(llm, processor, [picture])
-    assert kept == []
-    assert_same(reference, result, None)
-    assert "an image of 16 visual tokens is served unreduced: duet_budget 16 is not below its tokens" in caplog.text
+    check_served_unreduced(saved_qwen, image(12, (112, 112)), 16, 16, caplog)  # 16 merged tokens: 16 reduces nothing
 
 
 #: vLLM's CPU kernel for Gated-DeltaNet runs in bfloat16 only: Qwen3.5 is compared in bfloat16.

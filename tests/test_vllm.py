@@ -728,6 +728,26 @@ def test_qwen3_5_equals_the_hugging_face_path_in_bfloat16(saved_qwen3_5, method)
         assert np.allclose(result[1][:agree], logprobs[:agree], atol=BF16_LOGPROB_TOLERANCE), (result[1], logprobs)
 
 
+def test_qwen3_5_videos_equal_the_hugging_face_path_in_bfloat16(saved_qwen3_5):
+    """A Qwen3.5 (and Qwen3.5-MoE) video under VisionZip at 16 tokens per temporal slice, in
+    bfloat16 as the image test above: each slice's kept tokens, the prompt's length and first token
+    as the Hugging Face path's, log-probabilities within bfloat16's tolerance while the tokens agree."""
+    folder, model, processor = saved_qwen3_5
+    frames = video(54)
+    reducer = duet_vlm.make("visionzip", budget=16)
+    (tokens, logprobs, _), length = hf_video_run(model, processor, frames, reducer)
+    with engine(folder, {"duet_method": "visionzip", "duet_budget": 16}, dtype="bfloat16",
+                limit_mm_per_prompt={"image": 0, "video": 1}) as llm:
+        result, kept = vllm_video_run(llm, frames)
+    items = reducer.stats.items
+    assert [item.tokens_per_layer[0] for item in items] == [16, 16] and result[2] == length and len(kept) == 2
+    for ours, theirs in zip(kept, items):
+        assert torch.equal(ours.reshape(-1).cpu(), theirs.vision_kept.reshape(-1).cpu()), (ours, theirs.vision_kept)
+    assert result[0][0] == tokens[0], (result[0], tokens)
+    agree = next((i for i, (a, b) in enumerate(zip(result[0], tokens)) if a != b), len(tokens))
+    assert np.allclose(result[1][:agree], logprobs[:agree], atol=BF16_LOGPROB_TOLERANCE), (result[1], logprobs)
+
+
 @pytest.mark.parametrize(
     "kind,method,mode",
     [("llava", "visionzip", "weights"), ("qwen2_vl", "visionzip", "weights"), ("qwen2_5_vl", "trio_scan", "weights"),
@@ -788,7 +808,7 @@ def hf_video_run(model, processor, frames, reducer):
     result = hf_generate(model, inputs, reducer)
     length = inputs["input_ids"].shape[1]
     if reducer is not None:  # the prompt's length with the video's tokens as the method keeps them
-        length += reducer.stats.items[0].tokens_per_layer[0] - int(inputs["video_grid_thw"].prod()) // 4
+        length += sum(item.tokens_per_layer[0] for item in reducer.stats.items) - int(inputs["video_grid_thw"].prod()) // 4
     return result, length
 
 
@@ -815,24 +835,86 @@ def vllm_request_run(llm, request: dict):
 
 @pytest.mark.parametrize("method", ["visionzip", "cdpruner"])
 def test_qwen_videos_equal_the_hugging_face_path(saved_qwen, method):
-    """A 4-frame video (two temporal slices, M-RoPE time scaled by ``second_per_grid_ts`` on
-    Qwen2.5-VL) under a vision-side method, one budget for the whole video as the Hugging Face path
-    defines it: the same kept tokens (every slice's), placeholder count, tokens and log-probabilities."""
+    """A 4-frame video (two temporal slices of 24 tokens) under a vision-side method, the budget as the
+    Hugging Face path defines it: one for the whole video on Qwen2-VL and Qwen2.5-VL (M-RoPE time
+    scaled by ``second_per_grid_ts`` on Qwen2.5-VL); one per slice on Qwen3-VL, which writes each
+    slice as its own run behind its timestamp. The same kept tokens (every slice's), placeholder
+    count, tokens and log-probabilities. Qwen3-VL refuses CDPruner (the text is read before vLLM
+    writes the timestamps, which the Hugging Face path reads)."""
     folder, model, processor = saved_qwen
-    if model.config.model_type == "qwen3_vl":
-        pytest.skip(
-            "vLLM 0.32 with transformers 5.23 fails a Qwen3-VL video before the plugin runs, without duet-vlm's "
-            "options too ('Found 1 <|video_pad|> tokens in the text but no videos were passed'); the plugin serves "
-            "Qwen3-VL videos unreduced and logs it"
-        )
     frames = video(50)
     budget = 16
+    options = {"duet_method": method, "duet_budget": budget}
+    slices = model.config.model_type == "qwen3_vl"
+    if slices and method == "cdpruner":
+        with engine(folder, options, limit_mm_per_prompt={"image": 0, "video": 1}) as llm:
+            with pytest.raises(Exception, match="reads the prompt's text, which is taken before vLLM writes each frame's timestamp"):
+                vllm_video_run(llm, frames)
+        return
     reducer = duet_vlm.make(method, budget=budget)
     reference, length = hf_video_run(model, processor, frames, reducer)
-    with engine(folder, {"duet_method": method, "duet_budget": budget}, limit_mm_per_prompt={"image": 0, "video": 1}) as llm:
+    with engine(folder, options, limit_mm_per_prompt={"image": 0, "video": 1}) as llm:
         result, kept = vllm_video_run(llm, frames)
-    assert reducer.stats.items[0].tokens_per_layer[0] == budget and result[2] == length
-    assert_same(reference, result, kept[0])
+    items = reducer.stats.items
+    assert [item.tokens_per_layer[0] for item in items] == [budget] * (2 if slices else 1) and result[2] == length
+    assert_same((*reference[:2], None), result, None)
+    assert len(kept) == len(items)
+    for ours, theirs in zip(kept, items):
+        assert torch.equal(ours.reshape(-1).cpu(), theirs.vision_kept.reshape(-1).cpu()), (ours, theirs.vision_kept)
+
+
+@pytest.fixture(scope="module")
+def saved_qwen3_vl(tmp_path_factory):
+    folder = write_qwen_vl(tmp_path_factory.mktemp("tiny-qwen3-vl-video"), kind="qwen3_vl")
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    return folder, model, AutoProcessor.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("options", [None, {"duet_method": "visionzip", "duet_budget": 24}])
+def test_qwen3_vl_videos_unreduced_equal_the_hugging_face_path(saved_qwen3_vl, options, caplog):
+    """A Qwen3-VL video served unreduced, by the plugin without a method and under a budget not below
+    a slice's 24 tokens (with the log line): vLLM 0.32 with transformers 5.23 fails a Qwen3-VL video
+    unless the plugin makes the processor's text-only call, and writes vLLM's frames inside the
+    prompt's ``<|vision_start|>``/``<|vision_end|>`` as transformers does (75 prompt tokens, where
+    vLLM's own check of the processor's class would drop two). The same prompt, tokens and
+    log-probabilities as the Hugging Face path."""
+    folder, model, processor = saved_qwen3_vl
+    frames = video(51)
+    reference, length = hf_video_run(model, processor, frames, None)
+    with caplog.at_level(logging.WARNING, logger="duet_vlm.vllm"):
+        with engine(folder, options, limit_mm_per_prompt={"image": 0, "video": 1}) as llm:
+            result, kept = vllm_video_run(llm, frames)
+    assert result[2] == length == 75 and kept == []
+    assert_same((*reference[:2], None), result, None)
+    assert ("a video of 24 visual tokens is served unreduced" in caplog.text) == (options is not None)
+
+
+def test_qwen3_vl_image_and_video_in_one_prompt_equal_the_hugging_face_path(saved_qwen3_vl):
+    """An image, then a video, in one Qwen3-VL prompt under VisionZip at 12 tokens (the image's
+    budget, and each of the video's two slices'): every item's kept tokens, the prompt's length,
+    tokens and log-probabilities as on the Hugging Face path (the text between and after the items
+    at the unreduced model's positions)."""
+    from transformers.video_utils import VideoMetadata
+
+    folder, model, processor = saved_qwen3_vl
+    picture, frames = image(52, (224, 168)), video(53)
+    text = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>and "
+            "<|vision_start|><|video_pad|><|vision_end|>what moves?<|im_end|>\n<|im_start|>assistant\n")
+    metadata = VideoMetadata(**{k: v for k, v in VIDEO_METADATA.items() if k != "do_sample_frames"})
+    inputs = processor(text=text, images=[picture], videos=[frames], video_metadata=[metadata], do_sample_frames=False,
+                       return_tensors="pt")
+    reducer = duet_vlm.make("visionzip", budget=12)
+    reference = hf_generate(model, inputs, reducer)
+    items = reducer.stats.items
+    length = inputs["input_ids"].shape[1] + sum(item.tokens_per_layer[0] - item.tokens for item in items)
+    request = {"prompt": text, "multi_modal_data": {"image": picture, "video": (frames, VIDEO_METADATA)}}
+    with engine(folder, {"duet_method": "visionzip", "duet_budget": 12}, limit_mm_per_prompt={"image": 1, "video": 1}) as llm:
+        result, kept = vllm_request_run(llm, request)
+    assert [item.modality for item in items] == ["image", "video", "video"] and result[2] == length
+    assert_same((*reference[:2], None), result, None)
+    assert len(kept) == 3
+    for ours, theirs in zip(kept, items):
+        assert torch.equal(ours.reshape(-1).cpu(), theirs.vision_kept.reshape(-1).cpu()), (ours, theirs.vision_kept)
 
 
 @pytest.mark.parametrize("method,budget", [("visionzip", 32), ("divprune", 20), ("visionzip", 80)])

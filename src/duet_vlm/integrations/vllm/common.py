@@ -56,8 +56,11 @@ class DuetInfoMixin:
     LLaVA-OneVision's videos). The server's options still reach the processor's construction (vLLM's
     ``ctx.get_hf_processor`` merges them in), where transformers warns once that it ignores them."""
 
+    #: the wrapper the Hugging Face processor is called through.
+    wrapper = WithoutDuetOptions
+
     def get_hf_processor(self, **kwargs: object):
-        return WithoutDuetOptions(super().get_hf_processor(**strip(kwargs)))
+        return self.wrapper(super().get_hf_processor(**strip(kwargs)))
 
 
 class DuetProcessorMixin:

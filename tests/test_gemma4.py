@@ -114,14 +114,14 @@ def test_padding_patches_are_neither_keys_nor_queries_wherever_they_sit():
     """The scores of an image whose padding comes last (computed on its own patches) equal those of
     the same patches with the padding first (computed over all of them, the padding masked), and the
     padding receives nothing."""
-    from duet_vlm.adapters import Gemma4Adapter
+    from duet_vlm.adapters.gemma4 import received
 
     generator = torch.Generator().manual_seed(0)
     queries, keys = torch.randn(2, 1, 2, 10, 4, generator=generator)
     valid = torch.tensor([[True] * 7 + [False] * 3])
-    last = Gemma4Adapter.received(queries, keys, 0.5, valid)
+    last = received(queries, keys, 0.5, valid)
     order = torch.arange(10).roll(3)  # the three padding patches first
-    first = Gemma4Adapter.received(queries[:, :, order], keys[:, :, order], 0.5, valid[:, order])
+    first = received(queries[:, :, order], keys[:, :, order], 0.5, valid[:, order])
     torch.testing.assert_close(first[:, order.argsort()], last)
     assert last[0, 7:].eq(0).all() and abs(float(last.sum()) - 7) < 1e-5  # 7 queries, each a distribution
 

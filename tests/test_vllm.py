@@ -47,6 +47,7 @@ from duet_vlm.integrations.vllm.checkpoints import (  # noqa: E402
     load_hf,
     write_llava,
     write_gemma3,
+    write_gemma4,
     write_internvl,
     write_llava_next,
     write_llava_onevision,
@@ -67,6 +68,9 @@ INTERNVL_PROMPT = (
 #: thumbnail (48 tokens).
 INTERNVL_SIZES = [(150, 100), (112, 56)]
 GEMMA3_PROMPT = "<start_of_image> what colour is the shape on the left ?"
+GEMMA4_PROMPT = "<start_of_turn>user\n<image_soft_token>what colour is the shape on the left?<end_of_turn>\n<start_of_turn>model\n"
+#: Gemma 4 images: 120x96 px (7x9 cells of 3x3 4-pixel patches once resized within 70 soft tokens) and 96x144 px (10x6).
+GEMMA4_SIZES = [(120, 96), (96, 144)]
 LOGPROB_TOLERANCE = 2e-3
 
 #: every pre-LLM method, as the server is told it (method, options), at budget 64 on LLaVA-1.5's geometry.
@@ -159,7 +163,14 @@ def is_gemma3(processor) -> bool:
     return "Gemma3" in type(processor).__name__
 
 
+def is_gemma4(processor) -> bool:
+    return "Gemma4" in type(processor).__name__
+
+
 def hf_inputs(processor, picture):
+    if is_gemma4(processor):  # the tiny Gemma 4 of these tests attends causally (``saved_gemma4``)
+        inputs = processor(images=picture, text=GEMMA4_PROMPT, return_tensors="pt")
+        return {key: value for key, value in inputs.items() if key != "mm_token_type_ids"}
     if is_gemma3(processor):
         # without token types: the causal mask inside the image that vLLM 0.32's CPU backend runs
         # (``gemma3_causal``)
@@ -171,12 +182,13 @@ def hf_inputs(processor, picture):
 
 def vllm_prompt(inputs, processor=None) -> dict:
     """The Hugging Face prompt's ids with its run of placeholders collapsed to one (vLLM expands it;
-    InternVL's ``<img>`` and ``</img>`` around the run with it)."""
+    InternVL's ``<img>`` and ``</img>``, and Gemma 4's ``<start_of_image>`` and ``<end_of_image>``,
+    around the run with it)."""
     ids = inputs["input_ids"][0].tolist()
     token = IMAGE_TOKEN if IMAGE_TOKEN in ids else max(set(ids), key=ids.count)  # Qwen: <|image_pad|>
     first = ids.index(token)
     last = len(ids) - ids[::-1].index(token)
-    if processor is not None and is_internvl(processor):
+    if processor is not None and (is_internvl(processor) or is_gemma4(processor)):  # <img>/<start_of_image> ... </img>/<end_of_image>
         first, last = first - 1, last + 1
     if processor is not None and is_gemma3(processor):  # "\n\n" <start_of_image> ... <end_of_image> "\n\n"
         token, first, last = ids[first - 1], first - 2, last + 2
@@ -243,12 +255,24 @@ def vllm_run(llm, processor, pictures, request_options=None):
     return results, kept
 
 
-def assert_same(hf, vl, kept_vllm):
+def assert_same(hf, vl, kept_vllm, processor=None):
     tokens, logprobs, kept = hf
+    if processor is not None and is_gemma4(processor):
+        tokens, logprobs, vl = until_a_placeholder(processor, tokens, logprobs, vl)
     assert vl[0] == tokens, (vl[0], tokens)
     assert np.allclose(vl[1], logprobs, atol=LOGPROB_TOLERANCE), (vl[1], logprobs)
     if kept is not None:
         assert torch.equal(kept_vllm.reshape(-1).cpu(), kept.reshape(-1).cpu()), (kept_vllm, kept)
+
+
+def until_a_placeholder(processor, tokens, logprobs, vl):
+    """Gemma 4: the greedy tokens up to and including the first image, video or audio placeholder
+    the tiny random model generates (a released model does not write them): transformers then embeds
+    the generated token as its pad token (``Gemma4Model.forward`` masks every placeholder), vLLM as
+    itself, and the next steps differ for that reason alone."""
+    config = {getattr(processor, name, None) for name in ("image_token_id", "video_token_id", "audio_token_id")} - {None}
+    stop = next((i + 1 for i, token in enumerate(tokens) if token in config), len(tokens))
+    return tokens[:stop], logprobs[:stop], (vl[0][:stop], vl[1][:stop], *vl[2:])
 
 
 def refused_at_start(folder, options: dict, **settings) -> list:
@@ -273,7 +297,7 @@ def check_served_unreduced(saved, picture, budget: int, tokens: int, caplog) -> 
         with engine(folder, {"duet_method": "visionzip", "duet_budget": budget}) as llm:
             (result,), kept = vllm_run(llm, processor, [picture])
     assert kept == [] and result[2] == served_length(processor, picture, tokens)
-    assert_same(reference, result, None)
+    assert_same(reference, result, None, processor)
     assert (f"an image of {tokens} visual tokens is served unreduced: duet_budget {budget} is not below its tokens"
             in caplog.text)
 
@@ -397,13 +421,13 @@ def check_allow_list(saved, budget, pictures):
         assert_same(reference, result, picture_kept)
 
 
-def test_a_family_the_plugin_does_not_serve_refuses_duet_options_at_start():
-    """Gemma 4 (the family the Hugging Face path supports and the plugin does not serve yet): the
+def test_a_class_the_plugin_does_not_serve_refuses_duet_options_at_start():
+    """vLLM's Transformers modeling backend for mixture-of-experts models (the one class the plugin
+    registers and does not serve; every family the Hugging Face path supports is served): the
     registry holds vLLM's class refusing duet-vlm's options, and asked for a reduction it does not
-    start, naming the families the plugin serves (it used to serve every image unreduced without a
-    word). vLLM 0.32 cannot build a transformers 5.23 Gemma 4 config (``Gemma4VisionConfig`` has no
-    ``default_output_length``) before any model class runs, so the class is built here directly;
-    the Transformers-backend test below runs the same refusal through a whole engine start."""
+    start, naming the families the plugin serves. The class is built here directly (starting the
+    backend compiles transformers' classes for the whole process); the dense backend's test below
+    runs the same refusal through a whole engine start."""
     from types import SimpleNamespace
 
     from vllm import ModelRegistry
@@ -411,17 +435,18 @@ def test_a_family_the_plugin_does_not_serve_refuses_duet_options_at_start():
     from duet_vlm.integrations.vllm import plugin, refused
 
     plugin.register()
-    entry = ModelRegistry.models["Gemma4ForConditionalGeneration"]
+    entry = ModelRegistry.models["TransformersMultiModalMoEForCausalLM"]
     assert (entry.module_name, entry.class_name) == ("duet_vlm.integrations.vllm.refused",
-                                                     "RefusingGemma4ForConditionalGeneration")
+                                                     "RefusingTransformersMultiModalMoEForCausalLM")
     options = {"duet_method": "visionzip", "duet_budget": 8}
     config = SimpleNamespace(model_config=SimpleNamespace(multimodal_config=SimpleNamespace(mm_processor_kwargs=options)))
     with pytest.raises(NotImplementedError) as failure:
-        refused.RefusingGemma4ForConditionalGeneration(vllm_config=config)
+        refused.RefusingTransformersMultiModalMoEForCausalLM(vllm_config=config)
     assert ("serves LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Qwen3.5-MoE, "
-            "InternVL and Gemma 3; Gemma 4 runs as vLLM's own class, which would ignore duet_budget, duet_method"
-            in str(failure.value))
-    assert set(refused.NOT_SERVED) == {"Gemma4ForConditionalGeneration", "TransformersMultiModalMoEForCausalLM"}
+            "InternVL, Gemma 3 and Gemma 4; vLLM's Transformers modeling backend (--model-impl transformers) runs as "
+            "vLLM's own class, which would ignore duet_budget, duet_method" in str(failure.value))
+    assert set(refused.NOT_SERVED) == {"TransformersMultiModalMoEForCausalLM"}
+    assert "Gemma4ForConditionalGeneration" in plugin.MODELS
 
 
 def engine_in_a_process(folder, options: dict, mode: str, processor, pictures, tmp_path) -> list:
@@ -523,7 +548,7 @@ def check_equals_hf(saved, method: str, budget: int, pictures) -> None:
         results, kept = vllm_run(llm, processor, pictures)
     for picture, reference, result, picture_kept, count in zip(pictures, references, results, kept, counts):
         assert result[2] == served_length(processor, picture, count)
-        assert_same(reference, result, picture_kept)
+        assert_same(reference, result, picture_kept, processor)
 
 
 @pytest.mark.parametrize("method", ["visionzip", "pool", "trio_scan", "hiprune"])
@@ -635,6 +660,32 @@ def test_gemma3_equals_the_hugging_face_path(saved_gemma3, gemma3_causal, method
 def test_gemma3_image_a_budget_leaves_unreduced_equals_the_hugging_face_model(saved_gemma3, gemma3_causal, caplog):
     """A 16-token image under a budget of 16 is served as vLLM embeds it, and the server's log says so."""
     check_served_unreduced(saved_gemma3, image(42, (32, 32)), 16, 16, caplog)
+
+
+@pytest.fixture(scope="module")
+def saved_gemma4(tmp_path_factory):
+    """A tiny Gemma 4 (transformers' classes; head_dim 32, the least vLLM's CPU attention takes) whose
+    images attend causally, the mask vLLM 0.32's CPU backend runs inside an image: with
+    ``use_bidirectional_attention="vision"``, unreduced vLLM and transformers (given no
+    ``mm_token_type_ids``) also agree, to ~1e-6."""
+    folder = write_gemma4(tmp_path_factory.mktemp("vllm-gemma4") / "tiny-gemma4", head_dim=32, image_blocks=False)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    return folder, model, AutoProcessor.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("method", ["visionzip", "divprune", "cdpruner", "hiprune", "trio_scan"])
+def test_gemma4_equals_the_hugging_face_path(saved_gemma4, method):
+    """Gemma 4 (vLLM's class, running transformers' vision tower): two images of their own sizes (7x9
+    and 10x6 soft tokens), each scored by the attention its patches receive, summed by the tower's
+    own pooler, each kept token in its slot, ``<start_of_image>`` and ``<end_of_image>`` read as text
+    by CDPruner, a shallow layer's scores by TRIO's scan, as on the Hugging Face path: the same kept
+    tokens, placeholder count, tokens and log-probabilities."""
+    check_equals_hf(saved_gemma4, method, 24, [image(70 + i, size) for i, size in enumerate(GEMMA4_SIZES)])
+
+
+def test_gemma4_image_a_budget_leaves_unreduced_equals_the_hugging_face_model(saved_gemma4, caplog):
+    """An image of 63 soft tokens under a budget of 63: served as vLLM embeds it, with the log line."""
+    check_served_unreduced(saved_gemma4, image(72, GEMMA4_SIZES[0]), 63, 63, caplog)
 
 
 def test_gemma3_pan_and_scan_crops_are_blocks_of_their_own(tmp_path, gemma3_causal):
@@ -752,7 +803,7 @@ def test_qwen3_5_videos_equal_the_hugging_face_path_in_bfloat16(saved_qwen3_5):
     "kind,method,mode",
     [("llava", "visionzip", "weights"), ("qwen2_vl", "visionzip", "weights"), ("qwen2_5_vl", "trio_scan", "weights"),
      ("qwen2_5_vl", "visionzip", "data"), ("qwen3_vl", "visionzip", "weights"), ("internvl", "visionzip", "weights"),
-     ("gemma3", "visionzip", "weights")],
+     ("gemma3", "visionzip", "weights"), ("gemma4", "visionzip", "weights")],
 )
 def test_tensor_parallel_equals_the_hugging_face_path(tmp_path, request, kind, method, mode):
     """``--tensor-parallel-size 2`` (two CPU workers, one core each): every rank scores over all
@@ -762,7 +813,8 @@ def test_tensor_parallel_equals_the_hugging_face_path(tmp_path, request, kind, m
     the encoder replicated on each rank (``--mm-encoder-tp-mode data``), Qwen3-VL's (per-rank heads,
     DeepStack mergers split across the ranks), and InternVL (its tower is
     replicated in vLLM: every rank holds all heads; its Qwen2 decoder is split), and Gemma 3 (a SigLIP
-    tower split by heads, scores pooled after the gather; under vLLM's CPU mask, ``gemma3_causal``)."""
+    tower split by heads, scores pooled after the gather; under vLLM's CPU mask, ``gemma3_causal``),
+    and Gemma 4 (transformers' tower, replicated on every rank)."""
     if kind == "llava":
         folder = write_llava(tmp_path / kind)
         model, budget, sizes = load_hf(folder), 64, [(336, 336), (300, 400)]
@@ -770,6 +822,10 @@ def test_tensor_parallel_equals_the_hugging_face_path(tmp_path, request, kind, m
         folder = write_internvl(tmp_path / kind)
         model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
         budget, sizes = 24, INTERNVL_SIZES
+    elif kind == "gemma4":
+        folder = write_gemma4(tmp_path / kind, head_dim=32, image_blocks=False)
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+        budget, sizes = 24, GEMMA4_SIZES
     elif kind == "gemma3":
         request.getfixturevalue("gemma3_causal")
         folder = write_gemma3(tmp_path / kind)
@@ -784,7 +840,7 @@ def test_tensor_parallel_equals_the_hugging_face_path(tmp_path, request, kind, m
     results = engine_in_a_process(folder, {"duet_method": method, "duet_budget": budget}, mode, processor, pictures, tmp_path)
     for picture, reference, result in zip(pictures, references, results):
         assert result[2] == served_length(processor, picture, budget)
-        assert_same(reference[:2] + (None,), result, None)
+        assert_same(reference[:2] + (None,), result, None, processor)
 
 
 #: a 4-frame video and its metadata, the same on both sides (vLLM needs it; without it the Hugging

@@ -90,11 +90,7 @@ class Gemma4Adapter(Gemma3Adapter):
         unknown = sorted(set(self.types) - set(KINDS))
         if unknown:
             raise TypeError(f"duet-vlm's gemma4 adapter does not know decoder layers of type {unknown}")
-        modes = list(text.kv_sharing_modes)[: len(self.layers)]
-        stores = [i for i, mode in enumerate(modes) if mode == "store"]
-        reuses = [i for i, mode in enumerate(modes) if mode == "reuse"]
-        self.last_boundary = min(stores) if reuses else None
-        self.queries_cut_from = min(reuses) if reuses else None
+        self.last_boundary, self.queries_cut_from = kv_sharing(text, len(self.layers))
         self.geometry = self.image_geometry(NOMINAL_SIDE, NOMINAL_SIDE)
 
     def image_geometry(self, rows: int, cols: int) -> Geometry:
@@ -120,8 +116,7 @@ class Gemma4Adapter(Gemma3Adapter):
                 positions = args[1] if len(args) > 1 else None
             if positions is None:
                 raise RuntimeError("the Gemma 4 vision tower was called without pixel_position_ids")
-            extent = positions.max(dim=1).values + 1  # (images, 2): patches along x and y
-            grids += [(int(y) // self.kernel, int(x) // self.kernel) for x, y in extent.tolist()]
+            grids += [image_grid(image, self.kernel) for image in positions]
         return grids
 
     def find_items(self, input_ids: torch.Tensor, kwargs: dict, captures: dict | None = None) -> list[VisualItem]:
@@ -169,45 +164,8 @@ class Gemma4Adapter(Gemma3Adapter):
 
     # ----------------------------------------------------------------- vision side
     def captured_layer_scores(self, layer: nn.Module, layer_input: torch.Tensor, contexts) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scores (images, cells), keys (images, cells, d))``: the attention each patch receives
-        in ``layer`` (its norms, projections and 2-D RoPE, padding patches masked), summed over
-        each soft token's ``k x k`` patches by the tower's own pooling; the keys (head-averaged,
-        rotated) averaged by it. ``cells``: the longest image's soft tokens (each image's own
-        first)."""
-        kwargs = [context["layer_kwargs"] for context in contexts]
-        cos = torch.cat([kw["position_embeddings"][0] for kw in kwargs])
-        sin = torch.cat([kw["position_embeddings"][1] for kw in kwargs])
-        positions = torch.cat([kw["position_ids"] for kw in kwargs])
-        attn = layer.self_attn
-        units, tokens = layer_input.shape[:2]
-        valid = (positions != -1).all(dim=-1)
-        with torch.no_grad():
-            x = layer.input_layernorm(layer_input.detach())
-            queries = attn.q_norm(attn.q_proj(x).view(units, tokens, -1, attn.head_dim))
-            keys = attn.k_norm(attn.k_proj(x).view(units, tokens, -1, attn.head_dim))
-            queries = self.modeling.apply_multidimensional_rope(queries, cos, sin, positions).transpose(1, 2)
-            keys = self.modeling.apply_multidimensional_rope(keys, cos, sin, positions).transpose(1, 2)
-            keys = keys.repeat_interleave(attn.num_key_value_groups, dim=1)
-            scores = self.received(queries, keys, attn.scaling, valid)
-            cells = tokens // (self.kernel * self.kernel)
-            pool = self.tower.pooler._avg_pool_by_positions
-            pooled, _ = pool(scores[..., None], positions, cells)
-            pooled_keys, _ = pool(keys.mean(dim=1).float(), positions, cells)
-        return (pooled[..., 0] * (self.kernel * self.kernel)).to(layer_input.dtype), pooled_keys.to(layer_input.dtype)
-
-    @staticmethod
-    def received(queries: torch.Tensor, keys: torch.Tensor, scale: float, valid: torch.Tensor) -> torch.Tensor:
-        """``(units, T)`` the attention each patch receives from its image's patches: on each image's
-        own patches alone where the processor put its padding after them (no mask to apply, no
-        padded rows to compute), else over all of them with the padding masked."""
-        units, tokens = valid.shape
-        counts = valid.sum(dim=1).tolist()
-        if not all(bool(valid[u, :n].all()) for u, n in enumerate(counts)):
-            return attention_scores(queries, keys, scale, has_cls=False, valid=valid)
-        scores = torch.zeros(units, tokens, dtype=torch.float32, device=keys.device)
-        for u, n in enumerate(counts):
-            scores[u, :n] = attention_scores(queries[u : u + 1, :, :n], keys[u : u + 1, :, :n], scale, has_cls=False)[0]
-        return scores
+        """``pooled_layer_scores`` on the tower's ``layer`` (its captured input and call arguments)."""
+        return pooled_layer_scores(layer, layer_input, contexts, self.modeling, self.kernel, self.tower.pooler)
 
     def vision_signals(self, capture: Capture, tower: str, layers: tuple = (), received: bool = False) -> Signals:
         # No CLS token: attention received is what every score here is (``received`` changes nothing).
@@ -231,3 +189,65 @@ class Gemma4Adapter(Gemma3Adapter):
     def rotate(self, layer: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Gemma 4's RoPE function rotates one tensor at a time."""
         return self.modeling.apply_rotary_pos_emb(states, cos, sin, unsqueeze_dim=1)
+
+
+def kv_sharing(text_config, layers: int) -> tuple[int | None, int | None]:
+    """``(last_boundary, queries_cut_from)`` of a Gemma 4 language model of ``layers`` decoder layers:
+    the first layer that stores keys and values others reuse (no boundary after it), and the first
+    that reuses them; ``(None, None)`` where no layer reuses."""
+    modes = list(text_config.kv_sharing_modes)[:layers]
+    stores = [i for i, mode in enumerate(modes) if mode == "store"]
+    reuses = [i for i, mode in enumerate(modes) if mode == "reuse"]
+    return (min(stores) if reuses else None), (min(reuses) if reuses else None)
+
+
+def pooled_layer_scores(layer: nn.Module, layer_input: torch.Tensor, contexts, modeling, kernel: int,
+                        pooler: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores (images, cells), keys (images, cells, d))`` of a Gemma 4 vision tower layer: the
+    attention each patch receives in ``layer`` (its norms, projections and 2-D RoPE on its input,
+    ``layer_input``, with the call arguments each of ``contexts`` holds as ``layer_kwargs``; padding
+    patches masked), summed over each soft token's ``k x k`` patches by the tower's own ``pooler``;
+    the keys (head-averaged, rotated) averaged by it. ``cells``: the longest image's soft tokens
+    (each image's own first). ``modeling``: transformers' Gemma 4 modeling module (its RoPE). The
+    Hugging Face adapter and the vLLM plugin (whose Gemma 4 runs transformers' tower) both call it."""
+    kwargs = [context["layer_kwargs"] for context in contexts]
+    cos = torch.cat([kw["position_embeddings"][0] for kw in kwargs])
+    sin = torch.cat([kw["position_embeddings"][1] for kw in kwargs])
+    positions = torch.cat([kw["position_ids"] for kw in kwargs])
+    attn = layer.self_attn
+    units, tokens = layer_input.shape[:2]
+    valid = (positions != -1).all(dim=-1)
+    with torch.no_grad():
+        x = layer.input_layernorm(layer_input.detach())
+        queries = attn.q_norm(attn.q_proj(x).view(units, tokens, -1, attn.head_dim))
+        keys = attn.k_norm(attn.k_proj(x).view(units, tokens, -1, attn.head_dim))
+        queries = modeling.apply_multidimensional_rope(queries, cos, sin, positions).transpose(1, 2)
+        keys = modeling.apply_multidimensional_rope(keys, cos, sin, positions).transpose(1, 2)
+        keys = keys.repeat_interleave(attn.num_key_value_groups, dim=1)
+        scores = received(queries, keys, attn.scaling, valid)
+        cells = tokens // (kernel * kernel)
+        pool = pooler._avg_pool_by_positions
+        pooled, _ = pool(scores[..., None], positions, cells)
+        pooled_keys, _ = pool(keys.mean(dim=1).float(), positions, cells)
+    return (pooled[..., 0] * (kernel * kernel)).to(layer_input.dtype), pooled_keys.to(layer_input.dtype)
+
+
+def received(queries: torch.Tensor, keys: torch.Tensor, scale: float, valid: torch.Tensor) -> torch.Tensor:
+    """``(units, T)`` the attention each patch receives from its image's patches: on each image's
+    own patches alone where the processor put its padding after them (no mask to apply, no
+    padded rows to compute), else over all of them with the padding masked."""
+    units, tokens = valid.shape
+    counts = valid.sum(dim=1).tolist()
+    if not all(bool(valid[u, :n].all()) for u, n in enumerate(counts)):
+        return attention_scores(queries, keys, scale, has_cls=False, valid=valid)
+    scores = torch.zeros(units, tokens, dtype=torch.float32, device=keys.device)
+    for u, n in enumerate(counts):
+        scores[u, :n] = attention_scores(queries[u : u + 1, :, :n], keys[u : u + 1, :, :n], scale, has_cls=False)[0]
+    return scores
+
+
+def image_grid(positions: torch.Tensor, kernel: int) -> tuple[int, int]:
+    """``(rows, cols)`` of soft tokens of one image from its patches' ``(x, y)`` positions (``(-1, -1)``
+    on padding)."""
+    x, y = (int(v) + 1 for v in positions.reshape(-1, 2).max(dim=0).values.tolist())
+    return y // kernel, x // kernel

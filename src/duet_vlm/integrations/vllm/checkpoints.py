@@ -292,14 +292,17 @@ def write_gemma3(folder: str | Path, seed: int = 0, layers: int = 2, gemma_templ
     return folder
 
 
-def write_gemma4(folder: str | Path, seed: int = 0, layers: int = 4) -> Path:
+def write_gemma4(folder: str | Path, seed: int = 0, layers: int = 4, head_dim: int = 16, image_blocks: bool = True) -> Path:
     """A Gemma-4-shaped checkpoint in transformers' layout, for ``duet-vlm train`` and the Hugging Face
     path: a 2-layer vision tower of 4-pixel patches pooled 3x3 into soft tokens (``max_soft_tokens``
     70, the ladder's lowest rung), ``layers`` decoder layers (sliding, the last global; no KV sharing),
     per-layer inputs, the demo tokenizer with Gemma 4's image, video and audio tokens, and a chat
     template in Gemma's form (``GEMMA_CHAT_TEMPLATE``, the image marked by its soft token, as Gemma 4's
-    processor expects). Needs torchvision: Gemma 4's processor always builds its video processor,
-    which does."""
+    processor expects). ``head_dim``: the sliding layers' (the global layers' is twice it; vLLM's CPU
+    attention needs 32 or more). ``image_blocks``: whether an image's tokens attend to each other both
+    ways in the sliding layers (``use_bidirectional_attention="vision"``, as released Gemma 4 does),
+    else causally everywhere (what vLLM 0.32's CPU backend runs). Needs torchvision: Gemma 4's
+    processor always builds its video processor, which does."""
     from transformers import (
         Gemma4AudioFeatureExtractor, Gemma4Config, Gemma4ForConditionalGeneration, Gemma4ImageProcessorPil,
         Gemma4Processor, Gemma4VideoProcessor, PreTrainedTokenizerFast,
@@ -314,13 +317,15 @@ def write_gemma4(folder: str | Path, seed: int = 0, layers: int = 4) -> Path:
     vocab = max(ids.values()) + 1
     text = dict(
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, global_head_dim=32, max_position_embeddings=4096, sliding_window=16,
+        num_key_value_heads=2, head_dim=head_dim, global_head_dim=2 * head_dim, max_position_embeddings=4096, sliding_window=16,
         pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_size_per_layer_input=8, vocab_size_per_layer_input=vocab,
-        num_kv_shared_layers=0, use_bidirectional_attention="vision",
+        num_kv_shared_layers=0, use_bidirectional_attention="vision" if image_blocks else None,
         layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
     )
+    # ``default_output_length``: the soft-token capacity released Gemma 4 configs carry (280 there), which
+    # vLLM 0.32 reads and transformers 5.23's config class no longer declares (kept as given)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                  head_dim=8, patch_size=4, pooling_kernel_size=3, position_embedding_size=64)
+                  head_dim=8, patch_size=4, pooling_kernel_size=3, position_embedding_size=64, default_output_length=70)
     config = Gemma4Config(
         text_config=text, vision_config=vision, audio_config=None, image_token_id=ids["<image_soft_token>"],
         boi_token_id=ids["<start_of_image>"], eoi_token_id=ids["<end_of_image>"], video_token_id=ids["<|video|>"],

@@ -20,6 +20,7 @@ MODELS = {
     "Qwen3_5MoeForConditionalGeneration": "duet_vlm.integrations.vllm.qwen_vl:DuetQwen3_5MoeForConditionalGeneration",
     "InternVLForConditionalGeneration": "duet_vlm.integrations.vllm.internvl:DuetInternVLForConditionalGeneration",
     "Gemma3ForConditionalGeneration": "duet_vlm.integrations.vllm.gemma3:DuetGemma3ForConditionalGeneration",
+    "Gemma4ForConditionalGeneration": "duet_vlm.integrations.vllm.gemma4:DuetGemma4ForConditionalGeneration",
     # vLLM's Transformers modeling backend (``--model-impl transformers``): a prototype reducing LLaVA-1.5,
     # refusing duet-vlm's options on any other family (``backend``)
     "TransformersMultiModalForCausalLM": "duet_vlm.integrations.vllm.backend:DuetTransformersMultiModalForCausalLM",

@@ -1,5 +1,6 @@
-"""vLLM's own classes for the families duet-vlm's plugin does not serve yet (and for vLLM's
-Transformers modeling backend), refusing duet-vlm's options.
+"""vLLM's own classes for what duet-vlm's plugin does not serve (today vLLM's Transformers modeling
+backend for mixture-of-experts models; every family the Hugging Face path supports is served),
+refusing duet-vlm's options.
 
 Without this, a server started with ``--mm-processor-kwargs '{"duet_method": ...}'`` on, say,
 Qwen2-VL ran vLLM's own class, never read the method, and served every image unreduced without a
@@ -17,17 +18,16 @@ from .options import KEYS
 #: what vLLM's Transformers modeling backend is called in the refusal (it serves any family).
 BACKEND = "vLLM's Transformers modeling backend (--model-impl transformers)"
 
-#: architecture -> (vLLM's module, vLLM's class, the family's name) for the families the Hugging Face
-#: path supports and the plugin does not serve yet (vLLM 0.32's registry).
+#: architecture -> (vLLM's module, vLLM's class, the family's name) for the classes the plugin does not
+#: serve (vLLM 0.32's registry).
 NOT_SERVED = {
-    "Gemma4ForConditionalGeneration": ("gemma4_mm", "Gemma4ForConditionalGeneration", "Gemma 4"),
     # vLLM's Transformers modeling backend for mixture-of-experts models (``--model-impl transformers``);
     # the dense backend class is ``backend``'s prototype, which refuses every family but LLaVA-1.5
     "TransformersMultiModalMoEForCausalLM": ("transformers", "TransformersMultiModalMoEForCausalLM", BACKEND),
 }
 
 #: what the plugin serves (``plugin.MODELS``), for the message.
-SERVED = "LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Qwen3.5-MoE, InternVL and Gemma 3"
+SERVED = "LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Qwen3.5-MoE, InternVL, Gemma 3 and Gemma 4"
 
 
 def refuse_options(vllm_config, family: str) -> None:

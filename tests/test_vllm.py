@@ -604,8 +604,14 @@ def test_internvl_videos_are_served_unreduced_with_a_log_line(saved_internvl, ca
     plugin: a server running a method answers a video as plain vLLM does, and its log says so."""
     folder, _, _ = saved_internvl
     frames = np.stack([np.asarray(image(34 + i, (56, 56))) for i in range(4)])
-    request = {"prompt": "<|im_start|>user\n<video>what moves?<|im_end|>\n<|im_start|>assistant\n",
-               "multi_modal_data": {"video": (frames, VIDEO_METADATA)}}
+    check_video_served_unreduced(folder, "<|im_start|>user\n<video>what moves?<|im_end|>\n<|im_start|>assistant\n",
+                                 frames, "InternVL", caplog)
+
+
+def check_video_served_unreduced(folder, prompt: str, frames, family: str, caplog) -> None:
+    """A video a server running a method does not reduce: answered as a server without a method
+    answers it (the same tokens, log-probabilities and prompt length), and the log says so."""
+    request = {"prompt": prompt, "multi_modal_data": {"video": (frames, VIDEO_METADATA)}}
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=1)
     answers = []
     for options in (None, {"duet_method": "visionzip", "duet_budget": 8}):
@@ -615,8 +621,8 @@ def test_internvl_videos_are_served_unreduced_with_a_log_line(saved_internvl, ca
         completion = output.outputs[0]
         answers.append((list(completion.token_ids), [step[t].logprob for step, t in zip(completion.logprobs, completion.token_ids)],
                         len(output.prompt_token_ids)))
-    assert answers[0] == answers[1]
-    assert "videos are served unreduced on InternVL" in caplog.text
+    assert answers[0] == answers[1] and answers[0][2] > 40  # the video's frames in the prompt
+    assert f"videos are served unreduced on {family}" in caplog.text
 
 
 def test_internvl_with_another_feature_layer_is_refused_at_start(tmp_path):
@@ -694,19 +700,8 @@ def test_gemma4_videos_are_served_unreduced_with_a_log_line(saved_gemma4, caplog
     does, and its log says so."""
     folder, _, _ = saved_gemma4
     frames = np.stack([np.asarray(image(73 + i, (48, 48))) for i in range(4)])
-    request = {"prompt": "<start_of_turn>user\n<|video|>what moves?<end_of_turn>\n<start_of_turn>model\n",
-               "multi_modal_data": {"video": (frames, VIDEO_METADATA)}}
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=1)
-    answers = []
-    for options in (None, {"duet_method": "visionzip", "duet_budget": 8}):
-        with caplog.at_level(logging.WARNING, logger="duet_vlm.vllm"):
-            with engine(folder, options, limit_mm_per_prompt={"image": 0, "video": 1}) as llm:
-                output = llm.generate([request], params, use_tqdm=False)[0]
-        completion = output.outputs[0]
-        answers.append((list(completion.token_ids), [step[t].logprob for step, t in zip(completion.logprobs, completion.token_ids)],
-                        len(output.prompt_token_ids)))
-    assert answers[0] == answers[1] and answers[0][2] > 40  # the video's frames in the prompt
-    assert "videos are served unreduced on Gemma 4" in caplog.text
+    check_video_served_unreduced(folder, "<start_of_turn>user\n<|video|>what moves?<end_of_turn>\n<start_of_turn>model\n",
+                                 frames, "Gemma 4", caplog)
 
 
 def test_gemma3_pan_and_scan_crops_are_blocks_of_their_own(tmp_path, gemma3_causal):

@@ -123,6 +123,20 @@ class DuetProcessorMixin:
         placeholders = self.placeholder_ids()
         return tuple(t for t in prompt if t not in placeholders)
 
+    def text_with_markers(self, prompt: list[int], token: int, markers: list[int]) -> tuple[int, ...]:
+        """The prompt's text with ``markers`` where each ``token`` (an image's one placeholder in the
+        prompt) stands, the other placeholders dropped: vLLM writes the markers around the image's
+        run (InternVL's ``<img>`` ``</img>``, Gemma 4's ``<start_of_image>`` ``<end_of_image>``), and
+        the Hugging Face path reads them as text."""
+        placeholders = self.placeholder_ids()
+        text = []
+        for t in prompt:
+            if t == token:
+                text += markers
+            elif t not in placeholders:
+                text.append(t)
+        return tuple(text)
+
     def _call_hf_processor(self, hf_data, hf_kwargs):
         # vLLM merges the server's options in again inside ``call_hf_processor``: the processor is
         # called through a wrapper that takes duet-vlm's keys out.
@@ -130,9 +144,15 @@ class DuetProcessorMixin:
         processor = self.info.get_hf_processor(**strip(hf_kwargs))
         return ctx.call_hf_processor(WithoutDuetOptions(processor), hf_data, strip(hf_kwargs))
 
+    #: where the family's videos are served unreduced: its name for the log line (``None``: they are
+    #: reduced, or the family has none).
+    unreduced_videos: str | None = None
+
     def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
         settings = self.settings(hf_processor_mm_kwargs)
+        if settings.active and self.unreduced_videos and processed_data.get("pixel_values_videos") is not None:
+            LOG.warning("duet-vlm: videos are served unreduced on %s", self.unreduced_videos)
         if settings.active and processed_data.get("pixel_values") is not None:
             geometries = self.item_geometries(processed_data, hf_processor_mm_kwargs)
             write_item_fields(processed_data, settings, geometries, hf_processor_mm_kwargs.get("duet_text"))

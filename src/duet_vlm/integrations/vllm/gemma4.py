@@ -39,7 +39,7 @@ from vllm.multimodal.processing import PromptReplacement
 
 from ...adapters.gemma4 import NOMINAL_SIDE, image_grid, kv_sharing, pooled_layer_scores
 from ...geometry import Geometry
-from .common import LOG, DuetInfoMixin, DuetProcessorMixin, DuetTowerMixin, cut_runs
+from .common import DuetInfoMixin, DuetProcessorMixin, DuetTowerMixin, cut_runs
 from .options import RefusedMethod, strip
 from .select import encoder_index
 
@@ -69,24 +69,12 @@ class DuetGemma4MultiModalProcessor(DuetProcessorMixin, Gemma4MultiModalProcesso
         config = self.info.get_hf_config()
         return [gemma4_geometry(config, positions_grid(config, positions)) for positions in processed["pixel_position_ids"]]
 
-    def prompt_text(self, prompt: list[int]) -> tuple[int, ...]:
-        """The prompt's text with ``<start_of_image>`` and ``<end_of_image>`` where each image's soft
-        token stands: vLLM writes them around the image's run, and the Hugging Face path reads them as text."""
-        config = self.info.get_hf_config()
-        placeholders = self.placeholder_ids()
-        text = []
-        for token in prompt:
-            if token == config.image_token_id:
-                text += [config.boi_token_id, config.eoi_token_id]
-            elif token not in placeholders:
-                text.append(token)
-        return tuple(text)
+    unreduced_videos = "Gemma 4 (as on the Hugging Face path)"
 
-    def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
-        processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
-        if self.settings(hf_processor_mm_kwargs).active and processed_data.get("pixel_values_videos") is not None:
-            LOG.warning("duet-vlm: videos are served unreduced on Gemma 4 (as on the Hugging Face path)")
-        return processed_data
+    def prompt_text(self, prompt: list[int]) -> tuple[int, ...]:
+        """The prompt's text with ``<start_of_image>`` and ``<end_of_image>`` where each image's soft token stands."""
+        config = self.info.get_hf_config()
+        return self.text_with_markers(prompt, config.image_token_id, [config.boi_token_id, config.eoi_token_id])
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, strip(hf_processor_mm_kwargs), out_mm_kwargs)

@@ -33,7 +33,7 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
 from ...adapters.internvl import internvl_layer_scores, pool_through_shuffle, shuffle_groups
 from ...geometry import Geometry
-from .common import LOG, DuetInfoMixin, DuetProcessorMixin, DuetTowerMixin
+from .common import DuetInfoMixin, DuetProcessorMixin, DuetTowerMixin
 from .options import RefusedMethod
 from .select import encoder_index
 
@@ -60,24 +60,13 @@ class DuetInternVLMultiModalProcessor(DuetProcessorMixin, InternS1MultiModalProc
         config = self.info.get_hf_config()
         return [internvl_geometry(config, int(tiles)) for tiles in processed["image_num_patches"].tolist()]
 
-    def prompt_text(self, prompt: list[int]) -> tuple[int, ...]:
-        """The prompt's text with ``<img>`` and ``</img>`` where each image's ``<IMG_CONTEXT>`` stands:
-        vLLM writes them around the image's run, and the Hugging Face path reads them as text."""
-        processor = self.info.get_hf_processor()
-        context, placeholders = processor.image_token_id, self.placeholder_ids()
-        text = []
-        for token in prompt:
-            if token == context:
-                text += [processor.start_image_token_id, processor.end_image_token_id]
-            elif token not in placeholders:
-                text.append(token)
-        return tuple(text)
+    unreduced_videos = "InternVL (its frames are runs of their own)"
 
-    def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
-        processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
-        if self.settings(hf_processor_mm_kwargs).active and processed_data.get("pixel_values_videos") is not None:
-            LOG.warning("duet-vlm: videos are served unreduced on InternVL (its frames are runs of their own)")
-        return processed_data
+    def prompt_text(self, prompt: list[int]) -> tuple[int, ...]:
+        """The prompt's text with ``<img>`` and ``</img>`` where each image's ``<IMG_CONTEXT>`` stands."""
+        processor = self.info.get_hf_processor()
+        return self.text_with_markers(prompt, processor.image_token_id,
+                                      [processor.start_image_token_id, processor.end_image_token_id])
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)

@@ -470,7 +470,8 @@ class VideoPlaceholdersAsText(WithoutDuetOptions):
         """The processor's own. vLLM reads from the processor's class whether it expands only the
         video token (transformers 5.10 and later, keeping the prompt's ``<|vision_start|>`` and
         ``<|vision_end|>`` around the frames) or the whole ``<|vision_start|><|video_pad|><|vision_end|>``
-        (``_expands_only_video_token``): the wrapper's class says what the processor's does."""
+        (``_expands_only_video_token``): the wrapper's class says what Qwen3-VL's processor does in
+        every transformers duet-vlm takes (5.23 and later: the video token only)."""
         return self.processor.replace_video_token(*args, **kwargs)
 
 

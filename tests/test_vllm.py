@@ -608,9 +608,9 @@ def test_internvl_videos_are_served_unreduced_with_a_log_line(saved_internvl, ca
                                  frames, "InternVL", caplog)
 
 
-def check_video_served_unreduced(folder, prompt: str, frames, family: str, caplog) -> None:
+def check_video_served_unreduced(folder, prompt: str, frames, family: str, caplog) -> tuple:
     """A video a server running a method does not reduce: answered as a server without a method
-    answers it (the same tokens, log-probabilities and prompt length), and the log says so."""
+    answers it (the same tokens, log-probabilities and prompt length, returned), and the log says so."""
     request = {"prompt": prompt, "multi_modal_data": {"video": (frames, VIDEO_METADATA)}}
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=1)
     answers = []
@@ -623,6 +623,7 @@ def check_video_served_unreduced(folder, prompt: str, frames, family: str, caplo
                         len(output.prompt_token_ids)))
     assert answers[0] == answers[1] and answers[0][2] > 40  # the video's frames in the prompt
     assert f"videos are served unreduced on {family}" in caplog.text
+    return answers[1]
 
 
 def test_internvl_with_another_feature_layer_is_refused_at_start(tmp_path):
@@ -697,11 +698,20 @@ def test_gemma4_image_a_budget_leaves_unreduced_equals_the_hugging_face_model(sa
 def test_gemma4_videos_are_served_unreduced_with_a_log_line(saved_gemma4, caplog):
     """Gemma 4's videos (frames through the image tower; the Hugging Face path refuses to reduce
     them) are not reduced by the plugin: a server running a method answers a video as plain vLLM
-    does, and its log says so."""
-    folder, _, _ = saved_gemma4
+    does, and as transformers does (the same 303-token prompt, its BOS written out as the Hugging
+    Face processor adds it; vLLM 0.32 with transformers 5.23 failed every Gemma 4 video before the
+    plugin's adjusted text-only processor call), and its log says so."""
+    from transformers.video_utils import VideoMetadata
+
+    folder, model, processor = saved_gemma4
     frames = np.stack([np.asarray(image(73 + i, (48, 48))) for i in range(4)])
-    check_video_served_unreduced(folder, "<start_of_turn>user\n<|video|>what moves?<end_of_turn>\n<start_of_turn>model\n",
-                                 frames, "Gemma 4", caplog)
+    prompt = "<start_of_turn>user\n<|video|>what moves?<end_of_turn>\n<start_of_turn>model\n"
+    served = check_video_served_unreduced(folder, "<s>" + prompt, frames, "Gemma 4", caplog)
+    metadata = VideoMetadata(**{k: v for k, v in VIDEO_METADATA.items() if k != "do_sample_frames"})
+    inputs = processor(text=prompt, videos=[frames], video_metadata=[metadata], do_sample_frames=False, return_tensors="pt")
+    reference = hf_generate(model, {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}, None)
+    assert served[2] == inputs["input_ids"].shape[1] == 303
+    assert_same(reference, served, None, processor)
 
 
 def test_gemma3_pan_and_scan_crops_are_blocks_of_their_own(tmp_path, gemma3_causal):

@@ -302,7 +302,7 @@ def write_gemma4(folder: str | Path, seed: int = 0, layers: int = 4, head_dim: i
     attention needs 32 or more). ``image_blocks``: whether an image's tokens attend to each other both
     ways in the sliding layers (``use_bidirectional_attention="vision"``, as released Gemma 4 does),
     else causally everywhere (what vLLM 0.32's CPU backend runs). Needs torchvision: Gemma 4's
-    processor always builds its video processor, which does."""
+    processor always builds its video processor, which does (its patches and pooling as the images')."""
     from transformers import (
         Gemma4AudioFeatureExtractor, Gemma4Config, Gemma4ForConditionalGeneration, Gemma4ImageProcessorPil,
         Gemma4Processor, Gemma4VideoProcessor, PreTrainedTokenizerFast,
@@ -347,7 +347,7 @@ def write_gemma4(folder: str | Path, seed: int = 0, layers: int = 4, head_dim: i
     images = Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
     Gemma4Processor(  # its video processor needs torchvision, as loading any Gemma 4 processor does
         feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=images, tokenizer=fast,
-        video_processor=Gemma4VideoProcessor(), image_seq_length=70,
+        video_processor=Gemma4VideoProcessor(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3), image_seq_length=70,
         chat_template=GEMMA_CHAT_TEMPLATE.replace("<start_of_image>", "<image_soft_token>"),
     ).save_pretrained(folder)
     return folder

@@ -270,9 +270,18 @@ def until_a_placeholder(processor, tokens, logprobs, vl):
     the tiny random model generates (a released model does not write them): transformers then embeds
     the generated token as its pad token (``Gemma4Model.forward`` masks every placeholder), vLLM as
     itself, and the next steps differ for that reason alone."""
-    config = {getattr(processor, name, None) for name in ("image_token_id", "video_token_id", "audio_token_id")} - {None}
-    stop = next((i + 1 for i, token in enumerate(tokens) if token in config), len(tokens))
+    placeholders = {getattr(processor, name, None) for name in ("image_token_id", "video_token_id", "audio_token_id")} - {None}
+    stop = next((i + 1 for i, token in enumerate(tokens) if token in placeholders), len(tokens))
     return tokens[:stop], logprobs[:stop], (vl[0][:stop], vl[1][:stop], *vl[2:])
+
+
+def error_chain(error: BaseException) -> list:
+    """``error`` and every error of its chain (causes and contexts)."""
+    chain = []
+    while error is not None:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
 
 
 def refused_at_start(folder, options: dict, **settings) -> list:
@@ -280,11 +289,7 @@ def refused_at_start(folder, options: dict, **settings) -> list:
     with pytest.raises(Exception) as failure:
         with engine(folder, options, **settings):
             pass
-    chain, error = [], failure.value
-    while error is not None:
-        chain.append(error)
-        error = error.__cause__ or error.__context__
-    return chain
+    return error_chain(failure.value)
 
 
 def check_served_unreduced(saved, picture, budget: int, tokens: int, caplog) -> None:
@@ -962,16 +967,12 @@ def test_vllm_own_video_pruning_fails_on_the_cpu_runner(tmp_path, kind, pruning,
     why the side-by-side with them is unrun here; the test fails once vLLM's CPU runner prunes, and
     the side-by-side can then be built."""
     folder = write_qwen_vl(tmp_path / kind, kind=kind)
-    chain = []
     with engine(folder, None, limit_mm_per_prompt={"image": 0, "video": 1}, video_pruning_rate=0.5,
                 video_pruning_method=pruning) as llm:
         with pytest.raises(Exception) as failure:
             vllm_video_run(llm, video(56))
-        error = failure.value
-        while error is not None:
-            chain.append(str(error))
-            error = error.__cause__ or error.__context__
-        del failure, error  # the tracebacks hold the engine: it goes with the context, not in a later test
+        chain = [str(error) for error in error_chain(failure.value)]
+        del failure  # its tracebacks hold the engine: it goes with the context, not in a later test
     assert any(message in text for text in chain), chain
 
 

@@ -106,8 +106,7 @@ class DuetQwenProcessorMixin(DuetProcessorMixin):
         the text is taken here, before vLLM writes each slice's timestamp, which the Hugging Face path
         reads as text (for every item of the prompt, its images too)."""
         if self.slices_are_items and inputs.mm_data_items.get_count("video", strict=False):
-            request = {k: v for k, v in (inputs.hf_processor_mm_kwargs or {}).items() if k != "duet_text"}
-            settings = self.settings(request)
+            settings = self.settings(inputs.hf_processor_mm_kwargs)
             if settings.needs_text():
                 raise RefusedMethod(
                     f"duet-vlm does not run {settings.method} on a {type(self.info.get_hf_config()).__name__} prompt with a "

@@ -138,25 +138,46 @@ def test_a_model_where_no_boundary_can_score_refuses_the_language_stage():
     assert duet_vlm.make("duet", ratio=0.5, layers=(), ratios=()).resolve(geometry).language is None  # Stage A alone runs
 
 
-@pytest.mark.parametrize("name, options, wrong", [
-    ("duet", dict(budget=500, layers=(8,), ratios=(0.5,)), [8]),  # DUET scores with layer 8: linear attention
-    ("pyramiddrop", dict(layers=(3, 7), ratios=(0.5, 0.25)), [3]),  # layer 3 keeps the whole prompt
-    ("fastv", dict(layer=6, keep=10), None),  # FastV's K moves: 6 -> 4 (layer 3 scores)
-])
-def test_a_boundary_that_cannot_score_is_refused_at_attach(hybrid, name, options, wrong):
+# Every language-side method's explicit boundary options, as a function of the boundary layer.
+EXPLICIT = {
+    "fastv": lambda layer: dict(layer=layer, keep=10),
+    "dart": lambda layer: dict(layer=layer, keep=10),
+    "random_horizon": lambda layer: dict(layer=layer, keep=10),
+    "pyramiddrop": lambda layer: dict(layers=(layer,), ratios=(0.5,)),
+    "sparsevlm": lambda layer: dict(layers=(layer,), keep=(10,)),
+    "duet": lambda layer: dict(ratio=0.5, layers=(layer,), ratios=(0.5,)),
+    "pio": lambda layer: dict(ratio=0.5, layers=(layer,), ratios=(0.5,)),
+    "vscan": lambda layer: dict(ratio=0.5, layers=(layer,), ratios=(0.5,)),
+    "holitom": lambda layer: dict(ratio=0.5, layer=layer),
+}
+
+
+def test_every_language_side_method_has_its_explicit_boundary_case():
+    assert set(EXPLICIT) == {name for name in duet_vlm.METHODS if duet_vlm.METHODS[name].prunes_in_language_model()}
+
+
+@pytest.mark.parametrize("name", sorted(EXPLICIT))
+def test_an_explicit_boundary_is_honoured_or_refused_never_moved(hybrid, name):
+    """Only a method's default boundaries move to a layer where its stage can score (``Geometry.snap``).
+    A boundary the user gives is kept exactly where it can score (the stage runs there), and refused
+    at attach with ``LayerKindError`` where it cannot, naming the layers that work and leaving the
+    model's hooks as they were (it once moved silently: FastV's ``layer=6`` ran after layer 4)."""
+    geometry = duet_vlm.adapters.adapter_for(hybrid).geometry
+    reads = type(duet_vlm.make(name, ratio=0.5).resolve(geometry, quiet=True).language).reads
+    allowed = geometry.boundary_layers(reads)
+    wrong = next(layer for layer in range(2, LAYERS) if layer not in allowed)
     hooks = hook_ids(hybrid)
-    reducer = duet_vlm.make(name, **options)
-    if wrong is None:
-        with reducer(hybrid):
-            with torch.no_grad():
-                hybrid(**_one())
-        assert reducer.stats.items[0].stage_ids[0][0] == 4
-        return
     with pytest.raises(LayerKindError) as error:
-        reducer.attach(hybrid)
+        duet_vlm.make(name, **EXPLICIT[name](wrong)).attach(hybrid).remove()  # removed if it was not refused
     message = str(error.value)
-    assert f"layer(s) {wrong}" in message and "[3, 7, 11, 15] compute attention" in message, message
-    assert "boundaries that work" in message
+    assert f"layer(s) [{wrong}]" in message and f"boundaries that work: {list(allowed)}" in message, message
+    assert hook_ids(hybrid) == hooks
+    right = allowed[len(allowed) // 2]
+    reducer = duet_vlm.make(name, **EXPLICIT[name](right))
+    with torch.no_grad(), reducer(hybrid):
+        hybrid(**_one())
+    boundaries = [layer for layer, _ in reducer.stats.items[0].stage_ids]
+    assert boundaries == [right], (name, boundaries)
     assert hook_ids(hybrid) == hooks
 
 
@@ -411,3 +432,69 @@ def test_a_text_turn_on_the_hybrid_cache_equals_one_call(hybrid):
         with pytest.raises(NotImplementedError, match="without past_key_values"):
             hybrid.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=first.past_key_values,
                             max_new_tokens=2, do_sample=False)
+
+
+def test_full_without_a_cache_runs_on_after_a_generated_placeholder(hybrid):
+    """``use_cache=False`` re-runs the whole prompt each step; once the model emits a video placeholder
+    id (forced here) the prompt holds a placeholder without a video. The unpatched model reads it as
+    text and runs on: ``full`` gives the same tokens and bit-identical logits (it once raised "video
+    placeholders, but no video_grid_thw"). A method that reduces refuses it, saying why."""
+    from models import QWEN_VIDEO
+
+    inputs = _one()
+    width = inputs["input_ids"].shape[1]
+    kwargs = dict(max_new_tokens=4, do_sample=False, use_cache=False, output_logits=True, return_dict_in_generate=True,
+                  logits_processor=[Force(width + 1, [QWEN_VIDEO])])
+    with torch.no_grad():
+        plain = hybrid.generate(**inputs, **kwargs)
+        with duet_vlm.make("full")(hybrid):
+            full = hybrid.generate(**inputs, **kwargs)
+        assert plain.sequences[0, width + 1] == QWEN_VIDEO
+        assert torch.equal(full.sequences, plain.sequences)
+        for a, b in zip(full.logits, plain.logits):
+            assert torch.equal(a, b)
+        with pytest.raises(NotImplementedError, match="placeholder id in the text without its item"):
+            with duet_vlm.make("visionzip", ratio=0.5)(hybrid):
+                hybrid.generate(**inputs, **kwargs)
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_a_text_turn_on_a_cache_a_vision_stage_shortened_is_refused_for_every_prompt(moe):
+    """The issue's case: 8 layers (attention in 3 and 7), rows of 8x8 and 12x8 patches, three tokens
+    then a text-only turn on the returned cache. Qwen3.5's ``generate`` passes the language model no
+    2-D mask and, on a continued cache, its text positions plus the M-RoPE deltas: the resent prompt
+    was once seen only where the resent part held a placeholder (one row refused, the other
+    continuing on attention caches shorter than prompt + generated, with other tokens)."""
+    model = make_qwen3_5(moe=moe, layers=8)
+    batch = qwen_batch(ROWS, seed=3)
+    for b in range(2):
+        inputs = qwen_row(batch, ROWS, b)
+        for name in ("duet", "holitom", "visionzip"):
+            with torch.no_grad(), duet_vlm.make(name, ratio=0.5)(model):
+                first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+                assert reducer_entry_shortened(first, inputs), (name, b)
+                ids = first.sequences
+                with pytest.raises(NotImplementedError, match="without past_key_values"):
+                    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                   past_key_values=first.past_key_values, max_new_tokens=3, do_sample=False)
+
+
+def reducer_entry_shortened(out, inputs) -> bool:
+    """Whether the first attention layer's cache holds fewer than prompt + generated tokens."""
+    cache = out.past_key_values
+    generated = out.sequences.shape[1] - inputs["input_ids"].shape[1] - 1  # the last token is not cached yet
+    return cache.get_seq_length() < inputs["input_ids"].shape[1] + generated
+
+
+@pytest.mark.parametrize("name", ["fastv", "dart"])
+def test_an_explicit_layer_equal_to_the_default_is_still_explicit(hybrid, name):
+    """``layer=2`` given (FastV's and DART's default number) is the user's layer, in the budget and the
+    ratio forms alike: refused on the released pattern (layer 1 is linear attention), while the
+    default moves to layer 4."""
+    for reducer in (duet_vlm.make(name, budget=12, layer=2), duet_vlm.make(name, ratio=0.5, layer=2)):
+        with pytest.raises(LayerKindError, match=r"layer\(s\) \[2\]"):
+            reducer.attach(hybrid).remove()
+    reducer = duet_vlm.make(name, ratio=0.5)
+    with torch.no_grad(), reducer(hybrid):
+        hybrid(**_one())
+    assert [layer for layer, _ in reducer.stats.items[0].stage_ids] == [4]

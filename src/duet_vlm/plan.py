@@ -349,11 +349,19 @@ def check_boundaries(plan: Plan, geometry: Geometry) -> None:
     scores (a linear-attention layer of a hybrid language model), or that prunes past the deepest
     boundary the model allows (layers that reuse an earlier layer's keys and values), naming the
     boundaries that work."""
-    if plan.language is None or (geometry.attention_layers is None and geometry.last_boundary is None):
+    if plan.language is None:
         return
-    reads = type(plan.language).reads
+    check_boundary_layers(type(plan.language), [layer for layer, _ in plan.schedule.boundaries], geometry)
+
+
+def check_boundary_layers(stage: type, layers, geometry: Geometry) -> None:
+    """``check_boundaries`` for boundary ``layers`` of a language stage of class ``stage``, before a
+    plan exists (an explicit boundary is refused before its budget is solved)."""
+    if geometry.attention_layers is None and geometry.last_boundary is None:
+        return
+    reads = stage.reads
     allowed = geometry.boundary_layers(reads)
-    wrong = [layer for layer, _ in plan.schedule.boundaries if layer not in allowed]
+    wrong = [layer for layer in layers if layer not in allowed]
     if not wrong:
         return
     reasons = []
@@ -370,7 +378,7 @@ def check_boundaries(plan: Plan, geometry: Geometry) -> None:
             f"layers share (KV sharing), so every boundary must be at layer {geometry.last_boundary} or before"
         )
     raise LayerKindError(
-        f"{type(plan.language).__name__} cannot prune after layer(s) {wrong}: " + "; ".join(reasons)
+        f"{stage.__name__} cannot prune after layer(s) {wrong}: " + "; ".join(reasons)
         + f"; boundaries that work: {list(allowed)}"
     )
 

@@ -497,6 +497,16 @@ class ModelAdapter:
         ids = layer_kwargs["position_ids"].expand(batch, -1)
         return ids, ids
 
+    def text_positions(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        """A chunk's text positions as ``generate`` numbers them (indices into the unreduced
+        conversation), from the ``position_ids`` the language model received: a 2-D tensor, or the
+        text row of ``(4, B, L)`` M-RoPE positions; ``None`` where they cannot be read as indices."""
+        if position_ids.dim() == 2:
+            return position_ids
+        if position_ids.dim() == 3 and position_ids.shape[0] == 4:
+            return position_ids[0]  # generate's text row first under M-RoPE
+        return None
+
     def decode_position_ids(self, start: int, new: int, batch: int, device) -> torch.Tensor | None:
         """Positions of ``new`` decoded tokens after ``start`` tokens of the unreduced sequence, for
         a decoding step called without positions or mask; ``None``: the runtime's 1-D handling

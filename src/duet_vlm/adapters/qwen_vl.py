@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..scoring import segment_scores
-from .base import Capture, Geometry, ModelAdapter, Signals, UnitFeatures, VisualItem, check_layer
+from .base import Capture, Geometry, ModelAdapter, Signals, UnitFeatures, UnreducibleInput, VisualItem, check_layer
 
 
 def received_attention_and_keys(
@@ -163,7 +163,14 @@ class Qwen2VLAdapter(ModelAdapter):
         for tower in ("image", "video"):
             if grids[tower] is None and present[tower]:
                 if not calls:
-                    raise ValueError(f"{tower} placeholders, but no {tower}_grid_thw and no encoded {tower}s")
+                    # The text holds a placeholder id without its item (one the model generated, with
+                    # use_cache=False re-running the prompt): the unpatched model reads it as text, so
+                    # under ``full`` the forward is left to it; a reducing method cannot place it.
+                    raise UnreducibleInput(
+                        f"{tower} placeholders, but no {tower}_grid_thw and no encoded {tower}s (a placeholder id in "
+                        "the text without its item: one the model generated under use_cache=False?); duet-vlm cannot "
+                        "reduce it. Keep the cache (use_cache=True) or suppress the placeholder ids (suppress_tokens)"
+                    )
                 grids[tower] = calls.pop(0)
             elif grids[tower] is not None and present[tower] and calls:
                 calls.pop(0)
@@ -369,6 +376,15 @@ class Qwen2VLAdapter(ModelAdapter):
             return positions[0].expand(batch, -1), positions[1:].expand(-1, batch, -1)
         return None, positions.expand(-1, batch, -1)
 
+
+    def text_positions(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        # Continuing on a cache, ``generate`` passes ``(1, B, L)``: its text positions plus the
+        # prompt's ``rope_deltas`` (``_prepare_position_ids_for_generation``); take the deltas back.
+        deltas = self.base.rope_deltas
+        if position_ids.dim() == 3 and position_ids.shape[0] == 1 and deltas is not None:
+            return position_ids[0] - deltas.to(position_ids.device).repeat_interleave(
+                position_ids.shape[1] // deltas.shape[0], dim=0)
+        return super().text_positions(position_ids)
 
     def decode_position_ids(self, start: int, new: int, batch: int, device) -> torch.Tensor:
         # As Qwen numbers a decoding step itself (``compute_3d_position_ids``), from the unreduced

@@ -342,8 +342,11 @@ class PerItemRatio(Reducer):
         self.build(1)  # validate the options now, not at the first forward
         # Only the options that differ from the method's defaults: equal reducers compare equal,
         # however they were written (``make`` or ``from_dict``).
+        # A default of a type of its own (``shapes.DefaultLayer``: it snaps, a given layer does not)
+        # differs from the same number given.
         defaults = {spec.name: spec.default for spec in dataclasses.fields(self.method)}
-        self.options = {k: v for k, v in self.options.items() if k not in defaults or defaults[k] != v}
+        self.options = {k: v for k, v in self.options.items()
+                        if k not in defaults or defaults[k] != v or type(defaults[k]) is not type(v)}
 
     @property
     def position_mode(self) -> str | None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any, Callable, TypeVar
 
 from .base import Compose, PerItemRatio, Reducer
@@ -93,6 +95,11 @@ def from_dict(record: dict[str, Any], **objects) -> Reducer:
         return Adaptive(from_dict(record.pop("reducer"), **objects), **record)
     method = method_class(name)
     options = {key: _tuples(value) for key, value in record.items()}
+    # ``to_dict`` writes a default of a type of its own (``shapes.DefaultLayer``, which snaps where a
+    # given layer does not) as its number: a recorded value equal to such a default is that default.
+    marked = {spec.name: spec.default for spec in dataclasses.fields(method)
+              if spec.default is not dataclasses.MISSING and type(spec.default) not in (int, float, bool, str, type(None))}
+    options = {key: value for key, value in options.items() if not (key in marked and marked[key] == value)}
     options.update({key: value for key, value in objects.items() if key in method.runtime_fields})
     return make(name, **options)
 

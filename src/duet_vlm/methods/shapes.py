@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..geometry import Geometry
+from ..plan import check_boundary_layers
 from ..options import check_number, check_numbers
 from ..schedule import Schedule, scaled_boundaries, solve_llm_input
 from .base import Plan, Reducer, check_budget, per_unit
@@ -49,6 +50,15 @@ def fastv_keep(budget: int, num_layers: int, visual_tokens: int, layer: int) -> 
     return best
 
 
+class DefaultLayer(int):
+    """A method's default boundary layer (an ``int``, equal to and recorded as that number): on a
+    hybrid language model it moves to the nearest layer where the stage can score (``Geometry.snap``),
+    while a layer the user gives is honoured, or refused with ``LayerKindError`` where the stage cannot
+    score there. ``to_dict`` records it as the number, which ``from_dict`` reads back as the default."""
+
+    __slots__ = ()
+
+
 @dataclass
 class PruneOnceAfterLayer(Reducer):
     """The schedule of a method that prunes once inside the language model: layers ``0 .. layer-1``
@@ -58,7 +68,7 @@ class PruneOnceAfterLayer(Reducer):
     the ``keep`` tokens (FastV, DART)."""
 
     budget: int | None = None
-    layer: int | None = 2
+    layer: int | None = DefaultLayer(2)
     keep: int | None = None
     ratio: float | None = None
 
@@ -98,9 +108,14 @@ class PruneOnceAfterLayer(Reducer):
         return self._schedule(geometry, llm_input, keep)
 
     def boundary(self, geometry: Geometry) -> int:
-        """``layer``, or on a hybrid language model the nearest layer after which the stage can
-        score (``Geometry.snap``: the layer before it computes attention)."""
-        return geometry.snap((self.layer_on(geometry),), self.language_stage().reads)[0]
+        """An explicit ``layer`` as given (``check_boundaries`` refuses it where the stage cannot
+        score); the default one, on a hybrid language model, moved to the nearest layer after which
+        the stage can score (``Geometry.snap``: the layer before it computes attention)."""
+        layer = self.layer_on(geometry)
+        if self.layer is not None and not isinstance(self.layer, DefaultLayer):
+            check_boundary_layers(type(self.language_stage()), (layer,), geometry)  # before the budget is solved
+            return layer
+        return geometry.snap((layer,), self.language_stage().reads)[0]
 
     def _schedule(self, geometry: Geometry, llm_input: int, keep: int) -> Schedule:
         return Schedule(geometry.num_layers, geometry.visual_tokens, llm_input, ((self.boundary(geometry), keep),))

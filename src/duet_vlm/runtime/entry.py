@@ -56,7 +56,7 @@ def check_turn_on_cache(binding: Binding, prompt: PrefillState | None, found, kw
         return
     input_ids, base_kwargs = found if found is not None else (None, {})
     check_new_items_on_cache(binding, prompt, base_kwargs)
-    if prompt is not None and _resent(binding, prompt, kwargs, cached, new, input_ids):
+    if prompt is not None and _resent(binding, prompt, kwargs, base_kwargs, cached, new, input_ids):
         raise NotImplementedError(RESENT)
 
 
@@ -89,17 +89,22 @@ def reduces_nothing(binding: Binding, prompt: PrefillState | None) -> bool:
     return plan_whole and (prompt is None or (prompt.entry.is_identity and not prompt.boundaries))
 
 
-def _resent(binding: Binding, prompt: PrefillState, kwargs: dict, cached: int, new: int, input_ids) -> bool:
+def _resent(binding: Binding, prompt: PrefillState, kwargs: dict, base_kwargs: dict, cached: int, new: int,
+            input_ids) -> bool:
     """Whether a multi-token chunk restarts inside what the cache already holds. A decoding or
     verification chunk starts at the unreduced cache's length: the full-length mask ``generate``
-    keeps is exactly that plus the chunk, and without padding positions are indices."""
+    keeps is exactly that plus the chunk, and without padding positions are indices.
+
+    The base model's 2-D mask is read first, then the language model's; Qwen3.5's ``generate``
+    passes neither when no row is padded, and on a continued cache its positions are the text row
+    plus the prompt's M-RoPE deltas, which the adapter reads back as indices (``text_positions``)."""
     unreduced = cached + prompt.full_length - prompt.entry_length
-    mask = kwargs.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-        return mask.shape[1] != unreduced + new
+    for mask in (base_kwargs.get("attention_mask"), kwargs.get("attention_mask")):
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return mask.shape[1] != unreduced + new
     positions = kwargs.get("position_ids")
-    if isinstance(positions, torch.Tensor) and (positions.dim() == 2 or positions.shape[0] == 4):
-        text = positions if positions.dim() == 2 else positions[0]  # generate's text row first under M-RoPE
+    text = binding.adapter.text_positions(positions) if isinstance(positions, torch.Tensor) else None
+    if text is not None:
         return int(text[..., -1].max()) != unreduced + new - 1
     # A bare forward: placeholders in a chunk on a reduced cache can only be a resent prompt.
     return input_ids is not None and any(bool((input_ids == t).any()) for t in binding.adapter.placeholder_ids)

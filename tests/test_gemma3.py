@@ -10,7 +10,8 @@ matrix runs the ``gemma3`` family of tests/models.py as well).
 - after pruning, the kept tokens of an image still attend to each other both ways: a change to the
   last kept image token moves the first one's output at the next layer, and nothing before the block;
 - cached decoding equals uncached decoding step by step (the sliding caches of later segments hold
-  the kept tokens' last W - 1);
+  the kept tokens' last W - 1); a second turn longer than the window, in one call on the reduced
+  cache, equals its ideal at every position (the step's sliding masks keep the window);
 - bad inputs (no ``token_type_ids``, types that do not mark the images, a cut image block, crops
   that do not match their blocks) are clear errors and leave the model as it was.
 """
@@ -26,6 +27,7 @@ from checks import (
     gemma_masks, kept_slots, next_slots, nudged_layer_outputs,
 )
 from models import BOI, GEMMA_IMAGE, GEMMA_TOKENS, GEMMA_WINDOW, gemma3_batch, make_gemma3
+from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 import duet_vlm
@@ -245,8 +247,6 @@ def test_costs_count_what_gemmas_masks_allow_and_its_caches_hold(gemma):
     """On a prompt longer than the window, with two image blocks: each layer's counted query-key pairs
     (``flops.attention_pairs``: windowed in sliding layers, plus each block's later tokens) equal the
     pairs its mask allows, and each layer's counted cache bytes what its cache holds after the prefill."""
-    from transformers import DynamicCache
-
     model, _ = gemma
     inputs = gemma3_batch([2], seed=3, suffixes=[9])
     n = inputs["input_ids"].shape[1]
@@ -261,3 +261,74 @@ def test_costs_count_what_gemmas_masks_allow_and_its_caches_hold(gemma):
         assert attention_pairs(dims, layer, n, [GEMMA_TOKENS] * 2) == int(masks[kind].sum()), layer
         held = cache.layers[layer].keys
         assert layer_cache_bytes(dims, layer, n, held.element_size()) == 2 * held.numel() * held.element_size(), layer
+
+
+TURN = GEMMA_WINDOW + 4  # a second turn longer than the window: its own tokens leave each other's windows
+
+
+def _second_turn(model, reducer, inputs, turn):
+    """The prompt prefilled under ``reducer`` into a cache, then ``turn`` (text tokens) in one call
+    on that cache, as a chat's next turn: the turn's logits at every position."""
+    n = inputs["input_ids"].shape[1]
+    cache = DynamicCache(config=model.config.text_config)
+    with torch.no_grad(), reducer(model):
+        model(**inputs, past_key_values=cache, use_cache=True)
+        out = model(input_ids=turn, attention_mask=torch.ones(1, n + turn.shape[1], dtype=torch.long),
+                    position_ids=torch.arange(n, n + turn.shape[1])[None], past_key_values=cache, use_cache=True)
+    return out.logits[0]
+
+
+def _turn_ideal_vision(model, referee, reducer, inputs, turn):
+    """The unpatched model fed the kept tokens and then the turn, in one prefill."""
+    ids = inputs["input_ids"][0]
+    keep = ids != GEMMA_IMAGE
+    keep[kept_slots(reducer, ids, GEMMA_IMAGE)] = True
+    kept = keep.nonzero()[:, 0]
+    embeds = torch.cat([_entry_embeds(model, inputs)[:, kept], model.get_input_embeddings()(turn)], dim=1)
+    types = torch.cat([inputs["token_type_ids"][:, kept], torch.zeros_like(turn)], dim=1)
+    return model(inputs_embeds=embeds, token_type_ids=types,
+                 attention_mask=torch.ones(1, embeds.shape[1], dtype=torch.long)).logits[0, len(kept):]
+
+
+def _turn_ideal_language(model, referee, reducer, inputs, turn):
+    """FastV's hand-built ideal (``test_language_side_method_equals_the_hand_built_ideal``) of the
+    prompt and the turn in one prefill: layers 0..K-1 on every token, the tokens kept chosen by the
+    prompt's last token, layers K.. on the kept tokens and the turn, with Gemma's masks of that
+    sequence (the turn's windows counting kept tokens)."""
+    ids = inputs["input_ids"][0]
+    n = len(ids)
+    items = reducer.stats.items
+    (boundary, _), = items[0].stage_ids
+    full = {**inputs, "input_ids": torch.cat([inputs["input_ids"], turn], dim=1),
+            "attention_mask": torch.ones(1, n + turn.shape[1], dtype=torch.long),
+            "token_type_ids": torch.cat([inputs["token_type_ids"], torch.zeros_like(turn)], dim=1)}
+    lm = referee.model.language_model
+    out = referee.model(**full, output_attentions=True, output_hidden_states=True)
+    attention = out.attentions[boundary - 1][0, :, n - 1, :n].mean(dim=0)
+    prompt_kept = fastv_kept_by_hand(attention, ids, GEMMA_IMAGE, items, boundary)
+    kept = torch.cat([prompt_kept, torch.arange(n, n + turn.shape[1])])
+    hidden = out.hidden_states[boundary][:, kept]
+    masks = gemma_masks(referee, hidden, full["token_type_ids"][:, kept])
+    for layer, kind in zip(lm.layers[boundary:], lm.config.layer_types[boundary:]):
+        hidden = layer(hidden, attention_mask=masks[kind], position_ids=kept[None],
+                       position_embeddings=lm.rotary_emb(hidden, kept[None], kind))
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    return referee.lm_head(lm.norm(hidden))[0, -turn.shape[1]:]
+
+
+@pytest.mark.parametrize("method, ideal", [("visionzip", _turn_ideal_vision), ("fastv", _turn_ideal_language)],
+                         ids=["visionzip", "fastv"])
+def test_a_second_turn_longer_than_the_window_equals_its_ideal(gemma, method, ideal):
+    """A turn of W + 4 text tokens in one call on the reduced prompt's cache (entry-reduced:
+    VisionZip, dominant tokens only; pruned at a boundary: FastV) gives at every position of the turn
+    the logits of its ideal run on the kept prompt and the turn in one prefill: the step's sliding
+    masks keep the window among the turn's own tokens (a token W or more after another does not see
+    it), which decoding one token at a time never tests."""
+    model, referee = gemma
+    inputs = gemma3_batch([1], seed=12, suffixes=[4])
+    turn = torch.randint(3, 900, (1, TURN), generator=torch.Generator().manual_seed(13))
+    reducer = _dominant_only() if method == "visionzip" else duet_vlm.make("fastv", ratio=0.5)
+    reduced = _second_turn(model, reducer, inputs, turn)
+    with torch.no_grad():
+        expected = ideal(model, referee, reducer, inputs, turn)
+    torch.testing.assert_close(reduced, expected, atol=1e-4, rtol=1e-4)

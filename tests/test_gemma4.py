@@ -15,7 +15,10 @@ blocks in the sliding layers (the invariant matrix runs the ``gemma4`` family of
 - after pruning, the kept tokens of an image still attend to each other both ways in a sliding
   layer, and only causally in a global one (Gemma 4's masks);
 - cached decoding equals uncached decoding step by step (``generate`` passes the KV-shared layers
-  only the prompt's last token);
+  only the prompt's last token); a second turn longer than the window, in one call on the reduced
+  cache, equals its ideal at every position (entry-reduced and pruned at a boundary);
+- PIO's boundary probe runs the layer before the boundary with that layer's per-layer input: its
+  choice and logits equal the hand-built ones;
 - bad inputs (no ``mm_token_type_ids``, types off the images, a cut image, images that do not match
   their runs, a video) are clear errors and leave the model as it was.
 """
@@ -26,14 +29,18 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from checks import (
     assert_cached_equals_uncached, assert_refused_and_left_as_it_was, assert_step_equals_ideal, fastv_kept_by_hand,
-    gemma_masks, hook_ids, kept_slots, next_slots, nudged_layer_outputs,
+    gemma_masks, hook_ids, kept_slots, next_slots, nudged_layer_outputs, placeholder_runs,
 )
 from models import GEMMA4_IMAGE, GEMMA4_KERNEL, GEMMA4_VIDEO, GEMMA_WINDOW, gemma4_batch, make_gemma4
+from transformers import DynamicCache
+from transformers.cache_utils import KVSharingDict
 
 import duet_vlm
 from duet_vlm.adapters import adapter_for
+from duet_vlm.methods.pio import saliency_nms
 from duet_vlm.plan import LayerKindError
 
 LAYERS = 6
@@ -203,35 +210,96 @@ def test_language_side_method_equals_the_hand_built_ideal(kv_shared):
     attention = out.attentions[boundary - 1][0, :, -1].mean(dim=0)
     kept = fastv_kept_by_hand(attention, ids, GEMMA4_IMAGE, items, boundary)
     assert len(kept) > GEMMA_WINDOW
-    hidden = out.hidden_states[boundary][:, kept]
-    positions = kept[None]
-    masks = gemma_masks(referee, hidden, inputs["mm_token_type_ids"][:, kept])
     shared: dict = {}
+    ideal = _layers_after_the_boundary(referee, inputs, out, projected, kept, boundary, shared)
+    assert bool(shared) == bool(kv_shared)
+    torch.testing.assert_close(reduced[next_slots(kept, len(ids))], ideal, atol=1e-4, rtol=1e-4)
+
+
+def _layers_after_the_boundary(referee, inputs, out, projected, kept, boundary, shared=None, renumbered=False):
+    """The unpatched layers ``boundary``.. of ``referee`` run on the tokens at ``kept`` of row 0 (from
+    ``out``'s hidden states) at their original positions (``renumbered``: at 0, 1, ...), each with
+    Gemma 4's mask of its type over the kept sequence, its type's RoPE, its per-layer input of the
+    kept tokens (``projected``) and the keys and values the storing layers leave in ``shared``: the
+    logits at every kept token."""
+    lm = referee.model.language_model
+    hidden = out.hidden_states[boundary][:, kept]
+    positions = torch.arange(len(kept))[None] if renumbered else kept[None]
+    masks = gemma_masks(referee, hidden, inputs["mm_token_type_ids"][:, kept])
+    shared = {} if shared is None else shared
     with torch.no_grad():
         for index in range(boundary, LAYERS):
             kind = lm.config.layer_types[index]
             rope = lm.rotary_emb(hidden, positions, kind)
             hidden = lm.layers[index](hidden, projected[:, kept, index], shared_kv_states=shared,
                                       attention_mask=masks[kind], position_ids=positions, position_embeddings=rope)
-        ideal = referee.lm_head(lm.norm(hidden))[0]
-    assert bool(shared) == bool(kv_shared)
-    torch.testing.assert_close(reduced[next_slots(kept, len(ids))], ideal, atol=1e-4, rtol=1e-4)
+        return referee.lm_head(lm.norm(hidden))[0]
+
+
+def test_pio_with_the_boundary_probe_equals_the_hand_built_ideal(gemma4):
+    """PIO (no vision scan, 4 tokens kept at layer 2) with ``probe="boundary"``: the probe runs layer
+    1 once more on its own output, with layer 1's mask, RoPE and per-layer input (kept for the layer
+    *before* the boundary); the proxy loss is the cross-entropy of the LM head's logits at the 4
+    positions before the last token against their argmax, and saliency-NMS on its gradient chooses.
+    The kept tokens equal that choice made by hand on the eager referee (the image sits inside
+    layer 1's window of the proxy positions: its saliencies are not all zero), and the logits at
+    every position equal the unpatched layers 2.. run on the kept tokens, renumbered (as PIO numbers
+    them after a drop)."""
+    model, referee = gemma4
+    keep_count = 4
+    inputs = gemma4_batch([[(3, 4)]], seed=8, suffixes=[4])
+    reducer = duet_vlm.make("pio", vision=False, layers=(2,), keep=(keep_count,), probe="boundary")
+    with torch.no_grad(), reducer(model):
+        reduced = model(**inputs).logits[0]
+    (item,) = reducer.stats.items
+    (boundary, chosen), = item.stage_ids
+    assert boundary == 2
+    ids = inputs["input_ids"][0]
+    n = len(ids)
+    lm = referee.model.language_model
+    embeds, per_layer = _entry(referee, inputs)
+    with torch.no_grad():
+        out = referee.model(**inputs, output_hidden_states=True)
+        projected = lm.project_per_layer_inputs(embeds, per_layer)
+    probe = out.hidden_states[boundary].detach().requires_grad_()
+    kind = lm.config.layer_types[boundary - 1]
+    positions = torch.arange(n)[None]
+    with torch.enable_grad():
+        y = lm.layers[boundary - 1](
+            probe, projected[:, :, boundary - 1], shared_kv_states=KVSharingDict(),
+            attention_mask=gemma_masks(referee, embeds, inputs["mm_token_type_ids"])[kind], position_ids=positions,
+            position_embeddings=lm.rotary_emb(probe, positions, kind),
+        )
+        logits = referee.lm_head(lm.norm(y[0, n - 5 : n - 1])).float()
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, logits.argmax(dim=-1)), probe)
+    (start, length), = placeholder_runs(ids, GEMMA4_IMAGE)
+    saliency = grad[0, start : start + length].norm(dim=-1)
+    assert bool((saliency > 0).all())
+    by_hand = saliency_nms(saliency, out.hidden_states[boundary][0, start : start + length], keep_count)
+    assert chosen.tolist() == by_hand.tolist()
+    keep = ids != GEMMA4_IMAGE
+    keep[start + by_hand] = True
+    kept = keep.nonzero()[:, 0]
+    ideal = _layers_after_the_boundary(referee, inputs, out, projected, kept, boundary, renumbered=True)
+    torch.testing.assert_close(reduced[next_slots(kept, n)], ideal, atol=1e-4, rtol=1e-4)
 
 
 def test_boundaries_stop_before_the_layers_that_share_keys_and_values(gemma4):
     """Layers 2 and 3 store keys and values that layers 4 and 5 reuse: the geometry's last boundary
     is 2, a method's default boundaries snap to it (PyramidDrop's three merge into those that fit;
-    FastV's one ``layer`` snaps, as on a hybrid model), and explicit boundaries past it (DUET's
-    ``layers``) are refused at attach, naming the boundaries that work."""
+    FastV's default ``layer`` snaps, as on a hybrid model), and explicit boundaries past it (DUET's
+    ``layers``, FastV's ``layer``) are refused at attach, naming the boundaries that work."""
     model, _ = gemma4
     adapter = adapter_for(model)
     assert (adapter.geometry.last_boundary, adapter.queries_cut_from) == (2, 4)
     assert adapter_for(_models(0)[0]).geometry.last_boundary is None
     plan = duet_vlm.make("pyramiddrop", budget=8).resolve(adapter.image_geometry(4, 4))
     assert [layer for layer, _ in plan.schedule.boundaries] and max(layer for layer, _ in plan.schedule.boundaries) <= 2
-    fastv = duet_vlm.make("fastv", ratio=0.5, layer=4).resolve(adapter.geometry)  # FastV's layer snaps, as on Qwen3.5
+    fastv = duet_vlm.make("fastv", ratio=0.5).resolve(adapter.geometry)  # FastV's default layer snaps, as on Qwen3.5
     assert [layer for layer, _ in fastv.schedule.boundaries] == [2]
     hooks = hook_ids(model)
+    with pytest.raises(LayerKindError, match=r"layer\(s\) \[4\].*KV sharing.*boundaries that work: \[1, 2\]"):
+        duet_vlm.make("fastv", ratio=0.5, layer=4).attach(model)  # an explicit one is never moved
     with pytest.raises(LayerKindError, match=r"KV sharing.*boundaries that work: \[1, 2\]"):
         duet_vlm.make("duet", ratio=0.5, layers=(1, 4), ratios=(0.5, 0.5)).attach(model)
     assert hook_ids(model) == hooks
@@ -390,3 +458,71 @@ def test_the_overlay_draws_an_images_soft_tokens_on_its_own_grid(gemma4, tmp_pat
     assert item.cells.tolist() == [[0, r, c] for r in range(3) for c in range(4)]
     path = draw_item_overlay(Image.new("RGB", (48, 36)), item, tmp_path / "overlay.png")
     assert path.stat().st_size > 0
+
+
+TURN = GEMMA_WINDOW + 4  # a second turn longer than the window: its own tokens leave each other's windows
+
+
+@pytest.mark.parametrize("grids", [[(4, 4)], [(3, 4), (2, 4)]])
+def test_a_second_turn_longer_than_the_window_equals_the_unpatched_model_fed_the_kept_tokens(gemma4, grids):
+    """A turn of W + 4 text tokens in one call on the cache of a prompt VisionZip (dominant tokens
+    only) reduced gives at every position of the turn the logits of the unpatched model fed the kept
+    prompt and the turn in one prefill: the step's sliding masks keep the window among the turn's own
+    tokens, which decoding one token at a time never tests."""
+    model, _ = gemma4
+    inputs = gemma4_batch([grids], seed=12, suffixes=[4])
+    ids = inputs["input_ids"][0]
+    n = len(ids)
+    turn = torch.randint(3, 900, (1, TURN), generator=torch.Generator().manual_seed(13))
+    reducer = _dominant_only()
+    cache = DynamicCache(config=model.config.text_config)
+    with torch.no_grad(), reducer(model):
+        model(**inputs, past_key_values=cache, use_cache=True)
+        reduced = model(input_ids=turn, attention_mask=torch.ones(1, n + TURN, dtype=torch.long),
+                        position_ids=torch.arange(n, n + TURN)[None], past_key_values=cache, use_cache=True).logits[0]
+    keep = ids != GEMMA4_IMAGE
+    keep[kept_slots(reducer, ids, GEMMA4_IMAGE)] = True
+    kept = keep.nonzero()[:, 0]
+    base, lm = model.model, model.model.language_model
+    embeds, per_layer = _entry(model, inputs)
+    with torch.no_grad():
+        ideal = model(
+            inputs_embeds=torch.cat([embeds[:, kept], base.get_input_embeddings()(turn)], dim=1),
+            per_layer_inputs=torch.cat([per_layer[:, kept], lm.get_per_layer_inputs(turn, None)], dim=1),
+            mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"][:, kept], torch.zeros_like(turn)], dim=1),
+            attention_mask=torch.ones(1, len(kept) + TURN, dtype=torch.long),
+        ).logits[0, len(kept):]
+    torch.testing.assert_close(reduced, ideal, atol=1e-4, rtol=1e-4)
+
+
+def test_a_second_turn_longer_than_the_window_after_a_boundary_equals_the_hand_built_ideal(gemma4):
+    """The same turn on the cache of a prompt FastV pruned at layer 2: at every position of the
+    turn, the logits of FastV's hand-built ideal of the prompt and the turn in one prefill (the tokens
+    kept chosen by the prompt's last token; layers 2.. on the kept tokens and the turn, with Gemma 4's
+    masks of that sequence, per-layer inputs and shared keys and values)."""
+    model, referee = gemma4
+    inputs = gemma4_batch([[(4, 4)]], seed=12, suffixes=[4])
+    ids = inputs["input_ids"][0]
+    n = len(ids)
+    turn = torch.randint(3, 900, (1, TURN), generator=torch.Generator().manual_seed(13))
+    reducer = duet_vlm.make("fastv", ratio=0.5)
+    cache = DynamicCache(config=model.config.text_config)
+    with torch.no_grad(), reducer(model):
+        model(**inputs, past_key_values=cache, use_cache=True)
+        reduced = model(input_ids=turn, attention_mask=torch.ones(1, n + TURN, dtype=torch.long),
+                        position_ids=torch.arange(n, n + TURN)[None], past_key_values=cache, use_cache=True).logits[0]
+    (item,) = reducer.stats.items
+    (boundary, _), = item.stage_ids
+    full = {**inputs, "input_ids": torch.cat([inputs["input_ids"], turn], dim=1),
+            "attention_mask": torch.ones(1, n + TURN, dtype=torch.long),
+            "mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(turn)], dim=1)}
+    lm = referee.model.language_model
+    embeds, per_layer = _entry(referee, full)
+    with torch.no_grad():
+        out = referee.model(**full, output_attentions=True, output_hidden_states=True)
+        projected = lm.project_per_layer_inputs(embeds, per_layer)
+    attention = out.attentions[boundary - 1][0, :, n - 1, :n].mean(dim=0)
+    prompt_kept = fastv_kept_by_hand(attention, ids, GEMMA4_IMAGE, [item], boundary)
+    kept = torch.cat([prompt_kept, torch.arange(n, n + TURN)])
+    ideal = _layers_after_the_boundary(referee, full, out, projected, kept, boundary)
+    torch.testing.assert_close(reduced, ideal[-TURN:], atol=1e-4, rtol=1e-4)

@@ -120,7 +120,34 @@ def test_the_object_layer_follows_the_towers_depth():
     assert object_layer_for(Geometry(32, 576, (24, 24), True, encoder_depth=27)) == 9  # SigLIP's 27: round(10.1)
     assert object_layer_for(Geometry(28, 64, (8, 8), False, rope="mrope", encoder_depth=32)) == 15  # Qwen2.5-VL
     assert object_layer_for(Geometry(28, 64, (8, 8), False, rope="mrope", encoder_depth=4)) == 1
+    assert object_layer_for(Geometry(28, 64, (8, 8), False, rope="mrope", encoder_depth=27)) == 13  # round(13.5)
+    assert object_layer_for(Geometry(32, 64, (8, 8), True, encoder_depth=4)) == 1  # round(1.5): the 2nd of 4
     assert object_layer_for(Geometry(32, 64, (8, 8), True, encoder_depth=2)) == 0  # never below the first
+
+
+def test_the_default_object_layer_picks_the_anchors_on_a_shallow_tower():
+    """On a 4-layer CLIP tower (features from layer 2, ``vision_feature_layer=-2``) HiPrune's default
+    object layer is the 2nd (``round(9 * 4 / 24)``, 0-based 1): the kept patches and the anchors equal
+    ``hiprune_select`` on the attention each patch receives (eager maps, mean over heads, summed over
+    every query) in layer 1 (anchors; alpha 0.5: two of them) and layer 2 (registers)."""
+    model = make_llava(layers=2, image_size=112, vision_layers=4, seed=3)  # 8x8 patches
+    inputs = make_inputs(model, seed=2)
+    tower = model.model.vision_tower
+    eager = tower.config._attn_implementation
+    tower.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            attentions = tower(inputs["pixel_values"], output_attentions=True).attentions
+    finally:
+        tower.config._attn_implementation = eager
+    received = [maps.mean(dim=1).sum(dim=1)[0, 1:] for maps in attentions]
+    kept, anchors = hiprune_select(received[1], received[2], 16, 0.5, cols=8)  # 2 anchors and their buffers
+    assert not torch.equal(kept, hiprune_select(received[0], received[2], 16, 0.5, cols=8)[0])  # the layer matters
+    reducer = duet_vlm.make("hiprune", budget=16, alpha=0.5)
+    with torch.no_grad(), reducer(model):
+        model(**inputs)
+    assert (reducer.stats.vision_kept[0] - 1).tolist() == kept.tolist()  # CLS first in the tower's space
+    assert (reducer.stats.vision_roles["anchors"][0] - 1).tolist() == anchors.tolist()
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,8 @@ What is checked (the invariant matrix of tests/test_invariants.py runs every met
 - a vision-side method with no language stage (VisionZip, dominant tokens only) equals the
   hand-built ideal: the unpatched model fed ``inputs_embeds`` holding the text and, of each image,
   the top tokens by the referee's pooled score, at every valid position; the same for a training
-  step (loss and gradients);
+  step (loss and gradients), and with ``vision_feature_layer`` counted from the front (1, 2) or the
+  back: the layer scored is the one whose output the model reads (0, the embeddings, is refused);
 - a language-side method (FastV) equals its hand-built ideal: the unpatched decoder on every token
   up to layer K, then the top tokens by the referee's last-token attention of layer K - 1, with
   their original positions, at every valid position;
@@ -97,19 +98,22 @@ def _entry_embeds(model, inputs) -> torch.Tensor:
     return seen["embeds"]
 
 
-def _pooled_by_hand(referee, pixel_values) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pooled_by_hand(referee, pixel_values, feature_layer: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The feature layer's CLS-to-patch attention from the tower's full eager map (summed over
     heads), summed over each 2x2 group of patches the 0.5 pixel shuffle concatenates; the layer's
-    keys (mean over heads) averaged over the same groups; the layer's input."""
+    keys (mean over heads) averaged over the same groups; the layer's input. ``feature_layer`` is
+    ``vision_feature_layer``: the features are ``hidden_states[feature_layer]``, the output of
+    encoder layer ``feature_layer - 1`` (``hidden_states[0]`` is the embeddings)."""
     tower = referee.model.vision_tower
     with torch.no_grad():
         out = tower(pixel_values=pixel_values, output_attentions=True, output_hidden_states=True)
-    maps, states = out.attentions[-1], out.hidden_states[-2]  # vision_feature_layer=-1: the last layer
+    index = feature_layer - 1 if feature_layer > 0 else len(out.attentions) + feature_layer
+    maps, states = out.attentions[index], out.hidden_states[index]  # the layer's map and its input
     tiles, heads, tokens, _ = maps.shape
     side = int((tokens - 1) ** 0.5)
     cls = maps[:, :, 0, 1:].sum(dim=1).view(tiles, side // 2, 2, side // 2, 2)
     scores = cls.sum(dim=(2, 4)).reshape(tiles, -1)  # token (i, j) = patches rows 2i..2i+1, cols 2j..2j+1
-    layer = tower.encoder.layer[-1]
+    layer = tower.encoder.layer[index]
     with torch.no_grad():
         keys = layer.attention.k_norm(layer.attention.k_proj(layer.layernorm_before(states)))
         keys = keys.view(tiles, tokens, heads, -1).mean(dim=2)
@@ -182,11 +186,11 @@ def _dominant_only():
     return duet_vlm.make("visionzip", ratio=0.5, contextual=0)
 
 
-def _vision_ideal(referee, inputs):
-    """Of each image, the top half of its tokens by the referee's pooled score; returns the kept
-    positions (text and kept slots, in order) of row 0."""
+def _vision_ideal(referee, inputs, feature_layer: int = -1):
+    """Of each image, the top half of its tokens by the referee's pooled score (of ``feature_layer``);
+    returns the kept positions (text and kept slots, in order) of row 0."""
     ids = inputs["input_ids"][0]
-    scores = _pooled_by_hand(referee, inputs["pixel_values"])[0]
+    scores = _pooled_by_hand(referee, inputs["pixel_values"], feature_layer)[0]
     keep = torch.ones_like(ids, dtype=torch.bool)
     tile = 0
     for start, length in placeholder_runs(ids, IMAGE):
@@ -218,6 +222,38 @@ def test_vision_side_method_equals_the_hand_built_ideal(pair, rows):
         ideal = referee(inputs_embeds=embeds, attention_mask=torch.ones(1, len(kept), dtype=torch.long)).logits[0]
     length = inputs["input_ids"].shape[1]
     torch.testing.assert_close(reduced[next_slots(kept, length)], ideal, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("feature_layer", [1, 2, -2])
+def test_the_feature_layer_scored_is_the_one_whose_output_the_model_reads(feature_layer):
+    """With ``vision_feature_layer`` counted from the front (1: the features are ``hidden_states[1]``,
+    the output of encoder layer 0) or the back: the adapter scores with that layer, VisionZip
+    (dominant tokens only) keeps the top tokens by its pooled CLS attention, and the unpatched model
+    fed them gives the same logits at every position (the model's features read that layer too)."""
+    internvl, referee = _models("internvl3")
+    inputs = internvl_batch([[5]], seed=13)
+    try:
+        for model in (internvl, referee):
+            model.config.vision_feature_layer = feature_layer
+        adapter = adapter_for(internvl)
+        scores, keys, states = _pooled_by_hand(referee, inputs["pixel_values"], feature_layer)
+        mine, my_keys = adapter.layer_scores(adapter.towers["image"], states)
+        torch.testing.assert_close(mine, scores, rtol=0, atol=1e-5)
+        torch.testing.assert_close(my_keys, keys, rtol=1e-5, atol=1e-6)
+        kept = _vision_ideal(referee, inputs, feature_layer)
+        reducer = _dominant_only()
+        with torch.no_grad(), reducer(internvl):
+            reduced = internvl(**inputs).logits[0]
+        ids = inputs["input_ids"][0]
+        slots = kept_slots(reducer, ids, IMAGE).sort().values
+        assert slots.tolist() == kept[ids[kept] == IMAGE].tolist()  # the reducer kept the referee's choice
+        with torch.no_grad():
+            ideal = referee(inputs_embeds=_entry_embeds(referee, inputs)[:, kept],
+                            attention_mask=torch.ones(1, len(kept), dtype=torch.long)).logits[0]
+    finally:
+        for model in (internvl, referee):
+            model.config.vision_feature_layer = -1
+    torch.testing.assert_close(reduced[next_slots(kept, len(ids))], ideal, atol=1e-4, rtol=1e-4)
 
 
 def test_training_step_equals_the_ideal(pair):
@@ -334,6 +370,8 @@ def test_unsupported_configs_are_refused_at_attach(internvl):
         (config.text_config, "model_type", "gpt_oss", "language models of type qwen2"),
         (config, "vision_feature_select_strategy", "full", "vision_feature_select_strategy='default'"),
         (config, "vision_feature_layer", [-1, -2], "a single layer"),
+        (config, "vision_feature_layer", 0, "patch embeddings"),  # hidden_states[0]: no layer made it
+        (config, "vision_feature_layer", -4, "patch embeddings"),  # the same, counted from the back
     ]
     for target, key, value, message in cases:
         before = getattr(target, key)

@@ -17,6 +17,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -200,9 +201,10 @@ def test_nothing_repeated_is_bit_identical_to_the_unpatched_model(family_name):
     assert all(item.average_tokens == item.tokens for item in reducer.stats.items)
 
 
-def _blocky(batch: dict, seed: int = 0) -> dict:
+def _blocky(batch: dict, seed: int = 0, per_frame: bool = False) -> dict:
     """The batch with its images' and videos' tokens repeating their left neighbour in runs (each
-    merged token's four patches copied whole), so that PixelPrune leaves some of every item out."""
+    merged token's four patches copied whole), so that PixelPrune leaves some of every item out
+    (``per_frame``: runs of their own in each temporal slice, which then leave different counts out)."""
     generator = torch.Generator().manual_seed(seed)
     out = dict(batch)
     for pixels, grids in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
@@ -212,8 +214,8 @@ def _blocky(batch: dict, seed: int = 0) -> dict:
         for t, h, w in batch[grids].tolist():
             units = values[offset : offset + t * h * w].view(t, h // 2, w // 2, -1)
             for c in range(1, w // 2):
-                copy = torch.rand(h // 2, generator=generator) < 0.6
-                units[:, copy, c] = units[:, copy, c - 1]
+                copy = torch.rand(t if per_frame else 1, h // 2, generator=generator) < 0.6
+                units[:, :, c][copy.expand(t, -1)] = units[:, :, c - 1][copy.expand(t, -1)]
             offset += t * h * w
         out[pixels] = values
     return out
@@ -518,3 +520,87 @@ def test_eval_refuses_bad_method_specs_before_loading_a_model(methods, message, 
 
     with pytest.raises(ValueError, match=message):
         sweep.evaluate_methods(methods, n=7, model_path=tmp_path / "no model", output_dir=tmp_path)
+
+
+
+def _never_by_hand(model, family_name, batch) -> dict:
+    """Per modality, per visual item of ``batch`` in prompt order, the slots ``predictive_keep``
+    leaves out of it (raster order); ``None`` for a video whose slices are one item (Qwen2-VL,
+    Qwen2.5-VL): it enters the encoder whole."""
+    adapter = duet_vlm.adapter_for(model)
+    if family_name in LLAVA:
+        return {"image": [(~predictive_keep(pixels).flatten()).nonzero()[:, 0]
+                          for pixels in adapter.unit_pixels(batch["pixel_values"])]}
+    out = {"image": [], "video": []}
+    for modality, pixels, grids in (("image", "pixel_values", "image_grid_thw"),
+                                    ("video", "pixel_values_videos", "video_grid_thw")):
+        for units in adapter.unit_pixels(batch[pixels], batch[grids]):
+            if len(units) > 1 and not adapter.slices_are_items:
+                out[modality].append(None)
+            else:  # an image, or each slice of a video (Qwen3-VL: an item each)
+                out[modality] += [(~predictive_keep(unit).flatten()).nonzero()[:, 0] for unit in units]
+    return out
+
+
+@pytest.mark.parametrize("family_name", ["llava", "qwen2_5_vl", "qwen3_vl"])
+def test_the_statistics_and_the_overlay_name_what_each_item_of_a_batch_left_out(family_name):
+    """A batch of blocky images (and videos) whose items leave different counts out, reduced in one
+    call: each item's ``never_encoded`` is exactly the slots ``predictive_keep`` leaves out of its
+    own pixels (none more, none of another item), and the overlay paints exactly those cells red; a
+    video that enters whole names none."""
+    from duet_vlm.compare import paint_never_encoded
+
+    family = FAMILIES[family_name]
+    model = family.model()
+    batch = family.batch(model)
+    batch = _blocky_images(batch) if family_name in LLAVA else _blocky(batch, 1, per_frame=True)
+    expected = _never_by_hand(model, family_name, batch)
+    reducer = duet_vlm.make("pixelprune")
+    with torch.no_grad(), reducer(model):
+        model(**batch)
+    items = reducer.stats.items
+    assert len({len(never) for never in expected["image"]}) > 1  # the images leave different counts out
+    if family_name == "qwen3_vl":  # the video's slices, encoded together, too
+        assert len({len(never) for never in expected["video"]}) > 1
+    for item in items:
+        never = expected[item.modality].pop(0)
+        if never is None:
+            assert item.never_encoded is None
+            continue
+        assert item.never_encoded.tolist() == never.tolist(), (item.row, item.modality)
+        (_, rows, cols), = item.views
+        layer = np.zeros((rows, cols, 4))
+        paint_never_encoded(layer, item, 0)
+        red = torch.zeros(rows * cols, dtype=torch.bool)
+        red[never] = True
+        assert torch.equal(torch.from_numpy(layer[..., 3] > 0).flatten(), red), (item.row, item.modality)
+    assert all(not left for left in expected.values())  # every item was named
+
+
+@pytest.mark.parametrize("has_cls", [False, True])
+def test_the_units_of_one_item_keep_what_entered_and_name_what_did_not(has_cls):
+    """``EnteredTokens`` on a view of three units that left 2, 4 and 0 of their 8 tokens out (a CLS
+    token first on a CLIP tower: it enters, and is neither kept nor named): each unit's first
+    ``counts[u]`` outputs are its entered tokens in order, with their features, and each row of the
+    ``never_encoded`` role holds its own left-out tokens in order, then -1 (none of another unit's,
+    none that entered)."""
+    from duet_vlm.methods.pixelprune import EnteredTokens
+    from duet_vlm.plan import VisionView
+
+    offset = int(has_cls)
+    out = [[1, 6], [0, 2, 3, 7], []]  # 6, 4 and 8 entered: 6 a unit on average
+    entered = torch.ones(3, offset + 8, dtype=torch.bool)
+    for unit, left in enumerate(out):
+        entered[unit, [offset + t for t in left]] = False
+    features = torch.randn(3, offset + 8, 4, generator=torch.Generator().manual_seed(0))
+    view = VisionView(features, torch.zeros(3, 8), torch.zeros(3, offset + 8, 2), (2, 4), has_cls, entered=entered)
+    reduction = EnteredTokens().reduce(view, 6)
+    assert reduction.counts.tolist() == [6, 4, 8]
+    never = reduction.roles["never_encoded"]
+    assert never.shape == (3, 4)
+    for unit, left in enumerate(out):
+        kept = [offset + t for t in range(8) if t not in left]
+        count = len(kept)
+        assert reduction.kept[unit, :count].tolist() == kept
+        torch.testing.assert_close(reduction.features[unit, :count], features[unit, kept], rtol=0, atol=0)
+        assert never[unit].tolist() == [offset + t for t in left] + [-1] * (4 - len(left)), unit

@@ -77,6 +77,20 @@ def test_the_draw_is_the_seeds_alone(tiny):
     assert duet_vlm.RandomHorizon.language_stage(duet_vlm.make("random_horizon", keep=16)).reads is None
 
 
+def test_the_draw_depends_on_the_seed_and_the_boundary_layer(tiny):
+    """The tokens kept at layer L under seed s are the top 16 of 64 uniform draws from a generator
+    seeded ``s * 1_000_003 + L``, one draw per token in the order of the visual block: the same seed
+    keeps other tokens at another boundary (a draw that ignored the layer would keep the same)."""
+    model, inputs = tiny
+    kept = {}
+    for layer in (3, 5):
+        at, (kept[layer],) = _kept(model, inputs, duet_vlm.make("random_horizon", keep=16, seed=3, layer=layer))
+        assert at == layer
+        draws = torch.rand(64, generator=torch.Generator().manual_seed(3 * 1_000_003 + layer))
+        assert kept[layer] == draws.topk(16).indices.sort().values.tolist()
+    assert kept[3] != kept[5]
+
+
 def test_every_token_is_as_likely_to_be_kept(tiny):
     """Over 60 seeds keeping 16 of 64, each token is kept 15 times on average; none is kept in every
     draw or never (a top-k of a fixed score, or a draw that ignores the seed, would), and the counts

@@ -32,6 +32,7 @@ from transformers.generation.streamers import BaseStreamer
 import duet_vlm
 from duet_vlm import synthetic
 from duet_vlm.adapters import adapter_for
+from duet_vlm.compat import with_cache
 from duet_vlm.check import LayerLengths, hook_ids  # noqa: F401 - the check's own, shared with the tests
 from duet_vlm.plan import VisionReduction, VisionStage
 
@@ -164,7 +165,7 @@ def gemma_masks(model, hidden: torch.Tensor, types: torch.Tensor) -> dict:
     blocks = gemma.get_block_sequence_ids_for_mask(types, device=hidden.device)
     return gemma.create_masks_for_vision_model(
         config=model.config.text_config, inputs_embeds=hidden, attention_mask=torch.ones_like(types),
-        past_key_values=None, position_ids=None, block_sequence_ids=blocks,
+        **with_cache(None), position_ids=None, block_sequence_ids=blocks,
     )
 
 

@@ -16,15 +16,19 @@ two processes of one row each train as one process on the same two-row batches: 
 and every saved weight (``test_the_trainers_deepspeed_path_equals_one_process``).
 
 Under ZeRO-3 a stage's read of a layer outside its forward goes through the layer's modules, whose
-DeepSpeed hooks gather the partitioned weights: an all-gather that every rank must make alike. The
-ranks here make the same stage calls (one image per row, as the official LLaVA-1.5 recipe); with
-items of different sizes or text-only rows on some ranks they would not (docs/training.md).
+DeepSpeed hooks gather the partitioned weights: an all-gather that every rank must make alike. Ranks
+whose batches make the same stage calls with different image counts (one row of one image against
+one row of two) train as one process; ranks whose stage calls differ (two rows of one image against
+rows of one and two images, which the language stages rank row by row) stop, every rank with the
+same message, instead of hanging (``test_zero3_ranks_of_other_layouts_train_or_stop``, under a
+timeout).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +37,7 @@ import torch
 import duet_vlm
 
 from checks import answer_labels, assert_step_equals_one_process, free_port, run_two_ranks, two_rank_model, two_rank_rows
-from models import BUDGETED
+from models import BUDGETED, left_pad, make_inputs
 
 if os.environ.get("DUET_REQUIRE_DEEPSPEED") != "1":  # CI sets it: there the suite must run
     pytest.importorskip("deepspeed")
@@ -157,3 +161,105 @@ def test_the_trainers_deepspeed_path_equals_one_process(trainer_runs, stage):
     assert moved and all(name.startswith("multi_modal_projector") for name in moved)
     for name, weight in expected.items():
         torch.testing.assert_close(saved[name], weight, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------- ranks of other layouts
+LAYOUT_NAMES = ("duet", "pio")  # DUET's vision and language stages; PIO runs layers and the head itself
+SAME_CALLS = ([1], [2])  # images per row, per rank: one call per stage on each rank
+OTHER_CALLS = ([1, 1], [1, 2])  # rank 1's rows differ: its language stages rank them row by row
+OTHER_NAME = "pio"  # whose calls row by row run the layer and the head again: other gathers
+TIMEOUT = 300  # seconds for both runs; a hang fails the test instead of CI
+
+
+def _batch(model, images: list[int], seed: int) -> dict:
+    """One left-padded batch whose row ``b`` holds ``images[b]`` images of the model's size."""
+    ids, pixels = [], []
+    for b, count in enumerate(images):
+        one = make_inputs(model, images_per_row=count, suffix=4 + 3 * b, seed=seed + b)
+        ids.append(one["input_ids"][0].tolist())
+        pixels.append(one["pixel_values"])
+    return {**left_pad(ids), "pixel_values": torch.cat(pixels)}
+
+
+def _zero3_step(name: str, inputs: dict):
+    """A ZeRO-3 training step of the two-rank model under ``name``: the loss and every full gradient."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    model = two_rank_model()
+    engine, *_ = deepspeed.initialize(model=model, config=_config(3), model_parameters=model.parameters())
+    handle = duet_vlm.make(name, ratio=RATIO).attach(engine)
+    try:
+        loss = engine(**inputs, labels=answer_labels(inputs)).loss
+        engine.backward(loss)
+        grads = {n: safe_get_full_grad(p) for n, p in engine.module.named_parameters()}
+        return loss.detach(), {n: grad.clone() for n, grad in grads.items() if grad is not None}
+    finally:
+        handle.remove()
+        engine.destroy()
+
+
+def _layout_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.set_num_threads(1)
+    model = two_rank_model()
+    results = {name: _zero3_step(name, _batch(model, SAME_CALLS[rank], seed=10 * rank)) for name in LAYOUT_NAMES}
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+    try:
+        _zero3_step(OTHER_NAME, _batch(model, OTHER_CALLS[rank], seed=10 * rank))
+        message = "no error"
+    except RuntimeError as error:
+        message = str(error)
+    (Path(out) / f"stopped{rank}.txt").write_text(message)
+    dist.barrier()  # both ranks got here: neither waits in a collective the other left
+
+
+def _run_within(worker, out: Path, seconds: float) -> None:
+    """``worker(rank, 2, port, out)`` in two spawned processes, killed (and the test failed) if they
+    have not finished within ``seconds``: a hang fails instead of stalling the suite."""
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    context = mp.start_processes(worker, args=(2, free_port(), str(out)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + seconds
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the two ZeRO-3 ranks did not finish within {seconds} s (a hang)")
+
+
+def test_zero3_ranks_of_other_layouts_train_or_stop(tmp_path):
+    """Ranks with different image counts. One row of one image against one row of two (the same
+    stage calls: each stage ranks its row's items in one call): each rank's loss and every full
+    gradient equal one process on both rows (1e-6). Two rows of one image against rows of one and
+    two images under PIO (rank 1's language stages rank its rows one by one, and PIO runs the layer
+    and the head in each call, so rank 1 gathers their weights twice): every rank stops with the
+    same message naming the cause and the fix, and nothing hangs (without the check the ranks'
+    gathers mismatch)."""
+    _run_within(_layout_worker, tmp_path, TIMEOUT)
+    model = two_rank_model()
+    for name in LAYOUT_NAMES:
+        rows = [_batch(model, SAME_CALLS[rank], seed=10 * rank) for rank in range(2)]
+        with duet_vlm.make(name, ratio=RATIO)(model):
+            losses = [model(**inputs, labels=answer_labels(inputs)).loss for inputs in rows]
+            (sum(losses) / 2).backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        for rank in range(2):
+            loss, reduced = torch.load(tmp_path / f"rank{rank}.pt")[name]
+            torch.testing.assert_close(loss, losses[rank].detach(), atol=1e-6, rtol=1e-6)
+            assert grads.keys() <= reduced.keys() and not any(reduced[n].any() for n in reduced.keys() - grads.keys())
+            for parameter, grad in grads.items():
+                torch.testing.assert_close(reduced[parameter], grad, atol=1e-6, rtol=1e-5,
+                                           msg=lambda m, parameter=parameter: f"{name} {parameter}: {m}")
+    messages = [(tmp_path / f"stopped{rank}.txt").read_text() for rank in range(2)]
+    assert messages[0] == messages[1], messages
+    assert "ZeRO-3" in messages[0] and "different stage calls" in messages[0], messages[0]
+    assert "rank 0: 2 items in 2 rows; rank 1: 3 items in 2 rows" in messages[0], messages[0]
+    assert "ZeRO-2 or FSDP2" in messages[0] and "the same layout" in messages[0], messages[0]

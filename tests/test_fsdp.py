@@ -42,6 +42,17 @@ def _shard(model, policy):
     fully_shard(model)
 
 
+def _sharded_layers(model, policy):
+    """Whether a parameter name belongs to a layer ``_shard`` shards on its own (not the root)."""
+    layers = list(model.model.language_model.layers)
+    if "vision" in policy:
+        tower = model.model.vision_tower
+        layers += list(getattr(tower, "vision_model", tower).encoder.layers)
+    prefixes = tuple(f"{name}." for name, module in model.named_modules() if any(module is layer for layer in layers))
+    assert len(prefixes) == len(layers)
+    return lambda name: name.startswith(prefixes)
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
@@ -55,16 +66,20 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             for name in NAMES:
                 model = two_rank_model()
                 inputs = two_rank_rows(model)[rank]
+                layered = _sharded_layers(model, policy)
                 _shard(model, policy)
                 handle = duet_vlm.make(name, ratio=RATIO).attach(model)
                 try:
                     loss = model(**inputs, labels=answer_labels(inputs)).loss
+                    # The layers kept unsharded for a stage's read are freed once it is read: after
+                    # the forward every sharded layer holds its shards again (the root stays whole).
+                    whole = [n for n, p in model.named_parameters() if not isinstance(p, DTensor) and layered(n)]
                     loss.backward()
                 finally:
                     handle.remove()
                 grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
                          for n, p in model.named_parameters() if p.grad is not None}
-                results[(policy, name)] = (loss.detach(), grads)
+                results[(policy, name)] = (loss.detach(), grads, whole)
         torch.save(results, Path(out) / f"rank{rank}.pt")
         dist.barrier()  # every collective of both ranks done before the group goes
     finally:
@@ -110,7 +125,17 @@ def sharded_runs(tmp_path_factory):
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("name", NAMES)
 def test_fsdp2_training_step_equals_one_process(sharded_runs, policy, name):
-    assert_step_equals_one_process(name, RATIO, [results[(policy, name)] for results in sharded_runs])
+    assert_step_equals_one_process(name, RATIO, [results[(policy, name)][:2] for results in sharded_runs])
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name", NAMES)
+def test_fsdp2_kept_layers_are_sharded_again_after_the_forward(sharded_runs, policy, name):
+    """What the runtime kept unsharded for a stage's read (``KeptUnsharded``) is resharded once read:
+    after the forward no sharded layer's parameter is whole on any rank. Losses and gradients cannot
+    show it (a layer left whole computes the same); the memory FSDP2 bounds can."""
+    for rank, results in enumerate(sharded_runs):
+        assert results[(policy, name)][2] == [], f"rank {rank}: still whole after the forward: {results[(policy, name)][2]}"
 
 
 def test_a_sharded_read_is_refused_with_what_to_do(tmp_path):

@@ -32,6 +32,7 @@ from transformers.masking_utils import create_causal_mask
 
 import duet_vlm
 from duet_vlm.adapters import adapter_for
+from duet_vlm.compat import with_cache
 from duet_vlm.flops import DecoderDims, attention_pairs, layer_cache_bytes
 
 LAYERS = 6
@@ -236,7 +237,7 @@ def test_masks_fall_back_only_where_the_model_builds_none(gemma):
     valid = inputs["attention_mask"].bool()
     masks = adapter.layer_masks(hidden, valid, inputs["token_type_ids"])
     causal = create_causal_mask(config=model.config.text_config, inputs_embeds=hidden, attention_mask=valid,
-                                past_key_values=None, allow_is_causal_skip=False)
+                                **with_cache(None), allow_is_causal_skip=False)
     differs = (masks["attention"] != causal)[0, 0]
     image = inputs["token_type_ids"][0].bool()
     assert differs.any() and bool(differs[~image].logical_not().all()) and bool(differs[:, ~image].logical_not().all())

@@ -230,18 +230,3 @@ def test_qwen_steps_with_one_rope_deltas_row_per_prompt_equal_each_prompt_alone(
             assert torch.equal(batch_positions[step][:, row], alone_positions[step][:, 0]), (row, step)
             torch.testing.assert_close(batch_logits[step][row], alone_logits[step][0], rtol=1e-5, atol=1e-5)
 
-
-def test_a_forward_that_passes_its_cache_as_cache_is_refused(guards_llava):
-    """transformers 5.24 renamed the forward's ``past_key_values`` to ``cache``; the runtime reads the
-    old name and would take each decoding step for a new prompt. A forward that passes ``cache`` (as
-    5.24's models do, even when it is None) is refused with the version to install, and the model
-    is left as it was."""
-    model = guards_llava
-    inputs = make_inputs(model, seed=3)
-    before = hooks(model)
-    with torch.no_grad():
-        plain = model(**inputs).logits
-        with pytest.raises(NotImplementedError, match=r"transformers>=5.23,<5.24"), duet_vlm.make("duet", budget=64)(model):
-            model.model(**inputs, cache=None)
-        assert hooks(model) == before
-        torch.testing.assert_close(model(**inputs).logits, plain, rtol=0, atol=0)

@@ -33,6 +33,7 @@ import torch
 from transformers import LogitsProcessor
 
 import duet_vlm
+from duet_vlm.compat import cache_of
 
 from checks import TokenCount, lookup_prompt, outcome, plain, run_overlapping, same, second_turn
 from models import BUDGETED, make_inputs, make_llava_next, next_batch
@@ -277,7 +278,7 @@ class Chunks:
         self.handle = model.register_forward_pre_hook(self.hook, with_kwargs=True)
 
     def hook(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = cache_of(kwargs)
         cached = cache.get_seq_length() if cache is not None else 0
         self.seen.append((cached, kwargs["input_ids"]))
 

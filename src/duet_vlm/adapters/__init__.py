@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..compat import check_family
 from .base import Capture, Geometry, ModelAdapter, Signals, UnreducibleInput, VisualItem
 from .gemma3 import Gemma3Adapter
 from .gemma4 import Gemma4Adapter
@@ -34,6 +35,7 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     """The adapter whose config types match ``model``, or a ``TypeError`` naming the supported classes."""
     for adapter in ADAPTERS:
         if adapter.matches(model):
+            check_family(adapter.family, type(model).__name__)
             return adapter(model)
     supported = ", ".join(name for adapter in ADAPTERS for name in adapter.supported_classes)
     model_type = getattr(getattr(model, "config", None), "model_type", None)

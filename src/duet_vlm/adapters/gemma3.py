@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from ..compat import with_cache
 from ..scoring import clip_layer_scores
 from .base import Capture, Geometry, ModelAdapter, Signals, UnitFeatures, VisualItem, check_layer
 
@@ -193,7 +194,7 @@ class Gemma3Adapter(ModelAdapter):
     def layer_masks(self, hidden: torch.Tensor, key_valid: torch.Tensor, types: torch.Tensor | None,
                     cache=None, layers: dict | None = None) -> dict:
         config = self.text_config
-        common = dict(config=config, inputs_embeds=hidden, attention_mask=key_valid, past_key_values=cache,
+        common = dict(config=config, inputs_embeds=hidden, attention_mask=key_valid, **with_cache(cache),
                       position_ids=None)
         if layers is None and self.image_blocks:  # a prefill: the model's own builder, image blocks from the types
             blocks = self.modeling.get_block_sequence_ids_for_mask(types, device=hidden.device)

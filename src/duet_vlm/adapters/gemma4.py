@@ -40,8 +40,8 @@ import sys
 
 import torch
 from torch import nn
-from transformers.cache_utils import KVSharingDict
 
+from ..compat import KVSharingDict
 from ..scoring import attention_scores
 from .base import Capture, Geometry, Signals, UnitFeatures, UnreducibleInput, VisualItem
 from .gemma3 import KINDS, Gemma3Adapter

@@ -6,9 +6,9 @@ from itertools import groupby
 from typing import Callable
 
 import torch
-from transformers.cache_utils import KVSharingDict
 
 from ..compaction import Compaction
+from ..compat import KVSharingDict, with_cache
 
 
 def _family(config) -> str:
@@ -240,7 +240,7 @@ class IdealModel:
         modeling = sys.modules[type(self.base).__module__]
         blocks = modeling.get_block_sequence_ids_for_mask(types, device=hidden.device)
         return modeling.create_masks_for_vision_model(
-            config=self.language_model.config, inputs_embeds=hidden, attention_mask=valid, past_key_values=None,
+            config=self.language_model.config, inputs_embeds=hidden, attention_mask=valid, **with_cache(None),
             position_ids=None, block_sequence_ids=blocks,
         )
 
@@ -280,7 +280,7 @@ class IdealModel:
                     positions = None if positions is None else positions[..., -last:]
                 extra = {} if per_layer is None else {"per_layer_input": per_layer[:, :, layer.layer_idx],
                                                       "shared_kv_states": shared}
-                out = layer(hidden, attention_mask=masks[kind], position_ids=positions, past_key_values=cache,
+                out = layer(hidden, attention_mask=masks[kind], position_ids=positions, **with_cache(cache),
                             use_cache=cache is not None, position_embeddings=rope[kind], **extra)
                 hidden = out[0] if isinstance(out, tuple) else out
         return self.language_model.norm(hidden)
@@ -317,7 +317,7 @@ class IdealModel:
                     masks = {"attention": mask, "linear": None, "full_attention": mask, "sliding_attention": mask}
                     for layer, kind in zip(layers, kinds):
                         out = layer(hidden, attention_mask=masks[kind], position_ids=None if original is not None else positions,
-                                    past_key_values=cache, use_cache=True, position_embeddings=rope[kind])
+                                    **with_cache(cache), use_cache=True, position_embeddings=rope[kind])
                         hidden = out[0] if isinstance(out, tuple) else out
                 token = head(self.language_model.norm(hidden)[:, -1]).argmax(-1)
                 tokens.append(token)

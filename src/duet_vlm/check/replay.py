@@ -26,6 +26,7 @@ import sys
 import torch
 
 from ..adapters import adapter_for
+from ..compat import with_cache
 from ..plan import resolve_positions
 
 
@@ -183,11 +184,11 @@ class Replay:
             types = image.long()[None].to(hidden.device)
             blocks = modeling.get_block_sequence_ids_for_mask(types, device=hidden.device)
             return modeling.create_masks_for_vision_model(
-                config=config, inputs_embeds=hidden, attention_mask=torch.ones_like(types), past_key_values=None,
+                config=config, inputs_embeds=hidden, attention_mask=torch.ones_like(types), **with_cache(None),
                 position_ids=None, block_sequence_ids=blocks,
             )
         # No position ids: transformers reads gaps in them as packed sequences; kept tokens' gaps are not.
-        arguments = dict(config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=None, position_ids=None)
+        arguments = dict(config=config, inputs_embeds=hidden, attention_mask=None, **with_cache(None), position_ids=None)
         masks = {"full_attention": create_causal_mask(**arguments), "linear_attention": None}
         if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
             masks["sliding_attention"] = create_sliding_window_causal_mask(**arguments)
@@ -227,7 +228,7 @@ class Replay:
                 rope = self._rope(hidden, rotary, set(types))
             kind = types[index]
             out = layer(hidden, attention_mask=masks.get(kind), position_ids=layer_positions,
-                        position_embeddings=rope[kind], past_key_values=None, use_cache=False)
+                        position_embeddings=rope[kind], **with_cache(None), use_cache=False)
             hidden = out[0] if isinstance(out, tuple) else out
             if index in self.additions:
                 hidden = hidden + self.additions[index]

@@ -28,13 +28,13 @@ import torch
 from torch import nn
 
 from ..adapters import ModelAdapter, adapter_for
+from ..compat import cache_of
 from .binding import Binding
 from .boundary import prune
 from .calls import CallStore
 from .decoding import continue_prompt, continue_with_masks, unreduced_decode_positions
 from .entry import base_input_ids, check_new_items_on_cache, check_turn_on_cache
 from .exit import compact_head_input, expand_head_output, finish_prefill
-from .guards import check_cache_argument
 from .inputs import segment_layer_inputs, token_argument
 from .patch_subsets import input_stage_of, patch_subset_hooks
 from .prefill import WholeItems, open_prefill
@@ -154,7 +154,6 @@ class Attachment:
         self.calls.current().labels = None
 
     def _find_items(self, module, args, kwargs):
-        check_cache_argument(kwargs)
         call = self.calls.current()
         if call.forwards:  # the last forward of this thread never reached its end: it raised
             call.forget()
@@ -182,7 +181,7 @@ class Attachment:
     # ----------------------------------------------------------------- language model entry
     def _enter_language_model(self, module, args, kwargs):
         call = self.calls.current()
-        cache = kwargs.get("past_key_values")
+        cache = cache_of(kwargs)
         found, call.found = call.found, None
         cached = cache.get_seq_length() if cache is not None else 0
         if cached > 0:

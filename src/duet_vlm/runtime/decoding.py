@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..compat import cache_of
 from .binding import Binding
 from .state import PrefillState
 
@@ -89,7 +90,7 @@ def unreduced_decode_positions(binding: Binding, prompt: PrefillState | None, in
     numbers it from the cache's length (Qwen-VL) would count the reduced cache. Puts the positions
     the unreduced model would use into ``kwargs`` (the adapter's ``decode_position_ids``); returns
     whether it did."""
-    cache = kwargs.get("past_key_values")
+    cache = cache_of(kwargs)
     if (
         prompt is None or cache is None
         or kwargs.get("position_ids") is not None or kwargs.get("attention_mask") is not None

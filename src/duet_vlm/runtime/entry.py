@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..compat import cache_of
 from .binding import Binding
 from .protocol import RuntimeReducer
 from .state import PrefillState
@@ -64,7 +65,7 @@ def check_new_items_on_cache(binding: Binding, prompt: PrefillState | None, base
     """A forward on a non-empty cache that brings images or videos: refused unless nothing is
     reduced. Checked at the base model's entry too, before transformers' own placeholder check
     trips over the part of a prompt that ``generate`` resends after a vision-side reduction."""
-    cache = base_kwargs.get("past_key_values")
+    cache = cache_of(base_kwargs)
     if cache is None or not brings_visual_items(base_kwargs) or reduces_nothing(binding, prompt):
         return
     if cache.get_seq_length() > 0:

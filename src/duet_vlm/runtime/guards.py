@@ -10,19 +10,6 @@ from transformers.cache_utils import StaticCache
 from ..plan import Plan, ReducedHiddenStatesWarning
 
 
-def check_cache_argument(kwargs: dict) -> None:
-    """Refuse a model whose forward passes its cache as ``cache`` (transformers 5.24 renamed
-    ``past_key_values``): the runtime reads ``past_key_values`` and would take every decoding step
-    for a new prompt, running it over unmapped caches without a word."""
-    if "cache" in kwargs and "past_key_values" not in kwargs:
-        import transformers
-
-        raise NotImplementedError(
-            f"this model's forward passes its cache as `cache` (transformers {transformers.__version__}); duet-vlm "
-            "reads `past_key_values` and supports transformers 5.23: pip install 'transformers>=5.23,<5.24'"
-        )
-
-
 def reads_text(plans: list[Plan]) -> bool:
     """Whether a vision stage of these plans conditions on the prompt's text."""
     return any(plan.vision is not None and plan.vision.needs_text for plan in plans)

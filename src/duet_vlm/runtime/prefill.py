@@ -16,11 +16,13 @@ import torch
 
 from ..adapters import Capture, UnreducibleInput, VisualItem
 from ..compaction import Compaction
+from ..compat import cache_of
 from ..plan import Plan
 from .binding import Binding
 from .entry import reduces_nothing
 from .guards import check_prefill, reads_text
 from .positions import Original, Renumbered, scheme
+from .sharded import same_stage_calls
 from .state import Item, Placement, PrefillState, Scratch, Segment, Tokens
 from .taps import same_encoding
 from .vision import item_views, reduce_vision, take_additions
@@ -61,14 +63,21 @@ def item_budgets(binding: Binding, items: list[VisualItem], captures, inputs_emb
     """Each item's budget: the one its row was given (``reducer.per_row``), or the one the reducer
     chooses from the item's own content (``Adaptive``), else ``None`` (the reducer's own)."""
     if row_budgets is not None:
-        budgets = [row_budgets[item.row] for item in items]
-        budgets = [b(item.geometry) if callable(b) else b for b, item in zip(budgets, items)]
-    elif binding.reducer.adapts_to_content:
+        return row_item_budgets(items, row_budgets)
+    if binding.reducer.adapts_to_content:
         views = item_views(binding, items, captures, inputs_embeds, signals)
         budgets = [binding.reducer.item_budget(view, item.geometry) for view, item in zip(views, items)]
-    else:
-        budgets = [None] * len(items)
-    return budgets
+        same_stage_calls(binding.adapter, inputs_embeds.shape[0], items, budgets)  # ZeRO-3: plans alike
+        return budgets
+    return [None] * len(items)
+
+
+def row_item_budgets(items: list[VisualItem], row_budgets: list | None) -> list:
+    """Each item's budget from its row's (``reducer.per_row``; ``None``: the reducer's own)."""
+    if row_budgets is None:
+        return [None] * len(items)
+    budgets = [row_budgets[item.row] for item in items]
+    return [b(item.geometry) if callable(b) else b for b, item in zip(budgets, items)]
 
 
 def _text_tokens(input_ids: torch.Tensor, items: list[VisualItem], mask, labels) -> torch.Tensor:
@@ -150,7 +159,7 @@ def compact_entry(entry: Compaction, numbering: Original | Renumbered, kwargs: d
         if attention_mask is not None:
             attention_mask = kwargs["attention_mask"] = entry.gather_mask(attention_mask)
         kwargs["position_ids"] = numbering.at_entry(kwargs.get("position_ids"), entry)
-        if isinstance(numbering, Original) and attention_mask is None and kwargs.get("past_key_values") is None:
+        if isinstance(numbering, Original) and attention_mask is None and cache_of(kwargs) is None:
             # Gapped positions without a mask would be read as packed sequences by transformers.
             kwargs["attention_mask"] = torch.ones_like(entry.index)
     return kwargs.get("position_ids"), attention_mask
@@ -214,13 +223,15 @@ def open_prefill(binding: Binding, call, found: tuple[torch.Tensor, dict], kwarg
     try:
         items = binding.adapter.find_items(*found, captures)
     except UnreducibleInput:
-        if reduces_nothing(binding, None):  # full: the unpatched model's forward
-            return None
-        raise
+        if not reduces_nothing(binding, None):
+            raise
+        items = []  # full: the unpatched model's forward
+    row_budgets = binding.reducer.row_budgets(input_ids.shape[0], input_ids) if items else None
+    # ZeRO-3: every rank's stage calls alike, before any stage reads (each item's row budget, if any)
+    same_stage_calls(binding.adapter, input_ids.shape[0], items, row_item_budgets(items, row_budgets))
     if not items:
         return None
-    cache = kwargs.get("past_key_values")
-    row_budgets = binding.reducer.row_budgets(input_ids.shape[0], input_ids)
+    cache = cache_of(kwargs)
     plans = [binding.plan_for(item.geometry) for item in items]
     check_prefill(plans, call, cache)
     user_mask = found[1].get("attention_mask")

@@ -16,10 +16,19 @@ communication) and restores the layer's setting. The layer *after* a boundary is
 pre-forward, where FSDP (whose hook runs first) has gathered it. Without FSDP all of this does
 nothing. ``check_full`` turns a read of still-sharded parameters (a path that kept nothing) into an
 error that says what to do.
+
+Under DeepSpeed ZeRO-3 a stage's read goes through the layer's modules, whose DeepSpeed hooks
+gather the partitioned weights: an all-gather every rank must make alike, so ranks whose stage calls
+differ can hang. ``same_stage_calls`` compares the ranks' stage-call layouts with one small
+all-gather at the language model's entry, before any stage reads, and stops every rank with one
+message naming the cause and the fix where they differ.
 """
 
 from __future__ import annotations
 
+import hashlib
+
+import torch
 from torch import nn
 
 
@@ -92,3 +101,66 @@ def reading_full(fn):
         return fn(module, *args, **kwargs)
 
     return call
+
+
+# ----------------------------------------------------------------------------- DeepSpeed ZeRO-3
+def stage_call_layout(rows: list[list[tuple]]) -> tuple:
+    """What decides a forward's stage calls, from each row's items in order (``rows``: per row, one
+    ``(tower, geometry, budget)`` per item, which fixes its plan): the vision stages' buckets (one
+    per distinct item kind, in order) and the language stages' calls (one call per kind over the
+    whole batch when every row holds the same items, else one per kind and row:
+    ``boundary.stage_calls``). Two ranks with equal layouts make the same stage calls; the items'
+    count within a call does not change which modules a stage calls.
+
+    >>> one, two = ("image", "g", None), ("image", "h", None)
+    >>> stage_call_layout([[one]]) == stage_call_layout([[one, one], [one, one]])
+    True
+    >>> stage_call_layout([[one], [one]]) == stage_call_layout([[one], [one, one]])   # row by row
+    False
+    >>> stage_call_layout([[one]]) == stage_call_layout([[one, two]])
+    False
+    """
+    buckets = tuple(dict.fromkeys(kind for row in rows for kind in row))
+    if all(row == rows[0] for row in rows):
+        calls = ("batch", tuple(dict.fromkeys(rows[0])) if rows else ())
+    else:
+        calls = ("rows", tuple(tuple(dict.fromkeys(row)) for row in rows if row))
+    return buckets, calls
+
+
+def zero3_group(adapter):
+    """The process group ZeRO-3 partitions the decoder's weights over (``None``: not ZeRO-3)."""
+    for parameter in adapter.layers[0].parameters():
+        return getattr(parameter, "ds_process_group", None) if hasattr(parameter, "ds_status") else None
+    return None
+
+
+def same_stage_calls(adapter, batch: int, items, budgets) -> None:
+    """Under ZeRO-3, check that every rank makes the same stage calls in this forward (one all-gather
+    of each rank's ``stage_call_layout`` digest), else stop every rank with the same message. Every
+    rank calls it at the same point of every prefill (``items``: this rank's visual items, ``budgets``:
+    each item's budget). Without ZeRO-3 it does nothing."""
+    group = zero3_group(adapter)
+    if group is None:
+        return
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    rows: list[list[tuple]] = [[] for _ in range(batch)]
+    for item, budget in zip(items, budgets):
+        rows[item.row].append((item.tower, repr(item.geometry), repr(budget)))
+    digest = hashlib.blake2b(repr(stage_call_layout(rows)).encode(), digest_size=8).digest()
+    mine = torch.tensor([int.from_bytes(digest, "little", signed=True), len(items), batch], dtype=torch.long,
+                        device=get_accelerator().current_device_name())
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    if len({int(theirs[0]) for theirs in every}) > 1:  # the counts only describe each rank
+        ranks = "; ".join(f"rank {r}: {int(t[1])} items in {int(t[2])} rows" for r, t in enumerate(every))
+        raise RuntimeError(
+            "duet-vlm: under DeepSpeed ZeRO-3 the ranks' batches would make different stage calls in this "
+            f"forward ({ranks}; their items differ in number per row, size or budget). A stage reads layers "
+            "outside their forward, and ZeRO-3 gathers their weights with an all-gather every rank must make "
+            "alike, so the run could hang. Give every rank batches of the same layout (the same images per "
+            "row, of one size and budget: one fixed-size image per sample, as LLaVA-1.5), or train with "
+            "ZeRO-2 or FSDP2, which add no collective for a stage's read."
+        )

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..adapters import VisualItem
 from ..compaction import Compaction
+from ..compat import cache_of, with_cache
 from ..plan import LayerView, Plan
 from .inputs import LayerInputs
 from .masks import causal_mask, gather_mask
@@ -188,7 +189,7 @@ class Segment:
         mask = kwargs.get("attention_mask")
         if adapter.builds_masks:  # the family's own masks, sized against this segment's cache layer
             keys = torch.cat([steps.valid(state.tokens.valid), state.decoding.mask[:, state.entry_length :].bool()], dim=1)
-            mask = adapter.layer_masks(hidden, keys, None, kwargs.get("past_key_values"), {kind: layer_index})[kind]
+            mask = adapter.layer_masks(hidden, keys, None, cache_of(kwargs), {kind: layer_index})[kind]
         elif steps.pad is None and entry.pad is None:
             if mask is not None:
                 tail = torch.arange(state.entry_length, mask.shape[-1], device=steps.index.device)
@@ -214,7 +215,7 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, inputs: LayerInputs, kind:
     A stage's own extra pass (PIO's proxy loss, a scoring probe), not one of the model's layer
     calls: ``forward`` directly, so module hooks (transformers' output recorder for
     ``output_hidden_states``/``output_attentions``) do not count it as a layer's output."""
-    output = layer.forward(hidden, **inputs.kwargs(kind), **(extra or {}), past_key_values=None, use_cache=False)
+    output = layer.forward(hidden, **inputs.kwargs(kind), **(extra or {}), **with_cache(None), use_cache=False)
     return output[0] if isinstance(output, tuple) else output
 
 

@@ -1,0 +1,60 @@
+"""What differs between the transformers releases duet-vlm supports, said once.
+
+duet-vlm's hooks read transformers' call signatures, cache classes and mask helpers. Where two
+supported releases differ, the runtime, the adapters and the check ask this module instead of testing
+versions themselves; each difference names the release that introduced it. The supported range is
+``pyproject.toml``'s (``SUPPORTED``); CI runs the default suite on its newest release and a core
+subset on its oldest (``.ci/run``).
+"""
+
+from __future__ import annotations
+
+import transformers
+from packaging.version import Version
+from transformers import cache_utils
+
+#: The transformers releases duet-vlm is tested on: ``pyproject.toml``'s range.
+SUPPORTED = ">=5.22,<5.25"
+INSTALLED = Version(transformers.__version__)
+
+# transformers 5.24 renamed the cache argument of every decoder forward (the language model's, each
+# decoder layer's and attention's) and of the mask helpers (``create_causal_mask`` and its siblings)
+# from ``past_key_values`` to ``cache``; outputs hold it as ``cache`` (``.past_key_values`` stays
+# readable) and the old keyword is still accepted, with a deprecation warning, until 5.40.
+CACHE = "cache" if INSTALLED >= Version("5.24.0.dev0") else "past_key_values"
+_OLD_CACHE = "past_key_values"
+
+
+def cache_of(kwargs: dict):
+    """The cache a forward's keyword arguments carry (``None``: none), under either name: the
+    installed release's, or the old one a caller may still pass."""
+    cache = kwargs.get(CACHE)
+    return kwargs.get(_OLD_CACHE) if cache is None and CACHE != _OLD_CACHE else cache
+
+
+def with_cache(cache) -> dict:
+    """The keyword argument that passes ``cache`` to a decoder forward or a mask helper."""
+    return {CACHE: cache}
+
+
+# transformers 5.23 added ``KVSharingDict``, the store Gemma 4's KV-sharing layers read the keys and
+# values of the layer they share from (``shared_kv_states``); 5.22 passes them another way, which the
+# Gemma 4 adapter does not read. ``None`` on a release without it.
+KVSharingDict = getattr(cache_utils, "KVSharingDict", None)
+
+#: Per family, the oldest release its adapter runs on, where it is newer than ``SUPPORTED``'s floor,
+#: and why.
+FAMILY_NEEDS: dict[str, tuple[str, str]] = {
+    "gemma4": ("5.23", "Gemma 4's shared keys and values (transformers.cache_utils.KVSharingDict)"),
+}
+
+
+def check_family(family: str, model_class: str) -> None:
+    """Refuse, at attach, a family the installed transformers handles differently from the release
+    its adapter reads, naming the release it needs."""
+    needs = FAMILY_NEEDS.get(family)
+    if needs is not None and INSTALLED < Version(needs[0]):
+        raise TypeError(
+            f"duet-vlm reduces {model_class} with transformers {needs[0]} or newer ({needs[1]}); transformers "
+            f"{transformers.__version__} is installed: pip install 'transformers>={needs[0]},<{SUPPORTED.split('<')[1]}'"
+        )

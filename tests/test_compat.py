@@ -1,0 +1,92 @@
+"""The transformers releases duet-vlm supports, and what differs between them (``duet_vlm.compat``).
+
+CI runs the default suite on the newest release the range admits and a core subset on its oldest
+(``.ci/run``); these tests check, on whichever release is installed, that what ``compat`` says about
+it is what that release does: the cache keyword its forwards take, and the families it can run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+from transformers import masking_utils
+
+import duet_vlm
+from duet_vlm import compat
+from duet_vlm.adapters import ADAPTERS
+
+from checks import hook_ids
+from models import FAMILIES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_declared_range_is_said_once_and_admits_the_installed_release():
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = next(re.sub(r"^transformers", "", spec) for spec in dependencies if spec.startswith("transformers"))
+    assert SpecifierSet(declared) == SpecifierSet(compat.SUPPORTED)
+    assert transformers.__version__ in SpecifierSet(compat.SUPPORTED)
+    # at least three minor releases, as users of a library beside their stack expect
+    floor = Version(re.search(r">=([\d.]+)", compat.SUPPORTED).group(1))
+    ceiling = Version(re.search(r"<([\d.]+)", compat.SUPPORTED).group(1))
+    assert ceiling.minor - floor.minor >= 3 and ceiling.major == floor.major
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl", "qwen3_5", "gemma3", "internvl"])
+def test_the_cache_keyword_is_the_one_the_installed_forwards_take(name):
+    """``compat.CACHE`` against the installed release's own signatures: the language model's forward,
+    each decoder layer's, and the mask helpers' (5.24 renamed ``past_key_values`` to ``cache``)."""
+    model = FAMILIES[name].model()
+    language_model = duet_vlm.adapters.adapter_for(model).language_model
+    assert compat.CACHE in inspect.signature(language_model.forward).parameters
+    for layer in language_model.layers:
+        assert compat.CACHE in inspect.signature(layer.forward).parameters
+    for helper in (masking_utils.create_causal_mask, masking_utils.create_sliding_window_causal_mask):
+        assert compat.CACHE in inspect.signature(helper).parameters
+
+
+def test_the_cache_is_read_under_either_name():
+    cache = object()
+    assert compat.cache_of({compat.CACHE: cache}) is cache
+    assert compat.cache_of({"past_key_values": cache}) is cache  # a caller may still pass the old name
+    assert compat.cache_of({}) is None
+    assert compat.with_cache(cache) == {compat.CACHE: cache}
+
+
+def test_a_family_the_installed_release_cannot_run_is_refused_at_attach(monkeypatch):
+    """Gemma 4 reads its shared keys and values from ``KVSharingDict`` (transformers 5.23); on an
+    older release the attach refuses it, naming the release it needs, and leaves no hook behind."""
+    model = FAMILIES["gemma4"].model()
+    hooks = hook_ids(model)
+    monkeypatch.setattr(compat, "INSTALLED", Version("5.22.2"))
+    with pytest.raises(TypeError, match=r"transformers 5\.23 or newer .*KVSharingDict.*pip install 'transformers>=5\.23,<"):
+        duet_vlm.make("fastv", ratio=0.5).attach(model)
+    assert hook_ids(model) == hooks
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_family_runs_or_is_refused_by_name_on_the_installed_release(name):
+    """On the installed release a family either runs a reduced forward or is refused at attach with
+    the release it needs (``compat.FAMILY_NEEDS``): nothing is half-run."""
+    family = FAMILIES[name]
+    model = family.model()
+    adapter = next(adapter for adapter in ADAPTERS if adapter.matches(model))
+    needs = compat.FAMILY_NEEDS.get(adapter.family)
+    reducer = duet_vlm.make("fastv", ratio=0.5)
+    if needs is not None and compat.INSTALLED < Version(needs[0]):
+        hooks = hook_ids(model)
+        with pytest.raises(TypeError, match=f"transformers {re.escape(needs[0])} or newer"):
+            reducer.attach(model)
+        assert hook_ids(model) == hooks
+        return
+    with torch.no_grad(), reducer(model):
+        model(**family.one(model))
+    assert reducer.stats.tokens_per_layer

@@ -112,6 +112,21 @@ def test_full_fails_when_attaching_perturbs_the_decoder(monkeypatch):
     assert result.numbers["max_difference"] > 0 and not result.numbers["bit_identical"]
 
 
+def test_full_on_a_cpu_fails_on_a_difference_below_the_tolerance(monkeypatch):
+    """On a CPU ``full`` must be bit-identical: a nudge whose logit difference is far below the
+    float32 tolerance (1e-4) still fails it."""
+    from duet_vlm.check import TOLERANCE
+
+    def nudge(module, args, kwargs):
+        return (args[0] * (1 + 2**-20), *args[1:]), kwargs
+
+    _plant_hook(monkeypatch, lambda a, model: [model.model.language_model.layers[0].register_forward_pre_hook(
+        nudge, with_kwargs=True)])
+    result = _failed(_run(method="full", skip=("timing", "modes", "padded", "counts", "ideal", "restored")), "full")
+    assert 0 < result.numbers["max_difference"] < TOLERANCE[torch.float32] / 10
+    assert result.numbers["tolerance"] == 0.0 and not result.numbers["bit_identical"]
+
+
 def test_restored_fails_on_a_hook_left_behind(monkeypatch):
     original = attachment.Attachment.remove
 
@@ -190,6 +205,44 @@ def test_ideal_fails_when_survivors_are_not_renumbered_after_a_boundary(monkeypa
     monkeypatch.setattr(positions.Renumbered, "after_boundary", not_moved_back)
     result = _failed(_run(skip=("timing", "modes", "restored", "padded", "counts")), "ideal")
     assert result.numbers["max_difference"] > result.numbers["tolerance"]
+
+
+def _without_the_causal_mask(module, args, kwargs):
+    """The last decoder layer's mask with no causal part: every query row but the last (which sees
+    every key either way) reads later tokens."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    length = hidden.shape[1]
+    kwargs["attention_mask"] = torch.zeros(hidden.shape[0], 1, length, length, dtype=hidden.dtype)
+    return args, kwargs
+
+
+def test_ideal_compares_every_position_not_only_the_last(monkeypatch):
+    """A fault that leaves the last position alone (the one greedy decoding reads) and changes every
+    other position's logits (those a fine-tuning loss reads): the last decoder layer attends without
+    its causal mask under the reducer. The ideal check compares every position and fails."""
+    family = FAMILIES["llava"]
+    model = family.model()
+    batch = family.batch(model)
+    row = family.row(batch, 0)
+    reducer = duet_vlm.make("duet", ratio=0.5)
+    with torch.no_grad(), reducer(model):
+        sound = model(**row).logits
+    _plant_hook(monkeypatch, lambda a, model: [model.model.language_model.layers[-1].register_forward_pre_hook(
+        _without_the_causal_mask, with_kwargs=True)])
+    with torch.no_grad(), reducer(model):
+        faulty = model(**row).logits
+    assert torch.equal(faulty[:, -1], sound[:, -1]) and not torch.allclose(faulty[:, :-1], sound[:, :-1], atol=1e-3)
+    result = _failed(_run(skip=("timing", "modes", "restored", "padded", "counts", "full")), "ideal")
+    assert result.numbers["max_difference"] > 10 * result.numbers["tolerance"]
+    # every position of each row's last layer was compared: its text and the visual tokens kept to the end
+    positions = 0
+    for b in range(batch["input_ids"].shape[0]):
+        alone = family.row(batch, b)
+        with torch.no_grad(), reducer(model):
+            model(**alone)
+        (item,) = reducer.stats.items
+        positions += alone["input_ids"].shape[1] - item.tokens + item.tokens_per_layer[-1]
+    assert result.numbers["positions"] == positions
 
 
 def _let_static_caches_through(monkeypatch):

@@ -9,6 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from duet_vlm.cli import app, layer_groups
+from duet_vlm.cli.commands import debug_first
 
 runner = CliRunner()
 
@@ -153,6 +154,49 @@ def test_debug_shows_the_traceback(image):
     assert "budget must be a positive int" in str(result.exception)
     result = runner.invoke(app, ["--debug", "run", "--model", "unused", "--image", str(image), "--prompt", "?", "--method", "x"])
     assert isinstance(result.exception, ValueError) and "unknown method 'x'" in str(result.exception)
+
+
+def test_debug_after_the_command_shows_the_traceback_too(image):
+    """The one-line error says ``--debug shows the traceback``; a user adds it where they read it, after
+    the command, and it works there as before it."""
+    for args in (["plan", "--budget", "0", "--debug"], ["plan", "--debug", "--budget", "0"],
+                 ["--debug", "plan", "--budget", "0", "--debug"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1 and isinstance(result.exception, ValueError), args
+        assert "budget must be a positive int" in str(result.exception)
+    result = runner.invoke(app, ["run", "--model", "unused", "--image", str(image), "--prompt", "?", "--method", "x", "--debug"])
+    assert isinstance(result.exception, ValueError) and "unknown method 'x'" in str(result.exception)
+    # after "--" it is an argument, not the flag; train and train-demo hand theirs to their own parser
+    assert debug_first(["plan", "--", "--debug"]) == ["plan", "--", "--debug"]
+    assert debug_first(["train", "--debug", "x"]) == ["train", "--debug", "x"]
+
+
+def test_an_unreachable_pyramiddrop_budget_names_the_lowest_and_what_reaches_lower():
+    """``plan --preset internvl --method pyramiddrop --budget 64``: below what the boundaries can reach,
+    the message names the lowest budget they reach (which then plans, and one below does not), and
+    earlier boundaries and vision-side methods that reach the budget (each of which then plans)."""
+    import re
+
+    import duet_vlm
+    from duet_vlm.geometry import Geometry
+
+    result = runner.invoke(app, ["plan", "--preset", "internvl", "--method", "pyramiddrop", "--budget", "64"])
+    _one_line_error(result, "79 is the lowest budget it reaches", 'make("pyramiddrop", budget=64, layers=(1, 8, 16))')
+    for budget, tokens, layers in ((64, 1280, 32), (30, 576, 32), (10, 576, 32)):
+        geometry = Geometry(layers, tokens, (1, tokens), False)
+        with pytest.raises(ValueError, match="no lambda in") as error:
+            duet_vlm.make("pyramiddrop", budget=budget).resolve(geometry)
+        message = str(error.value)
+        lowest = int(re.search(r"so (\d+) is the lowest budget", message)[1])
+        assert abs(duet_vlm.make("pyramiddrop", budget=lowest).resolve(geometry).schedule.average - lowest) <= 1
+        with pytest.raises(ValueError, match="lowest budget"):
+            duet_vlm.make("pyramiddrop", budget=lowest - 1).resolve(geometry)
+        advice = re.findall(r'(make\("pyramiddrop", budget=\d+, layers=\([\d, ]+\)\)|make\("visionzip", budget=\d+\)|'
+                            r'Compose\(make\("visionzip"\), make\("pyramiddrop"\), budget=\d+\))', message)
+        assert len(advice) == (3 if budget * layers / tokens >= 1 else 2), message  # earlier layers only where one layer fits
+        for expression in advice:
+            reducer = eval(expression, {"make": duet_vlm.make, "Compose": duet_vlm.Compose})
+            assert abs(reducer.resolve(geometry).schedule.average - budget) <= 1, expression
 
 
 def test_the_console_script_exits_non_zero_with_one_line_or_a_traceback():

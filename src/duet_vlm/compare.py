@@ -207,14 +207,21 @@ class RowAnswer:
     text_all_tokens: str
 
 
+def one_image_per_row(images: list) -> list[list]:
+    """``images`` as the processors take a batch whose row ``b`` holds ``images[b]``: one list per row.
+    Every family's processor reads this form; Gemma 3's reads nothing else (a flat list is one
+    row's images, and the second row's image is then counted against the first row's prompt)."""
+    return [[image] for image in images]
+
+
 def compare_rows(model, processor, images: list, question: str, reducer: Reducer, budgets=None, ratios=None,
                  max_new_tokens: int = 8) -> tuple[list[RowAnswer], ReductionStats]:
     """Answer ``question`` about each of ``images`` in one left-padded batch, with all tokens and
     under ``reducer`` with a budget (or ratio) per row (``reducer.per_row``; ``None``: the
     reducer's own for every row). Returns each row's answers and the reduced batch's stats."""
     processor.tokenizer.padding_side = "left"
-    inputs = processor(images=list(images), text=[chat_prompt(processor, question)] * len(images), padding=True,
-                       return_tensors="pt")
+    inputs = processor(images=one_image_per_row(images), text=[chat_prompt(processor, question)] * len(images),
+                       padding=True, return_tensors="pt")
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     start = inputs["input_ids"].shape[1]
     tokenizer = processor.tokenizer
@@ -274,6 +281,86 @@ def check_video(config, model: str) -> None:
                          "alone); the families that take a video are LLaVA-OneVision, Video-LLaVA and Qwen2/2.5/3-VL")
 
 
+INSTALL_TORCHVISION = "install the torchvision build that matches your torch (the README's CPU torch has none; a GPU install does)"
+#: A video without torchvision: what ``load_processor`` says (``{}``: the processor class).
+NO_TORCHVISION = ("a video needs {}'s video processor, and transformers' video processors need torchvision, which is "
+                  "not installed (images run without it): " + INSTALL_TORCHVISION)
+
+
+class _WithoutVideoProcessor:
+    """Mixed in before a family's processor class: it takes ``video_processor=None`` (transformers
+    checks that argument's class, and every video processor class needs torchvision) and refuses a
+    video in one line."""
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == "video_processor" and argument is None:
+            return None
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+    def __call__(self, *args, videos=None, **kwargs):
+        if videos is not None:
+            raise ValueError(NO_TORCHVISION.format(type(self).__name__))
+        return super().__call__(*args, **kwargs)
+
+
+def load_processor(model: str, videos: bool = False):
+    """The processor of the checkpoint ``model`` (a path or a Hub id): ``AutoProcessor``'s.
+
+    Where the family's processor builds a video processor (LLaVA-OneVision, Qwen2/2.5/3-VL,
+    Qwen3.5, InternVL, Gemma 4) and torchvision is not installed (the README's CPU install),
+    transformers cannot build it at all: then the same processor class without a video processor,
+    its images through transformers' PIL image processor (``AutoImageProcessor`` picks it without
+    torchvision), and a video refused in one line. With ``videos`` (a video is asked for) that
+    one-line refusal comes at once instead.
+
+    >>> processor = load_processor("Qwen/Qwen2.5-VL-3B-Instruct")   # doctest: +SKIP
+    >>> inputs = processor(images=[[image]], text=[prompt], return_tensors="pt")   # doctest: +SKIP
+    """
+    import importlib.util
+
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(model)
+    except ImportError as error:
+        if "torchvision" not in str(error).lower() or importlib.util.find_spec("torchvision") is not None:
+            raise
+        family = _processor_class(model)
+        parts = set(family.get_attributes()) if family is not None else set()
+        if "video_processor" not in parts or not parts - {"video_processor"} <= set(PARTS):  # nothing to leave out
+            said = " ".join(str(error).split()).split(". ")[0].rstrip(".")
+            raise ValueError(f"cannot build the processor of {model}: {said}; {INSTALL_TORCHVISION}") from error
+        if videos:
+            raise ValueError(NO_TORCHVISION.format(family.__name__)) from error
+        return _images_only(model, family)
+
+
+def _processor_class(model: str):
+    """The processor class ``AutoProcessor`` builds for ``model``: the one its processor config
+    names, else its family's (``model_type``); ``None`` for a class transformers does not know."""
+    from transformers import AutoConfig
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING, processor_class_from_name
+    from transformers.processing_utils import ProcessorMixin
+
+    named = ProcessorMixin.get_processor_dict(model)[0].get("processor_class")
+    return processor_class_from_name(named) if named else PROCESSOR_MAPPING.get(type(AutoConfig.from_pretrained(model)))
+
+
+#: The parts of a processor built without its video processor, and the transformers class that loads each.
+PARTS = {"image_processor": "AutoImageProcessor", "tokenizer": "AutoTokenizer", "feature_extractor": "AutoFeatureExtractor"}
+
+
+def _images_only(model: str, family):
+    """``family``'s processor loaded from ``model`` with every part but its video processor."""
+    import transformers
+
+    processor_dict, kwargs = family.get_processor_dict(model)
+    parts = [None if part == "video_processor" else getattr(transformers, PARTS[part]).from_pretrained(model)
+             for part in family.get_attributes()]
+    images_only = type(family.__name__, (_WithoutVideoProcessor, family), {"__doc__": family.__doc__})
+    return images_only.from_args_and_dict(parts, processor_dict, **kwargs)
+
+
 def ask(model: str, prompt: str, image: Optional[Path] = None, video: Optional[Path] = None, method: Optional[str] = None,
         budget: Optional[int] = None, ratio: Optional[float] = None, max_new_tokens: int = 32,
         overlay: Optional[Path] = None, dtype: str = "auto", rounds: int = 3, images: Optional[list[Path]] = None,
@@ -285,7 +372,7 @@ def ask(model: str, prompt: str, image: Optional[Path] = None, video: Optional[P
 
     Several ``images`` (or ``budgets``/``ratios``, one per image) run as one left-padded batch, each
     row under its own budget (``reducer.per_row``): ``Asked.rows``."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     # The cheap checks first: a bad method, budget or image fails before the weights load.
     reducer, label = saved_or_asked(model, method, budget, ratio, saved_reducer, budgets, ratios)
@@ -314,8 +401,8 @@ def ask(model: str, prompt: str, image: Optional[Path] = None, video: Optional[P
     try:
         if video is not None:  # before the weights load
             check_video(AutoConfig.from_pretrained(model), model)
+        processor = load_processor(model, videos=video is not None)  # before the weights load too
         loaded = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype).eval()
-        processor = AutoProcessor.from_pretrained(model)
     except OSError as error:  # transformers' message does not say which argument was wrong
         raise OSError(f"cannot load a checkpoint from --model {model!r}: {error}") from error
     if batched:

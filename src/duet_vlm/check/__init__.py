@@ -585,7 +585,9 @@ def check_checkpoint(model: str, method: str = "duet", budget: Optional[int] = N
     ``attn`` (the checkpoint's default when ``None``), build a padded batch of two prompts (the
     ``images`` given, else two drawn scenes, the second resized to another aspect) and their rows
     alone with its processor, and run ``check_model``."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from ..compare import load_processor
 
     make(method, budget=default_budget(method, budget, ratio), ratio=ratio)  # fail before loading
     if model == "demo":
@@ -604,8 +606,8 @@ def check_checkpoint(model: str, method: str = "duet", budget: Optional[int] = N
     if attn is not None:
         kwargs["attn_implementation"] = attn
     try:
+        processor = load_processor(model)  # before the weights: a processor that cannot be built fails fast
         loaded = AutoModelForImageTextToText.from_pretrained(model, **kwargs).to(device).eval()
-        processor = AutoProcessor.from_pretrained(model)
     except OSError as error:
         raise OSError(f"cannot load a checkpoint from --model {model!r}: {error}") from error
     except ImportError as error:  # e.g. --attn flash_attention_2 without the flash-attn package
@@ -635,13 +637,14 @@ def _pictures(images: Optional[list[Path]]) -> list:
 
 def prompts(processor, pictures: list, device, dtype=None) -> tuple[dict, list[dict]]:
     """A left-padded batch of two questions of different lengths, one picture each, and each row alone."""
+    from ..compare import one_image_per_row
     from ..evaluation import chat_prompt
 
     texts = [chat_prompt(processor, question) for question in QUESTIONS]
 
     def encode(index: slice, padding: bool) -> dict:
         extra = {"padding": True, "padding_side": "left"} if padding else {}
-        encoded = processor(images=pictures[index], text=texts[index], return_tensors="pt", **extra)
+        encoded = processor(images=one_image_per_row(pictures[index]), text=texts[index], return_tensors="pt", **extra)
         return {key: value.to(device, dtype) if value.is_floating_point() else value.to(device)
                 for key, value in encoded.items()}
 

@@ -16,7 +16,8 @@ from . import printing
 from .progress import Bar
 
 # What a user's mistake raises in the library (a bad budget or method name, an unreadable image, a
-# wrong model path): reported as one line unless --debug. typer's own usage errors pass through.
+# wrong model path): reported as one line unless --debug (before or after the command). typer's own
+# usage errors pass through.
 USER_ERRORS = (ValueError, TypeError, OSError)
 
 #: The registered methods (``duet_vlm.METHODS``), for the help texts; written out because the
@@ -26,8 +27,32 @@ METHOD_NAMES = ("cdpruner", "dart", "divprune", "duet", "fastv", "full", "hiprun
                 "vscan")
 
 
+#: Commands that hand their arguments on to a parser of their own (HfArgumentParser), ``--debug`` too.
+FORWARDING = ("train", "train-demo")
+
+
+def debug_first(args: list[str]) -> list[str]:
+    """``--debug`` is the group's option; given after the command (where a user adds it on reading an
+    error), it is moved before it, for every command that does not hand its arguments on.
+
+    >>> debug_first(["check", "--model", "demo", "--debug"])
+    ['--debug', 'check', '--model', 'demo']
+    """
+    command = next((i for i, arg in enumerate(args) if not arg.startswith("-")), None)
+    if command is None or args[command] in FORWARDING:
+        return list(args)
+    end = args.index("--") if "--" in args[command:] else len(args)
+    if "--debug" not in args[command + 1 : end]:
+        return list(args)
+    options = [arg for arg in args[command + 1 : end] if arg != "--debug"]
+    return ["--debug", *[arg for arg in args[:command] if arg != "--debug"], args[command], *options, *args[end:]]
+
+
 class _Commands(TyperGroup):
     """The command group; the one place where user mistakes become a one-line message and exit 1."""
+
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, debug_first(args))
 
     def invoke(self, ctx):
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -90,7 +91,33 @@ def pyramid_schedule(
             error = exc
             continue
         return schedule, decay
-    raise error
+    floors = {shape: builder(shape)(0.0).average for shape in shapes}
+    lowest = min(floors, key=floors.get)
+    if budget < floors[lowest] - 1:  # below every shape's floor: say what reaches lower
+        raise ValueError(_below_the_floor(budget, num_layers, visual_tokens, lowest, floors[lowest], builder, snap))
+    raise error  # the averages jump over the budget: the closest one
+
+
+def _below_the_floor(budget: int, num_layers: int, visual_tokens: int, shape: tuple[int, ...], floor: float,
+                     builder, snap) -> str:
+    """Why ``shape`` (the lowest of the shapes tried) cannot average ``budget``: at lambda 0 the layers
+    before its first boundary keep every token; the lowest budget it reaches, and what reaches lower."""
+    said = (f"no lambda in [0, 1] makes boundaries {list(shape)} average {budget} visual tokens per layer: even at "
+            f"lambda 0 the {shape[0]} layers before the first boundary keep all {visual_tokens} tokens, {floor:.1f} per "
+            f"layer over {num_layers}, so {math.ceil(floor - 1)} is the lowest budget it reaches")
+    for first in range(shape[0] - 1, 0, -1):  # the latest earlier first boundary that reaches the budget
+        earlier = (first, *shape[1:])
+        if snap(earlier) != earlier:  # a layer that cannot score (a hybrid model's linear attention)
+            continue
+        try:
+            solve_decay(budget, builder(earlier))
+        except ValueError:
+            continue
+        said += f"; earlier boundaries reach it: make(\"pyramiddrop\", budget={budget}, layers={earlier})"
+        break
+    return (f"{said}; or cut tokens before the language model: a vision-side method (make(\"visionzip\", "
+            f"budget={budget})) or one composed with PyramidDrop (Compose(make(\"visionzip\"), make(\"pyramiddrop\"), "
+            f"budget={budget}))")
 
 
 @register_method("pyramiddrop")

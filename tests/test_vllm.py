@@ -24,6 +24,7 @@ import time
 import urllib.request
 import weakref
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -785,6 +786,29 @@ def saved_qwen3_5(request, tmp_path_factory):
     return folder, model, AutoProcessor.from_pretrained(folder)
 
 
+def test_the_serving_docs_state_each_dtypes_tolerance_as_the_tests_assert_it():
+    """docs/serving.md's table of tolerances: one row per dtype, each saying what it is compared with
+    (the Hugging Face path) and the log-probability tolerance these tests assert in that dtype. The
+    docs called the bfloat16 families exact, which they are not on either side."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
+    rows = {}
+    for line in docs.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| float32 |") or line.startswith("| bfloat16 |"):
+            rows[cells[0]] = cells
+    assert set(rows) == {"float32", "bfloat16"}, rows
+
+    def written(tolerance: float) -> str:
+        return f"within {tolerance:.0e}".replace("e-0", "e-")
+
+    for dtype, tolerance in (("float32", LOGPROB_TOLERANCE), ("bfloat16", BF16_LOGPROB_TOLERANCE)):
+        _, _, against, _, logprobs = rows[dtype]
+        assert "the Hugging Face path" in against, rows[dtype]
+        assert written(tolerance) in logprobs, (dtype, written(tolerance), logprobs)
+    assert "Qwen3.5" in rows["bfloat16"][1] and "may differ" in rows["bfloat16"][3]
+    assert "tested exact" not in docs
+
+
 @pytest.mark.parametrize("method", ["visionzip", "trio_scan", "divprune"])
 def test_qwen3_5_equals_the_hugging_face_path_in_bfloat16(saved_qwen3_5, method):
     """Qwen3.5 and Qwen3.5-MoE (Qwen3-VL's tower, a hybrid linear-attention language model), in
@@ -955,6 +979,51 @@ def test_qwen_videos_equal_the_hugging_face_path(saved_qwen, method):
         assert torch.equal(ours.reshape(-1).cpu(), theirs.vision_kept.reshape(-1).cpu()), (ours, theirs.vision_kept)
 
 
+def test_qwen2_vl_video_positions_stay_integers_in_bfloat16(tmp_path, monkeypatch):
+    """A Qwen2-VL video of 300 temporal slices (600 frames of 56 px, 4 tokens a slice) in bfloat16,
+    reduced (VisionZip, 2 tokens a slice) and unreduced (a request's budget at its 1200 tokens): each
+    visual token reaches the language model at the M-RoPE position vLLM gives its slot, time the
+    run's start plus its slice, rows and columns its own. The positions travel with the embeddings;
+    in the embeddings' dtype bfloat16 held no integer above 256 and numbered slice 257 as 256 and 259
+    as 260 (44 of 600 time positions wrong reduced, 88 of 1200 unreduced)."""
+    from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
+
+    folder = write_qwen_vl(tmp_path / "qwen2_vl", kind="qwen2_vl")
+    slices, side = 300, 2  # a 56-pixel frame: 4x4 patches, 2x2 merged tokens
+    frames = np.stack([np.asarray(image(60 + i % 7, (56, 56))) for i in range(2 * slices)])
+    metadata = {**VIDEO_METADATA, "total_num_frames": 2 * slices, "duration": slices / 1.0,
+                "frames_indices": list(range(2 * slices))}
+    seen = []
+    original = Qwen2VLForConditionalGeneration.forward
+
+    def recording(self, input_ids, positions, *args, **kwargs):
+        seen.append(positions.detach().cpu().clone())
+        return original(self, input_ids, positions, *args, **kwargs)
+
+    monkeypatch.setattr(Qwen2VLForConditionalGeneration, "forward", recording)
+    request = {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": (frames, metadata)}}
+    with engine(folder, {"duet_method": "visionzip", "duet_budget": 2 * slices}, dtype="bfloat16",
+                limit_mm_per_prompt={"image": 0, "video": 1}) as llm:
+        for budget in (2 * slices, 4 * slices):
+            seen.clear()
+            (_, _, length), kept = vllm_request_run(llm, {**request, "mm_processor_kwargs": {"duet_budget": budget}})
+            ids = llm.get_tokenizer().encode(VIDEO_PROMPT)
+            start = ids.index(llm.llm_engine.model_config.hf_config.video_token_id)
+            if budget < 4 * slices:  # each slice's kept tokens, in slot order
+                (kept,) = kept
+                assert kept.shape == (slices, 2)
+                slots = [(t, int(i)) for t in range(slices) for i in kept[t].sort().values]
+            else:
+                assert kept == []
+                slots = [(t, i) for t in range(slices) for i in range(side * side)]
+            expected = torch.tensor([[start + t, start + i // side, start + i % side] for t, i in slots]).T
+            prefill = seen[0][:, : length]
+            assert length == len(ids) - 1 + len(slots)
+            served = prefill[:, start : start + len(slots)]
+            wrong = (served != expected).any(dim=0)
+            assert not wrong.any(), (int(wrong.sum()), served[:, wrong][:, :4], expected[:, wrong][:, :4])
+
+
 @pytest.mark.parametrize("kind,pruning,message", [
     ("qwen2_5_vl", "evs", "value tensor of shape [24, 132] cannot be broadcast to indexing result of shape [24, 128]"),
     ("qwen3_vl", "evs", "split_sizes to sum exactly to 389"),
@@ -1070,14 +1139,152 @@ def data_url(picture) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+@contextmanager
+def openai_server(folder, options: list, tmp_path, limits: dict | None = None):
+    """An OpenAI client of ``python -m duet_vlm.integrations.vllm.serve folder *options`` on 127.0.0.1
+    (the model named "tiny"; one image a prompt unless ``limits`` says otherwise), stopped after."""
+    openai = pytest.importorskip("openai")
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    command = [
+        sys.executable, "-m", "duet_vlm.integrations.vllm.serve", str(folder), *options,
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
+        "--kv-cache-memory-bytes", str(1 << 28), "--limit-mm-per-prompt", json.dumps(limits or {"image": 1, "video": 0}),
+        "--served-model-name", "tiny", "--trust-request-mm-kwargs",  # vLLM's defaults otherwise (prefix caching on)
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 420
+        while True:
+            assert process.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "the server did not start in 420 s"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                time.sleep(2)
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=300, max_retries=0)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+        log.close()
+
+
+CHAT_WRITERS = {"llava": write_llava, "llava_onevision": write_llava_onevision, "qwen_vl": write_qwen_vl,
+                "internvl": write_internvl, "gemma3": write_gemma3, "gemma4": write_gemma4}
+
+
+@pytest.mark.parametrize("kind", list(CHAT_WRITERS))
+def test_the_tiny_checkpoints_chat_templates_write_vllms_placeholders(tmp_path, kind):
+    """A chat message with an image, and a video where vLLM's class takes videos, rendered by the
+    checkpoint's chat template writes each item's placeholder as vLLM's class names it
+    (``get_placeholder_str``), once: the text vLLM's processor expands. Without it a chat request
+    is a 500 ("Failed to apply prompt replacement"): the Qwen and InternVL templates had no video
+    branch, LLaVA-OneVision's and Gemma 4's neither, and Gemma 3's default wrote ``<image>``."""
+    from transformers import AutoConfig, AutoTokenizer
+    from vllm.model_executor.models import ModelRegistry
+
+    folder = CHAT_WRITERS[kind](tmp_path / kind)
+    vllm_class = ModelRegistry.models[AutoConfig.from_pretrained(folder).architectures[0]].load_model_cls()
+    placeholders = {}
+    for modality in ("image", "video"):
+        try:
+            placeholders[modality] = vllm_class.get_placeholder_str(modality, 0)
+        except ValueError:  # the class takes no such item
+            pass
+    assert "image" in placeholders and (kind in ("llava", "gemma3")) == ("video" not in placeholders)
+    messages = [{"role": "user", "content": [*({"type": m} for m in placeholders), {"type": "text", "text": "what moves?"}]}]
+    text = AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    for modality, placeholder in placeholders.items():
+        assert text.count(placeholder) == 1, (modality, placeholder, text)
+
+
+def cut_run(ids: list, token: int, count: int) -> list:
+    """``ids`` with only the first ``count`` of its (one) run of ``token``: a prompt as a method serves it."""
+    seen = 0
+    kept = []
+    for t in ids:
+        seen += t == token
+        if t != token or seen <= count:
+            kept.append(t)
+    return kept
+
+
+def jpeg_video_url(frames) -> str:
+    """A video as vLLM's ``video/jpeg`` data URL: its frames as comma-separated base64 JPEGs."""
+    parts = []
+    for frame in frames:
+        buffer = io.BytesIO()
+        Image.fromarray(frame).save(buffer, format="JPEG")
+        parts.append(base64.b64encode(buffer.getvalue()).decode())
+    return "data:video/jpeg;base64," + ",".join(parts)
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "gemma3"])
+def test_openai_server_answers_chat_requests_through_the_checkpoints_templates(tmp_path, request, kind):
+    """Chat requests through vLLM's OpenAI-compatible server, the prompt written by the tiny
+    checkpoint's own chat template, under VisionZip: an image is served as the Hugging Face path
+    serves the same chat (the same prompt ids with the image's run cut to the budget, the same greedy
+    tokens), and on Qwen2.5-VL a video's prompt is the template's with its run cut to the budget.
+    Before, the Qwen template had no video branch and Gemma 3's default never wrote
+    ``<start_of_image>``: each request was a 500 ("Failed to apply prompt replacement")."""
+    question = {"type": "text", "text": "what colour is the shape on the left?"}
+    if kind == "gemma3":
+        request.getfixturevalue("gemma3_causal")  # vLLM's CPU mask inside the image
+        folder, budget, picture = write_gemma3(tmp_path / kind), 8, image(45, (32, 32))
+        model, limits = load_hf(folder), {"image": 1, "video": 0}
+    else:
+        folder, budget, picture = write_qwen_vl(tmp_path / kind, kind=kind), 16, image(46, (224, 168))
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+        limits = {"image": 1, "video": 1}
+    processor = AutoProcessor.from_pretrained(folder)
+    config = model.config
+    image_token = getattr(config, "image_token_id", None) or config.image_token_index
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, question]}], tokenize=False,
+                                         add_generation_prompt=True)
+    inputs = processor(images=picture, text=text, add_special_tokens=False, return_tensors="pt")
+    inputs = {key: value for key, value in inputs.items() if key != "token_type_ids"}  # Gemma 3: the causal mask
+    tokens, _, _ = hf_generate(model, inputs, duet_vlm.make("visionzip", budget=budget))
+    expected = cut_run(inputs["input_ids"][0].tolist(), image_token, budget)
+    with openai_server(folder, ["--method", "visionzip", "--budget", str(budget)], tmp_path, limits) as client:
+        def chat(item: dict):
+            reply = client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": [item, question]}], max_tokens=NEW_TOKENS,
+                temperature=0, extra_body={"min_tokens": NEW_TOKENS, "return_token_ids": True},
+            )
+            return reply.prompt_token_ids, reply.choices[0].token_ids, reply.usage.prompt_tokens
+
+        prompt, answer, counted = chat({"type": "image_url", "image_url": {"url": data_url(picture)}})
+        assert prompt == expected and counted == len(expected)
+        assert answer == tokens, (answer, tokens)
+        if kind == "gemma3":
+            return
+        frames = video(47, (112, 112))  # 2 temporal slices of 16 tokens
+        prompt, answer, counted = chat({"type": "video_url", "video_url": {"url": jpeg_video_url(frames)}})
+        text = processor.apply_chat_template([{"role": "user", "content": [{"type": "video"}, question]}],
+                                             tokenize=False, add_generation_prompt=True)
+        ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        video_token = config.video_token_id
+        assert ids.count(video_token) == 1
+        run = ids.index(video_token)
+        assert prompt == ids[:run] + [video_token] * budget + ids[run + 1 :] and counted == len(prompt)
+        assert len(answer) == NEW_TOKENS
+
+
 def test_openai_server_answers_with_per_request_budgets(saved_llava, tmp_path):
     """vLLM's OpenAI-compatible server with the plugin (``python -m duet_vlm.integrations.vllm.serve``) on
     127.0.0.1: three image requests with different budgets (the server's, a request's budget, a
     request's ratio), then the first again with a request's budget (the same image, now another
     budget: prefix caching must not reuse the first), then one that chooses pool from the server's
     ``--allow``, answer as the offline engine does, and each reply's ``usage.prompt_tokens`` counts
-    the visual tokens served (the reduced placeholders); a method outside ``--allow`` and a processor
-    option the server does not take are each a 400."""
+    the visual tokens served (the reduced placeholders); a method outside ``--allow``, a processor
+    option the server does not take and ``duet_options`` with or without a method are each a 400."""
     openai = pytest.importorskip("openai")
     folder, _, processor = saved_llava
     pictures = [image(7), image(8), image(9), image(7), image(8)]
@@ -1094,29 +1301,7 @@ def test_openai_server_answers_with_per_request_budgets(saved_llava, tmp_path):
     offline = [output.outputs[0].text for output in outputs]
     prompt_tokens = [len(output.prompt_token_ids) for output in outputs]
     assert len(set(prompt_tokens)) == 4  # 64, 16, 57 (0.1 of 576) and 8 visual tokens; pool's 64 again
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    command = [
-        sys.executable, "-m", "duet_vlm.integrations.vllm.serve", str(folder), "--method", "visionzip", "--budget", "64",
-        "--allow", "pool",
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
-        "--kv-cache-memory-bytes", str(1 << 28), "--limit-mm-per-prompt", json.dumps({"image": 1, "video": 0}),
-        "--served-model-name", "tiny", "--trust-request-mm-kwargs",  # vLLM's defaults otherwise (prefix caching on)
-    ]
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 420
-        while True:
-            assert process.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "the server did not start in 420 s"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                time.sleep(2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=300, max_retries=0)
+    with openai_server(folder, ["--method", "visionzip", "--budget", "64", "--allow", "pool"], tmp_path) as client:
         answers, served = [], []
         for m, r in zip(messages, requests):
             extra = {"min_tokens": NEW_TOKENS}
@@ -1129,16 +1314,10 @@ def test_openai_server_answers_with_per_request_budgets(saved_llava, tmp_path):
             served.append(reply.usage.prompt_tokens)
         assert answers == offline
         assert served == prompt_tokens
-        for bad, says in (({"duet_method": "random"}, "may choose one of pool"), ({"do_resize": False}, "no other processor option")):
+        for bad, says in (({"duet_method": "random"}, "may choose one of pool"), ({"do_resize": False}, "no other processor option"),
+                          ({"duet_method": "pool", "duet_options": '{"foo": 1}'}, "runs it at its defaults"),
+                          ({"duet_options": '{"foo": 1}'}, "duet_options are the server's")):
             with pytest.raises(openai.BadRequestError, match=says):
                 client.chat.completions.create(
                     model="tiny", messages=messages[0], max_tokens=NEW_TOKENS, extra_body={"mm_processor_kwargs": bad}
                 )
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
-        log.close()

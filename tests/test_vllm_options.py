@@ -90,6 +90,29 @@ def test_a_request_chooses_a_method_from_the_servers_allow_list():
     assert "duet_allow" in KEYS and "duet_allow" not in strip(server)
 
 
+def test_options_a_method_does_not_take_are_refused_however_they_come():
+    """Unknown ``duet_options`` are an error from a request with or without a method it chooses
+    (a request choosing a method ran it at its defaults, the options dropped without a word) and
+    from the server, with a budget or a ratio (the method's own TypeError before, which names no
+    option it takes); options the method takes still run, and a request repeating the server's
+    options is the server's."""
+    server = {"duet_method": "visionzip", "duet_budget": 64, "duet_allow": "divprune"}
+    unknown = '{"foo": 1}'
+    with pytest.raises(ValueError, match="a request that chooses duet_method='divprune' runs it at its defaults"):
+        Settings.read(server, {"duet_method": "divprune", "duet_options": unknown})
+    with pytest.raises(ValueError, match="a request that chooses duet_method='divprune' runs it at its defaults"):
+        Settings.read(server, {"duet_method": "divprune", "duet_options": {"positions": "original"}})
+    with pytest.raises(ValueError, match="duet_options are the server's"):
+        Settings.read(server, {"duet_options": unknown})
+    for amount in ({"duet_budget": 64}, {"duet_ratio": 0.25}):
+        with pytest.raises(ValueError, match="duet_options names foo, which divprune does not take; its options: positions"):
+            Settings.read({"duet_method": "divprune", "duet_options": unknown, **amount})
+    chosen = Settings.read(server, {"duet_method": "divprune", "duet_options": "{}", "duet_budget": 16})
+    assert (chosen.method, chosen.options, chosen.budget) == ("divprune", {}, 16)
+    kept = Settings.read({**server, "duet_options": '{"positions": "original"}'}, {"duet_options": {"positions": "original"}})
+    assert kept.options == {"positions": "original"} and kept.reducer().positions == "original"
+
+
 def test_a_budget_at_or_above_the_items_tokens_reduces_nothing():
     settings = Settings.read({"duet_method": "pool", "duet_budget": 600})
     assert settings.item_budget(LLAVA) == 0 and settings.tokens(LLAVA) == 576

@@ -216,15 +216,25 @@ def write_llava_onevision(folder: str | Path, size: TinySize = TinySize(image_si
     }
     _write(model, folder, processor, "LlavaOnevisionProcessor")
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (folder / "chat_template.jinja").write_text(_with_videos((DEMO / "chat_template.jinja").read_text()))
     return folder
 
 
-#: A chat template in Gemma 3's form (turns, ``<start_of_image>`` where an image goes), without
-#: ``{% generation %}`` spans, as Gemma's own templates are.
+def _with_videos(template: str) -> str:
+    """The demo's chat template with a ``<video>`` line for each video after the images' ``<image>`` lines."""
+    images = "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    if images not in template:
+        raise RuntimeError("the demo chat template no longer writes its images as expected: write its videos anew")
+    return template.replace(images, images + images.replace("'image'", "'video'").replace("<image>", "<video>"))
+
+
+#: A chat template in Gemma 3's form (turns, ``<start_of_image>`` where an image goes, Gemma 4's
+#: ``<|video|>`` where a video goes), without ``{% generation %}`` spans, as Gemma's own templates are.
 GEMMA_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' "
     "else message['role'] }}\n{% for content in message['content'] %}{% if content['type'] == 'image' %}"
-    "<start_of_image>{% elif content['type'] == 'text' %}{{ content['text'] | trim }}{% endif %}{% endfor %}"
+    "<start_of_image>{% elif content['type'] == 'video' %}<|video|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] | trim }}{% endif %}{% endfor %}"
     "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 
@@ -242,13 +252,15 @@ def _gemma_tokenizer(tokens) -> tuple[dict, dict[str, int]]:
     return tokenizer, ids
 
 
-def write_gemma3(folder: str | Path, seed: int = 0, layers: int = 2, gemma_template: bool = False,
+def write_gemma3(folder: str | Path, seed: int = 0, layers: int = 2, gemma_template: bool = True,
                  space_token: bool = False) -> Path:
     """A Gemma-3-shaped checkpoint: a SigLIP tower on 32-pixel images (16 soft tokens), ``layers``
     decoder layers (sliding ones, the last global), the demo tokenizer with Gemma's image tokens and
-    newlines added after its vocabulary; with ``gemma_template`` a chat template in Gemma's form
-    (``GEMMA_CHAT_TEMPLATE``), else the demo's. With ``space_token`` a token for a space too, which
-    the word-level tokenizer otherwise drops: Gemma's own tokenizer keeps the space the processor
+    newlines added after its vocabulary; with ``gemma_template`` (the default) a chat template in
+    Gemma's form (``GEMMA_CHAT_TEMPLATE``, which writes the ``<start_of_image>`` vLLM's processor
+    expands), else the demo's (``<image>``: a chat request with an image then fails). With
+    ``space_token`` a token for a space too, which the word-level tokenizer otherwise drops:
+    Gemma's own tokenizer keeps the space the processor
     writes between pan-and-scan blocks, and without it vLLM's Gemma 3 processor joins the blocks'
     newline tokens and puts the crops' embeddings in the wrong places (unreduced, too). Enough for
     vLLM to serve it and for ``duet-vlm train`` to fine-tune it."""
@@ -301,11 +313,11 @@ def write_gemma4(folder: str | Path, seed: int = 0, layers: int = 4, head_dim: i
     processor expects). ``head_dim``: the sliding layers' (the global layers' is twice it; vLLM's CPU
     attention needs 32 or more). ``image_blocks``: whether an image's tokens attend to each other both
     ways in the sliding layers (``use_bidirectional_attention="vision"``, as released Gemma 4 does),
-    else causally everywhere (what vLLM 0.32's CPU backend runs). Needs torchvision: Gemma 4's
-    processor always builds its video processor, which does (its patches and pooling as the images')."""
+    else causally everywhere (what vLLM 0.32's CPU backend runs). Needs no torchvision: the video
+    processor (its patches and pooling as the images') is written as the config it is built from."""
     from transformers import (
         Gemma4AudioFeatureExtractor, Gemma4Config, Gemma4ForConditionalGeneration, Gemma4ImageProcessorPil,
-        Gemma4Processor, Gemma4VideoProcessor, PreTrainedTokenizerFast,
+        Gemma4Processor, PreTrainedTokenizerFast,
     )
 
     folder = Path(folder)
@@ -345,11 +357,25 @@ def write_gemma4(folder: str | Path, seed: int = 0, layers: int = 4, head_dim: i
         },
     )
     images = Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
-    Gemma4Processor(  # its video processor needs torchvision, as loading any Gemma 4 processor does
-        feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=images, tokenizer=fast,
-        video_processor=Gemma4VideoProcessor(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3), image_seq_length=70,
-        chat_template=GEMMA_CHAT_TEMPLATE.replace("<start_of_image>", "<image_soft_token>"),
-    ).save_pretrained(folder)
+
+    class Gemma4ProcessorWithoutVideo(Gemma4Processor):
+        """Takes ``video_processor=None``: transformers' ``Gemma4VideoProcessor`` needs torchvision."""
+
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name != "video_processor":
+                return super().check_argument_for_proper_class(argument_name, argument)
+
+    processor = Gemma4ProcessorWithoutVideo(
+        feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=images, tokenizer=fast, video_processor=None,
+        image_seq_length=70, chat_template=GEMMA_CHAT_TEMPLATE.replace("<start_of_image>", "<image_soft_token>"),
+    )
+    # What save_pretrained writes, the video processor as the config AutoVideoProcessor builds it from
+    fast._set_processor_class("Gemma4Processor")
+    fast.save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text(processor.chat_template)
+    video = {"video_processor_type": "Gemma4VideoProcessor", "patch_size": 4, "max_soft_tokens": 70, "pooling_kernel_size": 3}
+    config = {**processor.to_dict(), "video_processor": video, "processor_class": "Gemma4Processor"}
+    (folder / "processor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
 
 
@@ -386,6 +412,7 @@ QWEN_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
     "{% if content['type'] in ('image', 'image_url') %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] in ('video', 'video_url') %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -529,7 +556,8 @@ def write_qwen_vl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, lay
 
 
 INTERNVL_SPECIAL = ["<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
-INTERNVL_TEMPLATE = QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>")
+INTERNVL_TEMPLATE = (QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>")
+                     .replace("<|vision_start|><|video_pad|><|vision_end|>", "<video>"))
 
 
 def write_internvl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, layers: int = 4, tile: int = 56) -> Path:

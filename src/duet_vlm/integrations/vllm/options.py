@@ -96,6 +96,12 @@ class Settings:
                     f"not another method (duet_method={chosen!r})"
                     + ("" if allow else " (start the server with duet_allow to let requests choose)")
                 )
+            if parse_options(request.get("duet_options")):
+                raise ValueError(
+                    f"a request that chooses duet_method={chosen!r} runs it at its defaults: duet_options are the "
+                    f"server's (--mm-processor-kwargs) and belong to its duet_method={method!r}; a request may set "
+                    "duet_budget or duet_ratio"
+                )
             options_of = None  # the server's duet_options belong to its own method
         elif request.get("duet_options") is not None and parse_options(request["duet_options"]) != parse_options(server.get("duet_options")):
             raise ValueError("duet_options are the server's (--mm-processor-kwargs); a request may set duet_budget or duet_ratio")
@@ -174,6 +180,7 @@ class Settings:
                 "each item's placeholders in its processor from a budget: it is not served yet (run it through "
                 "transformers)"
             )
+        check_options(self.method, self.options)
         reducer = make(self.method, budget=self.budget, ratio=self.ratio, **tuples(self.options))
         check_supported(reducer)
         return reducer
@@ -229,6 +236,24 @@ def parse_options(options) -> dict:
     if not isinstance(options, Mapping):
         raise ValueError(f"duet_options must be a JSON object of the method's settings, got {options!r}")
     return dict(options)
+
+
+def check_options(method: str, options: Mapping[str, object]) -> None:
+    """Refuse ``duet_options`` that ``method`` does not take (they would be dropped, or fail later).
+
+    >>> check_options("divprune", {"foo": 1})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: duet_options names foo, which divprune does not take; its options: ...
+    """
+    cls = METHODS[method]
+    if not dataclasses.is_dataclass(cls):
+        return
+    known = {spec.name for spec in dataclasses.fields(cls) if spec.init} - {"budget"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"duet_options names {', '.join(unknown)}, which {method} does not take; its options: "
+                         f"{', '.join(sorted(known)) or 'none'}")
 
 
 def tuples(options: Mapping[str, object]) -> dict[str, object]:

@@ -10,8 +10,9 @@ enter the language model in their original order with their original (t, h, w) p
 text after the image keeps the positions the unreduced model gives it.
 
 vLLM numbers a request's tokens before its encoder runs (``get_mrope_input_positions``), and the
-kept tokens are known only after. So each item's embedding carries three extra channels, its kept
-tokens' (t, h, w) within their run of placeholders; ``embed_input_ids`` takes them off as it writes
+kept tokens are known only after. So each item's embedding carries extra channels, its kept
+tokens' (t, h, w) within their run of placeholders, written in base-256 digits that every dtype
+holds exactly (``position_channels``); ``embed_input_ids`` takes them off as it writes
 the tokens into the sequence, and ``forward`` adds them to the run's slots, which
 ``get_mrope_input_positions`` numbered at the run's start (text after the run keeps the unreduced
 model's positions: vLLM numbers the unreduced prompt, and the reduced one reads its positions back).
@@ -253,10 +254,10 @@ class DuetQwenVLMixin:
         width = self.duet_width()
         embeddings, offsets = [], []
         for embedding in multimodal_embeddings:
-            if embedding.shape[-1] != width + 3:  # every item of ``_reduce_items`` carries them
+            if embedding.shape[-1] != width + POSITION_CHANNELS:  # every item of ``_reduce_items`` carries them
                 raise RuntimeError(f"duet-vlm: a {self.family} visual embedding of {embedding.shape[-1]} channels, not "
-                                   f"{width} and its three position channels")
-            offsets.append(embedding[:, width:].round().long())
+                                   f"{width} and its {POSITION_CHANNELS} position channels")
+            offsets.append(positions_of_channels(embedding[:, width:]))
             embeddings.append(embedding[:, :width])
         self._duet_pending = (is_multimodal.clone(), torch.cat(offsets))
         return super().embed_input_ids(input_ids, embeddings, is_multimodal=is_multimodal)
@@ -315,7 +316,7 @@ class DuetQwenVLMixin:
         if fields.budgets is None or visual_input["type"] != pixels:  # unreduced, with their positions
             embeds = unreduced(visual_input)
             return tuple(
-                torch.cat([e, torch.cat([grid_positions(g, merge, f) for i, g, f in parts if i == index]).to(e.device, e.dtype)], dim=1)
+                torch.cat([e, position_channels(torch.cat([grid_positions(g, merge, f) for i, g, f in parts if i == index]), e)], dim=1)
                 for index, e in enumerate(embeds)
             )
         geometries = [qwen_geometry(self.config, grid, modality) for _, grid, _ in parts]
@@ -349,9 +350,9 @@ class DuetQwenVLMixin:
         for (index, grid, factor), size, plan, geometry, item in zip(parts, sizes, plans, geometries, embeds.split(sizes)):
             rows = slice(start, start + size)
             start += size
-            full = grid_positions(grid, merge, factor).to(item.device, item.dtype)
+            full = grid_positions(grid, merge, factor)  # integers: channels of the item's dtype hold them as digits
             if plan is None:
-                outputs[index].append(torch.cat([item, full], dim=1))
+                outputs[index].append(torch.cat([item, position_channels(full, item)], dim=1))
                 continue
             units, tokens = geometry.units, geometry.unit_tokens  # a video: one unit per temporal slice
             scores, keys = signals[score_block]
@@ -368,7 +369,7 @@ class DuetQwenVLMixin:
             slots = (reduced.units * tokens + reduced.kept).cpu()
             ranks = slots.argsort()  # each output in the slot of the token it stands for
             embeddings = reduced.embeddings[ranks.to(reduced.embeddings.device)]
-            outputs[index].append(torch.cat([embeddings, full[slots[ranks].to(full.device)]], dim=1))
+            outputs[index].append(torch.cat([embeddings, position_channels(full[slots[ranks]], embeddings)], dim=1))
         return tuple(torch.cat(item) for item in outputs)
 
     def block_for(self, layer) -> int:
@@ -416,7 +417,7 @@ class DuetQwenVLMixin:
 
     def embed_multimodal(self, **kwargs: object):
         """Images (and videos, where reduced) under duet-vlm: their tokens in slot order, each with its
-        (t, h, w) as three extra channels (``embed_input_ids`` takes them off)."""
+        (t, h, w) as extra channels (``position_channels``; ``embed_input_ids`` takes them off)."""
         self._duet_items = {modality: ItemFields.take(kwargs, modality) for modality in ("image", "video")}
         try:
             return super().embed_multimodal(**kwargs)
@@ -543,6 +544,38 @@ class DuetQwen3_5MoeForConditionalGeneration(DuetQwen3VLForConditionalGeneration
     """vLLM's Qwen3.5-MoE with duet-vlm's vision-side reduction of images (as Qwen3.5)."""
 
     family = "Qwen3.5-MoE"
+
+
+#: a kept token's (t, h, w) travels with its embedding as base-``POSITION_BASE`` digits, one channel
+#: each, lowest first: a channel of the embedding's dtype holds 0..255 exactly in every dtype, and
+#: bfloat16 no integer above 256 (a video's temporal slice 257, from 0, would be numbered 256, and 259 260).
+POSITION_BASE = 256
+POSITION_DIGITS = 3
+POSITION_CHANNELS = 3 * POSITION_DIGITS
+
+
+def position_channels(positions: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(tokens, 3)`` integer positions as ``(tokens, POSITION_CHANNELS)`` channels of ``like``'s
+    dtype and device, exact in every dtype (``positions_of_channels`` reads them back).
+
+    >>> channels = position_channels(torch.tensor([[257, 1, 70000]]), torch.zeros(1, dtype=torch.bfloat16))
+    >>> positions_of_channels(channels).tolist()
+    [[257, 1, 70000]]
+    """
+    positions = torch.as_tensor(positions).long()
+    limit = POSITION_BASE ** POSITION_DIGITS
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= limit):
+        raise ValueError(f"duet-vlm: M-RoPE positions within an item run from 0 to {limit - 1}; got "
+                         f"{int(positions.min())} to {int(positions.max())}")
+    digits = [positions // POSITION_BASE ** i % POSITION_BASE for i in range(POSITION_DIGITS)]
+    return torch.cat(digits, dim=1).to(like.device, like.dtype)
+
+
+def positions_of_channels(channels: torch.Tensor) -> torch.Tensor:
+    """``(tokens, 3)`` integer positions from their channels (``position_channels``)."""
+    digits = channels.float().round().long().view(-1, POSITION_DIGITS, 3)
+    weights = POSITION_BASE ** torch.arange(POSITION_DIGITS, device=digits.device)
+    return (digits * weights[None, :, None]).sum(dim=1)
 
 
 def grid_positions(grid, merge: int, factor: float = 1.0) -> torch.Tensor:

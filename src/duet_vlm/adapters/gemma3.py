@@ -152,6 +152,10 @@ class Gemma3Adapter(ModelAdapter):
                 f"them); without them duet-vlm cannot keep the model's mask. Pass the processor's {name}"
             )
         types = types.to(input_ids.device)
+        if types.dim() == 2 and types.shape[0] == input_ids.shape[0] and types.shape[1] < input_ids.shape[1]:
+            # Tokens generate appended after the prompt (assisted and prompt-lookup drafts in the
+            # prefill) carry no types; the model's mask reads the missing positions as text.
+            types = torch.nn.functional.pad(types, (0, input_ids.shape[1] - types.shape[1]))
         image = input_ids == next(iter(self.placeholder_ids))
         if types.shape != input_ids.shape or not bool(((types == 1) == image).all()):
             raise ValueError(

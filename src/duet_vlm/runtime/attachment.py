@@ -35,7 +35,7 @@ from .calls import CallStore
 from .decoding import continue_prompt, continue_with_masks, unreduced_decode_positions
 from .entry import base_input_ids, check_new_items_on_cache, check_turn_on_cache
 from .exit import compact_head_input, expand_head_output, finish_prefill
-from .inputs import segment_layer_inputs, token_argument
+from .inputs import last_queries, segment_layer_inputs, token_argument
 from .patch_subsets import input_stage_of, patch_subset_hooks
 from .prefill import WholeItems, open_prefill
 from .protocol import RuntimeReducer
@@ -236,6 +236,14 @@ class Attachment:
                     prompt, self.adapter, self.binding.text_config, hidden, kwargs, kind, layer_index
                 )
             kwargs.update(prompt.decoding.kwargs[number, kind])
+            cut = self.adapter.queries_cut_from
+            if cut is not None and layer_index >= cut:
+                # A chunk of several tokens (a second turn, verified drafts): the model passes the
+                # layers from ``queries_cut_from`` on only its last ``logits_to_keep`` rows.
+                rows = (args[0] if args else kwargs["hidden_states"]).shape[1]
+                mask = kwargs.get("attention_mask")
+                if isinstance(mask, torch.Tensor) and mask.shape[-2] > rows:
+                    kwargs = last_queries(kwargs, rows)
             return args, kwargs
 
         return hook

@@ -19,7 +19,7 @@ from .state import PrefillState
 def continue_prompt(prompt: PrefillState, kwargs: dict, cache) -> tuple | None:
     """A decoding step at the language model's entry: the mask and positions of the new tokens."""
     cached = cache.get_seq_length()
-    if prompt.boundaries and cached < prompt.entry_length:
+    if cached < prompt.entry_length and not prompt.crop(cached):
         # Assisted decoding prefills the prompt with the first drafts and crops them afterwards:
         # the drafts chose what Stage B kept, so the result would differ from greedy decoding.
         raise NotImplementedError(

@@ -210,7 +210,8 @@ def sample_batches(processor, data: str, n: int, batch_size: int = 8) -> Iterato
     pairs = sample_prompts(data, n)
     for lo in range(0, len(pairs), batch_size):
         chunk = pairs[lo : lo + batch_size]
-        yield processor(images=[image for image, _ in chunk], text=[chat_prompt(processor, q) for _, q in chunk],
+        # one list of images per row: every family's processor reads it, Gemma 3's nothing else
+        yield processor(images=[[image] for image, _ in chunk], text=[chat_prompt(processor, q) for _, q in chunk],
                         padding=True, return_tensors="pt")
 
 

@@ -241,6 +241,14 @@ class CDPruner(Reducer):
     - Videos: vision stages run per frame, so each frame keeps ``budget // frames`` by its own DPP
       and its own normalisation.
 
+    Across CPUs the choice is not always the same, and no tie rule makes it so: the greedy's late
+    steps compare gains a thousand times smaller than its first, left after cancellation, so the
+    last-bit differences another CPU's kernels leave in the projected features can reorder them
+    (and where the kernel's rank runs out, the step that turns to relevance is a threshold on such
+    a gain). The evaluation's rows at 192 and 128, where the demo model's 96-wide kernel runs out,
+    move by a question or two between machines; at 64 they agree (docs/choosing.md, "Five rows
+    also depend on the CPU").
+
     Complexity per unit of ``n`` candidates, ``m`` text tokens, width ``D``, keeping ``k``:
     relevance ``O(n m D)``; kernel ``O(n^2 D)`` time and ``O(n^2)`` memory (one batched matmul);
     greedy MAP ``O(n k^2)`` time and ``O(n k)`` memory in ``k`` sequential tensor steps, all units at

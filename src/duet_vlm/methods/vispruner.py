@@ -241,6 +241,14 @@ class VisPruner(Reducer):
       (``remove_duplicates``). Exact ties are broken by the official sort (``remove_duplicates``).
     - Scores and similarities in float32 whatever the model's dtype.
 
+    Across CPUs the choice is not stable, and no tie rule makes it so: it depends on the complete
+    order of hundreds of close values (the residual's order decides every round's halves), so the
+    last-bit differences another CPU's kernels leave in the tower's outputs move some tokens. On
+    identical inputs the choice is identical under AVX-512 and AVX2 kernels; rounding the scores
+    to a stated precision would move the boundaries where a last bit decides, not remove them. The
+    evaluation's rows move by a few questions between machines (docs/choosing.md, "Five rows also
+    depend on the CPU").
+
     Cost: see ``vispruner_select``: ``O(P^2 C)`` for the similarity matrix once, then about
     ``(P - keep) / 8`` rounds of ``O(P^2)`` gathers and sorts (vectorised, all units at once);
     P = 576 tokens per image on LLaVA-1.5.

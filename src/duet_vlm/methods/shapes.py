@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..geometry import Geometry
-from ..plan import check_boundary_layers
 from ..options import check_number, check_numbers
+from ..plan import check_boundary_layers
 from ..schedule import Schedule, scaled_boundaries, solve_llm_input
 from .base import Plan, Reducer, check_budget, per_unit
 from .stages import GlobalLocalScan, scan_for

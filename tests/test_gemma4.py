@@ -212,7 +212,8 @@ def test_language_side_method_equals_the_hand_built_ideal(kv_shared):
     assert len(kept) > GEMMA_WINDOW
     shared: dict = {}
     ideal = _layers_after_the_boundary(referee, inputs, out, projected, kept, boundary, shared)
-    assert bool(shared) == bool(kv_shared)
+    # the storing layers left keys for the reusing ones (transformers 5.24 stores them without sharing too)
+    assert bool(shared) or not kv_shared
     torch.testing.assert_close(reduced[next_slots(kept, len(ids))], ideal, atol=1e-4, rtol=1e-4)
 
 

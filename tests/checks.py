@@ -32,6 +32,7 @@ from transformers.generation.streamers import BaseStreamer
 import duet_vlm
 from duet_vlm import synthetic
 from duet_vlm.adapters import adapter_for
+from duet_vlm import compat
 from duet_vlm.compat import with_cache
 from duet_vlm.check import LayerLengths, hook_ids  # noqa: F401 - the check's own, shared with the tests
 from duet_vlm.plan import VisionReduction, VisionStage
@@ -445,3 +446,15 @@ def assert_step_equals_one_process(name: str, ratio: float, per_rank: list[tuple
         for parameter, grad in grads.items():
             torch.testing.assert_close(reduced[parameter], grad, atol=1e-6, rtol=1e-5,
                                        msg=lambda m: f"{parameter}: {m}")
+
+
+def release_needed(model) -> str | None:
+    """The transformers release ``model``'s family needs where the installed one is older
+    (``compat.FAMILY_NEEDS``: the attach refuses it, naming that release), else ``None``."""
+    from packaging.version import Version
+
+    from duet_vlm.adapters import ADAPTERS
+
+    adapter = next(adapter for adapter in ADAPTERS if adapter.matches(model))
+    needs = compat.FAMILY_NEEDS.get(adapter.family)
+    return needs[0] if needs is not None and compat.INSTALLED < Version(needs[0]) else None

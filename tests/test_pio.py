@@ -13,6 +13,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 
 import duet_vlm
 from duet_vlm import PIO, Geometry, make
+from duet_vlm.compat import enable_checkpointing
 from duet_vlm.methods.pio import SaliencyNMSPrune, proxy_positions, saliency_nms
 from duet_vlm.methods.trio_scan import GlobalLocalScan
 
@@ -341,7 +342,7 @@ def test_training_backward_leaves_the_scoring_out_of_the_gradients():
     for param in (projector, layers[0].mlp.down_proj.weight, layers[3].self_attn.q_proj.weight):
         assert param.grad is not None and param.grad.abs().sum() > 0
     model.zero_grad(set_to_none=True)
-    model.activation_checkpointing_enable()
+    enable_checkpointing(model)
     with reducer(model):
         model(**inputs, labels=labels).loss.backward()
     assert model.model.multi_modal_projector.linear_2.weight.grad.abs().sum() > 0

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 import duet_vlm
 from duet_vlm.cli import app
+from duet_vlm.compat import enable_checkpointing
 from duet_vlm.demo.processor import build_processor
 from duet_vlm.training import DataError, TrainConfig, VisionLanguageCollator, encode, synthetic_records, train
 from duet_vlm.training.trainer import checkpointing_callback, make_reducer, set_trainable
@@ -178,7 +179,7 @@ def test_gradient_checkpointing_matches_the_plain_run_and_leaves_the_tower_out_o
             lambda module, args, out: tower_output.append(out.last_hidden_state.requires_grad)
         )
         if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model, use_reentrant=False)
             model(**batch)
             assert tower_output.pop(), "without the callback transformers' hooks reach the tower"
             checkpointing_callback().on_train_begin(SimpleNamespace(activation_checkpointing=True), None, None, model=model)

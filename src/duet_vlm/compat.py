@@ -37,6 +37,40 @@ def with_cache(cache) -> dict:
     return {CACHE: cache}
 
 
+# transformers 5.23 renamed gradient checkpointing to activation checkpointing: the models'
+# ``activation_checkpointing_enable`` and ``TrainingArguments``' ``activation_checkpointing`` and
+# ``activation_checkpointing_kwargs`` (it keeps the old names too); 5.22 has only the
+# ``gradient_checkpointing`` ones.
+CHECKPOINTING = "activation_checkpointing" if INSTALLED >= Version("5.23.0.dev0") else "gradient_checkpointing"
+
+
+def enable_checkpointing(model, **kwargs) -> None:
+    """``model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)``, by the
+    installed release's name."""
+    getattr(model, f"{CHECKPOINTING}_enable")(**({f"{CHECKPOINTING}_kwargs": kwargs} if kwargs else {}))
+
+
+def checkpointing_arguments(enabled: bool, kwargs: dict | None) -> dict:
+    """``TrainingArguments``' checkpointing switch and its keyword arguments, by the installed release's names."""
+    return {CHECKPOINTING: enabled, f"{CHECKPOINTING}_kwargs": kwargs}
+
+# transformers 5.23 checkpoints a decoder layer's ``forward`` (``GradientCheckpointingLayer``), so
+# module hooks run once per step; 5.22 checkpoints ``__call__``, so the backward pass's recompute runs
+# the runtime's layer hooks again, which its per-call state cannot follow.
+HOOKS_OUTSIDE_CHECKPOINT = INSTALLED >= Version("5.23.0.dev0")
+
+
+def check_checkpointing(layers) -> None:
+    """Refuse a reducing training forward through checkpointed decoder ``layers`` on a release that
+    re-runs module hooks in the recompute, naming the release that does not."""
+    if not HOOKS_OUTSIDE_CHECKPOINT and any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
+        raise NotImplementedError(
+            f"gradient (activation) checkpointing under a duet-vlm reducer needs transformers 5.23 or newer: "
+            f"transformers {transformers.__version__} checkpoints each layer's __call__, so the backward pass "
+            f"re-runs the reducer's hooks. pip install 'transformers>=5.23,<{SUPPORTED.split('<')[1]}', or train "
+            "without checkpointing"
+        )
+
 # transformers 5.23 added ``KVSharingDict``, the store Gemma 4's KV-sharing layers read the keys and
 # values of the layer they share from (``shared_kv_states``); 5.22 passes them another way, which the
 # Gemma 4 adapter does not read. ``None`` on a release without it.

@@ -258,7 +258,7 @@ class IdealModel:
         per_layer = None
         if self.family == "gemma4":
             per_layer = self.language_model.project_per_layer_inputs(hidden, self.entry_per_layer)
-        shared = KVSharingDict()
+        shared = KVSharingDict() if self.family == "gemma4" else None  # what only Gemma 4's layers read
         for number, (step, valid, original, layers, kinds) in enumerate(self.groups):
             if step is not None:
                 hidden = step.gather(hidden)

@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from ..compat import enable_checkpointing
 from ..methods import make
 from ..training.trainer import drop_input_grad_hooks
 from .ideal import IdealModel
@@ -55,7 +56,7 @@ def answer_labels(inputs: dict[str, torch.Tensor], answer_tokens: int) -> torch.
 
 def _set_checkpointing(model, on: bool) -> None:
     if on and not model.is_activation_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, use_reentrant=False)
         drop_input_grad_hooks(model)  # as `duet-vlm train` does: the frozen tower stays out of autograd
     elif not on and model.is_activation_checkpointing:
         model.activation_checkpointing_disable()

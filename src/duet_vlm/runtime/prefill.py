@@ -16,7 +16,7 @@ import torch
 
 from ..adapters import Capture, UnreducibleInput, VisualItem
 from ..compaction import Compaction
-from ..compat import cache_of
+from ..compat import cache_of, check_checkpointing
 from ..plan import Plan
 from .binding import Binding
 from .entry import reduces_nothing
@@ -234,6 +234,8 @@ def open_prefill(binding: Binding, call, found: tuple[torch.Tensor, dict], kwarg
     cache = cache_of(kwargs)
     plans = [binding.plan_for(item.geometry) for item in items]
     check_prefill(plans, call, cache)
+    if torch.is_grad_enabled() and not all(plan.schedule.is_identity for plan in plans):
+        check_checkpointing(binding.adapter.layers)
     user_mask = found[1].get("attention_mask")
     if user_mask is not None and not (isinstance(user_mask, torch.Tensor) and user_mask.dim() == 2):
         if all(plan.schedule.is_identity for plan in plans):

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..adapters import adapter_for
+from ..compat import CHECKPOINTING, checkpointing_arguments
 from ..methods import METHODS, Adaptive, make
 from ..methods.registry import save_reducer
 from ..unwrap import unwrap_model
@@ -208,7 +209,7 @@ def checkpointing_callback():
 
     class DropInputGradHooks(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if args.activation_checkpointing and model is not None:
+            if getattr(args, CHECKPOINTING) and model is not None:
                 drop_input_grad_hooks(model)
 
     return DropInputGradHooks()
@@ -303,9 +304,9 @@ def training_arguments(config: TrainConfig, has_eval: bool):
         per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         bf16=config.bf16,
-        activation_checkpointing=config.gradient_checkpointing,
         # Non-reentrant checkpointing needs no input that requires grad (the embeddings may be frozen).
-        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        **checkpointing_arguments(config.gradient_checkpointing,
+                                  {"use_reentrant": False} if config.gradient_checkpointing else None),
         logging_steps=config.logging_steps,
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,

@@ -449,12 +449,8 @@ def assert_step_equals_one_process(name: str, ratio: float, per_rank: list[tuple
 
 
 def release_needed(model) -> str | None:
-    """The transformers release ``model``'s family needs where the installed one is older
-    (``compat.FAMILY_NEEDS``: the attach refuses it, naming that release), else ``None``."""
-    from packaging.version import Version
-
+    """The transformers release ``model``'s family needs where the installed one is older (the attach
+    refuses it, naming that release), else ``None``: ``compat.release_needed`` of its adapter."""
     from duet_vlm.adapters import ADAPTERS
 
-    adapter = next(adapter for adapter in ADAPTERS if adapter.matches(model))
-    needs = compat.FAMILY_NEEDS.get(adapter.family)
-    return needs[0] if needs is not None and compat.INSTALLED < Version(needs[0]) else None
+    return compat.release_needed(next(adapter for adapter in ADAPTERS if adapter.matches(model)).family)

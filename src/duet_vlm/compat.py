@@ -67,9 +67,14 @@ def check_checkpointing(layers) -> None:
         raise NotImplementedError(
             f"gradient (activation) checkpointing under a duet-vlm reducer needs transformers 5.23 or newer: "
             f"transformers {transformers.__version__} checkpoints each layer's __call__, so the backward pass "
-            f"re-runs the reducer's hooks. pip install 'transformers>=5.23,<{SUPPORTED.split('<')[1]}', or train "
-            "without checkpointing"
+            f"re-runs the reducer's hooks. {_install('5.23')}, or train without checkpointing"
         )
+
+
+def _install(release: str) -> str:
+    """The pip line that installs ``release`` or newer within ``SUPPORTED``."""
+    return f"pip install 'transformers>={release},<{SUPPORTED.split('<')[1]}'"
+
 
 # transformers 5.23 added ``KVSharingDict``, the store Gemma 4's KV-sharing layers read the keys and
 # values of the layer they share from (``shared_kv_states``); 5.22 passes them another way, which the
@@ -83,12 +88,18 @@ FAMILY_NEEDS: dict[str, tuple[str, str]] = {
 }
 
 
+def release_needed(family: str) -> str | None:
+    """The release ``family`` needs where the installed one is older (``FAMILY_NEEDS``), else ``None``."""
+    needs = FAMILY_NEEDS.get(family)
+    return needs[0] if needs is not None and INSTALLED < Version(needs[0]) else None
+
+
 def check_family(family: str, model_class: str) -> None:
     """Refuse, at attach, a family the installed transformers handles differently from the release
     its adapter reads, naming the release it needs."""
-    needs = FAMILY_NEEDS.get(family)
-    if needs is not None and INSTALLED < Version(needs[0]):
+    needed = release_needed(family)
+    if needed is not None:
         raise TypeError(
-            f"duet-vlm reduces {model_class} with transformers {needs[0]} or newer ({needs[1]}); transformers "
-            f"{transformers.__version__} is installed: pip install 'transformers>={needs[0]},<{SUPPORTED.split('<')[1]}'"
+            f"duet-vlm reduces {model_class} with transformers {needed} or newer ({FAMILY_NEEDS[family][1]}); "
+            f"transformers {transformers.__version__} is installed: {_install(needed)}"
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..compaction import Compaction
 from ..compat import cache_of
 from .binding import Binding
 from .state import PrefillState
@@ -19,7 +20,7 @@ from .state import PrefillState
 def continue_prompt(prompt: PrefillState, kwargs: dict, cache) -> tuple | None:
     """A decoding step at the language model's entry: the mask and positions of the new tokens."""
     cached = cache.get_seq_length()
-    if cached < prompt.entry_length and not prompt.crop(cached):
+    if cached < prompt.entry_length and not crop_prompt(prompt, cached):
         # Assisted decoding prefills the prompt with the first drafts and crops them afterwards:
         # the drafts chose what Stage B kept, so the result would differ from greedy decoding.
         raise NotImplementedError(
@@ -58,6 +59,28 @@ def continue_prompt(prompt: PrefillState, kwargs: dict, cache) -> tuple | None:
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
     return (), kwargs
+
+
+def crop_prompt(prompt: PrefillState, entry_length: int) -> bool:
+    """Cut ``prompt`` back to its first ``entry_length`` entry tokens, where ``generate`` cropped the
+    cache into the prefill: assisted and prompt-lookup decoding put drafts after the prompt in the
+    prefill, and drop the rejected ones from the cache. Only the text at the end of every row can be
+    cut, of a prompt without boundaries (the drafts chose nothing there); returns whether it could."""
+    cut = prompt.entry_length - entry_length
+    entry = prompt.entry
+    if prompt.boundaries or entry.pad is not None or not 0 < cut < entry.length:
+        return False
+    tail = torch.arange(entry.source_length - cut, entry.source_length, device=entry.index.device)
+    if not bool((entry.index[:, -cut:] == tail).all()):
+        return False  # the cut slots are not the last tokens of the input
+    source_pad = None if entry.source_pad is None else entry.source_pad[:, :-cut]
+    prompt.entry = Compaction(entry.keep[:, :-cut], entry.index[:, :-cut], None, source_pad)
+    prompt.segments[0].steps = prompt.entry.output_identity()
+    tokens = prompt.tokens
+    tokens.source_ids, tokens.ids, tokens.valid = tokens.source_ids[:, :-cut], tokens.ids[:, :-cut], tokens.valid[:, :-cut]
+    if tokens.types is not None:
+        tokens.types = tokens.types[:, :-cut]
+    return True
 
 
 def continue_with_masks(binding: Binding, prompt: PrefillState, kwargs: dict, cache, prebuilt: dict, found, cached: int):

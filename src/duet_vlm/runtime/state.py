@@ -320,28 +320,6 @@ class PrefillState:
             self.__dict__["_heads"] = heads
         return heads
 
-    def crop(self, entry_length: int) -> bool:
-        """Cut the prompt back to its first ``entry_length`` entry tokens, where ``generate`` cropped
-        the cache into the prefill: assisted and prompt-lookup decoding put drafts after the prompt
-        in the prefill, and drop the rejected ones from the cache. Only the text at the end of every
-        row can be cut, of a prompt without boundaries (the drafts chose nothing there); returns
-        whether it could."""
-        cut = self.entry_length - entry_length
-        entry = self.entry
-        if self.boundaries or entry.pad is not None or not 0 < cut < entry.length:
-            return False
-        tail = torch.arange(entry.source_length - cut, entry.source_length, device=entry.index.device)
-        if not bool((entry.index[:, -cut:] == tail).all()):
-            return False  # the cut slots are not the last tokens of the input
-        source_pad = None if entry.source_pad is None else entry.source_pad[:, :-cut]
-        self.entry = Compaction(entry.keep[:, :-cut], entry.index[:, :-cut], None, source_pad)
-        self.segments[0].steps = self.entry.output_identity()
-        tokens = self.tokens
-        tokens.source_ids, tokens.ids, tokens.valid = tokens.source_ids[:, :-cut], tokens.ids[:, :-cut], tokens.valid[:, :-cut]
-        if tokens.types is not None:
-            tokens.types = tokens.types[:, :-cut]
-        return True
-
     def end_prefill(self) -> None:
         """Drop what only the prefill's layers and stages read (states, masks, RoPE of every
         segment): decoding steps need the compactions and the valid flags alone."""

@@ -210,7 +210,12 @@ def test_vision_side_method_equals_the_hand_built_ideal(pair, rows):
     every position."""
     internvl, referee = pair
     inputs = internvl_batch(rows, seed=13)  # the smallest margin at the cut: 9e-4 (scores agree to 1e-6)
-    kept = _vision_ideal(referee, inputs)
+    _dominant_only_equals_the_ideal(internvl, referee, inputs, _vision_ideal(referee, inputs))
+
+
+def _dominant_only_equals_the_ideal(internvl, referee, inputs, kept):
+    """VisionZip's dominant tokens alone keep the referee's choice ``kept`` (slots of row 0), and the
+    reduced logits equal the unpatched referee fed those tokens, at every position."""
     reducer = _dominant_only()
     with torch.no_grad(), reducer(internvl):
         reduced = internvl(**inputs).logits[0]
@@ -220,8 +225,7 @@ def test_vision_side_method_equals_the_hand_built_ideal(pair, rows):
     embeds = _entry_embeds(referee, inputs)[:, kept]
     with torch.no_grad():
         ideal = referee(inputs_embeds=embeds, attention_mask=torch.ones(1, len(kept), dtype=torch.long)).logits[0]
-    length = inputs["input_ids"].shape[1]
-    torch.testing.assert_close(reduced[next_slots(kept, length)], ideal, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(reduced[next_slots(kept, len(ids))], ideal, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("feature_layer", [1, 2, -2])
@@ -240,20 +244,10 @@ def test_the_feature_layer_scored_is_the_one_whose_output_the_model_reads(featur
         mine, my_keys = adapter.layer_scores(adapter.towers["image"], states)
         torch.testing.assert_close(mine, scores, rtol=0, atol=1e-5)
         torch.testing.assert_close(my_keys, keys, rtol=1e-5, atol=1e-6)
-        kept = _vision_ideal(referee, inputs, feature_layer)
-        reducer = _dominant_only()
-        with torch.no_grad(), reducer(internvl):
-            reduced = internvl(**inputs).logits[0]
-        ids = inputs["input_ids"][0]
-        slots = kept_slots(reducer, ids, IMAGE).sort().values
-        assert slots.tolist() == kept[ids[kept] == IMAGE].tolist()  # the reducer kept the referee's choice
-        with torch.no_grad():
-            ideal = referee(inputs_embeds=_entry_embeds(referee, inputs)[:, kept],
-                            attention_mask=torch.ones(1, len(kept), dtype=torch.long)).logits[0]
+        _dominant_only_equals_the_ideal(internvl, referee, inputs, _vision_ideal(referee, inputs, feature_layer))
     finally:
         for model in (internvl, referee):
             model.config.vision_feature_layer = -1
-    torch.testing.assert_close(reduced[next_slots(kept, len(ids))], ideal, atol=1e-4, rtol=1e-4)
 
 
 def test_training_step_equals_the_ideal(pair):

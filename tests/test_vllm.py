@@ -17,11 +17,8 @@ import io
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +39,7 @@ from vllm import LLM, SamplingParams  # noqa: E402
 
 import duet_vlm  # noqa: E402
 from duet_vlm.integrations.vllm import select  # noqa: E402
+from duet_vlm.integrations.vllm.bench import data_url, free_port, wait_until_healthy  # noqa: E402
 from duet_vlm.integrations.vllm.checkpoints import (  # noqa: E402
     IMAGE_TOKEN,
     TinySize,
@@ -1127,18 +1125,6 @@ def test_llava_onevision_videos_equal_the_hugging_face_path(saved_llava_onevisio
 
 
 # ------------------------------------------------------------------------------------------ server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def data_url(picture) -> str:
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 @contextmanager
 def openai_server(folder, options: list, tmp_path, limits: dict | None = None):
     """An OpenAI client of ``python -m duet_vlm.integrations.vllm.serve folder *options`` on 127.0.0.1
@@ -1155,16 +1141,7 @@ def openai_server(folder, options: list, tmp_path, limits: dict | None = None):
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + 420
-        while True:
-            assert process.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "the server did not start in 420 s"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                time.sleep(2)
+        wait_until_healthy(process, port, 420, tmp_path / "server.log")
         yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=300, max_retries=0)
     finally:
         process.terminate()

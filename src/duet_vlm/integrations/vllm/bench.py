@@ -86,6 +86,23 @@ def data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def wait_until_healthy(process: subprocess.Popen, port: int, startup_s: float, log) -> None:
+    """Return once the server ``process`` answers ``/health`` on 127.0.0.1:``port``; a ``RuntimeError``
+    (its log's tail) if it exits first, a ``TimeoutError`` if it has not answered in ``startup_s``."""
+    deadline = time.monotonic() + startup_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited ({process.returncode}); see {log}:\n{Path(log).read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the server did not start in {startup_s:.0f} s; see {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            time.sleep(2)
+
+
 class Server:
     """``python -m duet_vlm.integrations.vllm.serve`` on 127.0.0.1, stopped on exit; its processes'
     resident memory sampled while it runs."""
@@ -109,19 +126,11 @@ class Server:
         self._sampling = True
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
-        deadline = time.monotonic() + startup_s
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited ({self.process.returncode}); see {log}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the server did not start in {startup_s:.0f} s; see {log}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                time.sleep(2)
+        try:
+            wait_until_healthy(self.process, self.port, startup_s, log)
+        except TimeoutError:
+            self.stop()
+            raise
         self.peak = 0  # what serving takes, not loading
 
     def _sample(self) -> None:

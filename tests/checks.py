@@ -73,7 +73,7 @@ def generate_and_check_counts(model, name, inputs):
     assert hook_ids(model) == hooks
     items = reducer.stats.items
     lengths = sorted(probe.calls[0].items())
-    cut = adapter_for(model).queries_cut_from
+    cut = adapter_for(model).scheme.queries_cut_from
     if cut is not None:  # Gemma 4 passes its KV-shared layers only the prompt's last token (they write no cache)
         assert [length for layer, length in lengths if layer >= cut] == [1] * (len(lengths) - cut)
         lengths = lengths[:cut]

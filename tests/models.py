@@ -1,7 +1,9 @@
 """Tiny models of every supported family and tower variant, and prompts for them.
 
-The real transformers classes, built from configs with random weights (no network), with the
-query and key projections of every attention sharpened so that selections have clear margins.
+The models are ``duet_vlm.tiny.models``' builders (the real transformers classes, built from
+configs with random weights, no network, with the query and key projections of every attention
+sharpened so that selections have clear margins), imported here; this module adds what only the
+tests need: the prompts, the registry of families, the demo-tokenizer LLaVA.
 
 ``FAMILIES`` maps a name to a ``Family``: a model builder and three kinds of inputs, (a) ``one``:
 one row holding one visual item, (b) ``batch``: a left-padded batch of two rows of different text
@@ -16,9 +18,9 @@ accepts) without an entry here fails that file.
 >>> model = family.model()                        # built once per session, then shared
 >>> model(**family.batch(model)).logits.shape     # doctest: +SKIP
 
-The factories of LLaVA-1.5 (``make_llava``, ``make_inputs``, ``row``), Video-LLaVA, LLaVA-NeXT,
-LLaVA-OneVision and Qwen-VL were moved here from conftest.py, test_families.py and test_qwen.py,
-which import them from here.
+The prompts of LLaVA-1.5 (``make_inputs``, ``row``), Video-LLaVA, LLaVA-NeXT, LLaVA-OneVision and
+Qwen-VL were moved here from conftest.py, test_families.py and test_qwen.py, which import them from
+here, as they import the builders (``make_llava`` ...).
 """
 
 from __future__ import annotations
@@ -29,31 +31,52 @@ from typing import Callable
 
 import torch
 from torch import nn
-from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    SiglipVisionConfig,
-    VideoLlavaConfig,
-    VideoLlavaForConditionalGeneration,
-)
+from transformers import LlavaForConditionalGeneration
 
 import duet_vlm
+from duet_vlm.tiny.models import (  # noqa: F401 - the tests import the builders and their token ids from here
+    BOI,
+    EOI,
+    FRAMES,
+    GEMMA4_IMAGE,
+    GEMMA4_KERNEL,
+    GEMMA4_PATCH,
+    GEMMA4_VIDEO,
+    GEMMA_IMAGE,
+    GEMMA_TOKENS,
+    GEMMA_WINDOW,
+    IMAGE,
+    IMAGE_TOKEN,
+    IMG_END,
+    IMG_START,
+    INTERNVL_IMAGE,
+    INTERNVL_TILE,
+    INTERNVL_TOKENS,
+    QWEN_IMAGE,
+    QWEN_VIDEO,
+    SIDE,
+    VEND,
+    VIDEO,
+    VIDEO_FRAMES_OV,
+    VOCAB,
+    VSTART,
+    llava_with,
+    make_gemma3,
+    make_gemma4,
+    make_internvl,
+    make_llava,
+    make_llava_next,
+    make_llava_onevision,
+    make_qwen,
+    make_qwen3_5,
+    make_video_llava,
+    siglip_tower,
+)
 
 #: The registered methods that take a budget or a ratio and run on every family: the method
 #: matrices iterate these. PixelPrune takes none and runs on the Qwen families only; it has its own
 #: matrix in tests/test_pixelprune.py.
 BUDGETED = [name for name in sorted(duet_vlm.METHODS) if duet_vlm.METHODS[name].takes_budget]
-
-
-def sharpen(model: nn.Module, scale: float = 8.0, names=("q_proj.weight", "k_proj.weight")) -> nn.Module:
-    """Sharper attention than the default init, so that selections have clear margins."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(names):
-                param.mul_(scale)
-    return model
 
 
 def left_pad(rows: list[list[int]], pad: int = 0) -> dict[str, torch.Tensor]:
@@ -79,61 +102,6 @@ def items_row(inputs: dict[str, torch.Tensor], b: int, entries: dict[str, list[i
 
 
 # ----------------------------------------------------------------------------- LLaVA-1.5 (CLIP)
-IMAGE_TOKEN = 999
-VOCAB = 1000
-
-
-def make_llava(
-    *,
-    layers: int = 32,
-    heads: int = 4,
-    kv_heads: int = 4,
-    hidden: int = 64,
-    vision_layers: int = 4,
-    image_size: int = 336,
-    attn: str = "sdpa",
-    strategy: str = "default",
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-) -> LlavaForConditionalGeneration:
-    """A randomly initialised LlavaForConditionalGeneration; LLaVA-1.5 geometry by default (576 patches, 32 layers)."""
-    text = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=hidden // heads,
-        max_position_embeddings=2048,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=14,
-        projection_dim=32,
-        hidden_act="quick_gelu",
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=IMAGE_TOKEN,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy=strategy,
-        image_seq_length=(image_size // 14) ** 2 + (strategy == "full"),
-    )
-    torch.manual_seed(seed)
-    model = sharpen(LlavaForConditionalGeneration(config))
-    model.set_attn_implementation(attn)
-    return model.to(dtype).eval()
-
-
 def make_demo_llava(processor, seed: int = 0) -> LlavaForConditionalGeneration:
     """A 4-layer LLaVA-1.5-geometry model (576 patches) whose image token is the demo tokenizer's
     (``processor``: ``duet_vlm.demo.processor.build_processor()``), for the training commands."""
@@ -186,53 +154,6 @@ def row(inputs: dict[str, torch.Tensor], b: int, images_per_row: int = 1) -> dic
 
 
 # ----------------------------------------------------------------------------- LLaVA with other towers, Video-LLaVA
-IMAGE, VIDEO = 998, 999
-FRAMES, SIDE = 4, 8  # Video-LLaVA: 4 frames of 8x8 patches (+ CLS): 260 video tokens; an image has 64
-
-
-def text_config(layers=16):
-    """The Llama decoder of the tiny LLaVA-NeXT, Video-LLaVA and LLaVA-with-another-tower models (GQA)."""
-    return LlamaConfig(
-        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2,
-    )
-
-
-def llava_with(vision_config, strategy="full", layers=8):
-    """LlavaForConditionalGeneration with any vision tower (64 image tokens, image token ``IMAGE``)."""
-    config = LlavaConfig(
-        vision_config=vision_config, text_config=text_config(layers), image_token_id=IMAGE, vision_feature_layer=-2,
-        vision_feature_select_strategy=strategy, image_seq_length=64,
-    )
-    torch.manual_seed(0)
-    return sharpen(LlavaForConditionalGeneration(config)).eval()
-
-
-def siglip_tower(image_size=112, patch_size=14, layers=3):
-    return SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                              image_size=image_size, patch_size=patch_size)
-
-
-def clip_tower(image_size, patch_size=14, layers=3):
-    return CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4, image_size=image_size,
-        patch_size=patch_size, projection_dim=32, hidden_act="quick_gelu",
-    )
-
-
-def make_video_llava(attn="sdpa", side=SIDE, layers=16, seed=0):
-    config = VideoLlavaConfig(
-        vision_config=clip_tower(14 * side), text_config=text_config(layers), image_token_id=IMAGE,
-        video_token_id=VIDEO, vision_feature_layer=-2, vision_feature_select_strategy="default",
-        image_seq_length=side * side, video_seq_length=FRAMES * (side * side + 1),
-    )
-    torch.manual_seed(seed)
-    model = sharpen(VideoLlavaForConditionalGeneration(config))
-    model.set_attn_implementation(attn)
-    return model.eval()
-
-
 def _prompt(generator, image: bool, video: bool, suffix: int):
     ids = [1] + torch.randint(3, 900, (3,), generator=generator).tolist()
     if image:
@@ -275,21 +196,6 @@ def one_video(seed=0, suffix=6):
 
 
 # ----------------------------------------------------------------------------- LLaVA-NeXT (anyres)
-def make_llava_next(attn="sdpa", seed=0, tower="clip", layers=16):
-    """Tiles of 56 px (4x4 patches of 14 px; a CLIP tower's CLS dropped, a SigLIP tower has none)."""
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
-
-    vision, strategy = (clip_tower(56), "default") if tower == "clip" else (siglip_tower(56), "full")
-    config = LlavaNextConfig(
-        vision_config=vision, text_config=text_config(layers), image_token_id=IMAGE, vision_feature_layer=-2,
-        vision_feature_select_strategy=strategy, image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
-    )
-    torch.manual_seed(seed)
-    model = sharpen(LlavaNextForConditionalGeneration(config))
-    model.set_attn_implementation(attn)
-    return model.eval()
-
-
 # (height, width) -> placeholder slots: base tile 16 + unpadded grid + one newline per grid row
 NEXT_SIZES = {(112, 112): 16 + 8 * 9, (56, 112): 16 + 4 * 9, (100, 60): 16 + 8 * 5}
 
@@ -313,31 +219,6 @@ def next_batch(rows_sizes, seed=0, suffixes=None):
 
 
 # ----------------------------------------------------------------------------- LLaVA-OneVision
-VIDEO_FRAMES_OV = 4
-
-
-def make_llava_onevision(attn="sdpa", seed=0, tower="siglip", layers=16):
-    """Tiles of 32 px (8x8 patches of 4 px; a CLIP tower's CLS dropped, a SigLIP tower has none)."""
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config
-
-    text = Qwen2Config(
-        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    if tower == "siglip":
-        vision, strategy, layer = siglip_tower(32, 4), "full", -1
-    else:
-        vision, strategy, layer = clip_tower(32, 4), "default", -2
-    config = LlavaOnevisionConfig(
-        vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=VIDEO, vision_feature_layer=layer,
-        vision_feature_select_strategy=strategy, image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]],
-    )
-    torch.manual_seed(seed)
-    model = sharpen(LlavaOnevisionForConditionalGeneration(config))
-    model.set_attn_implementation(attn)
-    return model.eval()
-
-
 # (height, width) -> slots; a video of 4 frames: 4 x 16 pooled tokens + a newline
 OV_SIZES = {(64, 64): 336, (32, 64): 200}
 OV_VIDEO = VIDEO_FRAMES_OV * 16 + 1
@@ -373,64 +254,7 @@ def ov_row(inputs, rows, b):
 
 
 # ----------------------------------------------------------------------------- Qwen2-VL, Qwen2.5-VL, Qwen3-VL
-QWEN_IMAGE, QWEN_VIDEO, VSTART, VEND = 3, 4, 5, 6
 PATCH = 3 * 14 * 14 * 2  # channels x patch x patch x temporal patch
-
-
-def qwen_text(layers):
-    return dict(
-        vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0,
-        # head_dim 8: the three M-RoPE sections must add up to head_dim / 2.
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
-    )
-
-
-def make_qwen(family, attn="sdpa", layers=6, seed=0):
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen3VLConfig,
-        Qwen3VLForConditionalGeneration,
-    )
-
-    ids = dict(image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=VSTART,
-               vision_end_token_id=VEND)
-    vision = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-    if family == "qwen2_vl":
-        config = Qwen2VLConfig(
-            text_config=qwen_text(layers), vision_config=dict(vision, depth=2, embed_dim=32, hidden_size=32,
-                                                              num_heads=4, mlp_ratio=2), **ids,
-        )
-        cls = Qwen2VLForConditionalGeneration
-    elif family == "qwen2_5_vl":
-        # Windows of 2x2 merged tokens (56 px), full attention in block 1 of 3: the scores come from
-        # block 1, whose input is in the window order.
-        config = Qwen2_5_VLConfig(
-            text_config=qwen_text(layers),
-            vision_config=dict(vision, depth=3, hidden_size=32, intermediate_size=37, num_heads=4, out_hidden_size=32,
-                               window_size=56, fullatt_block_indexes=[1]),
-            **ids,
-        )
-        cls = Qwen2_5_VLForConditionalGeneration
-    else:
-        text = qwen_text(layers)
-        text["rope_parameters"]["mrope_interleaved"] = True
-        config = Qwen3VLConfig(
-            text_config=text,
-            vision_config=dict(vision, depth=3, hidden_size=32, intermediate_size=37, num_heads=4, out_hidden_size=32,
-                               deepstack_visual_indexes=[0, 1], num_position_embeddings=64),
-            **ids,
-        )
-        cls = Qwen3VLForConditionalGeneration
-    torch.manual_seed(seed)
-    # sharper attention, so that scores (and what is kept) differ between tokens
-    model = sharpen(cls(config), 4.0, ("q_proj.weight", "k_proj.weight", "qkv.weight"))
-    model.set_attn_implementation(attn)
-    return model.eval()
 
 
 def _qwen_row(generator, items, prefix=3, suffix=4, frames_apart=False):
@@ -493,93 +317,7 @@ def qwen_row(batch, rows, b):
 QWEN_MIXED = [[("image", 8, 8), ("video", 2, 8, 4)], [("image", 12, 8)]]  # row 0: 16 + 16 tokens; row 1: 24
 
 
-def make_qwen3_5(moe=False, attn="sdpa", layers=6, interval=4, attention_first=False, seed=0):
-    """Qwen3.5 (or Qwen3.5-MoE): the Qwen3-VL tower without DeepStack, and a hybrid language model
-    whose every ``interval``-th layer is full attention, the others Gated-DeltaNet linear attention
-    (as released: layers 3, 7, ...); ``attention_first``: layers 0, interval, 2 interval, ... attend
-    instead. The gated query (``q_proj`` gives a query and a gate per head) and partial RoPE (a
-    quarter of the head) as released."""
-    from transformers import (
-        Qwen3_5Config,
-        Qwen3_5ForConditionalGeneration,
-        Qwen3_5MoeConfig,
-        Qwen3_5MoeForConditionalGeneration,
-    )
-
-    text = dict(
-        vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
-        linear_num_key_heads=2, linear_num_value_heads=4,
-        layer_types=[
-            "full_attention" if (i if attention_first else i + 1) % interval == 0 else "linear_attention"
-            for i in range(layers)
-        ],
-        # a quarter of head_dim 16 rotates: the M-RoPE sections add up to 2.
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 0],
-                         "mrope_interleaved": True, "partial_rotary_factor": 0.25},
-    )
-    if moe:
-        text.update(moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
-    vision = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, depth=3, hidden_size=32,
-                  intermediate_size=37, num_heads=4, out_hidden_size=32, num_position_embeddings=64)
-    ids = dict(image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=VSTART,
-               vision_end_token_id=VEND)
-    config_class, model_class = (
-        (Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration) if moe else (Qwen3_5Config, Qwen3_5ForConditionalGeneration)
-    )
-    torch.manual_seed(seed)
-    model = config_class(text_config=text, vision_config=vision, **ids)
-    model = sharpen(model_class(model), 4.0, ("q_proj.weight", "k_proj.weight", "qkv.weight"))
-    model.set_attn_implementation(attn)
-    return model.eval()
-
-
 # ----------------------------------------------------------------------------- InternVL3 / 3.5
-INTERNVL_IMAGE, IMG_START, IMG_END = 998, 996, 997  # <IMG_CONTEXT>, <img>, </img>
-INTERNVL_TILE = 32  # px: 8x8 patches of 4 px (+ CLS); the 0.5 pixel shuffle makes 4x4 = 16 tokens
-INTERNVL_TOKENS = 16  # placeholders per tile (image_seq_length)
-
-
-def make_internvl(attn="sdpa", layers=16, seed=0, text="qwen2", **vision_options):
-    """InternVL3 with tiles of 32 px and a Qwen2 decoder (GQA); ``text="qwen3"``: InternVL3.5's
-    Qwen3 decoder (per-head q/k norms); ``vision_options``: more ``InternVLVisionConfig`` fields
-    (the 6B ViT's ``use_qk_norm=True, norm_type="rms_norm"``). The CLS token and the position
-    embeddings (zeros at init) are drawn at random and the layer scales (0.1) set to 1, so that
-    the CLS attention differs between patches."""
-    from transformers import (
-        InternVLConfig,
-        InternVLForConditionalGeneration,
-        InternVLVisionConfig,
-        Qwen2Config,
-        Qwen3Config,
-    )
-
-    vision = InternVLVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=INTERNVL_TILE,
-        patch_size=4, layer_scale_init_value=1.0, **vision_options,
-    )
-    text = (Qwen3Config if text == "qwen3" else Qwen2Config)(
-        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2,
-    )
-    config = InternVLConfig(
-        vision_config=vision, text_config=text, image_token_id=INTERNVL_IMAGE, image_seq_length=INTERNVL_TOKENS,
-        downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config)
-    with torch.no_grad():
-        embeddings = model.model.vision_tower.embeddings
-        embeddings.cls_token.normal_()
-        embeddings.position_embeddings.normal_(std=0.5)
-    # q/k norms (Qwen3, a qk-normed ViT) undo a sharper projection: their weights are sharpened too.
-    model = sharpen(sharpen(model), 2.0, ("q_norm.weight", "k_norm.weight"))
-    model.set_attn_implementation(attn)
-    return model.eval()
-
-
 def internvl_batch(rows, seed=0, suffixes=None):
     """Rows of images given by their tiles (thumbnail included: 5 = 2x2 tiles and a thumbnail, 1 = a
     single tile), each ``<img>`` + 16 placeholders per tile + ``</img>`` and two text tokens,
@@ -607,41 +345,6 @@ INTERNVL_ROWS = [[5], [3, 1]]  # 2x2 tiles + thumbnail | 1x2 tiles + thumbnail, 
 
 
 # ----------------------------------------------------------------------------- Gemma 3
-GEMMA_IMAGE, BOI, EOI = 998, 996, 997  # <image_soft_token>, <start_of_image>, <end_of_image>
-GEMMA_TOKENS = 16  # soft tokens per image: 8x8 SigLIP patches of 4 px, pooled 2x2
-GEMMA_WINDOW = 16  # shorter than every prompt below, so that the sliding window bites
-
-
-def make_gemma3(attn="sdpa", layers=6, seed=0, window=GEMMA_WINDOW, layer_types=None):
-    """Gemma 3 with 32 px images (16 soft tokens) and ``layers`` decoder layers, Gemma's pattern
-    (five sliding layers, then a global one) unless ``layer_types`` says otherwise. transformers
-    initialises the image projection to zeros (a tiny model would see no image) and Gemma's
-    RMSNorm weights to zeros (a scale of 1): the projection is drawn at random and the per-head
-    q/k norms set to a scale of 2, so that attention has clear margins."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-
-    text = dict(
-        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=4096,
-        sliding_window=window, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        layer_types=layer_types or ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)],
-    )
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
-                  patch_size=4)
-    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=GEMMA_TOKENS,
-                          image_token_index=GEMMA_IMAGE, boi_token_index=BOI, eoi_token_index=EOI)
-    torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(config)
-    with torch.no_grad():
-        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.3)
-        for name, param in model.named_parameters():
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
-                param.fill_(1.0)
-    model = sharpen(model, 4.0, ("q_proj.weight", "k_proj.weight"))
-    model.set_attn_implementation(attn)
-    return model.eval()
-
-
 def gemma3_batch(rows, seed=0, suffixes=None):
     """Rows of ``rows[r]`` images each: ``<bos>``, three text tokens, then per image
     ``<start_of_image>`` + 16 soft-token placeholders + ``<end_of_image>`` and two text tokens, then
@@ -673,39 +376,7 @@ GEMMA_ROWS = [1, 2]  # one image | two images
 
 
 # ----------------------------------------------------------------------------- Gemma 4
-GEMMA4_IMAGE, GEMMA4_VIDEO = 998, 995  # boi/eoi as Gemma 3's
-GEMMA4_PATCH, GEMMA4_KERNEL = 4, 3  # 4 px patches, pooled 3x3 into one soft token
 GEMMA4_MAX_TOKENS = 16  # the tiny processor's max_soft_tokens: every image is padded to 16 x 9 patches
-GEMMA4_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * 2
-
-
-def make_gemma4(attn="sdpa", layers=6, seed=0, window=GEMMA_WINDOW, layer_types=None, kv_shared=2,
-                bidirectional="vision"):
-    """Gemma 4 with per-layer inputs, ``layers`` decoder layers (two sliding, then a global one) of
-    which the last ``kv_shared`` reuse the keys and values of earlier ones, and a window of
-    ``window`` tokens. transformers initialises the patch-position table to ones (every position
-    alike) and Gemma's norms to a scale of 1: the table is drawn at random, and q/k projections
-    sharpened, so that attention has clear margins."""
-    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
-
-    text = dict(
-        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, global_head_dim=32, max_position_embeddings=4096, sliding_window=window,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_size_per_layer_input=8, vocab_size_per_layer_input=1000,
-        num_kv_shared_layers=kv_shared, use_bidirectional_attention=bidirectional,
-        layer_types=layer_types or (GEMMA4_LAYER_TYPES * layers)[:layers],
-    )
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
-                  head_dim=8, patch_size=GEMMA4_PATCH, pooling_kernel_size=GEMMA4_KERNEL, position_embedding_size=64)
-    config = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=GEMMA4_IMAGE,
-                          boi_token_id=BOI, eoi_token_id=EOI, video_token_id=GEMMA4_VIDEO, audio_token_id=994)
-    torch.manual_seed(seed)
-    model = Gemma4ForConditionalGeneration(config)
-    with torch.no_grad():
-        model.model.vision_tower.patch_embedder.position_embedding_table.normal_(std=0.5)
-    model = sharpen(model, 2.0, ("q_proj.weight", "k_proj.weight", "q_proj.linear.weight", "k_proj.linear.weight"))
-    model.set_attn_implementation(attn)
-    return model.eval()
 
 
 def gemma4_patches(rows: int, cols: int, generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -323,7 +323,7 @@ def test_the_command_on_a_tiny_llava_next_checkpoint(tmp_path):
     """Through the processor: two images of different aspects become anyres items of different sizes
     (336 and 272 slots here); every check passes at a ratio. A budget the method cannot meet on those
     four decoder layers is refused in one line before any check runs."""
-    from duet_vlm.integrations.vllm.checkpoints import write_llava_next
+    from duet_vlm.tiny.checkpoints import write_llava_next
 
     folder = write_llava_next(tmp_path / "next")
     result = runner.invoke(cli.app, ["check", "--model", str(folder), "--ratio", "0.5", "--rounds", "1",

@@ -31,7 +31,7 @@ from duet_vlm.check import TOLERANCE, prompts
 from duet_vlm.check.report import NOT_APPLICABLE, PASS
 from duet_vlm.cli import app
 from duet_vlm.compare import ask, load_processor
-from duet_vlm.integrations.vllm import checkpoints
+from duet_vlm.tiny import checkpoints
 from duet_vlm.synthetic import sample
 
 runner = CliRunner()

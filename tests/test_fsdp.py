@@ -104,7 +104,7 @@ def _unkept_worker(rank: int, world: int, port: int, out: str) -> None:
         hidden = torch.zeros(1, 5, model.config.text_config.hidden_size)
         rope = adapter.rotary_emb(hidden, torch.arange(5)[None])
         try:
-            reading_full(adapter.text_to_visual_attention)(
+            reading_full(adapter.scheme.text_to_visual_attention)(
                 adapter.layers[1], hidden, rope, [torch.tensor([4])], torch.ones(1, 5, dtype=torch.bool),
                 torch.tensor([[[1, 2]]]),
             )

@@ -235,7 +235,7 @@ def test_masks_fall_back_only_where_the_model_builds_none(gemma):
     adapter = adapter_for(model)
     hidden = _entry_embeds(model, inputs)
     valid = inputs["attention_mask"].bool()
-    masks = adapter.layer_masks(hidden, valid, inputs["token_type_ids"])
+    masks = adapter.scheme.build(hidden, valid, inputs["token_type_ids"])
     causal = create_causal_mask(config=model.config.text_config, inputs_embeds=hidden, attention_mask=valid,
                                 **with_cache(None), allow_is_causal_skip=False)
     differs = (masks["attention"] != causal)[0, 0]
@@ -255,10 +255,10 @@ def test_costs_count_what_gemmas_masks_allow_and_its_caches_hold(gemma):
     adapter = adapter_for(model)
     dims = DecoderDims.from_config(model.config.text_config)
     with torch.no_grad():
-        masks = adapter.layer_masks(_entry_embeds(model, inputs), inputs["attention_mask"].bool(), inputs["token_type_ids"])
+        masks = adapter.scheme.build(_entry_embeds(model, inputs), inputs["attention_mask"].bool(), inputs["token_type_ids"])
         cache = DynamicCache(config=model.config.text_config)
         model(**inputs, past_key_values=cache, use_cache=True)
-    for layer, kind in enumerate(adapter.layer_kinds()):
+    for layer, kind in enumerate(adapter.scheme.kinds):
         assert attention_pairs(dims, layer, n, [GEMMA_TOKENS] * 2) == int(masks[kind].sum()), layer
         held = cache.layers[layer].keys
         assert layer_cache_bytes(dims, layer, n, held.element_size()) == 2 * held.numel() * held.element_size(), layer

@@ -292,7 +292,7 @@ def test_boundaries_stop_before_the_layers_that_share_keys_and_values(gemma4):
     ``layers``, FastV's ``layer``) are refused at attach, naming the boundaries that work."""
     model, _ = gemma4
     adapter = adapter_for(model)
-    assert (adapter.geometry.last_boundary, adapter.queries_cut_from) == (2, 4)
+    assert (adapter.geometry.last_boundary, adapter.scheme.queries_cut_from) == (2, 4)
     assert adapter_for(_models(0)[0]).geometry.last_boundary is None
     plan = duet_vlm.make("pyramiddrop", budget=8).resolve(adapter.image_geometry(4, 4))
     assert [layer for layer, _ in plan.schedule.boundaries] and max(layer for layer, _ in plan.schedule.boundaries) <= 2
@@ -407,10 +407,10 @@ def test_costs_count_what_gemma_4_computes_and_caches(gemma4):
     dims = DecoderDims.from_config(model.config.text_config)
     embeds, _ = _entry(model, inputs)
     with torch.no_grad():
-        masks = adapter.layer_masks(embeds, inputs["attention_mask"].bool(), inputs["mm_token_type_ids"])
+        masks = adapter.scheme.build(embeds, inputs["attention_mask"].bool(), inputs["mm_token_type_ids"])
         cache = DynamicCache(config=model.config.text_config)
         model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=0)
-    for layer, (kind, module) in enumerate(zip(adapter.layer_kinds(), adapter.layers)):
+    for layer, (kind, module) in enumerate(zip(adapter.scheme.kinds, adapter.layers)):
         mask = masks[kind]  # None: sdpa's causal mask (no padding, no blocks: a global layer)
         allowed = n * (n + 1) // 2 if mask is None else int(mask.sum())
         assert attention_pairs(dims, layer, n, [16, 12]) == allowed, layer

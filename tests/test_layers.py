@@ -49,7 +49,7 @@ def test_every_method_module_is_in_the_independence_contract():
 def test_vision_scores_have_one_implementation():
     """The vLLM plugin and the adapters score vision tokens with ``duet_vlm.scoring``: they import it,
     and no softmax over attention logits is written anywhere else outside the methods (the one left
-    in adapters/base.py is the language side's text-to-visual attention)."""
+    in adapters/scheme.py is the language side's text-to-visual attention)."""
     import ast
 
     import grimp
@@ -69,7 +69,7 @@ def test_vision_scores_have_one_implementation():
                 for node in ast.walk(function):
                     if isinstance(node, ast.Attribute) and node.attr == "softmax":
                         found.append(f"{path.relative_to(src)}:{function.name}")
-    assert sorted(set(found)) == ["adapters/base.py:text_to_visual_attention"], found
+    assert sorted(set(found)) == ["adapters/scheme.py:text_to_visual_attention"], found
 
 
 def test_the_prefill_state_stays_small():
@@ -90,3 +90,28 @@ def test_the_prefill_state_stays_small():
     tree = ast.parse((runtime / "prefill.py").read_text())
     start = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "start_prefill")
     assert start.end_lineno - start.lineno + 1 <= 30
+
+
+def test_a_familys_language_side_is_one_object():
+    """Issue #52's targets: the runtime asks the family's ``LayerScheme`` which mask each layer gets,
+    so no runtime module names a layer kind or a mask source; ``ModelAdapter`` shed the members that
+    moved there (at most 440 lines and 38 methods); the prefill visits the vision side once."""
+    import ast
+    import re
+
+    runtime = ROOT / "src" / "duet_vlm" / "runtime"
+    branches = re.compile(r'"(?:linear_attention|sliding_attention|full_attention)"|builds_masks|layer_masks|by_layer_type'
+                          r'|isinstance\([^)]*attention_mask[^)]*dict\)')
+    found = [f"{path.name}:{n}" for path in sorted(runtime.glob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), 1) if branches.search(line)]
+    assert not found, found
+    tree = ast.parse((ROOT / "src" / "duet_vlm" / "adapters" / "base.py").read_text())
+    adapter = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "ModelAdapter")
+    methods = [node for node in adapter.body if isinstance(node, ast.FunctionDef)]
+    assert adapter.end_lineno - adapter.lineno + 1 <= 440 and len(methods) <= 38, (adapter.end_lineno - adapter.lineno + 1, len(methods))
+    prefill = ast.parse((runtime / "prefill.py").read_text())
+    start = next(node for node in prefill.body if isinstance(node, ast.FunctionDef) and node.name == "start_prefill")
+    calls = {node.func.id for node in ast.walk(start) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    imported = {alias.name for node in prefill.body if isinstance(node, ast.ImportFrom) and node.module == "vision"
+                for alias in node.names}
+    assert calls & imported == {"vision_step"}, calls & imported

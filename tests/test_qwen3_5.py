@@ -115,7 +115,7 @@ def _slots(keep):
 def test_layer_kinds_and_the_boundaries_that_can_score(hybrid):
     adapter = duet_vlm.adapters.adapter_for(hybrid)
     assert adapter.family == "qwen3_5"
-    assert adapter.attention_layers() == (3, 7, 11, 15)
+    assert adapter.scheme.attention_layers() == (3, 7, 11, 15)
     geometry = adapter.geometry
     assert geometry.boundary_layers("layer") == (7, 11, 15)  # the stage reads the layer after the boundary
     assert geometry.boundary_layers("previous") == (4, 8, 12)  # ... the layer before it (FastV)
@@ -375,7 +375,7 @@ def test_flops_and_cache_bytes_per_layer_kind(hybrid):
             held += sum(t.numel() * t.element_size() for t in (cached.keys, cached.values))
     length = inputs["input_ids"].shape[1]
     assert kv_cache_bytes(dims, [length] * len(lm.layers), bytes_per_element=4) == held
-    assert dims.layer_kinds == duet_vlm.adapters.adapter_for(hybrid).layer_kinds()
+    assert dims.layer_kinds == duet_vlm.adapters.adapter_for(hybrid).scheme.kinds
 
 
 # ----------------------------------------------------------------------------- generation modes

@@ -25,7 +25,7 @@ def _probe(module, store: list, *, pre: bool = True):
 
 # ----------------------------------------------------------------------------- Stage-B scores under GQA
 def test_gqa_text_to_visual_attention_equals_the_layers_own_eager_attention():
-    """``ModelAdapter.text_to_visual_attention`` on a grouped-query model (4 query heads, 2 KV heads,
+    """``LayerScheme.text_to_visual_attention`` on a grouped-query model (4 query heads, 2 KV heads,
     each KV head its own random projection) equals the attention probabilities the same decoder layer
     computes in eager mode on a plain forward (``output_attentions``), averaged over heads and query
     rows at the visual positions, for every layer and both rows of a left-padded batch.
@@ -53,7 +53,7 @@ def test_gqa_text_to_visual_attention_equals_the_layers_own_eager_attention():
     for index, layer in enumerate(adapter.layers):
         (args, kwargs), = layer_inputs[index]
         hidden = args[0] if args else kwargs["hidden_states"]
-        scores = adapter.text_to_visual_attention(
+        scores = adapter.scheme.text_to_visual_attention(
             layer, hidden, kwargs["position_embeddings"], queries, mask, visual
         )
         probs = out.attentions[index].float()  # (B, H, L, L), the layer's own softmax

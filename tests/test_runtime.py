@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import duet_vlm
 from duet_vlm import compat
 from duet_vlm.compat import enable_checkpointing
-from duet_vlm.runtime.masks import gather_mask as _gather_mask
+from duet_vlm.adapters.scheme import gather_mask as _gather_mask
 
 from conftest import IMAGE_TOKEN, make_inputs, make_llava, row
 from reference_duet import eager_copy, reference_duet

@@ -468,7 +468,7 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, checkpoint):
 def gemma3_checkpoint(tmp_path_factory) -> Path:
     """A tiny Gemma 3 (4 decoder layers, the last global; 16 soft tokens per 32-pixel image) with a chat
     template in Gemma's form, which has no ``{% generation %}`` spans, as Gemma's own has not."""
-    from duet_vlm.integrations.vllm.checkpoints import write_gemma3
+    from duet_vlm.tiny.checkpoints import write_gemma3
 
     return write_gemma3(tmp_path_factory.mktemp("tiny_gemma3"), layers=4, gemma_template=True)
 
@@ -548,7 +548,7 @@ def gemma4_checkpoint(tmp_path_factory) -> Path:
     lacks it, so these run in the vLLM environment's CI step (``DUET_REQUIRE_TORCHVISION=1``)."""
     if os.environ.get("DUET_REQUIRE_TORCHVISION") != "1":
         pytest.importorskip("torchvision", reason="Gemma 4's processor needs torchvision")
-    from duet_vlm.integrations.vllm.checkpoints import write_gemma4
+    from duet_vlm.tiny.checkpoints import write_gemma4
 
     return write_gemma4(tmp_path_factory.mktemp("tiny_gemma4"))
 

@@ -39,8 +39,9 @@ from vllm import LLM, SamplingParams  # noqa: E402
 
 import duet_vlm  # noqa: E402
 from duet_vlm.integrations.vllm import select  # noqa: E402
-from duet_vlm.integrations.vllm.bench import data_url, free_port, wait_until_healthy  # noqa: E402
-from duet_vlm.integrations.vllm.checkpoints import (  # noqa: E402
+from duet_vlm.integrations.vllm.bench import Server, data_url  # noqa: E402
+from duet_vlm.integrations.vllm.bench import picture as image  # noqa: E402 - blocks of colour and noise
+from duet_vlm.tiny.checkpoints import (  # noqa: E402
     IMAGE_TOKEN,
     TinySize,
     load_hf,
@@ -86,16 +87,6 @@ METHODS = [
     ("vscan", {"layers": []}),  # VScan's scan
     ("hiprune", {}),  # attention received on a CLS tower
 ]
-
-
-def image(seed: int, size=(336, 336)) -> Image.Image:
-    """A picture with structure (blocks of colour and noise), so attention and diversity rank its patches."""
-    rng = np.random.RandomState(seed)
-    width, height = size
-    blocks = rng.rand(6, 6, 3)
-    picture = np.kron(blocks, np.ones((height // 6 + 1, width // 6 + 1, 1)))[:height, :width]
-    picture = 0.7 * picture + 0.3 * rng.rand(height, width, 3)
-    return Image.fromarray((picture * 255).astype("uint8"))
 
 
 # Tiny checkpoints saved to a folder (what vLLM loads): (folder, its Hugging Face model, its processor).
@@ -1130,27 +1121,11 @@ def openai_server(folder, options: list, tmp_path, limits: dict | None = None):
     """An OpenAI client of ``python -m duet_vlm.integrations.vllm.serve folder *options`` on 127.0.0.1
     (the model named "tiny"; one image a prompt unless ``limits`` says otherwise), stopped after."""
     openai = pytest.importorskip("openai")
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    command = [
-        sys.executable, "-m", "duet_vlm.integrations.vllm.serve", str(folder), *options,
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
-        "--kv-cache-memory-bytes", str(1 << 28), "--limit-mm-per-prompt", json.dumps(limits or {"image": 1, "video": 0}),
-        "--served-model-name", "tiny", "--trust-request-mm-kwargs",  # vLLM's defaults otherwise (prefix caching on)
-    ]
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        wait_until_healthy(process, port, 420, tmp_path / "server.log")
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=300, max_retries=0)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
-        log.close()
+    # vLLM's defaults otherwise (prefix caching on)
+    with Server(folder, [*options, "--enforce-eager"], tmp_path / "server.log", 420, name="tiny",
+                kv_cache_bytes=1 << 28, limits=limits, env=env) as server:
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none", timeout=300, max_retries=0)
 
 
 CHAT_WRITERS = {"llava": write_llava, "llava_onevision": write_llava_onevision, "qwen_vl": write_qwen_vl,

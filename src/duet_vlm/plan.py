@@ -202,7 +202,7 @@ class LayerView:
             later boundaries.
         final_norm_fn: the model's final norm (the one before the LM head).
         keys_fn: ``(layer, hidden_states, position_embeddings, valid) -> (B, L, H_kv * d)`` the keys
-            ``layer`` computes for these tokens (``ModelAdapter.layer_keys``).
+            ``layer`` computes for these tokens (``LayerScheme.layer_keys``).
     """
 
     layer_index: int

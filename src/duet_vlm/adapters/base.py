@@ -22,25 +22,15 @@ A family adapter answers four questions for the runtime:
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import nn
 
 from ..geometry import Geometry
 from ..scoring import clip_layer_scores
-
-#: layer kinds that compute softmax attention: they can score, and their cache holds tokens.
-SCORING_KINDS = ("attention", "sliding_attention")
-
-
-def rotate_like(layer: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``(B, H, L, d)`` states with the RoPE function of ``layer``'s own modeling module,
-    as ``layer.self_attn`` does (``cos``/``sin``: ``(B, L, d)``)."""
-    module = sys.modules[type(layer.self_attn).__module__]
-    rotated, _ = module.apply_rotary_pos_emb(states, states, cos, sin)
-    return rotated
+from .scheme import CausalLayers, LayerScheme
 
 
 class UnreducibleInput(NotImplementedError):
@@ -202,67 +192,12 @@ class ModelAdapter:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def layer_kinds(self) -> tuple[str, ...]:
-        """Each decoder layer's token mixer: ``"attention"`` (softmax attention: it can score, and
-        its KV cache holds one entry per token) or ``"linear_attention"`` (a recurrence with a
-        fixed-size state, Qwen3.5's Gated DeltaNet: no attention scores, and a cache that does not
-        shrink with the tokens). Every layer attends in the LLaVA and Qwen-VL families."""
-        return ("attention",) * self.num_layers()
-
-    def attention_layers(self) -> tuple[int, ...] | None:
-        """The layers that compute softmax attention (and so can score: ``"attention"`` and
-        ``"sliding_attention"``) when the language model mixes in layers that do not (``None``: all),
-        for ``Geometry.attention_layers``."""
-        kinds = self.layer_kinds()
-        scoring = tuple(i for i, kind in enumerate(kinds) if kind in SCORING_KINDS)
-        return None if len(scoring) == len(kinds) else scoring
-
-    # ----------------------------------------------------------------- masks and RoPE per layer kind
-    #: the base model builds the language model's masks itself (``layer_masks``), not from a 2-D mask.
-    builds_masks: bool = False
-
-    def layer_rope(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict:
-        """``{kind: (cos, sin)}`` for ``positions`` (the rotary's input): one RoPE for every layer
-        here; a family whose layer kinds rotate differently returns each kind's."""
-        return {"attention": self.rotary_emb(hidden, positions)}
-
-    def token_types(self, input_ids: torch.Tensor, kwargs: dict, items: list) -> torch.Tensor | None:
-        """``(B, L)`` what the family's masks read besides padding (Gemma's ``token_type_ids``), from
-        a prefill's base-model ``kwargs``, checked against its ``items``; ``None``: nothing."""
-        return None
-
-    def layer_masks(self, hidden: torch.Tensor, key_valid: torch.Tensor, types: torch.Tensor | None,
-                    cache=None, layers: dict | None = None) -> dict | None:
-        """``{kind: mask}`` for a sequence of ``hidden`` states whose keys are ``key_valid`` (``(B, kv)``,
-        False on padding), built as the model builds them, for a family whose base model builds the
-        language model's masks itself (Gemma: bidirectional image blocks from ``types``, sliding
-        windows). With ``cache``, sized against its layer ``layers[kind]`` (a decoding step). ``None``
-        (every other family): the language model builds causal masks from a 2-D mask, and the
-        runtime builds them the same way."""
-        return None
-
-    def by_layer_type(self, masks: dict) -> dict:
-        """``layer_masks``' masks keyed as the language model looks them up (its layer types)."""
-        return masks
-
-    # ----------------------------------------------------------------- per-token arguments
-    #: keyword arguments of the language model, besides ``inputs_embeds``, that hold one entry per
-    #: token along their second axis (Gemma 4's ``per_layer_inputs``): cut to the entry sequence.
-    token_arguments: tuple[str, ...] = ()
-    #: ``(name, position)`` of a decoder layer's argument that holds one entry per token (Gemma 4's
-    #: ``per_layer_input``, a slice of ``per_layer_inputs``): the model passes it at the entry
-    #: sequence's length, and the runtime cuts it to each later segment's tokens; ``None``: none.
-    layer_token_argument: tuple[str, int] | None = None
-    #: the first decoder layer to which the model may pass only the last ``logits_to_keep`` queries
-    #: of the prefill (Gemma 4's KV-shared layers read every key from an earlier layer, so the model
-    #: cuts their queries); ``None``: every layer gets the whole sequence.
-    queries_cut_from: int | None = None
-
-    def layer_call_kwargs(self) -> dict:
-        """Keyword arguments a decoder layer needs when a stage runs it outside the model's forward
-        (``run_layer``) besides its mask, positions and RoPE (Gemma 4: a store for the keys and
-        values it shares)."""
-        return {}
+    @cached_property
+    def scheme(self) -> LayerScheme:
+        """The language side (``adapters.scheme``): each decoder layer's kind, the mask and RoPE it
+        gets. Every layer attends causally under a mask built from the 2-D mask in the LLaVA and
+        Qwen-VL families."""
+        return CausalLayers(self.text_config, self.rotary_emb, ("attention",) * self.num_layers())
 
     # ----------------------------------------------------------------- visual items
     def find_items(self, input_ids: torch.Tensor, kwargs: dict, captures: dict | None = None) -> list[VisualItem]:
@@ -518,112 +453,6 @@ class ModelAdapter:
         (Qwen3-VL's DeepStack), taken out of its keyword arguments so the runtime adds them to the
         kept tokens itself: ``(visual_pos_masks (B, L), [per layer (visual tokens, D)])`` or ``None``."""
         return None
-
-    # ----------------------------------------------------------------- language side
-    # The language side is Llama-like for every supported family: pre-norm decoder layers with
-    # ``input_layernorm`` and ``self_attn.{q_proj,k_proj}`` (optionally ``q_norm``/``k_norm``) and
-    # rotate-half RoPE.
-    def rotate(self, layer: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Apply the model's own RoPE function (from its modeling module) to ``(B, H, L, d)`` states."""
-        return rotate_like(layer, states, cos, sin)
-
-    def layer_keys(
-        self,
-        layer: nn.Module,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        valid: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``(B, L, H_kv * d)`` the keys ``layer`` computes from its input ``hidden_states``: input
-        norm, ``k_proj``, per-head ``k_norm`` where the layer has one, RoPE; heads concatenated (no
-        grouped-query repetition), in the model's dtype, without gradient.
-
-        With ``valid`` (``(B, L)``, False on padding) the rotation counts from each row's first valid
-        token, as the row alone numbers its positions, so that a quantity of single keys (a norm) is
-        the same in a left-padded batch, whose rows the model may number from the padding: each
-        token's angle minus that token's (RoPE composes: R(a - b) = R(a) R(b)^-1)."""
-        attn = layer.self_attn
-        batch, length = hidden_states.shape[:2]
-        cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
-        if valid is not None:
-            first = valid.long().argmax(dim=-1)
-            rows = torch.arange(batch, device=first.device)
-            c0, s0 = cos[rows, first][:, None], sin[rows, first][:, None]
-            scale = (c0.square() + s0.square()).sqrt()  # RoPE's attention scaling, applied once
-            c0, s0 = c0 / scale, s0 / scale
-            cos, sin = cos * c0 + sin * s0, sin * c0 - cos * s0
-        with torch.no_grad():
-            keys = attn.k_proj(layer.input_layernorm(hidden_states.detach())).view(batch, length, -1, attn.head_dim)
-            k_norm = getattr(attn, "k_norm", None)
-            if k_norm is not None:
-                keys = k_norm(keys)
-            keys = self.rotate(layer, keys.transpose(1, 2), cos, sin)
-        return keys.transpose(1, 2).reshape(batch, length, -1)
-
-    def layer_queries(self, attn: nn.Module, normed: torch.Tensor) -> torch.Tensor:
-        """``(B, L, H, d)`` the queries ``attn`` projects from normed states ``(B, L, D)``, before any
-        per-head norm and RoPE."""
-        return attn.q_proj(normed).view(*normed.shape[:2], -1, attn.head_dim)
-
-    def text_to_visual_attention(
-        self,
-        layer: nn.Module,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        queries: list[torch.Tensor],
-        key_valid: torch.Tensor,
-        visual_index: torch.Tensor,
-    ) -> torch.Tensor:
-        """Attention from each row's query tokens to its visual tokens, as ``layer`` would compute it.
-
-        Only the ``|queries| x L`` block is formed: the layer's input norm, q/k projections (and
-        per-head q/k norms where the layer has them) and RoPE on the (detached) hidden states, a
-        full-row softmax in float32 over all causally visible, non-pad keys (within the layer's
-        sliding window, counted in tokens of this sequence, where it has one; soft-capped logits
-        where it caps them), then the mean over heads and over queries.
-
-        Args:
-            hidden_states: ``(B, L, D)`` input of ``layer``.
-            position_embeddings: ``(cos, sin)`` for those ``L`` positions.
-            queries: per row, a 1-D tensor of query positions.
-            key_valid: ``(B, L)`` bool, False on padding.
-            visual_index: ``(B, n_items, n)`` positions of the visual tokens.
-
-        Returns:
-            ``(B, n_items, n)`` float32 scores.
-        """
-        attn = layer.self_attn
-        head_dim = attn.head_dim
-        groups = attn.num_key_value_groups
-        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        window, cap = getattr(attn, "sliding_window", None), getattr(attn, "attn_logit_softcapping", None)
-        cos, sin = position_embeddings
-        batch = hidden_states.shape[0]
-        cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
-        scores = []
-        with torch.no_grad():
-            for row in range(batch):
-                x = layer.input_layernorm(hidden_states[row : row + 1].detach())
-                q_pos = queries[row]
-                keys = attn.k_proj(x).view(1, x.shape[1], -1, head_dim)
-                query = self.layer_queries(attn, x[:, q_pos])
-                if k_norm is not None:
-                    keys, query = k_norm(keys), q_norm(query)
-                keys = self.rotate(layer, keys.transpose(1, 2), cos[row : row + 1], sin[row : row + 1])
-                query = self.rotate(layer, query.transpose(1, 2), cos[row : row + 1, q_pos], sin[row : row + 1, q_pos])
-                keys = keys.repeat_interleave(groups, dim=1)
-                logits = (query.float() @ keys.float().transpose(-1, -2)) * attn.scaling  # (1, H, q, L)
-                if cap is not None:  # Gemma-2-style logit soft-capping, as the layer applies it
-                    logits = torch.tanh(logits / cap) * cap
-                key_pos = torch.arange(x.shape[1], device=x.device)
-                allowed = (key_pos[None, :] <= q_pos[:, None]) & key_valid[row][None, :]
-                if window is not None:  # a sliding layer sees the last ``window`` tokens of the sequence
-                    allowed &= key_pos[None, :] > q_pos[:, None] - window
-                logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
-                probs = logits.softmax(dim=-1).mean(dim=1)[0]  # (q, L)
-                per_token = probs[:, visual_index[row].reshape(-1)].mean(dim=0)
-                scores.append(per_token.view(visual_index.shape[1:]))
-        return torch.stack(scores)
 
 
 def check_layer(index: int, depth: int) -> int:

@@ -50,6 +50,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from ..compat import with_cache
 from ..scoring import clip_layer_scores
 from .base import Capture, Geometry, ModelAdapter, Signals, UnitFeatures, VisualItem, check_layer
+from .scheme import FamilyMasks
 
 #: the model's layer types -> the runtime's layer kinds.
 KINDS = {"full_attention": "attention", "sliding_attention": "sliding_attention"}
@@ -71,6 +72,19 @@ def pooled_keys(pool: nn.Module, keys: torch.Tensor) -> torch.Tensor:
     return pool(keys.transpose(1, 2).reshape(units, width, side, side)).flatten(2).transpose(1, 2)
 
 
+def gemma3_geometry(config) -> Geometry:
+    """An image block's geometry (the adapter's, and vLLM's ``integrations.vllm.gemma3``):
+    ``mm_tokens_per_image`` soft tokens on a square grid (the projector's ``tokens_per_side``).
+
+    >>> from transformers import Gemma3Config
+    >>> gemma3_geometry(Gemma3Config()).grid
+    (16, 16)
+    """
+    side = int(config.mm_tokens_per_image ** 0.5)
+    return Geometry(config.text_config.num_hidden_layers, side * side, (side, side), False,
+                    encoder_depth=config.vision_config.num_hidden_layers)
+
+
 class Gemma3Adapter(ModelAdapter):
     """``Gemma3ForConditionalGeneration`` / ``Gemma3Model``."""
 
@@ -79,12 +93,6 @@ class Gemma3Adapter(ModelAdapter):
     vision_model_types = ("siglip_vision_model",)
     supported_classes = ("Gemma3ForConditionalGeneration", "Gemma3Model")
     has_cls = False
-    builds_masks = True
-    #: the tokens of an image attend to each other both ways in the prefill's masks (read from
-    #: ``types_argument``, 1 on every image token) in the layers ``image_blocks_where`` says.
-    image_blocks = True
-    types_argument = "token_type_ids"
-    image_blocks_where = "Gemma 3 attends bidirectionally inside each image block"
 
     def __init__(self, model: nn.Module):
         self.check_vision(model)
@@ -103,17 +111,12 @@ class Gemma3Adapter(ModelAdapter):
         self.placeholder_ids = {config.image_token_id: "image"}
         self.pool = self.projector.avg_pool
         self.kernel = self.projector.kernel_size
-        side = self.projector.tokens_per_side
-        self.geometry = Geometry(
-            len(self.layers), side * side, (side, side), False, encoder_depth=len(self.vision_layers),
+        self.geometry = gemma3_geometry(config)
+        self.scheme = GemmaLayers(
+            text, self.rotary_emb, tuple(text.layer_types[: len(self.layers)]), self.modeling, config.image_token_id,
+            image_blocks=True, types_argument="token_type_ids",
+            blocks_where="Gemma 3 attends bidirectionally inside each image block",
         )
-        self.types = tuple(text.layer_types[: len(self.layers)])
-        unknown = sorted(set(self.types) - set(KINDS))
-        if unknown:
-            raise TypeError(f"duet-vlm's gemma3 adapter does not know decoder layers of type {unknown}")
-
-    def layer_kinds(self) -> tuple[str, ...]:
-        return tuple(KINDS[t] for t in self.types)
 
     # ----------------------------------------------------------------- visual items
     def find_items(self, input_ids: torch.Tensor, kwargs: dict, captures: dict | None = None) -> list[VisualItem]:
@@ -140,29 +143,6 @@ class Gemma3Adapter(ModelAdapter):
                 f"(pan-and-scan crops and their blocks must match one to one)"
             )
         return items
-
-    def token_types(self, input_ids: torch.Tensor, kwargs: dict, items: list) -> torch.Tensor | None:
-        if not self.image_blocks:
-            return None  # every mask is causal: the model reads no token types
-        name = self.types_argument
-        types = kwargs.get(name)
-        if types is None:
-            raise ValueError(
-                f"{self.image_blocks_where}, which it reads from {name} (1 on image tokens, as the processor returns "
-                f"them); without them duet-vlm cannot keep the model's mask. Pass the processor's {name}"
-            )
-        types = types.to(input_ids.device)
-        if types.dim() == 2 and types.shape[0] == input_ids.shape[0] and types.shape[1] < input_ids.shape[1]:
-            # Tokens generate appended after the prompt (assisted and prompt-lookup drafts in the
-            # prefill) carry no types; the model's mask reads the missing positions as text.
-            types = torch.nn.functional.pad(types, (0, input_ids.shape[1] - types.shape[1]))
-        image = input_ids == next(iter(self.placeholder_ids))
-        if types.shape != input_ids.shape or not bool(((types == 1) == image).all()):
-            raise ValueError(
-                f"{name} of shape {tuple(types.shape)} do not mark exactly the image placeholders of input_ids "
-                f"{tuple(input_ids.shape)} (1 on every image token, 0 elsewhere)"
-            )
-        return types
 
     # ----------------------------------------------------------------- vision side
     def encoder_layer(self, tower: str, layer) -> nn.Module:
@@ -191,12 +171,47 @@ class Gemma3Adapter(ModelAdapter):
     def reduced_slots(self, item: VisualItem, kept: torch.Tensor) -> torch.Tensor:
         return item.start + kept[0].cpu()  # each output in the slot of the token it stands for
 
-    # ----------------------------------------------------------------- language side
-    def layer_rope(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict:
+
+class GemmaLayers(FamilyMasks):
+    """Gemma's language side: its base model builds one mask per layer type (``create_masks_for_vision_model``),
+    bidirectional inside each image block (where ``image_blocks``: from ``types_argument``, 1 on every
+    image token; ``blocks_where`` says in which layers) and within a sliding window in sliding layers;
+    local and global layers rotate with their own RoPE."""
+
+    def __init__(self, text_config, rotary_emb: nn.Module, types: tuple[str, ...], modeling, image_token_id: int, *,
+                 image_blocks: bool, types_argument: str, blocks_where: str, family: str = "gemma3"):
+        super().__init__(text_config, rotary_emb, types, KINDS, family)
+        self.modeling, self.image_token_id = modeling, image_token_id
+        self.image_blocks, self.types_argument, self.blocks_where = image_blocks, types_argument, blocks_where
+
+    def rope(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict:
         return {KINDS[t]: self.rotary_emb(hidden, positions, t) for t in dict.fromkeys(self.types)}
 
-    def layer_masks(self, hidden: torch.Tensor, key_valid: torch.Tensor, types: torch.Tensor | None,
-                    cache=None, layers: dict | None = None) -> dict:
+    def token_types(self, input_ids: torch.Tensor, kwargs: dict, items: list) -> torch.Tensor | None:
+        if not self.image_blocks:
+            return None  # every mask is causal: the model reads no token types
+        name = self.types_argument
+        types = kwargs.get(name)
+        if types is None:
+            raise ValueError(
+                f"{self.blocks_where}, which it reads from {name} (1 on image tokens, as the processor returns "
+                f"them); without them duet-vlm cannot keep the model's mask. Pass the processor's {name}"
+            )
+        types = types.to(input_ids.device)
+        if types.dim() == 2 and types.shape[0] == input_ids.shape[0] and types.shape[1] < input_ids.shape[1]:
+            # Tokens generate appended after the prompt (assisted and prompt-lookup drafts in the
+            # prefill) carry no types; the model's mask reads the missing positions as text.
+            types = torch.nn.functional.pad(types, (0, input_ids.shape[1] - types.shape[1]))
+        image = input_ids == self.image_token_id
+        if types.shape != input_ids.shape or not bool(((types == 1) == image).all()):
+            raise ValueError(
+                f"{name} of shape {tuple(types.shape)} do not mark exactly the image placeholders of input_ids "
+                f"{tuple(input_ids.shape)} (1 on every image token, 0 elsewhere)"
+            )
+        return types
+
+    def build(self, hidden: torch.Tensor, key_valid: torch.Tensor, types: torch.Tensor | None,
+              cache=None, layers: dict | None = None) -> dict:
         config = self.text_config
         common = dict(config=config, inputs_embeds=hidden, attention_mask=key_valid, **with_cache(cache),
                       position_ids=None)
@@ -211,6 +226,3 @@ class Gemma3Adapter(ModelAdapter):
             layers = dict.fromkeys(KINDS[t] for t in self.types)
         build = {"attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
         return {kind: build[kind](**common, layer_idx=layer) for kind, layer in layers.items()}
-
-    def by_layer_type(self, masks: dict) -> dict:
-        return {t: masks.get(KINDS[t]) for t in dict.fromkeys(self.types)}

@@ -21,8 +21,8 @@ builds, a local and a global RoPE), so this adapter extends ``Gemma3Adapter``; w
   causal. The masks of a shorter sequence are built by the model's own functions, as for Gemma 3.
 - **Per-layer inputs.** The language model adds to each layer's output a per-token input
   (``per_layer_inputs``, computed from the token ids and the merged embeddings): it is cut to the
-  entry sequence with the embeddings (``token_arguments``) and to each later segment's tokens at
-  each decoder layer (``layer_token_argument``).
+  entry sequence with the embeddings (``LayerScheme.token_arguments``) and to each later segment's tokens
+  at each decoder layer (``LayerScheme.layer_token_argument``).
 - **KV sharing.** The last ``num_kv_shared_layers`` layers reuse the keys and values of the last
   earlier layer of their type (which *stores* them). Every boundary must then lie at or before the
   first storing layer, so that the storing and the reusing layers see one sequence:
@@ -44,7 +44,7 @@ from torch import nn
 from ..compat import KVSharingDict
 from ..scoring import attention_scores
 from .base import Capture, Geometry, Signals, UnitFeatures, UnreducibleInput, VisualItem
-from .gemma3 import KINDS, Gemma3Adapter
+from .gemma3 import Gemma3Adapter, GemmaLayers
 
 #: the processor's default ``max_soft_tokens`` gives a square image 16 x 16 soft tokens.
 NOMINAL_SIDE = 16
@@ -58,12 +58,7 @@ class Gemma4Adapter(Gemma3Adapter):
     vision_model_types = ("gemma4_vision",)
     supported_classes = ("Gemma4ForConditionalGeneration", "Gemma4Model")
     has_cls = False
-    builds_masks = True
     nominal_geometry = True  # images come in any size up to the processor's max_soft_tokens
-    types_argument = "mm_token_type_ids"
-    image_blocks_where = "this Gemma 4 attends bidirectionally inside each image in its sliding layers"
-    token_arguments = ("per_layer_inputs",)
-    layer_token_argument = ("per_layer_input", 1)
 
     def __init__(self, model: nn.Module):
         self.check_vision(model)
@@ -85,24 +80,17 @@ class Gemma4Adapter(Gemma3Adapter):
         self.video_token_id = getattr(config, "video_token_id", None)
         self.projector = self.base.embed_vision
         self.kernel = config.vision_config.pooling_kernel_size
-        self.image_blocks = text.use_bidirectional_attention == "vision"  # in the sliding layers only
-        self.types = tuple(text.layer_types[: len(self.layers)])
-        unknown = sorted(set(self.types) - set(KINDS))
-        if unknown:
-            raise TypeError(f"duet-vlm's gemma4 adapter does not know decoder layers of type {unknown}")
-        self.last_boundary, self.queries_cut_from = kv_sharing(text, len(self.layers))
+        self.scheme = Gemma4Layers(
+            text, self.rotary_emb, tuple(text.layer_types[: len(self.layers)]), self.modeling, config.image_token_id,
+            image_blocks=text.use_bidirectional_attention == "vision",  # in the sliding layers only
+            types_argument="mm_token_type_ids",
+            blocks_where="this Gemma 4 attends bidirectionally inside each image in its sliding layers", family="gemma4",
+        )
+        self.last_boundary, self.scheme.queries_cut_from = kv_sharing(text, len(self.layers))
         self.geometry = self.image_geometry(NOMINAL_SIDE, NOMINAL_SIDE)
 
     def image_geometry(self, rows: int, cols: int) -> Geometry:
-        return Geometry(
-            len(self.layers), rows * cols, (rows, cols), False, encoder_depth=len(self.vision_layers),
-            last_boundary=self.last_boundary,
-        )
-
-    def layer_call_kwargs(self) -> dict:
-        # A layer run outside the forward shares nothing it stores. transformers' own container, which
-        # FSDP2's helpers leave alone (a plain dict they would walk).
-        return {"shared_kv_states": KVSharingDict()}
+        return gemma4_geometry(self.base.config, rows, cols)
 
     # ----------------------------------------------------------------- visual items
     def image_grids(self, capture: Capture) -> list[tuple[int, int]]:
@@ -185,10 +173,36 @@ class Gemma4Adapter(Gemma3Adapter):
         maps = {layer: scores[rows, :length] for layer, scores in signals.maps.items()}
         return UnitFeatures(features, signals.scores[rows, :length], signals.keys[rows, :length], maps)
 
-    # ----------------------------------------------------------------- language side
+
+
+class Gemma4Layers(GemmaLayers):
+    """Gemma 4's language side: Gemma 3's, plus a per-token input to every layer and layers that
+    share keys and values."""
+
+    token_arguments = ("per_layer_inputs",)
+    layer_token_argument = ("per_layer_input", 1)
+
     def rotate(self, layer: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Gemma 4's RoPE function rotates one tensor at a time."""
         return self.modeling.apply_rotary_pos_emb(states, cos, sin, unsqueeze_dim=1)
+
+    def layer_call_kwargs(self) -> dict:
+        # A layer run outside the forward shares nothing it stores. transformers' own container, which
+        # FSDP2's helpers leave alone (a plain dict they would walk).
+        return {"shared_kv_states": KVSharingDict()}
+
+
+def gemma4_geometry(config, rows: int, cols: int) -> Geometry:
+    """An image of ``rows x cols`` soft tokens (the adapter's, and vLLM's ``integrations.vllm.gemma4``):
+    no boundary after the first layer that stores keys and values for sharing (``kv_sharing``).
+
+    >>> from transformers import Gemma4Config
+    >>> gemma4_geometry(Gemma4Config(vision_config={}), 12, 18).grid
+    (12, 18)
+    """
+    layers = config.text_config.num_hidden_layers
+    return Geometry(layers, rows * cols, (rows, cols), False, encoder_depth=config.vision_config.num_hidden_layers,
+                    last_boundary=kv_sharing(config.text_config, layers)[0])
 
 
 def kv_sharing(text_config, layers: int) -> tuple[int | None, int | None]:

@@ -116,6 +116,22 @@ class TileLayout:
         return self.side * self.side
 
 
+def internvl_geometry(config, tiles: int, side: int | None = None) -> Geometry:
+    """An image of ``tiles`` tiles, its thumbnail included (the adapter's, and vLLM's
+    ``integrations.vllm.internvl``): each ``side x side`` post-shuffle tokens (the config's where not
+    given), stacked top to bottom.
+
+    >>> from transformers import InternVLConfig
+    >>> internvl_geometry(InternVLConfig(), 7).grid  # 448 px tiles of 14 px patches, shuffled 2x2
+    (112, 16)
+    """
+    if side is None:
+        vision = config.vision_config
+        side = round((vision.image_size[0] // vision.patch_size[0]) * config.downsample_ratio)
+    return Geometry(config.text_config.num_hidden_layers, tiles * side * side, (tiles * side, side), False,
+                    encoder_depth=config.vision_config.num_hidden_layers)
+
+
 class InternVLAdapter(ModelAdapter):
     """``InternVLForConditionalGeneration`` / ``InternVLModel`` (InternVL3, InternVL3.5)."""
 
@@ -182,10 +198,7 @@ class InternVLAdapter(ModelAdapter):
         return self.shuffled_side(round((capture.output.shape[1] - 1) ** 0.5))
 
     def item_geometry(self, layout: TileLayout) -> Geometry:
-        return Geometry(
-            len(self.layers), layout.tiles * layout.tile_tokens, (layout.tiles * layout.side, layout.side), False,
-            encoder_depth=len(self.vision_layers),
-        )
+        return internvl_geometry(self.base.config, layout.tiles, layout.side)
 
     # ----------------------------------------------------------------- visual items
     def find_items(self, input_ids: torch.Tensor, kwargs: dict, captures: dict | None = None) -> list[VisualItem]:

@@ -48,6 +48,24 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
+def llava_geometry(config) -> Geometry:
+    """An image's geometry from a LLaVA config (the adapter's, and vLLM's ``integrations.vllm.llava``):
+    its feature layer's tokens per image, CLS dropped under the "default" strategy.
+
+    >>> from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    >>> vision = CLIPVisionConfig(image_size=336, patch_size=14, num_hidden_layers=24)
+    >>> geometry = llava_geometry(LlavaConfig(vision_config=vision, text_config=LlamaConfig(num_hidden_layers=32)))
+    >>> geometry.visual_tokens, geometry.grid, geometry.has_cls
+    (576, (24, 24), True)
+    """
+    vision = config.vision_config
+    has_cls = vision.model_type == "clip_vision_model"
+    side = vision.image_size // vision.patch_size
+    tokens = side * side + int(has_cls)  # what the feature layer outputs per image
+    slots = tokens - (1 if config.vision_feature_select_strategy == "default" else 0)
+    return Geometry(config.text_config.num_hidden_layers, slots, (side, side), has_cls, encoder_depth=vision.num_hidden_layers)
+
+
 class LlavaAdapter(ModelAdapter):
     """Images are runs of ``config.image_token_id``, ``image_seq_length`` slots each; CLIP towers
     (CLS scores) or SigLIP towers (no CLS: attention received instead); 1-D RoPE."""
@@ -71,14 +89,7 @@ class LlavaAdapter(ModelAdapter):
         self.pixel_mean, self.pixel_std = (CLIP_MEAN, CLIP_STD) if self.has_cls else (SIGLIP_MEAN, SIGLIP_STD)
         self.patch_size = config.vision_config.patch_size
 
-        vision_config = config.vision_config
-        side = vision_config.image_size // vision_config.patch_size
-        tokens = side * side + int(self.has_cls)  # what the feature layer outputs per image
-        slots = tokens - (1 if self.select_strategy == "default" else 0)
-        self.geometry = Geometry(
-            config.text_config.num_hidden_layers, slots, (side, side), self.has_cls,
-            encoder_depth=config.vision_config.num_hidden_layers,
-        )
+        self.geometry = llava_geometry(config)
 
     @property
     def slots_have_cls(self) -> bool:

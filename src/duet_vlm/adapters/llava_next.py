@@ -32,6 +32,20 @@ class AnyresLayout:
     candidate_slots: torch.Tensor
 
 
+def anyres_geometry(config, slots: int, candidates: int | None = None) -> Geometry:
+    """An anyres image's geometry (the adapter's, and vLLM's ``integrations.vllm.llava_next``):
+    ``slots`` placeholders (tiles, unpadding and newlines), ``candidates`` of them patch slots (all
+    where not given), as one sequence (``grid = (1, candidates)``).
+
+    >>> from transformers import LlavaNextConfig
+    >>> anyres_geometry(LlavaNextConfig(), 2928, 2880).grid
+    (1, 2880)
+    """
+    candidates = slots if candidates is None else candidates
+    return Geometry(config.text_config.num_hidden_layers, slots, (1, candidates), False,
+                    encoder_depth=config.vision_config.num_hidden_layers)
+
+
 class LlavaNextAdapter(ModelAdapter):
     """An image is every slot transformers' packing produces for it: the base tile, the unpadded
     grid of high-resolution tiles and one ``image_newline`` per grid row, so its size depends on
@@ -85,8 +99,7 @@ class LlavaNextAdapter(ModelAdapter):
         self.geometry = self.geometry_of_run(self.tile_patches + 1)
 
     def geometry_of_run(self, slots: int, candidates: int | None = None) -> Geometry:
-        candidates = slots if candidates is None else candidates
-        return Geometry(len(self.layers), slots, (1, candidates), False, encoder_depth=self.encoder_depth)
+        return anyres_geometry(self.base.config, slots, candidates)
 
     def find_items(self, input_ids: torch.Tensor, kwargs: dict, captures: dict | None = None) -> list[VisualItem]:
         (token_id, tower), = self.placeholder_ids.items()

@@ -11,6 +11,21 @@ from .base import Capture, Geometry, UnitFeatures, VisualItem
 from .llava_next import LlavaNextAdapter
 
 
+def onevision_video_geometry(config, frames: int) -> Geometry:
+    """A video of ``frames`` frames (the adapter's, and vLLM's ``integrations.vllm.llava_onevision``):
+    each frame a unit of its tile's grid pooled 2x2, one newline after the last.
+
+    >>> from transformers import LlavaOnevisionConfig
+    >>> onevision_video_geometry(LlavaOnevisionConfig(), 8).visual_tokens  # 8 frames of 14 x 14, a newline
+    1569
+    """
+    side = math.ceil(config.vision_config.image_size // config.vision_config.patch_size / 2)
+    return Geometry(
+        config.text_config.num_hidden_layers, frames * side * side + 1, (side, side), False, units=frames,
+        modality="video", trailing=1, encoder_depth=config.vision_config.num_hidden_layers,
+    )
+
+
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     """Images as in LLaVA-NeXT (slots traced to their tiles), scored by the attention each patch
     receives (SigLIP has no CLS token). A video is one item: every frame's tokens after the model's
@@ -40,10 +55,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         self.frame_tokens = pooled_side * pooled_side
 
     def video_geometry(self, frames: int) -> Geometry:
-        return Geometry(
-            len(self.layers), frames * self.frame_tokens + 1, self.pooled_grid, False, units=frames, modality="video",
-            trailing=1, encoder_depth=self.encoder_depth,
-        )
+        return onevision_video_geometry(self.base.config, frames)
 
     def _video_run(self, length: int) -> Geometry:
         if (length - 1) % self.frame_tokens:

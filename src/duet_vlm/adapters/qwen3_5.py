@@ -8,7 +8,7 @@ its 2x2 group) and choose among the merged tokens in the language model's space.
 The language model is what is new. Three of every four decoder layers (``layer_types``; every
 ``full_attention_interval``-th is full attention) are Gated-DeltaNet *linear attention*: a
 convolution over the last few tokens and a recurrent state of fixed size, no attention scores and no
-per-token KV cache. How the runtime meets it (``layer_kinds``):
+per-token KV cache. How the runtime meets it (``scheme``, a ``LayerScheme`` of both kinds):
 
 - **Scores come only from attention layers.** A language stage reads the layer after its boundary
   or the one before it (``LanguageStage.reads``); boundaries sit where that layer computes
@@ -28,16 +28,19 @@ per-token KV cache. How the runtime meets it (``layer_kinds``):
   values; linear-attention layers hold one state whatever the length. Cached decoding continues
   from both, and equals uncached decoding, which re-runs the prefill with the same selection.
 - **The gated query**: an attention layer's ``q_proj`` gives a query and an output gate per head;
-  scores use the query half (``layer_queries``), with the per-head ``q_norm``/``k_norm`` and the
+  scores use the query half (``HybridLayers.layer_queries``), with the per-head ``q_norm``/``k_norm`` and the
   partial M-RoPE the layer applies.
 """
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from torch import nn
 
 from .qwen_vl import Qwen3VLAdapter
+from .scheme import CausalLayers, kinds_of
 
 
 class Qwen3_5Adapter(Qwen3VLAdapter):
@@ -51,18 +54,20 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
         "Qwen3_5ForConditionalGeneration", "Qwen3_5Model", "Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeModel",
     )
 
-    def layer_kinds(self) -> tuple[str, ...]:
-        kinds = {"full_attention": "attention", "linear_attention": "linear_attention"}
+    @cached_property
+    def scheme(self) -> HybridLayers:
         types = self.text_config.layer_types[: self.num_layers()]
-        unknown = sorted(set(types) - set(kinds))
-        if unknown:
-            raise TypeError(f"duet-vlm's {self.family} adapter does not know decoder layers of type {unknown}")
-        return tuple(kinds[kind] for kind in types)
+        kinds = kinds_of(types, {"full_attention": "attention", "linear_attention": "linear_attention"}, self.family)
+        return HybridLayers(self.text_config, self.rotary_emb, kinds)
+
+    def take_layer_additions(self, kwargs: dict):
+        return None  # no DeepStack
+
+class HybridLayers(CausalLayers):
+    """Qwen3.5's language side: attention and linear-attention layers, masks from the 2-D mask, and
+    attention layers whose ``q_proj`` also gives an output gate."""
 
     def layer_queries(self, attn: nn.Module, normed: torch.Tensor) -> torch.Tensor:
         # q_proj gives, per head, the query then the output gate (``torch.chunk`` in the layer).
         both = attn.q_proj(normed).view(*normed.shape[:2], -1, attn.head_dim * 2)
         return both[..., : attn.head_dim]
-
-    def take_layer_additions(self, kwargs: dict):
-        return None  # no DeepStack

@@ -83,6 +83,25 @@ def in_place(values: torch.Tensor, entered: torch.Tensor) -> torch.Tensor:
     return full
 
 
+def qwen_geometry(config, grid_thw, modality: str = "image", attention_layers: tuple[int, ...] | None = None) -> Geometry:
+    """An item of patch grid ``grid_thw`` (its ``image_grid_thw`` / ``video_grid_thw`` row) after the
+    merger (the adapter's, and vLLM's ``integrations.vllm.qwen_vl``): a video one unit per temporal
+    slice. ``attention_layers``: the language model's softmax-attention layers where it mixes kinds
+    (the adapter's); vLLM runs only stages before the language model, which do not read them.
+
+    >>> from transformers import Qwen2VLConfig
+    >>> qwen_geometry(Qwen2VLConfig(), (2, 28, 42), "video").grid  # 2 slices of 14 x 21 merged tokens
+    (14, 21)
+    """
+    merge = config.vision_config.spatial_merge_size
+    t, h, w = (int(v) for v in grid_thw)
+    rows, cols = h // merge, w // merge
+    return Geometry(
+        config.text_config.num_hidden_layers, t * rows * cols, (rows, cols), False, units=t, modality=modality,
+        rope="mrope", encoder_depth=config.vision_config.depth, attention_layers=attention_layers,
+    )
+
+
 class Qwen2VLAdapter(ModelAdapter):
     """``Qwen2VLForConditionalGeneration`` / ``Qwen2VLModel``; the base of the Qwen-VL adapters."""
 
@@ -108,8 +127,7 @@ class Qwen2VLAdapter(ModelAdapter):
         self.towers = {"image": self.score_block()}
         self.tower_entries = {"image": self.visual}
         self.placeholder_ids = {config.image_token_id: "image", config.video_token_id: "video"}
-        self._layers = config.text_config.num_hidden_layers
-        self._attention_layers = self.attention_layers()  # of every item's geometry, computed once
+        self._attention_layers = self.scheme.attention_layers()  # of every item's geometry, computed once
         # A nominal 896x896 image (32x32 merged tokens), for attach-time checks and ``duet-vlm plan``;
         # each item gets the plan of its own size.
         self.geometry = self.item_geometry(1, 64, 64, "image")
@@ -119,11 +137,7 @@ class Qwen2VLAdapter(ModelAdapter):
         return self.visual.blocks[-1]
 
     def item_geometry(self, t: int, h: int, w: int, modality: str) -> Geometry:
-        rows, cols = h // self.merge, w // self.merge
-        return Geometry(
-            self._layers, t * rows * cols, (rows, cols), False, units=t, modality=modality, rope="mrope",
-            encoder_depth=len(self.visual.blocks), attention_layers=self._attention_layers,
-        )
+        return qwen_geometry(self.base.config, (t, h, w), modality, self._attention_layers)
 
     # ----------------------------------------------------------------- visual items
     def find_items(self, input_ids: torch.Tensor, kwargs: dict, captures: dict | None = None) -> list[VisualItem]:

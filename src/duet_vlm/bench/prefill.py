@@ -152,7 +152,7 @@ def _hybrid_kinds(model) -> tuple[str, ...] | None:
     """Each decoder layer's kind when the decoder mixes kinds (Qwen3.5), else ``None``."""
     from ..adapters import adapter_for
 
-    kinds = adapter_for(model).layer_kinds()
+    kinds = adapter_for(model).scheme.kinds
     return kinds if len(set(kinds)) > 1 else None
 
 
@@ -431,21 +431,22 @@ def family_benchmark(family: str, size: ModelSize, methods: list[str], ratios: l
 def mask_rebuild_s(model, inputs: dict, rounds: int) -> float | None:
     """Median seconds of one build of the family's own layer masks over the whole prompt, for a
     family whose base model builds them (Gemma 3: bidirectional image blocks and sliding windows,
-    ``ModelAdapter.layer_masks``): what the runtime pays at the entry and at each boundary, on at
+    ``FamilyMasks.build``): what the runtime pays at the entry and at each boundary, on at
     most this many tokens. ``None`` where the language model builds its causal masks itself."""
     from ..adapters import adapter_for
+    from ..adapters.scheme import FamilyMasks
 
-    adapter = adapter_for(model)
-    if not adapter.builds_masks:
+    scheme = adapter_for(model).scheme
+    if not isinstance(scheme, FamilyMasks):
         return None
     ids = inputs["input_ids"]
     with torch.no_grad():
         hidden = model.get_input_embeddings()(ids)
-        valid, types = inputs["attention_mask"].bool(), adapter.token_types(ids, inputs, [])
+        valid, types = inputs["attention_mask"].bool(), scheme.token_types(ids, inputs, [])
         seconds = []
         for _ in range(rounds):
             start = time.perf_counter()
-            adapter.layer_masks(hidden, valid, types)
+            scheme.build(hidden, valid, types)
             seconds.append(time.perf_counter() - start)
     return statistics.median(seconds)
 

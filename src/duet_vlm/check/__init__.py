@@ -271,7 +271,7 @@ def check_counts(ctx: Context) -> Result:
         if item_stats.tokens_per_layer != plan:
             problems.append(f"item {index}: statistics {_runs(item_stats.tokens_per_layer)}, plan {_runs(plan)}")
     seen = sorted(lengths.calls[0].items())
-    cut = adapter.queries_cut_from
+    cut = adapter.scheme.queries_cut_from
     if cut is not None:  # Gemma 4's KV-shared layers see the prompt's last token only
         seen = seen[:cut]
     visual = [length - text for _, length in seen]

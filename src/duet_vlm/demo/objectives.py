@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.base import rotate_like
+from ..adapters.scheme import rotate_like
 from ..methods.pool import pooled_centres
 from .. import synthetic
 from .batching import N_IMAGE_TOKENS, packed_attention_mask

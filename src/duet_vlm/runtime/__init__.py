@@ -7,12 +7,13 @@ and kinds. One prefill is a chain of compactions (``duet_vlm.compaction``): the 
 the language model's entry sequence (``prefill``), each pruning boundary shortens it (``boundary``),
 and the kept states go back to the input's length for the logits (``exit``). Decoding steps attend
 over each layer segment's own cache (``decoding``). Positions follow one strategy per scheme
-(``positions``). What a call computes lives in that call's state (``calls``), so threads may share
+(``positions``); masks and RoPE per layer kind come from the family's ``LayerScheme``
+(``duet_vlm.adapters.scheme``). What a call computes lives in that call's state (``calls``), so threads may share
 an attached model. ``attachment`` alone registers hooks.
 """
 
 from .attachment import Attachment, attach
-from .masks import gather_mask
+from ..adapters.scheme import gather_mask
 from .protocol import RuntimeReducer
 
 __all__ = ["Attachment", "RuntimeReducer", "attach", "gather_mask"]

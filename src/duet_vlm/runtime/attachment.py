@@ -32,7 +32,7 @@ from ..compat import cache_of
 from .binding import Binding
 from .boundary import prune
 from .calls import CallStore
-from .decoding import continue_prompt, continue_with_masks, unreduced_decode_positions
+from .decoding import continue_step, unreduced_decode_positions
 from .entry import base_input_ids, check_new_items_on_cache, check_turn_on_cache
 from .exit import compact_head_input, expand_head_output, finish_prefill
 from .inputs import last_queries, segment_layer_inputs, token_argument
@@ -188,10 +188,7 @@ class Attachment:
             check_turn_on_cache(self.binding, call.prompt, found, kwargs, cached)
             if call.prompt is None:
                 return None
-            prebuilt = kwargs.get("attention_mask")
-            if not isinstance(prebuilt, dict):
-                return continue_prompt(call.prompt, kwargs, cache)
-            return continue_with_masks(self.binding, call.prompt, kwargs, cache, prebuilt, found, cached)
+            return continue_step(self.binding, call.prompt, kwargs, cache, found, cached)
         call.prompt = None
         if found is None:
             return None
@@ -223,20 +220,21 @@ class Attachment:
             # A decoding step: what the compiled model runs over and over. Python state and tensor
             # arithmetic only (no data-dependent branch), so torch.compile traces it into its graph.
             number = prompt.segment_of_layer(layer_index)
-            kind = self.binding.kinds[layer_index]
-            if number == 0 or kind == "linear_attention":
-                # A linear-attention layer's state already holds the prompt (the kept tokens); new
-                # tokens are never dropped, so the model's own (padding) mask for them stands.
+            scheme = self.binding.scheme
+            kind = scheme.kinds[layer_index]
+            if number == 0 or not scheme.maps(kind):
+                # A kind whose mask is not mapped (a recurrence: its state already holds the kept
+                # tokens, and new tokens are never dropped) keeps the model's own.
                 return None
-            if layer_index in prompt.segment_heads(self.binding.kinds):
-                # The segment's first layer of each attention kind maps this step's mask for that
-                # kind onto the segment's cache.
+            if layer_index in prompt.segment_heads(scheme):
+                # The segment's first layer of each mapped kind maps this step's mask for that kind
+                # onto the segment's cache.
                 hidden = args[0] if args else kwargs["hidden_states"]
                 prompt.decoding.kwargs[number, kind] = prompt.segments[number].decode_kwargs(
-                    prompt, self.adapter, self.binding.text_config, hidden, kwargs, kind, layer_index
+                    prompt, scheme, hidden, kwargs, kind, layer_index
                 )
             kwargs.update(prompt.decoding.kwargs[number, kind])
-            cut = self.adapter.queries_cut_from
+            cut = scheme.queries_cut_from
             if cut is not None and layer_index >= cut:
                 # A chunk of several tokens (a second turn, verified drafts): the model passes the
                 # layers from ``queries_cut_from`` on only its last ``logits_to_keep`` rows.
@@ -256,8 +254,9 @@ class Attachment:
         prompt = call.prompt
         scratch = prompt.scratch
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        kind = self.binding.kinds[layer_index]
-        if layer_index == self.binding.first_of_kind[kind]:  # the mask and RoPE the model built for this kind
+        scheme = self.binding.scheme
+        kind = scheme.kinds[layer_index]
+        if layer_index == scheme.first_of_kind[kind]:  # the mask and RoPE the model built for this kind
             prompt.segments[0].inputs.keep(kind, kwargs)
         if layer_index == 0:
             entry = prompt.segments[0].inputs
@@ -266,7 +265,7 @@ class Attachment:
             )
             if any(item.plan.language is not None and item.plan.language.needs_input_embeddings for item in prompt.items):
                 scratch.input_embeddings = hidden
-        spec = self.adapter.layer_token_argument
+        spec = scheme.layer_token_argument
         if spec is not None and (layer_index in prompt.boundaries or layer_index + 1 in prompt.boundaries):
             # a stage may run this layer outside the forward (PIO's probe): keep its per-token argument
             scratch.layer_arguments[layer_index] = token_argument(spec, args, kwargs)
@@ -282,7 +281,7 @@ class Attachment:
         scratch.last_layer_input = hidden if layer_index + 1 in prompt.boundaries else None
         number = prompt.segment_of_layer(layer_index)
         if number > 0:
-            return segment_layer_inputs(self.adapter, prompt, number, layer_index, kind, hidden, args, kwargs)
+            return segment_layer_inputs(scheme, prompt, number, layer_index, kind, hidden, args, kwargs)
         return (hidden, *args[1:]), kwargs
 
     def _add_layer_features(self, layer_index: int):

@@ -21,11 +21,8 @@ class Binding:
     def __init__(self, reducer: RuntimeReducer, adapter: ModelAdapter):
         self.reducer = reducer
         self.adapter = adapter
-        #: each decoder layer's kind (``ModelAdapter.layer_kinds``), the first layer of each kind
-        #: (where the model's own mask for that kind is kept), and whether any layer is recurrent.
-        self.kinds = adapter.layer_kinds()
-        self.first_of_kind = {kind: self.kinds.index(kind) for kind in dict.fromkeys(self.kinds)}
-        self.recurrent = "linear_attention" in self.first_of_kind
+        #: the language side: each decoder layer's kind, and the mask and RoPE each kind gets.
+        self.scheme = adapter.scheme
         self._plans: dict[Geometry, Plan] = {}
         self._lock = threading.Lock()
         self.plan: Plan | None = None

@@ -14,7 +14,6 @@ from torch import nn
 from ..compaction import Compaction
 from ..plan import Plan, Selection
 from .binding import Binding
-from .masks import causal_mask, gather_mask
 from .inputs import LayerInputs
 from .state import Placement, PrefillState, Segment
 
@@ -157,17 +156,10 @@ def prune(binding: Binding, call, state: PrefillState, layer_index: int, layer: 
         placements.append(Placement(placement.item, rank[placement.item.row, positions], ids))
     valid = steps.valid(state.tokens.valid)
     types = None if state.tokens.types is None else steps.gather(state.tokens.types)
-    masks = binding.adapter.layer_masks(hidden, valid, types)
-    if masks is None:  # the language model builds its masks from a 2-D mask: the causal one, per kind
-        entry = state.segments[0]
-        if steps.pad is None and previous.steps.pad is None and entry.steps.pad is None:
-            mask = gather_mask(entry.inputs.masks.get("attention"), steps.index, steps.index)
-        else:
-            mask = causal_mask(binding.text_config, hidden, valid, query_length=steps.length)
-        masks = {"attention": mask}
-        if binding.recurrent:  # linear-attention layers: padded states are zeroed before the recurrence
-            masks["linear_attention"] = None if bool(valid.all()) else valid.long()
-    inputs = LayerInputs(position_ids, rope_positions, binding.adapter.layer_rope(hidden, rope_positions), masks)
+    entry = state.segments[0]
+    unpadded = steps.pad is None and previous.steps.pad is None and entry.steps.pad is None
+    masks = binding.scheme.segment_masks(hidden, valid, types, entry.inputs.masks, steps.index if unpadded else None)
+    inputs = LayerInputs(position_ids, rope_positions, binding.scheme.rope(hidden, rope_positions), masks)
     segment = Segment(steps, placements, inputs)
     if number < len(state.segments):
         state.segments[number] = segment

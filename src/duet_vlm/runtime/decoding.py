@@ -83,28 +83,25 @@ def crop_prompt(prompt: PrefillState, entry_length: int) -> bool:
     return True
 
 
-def continue_with_masks(binding: Binding, prompt: PrefillState, kwargs: dict, cache, prebuilt: dict, found, cached: int):
-    """``continue_prompt`` for a family whose base model built the step's masks (``prebuilt``, per
-    layer type) over the unreduced sequence (Gemma): the base model's 2-D mask (all ones when it was
-    given none) is mapped onto the entry sequence, and the entry segment's masks are built from it
-    against the cache (``ModelAdapter.layer_masks``); later segments build theirs at their heads."""
+def continue_step(binding: Binding, prompt: PrefillState, kwargs: dict, cache, found, cached: int):
+    """A decoding step at the language model's entry after a reduced prefill: the step's 2-D mask
+    (``LayerScheme.step_mask``: the one the language model received, or the base model's where it
+    built the masks itself) is mapped onto the entry sequence (``continue_prompt``), and the entry
+    segment's masks come from it (``LayerScheme.step_masks``); later segments map theirs at their
+    heads (``Segment.decode_kwargs``)."""
     if prompt.entry.is_identity and not prompt.boundaries:  # the prefill reduced nothing
         return continue_prompt(prompt, kwargs, cache)
-    mask = (found[1] if found is not None else {}).get("attention_mask")
-    if mask is None:
-        new = kwargs["inputs_embeds"].shape[1]
-        length = cached + prompt.full_length - prompt.entry_length + new
-        mask = torch.ones(kwargs["inputs_embeds"].shape[0], length, dtype=torch.long, device=kwargs["inputs_embeds"].device)
-    kwargs["attention_mask"] = mask
+    scheme = binding.scheme
+    built = kwargs.get("attention_mask")
+    user_mask = (found[1] if found is not None else {}).get("attention_mask")
+    length = cached + prompt.full_length - prompt.entry_length + kwargs["inputs_embeds"].shape[1]
+    mask = kwargs["attention_mask"] = scheme.step_mask(kwargs, user_mask, length)
     result = continue_prompt(prompt, kwargs, cache)
-    if prompt.entry.is_identity:
-        kwargs["attention_mask"] = prebuilt  # the entry segment's masks are the model's own
-        return result
-    # The entry segment's first layer of each attention kind: where each mask is sized against the cache.
-    first = prompt.boundaries[0] if prompt.boundaries else len(binding.kinds)
-    heads = {kind: layer for kind, layer in binding.first_of_kind.items() if layer < first and kind != "linear_attention"}
-    masks = binding.adapter.layer_masks(kwargs["inputs_embeds"], kwargs["attention_mask"].bool(), None, cache, heads)
-    kwargs["attention_mask"] = binding.adapter.by_layer_type(masks)
+    mapped = kwargs.get("attention_mask", mask)
+    first = prompt.boundaries[0] if prompt.boundaries else len(scheme.kinds)
+    masks = scheme.step_masks(built, mapped, kwargs["inputs_embeds"], cache, prompt.entry.is_identity, first)
+    if masks is not mapped:
+        kwargs["attention_mask"] = masks
     return result
 
 

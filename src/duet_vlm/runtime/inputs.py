@@ -1,6 +1,6 @@
 """What a segment's decoder layers receive in the prefill besides the hidden states: positions,
-a mask and a RoPE per kind of layer (``ModelAdapter.layer_kinds``), and the family's per-token
-arguments (``ModelAdapter.layer_token_argument``) cut to the segment's tokens."""
+a mask and a RoPE per kind of layer (``LayerScheme.kinds``), and the family's per-token
+arguments (``LayerScheme.layer_token_argument``) cut to the segment's tokens."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from ..compaction import Compaction
 class LayerInputs:
     """What a segment's decoder layers receive in the prefill besides the hidden states.
 
-    Masks and RoPE are kept per layer kind (``ModelAdapter.layer_kinds``): attention layers get a
+    Masks and RoPE are kept per layer kind (``LayerScheme.kinds``): attention layers get a
     causal mask, linear-attention layers (a hybrid language model) the segment's 2-D padding mask
     (padded states are zeroed before they enter the recurrence; ``None``: no padding), and a family
     whose layer kinds rotate differently (Gemma's local and global RoPE) gets each kind's own
@@ -35,7 +35,7 @@ class LayerInputs:
         return rope
 
     def kwargs(self, kind: str = "attention") -> dict:
-        """The keyword arguments of a layer of ``kind`` (``ModelAdapter.layer_kinds``)."""
+        """The keyword arguments of a layer of ``kind`` (``LayerScheme.kinds``)."""
         return dict(
             attention_mask=self.masks.get(kind), position_ids=self.position_ids,
             position_embeddings=self.position_embeddings(kind),
@@ -50,7 +50,7 @@ class LayerInputs:
 
 def last_queries(kwargs: dict, queries: int) -> dict:
     """A layer's mask, positions and RoPE cut to its last ``queries`` query rows, for a layer the
-    model passes only the last ``logits_to_keep`` tokens (``ModelAdapter.queries_cut_from``): every
+    model passes only the last ``logits_to_keep`` tokens (``LayerScheme.queries_cut_from``): every
     key stays, as the model keeps them (its mask is ``(B, 1, q, kv)``)."""
     cut = dict(kwargs)
     mask = kwargs.get("attention_mask")
@@ -79,26 +79,26 @@ def with_token_argument(spec: tuple[str, int], args: tuple, kwargs: dict, value)
     return args, kwargs
 
 
-def segment_layer_inputs(adapter, state, number: int, layer_index: int, kind: str,
+def segment_layer_inputs(scheme, state, number: int, layer_index: int, kind: str,
                          hidden: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """What a prefill layer of segment ``number`` (> 0) receives: its segment's mask, positions and
-    RoPE, and its per-token argument (``ModelAdapter.layer_token_argument``, passed at the entry
+    RoPE, and its per-token argument (``LayerScheme.layer_token_argument``, passed at the entry
     sequence's length) cut to the segment's tokens. A layer the model passes only the last
-    ``logits_to_keep`` tokens (``ModelAdapter.queries_cut_from``) gets the last query rows of each,
+    ``logits_to_keep`` tokens (``LayerScheme.queries_cut_from``) gets the last query rows of each,
     once it is checked that those tokens are the prompt's last, kept by every boundary."""
     segment = state.segments[number]
     kwargs.update(segment.layer_kwargs(kind))
     queries = hidden.shape[1]
     cut = queries != segment.steps.length
     if cut:
-        if adapter.queries_cut_from is None or layer_index < adapter.queries_cut_from:
+        if scheme.queries_cut_from is None or layer_index < scheme.queries_cut_from:
             raise RuntimeError(
                 f"decoder layer {layer_index} received {queries} tokens where its segment holds {segment.steps.length}"
             )
-        if layer_index == adapter.queries_cut_from:  # once: the layers after it see the same rows
+        if layer_index == scheme.queries_cut_from:  # once: the layers after it see the same rows
             check_last_kept(segment.steps, queries, state.entry_length)
         kwargs = last_queries(kwargs, queries)
-    spec = adapter.layer_token_argument
+    spec = scheme.layer_token_argument
     value = None if spec is None else token_argument(spec, args, kwargs)
     if isinstance(value, torch.Tensor) and value.shape[1] == state.entry_length and not cut:
         args, kwargs = with_token_argument(spec, args, kwargs, segment.steps.gather(value))

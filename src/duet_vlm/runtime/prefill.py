@@ -1,7 +1,7 @@
 """Opening a prefill at the language model's entry: its items planned, their vision stages run, the
 sequence compacted, and its ``PrefillState`` opened (``duet_vlm.runtime.state``).
 
-At the entry each item gets its plan, the items' vision stages run (``vision.reduce_vision``) and
+At the entry each item gets its plan, the items' vision stages run (``vision.vision_step``) and
 the slots they left empty are compacted away (the entry ``Compaction``: full input -> entry
 sequence). Each pruning boundary then compacts the entry sequence further (``boundary``); decoder
 layers between two boundaries see one segment's sequence, mask, positions and RoPE. The state stays
@@ -25,7 +25,7 @@ from .positions import Original, Renumbered, scheme
 from .sharded import same_stage_calls
 from .state import Item, Placement, PrefillState, Scratch, Segment, Tokens
 from .taps import same_encoding
-from .vision import item_views, reduce_vision, take_additions
+from .vision import row_item_budgets, vision_step
 
 
 def extends(reference: PrefillState, input_ids: torch.Tensor, items: list[VisualItem]) -> list[int] | None:
@@ -58,28 +58,6 @@ def positions_mode(plans: list[Plan]) -> str:
     return modes.pop()
 
 
-def item_budgets(binding: Binding, items: list[VisualItem], captures, inputs_embeds, signals: dict,
-                 row_budgets: list | None) -> list[int | None]:
-    """Each item's budget: the one its row was given (``reducer.per_row``), or the one the reducer
-    chooses from the item's own content (``Adaptive``), else ``None`` (the reducer's own)."""
-    if row_budgets is not None:
-        return row_item_budgets(items, row_budgets)
-    if binding.reducer.adapts_to_content:
-        views = item_views(binding, items, captures, inputs_embeds, signals)
-        budgets = [binding.reducer.item_budget(view, item.geometry) for view, item in zip(views, items)]
-        same_stage_calls(binding.adapter, inputs_embeds.shape[0], items, budgets)  # ZeRO-3: plans alike
-        return budgets
-    return [None] * len(items)
-
-
-def row_item_budgets(items: list[VisualItem], row_budgets: list | None) -> list:
-    """Each item's budget from its row's (``reducer.per_row``; ``None``: the reducer's own)."""
-    if row_budgets is None:
-        return [None] * len(items)
-    budgets = [row_budgets[item.row] for item in items]
-    return [b(item.geometry) if callable(b) else b for b, item in zip(budgets, items)]
-
-
 def _text_tokens(input_ids: torch.Tensor, items: list[VisualItem], mask, labels) -> torch.Tensor:
     """``(B, L)`` True on each row's text: not visual, not padding, and (with labels) not an answer."""
     text = torch.ones_like(input_ids, dtype=torch.bool)
@@ -98,34 +76,25 @@ def start_prefill(binding: Binding, input_ids: torch.Tensor, labels: torch.Tenso
     """Reduce the items at the language model's entry and compact ``kwargs`` (its arguments) in
     place: ``inputs_embeds``, ``attention_mask`` and ``position_ids`` become the entry sequence's."""
     binding.adapter.trace(found, captures, kwargs["inputs_embeds"])
-    signals: dict = {}
-    items = plan_items(binding, found, captures, kwargs, signals, row_budgets)
-    if any(item.plan.vision is not None for item in items):
-        kwargs["inputs_embeds"] = kwargs["inputs_embeds"].clone()
-        text = None
-        if reads_text([item.plan for item in items]):
-            text = _text_tokens(input_ids, found, kwargs.get("attention_mask"), labels)
-            if reference is not None:  # generating without a cache: the text the first prefill read
-                text[:, reference[0].full_length :] = False
-        reduce_vision(binding, items, captures, kwargs["inputs_embeds"], signals, text)
+
+    def text_of(plans: list[Plan]) -> torch.Tensor | None:  # the prompt's text, for stages that read it
+        if not reads_text(plans):
+            return None
+        text = _text_tokens(input_ids, found, kwargs.get("attention_mask"), labels)
+        if reference is not None:  # generating without a cache: the text the first prefill read
+            text[:, reference[0].full_length :] = False
+        return text
+
+    items = vision_step(binding, found, captures, kwargs, row_budgets, text_of)
     entry = entry_compaction(items, input_ids)
     numbering = scheme(positions_mode([item.plan for item in items]), found[0].geometry.rope)
-    lm_position_ids, mask = compact_entry(entry, numbering, kwargs, binding.adapter.token_arguments)
+    lm_position_ids, mask = compact_entry(entry, numbering, kwargs, binding.scheme.token_arguments)
     rank = entry.rank()  # every full-input position's slot among the kept ones, per row
     tokens = entry_tokens(entry, rank, items, input_ids, labels, mask)
     placements = [Placement(item, rank[item.row, item.slots], torch.arange(len(item.slots), device=input_ids.device))
                   for item in items]
     segment = Segment(entry.output_identity(), placements)
     return PrefillState(entry, items, [segment], numbering, tokens, Scratch(lm_position_ids), reference=reference)
-
-
-def plan_items(binding: Binding, found: list[VisualItem], captures, kwargs: dict, signals: dict,
-               row_budgets: list | None) -> list[Item]:
-    """Each item with its plan (``item_budgets``) and its DeepStack features, taken out of ``kwargs``."""
-    additions = take_additions(binding, kwargs, found)
-    budgets = item_budgets(binding, found, captures, kwargs["inputs_embeds"], signals, row_budgets)
-    return [Item(source, binding.plan_for(source.geometry, budget), budget, additions=extra)
-            for source, budget, extra in zip(found, budgets, additions)]
 
 
 def entry_compaction(items: list[Item], input_ids: torch.Tensor) -> Compaction:
@@ -143,7 +112,7 @@ def entry_compaction(items: list[Item], input_ids: torch.Tensor) -> Compaction:
 
 def compact_entry(entry: Compaction, numbering: Original | Renumbered, kwargs: dict, token_arguments=()) -> tuple:
     """Compact the language model's arguments to the entry sequence, in place (``inputs_embeds``
-    and the family's other per-token arguments, ``ModelAdapter.token_arguments``); returns the
+    and the family's other per-token arguments, ``LayerScheme.token_arguments``); returns the
     position ids the language model then receives, and the user's 2-D mask at the entry (``None``:
     none)."""
     attention_mask = kwargs.get("attention_mask")
@@ -193,17 +162,6 @@ def entry_tokens(entry: Compaction, rank: torch.Tensor, items: list[Item], input
     return Tokens(input_ids, entry.gather(input_ids), valid, text_after)
 
 
-def entry_masks(binding: Binding, prompt: PrefillState, kwargs: dict, prebuilt: dict) -> dict:
-    """The layers' masks at the entry, for a family whose base model builds them over the full input
-    (``prebuilt``, ``{layer type: mask}``): those masks when nothing was dropped at the entry, else the
-    family's masks of the entry sequence (``ModelAdapter.layer_masks``: Gemma's image blocks and
-    windows over the tokens that are left), keyed by the model's layer types as it passes them on."""
-    if prompt.entry.is_identity:
-        return prebuilt
-    masks = binding.adapter.layer_masks(kwargs["inputs_embeds"], prompt.tokens.valid, prompt.tokens.types)
-    return binding.adapter.by_layer_type(masks)
-
-
 @dataclass(frozen=True)
 class WholeItems:
     """A prefill left to the unpatched model: nothing in it is reduced, and the model's masks were
@@ -244,15 +202,14 @@ def open_prefill(binding: Binding, call, found: tuple[torch.Tensor, dict], kwarg
     if cache is None and not torch.is_grad_enabled() and call.reference is not None:
         rows = extends(call.reference, input_ids, items) if same_encoding(call.reference_encoding, encoding) else None
         reference = (call.reference, rows) if rows is not None else None
-    types = binding.adapter.token_types(input_ids, found[1], items)
-    prebuilt = kwargs.get("attention_mask") if isinstance(kwargs.get("attention_mask"), dict) else None
-    if prebuilt is not None:  # the base model built the layers' masks (Gemma): compact its 2-D mask
-        kwargs["attention_mask"] = found[1].get("attention_mask")
+    language = binding.scheme
+    types = language.token_types(input_ids, found[1], items)
+    built = language.enter(kwargs, found[1].get("attention_mask"))  # the masks the base model built, if any
     call.prompt = start_prefill(binding, input_ids, call.labels, kwargs, items, captures, reference, row_budgets)
+    tokens = call.prompt.tokens
     if types is not None:
-        call.prompt.tokens.types = call.prompt.entry.gather(types)
-    if prebuilt is not None:
-        kwargs["attention_mask"] = entry_masks(binding, call.prompt, kwargs, prebuilt)
+        tokens.types = call.prompt.entry.gather(types)
+    language.entry_masks(built, kwargs, call.prompt.entry.is_identity, tokens.valid, tokens.types)
     if cache is not None:
         # Decoding steps follow on the cache and never read the encoding again; without a cache
         # generate() prefills again at every step from the same encoding, so it stays.

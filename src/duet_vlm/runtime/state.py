@@ -23,7 +23,6 @@ from ..compaction import Compaction
 from ..compat import cache_of, with_cache
 from ..plan import LayerView, Plan
 from .inputs import LayerInputs
-from .masks import causal_mask, gather_mask
 from .positions import Original, Renumbered
 from .sharded import reading_full
 
@@ -126,7 +125,7 @@ class Segment:
             return x if x is None or whole or x.shape[0] == 1 else x[select]
 
         steps, tokens, scratch = self.steps, state.tokens, state.scratch
-        kinds = adapter.layer_kinds()
+        kinds = adapter.scheme.kinds
         text_after = []
         for b in rows:
             present = steps.index[b] if steps.pad is None else steps.index[b][~steps.pad[b]]
@@ -156,7 +155,7 @@ class Segment:
             scratch=memory,
             # A stage reads layers outside their own forward: under FSDP2 the runtime kept them
             # unsharded (``sharded.KeptUnsharded``), and a read of sharded ones is a clear error.
-            attention_fn=reading_full(adapter.text_to_visual_attention),
+            attention_fn=reading_full(adapter.scheme.text_to_visual_attention),
             run_layer_fn=reading_full(lambda module, hidden_, index: state.with_layer_features(
                 run_layer(module, hidden_, inputs, kinds[index], self.layer_extras(state, adapter, index, take)),
                 index, placements,
@@ -164,21 +163,21 @@ class Segment:
             )),
             output_head_fn=lambda hidden_: output_head(adapter, hidden_),
             final_norm_fn=adapter.final_norm,
-            keys_fn=reading_full(adapter.layer_keys),
+            keys_fn=reading_full(adapter.scheme.layer_keys),
         )
 
     def layer_extras(self, state: "PrefillState", adapter, layer_index: int, take) -> dict:
         """What layer ``layer_index`` needs besides its mask and RoPE when a stage runs it outside
         the forward on this segment's sequence (rows chosen by ``take``): the adapter's
         ``layer_call_kwargs`` and its per-token argument cut to this segment's tokens."""
-        extra = adapter.layer_call_kwargs()
-        spec = adapter.layer_token_argument
+        extra = adapter.scheme.layer_call_kwargs()
+        spec = adapter.scheme.layer_token_argument
         value = None if spec is None else state.scratch.layer_arguments.get(layer_index)
         if value is not None:
             extra[spec[0]] = take(self.steps.gather(value))
         return extra
 
-    def decode_kwargs(self, state: "PrefillState", adapter, text_config, hidden: torch.Tensor, kwargs: dict,
+    def decode_kwargs(self, state: "PrefillState", scheme, hidden: torch.Tensor, kwargs: dict,
                       kind: str = "attention", layer_index: int | None = None) -> dict:
         """What this (later) segment's layers of ``kind`` receive in a decoding step instead of the
         entry's (``layer_index``: the first of them): the step's full-length mask mapped onto this
@@ -186,25 +185,24 @@ class Segment:
         arithmetic and Python state only (``torch.compile`` traces it)."""
         entry = state.segments[0].steps
         steps = self.steps
-        mask = kwargs.get("attention_mask")
-        if adapter.builds_masks:  # the family's own masks, sized against this segment's cache layer
-            keys = torch.cat([steps.valid(state.tokens.valid), state.decoding.mask[:, state.entry_length :].bool()], dim=1)
-            mask = adapter.layer_masks(hidden, keys, None, cache_of(kwargs), {kind: layer_index})[kind]
-        elif steps.pad is None and entry.pad is None:
-            if mask is not None:
-                tail = torch.arange(state.entry_length, mask.shape[-1], device=steps.index.device)
-                kv_index = torch.cat([steps.index, tail.expand(steps.batch, -1)], dim=1)
-                mask = gather_mask(mask, None, kv_index)
-        else:
-            head = steps.valid(state.tokens.valid)
-            tail = state.decoding.mask[:, state.entry_length :].bool()
-            mask = causal_mask(text_config, hidden, torch.cat([head, tail], dim=1), query_length=hidden.shape[1])
+
+        def kv_index(mask: torch.Tensor) -> torch.Tensor:  # the segment's cache slots in the step's mask
+            tail = torch.arange(state.entry_length, mask.shape[-1], device=steps.index.device)
+            return torch.cat([steps.index, tail.expand(steps.batch, -1)], dim=1)
+
+        def keys() -> torch.Tensor:  # the valid keys of the segment's cache, this step's included
+            return torch.cat([steps.valid(state.tokens.valid), state.decoding.mask[:, state.entry_length :].bool()], dim=1)
+
+        unpadded = steps.pad is None and entry.pad is None
+        mask = scheme.segment_step_mask(
+            kind, layer_index, hidden, kwargs.get("attention_mask"), cache_of(kwargs), kv_index if unpadded else None, keys
+        )
         # Original positions: the decoder's own positions and RoPE are already right; only the mask
         # changes. Renumbered ones (1-D RoPE only) move back by what this segment dropped.
         position_ids = state.numbering.decode_group(kwargs.get("position_ids"), entry, steps)
         if position_ids is None:
             return dict(attention_mask=mask)
-        rope = adapter.layer_rope(hidden, position_ids)
+        rope = scheme.rope(hidden, position_ids)
         return dict(attention_mask=mask, position_ids=position_ids, position_embeddings=rope.get(kind, rope["attention"]))
 
 
@@ -252,7 +250,7 @@ class Scratch:
     boundary_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
     stages: dict = field(default_factory=dict)  # per call of a stage (its rows and items), its memory
     # Per layer at a boundary (or before one), its per-token argument at the entry sequence's length
-    # (``ModelAdapter.layer_token_argument``), for a stage that runs the layer outside the forward.
+    # (``LayerScheme.layer_token_argument``), for a stage that runs the layer outside the forward.
     layer_arguments: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
@@ -305,17 +303,17 @@ class PrefillState:
     def segment_of_layer(self, layer: int) -> int:
         return sum(1 for boundary in self.boundaries if boundary <= layer)
 
-    def segment_heads(self, kinds: tuple[str, ...]) -> frozenset[int]:
-        """The first layer of each attention kind in each segment after the entry (``kinds``: every
-        layer's kind): where a decoding step's mask for that kind is mapped onto the segment's cache.
-        Linear-attention layers are never heads: their mask is not an attention mask."""
+    def segment_heads(self, scheme) -> frozenset[int]:
+        """The first layer of each mapped kind (``LayerScheme.maps``) in each segment after the entry:
+        where a decoding step's mask for that kind is mapped onto the segment's cache."""
         heads = self.__dict__.get("_heads")
         if heads is None:
+            kinds = scheme.kinds
             ends = [*self.boundaries[1:], len(kinds)]
             heads = frozenset(
                 next(layer for layer in range(start, end) if kinds[layer] == kind)
                 for start, end in zip(self.boundaries, ends)
-                for kind in {kinds[layer] for layer in range(start, end)} - {"linear_attention"}
+                for kind in {kinds[layer] for layer in range(start, end)} if scheme.maps(kind)
             )
             self.__dict__["_heads"] = heads
         return heads

@@ -1,6 +1,7 @@
 """Applying vision stages at the language model's entry (the *feature site*).
 
-For every item whose plan has a vision stage, the stage reduces each unit's captured features, the
+``vision_step`` is the prefill's one call into the vision side: each item's DeepStack features, its
+budget (its row's, or chosen from its own content), its plan, and its vision stage. For every item whose plan has a vision stage, the stage reduces each unit's captured features, the
 model's projector maps the result into the language model's space, and the adapter names the
 slots it is written into. Rows that ``generate`` repeated (beams, several sequences) read the
 captured rows of their first copy. Qwen3-VL's DeepStack features ride along as extra channels of
@@ -11,11 +12,53 @@ from __future__ import annotations
 
 import torch
 
+from typing import Callable
+
 from ..adapters import Capture, VisualItem
-from ..plan import VisionView, apply_vision_stage
+from ..plan import Plan, VisionView, apply_vision_stage
 from .binding import Binding
-from .sharded import check_full
+from .sharded import check_full, same_stage_calls
 from .state import EntryChoice, Item
+
+
+def vision_step(binding: Binding, found: list[VisualItem], captures: dict[str, Capture], kwargs: dict,
+                row_budgets: list | None, text_of: Callable[[list[Plan]], torch.Tensor | None]) -> list[Item]:
+    """Every item of a prefill with its plan, its vision stage run: its DeepStack features taken out
+    of the language model's arguments (``kwargs``), its budget (its row's from ``row_budgets``, or the
+    reducer's choice from its own content), its plan, and its stage's output written into a copy of
+    ``kwargs["inputs_embeds"]``. ``text_of(plans)``: ``(B, L)`` True on each row's text tokens, or
+    ``None`` where no stage reads the text. The towers' signals are computed once for all of it."""
+    signals: dict = {}  # (tower, layers, received) -> the tower's signals, this prefill's
+    additions = take_additions(binding, kwargs, found)
+    budgets = item_budgets(binding, found, captures, kwargs["inputs_embeds"], signals, row_budgets)
+    items = [Item(source, binding.plan_for(source.geometry, budget), budget, additions=extra)
+             for source, budget, extra in zip(found, budgets, additions)]
+    if any(item.plan.vision is not None for item in items):
+        kwargs["inputs_embeds"] = kwargs["inputs_embeds"].clone()
+        reduce_vision(binding, items, captures, kwargs["inputs_embeds"], signals, text_of([item.plan for item in items]))
+    return items
+
+
+def item_budgets(binding: Binding, items: list[VisualItem], captures, inputs_embeds, signals: dict,
+                 row_budgets: list | None) -> list[int | None]:
+    """Each item's budget: the one its row was given (``reducer.per_row``), or the one the reducer
+    chooses from the item's own content (``Adaptive``), else ``None`` (the reducer's own)."""
+    if row_budgets is not None:
+        return row_item_budgets(items, row_budgets)
+    if binding.reducer.adapts_to_content:
+        views = item_views(binding, items, captures, inputs_embeds, signals)
+        budgets = [binding.reducer.item_budget(view, item.geometry) for view, item in zip(views, items)]
+        same_stage_calls(binding.adapter, inputs_embeds.shape[0], items, budgets)  # ZeRO-3: plans alike
+        return budgets
+    return [None] * len(items)
+
+
+def row_item_budgets(items: list[VisualItem], row_budgets: list | None) -> list:
+    """Each item's budget from its row's (``reducer.per_row``; ``None``: the reducer's own)."""
+    if row_budgets is None:
+        return [None] * len(items)
+    budgets = [row_budgets[item.row] for item in items]
+    return [b(item.geometry) if callable(b) else b for b, item in zip(budgets, items)]
 
 
 def source_rows(binding: Binding, items: list[VisualItem], captures: dict[str, Capture]):

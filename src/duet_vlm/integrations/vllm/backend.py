@@ -30,11 +30,10 @@ from vllm.model_executor.models.transformers.multimodal import (
     MultiModalProcessor,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.processing import PromptReplacement
 
+from ...adapters.llava import llava_geometry
 from ...geometry import Geometry
 from .common import DuetProcessorMixin, ItemFields, cut_runs, item_fields_config, server_options
-from .llava import llava_geometry
 from .options import RefusedMethod, Settings, plan_for
 from .refused import BACKEND, refuse_options
 from .select import layer_scores, reduce_unit, tap
@@ -52,8 +51,8 @@ def backend_geometry(config) -> Geometry:
 class DuetBackendProcessor(DuetProcessorMixin, MultiModalProcessor):
     """The backend's processor with each image's placeholder run cut to the method's count."""
 
-    def item_geometries(self, processed, hf_kwargs) -> list[Geometry]:
-        return [backend_geometry(self.info.get_hf_config())] * len(processed["pixel_values"])
+    def item_geometry(self, modality: str, sizes) -> Geometry:
+        return backend_geometry(self.info.get_hf_config())
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         # The backend attributes every processor output to a modality by name: duet-vlm's fields are
@@ -65,19 +64,9 @@ class DuetBackendProcessor(DuetProcessorMixin, MultiModalProcessor):
             hf_inputs.update(ours)
         return {**fields, **item_fields_config(hf_inputs)}
 
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        if not self.settings().active:
-            return updates
-        count = self.reduced_tokens(hf_processor_mm_kwargs, backend_geometry(self.info.get_hf_config()))
-        image_token = self.info.get_hf_config().image_token_index
-
-        def cut(update):
-            def replacement(item_idx: int):  # the processor's: all the image's placeholders
-                return cut_runs(update.replacement(item_idx).full, image_token, count)
-            return PromptReplacement(modality=update.modality, target=update.target, replacement=replacement)
-
-        return [cut(update) if update.modality == "image" else update for update in updates]
+    def placeholders(self, update, item_idx: int, item, count: int):
+        """The processor's replacement (all the image's placeholders) cut to ``count``."""
+        return cut_runs(update.replacement(item_idx), self.info.get_hf_config().image_token_index, count)
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoints import TinySize, write_llava
+from ...tiny.checkpoints import TinySize, write_llava
 
 #: the benchmark model: LLaVA-1.5's token geometry (336 px, patch 14, feature layer -2, 32 decoder
 #: layers), widths a 2-core CPU can serve.
@@ -72,12 +72,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def picture(seed: int):
+def picture(seed: int, size: tuple[int, int] = (336, 336)):
+    """A ``(width, height)`` picture with structure (6x6 blocks of colour and noise), so that attention
+    and diversity rank its patches."""
     from PIL import Image
 
     rng = np.random.RandomState(seed)
-    blocks = np.kron(rng.rand(6, 6, 3), np.ones((57, 57, 1)))[:336, :336]
-    return Image.fromarray(((0.7 * blocks + 0.3 * rng.rand(336, 336, 3)) * 255).astype("uint8"))
+    width, height = size
+    blocks = np.kron(rng.rand(6, 6, 3), np.ones((height // 6 + 1, width // 6 + 1, 1)))[:height, :width]
+    return Image.fromarray(((0.7 * blocks + 0.3 * rng.rand(height, width, 3)) * 255).astype("uint8"))
 
 
 def data_url(image) -> str:
@@ -104,22 +107,22 @@ def wait_until_healthy(process: subprocess.Popen, port: int, startup_s: float, l
 
 
 class Server:
-    """``python -m duet_vlm.integrations.vllm.serve`` on 127.0.0.1, stopped on exit; its processes'
-    resident memory sampled while it runs."""
+    """``python -m duet_vlm.integrations.vllm.serve folder *options`` on 127.0.0.1 (float32, 2,048
+    tokens a sequence, ``kv_cache_bytes`` of KV cache, ``limits`` items a prompt, one image unless
+    told, the model named ``name``, requests' processor options trusted), stopped by ``stop`` or on
+    leaving a ``with`` block, or when it fails to start; its processes' resident memory sampled while
+    it runs (``peak``, bytes)."""
 
-    def __init__(self, folder: Path, method: str | None, budget: int | None, log: Path, threads: int, startup_s: float,
-                 extra: tuple[str, ...] = ()):
+    def __init__(self, folder: Path, options: list[str], log: Path, startup_s: float, *, name: str = "bench",
+                 kv_cache_bytes: int = 1 << 30, limits: dict | None = None, env: dict | None = None):
         self.port = free_port()
         command = [
-            sys.executable, "-m", "duet_vlm.integrations.vllm.serve", str(folder), "--host", "127.0.0.1",
+            sys.executable, "-m", "duet_vlm.integrations.vllm.serve", str(folder), *options, "--host", "127.0.0.1",
             "--port", str(self.port), "--dtype", "float32", "--max-model-len", "2048",
-            "--kv-cache-memory-bytes", str(1 << 30), "--limit-mm-per-prompt", json.dumps({"image": 1, "video": 0}),
-            "--served-model-name", "bench", "--no-enable-prefix-caching", "--max-num-seqs", "16", "--trust-request-mm-kwargs",
+            "--kv-cache-memory-bytes", str(kv_cache_bytes),
+            "--limit-mm-per-prompt", json.dumps(limits or {"image": 1, "video": 0}),
+            "--served-model-name", name, "--trust-request-mm-kwargs",
         ]
-        if method is not None:
-            command += ["--method", method, "--budget", str(budget)]
-        command += list(extra)
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         self.log = open(log, "w")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.peak = 0
@@ -128,10 +131,16 @@ class Server:
         self._sampler.start()
         try:
             wait_until_healthy(self.process, self.port, startup_s, log)
-        except TimeoutError:
+        except BaseException:
             self.stop()
             raise
         self.peak = 0  # what serving takes, not loading
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def _sample(self) -> None:
         import psutil
@@ -244,8 +253,10 @@ def main(argv: list[str] | None = None) -> None:
         settings.append((f"Transformers backend prototype, {args.method}", args.method, budgets,
                          ("--model-impl", "transformers")))
     for number, (setting, method, setting_budgets, extra) in enumerate(settings):
-        server = Server(folder, method, setting_budgets[0], work / f"server-{number}-{method}.log", args.threads,
-                        args.startup_s, extra)
+        options = ["--method", method, "--budget", str(setting_budgets[0])] if method is not None else []
+        server = Server(folder, [*options, "--no-enable-prefix-caching", "--max-num-seqs", "16", *extra],
+                        work / f"server-{number}-{method}.log", args.startup_s,
+                        env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         try:
             for budget in setting_budgets:
                 for max_tokens in lengths:

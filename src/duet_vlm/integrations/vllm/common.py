@@ -1,33 +1,49 @@
-"""What the processor and the model of every family share under vLLM.
+"""What the processor and the model of every family share under vLLM: the two skeletons, each written
+once, a family saying only what differs (as PEFT's ``BaseTuner.inject_adapter`` owns the walk and a
+tuner writes only ``_create_and_replace``).
 
 ``DuetProcessorMixin`` (before vLLM's processor class in the bases): reads the server's and the
-request's options, keeps them from the Hugging Face processor, and gives every image (and every
-video a family reduces) item fields that travel with its pixels to the model (``write_item_fields``:
-its absolute budget, 0 for unreduced; its method where the server lets requests choose; its prompt's
-text where the method reads it), read back as ``ItemFields``. ``DuetTowerMixin`` (before vLLM's
-model class): the server's reducer, the plan of an item's budget, and the tower run with taps.
+request's options, keeps them from the Hugging Face processor, and gives every item of a modality
+a method reduces (images; a family's videos) fields that travel with its pixels to the model
+(``write_item_fields``: its absolute budget, 0 for unreduced; its method where the server lets
+requests choose; its prompt's text where the method reads it), read back as ``ItemFields``. Its
+``_get_prompt_updates`` cuts each item's placeholders to its method's count; a family says where an
+item's geometry comes from (``geometry_fields``, ``item_geometry``, the Hugging Face adapter's
+geometry function) and, where vLLM writes more than the placeholders, its replacement
+(``placeholders``).
+
+``DuetTowerMixin`` (before vLLM's model class): the server's reducer and the loop over a batch's
+items (``reduce_items``: each item's plan, then vLLM's embedding or the method's stage); a family
+says how it encodes a batch (``encode``) and what an item is unreduced (``unreduced``) and reduced
+(``units``).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import logging
 from collections.abc import Mapping
 from typing import Callable
 
 import torch
 from vllm.multimodal.inputs import MultiModalFieldConfig
-from vllm.multimodal.processing import PromptUpdateDetails
+from vllm.multimodal.parse import ProcessorBatchItems
+from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
 from ...geometry import Geometry
 from ...plan import Plan
 from .options import RefusedMethod, Settings, plan_for, strip, tokens_for
-from .select import Reduced, Taps, encoder_index, layer_scores, reduce_unit, tap
+from .select import Taps, encoder_index, layer_scores, reduce_unit, tap
 
 
 #: where the processor says what a request asked that it cannot do (an image its budget leaves unreduced).
 LOG = logging.getLogger("duet_vlm.vllm")
+
+#: the modalities a method can reduce, each with the processor's key of its pixels, which is also the
+#: ``type`` of vLLM's parsed input of them (another type: embeddings given, served as vLLM serves them).
+PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
 
 
 def server_options(model_config) -> dict:
@@ -79,7 +95,13 @@ class DuetInfoMixin:
 
 
 class DuetProcessorMixin:
-    """Reads duet-vlm's options; subclasses give each processed image's ``Geometry``."""
+    """Reads duet-vlm's options and cuts each reduced item's placeholders to its method's count; a
+    family gives each item's ``Geometry`` (``item_geometry``) and, where vLLM writes more than the
+    placeholders, their replacement (``placeholders``)."""
+
+    #: each modality the family reduces, with the processed field (one row per item) its items'
+    #: geometry is read from (``item_geometry``).
+    geometry_fields: dict[str, str] = {"image": "pixel_values"}
 
     def settings(self, request: Mapping[str, object] | None = None) -> Settings:
         if getattr(self, "_duet_profiling", False):
@@ -87,8 +109,41 @@ class DuetProcessorMixin:
         request = {k: v for k, v in (request or {}).items() if k != "duet_text"}
         return Settings.read(server_options(self.info.ctx.model_config), request)
 
-    def item_geometries(self, processed, hf_kwargs) -> list[Geometry]:
+    def item_geometry(self, modality: str, sizes) -> Geometry:
+        """The geometry of an item of ``modality`` from its row of ``geometry_fields[modality]``."""
         raise NotImplementedError
+
+    def item_geometries(self, processed, hf_kwargs, modality: str = "image") -> list[Geometry]:
+        """The geometry of each item of ``modality`` the processor produced."""
+        return [self.item_geometry(modality, sizes) for sizes in processed[self.geometry_fields[modality]]]
+
+    def placeholders(self, update: PromptReplacement, item_idx: int, item, count: int):
+        """The replacement of item ``item_idx`` (``item``: its processed fields) with ``count``
+        placeholders: the update's target (the placeholder) ``count`` times, where vLLM writes nothing
+        around them."""
+        (token,) = update.target
+        return [token] * count
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        """vLLM's prompt updates, with each item of a reduced modality as many placeholders as its
+        method keeps at its budget (items given as embeddings as vLLM writes them)."""
+        updates = super()._get_prompt_updates(mm_items, strip(hf_processor_mm_kwargs), out_mm_kwargs)
+        if not self.settings().active:
+            return updates
+        return [self._reduced_update(update, mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+                if update.modality in self.geometry_fields else update for update in updates]
+
+    def _reduced_update(self, update, mm_items, hf_kwargs, out_mm_kwargs) -> PromptReplacement:
+        modality, field = update.modality, self.geometry_fields[update.modality]
+
+        def replacement(item_idx: int):
+            if not isinstance(mm_items.get(modality), ProcessorBatchItems):  # embeddings given: not reduced
+                return update.replacement(item_idx)
+            item = out_mm_kwargs[modality][item_idx]
+            count = self.reduced_tokens(hf_kwargs, self.item_geometry(modality, item[field].data))
+            return self.placeholders(update, item_idx, item, count)
+
+        return PromptReplacement(modality=modality, target=update.target, replacement=replacement)
 
     def placeholder_ids(self) -> set[int]:
         """The token ids of visual placeholders (not text)."""
@@ -153,13 +208,17 @@ class DuetProcessorMixin:
         settings = self.settings(hf_processor_mm_kwargs)
         if settings.active and self.unreduced_videos and processed_data.get("pixel_values_videos") is not None:
             LOG.warning("duet-vlm: videos are served unreduced on %s", self.unreduced_videos)
-        if settings.active and processed_data.get("pixel_values") is not None:
-            geometries = self.item_geometries(processed_data, hf_processor_mm_kwargs)
-            write_item_fields(processed_data, settings, geometries, hf_processor_mm_kwargs.get("duet_text"))
+        for modality in self.geometry_fields:
+            if settings.active and processed_data.get(PIXELS[modality]) is not None:
+                geometries = self.item_geometries(processed_data, hf_processor_mm_kwargs, modality)
+                write_item_fields(processed_data, settings, geometries, hf_processor_mm_kwargs.get("duet_text"), modality)
         return processed_data
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
-        return {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs), **item_fields_config(hf_inputs)}
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        for modality in self.geometry_fields:
+            fields.update(item_fields_config(hf_inputs, modality))
+        return fields
 
     def reduced_tokens(self, hf_processor_mm_kwargs, geometry: Geometry) -> int:
         """An image's placeholder count: the method's token count at the image's budget."""
@@ -167,16 +226,16 @@ class DuetProcessorMixin:
         return tokens_for(settings, settings.item_budget(geometry), geometry)
 
 
-def cut_runs(ids, token: int, count: int) -> PromptUpdateDetails:
-    """A replacement's ids (vLLM's own, unreduced) with each run of ``token`` cut to its first
-    ``count``, the embeddings going to ``token``: an item's reduced placeholders, its other ids as
-    vLLM writes them (``<start_of_image>``, newlines, ...)."""
+def cut_runs(full: PromptUpdateDetails, token: int, count: int) -> PromptUpdateDetails:
+    """vLLM's own replacement of an item (``full``, unreduced) with each run of ``token`` cut to its
+    first ``count``, the embeddings going to ``token``: an item's reduced placeholders, its other ids
+    as vLLM writes them (``<start_of_image>``, newlines, ...); ``full`` itself where nothing is cut."""
     kept, run = [], 0
-    for t in ids:
+    for t in full.full:
         run = run + 1 if t == token else 0
         if t != token or run <= count:
             kept.append(t)
-    return PromptUpdateDetails.select_token_id(kept, token)
+    return full if len(kept) == len(full.full) else PromptUpdateDetails.select_token_id(kept, token)
 
 
 @dataclasses.dataclass
@@ -236,15 +295,71 @@ def write_item_fields(processed_data: dict, settings: Settings, geometries: list
         processed_data[prefix + "text"] = torch.tensor([list(text)] * len(geometries), dtype=torch.long)
 
 
-class DuetTowerMixin:
-    """The server's reducer inside a vLLM model, and the tower run with taps."""
+def consecutive(counts) -> list[slice]:
+    """The rows of each item of a batch whose items take ``counts`` rows each, in order.
+
+    >>> consecutive([2, 1, 3])
+    [slice(0, 2, None), slice(2, 3, None), slice(3, 6, None)]
+    """
+    ends = list(itertools.accumulate(counts))
+    return [slice(end - count, end) for count, end in zip(counts, ends)]
+
+
+def identity(features: torch.Tensor) -> torch.Tensor:
+    return features
+
+
+@dataclasses.dataclass
+class Encoded:
+    """One item of a batch as its family encoded it (``DuetTowerMixin.encode``): its geometry, its
+    plan (``None``: embedded as vLLM embeds it), its rows of the tower's batch, the tower's taps, and
+    what else the family reads it by (``data``)."""
+
+    geometry: Geometry
+    plan: Plan | None
+    rows: slice | None = None
+    taps: Taps | None = None
+    data: object = None
+
+
+class DuetModelMixin:
+    """What every family's vLLM model shares: each batch's item fields, taken out of vLLM's arguments
+    before its ``embed_multimodal`` runs and read by the family's embedding of each modality."""
+
+    def embed_multimodal(self, **kwargs: object):
+        self._duet_items = {modality: ItemFields.take(kwargs, modality) for modality in PIXELS}
+        try:
+            return super().embed_multimodal(**kwargs)
+        finally:
+            self._duet_items = {}
+
+    def reduced_fields(self, parsed, modality: str = "image") -> ItemFields | None:
+        """The fields of a batch of ``modality`` (vLLM's parsed input) a method reduces; ``None``
+        where vLLM embeds it (no method, no budgets, embeddings given)."""
+        fields = getattr(self, "_duet_items", {}).get(modality)
+        if not self.duet.active or fields is None or fields.budgets is None or parsed["type"] != PIXELS[modality]:
+            return None
+        return fields
+
+    def item_plans(self, fields: ItemFields, geometries: list[Geometry]) -> list[Plan | None]:
+        """Each item's plan at its budget by its own method (``None``: unreduced)."""
+        return [plan_for(fields.settings(self.duet, index), budget, geometry)
+                for index, (budget, geometry) in enumerate(zip(fields.budgets, geometries))]
+
+
+class DuetTowerMixin(DuetModelMixin):
+    """The server's reducer inside a vLLM model, the tower run with taps, and the loop over a batch's
+    items (``reduce_items``)."""
 
     #: vision towers whose layers ``select.layer_scores`` reads.
     tower_types = ("clip_vision_model", "siglip_vision_model")
+    #: where a method's stage chooses: among projected tokens (Gemma's, InternVL's), its output
+    #: reaching the language model as it is, each token in the slot of the token it stands for; or
+    #: among the tower's features (LLaVA's), its output projected by the model's projector.
+    chooses_projected = False
 
-    def setup_duet(self, vllm_config, geometry: Geometry) -> None:
+    def setup_duet(self, vllm_config) -> None:
         self.duet = Settings.read(server_options(vllm_config.model_config))
-        self.duet_geometry = geometry
         if self.duet.active:
             kind = self.config.vision_config.model_type
             if kind not in self.tower_types:
@@ -253,24 +368,58 @@ class DuetTowerMixin:
                 raise RefusedMethod("duet-vlm supports a single vision feature layer (vision_feature_layer an int)")
             self.duet.reducer()
 
-    def duet_pixels(self, kwargs: dict):
-        """``(image_input, budgets, texts)`` of an image batch the method reduces (vLLM's parsed input:
-        ``pixel_values`` and any sizes), with the duet keys taken out of ``kwargs`` (each item's method,
-        ``duet_method``, kept for ``duet_plan``); ``None`` where vLLM's own ``embed_multimodal``
-        answers (no method, no budgets, no images, embeddings given)."""
-        fields = ItemFields.take(kwargs)
-        self._duet_items = {"image": fields}
-        if not self.duet.active or fields.budgets is None:
-            return None
-        image_input = self._parse_and_validate_image_input(**kwargs)
-        if image_input is None or image_input["type"] != "pixel_values":
-            return None
-        return image_input, fields.budgets, fields.texts
+    def _process_image_input(self, image_input):
+        """vLLM's embedding of a batch of images, reduced where a method reduces it (InternVL embeds
+        images in ``_process_vision_input``)."""
+        return self.reduce_or_embed(image_input, super()._process_image_input)
 
-    def duet_plan(self, budget: int, geometry: Geometry, index: int = 0) -> Plan | None:
-        """The plan of image ``index`` of the batch at its ``budget``, by its own method."""
-        fields = getattr(self, "_duet_items", {}).get("image") or ItemFields()
-        return plan_for(fields.settings(self.duet, index), budget, geometry)
+    def embed_as_vllm(self, image_input):
+        """vLLM's own embedding of a batch of images."""
+        return super()._process_image_input(image_input)
+
+    def reduce_or_embed(self, parsed, embed: Callable, modality: str = "image"):
+        """A batch of ``modality`` reduced where a method reduces it, else ``embed``'s (vLLM's)."""
+        fields = self.reduced_fields(parsed, modality)
+        return embed(parsed) if fields is None else self.reduce_items(parsed, fields, modality)
+
+    def reduce_items(self, parsed, fields: ItemFields, modality: str = "image") -> list:
+        """Each item of a batch reduced by its own method at its own budget, an unreduced one as vLLM
+        embeds it: the loop every family shares. The family encodes the batch (``encode``: each
+        item's geometry, plan and rows, the tower run once with taps) and says what an item is
+        unreduced (``unreduced``) and what its stage reduces (``units``)."""
+        project = self.stage_projector(modality)
+        outputs = []
+        for index, item in enumerate(self.encode(parsed, fields, modality)):
+            if item.plan is None:
+                outputs.append(self.unreduced(item, modality))
+                continue
+            text = self.text_embeddings(fields.texts, index)
+            parts = []
+            for features, scores, keys, maps in self.units(item, modality):
+                reduced = reduce_unit(item.plan, features, scores, keys, item.geometry.grid, item.geometry.has_cls,
+                                      project, maps, text)
+                parts.append(reduced.in_slot_order() if self.chooses_projected else reduced.embeddings)
+            outputs.append(parts[0] if len(parts) == 1 else torch.cat(parts))
+        return outputs
+
+    def encode(self, parsed, fields: ItemFields, modality: str) -> list[Encoded]:
+        """Each item of a batch (vLLM's parsed input) with its geometry and plan, encoded as far as
+        the family encodes a batch at once (the family's)."""
+        raise NotImplementedError
+
+    def unreduced(self, item: Encoded, modality: str) -> torch.Tensor:
+        """An item no method reduces: its embeddings as vLLM's own path gives them (the family's)."""
+        raise NotImplementedError
+
+    def units(self, item: Encoded, modality: str) -> list[tuple]:
+        """What an item's stage reduces: ``(features, scores, keys, maps)`` of each part reduced on its
+        own at the item's budget (one, or a Gemma 3 image's blocks), as ``select.reduce_unit`` takes
+        them (the family's)."""
+        raise NotImplementedError
+
+    def stage_projector(self, modality: str) -> Callable:
+        """How a stage's output reaches the language model (see ``chooses_projected``)."""
+        return identity if self.chooses_projected else self.multi_modal_projector
 
     def encoder_layers_of(self) -> list:
         return list(self.vision_tower.vision_model.encoder.layers)
@@ -311,15 +460,6 @@ class DuetTowerMixin:
             index = encoder_index(layer, depth)
             maps[layer] = layer_scores(layers[index], taps.inputs[index][rows], has_cls, received=received)[0]
         return scores, keys, maps
-
-    def reduce_item(self, plan: Plan, geometry: Geometry, features, scores, keys, maps, text=None,
-                    project: Callable | None = None) -> Reduced:
-        """``reduce_unit`` on one item; ``project``: how its stage's output reaches the language model
-        (the projector by default; the identity where the features are projected already)."""
-        return reduce_unit(
-            plan, features, scores, keys, geometry.grid, geometry.has_cls, project or self.multi_modal_projector,
-            maps, text,
-        )
 
     def text_embeddings(self, texts, index: int):
         """The language model's input embeddings of image ``index``'s prompt text (``duet_text``)."""

@@ -27,21 +27,12 @@ from vllm.model_executor.models.gemma3_mm import (
     Gemma3ProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.parse import ImageProcessorItems
-from vllm.multimodal.processing import PromptReplacement
 from vllm.multimodal.processing.processor import cached_encode, replace_token_matches
 
-from ...adapters.gemma3 import pooled_keys, pooled_scores
+from ...adapters.gemma3 import gemma3_geometry, pooled_keys, pooled_scores
 from ...geometry import Geometry
-from .common import DuetInfoMixin, DuetProcessorMixin, DuetTowerMixin, cut_runs
+from .common import DuetInfoMixin, DuetProcessorMixin, DuetTowerMixin, Encoded, consecutive, cut_runs
 from .options import RefusedMethod
-
-
-def gemma3_geometry(config) -> Geometry:
-    """An image block, as ``adapters.gemma3`` gives it: ``mm_tokens_per_image`` soft tokens on a square grid."""
-    side = round(config.mm_tokens_per_image ** 0.5)
-    return Geometry(config.text_config.num_hidden_layers, side * side, (side, side), False,
-                    encoder_depth=config.vision_config.num_hidden_layers)
 
 
 class DuetGemma3ProcessingInfo(DuetInfoMixin, Gemma3ProcessingInfo):
@@ -52,10 +43,14 @@ class DuetGemma3ProcessingInfo(DuetInfoMixin, Gemma3ProcessingInfo):
 class DuetGemma3MultiModalProcessor(DuetProcessorMixin, Gemma3MultiModalProcessor):
     """vLLM's Gemma 3 processor with each image block's soft tokens cut to the reduced count."""
 
-    def item_geometries(self, processed, hf_kwargs) -> list[Geometry]:
-        blocks = processed["num_patches"].tolist()
+    geometry_fields = {"image": "num_patches"}  # an image's blocks: the image, then its pan-and-scan crops
+
+    def item_geometry(self, modality: str, blocks) -> Geometry:
+        return gemma3_geometry(self.info.get_hf_config())
+
+    def item_geometries(self, processed, hf_kwargs, modality: str = "image") -> list[Geometry]:
         settings = self.settings(hf_kwargs)
-        if any(count > 1 for count in blocks) and settings.needs_text():
+        if any(count > 1 for count in processed["num_patches"].tolist()) and settings.needs_text():
             # the prompt's text is read before the image is cut into crops (``apply``), so it would
             # miss the words vLLM writes around them
             raise RefusedMethod(
@@ -63,7 +58,12 @@ class DuetGemma3MultiModalProcessor(DuetProcessorMixin, Gemma3MultiModalProcesso
                 "the prompt's text, which is taken before the image is cut into crops; send the image with "
                 "do_pan_and_scan off, or use a method that does not read the text"
             )
-        return [gemma3_geometry(self.info.get_hf_config())] * len(blocks)
+        return super().item_geometries(processed, hf_kwargs, modality)
+
+    def placeholders(self, update, item_idx: int, item, count: int):
+        """vLLM's own replacement (the image's blocks, each ``<start_of_image>``, its soft tokens and
+        ``<end_of_image>``) with each block's soft tokens cut to ``count``."""
+        return cut_runs(update.replacement(item_idx), self.info.get_hf_config().image_token_index, count)
 
     def prompt_text(self, prompt: list[int]) -> tuple[int, ...]:
         """The prompt's text as the Hugging Face path reads it: each ``<start_of_image>`` written out as
@@ -84,62 +84,38 @@ class DuetGemma3MultiModalProcessor(DuetProcessorMixin, Gemma3MultiModalProcesso
             text = replace_token_matches(text, pair, joined)
         return tuple(text)
 
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        if not self.settings().active:
-            return updates
-        config = self.info.get_hf_config()
-        soft, tokens = config.image_token_index, config.mm_tokens_per_image
-        image_update = next(update for update in updates if update.modality == "image")
-        count = self.reduced_tokens(hf_processor_mm_kwargs, gemma3_geometry(config))
-
-        def replacement(item_idx: int):
-            full = image_update.replacement(item_idx)  # vLLM's: the image's blocks, each of `tokens` soft tokens
-            if not isinstance(mm_items.get("image"), ImageProcessorItems) or count == tokens:
-                return full
-            return cut_runs(full.full, soft, count)
-
-        return [PromptReplacement(modality="image", target=image_update.target, replacement=replacement)]
-
 
 @MULTIMODAL_REGISTRY.register_processor(
     DuetGemma3MultiModalProcessor, info=DuetGemma3ProcessingInfo, dummy_inputs=Gemma3DummyInputsBuilder
 )
 class DuetGemma3ForConditionalGeneration(DuetTowerMixin, Gemma3ForConditionalGeneration):
-    """vLLM's Gemma 3 with duet-vlm's vision-side reduction in ``embed_multimodal``."""
+    """vLLM's Gemma 3 with duet-vlm's vision-side reduction of its images."""
+
+    chooses_projected = True
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.setup_duet(vllm_config, gemma3_geometry(self.config))
+        self.setup_duet(vllm_config)
 
-    def embed_multimodal(self, **kwargs: object):
-        request = self.duet_pixels(kwargs)
-        if request is None:
-            return super().embed_multimodal(**kwargs)
-        image_input, budgets, texts = request
-        geometry = self.duet_geometry
-        plans = [self.duet_plan(budget, geometry, index) for index, budget in enumerate(budgets)]
+    def encode(self, image_input, fields, modality: str) -> list[Encoded]:
+        """Every image's blocks through the tower and the projector at once (an image's rows: its
+        block, then one per pan-and-scan crop)."""
+        geometry = gemma3_geometry(self.config)
+        plans = self.item_plans(fields, [geometry] * len(fields.budgets))
         features = []
         taps = self.run_tower(lambda: features.append(self.vision_tower(image_input["pixel_values"])), plans)
         projected = self.multi_modal_projector(features[0])  # (blocks, tokens, D)
-        counts = [int(n) for n in torch.as_tensor(image_input["num_patches"]).reshape(-1).tolist()]
-        outputs, start = [], 0
-        for index, (plan, blocks) in enumerate(zip(plans, counts)):
-            rows = slice(start, start + blocks)  # the image's block, then one per pan-and-scan crop
-            start += blocks
-            if plan is None:
-                outputs.append(projected[rows].flatten(0, 1))
-                continue
-            scores, keys, maps = self.tower_signals(taps, plan, rows)
-            text = self.text_embeddings(texts, index)
-            parts = []
-            for block in range(blocks):  # each block a unit of its own at the image's budget, as the HF path reduces it
-                one = slice(block, block + 1)
-                reduced = self.reduce_item(plan, geometry, projected[rows][one], scores[one], keys[one],
-                                           {layer: m[one] for layer, m in maps.items()}, text, project=lambda f: f)
-                parts.append(reduced.in_slot_order())
-            outputs.append(torch.cat(parts))
-        return outputs
+        blocks = [int(n) for n in torch.as_tensor(image_input["num_patches"]).reshape(-1).tolist()]
+        return [Encoded(geometry, plan, rows, taps, projected[rows]) for plan, rows in zip(plans, consecutive(blocks))]
+
+    def unreduced(self, item: Encoded, modality: str):
+        return item.data.flatten(0, 1)
+
+    def units(self, item: Encoded, modality: str) -> list[tuple]:
+        """Each block a unit of its own at the image's budget, as the Hugging Face path reduces it."""
+        scores, keys, maps = self.tower_signals(item.taps, item.plan, item.rows)
+        blocks = [slice(block, block + 1) for block in range(len(item.data))]
+        return [(item.data[one], scores[one], keys[one], {layer: m[one] for layer, m in maps.items()}) for one in blocks]
 
     def tower_signals(self, taps, plan, rows) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """The soft tokens' scores and keys: each patch's received attention (SigLIP has no CLS) summed

@@ -34,22 +34,12 @@ from vllm.model_executor.models.gemma4_mm import (
     Gemma4ProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.parse import ImageProcessorItems
-from vllm.multimodal.processing import PromptReplacement
 
-from ...adapters.gemma4 import NOMINAL_SIDE, image_grid, kv_sharing, pooled_layer_scores
+from ...adapters.gemma4 import gemma4_geometry, image_grid, pooled_layer_scores
 from ...geometry import Geometry
-from .common import DuetInfoMixin, DuetProcessorMixin, DuetTowerMixin, cut_runs
-from .options import RefusedMethod, strip
+from .common import DuetInfoMixin, DuetProcessorMixin, DuetTowerMixin, Encoded, cut_runs
+from .options import RefusedMethod
 from .select import encoder_index
-
-
-def gemma4_geometry(config, grid: tuple[int, int]) -> Geometry:
-    """An image of ``grid`` soft tokens, as ``Gemma4Adapter.image_geometry`` gives it."""
-    rows, cols = grid
-    layers = config.text_config.num_hidden_layers
-    return Geometry(layers, rows * cols, (rows, cols), False, encoder_depth=config.vision_config.num_hidden_layers,
-                    last_boundary=kv_sharing(config.text_config, layers)[0])
 
 
 def positions_grid(config, positions) -> tuple[int, int]:
@@ -65,9 +55,16 @@ class DuetGemma4ProcessingInfo(DuetInfoMixin, Gemma4ProcessingInfo):
 class DuetGemma4MultiModalProcessor(DuetProcessorMixin, Gemma4MultiModalProcessor):
     """vLLM's Gemma 4 processor with each image's soft tokens cut to the reduced count."""
 
-    def item_geometries(self, processed, hf_kwargs) -> list[Geometry]:
+    geometry_fields = {"image": "pixel_position_ids"}
+
+    def item_geometry(self, modality: str, positions) -> Geometry:
         config = self.info.get_hf_config()
-        return [gemma4_geometry(config, positions_grid(config, positions)) for positions in processed["pixel_position_ids"]]
+        return gemma4_geometry(config, *positions_grid(config, positions))
+
+    def placeholders(self, update, item_idx: int, item, count: int):
+        """vLLM's own replacement (``<start_of_image>``, the image's soft tokens, ``<end_of_image>``)
+        with its soft tokens cut to ``count``."""
+        return cut_runs(update.replacement(item_idx), self.info.get_hf_config().image_token_id, count)
 
     unreduced_videos = "Gemma 4 (as on the Hugging Face path)"
 
@@ -75,26 +72,6 @@ class DuetGemma4MultiModalProcessor(DuetProcessorMixin, Gemma4MultiModalProcesso
         """The prompt's text with ``<start_of_image>`` and ``<end_of_image>`` where each image's soft token stands."""
         config = self.info.get_hf_config()
         return self.text_with_markers(prompt, config.image_token_id, [config.boi_token_id, config.eoi_token_id])
-
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = super()._get_prompt_updates(mm_items, strip(hf_processor_mm_kwargs), out_mm_kwargs)
-        if not self.settings().active:
-            return updates
-        config = self.info.get_hf_config()
-        image_update = next((update for update in updates if update.modality == "image"), None)
-        if image_update is None:  # a server taking no images (videos, audio)
-            return updates
-
-        def replacement(item_idx: int):
-            full = image_update.replacement(item_idx)  # vLLM's: <start_of_image>, the image's soft tokens, <end_of_image>
-            if not isinstance(mm_items.get("image"), ImageProcessorItems):
-                return full
-            geometry = gemma4_geometry(config, positions_grid(config, out_mm_kwargs["image"][item_idx]["pixel_position_ids"]))
-            count = self.reduced_tokens(hf_processor_mm_kwargs, geometry)
-            return full if count == geometry.visual_tokens else cut_runs(full.full, config.image_token_id, count)
-
-        others = [update for update in updates if update.modality != "image"]
-        return [PromptReplacement(modality="image", target=image_update.target, replacement=replacement), *others]
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -104,10 +81,11 @@ class DuetGemma4ForConditionalGeneration(DuetTowerMixin, Gemma4ForConditionalGen
     """vLLM's Gemma 4 with duet-vlm's vision-side reduction of images in ``embed_multimodal``."""
 
     tower_types = ("gemma4_vision",)
+    chooses_projected = True
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.setup_duet(vllm_config, gemma4_geometry(self.config, (NOMINAL_SIDE, NOMINAL_SIDE)))
+        self.setup_duet(vllm_config)
         if self.duet.active and getattr(vllm_config.compilation_config, "cudagraph_mm_encoder", False):
             # the encoder then replays a captured graph of vLLM's whole image path, without the taps
             raise RefusedMethod(
@@ -115,26 +93,23 @@ class DuetGemma4ForConditionalGeneration(DuetTowerMixin, Gemma4ForConditionalGen
                 "without cudagraph_mm_encoder"
             )
 
-    def embed_multimodal(self, **kwargs: object):
-        request = self.duet_pixels(kwargs)
-        if request is None:
-            return super().embed_multimodal(**kwargs)
-        image_input, budgets, texts = request
+    def encode(self, image_input, fields, modality: str) -> list[Encoded]:
+        """Each image of its own size (its grid from its patches' positions), encoded on its own
+        (``units``, ``unreduced``)."""
         pixels, positions = image_input["pixel_values"], image_input["pixel_position_ids"]
-        outputs = []
-        for index, budget in enumerate(budgets):
-            one = Gemma4ImagePixelInputs(pixel_values=[pixels[index]], pixel_position_ids=[positions[index]])
-            geometry = gemma4_geometry(self.config, positions_grid(self.config, positions[index]))
-            plan = self.duet_plan(budget, geometry, index)
-            if plan is None:
-                outputs += self._process_image_input(one)
-                continue
-            (features,), signals = self.encode_with_taps(one, plan, geometry)
-            scores, keys, maps = signals
-            reduced = self.reduce_item(plan, geometry, features[None], scores, keys, maps, self.text_embeddings(texts, index),
-                                       project=lambda f: f)
-            outputs.append(reduced.in_slot_order())
-        return outputs
+        count = len(fields.budgets)
+        geometries = [gemma4_geometry(self.config, *positions_grid(self.config, positions[index])) for index in range(count)]
+        ones = [Gemma4ImagePixelInputs(pixel_values=[pixels[index]], pixel_position_ids=[positions[index]])
+                for index in range(count)]
+        return [Encoded(geometry, plan, data=one) for geometry, plan, one in zip(geometries, self.item_plans(fields, geometries), ones)]
+
+    def unreduced(self, item: Encoded, modality: str):
+        (embeddings,) = self.embed_as_vllm(item.data)
+        return embeddings
+
+    def units(self, item: Encoded, modality: str) -> list[tuple]:
+        (features,), (scores, keys, maps) = self.encode_with_taps(item.data, item.plan, item.geometry)
+        return [(features[None], scores, keys, maps)]
 
     def encode_with_taps(self, image_input, plan, geometry: Geometry):
         """vLLM's encoding of one image (its projected soft tokens) with the tower's last layer tapped
@@ -155,7 +130,7 @@ class DuetGemma4ForConditionalGeneration(DuetTowerMixin, Gemma4ForConditionalGen
         ]
         try:
             with torch.no_grad():
-                features = self._process_image_input(image_input)
+                features = self.embed_as_vllm(image_input)
         finally:
             for handle in handles:
                 handle.remove()

@@ -28,24 +28,13 @@ from vllm.model_executor.models.interns1 import (
     InternS1ProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.parse import ImageProcessorItems
-from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
+from vllm.multimodal.processing import PromptUpdateDetails
 
-from ...adapters.internvl import internvl_layer_scores, pool_through_shuffle, shuffle_groups
+from ...adapters.internvl import internvl_geometry, internvl_layer_scores, pool_through_shuffle, shuffle_groups
 from ...geometry import Geometry
-from .common import DuetInfoMixin, DuetProcessorMixin, DuetTowerMixin
+from .common import DuetInfoMixin, DuetProcessorMixin, DuetTowerMixin, Encoded, consecutive
 from .options import RefusedMethod
 from .select import encoder_index
-
-
-def internvl_geometry(config, tiles: int) -> Geometry:
-    """An image of ``tiles`` tiles (its thumbnail included), as ``adapters.internvl`` gives it."""
-    vision = config.vision_config
-    side = round((vision.image_size[0] // vision.patch_size[0]) * config.downsample_ratio)
-    return Geometry(
-        config.text_config.num_hidden_layers, tiles * side * side, (tiles * side, side), False,
-        encoder_depth=vision.num_hidden_layers,
-    )
 
 
 class DuetInternVLProcessingInfo(DuetInfoMixin, InternS1ProcessingInfo):
@@ -56,9 +45,17 @@ class DuetInternVLProcessingInfo(DuetInfoMixin, InternS1ProcessingInfo):
 class DuetInternVLMultiModalProcessor(DuetProcessorMixin, InternS1MultiModalProcessor):
     """vLLM's InternVL processor with each image's ``<IMG_CONTEXT>`` run cut to its reduced count."""
 
-    def item_geometries(self, processed, hf_kwargs) -> list[Geometry]:
-        config = self.info.get_hf_config()
-        return [internvl_geometry(config, int(tiles)) for tiles in processed["image_num_patches"].tolist()]
+    geometry_fields = {"image": "image_num_patches"}  # an image's tiles, its thumbnail included
+
+    def item_geometry(self, modality: str, tiles) -> Geometry:
+        return internvl_geometry(self.info.get_hf_config(), int(tiles))
+
+    def placeholders(self, update, item_idx: int, item, count: int):
+        """``<img>``, ``count`` ``<IMG_CONTEXT>``, ``</img>``."""
+        processor = self.info.get_hf_processor()
+        context = processor.image_token_id
+        ids = [processor.start_image_token_id] + [context] * count + [processor.end_image_token_id]
+        return PromptUpdateDetails.select_token_id(ids, context)
 
     unreduced_videos = "InternVL (its frames are runs of their own)"
 
@@ -68,25 +65,6 @@ class DuetInternVLMultiModalProcessor(DuetProcessorMixin, InternS1MultiModalProc
         return self.text_with_markers(prompt, processor.image_token_id,
                                       [processor.start_image_token_id, processor.end_image_token_id])
 
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        if not self.settings().active:
-            return updates
-        config = self.info.get_hf_config()
-        processor = self.info.get_hf_processor(**hf_processor_mm_kwargs)
-        start, end, context = processor.start_image_token_id, processor.end_image_token_id, processor.image_token_id
-        image_update = next(update for update in updates if update.modality == "image")
-
-        def replacement(item_idx: int):
-            if not isinstance(mm_items.get("image"), ImageProcessorItems):  # precomputed embeddings: not reduced
-                return image_update.replacement(item_idx)
-            tiles = int(out_mm_kwargs["image"][item_idx]["image_num_patches"].data)
-            count = self.reduced_tokens(hf_processor_mm_kwargs, internvl_geometry(config, tiles))
-            return PromptUpdateDetails.select_token_id([start] + [context] * count + [end], context)
-
-        others = [update for update in updates if update.modality != "image"]
-        return [PromptReplacement(modality="image", target=[context], replacement=replacement), *others]
-
 
 @MULTIMODAL_REGISTRY.register_processor(
     DuetInternVLMultiModalProcessor, info=DuetInternVLProcessingInfo, dummy_inputs=InternS1DummyInputsBuilder
@@ -95,10 +73,11 @@ class DuetInternVLForConditionalGeneration(DuetTowerMixin, InternS1ForConditiona
     """vLLM's InternVL with duet-vlm's vision-side reduction in ``embed_multimodal``."""
 
     tower_types = ("internvl_vision",)
+    chooses_projected = True
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.setup_duet(vllm_config, None)
+        self.setup_duet(vllm_config)
         config = self.config
         if self.duet.active:  # without a method this is vLLM's class as it is
             if config.vision_feature_select_strategy != "default":
@@ -116,41 +95,27 @@ class DuetInternVLForConditionalGeneration(DuetTowerMixin, InternS1ForConditiona
     def encoder_layers_of(self) -> list:
         return list(self.vision_tower.encoder.layer)
 
-    def embed_multimodal(self, **kwargs: object):
-        request = self.duet_pixels(kwargs)
-        if request is None:
-            return super().embed_multimodal(**kwargs)
-        image_input, budgets, texts = request
-        outputs: tuple = ()
-        for modality, parsed in self._parse_and_validate_multimodal_inputs(**kwargs).items():  # vLLM's order
-            if modality == "images":
-                outputs += tuple(self.reduce_tiles(image_input, budgets, texts))
-            elif parsed is not None:
-                outputs += tuple(self._process_vision_input(parsed))
-        return outputs
+    def _process_vision_input(self, image_input):
+        """vLLM's embedding of a batch of images (or videos, which it serves as it is), the images a
+        method reduces reduced."""
+        return self.reduce_or_embed(image_input, super()._process_vision_input)
 
-    def reduce_tiles(self, image_input, budgets, texts) -> list:
-        """Each image's post-shuffle tokens reduced by its method at its budget (an unreduced image
-        as vLLM embeds it)."""
+    def encode(self, image_input, fields, modality: str) -> list[Encoded]:
+        """Every image's tiles through the tower and the projector at once (an image's rows: its tiles)."""
         counts = [int(n) for n in torch.as_tensor(image_input["num_patches"]).reshape(-1).tolist()]
         geometries = [internvl_geometry(self.config, tiles) for tiles in counts]
-        plans = [self.duet_plan(budget, geometry, index) for index, (budget, geometry) in enumerate(zip(budgets, geometries))]
+        plans = self.item_plans(fields, geometries)
         projected = []
         taps = self.run_tower(lambda: projected.append(self.extract_feature(image_input["pixel_values"])), plans)
-        tokens_all = projected[0]
-        outputs, start = [], 0
-        for index, (plan, geometry, tiles) in enumerate(zip(plans, geometries, counts)):
-            rows = slice(start, start + tiles)
-            start += tiles
-            tokens = tokens_all[rows].reshape(-1, tokens_all.shape[-1])
-            if plan is None:
-                outputs.append(tokens)
-                continue
-            scores, keys, maps = self.tower_signals(taps, plan, rows)
-            reduced = self.reduce_item(plan, geometry, tokens[None], scores, keys, maps, self.text_embeddings(texts, index),
-                                       project=lambda features: features)
-            outputs.append(reduced.in_slot_order())
-        return outputs
+        tokens = projected[0]
+        return [Encoded(geometry, plan, rows, taps, tokens[rows].reshape(-1, tokens.shape[-1]))
+                for geometry, plan, rows in zip(geometries, plans, consecutive(counts))]
+
+    def unreduced(self, item: Encoded, modality: str):
+        return item.data
+
+    def units(self, item: Encoded, modality: str) -> list[tuple]:
+        return [(item.data[None], *self.tower_signals(item.taps, item.plan, item.rows))]
 
     def tower_signals(self, taps, plan, rows) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """An image's post-shuffle token scores ``(1, tiles * tokens)`` and keys from the feature layer

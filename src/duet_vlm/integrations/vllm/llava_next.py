@@ -20,12 +20,11 @@ from vllm.model_executor.models.llava_next import (
     LlavaNextProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.parse import ImageProcessorItems
-from vllm.multimodal.processing import PromptReplacement
 from vllm.model_executor.models.llava_next import get_anyres_image_grid_shape
 
+from ...adapters.llava_next import anyres_geometry
 from ...geometry import Geometry
-from .common import DuetProcessorMixin, DuetTowerMixin
+from .common import DuetProcessorMixin, DuetTowerMixin, Encoded, consecutive
 from .options import RefusedMethod, plan_for
 
 
@@ -50,37 +49,18 @@ def next_geometry(info: LlavaNextProcessingInfo, width: int, height: int) -> Geo
             "grid exceeds anyres_max), so its tokens cannot be traced to the patches a vision-side method ranks; "
             "send a smaller image, or serve it without a method"
         )
-    return Geometry(
-        config.text_config.num_hidden_layers, slots, (1, slots - newlines), False,
-        encoder_depth=config.vision_config.num_hidden_layers,
-    )
+    return anyres_geometry(config, slots, slots - newlines)
 
 
 class AnyresProcessorMixin(DuetProcessorMixin):
     """Each image's placeholder run as long as the method keeps of its anyres slots (LLaVA-NeXT,
     LLaVA-OneVision; before vLLM's processor class)."""
 
-    def item_geometries(self, processed, hf_kwargs) -> list[Geometry]:
-        return [next_geometry(self.info, int(w), int(h)) for h, w in processed["image_sizes"].tolist()]
+    geometry_fields = {"image": "image_sizes"}
 
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        if not self.settings().active:
-            return updates
-        image_token_id = self.info.get_hf_config().image_token_index
-
-        image_update = next(update for update in updates if update.modality == "image")
-
-        def replacement(item_idx: int):
-            images = mm_items.get("image")
-            if not isinstance(images, ImageProcessorItems):
-                return image_update.replacement(item_idx)
-            size = images.get_image_size(item_idx)
-            geometry = next_geometry(self.info, size.width, size.height)
-            return [image_token_id] * self.reduced_tokens(hf_processor_mm_kwargs, geometry)
-
-        others = [update for update in updates if update.modality != "image"]  # LLaVA-OneVision's videos
-        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement), *others]
+    def item_geometry(self, modality: str, size) -> Geometry:
+        height, width = (int(v) for v in size)
+        return next_geometry(self.info, width, height)
 
 
 class DuetLlavaNextMultiModalProcessor(AnyresProcessorMixin, LlavaNextMultiModalProcessor):
@@ -92,7 +72,7 @@ class AnyresTowerMixin(DuetTowerMixin):
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.setup_duet(vllm_config, None)
+        self.setup_duet(vllm_config)
         config = self.config
         if self.duet.active:  # without a method this is vLLM's class as it is
             if config.vision_config.model_type == "clip_vision_model" and config.vision_feature_select_strategy != "default":
@@ -100,51 +80,38 @@ class AnyresTowerMixin(DuetTowerMixin):
             if getattr(self, "select_layers", None) is not None:
                 raise RefusedMethod("duet-vlm supports a single vision feature layer")
 
-    def embed_multimodal(self, **kwargs: object):
-        request = self.duet_pixels(kwargs)
-        if request is None:
-            return super().embed_multimodal(**kwargs)
-        return self.reduce_anyres(*request)
-
-    def reduce_anyres(self, image_input, budgets, texts) -> list:
-        """Each image reduced by its method at its budget (an unreduced one as vLLM packs it)."""
+    def encode(self, image_input, fields, modality: str) -> list[Encoded]:
+        """Every image's tiles through the tower at once, then each image's projected tiles packed
+        by vLLM and its slots traced to their tiles and patches, which gives its geometry (the taps
+        cover the layers the server's methods read at any budget)."""
         pixel_values = image_input["pixel_values"]
         tiles = [len(p) for p in pixel_values]
         stacked = torch.cat(list(pixel_values)) if not isinstance(pixel_values, torch.Tensor) else pixel_values.flatten(0, 1)
-        config = self.config
-        # Geometries are known once the tiles are traced: the taps cover the layers the method's
-        # stage reads at any budget.
         taps = self.run_tower(lambda: self.vision_tower(stacked, feature_select_strategy="full"), self.method_plans())
-        offset = int(config.vision_feature_select_strategy == "default")
-        features_all = taps.output
-        outputs = []
-        start = 0
-        for index, count in enumerate(tiles):
-            rows = slice(start, start + count)
-            start += count
-            features = features_all[rows]
+        offset = int(self.config.vision_feature_select_strategy == "default")
+        geometries, traced = [], []
+        for index, rows in enumerate(consecutive(tiles)):
+            features = taps.output[rows]
             projected = self.multi_modal_projector(features[:, offset:])
             packed = self.pack(image_input["image_sizes"][index], projected)
             tile, patch = trace_slots(packed, projected, self.image_newline)
-            geometry = Geometry(
-                config.text_config.num_hidden_layers, packed.shape[0], (1, len(tile)), False,
-                encoder_depth=config.vision_config.num_hidden_layers,
-            )
-            plan = self.duet_plan(budgets[index], geometry, index)
-            if plan is None:
-                outputs.append(packed)
-                continue
-            scores, keys, maps = self.tower_signals(taps, plan, rows)
-            tokens = patch + offset
-            unit_features = features[tile, tokens][None]
-            unit_scores = scores[tile, patch][None]  # scores are the patches' (a CLIP tower's skip CLS)
-            unit_keys = keys[tile, tokens][None]
-            unit_maps = {layer: m[tile, patch][None] for layer, m in maps.items()}
-            reduced = self.reduce_item(
-                plan, geometry, unit_features, unit_scores, unit_keys, unit_maps, self.text_embeddings(texts, index)
-            )
-            outputs.append(reduced.embeddings)
-        return outputs
+            geometries.append(anyres_geometry(self.config, packed.shape[0], len(tile)))
+            traced.append((packed, features, tile, patch))
+        plans = self.item_plans(fields, geometries)
+        return [Encoded(geometry, plan, rows, taps, data)
+                for geometry, plan, rows, data in zip(geometries, plans, consecutive(tiles), traced)]
+
+    def unreduced(self, item: Encoded, modality: str):
+        packed, _, _, _ = item.data
+        return packed
+
+    def units(self, item: Encoded, modality: str) -> list[tuple]:
+        """The image's patch slots, in slot order, as one unit (a CLIP tower's scores skip its CLS)."""
+        _, features, tile, patch = item.data
+        scores, keys, maps = self.tower_signals(item.taps, item.plan, item.rows)
+        tokens = patch + int(self.config.vision_feature_select_strategy == "default")
+        return [(features[tile, tokens][None], scores[tile, patch][None], keys[tile, tokens][None],
+                 {layer: m[tile, patch][None] for layer, m in maps.items()})]
 
     def pack(self, image_size, projected: torch.Tensor) -> torch.Tensor:
         """vLLM's own packing of an image's projected tiles into its slots."""
@@ -153,8 +120,7 @@ class AnyresTowerMixin(DuetTowerMixin):
     def method_plans(self) -> list:
         """A plan of each method the server runs (its own, those it allows) at an arbitrary budget, for
         the layers their stages read."""
-        geometry = Geometry(self.config.text_config.num_hidden_layers, 4096, (1, 4000), False,
-                            encoder_depth=self.config.vision_config.num_hidden_layers)
+        geometry = anyres_geometry(self.config, 4096, 4000)
         return [plan_for(self.duet.choose(index), 64, geometry) for index in range(len(self.duet.methods))]
 
 

@@ -24,10 +24,10 @@ option, opens these three and nothing else).
 >>> settings = Settings.read({"duet_method": "pool", "duet_budget": 64}, {"duet_ratio": 0.5})
 >>> settings.budget, settings.ratio
 (None, 0.5)
->>> from duet_vlm.geometry import Geometry
->>> settings.item_budget(Geometry(32, 576, (24, 24), True))
+>>> from duet_vlm.generation_modes import LLAVA15  # a LLaVA-1.5 image's geometry
+>>> settings.item_budget(LLAVA15)
 288
->>> settings.tokens(Geometry(32, 576, (24, 24), True))
+>>> settings.tokens(LLAVA15)
 288
 """
 
@@ -38,6 +38,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ...generation_modes import LLAVA15
 from ...geometry import Geometry
 from ...methods import METHODS, make
 from ...methods.base import Reducer
@@ -203,7 +204,7 @@ class Settings:
             return False
         reducer = self.reducer()
         inner = reducer.build(64) if hasattr(reducer, "build") else reducer.with_budget(64)
-        plan = inner.resolve(Geometry(32, 576, (24, 24), True, encoder_depth=24), quiet=True)
+        plan = inner.resolve(LLAVA15, quiet=True)
         return plan.vision is not None and plan.vision.needs_text
 
     def record(self) -> dict[str, Any] | None:
@@ -274,7 +275,7 @@ def check_supported(reducer: Reducer) -> None:
     if getattr(inner, "budget", None) is not None:
         inner = inner.with_budget(64)
     try:
-        plan = inner.resolve(Geometry(32, 576, (24, 24), True, encoder_depth=24), quiet=True)
+        plan = inner.resolve(LLAVA15, quiet=True)
         in_language_model = plan.language is not None or bool(plan.schedule.boundaries)
     except RefusedMethod:
         raise
@@ -299,7 +300,7 @@ def vision_half(name: str) -> bool:
     if cls is None or "layers" not in {spec.name for spec in dataclasses.fields(cls)}:
         return False
     try:
-        plan = make(name, budget=64, layers=()).resolve(Geometry(32, 576, (24, 24), True, encoder_depth=24), quiet=True)
+        plan = make(name, budget=64, layers=()).resolve(LLAVA15, quiet=True)
     except Exception:
         return False
     return plan.language is None and not plan.schedule.boundaries and plan.vision is not None
@@ -341,7 +342,7 @@ def supported_methods() -> list[str]:
             continue
         try:
             reducer = make(name, budget=64)
-            plan = reducer.resolve(Geometry(32, 576, (24, 24), True, encoder_depth=24), quiet=True)
+            plan = reducer.resolve(LLAVA15, quiet=True)
         except Exception:  # a method that needs more than a budget (or is not implemented yet)
             continue
         if plan.language is None and not plan.schedule.boundaries and plan.vision is not None:

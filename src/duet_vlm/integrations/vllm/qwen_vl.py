@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from functools import partial
 
 import numpy as np
 import torch
@@ -68,39 +67,29 @@ from vllm.model_executor.models.qwen3_vl import (
     Qwen3VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.processing import PromptReplacement
 
+from ...adapters.qwen_vl import qwen_geometry
 from ...geometry import Geometry
 from ...scoring import segment_scores
-from .common import DuetInfoMixin, DuetProcessorMixin, ItemFields, WithoutDuetOptions, item_fields_config, server_options, write_item_fields
-from .options import RefusedMethod, Settings, plan_for, strip
+from .common import PIXELS, DuetInfoMixin, DuetModelMixin, DuetProcessorMixin, WithoutDuetOptions, server_options
+from .options import RefusedMethod, Settings, plan_for
 from .select import all_heads, encoder_index, reduce_unit
-
-
-def qwen_geometry(config, grid_thw, modality: str = "image") -> Geometry:
-    """An item's geometry from its ``image_grid_thw`` / ``video_grid_thw``, as
-    ``Qwen2VLAdapter.item_geometry`` gives it (a video: one unit per temporal slice, one budget)."""
-    merge = config.vision_config.spatial_merge_size
-    t, h, w = (int(v) for v in grid_thw)
-    rows, cols = h // merge, w // merge
-    return Geometry(
-        config.text_config.num_hidden_layers, t * rows * cols, (rows, cols), False, units=t, modality=modality,
-        rope="mrope", encoder_depth=config.vision_config.depth,
-    )
 
 
 class DuetQwenProcessorMixin(DuetProcessorMixin):
     """Each item's placeholder run as long as the method keeps at its budget (before vLLM's processor
     class): images and videos."""
 
+    geometry_fields = {"image": "image_grid_thw", "video": "video_grid_thw"}
     #: whether each temporal slice of a video is an item of its own, with its own budget, as on the
     #: Hugging Face path (``Qwen2VLAdapter.slices_are_items``): Qwen3-VL writes each slice as its own
     #: run behind a timestamp; Qwen2-VL's and Qwen2.5-VL's video is one run with one budget.
     slices_are_items = False
 
-    def item_geometries(self, processed, hf_kwargs) -> list[Geometry]:
-        config = self.info.get_hf_config()
-        return [qwen_geometry(config, grid) for grid in processed["image_grid_thw"].tolist()]
+    def item_geometry(self, modality: str, grid) -> Geometry:
+        """What an item's budget applies to: an image, a whole video, or each of its temporal slices."""
+        t, h, w = (int(v) for v in grid)
+        return qwen_geometry(self.info.get_hf_config(), (1 if modality == "video" and self.slices_are_items else t, h, w), modality)
 
     def apply(self, inputs, timing_ctx):
         """A prompt with a video whose slices are items refuses methods that read the prompt's text:
@@ -116,50 +105,12 @@ class DuetQwenProcessorMixin(DuetProcessorMixin):
                 )
         return super().apply(inputs, timing_ctx)
 
-    def video_geometry(self, grid) -> Geometry:
-        """What a video's budget applies to: the whole video, or each of its temporal slices."""
-        t, h, w = (int(v) for v in grid)
-        return qwen_geometry(self.info.get_hf_config(), (1, h, w) if self.slices_are_items else (t, h, w), "video")
-
-    def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
-        processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
-        settings = self.settings(hf_processor_mm_kwargs)
-        if settings.active and processed_data.get("pixel_values_videos") is not None:
-            geometries = [self.video_geometry(grid) for grid in processed_data["video_grid_thw"].tolist()]
-            write_item_fields(processed_data, settings, geometries, hf_processor_mm_kwargs.get("duet_text"), "video")
-        return processed_data
-
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
-        return {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs), **item_fields_config(hf_inputs, "video")}
-
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = super()._get_prompt_updates(mm_items, strip(hf_processor_mm_kwargs), out_mm_kwargs)
-        if not self.settings().active:
-            return updates
+    def placeholders(self, update, item_idx: int, item, count: int):
         config = self.info.get_hf_config()
-        modalities = ("image", "video")
-        tokens = {"image": config.image_token_id, "video": config.video_token_id}
-        others = [update for update in updates if update.modality not in modalities]
-
-        def replacement(item_idx: int, modality: str):
-            item = out_mm_kwargs[modality][item_idx]
-            grid = item[f"{modality}_grid_thw"].data
-            geometry = qwen_geometry(config, grid) if modality == "image" else self.video_geometry(grid.tolist())
-            return self.placeholders(modality, item, self.reduced_tokens(hf_processor_mm_kwargs, geometry))
-
-        return [
-            *(PromptReplacement(modality=m, target=[tokens[m]], replacement=partial(replacement, modality=m))
-              for m in modalities),
-            *others,
-        ]
-
-    def placeholders(self, modality: str, item, count: int):
-        """An item's replacement with ``count`` placeholders (per temporal slice where slices are items)."""
-        config = self.info.get_hf_config()
-        return [config.image_token_id if modality == "image" else config.video_token_id] * count
+        return [config.image_token_id if update.modality == "image" else config.video_token_id] * count
 
 
-class DuetQwenVLMixin:
+class DuetQwenVLMixin(DuetModelMixin):
     """duet-vlm's reduction of images and videos inside vLLM's Qwen-VL model classes (before vLLM's class in the bases)."""
 
     #: the family's name, for messages.
@@ -301,7 +252,7 @@ class DuetQwenVLMixin:
     def _reduce_items(self, visual_input, modality: str, unreduced):
         """The items of one modality under duet-vlm: each reduced by its own method at its own budget
         (an unreduced one as vLLM embeds it), its tokens in slot order, each with its (t, h, w)."""
-        fields = self._duet_items.get(modality) or ItemFields()
+        fields = self.reduced_fields(visual_input, modality)
         grid_thw = visual_input[f"{modality}_grid_thw"]
         grids = grid_thw.tolist()
         merge = self.visual.spatial_merge_size
@@ -312,8 +263,7 @@ class DuetQwenVLMixin:
             parts = [(i, [1, h, w], f) for i, ((t, h, w), f) in enumerate(zip(grids, factors)) for _ in range(t)]
         else:
             parts = [(i, g, f) for i, (g, f) in enumerate(zip(grids, factors))]
-        pixels = "pixel_values" if modality == "image" else "pixel_values_videos"
-        if fields.budgets is None or visual_input["type"] != pixels:  # unreduced, with their positions
+        if fields is None:  # unreduced, with their positions
             embeds = unreduced(visual_input)
             return tuple(
                 torch.cat([e, position_channels(torch.cat([grid_positions(g, merge, f) for i, g, f in parts if i == index]), e)], dim=1)
@@ -339,7 +289,7 @@ class DuetQwenVLMixin:
         ]
         try:
             with torch.no_grad():
-                embeds = self.visual(visual_input[pixels], grid_thw=grids)
+                embeds = self.visual(visual_input[PIXELS[modality]], grid_thw=grids)
         finally:
             for handle in handles:
                 handle.remove()
@@ -415,15 +365,6 @@ class DuetQwenVLMixin:
         order = order.to(received.device)
         return received[order], merged_keys[order]
 
-    def embed_multimodal(self, **kwargs: object):
-        """Images (and videos, where reduced) under duet-vlm: their tokens in slot order, each with its
-        (t, h, w) as extra channels (``position_channels``; ``embed_input_ids`` takes them off)."""
-        self._duet_items = {modality: ItemFields.take(kwargs, modality) for modality in ("image", "video")}
-        try:
-            return super().embed_multimodal(**kwargs)
-        finally:
-            self._duet_items = {}
-
 
 class DuetQwen2VLMultiModalProcessor(DuetQwenProcessorMixin, Qwen2VLMultiModalProcessor):
     pass
@@ -494,11 +435,11 @@ class DuetQwen3_5MoeProcessingInfo(DuetQwen3VLProcessingInfoMixin, Qwen3_5MoePro
 class DuetQwen3VLMultiModalProcessor(DuetQwenProcessorMixin, Qwen3VLMultiModalProcessor):
     slices_are_items = True
 
-    def placeholders(self, modality: str, item, count: int):
+    def placeholders(self, update, item_idx: int, item, count: int):
         """A video: vLLM's own frames (each temporal slice's timestamp, ``<|vision_start|>``, its
         placeholders, ``<|vision_end|>``), each slice with ``count`` placeholders."""
-        if modality != "video":
-            return super().placeholders(modality, item, count)
+        if update.modality != "video":
+            return super().placeholders(update, item_idx, item, count)
         config = self.info.get_hf_config()
         return self.get_video_repl(
             tokens_per_frame=[count] * int(item["video_grid_thw"].data[0]), timestamps=item["timestamps"].data,

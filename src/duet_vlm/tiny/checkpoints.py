@@ -1,12 +1,15 @@
-"""Tiny random-weight checkpoints that vLLM 0.32 loads, for the plugin's tests and its benchmark.
+"""Tiny random-weight checkpoints that vLLM 0.32 and transformers load: the vLLM plugin's tests and
+its serving benchmark, and the tests of the commands that read a folder (``duet-vlm check``, ``run``,
+``train``).
 
 Two things differ from what transformers 5 writes with ``save_pretrained``: vLLM 0.32 loads a LLaVA
 vision tower only under the older key layout of the llava-hf checkpoints (``vision_tower.vision_model.*``,
 ``language_model.model.*``, ``language_model.lm_head.*``, ``multi_modal_projector.*``), and its CPU
 attention refuses some head sizes (24 is refused, 32 and 64 run): the decoders here have head_dim 32
-unless told otherwise. Each folder holds the weights, the config, a word-level tokenizer (the shipped
-demo model's vocabulary), the processor's config and a chat template, so that ``vllm.LLM(folder)``
-and ``transformers`` both load it. ``load_hf`` gives the transformers model of the same weights.
+unless told otherwise. The models are ``duet_vlm.tiny.models``' builders at these sizes. Each folder
+holds the weights, the config, a word-level tokenizer (the shipped demo model's vocabulary), the
+processor's config and a chat template, so that ``vllm.LLM(folder)`` and ``transformers`` both load
+it. ``load_hf`` gives the transformers model of the same weights.
 """
 
 from __future__ import annotations
@@ -19,7 +22,23 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-DEMO = Path(__file__).resolve().parents[2] / "assets" / "demo_model"
+from .models import (
+    QWEN_KINDS,
+    QWEN_PATCHES,
+    clip_tower,
+    decoder,
+    make_gemma3,
+    make_gemma4,
+    make_internvl,
+    make_llava,
+    make_llava_next,
+    make_llava_onevision,
+    qwen_classes,
+    sharpen,
+    siglip_tower,
+)
+
+DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo_model"
 IMAGE_TOKEN = 4  # "<image>" in the demo tokenizer
 VOCAB = 71  # the demo tokenizer's vocabulary: every generated id decodes
 
@@ -41,35 +60,16 @@ class TinySize:
     vocab: int = VOCAB
 
 
-def sharpen(model: torch.nn.Module, scale: float) -> torch.nn.Module:
-    """Scale every query/key projection, so attention maps are peaked and rankings well separated
-    (random weights otherwise give near-uniform attention and near-ties)."""
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                parameter.mul_(scale)
-    return model
-
-
-def _clip(size: TinySize, image_size: int | None = None):
-    from transformers import CLIPVisionConfig
-
-    return CLIPVisionConfig(
-        hidden_size=size.vision_hidden, intermediate_size=4 * size.vision_hidden, num_hidden_layers=size.vision_layers,
-        num_attention_heads=size.vision_heads, image_size=image_size or size.image_size, patch_size=size.patch_size,
-        projection_dim=size.vision_hidden, hidden_act="quick_gelu",
-    )
+def _clip(size: TinySize):
+    return clip_tower(size.image_size, size.patch_size, size.vision_layers, size.vision_hidden, size.vision_heads,
+                      intermediate=4 * size.vision_hidden)
 
 
 def _llama(size: TinySize):
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
-        num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.heads,
-        head_dim=size.hidden // size.heads, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, tie_word_embeddings=False,
-    )
+    return LlamaConfig(**decoder(size.layers, size.hidden, size.vocab, size.heads, size.heads,
+                                 intermediate=size.intermediate), tie_word_embeddings=False)
 
 
 def old_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -124,16 +124,11 @@ def _write(model, folder: Path, processor: dict, processor_class: str) -> Path:
 
 def write_llava(folder: str | Path, size: TinySize = TinySize(), seed: int = 0, sharpness: float = 4.0) -> Path:
     """A LLaVA-1.5-shaped checkpoint (CLIP tower, feature layer -2, "default" strategy)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    side = size.image_size // size.patch_size
-    config = LlavaConfig(
-        vision_config=_clip(size), text_config=_llama(size), image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
-        vision_feature_select_strategy="default", image_seq_length=side * side, projector_hidden_act="gelu",
-        tie_word_embeddings=False,
+    model = make_llava(
+        layers=size.layers, heads=size.heads, kv_heads=size.heads, hidden=size.hidden, seed=seed,
+        intermediate=size.intermediate, vocab=size.vocab, max_positions=4096, vision=_clip(size),
+        image_token_id=IMAGE_TOKEN, sharpness=sharpness, projector_hidden_act="gelu", tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = sharpen(LlavaForConditionalGeneration(config), sharpness).float().eval()
     processor = {
         "image_processor": _clip_image_processor(size.image_size), "image_token": "<image>",
         "num_additional_image_tokens": 1, "patch_size": size.patch_size, "vision_feature_select_strategy": "default",
@@ -144,21 +139,13 @@ def write_llava(folder: str | Path, size: TinySize = TinySize(), seed: int = 0, 
 def write_llava_next(folder: str | Path, size: TinySize = TinySize(image_size=112), seed: int = 0, sharpness: float = 4.0) -> Path:
     """A LLaVA-NeXT-shaped checkpoint: anyres tiles of ``size.image_size`` pixels on a 1x2, 2x1 and
     2x2 grid of pinpoints, unpadding and newline tokens."""
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
-
     tile = size.image_size
-    pinpoints = [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
     side = tile // size.patch_size
-    config = LlavaNextConfig(
-        vision_config=_clip(size), text_config=_llama(size), image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
-        vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints, image_seq_length=side * side,
-        projector_hidden_act="gelu", tie_word_embeddings=False,
+    model = make_llava_next(
+        seed=seed, vision=_clip(size), text=_llama(size), image_token_id=IMAGE_TOKEN, sharpness=sharpness, newline=True,
+        image_seq_length=side * side, projector_hidden_act="gelu", tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config)
-    with torch.no_grad():
-        model.model.image_newline.normal_()
-    model = sharpen(model, sharpness).float().eval()
+    pinpoints = model.config.image_grid_pinpoints
     image_processor = {
         **_clip_image_processor(tile, "LlavaNextImageProcessor"), "image_grid_pinpoints": pinpoints,
         "do_pad": True,
@@ -177,8 +164,6 @@ def write_llava_onevision(folder: str | Path, size: TinySize = TinySize(image_si
     kept (strategy "full") from a SigLIP tower (no CLS, as released), ``<video>`` added to the demo
     vocabulary. ``largest_grid``: also a pinpoint of that many tiles a side (above 3, a large image's
     unpadded grid exceeds ``anyres_max_9`` and is resized after projection)."""
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tile = size.image_size
@@ -193,17 +178,11 @@ def write_llava_onevision(folder: str | Path, size: TinySize = TinySize(image_si
                                       "rstrip": False, "normalized": False, "special": True})
     text = _llama(size)
     text.vocab_size = max(text.vocab_size, video + 1)
-    config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(
-            hidden_size=size.vision_hidden, intermediate_size=2 * size.vision_hidden, num_hidden_layers=size.vision_layers,
-            num_attention_heads=size.vision_heads, image_size=tile, patch_size=size.patch_size,
-        ),
-        text_config=text, image_token_index=IMAGE_TOKEN, video_token_index=video,
-        vision_feature_layer=-1, vision_feature_select_strategy="full", image_grid_pinpoints=pinpoints,
+    model = make_llava_onevision(
+        seed=seed, vision=siglip_tower(tile, size.patch_size, size.vision_layers, size.vision_hidden, size.vision_heads),
+        text=text, pinpoints=pinpoints, image_token_id=IMAGE_TOKEN, video_token_id=video, sharpness=sharpness,
         vision_aspect_ratio="anyres_max_9", projector_hidden_act="gelu", tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = sharpen(LlavaOnevisionForConditionalGeneration(config), sharpness).float().eval()
     image_processor = {
         **_clip_image_processor(tile, "LlavaOnevisionImageProcessor"), "image_grid_pinpoints": pinpoints, "do_pad": True,
         "do_center_crop": False, "size": {"height": tile, "width": tile},
@@ -264,29 +243,16 @@ def write_gemma3(folder: str | Path, seed: int = 0, layers: int = 2, gemma_templ
     writes between pan-and-scan blocks, and without it vLLM's Gemma 3 processor joins the blocks'
     newline tokens and puts the crops' embeddings in the wrong places (unreduced, too). Enough for
     vLLM to serve it and for ``duet-vlm train`` to fine-tune it."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     newlines = ("\n" * n for n in range(1, 5))  # vLLM's Gemma 3 processor looks up runs of 1 to 4
     tokenizer, ids = _gemma_tokenizer(("<start_of_image>", "<end_of_image>", "<image_soft_token>", *newlines,
                                        *((" ",) if space_token else ())))
-    text = dict(
-        vocab_size=max(ids.values()) + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
-        max_position_embeddings=4096, sliding_window=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+    model = make_gemma3(
+        layers=layers, seed=seed, window=16, layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+        vocab=max(ids.values()) + 1, head_dim=32, vision_layers=2, image_token_id=ids["<image_soft_token>"],
+        boi=ids["<start_of_image>"], eoi=ids["<end_of_image>"], sharpened=False,
     )
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-                  patch_size=4)
-    config = Gemma3Config(
-        text_config=text, vision_config=vision, mm_tokens_per_image=16, image_token_index=ids["<image_soft_token>"],
-        boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
-    )
-    torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(config).float().eval()
-    with torch.no_grad():  # transformers starts the image projection at zeros: the model would see no image
-        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.3)
     image_processor = {
         "image_processor_type": "Gemma3ImageProcessor", "do_resize": True, "size": {"height": 32, "width": 32},
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
@@ -315,10 +281,7 @@ def write_gemma4(folder: str | Path, seed: int = 0, layers: int = 4, head_dim: i
     ways in the sliding layers (``use_bidirectional_attention="vision"``, as released Gemma 4 does),
     else causally everywhere (what vLLM 0.32's CPU backend runs). Needs no torchvision: the video
     processor (its patches and pooling as the images') is written as the config it is built from."""
-    from transformers import (
-        Gemma4AudioFeatureExtractor, Gemma4Config, Gemma4ForConditionalGeneration, Gemma4ImageProcessorPil,
-        Gemma4Processor, PreTrainedTokenizerFast,
-    )
+    from transformers import Gemma4AudioFeatureExtractor, Gemma4ImageProcessorPil, Gemma4Processor, PreTrainedTokenizerFast
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -326,27 +289,15 @@ def write_gemma4(folder: str | Path, seed: int = 0, layers: int = 4, head_dim: i
         "<start_of_image>", "<end_of_image>", "<image_soft_token>", "<|video|>", "<start_of_audio>", "<end_of_audio>",
         "<audio_soft_token>",
     ))
-    vocab = max(ids.values()) + 1
-    text = dict(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=head_dim, global_head_dim=2 * head_dim, max_position_embeddings=4096, sliding_window=16,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_size_per_layer_input=8, vocab_size_per_layer_input=vocab,
-        num_kv_shared_layers=0, use_bidirectional_attention="vision" if image_blocks else None,
-        layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
-    )
     # ``default_output_length``: the soft-token capacity released Gemma 4 configs carry (280 there), which
     # vLLM 0.32 reads and transformers 5.23's config class no longer declares (kept as given)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                  head_dim=8, patch_size=4, pooling_kernel_size=3, position_embedding_size=64, default_output_length=70)
-    config = Gemma4Config(
-        text_config=text, vision_config=vision, audio_config=None, image_token_id=ids["<image_soft_token>"],
-        boi_token_id=ids["<start_of_image>"], eoi_token_id=ids["<end_of_image>"], video_token_id=ids["<|video|>"],
-        audio_token_id=ids["<audio_soft_token>"],
+    model = make_gemma4(
+        layers=layers, seed=seed, window=16, layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+        kv_shared=0, bidirectional="vision" if image_blocks else None, vocab=max(ids.values()) + 1, head_dim=head_dim,
+        vision_layers=2, image_token_id=ids["<image_soft_token>"], boi=ids["<start_of_image>"],
+        eoi=ids["<end_of_image>"], video_token_id=ids["<|video|>"], audio_token_id=ids["<audio_soft_token>"],
+        sharpness=None, default_output_length=70,
     )
-    torch.manual_seed(seed)
-    model = Gemma4ForConditionalGeneration(config).float().eval()
-    with torch.no_grad():  # transformers sets every patch position alike; drawn so that positions differ
-        model.model.vision_tower.patch_embedder.position_embedding_table.normal_(std=0.5)
     model.save_pretrained(folder)
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
     fast = PreTrainedTokenizerFast(
@@ -463,16 +414,6 @@ def _save_native(model, folder: Path) -> None:
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-#: the Hugging Face classes of each Qwen kind ``write_qwen_vl`` writes.
-QWEN_KINDS = {
-    "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
-    "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
-    "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
-    "qwen3_5": ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration", "Qwen3VLProcessor"),
-    "qwen3_5_moe": ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration", "Qwen3VLProcessor"),
-}
-
-
 def write_qwen_vl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, layers: int = 4,
                   kind: str = "qwen2_5_vl") -> Path:
     """A tiny Qwen-VL checkpoint of the real classes: a 4-block vision tower with 14-pixel patches
@@ -485,33 +426,27 @@ def write_qwen_vl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, lay
     partial RoPE in layers 1 and 3 (released models attend in every fourth layer; two of four here
     make positions matter beyond bfloat16's noise); linear heads of 128 channels,
     the one size vLLM's CPU kernel takes) or ``"qwen3_5_moe"`` (the same with 4 experts, 2 per token)."""
-    import transformers
-
-    config_name, model_name, processor_class = QWEN_KINDS[kind]
-    config_class, model_class = getattr(transformers, config_name), getattr(transformers, model_name)
+    config_class, model_class = qwen_classes(kind)
+    processor_class = QWEN_KINDS[kind][2]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     ids = _qwen_tokenizer(folder, processor_class)
     vocab = max(ids.values()) + 1
-    text = dict(
-        vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
-        bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-    )
+    text = {
+        **decoder(layers, 128, vocab), "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+        "bos_token_id": None, "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
+    }
     vision = dict(
-        depth=4, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, patch_size=14,
-        spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3], in_channels=3,
-        tokens_per_second=2,
+        QWEN_PATCHES, depth=4, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, window_size=56,
+        fullatt_block_indexes=[1, 3], in_channels=3, tokens_per_second=2,
     )
     if kind == "qwen2_vl":
-        vision = dict(depth=4, embed_dim=64, hidden_size=128, mlp_ratio=2, num_heads=2, patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2, in_channels=3)
+        vision = dict(QWEN_PATCHES, depth=4, embed_dim=64, hidden_size=128, mlp_ratio=2, num_heads=2, in_channels=3)
     elif kind in ("qwen3_vl", "qwen3_5", "qwen3_5_moe"):
         text["rope_parameters"]["mrope_interleaved"] = True
-        vision = dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=256,
-                      deepstack_visual_indexes=[1, 2])
+        vision = dict(QWEN_PATCHES, depth=4, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                      in_channels=3, num_position_embeddings=256, deepstack_visual_indexes=[1, 2])
     if kind in ("qwen3_5", "qwen3_5_moe"):
         vision.pop("deepstack_visual_indexes")
         # a quarter of head_dim 32 rotates: the M-RoPE sections add up to 4; a short wavelength
@@ -567,8 +502,6 @@ def write_internvl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, la
     heads of 32) with a random CLS token and position embeddings, and a Qwen2 decoder with head_dim
     32; the processor (``GotOcr2ImageProcessor``) cuts an image into 1 to 6 tiles by its aspect ratio
     and adds a thumbnail when there is more than one, as InternVL's does at 448 px."""
-    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     ids = _added_tokens(folder, INTERNVL_SPECIAL, {
@@ -578,27 +511,12 @@ def write_internvl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, la
     }, INTERNVL_TEMPLATE)
     patch = 7
     tokens = (tile // patch // 2) ** 2
-    vision = InternVLVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2, image_size=[tile, tile],
-        patch_size=[patch, patch], layer_scale_init_value=1.0,
+    model = make_internvl(
+        layers=layers, seed=seed, tile=tile, patch=patch, vision_hidden=64, vision_heads=2, hidden=128,
+        vocab=max(ids.values()) + 1, image_token_id=ids["<IMG_CONTEXT>"], sharpness=sharpness,
+        text_fields=dict(bos_token_id=None, eos_token_id=ids["<|im_end|>"], tie_word_embeddings=False),
+        fields=dict(tie_word_embeddings=False),
     )
-    text = Qwen2Config(
-        vocab_size=max(ids.values()) + 1, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, pad_token_id=0,
-        bos_token_id=None, eos_token_id=ids["<|im_end|>"], tie_word_embeddings=False,
-    )
-    config = InternVLConfig(
-        vision_config=vision, text_config=text, image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=tokens,
-        downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config)
-    with torch.no_grad():
-        embeddings = model.model.vision_tower.embeddings
-        embeddings.cls_token.normal_()
-        embeddings.position_embeddings.normal_(std=0.5)
-    model = sharpen(model, sharpness).float().eval()
     _save_native(model, folder)
     image_processor = {
         "image_processor_type": "GotOcr2ImageProcessor", "do_resize": True, "do_rescale": True, "do_normalize": True,

@@ -125,6 +125,40 @@ def test_ideal_model_on_all_tokens_generates_as_the_model(family):
     assert torch.equal(tokens, reference[:, -4:])
 
 
+@pytest.mark.parametrize("family", ["llava", "internvl", "gemma3"])
+def test_ideal_model_on_a_left_padded_batch_generates_as_the_model(family):
+    """A left-padded batch of two rows (tests/models.py's): each decoding step's mask comes from the
+    family's layer scheme over each layer's cache, Gemma 3's sliding and global layers included (the
+    ideal refused padded Gemma rows before it read the scheme); its tokens are ``generate``'s."""
+    import torch
+
+    from duet_vlm.bench import IdealModel
+    from models import FAMILIES
+
+    model = FAMILIES[family].model()
+    batch = FAMILIES[family].batch(model)
+    assert bool((batch["attention_mask"] == 0).any())
+    visual = int((batch["input_ids"] == model.config.image_token_id).sum(dim=1).max())
+    reference = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    tokens, _ = IdealModel(model, batch, [visual] * len(model.model.language_model.layers)).generate(4)
+    assert torch.equal(tokens, reference[:, -4:])
+
+
+def test_ideal_model_refuses_what_it_cannot_build():
+    """Images and videos in one Qwen3.5 batch, and a family without the ideal's visual path
+    (Qwen2.5-VL), are refused by name, not run wrong."""
+    from duet_vlm.bench import IdealModel
+    from models import FAMILIES
+
+    model = FAMILIES["qwen3_5"].model()
+    batch = FAMILIES["qwen3_5"].batch(model)
+    with pytest.raises(NotImplementedError, match="images or videos"):
+        IdealModel(model, batch, [8] * len(model.model.language_model.layers)).embeddings()
+    model = FAMILIES["qwen2_5_vl"].model()
+    with pytest.raises(NotImplementedError, match="qwen2_5_vl's visual tokens"):
+        IdealModel(model, FAMILIES["qwen2_5_vl"].one(model), [8] * len(model.model.language_model.layers)).embeddings()
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_generate_benchmark_counts_tokens_and_kv_bytes_exactly(batch):
     from duet_vlm.bench import ModelSize

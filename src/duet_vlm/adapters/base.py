@@ -426,6 +426,14 @@ class ModelAdapter:
         units, keep = kept.shape
         return torch.cat([item.unit_start(u) + torch.arange(keep) for u in range(units)])
 
+    def ideal_visual(self, inputs: dict, visual: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """``(kept slots, width)`` what the language model receives at the ``kept`` placeholder slots
+        (``(B, L)``, a subset of the ``visual`` ones, the first of each row's) when nothing chooses
+        them: the family's tower on every tile, frame or patch of ``inputs`` as the model runs it,
+        its projector on the kept tokens only, in slot order (row by row, item by item). What the
+        benchmarks' ideal (``bench.ideal.IdealModel``) feeds the unpatched layers."""
+        raise NotImplementedError(f"the benchmarks' ideal does not build {self.family}'s visual tokens")
+
     def split_positions(self, lm_position_ids, layer_kwargs: dict, batch: int):
         """``(layer position_ids, rotary input)`` of a prefill, from the ``position_ids`` the language
         model received and the first decoder layer's keyword arguments. 1-D RoPE: the same tensor."""

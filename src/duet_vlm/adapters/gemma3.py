@@ -145,6 +145,11 @@ class Gemma3Adapter(ModelAdapter):
         return items
 
     # ----------------------------------------------------------------- vision side
+    def ideal_visual(self, inputs: dict, visual: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        # The tower and the projector's pool on every image (the pool needs the whole grid).
+        features = self.base.get_image_features(pixel_values=inputs["pixel_values"].to(self.base.dtype)).pooler_output
+        return features.reshape(-1, features.shape[-1])[kept[visual]]
+
     def encoder_layer(self, tower: str, layer) -> nn.Module:
         return self.vision_layers[check_layer({"first_full_attention": 0, "last": -1}.get(layer, layer), len(self.vision_layers))]
 

@@ -89,6 +89,11 @@ class Gemma4Adapter(Gemma3Adapter):
         self.last_boundary, self.scheme.queries_cut_from = kv_sharing(text, len(self.layers))
         self.geometry = self.image_geometry(NOMINAL_SIDE, NOMINAL_SIDE)
 
+    def ideal_visual(self, inputs: dict, visual: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        # The tower, its pooling and the embedder on every image.
+        features = self.base.get_image_features(inputs["pixel_values"].to(self.base.dtype), inputs["image_position_ids"])
+        return torch.cat(features.pooler_output)[kept[visual]]
+
     def image_geometry(self, rows: int, cols: int) -> Geometry:
         return gemma4_geometry(self.base.config, rows, cols)
 
@@ -190,6 +195,13 @@ class Gemma4Layers(GemmaLayers):
         # A layer run outside the forward shares nothing it stores. transformers' own container, which
         # FSDP2's helpers leave alone (a plain dict they would walk).
         return {"shared_kv_states": KVSharingDict()}
+
+    def layer_token_inputs(self, language_model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
+                           visual: torch.Tensor):
+        # The token part (image slots read as padding, as the model reads them) and the projection of
+        # the input states, combined as the language model combines them.
+        ids = input_ids.masked_fill(visual, self.text_config.pad_token_id)
+        return language_model.project_per_layer_inputs(hidden, language_model.get_per_layer_inputs(ids, None))
 
 
 def gemma4_geometry(config, rows: int, cols: int) -> Geometry:

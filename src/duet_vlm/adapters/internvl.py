@@ -166,6 +166,22 @@ class InternVLAdapter(ModelAdapter):
         self.config_side = self.shuffled_side(side)  # post-shuffle tokens per tile side
         self.geometry = self.item_geometry(TileLayout(1, self.config_side))
 
+    def ideal_visual(self, inputs: dict, visual: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        # The ViT on every tile (CLS dropped at its feature layer, as ``get_image_features`` reads
+        # it), the pixel shuffle, and the projector on the kept tokens only.
+        config, base = self.base.config, self.base
+        pixels = inputs["pixel_values"].to(dtype=base.dtype)
+        layer = config.vision_feature_layer
+        if layer == -1:
+            features = self.tower(pixel_values=pixels, return_dict=True).last_hidden_state
+        else:
+            features = self.tower(pixel_values=pixels, output_hidden_states=True, return_dict=True).hidden_states[layer]
+        features = features[:, 1:]
+        tiles, side = features.shape[0], int(features.shape[1] ** 0.5)
+        shuffled = base.pixel_shuffle(features.reshape(tiles, side, side, -1), scale_factor=config.downsample_ratio)
+        tokens = shuffled.reshape(-1, shuffled.shape[-1])  # every tile's tokens, in slot order
+        return self.projector(tokens[kept[visual]])
+
     def _feature_layer(self, index) -> nn.Module:
         """The encoder layer whose output is ``hidden_states[index]`` (as ``get_image_features`` reads it)."""
         if isinstance(index, bool) or not isinstance(index, int):

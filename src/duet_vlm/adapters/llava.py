@@ -66,6 +66,31 @@ def llava_geometry(config) -> Geometry:
     return Geometry(config.text_config.num_hidden_layers, slots, (side, side), has_cls, encoder_depth=vision.num_hidden_layers)
 
 
+def tower_features(base: nn.Module, inputs: dict) -> torch.Tensor:
+    """``(N, n, C)`` what a LLaVA family's projector maps, per image or video: the tower at the
+    feature layer (only that layer's states kept, as ``get_image_features`` asks the tower) on every
+    tile (LLaVA-NeXT) or frame (Video-LLaVA's videos, each frame's CLS kept), CLS dropped where the
+    family drops it."""
+    config = base.config
+    layer = config.vision_feature_layer
+    videos = inputs.get("pixel_values_videos")
+    if videos is not None:
+        features = base.video_tower(videos.flatten(0, 1), output_hidden_states=layer).hidden_states[layer]
+        return features.reshape(videos.shape[0], -1, features.shape[-1])
+    pixels = inputs["pixel_values"]
+    tower = base.vision_tower if hasattr(base, "vision_tower") else base.image_tower
+    tiles = pixels.flatten(0, 1) if pixels.dim() == 5 else pixels  # LLaVA-NeXT: (N, tiles, 3, H, W)
+    features = tower(tiles, output_hidden_states=layer).hidden_states[layer]
+    if config.vision_feature_select_strategy == "default":
+        features = features[:, 1:]
+    return features.reshape(pixels.shape[0], -1, features.shape[-1])
+
+
+def first_projected(projector: nn.Module, features: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The projector on each image's first tokens, as many as the first row keeps (``(kept, width)``)."""
+    return projector(features[:, : int(kept[0].sum())]).flatten(0, 1)
+
+
 class LlavaAdapter(ModelAdapter):
     """Images are runs of ``config.image_token_id``, ``image_seq_length`` slots each; CLIP towers
     (CLS scores) or SigLIP towers (no CLS: attention received instead); 1-D RoPE."""
@@ -90,6 +115,9 @@ class LlavaAdapter(ModelAdapter):
         self.patch_size = config.vision_config.patch_size
 
         self.geometry = llava_geometry(config)
+
+    def ideal_visual(self, inputs: dict, visual: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        return first_projected(self.projector, tower_features(self.base, inputs), kept)
 
     @property
     def slots_have_cls(self) -> bool:

@@ -15,6 +15,7 @@ from .base import (
     VisualItem,
     feature_layer,
 )
+from .llava import first_projected, tower_features
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,20 @@ class LlavaNextAdapter(ModelAdapter):
         self.tile_patches = side * side
         # The base tile alone and its newline: what `duet-vlm plan` shows by default.
         self.geometry = self.geometry_of_run(self.tile_patches + 1)
+
+    def ideal_visual(self, inputs: dict, visual: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        features = tower_features(self.base, inputs)
+        count = int(kept[0].sum())
+        if count <= features.shape[1]:
+            return first_projected(self.projector, features, kept)
+        # (nearly) every slot kept: the model's own unpadding and newlines, images of one size in the rows
+        tiles = inputs["pixel_values"].shape[1]
+        projected = self.projector(features.reshape(-1, features.shape[1] // tiles, features.shape[-1]))
+        packed, _ = self.base.pack_image_features(
+            list(projected.split(tiles)), inputs["image_sizes"], self.base.config.vision_feature_select_strategy,
+            image_newline=self.base.image_newline,
+        )
+        return torch.stack(packed)[:, :count].flatten(0, 1)
 
     def geometry_of_run(self, slots: int, candidates: int | None = None) -> Geometry:
         return anyres_geometry(self.base.config, slots, candidates)

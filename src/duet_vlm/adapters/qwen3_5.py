@@ -63,6 +63,24 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
     def take_layer_additions(self, kwargs: dict):
         return None  # no DeepStack
 
+    def ideal_visual(self, inputs: dict, visual: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        # The vision blocks on every patch, the merger on the kept tokens' 2x2 groups of patches only
+        # (a group's patches are consecutive in the blocks' output).
+        visual_model = self.base.visual
+        videos = "pixel_values_videos" in inputs
+        if videos and "pixel_values" in inputs:
+            raise NotImplementedError("the ideal takes images or videos in one batch, not both")
+        pixels = inputs["pixel_values_videos" if videos else "pixel_values"]
+        merger = visual_model.merger
+        visual_model.merger = nn.Identity()  # the blocks' output, unmerged: what the merger reads
+        try:
+            patches = visual_model(pixels.type(visual_model.dtype), grid_thw=inputs["video_grid_thw" if videos else "image_grid_thw"])
+        finally:
+            visual_model.merger = merger
+        groups = patches.last_hidden_state.view(-1, visual_model.spatial_merge_unit, patches.last_hidden_state.shape[-1])
+        return merger(groups[kept[visual]].flatten(0, 1))
+
+
 class HybridLayers(CausalLayers):
     """Qwen3.5's language side: attention and linear-attention layers, masks from the 2-D mask, and
     attention layers whose ``q_proj`` also gives an output gate."""

@@ -52,10 +52,11 @@ def gather_mask(mask, q_index: torch.Tensor | None, kv_index: torch.Tensor):
     return mask.gather(3, kv_index[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
 
 
-def causal_mask(text_config, hidden: torch.Tensor, key_valid: torch.Tensor, query_length: int):
+def causal_mask(text_config, hidden: torch.Tensor, key_valid: torch.Tensor, query_length: int, skip: bool = False):
     """The causal mask transformers would build for the model's attention backend, over
     ``key_valid`` keys of which the last ``query_length`` are the queries (a segment's own sequence in
-    a prefill, the new tokens in a decoding step)."""
+    a prefill, the new tokens in a decoding step). ``skip``: ``None`` where the backend's causal path
+    serves (no key padded), as transformers skips building it before a model's first layer."""
     builder = ALL_MASK_ATTENTION_FUNCTIONS[text_config._attn_implementation]
     kv_length = key_valid.shape[1]
     return builder(
@@ -66,7 +67,7 @@ def causal_mask(text_config, hidden: torch.Tensor, key_valid: torch.Tensor, quer
         kv_offset=0,
         mask_function=causal_mask_function,
         attention_mask=key_valid,
-        allow_is_causal_skip=False,
+        allow_is_causal_skip=skip,
         dtype=hidden.dtype,
         device=hidden.device,
     )
@@ -96,6 +97,9 @@ class CausalMask:
 
     maps = True
 
+    def sequence(self, text_config, hidden: torch.Tensor, valid: torch.Tensor):
+        return causal_mask(text_config, hidden, valid, query_length=hidden.shape[1], skip=True)
+
     def segment(self, text_config, hidden: torch.Tensor, valid: torch.Tensor, entry, index):
         if index is not None:
             return gather_mask(entry, index, index)
@@ -115,8 +119,11 @@ class PaddingMask:
 
     maps = False
 
-    def segment(self, text_config, hidden: torch.Tensor, valid: torch.Tensor, entry, index):
+    def sequence(self, text_config, hidden: torch.Tensor, valid: torch.Tensor):
         return None if bool(valid.all()) else valid.long()
+
+    def segment(self, text_config, hidden: torch.Tensor, valid: torch.Tensor, entry, index):
+        return self.sequence(text_config, hidden, valid)
 
 
 #: each layer kind of a language model that builds its masks from a 2-D mask -> its mask maker.
@@ -179,6 +186,20 @@ class LayerScheme:
         """Keyword arguments a decoder layer needs when a stage runs it outside the model's forward
         besides its mask, positions and RoPE (Gemma 4: a store for the keys and values it shares)."""
         return {}
+
+    def layer_token_inputs(self, language_model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
+                           visual: torch.Tensor):
+        """``(B, L, layers, d)`` the per-token input of every decoder layer (``layer_token_argument``)
+        of a sequence of ``input_ids`` (``visual``: True on its placeholders) whose input states are
+        ``hidden``, as the model makes it; ``None``: its layers take none."""
+        return None
+
+    # ----------------------------------------------------------------- a whole sequence
+    def sequence_masks(self, hidden: torch.Tensor, valid: torch.Tensor, types) -> dict:
+        """``{kind: mask}`` of a sequence of ``hidden`` states whose tokens are ``valid``, as the
+        language model builds them before its first layer (``None`` where the attention backend's
+        causal path serves): what an unpatched run of layers on that sequence receives (the ideal's)."""
+        return {kind: MASK_MAKERS[kind].sequence(self.text_config, hidden, valid) for kind in self.first_of_kind}
 
     # ----------------------------------------------------------------- 1. at the entry
     def enter(self, kwargs: dict, user_mask):
@@ -371,6 +392,9 @@ class FamilyMasks(LayerScheme):
             )
 
     def segment_masks(self, hidden, valid, types, entry, index) -> dict:
+        return self.build(hidden, valid, types)
+
+    def sequence_masks(self, hidden, valid, types) -> dict:
         return self.build(hidden, valid, types)
 
     def step_mask(self, kwargs: dict, user_mask, length: int):

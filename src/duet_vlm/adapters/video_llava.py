@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .base import Geometry, ModelAdapter, VisualItem, feature_layer
+from .llava import first_projected, tower_features
 
 
 class VideoLlavaAdapter(ModelAdapter):
@@ -37,6 +38,9 @@ class VideoLlavaAdapter(ModelAdapter):
         self.frame_tokens = side * side + 1
         self.geometry = Geometry(layers, image_slots, (side, side), True, encoder_depth=vision.num_hidden_layers)
         self._layers, self._grid = layers, (side, side)
+
+    def ideal_visual(self, inputs: dict, visual: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        return first_projected(self.projector, tower_features(self.base, inputs), kept)
 
     def video_geometry(self, frames: int) -> Geometry:
         return Geometry(

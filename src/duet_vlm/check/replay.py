@@ -9,23 +9,24 @@ it keeps the tokens the reducer's statistics name (``ItemStats.stage_ids``), ren
 RoPE, ``contiguous``) or keeps their positions (``original``, M-RoPE), and builds every layer's
 mask and rotary embedding with the model's own functions for that shorter sequence. What the
 runtime does on top of the plain layers (compaction, masks, positions, RoPE, the cache) is what
-the comparison checks. What the reducer's hooks add to a layer's output (Qwen3-VL's DeepStack
+the comparison checks. The masks and RoPE of each run of layers are the family's layer scheme's
+for a whole sequence (``LayerScheme.sequence_masks``, ``rope``), as the benchmarks' ideal
+(``bench.ideal.IdealModel``) builds them. What the reducer's hooks add to a layer's output (Qwen3-VL's DeepStack
 rows of the kept tokens) is taken from the run too. A language stage that merges tokens
 (``LanguageStage.merges``) gives the kept visual slots states of its own: there the replay takes
 those rows from the reduced run.
 
-Not replayed (``NotReplayable`` says why): Gemma 4 (per-layer inputs and KV-shared layers), a
-batch of more than one row or with padding (the check replays each row alone).
+Not replayed (``NotReplayable`` says why): a model whose layers take per-token inputs (Gemma 4's
+per-layer inputs, and its KV-shared layers), a batch of more than one row or with padding (the check
+replays each row alone).
 """
 
 from __future__ import annotations
 
-import inspect
-import sys
-
 import torch
 
 from ..adapters import adapter_for
+from ..bench.ideal import rope_split
 from ..compat import with_cache
 from ..plan import resolve_positions
 
@@ -95,23 +96,14 @@ class EntryProbe:
             handle.remove()
 
 
-def _rope_split(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(rotary input, the layers' position ids)`` as the language models split them: M-RoPE's
-    ``(4, B, L)`` carries the text positions in its first row, ``(3, B, L)`` is all rotary."""
-    if positions.dim() == 3:
-        if positions.shape[0] == 4:
-            return positions[1:], positions[0]
-        return positions, positions[0]
-    return positions, positions
-
-
 class Replay:
     """The decoder layers of ``model`` run directly on a recorded entry, boundary by boundary."""
 
     def __init__(self, model, reducer, inputs: dict, probe: EntryProbe):
-        config = model.config
-        if getattr(config, "model_type", None) == "gemma4":
-            raise NotReplayable("Gemma 4's per-layer inputs and KV-shared layers are not replayed by the check "
+        adapter = adapter_for(model)
+        self.scheme = adapter.scheme
+        if self.scheme.layer_token_argument is not None:
+            raise NotReplayable(f"{adapter.family}'s per-layer inputs and KV-shared layers are not replayed by the check "
                                 "(the test suite's hand-built ideal covers them on a tiny model)")
         ids = inputs["input_ids"]
         if ids.shape[0] != 1 or ("attention_mask" in inputs and not bool(inputs["attention_mask"].all())):
@@ -122,7 +114,7 @@ class Replay:
         self.language_model = model.model.language_model
         self.text_config = self.language_model.config
         # Where each item's placeholders are (the runs of its tokens); its plan's shape is the statistics'.
-        self.items = adapter_for(model).find_items(ids, inputs)
+        self.items = adapter.find_items(ids, inputs)
         stats = reducer.stats.items
         if len(stats) != len(self.items):
             raise NotReplayable(f"{len(self.items)} visual items in the prompt, {len(stats)} in the reducer's statistics")
@@ -174,38 +166,10 @@ class Replay:
             layers[layer] = keep.nonzero()[:, 0]
         return layers
 
-    def _masks(self, hidden: torch.Tensor, image: torch.Tensor) -> dict:
-        """Each layer type's mask of the current sequence, from the model's own mask functions."""
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-        config = self.text_config
-        if getattr(self.model.config, "model_type", None) == "gemma3":
-            modeling = sys.modules[type(self.model.model).__module__]
-            types = image.long()[None].to(hidden.device)
-            blocks = modeling.get_block_sequence_ids_for_mask(types, device=hidden.device)
-            return modeling.create_masks_for_vision_model(
-                config=config, inputs_embeds=hidden, attention_mask=torch.ones_like(types), **with_cache(None),
-                position_ids=None, block_sequence_ids=blocks,
-            )
-        # No position ids: transformers reads gaps in them as packed sequences; kept tokens' gaps are not.
-        arguments = dict(config=config, inputs_embeds=hidden, attention_mask=None, **with_cache(None), position_ids=None)
-        masks = {"full_attention": create_causal_mask(**arguments), "linear_attention": None}
-        if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**arguments)
-        return masks
-
-    def _rope(self, hidden: torch.Tensor, rotary: torch.Tensor, kinds: set) -> dict:
-        rotary_emb = self.language_model.rotary_emb
-        if "layer_type" in inspect.signature(rotary_emb.forward).parameters:
-            return {kind: rotary_emb(hidden, rotary, kind) for kind in kinds}
-        rope = rotary_emb(hidden, rotary)
-        return {kind: rope for kind in kinds}
-
     @torch.no_grad()
     def run(self) -> torch.Tensor:
         """The last decoder layer's output states of the ideal (before the final norm)."""
-        layers = self.language_model.layers
-        types = list(getattr(self.text_config, "layer_types", None) or ["full_attention"] * len(layers))
+        layers, scheme = self.language_model.layers, self.scheme
         boundaries = self.boundaries()
         hidden, positions = self.entry_hidden, self.entry_positions
         current = torch.arange(hidden.shape[1])
@@ -223,12 +187,13 @@ class Replay:
                         positions = torch.arange(len(current), device=positions.device)[None]
                     else:
                         positions = positions[..., keep.to(positions.device)]
-                rotary, layer_positions = _rope_split(positions)
-                masks = self._masks(hidden, self.image[current])
-                rope = self._rope(hidden, rotary, set(types))
-            kind = types[index]
+                rotary, layer_positions = rope_split(positions)
+                valid = torch.ones(1, hidden.shape[1], dtype=torch.bool, device=hidden.device)
+                masks = scheme.sequence_masks(hidden, valid, self.image[current].long()[None].to(hidden.device))
+                rope = scheme.rope(hidden, rotary)
+            kind = scheme.kinds[index]
             out = layer(hidden, attention_mask=masks.get(kind), position_ids=layer_positions,
-                        position_embeddings=rope[kind], **with_cache(None), use_cache=False)
+                        position_embeddings=rope.get(kind, rope.get("attention")), **with_cache(None), use_cache=False)
             hidden = out[0] if isinstance(out, tuple) else out
             if index in self.additions:
                 hidden = hidden + self.additions[index]

@@ -93,6 +93,8 @@ class Gemma3Adapter(ModelAdapter):
     vision_model_types = ("siglip_vision_model",)
     supported_classes = ("Gemma3ForConditionalGeneration", "Gemma3Model")
     has_cls = False
+    #: Gemma 3 attends both ways inside each image block, in every layer (``GemmaLayers``).
+    image_blocks = True
 
     def __init__(self, model: nn.Module):
         self.check_vision(model)
@@ -114,7 +116,7 @@ class Gemma3Adapter(ModelAdapter):
         self.geometry = gemma3_geometry(config)
         self.scheme = GemmaLayers(
             text, self.rotary_emb, tuple(text.layer_types[: len(self.layers)]), self.modeling, config.image_token_id,
-            image_blocks=True, types_argument="token_type_ids",
+            image_blocks=self.image_blocks, types_argument="token_type_ids",
             blocks_where="Gemma 3 attends bidirectionally inside each image block",
         )
 

@@ -80,9 +80,10 @@ class Gemma4Adapter(Gemma3Adapter):
         self.video_token_id = getattr(config, "video_token_id", None)
         self.projector = self.base.embed_vision
         self.kernel = config.vision_config.pooling_kernel_size
+        self.image_blocks = text.use_bidirectional_attention == "vision"  # in the sliding layers only
         self.scheme = Gemma4Layers(
             text, self.rotary_emb, tuple(text.layer_types[: len(self.layers)]), self.modeling, config.image_token_id,
-            image_blocks=text.use_bidirectional_attention == "vision",  # in the sliding layers only
+            image_blocks=self.image_blocks,
             types_argument="mm_token_type_ids",
             blocks_where="this Gemma 4 attends bidirectionally inside each image in its sliding layers", family="gemma4",
         )

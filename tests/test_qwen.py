@@ -521,3 +521,32 @@ def test_stage_a_cost_benchmark_runs_on_a_small_tower():
     assert result["image_patches"] == 64 and result["merged_tokens"] == 16 and result["tower"]["depth"] == 1
     assert result["tower_s"] > 0 and result["stage_a_s"] > 0
     assert result["share_of_32_block_tower"] == pytest.approx(result["stage_a_in_tower_blocks"] / 32)
+
+
+@pytest.mark.parametrize("slices, dtype, warns", [(300, torch.bfloat16, True), (300, torch.float32, False),
+                                                  (8, torch.bfloat16, False)])
+def test_qwen2_5_vl_warns_when_half_precision_seconds_move_its_time_positions(slices, dtype, warns):
+    """transformers' Qwen2.5-VL numbers a video's time positions in ``second_per_grid_ts``'s dtype: cast
+    to bfloat16 with the rest of a processor's output, a 300-slice video one time position apart per
+    slice (the tiny config's 4 tokens a second, 0.25 s a slice) has its odd positions past 256 rounded
+    (unreduced too). The adapter says so, with how many differ from float32, exactly when some
+    do: not in float32, not for a video whose positions bfloat16 holds exactly."""
+    import warnings
+
+    from duet_vlm.adapters.qwen_vl import rounded_time_positions
+    from models import QWEN_VIDEO, make_qwen
+
+    model = make_qwen("qwen2_5_vl", layers=2)
+    ids = torch.tensor([[5, 6] + [QWEN_VIDEO] * slices + [7, 8]])  # 2x2 patches a slice: one token each
+    kwargs = dict(video_grid_thw=torch.tensor([[slices, 2, 2]]), second_per_grid_ts=torch.tensor([0.25], dtype=dtype),
+                  mm_token_type_ids=2 * (ids == QWEN_VIDEO).long(), attention_mask=torch.ones_like(ids))
+    adapter = adapter_for(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = adapter.find_items(ids, kwargs)
+    assert [item.length for item in items] == [slices]
+    messages = [str(w.message) for w in caught if "second_per_grid_ts" in str(w.message)]
+    differing = rounded_time_positions(model.model, ids, kwargs)[0] if dtype != torch.float32 else 0
+    assert bool(messages) == warns == (differing > 0)
+    if warns:
+        assert f"{differing} of this prompt's {3 * ids.shape[1]} positions" in messages[0]

@@ -46,6 +46,7 @@ What differs from the LLaVA families, and how this adapter meets it:
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -418,6 +419,21 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     vision_model_types = ("qwen2_5_vl", "qwen2_5_vl_vision")
     supported_classes = ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel")
 
+    def find_items(self, input_ids: torch.Tensor, kwargs: dict, captures: dict | None = None) -> list[VisualItem]:
+        seconds = kwargs.get("second_per_grid_ts")
+        if isinstance(seconds, torch.Tensor) and seconds.dtype in (torch.float16, torch.bfloat16):
+            rounded, total = rounded_time_positions(self.base, input_ids, kwargs)
+            if rounded:
+                warnings.warn(
+                    f"second_per_grid_ts is {seconds.dtype}: transformers' Qwen2.5-VL numbers a video's time "
+                    f"positions in that dtype, and {rounded} of this prompt's {total} positions differ from their "
+                    "float32 values (bfloat16 holds integers exactly only up to 256, float16 up to 2048). This "
+                    "happens without duet-vlm too; pass second_per_grid_ts in float32 (cast the processor's "
+                    "output to a half dtype, then inputs['second_per_grid_ts'] = inputs['second_per_grid_ts'].float())",
+                    UserWarning, stacklevel=2,
+                )
+        return super().find_items(input_ids, kwargs, captures)
+
     def score_block(self) -> nn.Module:
         return self.visual.blocks[max(self.visual.fullatt_block_indexes)]
 
@@ -457,6 +473,22 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     def merged_order(self, grid: torch.Tensor, entered: torch.Tensor | None = None) -> torch.Tensor:
         window_index = self.windows(grid)[0] if entered is None else self.subset_windows(grid, entered)[0]
         return torch.argsort(window_index)
+
+
+def rounded_time_positions(base: nn.Module, input_ids: torch.Tensor, kwargs: dict) -> tuple[int, int]:
+    """``(differing, total)``: how many of a prompt's M-RoPE positions transformers' Qwen2.5-VL
+    (``get_rope_index``, its own code) numbers differently with ``second_per_grid_ts`` in the dtype it
+    was given than in float32, of how many."""
+    config = base.config
+    types = kwargs.get("mm_token_type_ids")
+    if types is None:  # as the processor writes them: 1 on image, 2 on video placeholders
+        types = (input_ids == config.image_token_id).long() + 2 * (input_ids == config.video_token_id).long()
+    common = dict(mm_token_type_ids=types, image_grid_thw=kwargs.get("image_grid_thw"),
+                  video_grid_thw=kwargs.get("video_grid_thw"), attention_mask=kwargs.get("attention_mask"))
+    seconds = kwargs["second_per_grid_ts"]
+    given, _ = base.get_rope_index(input_ids, second_per_grid_ts=seconds, **common)
+    exact, _ = base.get_rope_index(input_ids, second_per_grid_ts=seconds.float(), **common)
+    return int((given != exact).sum()), given.numel()
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):

@@ -14,6 +14,10 @@ the language model has:
 4. **For a decoding segment** (``segment_step_mask``): a later segment's mask in a decoding step,
    sized against that segment's cache (built at the segment's first layer of each kind: ``maps``).
 
+Besides, for a whole sequence (``sequence_masks``), the masks the language model builds before its
+first layer: what an unpatched run of layers on a shorter sequence receives (the benchmarks' ideal,
+``bench.ideal.IdealModel``, and ``duet-vlm check``'s replay).
+
 One scheme per mask source: ``CausalLayers`` for a language model that builds its masks from the
 2-D mask it receives (LLaVA, Qwen-VL, InternVL, and Qwen3.5, whose linear-attention layers get the
 2-D padding mask itself), and a family's own subclass of ``FamilyMasks`` where its base model builds

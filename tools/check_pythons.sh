@@ -10,7 +10,8 @@
 # On this project's machines the local CPU wheel of torch 2.13.0 is built for Python 3.11 only, so
 # pip takes PyPI's torch 2.13.0 for these (a CUDA build, about 5 GB in the venv; it runs on the CPU).
 # About 1.5 minutes a version to install and half a minute for the demo, measured on 2 cores.
-# An interpreter is found as `pythonX.Y` on PATH or as pyenv's X.Y; one that is missing fails.
+# An interpreter is found as pyenv's X.Y (through `pyenv`, or under ~/.pyenv/versions without it) or as
+# `pythonX.Y` on PATH; one that is missing fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -23,6 +24,9 @@ interpreter() {  # the path of a working CPython X.Y, or nothing
         candidate=$(ls -d "$(pyenv root)/versions/$version".*/bin/python 2>/dev/null | sort -V | tail -1 || true)
         if [ -n "$candidate" ] && "$candidate" -c pass 2>/dev/null; then echo "$candidate"; return; fi
     fi
+    for candidate in $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}/versions/$version".*/bin/python 2>/dev/null | sort -V -r); do
+        if "$candidate" -c pass 2>/dev/null; then echo "$candidate"; return; fi
+    done
     if command -v "python$version" >/dev/null 2>&1 && "python$version" -c pass 2>/dev/null; then
         command -v "python$version"
     fi

@@ -10,8 +10,8 @@
 # On this project's machines the local CPU wheel of torch 2.13.0 is built for Python 3.11 only, so
 # pip takes PyPI's torch 2.13.0 for these (a CUDA build, about 5 GB in the venv; it runs on the CPU).
 # About 1.5 minutes a version to install and half a minute for the demo, measured on 2 cores.
-# An interpreter is found as pyenv's X.Y (through `pyenv`, or under ~/.pyenv/versions without it) or as
-# `pythonX.Y` on PATH; one that is missing fails.
+# An interpreter is found as pyenv's X.Y (under $PYENV_ROOT or ~/.pyenv/versions, with or without the
+# pyenv command) or as `pythonX.Y` on PATH; one that is missing fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -20,16 +20,13 @@ versions=("$@")
 
 interpreter() {  # the path of a working CPython X.Y, or nothing
     local version=$1 candidate
-    if command -v pyenv >/dev/null 2>&1; then
-        candidate=$(ls -d "$(pyenv root)/versions/$version".*/bin/python 2>/dev/null | sort -V | tail -1 || true)
-        if [ -n "$candidate" ] && "$candidate" -c pass 2>/dev/null; then echo "$candidate"; return; fi
-    fi
     for candidate in $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}/versions/$version".*/bin/python 2>/dev/null | sort -V -r); do
         if "$candidate" -c pass 2>/dev/null; then echo "$candidate"; return; fi
     done
     if command -v "python$version" >/dev/null 2>&1 && "python$version" -c pass 2>/dev/null; then
         command -v "python$version"
     fi
+    return 0  # nothing printed: none found (the caller says so)
 }
 
 for version in "${versions[@]}"; do

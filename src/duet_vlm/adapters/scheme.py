@@ -85,6 +85,16 @@ def rotate_like(layer: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: 
     return rotated
 
 
+def rope_of(rope: dict, kind: str):
+    """The ``(cos, sin)`` layers of ``kind`` get from ``{kind: (cos, sin)}`` (``LayerScheme.rope``):
+    their kind's own, else the attention layers' (a kind that rotates as they do, or does not rotate:
+    linear attention), else any kept one; ``None`` where there is none."""
+    found = rope.get(kind)
+    if found is None:
+        found = rope.get("attention", next(iter(rope.values()), None))
+    return found
+
+
 def kinds_of(types, kind_of: dict, family: str) -> tuple[str, ...]:
     """Each decoder layer's kind from its type as the model names it (``text_config.layer_types``);
     a type ``kind_of`` does not know is refused at attach."""
@@ -175,6 +185,16 @@ class LayerScheme:
     def maps(self, kind: str) -> bool:
         """Whether a decoding step maps the mask of layers of ``kind`` onto a later segment's cache."""
         return MASK_MAKERS[kind].maps
+
+    def heads(self, start: int, end: int) -> dict[str, int]:
+        """``{kind: layer}``: the first layer of each mapped kind (``maps``) among layers ``start`` to
+        ``end - 1``, where a decoding step's mask for that kind is sized against (or mapped onto) that
+        run of layers' cache."""
+        heads: dict[str, int] = {}
+        for layer in range(start, end):
+            if self.maps(self.kinds[layer]):
+                heads.setdefault(self.kinds[layer], layer)
+        return heads
 
     def rope(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict:
         """``{kind: (cos, sin)}`` for ``positions`` (the rotary's input): one RoPE for every layer
@@ -411,8 +431,7 @@ class FamilyMasks(LayerScheme):
         if identity:
             return built  # the entry segment's masks are the model's own
         # The entry segment's first layer of each kind: where each mask is sized against the cache.
-        heads = {kind: layer for kind, layer in self.first_of_kind.items() if layer < first_boundary}
-        return self.by_layer_type(self.build(hidden, mask.bool(), None, cache, heads))
+        return self.by_layer_type(self.build(hidden, mask.bool(), None, cache, self.heads(0, first_boundary)))
 
     def segment_step_mask(self, kind, layer_index, hidden, mask, cache, kv_index, keys):
         return self.build(hidden, keys(), None, cache, {kind: layer_index})[kind]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from itertools import groupby
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
+from torch import nn
 
 from ..adapters import adapter_for
+from ..adapters.scheme import rope_of
 from ..compaction import Compaction
 from ..compat import with_cache
 
@@ -25,6 +27,19 @@ def rope_split(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | No
             return positions[1:], positions[0]
         return positions, None
     return positions, positions
+
+
+class Group(NamedTuple):
+    """One run of decoder layers that see the same tokens."""
+
+    step: Compaction | None  # the previous group's sequence -> this one's (None: the same tokens)
+    valid: torch.Tensor  # (B, L) False on padding
+    original: torch.Tensor | None  # (3, B, L) the kept tokens' M-RoPE positions (None: 1-D RoPE)
+    text: torch.Tensor | None  # (B, L) the text positions the model gives its layers under M-RoPE, if any
+    types: torch.Tensor | None  # (B, L) what the masks read besides padding (Gemma's token types)
+    start: int  # its first layer's index
+    layers: nn.ModuleList
+    heads: dict  # {kind: layer}: where a padded decoding step's mask of each mapped kind is built
 
 
 class IdealModel:
@@ -45,8 +60,8 @@ class IdealModel:
     kind, the masks of each run of layers (``LayerScheme.sequence_masks``: causal, padded, sliding,
     image blocks, recurrent, as the language model builds them for that sequence), its RoPE per
     kind and the per-token inputs its layers take (``LayerScheme.layer_token_inputs``: Gemma 4's).
-    The prompt's M-RoPE positions are the unpatched model's own: the arguments it hands its
-    language model are recorded once, at construction. With nothing dropped the ideal is the
+    The prompt's M-RoPE positions are the unpatched model's own: under M-RoPE the arguments it
+    hands its language model are recorded once, at construction. With nothing dropped the ideal is the
     unreduced model.
 
     ``decode`` runs the decoder alone on entry states. ``embeddings``, ``forward``, ``generate`` and
@@ -67,7 +82,8 @@ class IdealModel:
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask")
         self.input_ids = ids
-        arguments = self._language_arguments()
+        # Under M-RoPE the unpatched model's own positions (1-D positions are renumbered per group).
+        arguments = self._language_arguments() if self.adapter.geometry.rope == "mrope" else {}
         if self.adapter.take_layer_additions(dict(arguments)) is not None:
             raise NotImplementedError(f"the ideal does not add the visual features {self.adapter.family}'s "
                                       "language model adds inside its layers (DeepStack)")
@@ -85,17 +101,17 @@ class IdealModel:
             original, text_original = rope_split(positions.expand(-1, ids.shape[0], -1))
             self.next_position = original.amax(dim=(0, 2))[:, None] + 1  # (B, 1) a decoding step's first position
         types = self.scheme.token_types(ids, inputs, [])  # what the masks read besides padding (Gemma's)
-        # (compaction of the previous group's sequence, or None; valid keys; M-RoPE positions or
-        # None; the layers' own position ids under M-RoPE; token types; the group's first layer; its layers)
-        self.groups = []
+        self.groups: list[Group] = []
         segment, start = self.entry, 0
         for count, size in runs:
             step = Compaction.from_keep(segment.gather(~visual | (rank < count)))
             segment = segment.then(step)
             valid = torch.ones_like(segment.index, dtype=torch.bool) if mask is None else mask.gather(1, segment.index).bool()
-            self.groups.append((None if step.is_identity else step, valid, segment.gather_positions(original),
-                                segment.gather_positions(text_original), None if types is None else segment.gather(types),
-                                start, self.language_model.layers[start : start + size]))
+            self.groups.append(Group(
+                None if step.is_identity else step, valid, segment.gather_positions(original),
+                segment.gather_positions(text_original), None if types is None else segment.gather(types),
+                start, self.language_model.layers[start : start + size], self.scheme.heads(start, start + size),
+            ))
             start += size
         self.exit = segment  # the prompt's tokens that reach the last layer
 
@@ -138,11 +154,6 @@ class IdealModel:
         renumbered = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
         return renumbered, renumbered
 
-    @staticmethod
-    def _rope_of(rope: dict, kind: str):
-        """The RoPE of a layer kind (a kind the scheme rotates like its attention layers has none of its own)."""
-        return rope[kind] if kind in rope else rope["attention"]
-
     def decode(self, hidden: torch.Tensor, cache=None, last: int | None = None) -> torch.Tensor:
         """The decoder on the entry sequence's states ``hidden`` (``(B, entry.length, width)``): the
         final-normed states of the last layer group's sequence. ``last``: the forward's
@@ -157,17 +168,17 @@ class IdealModel:
         per_layer = scheme.layer_token_inputs(self.language_model, hidden, self.entry_ids, self.entry_visual_slots)
         shared = scheme.layer_call_kwargs()
         name = None if scheme.layer_token_argument is None else scheme.layer_token_argument[0]
-        for step, valid, original, text, types, start, layers in self.groups:
-            if step is not None:
-                hidden = step.gather(hidden)
-                per_layer = None if per_layer is None else step.gather(per_layer)
-            rotary, positions = self._positions(valid, original, text)
-            self.positions.append(valid.sum(dim=1, keepdim=True))
+        for group in self.groups:
+            if group.step is not None:
+                hidden = group.step.gather(hidden)
+                per_layer = None if per_layer is None else group.step.gather(per_layer)
+            rotary, positions = self._positions(group.valid, group.original, group.text)
+            self.positions.append(group.valid.sum(dim=1, keepdim=True))
             rope = scheme.rope(hidden, rotary)
-            masks = scheme.sequence_masks(hidden, valid, types)
-            if cut is not None and step is not None and start >= cut and hidden.shape[1] == last:
+            masks = scheme.sequence_masks(hidden, group.valid, group.types)
+            if cut is not None and group.step is not None and group.start >= cut and hidden.shape[1] == last:
                 raise ValueError("the ideal reduces after the layers that take only the last queries began")
-            for index, layer in enumerate(layers, start):
+            for index, layer in enumerate(group.layers, group.start):
                 if cut is not None and index == cut:  # the model's own cut to the last queries
                     hidden = hidden[:, -last:]
                     per_layer = None if per_layer is None else per_layer[:, -last:]
@@ -179,7 +190,7 @@ class IdealModel:
                 if name is not None:
                     extra[name] = per_layer[:, :, index]
                 out = layer(hidden, attention_mask=masks[kind], position_ids=positions, **with_cache(cache),
-                            use_cache=cache is not None, position_embeddings=self._rope_of(rope, kind), **extra)
+                            use_cache=cache is not None, position_embeddings=rope_of(rope, kind), **extra)
                 hidden = out[0] if isinstance(out, tuple) else out
         return self.language_model.norm(hidden)
 
@@ -205,22 +216,20 @@ class IdealModel:
                 on_token()
             for step in range(new_tokens - 1):
                 hidden = self.language_model.embed_tokens(token[:, None])
-                for (_, valid, original, _, _, start, layers), length in zip(self.groups, self.positions):
+                for group, length in zip(self.groups, self.positions):
                     # M-RoPE: the unreduced numbering (after the prompt's largest position); 1-D: renumbered
-                    positions = (self.next_position if original is not None else length) + step
+                    mrope = group.original is not None
+                    positions = (self.next_position if mrope else length) + step
                     rope = scheme.rope(hidden, positions)
-                    keys = torch.cat([valid, valid.new_ones(valid.shape[0], step + 1)], dim=1)
+                    keys = torch.cat([group.valid, group.valid.new_ones(group.valid.shape[0], step + 1)], dim=1)
                     masks = {}  # no padding: the backend's causal path (a sliding cache returns at most its window)
-                    if not bool(keys.all()):  # each kind's mask over its cache, at the group's first layer of it
-                        heads = {}
-                        for index in range(start, start + len(layers)):
-                            heads.setdefault(scheme.kinds[index], index)
+                    if not bool(keys.all()):  # each mapped kind's mask over its cache, at the group's first layer of it
                         masks = {kind: scheme.segment_step_mask(kind, index, hidden, None, cache, None, lambda: keys)
-                                 for kind, index in heads.items() if scheme.maps(kind)}
-                    for index, layer in enumerate(layers, start):
+                                 for kind, index in group.heads.items()}
+                    for index, layer in enumerate(group.layers, group.start):
                         kind = scheme.kinds[index]
-                        out = layer(hidden, attention_mask=masks.get(kind), position_ids=None if original is not None else positions,
-                                    **with_cache(cache), use_cache=True, position_embeddings=self._rope_of(rope, kind))
+                        out = layer(hidden, attention_mask=masks.get(kind), position_ids=None if mrope else positions,
+                                    **with_cache(cache), use_cache=True, position_embeddings=rope_of(rope, kind))
                         hidden = out[0] if isinstance(out, tuple) else out
                 token = head(self.language_model.norm(hidden)[:, -1]).argmax(-1)
                 tokens.append(token)

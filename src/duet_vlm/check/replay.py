@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters import adapter_for
+from ..adapters.scheme import rope_of
 from ..bench.ideal import rope_split
 from ..compat import with_cache
 from ..plan import resolve_positions
@@ -193,7 +194,7 @@ class Replay:
                 rope = scheme.rope(hidden, rotary)
             kind = scheme.kinds[index]
             out = layer(hidden, attention_mask=masks.get(kind), position_ids=layer_positions,
-                        position_embeddings=rope.get(kind, rope.get("attention")), **with_cache(None), use_cache=False)
+                        position_embeddings=rope_of(rope, kind), **with_cache(None), use_cache=False)
             hidden = out[0] if isinstance(out, tuple) else out
             if index in self.additions:
                 hidden = hidden + self.additions[index]

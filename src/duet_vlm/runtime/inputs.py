@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..adapters.scheme import rope_of
 from ..compaction import Compaction
 
 
@@ -29,10 +30,7 @@ class LayerInputs:
 
     def position_embeddings(self, kind: str = "attention") -> tuple[torch.Tensor, torch.Tensor] | None:
         """The ``(cos, sin)`` layers of ``kind`` receive."""
-        rope = self.rope.get(kind)
-        if rope is None:
-            rope = self.rope.get("attention", next(iter(self.rope.values()), None))
-        return rope
+        return rope_of(self.rope, kind)
 
     def kwargs(self, kind: str = "attention") -> dict:
         """The keyword arguments of a layer of ``kind`` (``LayerScheme.kinds``)."""

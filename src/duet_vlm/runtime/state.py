@@ -308,13 +308,8 @@ class PrefillState:
         where a decoding step's mask for that kind is mapped onto the segment's cache."""
         heads = self.__dict__.get("_heads")
         if heads is None:
-            kinds = scheme.kinds
-            ends = [*self.boundaries[1:], len(kinds)]
-            heads = frozenset(
-                next(layer for layer in range(start, end) if kinds[layer] == kind)
-                for start, end in zip(self.boundaries, ends)
-                for kind in {kinds[layer] for layer in range(start, end)} if scheme.maps(kind)
-            )
+            ends = [*self.boundaries[1:], len(scheme.kinds)]
+            heads = frozenset(layer for start, end in zip(self.boundaries, ends) for layer in scheme.heads(start, end).values())
             self.__dict__["_heads"] = heads
         return heads
 

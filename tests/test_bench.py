@@ -1,5 +1,8 @@
 """The timing helpers of the benchmark (the benchmark itself is run by hand: `duet-vlm bench`)."""
 
+import subprocess
+import sys
+
 import pytest
 
 from duet_vlm.bench import interleaved, median_ratio
@@ -247,3 +250,51 @@ def test_train_step_per_process_count_runs_a_ddp_group_beside_one_process():
     assert results["variants"]["no reduction"]["one_process_vs_full"] == 1.0
     with pytest.raises(ValueError, match="a batch it divides"):
         process_benchmark(size, [], processes=2, batch=3)
+
+
+_ALLOCATION = """
+import ctypes, sys, torch
+from duet_vlm.bench.timing import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory() is not None
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+mapped = libc.mallinfo2().hblkhd
+blocks = [torch.empty(6 << 20).fill_(1.0) for _ in range(2)]  # 24 MiB each, written
+info = libc.mallinfo2()
+del blocks
+print(info.hblkhd - mapped, info.arena - libc.mallinfo2().arena)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallinfo2 and mallopt")
+def test_keep_freed_memory_serves_blocks_from_the_heap_and_keeps_them():
+    """``duet-vlm bench --allocator keep``: two 24 MiB tensors come from the heap, not mappings of
+    their own, and freeing them gives nothing back to the system, so the next ones reuse their pages;
+    glibc's defaults map them afresh (and unmap them when freed). Each in its own process: the setting is
+    process-wide."""
+    measured = {}
+    for mode in ("keep", "system"):
+        out = subprocess.run([sys.executable, "-c", _ALLOCATION, mode], capture_output=True, text=True, check=True)
+        measured[mode] = [int(value) for value in out.stdout.split()]
+    (keep_mapped, keep_returned), (system_mapped, _) = measured["keep"], measured["system"]
+    assert keep_mapped == 0 and keep_returned == 0, measured
+    assert system_mapped >= 48 << 20, measured
+
+
+def test_bench_refuses_an_allocator_it_cannot_apply():
+    """A misspelt allocator, and ``keep`` with ``--generate``/``--train`` (whose worker processes it
+    would not reach): one line each, nothing run."""
+    from typer.testing import CliRunner
+
+    from duet_vlm.cli import app
+
+    runner = CliRunner()
+    for argv, says in ((["bench", "--allocator", "jemalloc"], "must be system or keep"),
+                       (["bench", "--allocator", "keep", "--train"], "not --generate or --train")):
+        result = runner.invoke(app, argv)
+        assert result.exit_code != 0
+        assert says in " ".join(result.output.split()), result.output

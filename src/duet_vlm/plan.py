@@ -198,6 +198,9 @@ class LayerView:
         text_after_image: per row, positions of the prompt tokens after the last image; during
             training (labels given) only those with label -100, i.e. instructions, not answers.
         previous_layer, previous_hidden_states: decoder layer ``layer_index - 1`` and its input.
+        previous_layer_keys: ``(1, H_kv, L, d)`` the keys that layer computed from that input in its
+            own forward and wrote to the cache, where they are exactly what scoring with it would
+            compute (one row, no earlier tokens cached); ``None``: computed again when read.
         scratch: a dict that lives for one prefill, for what a stage computes once and reuses at
             later boundaries.
         final_norm_fn: the model's final norm (the one before the LM head).
@@ -224,6 +227,7 @@ class LayerView:
     final_norm_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
     keys_fn: Callable[..., torch.Tensor] | None = None
     previous_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    previous_layer_keys: torch.Tensor | None = None
 
     def rope(self, previous_layer: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of the layer a stage reads: ``previous_layer`` or ``layer``."""
@@ -249,10 +253,11 @@ class LayerView:
         if previous_layer:
             if self.previous_hidden_states is None:
                 raise RuntimeError(f"layer {self.layer_index - 1} saw a different token set; cannot score with it")
-            layer, hidden = self.previous_layer, self.previous_hidden_states
+            layer, hidden, keys = self.previous_layer, self.previous_hidden_states, self.previous_layer_keys
         else:
-            layer, hidden = self.layer, self.hidden_states
-        return self.attention_fn(layer, hidden, self.rope(previous_layer), queries, self.valid, self.visual_index)
+            layer, hidden, keys = self.layer, self.hidden_states, None
+        arguments = (layer, hidden, self.rope(previous_layer), queries, self.valid, self.visual_index)
+        return self.attention_fn(*arguments) if keys is None else self.attention_fn(*arguments, layer_keys=keys)
 
     def run_layer(self, hidden_states: torch.Tensor, previous: bool = False) -> torch.Tensor:
         """Run ``layer`` (``previous_layer`` with ``previous=True``) on ``hidden_states`` (these tokens,

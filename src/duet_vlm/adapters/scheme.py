@@ -304,6 +304,26 @@ class LayerScheme:
             keys = self.rotate(layer, keys.transpose(1, 2), cos, sin)
         return keys.transpose(1, 2).reshape(batch, length, -1)
 
+    def cached_layer_keys(self, layer: nn.Module, layer_index: int, cache, hidden: torch.Tensor) -> torch.Tensor | None:
+        """``(1, H_kv, L, d)`` the keys decoder layer ``layer_index`` wrote to ``cache`` in its forward
+        on ``hidden`` (``(1, L, D)``): its input norm, ``k_proj``, ``k_norm`` and RoPE, the computation
+        ``text_to_visual_attention`` does for one row, on the same tensor. ``None`` where the cache
+        holds anything else (other rows or lengths: a batch, an earlier turn's tokens, a window, a
+        quantized or preallocated layer, another device or dtype)."""
+        attn = getattr(layer, "self_attn", None)
+        layers = getattr(cache, "layers", None)
+        if attn is None or layers is None or hidden.shape[0] != 1:
+            return None
+        index = getattr(attn, "layer_idx", layer_index)
+        keys = getattr(layers[index], "keys", None) if 0 <= index < len(layers) else None
+        if not isinstance(keys, torch.Tensor) or keys.dim() != 4:
+            return None
+        if (keys.shape[0], keys.shape[2], keys.shape[3]) != (1, hidden.shape[1], attn.head_dim):
+            return None
+        if keys.dtype != hidden.dtype or keys.device != hidden.device:
+            return None
+        return keys
+
     def layer_queries(self, attn: nn.Module, normed: torch.Tensor) -> torch.Tensor:
         """``(B, L, H, d)`` the queries ``attn`` projects from normed states ``(B, L, D)``, before any
         per-head norm and RoPE."""
@@ -317,6 +337,7 @@ class LayerScheme:
         queries: list[torch.Tensor],
         key_valid: torch.Tensor,
         visual_index: torch.Tensor,
+        layer_keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention from each row's query tokens to its visual tokens, as ``layer`` would compute it.
 
@@ -332,6 +353,9 @@ class LayerScheme:
             queries: per row, a 1-D tensor of query positions.
             key_valid: ``(B, L)`` bool, False on padding.
             visual_index: ``(B, n_items, n)`` positions of the visual tokens.
+            layer_keys: ``(1, H_kv, L, d)``, with one row: the keys ``layer``'s own forward computed
+                on ``hidden_states`` and wrote to the cache (``cached_layer_keys``), the very
+                computation this would repeat; ``None``: computed here.
 
         Returns:
             ``(B, n_items, n)`` float32 scores.
@@ -349,11 +373,15 @@ class LayerScheme:
             for row in range(batch):
                 x = layer.input_layernorm(hidden_states[row : row + 1].detach())
                 q_pos = queries[row]
-                keys = attn.k_proj(x).view(1, x.shape[1], -1, head_dim)
                 query = self.layer_queries(attn, x[:, q_pos])
-                if k_norm is not None:
-                    keys, query = k_norm(keys), q_norm(query)
-                keys = self.rotate(layer, keys.transpose(1, 2), cos[row : row + 1], sin[row : row + 1])
+                if q_norm is not None:
+                    query = q_norm(query)
+                keys = layer_keys
+                if keys is None:
+                    keys = attn.k_proj(x).view(1, x.shape[1], -1, head_dim)
+                    if k_norm is not None:
+                        keys = k_norm(keys)
+                    keys = self.rotate(layer, keys.transpose(1, 2), cos[row : row + 1], sin[row : row + 1])
                 query = self.rotate(layer, query.transpose(1, 2), cos[row : row + 1, q_pos], sin[row : row + 1, q_pos])
                 keys = keys.repeat_interleave(groups, dim=1)
                 logits = (query.float() @ keys.float().transpose(-1, -2)) * attn.scaling  # (1, H, q, L)

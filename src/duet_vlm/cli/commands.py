@@ -163,6 +163,11 @@ def bench(
     intermediate: int = typer.Option(2816, help="Decoder MLP size."),
     text_tokens: int = typer.Option(60, help="Prompt tokens besides the image."),
     threads: int = typer.Option(0, help="torch threads (0 = leave as is)."),
+    allocator: str = typer.Option(
+        "system", help="system: the C library's allocator as configured; keep: glibc keeps the memory a forward "
+                       "frees for the next one (duet_vlm.bench.timing.keep_freed_memory), so that page faults do "
+                       "not depend on what a variant keeps alive (its KV cache) and compare like with like."
+    ),
     family: Optional[str] = typer.Option(
         None, help="Time a family's geometry instead: llava, llava_next (672x672, 5 tiles), video_llava (8 frames), "
                    "qwen3_5 (672x672, 441 tokens; hybrid linear-attention decoder, M-RoPE), internvl (2x2 tiles + "
@@ -205,9 +210,19 @@ def bench(
 
     from ..bench import FAMILIES, ModelSize, family_benchmark, prefill_benchmark
     from ..bench.end_to_end import end_to_end
+    from ..bench.timing import keep_freed_memory
 
     if threads:
         torch.set_num_threads(threads)
+    if allocator not in ("system", "keep"):
+        raise typer.BadParameter(f"--allocator must be system or keep, got {allocator!r}")
+    if allocator == "keep" and (generate or train):
+        # their runs start other processes (DDP workers) that the setting would not reach
+        raise typer.BadParameter("--allocator keep times the prefill and --family benchmarks; not --generate or --train")
+    kept = keep_freed_memory() if allocator == "keep" else None
+    if allocator == "keep" and kept is None:
+        raise typer.BadParameter("--allocator keep needs glibc (its mallopt); this C library is not glibc")
+    allocation = {"allocator": "system"} if kept is None else {"allocator": "glibc, freed memory kept", "mallopt": kept}
     size = ModelSize(
         vision_layers=vision_layers, hidden=hidden, heads=max(1, hidden // 64), kv_heads=max(1, hidden // 64),
         intermediate=intermediate,
@@ -219,6 +234,7 @@ def bench(
             report = bar.rounds(rounds)
             results = family_benchmark(family, size, methods, ratios, rounds, progress=lambda: report(f"{family} prefill"))
         results["command"] = "duet-vlm " + " ".join(sys.argv[1:])
+        results.update(allocation)
         printing.print_family(results, sum("error" not in row for row in results["variants"].values()) + len(results["ideals"]))
         printing.write_json(output, results)
     elif train and processes > 1:
@@ -244,6 +260,7 @@ def bench(
             results = prefill_benchmark(size, [] if methods == ["none"] else methods, budgets, rounds, text_tokens,
                                         progress=bar.rounds(rounds))
         results["command"] = "duet-vlm " + " ".join(sys.argv[1:])
+        results.update(allocation)
         printing.print_prefill(results)
         printing.write_json(output, results)
 

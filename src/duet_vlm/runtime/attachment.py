@@ -272,7 +272,12 @@ class Attachment:
         if layer_index in prompt.boundaries:
             if torch.is_grad_enabled():  # a backward pass may recompute this boundary after later layers
                 scratch.boundary_inputs.setdefault(layer_index, scratch.last_layer_input)
+            elif scratch.last_layer_input is not None:  # what a stage scoring with the layer before reads
+                scratch.last_layer_keys = scheme.cached_layer_keys(
+                    self.adapter.layers[layer_index - 1], layer_index - 1, cache_of(kwargs), scratch.last_layer_input
+                )
             hidden = prune(self.binding, call, prompt, layer_index, module, hidden)
+            scratch.last_layer_keys = None
             call.kept.release()  # the layer before the boundary is read
         if layer_index + 1 in prompt.boundaries:  # FSDP2: a stage may read this layer after its forward
             call.kept.keep(module)

@@ -152,6 +152,7 @@ class Segment:
             text_after_image=text_after,
             previous_layer=adapter.layers[layer_index - 1],
             previous_hidden_states=take(previous_input),
+            previous_layer_keys=scratch.last_layer_keys if previous_input is scratch.last_layer_input else None,
             scratch=memory,
             # A stage reads layers outside their own forward: under FSDP2 the runtime kept them
             # unsharded (``sharded.KeptUnsharded``), and a read of sharded ones is a clear error.
@@ -245,6 +246,9 @@ class Scratch:
     lm_position_ids: torch.Tensor | None = None  # what the language model received
     input_embeddings: torch.Tensor | None = None  # (B, L_entry, D), for stages that read them
     last_layer_input: torch.Tensor | None = None  # the input of the layer before a boundary
+    # While a boundary's stages run: the keys that layer wrote to the cache from that input, where
+    # they are what scoring with it would compute again (``LayerScheme.cached_layer_keys``).
+    last_layer_keys: torch.Tensor | None = None
     # Per boundary layer, the input of the layer before it (what FastV scores with), kept when a
     # backward pass may recompute the boundary (gradient checkpointing) after later layers ran.
     boundary_inputs: dict[int, torch.Tensor] = field(default_factory=dict)

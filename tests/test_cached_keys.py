@@ -1,0 +1,136 @@
+"""Scoring with the layer before a boundary (FastV, SparseVLM) reads the keys that layer wrote to the
+cache instead of computing them again: with one row and nothing cached before, they are the same
+computation on the same tensor, so every score, kept index and logit is unchanged (bit for bit).
+"""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import duet_vlm
+from duet_vlm.compat import with_cache
+
+from models import FAMILIES
+
+
+def _layer_inputs(model, adapter, inputs, cache):
+    """Each decoder layer's (hidden states, position embeddings) in one forward on ``cache``."""
+    seen = {}
+    handles = [
+        layer.register_forward_pre_hook(
+            lambda m, a, kw, i=i: seen.__setitem__(i, (a[0] if a else kw["hidden_states"], kw["position_embeddings"])),
+            with_kwargs=True,
+        )
+        for i, layer in enumerate(adapter.layers)
+    ]
+    try:
+        with torch.no_grad():
+            model(**inputs, **with_cache(cache), use_cache=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _scores(adapter, layer, hidden, rope, keys=None):
+    """Attention from the last five tokens to tokens 1..8 (any fixed sets: the keys are what is compared)."""
+    length = hidden.shape[1]
+    queries = [torch.arange(length - 5, length)]
+    visual = torch.arange(1, 9).view(1, 1, 8)
+    valid = torch.ones(1, length, dtype=torch.bool)
+    extra = {} if keys is None else {"layer_keys": keys}
+    return adapter.scheme.text_to_visual_attention(layer, hidden, rope, queries, valid, visual, **extra)
+
+
+def test_the_cached_keys_are_the_scorers_own_on_every_family(family):
+    """On every family's tiny model, every attention layer whose cache holds the prompt's keys scores
+    with them exactly as it scores computing them (``torch.equal``); a sliding layer whose window
+    the prompt outgrows holds fewer and is not used. Catches another layer's keys (an off-by-one
+    index: tiny random layers differ), keys before RoPE or before ``k_norm``, a cache read past a
+    window."""
+    model = family.model()
+    adapter = duet_vlm.adapter_for(model)
+    inputs = family.one(model)
+    cache = DynamicCache(config=model.config.get_text_config())
+    seen = _layer_inputs(model, adapter, inputs, cache)
+    used = 0
+    for index, layer in enumerate(adapter.layers):
+        if adapter.scheme.kinds[index] != "attention" or index not in seen:
+            continue
+        hidden, rope = seen[index]
+        keys = adapter.scheme.cached_layer_keys(layer, index, cache, hidden)
+        window = getattr(layer.self_attn, "sliding_window", None)
+        if window is not None and hidden.shape[1] > window - 1:
+            assert keys is None, f"layer {index}: a sliding window's cache read as the whole prompt's"
+            continue
+        if getattr(model.config.get_text_config(), "num_kv_shared_layers", 0) and index >= len(adapter.layers) - 2:
+            continue  # Gemma 4's shared layers store nothing of their own (no boundary lies there)
+        assert keys is not None, f"layer {index}: its cache holds the prompt's keys"
+        used += 1
+        recomputed = _scores(adapter, layer, hidden, rope)
+        assert torch.equal(_scores(adapter, layer, hidden, rope, keys), recomputed), f"layer {index}"
+        # and another layer's keys would not pass for them
+        other = next((j for j in seen if j != index and adapter.scheme.kinds[j] == "attention"
+                      and adapter.scheme.cached_layer_keys(adapter.layers[j], j, cache, seen[j][0]) is not None), None)
+        if other is not None:
+            wrong = adapter.scheme.cached_layer_keys(adapter.layers[other], other, cache, seen[other][0])
+            assert not torch.equal(_scores(adapter, layer, hidden, rope, wrong), recomputed)
+    assert used, "no layer's cached keys were used"
+
+
+def test_cached_keys_are_refused_where_they_are_not_the_prompts():
+    """Two rows (a batched projection may round differently from a row's own), a cache holding an
+    earlier turn's tokens too, or no cache: ``None``, and the scorer computes them."""
+    family = FAMILIES["llava"]
+    model = family.model()
+    adapter = duet_vlm.adapter_for(model)
+    layer = adapter.layers[1]
+    batch = family.batch(model)
+    cache = DynamicCache(config=model.config.get_text_config())
+    seen = _layer_inputs(model, adapter, batch, cache)
+    assert adapter.scheme.cached_layer_keys(layer, 1, cache, seen[1][0]) is None
+    assert adapter.scheme.cached_layer_keys(layer, 1, cache, seen[1][0][:1]) is None  # two rows cached
+    assert adapter.scheme.cached_layer_keys(layer, 1, None, seen[1][0][:1]) is None
+    one = family.one(model)
+    cache = DynamicCache(config=model.config.get_text_config())
+    seen = _layer_inputs(model, adapter, one, cache)
+    assert adapter.scheme.cached_layer_keys(layer, 1, cache, seen[1][0]) is not None
+    with torch.no_grad():  # a second turn's tokens on the same cache
+        model(input_ids=one["input_ids"][:, -3:], **with_cache(cache), use_cache=True)
+    assert adapter.scheme.cached_layer_keys(layer, 1, cache, seen[1][0]) is None
+
+
+@pytest.mark.parametrize("name", ["fastv", "sparsevlm"])
+def test_scoring_with_the_previous_layer_reads_its_cache_and_changes_nothing(family, name):
+    """A one-row prefill under a method that scores with the layer before its boundary, with a cache
+    (the keys are read from it) and without (computed): the same logits at every position and the
+    same kept tokens, bit for bit; and with a cache the layer's key projection is not run again."""
+    model = family.model()
+    inputs = family.one(model)
+    reducer = duet_vlm.make(name, ratio=0.5)
+    runs = {}
+    for use_cache in (True, False):
+        calls = []
+        adapter = duet_vlm.adapter_for(model)
+        handles = [layer.self_attn.k_proj.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+                   for i, layer in enumerate(adapter.layers) if hasattr(getattr(layer, "self_attn", None), "k_proj")]
+        try:
+            with torch.no_grad(), reducer(model):
+                out = model(**inputs, use_cache=use_cache)
+        finally:
+            for handle in handles:
+                handle.remove()
+        stage_kept = reducer.stats.stage_kept
+        assert stage_kept, "the method pruned nothing: the test would compare nothing"
+        runs[use_cache] = (out.logits, stage_kept, calls)
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert [layer for layer, _ in runs[True][1]] == [layer for layer, _ in runs[False][1]]
+    for (_, cached), (_, computed) in zip(runs[True][1], runs[False][1]):
+        assert torch.equal(cached, computed)
+    adapter = duet_vlm.adapter_for(model)
+    if any(getattr(getattr(layer, "self_attn", None), "sliding_window", None) for layer in adapter.layers):
+        # Gemma's layers before these boundaries are sliding ones whose window the prompt outgrows:
+        # their cache holds the window only, and the keys are computed
+        assert len(runs[True][2]) == len(runs[False][2])
+    else:
+        assert len(runs[True][2]) < len(runs[False][2]), "the layer before the boundary projected its keys again"

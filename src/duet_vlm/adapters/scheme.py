@@ -81,7 +81,9 @@ def rotate_like(layer: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: 
     """Rotate ``(B, H, L, d)`` states with the RoPE function of ``layer``'s own modeling module,
     as ``layer.self_attn`` does (``cos``/``sin``: ``(B, L, d)``)."""
     module = sys.modules[type(layer.self_attn).__module__]
-    rotated, _ = module.apply_rotary_pos_emb(states, states, cos, sin)
+    # The function rotates a query and a key tensor alike, element by element: the states as the
+    # query, and one head of them as the key (what it returns for that is discarded).
+    rotated, _ = module.apply_rotary_pos_emb(states, states[:, :1], cos, sin)
     return rotated
 
 
@@ -383,7 +385,8 @@ class LayerScheme:
                         keys = k_norm(keys)
                     keys = self.rotate(layer, keys.transpose(1, 2), cos[row : row + 1], sin[row : row + 1])
                 query = self.rotate(layer, query.transpose(1, 2), cos[row : row + 1, q_pos], sin[row : row + 1, q_pos])
-                keys = keys.repeat_interleave(groups, dim=1)
+                if groups > 1:
+                    keys = keys.repeat_interleave(groups, dim=1)
                 logits = (query.float() @ keys.float().transpose(-1, -2)) * attn.scaling  # (1, H, q, L)
                 if cap is not None:  # Gemma-2-style logit soft-capping, as the layer applies it
                     logits = torch.tanh(logits / cap) * cap

@@ -81,7 +81,9 @@ def is_evaluation(data) -> bool:
 def evaluation(results: dict | list[dict]) -> tuple[list[Point], dict]:
     """The reduced rows of one evaluation, or of several files of the same one, as points (cost =
     decoder prefill FLOPs / the full row's), and what the figure says about the run (the first
-    file's command, split, questions, the blank-image floor)."""
+    file's command, split, questions, the blank-image floor). A row of a method, option and budget
+    that a later file has too is the later file's (the files go from the whole table to runs of one
+    method with its own files: VisionSelector's trained scorer)."""
     files = results if isinstance(results, list) else [results]
     rows = files[0]["rows"]
     full = next(r for r in rows if r["method"] == "full" and r["budget"] is None)
@@ -91,6 +93,10 @@ def evaluation(results: dict | list[dict]) -> tuple[list[Point], dict]:
                 full["accuracy"], full["decoder_tflops_per_sample"]):
             raise ValueError(f"{other.get('meta', {}).get('command')!r} is another evaluation: its full row differs")
         rows = rows + other["rows"]
+    latest = {}
+    for row in rows:
+        latest[(row["method"], row["budget"], row.get("adaptive"), row.get("positions"))] = row
+    rows = list(latest.values())
     points = []
     for row in rows:
         if row["method"] in ("full", "blank image") or not row.get("decoder_tflops_per_sample"):

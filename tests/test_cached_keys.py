@@ -134,3 +134,38 @@ def test_scoring_with_the_previous_layer_reads_its_cache_and_changes_nothing(fam
         assert len(runs[True][2]) == len(runs[False][2])
     else:
         assert len(runs[True][2]) < len(runs[False][2]), "the layer before the boundary projected its keys again"
+
+
+def test_a_boundary_that_keeps_nothing_scores_nothing_and_changes_nothing(monkeypatch):
+    """DUET's last boundary keeps 0 of its tokens (ratios 0.5, 0.0): every token goes whatever the
+    scores, so the stage computes none. The prefill's logits at every position and every boundary's
+    kept tokens equal those of a run that scores there too; the scorer runs once (the first boundary)
+    instead of twice. Catches a shortcut that keeps tokens, or that skips a boundary keeping some."""
+    from duet_vlm.plan import LanguageStage
+    from duet_vlm.selection import top_k_in_order
+
+    family = FAMILIES["llava"]
+    model = family.model()
+    inputs = family.batch(model)
+    adapter = duet_vlm.adapter_for(model)
+    scheme = adapter.scheme
+    original = type(scheme).text_to_visual_attention
+    runs = []
+    for always_score in (False, True):
+        if always_score:
+            monkeypatch.setattr(LanguageStage, "select", lambda self, view, keep: top_k_in_order(self.score(view), keep))
+        calls = []
+        monkeypatch.setattr(type(scheme), "text_to_visual_attention",
+                            lambda self, *args, **kwargs: calls.append(1) or original(self, *args, **kwargs))
+        reducer = duet_vlm.make("duet", budget=16)
+        with torch.no_grad(), reducer(model):
+            out = model(**inputs)
+        runs.append((out.logits, reducer.stats.stage_kept, len(calls)))
+    (logits, kept, scored), (logits_always, kept_always, scored_always) = runs
+    assert [layer for layer, _ in kept] == [layer for layer, _ in kept_always] and len(kept) == 2
+    assert kept[-1][1].shape[-1] == 0 and kept[0][1].shape[-1] > 0
+    for (_, mine), (_, theirs) in zip(kept, kept_always):
+        assert torch.equal(mine, theirs)
+    mask = inputs["attention_mask"].bool()
+    assert torch.equal(logits[mask], logits_always[mask])
+    assert scored > 0 and scored_always == 2 * scored  # the first boundary's calls, then both's

@@ -165,8 +165,8 @@ def bench(
     threads: int = typer.Option(0, help="torch threads (0 = leave as is)."),
     allocator: str = typer.Option(
         "system", help="system: the C library's allocator as configured; keep: glibc keeps the memory a forward "
-                       "frees for the next one (duet_vlm.bench.timing.keep_freed_memory), so that page faults do "
-                       "not depend on what a variant keeps alive (its KV cache) and compare like with like."
+                       "frees for the next one (mallopt), so that page faults do not depend on what a variant keeps "
+                       "alive (its KV cache) and the variants compare like with like."
     ),
     family: Optional[str] = typer.Option(
         None, help="Time a family's geometry instead: llava, llava_next (672x672, 5 tiles), video_llava (8 frames), "

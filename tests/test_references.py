@@ -264,7 +264,8 @@ def test_stage_b_queries_are_the_text_after_the_last_image(small_llava8, answer)
         calls.append((view.layer_index, [q.clone() for q in view.text_after_image], view.input_ids.clone()))
         return view.text_after_image
 
-    reducer = duet_vlm.Duet(budget=16, query=capture)
+    # both boundaries keep some tokens (the default's last keeps none, and scores nothing)
+    reducer = duet_vlm.Duet(budget=16, query=capture, layers=(4, 6), ratios=(0.5, 0.25))
     with torch.no_grad(), reducer(model):
         model(**inputs, **({"labels": labels} if answer else {}))
     assert [layer for layer, _, _ in calls] == [layer for layer, _ in reducer.stats.stage_kept] and len(calls) == 2

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -498,6 +499,43 @@ def render_family(root: Path, *paths: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_lm_vs_ideal(root: Path, *paths: str) -> str:
+    """Several runs of ``duet-vlm bench --family F`` per family (the files in order; a family's runs
+    beside each other): each reduced variant's language-model time against its ideal in each run,
+    their median, and whether that median is within 2% of the ideal; then each run's load average
+    before and after and its allocator."""
+    runs: dict[str, list[dict]] = {}
+    for path in paths:
+        results = _load(root, path)
+        runs.setdefault(results["family"], []).append(results)
+    most = max(len(found) for found in runs.values())
+    head = ["geometry", "variant", *[f"run {i + 1}" for i in range(most)], "median", "within 2%?"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for family, found in runs.items():
+        first = True
+        for name, row in found[0]["variants"].items():
+            if row.get("avg_visual_tokens", 0) is None:
+                continue  # the unreduced row has no ideal of its own
+            ratios = [results["variants"].get(name, {}).get("lm_vs_ideal") for results in found]
+            if any(ratio is None for ratio in ratios):
+                error = next((r["variants"][name]["error"] for r in found if "error" in r["variants"].get(name, {})), "")
+                cells = [f"cannot run: {error}" if error else "not in every run"] + [""] * (most + 1)
+            else:
+                middle = statistics.median(ratios)
+                cells = [f"{ratio:.3f}" for ratio in ratios] + [""] * (most - len(ratios))
+                cells += [f"{middle:.3f}", "yes" if middle <= 1.02 else "**no**"]
+            lines.append("| " + " | ".join([FAMILY_NAMES.get(family, family) if first else "", name, *cells]) + " |")
+            first = False
+    lines.append("")
+    for family, found in runs.items():
+        loads = "; ".join(f"{r['load_average_before_after'][0][0]:.2f} -> {r['load_average_before_after'][1][0]:.2f}"
+                          for r in found)
+        allocators = sorted({r.get("allocator", "system") for r in found})
+        lines.append(f"{FAMILY_NAMES.get(family, family)}: {found[0]['rounds']} rounds per run; 1-minute load average "
+                     f"before -> after each run: {loads}; allocator: {', '.join(allocators)}.  ")
+    return "\n".join(lines) + "\n"
+
+
 def render_layer_kinds(root: Path, path: str) -> str:
     """A hybrid decoder's ``duet-vlm bench --family`` by kind of decoder layer: the seconds spent in
     each kind's layers (median over rounds), their per-round ratio to no reduction and to the
@@ -618,7 +656,7 @@ RENDERERS = {
     "adaptation": render_adaptation, "bench": render_bench, "vllm": render_vllm, "adaptive": render_adaptive,
     "schedules": render_schedules, "plan": render_plan, "prefill": render_prefill, "family": render_family,
     "compile": render_compile, "stage_a": render_stage_a, "figure": render_figure, "modes": render_modes,
-    "live": render_live, "layer_kinds": render_layer_kinds, "check": render_check, "ladder": render_ladder, "processes": render_processes,
+    "live": render_live, "layer_kinds": render_layer_kinds, "lm_vs_ideal": render_lm_vs_ideal, "check": render_check, "ladder": render_ladder, "processes": render_processes,
     "pixelprune_encoder": render_pixelprune_encoder,
 }
 # Kinds whose block stands for a file that is drawn beside the page (the figure's PNG).

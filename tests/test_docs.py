@@ -105,14 +105,24 @@ def test_the_site_builds_strictly(tmp_path):
 
 def test_a_figure_takes_later_results_of_the_same_evaluation_only():
     """Methods evaluated later (``docs/eval/new_methods``) join the main figure as lines of their own;
-    a results file whose unreduced row differs is another evaluation and is refused."""
+    a method both files hold (the main table now has HiPrune) is drawn once per budget, from the
+    later file (VisionSelector's own file holds its trained scorer, the main table its untrained
+    one); a results file whose unreduced row differs is another evaluation and is refused."""
     import json
 
     main = json.loads((ROOT / "docs/eval/results.json").read_text())
     later = json.loads((ROOT / "docs/eval/new_methods/results.json").read_text())
     points, _ = figures.evaluation([main, later])
     alone, _ = figures.evaluation(main)
-    assert {p.method for p in points} - {p.method for p in alone} == {"hiprune", "random_horizon", "divprune+random_horizon"}
+    assert {p.method for p in points} - {p.method for p in alone} == {"divprune+random_horizon"}
+    assert sorted(p.budget for p in points if p.method == "hiprune") == [64, 128, 192]
+    moved = {**later, "rows": [{**row, "accuracy": row["accuracy"] / 2, "retained_percent": None}
+                               if row["method"] == "hiprune" else row for row in later["rows"]]}
+    points, _ = figures.evaluation([main, moved])
+    mine = {p.budget: p.retained for p in points if p.method == "hiprune"}
+    theirs = {row["budget"]: 50 * row["accuracy"] / next(r["accuracy"] for r in main["rows"] if r["method"] == "full")
+              for row in later["rows"] if row["method"] == "hiprune"}
+    assert mine == pytest.approx(theirs)
     other = {**later, "rows": [{**row, "accuracy": 0.5} if row["method"] == "full" else row for row in later["rows"]]}
     with pytest.raises(ValueError, match="another evaluation"):
         figures.evaluation([main, other])

@@ -90,6 +90,8 @@ def test_cached_keys_are_refused_where_they_are_not_the_prompts():
     seen = _layer_inputs(model, adapter, batch, cache)
     assert adapter.scheme.cached_layer_keys(layer, 1, cache, seen[1][0]) is None
     assert adapter.scheme.cached_layer_keys(layer, 1, cache, seen[1][0][:1]) is None  # two rows cached
+    with pytest.raises(ValueError, match="one row's keys"):  # and the scorer takes them for one row only
+        _scores(adapter, layer, seen[1][0], seen[1][1], keys=cache.layers[1].keys[:1])
     assert adapter.scheme.cached_layer_keys(layer, 1, None, seen[1][0][:1]) is None
     one = family.one(model)
     cache = DynamicCache(config=model.config.get_text_config())

@@ -369,6 +369,8 @@ class LayerScheme:
         window, cap = getattr(attn, "sliding_window", None), getattr(attn, "attn_logit_softcapping", None)
         cos, sin = position_embeddings
         batch = hidden_states.shape[0]
+        if layer_keys is not None and batch != 1:
+            raise ValueError(f"layer_keys are one row's keys; these hidden states have {batch} rows")
         cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
         scores = []
         with torch.no_grad():

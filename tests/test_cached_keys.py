@@ -110,10 +110,10 @@ def test_scoring_with_the_previous_layer_reads_its_cache_and_changes_nothing(fam
     model = family.model()
     inputs = family.one(model)
     reducer = duet_vlm.make(name, ratio=0.5)
+    adapter = duet_vlm.adapter_for(model)
     runs = {}
     for use_cache in (True, False):
         calls = []
-        adapter = duet_vlm.adapter_for(model)
         handles = [layer.self_attn.k_proj.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
                    for i, layer in enumerate(adapter.layers) if hasattr(getattr(layer, "self_attn", None), "k_proj")]
         try:
@@ -129,7 +129,6 @@ def test_scoring_with_the_previous_layer_reads_its_cache_and_changes_nothing(fam
     assert [layer for layer, _ in runs[True][1]] == [layer for layer, _ in runs[False][1]]
     for (_, cached), (_, computed) in zip(runs[True][1], runs[False][1]):
         assert torch.equal(cached, computed)
-    adapter = duet_vlm.adapter_for(model)
     if any(getattr(getattr(layer, "self_attn", None), "sliding_window", None) for layer in adapter.layers):
         # Gemma's layers before these boundaries are sliding ones whose window the prompt outgrows:
         # their cache holds the window only, and the keys are computed
@@ -140,11 +139,10 @@ def test_scoring_with_the_previous_layer_reads_its_cache_and_changes_nothing(fam
 
 def test_a_boundary_that_keeps_nothing_scores_nothing_and_changes_nothing(monkeypatch):
     """DUET's last boundary keeps 0 of its tokens (ratios 0.5, 0.0): every token goes whatever the
-    scores, so the stage computes none. The prefill's logits at every position and every boundary's
-    kept tokens equal those of a run that scores there too; the scorer runs once (the first boundary)
-    instead of twice. Catches a shortcut that keeps tokens, or that skips a boundary keeping some."""
-    from duet_vlm.plan import LanguageStage
-    from duet_vlm.selection import top_k_in_order
+    scores, so the runtime runs no stage there. The prefill's logits at every position and every
+    boundary's kept tokens equal those of a run whose stage runs there too; the scorer runs at the
+    first boundary only. Catches a shortcut that keeps tokens, or that skips a boundary keeping some."""
+    from duet_vlm.runtime import boundary
 
     family = FAMILIES["llava"]
     model = family.model()
@@ -155,7 +153,7 @@ def test_a_boundary_that_keeps_nothing_scores_nothing_and_changes_nothing(monkey
     runs = []
     for always_score in (False, True):
         if always_score:
-            monkeypatch.setattr(LanguageStage, "select", lambda self, view, keep: top_k_in_order(self.score(view), keep))
+            monkeypatch.setattr(boundary, "drops_all", lambda keep: False)
         calls = []
         monkeypatch.setattr(type(scheme), "text_to_visual_attention",
                             lambda self, *args, **kwargs: calls.append(1) or original(self, *args, **kwargs))

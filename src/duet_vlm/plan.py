@@ -324,11 +324,9 @@ class LanguageStage(ABC):
         """``(B, n_images, n)`` importance of each visual token; the highest ``keep`` survive."""
 
     def select(self, view: LayerView, keep: int) -> torch.Tensor | Selection:
-        """``(B, n_images, keep)`` indices into the visual block to keep (or a ``Selection``). With
-        ``keep`` 0 every token goes whatever its score, so none is computed (DUET's last boundary)."""
-        if keep == 0:
-            rows, items = view.visual_index.shape[:2]
-            return torch.empty(rows, items, 0, dtype=torch.long, device=view.visual_index.device)
+        """``(B, n_images, keep)`` indices into the visual block to keep (or a ``Selection``). The
+        runtime asks only for ``keep`` > 0: where it is 0 every token goes, whatever a stage would
+        say (``runtime.boundary.drops_all``)."""
         return top_k_in_order(self.score(view), keep)
 
 

@@ -33,9 +33,9 @@ def interleaved(variants: dict[str, Callable[[], None]], rounds: int, warmup: in
     return times
 
 
-#: glibc's ``mallopt`` parameters (malloc.h) and what ``keep_freed_memory`` sets them to.
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+#: What ``keep_freed_memory`` sets, by name, and each name's ``mallopt`` parameter (malloc.h).
 KEPT_MEMORY = {"mmap_threshold": 32 << 20, "trim_threshold": (1 << 31) - 1, "top_pad": 1 << 30}
+_MALLOPT = {"mmap_threshold": -3, "trim_threshold": -1, "top_pad": -2}  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD
 
 
 def keep_freed_memory() -> dict | None:
@@ -59,9 +59,8 @@ def keep_freed_memory() -> dict | None:
     except (OSError, AttributeError):
         return None
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    names = {"mmap_threshold": _M_MMAP_THRESHOLD, "trim_threshold": _M_TRIM_THRESHOLD, "top_pad": _M_TOP_PAD}
     for name, value in KEPT_MEMORY.items():
-        if mallopt(names[name], value) != 1:
+        if mallopt(_MALLOPT[name], value) != 1:
             raise RuntimeError(f"glibc's mallopt refused {name}={value}")
     return dict(KEPT_MEMORY)
 

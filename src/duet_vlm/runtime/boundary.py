@@ -55,6 +55,12 @@ def stage_calls(layer_index: int, placements: list[Placement], batch: int):
     return calls
 
 
+def drops_all(keep: int) -> bool:
+    """Whether a stage call keeping ``keep`` tokens of each item need not run: with none kept, every
+    token goes whatever the stage would score or merge (DUET's last boundary, ratio 0.0)."""
+    return keep == 0
+
+
 def select(binding: Binding, call, state: PrefillState, layer_index: int, layer: nn.Module, hidden: torch.Tensor,
            previous: Segment):
     """Run the language stages of this boundary. Returns ``hidden`` with any recycled states written
@@ -63,6 +69,10 @@ def select(binding: Binding, call, state: PrefillState, layer_index: int, layer:
     kept_ids: dict[Placement, torch.Tensor] = {}
     replacements: list[tuple[Placement, torch.Tensor, torch.Tensor]] = []  # (placement, kept, states)
     for rows, placements, keep in stage_calls(layer_index, previous.placements, batch):
+        if drops_all(keep):  # no view built, nothing scored
+            for placement in placements:
+                kept_ids[placement] = placement.positions.new_empty(0)
+            continue
         row_list = rows if rows is not None else list(range(batch))
         view = previous.view(state, binding.adapter, layer_index, layer, hidden, row_list, placements)
         plan = placements[0].item.plan

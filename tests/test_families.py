@@ -581,3 +581,59 @@ def test_video_scores_of_a_clip_tower_onevision_are_its_cls_attention_pooled():
         cls = tower.attentions[layer][:, :, 0, 1:].sum(dim=1)  # (frames, patches)
         expected = model.model.apply_pooling(cls[..., None])[..., 0]
     torch.testing.assert_close(seen, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_anyres_slots_traced_where_the_projector_run_again_rounds_apart(llava_next, monkeypatch):
+    """A GPU's kernels may round the projector the runtime runs again apart from the model's own run
+    (an H200 in float32: a few units in the last place): each slot is traced to the tile and patch of
+    the nearest projected row, the same layout, logits and kept tokens as exact rounding gives. A
+    row too far from every projection (an image resized after the projector) stays untraced."""
+    from duet_vlm.adapters import llava_next as adapter_module
+
+    inputs = next_batch([[(112, 112)], [(56, 112), (100, 60)]], seed=2, suffixes=[7, 3])
+    calls = []
+
+    def run():
+        calls.clear()
+        reducer = duet_vlm.make("visionzip", ratio=0.5)
+        with torch.no_grad(), reducer(llava_next):
+            logits = llava_next(**inputs).logits
+        return logits, [(i.vision_kept.tolist(), i.entry_units.tolist(), i.kept_ids.tolist()) for i in reducer.stats.items]
+
+    exact = run()
+
+    def rounds_apart(module, args, output):  # the model's call, then the trace's (then the vision stage's)
+        calls.append(output.shape)
+        return torch.nextafter(output, 2 * output) * (1 + 3e-7) if len(calls) == 2 else output
+
+    handle = llava_next.model.multi_modal_projector.register_forward_hook(rounds_apart)
+    try:
+        logits, layout = run()
+        assert layout == exact[1] and calls[0] == calls[1]
+        torch.testing.assert_close(logits, exact[0], rtol=0, atol=0)
+        monkeypatch.setitem(adapter_module.TRACE_TOLERANCE, torch.float32, 1e-9)
+        with pytest.raises(ValueError, match="could not be traced to its tiles"):
+            run()
+    finally:
+        handle.remove()
+
+
+def test_onevision_image_resized_after_projection_is_refused(tmp_path):
+    """A 448x448 image on a 4x4-tile pinpoint exceeds anyres_max_9: OneVision interpolates its grid
+    after the projector, no slot is within rounding of a projected patch, and a vision-side method
+    refuses it with the reason rather than guessing a layout."""
+    from PIL import Image
+
+    from duet_vlm.compare import load_processor
+    from duet_vlm.tiny.checkpoints import load_hf, write_llava_onevision
+
+    folder = write_llava_onevision(tmp_path / "ov", largest_grid=4)
+    model, processor = load_hf(folder), load_processor(str(folder))
+    picture = Image.fromarray(torch.randint(0, 256, (448, 448, 3), generator=torch.Generator().manual_seed(7),
+                                            dtype=torch.uint8).numpy())
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what"}]}],
+                                         add_generation_prompt=True)
+    inputs = processor(images=[picture], text=[text], return_tensors="pt")
+    with pytest.raises(ValueError, match="resized after the projector"), torch.no_grad(), \
+            duet_vlm.make("visionzip", budget=48)(model):
+        model(**inputs)

@@ -47,6 +47,24 @@ def anyres_geometry(config, slots: int, candidates: int | None = None) -> Geomet
                     encoder_depth=config.vision_config.num_hidden_layers)
 
 
+#: How far (relative to a slot's largest magnitude) the projector run again may round a slot apart
+#: from the model's own run of it: a GPU's matrix kernels need not round two calls alike (seen on an
+#: H200 in float32: every SigLIP-tower slot off by a few units in the last place). An image resized
+#: after the projector (LLaVA-OneVision above anyres_max tiles) is interpolated, far from any of them.
+TRACE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}
+
+
+def _nearest_within_rounding(flat: torch.Tensor, wanted: torch.Tensor, found: torch.Tensor) -> bool:
+    """Where the exact lookup missed a slot, take the projected row nearest to it; ``True`` (and
+    ``found`` updated in place) if every slot is then within ``TRACE_TOLERANCE`` of its row."""
+    missed = (flat[found] != wanted).any(-1).nonzero()[:, 0]
+    for chunk in missed.split(1024):
+        found[chunk] = torch.cdist(wanted[chunk].float(), flat.float()).argmin(-1)
+    scale = wanted[missed].float().abs().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    difference = (flat[found[missed]].float() - wanted[missed].float()).abs() / scale
+    return bool(difference.max() <= TRACE_TOLERANCE.get(wanted.dtype, 2.0**-6))
+
+
 class LlavaNextAdapter(ModelAdapter):
     """An image is every slot transformers' packing produces for it: the base tile, the unpadded
     grid of high-resolution tiles and one ``image_newline`` per grid row, so its size depends on
@@ -144,7 +162,7 @@ class LlavaNextAdapter(ModelAdapter):
             candidates = (~(slots == newline).all(-1)).nonzero()[:, 0]
             wanted = slots[candidates]
             found = order[torch.searchsorted(sorted_keys, wanted.double() @ probe.to(flat.device)).clamp(max=len(order) - 1)]
-            if not torch.equal(flat[found], wanted):
+            if not torch.equal(flat[found], wanted) and not _nearest_within_rounding(flat, wanted, found):
                 continue  # resized after projection (OneVision's anyres_max): no slot-to-patch map
             item.layout = AnyresLayout(found // self.tile_patches, found % self.tile_patches, candidates)
             item.geometry = self.geometry_of_run(item.length, len(candidates))

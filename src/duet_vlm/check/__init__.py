@@ -53,6 +53,13 @@ from .report import FAIL, INFO, NOT_APPLICABLE, PASS, Report, Result, versions
 #: counts as equal, per dtype, where two computations differ in shapes (a padded batch against its
 #: rows, the reduced model against its ideal). ``full`` and ``restored`` are bit-identical on a CPU.
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+#: In half precision a padded batch and its rows differ by the dtype's rounding even without a reducer
+#: (the unpatched Gemma 3 tiny model: 0.032 in bfloat16), and a reduced run rounds differently again:
+#: shorter shapes, SparseVLM's recycled tokens averaged (on the tiny models, with the same tokens
+#: chosen in the batch and alone: up to 6.4x the unpatched difference, bfloat16 and float16). The
+#: padded check allows this many times the unpatched model's own difference where that exceeds the
+#: tolerance; a row reading its neighbour's tokens moves logits by their own size, far above both.
+PADDING_NOISE = 8.0
 
 __all__ = ["CHECKS", "TOLERANCE", "LayerLengths", "Report", "Result", "check_checkpoint", "check_model", "hook_ids"]
 
@@ -202,27 +209,93 @@ def check_restored(ctx: Context) -> Result:
                   {"max_difference": difference, "tensors_checked": len(weights)})
 
 
-def check_padded(ctx: Context) -> Result:
-    """A left-padded batch under the method equals each row alone."""
-    reducer = ctx.reducer()
+def _selections(reducer) -> dict[int, list[set]]:
+    """Per batch row, the token sets the last prefill chose: each item's vision-side picks (per
+    unit) and the tokens that survive each pruning boundary that dropped some of them (a batch
+    stops every row at a boundary any of its items has)."""
+    chosen: dict[int, list[set]] = {}
+    for item in reducer.stats.items:
+        sets = chosen.setdefault(item.row, [])
+        if item.vision_kept is not None:
+            sets += [set(unit.tolist()) - {-1} for unit in item.vision_kept]
+        entering = item.tokens_per_layer[0] if item.tokens_per_layer else None
+        for _, ids in item.stage_ids:  # a boundary that dropped nothing of this item chose nothing
+            if len(ids) != entering:
+                sets.append(set(ids.tolist()))
+            entering = len(ids)
+    return chosen
+
+
+def _swapped(batch: list[set], alone: list[set]) -> tuple[int, int]:
+    """How many chosen tokens differ between a row's selections in the batch and alone, of how many
+    (every one, where the two made different numbers of selections)."""
+    chosen = sum(len(b) for b in alone)
+    if len(batch) != len(alone):
+        return max(chosen, 1), chosen
+    return sum(len(a - b) for a, b in zip(batch, alone)), chosen
+
+
+def _padding_difference(ctx: Context, reducer=None):
+    """The largest difference between the batch's logits at every valid position and each row's
+    alone, over the rows whose selections agree; and, per row, the selections' differences."""
     logits = ctx.logits(ctx.batch, reducer)
-    tokens = ctx.generate(ctx.batch, reducer)[:, ctx.batch["input_ids"].shape[1]:]
-    worst, problems = 0.0, []
+    in_batch = _selections(reducer) if reducer is not None else {}
+    worst, problems, swaps = 0.0, [], {}
     for b, alone in enumerate(ctx.rows):
         valid = ctx.batch["attention_mask"][b].bool() if "attention_mask" in ctx.batch else slice(None)
         own = ctx.logits(alone, reducer)[0]
         if logits[b, valid].shape != own.shape:
             problems.append(f"row {b}: {tuple(logits[b, valid].shape)} valid logits against {tuple(own.shape)} alone")
             continue
+        if reducer is not None:
+            swaps[b] = _swapped(in_batch.get(b, []), _selections(reducer).get(0, []))
+            if swaps[b][0]:
+                continue  # other tokens kept: the logits are not comparable
         worst = max(worst, _difference(logits[b, valid], own))
-        single = ctx.generate(alone, reducer)[0, alone["input_ids"].shape[1]:]
-        if tokens[b, : len(single)].tolist() != single.tolist():
-            problems.append(f"row {b}: greedy tokens {tokens[b, :len(single)].tolist()} in the batch, {single.tolist()} alone")
-    if worst > ctx.tolerance:
-        problems.insert(0, f"max logit difference {worst:.3g} (allowed {ctx.tolerance:.3g})")
-    return Result("padded", "padded batch equals rows alone", FAIL if problems else PASS,
-                  "; ".join(problems) or f"max difference {worst:.3g}, same tokens",
-                  {"max_difference": worst, "tolerance": ctx.tolerance, "rows": len(ctx.rows)})
+    return worst, problems, swaps
+
+
+def check_padded(ctx: Context) -> Result:
+    """A left-padded batch under the method equals each row alone: the same tokens chosen, the logits
+    within the dtype's tolerance (or ``PADDING_NOISE`` times what the unpatched model's own batch
+    differs from its rows, if more), and the same greedy tokens (in half precision, parting on a
+    near-tie of the next token's logits is said, not failed). Chosen tokens must agree: in half
+    precision a batch can round a near-tie of the scores apart from the row alone, which the report
+    names; only float32 tells that from a fault, so the message says so."""
+    reducer = ctx.reducer()
+    worst, problems, swaps = _padding_difference(ctx, reducer)
+    noise = _padding_difference(ctx)[0]
+    allowed = max(ctx.tolerance, PADDING_NOISE * noise)
+    half = ctx.dtype in (torch.float16, torch.bfloat16)
+    notes = []
+    for b, (different, chosen) in sorted(swaps.items()):
+        if different:
+            hint = (f" (in {str(ctx.dtype).removeprefix('torch.')} a near-tie of the scores can round apart: "
+                    "float32 tells it from a fault)") if half else ""
+            problems.append(f"row {b}: {different} of {chosen} chosen tokens differ in the batch{hint}")
+    batch = ctx.generate(ctx.batch, reducer, output_logits=True, return_dict_in_generate=True)
+    tokens = batch.sequences[:, ctx.batch["input_ids"].shape[1]:]
+    for b, alone in enumerate(ctx.rows):
+        if swaps.get(b, (0, 0))[0]:
+            continue
+        own = ctx.generate(alone, reducer, output_logits=True, return_dict_in_generate=True)
+        single = own.sequences[0, alone["input_ids"].shape[1]:]
+        split = next((t for t in range(len(single)) if tokens[b, t] != single[t]), None)
+        if split is None:
+            continue
+        mine, theirs = batch.logits[split][b].float(), own.logits[split][0].float()
+        margin = allowed * float(theirs.abs().max().clamp(min=1.0))
+        if half and theirs.max() - theirs[tokens[b, split]] <= margin and mine.max() - mine[single[split]] <= margin:
+            notes.append(f"row {b}: greedy tokens part at step {split} on a near-tie")
+            continue
+        problems.append(f"row {b}: greedy tokens {tokens[b, :len(single)].tolist()} in the batch, {single.tolist()} alone")
+    if worst > allowed:
+        problems.insert(0, f"max logit difference {worst:.3g} (allowed {allowed:.3g}; unpatched {noise:.3g})")
+    said = "; ".join(notes) if notes else "same tokens"
+    detail = "; ".join(problems) or f"max difference {worst:.3g} (unpatched {noise:.3g}), {said}"
+    return Result("padded", "padded batch equals rows alone", FAIL if problems else PASS, detail,
+                  {"max_difference": worst, "tolerance": allowed, "unpatched_difference": noise,
+                   "rows": len(ctx.rows), "swapped": {b: list(s) for b, s in swaps.items()}})
 
 
 class LayerLengths:

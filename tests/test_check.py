@@ -21,19 +21,13 @@ from typer.testing import CliRunner
 import duet_vlm
 from duet_vlm import cli
 from duet_vlm.check import check_model
-from duet_vlm.check.report import FAIL, NOT_APPLICABLE, PASS
+from duet_vlm.check.report import FAIL, PASS
 from duet_vlm.runtime import attachment, positions, record
 
-from checks import release_needed
+from checks import assert_check_passes, release_needed
 from models import BUDGETED, FAMILIES
 
 runner = CliRunner()
-#: Checks a family may leave not applicable, and why (the report says the same).
-EXPECTED_NOT_APPLICABLE = {
-    ("gemma4", "ideal"): "per-layer inputs",
-    ("qwen3_5", "mode:prompt_lookup"): "stateful",
-    ("qwen3_5-moe", "mode:prompt_lookup"): "stateful",
-}
 
 
 def _run(family_name: str = "llava", method: str = "duet", **options):
@@ -44,18 +38,6 @@ def _run(family_name: str = "llava", method: str = "duet", **options):
     return check_model(model, batch, rows, method, ratio=0.5, rounds=1, new_tokens=3, **options)
 
 
-def _assert_passes(report, family_name: str) -> None:
-    for result in report.results:
-        if result.detail == "skipped (--skip)":
-            continue
-        if result.status == NOT_APPLICABLE:
-            reason = EXPECTED_NOT_APPLICABLE.get((family_name, result.key))
-            assert reason is not None and reason in result.detail, (result.key, result.detail)
-        else:
-            assert result.status in (PASS, "info"), (result.key, result.detail)
-    assert report.ok
-
-
 @pytest.mark.parametrize("family_name", sorted(FAMILIES))
 def test_every_check_passes_on_every_family(family_name):
     needed = release_needed(FAMILIES[family_name].model())
@@ -64,7 +46,7 @@ def test_every_check_passes_on_every_family(family_name):
             _run(family_name, skip=("timing",))
         return
     report = _run(family_name, skip=("timing",))
-    _assert_passes(report, family_name)
+    assert_check_passes(report, family_name)
     ideal = report.result("ideal")
     if ideal.status == PASS:
         assert ideal.numbers["positions"] > 0 and ideal.numbers["max_difference"] <= 1e-4
@@ -76,7 +58,7 @@ def test_every_check_passes_on_every_family(family_name):
 @pytest.mark.parametrize("method", BUDGETED)  # pixelprune: tests/test_pixelprune.py
 @pytest.mark.parametrize("family_name", sorted(FAMILIES))
 def test_every_method_on_every_family(family_name, method):
-    _assert_passes(_run(family_name, method, skip=("timing",)), family_name)
+    assert_check_passes(_run(family_name, method, skip=("timing",)), family_name)
 
 
 def test_the_timing_check_reports_both_sides_and_the_ideal():

@@ -2,7 +2,10 @@
 # duet-vlm on a CUDA machine: `duet-vlm check` on the shipped demo model (three dtypes, three methods,
 # SDPA; eager and FlashAttention-2 in bfloat16) and the CUDA suite (`pytest -m cuda`: every family's
 # tiny model, tests/test_cuda.py). Writes every report and the logs to OUT (default cuda-check/) and
-# packs them into OUT/results.tar.gz. Run from the repository root with duet-vlm importable.
+# packs them into OUT/results.tar.gz. Run from the repository root with duet-vlm importable. Narrow it
+# with DTYPES, METHODS (the demo model's checks), ATTNS (its other backends) and WORKERS (pytest-xdist
+# processes), e.g. DTYPES="bfloat16 float32" METHODS="duet fastv" ATTNS=eager WORKERS=14 (the H200 run
+# in docs/check.md).
 set -u
 OUT=${1:-cuda-check}
 mkdir -p "$OUT/reports"

@@ -108,16 +108,22 @@ def ideal_prefill(model, ideal: IdealModel, decoder_seconds: list[float],
     """The ideal's prefill: ``IdealModel.embeddings`` (the tower, the projector on the kept count),
     its decoder (timed into ``decoder_seconds``: layers and final norm, what ``LanguageModelTimer``
     times of a reduced forward; with ``kind_seconds``, its layers of each kind), and the LM head on
-    the last position."""
+    the last position. The decoder writes a fresh cache where the model's own forward does (its text
+    config's ``use_cache``, as every variant's ``model(**inputs)`` runs): the layers then store their
+    keys and values (a recurrence its states) in both, as a ``generate`` prefill must."""
+    from transformers import DynamicCache
+
     kinds = _hybrid_kinds(model) if kind_seconds is not None else None
+    caches = getattr(ideal.language_model.config, "use_cache", True)
 
     def run():
         by_kind = LayerKindTimer(model, kinds) if kinds else nullcontext()
         with torch.no_grad():
             embeds = ideal.embeddings()
+            cache = DynamicCache(config=ideal.language_model.config) if caches else None
             with by_kind:
                 start = time.perf_counter()
-                hidden = ideal.decode(embeds, last=1)
+                hidden = ideal.decode(embeds, cache=cache, last=1)
                 decoder_seconds.append(time.perf_counter() - start)
             model.lm_head(hidden[:, -1:])
         if kinds:

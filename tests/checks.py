@@ -480,3 +480,20 @@ def assert_check_passes(report, family_name: str) -> None:
         elif result.status not in (PASS, "info"):
             failed.append((result.key, result.status, result.detail))
     assert not failed and report.ok, failed
+
+
+def family_on(family, dtype: torch.dtype, device: str = "cpu", attn: str | None = None):
+    """A fresh copy of ``family``'s tiny model (tests/models.py) on ``device`` in ``dtype`` (under the
+    attention backend ``attn``, if given), run once on its one-item input (transformers adds its
+    output-capturing hooks at the first forward); returns it, its padded batch and each row alone."""
+    def moved(inputs: dict) -> dict:
+        return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if isinstance(v, torch.Tensor) else v
+                for k, v in inputs.items()}
+
+    model = family.build().eval().to(device, dtype)
+    if attn is not None:
+        model.set_attn_implementation(attn)
+    with torch.no_grad():
+        model(**moved(family.one(model)))
+    batch = moved(family.batch(model))
+    return model, batch, [family.row(batch, b) for b in range(batch["input_ids"].shape[0])]

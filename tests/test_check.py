@@ -24,7 +24,7 @@ from duet_vlm.check import check_model
 from duet_vlm.check.report import FAIL, PASS
 from duet_vlm.runtime import attachment, positions, record
 
-from checks import assert_check_passes, release_needed
+from checks import assert_check_passes, family_on, release_needed
 from models import BUDGETED, FAMILIES
 
 runner = CliRunner()
@@ -172,13 +172,7 @@ def test_padded_fails_when_padding_leaks_into_a_row(monkeypatch):
 
 def _half(family_name: str, method: str, plant=None, monkeypatch=None):
     """The check in bfloat16 on a fresh copy of a family's tiny model (its modes left out)."""
-    family = FAMILIES[family_name]
-    model = family.build().eval().to(torch.bfloat16)
-    cast = lambda inputs: {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
-    with torch.no_grad():
-        model(**cast(family.one(model)))
-    batch = cast(family.batch(model))
-    rows = [family.row(batch, b) for b in range(2)]
+    model, batch, rows = family_on(FAMILIES[family_name], torch.bfloat16)
     if plant is not None:
         _plant_hook(monkeypatch, plant)
     return check_model(model, batch, rows, method, ratio=0.5, rounds=1, new_tokens=3, skip=("timing", "modes"))

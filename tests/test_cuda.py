@@ -21,7 +21,7 @@ import torch
 
 from duet_vlm.check import check_model
 
-from checks import assert_check_passes, release_needed
+from checks import assert_check_passes, family_on, release_needed
 from models import FAMILIES
 
 pytestmark = pytest.mark.cuda
@@ -39,12 +39,6 @@ def _flash_attention_installed() -> bool:
     return is_flash_attn_2_available()
 
 
-def _on_device(value, dtype):
-    if not isinstance(value, torch.Tensor):
-        return value
-    return value.to(DEVICE, dtype) if value.is_floating_point() else value.to(DEVICE)
-
-
 def _report(family_name: str, method: str, dtype: str, attn: str):
     if DEVICE.startswith("cuda") and not torch.cuda.is_available():
         pytest.skip("torch sees no CUDA device")
@@ -53,17 +47,12 @@ def _report(family_name: str, method: str, dtype: str, attn: str):
     family = FAMILIES[family_name]
     if family.known_failure:
         pytest.skip(f"known failure: {family.known_failure}")
-    model = family.build().eval()
-    if release_needed(model) is not None:
-        pytest.skip(f"{family_name} needs transformers {release_needed(model)}")
+    needed = release_needed(family.model())
+    if needed is not None:
+        pytest.skip(f"{family_name} needs transformers {needed}")
     if attn == "flash_attention_2" and dtype == "float32":
         pytest.skip("FlashAttention-2 runs in half precision only")
-    model = model.to(DEVICE, DTYPES[dtype])
-    model.set_attn_implementation(attn)
-    with torch.no_grad():  # transformers adds its output-capturing hooks at the first forward
-        model(**{k: _on_device(v, DTYPES[dtype]) for k, v in family.one(model).items()})
-    batch = {k: _on_device(v, DTYPES[dtype]) for k, v in family.batch(model).items()}
-    rows = [family.row(batch, b) for b in range(batch["input_ids"].shape[0])]
+    model, batch, rows = family_on(family, DTYPES[dtype], DEVICE, attn)
     # The padded batch and the generation modes ask for the same tokens chosen and generated in two
     # shapes; the tiny models' random weights give nearly flat scores and logits, whose near-ties
     # half precision rounds apart (the padded check names them): they run in float32 here, and in

@@ -58,10 +58,11 @@ def _nearest_within_rounding(flat: torch.Tensor, wanted: torch.Tensor, found: to
     """Where the exact lookup missed a slot, take the projected row nearest to it; ``True`` (and
     ``found`` updated in place) if every slot is then within ``TRACE_TOLERANCE`` of its row."""
     missed = (flat[found] != wanted).any(-1).nonzero()[:, 0]
+    rows = flat.float()
     for chunk in missed.split(1024):
-        found[chunk] = torch.cdist(wanted[chunk].float(), flat.float()).argmin(-1)
+        found[chunk] = torch.cdist(wanted[chunk].float(), rows).argmin(-1)
     scale = wanted[missed].float().abs().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-    difference = (flat[found[missed]].float() - wanted[missed].float()).abs() / scale
+    difference = (rows[found[missed]] - wanted[missed].float()).abs() / scale
     return bool(difference.max() <= TRACE_TOLERANCE.get(wanted.dtype, 2.0**-6))
 
 

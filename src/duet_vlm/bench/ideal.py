@@ -198,18 +198,22 @@ class IdealModel:
         """The prompt through the tower, the projector and the decoder (``decode``)."""
         return self.decode(self.embeddings(), cache)
 
+    def new_cache(self):
+        """An empty cache for the language model, as its own forward makes one (``DynamicCache``)."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.language_model.config)
+
     def generate(self, new_tokens: int, on_token: Callable[[], None] | None = None):
         """Greedy decoding of exactly ``new_tokens`` tokens; ``on_token()`` after each one. Returns the
         tokens ``(B, new_tokens)`` and the cache."""
-        from transformers import DynamicCache
-
         scheme = self.scheme
         if scheme.layer_token_argument is not None:
             raise NotImplementedError("the ideal does not decode a model whose layers take per-token inputs "
                                       "(Gemma 4's per-layer inputs of each new token)")
         head = self.model.lm_head
         with torch.no_grad():
-            cache = DynamicCache(config=self.language_model.config)
+            cache = self.new_cache()
             token = head(self.forward(cache)[:, -1]).argmax(-1)
             tokens = [token]
             if on_token:

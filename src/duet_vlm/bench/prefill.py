@@ -111,8 +111,6 @@ def ideal_prefill(model, ideal: IdealModel, decoder_seconds: list[float],
     the last position. The decoder writes a fresh cache where the model's own forward does (its text
     config's ``use_cache``, as every variant's ``model(**inputs)`` runs): the layers then store their
     keys and values (a recurrence its states) in both, as a ``generate`` prefill must."""
-    from transformers import DynamicCache
-
     kinds = _hybrid_kinds(model) if kind_seconds is not None else None
     caches = getattr(ideal.language_model.config, "use_cache", True)
 
@@ -120,7 +118,7 @@ def ideal_prefill(model, ideal: IdealModel, decoder_seconds: list[float],
         by_kind = LayerKindTimer(model, kinds) if kinds else nullcontext()
         with torch.no_grad():
             embeds = ideal.embeddings()
-            cache = DynamicCache(config=ideal.language_model.config) if caches else None
+            cache = ideal.new_cache() if caches else None
             with by_kind:
                 start = time.perf_counter()
                 hidden = ideal.decode(embeds, cache=cache, last=1)

@@ -502,14 +502,17 @@ def render_family(root: Path, *paths: str) -> str:
 def render_lm_vs_ideal(root: Path, *paths: str) -> str:
     """Several runs of ``duet-vlm bench --family F`` per family (the files in order; a family's runs
     beside each other): each reduced variant's language-model time against its ideal in each run,
-    their median, and whether that median is within 2% of the ideal; then each run's load average
-    before and after and its allocator."""
+    their median, and whether that median is within 2% of the ideal; beside them, where the runs
+    timed the decoder layers, the medians over the runs of where the time went (``layer_time_terms``:
+    the layers against the ideal's same layers, and the runtime's own work outside them as a share
+    of the ideal); then each run's load average before and after and its allocator."""
     runs: dict[str, list[dict]] = {}
     for path in paths:
         results = _load(root, path)
         runs.setdefault(results["family"], []).append(results)
     most = max(len(found) for found in runs.values())
-    head = ["geometry", "variant", *[f"run {i + 1}" for i in range(most)], "median", "within 2%?"]
+    head = ["geometry", "variant", *[f"run {i + 1}" for i in range(most)], "median", "within 2%?",
+            "layers vs ideal", "runtime's own work"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for family, found in runs.items():
         first = True
@@ -519,11 +522,14 @@ def render_lm_vs_ideal(root: Path, *paths: str) -> str:
             ratios = [results["variants"].get(name, {}).get("lm_vs_ideal") for results in found]
             if any(ratio is None for ratio in ratios):
                 error = next((r["variants"][name]["error"] for r in found if "error" in r["variants"].get(name, {})), "")
-                cells = [f"cannot run: {error}" if error else "not in every run"] + [""] * (most + 1)
+                cells = [f"cannot run: {error}" if error else "not in every run"] + [""] * (most + 3)
             else:
                 middle = statistics.median(ratios)
                 cells = [f"{ratio:.3f}" for ratio in ratios] + [""] * (most - len(ratios))
                 cells += [f"{middle:.3f}", "yes" if middle <= 1.02 else "**no**"]
+                terms = [[r["variants"][name].get(key) for r in found] for key in ("layers_vs_ideal", "runtime_work_vs_ideal")]
+                cells += ["" if None in values else form.format(statistics.median(values))
+                          for values, form in zip(terms, ("{:.3f}", "{:+.2%}"))]
             lines.append("| " + " | ".join([FAMILY_NAMES.get(family, family) if first else "", name, *cells]) + " |")
             first = False
     lines.append("")

@@ -56,6 +56,40 @@ def test_family_benchmark_times_each_variant_against_the_ideal(family):
         assert results["mask_rebuild_s"] > 0
     else:
         assert "layer_kind_s" not in row and results["mask_rebuild_s"] is None
+    for timed in (row, results["variants"]["no reduction"], *results["ideals"].values()):  # one round: the parts add up
+        assert timed["layers_s"] > 0 and timed["outside_layers_s"] >= 0
+        assert timed["layers_s"] + timed["outside_layers_s"] == pytest.approx(timed["language_model_s"], abs=1e-9)
+    assert row["layers_vs_ideal"] > 0 and "runtime_work_vs_ideal" in row
+
+
+def test_layer_time_terms_read_each_round_against_its_own_ideal():
+    from duet_vlm.bench.prefill import layer_time_terms
+
+    # Round 1: the variant's layers 0.9 s of 1.0 (0.1 outside), the ideal's 0.95 of 1.0 (0.05 outside);
+    # round 2, twice as slow all round. Per round: layers 0.9/0.95, extra work 0.05/1.0 and 0.1/2.0.
+    terms = layer_time_terms([1.0, 2.0], [{"attention": 0.9}, {"attention": 1.8}],
+                             [1.0, 2.0], [{"attention": 0.6, "linear_attention": 0.35}, {"attention": 1.9}])
+    assert terms["layers_vs_ideal"] == pytest.approx((0.9 / 0.95 + 1.8 / 1.9) / 2)
+    assert terms["runtime_work_vs_ideal"] == pytest.approx(0.05)
+
+
+def test_a_boundarys_work_is_timed_outside_the_layers(monkeypatch):
+    """The layers are timed from after a boundary's hook: a stage's scoring is the runtime's work
+    (``outside_layers_s``), not the next layer's. Planted: a scorer that takes 50 ms more."""
+    import time
+
+    from duet_vlm.bench import ModelSize, family_benchmark
+    from duet_vlm.methods.duet import TextGuidedPrune
+
+    score = TextGuidedPrune.score
+    monkeypatch.setattr(TextGuidedPrune, "score", lambda self, view: (time.sleep(0.05), score(self, view))[1])
+    size = ModelSize(vision_hidden=32, vision_layers=2, vision_heads=4, hidden=64, layers=4, heads=4, kv_heads=4,
+                     intermediate=128)
+    results = family_benchmark("llava", size, ["duet"], [0.25], rounds=1)
+    row = results["variants"]["duet ratio 0.25"]
+    ideal = results["ideals"][row["ideal"]]
+    assert row["outside_layers_s"] >= 0.05 > row["layers_s"] and row["runtime_work_vs_ideal"] > 0.5
+    assert ideal["outside_layers_s"] < 0.05
 
 
 @pytest.mark.parametrize("family", ["qwen3_5", "gemma3"])

@@ -270,7 +270,12 @@ class LayerScheme:
     # ``input_layernorm`` and ``self_attn.{q_proj,k_proj}`` (optionally ``q_norm``/``k_norm``) and
     # rotate-half RoPE.
     def rotate(self, layer: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Apply the model's own RoPE function (from its modeling module) to ``(B, H, L, d)`` states."""
+        """Apply the model's own RoPE function (from its modeling module) to ``(B, H, L, d)`` states.
+
+        The callers below hand it contiguous states: the RoPE functions slice, concatenate and
+        multiply element by element, the same values in any memory layout, and on the transposed
+        view a projection leaves, ``(B, L, H, d)`` read as ``(B, H, L, d)``, they ran 4x slower on
+        this machine's CPU (2.3 ms against 0.6 ms for 575 keys of width 1024, the copy included)."""
         return rotate_like(layer, states, cos, sin)
 
     def layer_keys(
@@ -303,7 +308,7 @@ class LayerScheme:
             k_norm = getattr(attn, "k_norm", None)
             if k_norm is not None:
                 keys = k_norm(keys)
-            keys = self.rotate(layer, keys.transpose(1, 2), cos, sin)
+            keys = self.rotate(layer, keys.transpose(1, 2).contiguous(), cos, sin)
         return keys.transpose(1, 2).reshape(batch, length, -1)
 
     def cached_layer_keys(self, layer: nn.Module, layer_index: int, cache, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -385,8 +390,8 @@ class LayerScheme:
                     keys = attn.k_proj(x).view(1, x.shape[1], -1, head_dim)
                     if k_norm is not None:
                         keys = k_norm(keys)
-                    keys = self.rotate(layer, keys.transpose(1, 2), cos[row : row + 1], sin[row : row + 1])
-                query = self.rotate(layer, query.transpose(1, 2), cos[row : row + 1, q_pos], sin[row : row + 1, q_pos])
+                    keys = self.rotate(layer, keys.transpose(1, 2).contiguous(), cos[row : row + 1], sin[row : row + 1])
+                query = self.rotate(layer, query.transpose(1, 2).contiguous(), cos[row : row + 1, q_pos], sin[row : row + 1, q_pos])
                 if groups > 1:
                     keys = keys.repeat_interleave(groups, dim=1)
                 logits = (query.float() @ keys.float().transpose(-1, -2)) * attn.scaling  # (1, H, q, L)

@@ -86,11 +86,14 @@ def timed_prefill(model, inputs, context_factory, decoder_seconds: list[float],
                   kind_seconds: list[dict] | None = None) -> Callable[[], None]:
     """One prefill forward (logits of the last token only, as generate does) inside
     ``context_factory()``; appends the seconds it spent in the language model to ``decoder_seconds``
-    (and, with ``kind_seconds``, in its layers of each kind: ``LayerKindTimer``).
+    (and, with ``kind_seconds``, in its layers of each kind: ``LayerKindTimer``). The language model
+    is timed from after the reducer's entry hook (the vision side's step, which ``forward_s``
+    counts) to after its exit hook, the layers from after a boundary's hook: what lies between
+    the two timers is the runtime's own work inside the language model (``outside_layers_s``).
 
     Under ``torch.no_grad()``, as ``generate`` runs, not ``inference_mode``: PIO's score is a
     backward pass through one block, which inference mode refuses. Every variant runs alike."""
-    kinds = _hybrid_kinds(model) if kind_seconds is not None else None
+    kinds = layer_kinds(model) if kind_seconds is not None else None
 
     def run():
         by_kind = LayerKindTimer(model, kinds) if kinds else nullcontext()
@@ -111,7 +114,7 @@ def ideal_prefill(model, ideal: IdealModel, decoder_seconds: list[float],
     the last position. The decoder writes a fresh cache where the model's own forward does (its text
     config's ``use_cache``, as every variant's ``model(**inputs)`` runs): the layers then store their
     keys and values (a recurrence its states) in both, as a ``generate`` prefill must."""
-    kinds = _hybrid_kinds(model) if kind_seconds is not None else None
+    kinds = layer_kinds(model) if kind_seconds is not None else None
     caches = getattr(ideal.language_model.config, "use_cache", True)
 
     def run():
@@ -152,12 +155,31 @@ def kind_costs(dims: DecoderDims, counts: list[int], full: list[int], text: int)
     return ratios
 
 
-def _hybrid_kinds(model) -> tuple[str, ...] | None:
-    """Each decoder layer's kind when the decoder mixes kinds (Qwen3.5), else ``None``."""
+def layer_kinds(model) -> tuple[str, ...]:
+    """Each decoder layer's kind (``LayerScheme.kinds``: attention, and Qwen3.5's linear attention)."""
     from ..adapters import adapter_for
 
-    kinds = adapter_for(model).scheme.kinds
-    return kinds if len(set(kinds)) > 1 else None
+    return adapter_for(model).scheme.kinds
+
+
+def outside_layers(lm_seconds: list[float], kind_seconds: list[dict]) -> list[float]:
+    """Per round, the seconds the language model spent outside its decoder layers: a reduced
+    forward's boundaries (scoring, gathers, masks), its exit; the ideal's masks and final norm."""
+    return [total - sum(kinds.values()) for total, kinds in zip(lm_seconds, kind_seconds)]
+
+
+def layer_time_terms(seconds: list[float], kinds: list[dict], ideal_seconds: list[float], ideal_kinds: list[dict]) -> dict:
+    """Where a variant's language-model time differs from its ideal's, from the same rounds:
+    ``layers_vs_ideal``, the median per-round ratio of the seconds in the decoder layers (the same
+    layers on the same token counts), and ``runtime_work_vs_ideal``, the median per-round seconds
+    the variant spent outside its layers beyond what the ideal spent outside its own, as a fraction
+    of the ideal's language-model time. Both are read within a round, so they drift less than the
+    whole ratio (``lm_vs_ideal``) between runs."""
+    layers = [sum(k.values()) for k in kinds]
+    ideal_layers = [sum(k.values()) for k in ideal_kinds]
+    extra = [mine - theirs for mine, theirs in zip(outside_layers(seconds, kinds), outside_layers(ideal_seconds, ideal_kinds))]
+    return {"layers_vs_ideal": statistics.median(a / b for a, b in zip(layers, ideal_layers)),
+            "runtime_work_vs_ideal": statistics.median(e / t for e, t in zip(extra, ideal_seconds))}
 
 
 def _kind_medians(rounds: list[dict]) -> dict[str, float]:
@@ -240,7 +262,8 @@ def measure(model, inputs, reducers: dict, rounds: int, progress=None) -> dict:
     dims, per_row = Widths.of(model), projector_flops_per_row(projector_of(model))
     variants: dict[str, Callable[[], None]] = {}
     seconds: dict[str, list[float]] = {}
-    by_kind: dict[str, list[dict]] = {}  # per variant, per round, seconds in each kind of layer (a hybrid decoder)
+    by_kind: dict[str, list[dict]] = {}  # per variant, per round, seconds in each kind of layer
+    hybrid = len(set(layer_kinds(model))) > 1
     facts: dict[str, dict] = {}
 
     def warm(name: str, run: Callable[[], None]) -> int:
@@ -326,7 +349,10 @@ def measure(model, inputs, reducers: dict, rounds: int, progress=None) -> dict:
             "projector_rows": fact["projector_rows"],
             "forward_rounds_s": times[name],
         }
-        if by_kind[name]:  # a hybrid decoder: each kind of layer's part, and against no reduction
+        if by_kind[name]:
+            row["layers_s"] = statistics.median(sum(k.values()) for k in by_kind[name])
+            row["outside_layers_s"] = statistics.median(outside_layers(seconds[name], by_kind[name]))
+        if hybrid and by_kind[name]:  # each kind of layer's part, and against no reduction
             row["layer_kind_s"] = _kind_medians(by_kind[name])
             row["layer_kind_vs_full"] = _kind_ratios(by_kind[name], by_kind[FULL])
             row.update(kind_costs(DecoderDims.from_config(config.text_config), counts, facts[FULL]["counts"],
@@ -337,7 +363,9 @@ def measure(model, inputs, reducers: dict, rounds: int, progress=None) -> dict:
             row["ideal_forward_s"] = statistics.median(times[ideal])
             row["ideal_language_model_s"] = statistics.median(seconds[ideal])
             row["lm_vs_ideal"] = statistics.median(t / i for t, i in zip(seconds[name], seconds[ideal]))
-            if by_kind[name]:
+            if by_kind[name] and by_kind[ideal]:
+                row.update(layer_time_terms(seconds[name], by_kind[name], seconds[ideal], by_kind[ideal]))
+            if hybrid and by_kind[name]:
                 row["layer_kind_vs_ideal"] = _kind_ratios(by_kind[name], by_kind[ideal])
             row.update(selection_costs(times[name], times[ideal], full))
             extra = fact["projector_rows"] - ideal_rows[ideal]["projector_rows"]
@@ -349,6 +377,9 @@ def measure(model, inputs, reducers: dict, rounds: int, progress=None) -> dict:
                    forward_vs_unreduced=statistics.median(t / b for t, b in zip(times[name], full)),
                    forward_rounds_s=times[name])
         if by_kind[name]:
+            row["layers_s"] = statistics.median(sum(k.values()) for k in by_kind[name])
+            row["outside_layers_s"] = statistics.median(outside_layers(seconds[name], by_kind[name]))
+        if hybrid and by_kind[name]:
             row["layer_kind_s"] = _kind_medians(by_kind[name])
     return {"variants": results, "ideals": ideal_rows, "load_average_before_after": [load_before, load_after],
             "cpus": os.cpu_count()}

@@ -49,7 +49,8 @@ def test_every_method_module_is_in_the_independence_contract():
 def test_vision_scores_have_one_implementation():
     """The vLLM plugin and the adapters score vision tokens with ``duet_vlm.scoring``: they import it,
     and no softmax over attention logits is written anywhere else outside the methods (the one left
-    in adapters/scheme.py is the language side's text-to-visual attention)."""
+    in adapters/scheme.py is the language side's text-to-visual attention, ``visual_attention``,
+    which the Hugging Face path and the vLLM plugin's language stages both call)."""
     import ast
 
     import grimp
@@ -69,7 +70,8 @@ def test_vision_scores_have_one_implementation():
                 for node in ast.walk(function):
                     if isinstance(node, ast.Attribute) and node.attr == "softmax":
                         found.append(f"{path.relative_to(src)}:{function.name}")
-    assert sorted(set(found)) == ["adapters/scheme.py:text_to_visual_attention"], found
+    assert sorted(set(found)) == ["adapters/scheme.py:visual_attention"], found
+    assert graph.direct_import_exists(importer="duet_vlm.integrations.vllm.language", imported="duet_vlm.adapters.scheme")
 
 
 def test_the_prefill_state_stays_small():

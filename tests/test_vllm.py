@@ -124,9 +124,10 @@ def engine(folder, options: dict | None, dtype: str = "float32", **settings):
     llm = None
     try:
         llm = LLM(
-            model=str(folder), dtype=dtype, enforce_eager=True, max_model_len=2048, seed=0,
+            model=str(folder), dtype=dtype, enforce_eager=True, seed=0,
             mm_processor_kwargs=options, max_num_seqs=4, kv_cache_memory_bytes=1 << 28,
-            **{"enable_prefix_caching": False, "limit_mm_per_prompt": {"image": 1, "video": 0}, **settings},
+            **{"max_model_len": 2048, "enable_prefix_caching": False, "limit_mm_per_prompt": {"image": 1, "video": 0},
+               **settings},
         )
         # a proxy: the caller never holds the engine, so it is gone (and its process groups with it)
         # before the next engine of this process starts
@@ -528,6 +529,154 @@ def test_methods_pruning_inside_the_language_model_are_refused(saved_llava, meth
     folder, _, _ = saved_llava
     chain = refused_at_start(folder, {"duet_method": method, "duet_budget": 64})
     assert any(isinstance(e, RefusedMethod) or "inside the language model" in str(e) for e in chain), chain
+
+
+# --------------------------------------------------------------- dropping inside the language model (Stage B)
+#: what a server that drops inside the language model runs with (``language.check_engine``): duet-vlm's
+#: worker, every prompt in one step.
+LANGUAGE = {"worker_cls": "duet_vlm.integrations.vllm.language.DuetCPUWorker", "enable_chunked_prefill": False,
+            "max_num_batched_tokens": 2048}
+
+
+@pytest.fixture(scope="module")
+def saved_llava_deep(tmp_path_factory):
+    """A tiny LLaVA-1.5 of 8 decoder layers: FastV's boundary (after layer 2) has layers after it."""
+    folder = write_llava(tmp_path_factory.mktemp("tiny-llava-8"), TinySize(layers=8))
+    return folder, load_hf(folder), AutoProcessor.from_pretrained(folder)
+
+
+def hf_language_run(model, processor, picture, reducer):
+    """The Hugging Face path's greedy tokens and log-probabilities, and each boundary's kept ids."""
+    tokens, logprobs, _ = hf_generate(model, hf_inputs(processor, picture), reducer)
+    return (tokens, logprobs, None), [(layer, ids[0, 0].cpu()) for layer, ids in reducer.stats.stage_kept]
+
+
+def language_run(llm, processor, pictures, requests=None):
+    """``vllm_run``'s results, and per picture the ``(layer, kept ids)`` of each boundary (``language.TRACE``)."""
+    from duet_vlm.integrations.vllm import language
+
+    language.TRACE = []
+    try:
+        results, _ = vllm_run(llm, processor, pictures, requests)
+        trace = list(language.TRACE)
+    finally:
+        language.TRACE = None
+    by_request: dict[str, list] = {}
+    for req_id, layer, _, ids in trace:
+        by_request.setdefault(req_id, []).append((layer, ids))
+    order = sorted(by_request, key=lambda r: int(r.split("-")[0]))  # offline request ids count from 0
+    return results, [by_request[r] for r in order]
+
+
+def assert_same_drops(hf_kept, vllm_kept):
+    assert [layer for layer, _ in vllm_kept] == [layer for layer, _ in hf_kept]
+    for (_, theirs), (_, mine) in zip(hf_kept, vllm_kept):
+        assert torch.equal(mine, theirs), (mine, theirs)
+
+
+@pytest.mark.parametrize("budget", [160, 300])
+def test_fastv_served_equals_the_hugging_face_path(saved_llava_deep, budget):
+    """FastV dropping after layer 2 of 8, served: the same kept tokens, greedy tokens and
+    log-probabilities as transformers + duet_vlm; the prompt keeps every placeholder (FastV drops
+    inside the language model, not before it)."""
+    folder, model, processor = saved_llava_deep
+    pictures = [image(1), image(2)]
+    reducer = duet_vlm.make("fastv", budget=budget)
+    references = [hf_language_run(model, processor, picture, reducer) for picture in pictures]
+    with engine(folder, {"duet_method": "fastv", "duet_budget": budget}, **LANGUAGE) as llm:
+        results, kept = language_run(llm, processor, pictures)
+    assert len(kept) == 2
+    for picture, (reference, hf_kept), result, vllm_kept in zip(pictures, references, results, kept):
+        assert result[2] == served_length(processor, picture, 576)
+        assert_same_drops(hf_kept, vllm_kept)
+        assert_same(reference, result, None)
+
+
+def test_requests_with_different_drops_in_one_batch_equal_each_alone(saved_llava_deep):
+    """Three requests at different budgets, and one that drops nothing (a budget above its tokens),
+    with a step budget that fits two prompts: later prompts are prefilled (and drop) in steps that
+    also decode the earlier ones. Each equals its own Hugging Face run."""
+    folder, model, processor = saved_llava_deep
+    pictures = [image(5), image(6), image(7), image(8)]
+    budgets = [160, 250, 400, 1000]  # FastV keeps 21, 141 and 341 of 576 after layer 2 of 8
+    references = []
+    for picture, budget in zip(pictures, budgets):
+        reducer = duet_vlm.make("fastv", budget=budget) if budget < 576 else None
+        references.append(hf_language_run(model, processor, picture, reducer) if reducer else
+                          (hf_run(model, processor, picture, None), []))
+    length = served_length(processor, pictures[0], 576)
+    settings = {**LANGUAGE, "max_num_batched_tokens": 2 * length + 8, "max_model_len": 2 * length + 8}
+    with engine(folder, {"duet_method": "fastv", "duet_budget": 200}, **settings) as llm:
+        results, kept = language_run(llm, processor, pictures, [{"duet_budget": b} for b in budgets])
+    assert len(kept) == 3  # the fourth drops nothing
+    for (reference, hf_kept), result, vllm_kept in zip(references[:3], results[:3], kept):
+        assert_same_drops(hf_kept, vllm_kept)
+        assert_same(reference, result, None)
+    assert_same(references[3][0], results[3], None)
+
+
+def test_a_preempted_request_drops_the_same_tokens_again_and_answers_the_same(saved_llava_deep):
+    """Two prompts of 606 tokens in a pool of 39 blocks of 32: both prefill (19 blocks each), and the
+    decoding step that needs a 20th block (the 609th token) preempts one, which vLLM computes again
+    from scratch, its generated tokens with it. That request drops again at its last prompt token's
+    scores (the trace holds its drop twice, the same tokens) and both answer as they do alone."""
+    from duet_vlm.integrations.vllm import language
+
+    folder, model, processor = saved_llava_deep
+    reducer = duet_vlm.make("fastv", budget=200)
+    inputs = []
+    for picture in (image(9), image(10)):
+        one = hf_inputs(processor, picture)
+        ids = one["input_ids"][0]
+        extra = 606 - ids.shape[0]  # more text before the assistant's turn ends (the prompt's last token)
+        ids = torch.cat([ids[:-1], ids[-2:-1].repeat(extra), ids[-1:]])
+        inputs.append({**one, "input_ids": ids[None], "attention_mask": torch.ones_like(ids)[None]})
+    references = []
+    for one in inputs:
+        tokens, logprobs, _ = hf_generate(model, one, reducer)
+        references.append(((tokens, logprobs, None), [(layer, kept[0, 0].cpu()) for layer, kept in reducer.stats.stage_kept]))
+    prompts = [{"prompt_token_ids": vllm_prompt(one), "multi_modal_data": {"image": picture}}
+               for one, picture in zip(inputs, (image(9), image(10)))]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=1)
+    with engine(folder, {"duet_method": "fastv", "duet_budget": 200}, block_size=32, num_gpu_blocks_override=39,
+                **{**LANGUAGE, "max_model_len": 1024}) as llm:
+        language.TRACE = []
+        try:
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            trace = list(language.TRACE)
+        finally:
+            language.TRACE = None
+    drops = {}
+    for req_id, layer, _, ids in trace:
+        drops.setdefault(int(req_id.split("-")[0]), []).append((layer, ids))
+    assert sorted(len(found) for found in drops.values()) == [1, 2]  # one request dropped twice: it was preempted
+    for index, output in enumerate(outputs):
+        (reference, hf_kept) = references[index]
+        for drop in drops[index]:
+            assert_same_drops(hf_kept, [drop])
+        completion = output.outputs[0]
+        tokens = list(completion.token_ids)
+        logprobs = [step[token].logprob for step, token in zip(completion.logprobs, tokens)]
+        assert_same(reference, (tokens, logprobs, len(output.prompt_token_ids)), None)
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({}, "--worker-cls duet_vlm.integrations.vllm.language.DuetCPUWorker"),
+    ({**LANGUAGE, "enable_prefix_caching": True}, "prefix caching is on"),
+    ({**LANGUAGE, "enable_chunked_prefill": True}, "chunked prefill is on"),
+])
+def test_a_server_that_cannot_drop_exactly_is_refused_at_start(saved_llava_deep, settings, message):
+    folder, _, _ = saved_llava_deep
+    chain = [str(e) for e in refused_at_start(folder, {"duet_method": "fastv", "duet_budget": 200}, **settings)]
+    assert any(message in e for e in chain), chain
+
+
+@pytest.mark.parametrize("method,options", [("duet", {}), ("pyramiddrop", {}), ("dart", {})])
+def test_stages_not_served_yet_are_refused_at_start_by_name(saved_llava_deep, method, options):
+    folder, _, _ = saved_llava_deep
+    server = {"duet_method": method, "duet_budget": 200, **({"duet_options": json.dumps(options)} if options else {})}
+    chain = [str(e) for e in refused_at_start(folder, server, **LANGUAGE)]
+    assert any("is not served under vLLM yet" in e for e in chain), chain
 
 
 def check_equals_hf(saved, method: str, budget: int, pictures) -> None:

@@ -149,10 +149,37 @@ def test_the_serve_command_passes_vllm_its_own_flag():
     assert argv[:4] == ["--model", "llava-hf/llava-1.5-7b-hf", "--port", "9"]
     assert json.loads(argv[-1]) == {"duet_method": "duet", "duet_budget": 64, "duet_options": '{"layers": []}'}
     with pytest.raises(RefusedMethod):
-        serve_argv(["m", "--method", "fastv", "--budget", "64"])
+        serve_argv(["m", "--method", "pixelprune", "--budget", "64"])
+    # a method that drops inside the language model: the engine settings it needs, where not given
+    argv = serve_argv(["m", "--method", "fastv", "--budget", "64", "--enforce-eager"])
+    assert argv[:2] == ["--model", "m"] and argv.count("--enforce-eager") == 1
+    assert argv[argv.index("--worker-cls") + 1] == "duet_vlm.integrations.vllm.language.DuetCPUWorker"
+    assert "--no-enable-chunked-prefill" in argv and "--no-enable-prefix-caching" in argv
+    assert "--worker-cls" not in serve_argv(["m", "--method", "pool", "--budget", "64"])
+
+
+def test_a_server_that_serves_language_stages_takes_fastv_and_names_what_it_cannot_serve():
+    from duet_vlm.integrations.vllm.language import StageNotServed, check_stage, request_plan
+    from duet_vlm.integrations.vllm.options import language_plan_for
+
+    with pytest.raises(RefusedMethod, match="inside the language model"):
+        Settings.read({"duet_method": "fastv", "duet_budget": 64})
+    settings = Settings.read({"duet_method": "fastv", "duet_budget": 64}, language=True)
+    assert settings.tokens(LLAVA) == 576  # every placeholder: FastV drops inside the language model
+    plan = language_plan_for(settings, 64, LLAVA)
+    assert plan.schedule.boundaries == ((2, 30),)
+    # two images at 5 and 600 of a 1,200-token prompt: what each layer holds
+    request = request_plan([(5, 576, plan), (600, 576, plan), (1190, 4, None)], prompt=1200)
+    assert request.spans == ((5, 576), (600, 576)) and request.boundaries() == [2] and request.first == 5
+    assert [request.dropped_before(layer) for layer in (0, 1, 2, 31)] == [0, 0, 2 * 546, 2 * 546]
+    for method in ("duet", "pyramiddrop", "dart", "sparsevlm"):
+        other = Settings.read({"duet_method": method, "duet_budget": 64}, language=True)
+        with pytest.raises(StageNotServed, match="is not served under vLLM yet"):
+            check_stage(language_plan_for(other, 64, LLAVA))
+    assert request_plan([(5, 576, None)], prompt=600) is None
 
 
 def test_doctests():
-    from duet_vlm.integrations.vllm import options, serve
+    from duet_vlm.integrations.vllm import language, options, serve
 
-    assert doctest.testmod(options).failed == 0 and doctest.testmod(serve).failed == 0
+    assert all(doctest.testmod(module).failed == 0 for module in (language, options, serve))

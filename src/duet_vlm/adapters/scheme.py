@@ -392,20 +392,41 @@ class LayerScheme:
                         keys = k_norm(keys)
                     keys = self.rotate(layer, keys.transpose(1, 2).contiguous(), cos[row : row + 1], sin[row : row + 1])
                 query = self.rotate(layer, query.transpose(1, 2).contiguous(), cos[row : row + 1, q_pos], sin[row : row + 1, q_pos])
-                if groups > 1:
-                    keys = keys.repeat_interleave(groups, dim=1)
-                logits = (query.float() @ keys.float().transpose(-1, -2)) * attn.scaling  # (1, H, q, L)
-                if cap is not None:  # Gemma-2-style logit soft-capping, as the layer applies it
-                    logits = torch.tanh(logits / cap) * cap
-                key_pos = torch.arange(x.shape[1], device=x.device)
-                allowed = (key_pos[None, :] <= q_pos[:, None]) & key_valid[row][None, :]
-                if window is not None:  # a sliding layer sees the last ``window`` tokens of the sequence
-                    allowed &= key_pos[None, :] > q_pos[:, None] - window
-                logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
-                probs = logits.softmax(dim=-1).mean(dim=1)[0]  # (q, L)
-                per_token = probs[:, visual_index[row].reshape(-1)].mean(dim=0)
-                scores.append(per_token.view(visual_index.shape[1:]))
+                scores.append(visual_attention(query, keys, q_pos, key_valid[row], visual_index[row], attn.scaling, groups,
+                                               window, cap))
         return torch.stack(scores)
+
+
+def visual_attention(query: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor, key_valid: torch.Tensor,
+                     visual_index: torch.Tensor, scaling: float, groups: int = 1, window: int | None = None,
+                     cap: float | None = None) -> torch.Tensor:
+    """``(n_items, n)`` attention from one row's query tokens to its visual tokens: the arithmetic of
+    ``LayerScheme.text_to_visual_attention``, shared with the engines that hand over the queries and
+    keys their layer computed (vLLM's language stages).
+
+    A full-row softmax in float32 of ``query`` ``(1, H, q, d)`` over ``keys`` ``(1, H_kv, L, d)``
+    (both rotated; ``groups`` query heads per key head) at the causally visible, ``key_valid`` keys
+    (within the last ``window`` tokens where the layer slides; logits soft-capped at ``cap`` where
+    it caps them), the mean over heads and over the queries, read at ``visual_index``
+    ``(n_items, n)``.
+
+    >>> q, k = torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 4, 4)  # uniform over the 4 keys
+    >>> visual_attention(q, k, torch.tensor([3]), torch.ones(4, dtype=torch.bool), torch.tensor([[1, 2]]), 0.5).tolist()
+    [[0.25, 0.25]]
+    """
+    if groups > 1:
+        keys = keys.repeat_interleave(groups, dim=1)
+    logits = (query.float() @ keys.float().transpose(-1, -2)) * scaling  # (1, H, q, L)
+    if cap is not None:  # Gemma-2-style logit soft-capping, as the layer applies it
+        logits = torch.tanh(logits / cap) * cap
+    key_pos = torch.arange(keys.shape[2], device=keys.device)
+    allowed = (key_pos[None, :] <= q_pos[:, None]) & key_valid[None, :]
+    if window is not None:  # a sliding layer sees the last ``window`` tokens of the sequence
+        allowed &= key_pos[None, :] > q_pos[:, None] - window
+    logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+    probs = logits.softmax(dim=-1).mean(dim=1)[0]  # (q, L)
+    per_token = probs[:, visual_index.reshape(-1)].mean(dim=0)
+    return per_token.view(visual_index.shape)
 
 
 class CausalLayers(LayerScheme):

@@ -34,7 +34,7 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
 from ...geometry import Geometry
 from ...plan import Plan
-from .options import RefusedMethod, Settings, plan_for, strip, tokens_for
+from .options import RefusedMethod, Settings, language_plan_for, plan_for, strip, tokens_for
 from .select import Taps, encoder_index, layer_scores, reduce_unit, tap
 
 
@@ -107,7 +107,9 @@ class DuetProcessorMixin:
         if getattr(self, "_duet_profiling", False):
             return Settings()
         request = {k: v for k, v in (request or {}).items() if k != "duet_text"}
-        return Settings.read(server_options(self.info.ctx.model_config), request)
+        # the processor sizes placeholders only (a plan's vision side); whether a method that drops
+        # inside the language model is served is the model's to say, at start
+        return Settings.read(server_options(self.info.ctx.model_config), request, language=True)
 
     def item_geometry(self, modality: str, sizes) -> Geometry:
         """The geometry of an item of ``modality`` from its row of ``geometry_fields[modality]``."""
@@ -358,8 +360,18 @@ class DuetTowerMixin(DuetModelMixin):
     #: among the tower's features (LLaVA's), its output projected by the model's projector.
     chooses_projected = False
 
+    #: whether the family serves methods that drop inside the language model (``language``), given
+    #: duet-vlm's worker; a family says where its items' geometry and its decoder layers are
+    #: (``language_geometry``, ``text_model``).
+    serves_language = False
+
     def setup_duet(self, vllm_config) -> None:
-        self.duet = Settings.read(server_options(vllm_config.model_config))
+        from .language import WORKER
+
+        served = self.serves_language and getattr(vllm_config.parallel_config, "worker_cls", None) == WORKER
+        self.duet = Settings.read(server_options(vllm_config.model_config), language=served)
+        if self.duet.active and served:
+            self.setup_language(vllm_config)
         if self.duet.active:
             kind = self.config.vision_config.model_type
             if kind not in self.tower_types:
@@ -367,6 +379,54 @@ class DuetTowerMixin(DuetModelMixin):
             if not isinstance(getattr(self.config, "vision_feature_layer", -1), int):
                 raise RefusedMethod("duet-vlm supports a single vision feature layer (vision_feature_layer an int)")
             self.duet.reducer()
+
+    def setup_language(self, vllm_config) -> None:
+        """With duet-vlm's worker: where a method the server runs (its own, or one a request may
+        choose) drops inside the language model, the engine's settings and the method's stage are
+        checked, and the hooks that drop are installed on the decoder layers (``LanguageStages``)."""
+        from .language import LanguageStages, check_engine, check_stage
+
+        geometry = self.language_geometry()
+        drops = False
+        for index in range(len(self.duet.methods)):
+            settings = self.duet.choose(index)
+            plan = language_plan_for(settings, settings.item_budget(geometry) or geometry.visual_tokens // 2, geometry)
+            if plan is not None:
+                check_stage(plan)
+                drops = True
+        if drops:
+            check_engine(vllm_config)
+            self._duet_language = LanguageStages(self, self.text_model())
+
+    def language_geometry(self) -> Geometry:
+        """An item's geometry, for the plans of methods that drop inside the language model (the family's)."""
+        raise NotImplementedError
+
+    def text_model(self):
+        """vLLM's decoder (the module holding ``layers``) of the language model."""
+        return self.language_model.model
+
+    def duet_num_layers(self) -> int:
+        return len(self.text_model().layers)
+
+    def duet_attention_layer_names(self) -> list[str]:
+        """Each decoder layer's attention, as vLLM's per-layer metadata names it."""
+        return [layer.self_attn.attn.layer_name for layer in self.text_model().layers]
+
+    def duet_language_plans(self, features) -> list[tuple[int, int, Plan | None]]:
+        """Each item's ``(offset, length, plan)`` where its method drops inside the language model
+        (``features``: ``(offset, length, vLLM's MultiModalFeatureSpec)``), for the runner."""
+        if not self.duet.active or not self.duet.language:
+            return []
+        plans = []
+        for offset, length, feature in features:
+            if feature.modality != "image" or feature.data is None or "duet_budget" not in feature.data:
+                continue
+            budget = int(torch.as_tensor(feature.data["duet_budget"].data).reshape(-1)[0])
+            method = feature.data.get("duet_method")
+            settings = self.duet if method is None else self.duet.choose(int(torch.as_tensor(method.data).reshape(-1)[0]))
+            plans.append((offset, length, language_plan_for(settings, budget, self.language_geometry())))
+        return plans
 
     def _process_image_input(self, image_input):
         """vLLM's embedding of a batch of images, reduced where a method reduces it (InternVL embeds

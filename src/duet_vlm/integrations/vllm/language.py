@@ -1,0 +1,510 @@
+"""Language-side stages (a method's drops inside the language model) served by vLLM's V1 runner.
+
+What enters vLLM, and where (``docs/guides/vllm-stage-b.md`` holds the reading of vLLM 0.32's
+sources this rests on; nothing of vLLM is patched):
+
+- **The runner** (``DuetCPUModelRunner``, installed by the worker class ``DuetCPUWorker``:
+  ``--worker-cls duet_vlm.integrations.vllm.language.DuetCPUWorker``). Before each forward it knows,
+  from the plan of each request's items (the method at the item's budget: ``Plan.schedule``), how
+  many tokens each request holds in each layer: a request whose prompt ends in this step drops, at
+  each boundary, its items' tokens down to the plan's count; a request past its prompt has dropped
+  them already. Layers where some request holds fewer tokens get their own attention metadata
+  (query starts, sequence lengths) and their own KV slots: the kept tokens of a request occupy the
+  first slots of its own blocks, one after another, so a later decoding step reads exactly the kept
+  tokens' keys and values. The counts do not depend on which tokens are kept, so all of this is
+  built before the forward; vLLM's per-layer dictionaries of metadata and slots carry it to the
+  layers (``get_attention_context``).
+- **The model** (``LanguageStages``, hooks the plugin's model class installs on its decoder
+  layers): at a boundary the method's own ``LanguageStage.select`` (the code of the Hugging Face
+  path) chooses each dropping request's tokens from a ``LayerView`` of the step's rows, the rows
+  are gathered (hidden states, residual stream, positions: kept tokens keep their positions), the
+  later layers run on the kept rows, and the language model's output is scattered back to the
+  step's rows (the runner reads each request's last row).
+
+Exact where the Hugging Face path is: a dropping request's whole prompt runs in one step (vLLM's
+chunked prefill would split it; refused at start, and a split found in a step is an error), and
+the scores a stage reads come from this step's own queries and keys (``reads == "previous"``:
+FastV's last prompt token in the layer before its boundary, captured at that layer's attention).
+What is not served yet is refused at start with its reason (``check_engine``, ``check_stage``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ...adapters.scheme import visual_attention
+from ...plan import LayerView, Plan, Selection
+from .options import WORKER, RefusedMethod
+
+#: when a list (tests, with vLLM's engine in their process): each boundary's choice is appended as
+#: ``(request id, layer, item, ids)``, ``ids`` the kept tokens' indices into the item's visual block
+#: entering the language model (``ReductionStats.stage_kept``'s).
+TRACE: list | None = None
+
+
+class StageNotServed(RefusedMethod):
+    """A language-side stage, or an engine setting, that this plugin cannot serve exactly."""
+
+
+def check_stage(plan: Plan) -> None:
+    """Refuse a plan whose language stage this plugin cannot serve yet, naming why."""
+    from ...methods.stages import LastTokenAttention
+
+    stage = plan.language
+    if stage is None:
+        return
+    if type(stage) is not LastTokenAttention:
+        raise StageNotServed(
+            f"{type(stage).__name__} (a stage that drops inside the language model) is not served under vLLM yet: "
+            "the plugin serves FastV's LastTokenAttention so far (the last prompt token's attention in the layer "
+            "before the boundary, read from that layer's own queries and keys)"
+        )
+    if plan.positions not in (None, "original"):
+        raise StageNotServed(f"positions={plan.positions!r}: under vLLM kept tokens keep their positions ('original')")
+
+
+def check_engine(vllm_config) -> None:
+    """Refuse, at start, engine settings under which dropping inside the language model cannot be exact."""
+    problems = []
+    parallel = vllm_config.parallel_config
+    if parallel.worker_cls != WORKER:
+        problems.append(f"start the server with --worker-cls {WORKER} (the runner that gives later layers their kept tokens' slots)")
+    if vllm_config.cache_config.enable_prefix_caching:
+        problems.append("prefix caching is on (--no-enable-prefix-caching): a dropped block depends on the text after it")
+    if vllm_config.scheduler_config.enable_chunked_prefill:
+        problems.append("chunked prefill is on (--no-enable-chunked-prefill): a prompt that drops must run in one step")
+    if not vllm_config.model_config.enforce_eager:
+        problems.append("the model is compiled (--enforce-eager): a boundary changes the row count mid-forward")
+    if vllm_config.speculative_config is not None:
+        problems.append("speculative decoding is on")
+    if parallel.pipeline_parallel_size > 1 or parallel.tensor_parallel_size > 1:
+        problems.append("pipeline or tensor parallelism is on (served on one worker so far)")
+    if vllm_config.lora_config is not None:
+        problems.append("LoRA is on")
+    if vllm_config.kv_transfer_config is not None:
+        problems.append("a KV connector is on")
+    if problems:
+        raise StageNotServed("dropping inside the language model under vLLM needs: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------- the runner's side
+@dataclasses.dataclass(frozen=True)
+class RequestPlan:
+    """A request's drops: its items' places in the prompt, and at each boundary layer how many of
+    each item's tokens remain (``Schedule.boundaries``: before 0-based layer ``layer``)."""
+
+    prompt: int
+    spans: tuple[tuple[int, int], ...]  # (offset, length) of each dropping item, in prompt order
+    keeps: tuple[dict[int, int], ...]  # per item, boundary layer -> tokens kept from that layer on
+    plans: tuple[Plan, ...]
+
+    @property
+    def first(self) -> int:
+        return min(offset for offset, _ in self.spans)
+
+    def dropped_before(self, layer: int) -> int:
+        """Tokens this request no longer holds in decoder layer ``layer`` (0-based)."""
+        total = 0
+        for (_, length), keeps in zip(self.spans, self.keeps):
+            kept = length
+            for boundary, keep in keeps.items():
+                if boundary <= layer:
+                    kept = min(kept, keep)
+            total += length - kept
+        return total
+
+    def boundaries(self) -> list[int]:
+        return sorted({layer for keeps in self.keeps for layer in keeps})
+
+
+@dataclasses.dataclass
+class RowDrop:
+    """A request that drops in this step: its rows of the step, its items' rows, the row of its last
+    prompt token, and the plan of each item."""
+
+    request: RequestPlan
+    req_id: str
+    start: int  # first row of the request in the step
+    count: int  # its rows in the step
+    computed: int  # its tokens computed before the step
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """What the model's hooks need of one step: the dropping requests, each request's rows, and
+    which layers run on fewer rows (the boundaries where some request drops in this step)."""
+
+    rows: list[tuple[int, int]]  # (start, count) of each request, in batch order
+    drops: dict[int, RowDrop]  # batch index -> its drop
+    boundaries: list[int]
+
+
+def request_plan(plans: list[tuple[int, int, Plan]], prompt: int) -> RequestPlan | None:
+    """A request's ``RequestPlan`` from each item's ``(offset, length, plan)``; ``None`` where no
+    item drops inside the language model."""
+    spans, keeps, kept_plans = [], [], []
+    for offset, length, plan in plans:
+        if plan is None or not plan.schedule.boundaries:
+            continue
+        check_stage(plan)
+        if plan.schedule.llm_input != length:
+            raise StageNotServed(f"an item of {length} placeholders whose plan enters the language model with "
+                                 f"{plan.schedule.llm_input} tokens")
+        spans.append((offset, length))
+        keeps.append(dict(plan.schedule.boundaries))
+        kept_plans.append(plan)
+    if not spans:
+        return None
+    return RequestPlan(prompt, tuple(spans), tuple(keeps), tuple(kept_plans))
+
+
+def compact_slots(block_row: torch.Tensor, block_size: int, start: int, count: int) -> torch.Tensor:
+    """The KV slots of compacted token indices ``start .. start + count`` of a request whose blocks
+    are ``block_row``: its kept tokens fill its own blocks from the first slot, one after another.
+
+    >>> compact_slots(torch.tensor([7, 3]), 4, 2, 4).tolist()
+    [30, 31, 12, 13]
+    """
+    index = torch.arange(start, start + count, dtype=torch.long)
+    return block_row.long()[index // block_size] * block_size + index % block_size
+
+
+def layer_segments(num_layers: int, holds) -> list[tuple[tuple, list[int]]]:
+    """Decoder layers grouped by what ``holds(layer)`` gives (equal values, one metadata), in order.
+
+    >>> layer_segments(4, lambda layer: layer >= 2)
+    [(False, [0, 1]), (True, [2, 3])]
+    """
+    segments: dict = {}
+    for layer in range(num_layers):
+        segments.setdefault(holds(layer), []).append(layer)
+    return list(segments.items())
+
+
+def _runner_base():
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    return CPUModelRunner
+
+
+class _RunnerMixin:
+    """``CPUModelRunner`` with each layer's attention metadata and KV slots for the tokens it holds."""
+
+    def _duet_request_plan(self, req_id: str) -> RequestPlan | None:
+        known = self.__dict__.setdefault("_duet_requests", {})
+        if req_id not in known:
+            state = self.requests[req_id]
+            features = [(f.mm_position.offset, f.mm_position.length, f) for f in (state.mm_features or [])]
+            plans = self.model.duet_language_plans(features)
+            known[req_id] = request_plan(plans, state.num_prompt_tokens)
+        return known[req_id]
+
+    def _get_slot_mappings(self, *args, **kwargs):
+        by_group, by_layer = super()._get_slot_mappings(*args, **kwargs)
+        self._duet_slots = by_layer  # the dictionary the forward context receives
+        return by_group, by_layer
+
+    def _build_attention_metadata(self, *args, **kwargs):
+        attn_metadata, spec = super()._build_attention_metadata(*args, **kwargs)
+        model = self.model
+        if not hasattr(model, "duet_language_plans"):  # not one of duet-vlm's classes
+            return attn_metadata, spec
+        model._duet_step = None
+        if kwargs.get("num_scheduled_tokens") is None or not isinstance(attn_metadata, dict):
+            return attn_metadata, spec  # a dummy or profiling run: nothing drops
+        step = self._duet_step_plan(kwargs["num_reqs"])
+        if step is not None:
+            self._duet_compact(step, attn_metadata)
+            model._duet_step = step
+        return attn_metadata, spec
+
+    def _duet_step_plan(self, num_reqs: int) -> StepPlan | None:
+        live = set(self.requests)
+        known = self.__dict__.setdefault("_duet_requests", {})
+        for req_id in [r for r in known if r not in live]:
+            del known[req_id]
+        starts = self.query_start_loc.cpu[: num_reqs + 1].tolist()
+        rows, drops, any_plan = [], {}, False
+        self._duet_batch = []
+        for index, req_id in enumerate(self.input_batch.req_ids[:num_reqs]):
+            start, count = starts[index], starts[index + 1] - starts[index]
+            rows.append((start, count))
+            plan = self._duet_request_plan(req_id)
+            computed = int(self.input_batch.num_computed_tokens_cpu[index])
+            self._duet_batch.append((plan, computed, count))
+            if plan is None:
+                continue
+            any_plan = True
+            if computed < plan.prompt <= computed + count:  # the step that ends the prompt drops
+                if computed != 0:
+                    raise RuntimeError(
+                        f"request {req_id}: its prompt was split across steps (computed {computed} of {plan.prompt} "
+                        "tokens before the step that ends it); a prompt that drops inside the language model must "
+                        "run in one step (raise max_num_batched_tokens to the longest prompt)"
+                    )
+                drops[index] = RowDrop(plan, req_id, start, count, computed)
+            elif computed < plan.prompt and computed + count > plan.first:
+                raise RuntimeError(
+                    f"request {req_id}: a step that does not end its prompt reaches its first dropped item; a prompt "
+                    "that drops inside the language model must run in one step"
+                )
+        if not any_plan:
+            return None
+        boundaries = sorted({layer for drop in drops.values() for layer in drop.request.boundaries()})
+        return StepPlan(rows, drops, boundaries)
+
+    def _duet_compact(self, step: StepPlan, attn_metadata: dict) -> None:
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        num_layers = self.model.duet_num_layers()
+        names = self.model.duet_attention_layer_names()
+        table = self.input_batch.block_table[0]
+        block_size = table.block_size
+        blocks = table.get_cpu_tensor()
+        num_reqs = len(step.rows)
+        seq_lens = self.seq_lens[:num_reqs].cpu()
+
+        def holds(layer: int) -> tuple:
+            """Per request (rows in the step, tokens dropped before the step's first row, tokens dropped in all)."""
+            value = []
+            for index, (plan, computed, count) in enumerate(self._duet_batch):
+                if plan is None:
+                    value.append((count, 0, 0))
+                elif index in step.drops:
+                    dropped = plan.dropped_before(layer)
+                    value.append((count - dropped, 0, dropped))
+                elif computed >= plan.prompt:
+                    dropped = plan.dropped_before(layer)
+                    value.append((count, dropped, dropped))
+                else:  # prompt tokens before its first dropped item, in an earlier step
+                    value.append((count, 0, 0))
+            return tuple(value)
+
+        for value, layers in layer_segments(num_layers, holds):
+            if all(dropped == 0 for _, _, dropped in value):
+                continue
+            counts = [count for count, _, _ in value]
+            starts = torch.tensor([0, *counts], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            lens = seq_lens - torch.tensor([dropped for _, _, dropped in value], dtype=seq_lens.dtype)
+            slots = []
+            for index, (count, before, _) in enumerate(value):
+                computed = self._duet_batch[index][1]
+                slots.append(compact_slots(blocks[index], block_size, computed - before, count))
+            slot_mapping = torch.cat(slots) if slots else torch.empty(0, dtype=torch.long)
+            common = CommonAttentionMetadata(
+                query_start_loc=starts, query_start_loc_cpu=starts, seq_lens=lens, seq_lens_cpu_upper_bound=lens,
+                num_reqs=num_reqs, num_actual_tokens=int(starts[-1]), max_query_len=max(counts),
+                max_seq_len=int(lens.max()), block_table_tensor=table.get_device_tensor(num_reqs),
+                slot_mapping=slot_mapping, causal=True,
+            )
+            wanted = {names[layer] for layer in layers}
+            for group in self.attn_groups[0]:
+                mine = [name for name in group.layer_names if name in wanted]
+                if not mine:
+                    continue
+                metadata = group.get_metadata_builder(0).build(common_prefix_len=0, common_attn_metadata=common)
+                for name in mine:
+                    attn_metadata[name] = metadata
+                    self._duet_slots[name] = slot_mapping
+
+
+def _worker_base():
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    return CPUWorker
+
+
+def __getattr__(name: str):
+    if name == "DuetCPUModelRunner":
+        cls = type("DuetCPUModelRunner", (_RunnerMixin, _runner_base()), {"__module__": __name__})
+        globals()[name] = cls
+        return cls
+    if name == "DuetCPUWorker":
+        runner = __getattr__("DuetCPUModelRunner")
+
+        def init_device(self) -> None:
+            _worker_base().init_device(self)
+            if type(self.model_runner) is not _runner_base():
+                raise StageNotServed("duet-vlm's worker runs vLLM's V1 CPU runner; this worker built "
+                                     f"{type(self.model_runner).__name__}")
+            self.model_runner = runner(self.vllm_config, torch.device("cpu"))
+
+        cls = type("DuetCPUWorker", (_worker_base(),), {"__module__": __name__, "init_device": init_device,
+                                                         "__doc__": "vLLM's CPU worker with duet-vlm's runner."})
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
+
+
+# ----------------------------------------------------------------------------------- the model's side
+class LanguageStages:
+    """Hooks on a vLLM language model's decoder layers that run each step's drops (``StepPlan``,
+    left on ``owner._duet_step`` by the runner): a stage's scores from the step's own queries and
+    keys, the gather at a boundary, the kept rows' positions in the layers after it, and the output
+    scattered back to the step's rows."""
+
+    def __init__(self, owner, text_model) -> None:
+        self.owner = owner  # the model the runner calls (its forward returns the decoder's output rows)
+        self.text_model = text_model
+        self.layers = list(text_model.layers)
+        self.handles = []
+        self.state: dict[str, Any] = {}
+        for index, layer in enumerate(self.layers):
+            self.handles.append(layer.register_forward_pre_hook(self._before_layer(index)))
+            self.handles.append(layer.self_attn.attn.register_forward_pre_hook(self._at_attention(index)))
+        # on the whole model, which the runner calls: vLLM's compiled decoder class calls its own
+        # ``forward`` directly (``support_torch_compile``), past any hook on the decoder module
+        self.handles.append(owner.register_forward_pre_hook(self._enter))
+        self.handles.append(owner.register_forward_hook(self._leave))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    # a step's life: entry, each layer's attention and input, exit
+    def _enter(self, module, args):
+        self.state = {}
+        step = getattr(self.owner, "_duet_step", None)
+        if step is not None and step.drops:
+            self.state = {"step": step, "index": None, "positions": None, "captured": {}, "ids": {}, "inputs": {}}
+
+    def _at_attention(self, index: int):
+        def hook(module, args):
+            step = self.state.get("step")
+            if step is not None and index + 1 in step.boundaries:
+                self.state["captured"][index] = (args[0], args[1])  # this layer's rotated queries and keys
+
+        return hook
+
+    def _before_layer(self, index: int):
+        def hook(module, args):
+            step = self.state.get("step")
+            if step is None:
+                return None
+            if index + 1 in step.boundaries:  # its input, as the Hugging Face path's residual stream
+                self.state["inputs"][index] = stream(args[1], args[2])
+            if index in step.boundaries:
+                args = self._boundary(index, step, args)
+            elif self.state["positions"] is not None:
+                args = (self.state["positions"], *args[1:])
+            return args
+
+        return hook
+
+    def _boundary(self, index: int, step: StepPlan, args):
+        positions, hidden, residual = args[0], args[1], args[2]
+        states = stream(hidden, residual)
+        current = self.state["index"]  # the step's rows still held (None: all)
+        captured = self.state["captured"].pop(index - 1, None)
+        previous = self.state["inputs"].pop(index - 1, None)
+        held = torch.arange(hidden.shape[0], device=hidden.device) if current is None else current
+        keep_rows = torch.ones(held.shape[0], dtype=torch.bool, device=hidden.device)
+        # where each of the step's rows sits among the held rows (-1: dropped)
+        where = torch.full((sum(count for _, count in step.rows),), -1, dtype=torch.long, device=hidden.device)
+        where[held] = torch.arange(held.shape[0], device=hidden.device)
+        for key, drop in step.drops.items():
+            plan = drop.request
+            for item, ((offset, length), keeps) in enumerate(zip(plan.spans, plan.keeps)):
+                if index not in keeps:
+                    continue
+                before = min([keep for layer, keep in keeps.items() if layer < index], default=length)
+                keep = keeps[index]
+                rows = self._item_rows(drop, offset, length, where)  # this item's tokens still held
+                if rows.shape[0] != before:
+                    raise RuntimeError(f"an item holds {rows.shape[0]} tokens at layer {index}, its plan {before}")
+                ids = self.state["ids"].get((key, item))
+                if ids is None:
+                    ids = torch.arange(length, device=hidden.device)
+                if keep >= before:
+                    continue
+                chosen = self._select(index, drop, item, rows, keep, (captured, previous), where, states)
+                dropped = torch.ones(before, dtype=torch.bool, device=hidden.device)
+                dropped[chosen] = False
+                keep_rows[rows[dropped]] = False
+                self.state["ids"][(key, item)] = ids[chosen]
+                if TRACE is not None:
+                    TRACE.append((drop.req_id, index, item, ids[chosen].cpu()))
+        kept = keep_rows.nonzero().squeeze(-1)
+        self.state["index"] = held[kept]
+        self.state["positions"] = positions[..., kept]  # a row of positions, or M-RoPE's (3, rows)
+        return (positions[..., kept], hidden[kept], residual[kept] if residual is not None else None, *args[3:])
+
+    def _item_rows(self, drop: RowDrop, offset: int, length: int, where: torch.Tensor) -> torch.Tensor:
+        """The held-row indices of an item's tokens that are still held (ascending)."""
+        step_rows = torch.arange(drop.start + offset - drop.computed, drop.start + offset - drop.computed + length,
+                                 device=where.device)
+        rows = where[step_rows]
+        return rows[rows >= 0]
+
+    def _select(self, index: int, drop: RowDrop, item: int, rows: torch.Tensor, keep: int, captured, where, hidden):
+        """The method's own choice (``LanguageStage.select``) among an item's held ``rows``, from a
+        ``LayerView`` of the request's held rows in this step: its prompt tokens valid (a request
+        computed again after preemption holds its generated tokens too), its residual stream at
+        the boundary and before it, and the queries and keys the layer before it computed."""
+        stage = drop.request.plans[item].language
+        (captured, previous) = captured
+        if captured is None or previous is None:
+            raise RuntimeError(f"layer {index - 1} did not run before layer {index} in this step; its attention cannot be read")
+        query, key = captured
+        step_rows = torch.arange(drop.start, drop.start + drop.count, device=where.device)
+        mapped = where[step_rows]
+        held = mapped >= 0
+        request_rows = mapped[held]
+        place = (step_rows - drop.start + drop.computed)[held]  # each held row's position in the request
+        valid = (place < drop.request.prompt)[None]
+        last_item = max(offset + length for offset, length in drop.request.spans)
+        after_image = ((place >= last_item) & (place < drop.request.prompt)).nonzero().squeeze(-1)
+        attn = self.layers[index - 1].self_attn.attn
+        heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_size
+        length = request_rows.shape[0]
+        q = query[request_rows].view(1, length, heads, head_dim).transpose(1, 2)
+        k = key[request_rows].view(1, length, kv_heads, head_dim).transpose(1, 2)
+        local = torch.searchsorted(request_rows, rows)  # the item's rows among the request's rows
+        scale = attn.impl.scale
+
+        def attention(layer, hidden_states, rope, queries, key_valid, visual_index, layer_keys=None):
+            out = []
+            for row in range(len(queries)):
+                out.append(visual_attention(q[row : row + 1, :, queries[row]], layer_keys, queries[row], key_valid[row],
+                                            visual_index[row], scale, heads // kv_heads))
+            return torch.stack(out)
+
+        view = LayerView(
+            layer_index=index, layer=self.layers[index], hidden_states=hidden[request_rows][None],
+            position_embeddings=(None, None), visual_index=local.view(1, 1, -1),
+            visual_ids=torch.arange(rows.shape[0], device=hidden.device).view(1, 1, -1), valid=valid,
+            input_ids=None, input_embeddings=None, text_after_image=[after_image],
+            previous_layer=self.layers[index - 1], previous_hidden_states=previous[request_rows][None], scratch={},
+            attention_fn=attention, run_layer_fn=_unavailable, output_head_fn=_unavailable, previous_layer_keys=k,
+        )
+        selection = stage.select(view, keep)
+        if isinstance(selection, Selection):
+            if selection.hidden_states is not None:
+                raise StageNotServed(f"{type(stage).__name__} merges tokens, which the plugin does not serve yet")
+            selection = selection.index
+        return selection.reshape(-1).sort().values
+
+    def _leave(self, module, args, output):
+        step = self.state.get("step")
+        index = self.state.get("index")
+        self.state = {}
+        if step is None or index is None or not isinstance(output, torch.Tensor):
+            return output
+        total = sum(count for _, count in step.rows)
+        full = output.new_zeros((total, *output.shape[1:]))
+        full[index] = output
+        return full
+
+
+def stream(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """A vLLM decoder layer's input as one residual stream (vLLM hands the last sublayer's output
+    and the stream before it apart, and adds them in the next layer's input norm)."""
+    return hidden if residual is None else hidden + residual
+
+
+def _unavailable(*args, **kwargs):
+    raise StageNotServed("this language stage runs a layer or the LM head on intermediate states, which the plugin "
+                         "does not serve yet")

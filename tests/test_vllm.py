@@ -574,45 +574,52 @@ def assert_same_drops(hf_kept, vllm_kept):
         assert torch.equal(mine, theirs), (mine, theirs)
 
 
-@pytest.mark.parametrize("budget", [160, 300])
-def test_fastv_served_equals_the_hugging_face_path(saved_llava_deep, budget):
-    """FastV dropping after layer 2 of 8, served: the same kept tokens, greedy tokens and
-    log-probabilities as transformers + duet_vlm; the prompt keeps every placeholder (FastV drops
-    inside the language model, not before it)."""
+@pytest.mark.parametrize("method,budget", [("fastv", 160), ("fastv", 300), ("pyramiddrop", 200), ("duet", 200)])
+def test_language_stages_served_equal_the_hugging_face_path(saved_llava_deep, method, budget):
+    """FastV (after layer 2 of 8, scored in layer 1), PyramidDrop (three boundaries, scored in the
+    layer after each) and DUET whole (Stage A, then Stage B at layers 4 and 6), served: the same kept
+    tokens at every boundary, greedy tokens and log-probabilities as transformers + duet_vlm, and the
+    prompt holds the tokens the vision side keeps (all of them but DUET's)."""
     folder, model, processor = saved_llava_deep
     pictures = [image(1), image(2)]
-    reducer = duet_vlm.make("fastv", budget=budget)
-    references = [hf_language_run(model, processor, picture, reducer) for picture in pictures]
-    with engine(folder, {"duet_method": "fastv", "duet_budget": budget}, **LANGUAGE) as llm:
+    reducer = duet_vlm.make(method, budget=budget)
+    references, counts = [], []
+    for picture in pictures:
+        references.append(hf_language_run(model, processor, picture, reducer))
+        counts.append(reducer.stats.llm_input_tokens)
+    with engine(folder, {"duet_method": method, "duet_budget": budget}, **LANGUAGE) as llm:
         results, kept = language_run(llm, processor, pictures)
     assert len(kept) == 2
-    for picture, (reference, hf_kept), result, vllm_kept in zip(pictures, references, results, kept):
-        assert result[2] == served_length(processor, picture, 576)
+    for picture, (reference, hf_kept), result, vllm_kept, count in zip(pictures, references, results, kept, counts):
+        assert result[2] == served_length(processor, picture, count)
         assert_same_drops(hf_kept, vllm_kept)
         assert_same(reference, result, None)
 
 
-def test_requests_with_different_drops_in_one_batch_equal_each_alone(saved_llava_deep):
-    """Three requests at different budgets, and one that drops nothing (a budget above its tokens),
-    with a step budget that fits two prompts: later prompts are prefilled (and drop) in steps that
-    also decode the earlier ones. Each equals its own Hugging Face run."""
+@pytest.mark.parametrize("method,budgets", [("fastv", [160, 250, 400, 1000]), ("duet", [1000, 250, 160, 100])])
+def test_requests_with_different_drops_in_one_batch_equal_each_alone(saved_llava_deep, method, budgets):
+    """Four requests at different budgets, one dropping nothing (a budget above its tokens), with a
+    step budget that fits two unreduced prompts: the later prompts are prefilled (and drop) in a
+    step that also decodes earlier ones (DUET's decoding rows numbered on from their kept tokens).
+    Each equals its own Hugging Face run."""
     folder, model, processor = saved_llava_deep
     pictures = [image(5), image(6), image(7), image(8)]
-    budgets = [160, 250, 400, 1000]  # FastV keeps 21, 141 and 341 of 576 after layer 2 of 8
     references = []
     for picture, budget in zip(pictures, budgets):
-        reducer = duet_vlm.make("fastv", budget=budget) if budget < 576 else None
+        reducer = duet_vlm.make(method, budget=budget) if budget < 576 else None
         references.append(hf_language_run(model, processor, picture, reducer) if reducer else
                           (hf_run(model, processor, picture, None), []))
     length = served_length(processor, pictures[0], 576)
     settings = {**LANGUAGE, "max_num_batched_tokens": 2 * length + 8, "max_model_len": 2 * length + 8}
-    with engine(folder, {"duet_method": "fastv", "duet_budget": 200}, **settings) as llm:
+    with engine(folder, {"duet_method": method, "duet_budget": 200}, **settings) as llm:
         results, kept = language_run(llm, processor, pictures, [{"duet_budget": b} for b in budgets])
-    assert len(kept) == 3  # the fourth drops nothing
-    for (reference, hf_kept), result, vllm_kept in zip(references[:3], results[:3], kept):
-        assert_same_drops(hf_kept, vllm_kept)
-        assert_same(reference, result, None)
-    assert_same(references[3][0], results[3], None)
+    dropping = [i for i, budget in enumerate(budgets) if budget < 576]
+    assert len(kept) == len(dropping) == 3
+    for i, vllm_kept in zip(dropping, kept):
+        assert_same_drops(references[i][1], vllm_kept)
+        assert_same(references[i][0], results[i], None)
+    unreduced = budgets.index(1000)
+    assert_same(references[unreduced][0], results[unreduced], None)
 
 
 def test_a_preempted_request_drops_the_same_tokens_again_and_answers_the_same(saved_llava_deep):
@@ -671,7 +678,7 @@ def test_a_server_that_cannot_drop_exactly_is_refused_at_start(saved_llava_deep,
     assert any(message in e for e in chain), chain
 
 
-@pytest.mark.parametrize("method,options", [("duet", {}), ("pyramiddrop", {}), ("dart", {})])
+@pytest.mark.parametrize("method,options", [("dart", {}), ("sparsevlm", {})])
 def test_stages_not_served_yet_are_refused_at_start_by_name(saved_llava_deep, method, options):
     folder, _, _ = saved_llava_deep
     server = {"duet_method": method, "duet_budget": 200, **({"duet_options": json.dumps(options)} if options else {})}

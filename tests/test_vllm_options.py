@@ -172,7 +172,13 @@ def test_a_server_that_serves_language_stages_takes_fastv_and_names_what_it_cann
     request = request_plan([(5, 576, plan), (600, 576, plan), (1190, 4, None)], prompt=1200)
     assert request.spans == ((5, 576), (600, 576)) and request.boundaries() == [2] and request.first == 5
     assert [request.dropped_before(layer) for layer in (0, 1, 2, 31)] == [0, 0, 2 * 546, 2 * 546]
-    for method in ("duet", "pyramiddrop", "dart", "sparsevlm"):
+    for method in ("duet", "pyramiddrop"):  # scored with the layer after the boundary: served
+        other = Settings.read({"duet_method": method, "duet_budget": 64}, language=True)
+        served = language_plan_for(other, 64, LLAVA)
+        check_stage(served)
+        assert request_plan([(5, served.schedule.llm_input, served)], prompt=600).contiguous  # renumbered
+    assert not request.contiguous  # FastV keeps its kept tokens' positions
+    for method in ("dart", "sparsevlm", "holitom"):
         other = Settings.read({"duet_method": method, "duet_budget": 64}, language=True)
         with pytest.raises(StageNotServed, match="is not served under vLLM yet"):
             check_stage(language_plan_for(other, 64, LLAVA))

@@ -17,14 +17,16 @@ sources this rests on; nothing of vLLM is patched):
 - **The model** (``LanguageStages``, hooks the plugin's model class installs on its decoder
   layers): at a boundary the method's own ``LanguageStage.select`` (the code of the Hugging Face
   path) chooses each dropping request's tokens from a ``LayerView`` of the step's rows, the rows
-  are gathered (hidden states, residual stream, positions: kept tokens keep their positions), the
-  later layers run on the kept rows, and the language model's output is scattered back to the
-  step's rows (the runner reads each request's last row).
+  are gathered (hidden states, residual stream, positions), the later layers run on the kept rows
+  (numbered again from the first where the plan's positions are ``"contiguous"``, in the decoding
+  steps too), and the model's output is scattered back to the step's rows (the runner reads each
+  request's last row).
 
 Exact where the Hugging Face path is: a dropping request's whole prompt runs in one step (vLLM's
 chunked prefill would split it; refused at start, and a split found in a step is an error), and
-the scores a stage reads come from this step's own queries and keys (``reads == "previous"``:
-FastV's last prompt token in the layer before its boundary, captured at that layer's attention).
+the scores a stage reads come from this step's own queries and keys: those the layer before the
+boundary computed, captured at its attention (FastV, ``reads == "previous"``), or those the layer
+after it computes from its input, by its own modules on copies (PyramidDrop, DUET, ``"layer"``).
 What is not served yet is refused at start with its reason (``check_engine``, ``check_stage``).
 """
 
@@ -51,19 +53,20 @@ class StageNotServed(RefusedMethod):
 
 def check_stage(plan: Plan) -> None:
     """Refuse a plan whose language stage this plugin cannot serve yet, naming why."""
-    from ...methods.stages import LastTokenAttention
+    from ...methods.duet import TextGuidedPrune
+    from ...methods.stages import LastInstructionAttention, LastTokenAttention
 
     stage = plan.language
     if stage is None:
         return
-    if type(stage) is not LastTokenAttention:
+    served = (LastTokenAttention, LastInstructionAttention, TextGuidedPrune)
+    if type(stage) not in served or getattr(stage, "query", "text") not in ("text", "last"):
         raise StageNotServed(
             f"{type(stage).__name__} (a stage that drops inside the language model) is not served under vLLM yet: "
-            "the plugin serves FastV's LastTokenAttention so far (the last prompt token's attention in the layer "
-            "before the boundary, read from that layer's own queries and keys)"
+            "the plugin serves stages that score with the queries and keys of a decoder layer, FastV's "
+            "LastTokenAttention, PyramidDrop's LastInstructionAttention and DUET's TextGuidedPrune (query "
+            "'text' or 'last') so far"
         )
-    if plan.positions not in (None, "original"):
-        raise StageNotServed(f"positions={plan.positions!r}: under vLLM kept tokens keep their positions ('original')")
 
 
 def check_engine(vllm_config) -> None:
@@ -100,6 +103,7 @@ class RequestPlan:
     spans: tuple[tuple[int, int], ...]  # (offset, length) of each dropping item, in prompt order
     keeps: tuple[dict[int, int], ...]  # per item, boundary layer -> tokens kept from that layer on
     plans: tuple[Plan, ...]
+    contiguous: bool = False  # kept tokens renumbered from 0 after a boundary (positions="contiguous")
 
     @property
     def first(self) -> int:
@@ -140,6 +144,12 @@ class StepPlan:
     rows: list[tuple[int, int]]  # (start, count) of each request, in batch order
     drops: dict[int, RowDrop]  # batch index -> its drop
     boundaries: list[int]
+    batch: list[tuple[RequestPlan | None, int, int]] = dataclasses.field(default_factory=list)  # (plan, computed, rows)
+
+    def renumbers(self) -> bool:
+        """Whether some request's positions change in some layer: it dropped with contiguous positions."""
+        return any(plan is not None and plan.contiguous and (index in self.drops or computed >= plan.prompt)
+                   for index, (plan, computed, _) in enumerate(self.batch))
 
 
 def request_plan(plans: list[tuple[int, int, Plan]], prompt: int) -> RequestPlan | None:
@@ -158,7 +168,10 @@ def request_plan(plans: list[tuple[int, int, Plan]], prompt: int) -> RequestPlan
         kept_plans.append(plan)
     if not spans:
         return None
-    return RequestPlan(prompt, tuple(spans), tuple(keeps), tuple(kept_plans))
+    modes = {plan.positions != "original" for plan in kept_plans}  # None: a 1-D RoPE model's default, contiguous
+    if len(modes) > 1:
+        raise StageNotServed("a request whose items number their kept tokens differently (positions)")
+    return RequestPlan(prompt, tuple(spans), tuple(keeps), tuple(kept_plans), modes.pop())
 
 
 def compact_slots(block_row: torch.Tensor, block_size: int, start: int, count: int) -> torch.Tensor:
@@ -254,7 +267,7 @@ class _RunnerMixin:
         if not any_plan:
             return None
         boundaries = sorted({layer for drop in drops.values() for layer in drop.request.boundaries()})
-        return StepPlan(rows, drops, boundaries)
+        return StepPlan(rows, drops, boundaries, list(self._duet_batch))
 
     def _duet_compact(self, step: StepPlan, attn_metadata: dict) -> None:
         from vllm.v1.attention.backend import CommonAttentionMetadata
@@ -368,8 +381,9 @@ class LanguageStages:
     def _enter(self, module, args):
         self.state = {}
         step = getattr(self.owner, "_duet_step", None)
-        if step is not None and step.drops:
-            self.state = {"step": step, "index": None, "positions": None, "captured": {}, "ids": {}, "inputs": {}}
+        if step is not None and (step.drops or step.renumbers()):
+            self.state = {"step": step, "index": None, "positions": None, "captured": {}, "ids": {}, "inputs": {},
+                          "renumbers": step.renumbers()}
 
     def _at_attention(self, index: int):
         def hook(module, args):
@@ -386,10 +400,12 @@ class LanguageStages:
                 return None
             if index + 1 in step.boundaries:  # its input, as the Hugging Face path's residual stream
                 self.state["inputs"][index] = stream(args[1], args[2])
+            if self.state["positions"] is not None:  # the decoder's loop hands every layer all the step's positions
+                args = (self.state["positions"], *args[1:])
             if index in step.boundaries:
                 args = self._boundary(index, step, args)
-            elif self.state["positions"] is not None:
-                args = (self.state["positions"], *args[1:])
+            if self.state["renumbers"]:
+                args = (self._renumbered(index, step, args[0]), *args[1:])
             return args
 
         return hook
@@ -420,7 +436,18 @@ class LanguageStages:
                     ids = torch.arange(length, device=hidden.device)
                 if keep >= before:
                     continue
-                chosen = self._select(index, drop, item, rows, keep, (captured, previous), where, states)
+                stage = plan.plans[item].language
+                if keep == 0:  # every token goes, whatever the stage would score (runtime.boundary.drops_all)
+                    chosen = rows.new_empty(0)
+                elif stage.reads == "layer":  # this layer's own queries and keys, on the held rows
+                    if "layer_qk" not in self.state or self.state["layer_qk"][0] != index:
+                        rotated = self._renumbered(index, step, positions) if self.state["renumbers"] else positions
+                        self.state["layer_qk"] = (index, self._layer_qk(index, rotated, hidden, residual))
+                    chosen = self._select(index, drop, item, rows, keep, (self.state["layer_qk"][1], states), where,
+                                          states, scorer=index)
+                else:
+                    chosen = self._select(index, drop, item, rows, keep, (captured, previous), where, states,
+                                          scorer=index - 1)
                 dropped = torch.ones(before, dtype=torch.bool, device=hidden.device)
                 dropped[chosen] = False
                 keep_rows[rows[dropped]] = False
@@ -432,6 +459,26 @@ class LanguageStages:
         self.state["positions"] = positions[..., kept]  # a row of positions, or M-RoPE's (3, rows)
         return (positions[..., kept], hidden[kept], residual[kept] if residual is not None else None, *args[3:])
 
+    def _renumbered(self, index: int, step: StepPlan, positions: torch.Tensor) -> torch.Tensor:
+        """The held rows' positions in layer ``index`` where requests renumber their kept tokens
+        (``positions="contiguous"``, the Hugging Face path's): a request that dropped in this step
+        counts its held rows from its first, one that dropped before counts on from its kept tokens
+        (its position less the tokens dropped before this layer); the others keep theirs."""
+        held = self.state["index"]
+        if held is None:
+            held = torch.arange(positions.shape[-1], device=positions.device)
+        renumbered = positions.clone()
+        for batch_index, (plan, computed, _) in enumerate(step.batch):
+            if plan is None or not plan.contiguous:
+                continue
+            start, count = step.rows[batch_index]
+            mine = ((held >= start) & (held < start + count)).nonzero().squeeze(-1)
+            if batch_index in step.drops:
+                renumbered[..., mine] = computed + torch.arange(mine.shape[0], device=positions.device).to(positions.dtype)
+            elif computed >= plan.prompt:
+                renumbered[..., mine] = positions[..., mine] - plan.dropped_before(index)
+        return renumbered
+
     def _item_rows(self, drop: RowDrop, offset: int, length: int, where: torch.Tensor) -> torch.Tensor:
         """The held-row indices of an item's tokens that are still held (ascending)."""
         step_rows = torch.arange(drop.start + offset - drop.computed, drop.start + offset - drop.computed + length,
@@ -439,7 +486,23 @@ class LanguageStages:
         rows = where[step_rows]
         return rows[rows >= 0]
 
-    def _select(self, index: int, drop: RowDrop, item: int, rows: torch.Tensor, keep: int, captured, where, hidden):
+    def _layer_qk(self, index: int, positions, hidden, residual) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotated queries and keys decoder layer ``index`` computes from its input, as its own
+        modules compute them (input norm, fused ``qkv_proj``, rotary embedding), on copies: vLLM's
+        fused norm may write into its inputs."""
+        layer = self.layers[index]
+        attn = layer.self_attn
+        with torch.no_grad():
+            if residual is None:
+                x = layer.input_layernorm(hidden.clone())
+            else:
+                x, _ = layer.input_layernorm(hidden.clone(), residual.clone())
+            qkv, _ = attn.qkv_proj(x)
+            q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+            return attn.rotary_emb(positions, q, k)
+
+    def _select(self, index: int, drop: RowDrop, item: int, rows: torch.Tensor, keep: int, captured, where, hidden,
+                scorer: int):
         """The method's own choice (``LanguageStage.select``) among an item's held ``rows``, from a
         ``LayerView`` of the request's held rows in this step: its prompt tokens valid (a request
         computed again after preemption holds its generated tokens too), its residual stream at
@@ -447,7 +510,7 @@ class LanguageStages:
         stage = drop.request.plans[item].language
         (captured, previous) = captured
         if captured is None or previous is None:
-            raise RuntimeError(f"layer {index - 1} did not run before layer {index} in this step; its attention cannot be read")
+            raise RuntimeError(f"layer {scorer} did not run before layer {index} in this step; its attention cannot be read")
         query, key = captured
         step_rows = torch.arange(drop.start, drop.start + drop.count, device=where.device)
         mapped = where[step_rows]
@@ -457,7 +520,7 @@ class LanguageStages:
         valid = (place < drop.request.prompt)[None]
         last_item = max(offset + length for offset, length in drop.request.spans)
         after_image = ((place >= last_item) & (place < drop.request.prompt)).nonzero().squeeze(-1)
-        attn = self.layers[index - 1].self_attn.attn
+        attn = self.layers[scorer].self_attn.attn
         heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_size
         length = request_rows.shape[0]
         q = query[request_rows].view(1, length, heads, head_dim).transpose(1, 2)
@@ -468,7 +531,7 @@ class LanguageStages:
         def attention(layer, hidden_states, rope, queries, key_valid, visual_index, layer_keys=None):
             out = []
             for row in range(len(queries)):
-                out.append(visual_attention(q[row : row + 1, :, queries[row]], layer_keys, queries[row], key_valid[row],
+                out.append(visual_attention(q[row : row + 1, :, queries[row]], k, queries[row], key_valid[row],
                                             visual_index[row], scale, heads // kv_heads))
             return torch.stack(out)
 
@@ -478,7 +541,8 @@ class LanguageStages:
             visual_ids=torch.arange(rows.shape[0], device=hidden.device).view(1, 1, -1), valid=valid,
             input_ids=None, input_embeddings=None, text_after_image=[after_image],
             previous_layer=self.layers[index - 1], previous_hidden_states=previous[request_rows][None], scratch={},
-            attention_fn=attention, run_layer_fn=_unavailable, output_head_fn=_unavailable, previous_layer_keys=k,
+            attention_fn=attention, run_layer_fn=_unavailable, output_head_fn=_unavailable,
+            previous_layer_keys=k if stage.reads == "previous" else None,
         )
         selection = stage.select(view, keep)
         if isinstance(selection, Selection):

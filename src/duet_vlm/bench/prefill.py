@@ -168,6 +168,15 @@ def outside_layers(lm_seconds: list[float], kind_seconds: list[dict]) -> list[fl
     return [total - sum(kinds.values()) for total, kinds in zip(lm_seconds, kind_seconds)]
 
 
+def layer_split(lm_seconds: list[float], kind_seconds: list[dict]) -> dict:
+    """The medians over rounds of the seconds in the decoder layers (``layers_s``) and outside them
+    (``outside_layers_s``); nothing where the layers were not timed."""
+    if not kind_seconds:
+        return {}
+    return {"layers_s": statistics.median(sum(k.values()) for k in kind_seconds),
+            "outside_layers_s": statistics.median(outside_layers(lm_seconds, kind_seconds))}
+
+
 def layer_time_terms(seconds: list[float], kinds: list[dict], ideal_seconds: list[float], ideal_kinds: list[dict]) -> dict:
     """Where a variant's language-model time differs from its ideal's, from the same rounds:
     ``layers_vs_ideal``, the median per-round ratio of the seconds in the decoder layers (the same
@@ -349,9 +358,7 @@ def measure(model, inputs, reducers: dict, rounds: int, progress=None) -> dict:
             "projector_rows": fact["projector_rows"],
             "forward_rounds_s": times[name],
         }
-        if by_kind[name]:
-            row["layers_s"] = statistics.median(sum(k.values()) for k in by_kind[name])
-            row["outside_layers_s"] = statistics.median(outside_layers(seconds[name], by_kind[name]))
+        row.update(layer_split(seconds[name], by_kind[name]))
         if hybrid and by_kind[name]:  # each kind of layer's part, and against no reduction
             row["layer_kind_s"] = _kind_medians(by_kind[name])
             row["layer_kind_vs_full"] = _kind_ratios(by_kind[name], by_kind[FULL])
@@ -376,9 +383,7 @@ def measure(model, inputs, reducers: dict, rounds: int, progress=None) -> dict:
         row.update(forward_s=statistics.median(times[name]), language_model_s=statistics.median(seconds[name]),
                    forward_vs_unreduced=statistics.median(t / b for t, b in zip(times[name], full)),
                    forward_rounds_s=times[name])
-        if by_kind[name]:
-            row["layers_s"] = statistics.median(sum(k.values()) for k in by_kind[name])
-            row["outside_layers_s"] = statistics.median(outside_layers(seconds[name], by_kind[name]))
+        row.update(layer_split(seconds[name], by_kind[name]))
         if hybrid and by_kind[name]:
             row["layer_kind_s"] = _kind_medians(by_kind[name])
     return {"variants": results, "ideals": ideal_rows, "load_average_before_after": [load_before, load_after],

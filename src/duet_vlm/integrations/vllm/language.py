@@ -39,6 +39,7 @@ import torch
 
 from ...adapters.scheme import visual_attention
 from ...plan import LayerView, Plan, Selection
+from ...runtime.boundary import drops_all
 from .options import WORKER, RefusedMethod
 
 #: when a list (tests, with vLLM's engine in their process): each boundary's choice is appended as
@@ -101,8 +102,7 @@ class RequestPlan:
 
     prompt: int
     spans: tuple[tuple[int, int], ...]  # (offset, length) of each dropping item, in prompt order
-    keeps: tuple[dict[int, int], ...]  # per item, boundary layer -> tokens kept from that layer on
-    plans: tuple[Plan, ...]
+    plans: tuple[Plan, ...]  # each item's: its schedule says how many of its tokens each layer holds
     contiguous: bool = False  # kept tokens renumbered from 0 after a boundary (positions="contiguous")
 
     @property
@@ -111,23 +111,15 @@ class RequestPlan:
 
     def dropped_before(self, layer: int) -> int:
         """Tokens this request no longer holds in decoder layer ``layer`` (0-based)."""
-        total = 0
-        for (_, length), keeps in zip(self.spans, self.keeps):
-            kept = length
-            for boundary, keep in keeps.items():
-                if boundary <= layer:
-                    kept = min(kept, keep)
-            total += length - kept
-        return total
+        return sum(length - plan.schedule.tokens_per_layer[layer] for (_, length), plan in zip(self.spans, self.plans))
 
     def boundaries(self) -> list[int]:
-        return sorted({layer for keeps in self.keeps for layer in keeps})
+        return sorted({layer for plan in self.plans for layer, _ in plan.schedule.boundaries})
 
 
 @dataclasses.dataclass
 class RowDrop:
-    """A request that drops in this step: its rows of the step, its items' rows, the row of its last
-    prompt token, and the plan of each item."""
+    """A request that drops in this step: its plan, its id, and its rows of the step."""
 
     request: RequestPlan
     req_id: str
@@ -144,18 +136,18 @@ class StepPlan:
     rows: list[tuple[int, int]]  # (start, count) of each request, in batch order
     drops: dict[int, RowDrop]  # batch index -> its drop
     boundaries: list[int]
-    batch: list[tuple[RequestPlan | None, int, int]] = dataclasses.field(default_factory=list)  # (plan, computed, rows)
+    batch: list[tuple[RequestPlan | None, int]] = dataclasses.field(default_factory=list)  # (plan, computed)
 
     def renumbers(self) -> bool:
         """Whether some request's positions change in some layer: it dropped with contiguous positions."""
         return any(plan is not None and plan.contiguous and (index in self.drops or computed >= plan.prompt)
-                   for index, (plan, computed, _) in enumerate(self.batch))
+                   for index, (plan, computed) in enumerate(self.batch))
 
 
 def request_plan(plans: list[tuple[int, int, Plan]], prompt: int) -> RequestPlan | None:
     """A request's ``RequestPlan`` from each item's ``(offset, length, plan)``; ``None`` where no
     item drops inside the language model."""
-    spans, keeps, kept_plans = [], [], []
+    spans, kept_plans = [], []
     for offset, length, plan in plans:
         if plan is None or not plan.schedule.boundaries:
             continue
@@ -164,14 +156,13 @@ def request_plan(plans: list[tuple[int, int, Plan]], prompt: int) -> RequestPlan
             raise StageNotServed(f"an item of {length} placeholders whose plan enters the language model with "
                                  f"{plan.schedule.llm_input} tokens")
         spans.append((offset, length))
-        keeps.append(dict(plan.schedule.boundaries))
         kept_plans.append(plan)
     if not spans:
         return None
     modes = {plan.positions != "original" for plan in kept_plans}  # None: a 1-D RoPE model's default, contiguous
     if len(modes) > 1:
         raise StageNotServed("a request whose items number their kept tokens differently (positions)")
-    return RequestPlan(prompt, tuple(spans), tuple(keeps), tuple(kept_plans), modes.pop())
+    return RequestPlan(prompt, tuple(spans), tuple(kept_plans), modes.pop())
 
 
 def compact_slots(block_row: torch.Tensor, block_size: int, start: int, count: int) -> torch.Tensor:
@@ -240,17 +231,15 @@ class _RunnerMixin:
         for req_id in [r for r in known if r not in live]:
             del known[req_id]
         starts = self.query_start_loc.cpu[: num_reqs + 1].tolist()
-        rows, drops, any_plan = [], {}, False
-        self._duet_batch = []
+        rows, drops, batch = [], {}, []
         for index, req_id in enumerate(self.input_batch.req_ids[:num_reqs]):
             start, count = starts[index], starts[index + 1] - starts[index]
             rows.append((start, count))
             plan = self._duet_request_plan(req_id)
             computed = int(self.input_batch.num_computed_tokens_cpu[index])
-            self._duet_batch.append((plan, computed, count))
+            batch.append((plan, computed))
             if plan is None:
                 continue
-            any_plan = True
             if computed < plan.prompt <= computed + count:  # the step that ends the prompt drops
                 if computed != 0:
                     raise RuntimeError(
@@ -264,10 +253,10 @@ class _RunnerMixin:
                     f"request {req_id}: a step that does not end its prompt reaches its first dropped item; a prompt "
                     "that drops inside the language model must run in one step"
                 )
-        if not any_plan:
+        if all(plan is None for plan, _ in batch):
             return None
         boundaries = sorted({layer for drop in drops.values() for layer in drop.request.boundaries()})
-        return StepPlan(rows, drops, boundaries, list(self._duet_batch))
+        return StepPlan(rows, drops, boundaries, batch)
 
     def _duet_compact(self, step: StepPlan, attn_metadata: dict) -> None:
         from vllm.v1.attention.backend import CommonAttentionMetadata
@@ -283,7 +272,7 @@ class _RunnerMixin:
         def holds(layer: int) -> tuple:
             """Per request (rows in the step, tokens dropped before the step's first row, tokens dropped in all)."""
             value = []
-            for index, (plan, computed, count) in enumerate(self._duet_batch):
+            for index, ((plan, computed), (_, count)) in enumerate(zip(step.batch, step.rows)):
                 if plan is None:
                     value.append((count, 0, 0))
                 elif index in step.drops:
@@ -303,8 +292,7 @@ class _RunnerMixin:
             starts = torch.tensor([0, *counts], dtype=torch.int32).cumsum(0, dtype=torch.int32)
             lens = seq_lens - torch.tensor([dropped for _, _, dropped in value], dtype=seq_lens.dtype)
             slots = []
-            for index, (count, before, _) in enumerate(value):
-                computed = self._duet_batch[index][1]
+            for index, ((count, before, _), (_, computed)) in enumerate(zip(value, step.batch)):
                 slots.append(compact_slots(blocks[index], block_size, computed - before, count))
             slot_mapping = torch.cat(slots) if slots else torch.empty(0, dtype=torch.long)
             common = CommonAttentionMetadata(
@@ -361,7 +349,6 @@ class LanguageStages:
 
     def __init__(self, owner, text_model) -> None:
         self.owner = owner  # the model the runner calls (its forward returns the decoder's output rows)
-        self.text_model = text_model
         self.layers = list(text_model.layers)
         self.handles = []
         self.state: dict[str, Any] = {}
@@ -381,9 +368,10 @@ class LanguageStages:
     def _enter(self, module, args):
         self.state = {}
         step = getattr(self.owner, "_duet_step", None)
-        if step is not None and (step.drops or step.renumbers()):
+        renumbers = step is not None and step.renumbers()
+        if step is not None and (step.drops or renumbers):
             self.state = {"step": step, "index": None, "positions": None, "captured": {}, "ids": {}, "inputs": {},
-                          "renumbers": step.renumbers()}
+                          "renumbers": renumbers}
 
     def _at_attention(self, index: int):
         def hook(module, args):
@@ -423,21 +411,19 @@ class LanguageStages:
         where[held] = torch.arange(held.shape[0], device=hidden.device)
         for key, drop in step.drops.items():
             plan = drop.request
-            for item, ((offset, length), keeps) in enumerate(zip(plan.spans, plan.keeps)):
-                if index not in keeps:
+            for item, ((offset, length), item_plan) in enumerate(zip(plan.spans, plan.plans)):
+                held_per_layer = item_plan.schedule.tokens_per_layer
+                before, keep = held_per_layer[index - 1], held_per_layer[index]
+                if keep == before:  # no boundary of this item here
                     continue
-                before = min([keep for layer, keep in keeps.items() if layer < index], default=length)
-                keep = keeps[index]
                 rows = self._item_rows(drop, offset, length, where)  # this item's tokens still held
                 if rows.shape[0] != before:
                     raise RuntimeError(f"an item holds {rows.shape[0]} tokens at layer {index}, its plan {before}")
                 ids = self.state["ids"].get((key, item))
                 if ids is None:
                     ids = torch.arange(length, device=hidden.device)
-                if keep >= before:
-                    continue
-                stage = plan.plans[item].language
-                if keep == 0:  # every token goes, whatever the stage would score (runtime.boundary.drops_all)
+                stage = item_plan.language
+                if drops_all(keep):  # every token goes, whatever the stage would score
                     chosen = rows.new_empty(0)
                 elif stage.reads == "layer":  # this layer's own queries and keys, on the held rows
                     if "layer_qk" not in self.state or self.state["layer_qk"][0] != index:
@@ -468,7 +454,7 @@ class LanguageStages:
         if held is None:
             held = torch.arange(positions.shape[-1], device=positions.device)
         renumbered = positions.clone()
-        for batch_index, (plan, computed, _) in enumerate(step.batch):
+        for batch_index, (plan, computed) in enumerate(step.batch):
             if plan is None or not plan.contiguous:
                 continue
             start, count = step.rows[batch_index]
@@ -501,14 +487,14 @@ class LanguageStages:
             q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
             return attn.rotary_emb(positions, q, k)
 
-    def _select(self, index: int, drop: RowDrop, item: int, rows: torch.Tensor, keep: int, captured, where, hidden,
+    def _select(self, index: int, drop: RowDrop, item: int, rows: torch.Tensor, keep: int, scored, where, hidden,
                 scorer: int):
         """The method's own choice (``LanguageStage.select``) among an item's held ``rows``, from a
         ``LayerView`` of the request's held rows in this step: its prompt tokens valid (a request
         computed again after preemption holds its generated tokens too), its residual stream at
         the boundary and before it, and the queries and keys the layer before it computed."""
         stage = drop.request.plans[item].language
-        (captured, previous) = captured
+        captured, previous = scored  # layer ``scorer``'s (queries, keys), and the residual stream it read
         if captured is None or previous is None:
             raise RuntimeError(f"layer {scorer} did not run before layer {index} in this step; its attention cannot be read")
         query, key = captured

@@ -321,12 +321,19 @@ def tokens_for(settings: Settings, budget: int, geometry: Geometry) -> int:
     return plan.schedule.llm_input if plan is not None else geometry.visual_tokens
 
 
-def plan_for(settings: Settings, budget: int, geometry: Geometry):
-    """The method's plan for an item at its absolute ``budget`` (``None``: unreduced)."""
+def item_plan(settings: Settings, budget: int, geometry: Geometry):
+    """The method's whole plan for an item at its absolute ``budget`` (``None``: unreduced)."""
     if not settings.active or budget <= 0:
         return None
-    reducer = settings.reducer().with_budget(int(budget))
-    plan = reducer.resolve(geometry, quiet=True)
+    return settings.reducer().with_budget(int(budget)).resolve(geometry, quiet=True)
+
+
+def plan_for(settings: Settings, budget: int, geometry: Geometry):
+    """The method's plan for an item at its absolute ``budget`` where it has a vision side (``None``:
+    it has none, or the item is unreduced)."""
+    plan = item_plan(settings, budget, geometry)
+    if plan is None:
+        return None
     if (plan.language is not None or plan.schedule.boundaries) and not settings.language:
         raise RefusedMethod(f"{settings.method!r} prunes inside the language model: it cannot run under vLLM")
     return plan if plan.vision is not None else None
@@ -335,10 +342,8 @@ def plan_for(settings: Settings, budget: int, geometry: Geometry):
 def language_plan_for(settings: Settings, budget: int, geometry: Geometry):
     """The method's whole plan for an item at its absolute ``budget`` where it drops inside the
     language model (``None``: it does not, or the item is unreduced)."""
-    if not settings.active or budget <= 0:
-        return None
-    plan = settings.reducer().with_budget(int(budget)).resolve(geometry, quiet=True)
-    return plan if plan.schedule.boundaries else None
+    plan = item_plan(settings, budget, geometry)
+    return plan if plan is not None and plan.schedule.boundaries else None
 
 
 def loads_learned_state(cls: type[Reducer]) -> bool:

@@ -580,8 +580,38 @@ def test_language_stages_served_equal_the_hugging_face_path(saved_llava_deep, me
     layer after each) and DUET whole (Stage A, then Stage B at layers 4 and 6), served: the same kept
     tokens at every boundary, greedy tokens and log-probabilities as transformers + duet_vlm, and the
     prompt holds the tokens the vision side keeps (all of them but DUET's)."""
-    folder, model, processor = saved_llava_deep
-    pictures = [image(1), image(2)]
+    check_language_equals_hf(saved_llava_deep, method, budget, [image(1), image(2)])
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
+def saved_qwen_deep(request, tmp_path_factory):
+    """A tiny Qwen2.5-VL and Qwen2-VL of 8 decoder layers (M-RoPE)."""
+    folder = write_qwen_vl(tmp_path_factory.mktemp(f"tiny-{request.param}-8"), layers=8, kind=request.param)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    return folder, model, AutoProcessor.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("method,budget", [("fastv", 80), ("pyramiddrop", 80), ("duet", 50)])
+def test_qwen_language_stages_served_equal_the_hugging_face_path(saved_qwen_deep, method, budget):
+    """The same on Qwen2.5-VL and Qwen2-VL: the kept tokens keep their 3-D M-RoPE positions in the
+    layers after each boundary (and the text after the image the unreduced model's), as on the
+    Hugging Face path; two images of different grids (168 and 120 merged tokens)."""
+    check_language_equals_hf(saved_qwen_deep, method, budget, [image(13, (392, 336)), image(14, (280, 336))])
+
+
+@pytest.mark.parametrize("kind", ["qwen3_vl", "internvl"])
+def test_families_not_served_yet_refuse_dropping_inside_the_language_model_at_start(tmp_path, kind):
+    """A family whose decoder the plugin does not drop in yet (Qwen3-VL's DeepStack rows, InternVL)
+    refuses FastV at start, even with duet-vlm's worker, and says where it is served."""
+    folder = write_qwen_vl(tmp_path / kind, kind=kind) if kind.startswith("qwen") else write_internvl(tmp_path / kind)
+    chain = [str(e) for e in refused_at_start(folder, {"duet_method": "fastv", "duet_budget": 20}, **LANGUAGE)]
+    assert any("on LLaVA-1.5, Qwen2-VL and Qwen2.5-VL" in e for e in chain), chain
+
+
+def check_language_equals_hf(saved, method: str, budget: int, pictures) -> None:
+    """A server dropping inside the language model by ``method`` at ``budget`` against the Hugging
+    Face path, picture by picture: kept ids at every boundary, tokens, log-probabilities, prompt length."""
+    folder, model, processor = saved
     reducer = duet_vlm.make(method, budget=budget)
     references, counts = [], []
     for picture in pictures:
@@ -602,18 +632,31 @@ def test_requests_with_different_drops_in_one_batch_equal_each_alone(saved_llava
     step budget that fits two unreduced prompts: the later prompts are prefilled (and drop) in a
     step that also decodes earlier ones (DUET's decoding rows numbered on from their kept tokens).
     Each equals its own Hugging Face run."""
-    folder, model, processor = saved_llava_deep
-    pictures = [image(5), image(6), image(7), image(8)]
+    check_batch_equals_each_alone(saved_llava_deep, method, budgets, [image(5), image(6), image(7), image(8)], 576)
+
+
+def test_qwen_requests_with_different_drops_in_one_batch_equal_each_alone(saved_qwen_deep):
+    """The same on Qwen2.5-VL and Qwen2-VL with DUET: the decoding rows of requests that dropped
+    continue at their M-RoPE positions (the unreduced prompt's, as vLLM numbers them) beside prefills
+    that drop."""
+    pictures = [image(15, (392, 336)), image(16, (392, 336)), image(17, (392, 336)), image(18, (392, 336))]
+    check_batch_equals_each_alone(saved_qwen_deep, "duet", [1000, 70, 50, 30], pictures, 168)
+
+
+def check_batch_equals_each_alone(saved, method: str, budgets: list[int], pictures, visual: int) -> None:
+    """Requests at ``budgets`` (one above the pictures' ``visual`` tokens: unreduced) in one engine
+    whose step fits two unreduced prompts, each against its own Hugging Face run."""
+    folder, model, processor = saved
     references = []
     for picture, budget in zip(pictures, budgets):
-        reducer = duet_vlm.make(method, budget=budget) if budget < 576 else None
+        reducer = duet_vlm.make(method, budget=budget) if budget < visual else None
         references.append(hf_language_run(model, processor, picture, reducer) if reducer else
                           (hf_run(model, processor, picture, None), []))
-    length = served_length(processor, pictures[0], 576)
+    length = served_length(processor, pictures[0], visual)
     settings = {**LANGUAGE, "max_num_batched_tokens": 2 * length + 8, "max_model_len": 2 * length + 8}
-    with engine(folder, {"duet_method": method, "duet_budget": 200}, **settings) as llm:
+    with engine(folder, {"duet_method": method, "duet_budget": min(budgets)}, **settings) as llm:
         results, kept = language_run(llm, processor, pictures, [{"duet_budget": b} for b in budgets])
-    dropping = [i for i, budget in enumerate(budgets) if budget < 576]
+    dropping = [i for i, budget in enumerate(budgets) if budget < visual]
     assert len(kept) == len(dropping) == 3
     for i, vllm_kept in zip(dropping, kept):
         assert_same_drops(references[i][1], vllm_kept)
@@ -1122,6 +1165,31 @@ def test_qwen_videos_equal_the_hugging_face_path(saved_qwen, method):
     assert len(kept) == len(items)
     for ours, theirs in zip(kept, items):
         assert torch.equal(ours.reshape(-1).cpu(), theirs.vision_kept.reshape(-1).cpu()), (ours, theirs.vision_kept)
+
+
+@pytest.mark.parametrize("method,budget", [("fastv", 20), ("duet", 16)])
+def test_qwen_videos_dropping_inside_the_language_model_equal_the_hugging_face_path(saved_qwen_deep, method, budget):
+    """A video (one item under one budget on Qwen2-VL and Qwen2.5-VL) dropped inside the language model: the same kept tokens at every boundary, tokens
+    and log-probabilities as the Hugging Face path, its kept tokens at their (t, h, w) positions."""
+    from duet_vlm.integrations.vllm import language
+
+    folder, model, processor = saved_qwen_deep
+    frames = video(51)
+    reducer = duet_vlm.make(method, budget=budget)
+    reference, length = hf_video_run(model, processor, frames, reducer)
+    hf_kept = [(layer, ids[0, 0].cpu()) for layer, ids in reducer.stats.stage_kept]
+    assert hf_kept
+    with engine(folder, {"duet_method": method, "duet_budget": budget}, limit_mm_per_prompt={"image": 0, "video": 1},
+                **LANGUAGE) as llm:
+        language.TRACE = []
+        try:
+            result, _ = vllm_video_run(llm, frames)
+            trace = [(layer, ids) for _, layer, _, ids in language.TRACE]
+        finally:
+            language.TRACE = None
+    assert result[2] == length
+    assert_same_drops(hf_kept, trace)
+    assert_same((*reference[:2], None), result, None)
 
 
 def test_qwen2_vl_video_positions_stay_integers_in_bfloat16(tmp_path, monkeypatch):

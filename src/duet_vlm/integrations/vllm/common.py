@@ -325,8 +325,10 @@ class Encoded:
 
 
 class DuetModelMixin:
-    """What every family's vLLM model shares: each batch's item fields, taken out of vLLM's arguments
-    before its ``embed_multimodal`` runs and read by the family's embedding of each modality."""
+    """What every family's vLLM model shares: the server's settings (``read_settings``), each batch's
+    item fields, taken out of vLLM's arguments before its ``embed_multimodal`` runs and read by the
+    family's embedding of each modality, and, on a family that serves them, what duet-vlm's runner
+    asks about methods that drop inside the language model (``duet_language_plans``)."""
 
     def embed_multimodal(self, **kwargs: object):
         self._duet_items = {modality: ItemFields.take(kwargs, modality) for modality in PIXELS}
@@ -348,37 +350,22 @@ class DuetModelMixin:
         return [plan_for(fields.settings(self.duet, index), budget, geometry)
                 for index, (budget, geometry) in enumerate(zip(fields.budgets, geometries))]
 
-
-class DuetTowerMixin(DuetModelMixin):
-    """The server's reducer inside a vLLM model, the tower run with taps, and the loop over a batch's
-    items (``reduce_items``)."""
-
-    #: vision towers whose layers ``select.layer_scores`` reads.
-    tower_types = ("clip_vision_model", "siglip_vision_model")
-    #: where a method's stage chooses: among projected tokens (Gemma's, InternVL's), its output
-    #: reaching the language model as it is, each token in the slot of the token it stands for; or
-    #: among the tower's features (LLaVA's), its output projected by the model's projector.
-    chooses_projected = False
-
     #: whether the family serves methods that drop inside the language model (``language``), given
     #: duet-vlm's worker; a family says where its items' geometry and its decoder layers are
     #: (``language_geometry``, ``text_model``).
     serves_language = False
 
-    def setup_duet(self, vllm_config) -> None:
+    def read_settings(self, vllm_config) -> Settings:
+        """The server's options (``self.duet``). With duet-vlm's worker, on a family that serves
+        them, methods that drop inside the language model are served (``setup_language``); elsewhere
+        they are refused."""
         from .language import WORKER
 
         served = self.serves_language and getattr(vllm_config.parallel_config, "worker_cls", None) == WORKER
         self.duet = Settings.read(server_options(vllm_config.model_config), language=served)
         if self.duet.active and served:
             self.setup_language(vllm_config)
-        if self.duet.active:
-            kind = self.config.vision_config.model_type
-            if kind not in self.tower_types:
-                raise RefusedMethod(f"duet-vlm's vLLM plugin reads {', '.join(self.tower_types)} towers; this one is {kind!r}")
-            if not isinstance(getattr(self.config, "vision_feature_layer", -1), int):
-                raise RefusedMethod("duet-vlm supports a single vision feature layer (vision_feature_layer an int)")
-            self.duet.reducer()
+        return self.duet
 
     def setup_language(self, vllm_config) -> None:
         """With duet-vlm's worker: where a method the server runs (its own, or one a request may
@@ -389,8 +376,10 @@ class DuetTowerMixin(DuetModelMixin):
         geometry = self.language_geometry()
         drops = False
         for index in range(len(self.duet.methods)):
+            # whether a method drops inside the language model, and by which stage, is not a matter of
+            # the budget: half a typical item's tokens (the server's budget may not fit this item)
             settings = self.duet.choose(index)
-            plan = language_plan_for(settings, settings.item_budget(geometry) or geometry.visual_tokens // 2, geometry)
+            plan = language_plan_for(settings, geometry.visual_tokens // 2, geometry)
             if plan is not None:
                 check_stage(plan)
                 drops = True
@@ -398,8 +387,10 @@ class DuetTowerMixin(DuetModelMixin):
             check_engine(vllm_config)
             self._duet_language = LanguageStages(self, self.text_model())
 
-    def language_geometry(self) -> Geometry:
-        """An item's geometry, for the plans of methods that drop inside the language model (the family's)."""
+    def language_geometry(self, feature=None) -> Geometry:
+        """The geometry of an item (vLLM's ``MultiModalFeatureSpec``) for the plans of methods that
+        drop inside the language model (the family's); ``None``: a typical image's, to check at start
+        what the server's methods do."""
         raise NotImplementedError
 
     def text_model(self):
@@ -420,13 +411,36 @@ class DuetTowerMixin(DuetModelMixin):
             return []
         plans = []
         for offset, length, feature in features:
-            if feature.modality != "image" or feature.data is None or "duet_budget" not in feature.data:
+            prefix = field_prefix(feature.modality)  # an image's duet_budget, a video's duet_video_budget
+            if feature.data is None or prefix + "budget" not in feature.data:
                 continue
-            budget = int(torch.as_tensor(feature.data["duet_budget"].data).reshape(-1)[0])
-            method = feature.data.get("duet_method")
+            budget = int(torch.as_tensor(feature.data[prefix + "budget"].data).reshape(-1)[0])
+            method = feature.data.get(prefix + "method")
             settings = self.duet if method is None else self.duet.choose(int(torch.as_tensor(method.data).reshape(-1)[0]))
-            plans.append((offset, length, language_plan_for(settings, budget, self.language_geometry())))
+            plans.append((offset, length, language_plan_for(settings, budget, self.language_geometry(feature))))
         return plans
+
+
+class DuetTowerMixin(DuetModelMixin):
+    """The server's reducer inside a vLLM model, the tower run with taps, and the loop over a batch's
+    items (``reduce_items``)."""
+
+    #: vision towers whose layers ``select.layer_scores`` reads.
+    tower_types = ("clip_vision_model", "siglip_vision_model")
+    #: where a method's stage chooses: among projected tokens (Gemma's, InternVL's), its output
+    #: reaching the language model as it is, each token in the slot of the token it stands for; or
+    #: among the tower's features (LLaVA's), its output projected by the model's projector.
+    chooses_projected = False
+
+    def setup_duet(self, vllm_config) -> None:
+        self.read_settings(vllm_config)
+        if self.duet.active:
+            kind = self.config.vision_config.model_type
+            if kind not in self.tower_types:
+                raise RefusedMethod(f"duet-vlm's vLLM plugin reads {', '.join(self.tower_types)} towers; this one is {kind!r}")
+            if not isinstance(getattr(self.config, "vision_feature_layer", -1), int):
+                raise RefusedMethod("duet-vlm supports a single vision feature layer (vision_feature_layer an int)")
+            self.duet.reducer()
 
     def _process_image_input(self, image_input):
         """vLLM's embedding of a batch of images, reduced where a method reduces it (InternVL embeds

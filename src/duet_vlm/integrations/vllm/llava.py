@@ -50,7 +50,7 @@ class DuetLlavaForConditionalGeneration(DuetTowerMixin, LlavaForConditionalGener
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.setup_duet(vllm_config)
 
-    def language_geometry(self):
+    def language_geometry(self, feature=None):
         return llava_geometry(self.config)
 
     def encode(self, image_input, fields, modality: str) -> list[Encoded]:

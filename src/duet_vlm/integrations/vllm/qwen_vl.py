@@ -71,8 +71,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from ...adapters.qwen_vl import qwen_geometry
 from ...geometry import Geometry
 from ...scoring import segment_scores
-from .common import PIXELS, DuetInfoMixin, DuetModelMixin, DuetProcessorMixin, WithoutDuetOptions, server_options
-from .options import RefusedMethod, Settings, plan_for
+from .common import PIXELS, DuetInfoMixin, DuetModelMixin, DuetProcessorMixin, WithoutDuetOptions
+from .options import RefusedMethod, plan_for
 from .select import all_heads, encoder_index, reduce_unit
 
 
@@ -120,8 +120,8 @@ class DuetQwenVLMixin(DuetModelMixin):
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:  # vLLM reads these two names
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.duet = Settings.read(server_options(vllm_config.model_config))
         self._duet_pending = None
+        self.read_settings(vllm_config)
         self._duet_items: dict = {}
         if self.duet.active:
             self.duet.reducer()
@@ -153,6 +153,13 @@ class DuetQwenVLMixin(DuetModelMixin):
     def main_width(self) -> int:
         """The channels that enter the sequence; the rest (DeepStack's) travel with the token."""
         return self.config.text_config.hidden_size
+
+    def language_geometry(self, feature=None) -> Geometry:
+        """An image's or a video's geometry from its grid (a 448-pixel square image's at start)."""
+        if feature is None:
+            return qwen_geometry(self.config, (1, 32, 32))
+        grid = feature.data[f"{feature.modality}_grid_thw"].data
+        return qwen_geometry(self.config, tuple(int(v) for v in torch.as_tensor(grid).reshape(-1)), feature.modality)
 
     # ------------------------------------------------------------------------------ positions
     def get_mrope_input_positions(self, input_tokens, mm_features):
@@ -381,6 +388,7 @@ class DuetQwen2VLForConditionalGeneration(DuetQwenVLMixin, Qwen2VLForConditional
     """vLLM's Qwen2-VL with duet-vlm's vision-side reduction of images: every block attends over whole images."""
 
     family = "Qwen2-VL"
+    serves_language = True
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -391,6 +399,7 @@ class DuetQwen2_5_VLForConditionalGeneration(DuetQwenVLMixin, Qwen2_5_VLForCondi
     ``fullatt_block_indexes``, whose window order the merger undoes (``reverse_indices``)."""
 
     family = "Qwen2.5-VL"
+    serves_language = True
 
     def score_block(self) -> int:
         return max(self.visual.fullatt_block_indexes)

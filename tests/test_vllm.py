@@ -125,9 +125,9 @@ def engine(folder, options: dict | None, dtype: str = "float32", **settings):
     try:
         llm = LLM(
             model=str(folder), dtype=dtype, enforce_eager=True, seed=0,
-            mm_processor_kwargs=options, max_num_seqs=4, kv_cache_memory_bytes=1 << 28,
-            **{"max_model_len": 2048, "enable_prefix_caching": False, "limit_mm_per_prompt": {"image": 1, "video": 0},
-               **settings},
+            mm_processor_kwargs=options,
+            **{"max_num_seqs": 4, "kv_cache_memory_bytes": 1 << 28, "max_model_len": 2048, "enable_prefix_caching": False,
+               "limit_mm_per_prompt": {"image": 1, "video": 0}, **settings},
         )
         # a proxy: the caller never holds the engine, so it is gone (and its process groups with it)
         # before the next engine of this process starts
@@ -535,7 +535,7 @@ def test_methods_pruning_inside_the_language_model_are_refused(saved_llava, meth
 #: what a server that drops inside the language model runs with (``language.check_engine``): duet-vlm's
 #: worker, every prompt in one step.
 LANGUAGE = {"worker_cls": "duet_vlm.integrations.vllm.language.DuetCPUWorker", "enable_chunked_prefill": False,
-            "max_num_batched_tokens": 2048}
+            "scheduler_cls": "duet_vlm.integrations.vllm.memory.DuetScheduler", "max_num_batched_tokens": 2048}
 
 
 @pytest.fixture(scope="module")
@@ -666,16 +666,19 @@ def check_batch_equals_each_alone(saved, method: str, budgets: list[int], pictur
 
 
 def test_a_preempted_request_drops_the_same_tokens_again_and_answers_the_same(saved_llava_deep):
-    """Two prompts of 606 tokens in a pool of 39 blocks of 32: both prefill (19 blocks each), and the
-    decoding step that needs a 20th block (the 609th token) preempts one, which vLLM computes again
-    from scratch, its generated tokens with it. That request drops again at its last prompt token's
-    scores (the trace holds its drop twice, the same tokens) and both answer as they do alone."""
+    """Three prompts of 606 tokens under FastV in a pool of 93 blocks of 32 (and vLLM's null block): each holds 19 blocks in
+    the group of layers 0-1 and 4 in each of the three groups after the boundary (105 tokens), so
+    all three prefill (93 blocks), and the decoding step that needs a 20th block in the first group
+    (the 609th token) preempts one, which vLLM computes again from scratch, its generated tokens
+    with it. That request drops again at its last prompt token's scores (the trace holds its drop
+    twice, the same tokens) and all answer as they do alone."""
     from duet_vlm.integrations.vllm import language
 
     folder, model, processor = saved_llava_deep
     reducer = duet_vlm.make("fastv", budget=200)
+    pictures = (image(9), image(10), image(11))
     inputs = []
-    for picture in (image(9), image(10)):
+    for picture in pictures:
         one = hf_inputs(processor, picture)
         ids = one["input_ids"][0]
         extra = 606 - ids.shape[0]  # more text before the assistant's turn ends (the prompt's last token)
@@ -686,10 +689,10 @@ def test_a_preempted_request_drops_the_same_tokens_again_and_answers_the_same(sa
         tokens, logprobs, _ = hf_generate(model, one, reducer)
         references.append(((tokens, logprobs, None), [(layer, kept[0, 0].cpu()) for layer, kept in reducer.stats.stage_kept]))
     prompts = [{"prompt_token_ids": vllm_prompt(one), "multi_modal_data": {"image": picture}}
-               for one, picture in zip(inputs, (image(9), image(10)))]
+               for one, picture in zip(inputs, pictures)]
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=1)
-    with engine(folder, {"duet_method": "fastv", "duet_budget": 200}, block_size=32, num_gpu_blocks_override=39,
-                **{**LANGUAGE, "max_model_len": 1024}) as llm:
+    with engine(folder, {"duet_method": "fastv", "duet_budget": 200}, block_size=32, num_gpu_blocks_override=94,
+                **{**LANGUAGE, "max_model_len": 640}) as llm:
         language.TRACE = []
         try:
             outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -699,7 +702,7 @@ def test_a_preempted_request_drops_the_same_tokens_again_and_answers_the_same(sa
     drops = {}
     for req_id, layer, _, ids in trace:
         drops.setdefault(int(req_id.split("-")[0]), []).append((layer, ids))
-    assert sorted(len(found) for found in drops.values()) == [1, 2]  # one request dropped twice: it was preempted
+    assert sorted(len(found) for found in drops.values()) == [1, 1, 2]  # one request dropped twice: it was preempted
     for index, output in enumerate(outputs):
         (reference, hf_kept) = references[index]
         for drop in drops[index]:
@@ -710,8 +713,55 @@ def test_a_preempted_request_drops_the_same_tokens_again_and_answers_the_same(sa
         assert_same(reference, (tokens, logprobs, len(output.prompt_token_ids)), None)
 
 
+def test_the_layers_after_a_boundary_hold_blocks_for_the_kept_tokens_only(saved_llava_deep):
+    """Eight requests at one KV-cache size (two and a half unreduced requests of 8 layers), blocks of
+    32: with FastV and DUET whole each KV-cache group holds, per request, blocks for the tokens its
+    layers keep (the Hugging Face path's count, with the text and the tokens generated), not for the
+    whole prompt, and the pool admits as many requests as those blocks fit, against the same server
+    unreduced (a budget above the image's tokens) and DUET's Stage A alone at the same budget."""
+    from duet_vlm.integrations.vllm import memory
+
+    folder, model, processor = saved_llava_deep
+    pictures = [image(20 + i) for i in range(8)]
+    text = model.config.text_config
+    per_token = 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4  # K and V, float32
+    length = served_length(processor, pictures[0], 576)
+    pool = int(2.5 * text.num_hidden_layers * -(-(length + NEW_TOKENS) // 32) * 32 * per_token)
+    settings = {**LANGUAGE, "block_size": 32, "kv_cache_memory_bytes": pool, "max_num_seqs": 8,
+                "max_num_batched_tokens": 8 * length, "max_model_len": 640}
+    runs = {}
+    for name, server, budget in [("unreduced", {"duet_method": "fastv"}, 1000), ("fastv", {"duet_method": "fastv"}, 160),
+                                 ("stage A", {"duet_method": "duet", "duet_options": '{"layers": []}'}, 160),
+                                 ("duet", {"duet_method": "duet"}, 160)]:
+        reducer = duet_vlm.make(server["duet_method"], budget=budget, **json.loads(server.get("duet_options", "{}")))
+        hf_language_run(model, processor, pictures[0], reducer) if budget < 576 else None
+        held = reducer.stats.items[0].tokens_per_layer if budget < 576 else [576] * text.num_hidden_layers
+        memory.STATS = {}
+        try:
+            with engine(folder, {**server, "duet_budget": 160}, **settings) as llm:
+                results, _ = vllm_run(llm, processor, pictures, [{"duet_budget": budget}] * len(pictures))
+            stats = dict(memory.STATS)
+        finally:
+            memory.STATS = None
+        prompt = results[0][2]
+        layers = [[int(name.split(".layers.")[1].split(".")[0]) for name in group] for group in stats["groups"]]
+        # each group's blocks: the most tokens one of its layers holds (the text, the item's kept tokens,
+        # and at the end the tokens generated but the last, which is sampled, not written), in blocks of 32
+        text_tokens = prompt - held[0]
+        kept = [max(held[layer] for layer in group) for group in layers]
+        expected = [-(-(text_tokens + tokens + NEW_TOKENS - 1) // 32) for tokens in kept]
+        at_admission = sum(-(-(text_tokens + tokens) // 32) for tokens in kept)
+        for blocks in stats["blocks"].values():
+            assert blocks == expected, (name, blocks, expected)
+        assert stats["running"] == min(len(pictures), stats["pool"] // at_admission), (name, stats)
+        runs[name] = stats["running"]
+    assert runs["unreduced"] == 2 and runs["fastv"] > 2 and runs["duet"] >= runs["stage A"] > 2, runs
+
+
 @pytest.mark.parametrize("settings,message", [
     ({}, "--worker-cls duet_vlm.integrations.vllm.language.DuetCPUWorker"),
+    ({key: value for key, value in LANGUAGE.items() if key != "scheduler_cls"},
+     "--scheduler-cls duet_vlm.integrations.vllm.memory.DuetScheduler"),
     ({**LANGUAGE, "enable_prefix_caching": True}, "prefix caching is on"),
     ({**LANGUAGE, "enable_chunked_prefill": True}, "chunked prefill is on"),
 ])

@@ -255,6 +255,7 @@ class ItemFields:
         """The fields of ``modality``'s items, taken out of a batch's arguments."""
         prefix = field_prefix(modality)
         budgets, texts, methods = (kwargs.pop(prefix + key, None) for key in ("budget", "text", "method"))
+        kwargs.pop(prefix + "layer_tokens", None)  # the scheduler's (``memory``), not the model's
         return cls(_ints(budgets), texts, _ints(methods))
 
     def settings(self, server: Settings, index: int) -> Settings:
@@ -275,7 +276,7 @@ def item_fields_config(hf_inputs, modality: str = "image") -> dict:
     """vLLM's field config of the item fields the processor wrote for ``modality``."""
     prefix = field_prefix(modality)
     return {prefix + key: MultiModalFieldConfig.batched(modality)
-            for key in ("budget", "text", "method") if prefix + key in hf_inputs}
+            for key in ("budget", "text", "method", "layer_tokens") if prefix + key in hf_inputs}
 
 
 def write_item_fields(processed_data: dict, settings: Settings, geometries: list, text, modality: str = "image") -> None:
@@ -291,6 +292,11 @@ def write_item_fields(processed_data: dict, settings: Settings, geometries: list
                 f"duet_budget {settings.budget}" if settings.budget is not None else f"duet_ratio {settings.ratio}",
             )
     processed_data[prefix + "budget"] = torch.tensor(budgets, dtype=torch.long)
+    plans = [language_plan_for(settings, budget, geometry) for budget, geometry in zip(budgets, geometries)]
+    if any(plan is not None for plan in plans):  # what each decoder layer holds of each item (``memory``)
+        processed_data[prefix + "layer_tokens"] = torch.tensor(
+            [plan.schedule.tokens_per_layer if plan is not None else [tokens_for(settings, budget, geometry)] * geometry.num_layers
+             for plan, budget, geometry in zip(plans, budgets, geometries)], dtype=torch.long)
     if settings.allow:  # the item's method, as its index in the server's methods
         processed_data[prefix + "method"] = torch.tensor([settings.methods.index(settings.method)] * len(geometries), dtype=torch.long)
     if text is not None:
@@ -374,7 +380,7 @@ class DuetModelMixin:
         from .language import LanguageStages, check_engine, check_stage
 
         geometry = self.language_geometry()
-        drops = False
+        drops, boundaries = False, set()
         for index in range(len(self.duet.methods)):
             # whether a method drops inside the language model, and by which stage, is not a matter of
             # the budget: half a typical item's tokens (the server's budget may not fit this item)
@@ -383,9 +389,16 @@ class DuetModelMixin:
             if plan is not None:
                 check_stage(plan)
                 drops = True
+                boundaries.update(layer for layer, _ in plan.schedule.boundaries)
         if drops:
             check_engine(vllm_config)
             self._duet_language = LanguageStages(self, self.text_model())
+            self._duet_boundaries = sorted(boundaries)
+
+    def duet_boundaries(self) -> list[int]:
+        """The decoder layers before which a method the server runs drops (at a typical item):
+        where the KV-cache groups that hold the kept tokens only begin (``memory``)."""
+        return getattr(self, "_duet_boundaries", [])
 
     def language_geometry(self, feature=None) -> Geometry:
         """The geometry of an item (vLLM's ``MultiModalFeatureSpec``) for the plans of methods that

@@ -40,7 +40,7 @@ import torch
 from ...adapters.scheme import visual_attention
 from ...plan import LayerView, Plan, Selection
 from ...runtime.boundary import drops_all
-from .options import WORKER, RefusedMethod
+from .options import SCHEDULER, WORKER, RefusedMethod
 
 #: when a list (tests, with vLLM's engine in their process): each boundary's choice is appended as
 #: ``(request id, layer, item, ids)``, ``ids`` the kept tokens' indices into the item's visual block
@@ -76,6 +76,9 @@ def check_engine(vllm_config) -> None:
     parallel = vllm_config.parallel_config
     if parallel.worker_cls != WORKER:
         problems.append(f"start the server with --worker-cls {WORKER} (the runner that gives later layers their kept tokens' slots)")
+    chosen = vllm_config.scheduler_config.scheduler_cls
+    if (chosen if isinstance(chosen, str) or chosen is None else f"{chosen.__module__}.{chosen.__qualname__}") != SCHEDULER:
+        problems.append(f"start the server with --scheduler-cls {SCHEDULER} (the scheduler that holds blocks for the kept tokens only)")
     if vllm_config.cache_config.enable_prefix_caching:
         problems.append("prefix caching is on (--no-enable-prefix-caching): a dropped block depends on the text after it")
     if vllm_config.scheduler_config.enable_chunked_prefill:
@@ -206,6 +209,22 @@ class _RunnerMixin:
             known[req_id] = request_plan(plans, state.num_prompt_tokens)
         return known[req_id]
 
+    def get_kv_cache_spec(self):
+        """vLLM's specs, the layers from each boundary of the server's methods to the next reporting
+        ``memory.DroppedSpec``: their own KV-cache groups, whose blocks hold the kept tokens only."""
+        specs = super().get_kv_cache_spec()
+        boundaries = self.model.duet_boundaries() if hasattr(self.model, "duet_boundaries") else []
+        if not boundaries:
+            return specs
+        from .memory import DroppedSpec
+
+        names = self.model.duet_attention_layer_names()
+        edges = [*boundaries, len(names)]
+        for first, end in zip(edges, edges[1:]):
+            for layer in range(first, end):
+                specs[names[layer]] = DroppedSpec.of(specs[names[layer]], first, end - 1)
+        return specs
+
     def _get_slot_mappings(self, *args, **kwargs):
         by_group, by_layer = super()._get_slot_mappings(*args, **kwargs)
         self._duet_slots = by_layer  # the dictionary the forward context receives
@@ -263,9 +282,6 @@ class _RunnerMixin:
 
         num_layers = self.model.duet_num_layers()
         names = self.model.duet_attention_layer_names()
-        table = self.input_batch.block_table[0]
-        block_size = table.block_size
-        blocks = table.get_cpu_tensor()
         num_reqs = len(step.rows)
         seq_lens = self.seq_lens[:num_reqs].cpu()
 
@@ -291,25 +307,32 @@ class _RunnerMixin:
             counts = [count for count, _, _ in value]
             starts = torch.tensor([0, *counts], dtype=torch.int32).cumsum(0, dtype=torch.int32)
             lens = seq_lens - torch.tensor([dropped for _, _, dropped in value], dtype=seq_lens.dtype)
-            slots = []
-            for index, ((count, before, _), (_, computed)) in enumerate(zip(value, step.batch)):
-                slots.append(compact_slots(blocks[index], block_size, computed - before, count))
-            slot_mapping = torch.cat(slots) if slots else torch.empty(0, dtype=torch.long)
-            common = CommonAttentionMetadata(
-                query_start_loc=starts, query_start_loc_cpu=starts, seq_lens=lens, seq_lens_cpu_upper_bound=lens,
-                num_reqs=num_reqs, num_actual_tokens=int(starts[-1]), max_query_len=max(counts),
-                max_seq_len=int(lens.max()), block_table_tensor=table.get_device_tensor(num_reqs),
-                slot_mapping=slot_mapping, causal=True,
-            )
             wanted = {names[layer] for layer in layers}
-            for group in self.attn_groups[0]:
-                mine = [name for name in group.layer_names if name in wanted]
-                if not mine:
-                    continue
-                metadata = group.get_metadata_builder(0).build(common_prefix_len=0, common_attn_metadata=common)
-                for name in mine:
-                    attn_metadata[name] = metadata
-                    self._duet_slots[name] = slot_mapping
+            # each KV-cache group its own block table: the layers after a boundary have groups of
+            # their own where the server saves memory (``memory.DroppedSpec``), one with the others if not
+            for kv_group, attn_groups in enumerate(self.attn_groups):
+                table = self.input_batch.block_table[kv_group]
+                blocks = table.get_cpu_tensor()
+                slots = [compact_slots(blocks[index], table.block_size, computed - before, count)
+                         for index, ((count, before, _), (_, computed)) in enumerate(zip(value, step.batch))]
+                slot_mapping = torch.cat(slots) if slots else torch.empty(0, dtype=torch.long)
+                common = None
+                for group in attn_groups:
+                    mine = [name for name in group.layer_names if name in wanted]
+                    if not mine:
+                        continue
+                    if common is None:
+                        common = CommonAttentionMetadata(
+                            query_start_loc=starts, query_start_loc_cpu=starts, seq_lens=lens,
+                            seq_lens_cpu_upper_bound=lens, num_reqs=num_reqs, num_actual_tokens=int(starts[-1]),
+                            max_query_len=max(counts), max_seq_len=int(lens.max()),
+                            block_table_tensor=table.get_device_tensor(num_reqs), slot_mapping=slot_mapping,
+                            causal=True,
+                        )
+                    metadata = group.get_metadata_builder(0).build(common_prefix_len=0, common_attn_metadata=common)
+                    for name in mine:
+                        attn_metadata[name] = metadata
+                        self._duet_slots[name] = slot_mapping
 
 
 def _worker_base():

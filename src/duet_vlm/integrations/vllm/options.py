@@ -48,6 +48,8 @@ KEYS = ("duet_method", "duet_budget", "duet_ratio", "duet_options", "duet_text",
 
 #: the worker class a server that drops inside the language model runs (``--worker-cls``; ``language``).
 WORKER = "duet_vlm.integrations.vllm.language.DuetCPUWorker"
+#: the scheduler it runs (``--scheduler-cls``; ``memory``: the blocks of the kept tokens only).
+SCHEDULER = "duet_vlm.integrations.vllm.memory.DuetScheduler"
 
 #: what a request may set on a server with ``duet_allow``.
 REQUEST_KEYS = ("duet_method", "duet_budget", "duet_ratio")

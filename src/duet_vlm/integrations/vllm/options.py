@@ -50,6 +50,10 @@ KEYS = ("duet_method", "duet_budget", "duet_ratio", "duet_options", "duet_text",
 WORKER = "duet_vlm.integrations.vllm.language.DuetCPUWorker"
 #: the scheduler it runs (``--scheduler-cls``; ``memory``: the blocks of the kept tokens only).
 SCHEDULER = "duet_vlm.integrations.vllm.memory.DuetScheduler"
+#: vLLM's engine settings (``EngineArgs``' names) such a server runs with (``language.check_engine``):
+#: duet-vlm's worker and scheduler, every prompt in one step, no prefix cache, eager.
+LANGUAGE_SETTINGS = {"worker_cls": WORKER, "scheduler_cls": SCHEDULER, "enable_chunked_prefill": False,
+                     "enable_prefix_caching": False, "enforce_eager": True}
 
 #: what a request may set on a server with ``duet_allow``.
 REQUEST_KEYS = ("duet_method", "duet_budget", "duet_ratio")

@@ -21,11 +21,24 @@ import argparse
 import json
 import sys
 
-from .options import SCHEDULER, WORKER, RefusedMethod, Settings
+from .options import LANGUAGE_SETTINGS, RefusedMethod, Settings
+
+
+def engine_flags(settings: dict) -> list[tuple[str, ...]]:
+    """vLLM's command-line flags for engine settings (``EngineArgs``' names).
+
+    >>> engine_flags({"worker_cls": "w", "enforce_eager": True, "enable_prefix_caching": False})
+    [('--worker-cls', 'w'), ('--enforce-eager',), ('--no-enable-prefix-caching',)]
+    """
+    flags = []
+    for name, value in settings.items():
+        flag = "--" + name.replace("_", "-")
+        flags.append((flag,) if value is True else (flag.replace("--", "--no-", 1),) if value is False else (flag, str(value)))
+    return flags
+
 
 #: vLLM's flags a server that drops inside the language model runs with (``language.check_engine``).
-LANGUAGE_FLAGS = (("--worker-cls", WORKER), ("--scheduler-cls", SCHEDULER), ("--no-enable-chunked-prefill",),
-                  ("--no-enable-prefix-caching",), ("--enforce-eager",))
+LANGUAGE_FLAGS = engine_flags(LANGUAGE_SETTINGS)
 
 
 def serve_argv(argv: list[str]) -> list[str]:

@@ -758,6 +758,32 @@ def test_the_layers_after_a_boundary_hold_blocks_for_the_kept_tokens_only(saved_
     assert runs["unreduced"] == 2 and runs["fastv"] > 2 and runs["duet"] >= runs["stage A"] > 2, runs
 
 
+def test_a_prompt_that_drops_waits_whole_where_its_image_does_not_fit_the_encoder_budget(saved_llava_deep):
+    """Where an image's encoder input does not fit a step (the encoder's budget or cache spent),
+    vLLM's scheduler runs the text before it now and the rest later: a prompt that drops would be
+    split. duet-vlm's scheduler lets it wait whole, while a prompt that does not drop is split as
+    vLLM splits it; with room, the dropping prompt is scheduled whole, and both then answer."""
+    folder, model, processor = saved_llava_deep
+    picture = image(31)
+    prompt = {"prompt_token_ids": vllm_prompt(hf_inputs(processor, picture)), "multi_modal_data": {"image": picture}}
+    with engine(folder, {"duet_method": "fastv", "duet_budget": 200}, **LANGUAGE) as llm:
+        engine_ = llm.llm_engine
+        engine_.add_request("drops", prompt, SamplingParams(max_tokens=2))
+        engine_.add_request("whole", {**prompt, "mm_processor_kwargs": {"duet_budget": 1000}}, SamplingParams(max_tokens=2))
+        scheduler = engine_.engine_core.engine_core.scheduler
+        requests = {req_id.split("-")[0]: request for req_id, request in scheduler.requests.items()}
+        offset = requests["drops"].mm_features[0].mm_position.offset
+        for name, scheduled in (("drops", 0), ("whole", offset)):  # no encoder budget left
+            request = requests[name]
+            assert scheduler._try_schedule_encoder_inputs(request, 0, request.num_tokens, 0)[1] == scheduled
+        request = requests["drops"]
+        assert scheduler._try_schedule_encoder_inputs(request, 0, request.num_tokens, 10_000)[1] == request.num_tokens
+        finished = []
+        while engine_.has_unfinished_requests():
+            finished += [output for output in engine_.step() if output.finished]
+    assert sorted(output.request_id.split("-")[0] for output in finished) == ["drops", "whole"]
+
+
 @pytest.mark.parametrize("settings,message", [
     ({}, "--worker-cls duet_vlm.integrations.vllm.language.DuetCPUWorker"),
     ({key: value for key, value in LANGUAGE.items() if key != "scheduler_cls"},

@@ -313,24 +313,22 @@ class _RunnerMixin:
             # each KV-cache group its own block table: the layers after a boundary have groups of
             # their own where the server saves memory (``memory.DroppedSpec``), one with the others if not
             for kv_group, attn_groups in enumerate(self.attn_groups):
+                chosen = [(group, mine) for group in attn_groups
+                          if (mine := [name for name in group.layer_names if name in wanted])]
+                if not chosen:
+                    continue
                 table = self.input_batch.block_table[kv_group]
                 blocks = table.get_cpu_tensor()
                 slots = [compact_slots(blocks[index], table.block_size, computed - before, count)
                          for index, ((count, before, _), (_, computed)) in enumerate(zip(value, step.batch))]
                 slot_mapping = torch.cat(slots) if slots else torch.empty(0, dtype=torch.long)
-                common = None
-                for group in attn_groups:
-                    mine = [name for name in group.layer_names if name in wanted]
-                    if not mine:
-                        continue
-                    if common is None:
-                        common = CommonAttentionMetadata(
-                            query_start_loc=starts, query_start_loc_cpu=starts, seq_lens=lens,
-                            seq_lens_cpu_upper_bound=lens, num_reqs=num_reqs, num_actual_tokens=int(starts[-1]),
-                            max_query_len=max(counts), max_seq_len=int(lens.max()),
-                            block_table_tensor=table.get_device_tensor(num_reqs), slot_mapping=slot_mapping,
-                            causal=True,
-                        )
+                common = CommonAttentionMetadata(
+                    query_start_loc=starts, query_start_loc_cpu=starts, seq_lens=lens, seq_lens_cpu_upper_bound=lens,
+                    num_reqs=num_reqs, num_actual_tokens=int(starts[-1]), max_query_len=max(counts),
+                    max_seq_len=int(lens.max()), block_table_tensor=table.get_device_tensor(num_reqs),
+                    slot_mapping=slot_mapping, causal=True,
+                )
+                for group, mine in chosen:
                     metadata = group.get_metadata_builder(0).build(common_prefix_len=0, common_attn_metadata=common)
                     for name in mine:
                         attn_metadata[name] = metadata

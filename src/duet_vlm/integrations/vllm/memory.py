@@ -17,7 +17,8 @@ requests. What enters vLLM, each through an interface it offers (nothing is patc
   before its segment (``cdiv(n - D, block_size)``), in the admission check and in the allocation.
 - **A scheduler** (``DuetScheduler``, ``--scheduler-cls``): it reads, as each request arrives, the
   tokens each decoder layer holds of each of its items, which the processor wrote beside the
-  item's budget (``duet_layer_tokens``), and tells the managers.
+  item's budget (``duet_layer_tokens``), and tells the managers; and it does not split a prompt
+  that drops where an item's encoder input does not fit a step (it waits, whole).
 
 The layers of a segment write a request's kept tokens into the first slots of the request's own
 blocks of their group (``language``'s runner, with each group's block table), so the blocks it
@@ -34,9 +35,12 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
+from vllm.logger import init_logger
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from .common import field_prefix
+
+logger = init_logger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -81,7 +85,13 @@ def request_drops(request, num_layers: int) -> RequestDrops | None:
     for feature in request.mm_features or ():
         data = feature.data
         key = field_prefix(feature.modality) + "layer_tokens"
-        if data is None or key not in data:
+        if data is None:  # held by a processor cache that does not hand it to the scheduler (shm, it may be)
+            logger.warning_once("duet-vlm: an item reached vLLM's scheduler without its fields (its data is in a "
+                                "processor cache the scheduler does not read): its request holds blocks for all its "
+                                "tokens in every layer (exact, no memory saved); --mm-processor-cache-type lru "
+                                "hands the scheduler the fields")
+            continue
+        if key not in data:
             continue
         tokens = torch.as_tensor(data[key].data).reshape(-1).tolist()
         if len(tokens) != num_layers:
@@ -153,6 +163,19 @@ class _SchedulerMixin:
             if drops is not None:
                 self.duet_drops[request.request_id] = drops
         super().add_request(request)
+
+    def _try_schedule_encoder_inputs(self, request, num_computed_tokens: int, num_new_tokens: int,
+                                     encoder_compute_budget: int, *args, **kwargs):
+        """vLLM's choice of a step's encoder inputs, but a prompt that drops is not split: where an
+        item's encoder input does not fit this step (the encoder's budget or cache is spent), vLLM
+        would run the text before the item now and the rest later; the prompt waits, whole, for a
+        step it fits (what vLLM itself does where nothing can be scheduled)."""
+        scheduled = super()._try_schedule_encoder_inputs(request, num_computed_tokens, num_new_tokens,
+                                                         encoder_compute_budget, *args, **kwargs)
+        drops = self.duet_drops.get(request.request_id)
+        if drops is not None and num_computed_tokens < drops.prompt and scheduled[1] < num_new_tokens:
+            return [], 0, encoder_compute_budget, [], []
+        return scheduled
 
     def duet_num_layers(self) -> int:
         return self.vllm_config.model_config.hf_text_config.num_hidden_layers

@@ -56,19 +56,21 @@ class StageNotServed(RefusedMethod):
 
 def check_stage(plan: Plan) -> None:
     """Refuse a plan whose language stage this plugin cannot serve yet, naming why."""
+    from ...methods.dart import DuplicationPrune
     from ...methods.duet import TextGuidedPrune
+    from ...methods.random_horizon import UniformRandomPrune
     from ...methods.stages import LastInstructionAttention, LastTokenAttention
 
     stage = plan.language
     if stage is None:
         return
-    served = (LastTokenAttention, LastInstructionAttention, TextGuidedPrune)
+    served = (LastTokenAttention, LastInstructionAttention, TextGuidedPrune, DuplicationPrune, UniformRandomPrune)
     if type(stage) not in served or getattr(stage, "query", "text") not in ("text", "last"):
         raise StageNotServed(
             f"{type(stage).__name__} (a stage that drops inside the language model) is not served under vLLM yet: "
-            "the plugin serves stages that score with the queries and keys of a decoder layer, FastV's "
-            "LastTokenAttention, PyramidDrop's LastInstructionAttention and DUET's TextGuidedPrune (query "
-            "'text' or 'last') so far"
+            "the plugin serves stages that read a decoder layer's queries and keys, its states or nothing: FastV's "
+            "LastTokenAttention, PyramidDrop's and VScan's LastInstructionAttention, DUET's TextGuidedPrune (query "
+            "'text' or 'last'), DART's DuplicationPrune and random_horizon's UniformRandomPrune so far"
         )
 
 
@@ -373,6 +375,7 @@ class LanguageStages:
     def __init__(self, owner, text_model) -> None:
         self.owner = owner  # the model the runner calls (its forward returns the decoder's output rows)
         self.layers = list(text_model.layers)
+        self.norm = text_model.norm  # the final norm (DART compares states through it)
         self.handles = []
         self.state: dict[str, Any] = {}
         for index, layer in enumerate(self.layers):
@@ -452,11 +455,13 @@ class LanguageStages:
                     if "layer_qk" not in self.state or self.state["layer_qk"][0] != index:
                         rotated = self._renumbered(index, step, positions) if self.state["renumbers"] else positions
                         self.state["layer_qk"] = (index, self._layer_qk(index, rotated, hidden, residual))
-                    chosen = self._select(index, drop, item, rows, keep, (self.state["layer_qk"][1], states), where,
-                                          states, scorer=index)
-                else:
-                    chosen = self._select(index, drop, item, rows, keep, (captured, previous), where, states,
+                    chosen = self._select(index, drop, item, rows, ids, keep, (self.state["layer_qk"][1], states),
+                                          where, states, scorer=index)
+                elif stage.reads == "previous":  # the queries and keys layer K-1 computed, as it ran
+                    chosen = self._select(index, drop, item, rows, ids, keep, (captured, previous), where, states,
                                           scorer=index - 1)
+                else:  # no layer's attention (random at the horizon)
+                    chosen = self._select(index, drop, item, rows, ids, keep, None, where, states, scorer=None)
                 dropped = torch.ones(before, dtype=torch.bool, device=hidden.device)
                 dropped[chosen] = False
                 keep_rows[rows[dropped]] = False
@@ -510,17 +515,14 @@ class LanguageStages:
             q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
             return attn.rotary_emb(positions, q, k)
 
-    def _select(self, index: int, drop: RowDrop, item: int, rows: torch.Tensor, keep: int, scored, where, hidden,
-                scorer: int):
-        """The method's own choice (``LanguageStage.select``) among an item's held ``rows``, from a
-        ``LayerView`` of the request's held rows in this step: its prompt tokens valid (a request
-        computed again after preemption holds its generated tokens too), its residual stream at
-        the boundary and before it, and the queries and keys the layer before it computed."""
+    def _select(self, index: int, drop: RowDrop, item: int, rows: torch.Tensor, ids: torch.Tensor, keep: int, scored,
+                where, hidden, scorer: int | None):
+        """The method's own choice (``LanguageStage.select``) among an item's held ``rows`` (``ids``:
+        their indices into the item's visual block), from a ``LayerView`` of the request's held rows
+        in this step: its prompt tokens valid (a request computed again after preemption holds its
+        generated tokens too), its residual stream at the boundary and before it, and the queries
+        and keys of decoder layer ``scorer`` (``None``: the stage reads no layer's attention)."""
         stage = drop.request.plans[item].language
-        captured, previous = scored  # layer ``scorer``'s (queries, keys), and the residual stream it read
-        if captured is None or previous is None:
-            raise RuntimeError(f"layer {scorer} did not run before layer {index} in this step; its attention cannot be read")
-        query, key = captured
         step_rows = torch.arange(drop.start, drop.start + drop.count, device=where.device)
         mapped = where[step_rows]
         held = mapped >= 0
@@ -529,29 +531,44 @@ class LanguageStages:
         valid = (place < drop.request.prompt)[None]
         last_item = max(offset + length for offset, length in drop.request.spans)
         after_image = ((place >= last_item) & (place < drop.request.prompt)).nonzero().squeeze(-1)
-        attn = self.layers[scorer].self_attn.attn
-        heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_size
-        length = request_rows.shape[0]
-        q = query[request_rows].view(1, length, heads, head_dim).transpose(1, 2)
-        k = key[request_rows].view(1, length, kv_heads, head_dim).transpose(1, 2)
         local = torch.searchsorted(request_rows, rows)  # the item's rows among the request's rows
-        scale = attn.impl.scale
+        query = key = previous = None
+        if scorer is not None:
+            captured, previous = scored  # layer ``scorer``'s (queries, keys), and the residual stream it read
+            if captured is None or previous is None:
+                raise RuntimeError(f"layer {scorer} did not run before layer {index} in this step; its attention cannot be read")
+            query, key = (values[request_rows] for values in captured)
+            previous = previous[request_rows][None]
+        length = request_rows.shape[0]
 
         def attention(layer, hidden_states, rope, queries, key_valid, visual_index, layer_keys=None):
+            attn = self.layers[scorer].self_attn.attn
+            heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_size
+            q = query.view(1, length, heads, head_dim).transpose(1, 2)
+            k = key.view(1, length, kv_heads, head_dim).transpose(1, 2)
             out = []
             for row in range(len(queries)):
                 out.append(visual_attention(q[row : row + 1, :, queries[row]], k, queries[row], key_valid[row],
-                                            visual_index[row], scale, heads // kv_heads))
+                                            visual_index[row], attn.impl.scale, heads // kv_heads))
             return torch.stack(out)
+
+        def keys(layer, hidden_states, rope, key_valid):  # (1, L, H_kv * d), rotated, as the layer computed them
+            if scorer is None or layer is not self.layers[scorer]:
+                raise StageNotServed(f"{type(stage).__name__} reads the keys of a layer the plugin did not capture")
+            return key[None]
+
+        def final_norm(states):  # vLLM's fused norms may write into their inputs
+            return self.norm(states.clone())
 
         view = LayerView(
             layer_index=index, layer=self.layers[index], hidden_states=hidden[request_rows][None],
-            position_embeddings=(None, None), visual_index=local.view(1, 1, -1),
-            visual_ids=torch.arange(rows.shape[0], device=hidden.device).view(1, 1, -1), valid=valid,
-            input_ids=None, input_embeddings=None, text_after_image=[after_image],
-            previous_layer=self.layers[index - 1], previous_hidden_states=previous[request_rows][None], scratch={},
-            attention_fn=attention, run_layer_fn=_unavailable, output_head_fn=_unavailable,
-            previous_layer_keys=k if stage.reads == "previous" else None,
+            position_embeddings=(None, None), visual_index=local.view(1, 1, -1), visual_ids=ids.view(1, 1, -1),
+            valid=valid, input_ids=None, input_embeddings=None, text_after_image=[after_image],
+            previous_layer=self.layers[index - 1], previous_hidden_states=previous, scratch={},
+            attention_fn=attention, run_layer_fn=_unavailable, output_head_fn=_unavailable, final_norm_fn=final_norm,
+            keys_fn=keys,
+            previous_layer_keys=key.view(1, length, -1, self.layers[scorer].self_attn.attn.head_size).transpose(1, 2)
+            if stage.reads == "previous" else None,
         )
         selection = stage.select(view, keep)
         if isinstance(selection, Selection):

@@ -575,12 +575,14 @@ def assert_same_drops(hf_kept, vllm_kept):
 
 
 @pytest.mark.parametrize("method,budget", [("fastv", 160), ("fastv", 300), ("pyramiddrop", 200), ("duet", 200),
-                                           ("dart", 200), ("random_horizon", 300), ("vscan", 200)])
+                                           ("dart", 200), ("random_horizon", 300), ("vscan", 200),
+                                           ("sparsevlm", 200), ("holitom", 200)])
 def test_language_stages_served_equal_the_hugging_face_path(saved_llava_deep, method, budget):
     """FastV (after layer 2 of 8, scored in layer 1), PyramidDrop (three boundaries, scored in the
     layer after each), DUET whole (Stage A, then Stage B at layers 4 and 6), VScan whole (its scan,
     then PyramidDrop's stage), DART (pivots by layer 1's key norms, duplicates by its output through
-    the final norm) and random at the horizon (no layer read), served: the same kept tokens at every boundary, greedy tokens and log-probabilities
+    the final norm), SparseVLM (raters from the input embeddings, recycled tokens merged), HoliTom
+    (the rest merged into the kept) and random at the horizon (no layer read), served: the same kept tokens at every boundary, greedy tokens and log-probabilities
     as transformers + duet_vlm, and the prompt holds the tokens the vision side keeps (all of them
     but DUET's)."""
     check_language_equals_hf(saved_llava_deep, method, budget, [image(1), image(2)])
@@ -594,7 +596,7 @@ def saved_qwen_deep(request, tmp_path_factory):
     return folder, model, AutoProcessor.from_pretrained(folder)
 
 
-@pytest.mark.parametrize("method,budget", [("fastv", 80), ("pyramiddrop", 80), ("duet", 50), ("dart", 80)])
+@pytest.mark.parametrize("method,budget", [("fastv", 80), ("pyramiddrop", 80), ("duet", 50), ("dart", 80), ("sparsevlm", 80)])
 def test_qwen_language_stages_served_equal_the_hugging_face_path(saved_qwen_deep, method, budget):
     """The same on Qwen2.5-VL and Qwen2-VL: the kept tokens keep their 3-D M-RoPE positions in the
     layers after each boundary (and the text after the image the unreduced model's), as on the
@@ -800,7 +802,7 @@ def test_a_server_that_cannot_drop_exactly_is_refused_at_start(saved_llava_deep,
     assert any(message in e for e in chain), chain
 
 
-@pytest.mark.parametrize("method,options", [("pio", {}), ("sparsevlm", {})])
+@pytest.mark.parametrize("method,options", [("pio", {})])
 def test_stages_not_served_yet_are_refused_at_start_by_name(saved_llava_deep, method, options):
     folder, _, _ = saved_llava_deep
     server = {"duet_method": method, "duet_budget": 200, **({"duet_options": json.dumps(options)} if options else {})}

@@ -179,9 +179,9 @@ def test_a_server_that_serves_language_stages_takes_fastv_and_names_what_it_cann
         check_stage(served)
         assert request_plan([(5, served.schedule.llm_input, served)], prompt=600).contiguous  # renumbered
     assert not request.contiguous  # FastV keeps its kept tokens' positions
-    for method in ("dart", "random_horizon"):  # DART reads layer K-1's keys and states, random nothing: served
+    for method in ("dart", "random_horizon", "sparsevlm", "holitom"):  # served
         check_stage(language_plan_for(Settings.read({"duet_method": method, "duet_budget": 400}, language=True), 400, LLAVA))
-    for method in ("sparsevlm", "holitom", "pio"):
+    for method in ("pio",):
         other = Settings.read({"duet_method": method, "duet_budget": 64}, language=True)
         with pytest.raises(StageNotServed, match="is not served under vLLM yet"):
             check_stage(language_plan_for(other, 64, LLAVA))

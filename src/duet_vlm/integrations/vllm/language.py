@@ -58,19 +58,23 @@ def check_stage(plan: Plan) -> None:
     """Refuse a plan whose language stage this plugin cannot serve yet, naming why."""
     from ...methods.dart import DuplicationPrune
     from ...methods.duet import TextGuidedPrune
+    from ...methods.holitom import SimilarityMerge
     from ...methods.random_horizon import UniformRandomPrune
+    from ...methods.sparsevlm import TextRaterPrune
     from ...methods.stages import LastInstructionAttention, LastTokenAttention
 
     stage = plan.language
     if stage is None:
         return
-    served = (LastTokenAttention, LastInstructionAttention, TextGuidedPrune, DuplicationPrune, UniformRandomPrune)
+    served = (LastTokenAttention, LastInstructionAttention, TextGuidedPrune, DuplicationPrune, UniformRandomPrune,
+              TextRaterPrune, SimilarityMerge)
     if type(stage) not in served or getattr(stage, "query", "text") not in ("text", "last"):
         raise StageNotServed(
             f"{type(stage).__name__} (a stage that drops inside the language model) is not served under vLLM yet: "
             "the plugin serves stages that read a decoder layer's queries and keys, its states or nothing: FastV's "
             "LastTokenAttention, PyramidDrop's and VScan's LastInstructionAttention, DUET's TextGuidedPrune (query "
-            "'text' or 'last'), DART's DuplicationPrune and random_horizon's UniformRandomPrune so far"
+            "'text' or 'last'), DART's DuplicationPrune, random_horizon's UniformRandomPrune, SparseVLM's "
+            "TextRaterPrune and HoliTom's SimilarityMerge so far"
         )
 
 
@@ -383,7 +387,7 @@ class LanguageStages:
             self.handles.append(layer.self_attn.attn.register_forward_pre_hook(self._at_attention(index)))
         # on the whole model, which the runner calls: vLLM's compiled decoder class calls its own
         # ``forward`` directly (``support_torch_compile``), past any hook on the decoder module
-        self.handles.append(owner.register_forward_pre_hook(self._enter))
+        self.handles.append(owner.register_forward_pre_hook(self._enter, with_kwargs=True))
         self.handles.append(owner.register_forward_hook(self._leave))
 
     def remove(self) -> None:
@@ -391,13 +395,15 @@ class LanguageStages:
             handle.remove()
 
     # a step's life: entry, each layer's attention and input, exit
-    def _enter(self, module, args):
+    def _enter(self, module, args, kwargs):
         self.state = {}
         step = getattr(self.owner, "_duet_step", None)
         renumbers = step is not None and step.renumbers()
         if step is not None and (step.drops or renumbers):
+            # the step's input embeddings (SparseVLM's raters read them), and per request what a stage
+            # computes once per prefill and reads at a later boundary (``LayerView.scratch``)
             self.state = {"step": step, "index": None, "positions": None, "captured": {}, "ids": {}, "inputs": {},
-                          "renumbers": renumbers}
+                          "renumbers": renumbers, "embeddings": kwargs.get("inputs_embeds"), "scratch": {}}
 
     def _at_attention(self, index: int):
         def hook(module, args):
@@ -432,6 +438,7 @@ class LanguageStages:
         previous = self.state["inputs"].pop(index - 1, None)
         held = torch.arange(hidden.shape[0], device=hidden.device) if current is None else current
         keep_rows = torch.ones(held.shape[0], dtype=torch.bool, device=hidden.device)
+        replaced = []  # (rows, states) of merged tokens
         # where each of the step's rows sits among the held rows (-1: dropped)
         where = torch.full((sum(count for _, count in step.rows),), -1, dtype=torch.long, device=hidden.device)
         where[held] = torch.arange(held.shape[0], device=hidden.device)
@@ -440,8 +447,8 @@ class LanguageStages:
             for item, ((offset, length), item_plan) in enumerate(zip(plan.spans, plan.plans)):
                 held_per_layer = item_plan.schedule.tokens_per_layer
                 before, keep = held_per_layer[index - 1], held_per_layer[index]
-                if keep == before:  # no boundary of this item here
-                    continue
+                if index not in dict(item_plan.schedule.boundaries):  # no boundary of this item here (a
+                    continue  # boundary may keep every token, and a stage that merges still changes them)
                 rows = self._item_rows(drop, offset, length, where)  # this item's tokens still held
                 if rows.shape[0] != before:
                     raise RuntimeError(f"an item holds {rows.shape[0]} tokens at layer {index}, its plan {before}")
@@ -449,19 +456,23 @@ class LanguageStages:
                 if ids is None:
                     ids = torch.arange(length, device=hidden.device)
                 stage = item_plan.language
+                replacement = None
                 if drops_all(keep):  # every token goes, whatever the stage would score
                     chosen = rows.new_empty(0)
                 elif stage.reads == "layer":  # this layer's own queries and keys, on the held rows
                     if "layer_qk" not in self.state or self.state["layer_qk"][0] != index:
                         rotated = self._renumbered(index, step, positions) if self.state["renumbers"] else positions
                         self.state["layer_qk"] = (index, self._layer_qk(index, rotated, hidden, residual))
-                    chosen = self._select(index, drop, item, rows, ids, keep, (self.state["layer_qk"][1], states),
-                                          where, states, scorer=index)
+                    chosen, replacement = self._select(index, drop, item, rows, ids, keep,
+                                                       (self.state["layer_qk"][1], states), where, states, scorer=index)
                 elif stage.reads == "previous":  # the queries and keys layer K-1 computed, as it ran
-                    chosen = self._select(index, drop, item, rows, ids, keep, (captured, previous), where, states,
-                                          scorer=index - 1)
+                    chosen, replacement = self._select(index, drop, item, rows, ids, keep, (captured, previous), where,
+                                                       states, scorer=index - 1)
                 else:  # no layer's attention (random at the horizon)
-                    chosen = self._select(index, drop, item, rows, ids, keep, None, where, states, scorer=None)
+                    chosen, replacement = self._select(index, drop, item, rows, ids, keep, None, where, states,
+                                                       scorer=None)
+                if replacement is not None:  # merged tokens: these states take the kept tokens' slots
+                    replaced.append((rows[chosen], replacement))
                 dropped = torch.ones(before, dtype=torch.bool, device=hidden.device)
                 dropped[chosen] = False
                 keep_rows[rows[dropped]] = False
@@ -471,7 +482,17 @@ class LanguageStages:
         kept = keep_rows.nonzero().squeeze(-1)
         self.state["index"] = held[kept]
         self.state["positions"] = positions[..., kept]  # a row of positions, or M-RoPE's (3, rows)
-        return (positions[..., kept], hidden[kept], residual[kept] if residual is not None else None, *args[3:])
+        hidden, residual = hidden[kept], residual[kept] if residual is not None else None
+        if replaced:  # a merged token's stream is its state: all of it in the residual (the next layer adds 0)
+            at = torch.full((keep_rows.shape[0],), -1, dtype=torch.long, device=hidden.device)
+            at[kept] = torch.arange(kept.shape[0], device=hidden.device)
+            for rows, states in replaced:
+                if residual is None:
+                    hidden[at[rows]] = states.to(hidden.dtype)
+                else:
+                    hidden[at[rows]] = 0
+                    residual[at[rows]] = states.to(residual.dtype)
+        return (positions[..., kept], hidden, residual, *args[3:])
 
     def _renumbered(self, index: int, step: StepPlan, positions: torch.Tensor) -> torch.Tensor:
         """The held rows' positions in layer ``index`` where requests renumber their kept tokens
@@ -520,8 +541,10 @@ class LanguageStages:
         """The method's own choice (``LanguageStage.select``) among an item's held ``rows`` (``ids``:
         their indices into the item's visual block), from a ``LayerView`` of the request's held rows
         in this step: its prompt tokens valid (a request computed again after preemption holds its
-        generated tokens too), its residual stream at the boundary and before it, and the queries
-        and keys of decoder layer ``scorer`` (``None``: the stage reads no layer's attention)."""
+        generated tokens too), its residual stream at the boundary and before it, its input
+        embeddings where the stage reads them, and the queries and keys of decoder layer ``scorer``
+        (``None``: the stage reads no layer's attention). Returns the kept tokens' indices among
+        ``rows`` (ascending) and, where the stage merges, the states that take their slots."""
         stage = drop.request.plans[item].language
         step_rows = torch.arange(drop.start, drop.start + drop.count, device=where.device)
         mapped = where[step_rows]
@@ -560,22 +583,30 @@ class LanguageStages:
         def final_norm(states):  # vLLM's fused norms may write into their inputs
             return self.norm(states.clone())
 
+        embeddings = None
+        if stage.needs_input_embeddings:
+            entered = self.state["embeddings"]
+            if entered is None:
+                raise StageNotServed(f"{type(stage).__name__} reads the input embeddings, which this step did not pass")
+            held_rows = self.state["index"]
+            embeddings = (entered if held_rows is None else entered[held_rows])[request_rows][None]
+
         view = LayerView(
             layer_index=index, layer=self.layers[index], hidden_states=hidden[request_rows][None],
             position_embeddings=(None, None), visual_index=local.view(1, 1, -1), visual_ids=ids.view(1, 1, -1),
-            valid=valid, input_ids=None, input_embeddings=None, text_after_image=[after_image],
-            previous_layer=self.layers[index - 1], previous_hidden_states=previous, scratch={},
+            valid=valid, input_ids=None, input_embeddings=embeddings, text_after_image=[after_image],
+            previous_layer=self.layers[index - 1], previous_hidden_states=previous,
+            scratch=self.state["scratch"].setdefault((drop.req_id, item), {}),
             attention_fn=attention, run_layer_fn=_unavailable, output_head_fn=_unavailable, final_norm_fn=final_norm,
             keys_fn=keys,
             previous_layer_keys=key.view(1, length, -1, self.layers[scorer].self_attn.attn.head_size).transpose(1, 2)
             if stage.reads == "previous" else None,
         )
         selection = stage.select(view, keep)
-        if isinstance(selection, Selection):
-            if selection.hidden_states is not None:
-                raise StageNotServed(f"{type(stage).__name__} merges tokens, which the plugin does not serve yet")
-            selection = selection.index
-        return selection.reshape(-1).sort().values
+        if isinstance(selection, Selection):  # ascending, each state for its index's slot where it merges
+            states = selection.hidden_states
+            return selection.index.reshape(-1), None if states is None else states.reshape(-1, states.shape[-1])
+        return selection.reshape(-1).sort().values, None
 
     def _leave(self, module, args, output):
         step = self.state.get("step")

@@ -34,7 +34,7 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
 from ...geometry import Geometry
 from ...plan import Plan
-from .options import RefusedMethod, Settings, language_plan_for, plan_for, strip, tokens_for
+from .options import RefusedMethod, Settings, field_prefix, language_plan_for, plan_for, strip, tokens_for
 from .select import Taps, encoder_index, layer_scores, reduce_unit, tap
 
 
@@ -261,11 +261,6 @@ class ItemFields:
     def settings(self, server: Settings, index: int) -> Settings:
         """The settings of item ``index``: the server's, or the method its request chose."""
         return server if not self.methods else server.choose(self.methods[index])
-
-
-def field_prefix(modality: str) -> str:
-    """The item fields' prefix: ``duet_budget`` for an image, ``duet_video_budget`` for a video."""
-    return "duet_" if modality == "image" else f"duet_{modality}_"
 
 
 def _ints(values) -> list[int] | None:

@@ -38,7 +38,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 from vllm.logger import init_logger
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-from .common import field_prefix
+from .options import field_prefix
 
 logger = init_logger(__name__)
 

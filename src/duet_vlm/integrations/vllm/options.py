@@ -352,6 +352,11 @@ def language_plan_for(settings: Settings, budget: int, geometry: Geometry):
     return plan if plan is not None and plan.schedule.boundaries else None
 
 
+def field_prefix(modality: str) -> str:
+    """The item fields' prefix: ``duet_budget`` for an image, ``duet_video_budget`` for a video."""
+    return "duet_" if modality == "image" else f"duet_{modality}_"
+
+
 def loads_learned_state(cls: type[Reducer]) -> bool:
     """Whether the method needs what it saved beside a fine-tuned model (``Reducer.load_objects``:
     VisionSelector's trained scorer), which this plugin does not load."""

@@ -604,13 +604,32 @@ def test_qwen_language_stages_served_equal_the_hugging_face_path(saved_qwen_deep
     check_language_equals_hf(saved_qwen_deep, method, budget, [image(13, (392, 336)), image(14, (280, 336))])
 
 
-@pytest.mark.parametrize("kind", ["qwen3_vl", "internvl"])
+@pytest.mark.parametrize("kind", ["qwen3_vl", "llava_next"])
 def test_families_not_served_yet_refuse_dropping_inside_the_language_model_at_start(tmp_path, kind):
-    """A family whose decoder the plugin does not drop in yet (Qwen3-VL's DeepStack rows, InternVL)
-    refuses FastV at start, even with duet-vlm's worker, and says where it is served."""
-    folder = write_qwen_vl(tmp_path / kind, kind=kind) if kind.startswith("qwen") else write_internvl(tmp_path / kind)
+    """A family whose decoder the plugin does not drop in yet (Qwen3-VL's DeepStack rows, LLaVA-NeXT's
+    rows of tiles and newlines) refuses FastV at start, even with duet-vlm's worker, and says where
+    it is served."""
+    if kind == "qwen3_vl":
+        folder = write_qwen_vl(tmp_path / kind, kind=kind)
+    else:
+        folder = write_llava_next(tmp_path / kind, TinySize(image_size=112))
     chain = [str(e) for e in refused_at_start(folder, {"duet_method": "fastv", "duet_budget": 20}, **LANGUAGE)]
-    assert any("on LLaVA-1.5, Qwen2-VL and Qwen2.5-VL" in e for e in chain), chain
+    assert any("on LLaVA-1.5, Qwen2-VL, Qwen2.5-VL and InternVL" in e for e in chain), chain
+
+
+@pytest.fixture(scope="module")
+def saved_internvl_deep(tmp_path_factory):
+    """A tiny InternVL of 8 decoder layers."""
+    folder = write_internvl(tmp_path_factory.mktemp("tiny-internvl-8"), layers=8)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    return folder, model, AutoProcessor.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("method,budget", [("fastv", 40), ("duet", 30), ("sparsevlm", 40)])
+def test_internvl_language_stages_served_equal_the_hugging_face_path(saved_internvl_deep, method, budget):
+    """The same on InternVL, whose item's run holds ``<img>`` and ``</img>`` around its tokens (the
+    stages see the tokens only): two images of 7 and 3 tiles (112 and 48 tokens)."""
+    check_language_equals_hf(saved_internvl_deep, method, budget, [image(40, INTERNVL_SIZES[0]), image(41, INTERNVL_SIZES[1])])
 
 
 def check_language_equals_hf(saved, method: str, budget: int, pictures) -> None:

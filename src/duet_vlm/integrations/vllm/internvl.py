@@ -74,6 +74,12 @@ class DuetInternVLForConditionalGeneration(DuetTowerMixin, InternS1ForConditiona
 
     tower_types = ("internvl_vision",)
     chooses_projected = True
+    serves_language = True
+
+    def language_geometry(self, feature=None) -> Geometry:
+        """An image's geometry from its tiles (a thumbnail and 6 tiles at start)."""
+        tiles = 7 if feature is None else int(torch.as_tensor(feature.data["image_num_patches"].data).reshape(-1)[0])
+        return internvl_geometry(self.config, tiles)
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)

@@ -176,6 +176,24 @@ def request_plan(plans: list[tuple[int, int, Plan]], prompt: int) -> RequestPlan
     return RequestPlan(prompt, tuple(spans), tuple(kept_plans), modes.pop())
 
 
+def embedded_run(position) -> tuple[int, int]:
+    """``(offset, length)`` of the tokens an item's embeddings fill in the prompt (vLLM's
+    ``PlaceholderRange``: InternVL's run holds ``<img>`` and ``</img>`` around them, ``is_embed``
+    False there); refused where they are not one run.
+
+    >>> from vllm.multimodal.inputs import PlaceholderRange
+    >>> embedded_run(PlaceholderRange(offset=4, length=6, is_embed=torch.tensor([0, 1, 1, 1, 1, 0]).bool()))
+    (5, 4)
+    """
+    if position.is_embed is None:
+        return position.offset, position.length
+    where = position.is_embed.nonzero().squeeze(-1)
+    if where.numel() == 0 or int(where[-1] - where[0]) + 1 != where.numel():
+        raise StageNotServed("an item whose embeddings are not one run of the prompt (a video's frames between their "
+                             "timestamps) is not served dropping inside the language model")
+    return position.offset + int(where[0]), where.numel()
+
+
 def compact_slots(block_row: torch.Tensor, block_size: int, start: int, count: int) -> torch.Tensor:
     """The KV slots of compacted token indices ``start .. start + count`` of a request whose blocks
     are ``block_row``: its kept tokens fill its own blocks from the first slot, one after another.
@@ -212,7 +230,7 @@ class _RunnerMixin:
         known = self.__dict__.setdefault("_duet_requests", {})
         if req_id not in known:
             state = self.requests[req_id]
-            features = [(f.mm_position.offset, f.mm_position.length, f) for f in (state.mm_features or [])]
+            features = [(*embedded_run(f.mm_position), f) for f in (state.mm_features or [])]
             plans = self.model.duet_language_plans(features)
             known[req_id] = request_plan(plans, state.num_prompt_tokens)
         return known[req_id]

@@ -96,8 +96,9 @@ def request_drops(request, num_layers: int) -> RequestDrops | None:
         tokens = torch.as_tensor(data[key].data).reshape(-1).tolist()
         if len(tokens) != num_layers:
             raise ValueError(f"an item's tokens for {len(tokens)} decoder layers, the model has {num_layers}")
+        entered = feature.mm_position.get_num_embeds()  # the item's tokens (not InternVL's <img> and </img>)
         for layer, held in enumerate(tokens):
-            dropped[layer] += feature.mm_position.length - held
+            dropped[layer] += entered - held
     if not any(dropped):
         return None
     return RequestDrops(request.num_prompt_tokens, tuple(dropped))

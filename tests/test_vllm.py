@@ -606,9 +606,9 @@ def test_qwen_language_stages_served_equal_the_hugging_face_path(saved_qwen_deep
 
 @pytest.mark.parametrize("kind", ["qwen3_vl", "llava_next"])
 def test_families_not_served_yet_refuse_dropping_inside_the_language_model_at_start(tmp_path, kind):
-    """A family whose decoder the plugin does not drop in yet (Qwen3-VL's DeepStack rows, LLaVA-NeXT's
-    rows of tiles and newlines) refuses FastV at start, even with duet-vlm's worker, and says where
-    it is served."""
+    """A family the plugin does not drop in yet (Qwen3-VL: its DeepStack rows; LLaVA-NeXT: an item's
+    geometry comes from vLLM's processing info) refuses FastV at start, even with duet-vlm's worker,
+    and says where it is served."""
     if kind == "qwen3_vl":
         folder = write_qwen_vl(tmp_path / kind, kind=kind)
     else:

@@ -604,17 +604,64 @@ def test_qwen_language_stages_served_equal_the_hugging_face_path(saved_qwen_deep
     check_language_equals_hf(saved_qwen_deep, method, budget, [image(13, (392, 336)), image(14, (280, 336))])
 
 
-@pytest.mark.parametrize("kind", ["qwen3_vl", "llava_next"])
+@pytest.mark.parametrize("kind", ["qwen3_vl", "gemma4"])
 def test_families_not_served_yet_refuse_dropping_inside_the_language_model_at_start(tmp_path, kind):
-    """A family the plugin does not drop in yet (Qwen3-VL: its DeepStack rows; LLaVA-NeXT: an item's
-    geometry comes from vLLM's processing info) refuses FastV at start, even with duet-vlm's worker,
-    and says where it is served."""
+    """A family the plugin does not drop in yet (Qwen3-VL: its DeepStack rows; Gemma 4: its sliding
+    windows) refuses FastV at start, even with duet-vlm's worker, and says where it is served."""
     if kind == "qwen3_vl":
         folder = write_qwen_vl(tmp_path / kind, kind=kind)
     else:
-        folder = write_llava_next(tmp_path / kind, TinySize(image_size=112))
+        folder = write_gemma4(tmp_path / kind, head_dim=32, image_blocks=False)
     chain = [str(e) for e in refused_at_start(folder, {"duet_method": "fastv", "duet_budget": 20}, **LANGUAGE)]
-    assert any("on LLaVA-1.5, Qwen2-VL, Qwen2.5-VL and InternVL" in e for e in chain), chain
+    assert any("on LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL and InternVL" in e for e in chain), chain
+
+
+@pytest.fixture(scope="module", params=["llava_next", "llava_onevision"])
+def saved_anyres_deep(request, tmp_path_factory):
+    """A tiny LLaVA-NeXT and LLaVA-OneVision of 8 decoder layers (anyres images: tiles, unpadding, newlines)."""
+    folder = tmp_path_factory.mktemp(f"tiny-{request.param}-8")
+    if request.param == "llava_next":
+        folder = write_llava_next(folder, TinySize(image_size=112, layers=8))
+    else:
+        folder = write_llava_onevision(folder, TinySize(image_size=112, layers=8))
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    return folder, model, AutoProcessor.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("method,budget", [("fastv", 120), ("duet", 40)])
+def test_anyres_language_stages_served_equal_the_hugging_face_path(saved_anyres_deep, method, budget):
+    """The same on LLaVA-NeXT and LLaVA-OneVision: an image's slots (its tiles, unpadded, with a
+    newline a row) are its tokens, as on the Hugging Face path; two image sizes."""
+    check_language_equals_hf(saved_anyres_deep, method, budget, [image(42, (224, 168)), image(43, (168, 280))])
+
+
+@pytest.mark.parametrize("saved_anyres_deep", ["llava_onevision"], indirect=True)
+def test_llava_onevision_video_dropping_inside_the_language_model_equals_the_hugging_face_path(saved_anyres_deep):
+    """A 4-frame video on LLaVA-OneVision (16 pooled tokens a frame and a newline) under FastV: the
+    same kept tokens, tokens and log-probabilities as the Hugging Face path."""
+    from duet_vlm.integrations.vllm import language
+
+    folder, model, processor = saved_anyres_deep
+    frames = video(50, (112, 112))
+    inputs = processor(text="USER: <video>\nwhat moves? ASSISTANT:", videos=[frames], return_tensors="pt")
+    reducer = duet_vlm.make("fastv", budget=30)
+    reference = hf_generate(model, inputs, reducer)
+    hf_kept = [(layer, ids[0, 0].cpu()) for layer, ids in reducer.stats.stage_kept]
+    ids = inputs["input_ids"][0].tolist()
+    token = model.config.video_token_id
+    first, last = ids.index(token), len(ids) - ids[::-1].index(token)
+    request = {"prompt_token_ids": ids[:first] + [token] + ids[last:], "multi_modal_data": {"video": frames}}
+    with engine(folder, {"duet_method": "fastv", "duet_budget": 30}, limit_mm_per_prompt={"image": 0, "video": 1},
+                **LANGUAGE) as llm:
+        language.TRACE = []
+        try:
+            result, _ = vllm_request_run(llm, request)
+            trace = [(layer, kept) for _, layer, _, kept in language.TRACE]
+        finally:
+            language.TRACE = None
+    assert hf_kept and result[2] == len(ids)
+    assert_same_drops(hf_kept, trace)
+    assert_same(reference, result, None)
 
 
 @pytest.fixture(scope="module")

@@ -363,6 +363,7 @@ class DuetModelMixin:
         from .language import WORKER
 
         served = self.serves_language and getattr(vllm_config.parallel_config, "worker_cls", None) == WORKER
+        self._duet_model_config = vllm_config.model_config
         self.duet = Settings.read(server_options(vllm_config.model_config), language=served)
         if self.duet.active and served:
             self.setup_language(vllm_config)

@@ -28,6 +28,10 @@ from .common import DuetProcessorMixin, DuetTowerMixin, Encoded, consecutive
 from .options import RefusedMethod, plan_for
 
 
+class StageNotServedHere(RefusedMethod):
+    """An item this family does not serve with a method that drops inside the language model."""
+
+
 def next_geometry(info: LlavaNextProcessingInfo, width: int, height: int) -> Geometry:
     """An image's geometry before anything is encoded: its slots (base tile, unpadded grid, one
     newline per grid row) and its patch slots (``grid = (1, candidates)``), as the Hugging Face
@@ -69,6 +73,28 @@ class DuetLlavaNextMultiModalProcessor(AnyresProcessorMixin, LlavaNextMultiModal
 
 class AnyresTowerMixin(DuetTowerMixin):
     """duet-vlm's reduction of anyres images (LLaVA-NeXT, LLaVA-OneVision; before vLLM's model class)."""
+
+    serves_language = True
+
+    def language_geometry(self, feature=None) -> Geometry:
+        """An image's geometry from its size, as the processor gives it (``next_geometry``, with the
+        processing info of vLLM's processor for this model, made once); a base-tile square image's
+        at start."""
+        info = getattr(self, "_duet_info", None)
+        if info is None:
+            from vllm.multimodal import MULTIMODAL_REGISTRY
+
+            info = self._duet_info = MULTIMODAL_REGISTRY.create_processor(self._duet_model_config).info
+        if feature is None:
+            side = self.config.vision_config.image_size
+            return next_geometry(info, side, side)
+        if feature.modality != "image":
+            return self.video_geometry(feature)
+        height, width = (int(v) for v in torch.as_tensor(feature.data["image_sizes"].data).reshape(-1))
+        return next_geometry(info, width, height)
+
+    def video_geometry(self, feature) -> Geometry:
+        raise StageNotServedHere(f"a {feature.modality} is not served dropping inside the language model on this family")
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -120,8 +146,8 @@ class AnyresTowerMixin(DuetTowerMixin):
     def method_plans(self) -> list:
         """A plan of each method the server runs (its own, those it allows) at an arbitrary budget, for
         the layers their stages read."""
-        geometry = anyres_geometry(self.config, 4096, 4000)
-        return [plan_for(self.duet.choose(index), 64, geometry) for index in range(len(self.duet.methods))]
+        geometry = anyres_geometry(self.config, 4096, 4000)  # half its tokens: a budget every method meets
+        return [plan_for(self.duet.choose(index), 2048, geometry) for index in range(len(self.duet.methods))]
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -57,6 +57,9 @@ class DuetLlavaOnevisionForConditionalGeneration(AnyresTowerMixin, LlavaOnevisio
     def pack(self, image_size, projected):
         return self._merge_image_patch_embeddings(image_size, projected, image_newline=self.image_newline, strategy="spatial_unpad")
 
+    def video_geometry(self, feature) -> Geometry:
+        return onevision_video_geometry(self.config, len(feature.data["pixel_values_videos"].data))
+
     def _process_video_pixels(self, inputs):
         """vLLM's embedding of a batch of videos, reduced where a method reduces it."""
         return self.reduce_or_embed(inputs, super()._process_video_pixels, "video")

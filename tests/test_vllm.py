@@ -604,16 +604,13 @@ def test_qwen_language_stages_served_equal_the_hugging_face_path(saved_qwen_deep
     check_language_equals_hf(saved_qwen_deep, method, budget, [image(13, (392, 336)), image(14, (280, 336))])
 
 
-@pytest.mark.parametrize("kind", ["qwen3_vl", "gemma4"])
-def test_families_not_served_yet_refuse_dropping_inside_the_language_model_at_start(tmp_path, kind):
-    """A family the plugin does not drop in yet (Qwen3-VL: its DeepStack rows; Gemma 4: its sliding
-    windows) refuses FastV at start, even with duet-vlm's worker, and says where it is served."""
-    if kind == "qwen3_vl":
-        folder = write_qwen_vl(tmp_path / kind, kind=kind)
-    else:
-        folder = write_gemma4(tmp_path / kind, head_dim=32, image_blocks=False)
+def test_families_not_served_yet_refuse_dropping_inside_the_language_model_at_start(tmp_path):
+    """A family the plugin does not drop in yet (Gemma 4: its sliding windows) refuses FastV at
+    start, even with duet-vlm's worker, and says where it is served."""
+    folder = write_gemma4(tmp_path / "gemma4", head_dim=32, image_blocks=False)
     chain = [str(e) for e in refused_at_start(folder, {"duet_method": "fastv", "duet_budget": 20}, **LANGUAGE)]
-    assert any("on LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL and InternVL" in e for e in chain), chain
+    assert any("on LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and InternVL" in e
+               for e in chain), chain
 
 
 @pytest.fixture(scope="module", params=["llava_next", "llava_onevision"])
@@ -677,6 +674,33 @@ def test_internvl_language_stages_served_equal_the_hugging_face_path(saved_inter
     """The same on InternVL, whose item's run holds ``<img>`` and ``</img>`` around its tokens (the
     stages see the tokens only): two images of 7 and 3 tiles (112 and 48 tokens)."""
     check_language_equals_hf(saved_internvl_deep, method, budget, [image(40, INTERNVL_SIZES[0]), image(41, INTERNVL_SIZES[1])])
+
+
+@pytest.fixture(scope="module")
+def saved_qwen3_vl_deep(tmp_path_factory):
+    """A tiny Qwen3-VL of 8 decoder layers (q/k-normed attention; DeepStack rows added after layers 0 and 1)."""
+    folder = write_qwen_vl(tmp_path_factory.mktemp("tiny-qwen3-vl-8"), layers=8, kind="qwen3_vl")
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    return folder, model, AutoProcessor.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("method,budget", [("fastv", 80), ("pyramiddrop", 80), ("duet", 50), ("sparsevlm", 80)])
+def test_qwen3_vl_language_stages_served_equal_the_hugging_face_path(saved_qwen3_vl_deep, method, budget):
+    """The same on Qwen3-VL: its per-head q/k norms in the scores PyramidDrop and DUET read, and its
+    DeepStack rows added to the rows the layers hold (SparseVLM's first boundary, before layer 1,
+    comes before the last layer that adds them)."""
+    check_language_equals_hf(saved_qwen3_vl_deep, method, budget, [image(13, (392, 336)), image(14, (280, 336))])
+
+
+def test_qwen3_vl_videos_are_refused_by_methods_dropping_inside_the_language_model(saved_qwen3_vl_deep):
+    """A Qwen3-VL video (each frame a run of its own between timestamps) under FastV is refused with
+    its reason, and the engine serves on."""
+    folder, _, _ = saved_qwen3_vl_deep
+    with engine(folder, {"duet_method": "fastv", "duet_budget": 20}, limit_mm_per_prompt={"image": 1, "video": 1},
+                **LANGUAGE) as llm:
+        with pytest.raises(Exception, match="drops inside the language model, and each frame of the video"):
+            vllm_video_run(llm, video(52))
+        assert vllm_request_run(llm, {"prompt": QWEN_PROMPT, "multi_modal_data": {"image": image(56, (224, 168))}})[0][0]
 
 
 def check_language_equals_hf(saved, method: str, budget: int, pictures) -> None:

@@ -412,6 +412,10 @@ class LanguageStages:
         for handle in self.handles:
             handle.remove()
 
+    def held(self) -> torch.Tensor | None:
+        """The step's rows the layers hold now (``None``: all of them, before any boundary)."""
+        return self.state.get("index")
+
     # a step's life: entry, each layer's attention and input, exit
     def _enter(self, module, args, kwargs):
         self.state = {}
@@ -541,8 +545,8 @@ class LanguageStages:
 
     def _layer_qk(self, index: int, positions, hidden, residual) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotated queries and keys decoder layer ``index`` computes from its input, as its own
-        modules compute them (input norm, fused ``qkv_proj``, rotary embedding), on copies: vLLM's
-        fused norm may write into its inputs."""
+        modules compute them (input norm, fused ``qkv_proj``, per-head q/k norms where it has them,
+        rotary embedding), on copies: vLLM's fused norm may write into its inputs."""
         layer = self.layers[index]
         attn = layer.self_attn
         with torch.no_grad():
@@ -552,6 +556,9 @@ class LanguageStages:
                 x, _ = layer.input_layernorm(hidden.clone(), residual.clone())
             qkv, _ = attn.qkv_proj(x)
             q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+            if getattr(attn, "q_norm", None) is not None:  # Qwen3's per-head norms, before the rotation
+                q = attn.q_norm(q.reshape(*q.shape[:-1], -1, attn.head_dim)).reshape(q.shape)
+                k = attn.k_norm(k.reshape(*k.shape[:-1], -1, attn.head_dim)).reshape(k.shape)
             return attn.rotary_emb(positions, q, k)
 
     def _select(self, index: int, drop: RowDrop, item: int, rows: torch.Tensor, ids: torch.Tensor, keep: int, scored,

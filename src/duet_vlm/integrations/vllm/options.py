@@ -220,6 +220,11 @@ class Settings:
         plan = inner.resolve(LLAVA15, quiet=True)
         return plan.vision is not None and plan.vision.needs_text
 
+    def drops_in_language_model(self) -> bool:
+        """Whether the method drops inside the language model (a plan with boundaries, at half of a
+        LLaVA-1.5 image: where a method drops does not depend on the budget)."""
+        return self.active and language_plan_for(self, LLAVA15.visual_tokens // 2, LLAVA15) is not None
+
     def record(self) -> dict[str, Any] | None:
         """The reducer's record (``to_dict``), or ``None``."""
         return self.reducer().to_dict() if self.active else None
@@ -302,7 +307,7 @@ def check_supported(reducer: Reducer, language: bool = False) -> None:
         hint = ' (its vision-side half alone runs: "duet_options": "{\\"layers\\": []}")'
     raise RefusedMethod(
         f"{inner.method_name!r} prunes visual tokens inside the language model, which the plugin serves only with its "
-        f"own worker (--worker-cls {WORKER}), on LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL and InternVL, for FastV, PyramidDrop, DUET, VScan, DART, SparseVLM, HoliTom and random_horizon so far (docs/serving.md); otherwise vLLM's "
+        f"own worker (--worker-cls {WORKER}), on LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and InternVL (images; videos but Qwen3-VL's), for FastV, PyramidDrop, DUET, VScan, DART, SparseVLM, HoliTom and random_horizon so far (docs/serving.md); otherwise vLLM's "
         f"paged KV cache keeps every prompt token in every layer, and only methods that select before the language "
         f"model run{hint}. Supported: {', '.join(supported_methods())}"
     )

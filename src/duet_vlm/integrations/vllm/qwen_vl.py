@@ -67,6 +67,7 @@ from vllm.model_executor.models.qwen3_vl import (
     Qwen3VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.sequence import IntermediateTensors
 
 from ...adapters.qwen_vl import qwen_geometry
 from ...geometry import Geometry
@@ -97,6 +98,12 @@ class DuetQwenProcessorMixin(DuetProcessorMixin):
         reads as text (for every item of the prompt, its images too)."""
         if self.slices_are_items and inputs.mm_data_items.get_count("video", strict=False):
             settings = self.settings(inputs.hf_processor_mm_kwargs)
+            if settings.drops_in_language_model():
+                raise RefusedMethod(
+                    f"duet-vlm does not serve {settings.method} on a {type(self.info.get_hf_config()).__name__} video yet: "
+                    "it drops inside the language model, and each frame of the video is a run of its own between "
+                    "timestamps; use a method that selects before the language model"
+                )
             if settings.needs_text():
                 raise RefusedMethod(
                     f"duet-vlm does not run {settings.method} on a {type(self.info.get_hf_config()).__name__} prompt with a "
@@ -468,9 +475,17 @@ class DuetQwen3VLForConditionalGeneration(DuetQwenVLMixin, Qwen3VLForConditional
 
     family = "Qwen3-VL"
     slices_are_items = True
+    serves_language = True
 
     def duet_width(self) -> int:
         return self.visual_dim + (self.multiscale_dim if self.use_deepstack else 0)
+
+    def _get_deepstack_input_embeds(self, num_tokens: int):
+        """vLLM's DeepStack rows of the step, read for the rows the layers hold: after a boundary the
+        decoder adds them to fewer rows (``language.LanguageStages.held``)."""
+        rows = super()._get_deepstack_input_embeds(num_tokens)
+        stages = getattr(self, "_duet_language", None)
+        return rows if rows is None or stages is None else HeldRows(rows.tensors, stages)
 
     def main_width(self) -> int:
         return self.visual_dim
@@ -485,6 +500,7 @@ class DuetQwen3_5ForConditionalGeneration(DuetQwen3VLForConditionalGeneration, Q
     untouched, so its linear-attention layers see the kept tokens as any prompt."""
 
     family = "Qwen3.5"
+    serves_language = False  # its linear-attention layers do not drop yet
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -494,6 +510,21 @@ class DuetQwen3_5MoeForConditionalGeneration(DuetQwen3VLForConditionalGeneration
     """vLLM's Qwen3.5-MoE with duet-vlm's vision-side reduction of images (as Qwen3.5)."""
 
     family = "Qwen3.5-MoE"
+    serves_language = False
+
+
+class HeldRows(IntermediateTensors):
+    """vLLM's per-layer DeepStack rows of a step, each read for the rows the decoder layers hold at
+    the time (all of them before the first boundary)."""
+
+    def __init__(self, tensors: dict, stages) -> None:
+        super().__init__(tensors)
+        self.stages = stages
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        held = self.stages.held() if isinstance(key, str) else None
+        return value if held is None else value[held]
 
 
 #: a kept token's (t, h, w) travels with its embedding as base-``POSITION_BASE`` digits, one channel

@@ -30,12 +30,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from vllm.logger import init_logger
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
-from vllm.logger import init_logger
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from .options import field_prefix

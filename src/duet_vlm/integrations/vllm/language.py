@@ -508,12 +508,12 @@ class LanguageStages:
         if replaced:  # a merged token's stream is its state: all of it in the residual (the next layer adds 0)
             at = torch.full((keep_rows.shape[0],), -1, dtype=torch.long, device=hidden.device)
             at[kept] = torch.arange(kept.shape[0], device=hidden.device)
-            for rows, states in replaced:
+            for rows, merged in replaced:
                 if residual is None:
-                    hidden[at[rows]] = states.to(hidden.dtype)
+                    hidden[at[rows]] = merged.to(hidden.dtype)
                 else:
                     hidden[at[rows]] = 0
-                    residual[at[rows]] = states.to(residual.dtype)
+                    residual[at[rows]] = merged.to(residual.dtype)
         return (positions[..., kept], hidden, residual, *args[3:])
 
     def _renumbered(self, index: int, step: StepPlan, positions: torch.Tensor) -> torch.Tensor:

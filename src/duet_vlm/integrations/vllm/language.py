@@ -181,8 +181,8 @@ def embedded_run(position) -> tuple[int, int]:
     ``PlaceholderRange``: InternVL's run holds ``<img>`` and ``</img>`` around them, ``is_embed``
     False there); refused where they are not one run.
 
-    >>> from vllm.multimodal.inputs import PlaceholderRange
-    >>> embedded_run(PlaceholderRange(offset=4, length=6, is_embed=torch.tensor([0, 1, 1, 1, 1, 0]).bool()))
+    >>> from types import SimpleNamespace  # a PlaceholderRange's fields
+    >>> embedded_run(SimpleNamespace(offset=4, length=6, is_embed=torch.tensor([0, 1, 1, 1, 1, 0]).bool()))
     (5, 4)
     """
     if position.is_embed is None:

@@ -520,8 +520,14 @@ class LanguageStages:
         """The held rows' positions in layer ``index`` where requests renumber their kept tokens
         (``positions="contiguous"``, the Hugging Face path's): a request that dropped in this step
         counts its held rows from its first, one that dropped before counts on from its kept tokens
-        (its position less the tokens dropped before this layer); the others keep theirs."""
-        held = self.state["index"]
+        (its position less the tokens dropped before this layer); the others keep theirs. The same
+        for every layer of a segment: made once per segment (held rows, positions, counts dropped)."""
+        current = self.state["index"]
+        dropped = tuple(plan.dropped_before(index) if plan is not None else 0 for plan, _ in step.batch)
+        made = self.state.setdefault("renumbered", {}).get(dropped)
+        if made is not None and made[0] is positions and made[1] is current:
+            return made[2]
+        held = current
         if held is None:
             held = torch.arange(positions.shape[-1], device=positions.device)
         renumbered = positions.clone()
@@ -534,6 +540,7 @@ class LanguageStages:
                 renumbered[..., mine] = computed + torch.arange(mine.shape[0], device=positions.device).to(positions.dtype)
             elif computed >= plan.prompt:
                 renumbered[..., mine] = positions[..., mine] - plan.dropped_before(index)
+        self.state["renumbered"][dropped] = (positions, current, renumbered)
         return renumbered
 
     def _item_rows(self, drop: RowDrop, offset: int, length: int, where: torch.Tensor) -> torch.Tensor:

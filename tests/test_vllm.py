@@ -545,27 +545,38 @@ def saved_llava_deep(tmp_path_factory):
     return folder, load_hf(folder), AutoProcessor.from_pretrained(folder)
 
 
+def boundary_kept(reducer) -> list:
+    """``(layer, kept ids)`` of each boundary of the Hugging Face path's last run (one row, one item)."""
+    return [(layer, ids[0, 0].cpu()) for layer, ids in reducer.stats.stage_kept]
+
+
 def hf_language_run(model, processor, picture, reducer):
     """The Hugging Face path's greedy tokens and log-probabilities, and each boundary's kept ids."""
     tokens, logprobs, _ = hf_generate(model, hf_inputs(processor, picture), reducer)
-    return (tokens, logprobs, None), [(layer, ids[0, 0].cpu()) for layer, ids in reducer.stats.stage_kept]
+    return (tokens, logprobs, None), boundary_kept(reducer)
 
 
-def language_run(llm, processor, pictures, requests=None):
-    """``vllm_run``'s results, and per picture the ``(layer, kept ids)`` of each boundary (``language.TRACE``)."""
+def traced(run):
+    """``run()``'s result, and per request (offline ids count from 0) the ``(layer, kept ids)`` of
+    each boundary the server dropped at (``language.TRACE``), in order."""
     from duet_vlm.integrations.vllm import language
 
     language.TRACE = []
     try:
-        results, _ = vllm_run(llm, processor, pictures, requests)
+        result = run()
         trace = list(language.TRACE)
     finally:
         language.TRACE = None
-    by_request: dict[str, list] = {}
+    by_request: dict[int, list] = {}
     for req_id, layer, _, ids in trace:
-        by_request.setdefault(req_id, []).append((layer, ids))
-    order = sorted(by_request, key=lambda r: int(r.split("-")[0]))  # offline request ids count from 0
-    return results, [by_request[r] for r in order]
+        by_request.setdefault(int(req_id.split("-")[0]), []).append((layer, ids))
+    return result, by_request
+
+
+def language_run(llm, processor, pictures, requests=None):
+    """``vllm_run``'s results, and per picture the ``(layer, kept ids)`` of each boundary (``language.TRACE``)."""
+    (results, _), by_request = traced(lambda: vllm_run(llm, processor, pictures, requests))
+    return results, [by_request[r] for r in sorted(by_request)]
 
 
 def assert_same_drops(hf_kept, vllm_kept):
@@ -636,28 +647,20 @@ def test_anyres_language_stages_served_equal_the_hugging_face_path(saved_anyres_
 def test_llava_onevision_video_dropping_inside_the_language_model_equals_the_hugging_face_path(saved_anyres_deep):
     """A 4-frame video on LLaVA-OneVision (16 pooled tokens a frame and a newline) under FastV: the
     same kept tokens, tokens and log-probabilities as the Hugging Face path."""
-    from duet_vlm.integrations.vllm import language
-
     folder, model, processor = saved_anyres_deep
     frames = video(50, (112, 112))
     inputs = processor(text="USER: <video>\nwhat moves? ASSISTANT:", videos=[frames], return_tensors="pt")
     reducer = duet_vlm.make("fastv", budget=30)
     reference = hf_generate(model, inputs, reducer)
-    hf_kept = [(layer, ids[0, 0].cpu()) for layer, ids in reducer.stats.stage_kept]
     ids = inputs["input_ids"][0].tolist()
     token = model.config.video_token_id
     first, last = ids.index(token), len(ids) - ids[::-1].index(token)
     request = {"prompt_token_ids": ids[:first] + [token] + ids[last:], "multi_modal_data": {"video": frames}}
     with engine(folder, {"duet_method": "fastv", "duet_budget": 30}, limit_mm_per_prompt={"image": 0, "video": 1},
                 **LANGUAGE) as llm:
-        language.TRACE = []
-        try:
-            result, _ = vllm_request_run(llm, request)
-            trace = [(layer, kept) for _, layer, _, kept in language.TRACE]
-        finally:
-            language.TRACE = None
-    assert hf_kept and result[2] == len(ids)
-    assert_same_drops(hf_kept, trace)
+        (result, _), trace = traced(lambda: vllm_request_run(llm, request))
+    assert boundary_kept(reducer) and result[2] == len(ids) and list(trace) == [0]
+    assert_same_drops(boundary_kept(reducer), trace[0])
     assert_same(reference, result, None)
 
 
@@ -767,8 +770,6 @@ def test_a_preempted_request_drops_the_same_tokens_again_and_answers_the_same(sa
     (the 609th token) preempts one, which vLLM computes again from scratch, its generated tokens
     with it. That request drops again at its last prompt token's scores (the trace holds its drop
     twice, the same tokens) and all answer as they do alone."""
-    from duet_vlm.integrations.vllm import language
-
     folder, model, processor = saved_llava_deep
     reducer = duet_vlm.make("fastv", budget=200)
     pictures = (image(9), image(10), image(11))
@@ -782,21 +783,13 @@ def test_a_preempted_request_drops_the_same_tokens_again_and_answers_the_same(sa
     references = []
     for one in inputs:
         tokens, logprobs, _ = hf_generate(model, one, reducer)
-        references.append(((tokens, logprobs, None), [(layer, kept[0, 0].cpu()) for layer, kept in reducer.stats.stage_kept]))
+        references.append(((tokens, logprobs, None), boundary_kept(reducer)))
     prompts = [{"prompt_token_ids": vllm_prompt(one), "multi_modal_data": {"image": picture}}
                for one, picture in zip(inputs, pictures)]
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=1)
     with engine(folder, {"duet_method": "fastv", "duet_budget": 200}, block_size=32, num_gpu_blocks_override=94,
                 **{**LANGUAGE, "max_model_len": 640}) as llm:
-        language.TRACE = []
-        try:
-            outputs = llm.generate(prompts, params, use_tqdm=False)
-            trace = list(language.TRACE)
-        finally:
-            language.TRACE = None
-    drops = {}
-    for req_id, layer, _, ids in trace:
-        drops.setdefault(int(req_id.split("-")[0]), []).append((layer, ids))
+        outputs, drops = traced(lambda: llm.generate(prompts, params, use_tqdm=False))
     assert sorted(len(found) for found in drops.values()) == [1, 1, 2]  # one request dropped twice: it was preempted
     for index, output in enumerate(outputs):
         (reference, hf_kept) = references[index]
@@ -1342,24 +1335,16 @@ def test_qwen_videos_equal_the_hugging_face_path(saved_qwen, method):
 def test_qwen_videos_dropping_inside_the_language_model_equal_the_hugging_face_path(saved_qwen_deep, method, budget):
     """A video (one item under one budget on Qwen2-VL and Qwen2.5-VL) dropped inside the language model: the same kept tokens at every boundary, tokens
     and log-probabilities as the Hugging Face path, its kept tokens at their (t, h, w) positions."""
-    from duet_vlm.integrations.vllm import language
-
     folder, model, processor = saved_qwen_deep
     frames = video(51)
     reducer = duet_vlm.make(method, budget=budget)
     reference, length = hf_video_run(model, processor, frames, reducer)
-    hf_kept = [(layer, ids[0, 0].cpu()) for layer, ids in reducer.stats.stage_kept]
-    assert hf_kept
+    assert boundary_kept(reducer)
     with engine(folder, {"duet_method": method, "duet_budget": budget}, limit_mm_per_prompt={"image": 0, "video": 1},
                 **LANGUAGE) as llm:
-        language.TRACE = []
-        try:
-            result, _ = vllm_video_run(llm, frames)
-            trace = [(layer, ids) for _, layer, _, ids in language.TRACE]
-        finally:
-            language.TRACE = None
-    assert result[2] == length
-    assert_same_drops(hf_kept, trace)
+        (result, _), trace = traced(lambda: vllm_video_run(llm, frames))
+    assert result[2] == length and list(trace) == [0]
+    assert_same_drops(boundary_kept(reducer), trace[0])
     assert_same((*reference[:2], None), result, None)
 
 

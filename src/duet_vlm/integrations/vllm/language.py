@@ -481,18 +481,17 @@ class LanguageStages:
                 replacement = None
                 if drops_all(keep):  # every token goes, whatever the stage would score
                     chosen = rows.new_empty(0)
-                elif stage.reads == "layer":  # this layer's own queries and keys, on the held rows
-                    if "layer_qk" not in self.state or self.state["layer_qk"][0] != index:
-                        rotated = self._renumbered(index, step, positions) if self.state["renumbers"] else positions
-                        self.state["layer_qk"] = (index, self._layer_qk(index, rotated, hidden, residual))
-                    chosen, replacement = self._select(index, drop, item, rows, ids, keep,
-                                                       (self.state["layer_qk"][1], states), where, states, scorer=index)
-                elif stage.reads == "previous":  # the queries and keys layer K-1 computed, as it ran
-                    chosen, replacement = self._select(index, drop, item, rows, ids, keep, (captured, previous), where,
-                                                       states, scorer=index - 1)
-                else:  # no layer's attention (random at the horizon)
-                    chosen, replacement = self._select(index, drop, item, rows, ids, keep, None, where, states,
-                                                       scorer=None)
+                else:
+                    if stage.reads == "layer":  # this layer's own queries and keys, on the held rows
+                        if "layer_qk" not in self.state or self.state["layer_qk"][0] != index:
+                            rotated = self._renumbered(index, step, positions) if self.state["renumbers"] else positions
+                            self.state["layer_qk"] = (index, self._layer_qk(index, rotated, hidden, residual))
+                        scored, scorer = (self.state["layer_qk"][1], states), index
+                    elif stage.reads == "previous":  # the queries and keys layer K-1 computed, as it ran
+                        scored, scorer = (captured, previous), index - 1
+                    else:  # no layer's attention (random at the horizon)
+                        scored, scorer = None, None
+                    chosen, replacement = self._select(index, drop, item, rows, ids, keep, scored, where, states, scorer)
                 if replacement is not None:  # merged tokens: these states take the kept tokens' slots
                     replaced.append((rows[chosen], replacement))
                 dropped = torch.ones(before, dtype=torch.bool, device=hidden.device)

@@ -147,7 +147,7 @@ class _SchedulerMixin:
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.duet_drops: dict[str, RequestDrops] = {}
-        self.duet_layers = 0
+        self.duet_layers = 0  # the decoder's layers where some group drops (the last segment ends at the last layer)
         for manager in self.kv_cache_manager.coordinator.single_type_managers:
             if isinstance(manager, DroppedManager):
                 manager.drops = self.duet_drops
@@ -160,7 +160,7 @@ class _SchedulerMixin:
 
     def add_request(self, request) -> None:
         if self.duet_layers and request.request_id not in self.requests:
-            drops = request_drops(request, self.duet_num_layers())
+            drops = request_drops(request, self.duet_layers)
             if drops is not None:
                 self.duet_drops[request.request_id] = drops
         super().add_request(request)
@@ -177,9 +177,6 @@ class _SchedulerMixin:
         if drops is not None and num_computed_tokens < drops.prompt and scheduled[1] < num_new_tokens:
             return [], 0, encoder_compute_budget, [], []
         return scheduled
-
-    def duet_num_layers(self) -> int:
-        return self.vllm_config.model_config.hf_text_config.num_hidden_layers
 
     def schedule(self, *args, **kwargs):
         output = super().schedule(*args, **kwargs)

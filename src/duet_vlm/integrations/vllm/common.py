@@ -360,9 +360,9 @@ class DuetModelMixin:
         """The server's options (``self.duet``). With duet-vlm's worker, on a family that serves
         them, methods that drop inside the language model are served (``setup_language``); elsewhere
         they are refused."""
-        from .language import WORKER
+        from .language import WORKERS
 
-        served = self.serves_language and getattr(vllm_config.parallel_config, "worker_cls", None) == WORKER
+        served = self.serves_language and getattr(vllm_config.parallel_config, "worker_cls", None) in WORKERS
         self._duet_model_config = vllm_config.model_config
         self.duet = Settings.read(server_options(vllm_config.model_config), language=served)
         if self.duet.active and served:
@@ -390,6 +390,18 @@ class DuetModelMixin:
             check_engine(vllm_config)
             self._duet_language = LanguageStages(self, self.text_model())
             self._duet_boundaries = sorted(boundaries)
+
+    @property
+    def get_model_state_cls(self):
+        """vLLM's Model Runner V2 asks the model for the class of its per-step state where the model
+        has this member (``resolve_model_state_cls``): present only on a server that drops inside the
+        language model, whose state builds the compacted layers' metadata (``language.DuetModelState``,
+        vLLM's ``DefaultModelState`` otherwise); elsewhere vLLM chooses as it would."""
+        if getattr(self, "_duet_language", None) is None:
+            raise AttributeError("get_model_state_cls")
+        from . import language
+
+        return lambda: language.DuetModelState
 
     def duet_boundaries(self) -> list[int]:
         """The decoder layers before which a method the server runs drops (at a typical item):

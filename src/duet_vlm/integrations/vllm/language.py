@@ -52,7 +52,7 @@ import torch
 from ...adapters.scheme import visual_attention
 from ...plan import LayerView, Plan, Selection
 from ...runtime.boundary import drops_all
-from .options import SCHEDULER, WORKER, WORKERS, RefusedMethod
+from .options import SCHEDULER, WORKER, WORKERS, RefusedMethod, embedded_runs
 
 #: when a list (tests, with vLLM's engine in their process): each boundary's choice is appended as
 #: ``(request id, layer, item, ids)``, ``ids`` the kept tokens' indices into the item's visual block
@@ -191,24 +191,6 @@ def request_plan(plans: list[tuple[int, int, Plan]], prompt: int) -> RequestPlan
     return RequestPlan(prompt, tuple(spans), tuple(kept_plans), modes.pop())
 
 
-def embedded_run(position) -> tuple[int, int]:
-    """``(offset, length)`` of the tokens an item's embeddings fill in the prompt (vLLM's
-    ``PlaceholderRange``: InternVL's run holds ``<img>`` and ``</img>`` around them, ``is_embed``
-    False there); refused where they are not one run.
-
-    >>> from types import SimpleNamespace  # a PlaceholderRange's fields
-    >>> embedded_run(SimpleNamespace(offset=4, length=6, is_embed=torch.tensor([0, 1, 1, 1, 1, 0]).bool()))
-    (5, 4)
-    """
-    if position.is_embed is None:
-        return position.offset, position.length
-    where = position.is_embed.nonzero().squeeze(-1)
-    if where.numel() == 0 or int(where[-1] - where[0]) + 1 != where.numel():
-        raise StageNotServed("an item whose embeddings are not one run of the prompt (a video's frames between their "
-                             "timestamps) is not served dropping inside the language model")
-    return position.offset + int(where[0]), where.numel()
-
-
 def compact_slots(block_row: torch.Tensor, block_size: int, start: int, count: int) -> torch.Tensor:
     """The KV slots of compacted token indices ``start .. start + count`` of a request whose blocks
     are ``block_row``: its kept tokens fill its own blocks from the first slot, one after another.
@@ -234,8 +216,15 @@ def layer_segments(num_layers: int, holds) -> list[tuple[tuple, list[int]]]:
 
 def plan_of_request(model, mm_features, prompt: int) -> RequestPlan | None:
     """A request's ``RequestPlan`` from vLLM's ``MultiModalFeatureSpec`` of its items, as the model
-    resolves each item's plan (``duet_language_plans``)."""
-    features = [(*embedded_run(f.mm_position), f) for f in (mm_features or [])]
+    resolves each item's plan (``duet_language_plans``): each run of an item's embeddings, where the
+    family makes its runs items of their own (a Qwen3-VL video's temporal slices), is one."""
+    features = []
+    for feature in mm_features or []:
+        runs = embedded_runs(feature.mm_position)
+        if len(runs) != 1 and not model.runs_are_items(feature.modality):
+            raise StageNotServed(f"an item whose embeddings are not one run of the prompt ({feature.modality}: "
+                                 f"{len(runs)} runs) is not served dropping inside the language model")
+        features += [(offset, length, feature) for offset, length in runs]
     return request_plan(model.duet_language_plans(features), prompt)
 
 

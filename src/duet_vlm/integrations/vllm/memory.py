@@ -38,7 +38,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-from .options import field_prefix
+from .options import embedded_runs, field_prefix
 
 logger = init_logger(__name__)
 
@@ -97,8 +97,9 @@ def request_drops(request, num_layers: int) -> RequestDrops | None:
         if len(tokens) != num_layers:
             raise ValueError(f"an item's tokens for {len(tokens)} decoder layers, the model has {num_layers}")
         entered = feature.mm_position.get_num_embeds()  # the item's tokens (not InternVL's <img> and </img>)
+        runs = len(embedded_runs(feature.mm_position))  # a Qwen3-VL video's slices: each one the plan's item
         for layer, held in enumerate(tokens):
-            dropped[layer] += entered - held
+            dropped[layer] += entered - held * runs
     if not any(dropped):
         return None
     return RequestDrops(request.num_prompt_tokens, tuple(dropped))

@@ -311,7 +311,7 @@ def check_supported(reducer: Reducer, language: bool = False) -> None:
         hint = ' (its vision-side half alone runs: "duet_options": "{\\"layers\\": []}")'
     raise RefusedMethod(
         f"{inner.method_name!r} prunes visual tokens inside the language model, which the plugin serves only with its "
-        f"own worker (--worker-cls {WORKER}), on LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and InternVL (images; videos but Qwen3-VL's), for FastV, PyramidDrop, DUET, VScan, DART, SparseVLM, HoliTom and random_horizon so far (docs/serving.md); otherwise vLLM's "
+        f"own worker (--worker-cls {WORKER}), on LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and InternVL (images; videos but InternVL's), for FastV, PyramidDrop, DUET, VScan, DART, SparseVLM, HoliTom and random_horizon so far (docs/serving.md); otherwise vLLM's "
         f"paged KV cache keeps every prompt token in every layer, and only methods that select before the language "
         f"model run{hint}. Supported: {', '.join(supported_methods())}"
     )
@@ -364,6 +364,31 @@ def language_plan_for(settings: Settings, budget: int, geometry: Geometry):
 def field_prefix(modality: str) -> str:
     """The item fields' prefix: ``duet_budget`` for an image, ``duet_video_budget`` for a video."""
     return "duet_" if modality == "image" else f"duet_{modality}_"
+
+
+def embedded_runs(position) -> list[tuple[int, int]]:
+    """``(offset, length)`` of each run of tokens an item's embeddings fill in the prompt (vLLM's
+    ``PlaceholderRange``: InternVL's run holds ``<img>`` and ``</img>`` around them, ``is_embed``
+    False there; a Qwen3-VL video's frames are runs of their own between timestamps).
+
+    >>> from types import SimpleNamespace  # a PlaceholderRange's fields
+    >>> import torch
+    >>> embedded_runs(SimpleNamespace(offset=4, length=6, is_embed=torch.tensor([0, 1, 1, 1, 1, 0]).bool()))
+    [(5, 4)]
+    >>> embedded_runs(SimpleNamespace(offset=0, length=7, is_embed=torch.tensor([0, 1, 1, 0, 0, 1, 1]).bool()))
+    [(1, 2), (5, 2)]
+    """
+    if position.is_embed is None:
+        return [(position.offset, position.length)]
+    flags = [bool(v) for v in position.is_embed.tolist()]
+    runs, start = [], None
+    for index, flag in enumerate([*flags, False]):
+        if flag and start is None:
+            start = index
+        elif not flag and start is not None:
+            runs.append((position.offset + start, index - start))
+            start = None
+    return runs
 
 
 def loads_learned_state(cls: type[Reducer]) -> bool:

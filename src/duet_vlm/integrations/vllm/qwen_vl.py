@@ -98,12 +98,6 @@ class DuetQwenProcessorMixin(DuetProcessorMixin):
         reads as text (for every item of the prompt, its images too)."""
         if self.slices_are_items and inputs.mm_data_items.get_count("video", strict=False):
             settings = self.settings(inputs.hf_processor_mm_kwargs)
-            if settings.drops_in_language_model():
-                raise RefusedMethod(
-                    f"duet-vlm does not serve {settings.method} on a {type(self.info.get_hf_config()).__name__} video yet: "
-                    "it drops inside the language model, and each frame of the video is a run of its own between "
-                    "timestamps; use a method that selects before the language model"
-                )
             if settings.needs_text():
                 raise RefusedMethod(
                     f"duet-vlm does not run {settings.method} on a {type(self.info.get_hf_config()).__name__} prompt with a "
@@ -165,8 +159,11 @@ class DuetQwenVLMixin(DuetModelMixin):
         """An image's or a video's geometry from its grid (a 448-pixel square image's at start)."""
         if feature is None:
             return qwen_geometry(self.config, (1, 32, 32))
-        grid = feature.data[f"{feature.modality}_grid_thw"].data
-        return qwen_geometry(self.config, tuple(int(v) for v in torch.as_tensor(grid).reshape(-1)), feature.modality)
+        t, h, w = (int(v) for v in torch.as_tensor(feature.data[f"{feature.modality}_grid_thw"].data).reshape(-1))
+        return qwen_geometry(self.config, (1 if self.runs_are_items(feature.modality) else t, h, w), feature.modality)
+
+    def runs_are_items(self, modality: str) -> bool:
+        return modality == "video" and self.slices_are_items
 
     # ------------------------------------------------------------------------------ positions
     def get_mrope_input_positions(self, input_tokens, mm_features):

@@ -785,6 +785,13 @@ def test_model_runner_v2_state_builds_what_the_v1_runner_builds(saved_llava_deep
     with engine(folder, {"duet_method": "duet", "duet_budget": 100}, **settings) as llm:
         runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
         assert resolve_model_state_cls(runner.vllm_config, runner.model) is language.DuetModelState
+        real = runner.model._duet_model_config  # a hybrid model would need another state than vLLM's default: refused
+        runner.model._duet_model_config = SimpleNamespace(is_hybrid=True, is_attention_free=False)
+        try:
+            with pytest.raises(language.StageNotServed, match="hybrid"):
+                resolve_model_state_cls(runner.vllm_config, runner.model)
+        finally:
+            runner.model._duet_model_config = real
         # Model Runner V2's runner reports the same KV-cache specs (the layers after each boundary in
         # groups of their own); on a GPU, duet-vlm's worker refuses the V1 runner; here it is the CPU one
         gpu_runner = SimpleNamespace(model=runner.model, vllm_config=runner.vllm_config, speculator=None, dcp_size=1)

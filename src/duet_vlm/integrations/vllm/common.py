@@ -401,6 +401,10 @@ class DuetModelMixin:
             raise AttributeError("get_model_state_cls")
         from . import language
 
+        config = getattr(self, "_duet_model_config", None)
+        if config is not None and (config.is_hybrid or config.is_attention_free):
+            raise language.StageNotServed(f"{type(self).__name__}: duet-vlm's Model Runner V2 state is vLLM's DefaultModelState; "
+                                          "a hybrid or attention-free model needs its own")
         return lambda: language.DuetModelState
 
     def duet_boundaries(self) -> list[int]:

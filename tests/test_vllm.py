@@ -801,6 +801,7 @@ def test_model_runner_v2_state_builds_what_the_v1_runner_builds(saved_llava_deep
             language.DuetGPUWorker._make_model_runner(SimpleNamespace(use_v2_model_runner=False))
         assert language.DuetWorker is language.DuetCPUWorker
         state = language.DuetModelState(runner.vllm_config, runner.model, None, torch.device("cpu"))
+        bare = language.DuetModelState(runner.vllm_config, runner.model, None, torch.device("cpu"))  # no KV cache yet
         tables = runner.input_batch.block_table.block_tables
         state.initialize_kv_cache(runner.kv_cache_config, SimpleNamespace(block_sizes=[t.block_size for t in tables]))
         build = runner._build_attention_metadata
@@ -839,6 +840,11 @@ def test_model_runner_v2_state_builds_what_the_v1_runner_builds(saved_llava_deep
                 is_prefilling_np=computed < np.array([runner.requests[r].num_prompt_tokens for r in ids]),
                 idx_mapping_np=np.arange(n))
             by_group = kwargs["slot_mappings"]
+            # a state before its KV cache exists (V2's profiling runs), planning no request: vLLM's metadata
+            assert sorted(bare.prepare_attn(batch, CUDAGraphMode.NONE, tuple(t.get_device_tensor(n) for t in tables),
+                                            torch.stack([by_group[g] for g in range(len(tables))]), runner.attn_groups,
+                                            runner.kv_cache_config)) == sorted(metadata)
+            assert runner.model._duet_step is None
             mine = state.prepare_attn(batch, CUDAGraphMode.NONE, tuple(t.get_device_tensor(n) for t in tables),
                                       torch.stack([by_group[g] for g in range(len(tables))]), runner.attn_groups,
                                       runner.kv_cache_config)

@@ -436,8 +436,9 @@ class _ModelStateMixin:
         self.model._duet_step = None
         if for_capture:
             return attn_metadata
+        # (a profiling run may come before the KV cache, and its block sizes, exist: it plans no request)
         metadata, step = v2_attention(self.model, self.__dict__.get("_duet_requests", {}), input_batch, block_tables,
-                                      attn_groups, self._duet_block_sizes, self.device, ubatch_idx)
+                                      attn_groups, getattr(self, "_duet_block_sizes", None), self.device, ubatch_idx)
         if step is not None:
             attn_metadata.update(metadata)
             self.model._duet_step = step

@@ -192,3 +192,29 @@ def test_doctests():
     from duet_vlm.integrations.vllm import language, options, serve
 
     assert all(doctest.testmod(module).failed == 0 for module in (language, options, serve))
+
+
+def test_the_engine_check_names_each_setting_it_refuses_and_accepts_every_worker_name():
+    """``language.check_engine`` (on vLLM's config, here its fields): with every setting a server
+    that drops inside the language model needs, under any of the worker's names, nothing is refused;
+    each setting that breaks exactness is named in one message."""
+    from types import SimpleNamespace
+
+    from duet_vlm.integrations.vllm.language import StageNotServed, check_engine
+    from duet_vlm.integrations.vllm.options import SCHEDULER, WORKERS
+
+    def config(worker=WORKERS[0], **parallel):
+        return SimpleNamespace(
+            parallel_config=SimpleNamespace(**{"worker_cls": worker, "pipeline_parallel_size": 1,
+                                               "tensor_parallel_size": 1, **parallel}),
+            scheduler_config=SimpleNamespace(scheduler_cls=SCHEDULER, enable_chunked_prefill=False),
+            cache_config=SimpleNamespace(enable_prefix_caching=False), model_config=SimpleNamespace(enforce_eager=True),
+            speculative_config=None, lora_config=None, kv_transfer_config=None)
+
+    for worker in WORKERS:
+        check_engine(config(worker))
+    with pytest.raises(StageNotServed) as refused:
+        check_engine(config("vllm.v1.worker.gpu_worker.Worker", decode_context_parallel_size=2, enable_dbo=True))
+    message = str(refused.value)
+    assert "--worker-cls duet_vlm.integrations.vllm.language.DuetWorker" in message
+    assert "context parallelism is on" in message and "dual-batch overlap is on" in message

@@ -784,6 +784,8 @@ def test_model_runner_v2_state_builds_what_the_v1_runner_builds(saved_llava_deep
     kinds = []
     with engine(folder, {"duet_method": "duet", "duet_budget": 100}, **settings) as llm:
         runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+        if not isinstance(runner, language.DuetCPUModelRunner):  # on a GPU, DuetWorker runs V2: nothing to compare with
+            pytest.skip("compares Model Runner V2's state with vLLM's V1 CPU runner")
         assert resolve_model_state_cls(runner.vllm_config, runner.model) is language.DuetModelState
         real = runner.model._duet_model_config  # a hybrid model would need another state than vLLM's default: refused
         runner.model._duet_model_config = SimpleNamespace(is_hybrid=True, is_attention_free=False)

@@ -872,6 +872,13 @@ def test_model_runner_v2_state_builds_what_the_v1_runner_builds(saved_llava_deep
             language_run(llm, processor, pictures, [{"duet_budget": b} for b in (1000, 250, 160, 100)])
         finally:
             del runner._build_attention_metadata
+        # a step padded past its tokens (V2 pads for CUDA graphs) is an error at the model's entry, not a guess
+        runner.model._duet_step = language.StepPlan([(0, 4)], {}, [], [(None, 0)])
+        try:
+            with pytest.raises(RuntimeError, match="padded to 8"):
+                runner.model._duet_language._enter(runner.model, (), {"positions": torch.arange(8)})
+        finally:
+            runner.model._duet_step = None
     assert {(True, False), (False, True), (True, True)} <= set(kinds), kinds  # drops, decodes past one, both
     with engine(folder, {"duet_method": "visionzip", "duet_budget": 100}, **LANGUAGE) as llm:
         runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner

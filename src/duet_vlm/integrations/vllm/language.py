@@ -557,6 +557,12 @@ class LanguageStages:
     def _enter(self, module, args, kwargs):
         self.state = {}
         step = getattr(self.owner, "_duet_step", None)
+        positions = kwargs.get("positions")
+        if step is not None and isinstance(positions, torch.Tensor):
+            rows = sum(count for _, count in step.rows)
+            if positions.shape[-1] != rows:
+                raise RuntimeError(f"a step of {rows} tokens reached the model padded to {positions.shape[-1]} (CUDA "
+                                   "graphs, data parallelism?); dropping inside the language model runs unpadded steps")
         if step is not None and step.slots:
             # the compacted layers' slots, into the dictionary vLLM's attention reads its slots from
             # (either runner builds it before the forward, from one slot row per KV-cache group)

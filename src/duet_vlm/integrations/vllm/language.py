@@ -457,7 +457,7 @@ def v2_attention(model, known: dict, input_batch, block_tables, attn_groups, blo
     if step is None:
         return {}, None
     groups = [KVGroup(attention, block_tables[index], block_sizes[index], block_tables[index][:num_reqs])
-              for index, attention in enumerate(attn_groups) if attention]
+              for index, attention in enumerate(attn_groups)]
     metadata, step.slots = compact_attention(
         step, model.duet_attention_layer_names(), input_batch.seq_lens[:num_reqs].cpu(), groups,
         lambda group, common: group.build_metadata(common, ubatch_idx), device)

@@ -224,11 +224,6 @@ class Settings:
         plan = inner.resolve(LLAVA15, quiet=True)
         return plan.vision is not None and plan.vision.needs_text
 
-    def drops_in_language_model(self) -> bool:
-        """Whether the method drops inside the language model (a plan with boundaries, at half of a
-        LLaVA-1.5 image: where a method drops does not depend on the budget)."""
-        return self.active and language_plan_for(self, LLAVA15.visual_tokens // 2, LLAVA15) is not None
-
     def record(self) -> dict[str, Any] | None:
         """The reducer's record (``to_dict``), or ``None``."""
         return self.reducer().to_dict() if self.active else None

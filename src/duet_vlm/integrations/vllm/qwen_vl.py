@@ -192,7 +192,7 @@ class DuetQwenVLMixin(DuetModelMixin):
             modality = feature.modality
             placeholder = self.config.image_token_id if modality == "image" else self.config.video_token_id
             t, h, w = (int(v) for v in feature.data[f"{modality}_grid_thw"].data)
-            run = (h * w if modality == "video" and self.slices_are_items else t * h * w) // merge // merge
+            run = (h * w if self.runs_are_items(modality) else t * h * w) // merge // merge
             for is_placeholder, group in itertools.groupby(tokens[offset : offset + length], placeholder.__eq__):
                 group = list(group)
                 if is_placeholder:
@@ -270,7 +270,7 @@ class DuetQwenVLMixin(DuetModelMixin):
         factors = self.temporal_factors(visual_input, modality, len(grids))
         # what a budget applies to: an item, or each temporal slice of a video whose slices are items
         # (each then positioned from its own run's start)
-        if modality == "video" and self.slices_are_items:
+        if self.runs_are_items(modality):
             parts = [(i, [1, h, w], f) for i, ((t, h, w), f) in enumerate(zip(grids, factors)) for _ in range(t)]
         else:
             parts = [(i, g, f) for i, (g, f) in enumerate(zip(grids, factors))]

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from duet_vlm.bench import interleaved, median_ratio
+from duet_vlm.bench.timing import pairs_swapped, round_pairs
 from duet_vlm.cli import expand_list_options
 
 
@@ -14,6 +15,50 @@ def test_interleaved_times_every_variant_each_round():
     times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=1)
     assert calls == ["a", "b"] + ["a", "b"] * 3
     assert all(len(v) == 3 for v in times.values())
+
+
+def test_swapped_pairs_reverse_each_group_every_other_round_and_pairs_average_them():
+    calls = []
+    variants = {name: (lambda name=name: calls.append(name)) for name in "fvi"}
+    times = interleaved(variants, rounds=4, warmup=0, order=pairs_swapped([["f"], ["v", "i"]]))
+    assert "".join(calls) == "fvi" "fiv" "fvi" "fiv"
+    assert all(len(v) == 4 for v in times.values())
+    assert round_pairs([1.0, 2.0, 5.0, 7.0]) == [1.5, 6.0]
+    assert round_pairs([{"x": 1.0, "y": 0.0}, {"x": 3.0, "y": 2.0}, {"x": 9.0, "y": 9.0}]) == [{"x": 2.0, "y": 1.0}]
+
+
+def test_the_forward_timed_after_a_longer_one_pays_alike_on_both_sides(monkeypatch):
+    """Which forward ran just before changes a forward's time (measured: 1.5-2% after a longer one).
+    Planted here: a reduced forward timed right after an unreduced one takes 100 ms more (the tiny
+    forwards take 10-20 ms). In a fixed order a variant would pay it every round and its ideal never
+    (a ratio over 5); ``measure`` swaps the two every other round and reads pairs of rounds, so each
+    pays it once a pair (read per round instead, the median would swing between about 10 and 0.15)."""
+    import time
+
+    import duet_vlm.bench.prefill as prefill
+    from duet_vlm.bench import ModelSize, family_benchmark
+
+    real, last = prefill.interleaved, []
+    longer = {prefill.FULL, "ideal: 576 x4"}  # the unreduced forward and its ideal: 576 visual tokens in 4 layers
+
+    def after_the_unreduced_one_pays(variants, rounds, **options):
+        def wrapped(name, fn):
+            def run():
+                if last and last[-1] in longer and name not in longer:
+                    time.sleep(0.1)
+                last.append(name)
+                fn()
+            return run
+        return real({name: wrapped(name, fn) for name, fn in variants.items()}, rounds, **options)
+
+    monkeypatch.setattr(prefill, "interleaved", after_the_unreduced_one_pays)
+    size = ModelSize(vision_hidden=32, vision_layers=2, vision_heads=4, hidden=64, layers=4, heads=4, kv_heads=4,
+                     intermediate=128)
+    results = family_benchmark("llava", size, ["duet"], [0.25], rounds=3)
+    assert results["rounds"] == 4 and results["order"].startswith("pairs swapped")
+    row = results["variants"]["duet ratio 0.25"]
+    assert len(row["forward_rounds_s"]) == 4
+    assert 0.8 < row["forward_vs_ideal"] < 1.5, row["forward_vs_ideal"]
 
 
 def test_median_ratio_pairs_rounds():

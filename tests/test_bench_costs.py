@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from models import BUDGETED
+from duet_vlm.bench.timing import round_pairs
 
 TINY = dict(vision_hidden=32, vision_layers=2, vision_heads=4, hidden=64, layers=8, heads=4, kv_heads=4, intermediate=128)
 
@@ -115,14 +116,16 @@ def test_measure_pairs_each_variant_with_its_ideal_in_the_same_rounds(monkeypatc
     from duet_vlm.bench import prefill as bench
     from duet_vlm.methods import make
 
-    fake = {"no reduction": [10.0, 12.0, 11.0], "visionzip 192": [7.0, 8.0, 6.0], "random 192": [13.0, 12.0, 11.5],
-            "ideal: 576 x8": [9.0, 9.0, 9.0], "ideal: 192 x8": [5.0, 6.0, 5.0]}
+    fake = {"no reduction": [10.0, 12.0, 11.0, 13.0], "visionzip 192": [7.0, 8.0, 6.0, 7.0],
+            "random 192": [13.0, 12.0, 11.5, 12.5], "ideal: 576 x8": [9.0, 9.0, 9.0, 9.0], "ideal: 192 x8": [5.0, 6.0, 5.0, 6.0]}
+    orders = []
 
-    def interleaved(variants, rounds, warmup=0, progress=None):
-        assert set(variants) == set(fake) and rounds == 3
-        for _ in range(rounds):
-            for fn in variants.values():
-                fn()
+    def interleaved(variants, rounds, warmup=0, progress=None, order=None):
+        assert set(variants) == set(fake) and rounds == 4  # 3 asked: the rounds run in pairs
+        for number in range(rounds):
+            orders.append(order(number))
+            for name in order(number):
+                variants[name]()
         return {name: list(fake[name]) for name in variants}
 
     monkeypatch.setattr(bench, "interleaved", interleaved)
@@ -132,21 +135,27 @@ def test_measure_pairs_each_variant_with_its_ideal_in_the_same_rounds(monkeypatc
                 "fastv 64": make("fastv", budget=64)}  # after layer 2 of 8 it cannot average 64
     out = bench.measure(model, inputs, reducers, rounds=3)
     rows = out["variants"]
+    # each ideal right after the first variant it serves, the two swapped every other round
+    assert orders[0] == ["no reduction", "ideal: 576 x8", "visionzip 192", "ideal: 192 x8", "random 192"]
+    assert orders[1] == ["ideal: 576 x8", "no reduction", "ideal: 192 x8", "visionzip 192", "random 192"]
+    assert orders[2:] == orders[:2] and out["rounds"] == 4
     assert rows["visionzip 192"]["ideal"] == rows["random 192"]["ideal"] == "ideal: 192 x8"
+    pairs = {name: round_pairs(times) for name, times in fake.items()}  # each pair of rounds: both orders
     for name in ("visionzip 192", "random 192"):
-        expected = bench.selection_costs(fake[name], fake["ideal: 192 x8"], fake["no reduction"])
+        expected = bench.selection_costs(pairs[name], pairs["ideal: 192 x8"], pairs["no reduction"])
+        expected["rounds_paid"] = sum(f < u for f, u in zip(fake[name], fake["no reduction"]))  # round by round
         assert {key: rows[name][key] for key in expected} == expected
         assert rows[name]["forward_rounds_s"] == fake[name]
     assert rows["visionzip 192"]["pays"] and not rows["random 192"]["pays"]
     assert rows["fastv 64"] == {"error": rows["fastv 64"]["error"]} and "FastV after layer 2" in rows["fastv 64"]["error"]
-    assert out["ideals"]["ideal: 576 x8"]["forward_vs_unreduced"] == pytest.approx(0.818181, rel=1e-5)
+    assert out["ideals"]["ideal: 576 x8"]["forward_vs_unreduced"] == pytest.approx((9 / 11 + 9 / 12) / 2)
     assert rows["no reduction"]["decoder_flops"] == rows["visionzip 192"]["decoder_flops_full"]
     # the projector: the ideal maps the 192 kept tokens, visionzip's forward every token once more
     assert out["ideals"]["ideal: 192 x8"]["projector_rows"] == 192
     assert rows["visionzip 192"]["projector_extra_rows"] == rows["visionzip 192"]["projector_rows"] - 192 > 0
-    table = bench.costs_markdown(rows, out["ideals"], 3).splitlines()
+    table = bench.costs_markdown(rows, out["ideals"], 4).splitlines()
     assert len(table) == 2 + len(rows) + 1  # header, rule, the variants and the ideal of no reduction
-    assert "**no** (0/3)" in table[-2] and "cannot run: ValueError" in table[-1]
+    assert "**no** (1/4)" in table[-2] and "cannot run: ValueError" in table[-1]
 
 
 def test_every_registered_method_runs_through_the_prefill_benchmark():

@@ -31,7 +31,7 @@ from ..methods import PerItemRatio, make
 from .ideal import IdealModel
 from .models import ModelSize, build_family, build_model, example_inputs
 from .selection import ProjectorRows, Widths, declared_flops, item_shapes, projector_flops_per_row
-from .timing import LanguageModelTimer, LayerKindTimer, interleaved, median_ratio
+from .timing import LanguageModelTimer, LayerKindTimer, interleaved, median_ratio, pairs_swapped, round_pairs
 
 FULL = "no reduction"
 
@@ -262,9 +262,16 @@ def measure(model, inputs, reducers: dict, rounds: int, progress=None) -> dict:
     shapes and its projector rows, or the reason it cannot run on this geometry (then it is left out
     of the rounds and its row says why). One ideal is timed per distinct per-layer schedule, plus the
     ideal of no reduction (the direct layer loop against ``model.forward``: what the ideal's own
-    path saves with nothing reduced). Returns ``{"variants": {name: row}, "ideals": {name: row},
-    "load_average_before_after": ...}``.
+    path saves with nothing reduced).
+
+    A variant and its ideal swap places every other round (``pairs_swapped``; an odd ``rounds``
+    runs one more) and every median and ratio below is read per pair of rounds (``round_pairs``), in
+    which each ran once first: in a fixed order the one timed first, right after a forward of
+    another length, paid 1.5-2% more on this machine in every round. The per-round
+    seconds (``forward_rounds_s``) and ``rounds_paid`` stay per round. Returns ``{"variants":
+    {name: row}, "ideals": {name: row}, "rounds": rounds run, "load_average_before_after": ...}``.
     """
+    rounds += rounds % 2
     config = model.config
     visual_ids = {getattr(config, key) for key in ("image_token_id", "video_token_id")
                   if getattr(config, key, None) is not None}
@@ -325,16 +332,20 @@ def measure(model, inputs, reducers: dict, rounds: int, progress=None) -> dict:
         seconds[name].clear()
         by_kind[name].clear()
     # Each ideal right after the first variant it serves: a drift of the load within a round then
-    # hits a variant and its ideal alike.
-    order: dict[str, None] = {}
+    # hits a variant and its ideal alike; the two swap places every other round (``pairs_swapped``).
+    groups: list[list[str]] = []
+    placed: set[str] = set()
     for name, fact in facts.items():
         if name in variants:
-            order.update({name: None, fact["ideal"]: None})
-    variants = {name: variants[name] for name in order}
+            groups.append([name] + ([] if fact["ideal"] in placed else [fact["ideal"]]))
+            placed.update(groups[-1])
 
     load_before = os.getloadavg()
-    times = interleaved(variants, rounds, warmup=0, progress=progress)
+    raw = interleaved(variants, rounds, warmup=0, progress=progress, order=pairs_swapped(groups))
     load_after = os.getloadavg()
+    times = {name: round_pairs(values) for name, values in raw.items()}
+    seconds = {name: round_pairs(values) for name, values in seconds.items()}
+    by_kind = {name: round_pairs(values) for name, values in by_kind.items()}
 
     full = times[FULL]
     results = {}
@@ -356,7 +367,7 @@ def measure(model, inputs, reducers: dict, rounds: int, progress=None) -> dict:
             "decoder_flops": stats.flops_exact if stats else fact["decoder_flops"],
             "decoder_flops_full": stats.flops_exact_full if stats else fact["decoder_flops"],
             "projector_rows": fact["projector_rows"],
-            "forward_rounds_s": times[name],
+            "forward_rounds_s": raw[name],
         }
         row.update(layer_split(seconds[name], by_kind[name]))
         if hybrid and by_kind[name]:  # each kind of layer's part, and against no reduction
@@ -375,6 +386,7 @@ def measure(model, inputs, reducers: dict, rounds: int, progress=None) -> dict:
             if hybrid and by_kind[name]:
                 row["layer_kind_vs_ideal"] = _kind_ratios(by_kind[name], by_kind[ideal])
             row.update(selection_costs(times[name], times[ideal], full))
+            row["rounds_paid"] = sum(f < u for f, u in zip(raw[name], raw[FULL]))
             extra = fact["projector_rows"] - ideal_rows[ideal]["projector_rows"]
             row.update(selection_flops=fact["selection_flops"], selection_flops_terms=fact["selection_flops_terms"],
                        projector_extra_rows=extra, projector_extra_flops=extra * per_row)
@@ -382,12 +394,12 @@ def measure(model, inputs, reducers: dict, rounds: int, progress=None) -> dict:
     for name, row in ideal_rows.items():
         row.update(forward_s=statistics.median(times[name]), language_model_s=statistics.median(seconds[name]),
                    forward_vs_unreduced=statistics.median(t / b for t, b in zip(times[name], full)),
-                   forward_rounds_s=times[name])
+                   forward_rounds_s=raw[name])
         row.update(layer_split(seconds[name], by_kind[name]))
         if hybrid and by_kind[name]:
             row["layer_kind_s"] = _kind_medians(by_kind[name])
-    return {"variants": results, "ideals": ideal_rows, "load_average_before_after": [load_before, load_after],
-            "cpus": os.cpu_count()}
+    return {"variants": results, "ideals": ideal_rows, "rounds": rounds, "order": "pairs swapped every other round, read per pair of rounds",
+            "load_average_before_after": [load_before, load_after], "cpus": os.cpu_count()}
 
 
 def _reducers(methods: list[str], settings: list, key: str, label: Callable) -> dict:
@@ -415,6 +427,7 @@ def prefill_benchmark(size: ModelSize, methods: list[str], budgets: list[int], r
     method declares a count, ``selection``) and ``projector_extra_flops``, or ``error`` when the
     method cannot run on this geometry.
     """
+    rounds += rounds % 2  # the prefill's rounds run in pairs (``measure``); the vision side's as many
     model = build_model(size)
     inputs = example_inputs(model, text_tokens=text_tokens)
     advance = (lambda phase: (lambda: progress(phase))) if progress else (lambda phase: None)
@@ -434,7 +447,7 @@ def prefill_benchmark(size: ModelSize, methods: list[str], budgets: list[int], r
                    "language_model_median_s": row["language_model_s"], "language_model_ratio": row["lm_vs_full"], **row}
         results["prefill"][name] = row
     results.update(ideals=measured["ideals"], load_average_before_after=measured["load_average_before_after"],
-                   cpus=measured["cpus"])
+                   cpus=measured["cpus"], order=measured["order"])
     return results
 
 
@@ -463,7 +476,8 @@ def family_benchmark(family: str, size: ModelSize, methods: list[str], ratios: l
             else:
                 row["ideal_s"] = row["ideal_language_model_s"]
         variants[name] = row
-    return {"family": family, "model": vars(size), "rounds": rounds, "threads": torch.get_num_threads(),
+    return {"family": family, "model": vars(size), "rounds": measured["rounds"], "order": measured["order"],
+            "threads": torch.get_num_threads(),
             "variants": variants, "ideals": measured["ideals"], "mask_rebuild_s": mask_rebuild_s(model, inputs, rounds),
             "load_average_before_after": measured["load_average_before_after"], "cpus": measured["cpus"]}
 

@@ -17,20 +17,60 @@ import time
 from typing import Callable
 
 
-def interleaved(variants: dict[str, Callable[[], None]], rounds: int, warmup: int = 1, progress=None) -> dict[str, list[float]]:
-    """Seconds per call of every variant, timed round-robin so that drifts in load hit all alike."""
+def interleaved(variants: dict[str, Callable[[], None]], rounds: int, warmup: int = 1, progress=None,
+                order: Callable[[int], list[str]] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of every variant, timed round-robin so that drifts in load hit all alike.
+
+    ``order(round number)``: the names in the order that round runs them (``pairs_swapped``);
+    by default every round runs them in the order of ``variants``.
+    """
     for fn in variants.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
+    for number in range(rounds):
+        for name in (list(variants) if order is None else order(number)):
             start = time.perf_counter()
-            fn()
+            variants[name]()
             times[name].append(time.perf_counter() - start)
         if progress is not None:
             progress()
     return times
+
+
+def pairs_swapped(groups: list[list[str]]) -> Callable[[int], list[str]]:
+    """A round order for ``interleaved``: the groups one after another, each group's names in reverse
+    in every other round. Which forward ran just before changes a forward's time on this machine's
+    CPU: a reduced prefill timed right after a longer one ran 1.5-2% slower than timed after one of
+    its own length (docs/benchmarks.md). In a fixed order the first of a variant and its ideal
+    follows the previous group in every round and pays it every round; with the pair swapped, each
+    is first in one round of every two, and a pair of rounds (``round_pairs``) reads both alike.
+
+    >>> order = pairs_swapped([["unreduced"], ["duet", "ideal"]])
+    >>> order(0), order(1)
+    (['unreduced', 'duet', 'ideal'], ['unreduced', 'ideal', 'duet'])
+    """
+    def order(number: int) -> list[str]:
+        return [name for group in groups for name in (group[::-1] if number % 2 else group)]
+
+    return order
+
+
+def round_pairs(values: list) -> list:
+    """Per pair of consecutive rounds (0 and 1, 2 and 3, ...), the mean of the two: numbers, or dicts
+    of numbers key by key. Of rounds timed with ``interleaved(alternate=True)`` each pair ran every
+    variant once in each order, so a ratio read per pair carries no order effect. An odd last round
+    is left out.
+
+    >>> round_pairs([1.0, 3.0, 2.0, 4.0, 9.0])
+    [2.0, 3.0]
+    >>> round_pairs([{"attention": 1.0}, {"attention": 2.0}])
+    [{'attention': 1.5}]
+    """
+    pairs = zip(values[0::2], values[1::2])
+    if values and isinstance(values[0], dict):
+        return [{key: (a[key] + b[key]) / 2 for key in a} for a, b in pairs]
+    return [(a + b) / 2 for a, b in pairs]
 
 
 #: What ``keep_freed_memory`` sets, by name, and each name's ``mallopt`` parameter (malloc.h).

@@ -158,7 +158,10 @@ def bench(
         ["duet"], metavar="<str>...", help="Methods to time (space-separated list; 'none' for only the baselines)."
     ),
     budgets: list[int] = typer.Option([192, 128, 64], metavar="<int>...", help="Budgets (space-separated list)."),
-    rounds: int = typer.Option(5, help="Timed rounds; variants are interleaved within each round."),
+    rounds: int = typer.Option(
+        5, help="Timed rounds; variants are interleaved within each round (the prefill's and --family's in alternating "
+                "order, read per pair of rounds: an odd number runs one more)."
+    ),
     hidden: int = typer.Option(1024, help="Decoder width (the tower's width and the 32 layers are fixed)."),
     intermediate: int = typer.Option(2816, help="Decoder MLP size."),
     text_tokens: int = typer.Option(60, help="Prompt tokens besides the image."),
@@ -231,7 +234,7 @@ def bench(
         if family not in FAMILIES:
             raise ValueError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
         with Bar() as bar:
-            report = bar.rounds(rounds)
+            report = bar.rounds(rounds + rounds % 2)
             results = family_benchmark(family, size, methods, ratios, rounds, progress=lambda: report(f"{family} prefill"))
         results["command"] = "duet-vlm " + " ".join(sys.argv[1:])
         results.update(allocation)
@@ -258,7 +261,7 @@ def bench(
     else:
         with Bar() as bar:
             results = prefill_benchmark(size, [] if methods == ["none"] else methods, budgets, rounds, text_tokens,
-                                        progress=bar.rounds(rounds))
+                                        progress=bar.rounds(rounds + rounds % 2))
         results["command"] = "duet-vlm " + " ".join(sys.argv[1:])
         results.update(allocation)
         printing.print_prefill(results)

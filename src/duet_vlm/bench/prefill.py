@@ -266,8 +266,8 @@ def measure(model, inputs, reducers: dict, rounds: int, progress=None) -> dict:
 
     A variant and its ideal swap places every other round (``pairs_swapped``; an odd ``rounds``
     runs one more) and every median and ratio below is read per pair of rounds (``round_pairs``), in
-    which each ran once first: in a fixed order the one timed first, right after a forward of
-    another length, paid 1.5-2% more on this machine in every round. The per-round
+    which each ran once first: in a fixed order the one timed first follows another group's forward
+    in every round (what that costs: ``timing.pairs_swapped``). The per-round
     seconds (``forward_rounds_s``) and ``rounds_paid`` stay per round. Returns ``{"variants":
     {name: row}, "ideals": {name: row}, "rounds": rounds run, "load_average_before_after": ...}``.
     """
@@ -423,7 +423,7 @@ def prefill_benchmark(size: ModelSize, methods: list[str], budgets: list[int], r
     Returns ``{"vision": {variant: {median_s, ratio}}, "prefill": {variant: row}, "ideals": {...},
     ...}``; a row has ``forward_median_s, forward_ratio, language_model_median_s,
     language_model_ratio, flops_ratio, kv_ratio, avg_visual_tokens`` (ratios to no reduction:
-    medians of per-round ratios), the costs of ``selection_costs``, ``selection_flops`` (where the
+    medians of the ratios per pair of rounds), the costs of ``selection_costs``, ``selection_flops`` (where the
     method declares a count, ``selection``) and ``projector_extra_flops``, or ``error`` when the
     method cannot run on this geometry.
     """
@@ -461,7 +461,7 @@ def family_benchmark(family: str, size: ModelSize, methods: list[str], ratios: l
 
     Returns ``{"variants": {variant: {forward_s, language_model_s, ideal_s, lm_vs_ideal, lm_vs_full,
     flops_ratio, kv_ratio, avg_visual_tokens, ...the costs of selection_costs...}}, "ideals": ...}``
-    (medians over interleaved rounds; ratios per round); ``ideal_s`` is the ideal's language-model
+    (medians over pairs of interleaved rounds, ratios read per pair: ``measure``); ``ideal_s`` is the ideal's language-model
     part, ``ideal_forward_s`` its whole forward; a variant that cannot run has ``error``.
     """
     model, inputs = build_family(family, size)

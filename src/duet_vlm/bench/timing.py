@@ -40,11 +40,12 @@ def interleaved(variants: dict[str, Callable[[], None]], rounds: int, warmup: in
 
 def pairs_swapped(groups: list[list[str]]) -> Callable[[int], list[str]]:
     """A round order for ``interleaved``: the groups one after another, each group's names in reverse
-    in every other round. Which forward ran just before changes a forward's time on this machine's
-    CPU: a reduced prefill timed right after a longer one ran 1.5-2% slower than timed after one of
-    its own length (docs/benchmarks.md). In a fixed order the first of a variant and its ideal
-    follows the previous group in every round and pays it every round; with the pair swapped, each
-    is first in one round of every two, and a pair of rounds (``round_pairs``) reads both alike.
+    in every other round. What ran just before can change a forward's time: timed right after the
+    unreduced forward and its ideal, LLaVA-1.5's DUET at 0.11 read 1.028 of its ideal when it ran
+    first of the two and 0.994 when its ideal did, in the same 15 rounds otherwise
+    (docs/bench/order_effect). In a fixed order the first of a variant and its ideal follows the
+    previous group in every round; with the pair swapped, each is first in one round of every two,
+    and a pair of rounds (``round_pairs``) reads both alike.
 
     >>> order = pairs_swapped([["unreduced"], ["duet", "ideal"]])
     >>> order(0), order(1)

@@ -1,0 +1,136 @@
+"""Where a reduced prefill's language-model time goes outside its decoder layers, part by part,
+against the ideal's (the benchmark's geometry and model: ``duet-vlm bench --family``).
+
+    python tools/runtime_profile.py --family llava --method duet --ratio 0.11 --rounds 10 \
+        --output docs/bench/lm_vs_ideal/profile_llava_duet_0.11.json
+
+Times, per forward (the median over ``--rounds`` after two warm-up forwards), the language model
+(``LanguageModelTimer``), its decoder layers (``LayerKindTimer``) and, inside the runtime, the
+boundaries (``prune``) with the stages' scoring and selection in them, the per-layer hook's other
+work, and the exit (the stats and the scatter back to the input's length); then the ideal's decoder
+on the same per-layer counts, its layers and what it spends outside them. A profiling tool, not
+part of the library: it wraps those functions with timers in its own process only, and unwraps them
+when done. Run it on a quiet machine (one benchmark at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections import defaultdict
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import torch
+
+from duet_vlm.adapters import scheme
+from duet_vlm.bench.ideal import IdealModel
+from duet_vlm.bench.models import ModelSize, build_family
+from duet_vlm.bench.prefill import _reducers, _visual_per_layer, layer_kinds
+from duet_vlm.bench.timing import LanguageModelTimer, LayerKindTimer, keep_freed_memory
+from duet_vlm.runtime import attachment, boundary
+
+# (part, owner, attribute): what each part of the runtime's work is, where it is called from.
+PARTS = (
+    ("boundaries", attachment, "prune"),
+    ("boundaries: the stages' choosing", boundary, "select"),
+    ("boundaries: scoring (text-to-visual attention)", scheme.LayerScheme, "text_to_visual_attention"),
+    ("per-layer hook (boundaries included)", attachment.Attachment, "_prefill_layer"),
+    ("exit (stats and scatter)", attachment.Attachment, "_finish_prefill"),
+    ("exit: stats", attachment, "prefill_stats"),
+)
+
+
+@contextmanager
+def timed(seconds: dict, part: str, owner, name: str):
+    """``owner.name`` timed into ``seconds[part]`` while the context lasts."""
+    original = owner.__dict__[name]
+    function = original.__func__ if isinstance(original, (staticmethod, classmethod)) else original
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            seconds[part] += time.perf_counter() - start
+
+    setattr(owner, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="llava")
+    parser.add_argument("--method", default="duet")
+    parser.add_argument("--ratio", type=float, default=0.11)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()
+    model, inputs = build_family(args.family, ModelSize(vision_layers=2))
+    reducer = next(iter(_reducers([args.method], [args.ratio], "ratio", lambda m, r: "").values()))
+    if isinstance(reducer, Exception):
+        raise reducer
+    kinds = layer_kinds(model)
+
+    def reduced(parts: dict) -> dict:
+        with ExitStack() as stack:
+            for part, owner, name in PARTS:
+                stack.enter_context(timed(parts, part, owner, name))
+            with torch.no_grad(), reducer(model), LanguageModelTimer(model) as lm, LayerKindTimer(model, kinds) as layers:
+                model(**inputs, logits_to_keep=1)
+        return {"language model": lm.seconds[0], "decoder layers": sum(layers.seconds.values()), **parts}
+
+    first = reduced(defaultdict(float))
+    ideal = IdealModel(model, inputs, _visual_per_layer(reducer.stats))
+
+    def ideal_decoder() -> dict:
+        with torch.no_grad(), LayerKindTimer(model, kinds) as layers:
+            embeddings, cache = ideal.embeddings(), ideal.new_cache()
+            start = time.perf_counter()
+            ideal.decode(embeddings, cache=cache, last=1)
+            total = time.perf_counter() - start
+        return {"language model": total, "decoder layers": sum(layers.seconds.values())}
+
+    ideal_decoder()
+    reduced(defaultdict(float))
+    load_before = os.getloadavg()
+    rounds = []
+    for number in range(args.rounds):  # the two swap places every other round, as the benchmark's do
+        if number % 2:
+            theirs = ideal_decoder()
+            rounds.append((reduced(defaultdict(float)), theirs))
+        else:
+            rounds.append((reduced(defaultdict(float)), ideal_decoder()))
+    load_after = os.getloadavg()
+    keys = list(first) + [part for part, *_ in PARTS if part not in first]
+
+    def median_ms(values) -> float:
+        return round(statistics.median(values) * 1e3, 3)
+
+    result = {
+        "command": "python tools/runtime_profile.py " + " ".join(
+            f"--{k} {v}" for k, v in vars(args).items() if v is not None),
+        "rounds": args.rounds,
+        "load_average_before_after": [load_before, load_after],
+        "reduced_ms": {key: median_ms([r.get(key, 0.0) for r, _ in rounds]) for key in keys},
+        "ideal_ms": {key: median_ms([i[key] for _, i in rounds]) for key in ("language model", "decoder layers")},
+    }
+    result["reduced_ms"]["outside the layers"] = median_ms(
+        [r["language model"] - r["decoder layers"] for r, _ in rounds])
+    result["ideal_ms"]["outside the layers"] = median_ms([i["language model"] - i["decoder layers"] for _, i in rounds])
+    print(json.dumps(result, indent=1))
+    if args.output:
+        args.output.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -28,8 +28,8 @@ def test_swapped_pairs_reverse_each_group_every_other_round_and_pairs_average_th
 
 
 def test_the_forward_timed_after_a_longer_one_pays_alike_on_both_sides(monkeypatch):
-    """Which forward ran just before changes a forward's time (measured: 1.5-2% after a longer one).
-    Planted here: a reduced forward timed right after an unreduced one takes 100 ms more (the tiny
+    """What ran just before can change a forward's time (measured once: LLaVA-1.5's DUET at 0.11 read
+    1.028 of its ideal timed first and 0.994 timed second, docs/bench/order_effect). Planted here: a reduced forward timed right after an unreduced one takes 100 ms more (the tiny
     forwards take 10-20 ms). In a fixed order a variant would pay it every round and its ideal never
     (a ratio over 5); ``measure`` swaps the two every other round and reads pairs of rounds, so each
     pays it once a pair (read per round instead, the median would swing between about 10 and 0.15)."""

@@ -398,7 +398,8 @@ def measure(model, inputs, reducers: dict, rounds: int, progress=None) -> dict:
         row.update(layer_split(seconds[name], by_kind[name]))
         if hybrid and by_kind[name]:
             row["layer_kind_s"] = _kind_medians(by_kind[name])
-    return {"variants": results, "ideals": ideal_rows, "rounds": rounds, "order": "pairs swapped every other round, read per pair of rounds",
+    return {"variants": results, "ideals": ideal_rows, "rounds": rounds,
+            "order": "pairs swapped every other round, read per pair of rounds",
             "load_average_before_after": [load_before, load_after], "cpus": os.cpu_count()}
 
 
@@ -423,9 +424,9 @@ def prefill_benchmark(size: ModelSize, methods: list[str], budgets: list[int], r
     Returns ``{"vision": {variant: {median_s, ratio}}, "prefill": {variant: row}, "ideals": {...},
     ...}``; a row has ``forward_median_s, forward_ratio, language_model_median_s,
     language_model_ratio, flops_ratio, kv_ratio, avg_visual_tokens`` (ratios to no reduction:
-    medians of the ratios per pair of rounds), the costs of ``selection_costs``, ``selection_flops`` (where the
-    method declares a count, ``selection``) and ``projector_extra_flops``, or ``error`` when the
-    method cannot run on this geometry.
+    medians of the ratios per pair of rounds), the costs of ``selection_costs``, ``selection_flops``
+    (where the method declares a count, ``selection``) and ``projector_extra_flops``, or ``error``
+    when the method cannot run on this geometry.
     """
     rounds += rounds % 2  # the prefill's rounds run in pairs (``measure``); the vision side's as many
     model = build_model(size)
@@ -461,8 +462,9 @@ def family_benchmark(family: str, size: ModelSize, methods: list[str], ratios: l
 
     Returns ``{"variants": {variant: {forward_s, language_model_s, ideal_s, lm_vs_ideal, lm_vs_full,
     flops_ratio, kv_ratio, avg_visual_tokens, ...the costs of selection_costs...}}, "ideals": ...}``
-    (medians over pairs of interleaved rounds, ratios read per pair: ``measure``); ``ideal_s`` is the ideal's language-model
-    part, ``ideal_forward_s`` its whole forward; a variant that cannot run has ``error``.
+    (medians over pairs of interleaved rounds, ratios read per pair: ``measure``); ``ideal_s`` is the
+    ideal's language-model part, ``ideal_forward_s`` its whole forward; a variant that cannot run has
+    ``error``.
     """
     model, inputs = build_family(family, size)
     reducers = _reducers(methods, ratios, "ratio", lambda method, ratio: f"{method} ratio {ratio:g}")

@@ -59,9 +59,9 @@ def pairs_swapped(groups: list[list[str]]) -> Callable[[int], list[str]]:
 
 def round_pairs(values: list) -> list:
     """Per pair of consecutive rounds (0 and 1, 2 and 3, ...), the mean of the two: numbers, or dicts
-    of numbers key by key. Of rounds timed with ``interleaved(alternate=True)`` each pair ran every
-    variant once in each order, so a ratio read per pair carries no order effect. An odd last round
-    is left out.
+    of numbers key by key. Of rounds timed in the order of ``pairs_swapped`` each pair ran each
+    group's names once in each order, so a ratio read per pair carries no order effect. An odd last
+    round is left out.
 
     >>> round_pairs([1.0, 3.0, 2.0, 4.0, 9.0])
     [2.0, 3.0]

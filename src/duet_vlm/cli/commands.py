@@ -159,8 +159,8 @@ def bench(
     ),
     budgets: list[int] = typer.Option([192, 128, 64], metavar="<int>...", help="Budgets (space-separated list)."),
     rounds: int = typer.Option(
-        5, help="Timed rounds; variants are interleaved within each round (the prefill's and --family's in alternating "
-                "order, read per pair of rounds: an odd number runs one more)."
+        5, help="Timed rounds; variants are interleaved within each round (in the prefill and --family, a variant and "
+                "its ideal swap places every other round and are read per pair of rounds: an odd number runs one more)."
     ),
     hidden: int = typer.Option(1024, help="Decoder width (the tower's width and the 32 layers are fixed)."),
     intermediate: int = typer.Option(2816, help="Decoder MLP size."),

@@ -48,12 +48,11 @@ PARTS = (
 def timed(seconds: dict, part: str, owner, name: str):
     """``owner.name`` timed into ``seconds[part]`` while the context lasts."""
     original = owner.__dict__[name]
-    function = original.__func__ if isinstance(original, (staticmethod, classmethod)) else original
 
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
         try:
-            return function(*args, **kwargs)
+            return original(*args, **kwargs)
         finally:
             seconds[part] += time.perf_counter() - start
 

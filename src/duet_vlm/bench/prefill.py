@@ -31,7 +31,8 @@ from ..methods import PerItemRatio, make
 from .ideal import IdealModel
 from .models import ModelSize, build_family, build_model, example_inputs
 from .selection import ProjectorRows, Widths, declared_flops, item_shapes, projector_flops_per_row
-from .timing import LanguageModelTimer, LayerKindTimer, interleaved, median_ratio, pairs_swapped, round_pairs
+from .timing import (LanguageModelTimer, LayerKindTimer, interleaved, median_ratio, paired_rounds, pairs_swapped,
+                     round_pairs)
 
 FULL = "no reduction"
 
@@ -271,7 +272,7 @@ def measure(model, inputs, reducers: dict, rounds: int, progress=None) -> dict:
     seconds (``forward_rounds_s``) and ``rounds_paid`` stay per round. Returns ``{"variants":
     {name: row}, "ideals": {name: row}, "rounds": rounds run, "load_average_before_after": ...}``.
     """
-    rounds += rounds % 2
+    rounds = paired_rounds(rounds)
     config = model.config
     visual_ids = {getattr(config, key) for key in ("image_token_id", "video_token_id")
                   if getattr(config, key, None) is not None}
@@ -428,7 +429,7 @@ def prefill_benchmark(size: ModelSize, methods: list[str], budgets: list[int], r
     (where the method declares a count, ``selection``) and ``projector_extra_flops``, or ``error``
     when the method cannot run on this geometry.
     """
-    rounds += rounds % 2  # the prefill's rounds run in pairs (``measure``); the vision side's as many
+    rounds = paired_rounds(rounds)  # the prefill's rounds run in pairs (``measure``); the vision side's as many
     model = build_model(size)
     inputs = example_inputs(model, text_tokens=text_tokens)
     advance = (lambda phase: (lambda: progress(phase))) if progress else (lambda phase: None)

@@ -57,6 +57,16 @@ def pairs_swapped(groups: list[list[str]]) -> Callable[[int], list[str]]:
     return order
 
 
+def paired_rounds(rounds: int) -> int:
+    """The rounds a benchmark read per pair of rounds (``round_pairs``) runs: ``rounds``, or one more
+    where it is odd.
+
+    >>> paired_rounds(15), paired_rounds(16)
+    (16, 16)
+    """
+    return rounds + rounds % 2
+
+
 def round_pairs(values: list) -> list:
     """Per pair of consecutive rounds (0 and 1, 2 and 3, ...), the mean of the two: numbers, or dicts
     of numbers key by key. Of rounds timed in the order of ``pairs_swapped`` each pair ran each

@@ -213,7 +213,7 @@ def bench(
 
     from ..bench import FAMILIES, ModelSize, family_benchmark, prefill_benchmark
     from ..bench.end_to_end import end_to_end
-    from ..bench.timing import keep_freed_memory
+    from ..bench.timing import keep_freed_memory, paired_rounds
 
     if threads:
         torch.set_num_threads(threads)
@@ -234,7 +234,7 @@ def bench(
         if family not in FAMILIES:
             raise ValueError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
         with Bar() as bar:
-            report = bar.rounds(rounds + rounds % 2)
+            report = bar.rounds(paired_rounds(rounds))
             results = family_benchmark(family, size, methods, ratios, rounds, progress=lambda: report(f"{family} prefill"))
         results["command"] = "duet-vlm " + " ".join(sys.argv[1:])
         results.update(allocation)
@@ -261,7 +261,7 @@ def bench(
     else:
         with Bar() as bar:
             results = prefill_benchmark(size, [] if methods == ["none"] else methods, budgets, rounds, text_tokens,
-                                        progress=bar.rounds(rounds + rounds % 2))
+                                        progress=bar.rounds(paired_rounds(rounds)))
         results["command"] = "duet-vlm " + " ".join(sys.argv[1:])
         results.update(allocation)
         printing.print_prefill(results)

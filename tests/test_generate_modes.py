@@ -119,3 +119,36 @@ def test_a_static_cache_runs_under_full_exactly(family_name):
         assert torch.equal(torch.stack(out.logits), torch.stack(plain.logits))
         assert reducer.stats.items and all(item.tokens_per_layer == [item.tokens] * len(item.tokens_per_layer)
                                            for item in reducer.stats.items)
+
+
+@pytest.mark.parametrize("name", ["visionzip", "duet"])
+def test_stats_read_after_generate_equal_those_read_at_the_prefills_exit(model, rejected_draft, name):
+    """``reducer.stats`` are computed when read, from what the prefill's exit recorded: the decoding
+    steps after it (assisted decoding crops the prompt's tokens under a vision-side method) change
+    nothing in them. Read once inside the generate, right after the prefill's exit, and once after it."""
+    inputs = make_inputs(model, seed=3)
+    kwargs = dict(max_new_tokens=6, do_sample=False)
+    if name == "visionzip":
+        kwargs["assistant_model"] = rejected_draft
+    reducer = duet_vlm.make(name, ratio=0.25)
+    read = []
+
+    def at_exit(module, args, output):
+        if not read:
+            read.append(reducer.stats)
+
+    with torch.no_grad(), reducer(model):
+        handle = model.model.language_model.register_forward_hook(at_exit)  # after the runtime's exit hook
+        try:
+            model.generate(**inputs, **kwargs)
+        finally:
+            handle.remove()
+        model.generate(**inputs, **kwargs)
+        later = reducer.stats
+    assert later is not read[0]
+    early = read[0]
+    for field in ("tokens_per_layer", "visual_tokens", "llm_input_tokens", "text_tokens", "flops_exact", "kv_bytes"):
+        assert getattr(later, field) == getattr(early, field), field
+    for a, b in zip(later.items, early.items):
+        assert torch.equal(a.kept_ids, b.kept_ids) and torch.equal(a.entry_slots, b.entry_slots)
+        assert [(layer, ids.tolist()) for layer, ids in a.stage_ids] == [(layer, ids.tolist()) for layer, ids in b.stage_ids]

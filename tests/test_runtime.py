@@ -1,5 +1,6 @@
 """DUET through the hook runtime on tiny real LLaVA models: equivalences, schedules, batching, training."""
 
+import gc
 import weakref
 
 import pytest
@@ -516,3 +517,52 @@ def test_the_lm_head_runs_on_kept_states_only(llava15, name):
     assert head_rows == [kept]
     torch.testing.assert_close(logits, llava15.lm_head(hidden[0]), atol=1e-5, rtol=1e-5)
     assert int((logits.abs().sum(-1) == 0).sum()) == inputs["input_ids"].shape[1] - kept
+
+
+def test_a_forward_computes_no_stats_until_they_are_read(llava15, monkeypatch):
+    """The runtime records what a prefill decided and computes ``reducer.stats`` when first read:
+    a forward nobody asks about pays for none of it; reading twice computes once."""
+    from duet_vlm.runtime import attachment
+
+    computed = []
+    original = attachment.prefill_stats
+
+    def counted(*args, **kwargs):
+        computed.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(attachment, "prefill_stats", counted)
+    inputs = make_inputs(llava15)
+    reducer = duet_vlm.Duet(budget=64)
+    handle = reducer.attach(llava15)
+    try:
+        with torch.no_grad():
+            llava15(**inputs)
+            llava15(**inputs)
+        assert computed == []
+        stats = reducer.stats
+        assert len(computed) == 1 and reducer.stats is stats
+        assert abs(stats.average_tokens - 64) < 1 and stats.items[0].tokens_per_layer == stats.tokens_per_layer
+    finally:
+        handle.remove()
+    assert len(computed) == 1  # removal computes only what was left unread
+
+
+def test_removing_the_reducer_computes_unread_stats_and_lets_the_model_go():
+    """A record left unread holds the model's adapter: removal computes it, so that the stats stay
+    readable and the model is freed with its last reference."""
+    model = make_llava(layers=2, seed=5)
+    inputs = make_inputs(model)
+    reducer, attached = duet_vlm.Duet(budget=64), duet_vlm.Duet(budget=64)
+    with torch.no_grad():
+        with reducer(model):
+            model(**inputs)
+        with attached(model):
+            model(**inputs)
+            expected = attached.stats  # read while attached
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+    assert reducer.stats.tokens_per_layer == expected.tokens_per_layer
+    assert reducer.stats.flops_exact == expected.flops_exact

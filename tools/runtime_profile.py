@@ -7,7 +7,7 @@ against the ideal's (the benchmark's geometry and model: ``duet-vlm bench --fami
 Times, per forward (the median over ``--rounds`` after two warm-up forwards), the language model
 (``LanguageModelTimer``), its decoder layers (``LayerKindTimer``) and, inside the runtime, the
 boundaries (``prune``) with the stages' scoring and selection in them, the per-layer hook's other
-work, and the exit (the stats and the scatter back to the input's length); then the ideal's decoder
+work, and the exit (the stats' record and the scatter back to the input's length); then the ideal's decoder
 on the same per-layer counts, its layers and what it spends outside them. A profiling tool, not
 part of the library: it wraps those functions with timers in its own process only, and unwraps them
 when done. Run it on a quiet machine (one benchmark at a time).
@@ -39,8 +39,8 @@ PARTS = (
     ("boundaries: the stages' choosing", boundary, "select"),
     ("boundaries: scoring (text-to-visual attention)", scheme.LayerScheme, "text_to_visual_attention"),
     ("per-layer hook (boundaries included)", attachment.Attachment, "_prefill_layer"),
-    ("exit (stats and scatter)", attachment.Attachment, "_finish_prefill"),
-    ("exit: stats", attachment, "prefill_stats"),
+    ("exit (the stats' record and the scatter)", attachment.Attachment, "_finish_prefill"),
+    ("exit: the stats' record (computed when read)", attachment.Attachment, "_record_stats"),
 )
 
 

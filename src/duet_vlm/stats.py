@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -122,3 +124,32 @@ class ReductionStats:
             self.flops_exact_full += exact_flops(dims, full_row, [[item.tokens for item in row_items]] * layers)
             self.kv_bytes += kv_cache_bytes(dims, reduced_row, bytes_per_element)
             self.kv_bytes_full += kv_cache_bytes(dims, full_row, bytes_per_element)
+
+
+class DeferredStats:
+    """A prefill's ``ReductionStats``, computed the first time they are read.
+
+    The runtime records at the language model's exit what a prefill decided (references to its
+    index tensors) and leaves the counting, the costs and the items' grids to whoever reads
+    ``reducer.stats``: a forward nobody asks about (training, serving, a timed prefill) pays for
+    none of it, and on a GPU it makes no host-device copy for it. ``resolve`` computes them once
+    (under a lock: threads reading one record get the same object).
+    """
+
+    __slots__ = ("_compute", "_value", "_lock", "__weakref__")
+
+    def __init__(self, compute: Callable[[], ReductionStats]):
+        self._compute: Callable[[], ReductionStats] | None = compute
+        self._value: ReductionStats | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def resolved(self) -> bool:
+        return self._compute is None
+
+    def resolve(self) -> ReductionStats:
+        with self._lock:
+            if self._compute is not None:
+                self._value = self._compute()
+                self._compute = None  # what the computation read is let go
+        return self._value

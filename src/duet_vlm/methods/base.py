@@ -38,7 +38,7 @@ from ..plan import (  # noqa: F401 - re-exported: the interface methods are writ
 )
 from ..runtime import attach as attach_runtime
 from ..schedule import Schedule, solve_llm_input
-from ..stats import ReductionStats
+from ..stats import DeferredStats, ReductionStats
 from ..unwrap import unwrap_model
 
 
@@ -64,16 +64,18 @@ def check_budget(budget: int | None, required: bool = True) -> None:
 class CallStats:
     """The statistics of the last prefill, per thread, so that threads sharing one reducer each read
     their own call's; a thread that made no call reads the newest any thread recorded (e.g. a
-    ``generate`` run in a background thread with a streamer). Not copied with the reducer."""
+    ``generate`` run in a background thread with a streamer). The runtime records them deferred
+    (``DeferredStats``): they are computed when first read. Not copied with the reducer."""
 
     def __init__(self) -> None:
         self._local = threading.local()
         self.newest: ReductionStats | None = None
 
     def get(self) -> ReductionStats | None:
-        return getattr(self._local, "stats", self.newest)
+        stats = getattr(self._local, "stats", self.newest)
+        return stats.resolve() if isinstance(stats, DeferredStats) else stats
 
-    def set(self, stats: ReductionStats | None) -> None:
+    def set(self, stats: ReductionStats | DeferredStats | None) -> None:
         self._local.stats = self.newest = stats
 
     def __deepcopy__(self, memo) -> "CallStats":
@@ -148,7 +150,7 @@ class Reducer(ABC):
         return self._call_stats().get()
 
     @stats.setter
-    def stats(self, value: ReductionStats | None) -> None:
+    def stats(self, value: ReductionStats | DeferredStats | None) -> None:
         self._call_stats().set(value)
 
     def _call_stats(self) -> CallStats:

@@ -1,49 +1,99 @@
-"""What a prefill reduced, per item and in sum: the call's ``ReductionStats``."""
+"""What a prefill reduced, per item and in sum: the call's ``ReductionStats``.
+
+A reduced prefill's stats are deferred (``stats.DeferredStats``): its exit records what they read
+(``PrefillRecord``, references and no arithmetic) and they are computed when first read.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..adapters import VisualItem
 from ..flops import DecoderDims
-from ..stats import ItemStats, ReductionStats
+from ..stats import DeferredStats, ItemStats, ReductionStats
 from .binding import Binding
-from .state import EntryChoice, Placement, PrefillState
+from .state import EntryChoice, PrefillState
 
 
-def item_stats(binding: Binding, prompt: PrefillState, index: int, placement: Placement) -> ItemStats:
-    adapter, item, reduction = binding.adapter, placement.item.source, placement.item.choice
-    segments = prompt.segments
-    counts = [len(segments[prompt.segment_of_layer(l)].placements[index].ids) for l in range(len(adapter.layers))]
-    views, cells = adapter.cell_views(item)
+@dataclass(frozen=True)
+class ItemRecord:
+    """One item of a finished prefill, as its stats read it."""
+
+    source: VisualItem
+    choice: EntryChoice | None
+    budget: int | None
+    positions: torch.Tensor  # its tokens' positions in the entry sequence
+    ids: tuple[torch.Tensor, ...]  # per segment, the entry tokens it keeps there
+
+
+@dataclass(frozen=True)
+class PrefillRecord:
+    """What a finished prefill's stats read, taken at the language model's exit. The prefill's state
+    lives on through the decoding steps, which replace its parts (a cropped prompt's tokens) but never
+    change a tensor in place: references taken here keep what the prefill decided."""
+
+    boundaries: tuple[int, ...]
+    items: tuple[ItemRecord, ...]  # in the entry's order
+    choices: tuple[EntryChoice, ...]  # the vision stages' choices, in the prefill's item order
+    rows: int
+    valid: torch.Tensor  # (B, L_entry) the entry sequence's tokens (not padding)
+
+    @classmethod
+    def of(cls, prompt: PrefillState) -> "PrefillRecord":
+        segments = prompt.segments
+        items = tuple(
+            ItemRecord(placement.item.source, placement.item.choice, placement.item.budget, placement.positions,
+                       tuple(segment.placements[index].ids for segment in segments))
+            for index, placement in enumerate(segments[0].placements)
+        )
+        choices = tuple(item.choice for item in prompt.items if item.choice is not None)
+        return cls(tuple(prompt.boundaries), items, choices, segments[0].steps.batch, prompt.tokens.valid)
+
+    def segment_of_layer(self, layer: int) -> int:
+        return sum(1 for boundary in self.boundaries if boundary <= layer)
+
+
+def deferred_prefill_stats(binding: Binding, prompt: PrefillState) -> DeferredStats:
+    """The stats of a finished prefill (every segment is known), computed when first read."""
+    record = PrefillRecord.of(prompt)
+    return DeferredStats(lambda: prefill_stats(binding, record))
+
+
+def item_stats(binding: Binding, record: PrefillRecord, item: ItemRecord) -> ItemStats:
+    adapter, source, reduction = binding.adapter, item.source, item.choice
+    counts = [len(item.ids[record.segment_of_layer(l)]) for l in range(len(adapter.layers))]
+    views, cells = adapter.cell_views(source)
     stats = ItemStats(
-        row=item.row,
-        modality=item.geometry.modality,
-        tokens=item.geometry.visual_tokens,
-        units=item.geometry.units,
+        row=source.row,
+        modality=source.geometry.modality,
+        tokens=source.geometry.visual_tokens,
+        units=source.geometry.units,
         tokens_per_layer=counts,
-        kept_ids=segments[-1].placements[index].ids,
-        stage_ids=[(layer, segment.placements[index].ids) for layer, segment in zip(prompt.boundaries, segments[1:])],
+        kept_ids=item.ids[-1],
+        stage_ids=list(zip(record.boundaries, item.ids[1:])),
         views=views,
         cells=cells,
-        geometry=item.geometry,
-        budget=placement.item.budget,
+        geometry=source.geometry,
+        budget=item.budget,
     )
     if reduction is None:
-        stats.entry_units = adapter.slot_units(item)
-        stats.entry_slots = torch.arange(item.length)
+        stats.entry_units = adapter.slot_units(source)
+        stats.entry_slots = torch.arange(source.length)
     else:
         never = reduction.roles.get("never_encoded")  # tokens an input stage kept out of the encoder
         if never is not None:
             valid = never.cpu() >= 0
-            stats.never_encoded = adapter.vision_slots(item, never.clamp(min=0))[valid.reshape(-1)]
+            stats.never_encoded = adapter.vision_slots(source, never.clamp(min=0))[valid.reshape(-1)]
         stats.vision_kept = entry_kept(reduction)
         valid = stats.vision_kept.cpu() >= 0
-        stats.entry_slots = adapter.vision_slots(item, reduction.kept)[valid.reshape(-1)]
+        stats.entry_slots = adapter.vision_slots(source, reduction.kept)[valid.reshape(-1)]
         units = reduction.kept.shape[0]
         stats.entry_units = (
             torch.arange(units).repeat_interleave(valid.sum(dim=1))
             if units > 1
-            else adapter.view_units(item, reduction.kept[0][valid[0].to(reduction.kept.device)]).cpu()
+            else adapter.view_units(source, reduction.kept[0][valid[0].to(reduction.kept.device)]).cpu()
         )
     return stats
 
@@ -57,19 +107,18 @@ def entry_kept(reduction: EntryChoice) -> torch.Tensor:
     return reduction.kept.masked_fill(columns[None, :] >= reduction.counts.to(reduction.kept.device)[:, None], -1)
 
 
-def prefill_stats(binding: Binding, prompt: PrefillState) -> ReductionStats:
-    """The stats of a finished prefill (every segment is known)."""
+def prefill_stats(binding: Binding, record: PrefillRecord) -> ReductionStats:
+    """The stats of a finished prefill, from its record."""
     num_layers = len(binding.adapter.layers)
-    entry = prompt.segments[0]
-    vision = [item.choice for item in prompt.items if item.choice is not None]
-    per_item = [item_stats(binding, prompt, i, placement) for i, placement in enumerate(entry.placements)]
-    stages = list(zip(prompt.boundaries, prompt.segments[1:]))
+    vision = record.choices
+    per_item = [item_stats(binding, record, item) for item in record.items]
     uniform = len({(s.tokens, s.units, tuple(s.tokens_per_layer)) for s in per_item}) == 1
-    rows = entry.steps.batch
+    rows = record.rows
     first = per_item[0]
     if uniform and len(per_item) % rows == 0:
         images = len(per_item) // rows
-        stage_kept = [(layer, torch.stack([p.ids for p in g.placements]).view(rows, images, -1)) for layer, g in stages]
+        stage_kept = [(layer, torch.stack([item.ids[number] for item in record.items]).view(rows, images, -1))
+                      for number, layer in enumerate(record.boundaries, start=1)]
         kept = [entry_kept(choice) for choice in vision]
         width = max((k.shape[1] for k in kept), default=0)
         vision_kept = torch.cat([torch.nn.functional.pad(k, (0, width - k.shape[1]), value=-1) for k in kept]) if vision else None
@@ -81,10 +130,10 @@ def prefill_stats(binding: Binding, prompt: PrefillState) -> ReductionStats:
         tokens_per_layer = mean
         visual_tokens = sum(s.tokens for s in per_item) / len(per_item)
         llm_input = mean[0]
-    valid = prompt.tokens.valid
+    valid = record.valid
     is_visual = torch.zeros_like(valid)
-    for placement in entry.placements:
-        is_visual[placement.item.row, placement.positions] = True
+    for item in record.items:
+        is_visual[item.source.row, item.positions] = True
     text_tokens = (valid & ~is_visual).sum(dim=1).tolist()
     stats = ReductionStats(
         tokens_per_layer=tokens_per_layer,
@@ -99,9 +148,9 @@ def prefill_stats(binding: Binding, prompt: PrefillState) -> ReductionStats:
     return with_costs(binding, stats)
 
 
-def text_only_stats(binding: Binding, input_ids: torch.Tensor, kwargs: dict) -> ReductionStats:
-    """A prefill without visual items: nothing reduced, no items; its text costs."""
-    mask = kwargs.get("attention_mask")
+def text_only_stats(binding: Binding, input_ids: torch.Tensor, mask) -> ReductionStats:
+    """A prefill without visual items: nothing reduced, no items; its text costs (``mask``: the
+    language model's attention mask)."""
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         text = mask.bool().sum(dim=1).tolist()
     else:

@@ -98,9 +98,13 @@ class Attachment:
         if a.lm_head is not None:
             add(a.lm_head.register_forward_pre_hook(self._compact_head_input))
             add(a.lm_head.register_forward_hook(self._expand_head_output))
+        # A family whose language model adds visual features after its first layers (DeepStack):
+        # the runtime adds them to the kept tokens itself, after each of those layers.
+        adds_features = type(a).take_layer_additions is not ModelAdapter.take_layer_additions
         for index, layer in enumerate(a.layers):
             add(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
-            add(layer.register_forward_hook(self._add_layer_features(index)))
+            if adds_features:
+                add(layer.register_forward_hook(self._add_layer_features(index)))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -264,6 +268,7 @@ class Attachment:
         hidden = args[0] if args else kwargs.pop("hidden_states")
         scheme = self.binding.scheme
         kind = scheme.kinds[layer_index]
+        number, opens, precedes = prompt.layer_roles(len(scheme.kinds))[layer_index]
         if layer_index == scheme.first_of_kind[kind]:  # the mask and RoPE the model built for this kind
             prompt.segments[0].inputs.keep(kind, kwargs)
         if layer_index == 0:
@@ -274,10 +279,10 @@ class Attachment:
             if any(item.plan.language is not None and item.plan.language.needs_input_embeddings for item in prompt.items):
                 scratch.input_embeddings = hidden
         spec = scheme.layer_token_argument
-        if spec is not None and (layer_index in prompt.boundaries or layer_index + 1 in prompt.boundaries):
+        if spec is not None and (opens or precedes):
             # a stage may run this layer outside the forward (PIO's probe): keep its per-token argument
             scratch.layer_arguments[layer_index] = token_argument(spec, args, kwargs)
-        if layer_index in prompt.boundaries:
+        if opens:
             if torch.is_grad_enabled():  # a backward pass may recompute this boundary after later layers
                 scratch.boundary_inputs.setdefault(layer_index, scratch.last_layer_input)
             elif scratch.last_layer_input is not None:  # what a stage scoring with the layer before reads
@@ -287,12 +292,11 @@ class Attachment:
             hidden = prune(self.binding, call, prompt, layer_index, module, hidden)
             scratch.last_layer_keys = None
             call.kept.release()  # the layer before the boundary is read
-        if layer_index + 1 in prompt.boundaries:  # FSDP2: a stage may read this layer after its forward
+        if precedes:  # FSDP2: a stage may read this layer after its forward
             call.kept.keep(module)
         # Kept only where a boundary follows (a stage may score with the layer before it), so no
         # layer's input outlives the next layer.
-        scratch.last_layer_input = hidden if layer_index + 1 in prompt.boundaries else None
-        number = prompt.segment_of_layer(layer_index)
+        scratch.last_layer_input = hidden if precedes else None
         if number > 0:
             return segment_layer_inputs(scheme, prompt, number, layer_index, kind, hidden, args, kwargs)
         return (hidden, *args[1:]), kwargs

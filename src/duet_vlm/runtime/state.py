@@ -307,6 +307,16 @@ class PrefillState:
     def segment_of_layer(self, layer: int) -> int:
         return sum(1 for boundary in self.boundaries if boundary <= layer)
 
+    def layer_roles(self, layers: int) -> tuple[tuple[int, bool, bool], ...]:
+        """Per decoder layer (of ``layers``): ``(its segment, whether a boundary opens it, whether
+        one opens the next)``, worked out once per prefill for the layers' hooks."""
+        roles = self.__dict__.get("_roles")
+        if roles is None or len(roles) != layers:
+            marks = set(self.boundaries)
+            roles = tuple((self.segment_of_layer(layer), layer in marks, layer + 1 in marks) for layer in range(layers))
+            self.__dict__["_roles"] = roles
+        return roles
+
     def segment_heads(self, scheme) -> frozenset[int]:
         """The first layer of each mapped kind (``LayerScheme.maps``) in each segment after the entry:
         where a decoding step's mask for that kind is mapped onto the segment's cache."""

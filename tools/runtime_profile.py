@@ -7,8 +7,10 @@ against the ideal's (the benchmark's geometry and model: ``duet-vlm bench --fami
 Times, per forward (the median over ``--rounds`` after two warm-up forwards), the language model
 (``LanguageModelTimer``), its decoder layers (``LayerKindTimer``) and, inside the runtime, the
 boundaries (``prune``) with the stages' scoring and selection in them, the per-layer hook's other
-work, and the exit (the stats' record and the scatter back to the input's length); then the ideal's decoder
-on the same per-layer counts, its layers and what it spends outside them. A profiling tool, not
+work, the exit (the stats' record and the scatter back to the input's length) and the
+compactions (``Compaction.from_keep`` and ``then``, at the entry, the boundaries and the exit);
+then the ideal's decoder on the same per-layer counts, its layers and what it spends outside
+them. A profiling tool, not
 part of the library: it wraps those functions with timers in its own process only, and unwraps them
 when done. Run it on a quiet machine (one benchmark at a time).
 """
@@ -31,6 +33,7 @@ from duet_vlm.bench.ideal import IdealModel
 from duet_vlm.bench.models import ModelSize, build_family
 from duet_vlm.bench.prefill import _reducers, _visual_per_layer, layer_kinds
 from duet_vlm.bench.timing import LanguageModelTimer, LayerKindTimer, keep_freed_memory
+from duet_vlm.compaction import Compaction
 from duet_vlm.runtime import attachment, boundary
 
 # (part, owner, attribute): what each part of the runtime's work is, where it is called from.
@@ -41,6 +44,8 @@ PARTS = (
     ("per-layer hook (boundaries included)", attachment.Attachment, "_prefill_layer"),
     ("exit (the stats' record and the scatter)", attachment.Attachment, "_finish_prefill"),
     ("exit: the stats' record (computed when read)", attachment.Attachment, "_record_stats"),
+    ("compactions: Compaction.from_keep (entry included)", Compaction, "from_keep"),
+    ("compactions: Compaction.then", Compaction, "then"),
 )
 
 
@@ -48,15 +53,16 @@ PARTS = (
 def timed(seconds: dict, part: str, owner, name: str):
     """``owner.name`` timed into ``seconds[part]`` while the context lasts."""
     original = owner.__dict__[name]
+    function = original.__func__ if isinstance(original, classmethod) else original  # from_keep
 
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
         try:
-            return original(*args, **kwargs)
+            return function(*args, **kwargs)
         finally:
             seconds[part] += time.perf_counter() - start
 
-    setattr(owner, name, wrapper)
+    setattr(owner, name, classmethod(wrapper) if isinstance(original, classmethod) else wrapper)
     try:
         yield
     finally:

@@ -7,12 +7,13 @@ against the ideal's (the benchmark's geometry and model: ``duet-vlm bench --fami
 Times, per forward (the median over ``--rounds`` after two warm-up forwards), the language model
 (``LanguageModelTimer``), its decoder layers (``LayerKindTimer``) and, inside the runtime, the
 boundaries (``prune``) with the stages' scoring and selection in them, the per-layer hook's other
-work, the exit (the stats' record and the scatter back to the input's length) and the
-compactions (``Compaction.from_keep`` and ``then``, at the entry, the boundaries and the exit);
-then the ideal's decoder on the same per-layer counts, its layers and what it spends outside
-them. A profiling tool, not
-part of the library: it wraps those functions with timers in its own process only, and unwraps them
-when done. Run it on a quiet machine (one benchmark at a time).
+work, the exit (the stats' record and the scatter back to the input's length), the compactions
+(``Compaction.from_keep`` and ``then``, at the entry, the boundaries and the exit) and wherever the
+stats are computed; then the ideal's decoder on the same per-layer counts, its layers and what it
+spends outside them. Parts an earlier commit's runtime lacks are left out: with ``PYTHONPATH`` on
+that commit's ``src`` it profiles that runtime. A profiling tool, not part of the library: it wraps
+those functions with timers in its own process only, and unwraps them when done. Run it on a quiet
+machine (one benchmark at a time).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ PARTS = (
     ("per-layer hook (boundaries included)", attachment.Attachment, "_prefill_layer"),
     ("exit (the stats' record and the scatter)", attachment.Attachment, "_finish_prefill"),
     ("exit: the stats' record (computed when read)", attachment.Attachment, "_record_stats"),
+    ("the stats computed (in the forward before 65ddcb9; since, when read or at the reducer's removal)",
+     attachment, "prefill_stats"),
     ("compactions: Compaction.from_keep (entry included)", Compaction, "from_keep"),
     ("compactions: Compaction.then", Compaction, "then"),
 )
@@ -89,7 +92,8 @@ def main() -> None:
     def reduced(parts: dict) -> dict:
         with ExitStack() as stack:
             for part, owner, name in PARTS:
-                stack.enter_context(timed(parts, part, owner, name))
+                if name in owner.__dict__:  # an earlier commit's runtime may lack a part
+                    stack.enter_context(timed(parts, part, owner, name))
             with torch.no_grad(), reducer(model), LanguageModelTimer(model) as lm, LayerKindTimer(model, kinds) as layers:
                 model(**inputs, logits_to_keep=1)
         return {"language model": lm.seconds[0], "decoder layers": sum(layers.seconds.values()), **parts}

@@ -146,7 +146,8 @@ class Reducer(ABC):
     # Statistics belong to the call that made them (``CallStats``).
     @property
     def stats(self) -> ReductionStats | None:
-        """What the last prefill of this thread reduced (``None`` before any call)."""
+        """What the last prefill of this thread reduced (``None`` before any call), computed the
+        first time it is read after that prefill."""
         return self._call_stats().get()
 
     @stats.setter

@@ -1,7 +1,8 @@
 """What a prefill reduced, per item and in sum: the call's ``ReductionStats``.
 
-A reduced prefill's stats are deferred (``stats.DeferredStats``): its exit records what they read
-(``PrefillRecord``, references and no arithmetic) and they are computed when first read.
+A reduced prefill's stats are deferred (``stats.DeferredStats``, made by the attachment): its exit
+takes what they read (``PrefillRecord``, references and no arithmetic), and ``prefill_stats``
+computes them from that record when they are first read.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from ..adapters import VisualItem
 from ..flops import DecoderDims
-from ..stats import DeferredStats, ItemStats, ReductionStats
+from ..stats import ItemStats, ReductionStats
 from .binding import Binding
 from .state import EntryChoice, PrefillState
 
@@ -53,12 +54,6 @@ class PrefillRecord:
 
     def segment_of_layer(self, layer: int) -> int:
         return sum(1 for boundary in self.boundaries if boundary <= layer)
-
-
-def deferred_prefill_stats(binding: Binding, prompt: PrefillState) -> DeferredStats:
-    """The stats of a finished prefill (every segment is known), computed when first read."""
-    record = PrefillRecord.of(prompt)
-    return DeferredStats(lambda: prefill_stats(binding, record))
 
 
 def item_stats(binding: Binding, record: PrefillRecord, item: ItemRecord) -> ItemStats:

@@ -35,7 +35,7 @@ from duet_vlm.bench.models import ModelSize, build_family
 from duet_vlm.bench.prefill import _reducers, _visual_per_layer, layer_kinds
 from duet_vlm.bench.timing import LanguageModelTimer, LayerKindTimer, keep_freed_memory
 from duet_vlm.compaction import Compaction
-from duet_vlm.runtime import attachment, boundary
+from duet_vlm.runtime import attachment, boundary, record
 
 # (part, owner, attribute): what each part of the runtime's work is, where it is called from.
 PARTS = (
@@ -44,7 +44,7 @@ PARTS = (
     ("boundaries: scoring (text-to-visual attention)", scheme.LayerScheme, "text_to_visual_attention"),
     ("per-layer hook (boundaries included)", attachment.Attachment, "_prefill_layer"),
     ("exit (the stats' record and the scatter)", attachment.Attachment, "_finish_prefill"),
-    ("exit: the stats' record (computed when read)", attachment.Attachment, "_record_stats"),
+    ("exit: the stats' record (computed when read)", getattr(record, "UnreadStats", None), "record"),
     ("the stats computed (in the forward before 65ddcb9; since, when read or at the reducer's removal)",
      attachment, "prefill_stats"),
     ("compactions: Compaction.from_keep (entry included)", Compaction, "from_keep"),
@@ -92,7 +92,7 @@ def main() -> None:
     def reduced(parts: dict) -> dict:
         with ExitStack() as stack:
             for part, owner, name in PARTS:
-                if name in owner.__dict__:  # an earlier commit's runtime may lack a part
+                if owner is not None and name in owner.__dict__:  # an earlier commit's runtime may lack a part
                     stack.enter_context(timed(parts, part, owner, name))
             with torch.no_grad(), reducer(model), LanguageModelTimer(model) as lm, LayerKindTimer(model, kinds) as layers:
                 model(**inputs, logits_to_keep=1)

@@ -143,10 +143,6 @@ class DeferredStats:
         self._value: ReductionStats | None = None
         self._lock = threading.Lock()
 
-    @property
-    def resolved(self) -> bool:
-        return self._compute is None
-
     def resolve(self) -> ReductionStats:
         with self._lock:
             if self._compute is not None:

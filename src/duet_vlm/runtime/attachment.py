@@ -29,7 +29,6 @@ from torch import nn
 
 from ..adapters import ModelAdapter, adapter_for
 from ..compat import cache_of
-from ..stats import DeferredStats
 from .binding import Binding
 from .boundary import prune
 from .calls import CallStore
@@ -40,7 +39,7 @@ from .inputs import last_queries, segment_layer_inputs, token_argument
 from .patch_subsets import input_stage_of, patch_subset_hooks
 from .prefill import WholeItems, open_prefill
 from .protocol import RuntimeReducer
-from .record import PrefillRecord, prefill_stats, text_only_stats, whole_stats
+from .record import PrefillRecord, UnreadStats, prefill_stats, text_only_stats, whole_stats
 
 # Models with a reducer attached: two reducers on one model would stack their hooks. A model's
 # slot is taken (checked and reserved) under the lock, so of two threads attaching at once one wins.
@@ -54,7 +53,7 @@ class Attachment:
     def __init__(self, reducer: RuntimeReducer, model: nn.Module):
         self.model = model
         self._handles: list = []
-        self._unread: weakref.WeakSet[DeferredStats] = weakref.WeakSet()  # stats recorded, not yet computed
+        self._stats = UnreadStats()
         with _ATTACHING:
             if model in _ATTACHED:
                 raise RuntimeError("a duet-vlm reducer is already attached to this model; remove it first")
@@ -114,9 +113,7 @@ class Attachment:
             if _ATTACHED.get(self.model) is self:
                 del _ATTACHED[self.model]
         self.calls = CallStore()
-        for stats in list(self._unread):  # readable after removal, without holding the model
-            stats.resolve()
-        self._unread.clear()
+        self._stats.compute()  # readable after removal, without holding the model
 
     # ----------------------------------------------------------------- vision towers
     def _enter_tower(self, tower: str):
@@ -207,15 +204,12 @@ class Attachment:
     def _begin_prompt(self, call, found, kwargs):
         opened = open_prefill(self.binding, call, found, kwargs)
         call.kept.release()  # the vision signals are read: the tower's layers may be freed
-        binding, input_ids = self.binding, found[0]
         if opened is None:
-            mask = kwargs.get("attention_mask")
-            self._record_stats(lambda: text_only_stats(binding, input_ids, mask))
+            self._stats.record(self.reducer, text_only_stats, self.binding, found[0], kwargs.get("attention_mask"))
             return None
         if isinstance(opened, WholeItems):
             call.prompt = None
-            items = opened.items
-            self._record_stats(lambda: whole_stats(binding, input_ids, items))
+            self._stats.record(self.reducer, whole_stats, self.binding, found[0], opened.items)
             return None
         self.calls.remember_grad_call(call)
         return (), kwargs
@@ -327,21 +321,14 @@ class Attachment:
     @torch.compiler.disable
     def _finish_prefill(self, call, output):
         prompt = call.prompt
-        binding, record = self.binding, PrefillRecord.of(prompt)
-        self._record_stats(lambda: prefill_stats(binding, record))
+        record = PrefillRecord.of(prompt, len(self.adapter.layers))
+        self._stats.record(self.reducer, prefill_stats, self.binding, record)
         output, call.head_rows = finish_prefill(prompt, output)
         if not torch.is_grad_enabled():
             # Only a backward pass (gradient checkpointing) would run the prefill's layers again:
             # without one, what they alone read need not live through the decoding steps.
             prompt.end_prefill()
         return output
-
-    def _record_stats(self, compute) -> None:
-        """The call's stats, computed when first read (``DeferredStats``), or when the reducer is
-        removed: a record left unread would otherwise hold this model (its adapter) alive."""
-        stats = DeferredStats(compute)
-        self._unread.add(stats)
-        self.reducer.stats = stats
 
     def _compact_head_input(self, module, args):
         call = self.calls.current()

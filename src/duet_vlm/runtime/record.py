@@ -1,19 +1,21 @@
 """What a prefill reduced, per item and in sum: the call's ``ReductionStats``.
 
-A reduced prefill's stats are deferred (``stats.DeferredStats``, made by the attachment): its exit
-takes what they read (``PrefillRecord``, references and no arithmetic), and ``prefill_stats``
+A call's stats are deferred (``stats.DeferredStats``, kept by ``UnreadStats``): a reduced prefill's
+exit takes what they read (``PrefillRecord``, references and no arithmetic), and ``prefill_stats``
 computes them from that record when they are first read.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from ..adapters import VisualItem
 from ..flops import DecoderDims
-from ..stats import ItemStats, ReductionStats
+from ..stats import DeferredStats, ItemStats, ReductionStats
 from .binding import Binding
 from .state import EntryChoice, PrefillState
 
@@ -36,13 +38,14 @@ class PrefillRecord:
     change a tensor in place: references taken here keep what the prefill decided."""
 
     boundaries: tuple[int, ...]
+    layer_segments: tuple[int, ...]  # each decoder layer's segment (``PrefillState.layer_roles``)
     items: tuple[ItemRecord, ...]  # in the entry's order
     choices: tuple[EntryChoice, ...]  # the vision stages' choices, in the prefill's item order
     rows: int
     valid: torch.Tensor  # (B, L_entry) the entry sequence's tokens (not padding)
 
     @classmethod
-    def of(cls, prompt: PrefillState) -> "PrefillRecord":
+    def of(cls, prompt: PrefillState, layers: int) -> "PrefillRecord":
         segments = prompt.segments
         items = tuple(
             ItemRecord(placement.item.source, placement.item.choice, placement.item.budget, placement.positions,
@@ -50,15 +53,32 @@ class PrefillRecord:
             for index, placement in enumerate(segments[0].placements)
         )
         choices = tuple(item.choice for item in prompt.items if item.choice is not None)
-        return cls(tuple(prompt.boundaries), items, choices, segments[0].steps.batch, prompt.tokens.valid)
+        layer_segments = tuple(number for number, _, _ in prompt.layer_roles(layers))
+        return cls(tuple(prompt.boundaries), layer_segments, items, choices, segments[0].steps.batch, prompt.tokens.valid)
 
-    def segment_of_layer(self, layer: int) -> int:
-        return sum(1 for boundary in self.boundaries if boundary <= layer)
+
+class UnreadStats:
+    """The stats an attachment recorded (``DeferredStats``), each computed when first read; ``compute``
+    computes those still unread when the reducer is removed, since a record holds the model's adapter."""
+
+    def __init__(self) -> None:
+        self._unread: weakref.WeakSet[DeferredStats] = weakref.WeakSet()
+
+    def record(self, reducer, compute, *args) -> None:
+        """``reducer.stats`` become ``compute(*args)``, computed when first read."""
+        stats = DeferredStats(partial(compute, *args))
+        self._unread.add(stats)
+        reducer.stats = stats
+
+    def compute(self) -> None:
+        for stats in list(self._unread):
+            stats.resolve()
+        self._unread.clear()
 
 
 def item_stats(binding: Binding, record: PrefillRecord, item: ItemRecord) -> ItemStats:
     adapter, source, reduction = binding.adapter, item.source, item.choice
-    counts = [len(item.ids[record.segment_of_layer(l)]) for l in range(len(adapter.layers))]
+    counts = [len(item.ids[number]) for number in record.layer_segments]
     views, cells = adapter.cell_views(source)
     stats = ItemStats(
         row=source.row,

@@ -543,7 +543,8 @@ def render_lm_vs_ideal(root: Path, *paths: str) -> str:
     their median, and whether that median is within 2% of the ideal; beside them, where the runs
     timed the decoder layers, the medians over the runs of where the time went (``layer_time_terms``:
     the layers against the ideal's same layers, and the runtime's own work outside them as a share
-    of the ideal); then each run's load average before and after and its allocator."""
+    of the ideal); then each run's load average before and after, its allocator and, where the run
+    recorded it, its processor."""
     runs: dict[str, list[dict]] = {}
     for path in paths:
         results = _load(root, path)
@@ -575,8 +576,10 @@ def render_lm_vs_ideal(root: Path, *paths: str) -> str:
         loads = "; ".join(f"{r['load_average_before_after'][0][0]:.2f} -> {r['load_average_before_after'][1][0]:.2f}"
                           for r in found)
         allocators = sorted({r.get("allocator", "system") for r in found})
+        processors = sorted({f"{r['processor']['model']} ({r['processor']['capability']})" for r in found if "processor" in r})
         lines.append(f"{FAMILY_NAMES.get(family, family)}: {found[0]['rounds']} rounds per run; 1-minute load average "
-                     f"before -> after each run: {loads}; allocator: {', '.join(allocators)}.  ")
+                     f"before -> after each run: {loads}; allocator: {', '.join(allocators)}"
+                     + (f"; processor: {', '.join(processors)}" if processors else "") + ".  ")
     return "\n".join(lines) + "\n"
 
 

@@ -1,12 +1,13 @@
 """The timing helpers of the benchmark (the benchmark itself is run by hand: `duet-vlm bench`)."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 
 from duet_vlm.bench import interleaved, median_ratio
-from duet_vlm.bench.timing import pairs_swapped, round_pairs
+from duet_vlm.bench.timing import pairs_swapped, processor, round_pairs
 from duet_vlm.cli import expand_list_options
 
 
@@ -59,6 +60,19 @@ def test_the_forward_timed_after_a_longer_one_pays_alike_on_both_sides(monkeypat
     row = results["variants"]["duet ratio 0.25"]
     assert len(row["forward_rounds_s"]) == 4
     assert 0.8 < row["forward_vs_ideal"] < 1.5, row["forward_vs_ideal"]
+    assert results["processor"] == processor()  # what the timings ran on, for comparing runs
+
+
+def test_the_processor_is_named_by_the_first_processors_block(tmp_path):
+    import torch
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n\n"
+                    "processor\t: 1\ncpu family\t: 6\nmodel\t\t: 85\nmodel name\t: Other\n")
+    found = processor(str(info))
+    assert found["model"] == "AMD EPYC, cpu family 25, model 1"
+    assert found["capability"] == torch.backends.cpu.get_cpu_capability() and found["cpus"] == os.cpu_count()
+    assert processor(str(tmp_path / "absent"))["model"]  # no cpuinfo: the platform's name
 
 
 def test_median_ratio_pairs_rounds():

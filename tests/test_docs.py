@@ -161,3 +161,27 @@ def test_the_serving_table_compares_every_route_with_vllms_own_class(tmp_path):
     table = render.render_vllm(tmp_path, "bench.json")
     assert "| backend, unreduced | 64 | 16 | 1 | 4.000 |" in table and "| 4.00x |" in table
     assert "| plugin 64 |" in table and "| 2.00x |" in table
+
+
+def test_the_runtime_table_names_the_processor_each_run_recorded(tmp_path):
+    """A family's line under the runtime-against-ideal table names the processors its runs recorded
+    (``bench.timing.processor``), and stays as it was for runs that recorded none."""
+    import json
+
+    def run(name: str, processor: dict | None) -> str:
+        results = {"family": "llava", "rounds": 4, "allocator": "glibc, freed memory kept",
+                   "load_average_before_after": [[1.5, 1.0, 1.0], [2.0, 1.0, 1.0]],
+                   "variants": {"duet ratio 0.11": {"lm_vs_ideal": 1.01}}}
+        if processor is not None:
+            results["processor"] = processor
+        (tmp_path / name).write_text(json.dumps(results))
+        return name
+
+    epyc = {"model": "AMD EPYC, cpu family 25, model 1", "capability": "AVX2", "cpus": 2}
+    lines = render.render_lm_vs_ideal(tmp_path, run("a.json", epyc), run("b.json", epyc)).splitlines()
+    assert lines[-1] == ("LLaVA-1.5: 4 rounds per run; 1-minute load average before -> after each run: "
+                         "1.50 -> 2.00; 1.50 -> 2.00; allocator: glibc, freed memory kept; "
+                         "processor: AMD EPYC, cpu family 25, model 1 (AVX2).  ")
+    assert lines[2].startswith("| LLaVA-1.5 | duet ratio 0.11 | 1.010 | 1.010 | 1.010 | yes |"), lines[2]
+    older = render.render_lm_vs_ideal(tmp_path, run("c.json", None)).splitlines()
+    assert older[-1].endswith("allocator: glibc, freed memory kept.  ")

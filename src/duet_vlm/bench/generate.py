@@ -42,7 +42,7 @@ from ..flops import DecoderDims, kv_cache_bytes
 from ..methods import make
 from .ideal import IdealModel
 from .models import ModelSize, build_model, padded_inputs
-from .timing import PeakRSS, interleaved
+from .timing import PeakRSS, interleaved, processor
 
 FULL = "no reduction"
 
@@ -249,7 +249,7 @@ def generate_benchmark(
         "new_tokens": list(new_tokens),
         "rounds": rounds,
         "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
+        "cpus": os.cpu_count(), "processor": processor(),
         "load_average_before_after": [load_before, load_after],
         "variants": results,
     }

@@ -32,7 +32,7 @@ from .ideal import IdealModel
 from .models import ModelSize, build_family, build_model, example_inputs
 from .selection import ProjectorRows, Widths, declared_flops, item_shapes, projector_flops_per_row
 from .timing import (LanguageModelTimer, LayerKindTimer, interleaved, median_ratio, paired_rounds, pairs_swapped,
-                     round_pairs)
+                     processor, round_pairs)
 
 FULL = "no reduction"
 
@@ -401,7 +401,8 @@ def measure(model, inputs, reducers: dict, rounds: int, progress=None) -> dict:
             row["layer_kind_s"] = _kind_medians(by_kind[name])
     return {"variants": results, "ideals": ideal_rows, "rounds": rounds,
             "order": "pairs swapped every other round, read per pair of rounds",
-            "load_average_before_after": [load_before, load_after], "cpus": os.cpu_count()}
+            "load_average_before_after": [load_before, load_after], "cpus": os.cpu_count(),
+            "processor": processor()}
 
 
 def _reducers(methods: list[str], settings: list, key: str, label: Callable) -> dict:
@@ -449,7 +450,7 @@ def prefill_benchmark(size: ModelSize, methods: list[str], budgets: list[int], r
                    "language_model_median_s": row["language_model_s"], "language_model_ratio": row["lm_vs_full"], **row}
         results["prefill"][name] = row
     results.update(ideals=measured["ideals"], load_average_before_after=measured["load_average_before_after"],
-                   cpus=measured["cpus"], order=measured["order"])
+                   cpus=measured["cpus"], processor=measured["processor"], order=measured["order"])
     return results
 
 
@@ -482,7 +483,8 @@ def family_benchmark(family: str, size: ModelSize, methods: list[str], ratios: l
     return {"family": family, "model": vars(size), "rounds": measured["rounds"], "order": measured["order"],
             "threads": torch.get_num_threads(),
             "variants": variants, "ideals": measured["ideals"], "mask_rebuild_s": mask_rebuild_s(model, inputs, rounds),
-            "load_average_before_after": measured["load_average_before_after"], "cpus": measured["cpus"]}
+            "load_average_before_after": measured["load_average_before_after"], "cpus": measured["cpus"],
+            "processor": measured["processor"]}
 
 
 def mask_rebuild_s(model, inputs: dict, rounds: int) -> float | None:

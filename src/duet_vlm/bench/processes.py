@@ -30,6 +30,7 @@ import torch
 
 from ..methods import make
 from .models import ModelSize, padded_inputs
+from .timing import processor
 from .train import FULL, answer_labels, trainable_model
 
 
@@ -152,6 +153,7 @@ def process_benchmark(size: ModelSize, variants: list[tuple[str, int]], processe
     return {
         "benchmark": "train_processes", "model": vars(size), "batch": batch, "processes": processes,
         "threads": threads, "threads_per_process": threads // processes, "rounds": rounds, "cpus": os.cpu_count(),
+        "processor": processor(),
         "trained": "projector + language model (embeddings, layers, norm, LM head); vision tower frozen",
         "optimizer": "AdamW(fused=True)", "backend": "DistributedDataParallel, gloo",
         "load_average_before_after": [load_before, load_after], "variants": table,

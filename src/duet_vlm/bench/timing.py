@@ -116,6 +116,34 @@ def keep_freed_memory() -> dict | None:
     return dict(KEPT_MEMORY)
 
 
+def processor(cpuinfo: str = "/proc/cpuinfo") -> dict:
+    """What the timings ran on, for comparing runs across machines: the CPU's model as the kernel
+    names it (``cpuinfo``'s first processor, else ``platform.processor()``), the vector instructions PyTorch's CPU
+    kernels chose (``torch.backends.cpu.get_cpu_capability()``: ``AVX2``, ``AVX512``, ...) and the
+    cores. The same code's ratios can differ between machines: what a forward spends outside its
+    matrix products is a larger share where those run faster."""
+    import os
+    import platform
+
+    import torch
+
+    name = platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
+    try:
+        with open(cpuinfo) as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if not key.strip():  # the first processor's block ends
+                    break
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    if "model name" in fields:  # a virtual machine may name only the line: add its family and model
+        name = fields["model name"] + "".join(
+            f", {key} {fields[key]}" for key in ("cpu family", "model") if key in fields)
+    return {"model": name, "capability": torch.backends.cpu.get_cpu_capability(), "cpus": os.cpu_count()}
+
+
 def median_ratio(times: dict[str, list[float]], baseline: str) -> dict[str, float]:
     """Median over rounds of (variant / baseline) measured in the same round."""
     return {

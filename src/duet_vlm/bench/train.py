@@ -34,7 +34,7 @@ from ..methods import make
 from ..training.trainer import drop_input_grad_hooks
 from .ideal import IdealModel
 from .models import ModelSize, build_model, padded_inputs
-from .timing import PeakRSS, interleaved
+from .timing import PeakRSS, interleaved, processor
 
 FULL = "no reduction"
 PARTS = ("step_s", "forward_s", "backward_s", "optimizer_s", "peak_bytes")
@@ -191,7 +191,7 @@ def train_benchmark(
         "trainable_parameters": sum(p.numel() for p in trainable),
         "rounds": rounds,
         "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
+        "cpus": os.cpu_count(), "processor": processor(),
         "load_average_before_after": [load_before, load_after],
         "modes": results,
     }

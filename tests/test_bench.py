@@ -75,6 +75,29 @@ def test_the_processor_is_named_by_the_first_processors_block(tmp_path):
     assert processor(str(tmp_path / "absent"))["model"]  # no cpuinfo: the platform's name
 
 
+def test_the_operation_clock_counts_what_is_not_a_view_and_serves_the_timers():
+    import torch
+
+    from duet_vlm.bench import ModelSize, build_family
+    from duet_vlm.bench.timing import LanguageModelTimer, LayerKindTimer, OperationClock
+
+    x = torch.zeros(2, 3)
+    with OperationClock() as clock:
+        x.view(3, 2), x.t(), x[:, 1:]  # views: no kernel, nothing copied
+        assert clock.read() == 0
+        x + 1, x.sum()
+        assert clock.read() == 2
+    model, inputs = build_family("llava", ModelSize(vision_hidden=32, vision_layers=1, vision_heads=4, hidden=64,
+                                                    layers=2, heads=4, kv_heads=4, intermediate=128))
+    found = []
+    for _ in range(2):  # the same count every forward
+        with torch.no_grad(), OperationClock() as clock, LanguageModelTimer(model, clock.read) as lm, \
+                LayerKindTimer(model, ("attention", "attention"), clock.read) as layers:
+            model(**inputs)
+        found.append((lm.seconds[0], layers.seconds["attention"]))
+    assert found[0] == found[1] and found[0][0] > found[0][1] > 0 and isinstance(found[0][0], int)
+
+
 def test_median_ratio_pairs_rounds():
     times = {"base": [1.0, 2.0, 4.0], "x": [0.5, 1.0, 4.0]}
     assert median_ratio(times, "base") == {"base": 1.0, "x": 0.5}

@@ -10,8 +10,11 @@ boundaries (``prune``) with the stages' scoring and selection in them, the per-l
 work, the exit (the stats' record and the scatter back to the input's length), the compactions
 (``Compaction.from_keep`` and ``then``, at the entry, the boundaries and the exit) and wherever the
 stats are computed; then the ideal's decoder on the same per-layer counts, its layers and what it
-spends outside them. Parts an earlier commit's runtime lacks are left out: with ``PYTHONPATH`` on
-that commit's ``src`` it profiles that runtime. A profiling tool, not part of the library: it wraps
+spends outside them. Then it counts one forward of each, part by part, in tensor operations instead
+of seconds (``OperationClock``): numbers that are the same on every machine and every run. Parts an
+earlier commit's runtime lacks are left out: with ``PYTHONPATH`` on that commit's ``src`` it
+profiles that runtime (before ``OperationClock``, with this commit's ``bench/timing.py`` copied in
+to count). A profiling tool, not part of the library: it wraps
 those functions with timers in its own process only, and unwraps them when done. Run it on a quiet
 machine (one benchmark at a time).
 """
@@ -33,7 +36,7 @@ from duet_vlm.adapters import scheme
 from duet_vlm.bench.ideal import IdealModel
 from duet_vlm.bench.models import ModelSize, build_family
 from duet_vlm.bench.prefill import _reducers, _visual_per_layer, layer_kinds
-from duet_vlm.bench.timing import LanguageModelTimer, LayerKindTimer, keep_freed_memory
+from duet_vlm.bench.timing import LanguageModelTimer, LayerKindTimer, OperationClock, keep_freed_memory
 from duet_vlm.compaction import Compaction
 from duet_vlm.runtime import attachment, boundary, record
 
@@ -53,17 +56,18 @@ PARTS = (
 
 
 @contextmanager
-def timed(seconds: dict, part: str, owner, name: str):
-    """``owner.name`` timed into ``seconds[part]`` while the context lasts."""
+def timed(seconds: dict, part: str, owner, name: str, clock=time.perf_counter):
+    """``owner.name`` timed into ``seconds[part]`` while the context lasts (by ``clock``: seconds, or
+    ``OperationClock.read``'s tensor operations)."""
     original = owner.__dict__[name]
     function = original.__func__ if isinstance(original, classmethod) else original  # from_keep
 
     def wrapper(*args, **kwargs):
-        start = time.perf_counter()
+        start = clock()
         try:
             return function(*args, **kwargs)
         finally:
-            seconds[part] += time.perf_counter() - start
+            seconds[part] += clock() - start
 
     setattr(owner, name, classmethod(wrapper) if isinstance(original, classmethod) else wrapper)
     try:
@@ -89,25 +93,33 @@ def main() -> None:
         raise reducer
     kinds = layer_kinds(model)
 
-    def reduced(parts: dict) -> dict:
+    def reduced(parts: dict, clock=time.perf_counter) -> dict:
         with ExitStack() as stack:
             for part, owner, name in PARTS:
                 if owner is not None and name in owner.__dict__:  # an earlier commit's runtime may lack a part
-                    stack.enter_context(timed(parts, part, owner, name))
-            with torch.no_grad(), reducer(model), LanguageModelTimer(model) as lm, LayerKindTimer(model, kinds) as layers:
+                    stack.enter_context(timed(parts, part, owner, name, clock))
+            with torch.no_grad(), reducer(model), LanguageModelTimer(model, clock) as lm, \
+                    LayerKindTimer(model, kinds, clock) as layers:
                 model(**inputs, logits_to_keep=1)
         return {"language model": lm.seconds[0], "decoder layers": sum(layers.seconds.values()), **parts}
 
     first = reduced(defaultdict(float))
     ideal = IdealModel(model, inputs, _visual_per_layer(reducer.stats))
 
-    def ideal_decoder() -> dict:
-        with torch.no_grad(), LayerKindTimer(model, kinds) as layers:
+    def ideal_decoder(clock=time.perf_counter) -> dict:
+        with torch.no_grad(), LayerKindTimer(model, kinds, clock) as layers:
             embeddings, cache = ideal.embeddings(), ideal.new_cache()
-            start = time.perf_counter()
+            start = clock()
             ideal.decode(embeddings, cache=cache, last=1)
-            total = time.perf_counter() - start
+            total = clock() - start
         return {"language model": total, "decoder layers": sum(layers.seconds.values())}
+
+    def counted(forward) -> dict:
+        """One forward's tensor operations (not views), part by part: the same on every machine."""
+        with OperationClock() as clock:
+            found = {part: int(count) for part, count in forward(clock.read).items()}
+        found["outside the layers"] = found["language model"] - found["decoder layers"]
+        return found
 
     ideal_decoder()
     reduced(defaultdict(float))
@@ -136,6 +148,8 @@ def main() -> None:
     result["reduced_ms"]["outside the layers"] = median_ms(
         [r["language model"] - r["decoder layers"] for r, _ in rounds])
     result["ideal_ms"]["outside the layers"] = median_ms([i["language model"] - i["decoder layers"] for _, i in rounds])
+    result["reduced_operations"] = dict(counted(lambda clock: reduced(defaultdict(int), clock)))
+    result["ideal_operations"] = counted(ideal_decoder)
     print(json.dumps(result, indent=1))
     if args.output:
         args.output.write_text(json.dumps(result, indent=1) + "\n")

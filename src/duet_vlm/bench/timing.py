@@ -3,7 +3,8 @@
 Timings on a shared machine are noisy, so every variant is timed in the same process, interleaved
 round by round, and reported as a ratio to a reference measured in the same rounds (the median over
 rounds). ``LanguageModelTimer`` splits a forward's time into its language-model part; ``PeakRSS``
-measures the memory a timed call adds.
+measures the memory a timed call adds; ``OperationClock`` counts tensor operations instead of
+seconds, the same on every machine.
 
 >>> times = interleaved({"a": lambda: None, "b": lambda: None}, rounds=3)
 >>> sorted(median_ratio({"base": [1.0, 2.0], "x": [0.5, 1.0]}, "base").items())
@@ -12,9 +13,14 @@ measures the memory a timed call adds.
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def interleaved(variants: dict[str, Callable[[], None]], rounds: int, warmup: int = 1, progress=None,
@@ -118,14 +124,10 @@ def keep_freed_memory() -> dict | None:
 
 def processor(cpuinfo: str = "/proc/cpuinfo") -> dict:
     """What the timings ran on, for comparing runs across machines: the CPU's model as the kernel
-    names it (``cpuinfo``'s first processor, else ``platform.processor()``), the vector instructions PyTorch's CPU
-    kernels chose (``torch.backends.cpu.get_cpu_capability()``: ``AVX2``, ``AVX512``, ...) and the
-    cores. The same code's ratios can differ between machines: what a forward spends outside its
-    matrix products is a larger share where those run faster."""
-    import os
-    import platform
-
-    import torch
+    names it (``cpuinfo``'s first processor, else ``platform.processor()``), the vector instructions
+    PyTorch's CPU kernels chose (``torch.backends.cpu.get_cpu_capability()``: ``AVX2``, ``AVX512``,
+    ...) and the cores. The same code's ratios can differ between machines: what a forward spends
+    outside its matrix products is a larger share where those run faster."""
 
     name = platform.processor() or platform.machine()
     fields: dict[str, str] = {}
@@ -138,7 +140,7 @@ def processor(cpuinfo: str = "/proc/cpuinfo") -> dict:
                 fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    if "model name" in fields:  # a virtual machine may name only the line: add its family and model
+    if "model name" in fields:  # a virtual machine may give only the product line ("AMD EPYC"): add the numbers
         name = fields["model name"] + "".join(
             f", {key} {fields[key]}" for key in ("cpu family", "model") if key in fields)
     return {"model": name, "capability": torch.backends.cpu.get_cpu_capability(), "cpus": os.cpu_count()}
@@ -152,7 +154,8 @@ def median_ratio(times: dict[str, list[float]], baseline: str) -> dict[str, floa
 
 
 class LanguageModelTimer:
-    """Seconds spent inside the language model (decoder layers and the reducer's hooks) per forward.
+    """Seconds spent inside the language model (decoder layers and the reducer's hooks) per forward;
+    with another ``clock`` (``OperationClock.read``), what it counts instead of seconds.
 
     >>> with LanguageModelTimer(model) as timer:                       # doctest: +SKIP
     ...     model(**inputs)
@@ -160,17 +163,16 @@ class LanguageModelTimer:
     [0.41]
     """
 
-    def __init__(self, model):
+    def __init__(self, model, clock: Callable[[], float] = time.perf_counter):
         self.language_model = model.model.language_model
+        self.clock = clock
         self.seconds: list[float] = []
 
     def __enter__(self):
         start = {}
         self._handles = [
-            self.language_model.register_forward_pre_hook(lambda *_: start.__setitem__("t", time.perf_counter())),
-            self.language_model.register_forward_hook(
-                lambda *_: self.seconds.append(time.perf_counter() - start["t"])
-            ),
+            self.language_model.register_forward_pre_hook(lambda *_: start.__setitem__("t", self.clock())),
+            self.language_model.register_forward_hook(lambda *_: self.seconds.append(self.clock() - start["t"])),
         ]
         return self
 
@@ -182,7 +184,8 @@ class LanguageModelTimer:
 class LayerKindTimer:
     """Seconds spent inside the decoder layers of each kind per forward (``ModelAdapter.layer_kinds``:
     attention, and the linear attention of a hybrid decoder), from each layer's own call to its
-    return: a reducer's work before a layer (a boundary's selection) is not a layer's.
+    return: a reducer's work before a layer (a boundary's selection) is not a layer's. ``clock`` as
+    in ``LanguageModelTimer``.
 
     >>> with LayerKindTimer(model) as timer:                            # doctest: +SKIP
     ...     model(**inputs)
@@ -190,20 +193,21 @@ class LayerKindTimer:
     {'attention': 0.11, 'linear_attention': 0.29}
     """
 
-    def __init__(self, model, kinds: tuple[str, ...]):
+    def __init__(self, model, kinds: tuple[str, ...], clock: Callable[[], float] = time.perf_counter):
         self.layers = model.model.language_model.layers
         self.kinds = kinds
+        self.clock = clock
         self.seconds: dict[str, float] = dict.fromkeys(dict.fromkeys(kinds), 0.0)
 
     def __enter__(self):
         start = {}
 
         def enter(module, args):
-            start[module] = time.perf_counter()
+            start[module] = self.clock()
 
         def leave(kind):
             def hook(module, args, output):
-                self.seconds[kind] += time.perf_counter() - start.pop(module)
+                self.seconds[kind] += self.clock() - start.pop(module)
 
             return hook
 
@@ -215,6 +219,32 @@ class LayerKindTimer:
     def __exit__(self, *exc):
         for handle in self._handles:
             handle.remove()
+
+
+class OperationClock(TorchDispatchMode):
+    """A clock that counts tensor operations instead of seconds, while its context lasts: every aten
+    operation that is not a view (a view launches no kernel and copies nothing). The count is the
+    same on every machine and every run, where seconds are not; on a GPU each such operation is a
+    kernel launch, which is what a runtime's small bookkeeping costs there. Hand ``read`` to the
+    timers as their clock.
+
+    >>> with OperationClock() as clock, LanguageModelTimer(model, clock=clock.read) as ops:  # doctest: +SKIP
+    ...     model(**inputs)
+    >>> ops.seconds                                                 # doctest: +SKIP
+    [1180]
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.operations = 0
+
+    def read(self) -> int:
+        return self.operations
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.operations += 1
+        return func(*args, **(kwargs or {}))
 
 
 class PeakRSS:

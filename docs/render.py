@@ -576,7 +576,8 @@ def render_lm_vs_ideal(root: Path, *paths: str) -> str:
         loads = "; ".join(f"{r['load_average_before_after'][0][0]:.2f} -> {r['load_average_before_after'][1][0]:.2f}"
                           for r in found)
         allocators = sorted({r.get("allocator", "system") for r in found})
-        processors = sorted({f"{r['processor']['model']} ({r['processor']['capability']})" for r in found if "processor" in r})
+        processors = sorted({f"{r['processor']['model']} ({r['processor']['capability']})"
+                             for r in found if "processor" in r})
         lines.append(f"{FAMILY_NAMES.get(family, family)}: {found[0]['rounds']} rounds per run; 1-minute load average "
                      f"before -> after each run: {loads}; allocator: {', '.join(allocators)}"
                      + (f"; processor: {', '.join(processors)}" if processors else "") + ".  ")

@@ -128,7 +128,6 @@ def processor(cpuinfo: str = "/proc/cpuinfo") -> dict:
     PyTorch's CPU kernels chose (``torch.backends.cpu.get_cpu_capability()``: ``AVX2``, ``AVX512``,
     ...) and the cores. The same code's ratios can differ between machines: what a forward spends
     outside its matrix products is a larger share where those run faster."""
-
     name = platform.processor() or platform.machine()
     fields: dict[str, str] = {}
     try:

@@ -14,9 +14,8 @@ spends outside them. Then it counts one forward of each, part by part, in tensor
 of seconds (``OperationClock``): numbers that are the same on every machine and every run. Parts an
 earlier commit's runtime lacks are left out: with ``PYTHONPATH`` on that commit's ``src`` it
 profiles that runtime (before ``OperationClock``, with this commit's ``bench/timing.py`` copied in
-to count). A profiling tool, not part of the library: it wraps
-those functions with timers in its own process only, and unwraps them when done. Run it on a quiet
-machine (one benchmark at a time).
+to count). A profiling tool, not part of the library: it wraps those functions with timers in its
+own process only, and unwraps them when done. Run it on a quiet machine (one benchmark at a time).
 """
 
 from __future__ import annotations
@@ -148,7 +147,7 @@ def main() -> None:
     result["reduced_ms"]["outside the layers"] = median_ms(
         [r["language model"] - r["decoder layers"] for r, _ in rounds])
     result["ideal_ms"]["outside the layers"] = median_ms([i["language model"] - i["decoder layers"] for _, i in rounds])
-    result["reduced_operations"] = dict(counted(lambda clock: reduced(defaultdict(int), clock)))
+    result["reduced_operations"] = counted(lambda clock: reduced(defaultdict(int), clock))
     result["ideal_operations"] = counted(ideal_decoder)
     print(json.dumps(result, indent=1))
     if args.output:

@@ -32,10 +32,10 @@ from ..compat import cache_of
 from .binding import Binding
 from .boundary import prune
 from .calls import CallStore
-from .decoding import continue_step, unreduced_decode_positions
+from .decoding import continue_step, decoding_layer, unreduced_decode_positions
 from .entry import base_input_ids, check_new_items_on_cache, check_turn_on_cache
 from .exit import compact_head_input, expand_head_output, finish_prefill
-from .inputs import last_queries, segment_layer_inputs, token_argument
+from .inputs import segment_layer_inputs, token_argument
 from .patch_subsets import input_stage_of, patch_subset_hooks
 from .prefill import WholeItems, open_prefill
 from .protocol import RuntimeReducer
@@ -225,30 +225,7 @@ class Attachment:
                 return self._prefill_layer(call, layer_index, module, args, kwargs)
             # A decoding step: what the compiled model runs over and over. Python state and tensor
             # arithmetic only (no data-dependent branch), so torch.compile traces it into its graph.
-            number = prompt.segment_of_layer(layer_index)
-            scheme = self.binding.scheme
-            kind = scheme.kinds[layer_index]
-            if number == 0 or not scheme.maps(kind):
-                # A kind whose mask is not mapped (a recurrence: its state already holds the kept
-                # tokens, and new tokens are never dropped) keeps the model's own.
-                return None
-            if layer_index in prompt.segment_heads(scheme):
-                # The segment's first layer of each mapped kind maps this step's mask for that kind
-                # onto the segment's cache.
-                hidden = args[0] if args else kwargs["hidden_states"]
-                prompt.decoding.kwargs[number, kind] = prompt.segments[number].decode_kwargs(
-                    prompt, scheme, hidden, kwargs, kind, layer_index
-                )
-            kwargs.update(prompt.decoding.kwargs[number, kind])
-            cut = scheme.queries_cut_from
-            if cut is not None and layer_index >= cut:
-                # A chunk of several tokens (a second turn, verified drafts): the model passes the
-                # layers from ``queries_cut_from`` on only its last ``logits_to_keep`` rows.
-                rows = (args[0] if args else kwargs["hidden_states"]).shape[1]
-                mask = kwargs.get("attention_mask")
-                if isinstance(mask, torch.Tensor) and mask.shape[-2] > rows:
-                    kwargs = last_queries(kwargs, rows)
-            return args, kwargs
+            return decoding_layer(self.binding.scheme, prompt, layer_index, args, kwargs)
 
         return hook
 

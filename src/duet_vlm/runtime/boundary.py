@@ -1,7 +1,7 @@
 """A pruning boundary in the prefill: the language stages choose, and the sequence is compacted.
 
 Items pruned at a boundary with the same plan and the same current count are ranked in one stage
-call; each call sees its segment's ``LayerView`` of its rows (``Segment.view``). The survivors define
+call; each call sees its segment's ``LayerView`` of its rows (``stage_view``). The survivors define
 a ``Compaction`` of the previous segment's sequence, which gives the next segment its hidden states,
 mask, positions and RoPE.
 """
@@ -15,6 +15,7 @@ from ..compaction import Compaction
 from ..plan import Plan, Selection
 from .binding import Binding
 from .inputs import LayerInputs
+from .stage_view import stage_view
 from .state import Placement, PrefillState, Segment
 
 
@@ -74,7 +75,7 @@ def select(binding: Binding, call, state: PrefillState, layer_index: int, layer:
                 kept_ids[placement] = placement.positions.new_empty(0)
             continue
         row_list = rows if rows is not None else list(range(batch))
-        view = previous.view(state, binding.adapter, layer_index, layer, hidden, row_list, placements)
+        view = stage_view(previous, state, binding.adapter, layer_index, layer, hidden, row_list, placements)
         plan = placements[0].item.plan
         call.in_stage = True
         try:

@@ -3,8 +3,9 @@
 ``generate`` keeps a full-length 2-D mask and unreduced positions. At the language model's entry
 they are mapped onto the entry sequence (``continue_prompt``); at the first layer of each later
 segment the mask is mapped onto that segment's cache, and renumbered positions move back by what the
-segment dropped (``Segment.decode_kwargs``). This is the path ``torch.compile`` runs over and over: tensor
-arithmetic and Python state only, no data-dependent branch and no device sync.
+segment dropped (``Segment.decode_kwargs``; each layer's inputs: ``decoding_layer``). This is the
+path ``torch.compile`` runs over and over: tensor arithmetic and Python state only, no
+data-dependent branch and no device sync.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from ..compaction import Compaction
 from ..compat import cache_of
 from .binding import Binding
+from .inputs import last_queries
 from .state import PrefillState
 
 
@@ -125,3 +127,33 @@ def unreduced_decode_positions(binding: Binding, prompt: PrefillState | None, in
         return False
     kwargs["position_ids"] = positions
     return True
+
+
+def decoding_layer(scheme, prompt: PrefillState, layer_index: int, args: tuple, kwargs: dict) -> tuple | None:
+    """What decoder layer ``layer_index`` receives in a decoding step: the model's own inputs in the
+    entry segment and in layers of a kind whose mask is not mapped, else its segment's mask (mapped
+    at the segment's first layer of the kind, ``Segment.decode_kwargs``) and positions, cut to the
+    last query rows where the model passes only those. ``None``: the layer's inputs stay."""
+    number = prompt.segment_of_layer(layer_index)
+    kind = scheme.kinds[layer_index]
+    if number == 0 or not scheme.maps(kind):
+        # A kind whose mask is not mapped (a recurrence: its state already holds the kept
+        # tokens, and new tokens are never dropped) keeps the model's own.
+        return None
+    if layer_index in prompt.segment_heads(scheme):
+        # The segment's first layer of each mapped kind maps this step's mask for that kind
+        # onto the segment's cache.
+        hidden = args[0] if args else kwargs["hidden_states"]
+        prompt.decoding.kwargs[number, kind] = prompt.segments[number].decode_kwargs(
+            prompt, scheme, hidden, kwargs, kind, layer_index
+        )
+    kwargs.update(prompt.decoding.kwargs[number, kind])
+    cut = scheme.queries_cut_from
+    if cut is not None and layer_index >= cut:
+        # A chunk of several tokens (a second turn, verified drafts): the model passes the
+        # layers from ``queries_cut_from`` on only its last ``logits_to_keep`` rows.
+        rows = (args[0] if args else kwargs["hidden_states"]).shape[1]
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.shape[-2] > rows:
+            kwargs = last_queries(kwargs, rows)
+    return args, kwargs

@@ -26,7 +26,15 @@ from models import FAMILIES, IMAGE_TOKEN, VOCAB, image_tokens, make_inputs, make
 # the repository so that the fidelity tests run on a fresh clone): the ``reference_dir`` fixture.
 REFERENCE = Path(__file__).resolve().parent / "data" / "vectors"
 
-torch.set_num_threads(2)
+# Two threads on this project's 2-core machines; under pytest-xdist (the README's `pytest -n auto`) the
+# workers share the cores instead: one thread each, more where there are cores to spare.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, len(os.sched_getaffinity(0)) // _WORKERS)))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most 8 (each builds its own session-wide tiny models)."""
+    return max(1, min(8, len(os.sched_getaffinity(0))))
 
 
 @pytest.fixture(

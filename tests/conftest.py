@@ -27,14 +27,16 @@ from models import FAMILIES, IMAGE_TOKEN, VOCAB, image_tokens, make_inputs, make
 REFERENCE = Path(__file__).resolve().parent / "data" / "vectors"
 
 # Two threads on this project's 2-core machines; under pytest-xdist (the README's `pytest -n auto`) the
-# workers share the cores instead: one thread each, more where there are cores to spare.
+# workers share the cores instead: one thread each, more where there are cores to spare. The cores are
+# those this process may use (Linux), or the machine's.
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, len(os.sched_getaffinity(0)) // _WORKERS)))
+torch.set_num_threads(max(1, min(2, _CORES // _WORKERS)))
 
 
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one worker per core, at most 8 (each builds its own session-wide tiny models)."""
-    return max(1, min(8, len(os.sched_getaffinity(0))))
+    return max(1, min(8, _CORES))
 
 
 @pytest.fixture(

@@ -34,6 +34,7 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, _CORES // _WORKERS)))
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: environments without xdist (the vLLM one) skip it
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one worker per core, at most 8 (each builds its own session-wide tiny models)."""
     return max(1, min(8, _CORES))

@@ -7,11 +7,17 @@
   replacing a conftest fixture for its tests) is listed in ``OVERRIDES`` with its files and reason.
 
 Both checks read the sources with ``ast`` (nothing is imported), so they cost nothing to run.
+
+- The suite loads without pytest-xdist: the README runs it with ``-n auto``, but the vLLM environment
+  runs pytest without xdist, and a conftest hook of xdist's that is not optional stops pytest there
+  before it collects anything (CI's vLLM step did, at f484c42).
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -164,3 +170,14 @@ def test_the_scans_cover_the_suite():
     """The scans read the modules pytest collects, conftest and the helper modules."""
     names = {str(path.relative_to(TESTS)) for path in sources()}
     assert {"conftest.py", "checks.py", "models.py", "test_test_layout.py", "demo/test_demo.py"} <= names
+
+
+def test_the_suite_collects_without_xdist():
+    """pytest with xdist's plugin blocked (as where it is not installed) collects a module's tests."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "--collect-only", "-q",
+         str(Path(__file__).resolve())],
+        cwd=TESTS.parent, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "test_test_layout.py: " in run.stdout  # the file's count of tests (addopts' -q, with --collect-only's -q)

@@ -1,16 +1,17 @@
-"""The layout of tests/ (issue #31): shared code in helper modules, fixtures defined once.
+"""The layout of tests/ (issue #31): shared code in helper modules, fixtures defined once; and the
+suite loads without pytest-xdist.
 
 - No file under tests/ imports a ``test_*`` module: a check or helper two test modules use lives in
   tests/checks.py (tiny models and prompts in tests/models.py), not in one of the test modules.
 - No fixture name is defined in two files: a fixture more than one module uses is defined once in
   tests/conftest.py; a module-local fixture has a name of its own. A deliberate override (a module
   replacing a conftest fixture for its tests) is listed in ``OVERRIDES`` with its files and reason.
-
-Both checks read the sources with ``ast`` (nothing is imported), so they cost nothing to run.
-
 - The suite loads without pytest-xdist: the README runs it with ``-n auto``, but the vLLM environment
   runs pytest without xdist, and a conftest hook of xdist's that is not optional stops pytest there
   before it collects anything (CI's vLLM step did, at f484c42).
+
+The first two checks read the sources with ``ast`` (nothing is imported), so they cost nothing to run;
+the third starts pytest's collection in a subprocess (a few seconds).
 """
 
 from __future__ import annotations

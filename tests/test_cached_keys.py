@@ -102,6 +102,30 @@ def test_cached_keys_are_refused_where_they_are_not_the_prompts():
     assert adapter.scheme.cached_layer_keys(layer, 1, cache, seen[1][0]) is None
 
 
+def test_cached_keys_of_another_dtype_or_device_are_refused_and_the_scores_are_the_computed_ones():
+    """The prompt's keys held in another dtype than the hidden states (bfloat16 or float64 for a
+    float32 layer: a cache made for another precision) or on another device (``meta`` stands in for
+    one): ``None``, so the scorer computes them, and its scores equal those it gives with no cache
+    (bit for bit). The premise, checked here: the bfloat16 keys, used, would change the scores.
+    Catches the dtype and device check dropped (keys of the right shape reused whatever they hold)."""
+    family = FAMILIES["llava"]
+    model = family.model()
+    adapter = duet_vlm.adapter_for(model)
+    layer = adapter.layers[1]
+    cache = DynamicCache(config=model.config.get_text_config())
+    hidden, rope = _layer_inputs(model, adapter, family.one(model), cache)[1]
+    own = adapter.scheme.cached_layer_keys(layer, 1, cache, hidden)
+    assert own is not None and own.dtype == hidden.dtype == torch.float32, "the premise: the cache holds the prompt's keys"
+    computed = _scores(adapter, layer, hidden, rope)
+    assert not torch.equal(_scores(adapter, layer, hidden, rope, own.bfloat16()), computed), \
+        "the premise: bfloat16 keys give other scores"
+    for other in (own.bfloat16(), own.double(), own.to("meta")):
+        cache.layers[1].keys = other
+        keys = adapter.scheme.cached_layer_keys(layer, 1, cache, hidden)
+        assert keys is None, f"{other.dtype} keys on {other.device} reused for {hidden.dtype} states on {hidden.device}"
+        assert torch.equal(_scores(adapter, layer, hidden, rope, keys), computed)
+
+
 @pytest.mark.parametrize("name", ["fastv", "sparsevlm"])
 def test_scoring_with_the_previous_layer_reads_its_cache_and_changes_nothing(family, name):
     """A one-row prefill under a method that scores with the layer before its boundary, with a cache

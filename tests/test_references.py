@@ -63,6 +63,30 @@ def test_gqa_text_to_visual_attention_equals_the_layers_own_eager_attention():
         torch.testing.assert_close(scores, expected, atol=1e-6, rtol=1e-4, msg=f"layer {index}")
 
 
+def test_text_to_visual_attention_of_bfloat16_inputs_is_computed_in_float32():
+    """``visual_attention`` on bfloat16 queries and keys (a bfloat16 model's layer) gives, bit for bit
+    (``torch.equal``, float32), the scores of the same call on those values upcast to float32: the
+    logits, the softmax and the means are float32 whatever the model's dtype. The premise, checked
+    here: on these inputs the logits computed in bfloat16 differ from the float32 ones. Catches the
+    upcast dropped (``query @ keys`` in the model's dtype: scores rounded to bfloat16's 8 bits, and
+    near-tied tokens swapped)."""
+    from duet_vlm.adapters.scheme import visual_attention
+
+    generator = torch.Generator().manual_seed(0)
+    query = (3 * torch.randn(1, 4, 5, 32, generator=generator)).bfloat16()  # 4 query heads
+    keys = (3 * torch.randn(1, 2, 40, 32, generator=generator)).bfloat16()  # 2 KV heads
+    q_pos, valid = torch.arange(35, 40), torch.ones(40, dtype=torch.bool)
+    visual = torch.arange(4, 28).view(2, 12)  # two items of 12 tokens
+    valid[30] = False  # and a padded key
+    in_bfloat16 = query @ keys.repeat_interleave(2, dim=1).transpose(-1, -2)
+    in_float32 = query.float() @ keys.float().repeat_interleave(2, dim=1).transpose(-1, -2)
+    assert not torch.equal(in_bfloat16.float(), in_float32), "the premise: bfloat16 arithmetic rounds these logits"
+    scores = visual_attention(query, keys, q_pos, valid, visual, scaling=32 ** -0.5, groups=2)
+    upcast = visual_attention(query.float(), keys.float(), q_pos, valid, visual, scaling=32 ** -0.5, groups=2)
+    assert torch.equal(scores, upcast)
+    assert scores.dtype == torch.float32
+
+
 # ----------------------------------------------------------------------------- an LM head with a bias
 @pytest.mark.parametrize("name", ["duet", "fastv", "visionzip"])
 def test_compacted_lm_head_keeps_its_bias(name):

@@ -67,7 +67,9 @@ def remove_duplicates(similarity: torch.Tensor, residual: torch.Tensor, keep: in
     chance, float16 often) and decide the next round's halves, so they are broken as the official
     code breaks them: with torch's default, unstable ``argsort(descending=True)`` on float32 values
     formed the same way (a matrix product of the normalised features), which on the same device
-    reproduces the official choices (tests/data/vectors/vispruner-official-*).
+    reproduces the official choices (tests/data/vectors/vispruner-official-*). That sort's kernel,
+    and so its order of ties, can differ between CPUs: ties follow torch's default sort where this
+    runs, not fixed indices.
 
     Args:
         similarity: ``(I, P, P)`` pairwise similarity of the tokens ``residual`` indexes.
@@ -114,7 +116,9 @@ def vispruner_select(
 
     The official ``encode_images``: order the tokens by decreasing ``scores`` (torch's default
     ``argsort``, as there); the first ``important`` are kept; the rest, in that order, go through
-    ``remove_duplicates`` (cosine similarity of ``features``) until ``diverse`` remain.
+    ``remove_duplicates`` (cosine similarity of ``features``) until ``diverse`` remain. Tied scores
+    are ordered as torch's default sort orders them on the machine this runs on (its kernel can
+    differ between CPUs), so tie order is that call's, not fixed indices.
 
     Args:
         scores: ``(I, P)`` importance (the vision encoder's CLS attention).

@@ -307,6 +307,30 @@ def test_the_command_on_the_demo_model(tmp_path):
     assert report["results"][keys.index("ideal")]["numbers"]["max_difference"] == 0.0  # bit for bit on a CPU
 
 
+def test_the_recorded_command_names_paths_under_the_working_directory_relative_to_it(tmp_path, monkeypatch):
+    """The report's command line is the one to run again from a checkout: ``--json`` given as an
+    absolute path under the working directory is recorded relative to it (docs/check.md once quoted
+    a GPU machine's scratch folder); an image outside it keeps its absolute path."""
+    from PIL import Image
+
+    checkout = tmp_path / "checkout"
+    (checkout / "reports").mkdir(parents=True)
+    monkeypatch.chdir(checkout)
+    here = checkout.resolve()
+    image = tmp_path / "elsewhere.png"
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(image)
+    checks = ("full", "restored", "padded", "counts", "ideal", "modes", "timing")
+    skips = [arg for check in checks for arg in ("--skip", check)]  # the report's command is what is read
+    args = ["check", "--model", "demo", "--image", str(image.resolve()), *skips,
+            "--json", str(here / "reports" / "r.json")]
+    monkeypatch.setattr("sys.argv", ["duet-vlm", *args])
+    result = runner.invoke(cli.app, args, env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    report = json.loads((here / "reports" / "r.json").read_text())
+    assert report["setup"]["command"] == " ".join(
+        ["duet-vlm", "check", "--model", "demo", "--image", str(image.resolve()), *skips, "--json", "reports/r.json"])
+
+
 def test_the_command_exits_1_on_a_failed_check(monkeypatch):
     _let_static_caches_through(monkeypatch)
     result = runner.invoke(cli.app, ["check", "--model", "demo", "--skip", "timing", "--skip", "padded"],

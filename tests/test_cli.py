@@ -199,6 +199,27 @@ def test_an_unreachable_pyramiddrop_budget_names_the_lowest_and_what_reaches_low
             assert abs(reducer.resolve(geometry).schedule.average - budget) <= 1, expression
 
 
+def test_recorded_command_lines_name_paths_under_the_working_directory_relative_to_it(tmp_path, monkeypatch):
+    """``command_line``, which every result file's ``command`` comes from: an absolute path under the
+    working directory, as a value or in ``--option=PATH``, is written relative to it; a path outside
+    it (a sibling folder whose name merely starts with the directory's included) stays absolute, and
+    every other argument is left as it was."""
+    from duet_vlm.cli.commands import command_line
+
+    (tmp_path / "checkout").mkdir()
+    monkeypatch.chdir(tmp_path / "checkout")
+    here = os.getcwd()
+    sibling = here + "-old/r.json"
+    assert command_line(["check", "--model", "demo", "--json", f"{here}/reports/r.json"]) == \
+        "duet-vlm check --model demo --json reports/r.json"
+    assert command_line(["eval", f"--output-dir={here}/docs/eval", "--budgets", "64"]) == \
+        "duet-vlm eval --output-dir=docs/eval --budgets 64"
+    assert command_line(["check", "--json", sibling, "--image", "a.png", "--device", "cuda"]) == \
+        f"duet-vlm check --json {sibling} --image a.png --device cuda"
+    monkeypatch.setattr(sys, "argv", ["duet-vlm", "plan", "--budget", "64"])
+    assert command_line() == "duet-vlm plan --budget 64"
+
+
 def test_the_console_script_exits_non_zero_with_one_line_or_a_traceback():
     command = [sys.executable, "-c", "import sys; from duet_vlm.cli import main; sys.argv[0] = 'duet-vlm'; main()"]
     plain = subprocess.run([*command, "plan", "--budget", "0"], capture_output=True, text=True, timeout=300)

@@ -4,6 +4,7 @@ returns (``printing``). Nothing heavy is imported before a command runs: ``duet-
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -93,6 +94,32 @@ def expand_list_options(argv: list[str]) -> list[str]:
             continue
         expanded.append(arg)
     return expanded
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """``duet-vlm`` and its arguments (``sys.argv[1:]``) as a result file records them: an absolute
+    path under the current directory is written relative to it (``--json=PATH`` too), so that the
+    line runs again from a checkout elsewhere; a path outside it (a machine's scratch folder) stays
+    absolute.
+
+    >>> here = os.getcwd()
+    >>> command_line(["check", "--json", os.path.join(here, "out", "r.json"), "--model", "demo"])
+    'duet-vlm check --json out/r.json --model demo'
+    """
+    here = os.getcwd()
+
+    def relative(arg: str) -> str:
+        option, equals, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        if not os.path.isabs(value):
+            return arg
+        path = os.path.normpath(value)
+        try:
+            under = os.path.commonpath([path, here]) == here
+        except ValueError:  # another drive (Windows)
+            under = False
+        return option + equals + os.path.relpath(path, here) if under else arg
+
+    return " ".join(["duet-vlm", *map(relative, sys.argv[1:] if argv is None else argv)])
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -236,7 +263,7 @@ def bench(
         with Bar() as bar:
             report = bar.rounds(paired_rounds(rounds))
             results = family_benchmark(family, size, methods, ratios, rounds, progress=lambda: report(f"{family} prefill"))
-        results["command"] = "duet-vlm " + " ".join(sys.argv[1:])
+        results["command"] = command_line()
         results.update(allocation)
         printing.print_family(results, sum("error" not in row for row in results["variants"].values()) + len(results["ideals"]))
         printing.write_json(output, results)
@@ -247,7 +274,7 @@ def bench(
         with Bar() as bar:
             results = process_benchmark(size, variants, processes, rounds, batches[0], text_tokens,
                                         threads=threads or None, progress=bar.rounds(rounds))
-        results["command"] = "duet-vlm " + " ".join(sys.argv[1:])
+        results["command"] = command_line()
         printing.print_processes(results)
         printing.write_json(output, results)
     elif generate or train:
@@ -262,7 +289,7 @@ def bench(
         with Bar() as bar:
             results = prefill_benchmark(size, [] if methods == ["none"] else methods, budgets, rounds, text_tokens,
                                         progress=bar.rounds(paired_rounds(rounds)))
-        results["command"] = "duet-vlm " + " ".join(sys.argv[1:])
+        results["command"] = command_line()
         results.update(allocation)
         printing.print_prefill(results)
         printing.write_json(output, results)
@@ -369,7 +396,7 @@ def check(
 
         report = check_checkpoint(model, method, budget, ratio, device, dtype, attn, list(image or []), rounds, new_tokens,
                                   tuple(skip or ()), progress)
-    report.setup["command"] = "duet-vlm " + " ".join(sys.argv[1:])
+    report.setup["command"] = command_line()
     printing.print_check(report, json_path)
     if not report.ok:
         raise typer.Exit(1)
@@ -416,7 +443,7 @@ def reproduce(
             bar.progress.update(bar.task(label, total), completed=done)
 
         table = recipe.run(output_dir, tuple(methods), tuple(budgets), tasks, model, device, dtype, include_path, limit,
-                           progress, model_args, command="duet-vlm " + " ".join(sys.argv[1:]))
+                           progress, model_args, command=command_line())
     printing.print_reproduced(table, output_dir / "results.json")
 
 
@@ -496,7 +523,7 @@ def evaluate(
     from ..demo.sweep import evaluate_methods
 
     # the command line, when this ran as one (not from Python or a test runner)
-    command = " ".join(["duet-vlm", *sys.argv[1:]]) if Path(sys.argv[0]).name == "duet-vlm" else None
+    command = command_line() if Path(sys.argv[0]).name == "duet-vlm" else None
     with Bar(transient=False) as bar:
         run = evaluate_methods(methods, budgets, n, split, model_path, output_dir, batch_size, control, positions, resume,
                                command, progress=bar.counter("evaluating"), adaptive=adaptive, threshold=threshold,

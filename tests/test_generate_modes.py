@@ -10,12 +10,15 @@ methods and is refused under methods that prune inside the language model (the d
 steer what they keep).
 """
 
+import re
+
 import pytest
 import torch
 
 import duet_vlm
+from duet_vlm.compat import cache_of
 
-from checks import twice
+from checks import hook_ids, release_needed, twice
 from models import BUDGETED, FAMILIES, make_inputs, make_llava
 
 NAMES = [name for name in BUDGETED if name != "full"]  # pixelprune: tests/test_pixelprune.py
@@ -74,6 +77,38 @@ def test_assisted_decoding_under_in_llm_pruning_is_refused(model, rejected_draft
             model.generate(**inputs, max_new_tokens=6, do_sample=False, assistant_model=rejected_draft)
 
 
+@pytest.mark.parametrize("name", ["visionzip", "full"])
+def test_assisted_decoding_of_a_left_padded_gemma_prompt_equals_greedy(name):
+    """Gemma 3's base model hands its language model one mask per layer type, not the 2-D mask, and
+    a left-padded row's positions start after its padding: only the base model's 2-D mask (as wide
+    as the unreduced cache plus the chunk) tells a drafted chunk from a resent prompt there. Assisted
+    decoding of one left-padded row (a draft with the model's own weights) gives greedy decoding's
+    tokens under a vision-side method and under ``full``. Catches a check that reads the language
+    model's mask only (the half of an earlier fix): the positions, 16 short of the mask's width,
+    read as a resent prompt and every drafted chunk was refused ("pass the whole conversation
+    again without past_key_values")."""
+    family = FAMILIES["gemma3"]
+    model, draft = family.model(), family.build()
+    batch = family.batch(model)
+    inputs = {key: batch[key][:1] for key in ("input_ids", "attention_mask", "token_type_ids")}
+    inputs["pixel_values"] = batch["pixel_values"][:1]  # row 0 holds one image
+    assert not inputs["attention_mask"][0, 0], "the premise: the row is left-padded"
+    chunks = []  # (cached tokens, new tokens) of each language-model forward on a cache
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: chunks.append((cache_of(kw).get_seq_length(), kw["inputs_embeds"].shape[1])),
+        with_kwargs=True)
+    reducer = duet_vlm.make(name, ratio=0.5) if name != "full" else duet_vlm.make("full")
+    try:
+        with torch.no_grad(), reducer(model):
+            greedy = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+            chunks.clear()
+            assisted = model.generate(**inputs, max_new_tokens=6, do_sample=False, assistant_model=draft)
+    finally:
+        handle.remove()
+    assert any(cached > 0 and new > 1 for cached, new in chunks), "the premise: drafted chunks ran on the cache"
+    assert torch.equal(assisted, greedy)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_a_second_turn_on_the_cache(model, name):
     inputs = make_inputs(model, seed=4)
@@ -103,9 +138,18 @@ def test_a_static_cache_runs_under_full_exactly(family_name):
     on every family, one row and a padded batch (the same tokens and logits at every step), and its
     statistics count every item whole. generate builds the layers' masks itself there (4-D, or one
     per layer type), so the prefill is left to the model (``prefill.WholeItems``); before, every
-    family but LLaVA-1.5's, and any padded batch, failed on the mask (found by ``duet-vlm check``)."""
+    family but LLaVA-1.5's, and any padded batch, failed on the mask (found by ``duet-vlm check``).
+    A family the installed transformers is too old for (``compat.FAMILY_NEEDS``) is refused at
+    attach, naming the release it needs, and the model is left as it was."""
     family = FAMILIES[family_name]
     model = family.model()
+    needed = release_needed(model)
+    if needed is not None:
+        hooks = hook_ids(model)
+        with pytest.raises(TypeError, match=f"transformers {re.escape(needed)} or newer"):
+            duet_vlm.make("full").attach(model)
+        assert hook_ids(model) == hooks
+        return
     batch = family.batch(model)
     kwargs = dict(max_new_tokens=3, do_sample=False, cache_implementation="static", output_logits=True,
                   return_dict_in_generate=True)

@@ -497,3 +497,49 @@ def family_on(family, dtype: torch.dtype, device: str = "cpu", attn: str | None 
         model(**moved(family.one(model)))
     batch = moved(family.batch(model))
     return model, batch, [family.row(batch, b) for b in range(batch["input_ids"].shape[0])]
+
+
+def near_tied_differences(own: tuple, theirs: tuple, has_cls: bool) -> dict[str, list]:
+    """Where two engines' vision stages chose differently from their own scores, the tokens that
+    differ, by role: each must be near-tied, or the check fails.
+
+    ``own`` and ``theirs``: ``(scores (U, P), {role: (U, k) token indices})`` of one item, each
+    engine's scores and the roles its stage returned (``"kept"`` among them). The two kernels'
+    measured difference is ``delta``, the largest ``|own - theirs|`` over the item's scores, which must
+    itself be float32 accumulation (at most 1e-4 of the largest score; the tiny models' towers give
+    up to 3e-5: another order of summation over hundreds of keys). A role that is a ranking by score
+    (its tokens are the top ``k`` of ``own``'s scores: DUET's dominant tokens, VisionZip's) may
+    differ only in tokens whose scores lie within ``2 * delta`` of the role's cut, the midpoint
+    between its ``k``-th and ``k+1``-th best scores, under either engine's scores; a role that ranks
+    nothing by score (clusters, merges) is not judged here: the selection on identical inputs
+    (the Hugging Face path fed vLLM's scores) is exact, and that is compared separately. Returns
+    ``{role: differing tokens}`` (empty where both engines agree)."""
+    own_scores, own_roles = own
+    their_scores, their_roles = theirs
+    own_scores, their_scores = own_scores.float().cpu(), their_scores.float().cpu()
+    assert own_scores.shape == their_scores.shape, (own_scores.shape, their_scores.shape)
+    delta = (own_scores - their_scores).abs().max().item()
+    rounding = 1e-4 * their_scores.abs().max().item()
+    assert delta <= rounding, f"the engines' scores differ by {delta:.3g}, beyond float32 accumulation ({rounding:.3g})"
+    cls = int(has_cls)
+    differing: dict[str, list] = {}
+    for role in sorted(set(own_roles) | set(their_roles)):
+        mine, yours = own_roles[role].cpu(), their_roles[role].cpu()
+        for unit in range(own_scores.shape[0]):
+            a = {int(t) for t in mine[unit].reshape(-1).tolist() if t >= cls}
+            b = {int(t) for t in yours[unit].reshape(-1).tolist() if t >= cls}
+            if a == b:
+                continue
+            k = len(a)
+            order = own_scores[unit].argsort(descending=True)
+            if {int(p) + cls for p in order[:k].tolist()} != a or k >= order.numel():
+                continue  # not a ranking by score
+            cut = (own_scores[unit, order[k - 1]] + own_scores[unit, order[k]]).item() / 2
+            for token in sorted(a ^ b):
+                gap = min(abs(own_scores[unit, token - cls].item() - cut), abs(their_scores[unit, token - cls].item() - cut))
+                assert gap <= 2 * delta, (
+                    f"{role}: token {token} of unit {unit} is chosen by one engine only, {gap:.3g} from the cut, "
+                    f"beyond the engines' measured difference ({delta:.3g})"
+                )
+            differing.setdefault(role, []).extend(sorted(a ^ b))
+    return differing

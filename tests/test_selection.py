@@ -105,3 +105,32 @@ def test_top_k_in_order(values, data):
     chosen = top_k_in_order(torch.tensor(values, dtype=torch.float64), k).tolist()
     assert chosen == sorted(chosen) and len(chosen) == k
     assert sorted(chosen) == sorted(sorted(range(len(values)), key=lambda i: -values[i])[:k])
+
+
+def test_engines_may_choose_differently_only_where_their_scores_are_near_tied():
+    """``checks.near_tied_differences``, the cross-engine contract of tests/test_vllm.py: two
+    engines whose scores differ by float32 rounding may choose differently only at a near-tie of
+    the cut (named), and a choice away from the cut, or scores further apart than float32
+    accumulation, fail."""
+    from checks import near_tied_differences
+
+    torch.manual_seed(0)
+    own = torch.rand(1, 40) + 0.5
+    order = own[0].argsort(descending=True)
+    k = 10
+    at, below = int(order[k - 1]), int(order[k])
+    own[0, below] = torch.nextafter(own[0, at], torch.tensor(0.0))  # one ulp below the cut under one engine
+    theirs = own.clone()
+    theirs[0, below] = torch.nextafter(own[0, at], torch.tensor(2.0))  # one ulp above under the other
+
+    def top(scores):
+        return {"dominant": scores.argsort(dim=-1, descending=True, stable=True)[:, :k] + 1}  # CLS first
+
+    assert near_tied_differences((own, top(own)), (theirs, top(theirs)), has_cls=True) == {"dominant": sorted([at + 1, below + 1])}
+    assert near_tied_differences((own, top(own)), (own, top(own)), has_cls=True) == {}
+    far = top(theirs)["dominant"].clone()
+    far[0, 0] = int(order[-1]) + 1  # the lowest-scored patch instead of the best
+    with pytest.raises(AssertionError, match="chosen by one engine only"):
+        near_tied_differences((own, top(own)), (theirs, {"dominant": far}), has_cls=True)
+    with pytest.raises(AssertionError, match="beyond float32 accumulation"):
+        near_tied_differences((own, top(own)), (own * 1.001, top(own)), has_cls=True)

@@ -55,6 +55,7 @@ from duet_vlm.tiny.checkpoints import (  # noqa: E402
     write_qwen_vl,
 )
 from duet_vlm.integrations.vllm.options import RefusedMethod  # noqa: E402
+from checks import near_tied_differences  # noqa: E402
 
 NEW_TOKENS = 6
 PROMPT = "USER: <image>\nwhat colour is the shape on the left? ASSISTANT:"
@@ -222,7 +223,7 @@ def _nothing():
 
 def vllm_run(llm, processor, pictures, request_options=None):
     """Greedy tokens, their log-probabilities and the kept indices of each picture, under vLLM."""
-    select.TRACE = []
+    select.TRACE, select.VIEWS = [], []
     prompts = []
     for i, picture in enumerate(pictures):
         prompt = {"prompt_token_ids": vllm_prompt(hf_inputs(processor, picture), processor), "multi_modal_data": {"image": picture}}
@@ -235,8 +236,9 @@ def vllm_run(llm, processor, pictures, request_options=None):
         outputs = llm.generate(prompts, params, use_tqdm=False)
         kept = [reduction.kept.cpu() for reduction in select.TRACE]
         roles = [{k: v.cpu() for k, v in reduction.roles.items()} for reduction in select.TRACE]
+        vllm_run.stages = list(zip(select.VIEWS, select.TRACE))
     finally:
-        select.TRACE = None
+        select.TRACE = select.VIEWS = None
     results = []
     for output in outputs:
         completion = output.outputs[0]
@@ -534,9 +536,10 @@ def test_methods_pruning_inside_the_language_model_are_refused(saved_llava, meth
 
 # --------------------------------------------------------------- dropping inside the language model (Stage B)
 #: what a server that drops inside the language model runs with (``language.check_engine``): duet-vlm's
-#: worker, every prompt in one step.
+#: worker, scheduler and refusals, every prompt in one step.
 LANGUAGE = {"worker_cls": "duet_vlm.integrations.vllm.language.DuetWorker", "enable_chunked_prefill": False,
-            "scheduler_cls": "duet_vlm.integrations.vllm.memory.DuetScheduler", "max_num_batched_tokens": 2048}
+            "scheduler_cls": "duet_vlm.integrations.vllm.memory.DuetScheduler", "max_num_batched_tokens": 2048,
+            "logits_processors": ["duet_vlm.integrations.vllm.refusals:RefusePromptLogprobs"], "mm_processor_cache_gb": 0}
 
 
 @pytest.fixture(scope="module")
@@ -616,11 +619,20 @@ def test_qwen_language_stages_served_equal_the_hugging_face_path(saved_qwen_deep
     check_language_equals_hf(saved_qwen_deep, method, budget, [image(13, (392, 336)), image(14, (280, 336))])
 
 
-def test_families_not_served_yet_refuse_dropping_inside_the_language_model_at_start(tmp_path):
-    """A family the plugin does not drop in yet (Gemma 4: its sliding windows) refuses FastV at
-    start, even with duet-vlm's worker, and says where it is served."""
-    folder = write_gemma4(tmp_path / "gemma4", head_dim=32, image_blocks=False)
+@pytest.mark.parametrize("kind,says", [("gemma4", "Gemma 4 is not served with dropping inside the language model: its sliding-window layers"),
+                                       ("qwen3_5", "Qwen3.5 is not served with dropping inside the language model: its Gated-DeltaNet")])
+def test_families_not_served_yet_refuse_dropping_inside_the_language_model_at_start(tmp_path, kind, says):
+    """A family the plugin does not drop in yet (Gemma 4: its sliding windows; Qwen3.5: its linear
+    attention) refuses FastV at start: with duet-vlm's worker given, naming the family and why (not
+    asking for the worker it has); without it, saying where dropping is served."""
+    if kind == "gemma4":
+        folder = write_gemma4(tmp_path / kind, head_dim=32, image_blocks=False)
+    else:
+        folder = write_qwen_vl(tmp_path / kind, kind=kind)
     chain = [str(e) for e in refused_at_start(folder, {"duet_method": "fastv", "duet_budget": 20}, **LANGUAGE)]
+    assert any(says in e for e in chain), chain
+    assert not any("--worker-cls" in e for e in chain), chain
+    chain = [str(e) for e in refused_at_start(folder, {"duet_method": "fastv", "duet_budget": 20})]
     assert any("on LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and InternVL" in e
                for e in chain), chain
 
@@ -725,22 +737,123 @@ def test_qwen3_vl_videos_dropping_inside_the_language_model_equal_the_hugging_fa
     assert len(drops) == 1 and list(drops[0].dropped) == [held[0] - h for h in held], (drops, held)
 
 
+# ------------------------------------------------------------------ equal across engines (docs/serving.md)
+# A vision stage chooses by scores that vLLM's tower kernels and transformers' compute with float32
+# rounding of their own: two patches one ulp apart under one engine can be tied under the other (seen
+# on an AVX-512 CPU), and one patch then swaps. So the selection is compared on identical inputs (the
+# Hugging Face path fed the scores and keys vLLM's tower computed: everything after them must be
+# exact), and each engine's own choice separately: they may differ only in near-tied tokens
+# (``checks.near_tied_differences``).
+@contextmanager
+def hf_vision(feed: list | None = None):
+    """The Hugging Face path's vision-stage calls in the block, recorded (the yielded list of
+    ``(view, reduction)``); with ``feed`` (views vLLM's stages reduced, ``select.VIEWS``, one per
+    call, in order) each call reads vLLM's scores and keys instead of its own."""
+    from unittest import mock
+
+    from duet_vlm.runtime import vision as hf_side
+
+    calls = []
+    known = hf_side.apply_vision_stage
+
+    def apply(stage, view, keep, units):
+        if feed is not None:
+            theirs = feed[len(calls)]
+            assert theirs.cls_attention.shape == view.cls_attention.shape and theirs.keys.shape == view.keys.shape
+            view = dataclasses.replace(
+                view, cls_attention=theirs.cls_attention.to(view.cls_attention), keys=theirs.keys.to(view.keys),
+                attention={layer: theirs.attention[layer].to(scores) for layer, scores in view.attention.items()},
+            )
+        applied = known(stage, view, keep, units)
+        calls.append((view, applied.reduction))
+        return applied
+
+    with mock.patch.object(hf_side, "apply_vision_stage", apply):
+        yield calls
+
+
+def roles_of(reduction) -> dict:
+    return {"kept": reduction.kept, **reduction.roles}
+
+
+def hf_language_reference(model, processor, picture, reducer, stage=None):
+    """``hf_language_run`` against a vLLM run whose vision stage reduced ``stage`` (``(view,
+    reduction)`` from ``vllm_run.stages``; ``None``: no vision stage): run fed vLLM's scores and keys,
+    its vision stage's choice equal to vLLM's (kept tokens and every role); then, on its own scores,
+    any other choice only in near-tied tokens."""
+    with hf_vision(None if stage is None else [stage[0]]) as fed:
+        reference = hf_language_run(model, processor, picture, reducer)
+    if stage is None:
+        assert fed == []
+        return reference
+    (_, ours), = fed
+    theirs = stage[1]
+    assert set(roles_of(ours)) == set(roles_of(theirs))
+    for role, ids in roles_of(ours).items():
+        assert torch.equal(ids.cpu(), roles_of(theirs)[role].cpu()), (role, ids, roles_of(theirs)[role])
+    with hf_vision() as own:
+        hf_language_run(model, processor, picture, reducer)
+    (view, mine), = own
+    near_tied_differences((view.cls_attention, roles_of(mine)), (stage[0].cls_attention, roles_of(theirs)), view.has_cls)
+    return reference
+
+
+def vision_stages(pictures, dropping=None) -> list:
+    """``vllm_run.stages`` laid out per picture (``None`` for a picture no vision stage reduced;
+    ``dropping``: the pictures whose requests reduce, in order, all by default)."""
+    stages = vllm_run.stages
+    if not stages:
+        return [None] * len(pictures)
+    dropping = list(range(len(pictures))) if dropping is None else dropping
+    assert len(stages) == len(dropping), (len(stages), dropping)
+    laid = [None] * len(pictures)
+    for i, stage in zip(dropping, stages):
+        laid[i] = stage
+    return laid
+
+
 def check_language_equals_hf(saved, method: str, budget: int, pictures) -> None:
     """A server dropping inside the language model by ``method`` at ``budget`` against the Hugging
-    Face path, picture by picture: kept ids at every boundary, tokens, log-probabilities, prompt length."""
+    Face path, picture by picture: kept ids at every boundary, tokens, log-probabilities, prompt
+    length; a vision stage's choice on identical inputs (``hf_language_reference``)."""
+    from unittest import mock
+
+    from duet_vlm.integrations.vllm import memory
+
     folder, model, processor = saved
     reducer = duet_vlm.make(method, budget=budget)
-    references, counts = [], []
-    for picture in pictures:
-        references.append(hf_language_run(model, processor, picture, reducer))
-        counts.append(reducer.stats.llm_input_tokens)
-    with engine(folder, {"duet_method": method, "duet_budget": budget}, **LANGUAGE) as llm:
-        results, kept = language_run(llm, processor, pictures)
-    assert len(kept) == 2
-    for picture, (reference, hf_kept), result, vllm_kept, count in zip(pictures, references, results, kept, counts):
-        assert result[2] == served_length(processor, picture, count)
+    drops = []  # what the scheduler learns each request drops in each layer
+    known = memory.request_drops
+    memory.STATS = {}
+    try:
+        with mock.patch.object(memory, "request_drops", lambda *args: drops.append(known(*args)) or drops[-1]):
+            with engine(folder, {"duet_method": method, "duet_budget": budget}, **LANGUAGE) as llm:
+                results, kept = language_run(llm, processor, pictures)
+        stats = dict(memory.STATS)
+    finally:
+        memory.STATS = None
+    assert len(kept) == len(drops) == 2
+    groups = [[int(name.split(".layers.")[1].split(".")[0]) for name in group] for group in stats["groups"]]
+    blocks = {int(request.split("-")[0]): held for request, held in stats["blocks"].items()}
+    for i, (picture, result, vllm_kept, stage) in enumerate(zip(pictures, results, kept, vision_stages(pictures))):
+        reference, hf_kept = hf_language_reference(model, processor, picture, reducer, stage)
+        assert result[2] == served_length(processor, picture, reducer.stats.llm_input_tokens)
         assert_same_drops(hf_kept, vllm_kept)
         assert_same(reference, result, None)
+        check_blocks(reducer.stats.items[0].tokens_per_layer, result[2], drops[i], groups, blocks[i], stats["block_size"])
+
+
+def check_blocks(held: list, prompt: int, drops, groups: list, blocks: list, block_size: int) -> None:
+    """A request's drops and blocks as the Hugging Face path's plan has them: ``held`` (its item's
+    tokens in each decoder layer), a prompt of ``prompt`` tokens; what the scheduler learned it
+    drops (``drops``, ``memory.request_drops``: per layer, the item's tokens less those held; not
+    its run's structural tokens, InternVL's ``<img>`` and ``</img>``), and in each KV-cache group
+    (``groups``: the layers of each) the blocks for the most tokens a layer of it holds (the text,
+    the kept tokens, the tokens generated but the last)."""
+    assert list(drops.dropped) == [held[0] - h for h in held[: len(drops.dropped)]], (drops, held)
+    text = prompt - held[0]
+    expected = [-(-(text + max(held[layer] for layer in group) + NEW_TOKENS - 1) // block_size) for group in groups]
+    assert blocks == expected, (blocks, expected)
 
 
 @pytest.mark.parametrize("method,budgets", [("fastv", [160, 250, 400, 1000]), ("duet", [1000, 250, 160, 100])])
@@ -889,16 +1002,16 @@ def check_batch_equals_each_alone(saved, method: str, budgets: list[int], pictur
     """Requests at ``budgets`` (one above the pictures' ``visual`` tokens: unreduced) in one engine
     whose step fits two unreduced prompts, each against its own Hugging Face run."""
     folder, model, processor = saved
-    references = []
-    for picture, budget in zip(pictures, budgets):
-        reducer = duet_vlm.make(method, budget=budget) if budget < visual else None
-        references.append(hf_language_run(model, processor, picture, reducer) if reducer else
-                          (hf_run(model, processor, picture, None), []))
     length = served_length(processor, pictures[0], visual)
     settings = {**LANGUAGE, "max_num_batched_tokens": 2 * length + 8, "max_model_len": 2 * length + 8}
     with engine(folder, {"duet_method": method, "duet_budget": min(budgets)}, **settings) as llm:
         results, kept = language_run(llm, processor, pictures, [{"duet_budget": b} for b in budgets])
     dropping = [i for i, budget in enumerate(budgets) if budget < visual]
+    references = []
+    for picture, budget, stage in zip(pictures, budgets, vision_stages(pictures, dropping)):
+        reducer = duet_vlm.make(method, budget=budget) if budget < visual else None
+        references.append(hf_language_reference(model, processor, picture, reducer, stage) if reducer else
+                          (hf_run(model, processor, picture, None), []))
     assert len(kept) == len(dropping) == 3
     for i, vllm_kept in zip(dropping, kept):
         assert_same_drops(references[i][1], vllm_kept)
@@ -1022,6 +1135,7 @@ def test_a_prompt_that_drops_waits_whole_where_its_image_does_not_fit_the_encode
      "--scheduler-cls duet_vlm.integrations.vllm.memory.DuetScheduler"),
     ({**LANGUAGE, "enable_prefix_caching": True}, "prefix caching is on"),
     ({**LANGUAGE, "enable_chunked_prefill": True}, "chunked prefill is on"),
+    ({**LANGUAGE, "logits_processors": None}, "--logits-processors duet_vlm.integrations.vllm.refusals:RefusePromptLogprobs"),
 ])
 def test_a_server_that_cannot_drop_exactly_is_refused_at_start(saved_llava_deep, settings, message):
     folder, _, _ = saved_llava_deep
@@ -1034,7 +1148,8 @@ def test_stages_not_served_yet_are_refused_at_start_by_name(saved_llava_deep, me
     folder, _, _ = saved_llava_deep
     server = {"duet_method": method, "duet_budget": 200, **({"duet_options": json.dumps(options)} if options else {})}
     chain = [str(e) for e in refused_at_start(folder, server, **LANGUAGE)]
-    assert any("is not served under vLLM yet" in e for e in chain), chain
+    assert any(f"duet_method '{method}' drops inside the language model" in e and "is not served under vLLM yet" in e
+               for e in chain), chain
 
 
 def check_equals_hf(saved, method: str, budget: int, pictures) -> None:
@@ -1797,3 +1912,68 @@ def test_openai_server_answers_with_per_request_budgets(saved_llava, tmp_path):
                 client.chat.completions.create(
                     model="tiny", messages=messages[0], max_tokens=NEW_TOKENS, extra_body={"mm_processor_kwargs": bad}
                 )
+
+
+def test_prompt_logprobs_are_refused_per_request_where_tokens_drop_inside_the_language_model(saved_llava_deep, tmp_path):
+    """A dropped token has no output row (it leaves the model as zeros), so its prompt
+    log-probability would be made up (``-ln(vocab)`` on every dropped row): a server that drops
+    inside the language model refuses ``prompt_logprobs`` per request, offline with the reason and
+    over HTTP with a 400 naming it, and keeps serving; the generated tokens' ``logprobs`` are served
+    and equal the Hugging Face path's."""
+    openai = pytest.importorskip("openai")
+    folder, model, processor = saved_llava_deep
+    picture = image(3)
+    reference, _ = hf_language_run(model, processor, picture, duet_vlm.make("fastv", budget=200))
+    prompt = {"prompt_token_ids": vllm_prompt(hf_inputs(processor, picture)), "multi_modal_data": {"image": picture}}
+    message = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(picture)}},
+                                            {"type": "text", "text": "what colour is the shape on the left?"}]}]
+    with openai_server(folder, ["--method", "fastv", "--budget", "200"], tmp_path) as client:
+        with pytest.raises(openai.BadRequestError, match="prompt_logprobs are not served"):
+            client.chat.completions.create(model="tiny", messages=message, max_tokens=2,
+                                           extra_body={"prompt_logprobs": 1})
+        reply = client.chat.completions.create(model="tiny", messages=message, max_tokens=2, logprobs=True)
+    assert len(reply.choices[0].logprobs.content) == 2
+    with engine(folder, {"duet_method": "fastv", "duet_budget": 200}, **LANGUAGE) as llm:
+        from vllm.exceptions import VLLMValidationError  # what vLLM makes of a refusal: a 400 on a server
+
+        with pytest.raises(VLLMValidationError, match="prompt_logprobs are not served on a server that drops"):
+            llm.generate([prompt], SamplingParams(max_tokens=2, prompt_logprobs=1), use_tqdm=False)
+        (result,), _ = vllm_run(llm, processor, [picture])  # still serving
+    assert_same(reference, result, None)
+
+
+def test_scores_read_a_layers_inputs_on_copies_where_its_norm_writes_into_them(saved_llava_deep):
+    """vLLM's fused add-and-norm kernel writes its outputs into its inputs on GPUs (the residual sum
+    into the residual, the normed states into the states); the CPU's native norm does not. With
+    every decoder layer's input norm made to write in place as the GPU kernel does, DUET's language
+    stage (scored with the boundary layer's own norm and projections, on its inputs) keeps the
+    Hugging Face path's tokens and answers as it does: the scorer ran on copies, and the layer
+    itself on the inputs it was given."""
+    folder, model, processor = saved_llava_deep
+    pictures = [image(31), image(32)]
+    reducer = duet_vlm.make("duet", budget=200)
+    references = [hf_language_run(model, processor, picture, reducer) for picture in pictures]
+    written = []
+
+    def in_place(module, args, kwargs, output):
+        x, residual = (list(args) + [kwargs.get("residual")])[:2] if len(args) < 2 else args[:2]
+        if residual is None or not isinstance(output, tuple):
+            return None
+        x.copy_(output[0])
+        residual.copy_(output[1])
+        written.append(module)
+        return x, residual
+
+    with engine(folder, {"duet_method": "duet", "duet_budget": 200}, **LANGUAGE) as llm:
+        runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+        layers = runner.model.language_model.model.layers
+        handles = [layer.input_layernorm.register_forward_hook(in_place, with_kwargs=True) for layer in layers]
+        try:
+            results, kept = language_run(llm, processor, pictures)
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert written  # the norms wrote into their inputs
+    for (reference, hf_kept), result, vllm_kept in zip(references, results, kept):
+        assert_same_drops(hf_kept, vllm_kept)
+        assert_same(reference, result, None)

@@ -183,8 +183,9 @@ def test_a_server_that_serves_language_stages_takes_fastv_and_names_what_it_cann
         check_stage(language_plan_for(Settings.read({"duet_method": method, "duet_budget": 400}, language=True), 400, LLAVA))
     for method in ("pio",):
         other = Settings.read({"duet_method": method, "duet_budget": 64}, language=True)
-        with pytest.raises(StageNotServed, match="is not served under vLLM yet"):
-            check_stage(language_plan_for(other, 64, LLAVA))
+        with pytest.raises(StageNotServed, match=f"duet_method '{method}' drops inside the language model by its "
+                                                 "SaliencyNMSPrune, which is not served under vLLM yet"):
+            check_stage(language_plan_for(other, 64, LLAVA), method)
     assert request_plan([(5, 576, None)], prompt=600) is None
 
 
@@ -201,20 +202,26 @@ def test_the_engine_check_names_each_setting_it_refuses_and_accepts_every_worker
     from types import SimpleNamespace
 
     from duet_vlm.integrations.vllm.language import StageNotServed, check_engine
-    from duet_vlm.integrations.vllm.options import SCHEDULER, WORKERS
+    from duet_vlm.integrations.vllm.options import REFUSALS, SCHEDULER, WORKERS
 
-    def config(worker=WORKERS[0], **parallel):
+    def config(worker=WORKERS[0], logits_processors=(REFUSALS,), lora_config=None, **parallel):
         return SimpleNamespace(
             parallel_config=SimpleNamespace(**{"worker_cls": worker, "pipeline_parallel_size": 1,
                                                "tensor_parallel_size": 1, **parallel}),
             scheduler_config=SimpleNamespace(scheduler_cls=SCHEDULER, enable_chunked_prefill=False),
-            cache_config=SimpleNamespace(enable_prefix_caching=False), model_config=SimpleNamespace(enforce_eager=True),
-            speculative_config=None, lora_config=None, kv_transfer_config=None)
+            cache_config=SimpleNamespace(enable_prefix_caching=False),
+            model_config=SimpleNamespace(enforce_eager=True, logits_processors=list(logits_processors)),
+            speculative_config=None, lora_config=lora_config, kv_transfer_config=None)
 
     for worker in WORKERS:
         check_engine(config(worker))
     with pytest.raises(StageNotServed) as refused:
-        check_engine(config("vllm.v1.worker.gpu_worker.Worker", decode_context_parallel_size=2, enable_dbo=True))
+        check_engine(config("vllm.v1.worker.gpu_worker.Worker", decode_context_parallel_size=2, enable_dbo=True,
+                            logits_processors=(), lora_config=SimpleNamespace(max_loras=1)))
     message = str(refused.value)
     assert "--worker-cls duet_vlm.integrations.vllm.language.DuetWorker" in message
     assert "context parallelism is on" in message and "dual-batch overlap is on" in message
+    assert f"--logits-processors {REFUSALS}" in message and "LoRA is on" in message
+    for one in ({"lora_config": SimpleNamespace(max_loras=1)}, {"logits_processors": ()}):  # each alone is refused
+        with pytest.raises(StageNotServed, match="LoRA is on|--logits-processors"):
+            check_engine(config(**one))

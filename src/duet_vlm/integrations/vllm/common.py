@@ -355,16 +355,23 @@ class DuetModelMixin:
     #: duet-vlm's worker; a family says where its items' geometry and its decoder layers are
     #: (``language_geometry``, ``text_model``).
     serves_language = False
+    #: where it does not: why, said to a server started with duet-vlm's worker (``family`` names it).
+    language_refusal = "its language model is not one the plugin drops in yet"
 
     def read_settings(self, vllm_config) -> Settings:
         """The server's options (``self.duet``). With duet-vlm's worker, on a family that serves
         them, methods that drop inside the language model are served (``setup_language``); elsewhere
-        they are refused."""
+        they are refused (with the worker given, naming the family and why it is not served)."""
         from .language import WORKERS
 
-        served = self.serves_language and getattr(vllm_config.parallel_config, "worker_cls", None) in WORKERS
+        worker = getattr(vllm_config.parallel_config, "worker_cls", None) in WORKERS
+        served = self.serves_language and worker
+        not_served = None
+        if worker and not self.serves_language:
+            family = getattr(self, "family", None) or type(self).__name__.removeprefix("Duet").removesuffix("ForConditionalGeneration")
+            not_served = f"{family} is not served with dropping inside the language model: {self.language_refusal}"
         self._duet_model_config = vllm_config.model_config
-        self.duet = Settings.read(server_options(vllm_config.model_config), language=served)
+        self.duet = Settings.read(server_options(vllm_config.model_config), language=served, not_served=not_served)
         if self.duet.active and served:
             self.setup_language(vllm_config)
         return self.duet
@@ -383,7 +390,7 @@ class DuetModelMixin:
             settings = self.duet.choose(index)
             plan = language_plan_for(settings, geometry.visual_tokens // 2, geometry)
             if plan is not None:
-                check_stage(plan)
+                check_stage(plan, settings.method)
                 drops = True
                 boundaries.update(layer for layer, _ in plan.schedule.boundaries)
         if drops:

@@ -91,6 +91,12 @@ class DuetGemma3MultiModalProcessor(DuetProcessorMixin, Gemma3MultiModalProcesso
 class DuetGemma3ForConditionalGeneration(DuetTowerMixin, Gemma3ForConditionalGeneration):
     """vLLM's Gemma 3 with duet-vlm's vision-side reduction of its images."""
 
+    family = "Gemma 3"
+    language_refusal = (
+        "its sliding-window layers count a window in positions of vLLM's cache, which would hold the kept tokens "
+        "only, where transformers counts it in the prompt's positions (the two agree only on prompts shorter than "
+        "the window), and its image blocks' bidirectional ranges would have to move with the kept tokens"
+    )
     chooses_projected = True
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:

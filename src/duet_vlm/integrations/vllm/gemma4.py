@@ -80,6 +80,12 @@ class DuetGemma4MultiModalProcessor(DuetProcessorMixin, Gemma4MultiModalProcesso
 class DuetGemma4ForConditionalGeneration(DuetTowerMixin, Gemma4ForConditionalGeneration):
     """vLLM's Gemma 4 with duet-vlm's vision-side reduction of images in ``embed_multimodal``."""
 
+    family = "Gemma 4"
+    language_refusal = (
+        "its sliding-window layers count a window in positions of vLLM's cache, which would hold the kept tokens "
+        "only, where transformers counts it in the prompt's positions (the two agree only on prompts shorter than "
+        "the window), and its image blocks' bidirectional ranges would have to move with the kept tokens"
+    )
     tower_types = ("gemma4_vision",)
     chooses_projected = True
 

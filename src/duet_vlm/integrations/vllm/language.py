@@ -52,7 +52,7 @@ import torch
 from ...adapters.scheme import visual_attention
 from ...plan import LayerView, Plan, Selection
 from ...runtime.boundary import drops_all
-from .options import SCHEDULER, WORKER, WORKERS, RefusedMethod, embedded_runs
+from .options import REFUSALS, SCHEDULER, WORKER, WORKERS, RefusedMethod, embedded_runs
 
 #: when a list (tests, with vLLM's engine in their process): each boundary's choice is appended as
 #: ``(request id, layer, item, ids)``, ``ids`` the kept tokens' indices into the item's visual block
@@ -64,8 +64,9 @@ class StageNotServed(RefusedMethod):
     """A language-side stage, or an engine setting, that this plugin cannot serve exactly."""
 
 
-def check_stage(plan: Plan) -> None:
-    """Refuse a plan whose language stage this plugin cannot serve yet, naming why."""
+def check_stage(plan: Plan, method: str | None = None) -> None:
+    """Refuse a plan whose language stage this plugin cannot serve yet, naming the ``method`` the
+    server was asked for (where known) and why."""
     from ...methods.dart import DuplicationPrune
     from ...methods.duet import TextGuidedPrune
     from ...methods.holitom import SimilarityMerge
@@ -79,8 +80,10 @@ def check_stage(plan: Plan) -> None:
     served = (LastTokenAttention, LastInstructionAttention, TextGuidedPrune, DuplicationPrune, UniformRandomPrune,
               TextRaterPrune, SimilarityMerge)
     if type(stage) not in served or getattr(stage, "query", "text") not in ("text", "last"):
+        asked = f"duet_method {method!r} drops inside the language model by its {type(stage).__name__}, which" if method else \
+            f"{type(stage).__name__} (a stage that drops inside the language model)"
         raise StageNotServed(
-            f"{type(stage).__name__} (a stage that drops inside the language model) is not served under vLLM yet: "
+            f"{asked} is not served under vLLM yet: "
             "the plugin serves stages that read a decoder layer's queries and keys, its states or nothing: FastV's "
             "LastTokenAttention, PyramidDrop's and VScan's LastInstructionAttention, DUET's TextGuidedPrune (query "
             "'text' or 'last'), DART's DuplicationPrune, random_horizon's UniformRandomPrune, SparseVLM's "
@@ -111,6 +114,11 @@ def check_engine(vllm_config) -> None:
         problems.append("context parallelism is on (its own block tables and slots)")
     if getattr(parallel, "enable_dbo", False):
         problems.append("dual-batch overlap is on (--enable-dbo: the runner builds its metadata per micro-batch)")
+    named = [p if isinstance(p, str) else f"{p.__module__}:{p.__qualname__}"
+             for p in (getattr(vllm_config.model_config, "logits_processors", None) or ())]
+    if REFUSALS not in named:
+        problems.append(f"start the server with --logits-processors {REFUSALS} (it refuses prompt_logprobs, which a "
+                        "dropped token cannot answer, with a 400)")
     if vllm_config.lora_config is not None:
         problems.append("LoRA is on")
     if vllm_config.kv_transfer_config is not None:

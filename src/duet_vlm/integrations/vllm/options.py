@@ -56,8 +56,15 @@ WORKERS = (WORKER, "duet_vlm.integrations.vllm.language.DuetCPUWorker",
 SCHEDULER = "duet_vlm.integrations.vllm.memory.DuetScheduler"
 #: vLLM's engine settings (``EngineArgs``' names) such a server runs with (``language.check_engine``):
 #: duet-vlm's worker and scheduler, every prompt in one step, no prefix cache, eager.
+#: the logits processors it names (``--logits-processors``), whose per-request check refuses what a
+#: dropping request cannot answer (``refusals``: ``prompt_logprobs``).
+REFUSALS = "duet_vlm.integrations.vllm.refusals:RefusePromptLogprobs"
+#: ... and no multimodal processor cache (``--mm-processor-cache-gb 0``): vLLM 0.32 checks a request's
+#: parameters after its images were processed, and a request refused there leaves its images in the
+#: front end's cache but not in the engine's, so the next request with the same image fails (a 500).
 LANGUAGE_SETTINGS = {"worker_cls": WORKER, "scheduler_cls": SCHEDULER, "enable_chunked_prefill": False,
-                     "enable_prefix_caching": False, "enforce_eager": True}
+                     "enable_prefix_caching": False, "enforce_eager": True, "logits_processors": [REFUSALS],
+                     "mm_processor_cache_gb": 0}
 
 #: what a request may set on a server with ``duet_allow``.
 REQUEST_KEYS = ("duet_method", "duet_budget", "duet_ratio")
@@ -89,14 +96,15 @@ class Settings:
     allow: tuple = ()
     server_method: str | None = None
     language: bool = False
+    not_served: str | None = None  # where the family refuses dropping inside the language model: why
 
     @classmethod
     def read(cls, server: Mapping[str, object] | None, request: Mapping[str, object] | None = None,
-             language: bool = False) -> "Settings":
+             language: bool = False, not_served: str | None = None) -> "Settings":
         """The server's options (``--mm-processor-kwargs``) with a request's budget or ratio over them.
         A request may name another method only if the server allows it (``duet_allow``). ``language``:
         methods that drop inside the language model are served (``language.LanguageStages``), else
-        refused."""
+        refused (``not_served``: the family's reason, where duet-vlm's worker was given)."""
         server, request = dict(server or {}), dict(request or {})
         method = server.get("duet_method")
         allow = parse_allow(server.get("duet_allow"))
@@ -143,9 +151,9 @@ class Settings:
             raise ValueError(f"duet_method={method!r} needs one of duet_budget or duet_ratio")
         if not request:  # the server's own settings: every method it allows runs here
             for name in allow:
-                cls(name, budget, ratio, language=language).reducer()
+                cls(name, budget, ratio, language=language, not_served=not_served).reducer()
         method = chosen if chosen is not None else method
-        settings = cls(method, budget, ratio, options, allow, server.get("duet_method"), language)
+        settings = cls(method, budget, ratio, options, allow, server.get("duet_method"), language, not_served)
         settings.reducer()  # the method exists and takes these settings, and runs before the language model
         return settings
 
@@ -200,7 +208,7 @@ class Settings:
             )
         check_options(self.method, self.options)
         reducer = make(self.method, budget=self.budget, ratio=self.ratio, **tuples(self.options))
-        check_supported(reducer, self.language)
+        check_supported(reducer, self.language, self.not_served)
         return reducer
 
     def item_budget(self, geometry: Geometry) -> int:
@@ -279,11 +287,11 @@ def tuples(options: Mapping[str, object]) -> dict[str, object]:
     return {key: tuple(value) if isinstance(value, list) else value for key, value in options.items()}
 
 
-def check_supported(reducer: Reducer, language: bool = False) -> None:
+def check_supported(reducer: Reducer, language: bool = False, not_served: str | None = None) -> None:
     """Refuse what cannot run under vLLM: pruning inside the language model (vLLM's paged KV cache
-    holds every prompt token in every layer), unless ``language`` (the plugin serves it there), and
-    budgets chosen from an item's content (the placeholder count must be known before the encoder
-    runs)."""
+    holds every prompt token in every layer), unless ``language`` (the plugin serves it there; where
+    the family does not, ``not_served`` says why), and budgets chosen from an item's content (the
+    placeholder count must be known before the encoder runs)."""
     if reducer.adapts_to_content:
         raise RefusedMethod(
             f"{reducer.method_name!r} chooses each item's budget from its content, but vLLM needs an item's token "
@@ -304,6 +312,11 @@ def check_supported(reducer: Reducer, language: bool = False) -> None:
     hint = ""
     if vision_half(inner.method_name):
         hint = ' (its vision-side half alone runs: "duet_options": "{\\"layers\\": []}")'
+    if not_served:
+        raise RefusedMethod(
+            f"{inner.method_name!r} prunes visual tokens inside the language model, and {not_served} (docs/serving.md). "
+            f"Methods that select before the language model run on it{hint}. Supported: {', '.join(supported_methods())}"
+        )
     raise RefusedMethod(
         f"{inner.method_name!r} prunes visual tokens inside the language model, which the plugin serves only with its "
         f"own worker (--worker-cls {WORKER}), on LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and InternVL (images; videos but InternVL's), for FastV, PyramidDrop, DUET, VScan, DART, SparseVLM, HoliTom and random_horizon so far (docs/serving.md); otherwise vLLM's "

@@ -497,7 +497,12 @@ class DuetQwen3_5ForConditionalGeneration(DuetQwen3VLForConditionalGeneration, Q
     untouched, so its linear-attention layers see the kept tokens as any prompt."""
 
     family = "Qwen3.5"
-    serves_language = False  # its linear-attention layers do not drop yet
+    serves_language = False
+    language_refusal = (
+        "its Gated-DeltaNet (linear-attention) layers carry a recurrent state over every prompt token, which vLLM's "
+        "own metadata builders advance; the plugin compacts the metadata of full-attention layers only, so a layer "
+        "after a boundary would run its state over tokens it no longer holds"
+    )
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -508,6 +513,7 @@ class DuetQwen3_5MoeForConditionalGeneration(DuetQwen3VLForConditionalGeneration
 
     family = "Qwen3.5-MoE"
     serves_language = False
+    language_refusal = DuetQwen3_5ForConditionalGeneration.language_refusal
 
 
 class HeldRows(IntermediateTensors):

@@ -100,6 +100,10 @@ def encoder_index(layer, depth: int) -> int:
 #: when a list, every reduction appends its ``VisionReduction`` (what the stage kept: ``kept`` indices
 #: into the view's tokens, and its roles): for tests that run vLLM's engine in their own process.
 TRACE: list | None = None
+#: when a list, every reduction appends the ``VisionView`` it reduced (the scores and keys vLLM's
+#: tower computed): tests feed them to the Hugging Face path to compare the selections on identical
+#: inputs (``tests/test_vllm.py``, "equal across engines").
+VIEWS: list | None = None
 
 
 @dataclass
@@ -151,6 +155,8 @@ def reduce_unit(
         if text is None:
             raise RuntimeError(f"{type(plan.vision).__name__} reads the prompt's text, which did not reach the encoder step")
         view.text = [text] * units
+    if VIEWS is not None:
+        VIEWS.append(view)
     applied = apply_vision_stage(plan.vision, view, plan.schedule.llm_input // units, units)
     if TRACE is not None:
         TRACE.append(applied.reduction)

@@ -27,18 +27,72 @@ from .options import LANGUAGE_SETTINGS, RefusedMethod, Settings
 def engine_flags(settings: dict) -> list[tuple[str, ...]]:
     """vLLM's command-line flags for engine settings (``EngineArgs``' names).
 
-    >>> engine_flags({"worker_cls": "w", "enforce_eager": True, "enable_prefix_caching": False})
-    [('--worker-cls', 'w'), ('--enforce-eager',), ('--no-enable-prefix-caching',)]
+    >>> engine_flags({"worker_cls": "w", "enforce_eager": True, "enable_prefix_caching": False, "logits_processors": ["a"]})
+    [('--worker-cls', 'w'), ('--enforce-eager',), ('--no-enable-prefix-caching',), ('--logits-processors', 'a')]
     """
     flags = []
     for name, value in settings.items():
         flag = "--" + name.replace("_", "-")
-        flags.append((flag,) if value is True else (flag.replace("--", "--no-", 1),) if value is False else (flag, str(value)))
+        if isinstance(value, (list, tuple)):
+            flags.append((flag, *map(str, value)))
+        else:
+            flags.append((flag,) if value is True else (flag.replace("--", "--no-", 1),) if value is False else (flag, str(value)))
     return flags
 
 
 #: vLLM's flags a server that drops inside the language model runs with (``language.check_engine``).
 LANGUAGE_FLAGS = engine_flags(LANGUAGE_SETTINGS)
+
+
+def processor_options(method: str | None = None, budget: int | None = None, ratio: float | None = None,
+                      options: str | dict | None = None, allow: str | list | None = None,
+                      base: dict | None = None) -> tuple[dict, bool]:
+    """vLLM's processor options (``mm_processor_kwargs``) for a method, checked as a server reads
+    them (a refused method or a missing budget fails here, before vLLM starts), and whether the
+    method drops inside the language model (the server then needs ``LANGUAGE_SETTINGS``)."""
+    options_in = dict(base or {})
+    if method is not None:
+        options_in["duet_method"] = method
+    if budget is not None:
+        options_in["duet_budget"] = budget
+    if ratio is not None:
+        options_in["duet_ratio"] = ratio
+    if allow:
+        options_in["duet_allow"] = allow if isinstance(allow, str) else ",".join(allow)
+    if options:
+        # a JSON object, checked now; kept as a string (vLLM hashes its processor options)
+        options_in["duet_options"] = options if isinstance(options, str) else json.dumps(options)
+        json.loads(options_in["duet_options"])
+    try:
+        Settings.read(options_in)
+        return options_in, False
+    except RefusedMethod:
+        Settings.read(options_in, language=True)  # refused for another reason: raised again here
+        return options_in, True
+
+
+def engine_args(method: str | None = None, budget: int | None = None, ratio: float | None = None,
+                options: str | dict | None = None, allow: str | list | None = None, **engine) -> dict:
+    """The keyword arguments of ``vllm.LLM`` (offline) for a method: what ``serve_argv`` gives ``vllm
+    serve`` as flags. Its processor options, and for a method that drops inside the language model
+    the engine settings it needs (``LANGUAGE_SETTINGS``: duet-vlm's worker, scheduler and
+    refusals, no chunked prefill, no prefix cache, eager), with ``max_num_batched_tokens`` at least
+    ``max_model_len`` (each prompt in one step) where ``max_model_len`` is given. ``engine``: more of
+    ``LLM``'s arguments, which win over these.
+
+    >>> args = engine_args("fastv", budget=64, max_model_len=4096)
+    >>> args["mm_processor_kwargs"], args["worker_cls"], args["max_num_batched_tokens"]
+    ({'duet_method': 'fastv', 'duet_budget': 64}, 'duet_vlm.integrations.vllm.language.DuetWorker', 4096)
+    >>> engine_args("visionzip", budget=64)
+    {'mm_processor_kwargs': {'duet_method': 'visionzip', 'duet_budget': 64}}
+    """
+    processor, language = processor_options(method, budget, ratio, options, allow, engine.pop("mm_processor_kwargs", None))
+    args: dict = {"mm_processor_kwargs": processor}
+    if language:
+        args.update(LANGUAGE_SETTINGS)
+        if engine.get("max_model_len") is not None:
+            args["max_num_batched_tokens"] = max(engine["max_model_len"], engine.get("max_num_batched_tokens") or 0)
+    return {**args, **engine}
 
 
 def serve_argv(argv: list[str]) -> list[str]:
@@ -51,24 +105,8 @@ def serve_argv(argv: list[str]) -> list[str]:
     parser.add_argument("--allow", help="methods a request may choose, comma-separated")
     parser.add_argument("--mm-processor-kwargs", dest="mm_kwargs")
     ours, rest = parser.parse_known_args(argv)
-    options = json.loads(ours.mm_kwargs) if ours.mm_kwargs else {}
-    if ours.method is not None:
-        options["duet_method"] = ours.method
-    if ours.budget is not None:
-        options["duet_budget"] = ours.budget
-    if ours.ratio is not None:
-        options["duet_ratio"] = ours.ratio
-    if ours.allow:
-        options["duet_allow"] = ours.allow
-    if ours.options:
-        json.loads(ours.options)  # a JSON object, checked now
-        options["duet_options"] = ours.options
-    try:
-        Settings.read(options)  # a refused method or a missing budget fails here, before vLLM starts
-        language = False
-    except RefusedMethod:
-        Settings.read(options, language=True)  # refused for another reason: raised again here
-        language = True
+    options, language = processor_options(ours.method, ours.budget, ours.ratio, ours.options, ours.allow,
+                                          json.loads(ours.mm_kwargs) if ours.mm_kwargs else None)
     if rest and not rest[0].startswith("-"):  # the model, as `vllm serve MODEL` takes it
         rest = ["--model", *rest]
     if language:

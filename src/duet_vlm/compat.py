@@ -14,7 +14,7 @@ from packaging.version import Version
 from transformers import cache_utils
 
 #: The transformers releases duet-vlm is tested on: ``pyproject.toml``'s range.
-SUPPORTED = ">=5.22,<5.25"
+SUPPORTED = ">=5.19,<5.25"
 INSTALLED = Version(transformers.__version__)
 
 # transformers 5.24 renamed the cache argument of every decoder forward (the language model's, each
@@ -35,6 +35,37 @@ def cache_of(kwargs: dict):
 def with_cache(cache) -> dict:
     """The keyword argument that passes ``cache`` to a decoder forward or a mask helper."""
     return {CACHE: cache}
+
+
+# transformers 5.21 renamed Video-LLaVA's image argument ``pixel_values_images`` to ``pixel_values``
+# (the top model still takes the old name and renames it before the base model, where the runtime
+# hooks); 5.19 and 5.20 hand the base model ``pixel_values_images``. No other family uses that name,
+# so the runtime reads both on every release (``images_of``); inputs built by hand name the installed
+# release's (``VIDEO_LLAVA_IMAGES``).
+IMAGE_ARGUMENTS = ("pixel_values", "pixel_values_images")
+VIDEO_LLAVA_IMAGES = "pixel_values" if INSTALLED >= Version("5.21.0.dev0") else "pixel_values_images"
+
+
+def images_of(kwargs: dict):
+    """The images a forward's keyword arguments carry to encode (``None``: none), under either name."""
+    return next((kwargs[name] for name in IMAGE_ARGUMENTS if kwargs.get(name) is not None), None)
+
+
+# transformers 5.20.2 (a patch release; 5.21 too) declares Qwen3.5's and Qwen3.5-MoE's input modalities,
+# so that generate encodes their images before the prefill (``mm_encoder_outputs``); on 5.19.0 to
+# 5.20.1 generate hands the prefill the raw pixels, and the runtime captures the tower's features in
+# that forward instead (the path of a plain forward). Nothing to branch on: both paths are the
+# runtime's. (Measured on 5.19.0: the tiny Qwen3.5's greedy and beam-search generate, unpatched and
+# under VisionZip; tests/test_families.py's Qwen3.5 cases pass there.)
+#
+# transformers 5.21 gave Qwen3.5's linear-attention layers cache accessors of their own
+# (``Cache.get_conv_state``, ``get_recurrent_state``; 5.19 and 5.20 read ``layers[i].conv_states``);
+# duet-vlm reads neither: its check reads ``layers[i].recurrent_states``, present from 5.16 to 5.24.
+#
+# What transformers 5.24 deprecates for later releases is not read by duet-vlm, so the next releases
+# need no edit here for it: ``image_hidden_states`` (another meaning from 5.30), ``Cache.update``'s
+# ``cache_kwargs`` (now ``kwargs=``), ``modeling_attn_mask_utils`` (removed), Qwen3.5's
+# ``cache_params`` (now ``cache``, which ``CACHE`` above names).
 
 
 # transformers 5.23 renamed gradient checkpointing to activation checkpointing: the models'

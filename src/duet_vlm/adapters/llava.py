@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..compat import images_of
 from .base import Capture, Geometry, ModelAdapter, VisualItem, feature_layer
 
 def compact(values: torch.Tensor, layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +78,7 @@ def tower_features(base: nn.Module, inputs: dict) -> torch.Tensor:
     if videos is not None:
         features = base.video_tower(videos.flatten(0, 1), output_hidden_states=layer).hidden_states[layer]
         return features.reshape(videos.shape[0], -1, features.shape[-1])
-    pixels = inputs["pixel_values"]
+    pixels = images_of(inputs)
     tower = base.vision_tower if hasattr(base, "vision_tower") else base.image_tower
     tiles = pixels.flatten(0, 1) if pixels.dim() == 5 else pixels  # LLaVA-NeXT: (N, tiles, 3, H, W)
     features = tower(tiles, output_hidden_states=layer).hidden_states[layer]

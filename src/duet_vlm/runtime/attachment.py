@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..adapters import ModelAdapter, adapter_for
-from ..compat import cache_of
+from ..compat import cache_of, images_of
 from .binding import Binding
 from .boundary import prune
 from .calls import CallStore
@@ -166,7 +166,7 @@ class Attachment:
         call.forwards += 1
         check_new_items_on_cache(self.binding, call.prompt, kwargs)
         encoded = kwargs.get("mm_encoder_outputs")
-        if kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None:
+        if images_of(kwargs) is not None or kwargs.get("pixel_values_videos") is not None:
             call.captures.clear()  # this forward encodes its own pixels: earlier captures are stale
         elif encoded:  # generate() encoded them: keep exactly the captures of that encoding
             call.captures.keep_only(encoded.values())

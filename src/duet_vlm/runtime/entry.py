@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..compat import cache_of
+from ..compat import cache_of, images_of
 from .binding import Binding
 from .protocol import RuntimeReducer
 from .state import PrefillState
@@ -43,7 +43,7 @@ def base_input_ids(adapter, module, args, kwargs: dict) -> torch.Tensor:
 def brings_visual_items(kwargs: dict) -> bool:
     """Whether a base-model forward carries images or videos to encode (or generate's encodings)."""
     return (
-        kwargs.get("pixel_values") is not None
+        images_of(kwargs) is not None
         or kwargs.get("pixel_values_videos") is not None
         or bool(kwargs.get("mm_encoder_outputs"))
     )

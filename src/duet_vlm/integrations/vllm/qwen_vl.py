@@ -425,7 +425,7 @@ class VideoPlaceholdersAsText(WithoutDuetOptions):
         video token (transformers 5.10 and later, keeping the prompt's ``<|vision_start|>`` and
         ``<|vision_end|>`` around the frames) or the whole ``<|vision_start|><|video_pad|><|vision_end|>``
         (``_expands_only_video_token``): the wrapper's class says what Qwen3-VL's processor does in
-        every transformers duet-vlm takes (5.23 and later: the video token only)."""
+        every transformers duet-vlm takes (5.19 and later: the video token only)."""
         return self.processor.replace_video_token(*args, **kwargs)
 
 

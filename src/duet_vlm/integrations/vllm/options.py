@@ -54,14 +54,14 @@ WORKERS = (WORKER, "duet_vlm.integrations.vllm.language.DuetCPUWorker",
            "duet_vlm.integrations.vllm.language.DuetGPUWorker")
 #: the scheduler it runs (``--scheduler-cls``; ``memory``: the blocks of the kept tokens only).
 SCHEDULER = "duet_vlm.integrations.vllm.memory.DuetScheduler"
-#: vLLM's engine settings (``EngineArgs``' names) such a server runs with (``language.check_engine``):
-#: duet-vlm's worker and scheduler, every prompt in one step, no prefix cache, eager.
 #: the logits processors it names (``--logits-processors``), whose per-request check refuses what a
 #: dropping request cannot answer (``refusals``: ``prompt_logprobs``).
 REFUSALS = "duet_vlm.integrations.vllm.refusals:RefusePromptLogprobs"
-#: ... and no multimodal processor cache (``--mm-processor-cache-gb 0``): vLLM 0.32 checks a request's
-#: parameters after its images were processed, and a request refused there leaves its images in the
-#: front end's cache but not in the engine's, so the next request with the same image fails (a 500).
+#: vLLM's engine settings (``EngineArgs``' names) such a server runs with (``language.check_engine``):
+#: duet-vlm's worker, scheduler and refusals, every prompt in one step, no prefix cache, eager, and no
+#: multimodal processor cache (``--mm-processor-cache-gb 0``): vLLM 0.32 checks a request's parameters
+#: after its images were processed, and a request refused there leaves its images in the front end's
+#: cache but not in the engine's, so the next request with the same image failed (a 500).
 LANGUAGE_SETTINGS = {"worker_cls": WORKER, "scheduler_cls": SCHEDULER, "enable_chunked_prefill": False,
                      "enable_prefix_caching": False, "enforce_eager": True, "logits_processors": [REFUSALS],
                      "mm_processor_cache_gb": 0}

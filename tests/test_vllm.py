@@ -739,8 +739,8 @@ def test_qwen3_vl_videos_dropping_inside_the_language_model_equal_the_hugging_fa
 
 # ------------------------------------------------------------------ equal across engines (docs/serving.md)
 # A vision stage chooses by scores that vLLM's tower kernels and transformers' compute with float32
-# rounding of their own: two patches one ulp apart under one engine can be tied under the other (seen
-# on an AVX-512 CPU), and one patch then swaps. So the selection is compared on identical inputs (the
+# rounding of their own: two patches one ulp apart under one engine can be tied under the other (issue
+# #65, on an AVX-512 CPU), and one patch then swaps. So the selection is compared on identical inputs (the
 # Hugging Face path fed the scores and keys vLLM's tower computed: everything after them must be
 # exact), and each engine's own choice separately: they may differ only in near-tied tokens
 # (``checks.near_tied_differences``).

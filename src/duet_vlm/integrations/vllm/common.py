@@ -52,6 +52,15 @@ def server_options(model_config) -> dict:
     return dict(getattr(mm_config, "mm_processor_kwargs", None) or {})
 
 
+#: why Gemma 3 and Gemma 4 do not drop inside the language model under vLLM (their
+#: ``language_refusal``).
+SLIDING_WINDOW_REFUSAL = (
+    "its sliding-window layers count a window in positions of vLLM's cache, which would hold the kept tokens "
+    "only, where transformers counts it in the prompt's positions (the two agree only on prompts shorter than "
+    "the window), and its image blocks' bidirectional ranges would have to move with the kept tokens"
+)
+
+
 class WithoutDuetOptions:
     """A Hugging Face processor called without duet-vlm's options (the rest passes through).
 

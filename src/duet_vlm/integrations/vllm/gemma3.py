@@ -31,7 +31,9 @@ from vllm.multimodal.processing.processor import cached_encode, replace_token_ma
 
 from ...adapters.gemma3 import gemma3_geometry, pooled_keys, pooled_scores
 from ...geometry import Geometry
-from .common import DuetInfoMixin, DuetProcessorMixin, DuetTowerMixin, Encoded, consecutive, cut_runs
+from .common import (
+    SLIDING_WINDOW_REFUSAL, DuetInfoMixin, DuetProcessorMixin, DuetTowerMixin, Encoded, consecutive, cut_runs,
+)
 from .options import RefusedMethod
 
 
@@ -92,11 +94,7 @@ class DuetGemma3ForConditionalGeneration(DuetTowerMixin, Gemma3ForConditionalGen
     """vLLM's Gemma 3 with duet-vlm's vision-side reduction of its images."""
 
     family = "Gemma 3"
-    language_refusal = (
-        "its sliding-window layers count a window in positions of vLLM's cache, which would hold the kept tokens "
-        "only, where transformers counts it in the prompt's positions (the two agree only on prompts shorter than "
-        "the window), and its image blocks' bidirectional ranges would have to move with the kept tokens"
-    )
+    language_refusal = SLIDING_WINDOW_REFUSAL
     chooses_projected = True
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:

@@ -38,7 +38,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from ... import compat
 from ...adapters.gemma4 import gemma4_geometry, image_grid, pooled_layer_scores
 from ...geometry import Geometry
-from .common import DuetInfoMixin, DuetProcessorMixin, DuetTowerMixin, Encoded, cut_runs
+from .common import SLIDING_WINDOW_REFUSAL, DuetInfoMixin, DuetProcessorMixin, DuetTowerMixin, Encoded, cut_runs
 from .options import RefusedMethod
 from .select import encoder_index
 
@@ -82,11 +82,7 @@ class DuetGemma4ForConditionalGeneration(DuetTowerMixin, Gemma4ForConditionalGen
     """vLLM's Gemma 4 with duet-vlm's vision-side reduction of images in ``embed_multimodal``."""
 
     family = "Gemma 4"
-    language_refusal = (
-        "its sliding-window layers count a window in positions of vLLM's cache, which would hold the kept tokens "
-        "only, where transformers counts it in the prompt's positions (the two agree only on prompts shorter than "
-        "the window), and its image blocks' bidirectional ranges would have to move with the kept tokens"
-    )
+    language_refusal = SLIDING_WINDOW_REFUSAL
     tower_types = ("gemma4_vision",)
     chooses_projected = True
 

@@ -90,8 +90,8 @@ def engine_args(method: str | None = None, budget: int | None = None, ratio: flo
     args: dict = {"mm_processor_kwargs": processor}
     if language:
         args.update(LANGUAGE_SETTINGS)
-        if engine.get("max_model_len") is not None:
-            args["max_num_batched_tokens"] = max(engine["max_model_len"], engine.get("max_num_batched_tokens") or 0)
+        if engine.get("max_model_len") is not None:  # a max_num_batched_tokens in engine wins, as any setting does
+            args["max_num_batched_tokens"] = engine["max_model_len"]
     return {**args, **engine}
 
 

@@ -74,7 +74,7 @@ def generate_and_check_counts(model, name, inputs):
     items = reducer.stats.items
     lengths = sorted(probe.calls[0].items())
     cut = adapter_for(model).scheme.queries_cut_from
-    if cut is not None:  # Gemma 4 passes its KV-shared layers only the prompt's last token (they write no cache)
+    if cut is not None:  # Gemma 4 (transformers 5.23+) passes its KV-shared layers only the prompt's last token
         assert [length for layer, length in lengths if layer >= cut] == [1] * (len(lengths) - cut)
         lengths = lengths[:cut]
     seen = [length - text for _, length in lengths]
@@ -83,7 +83,10 @@ def generate_and_check_counts(model, name, inputs):
         expected = item.tokens if name == "full" else round(0.5 * item.tokens)
         assert abs(item.average_tokens - expected) <= max(1, item.units), (item.modality, item.tokens_per_layer)
     generated = out.sequences.shape[1] - inputs["input_ids"].shape[1]
+    reusing = {i for i, mode in enumerate(compat.kv_sharing_modes(model.config.get_text_config())) if mode == "reuse"}
     for layer, visual in enumerate(seen):
+        if layer in reusing:  # Gemma 4's KV-shared layers cache nothing (their keys are an earlier layer's)
+            continue
         cached = out.past_key_values.layers[layer]
         if hasattr(cached, "recurrent_states"):  # linear attention: a state of fixed size, whatever the tokens
             module = model.get_decoder().layers[layer].linear_attn

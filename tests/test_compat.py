@@ -61,14 +61,50 @@ def test_the_cache_is_read_under_either_name():
 
 
 def test_a_family_the_installed_release_cannot_run_is_refused_at_attach(monkeypatch):
-    """Gemma 4 reads its shared keys and values from ``KVSharingDict`` (transformers 5.23); on an
-    older release the attach refuses it, naming the release it needs, and leaves no hook behind."""
+    """A family listed in ``compat.FAMILY_NEEDS`` (none today) is refused at attach on an older
+    release, naming the release it needs and the pip line, and no hook is left behind."""
     model = FAMILIES["gemma4"].model()
     hooks = hook_ids(model)
-    monkeypatch.setattr(compat, "INSTALLED", Version("5.22.2"))
-    with pytest.raises(TypeError, match=r"transformers 5\.23 or newer .*KVSharingDict.*pip install 'transformers>=5\.23,<"):
+    monkeypatch.setitem(compat.FAMILY_NEEDS, "gemma4", ("99.1", "a feature"))
+    with pytest.raises(TypeError, match=r"transformers 99\.1 or newer \(a feature\).*pip install 'transformers>=99\.1,<"):
         duet_vlm.make("fastv", ratio=0.5).attach(model)
     assert hook_ids(model) == hooks
+
+
+@pytest.mark.parametrize("shared, types", [
+    (2, ["sliding_attention", "full_attention"] * 3),
+    (3, ["sliding_attention", "sliding_attention", "full_attention"] * 2),
+    (0, ["sliding_attention", "full_attention"] * 3),
+    (6, ["sliding_attention", "full_attention"] * 3),
+])
+def test_gemma4_kv_sharing_modes_are_each_layers_own_part(shared, types):
+    """``compat.kv_sharing_modes`` (the config's from transformers 5.23, the layers' rule before) says
+    what each attention layer of the installed release does: reuse where it is a KV-shared layer,
+    store where it stores its keys and values for them; on 5.23 and later the rule written for the
+    older releases gives the config's own answer too."""
+    from transformers import Gemma4TextConfig, Gemma4TextModel
+
+    config = Gemma4TextConfig(num_hidden_layers=6, num_kv_shared_layers=shared, layer_types=types, hidden_size=32,
+                              intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                              global_head_dim=16, vocab_size=64, hidden_size_per_layer_input=8,
+                              vocab_size_per_layer_input=64)
+    layers = Gemma4TextModel(config).layers
+    parts = [("reuse" if layer.self_attn.is_kv_shared_layer else "store" if layer.self_attn.store_full_length_kv
+              else None) for layer in layers]
+    assert compat.kv_sharing_modes(config) == parts
+    assert compat.layer_rule_kv_sharing_modes(config) == parts
+    assert compat.kv_sharing_modes(transformers.LlamaConfig()) == []  # no sharing
+
+
+def test_gemma4_store_and_query_cut_are_the_installed_releases():
+    """The store of shared keys and values is the class the installed Gemma 4 passes its layers, and
+    the text model cuts the shared layers' queries to ``logits_to_keep`` exactly where ``compat``
+    says it does."""
+    from transformers.models.gemma4 import modeling_gemma4
+
+    source = inspect.getsource(modeling_gemma4.Gemma4TextModel.forward)
+    assert type(compat.shared_kv_store()).__name__ in source
+    assert compat.GEMMA4_CUTS_SHARED_QUERIES == ("_maybe_slice_kv_shared_inputs" in source)
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

@@ -1331,21 +1331,6 @@ def test_gemma4_videos_are_served_unreduced_with_a_log_line(saved_gemma4, caplog
     assert_same(reference, served, None, processor)
 
 
-def test_gemma4_is_refused_at_start_below_the_release_its_path_needs(saved_gemma4, monkeypatch):
-    """Gemma 4's reduction reads the transformers 5.23 config (``kv_sharing_modes``) and is tested
-    against the Hugging Face path, which needs 5.23 too: on an older release (the one stock vLLM 0.33
-    installs, 5.20.2, here as the installed release ``compat`` reads) a server asked for a method does
-    not start, and says which release it needs (it failed in the processor, per request, before)."""
-    from packaging.version import Version
-
-    from duet_vlm import compat
-
-    folder, _, _ = saved_gemma4
-    monkeypatch.setattr(compat, "INSTALLED", Version("5.20.2"))
-    chain = [str(e) for e in refused_at_start(folder, {"duet_method": "visionzip", "duet_budget": 20})]
-    assert any("duet-vlm reduces Gemma4ForConditionalGeneration with transformers 5.23 or newer" in e for e in chain), chain
-
-
 def test_gemma3_pan_and_scan_crops_are_blocks_of_their_own(tmp_path, gemma3_causal):
     """With pan-and-scan, an image is its whole block and one block per crop (one vLLM item, four Hugging
     Face items): every block is reduced on its own at the image's budget, as the Hugging Face path

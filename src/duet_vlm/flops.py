@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from . import compat
+
 
 @dataclass(frozen=True)
 class LinearAttentionDims:
@@ -114,7 +116,7 @@ class DecoderDims:
     def gemma4(cls, text_config) -> "DecoderDims":
         """A Gemma 4 decoder: layers of two kinds with their own head sizes (read from the config's
         ``per_layer_config``), KV sharing, per-layer inputs, and image blocks in sliding layers."""
-        modes = list(text_config.kv_sharing_modes)
+        modes = compat.kv_sharing_modes(text_config)
         types = list(text_config.layer_types)
         experts = text_config.top_k_experts * text_config.moe_intermediate_size if text_config.enable_moe_block else 0
         per_layer = tuple(

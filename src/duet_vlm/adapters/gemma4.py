@@ -27,8 +27,9 @@ builds, a local and a global RoPE), so this adapter extends ``Gemma3Adapter``; w
   earlier layer of their type (which *stores* them). Every boundary must then lie at or before the
   first storing layer, so that the storing and the reusing layers see one sequence:
   ``Geometry.last_boundary``; methods' default boundaries snap to it and explicit ones past it are
-  refused. Under ``generate`` the model passes its shared layers only the last token of the
-  prefill (``queries_cut_from``); that token is the prompt's last, which every reduction keeps.
+  refused. Under ``generate`` the model (transformers 5.23 and later) passes its shared layers only
+  the last token of the prefill (``queries_cut_from``); that token is the prompt's last, which every
+  reduction keeps. The store, the layers' parts and that cut are read through ``compat``.
 - Videos (``pixel_values_videos``) are not reduced: a forward that brings one is refused while a
   method would reduce (the tower encodes frames through the same layers as images), and runs
   unpatched under ``full`` (``UnreducibleInput``).
@@ -41,7 +42,7 @@ import sys
 import torch
 from torch import nn
 
-from ..compat import KVSharingDict
+from .. import compat
 from ..scoring import attention_scores
 from .base import Capture, Geometry, Signals, UnitFeatures, UnreducibleInput, VisualItem
 from .gemma3 import Gemma3Adapter, GemmaLayers
@@ -193,9 +194,10 @@ class Gemma4Layers(GemmaLayers):
         return self.modeling.apply_rotary_pos_emb(states, cos, sin, unsqueeze_dim=1)
 
     def layer_call_kwargs(self) -> dict:
-        # A layer run outside the forward shares nothing it stores. transformers' own container, which
-        # FSDP2's helpers leave alone (a plain dict they would walk).
-        return {"shared_kv_states": KVSharingDict()}
+        # A layer run outside the forward shares nothing it stores. transformers' own container
+        # (``KVSharingDict``, a ``UserDict`` before 5.23), which FSDP2's helpers leave alone (a plain
+        # dict they would walk).
+        return {"shared_kv_states": compat.shared_kv_store()}
 
     def layer_token_inputs(self, language_model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
                            visual: torch.Tensor):
@@ -221,11 +223,14 @@ def gemma4_geometry(config, rows: int, cols: int) -> Geometry:
 def kv_sharing(text_config, layers: int) -> tuple[int | None, int | None]:
     """``(last_boundary, queries_cut_from)`` of a Gemma 4 language model of ``layers`` decoder layers:
     the first layer that stores keys and values others reuse (no boundary after it), and the first
-    that reuses them; ``(None, None)`` where no layer reuses."""
-    modes = list(text_config.kv_sharing_modes)[:layers]
+    that reuses them, where the model passes it only the rows ``logits_to_keep`` asks for (transformers
+    5.23 and later; ``None`` before, which passes every row); ``(None, None)`` where no layer reuses."""
+    modes = compat.kv_sharing_modes(text_config)[:layers]
     stores = [i for i, mode in enumerate(modes) if mode == "store"]
     reuses = [i for i, mode in enumerate(modes) if mode == "reuse"]
-    return (min(stores) if reuses else None), (min(reuses) if reuses else None)
+    if not reuses:
+        return None, None
+    return min(stores), (min(reuses) if compat.GEMMA4_CUTS_SHARED_QUERIES else None)
 
 
 def pooled_layer_scores(layer: nn.Module, layer_input: torch.Tensor, contexts, modeling, kernel: int,

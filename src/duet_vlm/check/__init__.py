@@ -42,6 +42,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import compat
 from ..adapters import adapter_for
 from ..methods import make
 from ..methods.registry import default_budget
@@ -345,7 +346,7 @@ def check_counts(ctx: Context) -> Result:
             problems.append(f"item {index}: statistics {_runs(item_stats.tokens_per_layer)}, plan {_runs(plan)}")
     seen = sorted(lengths.calls[0].items())
     cut = adapter.scheme.queries_cut_from
-    if cut is not None:  # Gemma 4's KV-shared layers see the prompt's last token only
+    if cut is not None:  # Gemma 4's KV-shared layers see the prompt's last token only (transformers 5.23+)
         seen = seen[:cut]
     visual = [length - text for _, length in seen]
     expected = [sum(p[layer] for p in planned) for layer in range(len(visual))]
@@ -353,7 +354,10 @@ def check_counts(ctx: Context) -> Result:
         problems.append(f"layers received {_runs(visual)} visual tokens, the plan says {_runs(expected)}")
     generated = out.sequences.shape[1] - inputs["input_ids"].shape[1]
     checked = 0
+    reusing = {i for i, mode in enumerate(compat.kv_sharing_modes(adapter.text_config)) if mode == "reuse"}
     for layer, count in enumerate(visual):
+        if layer in reusing:
+            continue  # Gemma 4's KV-shared layers read an earlier layer's keys and values and cache none
         cached = out.past_key_values.layers[layer]
         if hasattr(cached, "recurrent_states") or getattr(cached, "keys", None) is None:
             continue  # linear attention: a state of fixed size

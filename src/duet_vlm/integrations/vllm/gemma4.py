@@ -35,7 +35,6 @@ from vllm.model_executor.models.gemma4_mm import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ... import compat
 from ...adapters.gemma4 import gemma4_geometry, image_grid, pooled_layer_scores
 from ...geometry import Geometry
 from .common import SLIDING_WINDOW_REFUSAL, DuetInfoMixin, DuetProcessorMixin, DuetTowerMixin, Encoded, cut_runs
@@ -89,10 +88,6 @@ class DuetGemma4ForConditionalGeneration(DuetTowerMixin, Gemma4ForConditionalGen
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.setup_duet(vllm_config)
-        if self.duet.active:
-            # the item geometry reads the 5.23 config (``kv_sharing_modes``), as the Hugging Face
-            # path it is tested against does: refused at start on an older release, naming it
-            compat.check_family("gemma4", "Gemma4ForConditionalGeneration")
         if self.duet.active and getattr(vllm_config.compilation_config, "cudagraph_mm_encoder", False):
             # the encoder then replays a captured graph of vLLM's whole image path, without the taps
             raise RefusedMethod(

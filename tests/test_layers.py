@@ -71,7 +71,7 @@ def test_vision_scores_have_one_implementation():
                     if isinstance(node, ast.Attribute) and node.attr == "softmax":
                         found.append(f"{path.relative_to(src)}:{function.name}")
     assert sorted(set(found)) == ["adapters/scheme.py:visual_attention"], found
-    assert graph.direct_import_exists(importer="duet_vlm.integrations.vllm.language", imported="duet_vlm.adapters.scheme")
+    assert graph.direct_import_exists(importer="duet_vlm.integrations.vllm.language.hooks", imported="duet_vlm.adapters.scheme")
 
 
 def test_the_prefill_state_stays_small():

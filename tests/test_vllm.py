@@ -562,15 +562,15 @@ def hf_language_run(model, processor, picture, reducer):
 
 def traced(run):
     """``run()``'s result, and per request (offline ids count from 0) the ``(layer, kept ids)`` of
-    each boundary the server dropped at (``language.TRACE``), in order."""
-    from duet_vlm.integrations.vllm import language
+    each boundary the server dropped at (``language.hooks.TRACE``), in order."""
+    from duet_vlm.integrations.vllm.language import hooks
 
-    language.TRACE = []
+    hooks.TRACE = []
     try:
         result = run()
-        trace = list(language.TRACE)
+        trace = list(hooks.TRACE)
     finally:
-        language.TRACE = None
+        hooks.TRACE = None
     by_request: dict[int, list] = {}
     for req_id, layer, _, ids in trace:
         by_request.setdefault(int(req_id.split("-")[0]), []).append((layer, ids))
@@ -578,7 +578,7 @@ def traced(run):
 
 
 def language_run(llm, processor, pictures, requests=None):
-    """``vllm_run``'s results, and per picture the ``(layer, kept ids)`` of each boundary (``language.TRACE``)."""
+    """``vllm_run``'s results, and per picture the ``(layer, kept ids)`` of each boundary (``language.hooks.TRACE``)."""
     (results, _), by_request = traced(lambda: vllm_run(llm, processor, pictures, requests))
     return results, [by_request[r] for r in sorted(by_request)]
 
@@ -932,7 +932,8 @@ def test_model_runner_v2_state_builds_what_the_v1_runner_builds(saved_llava_deep
 
         def both(*args, **kwargs):
             metadata, spec = build(*args, **kwargs)
-            step = runner.model._duet_step
+            stages = runner.model.duet_language_stages()
+            step = stages.pending
             n = kwargs.get("num_reqs")
             if step is None or kwargs.get("num_scheduled_tokens") is None:
                 return metadata, spec
@@ -959,11 +960,11 @@ def test_model_runner_v2_state_builds_what_the_v1_runner_builds(saved_llava_deep
             assert sorted(bare.prepare_attn(batch, CUDAGraphMode.NONE, tuple(t.get_device_tensor(n) for t in tables),
                                             torch.stack([by_group[g] for g in range(len(tables))]), runner.attn_groups,
                                             runner.kv_cache_config)) == sorted(metadata)
-            assert runner.model._duet_step is None
+            assert stages.pending is None
             mine = state.prepare_attn(batch, CUDAGraphMode.NONE, tuple(t.get_device_tensor(n) for t in tables),
                                       torch.stack([by_group[g] for g in range(len(tables))]), runner.attn_groups,
                                       runner.kv_cache_config)
-            theirs_step = runner.model._duet_step
+            theirs_step = stages.pending
             assert theirs_step is not None and theirs_step is not step  # the state planned the step itself
             assert (theirs_step.rows, theirs_step.boundaries, theirs_step.batch) == (step.rows, step.boundaries, step.batch)
             assert sorted(theirs_step.drops) == sorted(step.drops)
@@ -977,7 +978,7 @@ def test_model_runner_v2_state_builds_what_the_v1_runner_builds(saved_llava_deep
                         assert same(getattr(built, field.name), getattr(mine[name], field.name)), (name, field.name)
             kinds.append((bool(step.drops), any(plan is not None and computed >= plan.prompt
                                                 for plan, computed in step.batch)))
-            runner.model._duet_step = step  # the V1 runner's plan runs the forward
+            stages.next_step(step)  # the V1 runner's plan runs the forward
             return metadata, spec
 
         runner._build_attention_metadata = both
@@ -986,12 +987,13 @@ def test_model_runner_v2_state_builds_what_the_v1_runner_builds(saved_llava_deep
         finally:
             del runner._build_attention_metadata
         # a step padded past its tokens (V2 pads for CUDA graphs) is an error at the model's entry, not a guess
-        runner.model._duet_step = language.StepPlan([(0, 4)], {}, [], [(None, 0)])
+        stages = runner.model.duet_language_stages()
+        stages.next_step(language.StepPlan([(0, 4)], {}, [], [(None, 0)]))
         try:
             with pytest.raises(RuntimeError, match="padded to 8"):
-                runner.model._duet_language._enter(runner.model, (), {"positions": torch.arange(8)})
+                stages._enter(runner.model, (), {"positions": torch.arange(8)})
         finally:
-            runner.model._duet_step = None
+            stages.next_step(None)
     assert {(True, False), (False, True), (True, True)} <= set(kinds), kinds  # drops, decodes past one, both
     with engine(folder, {"duet_method": "visionzip", "duet_budget": 100}, **LANGUAGE) as llm:
         runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner

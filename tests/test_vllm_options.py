@@ -189,10 +189,69 @@ def test_a_server_that_serves_language_stages_takes_fastv_and_names_what_it_cann
     assert request_plan([(5, 576, None)], prompt=600) is None
 
 
-def test_doctests():
-    from duet_vlm.integrations.vllm import language, options, serve
+def test_a_language_stage_is_served_by_what_it_declares_it_reads():
+    """Served-ness is the stage's own declaration (``LanguageStage.view_needs``), not a list of
+    classes: a stage of the user's own that reads only what the plugin gives is served; one that
+    reads the prompt's token ids, or runs a layer on states of its own, is refused naming that."""
+    import dataclasses
 
-    assert all(doctest.testmod(module).failed == 0 for module in (language, options, serve))
+    from duet_vlm.integrations.vllm.language import StageNotServed, check_stage
+    from duet_vlm.integrations.vllm.options import language_plan_for
+    from duet_vlm.methods.duet import TextGuidedPrune
+    from duet_vlm.methods.stages import LastTokenAttention
+
+    plan = language_plan_for(Settings.read({"duet_method": "fastv", "duet_budget": 64}, language=True), 64, LLAVA)
+
+    class Mine(LastTokenAttention):  # reads what FastV reads
+        pass
+
+    class Ids(LastTokenAttention):
+        view_needs = frozenset({"input_ids"})
+
+    check_stage(dataclasses.replace(plan, language=Mine()))
+    with pytest.raises(StageNotServed, match=r"Ids .* not served under vLLM yet: it reads the prompt's token ids"):
+        check_stage(dataclasses.replace(plan, language=Ids()))
+    with pytest.raises(StageNotServed, match="a decoder layer or the output head run on states of its own"):
+        check_stage(dataclasses.replace(plan, language=TextGuidedPrune(query=lambda view: view.text_after_image)))
+    check_stage(dataclasses.replace(plan, language=TextGuidedPrune(query="last")))
+
+
+def test_an_items_plan_is_made_once_per_process(monkeypatch):
+    """The reducer is made once per settings and an item's plan resolved once per settings, budget
+    and geometry (``options.PLANS``), however many of the plugin's parts ask (placeholder count,
+    item fields, the model, the runner); the cache keeps at most ``size`` of each."""
+    from duet_vlm.integrations.vllm import options
+
+    made = []
+
+    def counted(*args, **kwargs):
+        made.append(args)
+        return make(*args, **kwargs)
+
+    from duet_vlm.methods import make
+
+    monkeypatch.setattr(options, "make", counted)
+    monkeypatch.setattr(options, "PLANS", options.PlanCache(size=2))
+    settings = Settings.read({"duet_method": "visionzip", "duet_budget": 64})  # checks, making the reducer
+    before = len(made)
+    first = options.plan_for(settings, 64, LLAVA)
+    assert settings.tokens(LLAVA) == 64 and options.plan_for(settings, 64, LLAVA) is first
+    assert options.tokens_for(settings, 64, LLAVA) == 64 and len(made) == before  # made by read, kept
+    assert len(options.PLANS.plans) == 1
+    for budget in (32, 16, 8):
+        options.plan_for(settings, budget, LLAVA)
+    assert len(options.PLANS.plans) == 2 and options.plan_for(settings, 64, LLAVA) is not first  # forgotten, made again
+    other = Settings.read({"duet_method": "visionzip", "duet_budget": 64, "duet_options": {"dominant": 40}})
+    assert options.plan_for(other, 64, LLAVA) is not options.plan_for(settings, 64, LLAVA)
+    assert len(made) == before + 1  # its own reducer, once
+
+
+def test_doctests():
+    from duet_vlm.integrations.vllm import options, serve
+    from duet_vlm.integrations.vllm.language import kv
+
+    results = [doctest.testmod(module) for module in (kv, options, serve)]
+    assert all(result.failed == 0 and result.attempted > 0 for result in results), results
 
 
 def test_the_engine_check_names_each_setting_it_refuses_and_accepts_every_worker_name():

@@ -318,6 +318,14 @@ class LanguageStage(ABC):
     #: ``select`` may return a ``Selection`` with states of its own (merged tokens): the survivors of a
     #: boundary are then not only a subset of the tokens before it (``duet-vlm check``'s ideal reads it).
     merges: ClassVar[bool] = False
+    #: what ``select`` reads of a ``LayerView`` besides the residual streams, the visual tokens' places,
+    #: the attention and keys of the layer ``reads`` names, the input embeddings
+    #: (``needs_input_embeddings``) and its scratch: ``"input_ids"`` (the prompt's token ids),
+    #: ``"run_layer"`` (a decoder layer or the output head run on states of its own:
+    #: ``LayerView.run_layer``, ``output_head``), ``"position_embeddings"``. An engine serves a stage
+    #: whose needs it meets and refuses the others by what they need (vLLM's plugin:
+    #: ``integrations.vllm.language.checks``).
+    view_needs: ClassVar[frozenset[str]] = frozenset()
 
     @abstractmethod
     def score(self, view: LayerView) -> torch.Tensor:

@@ -64,6 +64,12 @@ class TextGuidedPrune(LanguageStage):
         if self.query == "salient" and self.tokenizer is None:
             raise ValueError("query='salient' needs the tokenizer to find words: TextGuidedPrune(tokenizer=...)")
 
+    @property
+    def view_needs(self) -> frozenset[str]:  # what the query reads besides the layer's attention
+        if callable(self.query):  # the caller's own: it may read anything of the view
+            return frozenset({"input_ids", "run_layer", "position_embeddings"})
+        return frozenset({"input_ids"}) if self.query == "salient" else frozenset()
+
     def queries(self, view: LayerView) -> list[torch.Tensor]:
         if callable(self.query):
             return self.query(view)

@@ -109,6 +109,7 @@ class SaliencyNMSPrune(LanguageStage):
     """
 
     reads: ClassVar[str | None] = None  # runs a layer on a probe copy: no layer's attention
+    view_needs: ClassVar[frozenset[str]] = frozenset({"run_layer"})  # and the output head on it
 
     threshold: float = 0.8
     proxy_tokens: int = 4

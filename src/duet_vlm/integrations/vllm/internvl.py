@@ -32,7 +32,8 @@ from vllm.multimodal.processing import PromptUpdateDetails
 
 from ...adapters.internvl import internvl_geometry, internvl_layer_scores, pool_through_shuffle, shuffle_groups
 from ...geometry import Geometry
-from .common import DuetInfoMixin, DuetProcessorMixin, DuetTowerMixin, Encoded, consecutive
+from .common import DuetTowerMixin, Encoded
+from .processor import DuetInfoMixin, DuetProcessorMixin, consecutive
 from .options import RefusedMethod
 from .select import encoder_index
 

@@ -23,7 +23,8 @@ from vllm.model_executor.models.llava import (
 )
 
 from ...adapters.llava import llava_geometry
-from .common import DuetProcessorMixin, DuetTowerMixin, Encoded
+from .common import DuetTowerMixin, Encoded
+from .processor import DuetProcessorMixin
 
 
 class DuetLlavaMultiModalProcessor(DuetProcessorMixin, LlavaMultiModalProcessor):

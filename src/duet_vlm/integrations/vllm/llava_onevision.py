@@ -27,7 +27,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ...adapters.llava_onevision import onevision_video_geometry
 from ...geometry import Geometry
-from .common import DuetInfoMixin, Encoded, consecutive, identity
+from .common import Encoded, identity
+from .processor import DuetInfoMixin, consecutive
 from .llava_next import AnyresProcessorMixin, AnyresTowerMixin
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -186,8 +187,19 @@ class Settings:
     def active(self) -> bool:
         return self.method is not None
 
+    def key(self) -> tuple:
+        """What the reducer and an item's plan depend on, hashable (``PLANS``' key)."""
+        options = json.dumps(self.options, sort_keys=True, default=repr)
+        return (self.method, self.budget, self.ratio, options, self.allow, self.server_method, self.language,
+                self.not_served)
+
     def reducer(self) -> Reducer:
-        """The method as ``duet_vlm.make`` builds it (budget or ratio), refused if it cannot run here."""
+        """The method as ``duet_vlm.make`` builds it (budget or ratio), refused if it cannot run here:
+        built once per process for these settings (``PLANS``)."""
+        return PLANS.reducer(self)
+
+    def build_reducer(self) -> Reducer:
+        """``reducer`` built anew: checked and made."""
         if self.method == "adaptive":  # a wrapper, not a registered method: refused as what it is
             raise RefusedMethod(
                 "'adaptive' chooses each item's budget from its content, but vLLM needs an item's token count "
@@ -344,11 +356,45 @@ def tokens_for(settings: Settings, budget: int, geometry: Geometry) -> int:
     return plan.schedule.llm_input if plan is not None else geometry.visual_tokens
 
 
+class PlanCache:
+    """Each method's reducer and each item's plan, by the settings, the budget and the geometry they
+    were made for, resolved once per process (a server's front end and its engine process each hold
+    one, ``PLANS``): an item's plan is asked for its placeholder count, its item fields, the model's
+    reduction and the runner's step. Plans are not changed by their readers; what cannot be made
+    (a refused method) raises each time and is not kept. ``size``: the entries kept, the oldest
+    forgotten first."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self.reducers: OrderedDict = OrderedDict()
+        self.plans: OrderedDict = OrderedDict()
+
+    def _kept(self, store: OrderedDict, key, make):
+        if key in store:
+            store.move_to_end(key)
+            return store[key]
+        value = store[key] = make()
+        if len(store) > self.size:
+            store.popitem(last=False)
+        return value
+
+    def reducer(self, settings: Settings) -> Reducer:
+        return self._kept(self.reducers, settings.key(), settings.build_reducer)
+
+    def plan(self, settings: Settings, budget: int, geometry: Geometry):
+        return self._kept(self.plans, (settings.key(), budget, geometry),
+                          lambda: settings.reducer().with_budget(budget).resolve(geometry, quiet=True))
+
+
+#: this process's plans (``PlanCache``).
+PLANS = PlanCache()
+
+
 def item_plan(settings: Settings, budget: int, geometry: Geometry):
     """The method's whole plan for an item at its absolute ``budget`` (``None``: unreduced)."""
     if not settings.active or budget <= 0:
         return None
-    return settings.reducer().with_budget(int(budget)).resolve(geometry, quiet=True)
+    return PLANS.plan(settings, int(budget), geometry)
 
 
 def plan_for(settings: Settings, budget: int, geometry: Geometry):

@@ -32,7 +32,7 @@ SERVED = "LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL
 
 def refuse_options(vllm_config, family: str) -> None:
     """Raise when the server asks for a duet-vlm reduction on ``family``, which the plugin does not serve."""
-    from .common import server_options
+    from .processor import server_options
 
     asked = sorted(key for key in server_options(vllm_config.model_config) if key in KEYS)
     if asked:

@@ -1,0 +1,328 @@
+"""The model's side: hooks on a vLLM language model's decoder layers that run a step's drops
+(``LanguageStages``), with the method's own ``LanguageStage.select`` (the code of the Hugging Face
+path) choosing each dropping request's tokens at a boundary from a ``LayerView`` of the step's rows."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ....adapters.scheme import visual_attention
+from ....plan import LayerView, Selection
+from ....runtime.boundary import drops_all
+from .checks import StageNotServed
+from .steps import RowDrop, StepPlan
+
+#: when a list (tests, with vLLM's engine in their process): each boundary's choice is appended as
+#: ``(request id, layer, item, ids)``, ``ids`` the kept tokens' indices into the item's visual block
+#: entering the language model (``ReductionStats.stage_kept``'s).
+TRACE: list | None = None
+
+
+@dataclasses.dataclass
+class StepState:
+    """What the hooks keep through one forward of a step that drops or renumbers."""
+
+    step: StepPlan
+    renumbers: bool  # some request's positions change in some layer (``StepPlan.renumbers``)
+    embeddings: torch.Tensor | None  # the step's input embeddings (SparseVLM's raters read them)
+    index: torch.Tensor | None = None  # the step's rows the layers hold now (None: all, before any boundary)
+    positions: torch.Tensor | None = None  # the held rows' positions (None: the decoder's own)
+    captured: dict = dataclasses.field(default_factory=dict)  # layer -> its rotated (queries, keys), as it ran
+    inputs: dict = dataclasses.field(default_factory=dict)  # layer -> its input as one residual stream
+    ids: dict = dataclasses.field(default_factory=dict)  # (batch index, item) -> kept ids into the item's block
+    scratch: dict = dataclasses.field(default_factory=dict)  # (request, item) -> a stage's ``LayerView.scratch``
+    layer_qk: tuple | None = None  # (layer, its queries and keys) computed at a boundary that reads "layer"
+    renumbered: dict = dataclasses.field(default_factory=dict)  # drops per request -> (positions, held, renumbered)
+
+
+class LanguageStages:
+    """Hooks on a vLLM language model's decoder layers that run each step's drops (``StepPlan``,
+    handed over by the runner before the forward: ``next_step``): a stage's scores from the step's
+    own queries and keys, the gather at a boundary, the kept rows' positions in the layers after it,
+    and the output scattered back to the step's rows."""
+
+    def __init__(self, owner, text_model) -> None:
+        self.owner = owner  # the model the runner calls (its forward returns the decoder's output rows)
+        self.layers = list(text_model.layers)
+        self.norm = text_model.norm  # the final norm (DART compares states through it)
+        self.handles = []
+        self.pending: StepPlan | None = None  # the next forward's step (``next_step``)
+        self.state: StepState | None = None  # the running forward's, where it drops or renumbers
+        for index, layer in enumerate(self.layers):
+            self.handles.append(layer.register_forward_pre_hook(self._before_layer(index)))
+            self.handles.append(layer.self_attn.attn.register_forward_pre_hook(self._at_attention(index)))
+        # on the whole model, which the runner calls: vLLM's compiled decoder class calls its own
+        # ``forward`` directly (``support_torch_compile``), past any hook on the decoder module
+        self.handles.append(owner.register_forward_pre_hook(self._enter, with_kwargs=True))
+        self.handles.append(owner.register_forward_hook(self._leave))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def next_step(self, step: StepPlan | None) -> None:
+        """The runner's plan of the step its next forward runs (``None``: nothing drops in it)."""
+        self.pending = step
+
+    def held(self) -> torch.Tensor | None:
+        """The step's rows the layers hold now (``None``: all of them, before any boundary)."""
+        return None if self.state is None else self.state.index
+
+    # a step's life: entry, each layer's attention and input, exit
+    def _enter(self, module, args, kwargs):
+        self.state = None
+        step = self.pending
+        positions = kwargs.get("positions")
+        if step is not None and isinstance(positions, torch.Tensor):
+            rows = sum(count for _, count in step.rows)
+            if positions.shape[-1] != rows:
+                raise RuntimeError(f"a step of {rows} tokens reached the model padded to {positions.shape[-1]} (CUDA "
+                                   "graphs, data parallelism?); dropping inside the language model runs unpadded steps")
+        if step is not None and step.slots:
+            # the compacted layers' slots, into the dictionary vLLM's attention reads its slots from
+            # (either runner builds it before the forward, from one slot row per KV-cache group)
+            from vllm.forward_context import get_forward_context
+
+            get_forward_context().slot_mapping.update(step.slots)
+        renumbers = step is not None and step.renumbers()
+        if step is not None and (step.drops or renumbers):
+            # the step's input embeddings (SparseVLM's raters read them), and per request what a stage
+            # computes once per prefill and reads at a later boundary (``LayerView.scratch``)
+            self.state = StepState(step, renumbers, kwargs.get("inputs_embeds"))
+
+    def _at_attention(self, index: int):
+        def hook(module, args):
+            state = self.state
+            if state is not None and index + 1 in state.step.boundaries:
+                state.captured[index] = (args[0], args[1])  # this layer's rotated queries and keys
+
+        return hook
+
+    def _before_layer(self, index: int):
+        def hook(module, args):
+            state = self.state
+            if state is None:
+                return None
+            step = state.step
+            if index + 1 in step.boundaries:  # its input, as the Hugging Face path's residual stream
+                state.inputs[index] = stream(args[1], args[2])
+            if state.positions is not None:  # the decoder's loop hands every layer all the step's positions
+                args = (state.positions, *args[1:])
+            if index in step.boundaries:
+                args = self._boundary(index, step, args)
+            if state.renumbers:
+                args = (self._renumbered(index, step, args[0]), *args[1:])
+            return args
+
+        return hook
+
+    def _boundary(self, index: int, step: StepPlan, args):
+        positions, hidden, residual = args[0], args[1], args[2]
+        states = stream(hidden, residual)
+        state = self.state
+        current = state.index  # the step's rows still held (None: all)
+        captured = state.captured.pop(index - 1, None)
+        previous = state.inputs.pop(index - 1, None)
+        held = torch.arange(hidden.shape[0], device=hidden.device) if current is None else current
+        keep_rows = torch.ones(held.shape[0], dtype=torch.bool, device=hidden.device)
+        replaced = []  # (rows, states) of merged tokens
+        # where each of the step's rows sits among the held rows (-1: dropped)
+        where = torch.full((sum(count for _, count in step.rows),), -1, dtype=torch.long, device=hidden.device)
+        where[held] = torch.arange(held.shape[0], device=hidden.device)
+        for key, drop in step.drops.items():
+            plan = drop.request
+            for item, ((offset, length), item_plan) in enumerate(zip(plan.spans, plan.plans)):
+                held_per_layer = item_plan.schedule.tokens_per_layer
+                before, keep = held_per_layer[index - 1], held_per_layer[index]
+                if index not in dict(item_plan.schedule.boundaries):  # no boundary of this item here (a
+                    continue  # boundary may keep every token, and a stage that merges still changes them)
+                rows = self._item_rows(drop, offset, length, where)  # this item's tokens still held
+                if rows.shape[0] != before:
+                    raise RuntimeError(f"an item holds {rows.shape[0]} tokens at layer {index}, its plan {before}")
+                ids = state.ids.get((key, item))
+                if ids is None:
+                    ids = torch.arange(length, device=hidden.device)
+                stage = item_plan.language
+                replacement = None
+                if drops_all(keep):  # every token goes, whatever the stage would score
+                    chosen = rows.new_empty(0)
+                else:
+                    if stage.reads == "layer":  # this layer's own queries and keys, on the held rows
+                        if state.layer_qk is None or state.layer_qk[0] != index:
+                            rotated = self._renumbered(index, step, positions) if state.renumbers else positions
+                            state.layer_qk = (index, self._layer_qk(index, rotated, hidden, residual))
+                        scored, scorer = (state.layer_qk[1], states), index
+                    elif stage.reads == "previous":  # the queries and keys layer K-1 computed, as it ran
+                        scored, scorer = (captured, previous), index - 1
+                    else:  # no layer's attention (random at the horizon)
+                        scored, scorer = None, None
+                    chosen, replacement = self._select(index, drop, item, rows, ids, keep, scored, where, states, scorer)
+                if replacement is not None:  # merged tokens: these states take the kept tokens' slots
+                    replaced.append((rows[chosen], replacement))
+                dropped = torch.ones(before, dtype=torch.bool, device=hidden.device)
+                dropped[chosen] = False
+                keep_rows[rows[dropped]] = False
+                state.ids[(key, item)] = ids[chosen]
+                if TRACE is not None:
+                    TRACE.append((drop.req_id, index, item, ids[chosen].cpu()))
+        kept = keep_rows.nonzero().squeeze(-1)
+        state.index = held[kept]
+        state.positions = positions[..., kept]  # a row of positions, or M-RoPE's (3, rows)
+        hidden, residual = hidden[kept], residual[kept] if residual is not None else None
+        if replaced:  # a merged token's stream is its state: all of it in the residual (the next layer adds 0)
+            at = torch.full((keep_rows.shape[0],), -1, dtype=torch.long, device=hidden.device)
+            at[kept] = torch.arange(kept.shape[0], device=hidden.device)
+            for rows, merged in replaced:
+                if residual is None:
+                    hidden[at[rows]] = merged.to(hidden.dtype)
+                else:
+                    hidden[at[rows]] = 0
+                    residual[at[rows]] = merged.to(residual.dtype)
+        return (positions[..., kept], hidden, residual, *args[3:])
+
+    def _renumbered(self, index: int, step: StepPlan, positions: torch.Tensor) -> torch.Tensor:
+        """The held rows' positions in layer ``index`` where requests renumber their kept tokens
+        (``positions="contiguous"``, the Hugging Face path's): a request that dropped in this step
+        counts its held rows from its first, one that dropped before counts on from its kept tokens
+        (its position less the tokens dropped before this layer); the others keep theirs. The same
+        for every layer of a segment: made once per segment (held rows, positions, counts dropped)."""
+        current = self.state.index
+        dropped = tuple(plan.dropped_before(index) if plan is not None else 0 for plan, _ in step.batch)
+        made = self.state.renumbered.get(dropped)
+        if made is not None and made[0] is positions and made[1] is current:
+            return made[2]
+        held = current
+        if held is None:
+            held = torch.arange(positions.shape[-1], device=positions.device)
+        renumbered = positions.clone()
+        for batch_index, (plan, computed) in enumerate(step.batch):
+            if plan is None or not plan.contiguous:
+                continue
+            start, count = step.rows[batch_index]
+            mine = ((held >= start) & (held < start + count)).nonzero().squeeze(-1)
+            if batch_index in step.drops:
+                renumbered[..., mine] = computed + torch.arange(mine.shape[0], device=positions.device).to(positions.dtype)
+            elif computed >= plan.prompt:
+                renumbered[..., mine] = positions[..., mine] - plan.dropped_before(index)
+        self.state.renumbered[dropped] = (positions, current, renumbered)
+        return renumbered
+
+    def _item_rows(self, drop: RowDrop, offset: int, length: int, where: torch.Tensor) -> torch.Tensor:
+        """The held-row indices of an item's tokens that are still held (ascending)."""
+        step_rows = torch.arange(drop.start + offset - drop.computed, drop.start + offset - drop.computed + length,
+                                 device=where.device)
+        rows = where[step_rows]
+        return rows[rows >= 0]
+
+    def _layer_qk(self, index: int, positions, hidden, residual) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotated queries and keys decoder layer ``index`` computes from its input, as its own
+        modules compute them (input norm, fused ``qkv_proj``, per-head q/k norms where it has them,
+        rotary embedding), on copies: vLLM's fused norm may write into its inputs."""
+        layer = self.layers[index]
+        attn = layer.self_attn
+        with torch.no_grad():
+            if residual is None:
+                x = layer.input_layernorm(hidden.clone())
+            else:
+                x, _ = layer.input_layernorm(hidden.clone(), residual.clone())
+            qkv, _ = attn.qkv_proj(x)
+            q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+            if getattr(attn, "q_norm", None) is not None:  # Qwen3's per-head norms, before the rotation
+                q = attn.q_norm(q.reshape(*q.shape[:-1], -1, attn.head_dim)).reshape(q.shape)
+                k = attn.k_norm(k.reshape(*k.shape[:-1], -1, attn.head_dim)).reshape(k.shape)
+            return attn.rotary_emb(positions, q, k)
+
+    def _select(self, index: int, drop: RowDrop, item: int, rows: torch.Tensor, ids: torch.Tensor, keep: int, scored,
+                where, hidden, scorer: int | None):
+        """The method's own choice (``LanguageStage.select``) among an item's held ``rows`` (``ids``:
+        their indices into the item's visual block), from a ``LayerView`` of the request's held rows
+        in this step: its prompt tokens valid (a request computed again after preemption holds its
+        generated tokens too), its residual stream at the boundary and before it, its input
+        embeddings where the stage reads them, and the queries and keys of decoder layer ``scorer``
+        (``None``: the stage reads no layer's attention). Returns the kept tokens' indices among
+        ``rows`` (ascending) and, where the stage merges, the states that take their slots."""
+        stage = drop.request.plans[item].language
+        step_rows = torch.arange(drop.start, drop.start + drop.count, device=where.device)
+        mapped = where[step_rows]
+        held = mapped >= 0
+        request_rows = mapped[held]
+        place = (step_rows - drop.start + drop.computed)[held]  # each held row's position in the request
+        valid = (place < drop.request.prompt)[None]
+        last_item = max(offset + length for offset, length in drop.request.spans)
+        after_image = ((place >= last_item) & (place < drop.request.prompt)).nonzero().squeeze(-1)
+        local = torch.searchsorted(request_rows, rows)  # the item's rows among the request's rows
+        query = key = previous = None
+        if scorer is not None:
+            captured, previous = scored  # layer ``scorer``'s (queries, keys), and the residual stream it read
+            if captured is None or previous is None:
+                raise RuntimeError(f"layer {scorer} did not run before layer {index} in this step; its attention cannot be read")
+            query, key = (values[request_rows] for values in captured)
+            previous = previous[request_rows][None]
+        length = request_rows.shape[0]
+
+        def attention(layer, hidden_states, rope, queries, key_valid, visual_index, layer_keys=None):
+            attn = self.layers[scorer].self_attn.attn
+            heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_size
+            q = query.view(1, length, heads, head_dim).transpose(1, 2)
+            k = key.view(1, length, kv_heads, head_dim).transpose(1, 2)
+            out = []
+            for row in range(len(queries)):
+                out.append(visual_attention(q[row : row + 1, :, queries[row]], k, queries[row], key_valid[row],
+                                            visual_index[row], attn.impl.scale, heads // kv_heads))
+            return torch.stack(out)
+
+        def keys(layer, hidden_states, rope, key_valid):  # (1, L, H_kv * d), rotated, as the layer computed them
+            if scorer is None or layer is not self.layers[scorer]:
+                raise StageNotServed(f"{type(stage).__name__} reads the keys of a layer the plugin did not capture")
+            return key[None]
+
+        def final_norm(states):  # vLLM's fused norms may write into their inputs
+            return self.norm(states.clone())
+
+        embeddings = None
+        if stage.needs_input_embeddings:
+            entered = self.state.embeddings
+            if entered is None:
+                raise StageNotServed(f"{type(stage).__name__} reads the input embeddings, which this step did not pass")
+            held_rows = self.state.index
+            embeddings = (entered if held_rows is None else entered[held_rows])[request_rows][None]
+
+        view = LayerView(
+            layer_index=index, layer=self.layers[index], hidden_states=hidden[request_rows][None],
+            position_embeddings=(None, None), visual_index=local.view(1, 1, -1), visual_ids=ids.view(1, 1, -1),
+            valid=valid, input_ids=None, input_embeddings=embeddings, text_after_image=[after_image],
+            previous_layer=self.layers[index - 1], previous_hidden_states=previous,
+            scratch=self.state.scratch.setdefault((drop.req_id, item), {}),
+            attention_fn=attention, run_layer_fn=_unavailable, output_head_fn=_unavailable, final_norm_fn=final_norm,
+            keys_fn=keys,
+            previous_layer_keys=key.view(1, length, -1, self.layers[scorer].self_attn.attn.head_size).transpose(1, 2)
+            if stage.reads == "previous" else None,
+        )
+        selection = stage.select(view, keep)
+        if isinstance(selection, Selection):  # ascending, each state for its index's slot where it merges
+            states = selection.hidden_states
+            return selection.index.reshape(-1), None if states is None else states.reshape(-1, states.shape[-1])
+        return selection.reshape(-1).sort().values, None
+
+    def _leave(self, module, args, output):
+        state, self.state = self.state, None
+        if state is None or state.index is None or not isinstance(output, torch.Tensor):
+            return output
+        step = state.step
+        total = sum(count for _, count in step.rows)
+        full = output.new_zeros((total, *output.shape[1:]))
+        full[state.index] = output
+        return full
+
+
+def stream(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """A vLLM decoder layer's input as one residual stream (vLLM hands the last sublayer's output
+    and the stream before it apart, and adds them in the next layer's input norm)."""
+    return hidden if residual is None else hidden + residual
+
+
+def _unavailable(*args, **kwargs):
+    raise StageNotServed("this language stage runs a layer or the LM head on intermediate states, which the plugin "
+                         "does not serve yet")

@@ -1,0 +1,125 @@
+"""The compacted layers' attention metadata and KV slots (``compact_attention``), and the KV-cache
+specs that give the layers after each boundary groups of their own (``dropped_specs``): what either
+runner adds to a step, built from the ``StepPlan`` before the forward."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .steps import StepPlan
+
+
+def compact_slots(block_row: torch.Tensor, block_size: int, start: int, count: int) -> torch.Tensor:
+    """The KV slots of compacted token indices ``start .. start + count`` of a request whose blocks
+    are ``block_row``: its kept tokens fill its own blocks from the first slot, one after another.
+
+    >>> compact_slots(torch.tensor([7, 3]), 4, 2, 4).tolist()
+    [30, 31, 12, 13]
+    """
+    index = torch.arange(start, start + count, dtype=torch.long, device=block_row.device)
+    return block_row.long()[index // block_size] * block_size + index % block_size
+
+
+def layer_segments(num_layers: int, holds) -> list[tuple[tuple, list[int]]]:
+    """Decoder layers grouped by what ``holds(layer)`` gives (equal values, one metadata), in order.
+
+    >>> layer_segments(4, lambda layer: layer >= 2)
+    [(False, [0, 1]), (True, [2, 3])]
+    """
+    segments: dict = {}
+    for layer in range(num_layers):
+        segments.setdefault(holds(layer), []).append(layer)
+    return list(segments.items())
+
+
+@dataclasses.dataclass
+class KVGroup:
+    """One KV-cache group as a runner hands it over: its attention groups (vLLM's ``AttentionGroup``:
+    layer names and metadata builder), each request's block ids in batch order, and the block size
+    its slots count in (slot = block * block_size + offset)."""
+
+    attention: list
+    blocks: torch.Tensor  # [requests (at least), blocks] block ids, batch order
+    block_size: int
+    table: torch.Tensor  # what the metadata's ``block_table_tensor`` gets
+
+
+def compact_attention(step: StepPlan, names: list[str], seq_lens: torch.Tensor, groups: list[KVGroup], build,
+                      device) -> tuple[dict, dict]:
+    """Attention metadata and KV slots for the layers where some request holds fewer tokens than
+    the step's rows (``names``: each decoder layer's attention), by layer name: query starts and
+    sequence lengths of the tokens each request holds, and slots that put a request's kept tokens
+    in the first slots of its own blocks (``compact_slots``). ``seq_lens``: each request's length
+    after the step (CPU); ``build(attention_group, common_metadata)``: the runner's way to build.
+    Both runners call this (the V1 runner from ``_build_attention_metadata``, Model Runner V2 from
+    its ``ModelState.prepare_attn``)."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    num_reqs = len(step.rows)
+    seq_lens = seq_lens[:num_reqs]
+
+    def holds(layer: int) -> tuple:
+        """Per request (rows in the step, tokens dropped before the step's first row, tokens dropped in all)."""
+        value = []
+        for index, ((plan, computed), (_, count)) in enumerate(zip(step.batch, step.rows)):
+            if plan is None:
+                value.append((count, 0, 0))
+            elif index in step.drops:
+                dropped = plan.dropped_before(layer)
+                value.append((count - dropped, 0, dropped))
+            elif computed >= plan.prompt:
+                dropped = plan.dropped_before(layer)
+                value.append((count, dropped, dropped))
+            else:  # prompt tokens before its first dropped item, in an earlier step
+                value.append((count, 0, 0))
+        return tuple(value)
+
+    metadata, slots_by_layer = {}, {}
+    for value, layers in layer_segments(len(names), holds):
+        if all(dropped == 0 for _, _, dropped in value):
+            continue
+        counts = [count for count, _, _ in value]
+        starts = torch.tensor([0, *counts], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        lens = seq_lens - torch.tensor([dropped for _, _, dropped in value], dtype=seq_lens.dtype)
+        wanted = {names[layer] for layer in layers}
+        # each KV-cache group its own block table: the layers after a boundary have groups of
+        # their own where the server saves memory (``memory.DroppedSpec``), one with the others if not
+        for group in groups:
+            chosen = [(attention, mine) for attention in group.attention
+                      if (mine := [name for name in attention.layer_names if name in wanted])]
+            if not chosen:
+                continue
+            slots = [compact_slots(group.blocks[index], group.block_size, computed - before, count)
+                     for index, ((count, before, _), (_, computed)) in enumerate(zip(value, step.batch))]
+            slot_mapping = (torch.cat(slots) if slots else torch.empty(0, dtype=torch.long)).to(device)
+            common = CommonAttentionMetadata(
+                query_start_loc=starts.to(device), query_start_loc_cpu=starts, seq_lens=lens.to(device),
+                seq_lens_cpu_upper_bound=lens, num_reqs=num_reqs, num_actual_tokens=int(starts[-1]),
+                max_query_len=max(counts), max_seq_len=int(lens.max()), block_table_tensor=group.table,
+                slot_mapping=slot_mapping, causal=True,
+            )
+            for attention, mine in chosen:
+                built = build(attention, common)
+                for name in mine:
+                    metadata[name] = built
+                    slots_by_layer[name] = slot_mapping
+    return metadata, slots_by_layer
+
+
+def dropped_specs(model, specs: dict) -> dict:
+    """vLLM's KV-cache specs by layer name, the layers from each boundary of the server's methods
+    to the next reporting ``memory.DroppedSpec``: their own KV-cache groups, whose blocks hold the
+    kept tokens only (either runner's ``get_kv_cache_spec``)."""
+    boundaries = model.duet_boundaries() if hasattr(model, "duet_boundaries") else []
+    if not boundaries:
+        return specs
+    from ..memory import DroppedSpec
+
+    names = model.duet_attention_layer_names()
+    edges = [*boundaries, len(names)]
+    for first, end in zip(edges, edges[1:]):
+        for layer in range(first, end):
+            specs[names[layer]] = DroppedSpec.of(specs[names[layer]], first, end - 1)
+    return specs

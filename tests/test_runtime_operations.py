@@ -8,6 +8,12 @@ a family whose layers each take a per-token argument of their own (Gemma 4's per
 slice the model cuts for each layer): after a boundary it is gathered to the segment's tokens, one
 operation per layer. On every family and tower variant, for one item and for a left-padded batch,
 under a method that prunes in the language model (FastV) and DUET.
+
+What the runtime adds to a whole prefill, hooks and stages together, is bounded the same way: the
+count of one forward under a method less the unpatched forward's on the same inputs, per family,
+one row and a batch, under ``full``, FastV, DUET and VisionZip, may not exceed what it was when the
+bound was written (``ADDED_OPERATIONS``, printed by ``tools/runtime_operations.py``): a runtime change
+that does more work per prefill fails here, where seconds would hide it in noise.
 """
 
 import pytest
@@ -15,7 +21,46 @@ import torch
 
 import duet_vlm
 from duet_vlm.adapters import adapter_for
-from duet_vlm.bench.timing import OperationClock
+from duet_vlm.bench.timing import OperationClock, forward_operations
+
+METHODS = ("full", "fastv", "duet", "visionzip")
+
+#: Per family and inputs (``one``: one row; ``batch``: the left-padded batch), the tensor operations one
+#: forward under each of ``METHODS`` (ratio 0.5) adds to the unpatched forward on the same inputs, as
+#: counted when the bound was written (``python tools/runtime_operations.py`` prints this table; lower
+#: it where a change makes the runtime do less).
+ADDED_OPERATIONS = {
+    ("llava", "one"): (37, 118, 244, 114),
+    ("llava", "batch"): (54, 208, 346, 144),
+    ("llava-siglip", "one"): (37, 119, 248, 117),
+    ("llava-siglip", "batch"): (54, 210, 351, 147),
+    ("llava_next", "one"): (63, 145, 277, 146),
+    ("llava_next", "batch"): (94, 312, 588, 268),
+    ("llava_next-siglip", "one"): (59, 141, 276, 145),
+    ("llava_next-siglip", "batch"): (90, 308, 587, 267),
+    ("llava_onevision", "one"): (40, 121, 264, 135),
+    ("llava_onevision", "batch"): (101, 389, 774, 365),
+    ("llava_onevision-clip", "one"): (66, 147, 278, 149),
+    ("llava_onevision-clip", "batch"): (105, 393, 772, 363),
+    ("video_llava", "one"): (40, 122, 258, 127),
+    ("video_llava", "batch"): (67, 361, 678, 267),
+    ("qwen2_vl", "one"): (45, 129, 262, 137),
+    ("qwen2_vl", "batch"): (80, 374, 749, 351),
+    ("qwen2_5_vl", "one"): (45, 129, 284, 159),
+    ("qwen2_5_vl", "batch"): (80, 374, 805, 407),
+    ("qwen3_vl", "one"): (63, 156, 303, 160),
+    ("qwen3_vl", "batch"): (135, 479, 886, 429),
+    ("qwen3_5", "one"): (45, 144, 284, 137),
+    ("qwen3_5", "batch"): (87, 464, 802, 363),
+    ("qwen3_5-moe", "one"): (45, 144, 284, 137),
+    ("qwen3_5-moe", "batch"): (87, 464, 802, 363),
+    ("internvl", "one"): (37, 118, 247, 118),
+    ("internvl", "batch"): (60, 348, 691, 282),
+    ("gemma3", "one"): (43, 216, 439, 170),
+    ("gemma3", "batch"): (66, 375, 699, 236),
+    ("gemma4", "one"): (47, 199, 409, 255),
+    ("gemma4", "batch"): (72, 438, 843, 443),
+}
 
 
 def hook_operations(model, reducer, inputs) -> tuple[dict[int, int], list[list[int]]]:
@@ -61,3 +106,14 @@ def test_a_layer_no_boundary_opens_costs_the_runtime_no_tensor_operation(family,
     after_first = range(min(opened) + 1, len(counts))
     expected = {layer: int(gathers and layer in after_first) for layer in counts if layer not in opened}
     assert {layer: counts[layer] for layer in expected} == expected
+
+
+@pytest.mark.parametrize("inputs", ["one", "batch"])
+def test_what_the_runtime_adds_to_a_prefill_is_bounded(family, inputs):
+    model = family.model()
+    batch = getattr(family, inputs)(model)
+    plain = forward_operations(model, batch)
+    added = {method: forward_operations(model, batch, duet_vlm.make(method, ratio=0.5)) - plain for method in METHODS}
+    bound = dict(zip(METHODS, ADDED_OPERATIONS[family.name, inputs]))
+    over = {method: (added[method], bound[method]) for method in METHODS if added[method] > bound[method]}
+    assert not over, f"the runtime adds more tensor operations than its bound (added, bound): {over}"

@@ -13,6 +13,7 @@ seconds, the same on every machine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -244,6 +245,17 @@ class OperationClock(TorchDispatchMode):
         if not func.is_view:
             self.operations += 1
         return func(*args, **(kwargs or {}))
+
+
+def forward_operations(model, inputs: dict, reducer=None) -> int:
+    """The tensor operations (``OperationClock``) of one forward of ``model`` on ``inputs``
+    (``logits_to_keep=1``, as a prefill), under ``reducer`` where given. The reduced forward's count
+    less the unpatched one's is what duet-vlm adds, hooks and stages: a layer's own count does not
+    depend on how many tokens it holds."""
+    with torch.no_grad(), (reducer(model) if reducer is not None else contextlib.nullcontext()):
+        with OperationClock() as clock:
+            model(**inputs, logits_to_keep=1)
+    return clock.read()
 
 
 class PeakRSS:

@@ -231,5 +231,10 @@ class GemmaLayers(FamilyMasks):
         # a model without image blocks.
         if layers is None:
             layers = dict.fromkeys(KINDS[t] for t in self.types)
+        elif key_valid is not None:
+            # A decoding step with a mask: built whole, never checked on the host for whether it could
+            # be skipped (``fast_all``, a device sync the model's own step does not add a second time);
+            # where it could, every key is valid and it is ``None`` here (``step_mask``).
+            common["allow_is_causal_skip"] = False
         build = {"attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
         return {kind: build[kind](**common, layer_idx=layer) for kind, layer in layers.items()}

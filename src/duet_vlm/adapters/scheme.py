@@ -481,16 +481,17 @@ class FamilyMasks(LayerScheme):
         return self.build(hidden, valid, types)
 
     def step_mask(self, kwargs: dict, user_mask, length: int):
-        if user_mask is not None:
-            return user_mask
-        hidden = kwargs["inputs_embeds"]
-        return torch.ones(hidden.shape[0], length, dtype=torch.long, device=hidden.device)
+        # The caller's 2-D mask; ``None`` where it gave none, every key valid (``continue_prompt``
+        # makes one where alignment pads need it), so that the masks are built from no mask, as the
+        # model builds them, with no check of the mask's values on the host.
+        return user_mask
 
     def step_masks(self, built, mask, hidden, cache, identity: bool, first_boundary: int):
         if identity:
             return built  # the entry segment's masks are the model's own
         # The entry segment's first layer of each kind: where each mask is sized against the cache.
-        return self.by_layer_type(self.build(hidden, mask.bool(), None, cache, self.heads(0, first_boundary)))
+        valid = None if mask is None else mask.bool()
+        return self.by_layer_type(self.build(hidden, valid, None, cache, self.heads(0, first_boundary)))
 
     def segment_step_mask(self, kind, layer_index, hidden, mask, cache, kv_index, keys):
         return self.build(hidden, keys(), None, cache, {kind: layer_index})[kind]

@@ -125,7 +125,9 @@ class Segment:
             tail = torch.arange(state.entry_length, mask.shape[-1], device=steps.index.device)
             return torch.cat([steps.index, tail.expand(steps.batch, -1)], dim=1)
 
-        def keys() -> torch.Tensor:  # the valid keys of the segment's cache, this step's included
+        def keys() -> torch.Tensor | None:  # the valid keys of the segment's cache, this step's included
+            if state.decoding.mask is None:  # no mask given and no pads: every key is valid
+                return None
             return torch.cat([steps.valid(state.tokens.valid), state.decoding.mask[:, state.entry_length :].bool()], dim=1)
 
         unpadded = steps.pad is None and entry.pad is None

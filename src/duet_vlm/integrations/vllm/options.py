@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -368,15 +369,17 @@ class PlanCache:
         self.size = size
         self.reducers: OrderedDict = OrderedDict()
         self.plans: OrderedDict = OrderedDict()
+        self.lock = threading.RLock()  # a front end may process requests in threads
 
     def _kept(self, store: OrderedDict, key, make):
-        if key in store:
-            store.move_to_end(key)
-            return store[key]
-        value = store[key] = make()
-        if len(store) > self.size:
-            store.popitem(last=False)
-        return value
+        with self.lock:
+            if key in store:
+                store.move_to_end(key)
+                return store[key]
+            value = store[key] = make()
+            if len(store) > self.size:
+                store.popitem(last=False)
+            return value
 
     def reducer(self, settings: Settings) -> Reducer:
         return self._kept(self.reducers, settings.key(), settings.build_reducer)

@@ -56,9 +56,16 @@ def images_of(kwargs: dict):
 # transformers 5.20.2 (a patch release; 5.21 too) declares Qwen3.5's and Qwen3.5-MoE's input modalities,
 # so that generate encodes their images before the prefill (``mm_encoder_outputs``); on 5.19.0 to
 # 5.20.1 generate hands the prefill the raw pixels, and the runtime captures the tower's features in
-# that forward instead (the path of a plain forward). Nothing to branch on: both paths are the
-# runtime's. (Measured on 5.19.0: the tiny Qwen3.5's greedy and beam-search generate, unpatched and
-# under VisionZip; tests/test_families.py's Qwen3.5 cases pass there.)
+# that forward instead (the path of a plain forward). Both paths are the runtime's, with one
+# difference it does not hide: generate *without a cache* then encodes the images again at every
+# step, so the step's prefill is a new encoding and does not keep the first step's selection; a
+# method that prunes inside the language model selects again from the prompt as it has grown, and
+# such a generate no longer equals the cached one (measured on 5.19.0, the tiny Qwen3.5 under FastV:
+# the same tokens, scores up to 0.069 apart; exact on 5.20.2, 5.21.0 and 5.22.0;
+# tests/test_qwen3_5.py::test_cached_decoding_equals_uncached fails there, outside CI's oldest
+# lane). Cached generate (generate's default) keeps its one selection on every release.
+# (Measured on 5.19.0: the tiny Qwen3.5's greedy and beam-search generate, unpatched and under
+# VisionZip; tests/test_families.py's Qwen3.5 cases pass there.)
 #
 # transformers 5.21 gave Qwen3.5's linear-attention layers cache accessors of their own
 # (``Cache.get_conv_state``, ``get_recurrent_state``; 5.19 and 5.20 read ``layers[i].conv_states``);

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from packaging.version import Version
 from transformers import DynamicCache
 
 import duet_vlm
+from duet_vlm import compat
 from duet_vlm.plan import LayerKindError
 
 from checks import Force, hook_ids
@@ -246,6 +248,11 @@ def test_cached_decoding_equals_uncached(hybrid, name):
     kwargs = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad(), reducer(hybrid):
         cached = hybrid.generate(**inputs, **kwargs)
+        if compat.INSTALLED < Version(compat.ENCODES_BEFORE_PREFILL["qwen3_5"]) and name not in ("visionzip",):
+            # generate re-encodes the images at every step there: refused, not selected again
+            with pytest.raises(NotImplementedError, match="needs transformers 5.20.2 or newer for qwen3_5"):
+                hybrid.generate(**inputs, use_cache=False, **kwargs)
+            return
         uncached = hybrid.generate(**inputs, use_cache=False, **kwargs)
     assert torch.equal(cached.sequences, uncached.sequences)
     for a, b in zip(cached.scores, uncached.scores):
@@ -382,6 +389,9 @@ def test_flops_and_cache_bytes_per_layer_kind(hybrid):
 def test_sampling_several_sequences_equals_the_prompt_repeated(hybrid):
     """``num_return_sequences=2`` under DUET (the hybrid cache's states repeated with the rows) gives
     the tokens of the prompt repeated in a batch, same seed."""
+    if compat.INSTALLED < Version(compat.ENCODES_BEFORE_PREFILL["qwen3_5"]):
+        pytest.skip("before transformers 5.20.2 the unpatched Qwen3.5 itself samples several sequences unlike the "
+                    "prompt repeated (measured on 5.19.0, where generate hands each step the pixels)")
     inputs = _one()
     reducer = duet_vlm.make("duet", ratio=0.5)
     kwargs = dict(max_new_tokens=4, do_sample=True, top_k=5)
@@ -498,3 +508,27 @@ def test_an_explicit_layer_equal_to_the_default_is_still_explicit(hybrid, name):
     with torch.no_grad(), reducer(hybrid):
         hybrid(**_one())
     assert [layer for layer, _ in reducer.stats.items[0].stage_ids] == [4]
+
+
+def test_a_prefill_without_a_cache_that_continues_with_images_encoded_again_is_refused_where_generate_does_that(
+        hybrid, monkeypatch):
+    """On transformers 5.19.0 to 5.20.1, Qwen3.5's generate without a cache encodes the images again at
+    every step, and a method that prunes inside the language model would select again from the grown
+    prompt (``compat.check_reencoded``). A forward without a cache that continues the last one's prompt
+    with its images encoded again is refused there, naming 5.20.2 (here the installed release is read
+    as 5.19.0); on a release that encodes before the prefill it runs, selecting for its own prompt."""
+    inputs = _one(b=1)
+    length = inputs["input_ids"].shape[1]
+    grown = {key: torch.cat([value, value[:, -1:]], dim=1)  # the prompt and its last (text) token again
+             if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] == length else value
+             for key, value in inputs.items()}
+    reducer = duet_vlm.make("fastv", ratio=0.5)
+    with torch.no_grad(), reducer(hybrid):
+        monkeypatch.setattr(compat, "INSTALLED", Version("5.20.2"))
+        hybrid(**inputs, use_cache=False)
+        hybrid(**grown, use_cache=False)  # a release that encodes before the prefill: runs
+        monkeypatch.setattr(compat, "INSTALLED", Version("5.19.0"))
+        hybrid(**inputs, use_cache=False)
+        with pytest.raises(NotImplementedError, match=r"needs transformers 5\.20\.2 or newer for qwen3_5.*Generate with the cache"):
+            hybrid(**grown, use_cache=False)
+        hybrid(**inputs, use_cache=False)  # nothing left behind: the next forward runs

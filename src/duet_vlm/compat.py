@@ -63,10 +63,31 @@ def images_of(kwargs: dict):
 # such a generate no longer equals the cached one (measured on 5.19.0, the tiny Qwen3.5 under FastV:
 # the same tokens, scores up to 0.069 apart; exact on 5.20.2, 5.21.0 and 5.22.0;
 # tests/test_qwen3_5.py::test_cached_decoding_equals_uncached fails there, outside CI's oldest
-# lane). Cached generate (generate's default) keeps its one selection on every release.
+# lane). Cached generate (generate's default) keeps its one selection on every release; a prefill
+# without a cache that continues the last one's prompt with its images encoded again is refused
+# there, naming the release (``check_reencoded``).
 # (Measured on 5.19.0: the tiny Qwen3.5's greedy and beam-search generate, unpatched and under
 # VisionZip; tests/test_families.py's Qwen3.5 cases pass there.)
 #
+#: Per family, the release from which ``generate`` encodes its images before the prefill (so that
+#: generate without a cache prefills every step from one encoding), where it is newer than the floor.
+ENCODES_BEFORE_PREFILL = {"qwen3_5": "5.20.2"}
+
+
+def check_reencoded(family: str) -> None:
+    """Refuse a prefill without a cache that continues the last one's prompt with the images encoded
+    again, on a release whose ``generate`` does that at every step for ``family``: its selection
+    would be made again from the grown prompt (see above)."""
+    release = ENCODES_BEFORE_PREFILL.get(family)
+    if release is not None and INSTALLED < Version(release):
+        raise NotImplementedError(
+            f"generate without a cache under a method that prunes inside the language model (or reads the prompt) "
+            f"needs transformers {release} or newer for {family}: transformers {transformers.__version__} encodes "
+            f"the images again at every step, so the selection would change as the answer grows. Generate with the "
+            f"cache (the default), or {_install(release)}"
+        )
+
+
 # transformers 5.21 gave Qwen3.5's linear-attention layers cache accessors of their own
 # (``Cache.get_conv_state``, ``get_recurrent_state``; 5.19 and 5.20 read ``layers[i].conv_states``);
 # duet-vlm reads neither: its check reads ``layers[i].recurrent_states``, present from 5.16 to 5.24.

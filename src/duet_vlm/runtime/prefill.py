@@ -16,7 +16,7 @@ import torch
 
 from ..adapters import Capture, UnreducibleInput, VisualItem
 from ..compaction import Compaction
-from ..compat import cache_of, check_checkpointing
+from ..compat import cache_of, check_checkpointing, check_reencoded
 from ..plan import Plan
 from .binding import Binding
 from .entry import reduces_nothing
@@ -200,7 +200,12 @@ def open_prefill(binding: Binding, call, found: tuple[torch.Tensor, dict], kwarg
             return WholeItems(items)
     reference = None
     if cache is None and not torch.is_grad_enabled() and call.reference is not None:
-        rows = extends(call.reference, input_ids, items) if same_encoding(call.reference_encoding, encoding) else None
+        if same_encoding(call.reference_encoding, encoding):
+            rows = extends(call.reference, input_ids, items)
+        else:
+            rows = None
+            if extends(call.reference, input_ids, items) is not None:  # continued, its images encoded again
+                check_reencoded(binding.adapter.family)
         reference = (call.reference, rows) if rows is not None else None
     language = binding.scheme
     types = language.token_types(input_ids, found[1], items)

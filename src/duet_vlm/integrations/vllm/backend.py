@@ -33,8 +33,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ...adapters.llava import llava_geometry
 from ...geometry import Geometry
-from .processor import DuetProcessorMixin, ItemFields, cut_runs, item_fields_config, server_options
 from .options import RefusedMethod, Settings, plan_for
+from .processor import DuetProcessorMixin, ItemFields, cut_runs, item_fields_config, server_options
 from .refused import BACKEND, refuse_options
 from .select import layer_scores, reduce_unit, tap
 

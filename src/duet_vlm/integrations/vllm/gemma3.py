@@ -32,8 +32,8 @@ from vllm.multimodal.processing.processor import cached_encode, replace_token_ma
 from ...adapters.gemma3 import gemma3_geometry, pooled_keys, pooled_scores
 from ...geometry import Geometry
 from .common import SLIDING_WINDOW_REFUSAL, DuetTowerMixin, Encoded
-from .processor import DuetInfoMixin, DuetProcessorMixin, consecutive, cut_runs
 from .options import RefusedMethod
+from .processor import DuetInfoMixin, DuetProcessorMixin, consecutive, cut_runs
 
 
 class DuetGemma3ProcessingInfo(DuetInfoMixin, Gemma3ProcessingInfo):

@@ -38,8 +38,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from ...adapters.gemma4 import gemma4_geometry, image_grid, pooled_layer_scores
 from ...geometry import Geometry
 from .common import SLIDING_WINDOW_REFUSAL, DuetTowerMixin, Encoded
-from .processor import DuetInfoMixin, DuetProcessorMixin, cut_runs
 from .options import RefusedMethod
+from .processor import DuetInfoMixin, DuetProcessorMixin, cut_runs
 from .select import encoder_index
 
 

@@ -33,8 +33,8 @@ from vllm.multimodal.processing import PromptUpdateDetails
 from ...adapters.internvl import internvl_geometry, internvl_layer_scores, pool_through_shuffle, shuffle_groups
 from ...geometry import Geometry
 from .common import DuetTowerMixin, Encoded
-from .processor import DuetInfoMixin, DuetProcessorMixin, consecutive
 from .options import RefusedMethod
+from .processor import DuetInfoMixin, DuetProcessorMixin, consecutive
 from .select import encoder_index
 
 

@@ -25,8 +25,8 @@ from vllm.model_executor.models.llava_next import get_anyres_image_grid_shape
 from ...adapters.llava_next import anyres_geometry
 from ...geometry import Geometry
 from .common import DuetTowerMixin, Encoded
-from .processor import DuetProcessorMixin, consecutive
 from .options import RefusedMethod, plan_for
+from .processor import DuetProcessorMixin, consecutive
 
 
 class StageNotServedHere(RefusedMethod):

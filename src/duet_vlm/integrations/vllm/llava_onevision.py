@@ -28,8 +28,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from ...adapters.llava_onevision import onevision_video_geometry
 from ...geometry import Geometry
 from .common import Encoded, identity
-from .processor import DuetInfoMixin, consecutive
 from .llava_next import AnyresProcessorMixin, AnyresTowerMixin
+from .processor import DuetInfoMixin, consecutive
 
 
 class DuetLlavaOnevisionMultiModalProcessor(AnyresProcessorMixin, LlavaOnevisionMultiModalProcessor):

@@ -60,8 +60,8 @@ from ...adapters.qwen_vl import qwen_geometry
 from ...geometry import Geometry
 from ...scoring import segment_scores
 from .common import DuetModelMixin
-from .processor import PIXELS, DuetProcessorMixin
 from .options import RefusedMethod, plan_for
+from .processor import PIXELS, DuetProcessorMixin
 from .select import all_heads, encoder_index, reduce_unit
 
 

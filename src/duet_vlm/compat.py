@@ -10,6 +10,7 @@ subset on its oldest (``.ci/run``).
 from __future__ import annotations
 
 from collections import UserDict
+from typing import Callable
 
 import transformers
 from packaging.version import Version
@@ -68,18 +69,19 @@ def images_of(kwargs: dict):
 # there, naming the release (``check_reencoded``).
 # (Measured on 5.19.0: the tiny Qwen3.5's greedy and beam-search generate, unpatched and under
 # VisionZip; tests/test_families.py's Qwen3.5 cases pass there.)
-#
+
 #: Per family, the release from which ``generate`` encodes its images before the prefill (so that
 #: generate without a cache prefills every step from one encoding), where it is newer than the floor.
 ENCODES_BEFORE_PREFILL = {"qwen3_5": "5.20.2"}
 
 
-def check_reencoded(family: str) -> None:
-    """Refuse a prefill without a cache that continues the last one's prompt with the images encoded
-    again, on a release whose ``generate`` does that at every step for ``family``: its selection
-    would be made again from the grown prompt (see above)."""
+def check_reencoded(family: str, continues: Callable[[], bool]) -> None:
+    """Refuse a prefill without a cache whose images were encoded again, where it ``continues()`` the
+    last one's prompt, on a release whose ``generate`` does that at every step for ``family``: its
+    selection would be made again from the grown prompt (see above). ``continues`` is asked only on
+    such a release."""
     release = ENCODES_BEFORE_PREFILL.get(family)
-    if release is not None and INSTALLED < Version(release):
+    if release is not None and INSTALLED < Version(release) and continues():
         raise NotImplementedError(
             f"generate without a cache under a method that prunes inside the language model (or reads the prompt) "
             f"needs transformers {release} or newer for {family}: transformers {transformers.__version__} encodes "

@@ -202,10 +202,9 @@ def open_prefill(binding: Binding, call, found: tuple[torch.Tensor, dict], kwarg
     if cache is None and not torch.is_grad_enabled() and call.reference is not None:
         if same_encoding(call.reference_encoding, encoding):
             rows = extends(call.reference, input_ids, items)
-        else:
+        else:  # images encoded again: a new prompt, unless a release's generate re-encodes at every step
             rows = None
-            if extends(call.reference, input_ids, items) is not None:  # continued, its images encoded again
-                check_reencoded(binding.adapter.family)
+            check_reencoded(binding.adapter.family, lambda: extends(call.reference, input_ids, items) is not None)
         reference = (call.reference, rows) if rows is not None else None
     language = binding.scheme
     types = language.token_types(input_ids, found[1], items)

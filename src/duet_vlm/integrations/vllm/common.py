@@ -126,7 +126,7 @@ class DuetModelMixin:
         has this member (``resolve_model_state_cls``): present only on a server that drops inside the
         language model, whose state builds the compacted layers' metadata (``language.DuetModelState``,
         vLLM's ``DefaultModelState`` otherwise); elsewhere vLLM chooses as it would."""
-        if getattr(self, "_duet_language", None) is None:
+        if self.duet_language_stages() is None:
             raise AttributeError("get_model_state_cls")
         from . import language
 

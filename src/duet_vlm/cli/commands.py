@@ -564,6 +564,14 @@ def train_command(ctx: typer.Context) -> None:
         outcome = train(config)
     except (DataError, ValueError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error)) from error
+    finally:
+        # Launched on several processes (accelerate launch, torchrun), the command owns its process group:
+        # it ends it here rather than leaving it to the interpreter's exit, where a gloo group's threads
+        # were once torn down still running (a rank aborted, "terminate called without an active exception").
+        import torch.distributed
+
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     printing.console.print(
         f"saved {outcome.output_dir} after {outcome.global_step} steps, final training loss {outcome.final_loss:.4f}",
         markup=False,

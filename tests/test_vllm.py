@@ -448,10 +448,11 @@ def test_a_class_the_plugin_does_not_serve_refuses_duet_options_at_start():
     assert "Gemma4ForConditionalGeneration" in plugin.MODELS
 
 
-def engine_in_a_process(folder, options: dict, mode: str, processor, pictures, tmp_path) -> list:
+def engine_in_a_process(folder, options: dict, mode: str, processor, pictures, tmp_path, settings=None) -> list:
     """``tests/vllm_tensor_parallel.py`` on ``pictures``: tensor parallelism (``mode``: vLLM's
     ``mm_encoder_tp_mode``) or the Transformers backend (``mode="backend"``), in a process of its own;
-    each picture's ``[tokens, log-probabilities, prompt length, kept or None]``."""
+    each picture's ``[tokens, log-probabilities, prompt length, kept or None]`` (with ``settings``,
+    more of ``LLM``'s, then each rank's ``[layer, kept ids]`` at each boundary of the language side)."""
     requests = []
     for i, picture in enumerate(pictures):  # PNG is lossless: the script reads the same pixels
         picture.save(tmp_path / f"picture{i}.png")
@@ -461,7 +462,8 @@ def engine_in_a_process(folder, options: dict, mode: str, processor, pictures, t
     env = {**os.environ, **({} if mode == "backend" else {"VLLM_CPU_OMP_THREADS_BIND": "0|1"})}  # a core per rank
     script = os.path.join(os.path.dirname(__file__), "vllm_tensor_parallel.py")
     run = subprocess.run(
-        [sys.executable, script, str(folder), json.dumps(options), mode, json.dumps(requests), str(NEW_TOKENS), str(out)],
+        [sys.executable, script, str(folder), json.dumps(options), mode, json.dumps(requests), str(NEW_TOKENS), str(out),
+         *([json.dumps(settings)] if settings else [])],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -1509,6 +1511,47 @@ def test_tensor_parallel_equals_the_hugging_face_path(tmp_path, request, kind, m
     for picture, reference, result in zip(pictures, references, results):
         assert result[2] == served_length(processor, picture, budget)
         assert_same(reference[:2] + (None,), result, None, processor)
+
+
+@pytest.fixture(scope="module")
+def saved_qwen2_5_deep(tmp_path_factory):
+    """A tiny Qwen2.5-VL of 8 decoder layers (4 query heads, 2 key-value heads: one of each per rank)."""
+    folder = write_qwen_vl(tmp_path_factory.mktemp("tiny-qwen2_5_vl-8-tp"), layers=8, kind="qwen2_5_vl")
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    return folder, model, AutoProcessor.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("saved,method,budget", [("saved_llava_deep", "duet", 200), ("saved_llava_deep", "fastv", 160),
+                                                 ("saved_llava_deep", "pyramiddrop", 200),
+                                                 ("saved_qwen2_5_deep", "duet", 50), ("saved_qwen2_5_deep", "fastv", 80)])
+def test_tensor_parallel_language_stages_equal_one_process_and_the_hugging_face_path(request, tmp_path, saved,
+                                                                                     method, budget):
+    """Dropping inside the language model under ``--tensor-parallel-size 2`` (two CPU workers, a
+    core each; each holds half of every decoder layer's heads): at every boundary both ranks keep
+    the tokens the one-process server keeps (their scores average over the heads of both, gathered
+    once per boundary), and the answer equals that server's and the Hugging Face path's (tokens,
+    log-probabilities, prompt length; the kept ids at every boundary, DUET's Stage A compared as
+    ``check_language_equals_hf`` compares it). DUET whole (Stage A, then Stage B after layers 4 and
+    6), FastV (scored in layer 1) and PyramidDrop (three boundaries, scored in the layer after each)
+    on LLaVA-1.5; DUET whole and FastV on Qwen2.5-VL (M-RoPE, grouped key-value heads)."""
+    folder, model, processor = request.getfixturevalue(saved)
+    pictures = [image(13, (392, 336)), image(14, (280, 336))] if is_qwen(processor) else [image(1), image(2)]
+    options = {"duet_method": method, "duet_budget": budget}
+    with engine(folder, options, **LANGUAGE) as llm:
+        alone, alone_kept = language_run(llm, processor, pictures)
+    stages = vision_stages(pictures)
+    results = engine_in_a_process(folder, options, "weights", processor, pictures, tmp_path, LANGUAGE)
+    reducer = duet_vlm.make(method, budget=budget)
+    for picture, one, one_kept, result, stage in zip(pictures, alone, alone_kept, results, stages):
+        tokens, logprobs, length, _, ranks = result
+        assert len(ranks) == 2 and one_kept
+        for rank in ranks:
+            assert_same_drops(one_kept, [(layer, torch.tensor(ids)) for layer, ids in rank])
+        assert (tokens, length) == (one[0], one[2])
+        assert np.allclose(logprobs, one[1], atol=LOGPROB_TOLERANCE), (logprobs, one[1])
+        reference, hf_kept = hf_language_reference(model, processor, picture, reducer, stage)
+        assert_same_drops(hf_kept, one_kept)
+        assert_same(reference, (tokens, logprobs, length), None)
 
 
 #: a 4-frame video and its metadata, the same on both sides (vLLM needs it; without it the Hugging

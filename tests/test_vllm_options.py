@@ -274,6 +274,10 @@ def test_the_engine_check_names_each_setting_it_refuses_and_accepts_every_worker
 
     for worker in WORKERS:
         check_engine(config(worker))
+    check_engine(config(tensor_parallel_size=2))  # served: a boundary gathers every rank's heads
+    with pytest.raises(StageNotServed, match=r"pipeline parallelism is on \(--pipeline-parallel-size 1; tensor "
+                                             r"parallelism is served\)$"):
+        check_engine(config(pipeline_parallel_size=2))
     with pytest.raises(StageNotServed) as refused:
         check_engine(config("vllm.v1.worker.gpu_worker.Worker", decode_context_parallel_size=2, enable_dbo=True,
                             logits_processors=(), lora_config=SimpleNamespace(max_loras=1)))

@@ -59,8 +59,10 @@ def check_engine(vllm_config) -> None:
         problems.append("the model is compiled (--enforce-eager): a boundary changes the row count mid-forward")
     if vllm_config.speculative_config is not None:
         problems.append("speculative decoding is on")
-    if parallel.pipeline_parallel_size > 1 or parallel.tensor_parallel_size > 1:
-        problems.append("pipeline or tensor parallelism is on (served on one worker so far)")
+    if parallel.pipeline_parallel_size > 1:
+        # a boundary gathers the rows of every request and scatters them back at the model's end,
+        # which a stage holding part of the layers (and handing intermediate tensors on) does not see
+        problems.append("pipeline parallelism is on (--pipeline-parallel-size 1; tensor parallelism is served)")
     if getattr(parallel, "decode_context_parallel_size", 1) > 1 or getattr(parallel, "prefill_context_parallel_size", 1) > 1:
         problems.append("context parallelism is on (its own block tables and slots)")
     if getattr(parallel, "enable_dbo", False):

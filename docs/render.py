@@ -255,12 +255,18 @@ def render_vllm(root: Path, path: str) -> str:
     for row in rows:
         if row["method"] is None:
             base.setdefault((row["concurrency"], row["max_tokens"]), row)
+    requests = ("as many image requests as clients" if settings["requests"] == "clients"
+                else f"{settings['requests']} image requests")
+    # before the benchmark gave every row images of its own, rows repeated images, and the encoder
+    # cache answered a repeated image without the vision tower
+    images = ("; every row and its warm-up on images new to that server" if "images" in settings
+              else "; rows repeat images, which vLLM's encoder cache then encodes once")
     header = (
         f"`{results['command']}`: {machine['cpus']} CPU cores, server threads {machine['server_threads']}, "
         f"vLLM {machine['vllm']}; a random-weight model of LLaVA-1.5's geometry ({model['visual_tokens']} visual "
         f"tokens per image, {model['layers']} decoder layers of width {model['hidden']}, a {model['vision_layers']}-layer "
-        f"CLIP tower of width {model['vision_hidden']}), {settings['dtype']}; {settings['requests']} image requests per "
-        f"row (a warm-up request before each row), end-of-sequence ignored, prefix caching off.\n\n"
+        f"CLIP tower of width {model['vision_hidden']}), {settings['dtype']}; {requests} per row (a warm-up request "
+        f"before each row{images}), end-of-sequence ignored, prefix caching off.\n\n"
     )
     head = ["server", "visual tokens", "output tokens", "concurrent", "requests/s", "output tokens/s", "TTFT median (s)",
             "TTFT p90 (s)", "peak RSS (GiB)", "requests/s vs unreduced", "TTFT vs unreduced", "load (before → after)"]

@@ -7,8 +7,12 @@ images, 576 visual tokens per image, a 32-layer decoder; widths scaled down to f
 ``duet_vlm.bench.models.ModelSize`` scales them) is served twice: by plain vLLM (the plugin
 installed, no method: vLLM's own code path), and with the plugin running a method, where each
 request asks for its budget (``mm_processor_kwargs``). A client sends ``requests`` image requests at
-each concurrency and output length (streaming, ``max_tokens`` tokens each, end-of-sequence ignored: a
-short answer, where the prefill dominates, and a longer one, where decoding does) and measures
+each concurrency and output length (``--requests clients``: as many as the concurrency; streaming,
+``max_tokens`` tokens each, end-of-sequence ignored: a short answer, where the prefill dominates, and
+a longer one, where decoding does), each row and the warm-up request before it on images that server
+has not been sent before (vLLM keeps an image's encoding in its encoder cache, keyed by the image and
+its processor options: an image sent again skips the vision tower, and a row of repeated images
+measured the cache), and measures
 requests/s, output tokens/s, time to first token (median and 90th percentile) and the peak resident
 memory of the server's processes. Rows record the machine's load average before and after: on a
 shared machine the numbers are noisy, and the load says how noisy.
@@ -207,8 +211,11 @@ async def _run(port: int, urls: list[str], budget: int | None, concurrency: int,
 
 
 def measure(server: Server, setting: str, method, budget, visual_tokens, concurrency, requests, max_tokens, seed) -> Row:
-    urls = [data_url(picture(seed + i)) for i in range(requests)]
-    asyncio.run(_run(server.port, urls[:1], budget, 1, max_tokens, 600))  # warm-up, not counted
+    """One row: a warm-up request, then ``requests`` at ``concurrency``, on the images of seeds
+    ``seed .. seed + requests`` (the warm-up's the last): give each row of a server seeds of its own."""
+    urls = [data_url(picture(seed + i)) for i in range(requests + 1)]
+    warm = urls.pop()
+    asyncio.run(_run(server.port, [warm], budget, 1, max_tokens, 600))  # warm-up, not counted
     server.peak = 0
     load_before = os.getloadavg()[0]
     seconds, results = asyncio.run(_run(server.port, urls, budget, concurrency, max_tokens, 600))
@@ -303,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block-size", type=int, default=32, help="--memory: tokens per block")
     parser.add_argument("--budgets", default="192,64", help="per-request budgets, comma-separated")
     parser.add_argument("--concurrency", default="1,4")
-    parser.add_argument("--requests", type=int, default=6, help="requests per measurement")
+    parser.add_argument("--requests", default="6", help="requests per measurement, or 'clients': as many as the concurrency")
     parser.add_argument("--max-tokens", default="16,96", help="output tokens per request, comma-separated")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the server's OMP_NUM_THREADS")
     parser.add_argument("--startup-s", type=float, default=600)
@@ -312,6 +319,10 @@ def main(argv: list[str] | None = None) -> None:
                              "(--model-impl transformers), the other route to every family: unreduced, and reduced "
                              "by the plugin's prototype on it (integrations/vllm/backend.py)")
     args = parser.parse_args(argv)
+    if args.requests != "clients":
+        args.requests = int(args.requests)
+    elif args.memory:
+        parser.error("--memory sends --requests at once: give a number")
     budgets = [int(b) for b in args.budgets.split(",") if b]
     levels = [int(c) for c in args.concurrency.split(",") if c]
     lengths = [int(t) for t in args.max_tokens.split(",") if t]
@@ -350,12 +361,15 @@ def main(argv: list[str] | None = None) -> None:
         server = Server(folder, [*options, "--no-enable-prefix-caching", "--max-num-seqs", "16", *extra],
                         work / f"server-{number}-{method}.log", args.startup_s,
                         env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        seed = 100  # each server the same images, in the same order; each row of it images of its own
         try:
             for budget in setting_budgets:
                 for max_tokens in lengths:
                     for concurrency in levels:
-                        row = measure(server, setting, method, budget, budget or 576, concurrency, args.requests,
-                                      max_tokens, seed=100)
+                        requests = concurrency if args.requests == "clients" else args.requests
+                        row = measure(server, setting, method, budget, budget or 576, concurrency, requests,
+                                      max_tokens, seed=seed)
+                        seed += requests + 1
                         print(json.dumps(asdict(row)), flush=True)
                         rows.append(row)
         finally:
@@ -370,7 +384,7 @@ def write_record(args, argv, rows: list, lengths: list[int], version: str, setti
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "server_threads": args.threads,
                     "vllm": version, "python": platform.python_version()},
         "settings": {"requests": args.requests, "max_tokens": lengths, "prefix_caching": False, "dtype": "float32",
-                     **(settings or {})},
+                     **({} if args.memory else {"images": "new to the server in every row"}), **(settings or {})},
         "rows": [asdict(row) for row in rows],
     }
     out = Path(args.out)

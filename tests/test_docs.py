@@ -163,6 +163,26 @@ def test_the_serving_table_compares_every_route_with_vllms_own_class(tmp_path):
     assert "| plugin 64 |" in table and "| 2.00x |" in table
 
 
+def test_the_serving_table_says_whether_its_rows_repeated_images(tmp_path):
+    """A record whose rows each had images new to the server says so, with as many requests as
+    clients where it sent that many; one from before says its rows repeat images, which vLLM's
+    encoder cache encodes once (rows of such records measured the cache)."""
+    import json
+
+    record = {"command": "bench", "model": {"visual_tokens": 576, "layers": 32, "hidden": 512, "vision_layers": 24,
+                                            "vision_hidden": 256},
+              "machine": {"cpus": 2, "server_threads": 2, "vllm": "0.32.0"},
+              "settings": {"requests": 6, "dtype": "float32"}, "rows": []}
+    (tmp_path / "old.json").write_text(json.dumps(record))
+    record["settings"] = {"requests": "clients", "dtype": "float32", "images": "new to the server in every row"}
+    (tmp_path / "new.json").write_text(json.dumps(record))
+    old, new = render.render_vllm(tmp_path, "old.json"), render.render_vllm(tmp_path, "new.json")
+    assert "6 image requests per row (a warm-up request before each row; rows repeat images, which vLLM's encoder " \
+           "cache then encodes once)" in old
+    assert "as many image requests as clients per row (a warm-up request before each row; every row and its " \
+           "warm-up on images new to that server)" in new
+
+
 def test_the_runtime_table_names_the_processor_each_run_recorded(tmp_path):
     """A family's line under the runtime-against-ideal table names the processors its runs recorded
     (``bench.timing.processor``), and stays as it was for runs that recorded none."""

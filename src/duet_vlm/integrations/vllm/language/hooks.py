@@ -11,6 +11,7 @@ import torch
 from ....adapters.scheme import visual_attention
 from ....plan import LayerView, Selection
 from ....runtime.boundary import drops_all
+from ..select import all_heads
 from .checks import StageNotServed
 from .steps import RowDrop, StepPlan
 
@@ -124,8 +125,7 @@ class LanguageStages:
         state = self.state
         current = state.index  # the step's rows still held (None: all)
         captured = state.captured.pop(index - 1, None)
-        if captured is not None:  # every rank's heads, once per boundary, whichever items read them
-            captured = all_heads(captured)
+        gathered = False  # ``captured`` holds every rank's heads (``rank_heads``, once, where an item reads it)
         previous = state.inputs.pop(index - 1, None)
         held = torch.arange(hidden.shape[0], device=hidden.device) if current is None else current
         keep_rows = torch.ones(held.shape[0], dtype=torch.bool, device=hidden.device)
@@ -154,9 +154,11 @@ class LanguageStages:
                     if stage.reads == "layer":  # this layer's own queries and keys, on the held rows
                         if state.layer_qk is None or state.layer_qk[0] != index:
                             rotated = self._renumbered(index, step, positions) if state.renumbers else positions
-                            state.layer_qk = (index, all_heads(self._layer_qk(index, rotated, hidden, residual)))
+                            state.layer_qk = (index, rank_heads(self._layer_qk(index, rotated, hidden, residual)))
                         scored, scorer = (state.layer_qk[1], states), index
                     elif stage.reads == "previous":  # the queries and keys layer K-1 computed, as it ran
+                        if captured is not None and not gathered:
+                            captured, gathered = rank_heads(captured), True
                         scored, scorer = (captured, previous), index - 1
                     else:  # no layer's attention (random at the horizon)
                         scored, scorer = None, None
@@ -266,7 +268,7 @@ class LanguageStages:
 
         def attention(layer, hidden_states, rope, queries, key_valid, visual_index, layer_keys=None):
             attn = self.layers[scorer].self_attn.attn
-            head_dim = attn.head_size  # all ranks' heads (``all_heads``): the counts from the gathered widths
+            head_dim = attn.head_size  # all ranks' heads (``rank_heads``): the counts from the gathered widths
             heads, kv_heads = query.shape[-1] // head_dim, key.shape[-1] // head_dim
             q = query.view(1, length, heads, head_dim).transpose(1, 2)
             k = key.view(1, length, kv_heads, head_dim).transpose(1, 2)
@@ -320,23 +322,16 @@ class LanguageStages:
         return full
 
 
-def all_heads(qk: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer's queries and keys ``(rows, heads * d)`` with every tensor-parallel rank's heads, in
-    rank order (vLLM's column-parallel ``qkv_proj`` gives each rank a contiguous run of the heads), on
-    every rank: the scores average over all heads, as one process's do, so every rank keeps the same
-    tokens. One gather of both. Where a model has fewer key-value heads than ranks, vLLM gives each
-    rank a copy of its group's head, and the gathered keys hold each copy: query head ``h`` still
-    meets its own group's keys (``h // (heads / kv heads)``), so the attention is the one process's."""
-    from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_gather
+def rank_heads(qk: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer's queries and keys ``(rows, heads * d)`` with every tensor-parallel rank's
+    heads, in rank order (vLLM's column-parallel ``qkv_proj`` gives each rank a contiguous run of the
+    heads), on every rank (``select.all_heads``, the vision towers' gather): the scores average over
+    all heads, as one process's do, so every rank keeps the same tokens. Where a model has fewer
+    key-value heads than ranks, vLLM gives each rank a copy of its group's head, and the gathered keys
+    hold each copy: query head ``h`` still meets its own group's keys (``h // (heads / kv heads)``)."""
+    from vllm.distributed import get_tensor_model_parallel_world_size
 
-    if get_tensor_model_parallel_world_size() <= 1:
-        return qk
-    queries, keys = qk
-    rows, width = queries.shape
-    both = tensor_model_parallel_all_gather(torch.cat([queries, keys], dim=-1).contiguous(), dim=0)
-    parts = both.view(-1, rows, both.shape[-1])  # (ranks, rows, this rank's queries | keys)
-    return (parts[..., :width].permute(1, 0, 2).reshape(rows, -1),
-            parts[..., width:].permute(1, 0, 2).reshape(rows, -1))
+    return all_heads(qk, -1, get_tensor_model_parallel_world_size())
 
 
 def stream(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:

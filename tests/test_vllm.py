@@ -621,11 +621,12 @@ def test_qwen_language_stages_served_equal_the_hugging_face_path(saved_qwen_deep
     check_language_equals_hf(saved_qwen_deep, method, budget, [image(13, (392, 336)), image(14, (280, 336))])
 
 
-@pytest.mark.parametrize("kind,says", [("gemma4", "Gemma 4 is not served with dropping inside the language model: its sliding-window layers"),
+@pytest.mark.parametrize("kind,says", [("gemma4", "Gemma 4 is not served with dropping inside the language model: vLLM runs "
+                                                  "its decoder layers in a loop of its own"),
                                        ("qwen3_5", "Qwen3.5 is not served with dropping inside the language model: its Gated-DeltaNet")])
 def test_families_not_served_yet_refuse_dropping_inside_the_language_model_at_start(tmp_path, kind, says):
-    """A family the plugin does not drop in yet (Gemma 4: its sliding windows; Qwen3.5: its linear
-    attention) refuses FastV at start: with duet-vlm's worker given, naming the family and why (not
+    """A family the plugin does not drop in yet (Gemma 4: its per-layer inputs and shared KV; Qwen3.5:
+    its linear attention) refuses FastV at start: with duet-vlm's worker given, naming the family and why (not
     asking for the worker it has); without it, saying where dropping is served."""
     if kind == "gemma4":
         folder = write_gemma4(tmp_path / kind, head_dim=32, image_blocks=False)
@@ -635,7 +636,7 @@ def test_families_not_served_yet_refuse_dropping_inside_the_language_model_at_st
     assert any(says in e for e in chain), chain
     assert not any("--worker-cls" in e for e in chain), chain
     chain = [str(e) for e in refused_at_start(folder, {"duet_method": "fastv", "duet_budget": 20})]
-    assert any("on LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and InternVL" in e
+    assert any("on LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL and Gemma 3" in e
                for e in chain), chain
 
 
@@ -814,10 +815,11 @@ def vision_stages(pictures, dropping=None) -> list:
     return laid
 
 
-def check_language_equals_hf(saved, method: str, budget: int, pictures) -> None:
+def check_language_equals_hf(saved, method: str, budget: int, pictures, **settings) -> None:
     """A server dropping inside the language model by ``method`` at ``budget`` against the Hugging
     Face path, picture by picture: kept ids at every boundary, tokens, log-probabilities, prompt
-    length; a vision stage's choice on identical inputs (``hf_language_reference``)."""
+    length; a vision stage's choice on identical inputs (``hf_language_reference``). ``settings``:
+    the engine's, beside ``LANGUAGE``."""
     from unittest import mock
 
     from duet_vlm.integrations.vllm import memory
@@ -829,7 +831,7 @@ def check_language_equals_hf(saved, method: str, budget: int, pictures) -> None:
     memory.STATS = {}
     try:
         with mock.patch.object(memory, "request_drops", lambda *args: drops.append(known(*args)) or drops[-1]):
-            with engine(folder, {"duet_method": method, "duet_budget": budget}, **LANGUAGE) as llm:
+            with engine(folder, {"duet_method": method, "duet_budget": budget}, **LANGUAGE, **settings) as llm:
                 results, kept = language_run(llm, processor, pictures)
         stats = dict(memory.STATS)
     finally:
@@ -856,6 +858,33 @@ def check_blocks(held: list, prompt: int, drops, groups: list, blocks: list, blo
     text = prompt - held[0]
     expected = [-(-(text + max(held[layer] for layer in group) + NEW_TOKENS - 1) // block_size) for group in groups]
     assert blocks == expected, (blocks, expected)
+
+
+def test_a_sliding_layer_after_a_boundary_frees_the_blocks_behind_the_window_of_its_kept_tokens():
+    """A sliding-window layer after a boundary (``memory.DroppedSlidingSpec``, vLLM's own block pool)
+    holds blocks for its kept tokens, and frees those wholly behind the window counted in the tokens
+    it holds, as its kernel counts the window there: 26 tokens of which 10 dropped before the
+    segment hold 4 blocks of 4, and past a window of 8 the first 2 are freed (counted in the prompt's
+    tokens, 4 would be, the window's too); a request that drops nothing frees by its own count."""
+    from vllm.v1.core.block_pool import BlockPool
+
+    from duet_vlm.integrations.vllm.memory import DroppedSlidingSpec, DroppedSpec, RequestDrops
+    from vllm.v1.core.single_type_kv_cache_manager import get_manager_for_kv_cache_spec
+    from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
+    window = SlidingWindowSpec(block_size=4, num_kv_heads=1, head_size=32, dtype=torch.float32, sliding_window=8)
+    spec = DroppedSpec.of(window, 2, 7)
+    assert isinstance(spec, DroppedSlidingSpec) and spec.sliding_window == 8
+    pool = BlockPool(num_gpu_blocks=32, enable_caching=False, hash_block_size=4)
+    manager = get_manager_for_kv_cache_spec(spec, max_in_flight_tokens=64, max_model_len=64, block_pool=pool,
+                                            enable_caching=False, kv_cache_group_id=0, scheduler_block_size=4)
+    manager.drops = {"drops": RequestDrops(20, (0, 0, 10, 10, 10, 10, 10, 10))}
+    for request, tokens, held, freed in (("drops", 26, 4, 2), ("whole", 26, 7, 4)):
+        manager.allocate_new_blocks(request, tokens, tokens)
+        blocks = manager.req_to_blocks[request]
+        assert len(blocks) == held
+        manager.remove_skipped_blocks(request, tokens)
+        assert [block.is_null for block in blocks] == [True] * freed + [False] * (held - freed)
 
 
 @pytest.mark.parametrize("method,budgets", [("fastv", [160, 250, 400, 1000]), ("duet", [1000, 250, 160, 100])])
@@ -1288,6 +1317,59 @@ def test_gemma3_equals_the_hugging_face_path(saved_gemma3, gemma3_causal, method
 def test_gemma3_image_a_budget_leaves_unreduced_equals_the_hugging_face_model(saved_gemma3, gemma3_causal, caplog):
     """A 16-token image under a budget of 16 is served as vLLM embeds it, and the server's log says so."""
     check_served_unreduced(saved_gemma3, image(42, (32, 32)), 16, 16, caplog)
+
+
+@pytest.fixture(scope="module")
+def saved_gemma3_deep(tmp_path_factory):
+    """A tiny Gemma 3 of 8 decoder layers: seven sliding ones, whose window of 16 tokens is shorter
+    than a prompt with one image (30 tokens), then a global one."""
+    folder = write_gemma3(tmp_path_factory.mktemp("vllm-gemma3-8") / "tiny-gemma3", layers=8, window=16)
+    return folder, load_hf(folder), AutoProcessor.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("method,budget", [("fastv", 8), ("duet", 6)])
+def test_gemma3_language_stages_served_equal_the_hugging_face_path(saved_gemma3_deep, gemma3_causal, method, budget,
+                                                                  monkeypatch):
+    """FastV and DUET on Gemma 3, whose layers after each boundary are sliding ones with a window
+    shorter than the prompt: a sliding layer's window counts the tokens it holds (vLLM's kernels on
+    its cache of the kept tokens; the Hugging Face path's windowed masks, sliding caches and scores
+    over the kept tokens), so a prompt and its answer of 20 tokens cross it as on the Hugging Face
+    path: the same kept tokens at every boundary (scores within the scoring layer's window), the
+    blocks each group holds, tokens and log-probabilities (under vLLM's CPU mask: causal inside an
+    image). By its last step a sliding layer before FastV's boundary has freed its first block of 32
+    and one after it has not: its window counts the kept tokens (a block freed too early keeps its
+    values until another request takes it, so the count is tested apart:
+    ``test_a_sliding_layer_after_a_boundary_frees_the_blocks_behind_the_window_of_its_kept_tokens``)."""
+    _, _, processor = saved_gemma3_deep
+    monkeypatch.setattr(sys.modules[__name__], "NEW_TOKENS", 20)
+    pictures = [image(40, (32, 32)), image(41, (48, 40))]
+    # the prompt crosses the window, and the text and the answer alone cross it in every layer
+    assert min(served_length(processor, picture, 16) for picture in pictures) > 16
+    assert min(served_length(processor, picture, 0) for picture in pictures) + NEW_TOKENS > 16
+    check_language_equals_hf(saved_gemma3_deep, method, budget, pictures, block_size=32)
+
+
+def test_gemma3_pan_and_scan_blocks_drop_inside_the_language_model_each_an_item(tmp_path, gemma3_causal):
+    """FastV on a pan-and-scan image (one vLLM item of four blocks, each a run of the prompt): each
+    block drops inside the language model as an item of its own at the image's budget, as the
+    Hugging Face path drops each: the same kept tokens block by block at the boundary, prompt length,
+    tokens and log-probabilities."""
+    folder = write_gemma3(tmp_path / "tiny-gemma3-spaces-8", space_token=True, layers=8)
+    model, processor = load_hf(folder), AutoProcessor.from_pretrained(folder)
+    scan = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 16}
+    picture = image(43, (96, 32))
+    inputs = processor(images=picture, text=GEMMA3_PROMPT, return_tensors="pt", **scan)
+    inputs = {key: value for key, value in inputs.items() if key != "token_type_ids"}
+    reducer = duet_vlm.make("fastv", budget=8)
+    reference = hf_generate(model, inputs, reducer)
+    hf_kept = [(layer, ids[0, item].cpu()) for layer, ids in reducer.stats.stage_kept for item in range(ids.shape[1])]
+    assert len(hf_kept) == 4  # one boundary, four blocks
+    request = {"prompt_token_ids": processor.tokenizer(GEMMA3_PROMPT)["input_ids"], "multi_modal_data": {"image": picture}}
+    with engine(folder, {"duet_method": "fastv", "duet_budget": 8, **scan}, **LANGUAGE) as llm:
+        (result, _), trace = traced(lambda: vllm_request_run(llm, request))
+    assert result[2] == inputs["input_ids"].shape[1] and list(trace) == [0]
+    assert_same_drops(hf_kept, trace[0])
+    assert_same(reference, result, None)
 
 
 @pytest.fixture(scope="module")

@@ -21,15 +21,6 @@ from .processor import PIXELS, ItemFields, server_options
 from .select import Taps, encoder_index, layer_scores, reduce_unit, tap
 
 
-#: why Gemma 3 and Gemma 4 do not drop inside the language model under vLLM (their
-#: ``language_refusal``).
-SLIDING_WINDOW_REFUSAL = (
-    "its sliding-window layers count a window in positions of vLLM's cache, which would hold the kept tokens "
-    "only, where transformers counts it in the prompt's positions (the two agree only on prompts shorter than "
-    "the window), and its image blocks' bidirectional ranges would have to move with the kept tokens"
-)
-
-
 def identity(features: torch.Tensor) -> torch.Tensor:
     return features
 

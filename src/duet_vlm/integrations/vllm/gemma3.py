@@ -15,6 +15,14 @@ The mask inside an image block is vLLM's: its attention backends that support a 
 (``is_mm_prefix_lm``: FlashAttention on a GPU) let a block's tokens, the kept ones here, attend to
 each other both ways, as Gemma 3 and the Hugging Face path do; vLLM 0.32's CPU backend attends
 causally inside the block, reduced or not (the serving page).
+
+Methods that drop inside the language model are served with duet-vlm's worker, each block an item
+of its own at the image's budget (``runs_are_items``). A sliding layer after a boundary counts its
+window in the tokens it holds, the kept ones: vLLM's kernels on its cache of the kept tokens, the
+Hugging Face path's windowed masks and sliding caches over them (``adapters.gemma3``), and a stage's
+scores where it reads such a layer (``language.hooks``); its blocks are freed behind that window
+(``memory.DroppedSlidingSpec``). Where a backend lets image blocks attend both ways, the layers after
+a boundary get each block's range in the kept tokens' coordinates (``language.kv.compact_ranges``).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from vllm.multimodal.processing.processor import cached_encode, replace_token_ma
 
 from ...adapters.gemma3 import gemma3_geometry, pooled_keys, pooled_scores
 from ...geometry import Geometry
-from .common import SLIDING_WINDOW_REFUSAL, DuetTowerMixin, Encoded
+from .common import DuetTowerMixin, Encoded
 from .options import RefusedMethod
 from .processor import DuetInfoMixin, DuetProcessorMixin, consecutive, cut_runs
 
@@ -93,12 +101,20 @@ class DuetGemma3ForConditionalGeneration(DuetTowerMixin, Gemma3ForConditionalGen
     """vLLM's Gemma 3 with duet-vlm's vision-side reduction of its images."""
 
     family = "Gemma 3"
-    language_refusal = SLIDING_WINDOW_REFUSAL
     chooses_projected = True
+    serves_language = True
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.setup_duet(vllm_config)
+
+    def language_geometry(self, feature=None) -> Geometry:
+        return gemma3_geometry(self.config)
+
+    def runs_are_items(self, modality: str) -> bool:
+        """A pan-and-scan image's blocks (the image, then each crop) are items of their own, at the
+        image's budget, as the Hugging Face path reduces them."""
+        return True
 
     def encode(self, image_input, fields, modality: str) -> list[Encoded]:
         """Every image's blocks through the tower and the projector at once (an image's rows: its

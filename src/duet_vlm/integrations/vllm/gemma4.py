@@ -37,7 +37,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ...adapters.gemma4 import gemma4_geometry, image_grid, pooled_layer_scores
 from ...geometry import Geometry
-from .common import SLIDING_WINDOW_REFUSAL, DuetTowerMixin, Encoded
+from .common import DuetTowerMixin, Encoded
 from .options import RefusedMethod
 from .processor import DuetInfoMixin, DuetProcessorMixin, cut_runs
 from .select import encoder_index
@@ -82,7 +82,11 @@ class DuetGemma4ForConditionalGeneration(DuetTowerMixin, Gemma4ForConditionalGen
     """vLLM's Gemma 4 with duet-vlm's vision-side reduction of images in ``embed_multimodal``."""
 
     family = "Gemma 4"
-    language_refusal = SLIDING_WINDOW_REFUSAL
+    language_refusal = (
+        "vLLM runs its decoder layers in a loop of its own that hands each layer inputs of its own (each token's "
+        "per-layer embedding, hidden_size_per_layer_input) and lets its last layers read an earlier layer's keys and "
+        "values (num_kv_shared_layers), neither of which the plugin's boundary handles yet"
+    )
     tower_types = ("gemma4_vision",)
     chooses_projected = True
 

@@ -15,6 +15,8 @@ requests. What enters vLLM, each through an interface it offers (nothing is patc
 - **A manager per spec** (``DroppedManager``, vLLM's ``FullAttentionManager`` counting fewer
   tokens): once a request's prompt is in, it holds blocks for its tokens less those dropped
   before its segment (``cdiv(n - D, block_size)``), in the admission check and in the allocation.
+  A sliding-window layer of a segment (``DroppedSlidingSpec``, Gemma 3's) frees, besides, the
+  blocks wholly behind the window of the tokens it holds (``DroppedSlidingManager``).
 - **A scheduler** (``DuetScheduler``, ``--scheduler-cls``): it reads, as each request arrives, the
   tokens each decoder layer holds of each of its items, which the processor wrote beside the
   item's budget (``duet_layer_tokens``), and tells the managers; and it does not split a prompt
@@ -35,7 +37,7 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
-from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, SlidingWindowSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from .options import embedded_runs, field_prefix
@@ -59,11 +61,27 @@ class DroppedSpec(AttentionSpec):
         return cdiv(vllm_config.model_config.max_model_len, self.block_size) * self.page_size_bytes
 
     @classmethod
-    def of(cls, spec: FullAttentionSpec, first: int, last: int) -> "DroppedSpec":
-        if spec.sliding_window is not None or spec.attention_chunk_size is not None:
-            raise ValueError("duet-vlm drops in layers of full attention only")
+    def of(cls, spec: AttentionSpec, first: int, last: int) -> "DroppedSpec":
+        """The spec of a segment's layer whose spec was vLLM's ``spec``: full attention, or a sliding
+        window (``DroppedSlidingSpec``)."""
         fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(AttentionSpec) if f.init}
+        if isinstance(spec, SlidingWindowSpec) and not spec.extra_retained_tokens:
+            return DroppedSlidingSpec(**fields, first=first, last=last, sliding_window=spec.sliding_window)
+        if not isinstance(spec, FullAttentionSpec) or spec.attention_chunk_size is not None:
+            raise ValueError(f"duet-vlm drops in layers of full attention or a sliding window only (not {spec})")
+        # (a full-attention spec with a window: a sliding layer where vLLM's hybrid manager is off, which
+        # then holds all its blocks, as this group does; its kernel still slides)
         return cls(**fields, first=first, last=last)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DroppedSlidingSpec(DroppedSpec):
+    """A sliding-window layer of a segment: its window counts the tokens its cache holds (the kept
+    ones), as vLLM's kernels count it and as the Hugging Face path's windowed masks and sliding
+    caches over the kept tokens do, so a request frees the blocks that fall behind the window of
+    its kept tokens (``DroppedSlidingManager``)."""
+
+    sliding_window: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,10 +146,25 @@ class DroppedManager(FullAttentionManager):
                                            self.held(request_id, num_tokens_main_model))
 
 
+class DroppedSlidingManager(DroppedManager):
+    """A ``DroppedSlidingSpec`` group's manager: a request holds blocks for its kept tokens, and frees
+    those wholly behind the window of the tokens it holds in the segment, as vLLM's
+    ``SlidingWindowManager`` frees them behind the window of a request's tokens."""
+
+    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int, num_prompt_tokens=None) -> None:
+        super().remove_skipped_blocks(request_id, self.held(request_id, processed_computed_tokens), num_prompt_tokens)
+
+    def get_num_skipped_tokens(self, num_computed_tokens: int) -> int:
+        """Of ``num_computed_tokens`` the segment holds, those behind the window of the next token."""
+        return max(0, num_computed_tokens - self.kv_cache_spec.sliding_window + 1)
+
+
 def register() -> None:
-    """Register ``DroppedSpec`` with its manager, after vLLM's own specs (safe to call again)."""
+    """Register ``DroppedSpec`` and ``DroppedSlidingSpec`` with their managers, after vLLM's own specs
+    (safe to call again)."""
     KVCacheSpecRegistry._ensure_registered()
     KVCacheSpecRegistry.register(DroppedSpec, DroppedManager, uniform_type_base_spec=DroppedSpec)
+    KVCacheSpecRegistry.register(DroppedSlidingSpec, DroppedSlidingManager, uniform_type_base_spec=DroppedSlidingSpec)
 
 
 register()

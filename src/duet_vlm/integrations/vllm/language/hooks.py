@@ -272,10 +272,13 @@ class LanguageStages:
             heads, kv_heads = query.shape[-1] // head_dim, key.shape[-1] // head_dim
             q = query.view(1, length, heads, head_dim).transpose(1, 2)
             k = key.view(1, length, kv_heads, head_dim).transpose(1, 2)
+            # a sliding layer's window (vLLM's ``Attention.sliding_window``, None where it has none) counts
+            # the request's rows the layer holds, as its cache and the Hugging Face path's scores count it
+            window = attn.sliding_window
             out = []
             for row in range(len(queries)):
                 out.append(visual_attention(q[row : row + 1, :, queries[row]], k, queries[row], key_valid[row],
-                                            visual_index[row], attn.impl.scale, heads // kv_heads))
+                                            visual_index[row], attn.impl.scale, heads // kv_heads, window))
             return torch.stack(out)
 
         def keys(layer, hidden_states, rope, key_valid):  # (1, L, H_kv * d), rotated, as the layer computed them

@@ -8,7 +8,7 @@ import dataclasses
 
 import torch
 
-from .steps import StepPlan
+from .steps import RequestPlan, StepPlan
 
 
 def compact_slots(block_row: torch.Tensor, block_size: int, start: int, count: int) -> torch.Tensor:
@@ -34,6 +34,35 @@ def layer_segments(num_layers: int, holds) -> list[tuple[tuple, list[int]]]:
     return list(segments.items())
 
 
+def compact_ranges(plan: RequestPlan, layer: int, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """A request's bidirectional ranges (vLLM's ``mm_req_doc_ranges``: ``(first, last)`` prompt
+    positions of each image run, inclusive) in the coordinates of decoder layer ``layer``'s cache,
+    which holds the kept tokens only, in order: a run that is a dropping item holds its kept tokens,
+    every range moves back by the tokens dropped before it, and a run with no token left has none.
+
+    >>> from types import SimpleNamespace
+    >>> plan = RequestPlan(20, ((2, 4), (10, 6)), tuple(SimpleNamespace(schedule=SimpleNamespace(
+    ...     tokens_per_layer=held)) for held in ([4, 1], [6, 0])))
+    >>> compact_ranges(plan, 1, [(2, 5), (8, 8), (10, 15), (17, 18)])
+    [(2, 2), (5, 5), (8, 9)]
+    >>> compact_ranges(plan, 0, [(2, 5), (10, 15)])
+    [(2, 5), (10, 15)]
+    """
+    items = {offset: (length, item_plan.schedule.tokens_per_layer[layer])
+             for (offset, length), item_plan in zip(plan.spans, plan.plans)}
+    moved = []
+    for first, last in ranges:
+        before = sum(length - held for offset, (length, held) in items.items() if offset + length <= first)
+        if first in items and items[first][0] == last - first + 1:
+            last = first + items[first][1] - 1
+        elif any(offset <= last and first < offset + length for offset, (length, _) in items.items()):
+            raise RuntimeError(f"a bidirectional range ({first}, {last}) that is not one of its request's items "
+                               f"({sorted(items)}) overlaps one")
+        if last >= first:
+            moved.append((first - before, last - before))
+    return moved
+
+
 @dataclasses.dataclass
 class KVGroup:
     """One KV-cache group as a runner hands it over: its attention groups (vLLM's ``AttentionGroup``:
@@ -47,14 +76,16 @@ class KVGroup:
 
 
 def compact_attention(step: StepPlan, names: list[str], seq_lens: torch.Tensor, groups: list[KVGroup], build,
-                      device) -> tuple[dict, dict]:
+                      device, doc_ranges: dict[int, list[tuple[int, int]]] | None = None) -> tuple[dict, dict]:
     """Attention metadata and KV slots for the layers where some request holds fewer tokens than
     the step's rows (``names``: each decoder layer's attention), by layer name: query starts and
     sequence lengths of the tokens each request holds, and slots that put a request's kept tokens
     in the first slots of its own blocks (``compact_slots``). ``seq_lens``: each request's length
     after the step (CPU); ``build(attention_group, common_metadata)``: the runner's way to build.
     Both runners call this (the V1 runner from ``_build_attention_metadata``, Model Runner V2 from
-    its ``ModelState.prepare_attn``)."""
+    its ``ModelState.prepare_attn``). ``doc_ranges``: the step's bidirectional ranges by request
+    (vLLM's ``mm_req_doc_ranges``, on a model whose images attend both ways), given each compacted
+    layer in its own coordinates (``compact_ranges``)."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
     num_reqs = len(step.rows)
@@ -84,6 +115,9 @@ def compact_attention(step: StepPlan, names: list[str], seq_lens: torch.Tensor, 
         starts = torch.tensor([0, *counts], dtype=torch.int32).cumsum(0, dtype=torch.int32)
         lens = seq_lens - torch.tensor([dropped for _, _, dropped in value], dtype=seq_lens.dtype)
         wanted = {names[layer] for layer in layers}
+        ranges = None if doc_ranges is None else {
+            index: (compact_ranges(plan, layers[0], spans) if plan is not None and value[index][2] else spans)
+            for index, spans in doc_ranges.items() for plan in [step.batch[index][0]]}
         # each KV-cache group its own block table: the layers after a boundary have groups of
         # their own where the server saves memory (``memory.DroppedSpec``), one with the others if not
         for group in groups:
@@ -98,7 +132,7 @@ def compact_attention(step: StepPlan, names: list[str], seq_lens: torch.Tensor, 
                 query_start_loc=starts.to(device), query_start_loc_cpu=starts, seq_lens=lens.to(device),
                 seq_lens_cpu_upper_bound=lens, num_reqs=num_reqs, num_actual_tokens=int(starts[-1]),
                 max_query_len=max(counts), max_seq_len=int(lens.max()), block_table_tensor=group.table,
-                slot_mapping=slot_mapping, causal=True,
+                slot_mapping=slot_mapping, causal=True, mm_req_doc_ranges=ranges,
             )
             for attention, mine in chosen:
                 built = build(attention, common)

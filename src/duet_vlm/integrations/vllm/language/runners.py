@@ -17,6 +17,18 @@ from .steps import RequestPlan, StepPlan, plan_of_request, step_plan
 PACKAGE = __name__.rpartition(".")[0]
 
 
+def doc_ranges(model_config, req_ids, features_of) -> dict | None:
+    """The step's bidirectional ranges by request (vLLM's ``compute_mm_prefix_ranges``, from each
+    request's items: ``features_of(req_id)``) on a model whose images attend both ways
+    (``is_mm_prefix_lm``), for the compacted layers to move (``kv.compact_ranges``); else ``None``."""
+    if not getattr(model_config, "is_mm_prefix_lm", False):
+        return None
+    from vllm.v1.worker.gpu.attn_utils import compute_mm_prefix_ranges
+
+    return compute_mm_prefix_ranges(req_ids=list(req_ids), mm_features={r: features_of(r) for r in req_ids},
+                                    sliding_window=model_config.get_sliding_window())
+
+
 def language_stages(model):
     """The hooks that drop in ``model``'s decoder layers (``LanguageStages``), ``None`` where it has none."""
     method = getattr(model, "duet_language_stages", None)
@@ -57,7 +69,8 @@ class _RunnerMixin:
         known = self.__dict__.setdefault("_duet_requests", {})
         for req_id in [r for r in known if r not in live]:
             del known[req_id]
-        step = step_plan(self.input_batch.req_ids[:num_reqs], self.query_start_loc.cpu[: num_reqs + 1].tolist(),
+        req_ids = self.input_batch.req_ids[:num_reqs]
+        step = step_plan(req_ids, self.query_start_loc.cpu[: num_reqs + 1].tolist(),
                          self.input_batch.num_computed_tokens_cpu[:num_reqs], self._duet_request_plan)
         if step is not None:
             groups = [KVGroup(attention, self.input_batch.block_table[index].get_cpu_tensor(),
@@ -68,7 +81,7 @@ class _RunnerMixin:
                 step, model.duet_attention_layer_names(), self.seq_lens[:num_reqs].cpu(), groups,
                 lambda group, common: group.get_metadata_builder(0).build(common_prefix_len=0,
                                                                           common_attn_metadata=common),
-                torch.device("cpu"))
+                torch.device("cpu"), doc_ranges(self.model_config, req_ids, lambda r: self.requests[r].mm_features))
             attn_metadata.update(metadata)
             stages.next_step(step)
         return attn_metadata, spec
@@ -109,8 +122,14 @@ class _ModelStateMixin:
         if for_capture:
             return attn_metadata
         # (a profiling run may come before the KV cache, and its block sizes, exist: it plans no request)
+        ranges = None
+        if self.supports_mm_inputs and self.encoder_cache is not None:  # as vLLM's DefaultModelState asks
+            features = self.encoder_cache.mm_features
+            ranges = doc_ranges(self.model_config, input_batch.req_ids[: input_batch.num_reqs],
+                                lambda r: features.get(r, ()))
         metadata, step = v2_attention(self.model, self.__dict__.get("_duet_requests", {}), input_batch, block_tables,
-                                      attn_groups, getattr(self, "_duet_block_sizes", None), self.device, ubatch_idx)
+                                      attn_groups, getattr(self, "_duet_block_sizes", None), self.device, ubatch_idx,
+                                      ranges)
         if step is not None:
             attn_metadata.update(metadata)
             stages.next_step(step)
@@ -118,11 +137,12 @@ class _ModelStateMixin:
 
 
 def v2_attention(model, known: dict, input_batch, block_tables, attn_groups, block_sizes, device,
-                 ubatch_idx: int = 0) -> tuple[dict, StepPlan | None]:
+                 ubatch_idx: int = 0, ranges: dict | None = None) -> tuple[dict, StepPlan | None]:
     """What Model Runner V2's state adds to a step's attention metadata (``compact_attention``),
     read from its ``InputBatch`` (requests in batch order, query starts, tokens computed before the
     step, sequence lengths), its gathered block tables (one per KV-cache group, rows in batch order)
-    and the block size of each group; and the step's plan, ``None`` where no request drops."""
+    and the block size of each group (``ranges``: the step's bidirectional ranges, ``doc_ranges``);
+    and the step's plan, ``None`` where no request drops."""
     num_reqs = input_batch.num_reqs
     step = step_plan(input_batch.req_ids[:num_reqs], input_batch.query_start_loc_np[: num_reqs + 1],
                      input_batch.num_computed_tokens_np[:num_reqs], known.get)
@@ -132,7 +152,7 @@ def v2_attention(model, known: dict, input_batch, block_tables, attn_groups, blo
               for index, attention in enumerate(attn_groups)]
     metadata, step.slots = compact_attention(
         step, model.duet_attention_layer_names(), input_batch.seq_lens[:num_reqs].cpu(), groups,
-        lambda group, common: group.build_metadata(common, ubatch_idx), device)
+        lambda group, common: group.build_metadata(common, ubatch_idx), device, ranges)
     return metadata, step
 
 

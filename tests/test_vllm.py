@@ -213,6 +213,7 @@ def hf_generate(model, inputs, reducer):
     tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
     logprobs = [torch.log_softmax(step[0].float(), -1)[token].item() for step, token in zip(out.logits, tokens)]
     kept = reducer.stats.items[0].vision_kept if reducer is not None else None
+    hf_generate.first = torch.log_softmax(out.logits[0][0].float(), -1)  # the prefill's next-token distribution
     return tokens, logprobs, kept
 
 
@@ -221,8 +222,9 @@ def _nothing():
     yield
 
 
-def vllm_run(llm, processor, pictures, request_options=None):
-    """Greedy tokens, their log-probabilities and the kept indices of each picture, under vLLM."""
+def vllm_run(llm, processor, pictures, request_options=None, top: int = 1):
+    """Greedy tokens, their log-probabilities and the kept indices of each picture, under vLLM
+    (``vllm_run.first``: each picture's ``top`` most likely first tokens' log-probabilities)."""
     select.TRACE, select.VIEWS = [], []
     prompts = []
     for i, picture in enumerate(pictures):
@@ -231,7 +233,7 @@ def vllm_run(llm, processor, pictures, request_options=None):
         if options:
             prompt["mm_processor_kwargs"] = options
         prompts.append(prompt)
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=1)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=top)
     try:
         outputs = llm.generate(prompts, params, use_tqdm=False)
         kept = [reduction.kept.cpu() for reduction in select.TRACE]
@@ -246,6 +248,7 @@ def vllm_run(llm, processor, pictures, request_options=None):
         logprobs = [step[token].logprob for step, token in zip(completion.logprobs, tokens)]
         results.append((tokens, logprobs, len(output.prompt_token_ids)))
     vllm_run.roles = roles
+    vllm_run.first = [{token: entry.logprob for token, entry in output.outputs[0].logprobs[0].items()} for output in outputs]
     return results, kept
 
 
@@ -570,7 +573,7 @@ def traced(run):
     hooks.TRACE = []
     try:
         result = run()
-        trace = list(hooks.TRACE)
+        trace = traced.entries = list(hooks.TRACE)
     finally:
         hooks.TRACE = None
     by_request: dict[int, list] = {}
@@ -579,9 +582,9 @@ def traced(run):
     return result, by_request
 
 
-def language_run(llm, processor, pictures, requests=None):
+def language_run(llm, processor, pictures, requests=None, top: int = 1):
     """``vllm_run``'s results, and per picture the ``(layer, kept ids)`` of each boundary (``language.hooks.TRACE``)."""
-    (results, _), by_request = traced(lambda: vllm_run(llm, processor, pictures, requests))
+    (results, _), by_request = traced(lambda: vllm_run(llm, processor, pictures, requests, top))
     return results, [by_request[r] for r in sorted(by_request)]
 
 
@@ -622,22 +625,18 @@ def test_qwen_language_stages_served_equal_the_hugging_face_path(saved_qwen_deep
 
 
 @pytest.mark.parametrize("kind,says", [("gemma4", "Gemma 4 is not served with dropping inside the language model: vLLM runs "
-                                                  "its decoder layers in a loop of its own"),
-                                       ("qwen3_5", "Qwen3.5 is not served with dropping inside the language model: its Gated-DeltaNet")])
+                                                  "its decoder layers in a loop of its own")])
 def test_families_not_served_yet_refuse_dropping_inside_the_language_model_at_start(tmp_path, kind, says):
-    """A family the plugin does not drop in yet (Gemma 4: its per-layer inputs and shared KV; Qwen3.5:
-    its linear attention) refuses FastV at start: with duet-vlm's worker given, naming the family and why (not
+    """A family the plugin does not drop in yet (Gemma 4: its per-layer inputs and shared keys and
+    values) refuses FastV at start: with duet-vlm's worker given, naming the family and why (not
     asking for the worker it has); without it, saying where dropping is served."""
-    if kind == "gemma4":
-        folder = write_gemma4(tmp_path / kind, head_dim=32, image_blocks=False)
-    else:
-        folder = write_qwen_vl(tmp_path / kind, kind=kind)
+    folder = write_gemma4(tmp_path / kind, head_dim=32, image_blocks=False)
     chain = [str(e) for e in refused_at_start(folder, {"duet_method": "fastv", "duet_budget": 20}, **LANGUAGE)]
     assert any(says in e for e in chain), chain
     assert not any("--worker-cls" in e for e in chain), chain
     chain = [str(e) for e in refused_at_start(folder, {"duet_method": "fastv", "duet_budget": 20})]
-    assert any("on LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL and Gemma 3" in e
-               for e in chain), chain
+    assert any("on LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, InternVL and Gemma 3"
+               in e for e in chain), chain
 
 
 @pytest.fixture(scope="module", params=["llava_next", "llava_onevision"])
@@ -1529,6 +1528,129 @@ def test_qwen3_5_equals_the_hugging_face_path_in_bfloat16(saved_qwen3_5, method)
         assert result[0][0] == tokens[0], (result[0], tokens)
         agree = next((i for i, (a, b) in enumerate(zip(result[0], tokens)) if a != b), len(tokens))
         assert np.allclose(result[1][:agree], logprobs[:agree], atol=BF16_LOGPROB_TOLERANCE), (result[1], logprobs)
+
+
+@pytest.fixture(scope="module", params=["qwen3_5", "qwen3_5_moe"])
+def saved_qwen3_5_deep(request, tmp_path_factory):
+    """A tiny Qwen3.5 and Qwen3.5-MoE of 8 decoder layers: Gated-DeltaNet in the even ones, full
+    attention (a gated query, partial M-RoPE) in the odd ones, in bfloat16."""
+    folder = write_qwen_vl(tmp_path_factory.mktemp(f"tiny-{request.param}-8"), layers=8, kind=request.param)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    return folder, model, AutoProcessor.from_pretrained(folder)
+
+
+def first_step_gap(served: dict, reference: torch.Tensor) -> float:
+    """The largest difference between a server's log-probabilities of its most likely first tokens
+    (``vllm_run.first``) and the Hugging Face path's of the same tokens (``hf_generate.first``)."""
+    return max(abs(logprob - reference[token].item()) for token, logprob in served.items())
+
+
+def gap_while_agreeing(ours, theirs) -> float:
+    """The largest log-probability difference of two greedy runs over the steps whose tokens agree."""
+    agree = next((i for i, (a, b) in enumerate(zip(ours[0], theirs[0])) if a != b), len(theirs[0]))
+    return float(np.max(np.abs(np.subtract(ours[1][:agree], theirs[1][:agree])), initial=0.0))
+
+
+@contextmanager
+def scored():
+    """Every text-to-visual score the boundaries compute in the block (``visual_attention``, the one
+    arithmetic of both paths: the Hugging Face path's scheme and vLLM's hooks), in call order."""
+    from unittest import mock
+
+    from duet_vlm.adapters import scheme
+    from duet_vlm.integrations.vllm.language import hooks
+
+    calls = []
+    known = scheme.visual_attention
+
+    def recorded(*args, **kwargs):
+        calls.append(known(*args, **kwargs).float().reshape(-1).cpu())
+        return calls[-1].view(known(*args, **kwargs).shape)
+
+    with mock.patch.object(scheme, "visual_attention", recorded), mock.patch.object(hooks, "visual_attention", recorded):
+        yield calls
+
+
+#: two engines' bfloat16 rounding through a softmax (q/k in bfloat16, MoE experts before them): a token's text-to-visual
+#: score on either path within this fraction of the other's.
+BF16_SCORE_TOLERANCE = 5e-2
+
+
+@pytest.mark.parametrize("method,budget", [("fastv", 80), ("duet", 50)])
+def test_qwen3_5_language_stages_served_equal_the_hugging_face_path_in_bfloat16(saved_qwen3_5_deep, method, budget):
+    """FastV and DUET whole inside Qwen3.5's hybrid language model (and Qwen3.5-MoE's), in bfloat16
+    on both sides (vLLM's Gated-DeltaNet CPU kernel runs in bfloat16 only): each boundary where a
+    stage can score (FastV's reads layer 3, the layer before its boundary; DUET's Stage B the
+    attention layer at its boundary), the Gated-DeltaNet layers after it on the kept tokens (their
+    metadata compacted as the attention layers', a prompt starting from no state: the same requests
+    again, in state slots the others left, answer the same).
+
+    DUET's vision stage reads vLLM's scores on the Hugging Face path (``hf_vision``), so both paths
+    enter the language model with the same tokens. At every boundary each visual token's
+    score is within bfloat16's tolerance of transformers', and the kept tokens are the same, or differ
+    only between tokens whose scores transformers puts within that tolerance of each other (a near-tie
+    bfloat16 may fork; the comparison stops there). Where no boundary forked: the prefill's
+    log-probabilities of the server's 8 most likely first tokens within bfloat16's tolerance of
+    transformers' (and no further than the unreduced server's beyond it), and the greedy tokens, and
+    their log-probabilities, for as long as they agree; the first the same unless transformers' two
+    most likely are nearer than the tolerance (the tiny model's next token is nearly uniform)."""
+    folder, model, processor = saved_qwen3_5_deep
+    pictures = [image(13, (392, 336)), image(14, (280, 336))]
+    reducer = duet_vlm.make(method, budget=budget)
+    with scored() as served_scores:
+        with engine(folder, {"duet_method": method, "duet_budget": budget}, dtype="bfloat16", **LANGUAGE) as llm:
+            (results, _), trace = traced(lambda: vllm_run(llm, processor, pictures, top=8))
+            firsts, stages = vllm_run.first, vision_stages(pictures)
+            count = len(served_scores)
+            # again, the other way round: each request's linear-attention state in a slot another left
+            again, _ = vllm_run(llm, processor, pictures[::-1])
+            del served_scores[count:]
+    assert again[::-1] == results  # a prompt starts from no state, whatever its slot held
+    with engine(folder, None, dtype="bfloat16") as llm:
+        vllm_run(llm, processor, pictures, top=8)
+        plain_firsts = vllm_run.first
+    from duet_vlm.integrations.vllm.language import hooks
+
+    # each boundary's scores on the server, by request, in the order the boundaries ran
+    by_request: dict[int, list] = {}
+    for scores, (req_id, _, _, _) in zip(served_scores, getattr(traced, "entries", [])):
+        by_request.setdefault(int(req_id.split("-")[0]), []).append(scores)
+    attention, forked = {1, 3, 5, 7}, 0
+    for index, (picture, result, stage) in enumerate(zip(pictures, results, stages)):
+        hf_generate(model, hf_inputs(processor, picture), None)
+        plain_first = hf_generate.first
+        with scored() as hf_scores, hf_vision(None if stage is None else [stage[0]]) as fed:
+            reference, hf_kept = hf_language_run(model, processor, picture, reducer)  # on vLLM's vision scores
+        for (_, ours), theirs in zip(fed, [] if stage is None else [stage[1]]):  # its vision stage: vLLM's choice
+            assert all(torch.equal(ids.cpu(), roles_of(theirs)[role].cpu()) for role, ids in roles_of(ours).items())
+        first = hf_generate.first
+        vllm_kept = trace[index]
+        assert hf_kept and all(layer - (method == "fastv") in attention for layer, _ in hf_kept), hf_kept
+        assert [layer for layer, _ in vllm_kept] == [layer for layer, _ in hf_kept]
+        assert result[2] == served_length(processor, picture, reducer.stats.llm_input_tokens)
+        held = None
+        for (layer, theirs), (_, mine), their_scores, my_scores in zip(hf_kept, vllm_kept, hf_scores, by_request[index]):
+            slack = BF16_SCORE_TOLERANCE * their_scores.mean().item()  # the small scores' rounding, absolute
+            assert torch.allclose(my_scores, their_scores, rtol=BF16_SCORE_TOLERANCE, atol=slack), (layer, my_scores, their_scores)
+            if not torch.equal(mine, theirs):  # a near-tie that bfloat16 forked: explained, then stop comparing
+                ids = torch.arange(their_scores.numel()) if held is None else held
+                score = dict(zip(ids.tolist(), their_scores.tolist()))
+                only_mine = [score[i] for i in set(mine.tolist()) - set(theirs.tolist())]
+                only_theirs = [score[i] for i in set(theirs.tolist()) - set(mine.tolist())]
+                assert max(only_mine) >= min(only_theirs) * (1 - BF16_SCORE_TOLERANCE) - slack, (layer, only_mine, only_theirs)
+                forked += 1
+                break
+            held = theirs
+        else:
+            gap = first_step_gap(firsts[index], first)
+            plain_gap = first_step_gap(plain_firsts[index], plain_first)
+            print(f"{type(model).__name__} {method} {budget} picture {index}: first step within {gap:.1e} of "
+                  f"transformers (unreduced {plain_gap:.1e})")
+            assert gap <= BF16_LOGPROB_TOLERANCE and gap <= plain_gap + BF16_LOGPROB_TOLERANCE, (gap, plain_gap)
+            top2 = first.topk(2).values
+            assert result[0][0] == reference[0][0] or top2[0] - top2[1] < BF16_LOGPROB_TOLERANCE, (result[0], reference[0])
+            assert gap_while_agreeing(result, reference) <= BF16_LOGPROB_TOLERANCE, (result, reference)
+    assert forked < len(pictures), "every picture forked at a near-tie: nothing after a boundary was compared"
 
 
 def test_qwen3_5_videos_equal_the_hugging_face_path_in_bfloat16(saved_qwen3_5):

@@ -84,11 +84,27 @@ def in_place(values: torch.Tensor, entered: torch.Tensor) -> torch.Tensor:
     return full
 
 
+def language_attention_layers(text_config) -> tuple[int, ...] | None:
+    """The decoder layers that compute softmax attention where the language model mixes in layers
+    that do not (Qwen3.5's ``"linear_attention"`` in ``layer_types``); ``None``: every layer (vLLM's
+    ``integrations.vllm.qwen_vl`` reads its items' geometries with these, as the adapter's scheme does).
+
+    >>> from types import SimpleNamespace
+    >>> language_attention_layers(SimpleNamespace(num_hidden_layers=4, layer_types=["linear_attention", "full_attention"] * 2))
+    (1, 3)
+    >>> language_attention_layers(SimpleNamespace(num_hidden_layers=2, layer_types=["full_attention"] * 2)) is None
+    True
+    """
+    types = list(getattr(text_config, "layer_types", None) or ())[: text_config.num_hidden_layers]
+    scoring = tuple(i for i, kind in enumerate(types) if kind != "linear_attention")
+    return None if len(scoring) == len(types) else scoring
+
+
 def qwen_geometry(config, grid_thw, modality: str = "image", attention_layers: tuple[int, ...] | None = None) -> Geometry:
     """An item of patch grid ``grid_thw`` (its ``image_grid_thw`` / ``video_grid_thw`` row) after the
     merger (the adapter's, and vLLM's ``integrations.vllm.qwen_vl``): a video one unit per temporal
     slice. ``attention_layers``: the language model's softmax-attention layers where it mixes kinds
-    (the adapter's); vLLM runs only stages before the language model, which do not read them.
+    (the adapter's scheme's; vLLM's ``language_attention_layers``).
 
     >>> from transformers import Qwen2VLConfig
     >>> qwen_geometry(Qwen2VLConfig(), (2, 28, 42), "video").grid  # 2 slices of 14 x 21 merged tokens

@@ -156,8 +156,12 @@ class DuetModelMixin:
         return len(self.text_model().layers)
 
     def duet_attention_layer_names(self) -> list[str]:
-        """Each decoder layer's attention, as vLLM's per-layer metadata names it."""
-        return [layer.self_attn.attn.layer_name for layer in self.text_model().layers]
+        """Each decoder layer's attention, as vLLM's per-layer metadata names it: its softmax
+        attention's, or its linear attention's (Qwen3.5's Gated-DeltaNet layers, ``linear_attn``)."""
+        from .language.hooks import softmax_attention
+
+        return [attention.layer_name if (attention := softmax_attention(layer)) is not None else layer.linear_attn.prefix
+                for layer in self.text_model().layers]
 
     def duet_language_plans(self, features) -> list[tuple[int, int, Plan | None]]:
         """Each item's ``(offset, length, plan)`` where its method drops inside the language model

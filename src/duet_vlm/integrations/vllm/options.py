@@ -332,7 +332,7 @@ def check_supported(reducer: Reducer, language: bool = False, not_served: str | 
         )
     raise RefusedMethod(
         f"{inner.method_name!r} prunes visual tokens inside the language model, which the plugin serves only with its "
-        f"own worker (--worker-cls {WORKER}), on LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL and Gemma 3 (images; videos but InternVL's), for FastV, PyramidDrop, DUET, VScan, DART, SparseVLM, HoliTom and random_horizon so far (docs/serving.md); otherwise vLLM's "
+        f"own worker (--worker-cls {WORKER}), on LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, InternVL and Gemma 3 (images; videos but InternVL's), for FastV, PyramidDrop, DUET, VScan, DART, SparseVLM, HoliTom and random_horizon so far (docs/serving.md); otherwise vLLM's "
         f"paged KV cache keeps every prompt token in every layer, and only methods that select before the language "
         f"model run{hint}. Supported: {', '.join(supported_methods())}"
     )

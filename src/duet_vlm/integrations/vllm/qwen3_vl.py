@@ -1,8 +1,10 @@
 """Qwen3-VL, Qwen3.5 and Qwen3.5-MoE under vLLM: Qwen2.5-VL's path (``qwen_vl``), with Qwen3-VL's
 processor (each temporal slice of a video an item behind its timestamp, its Hugging Face processor
 adjusted to process a video at all), DeepStack features selected with their tokens and read for the
-rows the decoder layers hold (``HeldRows``), and Qwen3.5's hybrid language model refused under
-dropping inside it (``language_refusal``)."""
+rows the decoder layers hold (``HeldRows``), and Qwen3.5's hybrid language model, whose
+Gated-DeltaNet layers after a boundary run on the kept tokens (their metadata compacted as the
+attention layers', ``language.kv``) and whose boundaries sit where a stage can score
+(``adapters.qwen_vl.language_attention_layers``, in every item's geometry)."""
 
 from __future__ import annotations
 
@@ -103,16 +105,11 @@ class DuetQwen3VLForConditionalGeneration(DuetQwenVLMixin, Qwen3VLForConditional
 )
 class DuetQwen3_5ForConditionalGeneration(DuetQwen3VLForConditionalGeneration, Qwen3_5ForConditionalGeneration):
     """vLLM's Qwen3.5 (Qwen3-VL's tower and processor, a hybrid linear-attention language model) with
-    duet-vlm's vision-side reduction of images: the tower side is Qwen3-VL's; the language model is
-    untouched, so its linear-attention layers see the kept tokens as any prompt."""
+    duet-vlm's reductions: the tower side is Qwen3-VL's; inside the language model a stage scores
+    with its attention layers only, and its Gated-DeltaNet layers after a boundary run their
+    convolution and recurrence over the kept tokens, as the Hugging Face path's do."""
 
     family = "Qwen3.5"
-    serves_language = False
-    language_refusal = (
-        "its Gated-DeltaNet (linear-attention) layers carry a recurrent state over every prompt token, which vLLM's "
-        "own metadata builders advance; the plugin compacts the metadata of full-attention layers only, so a layer "
-        "after a boundary would run its state over tokens it no longer holds"
-    )
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -122,8 +119,6 @@ class DuetQwen3_5MoeForConditionalGeneration(DuetQwen3VLForConditionalGeneration
     """vLLM's Qwen3.5-MoE with duet-vlm's vision-side reduction of images (as Qwen3.5)."""
 
     family = "Qwen3.5-MoE"
-    serves_language = False
-    language_refusal = DuetQwen3_5ForConditionalGeneration.language_refusal
 
 
 class HeldRows(IntermediateTensors):

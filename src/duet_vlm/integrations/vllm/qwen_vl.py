@@ -56,7 +56,7 @@ from vllm.model_executor.models.qwen2_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ...adapters.qwen_vl import qwen_geometry
+from ...adapters.qwen_vl import language_attention_layers, qwen_geometry
 from ...geometry import Geometry
 from ...scoring import segment_scores
 from .common import DuetModelMixin
@@ -78,7 +78,9 @@ class DuetQwenProcessorMixin(DuetProcessorMixin):
     def item_geometry(self, modality: str, grid) -> Geometry:
         """What an item's budget applies to: an image, a whole video, or each of its temporal slices."""
         t, h, w = (int(v) for v in grid)
-        return qwen_geometry(self.info.get_hf_config(), (1 if modality == "video" and self.slices_are_items else t, h, w), modality)
+        config = self.info.get_hf_config()
+        return qwen_geometry(config, (1 if modality == "video" and self.slices_are_items else t, h, w), modality,
+                             language_attention_layers(config.text_config))
 
     def apply(self, inputs, timing_ctx):
         """A prompt with a video whose slices are items refuses methods that read the prompt's text:
@@ -146,9 +148,10 @@ class DuetQwenVLMixin(DuetModelMixin):
     def language_geometry(self, feature=None) -> Geometry:
         """An image's or a video's geometry from its grid (a 448-pixel square image's at start)."""
         if feature is None:
-            return qwen_geometry(self.config, (1, 32, 32))
+            return qwen_geometry(self.config, (1, 32, 32), "image", language_attention_layers(self.config.text_config))
         t, h, w = (int(v) for v in torch.as_tensor(feature.data[f"{feature.modality}_grid_thw"].data).reshape(-1))
-        return qwen_geometry(self.config, (1 if self.runs_are_items(feature.modality) else t, h, w), feature.modality)
+        return qwen_geometry(self.config, (1 if self.runs_are_items(feature.modality) else t, h, w), feature.modality,
+                             language_attention_layers(self.config.text_config))
 
     def runs_are_items(self, modality: str) -> bool:
         return modality == "video" and self.slices_are_items
@@ -268,7 +271,8 @@ class DuetQwenVLMixin(DuetModelMixin):
                 torch.cat([e, position_channels(torch.cat([grid_positions(g, merge, f) for i, g, f in parts if i == index]), e)], dim=1)
                 for index, e in enumerate(embeds)
             )
-        geometries = [qwen_geometry(self.config, grid, modality) for _, grid, _ in parts]
+        attention = language_attention_layers(self.config.text_config)
+        geometries = [qwen_geometry(self.config, grid, modality, attention) for _, grid, _ in parts]
         plans = [plan_for(fields.settings(self.duet, i), fields.budgets[i], geometry)
                  for (i, _, _), geometry in zip(parts, geometries)]
         blocks = self.visual.blocks

@@ -5,6 +5,7 @@ path) choosing each dropping request's tokens at a boundary from a ``LayerView``
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
 
@@ -52,8 +53,11 @@ class LanguageStages:
         self.pending: StepPlan | None = None  # the next forward's step (``next_step``)
         self.state: StepState | None = None  # the running forward's, where it drops or renumbers
         for index, layer in enumerate(self.layers):
-            self.handles.append(layer.register_forward_pre_hook(self._before_layer(index)))
-            self.handles.append(layer.self_attn.attn.register_forward_pre_hook(self._at_attention(index)))
+            self.handles.append(layer.register_forward_pre_hook(self._before_layer(index, inspect.signature(layer.forward)),
+                                                                with_kwargs=True))
+            attention = softmax_attention(layer)
+            if attention is not None:  # (a linear-attention layer has none: no stage scores with it)
+                self.handles.append(attention.register_forward_pre_hook(self._at_attention(index)))
         # on the whole model, which the runner calls: vLLM's compiled decoder class calls its own
         # ``forward`` directly (``support_torch_compile``), past any hook on the decoder module
         self.handles.append(owner.register_forward_pre_hook(self._enter, with_kwargs=True))
@@ -101,12 +105,17 @@ class LanguageStages:
 
         return hook
 
-    def _before_layer(self, index: int):
-        def hook(module, args):
+    def _before_layer(self, index: int, signature: inspect.Signature):
+        def hook(module, args, kwargs):
             state = self.state
             if state is None:
                 return None
             step = state.step
+            # the layer's positions, hidden states and residual stream, by name: a decoder's loop may
+            # pass them in order (most families) or by keyword (Qwen3.5's)
+            call = signature.bind(*args, **kwargs)
+            named = call.arguments
+            args = (named["positions"], named["hidden_states"], named["residual"])
             if index + 1 in step.boundaries:  # its input, as the Hugging Face path's residual stream
                 state.inputs[index] = stream(args[1], args[2])
             if state.positions is not None:  # the decoder's loop hands every layer all the step's positions
@@ -115,7 +124,8 @@ class LanguageStages:
                 args = self._boundary(index, step, args)
             if state.renumbers:
                 args = (self._renumbered(index, step, args[0]), *args[1:])
-            return args
+            named["positions"], named["hidden_states"], named["residual"] = args
+            return call.args, call.kwargs
 
         return hook
 
@@ -232,6 +242,9 @@ class LanguageStages:
             else:
                 x, _ = layer.input_layernorm(hidden.clone(), residual.clone())
             qkv, _ = attn.qkv_proj(x)
+            if hasattr(attn, "_project_qkv_gate"):  # Qwen3.5's: a query and an output gate per head, normed, rotated
+                q, k, _, _ = attn._project_qkv_gate(qkv, positions)
+                return q, k
             q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
             if getattr(attn, "q_norm", None) is not None:  # Qwen3's per-head norms, before the rotation
                 q = attn.q_norm(q.reshape(*q.shape[:-1], -1, attn.head_dim)).reshape(q.shape)
@@ -335,6 +348,12 @@ def rank_heads(qk: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, tor
     from vllm.distributed import get_tensor_model_parallel_world_size
 
     return all_heads(qk, -1, get_tensor_model_parallel_world_size())
+
+
+def softmax_attention(layer):
+    """A vLLM decoder layer's softmax attention (``self_attn.attn``, vLLM's ``Attention``), ``None``
+    where the layer has none (Qwen3.5's Gated-DeltaNet layers: ``linear_attn``)."""
+    return getattr(getattr(layer, "self_attn", None), "attn", None)
 
 
 def stream(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:

@@ -76,7 +76,8 @@ class KVGroup:
 
 
 def compact_attention(step: StepPlan, names: list[str], seq_lens: torch.Tensor, groups: list[KVGroup], build,
-                      device, doc_ranges: dict[int, list[tuple[int, int]]] | None = None) -> tuple[dict, dict]:
+                      device, doc_ranges: dict[int, list[tuple[int, int]]] | None = None,
+                      prefilling: torch.Tensor | None = None) -> tuple[dict, dict]:
     """Attention metadata and KV slots for the layers where some request holds fewer tokens than
     the step's rows (``names``: each decoder layer's attention), by layer name: query starts and
     sequence lengths of the tokens each request holds, and slots that put a request's kept tokens
@@ -85,7 +86,8 @@ def compact_attention(step: StepPlan, names: list[str], seq_lens: torch.Tensor, 
     Both runners call this (the V1 runner from ``_build_attention_metadata``, Model Runner V2 from
     its ``ModelState.prepare_attn``). ``doc_ranges``: the step's bidirectional ranges by request
     (vLLM's ``mm_req_doc_ranges``, on a model whose images attend both ways), given each compacted
-    layer in its own coordinates (``compact_ranges``)."""
+    layer in its own coordinates (``compact_ranges``). ``prefilling``: whether each request is in its
+    prompt (vLLM's ``is_prefilling``: a linear-attention layer starts such a request from no state)."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
     num_reqs = len(step.rows)
@@ -132,7 +134,7 @@ def compact_attention(step: StepPlan, names: list[str], seq_lens: torch.Tensor, 
                 query_start_loc=starts.to(device), query_start_loc_cpu=starts, seq_lens=lens.to(device),
                 seq_lens_cpu_upper_bound=lens, num_reqs=num_reqs, num_actual_tokens=int(starts[-1]),
                 max_query_len=max(counts), max_seq_len=int(lens.max()), block_table_tensor=group.table,
-                slot_mapping=slot_mapping, causal=True, mm_req_doc_ranges=ranges,
+                slot_mapping=slot_mapping, causal=True, mm_req_doc_ranges=ranges, is_prefilling=prefilling,
             )
             for attention, mine in chosen:
                 built = build(attention, common)
@@ -149,11 +151,14 @@ def dropped_specs(model, specs: dict) -> dict:
     boundaries = model.duet_boundaries() if hasattr(model, "duet_boundaries") else []
     if not boundaries:
         return specs
+    from vllm.v1.kv_cache_interface import AttentionSpec
+
     from ..memory import DroppedSpec
 
     names = model.duet_attention_layer_names()
     edges = [*boundaries, len(names)]
     for first, end in zip(edges, edges[1:]):
         for layer in range(first, end):
-            specs[names[layer]] = DroppedSpec.of(specs[names[layer]], first, end - 1)
+            if isinstance(specs[names[layer]], AttentionSpec):  # (a linear-attention layer's state is one per request)
+                specs[names[layer]] = DroppedSpec.of(specs[names[layer]], first, end - 1)
     return specs

@@ -81,7 +81,10 @@ class _RunnerMixin:
                 step, model.duet_attention_layer_names(), self.seq_lens[:num_reqs].cpu(), groups,
                 lambda group, common: group.get_metadata_builder(0).build(common_prefix_len=0,
                                                                           common_attn_metadata=common),
-                torch.device("cpu"), doc_ranges(self.model_config, req_ids, lambda r: self.requests[r].mm_features))
+                torch.device("cpu"), doc_ranges(self.model_config, req_ids, lambda r: self.requests[r].mm_features),
+                # as vLLM's runner says which requests are in their prompt
+                self.input_batch.num_computed_tokens_cpu_tensor[:num_reqs]
+                < self.input_batch.num_prompt_tokens_cpu_tensor[:num_reqs])
             attn_metadata.update(metadata)
             stages.next_step(step)
         return attn_metadata, spec
@@ -152,7 +155,8 @@ def v2_attention(model, known: dict, input_batch, block_tables, attn_groups, blo
               for index, attention in enumerate(attn_groups)]
     metadata, step.slots = compact_attention(
         step, model.duet_attention_layer_names(), input_batch.seq_lens[:num_reqs].cpu(), groups,
-        lambda group, common: group.build_metadata(common, ubatch_idx), device, ranges)
+        lambda group, common: group.build_metadata(common, ubatch_idx), device, ranges,
+        torch.from_numpy(input_batch.is_prefilling_np[:num_reqs]))
     return metadata, step
 
 

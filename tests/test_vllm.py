@@ -1653,6 +1653,16 @@ def test_qwen3_5_language_stages_served_equal_the_hugging_face_path_in_bfloat16(
     assert forked < len(pictures), "every picture forked at a near-tie: nothing after a boundary was compared"
 
 
+def test_qwen3_5_a_boundary_that_cannot_score_is_refused_at_start(saved_qwen3_5_deep):
+    """An explicit boundary whose layer computes no attention (FastV after 3 layers reads layer 2, a
+    Gated-DeltaNet layer) is refused at start, naming the layers that do, as on the Hugging Face path;
+    not moved."""
+    chain = [str(e) for e in refused_at_start(saved_qwen3_5_deep[0], {"duet_method": "fastv", "duet_budget": 80,
+                                                                      "duet_options": {"layer": 3}},
+                                              dtype="bfloat16", **LANGUAGE)]
+    assert any("only layers [1, 3, 5, 7] compute attention" in e for e in chain), chain
+
+
 def test_qwen3_5_videos_equal_the_hugging_face_path_in_bfloat16(saved_qwen3_5):
     """A Qwen3.5 (and Qwen3.5-MoE) video under VisionZip at 16 tokens per temporal slice, in
     bfloat16 as the image test above: each slice's kept tokens, the prompt's length and first token

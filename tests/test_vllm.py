@@ -1737,7 +1737,8 @@ def saved_qwen2_5_deep(tmp_path_factory):
 
 @pytest.mark.parametrize("saved,method,budget", [("saved_llava_deep", "duet", 200), ("saved_llava_deep", "fastv", 160),
                                                  ("saved_llava_deep", "pyramiddrop", 200),
-                                                 ("saved_qwen2_5_deep", "duet", 50), ("saved_qwen2_5_deep", "fastv", 80)])
+                                                 ("saved_qwen2_5_deep", "duet", 50), ("saved_qwen2_5_deep", "fastv", 80),
+                                                 ("saved_gemma3_deep", "fastv", 8)])
 def test_tensor_parallel_language_stages_equal_one_process_and_the_hugging_face_path(request, tmp_path, saved,
                                                                                      method, budget):
     """Dropping inside the language model under ``--tensor-parallel-size 2`` (two CPU workers, a
@@ -1747,9 +1748,13 @@ def test_tensor_parallel_language_stages_equal_one_process_and_the_hugging_face_
     log-probabilities, prompt length; the kept ids at every boundary, DUET's Stage A compared as
     ``check_language_equals_hf`` compares it). DUET whole (Stage A, then Stage B after layers 4 and
     6), FastV (scored in layer 1) and PyramidDrop (three boundaries, scored in the layer after each)
-    on LLaVA-1.5; DUET whole and FastV on Qwen2.5-VL (M-RoPE, grouped key-value heads)."""
+    on LLaVA-1.5; DUET whole and FastV on Qwen2.5-VL (M-RoPE, grouped key-value heads); FastV on
+    Gemma 3 (its sliding window shorter than the prompt: each rank's scores within the window)."""
     folder, model, processor = request.getfixturevalue(saved)
     pictures = [image(13, (392, 336)), image(14, (280, 336))] if is_qwen(processor) else [image(1), image(2)]
+    if is_gemma3(processor):
+        request.getfixturevalue("gemma3_causal")  # the mask vLLM's CPU backend runs inside an image
+        pictures = [image(40, (32, 32)), image(41, (48, 40))]
     options = {"duet_method": method, "duet_budget": budget}
     with engine(folder, options, **LANGUAGE) as llm:
         alone, alone_kept = language_run(llm, processor, pictures)

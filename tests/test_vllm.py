@@ -1564,8 +1564,9 @@ def scored():
     known = scheme.visual_attention
 
     def recorded(*args, **kwargs):
-        calls.append(known(*args, **kwargs).float().reshape(-1).cpu())
-        return calls[-1].view(known(*args, **kwargs).shape)
+        scores = known(*args, **kwargs)
+        calls.append(scores.float().reshape(-1).cpu())
+        return scores
 
     with mock.patch.object(scheme, "visual_attention", recorded), mock.patch.object(hooks, "visual_attention", recorded):
         yield calls
@@ -1609,12 +1610,13 @@ def test_qwen3_5_language_stages_served_equal_the_hugging_face_path_in_bfloat16(
     with engine(folder, None, dtype="bfloat16") as llm:
         vllm_run(llm, processor, pictures, top=8)
         plain_firsts = vllm_run.first
-    from duet_vlm.integrations.vllm.language import hooks
-
-    # each boundary's scores on the server, by request, in the order the boundaries ran
-    by_request: dict[int, list] = {}
-    for scores, (req_id, _, _, _) in zip(served_scores, getattr(traced, "entries", [])):
-        by_request.setdefault(int(req_id.split("-")[0]), []).append(scores)
+    # each scoring boundary's scores on the server, by request and layer, one call each in the order the
+    # boundaries ran (a boundary that drops every token scores nothing)
+    scoring = [(req_id, layer) for req_id, layer, _, ids in traced.entries if ids.numel()]
+    assert len(served_scores) == len(scoring), (len(served_scores), scoring)
+    by_request: dict[int, dict] = {}
+    for scores, (req_id, layer) in zip(served_scores, scoring):
+        by_request.setdefault(int(req_id.split("-")[0]), {})[layer] = scores
     attention, forked = {1, 3, 5, 7}, 0
     for index, (picture, result, stage) in enumerate(zip(pictures, results, stages)):
         hf_generate(model, hf_inputs(processor, picture), None)
@@ -1628,8 +1630,15 @@ def test_qwen3_5_language_stages_served_equal_the_hugging_face_path_in_bfloat16(
         assert hf_kept and all(layer - (method == "fastv") in attention for layer, _ in hf_kept), hf_kept
         assert [layer for layer, _ in vllm_kept] == [layer for layer, _ in hf_kept]
         assert result[2] == served_length(processor, picture, reducer.stats.llm_input_tokens)
+        hf_scoring = [layer for layer, ids in hf_kept if ids.numel()]
+        assert len(hf_scores) == len(hf_scoring), (len(hf_scores), hf_scoring)
+        hf_by_layer = dict(zip(hf_scoring, hf_scores))
         held = None
-        for (layer, theirs), (_, mine), their_scores, my_scores in zip(hf_kept, vllm_kept, hf_scores, by_request[index]):
+        for (layer, theirs), (_, mine) in zip(hf_kept, vllm_kept):
+            if layer not in hf_by_layer:  # every token dropped, on both paths: nothing scored
+                assert mine.numel() == 0, (layer, mine)
+                continue
+            their_scores, my_scores = hf_by_layer[layer], by_request[index][layer]
             slack = BF16_SCORE_TOLERANCE * their_scores.mean().item()  # the small scores' rounding, absolute
             assert torch.allclose(my_scores, their_scores, rtol=BF16_SCORE_TOLERANCE, atol=slack), (layer, my_scores, their_scores)
             if not torch.equal(mine, theirs):  # a near-tie that bfloat16 forked: explained, then stop comparing

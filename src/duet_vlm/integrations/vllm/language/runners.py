@@ -125,11 +125,12 @@ class _ModelStateMixin:
         if for_capture:
             return attn_metadata
         # (a profiling run may come before the KV cache, and its block sizes, exist: it plans no request)
-        ranges = None
-        if self.supports_mm_inputs and self.encoder_cache is not None:  # as vLLM's DefaultModelState asks
+        def ranges(req_ids):  # asked only in a step that drops; where vLLM's DefaultModelState would give them
+            if not self.supports_mm_inputs or self.encoder_cache is None:
+                return None
             features = self.encoder_cache.mm_features
-            ranges = doc_ranges(self.model_config, input_batch.req_ids[: input_batch.num_reqs],
-                                lambda r: features.get(r, ()))
+            return doc_ranges(self.model_config, req_ids, lambda r: features.get(r, ()))
+
         metadata, step = v2_attention(self.model, self.__dict__.get("_duet_requests", {}), input_batch, block_tables,
                                       attn_groups, getattr(self, "_duet_block_sizes", None), self.device, ubatch_idx,
                                       ranges)
@@ -140,14 +141,16 @@ class _ModelStateMixin:
 
 
 def v2_attention(model, known: dict, input_batch, block_tables, attn_groups, block_sizes, device,
-                 ubatch_idx: int = 0, ranges: dict | None = None) -> tuple[dict, StepPlan | None]:
+                 ubatch_idx: int = 0, ranges=None) -> tuple[dict, StepPlan | None]:
     """What Model Runner V2's state adds to a step's attention metadata (``compact_attention``),
     read from its ``InputBatch`` (requests in batch order, query starts, tokens computed before the
     step, sequence lengths), its gathered block tables (one per KV-cache group, rows in batch order)
-    and the block size of each group (``ranges``: the step's bidirectional ranges, ``doc_ranges``);
-    and the step's plan, ``None`` where no request drops."""
+    and the block size of each group (``ranges(req_ids)``: the step's bidirectional ranges,
+    ``doc_ranges``, asked only where a request drops); and the step's plan, ``None`` where no request
+    drops."""
     num_reqs = input_batch.num_reqs
-    step = step_plan(input_batch.req_ids[:num_reqs], input_batch.query_start_loc_np[: num_reqs + 1],
+    req_ids = input_batch.req_ids[:num_reqs]
+    step = step_plan(req_ids, input_batch.query_start_loc_np[: num_reqs + 1],
                      input_batch.num_computed_tokens_np[:num_reqs], known.get)
     if step is None:
         return {}, None
@@ -155,8 +158,8 @@ def v2_attention(model, known: dict, input_batch, block_tables, attn_groups, blo
               for index, attention in enumerate(attn_groups)]
     metadata, step.slots = compact_attention(
         step, model.duet_attention_layer_names(), input_batch.seq_lens[:num_reqs].cpu(), groups,
-        lambda group, common: group.build_metadata(common, ubatch_idx), device, ranges,
-        torch.from_numpy(input_batch.is_prefilling_np[:num_reqs]))
+        lambda group, common: group.build_metadata(common, ubatch_idx), device,
+        None if ranges is None else ranges(req_ids), torch.from_numpy(input_batch.is_prefilling_np[:num_reqs]))
     return metadata, step
 
 

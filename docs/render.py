@@ -261,26 +261,36 @@ def render_vllm(root: Path, path: str) -> str:
     # cache answered a repeated image without the vision tower
     images = ("; every row and its warm-up on images new to that server" if "images" in settings
               else "; rows repeat images, which vLLM's encoder cache then encodes once")
+    kv_heads = f" ({model['heads']} query heads, {model['kv_heads']} key/value heads)" if "kv_heads" in model else ""
+    admitted = any(row.get("pool_blocks") for row in rows)  # records before the server's metrics were sampled have none
+    pool = (f"; a KV pool of {rows[0]['pool_mib']:.0f} MiB, at most {settings['max_num_seqs']} requests running "
+            "at once (both columns from the server's own metrics, sampled about four times a second)" if admitted else "")
     header = (
         f"`{results['command']}`: {machine['cpus']} CPU cores, server threads {machine['server_threads']}, "
-        f"vLLM {machine['vllm']}; a random-weight model of LLaVA-1.5's geometry ({model['visual_tokens']} visual "
-        f"tokens per image, {model['layers']} decoder layers of width {model['hidden']}, a {model['vision_layers']}-layer "
-        f"CLIP tower of width {model['vision_hidden']}), {settings['dtype']}; {requests} per row (a warm-up request "
-        f"before each row{images}), end-of-sequence ignored, prefix caching off.\n\n"
+        f"vLLM {machine['vllm']}; a random-weight model of {model.get('family', 'LLaVA-1.5')}'s geometry "
+        f"({model['visual_tokens']} visual tokens per image, {model['layers']} decoder layers of width "
+        f"{model['hidden']}{kv_heads}, a {model['vision_layers']}-layer {model.get('tower', 'CLIP')} tower of width "
+        f"{model['vision_hidden']}), {settings['dtype']}; {requests} per row (a warm-up request "
+        f"before each row{images}), end-of-sequence ignored, prefix caching off{pool}.\n\n"
     )
     head = ["server", "visual tokens", "output tokens", "concurrent", "requests/s", "output tokens/s", "TTFT median (s)",
             "TTFT p90 (s)", "peak RSS (GiB)", "requests/s vs unreduced", "TTFT vs unreduced", "load (before → after)"]
+    if admitted:
+        head[9:9] = ["requests admitted", "KV cache per request (MiB)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         ref = base.get((row["concurrency"], row["max_tokens"]))
         speed = f"{row['requests_per_s'] / ref['requests_per_s']:.2f}x" if ref and row is not ref else ""
         ttft = f"{row['ttft_median_s'] / ref['ttft_median_s']:.2f}x" if ref and row is not ref else ""
         name = row["setting"] if row["method"] is None else f"{row['setting']} {row['budget']}"
-        lines.append("| " + " | ".join([
+        cells = [
             name, str(row["visual_tokens"]), str(row["max_tokens"]), str(row["concurrency"]), f"{row['requests_per_s']:.3f}",
             f"{row['output_tokens_per_s']:.2f}", f"{row['ttft_median_s']:.2f}", f"{row['ttft_p90_s']:.2f}",
             f"{row['peak_rss_gib']:.2f}", speed, ttft, f"{row['load_before']:.1f} → {row['load_after']:.1f}",
-        ]) + " |")
+        ]
+        if admitted:
+            cells[9:9] = [str(row["admitted"]), f"{row['kv_mib_per_request']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return header + "\n".join(lines) + "\n"
 
 

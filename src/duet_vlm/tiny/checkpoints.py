@@ -415,7 +415,8 @@ def _save_native(model, folder: Path) -> None:
 
 
 def write_qwen_vl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, layers: int = 4,
-                  kind: str = "qwen2_5_vl") -> Path:
+                  kind: str = "qwen2_5_vl", *, hidden: int = 128, heads: int = 4, kv_heads: int = 2,
+                  intermediate: int | None = None, vision_fields: dict | None = None, max_pixels: int = 448 * 448) -> Path:
     """A tiny Qwen-VL checkpoint of the real classes: a 4-block vision tower with 14-pixel patches
     and a 2x2 merger, a decoder with head_dim 32 and M-RoPE; the processor resizes to multiples of
     28 pixels between 56x56 and 448x448. ``kind``: ``"qwen2_5_vl"`` (window attention, full
@@ -425,7 +426,10 @@ def write_qwen_vl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, lay
     Gated-DeltaNet linear attention in layers 0 and 2 and full attention with a gated query and
     partial RoPE in layers 1 and 3 (released models attend in every fourth layer; two of four here
     make positions matter beyond bfloat16's noise); linear heads of 128 channels,
-    the one size vLLM's CPU kernel takes) or ``"qwen3_5_moe"`` (the same with 4 experts, 2 per token)."""
+    the one size vLLM's CPU kernel takes) or ``"qwen3_5_moe"`` (the same with 4 experts, 2 per token).
+    Larger (the serving benchmark's): ``hidden``, ``heads``, ``kv_heads`` and ``intermediate`` size the
+    decoder (its M-RoPE sections scale with the head's width), ``vision_fields`` overrides the tower's config
+    fields, ``max_pixels`` the largest image the processor keeps."""
     config_class, model_class = qwen_classes(kind)
     processor_class = QWEN_KINDS[kind][2]
     folder = Path(folder)
@@ -433,19 +437,21 @@ def write_qwen_vl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, lay
     ids = _qwen_tokenizer(folder, processor_class)
     vocab = max(ids.values()) + 1
     text = {
-        **decoder(layers, 128, vocab), "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+        **decoder(layers, hidden, vocab, heads, kv_heads, intermediate=intermediate), "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [
+            hidden // heads // 8, 3 * hidden // heads // 16, 3 * hidden // heads // 16]},  # [4, 6, 6] at head_dim 32
         "bos_token_id": None, "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
     }
     vision = dict(
-        QWEN_PATCHES, depth=4, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, window_size=56,
+        QWEN_PATCHES, depth=4, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=hidden, window_size=56,
         fullatt_block_indexes=[1, 3], in_channels=3, tokens_per_second=2,
     )
     if kind == "qwen2_vl":
-        vision = dict(QWEN_PATCHES, depth=4, embed_dim=64, hidden_size=128, mlp_ratio=2, num_heads=2, in_channels=3)
+        vision = dict(QWEN_PATCHES, depth=4, embed_dim=64, hidden_size=hidden, mlp_ratio=2, num_heads=2, in_channels=3)
     elif kind in ("qwen3_vl", "qwen3_5", "qwen3_5_moe"):
         text["rope_parameters"]["mrope_interleaved"] = True
-        vision = dict(QWEN_PATCHES, depth=4, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+        vision = dict(QWEN_PATCHES, depth=4, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=hidden,
                       in_channels=3, num_position_embeddings=256, deepstack_visual_indexes=[1, 2])
     if kind in ("qwen3_5", "qwen3_5_moe"):
         vision.pop("deepstack_visual_indexes")
@@ -455,6 +461,7 @@ def write_qwen_vl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, lay
         text.update(linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=1,
                     linear_num_value_heads=2, layer_types=[
                         "full_attention" if i % 2 else "linear_attention" for i in range(layers)])
+    vision.update(vision_fields or {})
     if kind == "qwen3_5_moe":
         text.update(moe_intermediate_size=64, shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2)
     config = config_class(
@@ -473,7 +480,7 @@ def write_qwen_vl(folder: str | Path, seed: int = 0, sharpness: float = 4.0, lay
         "image_processor_type": "Qwen2VLImageProcessor", "do_resize": True, "do_rescale": True, "do_normalize": True,
         "do_convert_rgb": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
         "image_std": [0.26862954, 0.26130258, 0.27577711], "rescale_factor": 1 / 255, "patch_size": 14,
-        "merge_size": 2, "temporal_patch_size": 2, "size": {"shortest_edge": 56 * 56, "longest_edge": 448 * 448},
+        "merge_size": 2, "temporal_patch_size": 2, "size": {"shortest_edge": 56 * 56, "longest_edge": max_pixels},
         "resample": 3,
     }
     video_processor = {

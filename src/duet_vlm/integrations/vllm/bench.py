@@ -2,8 +2,10 @@
 
     python -m duet_vlm.integrations.vllm.bench --out docs/bench/vllm_serving.json
 
-One random-weight checkpoint of the benchmark model's geometry (LLaVA-1.5: a CLIP tower on 336 px
-images, 576 visual tokens per image, a 32-layer decoder; widths scaled down to fit a small CPU, as
+One random-weight checkpoint of the benchmark model's geometry (``--family llava``: LLaVA-1.5's, a
+CLIP tower on 336 px images, 576 visual tokens per image, a 32-layer decoder; ``--family qwen2_5_vl``:
+Qwen2.5-VL-7B's, a 32-block windowed tower on 672 px images merged 2x2 into 576 visual tokens, a
+28-layer decoder of grouped-query attention; widths scaled down to fit a small CPU, as
 ``duet_vlm.bench.models.ModelSize`` scales them) is served twice: by plain vLLM (the plugin
 installed, no method: vLLM's own code path), and with the plugin running a method, where each
 request asks for its budget (``mm_processor_kwargs``). A client sends ``requests`` image requests at
@@ -13,8 +15,10 @@ a longer one, where decoding does), each row and the warm-up request before it o
 has not been sent before (vLLM keeps an image's encoding in its encoder cache, keyed by the image and
 its processor options: an image sent again skips the vision tower, and a row of repeated images
 measured the cache), and measures
-requests/s, output tokens/s, time to first token (median and 90th percentile) and the peak resident
-memory of the server's processes. Rows record the machine's load average before and after: on a
+requests/s, output tokens/s, time to first token (median and 90th percentile), the peak resident
+memory of the server's processes, and, from the server's own metrics (``/metrics``, sampled about
+four times a second), the most requests running at once (admitted) and the KV cache a running
+request holds (the pool's used fraction of its bytes over the running requests, the most sampled). Rows record the machine's load average before and after: on a
 shared machine the numbers are noisy, and the load says how noisy.
 """
 
@@ -41,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...tiny.checkpoints import TinySize, write_llava
+from ...tiny.checkpoints import TinySize, write_llava, write_qwen_vl
 
 #: the benchmark model: LLaVA-1.5's token geometry (336 px, patch 14, feature layer -2, 32 decoder
 #: layers), widths a 2-core CPU can serve.
@@ -49,6 +53,48 @@ BENCH_SIZE = TinySize(
     hidden=512, heads=8, layers=32, intermediate=1408, vision_hidden=256, vision_heads=4, vision_layers=24,
     image_size=336, patch_size=14,
 )
+
+#: Qwen2.5-VL-7B's token geometry scaled as BENCH_SIZE scales LLaVA-1.5's: 28 decoder layers of width
+#: 512 (8 query heads, 2 key/value heads: the 7B groups 28 into 4), a 32-block tower of width 256
+#: (window 112 px, full attention in blocks 7, 15, 23 and 31, as the 7B's), 672 px images: 48x48
+#: patches, merged 2x2 into 576 visual tokens.
+QWEN_BENCH = dict(layers=28, hidden=512, heads=8, kv_heads=2, intermediate=1408, max_pixels=672 * 672, vision_fields=dict(
+    depth=32, hidden_size=256, intermediate_size=512, num_heads=4, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]))
+
+
+#: the most requests a served row runs at once
+MAX_NUM_SEQS = 16
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    image: tuple[int, int]  # pixels
+    visual_tokens: int
+    model: dict  # the record's description
+    prompt: str  # --memory's prompt, the image's placeholder where the processor expands it
+
+
+FAMILIES = {
+    "llava": Family("LLaVA-1.5", (336, 336), 576, {
+        **asdict(BENCH_SIZE), "tower": "CLIP", "note": "random weights; LLaVA-1.5 token geometry"},
+        "USER: <image>\nwhat colour is the shape on the left? ASSISTANT:"),
+    "qwen2_5_vl": Family("Qwen2.5-VL", (672, 672), 576, {
+        "hidden": QWEN_BENCH["hidden"], "heads": QWEN_BENCH["heads"], "kv_heads": QWEN_BENCH["kv_heads"],
+        "layers": QWEN_BENCH["layers"], "intermediate": QWEN_BENCH["intermediate"],
+        "vision_hidden": QWEN_BENCH["vision_fields"]["hidden_size"], "vision_layers": QWEN_BENCH["vision_fields"]["depth"],
+        "image_size": 672, "patch_size": 14, "tower": "windowed Qwen2.5-VL",
+        "note": "random weights; Qwen2.5-VL-7B token geometry"},
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what colour is the shape on the left?<|im_end|>\n"
+        "<|im_start|>assistant\n"),
+}
+
+
+def write_model(family: str, folder: Path) -> Path:
+    """The benchmark's random-weight checkpoint of ``family``'s geometry in ``folder``."""
+    if family == "llava":
+        return write_llava(folder, BENCH_SIZE, sharpness=1.0)
+    return write_qwen_vl(folder, sharpness=1.0, kind=family, **QWEN_BENCH)
 
 
 @dataclass
@@ -69,6 +115,10 @@ class Row:
     peak_rss_gib: float
     load_before: float
     load_after: float
+    admitted: int = 0  # the most requests running at once (the server's vllm:num_requests_running)
+    kv_mib_per_request: float = 0.0  # the most of the KV pool in use per running request
+    pool_mib: float = 0.0  # the KV pool (--kv-cache-memory-bytes)
+    pool_blocks: int = 0  # its blocks, as vLLM counts them (a dropping server's groups hold smaller pages)
 
 
 def free_port() -> int:
@@ -131,6 +181,9 @@ class Server:
         self.log = open(log, "w")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.peak = 0
+        self.pool_blocks = 0
+        self.pool_bytes = kv_cache_bytes
+        self.samples: list[tuple[int, float]] = []  # (requests running, fraction of the KV pool used)
         self._sampling = True
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
@@ -140,6 +193,29 @@ class Server:
             self.stop()
             raise
         self.peak = 0  # what serving takes, not loading
+        self.pool_blocks = int(float(self.metric("vllm:cache_config_info", "num_gpu_blocks") or 0))
+
+    def metric(self, name: str, label: str | None = None, text: str | None = None) -> str | None:
+        """The first sample of metric ``name`` in ``text`` (the server's ``/metrics`` unless given): its
+        value, or its ``label``'s."""
+        if text is None:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as reply:
+                text = reply.read().decode()
+        for line in text.splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                if label is None:
+                    return line.rsplit(" ", 1)[1]
+                found = line.partition(f'{label}="')[2]
+                return found.partition('"')[0] if found else None
+        return None
+
+    def admitted(self) -> tuple[int, float]:
+        """Since the samples were last cleared: the most requests running at once, and the most bytes
+        of the KV pool in use per running request (vLLM reports the fraction of its blocks in use;
+        its blocks are of one size within a server, not across servers, so bytes compare)."""
+        running = max((count for count, _ in self.samples), default=0)
+        per_request = max((used * self.pool_bytes / count for count, used in self.samples if count), default=0.0)
+        return running, per_request
 
     def __enter__(self) -> "Server":
         return self
@@ -151,13 +227,23 @@ class Server:
         import psutil
 
         root = psutil.Process(self.process.pid)
+        tick = 0
         while self._sampling:
             try:
                 total = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
                 self.peak = max(self.peak, total)
             except psutil.Error:
                 pass
-            time.sleep(0.1)
+            tick += 1
+            if self.pool_blocks and tick % 3 == 0:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as reply:
+                        text = reply.read().decode()
+                    self.samples.append((int(float(self.metric("vllm:num_requests_running", text=text))),
+                                         float(self.metric("vllm:kv_cache_usage_perc", text=text))))
+                except (OSError, TypeError, ValueError):
+                    pass
+            time.sleep(0.08)
 
     def stop(self) -> None:
         self._sampling = False
@@ -210,23 +296,28 @@ async def _run(port: int, urls: list[str], budget: int | None, concurrency: int,
         await client.close()
 
 
-def measure(server: Server, setting: str, method, budget, visual_tokens, concurrency, requests, max_tokens, seed) -> Row:
+def measure(server: Server, setting: str, method, budget, visual_tokens, concurrency, requests, max_tokens, seed,
+            image: tuple[int, int] = (336, 336)) -> Row:
     """One row: a warm-up request, then ``requests`` at ``concurrency``, on the images of seeds
-    ``seed .. seed + requests`` (the warm-up's the last): give each row of a server seeds of its own."""
-    urls = [data_url(picture(seed + i)) for i in range(requests + 1)]
+    ``seed .. seed + requests`` (the warm-up's the last; ``image`` pixels): give each row of a server
+    seeds of its own."""
+    urls = [data_url(picture(seed + i, image)) for i in range(requests + 1)]
     warm = urls.pop()
     asyncio.run(_run(server.port, [warm], budget, 1, max_tokens, 600))  # warm-up, not counted
     server.peak = 0
+    server.samples.clear()
     load_before = os.getloadavg()[0]
     seconds, results = asyncio.run(_run(server.port, urls, budget, concurrency, max_tokens, 600))
     load_after = os.getloadavg()[0]
+    admitted, per_request = server.admitted()
     ttfts = sorted(r[0] for r in results)
     tokens = sum(r[1] for r in results)
     return Row(
         setting, method, budget, visual_tokens, concurrency, max_tokens, requests, tokens, round(seconds, 3),
         round(requests / seconds, 4), round(tokens / seconds, 3), round(statistics.median(ttfts), 3),
         round(ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))], 3), round(server.peak / 2**30, 3),
-        round(load_before, 2), round(load_after, 2),
+        round(load_before, 2), round(load_after, 2), admitted, round(per_request / 2**20, 2),
+        round(server.pool_bytes / 2**20, 1), server.pool_blocks,
     )
 
 
@@ -259,7 +350,7 @@ class MemoryRow:
 
 
 def measure_memory(folder: Path, method: str | None, options: dict, budget: int | None, requests: int,
-                   kv_cache_bytes: int, max_tokens: int, block_size: int) -> MemoryRow:
+                   kv_cache_bytes: int, max_tokens: int, block_size: int, family: Family | None = None) -> MemoryRow:
     """``requests`` image requests at once to an engine in this process at ``kv_cache_bytes`` of KV
     cache in blocks of ``block_size`` tokens (1,024 tokens a sequence): each KV-cache group's blocks
     per request and the most requests running at once, as the plugin's scheduler records them
@@ -275,7 +366,8 @@ def measure_memory(folder: Path, method: str | None, options: dict, budget: int 
     # and every prompt in one step
     settings = {**LANGUAGE_SETTINGS} if method is not None else {
         key: LANGUAGE_SETTINGS[key] for key in ("scheduler_cls", "enable_chunked_prefill", "enable_prefix_caching", "enforce_eager")}
-    prompt = "USER: <image>\nwhat colour is the shape on the left? ASSISTANT:"
+    family = family or FAMILIES["llava"]
+    prompt = family.prompt
     memory.STATS = {}
     llm = None
     try:
@@ -283,7 +375,7 @@ def measure_memory(folder: Path, method: str | None, options: dict, budget: int 
                   kv_cache_memory_bytes=kv_cache_bytes, block_size=block_size, max_model_len=1024,
                   max_num_seqs=requests, max_num_batched_tokens=requests * 1024, limit_mm_per_prompt={"image": 1, "video": 0}, **settings)
         params = SamplingParams(temperature=0, max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True)
-        llm.generate([{"prompt": prompt, "multi_modal_data": {"image": picture(200 + i)}} for i in range(requests)],
+        llm.generate([{"prompt": prompt, "multi_modal_data": {"image": picture(200 + i, family.image)}} for i in range(requests)],
                      params, use_tqdm=False)
         stats = dict(memory.STATS)
     finally:
@@ -300,6 +392,7 @@ def measure_memory(folder: Path, method: str | None, options: dict, budget: int 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/bench/vllm_serving.json")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="llava", help="the benchmark model's geometry")
     parser.add_argument("--method", default="visionzip")
     parser.add_argument("--methods", nargs="*", help="methods served one after another instead of --method, each "
                         "'name' or 'name:{json options}' (DUET's Stage A alone: 'duet:{\"layers\": []}')")
@@ -327,21 +420,23 @@ def main(argv: list[str] | None = None) -> None:
     levels = [int(c) for c in args.concurrency.split(",") if c]
     lengths = [int(t) for t in args.max_tokens.split(",") if t]
     work = Path(tempfile.mkdtemp(prefix="duet-vllm-bench-"))
-    folder = write_llava(work / "model", BENCH_SIZE, sharpness=1.0)
+    family = FAMILIES[args.family]
+    folder = write_model(args.family, work / "model")
     methods = [method_spec(text) for text in args.methods] if args.methods else [(args.method, {})]
     if args.memory:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler's records are read in this process
     import vllm
 
     if args.memory:
-        rows = [measure_memory(folder, None, {}, None, args.requests, args.kv_cache_bytes, lengths[0], args.block_size)]
+        rows = [measure_memory(folder, None, {}, None, args.requests, args.kv_cache_bytes, lengths[0], args.block_size,
+                               family)]
         print(json.dumps(asdict(rows[0])), flush=True)
         for method, options in methods:
             for budget in budgets:
                 rows.append(measure_memory(folder, method, options, budget, args.requests, args.kv_cache_bytes, lengths[0],
-                                           args.block_size))
+                                           args.block_size, family))
                 print(json.dumps(asdict(rows[-1])), flush=True)
-        write_record(args, argv, rows, lengths, vllm.__version__,
+        write_record(args, argv, rows, lengths, vllm.__version__, family,
                      {"kv_cache_bytes": args.kv_cache_bytes, "block_size": args.block_size, "max_model_len": 1024})
         return
 
@@ -358,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
         options = ["--method", method, "--budget", str(setting_budgets[0])] if method is not None else []
         if method_options:
             options += ["--options", json.dumps(method_options)]
-        server = Server(folder, [*options, "--no-enable-prefix-caching", "--max-num-seqs", "16", *extra],
+        server = Server(folder, [*options, "--no-enable-prefix-caching", "--max-num-seqs", str(MAX_NUM_SEQS), *extra],
                         work / f"server-{number}-{method}.log", args.startup_s,
                         env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         seed = 100  # each server the same images, in the same order; each row of it images of its own
@@ -367,20 +462,21 @@ def main(argv: list[str] | None = None) -> None:
                 for max_tokens in lengths:
                     for concurrency in levels:
                         requests = concurrency if args.requests == "clients" else args.requests
-                        row = measure(server, setting, method, budget, budget or 576, concurrency, requests,
-                                      max_tokens, seed=seed)
+                        row = measure(server, setting, method, budget, budget or family.visual_tokens, concurrency,
+                                      requests, max_tokens, seed=seed, image=family.image)
                         seed += requests + 1
                         print(json.dumps(asdict(row)), flush=True)
                         rows.append(row)
         finally:
             server.stop()
-    write_record(args, argv, rows, lengths, vllm.__version__)
+    write_record(args, argv, rows, lengths, vllm.__version__, family, {"max_num_seqs": MAX_NUM_SEQS})
 
 
-def write_record(args, argv, rows: list, lengths: list[int], version: str, settings: dict | None = None) -> None:
+def write_record(args, argv, rows: list, lengths: list[int], version: str, family: Family,
+                 settings: dict | None = None) -> None:
     record = {
         "command": "python -m duet_vlm.integrations.vllm.bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "model": {**asdict(BENCH_SIZE), "visual_tokens": 576, "note": "random weights; LLaVA-1.5 token geometry"},
+        "model": {**family.model, "family": family.name, "visual_tokens": family.visual_tokens},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "server_threads": args.threads,
                     "vllm": version, "python": platform.python_version()},
         "settings": {"requests": args.requests, "max_tokens": lengths, "prefix_caching": False, "dtype": "float32",

@@ -125,16 +125,9 @@ def test_a_second_turn_on_the_cache(model, name):
             assert second.shape[1] == follow_up.shape[1] + 2
 
 
-def test_a_static_cache_is_refused_with_what_to_use(model):
-    inputs = make_inputs(model, seed=5)
-    with torch.no_grad(), duet_vlm.make("duet", ratio=0.25)(model):
-        with pytest.raises(NotImplementedError, match="Use the default dynamic cache"):
-            model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
-
-
 @pytest.mark.parametrize("family_name", sorted(FAMILIES))
 def test_a_static_cache_runs_under_full_exactly(family_name):
-    """Nothing reduced, nothing to refuse: ``full`` is the unpatched model under a static cache too,
+    """Nothing reduced: ``full`` is the unpatched model, bit for bit, under a static cache too,
     on every family, one row and a padded batch (the same tokens and logits at every step), and its
     statistics count every item whole. generate builds the layers' masks itself there (4-D, or one
     per layer type), so the prefill is left to the model (``prefill.WholeItems``); before, every

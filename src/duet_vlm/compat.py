@@ -134,6 +134,22 @@ def check_checkpointing(layers) -> None:
         )
 
 
+# A static cache under a reduction (``runtime.static``) is exact against the dynamic cache on
+# transformers 5.24 (every family, one row and a padded batch); on 5.19 a padded batch of several
+# families decodes other tokens (not traced to its cause), so older releases are refused by name.
+STATIC_UNDER_REDUCTION = INSTALLED >= Version("5.24.0.dev0")
+
+
+def check_static_cache() -> None:
+    """Refuse a static cache under a reduction on a release it is not exact on, naming the one it is."""
+    if not STATIC_UNDER_REDUCTION:
+        raise NotImplementedError(
+            f"a static cache under a duet-vlm reduction needs transformers 5.24 or newer: on transformers "
+            f"{transformers.__version__} a padded batch decodes other tokens than on the dynamic cache. "
+            f"{_install('5.24')}, or use the default dynamic cache"
+        )
+
+
 def _install(release: str) -> str:
     """The pip line that installs ``release`` or newer within ``SUPPORTED``."""
     return f"pip install 'transformers>={release},<{SUPPORTED.split('<')[1]}'"

@@ -10,7 +10,7 @@ text the table shows.
 
 >>> kind_of("visionzip"), kind_of("fastv"), kind_of("cdpruner")
 ('vision', 'language', 'vision_text')
->>> cell("static_cache", "full").outcome, cell("static_cache", "language").outcome
+>>> cell("static_cache", "language").outcome, cell("prompt_lookup", "language").outcome
 ('equal', 'refused')
 """
 
@@ -120,8 +120,8 @@ _DRAFTS = Cell(
     says="prompt-lookup decoding put drafted tokens into the prefill",
 )
 _DRAFT_CELLS = {"full": EQUAL, "vision": EQUAL, "vision_text": _DRAFTS, "language": _DRAFTS, "vision_language": _DRAFTS}
-_STATIC = Cell("refused", "refused: each layer's cache has its own length; use the default dynamic cache",
-               says="Use the default dynamic cache")
+_STATIC = Cell("equal", "each layer's buffer holds the tokens it keeps; needs transformers 5.24 (refused by name "
+               "before)")
 _SHORTER = Cell("refused", "refused: a reduced input leaves the cache shorter than the prompt; pass the whole "
                 "conversation again without the cache",
                 says="pass the whole conversation again without past_key_values")
@@ -139,7 +139,8 @@ MODES: tuple[Mode, ...] = (
     Mode("prompt_lookup", "prompt lookup (`prompt_lookup_num_tokens`), drafts in the prefill", "greedy decoding",
          _DRAFT_CELLS),
     Mode("assisted", "assisted decoding (`assistant_model`)", "greedy decoding", _DRAFT_CELLS),
-    Mode("static_cache", "`cache_implementation=\"static\"`", "the unpatched model",
+    # Each layer's static buffer holds its own kept tokens and the new ones (``runtime.static``).
+    Mode("static_cache", "`cache_implementation=\"static\"`", "the dynamic cache (logits within 1e-5)",
          {**_every(_STATIC), "full": EQUAL}),
     # A vision stage leaves the cache shorter than the prompt, so generate() resends part of it; a
     # language stage alone keeps the entry whole, and the turn's tokens run like decoding steps.

@@ -89,6 +89,7 @@ class Gemma4Adapter(Gemma3Adapter):
             blocks_where="this Gemma 4 attends bidirectionally inside each image in its sliding layers", family="gemma4",
         )
         self.last_boundary, self.scheme.queries_cut_from = kv_sharing(text, len(self.layers))
+        self.scheme.kv_sources = kv_sources(text, len(self.layers))
         self.geometry = self.image_geometry(NOMINAL_SIDE, NOMINAL_SIDE)
 
     def ideal_visual(self, inputs: dict, visual: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -231,6 +232,21 @@ def kv_sharing(text_config, layers: int) -> tuple[int | None, int | None]:
     if not reuses:
         return None, None
     return min(stores), (min(reuses) if compat.GEMMA4_CUTS_SHARED_QUERIES else None)
+
+
+def kv_sources(text_config, layers: int) -> dict[int, int]:
+    """Each layer of ``layers`` that reuses keys and values -> the layer that stores them: the last
+    earlier storing layer of its type.
+
+    >>> from transformers import Gemma4TextConfig
+    >>> kv_sources(Gemma4TextConfig(num_hidden_layers=6, num_kv_shared_layers=2,
+    ...            layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2), 6)
+    {4: 3, 5: 2}
+    """
+    modes = compat.kv_sharing_modes(text_config)[:layers]
+    types = text_config.layer_types[:layers]
+    return {i: max(j for j in range(i) if modes[j] == "store" and types[j] == types[i])
+            for i, mode in enumerate(modes) if mode == "reuse"}
 
 
 def pooled_layer_scores(layer: nn.Module, layer_input: torch.Tensor, contexts, modeling, kernel: int,

@@ -56,18 +56,21 @@ def gather_mask(mask, q_index: torch.Tensor | None, kv_index: torch.Tensor):
     return mask.gather(3, kv_index[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
 
 
-def causal_mask(text_config, hidden: torch.Tensor, key_valid: torch.Tensor, query_length: int, skip: bool = False):
+def causal_mask(text_config, hidden: torch.Tensor, key_valid: torch.Tensor, query_length: int, skip: bool = False,
+                q_offset=None):
     """The causal mask transformers would build for the model's attention backend, over
     ``key_valid`` keys of which the last ``query_length`` are the queries (a segment's own sequence in
     a prefill, the new tokens in a decoding step). ``skip``: ``None`` where the backend's causal path
-    serves (no key padded), as transformers skips building it before a model's first layer."""
+    serves (no key padded), as transformers skips building it before a model's first layer.
+    ``q_offset``: where the queries start among the keys, where the keys run on past them (a static
+    cache's buffer, its slots not yet written)."""
     builder = ALL_MASK_ATTENTION_FUNCTIONS[text_config._attn_implementation]
     kv_length = key_valid.shape[1]
     return builder(
         batch_size=key_valid.shape[0],
         q_length=query_length,
         kv_length=kv_length,
-        q_offset=kv_length - query_length,
+        q_offset=kv_length - query_length if q_offset is None else q_offset,
         kv_offset=0,
         mask_function=causal_mask_function,
         attention_mask=key_valid,
@@ -75,6 +78,16 @@ def causal_mask(text_config, hidden: torch.Tensor, key_valid: torch.Tensor, quer
         dtype=hidden.dtype,
         device=hidden.device,
     )
+
+
+def last_row(mask) -> torch.Tensor | None:
+    """The 2-D mask ``(B, L)`` a prefill's causal mask ``(B, 1, L, keys)`` was built from: its last
+    query row over the first ``L`` keys, which that query sees unless they are padding (the prefill
+    starts the cache). A 2-D mask is its own; ``None`` (no key padded) stays."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    row = mask[:, 0, -1, : mask.shape[-2]]
+    return (row if row.dtype == torch.bool else row == 0).long()
 
 
 def rotate_like(layer: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -121,10 +134,13 @@ class CausalMask:
             return gather_mask(entry, index, index)
         return causal_mask(text_config, hidden, valid, query_length=hidden.shape[1])
 
-    def step(self, text_config, hidden: torch.Tensor, mask, kv_index, keys: Callable[[], torch.Tensor]):
+    def step(self, text_config, hidden: torch.Tensor, mask, kv_index, keys: Callable[[], torch.Tensor], cache=None,
+             layer_index: int | None = None):
         if kv_index is not None:  # no row padded: the step's mask at the segment's cache slots
             return None if mask is None else gather_mask(mask, None, kv_index(mask))
-        return causal_mask(text_config, hidden, keys(), query_length=hidden.shape[1])
+        # a static cache's keys run to the end of its buffer: the queries start at the layer's count
+        offset = cache.get_seq_length(layer_index) if getattr(cache, "is_compileable", False) else None
+        return causal_mask(text_config, hidden, keys(), query_length=hidden.shape[1], q_offset=offset)
 
 
 class PaddingMask:
@@ -175,6 +191,9 @@ class LayerScheme:
         self.text_config = text_config
         self.rotary_emb = rotary_emb
         self.kinds = tuple(kinds)
+        #: a decoder layer that attends another layer's keys and values -> that layer (Gemma 4's
+        #: KV sharing): its attention sees the other layer's cache (a static one's buffer)
+        self.kv_sources: dict[int, int] = {}
         #: the first layer of each kind: where the model's own mask and RoPE for that kind are kept.
         self.first_of_kind = {kind: self.kinds.index(kind) for kind in dict.fromkeys(self.kinds)}
 
@@ -257,13 +276,18 @@ class LayerScheme:
         is mapped onto the entry sequence (``built``: what the model built, as ``enter`` took it)."""
         return mask
 
+    def flat_mask(self, built) -> torch.Tensor | None:
+        """The 2-D mask a prefill's masks were built from (``generate`` builds them for a static cache:
+        4-D, or one per layer type), for the runtime to map; ``None``: no key padded."""
+        return last_row(built)
+
     # ----------------------------------------------------------------- 4. for a decoding segment
     def segment_step_mask(self, kind: str, layer_index: int, hidden: torch.Tensor, mask, cache,
                           kv_index: Callable[[torch.Tensor], torch.Tensor] | None, keys: Callable[[], torch.Tensor]):
         """A later segment's mask for layers of ``kind`` in a decoding step (``layer_index``: its first
         such layer): ``mask`` (the step's, at the entry) cut to the segment's cache slots
         (``kv_index(mask)``; ``None`` where rows are padded), or built over its valid keys (``keys()``)."""
-        return MASK_MAKERS[kind].step(self.text_config, hidden, mask, kv_index, keys)
+        return MASK_MAKERS[kind].step(self.text_config, hidden, mask, kv_index, keys, cache, layer_index)
 
     # ----------------------------------------------------------------- scores from a decoder layer
     # The language side is Llama-like for every supported family: pre-norm decoder layers with
@@ -485,6 +509,17 @@ class FamilyMasks(LayerScheme):
         # makes one where alignment pads need it), so that the masks are built from no mask, as the
         # model builds them, with no check of the mask's values on the host.
         return user_mask
+
+    def flat_mask(self, built) -> torch.Tensor | None:
+        if not isinstance(built, dict):
+            return last_row(built)
+        # a full-attention layer's mask (a sliding one's last row sees only its window), else a
+        # recurrence's 2-D padding mask
+        full = [built[t] for t in built if self.kind_of.get(t) == "attention"]
+        if full:
+            return last_row(full[0])
+        flat = [m for m in built.values() if isinstance(m, torch.Tensor) and m.dim() == 2]
+        return flat[0] if flat else None
 
     def step_masks(self, built, mask, hidden, cache, identity: bool, first_boundary: int):
         if identity:

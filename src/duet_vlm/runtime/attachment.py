@@ -33,13 +33,20 @@ from .binding import Binding
 from .boundary import prune
 from .calls import CallStore
 from .decoding import continue_step, decoding_layer, unreduced_decode_positions
-from .entry import base_input_ids, check_new_items_on_cache, check_turn_on_cache
+from .entry import (
+    base_input_ids,
+    brings_visual_items,
+    check_new_items_on_cache,
+    check_turn_on_cache,
+    reduces_nothing,
+)
 from .exit import compact_head_input, expand_head_output, finish_prefill
 from .inputs import segment_layer_inputs, token_argument
 from .patch_subsets import input_stage_of, patch_subset_hooks
 from .prefill import WholeItems, open_prefill
 from .protocol import RuntimeReducer
 from .record import PrefillRecord, UnreadStats, prefill_stats, text_only_stats, whole_stats
+from .static import cache_state, entry_mask, prefill_layer
 
 # Models with a reducer attached: two reducers on one model would stack their hooks. A model's
 # slot is taken (checked and reserved) under the lock, so of two threads attaching at once one wins.
@@ -174,7 +181,10 @@ class Attachment:
         # Items are found at the language model's entry, after transformers' own placeholder checks
         # ran: a mismatch surfaces as transformers' error, not ours.
         call.found = (input_ids, kwargs)
-        if unreduced_decode_positions(self.binding, call.prompt, input_ids, kwargs):
+        # a static cache's masks, built by generate for the unreduced prompt: the 2-D mask instead
+        changed = entry_mask(self.binding.scheme, call.prompt, kwargs, reduces_nothing(self.binding, call.prompt),
+                             brings_visual_items(kwargs))
+        if unreduced_decode_positions(self.binding, call.prompt, input_ids, kwargs) or changed:
             return args, kwargs
         return None
 
@@ -189,8 +199,8 @@ class Attachment:
         call = self.calls.current()
         cache = cache_of(kwargs)
         found, call.found = call.found, None
-        cached = cache.get_seq_length() if cache is not None else 0
-        if cached > 0:
+        cached, on_cache = cache_state(cache)
+        if on_cache:
             check_turn_on_cache(self.binding, call.prompt, found, kwargs, cached)
             if call.prompt is None:
                 return None
@@ -269,8 +279,11 @@ class Attachment:
         # layer's input outlives the next layer.
         scratch.last_layer_input = hidden if precedes else None
         if number > 0:
-            return segment_layer_inputs(scheme, prompt, number, layer_index, kind, hidden, args, kwargs)
-        return (hidden, *args[1:]), kwargs
+            args, kwargs = segment_layer_inputs(scheme, prompt, number, layer_index, kind, hidden, args, kwargs)
+        else:
+            args = (hidden, *args[1:])
+        tokens = prompt.segments[number].steps.length
+        return args, prefill_layer(prompt, scheme, cache_of(kwargs), layer_index, tokens, args[0], kwargs)
 
     def _add_layer_features(self, layer_index: int):
         def hook(module, args, output):

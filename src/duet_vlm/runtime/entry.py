@@ -15,6 +15,7 @@ from ..compat import cache_of, images_of
 from .binding import Binding
 from .protocol import RuntimeReducer
 from .state import PrefillState
+from .static import static_layers
 
 RESENT = (
     "duet-vlm reduces visual items in a prefill, not on top of a cache (a reduced cache is shorter than its "
@@ -55,6 +56,13 @@ def check_turn_on_cache(binding: Binding, prompt: PrefillState | None, found, kw
     new = kwargs["inputs_embeds"].shape[1]
     if new == 1:  # a decoding step: no data-dependent check on the path torch.compile runs
         return
+    if prompt is not None and static_layers(cache_of(kwargs)) is not None and not reduces_nothing(binding, prompt):
+        raise NotImplementedError(
+            "several tokens at once on a static cache under a duet-vlm reducer (drafts of assisted or prompt-lookup "
+            "decoding, a second turn): the cache's length is not read on the host there (a sync every step), so "
+            "whether they follow the reduced prompt cannot be checked. Decode one token a step (greedy, sampling, "
+            "beam search), or use the default dynamic cache"
+        )
     input_ids, base_kwargs = found if found is not None else (None, {})
     check_new_items_on_cache(binding, prompt, base_kwargs)
     if prompt is not None and _resent(binding, prompt, kwargs, base_kwargs, cached, new, input_ids):

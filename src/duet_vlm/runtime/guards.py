@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import warnings
 
-from transformers.cache_utils import StaticCache
-
 from ..plan import Plan, ReducedHiddenStatesWarning
 
 
@@ -16,8 +14,8 @@ def reads_text(plans: list[Plan]) -> bool:
 
 
 def check_prefill(plans: list[Plan], call, cache) -> None:
-    """Refuse drafts in a prefill that a language stage or the text would read, a static cache under
-    a reduction; warn that hidden states come back at reduced lengths."""
+    """Refuse drafts in a prefill that a language stage or the text would read; warn that hidden
+    states come back at reduced lengths."""
     reduces = not all(plan.schedule.is_identity for plan in plans)
     # Assisted and prompt-lookup decoding verify drafted tokens in the prefill itself (generate asks
     # for the logits of every draft): the drafts would be the text a language stage reads.
@@ -28,12 +26,6 @@ def check_prefill(plans: list[Plan], call, cache) -> None:
             "a method that prunes inside the language model (or reads the prompt's text) keeps. Use greedy, "
             "sampling or beam search, or a method that reduces only before the language model without reading the "
             "prompt (duet_vlm.generation_modes lists them), under which drafts run exactly"
-        )
-    if isinstance(cache, StaticCache) and reduces:
-        raise NotImplementedError(
-            "duet-vlm gives each decoder layer a cache of its own length; a static cache (cache_implementation="
-            "'static', or torch.compile's default for generate) writes by absolute position. Use the default "
-            "dynamic cache"
         )
     if call.hidden_states_asked and reduces:
         warnings.warn(

@@ -21,6 +21,7 @@ from ..plan import Plan
 from .binding import Binding
 from .entry import reduces_nothing
 from .guards import check_prefill, reads_text
+from .static import open_static
 from .positions import Original, Renumbered, scheme
 from .sharded import same_stage_calls
 from .state import Item, Placement, PrefillState, Scratch, Segment, Tokens
@@ -210,6 +211,7 @@ def open_prefill(binding: Binding, call, found: tuple[torch.Tensor, dict], kwarg
     types = language.token_types(input_ids, found[1], items)
     built = language.enter(kwargs, found[1].get("attention_mask"))  # the masks the base model built, if any
     call.prompt = start_prefill(binding, input_ids, call.labels, kwargs, items, captures, reference, row_budgets)
+    open_static(call.prompt, cache, found[1].get("attention_mask"), language.text_config._attn_implementation)
     tokens = call.prompt.tokens
     if types is not None:
         tokens.types = call.prompt.entry.gather(types)

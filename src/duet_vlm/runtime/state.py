@@ -184,6 +184,10 @@ class Decoding:
     is_prefill: bool = True
     kwargs: dict[tuple, dict] = field(default_factory=dict)  # per (segment, layer kind), the step's layer kwargs
     mask: torch.Tensor | None = None  # the 2-D mask at the LLM entry in the current step
+    # A static cache (``runtime.static``): the slots it leaves after the unreduced prompt, and every
+    # step's 2-D mask over the unreduced prompt and those slots (None: a cache that grows).
+    static_room: int | None = None
+    static_mask: torch.Tensor | None = None
 
 
 @dataclass(eq=False)

@@ -23,7 +23,7 @@ def continue_prompt(prompt: PrefillState, kwargs: dict, cache) -> tuple | None:
     """A decoding step at the language model's entry: the mask and positions of the new tokens."""
     cached = cache.get_seq_length()
     # A static cache's length is a tensor (read on the host, it would sync every step): drafts,
-    # whose cropping this checks, are refused on one under a reduction (``check_prefill``).
+    # whose cropping this checks, are refused on one under a reduction (``check_turn_on_cache``).
     if not isinstance(cached, torch.Tensor) and cached < prompt.entry_length and not crop_prompt(prompt, cached):
         # Assisted decoding prefills the prompt with the first drafts and crops them afterwards:
         # the drafts chose what Stage B kept, so the result would differ from greedy decoding.

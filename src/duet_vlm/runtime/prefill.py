@@ -21,10 +21,10 @@ from ..plan import Plan
 from .binding import Binding
 from .entry import reduces_nothing
 from .guards import check_prefill, reads_text
-from .static import open_static
 from .positions import Original, Renumbered, scheme
 from .sharded import same_stage_calls
 from .state import Item, Placement, PrefillState, Scratch, Segment, Tokens
+from .static import open_static
 from .taps import same_encoding
 from .vision import row_item_budgets, vision_step
 

@@ -278,7 +278,10 @@ class LayerScheme:
 
     def flat_mask(self, built) -> torch.Tensor | None:
         """The 2-D mask a prefill's masks were built from (``generate`` builds them for a static cache:
-        4-D, or one per layer type), for the runtime to map; ``None``: no key padded."""
+        4-D, or one per layer type where the config names its layers' types), for the runtime to map;
+        ``None``: no key padded."""
+        if isinstance(built, dict):
+            built = built.get("full_attention")
         return last_row(built)
 
     # ----------------------------------------------------------------- 4. for a decoding segment

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LogitsProcessor
 from transformers.generation.streamers import BaseStreamer
 
@@ -553,3 +554,49 @@ def near_tied_differences(own: tuple, theirs: tuple, has_cls: bool) -> dict[str,
                 )
             differing.setdefault(role, []).extend(sorted(a ^ b))
     return differing
+
+
+#: aten operations that read a device tensor's value on the host.
+HOST_SYNCS = {"_local_scalar_dense", "is_nonzero", "item", "nonzero", "equal"}
+
+
+class DecodingSyncs(TorchDispatchMode):
+    """Per decoding step of ``generate`` (a forward of one new token per row), the host syncs in it
+    (``HOST_SYNCS``), counted from the model's own entry on: the runtime's hooks and the model's work."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.steps, self.counting = model, [], False
+
+    def __enter__(self):
+        def start(module, args, kwargs):
+            ids = kwargs.get("input_ids")
+            self.counting = ids is not None and ids.shape[1] == 1
+            if self.counting:
+                self.steps.append(0)
+
+        def stop(module, args, kwargs, output):
+            self.counting = False
+
+        self.handles = [self.model.register_forward_pre_hook(start, with_kwargs=True, prepend=True),
+                        self.model.register_forward_hook(stop, with_kwargs=True)]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.counting and func.overloadpacket.__name__ in HOST_SYNCS:
+            self.steps[-1] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def decoding_syncs(model, inputs: dict, reducer=None, **generate_kwargs) -> list[int]:
+    """The host syncs of each decoding step of a 3-token greedy ``generate`` (``generate_kwargs``:
+    more of its options, a static cache)."""
+    with torch.no_grad(), (reducer(model) if reducer is not None else contextlib.nullcontext()):
+        with DecodingSyncs(model) as counter:
+            model.generate(**inputs, max_new_tokens=3, do_sample=False, **generate_kwargs)
+    return counter.steps

@@ -21,16 +21,16 @@ CUDA-graphed decode stalls on each. Gemma's masks, built again for the kept toke
 per step (the check whether a mask could be skipped) until they were built without it.
 """
 
-import contextlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import duet_vlm
 from duet_vlm import compat
 from duet_vlm.adapters import adapter_for
 from duet_vlm.bench.timing import OperationClock, forward_operations
+
+from checks import decoding_syncs
 
 METHODS = ("full", "fastv", "duet", "visionzip")
 
@@ -133,50 +133,6 @@ def test_what_the_runtime_adds_to_a_prefill_is_bounded(family, inputs):
     bound = dict(zip(METHODS, ADDED_OPERATIONS[family.name, inputs]))
     over = {method: (added[method], bound[method]) for method in METHODS if added[method] > bound[method]}
     assert not over, f"the runtime adds more tensor operations than its bound (added, bound): {over}"
-
-
-#: aten operations that read a device tensor's value on the host.
-HOST_SYNCS = {"_local_scalar_dense", "is_nonzero", "item", "nonzero", "equal"}
-
-
-class DecodingSyncs(TorchDispatchMode):
-    """Per decoding step of ``generate`` (a forward of one new token per row), the host syncs in it
-    (``HOST_SYNCS``), counted from the model's own entry on: the runtime's hooks and the model's work."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.steps, self.counting = model, [], False
-
-    def __enter__(self):
-        def start(module, args, kwargs):
-            ids = kwargs.get("input_ids")
-            self.counting = ids is not None and ids.shape[1] == 1
-            if self.counting:
-                self.steps.append(0)
-
-        def stop(module, args, kwargs, output):
-            self.counting = False
-
-        self.handles = [self.model.register_forward_pre_hook(start, with_kwargs=True, prepend=True),
-                        self.model.register_forward_hook(stop, with_kwargs=True)]
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.counting and func.overloadpacket.__name__ in HOST_SYNCS:
-            self.steps[-1] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def decoding_syncs(model, inputs: dict, reducer=None) -> list[int]:
-    with torch.no_grad(), (reducer(model) if reducer is not None else contextlib.nullcontext()):
-        with DecodingSyncs(model) as counter:
-            model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    return counter.steps
 
 
 @pytest.mark.parametrize("inputs", ["one", "batch"])

@@ -46,7 +46,7 @@ from .patch_subsets import input_stage_of, patch_subset_hooks
 from .prefill import WholeItems, open_prefill
 from .protocol import RuntimeReducer
 from .record import PrefillRecord, UnreadStats, prefill_stats, text_only_stats, whole_stats
-from .static import cache_state, entry_mask, prefill_layer
+from .static import cache_state, entry_mask, prefill_layer, static_layers
 
 # Models with a reducer attached: two reducers on one model would stack their hooks. A model's
 # slot is taken (checked and reserved) under the lock, so of two threads attaching at once one wins.
@@ -182,8 +182,11 @@ class Attachment:
         # ran: a mismatch surfaces as transformers' error, not ours.
         call.found = (input_ids, kwargs)
         # a static cache's masks, built by generate for the unreduced prompt: the 2-D mask instead
-        changed = entry_mask(self.binding.scheme, call.prompt, kwargs, reduces_nothing(self.binding, call.prompt),
-                             brings_visual_items(kwargs))
+        layers = static_layers(cache_of(kwargs))
+        changed = layers is not None and entry_mask(
+            self.binding.scheme, call.prompt, kwargs, layers, reduces_nothing(self.binding, call.prompt),
+            brings_visual_items(kwargs),
+        )
         if unreduced_decode_positions(self.binding, call.prompt, input_ids, kwargs) or changed:
             return args, kwargs
         return None

@@ -25,7 +25,7 @@ import torch
 from transformers.cache_utils import StaticLayer
 
 from ..adapters.scheme import causal_mask
-from ..compat import cache_of, check_static_cache
+from ..compat import check_static_cache
 
 
 def static_layers(cache) -> list | None:
@@ -73,15 +73,13 @@ def key_slots(layers: list, index: int, length: int) -> int:
     return length
 
 
-def pad_keys(mask, slots: int):
-    """``mask`` (2-D padding or 4-D attention mask; ``None`` stays: SDPA's causal path aligns a
-    prefill's queries with the first keys) with its keys padded to ``slots``, the new ones masked."""
-    if not isinstance(mask, torch.Tensor) or mask.shape[-1] >= slots:
+def pad_keys(mask: torch.Tensor, slots: int) -> torch.Tensor:
+    """A 4-D attention mask (boolean, or additive for eager attention) with its keys padded to
+    ``slots``, the new ones masked."""
+    if mask.shape[-1] >= slots:
         return mask
-    pad = slots - mask.shape[-1]
-    if mask.dtype == torch.bool or mask.dim() == 2:
-        return torch.nn.functional.pad(mask, (0, pad), value=0)
-    return torch.nn.functional.pad(mask, (0, pad), value=torch.finfo(mask.dtype).min)
+    masked = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+    return torch.nn.functional.pad(mask, (0, slots - mask.shape[-1]), value=masked)
 
 
 def built_mask(mask) -> bool:
@@ -89,14 +87,13 @@ def built_mask(mask) -> bool:
     return isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4)
 
 
-def entry_mask(scheme, prompt, kwargs: dict, whole: bool, prefill: bool) -> bool:
-    """At the base model's entry, where the cache is static and ``generate`` built its masks: put
-    the 2-D mask the runtime maps in their place (a ``prefill``'s read back from them,
-    ``LayerScheme.flat_mask``; a decoding step's ``Decoding.static_mask``). ``whole``: nothing is
-    reduced, and the model's own masks stay. Returns whether ``kwargs`` changed."""
-    layers = static_layers(cache_of(kwargs))
+def entry_mask(scheme, prompt, kwargs: dict, layers: list, whole: bool, prefill: bool) -> bool:
+    """At the base model's entry, where the cache is static (``layers``: ``static_layers``'s) and
+    ``generate`` built its masks: put the 2-D mask the runtime maps in their place (a ``prefill``'s
+    read back from them, ``LayerScheme.flat_mask``; a decoding step's ``Decoding.static_mask``).
+    ``whole``: nothing is reduced, and the model's own masks stay. Returns whether ``kwargs`` changed."""
     mask = kwargs.get("attention_mask")
-    if whole or layers is None:
+    if whole:
         return False
     if prefill:
         if started(layers):
@@ -162,7 +159,9 @@ def prefill_layer(prompt, scheme, cache, layer_index: int, tokens: int, hidden: 
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         return kwargs  # a flash kernel's padding mask: shorter than the buffer, it cuts the keys to its length
-    if mask is None and slots > tokens:
+    if isinstance(mask, torch.Tensor):
+        padded = pad_keys(mask, slots)
+    elif mask is None and slots > tokens:
         valid = torch.zeros(hidden.shape[0], slots, dtype=torch.bool, device=hidden.device)
         valid[:, :tokens] = True
         queries = hidden.shape[1]
@@ -170,7 +169,7 @@ def prefill_layer(prompt, scheme, cache, layer_index: int, tokens: int, hidden: 
         if padded is None or padded.dim() == 2:  # a flash backend: a mask over the tokens written cuts the keys
             padded = torch.ones(hidden.shape[0], tokens, dtype=torch.long, device=hidden.device)
     else:
-        padded = pad_keys(mask, slots)
+        return kwargs
     if padded is not mask:
         kwargs = {**kwargs, "attention_mask": padded}
     return kwargs

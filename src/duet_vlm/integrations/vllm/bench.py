@@ -18,8 +18,9 @@ measured the cache), and measures
 requests/s, output tokens/s, time to first token (median and 90th percentile), the peak resident
 memory of the server's processes, and, from the server's own metrics (``/metrics``, sampled about
 four times a second), the most requests running at once (admitted) and the KV cache a running
-request holds (the pool's used fraction of its bytes over the running requests, the most sampled). Rows record the machine's load average before and after: on a
-shared machine the numbers are noisy, and the load says how noisy.
+request holds (the pool's used fraction of its bytes over the running requests, the most sampled).
+Rows record the machine's load average before and after: on a shared machine the numbers are noisy,
+and the load says how noisy.
 """
 
 from __future__ import annotations
@@ -80,8 +81,7 @@ FAMILIES = {
         **asdict(BENCH_SIZE), "tower": "CLIP", "note": "random weights; LLaVA-1.5 token geometry"},
         "USER: <image>\nwhat colour is the shape on the left? ASSISTANT:"),
     "qwen2_5_vl": Family("Qwen2.5-VL", (672, 672), 576, {
-        "hidden": QWEN_BENCH["hidden"], "heads": QWEN_BENCH["heads"], "kv_heads": QWEN_BENCH["kv_heads"],
-        "layers": QWEN_BENCH["layers"], "intermediate": QWEN_BENCH["intermediate"],
+        **{key: QWEN_BENCH[key] for key in ("hidden", "heads", "kv_heads", "layers", "intermediate")},
         "vision_hidden": QWEN_BENCH["vision_fields"]["hidden_size"], "vision_layers": QWEN_BENCH["vision_fields"]["depth"],
         "image_size": 672, "patch_size": 14, "tower": "windowed Qwen2.5-VL",
         "note": "random weights; Qwen2.5-VL-7B token geometry"},
@@ -195,13 +195,15 @@ class Server:
         self.peak = 0  # what serving takes, not loading
         self.pool_blocks = int(float(self.metric("vllm:cache_config_info", "num_gpu_blocks") or 0))
 
+    def metrics(self) -> str:
+        """The server's ``/metrics`` (Prometheus' text format)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as reply:
+            return reply.read().decode()
+
     def metric(self, name: str, label: str | None = None, text: str | None = None) -> str | None:
-        """The first sample of metric ``name`` in ``text`` (the server's ``/metrics`` unless given): its
-        value, or its ``label``'s."""
-        if text is None:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as reply:
-                text = reply.read().decode()
-        for line in text.splitlines():
+        """The first sample of metric ``name`` in ``text`` (``metrics()`` unless given): its value, or
+        its ``label``'s."""
+        for line in (self.metrics() if text is None else text).splitlines():
             if line.startswith(name + "{") or line.startswith(name + " "):
                 if label is None:
                     return line.rsplit(" ", 1)[1]
@@ -237,8 +239,7 @@ class Server:
             tick += 1
             if self.pool_blocks and tick % 3 == 0:
                 try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as reply:
-                        text = reply.read().decode()
+                    text = self.metrics()
                     self.samples.append((int(float(self.metric("vllm:num_requests_running", text=text))),
                                          float(self.metric("vllm:kv_cache_usage_perc", text=text))))
                 except (OSError, TypeError, ValueError):

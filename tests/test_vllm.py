@@ -1184,16 +1184,17 @@ def test_stages_not_served_yet_are_refused_at_start_by_name(saved_llava_deep, me
                for e in chain), chain
 
 
-def check_equals_hf(saved, method: str, budget: int, pictures) -> None:
+def check_equals_hf(saved, method: str, budget: int, pictures, **settings) -> None:
     """A server running ``method`` at ``budget`` against the Hugging Face path, picture by picture:
-    the placeholder count the method keeps, the same kept tokens, tokens and log-probabilities."""
+    the placeholder count the method keeps, the same kept tokens, tokens and log-probabilities
+    (``settings``: more of the engine's)."""
     folder, model, processor = saved
     reducer = duet_vlm.make(method, budget=budget)
     references, counts = [], []
     for picture in pictures:
         references.append(hf_run(model, processor, picture, reducer))
         counts.append(reducer.stats.items[0].tokens_per_layer[0])
-    with engine(folder, {"duet_method": method, "duet_budget": budget}) as llm:
+    with engine(folder, {"duet_method": method, "duet_budget": budget}, **settings) as llm:
         results, kept = vllm_run(llm, processor, pictures)
     for picture, reference, result, picture_kept, count in zip(pictures, references, results, kept, counts):
         assert result[2] == served_length(processor, picture, count)
@@ -1463,6 +1464,26 @@ def test_qwen_vl_equals_the_hugging_face_path(saved_qwen, method):
     """Kept tokens in their slots with their original M-RoPE positions, text after the image at the
     unreduced model's positions: the same tokens and log-probabilities as the Hugging Face path."""
     check_equals_hf(saved_qwen, method, 16, [image(10, (224, 168)), image(11, (168, 280))])
+
+
+def test_qwen_vl_tower_runs_in_groups_the_encoder_budget_allows(saved_qwen, monkeypatch):
+    """A step that starts more reduced images than its encoder budget lets it start unreduced (the
+    budget counts a reduced image by its kept tokens) runs the tower on groups of them no larger
+    than the budget (``common.tower_groups``), each group's scores read from its own call: the same
+    kept tokens, tokens and log-probabilities as the Hugging Face path, image by image."""
+    from duet_vlm.integrations.vllm import common, qwen_vl
+
+    calls = []
+
+    def recorded(tokens, budget):
+        calls.append((list(tokens), budget))
+        return common.tower_groups(tokens, budget)
+
+    monkeypatch.setattr(qwen_vl, "tower_groups", recorded)
+    # 90, 100 and 90 merged tokens unreduced, 16 each reduced: one step of 256 tokens starts all three
+    pictures = [image(12, (280, 252)), image(13, (280, 280)), image(14, (252, 280))]
+    check_equals_hf(saved_qwen, "visionzip", 16, pictures, max_num_batched_tokens=256)
+    assert calls == [([90, 100, 90], 256)]  # one encoder call, the tower run on [90, 100] and [90]
 
 
 def test_qwen_vl_unreduced_under_the_plugin_equals_vllm(saved_qwen, caplog):

@@ -25,6 +25,34 @@ def identity(features: torch.Tensor) -> torch.Tensor:
     return features
 
 
+def tower_groups(tokens: list[int], budget: int) -> list[slice]:
+    """Consecutive items whose ``tokens`` (what the tower gives each unreduced) fit ``budget``
+    together, each group at least one item: the batches a tower runs under a reducer.
+
+    vLLM's scheduler counts an item against its encoder budget (``max_num_encoder_input_tokens``)
+    by its placeholders, which a reduced item has fewer of than the tower runs on: a step may start
+    a budget's worth of reduced items, ten times what it would start unreduced, and a tower run on
+    all of them at once leaves the processor's cache (measured on Qwen2.5-VL's geometry: 2.9 s an
+    image at 16 images a call against 2.0-2.1 s at 1-8, the serving page). Run in these groups, the
+    tower never runs more at once than the budget lets an unreduced step run (vLLM's own runner
+    encodes EVS's pruned videos one at a time for the same reason).
+
+    >>> tower_groups([576, 576, 576, 576, 64], 2048)
+    [slice(0, 3, None), slice(3, 5, None)]
+    >>> tower_groups([4096, 10], 2048)
+    [slice(0, 1, None), slice(1, 2, None)]
+    """
+    groups, start, total = [], 0, 0
+    for index, count in enumerate(tokens):
+        if index > start and total + count > budget:
+            groups.append(slice(start, index))
+            start, total = index, 0
+        total += count
+    if tokens:
+        groups.append(slice(start, len(tokens)))
+    return groups
+
+
 @dataclasses.dataclass
 class Encoded:
     """One item of a batch as its family encoded it (``DuetTowerMixin.encode``): its geometry, its
@@ -84,6 +112,8 @@ class DuetModelMixin:
             family = getattr(self, "family", None) or type(self).__name__.removeprefix("Duet").removesuffix("ForConditionalGeneration")
             not_served = f"{family} is not served with dropping inside the language model: {self.language_refusal}"
         self._duet_model_config = vllm_config.model_config
+        # the tower's batches under a reducer (``tower_groups``): the encoder budget of vLLM's scheduler
+        self._duet_tower_budget = getattr(vllm_config.scheduler_config, "max_num_encoder_input_tokens", None) or 0
         self.duet = Settings.read(server_options(vllm_config.model_config), language=served, not_served=not_served)
         if self.duet.active and served:
             self.setup_language(vllm_config)

@@ -59,7 +59,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from ...adapters.qwen_vl import language_attention_layers, qwen_geometry
 from ...geometry import Geometry
 from ...scoring import segment_scores
-from .common import DuetModelMixin
+from .common import DuetModelMixin, tower_groups
 from .options import RefusedMethod, plan_for
 from .processor import PIXELS, DuetProcessorMixin
 from .select import all_heads, encoder_index, reduce_unit
@@ -290,15 +290,26 @@ class DuetQwenVLMixin(DuetModelMixin):
             )
             for index in sorted(wanted)
         ]
+        # the tower in groups of items no larger than an unreduced step's (``tower_groups``), each
+        # group's signals read from its own call and put together in item order
+        pixels = visual_input[PIXELS[modality]]
+        patches = [t * h * w for t, h, w in grids]
+        starts = [0, *itertools.accumulate(patches)]
+        embeds, parts_of = [], {index: [] for index in wanted}
         try:
-            with torch.no_grad():
-                embeds = self.visual(visual_input[PIXELS[modality]], grid_thw=grids)
+            for group in tower_groups([count // merge**2 for count in patches], self._duet_tower_budget):
+                captured.clear()
+                with torch.no_grad():
+                    embeds.append(self.visual(pixels[starts[group.start]:starts[group.stop]], grid_thw=grids[group]))
+                order = self.merger_order(grids[group])
+                for index in wanted:
+                    parts_of[index].append(self.received(index, *captured[index], order))
         finally:
             for handle in handles:
                 handle.remove()
+        embeds = torch.cat(embeds)
+        signals = {index: tuple(torch.cat(signal) for signal in zip(*parts)) for index, parts in parts_of.items()}
         sizes = [geometry.visual_tokens for geometry in geometries]
-        order = self.merger_order(grids)
-        signals = {index: self.received(index, *captured[index], order) for index in wanted}
         outputs, start = [[] for _ in grids], 0
         for (index, grid, factor), size, plan, geometry, item in zip(parts, sizes, plans, geometries, embeds.split(sizes)):
             rows = slice(start, start + size)

@@ -5,6 +5,7 @@ each request's rows, the boundaries). Neither depends on which tokens are kept, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from ....plan import Plan
 from ..options import embedded_runs
@@ -25,9 +26,17 @@ class RequestPlan:
     def first(self) -> int:
         return min(offset for offset, _ in self.spans)
 
+    @functools.cached_property
+    def dropped(self) -> tuple[int, ...]:
+        """Tokens this request no longer holds in each decoder layer (0-based), made once: every
+        step asks it of every layer."""
+        held = [plan.schedule.tokens_per_layer for plan in self.plans]
+        return tuple(sum(length - tokens[layer] for (_, length), tokens in zip(self.spans, held))
+                     for layer in range(len(held[0])))
+
     def dropped_before(self, layer: int) -> int:
         """Tokens this request no longer holds in decoder layer ``layer`` (0-based)."""
-        return sum(length - plan.schedule.tokens_per_layer[layer] for (_, length), plan in zip(self.spans, self.plans))
+        return self.dropped[layer]
 
     def boundaries(self) -> list[int]:
         return sorted({layer for plan in self.plans for layer, _ in plan.schedule.boundaries})

@@ -314,6 +314,23 @@ def test_unreduced_equals_the_hugging_face_model(saved_llava):
     assert_same(reference, result, None)
 
 
+def test_llava_tower_runs_in_groups_the_encoder_budget_allows(saved_llava, monkeypatch):
+    """As on Qwen-VL (``test_qwen_vl_tower_runs_in_groups_the_encoder_budget_allows``): three images
+    of 576 tokens reduced to 64 start in one step of 1,200 tokens, and the tower runs on two of
+    them, then one; the same kept tokens, tokens and log-probabilities as the Hugging Face path."""
+    from duet_vlm.integrations.vllm import common
+
+    calls, groups = [], common.tower_groups
+
+    def recorded(tokens, budget):
+        calls.append((list(tokens), budget))
+        return groups(tokens, budget)
+
+    monkeypatch.setattr(common, "tower_groups", recorded)
+    check_equals_hf(saved_llava, "visionzip", 64, [image(3), image(4), image(5)], max_num_batched_tokens=1200)
+    assert calls == [([576, 576, 576], 1200)]
+
+
 #: methods whose choice turns on exact float ties (see the test).
 FLOAT_TIES = {"vispruner"}
 

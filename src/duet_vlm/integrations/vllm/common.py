@@ -31,11 +31,11 @@ def tower_groups(tokens: list[int], budget: int) -> list[slice]:
 
     vLLM's scheduler counts an item against its encoder budget (``max_num_encoder_input_tokens``)
     by its placeholders, which a reduced item has fewer of than the tower runs on: a step may start
-    a budget's worth of reduced items, ten times what it would start unreduced, and a tower run on
-    all of them at once leaves the processor's cache (measured on Qwen2.5-VL's geometry: 2.9 s an
-    image at 16 images a call against 2.0-2.1 s at 1-8, the serving page). Run in these groups, the
-    tower never runs more at once than the budget lets an unreduced step run (vLLM's own runner
-    encodes EVS's pruned videos one at a time for the same reason).
+    a budget's worth of reduced items, several times what it would start unreduced, and a tower run
+    on all of them at once leaves the processor's cache (on Qwen2.5-VL's geometry the reduced servers
+    served less from 8 clients to 32 until this: the serving page). Run in these groups, the tower
+    never runs more at once than the budget lets an unreduced step run (vLLM's own runner encodes
+    EVS's pruned videos one at a time for the same reason).
 
     >>> tower_groups([576, 576, 576, 576, 64], 2048)
     [slice(0, 3, None), slice(3, 5, None)]
@@ -309,6 +309,12 @@ class DuetTowerMixin(DuetModelMixin):
         with torch.no_grad(), tap({index: layers[index] for index in sorted(wanted)}, layers[feature]) as taps:
             call()
         return taps
+
+    def in_tower_groups(self, run: Callable[[torch.Tensor], object], units, tokens: int) -> list:
+        """``run`` on consecutive slices of ``units`` (the tower's batch, ``tokens`` placeholders each
+        unreduced) in the groups ``tower_groups`` makes of them, their results in order (``tap``
+        concatenates a call's taps over the groups)."""
+        return [run(units[group]) for group in tower_groups([tokens] * len(units), self._duet_tower_budget)]
 
     def tower_signals(self, taps: Taps, plan: Plan, rows) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Scores and keys of the feature layer for ``rows`` of the tower's units, and the scores of

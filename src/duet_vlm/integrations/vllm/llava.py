@@ -57,7 +57,9 @@ class DuetLlavaForConditionalGeneration(DuetTowerMixin, LlavaForConditionalGener
     def encode(self, image_input, fields, modality: str) -> list[Encoded]:
         geometry = llava_geometry(self.config)
         plans = self.item_plans(fields, [geometry] * len(fields.budgets))
-        taps = self.run_tower(lambda: self.vision_tower(image_input["pixel_values"], feature_select_strategy="full"), plans)
+        taps = self.run_tower(lambda: self.in_tower_groups(
+            lambda pixels: self.vision_tower(pixels, feature_select_strategy="full"), image_input["pixel_values"],
+            geometry.visual_tokens), plans)
         return [Encoded(geometry, plan, slice(index, index + 1), taps) for index, plan in enumerate(plans)]
 
     def unreduced(self, item: Encoded, modality: str):

@@ -408,10 +408,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", default="16,96", help="output tokens per request, comma-separated")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the server's OMP_NUM_THREADS")
     parser.add_argument("--startup-s", type=float, default=600)
-    parser.add_argument("--eager", action="store_true",
-                        help="also serve each method that reduces on the vision side only with --enforce-eager, as a "
-                             "server that drops inside the language model runs: the two then differ in the method alone, "
-                             "not in vLLM's compiled model")
+    parser.add_argument("--eager", action="store_true", help="also serve each method that reduces on the vision side "
+                        "only with --enforce-eager, as a server that drops inside the language model runs")
     parser.add_argument("--transformers-backend", action="store_true",
                         help="also serve the model through vLLM's Transformers modeling backend "
                              "(--model-impl transformers), the other route to every family: unreduced, and reduced "
@@ -433,7 +431,6 @@ def main(argv: list[str] | None = None) -> None:
     import vllm
 
     from .serve import processor_options
-
     if args.memory:
         rows = [measure_memory(folder, None, {}, None, args.requests, args.kv_cache_bytes, lengths[0], args.block_size,
                                family)]
@@ -454,8 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     for method, options in methods:
         settings.append((f"plugin, {method_label(method, options)}", method, options, budgets, ()))
         if args.eager and not processor_options(method, budgets[0], options=options or None)[1]:
-            settings.append((f"plugin, {method_label(method, options)}, eager", method, options, budgets,
-                             ("--enforce-eager",)))
+            settings.append((f"plugin, {method_label(method, options)}, eager", method, options, budgets, ("--enforce-eager",)))
     if args.transformers_backend:
         settings.append((f"Transformers backend prototype, {args.method}", args.method, {}, budgets,
                          ("--model-impl", "transformers")))

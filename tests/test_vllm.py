@@ -314,19 +314,28 @@ def test_unreduced_equals_the_hugging_face_model(saved_llava):
     assert_same(reference, result, None)
 
 
+def recorded_tower_groups(monkeypatch, module) -> list:
+    """``module``'s calls of ``common.tower_groups`` (its items' tokens, the budget), recorded as the
+    groups are made."""
+    from duet_vlm.integrations.vllm.common import tower_groups
+
+    calls = []
+
+    def recorded(tokens, budget):
+        calls.append((list(tokens), budget))
+        return tower_groups(tokens, budget)
+
+    monkeypatch.setattr(module, "tower_groups", recorded)
+    return calls
+
+
 def test_llava_tower_runs_in_groups_the_encoder_budget_allows(saved_llava, monkeypatch):
     """As on Qwen-VL (``test_qwen_vl_tower_runs_in_groups_the_encoder_budget_allows``): three images
     of 576 tokens reduced to 64 start in one step of 1,200 tokens, and the tower runs on two of
     them, then one; the same kept tokens, tokens and log-probabilities as the Hugging Face path."""
     from duet_vlm.integrations.vllm import common
 
-    calls, groups = [], common.tower_groups
-
-    def recorded(tokens, budget):
-        calls.append((list(tokens), budget))
-        return groups(tokens, budget)
-
-    monkeypatch.setattr(common, "tower_groups", recorded)
+    calls = recorded_tower_groups(monkeypatch, common)
     check_equals_hf(saved_llava, "visionzip", 64, [image(3), image(4), image(5)], max_num_batched_tokens=1200)
     assert calls == [([576, 576, 576], 1200)]
 
@@ -1488,15 +1497,9 @@ def test_qwen_vl_tower_runs_in_groups_the_encoder_budget_allows(saved_qwen, monk
     budget counts a reduced image by its kept tokens) runs the tower on groups of them no larger
     than the budget (``common.tower_groups``), each group's scores read from its own call: the same
     kept tokens, tokens and log-probabilities as the Hugging Face path, image by image."""
-    from duet_vlm.integrations.vllm import common, qwen_vl
+    from duet_vlm.integrations.vllm import qwen_vl
 
-    calls = []
-
-    def recorded(tokens, budget):
-        calls.append((list(tokens), budget))
-        return common.tower_groups(tokens, budget)
-
-    monkeypatch.setattr(qwen_vl, "tower_groups", recorded)
+    calls = recorded_tower_groups(monkeypatch, qwen_vl)
     # 90, 100 and 90 merged tokens unreduced, 16 each reduced: one step of 256 tokens starts all three
     pictures = [image(12, (280, 252)), image(13, (280, 280)), image(14, (252, 280))]
     check_equals_hf(saved_qwen, "visionzip", 16, pictures, max_num_batched_tokens=256)

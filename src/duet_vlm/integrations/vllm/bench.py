@@ -431,6 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     import vllm
 
     from .serve import processor_options
+
     if args.memory:
         rows = [measure_memory(folder, None, {}, None, args.requests, args.kv_cache_bytes, lengths[0], args.block_size,
                                family)]

@@ -14,6 +14,9 @@ Where each hook sits and what it hands to the rest of the runtime:
    take their segment's mask, positions and RoPE.
 5. The language model's exit and the LM head (``exit``), and the call's statistics (``record``).
 
+While attached, each hooked module holds its own class's forward (``retrace``), so that a graph
+``torch.compile`` traced without the hooks is traced again instead of running without them.
+
 Prefill work selects tokens (data-dependent shapes), so it sits behind ``torch.compiler.disable``
 (dynamo runs it eagerly instead of breaking its graph at every selection); a decoding step is
 Python state and tensor arithmetic that ``torch.compile`` traces into its graph.
@@ -46,6 +49,7 @@ from .patch_subsets import input_stage_of, patch_subset_hooks
 from .prefill import WholeItems, open_prefill
 from .protocol import RuntimeReducer
 from .record import PrefillRecord, UnreadStats, prefill_stats, text_only_stats, whole_stats
+from .retrace import ForwardMarks, unmarked_refusal
 from .static import cache_state, entry_mask, prefill_layer, static_layers
 
 # Models with a reducer attached: two reducers on one model would stack their hooks. A model's
@@ -71,7 +75,12 @@ class Attachment:
             self.binding = Binding(reducer, self.adapter)
             self.plan, self.schedule = self.binding.plan, self.binding.schedule
             self.calls = CallStore()
+            self._marks: ForwardMarks | None = None
             self._install()
+            self._marks = ForwardMarks(model, self._handles)
+            refusal = unmarked_refusal(model, self._marks)
+            if refusal is not None:
+                raise RuntimeError(refusal)
         except BaseException:
             self.remove()
             raise
@@ -113,6 +122,8 @@ class Attachment:
                 add(layer.register_forward_hook(self._add_layer_features(index)))
 
     def remove(self) -> None:
+        if getattr(self, "_marks", None) is not None:
+            self._marks.remove()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

@@ -54,7 +54,7 @@ SWITCHES = [
 
 
 @pytest.fixture
-def model():
+def llava4():
     built = make_llava(layers=4)
     yield built
     built._compiled_call_impl = None  # undo model.compile()
@@ -102,10 +102,11 @@ def new_graphs(run):
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_compile_then_attach_remove_and_switch_equal_eager(model, form):
+def test_compile_then_attach_remove_and_switch_equal_eager(llava4, form):
     """Compile, serve unreduced, then attach, remove and switch reducers on the compiled model: each
     call equals the same call made eagerly (before, the reduced calls answered unreduced: their
     logits equal the unreduced model's, and ``reducer.stats`` stayed empty)."""
+    model = llava4
     inputs = make_inputs(model)
     eager = {label: call(model, inputs, form, method, ratio)[0] for label, method, ratio in SWITCHES}
     target = compile_as(model, form)
@@ -128,9 +129,10 @@ def test_compile_then_attach_remove_and_switch_equal_eager(model, form):
 
 
 @pytest.mark.parametrize("form", ["model.compile()", "model.forward = torch.compile(model.forward)"])
-def test_attach_then_compile_then_remove_and_attach_another_equal_eager(model, form):
+def test_attach_then_compile_then_remove_and_attach_another_equal_eager(llava4, form):
     """A reducer attached for the model's life (``attach()``) before compiling, then removed, an
     unreduced call, and another reducer attached: each call equals the same call made eagerly."""
+    model = llava4
     inputs = make_inputs(model, seed=2)
 
     def sequence(target):
@@ -149,8 +151,9 @@ def test_attach_then_compile_then_remove_and_attach_another_equal_eager(model, f
         assert_same(a, b, label)
 
 
-def test_per_row_budgets_on_a_compiled_model_equal_eager(model):
+def test_per_row_budgets_on_a_compiled_model_equal_eager(llava4):
     """Per-row budgets of a padded batch on a model compiled and served unreduced first."""
+    model = llava4
     inputs = make_inputs(model, batch=2, suffix=(12, 7))
     reducer = duet_vlm.make("duet", budget=32)
 
@@ -169,9 +172,10 @@ def test_per_row_budgets_on_a_compiled_model_equal_eager(model):
 
 
 @pytest.mark.skipif(not compat.STATIC_UNDER_REDUCTION, reason="a static cache under a reduction needs 5.24")
-def test_a_static_cache_on_a_compiled_model_equals_eager(model):
+def test_a_static_cache_on_a_compiled_model_equals_eager(llava4):
     """``cache_implementation="static"`` on a model compiled and served unreduced first, then under
     DUET and VisionZip."""
+    model = llava4
     inputs = make_inputs(model, seed=4)
     steps = [(None, None), ("duet", 0.25), ("visionzip", 0.3), (None, None)]
 
@@ -185,9 +189,10 @@ def test_a_static_cache_on_a_compiled_model_equals_eager(model):
 
 
 @pytest.mark.matrix
-def test_compile_then_attach_and_switch_under_inductor_equal_eager(model):
+def test_compile_then_attach_and_switch_under_inductor_equal_eager(llava4):
     """The first order with inductor, the default backend (generated CPU code, so only the first,
     switching and returning steps: about a minute on 2 cores)."""
+    model = llava4
     inputs = make_inputs(model)
     steps = [SWITCHES[0], SWITCHES[1], SWITCHES[5], SWITCHES[4], SWITCHES[8]]
     eager = [call(model, inputs, "model.compile()", m, r)[0] for _, m, r in steps]
@@ -197,10 +202,11 @@ def test_compile_then_attach_and_switch_under_inductor_equal_eager(model):
         assert_same(compiled, reference, f"inductor, {label}")
 
 
-def test_a_compiled_model_whose_hooked_module_has_its_own_forward_is_refused(model):
+def test_a_compiled_model_whose_hooked_module_has_its_own_forward_is_refused(llava4):
     """A decoder layer with a forward of its own (as accelerate's dispatch hooks set one) cannot carry
     the mark that makes a compiled graph trace again: on a compiled model, attaching is refused by
     name and leaves no hook and no mark behind; uncompiled, it attaches as before."""
+    model = llava4
     layer = model.model.language_model.layers[1]
     layer.forward = functools.partial(type(layer).forward, layer)
     reducer = duet_vlm.make("duet", ratio=0.25)
@@ -217,9 +223,10 @@ def test_a_compiled_model_whose_hooked_module_has_its_own_forward_is_refused(mod
     assert after == before
 
 
-def test_remove_deletes_its_marks_and_only_its_own(model):
+def test_remove_deletes_its_marks_and_only_its_own(llava4):
     """While attached, each hooked module holds its class's forward bound to itself; ``remove()``
     deletes those, and leaves a forward a user set over one of them in the meantime."""
+    model = llava4
     handle = duet_vlm.make("fastv", ratio=0.6).attach(model)
     marked = [m for m in model.modules() if "forward" in m.__dict__]
     assert model.model.language_model.layers[0] in marked and model.lm_head in marked

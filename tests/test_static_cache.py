@@ -21,7 +21,7 @@ import copy
 import pytest
 import torch
 import torch._dynamo as dynamo
-from transformers.cache_utils import StaticLayer
+from transformers.cache_utils import StaticCache, StaticLayer
 
 import duet_vlm
 from duet_vlm import compat
@@ -197,6 +197,26 @@ def test_a_compiled_decoding_step_breaks_and_syncs_no_more_than_unpatched(family
     assert all(count <= plain["syncs"][min(i, len(plain["syncs"]) - 1)] for i, count in enumerate(reduced["syncs"]))
     if plain["breaks"] == 0:  # aot_eager's decompositions may sum in another order than eager
         assert reduced["gap"] is not None and reduced["gap"] <= ATOL
+
+
+@NEEDS_5_24
+@pytest.mark.parametrize("method", METHODS)
+def test_one_new_token_on_a_static_cache_of_the_prompts_length(method):
+    """``max_new_tokens=1``: generate sizes the static cache to the prompt exactly (the new token is
+    never fed back), which leaves no room and must be enough; the token and its logits equal the
+    dynamic cache's. A cache shorter than the prompt is refused by name."""
+    family = FAMILIES["llava"]
+    model = family.model()
+    inputs = family.one(model)
+    kwargs = dict(max_new_tokens=1, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad(), duet_vlm.make(method, ratio=RATIO)(model):
+        grown = model.generate(**inputs, **kwargs)
+        fixed = model.generate(**inputs, **kwargs, cache_implementation="static")
+        assert torch.equal(fixed.sequences, grown.sequences)
+        torch.testing.assert_close(fixed.logits[0], grown.logits[0], atol=ATOL, rtol=0)
+        short = StaticCache(config=model.config, max_cache_len=inputs["input_ids"].shape[1] - 1)
+        with pytest.raises(ValueError, match=r"a static cache of \d+ slots cannot hold a prompt of \d+ tokens"):
+            model(**inputs, **with_cache(short), use_cache=True)
 
 
 @NEEDS_5_24

@@ -49,11 +49,11 @@ class ForwardMarks:
     """
 
     def __init__(self, model: nn.Module, handles: list):
-        hooked = {id(d) for d in (handle.hooks_dict_ref() for handle in handles) if d is not None}
+        hooked = [d for d in (handle.hooks_dict_ref() for handle in handles) if d is not None]
         self._marked: list[tuple[nn.Module, types.MethodType]] = []
         self.unmarked: list[str] = []
         for name, module in model.named_modules():
-            if id(module._forward_pre_hooks) not in hooked and id(module._forward_hooks) not in hooked:
+            if not any(d is module._forward_pre_hooks or d is module._forward_hooks for d in hooked):
                 continue
             own = module.__dict__.get("forward")
             if own is None:

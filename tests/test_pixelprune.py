@@ -24,10 +24,9 @@ from safetensors.torch import load_file
 
 import duet_vlm
 from duet_vlm.check import check_model
-from duet_vlm.check.report import NOT_APPLICABLE, PASS
 from duet_vlm.methods.pixelprune import predictive_keep
 
-from checks import hook_ids
+from checks import assert_check_passes, hook_ids
 from models import FAMILIES, QWEN_IMAGE, VEND, VSTART
 
 QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
@@ -233,12 +232,7 @@ def test_every_check_passes_on_the_families_it_supports(family_name):
     batch = (_blocky_images if family_name in LLAVA else _blocky)(family.batch(model))
     rows = [family.row(batch, b) for b in range(2)]
     report = check_model(model, batch, rows, "pixelprune", rounds=1, new_tokens=3, skip=("timing",))
-    for result in report.results:
-        if result.status == NOT_APPLICABLE:
-            assert result.detail == "skipped (--skip)" or (
-                family_name.startswith("qwen3_5") and result.key == "mode:prompt_lookup"), (result.key, result.detail)
-        else:
-            assert result.status in (PASS, "info"), (result.key, result.detail)
+    assert_check_passes(report, family_name)  # or not applicable for a reason the suite expects (a release's refusal)
     counts = report.result("counts").numbers
     assert counts["visual_per_layer"] == counts["planned"]
     reducer = duet_vlm.make("pixelprune")
@@ -430,16 +424,19 @@ def test_clip_and_siglip_towers_encode_the_kept_rows_as_their_layers_would(famil
             want = model.model.multi_modal_projector(ideal[-2][0, int(cls and not adapter.slots_have_cls):])
             torch.testing.assert_close(projected[b][slots], want, rtol=1e-5, atol=1e-5)
             assert not projected[b][~slots].any()
-            compared = 0
-            for got, want in zip(outputs[0], ideal, strict=True):
-                if got is None:  # transformers keeps only the hidden states LLaVA reads
+            compared = []
+            for index, (got, want) in enumerate(zip(outputs[0], ideal, strict=True)):
+                if got is None:  # transformers 5.20 and newer keep only the hidden states LLaVA reads
                     continue
-                compared += 1
-                torch.testing.assert_close(got[b, rows], want[0], rtol=1e-5, atol=1e-5)  # SDPA masked vs not
+                compared.append(index)
+                # SDPA masked vs not; the layer after the feature layer, which only releases before 5.20
+                # keep, has drifted 1.02e-5 from its ideal (5.19.0)
+                tolerance = 1e-5 if index <= len(ideal) - 2 else 3e-5
+                torch.testing.assert_close(got[b, rows], want[0], rtol=1e-5, atol=tolerance)
                 left_out = torch.ones(got.shape[1], dtype=torch.bool)
                 left_out[rows] = False
                 assert not got[b, left_out].any()
-            assert compared == 1  # the feature layer's (-2)
+            assert len(ideal) - 2 in compared  # the feature layer's (-2), whichever others the release keeps
     # only the kept rows (and the shorter image's padding) reach the layers, and LLaVA's projector
     # (its slots: without the CLS row under the "default" strategy); then the language model's entry
     # projects each image's kept features, as for every vision-side method

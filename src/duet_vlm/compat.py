@@ -3,8 +3,9 @@
 duet-vlm's hooks read transformers' call signatures, cache classes and mask helpers. Where two
 supported releases differ, the runtime, the adapters and the check ask this module instead of testing
 versions themselves; each difference names the release that introduced it. The supported range is
-``pyproject.toml``'s (``SUPPORTED``); CI runs the default suite on its newest release and a core
-subset on its oldest (``.ci/run``).
+``pyproject.toml``'s (``SUPPORTED``); CI runs the default suite on its newest and its oldest
+release, and ``tests/test_compat.py`` on the releases either side of every boundary named here
+(``.ci/run``, ``tools/check_release_boundaries.sh``).
 """
 
 from __future__ import annotations
@@ -111,6 +112,16 @@ def enable_checkpointing(model, **kwargs) -> None:
     """``model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)``, by the
     installed release's name."""
     getattr(model, f"{CHECKPOINTING}_enable")(**({f"{CHECKPOINTING}_kwargs": kwargs} if kwargs else {}))
+
+
+def checkpointing_enabled(model) -> bool:
+    """``model.is_activation_checkpointing``, by the installed release's name."""
+    return bool(getattr(model, f"is_{CHECKPOINTING}"))
+
+
+def disable_checkpointing(model) -> None:
+    """``model.activation_checkpointing_disable()``, by the installed release's name."""
+    getattr(model, f"{CHECKPOINTING}_disable")()
 
 
 def checkpointing_arguments(enabled: bool, kwargs: dict | None) -> dict:

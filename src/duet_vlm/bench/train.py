@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from ..compat import enable_checkpointing
+from ..compat import checkpointing_enabled, disable_checkpointing, enable_checkpointing
 from ..methods import make
 from ..training.trainer import drop_input_grad_hooks
 from .ideal import IdealModel
@@ -55,11 +55,11 @@ def answer_labels(inputs: dict[str, torch.Tensor], answer_tokens: int) -> torch.
 
 
 def _set_checkpointing(model, on: bool) -> None:
-    if on and not model.is_activation_checkpointing:
+    if on and not checkpointing_enabled(model):
         enable_checkpointing(model, use_reentrant=False)
         drop_input_grad_hooks(model)  # as `duet-vlm train` does: the frozen tower stays out of autograd
-    elif not on and model.is_activation_checkpointing:
-        model.activation_checkpointing_disable()
+    elif not on and checkpointing_enabled(model):
+        disable_checkpointing(model)
 
 
 def training_step(model, optimizer, loss_fn: Callable[[], torch.Tensor], context_factory, checkpointing: bool,

@@ -4,7 +4,7 @@ rendered from the files the commands wrote, so that a number cannot drift from w
 A block between ``<!-- generated: KIND ARG... -->`` and ``<!-- end generated -->`` is rendered from
 its arguments (file paths relative to the page): ``duet-vlm eval``'s ``results.json``, a demo
 model's ``metrics.json``, the adaptation experiment's ``adaptation.json``, a benchmark's output,
-the fixed-against-adaptive study's ``results.json``, the vLLM serving benchmark, a live-memory
+the fixed-against-adaptive study's ``results.json``, the vLLM serving benchmark, ``duet-vlm bench --gpu``, a live-memory
 trace (``python -m duet_vlm.bench.live``), ``duet-vlm check``'s report; ``schedules`` and ``plan`` blocks are solved by the
 library itself (what ``duet-vlm plan`` prints), a ``modes`` block is the generation-modes table
 that tests/test_generation_modes_table.py checks; a ``figure`` block draws ``docs/figures.py``'s
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import figures  # docs/figures.py, beside this file
 
-from duet_vlm.bench import generate, live, prefill, train
+from duet_vlm.bench import generate, gpu, live, prefill, train
 from duet_vlm.evaluation import QUESTION_ORDER, markdown_table, number, question_types, standard_error
 
 GENERATED_BLOCK = re.compile(r"(<!-- generated: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
@@ -636,6 +636,15 @@ def render_compile(root: Path, path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_gpu(root: Path, path: str) -> str:
+    """``duet-vlm bench --gpu``'s record (``duet_vlm.bench.gpu``), or that none has been committed yet."""
+    if not (root / path).exists():
+        return (f"**Not yet run**: no `{path}` is committed. No GPU was lent to the work that wrote the command; "
+                "its recipe for a GPU machine is on [Check it on your machine](check.md#the-speed-table-on-a-gpu).\n")
+    record = _load(root, path)
+    return f"`{record['command']}`, {record['elapsed_s']:.0f} s in all.\n\n" + gpu.markdown(record)
+
+
 def render_stage_a(root: Path, path: str) -> str:
     """DUET Stage A's vision-side cost on a Qwen2.5-VL-7B-width tower (``duet_vlm.bench.vision.stage_a_cost``)."""
     results = _load(root, path)
@@ -722,7 +731,7 @@ RENDERERS = {
     "schedules": render_schedules, "plan": render_plan, "prefill": render_prefill, "family": render_family,
     "compile": render_compile, "stage_a": render_stage_a, "figure": render_figure, "modes": render_modes,
     "live": render_live, "layer_kinds": render_layer_kinds, "lm_vs_ideal": render_lm_vs_ideal, "check": render_check, "ladder": render_ladder, "processes": render_processes,
-    "pixelprune_encoder": render_pixelprune_encoder,
+    "pixelprune_encoder": render_pixelprune_encoder, "gpu": render_gpu,
 }
 # Kinds whose block stands for a file that is drawn beside the page (the figure's PNG).
 FILES = {"figure": (figure_is_current, draw_figure)}

@@ -269,11 +269,11 @@ def test_gemma4_ideal_on_all_tokens_is_the_model():
         torch.testing.assert_close(last, model(**inputs, logits_to_keep=1).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["qwen3_5", "internvl", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_5", "internvl", "gemma3"])
 def test_ideal_model_on_all_tokens_generates_as_the_model(family):
-    """Qwen3.5 (M-RoPE positions continued after the prompt's largest one, a hybrid cache of keys and
-    values and of linear-attention states), InternVL and Gemma 3 (its own masks, local and global
-    RoPE): the ideal of no reduction's greedy loop is the model's ``generate``."""
+    """Qwen2.5-VL and Qwen3.5 (M-RoPE positions continued after the prompt's largest one; Qwen3.5's
+    hybrid cache of keys and values and of linear-attention states), InternVL and Gemma 3 (its own
+    masks, local and global RoPE): the ideal of no reduction's greedy loop is the model's ``generate``."""
     import torch
 
     from duet_vlm.bench import IdealModel, ModelSize, build_family
@@ -305,18 +305,19 @@ def test_ideal_model_on_a_left_padded_batch_generates_as_the_model(family):
 
 
 def test_ideal_model_refuses_what_it_cannot_build():
-    """Images and videos in one Qwen3.5 batch, and a family without the ideal's visual path
-    (Qwen2.5-VL), are refused by name, not run wrong."""
+    """Images and videos in one Qwen3.5 or Qwen2.5-VL batch, and Qwen3-VL's visual features added
+    inside the language model (DeepStack), are refused by name, not run wrong."""
     from duet_vlm.bench import IdealModel
     from models import FAMILIES
 
-    model = FAMILIES["qwen3_5"].model()
-    batch = FAMILIES["qwen3_5"].batch(model)
-    with pytest.raises(NotImplementedError, match="images or videos"):
-        IdealModel(model, batch, [8] * len(model.model.language_model.layers)).embeddings()
-    model = FAMILIES["qwen2_5_vl"].model()
-    with pytest.raises(NotImplementedError, match="qwen2_5_vl's visual tokens"):
-        IdealModel(model, FAMILIES["qwen2_5_vl"].one(model), [8] * len(model.model.language_model.layers)).embeddings()
+    for name in ("qwen3_5", "qwen2_5_vl"):
+        model = FAMILIES[name].model()
+        batch = FAMILIES[name].batch(model)
+        with pytest.raises(NotImplementedError, match="images or videos"):
+            IdealModel(model, batch, [8] * len(model.model.language_model.layers)).embeddings()
+    model = FAMILIES["qwen3_vl"].model()
+    with pytest.raises(NotImplementedError, match="DeepStack"):
+        IdealModel(model, FAMILIES["qwen3_vl"].one(model), [8] * len(model.model.language_model.layers))
 
 
 @pytest.mark.parametrize("batch", [1, 2])

@@ -257,6 +257,19 @@ class Qwen2VLAdapter(ModelAdapter):
         return sum(int(self._grid(context)[:, 0].sum()) for context in capture.contexts)
 
     # ----------------------------------------------------------------- patches left out of the encoder
+    def ideal_visual(self, inputs: dict, visual: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        # The tower and its merger on every image (or every video): the merger, a 2x2 group's MLP, is
+        # the tower's last step here (Qwen2.5-VL restores the window order after it), a few percent of
+        # the tower's cost, run on every token as the unreduced model runs it.
+        videos = "pixel_values_videos" in inputs
+        if videos and "pixel_values" in inputs:
+            raise NotImplementedError("the ideal takes images or videos in one batch, not both")
+        if videos:
+            features = self.base.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+        else:
+            features = self.base.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        return torch.cat(list(features.pooler_output))[kept[visual]]
+
     def unit_pixels(self, patches: torch.Tensor, grid: torch.Tensor) -> list[torch.Tensor]:
         """Each grid row's pixels ``(t, rows, cols, group * C * T * P * P)`` in ``[0, 1]``, one row per
         merged token (its 2x2 patches, in the processor's order)."""

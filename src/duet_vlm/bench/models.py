@@ -19,7 +19,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 #: The families ``build_family`` builds, each with its typical prompt.
-FAMILIES = ("llava", "llava_next", "video_llava", "qwen3_5", "internvl", "gemma3", "gemma4")
+FAMILIES = ("llava", "llava_next", "video_llava", "qwen2_5_vl", "qwen3_5", "internvl", "gemma3", "gemma4")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class ModelSize:
     heads: int = 16
     kv_heads: int = 16
     intermediate: int = 2816
+    vocab: int = 32064  # the decoder's vocabulary (its LM head's rows)
 
 
 def _tower(size: ModelSize, image_size: int) -> CLIPVisionConfig:
@@ -48,13 +49,14 @@ def _tower(size: ModelSize, image_size: int) -> CLIPVisionConfig:
 
 def _decoder(size: ModelSize, max_positions: int) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=32064, hidden_size=size.hidden, intermediate_size=size.intermediate, num_hidden_layers=size.layers,
+        vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate, num_hidden_layers=size.layers,
         num_attention_heads=size.heads, num_key_value_heads=size.kv_heads, max_position_embeddings=max_positions,
     )
 
 
-def build_model(size: ModelSize, attn: str = "sdpa", seed: int = 0) -> LlavaForConditionalGeneration:
-    """LLaVA-1.5 (336 px, 576 visual tokens) of ``size``, seeded."""
+def build_model(size: ModelSize, attn: str = "sdpa", seed: int = 0, device: str | None = None,
+                dtype: torch.dtype | None = None) -> LlavaForConditionalGeneration:
+    """LLaVA-1.5 (336 px, 576 visual tokens) of ``size``, seeded (built on ``device`` in ``dtype``: ``seeded``)."""
     config = LlavaConfig(
         vision_config=_tower(size, 336),
         text_config=_decoder(size, 4096),
@@ -63,14 +65,22 @@ def build_model(size: ModelSize, attn: str = "sdpa", seed: int = 0) -> LlavaForC
         vision_feature_select_strategy="default",
         image_seq_length=576,
     )
-    return seeded(LlavaForConditionalGeneration, config, seed, attn)
+    return seeded(LlavaForConditionalGeneration, config, seed, attn, device, dtype)
 
 
-def seeded(model_class, config, seed: int, attn: str = "sdpa"):
+def seeded(model_class, config, seed: int, attn: str = "sdpa", device: str | None = None, dtype: torch.dtype | None = None):
     """``model_class(config)`` with random weights drawn after ``torch.manual_seed(seed)``, in eval
-    mode, on the ``attn`` attention backend."""
+    mode, on the ``attn`` attention backend. With ``device`` and ``dtype`` the weights are made
+    there, in that dtype (a 7B model is initialised on the GPU, not on the CPU and then copied)."""
     torch.manual_seed(seed)
-    model = model_class(config).eval()
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device or "cpu"):
+            model = model_class(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
     model.set_attn_implementation(attn)
     return model
 
@@ -108,14 +118,16 @@ def padded_inputs(model, batch: int, text_tokens: int = 60, seed: int = 0) -> di
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
 
-def build_family(family: str, size: ModelSize, seed: int = 0):
+def build_family(family: str, size: ModelSize, seed: int = 0, device: str | None = None, dtype: torch.dtype | None = None,
+                 grids: tuple[tuple[int, int, int], ...] | None = None):
     """A random-weight model of ``family`` with ``size``'s tower and decoder, and one prompt of its
     typical geometry (5 text tokens, the visual slots, 55 text tokens): LLaVA-1.5 (336 px, 576
     tokens), LLaVA-NeXT (a 672x672 image: 5 tiles, 2,928 tokens with newlines), Video-LLaVA (8
     frames at 224 px, 2,056 tokens), each with a CLIP-L/14 tower; Qwen3.5 (``_qwen3_5``: a 672x672
     image, 441 tokens), InternVL3 (``_internvl``: 2x2 tiles and a thumbnail, 1,280 tokens), Gemma 3
     (``_gemma3``: one image of 256 soft tokens) or Gemma 4 (``_gemma4``: a 768x768 image at 280 soft
-    tokens, 16x16 = 256)."""
+    tokens, 16x16 = 256), or Qwen2.5-VL (``_qwen2_5_vl``: ``grids``, one image per grid of patches).
+    The weights are made on ``device`` in ``dtype`` (``seeded``); the inputs on the CPU."""
     from transformers import (
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
@@ -123,17 +135,20 @@ def build_family(family: str, size: ModelSize, seed: int = 0):
         VideoLlavaForConditionalGeneration,
     )
 
+    place = dict(device=device, dtype=dtype)
     if family == "llava":
-        model = build_model(size, seed=seed)
+        model = build_model(size, seed=seed, **place)
         return model, example_inputs(model)
+    if family == "qwen2_5_vl":
+        return _qwen2_5_vl(size, seed, grids or QWEN2_5_VL_GRIDS, place)
     if family == "qwen3_5":
-        return _qwen3_5(size, seed)
+        return _qwen3_5(size, seed, place)
     if family == "internvl":
-        return _internvl(size, seed)
+        return _internvl(size, seed, place)
     if family == "gemma3":
-        return _gemma3(size, seed)
+        return _gemma3(size, seed, place)
     if family == "gemma4":
-        return _gemma4(size, seed)
+        return _gemma4(size, seed, place)
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; one of {', '.join(FAMILIES)}")
     vision = _tower(size, 336 if family == "llava_next" else 224)
@@ -143,13 +158,13 @@ def build_family(family: str, size: ModelSize, seed: int = 0):
         pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
         config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=32000, image_grid_pinpoints=pinpoints,
                                  vision_feature_layer=-2, vision_feature_select_strategy="default")
-        model = seeded(LlavaNextForConditionalGeneration, config, seed)
+        model = seeded(LlavaNextForConditionalGeneration, config, seed, **place)
         slots, token = 576 + 48 * 49, config.image_token_id
         visual = {"pixel_values": torch.randn(1, 5, 3, 336, 336, generator=generator), "image_sizes": torch.tensor([[672, 672]])}
     else:
         config = VideoLlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, video_token_id=32001,
                                   vision_feature_layer=-2, vision_feature_select_strategy="default")
-        model = seeded(VideoLlavaForConditionalGeneration, config, seed)
+        model = seeded(VideoLlavaForConditionalGeneration, config, seed, **place)
         slots, token = 8 * 257, config.video_token_id
         visual = {"pixel_values_videos": torch.randn(1, 8, 3, 224, 224, generator=generator)}
     ids = torch.cat([torch.randint(3, 32000, (1, 5), generator=generator), torch.full((1, slots), token),
@@ -161,6 +176,51 @@ def _prompt(generator: torch.Generator, visual: list[int], prefix: int = 5, suff
     """``(1, L)``: ``prefix`` random text tokens, the ``visual`` ids, ``suffix`` random text tokens."""
     return torch.cat([torch.randint(3, 32000, (1, prefix), generator=generator), torch.tensor([visual]),
                       torch.randint(3, 32000, (1, suffix), generator=generator)], dim=1)
+
+
+#: Qwen2.5-VL-7B's vision tower (``size.vision_layers`` blocks of it; full attention in every eighth).
+QWEN2_5_VL_TOWER = dict(hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112, patch_size=14,
+                        spatial_merge_size=2, temporal_patch_size=2)
+#: Qwen2.5-VL's default prompt: one image of 56x72 patches of 14 px (784x1008 px), 1,008 tokens after the 2x2 merger.
+QWEN2_5_VL_GRIDS = ((1, 56, 72),)
+
+
+def _qwen2_5_vl(size: ModelSize, seed: int, grids: tuple[tuple[int, int, int], ...], place: dict | None = None):
+    """Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): its windowed tower (``QWEN2_5_VL_TOWER``
+    at ``size.vision_layers`` blocks, the last of every eight attending over the whole image; the
+    7B's width unless ``size.vision_hidden`` is smaller, as in tests), the merger into the decoder's
+    width, and a Qwen2 decoder of ``size`` with M-RoPE. The prompt: one image per grid ``(t, h, w)``
+    of 14 px patches (``h * w / 4`` tokens each), each between ``<vision_start>`` and
+    ``<vision_end>``, after 5 text tokens and before 55."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    half = size.hidden // size.heads // 2  # rotary frequencies: (time, height, width) as released, [16, 24, 24] of 64
+    sections = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
+    text = dict(vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
+                num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
+                max_position_embeddings=32768, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": sections})
+    tower = dict(QWEN2_5_VL_TOWER)
+    if size.vision_hidden < tower["hidden_size"]:  # a small tower (tests): the 7B's layout at the given width
+        tower.update(hidden_size=size.vision_hidden, intermediate_size=2 * size.vision_hidden, num_heads=size.vision_heads)
+    depth = size.vision_layers
+    vision = dict(tower, depth=depth, out_hidden_size=size.hidden,
+                  fullatt_block_indexes=[i for i in range(depth) if i % 8 == 7] or [depth - 1])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=32000, video_token_id=32001,
+                              vision_start_token_id=32002, vision_end_token_id=32003)
+    model = seeded(Qwen2_5_VLForConditionalGeneration, config, seed, **(place or {}))
+    generator = torch.Generator().manual_seed(seed)
+    visual: list[int] = []
+    for t, h, w in grids:
+        visual += [32002] + [32000] * (t * h * w // 4) + [32003]
+    ids = _prompt(generator, visual)
+    patches = sum(t * h * w for t, h, w in grids)
+    inputs = {
+        "input_ids": ids, "attention_mask": torch.ones_like(ids),
+        "pixel_values": torch.randn(patches, 3 * 2 * 14 * 14, generator=generator),
+        "image_grid_thw": torch.tensor([list(grid) for grid in grids]),
+    }
+    return model, inputs
 
 
 #: Qwen3.5's prompt: one 672x672 image, 42x42 patches of 16 px, 21x21 = 441 tokens after the 2x2 merger.
@@ -175,7 +235,7 @@ def _mrope_sections(half: int) -> list[int]:
     return [half - height - width, height, width]
 
 
-def _qwen3_5(size: ModelSize, seed: int):
+def _qwen3_5(size: ModelSize, seed: int, place: dict | None = None):
     """Qwen3.5 (``Qwen3_5ForConditionalGeneration``): the Qwen3-VL tower (patches of 16 px, 2
     frames per temporal patch, a 2x2 merger, no CLS; ``size.vision_*``) and the hybrid decoder as
     released: ``size.layers`` layers, every 4th full attention (layers 3, 7, 11, ...; gated query,
@@ -201,7 +261,7 @@ def _qwen3_5(size: ModelSize, seed: int):
                   out_hidden_size=size.hidden, num_position_embeddings=2304)
     config = Qwen3_5Config(text_config=text, vision_config=vision, image_token_id=32000, video_token_id=32001,
                            vision_start_token_id=32002, vision_end_token_id=32003)
-    model = seeded(Qwen3_5ForConditionalGeneration, config, seed)
+    model = seeded(Qwen3_5ForConditionalGeneration, config, seed, **(place or {}))
     generator = torch.Generator().manual_seed(seed)
     pixels, patch = QWEN3_5_IMAGE
     side = pixels // patch
@@ -220,7 +280,7 @@ def _qwen3_5(size: ModelSize, seed: int):
 INTERNVL_TILES = 5
 
 
-def _internvl(size: ModelSize, seed: int):
+def _internvl(size: ModelSize, seed: int, place: dict | None = None):
     """InternVL3 (``InternVLForConditionalGeneration``): an InternViT tower (448 px tiles, patches
     of 14 px and a CLS token; ``size.vision_*``), its last layer's patches through a 0.5 pixel
     shuffle (256 tokens per tile) and the MLP projector, and a Qwen2 decoder (1-D RoPE). The prompt:
@@ -243,7 +303,7 @@ def _internvl(size: ModelSize, seed: int):
     )
     config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=32000, image_seq_length=256,
                             downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default")
-    model = seeded(InternVLForConditionalGeneration, config, seed)
+    model = seeded(InternVLForConditionalGeneration, config, seed, **(place or {}))
     generator = torch.Generator().manual_seed(seed)
     ids = _prompt(generator, [32002] + [32000] * (256 * INTERNVL_TILES) + [32003])  # <img> ... </img>
     pixels = torch.randn(INTERNVL_TILES, 3, 448, 448, generator=generator)
@@ -254,7 +314,7 @@ def _internvl(size: ModelSize, seed: int):
 GEMMA3_IMAGE = (448, 14)
 
 
-def _gemma3(size: ModelSize, seed: int):
+def _gemma3(size: ModelSize, seed: int, place: dict | None = None):
     """Gemma 3 (``Gemma3ForConditionalGeneration``): a SigLIP tower (``size.vision_*``, no CLS) on a
     448 px image (32x32 patches of 14 px) average-pooled 2x2 to 16x16 = 256 soft tokens, the released
     count (the released tower sees 896 px pooled 4x4), and a decoder of ``size.layers`` layers, five
@@ -276,7 +336,7 @@ def _gemma3(size: ModelSize, seed: int):
                   patch_size=patch)
     config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256, image_token_index=32000,
                           boi_token_index=32002, eoi_token_index=32003)
-    model = seeded(Gemma3ForConditionalGeneration, config, seed)
+    model = seeded(Gemma3ForConditionalGeneration, config, seed, **(place or {}))
     generator = torch.Generator().manual_seed(seed)
     ids = _prompt(generator, [32002] + [32000] * 256 + [32003])
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": (ids == 32000).long(),
@@ -289,7 +349,7 @@ def _gemma3(size: ModelSize, seed: int):
 GEMMA4_IMAGE = (48, 16, 280)
 
 
-def _gemma4(size: ModelSize, seed: int):
+def _gemma4(size: ModelSize, seed: int, place: dict | None = None):
     """Gemma 4 (``Gemma4ForConditionalGeneration``): its tower (``size.vision_*``, 2-D RoPE, no CLS) on
     one image's patches as the processor gives them (``GEMMA4_IMAGE``), and a decoder of
     ``size.layers`` layers in the released shapes: five sliding layers (window 512, longer than this
@@ -316,7 +376,7 @@ def _gemma4(size: ModelSize, seed: int):
                   patch_size=patch, pooling_kernel_size=3, position_embedding_size=1024)
     config = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=32000,
                           boi_token_id=32002, eoi_token_id=32003, video_token_id=32004, audio_token_id=32005)
-    model = seeded(Gemma4ForConditionalGeneration, config, seed)
+    model = seeded(Gemma4ForConditionalGeneration, config, seed, **(place or {}))
     generator = torch.Generator().manual_seed(seed)
     tokens = (side // 3) ** 2
     ids = _prompt(generator, [32002] + [32000] * tokens + [32003])

@@ -233,6 +233,16 @@ def bench(
         1, help="With --train: time one process on the batch against this many DDP (gloo) processes on its rows, "
                 "with and without each method (--threads split between them)."
     ),
+    gpu: bool = typer.Option(
+        False, "--gpu", help="The speed table at 7B shapes on a GPU (duet_vlm.bench.gpu; docs/check.md says how to run it "
+                             "on a machine without this project's packages): writes --output after every row."
+    ),
+    shapes: list[str] = typer.Option(
+        [], metavar="<str>...", help="With --gpu: the shapes (default all): llava15_7b, llava_next_7b, qwen2_5_vl_7b_1k, "
+                                     "qwen2_5_vl_7b_4k, qwen2_5_vl_7b_4images."
+    ),
+    time_budget: float = typer.Option(540.0, help="With --gpu: seconds after which no cell starts (the record names them)."),
+    smoke: bool = typer.Option(False, "--smoke", help="With --gpu: every column at toy shapes on the CPU."),
 ) -> None:
     """Time Stage A on the vision side and the prefill of each method, side by side in one run
     (or, with --generate or --train, generation end to end or a training step)."""
@@ -244,6 +254,16 @@ def bench(
 
     if threads:
         torch.set_num_threads(threads)
+    if gpu:
+        import dataclasses
+
+        from ..bench.gpu import SMOKE_SETTINGS, Settings, gpu_benchmark, markdown
+
+        settings = dataclasses.replace(SMOKE_SETTINGS if smoke else Settings(), time_budget_s=time_budget)
+        record = gpu_benchmark(shapes or None, output=output, smoke=smoke, settings=settings, command=command_line(),
+                               progress=lambda label: printing.console.print(f"[{label}]", markup=False))
+        printing.console.print(markdown(record), markup=False, soft_wrap=True)
+        return
     if allocator not in ("system", "keep"):
         raise typer.BadParameter(f"--allocator must be system or keep, got {allocator!r}")
     if allocator == "keep" and (generate or train):

@@ -246,6 +246,20 @@ def test_an_items_plan_is_made_once_per_process(monkeypatch):
     assert len(made) == before + 1  # its own reducer, once
 
 
+def test_the_plan_cache_forgets_the_least_recently_used_plan_first(monkeypatch):
+    """A plan asked for again is kept through churn that forgets one asked for less recently (by
+    use, not by insertion: a server's hot budget is not made again under a stream of new ones)."""
+    from duet_vlm.integrations.vllm import options
+
+    monkeypatch.setattr(options, "PLANS", options.PlanCache(size=2))
+    settings = Settings.read({"duet_method": "visionzip", "duet_budget": 64})
+    hot, cold = options.plan_for(settings, 64, LLAVA), options.plan_for(settings, 32, LLAVA)
+    assert options.plan_for(settings, 64, LLAVA) is hot  # used again: now the most recent
+    options.plan_for(settings, 16, LLAVA)  # one more than the cache holds: the least recently used goes
+    assert options.plan_for(settings, 64, LLAVA) is hot
+    assert options.plan_for(settings, 32, LLAVA) is not cold
+
+
 def test_doctests():
     from duet_vlm.integrations.vllm import options, serve
     from duet_vlm.integrations.vllm.language import kv

@@ -53,8 +53,8 @@ def predictive_keep(pixels: torch.Tensor, metric: str = "max", threshold: float 
     below the threshold cannot accumulate along a run), one token at a time as the official code does.
 
     >>> grid = torch.zeros(3, 4, 1); grid[1:, 2:] = 1.0          # a bright block in the corner
-    >>> predictive_keep(grid).int().tolist()                   # its top-left corner and one edge token
-    [[1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 1, 0]]
+    >>> predictive_keep(grid).int().tolist()                   # the grid's first token and the block's
+    [[1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
     """
     rows, cols, _ = pixels.shape
     if metric == "exact" or threshold == 0 or not anchored:

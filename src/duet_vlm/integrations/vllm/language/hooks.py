@@ -280,19 +280,12 @@ class LanguageStages:
         length = request_rows.shape[0]
 
         def attention(layer, hidden_states, rope, queries, key_valid, visual_index, layer_keys=None):
-            attn = self.layers[scorer].self_attn.attn
-            head_dim = attn.head_size  # all ranks' heads (``rank_heads``): the counts from the gathered widths
-            heads, kv_heads = query.shape[-1] // head_dim, key.shape[-1] // head_dim
-            q = query.view(1, length, heads, head_dim).transpose(1, 2)
-            k = key.view(1, length, kv_heads, head_dim).transpose(1, 2)
             # a sliding layer's window (vLLM's ``Attention.sliding_window``, None where it has none) counts
-            # the request's rows the layer holds, as its cache and the Hugging Face path's scores count it
-            window = attn.sliding_window
-            out = []
-            for row in range(len(queries)):
-                out.append(visual_attention(q[row : row + 1, :, queries[row]], k, queries[row], key_valid[row],
-                                            visual_index[row], attn.impl.scale, heads // kv_heads, window))
-            return torch.stack(out)
+            # the request's rows the layer holds, as its cache and the Hugging Face path's scores count it:
+            # the scoring layer's own window, not the boundary layer's
+            attn = self.layers[scorer].self_attn.attn
+            return gathered_scores(query, key, attn.head_size, attn.impl.scale, attn.sliding_window, queries,
+                                   key_valid, visual_index)
 
         def keys(layer, hidden_states, rope, key_valid):  # (1, L, H_kv * d), rotated, as the layer computed them
             if scorer is None or layer is not self.layers[scorer]:
@@ -348,6 +341,22 @@ def rank_heads(qk: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, tor
     from vllm.distributed import get_tensor_model_parallel_world_size
 
     return all_heads(qk, -1, get_tensor_model_parallel_world_size())
+
+
+def gathered_scores(query: torch.Tensor, key: torch.Tensor, head_dim: int, scale: float, window: int | None,
+                    queries, key_valid, visual_index) -> torch.Tensor:
+    """A stage's attention scores from a layer's rotated queries and keys ``(rows, heads * d)`` with
+    every tensor-parallel rank's heads (``rank_heads``): the head counts come from the gathered widths
+    (a rank's module knows its own heads only), ``heads / kv heads`` query heads per key head (a key
+    head copied to each rank counts once per copy, and its query heads meet their own copy); one
+    ``visual_attention`` per query row, as the Hugging Face path's."""
+    length = query.shape[0]
+    heads, kv_heads = query.shape[-1] // head_dim, key.shape[-1] // head_dim
+    q = query.view(1, length, heads, head_dim).transpose(1, 2)
+    k = key.view(1, length, kv_heads, head_dim).transpose(1, 2)
+    out = [visual_attention(q[row : row + 1, :, queries[row]], k, queries[row], key_valid[row], visual_index[row],
+                            scale, heads // kv_heads, window) for row in range(len(queries))]
+    return torch.stack(out)
 
 
 def softmax_attention(layer):

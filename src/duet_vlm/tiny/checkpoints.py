@@ -232,9 +232,10 @@ def _gemma_tokenizer(tokens) -> tuple[dict, dict[str, int]]:
 
 
 def write_gemma3(folder: str | Path, seed: int = 0, layers: int = 2, gemma_template: bool = True,
-                 space_token: bool = False, window: int = 16) -> Path:
+                 space_token: bool = False, window: int = 16, layer_types: list[str] | None = None) -> Path:
     """A Gemma-3-shaped checkpoint: a SigLIP tower on 32-pixel images (16 soft tokens), ``layers``
-    decoder layers (sliding ones of a ``window``-token window, the last global), the demo tokenizer with Gemma's image tokens and
+    decoder layers (sliding ones of a ``window``-token window, the last global; or ``layer_types``),
+    the demo tokenizer with Gemma's image tokens and
     newlines added after its vocabulary; with ``gemma_template`` (the default) a chat template in
     Gemma's form (``GEMMA_CHAT_TEMPLATE``, which writes the ``<start_of_image>`` vLLM's processor
     expands), else the demo's (``<image>``: a chat request with an image then fails). With
@@ -249,7 +250,8 @@ def write_gemma3(folder: str | Path, seed: int = 0, layers: int = 2, gemma_templ
     tokenizer, ids = _gemma_tokenizer(("<start_of_image>", "<end_of_image>", "<image_soft_token>", *newlines,
                                        *((" ",) if space_token else ())))
     model = make_gemma3(
-        layers=layers, seed=seed, window=window, layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+        layers=layers, seed=seed, window=window,
+        layer_types=layer_types or ["sliding_attention"] * (layers - 1) + ["full_attention"],
         vocab=max(ids.values()) + 1, head_dim=32, vision_layers=2, image_token_id=ids["<image_soft_token>"],
         boi=ids["<start_of_image>"], eoi=ids["<end_of_image>"], sharpened=False,
     )

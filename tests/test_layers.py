@@ -56,7 +56,7 @@ def test_vision_scores_have_one_implementation():
     import grimp
 
     graph = grimp.build_graph("duet_vlm")
-    for module in ("duet_vlm.integrations.vllm.select", "duet_vlm.integrations.vllm.qwen_vl",
+    for module in ("duet_vlm.integrations.vllm.select", "duet_vlm.integrations.vllm.families.qwen_vl",
                    "duet_vlm.adapters.base", "duet_vlm.adapters.qwen_vl"):
         assert graph.direct_import_exists(importer=module, imported="duet_vlm.scoring"), module
     src = ROOT / "src" / "duet_vlm"

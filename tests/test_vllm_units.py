@@ -8,6 +8,7 @@ Needs vLLM (tests/test_vllm.py's environment); skipped without it unless ``DUET_
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -106,3 +107,47 @@ def test_the_sliding_group_frees_exactly_what_vllms_sliding_manager_frees_for_th
         blocks = target.req_to_blocks[name]
         target.remove_skipped_blocks(name, tokens)
         assert [block.is_null for block in blocks] == [True, True, False, False], name
+
+
+def test_every_served_familys_class_is_the_model_the_runner_declares():
+    """Each class of the registry (imported as vLLM imports it) has every member of the runner's
+    declared protocol (``language.protocol.DroppingModel``), and its family's name and language flag
+    are the registry's."""
+    import importlib
+
+    from duet_vlm.integrations.vllm import registry
+    from duet_vlm.integrations.vllm.language.protocol import DroppingModel
+
+    for family in registry.FAMILIES:
+        module, name = family.target.split(":")
+        cls = getattr(importlib.import_module(module), name)
+        assert issubclass(cls, DroppingModel), family
+        assert registry.of(cls) is family
+        instance = cls.__new__(cls)  # (the properties read the class only)
+        assert (instance.family, instance.serves_language) == (family.name, family.language)
+
+
+def test_the_scheduler_and_the_runner_count_a_requests_drops_alike():
+    """What the scheduler's groups count (``memory.request_drops``, from each item's
+    ``duet_layer_tokens`` and its runs in the prompt) and what the runner's steps count
+    (``RequestPlan.dropped``, from each run's plan) agree, for an image of one run and a video whose
+    two temporal slices are runs of their own (each holding the plan's tokens)."""
+    from vllm.multimodal.inputs import PlaceholderRange
+
+    from duet_vlm.integrations.vllm.language.steps import RequestPlan
+    from duet_vlm.integrations.vllm.memory import request_drops
+
+    image, video = [64, 64, 16, 16, 4], [40, 40, 40, 10, 0]
+    slice_mask = torch.tensor([0] + [1] * 40 + [0] + [1] * 40).bool()  # a timestamp token before each slice
+
+    def feature(modality, held, position):
+        key = ("duet_" if modality == "image" else f"duet_{modality}_") + "layer_tokens"
+        return SimpleNamespace(modality=modality, mm_position=position, data={key: SimpleNamespace(data=torch.tensor(held))})
+
+    request = SimpleNamespace(num_prompt_tokens=200, mm_features=[
+        feature("image", image, PlaceholderRange(offset=3, length=64)),
+        feature("video", video, PlaceholderRange(offset=80, length=82, is_embed=slice_mask))])
+    plans = tuple(SimpleNamespace(schedule=SimpleNamespace(tokens_per_layer=held)) for held in (image, video, video))
+    runner = RequestPlan(200, ((3, 64), (81, 40), (122, 40)), plans)
+    scheduler = request_drops(request, 5)
+    assert scheduler.dropped == runner.dropped == (0, 0, 48, 108, 140)

@@ -16,7 +16,8 @@ import torch
 
 from ...geometry import Geometry
 from ...plan import Plan
-from .options import RefusedMethod, Settings, field_prefix, language_plan_for, plan_for
+from . import registry
+from .options import RefusedMethod, Settings, embedded_runs, field_prefix, language_plan_for, plan_for
 from .processor import PIXELS, ItemFields, server_options
 from .select import Taps, encoder_index, layer_scores, reduce_unit, tap
 
@@ -92,12 +93,23 @@ class DuetModelMixin:
         return [plan_for(fields.settings(self.duet, index), budget, geometry)
                 for index, (budget, geometry) in enumerate(zip(fields.budgets, geometries))]
 
-    #: whether the family serves methods that drop inside the language model (``language``), given
-    #: duet-vlm's worker; a family says where its items' geometry and its decoder layers are
-    #: (``language_geometry``, ``text_model``).
-    serves_language = False
-    #: where it does not: why, said to a server started with duet-vlm's worker (``family`` names it).
+    #: where the family does not serve methods that drop inside the language model (its registry entry,
+    #: ``registry.Family.language``): why, said to a server started with duet-vlm's worker.
     language_refusal = "its language model is not one the plugin drops in yet"
+
+    @property
+    def family(self) -> str:
+        """The family's name (its entry of ``registry.FAMILIES``; else its class's)."""
+        entry = registry.of(type(self))
+        return entry.name if entry is not None else type(self).__name__.removeprefix("Duet").removesuffix("ForConditionalGeneration")
+
+    @property
+    def serves_language(self) -> bool:
+        """Whether methods that drop inside the language model are served on the family, given
+        duet-vlm's worker (``registry.Family.language``); the family says where its items' geometry and
+        its decoder layers are (``language_geometry``, ``text_model``, ``language_scheme``)."""
+        entry = registry.of(type(self))
+        return entry is not None and entry.language
 
     def read_settings(self, vllm_config) -> Settings:
         """The server's options (``self.duet``). With duet-vlm's worker, on a family that serves
@@ -109,8 +121,7 @@ class DuetModelMixin:
         served = self.serves_language and worker
         not_served = None
         if worker and not self.serves_language:
-            family = getattr(self, "family", None) or type(self).__name__.removeprefix("Duet").removesuffix("ForConditionalGeneration")
-            not_served = f"{family} is not served with dropping inside the language model: {self.language_refusal}"
+            not_served = f"{self.family} is not served with dropping inside the language model: {self.language_refusal}"
         self._duet_model_config = vllm_config.model_config
         # the tower's batches under a reducer (``tower_groups``): the encoder budget of vLLM's scheduler
         self._duet_tower_budget = getattr(vllm_config.scheduler_config, "max_num_encoder_input_tokens", None) or 0
@@ -138,7 +149,7 @@ class DuetModelMixin:
                 boundaries.update(layer for layer, _ in plan.schedule.boundaries)
         if drops:
             check_engine(vllm_config)
-            self._duet_language = LanguageStages(self, self.text_model())
+            self._duet_language = LanguageStages(self, self.language_scheme())
             self._duet_boundaries = sorted(boundaries)
 
     @property
@@ -182,16 +193,39 @@ class DuetModelMixin:
         """vLLM's decoder (the module holding ``layers``) of the language model."""
         return self.language_model.model
 
-    def duet_num_layers(self) -> int:
-        return len(self.text_model().layers)
+    def language_scheme(self):
+        """The decoder layers as the hooks use them (``language.scheme``: what a layer takes, which
+        layers score, slide or share KV, how they compute queries and keys), by the language model's
+        config; made once."""
+        scheme = self.__dict__.get("_duet_scheme")
+        if scheme is None:
+            from .language.scheme import scheme_for
+
+            scheme = self.__dict__["_duet_scheme"] = scheme_for(self.config.get_text_config(), self.text_model())
+        return scheme
 
     def duet_attention_layer_names(self) -> list[str]:
         """Each decoder layer's attention, as vLLM's per-layer metadata names it: its softmax
         attention's, or its linear attention's (Qwen3.5's Gated-DeltaNet layers, ``linear_attn``)."""
-        from .language.hooks import softmax_attention
+        scheme = self.language_scheme()
+        return [scheme.layer_name(index) for index in range(len(scheme))]
 
-        return [attention.layer_name if (attention := softmax_attention(layer)) is not None else layer.linear_attn.prefix
-                for layer in self.text_model().layers]
+    def duet_request_plan(self, mm_features, prompt: int):
+        """A request's drops (``language.RequestPlan``; ``None`` where none of its items drops inside
+        the language model) from vLLM's ``MultiModalFeatureSpec`` of its items and its prompt's length:
+        each run of an item's embeddings is one item where the family makes its runs items of their own
+        (a Qwen3-VL video's temporal slices, a Gemma 3 image's pan-and-scan blocks), and an item of
+        several runs is refused elsewhere."""
+        from .language import StageNotServed, request_plan
+
+        features = []
+        for feature in mm_features or []:
+            runs = embedded_runs(feature.mm_position)
+            if len(runs) != 1 and not self.runs_are_items(feature.modality):
+                raise StageNotServed(f"an item whose embeddings are not one run of the prompt ({feature.modality}: "
+                                     f"{len(runs)} runs) is not served dropping inside the language model")
+            features += [(offset, length, feature) for offset, length in runs]
+        return request_plan(self.duet_language_plans(features), prompt)
 
     def duet_language_plans(self, features) -> list[tuple[int, int, Plan | None]]:
         """Each item's ``(offset, length, plan)`` where its method drops inside the language model

@@ -40,7 +40,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, SlidingWindowSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-from .options import embedded_runs, field_prefix
+from .options import dropped_tokens, embedded_runs, field_prefix
 
 logger = init_logger(__name__)
 
@@ -99,7 +99,7 @@ class RequestDrops:
 def request_drops(request, num_layers: int) -> RequestDrops | None:
     """From a request's items (``duet_layer_tokens``: what each decoder layer holds of each item),
     what it drops; ``None`` where none of its items drops inside the language model."""
-    dropped = [0] * num_layers
+    items = []
     for feature in request.mm_features or ():
         data = feature.data
         key = field_prefix(feature.modality) + "layer_tokens"
@@ -116,11 +116,11 @@ def request_drops(request, num_layers: int) -> RequestDrops | None:
             raise ValueError(f"an item's tokens for {len(tokens)} decoder layers, the model has {num_layers}")
         entered = feature.mm_position.get_num_embeds()  # the item's tokens (not InternVL's <img> and </img>)
         runs = len(embedded_runs(feature.mm_position))  # a Qwen3-VL video's slices: each one the plan's item
-        for layer, held in enumerate(tokens):
-            dropped[layer] += entered - held * runs
+        items.append((entered, [held * runs for held in tokens]))
+    dropped = dropped_tokens(items, num_layers)
     if not any(dropped):
         return None
-    return RequestDrops(request.num_prompt_tokens, tuple(dropped))
+    return RequestDrops(request.num_prompt_tokens, dropped)
 
 
 class DroppedManager(FullAttentionManager):

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -44,6 +45,7 @@ from ...generation_modes import LLAVA15
 from ...geometry import Geometry
 from ...methods import METHODS, make
 from ...methods.base import Reducer
+from .registry import named
 
 #: every key of the processor options that duet-vlm reads (and takes out before the HF processor).
 KEYS = ("duet_method", "duet_budget", "duet_ratio", "duet_options", "duet_text", "duet_allow")
@@ -332,7 +334,8 @@ def check_supported(reducer: Reducer, language: bool = False, not_served: str | 
         )
     raise RefusedMethod(
         f"{inner.method_name!r} prunes visual tokens inside the language model, which the plugin serves only with its "
-        f"own worker (--worker-cls {WORKER}), on LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, InternVL and Gemma 3 (images; videos but InternVL's), for FastV, PyramidDrop, DUET, VScan, DART, SparseVLM, HoliTom and random_horizon so far (docs/serving.md); otherwise vLLM's "
+        f"own worker (--worker-cls {WORKER}), on {named(language=True)} (images; videos but InternVL's), for "
+        f"{', '.join(language_methods())} so far (docs/serving.md); otherwise vLLM's "
         f"paged KV cache keeps every prompt token in every layer, and only methods that select before the language "
         f"model run{hint}. Supported: {', '.join(supported_methods())}"
     )
@@ -423,6 +426,23 @@ def field_prefix(modality: str) -> str:
     return "duet_" if modality == "image" else f"duet_{modality}_"
 
 
+def dropped_tokens(items, layers: int | None = None) -> tuple[int, ...]:
+    """Tokens a request no longer holds in each decoder layer, from each of its dropping items'
+    ``(tokens entering the language model, tokens it holds in each layer)``: what the runner's steps
+    (``RequestPlan.dropped``) and the scheduler's block counts (``memory.request_drops``) both read,
+    made in one place. ``layers``: the decoder's, where no item is given.
+
+    >>> dropped_tokens([(576, [576, 576, 64, 32]), (10, [10, 10, 10, 0])])
+    (0, 0, 512, 554)
+    """
+    items = list(items)
+    count = len(items[0][1]) if items else layers
+    for _, held in items:
+        if len(held) != count:
+            raise ValueError(f"an item's tokens for {len(held)} decoder layers, the model has {count}")
+    return tuple(sum(entered - held[layer] for entered, held in items) for layer in range(count))
+
+
 def embedded_runs(position) -> list[tuple[int, int]]:
     """``(offset, length)`` of each run of tokens an item's embeddings fill in the prompt (vLLM's
     ``PlaceholderRange``: InternVL's run holds ``<img>`` and ``</img>`` around them, ``is_embed``
@@ -454,10 +474,9 @@ def loads_learned_state(cls: type[Reducer]) -> bool:
     return cls.load_objects.__func__ is not Reducer.load_objects.__func__
 
 
-def supported_methods() -> list[str]:
-    """Registered methods that select before the language model at their defaults, then those whose
-    vision-side half runs alone (``name (layers=[])``)."""
-    names = []
+def _default_plans():
+    """``(name, plan)`` of each registered method that takes a budget, at its defaults and 64 tokens
+    of LLaVA-1.5's 576 (what the lists of served methods are made from)."""
     for name, cls in sorted(METHODS.items()):
         if name in ("full", "compose", "adaptive") or cls.adapts_to_content:
             continue
@@ -466,10 +485,31 @@ def supported_methods() -> list[str]:
         if "budget" not in {spec.name for spec in dataclasses.fields(cls)}:
             continue
         try:
-            reducer = make(name, budget=64)
-            plan = reducer.resolve(LLAVA15, quiet=True)
+            with warnings.catch_warnings():  # (what a budget of 64 means for it is not the list's to say)
+                warnings.simplefilter("ignore")
+                plan = make(name, budget=64).resolve(LLAVA15, quiet=True)
         except Exception:  # a method that needs more than a budget (or is not implemented yet)
             continue
-        if plan.language is None and not plan.schedule.boundaries and plan.vision is not None:
-            names.append(name)
+        yield name, plan
+
+
+def supported_methods() -> list[str]:
+    """Registered methods that select before the language model at their defaults, then those whose
+    vision-side half runs alone (``name (layers=[])``)."""
+    names = [name for name, plan in _default_plans()
+             if plan.language is None and not plan.schedule.boundaries and plan.vision is not None]
     return names + [f"{name} (layers=[])" for name in sorted(METHODS) if name not in names and vision_half(name)]
+
+
+#: what the plugin's ``LayerView`` gives a language stage beyond its residual streams, the visual
+#: tokens' places, a layer's attention and keys (``reads``: the layer after the boundary, the one before
+#: it, or none), the input embeddings and a scratch per request: none of ``LanguageStage.view_needs``
+#: (``language.checks`` says why each is not met yet).
+SERVED_NEEDS: frozenset[str] = frozenset()
+
+
+def language_methods() -> list[str]:
+    """Registered methods that drop inside the language model at their defaults by a stage the plugin
+    serves (one that needs nothing beyond ``SERVED_NEEDS``)."""
+    return [name for name, plan in _default_plans()
+            if plan.schedule.boundaries and plan.language is not None and not plan.language.view_needs - SERVED_NEEDS]

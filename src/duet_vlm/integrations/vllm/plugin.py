@@ -8,21 +8,14 @@ behave exactly as vLLM's.
 
 from __future__ import annotations
 
-#: architecture -> duet-vlm's class (``module:Class``, imported by vLLM when a model needs it).
+from .registry import FAMILIES
+
+#: architecture -> duet-vlm's class (``module:Class``, imported by vLLM when a model needs it): the
+#: served families' (``registry.FAMILIES``), and vLLM's Transformers modeling backend
+#: (``--model-impl transformers``): a prototype reducing LLaVA-1.5, refusing duet-vlm's options on any
+#: other family (``backend``).
 MODELS = {
-    "LlavaForConditionalGeneration": "duet_vlm.integrations.vllm.llava:DuetLlavaForConditionalGeneration",
-    "LlavaNextForConditionalGeneration": "duet_vlm.integrations.vllm.llava_next:DuetLlavaNextForConditionalGeneration",
-    "LlavaOnevisionForConditionalGeneration": "duet_vlm.integrations.vllm.llava_onevision:DuetLlavaOnevisionForConditionalGeneration",
-    "Qwen2VLForConditionalGeneration": "duet_vlm.integrations.vllm.qwen_vl:DuetQwen2VLForConditionalGeneration",
-    "Qwen2_5_VLForConditionalGeneration": "duet_vlm.integrations.vllm.qwen_vl:DuetQwen2_5_VLForConditionalGeneration",
-    "Qwen3VLForConditionalGeneration": "duet_vlm.integrations.vllm.qwen3_vl:DuetQwen3VLForConditionalGeneration",
-    "Qwen3_5ForConditionalGeneration": "duet_vlm.integrations.vllm.qwen3_vl:DuetQwen3_5ForConditionalGeneration",
-    "Qwen3_5MoeForConditionalGeneration": "duet_vlm.integrations.vllm.qwen3_vl:DuetQwen3_5MoeForConditionalGeneration",
-    "InternVLForConditionalGeneration": "duet_vlm.integrations.vllm.internvl:DuetInternVLForConditionalGeneration",
-    "Gemma3ForConditionalGeneration": "duet_vlm.integrations.vllm.gemma3:DuetGemma3ForConditionalGeneration",
-    "Gemma4ForConditionalGeneration": "duet_vlm.integrations.vllm.gemma4:DuetGemma4ForConditionalGeneration",
-    # vLLM's Transformers modeling backend (``--model-impl transformers``): a prototype reducing LLaVA-1.5,
-    # refusing duet-vlm's options on any other family (``backend``)
+    **{family.architecture: family.target for family in FAMILIES},
     "TransformersMultiModalForCausalLM": "duet_vlm.integrations.vllm.backend:DuetTransformersMultiModalForCausalLM",
 }
 

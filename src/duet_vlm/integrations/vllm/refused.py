@@ -13,6 +13,7 @@ only its vLLM module.
 
 from __future__ import annotations
 
+from .registry import named
 from .options import KEYS
 
 #: what vLLM's Transformers modeling backend is called in the refusal (it serves any family).
@@ -26,8 +27,8 @@ NOT_SERVED = {
     "TransformersMultiModalMoEForCausalLM": ("transformers", "TransformersMultiModalMoEForCausalLM", BACKEND),
 }
 
-#: what the plugin serves (``plugin.MODELS``), for the message.
-SERVED = "LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Qwen3.5-MoE, InternVL, Gemma 3 and Gemma 4"
+#: what the plugin serves (``registry.FAMILIES``, the classes of ``plugin.MODELS``), for the message.
+SERVED = named()
 
 
 def refuse_options(vllm_config, family: str) -> None:

@@ -29,7 +29,10 @@ sources this rests on; nothing of vLLM is patched):
   are gathered (hidden states, residual stream, positions), the later layers run on the kept rows
   (numbered again from the first where the plan's positions are ``"contiguous"``, in the decoding
   steps too), and the model's output is scattered back to the step's rows (the runner reads each
-  request's last row).
+  request's last row). What the hooks ask of a decoder layer (what it takes, which layers score,
+  slide or share KV, how it computes its queries and keys) is its kind's ``scheme.DecoderScheme``,
+  chosen by the language model's config; the runners reach the model through the members
+  ``protocol.DroppingModel`` declares, and nothing else.
 
 Exact where the Hugging Face path is: a dropping request's whole prompt runs in one step (vLLM's
 chunked prefill would split it; refused at start, and a split found in a step is an error), and
@@ -50,13 +53,15 @@ from __future__ import annotations
 from .checks import StageNotServed, check_engine, check_stage
 from .hooks import LanguageStages, stream
 from .kv import KVGroup, compact_attention, compact_slots, dropped_specs, layer_segments
+from .protocol import DroppingModel, dropping
 from .runners import make_class, v2_attention
-from .steps import RequestPlan, RowDrop, StepPlan, plan_of_request, request_plan, step_plan
+from .scheme import DecoderScheme, scheme_for
+from .steps import RequestPlan, RowDrop, StepPlan, request_plan, step_plan
 
 __all__ = [
-    "KVGroup", "LanguageStages", "RequestPlan", "RowDrop", "StageNotServed", "StepPlan", "check_engine", "check_stage",
-    "compact_attention", "compact_slots", "dropped_specs", "layer_segments", "plan_of_request", "request_plan",
-    "step_plan", "stream", "v2_attention",
+    "DecoderScheme", "DroppingModel", "KVGroup", "LanguageStages", "RequestPlan", "RowDrop", "StageNotServed",
+    "StepPlan", "check_engine", "check_stage", "compact_attention", "compact_slots", "dropped_specs", "dropping",
+    "layer_segments", "request_plan", "scheme_for", "step_plan", "stream", "v2_attention",
 ]
 
 

@@ -5,17 +5,13 @@ plugin does not give them (``check_stage``, read from the stage's own ``Language
 from __future__ import annotations
 
 from ....plan import Plan
-from ..options import REFUSALS, SCHEDULER, WORKER, WORKERS, RefusedMethod
+from ..options import REFUSALS, SCHEDULER, SERVED_NEEDS, WORKER, WORKERS, RefusedMethod, language_methods
 
 
 class StageNotServed(RefusedMethod):
     """A language-side stage, or an engine setting, that this plugin cannot serve exactly."""
 
 
-#: what the plugin's ``LayerView`` gives a stage beyond its residual streams, the visual tokens'
-#: places, a layer's attention and keys (``reads``: the layer after the boundary, the one before it,
-#: or none), the input embeddings and a scratch per request: none of ``LanguageStage.view_needs``.
-SERVED_NEEDS: frozenset[str] = frozenset()
 #: why each need is not met yet.
 UNMET = {
     "input_ids": "the prompt's token ids (the plugin's boundary reads the step's rows, not its tokens)",
@@ -38,7 +34,7 @@ def check_stage(plan: Plan, method: str | None = None) -> None:
         raise StageNotServed(
             f"{asked} is not served under vLLM yet: it reads " + "; ".join(UNMET.get(need, need) for need in unmet)
             + ". The plugin serves stages that read a decoder layer's queries and keys, its states or nothing "
-            "(FastV, PyramidDrop, VScan, DUET with query 'text' or 'last', DART, random_horizon, SparseVLM, HoliTom)"
+            f"({', '.join(language_methods())} at their defaults; DUET with query 'text' or 'last')"
         )
 
 

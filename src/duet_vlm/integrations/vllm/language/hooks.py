@@ -14,6 +14,7 @@ from ....plan import LayerView, Selection
 from ....runtime.boundary import drops_all
 from ..select import all_heads
 from .checks import StageNotServed
+from .scheme import DecoderScheme
 from .steps import RowDrop, StepPlan
 
 #: when a list (tests, with vLLM's engine in their process): each boundary's choice is appended as
@@ -45,17 +46,21 @@ class LanguageStages:
     own queries and keys, the gather at a boundary, the kept rows' positions in the layers after it,
     and the output scattered back to the step's rows."""
 
-    def __init__(self, owner, text_model) -> None:
+    def __init__(self, owner, scheme: DecoderScheme) -> None:
+        reason = scheme.not_served()
+        if reason is not None:
+            raise StageNotServed(f"duet-vlm's boundary does not drop in these decoder layers yet: {reason}")
         self.owner = owner  # the model the runner calls (its forward returns the decoder's output rows)
-        self.layers = list(text_model.layers)
-        self.norm = text_model.norm  # the final norm (DART compares states through it)
+        self.scheme = scheme  # what each layer takes, which score and slide, how they compute queries and keys
+        self.layers = scheme.layers
+        self.norm = scheme.norm  # the final norm (DART compares states through it)
         self.handles = []
         self.pending: StepPlan | None = None  # the next forward's step (``next_step``)
         self.state: StepState | None = None  # the running forward's, where it drops or renumbers
         for index, layer in enumerate(self.layers):
             self.handles.append(layer.register_forward_pre_hook(self._before_layer(index, inspect.signature(layer.forward)),
                                                                 with_kwargs=True))
-            attention = softmax_attention(layer)
+            attention = scheme.attention(index)
             if attention is not None:  # (a linear-attention layer has none: no stage scores with it)
                 self.handles.append(attention.register_forward_pre_hook(self._at_attention(index)))
         # on the whole model, which the runner calls: vLLM's compiled decoder class calls its own
@@ -106,6 +111,8 @@ class LanguageStages:
         return hook
 
     def _before_layer(self, index: int, signature: inspect.Signature):
+        names = self.scheme.arguments  # (positions, hidden states, residual stream), as the layer names them
+
         def hook(module, args, kwargs):
             state = self.state
             if state is None:
@@ -115,7 +122,7 @@ class LanguageStages:
             # pass them in order (most families) or by keyword (Qwen3.5's)
             call = signature.bind(*args, **kwargs)
             named = call.arguments
-            args = (named["positions"], named["hidden_states"], named["residual"])
+            args = tuple(named[name] for name in names)
             if index + 1 in step.boundaries:  # its input, as the Hugging Face path's residual stream
                 state.inputs[index] = stream(args[1], args[2])
             if state.positions is not None:  # the decoder's loop hands every layer all the step's positions
@@ -124,7 +131,8 @@ class LanguageStages:
                 args = self._boundary(index, step, args)
             if state.renumbers:
                 args = (self._renumbered(index, step, args[0]), *args[1:])
-            named["positions"], named["hidden_states"], named["residual"] = args
+            for name, value in zip(names, args):
+                named[name] = value
             return call.args, call.kwargs
 
         return hook
@@ -164,7 +172,7 @@ class LanguageStages:
                     if stage.reads == "layer":  # this layer's own queries and keys, on the held rows
                         if state.layer_qk is None or state.layer_qk[0] != index:
                             rotated = self._renumbered(index, step, positions) if state.renumbers else positions
-                            state.layer_qk = (index, rank_heads(self._layer_qk(index, rotated, hidden, residual)))
+                            state.layer_qk = (index, rank_heads(self.scheme.queries_and_keys(index, rotated, hidden, residual)))
                         scored, scorer = (state.layer_qk[1], states), index
                     elif stage.reads == "previous":  # the queries and keys layer K-1 computed, as it ran
                         if captured is not None and not gathered:
@@ -230,27 +238,6 @@ class LanguageStages:
         rows = where[step_rows]
         return rows[rows >= 0]
 
-    def _layer_qk(self, index: int, positions, hidden, residual) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rotated queries and keys decoder layer ``index`` computes from its input, as its own
-        modules compute them (input norm, fused ``qkv_proj``, per-head q/k norms where it has them,
-        rotary embedding), on copies: vLLM's fused norm may write into its inputs."""
-        layer = self.layers[index]
-        attn = layer.self_attn
-        with torch.no_grad():
-            if residual is None:
-                x = layer.input_layernorm(hidden.clone())
-            else:
-                x, _ = layer.input_layernorm(hidden.clone(), residual.clone())
-            qkv, _ = attn.qkv_proj(x)
-            if hasattr(attn, "_project_qkv_gate"):  # Qwen3.5's: a query and an output gate per head, normed, rotated
-                q, k, _, _ = attn._project_qkv_gate(qkv, positions)
-                return q, k
-            q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-            if getattr(attn, "q_norm", None) is not None:  # Qwen3's per-head norms, before the rotation
-                q = attn.q_norm(q.reshape(*q.shape[:-1], -1, attn.head_dim)).reshape(q.shape)
-                k = attn.k_norm(k.reshape(*k.shape[:-1], -1, attn.head_dim)).reshape(k.shape)
-            return attn.rotary_emb(positions, q, k)
-
     def _select(self, index: int, drop: RowDrop, item: int, rows: torch.Tensor, ids: torch.Tensor, keep: int, scored,
                 where, hidden, scorer: int | None):
         """The method's own choice (``LanguageStage.select``) among an item's held ``rows`` (``ids``:
@@ -283,8 +270,8 @@ class LanguageStages:
             # a sliding layer's window (vLLM's ``Attention.sliding_window``, None where it has none) counts
             # the request's rows the layer holds, as its cache and the Hugging Face path's scores count it:
             # the scoring layer's own window, not the boundary layer's
-            attn = self.layers[scorer].self_attn.attn
-            return gathered_scores(query, key, attn.head_size, attn.impl.scale, attn.sliding_window, queries,
+            attn = self.scheme.attention(scorer)
+            return gathered_scores(query, key, attn.head_size, attn.impl.scale, self.scheme.window(scorer), queries,
                                    key_valid, visual_index)
 
         def keys(layer, hidden_states, rope, key_valid):  # (1, L, H_kv * d), rotated, as the layer computed them
@@ -311,7 +298,7 @@ class LanguageStages:
             scratch=self.state.scratch.setdefault((drop.req_id, item), {}),
             attention_fn=attention, run_layer_fn=_unavailable, output_head_fn=_unavailable, final_norm_fn=final_norm,
             keys_fn=keys,
-            previous_layer_keys=key.view(1, length, -1, self.layers[scorer].self_attn.attn.head_size).transpose(1, 2)
+            previous_layer_keys=key.view(1, length, -1, self.scheme.attention(scorer).head_size).transpose(1, 2)
             if stage.reads == "previous" else None,
         )
         selection = stage.select(view, keep)
@@ -357,12 +344,6 @@ def gathered_scores(query: torch.Tensor, key: torch.Tensor, head_dim: int, scale
     out = [visual_attention(q[row : row + 1, :, queries[row]], k, queries[row], key_valid[row], visual_index[row],
                             scale, heads // kv_heads, window) for row in range(len(queries))]
     return torch.stack(out)
-
-
-def softmax_attention(layer):
-    """A vLLM decoder layer's softmax attention (``self_attn.attn``, vLLM's ``Attention``), ``None``
-    where the layer has none (Qwen3.5's Gated-DeltaNet layers: ``linear_attn``)."""
-    return getattr(getattr(layer, "self_attn", None), "attn", None)
 
 
 def stream(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:

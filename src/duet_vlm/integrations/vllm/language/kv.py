@@ -8,6 +8,7 @@ import dataclasses
 
 import torch
 
+from .protocol import dropping
 from .steps import RequestPlan, StepPlan
 
 
@@ -148,7 +149,8 @@ def dropped_specs(model, specs: dict) -> dict:
     """vLLM's KV-cache specs by layer name, the layers from each boundary of the server's methods
     to the next reporting ``memory.DroppedSpec``: their own KV-cache groups, whose blocks hold the
     kept tokens only (either runner's ``get_kv_cache_spec``)."""
-    boundaries = model.duet_boundaries() if hasattr(model, "duet_boundaries") else []
+    model = dropping(model)
+    boundaries = [] if model is None else model.duet_boundaries()
     if not boundaries:
         return specs
     from vllm.v1.kv_cache_interface import AttentionSpec

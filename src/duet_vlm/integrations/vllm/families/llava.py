@@ -22,9 +22,9 @@ from vllm.model_executor.models.llava import (
     _build_llava_or_pixtral_hf_processor,
 )
 
-from ...adapters.llava import llava_geometry
-from .common import DuetTowerMixin, Encoded
-from .processor import DuetProcessorMixin
+from ....adapters.llava import llava_geometry
+from ..common import DuetTowerMixin, Encoded
+from ..processor import DuetProcessorMixin
 
 
 class DuetLlavaMultiModalProcessor(DuetProcessorMixin, LlavaMultiModalProcessor):
@@ -45,7 +45,6 @@ class DuetLlavaForConditionalGeneration(DuetTowerMixin, LlavaForConditionalGener
     """vLLM's LLaVA with duet-vlm's vision-side reduction of its images: every image one unit of the
     feature layer's tokens, its stage's output projected by the model's projector."""
 
-    serves_language = True
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)

@@ -56,13 +56,13 @@ from vllm.model_executor.models.qwen2_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ...adapters.qwen_vl import language_attention_layers, qwen_geometry
-from ...geometry import Geometry
-from ...scoring import segment_scores
-from .common import DuetModelMixin, tower_groups
-from .options import RefusedMethod, plan_for
-from .processor import PIXELS, DuetProcessorMixin
-from .select import all_heads, encoder_index, reduce_unit
+from ....adapters.qwen_vl import language_attention_layers, qwen_geometry
+from ....geometry import Geometry
+from ....scoring import segment_scores
+from ..common import DuetModelMixin, tower_groups
+from ..options import RefusedMethod, plan_for
+from ..processor import PIXELS, DuetProcessorMixin
+from ..select import all_heads, encoder_index, reduce_unit
 
 
 class DuetQwenProcessorMixin(DuetProcessorMixin):
@@ -105,7 +105,6 @@ class DuetQwenVLMixin(DuetModelMixin):
     """duet-vlm's reduction of images and videos inside vLLM's Qwen-VL model classes (before vLLM's class in the bases)."""
 
     #: the family's name, for messages.
-    family = "Qwen-VL"
     #: whether each temporal slice of a video is an item (as the processor's ``slices_are_items``).
     slices_are_items = False
 
@@ -394,8 +393,6 @@ class DuetQwen2_5_VLMultiModalProcessor(DuetQwenProcessorMixin, Qwen2_5_VLMultiM
 class DuetQwen2VLForConditionalGeneration(DuetQwenVLMixin, Qwen2VLForConditionalGeneration):
     """vLLM's Qwen2-VL with duet-vlm's vision-side reduction of images: every block attends over whole images."""
 
-    family = "Qwen2-VL"
-    serves_language = True
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -405,8 +402,6 @@ class DuetQwen2_5_VLForConditionalGeneration(DuetQwenVLMixin, Qwen2_5_VLForCondi
     """vLLM's Qwen2.5-VL with duet-vlm's vision-side reduction of images: window attention except in
     ``fullatt_block_indexes``, whose window order the merger undoes (``reverse_indices``)."""
 
-    family = "Qwen2.5-VL"
-    serves_language = True
 
     def score_block(self) -> int:
         return max(self.visual.fullatt_block_indexes)

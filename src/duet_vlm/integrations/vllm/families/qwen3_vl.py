@@ -23,7 +23,7 @@ from vllm.model_executor.models.qwen3_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
-from .processor import DuetInfoMixin, WithoutDuetOptions
+from ..processor import DuetInfoMixin, WithoutDuetOptions
 from .qwen_vl import DuetQwenProcessorMixin, DuetQwenVLMixin
 
 
@@ -82,9 +82,7 @@ class DuetQwen3VLForConditionalGeneration(DuetQwenVLMixin, Qwen3VLForConditional
     they are selected and merged with it (the Hugging Face runtime's ``additions``), so a kept token
     carries its own DeepStack rows into the decoder layers that add them."""
 
-    family = "Qwen3-VL"
     slices_are_items = True
-    serves_language = True
 
     def duet_width(self) -> int:
         return self.visual_dim + (self.multiscale_dim if self.use_deepstack else 0)
@@ -109,7 +107,6 @@ class DuetQwen3_5ForConditionalGeneration(DuetQwen3VLForConditionalGeneration, Q
     with its attention layers only, and its Gated-DeltaNet layers after a boundary run their
     convolution and recurrence over the kept tokens, as the Hugging Face path's do."""
 
-    family = "Qwen3.5"
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -118,7 +115,6 @@ class DuetQwen3_5ForConditionalGeneration(DuetQwen3VLForConditionalGeneration, Q
 class DuetQwen3_5MoeForConditionalGeneration(DuetQwen3VLForConditionalGeneration, Qwen3_5MoeForConditionalGeneration):
     """vLLM's Qwen3.5-MoE with duet-vlm's vision-side reduction of images (as Qwen3.5)."""
 
-    family = "Qwen3.5-MoE"
 
 
 class HeldRows(IntermediateTensors):

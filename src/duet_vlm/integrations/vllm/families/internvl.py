@@ -30,12 +30,12 @@ from vllm.model_executor.models.interns1 import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptUpdateDetails
 
-from ...adapters.internvl import internvl_geometry, internvl_layer_scores, pool_through_shuffle, shuffle_groups
-from ...geometry import Geometry
-from .common import DuetTowerMixin, Encoded
-from .options import RefusedMethod
-from .processor import DuetInfoMixin, DuetProcessorMixin, consecutive
-from .select import encoder_index
+from ....adapters.internvl import internvl_geometry, internvl_layer_scores, pool_through_shuffle, shuffle_groups
+from ....geometry import Geometry
+from ..common import DuetTowerMixin, Encoded
+from ..options import RefusedMethod
+from ..processor import DuetInfoMixin, DuetProcessorMixin, consecutive
+from ..select import encoder_index
 
 
 class DuetInternVLProcessingInfo(DuetInfoMixin, InternS1ProcessingInfo):
@@ -75,7 +75,6 @@ class DuetInternVLForConditionalGeneration(DuetTowerMixin, InternS1ForConditiona
 
     tower_types = ("internvl_vision",)
     chooses_projected = True
-    serves_language = True
 
     def language_geometry(self, feature=None) -> Geometry:
         """An image's geometry from its tiles (a thumbnail and 6 tiles at start)."""

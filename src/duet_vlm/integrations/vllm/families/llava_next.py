@@ -22,11 +22,11 @@ from vllm.model_executor.models.llava_next import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.model_executor.models.llava_next import get_anyres_image_grid_shape
 
-from ...adapters.llava_next import anyres_geometry
-from ...geometry import Geometry
-from .common import DuetTowerMixin, Encoded
-from .options import RefusedMethod, plan_for
-from .processor import DuetProcessorMixin, consecutive
+from ....adapters.llava_next import anyres_geometry
+from ....geometry import Geometry
+from ..common import DuetTowerMixin, Encoded
+from ..options import RefusedMethod, plan_for
+from ..processor import DuetProcessorMixin, consecutive
 
 
 class StageNotServedHere(RefusedMethod):
@@ -75,7 +75,6 @@ class DuetLlavaNextMultiModalProcessor(AnyresProcessorMixin, LlavaNextMultiModal
 class AnyresTowerMixin(DuetTowerMixin):
     """duet-vlm's reduction of anyres images (LLaVA-NeXT, LLaVA-OneVision; before vLLM's model class)."""
 
-    serves_language = True
 
     def language_geometry(self, feature=None) -> Geometry:
         """An image's geometry from its size, as the processor gives it (``next_geometry``, with the

@@ -37,11 +37,11 @@ from vllm.model_executor.models.gemma3_mm import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing.processor import cached_encode, replace_token_matches
 
-from ...adapters.gemma3 import gemma3_geometry, pooled_keys, pooled_scores
-from ...geometry import Geometry
-from .common import DuetTowerMixin, Encoded
-from .options import RefusedMethod
-from .processor import DuetInfoMixin, DuetProcessorMixin, consecutive, cut_runs
+from ....adapters.gemma3 import gemma3_geometry, pooled_keys, pooled_scores
+from ....geometry import Geometry
+from ..common import DuetTowerMixin, Encoded
+from ..options import RefusedMethod
+from ..processor import DuetInfoMixin, DuetProcessorMixin, consecutive, cut_runs
 
 
 class DuetGemma3ProcessingInfo(DuetInfoMixin, Gemma3ProcessingInfo):
@@ -100,9 +100,7 @@ class DuetGemma3MultiModalProcessor(DuetProcessorMixin, Gemma3MultiModalProcesso
 class DuetGemma3ForConditionalGeneration(DuetTowerMixin, Gemma3ForConditionalGeneration):
     """vLLM's Gemma 3 with duet-vlm's vision-side reduction of its images."""
 
-    family = "Gemma 3"
     chooses_projected = True
-    serves_language = True
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)

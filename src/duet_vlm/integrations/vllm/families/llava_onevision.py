@@ -25,11 +25,11 @@ from vllm.model_executor.models.llava_onevision import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ...adapters.llava_onevision import onevision_video_geometry
-from ...geometry import Geometry
-from .common import Encoded, identity
+from ....adapters.llava_onevision import onevision_video_geometry
+from ....geometry import Geometry
+from ..common import Encoded, identity
 from .llava_next import AnyresProcessorMixin, AnyresTowerMixin
-from .processor import DuetInfoMixin, consecutive
+from ..processor import DuetInfoMixin, consecutive
 
 
 class DuetLlavaOnevisionMultiModalProcessor(AnyresProcessorMixin, LlavaOnevisionMultiModalProcessor):

@@ -684,22 +684,6 @@ def test_qwen_language_stages_served_equal_the_hugging_face_path(saved_qwen_deep
     check_language_equals_hf(saved_qwen_deep, method, budget, [image(13, (392, 336)), image(14, (280, 336))])
 
 
-@pytest.mark.parametrize("kind,says", [("gemma4", "Gemma 4 is not served with dropping inside the language model: its decoder "
-                                                  "layers are ones the plugin's boundary does not handle yet: each layer takes "
-                                                  "an input of its own per token (per_layer_input)")])
-def test_families_not_served_yet_refuse_dropping_inside_the_language_model_at_start(tmp_path, kind, says):
-    """A family the plugin does not drop in yet (Gemma 4: its per-layer inputs and shared keys and
-    values) refuses FastV at start: with duet-vlm's worker given, naming the family and why (not
-    asking for the worker it has); without it, saying where dropping is served."""
-    folder = write_gemma4(tmp_path / kind, head_dim=32, image_blocks=False)
-    chain = [str(e) for e in refused_at_start(folder, {"duet_method": "fastv", "duet_budget": 20}, **LANGUAGE)]
-    assert any(says in e for e in chain), chain
-    assert not any("--worker-cls" in e for e in chain), chain
-    chain = [str(e) for e in refused_at_start(folder, {"duet_method": "fastv", "duet_budget": 20})]
-    assert any("on LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Qwen3.5-MoE, InternVL and "
-               "Gemma 3 (" in e for e in chain), chain
-
-
 @pytest.fixture(scope="module", params=["llava_next", "llava_onevision"])
 def saved_anyres_deep(request, tmp_path_factory):
     """A tiny LLaVA-NeXT and LLaVA-OneVision of 8 decoder layers (anyres images: tiles, unpadding, newlines)."""
@@ -903,20 +887,21 @@ def check_language_equals_hf(saved, method: str, budget: int, pictures, **settin
         reference, hf_kept = hf_language_reference(model, processor, picture, reducer, stage)
         assert result[2] == served_length(processor, picture, reducer.stats.llm_input_tokens)
         assert_same_drops(hf_kept, vllm_kept)
-        assert_same(reference, result, None)
-        check_blocks(reducer.stats.items[0].tokens_per_layer, result[2], drops[i], groups, blocks[i], stats["block_size"])
+        assert_same(reference, result, None, processor)  # (Gemma 4: up to a generated placeholder)
+        check_blocks(reducer.stats.items[0].tokens_per_layer, result[2], drops[i], groups, blocks[i], stats["block_sizes"])
 
 
-def check_blocks(held: list, prompt: int, drops, groups: list, blocks: list, block_size: int) -> None:
+def check_blocks(held: list, prompt: int, drops, groups: list, blocks: list, block_sizes: list) -> None:
     """A request's drops and blocks as the Hugging Face path's plan has them: ``held`` (its item's
     tokens in each decoder layer), a prompt of ``prompt`` tokens; what the scheduler learned it
     drops (``drops``, ``memory.request_drops``: per layer, the item's tokens less those held; not
     its run's structural tokens, InternVL's ``<img>`` and ``</img>``), and in each KV-cache group
     (``groups``: the layers of each) the blocks for the most tokens a layer of it holds (the text,
-    the kept tokens, the tokens generated but the last)."""
+    the kept tokens, the tokens generated but the last) in blocks of its own size (``block_sizes``)."""
     assert list(drops.dropped) == [held[0] - h for h in held[: len(drops.dropped)]], (drops, held)
     text = prompt - held[0]
-    expected = [-(-(text + max(held[layer] for layer in group) + NEW_TOKENS - 1) // block_size) for group in groups]
+    expected = [-(-(text + max(held[layer] for layer in group) + NEW_TOKENS - 1) // size)
+                for group, size in zip(groups, block_sizes)]
     assert blocks == expected, (blocks, expected)
 
 
@@ -1491,7 +1476,7 @@ def test_gemma3_pan_and_scan_blocks_drop_inside_the_language_model_each_an_item(
     groups = [[int(name.split(".layers.")[1].split(".")[0]) for name in group] for group in stats["groups"]]
     held = [sum(item.tokens_per_layer[layer] for item in reducer.stats.items) for layer in range(8)]
     assert len(drops) == 1 and len(stats["blocks"]) == 1
-    check_blocks(held, result[2], drops[0], groups, next(iter(stats["blocks"].values())), stats["block_size"])
+    check_blocks(held, result[2], drops[0], groups, next(iter(stats["blocks"].values())), stats["block_sizes"])
 
 
 @pytest.fixture(scope="module")
@@ -1513,6 +1498,45 @@ def test_gemma4_equals_the_hugging_face_path(saved_gemma4, method):
     by CDPruner, a shallow layer's scores by TRIO's scan, as on the Hugging Face path: the same kept
     tokens, placeholder count, tokens and log-probabilities."""
     check_equals_hf(saved_gemma4, method, 24, [image(70 + i, size) for i, size in enumerate(GEMMA4_SIZES)])
+
+
+@pytest.fixture(scope="module")
+def saved_gemma4_deep(tmp_path_factory):
+    """A tiny Gemma 4 of 8 decoder layers, a window of 16 tokens (shorter than a prompt with one image),
+    sliding layers but 3 and 7, and the last two reusing keys and values (6 those of 4, 7 those of
+    3): every boundary lies at or before layer 3 (``Geometry.last_boundary``)."""
+    types = ["sliding_attention"] * 3 + ["full_attention"] + ["sliding_attention"] * 3 + ["full_attention"]
+    folder = write_gemma4(tmp_path_factory.mktemp("vllm-gemma4-8") / "tiny-gemma4", head_dim=32, image_blocks=False,
+                          layers=8, layer_types=types, kv_shared=2)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    return folder, model, AutoProcessor.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("method,budget", [("fastv", 20), ("duet", 16)])
+def test_gemma4_language_stages_served_equal_the_hugging_face_path(saved_gemma4_deep, method, budget, monkeypatch):
+    """FastV and DUET inside Gemma 4's language model (#77 item 3): each layer's per-layer input read
+    for the rows it holds after a boundary, the last two layers reading the keys and values of the
+    layer they share with from its cache of the kept tokens, the sliding layers' window (16) shorter
+    than the prompt and crossed by the answer: the same kept tokens at every boundary, blocks per
+    group, tokens and log-probabilities as the Hugging Face path, on two images of their own sizes."""
+    from duet_vlm.adapters.gemma4 import gemma4_geometry
+
+    folder, model, processor = saved_gemma4_deep
+    monkeypatch.setattr(sys.modules[__name__], "NEW_TOKENS", 20)
+    pictures = [image(70 + i, size) for i, size in enumerate(GEMMA4_SIZES)]
+    assert min(served_length(processor, picture, 0) for picture in pictures) + NEW_TOKENS > 16
+    plan = duet_vlm.make(method, budget=budget).resolve(gemma4_geometry(model.config, 7, 9))  # the first image's
+    assert plan.schedule.boundaries and max(layer for layer, _ in plan.schedule.boundaries) <= 3
+    check_language_equals_hf(saved_gemma4_deep, method, budget, pictures, block_size=32)
+
+
+def test_gemma4_refuses_kv_sharing_fast_prefill_when_dropping_inside_the_language_model(saved_gemma4_deep):
+    """vLLM's own fast prefill for Gemma 4 (its layers that reuse keys and values run on the logits'
+    rows only) is refused at start on a server that drops inside the language model, by name."""
+    folder, _, _ = saved_gemma4_deep
+    chain = [str(e) for e in refused_at_start(folder, {"duet_method": "fastv", "duet_budget": 20}, **LANGUAGE,
+                                              kv_sharing_fast_prefill=True)]
+    assert any("KV-sharing fast prefill is on" in e for e in chain), chain
 
 
 def test_gemma4_image_a_budget_leaves_unreduced_equals_the_hugging_face_model(saved_gemma4, caplog):

@@ -34,12 +34,11 @@ def test_every_list_of_served_families_is_the_registrys():
         classes = {node.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ClassDef)}
         assert cls in classes, family  # (the module's class, read without importing vLLM)
     language = [family.name for family in registry.FAMILIES if family.language]
-    assert "Qwen3.5-MoE" in language and "Gemma 4" not in language
+    assert "Qwen3.5-MoE" in language and "Gemma 4" in language
     with pytest.raises(options.RefusedMethod) as refusal:
         options.check_supported(options.make("fastv", budget=64))
     message = str(refusal.value)
     assert registry.named(language=True) in message and all(name in message for name in language)
-    assert "Gemma 4" not in message.split("so far")[0]
     served = options.language_methods()
     assert {"fastv", "duet", "pyramiddrop", "sparsevlm", "holitom", "dart", "vscan", "random_horizon"} == set(served)
     assert ", ".join(served) in message
@@ -163,7 +162,7 @@ def test_each_scheme_computes_queries_and_keys_as_its_layers_do():
         torch.testing.assert_close(k, want_k * (1 + positions[:, None]))
         assert torch.equal(hidden, kept[0]) and torch.equal(residual, kept[1])
         assert [layers.window(index) for index in range(3)] == [None, 4, None]
-        assert layers.layer_name(1) == "model.layers.1.self_attn.attn" and layers.not_served() is None
+        assert layers.layer_name(1) == "model.layers.1.self_attn.attn" and layers.per_layer_input is None
 
 
 def test_layers_of_another_kind_than_the_scheme_are_refused_by_name():
@@ -187,21 +186,26 @@ def test_layers_of_another_kind_than_the_scheme_are_refused_by_name():
     assert scheme.SCHEMES["qwen3_5_moe_text"] is scheme.GatedLayers and scheme.SCHEMES["gemma3_text"] is scheme.NormedLayers
 
 
-def test_gemma_4s_layers_say_why_they_are_not_dropped_in():
-    """Gemma 4's scheme: each layer takes a per-layer input, the last ones read an earlier layer's KV;
-    its reason is what a server with duet-vlm's worker is told, and the hooks refuse such a scheme
-    before touching a layer."""
-    from duet_vlm.integrations.vllm.language.hooks import LanguageStages
-
-    decoder = _decoder(shares={2: "model.layers.0.self_attn.attn"})
+def test_gemma_4s_scheme_knows_its_per_layer_inputs_and_the_layers_that_reuse_keys_and_values():
+    """Gemma 4's layers: each takes a per-layer input (read for the held rows after a boundary), and a
+    layer that reuses an earlier layer's keys and values has only a query projection and norm; the
+    scheme names the layers it reads, and a reusing layer that projects keys of its own, or a storing
+    one without them, is refused."""
+    decoder = _decoder(normed=True, shares={2: "model.layers.0.self_attn.attn"})
+    shared = decoder.layers[2].self_attn
+    shared.q_proj = shared.qkv_proj
+    del shared.qkv_proj, shared.k_norm
     layers = scheme.scheme_for(SimpleNamespace(model_type="gemma4_text"), decoder)
+    assert type(layers) is scheme.PerLayerInputLayers and layers.per_layer_input == "per_layer_input"
     assert layers.shares_kv() == {2: "model.layers.0.self_attn.attn"}
-    reason = layers.not_served()
-    assert "per_layer_input" in reason and "KV sharing" in reason
-    with pytest.raises(checks.StageNotServed, match="per_layer_input"):
-        LanguageStages(nn.Module(), layers)
-    assert all(not layer._forward_pre_hooks for layer in decoder.layers)
-    assert scheme.NormedLayers(_decoder(normed=True), "gemma3_text").not_served() is None
+    del decoder.layers[1].self_attn.k_norm
+    with pytest.raises(checks.StageNotServed, match="decoder layer 1 of this gemma4_text model has no k_norm"):
+        scheme.PerLayerInputLayers(decoder, "gemma4_text")
+    unshared = _decoder(normed=True)
+    unshared.layers[2].self_attn.attn.kv_sharing_target_layer_name = "model.layers.0.self_attn.attn"
+    with pytest.raises(checks.StageNotServed, match="decoder layer 2 .* has no q_proj"):
+        scheme.PerLayerInputLayers(unshared, "gemma4_text")
+    assert scheme.NormedLayers(_decoder(normed=True), "gemma3_text").shares_kv() == {}
 
 
 # ---------------------------------------------------------------- the dropped counts, made once

@@ -272,10 +272,13 @@ def write_gemma3(folder: str | Path, seed: int = 0, layers: int = 2, gemma_templ
     return folder
 
 
-def write_gemma4(folder: str | Path, seed: int = 0, layers: int = 4, head_dim: int = 16, image_blocks: bool = True) -> Path:
+def write_gemma4(folder: str | Path, seed: int = 0, layers: int = 4, head_dim: int = 16, image_blocks: bool = True,
+                 layer_types: list[str] | None = None, kv_shared: int = 0) -> Path:
     """A Gemma-4-shaped checkpoint in transformers' layout, for ``duet-vlm train`` and the Hugging Face
     path: a 2-layer vision tower of 4-pixel patches pooled 3x3 into soft tokens (``max_soft_tokens``
-    70, the ladder's lowest rung), ``layers`` decoder layers (sliding, the last global; no KV sharing),
+    70, the ladder's lowest rung), ``layers`` decoder layers (sliding, the last global, unless
+    ``layer_types`` says; the last ``kv_shared`` of them reusing the keys and values of the last earlier
+    layer of their kind, none by default), a window of 16 tokens,
     per-layer inputs, the demo tokenizer with Gemma 4's image, video and audio tokens, and a chat
     template in Gemma's form (``GEMMA_CHAT_TEMPLATE``, the image marked by its soft token, as Gemma 4's
     processor expects). ``head_dim``: the sliding layers' (the global layers' is twice it; vLLM's CPU
@@ -294,8 +297,8 @@ def write_gemma4(folder: str | Path, seed: int = 0, layers: int = 4, head_dim: i
     # ``default_output_length``: the soft-token capacity released Gemma 4 configs carry (280 there), which
     # vLLM 0.32 reads and transformers 5.23's config class no longer declares (kept as given)
     model = make_gemma4(
-        layers=layers, seed=seed, window=16, layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
-        kv_shared=0, bidirectional="vision" if image_blocks else None, vocab=max(ids.values()) + 1, head_dim=head_dim,
+        layers=layers, seed=seed, window=16,
+        layer_types=layer_types or ["sliding_attention"] * (layers - 1) + ["full_attention"], kv_shared=kv_shared, bidirectional="vision" if image_blocks else None, vocab=max(ids.values()) + 1, head_dim=head_dim,
         vision_layers=2, image_token_id=ids["<image_soft_token>"], boi=ids["<start_of_image>"],
         eoi=ids["<end_of_image>"], video_token_id=ids["<|video|>"], audio_token_id=ids["<audio_soft_token>"],
         sharpness=None, default_output_length=70,

@@ -174,7 +174,9 @@ class _SchedulerMixin:
     """vLLM's scheduler telling the ``DroppedManager`` of each group what each request drops.
 
     ``STATS`` (tests and ``bench --memory``, with the engine in their process): when a dict, the
-    KV-cache groups (``groups``: each one's layer names, ``block_size``), the pool's blocks
+    KV-cache groups (``groups``: each one's layer names, ``block_size``, the first group's, and
+    ``block_sizes``, each group's: vLLM sizes a group's blocks so that every group's pages are
+    equal, so layers of wider heads, Gemma 4's global ones, take fewer tokens a block), the pool's blocks
     (``pool``, vLLM's null block not counted), each group's most blocks per request
     (``blocks[request][group]``) and the most requests running at once (``running``)."""
 
@@ -190,6 +192,7 @@ class _SchedulerMixin:
             groups = self.kv_cache_config.kv_cache_groups
             STATS.update(groups=[list(group.layer_names) for group in groups], pool=self.kv_cache_config.num_blocks - 1,
                          block_size=groups[0].kv_cache_spec.block_size,
+                         block_sizes=[group.kv_cache_spec.block_size for group in groups],
                          page_bytes=groups[0].kv_cache_spec.page_size_bytes)
 
     def add_request(self, request) -> None:

@@ -45,7 +45,7 @@ FAMILIES = (
     Family("Qwen3.5-MoE", "Qwen3_5MoeForConditionalGeneration", "qwen3_vl", "DuetQwen3_5MoeForConditionalGeneration"),
     Family("InternVL", "InternVLForConditionalGeneration", "internvl", "DuetInternVLForConditionalGeneration"),
     Family("Gemma 3", "Gemma3ForConditionalGeneration", "gemma3", "DuetGemma3ForConditionalGeneration"),
-    Family("Gemma 4", "Gemma4ForConditionalGeneration", "gemma4", "DuetGemma4ForConditionalGeneration", language=False),
+    Family("Gemma 4", "Gemma4ForConditionalGeneration", "gemma4", "DuetGemma4ForConditionalGeneration"),
 )
 
 
@@ -53,7 +53,7 @@ def named(language: bool = False) -> str:
     """The served families' names as a sentence lists them (``language``: those that drop inside the
     language model only).
 
-    >>> named(language=True).endswith("InternVL and Gemma 3")
+    >>> named(language=True).endswith("InternVL, Gemma 3 and Gemma 4")
     True
     """
     names = [family.name for family in FAMILIES if family.language or not language]

@@ -19,6 +19,17 @@ The mask inside an image is vLLM's: a checkpoint with ``use_bidirectional_attent
 an image's tokens, the kept ones here, attend to each other both ways in its sliding layers on
 attention backends with a multimodal prefix (FlashAttention on a GPU); vLLM 0.32's CPU backend
 attends causally inside the image, reduced or not (the serving page).
+
+Inside the language model (FastV, DUET whole and the other stages the plugin serves) the boundary
+is Gemma 3's with two things more, both its layers' scheme's (``language.scheme.PerLayerInputLayers``):
+each layer's per-layer input, which vLLM's loop hands it for every row of the step, is read for the
+rows the layers hold after a boundary; and the last ``num_kv_shared_layers`` layers, which read the
+keys and values of the last earlier layer of their kind, read them from that layer's cache of the
+kept tokens: every boundary lies at or before that layer (the plans' ``Geometry.last_boundary``, as
+on the Hugging Face path), so the layer that stores and the layers that reuse hold one sequence, and
+vLLM puts the reusing layers in the storing layer's KV-cache group, whose compacted metadata they
+get. vLLM's own ``kv_sharing_fast_prefill`` (the reusing layers run on the logits' rows only) is
+refused on a server that drops inside the language model (``language.check_engine``).
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ from vllm.model_executor.models.gemma4_mm import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ....adapters.gemma4 import gemma4_geometry, image_grid, pooled_layer_scores
+from ....adapters.gemma4 import NOMINAL_SIDE, gemma4_geometry, image_grid, pooled_layer_scores
 from ....geometry import Geometry
 from ..common import DuetTowerMixin, Encoded
 from ..options import RefusedMethod
@@ -79,13 +90,15 @@ class DuetGemma4MultiModalProcessor(DuetProcessorMixin, Gemma4MultiModalProcesso
     DuetGemma4MultiModalProcessor, info=DuetGemma4ProcessingInfo, dummy_inputs=Gemma4DummyInputsBuilder
 )
 class DuetGemma4ForConditionalGeneration(DuetTowerMixin, Gemma4ForConditionalGeneration):
-    """vLLM's Gemma 4 with duet-vlm's vision-side reduction of images in ``embed_multimodal``."""
+    """vLLM's Gemma 4 with duet-vlm's reductions: images reduced in ``embed_multimodal``, and stages
+    that drop inside the language model."""
 
-    @property
-    def language_refusal(self) -> str:
-        """Why its language model is not dropped in (its layers' scheme says: each takes an input of its
-        own per token, the last ones read an earlier layer's keys and values)."""
-        return f"its decoder layers are ones the plugin's boundary does not handle yet: {self.language_scheme().not_served()}"
+    def language_geometry(self, feature=None) -> Geometry:
+        """An image's geometry from its patches' positions (a typical image's, 16 x 16 soft tokens, at
+        start); its decoder layers' scheme (``language.scheme.PerLayerInputLayers``) says what they take."""
+        if feature is None:
+            return gemma4_geometry(self.config, NOMINAL_SIDE, NOMINAL_SIDE)
+        return gemma4_geometry(self.config, *positions_grid(self.config, feature.data["pixel_position_ids"]))
 
     tower_types = ("gemma4_vision",)
     chooses_projected = True

@@ -53,6 +53,11 @@ def check_engine(vllm_config) -> None:
         problems.append("chunked prefill is on (--no-enable-chunked-prefill): a prompt that drops must run in one step")
     if not vllm_config.model_config.enforce_eager:
         problems.append("the model is compiled (--enforce-eager): a boundary changes the row count mid-forward")
+    if getattr(vllm_config.cache_config, "kv_sharing_fast_prefill", False):
+        # Gemma 3n's and Gemma 4's layers that reuse keys and values then run on the logits' rows only,
+        # a second forward of their own which the boundary's gather and scatter do not see
+        problems.append("KV-sharing fast prefill is on (--kv-sharing-fast-prefill: the layers that reuse keys and values "
+                        "run on the logits' rows only)")
     if vllm_config.speculative_config is not None:
         problems.append("speculative decoding is on")
     if parallel.pipeline_parallel_size > 1:

@@ -47,9 +47,6 @@ class LanguageStages:
     and the output scattered back to the step's rows."""
 
     def __init__(self, owner, scheme: DecoderScheme) -> None:
-        reason = scheme.not_served()
-        if reason is not None:
-            raise StageNotServed(f"duet-vlm's boundary does not drop in these decoder layers yet: {reason}")
         self.owner = owner  # the model the runner calls (its forward returns the decoder's output rows)
         self.scheme = scheme  # what each layer takes, which score and slide, how they compute queries and keys
         self.layers = scheme.layers
@@ -112,6 +109,7 @@ class LanguageStages:
 
     def _before_layer(self, index: int, signature: inspect.Signature):
         names = self.scheme.arguments  # (positions, hidden states, residual stream), as the layer names them
+        per_layer_input = self.scheme.per_layer_input  # an input of the layer's own per token (Gemma 4's)
 
         def hook(module, args, kwargs):
             state = self.state
@@ -133,6 +131,9 @@ class LanguageStages:
                 args = (self._renumbered(index, step, args[0]), *args[1:])
             for name, value in zip(names, args):
                 named[name] = value
+            own = named.get(per_layer_input) if per_layer_input is not None else None
+            if own is not None and state.index is not None:  # the decoder's loop hands it all the step's rows
+                named[per_layer_input] = own[state.index]
             return call.args, call.kwargs
 
         return hook

@@ -161,6 +161,8 @@ def dropped_specs(model, specs: dict) -> dict:
     edges = [*boundaries, len(names)]
     for first, end in zip(edges, edges[1:]):
         for layer in range(first, end):
-            if isinstance(specs[names[layer]], AttentionSpec):  # (a linear-attention layer's state is one per request)
+            # (a linear-attention layer's state is one per request; a layer that reads another's keys and
+            # values, Gemma 4's last ones, has no spec: vLLM puts it in the group of the layer it reads)
+            if isinstance(specs.get(names[layer]), AttentionSpec):
                 specs[names[layer]] = DroppedSpec.of(specs[names[layer]], first, end - 1)
     return specs

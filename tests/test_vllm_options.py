@@ -14,7 +14,8 @@ import pytest
 
 import duet_vlm
 from duet_vlm.geometry import Geometry
-from duet_vlm.integrations.vllm.options import KEYS, RefusedMethod, Settings, plan_for, strip, supported_methods
+from duet_vlm.integrations.vllm.options import KEYS, RefusedMethod, Settings, plan_for, strip
+from duet_vlm.integrations.vllm.served import supported_methods
 
 LLAVA = Geometry(32, 576, (24, 24), True, encoder_depth=24)
 NEXT = Geometry(32, 1728, (1, 1680), False, encoder_depth=24)

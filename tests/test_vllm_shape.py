@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from duet_vlm.integrations.vllm import options, plugin, refused, registry
+from duet_vlm.integrations.vllm import options, plugin, refused, registry, served
 from duet_vlm.integrations.vllm.language import checks, protocol, scheme, steps
 
 PACKAGE = Path(registry.__file__).parent
@@ -39,9 +39,9 @@ def test_every_list_of_served_families_is_the_registrys():
         options.check_supported(options.make("fastv", budget=64))
     message = str(refusal.value)
     assert registry.named(language=True) in message and all(name in message for name in language)
-    served = options.language_methods()
-    assert {"fastv", "duet", "pyramiddrop", "sparsevlm", "holitom", "dart", "vscan", "random_horizon"} == set(served)
-    assert ", ".join(served) in message
+    served_names = served.language_methods()
+    assert {"fastv", "duet", "pyramiddrop", "sparsevlm", "holitom", "dart", "vscan", "random_horizon"} == set(served_names)
+    assert ", ".join(served_names) in message
 
 
 def test_a_class_finds_its_family_through_its_bases():
@@ -175,7 +175,7 @@ def test_layers_of_another_kind_than_the_scheme_are_refused_by_name():
         scheme.NormedLayers(_decoder(normed=False), "qwen3")
     bare = _decoder()
     for layer in bare.layers:
-        layer.self_attn._project_qkv_gate = None  # (Qwen3.5's attention layers)
+        layer.self_attn._project_qkv_gate = nn.Identity()  # (Qwen3.5's attention layers)
     del bare.layers[1].self_attn
     with pytest.raises(checks.StageNotServed, match="decoder layer 1 .* neither softmax nor linear attention"):
         scheme.GatedLayers(bare, "qwen3_5_text")

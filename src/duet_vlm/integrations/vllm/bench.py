@@ -431,8 +431,6 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler's records are read in this process
     import vllm
 
-    from .serve import processor_options
-
     if args.memory:
         rows = [measure_memory(folder, None, {}, None, args.requests, args.kv_cache_bytes, lengths[0], args.block_size,
                                family)]

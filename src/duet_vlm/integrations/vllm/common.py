@@ -10,7 +10,8 @@ says how it encodes a batch (``encode``) and what an item is unreduced (``unredu
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from types import MappingProxyType
+from typing import Callable, Mapping
 
 import torch
 
@@ -73,6 +74,14 @@ class DuetModelMixin:
     family's embedding of each modality, and, on a family that serves them, what duet-vlm's runner
     asks about methods that drop inside the language model (``duet_language_plans``)."""
 
+    #: what an instance sets, here as before it does: the item fields of the batch being embedded
+    #: (``embed_multimodal``), the server's model config (``read_settings``), and on a server that drops
+    #: inside the language model its hooks and boundaries (``setup_language``)
+    _duet_items: Mapping = MappingProxyType({})
+    _duet_model_config = None
+    _duet_language = None
+    _duet_boundaries: tuple[int, ...] = ()
+
     def embed_multimodal(self, **kwargs: object):
         self._duet_items = {modality: ItemFields.take(kwargs, modality) for modality in PIXELS}
         try:
@@ -83,7 +92,7 @@ class DuetModelMixin:
     def reduced_fields(self, parsed, modality: str = "image") -> ItemFields | None:
         """The fields of a batch of ``modality`` (vLLM's parsed input) a method reduces; ``None``
         where vLLM embeds it (no method, no budgets, embeddings given)."""
-        fields = getattr(self, "_duet_items", {}).get(modality)
+        fields = self._duet_items.get(modality)
         if not self.duet.active or fields is None or fields.budgets is None or parsed["type"] != PIXELS[modality]:
             return None
         return fields
@@ -150,7 +159,7 @@ class DuetModelMixin:
         if drops:
             check_engine(vllm_config)
             self._duet_language = LanguageStages(self, self.language_scheme())
-            self._duet_boundaries = sorted(boundaries)
+            self._duet_boundaries = tuple(sorted(boundaries))
 
     @property
     def get_model_state_cls(self):
@@ -162,7 +171,7 @@ class DuetModelMixin:
             raise AttributeError("get_model_state_cls")
         from . import language
 
-        config = getattr(self, "_duet_model_config", None)
+        config = self._duet_model_config
         if config is not None and (config.is_hybrid or config.is_attention_free):
             raise language.StageNotServed(f"{type(self).__name__}: duet-vlm's Model Runner V2 state is vLLM's DefaultModelState; "
                                           "a hybrid or attention-free model needs its own")
@@ -171,12 +180,12 @@ class DuetModelMixin:
     def duet_language_stages(self):
         """The hooks that drop in the decoder layers (``language.LanguageStages``), to which the
         runner hands each step's plan; ``None`` on a server that drops nothing there."""
-        return getattr(self, "_duet_language", None)
+        return self._duet_language
 
-    def duet_boundaries(self) -> list[int]:
+    def duet_boundaries(self) -> tuple[int, ...]:
         """The decoder layers before which a method the server runs drops (at a typical item):
         where the KV-cache groups that hold the kept tokens only begin (``memory``)."""
-        return getattr(self, "_duet_boundaries", [])
+        return self._duet_boundaries
 
     def runs_are_items(self, modality: str) -> bool:
         """Whether each run of a ``modality`` item's embeddings in the prompt is an item of its own,

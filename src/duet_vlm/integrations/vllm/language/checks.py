@@ -5,7 +5,8 @@ plugin does not give them (``check_stage``, read from the stage's own ``Language
 from __future__ import annotations
 
 from ....plan import Plan
-from ..options import REFUSALS, SCHEDULER, SERVED_NEEDS, WORKER, WORKERS, RefusedMethod, language_methods
+from ..options import REFUSALS, SCHEDULER, WORKER, WORKERS, RefusedMethod
+from ..served import SERVED_NEEDS, language_methods
 
 
 class StageNotServed(RefusedMethod):

@@ -81,20 +81,25 @@ class LanguageStages:
     def _enter(self, module, args, kwargs):
         self.state = None
         step = self.pending
+        if step is None:
+            return
         positions = kwargs.get("positions")
-        if step is not None and isinstance(positions, torch.Tensor):
+        if isinstance(positions, torch.Tensor):
             rows = sum(count for _, count in step.rows)
             if positions.shape[-1] != rows:
                 raise RuntimeError(f"a step of {rows} tokens reached the model padded to {positions.shape[-1]} (CUDA "
                                    "graphs, data parallelism?); dropping inside the language model runs unpadded steps")
-        if step is not None and step.slots:
+        renumbers = step.renumbers()
+        if not (step.slots or step.drops or renumbers):
+            return
+        from vllm.forward_context import get_forward_context
+
+        context = get_forward_context()
+        if step.slots:
             # the compacted layers' slots, into the dictionary vLLM's attention reads its slots from
             # (either runner builds it before the forward, from one slot row per KV-cache group)
-            from vllm.forward_context import get_forward_context
-
-            get_forward_context().slot_mapping.update(step.slots)
-        renumbers = step is not None and step.renumbers()
-        if step is not None and (step.drops or renumbers):
+            context.slot_mapping.update(step.slots)
+        if step.drops or renumbers:
             # the step's input embeddings (SparseVLM's raters read them), and per request what a stage
             # computes once per prefill and reads at a later boundary (``LayerView.scratch``)
             self.state = StepState(step, renumbers, kwargs.get("inputs_embeds"))
@@ -102,9 +107,7 @@ class LanguageStages:
             # these hooks; every other step, the decoding of what dropped included (its layers' metadata
             # and slots reach the attention through the forward context), runs vLLM's compiled model
             # as traced, where the hooks find no state and do nothing (vLLM's per-call bypass)
-            from vllm.forward_context import get_forward_context
-
-            get_forward_context().skip_compiled = True
+            context.skip_compiled = True
 
     def _at_attention(self, index: int):
         def hook(module, args):

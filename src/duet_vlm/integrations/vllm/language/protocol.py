@@ -20,7 +20,7 @@ class DroppingModel(Protocol):
         """The hooks that drop in the decoder layers, to which the runner hands each step's plan
         (``LanguageStages.next_step``); ``None`` on a server that drops nothing there."""
 
-    def duet_boundaries(self) -> list[int]:
+    def duet_boundaries(self) -> tuple[int, ...]:
         """The decoder layers before which a method the server runs drops: where the KV-cache groups
         that hold the kept tokens only begin (``kv.dropped_specs``)."""
 

@@ -23,6 +23,12 @@ import torch
 from .checks import StageNotServed
 
 
+def missing(module, *names: str) -> list[str]:
+    """Of ``names``, those ``module`` has no module or value for: what a scheme's ``check`` reads of a
+    layer, in one place."""
+    return [name for name in names if getattr(module, name, None) is None]
+
+
 class DecoderScheme:
     """A vLLM language model's decoder layers (``text_model.layers``, its final ``norm``), whose
     attention projects queries, keys and values with one ``qkv_proj`` and rotates them with
@@ -93,10 +99,9 @@ class DecoderScheme:
             if attention is None:
                 raise StageNotServed(self.unknown(index, "has no softmax attention (self_attn.attn)"))
             attn = self.layers[index].self_attn
-            for needed in ("qkv_proj", "rotary_emb"):
-                if not hasattr(attn, needed):
-                    raise StageNotServed(self.unknown(index, f"has no {needed}"))
-            if getattr(attn, "q_norm", None) is not None:
+            if absent := missing(attn, "qkv_proj", "rotary_emb"):
+                raise StageNotServed(self.unknown(index, f"has no {absent[0]}"))
+            if not missing(attn, "q_norm"):
                 raise StageNotServed(self.unknown(index, "norms its queries and keys per head (q_norm)"))
 
     def unknown(self, index: int, what: str) -> str:
@@ -120,8 +125,8 @@ class NormedLayers(DecoderScheme):
 
     def check(self) -> None:
         for index in range(len(self)):
-            attn = getattr(self.layers[index], "self_attn", None)
-            if attn is None or getattr(attn, "q_norm", None) is None or getattr(attn, "k_norm", None) is None:
+            layer = self.layers[index]
+            if missing(layer, "self_attn") or missing(layer.self_attn, "q_norm", "k_norm"):
                 raise StageNotServed(self.unknown(index, "has no per-head norms (q_norm, k_norm)"))
 
 
@@ -142,9 +147,9 @@ class GatedLayers(DecoderScheme):
         for index in range(len(self)):
             layer = self.layers[index]
             if self.attention(index) is None:
-                if not hasattr(layer, "linear_attn"):
+                if missing(layer, "linear_attn"):
                     raise StageNotServed(self.unknown(index, "has neither softmax nor linear attention"))
-            elif not hasattr(layer.self_attn, "_project_qkv_gate"):
+            elif missing(layer.self_attn, "_project_qkv_gate"):
                 raise StageNotServed(self.unknown(index, "has no gated query projection (_project_qkv_gate)"))
 
 
@@ -159,13 +164,11 @@ class PerLayerInputLayers(NormedLayers):
     def check(self) -> None:
         shared = self.shares_kv()
         for index in range(len(self)):
-            attn = getattr(self.layers[index], "self_attn", None)
-            if attn is None or getattr(attn, "q_norm", None) is None:
+            layer = self.layers[index]
+            if missing(layer, "self_attn") or missing(layer.self_attn, "q_norm"):
                 raise StageNotServed(self.unknown(index, "has no per-head query norm (q_norm)"))
-            needed = ("q_proj",) if index in shared else ("qkv_proj", "k_norm")
-            for name in needed:
-                if getattr(attn, name, None) is None:
-                    raise StageNotServed(self.unknown(index, f"has no {name}"))
+            if absent := missing(layer.self_attn, *(("q_proj",) if index in shared else ("qkv_proj", "k_norm"))):
+                raise StageNotServed(self.unknown(index, f"has no {absent[0]}"))
 
 
 #: the language model's ``model_type`` -> its layers' scheme (``PlainLayers`` for any other).
@@ -180,5 +183,5 @@ SCHEMES: dict[str, type[DecoderScheme]] = {
 def scheme_for(text_config, text_model) -> DecoderScheme:
     """The scheme of a language model's decoder layers (``text_model``), chosen by its config's
     ``model_type`` (``SCHEMES``); layers that are not the kind it names are refused (``check``)."""
-    model_type = getattr(text_config, "model_type", "")
+    model_type = text_config.model_type
     return SCHEMES.get(model_type, PlainLayers)(text_model, model_type)

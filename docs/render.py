@@ -277,6 +277,9 @@ def render_vllm(root: Path, path: str) -> str:
             "TTFT p90 (s)", "peak RSS (GiB)", "requests/s vs unreduced", "TTFT vs unreduced", "load (before → after)"]
     if admitted:
         head[9:9] = ["requests admitted", "KV cache per request (MiB)"]
+    steps = any(row.get("step_ms_median") for row in rows)  # records before decoding steps were timed have none
+    if steps:
+        head[8:8] = ["decode step median (ms)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         ref = base.get((row["concurrency"], row["max_tokens"]))
@@ -290,8 +293,20 @@ def render_vllm(root: Path, path: str) -> str:
         ]
         if admitted:
             cells[9:9] = [str(row["admitted"]), f"{row['kv_mib_per_request']:.1f}"]
+        if steps:
+            cells[8:8] = [f"{row['step_ms_median']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    return header + "\n".join(lines) + "\n"
+    starts = {}  # each server's start, as its first row records it
+    for row in rows:
+        if row.get("startup_s"):
+            starts.setdefault(row["setting"], row)
+    footer = ""
+    if starts:
+        footer = "\nEach server's start (to its first healthy answer; of it, vLLM's engine start and the compiling of its " \
+                 "language model, from its log): " + "; ".join(
+                     f"{name} {row['startup_s']:.0f} s ({row['warmup_s']:.1f} s, compiling {row['compile_s']:.1f} s)"
+                     for name, row in starts.items()) + ".\n"
+    return header + "\n".join(lines) + "\n" + footer
 
 
 def render_vllm_memory(root: Path, path: str) -> str:

@@ -32,6 +32,7 @@ import io
 import json
 import os
 import platform
+import re
 import shlex
 import socket
 import statistics
@@ -119,6 +120,10 @@ class Row:
     kv_mib_per_request: float = 0.0  # the most of the KV pool in use per running request
     pool_mib: float = 0.0  # the KV pool (--kv-cache-memory-bytes)
     pool_blocks: int = 0  # its blocks, as vLLM counts them (a dropping server's groups hold smaller pages)
+    step_ms_median: float = 0.0  # a request's decoding step: (its time less its first token's) / (tokens - 1)
+    startup_s: float = 0.0  # the server's start, to its first healthy answer
+    warmup_s: float = 0.0  # vLLM's engine start (profile, KV cache, warm-up), as its log reports it
+    compile_s: float = 0.0  # of which compiling the language model (0: it ran eagerly)
 
 
 def free_port() -> int:
@@ -179,6 +184,7 @@ class Server:
             "--served-model-name", name, "--trust-request-mm-kwargs",
         ]
         self.log = open(log, "w")
+        started = time.monotonic()
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.peak = 0
         self.pool_blocks = 0
@@ -193,6 +199,8 @@ class Server:
             self.stop()
             raise
         self.peak = 0  # what serving takes, not loading
+        self.startup_s = time.monotonic() - started
+        self.warmup_s, self.compile_s = engine_start(Path(log).read_text())
         self.pool_blocks = int(float(self.metric("vllm:cache_config_info", "num_gpu_blocks") or 0))
 
     def metrics(self) -> str:
@@ -257,8 +265,24 @@ class Server:
         self.log.close()
 
 
-async def _one(client, url: str, budget: int | None, max_tokens: int) -> tuple[float, int]:
-    """One streaming chat request: (time to first token, output tokens)."""
+def engine_start(log: str) -> tuple[float, float]:
+    """vLLM's engine start in a server's ``log``: its seconds, and those it spent compiling the
+    language model (0.0 where it ran eagerly), as vLLM's engine core reports them.
+
+    >>> engine_start("init engine (profile, create kv cache, warmup model) took 41.27 s (compilation: 30.02 s)")
+    (41.27, 30.02)
+    >>> engine_start("init engine (profile, create kv cache, warmup model) took 9.50 s")
+    (9.5, 0.0)
+    """
+    found = re.search(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"
+                      r"(?: \(compilation: ([\d.]+) s)?", log)
+    if found is None:
+        raise RuntimeError("the server's log does not say how long its engine took to start")
+    return float(found.group(1)), float(found.group(2) or 0.0)
+
+
+async def _one(client, url: str, budget: int | None, max_tokens: int) -> tuple[float, int, float]:
+    """One streaming chat request: (time to first token, output tokens, its whole time)."""
     extra = {"min_tokens": max_tokens, "ignore_eos": True}
     if budget is not None:
         extra["mm_processor_kwargs"] = {"duet_budget": budget}
@@ -276,7 +300,8 @@ async def _one(client, url: str, budget: int | None, max_tokens: int) -> tuple[f
             first = time.perf_counter() - start
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
-    return (first if first is not None else time.perf_counter() - start), tokens
+    total = time.perf_counter() - start
+    return (first if first is not None else total), tokens, total
 
 
 async def _run(port: int, urls: list[str], budget: int | None, concurrency: int, max_tokens: int, timeout: float):
@@ -312,6 +337,7 @@ def measure(server: Server, setting: str, method, budget, visual_tokens, concurr
     load_after = os.getloadavg()[0]
     admitted, per_request = server.admitted()
     ttfts = sorted(r[0] for r in results)
+    steps = [(total - first) / (tokens - 1) for first, tokens, total in results if tokens > 1]
     tokens = sum(r[1] for r in results)
     return Row(
         setting, method, budget, visual_tokens, concurrency, max_tokens, requests, tokens, round(seconds, 3),
@@ -319,6 +345,8 @@ def measure(server: Server, setting: str, method, budget, visual_tokens, concurr
         round(ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))], 3), round(server.peak / 2**30, 3),
         round(load_before, 2), round(load_after, 2), admitted, round(per_request / 2**20, 2),
         round(server.pool_bytes / 2**20, 1), server.pool_blocks,
+        round(1000 * statistics.median(steps), 2) if steps else 0.0, round(server.startup_s, 1), server.warmup_s,
+        server.compile_s,
     )
 
 
@@ -334,61 +362,6 @@ def method_spec(text: str) -> tuple[str, dict]:
 
 def method_label(name: str, options: dict) -> str:
     return name + (" (" + ", ".join(f"{key}={json.dumps(value)}" for key, value in options.items()) + ")" if options else "")
-
-
-@dataclass
-class MemoryRow:
-    setting: str
-    budget: int | None
-    groups: int  # KV-cache groups
-    layers_per_group: int
-    blocks_per_request: list[int]  # per group, the most a request held
-    kv_bytes_per_request: int
-    pool_blocks: int  # the pool's blocks (vLLM's null block not counted)
-    block_size: int
-    requests: int
-    admitted: int  # the most requests running at once
-
-
-def measure_memory(folder: Path, method: str | None, options: dict, budget: int | None, requests: int,
-                   kv_cache_bytes: int, max_tokens: int, block_size: int, family: Family | None = None) -> MemoryRow:
-    """``requests`` image requests at once to an engine in this process at ``kv_cache_bytes`` of KV
-    cache in blocks of ``block_size`` tokens (1,024 tokens a sequence): each KV-cache group's blocks
-    per request and the most requests running at once, as the plugin's scheduler records them
-    (``memory.STATS``)."""
-    from vllm import LLM, SamplingParams
-
-    from . import memory
-    from .options import LANGUAGE_SETTINGS
-
-    server = {} if method is None else {"duet_method": method, "duet_budget": budget,
-                                        **({"duet_options": json.dumps(options)} if options else {})}
-    # every row with duet-vlm's scheduler (vLLM's own where nothing drops: it records what each group holds)
-    # and every prompt in one step
-    settings = {**LANGUAGE_SETTINGS} if method is not None else {
-        key: LANGUAGE_SETTINGS[key] for key in ("scheduler_cls", "enable_chunked_prefill", "enable_prefix_caching",
-                                                "compilation_config")}
-    family = family or FAMILIES["llava"]
-    prompt = family.prompt
-    memory.STATS = {}
-    llm = None
-    try:
-        llm = LLM(model=str(folder), dtype="float32", seed=0, mm_processor_kwargs=server or None,
-                  kv_cache_memory_bytes=kv_cache_bytes, block_size=block_size, max_model_len=1024,
-                  max_num_seqs=requests, max_num_batched_tokens=requests * 1024, limit_mm_per_prompt={"image": 1, "video": 0}, **settings)
-        params = SamplingParams(temperature=0, max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True)
-        llm.generate([{"prompt": prompt, "multi_modal_data": {"image": picture(200 + i, family.image)}} for i in range(requests)],
-                     params, use_tqdm=False)
-        stats = dict(memory.STATS)
-    finally:
-        memory.STATS = None
-        llm = None
-    held = [max(blocks[group] for blocks in stats["blocks"].values()) for group in range(len(stats["groups"]))]
-    layers = len(stats["groups"][0])
-    return MemoryRow(
-        method_label(method or "unreduced", options), budget, len(stats["groups"]), layers, held,
-        sum(held) * layers * stats["page_bytes"], stats["pool"], stats["block_size"], requests, stats["running"],
-    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -409,8 +382,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", default="16,96", help="output tokens per request, comma-separated")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the server's OMP_NUM_THREADS")
     parser.add_argument("--startup-s", type=float, default=600)
-    parser.add_argument("--eager", action="store_true", help="also serve each method with --enforce-eager (every step "
-                        "eager: how a server that drops inside the language model ran before its decoding was compiled)")
+    parser.add_argument("--eager", nargs="*", metavar="METHOD",
+                        help="also serve these of --methods, named as there (none named: every one), with --enforce-eager (every step "
+                             "eager: how a server that drops inside the language model ran before its decoding was "
+                             "compiled)")
     parser.add_argument("--transformers-backend", action="store_true",
                         help="also serve the model through vLLM's Transformers modeling backend "
                              "(--model-impl transformers), the other route to every family: unreduced, and reduced "
@@ -426,19 +401,24 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="duet-vllm-bench-"))
     family = FAMILIES[args.family]
     folder = write_model(args.family, work / "model")
-    methods = [method_spec(text) for text in args.methods] if args.methods else [(args.method, {})]
+    texts = args.methods or [args.method]
+    methods = [method_spec(text) for text in texts]
     if args.memory:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler's records are read in this process
     import vllm
 
+    from .bench_memory import measure_memory
+
     if args.memory:
-        rows = [measure_memory(folder, None, {}, None, args.requests, args.kv_cache_bytes, lengths[0], args.block_size,
-                               family)]
+        prompts = [{"prompt": family.prompt, "multi_modal_data": {"image": picture(200 + i, family.image)}}
+                   for i in range(args.requests)]
+        rows = [measure_memory(folder, "unreduced", None, {}, None, prompts, args.kv_cache_bytes, lengths[0],
+                               args.block_size)]
         print(json.dumps(asdict(rows[0])), flush=True)
         for method, options in methods:
             for budget in budgets:
-                rows.append(measure_memory(folder, method, options, budget, args.requests, args.kv_cache_bytes, lengths[0],
-                                           args.block_size, family))
+                rows.append(measure_memory(folder, method_label(method, options), method, options, budget, prompts,
+                                           args.kv_cache_bytes, lengths[0], args.block_size))
                 print(json.dumps(asdict(rows[-1])), flush=True)
         write_record(args, argv, rows, lengths, vllm.__version__, family,
                      {"kv_cache_bytes": args.kv_cache_bytes, "block_size": args.block_size, "max_model_len": 1024})
@@ -448,9 +428,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = [("vLLM, unreduced", None, {}, [None], ())]
     if args.transformers_backend:
         settings.append(("vLLM Transformers backend, unreduced", None, {}, [None], ("--model-impl", "transformers")))
-    for method, options in methods:
+    for text, (method, options) in zip(texts, methods):
         settings.append((f"plugin, {method_label(method, options)}", method, options, budgets, ()))
-        if args.eager:
+        if args.eager is not None and (not args.eager or text in args.eager):
             settings.append((f"plugin, {method_label(method, options)}, eager", method, options, budgets, ("--enforce-eager",)))
     if args.transformers_backend:
         settings.append((f"Transformers backend prototype, {args.method}", args.method, {}, budgets,

@@ -122,7 +122,7 @@ def saved_qwen(request, tmp_path_factory):
 @contextmanager
 def engine(folder, options: dict | None, dtype: str = "float32", **settings):
     """vLLM's offline engine on ``folder`` with the server-wide processor options ``options`` (and
-    more of ``LLM``'s settings)."""
+    more of ``LLM``'s settings; eager unless ``enforce_eager=False``)."""
     llm = None
     try:
         llm = LLM(
@@ -684,34 +684,27 @@ def test_qwen_language_stages_served_equal_the_hugging_face_path(saved_qwen_deep
     check_language_equals_hf(saved_qwen_deep, method, budget, [image(13, (392, 336)), image(14, (280, 336))])
 
 
-@pytest.mark.parametrize("method,budget", [("fastv", 80), ("duet", 50)])
-def test_a_compiled_server_drops_as_transformers_and_decodes_compiled(saved_qwen_deep, method, budget):
-    """A server that drops inside the language model started without ``--enforce-eager`` (#77 item 2,
-    its decoding half): vLLM's default compilation on the CPU backend (no CUDA graphs there). The steps
-    whose prompts drop run the decoder eagerly with the hooks (vLLM's per-call bypass); every other
-    step runs vLLM's compiled graph, the decoding of the kept tokens included (each compacted layer's
-    metadata and slots reach its attention through the forward context). The same kept tokens, blocks,
-    tokens and log-probabilities as the Hugging Face path, and the eager steps are the prefills only."""
-    calls = []
-    pictures = [image(13, (392, 336)), image(14, (280, 336))]
-    check_language_equals_hf(saved_qwen_deep, method, budget, pictures, eager_calls=calls, enforce_eager=False)
-    assert len(calls) >= NEW_TOKENS and 1 <= sum(calls) <= len(pictures), calls
-    assert not any(calls[sum(calls):]), calls  # every decoding step compiled
+def test_no_request_makes_a_compiled_dropping_server_compile(saved_qwen_deep):
+    """A compiled server under DUET whose requests choose their budgets: after the first batch, a
+    client varying its budget (a batch of one, then three at once, one dropping nothing) on images of
+    other sizes makes vLLM compile nothing more (its compilation counter, every field, and Dynamo's
+    frames) and takes no eager step: the graph's sizes are symbolic, the rows a boundary keeps an
+    unbacked size of its own (``language.ops``), and no guard is checked per call."""
+    from torch._dynamo.utils import counters
+    from vllm.compilation.counter import compilation_counter
 
-
-@pytest.mark.parametrize("method,budget,eager", [("fastv", 160, False), ("duet", 200, True)])
-def test_a_compiled_server_decodes_eagerly_only_where_positions_are_renumbered(saved_llava_deep, method, budget, eager):
-    """LLaVA-1.5 compiled: FastV keeps the kept tokens' own positions (its official code's), so its
-    decoding steps run compiled; DUET numbers them again from the first after a boundary (positions
-    "contiguous", the 1-D RoPE default), so a decoding step's positions differ between the layers
-    before and after it, and every such step runs the decoder eagerly, with the hooks. Both answer as
-    transformers."""
-    calls = []
-    check_language_equals_hf(saved_llava_deep, method, budget, [image(1), image(2)], eager_calls=calls,
-                             enforce_eager=False)
-    prefills = sum(calls[:2])
-    assert len(calls) >= NEW_TOKENS and 1 <= prefills and all(calls[:prefills]), calls
-    assert all(step is eager for step in calls[prefills:]), calls
+    folder, model, processor = saved_qwen_deep
+    with engine(folder, {"duet_method": "duet", "duet_budget": 50}, **LANGUAGE, enforce_eager=False) as llm:
+        vllm_run(llm, processor, [image(13, (392, 336))], [{"duet_budget": 50}])
+        before, frames = compilation_counter.clone(), dict(counters["frames"])
+        assert before.num_models_seen >= 1  # vLLM compiled the model in this process: its counter counts here
+        calls = []
+        with counting_eager(llm, calls):
+            vllm_run(llm, processor, [image(15, (280, 336))], [{"duet_budget": 30}])
+            vllm_run(llm, processor, [image(16, (336, 280)), image(17, (392, 392)), image(18, (224, 336))],
+                     [{"duet_budget": 70}, {"duet_budget": 1000}, {"duet_budget": 20}])
+    assert compilation_counter == before and dict(counters["frames"]) == frames, (compilation_counter, before)
+    assert len(calls) >= 2 * NEW_TOKENS and not any(calls), calls
 
 
 @pytest.fixture(scope="module", params=["llava_next", "llava_onevision"])
@@ -781,8 +774,11 @@ def saved_qwen3_vl_deep(tmp_path_factory):
 def test_qwen3_vl_language_stages_served_equal_the_hugging_face_path(saved_qwen3_vl_deep, method, budget):
     """The same on Qwen3-VL: its per-head q/k norms in the scores PyramidDrop and DUET read, and its
     DeepStack rows added to the rows the layers hold (SparseVLM's first boundary, before layer 1,
-    comes before the last layer that adds them)."""
-    check_language_equals_hf(saved_qwen3_vl_deep, method, budget, [image(13, (392, 336)), image(14, (280, 336))])
+    comes before the last layer that adds them). A compiled graph gathers at boundaries after those
+    layers only (``rows_fixed_before``): SparseVLM's prefills, whose first boundary comes before layer
+    1, run eagerly; FastV's, PyramidDrop's and DUET's compiled."""
+    check_language_equals_hf(saved_qwen3_vl_deep, method, budget, [image(13, (392, 336)), image(14, (280, 336))],
+                             eager_prefills=method == "sparsevlm")
 
 
 @pytest.mark.parametrize("method,budget", [("fastv", 20), ("duet", 16)])
@@ -889,19 +885,28 @@ def vision_stages(pictures, dropping=None) -> list:
     return laid
 
 
-def check_language_equals_hf(saved, method: str, budget: int, pictures, eager_calls: list | None = None,
+def check_language_equals_hf(saved, method: str, budget: int, pictures, eager_prefills: bool = False,
                              **settings) -> None:
     """A server dropping inside the language model by ``method`` at ``budget`` against the Hugging
     Face path, picture by picture: kept ids at every boundary, tokens, log-probabilities, prompt
     length; a vision stage's choice on identical inputs (``hf_language_reference``). ``settings``:
-    the engine's, beside ``LANGUAGE``. ``eager_calls``: where a list, it gets, for each call of the
-    language model's decoder while the pictures are served, whether it ran eagerly (``counting_eager``)."""
+    the engine's, beside ``LANGUAGE``.
+
+    The server runs compiled, as the serve command starts it (#77 item 2), unless ``settings`` say
+    ``enforce_eager``: every step runs vLLM's compiled graph, the prefills that drop included (the
+    hooks, traced at warm-up, put the plugin's operators into it, ``language.ops``, which record a
+    scoring layer's queries and keys, gather the kept rows at each boundary and hand every later
+    layer its rows' positions, renumbered where the plan says so), so no step's decoder runs eagerly
+    (``counting_eager``); with ``eager_prefills``, a prefill that drops at a boundary the graph does not
+    run runs it eagerly (vLLM's per-call bypass), and the decoding steps still compiled."""
     from unittest import mock
 
     from duet_vlm.integrations.vllm import memory
 
     folder, model, processor = saved
     reducer = duet_vlm.make(method, budget=budget)
+    settings.setdefault("enforce_eager", False)  # compiled, as the serve command starts a server
+    eager_calls = None if settings["enforce_eager"] else []
     drops = []  # what the scheduler learns each request drops in each layer
     known = memory.request_drops
     memory.STATS = {}
@@ -922,6 +927,10 @@ def check_language_equals_hf(saved, method: str, budget: int, pictures, eager_ca
         assert_same_drops(hf_kept, vllm_kept)
         assert_same(reference, result, None, processor)  # (Gemma 4: up to a generated placeholder)
         check_blocks(reducer.stats.items[0].tokens_per_layer, result[2], drops[i], groups, blocks[i], stats["block_sizes"])
+    if eager_calls is not None:
+        prefills = sum(eager_calls) if eager_prefills else 0  # (a step's prefills come before its decoding)
+        assert len(eager_calls) >= NEW_TOKENS and (1 <= prefills <= len(pictures) or not eager_prefills), eager_calls
+        assert all(eager_calls[:prefills]) and not any(eager_calls[prefills:]), eager_calls
 
 
 @contextmanager
@@ -1849,7 +1858,8 @@ def test_qwen3_5_language_stages_served_equal_the_hugging_face_path_in_bfloat16(
     pictures = [image(13, (392, 336)), image(14, (280, 336))]
     reducer = duet_vlm.make(method, budget=budget)
     with scored() as served_scores:
-        with engine(folder, {"duet_method": method, "duet_budget": budget}, dtype="bfloat16", **LANGUAGE) as llm:
+        with engine(folder, {"duet_method": method, "duet_budget": budget}, dtype="bfloat16", enforce_eager=False,
+                    **LANGUAGE) as llm:
             (results, _), trace = traced(lambda: vllm_run(llm, processor, pictures, top=8))
             firsts, stages = vllm_run.first, vision_stages(pictures)
             count = len(served_scores)

@@ -160,6 +160,8 @@ class DuetModelMixin:
             check_engine(vllm_config)
             self._duet_language = LanguageStages(self, self.language_scheme())
             self._duet_boundaries = tuple(sorted(boundaries))
+            # where vLLM compiles the decoder, its graph runs these boundaries (``LanguageStages.trace``)
+            self._duet_language.trace(self._duet_boundaries, self.rows_fixed_before())
 
     @property
     def get_model_state_cls(self):
@@ -176,6 +178,11 @@ class DuetModelMixin:
             raise language.StageNotServed(f"{type(self).__name__}: duet-vlm's Model Runner V2 state is vLLM's DefaultModelState; "
                                           "a hybrid or attention-free model needs its own")
         return lambda: language.DuetModelState
+
+    def rows_fixed_before(self) -> int:
+        """The first decoder layer whose output may hold fewer rows than the step: the decoder's own
+        loop adds rows of the step to the layers before it (none here)."""
+        return 0
 
     def duet_language_stages(self):
         """The hooks that drop in the decoder layers (``language.LanguageStages``), to which the

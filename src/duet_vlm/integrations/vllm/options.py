@@ -63,7 +63,7 @@ SCHEDULER = "duet_vlm.integrations.vllm.memory.DuetScheduler"
 REFUSALS = "duet_vlm.integrations.vllm.refusals:RefusePromptLogprobs"
 #: vLLM's engine settings (``EngineArgs``' names) such a server runs with (``language.check_engine``):
 #: duet-vlm's worker, scheduler and refusals, every prompt in one step, no prefix cache, no CUDA graphs
-#: (the model compiled: a step that drops runs it eagerly, the others compiled), and no multimodal
+#: (the model compiled, the drops run by the plugin's operators in its graph), and no multimodal
 #: processor cache (``--mm-processor-cache-gb 0``): vLLM 0.32 checks a request's parameters
 #: after its images were processed, and a request refused there leaves its images in the front end's
 #: cache but not in the engine's, so the next request with the same image failed (a 500).

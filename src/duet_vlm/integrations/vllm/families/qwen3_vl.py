@@ -97,6 +97,11 @@ class DuetQwen3VLForConditionalGeneration(DuetQwenVLMixin, Qwen3VLForConditional
     def main_width(self) -> int:
         return self.visual_dim
 
+    def rows_fixed_before(self) -> int:
+        """The decoder's loop adds the step's DeepStack rows to the output of its first layers, one
+        a level: a compiled graph gathers at boundaries after them only (``LanguageStages.trace``)."""
+        return self.deepstack_num_level if self.use_deepstack else 0
+
 
 @MULTIMODAL_REGISTRY.register_processor(
     DuetQwen3VLMultiModalProcessor, info=DuetQwen3_5ProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder

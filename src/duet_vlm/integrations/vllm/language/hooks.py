@@ -9,6 +9,7 @@ import inspect
 
 import torch
 
+from . import ops
 from ....adapters.scheme import visual_attention
 from ....plan import LayerView, Selection
 from ....runtime.boundary import drops_all
@@ -54,6 +55,9 @@ class LanguageStages:
         self.handles = []
         self.pending: StepPlan | None = None  # the next forward's step (``next_step``)
         self.state: StepState | None = None  # the running forward's, where it drops or renumbers
+        self.traced: frozenset[int] = frozenset()  # the boundaries a compiled graph gathers at (``trace``)
+        self.first_traced = len(self.layers)  # the first layer whose hooks put operators in that graph
+        ops.install(self)
         for index, layer in enumerate(self.layers):
             self.handles.append(layer.register_forward_pre_hook(self._before_layer(index, inspect.signature(layer.forward)),
                                                                 with_kwargs=True))
@@ -68,6 +72,44 @@ class LanguageStages:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+        ops.uninstall(self)
+
+    def trace(self, boundaries, rows_fixed_before: int = 0) -> None:
+        """Where vLLM compiles the decoder (set before its warm-up traces it): the boundaries at which
+        its graph gathers the kept rows (``ops``), those of ``boundaries`` (the server's methods') at
+        or after layer ``rows_fixed_before``, before which the decoder's own loop adds rows to the
+        layers' output (Qwen3-VL's DeepStack rows, added to the step's rows whatever a hook held). A
+        step that drops or renumbers at these boundaries only runs the compiled graph; any other
+        runs the decoder eagerly (vLLM's per-call bypass)."""
+        self.traced = frozenset(layer for layer in boundaries if layer >= max(rows_fixed_before, 1))
+        self.first_traced = min(self.traced) - 1 if self.traced else len(self.layers)
+
+    def compiled_step(self, step: StepPlan) -> bool:
+        """Whether the compiled graph's operators run ``step``'s drops and renumbering: all its boundaries traced."""
+        layers = set(step.boundaries)
+        for index, (plan, computed) in enumerate(step.batch):
+            if plan is not None and plan.contiguous and (index in step.drops or computed >= plan.prompt):
+                layers.update(plan.boundaries())
+        return bool(self.traced) and layers <= self.traced
+
+    def layer_inputs(self, index: int, positions, hidden, residual, own):
+        """What the hooks hand decoder layer ``index`` at a step (``ops.layer``): its positions, hidden
+        states, residual stream and per-layer input, the held rows' after a boundary."""
+        state = self.state
+        if state is None:
+            return positions, hidden, residual, own
+        positions, hidden, residual = self._layer_args(index, state, (positions, hidden, residual))[:3]
+        if state.inputs.get(index) is hidden:  # (an operator's input is the graph's to reuse)
+            state.inputs[index] = hidden.clone()
+        if own is not None and state.index is not None:
+            own = own[state.index]
+        return positions, hidden, residual, own
+
+    def attention_inputs(self, index: int, query, key) -> None:
+        """Layer ``index``'s rotated queries and keys at a step (``ops.attention``), kept where a boundary reads them."""
+        state = self.state
+        if state is not None and index + 1 in state.step.boundaries:
+            state.captured[index] = (query.clone(), key.clone())
 
     def next_step(self, step: StepPlan | None) -> None:
         """The runner's plan of the step its next forward runs (``None``: nothing drops in it)."""
@@ -103,14 +145,19 @@ class LanguageStages:
             # the step's input embeddings (SparseVLM's raters read them), and per request what a stage
             # computes once per prefill and reads at a later boundary (``LayerView.scratch``)
             self.state = StepState(step, renumbers, kwargs.get("inputs_embeds"))
-            # a step whose row count or positions change between layers runs the decoder eagerly, with
-            # these hooks; every other step, the decoding of what dropped included (its layers' metadata
-            # and slots reach the attention through the forward context), runs vLLM's compiled model
-            # as traced, where the hooks find no state and do nothing (vLLM's per-call bypass)
-            context.skip_compiled = True
+            # a step whose row count or positions change between layers runs vLLM's compiled model
+            # where its graph's operators run its boundaries (``trace``), the decoder eagerly with these
+            # hooks otherwise (vLLM's per-call bypass); in every step, the decoding of what dropped
+            # included, each compacted layer's metadata and slots reach its attention through the
+            # forward context
+            context.skip_compiled = not self.compiled_step(step)
 
     def _at_attention(self, index: int):
         def hook(module, args):
+            if torch.compiler.is_compiling():  # traced at warm-up: the operator records them at each step
+                if index + 1 not in self.traced:
+                    return None
+                return (*torch.ops.duet_vlm.attention(index, args[0], args[1]), *args[2:])
             state = self.state
             if state is not None and index + 1 in state.step.boundaries:
                 state.captured[index] = (args[0], args[1])  # this layer's rotated queries and keys
@@ -120,25 +167,33 @@ class LanguageStages:
     def _before_layer(self, index: int, signature: inspect.Signature):
         names = self.scheme.arguments  # (positions, hidden states, residual stream), as the layer names them
         per_layer_input = self.scheme.per_layer_input  # an input of the layer's own per token (Gemma 4's)
+        order = list(signature.parameters)
+
+        def traced(args, kwargs):  # at warm-up, where vLLM traces the decoder: the operator, run at each step
+            if index < self.first_traced:
+                return None
+            named = dict(zip(order, args))
+            named.update(kwargs)
+            residual, own = named[names[2]], named.get(per_layer_input) if per_layer_input is not None else None
+            out = torch.ops.duet_vlm.layer(index, index in self.traced, named[names[0]], named[names[1]], residual, own)
+            named.update(zip(names, out[:2]))
+            if residual is not None:
+                named[names[2]] = out[2]
+            if own is not None:
+                named[per_layer_input] = out[3]
+            return (), named
 
         def hook(module, args, kwargs):
+            if torch.compiler.is_compiling():
+                return traced(args, kwargs)
             state = self.state
             if state is None:
                 return None
-            step = state.step
             # the layer's positions, hidden states and residual stream, by name: a decoder's loop may
             # pass them in order (most families) or by keyword (Qwen3.5's)
             call = signature.bind(*args, **kwargs)
             named = call.arguments
-            args = tuple(named[name] for name in names)
-            if index + 1 in step.boundaries:  # its input, as the Hugging Face path's residual stream
-                state.inputs[index] = stream(args[1], args[2])
-            if state.positions is not None:  # the decoder's loop hands every layer all the step's positions
-                args = (state.positions, *args[1:])
-            if index in step.boundaries:
-                args = self._boundary(index, step, args)
-            if state.renumbers:
-                args = (self._renumbered(index, step, args[0]), *args[1:])
+            args = self._layer_args(index, state, tuple(named[name] for name in names))
             for name, value in zip(names, args):
                 named[name] = value
             own = named.get(per_layer_input) if per_layer_input is not None else None
@@ -147,6 +202,21 @@ class LanguageStages:
             return call.args, call.kwargs
 
         return hook
+
+    def _layer_args(self, index: int, state: StepState, args: tuple) -> tuple:
+        """Layer ``index``'s (positions, hidden states, residual stream) as the hooks hand them on:
+        its input recorded where the next layer is a boundary, the held rows' positions after one,
+        the kept rows at one, and the positions renumbered where a request's plan does."""
+        step = state.step
+        if index + 1 in step.boundaries:  # its input, as the Hugging Face path's residual stream
+            state.inputs[index] = stream(args[1], args[2])
+        if state.positions is not None:  # the decoder's loop hands every layer all the step's positions
+            args = (state.positions, *args[1:])
+        if index in step.boundaries:
+            args = self._boundary(index, step, args)
+        if state.renumbers:
+            args = (self._renumbered(index, step, args[0]), *args[1:])
+        return args
 
     def _boundary(self, index: int, step: StepPlan, args):
         positions, hidden, residual = args[0], args[1], args[2]

@@ -1,0 +1,71 @@
+"""The drops as operators of vLLM's compiled graph. Where vLLM compiles the language model, it
+traces the decoder once, at warm-up, no step running, the layers' hooks with it: each hook then
+puts one of these custom operators into the graph (``duet_vlm::layer`` before a decoder layer,
+``duet_vlm::attention`` before its attention). The compiler treats them as opaque; run at each step,
+they do what the hooks do eagerly (``LanguageStages.layer_inputs`` and ``attention_inputs``): record
+a scoring layer's queries and keys and its input, gather the kept rows at a boundary, hand every
+layer after one the held rows' positions (and Gemma 4's per-layer inputs). A boundary's row count is
+an unbacked size of the graph, so one graph serves every step whatever each request keeps, and no
+request makes the server compile."""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+#: the hooks of the language model this process serves (``LanguageStages``, the last installed; a
+#: weak reference, so that a model let go is not kept by it)
+_ACTIVE: weakref.ref | None = None
+
+
+def install(stages) -> None:
+    global _ACTIVE
+    _ACTIVE = weakref.ref(stages)
+
+
+def uninstall(stages) -> None:
+    global _ACTIVE
+    if _ACTIVE is not None and _ACTIVE() is stages:
+        _ACTIVE = None
+
+
+def _active():
+    stages = _ACTIVE() if _ACTIVE is not None else None
+    if stages is None:
+        raise RuntimeError("a duet_vlm operator ran with no language model's hooks installed in this process")
+    return stages
+
+
+@torch.library.custom_op("duet_vlm::layer", mutates_args=())
+def layer(index: int, gathers: bool, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+          own: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decoder layer ``index``'s positions, hidden states, residual stream and per-layer input as
+    its hooks hand them on (``gathers``: a boundary may keep fewer rows here). An absent input comes
+    back empty; an operator's outputs are new tensors, never its inputs."""
+    given = (positions, hidden, residual, own)
+    out = _active().layer_inputs(index, positions, hidden, residual, own)
+    return tuple(hidden.new_empty(0) if value is None else value.clone() if value is old else value
+                 for value, old in zip(out, given))
+
+
+@layer.register_fake
+def _(index, gathers, positions, hidden, residual, own):
+    # a boundary keeps at least one row: a prompt's last token is never dropped (some layers, Qwen3.5's
+    # Gated-DeltaNet reshaping by -1 among them, cannot be traced on a row count that may be 0)
+    rows = torch.library.get_ctx().new_dynamic_size(min=1) if gathers else hidden.shape[0]
+    return (positions.new_empty((*positions.shape[:-1], rows)), hidden.new_empty((rows, *hidden.shape[1:])),
+            hidden.new_empty(0) if residual is None else residual.new_empty((rows, *residual.shape[1:])),
+            hidden.new_empty(0) if own is None else own.new_empty((rows, *own.shape[1:])))
+
+
+@torch.library.custom_op("duet_vlm::attention", mutates_args=())
+def attention(index: int, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``index``'s rotated queries and keys, recorded where a boundary reads them."""
+    _active().attention_inputs(index, query, key)
+    return query.clone(), key.clone()
+
+
+@attention.register_fake
+def _(index, query, key):
+    return torch.empty_like(query), torch.empty_like(key)

@@ -86,10 +86,7 @@ class LanguageStages:
 
     def compiled_step(self, step: StepPlan) -> bool:
         """Whether the compiled graph's operators run ``step``'s drops and renumbering: all its boundaries traced."""
-        layers = set(step.boundaries)
-        for index, (plan, computed) in enumerate(step.batch):
-            if plan is not None and plan.contiguous and (index in step.drops or computed >= plan.prompt):
-                layers.update(plan.boundaries())
+        layers = set(step.boundaries).union(*(plan.boundaries() for plan in step.renumbering()))
         return bool(self.traced) and layers <= self.traced
 
     def layer_inputs(self, index: int, positions, hidden, residual, own):
@@ -98,18 +95,17 @@ class LanguageStages:
         state = self.state
         if state is None:
             return positions, hidden, residual, own
-        positions, hidden, residual = self._layer_args(index, state, (positions, hidden, residual))[:3]
+        out = self._layer_args(index, state, (positions, hidden, residual), own)
         if state.inputs.get(index) is hidden:  # (an operator's input is the graph's to reuse)
             state.inputs[index] = hidden.clone()
-        if own is not None and state.index is not None:
-            own = own[state.index]
-        return positions, hidden, residual, own
+        return out
 
-    def attention_inputs(self, index: int, query, key) -> None:
-        """Layer ``index``'s rotated queries and keys at a step (``ops.attention``), kept where a boundary reads them."""
+    def attention_inputs(self, index: int, query, key, copy: bool = False) -> None:
+        """Layer ``index``'s rotated queries and keys at a step, kept where a boundary reads them
+        (``copy``: copies, for ``ops.attention``, whose inputs are the graph's to reuse)."""
         state = self.state
         if state is not None and index + 1 in state.step.boundaries:
-            state.captured[index] = (query.clone(), key.clone())
+            state.captured[index] = (query.clone(), key.clone()) if copy else (query, key)
 
     def next_step(self, step: StepPlan | None) -> None:
         """The runner's plan of the step its next forward runs (``None``: nothing drops in it)."""
@@ -158,9 +154,7 @@ class LanguageStages:
                 if index + 1 not in self.traced:
                     return None
                 return (*torch.ops.duet_vlm.attention(index, args[0], args[1]), *args[2:])
-            state = self.state
-            if state is not None and index + 1 in state.step.boundaries:
-                state.captured[index] = (args[0], args[1])  # this layer's rotated queries and keys
+            self.attention_inputs(index, args[0], args[1])  # this layer's rotated queries and keys
 
         return hook
 
@@ -193,20 +187,22 @@ class LanguageStages:
             # pass them in order (most families) or by keyword (Qwen3.5's)
             call = signature.bind(*args, **kwargs)
             named = call.arguments
-            args = self._layer_args(index, state, tuple(named[name] for name in names))
+            own = named.get(per_layer_input) if per_layer_input is not None else None
+            *args, own = self._layer_args(index, state, tuple(named[name] for name in names), own)
             for name, value in zip(names, args):
                 named[name] = value
-            own = named.get(per_layer_input) if per_layer_input is not None else None
-            if own is not None and state.index is not None:  # the decoder's loop hands it all the step's rows
-                named[per_layer_input] = own[state.index]
+            if own is not None:
+                named[per_layer_input] = own
             return call.args, call.kwargs
 
         return hook
 
-    def _layer_args(self, index: int, state: StepState, args: tuple) -> tuple:
-        """Layer ``index``'s (positions, hidden states, residual stream) as the hooks hand them on:
-        its input recorded where the next layer is a boundary, the held rows' positions after one,
-        the kept rows at one, and the positions renumbered where a request's plan does."""
+    def _layer_args(self, index: int, state: StepState, args: tuple, own) -> tuple:
+        """Layer ``index``'s (positions, hidden states, residual stream) and per-layer input (``own``,
+        Gemma 4's; None where it has none) as the hooks hand them on: its input recorded where the
+        next layer is a boundary, the held rows' positions after one, the kept rows at one, the
+        positions renumbered where a request's plan does, and the per-layer input of the held rows
+        (the decoder's loop hands it all the step's)."""
         step = state.step
         if index + 1 in step.boundaries:  # its input, as the Hugging Face path's residual stream
             state.inputs[index] = stream(args[1], args[2])
@@ -216,7 +212,9 @@ class LanguageStages:
             args = self._boundary(index, step, args)
         if state.renumbers:
             args = (self._renumbered(index, step, args[0]), *args[1:])
-        return args
+        if own is not None and state.index is not None:
+            own = own[state.index]
+        return (*args[:3], own)
 
     def _boundary(self, index: int, step: StepPlan, args):
         positions, hidden, residual = args[0], args[1], args[2]

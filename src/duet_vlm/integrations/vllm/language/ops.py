@@ -42,11 +42,13 @@ def layer(index: int, gathers: bool, positions: torch.Tensor, hidden: torch.Tens
           own: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decoder layer ``index``'s positions, hidden states, residual stream and per-layer input as
     its hooks hand them on (``gathers``: a boundary may keep fewer rows here). An absent input comes
-    back empty; an operator's outputs are new tensors, never its inputs."""
+    back empty; an operator's outputs are new tensors, never its inputs nor what the hooks keep (the
+    held rows' positions, handed to every layer after a boundary, are copied: a compiled graph may
+    reuse a tensor it no longer reads)."""
     given = (positions, hidden, residual, own)
     out = _active().layer_inputs(index, positions, hidden, residual, own)
-    return tuple(hidden.new_empty(0) if value is None else value.clone() if value is old else value
-                 for value, old in zip(out, given))
+    return tuple(hidden.new_empty(0) if value is None else value.clone() if value is old or place == 0 else value
+                 for place, (value, old) in enumerate(zip(out, given)))
 
 
 @layer.register_fake
@@ -61,8 +63,8 @@ def _(index, gathers, positions, hidden, residual, own):
 
 @torch.library.custom_op("duet_vlm::attention", mutates_args=())
 def attention(index: int, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer ``index``'s rotated queries and keys, recorded where a boundary reads them."""
-    _active().attention_inputs(index, query, key)
+    """Layer ``index``'s rotated queries and keys, copies recorded where a boundary reads them."""
+    _active().attention_inputs(index, query, key, copy=True)
     return query.clone(), key.clone()
 
 

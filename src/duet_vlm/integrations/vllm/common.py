@@ -160,8 +160,8 @@ class DuetModelMixin:
             check_engine(vllm_config)
             self._duet_language = LanguageStages(self, self.language_scheme())
             self._duet_boundaries = tuple(sorted(boundaries))
-            # where vLLM compiles the decoder, its graph runs these boundaries (``LanguageStages.trace``)
-            self._duet_language.trace(self._duet_boundaries, self.rows_fixed_before())
+            # where vLLM compiles the decoder, the layers at which its graph may gather (``LanguageStages.trace``)
+            self._duet_language.trace(self.rows_fixed_before())
 
     @property
     def get_model_state_cls(self):

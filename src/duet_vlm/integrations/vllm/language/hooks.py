@@ -55,7 +55,7 @@ class LanguageStages:
         self.handles = []
         self.pending: StepPlan | None = None  # the next forward's step (``next_step``)
         self.state: StepState | None = None  # the running forward's, where it drops or renumbers
-        self.traced: frozenset[int] = frozenset()  # the boundaries a compiled graph gathers at (``trace``)
+        self.traced: frozenset[int] = frozenset()  # the layers a compiled graph may gather at (``trace``)
         self.first_traced = len(self.layers)  # the first layer whose hooks put operators in that graph
         ops.install(self)
         for index, layer in enumerate(self.layers):
@@ -74,14 +74,17 @@ class LanguageStages:
             handle.remove()
         ops.uninstall(self)
 
-    def trace(self, boundaries, rows_fixed_before: int = 0) -> None:
-        """Where vLLM compiles the decoder (set before its warm-up traces it): the boundaries at which
-        its graph gathers the kept rows (``ops``), those of ``boundaries`` (the server's methods') at
-        or after layer ``rows_fixed_before``, before which the decoder's own loop adds rows to the
-        layers' output (Qwen3-VL's DeepStack rows, added to the step's rows whatever a hook held). A
-        step that drops or renumbers at these boundaries only runs the compiled graph; any other
-        runs the decoder eagerly (vLLM's per-call bypass)."""
-        self.traced = frozenset(layer for layer in boundaries if layer >= max(rows_fixed_before, 1))
+    def trace(self, rows_fixed_before: int = 0) -> None:
+        """Where vLLM compiles the decoder (set before its warm-up traces it): the layers at which its
+        graph may gather kept rows (``ops``), every layer from ``rows_fixed_before`` on (from the
+        second), before which the decoder's own loop adds rows to the layers' output (Qwen3-VL's
+        DeepStack rows, added to the step's rows whatever a hook held). Every one of them, not only
+        where the server's method drops at a typical item: where a method places its boundaries
+        depends on the budget and the item's tokens (PyramidDrop's earlier boundaries at a low
+        budget, a horizon moved forward), which requests choose. A step that drops or renumbers at
+        these layers only runs the compiled graph; any other runs the decoder eagerly (vLLM's
+        per-call bypass)."""
+        self.traced = frozenset(range(max(rows_fixed_before, 1), len(self.layers)))
         self.first_traced = min(self.traced) - 1 if self.traced else len(self.layers)
 
     def compiled_step(self, step: StepPlan) -> bool:
@@ -151,7 +154,7 @@ class LanguageStages:
     def _at_attention(self, index: int):
         def hook(module, args):
             if torch.compiler.is_compiling():  # traced at warm-up: the operator records them at each step
-                if index + 1 not in self.traced:
+                if index + 1 not in self.traced or args[1] is None:  # (Gemma 4's KV-sharing layers compute no keys)
                     return None
                 return (*torch.ops.duet_vlm.attention(index, args[0], args[1]), *args[2:])
             self.attention_inputs(index, args[0], args[1])  # this layer's rotated queries and keys

@@ -302,9 +302,11 @@ def render_vllm(root: Path, path: str) -> str:
             starts.setdefault(row["setting"], row)
     footer = ""
     if starts:
-        footer = "\nEach server's start (to its first healthy answer; of it, vLLM's engine start and the compiling of its " \
-                 "language model, from its log): " + "; ".join(
-                     f"{name} {row['startup_s']:.0f} s ({row['warmup_s']:.1f} s, compiling {row['compile_s']:.1f} s)"
+        footer = "\nEach server's start (to its first healthy answer; of it, vLLM's engine start, which holds the " \
+                 "compiling of its language model, and that compiling where vLLM's log says how long it took: its CPU " \
+                 "backend does not): " + "; ".join(
+                     f"{name} {row['startup_s']:.0f} s ({row['warmup_s']:.1f} s"
+                     + (f", compiling {row['compile_s']:.1f} s)" if row.get("compile_s") else ")")
                      for name, row in starts.items()) + ".\n"
     return header + "\n".join(lines) + "\n" + footer
 

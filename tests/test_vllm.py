@@ -684,6 +684,28 @@ def test_qwen_language_stages_served_equal_the_hugging_face_path(saved_qwen_deep
     check_language_equals_hf(saved_qwen_deep, method, budget, [image(13, (392, 336)), image(14, (280, 336))])
 
 
+def test_a_dropping_server_keys_its_compiled_model_apart_from_an_unreduced_one(saved_llava_deep):
+    """vLLM saves a compiled model under a hash of the engine's configuration
+    (``aot_compile_hash_factors``), which does not see what Dynamo traced: an unreduced server of the
+    same checkpoint and settings would save under the key of a dropping one, whose graph holds the
+    operators that drop, and where vLLM loads saved models either would run the other's graph (a
+    dropping server serving unreduced without a word). The dropping servers' key is their own,
+    and the same for two methods (the graph does not depend on the method)."""
+    from vllm.compilation.caching import aot_compile_hash_factors
+
+    folder = saved_llava_deep[0]
+    keys = {}
+    for name, options in (("unreduced", None), ("stage A", {"duet_method": "duet", "duet_budget": 64,
+                                                             "duet_options": json.dumps({"layers": []})}),
+                          ("fastv", {"duet_method": "fastv", "duet_budget": 160}),
+                          ("duet", {"duet_method": "duet", "duet_budget": 200})):
+        with engine(folder, options, **LANGUAGE) as llm:
+            config = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.vllm_config
+            keys[name] = aot_compile_hash_factors(config)
+    assert keys["unreduced"] == keys["stage A"]  # neither drops inside the language model: one graph
+    assert keys["fastv"] == keys["duet"] != keys["unreduced"]
+
+
 def test_no_request_makes_a_compiled_dropping_server_compile(saved_qwen_deep):
     """A compiled server under DUET whose requests choose their budgets: after the first batch, a
     client varying its budget (a batch of one, then three at once, one dropping nothing) on images of

@@ -123,7 +123,7 @@ class Row:
     step_ms_median: float = 0.0  # a request's decoding step: (its time less its first token's) / (tokens - 1)
     startup_s: float = 0.0  # the server's start, to its first healthy answer
     warmup_s: float = 0.0  # vLLM's engine start (profile, KV cache, warm-up), as its log reports it
-    compile_s: float = 0.0  # of which compiling the language model (0: it ran eagerly)
+    compile_s: float | None = None  # of which compiling the language model, where vLLM's log says (``engine_start``)
 
 
 def free_port() -> int:
@@ -265,20 +265,22 @@ class Server:
         self.log.close()
 
 
-def engine_start(log: str) -> tuple[float, float]:
+def engine_start(log: str) -> tuple[float, float | None]:
     """vLLM's engine start in a server's ``log``: its seconds, and those it spent compiling the
-    language model (0.0 where it ran eagerly), as vLLM's engine core reports them.
+    language model as vLLM's engine core reports them (``None`` where it does not: an eager server,
+    and on vLLM's CPU backend a compiled one too, whose worker process compiles without telling the
+    engine core; its engine start holds the compiling then).
 
     >>> engine_start("init engine (profile, create kv cache, warmup model) took 41.27 s (compilation: 30.02 s)")
     (41.27, 30.02)
     >>> engine_start("init engine (profile, create kv cache, warmup model) took 9.50 s")
-    (9.5, 0.0)
+    (9.5, None)
     """
     found = re.search(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"
                       r"(?: \(compilation: ([\d.]+) s)?", log)
     if found is None:
         raise RuntimeError("the server's log does not say how long its engine took to start")
-    return float(found.group(1)), float(found.group(2) or 0.0)
+    return float(found.group(1)), None if found.group(2) is None else float(found.group(2))
 
 
 async def _one(client, url: str, budget: int | None, max_tokens: int) -> tuple[float, int, float]:

@@ -68,6 +68,28 @@ class Encoded:
     data: object = None
 
 
+def mark_compiled_graph(vllm_config, stages) -> None:
+    """Set the hooks' operators apart in vLLM's compile cache. vLLM keys a saved compiled model
+    (``torch_compile_cache/torch_aot_compile/<hash>``) on the engine's configuration, not on what
+    Dynamo traced: an unreduced server of the same checkpoint saves under the same key, and where
+    vLLM loads saved models (``VLLM_USE_AOT_COMPILE``, its default where loading works) a dropping
+    server would load that graph, which holds none of the operators that drop, and serve unreduced
+    without a word (or the unreduced server this one's, which fails on operators with no hooks).
+    The layers the graph gathers at enter that key through ``additional_config``, which vLLM
+    hashes. The graph does not depend on which method drops or where (the operators ask the hooks
+    at each step), so servers running other methods on the same checkpoint share it."""
+    entry = {"language_ops": sorted(stages.traced)}
+    config = vllm_config.additional_config
+    if isinstance(config, dict):
+        config["duet_vlm"] = entry
+    elif not vllm_config.model_config.enforce_eager:  # a platform's own object (SupportsHash), which this cannot extend
+        from .language import StageNotServed
+
+        raise StageNotServed(f"duet-vlm: a compiled server that drops inside the language model keys its compiled graph "
+                             f"through vLLM's additional_config, which is a {type(config).__name__} here, not a dict; "
+                             "start it with --enforce-eager, or without that additional_config")
+
+
 class DuetModelMixin:
     """What every family's vLLM model shares: the server's settings (``read_settings``), each batch's
     item fields, taken out of vLLM's arguments before its ``embed_multimodal`` runs and read by the
@@ -162,6 +184,7 @@ class DuetModelMixin:
             self._duet_boundaries = tuple(sorted(boundaries))
             # where vLLM compiles the decoder, the layers at which its graph may gather (``LanguageStages.trace``)
             self._duet_language.trace(self.rows_fixed_before())
+            mark_compiled_graph(vllm_config, self._duet_language)
 
     @property
     def get_model_state_cls(self):

@@ -689,8 +689,10 @@ def test_a_dropping_server_keys_its_compiled_model_apart_from_an_unreduced_one(s
     (``aot_compile_hash_factors``), which does not see what Dynamo traced: an unreduced server of the
     same checkpoint and settings would save under the key of a dropping one, whose graph holds the
     operators that drop, and where vLLM loads saved models either would run the other's graph (a
-    dropping server serving unreduced without a word). The dropping servers' key is their own,
-    and the same for two methods (the graph does not depend on the method)."""
+    dropping server serving unreduced without a word). The dropping servers' key is their own, the
+    same for two methods whose graphs are the same (DUET's Stage B and PyramidDrop score with the
+    boundary layer's own attention), another for one whose graph records the attention of the layer
+    before each boundary (FastV)."""
     from vllm.compilation.caching import aot_compile_hash_factors
 
     folder = saved_llava_deep[0]
@@ -698,12 +700,14 @@ def test_a_dropping_server_keys_its_compiled_model_apart_from_an_unreduced_one(s
     for name, options in (("unreduced", None), ("stage A", {"duet_method": "duet", "duet_budget": 64,
                                                              "duet_options": json.dumps({"layers": []})}),
                           ("fastv", {"duet_method": "fastv", "duet_budget": 160}),
-                          ("duet", {"duet_method": "duet", "duet_budget": 200})):
+                          ("duet", {"duet_method": "duet", "duet_budget": 200}),
+                          ("pyramiddrop", {"duet_method": "pyramiddrop", "duet_budget": 200})):
         with engine(folder, options, **LANGUAGE) as llm:
             config = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.vllm_config
             keys[name] = aot_compile_hash_factors(config)
     assert keys["unreduced"] == keys["stage A"]  # neither drops inside the language model: one graph
-    assert keys["fastv"] == keys["duet"] != keys["unreduced"]
+    assert keys["duet"] == keys["pyramiddrop"] != keys["unreduced"]
+    assert keys["fastv"] not in (keys["duet"], keys["unreduced"])
 
 
 def test_no_request_makes_a_compiled_dropping_server_compile(saved_qwen_deep):

@@ -76,9 +76,11 @@ def mark_compiled_graph(vllm_config, stages) -> None:
     server would load that graph, which holds none of the operators that drop, and serve unreduced
     without a word (or the unreduced server this one's, which fails on operators with no hooks).
     The layers the graph gathers at enter that key through ``additional_config``, which vLLM
-    hashes. The graph does not depend on which method drops or where (the operators ask the hooks
-    at each step), so servers running other methods on the same checkpoint share it."""
-    entry = {"language_ops": sorted(stages.traced)}
+    hashes, with the layers whose attention it records (``LanguageStages.trace``). The graph does
+    not depend on which method drops or where (the operators ask the hooks at each step), only on
+    whether some method reads the layer before a boundary, so servers running other methods on the
+    same checkpoint share it where they agree on that."""
+    entry = {"language_ops": sorted(stages.traced), "attention_ops": sorted(layer - 1 for layer in stages.scored)}
     config = vllm_config.additional_config
     if isinstance(config, dict):
         config["duet_vlm"] = entry
@@ -168,7 +170,7 @@ class DuetModelMixin:
         from .language import LanguageStages, check_engine, check_stage
 
         geometry = self.language_geometry()
-        drops, boundaries = False, set()
+        drops, boundaries, previous = False, set(), False
         for index in range(len(self.duet.methods)):
             # whether a method drops inside the language model, and by which stage, is not a matter of
             # the budget: half a typical item's tokens (the server's budget may not fit this item)
@@ -177,13 +179,14 @@ class DuetModelMixin:
             if plan is not None:
                 check_stage(plan, settings.method)
                 drops = True
+                previous = previous or plan.language.reads == "previous"
                 boundaries.update(layer for layer, _ in plan.schedule.boundaries)
         if drops:
             check_engine(vllm_config)
             self._duet_language = LanguageStages(self, self.language_scheme())
             self._duet_boundaries = tuple(sorted(boundaries))
             # where vLLM compiles the decoder, the layers at which its graph may gather (``LanguageStages.trace``)
-            self._duet_language.trace(self.rows_fixed_before())
+            self._duet_language.trace(self.rows_fixed_before(), previous)
             mark_compiled_graph(vllm_config, self._duet_language)
 
     @property

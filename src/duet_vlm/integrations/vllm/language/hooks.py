@@ -56,6 +56,7 @@ class LanguageStages:
         self.pending: StepPlan | None = None  # the next forward's step (``next_step``)
         self.state: StepState | None = None  # the running forward's, where it drops or renumbers
         self.traced: frozenset[int] = frozenset()  # the layers a compiled graph may gather at (``trace``)
+        self.scored: frozenset[int] = frozenset()  # of those, where it records the layer before's attention
         self.first_traced = len(self.layers)  # the first layer whose hooks put operators in that graph
         ops.install(self)
         for index, layer in enumerate(self.layers):
@@ -74,23 +75,31 @@ class LanguageStages:
             handle.remove()
         ops.uninstall(self)
 
-    def trace(self, rows_fixed_before: int = 0) -> None:
+    def trace(self, rows_fixed_before: int = 0, previous: bool = True) -> None:
         """Where vLLM compiles the decoder (set before its warm-up traces it): the layers at which its
         graph may gather kept rows (``ops``), every layer from ``rows_fixed_before`` on (from the
         second), before which the decoder's own loop adds rows to the layers' output (Qwen3-VL's
         DeepStack rows, added to the step's rows whatever a hook held). Every one of them, not only
         where the server's method drops at a typical item: where a method places its boundaries
         depends on the budget and the item's tokens (PyramidDrop's earlier boundaries at a low
-        budget, a horizon moved forward), which requests choose. A step that drops or renumbers at
-        these layers only runs the compiled graph; any other runs the decoder eagerly (vLLM's
-        per-call bypass)."""
+        budget, a horizon moved forward), which requests choose. ``previous``: some method the
+        server runs scores with the layer before a boundary (``LanguageStage.reads``), so the graph
+        records each of those layers' queries and keys (``ops.attention``, a copy at every step);
+        where none does, it records none. A step that drops or renumbers at these layers, and reads
+        only what the graph records, runs the compiled graph; any other runs the decoder eagerly
+        (vLLM's per-call bypass)."""
         self.traced = frozenset(range(max(rows_fixed_before, 1), len(self.layers)))
+        self.scored = self.traced if previous else frozenset()
         self.first_traced = min(self.traced) - 1 if self.traced else len(self.layers)
 
     def compiled_step(self, step: StepPlan) -> bool:
-        """Whether the compiled graph's operators run ``step``'s drops and renumbering: all its boundaries traced."""
+        """Whether the compiled graph's operators run ``step``'s drops and renumbering: all its
+        boundaries traced, and where a stage reads the layer before a boundary, recorded there."""
         layers = set(step.boundaries).union(*(plan.boundaries() for plan in step.renumbering()))
-        return bool(self.traced) and layers <= self.traced
+        if not (self.traced and layers <= self.traced):
+            return False
+        return all(plan.language.reads != "previous" or {layer for layer, _ in plan.schedule.boundaries} <= self.scored
+                   for drop in step.drops.values() for plan in drop.request.plans)
 
     def layer_inputs(self, index: int, positions, hidden, residual, own):
         """What the hooks hand decoder layer ``index`` at a step (``ops.layer``): its positions, hidden
@@ -154,7 +163,7 @@ class LanguageStages:
     def _at_attention(self, index: int):
         def hook(module, args):
             if torch.compiler.is_compiling():  # traced at warm-up: the operator records them at each step
-                if index + 1 not in self.traced or args[1] is None:  # (Gemma 4's KV-sharing layers compute no keys)
+                if index + 1 not in self.scored or args[1] is None:  # (Gemma 4's KV-sharing layers compute no keys)
                     return None
                 return (*torch.ops.duet_vlm.attention(index, args[0], args[1]), *args[2:])
             self.attention_inputs(index, args[0], args[1])  # this layer's rotated queries and keys

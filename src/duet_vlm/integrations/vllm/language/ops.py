@@ -37,9 +37,8 @@ def _active():
     return stages
 
 
-@torch.library.custom_op("duet_vlm::layer", mutates_args=())
-def layer(index: int, gathers: bool, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-          own: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _layer(index: int, gathers: bool, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+           own: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decoder layer ``index``'s positions, hidden states, residual stream and per-layer input as
     its hooks hand them on (``gathers``: a boundary may keep fewer rows here). An absent input comes
     back empty; an operator's outputs are new tensors, never its inputs nor what the hooks keep (the
@@ -51,8 +50,7 @@ def layer(index: int, gathers: bool, positions: torch.Tensor, hidden: torch.Tens
                  for place, (value, old) in enumerate(zip(out, given)))
 
 
-@layer.register_fake
-def _(index, gathers, positions, hidden, residual, own):
+def _layer_fake(index, gathers, positions, hidden, residual, own):
     # a boundary keeps at least one row: a prompt's last token is never dropped (some layers, Qwen3.5's
     # Gated-DeltaNet reshaping by -1 among them, cannot be traced on a row count that may be 0)
     rows = torch.library.get_ctx().new_dynamic_size(min=1) if gathers else hidden.shape[0]
@@ -61,13 +59,22 @@ def _(index, gathers, positions, hidden, residual, own):
             hidden.new_empty(0) if own is None else own.new_empty((rows, *own.shape[1:])))
 
 
-@torch.library.custom_op("duet_vlm::attention", mutates_args=())
-def attention(index: int, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention(index: int, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer ``index``'s rotated queries and keys, copies recorded where a boundary reads them."""
     _active().attention_inputs(index, query, key, copy=True)
     return query.clone(), key.clone()
 
 
-@attention.register_fake
-def _(index, query, key):
+def _attention_fake(index, query, key):
     return torch.empty_like(query), torch.empty_like(key)
+
+
+# Registered on the dispatcher directly, as vLLM registers its own operators
+# (``vllm.utils.torch_utils.direct_register_custom_op``): ``torch.library.custom_op``'s wrapper
+# costs more per call than these operators do at a decoding step, and a dropping server calls one
+# before every decoder layer of every step. Neither has a gradient (serving only).
+_LIBRARY = torch.library.Library("duet_vlm", "FRAGMENT")
+for _name, _function, _fake in (("layer", _layer, _layer_fake), ("attention", _attention, _attention_fake)):
+    _LIBRARY.define(_name + torch.library.infer_schema(_function, mutates_args=()))
+    _LIBRARY.impl(_name, _function, "CompositeExplicitAutograd")
+    _LIBRARY._register_fake(_name, _fake)

@@ -82,6 +82,24 @@ def test_plan_gemma4_ladder_chooses_the_cheapest_rung_that_reaches_the_budget():
                     "must be one of Gemma 4's 70, 140, 280, 560, 1120")
 
 
+def test_plan_takes_a_methods_own_options():
+    """``--option KEY=VALUE``: V2Drop's paper schedule for "128" (keep 0.28, 0.25, 0 of what remains)
+    needs no budget; with a budget, an option shapes what the budget solves; a malformed or wrong
+    option is one line."""
+    result = runner.invoke(app, ["plan", "--method", "v2drop", "--option", "ratios=[0.28,0.25,0]"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "v2drop at ratios=[0.28, 0.25, 0]" in text and "average: 131.00 visual tokens per layer" in text
+    for row in ("1-3 576", "4-17 161", "18-22 40", "23-32 1"):
+        assert row in text
+    result = runner.invoke(app, ["plan", "--method", "v2drop", "--budget", "128", "--option", "layers=[2,17,22]"])
+    assert result.exit_code == 0 and "after layer 2: keep 177" in " ".join(result.output.split()), result.output
+    _one_line_error(runner.invoke(app, ["plan", "--method", "v2drop", "--option", "ratios"]), "KEY=VALUE, given 'ratios'")
+    _one_line_error(runner.invoke(app, ["plan", "--method", "v2drop", "--option", "ratios=[0.5]"]),
+                    "need one keep ratio per boundary layer")
+    _one_line_error(runner.invoke(app, ["plan", "--method", "v2drop"]), "give --budget or --ratio")
+
+
 def test_plan_rejects_a_bad_budget():
     result = runner.invoke(app, ["plan", "--budget", "0"])
     assert result.exit_code != 0 and "budget must be a positive int" in result.output

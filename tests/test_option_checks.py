@@ -137,7 +137,7 @@ def companions(method: str, option: str, value) -> dict:
     if (method, option) == ("duet", "layers"):
         return {**budget, "ratios": (0.5,) * count}
     if (method, option) in {("duet", "ratios"), ("pyramiddrop", "ratios"), ("pio", "keep"), ("pio", "ratios"),
-                            ("vscan", "keep"), ("vscan", "ratios")}:
+                            ("vscan", "keep"), ("vscan", "ratios"), ("v2drop", "ratios")}:
         return {**budget, "layers": tuple(8 * (i + 1) for i in range(count))}
     return budget
 

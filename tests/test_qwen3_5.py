@@ -121,8 +121,10 @@ def test_layer_kinds_and_the_boundaries_that_can_score(hybrid):
     geometry = adapter.geometry
     assert geometry.boundary_layers("layer") == (7, 11, 15)  # the stage reads the layer after the boundary
     assert geometry.boundary_layers("previous") == (4, 8, 12)  # ... the layer before it (FastV)
+    assert geometry.boundary_layers(None) == tuple(range(4, 16))  # ... states, after any layer from the first attention layer (V2Drop)
     # Defaults move to those layers before the budget is solved, so the budget still holds.
-    for name, reads in (("duet", "layer"), ("pyramiddrop", "layer"), ("fastv", "previous"), ("sparsevlm", "previous")):
+    for name, reads in (("duet", "layer"), ("pyramiddrop", "layer"), ("fastv", "previous"), ("sparsevlm", "previous"),
+                        ("v2drop", None)):
         plan = duet_vlm.make(name, budget=500).resolve(geometry)
         layers = [layer for layer, _ in plan.schedule.boundaries]
         assert layers and set(layers) <= set(geometry.boundary_layers(reads)), (name, layers)
@@ -151,6 +153,7 @@ EXPLICIT = {
     "pio": lambda layer: dict(ratio=0.5, layers=(layer,), ratios=(0.5,)),
     "vscan": lambda layer: dict(ratio=0.5, layers=(layer,), ratios=(0.5,)),
     "holitom": lambda layer: dict(ratio=0.5, layer=layer),
+    "v2drop": lambda layer: dict(layers=(layer,), ratios=(0.5,)),
 }
 
 

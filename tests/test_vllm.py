@@ -656,13 +656,14 @@ def assert_same_drops(hf_kept, vllm_kept):
 
 @pytest.mark.parametrize("method,budget", [("fastv", 160), ("fastv", 300), ("pyramiddrop", 200), ("duet", 200),
                                            ("dart", 200), ("random_horizon", 300), ("vscan", 200),
-                                           ("sparsevlm", 200), ("holitom", 200)])
+                                           ("sparsevlm", 200), ("holitom", 200), ("v2drop", 200)])
 def test_language_stages_served_equal_the_hugging_face_path(saved_llava_deep, method, budget):
     """FastV (after layer 2 of 8, scored in layer 1), PyramidDrop (three boundaries, scored in the
     layer after each), DUET whole (Stage A, then Stage B at layers 4 and 6), VScan whole (its scan,
     then PyramidDrop's stage), DART (pivots by layer 1's key norms, duplicates by its output through
     the final norm), SparseVLM (raters from the input embeddings, recycled tokens merged), HoliTom
-    (the rest merged into the kept) and random at the horizon (no layer read), served: the same kept tokens at every boundary, greedy tokens and log-probabilities
+    (the rest merged into the kept), random at the horizon (no layer read) and V2Drop (each token's
+    change by the layer before, at layers 1, 4 and 6), served: the same kept tokens at every boundary, greedy tokens and log-probabilities
     as transformers + duet_vlm, and the prompt holds the tokens the vision side keeps (all of them
     but DUET's)."""
     check_language_equals_hf(saved_llava_deep, method, budget, [image(1), image(2)])
@@ -676,7 +677,8 @@ def saved_qwen_deep(request, tmp_path_factory):
     return folder, model, AutoProcessor.from_pretrained(folder)
 
 
-@pytest.mark.parametrize("method,budget", [("fastv", 80), ("pyramiddrop", 80), ("duet", 50), ("dart", 80), ("sparsevlm", 80)])
+@pytest.mark.parametrize("method,budget", [("fastv", 80), ("pyramiddrop", 80), ("duet", 50), ("dart", 80), ("sparsevlm", 80),
+                                           ("v2drop", 80)])
 def test_qwen_language_stages_served_equal_the_hugging_face_path(saved_qwen_deep, method, budget):
     """The same on Qwen2.5-VL and Qwen2-VL: the kept tokens keep their 3-D M-RoPE positions in the
     layers after each boundary (and the text after the image the unreduced model's), as on the
@@ -708,6 +710,50 @@ def test_a_dropping_server_keys_its_compiled_model_apart_from_an_unreduced_one(s
     assert keys["unreduced"] == keys["stage A"]  # neither drops inside the language model: one graph
     assert keys["duet"] == keys["pyramiddrop"] != keys["unreduced"]
     assert keys["fastv"] not in (keys["duet"], keys["unreduced"])
+
+
+def test_duet_scored_by_states_served_equals_the_hugging_face_path(saved_llava_deep):
+    """DUET whole with its Stage B scored without attention weights (``scores="states"``, the text's
+    cosine similarity in the residual stream), served compiled on LLaVA-1.5 (renumbered positions):
+    the same kept tokens, greedy tokens and log-probabilities."""
+    check_language_equals_hf(saved_llava_deep, "duet", 200, [image(1), image(2)], options={"scores": "states"})
+
+
+def test_qwen_duet_scored_by_states_served_equals_the_hugging_face_path(saved_qwen_deep):
+    """The same on Qwen2.5-VL and Qwen2-VL (M-RoPE positions kept)."""
+    check_language_equals_hf(saved_qwen_deep, "duet", 50, [image(13, (392, 336)), image(14, (280, 336))],
+                             options={"scores": "states"})
+
+
+def test_adjacent_boundaries_read_the_rows_the_layer_before_held(saved_llava_deep):
+    """V2Drop at layers 2, 3 and 6: the boundary at 3 scores by the change layer 2 made, from layer 2's
+    input as it ran, the rows layer 2's own boundary kept (the hooks record a layer's input after its
+    boundary), as the Hugging Face path does."""
+    check_language_equals_hf(saved_llava_deep, "v2drop", 200, [image(1), image(2)], options={"layers": [2, 3, 6]})
+
+
+def test_a_v2drop_server_computes_nothing_again_at_a_boundary(saved_llava_deep):
+    """V2Drop scores each token by how much the layer before changed it, from two residual streams
+    the forward has: its compiled graph records no layer's queries and keys (no ``duet_vlm::attention``
+    operator: ``LanguageStages.scored`` is empty) and its boundaries compute none (the scheme's
+    ``queries_and_keys`` is never called), where DUET's Stage B computes the boundary layer's."""
+    from unittest import mock
+
+    folder, _, processor = saved_llava_deep
+    seen = {}
+    for method in ("v2drop", "duet"):
+        with engine(folder, {"duet_method": method, "duet_budget": 200}, **LANGUAGE, enforce_eager=False) as llm:
+            stages = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model \
+                .duet_language_stages()
+            computed = []
+            original = stages.scheme.queries_and_keys
+            with mock.patch.object(stages.scheme, "queries_and_keys",
+                                   lambda index, *args: computed.append(index) or original(index, *args)):
+                _, kept = language_run(llm, processor, [image(1)])
+            seen[method] = (stages.scored, computed, [layer for layer, _ in kept[0]])
+    assert seen["v2drop"] == (frozenset(), [], [1, 4, 6]), seen["v2drop"]
+    # (DUET's second boundary, at 6, keeps no token: nothing is scored there)
+    assert seen["duet"][0] == frozenset() and seen["duet"][1] == [4] and seen["duet"][2] == [4, 6], seen["duet"]
 
 
 def test_no_request_makes_a_compiled_dropping_server_compile(saved_qwen_deep):
@@ -912,11 +958,11 @@ def vision_stages(pictures, dropping=None) -> list:
 
 
 def check_language_equals_hf(saved, method: str, budget: int, pictures, eager_prefills: bool = False,
-                             **settings) -> None:
-    """A server dropping inside the language model by ``method`` at ``budget`` against the Hugging
-    Face path, picture by picture: kept ids at every boundary, tokens, log-probabilities, prompt
-    length; a vision stage's choice on identical inputs (``hf_language_reference``). ``settings``:
-    the engine's, beside ``LANGUAGE``.
+                             options: dict | None = None, **settings) -> None:
+    """A server dropping inside the language model by ``method`` at ``budget`` (and the method's
+    ``options``) against the Hugging Face path, picture by picture: kept ids at every boundary,
+    tokens, log-probabilities, prompt length; a vision stage's choice on identical inputs
+    (``hf_language_reference``). ``settings``: the engine's, beside ``LANGUAGE``.
 
     The server runs compiled, as the serve command starts it (#77 item 2), unless ``settings`` say
     ``enforce_eager``: every step runs vLLM's compiled graph, the prefills that drop included (the
@@ -930,7 +976,8 @@ def check_language_equals_hf(saved, method: str, budget: int, pictures, eager_pr
     from duet_vlm.integrations.vllm import memory
 
     folder, model, processor = saved
-    reducer = duet_vlm.make(method, budget=budget)
+    reducer = duet_vlm.make(method, budget=budget, **(options or {}))
+    server = {"duet_method": method, "duet_budget": budget, **({"duet_options": json.dumps(options)} if options else {})}
     settings.setdefault("enforce_eager", False)  # compiled, as the serve command starts a server
     eager_calls = None if settings["enforce_eager"] else []
     drops = []  # what the scheduler learns each request drops in each layer
@@ -938,7 +985,7 @@ def check_language_equals_hf(saved, method: str, budget: int, pictures, eager_pr
     memory.STATS = {}
     try:
         with mock.patch.object(memory, "request_drops", lambda *args: drops.append(known(*args)) or drops[-1]):
-            with engine(folder, {"duet_method": method, "duet_budget": budget}, **LANGUAGE, **settings) as llm:
+            with engine(folder, server, **LANGUAGE, **settings) as llm:
                 with counting_eager(llm, eager_calls):
                     results, kept = language_run(llm, processor, pictures)
         stats = dict(memory.STATS)
@@ -1811,22 +1858,30 @@ def gap_while_agreeing(ours, theirs) -> float:
 
 @contextmanager
 def scored():
-    """Every text-to-visual score the boundaries compute in the block (``visual_attention``, the one
-    arithmetic of both paths: the Hugging Face path's scheme and vLLM's hooks), in call order."""
+    """Every score the boundaries compute in the block, in call order: text-to-visual attention
+    (``visual_attention``, the one arithmetic of both paths: the Hugging Face path's scheme and vLLM's
+    hooks) and V2Drop's change of state (``HiddenStateChange.score``, which both paths call)."""
     from unittest import mock
 
     from duet_vlm.adapters import scheme
     from duet_vlm.integrations.vllm.language import hooks
+    from duet_vlm.methods.v2drop import HiddenStateChange
 
     calls = []
-    known = scheme.visual_attention
+    known, change = scheme.visual_attention, HiddenStateChange.score
 
     def recorded(*args, **kwargs):
         scores = known(*args, **kwargs)
         calls.append(scores.float().reshape(-1).cpu())
         return scores
 
-    with mock.patch.object(scheme, "visual_attention", recorded), mock.patch.object(hooks, "visual_attention", recorded):
+    def recorded_change(self, view):
+        scores = change(self, view)
+        calls.append(scores.float().reshape(-1).cpu())
+        return scores
+
+    with mock.patch.object(scheme, "visual_attention", recorded), mock.patch.object(hooks, "visual_attention", recorded), \
+            mock.patch.object(HiddenStateChange, "score", recorded_change):
         yield calls
 
 
@@ -1857,12 +1912,12 @@ def choosing(stage_class, choices: list):
         yield
 
 
-@pytest.mark.parametrize("method,budget", [("fastv", 80), ("duet", 50)])
+@pytest.mark.parametrize("method,budget", [("fastv", 80), ("duet", 50), ("v2drop", 80)])
 def test_qwen3_5_language_stages_served_equal_the_hugging_face_path_in_bfloat16(saved_qwen3_5_deep, method, budget):
-    """FastV and DUET whole inside Qwen3.5's hybrid language model (and Qwen3.5-MoE's), in bfloat16
-    on both sides (vLLM's Gated-DeltaNet CPU kernel runs in bfloat16 only): each boundary where a
-    stage can score (FastV's reads layer 3, the layer before its boundary; DUET's Stage B the
-    attention layer at its boundary), the Gated-DeltaNet layers after it on the kept tokens (their
+    """FastV, DUET whole and V2Drop inside Qwen3.5's hybrid language model (and Qwen3.5-MoE's), in
+    bfloat16 on both sides (vLLM's Gated-DeltaNet CPU kernel runs in bfloat16 only): each boundary where
+    a stage can score (FastV's reads layer 3, the layer before its boundary; DUET's Stage B the
+    attention layer at its boundary; V2Drop's, at 2, 4 and 6, the change a layer of either kind made), the Gated-DeltaNet layers after it on the kept tokens (their
     metadata compacted as the attention layers', a prompt starting from no state: the same requests
     again, in state slots the others left, answer the same).
 
@@ -1913,7 +1968,10 @@ def test_qwen3_5_language_stages_served_equal_the_hugging_face_path_in_bfloat16(
             assert all(torch.equal(ids.cpu(), roles_of(theirs)[role].cpu()) for role, ids in roles_of(ours).items())
         first = hf_generate.first
         vllm_kept = trace[index]
-        assert hf_kept and all(layer - (method == "fastv") in attention for layer, _ in hf_kept), hf_kept
+        if method == "v2drop":  # it reads states, which every layer hands on: after any layer from the first attention layer
+            assert [layer for layer, _ in hf_kept] == [2, 4, 6], hf_kept
+        else:
+            assert hf_kept and all(layer - (method == "fastv") in attention for layer, _ in hf_kept), hf_kept
         assert [layer for layer, _ in vllm_kept] == [layer for layer, _ in hf_kept]
         assert result[2] == served_length(processor, picture, reducer.stats.llm_input_tokens)
         hf_scoring = [layer for layer, ids in hf_kept if ids.numel()]

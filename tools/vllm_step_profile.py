@@ -5,6 +5,7 @@ this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), compiled as a server starts
     python tools/vllm_step_profile.py duet        # DUET whole at budget 64
     python tools/vllm_step_profile.py stage-a     # DUET's Stage A alone (layers=[])
     python tools/vllm_step_profile.py fastv
+    python tools/vllm_step_profile.py v2drop      # scores without attention: nothing computed at a boundary
 
 Prints the median decoding step (one request: a 65-token answer less a 1-token one, over 64 steps,
 the median of three of each, on images new to the server) and a cProfile of one 65-token request:
@@ -28,7 +29,7 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("method", choices=["duet", "stage-a", "fastv"])
+    parser.add_argument("method", choices=["duet", "stage-a", "fastv", "v2drop"])
     parser.add_argument("--budget", type=int, default=64)
     parser.add_argument("--folder", type=Path, help="the benchmark model's folder (written there if absent)")
     args = parser.parse_args()

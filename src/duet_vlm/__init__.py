@@ -20,13 +20,13 @@ __version__ = "0.2.0"  # pyproject.toml reads it; CHANGELOG.md says what each ve
 _METHOD_EXPORTS = (
     "Adaptive", "Compose", "InputStage", "LanguageStage", "PerItemRatio", "LayerView", "Plan", "Reducer", "Selection",
     "VisionReduction", "VisionStage", "VisionView", "METHODS", "from_dict", "make", "register_method", "Duet",
-    "DominantContextualMerge", "TextGuidedPrune", "FastV", "LastTokenAttention", "Full", "PIO", "SaliencyNMSPrune",
+    "DominantContextualMerge", "TextGuidedPrune", "TextGuidedStates", "FastV", "LastTokenAttention", "Full", "PIO", "SaliencyNMSPrune",
     "saliency_nms", "GlobalLocalScan", "TrioScan", "Pool", "GridPool", "PyramidDrop", "LastInstructionAttention",
     "RandomDrop", "RandomPatches", "SparseVLM", "TextRaterPrune", "VisionZip", "DART", "DuplicationPrune", "DivPrune",
     "MaxMinDiversity", "CDPruner", "ConditionalDPPSelect", "VisPruner", "ImportantDiverse", "VScan", "HoliTom",
     "HoliTomMerge", "SimilarityMerge", "HiPrune", "HierarchicalSelect",
     "RandomHorizon", "UniformRandomPrune", "PixelPrune", "PixelPredict", "EnteredTokens", "VisionSelector",
-    "LearnedSelect", "TokenScorer", "soft_top_k",
+    "LearnedSelect", "TokenScorer", "soft_top_k", "V2Drop", "HiddenStateChange",
 )
 
 # name -> the module that defines it

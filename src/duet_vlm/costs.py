@@ -177,14 +177,15 @@ def plan_costs(method: str = "duet", budget: int | None = None, ratio: float | N
                tokens: int | None = None, frames: int = 1, text_tokens: int = 60, hidden: int | None = None,
                intermediate: int | None = None, heads: int | None = None, kv_heads: int | None = None,
                bytes_per_element: int = 2, preset: str | None = None, tiles: int | None = None,
-               soft_tokens: int | None = None) -> PlanCosts:
+               soft_tokens: int | None = None, options: dict | None = None) -> PlanCosts:
     """The plan ``make(method, budget=..., ratio=...)`` solves for an item of ``tokens`` visual tokens
     per frame on a ``layers``-layer decoder (LLaVA-1.5-7B's by default), and its costs. ``preset``
     (one of ``PRESETS``) takes the decoder, its layer kinds and an image's tokens from a family's
     default transformers config instead (``tiles``: InternVL's tiles; ``soft_tokens``: the rung of
-    Gemma 4's ladder, a square image; ``tokens`` still overrides)."""
-    if (budget is None) == (ratio is None):
-        raise ValueError("give --budget or --ratio")
+    Gemma 4's ladder, a square image; ``tokens`` still overrides). ``options``: the method's own
+    (``make``'s keywords); where they fix the schedule (V2Drop's ``ratios``), no budget is needed."""
+    if budget is not None and ratio is not None or budget is None and ratio is None and not options:
+        raise ValueError("give --budget or --ratio (or only the method's options, where they fix its schedule)")
     attention_layers, rope, has_cls, last_boundary = None, "1d", True, None
     if preset is not None:
         if preset not in PRESETS:
@@ -227,7 +228,7 @@ def plan_costs(method: str = "duet", budget: int | None = None, ratio: float | N
     modality = "video" if frames > 1 else "image"
     geometry = Geometry(layers, tokens * frames, grid, has_cls, units=frames, modality=modality, rope=rope,
                         attention_layers=attention_layers, last_boundary=last_boundary)
-    plan = make(method, budget=budget, ratio=ratio).resolve(geometry)
+    plan = make(method, budget=budget, ratio=ratio, **(options or {})).resolve(geometry)
     tokens *= frames
     if preset is None:
         dims = DecoderDims(hidden, intermediate, heads, kv_heads, hidden // heads)

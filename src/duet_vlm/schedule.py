@@ -8,6 +8,7 @@ schedule that keeps 307 tokens for 16 layers, 153 for 8 and 0 for 8 has average 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -109,3 +110,28 @@ def solve_llm_input(budget: int, build, step: int = 1) -> Schedule:
             f"no schedule of this shape averages {budget} visual tokens per layer (closest: {best.average:.2f})"
         )
     return best
+
+
+def solve_fraction(budget: int, build: Callable[[float], Schedule], name: str, iterations: int = 60) -> tuple[Schedule, float]:
+    """The schedule ``build(x)``, ``x`` in [0, 1] (a method's one free fraction, called ``name`` in
+    its error), that averages closest to ``budget``, and ``x``.
+
+    ``build``'s average must not decrease with ``x`` (true for ``int(n * x^s)``). Ties go to fewer
+    tokens. Raises ``ValueError`` when no ``x`` comes within 1 token of the budget.
+    """
+    low, high = 0.0, 1.0
+    if build(high).average >= budget:
+        for _ in range(iterations):  # smallest x whose average reaches the budget
+            middle = (low + high) / 2
+            if build(middle).average >= budget:
+                high = middle
+            else:
+                low = middle
+    candidates = [(x, build(x)) for x in (low, high)]
+    fraction, schedule = min(candidates, key=lambda c: (abs(c[1].average - budget), c[1].average))
+    if abs(schedule.average - budget) > 1:
+        raise ValueError(
+            f"no {name} in [0, 1] makes boundaries {[l for l, _ in schedule.boundaries]} average {budget} "
+            f"visual tokens per layer (closest: {schedule.average:.2f})"
+        )
+    return schedule, fraction

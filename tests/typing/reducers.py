@@ -5,7 +5,7 @@ from typing import Callable
 
 from duet_vlm.methods import (
     CDPruner, DART, PIO, Adaptive, Compose, DivPrune, Duet, FastV, Full, HiPrune, HoliTom, PixelPrune, Pool, PyramidDrop,
-    RandomDrop, RandomHorizon, SparseVLM, TrioScan, VisionSelector, VisionZip, VisPruner, VScan, make,
+    RandomDrop, RandomHorizon, SparseVLM, TrioScan, V2Drop, VisionSelector, VisionZip, VisPruner, VScan, make,
 )
 from duet_vlm.methods.base import PerItemRatio, Reducer
 from duet_vlm.runtime import RuntimeReducer
@@ -18,7 +18,7 @@ def as_runtime(reducer: RuntimeReducer) -> RuntimeReducer:
 # each class builds a RuntimeReducer (tests/test_protocol.py checks that this list is every registered method)
 classes: list[Callable[..., RuntimeReducer]] = [
     CDPruner, DART, PIO, Adaptive, Compose, DivPrune, Duet, FastV, Full, HiPrune, HoliTom, PixelPrune, Pool, PyramidDrop,
-    RandomDrop, RandomHorizon, SparseVLM, TrioScan, VisionSelector, VisionZip, VisPruner, VScan, PerItemRatio,
+    RandomDrop, RandomHorizon, SparseVLM, TrioScan, V2Drop, VisionSelector, VisionZip, VisPruner, VScan, PerItemRatio,
 ]
 
 

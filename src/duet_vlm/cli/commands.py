@@ -24,8 +24,8 @@ USER_ERRORS = (ValueError, TypeError, OSError)
 #: The registered methods (``duet_vlm.METHODS``), for the help texts; written out because the
 #: registry imports torch. tests/test_cli_inputs.py checks that it lists every registered method.
 METHOD_NAMES = ("cdpruner", "dart", "divprune", "duet", "fastv", "full", "hiprune", "holitom", "pio", "pixelprune", "pool",
-                "pyramiddrop", "random", "random_horizon", "sparsevlm", "trio_scan", "visionselector", "visionzip", "vispruner",
-                "vscan")
+                "pyramiddrop", "random", "random_horizon", "sparsevlm", "trio_scan", "v2drop", "visionselector", "visionzip",
+                "vispruner", "vscan")
 
 
 #: Commands that hand their arguments on to a parser of their own (HfArgumentParser), ``--debug`` too.
@@ -163,9 +163,15 @@ def plan(
                                 "and the cheapest that reaches it."
     ),
     aspect: float = typer.Option(1.0, help="With --ladder: the image's width / height."),
+    option: list[str] = typer.Option(
+        [], metavar="KEY=VALUE", help="The method's own options, repeated (values as JSON where they parse), e.g. "
+                                      "--option 'ratios=[0.28,0.25,0]' for v2drop; options that fix the schedule "
+                                      "need no --budget."
+    ),
 ) -> None:
     """Print the schedule a method solves for a budget, with per-layer counts, FLOPs and KV-cache savings."""
     from ..costs import ladder_costs, plan_costs
+    from ..demo.sweep import method_options
 
     if ladder:
         if preset != "gemma4" or budget is None or ratio is not None:
@@ -173,9 +179,11 @@ def plan(
         rungs, chosen = ladder_costs(method, budget, text_tokens, aspect, bytes_per_element)
         printing.print_ladder(rungs, chosen, method, budget, text_tokens)
         return
+    options = method_options(option)
     costs = plan_costs(method, budget, ratio, layers, tokens, frames, text_tokens, hidden, intermediate, heads, kv_heads,
-                       bytes_per_element, preset, tiles, soft_tokens)
-    target = f"budget {budget}" if budget is not None else f"ratio {ratio}"
+                       bytes_per_element, preset, tiles, soft_tokens, options)
+    given = [f"budget {budget}"] if budget is not None else [f"ratio {ratio}"] if ratio is not None else []
+    target = ", ".join(given + [f"{key}={value}" for key, value in options.items()])
     printing.print_plan(costs, method, target, costs.plan.schedule.num_layers, frames, text_tokens)
 
 

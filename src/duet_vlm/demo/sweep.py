@@ -45,16 +45,25 @@ def method_spec(spec: str) -> tuple[str, dict]:
     ('pixelprune', {'metric': 'mae', 'threshold': 0.05})
     """
     name, _, rest = spec.partition(":")
+    return name, method_options(filter(None, rest.split(",")), f"comma-separated: {spec!r} has")
+
+
+def method_options(parts, where: str = "given") -> dict:
+    """A method's options from ``KEY=VALUE`` strings (values as JSON where they parse).
+
+    >>> method_options(["ratios=[0.28,0.25,0]", "seed=3", "query=last"])
+    {'ratios': [0.28, 0.25, 0], 'seed': 3, 'query': 'last'}
+    """
     options = {}
-    for part in filter(None, rest.split(",")):
+    for part in parts:
         key, equals, value = part.partition("=")
         if not equals or not key:
-            raise ValueError(f"method options are KEY=VALUE, comma-separated: {spec!r} has {part!r}")
+            raise ValueError(f"method options are KEY=VALUE, {where} {part!r}")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
-    return name, options
+    return options
 
 
 #: ``progress(advance, description=None, total=None)``: questions answered since the last call; the

@@ -14,7 +14,7 @@ from .base import (
     VisionView,
 )
 # Imported in the registry's order (each module registers its method): the order of listings.
-from .duet import DominantContextualMerge, Duet, TextGuidedPrune
+from .duet import DominantContextualMerge, Duet, TextGuidedPrune, TextGuidedStates
 from .trio_scan import GlobalLocalScan, TrioScan  # registered before pio, as the tables list them
 from .pio import PIO, SaliencyNMSPrune, saliency_nms
 from .fastv import FastV, LastTokenAttention
@@ -41,6 +41,9 @@ from .random_horizon import RandomHorizon, UniformRandomPrune
 from .pixelprune import EnteredTokens, PixelPredict, PixelPrune
 from .visionselector import LearnedSelect, TokenScorer, VisionSelector, soft_top_k
 
+# Methods that score without attention weights (issue #79).
+from .v2drop import HiddenStateChange, V2Drop
+
 __all__ = [
     # the interface
     "Adaptive",
@@ -64,6 +67,7 @@ __all__ = [
     "Duet",
     "DominantContextualMerge",
     "TextGuidedPrune",
+    "TextGuidedStates",
     "FastV",
     "LastTokenAttention",
     "Full",
@@ -104,4 +108,6 @@ __all__ = [
     "LearnedSelect",
     "TokenScorer",
     "soft_top_k",
+    "V2Drop",
+    "HiddenStateChange",
 ]

@@ -87,6 +87,31 @@ class TextGuidedPrune(LanguageStage):
         return view.text_to_visual_attention(self.queries(view))
 
 
+@dataclass
+class TextGuidedStates(TextGuidedPrune):
+    """Stage B without attention weights (``Duet(scores="states")``): keep the visual tokens whose
+    states lie closest to the prompt text's, in the residual stream entering the boundary layer.
+
+    Each visual token's score is its cosine similarity to each query token (the same queries as
+    ``TextGuidedPrune``), averaged over the queries, in float32. It is the text-to-visual attention
+    logit with the layer's projections, norm and RoPE taken out (``x_q . x_v`` in place of
+    ``W_q x_q . W_k x_v``), on unit vectors, so that a few tokens of large norm do not rank first
+    for their norm. It reads no layer's attention: nothing is computed again at a boundary, under
+    FlashAttention or in vLLM. An option, not the published Stage B: what each keeps of the answers
+    is on ``docs/methods.md``.
+    """
+
+    reads: ClassVar[str | None] = None  # the boundary's residual stream only
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        states = torch.nn.functional.normalize(view.hidden_states.float(), dim=-1)
+        rows = []
+        for row, positions in enumerate(self.queries(view)):
+            text = states[row, positions].mean(0)  # (D): the mean of the queries' unit vectors
+            rows.append(states[row][view.visual_index[row]] @ text)  # (n_images, n)
+        return torch.stack(rows)
+
+
 @register_method("duet")
 @dataclass
 class Duet(Reducer):
@@ -106,6 +131,9 @@ class Duet(Reducer):
             ``()`` disables Stage B.
         ratios: kept fraction of the Stage-A count after each boundary (reference ``(0.5, 0.0)``).
         query: Stage-B query tokens, see ``TextGuidedPrune``; ``tokenizer`` for ``"salient"``.
+        scores: ``"attention"`` (the published Stage B: the text's attention, ``TextGuidedPrune``) or
+            ``"states"`` (no attention weights: the text's cosine similarity in the residual
+            stream, ``TextGuidedStates``).
         positions: ``"contiguous"`` (the reference: renumbered after each drop) or ``"original"``;
             ``None`` (default): contiguous on 1-D RoPE models, original under M-RoPE (Qwen-VL),
             where renumbering is refused.
@@ -123,6 +151,7 @@ class Duet(Reducer):
     ratios: tuple[float, ...] | None = None
     query: Query = "text"
     tokenizer: Any = field(default=None, repr=False)
+    scores: str = "attention"
 
     runtime_fields: ClassVar[tuple[str, ...]] = ("tokenizer",)
 
@@ -154,7 +183,10 @@ class Duet(Reducer):
         return ratio_schedule(geometry.num_layers, geometry.visual_tokens, llm_input, layers, ratios)
 
     def language_stage(self) -> TextGuidedPrune:
-        return TextGuidedPrune(query=self.query, tokenizer=self.tokenizer)
+        if self.scores not in ("attention", "states"):
+            raise ValueError(f"scores must be 'attention' (the published Stage B) or 'states', got {self.scores!r}")
+        stage = TextGuidedStates if self.scores == "states" else TextGuidedPrune
+        return stage(query=self.query, tokenizer=self.tokenizer)
 
     def vision_stage_for(self, geometry: Geometry, keep: int) -> DominantContextualMerge:
         keep = per_unit(geometry, keep)

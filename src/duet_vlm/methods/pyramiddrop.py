@@ -9,7 +9,7 @@ from typing import Callable
 
 from ..geometry import Geometry
 from ..options import check_number, check_numbers
-from ..schedule import Schedule, ratio_schedule, scaled_boundaries
+from ..schedule import Schedule, ratio_schedule, scaled_boundaries, solve_fraction
 from .base import Plan, Reducer, check_budget
 from .registry import register_method
 from .stages import LastInstructionAttention  # noqa: F401 - shared with VScan, re-exported
@@ -35,27 +35,9 @@ def decay_ratios(decay: float, stages: int) -> tuple[float, ...]:
 
 
 def solve_decay(budget: int, build: Callable[[float], Schedule], iterations: int = 60) -> tuple[Schedule, float]:
-    """The schedule ``build(lambda)``, lambda in [0, 1], that averages closest to ``budget``, and lambda.
-
-    ``build``'s average must not decrease with ``lambda`` (true for ``int(n * lambda^s)``). Ties go to
-    fewer tokens. Raises ``ValueError`` when no ``lambda`` comes within 1 token of the budget.
-    """
-    low, high = 0.0, 1.0
-    if build(high).average >= budget:
-        for _ in range(iterations):  # smallest lambda whose average reaches the budget
-            middle = (low + high) / 2
-            if build(middle).average >= budget:
-                high = middle
-            else:
-                low = middle
-    candidates = [(d, build(d)) for d in (low, high)]
-    decay, schedule = min(candidates, key=lambda c: (abs(c[1].average - budget), c[1].average))
-    if abs(schedule.average - budget) > 1:
-        raise ValueError(
-            f"no lambda in [0, 1] makes boundaries {[l for l, _ in schedule.boundaries]} average {budget} "
-            f"visual tokens per layer (closest: {schedule.average:.2f})"
-        )
-    return schedule, decay
+    """The schedule ``build(lambda)``, lambda in [0, 1], that averages closest to ``budget``, and lambda
+    (``schedule.solve_fraction``: ties go to fewer tokens; an error when none comes within 1 token)."""
+    return solve_fraction(budget, build, "lambda", iterations)
 
 
 def pyramid_schedule(

@@ -108,8 +108,8 @@ class LanguageStages:
         if state is None:
             return positions, hidden, residual, own
         out = self._layer_args(index, state, (positions, hidden, residual), own)
-        if state.inputs.get(index) is hidden:  # (an operator's input is the graph's to reuse)
-            state.inputs[index] = hidden.clone()
+        if any(state.inputs.get(index) is value for value in (hidden, out[1])):  # (an operator's input and
+            state.inputs[index] = state.inputs[index].clone()  # output are the graph's to reuse)
         return out
 
     def attention_inputs(self, index: int, query, key, copy: bool = False) -> None:
@@ -216,12 +216,12 @@ class LanguageStages:
         positions renumbered where a request's plan does, and the per-layer input of the held rows
         (the decoder's loop hands it all the step's)."""
         step = state.step
-        if index + 1 in step.boundaries:  # its input, as the Hugging Face path's residual stream
-            state.inputs[index] = stream(args[1], args[2])
         if state.positions is not None:  # the decoder's loop hands every layer all the step's positions
             args = (state.positions, *args[1:])
         if index in step.boundaries:
             args = self._boundary(index, step, args)
+        if index + 1 in step.boundaries:  # its input, as the Hugging Face path's residual stream (the rows
+            state.inputs[index] = stream(args[1], args[2])  # kept, where a boundary is here too)
         if state.renumbers:
             args = (self._renumbered(index, step, args[0]), *args[1:])
         if own is not None and state.index is not None:
@@ -264,14 +264,15 @@ class LanguageStages:
                         if state.layer_qk is None or state.layer_qk[0] != index:
                             rotated = self._renumbered(index, step, positions) if state.renumbers else positions
                             state.layer_qk = (index, rank_heads(self.scheme.queries_and_keys(index, rotated, hidden, residual)))
-                        scored, scorer = (state.layer_qk[1], states), index
+                        scored, scorer = state.layer_qk[1], index
                     elif stage.reads == "previous":  # the queries and keys layer K-1 computed, as it ran
                         if captured is not None and not gathered:
                             captured, gathered = rank_heads(captured), True
-                        scored, scorer = (captured, previous), index - 1
-                    else:  # no layer's attention (random at the horizon)
+                        scored, scorer = captured, index - 1
+                    else:  # no layer's attention (random at the horizon, V2Drop's change of state)
                         scored, scorer = None, None
-                    chosen, replacement = self._select(index, drop, item, rows, ids, keep, scored, where, states, scorer)
+                    chosen, replacement = self._select(index, drop, item, rows, ids, keep, scored, previous, where,
+                                                       states, scorer)
                 if replacement is not None:  # merged tokens: these states take the kept tokens' slots
                     replaced.append((rows[chosen], replacement))
                 dropped = torch.ones(before, dtype=torch.bool, device=hidden.device)
@@ -330,13 +331,14 @@ class LanguageStages:
         return rows[rows >= 0]
 
     def _select(self, index: int, drop: RowDrop, item: int, rows: torch.Tensor, ids: torch.Tensor, keep: int, scored,
-                where, hidden, scorer: int | None):
+                previous, where, hidden, scorer: int | None):
         """The method's own choice (``LanguageStage.select``) among an item's held ``rows`` (``ids``:
         their indices into the item's visual block), from a ``LayerView`` of the request's held rows
         in this step: its prompt tokens valid (a request computed again after preemption holds its
-        generated tokens too), its residual stream at the boundary and before it, its input
-        embeddings where the stage reads them, and the queries and keys of decoder layer ``scorer``
-        (``None``: the stage reads no layer's attention). Returns the kept tokens' indices among
+        generated tokens too), its residual stream at the boundary and before it (``previous``, the
+        input of the layer before, on the rows held there), its input embeddings where the stage
+        reads them, and the queries and keys of decoder layer ``scorer`` (``scored``; ``None``: the
+        stage reads no layer's attention). Returns the kept tokens' indices among
         ``rows`` (ascending) and, where the stage merges, the states that take their slots."""
         stage = drop.request.plans[item].language
         step_rows = torch.arange(drop.start, drop.start + drop.count, device=where.device)
@@ -348,12 +350,12 @@ class LanguageStages:
         last_item = max(offset + length for offset, length in drop.request.spans)
         after_image = ((place >= last_item) & (place < drop.request.prompt)).nonzero().squeeze(-1)
         local = torch.searchsorted(request_rows, rows)  # the item's rows among the request's rows
-        query = key = previous = None
+        query = key = None
         if scorer is not None:
-            captured, previous = scored  # layer ``scorer``'s (queries, keys), and the residual stream it read
-            if captured is None or previous is None:
+            if scored is None:  # layer ``scorer``'s (queries, keys)
                 raise RuntimeError(f"layer {scorer} did not run before layer {index} in this step; its attention cannot be read")
-            query, key = (values[request_rows] for values in captured)
+            query, key = (values[request_rows] for values in scored)
+        if previous is not None:  # the residual stream the layer before read
             previous = previous[request_rows][None]
         length = request_rows.shape[0]
 

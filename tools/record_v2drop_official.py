@@ -1,0 +1,209 @@
+"""Record what the official V2Drop code computes on the tiny LLaVA-1.5 of tests/data/vectors
+(``tiny-llava15-hf``), for tests/test_v2drop.py to replay. Not part of the library: it runs the
+official code, which needs the transformers it was written for, in an environment of its own:
+
+    python3.11 -m venv /tmp/v2drop-venv
+    /tmp/v2drop-venv/bin/pip install torch==2.13.0 transformers==4.37.2 tokenizers==0.15.2 \\
+        accelerate==0.21.0 safetensors sentencepiece protobuf pillow
+    git -C <V2Drop clone> archive 219e03ede8cf6a70d1534903fa238b13dd900bbb | tar -x -C /tmp/v2drop-official
+    /tmp/v2drop-venv/bin/python tools/record_v2drop_official.py /tmp/v2drop-official tests/data/vectors
+
+It builds the official ``LlavaLlamaForCausalLM`` (whose language model is ``V2DropLlamaModel``) with the
+tiny model's weights (the CLIP tower saved in transformers 4.37's layout, loaded by the official
+``CLIPVisionTower``), runs one prefill and a 5-token greedy ``generate`` on CPU in fp32, and writes
+``v2drop-official-<config>.{json,safetensors}`` and ``v2drop-official-inputs.json``. Recording is
+read-only: forward pre-hooks on the decoder layers log lengths and positions, and the official module's
+``torch.topk`` is wrapped to log its scores, ``k`` and result. The configuration ``released`` runs the
+code as released; ``paper-128`` runs it with its three ``keep_ratio`` assignments rewritten to the
+paper's 128-token schedule (keep 0.28, 0.25, 0), the only change to the code. The environment
+has one change (``whole_table`` below): without it the released code fails at its first drop under
+the transformers it pins.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+COMMIT = "219e03ede8cf6a70d1534903fa238b13dd900bbb"
+PREFIX, SUFFIX = 35, 12  # the official code's image offset (LLaVA-1.5's system prompt) and a question
+CONFIGS = {"released": (0.5, 0.5, 0.0), "paper-128": (0.28, 0.25, 0.0)}
+SOURCE = "llava/model/language_model/V2Drop.py"
+
+
+def prompt_ids() -> tuple[list[int], list[int]]:
+    import torch
+
+    generator = torch.Generator().manual_seed(79)
+    ids = torch.randint(2, 900, (PREFIX + SUFFIX,), generator=generator).tolist()
+    return ids[:PREFIX], ids[PREFIX:]
+
+
+def write_tower(reference: Path, folder: Path) -> None:
+    """The tiny model's CLIP tower in transformers 4.37's layout, for the official tower to load."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    config = json.loads((reference / "tiny-llava15-hf" / "config.json").read_text())["vision_config"]
+    tower = CLIPVisionModel(CLIPVisionConfig(**{k: v for k, v in config.items() if k != "model_type"}))
+    weights = load_file(reference / "tiny-llava15-hf" / "model.safetensors")
+    state = {"vision_model." + k.removeprefix("vision_tower."): v for k, v in weights.items() if k.startswith("vision_tower.")}
+    missing, unexpected = tower.load_state_dict(state, strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
+    tower.save_pretrained(folder)
+    CLIPImageProcessor(crop_size=336, size=336).save_pretrained(folder)
+    del torch
+
+
+def build(official: Path, reference: Path, tower: Path):
+    sys.path.insert(0, str(official))
+    import torch
+    from safetensors.torch import load_file
+
+    from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+
+    text = json.loads((reference / "tiny-llava15-hf" / "config.json").read_text())["text_config"]
+    config = LlavaConfig(
+        vocab_size=text["vocab_size"], hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
+        num_hidden_layers=text["num_hidden_layers"], num_attention_heads=text["num_attention_heads"],
+        num_key_value_heads=text["num_key_value_heads"], rms_norm_eps=text["rms_norm_eps"],
+        rope_theta=text["rope_parameters"]["rope_theta"], max_position_embeddings=text["max_position_embeddings"],
+        tie_word_embeddings=False, mm_vision_tower=str(tower), mm_hidden_size=32, mm_projector_type="mlp2x_gelu",
+        mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_patch_merge_type="flat",
+        mm_use_im_start_end=False, mm_use_im_patch_token=False, image_aspect_ratio="pad",
+    )
+    config._attn_implementation = "sdpa"
+    model = LlavaLlamaForCausalLM(config)
+    tower = model.get_vision_tower()
+    if not tower.is_loaded:  # (built with delay_load, as the official builder.load_pretrained_model loads it)
+        tower.load_model()
+    weights = load_file(reference / "tiny-llava15-hf" / "model.safetensors")
+    names = {"multi_modal_projector.linear_1.": "model.mm_projector.0.", "multi_modal_projector.linear_2.": "model.mm_projector.2.",
+             "language_model.model.": "model.", "language_model.lm_head.": "lm_head."}
+    state = {}
+    for key, value in weights.items():
+        for old, new in names.items():
+            if key.startswith(old):
+                state[new + key[len(old):]] = value
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("model.vision_tower.") for k in missing), (missing, unexpected)
+    return model.eval(), torch
+
+
+def record(official: Path, reference: Path, out: Path, name: str) -> None:
+    work = Path(tempfile.mkdtemp())
+    shutil.copytree(official, work / "official")
+    source = work / "official" / SOURCE
+    code = source.read_text()
+    if name != "released":  # the three keep_ratio assignments, in layer order
+        released = ["keep_ratio = 0.5", "keep_ratio = 0.5", "keep_ratio = 0"]
+        head, rest = "", code
+        for old, ratio in zip(released, CONFIGS[name]):
+            before, _, rest = rest.partition(old)
+            head += before + f"keep_ratio = {ratio}"
+        code = head + rest
+        source.write_text(code)
+    write_tower(reference, work / "tower")
+    model, torch = build(work / "official", reference, work / "tower")
+    # The released code gathers the kept tokens' original position ids, but transformers 4.37.2 (which
+    # it pins) cuts each layer's RoPE table to that layer's key count before indexing it with them: at
+    # the first drop, IndexError (position 409 of a 335-row table). The table is handed whole instead,
+    # what the code's gather means and what later transformers compute from position ids: the one
+    # change to the environment, which leaves every layer without a drop as it was.
+    from transformers.models.llama import modeling_llama
+
+    def whole_table(self, x, seq_len=None):
+        if seq_len > self.max_seq_len_cached:
+            self._set_cos_sin_cache(seq_len=seq_len, device=x.device, dtype=x.dtype)
+        return self.cos_cached.to(dtype=x.dtype), self.sin_cached.to(dtype=x.dtype)
+
+    modeling_llama.LlamaRotaryEmbedding.forward = whole_table
+    from safetensors.torch import load_file, save_file
+
+    from llava.model.language_model import V2Drop as official_module
+
+    calls = []
+
+    def topk(scores, k, largest=True):
+        result = torch.topk(scores, k=k, largest=largest)
+        calls.append((scores.detach().clone(), k, result.indices.clone()))
+        return result
+
+    official_module.torch = types.SimpleNamespace(**{n: getattr(torch, n) for n in dir(torch) if not n.startswith("__")})
+    official_module.torch.topk = topk
+    seen = []
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append((hidden.shape[1], kwargs["position_ids"].reshape(-1).tolist()))
+
+    layers = model.model.layers
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    prefix, suffix = prompt_ids()
+    input_ids = torch.tensor([prefix + [-200] + suffix])
+    pixels = load_file(reference / "inputs.safetensors")["pixel_values_0"]
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, images=pixels).logits[0, -1]
+        prefill, boundaries = list(seen), list(calls)
+        seen.clear()
+        # the official ``LlavaLlamaForCausalLM.generate`` without its CUDA timing (no GPU here): its
+        # multimodal preparation, then transformers' generate on the embeddings, as it calls them
+        from transformers import LlamaForCausalLM
+
+        _, position_ids, attention_mask, _, embeds, _ = model.prepare_inputs_labels_for_multimodal(
+            input_ids, None, None, None, None, pixels, image_sizes=None)
+        generated = LlamaForCausalLM.generate(model, position_ids=position_ids, attention_mask=attention_mask,
+                                              inputs_embeds=embeds, max_new_tokens=5, do_sample=False,
+                                              output_scores=True, return_dict_in_generate=True, use_cache=True)
+    for handle in handles:
+        handle.remove()
+    lengths = [length for length, _ in seen]
+    steps = [seen[k * len(layers) : (k + 1) * len(layers)] for k in range(1, len(generated.scores))]
+    tokens = generated.sequences[0].tolist()
+    if tokens and tokens[0] == 1:  # generate from inputs_embeds puts BOS first in transformers 4.37
+        tokens = tokens[1:]
+    records, tensors = [], {"prefill_last_logits": logits.contiguous()}
+    for (scores, k, indices), layer in zip(boundaries, (3, 17, 22)):
+        ordered = scores.sort(descending=True).values
+        records.append({"layer": layer, "n_before": scores.shape[0], "k": k,
+                        "kept_rel_sorted": sorted(indices.tolist()),
+                        "margin": float(ordered[k - 1] - ordered[k]) if k < scores.shape[0] else None})
+        tensors[f"scores_layer{layer}"] = scores.contiguous()
+    for step, scores in enumerate(generated.scores):
+        tensors[f"gen_step{step}_logits"] = scores[0].contiguous()
+    import transformers
+
+    summary = {
+        "official_run": {"repository": "xuyang-liu16/V2Drop", "commit": COMMIT, "source": SOURCE,
+                         "torch": torch.__version__, "transformers": transformers.__version__, "attention": "sdpa",
+                         "dtype": "float32", "device": "cpu"},
+        "config": name, "keep_ratios": list(CONFIGS[name]), "layers": [3, 17, 22],
+        "boundaries": records,
+        "prefill_per_layer_seq_len": [length for length, _ in prefill],
+        "prefill_per_layer_position_ids": [positions for _, positions in prefill],
+        "generate_prefill_per_layer_seq_len": lengths[: len(layers)],
+        "decode_step_seq_len_per_layer": [[length for length, _ in step] for step in steps],
+        "decode_step_position_ids_per_layer": [[positions[0] for _, positions in step] for step in steps],
+        "greedy_new_tokens": tokens,
+    }
+    (out / f"v2drop-official-{name}.json").write_text(json.dumps(summary) + "\n")
+    save_file(tensors, out / f"v2drop-official-{name}.safetensors")
+    (out / "v2drop-official-inputs.json").write_text(json.dumps({"prefix_ids": prefix, "suffix_ids": suffix,
+                                                                 "pixel_values": "inputs.safetensors:pixel_values_0"}) + "\n")
+    print(name, [(r["layer"], r["n_before"], r["k"], r["margin"]) for r in records], tokens)
+
+
+if __name__ == "__main__":
+    official_dir, reference_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    if len(sys.argv) > 3:  # one configuration, in a process of its own (each imports its own copy of the code)
+        record(official_dir, reference_dir, reference_dir, sys.argv[3])
+    else:
+        import subprocess
+
+        for config in CONFIGS:
+            subprocess.run([sys.executable, __file__, *sys.argv[1:3], config], check=True)

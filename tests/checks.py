@@ -5,7 +5,7 @@ for ``models``), never from another test module: tests/test_test_layout.py fails
 ``test_*`` module. The tiny models and their prompts are in tests/models.py, the fixtures in
 tests/conftest.py.
 
-- Hooks and counts: ``hook_ids``, ``LayerInputs``, ``generate_and_check_counts``.
+- Hooks and counts: ``hook_ids``, ``LayerInputs``, ``layer_calls``, ``generate_and_check_counts``.
 - Values compared across calls and threads: ``plain``, ``same``, ``outcome``, ``run_overlapping``.
 - Prompts and calls of generation modes: ``twice``, ``lookup_prompt`` (``MARK``), ``second_turn``,
   ``TokenCount``.
@@ -53,6 +53,24 @@ def _visual_token_count(model, input_ids) -> int:
     """Placeholder tokens of images and videos, by the ids the model's config names."""
     ids = [getattr(model.config, key, None) for key in ("image_token_id", "video_token_id")]
     return int(sum((input_ids == i).sum() for i in ids if i is not None))
+
+
+@contextlib.contextmanager
+def layer_calls(layers):
+    """``(length, position ids)`` of every call of each of ``layers`` in the block, in call order (a
+    forward pre-hook each, removed after): what the official recordings log per decoder layer."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append((hidden.shape[1], kwargs["position_ids"].reshape(-1).tolist()))
+
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def generate_and_check_counts(model, name, inputs):

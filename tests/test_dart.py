@@ -15,6 +15,7 @@ import duet_vlm
 from duet_vlm import Compose, Geometry, make
 from duet_vlm.methods.dart import DART, DuplicationPrune, dart_select, duplication_select, pivot_quotas
 
+from checks import layer_calls
 from models import IMAGE_TOKEN, make_inputs, make_llava, row
 
 LLAVA15 = Geometry(num_layers=32, visual_tokens=576, grid=(24, 24), has_cls=True)
@@ -144,27 +145,16 @@ def test_replays_the_official_run(official, name):
     signals = load_file(reference_dir / "dart-official-signals.safetensors")
     reducer = _Recording(keep=OFFICIAL_KEEP[name])
     reducer.log = []
-    seen = []
-
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        seen.append((hidden.shape[1], kwargs["position_ids"].reshape(-1).tolist()))
-
     layers = model.model.language_model.layers
-    with torch.no_grad(), reducer(model):
-        handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
-        try:
-            logits = model(input_ids=input_ids, pixel_values=pixel_values).logits[0, -1]
-            prefill = list(seen)
-            kept = reducer.stats.stage_kept[0][1][0, 0].tolist()
-            seen.clear()
-            generated = model.generate(
-                input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=5, do_sample=False,
-                output_scores=True, return_dict_in_generate=True,
-            )
-        finally:
-            for handle in handles:
-                handle.remove()
+    with torch.no_grad(), reducer(model), layer_calls(layers) as seen:
+        logits = model(input_ids=input_ids, pixel_values=pixel_values).logits[0, -1]
+        prefill = list(seen)
+        kept = reducer.stats.stage_kept[0][1][0, 0].tolist()
+        seen.clear()
+        generated = model.generate(
+            input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=5, do_sample=False,
+            output_scores=True, return_dict_in_generate=True,
+        )
     norms, states = reducer.log[0]
     torch.testing.assert_close(norms, signals["key_l1_norm"], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(states, signals["layer2_input_normed"], atol=1e-4, rtol=1e-5)

@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 from duet_vlm import Compose, Geometry, make
 from duet_vlm.methods.v2drop import HiddenStateChange, V2Drop, v2drop_counts, v2drop_schedule
 
+from checks import layer_calls
+
 LLAVA15 = Geometry(num_layers=32, visual_tokens=576, grid=(24, 24), has_cls=True)
 START = 35  # the official code's image offset: the recorded prompt has 35 ids before the image
 
@@ -61,25 +63,14 @@ def test_replays_the_official_run(v2drop_recorded, name):
     tensors = load_file(reference_dir / f"v2drop-official-{name}.safetensors")
     reducer = _Recording(ratios=tuple(expected["keep_ratios"]))
     reducer.log = []
-    seen = []
-
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        seen.append((hidden.shape[1], kwargs["position_ids"].reshape(-1).tolist()))
-
     layers = model.model.language_model.layers
-    with torch.no_grad(), reducer(model):
-        handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
-        try:
-            logits = model(input_ids=input_ids, pixel_values=pixel_values).logits[0, -1]
-            prefill = list(seen)
-            stats = reducer.stats
-            seen.clear()
-            generated = model.generate(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=5,
-                                       do_sample=False, output_scores=True, return_dict_in_generate=True)
-        finally:
-            for handle in handles:
-                handle.remove()
+    with torch.no_grad(), reducer(model), layer_calls(layers) as seen:
+        logits = model(input_ids=input_ids, pixel_values=pixel_values).logits[0, -1]
+        prefill = list(seen)
+        stats = reducer.stats
+        seen.clear()
+        generated = model.generate(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=5,
+                                   do_sample=False, output_scores=True, return_dict_in_generate=True)
     assert [layer for layer, *_ in reducer.log[:3]] == expected["layers"] == [3, 17, 22]
     for (layer, scores, _, _), boundary in zip(reducer.log, expected["boundaries"]):
         assert boundary["layer"] == layer and scores.shape[0] == boundary["n_before"]

@@ -147,13 +147,13 @@ def minor_tick(value: float, _position=None) -> str:
     return percent_tick(value) if round(value / 10 ** math.floor(math.log10(value)), 6) in (2, 3, 5) else ""
 
 
-def _axes(ax, points: list[Point], colours: dict[str, tuple], xlabel: str) -> None:
+def _axes(ax, points: list[Point], colours: dict[str, tuple], xlabel: str, formats: dict[str, str]) -> None:
     by_method: dict[str, list[Point]] = {}
     for point in points:
         by_method.setdefault(point.method, []).append(point)
     for method, line in by_method.items():
         line.sort(key=lambda p: p.cost)
-        ax.plot([p.cost for p in line], [p.retained for p in line], "-o", color=colours[method], ms=4, lw=1.3,
+        ax.plot([p.cost for p in line], [p.retained for p in line], formats[method], color=colours[method], ms=4, lw=1.3,
                 label=method)
         for p in line:
             ax.annotate(str(p.budget), (p.cost, p.retained), textcoords="offset points", xytext=(3, 3), fontsize=6,
@@ -194,12 +194,14 @@ def draw(out: Path, results_path: Path | list[Path], bench_paths: list[Path]) ->
     methods = list(dict.fromkeys(p.method for p in points))
     cmap = plt.get_cmap("tab20")
     colours = {m: cmap(i % 20) for i, m in enumerate(methods)}
+    # past the palette's 20 colours, a colour comes round again: those lines are dashed, with squares
+    formats = {m: "-o" if i < 20 else "--s" for i, m in enumerate(methods)}
     panels = 2 if measured else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.2 * panels, 4.8), squeeze=False)
-    _axes(axes[0][0], points, colours, "decoder prefill FLOPs (share of all tokens, log scale)")
+    _axes(axes[0][0], points, colours, "decoder prefill FLOPs (share of all tokens, log scale)", formats)
     axes[0][0].set_title("against decoder FLOPs (exact)", fontsize=10)
     if measured:
-        _axes(axes[0][1], measured, colours, "time to first token (share of all tokens, log scale)")
+        _axes(axes[0][1], measured, colours, "time to first token (share of all tokens, log scale)", formats)
         axes[0][1].set_title("against measured latency (where benchmarked)", fontsize=10)
     low = math.floor(min(p.retained for p in points) / 5) * 5 - 2
     floor = meta["floor"]

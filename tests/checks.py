@@ -9,7 +9,7 @@ tests/conftest.py.
 - Values compared across calls and threads: ``plain``, ``same``, ``outcome``, ``run_overlapping``.
 - Prompts and calls of generation modes: ``twice``, ``lookup_prompt`` (``MARK``), ``second_turn``,
   ``TokenCount``.
-- Replays of the official code's recorded outputs: ``RecordedVisualBlock``; textbook references:
+- Replays of the official code's recorded outputs: ``RecordedVisualBlock``, ``assert_replays_recorded_run``; textbook references:
   ``cosine``, ``reference_nms``.
 - Training data: ``write_llava_json``.
 """
@@ -71,6 +71,24 @@ def layer_calls(layers):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def assert_replays_recorded_run(expected: dict, tensors: dict, input_ids, logits, prefill, seen, generated,
+                                layers: int) -> None:
+    """A run equals an official recording in the layout the DART and V2Drop vectors share
+    (tests/data/vectors/README.md): each layer's length and positions in the prefill (``prefill``,
+    ``layer_calls``'s), the prefill's last logits and every greedy step's (atol 1e-4), the greedy
+    tokens, and each decoding step's lengths and positions per layer (``seen``: ``generate``'s calls
+    of the ``layers`` decoder layers, its prefill first)."""
+    assert [length for length, _ in prefill] == expected["prefill_per_layer_seq_len"]
+    assert [positions for _, positions in prefill] == expected["prefill_per_layer_position_ids"]
+    torch.testing.assert_close(logits, tensors["prefill_last_logits"], atol=1e-4, rtol=0)
+    assert generated.sequences[0, input_ids.shape[1]:].tolist() == expected["greedy_new_tokens"]
+    for step, scores in enumerate(generated.scores):
+        torch.testing.assert_close(scores[0], tensors[f"gen_step{step}_logits"], atol=1e-4, rtol=0)
+    steps = [seen[k * layers: (k + 1) * layers] for k in range(1, len(generated.scores))]
+    assert [[length for length, _ in step] for step in steps] == expected["decode_step_seq_len_per_layer"]
+    assert [[p[0] for _, p in step] for step in steps] == expected["decode_step_position_ids_per_layer"]
 
 
 def generate_and_check_counts(model, name, inputs):

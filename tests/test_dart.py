@@ -15,7 +15,7 @@ import duet_vlm
 from duet_vlm import Compose, Geometry, make
 from duet_vlm.methods.dart import DART, DuplicationPrune, dart_select, duplication_select, pivot_quotas
 
-from checks import layer_calls
+from checks import assert_replays_recorded_run, layer_calls
 from models import IMAGE_TOKEN, make_inputs, make_llava, row
 
 LLAVA15 = Geometry(num_layers=32, visual_tokens=576, grid=(24, 24), has_cls=True)
@@ -159,15 +159,7 @@ def test_replays_the_official_run(official, name):
     torch.testing.assert_close(norms, signals["key_l1_norm"], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(states, signals["layer2_input_normed"], atol=1e-4, rtol=1e-5)
     assert kept == expected["kept_rel_sorted"] and len(kept) == expected["n_kept"] == OFFICIAL_KEEP[name]
-    assert [length for length, _ in prefill] == expected["prefill_per_layer_seq_len"]
-    assert [positions for _, positions in prefill] == expected["prefill_per_layer_position_ids"]
-    torch.testing.assert_close(logits, tensors["prefill_last_logits"], atol=1e-4, rtol=0)
-    assert generated.sequences[0, input_ids.shape[1] :].tolist() == expected["greedy_new_tokens"]
-    for step, scores in enumerate(generated.scores):
-        torch.testing.assert_close(scores[0], tensors[f"gen_step{step}_logits"], atol=1e-4, rtol=0)
-    steps = [seen[k * len(layers) : (k + 1) * len(layers)] for k in range(1, len(generated.scores))]
-    assert [[length for length, _ in step] for step in steps] == expected["decode_step_seq_len_per_layer"]
-    assert [[p[0] for _, p in step] for step in steps] == expected["decode_step_position_ids_per_layer"]
+    assert_replays_recorded_run(expected, tensors, input_ids, logits, prefill, seen, generated, len(layers))
 
 
 @pytest.mark.parametrize("name", ["128", "64"])

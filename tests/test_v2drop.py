@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from duet_vlm import Compose, Geometry, make
 from duet_vlm.methods.v2drop import HiddenStateChange, V2Drop, v2drop_counts, v2drop_schedule
 
-from checks import layer_calls
+from checks import assert_replays_recorded_run, layer_calls
 
 LLAVA15 = Geometry(num_layers=32, visual_tokens=576, grid=(24, 24), has_cls=True)
 
@@ -80,15 +80,7 @@ def test_replays_the_official_run(v2drop_recorded, name):
     for (_, ids), boundary in zip(stats.stage_kept, expected["boundaries"]):
         assert ids[0, 0].tolist() == entered[boundary["kept_rel_sorted"]].tolist()
         entered = ids[0, 0]
-    assert [length for length, _ in prefill] == expected["prefill_per_layer_seq_len"]
-    assert [positions for _, positions in prefill] == expected["prefill_per_layer_position_ids"]
-    torch.testing.assert_close(logits, tensors["prefill_last_logits"], atol=1e-4, rtol=0)
-    assert generated.sequences[0, input_ids.shape[1]:].tolist() == expected["greedy_new_tokens"]
-    for step, scores in enumerate(generated.scores):
-        torch.testing.assert_close(scores[0], tensors[f"gen_step{step}_logits"], atol=1e-4, rtol=0)
-    steps = [seen[k * len(layers): (k + 1) * len(layers)] for k in range(1, len(generated.scores))]
-    assert [[length for length, _ in step] for step in steps] == expected["decode_step_seq_len_per_layer"]
-    assert [[p[0] for _, p in step] for step in steps] == expected["decode_step_position_ids_per_layer"]
+    assert_replays_recorded_run(expected, tensors, input_ids, logits, prefill, seen, generated, len(layers))
 
 
 def test_the_score_is_each_tokens_change_by_the_layer_before(v2drop_recorded):

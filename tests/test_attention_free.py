@@ -43,7 +43,7 @@ def test_the_score_is_the_texts_mean_cosine_similarity(query, monkeypatch):
     residual stream entering the boundary layer, averaged over the queries (float64 reference)."""
     log = []
     monkeypatch.setattr(duet_vlm.Duet, "language_stage", lambda self: _Recording(query=self.query))
-    _Recording.log = log
+    monkeypatch.setattr(_Recording, "log", log, raising=False)
     model = make_llava(layers=4, seed=1)
     inputs = make_inputs(model, seed=3)
     reducer = duet_vlm.Duet(budget=100, scores="states", query=query, layers=(2, 3), ratios=(0.5, 0.25))

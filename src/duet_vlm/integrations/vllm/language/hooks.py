@@ -59,11 +59,14 @@ class LanguageStages:
         self.scored: frozenset[int] = frozenset()  # of those, where it records the layer before's attention
         self.first_traced = len(self.layers)  # the first layer whose hooks put operators in that graph
         ops.install(self)
+        shared = scheme.shares_kv()
         for index, layer in enumerate(self.layers):
             self.handles.append(layer.register_forward_pre_hook(self._before_layer(index, inspect.signature(layer.forward)),
                                                                 with_kwargs=True))
             attention = scheme.attention(index)
-            if attention is not None:  # (a linear-attention layer has none: no stage scores with it)
+            # no stage scores with a linear-attention layer (it has none) or with one that reads an earlier
+            # layer's keys and values (Gemma 4's: it computes no keys, and every boundary lies before it)
+            if attention is not None and index not in shared:
                 self.handles.append(attention.register_forward_pre_hook(self._at_attention(index)))
         # on the whole model, which the runner calls: vLLM's compiled decoder class calls its own
         # ``forward`` directly (``support_torch_compile``), past any hook on the decoder module
@@ -163,7 +166,7 @@ class LanguageStages:
     def _at_attention(self, index: int):
         def hook(module, args):
             if torch.compiler.is_compiling():  # traced at warm-up: the operator records them at each step
-                if index + 1 not in self.scored or args[1] is None:  # (Gemma 4's KV-sharing layers compute no keys)
+                if index + 1 not in self.scored:
                     return None
                 return (*torch.ops.duet_vlm.attention(index, args[0], args[1]), *args[2:])
             self.attention_inputs(index, args[0], args[1])  # this layer's rotated queries and keys

@@ -154,6 +154,7 @@ EXPLICIT = {
     "vscan": lambda layer: dict(ratio=0.5, layers=(layer,), ratios=(0.5,)),
     "holitom": lambda layer: dict(ratio=0.5, layer=layer),
     "v2drop": lambda layer: dict(layers=(layer,), ratios=(0.5,)),
+    "apet": lambda layer: dict(ratio=0.5, layer=layer),
 }
 
 

@@ -656,14 +656,15 @@ def assert_same_drops(hf_kept, vllm_kept):
 
 @pytest.mark.parametrize("method,budget", [("fastv", 160), ("fastv", 300), ("pyramiddrop", 200), ("duet", 200),
                                            ("dart", 200), ("random_horizon", 300), ("vscan", 200),
-                                           ("sparsevlm", 200), ("holitom", 200), ("v2drop", 200)])
+                                           ("sparsevlm", 200), ("holitom", 200), ("v2drop", 200), ("apet", 200)])
 def test_language_stages_served_equal_the_hugging_face_path(saved_llava_deep, method, budget):
     """FastV (after layer 2 of 8, scored in layer 1), PyramidDrop (three boundaries, scored in the
     layer after each), DUET whole (Stage A, then Stage B at layers 4 and 6), VScan whole (its scan,
     then PyramidDrop's stage), DART (pivots by layer 1's key norms, duplicates by its output through
     the final norm), SparseVLM (raters from the input embeddings, recycled tokens merged), HoliTom
     (the rest merged into the kept), random at the horizon (no layer read) and V2Drop (each token's
-    change by the layer before, at layers 1, 4 and 6), served: the same kept tokens at every boundary, greedy tokens and log-probabilities
+    change by the layer before, at layers 1, 4 and 6) and ApET (the basis tokens' reconstruction
+    errors on both sides, the rest merged in), served: the same kept tokens at every boundary, greedy tokens and log-probabilities
     as transformers + duet_vlm, and the prompt holds the tokens the vision side keeps (all of them
     but DUET's)."""
     check_language_equals_hf(saved_llava_deep, method, budget, [image(1), image(2)])
@@ -678,11 +679,12 @@ def saved_qwen_deep(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("method,budget", [("fastv", 80), ("pyramiddrop", 80), ("duet", 50), ("dart", 80), ("sparsevlm", 80),
-                                           ("v2drop", 80)])
+                                           ("v2drop", 80), ("apet", 60)])
 def test_qwen_language_stages_served_equal_the_hugging_face_path(saved_qwen_deep, method, budget):
     """The same on Qwen2.5-VL and Qwen2-VL: the kept tokens keep their 3-D M-RoPE positions in the
     layers after each boundary (and the text after the image the unreduced model's), as on the
-    Hugging Face path; two images of different grids (168 and 120 merged tokens)."""
+    Hugging Face path; two images of different grids (168 and 120 merged tokens). ApET at 60: both
+    images reduced on the vision side too (at 80 the smaller one would hand over all its tokens)."""
     check_language_equals_hf(saved_qwen_deep, method, budget, [image(13, (392, 336)), image(14, (280, 336))])
 
 

@@ -40,7 +40,7 @@ def test_every_list_of_served_families_is_the_registrys():
     message = str(refusal.value)
     assert registry.named(language=True) in message and all(name in message for name in language)
     served_names = served.language_methods()
-    assert {"fastv", "duet", "pyramiddrop", "sparsevlm", "holitom", "dart", "vscan", "random_horizon", "v2drop"} == set(served_names)
+    assert {"fastv", "duet", "pyramiddrop", "sparsevlm", "holitom", "dart", "vscan", "random_horizon", "v2drop", "apet"} == set(served_names)
     assert ", ".join(served_names) in message
 
 

@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-#: (label, method, options): DUET as published, its Stage B without attention weights, V2Drop, and the
+#: (label, method, options): DUET as published, its Stage B without attention weights, V2Drop, ApET and the
 #: attention-scored language-side methods users pick instead
 SETTINGS = [
     ("duet", "duet", {}),
     ("duet (scores=states)", "duet", {"scores": "states"}),
     ("v2drop", "v2drop", {}),
+    ("apet", "apet", {}),
     ("fastv", "fastv", {}),
     ("pyramiddrop", "pyramiddrop", {}),
 ]

@@ -26,7 +26,8 @@ _METHOD_EXPORTS = (
     "MaxMinDiversity", "CDPruner", "ConditionalDPPSelect", "VisPruner", "ImportantDiverse", "VScan", "HoliTom",
     "HoliTomMerge", "SimilarityMerge", "HiPrune", "HierarchicalSelect",
     "RandomHorizon", "UniformRandomPrune", "PixelPrune", "PixelPredict", "EnteredTokens", "VisionSelector",
-    "LearnedSelect", "TokenScorer", "soft_top_k", "V2Drop", "HiddenStateChange",
+    "LearnedSelect", "TokenScorer", "soft_top_k", "V2Drop", "HiddenStateChange", "ApET", "ApproximationErrorMerge",
+    "ApproximationErrorPrune",
 )
 
 # name -> the module that defines it

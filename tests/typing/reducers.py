@@ -4,7 +4,7 @@ composition are ``RuntimeReducer``s, with the runtime's signatures."""
 from typing import Callable
 
 from duet_vlm.methods import (
-    CDPruner, DART, PIO, Adaptive, Compose, DivPrune, Duet, FastV, Full, HiPrune, HoliTom, PixelPrune, Pool, PyramidDrop,
+    ApET, CDPruner, DART, PIO, Adaptive, Compose, DivPrune, Duet, FastV, Full, HiPrune, HoliTom, PixelPrune, Pool, PyramidDrop,
     RandomDrop, RandomHorizon, SparseVLM, TrioScan, V2Drop, VisionSelector, VisionZip, VisPruner, VScan, make,
 )
 from duet_vlm.methods.base import PerItemRatio, Reducer
@@ -17,7 +17,7 @@ def as_runtime(reducer: RuntimeReducer) -> RuntimeReducer:
 
 # each class builds a RuntimeReducer (tests/test_protocol.py checks that this list is every registered method)
 classes: list[Callable[..., RuntimeReducer]] = [
-    CDPruner, DART, PIO, Adaptive, Compose, DivPrune, Duet, FastV, Full, HiPrune, HoliTom, PixelPrune, Pool, PyramidDrop,
+    ApET, CDPruner, DART, PIO, Adaptive, Compose, DivPrune, Duet, FastV, Full, HiPrune, HoliTom, PixelPrune, Pool, PyramidDrop,
     RandomDrop, RandomHorizon, SparseVLM, TrioScan, V2Drop, VisionSelector, VisionZip, VisPruner, VScan, PerItemRatio,
 ]
 

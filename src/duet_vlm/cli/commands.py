@@ -23,7 +23,7 @@ USER_ERRORS = (ValueError, TypeError, OSError)
 
 #: The registered methods (``duet_vlm.METHODS``), for the help texts; written out because the
 #: registry imports torch. tests/test_cli_inputs.py checks that it lists every registered method.
-METHOD_NAMES = ("cdpruner", "dart", "divprune", "duet", "fastv", "full", "hiprune", "holitom", "pio", "pixelprune", "pool",
+METHOD_NAMES = ("apet", "cdpruner", "dart", "divprune", "duet", "fastv", "full", "hiprune", "holitom", "pio", "pixelprune", "pool",
                 "pyramiddrop", "random", "random_horizon", "sparsevlm", "trio_scan", "v2drop", "visionselector", "visionzip",
                 "vispruner", "vscan")
 

@@ -43,6 +43,7 @@ from .visionselector import LearnedSelect, TokenScorer, VisionSelector, soft_top
 
 # Methods that score without attention weights (issue #79).
 from .v2drop import HiddenStateChange, V2Drop
+from .apet import ApET, ApproximationErrorMerge, ApproximationErrorPrune
 
 __all__ = [
     # the interface
@@ -110,4 +111,7 @@ __all__ = [
     "soft_top_k",
     "V2Drop",
     "HiddenStateChange",
+    "ApET",
+    "ApproximationErrorMerge",
+    "ApproximationErrorPrune",
 ]

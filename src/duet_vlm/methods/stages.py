@@ -129,13 +129,18 @@ def window_scan(scores: torch.Tensor, grid: tuple[int, int], window: int, count:
     return order[rank_in_window < cap][:count]
 
 
-def merge_into_nearest(values: torch.Tensor, directions: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+def merge_into_nearest(values: torch.Tensor, directions: torch.Tensor, kept: torch.Tensor,
+                       sources: torch.Tensor | None = None) -> torch.Tensor:
     """Each non-kept token of ``values`` (``(T, C)``) averaged into the kept token whose ``directions``
     row is most cosine-similar: ``(kept token + its assigned tokens) / (1 + count)``, in ``kept``
-    order (the official ``token_merging``, scaling 1)."""
-    mask = torch.zeros(values.shape[0], dtype=torch.bool, device=values.device)
-    mask[kept] = True
-    rest = (~mask).nonzero()[:, 0]
+    order (the official ``token_merging``, scaling 1). ``sources``: the tokens merged (default:
+    every token not in ``kept``)."""
+    if sources is None:
+        mask = torch.zeros(values.shape[0], dtype=torch.bool, device=values.device)
+        mask[kept] = True
+        rest = (~mask).nonzero()[:, 0]
+    else:
+        rest = sources
     if not len(rest):
         return values[kept]
     unit = F.normalize(directions.float(), dim=-1)

@@ -23,7 +23,7 @@ from duet_vlm.methods.apet import (
 from checks import assert_replays_recorded_run, layer_calls
 
 LLAVA15 = Geometry(num_layers=32, visual_tokens=576, grid=(24, 24), has_cls=True)
-CONFIGS = {"64": 64, "192": 192}  # the recorded configuration and the budget that gives its counts
+CONFIGS = {"64": 64, "192": 192}  # the recorded configurations on the tiny model, and the budget that gives their counts
 SEED = 80
 
 
@@ -40,7 +40,7 @@ def _recorded(reference_dir, name):
             load_file(reference_dir / f"apet-official-{name}.safetensors"))
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", [*CONFIGS, "demo"])
 def test_the_rule_replays_the_official_stages_on_their_inputs(reference_dir, name):
     """On the tokens each official stage saw, ``approximate`` draws the same basis, gives the same
     errors (1e-5), keeps the same tokens in the same ranking, and writes the same states: the
@@ -63,11 +63,9 @@ def test_the_rule_replays_the_official_stages_on_their_inputs(reference_dir, nam
         assert result.kept.tolist() == stage["kept_sorted"]
         if wanted is not None:
             torch.testing.assert_close(result.states, wanted[result.kept], atol=1e-6, rtol=1e-6)
-    prefix = len(json.loads((reference_dir / "apet-official-inputs.json").read_text())["prefix_ids"])
     inner_states = approximate(tensors["tokens_layer16"], inner["keep"], expected["basis_token_num"],
                                basis_start(SEED, 1, inner["n_before"]), basis_slots="rank", merge_dtype=torch.float32)
     torch.testing.assert_close(inner_states.states, tensors["layer16_visual_input"], atol=1e-6, rtol=1e-6)
-    assert prefix == 35
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -76,8 +74,22 @@ def test_replays_the_official_run(apet_recorded, name):
     visual tokens (the projected merged tokens) and the boundary layer's (1e-5), each layer's length
     and positions in the prefill and at every decoding step, the logits (1e-4), the greedy tokens."""
     model, input_ids, pixel_values, reference_dir = apet_recorded
+    replay(model, input_ids, pixel_values, reference_dir, name, CONFIGS[name])
+
+
+def test_replays_the_official_run_on_the_demo_model(demo, reference_dir):
+    """The same on the shipped demo model (trained weights) and its first test question, as released
+    (96, then 32 from layer 16): it answers and stops (two tokens)."""
+    sample = json.loads((reference_dir / "demo-inputs.json").read_text())
+    input_ids = torch.tensor([sample["prefix_ids"] + [sample["image_token_id"]] * 576 + sample["suffix_ids"]])
+    pixel_values = load_file(reference_dir / "demo-inputs.safetensors")["pixel_values"]
+    replay(demo[0], input_ids, pixel_values, reference_dir, "demo", 64)
+
+
+def replay(model, input_ids, pixel_values, reference_dir, name, budget):
     expected, tensors = _recorded(reference_dir, name)
-    reducer = ApET(budget=CONFIGS[name], seed=SEED)
+    prefix = int((input_ids[0] == model.config.image_token_id).nonzero()[0])
+    reducer = ApET(budget=budget, seed=SEED)
     plan = reducer.resolve(LLAVA15)
     assert plan.schedule.llm_input == expected["visual_token_num"]
     assert plan.schedule.boundaries == ((expected["layer_list"][0], expected["image_token_list"][0]),)
@@ -105,8 +117,8 @@ def test_replays_the_official_run(apet_recorded, name):
     vision, inner = expected["stages"]
     assert (stats.vision_kept[0] - 1).tolist() == vision["kept_sorted"]
     assert stats.stage_kept[0][1][0, 0].tolist() == inner["kept_sorted"]
-    torch.testing.assert_close(inputs[0][35:35 + vision["keep"]], tensors["layer0_visual_input"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(inputs[16][35:35 + inner["keep"]], tensors["layer16_visual_input"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inputs[0][prefix:prefix + vision["keep"]], tensors["layer0_visual_input"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inputs[16][prefix:prefix + inner["keep"]], tensors["layer16_visual_input"], atol=1e-5, rtol=1e-5)
     assert_replays_recorded_run(expected, tensors, input_ids, logits, prefill, seen, generated, len(layers))
 
 

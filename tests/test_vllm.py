@@ -2102,7 +2102,8 @@ def saved_qwen2_5_deep(tmp_path_factory):
 def test_tensor_parallel_language_stages_equal_one_process_and_the_hugging_face_path(request, tmp_path, saved,
                                                                                      method, budget):
     """Dropping inside the language model under ``--tensor-parallel-size 2`` (two CPU workers, a
-    core each; each holds half of every decoder layer's heads): at every boundary both ranks keep
+    core each; each holds half of every decoder layer's heads), both servers compiled as the serve
+    command starts them (the plugin's operators in each rank's graph): at every boundary both ranks keep
     the tokens the one-process server keeps (their scores average over the heads of both, gathered
     once per boundary), and the answer equals that server's and the Hugging Face path's (tokens,
     log-probabilities, prompt length; the kept ids at every boundary, DUET's Stage A compared as
@@ -2116,10 +2117,11 @@ def test_tensor_parallel_language_stages_equal_one_process_and_the_hugging_face_
         request.getfixturevalue("gemma3_causal")  # the mask vLLM's CPU backend runs inside an image
         pictures = [image(40, (32, 32)), image(41, (48, 40))]
     options = {"duet_method": method, "duet_budget": budget}
-    with engine(folder, options, **LANGUAGE) as llm:
+    with engine(folder, options, **LANGUAGE, enforce_eager=False) as llm:
         alone, alone_kept = language_run(llm, processor, pictures)
     stages = vision_stages(pictures)
-    results = engine_in_a_process(folder, options, "weights", processor, pictures, tmp_path, LANGUAGE)
+    results = engine_in_a_process(folder, options, "weights", processor, pictures, tmp_path,
+                                  {**LANGUAGE, "enforce_eager": False})
     reducer = duet_vlm.make(method, budget=budget)
     for picture, one, one_kept, result, stage in zip(pictures, alone, alone_kept, results, stages):
         tokens, logprobs, length, _, ranks = result

@@ -10,7 +10,8 @@ process it runs in.
     python tests/vllm_tensor_parallel.py FOLDER OPTIONS_JSON ENCODER_TP_MODE REQUESTS_JSON NEW_TOKENS OUT_JSON [SETTINGS_JSON]
 
 ``REQUESTS_JSON``: a list of ``{"prompt_token_ids": [...], "image": "picture.png"}``. ``SETTINGS_JSON``:
-more of ``LLM``'s settings (the language side's worker and scheduler); with them, each request's
+more of ``LLM``'s settings (the language side's worker and scheduler; ``enforce_eager``, true unless
+given); with them, each request's
 entry ends with each rank's ``(layer, kept ids)`` at every boundary its language stage dropped at
 (``language.hooks.TRACE``, read from the workers by ``collective_rpc``).
 """
@@ -33,7 +34,7 @@ if __name__ == "__main__":
     select.TRACE = [] if backend else None
     parallel = {"model_impl": "transformers"} if backend else {"tensor_parallel_size": 2, "mm_encoder_tp_mode": mode}
     llm = LLM(
-        model=folder, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0, limit_mm_per_prompt={"image": 1, "video": 0},
+        model=folder, dtype="float32", enforce_eager=settings.pop("enforce_eager", True), max_model_len=2048, seed=0, limit_mm_per_prompt={"image": 1, "video": 0},
         mm_processor_kwargs=json.loads(options) or None, max_num_seqs=4, kv_cache_memory_bytes=1 << 28,
         enable_prefix_caching=False, **parallel, **settings,
     )

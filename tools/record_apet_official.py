@@ -37,7 +37,8 @@ from pathlib import Path
 COMMIT = "70cc01b215f4d74c5661c699919fe3aeda48bed0"
 SEED = 80
 PREFIX, SUFFIX = 35, 12  # LLaVA-1.5's system prompt length before the image, and a question
-CONFIGS = {"64": (96, 32), "192": (288, 96)}  # --visual_token_num, --image_token_list
+CONFIGS = {"64": (96, 32), "192": (288, 96), "demo": (96, 32)}  # --visual_token_num, --image_token_list
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "src" / "duet_vlm" / "assets" / "demo_model"
 LAYER, BASIS = 16, 10
 HALF_CASTS = {  # file -> (released, replaced): each line occurs once in its file
     "llava/model/llava_arch.py": [("image_features = image_features.half()", "image_features = image_features.to(self.dtype)"),
@@ -55,14 +56,14 @@ def prompt_ids() -> tuple[list[int], list[int]]:
     return ids[:PREFIX], ids[PREFIX:]
 
 
-def write_tower(reference: Path, folder: Path) -> None:
+def write_tower(checkpoint: Path, folder: Path) -> None:
     """The tiny model's CLIP tower in transformers 4.37's layout, for the official tower to load."""
     from safetensors.torch import load_file
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-    config = json.loads((reference / "tiny-llava15-hf" / "config.json").read_text())["vision_config"]
+    config = json.loads((checkpoint / "config.json").read_text())["vision_config"]
     tower = CLIPVisionModel(CLIPVisionConfig(**{k: v for k, v in config.items() if k != "model_type"}))
-    weights = load_file(reference / "tiny-llava15-hf" / "model.safetensors")
+    weights = load_file(checkpoint / "model.safetensors")
     state = {"vision_model." + k.removeprefix("vision_tower."): v for k, v in weights.items() if k.startswith("vision_tower.")}
     missing, unexpected = tower.load_state_dict(state, strict=False)
     assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
@@ -70,20 +71,21 @@ def write_tower(reference: Path, folder: Path) -> None:
     CLIPImageProcessor(crop_size=336, size=336).save_pretrained(folder)
 
 
-def build(official: Path, reference: Path, tower: Path, visual_tokens: int):
+def build(official: Path, checkpoint: Path, tower: Path, visual_tokens: int):
     sys.path.insert(0, str(official))
     import torch
     from safetensors.torch import load_file
 
     from llava.model.language_model.llava_llama_x import LlavaConfig, LlavaLlamaForCausalLM_X
 
-    text = json.loads((reference / "tiny-llava15-hf" / "config.json").read_text())["text_config"]
+    whole = json.loads((checkpoint / "config.json").read_text())
+    text = whole["text_config"]
     config = LlavaConfig(
         vocab_size=text["vocab_size"], hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
         num_hidden_layers=text["num_hidden_layers"], num_attention_heads=text["num_attention_heads"],
         num_key_value_heads=text["num_key_value_heads"], rms_norm_eps=text["rms_norm_eps"],
         rope_theta=text["rope_parameters"]["rope_theta"], max_position_embeddings=text["max_position_embeddings"],
-        tie_word_embeddings=False, mm_vision_tower=str(tower), mm_hidden_size=32, mm_projector_type="mlp2x_gelu",
+        tie_word_embeddings=False, mm_vision_tower=str(tower), mm_hidden_size=whole["vision_config"]["hidden_size"], mm_projector_type="mlp2x_gelu",
         mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_patch_merge_type="flat",
         mm_use_im_start_end=False, mm_use_im_patch_token=False, image_aspect_ratio="pad",
     )
@@ -92,7 +94,7 @@ def build(official: Path, reference: Path, tower: Path, visual_tokens: int):
     vision = model.get_vision_tower()
     if not vision.is_loaded:  # (built with delay_load, as the official builder loads it)
         vision.load_model()
-    weights = load_file(reference / "tiny-llava15-hf" / "model.safetensors")
+    weights = load_file(checkpoint / "model.safetensors")
     names = {"multi_modal_projector.linear_1.": "model.mm_projector.0.", "multi_modal_projector.linear_2.": "model.mm_projector.2.",
              "language_model.model.": "model.", "language_model.lm_head.": "lm_head."}
     state = {}
@@ -115,9 +117,18 @@ def record(official: Path, reference: Path, out: Path, name: str) -> None:
             assert code.count(old) == 1, (relative, old)
             code = code.replace(old, new)
         source.write_text(code)
-    write_tower(reference, work / "tower")
+    if name == "demo":  # the shipped demo model's first test question, as released otherwise
+        checkpoint = DEMO_MODEL
+        inputs = json.loads((reference / "demo-inputs.json").read_text())
+        prefix, suffix = inputs["prefix_ids"], inputs["suffix_ids"]
+        pixel_file, pixel_key = reference / "demo-inputs.safetensors", "pixel_values"
+    else:
+        checkpoint = reference / "tiny-llava15-hf"
+        prefix, suffix = prompt_ids()
+        pixel_file, pixel_key = reference / "inputs.safetensors", "pixel_values_0"
+    write_tower(checkpoint, work / "tower")
     visual_tokens, inner = CONFIGS[name]
-    model, torch = build(work / "official", reference, work / "tower", visual_tokens)
+    model, torch = build(work / "official", checkpoint, work / "tower", visual_tokens)
     # as the official eval scripts set them (model_vqa*.py)
     model.model.basis_token_num = BASIS
     model.model.layer_list = [LAYER]
@@ -155,9 +166,8 @@ def record(official: Path, reference: Path, out: Path, name: str) -> None:
     handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
     handles.append(model.model.mm_projector.register_forward_pre_hook(
         lambda module, args: projector_inputs.append(args[0].detach().clone())))
-    prefix, suffix = prompt_ids()
     input_ids = torch.tensor([prefix + [-200] + suffix])
-    pixels = load_file(reference / "inputs.safetensors")["pixel_values_0"]
+    pixels = load_file(pixel_file)[pixel_key]
     with torch.no_grad():
         torch.manual_seed(SEED)
         logits = model(input_ids=input_ids, images=pixels, return_dict=True).logits[0, -1]
@@ -184,8 +194,8 @@ def record(official: Path, reference: Path, out: Path, name: str) -> None:
                         "margin": float(ordered[k - 1] - ordered[k]) if k < errors.shape[0] else None})
         tensors[f"errors_{where}"] = errors.contiguous()
         tensors[f"tokens_{where}"] = tokens_in.reshape(-1, tokens_in.shape[-1]).contiguous()
-    tensors["layer0_visual_input"] = prefill[0][2][PREFIX:PREFIX + visual_tokens].contiguous()
-    tensors[f"layer{LAYER}_visual_input"] = prefill[LAYER][2][PREFIX:PREFIX + inner].contiguous()
+    tensors["layer0_visual_input"] = prefill[0][2][len(prefix):len(prefix) + visual_tokens].contiguous()
+    tensors[f"layer{LAYER}_visual_input"] = prefill[LAYER][2][len(prefix):len(prefix) + inner].contiguous()
     for step, scores in enumerate(generated.scores):
         tensors[f"gen_step{step}_logits"] = scores[0].contiguous()
     import transformers
@@ -205,8 +215,9 @@ def record(official: Path, reference: Path, out: Path, name: str) -> None:
     }
     (out / f"apet-official-{name}.json").write_text(json.dumps(summary) + "\n")
     save_file(tensors, out / f"apet-official-{name}.safetensors")
-    (out / "apet-official-inputs.json").write_text(json.dumps({"prefix_ids": prefix, "suffix_ids": suffix,
-                                                               "pixel_values": "inputs.safetensors:pixel_values_0"}) + "\n")
+    if name != "demo":
+        (out / "apet-official-inputs.json").write_text(json.dumps({"prefix_ids": prefix, "suffix_ids": suffix,
+                                                                   "pixel_values": "inputs.safetensors:pixel_values_0"}) + "\n")
     print(name, [(r["stage"], r["n_before"], r["keep"], r["basis"][:3], r["margin"]) for r in records], tokens)
 
 

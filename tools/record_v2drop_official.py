@@ -31,7 +31,8 @@ from pathlib import Path
 
 COMMIT = "219e03ede8cf6a70d1534903fa238b13dd900bbb"
 PREFIX, SUFFIX = 35, 12  # the official code's image offset (LLaVA-1.5's system prompt) and a question
-CONFIGS = {"released": (0.5, 0.5, 0.0), "paper-128": (0.28, 0.25, 0.0)}
+CONFIGS = {"released": (0.5, 0.5, 0.0), "paper-128": (0.28, 0.25, 0.0), "demo": (0.5, 0.5, 0.0)}
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "src" / "duet_vlm" / "assets" / "demo_model"
 SOURCE = "llava/model/language_model/V2Drop.py"
 
 
@@ -43,15 +44,15 @@ def prompt_ids() -> tuple[list[int], list[int]]:
     return ids[:PREFIX], ids[PREFIX:]
 
 
-def write_tower(reference: Path, folder: Path) -> None:
+def write_tower(checkpoint: Path, folder: Path) -> None:
     """The tiny model's CLIP tower in transformers 4.37's layout, for the official tower to load."""
     import torch
     from safetensors.torch import load_file
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-    config = json.loads((reference / "tiny-llava15-hf" / "config.json").read_text())["vision_config"]
+    config = json.loads((checkpoint / "config.json").read_text())["vision_config"]
     tower = CLIPVisionModel(CLIPVisionConfig(**{k: v for k, v in config.items() if k != "model_type"}))
-    weights = load_file(reference / "tiny-llava15-hf" / "model.safetensors")
+    weights = load_file(checkpoint / "model.safetensors")
     state = {"vision_model." + k.removeprefix("vision_tower."): v for k, v in weights.items() if k.startswith("vision_tower.")}
     missing, unexpected = tower.load_state_dict(state, strict=False)
     assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
@@ -60,20 +61,21 @@ def write_tower(reference: Path, folder: Path) -> None:
     del torch
 
 
-def build(official: Path, reference: Path, tower: Path):
+def build(official: Path, checkpoint: Path, tower: Path):
     sys.path.insert(0, str(official))
     import torch
     from safetensors.torch import load_file
 
     from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 
-    text = json.loads((reference / "tiny-llava15-hf" / "config.json").read_text())["text_config"]
+    whole = json.loads((checkpoint / "config.json").read_text())
+    text = whole["text_config"]
     config = LlavaConfig(
         vocab_size=text["vocab_size"], hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
         num_hidden_layers=text["num_hidden_layers"], num_attention_heads=text["num_attention_heads"],
         num_key_value_heads=text["num_key_value_heads"], rms_norm_eps=text["rms_norm_eps"],
         rope_theta=text["rope_parameters"]["rope_theta"], max_position_embeddings=text["max_position_embeddings"],
-        tie_word_embeddings=False, mm_vision_tower=str(tower), mm_hidden_size=32, mm_projector_type="mlp2x_gelu",
+        tie_word_embeddings=False, mm_vision_tower=str(tower), mm_hidden_size=whole["vision_config"]["hidden_size"], mm_projector_type="mlp2x_gelu",
         mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_patch_merge_type="flat",
         mm_use_im_start_end=False, mm_use_im_patch_token=False, image_aspect_ratio="pad",
     )
@@ -82,7 +84,7 @@ def build(official: Path, reference: Path, tower: Path):
     tower = model.get_vision_tower()
     if not tower.is_loaded:  # (built with delay_load, as the official builder.load_pretrained_model loads it)
         tower.load_model()
-    weights = load_file(reference / "tiny-llava15-hf" / "model.safetensors")
+    weights = load_file(checkpoint / "model.safetensors")
     names = {"multi_modal_projector.linear_1.": "model.mm_projector.0.", "multi_modal_projector.linear_2.": "model.mm_projector.2.",
              "language_model.model.": "model.", "language_model.lm_head.": "lm_head."}
     state = {}
@@ -100,7 +102,24 @@ def record(official: Path, reference: Path, out: Path, name: str) -> None:
     shutil.copytree(official, work / "official")
     source = work / "official" / SOURCE
     code = source.read_text()
-    if name != "released":  # the three keep_ratio assignments, in layer order
+    if name == "demo":  # the shipped demo model's first test question, as released otherwise
+        checkpoint = DEMO_MODEL
+        inputs = json.loads((reference / "demo-inputs.json").read_text())
+        prefix, suffix = inputs["prefix_ids"], inputs["suffix_ids"]
+        pixel_file, pixel_key = reference / "demo-inputs.safetensors", "pixel_values"
+        # the code's image offset: LLaVA-1.5's system prompt (35 ids), the demo prompt's 3 here
+        lines = code.split("\n")
+        offsets = [i for i, line in enumerate(lines) if "arange(" in line and "35" in line]
+        assert len(offsets) == 2, offsets
+        for i in offsets:
+            lines[i] = lines[i].replace("35", str(len(prefix)))
+        code = "\n".join(lines)
+        source.write_text(code)
+    else:
+        checkpoint = reference / "tiny-llava15-hf"
+        prefix, suffix = prompt_ids()
+        pixel_file, pixel_key = reference / "inputs.safetensors", "pixel_values_0"
+    if name not in ("released", "demo"):  # the three keep_ratio assignments, in layer order
         released = ["keep_ratio = 0.5", "keep_ratio = 0.5", "keep_ratio = 0"]
         head, rest = "", code
         for old, ratio in zip(released, CONFIGS[name]):
@@ -108,8 +127,8 @@ def record(official: Path, reference: Path, out: Path, name: str) -> None:
             head += before + f"keep_ratio = {ratio}"
         code = head + rest
         source.write_text(code)
-    write_tower(reference, work / "tower")
-    model, torch = build(work / "official", reference, work / "tower")
+    write_tower(checkpoint, work / "tower")
+    model, torch = build(work / "official", checkpoint, work / "tower")
     # The released code gathers the kept tokens' original position ids, but transformers 4.37.2 (which
     # it pins) cuts each layer's RoPE table to that layer's key count before indexing it with them: at
     # the first drop, IndexError (position 409 of a 335-row table). The table is handed whole instead,
@@ -144,9 +163,8 @@ def record(official: Path, reference: Path, out: Path, name: str) -> None:
 
     layers = model.model.layers
     handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
-    prefix, suffix = prompt_ids()
     input_ids = torch.tensor([prefix + [-200] + suffix])
-    pixels = load_file(reference / "inputs.safetensors")["pixel_values_0"]
+    pixels = load_file(pixel_file)[pixel_key]
     with torch.no_grad():
         logits = model(input_ids=input_ids, images=pixels).logits[0, -1]
         prefill, boundaries = list(seen), list(calls)
@@ -193,8 +211,9 @@ def record(official: Path, reference: Path, out: Path, name: str) -> None:
     }
     (out / f"v2drop-official-{name}.json").write_text(json.dumps(summary) + "\n")
     save_file(tensors, out / f"v2drop-official-{name}.safetensors")
-    (out / "v2drop-official-inputs.json").write_text(json.dumps({"prefix_ids": prefix, "suffix_ids": suffix,
-                                                                 "pixel_values": "inputs.safetensors:pixel_values_0"}) + "\n")
+    if name != "demo":
+        (out / "v2drop-official-inputs.json").write_text(json.dumps({"prefix_ids": prefix, "suffix_ids": suffix,
+                                                                     "pixel_values": "inputs.safetensors:pixel_values_0"}) + "\n")
     print(name, [(r["layer"], r["n_before"], r["k"], r["margin"]) for r in records], tokens)
 
 

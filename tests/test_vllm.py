@@ -736,14 +736,15 @@ def test_adjacent_boundaries_read_the_rows_the_layer_before_held(saved_llava_dee
 
 def test_a_v2drop_server_computes_nothing_again_at_a_boundary(saved_llava_deep):
     """V2Drop scores each token by how much the layer before changed it, from two residual streams
-    the forward has: its compiled graph records no layer's queries and keys (no ``duet_vlm::attention``
-    operator: ``LanguageStages.scored`` is empty) and its boundaries compute none (the scheme's
+    the forward has, and ApET by the basis tokens' reconstruction of the states entering the layer:
+    their compiled graphs record no layer's queries and keys (no ``duet_vlm::attention`` operator:
+    ``LanguageStages.scored`` is empty) and their boundaries compute none (the scheme's
     ``queries_and_keys`` is never called), where DUET's Stage B computes the boundary layer's."""
     from unittest import mock
 
     folder, _, processor = saved_llava_deep
     seen = {}
-    for method in ("v2drop", "duet"):
+    for method in ("v2drop", "apet", "duet"):
         with engine(folder, {"duet_method": method, "duet_budget": 200}, **LANGUAGE, enforce_eager=False) as llm:
             stages = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model \
                 .duet_language_stages()
@@ -754,6 +755,7 @@ def test_a_v2drop_server_computes_nothing_again_at_a_boundary(saved_llava_deep):
                 _, kept = language_run(llm, processor, [image(1)])
             seen[method] = (stages.scored, computed, [layer for layer, _ in kept[0]])
     assert seen["v2drop"] == (frozenset(), [], [1, 4, 6]), seen["v2drop"]
+    assert seen["apet"] == (frozenset(), [], [4]), seen["apet"]  # its boundary reads the layer's input alone
     # (DUET's second boundary, at 6, keeps no token: nothing is scored there)
     assert seen["duet"][0] == frozenset() and seen["duet"][1] == [4] and seen["duet"][2] == [4, 6], seen["duet"]
 

@@ -197,3 +197,149 @@ def test_bad_options_are_refused(options, message):
 def test_a_plan_needs_a_budget_or_ratios():
     with pytest.raises(ValueError, match="V2Drop needs a budget"):
         V2Drop().plan(LLAVA15)
+
+
+# ----------------------------------------------------------------------------- the official Qwen2-VL path
+def _qwen2vl_recording():
+    """tools/record_v2drop_qwen2vl_official.py, loaded from its file: it defines the recording's tiny
+    Qwen2-VL (``hf_model``, seeded weights) and its inputs (``inputs``), for the recording and here."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "record_v2drop_qwen2vl_official.py"
+    spec = importlib.util.spec_from_file_location("record_v2drop_qwen2vl_official", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _MRopeCalls:
+    """Per call, the M-RoPE positions entering the language model (``entry``, the last three rows:
+    ``generate`` adds a text row first) and each decoder layer's input length and RoPE tables
+    (``layers``, in call order). Registered after a reducer's hooks, it sees what they pass on.
+    transformers 5 hands Qwen2-VL's layers their rotary tables, not position ids."""
+
+    def __init__(self, language_model):
+        self.language_model, self.entry, self.layers = language_model, [], []
+
+    def __enter__(self):
+        def entry(module, args, kwargs):
+            self.entry.append(kwargs["position_ids"][-3:, 0])
+
+        def layer(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.layers.append((hidden.shape[1], kwargs["position_embeddings"]))
+
+        self.handles = [self.language_model.register_forward_pre_hook(entry, with_kwargs=True)]
+        self.handles += [block.register_forward_pre_hook(layer, with_kwargs=True) for block in self.language_model.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+    def clear(self):
+        self.entry.clear()
+        self.layers.clear()
+
+
+def assert_rotary_at(rotary, calls, positions, what):
+    """Each layer call's RoPE tables are exactly the model's rotary at the recorded 3-D positions
+    (``positions[l]``: three rows of position ids, temporal / height / width, for layer ``l``)."""
+    for index, ((_, (cos, sin)), rows) in enumerate(zip(calls, positions)):
+        expected_cos, expected_sin = rotary(cos, torch.tensor(rows).reshape(3, 1, -1))
+        assert torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin), f"{what}: layer {index}"
+
+
+@pytest.mark.parametrize("tower", ["official", "own"])
+def test_replays_the_official_qwen2_vl_run(reference_dir, monkeypatch, tower):
+    """The official Qwen2-VL path (``Qwen2VL_V2Drop/modeling_qwen2_vl_self.py``: layers 3, 16, 22,
+    keep 0.25 / 0.05 / "0" of what remains; tests/data/vectors/README.md) replays under
+    ``make("v2drop", layers=(3, 16, 22), ratios=(0.25, 0.05, 0.0))`` on the recording's tiny
+    Qwen2-VL (28 layers, rebuilt from its seed and checked against the recorded fingerprint) and its
+    image of 192 merged tokens: each boundary's scores and kept tokens (48, then 2, then 1), each
+    layer's length and 3-D M-RoPE positions (kept tokens keep theirs) in the prefill and at every
+    decoding step, the logits (atol 1e-4) and the greedy tokens.
+
+    ``official``: the language model receives the official run's visual tokens (its tower's recorded
+    output), and the scores are within 1e-5 (measured: equal; the logits within 2.4e-7). ``own``: it
+    receives transformers 5's, whose tower differs from the vendored 4.45.0.dev0's by 3.3e-6 (the
+    blocks' attention is implemented differently: float32 rounding; 2.5 the largest feature);
+    carried through three layers that is 2.1e-5 on scores of about 6, so the scores are held to
+    1e-5 plus 1e-5 relative, the LLaVA replay's tolerance."""
+    tool = _qwen2vl_recording()
+    expected = json.loads((reference_dir / "v2drop-official-qwen2vl.json").read_text())
+    tensors = load_file(reference_dir / "v2drop-official-qwen2vl.safetensors")
+    model = tool.hf_model()
+    assert tool.fingerprint(tool.parameters(model)) == expected["model"]["weights_sha256"], "not the recorded weights"
+    input_ids, pixel_values, grid = tool.inputs()
+    assert input_ids[0].tolist() == expected["inputs"]["input_ids"] and grid[0].tolist() == expected["inputs"]["image_grid_thw"]
+    assert tool.fingerprint({"pixel_values": pixel_values}) == expected["inputs"]["pixel_values_sha256"], "not the recorded pixels"
+    inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixel_values,
+                  image_grid_thw=grid, mm_token_type_ids=(input_ids == tool.IMAGE).long())
+    log = []
+    score = HiddenStateChange.score
+
+    def recording(self, view):
+        scores = score(self, view)
+        log.append((view.layer_index, scores[0, 0]))
+        return scores
+
+    monkeypatch.setattr(HiddenStateChange, "score", recording)
+    layers, ratios = tuple(expected["layers"]), tuple(expected["keep_ratios"])
+    assert (layers, ratios) == ((3, 16, 22), (0.25, 0.05, 0.0))
+    reducer = make("v2drop", layers=layers, ratios=ratios)
+    language_model = model.model.language_model
+    visual = model.model.visual
+    with torch.no_grad():
+        own = visual(pixel_values, grid_thw=grid)
+        own = own if isinstance(own, torch.Tensor) else own.pooler_output
+    torch.testing.assert_close(own, tensors["visual_features"], atol=1e-5, rtol=0)
+    if tower == "official":  # (this test's own model: the hook goes with it)
+        def recorded(module, args, output):
+            if isinstance(output, torch.Tensor):
+                return tensors["visual_features"].clone()
+            output.pooler_output = tensors["visual_features"].clone()
+            return output
+
+        visual.register_forward_hook(recorded)
+    with torch.no_grad(), reducer(model), _MRopeCalls(language_model) as seen:
+        logits = model(**inputs).logits[0, -1]
+        prefill, entry, boundaries = list(seen.layers), seen.entry[0], list(log)
+        stats = reducer.stats
+        seen.clear()
+        generated = model.generate(**inputs, max_new_tokens=5, do_sample=False, output_scores=True,
+                                   return_dict_in_generate=True, eos_token_id=tool.EOS, pad_token_id=tool.PAD)
+    assert [layer for layer, _ in boundaries] == list(layers)
+    for (layer, scores), boundary in zip(boundaries, expected["boundaries"]):
+        assert boundary["layer"] == layer and scores.shape[0] == boundary["n_before"]
+        torch.testing.assert_close(scores, tensors[f"scores_layer{layer}"], atol=1e-5, rtol=0 if tower == "official" else 1e-5)
+    assert [stats.tokens_per_layer[layer] for layer in layers] == [b["k"] for b in expected["boundaries"]] == [48, 2, 1]
+    # the official record numbers the kept tokens among those that entered the boundary; here they are
+    # numbered in the image's block of 192
+    entered = torch.arange(expected["boundaries"][0]["n_before"])
+    assert [layer for layer, _ in stats.stage_kept] == list(layers)
+    for (_, ids), boundary in zip(stats.stage_kept, expected["boundaries"]):
+        assert ids[0, 0].tolist() == entered[boundary["kept_rel_sorted"]].tolist()
+        entered = ids[0, 0]
+    # the prefill: lengths, the positions entering the language model, each layer's RoPE
+    rotary = language_model.rotary_emb
+    assert [length for length, _ in prefill] == expected["prefill_per_layer_seq_len"]
+    assert entry.tolist() == expected["prefill_per_layer_position_ids"][0]
+    assert_rotary_at(rotary, prefill, expected["prefill_per_layer_position_ids"], "prefill")
+    torch.testing.assert_close(logits, tensors["prefill_last_logits"], atol=1e-4, rtol=0)
+    # generate: its prefill, then each decoding step's positions (continuing the unreduced numbering)
+    assert generated.sequences[0, input_ids.shape[1]:].tolist() == expected["greedy_new_tokens"]
+    for step, scores in enumerate(generated.scores):
+        torch.testing.assert_close(scores[0], tensors[f"gen_step{step}_logits"], atol=1e-4, rtol=0)
+    count = len(language_model.layers)
+    calls = [seen.layers[k * count : (k + 1) * count] for k in range(len(generated.scores))]
+    assert [length for length, _ in calls[0]] == expected["generate_prefill_per_layer_seq_len"]
+    assert_rotary_at(rotary, calls[0], expected["prefill_per_layer_position_ids"], "generate's prefill")
+    assert len(calls[1:]) == len(expected["decode_step_position_ids_per_layer"]) == 4
+    for step, (call, lengths, positions) in enumerate(zip(
+        calls[1:], expected["decode_step_seq_len_per_layer"], expected["decode_step_position_ids_per_layer"]), start=1,
+    ):
+        assert [length for length, _ in call] == lengths
+        assert seen.entry[step].reshape(-1).tolist() == positions[0]
+        assert_rotary_at(rotary, call, [[[axis] for axis in rows] for rows in positions], f"decoding step {step}")

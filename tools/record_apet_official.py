@@ -31,8 +31,9 @@ import json
 import shutil
 import sys
 import tempfile
-import types
 from pathlib import Path
+
+import official_recording as shared  # (this folder: the script's own, first on the path)
 
 COMMIT = "70cc01b215f4d74c5661c699919fe3aeda48bed0"
 SEED = 80
@@ -49,62 +50,18 @@ HALF_CASTS = {  # file -> (released, replaced): each line occurs once in its fil
 
 
 def prompt_ids() -> tuple[list[int], list[int]]:
-    import torch
-
-    generator = torch.Generator().manual_seed(SEED)
-    ids = torch.randint(2, 900, (PREFIX + SUFFIX,), generator=generator).tolist()
-    return ids[:PREFIX], ids[PREFIX:]
-
-
-def write_tower(checkpoint: Path, folder: Path) -> None:
-    """The tiny model's CLIP tower in transformers 4.37's layout, for the official tower to load."""
-    from safetensors.torch import load_file
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
-
-    config = json.loads((checkpoint / "config.json").read_text())["vision_config"]
-    tower = CLIPVisionModel(CLIPVisionConfig(**{k: v for k, v in config.items() if k != "model_type"}))
-    weights = load_file(checkpoint / "model.safetensors")
-    state = {"vision_model." + k.removeprefix("vision_tower."): v for k, v in weights.items() if k.startswith("vision_tower.")}
-    missing, unexpected = tower.load_state_dict(state, strict=False)
-    assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
-    tower.save_pretrained(folder)
-    CLIPImageProcessor(crop_size=336, size=336).save_pretrained(folder)
+    return shared.prompt_ids(SEED, PREFIX, SUFFIX)
 
 
 def build(official: Path, checkpoint: Path, tower: Path, visual_tokens: int):
     sys.path.insert(0, str(official))
     import torch
-    from safetensors.torch import load_file
 
     from llava.model.language_model.llava_llama_x import LlavaConfig, LlavaLlamaForCausalLM_X
 
-    whole = json.loads((checkpoint / "config.json").read_text())
-    text = whole["text_config"]
-    config = LlavaConfig(
-        vocab_size=text["vocab_size"], hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
-        num_hidden_layers=text["num_hidden_layers"], num_attention_heads=text["num_attention_heads"],
-        num_key_value_heads=text["num_key_value_heads"], rms_norm_eps=text["rms_norm_eps"],
-        rope_theta=text["rope_parameters"]["rope_theta"], max_position_embeddings=text["max_position_embeddings"],
-        tie_word_embeddings=False, mm_vision_tower=str(tower), mm_hidden_size=whole["vision_config"]["hidden_size"], mm_projector_type="mlp2x_gelu",
-        mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_patch_merge_type="flat",
-        mm_use_im_start_end=False, mm_use_im_patch_token=False, image_aspect_ratio="pad",
-    )
-    config._attn_implementation = "sdpa"
-    model = LlavaLlamaForCausalLM_X(config, visual_token_num=visual_tokens, selected_indices=[])
-    vision = model.get_vision_tower()
-    if not vision.is_loaded:  # (built with delay_load, as the official builder loads it)
-        vision.load_model()
-    weights = load_file(checkpoint / "model.safetensors")
-    names = {"multi_modal_projector.linear_1.": "model.mm_projector.0.", "multi_modal_projector.linear_2.": "model.mm_projector.2.",
-             "language_model.model.": "model.", "language_model.lm_head.": "lm_head."}
-    state = {}
-    for key, value in weights.items():
-        for old, new in names.items():
-            if key.startswith(old):
-                state[new + key[len(old):]] = value
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.startswith("model.vision_tower.") for k in missing), (missing, unexpected)
-    return model.eval(), torch
+    model = shared.build(LlavaConfig, LlavaLlamaForCausalLM_X, checkpoint, tower, visual_token_num=visual_tokens,
+                                 selected_indices=[])
+    return model, torch
 
 
 def record(official: Path, reference: Path, out: Path, name: str) -> None:
@@ -126,7 +83,7 @@ def record(official: Path, reference: Path, out: Path, name: str) -> None:
         checkpoint = reference / "tiny-llava15-hf"
         prefix, suffix = prompt_ids()
         pixel_file, pixel_key = reference / "inputs.safetensors", "pixel_values_0"
-    write_tower(checkpoint, work / "tower")
+    shared.write_tower(checkpoint, work / "tower")
     visual_tokens, inner = CONFIGS[name]
     model, torch = build(work / "official", checkpoint, work / "tower", visual_tokens)
     # as the official eval scripts set them (model_vqa*.py)
@@ -137,7 +94,7 @@ def record(official: Path, reference: Path, out: Path, name: str) -> None:
 
     from llava.model import llava_arch, modeling_llama_x
 
-    fps_calls, topk_calls = [], []
+    fps_calls = []
     for module in (llava_arch, modeling_llama_x):
         fps = module.fps
 
@@ -146,14 +103,8 @@ def record(official: Path, reference: Path, out: Path, name: str) -> None:
             fps_calls.append((x.detach().clone(), k, result.clone()))
             return result
 
-        def topk(scores, k, dim=-1, largest=True):
-            result = torch.topk(scores, k=k, dim=dim, largest=largest)
-            topk_calls.append((scores.detach().clone(), k, result.indices.clone()))
-            return result
-
         module.fps = logged_fps
-        module.torch = types.SimpleNamespace(**{n: getattr(torch, n) for n in dir(torch) if not n.startswith("__")})
-        module.torch.topk = topk
+    vision_calls, inner_calls = shared.log_topk(llava_arch), shared.log_topk(modeling_llama_x)
     seen, projector_inputs = [], []
 
     def hook(module, args, kwargs):
@@ -171,7 +122,7 @@ def record(official: Path, reference: Path, out: Path, name: str) -> None:
     with torch.no_grad():
         torch.manual_seed(SEED)
         logits = model(input_ids=input_ids, images=pixels, return_dict=True).logits[0, -1]
-        prefill, stages, draws, merged_input = list(seen), list(topk_calls), list(fps_calls), projector_inputs[0]
+        prefill, stages, draws, merged_input = list(seen), vision_calls + inner_calls, list(fps_calls), projector_inputs[0]
         seen.clear()
         torch.manual_seed(SEED)
         generated = model.generate(input_ids, images=pixels, max_new_tokens=5, do_sample=False,
@@ -222,11 +173,4 @@ def record(official: Path, reference: Path, out: Path, name: str) -> None:
 
 
 if __name__ == "__main__":
-    official_dir, reference_dir = Path(sys.argv[1]), Path(sys.argv[2])
-    if len(sys.argv) > 3:  # one configuration, in a process of its own (each imports its own copy of the code)
-        record(official_dir, reference_dir, reference_dir, sys.argv[3])
-    else:
-        import subprocess
-
-        for config in CONFIGS:
-            subprocess.run([sys.executable, __file__, *sys.argv[1:3], config], check=True)
+    shared.main(__file__, record, CONFIGS)

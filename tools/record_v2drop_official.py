@@ -26,8 +26,9 @@ import json
 import shutil
 import sys
 import tempfile
-import types
 from pathlib import Path
+
+import official_recording as shared  # (this folder: the script's own, first on the path)
 
 COMMIT = "219e03ede8cf6a70d1534903fa238b13dd900bbb"
 PREFIX, SUFFIX = 35, 12  # the official code's image offset (LLaVA-1.5's system prompt) and a question
@@ -37,64 +38,16 @@ SOURCE = "llava/model/language_model/V2Drop.py"
 
 
 def prompt_ids() -> tuple[list[int], list[int]]:
-    import torch
-
-    generator = torch.Generator().manual_seed(79)
-    ids = torch.randint(2, 900, (PREFIX + SUFFIX,), generator=generator).tolist()
-    return ids[:PREFIX], ids[PREFIX:]
-
-
-def write_tower(checkpoint: Path, folder: Path) -> None:
-    """The tiny model's CLIP tower in transformers 4.37's layout, for the official tower to load."""
-    import torch
-    from safetensors.torch import load_file
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
-
-    config = json.loads((checkpoint / "config.json").read_text())["vision_config"]
-    tower = CLIPVisionModel(CLIPVisionConfig(**{k: v for k, v in config.items() if k != "model_type"}))
-    weights = load_file(checkpoint / "model.safetensors")
-    state = {"vision_model." + k.removeprefix("vision_tower."): v for k, v in weights.items() if k.startswith("vision_tower.")}
-    missing, unexpected = tower.load_state_dict(state, strict=False)
-    assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
-    tower.save_pretrained(folder)
-    CLIPImageProcessor(crop_size=336, size=336).save_pretrained(folder)
-    del torch
+    return shared.prompt_ids(79, PREFIX, SUFFIX)
 
 
 def build(official: Path, checkpoint: Path, tower: Path):
     sys.path.insert(0, str(official))
     import torch
-    from safetensors.torch import load_file
 
     from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 
-    whole = json.loads((checkpoint / "config.json").read_text())
-    text = whole["text_config"]
-    config = LlavaConfig(
-        vocab_size=text["vocab_size"], hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
-        num_hidden_layers=text["num_hidden_layers"], num_attention_heads=text["num_attention_heads"],
-        num_key_value_heads=text["num_key_value_heads"], rms_norm_eps=text["rms_norm_eps"],
-        rope_theta=text["rope_parameters"]["rope_theta"], max_position_embeddings=text["max_position_embeddings"],
-        tie_word_embeddings=False, mm_vision_tower=str(tower), mm_hidden_size=whole["vision_config"]["hidden_size"], mm_projector_type="mlp2x_gelu",
-        mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_patch_merge_type="flat",
-        mm_use_im_start_end=False, mm_use_im_patch_token=False, image_aspect_ratio="pad",
-    )
-    config._attn_implementation = "sdpa"
-    model = LlavaLlamaForCausalLM(config)
-    tower = model.get_vision_tower()
-    if not tower.is_loaded:  # (built with delay_load, as the official builder.load_pretrained_model loads it)
-        tower.load_model()
-    weights = load_file(checkpoint / "model.safetensors")
-    names = {"multi_modal_projector.linear_1.": "model.mm_projector.0.", "multi_modal_projector.linear_2.": "model.mm_projector.2.",
-             "language_model.model.": "model.", "language_model.lm_head.": "lm_head."}
-    state = {}
-    for key, value in weights.items():
-        for old, new in names.items():
-            if key.startswith(old):
-                state[new + key[len(old):]] = value
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.startswith("model.vision_tower.") for k in missing), (missing, unexpected)
-    return model.eval(), torch
+    return shared.build(LlavaConfig, LlavaLlamaForCausalLM, checkpoint, tower), torch
 
 
 def record(official: Path, reference: Path, out: Path, name: str) -> None:
@@ -127,7 +80,7 @@ def record(official: Path, reference: Path, out: Path, name: str) -> None:
             head += before + f"keep_ratio = {ratio}"
         code = head + rest
         source.write_text(code)
-    write_tower(checkpoint, work / "tower")
+    shared.write_tower(checkpoint, work / "tower")
     model, torch = build(work / "official", checkpoint, work / "tower")
     # The released code gathers the kept tokens' original position ids, but transformers 4.37.2 (which
     # it pins) cuts each layer's RoPE table to that layer's key count before indexing it with them: at
@@ -146,15 +99,7 @@ def record(official: Path, reference: Path, out: Path, name: str) -> None:
 
     from llava.model.language_model import V2Drop as official_module
 
-    calls = []
-
-    def topk(scores, k, largest=True):
-        result = torch.topk(scores, k=k, largest=largest)
-        calls.append((scores.detach().clone(), k, result.indices.clone()))
-        return result
-
-    official_module.torch = types.SimpleNamespace(**{n: getattr(torch, n) for n in dir(torch) if not n.startswith("__")})
-    official_module.torch.topk = topk
+    calls = shared.log_topk(official_module)
     seen = []
 
     def hook(module, args, kwargs):
@@ -185,13 +130,8 @@ def record(official: Path, reference: Path, out: Path, name: str) -> None:
     tokens = generated.sequences[0].tolist()
     if tokens and tokens[0] == 1:  # generate from inputs_embeds puts BOS first in transformers 4.37
         tokens = tokens[1:]
-    records, tensors = [], {"prefill_last_logits": logits.contiguous()}
-    for (scores, k, indices), layer in zip(boundaries, (3, 17, 22)):
-        ordered = scores.sort(descending=True).values
-        records.append({"layer": layer, "n_before": scores.shape[0], "k": k,
-                        "kept_rel_sorted": sorted(indices.tolist()),
-                        "margin": float(ordered[k - 1] - ordered[k]) if k < scores.shape[0] else None})
-        tensors[f"scores_layer{layer}"] = scores.contiguous()
+    records, tensors = shared.boundary_records(boundaries, (3, 17, 22))
+    tensors = {"prefill_last_logits": logits.contiguous(), **tensors}
     for step, scores in enumerate(generated.scores):
         tensors[f"gen_step{step}_logits"] = scores[0].contiguous()
     import transformers
@@ -218,11 +158,4 @@ def record(official: Path, reference: Path, out: Path, name: str) -> None:
 
 
 if __name__ == "__main__":
-    official_dir, reference_dir = Path(sys.argv[1]), Path(sys.argv[2])
-    if len(sys.argv) > 3:  # one configuration, in a process of its own (each imports its own copy of the code)
-        record(official_dir, reference_dir, reference_dir, sys.argv[3])
-    else:
-        import subprocess
-
-        for config in CONFIGS:
-            subprocess.run([sys.executable, __file__, *sys.argv[1:3], config], check=True)
+    shared.main(__file__, record, CONFIGS)

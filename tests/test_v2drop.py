@@ -262,7 +262,9 @@ def test_replays_the_official_qwen2_vl_run(reference_dir, monkeypatch, tower):
     decoding step, the logits (atol 1e-4) and the greedy tokens.
 
     ``official``: the language model receives the official run's visual tokens (its tower's recorded
-    output), and the scores are within 1e-5 (measured: equal; the logits within 2.4e-7). ``own``: it
+    output), and the scores are within 1e-5 plus 1e-5 relative (measured on the recording's Intel CPU:
+    equal, the logits within 2.4e-7; on an AMD EPYC 1.05e-5 apart on a score of 5.9, its kernels
+    rounding otherwise). ``own``: it
     receives transformers 5's, whose tower differs from the vendored 4.45.0.dev0's by 3.3e-6 (the
     blocks' attention is implemented differently: float32 rounding; 2.5 the largest feature);
     carried through three layers that is 2.1e-5 on scores of about 6, so the scores are held to
@@ -313,7 +315,7 @@ def test_replays_the_official_qwen2_vl_run(reference_dir, monkeypatch, tower):
     assert [layer for layer, _ in boundaries] == list(layers)
     for (layer, scores), boundary in zip(boundaries, expected["boundaries"]):
         assert boundary["layer"] == layer and scores.shape[0] == boundary["n_before"]
-        torch.testing.assert_close(scores, tensors[f"scores_layer{layer}"], atol=1e-5, rtol=0 if tower == "official" else 1e-5)
+        torch.testing.assert_close(scores, tensors[f"scores_layer{layer}"], atol=1e-5, rtol=1e-5)
     assert [stats.tokens_per_layer[layer] for layer in layers] == [b["k"] for b in expected["boundaries"]] == [48, 2, 1]
     # the official record numbers the kept tokens among those that entered the boundary; here they are
     # numbered in the image's block of 192

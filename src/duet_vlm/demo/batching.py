@@ -17,6 +17,7 @@ import torch
 
 from ..training.data import VisionLanguageCollator
 from .. import synthetic
+from .geometry import LLAVA, Geometry
 from .processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 N_IMAGE_TOKENS = synthetic.GRID * synthetic.GRID
@@ -54,16 +55,17 @@ def encode_conversation(tokenizer, turns, image_token_id: int) -> tuple[list[int
     return ids, labels
 
 
-def encode_packed(tokenizer, turns, image_token_id: int):
+def encode_packed(tokenizer, turns, image_token_id: int, geometry: Geometry = LLAVA):
     """Several independent single-turn questions sharing one image prefix.
 
     Returns ``(ids, labels, segments, positions)``: the prefix ``<s> USER: <image>*576`` has
     segment 0, question ``k`` (``\\nQ ASSISTANT: A</s>``) segment ``k + 1`` and position ids that
     restart right after the prefix, so with :func:`packed_attention_mask` every question sees
     exactly what it would see alone: training on 16 questions costs one image forward, and no
-    answer leaks into another question.
+    answer leaks into another question. ``geometry``: the architecture's prefix (Qwen's image sits
+    between ``<|vision_start|>`` and ``<|vision_end|>``); positions are 1-D here (``Geometry.positions``).
     """
-    prefix = [tokenizer.bos_token_id] + _encode(tokenizer, "USER:") + [image_token_id] * N_IMAGE_TOKENS
+    prefix = geometry.prefix(tokenizer, image_token_id, _encode)
     ids, labels = list(prefix), [-100] * len(prefix)
     segments, positions = [0] * len(prefix), list(range(len(prefix)))
     for k, (_qtype, q, a) in enumerate(turns):
@@ -87,9 +89,9 @@ def packed_attention_mask(segments: torch.Tensor) -> torch.Tensor:
     return allowed[:, None]
 
 
-def aux_targets(scene) -> dict[str, torch.Tensor]:
-    """Per-patch colour / shape / character ids and the scene's multi-hot labels (``AuxHeads``)."""
-    targets = {k: torch.from_numpy(v) for k, v in synthetic.patch_labels(scene).items()}
+def aux_targets(scene, geometry: Geometry = LLAVA) -> dict[str, torch.Tensor]:
+    """Per-token colour / shape / character ids and the scene's multi-hot labels (``AuxHeads``)."""
+    targets = {k: torch.from_numpy(v) for k, v in geometry.token_targets(synthetic.patch_labels(scene)).items()}
     targets["scene"] = torch.from_numpy(synthetic.scene_labels(scene))
     return targets
 
@@ -138,24 +140,27 @@ def required_patches(scene, turns) -> list[np.ndarray]:
     return out
 
 
-def _stack(arrays: list[np.ndarray], shape: tuple[int, ...], dtype) -> torch.Tensor:
-    return torch.from_numpy(np.stack(arrays) if arrays else np.zeros((0, *shape), dtype))
+def _stack(arrays: list[np.ndarray], shape: tuple[int, ...], dtype) -> np.ndarray:
+    return np.stack(arrays) if arrays else np.zeros((0, *shape), dtype)
 
 
-def encode_item(tokenizer, image_token_id: int, image, turns, scene) -> dict[str, torch.Tensor]:
-    """One training item: model inputs (packed questions) and the objectives' targets."""
-    ids, labels, segments, positions = encode_packed(tokenizer, [t[:3] for t in turns], image_token_id)
+def encode_item(tokenizer, image_token_id: int, image, turns, scene, geometry: Geometry = LLAVA) -> dict[str, torch.Tensor]:
+    """One training item: model inputs (packed questions) and the objectives' targets (per visual token)."""
+    ids, labels, segments, positions = encode_packed(tokenizer, [t[:3] for t in turns], image_token_id, geometry)
+    token_targets = geometry.token_targets({
+        "ground_target": _stack(grounding_targets(scene, turns), (4, N_IMAGE_TOKENS), bool),
+        "required": _stack(required_patches(scene, turns), (N_IMAGE_TOKENS,), np.int8)})
     # each answer's first token is predicted by the position before it
     queries = [t - 1 for t in range(1, len(ids)) if labels[t] != -100 and labels[t - 1] == -100]
     item = {
         "input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), dtype=torch.long),
         "labels": torch.tensor(labels), "position_ids": torch.tensor(positions), "segments": torch.tensor(segments),
-        "pixel_values": pixel_values([image]),
+        **geometry.image_inputs(pixel_values([image])),
         "ground_query": torch.tensor(queries, dtype=torch.long).reshape(-1),
-        "ground_target": _stack(grounding_targets(scene, turns), (4, N_IMAGE_TOKENS), bool),
-        "required": _stack(required_patches(scene, turns), (N_IMAGE_TOKENS,), np.int8),
+        "ground_target": torch.from_numpy(token_targets["ground_target"]),
+        "required": torch.from_numpy(token_targets["required"]),
     }
-    item.update(aux_targets(scene))
+    item.update(aux_targets(scene, geometry))
     return item
 
 
@@ -178,8 +183,8 @@ class DemoQADataset(torch.utils.data.Dataset):
 
     def __init__(self, tokenizer, image_token_id: int, n_items: int, n_questions: int = 16, balanced: bool = True,
                  curriculum: Sequence[tuple[int, int]] = (), batch_size: int = 1, curriculum_start: int = 0,
-                 offset: int = 0, split: str = "train"):
-        self.tokenizer, self.image_token_id, self.n_items = tokenizer, image_token_id, n_items
+                 offset: int = 0, split: str = "train", geometry: Geometry = LLAVA):
+        self.tokenizer, self.image_token_id, self.n_items, self.geometry = tokenizer, image_token_id, n_items, geometry
         self.n_questions, self.balanced, self.curriculum = n_questions, balanced, list(curriculum)
         self.batch_size, self.curriculum_start, self.offset, self.split = batch_size, curriculum_start, offset, split
 
@@ -195,7 +200,7 @@ class DemoQADataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image, turns, scene = synthetic.conversation(self.split, self.offset + index, self.n_questions,
                                                 self.max_objects(index), balanced=self.balanced, with_params=True)
-        return encode_item(self.tokenizer, self.image_token_id, image, turns, scene)
+        return encode_item(self.tokenizer, self.image_token_id, image, turns, scene, self.geometry)
 
 
 def split_batch(batch: dict) -> tuple[dict, dict]:
@@ -205,7 +210,8 @@ def split_batch(batch: dict) -> tuple[dict, dict]:
 
 
 def make_batch(tokenizer, image_token_id: int, step: int, batch_size: int, n_questions: int,
-               split: str = "train", max_objects: int | None = None, balanced: bool = False):
+               split: str = "train", max_objects: int | None = None, balanced: bool = False,
+               geometry: Geometry = LLAVA):
     """``(batch, aux)`` of training images ``step * batch_size ...``: model inputs (with
     ``position_ids`` and ``segments``) and the objectives' targets, ``ground_query`` (B, Q) the
     position that predicts each answer (-1 = none), ``ground_target`` (B, Q, 4, 576) and
@@ -214,17 +220,19 @@ def make_batch(tokenizer, image_token_id: int, step: int, batch_size: int, n_que
     for b in range(batch_size):
         image, turns, scene = synthetic.conversation(split, step * batch_size + b, n_questions, max_objects,
                                                 balanced=balanced, with_params=True)
-        items.append(encode_item(tokenizer, image_token_id, image, turns, scene))
+        items.append(encode_item(tokenizer, image_token_id, image, turns, scene, geometry))
     return split_batch(demo_collator(tokenizer)(items))
 
 
-def vision_batch(step: int, batch_size: int, offset: int):
-    """``(auxiliary targets, pixel values)`` of ``batch_size`` fresh scenes (no questions)."""
+def vision_batch(step: int, batch_size: int, offset: int, geometry: Geometry = LLAVA):
+    """``(auxiliary targets, image inputs)`` of ``batch_size`` fresh scenes (no questions): for LLaVA the
+    image inputs are the pixel values, for another geometry its ``image_inputs`` dict."""
     images, labels = [], defaultdict(list)
     for b in range(batch_size):
         rng = synthetic.rng_for("train", offset + step * batch_size + b, stream=2)
         scene = synthetic.make_scene(rng)
         images.append(synthetic.render_scene(scene, rng))
-        for k, v in aux_targets(scene).items():
+        for k, v in aux_targets(scene, geometry).items():
             labels[k].append(v)
-    return {k: torch.stack(v) for k, v in labels.items()}, pixel_values(images)
+    pixels = pixel_values(images)
+    return {k: torch.stack(v) for k, v in labels.items()}, pixels if geometry is LLAVA else geometry.image_inputs(pixels)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 from ..training.config import RecipeConfig
+from .geometry import ARCHITECTURES
 from .objectives import SubsetMix
 
 
@@ -60,15 +61,18 @@ class DemoConfig(RecipeConfig):
     ground_heads: int = _help("Grounding heads per layer (1-4: named objects, relation's first object, counted "
                               "objects, relation's second object).", 4)
     # ---- visual subsets (method-neutral; see duet_vlm.demo.objectives.SubsetMix)
-    full_share: float = _help("Relative frequency of visual-QA steps with all 576 patches.", 0.2)
+    full_share: float = _help("Relative frequency of visual-QA steps with all visual tokens.", 0.2)
     random_share: float = _help("... with a uniformly random subset of --random-min..--random-max patches.", 0.35)
-    pool2_share: float = _help("... with the patch grid average-pooled 2x2 (144 tokens).", 0.2)
-    pool3_share: float = _help("... with the patch grid average-pooled 3x3 (64 tokens).", 0.25)
-    random_min: int = _help("Fewest patches of a random subset.", 64)
-    random_max: int = _help("Most patches of a random subset.", 256)
+    pool2_share: float = _help("... with the token grid average-pooled 2x2 (144 tokens of 576, 36 of 144).", 0.2)
+    pool3_share: float = _help("... with the token grid average-pooled 3x3 (64 tokens of 576, 16 of 144).", 0.25)
+    random_min: int = _help("Fewest patches of a random subset, of 576 (a model with fewer visual tokens keeps the same share).", 64)
+    random_max: int = _help("Most patches of a random subset, of 576 (scaled as --random-min).", 256)
     renumber_share: float = _help("Share of reduced rows whose visual tokens get contiguous positions.", 0.5)
     shuffle_share: float = _help("Share of the renumbered rows whose visual tokens also come in a random order.", 0.5)
     # ---- model
+    architecture: str = _help("The demo model's architecture: 'llava' (LLaVA-1.5's: CLIP with a CLS token, 576 visual "
+                              "tokens) or 'qwen2_5_vl' (Qwen2.5-VL's: no CLS token, a 2x2 merger, 144 visual tokens, "
+                              "M-RoPE; needs --renumber-share 0).", "llava")
     model_overrides: str = _help("JSON dict of demo_config overrides, e.g. '{\"text_layers\": 2}' (tests).", "")
     # ---- running (none of these changes the trained weights)
     threads: str = _help("torch threads: an integer, or 'auto' (2, dropping to 1 while the machine is busy).", "auto")
@@ -90,6 +94,12 @@ class DemoConfig(RecipeConfig):
         self.overrides()
         if not 1 <= self.ground_heads <= 4:
             raise ValueError(f"--ground-heads must be 1-4, got {self.ground_heads}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"--architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
+        if self.architecture != "llava" and self.renumber_share:
+            raise ValueError(f"--architecture {self.architecture}: visual tokens keep their M-RoPE positions under every "
+                             "method (the runtime refuses renumbering there), so the recipe does not renumber either: "
+                             "pass --renumber-share 0")
         if not 1 <= self.random_min <= self.random_max <= 576:
             raise ValueError(f"need 1 <= --random-min <= --random-max <= 576, got {self.random_min}, {self.random_max}")
 

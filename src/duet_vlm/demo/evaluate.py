@@ -19,9 +19,13 @@ from typing import Callable
 import torch
 
 from .. import synthetic
-from .processor import prompt
+from .processor import IMAGE, prompt
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
+#: The second demo model (Qwen2.5-VL's architecture: no CLS token, a 2x2 merger, M-RoPE).
+QWEN_DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_model_qwen2_5_vl"
+#: The shipped demo models by name (``duet-vlm demo --model``, ``duet-vlm eval --model``).
+DEMO_MODELS = {"llava": DEMO_MODEL_DIR, "qwen2_5_vl": QWEN_DEMO_MODEL_DIR}
 
 
 def normalise_answer(text: str) -> str:
@@ -36,20 +40,43 @@ def normalise_answer(text: str) -> str:
 _normalise = normalise_answer  # the name test_lmms_eval and older notebooks import
 
 
+def demo_model_dir(name_or_path: str | os.PathLike | None = None) -> Path:
+    """The folder of a shipped demo model by name (``DEMO_MODELS``: ``"llava"``, the default, or
+    ``"qwen2_5_vl"``), or ``name_or_path`` itself."""
+    if name_or_path is None:
+        return DEMO_MODEL_DIR
+    return DEMO_MODELS.get(str(name_or_path), Path(name_or_path))
+
+
 def load_demo(path: str | os.PathLike | None = None):
-    """``(model, processor)`` of the shipped demo model, or of the exported model at ``path``.
+    """``(model, processor)`` of a shipped demo model (``None``: the first; or a name of ``DEMO_MODELS``),
+    or of the exported model at ``path``.
 
     >>> model, processor = load_demo()                                  # doctest: +SKIP
+    >>> model, processor = load_demo("qwen2_5_vl")                      # doctest: +SKIP
     """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
-    path = Path(path) if path is not None else DEMO_MODEL_DIR
+    from ..compare import load_processor
+
+    path = demo_model_dir(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no demo model at {path}: train one with `duet-vlm train-demo`")
-    model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa")
-    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa")
+    processor = load_processor(str(path))
     model.eval()
     return model, processor
+
+
+def question_prompt(processor, question: str) -> str:
+    """The single-turn prompt a demo model was trained on, for its processor: ``USER: <image>\n{question}
+    ASSISTANT:`` (Qwen's ``<|vision_start|><|image_pad|><|vision_end|>`` for ``<image>``)."""
+    image_token = getattr(processor, "image_token", IMAGE)
+    if image_token == IMAGE:
+        return prompt(question)
+    from .qwen import qwen_prompt
+
+    return qwen_prompt(question)
 
 
 def row_tokens(reducer, rows: int) -> list[float]:
@@ -94,7 +121,7 @@ def evaluate_accuracy(model, processor, split: str = "test", n: int = 700, blank
         for lo in range(start, start + n, batch_size):
             samples = [synthetic.sample(split, i) for i in range(lo, min(lo + batch_size, start + n))]
             images = [blank if blank is not None else s.image for s in samples]
-            inputs = processor(images=images, text=[prompt(s.question) for s in samples],
+            inputs = processor(images=images, text=[question_prompt(processor, s.question) for s in samples],
                                padding=True, return_tensors="pt")
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -149,12 +176,13 @@ def patch_word_probe(model, tokenizer, n_images: int = 64, seed_offset: int = 60
     {'color': 0.99, 'shape': 0.97, 'char': 1.0}
     """
     from .batching import vision_batch
+    from .geometry import geometry_of
     from .objectives import answer_words, image_features
 
     words = answer_words(tokenizer)
     hits, counts = defaultdict(int), defaultdict(int)
     for chunk in range(0, n_images, 16):
-        labels, pixels = vision_batch(chunk // 16, min(16, n_images - chunk), seed_offset)
+        labels, pixels = vision_batch(chunk // 16, min(16, n_images - chunk), seed_offset, geometry_of(model))
         feats, _ = image_features(model, pixels)
         logits = model.lm_head(model.model.language_model.norm(feats))
         for name in ("color", "shape", "char"):

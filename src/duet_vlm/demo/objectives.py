@@ -26,6 +26,7 @@ from ..adapters.scheme import rotate_like
 from ..methods.pool import pooled_centres
 from .. import synthetic
 from .batching import N_IMAGE_TOKENS, packed_attention_mask
+from .geometry import LLAVA, Geometry, geometry_of
 
 ORDERS = ("original", "contiguous", "shuffled")
 
@@ -34,19 +35,25 @@ ORDERS = ("original", "contiguous", "shuffled")
 
 @dataclass(frozen=True)
 class VisualSubset:
-    """The visual tokens of one training step: ``kind`` "full", "random" (``size`` = patches kept)
-    or "pool" (``size`` = window side; 24 / size cells per side)."""
+    """The visual tokens of one training step: ``kind`` "full", "random" (``size`` = patches kept, of
+    576: a model with fewer tokens keeps the same share of them) or "pool" (``size`` = window side;
+    ``grid / size`` cells per side)."""
 
     kind: str = "full"
     size: int = N_IMAGE_TOKENS
 
     @property
     def tokens(self) -> int:
+        """Visual tokens on the first demo model's 24x24 grid."""
+        return self.count(synthetic.GRID)
+
+    def count(self, grid: int) -> int:
+        """Visual tokens this subset keeps of a ``grid x grid`` image."""
         if self.kind == "random":
-            return self.size
+            return max(1, round(self.size * grid * grid / N_IMAGE_TOKENS))
         if self.kind == "pool":
-            return (synthetic.GRID // self.size) ** 2
-        return N_IMAGE_TOKENS
+            return (grid // self.size) ** 2
+        return grid * grid
 
 
 FULL = VisualSubset()
@@ -89,27 +96,29 @@ class SubsetMix:
 
 def select_visual(patch_features: torch.Tensor, projector: nn.Module, subset: VisualSubset,
                   orders: list[str], generator: torch.Generator | None = None):
-    """``(tokens (B, k, H), slot_patch (B, k), assign (B, 576, k))``: the projected visual tokens
+    """``(tokens (B, k, H), slot_patch (B, k), assign (B, n, k))``: the projected visual tokens
     of ``subset``, the patch whose position id each token keeps in "original" order, and which
     patches each token stands for (one for a kept patch, the window's for a pooled cell).
 
-    ``patch_features`` are pre-projector (B, 576, Hv): pooled cells average them before projecting.
+    ``patch_features`` are pre-projector (B, n, Hv), ``n`` a square (576 patches, or Qwen's 144 merged
+    tokens, whose projector is the identity): pooled cells average them before projecting.
     """
     B, n, _ = patch_features.shape
+    side = int(round(n ** 0.5))
     device = patch_features.device
     if subset.kind == "pool":
-        g = synthetic.GRID // subset.size
-        grid = patch_features.transpose(1, 2).reshape(B, -1, synthetic.GRID, synthetic.GRID)
+        g = side // subset.size
+        grid = patch_features.transpose(1, 2).reshape(B, -1, side, side)
         pooled = F.avg_pool2d(grid, subset.size).flatten(2).transpose(1, 2)
         tokens = projector(pooled)
-        slot = pooled_centres((synthetic.GRID, synthetic.GRID), (g, g)).to(device).expand(B, -1)
+        slot = pooled_centres((side, side), (g, g)).to(device).expand(B, -1)
         rc = torch.arange(n, device=device)
-        cell = (rc // synthetic.GRID // subset.size) * g + (rc % synthetic.GRID) // subset.size
+        cell = (rc // side // subset.size) * g + (rc % side) // subset.size
         assign = F.one_hot(cell, g * g).bool().expand(B, -1, -1)
     else:
         projected = projector(patch_features)
         if subset.kind == "random":
-            slot = torch.stack([torch.randperm(n, generator=generator)[:subset.size].sort().values
+            slot = torch.stack([torch.randperm(n, generator=generator)[:subset.count(side)].sort().values
                                 for _ in range(B)]).to(device)
         else:
             slot = torch.arange(n, device=device).expand(B, -1)
@@ -137,18 +146,20 @@ def unanswerable(required: torch.Tensor, kept_patches: torch.Tensor) -> torch.Te
 # ----------------------------------------------------------------------------- features and the decoder
 
 def vision_features(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(patch features before the projector (B, 576, Hv), CLS state (B, Hv))`` of the feature layer."""
-    cfg = model.config
-    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
-    hidden = out.hidden_states[cfg.vision_feature_layer]
-    return hidden[:, 1:], hidden[:, 0]
+    """``(patch features before the projector (B, 576, Hv), CLS state (B, Hv))`` of the feature layer (LLaVA;
+    ``Geometry.features`` for either architecture)."""
+    return LLAVA.features(model, {"pixel_values": pixel_values})
 
 
-def image_features(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(projected patch features (B, 576, H), CLS state of the feature layer (B, Hv))``, as
-    ``LlavaModel.get_image_features`` computes them for the model's own config."""
-    patches, cls = vision_features(model, pixel_values)
-    return model.model.multi_modal_projector(patches), cls
+def image_features(model, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(projected visual tokens (B, n, H), the scene objective's input)``, as the model's own
+    ``get_image_features`` computes the tokens: LLaVA's projected patches and the CLS state of the
+    feature layer (``pixel_values`` a tensor), or Qwen's merged tokens and their mean (``pixel_values``
+    the ``Geometry.image_inputs`` dict)."""
+    geometry = geometry_of(model)
+    batch = pixel_values if isinstance(pixel_values, dict) else {"pixel_values": pixel_values}
+    patches, scene = geometry.features(model, batch)
+    return geometry.projector(model)(patches), scene
 
 
 class LanguageResult(NamedTuple):
@@ -162,10 +173,11 @@ def language_forward(model, batch: dict, patch_features: torch.Tensor, subset: V
                      targets: dict | None = None, ground_layers: tuple[int, ...] = ()) -> LanguageResult:
     """Run the language model on ``batch`` with ``subset`` of each image's visual tokens spliced in.
 
-    ``patch_features``: pre-projector (B, 576, Hv). ``orders`` (per row, see ``ORDERS``): "original"
+    ``patch_features``: pre-projector (B, n, Hv). ``orders`` (per row, see ``ORDERS``): "original"
     keeps each token's position id (the text after the image too), "contiguous" renumbers the
     visual tokens and shifts the text after them, as if the image had fewer tokens; "shuffled"
-    also permutes them. With ``targets`` (``required``, ``ground_query``, ``ground_target`` of a
+    also permutes them. On Qwen2.5-VL (M-RoPE positions, ``Geometry.positions``) every row keeps
+    its tokens' positions, as every method there does. With ``targets`` (``required``, ``ground_query``, ``ground_target`` of a
     batch), questions a random subset made unanswerable leave the loss, and from each layer of
     ``ground_layers`` the grounding loss is computed on the kept tokens (pooled cells inherit
     their window's targets).
@@ -173,10 +185,15 @@ def language_forward(model, batch: dict, patch_features: torch.Tensor, subset: V
     ids = batch["input_ids"]
     B = ids.shape[0]
     orders = orders or ["original"] * B
+    geometry = geometry_of(model)
+    if geometry is not LLAVA and set(orders) != {"original"}:
+        raise ValueError(f"{geometry.architecture}'s visual tokens keep their M-RoPE positions: renumbering "
+                         f"({sorted(set(orders) - {'original'})}) is not done there")
     image_mask = ids == model.config.image_token_id
     first = int(image_mask[0].nonzero()[0])
-    last = first + N_IMAGE_TOKENS
-    tokens, slot, assign = select_visual(patch_features, model.model.multi_modal_projector, subset, orders, generator)
+    n_image = patch_features.shape[1]
+    last = first + n_image
+    tokens, slot, assign = select_visual(patch_features, geometry.projector(model), subset, orders, generator)
     k = tokens.shape[1]
     text = model.get_input_embeddings()(ids.masked_fill(image_mask, 0))
     embeds = torch.cat([text[:, :first], tokens.to(text.dtype), text[:, last:]], 1)
@@ -186,8 +203,8 @@ def language_forward(model, batch: dict, patch_features: torch.Tensor, subset: V
     pos = batch["position_ids"]
     renumber = torch.tensor([o != "original" for o in orders], device=ids.device)
     visual_pos = torch.where(renumber[:, None], first + torch.arange(k, device=ids.device), first + slot)
-    after = (pos[:, last:] - renumber[:, None].long() * (N_IMAGE_TOKENS - k)).clamp(min=0)
-    positions = torch.cat([pos[:, :first], visual_pos, after], 1)
+    after = (pos[:, last:] - renumber[:, None].long() * (n_image - k)).clamp(min=0)
+    positions = geometry.positions(torch.cat([pos[:, :first], visual_pos, after], 1), first)
 
     dropped = 0
     queries = None
@@ -224,7 +241,7 @@ def language_forward(model, batch: dict, patch_features: torch.Tensor, subset: V
         out.loss = out.logits.sum() * 0.0
     if not use_grounding:
         return LanguageResult(out, None, dropped)
-    shifted = torch.where(queries >= 0, queries - (N_IMAGE_TOKENS - k), queries)
+    shifted = torch.where(queries >= 0, queries - (n_image - k), queries)
     kept_targets = torch.einsum("bqhp,bpk->bqhk", targets["ground_target"].float(), assign.float()) > 0
     loss = sum(grounding_loss(layers[i], *inputs[i], mask, shifted, first, kept_targets) for i in ground_layers)
     return LanguageResult(out, loss / len(ground_layers), dropped)
@@ -304,22 +321,23 @@ class AuxHeads(nn.Module):
     """
 
     def __init__(self, hidden: int, vision_hidden: int, words: dict[str, list[int]] | None = None,
-                 position_regression: bool = False):
+                 position_regression: bool = False, grid: int = synthetic.GRID):
         super().__init__()
         self.color = nn.Linear(hidden, len(synthetic.COLOR_NAMES) + 1)
         self.shape = nn.Linear(hidden, len(synthetic.SHAPES) + 1)
         self.char = nn.Linear(hidden, len(synthetic.CHARACTERS) + 1)
         self.scene = nn.Linear(vision_hidden, len(synthetic.SCENE_LABELS))
-        self.row = nn.Linear(hidden, synthetic.GRID)
-        self.column = nn.Linear(hidden, synthetic.GRID)
+        self.row = nn.Linear(hidden, grid)
+        self.column = nn.Linear(hidden, grid)
         self.words = words
-        grid = torch.arange(synthetic.GRID * synthetic.GRID)
-        self.register_buffer("row_id", grid // synthetic.GRID, persistent=False)
-        self.register_buffer("column_id", grid % synthetic.GRID, persistent=False)
+        cells = torch.arange(grid * grid)
+        self.register_buffer("row_id", cells // grid, persistent=False)
+        self.register_buffer("column_id", cells % grid, persistent=False)
         self.xy = nn.Linear(hidden, 2) if position_regression else None
-        centred = torch.stack([self.column_id, self.row_id], -1).float() / (synthetic.GRID - 1) * 2 - 1
+        centred = torch.stack([self.column_id, self.row_id], -1).float() / (grid - 1) * 2 - 1
         self.register_buffer("xy_target", centred, persistent=False)
-        centres = (torch.arange(synthetic.GRID) * synthetic.PATCH_SIZE + synthetic.PATCH_SIZE // 2) >= synthetic.IMAGE_SIZE / 2
+        cell = synthetic.IMAGE_SIZE // grid
+        centres = (torch.arange(grid) * cell + cell // 2) >= synthetic.IMAGE_SIZE / 2
         # QUADRANTS order: topleft, topright, bottomleft, bottomright
         self.register_buffer("quadrant", (2 * centres[:, None] + centres[None, :]).reshape(-1), persistent=False)
 

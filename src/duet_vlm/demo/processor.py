@@ -43,8 +43,10 @@ def prompt(question: str) -> str:
     return f"USER: <image>\n{question} ASSISTANT:"
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+def build_tokenizer(special: list[str] = SPECIAL_TOKENS, extra: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
+    """The word-level tokenizer: ``special`` tokens first (ids 0, 1, ...), then the benchmark's words;
+    ``extra``: the named special tokens (the LLaVA processor's ``image_token``, Qwen's four)."""
+    vocab = {tok: i for i, tok in enumerate(special)}
     for w in synthetic.vocabulary():
         if w not in vocab:
             vocab[w] = len(vocab)
@@ -57,14 +59,14 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
     )
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_special_tokens(special)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=PAD,
         bos_token=BOS,
         eos_token=EOS,
         unk_token=UNK,
-        extra_special_tokens={"image_token": IMAGE},
+        extra_special_tokens=extra if extra is not None else {"image_token": IMAGE},
         padding_side="left",
         model_max_length=2048,
     )

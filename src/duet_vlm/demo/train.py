@@ -34,14 +34,13 @@ from .batching import DemoQADataset, demo_collator, split_batch
 from .card import write_model_card
 from .config import DemoConfig
 from .evaluate import evaluate_accuracy, model_card_metrics
-from .model import build_model, count_parameters, demo_config
-from .objectives import AuxHeads, answer_words, language_forward, vision_features
-from .processor import build_processor
+from .geometry import geometry
+from .objectives import AuxHeads, answer_words, language_forward
 
 
 class DemoModel(nn.Module):
-    """What trains: the LLaVA model and the training-only auxiliary heads (checkpointed together;
-    only ``llava`` is exported)."""
+    """What trains: the demo model (``llava``, whichever architecture) and the training-only auxiliary
+    heads (checkpointed together; only ``llava`` is exported)."""
 
     def __init__(self, llava: nn.Module, heads: AuxHeads):
         super().__init__()
@@ -73,6 +72,7 @@ class DemoTrainer(Trainer):
     def __init__(self, *args, recipe: DemoConfig, **kwargs):
         super().__init__(*args, **kwargs)
         self.recipe = recipe
+        self.geometry = geometry(recipe.architecture)
         self.mix = recipe.subset_mix()
         n_layers = self.model.llava.config.text_config.num_hidden_layers
         use = recipe.ground_weight > 0 and recipe.ground_from >= 0
@@ -88,7 +88,7 @@ class DemoTrainer(Trainer):
             model = self.model
             decay, no_decay, fast = [], [], []
             for name, p in model.named_parameters():
-                if "multi_modal_projector" in name or name.startswith("heads."):
+                if self.geometry.is_projector(name) or name.startswith("heads."):
                     fast.append(p)
                 elif p.ndim >= 2 and "embed" not in name:
                     decay.append(p)
@@ -111,8 +111,9 @@ class DemoTrainer(Trainer):
         llava, heads, recipe = demo.llava, demo.heads, self.recipe
         step = self.state.global_step
         batch, targets = split_batch(inputs)
-        patches, cls = vision_features(llava, batch["pixel_values"])
-        feats = llava.model.multi_modal_projector(patches)
+        geometry = self.geometry
+        patches, cls = geometry.features(llava, batch)
+        feats = geometry.projector(llava)(patches)
         vision_only = step < recipe.vision_steps
         aux = heads.loss(feats, cls, targets, llava, frozen_decoder=vision_only)
         w = self.window
@@ -123,6 +124,8 @@ class DemoTrainer(Trainer):
             return aux
         generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)  # a pure function of the step
         subset, orders = self.mix.draw(generator, rows=batch["input_ids"].shape[0])
+        if geometry.architecture != "llava":
+            orders = ["original"] * len(orders)  # M-RoPE: every token keeps its position (DemoConfig says so)
         targets["ground_target"] = targets["ground_target"][:, :, :recipe.ground_heads]
         result = language_forward(llava, batch, patches, subset, orders, generator, targets, self.ground_layers)
         answer = result.output.loss
@@ -131,10 +134,10 @@ class DemoTrainer(Trainer):
             loss = loss + recipe.ground_weight * result.grounding
             w["ground"] += float(result.grounding.detach())
         w["answer"] += float(answer.detach())
-        w["visual"] += subset.tokens
+        w["visual"] += subset.count(geometry.grid)
         w["questions_dropped"] += result.dropped_questions
         w["qa"] += 1
-        self.last_tokens = batch["input_ids"].shape[1] - 576 + subset.tokens
+        self.last_tokens = batch["input_ids"].shape[1] - geometry.n_tokens + subset.count(geometry.grid)
         return (loss, result.output) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -317,22 +320,23 @@ def train_demo(config: DemoConfig, log: Callable[[str], None] = print, callbacks
     max_threads = min(2, os.cpu_count() or 1) if auto else int(config.threads)
     torch.set_num_threads(max_threads)
 
-    processor = build_processor()
+    shape = geometry(config.architecture)
+    processor = shape.processor(output_dir / "processor")
     tok = processor.tokenizer
-    llava = build_model(demo_config(tok, **config.overrides()), seed=config.seed)
+    llava = shape.build(tok, config.overrides(), seed=config.seed)
     torch.manual_seed(config.seed + 1)
     cfg = llava.config
     if config.ground_heads > cfg.text_config.num_attention_heads:
         raise ValueError(f"--ground-heads {config.ground_heads} exceeds the decoder's {cfg.text_config.num_attention_heads} heads")
-    heads = AuxHeads(cfg.text_config.hidden_size, cfg.vision_config.hidden_size,
+    heads = AuxHeads(cfg.text_config.hidden_size, shape.scene_width(cfg),
                      words=answer_words(tok) if config.align_words else None,
-                     position_regression=config.position_regression)
+                     position_regression=config.position_regression, grid=shape.grid)
     model = DemoModel(llava, heads)
     total_steps = config.vision_steps + config.steps
     dataset = DemoQADataset(tok, cfg.image_token_id, n_items=total_steps * config.batch_size,
                             n_questions=config.n_questions, balanced=config.balanced_questions,
                             curriculum=config.curriculum(), batch_size=config.batch_size,
-                            curriculum_start=config.vision_steps)
+                            curriculum_start=config.vision_steps, geometry=shape)
     args = trainer_arguments(
         str(output_dir), config.seed, max_steps=total_steps, per_device_train_batch_size=config.batch_size,
         learning_rate=config.lr, max_grad_norm=config.grad_clip, logging_steps=config.logging_steps,
@@ -340,7 +344,9 @@ def train_demo(config: DemoConfig, log: Callable[[str], None] = print, callbacks
         disable_tqdm=not config.progress, restore_callback_states_from_checkpoint=True,
     )
     trainer = DemoTrainer(model=model, args=args, train_dataset=dataset, data_collator=demo_collator(tok),
-                          processing_class=processor, recipe=config)
+                          # a processor built without torchvision has no video processor to save with a checkpoint
+                          processing_class=processor if getattr(processor, "video_processor", True) else processor.tokenizer,
+                          recipe=config)
     trainer.add_callback(TrainingClock())
     if auto and max_threads > 1:
         trainer.add_callback(ThreadTunerCallback(trainer, max_threads))
@@ -349,7 +355,7 @@ def train_demo(config: DemoConfig, log: Callable[[str], None] = print, callbacks
     for callback in callbacks:
         trainer.add_callback(callback)
     resume = resume_point("auto" if config.resume else None, output_dir)
-    params = count_parameters(llava)
+    params = shape.count_parameters(llava)
     log(f"resuming from {resume}" if resume else
         f"training from scratch: {params['total'] / 1e6:.2f}M parameters; {config.command()}")
     trainer.train(resume_from_checkpoint=resume)
@@ -359,7 +365,7 @@ def train_demo(config: DemoConfig, log: Callable[[str], None] = print, callbacks
     llava.eval()
     export_dir.mkdir(parents=True, exist_ok=True)
     llava.save_pretrained(export_dir, safe_serialization=True)
-    processor.save_pretrained(export_dir)
+    shape.save_processor(processor, export_dir)
     steps = trainer.state.global_step
     qa_steps = max(0, steps - config.vision_steps)
     metrics = {"hparams": config.to_dict(), "command": config.command(), "code": code, "parameters": params,

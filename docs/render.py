@@ -51,6 +51,47 @@ def render_results(root: Path, path: str) -> str:
     return header + markdown_table(rows, question_types(rows), meta.get("chance"))
 
 
+def render_beside(root: Path, *paths: str) -> str:
+    """Two demo models' evaluations side by side: each method's accuracy retained (% of its model's
+    all-token accuracy, with the standard error in points) at each budget of the first model's files
+    (before ``--``; the first file that has a method's row gives it) and of the second's (after it).
+    A method with one row (no budget) or absent from a side leaves that side empty."""
+    split = paths.index("--")
+    sides = [paths[:split], paths[split + 1:]]
+    tables, budgets, fulls, labels = [], [], [], []
+    for side in sides:
+        rows: dict[tuple, dict] = {}
+        meta = None
+        for path in side:
+            results = _load(root, path)
+            meta = meta or results["meta"]
+            for row in results["rows"]:
+                rows.setdefault((row["method"], row["budget"]), row)
+        tables.append(rows)
+        budgets.append(sorted({b for _, b in rows if b is not None}, reverse=True))
+        fulls.append(rows[("full", None)])
+        labels.append(meta.get("model", "demo model"))
+    methods = list(dict.fromkeys(m for rows in tables for (m, b) in rows if b is not None))
+    head = ["method", *(f"{b}" for b in budgets[0]), *(f"{b}" for b in budgets[1])]
+    lines = [f"% of each model's all-token accuracy retained (± s.e., points): first model ({labels[0]}, all tokens "
+             f"{number(100 * fulls[0]['accuracy'], 1)}%) at budgets {' / '.join(map(str, budgets[0]))}; second "
+             f"({labels[1]}, all tokens {number(100 * fulls[1]['accuracy'], 1)}%) at "
+             f"{' / '.join(map(str, budgets[1]))}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in methods:
+        cells = [method]
+        for rows, chosen, full in zip(tables, budgets, fulls):
+            for budget in chosen:
+                row = rows.get((method, budget))
+                if row is None or not full["accuracy"]:
+                    cells.append("")
+                    continue
+                error = 100 * standard_error(row["accuracy"], row["n"]) / full["accuracy"]
+                cells.append(f"{number(row['retained_percent'], 1)} ± {number(error, 1)}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def render_positions(root: Path, *paths: str) -> str:
     """Each method with a position option at each budget, with its kept tokens' original position
     ids and renumbered contiguously, from every ``results.json`` given (their rows record the mode
@@ -86,7 +127,8 @@ def render_model(root: Path, path: str) -> str:
         "| | overall | " + " | ".join(types) + " |",
         "|---|---|" + "---|" * len(types),
     ]
-    for label, result in (("all 576 visual tokens", seen), ("image blanked (control)", blank)):
+    every = "all 576 visual tokens" if metrics["hparams"].get("architecture", "llava") == "llava" else "all 144 visual tokens"
+    for label, result in ((every, seen), ("image blanked (control)", blank)):
         lines.append(f"| {label} | {100 * result['accuracy']:.1f} | "
                      + " | ".join(f"{100 * result['per_type'][t]:.0f}" for t in types) + " |")
     lines.append("| chance | | " + " | ".join(f"{100 * seen['chance'][t]:.0f}" for t in types) + " |")
@@ -742,7 +784,7 @@ def draw_figure(root: Path, out: str, *paths: str) -> None:
 
 
 RENDERERS = {
-    "model": render_model, "results": render_results, "positions": render_positions,
+    "model": render_model, "results": render_results, "beside": render_beside, "positions": render_positions,
     "adaptation": render_adaptation, "bench": render_bench, "vllm": render_vllm, "vllm_memory": render_vllm_memory,
     "adaptive": render_adaptive,
     "schedules": render_schedules, "plan": render_plan, "prefill": render_prefill, "family": render_family,

@@ -1,5 +1,7 @@
-"""A sample of the evaluation table, re-run: the command recorded in docs/eval/sample/results.json
-(every registered method but VisPruner at budget 64 on the first 28 test questions) must print
+"""Samples of the evaluation tables, re-run: the command recorded in docs/eval/sample/results.json
+(the first demo model: every registered method but VisPruner at budget 64 on the first 28 test
+questions) and in docs/eval/qwen2_5_vl/sample/results.json (the second, Qwen2.5-VL's geometry: the
+same methods at its budget 16, a quarter of 64 as its 144 tokens are a quarter of 576) must print
 exactly the committed rows, every field of every row.
 
 VisPruner is left out because its row depends on the CPU: its choice follows the last bits of the
@@ -25,7 +27,8 @@ from pathlib import Path
 
 import pytest
 
-SAMPLE = Path(__file__).resolve().parent.parent / "docs" / "eval" / "sample" / "results.json"
+EVAL = Path(__file__).resolve().parent.parent / "docs" / "eval"
+SAMPLES = {"llava": EVAL / "sample" / "results.json", "qwen2_5_vl": EVAL / "qwen2_5_vl" / "sample" / "results.json"}
 
 
 def differences(committed: list[dict], printed: list[dict]) -> list[str]:
@@ -57,12 +60,17 @@ def test_differences_name_each_moved_field():
 
 @pytest.mark.skipif(os.environ.get("DUET_EVAL_SAMPLE") != "1",
                     reason="re-runs the evaluation sample (minutes): DUET_EVAL_SAMPLE=1 runs it (CI does)")
-def test_the_recorded_command_prints_the_committed_sample(tmp_path):
-    record = json.loads(SAMPLE.read_text())
+@pytest.mark.parametrize("demo", SAMPLES)
+def test_the_recorded_command_prints_the_committed_sample(tmp_path, demo):
+    sample = SAMPLES[demo]
+    record = json.loads(sample.read_text())
     argv = shlex.split(record["meta"]["command"])
-    assert argv[:2] == ["duet-vlm", "eval"] and argv[argv.index("--output-dir") + 1] == "docs/eval/sample"
+    root = EVAL.parents[1]
+    assert argv[:2] == ["duet-vlm", "eval"]
+    assert argv[argv.index("--output-dir") + 1] == str(sample.parent.relative_to(root))
+    assert ("--model" in argv) == (demo != "llava")
     argv[argv.index("--output-dir") + 1] = str(tmp_path)
-    done = subprocess.run([sys.executable, "-m", "duet_vlm.cli", *argv[1:]], cwd=SAMPLE.parents[3],
+    done = subprocess.run([sys.executable, "-m", "duet_vlm.cli", *argv[1:]], cwd=root,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     printed = json.loads((tmp_path / "results.json").read_text())

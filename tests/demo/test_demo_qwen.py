@@ -236,3 +236,20 @@ def test_one_command_trains_resumes_and_exports_a_loadable_qwen2_5_vl(tmp_path):
     assert "Qwen2_5_VLForConditionalGeneration" in card and "all 144 visual tokens" in card and "M-RoPE" in card
     result = evaluate_accuracy(model, processor, n=7, return_predictions=True)
     assert result["n"] == 7 and all(p["prediction"] is not None for p in result["predictions"])
+
+
+def test_eval_and_demo_pick_a_shipped_model_by_name_and_refuse_another(tmp_path):
+    from duet_vlm.demo.evaluate import DEMO_MODEL_DIR, DEMO_MODELS, demo_model_dir
+    from duet_vlm.demo.showcase import showcase
+    from duet_vlm.demo.sweep import evaluate_methods
+
+    assert demo_model_dir() == DEMO_MODEL_DIR == DEMO_MODELS["llava"]
+    assert demo_model_dir("qwen2_5_vl").name == "demo_model_qwen2_5_vl"
+    assert demo_model_dir(tmp_path) == tmp_path
+    with pytest.raises(ValueError, match="--model must be one of the shipped demo models llava, qwen2_5_vl"):
+        evaluate_methods(["duet"], (16,), n=7, output_dir=tmp_path, demo="gemma3")
+    with pytest.raises(ValueError, match="not both"):
+        evaluate_methods(["duet"], (16,), n=7, model_path=tmp_path, output_dir=tmp_path, demo="qwen2_5_vl")
+    with pytest.raises(ValueError, match="--model must be one of"):
+        showcase(demo="internvl", output=tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "results.json").exists()

@@ -326,15 +326,18 @@ def bench(
 @app.command()
 def demo(
     index: int = typer.Option(3, help="Which test-split sample of the synthetic benchmark to ask about."),
-    budget: int = typer.Option(64, help="DUET budget (average visual tokens per layer)."),
+    budget: Optional[int] = typer.Option(None, help="DUET budget (average visual tokens per layer); default 64, "
+                                                    "16 with --model qwen2_5_vl (the same share of its tokens)."),
     output: Path = typer.Option(Path("duet_demo.png"), help="Where to write the kept-patch overlay."),
     model_path: Optional[Path] = typer.Option(None, help="A demo model directory (default: the shipped one)."),
     rounds: int = typer.Option(5, help="Interleaved prefill timing rounds."),
+    model: str = typer.Option("llava", help="Which shipped demo model: llava (LLaVA-1.5's geometry: a CLS token, "
+                                            "576 visual tokens) or qwen2_5_vl (Qwen2.5-VL's: no CLS token, 144)."),
 ) -> None:
     """Ask the shipped demo model about a synthetic scene with all tokens and with DUET; draw what was kept."""
     from ..demo.showcase import showcase
 
-    printing.print_shown(showcase(index, budget, output, model_path, rounds))
+    printing.print_shown(showcase(index, budget, output, model_path, rounds, demo=model))
 
 
 @app.command()
@@ -521,6 +524,9 @@ def evaluate(
     n: int = typer.Option(500, help="Questions per configuration (balanced over types when a multiple of 7)."),
     split: str = typer.Option("test", help="train, validation or test."),
     model_path: Optional[Path] = typer.Option(None, help="A demo model directory (default: the shipped one)."),
+    model: str = typer.Option("llava", help="Which shipped demo model: llava (LLaVA-1.5's geometry: a CLS token, "
+                                            "576 visual tokens) or qwen2_5_vl (Qwen2.5-VL's: no CLS token, 144; "
+                                            "its table's budgets are a quarter of the first's: 48 32 16)."),
     output_dir: Path = typer.Option(Path("duet_eval"), help="Where results.json, results.csv and the plot go."),
     batch_size: int = typer.Option(8),
     control: bool = typer.Option(True, help="Also evaluate with the image blanked (language-prior control)."),
@@ -555,7 +561,7 @@ def evaluate(
     with Bar(transient=False) as bar:
         run = evaluate_methods(methods, budgets, n, split, model_path, output_dir, batch_size, control, positions, resume,
                                command, progress=bar.counter("evaluating"), adaptive=adaptive, threshold=threshold,
-                               calibration_n=calibration_n, method_files=method_files)
+                               calibration_n=calibration_n, method_files=method_files, demo=model)
     printing.print_accuracy(run, split, n)
 
 

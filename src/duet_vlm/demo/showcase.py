@@ -16,7 +16,7 @@ from .. import synthetic
 from ..adapters import adapter_for
 from ..compare import Answer, compare, draw_overlay
 from ..methods import Duet
-from .evaluate import load_demo
+from .evaluate import DEMO_MODELS, load_demo
 
 
 @dataclass
@@ -28,15 +28,27 @@ class Shown:
     overlay: Path
 
 
-def showcase(index: int = 3, budget: int = 64, output: str | Path = "duet_demo.png", model_path: Optional[Path] = None,
-             rounds: int = 5) -> Shown:
-    """Test-split sample ``index`` asked of the demo model (``model_path``, default the shipped one)
-    with all tokens and with ``Duet(budget=budget)``, prefills timed in ``rounds`` interleaved rounds;
-    the kept patches drawn to ``output``."""
-    model, processor = load_demo(model_path)
+#: ``duet-vlm demo``'s DUET budget on each shipped demo model: 64 of LLaVA's 576 tokens, the same
+#: share (a quarter of 64) of Qwen2.5-VL's 144.
+DEMO_BUDGETS = {"llava": 64, "qwen2_5_vl": 16}
+
+
+def showcase(index: int = 3, budget: int | None = None, output: str | Path = "duet_demo.png", model_path: Optional[Path] = None,
+             rounds: int = 5, demo: str = "llava") -> Shown:
+    """Test-split sample ``index`` asked of the demo model (``model_path``, default the shipped one named
+    ``demo``: ``"llava"`` or ``"qwen2_5_vl"``) with all tokens and with ``Duet(budget=budget)`` (default:
+    ``DEMO_BUDGETS``), prefills timed in ``rounds`` interleaved rounds; the kept patches drawn to ``output``."""
+    if demo not in DEMO_MODELS:
+        raise ValueError(f"--model must be one of the shipped demo models {', '.join(DEMO_MODELS)}, got {demo!r}")
+    if model_path is not None and demo != "llava":
+        raise ValueError("give --model-path (a demo model directory) or --model (a shipped one), not both")
+    model, processor = load_demo(model_path or DEMO_MODELS[demo])
+    budget = budget if budget is not None else DEMO_BUDGETS[demo]
     sample = synthetic.sample("test", index)
     answers = compare(model, processor, sample.image, sample.question,
                       {"all tokens": None, f"DUET {budget}": Duet(budget=budget)}, rounds=rounds)
-    grid = adapter_for(model).geometry.grid
-    path = draw_overlay(sample.image, answers[1].stats, grid, output, title=f"{sample.question}  ->  {answers[1].text!r}")
+    stats = answers[1].stats
+    (_, rows, cols), = stats.items[0].views  # the image's own token grid (24x24 patches, or Qwen's 12x12 tokens)
+    path = draw_overlay(sample.image, stats, (rows, cols), output, title=f"{sample.question}  ->  {answers[1].text!r}",
+                        has_cls=adapter_for(model).geometry.has_cls)
     return Shown(sample, answers, path)

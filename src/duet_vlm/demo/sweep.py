@@ -36,7 +36,7 @@ from ..adapters import adapter_for
 from ..evaluation import count_histogram_plot, retention_plot, sample_batches, takes_positions, weights_digest, write_results
 from ..methods import METHODS, Adaptive, Compose, make
 from ..plan import resolve_positions
-from .evaluate import DEMO_MODEL_DIR, evaluate_accuracy, load_demo
+from .evaluate import DEMO_MODELS, evaluate_accuracy, load_demo
 
 def method_spec(spec: str) -> tuple[str, dict]:
     """``(method, options)`` of ``NAME`` or ``NAME:KEY=VALUE,...`` (values as JSON where they parse).
@@ -97,13 +97,15 @@ def evaluate_methods(
     threshold: Optional[float] = None,
     calibration_n: int = 140,
     method_files: Optional[Path] = None,
+    demo: str = "llava",
 ) -> EvalRun:
     """Accuracy of all tokens, of each method (default: every registered one) at each budget, and
     with the image blanked (``control``); ``positions`` sets the position mode of every method
     that has one; ``adaptive``: a content-adaptive budget from that signal (module docstring).
     Writes ``output_dir``'s results files (``command``: the command line, for them). ``method_files``:
     a directory holding what a method saved beside a fine-tuned model (VisionSelector's trained
-    scorer), read instead of ``model_path``'s."""
+    scorer), read instead of ``model_path``'s. ``demo``: which shipped demo model runs when there is no
+    ``model_path`` (``DEMO_MODELS``: ``"llava"`` or ``"qwen2_5_vl"``)."""
     chosen = methods or [name for name in METHODS if name != "full"]
     specs = {spec: method_spec(spec) for spec in chosen}
     unknown = [part for name, _ in specs.values() for part in name.split("+") if part not in METHODS]
@@ -119,6 +121,10 @@ def evaluate_methods(
         raise ValueError(f"--positions must be original or contiguous, got {positions!r}")
     if n < 1:
         raise ValueError(f"--n must be at least 1 (questions per row), got {n}")
+    if demo not in DEMO_MODELS:
+        raise ValueError(f"--model must be one of the shipped demo models {', '.join(DEMO_MODELS)}, got {demo!r}")
+    if model_path is not None and demo != "llava":
+        raise ValueError("give --model-path (a demo model directory) or --model (a shipped one), not both")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     if threshold is not None and adaptive is None:
@@ -169,9 +175,9 @@ def evaluate_methods(
     if adaptive is not None:
         configs[1:] = [(name, budget, Adaptive(reducer, signal=adaptive, threshold=threshold))
                        for name, budget, reducer in configs[1:]]
-    model, processor = load_demo(model_path)
+    model, processor = load_demo(model_path or DEMO_MODELS[demo])
     geometry = adapter_for(model).geometry
-    digest = weights_digest(model_path or DEMO_MODEL_DIR)
+    digest = weights_digest(model_path or DEMO_MODELS[demo])
     if adaptive is not None and threshold is None and len(configs) > 1:
         # one recording of the validation scenes (the signal reads the vision encoder only), fitted
         # for each method and budget
@@ -253,7 +259,7 @@ def evaluate_methods(
         "command": command,
         "split": split,
         "n": n,
-        "model": str(model_path or "shipped demo model"),
+        "model": str(model_path or ("shipped demo model" if demo == "llava" else f"shipped demo model {demo}")),
         "method_files": str(method_files) if method_files is not None else None,
         "weights_sha256": digest,
         "positions": positions,

@@ -134,6 +134,10 @@ class Duet(Reducer):
         scores: ``"attention"`` (the published Stage B: the text's attention, ``TextGuidedPrune``) or
             ``"states"`` (no attention weights: the text's cosine similarity in the residual
             stream, ``TextGuidedStates``).
+        vision_scores: what ranks Stage A's dominant tokens: ``"attention"`` (the published rule: the
+            CLS token's attention; on a tower without a CLS token the adapter's substitute, the attention
+            each token's patches receive in the last full-attention block) or ``"norm"`` (each token's
+            feature norm; ``docs/methods.md`` compares the two on the Qwen2.5-VL demo model).
         positions: ``"contiguous"`` (the reference: renumbered after each drop) or ``"original"``;
             ``None`` (default): contiguous on 1-D RoPE models, original under M-RoPE (Qwen-VL),
             where renumbering is refused.
@@ -152,6 +156,7 @@ class Duet(Reducer):
     query: Query = "text"
     tokenizer: Any = field(default=None, repr=False)
     scores: str = "attention"
+    vision_scores: str = "attention"
 
     runtime_fields: ClassVar[tuple[str, ...]] = ("tokenizer",)
 
@@ -170,6 +175,7 @@ class Duet(Reducer):
             self.ratios = ()
         # Validate the stage options now rather than at attach time.
         self.language_stage()
+        DominantContextualMerge(score=self.vision_scores)
 
     def _default_shape(self, geometry: Geometry) -> tuple[tuple[int, ...], tuple[float, ...]]:
         layers = self.layers if self.layers is not None else geometry.snap(
@@ -193,7 +199,7 @@ class Duet(Reducer):
         published = PUBLISHED_SPLITS.get((geometry.unit_tokens, keep))
         default = published[1] if published else round(keep * CONTEXTUAL_SHARE)
         contextual = contextual_count(keep, self.dominant, self.contextual, default)
-        return DominantContextualMerge(contextual=contextual, cluster_width=self.cluster_width)
+        return DominantContextualMerge(contextual=contextual, cluster_width=self.cluster_width, score=self.vision_scores)
 
     @classmethod
     def qwen_reference(cls, **overrides: Any) -> "Duet":

@@ -21,6 +21,8 @@ from ..plan import LanguageStage, LayerView, VisionReduction, VisionStage, Visio
 from ..selection import merge_dominant_contextual
 
 CONTEXTUAL_SHARE = 10 / 64
+#: What may rank Stage A's patches (``DominantContextualMerge.score``).
+STAGE_A_SCORES = ("attention", "norm")
 
 
 def check_stage_a_counts(dominant: int | None, contextual: int | None) -> None:
@@ -49,6 +51,10 @@ class DominantContextualMerge(VisionStage):
     to it (see ``duet_vlm.selection.merge_dominant_contextual``). ``cluster_width=None`` gives
     VisionZip's spatially uniform anchors over all residual tokens.
 
+    ``score``: what ranks the patches. ``"attention"`` (the published rule): the CLS token's attention,
+    or on a tower without one the substitute its adapter computes (``VisionView.cls_attention``);
+    ``"norm"``: each token's feature norm (float32), which reads no attention.
+
     >>> stage = DominantContextualMerge(contextual=7, cluster_width=4)
     >>> stage.reduce(view, keep=307).features.shape      # doctest: +SKIP
     torch.Size([1, 307, 1024])
@@ -56,11 +62,19 @@ class DominantContextualMerge(VisionStage):
 
     contextual: int = 7
     cluster_width: int | None = 4
+    score: str = "attention"
+
+    def __post_init__(self) -> None:
+        if self.score not in STAGE_A_SCORES:
+            raise ValueError(f"Stage A's score must be one of {', '.join(STAGE_A_SCORES)}, got {self.score!r}")
 
     def reduce(self, view: VisionView, keep: int) -> VisionReduction:
         contextual = min(self.contextual, keep - 1)
+        importance = view.cls_attention
+        if self.score == "norm":
+            importance = view.features[:, int(view.has_cls):].float().norm(dim=-1)
         merged = merge_dominant_contextual(
-            view.features, view.cls_attention, view.keys, keep - contextual, contextual, self.cluster_width, view.has_cls
+            view.features, importance, view.keys, keep - contextual, contextual, self.cluster_width, view.has_cls
         )
         roles = {"dominant": merged.dominant, "anchors": merged.anchors, "members": merged.members}
         return VisionReduction(merged.features, merged.kept, roles)

@@ -136,6 +136,10 @@ def write_model_card(export_dir) -> Path:
         f"model = {cls}.from_pretrained(path)",
         "processor = AutoProcessor.from_pretrained(path)",
         "```",
+        *([] if cfg.model_type == "llava" else [
+            "",
+            "`AutoProcessor` builds Qwen's video processor, which needs torchvision; without it (a CPU install of",
+            "torch), `duet_vlm.compare.load_processor(path)` builds the same processor for images only."]),
         "",
         "## Architecture",
         *_architecture_lines(cfg),

@@ -253,3 +253,56 @@ def test_eval_and_demo_pick_a_shipped_model_by_name_and_refuse_another(tmp_path)
     with pytest.raises(ValueError, match="--model must be one of"):
         showcase(demo="internvl", output=tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "results.json").exists()
+
+
+# ----------------------------------------------------------------------------- the shipped model
+
+def _shipped():
+    from duet_vlm.demo.evaluate import QWEN_DEMO_MODEL_DIR
+
+    return QWEN_DEMO_MODEL_DIR
+
+
+@pytest.mark.skipif(not (_shipped() / "config.json").exists(), reason="no shipped Qwen2.5-VL demo model")
+def test_shipped_qwen_demo_model_answers_from_the_image():
+    """The second shipped model loads as a Qwen2.5-VL (no CLS token, 144 tokens a scene), is small enough to
+    ship, answers a fixed slice of the test split far above chance with the image and falls back to language
+    priors without it, and its shipped metrics agree with a fresh evaluation."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from duet_vlm.demo.evaluate import evaluate_accuracy, load_demo
+
+    model, processor = load_demo("qwen2_5_vl")
+    assert isinstance(model, Qwen2_5_VLForConditionalGeneration)
+    assert (_shipped() / "model.safetensors").stat().st_size <= 60 * 2**20
+    metrics = json.loads((_shipped() / "metrics.json").read_text())
+    assert metrics["hparams"]["architecture"] == "qwen2_5_vl" and metrics["hparams"]["renumber_share"] == 0
+    seen = evaluate_accuracy(model, processor, split="test", n=70, batch_size=14)
+    blank = evaluate_accuracy(model, processor, split="test", n=70, batch_size=14, blank_image=True)
+    assert seen["accuracy"] >= 0.75 and blank["accuracy"] <= 0.4
+    assert metrics["test"]["n"] == 700 and abs(metrics["test"]["accuracy"] - seen["accuracy"]) < 0.1
+
+
+@pytest.mark.skipif(not (_shipped() / "config.json").exists(), reason="no shipped Qwen2.5-VL demo model")
+def test_duet_runs_on_the_shipped_qwen_model_at_the_demo_budget(tmp_path):
+    """``duet-vlm demo --model qwen2_5_vl``: DUET at 16 of its 144 tokens answers, and the overlay is drawn on
+    the image's own 12x12 token grid."""
+    from duet_vlm.demo.showcase import showcase
+
+    shown = showcase(index=3, output=tmp_path / "overlay.png", rounds=1, demo="qwen2_5_vl")
+    assert [answer.label for answer in shown.answers] == ["all tokens", "DUET 16"]
+    stats = shown.answers[1].stats
+    assert stats.items[0].tokens == 144 and stats.items[0].average_tokens <= 16.5
+    assert shown.overlay.exists()
+
+
+@pytest.mark.skipif(not (_shipped() / "config.json").exists(), reason="no shipped Qwen2.5-VL demo model")
+def test_eval_records_the_position_mode_of_the_images_it_ran(tmp_path):
+    """``duet-vlm eval --model qwen2_5_vl``: a row's position mode is resolved for the evaluated images (144
+    tokens), not for the adapter's default Qwen image (1,024), where FastV at 48 cannot be planned."""
+    from duet_vlm.demo.sweep import evaluate_methods
+
+    run = evaluate_methods(["fastv"], (48,), n=7, output_dir=tmp_path, control=False, demo="qwen2_5_vl")
+    (row,) = [row for row in run.rows if row["method"] == "fastv"]
+    assert row["positions"] == "original" and 47 <= row["avg_visual_tokens"] <= 49
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["model"] == "shipped demo model qwen2_5_vl"

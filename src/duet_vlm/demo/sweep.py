@@ -24,6 +24,7 @@ evaluation (``avg_visual_tokens``), side by side in ``results.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -203,7 +204,12 @@ def evaluate_methods(
         # the mode a method with a position option ran in (its default resolved on this model)
         mode = None
         if name != "full" and takes_positions(METHODS[base(name).split("+")[-1]]):
-            mode = resolve_positions(reducer.resolve(geometry).positions, geometry)
+            # resolved for the images evaluated (a Qwen-VL adapter's default image has 1,024 tokens: a
+            # budget that fits the demo's 144 may not fit there)
+            item = reducer.stats.items[0]
+            (_, rows, cols), = item.views
+            seen = dataclasses.replace(geometry, visual_tokens=item.tokens, grid=(rows, cols))
+            mode = resolve_positions(reducer.resolve(seen).positions, seen)
         item_tokens = [prediction["visual_tokens"] for prediction in result["predictions"]]
         row = {
             "method": name,

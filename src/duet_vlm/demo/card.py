@@ -12,23 +12,48 @@ import json
 from pathlib import Path
 
 
+#: How the recipe's lines name each architecture's parts: its visual tokens, what ran the vision-only
+#: steps, what the scene objective reads, where pooled cells come from, how positions go.
+_WORDS = {
+    "llava": dict(
+        tokens=576, unit="patch", units="patches", projector="projector", label_unit="each patch",
+        scene="from the CLS token which colours, shapes and characters the scene holds (so that CLS attention "
+              "lands on the objects, as in a real CLIP)",
+        pooled="the pre-projector features", shipped="LLaVA", chosen="CLS or text attention"),
+    "qwen2_5_vl": dict(
+        tokens=144, unit="token", units="tokens", projector="merger",
+        label_unit="each merged token (its 2x2 patches' most frequent)",
+        scene="from the mean of an image's tokens which colours, shapes and characters the scene holds (the tower "
+              "has no CLS token)",
+        pooled="the merged tokens", shipped="Qwen2.5-VL", chosen="attention"),
+}
+
+
 def _recipe_lines(h: dict, metrics: dict) -> list[str]:
     if "full_share" not in h:
         return ["- trained by an earlier version of the recipe (see the hyper-parameters)"]
-    if h.get("architecture", "llava") != "llava":
-        return _qwen_recipe_lines(h, metrics)
-    shares = {"all 576 patches": h["full_share"], f"random {h['random_min']}-{h['random_max']} patches": h["random_share"],
-              "2x2-pooled grid (144)": h["pool2_share"], "3x3-pooled grid (64)": h["pool3_share"]}
+    words = _WORDS[h.get("architecture", "llava")]
+    n, unit, units = words["tokens"], words["unit"], words["units"]
+    scale = n / 576  # random subsets keep the same share of a model's tokens; the grid pools 2x2 and 3x3
+    shares = {f"all {n} {units}": h["full_share"],
+              f"random {round(h['random_min'] * scale)}-{round(h['random_max'] * scale)} {units}": h["random_share"],
+              f"2x2-pooled grid ({n // 4})": h["pool2_share"], f"3x3-pooled grid ({n // 9})": h["pool3_share"]}
     total = sum(shares.values()) or 1.0
     mix = ", ".join(f"{name} {100 * share / total:.0f}%" for name, share in shares.items() if share)
+    if h["renumber_share"]:
+        positions = (f"In reduced steps {100 * h['renumber_share']:.0f}% of the images get contiguous renumbered positions "
+                     f"({100 * h['shuffle_share']:.0f}% of those also in a random order), the rest keep the original "
+                     "position ids.")
+    else:
+        positions = ("Every kept token keeps its position" + (" (M-RoPE: time, row, column), as under every method on "
+                                                               "this architecture." if n != 576 else "."))
     lines = [
         f"- {metrics.get('vision_steps', h['vision_steps'])} vision-only steps of {h['batch_size']} images on the vision "
-        "tower and projector with training-only auxiliary heads (not shipped): the colour, shape and character under "
-        "each patch, each patch's row and column"
+        f"tower and {words['projector']} with training-only auxiliary heads (not shipped): the colour, shape and "
+        f"character under {words['label_unit']}, each {unit}'s row and column"
         + (" (also regressed as two numbers)" if h.get("position_regression") else "")
-        + ", and from the CLS token which colours, shapes and characters the scene holds (so that CLS attention "
-        "lands on the objects, as in a real CLIP)"
-        + ("; word alignment: read through the decoder's final norm and `lm_head`, each object patch names its "
+        + f", and {words['scene']}"
+        + (f"; word alignment: read through the decoder's final norm and `lm_head`, each object {unit} names its "
            "colour, shape, character and quadrant" if h.get("align_words") else ""),
         f"- then {metrics.get('steps', h['steps'])} visual-QA steps of {h['batch_size']} images x {h['n_questions']} "
         f"independent questions packed behind one image prefix (~{metrics.get('qa_pairs_seen_approx')} QA pairs); loss "
@@ -36,12 +61,9 @@ def _recipe_lines(h: dict, metrics: dict) -> list[str]:
         + (f"; scene sizes capped by step `{h['scene_curriculum']}`" if h.get("scene_curriculum") else "")
         + ("; each image's questions shared equally among the question types its scene admits"
            if h.get("balanced_questions") else ""),
-        f"- method-neutral visual subsets in the visual-QA steps: {mix}. Pooled cells average the pre-projector "
-        "features of their window. In reduced steps "
-        f"{100 * h['renumber_share']:.0f}% of the images get contiguous renumbered positions "
-        f"({100 * h['shuffle_share']:.0f}% of those also in a random order), the rest keep the original position ids. "
-        "Questions a random subset made unanswerable (an object it is about lost every patch) leave the loss. No "
-        "subset is ever chosen by CLS or text attention.",
+        f"- method-neutral visual subsets in the visual-QA steps: {mix}. Pooled cells average {words['pooled']} "
+        f"of their window. {positions} Questions a random subset made unanswerable (an object it is about lost every "
+        f"{unit}) leave the loss. No subset is ever chosen by {words['chosen']}.",
     ]
     if h.get("ground_from", -1) >= 0 and h.get("ground_weight", 0) > 0:
         heads = h.get("ground_heads", 4)
@@ -51,41 +73,7 @@ def _recipe_lines(h: dict, metrics: dict) -> list[str]:
             + (", head 1 to a relation's first object" if heads > 1 else "")
             + (", head 2 to spread its attention over the counted objects and `<s>`" if heads > 2 else "")
             + (", head 3 to the second object of a relation" if heads > 3 else "")
-            + " (training only: the shipped weights are a plain LLaVA)")
-    return lines
-
-
-def _qwen_recipe_lines(h: dict, metrics: dict) -> list[str]:
-    """The recipe as the Qwen2.5-VL demo model ran it: 144 merged tokens, no CLS, positions kept."""
-    low, high = round(h["random_min"] / 4), round(h["random_max"] / 4)
-    shares = {"all 144 tokens": h["full_share"], f"random {low}-{high} tokens": h["random_share"],
-              "2x2-pooled grid (36)": h["pool2_share"], "3x3-pooled grid (16)": h["pool3_share"]}
-    total = sum(shares.values()) or 1.0
-    mix = ", ".join(f"{name} {100 * share / total:.0f}%" for name, share in shares.items() if share)
-    lines = [
-        f"- {metrics.get('vision_steps', h['vision_steps'])} vision-only steps of {h['batch_size']} images on the vision "
-        "tower and merger with training-only auxiliary heads (not shipped): the colour, shape and character under "
-        "each merged token (its 2x2 patches' most frequent), each token's row and column"
-        + (" (also regressed as two numbers)" if h.get("position_regression") else "")
-        + ", and from the mean of an image's tokens which colours, shapes and characters the scene holds (the tower "
-        "has no CLS token)"
-        + ("; word alignment: read through the decoder's final norm and `lm_head`, each object token names its "
-           "colour, shape, character and quadrant" if h.get("align_words") else ""),
-        f"- then {metrics.get('steps', h['steps'])} visual-QA steps of {h['batch_size']} images x {h['n_questions']} "
-        f"independent questions packed behind one image prefix (~{metrics.get('qa_pairs_seen_approx')} QA pairs); loss "
-        f"on answer tokens plus the auxiliary losses (weight {h['aux_weight']})"
-        + (f"; scene sizes capped by step `{h['scene_curriculum']}`" if h.get("scene_curriculum") else "")
-        + ("; each image's questions shared equally among the question types its scene admits"
-           if h.get("balanced_questions") else ""),
-        f"- method-neutral visual subsets in the visual-QA steps: {mix}. Pooled cells average the merged tokens "
-        "of their window. Every kept token keeps its M-RoPE position (time, row, column), as under every method "
-        "on this architecture. Questions a random subset made unanswerable (an object it is about lost every "
-        "token) leave the loss. No subset is ever chosen by attention.",
-    ]
-    if h.get("ground_from", -1) >= 0 and h.get("ground_weight", 0) > 0:
-        lines.append(f"- grounding loss (weight {h['ground_weight']}) from decoder layer {h['ground_from']} on, on "
-                     f"{h.get('ground_heads', 4)} heads per layer, as the first demo model's (training only: the "
-                     "shipped weights are a plain Qwen2.5-VL)")
+            + f" (training only: the shipped weights are a plain {words['shipped']})")
     return lines
 
 

@@ -40,13 +40,23 @@ from ..plan import resolve_positions
 from .evaluate import DEMO_MODELS, evaluate_accuracy, load_demo
 
 def method_spec(spec: str) -> tuple[str, dict]:
-    """``(method, options)`` of ``NAME`` or ``NAME:KEY=VALUE,...`` (values as JSON where they parse).
+    """``(method, options)`` of ``NAME`` or ``NAME:KEY=VALUE,...`` (values as JSON where they parse; a
+    comma inside brackets belongs to its list).
 
     >>> method_spec("pixelprune:metric=mae,threshold=0.05")
     ('pixelprune', {'metric': 'mae', 'threshold': 0.05})
+    >>> method_spec("duet:ratios=[0.5,0.25],vision_scores=norm")
+    ('duet', {'ratios': [0.5, 0.25], 'vision_scores': 'norm'})
     """
     name, _, rest = spec.partition(":")
-    return name, method_options(filter(None, rest.split(",")), f"comma-separated: {spec!r} has")
+    parts, depth, start = [], 0, 0
+    for index, character in enumerate(rest):
+        depth += {"[": 1, "]": -1}.get(character, 0)
+        if character == "," and depth == 0:
+            parts.append(rest[start:index])
+            start = index + 1
+    parts.append(rest[start:])
+    return name, method_options(filter(None, parts), f"comma-separated: {spec!r} has")
 
 
 def method_options(parts, where: str = "given") -> dict:

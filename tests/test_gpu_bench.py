@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -133,9 +134,9 @@ def test_the_shapes_are_the_released_geometries():
 
 
 def test_the_carried_set_fits_the_device_call():
-    """The working tree that travels plus the wheels tools/gpu_bench.sh fetches stay under 64 MiB
-    (the fetched wheels where .whl/ holds them, else their measured sizes), and the script fetches
-    exactly those wheels."""
+    """The working tree that travels, once the fetch has moved tests/data/vectors aside, plus the wheels
+    tools/gpu_bench.sh fetches stay under 64 MiB (the fetched wheels where .whl/ holds them, else their
+    measured sizes), and the script fetches exactly those wheels and moves exactly that aside."""
     spec = importlib.util.spec_from_file_location("device_carry", ROOT / "tools" / "device_carry.py")
     carry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(carry)
@@ -143,4 +144,26 @@ def test_the_carried_set_fits_the_device_call():
     assert re.findall(r'"([\w.-]+==[\w.]+)"', script.split("wheels=(")[1].split(")")[0]) == list(WHEEL_BYTES)
     fetched = ROOT / ".whl"
     wheels = carry.carried_bytes([fetched]) if fetched.is_dir() and any(fetched.iterdir()) else sum(WHEEL_BYTES.values())
-    assert carry.travelling_bytes() + wheels <= carry.LIMIT - 2 * 2**20  # 2 MiB to spare
+    assert "device_carry.py --aside .whl" in script and "device_carry.py --restore" in script
+    assert carry.ASIDE == ("tests/data/vectors",)
+    assert carry.travelling_bytes(aside=carry.ASIDE) + wheels <= carry.LIMIT - 2 * 2**20  # 2 MiB to spare
+
+
+def test_setting_aside_moves_the_vectors_out_of_what_travels_and_back(tmp_path):
+    """``--aside`` moves tests/data/vectors into .aside/ (excluded from git): what travels shrinks by its
+    bytes; ``--restore`` puts it back as it was."""
+    spec = importlib.util.spec_from_file_location("device_carry", ROOT / "tools" / "device_carry.py")
+    carry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(carry)
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "tests" / "data" / "vectors").mkdir(parents=True)
+    (tmp_path / "tests" / "data" / "vectors" / "a.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / "kept.py").write_bytes(b"y" * 10)
+    subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
+    assert carry.travelling_bytes(tmp_path) == 1010 and carry.travelling_bytes(tmp_path, aside=carry.ASIDE) == 10
+    carry.set_aside(tmp_path)
+    assert not (tmp_path / "tests" / "data" / "vectors").exists()
+    assert carry.travelling_bytes(tmp_path) == 10
+    carry.restore(tmp_path)
+    assert (tmp_path / "tests" / "data" / "vectors" / "a.safetensors").read_bytes() == b"x" * 1000
+    assert carry.travelling_bytes(tmp_path) == 1010

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from duet_vlm.demo.evaluate import DEMO_MODEL_DIR
+from duet_vlm.demo.evaluate import DEMO_MODEL_DIR, DEMO_MODELS
 from duet_vlm.evaluation import weights_digest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ def _blocks() -> list[tuple[str, list[str]]]:
     for page in pages():
         for match in GENERATED_BLOCK.finditer(page.read_text()):
             kind, *args = match["spec"].split()
-            blocks.append((kind, [os.path.relpath(page.parent / arg, ROOT) for arg in args]))
+            blocks.append((kind, [os.path.relpath(page.parent / arg, ROOT) if arg != "--" else arg for arg in args]))
     return blocks
 
 
@@ -33,21 +33,25 @@ def test_generated_tables_are_current():
     assert render_readme(text, ROOT) == text, "stale README tables: run `python docs/render.py README.md`"
 
 
-def test_the_docs_report_the_shipped_model():
+def test_the_docs_report_the_shipped_models():
     models = [paths for kind, paths in _blocks() if kind == "model"]
-    assert models, "no page reports the demo model's accuracy (a `model` block)"
-    assert all(paths == [str((DEMO_MODEL_DIR / "metrics.json").relative_to(ROOT))] for paths in models)
+    shipped = {name: [str((folder / "metrics.json").relative_to(ROOT))] for name, folder in DEMO_MODELS.items()}
+    assert all(paths in shipped.values() for paths in models)
+    assert all(paths in models for paths in shipped.values()), "a shipped demo model's accuracy is on no page"
 
 
 def test_every_accuracy_table_measured_the_shipped_weights():
     """Evaluations (``duet-vlm eval``, the adaptation experiment) record the digest of the weights
-    they ran on; a table or figure from another model (an earlier demo model) fails here."""
-    shipped = weights_digest(DEMO_MODEL_DIR)
+    they ran on; a table or figure from another model (an earlier demo model) fails here. An evaluation
+    of the second shipped model (``--model qwen2_5_vl``) names it and must have measured its weights."""
+    digests = {name: weights_digest(folder) for name, folder in DEMO_MODELS.items()}
     for kind, paths in _blocks():
-        evaluated = paths if kind in ("results", "positions", "adaptation") else paths[1:2] if kind == "figure" else []
+        evaluated = (paths if kind in ("results", "positions", "adaptation") else paths[1:2] if kind == "figure"
+                     else [path for path in paths if path != "--"] if kind == "beside" else [])
         for path in evaluated:
             meta = json.loads((ROOT / path).read_text())["meta"]
-            assert meta["weights_sha256"] == shipped, f"{path} was measured on other weights"
+            model = "qwen2_5_vl" if meta.get("model") == "shipped demo model qwen2_5_vl" else "llava"
+            assert meta["weights_sha256"] == digests[model], f"{path} was measured on other weights"
             assert meta["n"] >= 500, f"{path}: fewer than 500 questions per row"
 
 

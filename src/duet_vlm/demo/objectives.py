@@ -26,7 +26,7 @@ from ..adapters.scheme import rotate_like
 from ..methods.pool import pooled_centres
 from .. import synthetic
 from .batching import N_IMAGE_TOKENS, packed_attention_mask
-from .geometry import LLAVA, Geometry, geometry_of
+from .geometry import LLAVA, geometry_of
 
 ORDERS = ("original", "contiguous", "shuffled")
 
@@ -314,7 +314,8 @@ class AuxHeads(nn.Module):
     reduced and renumbered tokens still say where they are.
     Per image, on the CLS token of the feature layer: which colours, shapes, pairs and
     characters the scene contains (multi-label), so that CLS attention lands on the objects as a
-    real CLIP's does.
+    real CLIP's does (a tower without a CLS token, Qwen2.5-VL's: on the mean of the image's tokens).
+    ``grid``: visual tokens per side (24, or Qwen's 12), for the row, column and quadrant targets.
     Word alignment (with ``words=``, the decoder's own final norm and ``lm_head``): each object
     patch, read as if it were a last-layer state, names its colour, shape, character and
     quadrant among the words of that kind (LLaVA stage-1 style feature alignment).

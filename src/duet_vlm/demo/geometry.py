@@ -30,8 +30,8 @@ ARCHITECTURES = ("llava", "qwen2_5_vl")
 
 @dataclass(frozen=True)
 class Geometry:
-    """How one architecture meets the recipe. ``grid``: visual tokens per side; ``merge``: patches per
-    token side (a token stands for ``merge x merge`` patches)."""
+    """How one architecture meets the recipe (``LlavaGeometry``, ``QwenGeometry``). ``grid``: visual
+    tokens per side; ``merge``: patches per token side (a token stands for ``merge x merge`` patches)."""
 
     architecture: str
     grid: int
@@ -41,89 +41,52 @@ class Geometry:
     def n_tokens(self) -> int:
         return self.grid * self.grid
 
-    # ------------------------------------------------------------------ the model and its processor
+    # what each architecture says -------------------------------------------------------------
 
     def build(self, tokenizer, overrides: dict, seed: int):
-        if self.architecture == "llava":
-            from .model import build_model, demo_config
-
-            return build_model(demo_config(tokenizer, **overrides), seed=seed)
-        from .qwen import build_qwen_model, qwen_demo_config
-
-        return build_qwen_model(qwen_demo_config(tokenizer, **overrides), seed=seed)
+        """The model, from ``tokenizer``, the ``DEFAULTS`` ``overrides`` and the initialisation ``seed``."""
+        raise NotImplementedError
 
     def processor(self, folder):
-        """The architecture's processor (Qwen's is written into ``folder`` and loaded from there)."""
-        if self.architecture == "llava":
-            from .processor import build_processor
-
-            return build_processor()
-        from .qwen import load_qwen_processor, write_qwen_processor
-
-        return load_qwen_processor(write_qwen_processor(folder))
+        """The architecture's processor (one that is read from files is written into ``folder`` first)."""
+        raise NotImplementedError
 
     def save_processor(self, processor, folder) -> None:
-        if self.architecture == "llava":
-            processor.save_pretrained(folder)
-        else:
-            from .qwen import write_qwen_processor
-
-            write_qwen_processor(folder)
+        raise NotImplementedError
 
     def count_parameters(self, model) -> dict[str, int]:
-        if self.architecture == "llava":
-            from .model import count_parameters
-
-            return count_parameters(model)
-        from .qwen import count_qwen_parameters
-
-        return count_qwen_parameters(model)
+        raise NotImplementedError
 
     def is_projector(self, name: str) -> bool:
         """Whether parameter ``name`` (of the recipe's ``DemoModel``) belongs to the projector."""
-        return ("multi_modal_projector" if self.architecture == "llava" else "visual.merger") in name
-
-    # ------------------------------------------------------------------ an image in the prompt
+        raise NotImplementedError
 
     def prefix(self, tokenizer, image_token_id: int, encode) -> list[int]:
-        """``<s> USER: <image>*576`` or ``<s> USER: <|vision_start|> <|image_pad|>*144 <|vision_end|>``."""
-        head = [tokenizer.bos_token_id] + encode(tokenizer, "USER:")
-        if self.architecture == "llava":
-            return head + [image_token_id] * self.n_tokens
-        start, end = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
-        return head + [start] + [image_token_id] * self.n_tokens + [end]
+        """The prompt's tokens up to the end of the image."""
+        raise NotImplementedError
 
     def image_inputs(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The model's image inputs from ``(B, 3, 336, 336)`` normalised images (as its processor gives them)."""
-        if self.architecture == "llava":
-            return {"pixel_values": pixels}
-        from .qwen import patchify
-
-        values, grid = patchify(pixels)
-        return {"pixel_values": values, "image_grid_thw": grid}
-
-    # ------------------------------------------------------------------ features
+        raise NotImplementedError
 
     def features(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """``(visual features before the projector (B, n, H), the scene objective's input (B, H'))``."""
-        if self.architecture == "llava":  # the CLS token and the patches of the feature layer
-            out = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True)
-            hidden = out.hidden_states[model.config.vision_feature_layer]
-            return hidden[:, 1:], hidden[:, 0]
-        grid = batch["image_grid_thw"]
-        out = model.model.visual(batch["pixel_values"], grid_thw=grid)
-        merged = getattr(out, "pooler_output", out)
-        tokens = merged.reshape(grid.shape[0], self.n_tokens, -1)
-        return tokens, tokens.mean(1)
+        raise NotImplementedError
 
     def projector(self, model) -> nn.Module:
-        """What turns ``features`` into decoder inputs (Qwen's merger already did)."""
-        return model.model.multi_modal_projector if self.architecture == "llava" else nn.Identity()
+        """What turns ``features`` into decoder inputs."""
+        raise NotImplementedError
 
     def scene_width(self, config) -> int:
-        return config.vision_config.hidden_size if self.architecture == "llava" else config.text_config.hidden_size
+        """The width of the scene objective's input."""
+        raise NotImplementedError
 
-    # ------------------------------------------------------------------ targets and positions
+    def positions(self, positions: torch.Tensor, first: int) -> torch.Tensor:
+        """The decoder's position ids from the recipe's 1-D ones ``(B, L)`` (``first``: where the image's
+        tokens begin, the positions ``first .. first + n`` theirs)."""
+        raise NotImplementedError
+
+    # shared ----------------------------------------------------------------------------------
 
     def token_targets(self, targets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Patch-level targets (``(..., 576)``) as token-level ones (``(..., n)``): a token's colour, shape
@@ -151,13 +114,111 @@ class Geometry:
             out["required"] = groups(targets["required"]).max(-1)
         return out
 
+
+@dataclass(frozen=True)
+class LlavaGeometry(Geometry):
+    """LLaVA-1.5's: a CLIP tower with a CLS token, one token per patch, a projector, 1-D positions."""
+
+    def build(self, tokenizer, overrides: dict, seed: int):
+        from .model import build_model, demo_config
+
+        return build_model(demo_config(tokenizer, **overrides), seed=seed)
+
+    def processor(self, folder):
+        from .processor import build_processor
+
+        return build_processor()
+
+    def save_processor(self, processor, folder) -> None:
+        processor.save_pretrained(folder)
+
+    def count_parameters(self, model) -> dict[str, int]:
+        from .model import count_parameters
+
+        return count_parameters(model)
+
+    def is_projector(self, name: str) -> bool:
+        return "multi_modal_projector" in name
+
+    def prefix(self, tokenizer, image_token_id: int, encode) -> list[int]:
+        """``<s> USER: <image>*576``."""
+        return [tokenizer.bos_token_id] + encode(tokenizer, "USER:") + [image_token_id] * self.n_tokens
+
+    def image_inputs(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pixel_values": pixels}
+
+    def features(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The patches and the CLS token of the feature layer."""
+        out = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True)
+        hidden = out.hidden_states[model.config.vision_feature_layer]
+        return hidden[:, 1:], hidden[:, 0]
+
+    def projector(self, model) -> nn.Module:
+        return model.model.multi_modal_projector
+
+    def scene_width(self, config) -> int:
+        return config.vision_config.hidden_size
+
     def positions(self, positions: torch.Tensor, first: int) -> torch.Tensor:
-        """The decoder's position ids from the recipe's 1-D ones ``(B, L)`` (``first``: where the image's
-        tokens begin, the positions ``first .. first + n`` theirs): unchanged for LLaVA; for Qwen
-        ``(3, B, L)``, text ``(p, p, p)``, token ``k`` of the image ``(first, first + row, first + column)``,
+        return positions
+
+
+@dataclass(frozen=True)
+class QwenGeometry(Geometry):
+    """Qwen2.5-VL's: no CLS token, a 2x2 merger that is the projector, M-RoPE positions."""
+
+    def build(self, tokenizer, overrides: dict, seed: int):
+        from .qwen import build_qwen_model, qwen_demo_config
+
+        return build_qwen_model(qwen_demo_config(tokenizer, **overrides), seed=seed)
+
+    def processor(self, folder):
+        from .qwen import load_qwen_processor, write_qwen_processor
+
+        return load_qwen_processor(write_qwen_processor(folder))
+
+    def save_processor(self, processor, folder) -> None:
+        from .qwen import write_qwen_processor
+
+        write_qwen_processor(folder)
+
+    def count_parameters(self, model) -> dict[str, int]:
+        from .qwen import count_qwen_parameters
+
+        return count_qwen_parameters(model)
+
+    def is_projector(self, name: str) -> bool:
+        return "visual.merger" in name
+
+    def prefix(self, tokenizer, image_token_id: int, encode) -> list[int]:
+        """``<s> USER: <|vision_start|> <|image_pad|>*144 <|vision_end|>``."""
+        start, end = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
+        head = [tokenizer.bos_token_id] + encode(tokenizer, "USER:")
+        return head + [start] + [image_token_id] * self.n_tokens + [end]
+
+    def image_inputs(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        from .qwen import patchify
+
+        values, grid = patchify(pixels)
+        return {"pixel_values": values, "image_grid_thw": grid}
+
+    def features(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The merger's tokens (already in the decoder's space) and their mean: there is no CLS token."""
+        grid = batch["image_grid_thw"]
+        out = model.model.visual(batch["pixel_values"], grid_thw=grid)
+        merged = getattr(out, "pooler_output", out)
+        tokens = merged.reshape(grid.shape[0], self.n_tokens, -1)
+        return tokens, tokens.mean(1)
+
+    def projector(self, model) -> nn.Module:
+        return nn.Identity()  # the merger already projected
+
+    def scene_width(self, config) -> int:
+        return config.text_config.hidden_size
+
+    def positions(self, positions: torch.Tensor, first: int) -> torch.Tensor:
+        """``(3, B, L)``: text ``(p, p, p)``, token ``k`` of the image ``(first, first + row, first + column)``,
         text after it continuing from ``first + grid``, as ``get_rope_index`` numbers a prompt."""
-        if self.architecture == "llava":
-            return positions
         n, g = self.n_tokens, self.grid
         k = positions - first
         image = (k >= 0) & (k < n)
@@ -168,8 +229,8 @@ class Geometry:
         return torch.stack([time, row, column])
 
 
-LLAVA = Geometry("llava", synthetic.GRID, 1)
-QWEN2_5_VL = Geometry("qwen2_5_vl", synthetic.GRID // 2, 2)
+LLAVA = LlavaGeometry("llava", synthetic.GRID, 1)
+QWEN2_5_VL = QwenGeometry("qwen2_5_vl", synthetic.GRID // 2, 2)
 
 
 def geometry(architecture: str) -> Geometry:

@@ -19,13 +19,16 @@ _WORDS = {
         tokens=576, unit="patch", units="patches", projector="projector", label_unit="each patch",
         scene="from the CLS token which colours, shapes and characters the scene holds (so that CLS attention "
               "lands on the objects, as in a real CLIP)",
-        pooled="the pre-projector features", shipped="LLaVA", chosen="CLS or text attention"),
+        pooled="the pre-projector features", shipped="LLaVA", chosen="CLS or text attention",
+        kept_positions="Every kept token keeps its position."),
     "qwen2_5_vl": dict(
         tokens=144, unit="token", units="tokens", projector="merger",
         label_unit="each merged token (its 2x2 patches' most frequent)",
         scene="from the mean of an image's tokens which colours, shapes and characters the scene holds (the tower "
               "has no CLS token)",
-        pooled="the merged tokens", shipped="Qwen2.5-VL", chosen="attention"),
+        pooled="the merged tokens", shipped="Qwen2.5-VL", chosen="attention",
+        kept_positions="Every kept token keeps its position (M-RoPE: time, row, column), as under every method on "
+                       "this architecture."),
 }
 
 
@@ -45,8 +48,7 @@ def _recipe_lines(h: dict, metrics: dict) -> list[str]:
                      f"({100 * h['shuffle_share']:.0f}% of those also in a random order), the rest keep the original "
                      "position ids.")
     else:
-        positions = ("Every kept token keeps its position" + (" (M-RoPE: time, row, column), as under every method on "
-                                                               "this architecture." if n != 576 else "."))
+        positions = words["kept_positions"]
     lines = [
         f"- {metrics.get('vision_steps', h['vision_steps'])} vision-only steps of {h['batch_size']} images on the vision "
         f"tower and {words['projector']} with training-only auxiliary heads (not shipped): the colour, shape and "

@@ -48,6 +48,16 @@ def demo_model_dir(name_or_path: str | os.PathLike | None = None) -> Path:
     return DEMO_MODELS.get(str(name_or_path), Path(name_or_path))
 
 
+def shipped_or_given(demo: str, model_path: str | os.PathLike | None) -> Path:
+    """The folder ``duet-vlm demo`` / ``eval`` run: ``model_path`` when given, else the shipped model named
+    ``demo`` (``DEMO_MODELS``); a name not shipped, or both given, is refused."""
+    if demo not in DEMO_MODELS:
+        raise ValueError(f"--model must be one of the shipped demo models {', '.join(DEMO_MODELS)}, got {demo!r}")
+    if model_path is not None and demo != "llava":
+        raise ValueError("give --model-path (a demo model directory) or --model (a shipped one), not both")
+    return Path(model_path) if model_path is not None else DEMO_MODELS[demo]
+
+
 def load_demo(path: str | os.PathLike | None = None):
     """``(model, processor)`` of a shipped demo model (``None``: the first; or a name of ``DEMO_MODELS``),
     or of the exported model at ``path``.

@@ -35,11 +35,16 @@ DEFAULTS = dict(
 )
 
 
-def demo_config(tokenizer=None, **overrides) -> LlavaConfig:
+def hyperparameters(overrides: dict) -> dict:
+    """``DEFAULTS`` with ``overrides`` (either demo architecture's widths and depths); an unknown key is refused."""
     unknown = set(overrides) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"unknown demo_config overrides: {sorted(unknown)}")
-    h = {**DEFAULTS, **overrides}
+    return {**DEFAULTS, **overrides}
+
+
+def demo_config(tokenizer=None, **overrides) -> LlavaConfig:
+    h = hyperparameters(overrides)
     tok = tokenizer if tokenizer is not None else build_tokenizer()
     vision = CLIPVisionConfig(
         hidden_size=h["vision_hidden"],

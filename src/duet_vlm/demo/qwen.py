@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .. import synthetic
-from .model import DEFAULTS
+from .model import hyperparameters
 from .processor import BOS, CHAT_TEMPLATE, EOS, IMAGE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PAD, UNK, build_tokenizer
 
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
@@ -88,10 +88,7 @@ def load_qwen_processor(folder: str | Path):
 def qwen_demo_config(tokenizer=None, **overrides):
     from transformers import Qwen2_5_VLConfig
 
-    unknown = set(overrides) - set(DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown demo_config overrides: {sorted(unknown)}")
-    h = {**DEFAULTS, **overrides}
+    h = hyperparameters(overrides)
     tok = tokenizer if tokenizer is not None else build_qwen_tokenizer()
     head_dim = h["text_hidden"] // h["text_heads"]
     if head_dim % 6:

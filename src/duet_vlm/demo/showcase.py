@@ -16,7 +16,7 @@ from .. import synthetic
 from ..adapters import adapter_for
 from ..compare import Answer, compare, draw_overlay
 from ..methods import Duet
-from .evaluate import DEMO_MODELS, load_demo
+from .evaluate import load_demo, shipped_or_given
 
 
 @dataclass
@@ -38,11 +38,7 @@ def showcase(index: int = 3, budget: int | None = None, output: str | Path = "du
     """Test-split sample ``index`` asked of the demo model (``model_path``, default the shipped one named
     ``demo``: ``"llava"`` or ``"qwen2_5_vl"``) with all tokens and with ``Duet(budget=budget)`` (default:
     ``DEMO_BUDGETS``), prefills timed in ``rounds`` interleaved rounds; the kept patches drawn to ``output``."""
-    if demo not in DEMO_MODELS:
-        raise ValueError(f"--model must be one of the shipped demo models {', '.join(DEMO_MODELS)}, got {demo!r}")
-    if model_path is not None and demo != "llava":
-        raise ValueError("give --model-path (a demo model directory) or --model (a shipped one), not both")
-    model, processor = load_demo(model_path or DEMO_MODELS[demo])
+    model, processor = load_demo(shipped_or_given(demo, model_path))
     budget = budget if budget is not None else DEMO_BUDGETS[demo]
     sample = synthetic.sample("test", index)
     answers = compare(model, processor, sample.image, sample.question,

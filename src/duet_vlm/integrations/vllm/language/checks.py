@@ -56,8 +56,8 @@ def check_engine(vllm_config) -> None:
     if not vllm_config.model_config.enforce_eager and graphs is not None and graphs.name != "NONE":
         # (a compiled model is served: its graph runs the drops through the plugin's operators, ``ops``)
         problems.append("CUDA graphs are on (--compilation-config '{\"cudagraph_mode\": \"NONE\"}', or --enforce-eager): "
-                        "a captured step would replay what the plugin's operators did when it was captured, and "
-                        "not read the compacted layers' metadata of its own")
+                        "a step that drops changes its row count inside the forward, which a captured graph "
+                        "cannot, and a captured step is padded to its capture size, which the plugin's hooks refuse")
     if getattr(vllm_config.cache_config, "kv_sharing_fast_prefill", False):
         # Gemma 3n's and Gemma 4's layers that reuse keys and values then run on the logits' rows only,
         # a second forward of their own which the boundary's gather and scatter do not see

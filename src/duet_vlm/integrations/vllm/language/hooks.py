@@ -58,6 +58,11 @@ class LanguageStages:
         self.traced: frozenset[int] = frozenset()  # the layers a compiled graph may gather at (``trace``)
         self.scored: frozenset[int] = frozenset()  # of those, where it records the layer before's attention
         self.first_traced = len(self.layers)  # the first layer whose hooks put operators in that graph
+        # a step that drops nothing but renumbers (decoding after a contiguous drop): each layer's
+        # positions less ``offsets[layer, row]``, written before the forward (``reserve``, ``_shift``)
+        self.offsets: torch.Tensor | None = None
+        self.shifting = False  # this step's offsets are not all zero
+        self.written = 0  # the columns of ``offsets`` that may be nonzero
         ops.install(self)
         shared = scheme.shares_kv()
         for index, layer in enumerate(self.layers):
@@ -104,11 +109,24 @@ class LanguageStages:
         return all(plan.language.reads != "previous" or {layer for layer, _ in plan.schedule.boundaries} <= self.scored
                    for drop in step.drops.values() for plan in drop.request.plans)
 
+    def reserve(self, rows: int, device) -> None:
+        """Make the buffer of position offsets (``offsets``: a row per decoder layer, a column per row
+        of the runner's largest step), once: a step that renumbers without dropping (a decoding step
+        after a contiguous drop) writes it before its forward, and every layer's operator subtracts its
+        row, so that such a step runs the same operations on the same buffers whatever it renumbers,
+        as a captured CUDA graph would replay them. Called by the runner before each step."""
+        if self.offsets is None or self.offsets.shape[1] < rows:
+            self.offsets = torch.zeros(len(self.layers), rows, dtype=torch.long, device=device)
+            self.written = 0
+
     def layer_inputs(self, index: int, positions, hidden, residual, own):
         """What the hooks hand decoder layer ``index`` at a step (``ops.layer``): its positions, hidden
-        states, residual stream and per-layer input, the held rows' after a boundary."""
+        states, residual stream and per-layer input, the held rows' after a boundary; where the step
+        drops nothing, its positions less the layer's offsets (``reserve``), zero where nothing renumbers."""
         state = self.state
         if state is None:
+            if self.offsets is not None:
+                positions = positions - self.offsets[index, : positions.shape[-1]]
             return positions, hidden, residual, own
         out = self._layer_args(index, state, (positions, hidden, residual), own)
         if any(state.inputs.get(index) is value for value in (hidden, out[1])):  # (an operator's input and
@@ -131,17 +149,35 @@ class LanguageStages:
         return None if self.state is None else self.state.index
 
     # a step's life: entry, each layer's attention and input, exit
+    def _shift(self, step: StepPlan | None, rows: int) -> None:
+        """Write the step's position offsets (``reserve``): each layer's tokens dropped before it, on the
+        rows of a request past its prompt whose kept tokens were renumbered (``StepPlan.renumbering_requests``:
+        in a step that drops nothing, those), zero elsewhere; nothing to write where no column may be
+        nonzero and nothing renumbers. A step that drops keeps its state instead (``StepState``)."""
+        renumbering = [] if step is None or step.drops else step.renumbering_requests()
+        self.shifting = bool(renumbering)
+        if self.offsets is None or not (renumbering or self.written):
+            return
+        columns = max(rows, self.written) if renumbering else self.written
+        values = torch.zeros(len(self.layers), columns, dtype=torch.long)
+        for index, plan in renumbering:
+            start, count = step.rows[index]
+            values[:, start : start + count] = torch.tensor(plan.dropped[: len(self.layers)])[:, None]
+        self.offsets[:, :columns].copy_(values)
+        self.written = rows if renumbering else 0
+
     def _enter(self, module, args, kwargs):
         self.state = None
         step = self.pending
-        if step is None:
-            return
         positions = kwargs.get("positions")
-        if isinstance(positions, torch.Tensor):
+        if step is not None and isinstance(positions, torch.Tensor):
             rows = sum(count for _, count in step.rows)
             if positions.shape[-1] != rows:
                 raise RuntimeError(f"a step of {rows} tokens reached the model padded to {positions.shape[-1]} (CUDA "
                                    "graphs, data parallelism?); dropping inside the language model runs unpadded steps")
+        self._shift(step, positions.shape[-1] if isinstance(positions, torch.Tensor) else 0)
+        if step is None:
+            return
         renumbers = step.renumbers()
         if not (step.slots or step.drops or renumbers):
             return
@@ -152,15 +188,17 @@ class LanguageStages:
             # the compacted layers' slots, into the dictionary vLLM's attention reads its slots from
             # (either runner builds it before the forward, from one slot row per KV-cache group)
             context.slot_mapping.update(step.slots)
-        if step.drops or renumbers:
+        if step.drops:
             # the step's input embeddings (SparseVLM's raters read them), and per request what a stage
             # computes once per prefill and reads at a later boundary (``LayerView.scratch``)
             self.state = StepState(step, renumbers, kwargs.get("inputs_embeds"))
+        if step.drops or renumbers:
             # a step whose row count or positions change between layers runs vLLM's compiled model
             # where its graph's operators run its boundaries (``trace``), the decoder eagerly with these
             # hooks otherwise (vLLM's per-call bypass); in every step, the decoding of what dropped
             # included, each compacted layer's metadata and slots reach its attention through the
-            # forward context
+            # forward context. A step that renumbers without dropping holds no state: its offsets
+            # are written (``_shift``)
             context.skip_compiled = not self.compiled_step(step)
 
     def _at_attention(self, index: int):
@@ -197,7 +235,12 @@ class LanguageStages:
                 return traced(args, kwargs)
             state = self.state
             if state is None:
-                return None
+                if not self.shifting:
+                    return None
+                call = signature.bind(*args, **kwargs)  # a step that renumbers without dropping
+                positions = call.arguments[names[0]]
+                call.arguments[names[0]] = positions - self.offsets[index, : positions.shape[-1]]
+                return call.args, call.kwargs
             # the layer's positions, hidden states and residual stream, by name: a decoder's loop may
             # pass them in order (most families) or by keyword (Qwen3.5's)
             call = signature.bind(*args, **kwargs)

@@ -76,19 +76,70 @@ class KVGroup:
     table: torch.Tensor  # what the metadata's ``block_table_tensor`` gets
 
 
+class MetadataBuffers:
+    """Where a runner's compacted layers' metadata lives: each decoder layer's query starts, sequence
+    lengths and KV slots, made once at the runner's largest step (``max_reqs`` requests, ``max_tokens``
+    rows) and written in place at every step (``compact_attention``), every layer's own row. vLLM's
+    attention reads views of them: a step allocates no metadata tensor of its own, and a step laid out
+    as the one before reads its metadata at the same addresses (what a captured CUDA graph, which
+    replays on the addresses it captured, needs of a decoding step). Each layer's KV slots are a view
+    of its own row; the starts and lengths one metadata build shares (a segment's layers of one
+    attention group) are its first layer's. Host copies of the starts and lengths (vLLM's ``*_cpu``
+    fields) are the same tensors on a CPU."""
+
+    def __init__(self, layers: int, max_reqs: int, max_tokens: int, device) -> None:
+        device = torch.device(device)
+        self.starts_cpu = torch.zeros(layers, max_reqs + 1, dtype=torch.int32)
+        self.lens_cpu = torch.zeros(layers, max_reqs, dtype=torch.int32)
+        on_host = device.type == "cpu"
+        self.starts = self.starts_cpu if on_host else torch.zeros_like(self.starts_cpu, device=device)
+        self.lens = self.lens_cpu if on_host else torch.zeros_like(self.lens_cpu, device=device)
+        self.slots = torch.zeros(layers, max_tokens, dtype=torch.long, device=device)
+
+    @classmethod
+    def of(cls, owner, layers: int, device) -> "MetadataBuffers":
+        """``owner``'s buffers (a runner or Model Runner V2's state: its ``max_num_reqs`` and
+        ``max_num_tokens``), made on first use and kept on it."""
+        made = owner.__dict__.get("_duet_metadata_buffers")
+        if made is None:
+            made = owner.__dict__["_duet_metadata_buffers"] = cls(layers, owner.max_num_reqs, owner.max_num_tokens, device)
+        return made
+
+    def write(self, layers: list[int], starts: torch.Tensor, lens: torch.Tensor) -> tuple:
+        """Layers ``layers``' query starts and sequence lengths (host tensors); views of the first layer's
+        rows: (starts, starts on the host, lengths, lengths on the host)."""
+        rows = torch.tensor(layers)
+        reqs = lens.shape[0]
+        self.starts_cpu[rows, : reqs + 1] = starts
+        self.lens_cpu[rows, :reqs] = lens.to(torch.int32)
+        if self.starts is not self.starts_cpu:
+            self.starts[rows.to(self.starts.device), : reqs + 1] = starts.to(self.starts.device, non_blocking=True)
+            self.lens[rows.to(self.lens.device), :reqs] = lens.to(self.lens.device, torch.int32, non_blocking=True)
+        first = layers[0]
+        return (self.starts[first, : reqs + 1], self.starts_cpu[first, : reqs + 1], self.lens[first, :reqs],
+                self.lens_cpu[first, :reqs])
+
+    def write_slots(self, layers: list[int], slots: torch.Tensor) -> list[torch.Tensor]:
+        """Layers ``layers``' KV slots; a view of each layer's own row, in order."""
+        count = slots.shape[0]
+        self.slots[torch.tensor(layers, device=self.slots.device), :count] = slots.to(self.slots.device)
+        return [self.slots[layer, :count] for layer in layers]
+
+
 def compact_attention(step: StepPlan, names: list[str], seq_lens: torch.Tensor, groups: list[KVGroup], build,
-                      device, doc_ranges: dict[int, list[tuple[int, int]]] | None = None,
+                      buffers: MetadataBuffers, doc_ranges: dict[int, list[tuple[int, int]]] | None = None,
                       prefilling: torch.Tensor | None = None) -> tuple[dict, dict]:
     """Attention metadata and KV slots for the layers where some request holds fewer tokens than
     the step's rows (``names``: each decoder layer's attention), by layer name: query starts and
     sequence lengths of the tokens each request holds, and slots that put a request's kept tokens
-    in the first slots of its own blocks (``compact_slots``). ``seq_lens``: each request's length
-    after the step (CPU); ``build(attention_group, common_metadata)``: the runner's way to build.
-    Both runners call this (the V1 runner from ``_build_attention_metadata``, Model Runner V2 from
-    its ``ModelState.prepare_attn``). ``doc_ranges``: the step's bidirectional ranges by request
-    (vLLM's ``mm_req_doc_ranges``, on a model whose images attend both ways), given each compacted
-    layer in its own coordinates (``compact_ranges``). ``prefilling``: whether each request is in its
-    prompt (vLLM's ``is_prefilling``: a linear-attention layer starts such a request from no state)."""
+    in the first slots of its own blocks (``compact_slots``), written into ``buffers`` (the runner's,
+    made once). ``seq_lens``: each request's length after the step (CPU); ``build(attention_group,
+    common_metadata)``: the runner's way to build. Both runners call this (the V1 runner from
+    ``_build_attention_metadata``, Model Runner V2 from its ``ModelState.prepare_attn``).
+    ``doc_ranges``: the step's bidirectional ranges by request (vLLM's ``mm_req_doc_ranges``, on a
+    model whose images attend both ways), given each compacted layer in its own coordinates
+    (``compact_ranges``). ``prefilling``: whether each request is in its prompt (vLLM's
+    ``is_prefilling``: a linear-attention layer starts such a request from no state)."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
     num_reqs = len(step.rows)
@@ -117,7 +168,8 @@ def compact_attention(step: StepPlan, names: list[str], seq_lens: torch.Tensor, 
         counts = [count for count, _, _ in value]
         starts = torch.tensor([0, *counts], dtype=torch.int32).cumsum(0, dtype=torch.int32)
         lens = seq_lens - torch.tensor([dropped for _, _, dropped in value], dtype=seq_lens.dtype)
-        wanted = {names[layer] for layer in layers}
+        starts, starts_cpu, lens, lens_cpu = buffers.write(layers, starts, lens)
+        index_of = {names[layer]: layer for layer in layers}
         ranges = None if doc_ranges is None else {
             index: (compact_ranges(plan, layers[0], spans) if plan is not None and value[index][2] else spans)
             for index, spans in doc_ranges.items() for plan in [step.batch[index][0]]}
@@ -125,23 +177,26 @@ def compact_attention(step: StepPlan, names: list[str], seq_lens: torch.Tensor, 
         # their own where the server saves memory (``memory.DroppedSpec``), one with the others if not
         for group in groups:
             chosen = [(attention, mine) for attention in group.attention
-                      if (mine := [name for name in attention.layer_names if name in wanted])]
+                      if (mine := [name for name in attention.layer_names if name in index_of])]
             if not chosen:
                 continue
             slots = [compact_slots(group.blocks[index], group.block_size, computed - before, count)
                      for index, ((count, before, _), (_, computed)) in enumerate(zip(value, step.batch))]
-            slot_mapping = (torch.cat(slots) if slots else torch.empty(0, dtype=torch.long)).to(device)
+            mine_all = [name for _, mine in chosen for name in mine]
+            rows = buffers.write_slots([index_of[name] for name in mine_all],
+                                       torch.cat(slots) if slots else torch.empty(0, dtype=torch.long))
+            own_slots = dict(zip(mine_all, rows))
             common = CommonAttentionMetadata(
-                query_start_loc=starts.to(device), query_start_loc_cpu=starts, seq_lens=lens.to(device),
-                seq_lens_cpu_upper_bound=lens, num_reqs=num_reqs, num_actual_tokens=int(starts[-1]),
-                max_query_len=max(counts), max_seq_len=int(lens.max()), block_table_tensor=group.table,
-                slot_mapping=slot_mapping, causal=True, mm_req_doc_ranges=ranges, is_prefilling=prefilling,
+                query_start_loc=starts, query_start_loc_cpu=starts_cpu, seq_lens=lens,
+                seq_lens_cpu_upper_bound=lens_cpu, num_reqs=num_reqs, num_actual_tokens=int(starts_cpu[-1]),
+                max_query_len=max(counts), max_seq_len=int(lens_cpu.max()), block_table_tensor=group.table,
+                slot_mapping=rows[0], causal=True, mm_req_doc_ranges=ranges, is_prefilling=prefilling,
             )
             for attention, mine in chosen:
                 built = build(attention, common)
                 for name in mine:
                     metadata[name] = built
-                    slots_by_layer[name] = slot_mapping
+                    slots_by_layer[name] = own_slots[name]
     return metadata, slots_by_layer
 
 

@@ -45,9 +45,11 @@ def _layer(index: int, gathers: bool, positions: torch.Tensor, hidden: torch.Ten
     held rows' positions, handed to every layer after a boundary, are copied: a compiled graph may
     reuse a tensor it no longer reads)."""
     given = (positions, hidden, residual, own)
-    out = _active().layer_inputs(index, positions, hidden, residual, own)
-    return tuple(hidden.new_empty(0) if value is None else value.clone() if value is old or place == 0 else value
-                 for place, (value, old) in enumerate(zip(out, given)))
+    stages = _active()
+    out = stages.layer_inputs(index, positions, hidden, residual, own)
+    kept = stages.state is not None  # (where nothing drops, the positions are new: less the layer's offsets)
+    return tuple(hidden.new_empty(0) if value is None else value.clone() if value is old or (place == 0 and kept)
+                 else value for place, (value, old) in enumerate(zip(out, given)))
 
 
 def _layer_fake(index, gathers, positions, hidden, residual, own):

@@ -10,7 +10,7 @@ import sys
 import torch
 
 from .checks import StageNotServed
-from .kv import KVGroup, compact_attention, dropped_specs
+from .kv import KVGroup, MetadataBuffers, compact_attention, dropped_specs
 from .protocol import DroppingModel, dropping
 from .steps import RequestPlan, StepPlan, step_plan
 
@@ -57,6 +57,7 @@ class _RunnerMixin:
             return attn_metadata, spec
         stages = model.duet_language_stages()
         stages.next_step(None)
+        stages.reserve(self.max_num_tokens, torch.device("cpu"))
         if kwargs.get("num_scheduled_tokens") is None or not isinstance(attn_metadata, dict):
             return attn_metadata, spec  # a dummy or profiling run: nothing drops
         num_reqs = kwargs["num_reqs"]
@@ -72,11 +73,12 @@ class _RunnerMixin:
                               self.input_batch.block_table[index].block_size,
                               self.input_batch.block_table[index].get_device_tensor(num_reqs))
                       for index, attention in enumerate(self.attn_groups)]
+            names = model.duet_attention_layer_names()
             metadata, step.slots = compact_attention(
-                step, model.duet_attention_layer_names(), self.seq_lens[:num_reqs].cpu(), groups,
+                step, names, self.seq_lens[:num_reqs].cpu(), groups,
                 lambda group, common: group.get_metadata_builder(0).build(common_prefix_len=0,
                                                                           common_attn_metadata=common),
-                torch.device("cpu"), doc_ranges(self.model_config, req_ids, lambda r: self.requests[r].mm_features),
+                MetadataBuffers.of(self, len(names), "cpu"), doc_ranges(self.model_config, req_ids, lambda r: self.requests[r].mm_features),
                 # as vLLM's runner says which requests are in their prompt
                 self.input_batch.num_computed_tokens_cpu_tensor[:num_reqs]
                 < self.input_batch.num_prompt_tokens_cpu_tensor[:num_reqs])
@@ -117,6 +119,7 @@ class _ModelStateMixin:
                                              kv_cache_config, for_capture, ubatch_idx, **kwargs)
         stages = dropping(self.model).duet_language_stages()  # present: vLLM asks only such a model for this state
         stages.next_step(None)
+        stages.reserve(self.max_num_tokens, self.device)
         if for_capture:
             return attn_metadata
         # (a profiling run may come before the KV cache, and its block sizes, exist: it plans no request)
@@ -127,7 +130,7 @@ class _ModelStateMixin:
             return doc_ranges(self.model_config, req_ids, lambda r: features.get(r, ()))
 
         metadata, step = v2_attention(self.model, self.__dict__.get("_duet_requests", {}), input_batch, block_tables,
-                                      attn_groups, getattr(self, "_duet_block_sizes", None), self.device, ubatch_idx,
+                                      attn_groups, getattr(self, "_duet_block_sizes", None), self, ubatch_idx,
                                       ranges)
         if step is not None:
             attn_metadata.update(metadata)
@@ -135,14 +138,15 @@ class _ModelStateMixin:
         return attn_metadata
 
 
-def v2_attention(model: DroppingModel, known: dict, input_batch, block_tables, attn_groups, block_sizes, device,
+def v2_attention(model: DroppingModel, known: dict, input_batch, block_tables, attn_groups, block_sizes, state,
                  ubatch_idx: int = 0, ranges=None) -> tuple[dict, StepPlan | None]:
     """What Model Runner V2's state adds to a step's attention metadata (``compact_attention``),
     read from its ``InputBatch`` (requests in batch order, query starts, tokens computed before the
     step, sequence lengths), its gathered block tables (one per KV-cache group, rows in batch order)
     and the block size of each group (``ranges(req_ids)``: the step's bidirectional ranges,
-    ``doc_ranges``, asked only where a request drops); and the step's plan, ``None`` where no request
-    drops."""
+    ``doc_ranges``, asked only where a request drops), written into the buffers ``state`` (the
+    model state: its device and largest step) keeps (``MetadataBuffers``); and the step's plan,
+    ``None`` where no request drops."""
     num_reqs = input_batch.num_reqs
     req_ids = input_batch.req_ids[:num_reqs]
     step = step_plan(req_ids, input_batch.query_start_loc_np[: num_reqs + 1],
@@ -151,9 +155,10 @@ def v2_attention(model: DroppingModel, known: dict, input_batch, block_tables, a
         return {}, None
     groups = [KVGroup(attention, block_tables[index], block_sizes[index], block_tables[index][:num_reqs])
               for index, attention in enumerate(attn_groups)]
+    names = model.duet_attention_layer_names()
     metadata, step.slots = compact_attention(
-        step, model.duet_attention_layer_names(), input_batch.seq_lens[:num_reqs].cpu(), groups,
-        lambda group, common: group.build_metadata(common, ubatch_idx), device,
+        step, names, input_batch.seq_lens[:num_reqs].cpu(), groups,
+        lambda group, common: group.build_metadata(common, ubatch_idx), MetadataBuffers.of(state, len(names), state.device),
         None if ranges is None else ranges(req_ids), torch.from_numpy(input_batch.is_prefilling_np[:num_reqs]))
     return metadata, step
 

@@ -62,11 +62,15 @@ class StepPlan:
     batch: list[tuple[RequestPlan | None, int]] = dataclasses.field(default_factory=list)  # (plan, computed)
     slots: dict = dataclasses.field(default_factory=dict)  # layer name -> KV slots of the tokens it holds
 
-    def renumbering(self) -> list[RequestPlan]:
-        """The plans of the requests whose positions change in some layer of this step: those that
-        dropped (in it or before it) with contiguous positions."""
-        return [plan for index, (plan, computed) in enumerate(self.batch)
+    def renumbering_requests(self) -> list[tuple[int, RequestPlan]]:
+        """``(batch index, plan)`` of each request whose positions change in some layer of this step:
+        those that dropped (in it or before it) with contiguous positions."""
+        return [(index, plan) for index, (plan, computed) in enumerate(self.batch)
                 if plan is not None and plan.contiguous and (index in self.drops or computed >= plan.prompt)]
+
+    def renumbering(self) -> list[RequestPlan]:
+        """The plans of the requests whose positions change in some layer of this step (``renumbering_requests``)."""
+        return [plan for _, plan in self.renumbering_requests()]
 
     def renumbers(self) -> bool:
         """Whether some request's positions change in some layer (``renumbering``)."""

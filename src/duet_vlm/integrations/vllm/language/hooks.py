@@ -119,6 +119,11 @@ class LanguageStages:
             self.offsets = torch.zeros(len(self.layers), rows, dtype=torch.long, device=device)
             self.written = 0
 
+    def shifted(self, index: int, positions: torch.Tensor) -> torch.Tensor:
+        """Decoder layer ``index``'s positions in a step that drops nothing: the step's less the layer's
+        row of ``offsets`` (a row of positions, or M-RoPE's ``(3, rows)``, which renumbers nothing)."""
+        return positions - self.offsets[index, : positions.shape[-1]]
+
     def layer_inputs(self, index: int, positions, hidden, residual, own):
         """What the hooks hand decoder layer ``index`` at a step (``ops.layer``): its positions, hidden
         states, residual stream and per-layer input, the held rows' after a boundary; where the step
@@ -126,7 +131,7 @@ class LanguageStages:
         state = self.state
         if state is None:
             if self.offsets is not None:
-                positions = positions - self.offsets[index, : positions.shape[-1]]
+                positions = self.shifted(index, positions)
             return positions, hidden, residual, own
         out = self._layer_args(index, state, (positions, hidden, residual), own)
         if any(state.inputs.get(index) is value for value in (hidden, out[1])):  # (an operator's input and
@@ -238,8 +243,7 @@ class LanguageStages:
                 if not self.shifting:
                     return None
                 call = signature.bind(*args, **kwargs)  # a step that renumbers without dropping
-                positions = call.arguments[names[0]]
-                call.arguments[names[0]] = positions - self.offsets[index, : positions.shape[-1]]
+                call.arguments[names[0]] = self.shifted(index, call.arguments[names[0]])
                 return call.args, call.kwargs
             # the layer's positions, hidden states and residual stream, by name: a decoder's loop may
             # pass them in order (most families) or by keyword (Qwen3.5's)

@@ -1096,22 +1096,70 @@ def test_qwen_requests_with_different_drops_in_one_batch_equal_each_alone(saved_
     check_batch_equals_each_alone(saved_qwen_deep, "duet", [1000, 70, 50, 30], pictures, 168, enforce_eager=eager)
 
 
-def test_a_decoding_step_holds_no_state_and_writes_its_metadata_where_the_last_one_did(saved_llava_deep):
-    """What a captured CUDA graph needs of a decoding step, checked where no GPU is: every step that
-    decodes what DUET dropped (two requests, renumbered contiguously after their drops) runs vLLM's
-    compiled model with no state in the plugin's hooks (the positions each layer gets are its input
-    less that layer's row of the offsets buffer, written before the forward), and the compacted layers'
-    metadata (query starts, sequence lengths, KV slots) sits at the same addresses at every decoding
-    step, inside the runner's buffers made once (``MetadataBuffers``): the step allocates no metadata
-    tensor of its own. The answers equal the Hugging Face path's (the offsets are the renumbering)."""
+@contextmanager
+def dispatch_keys(runner):
+    """Per forward of ``runner``'s model, what vLLM's runner asked its CUDA-graph dispatcher and was
+    answered (the arguments of ``CudagraphDispatcher.dispatch``, its mode and batch descriptor), and
+    the forward context the model ran under (mode, batch descriptor, ``skip_compiled``): a list
+    filled while the block runs."""
     from vllm.forward_context import get_forward_context
 
+    dispatcher = runner.cudagraph_dispatcher
+    dispatch = dispatcher.dispatch
+    asked = []
+    keys = []
+
+    def recorded(*args, **kwargs):
+        answer = dispatch(*args, **kwargs)
+        asked.append((args, dict(kwargs), answer))
+        return answer
+
+    def entered(module, args, kwargs):
+        context = get_forward_context()
+        keys.append((asked[-1] if asked else None,
+                     (context.cudagraph_runtime_mode, context.batch_descriptor, context.skip_compiled)))
+
+    dispatcher.dispatch = recorded
+    handle = runner.model.register_forward_pre_hook(entered, with_kwargs=True)
+    try:
+        yield keys
+    finally:
+        handle.remove()
+        del dispatcher.dispatch
+
+
+def decoding_keys(keys) -> list:
+    """Of ``dispatch_keys``' records, the steps vLLM's runner called a uniform decode (one new token
+    per request): what it asked and was answered, and the forward context's keys."""
+    return [(asked[1], asked[2], context) for asked, context in keys
+            if asked is not None and asked[1].get("uniform_decode")]
+
+
+def test_a_decoding_step_dispatches_as_unreduced_holds_no_state_and_writes_its_metadata_where_the_last_one_did(
+        saved_llava_deep):
+    """What a captured CUDA graph needs of a decoding step, checked where no GPU is: every step that
+    decodes what DUET dropped (two requests, renumbered contiguously after their drops) dispatches as
+    the unreduced server's decoding steps do (vLLM's runner asks its CUDA-graph dispatcher the same
+    and is answered the same, step by step, and the model runs under those keys, compiled: no eager
+    fallback), runs vLLM's compiled model with no state in the plugin's hooks (the positions each
+    layer gets are its input less that layer's row of the offsets buffer, written before the
+    forward), and the compacted layers' metadata (query starts, sequence lengths, KV slots) sits at
+    the same addresses at every decoding step, inside the runner's buffers made once
+    (``MetadataBuffers``): the step allocates no metadata tensor of its own. The answers equal the
+    Hugging Face path's (the offsets are the renumbering)."""
     from duet_vlm.integrations.vllm.language.kv import MetadataBuffers
 
     folder, model, processor = saved_llava_deep
     pictures = [image(1), image(2)]
     budget = 200
     reducer = duet_vlm.make("duet", budget=budget)
+    # the unreduced server users would run beside it: vLLM's own worker and scheduler, the same batching
+    unreduced_settings = {key: LANGUAGE[key] for key in ("enable_chunked_prefill", "max_num_batched_tokens")}
+    with engine(folder, None, enforce_eager=False, **unreduced_settings) as llm:
+        runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+        with dispatch_keys(runner) as keys:
+            vllm_run(llm, processor, pictures)
+    unreduced = decoding_keys(keys)
     with engine(folder, {"duet_method": "duet", "duet_budget": budget}, enforce_eager=False, **LANGUAGE) as llm:
         runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
         stages = runner.model.duet_language_stages()
@@ -1130,20 +1178,24 @@ def test_a_decoding_step_holds_no_state_and_writes_its_metadata_where_the_last_o
 
         def entered(module, args, kwargs):  # after the hooks' own entry: what the step's forward holds
             if stages.pending is not None:
-                steps[-1][2] = (stages.state is None, stages.shifting, get_forward_context().skip_compiled)
+                steps[-1][2] = (stages.state is None, stages.shifting)
 
         runner._build_attention_metadata = recorded
         handle = runner.model.register_forward_pre_hook(entered, with_kwargs=True)
         try:
-            results, kept = language_run(llm, processor, pictures)
+            with dispatch_keys(runner) as keys:
+                results, kept = language_run(llm, processor, pictures)
         finally:
             handle.remove()
             del runner._build_attention_metadata
         buffers = runner.__dict__["_duet_metadata_buffers"]
         assert isinstance(buffers, MetadataBuffers)
         names = runner.model.duet_attention_layer_names()
+    dropping = decoding_keys(keys)
+    assert len(unreduced) >= NEW_TOKENS - 1 and dropping == unreduced, (dropping, unreduced)
+    assert all(context[2] is False for _, _, context in dropping), dropping  # compiled, as the unreduced server's
     decoding = [(addresses, held) for decodes, addresses, held in steps if decodes]
-    assert len(decoding) >= NEW_TOKENS - 1 and all(held == (True, True, False) for _, held in decoding), steps
+    assert len(decoding) == len(dropping) and all(held == (True, True) for _, held in decoding), steps
     first = decoding[0][0]
     assert first and all(addresses == first for addresses, _ in decoding), decoding
     rows = [(buffers.starts[layer].data_ptr(), buffers.lens[layer].data_ptr(), buffers.slots[layer].data_ptr())

@@ -246,11 +246,15 @@ class DuetModelMixin:
             scheme = self.__dict__["_duet_scheme"] = scheme_for(self.config.get_text_config(), self.text_model())
         return scheme
 
-    def duet_attention_layer_names(self) -> list[str]:
+    def duet_attention_layer_names(self) -> tuple[str, ...]:
         """Each decoder layer's attention, as vLLM's per-layer metadata names it: its softmax
-        attention's, or its linear attention's (Qwen3.5's Gated-DeltaNet layers, ``linear_attn``)."""
-        scheme = self.language_scheme()
-        return [scheme.layer_name(index) for index in range(len(scheme))]
+        attention's, or its linear attention's (Qwen3.5's Gated-DeltaNet layers, ``linear_attn``);
+        made once (the runner asks at every step)."""
+        names = self.__dict__.get("_duet_layer_names")
+        if names is None:
+            scheme = self.language_scheme()
+            names = self.__dict__["_duet_layer_names"] = tuple(scheme.layer_name(index) for index in range(len(scheme)))
+        return names
 
     def duet_request_plan(self, mm_features, prompt: int):
         """A request's drops (``language.RequestPlan``; ``None`` where none of its items drops inside

@@ -23,15 +23,20 @@ def compact_slots(block_row: torch.Tensor, block_size: int, start: int, count: i
     return block_row.long()[index // block_size] * block_size + index % block_size
 
 
-def layer_segments(num_layers: int, holds) -> list[tuple[tuple, list[int]]]:
+def layer_segments(num_layers: int, holds, changes=None) -> list[tuple[tuple, list[int]]]:
     """Decoder layers grouped by what ``holds(layer)`` gives (equal values, one metadata), in order.
+    ``changes``: the layers where that value may differ from the layer before's; ``holds`` is then
+    asked at layer 0 and at those only (``None``: at every layer).
 
     >>> layer_segments(4, lambda layer: layer >= 2)
     [(False, [0, 1]), (True, [2, 3])]
+    >>> layer_segments(6, lambda layer: min(layer // 2, 1) if layer < 5 else 0, changes=[2, 5])
+    [(0, [0, 1, 5]), (1, [2, 3, 4])]
     """
+    edges = range(num_layers) if changes is None else sorted({0, *(layer for layer in changes if 0 < layer < num_layers)})
     segments: dict = {}
-    for layer in range(num_layers):
-        segments.setdefault(holds(layer), []).append(layer)
+    for first, end in zip(edges, [*edges[1:], num_layers]):
+        segments.setdefault(holds(first), []).extend(range(first, end))
     return list(segments.items())
 
 
@@ -126,7 +131,7 @@ class MetadataBuffers:
         return [self.slots[layer, :count] for layer in layers]
 
 
-def compact_attention(step: StepPlan, names: list[str], seq_lens: torch.Tensor, groups: list[KVGroup], build,
+def compact_attention(step: StepPlan, names: tuple[str, ...], seq_lens: torch.Tensor, groups: list[KVGroup], build,
                       buffers: MetadataBuffers, doc_ranges: dict[int, list[tuple[int, int]]] | None = None,
                       prefilling: torch.Tensor | None = None) -> tuple[dict, dict]:
     """Attention metadata and KV slots for the layers where some request holds fewer tokens than
@@ -162,7 +167,8 @@ def compact_attention(step: StepPlan, names: list[str], seq_lens: torch.Tensor, 
         return tuple(value)
 
     metadata, slots_by_layer = {}, {}
-    for value, layers in layer_segments(len(names), holds):
+    changes = {layer for plan, _ in step.batch if plan is not None for layer in plan.changes}
+    for value, layers in layer_segments(len(names), holds, changes):
         if all(dropped == 0 for _, _, dropped in value):
             continue
         counts = [count for count, _, _ in value]

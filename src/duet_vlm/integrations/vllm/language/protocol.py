@@ -24,7 +24,7 @@ class DroppingModel(Protocol):
         """The decoder layers before which a method the server runs drops: where the KV-cache groups
         that hold the kept tokens only begin (``kv.dropped_specs``)."""
 
-    def duet_attention_layer_names(self) -> list[str]:
+    def duet_attention_layer_names(self) -> tuple[str, ...]:
         """Each decoder layer's attention as vLLM's per-layer metadata and slots name it."""
 
     def duet_request_plan(self, mm_features, prompt: int) -> RequestPlan | None:

@@ -32,6 +32,13 @@ class RequestPlan:
         step asks it of every layer."""
         return dropped_tokens([(length, plan.schedule.tokens_per_layer) for (_, length), plan in zip(self.spans, self.plans)])
 
+    @functools.cached_property
+    def changes(self) -> tuple[int, ...]:
+        """The decoder layers where this request holds other tokens than in the layer before (its
+        boundaries that drop): what the compacted layers' metadata is made anew at, made once."""
+        dropped = self.dropped
+        return tuple(layer for layer in range(1, len(dropped)) if dropped[layer] != dropped[layer - 1])
+
     def dropped_before(self, layer: int) -> int:
         """Tokens this request no longer holds in decoder layer ``layer`` (0-based)."""
         return self.dropped[layer]

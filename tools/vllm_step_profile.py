@@ -6,9 +6,11 @@ this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), compiled as a server starts
     python tools/vllm_step_profile.py stage-a     # DUET's Stage A alone (layers=[])
     python tools/vllm_step_profile.py fastv
     python tools/vllm_step_profile.py v2drop      # scores without attention: nothing computed at a boundary
+    python tools/vllm_step_profile.py duet --hidden 2048   # a wider decoder (LLaVA-1.5-7B's is 4096)
 
-Prints the median decoding step (one request: a 65-token answer less a 1-token one, over 64 steps,
-the median of three of each, on images new to the server) and a cProfile of one 65-token request:
+Prints the median decoding step (one request, or ``--batch N`` together: a 65-token answer less a
+1-token one, over 64 steps, the median of three of each, on images new to the server) and a cProfile
+of one 65-token request (``--regions``: torch's profiler, by region and operator):
 the functions that took longest in themselves, then the plugin's and vLLM's runner's, by their
 cumulative time (cProfile's own overhead inflates short Python calls: read them side by side, not
 as absolute costs). A profiling tool, not part of the library; run it on a quiet machine.
@@ -17,6 +19,7 @@ as absolute costs). A profiling tool, not part of the library; run it on a quiet
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import cProfile
 import io
 import os
@@ -32,8 +35,17 @@ def main() -> None:
     parser.add_argument("method", choices=["duet", "stage-a", "fastv", "v2drop"])
     parser.add_argument("--budget", type=int, default=64)
     parser.add_argument("--folder", type=Path, help="the benchmark model's folder (written there if absent)")
+    parser.add_argument("--hidden", type=int, help="the decoder's width (heads of 64, an MLP 43/16 as wide, as "
+                        "LLaVA-1.5-7B's 4096 and 11008); the benchmark's 512 if not given")
+    parser.add_argument("--batch", type=int, default=1, help="requests decoded together (each on its own image)")
+    parser.add_argument("--no-profile", action="store_true", help="time the steps only")
+    parser.add_argument("--regions", action="store_true",
+                        help="in place of cProfile, torch's profiler: per decoding step, the runner's regions and "
+                        "the operators of the plugin and of vLLM (medians over a 65-token request's calls)")
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if args.regions:  # vLLM's runner names its regions to torch's profiler
+        os.environ["VLLM_CUSTOM_SCOPES_FOR_PROFILING"] = "1"
 
     import numpy as np
     from PIL import Image
@@ -43,13 +55,16 @@ def main() -> None:
     from duet_vlm.integrations.vllm.serve import engine_args
     from duet_vlm.tiny.checkpoints import write_llava
 
-    folder = args.folder or Path(tempfile.gettempdir()) / "duet-vllm-step-profile"
+    size = BENCH_SIZE
+    if args.hidden:
+        size = dataclasses.replace(size, hidden=args.hidden, heads=args.hidden // 64, intermediate=args.hidden * 43 // 16)
+    folder = args.folder or Path(tempfile.gettempdir()) / f"duet-vllm-step-profile-{size.hidden}"
     if not (folder / "config.json").exists():
-        write_llava(folder, BENCH_SIZE, sharpness=1.0)
+        write_llava(folder, size, sharpness=1.0)
     method, options = ("duet", {"layers": []}) if args.method == "stage-a" else (args.method, None)
     settings = engine_args(method, budget=args.budget, options=options, max_model_len=2048)
     settings.pop("max_model_len", None)
-    llm = LLM(str(folder), max_model_len=2048, max_num_seqs=4, kv_cache_memory_bytes=1 << 30, **settings)
+    llm = LLM(str(folder), max_model_len=2048, max_num_seqs=max(4, args.batch), kv_cache_memory_bytes=1 << 30, **settings)
 
     def request(seed: int) -> dict:
         pixels = np.random.default_rng(seed).integers(0, 255, (336, 336, 3), dtype=np.uint8)
@@ -57,13 +72,29 @@ def main() -> None:
 
     def run(tokens: int, seed: int) -> float:
         start = time.perf_counter()
-        llm.generate([request(seed)], SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0), use_tqdm=False)
+        llm.generate([request(1000 * seed + i) for i in range(args.batch)], SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0), use_tqdm=False)
         return time.perf_counter() - start
 
     run(1, 0)  # warm
     one = statistics.median(run(1, 10 + i) for i in range(3))
     many = statistics.median(run(65, 20 + i) for i in range(3))
-    print(f"{args.method}: decoding step {1000 * (many - one) / 64:.2f} ms (a 1-token request {one:.3f} s)")
+    print(f"{args.method}: decoding step {1000 * (many - one) / 64:.2f} ms (1-token requests {one:.3f} s; "
+          f"decoder width {size.hidden}, {args.batch} requests a step)")
+    if args.no_profile:
+        return
+    if args.regions:
+        import torch
+
+        runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+        build = runner._build_attention_metadata
+
+        def named(*positional, **keywords):  # the step's attention metadata: vLLM's, and the plugin's where it drops
+            with torch.profiler.record_function("gpu_model_runner: attention metadata"):
+                return build(*positional, **keywords)
+
+        runner._build_attention_metadata = named
+        print(regions(lambda tokens: run(tokens, 99)))
+        return
     profile = cProfile.Profile()
     profile.enable()
     run(65, 99)
@@ -73,6 +104,29 @@ def main() -> None:
     stats.sort_stats("tottime").print_stats(20)
     stats.sort_stats("cumulative").print_stats("duet_vlm|gpu_model_runner", 30)
     print(out.getvalue())
+
+
+def regions(run) -> str:
+    """Per decoding step, the CPU time of vLLM's runner's regions (``gpu_model_runner: ...``) and of
+    the operators named ``duet_vlm::`` and ``vllm::``, by torch's profiler over one 65-token request
+    (its prefill and 64 decoding steps): each one's median call times its calls a step, so that the
+    prefill's one long call does not count."""
+    import statistics
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run(65)
+    durations: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.name.startswith(("gpu_model_runner:", "duet_vlm::", "vllm::")):
+            durations.setdefault(event.name, []).append(event.cpu_time_total)
+    lines = ["per decoding step: region or operator, CPU ms (its median call, with what it calls, x its calls a step)"]
+    rows = [(statistics.median(times) * round(len(times) / 65) / 1000, name, len(times) / 65)
+            for name, times in durations.items()]
+    for total, name, calls in sorted(rows, reverse=True):
+        lines.append(f"  {name}: {total:.3f} ms ({calls:.1f} calls a step)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

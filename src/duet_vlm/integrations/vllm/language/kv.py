@@ -12,15 +12,22 @@ from .protocol import dropping
 from .steps import RequestPlan, StepPlan
 
 
-def compact_slots(block_row: torch.Tensor, block_size: int, start: int, count: int) -> torch.Tensor:
-    """The KV slots of compacted token indices ``start .. start + count`` of a request whose blocks
-    are ``block_row``: its kept tokens fill its own blocks from the first slot, one after another.
+def compact_slots(blocks: torch.Tensor, block_size: int, starts: list[int], counts: list[int]) -> torch.Tensor:
+    """The KV slots of each request's compacted token indices ``start .. start + count``, one request
+    after another (``blocks``: a row of block ids per request, the first ``len(counts)`` rows in the
+    order of ``starts`` and ``counts``): a request's kept tokens fill its own blocks from the first
+    slot, one after another. A handful of tensor operations whatever the number of requests.
 
-    >>> compact_slots(torch.tensor([7, 3]), 4, 2, 4).tolist()
-    [30, 31, 12, 13]
+    >>> compact_slots(torch.tensor([[7, 3], [5, 0]]), 4, [2, 1], [4, 2]).tolist()
+    [30, 31, 12, 13, 21, 22]
     """
-    index = torch.arange(start, start + count, dtype=torch.long, device=block_row.device)
-    return block_row.long()[index // block_size] * block_size + index % block_size
+    lengths = torch.tensor(counts, dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(len(counts)), lengths)
+    # each slot's token index: its place among all the slots, less its request's first place, plus its start
+    index = torch.arange(rows.shape[0]) + torch.repeat_interleave(
+        torch.tensor(starts, dtype=torch.long) - (lengths.cumsum(0) - lengths), lengths)
+    rows, index = rows.to(blocks.device), index.to(blocks.device)
+    return blocks[rows, index // block_size].long() * block_size + index % block_size
 
 
 def layer_segments(num_layers: int, holds, changes=None) -> list[tuple[tuple, list[int]]]:
@@ -186,11 +193,11 @@ def compact_attention(step: StepPlan, names: tuple[str, ...], seq_lens: torch.Te
                       if (mine := [name for name in attention.layer_names if name in index_of])]
             if not chosen:
                 continue
-            slots = [compact_slots(group.blocks[index], group.block_size, computed - before, count)
-                     for index, ((count, before, _), (_, computed)) in enumerate(zip(value, step.batch))]
+            slots = compact_slots(group.blocks, group.block_size,
+                                  [computed - before for (_, before, _), (_, computed) in zip(value, step.batch)],
+                                  counts)
             mine_all = [name for _, mine in chosen for name in mine]
-            rows = buffers.write_slots([index_of[name] for name in mine_all],
-                                       torch.cat(slots) if slots else torch.empty(0, dtype=torch.long))
+            rows = buffers.write_slots([index_of[name] for name in mine_all], slots)
             own_slots = dict(zip(mine_all, rows))
             common = CommonAttentionMetadata(
                 query_start_loc=starts, query_start_loc_cpu=starts_cpu, seq_lens=lens,

@@ -9,11 +9,14 @@ this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), compiled as a server starts
     python tools/vllm_step_profile.py duet --hidden 2048   # a wider decoder (LLaVA-1.5-7B's is 4096)
 
 Prints the median decoding step (one request, or ``--batch N`` together: a 65-token answer less a
-1-token one, over 64 steps, the median of three of each, on images new to the server) and a cProfile
-of one 65-token request (``--regions``: torch's profiler, by region and operator):
-the functions that took longest in themselves, then the plugin's and vLLM's runner's, by their
-cumulative time (cProfile's own overhead inflates short Python calls: read them side by side, not
-as absolute costs). A profiling tool, not part of the library; run it on a quiet machine.
+1-token one, over 64 steps, the median of three of each, on images new to the server), then a
+cProfile of one 65-token request: the functions that took longest in themselves, then the plugin's
+and vLLM's runner's, by their cumulative time (cProfile's own overhead inflates short Python calls:
+read them side by side, not as absolute costs). ``--regions`` in place of cProfile: torch's profiler
+over one 65-token request, per decoding step, the runner's regions (the model's forward, the step's
+attention metadata) and the operators of the plugin and of vLLM, each one's median call times its
+calls a step. ``--out FILE`` writes the command, the machine and what it printed (not the cProfile).
+A profiling tool, not part of the library; run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import io
 import os
 import pstats
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +43,7 @@ def main() -> None:
                         "LLaVA-1.5-7B's 4096 and 11008); the benchmark's 512 if not given")
     parser.add_argument("--batch", type=int, default=1, help="requests decoded together (each on its own image)")
     parser.add_argument("--no-profile", action="store_true", help="time the steps only")
+    parser.add_argument("--out", type=Path, help="also write the command and what it printed (not the cProfile) here")
     parser.add_argument("--regions", action="store_true",
                         help="in place of cProfile, torch's profiler: per decoding step, the runner's regions and "
                         "the operators of the plugin and of vLLM (medians over a 65-token request's calls)")
@@ -72,19 +77,27 @@ def main() -> None:
 
     def run(tokens: int, seed: int) -> float:
         start = time.perf_counter()
-        llm.generate([request(1000 * seed + i) for i in range(args.batch)], SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0), use_tqdm=False)
+        params = SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0)
+        llm.generate([request(1000 * seed + i) for i in range(args.batch)], params, use_tqdm=False)
         return time.perf_counter() - start
 
     run(1, 0)  # warm
     one = statistics.median(run(1, 10 + i) for i in range(3))
     many = statistics.median(run(65, 20 + i) for i in range(3))
-    print(f"{args.method}: decoding step {1000 * (many - one) / 64:.2f} ms (1-token requests {one:.3f} s; "
-          f"decoder width {size.hidden}, {args.batch} requests a step)")
-    if args.no_profile:
-        return
-    if args.regions:
-        import torch
+    import torch
+    import vllm
 
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    report = [f"python tools/vllm_step_profile.py {' '.join(sys.argv[1:])}",
+              f"{cpu}, {os.cpu_count()} cores; vLLM {vllm.__version__}, torch {torch.__version__}; "
+              f"{str(llm.llm_engine.model_config.dtype).removeprefix('torch.')}",
+              f"{args.method}: decoding step {1000 * (many - one) / 64:.2f} ms (1-token requests {one:.3f} s; "
+              f"decoder width {size.hidden}, {args.batch} requests a step)"]
+    print(report[-1])
+    if args.no_profile:
+        return write(args.out, report)
+    if args.regions:
         runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
         build = runner._build_attention_metadata
 
@@ -93,8 +106,9 @@ def main() -> None:
                 return build(*positional, **keywords)
 
         runner._build_attention_metadata = named
-        print(regions(lambda tokens: run(tokens, 99)))
-        return
+        report.append(regions(lambda tokens: run(tokens, 99)))
+        print(report[-1])
+        return write(args.out, report)
     profile = cProfile.Profile()
     profile.enable()
     run(65, 99)
@@ -104,6 +118,13 @@ def main() -> None:
     stats.sort_stats("tottime").print_stats(20)
     stats.sort_stats("cumulative").print_stats("duet_vlm|gpu_model_runner", 30)
     print(out.getvalue())
+    write(args.out, report)
+
+
+def write(out: Path | None, report: list[str]) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(report) + "\n")
 
 
 def regions(run) -> str:

@@ -100,6 +100,10 @@ class _ModelStateMixin:
     (``get_model_state_cls``), hands each new request to ``add_request`` and the step's block
     tables and attention groups to ``prepare_attn``, where the compacted layers get their own."""
 
+    #: each KV-cache group's block size (what the runner's slots count in), from ``initialize_kv_cache``;
+    #: ``None`` before it (a profiling run, which plans no request)
+    _duet_block_sizes: list[int] | None = None
+
     def add_request(self, req_index: int, new_req_data) -> None:
         super().add_request(req_index, new_req_data)
         known = self.__dict__.setdefault("_duet_requests", {})
@@ -130,7 +134,7 @@ class _ModelStateMixin:
             return doc_ranges(self.model_config, req_ids, lambda r: features.get(r, ()))
 
         metadata, step = v2_attention(self.model, self.__dict__.get("_duet_requests", {}), input_batch, block_tables,
-                                      attn_groups, getattr(self, "_duet_block_sizes", None), self, ubatch_idx,
+                                      attn_groups, self._duet_block_sizes, self, ubatch_idx,
                                       ranges)
         if step is not None:
             attn_metadata.update(metadata)

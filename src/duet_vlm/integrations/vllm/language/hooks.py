@@ -165,10 +165,9 @@ class LanguageStages:
             return
         columns = max(rows, self.written) if renumbering else self.written
         values = torch.zeros(len(self.layers), columns, dtype=torch.long)
-        if renumbering:  # (one assignment for all the rows: a column per row, each its request's drops)
-            held = [(start + row, plan.dropped[: len(self.layers)]) for index, plan in renumbering
-                    for start, count in [step.rows[index]] for row in range(count)]
-            values[:, [column for column, _ in held]] = torch.tensor([dropped for _, dropped in held]).T
+        for index, plan in renumbering:
+            start, count = step.rows[index]
+            values[:, start : start + count] = torch.tensor(plan.dropped[: len(self.layers)])[:, None]
         self.offsets[:, :columns].copy_(values)
         self.written = rows if renumbering else 0
 

@@ -30,17 +30,17 @@ def compact_slots(blocks: torch.Tensor, block_size: int, starts: list[int], coun
     return blocks[rows, index // block_size].long() * block_size + index % block_size
 
 
-def layer_segments(num_layers: int, holds, changes=None) -> list[tuple[tuple, list[int]]]:
+def layer_segments(num_layers: int, holds, changes) -> list[tuple[tuple, list[int]]]:
     """Decoder layers grouped by what ``holds(layer)`` gives (equal values, one metadata), in order.
-    ``changes``: the layers where that value may differ from the layer before's; ``holds`` is then
-    asked at layer 0 and at those only (``None``: at every layer).
+    ``changes``: the layers where that value may differ from the layer before's; ``holds`` is asked
+    at layer 0 and at those only.
 
-    >>> layer_segments(4, lambda layer: layer >= 2)
+    >>> layer_segments(4, lambda layer: layer >= 2, changes=[2])
     [(False, [0, 1]), (True, [2, 3])]
     >>> layer_segments(6, lambda layer: min(layer // 2, 1) if layer < 5 else 0, changes=[2, 5])
     [(0, [0, 1, 5]), (1, [2, 3, 4])]
     """
-    edges = range(num_layers) if changes is None else sorted({0, *(layer for layer in changes if 0 < layer < num_layers)})
+    edges = sorted({0, *(layer for layer in changes if 0 < layer < num_layers)})
     segments: dict = {}
     for first, end in zip(edges, [*edges[1:], num_layers]):
         segments.setdefault(holds(first), []).extend(range(first, end))
